@@ -1,0 +1,26 @@
+//! Pure protocol logic of Mycel.
+//!
+//! Nothing in this crate performs I/O, reads a clock or draws randomness on its own: time
+//! arrives as [`UnixMillis`] arguments and decisions come back as return values, so every
+//! rule here can be tested exhaustively and driven by a simulator (see `../../shared/DESIGN.md`,
+//! section 2). The libp2p driver in `mycel-net` feeds events in and carries decisions out.
+//!
+//! - [`statement`]: signed, attributable statements nodes gossip (capability announcements,
+//!   failure reports) and their bounded decoding.
+//! - [`membership`]: who is alive, who has failed, and what each peer offers.
+//! - [`ratelimit`]: per-peer token buckets.
+//! - [`reputation`]: a decayed per-peer score fed by misbehaviour.
+//! - [`wire`]: size-bounded CBOR encoding shared by every protocol message.
+
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+pub mod membership;
+pub mod ratelimit;
+pub mod reputation;
+pub mod statement;
+pub mod wire;
+
+pub use libp2p_identity::{Keypair, PeerId, PublicKey};
+
+/// Milliseconds since the Unix epoch. Passed in by drivers; never read from a clock here.
+pub type UnixMillis = u64;

@@ -1,0 +1,594 @@
+//! Membership: which peers are alive, which have failed, and what each offers.
+//!
+//! Evidence comes from three places, all passed in by the driver with the current time:
+//! direct contact (connections and pings), signed announcements (a peer describing itself,
+//! with a sequence number and expiry) and signed down reports (a neighbour that lost contact
+//! with a peer tells the others). The rules follow SWIM's refutation idea: a report or a local
+//! observation marks a peer failed only until the peer proves otherwise with a newer
+//! announcement, and a report about ourselves is answered by re-announcing.
+//!
+//! A peer is declared failed when
+//! - it missed [`Config::max_missed_pings`] pings in a row while connected,
+//! - a probe dial after losing the connection failed ([`Membership::on_unreachable`]),
+//! - its latest announcement expired while we had no connection to it, or
+//! - a neighbour's down report names its latest sequence number.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::statement::{Capabilities, DownReport, SignedStatement, Statement};
+use crate::wire::Rejection;
+use crate::{PeerId, UnixMillis};
+
+/// Membership tunables.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Consecutive failed pings after which a connected peer is declared failed.
+    pub max_missed_pings: u32,
+    /// How long a failed peer stays listed before it is forgotten.
+    pub forget_after_ms: u64,
+    /// Most peers tracked; announcements from further new peers are ignored.
+    pub max_peers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { max_missed_pings: 3, forget_after_ms: 10 * 60 * 1000, max_peers: 10_000 }
+    }
+}
+
+/// Whether a peer is considered alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// Reachable, or vouched for by an unexpired announcement.
+    Alive,
+    /// Declared failed; see [`FailReason`].
+    Failed,
+}
+
+impl PeerState {
+    /// A short, stable label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Alive => "alive",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Why a peer was declared failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailReason {
+    /// It missed too many pings while connected.
+    MissedPings,
+    /// The connection dropped and it could not be dialled again.
+    Unreachable,
+    /// Its announcement expired.
+    Expired,
+    /// A neighbour reported it down (the reporter's peer id).
+    Reported(String),
+}
+
+/// What this node knows about one peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The peer's id (base58).
+    pub peer_id: String,
+    /// Alive or failed.
+    pub state: PeerState,
+    /// When the state last changed.
+    pub state_since: UnixMillis,
+    /// Why it failed, when it did.
+    pub fail_reason: Option<FailReason>,
+    /// Whether we hold a connection to it now.
+    pub connected: bool,
+    /// Last measured round-trip time of a ping, in microseconds.
+    pub rtt_us: Option<u64>,
+    /// Last time we heard from or about it (connection, ping or announcement).
+    pub last_seen: UnixMillis,
+    /// Sequence number of its latest accepted announcement (0: none yet).
+    pub seq: u64,
+    /// When that announcement was received.
+    pub announced_at: UnixMillis,
+    /// When that announcement expires.
+    pub expires_at: UnixMillis,
+    /// What it offers, from its latest announcement.
+    pub capabilities: Option<Capabilities>,
+}
+
+/// A change of a peer's state, for the driver to act on (log, metrics, persist, notify).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The peer became alive (new, or recovered).
+    Alive(PeerId),
+    /// The peer was declared failed.
+    Failed(PeerId, FailReason),
+}
+
+/// The outcome of an accepted statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// A newer announcement was stored; `change` is set when the peer's state changed.
+    Announcement {
+        /// The state change it caused, if any.
+        change: Option<Change>,
+    },
+    /// The same announcement again (normal with gossip plus anti-entropy).
+    Duplicate,
+    /// A down report was applied; `change` is set when it failed the subject.
+    Down {
+        /// The state change it caused, if any.
+        change: Option<Change>,
+    },
+    /// A peer reported this node down: re-announce with a higher sequence number to refute.
+    Refute,
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: PeerInfo,
+    latest: Option<SignedStatement>,
+    missed_pings: u32,
+}
+
+/// The membership table of one node.
+#[derive(Debug)]
+pub struct Membership {
+    local: PeerId,
+    config: Config,
+    peers: HashMap<PeerId, Entry>,
+    own: Option<(u64, SignedStatement)>,
+}
+
+impl Membership {
+    /// An empty table for the node `local`.
+    pub fn new(local: PeerId, config: Config) -> Self {
+        Self { local, config, peers: HashMap::new(), own: None }
+    }
+
+    /// Records this node's own latest announcement (served to peers by anti-entropy).
+    pub fn set_own(&mut self, seq: u64, signed: SignedStatement) {
+        self.own = Some((seq, signed));
+    }
+
+    /// This node's latest announcement and its sequence number.
+    pub fn own(&self) -> Option<&(u64, SignedStatement)> {
+        self.own.as_ref()
+    }
+
+    fn entry(&mut self, peer: PeerId, now: UnixMillis) -> Option<&mut Entry> {
+        if !self.peers.contains_key(&peer) && self.peers.len() >= self.config.max_peers {
+            return None;
+        }
+        Some(self.peers.entry(peer).or_insert_with(|| Entry {
+            info: PeerInfo {
+                peer_id: peer.to_base58(),
+                state: PeerState::Failed,
+                state_since: now,
+                fail_reason: None,
+                connected: false,
+                rtt_us: None,
+                last_seen: now,
+                seq: 0,
+                announced_at: 0,
+                expires_at: 0,
+                capabilities: None,
+            },
+            latest: None,
+            missed_pings: 0,
+        }))
+    }
+
+    /// Verifies and applies a statement received from the network.
+    pub fn on_statement(
+        &mut self,
+        signed: &SignedStatement,
+        now: UnixMillis,
+    ) -> Result<Accepted, Rejection> {
+        // Gossip and anti-entropy deliver the same announcement many times: settle duplicates
+        // and replays from the claimed sequence number before paying for the signature check.
+        let claimed = signed.peek()?;
+        if let Statement::Announce(a) = &claimed.statement {
+            if let Some(entry) = self.peers.get(&claimed.issuer) {
+                if a.seq == entry.info.seq {
+                    return Ok(Accepted::Duplicate);
+                }
+                if a.seq < entry.info.seq {
+                    return Err(Rejection::Replayed);
+                }
+            }
+        }
+        let verified = signed.verify(now)?;
+        let issuer = verified.issuer;
+        if issuer == self.local {
+            return Ok(Accepted::Duplicate);
+        }
+        match verified.statement {
+            Statement::Announce(announcement) => {
+                let Some(entry) = self.entry(issuer, now) else {
+                    return Ok(Accepted::Duplicate);
+                };
+                if announcement.seq == entry.info.seq {
+                    return Ok(Accepted::Duplicate);
+                }
+                if announcement.seq < entry.info.seq {
+                    return Err(Rejection::Replayed);
+                }
+                let info = &mut entry.info;
+                info.seq = announcement.seq;
+                info.announced_at = now;
+                info.expires_at = announcement.expires_at;
+                info.capabilities = Some(announcement.capabilities);
+                info.last_seen = now;
+                entry.latest = Some(signed.clone());
+                Ok(Accepted::Announcement { change: set_alive(entry, issuer, now) })
+            }
+            Statement::Down(report) => self.on_down_report(issuer, report, now),
+        }
+    }
+
+    fn on_down_report(
+        &mut self,
+        reporter: PeerId,
+        report: DownReport,
+        now: UnixMillis,
+    ) -> Result<Accepted, Rejection> {
+        if report.subject == self.local {
+            let own_seq = self.own.as_ref().map_or(0, |(seq, _)| *seq);
+            return Ok(if report.subject_seq >= own_seq {
+                Accepted::Refute
+            } else {
+                Accepted::Duplicate
+            });
+        }
+        let Some(entry) = self.peers.get_mut(&report.subject) else {
+            return Ok(Accepted::Down { change: None });
+        };
+        // Direct evidence beats hearsay; a report about an older incarnation is stale.
+        let directly_alive = entry.info.connected && entry.missed_pings == 0;
+        if directly_alive
+            || report.subject_seq < entry.info.seq
+            || entry.info.state == PeerState::Failed
+        {
+            return Ok(Accepted::Down { change: None });
+        }
+        let reason = FailReason::Reported(reporter.to_base58());
+        Ok(Accepted::Down { change: set_failed(entry, report.subject, reason, now) })
+    }
+
+    /// A connection to `peer` was established.
+    pub fn on_connected(&mut self, peer: PeerId, now: UnixMillis) -> Option<Change> {
+        let entry = self.entry(peer, now)?;
+        entry.info.connected = true;
+        entry.info.last_seen = now;
+        entry.missed_pings = 0;
+        set_alive(entry, peer, now)
+    }
+
+    /// The last connection to `peer` closed. The driver should probe it and report the outcome.
+    pub fn on_disconnected(&mut self, peer: PeerId, now: UnixMillis) {
+        if let Some(entry) = self.peers.get_mut(&peer) {
+            entry.info.connected = false;
+            entry.info.last_seen = now;
+        }
+    }
+
+    /// A ping to `peer` succeeded with the given round-trip time.
+    pub fn on_ping_ok(&mut self, peer: PeerId, rtt_us: u64, now: UnixMillis) -> Option<Change> {
+        let entry = self.peers.get_mut(&peer)?;
+        entry.info.rtt_us = Some(rtt_us);
+        entry.info.last_seen = now;
+        entry.missed_pings = 0;
+        set_alive(entry, peer, now)
+    }
+
+    /// A ping to `peer` failed.
+    pub fn on_ping_failure(&mut self, peer: PeerId, now: UnixMillis) -> Option<Change> {
+        let max = self.config.max_missed_pings;
+        let entry = self.peers.get_mut(&peer)?;
+        entry.missed_pings = entry.missed_pings.saturating_add(1);
+        if entry.missed_pings >= max && entry.info.state == PeerState::Alive {
+            return set_failed(entry, peer, FailReason::MissedPings, now);
+        }
+        None
+    }
+
+    /// A probe dial to `peer` (after its connection dropped) failed.
+    pub fn on_unreachable(&mut self, peer: PeerId, now: UnixMillis) -> Option<Change> {
+        let entry = self.peers.get_mut(&peer)?;
+        if entry.info.connected || entry.info.state == PeerState::Failed {
+            return None;
+        }
+        set_failed(entry, peer, FailReason::Unreachable, now)
+    }
+
+    /// Expires announcements and forgets long-failed peers. Call periodically.
+    pub fn tick(&mut self, now: UnixMillis) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let forget_after = self.config.forget_after_ms;
+        self.peers.retain(|peer, entry| {
+            let info = &entry.info;
+            if info.state == PeerState::Alive
+                && !info.connected
+                && info.expires_at <= now
+            {
+                changes.extend(set_failed(entry, *peer, FailReason::Expired, now));
+                return true;
+            }
+            !(entry.info.state == PeerState::Failed
+                && now.saturating_sub(entry.info.state_since) > forget_after)
+        });
+        changes
+    }
+
+    /// A down report about `subject` for this node to sign and gossip, if it knows the peer.
+    pub fn down_report(&self, subject: PeerId, now: UnixMillis, ttl_ms: u64) -> Option<Statement> {
+        let entry = self.peers.get(&subject)?;
+        Some(Statement::Down(DownReport {
+            subject,
+            subject_seq: entry.info.seq,
+            issued_at: now,
+            expires_at: now + ttl_ms,
+        }))
+    }
+
+    /// The latest sequence number known for every announced peer, this node included.
+    pub fn digest(&self) -> Vec<(PeerId, u64)> {
+        let mut digest: Vec<(PeerId, u64)> = self
+            .peers
+            .iter()
+            .filter(|(_, e)| e.latest.is_some())
+            .map(|(p, e)| (*p, e.info.seq))
+            .collect();
+        if let Some((seq, _)) = &self.own {
+            digest.push((self.local, *seq));
+        }
+        digest
+    }
+
+    /// Announcements this node holds that are newer than those in `digest` (anti-entropy),
+    /// at most `limit` of them.
+    pub fn newer_than(&self, digest: &[(PeerId, u64)], limit: usize) -> Vec<SignedStatement> {
+        let known: HashMap<PeerId, u64> = digest.iter().copied().collect();
+        let is_newer = |peer: &PeerId, seq: u64| known.get(peer).is_none_or(|k| *k < seq);
+        let own = self
+            .own
+            .iter()
+            .filter(|(seq, _)| is_newer(&self.local, *seq))
+            .map(|(_, s)| s.clone());
+        let others = self
+            .peers
+            .iter()
+            .filter(|(p, e)| e.info.state == PeerState::Alive && is_newer(p, e.info.seq))
+            .filter_map(|(_, e)| e.latest.clone());
+        own.chain(others).take(limit).collect()
+    }
+
+    /// What is known about `peer`.
+    pub fn get(&self, peer: &PeerId) -> Option<&PeerInfo> {
+        self.peers.get(peer).map(|e| &e.info)
+    }
+
+    /// Every known peer.
+    pub fn peers(&self) -> impl Iterator<Item = (&PeerId, &PeerInfo)> {
+        self.peers.iter().map(|(p, e)| (p, &e.info))
+    }
+
+    /// Counts of (alive, alive with capabilities, failed) peers.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let mut counts = (0, 0, 0);
+        for entry in self.peers.values() {
+            match entry.info.state {
+                PeerState::Alive => {
+                    counts.0 += 1;
+                    if entry.info.capabilities.is_some() {
+                        counts.1 += 1;
+                    }
+                }
+                PeerState::Failed => counts.2 += 1,
+            }
+        }
+        counts
+    }
+}
+
+fn set_alive(entry: &mut Entry, peer: PeerId, now: UnixMillis) -> Option<Change> {
+    if entry.info.state == PeerState::Alive {
+        return None;
+    }
+    entry.info.state = PeerState::Alive;
+    entry.info.state_since = now;
+    entry.info.fail_reason = None;
+    Some(Change::Alive(peer))
+}
+
+fn set_failed(
+    entry: &mut Entry,
+    peer: PeerId,
+    reason: FailReason,
+    now: UnixMillis,
+) -> Option<Change> {
+    if entry.info.state == PeerState::Failed && entry.info.fail_reason.is_some() {
+        return None;
+    }
+    entry.info.state = PeerState::Failed;
+    entry.info.state_since = now;
+    entry.info.fail_reason = Some(reason.clone());
+    Some(Change::Failed(peer, reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::statement::{Announcement, Hardware};
+    use crate::Keypair;
+
+    const TTL: u64 = 10_000;
+
+    fn announce(key: &Keypair, seq: u64, now: UnixMillis) -> SignedStatement {
+        let caps = Capabilities {
+            hardware: Hardware { cores: seq as u32, memory_bytes: 1, gpu: None },
+            ..Default::default()
+        };
+        SignedStatement::sign(
+            key,
+            &Statement::Announce(Announcement {
+                seq,
+                issued_at: now,
+                expires_at: now + TTL,
+                capabilities: caps,
+            }),
+        )
+    }
+
+    fn table() -> (Keypair, Membership) {
+        let local = Keypair::generate_ed25519();
+        let table = Membership::new(local.public().to_peer_id(), Config::default());
+        (local, table)
+    }
+
+    #[test]
+    fn announcement_makes_a_peer_alive_with_capabilities() {
+        let (_, mut table) = table();
+        let peer = Keypair::generate_ed25519();
+        let id = peer.public().to_peer_id();
+        let accepted = table.on_statement(&announce(&peer, 1, 100), 100).unwrap();
+        assert_eq!(accepted, Accepted::Announcement { change: Some(Change::Alive(id)) });
+        let info = table.get(&id).unwrap();
+        assert_eq!(info.state, PeerState::Alive);
+        assert_eq!(info.capabilities.as_ref().unwrap().hardware.cores, 1);
+        assert_eq!(table.counts(), (1, 1, 0));
+    }
+
+    #[test]
+    fn same_sequence_is_a_duplicate_and_older_is_a_replay() {
+        let (_, mut table) = table();
+        let peer = Keypair::generate_ed25519();
+        table.on_statement(&announce(&peer, 5, 100), 100).unwrap();
+        assert_eq!(table.on_statement(&announce(&peer, 5, 100), 101), Ok(Accepted::Duplicate));
+        assert_eq!(table.on_statement(&announce(&peer, 4, 100), 102), Err(Rejection::Replayed));
+        assert_eq!(table.get(&peer.public().to_peer_id()).unwrap().seq, 5);
+    }
+
+    #[test]
+    fn expired_announcement_fails_an_unconnected_peer_and_a_newer_one_revives_it() {
+        let (_, mut table) = table();
+        let peer = Keypair::generate_ed25519();
+        let id = peer.public().to_peer_id();
+        table.on_statement(&announce(&peer, 1, 0), 0).unwrap();
+        assert!(table.tick(TTL - 1).is_empty());
+        assert_eq!(table.tick(TTL), vec![Change::Failed(id, FailReason::Expired)]);
+        assert!(table.tick(TTL + 1).is_empty(), "a failure is reported once");
+        let revived = table.on_statement(&announce(&peer, 2, TTL + 5), TTL + 5).unwrap();
+        assert_eq!(revived, Accepted::Announcement { change: Some(Change::Alive(id)) });
+    }
+
+    #[test]
+    fn missed_pings_fail_a_connected_peer_after_the_configured_count() {
+        let (_, mut table) = table();
+        let id = Keypair::generate_ed25519().public().to_peer_id();
+        table.on_connected(id, 0);
+        assert_eq!(table.on_ping_failure(id, 1), None);
+        assert_eq!(table.on_ping_failure(id, 2), None);
+        assert_eq!(table.on_ping_failure(id, 3), Some(Change::Failed(id, FailReason::MissedPings)));
+        assert_eq!(table.on_ping_ok(id, 150, 4), Some(Change::Alive(id)));
+        assert_eq!(table.get(&id).unwrap().rtt_us, Some(150));
+    }
+
+    #[test]
+    fn down_report_fails_subject_unless_refuted_or_directly_alive() {
+        let (_, mut table) = table();
+        let reporter = Keypair::generate_ed25519();
+        let subject = Keypair::generate_ed25519();
+        let sid = subject.public().to_peer_id();
+        table.on_statement(&announce(&subject, 3, 0), 0).unwrap();
+
+        let report = |seq| {
+            SignedStatement::sign(
+                &reporter,
+                &Statement::Down(DownReport {
+                    subject: sid,
+                    subject_seq: seq,
+                    issued_at: 10,
+                    expires_at: 10 + TTL,
+                }),
+            )
+        };
+        // A report about an older incarnation changes nothing.
+        assert_eq!(table.on_statement(&report(2), 10), Ok(Accepted::Down { change: None }));
+        assert_eq!(table.get(&sid).unwrap().state, PeerState::Alive);
+
+        // While we are connected and pings succeed, hearsay is ignored.
+        table.on_connected(sid, 11);
+        assert_eq!(table.on_statement(&report(3), 12), Ok(Accepted::Down { change: None }));
+        table.on_disconnected(sid, 13);
+
+        let applied = table.on_statement(&report(3), 14).unwrap();
+        let reason = FailReason::Reported(reporter.public().to_peer_id().to_base58());
+        assert_eq!(applied, Accepted::Down { change: Some(Change::Failed(sid, reason)) });
+
+        // The subject refutes with a newer announcement.
+        let back = table.on_statement(&announce(&subject, 4, 20), 20).unwrap();
+        assert_eq!(back, Accepted::Announcement { change: Some(Change::Alive(sid)) });
+    }
+
+    #[test]
+    fn report_about_self_asks_for_refutation() {
+        let (local, mut table) = table();
+        table.set_own(7, announce(&local, 7, 0));
+        let reporter = Keypair::generate_ed25519();
+        let report = SignedStatement::sign(
+            &reporter,
+            &Statement::Down(DownReport {
+                subject: local.public().to_peer_id(),
+                subject_seq: 7,
+                issued_at: 1,
+                expires_at: 1 + TTL,
+            }),
+        );
+        assert_eq!(table.on_statement(&report, 2), Ok(Accepted::Refute));
+    }
+
+    #[test]
+    fn anti_entropy_returns_only_what_the_requester_lacks() {
+        let (local, mut table) = table();
+        let local_id = local.public().to_peer_id();
+        table.set_own(1, announce(&local, 1, 0));
+        let a = Keypair::generate_ed25519();
+        let b = Keypair::generate_ed25519();
+        table.on_statement(&announce(&a, 2, 0), 0).unwrap();
+        table.on_statement(&announce(&b, 5, 0), 0).unwrap();
+
+        let mut digest = table.digest();
+        digest.sort_by_key(|(_, seq)| *seq);
+        assert_eq!(digest.len(), 3);
+
+        let requester = [(a.public().to_peer_id(), 2), (b.public().to_peer_id(), 4)];
+        let mut missing: Vec<PeerId> = table
+            .newer_than(&requester, 100)
+            .iter()
+            .map(|s| s.verify(1).unwrap().issuer)
+            .collect();
+        missing.sort();
+        let mut expected = vec![local_id, b.public().to_peer_id()];
+        expected.sort();
+        assert_eq!(missing, expected);
+        assert_eq!(table.newer_than(&[], 1).len(), 1, "the limit bounds the answer");
+    }
+
+    #[test]
+    fn failed_peers_are_forgotten_after_the_configured_time() {
+        let (_, mut table) = table();
+        let id = Keypair::generate_ed25519().public().to_peer_id();
+        table.on_connected(id, 0);
+        table.on_disconnected(id, 1);
+        assert!(table.on_unreachable(id, 2).is_some());
+        table.tick(3);
+        assert!(table.get(&id).is_some());
+        table.tick(2 + Config::default().forget_after_ms + 1);
+        assert!(table.get(&id).is_none());
+    }
+}

@@ -1,0 +1,109 @@
+//! A per-peer reputation: misbehaviour subtracts from a score that decays back towards zero.
+//!
+//! Penalties are weighted by how clearly a rejection shows intent: a bad signature or a
+//! malformed message cannot happen by accident between honest nodes, while a late (expired)
+//! statement can. A peer whose score falls below the ban threshold is disconnected and ignored
+//! until the score has decayed back above it.
+
+use std::collections::HashMap;
+
+use crate::wire::Rejection;
+use crate::{PeerId, UnixMillis};
+
+/// Reputation tunables.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Time for a score to decay halfway back to zero.
+    pub half_life_ms: u64,
+    /// Score below which a peer is banned.
+    pub ban_below: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { half_life_ms: 10 * 60 * 1000, ban_below: -100.0 }
+    }
+}
+
+/// How much a rejection costs the sender.
+pub fn penalty(reason: Rejection) -> f64 {
+    match reason {
+        Rejection::BadSignature => 25.0,
+        Rejection::Oversized | Rejection::Malformed => 20.0,
+        Rejection::FromFuture => 5.0,
+        Rejection::Replayed => 2.0,
+        Rejection::Expired | Rejection::RateLimited => 1.0,
+        Rejection::Banned => 0.0,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Score {
+    value: f64,
+    at: UnixMillis,
+}
+
+/// Scores of the peers that misbehaved (everyone else is at zero).
+#[derive(Debug, Default)]
+pub struct Reputation {
+    config: Config,
+    scores: HashMap<PeerId, Score>,
+}
+
+impl Reputation {
+    /// An empty table.
+    pub fn new(config: Config) -> Self {
+        Self { config, scores: HashMap::new() }
+    }
+
+    fn decayed(&self, score: Score, now: UnixMillis) -> f64 {
+        let elapsed = now.saturating_sub(score.at) as f64;
+        score.value * 0.5f64.powf(elapsed / self.config.half_life_ms.max(1) as f64)
+    }
+
+    /// The peer's score at `now` (0 for a peer with no record).
+    pub fn score(&self, peer: &PeerId, now: UnixMillis) -> f64 {
+        self.scores.get(peer).map_or(0.0, |s| self.decayed(*s, now))
+    }
+
+    /// Charges `peer` for a rejected message; returns true when this crossed the ban threshold.
+    pub fn penalise(&mut self, peer: PeerId, reason: Rejection, now: UnixMillis) -> bool {
+        let before = self.score(&peer, now);
+        let after = before - penalty(reason);
+        self.scores.insert(peer, Score { value: after, at: now });
+        before >= self.config.ban_below && after < self.config.ban_below
+    }
+
+    /// Whether `peer` is banned at `now`.
+    pub fn is_banned(&self, peer: &PeerId, now: UnixMillis) -> bool {
+        self.score(peer, now) < self.config.ban_below
+    }
+
+    /// Drops records that have decayed to almost nothing.
+    pub fn prune(&mut self, now: UnixMillis) {
+        let config_half_life = self.config.half_life_ms.max(1) as f64;
+        self.scores.retain(|_, s| {
+            let elapsed = now.saturating_sub(s.at) as f64;
+            (s.value * 0.5f64.powf(elapsed / config_half_life)).abs() > 0.5
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_forgeries_ban_and_decay_lifts_the_ban() {
+        let mut rep = Reputation::new(Config::default());
+        let peer = PeerId::random();
+        let crossings: Vec<bool> =
+            (0..5).map(|_| rep.penalise(peer, Rejection::BadSignature, 0)).collect();
+        assert_eq!(crossings, vec![false, false, false, false, true]);
+        assert!(rep.is_banned(&peer, 0));
+        assert!(!rep.is_banned(&PeerId::random(), 0));
+        // -125 halves to -62.5 after one half-life.
+        assert!(!rep.is_banned(&peer, Config::default().half_life_ms));
+        assert!((rep.score(&peer, Config::default().half_life_ms) + 62.5).abs() < 1e-6);
+    }
+}

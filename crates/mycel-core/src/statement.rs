@@ -1,0 +1,285 @@
+//! Signed statements that nodes gossip about themselves and about others.
+//!
+//! A [`SignedStatement`] carries a CBOR-encoded [`Statement`], the signer's public key and an
+//! ed25519 signature over a domain-separated copy of the body. Every statement names its issuer,
+//! a sequence number and an expiry so that forgeries, replays and stale state are refused
+//! ([`SignedStatement::verify`] and the sequence checks in [`crate::membership`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{self, Rejection};
+use crate::{Keypair, PeerId, PublicKey, UnixMillis};
+
+/// Largest encoded statement accepted from a peer.
+pub const MAX_STATEMENT_BYTES: usize = 16 * 1024;
+/// Longest lifetime (expiry minus issue time) a statement may claim.
+pub const MAX_LIFETIME_MS: u64 = 60 * 60 * 1000;
+/// How far in the future an issue time may lie before it is refused (clock skew allowance).
+pub const MAX_CLOCK_SKEW_MS: u64 = 60 * 1000;
+
+const SIGNING_DOMAIN: &[u8] = b"mycel/statement/v1\0";
+
+/// What a node offers: models, hardware, current load and power state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Content ids of the models this node serves (empty until inference lands).
+    pub models: Vec<String>,
+    /// Static hardware description.
+    pub hardware: Hardware,
+    /// Current load.
+    pub load: Load,
+    /// Power state, where the platform exposes one.
+    pub power: Option<PowerState>,
+}
+
+/// Hardware a node runs on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Hardware {
+    /// Logical CPU cores available to the node.
+    pub cores: u32,
+    /// Total memory in bytes.
+    pub memory_bytes: u64,
+    /// Name of the GPU, if any.
+    pub gpu: Option<String>,
+}
+
+/// How busy a node is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    /// Tasks waiting in the node's queue.
+    pub queue_depth: u32,
+    /// Fraction of the node's compute in use, 0.0 to 1.0.
+    pub utilisation: f32,
+}
+
+/// Power state read from the platform; each field is absent where the platform does not say.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PowerState {
+    /// Whether the machine runs on mains power.
+    pub on_mains: Option<bool>,
+    /// Battery charge in percent.
+    pub battery_pct: Option<u8>,
+    /// Highest temperature reported by a thermal zone, in degrees Celsius.
+    pub temperature_c: Option<f32>,
+}
+
+/// A node's signed description of itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// Sequence number, strictly increasing per issuer (across restarts too).
+    pub seq: u64,
+    /// When it was issued.
+    pub issued_at: UnixMillis,
+    /// When it stops being valid; a peer whose latest announcement expired is failed.
+    pub expires_at: UnixMillis,
+    /// What the node offers.
+    pub capabilities: Capabilities,
+}
+
+/// A node's signed observation that another node is unreachable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DownReport {
+    /// The peer observed down.
+    #[serde(with = "peer_id_bytes")]
+    pub subject: PeerId,
+    /// The subject's latest sequence number the reporter had seen; a newer announcement from
+    /// the subject refutes the report.
+    pub subject_seq: u64,
+    /// When it was issued.
+    pub issued_at: UnixMillis,
+    /// When it stops being valid.
+    pub expires_at: UnixMillis,
+}
+
+/// The body of a signed statement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Statement {
+    /// The issuer describes itself.
+    Announce(Announcement),
+    /// The issuer reports another peer down.
+    Down(DownReport),
+}
+
+impl Statement {
+    fn validity(&self) -> (UnixMillis, UnixMillis) {
+        match self {
+            Self::Announce(a) => (a.issued_at, a.expires_at),
+            Self::Down(d) => (d.issued_at, d.expires_at),
+        }
+    }
+}
+
+/// A statement with its issuer's public key and signature, as sent on the wire.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedStatement {
+    /// CBOR encoding of a [`Statement`].
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// Protobuf encoding of the issuer's public key.
+    #[serde(with = "serde_bytes")]
+    pub public_key: Vec<u8>,
+    /// Signature over `SIGNING_DOMAIN || body`.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl std::fmt::Debug for SignedStatement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignedStatement").field("body_len", &self.body.len()).finish()
+    }
+}
+
+/// A statement whose signature has been checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    /// The issuer (derived from the verified public key).
+    pub issuer: PeerId,
+    /// The decoded statement.
+    pub statement: Statement,
+}
+
+fn signing_input(body: &[u8]) -> Vec<u8> {
+    let mut input = Vec::with_capacity(SIGNING_DOMAIN.len() + body.len());
+    input.extend_from_slice(SIGNING_DOMAIN);
+    input.extend_from_slice(body);
+    input
+}
+
+impl SignedStatement {
+    /// Signs `statement` with `keypair`.
+    pub fn sign(keypair: &Keypair, statement: &Statement) -> Self {
+        let body = wire::encode(statement);
+        let signature = keypair
+            .sign(&signing_input(&body))
+            .expect("ed25519 signing does not fail");
+        Self { body, public_key: keypair.public().encode_protobuf(), signature }
+    }
+
+    /// Encodes for the wire.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        wire::encode(self)
+    }
+
+    /// Decodes bytes received from a peer, bounded by [`MAX_STATEMENT_BYTES`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, Rejection> {
+        wire::decode(bytes, MAX_STATEMENT_BYTES)
+    }
+
+    /// Decodes the claimed issuer and body *without* checking the signature. Cheap; lets a
+    /// receiver drop statements it already has before paying for a signature check.
+    pub fn peek(&self) -> Result<Verified, Rejection> {
+        let key = PublicKey::try_decode_protobuf(&self.public_key)
+            .map_err(|_| Rejection::BadSignature)?;
+        let statement: Statement = wire::decode(&self.body, MAX_STATEMENT_BYTES)?;
+        Ok(Verified { issuer: key.to_peer_id(), statement })
+    }
+
+    /// Checks the signature and the validity window at `now`, and decodes the body.
+    pub fn verify(&self, now: UnixMillis) -> Result<Verified, Rejection> {
+        if self.body.len() > MAX_STATEMENT_BYTES {
+            return Err(Rejection::Oversized);
+        }
+        let key = PublicKey::try_decode_protobuf(&self.public_key)
+            .map_err(|_| Rejection::BadSignature)?;
+        if !key.verify(&signing_input(&self.body), &self.signature) {
+            return Err(Rejection::BadSignature);
+        }
+        let statement: Statement = wire::decode(&self.body, MAX_STATEMENT_BYTES)?;
+        let (issued_at, expires_at) = statement.validity();
+        if issued_at > now.saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err(Rejection::FromFuture);
+        }
+        if expires_at <= now || expires_at.saturating_sub(issued_at) > MAX_LIFETIME_MS {
+            return Err(Rejection::Expired);
+        }
+        Ok(Verified { issuer: key.to_peer_id(), statement })
+    }
+}
+
+/// Serde adapter writing a [`PeerId`] as its multihash bytes.
+pub mod peer_id_bytes {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    use crate::PeerId;
+
+    /// Serializes a peer id as bytes.
+    pub fn serialize<S: Serializer>(peer: &PeerId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&peer.to_bytes())
+    }
+
+    /// Deserializes a peer id from bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PeerId, D::Error> {
+        let bytes: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
+        PeerId::from_bytes(&bytes).map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announce(seq: u64, now: UnixMillis) -> Statement {
+        Statement::Announce(Announcement {
+            seq,
+            issued_at: now,
+            expires_at: now + 10_000,
+            capabilities: Capabilities {
+                hardware: Hardware { cores: 2, memory_bytes: 1 << 30, gpu: None },
+                ..Default::default()
+            },
+        })
+    }
+
+    #[test]
+    fn signed_statement_round_trips_and_verifies() {
+        let key = Keypair::generate_ed25519();
+        let signed = SignedStatement::sign(&key, &announce(1, 1_000));
+        let decoded = SignedStatement::from_bytes(&signed.to_bytes()).unwrap();
+        let verified = decoded.verify(1_500).unwrap();
+        assert_eq!(verified.issuer, key.public().to_peer_id());
+        assert_eq!(verified.statement, announce(1, 1_000));
+    }
+
+    #[test]
+    fn tampered_body_or_foreign_key_is_a_bad_signature() {
+        let key = Keypair::generate_ed25519();
+        let mut signed = SignedStatement::sign(&key, &announce(1, 1_000));
+        let last = signed.body.len() - 1;
+        signed.body[last] ^= 1;
+        assert_eq!(signed.verify(1_500), Err(Rejection::BadSignature));
+
+        // Somebody else's key attached to a statement: the signature no longer matches.
+        let mut stolen = SignedStatement::sign(&key, &announce(2, 1_000));
+        stolen.public_key = Keypair::generate_ed25519().public().encode_protobuf();
+        assert_eq!(stolen.verify(1_500), Err(Rejection::BadSignature));
+
+        let mut junk_key = SignedStatement::sign(&key, &announce(3, 1_000));
+        junk_key.public_key = vec![1, 2, 3];
+        assert_eq!(junk_key.verify(1_500), Err(Rejection::BadSignature));
+    }
+
+    #[test]
+    fn expiry_lifetime_and_future_issue_are_enforced() {
+        let key = Keypair::generate_ed25519();
+        let signed = SignedStatement::sign(&key, &announce(1, 1_000));
+        assert_eq!(signed.verify(11_000), Err(Rejection::Expired));
+
+        let long = Statement::Announce(Announcement {
+            seq: 1,
+            issued_at: 0,
+            expires_at: MAX_LIFETIME_MS + 1,
+            capabilities: Capabilities::default(),
+        });
+        assert_eq!(SignedStatement::sign(&key, &long).verify(1), Err(Rejection::Expired));
+
+        let future = SignedStatement::sign(&key, &announce(1, 10 * MAX_CLOCK_SKEW_MS));
+        assert_eq!(future.verify(0), Err(Rejection::FromFuture));
+    }
+
+    #[test]
+    fn garbage_bytes_are_malformed_and_huge_ones_oversized() {
+        assert_eq!(SignedStatement::from_bytes(&[1, 2, 3]), Err(Rejection::Malformed));
+        let huge = vec![0u8; MAX_STATEMENT_BYTES + 1];
+        assert_eq!(SignedStatement::from_bytes(&huge), Err(Rejection::Oversized));
+    }
+}

@@ -1,0 +1,178 @@
+//! The composed libp2p behaviour and the swarm built around it.
+
+use std::error::Error;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use libp2p::core::transport::MemoryTransport;
+use libp2p::core::upgrade::Version;
+use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{
+    allow_block_list, connection_limits, gossipsub, identify, kad, mdns,
+    memory_connection_limits, noise, ping, request_response, tcp, yamux, StreamProtocol, Swarm,
+    SwarmBuilder, Transport,
+};
+use prometheus_client::registry::Registry;
+
+use crate::config::{NetConfig, TransportKind};
+use crate::protocol::{
+    SyncRequest, SyncResponse, IDENTIFY_PROTOCOL, KAD_PROTOCOL, STATEMENTS_TOPIC, SYNC_PROTOCOL,
+};
+
+type BoxError = Box<dyn Error + Send + Sync>;
+
+/// Limit and deny behaviours come first: the derive polls fields in declaration order.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub(crate) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    pub(crate) limits: connection_limits::Behaviour,
+    pub(crate) memory: memory_connection_limits::Behaviour,
+    pub(crate) identify: identify::Behaviour,
+    pub(crate) ping: ping::Behaviour,
+    pub(crate) gossipsub: gossipsub::Behaviour,
+    pub(crate) sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+    pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+impl Behaviour {
+    fn new(key: &Keypair, config: &NetConfig) -> Result<Self, BoxError> {
+        let peer_id = key.public().to_peer_id();
+        let limits = &config.limits;
+        let timing = &config.timing;
+
+        let connection_limits = connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(limits.max_connections))
+            .with_max_established_per_peer(Some(limits.max_connections_per_peer))
+            .with_max_pending_incoming(Some(limits.max_pending))
+            .with_max_pending_outgoing(Some(limits.max_pending));
+
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                .with_agent_version(format!("mycel/{}", env!("CARGO_PKG_VERSION")))
+                .with_interval(Duration::from_secs(300))
+                .with_push_listen_addr_updates(true)
+                .with_cache_size(0),
+        );
+
+        let ping = ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(timing.ping_interval)
+                .with_timeout(timing.ping_timeout),
+        );
+
+        // Statements carry their own ed25519 signatures (checked in mycel-core), so gossipsub's
+        // per-message signing would only verify the same thing twice. Message ids are content
+        // hashes: the same statement relayed by several peers is delivered once.
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .validation_mode(gossipsub::ValidationMode::Anonymous)
+            .validate_messages()
+            .message_id_fn(|m: &gossipsub::Message| {
+                gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+            })
+            .max_transmit_size(limits.max_gossip_bytes)
+            .heartbeat_interval(timing.gossip_heartbeat)
+            .heartbeat_initial_delay(Duration::from_millis(100))
+            .mesh_n(6)
+            .mesh_n_low(4)
+            .mesh_n_high(12)
+            .mesh_outbound_min(2)
+            .history_length(5)
+            .history_gossip(3)
+            .build()
+            .map_err(|e| format!("gossipsub config: {e}"))?;
+        let mut gossipsub =
+            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)?;
+        // Many peers on one host would otherwise score each other below the graylist
+        // threshold (P6 IP colocation); see shared/LIBP2P.md.
+        let mut score = gossipsub::PeerScoreParams::default();
+        score.ip_colocation_factor_whitelist.extend([
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ]);
+        score.app_specific_weight = 1.0;
+        gossipsub.with_peer_score(score, gossipsub::PeerScoreThresholds::default())?;
+        gossipsub.subscribe(&gossipsub::IdentTopic::new(STATEMENTS_TOPIC))?;
+
+        let sync = request_response::cbor::Behaviour::with_codec(
+            request_response::cbor::codec::Codec::default()
+                .set_request_size_maximum(limits.max_sync_request_bytes)
+                .set_response_size_maximum(limits.max_sync_response_bytes),
+            [(StreamProtocol::new(SYNC_PROTOCOL), request_response::ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(10))
+                .with_max_concurrent_streams(64),
+        );
+
+        let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+        // Our own random walks replace kad's periodic bootstrap.
+        kad_config.set_periodic_bootstrap_interval(None);
+        kad_config.set_query_timeout(Duration::from_secs(10));
+        kad_config.set_parallelism(NonZeroUsize::new(3).expect("nonzero"));
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        // Auto mode stays a client until an external address is confirmed, which never happens
+        // on loopback or without autonat; Mycel nodes are meant to be reachable, so serve.
+        kad.set_mode(Some(kad::Mode::Server));
+
+        let mdns = if config.mdns {
+            let mdns_config = mdns::Config {
+                query_interval: Duration::from_secs(30),
+                ..Default::default()
+            };
+            Some(mdns::tokio::Behaviour::new(mdns_config, peer_id)?)
+        } else {
+            None
+        };
+
+        Ok(Self {
+            blocked: Default::default(),
+            limits: connection_limits::Behaviour::new(connection_limits),
+            memory: memory_connection_limits::Behaviour::with_max_percentage(0.9),
+            identify,
+            ping,
+            gossipsub,
+            sync,
+            kad,
+            mdns: mdns.into(),
+        })
+    }
+}
+
+/// Builds the swarm with the configured transports.
+pub(crate) fn build_swarm(
+    config: &NetConfig,
+    registry: &mut Registry,
+) -> Result<Swarm<Behaviour>, BoxError> {
+    let idle = config.timing.idle_connection_timeout;
+    let dial_timeout = config.timing.dial_timeout;
+    let keypair = config.keypair.clone();
+    let swarm = match config.transport {
+        TransportKind::TcpQuic => SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)?
+            .with_quic()
+            .with_bandwidth_metrics(registry)
+            .with_behaviour(|key| Behaviour::new(key, config))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .with_connection_timeout(dial_timeout)
+            .build(),
+        TransportKind::Memory => SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_other_transport(|key| -> Result<_, BoxError> {
+                Ok(MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()))
+            })?
+            .with_bandwidth_metrics(registry)
+            .with_behaviour(|key| Behaviour::new(key, config))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .with_connection_timeout(dial_timeout)
+            .build(),
+    };
+    Ok(swarm)
+}

@@ -1,0 +1,144 @@
+//! Network configuration.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use mycel_core::statement::Capabilities;
+
+/// Which transports the swarm uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// TCP (Noise + Yamux) and QUIC: what real nodes use.
+    TcpQuic,
+    /// libp2p's in-process memory transport (Noise + Yamux): for many nodes in one process,
+    /// where sockets would exhaust the file-descriptor limit.
+    Memory,
+}
+
+/// How often things happen. Defaults suit a real deployment; tests shorten them.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// Interval between a node's own announcements (jittered by up to a fifth).
+    pub announce_interval: Duration,
+    /// Lifetime of an announcement; a peer silent for this long is declared failed.
+    pub announce_ttl: Duration,
+    /// Interval between pings on each connection.
+    pub ping_interval: Duration,
+    /// Time a ping may take before it counts as missed.
+    pub ping_timeout: Duration,
+    /// Interval between Kademlia random walks once the node has peers.
+    pub random_walk_interval: Duration,
+    /// Longest interval between periodic anti-entropy syncs (the first ones come sooner).
+    pub max_sync_interval: Duration,
+    /// How often membership expiries are checked.
+    pub tick_interval: Duration,
+    /// Time a dial may take.
+    pub dial_timeout: Duration,
+    /// Idle connections are closed after this long.
+    pub idle_connection_timeout: Duration,
+    /// Gossipsub heartbeat (mesh maintenance and lazy gossip).
+    pub gossip_heartbeat: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            announce_interval: Duration::from_secs(30),
+            announce_ttl: Duration::from_secs(90),
+            ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(5),
+            random_walk_interval: Duration::from_secs(60),
+            max_sync_interval: Duration::from_secs(60),
+            tick_interval: Duration::from_millis(500),
+            dial_timeout: Duration::from_secs(5),
+            idle_connection_timeout: Duration::from_secs(60),
+            gossip_heartbeat: Duration::from_millis(700),
+        }
+    }
+}
+
+/// Bounds on what peers may make this node do.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Established connections in total.
+    pub max_connections: u32,
+    /// Established connections to one peer.
+    pub max_connections_per_peer: u32,
+    /// Connections being set up, each direction.
+    pub max_pending: u32,
+    /// Messages a peer may send a second, on average (gossip and sync requests together).
+    pub messages_per_sec: f64,
+    /// Messages a peer may send in a burst.
+    pub message_burst: f64,
+    /// Largest gossip message forwarded by gossipsub.
+    pub max_gossip_bytes: usize,
+    /// Largest sync request and response.
+    pub max_sync_request_bytes: u64,
+    /// Largest sync response.
+    pub max_sync_response_bytes: u64,
+    /// Consecutive missed pings before a connected peer is declared failed.
+    pub max_missed_pings: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            max_connections_per_peer: 2,
+            max_pending: 32,
+            messages_per_sec: 200.0,
+            message_burst: 2_000.0,
+            max_gossip_bytes: 64 * 1024,
+            max_sync_request_bytes: 1 << 20,
+            max_sync_response_bytes: 4 << 20,
+            max_missed_pings: 2,
+        }
+    }
+}
+
+/// Everything the network needs to start.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// The node's identity.
+    pub keypair: Keypair,
+    /// Transports to use.
+    pub transport: TransportKind,
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap addresses to dial at start (with or without a `/p2p/` suffix).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Peers remembered from earlier runs, dialled at start.
+    pub known_peers: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Whether to discover peers on the LAN by mDNS.
+    pub mdns: bool,
+    /// Whether to record libp2p's own protocol metrics (kad, gossipsub, identify, ping).
+    pub libp2p_metrics: bool,
+    /// What this node offers at start.
+    pub capabilities: Capabilities,
+    /// Timing.
+    pub timing: Timing,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl NetConfig {
+    /// A configuration with defaults for everything but the identity.
+    pub fn new(keypair: Keypair) -> Self {
+        Self {
+            keypair,
+            transport: TransportKind::TcpQuic,
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4001".parse().expect("valid multiaddr"),
+                "/ip4/0.0.0.0/udp/4001/quic-v1".parse().expect("valid multiaddr"),
+            ],
+            bootstrap: Vec::new(),
+            known_peers: Vec::new(),
+            mdns: true,
+            libp2p_metrics: true,
+            capabilities: Capabilities::default(),
+            timing: Timing::default(),
+            limits: Limits::default(),
+        }
+    }
+}

@@ -1,0 +1,776 @@
+//! The task that owns the swarm: turns swarm events into membership inputs and membership
+//! decisions into network actions.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{DialError, SwarmEvent};
+use libp2p::{gossipsub, identify, mdns, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
+use mycel_core::membership::{self, Accepted, Change, FailReason, Membership};
+use mycel_core::ratelimit::RateLimiter;
+use mycel_core::reputation::{self, Reputation};
+use mycel_core::statement::{Announcement, Capabilities, SignedStatement, Statement};
+use mycel_core::wire::Rejection;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::behaviour::{Behaviour, BehaviourEvent};
+use crate::config::NetConfig;
+use crate::handle::{now_ms, Command, NetError, NetEvent, NetStatus};
+use crate::metrics::{NetMetrics, GOSSIP, IN, OUT, SYNC};
+use crate::protocol::{
+    DigestEntry, SyncRequest, SyncResponse, KAD_PROTOCOL, MAX_DIGEST_ENTRIES, MAX_ECHO_BYTES,
+    MAX_SYNC_STATEMENTS, STATEMENTS_TOPIC,
+};
+
+/// Addresses remembered per peer.
+const MAX_ADDRS_PER_PEER: usize = 8;
+/// Anti-entropy syncs in flight at once.
+const MAX_SYNCS_IN_FLIGHT: usize = 4;
+/// First interval between periodic syncs; doubles up to `Timing::max_sync_interval`.
+const FIRST_SYNC_INTERVAL: Duration = Duration::from_millis(500);
+
+enum Pending {
+    Echo(oneshot::Sender<Result<Vec<u8>, NetError>>),
+    Sync,
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    config: NetConfig,
+    seq_source: Box<dyn FnMut(u64) -> u64 + Send>,
+    own_seq: u64,
+    capabilities: Capabilities,
+    /// Our latest announcement could not be published (no subscribed peer yet).
+    announce_pending: Option<Vec<u8>>,
+    membership: Membership,
+    reputation: Reputation,
+    rate: RateLimiter<PeerId>,
+    metrics: NetMetrics,
+    libp2p_metrics: Option<libp2p::metrics::Metrics>,
+    listen_addrs: Vec<Multiaddr>,
+    addresses: HashMap<PeerId, Vec<Multiaddr>>,
+    probing: HashSet<PeerId>,
+    pending: HashMap<OutboundRequestId, Pending>,
+    syncs_in_flight: usize,
+    sync_interval: Duration,
+    topic: gossipsub::IdentTopic,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    connections: usize,
+}
+
+impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        config: NetConfig,
+        seq_source: Box<dyn FnMut(u64) -> u64 + Send>,
+        first_seq: u64,
+        metrics: NetMetrics,
+        libp2p_metrics: Option<libp2p::metrics::Metrics>,
+        listen_addrs: Vec<Multiaddr>,
+        commands: mpsc::Receiver<Command>,
+        events: mpsc::Sender<NetEvent>,
+    ) -> Self {
+        let local = *swarm.local_peer_id();
+        let membership_config = membership::Config {
+            max_missed_pings: config.limits.max_missed_pings,
+            ..Default::default()
+        };
+        let rate = RateLimiter::new(config.limits.messages_per_sec, config.limits.message_burst, 4096);
+        Self {
+            capabilities: config.capabilities.clone(),
+            swarm,
+            seq_source,
+            own_seq: first_seq,
+            announce_pending: None,
+            membership: Membership::new(local, membership_config),
+            reputation: Reputation::new(reputation::Config::default()),
+            rate,
+            metrics,
+            libp2p_metrics,
+            listen_addrs,
+            addresses: HashMap::new(),
+            probing: HashSet::new(),
+            pending: HashMap::new(),
+            syncs_in_flight: 0,
+            sync_interval: FIRST_SYNC_INTERVAL,
+            topic: gossipsub::IdentTopic::new(STATEMENTS_TOPIC),
+            commands,
+            events,
+            connections: 0,
+            config,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        self.dial_initial_peers();
+        self.announce(false);
+
+        let timing = self.config.timing.clone();
+        let mut tick = tokio::time::interval(timing.tick_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let announce_sleep = tokio::time::sleep(jittered(timing.announce_interval));
+        tokio::pin!(announce_sleep);
+        // The first random walk comes soon after start to fill the routing table.
+        let walk_sleep = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(walk_sleep);
+        let sync_sleep = tokio::time::sleep(self.sync_interval);
+        tokio::pin!(sync_sleep);
+
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown) | None => break,
+                    Some(command) => self.on_command(command),
+                },
+                _ = tick.tick() => self.on_tick(),
+                _ = &mut announce_sleep => {
+                    self.announce(false);
+                    announce_sleep.as_mut().reset(
+                        tokio::time::Instant::now() + jittered(timing.announce_interval));
+                }
+                _ = &mut walk_sleep => {
+                    self.random_walk();
+                    walk_sleep.as_mut().reset(
+                        tokio::time::Instant::now() + jittered(timing.random_walk_interval));
+                }
+                _ = &mut sync_sleep => {
+                    self.periodic_sync();
+                    self.sync_interval = (self.sync_interval * 2).min(timing.max_sync_interval);
+                    sync_sleep.as_mut().reset(
+                        tokio::time::Instant::now() + jittered(self.sync_interval));
+                }
+            }
+        }
+        debug!(peer = %self.swarm.local_peer_id(), "network task stopped");
+    }
+
+    fn dial_initial_peers(&mut self) {
+        let local = *self.swarm.local_peer_id();
+        for addr in self.config.bootstrap.clone() {
+            if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                if peer == local {
+                    continue;
+                }
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            }
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                warn!(%addr, "cannot dial bootstrap address: {e}");
+            }
+        }
+        for (peer, addrs) in self.config.known_peers.clone() {
+            if peer == local || addrs.is_empty() {
+                continue;
+            }
+            for addr in &addrs {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            }
+            self.remember_addrs(peer, addrs.clone());
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, "cannot dial known peer: {e}");
+            }
+        }
+    }
+
+    // ---- own statements ------------------------------------------------------------------
+
+    /// Signs and publishes a new announcement. With `force_new` false and nothing pending this
+    /// is the periodic refresh; a pending (unpublished) announcement is retried as is.
+    fn announce(&mut self, retry_pending: bool) {
+        if retry_pending {
+            if let Some(bytes) = self.announce_pending.take() {
+                self.publish_own(bytes);
+            }
+            return;
+        }
+        let now = now_ms();
+        self.own_seq = (self.seq_source)(now).max(self.own_seq + 1);
+        let statement = Statement::Announce(Announcement {
+            seq: self.own_seq,
+            issued_at: now,
+            expires_at: now + self.config.timing.announce_ttl.as_millis() as u64,
+            capabilities: self.capabilities.clone(),
+        });
+        let signed = SignedStatement::sign(&self.config.keypair, &statement);
+        self.membership.set_own(self.own_seq, signed.clone());
+        self.publish_own(signed.to_bytes());
+    }
+
+    fn publish_own(&mut self, bytes: Vec<u8>) {
+        let len = bytes.len();
+        match self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes.clone()) {
+            Ok(_) => {
+                self.metrics.traffic(GOSSIP, OUT, len);
+                self.announce_pending = None;
+            }
+            Err(gossipsub::PublishError::Duplicate) => self.announce_pending = None,
+            Err(e) => {
+                debug!("announcement not published yet: {e}");
+                self.announce_pending = Some(bytes);
+            }
+        }
+    }
+
+    fn publish_down_report(&mut self, subject: PeerId) {
+        let now = now_ms();
+        let ttl = self.config.timing.announce_ttl.as_millis() as u64;
+        let Some(statement) = self.membership.down_report(subject, now, ttl) else { return };
+        let bytes = SignedStatement::sign(&self.config.keypair, &statement).to_bytes();
+        let len = bytes.len();
+        match self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes) {
+            Ok(_) => self.metrics.traffic(GOSSIP, OUT, len),
+            Err(e) => debug!(%subject, "down report not published: {e}"),
+        }
+    }
+
+    // ---- membership plumbing ---------------------------------------------------------------
+
+    fn on_change(&mut self, change: Change) {
+        match change {
+            Change::Alive(peer) => debug!(%peer, "peer alive"),
+            Change::Failed(peer, reason) => {
+                info!(%peer, ?reason, "peer failed");
+                // Neighbours tell everyone what they saw; expiry and hearsay need no retelling.
+                if matches!(reason, FailReason::MissedPings | FailReason::Unreachable) {
+                    self.publish_down_report(peer);
+                }
+                if reason == FailReason::MissedPings {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+        }
+    }
+
+    /// Applies a statement that arrived from `source`; returns the gossip verdict.
+    fn on_statement(
+        &mut self,
+        source: PeerId,
+        signed: &SignedStatement,
+    ) -> gossipsub::MessageAcceptance {
+        let now = now_ms();
+        match self.membership.on_statement(signed, now) {
+            Ok(Accepted::Duplicate) => gossipsub::MessageAcceptance::Ignore,
+            Ok(Accepted::Announcement { change } | Accepted::Down { change }) => {
+                if let Some(change) = change {
+                    self.on_change(change);
+                }
+                gossipsub::MessageAcceptance::Accept
+            }
+            Ok(Accepted::Refute) => {
+                info!(reporter = %source, "refuting a report that this node is down");
+                self.announce(false);
+                gossipsub::MessageAcceptance::Accept
+            }
+            Err(reason) => {
+                self.reject(source, reason);
+                gossipsub::MessageAcceptance::Reject
+            }
+        }
+    }
+
+    /// Counts a rejected message against `peer`, banning it when its reputation runs out.
+    fn reject(&mut self, peer: PeerId, reason: Rejection) {
+        debug!(%peer, %reason, "rejected message");
+        self.metrics.reject(reason);
+        let now = now_ms();
+        let banned = self.reputation.penalise(peer, reason, now);
+        let score = self.reputation.score(&peer, now);
+        self.swarm.behaviour_mut().gossipsub.set_application_score(&peer, score);
+        if banned {
+            warn!(%peer, "banning peer for repeated invalid messages");
+            self.swarm.behaviour_mut().blocked.block_peer(peer);
+        }
+    }
+
+    /// Checks the ban list and the rate limit for a message from `peer`.
+    fn admit(&mut self, peer: PeerId) -> Result<(), Rejection> {
+        let now = now_ms();
+        if self.reputation.is_banned(&peer, now) {
+            return Err(Rejection::Banned);
+        }
+        if !self.rate.allow(peer, now) {
+            return Err(Rejection::RateLimited);
+        }
+        Ok(())
+    }
+
+    fn on_tick(&mut self) {
+        let now = now_ms();
+        for change in self.membership.tick(now) {
+            self.on_change(change);
+        }
+        // Lift bans whose reputation has decayed back above the threshold.
+        let blocked: Vec<PeerId> =
+            self.swarm.behaviour().blocked.blocked_peers().iter().copied().collect();
+        for peer in blocked {
+            if !self.reputation.is_banned(&peer, now) {
+                self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+            }
+        }
+        let (alive, _, failed) = self.membership.counts();
+        self.metrics.peers.get_or_create(&crate::metrics::StateLabel { state: "alive" }).set(alive as i64);
+        self.metrics.peers.get_or_create(&crate::metrics::StateLabel { state: "failed" }).set(failed as i64);
+        self.metrics.connections.set(self.connections as i64);
+    }
+
+    fn remember_addrs(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let entry = self.addresses.entry(peer).or_default();
+        for addr in addrs {
+            if !entry.contains(&addr) {
+                entry.insert(0, addr);
+            }
+        }
+        entry.truncate(MAX_ADDRS_PER_PEER);
+    }
+
+    /// After losing the last connection to a peer it believed alive, the node dials it once:
+    /// success keeps it alive, failure declares it failed and tells the others.
+    fn probe(&mut self, peer: PeerId) {
+        let addrs = self.addresses.get(&peer).cloned().unwrap_or_default();
+        // A dead TCP port refuses at once, while QUIC would wait for the handshake timeout.
+        let tcp: Vec<Multiaddr> =
+            addrs.iter().filter(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_)))).cloned().collect();
+        let addrs = if tcp.is_empty() { addrs } else { tcp };
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.probing.insert(peer);
+            }
+            Err(DialError::NoAddresses) => {
+                if let Some(change) = self.membership.on_unreachable(peer, now_ms()) {
+                    self.on_change(change);
+                }
+            }
+            Err(e) => debug!(%peer, "probe not dialled: {e}"),
+        }
+    }
+
+    fn digest(&self) -> Vec<DigestEntry> {
+        self.membership
+            .digest()
+            .into_iter()
+            .map(|(peer, seq)| DigestEntry { peer: peer.to_bytes(), seq })
+            .collect()
+    }
+
+    fn start_sync(&mut self, peer: PeerId) {
+        if self.syncs_in_flight >= MAX_SYNCS_IN_FLIGHT {
+            return;
+        }
+        let request = SyncRequest::Digest(self.digest());
+        self.metrics.traffic(SYNC, OUT, 0);
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        self.pending.insert(id, Pending::Sync);
+        self.syncs_in_flight += 1;
+    }
+
+    fn periodic_sync(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        if peers.is_empty() {
+            return;
+        }
+        let peer = peers[rand::thread_rng().gen_range(0..peers.len())];
+        self.start_sync(peer);
+    }
+
+    fn random_walk(&mut self) {
+        if self.swarm.connected_peers().next().is_some() {
+            self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
+        }
+    }
+
+    // ---- commands --------------------------------------------------------------------------
+
+    fn status(&mut self) -> NetStatus {
+        let (alive, alive_with_capabilities, failed) = self.membership.counts();
+        let routing_table_peers = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum();
+        NetStatus {
+            peer_id: self.swarm.local_peer_id().to_base58(),
+            listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
+            connections: self.connections,
+            connected_peers: self.swarm.connected_peers().count(),
+            alive,
+            alive_with_capabilities,
+            failed,
+            announce_seq: self.own_seq,
+            routing_table_peers,
+            rejected_messages: self.metrics.rejected_total(),
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Peers(reply) => {
+                let _ = reply.send(self.membership.peers().map(|(_, info)| info.clone()).collect());
+            }
+            Command::Peer(peer, reply) => {
+                let _ = reply.send(self.membership.get(&peer).cloned());
+            }
+            Command::SetCapabilities(capabilities, reply) => {
+                self.capabilities = capabilities;
+                self.announce(false);
+                let _ = reply.send(self.own_seq);
+            }
+            Command::Echo { peer, payload, reply } => {
+                self.metrics.traffic(SYNC, OUT, payload.len());
+                let id = self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::Echo(payload));
+                self.pending.insert(id, Pending::Echo(reply));
+            }
+            Command::PublishRaw { bytes, reply } => {
+                let len = bytes.len();
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.topic.clone(), bytes)
+                    .map(|_| self.metrics.traffic(GOSSIP, OUT, len))
+                    .map_err(|e| NetError::Other(format!("publish failed: {e}")));
+                let _ = reply.send(result);
+            }
+            Command::Dial(addr, reply) => {
+                let result = self
+                    .swarm
+                    .dial(addr.clone())
+                    .map_err(|e| NetError::Other(format!("cannot dial {addr}: {e}")));
+                let _ = reply.send(result);
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    // ---- swarm events ----------------------------------------------------------------------
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let Some(m) = &self.libp2p_metrics {
+            use libp2p::metrics::Recorder;
+            m.record(&event);
+        }
+        let now = now_ms();
+        match event {
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                self.connections += 1;
+                self.probing.remove(&peer_id);
+                if num_established.get() == 1 {
+                    if let Some(change) = self.membership.on_connected(peer_id, now) {
+                        self.on_change(change);
+                    }
+                    if endpoint.is_dialer() {
+                        self.start_sync(peer_id);
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+                self.connections = self.connections.saturating_sub(1);
+                if num_established == 0 {
+                    debug!(%peer_id, ?cause, "last connection closed");
+                    self.membership.on_disconnected(peer_id, now);
+                    self.rate.remove(&peer_id);
+                    let alive = self
+                        .membership
+                        .get(&peer_id)
+                        .is_some_and(|p| p.state == membership::PeerState::Alive);
+                    if alive && !self.reputation.is_banned(&peer_id, now) {
+                        self.probe(peer_id);
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                if self.probing.remove(&peer) {
+                    // Our own limits refusing the dial says nothing about the peer.
+                    let ours =
+                        matches!(error, DialError::Denied { .. } | DialError::DialPeerConditionFalse(_));
+                    if !ours {
+                        if let Some(change) = self.membership.on_unreachable(peer, now) {
+                            self.on_change(change);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| *a != address);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(event) => self.on_gossip_event(event),
+            BehaviourEvent::Sync(event) => self.on_sync_event(event),
+            BehaviourEvent::Identify(event) => {
+                if let Some(m) = &self.libp2p_metrics {
+                    use libp2p::metrics::Recorder;
+                    m.record(&event);
+                }
+                if let identify::Event::Received { peer_id, info, .. } = event {
+                    self.on_identify(peer_id, info);
+                }
+            }
+            BehaviourEvent::Ping(event) => {
+                if let Some(m) = &self.libp2p_metrics {
+                    use libp2p::metrics::Recorder;
+                    m.record(&event);
+                }
+                self.on_ping(event);
+            }
+            BehaviourEvent::Kad(event) => {
+                if let Some(m) = &self.libp2p_metrics {
+                    use libp2p::metrics::Recorder;
+                    m.record(&event);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                let local = *self.swarm.local_peer_id();
+                for (peer, addr) in found {
+                    if peer == local {
+                        continue;
+                    }
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.remember_addrs(peer, vec![addr.clone()]);
+                    if !self.swarm.is_connected(&peer) {
+                        let opts = DialOpts::peer_id(peer)
+                            .addresses(vec![addr])
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(_))
+            | BehaviourEvent::Blocked(_)
+            | BehaviourEvent::Limits(_)
+            | BehaviourEvent::Memory(_) => {}
+        }
+    }
+
+    fn on_identify(&mut self, peer: PeerId, info: identify::Info) {
+        // Unspecified (0.0.0.0) listen addresses are not dialable; everything else is a referral.
+        let addrs: Vec<Multiaddr> = info
+            .listen_addrs
+            .into_iter()
+            .filter(|a| {
+                !a.iter().any(|p| match p {
+                    Protocol::Ip4(ip) => ip.is_unspecified(),
+                    Protocol::Ip6(ip) => ip.is_unspecified(),
+                    _ => false,
+                })
+            })
+            .take(MAX_ADDRS_PER_PEER)
+            .collect();
+        if info.protocols.iter().any(|p| *p == StreamProtocol::new(KAD_PROTOCOL)) {
+            for addr in &addrs {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            }
+        }
+        self.remember_addrs(peer, addrs.clone());
+        if !addrs.is_empty() {
+            let _ = self.events.try_send(NetEvent::PeerAddresses { peer, addrs });
+        }
+    }
+
+    fn on_ping(&mut self, event: ping::Event) {
+        let now = now_ms();
+        let change = match event.result {
+            Ok(rtt) => self.membership.on_ping_ok(event.peer, rtt.as_micros() as u64, now),
+            Err(e) => {
+                debug!(peer = %event.peer, "ping failed: {e}");
+                self.membership.on_ping_failure(event.peer, now)
+            }
+        };
+        if let Some(change) = change {
+            self.on_change(change);
+        }
+    }
+
+    fn on_gossip_event(&mut self, event: gossipsub::Event) {
+        if let Some(m) = &self.libp2p_metrics {
+            use libp2p::metrics::Recorder;
+            m.record(&event);
+        }
+        match event {
+            gossipsub::Event::Message { propagation_source, message_id, message } => {
+                self.metrics.traffic(GOSSIP, IN, message.data.len());
+                let verdict = match self.admit(propagation_source) {
+                    Err(reason) => {
+                        self.reject(propagation_source, reason);
+                        gossipsub::MessageAcceptance::Ignore
+                    }
+                    Ok(()) => match SignedStatement::from_bytes(&message.data) {
+                        Ok(signed) => self.on_statement(propagation_source, &signed),
+                        Err(reason) => {
+                            self.reject(propagation_source, reason);
+                            gossipsub::MessageAcceptance::Reject
+                        }
+                    },
+                };
+                let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    verdict,
+                );
+            }
+            gossipsub::Event::Subscribed { .. } => {
+                if self.announce_pending.is_some() {
+                    self.announce(true);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    self.metrics.traffic(SYNC, IN, request_len(&request));
+                    let response = match self.admit(peer) {
+                        Err(reason) => {
+                            self.reject(peer, reason);
+                            SyncResponse::Refused
+                        }
+                        Ok(()) => self.answer(peer, request),
+                    };
+                    let len = response_len(&response);
+                    if self.swarm.behaviour_mut().sync.send_response(channel, response).is_ok() {
+                        self.metrics.traffic(SYNC, OUT, len);
+                    }
+                }
+                request_response::Message::Response { request_id, response } => {
+                    self.metrics.traffic(SYNC, IN, response_len(&response));
+                    match (self.pending.remove(&request_id), response) {
+                        (Some(Pending::Echo(reply)), SyncResponse::Echo(payload)) => {
+                            let _ = reply.send(Ok(payload));
+                        }
+                        (Some(Pending::Echo(reply)), _) => {
+                            let _ = reply.send(Err(NetError::Request {
+                                peer,
+                                reason: "unexpected response to echo".into(),
+                            }));
+                        }
+                        (Some(Pending::Sync), SyncResponse::Statements(statements)) => {
+                            self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
+                            if statements.len() > MAX_SYNC_STATEMENTS {
+                                self.reject(peer, Rejection::Oversized);
+                                return;
+                            }
+                            for signed in &statements {
+                                if self.admit(peer).is_err() {
+                                    break;
+                                }
+                                self.on_statement(peer, signed);
+                            }
+                        }
+                        (Some(Pending::Sync), _) => {
+                            self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
+                        }
+                        (None, _) => {}
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
+                match self.pending.remove(&request_id) {
+                    Some(Pending::Echo(reply)) => {
+                        let _ = reply
+                            .send(Err(NetError::Request { peer, reason: error.to_string() }));
+                    }
+                    Some(Pending::Sync) => {
+                        self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
+                    }
+                    None => {}
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                // A request that does not decode (or is too large) is the peer's fault.
+                if let request_response::InboundFailure::Io(e) = &error {
+                    debug!(%peer, "bad sync request: {e}");
+                    let reason = if e.to_string().contains("max") || e.to_string().contains("large") {
+                        Rejection::Oversized
+                    } else {
+                        Rejection::Malformed
+                    };
+                    self.reject(peer, reason);
+                }
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn answer(&mut self, peer: PeerId, request: SyncRequest) -> SyncResponse {
+        match request {
+            SyncRequest::Echo(payload) if payload.len() <= MAX_ECHO_BYTES => {
+                SyncResponse::Echo(payload)
+            }
+            SyncRequest::Echo(_) => {
+                self.reject(peer, Rejection::Oversized);
+                SyncResponse::Refused
+            }
+            SyncRequest::Digest(entries) if entries.len() <= MAX_DIGEST_ENTRIES => {
+                let digest: Vec<(PeerId, u64)> = entries
+                    .iter()
+                    .filter_map(|e| PeerId::from_bytes(&e.peer).ok().map(|p| (p, e.seq)))
+                    .collect();
+                SyncResponse::Statements(self.membership.newer_than(&digest, MAX_SYNC_STATEMENTS))
+            }
+            SyncRequest::Digest(_) => {
+                self.reject(peer, Rejection::Oversized);
+                SyncResponse::Refused
+            }
+        }
+    }
+}
+
+fn request_len(request: &SyncRequest) -> usize {
+    match request {
+        SyncRequest::Digest(entries) => entries.len() * 48,
+        SyncRequest::Echo(payload) => payload.len(),
+    }
+}
+
+fn response_len(response: &SyncResponse) -> usize {
+    match response {
+        SyncResponse::Statements(s) => s.iter().map(|s| s.body.len() + 100).sum(),
+        SyncResponse::Echo(payload) => payload.len(),
+        SyncResponse::Refused => 1,
+    }
+}
+
+/// `base` plus or minus up to a fifth, so that nodes started together spread out.
+fn jittered(base: Duration) -> Duration {
+    let fifth = base.as_millis() as u64 / 5;
+    if fifth == 0 {
+        return base;
+    }
+    let offset = rand::thread_rng().gen_range(0..=2 * fifth);
+    Duration::from_millis(base.as_millis() as u64 - fifth + offset)
+}
+

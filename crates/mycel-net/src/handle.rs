@@ -1,0 +1,252 @@
+//! The handle the rest of the node uses to talk to the network task.
+
+use std::time::Duration;
+
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId};
+use futures::StreamExt;
+use mycel_core::membership::PeerInfo;
+use mycel_core::statement::Capabilities;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::behaviour::build_swarm;
+use crate::config::NetConfig;
+use crate::event_loop::EventLoop;
+use crate::metrics::NetMetrics;
+
+/// Errors of the network layer, worded for the person running the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The swarm could not be built.
+    #[error("cannot start networking: {0}")]
+    Build(String),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {reason}; is another node using that port? Pick another --listen port (or port 0 for any free one)")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The network task has stopped.
+    #[error("the network task has stopped")]
+    Stopped,
+    /// A request to a peer failed.
+    #[error("request to {peer} failed: {reason}")]
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A dial or publish failed.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What the network tells the node.
+#[derive(Debug, Clone)]
+pub enum NetEvent {
+    /// A peer told us where it listens (identify); worth remembering across restarts.
+    PeerAddresses {
+        /// The peer.
+        peer: PeerId,
+        /// Its listen addresses.
+        addrs: Vec<Multiaddr>,
+    },
+}
+
+/// A snapshot of the network's state.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetStatus {
+    /// This node's peer id.
+    pub peer_id: String,
+    /// Addresses this node listens on.
+    pub listen_addrs: Vec<String>,
+    /// Established connections.
+    pub connections: usize,
+    /// Peers with at least one connection.
+    pub connected_peers: usize,
+    /// Peers considered alive.
+    pub alive: usize,
+    /// Alive peers whose capabilities are known.
+    pub alive_with_capabilities: usize,
+    /// Peers declared failed.
+    pub failed: usize,
+    /// Sequence number of this node's latest announcement.
+    pub announce_seq: u64,
+    /// Peers in the Kademlia routing table.
+    pub routing_table_peers: usize,
+    /// Messages rejected since start.
+    pub rejected_messages: u64,
+}
+
+pub(crate) enum Command {
+    Status(oneshot::Sender<NetStatus>),
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Peer(PeerId, oneshot::Sender<Option<PeerInfo>>),
+    SetCapabilities(Capabilities, oneshot::Sender<u64>),
+    Echo { peer: PeerId, payload: Vec<u8>, reply: oneshot::Sender<Result<Vec<u8>, NetError>> },
+    PublishRaw { bytes: Vec<u8>, reply: oneshot::Sender<Result<(), NetError>> },
+    Dial(Multiaddr, oneshot::Sender<Result<(), NetError>>),
+    Shutdown,
+}
+
+/// A cloneable handle to the network task.
+#[derive(Clone, Debug)]
+pub struct NetHandle {
+    commands: mpsc::Sender<Command>,
+    peer_id: PeerId,
+    listen_addrs: Vec<Multiaddr>,
+    metrics: NetMetrics,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+/// Builds the swarm, binds every listen address, dials the bootstrap and known peers and
+/// spawns the event loop. Returns once every listener is bound (or failed to bind).
+pub async fn spawn(
+    config: NetConfig,
+    mut seq_source: Box<dyn FnMut(u64) -> u64 + Send>,
+    registry: &mut Registry,
+) -> Result<(NetHandle, mpsc::Receiver<NetEvent>, JoinHandle<()>), NetError> {
+    let metrics = NetMetrics::register(registry);
+    let mut swarm = build_swarm(&config, registry).map_err(|e| NetError::Build(e.to_string()))?;
+    let libp2p_metrics = config
+        .libp2p_metrics
+        .then(|| libp2p::metrics::Metrics::new(registry.sub_registry_with_prefix("libp2p")));
+
+    let mut pending = Vec::new();
+    for addr in &config.listen {
+        let id = swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+        pending.push((id, addr.clone()));
+    }
+    let mut listen_addrs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !pending.is_empty() {
+        let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .map_err(|_| NetError::Other("timed out binding listen addresses".into()))?;
+        match event {
+            SwarmEvent::NewListenAddr { listener_id, address } => {
+                pending.retain(|(id, _)| *id != listener_id);
+                listen_addrs.push(address);
+            }
+            SwarmEvent::ListenerError { listener_id, error }
+            | SwarmEvent::ListenerClosed { listener_id, reason: Err(error), .. } => {
+                let addr = pending
+                    .iter()
+                    .find(|(id, _)| *id == listener_id)
+                    .map(|(_, a)| a.clone())
+                    .unwrap_or_else(Multiaddr::empty);
+                return Err(NetError::Listen { addr, reason: error.to_string() });
+            }
+            _ => {}
+        }
+    }
+
+    let first_seq = seq_source(now_ms());
+    let (command_tx, command_rx) = mpsc::channel(256);
+    let (event_tx, event_rx) = mpsc::channel(256);
+    let peer_id = *swarm.local_peer_id();
+    let handle = NetHandle {
+        commands: command_tx,
+        peer_id,
+        listen_addrs: listen_addrs.clone(),
+        metrics: metrics.clone(),
+    };
+    let event_loop = EventLoop::new(
+        swarm,
+        config,
+        seq_source,
+        first_seq,
+        metrics,
+        libp2p_metrics,
+        listen_addrs,
+        command_rx,
+        event_tx,
+    );
+    let task = tokio::spawn(event_loop.run());
+    Ok((handle, event_rx, task))
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl NetHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The addresses bound at start.
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.listen_addrs
+    }
+
+    /// The node's network metrics.
+    pub fn metrics(&self) -> &NetMetrics {
+        &self.metrics
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// A snapshot of the network's state.
+    pub async fn status(&self) -> Result<NetStatus, NetError> {
+        self.ask(Command::Status).await
+    }
+
+    /// Everything known about every peer.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
+        self.ask(Command::Peers).await
+    }
+
+    /// Everything known about one peer.
+    pub async fn peer(&self, peer: PeerId) -> Result<Option<PeerInfo>, NetError> {
+        self.ask(|tx| Command::Peer(peer, tx)).await
+    }
+
+    /// Replaces this node's capabilities and announces them at once; returns the new sequence
+    /// number.
+    pub async fn set_capabilities(&self, capabilities: Capabilities) -> Result<u64, NetError> {
+        self.ask(|tx| Command::SetCapabilities(capabilities, tx)).await
+    }
+
+    /// Sends `payload` to `peer` on the sync protocol and returns the echo.
+    pub async fn echo(&self, peer: PeerId, payload: Vec<u8>) -> Result<Vec<u8>, NetError> {
+        self.ask(|reply| Command::Echo { peer, payload, reply }).await?
+    }
+
+    /// Publishes raw bytes on the statements topic, bypassing every local check. For tests
+    /// and tools that exercise how peers treat bad input.
+    pub async fn publish_raw(&self, bytes: Vec<u8>) -> Result<(), NetError> {
+        self.ask(|reply| Command::PublishRaw { bytes, reply }).await?
+    }
+
+    /// Dials an address.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.ask(|tx| Command::Dial(addr, tx)).await?
+    }
+
+    /// Stops the network task (connections are closed).
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown).await;
+    }
+}

@@ -1,0 +1,30 @@
+//! Mycel's libp2p driver.
+//!
+//! One task, the [`event_loop`], owns the libp2p `Swarm` and the node's pure membership state
+//! (`mycel_core::membership`); the rest of the program talks to it through a bounded command
+//! channel ([`NetHandle`]) and hears back through a bounded event channel ([`NetEvent`]). This
+//! is the shape of rust-libp2p's file-sharing example and of commonware's actors.
+//!
+//! Protocols (all under private protocol names, so we never join a public network):
+//! - TCP and QUIC transports (or the in-process memory transport for large benchmarks), Noise,
+//!   Yamux;
+//! - Kademlia `/mycel/kad/1.0.0` with periodic random walks, identify `/mycel/id/1.0.0` whose
+//!   listen addresses feed the routing table (referrals), ping for liveness and RTT, mDNS;
+//! - gossipsub topic `mycel/statements/1` carrying signed announcements and down reports;
+//! - request-response `/mycel/sync/1` for anti-entropy snapshots and echo round trips.
+
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+mod behaviour;
+mod config;
+mod event_loop;
+mod handle;
+mod metrics;
+mod protocol;
+
+pub use config::{Limits, NetConfig, Timing, TransportKind};
+pub use handle::{spawn, NetError, NetEvent, NetHandle, NetStatus};
+pub use metrics::NetMetrics;
+
+pub use libp2p::{Multiaddr, PeerId};
+pub use prometheus_client::registry::Registry;

@@ -1,0 +1,101 @@
+//! The network's Prometheus metrics.
+
+use mycel_core::wire::Rejection;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct StateLabel {
+    pub(crate) state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TrafficLabel {
+    pub(crate) protocol: &'static str,
+    pub(crate) direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    pub(crate) reason: &'static str,
+}
+
+/// Counters and gauges of one node's network, registered under the `mycel` prefix.
+#[derive(Debug, Clone, Default)]
+pub struct NetMetrics {
+    pub(crate) peers: Family<StateLabel, Gauge>,
+    pub(crate) connections: Gauge,
+    pub(crate) messages: Family<TrafficLabel, Counter>,
+    pub(crate) bytes: Family<TrafficLabel, Counter>,
+    pub(crate) rejected: Family<ReasonLabel, Counter>,
+}
+
+pub(crate) const GOSSIP: &str = "gossip";
+pub(crate) const SYNC: &str = "sync";
+pub(crate) const IN: &str = "in";
+pub(crate) const OUT: &str = "out";
+
+impl NetMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        let sub = registry.sub_registry_with_prefix("mycel");
+        sub.register("peers", "Known peers by state", metrics.peers.clone());
+        sub.register("connections", "Established connections", metrics.connections.clone());
+        sub.register(
+            "messages",
+            "Protocol messages by protocol and direction",
+            metrics.messages.clone(),
+        );
+        sub.register(
+            "message_bytes",
+            "Protocol message payload bytes by protocol and direction",
+            metrics.bytes.clone(),
+        );
+        sub.register(
+            "rejected_messages",
+            "Messages from peers rejected, by reason",
+            metrics.rejected.clone(),
+        );
+        // Pre-create every label so the series exist (at zero) from the start.
+        for state in ["alive", "failed"] {
+            let _ = metrics.peers.get_or_create(&StateLabel { state });
+        }
+        for reason in Rejection::ALL {
+            let _ = metrics.rejected.get_or_create(&ReasonLabel { reason: reason.label() });
+        }
+        for protocol in [GOSSIP, SYNC] {
+            for direction in [IN, OUT] {
+                let _ = metrics.messages.get_or_create(&TrafficLabel { protocol, direction });
+                let _ = metrics.bytes.get_or_create(&TrafficLabel { protocol, direction });
+            }
+        }
+        metrics
+    }
+
+    pub(crate) fn traffic(&self, protocol: &'static str, direction: &'static str, bytes: usize) {
+        let label = TrafficLabel { protocol, direction };
+        self.messages.get_or_create(&label).inc();
+        self.bytes.get_or_create(&label).inc_by(bytes as u64);
+    }
+
+    pub(crate) fn reject(&self, reason: Rejection) {
+        self.rejected.get_or_create(&ReasonLabel { reason: reason.label() }).inc();
+    }
+
+    /// Total rejected messages (all reasons).
+    pub fn rejected_total(&self) -> u64 {
+        Rejection::ALL
+            .iter()
+            .map(|r| self.rejected.get_or_create(&ReasonLabel { reason: r.label() }).get())
+            .sum()
+    }
+
+    /// Rejected messages for one reason.
+    pub fn rejected_for(&self, reason: Rejection) -> u64 {
+        self.rejected.get_or_create(&ReasonLabel { reason: reason.label() }).get()
+    }
+}

@@ -1,0 +1,1 @@
+//! mycel-node

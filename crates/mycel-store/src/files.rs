@@ -1,0 +1,132 @@
+//! Identity and API token files, owner-only.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use libp2p_identity::Keypair;
+use rand::RngCore;
+
+use crate::StoreError;
+
+const IDENTITY_FILE: &str = "identity.key";
+const TOKEN_FILE: &str = "api.token";
+
+fn dir_error(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::DataDir { path: path.to_path_buf(), source }
+}
+
+/// Creates the data directory (owner-only) if needed and checks that it is writable.
+pub fn prepare_data_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(dir).map_err(|e| dir_error(dir, e))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| dir_error(dir, e))?;
+    let probe = dir.join(".write-probe");
+    fs::write(&probe, b"ok").map_err(|e| dir_error(dir, e))?;
+    fs::remove_file(&probe).map_err(|e| dir_error(dir, e))?;
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically with mode 0600: temporary file, fsync, rename.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp: PathBuf = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut file =
+            OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| dir_error(dir, e))
+}
+
+fn read_existing(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::CorruptFile { path: path.to_path_buf(), reason: e.to_string() }),
+    }
+}
+
+/// Loads the node's identity from `dir`, creating one on first start.
+pub fn load_or_create_identity(dir: &Path) -> Result<Keypair, StoreError> {
+    let path = dir.join(IDENTITY_FILE);
+    if let Some(bytes) = read_existing(&path)? {
+        return Keypair::from_protobuf_encoding(&bytes).map_err(|e| StoreError::CorruptFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        });
+    }
+    let keypair = Keypair::generate_ed25519();
+    let encoded = keypair.to_protobuf_encoding().map_err(|e| StoreError::CorruptFile {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    write_private(&path, &encoded)?;
+    Ok(keypair)
+}
+
+/// Loads the API bearer token from `dir`, creating a random one on first start.
+pub fn load_or_create_token(dir: &Path) -> Result<String, StoreError> {
+    let path = dir.join(TOKEN_FILE);
+    if let Some(bytes) = read_existing(&path)? {
+        let token = String::from_utf8(bytes)
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| StoreError::CorruptFile { path: path.clone(), reason: e.to_string() })?;
+        if token.len() < 16 {
+            return Err(StoreError::CorruptFile { path, reason: "token too short".into() });
+        }
+        return Ok(token);
+    }
+    let mut raw = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut raw);
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, token.as_bytes())?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_stable_and_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        prepare_data_dir(dir.path()).unwrap();
+        let first = load_or_create_identity(dir.path()).unwrap();
+        let second = load_or_create_identity(dir.path()).unwrap();
+        assert_eq!(first.public().to_peer_id(), second.public().to_peer_id());
+        let mode = fs::metadata(dir.path().join(IDENTITY_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let dir_mode = fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn token_is_stable_and_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_token(dir.path()).unwrap();
+        assert_eq!(first, load_or_create_token(dir.path()).unwrap());
+        assert_eq!(first.len(), 48);
+        let mode = fs::metadata(dir.path().join(TOKEN_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn corrupt_identity_is_a_clear_error_and_is_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(IDENTITY_FILE), b"garbage").unwrap();
+        let err = load_or_create_identity(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::CorruptFile { .. }), "{err}");
+        assert!(err.to_string().contains("identity.key"));
+        assert_eq!(fs::read(dir.path().join(IDENTITY_FILE)).unwrap(), b"garbage");
+    }
+
+    #[test]
+    fn unwritable_data_dir_is_reported() {
+        let err = prepare_data_dir(Path::new("/proc/mycel-cannot-exist")).unwrap_err();
+        assert!(err.to_string().contains("--data-dir"), "{err}");
+    }
+}

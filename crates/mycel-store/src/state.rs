@@ -1,0 +1,154 @@
+//! The redb database: peer book and counters.
+
+use std::path::{Path, PathBuf};
+
+use libp2p_identity::PeerId;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+const STATE_FILE: &str = "state.redb";
+const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const ANNOUNCE_SEQ: &str = "announce_seq";
+/// Addresses kept per peer; more are dropped (the newest first in the list are kept).
+const MAX_ADDRS_PER_PEER: usize = 8;
+/// Largest peer-book record decoded.
+const MAX_RECORD_BYTES: usize = 8 * 1024;
+
+/// A peer remembered across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownPeer {
+    /// The peer.
+    #[serde(with = "mycel_core::statement::peer_id_bytes")]
+    pub peer: PeerId,
+    /// Its dialable addresses (multiaddr strings).
+    pub addrs: Vec<String>,
+    /// When it was last seen, Unix milliseconds.
+    pub last_seen: u64,
+}
+
+/// The node's transactional state on disk.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the database in the data directory `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join(STATE_FILE);
+        let db = Database::create(&path).map_err(|e| StoreError::Database {
+            path: path.clone(),
+            reason: format!("{e}; is another mycel node using this --data-dir?"),
+        })?;
+        let store = Self { path, db };
+        store.write(|txn| {
+            txn.open_table(PEERS)?;
+            txn.open_table(META)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Database { path: self.path.clone(), reason: e.to_string() }
+    }
+
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let value = f(&txn).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(value)
+    }
+
+    /// Records (or refreshes) peers and their addresses in one transaction.
+    pub fn put_peers(&self, peers: &[KnownPeer]) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(PEERS)?;
+            for peer in peers {
+                let mut record = peer.clone();
+                record.addrs.truncate(MAX_ADDRS_PER_PEER);
+                let bytes = mycel_core::wire::encode(&record);
+                table.insert(peer.peer.to_bytes().as_slice(), bytes.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Forgets a peer.
+    pub fn remove_peer(&self, peer: &PeerId) -> Result<(), StoreError> {
+        self.write(|txn| {
+            txn.open_table(PEERS)?.remove(peer.to_bytes().as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Every remembered peer, most recently seen first. Corrupt records are skipped.
+    pub fn peers(&self) -> Result<Vec<KnownPeer>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(PEERS).map_err(|e| self.err(e))?;
+        let mut peers = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (_, value) = row.map_err(|e| self.err(e))?;
+            if let Ok(peer) = mycel_core::wire::decode::<KnownPeer>(value.value(), MAX_RECORD_BYTES)
+            {
+                peers.push(peer);
+            }
+        }
+        peers.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+        Ok(peers)
+    }
+
+    /// Reserves the next announcement sequence number: strictly greater than every one handed
+    /// out before (persisted before it is returned) and at least `floor`.
+    pub fn next_announce_seq(&self, floor: u64) -> Result<u64, StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(META)?;
+            let last = table.get(ANNOUNCE_SEQ)?.map_or(0, |v| v.value());
+            let next = last.saturating_add(1).max(floor);
+            table.insert(ANNOUNCE_SEQ, next)?;
+            Ok(next)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_survive_reopen_and_are_sorted_by_recency() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .put_peers(&[
+                    KnownPeer { peer: a, addrs: vec!["/ip4/127.0.0.1/tcp/1".into()], last_seen: 1 },
+                    KnownPeer { peer: b, addrs: vec!["/ip4/127.0.0.1/tcp/2".into()], last_seen: 2 },
+                ])
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let peers = store.peers().unwrap();
+        assert_eq!(peers.iter().map(|p| p.peer).collect::<Vec<_>>(), vec![b, a]);
+        store.remove_peer(&b).unwrap();
+        assert_eq!(store.peers().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn announce_seq_is_strictly_increasing_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap().next_announce_seq(0).unwrap();
+        let second = Store::open(dir.path()).unwrap().next_announce_seq(0).unwrap();
+        assert!(second > first);
+        let floored = Store::open(dir.path()).unwrap().next_announce_seq(1_000).unwrap();
+        assert_eq!(floored, 1_000);
+    }
+}
