@@ -487,7 +487,7 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
                 self.connections = self.connections.saturating_sub(1);
                 if num_established == 0 {
-                    debug!(%peer_id, ?cause, "last connection closed");
+                    info!(%peer_id, ?cause, "last connection closed");
                     self.membership.on_disconnected(peer_id, now);
                     self.rate.remove(&peer_id);
                     let alive = self
@@ -505,6 +505,7 @@ impl EventLoop {
                     let ours =
                         matches!(error, DialError::Denied { .. } | DialError::DialPeerConditionFalse(_));
                     if !ours {
+                        info!(%peer, "probe after disconnect failed: {error}");
                         if let Some(change) = self.membership.on_unreachable(peer, now) {
                             self.on_change(change);
                         }

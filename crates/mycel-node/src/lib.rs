@@ -1,1 +1,217 @@
-//! mycel-node
+//! The Mycel node runtime: the store, the network and the HTTP API wired together.
+//!
+//! [`Node::start`] opens the data directory (identity, API token, peer book), starts the
+//! libp2p event loop with the remembered peers, serves the API and keeps the peer book and the
+//! node's advertised capabilities up to date until [`Node::shutdown`].
+
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+mod api;
+pub mod system;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mycel_net::{Limits, Multiaddr, NetConfig, NetEvent, NetHandle, Registry, Timing, TransportKind};
+use mycel_store::{KnownPeer, Store};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+/// How often load and power are re-read (a change is announced at once).
+const CAPABILITY_REFRESH: Duration = Duration::from_secs(15);
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Directory for identity, token and state.
+    pub data_dir: PathBuf,
+    /// Listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap addresses.
+    pub bootstrap: Vec<Multiaddr>,
+    /// LAN discovery by mDNS.
+    pub mdns: bool,
+    /// Address of the HTTP API; `None` runs no API.
+    pub api: Option<SocketAddr>,
+    /// Serve /metrics without the token.
+    pub open_metrics: bool,
+    /// Transports.
+    pub transport: TransportKind,
+    /// Root of the `/sys`-like tree power state is read from.
+    pub sys_root: PathBuf,
+    /// Record libp2p's per-protocol metrics.
+    pub libp2p_metrics: bool,
+    /// Network timing.
+    pub timing: Timing,
+    /// Network limits.
+    pub limits: Limits,
+}
+
+impl NodeConfig {
+    /// Defaults for a node keeping its state in `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        let net = NetConfig::new(libp2p::identity::Keypair::generate_ed25519());
+        Self {
+            data_dir,
+            listen: net.listen,
+            bootstrap: Vec::new(),
+            mdns: true,
+            api: Some(SocketAddr::from(([127, 0, 0, 1], 7878))),
+            open_metrics: false,
+            transport: TransportKind::TcpQuic,
+            sys_root: PathBuf::from("/sys"),
+            libp2p_metrics: true,
+            timing: Timing::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    /// The network handle.
+    pub net: NetHandle,
+    /// Where the API listens, if it runs.
+    pub api_addr: Option<SocketAddr>,
+    /// The API bearer token.
+    pub token: String,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Opens the data directory, starts networking and the API.
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Self> {
+        let dir = config.data_dir.clone();
+        mycel_store::prepare_data_dir(&dir)?;
+        let keypair = mycel_store::load_or_create_identity(&dir)?;
+        let token = mycel_store::load_or_create_token(&dir)?;
+        let store = Arc::new(Store::open(&dir)?);
+        let known_peers = store
+            .peers()?
+            .into_iter()
+            .map(|p| (p.peer, p.addrs.iter().filter_map(|a| a.parse().ok()).collect()))
+            .collect();
+
+        let mut net_config = NetConfig::new(keypair);
+        net_config.transport = config.transport;
+        net_config.listen = config.listen.clone();
+        net_config.bootstrap = config.bootstrap.clone();
+        net_config.known_peers = known_peers;
+        net_config.mdns = config.mdns;
+        net_config.libp2p_metrics = config.libp2p_metrics;
+        net_config.capabilities = system::read_capabilities(&config.sys_root, Vec::new());
+        net_config.timing = config.timing.clone();
+        net_config.limits = config.limits.clone();
+
+        // Sequence numbers are reserved in the store before use, so a restarted node never
+        // reuses one (its peers would take the new announcement for a replay).
+        let seq_store = store.clone();
+        let mut fallback = 0u64;
+        let seq_source = Box::new(move |floor: u64| {
+            let seq = seq_store.next_announce_seq(floor).unwrap_or_else(|e| {
+                warn!("cannot persist announcement sequence: {e}");
+                floor.max(fallback + 1)
+            });
+            fallback = seq;
+            seq
+        });
+
+        let mut registry = Registry::default();
+        let (net, events, net_task) = mycel_net::spawn(net_config, seq_source, &mut registry)
+            .await
+            .context("starting the network")?;
+        let mut tasks = vec![net_task];
+        tasks.push(tokio::spawn(persist_peers(store.clone(), events)));
+        tasks.push(tokio::spawn(refresh_capabilities(net.clone(), config.sys_root.clone())));
+
+        let mut api_addr = None;
+        if let Some(addr) = config.api {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot bind the API to {addr}; is another node using it? Pass --api 127.0.0.1:<free port>")
+            })?;
+            let bound = listener.local_addr()?;
+            let state = api::ApiState {
+                net: net.clone(),
+                token: token.clone().into(),
+                registry: Arc::new(registry),
+                api_addr: bound.to_string(),
+            };
+            let app = api::router(state, config.open_metrics);
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    warn!("API server stopped: {e}");
+                }
+            }));
+            api_addr = Some(bound);
+        }
+        Ok(Self { net, api_addr, token, data_dir: dir, tasks })
+    }
+
+    /// Stops the node cleanly.
+    pub async fn shutdown(self) {
+        self.net.shutdown().await;
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+
+    /// Stops the node abruptly, as a crash would: tasks are dropped mid-flight.
+    pub fn abort(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Writes the addresses peers tell us about to the peer book, in batches.
+async fn persist_peers(store: Arc<Store>, mut events: tokio::sync::mpsc::Receiver<NetEvent>) {
+    while let Some(event) = events.recv().await {
+        let mut batch = Vec::new();
+        let mut push = |event: NetEvent| match event {
+            NetEvent::PeerAddresses { peer, addrs } => batch.push(KnownPeer {
+                peer,
+                addrs: addrs.iter().map(|a| a.to_string()).collect(),
+                last_seen: now_ms(),
+            }),
+        };
+        push(event);
+        while let Ok(event) = events.try_recv() {
+            push(event);
+        }
+        let store = store.clone();
+        let result = tokio::task::spawn_blocking(move || store.put_peers(&batch)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("cannot save peers: {e}"),
+            Err(e) => debug!("peer-book writer stopped: {e}"),
+        }
+    }
+}
+
+async fn refresh_capabilities(net: NetHandle, sys_root: PathBuf) {
+    let mut last = system::read_capabilities(&sys_root, Vec::new());
+    let mut interval = tokio::time::interval(CAPABILITY_REFRESH);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let current = system::read_capabilities(&sys_root, Vec::new());
+        if current != last {
+            if net.set_capabilities(current.clone()).await.is_err() {
+                return;
+            }
+            last = current;
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

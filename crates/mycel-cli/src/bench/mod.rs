@@ -1,0 +1,51 @@
+//! `mycel bench ...`: whole-network benchmarks. A readable table goes to stderr; with `--json`
+//! one JSON object per scenario goes to stdout.
+
+mod net;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Membership, gossip, request-response and failure detection with N real nodes.
+    Net(net::NetBenchArgs),
+}
+
+pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Net(args) => net::run(args).await,
+    }
+}
+
+/// Resident set size of this process in KiB.
+pub(crate) fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) this process has used, in seconds.
+pub(crate) fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of /proc/<pid>/stat: indices 11 and 12 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The value at quantile `q` (0..=1) of sorted `values`.
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}

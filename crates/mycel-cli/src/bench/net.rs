@@ -1,0 +1,259 @@
+//! `mycel bench net`: N real nodes in this process.
+//!
+//! Up to `--memory-above` nodes talk TCP (and QUIC for the round-trip pair) over 127.0.0.1;
+//! above it they use libp2p's in-process memory transport, because a process may hold at most
+//! 20,000 file descriptors here. Each node is a full `mycel` node (store on disk, identity,
+//! membership, gossip, Kademlia), without the HTTP API. Every node after the first bootstraps
+//! from two random earlier nodes, as a bootstrap list would.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use futures::future::join_all;
+use libp2p::multiaddr::Protocol;
+use mycel_net::{Multiaddr, PeerId, TransportKind};
+use mycel_node::{Node, NodeConfig};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde_json::json;
+
+use super::{cpu_seconds, quantile, rss_kib};
+
+#[derive(Args)]
+pub(crate) struct NetBenchArgs {
+    /// Network sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10,50,200")]
+    nodes: Vec<usize>,
+    /// Use the memory transport above this many nodes.
+    #[arg(long, default_value_t = 100)]
+    memory_above: usize,
+    /// Announcements timed for gossip latency.
+    #[arg(long, default_value_t = 30)]
+    announcements: usize,
+    /// Round trips timed between two nodes.
+    #[arg(long, default_value_t = 10_000)]
+    round_trips: usize,
+    /// Seconds of idle CPU measured after convergence.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
+    /// Print one JSON object per network size on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
+    eprintln!(
+        "{:>5} {:>9} {:>11} {:>10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>8}",
+        "nodes", "transport", "converge_ms", "gossip_p50", "gossip_p99", "rtt_p50us", "rtt_p99us",
+        "fail_det_ms", "rss_kib", "idle_cpu"
+    );
+    for &n in &args.nodes {
+        anyhow::ensure!(n >= 3, "each network needs at least 3 nodes");
+        let result = bench_one(n, &args).await?;
+        eprintln!(
+            "{:>5} {:>9} {:>11} {:>10.1} {:>10.1} {:>9.0} {:>9.0} {:>11} {:>9} {:>7.1}%",
+            n,
+            result["transport"].as_str().unwrap_or("?"),
+            result["converge_ms"],
+            result["gossip_p50_ms"].as_f64().unwrap_or(f64::NAN),
+            result["gossip_p99_ms"].as_f64().unwrap_or(f64::NAN),
+            result["rtt_p50_us"].as_f64().unwrap_or(f64::NAN),
+            result["rtt_p99_us"].as_f64().unwrap_or(f64::NAN),
+            result["failure_detect_ms"],
+            result["rss_per_node_kib"],
+            result["idle_cpu_pct"].as_f64().unwrap_or(f64::NAN),
+        );
+        if args.json {
+            println!("{result}");
+        }
+    }
+    Ok(())
+}
+
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::Value> {
+    let transport = if n > args.memory_above { TransportKind::Memory } else { TransportKind::TcpQuic };
+    let root = tempfile::tempdir()?;
+    let mut rng = rand::thread_rng();
+
+    // Identities and addresses first, so that all nodes can start at once with a bootstrap
+    // list naming nodes that are starting beside them.
+    let mut configs = Vec::with_capacity(n);
+    let mut addrs: Vec<(PeerId, Multiaddr)> = Vec::with_capacity(n);
+    for i in 0..n {
+        let dir = root.path().join(format!("node-{i}"));
+        mycel_store::prepare_data_dir(&dir)?;
+        let peer = mycel_store::load_or_create_identity(&dir)?.public().to_peer_id();
+        let mut config = NodeConfig::new(dir);
+        config.api = None;
+        config.mdns = false;
+        config.transport = transport;
+        config.listen = match transport {
+            TransportKind::Memory => vec![format!("/memory/{}", rng.gen::<u64>()).parse()?],
+            TransportKind::TcpQuic => vec![
+                format!("/ip4/127.0.0.1/tcp/{}", free_tcp_port()?).parse()?,
+                "/ip4/127.0.0.1/udp/0/quic-v1".parse()?,
+            ],
+        };
+        addrs.push((peer, config.listen[0].clone().with(Protocol::P2p(peer))));
+        configs.push(config);
+    }
+    for (i, config) in configs.iter_mut().enumerate().skip(1) {
+        let earlier: Vec<&(PeerId, Multiaddr)> = addrs[..i].iter().collect();
+        config.bootstrap =
+            earlier.choose_multiple(&mut rng, 2).map(|(_, addr)| addr.clone()).collect();
+    }
+
+    let rss_before = rss_kib();
+    let started = Instant::now();
+    let results = join_all(configs.into_iter().map(Node::start)).await;
+    let mut nodes = Vec::with_capacity(n);
+    for (i, result) in results.into_iter().enumerate() {
+        nodes.push(result.with_context(|| format!("starting node {i}"))?);
+    }
+    let startup_ms = started.elapsed().as_millis() as u64;
+
+    // Convergence: every node sees every other alive, with capabilities.
+    let deadline = started + Duration::from_secs(120);
+    let converge_ms = loop {
+        let mut converged = true;
+        for node in &nodes {
+            if node.net.status().await?.alive_with_capabilities < n - 1 {
+                converged = false;
+                break;
+            }
+        }
+        if converged {
+            break started.elapsed().as_millis() as u64;
+        }
+        if Instant::now() > deadline {
+            bail!("{n} nodes did not converge within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let rss_per_node_kib = rss_kib().saturating_sub(rss_before) / n as u64;
+
+    // Idle: the whole process, nothing asked of the nodes.
+    let cpu_start = cpu_seconds();
+    let idle_start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let idle_cpu_pct = (cpu_seconds() - cpu_start) / idle_start.elapsed().as_secs_f64() * 100.0;
+
+    // Gossip: a node re-announces; time until the last node has the new announcement.
+    let mut gossip_ms = Vec::with_capacity(args.announcements);
+    for _ in 0..args.announcements {
+        let source = rng.gen_range(0..n);
+        let source_id = nodes[source].net.peer_id();
+        let mut caps = mycel_node::system::read_capabilities(std::path::Path::new("/sys"), vec![]);
+        caps.load.queue_depth = rng.gen_range(1..1000);
+        let t0 = now_ms();
+        let seq = nodes[source].net.set_capabilities(caps).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last_arrival = t0;
+        for (i, node) in nodes.iter().enumerate() {
+            if i == source {
+                continue;
+            }
+            loop {
+                let info = node.net.peer(source_id).await?;
+                if let Some(info) = info.filter(|p| p.seq >= seq) {
+                    last_arrival = last_arrival.max(info.announced_at);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("an announcement did not reach every node within 10 s");
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        gossip_ms.push(last_arrival.saturating_sub(t0) as f64);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gossip_ms.sort_by(f64::total_cmp);
+
+    // Request-response round trips between two nodes (QUIC when sockets are in use).
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let rtt_transport = match transport {
+        TransportKind::TcpQuic => {
+            let quic = a
+                .net
+                .listen_addrs()
+                .iter()
+                .find(|addr| addr.iter().any(|p| matches!(p, Protocol::QuicV1)))
+                .cloned()
+                .context("node 0 has no QUIC address")?;
+            b.net.dial(quic.with(Protocol::P2p(a.net.peer_id()))).await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            "quic"
+        }
+        TransportKind::Memory => "memory",
+    };
+    let payload = vec![7u8; 32];
+    for _ in 0..100 {
+        b.net.echo(a.net.peer_id(), payload.clone()).await?;
+    }
+    let mut rtt_us = Vec::with_capacity(args.round_trips);
+    for _ in 0..args.round_trips {
+        let t = Instant::now();
+        b.net.echo(a.net.peer_id(), payload.clone()).await?;
+        rtt_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    rtt_us.sort_by(f64::total_cmp);
+
+    // Failure detection: one node stops abruptly.
+    let victim_index = rng.gen_range(2..n);
+    let victim = nodes.remove(victim_index);
+    let victim_id = victim.net.peer_id();
+    let t0 = Instant::now();
+    victim.abort();
+    let deadline = t0 + Duration::from_secs(60);
+    let failure_detect_ms = 'outer: loop {
+        let mut all = true;
+        for node in &nodes {
+            let failed = node
+                .net
+                .peer(victim_id)
+                .await?
+                .is_none_or(|p| p.state == mycel_core::membership::PeerState::Failed);
+            if !failed {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            break 'outer t0.elapsed().as_millis() as u64;
+        }
+        if Instant::now() > deadline {
+            bail!("the stopped node was not marked failed everywhere within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+
+    for node in nodes {
+        node.shutdown().await;
+    }
+    Ok(json!({
+        "nodes": n,
+        "transport": match transport { TransportKind::Memory => "memory", TransportKind::TcpQuic => "tcp" },
+        "startup_ms": startup_ms,
+        "converge_ms": converge_ms,
+        "gossip_p50_ms": quantile(&gossip_ms, 0.5),
+        "gossip_p99_ms": quantile(&gossip_ms, 0.99),
+        "rtt_transport": rtt_transport,
+        "rtt_p50_us": quantile(&rtt_us, 0.5),
+        "rtt_p99_us": quantile(&rtt_us, 0.99),
+        "failure_detect_ms": failure_detect_ms,
+        "rss_per_node_kib": rss_per_node_kib,
+        "idle_cpu_pct": idle_cpu_pct,
+    }))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,99 @@
+//! The node's local HTTP API: status, peers and Prometheus metrics, behind a bearer token.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use mycel_net::{NetHandle, Registry};
+use serde_json::json;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub(crate) struct ApiState {
+    pub(crate) net: NetHandle,
+    pub(crate) token: Arc<str>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) api_addr: String,
+}
+
+/// An OpenAI-style error body.
+pub(crate) fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body = json!({ "error": { "message": message.into(), "type": kind } });
+    (status, Json(body)).into_response()
+}
+
+pub(crate) fn router(state: ApiState, open_metrics: bool) -> Router {
+    let guarded = Router::new()
+        .route("/api/status", get(status))
+        .route("/api/peers", get(peers));
+    let guarded = if open_metrics { guarded } else { guarded.route("/metrics", get(metrics)) };
+    let guarded = guarded.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let open = if open_metrics {
+        Router::new().route("/metrics", get(metrics))
+    } else {
+        Router::new()
+    };
+    guarded.merge(open).with_state(state)
+}
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if constant_time_eq(token.trim().as_bytes(), state.token.as_bytes()) => {
+            next.run(request).await
+        }
+        _ => error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the token \
+             from api.token in the node's data directory",
+        ),
+    }
+}
+
+async fn status(State(state): State<ApiState>) -> Response {
+    match state.net.status().await {
+        Ok(status) => Json(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "api": state.api_addr,
+            "network": status,
+        }))
+        .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+    }
+}
+
+async fn peers(State(state): State<ApiState>) -> Response {
+    match state.net.peers().await {
+        Ok(mut peers) => {
+            peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+            Json(peers).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let mut body = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
