@@ -31,21 +31,28 @@ impl ClientArgs {
         if let Ok(token) = std::env::var("MYCEL_TOKEN") {
             return Ok(token);
         }
-        let dir = self.data_dir.clone().unwrap_or_else(crate::default_data_dir);
+        let dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(crate::default_data_dir);
         let path = dir.join("api.token");
-        std::fs::read_to_string(&path).map(|t| t.trim().to_owned()).with_context(|| {
-            format!(
-                "cannot read the API token from {}; pass --token, set MYCEL_TOKEN or point \
+        std::fs::read_to_string(&path)
+            .map(|t| t.trim().to_owned())
+            .with_context(|| {
+                format!(
+                    "cannot read the API token from {}; pass --token, set MYCEL_TOKEN or point \
                  --data-dir at the node's data directory",
-                path.display()
-            )
-        })
+                    path.display()
+                )
+            })
     }
 
     fn get(&self, path: &str) -> anyhow::Result<Value> {
         let token = self.token()?;
         let url = format!("http://{}{path}", self.api);
-        let response = ureq::get(&url).header("Authorization", &format!("Bearer {token}")).call();
+        let response = ureq::get(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .call();
         match response {
             Ok(mut r) => r.body_mut().read_json::<Value>().context("the node sent invalid JSON"),
             Err(ureq::Error::StatusCode(401)) => {
@@ -77,7 +84,10 @@ pub(crate) fn status(args: ClientArgs) -> anyhow::Result<()> {
         "peers        {} alive ({} with capabilities), {} failed",
         net["alive"], net["alive_with_capabilities"], net["failed"]
     );
-    println!("routing      {} peers in the DHT routing table", net["routing_table_peers"]);
+    println!(
+        "routing      {} peers in the DHT routing table",
+        net["routing_table_peers"]
+    );
     println!("rejected     {} messages", net["rejected_messages"]);
     Ok(())
 }
@@ -105,17 +115,29 @@ pub(crate) fn peers(args: ClientArgs) -> anyhow::Result<()> {
     );
     for peer in list {
         let caps = &peer["capabilities"];
-        let rtt = peer["rtt_us"].as_u64().map_or("-".into(), |us| format!("{:.2}ms", us as f64 / 1000.0));
-        let cores = caps["hardware"]["cores"].as_u64().map_or("-".into(), |c| c.to_string());
+        let rtt = peer["rtt_us"]
+            .as_u64()
+            .map_or("-".into(), |us| format!("{:.2}ms", us as f64 / 1000.0));
+        let cores = caps["hardware"]["cores"]
+            .as_u64()
+            .map_or("-".into(), |c| c.to_string());
         let mem = caps["hardware"]["memory_bytes"]
             .as_u64()
-            .map_or("-".into(), |b| format!("{:.1}", b as f64 / (1u64 << 30) as f64));
-        let ago = peer["last_seen"].as_u64().map_or("-".into(), |t| format!("{}s ago", now.saturating_sub(t) / 1000));
+            .map_or("-".into(), |b| {
+                format!("{:.1}", b as f64 / (1u64 << 30) as f64)
+            });
+        let ago = peer["last_seen"].as_u64().map_or("-".into(), |t| {
+            format!("{}s ago", now.saturating_sub(t) / 1000)
+        });
         println!(
             "{:<52} {:<7} {:>4} {:>9} {:>6} {:>8} {:>10}",
             peer["peer_id"].as_str().unwrap_or("?"),
             peer["state"].as_str().unwrap_or("?"),
-            if peer["connected"].as_bool() == Some(true) { "yes" } else { "no" },
+            if peer["connected"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
             rtt,
             cores,
             mem,

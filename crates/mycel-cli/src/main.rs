@@ -59,7 +59,7 @@ struct NodeArgs {
     #[arg(long)]
     open_metrics: bool,
     /// Most established connections.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 24)]
     max_connections: u32,
     /// Seconds after which a silent peer's announcement expires (failure detection bound for
     /// peers not directly connected).
@@ -83,13 +83,18 @@ pub(crate) fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
 }
 
 pub(crate) fn default_data_dir() -> PathBuf {
-    dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("mycel")
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("mycel")
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MYCEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,mycel=info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
@@ -124,17 +129,30 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         println!("listening {addr}/p2p/{peer_id}");
     }
     if let Some(api) = node.api_addr {
-        println!("api       http://{api}  (token in {})", data_dir.join("api.token").display());
+        println!(
+            "api       http://{api}  (token in {})",
+            data_dir.join("api.token").display()
+        );
     }
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     node.shutdown().await;
     Ok(())
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Benchmarks print figures; node logs (hundreds of nodes) would drown them.
+    init_tracing(if matches!(cli.command, Command::Bench(_)) {
+        "warn"
+    } else {
+        "warn,mycel=info"
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

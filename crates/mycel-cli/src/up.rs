@@ -43,7 +43,11 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
             "/ip4/127.0.0.1/udp/0/quic-v1".parse()?,
         ];
         config.mdns = false;
-        config.api = Some(if i == 0 { args.api } else { SocketAddr::from(([127, 0, 0, 1], 0)) });
+        config.api = Some(if i == 0 {
+            args.api
+        } else {
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
         if let Some(first) = nodes.first() {
             let peer = first.net.peer_id();
             config.bootstrap = first
@@ -53,7 +57,9 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
                 .map(|a| a.clone().with(libp2p::multiaddr::Protocol::P2p(peer)))
                 .collect();
         }
-        let node = Node::start(config).await.with_context(|| format!("starting node {i}"))?;
+        let node = Node::start(config)
+            .await
+            .with_context(|| format!("starting node {i}"))?;
         nodes.push(node);
         progress.inc(1);
     }
@@ -65,7 +71,11 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     loop {
         let mut seen = 0;
         for node in &nodes {
-            seen += node.net.status().await.map_or(0, |s| s.alive_with_capabilities);
+            seen += node
+                .net
+                .status()
+                .await
+                .map_or(0, |s| s.alive_with_capabilities);
         }
         progress.set_position(seen as u64);
         if seen >= args.nodes * (args.nodes - 1) || tokio::time::Instant::now() > deadline {
@@ -77,7 +87,11 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let first = &nodes[0];
     let api = first.api_addr.context("the first node has no API")?;
-    println!("Mycel is up: {} nodes on 127.0.0.1, data in {}", nodes.len(), root.display());
+    println!(
+        "Mycel is up: {} nodes on 127.0.0.1, data in {}",
+        nodes.len(),
+        root.display()
+    );
     println!();
     println!("  API      http://{api}");
     println!("  token    {}", first.token);
@@ -85,10 +99,15 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("Try:");
     println!("  mycel status --api {api} --token {}", first.token);
     println!("  mycel peers  --api {api} --token {}", first.token);
-    println!("  curl -H 'Authorization: Bearer {}' http://{api}/api/peers", first.token);
+    println!(
+        "  curl -H 'Authorization: Bearer {}' http://{api}/api/peers",
+        first.token
+    );
     println!();
     println!("Press Ctrl-C to stop.");
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     for node in nodes {
         node.shutdown().await;
     }

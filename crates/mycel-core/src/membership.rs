@@ -34,7 +34,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { max_missed_pings: 3, forget_after_ms: 10 * 60 * 1000, max_peers: 10_000 }
+        Self {
+            max_missed_pings: 3,
+            forget_after_ms: 10 * 60 * 1000,
+            max_peers: 10_000,
+        }
     }
 }
 
@@ -146,7 +150,12 @@ pub struct Membership {
 impl Membership {
     /// An empty table for the node `local`.
     pub fn new(local: PeerId, config: Config) -> Self {
-        Self { local, config, peers: HashMap::new(), own: None }
+        Self {
+            local,
+            config,
+            peers: HashMap::new(),
+            own: None,
+        }
     }
 
     /// Records this node's own latest announcement (served to peers by anti-entropy).
@@ -224,7 +233,9 @@ impl Membership {
                 info.capabilities = Some(announcement.capabilities);
                 info.last_seen = now;
                 entry.latest = Some(signed.clone());
-                Ok(Accepted::Announcement { change: set_alive(entry, issuer, now) })
+                Ok(Accepted::Announcement {
+                    change: set_alive(entry, issuer, now),
+                })
             }
             Statement::Down(report) => self.on_down_report(issuer, report, now),
         }
@@ -256,7 +267,9 @@ impl Membership {
             return Ok(Accepted::Down { change: None });
         }
         let reason = FailReason::Reported(reporter.to_base58());
-        Ok(Accepted::Down { change: set_failed(entry, report.subject, reason, now) })
+        Ok(Accepted::Down {
+            change: set_failed(entry, report.subject, reason, now),
+        })
     }
 
     /// A connection to `peer` was established.
@@ -311,10 +324,7 @@ impl Membership {
         let forget_after = self.config.forget_after_ms;
         self.peers.retain(|peer, entry| {
             let info = &entry.info;
-            if info.state == PeerState::Alive
-                && !info.connected
-                && info.expires_at <= now
-            {
+            if info.state == PeerState::Alive && !info.connected && info.expires_at <= now {
                 changes.extend(set_failed(entry, *peer, FailReason::Expired, now));
                 return true;
             }
@@ -430,7 +440,11 @@ mod tests {
 
     fn announce(key: &Keypair, seq: u64, now: UnixMillis) -> SignedStatement {
         let caps = Capabilities {
-            hardware: Hardware { cores: seq as u32, memory_bytes: 1, gpu: None },
+            hardware: Hardware {
+                cores: seq as u32,
+                memory_bytes: 1,
+                gpu: None,
+            },
             ..Default::default()
         };
         SignedStatement::sign(
@@ -456,7 +470,12 @@ mod tests {
         let peer = Keypair::generate_ed25519();
         let id = peer.public().to_peer_id();
         let accepted = table.on_statement(&announce(&peer, 1, 100), 100).unwrap();
-        assert_eq!(accepted, Accepted::Announcement { change: Some(Change::Alive(id)) });
+        assert_eq!(
+            accepted,
+            Accepted::Announcement {
+                change: Some(Change::Alive(id))
+            }
+        );
         let info = table.get(&id).unwrap();
         assert_eq!(info.state, PeerState::Alive);
         assert_eq!(info.capabilities.as_ref().unwrap().hardware.cores, 1);
@@ -468,8 +487,14 @@ mod tests {
         let (_, mut table) = table();
         let peer = Keypair::generate_ed25519();
         table.on_statement(&announce(&peer, 5, 100), 100).unwrap();
-        assert_eq!(table.on_statement(&announce(&peer, 5, 100), 101), Ok(Accepted::Duplicate));
-        assert_eq!(table.on_statement(&announce(&peer, 4, 100), 102), Err(Rejection::Replayed));
+        assert_eq!(
+            table.on_statement(&announce(&peer, 5, 100), 101),
+            Ok(Accepted::Duplicate)
+        );
+        assert_eq!(
+            table.on_statement(&announce(&peer, 4, 100), 102),
+            Err(Rejection::Replayed)
+        );
         assert_eq!(table.get(&peer.public().to_peer_id()).unwrap().seq, 5);
     }
 
@@ -480,10 +505,20 @@ mod tests {
         let id = peer.public().to_peer_id();
         table.on_statement(&announce(&peer, 1, 0), 0).unwrap();
         assert!(table.tick(TTL - 1).is_empty());
-        assert_eq!(table.tick(TTL), vec![Change::Failed(id, FailReason::Expired)]);
+        assert_eq!(
+            table.tick(TTL),
+            vec![Change::Failed(id, FailReason::Expired)]
+        );
         assert!(table.tick(TTL + 1).is_empty(), "a failure is reported once");
-        let revived = table.on_statement(&announce(&peer, 2, TTL + 5), TTL + 5).unwrap();
-        assert_eq!(revived, Accepted::Announcement { change: Some(Change::Alive(id)) });
+        let revived = table
+            .on_statement(&announce(&peer, 2, TTL + 5), TTL + 5)
+            .unwrap();
+        assert_eq!(
+            revived,
+            Accepted::Announcement {
+                change: Some(Change::Alive(id))
+            }
+        );
     }
 
     #[test]
@@ -493,7 +528,10 @@ mod tests {
         table.on_connected(id, 0);
         assert_eq!(table.on_ping_failure(id, 1), None);
         assert_eq!(table.on_ping_failure(id, 2), None);
-        assert_eq!(table.on_ping_failure(id, 3), Some(Change::Failed(id, FailReason::MissedPings)));
+        assert_eq!(
+            table.on_ping_failure(id, 3),
+            Some(Change::Failed(id, FailReason::MissedPings))
+        );
         assert_eq!(table.on_ping_ok(id, 150, 4), Some(Change::Alive(id)));
         assert_eq!(table.get(&id).unwrap().rtt_us, Some(150));
     }
@@ -518,21 +556,37 @@ mod tests {
             )
         };
         // A report about an older incarnation changes nothing.
-        assert_eq!(table.on_statement(&report(2), 10), Ok(Accepted::Down { change: None }));
+        assert_eq!(
+            table.on_statement(&report(2), 10),
+            Ok(Accepted::Down { change: None })
+        );
         assert_eq!(table.get(&sid).unwrap().state, PeerState::Alive);
 
         // While we are connected and pings succeed, hearsay is ignored.
         table.on_connected(sid, 11);
-        assert_eq!(table.on_statement(&report(3), 12), Ok(Accepted::Down { change: None }));
+        assert_eq!(
+            table.on_statement(&report(3), 12),
+            Ok(Accepted::Down { change: None })
+        );
         table.on_disconnected(sid, 13);
 
         let applied = table.on_statement(&report(3), 14).unwrap();
         let reason = FailReason::Reported(reporter.public().to_peer_id().to_base58());
-        assert_eq!(applied, Accepted::Down { change: Some(Change::Failed(sid, reason)) });
+        assert_eq!(
+            applied,
+            Accepted::Down {
+                change: Some(Change::Failed(sid, reason))
+            }
+        );
 
         // The subject refutes with a newer announcement.
         let back = table.on_statement(&announce(&subject, 4, 20), 20).unwrap();
-        assert_eq!(back, Accepted::Announcement { change: Some(Change::Alive(sid)) });
+        assert_eq!(
+            back,
+            Accepted::Announcement {
+                change: Some(Change::Alive(sid))
+            }
+        );
     }
 
     #[test]
@@ -576,7 +630,11 @@ mod tests {
         let mut expected = vec![local_id, b.public().to_peer_id()];
         expected.sort();
         assert_eq!(missing, expected);
-        assert_eq!(table.newer_than(&[], 1).len(), 1, "the limit bounds the answer");
+        assert_eq!(
+            table.newer_than(&[], 1).len(),
+            1,
+            "the limit bounds the answer"
+        );
     }
 
     #[test]

@@ -24,7 +24,12 @@ impl<K: Eq + Hash + Copy> RateLimiter<K> {
     /// `rate_per_s` messages a second on average, at most `burst` at once, for at most
     /// `max_keys` keys (full buckets are dropped first when the table is full).
     pub fn new(rate_per_s: f64, burst: f64, max_keys: usize) -> Self {
-        Self { rate_per_s, burst, max_keys, buckets: HashMap::new() }
+        Self {
+            rate_per_s,
+            burst,
+            max_keys,
+            buckets: HashMap::new(),
+        }
     }
 
     /// Takes one token for `key` at `now`; false when the key is over its rate.
@@ -33,7 +38,10 @@ impl<K: Eq + Hash + Copy> RateLimiter<K> {
             self.forget_full(now);
         }
         let (rate, burst) = (self.rate_per_s, self.burst);
-        let bucket = self.buckets.entry(key).or_insert(Bucket { tokens: burst, last: now });
+        let bucket = self.buckets.entry(key).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
         let elapsed_s = now.saturating_sub(bucket.last) as f64 / 1000.0;
         bucket.tokens = (bucket.tokens + elapsed_s * rate).min(burst);
         bucket.last = bucket.last.max(now);
@@ -48,9 +56,8 @@ impl<K: Eq + Hash + Copy> RateLimiter<K> {
     /// Drops buckets that have refilled completely: they carry no information.
     pub fn forget_full(&mut self, now: UnixMillis) {
         let (rate, burst) = (self.rate_per_s, self.burst);
-        self.buckets.retain(|_, b| {
-            b.tokens + now.saturating_sub(b.last) as f64 / 1000.0 * rate < burst
-        });
+        self.buckets
+            .retain(|_, b| b.tokens + now.saturating_sub(b.last) as f64 / 1000.0 * rate < burst);
     }
 
     /// Stops tracking `key`.

@@ -21,7 +21,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { half_life_ms: 10 * 60 * 1000, ban_below: -100.0 }
+        Self {
+            half_life_ms: 10 * 60 * 1000,
+            ban_below: -100.0,
+        }
     }
 }
 
@@ -53,7 +56,10 @@ pub struct Reputation {
 impl Reputation {
     /// An empty table.
     pub fn new(config: Config) -> Self {
-        Self { config, scores: HashMap::new() }
+        Self {
+            config,
+            scores: HashMap::new(),
+        }
     }
 
     fn decayed(&self, score: Score, now: UnixMillis) -> f64 {
@@ -70,7 +76,13 @@ impl Reputation {
     pub fn penalise(&mut self, peer: PeerId, reason: Rejection, now: UnixMillis) -> bool {
         let before = self.score(&peer, now);
         let after = before - penalty(reason);
-        self.scores.insert(peer, Score { value: after, at: now });
+        self.scores.insert(
+            peer,
+            Score {
+                value: after,
+                at: now,
+            },
+        );
         before >= self.config.ban_below && after < self.config.ban_below
     }
 
@@ -97,8 +109,9 @@ mod tests {
     fn repeated_forgeries_ban_and_decay_lifts_the_ban() {
         let mut rep = Reputation::new(Config::default());
         let peer = PeerId::random();
-        let crossings: Vec<bool> =
-            (0..5).map(|_| rep.penalise(peer, Rejection::BadSignature, 0)).collect();
+        let crossings: Vec<bool> = (0..5)
+            .map(|_| rep.penalise(peer, Rejection::BadSignature, 0))
+            .collect();
         assert_eq!(crossings, vec![false, false, false, false, true]);
         assert!(rep.is_banned(&peer, 0));
         assert!(!rep.is_banned(&PeerId::random(), 0));

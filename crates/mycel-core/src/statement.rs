@@ -125,7 +125,9 @@ pub struct SignedStatement {
 
 impl std::fmt::Debug for SignedStatement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SignedStatement").field("body_len", &self.body.len()).finish()
+        f.debug_struct("SignedStatement")
+            .field("body_len", &self.body.len())
+            .finish()
     }
 }
 
@@ -152,7 +154,11 @@ impl SignedStatement {
         let signature = keypair
             .sign(&signing_input(&body))
             .expect("ed25519 signing does not fail");
-        Self { body, public_key: keypair.public().encode_protobuf(), signature }
+        Self {
+            body,
+            public_key: keypair.public().encode_protobuf(),
+            signature,
+        }
     }
 
     /// Encodes for the wire.
@@ -171,7 +177,10 @@ impl SignedStatement {
         let key = PublicKey::try_decode_protobuf(&self.public_key)
             .map_err(|_| Rejection::BadSignature)?;
         let statement: Statement = wire::decode(&self.body, MAX_STATEMENT_BYTES)?;
-        Ok(Verified { issuer: key.to_peer_id(), statement })
+        Ok(Verified {
+            issuer: key.to_peer_id(),
+            statement,
+        })
     }
 
     /// Checks the signature and the validity window at `now`, and decodes the body.
@@ -192,7 +201,10 @@ impl SignedStatement {
         if expires_at <= now || expires_at.saturating_sub(issued_at) > MAX_LIFETIME_MS {
             return Err(Rejection::Expired);
         }
-        Ok(Verified { issuer: key.to_peer_id(), statement })
+        Ok(Verified {
+            issuer: key.to_peer_id(),
+            statement,
+        })
     }
 }
 
@@ -224,7 +236,11 @@ mod tests {
             issued_at: now,
             expires_at: now + 10_000,
             capabilities: Capabilities {
-                hardware: Hardware { cores: 2, memory_bytes: 1 << 30, gpu: None },
+                hardware: Hardware {
+                    cores: 2,
+                    memory_bytes: 1 << 30,
+                    gpu: None,
+                },
                 ..Default::default()
             },
         })
@@ -270,7 +286,10 @@ mod tests {
             expires_at: MAX_LIFETIME_MS + 1,
             capabilities: Capabilities::default(),
         });
-        assert_eq!(SignedStatement::sign(&key, &long).verify(1), Err(Rejection::Expired));
+        assert_eq!(
+            SignedStatement::sign(&key, &long).verify(1),
+            Err(Rejection::Expired)
+        );
 
         let future = SignedStatement::sign(&key, &announce(1, 10 * MAX_CLOCK_SKEW_MS));
         assert_eq!(future.verify(0), Err(Rejection::FromFuture));
@@ -278,8 +297,14 @@ mod tests {
 
     #[test]
     fn garbage_bytes_are_malformed_and_huge_ones_oversized() {
-        assert_eq!(SignedStatement::from_bytes(&[1, 2, 3]), Err(Rejection::Malformed));
+        assert_eq!(
+            SignedStatement::from_bytes(&[1, 2, 3]),
+            Err(Rejection::Malformed)
+        );
         let huge = vec![0u8; MAX_STATEMENT_BYTES + 1];
-        assert_eq!(SignedStatement::from_bytes(&huge), Err(Rejection::Oversized));
+        assert_eq!(
+            SignedStatement::from_bytes(&huge),
+            Err(Rejection::Oversized)
+        );
     }
 }

@@ -93,7 +93,10 @@ mod tests {
 
     #[test]
     fn decode_reports_garbage_as_malformed() {
-        assert_eq!(decode::<(u64, String)>(&[0xff, 0x00, 0x13], 100), Err(Rejection::Malformed));
+        assert_eq!(
+            decode::<(u64, String)>(&[0xff, 0x00, 0x13], 100),
+            Err(Rejection::Malformed)
+        );
         // A CBOR array header claiming 2^32 elements with no body must not allocate it.
         let huge = [0x9a, 0xff, 0xff, 0xff, 0xff];
         assert_eq!(decode::<Vec<u64>>(&huge, 100), Err(Rejection::Malformed));

@@ -2,7 +2,7 @@
 
 use std::error::Error;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU8, NonZeroUsize};
 use std::time::Duration;
 
 use libp2p::core::transport::MemoryTransport;
@@ -11,9 +11,8 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    allow_block_list, connection_limits, gossipsub, identify, kad, mdns,
-    memory_connection_limits, noise, ping, request_response, tcp, yamux, StreamProtocol, Swarm,
-    SwarmBuilder, Transport,
+    allow_block_list, connection_limits, gossipsub, identify, kad, mdns, memory_connection_limits,
+    noise, ping, request_response, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder, Transport,
 };
 use prometheus_client::registry::Registry;
 
@@ -93,7 +92,9 @@ impl Behaviour {
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(Ipv6Addr::LOCALHOST),
         ]);
-        score.app_specific_weight = 1.0;
+        // Our reputation bans at -100; at half weight gossipsub stops gossiping to a peer at
+        // -20 and would graylist it only at -160, so our ban (and its counting) comes first.
+        score.app_specific_weight = 0.5;
         gossipsub.with_peer_score(score, gossipsub::PeerScoreThresholds::default())?;
         gossipsub.subscribe(&gossipsub::IdentTopic::new(STATEMENTS_TOPIC))?;
 
@@ -101,7 +102,10 @@ impl Behaviour {
             request_response::cbor::codec::Codec::default()
                 .set_request_size_maximum(limits.max_sync_request_bytes)
                 .set_response_size_maximum(limits.max_sync_response_bytes),
-            [(StreamProtocol::new(SYNC_PROTOCOL), request_response::ProtocolSupport::Full)],
+            [(
+                StreamProtocol::new(SYNC_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
             request_response::Config::default()
                 .with_request_timeout(Duration::from_secs(10))
                 .with_max_concurrent_streams(64),
@@ -112,6 +116,10 @@ impl Behaviour {
         kad_config.set_periodic_bootstrap_interval(None);
         kad_config.set_query_timeout(Duration::from_secs(10));
         kad_config.set_parallelism(NonZeroUsize::new(3).expect("nonzero"));
+        // Lookups aim for the 8 closest peers instead of 20: each random walk or bootstrap
+        // dials fewer peers, which keeps joins of dense local networks from turning into a
+        // storm of lookups and connections (shared/LIBP2P.md, pitfall 4).
+        kad_config.set_replication_factor(NonZeroUsize::new(8).expect("nonzero"));
         let mut kad =
             kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
         // Auto mode stays a client until an external address is confirmed, which never happens
@@ -153,11 +161,20 @@ pub(crate) fn build_swarm(
     let swarm = match config.transport {
         TransportKind::TcpQuic => SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
-            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)?
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )?
             .with_quic()
             .with_bandwidth_metrics(registry)
             .with_behaviour(|key| Behaviour::new(key, config))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .with_swarm_config(|c| {
+                // One address at a time: concurrent dials of a peer's TCP and QUIC addresses
+                // both succeed on loopback and leave duplicate connections to tear down.
+                c.with_idle_connection_timeout(idle)
+                    .with_dial_concurrency_factor(NonZeroU8::new(1).expect("nonzero"))
+            })
             .with_connection_timeout(dial_timeout)
             .build(),
         TransportKind::Memory => SwarmBuilder::with_existing_identity(keypair)
@@ -170,7 +187,12 @@ pub(crate) fn build_swarm(
             })?
             .with_bandwidth_metrics(registry)
             .with_behaviour(|key| Behaviour::new(key, config))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .with_swarm_config(|c| {
+                // One address at a time: concurrent dials of a peer's TCP and QUIC addresses
+                // both succeed on loopback and leave duplicate connections to tear down.
+                c.with_idle_connection_timeout(idle)
+                    .with_dial_concurrency_factor(NonZeroU8::new(1).expect("nonzero"))
+            })
             .with_connection_timeout(dial_timeout)
             .build(),
     };

@@ -84,7 +84,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_connections: 64,
+            max_connections: 24,
             max_connections_per_peer: 2,
             max_pending: 32,
             messages_per_sec: 200.0,
@@ -130,7 +130,9 @@ impl NetConfig {
             transport: TransportKind::TcpQuic,
             listen: vec![
                 "/ip4/0.0.0.0/tcp/4001".parse().expect("valid multiaddr"),
-                "/ip4/0.0.0.0/udp/4001/quic-v1".parse().expect("valid multiaddr"),
+                "/ip4/0.0.0.0/udp/4001/quic-v1"
+                    .parse()
+                    .expect("valid multiaddr"),
             ],
             bootstrap: Vec::new(),
             known_peers: Vec::new(),

@@ -32,6 +32,8 @@ use crate::protocol::{
 const MAX_ADDRS_PER_PEER: usize = 8;
 /// Anti-entropy syncs in flight at once.
 const MAX_SYNCS_IN_FLIGHT: usize = 4;
+/// Least time between two probes of the same peer.
+const PROBE_COOLDOWN: Duration = Duration::from_secs(10);
 /// First interval between periodic syncs; doubles up to `Timing::max_sync_interval`.
 const FIRST_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -56,6 +58,9 @@ pub(crate) struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     probing: HashSet<PeerId>,
+    /// When each peer was last probed: a peer that refuses our connections (it is at its
+    /// connection cap) must not be probed in a loop.
+    last_probe: HashMap<PeerId, u64>,
     pending: HashMap<OutboundRequestId, Pending>,
     syncs_in_flight: usize,
     sync_interval: Duration,
@@ -63,6 +68,8 @@ pub(crate) struct EventLoop {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     connections: usize,
+    connections_opened: u64,
+    dial_failures: u64,
 }
 
 impl EventLoop {
@@ -83,7 +90,11 @@ impl EventLoop {
             max_missed_pings: config.limits.max_missed_pings,
             ..Default::default()
         };
-        let rate = RateLimiter::new(config.limits.messages_per_sec, config.limits.message_burst, 4096);
+        let rate = RateLimiter::new(
+            config.limits.messages_per_sec,
+            config.limits.message_burst,
+            4096,
+        );
         Self {
             capabilities: config.capabilities.clone(),
             swarm,
@@ -98,6 +109,7 @@ impl EventLoop {
             listen_addrs,
             addresses: HashMap::new(),
             probing: HashSet::new(),
+            last_probe: HashMap::new(),
             pending: HashMap::new(),
             syncs_in_flight: 0,
             sync_interval: FIRST_SYNC_INTERVAL,
@@ -105,6 +117,8 @@ impl EventLoop {
             commands,
             events,
             connections: 0,
+            connections_opened: 0,
+            dial_failures: 0,
             config,
         }
     }
@@ -144,9 +158,9 @@ impl EventLoop {
                 }
                 _ = &mut sync_sleep => {
                     self.periodic_sync();
-                    self.sync_interval = (self.sync_interval * 2).min(timing.max_sync_interval);
                     sync_sleep.as_mut().reset(
                         tokio::time::Instant::now() + jittered(self.sync_interval));
+                    self.sync_interval = (self.sync_interval * 2).min(timing.max_sync_interval);
                 }
             }
         }
@@ -160,7 +174,10 @@ impl EventLoop {
                 if peer == local {
                     continue;
                 }
-                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, addr.clone());
             }
             if let Err(e) = self.swarm.dial(addr.clone()) {
                 warn!(%addr, "cannot dial bootstrap address: {e}");
@@ -171,7 +188,10 @@ impl EventLoop {
                 continue;
             }
             for addr in &addrs {
-                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, addr.clone());
             }
             self.remember_addrs(peer, addrs.clone());
             let opts = DialOpts::peer_id(peer)
@@ -210,7 +230,12 @@ impl EventLoop {
 
     fn publish_own(&mut self, bytes: Vec<u8>) {
         let len = bytes.len();
-        match self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes.clone()) {
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.topic.clone(), bytes.clone())
+        {
             Ok(_) => {
                 self.metrics.traffic(GOSSIP, OUT, len);
                 self.announce_pending = None;
@@ -226,10 +251,17 @@ impl EventLoop {
     fn publish_down_report(&mut self, subject: PeerId) {
         let now = now_ms();
         let ttl = self.config.timing.announce_ttl.as_millis() as u64;
-        let Some(statement) = self.membership.down_report(subject, now, ttl) else { return };
+        let Some(statement) = self.membership.down_report(subject, now, ttl) else {
+            return;
+        };
         let bytes = SignedStatement::sign(&self.config.keypair, &statement).to_bytes();
         let len = bytes.len();
-        match self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes) {
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.topic.clone(), bytes)
+        {
             Ok(_) => self.metrics.traffic(GOSSIP, OUT, len),
             Err(e) => debug!(%subject, "down report not published: {e}"),
         }
@@ -238,6 +270,7 @@ impl EventLoop {
     // ---- membership plumbing ---------------------------------------------------------------
 
     fn on_change(&mut self, change: Change) {
+        self.update_gauges();
         match change {
             Change::Alive(peer) => debug!(%peer, "peer alive"),
             Change::Failed(peer, reason) => {
@@ -287,7 +320,10 @@ impl EventLoop {
         let now = now_ms();
         let banned = self.reputation.penalise(peer, reason, now);
         let score = self.reputation.score(&peer, now);
-        self.swarm.behaviour_mut().gossipsub.set_application_score(&peer, score);
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .set_application_score(&peer, score);
         if banned {
             warn!(%peer, "banning peer for repeated invalid messages");
             self.swarm.behaviour_mut().blocked.block_peer(peer);
@@ -312,16 +348,25 @@ impl EventLoop {
             self.on_change(change);
         }
         // Lift bans whose reputation has decayed back above the threshold.
-        let blocked: Vec<PeerId> =
-            self.swarm.behaviour().blocked.blocked_peers().iter().copied().collect();
+        let blocked: Vec<PeerId> = self
+            .swarm
+            .behaviour()
+            .blocked
+            .blocked_peers()
+            .iter()
+            .copied()
+            .collect();
         for peer in blocked {
             if !self.reputation.is_banned(&peer, now) {
                 self.swarm.behaviour_mut().blocked.unblock_peer(peer);
             }
         }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
         let (alive, _, failed) = self.membership.counts();
-        self.metrics.peers.get_or_create(&crate::metrics::StateLabel { state: "alive" }).set(alive as i64);
-        self.metrics.peers.get_or_create(&crate::metrics::StateLabel { state: "failed" }).set(failed as i64);
+        self.metrics.set_peers(alive, failed);
         self.metrics.connections.set(self.connections as i64);
     }
 
@@ -338,23 +383,38 @@ impl EventLoop {
     /// After losing the last connection to a peer it believed alive, the node dials it once:
     /// success keeps it alive, failure declares it failed and tells the others.
     fn probe(&mut self, peer: PeerId) {
+        let now = now_ms();
+        let cooldown = PROBE_COOLDOWN.as_millis() as u64;
+        if self
+            .last_probe
+            .get(&peer)
+            .is_some_and(|t| now.saturating_sub(*t) < cooldown)
+        {
+            return;
+        }
+        if self.last_probe.len() >= 4096 {
+            self.last_probe
+                .retain(|_, t| now.saturating_sub(*t) < cooldown);
+        }
+        self.last_probe.insert(peer, now);
         let addrs = self.addresses.get(&peer).cloned().unwrap_or_default();
         // A dead TCP port refuses at once, while QUIC would wait for the handshake timeout.
-        let tcp: Vec<Multiaddr> =
-            addrs.iter().filter(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_)))).cloned().collect();
+        let tcp: Vec<Multiaddr> = addrs
+            .iter()
+            .filter(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
+            .cloned()
+            .collect();
         let addrs = if tcp.is_empty() { addrs } else { tcp };
         let opts = DialOpts::peer_id(peer)
             .addresses(addrs)
+            .extend_addresses_through_behaviour()
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
+        // With no address to try (identify has not told us any yet) the probe proves nothing;
+        // the peer's announcement expiry still bounds how long it may stay alive.
         match self.swarm.dial(opts) {
             Ok(()) => {
                 self.probing.insert(peer);
-            }
-            Err(DialError::NoAddresses) => {
-                if let Some(change) = self.membership.on_unreachable(peer, now_ms()) {
-                    self.on_change(change);
-                }
             }
             Err(e) => debug!(%peer, "probe not dialled: {e}"),
         }
@@ -364,7 +424,10 @@ impl EventLoop {
         self.membership
             .digest()
             .into_iter()
-            .map(|(peer, seq)| DigestEntry { peer: peer.to_bytes(), seq })
+            .map(|(peer, seq)| DigestEntry {
+                peer: peer.to_bytes(),
+                seq,
+            })
             .collect()
     }
 
@@ -390,7 +453,10 @@ impl EventLoop {
 
     fn random_walk(&mut self) {
         if self.swarm.connected_peers().next().is_some() {
-            self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .get_closest_peers(PeerId::random());
         }
     }
 
@@ -416,6 +482,8 @@ impl EventLoop {
             announce_seq: self.own_seq,
             routing_table_peers,
             rejected_messages: self.metrics.rejected_total(),
+            connections_opened: self.connections_opened,
+            dial_failures: self.dial_failures,
         }
     }
 
@@ -425,7 +493,12 @@ impl EventLoop {
                 let _ = reply.send(self.status());
             }
             Command::Peers(reply) => {
-                let _ = reply.send(self.membership.peers().map(|(_, info)| info.clone()).collect());
+                let _ = reply.send(
+                    self.membership
+                        .peers()
+                        .map(|(_, info)| info.clone())
+                        .collect(),
+                );
             }
             Command::Peer(peer, reply) => {
                 let _ = reply.send(self.membership.get(&peer).cloned());
@@ -435,9 +508,17 @@ impl EventLoop {
                 self.announce(false);
                 let _ = reply.send(self.own_seq);
             }
-            Command::Echo { peer, payload, reply } => {
+            Command::Echo {
+                peer,
+                payload,
+                reply,
+            } => {
                 self.metrics.traffic(SYNC, OUT, payload.len());
-                let id = self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::Echo(payload));
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_request(&peer, SyncRequest::Echo(payload));
                 self.pending.insert(id, Pending::Echo(reply));
             }
             Command::PublishRaw { bytes, reply } => {
@@ -472,22 +553,36 @@ impl EventLoop {
         let now = now_ms();
         match event {
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
                 self.connections += 1;
+                self.connections_opened += 1;
+                self.metrics.connections.set(self.connections as i64);
                 self.probing.remove(&peer_id);
                 if num_established.get() == 1 {
                     if let Some(change) = self.membership.on_connected(peer_id, now) {
                         self.on_change(change);
                     }
-                    if endpoint.is_dialer() {
-                        self.start_sync(peer_id);
-                    }
+                    // Both sides pull what the other knows: a joining node learns the
+                    // network at once, and its neighbour learns the joiner's view.
+                    let _ = endpoint;
+                    self.start_sync(peer_id);
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
                 self.connections = self.connections.saturating_sub(1);
+                self.metrics.connections.set(self.connections as i64);
                 if num_established == 0 {
-                    info!(%peer_id, ?cause, "last connection closed");
+                    debug!(%peer_id, ?cause, "last connection closed");
                     self.membership.on_disconnected(peer_id, now);
                     self.rate.remove(&peer_id);
                     let alive = self
@@ -499,11 +594,22 @@ impl EventLoop {
                     }
                 }
             }
-            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                self.dial_failures += 1;
+                debug!(%peer, "dial failed: {error}");
                 if self.probing.remove(&peer) {
                     // Our own limits refusing the dial says nothing about the peer.
-                    let ours =
-                        matches!(error, DialError::Denied { .. } | DialError::DialPeerConditionFalse(_));
+                    let ours = matches!(
+                        error,
+                        DialError::Denied { .. }
+                            | DialError::DialPeerConditionFalse(_)
+                            | DialError::NoAddresses
+                            | DialError::Aborted
+                    );
                     if !ours {
                         info!(%peer, "probe after disconnect failed: {error}");
                         if let Some(change) = self.membership.on_unreachable(peer, now) {
@@ -512,10 +618,8 @@ impl EventLoop {
                     }
                 }
             }
-            SwarmEvent::NewListenAddr { address, .. } => {
-                if !self.listen_addrs.contains(&address) {
-                    self.listen_addrs.push(address);
-                }
+            SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
+                self.listen_addrs.push(address);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| *a != address);
@@ -556,7 +660,10 @@ impl EventLoop {
                     if peer == local {
                         continue;
                     }
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                     self.remember_addrs(peer, vec![addr.clone()]);
                     if !self.swarm.is_connected(&peer) {
                         let opts = DialOpts::peer_id(peer)
@@ -588,21 +695,32 @@ impl EventLoop {
             })
             .take(MAX_ADDRS_PER_PEER)
             .collect();
-        if info.protocols.iter().any(|p| *p == StreamProtocol::new(KAD_PROTOCOL)) {
+        if info
+            .protocols
+            .iter()
+            .any(|p| *p == StreamProtocol::new(KAD_PROTOCOL))
+        {
             for addr in &addrs {
-                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, addr.clone());
             }
         }
         self.remember_addrs(peer, addrs.clone());
         if !addrs.is_empty() {
-            let _ = self.events.try_send(NetEvent::PeerAddresses { peer, addrs });
+            let _ = self
+                .events
+                .try_send(NetEvent::PeerAddresses { peer, addrs });
         }
     }
 
     fn on_ping(&mut self, event: ping::Event) {
         let now = now_ms();
         let change = match event.result {
-            Ok(rtt) => self.membership.on_ping_ok(event.peer, rtt.as_micros() as u64, now),
+            Ok(rtt) => self
+                .membership
+                .on_ping_ok(event.peer, rtt.as_micros() as u64, now),
             Err(e) => {
                 debug!(peer = %event.peer, "ping failed: {e}");
                 self.membership.on_ping_failure(event.peer, now)
@@ -619,7 +737,11 @@ impl EventLoop {
             m.record(&event);
         }
         match event {
-            gossipsub::Event::Message { propagation_source, message_id, message } => {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
                 self.metrics.traffic(GOSSIP, IN, message.data.len());
                 let verdict = match self.admit(propagation_source) {
                     Err(reason) => {
@@ -634,16 +756,14 @@ impl EventLoop {
                         }
                     },
                 };
-                let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                    &message_id,
-                    &propagation_source,
-                    verdict,
-                );
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, verdict);
             }
-            gossipsub::Event::Subscribed { .. } => {
-                if self.announce_pending.is_some() {
-                    self.announce(true);
-                }
+            gossipsub::Event::Subscribed { .. } if self.announce_pending.is_some() => {
+                self.announce(true);
             }
             _ => {}
         }
@@ -652,7 +772,9 @@ impl EventLoop {
     fn on_sync_event(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request { request, channel, .. } => {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
                     self.metrics.traffic(SYNC, IN, request_len(&request));
                     let response = match self.admit(peer) {
                         Err(reason) => {
@@ -662,11 +784,20 @@ impl EventLoop {
                         Ok(()) => self.answer(peer, request),
                     };
                     let len = response_len(&response);
-                    if self.swarm.behaviour_mut().sync.send_response(channel, response).is_ok() {
+                    if self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_response(channel, response)
+                        .is_ok()
+                    {
                         self.metrics.traffic(SYNC, OUT, len);
                     }
                 }
-                request_response::Message::Response { request_id, response } => {
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
                     self.metrics.traffic(SYNC, IN, response_len(&response));
                     match (self.pending.remove(&request_id), response) {
                         (Some(Pending::Echo(reply)), SyncResponse::Echo(payload)) => {
@@ -684,11 +815,18 @@ impl EventLoop {
                                 self.reject(peer, Rejection::Oversized);
                                 return;
                             }
+                            let mut learned = false;
                             for signed in &statements {
                                 if self.admit(peer).is_err() {
                                     break;
                                 }
-                                self.on_statement(peer, signed);
+                                learned |= self.on_statement(peer, signed)
+                                    == gossipsub::MessageAcceptance::Accept;
+                            }
+                            // While syncs still teach us something the network is converging:
+                            // keep syncing often. Once they come back empty, back off.
+                            if learned {
+                                self.sync_interval = FIRST_SYNC_INTERVAL;
                             }
                         }
                         (Some(Pending::Sync), _) => {
@@ -698,23 +836,29 @@ impl EventLoop {
                     }
                 }
             },
-            request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
-                match self.pending.remove(&request_id) {
-                    Some(Pending::Echo(reply)) => {
-                        let _ = reply
-                            .send(Err(NetError::Request { peer, reason: error.to_string() }));
-                    }
-                    Some(Pending::Sync) => {
-                        self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
-                    }
-                    None => {}
+            request_response::Event::OutboundFailure {
+                request_id,
+                peer,
+                error,
+                ..
+            } => match self.pending.remove(&request_id) {
+                Some(Pending::Echo(reply)) => {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
                 }
-            }
+                Some(Pending::Sync) => {
+                    self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
+                }
+                None => {}
+            },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 // A request that does not decode (or is too large) is the peer's fault.
                 if let request_response::InboundFailure::Io(e) = &error {
                     debug!(%peer, "bad sync request: {e}");
-                    let reason = if e.to_string().contains("max") || e.to_string().contains("large") {
+                    let reason = if e.to_string().contains("max") || e.to_string().contains("large")
+                    {
                         Rejection::Oversized
                     } else {
                         Rejection::Malformed
@@ -774,4 +918,3 @@ fn jittered(base: Duration) -> Duration {
     let offset = rand::thread_rng().gen_range(0..=2 * fifth);
     Duration::from_millis(base.as_millis() as u64 - fifth + offset)
 }
-

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId};
-use futures::StreamExt;
 use mycel_core::membership::PeerInfo;
 use mycel_core::statement::Capabilities;
 use prometheus_client::registry::Registry;
@@ -82,6 +82,10 @@ pub struct NetStatus {
     pub routing_table_peers: usize,
     /// Messages rejected since start.
     pub rejected_messages: u64,
+    /// Connections established since start (churn shows as this growing while idle).
+    pub connections_opened: u64,
+    /// Dials that failed since start.
+    pub dial_failures: u64,
 }
 
 pub(crate) enum Command {
@@ -89,8 +93,15 @@ pub(crate) enum Command {
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     Peer(PeerId, oneshot::Sender<Option<PeerInfo>>),
     SetCapabilities(Capabilities, oneshot::Sender<u64>),
-    Echo { peer: PeerId, payload: Vec<u8>, reply: oneshot::Sender<Result<Vec<u8>, NetError>> },
-    PublishRaw { bytes: Vec<u8>, reply: oneshot::Sender<Result<(), NetError>> },
+    Echo {
+        peer: PeerId,
+        payload: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
+    },
+    PublishRaw {
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
     Dial(Multiaddr, oneshot::Sender<Result<(), NetError>>),
     Shutdown,
 }
@@ -121,14 +132,16 @@ pub async fn spawn(
     let mut swarm = build_swarm(&config, registry).map_err(|e| NetError::Build(e.to_string()))?;
     let libp2p_metrics = config
         .libp2p_metrics
-        .then(|| libp2p::metrics::Metrics::new(registry.sub_registry_with_prefix("libp2p")));
+        .then(|| libp2p::metrics::Metrics::new(registry));
 
     let mut pending = Vec::new();
     for addr in &config.listen {
-        let id = swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
-            addr: addr.clone(),
-            reason: e.to_string(),
-        })?;
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
         pending.push((id, addr.clone()));
     }
     let mut listen_addrs = Vec::new();
@@ -138,18 +151,28 @@ pub async fn spawn(
             .await
             .map_err(|_| NetError::Other("timed out binding listen addresses".into()))?;
         match event {
-            SwarmEvent::NewListenAddr { listener_id, address } => {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
                 pending.retain(|(id, _)| *id != listener_id);
                 listen_addrs.push(address);
             }
             SwarmEvent::ListenerError { listener_id, error }
-            | SwarmEvent::ListenerClosed { listener_id, reason: Err(error), .. } => {
+            | SwarmEvent::ListenerClosed {
+                listener_id,
+                reason: Err(error),
+                ..
+            } => {
                 let addr = pending
                     .iter()
                     .find(|(id, _)| *id == listener_id)
                     .map(|(_, a)| a.clone())
                     .unwrap_or_else(Multiaddr::empty);
-                return Err(NetError::Listen { addr, reason: error.to_string() });
+                return Err(NetError::Listen {
+                    addr,
+                    reason: error.to_string(),
+                });
             }
             _ => {}
         }
@@ -202,9 +225,15 @@ impl NetHandle {
         &self.metrics
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(make(tx)).await.map_err(|_| NetError::Stopped)?;
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| NetError::Stopped)?;
         rx.await.map_err(|_| NetError::Stopped)
     }
 
@@ -226,18 +255,25 @@ impl NetHandle {
     /// Replaces this node's capabilities and announces them at once; returns the new sequence
     /// number.
     pub async fn set_capabilities(&self, capabilities: Capabilities) -> Result<u64, NetError> {
-        self.ask(|tx| Command::SetCapabilities(capabilities, tx)).await
+        self.ask(|tx| Command::SetCapabilities(capabilities, tx))
+            .await
     }
 
     /// Sends `payload` to `peer` on the sync protocol and returns the echo.
     pub async fn echo(&self, peer: PeerId, payload: Vec<u8>) -> Result<Vec<u8>, NetError> {
-        self.ask(|reply| Command::Echo { peer, payload, reply }).await?
+        self.ask(|reply| Command::Echo {
+            peer,
+            payload,
+            reply,
+        })
+        .await?
     }
 
     /// Publishes raw bytes on the statements topic, bypassing every local check. For tests
     /// and tools that exercise how peers treat bad input.
     pub async fn publish_raw(&self, bytes: Vec<u8>) -> Result<(), NetError> {
-        self.ask(|reply| Command::PublishRaw { bytes, reply }).await?
+        self.ask(|reply| Command::PublishRaw { bytes, reply })
+            .await?
     }
 
     /// Dials an address.

@@ -44,7 +44,11 @@ impl NetMetrics {
         let metrics = Self::default();
         let sub = registry.sub_registry_with_prefix("mycel");
         sub.register("peers", "Known peers by state", metrics.peers.clone());
-        sub.register("connections", "Established connections", metrics.connections.clone());
+        sub.register(
+            "connections",
+            "Established connections",
+            metrics.connections.clone(),
+        );
         sub.register(
             "messages",
             "Protocol messages by protocol and direction",
@@ -65,37 +69,69 @@ impl NetMetrics {
             let _ = metrics.peers.get_or_create(&StateLabel { state });
         }
         for reason in Rejection::ALL {
-            let _ = metrics.rejected.get_or_create(&ReasonLabel { reason: reason.label() });
+            let _ = metrics.rejected.get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            });
         }
         for protocol in [GOSSIP, SYNC] {
             for direction in [IN, OUT] {
-                let _ = metrics.messages.get_or_create(&TrafficLabel { protocol, direction });
-                let _ = metrics.bytes.get_or_create(&TrafficLabel { protocol, direction });
+                let _ = metrics.messages.get_or_create(&TrafficLabel {
+                    protocol,
+                    direction,
+                });
+                let _ = metrics.bytes.get_or_create(&TrafficLabel {
+                    protocol,
+                    direction,
+                });
             }
         }
         metrics
     }
 
     pub(crate) fn traffic(&self, protocol: &'static str, direction: &'static str, bytes: usize) {
-        let label = TrafficLabel { protocol, direction };
+        let label = TrafficLabel {
+            protocol,
+            direction,
+        };
         self.messages.get_or_create(&label).inc();
         self.bytes.get_or_create(&label).inc_by(bytes as u64);
     }
 
+    pub(crate) fn set_peers(&self, alive: usize, failed: usize) {
+        self.peers
+            .get_or_create(&StateLabel { state: "alive" })
+            .set(alive as i64);
+        self.peers
+            .get_or_create(&StateLabel { state: "failed" })
+            .set(failed as i64);
+    }
+
     pub(crate) fn reject(&self, reason: Rejection) {
-        self.rejected.get_or_create(&ReasonLabel { reason: reason.label() }).inc();
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            })
+            .inc();
     }
 
     /// Total rejected messages (all reasons).
     pub fn rejected_total(&self) -> u64 {
         Rejection::ALL
             .iter()
-            .map(|r| self.rejected.get_or_create(&ReasonLabel { reason: r.label() }).get())
+            .map(|r| {
+                self.rejected
+                    .get_or_create(&ReasonLabel { reason: r.label() })
+                    .get()
+            })
             .sum()
     }
 
     /// Rejected messages for one reason.
     pub fn rejected_for(&self, reason: Rejection) -> u64 {
-        self.rejected.get_or_create(&ReasonLabel { reason: reason.label() }).get()
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            })
+            .get()
     }
 }

@@ -30,7 +30,11 @@ pub(crate) fn router(state: ApiState, open_metrics: bool) -> Router {
     let guarded = Router::new()
         .route("/api/status", get(status))
         .route("/api/peers", get(peers));
-    let guarded = if open_metrics { guarded } else { guarded.route("/metrics", get(metrics)) };
+    let guarded = if open_metrics {
+        guarded
+    } else {
+        guarded.route("/metrics", get(metrics))
+    };
     let guarded = guarded.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let open = if open_metrics {
         Router::new().route("/metrics", get(metrics))
@@ -72,7 +76,11 @@ async fn status(State(state): State<ApiState>) -> Response {
             "network": status,
         }))
         .into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
     }
 }
 
@@ -82,7 +90,11 @@ async fn peers(State(state): State<ApiState>) -> Response {
             peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
             Json(peers).into_response()
         }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
     }
 }
 
@@ -92,7 +104,10 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         body,
     )
         .into_response()

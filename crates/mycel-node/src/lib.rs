@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use mycel_net::{Limits, Multiaddr, NetConfig, NetEvent, NetHandle, Registry, Timing, TransportKind};
+use mycel_net::{
+    Limits, Multiaddr, NetConfig, NetEvent, NetHandle, Registry, Timing, TransportKind,
+};
 use mycel_store::{KnownPeer, Store};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
@@ -95,7 +97,12 @@ impl Node {
         let known_peers = store
             .peers()?
             .into_iter()
-            .map(|p| (p.peer, p.addrs.iter().filter_map(|a| a.parse().ok()).collect()))
+            .map(|p| {
+                (
+                    p.peer,
+                    p.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+                )
+            })
             .collect();
 
         let mut net_config = NetConfig::new(keypair);
@@ -128,7 +135,10 @@ impl Node {
             .context("starting the network")?;
         let mut tasks = vec![net_task];
         tasks.push(tokio::spawn(persist_peers(store.clone(), events)));
-        tasks.push(tokio::spawn(refresh_capabilities(net.clone(), config.sys_root.clone())));
+        tasks.push(tokio::spawn(refresh_capabilities(
+            net.clone(),
+            config.sys_root.clone(),
+        )));
 
         let mut api_addr = None;
         if let Some(addr) = config.api {
@@ -150,7 +160,13 @@ impl Node {
             }));
             api_addr = Some(bound);
         }
-        Ok(Self { net, api_addr, token, data_dir: dir, tasks })
+        Ok(Self {
+            net,
+            api_addr,
+            token,
+            data_dir: dir,
+            tasks,
+        })
     }
 
     /// Stops the node cleanly.

@@ -8,7 +8,12 @@ use mycel_core::statement::{Capabilities, Hardware, Load, PowerState};
 
 /// Reads the node's capabilities from the machine. `sys_root` is normally `/sys`.
 pub fn read_capabilities(sys_root: &Path, models: Vec<String>) -> Capabilities {
-    Capabilities { models, hardware: read_hardware(), load: read_load(), power: read_power(sys_root) }
+    Capabilities {
+        models,
+        hardware: read_hardware(),
+        load: read_load(),
+        power: read_power(sys_root),
+    }
 }
 
 fn read_hardware() -> Hardware {
@@ -22,7 +27,11 @@ fn read_hardware() -> Hardware {
                 .and_then(|kib| kib.parse::<u64>().ok())
         })
         .map_or(0, |kib| kib * 1024);
-    Hardware { cores, memory_bytes, gpu: read_gpu() }
+    Hardware {
+        cores,
+        memory_bytes,
+        gpu: read_gpu(),
+    }
 }
 
 fn read_gpu() -> Option<String> {
@@ -38,11 +47,18 @@ fn read_load() -> Load {
     let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f32);
     let load1 = fs::read_to_string("/proc/loadavg")
         .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f32>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f32>().ok())
+        })
         .unwrap_or(0.0);
     // Coarse (one decimal): an announcement is re-sent when this changes.
     let utilisation = ((load1 / cores).clamp(0.0, 1.0) * 10.0).round() / 10.0;
-    Load { queue_depth: 0, utilisation }
+    Load {
+        queue_depth: 0,
+        utilisation,
+    }
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {

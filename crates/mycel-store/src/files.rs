@@ -14,7 +14,10 @@ const IDENTITY_FILE: &str = "identity.key";
 const TOKEN_FILE: &str = "api.token";
 
 fn dir_error(path: &Path, source: std::io::Error) -> StoreError {
-    StoreError::DataDir { path: path.to_path_buf(), source }
+    StoreError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Creates the data directory (owner-only) if needed and checks that it is writable.
@@ -32,8 +35,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp: PathBuf = path.with_extension("tmp");
     let write = || -> std::io::Result<()> {
-        let mut file =
-            OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -46,7 +53,10 @@ fn read_existing(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     match fs::read(path) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StoreError::CorruptFile { path: path.to_path_buf(), reason: e.to_string() }),
+        Err(e) => Err(StoreError::CorruptFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
     }
 }
 
@@ -60,10 +70,12 @@ pub fn load_or_create_identity(dir: &Path) -> Result<Keypair, StoreError> {
         });
     }
     let keypair = Keypair::generate_ed25519();
-    let encoded = keypair.to_protobuf_encoding().map_err(|e| StoreError::CorruptFile {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    let encoded = keypair
+        .to_protobuf_encoding()
+        .map_err(|e| StoreError::CorruptFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
     write_private(&path, &encoded)?;
     Ok(keypair)
 }
@@ -74,9 +86,15 @@ pub fn load_or_create_token(dir: &Path) -> Result<String, StoreError> {
     if let Some(bytes) = read_existing(&path)? {
         let token = String::from_utf8(bytes)
             .map(|t| t.trim().to_owned())
-            .map_err(|e| StoreError::CorruptFile { path: path.clone(), reason: e.to_string() })?;
+            .map_err(|e| StoreError::CorruptFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         if token.len() < 16 {
-            return Err(StoreError::CorruptFile { path, reason: "token too short".into() });
+            return Err(StoreError::CorruptFile {
+                path,
+                reason: "token too short".into(),
+            });
         }
         return Ok(token);
     }
@@ -98,7 +116,10 @@ mod tests {
         let first = load_or_create_identity(dir.path()).unwrap();
         let second = load_or_create_identity(dir.path()).unwrap();
         assert_eq!(first.public().to_peer_id(), second.public().to_peer_id());
-        let mode = fs::metadata(dir.path().join(IDENTITY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(IDENTITY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let dir_mode = fs::metadata(dir.path()).unwrap().permissions().mode();
         assert_eq!(dir_mode & 0o777, 0o700);
@@ -110,7 +131,10 @@ mod tests {
         let first = load_or_create_token(dir.path()).unwrap();
         assert_eq!(first, load_or_create_token(dir.path()).unwrap());
         assert_eq!(first.len(), 48);
-        let mode = fs::metadata(dir.path().join(TOKEN_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(TOKEN_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -121,7 +145,10 @@ mod tests {
         let err = load_or_create_identity(dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::CorruptFile { .. }), "{err}");
         assert!(err.to_string().contains("identity.key"));
-        assert_eq!(fs::read(dir.path().join(IDENTITY_FILE)).unwrap(), b"garbage");
+        assert_eq!(
+            fs::read(dir.path().join(IDENTITY_FILE)).unwrap(),
+            b"garbage"
+        );
     }
 
     #[test]

@@ -54,7 +54,10 @@ impl Store {
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Database { path: self.path.clone(), reason: e.to_string() }
+        StoreError::Database {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
     }
 
     fn write<T>(
@@ -101,7 +104,7 @@ impl Store {
                 peers.push(peer);
             }
         }
-        peers.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+        peers.sort_by_key(|p| std::cmp::Reverse(p.last_seen));
         Ok(peers)
     }
 
@@ -130,8 +133,16 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             store
                 .put_peers(&[
-                    KnownPeer { peer: a, addrs: vec!["/ip4/127.0.0.1/tcp/1".into()], last_seen: 1 },
-                    KnownPeer { peer: b, addrs: vec!["/ip4/127.0.0.1/tcp/2".into()], last_seen: 2 },
+                    KnownPeer {
+                        peer: a,
+                        addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+                        last_seen: 1,
+                    },
+                    KnownPeer {
+                        peer: b,
+                        addrs: vec!["/ip4/127.0.0.1/tcp/2".into()],
+                        last_seen: 2,
+                    },
                 ])
                 .unwrap();
         }
@@ -145,10 +156,19 @@ mod tests {
     #[test]
     fn announce_seq_is_strictly_increasing_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Store::open(dir.path()).unwrap().next_announce_seq(0).unwrap();
-        let second = Store::open(dir.path()).unwrap().next_announce_seq(0).unwrap();
+        let first = Store::open(dir.path())
+            .unwrap()
+            .next_announce_seq(0)
+            .unwrap();
+        let second = Store::open(dir.path())
+            .unwrap()
+            .next_announce_seq(0)
+            .unwrap();
         assert!(second > first);
-        let floored = Store::open(dir.path()).unwrap().next_announce_seq(1_000).unwrap();
+        let floored = Store::open(dir.path())
+            .unwrap()
+            .next_announce_seq(1_000)
+            .unwrap();
         assert_eq!(floored, 1_000);
     }
 }

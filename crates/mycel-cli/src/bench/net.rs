@@ -45,8 +45,16 @@ pub(crate) struct NetBenchArgs {
 pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
     eprintln!(
         "{:>5} {:>9} {:>11} {:>10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>8}",
-        "nodes", "transport", "converge_ms", "gossip_p50", "gossip_p99", "rtt_p50us", "rtt_p99us",
-        "fail_det_ms", "rss_kib", "idle_cpu"
+        "nodes",
+        "transport",
+        "converge_ms",
+        "gossip_p50",
+        "gossip_p99",
+        "rtt_p50us",
+        "rtt_p99us",
+        "fail_det_ms",
+        "rss_kib",
+        "idle_cpu"
     );
     for &n in &args.nodes {
         anyhow::ensure!(n >= 3, "each network needs at least 3 nodes");
@@ -72,11 +80,17 @@ pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
 }
 
 fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::Value> {
-    let transport = if n > args.memory_above { TransportKind::Memory } else { TransportKind::TcpQuic };
+    let transport = if n > args.memory_above {
+        TransportKind::Memory
+    } else {
+        TransportKind::TcpQuic
+    };
     let root = tempfile::tempdir()?;
     let mut rng = rand::thread_rng();
 
@@ -87,11 +101,17 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
     for i in 0..n {
         let dir = root.path().join(format!("node-{i}"));
         mycel_store::prepare_data_dir(&dir)?;
-        let peer = mycel_store::load_or_create_identity(&dir)?.public().to_peer_id();
+        let peer = mycel_store::load_or_create_identity(&dir)?
+            .public()
+            .to_peer_id();
         let mut config = NodeConfig::new(dir);
         config.api = None;
         config.mdns = false;
         config.transport = transport;
+        // The round-trip measurement sends 10k requests back to back: far above the per-peer
+        // message rate a production node allows (200/s, bursts of 2000).
+        config.limits.messages_per_sec = 1e6;
+        config.limits.message_burst = 1e6;
         config.listen = match transport {
             TransportKind::Memory => vec![format!("/memory/{}", rng.gen::<u64>()).parse()?],
             TransportKind::TcpQuic => vec![
@@ -104,8 +124,10 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
     }
     for (i, config) in configs.iter_mut().enumerate().skip(1) {
         let earlier: Vec<&(PeerId, Multiaddr)> = addrs[..i].iter().collect();
-        config.bootstrap =
-            earlier.choose_multiple(&mut rng, 2).map(|(_, addr)| addr.clone()).collect();
+        config.bootstrap = earlier
+            .choose_multiple(&mut rng, 2)
+            .map(|(_, addr)| addr.clone())
+            .collect();
     }
 
     let rss_before = rss_kib();
@@ -136,12 +158,14 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let rss_per_node_kib = rss_kib().saturating_sub(rss_before) / n as u64;
+    let conns_at_converge = mean_connections(&nodes).await?;
 
     // Idle: the whole process, nothing asked of the nodes.
     let cpu_start = cpu_seconds();
     let idle_start = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let idle_cpu_pct = (cpu_seconds() - cpu_start) / idle_start.elapsed().as_secs_f64() * 100.0;
+    let conns_after_idle = mean_connections(&nodes).await?;
 
     // Gossip: a node re-announces; time until the last node has the new announcement.
     let mut gossip_ms = Vec::with_capacity(args.announcements);
@@ -186,7 +210,9 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
                 .find(|addr| addr.iter().any(|p| matches!(p, Protocol::QuicV1)))
                 .cloned()
                 .context("node 0 has no QUIC address")?;
-            b.net.dial(quic.with(Protocol::P2p(a.net.peer_id()))).await?;
+            b.net
+                .dial(quic.with(Protocol::P2p(a.net.peer_id())))
+                .await?;
             tokio::time::sleep(Duration::from_millis(200)).await;
             "quic"
         }
@@ -249,7 +275,22 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
         "failure_detect_ms": failure_detect_ms,
         "rss_per_node_kib": rss_per_node_kib,
         "idle_cpu_pct": idle_cpu_pct,
+        "conns_per_node_at_converge": conns_at_converge,
+        "conns_per_node_after_idle": conns_after_idle,
     }))
+}
+
+/// Mean (connections, connections opened so far, dial failures so far) per node.
+async fn mean_connections(nodes: &[Node]) -> anyhow::Result<(f64, f64, f64)> {
+    let (mut now, mut opened, mut failed) = (0, 0, 0);
+    for node in nodes {
+        let status = node.net.status().await?;
+        now += status.connections;
+        opened += status.connections_opened;
+        failed += status.dial_failures;
+    }
+    let n = nodes.len() as f64;
+    Ok((now as f64 / n, opened as f64 / n, failed as f64 / n))
 }
 
 fn now_ms() -> u64 {

@@ -1,0 +1,126 @@
+//! End to end: `mycel` processes on 127.0.0.1, one killed with SIGKILL and restarted.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{free_port, spawn_node, wait_until, NodeProcess};
+
+fn listen_args(port: u16) -> Vec<String> {
+    vec![
+        "--no-mdns".into(),
+        "--listen".into(),
+        format!("/ip4/127.0.0.1/tcp/{port}"),
+    ]
+}
+
+fn start(root: &std::path::Path, name: &str, port: u16, bootstrap: Option<String>) -> NodeProcess {
+    let mut args = listen_args(port);
+    if let Some(addr) = bootstrap {
+        args.push("--bootstrap".into());
+        args.push(addr);
+    }
+    let api = format!("127.0.0.1:{}", free_port());
+    spawn_node(&[], &root.join(name), &api, &args)
+}
+
+#[test]
+fn killed_node_is_marked_failed_and_rejoins_from_stored_peers_with_the_same_id() {
+    let root = tempfile::tempdir().unwrap();
+    let (port_a, port_b, port_c) = (free_port(), free_port(), free_port());
+    let a = start(root.path(), "a", port_a, None);
+    wait_until(Duration::from_secs(30), "node a serves its API", || {
+        a.peer_id().is_some()
+    });
+    let a_id = a.peer_id().unwrap();
+    let boot = format!("/ip4/127.0.0.1/tcp/{port_a}/p2p/{a_id}");
+    let b = start(root.path(), "b", port_b, Some(boot.clone()));
+    let c = start(root.path(), "c", port_c, Some(boot));
+    wait_until(Duration::from_secs(30), "b and c serve their APIs", || {
+        b.peer_id().is_some() && c.peer_id().is_some()
+    });
+    let (b_id, c_id) = (b.peer_id().unwrap(), c.peer_id().unwrap());
+
+    let alive = |node: &NodeProcess, peer: &str| node.state_of(peer).as_deref() == Some("alive");
+    wait_until(
+        Duration::from_secs(30),
+        "all three see each other alive",
+        || {
+            alive(&a, &b_id)
+                && alive(&a, &c_id)
+                && alive(&b, &c_id)
+                && alive(&c, &a_id)
+                && alive(&c, &b_id)
+        },
+    );
+
+    // SIGKILL: no goodbye, no flush.
+    drop(c);
+    let failed = |node: &NodeProcess, peer: &str| node.state_of(peer).as_deref() == Some("failed");
+    wait_until(
+        Duration::from_secs(20),
+        "a and b mark the killed node failed",
+        || failed(&a, &c_id) && failed(&b, &c_id),
+    );
+
+    // Restarted on the same data directory with no bootstrap address: same identity, and it
+    // finds its way back through the peers it stored.
+    let c = start(root.path(), "c", port_c, None);
+    wait_until(Duration::from_secs(30), "c serves its API again", || {
+        c.peer_id().is_some()
+    });
+    assert_eq!(c.peer_id().unwrap(), c_id, "the peer id survives a restart");
+    wait_until(
+        Duration::from_secs(30),
+        "c rejoins and is seen alive",
+        || alive(&a, &c_id) && alive(&b, &c_id) && alive(&c, &a_id) && alive(&c, &b_id),
+    );
+}
+
+#[test]
+fn cli_reports_bad_multiaddr_and_port_in_use_with_what_to_do() {
+    let out = std::process::Command::new(common::MYCEL)
+        .args(["node", "--listen", "not-a-multiaddr"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("expected a multiaddr such as"), "{stderr}");
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let root = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::MYCEL)
+        .arg("node")
+        .arg("--data-dir")
+        .arg(root.path())
+        .args([
+            "--no-mdns",
+            "--api",
+            "127.0.0.1:0",
+            "--listen",
+            &format!("/ip4/127.0.0.1/tcp/{port}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot listen on") && stderr.contains("--listen"),
+        "{stderr}"
+    );
+
+    let out = std::process::Command::new(common::MYCEL)
+        .args([
+            "peers",
+            "--api",
+            &format!("127.0.0.1:{}", common::free_port()),
+            "--token",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is `mycel node` running?"), "{stderr}");
+}

@@ -1,0 +1,264 @@
+//! Real nodes on 127.0.0.1: convergence, the HTTP API, and bad input from peers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cluster, wait_converged, wait_until};
+use mycel_core::membership::PeerState;
+use mycel_core::statement::{Announcement, Capabilities, SignedStatement, Statement};
+use mycel_core::wire::Rejection;
+use mycel_core::Keypair;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_nodes_converge_with_capabilities() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 10).await;
+    wait_converged(&nodes, Duration::from_secs(30)).await;
+
+    let ids: Vec<String> = nodes.iter().map(|n| n.net.peer_id().to_base58()).collect();
+    for node in &nodes {
+        let peers = node.net.peers().await.unwrap();
+        let me = node.net.peer_id().to_base58();
+        for id in ids.iter().filter(|id| **id != me) {
+            let peer = peers
+                .iter()
+                .find(|p| p.peer_id == *id)
+                .expect("every peer is known");
+            assert_eq!(peer.state, PeerState::Alive);
+            let caps = peer.capabilities.as_ref().expect("capabilities announced");
+            assert!(caps.hardware.cores >= 1 && caps.hardware.memory_bytes > 0);
+        }
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut request = ureq::get(url).config().http_status_as_error(false).build();
+    if let Some(token) = token {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    let mut response = request.call().expect("API reachable");
+    let status = response.status().as_u16();
+    (status, response.body_mut().read_to_string().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_requires_token_and_serves_peers_and_metrics() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 3).await;
+    wait_converged(&nodes, Duration::from_secs(20)).await;
+    let api = nodes[0].api_addr.unwrap();
+    let token = nodes[0].token.clone();
+    let others: Vec<String> = nodes[1..]
+        .iter()
+        .map(|n| n.net.peer_id().to_base58())
+        .collect();
+
+    let checks = tokio::task::spawn_blocking(move || {
+        for path in ["/api/status", "/api/peers", "/metrics"] {
+            let url = format!("http://{api}{path}");
+            assert_eq!(http_get(&url, None).0, 401, "{path} without a token");
+            assert_eq!(
+                http_get(&url, Some("wrong-token-wrong-token")).0,
+                401,
+                "{path} wrong token"
+            );
+        }
+
+        let (status, body) = http_get(&format!("http://{api}/api/peers"), Some(&token));
+        assert_eq!(status, 200);
+        let peers: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let listed: Vec<&str> = peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["peer_id"].as_str())
+            .collect();
+        for other in &others {
+            assert!(
+                listed.contains(&other.as_str()),
+                "{other} missing from {listed:?}"
+            );
+        }
+        let first = &peers[0];
+        assert_eq!(first["state"], "alive");
+        assert!(first["last_seen"].as_u64().unwrap() > 0);
+
+        let (status, body) = http_get(&format!("http://{api}/api/status"), Some(&token));
+        assert_eq!(status, 200);
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status["network"]["alive"], 2);
+
+        let (status, body) = http_get(&format!("http://{api}/metrics"), Some(&token));
+        assert_eq!(status, 200);
+        let lines = body.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+        let alive = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "mycel_peers" && s.labels.get("state") == Some("alive"))
+            .expect("mycel_peers{state=alive}");
+        assert!(
+            matches!(alive.value, prometheus_parse::Value::Gauge(v) if v == 2.0),
+            "{:?} in\n{body}",
+            alive.value
+        );
+        for metric in [
+            "mycel_rejected_messages_total",
+            "mycel_messages_total",
+            "mycel_connections",
+        ] {
+            assert!(
+                scrape.samples.iter().any(|s| s.metric == metric),
+                "{metric} missing"
+            );
+        }
+    });
+    checks.await.unwrap();
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+fn announcement(key: &Keypair, seq: u64) -> SignedStatement {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    SignedStatement::sign(
+        key,
+        &Statement::Announce(Announcement {
+            seq,
+            issued_at: now,
+            expires_at: now + 60_000,
+            capabilities: Capabilities::default(),
+        }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_replayed_oversized_and_malformed_messages_are_rejected_and_cost_the_sender() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 2).await;
+    wait_converged(&nodes, Duration::from_secs(20)).await;
+    let (victim, attacker) = (&nodes[0], &nodes[1]);
+    let metrics = victim.net.metrics().clone();
+    let other = Keypair::generate_ed25519();
+    let other_id = other.public().to_peer_id();
+
+    // A genuine statement relayed by the attacker is accepted.
+    attacker
+        .net
+        .publish_raw(announcement(&other, 10).to_bytes())
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the genuine statement arrives",
+        || async {
+            victim
+                .net
+                .peer(other_id)
+                .await
+                .unwrap()
+                .is_some_and(|p| p.seq == 10)
+        },
+    )
+    .await;
+
+    let rejected = |reason: Rejection| metrics.rejected_for(reason);
+
+    // Forged: the body changed after signing.
+    let mut forged = announcement(&other, 11);
+    let last = forged.body.len() - 1;
+    forged.body[last] ^= 0x01;
+    attacker.net.publish_raw(forged.to_bytes()).await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the forgery is rejected",
+        || async { rejected(Rejection::BadSignature) >= 1 },
+    )
+    .await;
+
+    // Replayed: an older sequence number than the one accepted.
+    attacker
+        .net
+        .publish_raw(announcement(&other, 5).to_bytes())
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the replay is rejected",
+        || async { rejected(Rejection::Replayed) >= 1 },
+    )
+    .await;
+
+    // Oversized (above the statement limit, below gossipsub's frame limit) and malformed.
+    attacker
+        .net
+        .publish_raw(vec![0xa5; 20 * 1024])
+        .await
+        .unwrap();
+    attacker
+        .net
+        .publish_raw(b"definitely not CBOR".to_vec())
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "oversized and malformed are rejected",
+        || async { rejected(Rejection::Oversized) >= 1 && rejected(Rejection::Malformed) >= 1 },
+    )
+    .await;
+
+    // None of it changed what the victim believes, and it still accepts genuine news.
+    assert_eq!(victim.net.peer(other_id).await.unwrap().unwrap().seq, 10);
+    attacker
+        .net
+        .publish_raw(announcement(&other, 12).to_bytes())
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "a newer genuine statement is accepted",
+        || async {
+            victim
+                .net
+                .peer(other_id)
+                .await
+                .unwrap()
+                .is_some_and(|p| p.seq == 12)
+        },
+    )
+    .await;
+
+    // Enough forgeries exhaust the attacker's reputation: it is banned and disconnected.
+    for i in 0..6u8 {
+        let mut forged = announcement(&other, 20 + u64::from(i));
+        forged.signature[0] ^= 0xff;
+        if attacker.net.publish_raw(forged.to_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let attacker_id = attacker.net.peer_id();
+    wait_until(
+        Duration::from_secs(10),
+        "the attacker is banned and disconnected",
+        || async {
+            victim
+                .net
+                .peer(attacker_id)
+                .await
+                .unwrap()
+                .is_some_and(|p| !p.connected)
+        },
+    )
+    .await;
+    assert!(rejected(Rejection::BadSignature) >= 2);
+    for node in nodes {
+        node.shutdown().await;
+    }
+}

@@ -1,0 +1,95 @@
+//! Helpers shared by the node's integration tests: small clusters of real nodes on 127.0.0.1.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use libp2p::multiaddr::Protocol;
+use mycel_net::{Multiaddr, Timing};
+use mycel_node::{Node, NodeConfig};
+
+/// Timing short enough for tests to see announcements, failures and syncs quickly.
+pub fn fast_timing() -> Timing {
+    Timing {
+        announce_interval: Duration::from_secs(2),
+        announce_ttl: Duration::from_secs(6),
+        ping_interval: Duration::from_secs(1),
+        ping_timeout: Duration::from_secs(1),
+        random_walk_interval: Duration::from_secs(5),
+        max_sync_interval: Duration::from_secs(2),
+        tick_interval: Duration::from_millis(100),
+        ..Timing::default()
+    }
+}
+
+/// A node config on 127.0.0.1 (TCP and QUIC on free ports), no mDNS, no API unless `api`.
+pub fn local_config(dir: &Path, bootstrap: Vec<Multiaddr>, api: bool) -> NodeConfig {
+    let mut config = NodeConfig::new(dir.to_path_buf());
+    config.listen = vec![
+        "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap(),
+    ];
+    config.bootstrap = bootstrap;
+    config.mdns = false;
+    config.api = api.then(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.timing = fast_timing();
+    config
+}
+
+/// The dialable addresses of `node`, with its peer id.
+pub fn addrs_of(node: &Node) -> Vec<Multiaddr> {
+    let peer = node.net.peer_id();
+    node.net
+        .listen_addrs()
+        .iter()
+        .map(|a| a.clone().with(Protocol::P2p(peer)))
+        .collect()
+}
+
+/// Starts `n` nodes in `root`, each bootstrapping from the first; the first has an API.
+pub async fn cluster(root: &Path, n: usize) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..n {
+        let bootstrap = nodes.first().map(addrs_of).unwrap_or_default();
+        let config = local_config(&root.join(format!("node-{i}")), bootstrap, i == 0);
+        nodes.push(Node::start(config).await.expect("node starts"));
+    }
+    nodes
+}
+
+/// Polls `condition` every 50 ms until it holds, panicking with `what` after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every node sees every other alive with capabilities.
+pub async fn wait_converged(nodes: &[Node], limit: Duration) {
+    let n = nodes.len();
+    wait_until(
+        limit,
+        "every node sees every other alive with capabilities",
+        || async {
+            for node in nodes {
+                if node.net.status().await.unwrap().alive_with_capabilities < n - 1 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+}
