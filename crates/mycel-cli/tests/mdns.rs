@@ -57,6 +57,8 @@ fn make_namespaces() -> Result<Namespaces, String> {
         ip(&["-n", name, "addr", "add", addr, "dev", dev])?;
         ip(&["-n", name, "link", "set", dev, "up"])?;
         ip(&["-n", name, "link", "set", "lo", "up"])?;
+        // A fresh namespace has no route for multicast; a LAN host has its default route.
+        ip(&["-n", name, "route", "add", "default", "dev", dev])?;
     }
     Ok(ns)
 }
@@ -112,7 +114,7 @@ fn two_nodes_find_each_other_by_mdns_across_a_veth_pair() {
             .unwrap_or_default()
     };
     wait_until(
-        Duration::from_secs(40),
+        Duration::from_secs(60),
         "each node discovers the other by mDNS",
         || {
             let (a, b) = (peers_seen_by(0), peers_seen_by(1));

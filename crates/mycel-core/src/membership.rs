@@ -101,6 +101,8 @@ pub struct PeerInfo {
     pub expires_at: UnixMillis,
     /// What it offers, from its latest announcement.
     pub capabilities: Option<Capabilities>,
+    /// Where it listens, from its latest announcement.
+    pub addrs: Vec<String>,
 }
 
 /// A change of a peer's state, for the driver to act on (log, metrics, persist, notify).
@@ -185,6 +187,7 @@ impl Membership {
                 announced_at: 0,
                 expires_at: 0,
                 capabilities: None,
+                addrs: Vec::new(),
             },
             latest: None,
             missed_pings: 0,
@@ -231,6 +234,7 @@ impl Membership {
                 info.announced_at = now;
                 info.expires_at = announcement.expires_at;
                 info.capabilities = Some(announcement.capabilities);
+                info.addrs = announcement.addrs;
                 info.last_seen = now;
                 entry.latest = Some(signed.clone());
                 Ok(Accepted::Announcement {
@@ -454,6 +458,7 @@ mod tests {
                 issued_at: now,
                 expires_at: now + TTL,
                 capabilities: caps,
+                addrs: vec![format!("/ip4/127.0.0.1/tcp/{seq}")],
             }),
         )
     }
@@ -479,6 +484,7 @@ mod tests {
         let info = table.get(&id).unwrap();
         assert_eq!(info.state, PeerState::Alive);
         assert_eq!(info.capabilities.as_ref().unwrap().hardware.cores, 1);
+        assert_eq!(info.addrs, vec!["/ip4/127.0.0.1/tcp/1".to_owned()]);
         assert_eq!(table.counts(), (1, 1, 0));
     }
 

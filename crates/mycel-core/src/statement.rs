@@ -14,6 +14,10 @@ use crate::{Keypair, PeerId, PublicKey, UnixMillis};
 pub const MAX_STATEMENT_BYTES: usize = 16 * 1024;
 /// Longest lifetime (expiry minus issue time) a statement may claim.
 pub const MAX_LIFETIME_MS: u64 = 60 * 60 * 1000;
+/// Most listen addresses in one announcement.
+pub const MAX_ANNOUNCED_ADDRS: usize = 8;
+/// Longest announced address.
+pub const MAX_ADDR_LEN: usize = 256;
 /// How far in the future an issue time may lie before it is refused (clock skew allowance).
 pub const MAX_CLOCK_SKEW_MS: u64 = 60 * 1000;
 
@@ -74,6 +78,10 @@ pub struct Announcement {
     pub expires_at: UnixMillis,
     /// What the node offers.
     pub capabilities: Capabilities,
+    /// Where the node listens (multiaddr strings), so that peers that are not connected to
+    /// it can dial it: at most [`MAX_ANNOUNCED_ADDRS`], each at most [`MAX_ADDR_LEN`] bytes.
+    #[serde(default)]
+    pub addrs: Vec<String>,
 }
 
 /// A node's signed observation that another node is unreachable.
@@ -194,6 +202,12 @@ impl SignedStatement {
             return Err(Rejection::BadSignature);
         }
         let statement: Statement = wire::decode(&self.body, MAX_STATEMENT_BYTES)?;
+        if let Statement::Announce(a) = &statement {
+            if a.addrs.len() > MAX_ANNOUNCED_ADDRS || a.addrs.iter().any(|x| x.len() > MAX_ADDR_LEN)
+            {
+                return Err(Rejection::Malformed);
+            }
+        }
         let (issued_at, expires_at) = statement.validity();
         if issued_at > now.saturating_add(MAX_CLOCK_SKEW_MS) {
             return Err(Rejection::FromFuture);
@@ -243,6 +257,7 @@ mod tests {
                 },
                 ..Default::default()
             },
+            addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
         })
     }
 
@@ -285,6 +300,7 @@ mod tests {
             issued_at: 0,
             expires_at: MAX_LIFETIME_MS + 1,
             capabilities: Capabilities::default(),
+            addrs: Vec::new(),
         });
         assert_eq!(
             SignedStatement::sign(&key, &long).verify(1),
@@ -293,6 +309,32 @@ mod tests {
 
         let future = SignedStatement::sign(&key, &announce(1, 10 * MAX_CLOCK_SKEW_MS));
         assert_eq!(future.verify(0), Err(Rejection::FromFuture));
+    }
+
+    #[test]
+    fn too_many_or_too_long_addresses_are_malformed() {
+        let key = Keypair::generate_ed25519();
+        let with_addrs = |addrs: Vec<String>| {
+            SignedStatement::sign(
+                &key,
+                &Statement::Announce(Announcement {
+                    seq: 1,
+                    issued_at: 0,
+                    expires_at: 1_000,
+                    capabilities: Capabilities::default(),
+                    addrs,
+                }),
+            )
+        };
+        assert!(
+            with_addrs(vec!["/ip4/1.2.3.4/tcp/1".into(); MAX_ANNOUNCED_ADDRS])
+                .verify(1)
+                .is_ok()
+        );
+        let many = with_addrs(vec!["/ip4/1.2.3.4/tcp/1".into(); MAX_ANNOUNCED_ADDRS + 1]);
+        assert_eq!(many.verify(1), Err(Rejection::Malformed));
+        let long = with_addrs(vec!["x".repeat(MAX_ADDR_LEN + 1)]);
+        assert_eq!(long.verify(1), Err(Rejection::Malformed));
     }
 
     #[test]

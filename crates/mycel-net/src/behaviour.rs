@@ -26,6 +26,7 @@ type BoxError = Box<dyn Error + Send + Sync>;
 /// Limit and deny behaviours come first: the derive polls fields in declaration order.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    pub(crate) inbound_cap: crate::cap::Behaviour,
     pub(crate) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub(crate) limits: connection_limits::Behaviour,
     pub(crate) memory: memory_connection_limits::Behaviour,
@@ -33,7 +34,7 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
-    pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(crate) kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -120,6 +121,9 @@ impl Behaviour {
         // dials fewer peers, which keeps joins of dense local networks from turning into a
         // storm of lookups and connections (shared/LIBP2P.md, pitfall 4).
         kad_config.set_replication_factor(NonZeroUsize::new(8).expect("nonzero"));
+        // Kademlia would insert every peer we connect to and bootstrap after each insertion
+        // while its table is small; the event loop seeds the table itself, in one batch.
+        kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
         let mut kad =
             kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
         // Auto mode stays a client until an external address is confirmed, which never happens
@@ -128,7 +132,7 @@ impl Behaviour {
 
         let mdns = if config.mdns {
             let mdns_config = mdns::Config {
-                query_interval: Duration::from_secs(30),
+                query_interval: Duration::from_secs(5),
                 ..Default::default()
             };
             Some(mdns::tokio::Behaviour::new(mdns_config, peer_id)?)
@@ -137,6 +141,7 @@ impl Behaviour {
         };
 
         Ok(Self {
+            inbound_cap: crate::cap::Behaviour::new(limits.max_connections),
             blocked: Default::default(),
             limits: connection_limits::Behaviour::new(connection_limits),
             memory: memory_connection_limits::Behaviour::with_max_percentage(0.9),
@@ -144,7 +149,7 @@ impl Behaviour {
             ping,
             gossipsub,
             sync,
-            kad,
+            kad: Some(kad).into(),
             mdns: mdns.into(),
         })
     }

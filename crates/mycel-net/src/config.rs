@@ -79,6 +79,9 @@ pub struct Limits {
     pub max_sync_response_bytes: u64,
     /// Consecutive missed pings before a connected peer is declared failed.
     pub max_missed_pings: u32,
+    /// Peers a node keeps connections to: below this it dials known peers (from their
+    /// announcements) so that gossip has a mesh to travel on.
+    pub target_peers: usize,
 }
 
 impl Default for Limits {
@@ -93,6 +96,7 @@ impl Default for Limits {
             max_sync_request_bytes: 1 << 20,
             max_sync_response_bytes: 4 << 20,
             max_missed_pings: 2,
+            target_peers: 8,
         }
     }
 }

@@ -13,8 +13,11 @@ use libp2p::{gossipsub, identify, mdns, ping, Multiaddr, PeerId, StreamProtocol,
 use mycel_core::membership::{self, Accepted, Change, FailReason, Membership};
 use mycel_core::ratelimit::RateLimiter;
 use mycel_core::reputation::{self, Reputation};
-use mycel_core::statement::{Announcement, Capabilities, SignedStatement, Statement};
+use mycel_core::statement::{
+    Announcement, Capabilities, SignedStatement, Statement, MAX_ADDR_LEN, MAX_ANNOUNCED_ADDRS,
+};
 use mycel_core::wire::Rejection;
+use rand::seq::SliceRandom;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -32,6 +35,12 @@ use crate::protocol::{
 const MAX_ADDRS_PER_PEER: usize = 8;
 /// Anti-entropy syncs in flight at once.
 const MAX_SYNCS_IN_FLIGHT: usize = 4;
+/// Least time between two dials of a LAN peer found by mDNS.
+const LAN_DIAL_COOLDOWN: Duration = Duration::from_secs(3);
+/// Most LAN peers remembered.
+const MAX_LAN_PEERS: usize = 256;
+/// Least time between two dials of the same peer to keep our degree up.
+const DEGREE_DIAL_COOLDOWN: Duration = Duration::from_secs(30);
 /// Least time between two probes of the same peer.
 const PROBE_COOLDOWN: Duration = Duration::from_secs(10);
 /// First interval between periodic syncs; doubles up to `Timing::max_sync_interval`.
@@ -58,11 +67,15 @@ pub(crate) struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     probing: HashSet<PeerId>,
-    /// When each peer was last probed: a peer that refuses our connections (it is at its
-    /// connection cap) must not be probed in a loop.
-    last_probe: HashMap<PeerId, u64>,
+    /// When each peer was last dialled by a probe or to keep our degree: a peer that refuses
+    /// our connections (it is at its connection cap) must not be dialled in a loop.
+    last_dial: HashMap<PeerId, u64>,
     pending: HashMap<OutboundRequestId, Pending>,
     syncs_in_flight: usize,
+    /// Peers found on the LAN by mDNS (with an address), redialled while unconnected.
+    lan_peers: HashMap<PeerId, Multiaddr>,
+    /// Whether the Kademlia routing table has been seeded (see `random_walk`).
+    kad_seeded: bool,
     sync_interval: Duration,
     topic: gossipsub::IdentTopic,
     commands: mpsc::Receiver<Command>,
@@ -109,9 +122,11 @@ impl EventLoop {
             listen_addrs,
             addresses: HashMap::new(),
             probing: HashSet::new(),
-            last_probe: HashMap::new(),
+            last_dial: HashMap::new(),
             pending: HashMap::new(),
             syncs_in_flight: 0,
+            lan_peers: HashMap::new(),
+            kad_seeded: false,
             sync_interval: FIRST_SYNC_INTERVAL,
             topic: gossipsub::IdentTopic::new(STATEMENTS_TOPIC),
             commands,
@@ -123,7 +138,10 @@ impl EventLoop {
         }
     }
 
-    pub(crate) async fn run(mut self) {
+    pub(crate) async fn run(mut self, early_events: Vec<SwarmEvent<BehaviourEvent>>) {
+        for event in early_events {
+            self.on_swarm_event(event);
+        }
         self.dial_initial_peers();
         self.announce(false);
 
@@ -132,8 +150,9 @@ impl EventLoop {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let announce_sleep = tokio::time::sleep(jittered(timing.announce_interval));
         tokio::pin!(announce_sleep);
-        // The first random walk comes soon after start to fill the routing table.
-        let walk_sleep = tokio::time::sleep(Duration::from_secs(2));
+        // Kademlia bootstraps by itself once its table is seeded (from identify and from
+        // announcements); our random walks keep it fresh afterwards.
+        let walk_sleep = tokio::time::sleep(jittered(timing.random_walk_interval));
         tokio::pin!(walk_sleep);
         let sync_sleep = tokio::time::sleep(self.sync_interval);
         tokio::pin!(sync_sleep);
@@ -174,10 +193,6 @@ impl EventLoop {
                 if peer == local {
                     continue;
                 }
-                self.swarm
-                    .behaviour_mut()
-                    .kad
-                    .add_address(&peer, addr.clone());
             }
             if let Err(e) = self.swarm.dial(addr.clone()) {
                 warn!(%addr, "cannot dial bootstrap address: {e}");
@@ -186,12 +201,6 @@ impl EventLoop {
         for (peer, addrs) in self.config.known_peers.clone() {
             if peer == local || addrs.is_empty() {
                 continue;
-            }
-            for addr in &addrs {
-                self.swarm
-                    .behaviour_mut()
-                    .kad
-                    .add_address(&peer, addr.clone());
             }
             self.remember_addrs(peer, addrs.clone());
             let opts = DialOpts::peer_id(peer)
@@ -222,6 +231,13 @@ impl EventLoop {
             issued_at: now,
             expires_at: now + self.config.timing.announce_ttl.as_millis() as u64,
             capabilities: self.capabilities.clone(),
+            addrs: self
+                .listen_addrs
+                .iter()
+                .map(|a| a.to_string())
+                .filter(|a| a.len() <= MAX_ADDR_LEN)
+                .take(MAX_ANNOUNCED_ADDRS)
+                .collect(),
         });
         let signed = SignedStatement::sign(&self.config.keypair, &statement);
         self.membership.set_own(self.own_seq, signed.clone());
@@ -295,7 +311,14 @@ impl EventLoop {
         let now = now_ms();
         match self.membership.on_statement(signed, now) {
             Ok(Accepted::Duplicate) => gossipsub::MessageAcceptance::Ignore,
-            Ok(Accepted::Announcement { change } | Accepted::Down { change }) => {
+            Ok(Accepted::Announcement { change }) => {
+                self.learn_announced_addrs(signed);
+                if let Some(change) = change {
+                    self.on_change(change);
+                }
+                gossipsub::MessageAcceptance::Accept
+            }
+            Ok(Accepted::Down { change }) => {
                 if let Some(change) = change {
                     self.on_change(change);
                 }
@@ -362,6 +385,34 @@ impl EventLoop {
             }
         }
         self.update_gauges();
+        self.maintain_degree();
+        self.dial_lan_peers();
+    }
+
+    /// mDNS announces a peer once per record lifetime, so a first dial that fails (the peer
+    /// was still starting, or both dialled at once) is retried here, every few seconds.
+    fn dial_lan_peers(&mut self) {
+        let now = now_ms();
+        let cooldown = LAN_DIAL_COOLDOWN.as_millis() as u64;
+        let due: Vec<(PeerId, Multiaddr)> = self
+            .lan_peers
+            .iter()
+            .filter(|(peer, _)| !self.swarm.is_connected(peer))
+            .filter(|(peer, _)| {
+                self.last_dial
+                    .get(*peer)
+                    .is_none_or(|t| now.saturating_sub(*t) >= cooldown)
+            })
+            .map(|(peer, addr)| (*peer, addr.clone()))
+            .collect();
+        for (peer, addr) in due {
+            self.last_dial.insert(peer, now);
+            let opts = DialOpts::peer_id(peer)
+                .addresses(vec![addr])
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            let _ = self.swarm.dial(opts);
+        }
     }
 
     fn update_gauges(&self) {
@@ -386,28 +437,32 @@ impl EventLoop {
         let now = now_ms();
         let cooldown = PROBE_COOLDOWN.as_millis() as u64;
         if self
-            .last_probe
+            .last_dial
             .get(&peer)
             .is_some_and(|t| now.saturating_sub(*t) < cooldown)
         {
             return;
         }
-        if self.last_probe.len() >= 4096 {
-            self.last_probe
+        if self.last_dial.len() >= 4096 {
+            self.last_dial
                 .retain(|_, t| now.saturating_sub(*t) < cooldown);
         }
-        self.last_probe.insert(peer, now);
-        let addrs = self.addresses.get(&peer).cloned().unwrap_or_default();
+        self.last_dial.insert(peer, now);
+        let addrs = self.known_addrs(&peer);
         // A dead TCP port refuses at once, while QUIC would wait for the handshake timeout.
         let tcp: Vec<Multiaddr> = addrs
             .iter()
             .filter(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
             .cloned()
             .collect();
-        let addrs = if tcp.is_empty() { addrs } else { tcp };
-        let opts = DialOpts::peer_id(peer)
-            .addresses(addrs)
-            .extend_addresses_through_behaviour()
+        let opts = if tcp.is_empty() {
+            DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .extend_addresses_through_behaviour()
+        } else {
+            DialOpts::peer_id(peer).addresses(tcp)
+        };
+        let opts = opts
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
         // With no address to try (identify has not told us any yet) the probe proves nothing;
@@ -417,6 +472,97 @@ impl EventLoop {
                 self.probing.insert(peer);
             }
             Err(e) => debug!(%peer, "probe not dialled: {e}"),
+        }
+    }
+
+    /// Addresses of `peer` from identify and from its announcements, stream transports first.
+    fn known_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        let mut addrs = self.addresses.get(peer).cloned().unwrap_or_default();
+        if let Some(info) = self.membership.get(peer) {
+            for addr in info
+                .addrs
+                .iter()
+                .filter_map(|a| a.parse::<Multiaddr>().ok())
+            {
+                if !addrs.contains(&addr) {
+                    addrs.push(addr);
+                }
+            }
+        }
+        addrs.sort_by_key(|a| !is_stream_addr(a));
+        addrs
+    }
+
+    /// Feeds a peer's announced addresses to Kademlia and the peer book. Filling the routing
+    /// table from announcements, without dialling, is what keeps Kademlia from bootstrapping
+    /// over and over while its table holds fewer than 20 peers (each bootstrap dials peers).
+    fn learn_announced_addrs(&mut self, signed: &SignedStatement) {
+        let Ok(claimed) = signed.peek() else { return };
+        let Statement::Announce(announcement) = claimed.statement else {
+            return;
+        };
+        let addrs: Vec<Multiaddr> = announcement
+            .addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        if addrs.is_empty() {
+            return;
+        }
+        let peer = claimed.issuer;
+        self.kad_add(peer, &addrs);
+        let _ = self
+            .events
+            .try_send(NetEvent::PeerAddresses { peer, addrs });
+    }
+
+    /// Dials known peers while this node has fewer connections than it wants, a few per tick,
+    /// so that gossip has a mesh and a node that joined through one bootstrap peer spreads out.
+    fn maintain_degree(&mut self) {
+        let connected = self.swarm.connected_peers().count();
+        let want = self
+            .config
+            .limits
+            .target_peers
+            .saturating_sub(connected)
+            .min(4);
+        if want == 0 {
+            return;
+        }
+        let now = now_ms();
+        let cooldown = DEGREE_DIAL_COOLDOWN.as_millis() as u64;
+        let mut candidates: Vec<PeerId> = self
+            .membership
+            .peers()
+            .filter(|(peer, info)| {
+                info.state == membership::PeerState::Alive
+                    && !info.connected
+                    && !info.addrs.is_empty()
+                    && !self.swarm.is_connected(peer)
+                    && !self.reputation.is_banned(peer, now)
+                    && self
+                        .last_dial
+                        .get(*peer)
+                        .is_none_or(|t| now.saturating_sub(*t) >= cooldown)
+            })
+            .map(|(peer, _)| *peer)
+            .collect();
+        candidates.shuffle(&mut rand::thread_rng());
+        for peer in candidates.into_iter().take(want) {
+            let addrs: Vec<Multiaddr> = self
+                .known_addrs(&peer)
+                .into_iter()
+                .filter(is_stream_addr)
+                .collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            self.last_dial.insert(peer, now);
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            let _ = self.swarm.dial(opts);
         }
     }
 
@@ -451,12 +597,43 @@ impl EventLoop {
         self.start_sync(peer);
     }
 
+    /// Adds addresses to the Kademlia routing table once it has been seeded. Kademlia dials
+    /// what it is given, and QUIC handshakes refused by peers at their cap are the expensive
+    /// kind, so it gets the stream (TCP, memory) addresses.
+    fn kad_add(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        if !self.kad_seeded {
+            return;
+        }
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            for addr in addrs.iter().filter(|a| is_stream_addr(a)) {
+                kad.add_address(&peer, addr.clone());
+            }
+        }
+    }
+
+    /// The first walk seeds the routing table with every peer known by then (from identify
+    /// and announcements) in one batch: Kademlia bootstraps by itself after insertions while
+    /// its table holds fewer than 20 peers, and each bootstrap dials peers, so a table filled
+    /// one connection at a time during a join means a storm of lookups (shared/LIBP2P.md,
+    /// pitfall 4). Membership does not need the DHT, so the DHT joins after it, staggered by
+    /// the walk's jitter. Later walks look up a random key.
     fn random_walk(&mut self) {
+        if !self.kad_seeded {
+            self.kad_seeded = true;
+            let local = *self.swarm.local_peer_id();
+            let mut known: HashSet<PeerId> = self.addresses.keys().copied().collect();
+            known.extend(self.membership.peers().map(|(peer, _)| *peer));
+            known.remove(&local);
+            for peer in known {
+                let addrs = self.known_addrs(&peer);
+                self.kad_add(peer, &addrs);
+            }
+            return;
+        }
         if self.swarm.connected_peers().next().is_some() {
-            self.swarm
-                .behaviour_mut()
-                .kad
-                .get_closest_peers(PeerId::random());
+            if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                kad.get_closest_peers(PeerId::random());
+            }
         }
     }
 
@@ -468,9 +645,8 @@ impl EventLoop {
             .swarm
             .behaviour_mut()
             .kad
-            .kbuckets()
-            .map(|b| b.num_entries())
-            .sum();
+            .as_mut()
+            .map_or(0, |kad| kad.kbuckets().map(|b| b.num_entries()).sum());
         NetStatus {
             peer_id: self.swarm.local_peer_id().to_base58(),
             listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
@@ -603,14 +779,7 @@ impl EventLoop {
                 debug!(%peer, "dial failed: {error}");
                 if self.probing.remove(&peer) {
                     // Our own limits refusing the dial says nothing about the peer.
-                    let ours = matches!(
-                        error,
-                        DialError::Denied { .. }
-                            | DialError::DialPeerConditionFalse(_)
-                            | DialError::NoAddresses
-                            | DialError::Aborted
-                    );
-                    if !ours {
+                    if nobody_listens(&error) {
                         info!(%peer, "probe after disconnect failed: {error}");
                         if let Some(change) = self.membership.on_unreachable(peer, now) {
                             self.on_change(change);
@@ -660,21 +829,22 @@ impl EventLoop {
                     if peer == local {
                         continue;
                     }
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer, addr.clone());
+                    self.kad_add(peer, std::slice::from_ref(&addr));
                     self.remember_addrs(peer, vec![addr.clone()]);
-                    if !self.swarm.is_connected(&peer) {
-                        let opts = DialOpts::peer_id(peer)
-                            .addresses(vec![addr])
-                            .condition(PeerCondition::DisconnectedAndNotDialing)
-                            .build();
-                        let _ = self.swarm.dial(opts);
+                    if self.lan_peers.len() < MAX_LAN_PEERS {
+                        self.lan_peers.insert(peer, addr);
+                    }
+                }
+                self.dial_lan_peers();
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(expired)) => {
+                for (peer, addr) in expired {
+                    if self.lan_peers.get(&peer) == Some(&addr) {
+                        self.lan_peers.remove(&peer);
                     }
                 }
             }
-            BehaviourEvent::Mdns(mdns::Event::Expired(_))
+            BehaviourEvent::InboundCap(_)
             | BehaviourEvent::Blocked(_)
             | BehaviourEvent::Limits(_)
             | BehaviourEvent::Memory(_) => {}
@@ -700,12 +870,7 @@ impl EventLoop {
             .iter()
             .any(|p| *p == StreamProtocol::new(KAD_PROTOCOL))
         {
-            for addr in &addrs {
-                self.swarm
-                    .behaviour_mut()
-                    .kad
-                    .add_address(&peer, addr.clone());
-            }
+            self.kad_add(peer, &addrs);
         }
         self.remember_addrs(peer, addrs.clone());
         if !addrs.is_empty() {
@@ -892,6 +1057,28 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// Whether a failed dial proves the peer is gone: every address was refused outright (no
+/// process listens there). A reset, a timeout or a refusal by the peer's connection cap says
+/// nothing certain, and our own limits refusing the dial says nothing about the peer at all.
+fn nobody_listens(error: &DialError) -> bool {
+    let DialError::Transport(attempts) = error else {
+        return false;
+    };
+    !attempts.is_empty()
+        && attempts.iter().all(|(_, e)| {
+            // The io::Error sits several wrappers deep; its Debug form names the kind.
+            let text = format!("{e:?}");
+            text.contains("ConnectionRefused") || text.contains("Unreachable")
+        })
+}
+
+/// TCP and memory addresses: a dial to a dead one fails at once (QUIC waits for a timeout),
+/// and their refusal by a peer at its cap costs no handshake.
+fn is_stream_addr(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, Protocol::Tcp(_) | Protocol::Memory(_)))
 }
 
 fn request_len(request: &SyncRequest) -> usize {

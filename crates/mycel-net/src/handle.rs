@@ -145,6 +145,9 @@ pub async fn spawn(
         pending.push((id, addr.clone()));
     }
     let mut listen_addrs = Vec::new();
+    // Events other than listener ones (an early mDNS discovery, say) are kept for the loop:
+    // mDNS reports a peer once, so a dropped discovery would not come back for minutes.
+    let mut early_events = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !pending.is_empty() {
         let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
@@ -174,7 +177,7 @@ pub async fn spawn(
                     reason: error.to_string(),
                 });
             }
-            _ => {}
+            other => early_events.push(other),
         }
     }
 
@@ -199,7 +202,7 @@ pub async fn spawn(
         command_rx,
         event_tx,
     );
-    let task = tokio::spawn(event_loop.run());
+    let task = tokio::spawn(event_loop.run(early_events));
     Ok((handle, event_rx, task))
 }
 

@@ -16,6 +16,7 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 mod behaviour;
+mod cap;
 mod config;
 mod event_loop;
 mod handle;

@@ -28,8 +28,26 @@ async fn ten_nodes_converge_with_capabilities() {
             assert_eq!(peer.state, PeerState::Alive);
             let caps = peer.capabilities.as_ref().expect("capabilities announced");
             assert!(caps.hardware.cores >= 1 && caps.hardware.memory_bytes > 0);
+            assert!(
+                !peer.addrs.is_empty(),
+                "announcements carry listen addresses"
+            );
         }
     }
+    // The DHT joins after membership: the first random walk seeds the routing table.
+    wait_until(
+        Duration::from_secs(20),
+        "every routing table is seeded",
+        || async {
+            for node in &nodes {
+                if node.net.status().await.unwrap().routing_table_peers < 5 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
     for node in nodes {
         node.shutdown().await;
     }
@@ -135,6 +153,7 @@ fn announcement(key: &Keypair, seq: u64) -> SignedStatement {
             issued_at: now,
             expires_at: now + 60_000,
             capabilities: Capabilities::default(),
+            addrs: Vec::new(),
         }),
     )
 }
@@ -171,10 +190,9 @@ async fn forged_replayed_oversized_and_malformed_messages_are_rejected_and_cost_
 
     let rejected = |reason: Rejection| metrics.rejected_for(reason);
 
-    // Forged: the body changed after signing.
+    // Forged: a well-formed body that is not the one that was signed.
     let mut forged = announcement(&other, 11);
-    let last = forged.body.len() - 1;
-    forged.body[last] ^= 0x01;
+    forged.body = announcement(&other, 13).body;
     attacker.net.publish_raw(forged.to_bytes()).await.unwrap();
     wait_until(
         Duration::from_secs(10),
