@@ -36,6 +36,19 @@ pub struct Capabilities {
     pub power: Option<PowerState>,
 }
 
+impl Capabilities {
+    /// Whether `other` differs enough from `self` to be announced at once rather than with
+    /// the next periodic announcement: anything but a small move of utilisation counts.
+    pub fn differs_significantly(&self, other: &Self) -> bool {
+        const UTILISATION_STEP: f32 = 0.25;
+        self.models != other.models
+            || self.hardware != other.hardware
+            || self.power != other.power
+            || self.load.queue_depth != other.load.queue_depth
+            || (self.load.utilisation - other.load.utilisation).abs() >= UTILISATION_STEP
+    }
+}
+
 /// Hardware a node runs on.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Hardware {
@@ -309,6 +322,22 @@ mod tests {
 
         let future = SignedStatement::sign(&key, &announce(1, 10 * MAX_CLOCK_SKEW_MS));
         assert_eq!(future.verify(0), Err(Rejection::FromFuture));
+    }
+
+    #[test]
+    fn small_utilisation_moves_are_not_significant() {
+        let base = Capabilities::default();
+        let mut nudged = base.clone();
+        nudged.load.utilisation = 0.1;
+        assert!(!base.differs_significantly(&nudged));
+        nudged.load.utilisation = 0.3;
+        assert!(base.differs_significantly(&nudged));
+        let mut battery = base.clone();
+        battery.power = Some(PowerState {
+            battery_pct: Some(40),
+            ..Default::default()
+        });
+        assert!(base.differs_significantly(&battery));
     }
 
     #[test]

@@ -50,10 +50,10 @@ impl Default for Timing {
             ping_timeout: Duration::from_secs(5),
             random_walk_interval: Duration::from_secs(60),
             max_sync_interval: Duration::from_secs(60),
-            tick_interval: Duration::from_millis(500),
+            tick_interval: Duration::from_secs(1),
             dial_timeout: Duration::from_secs(5),
             idle_connection_timeout: Duration::from_secs(60),
-            gossip_heartbeat: Duration::from_millis(700),
+            gossip_heartbeat: Duration::from_secs(1),
         }
     }
 }

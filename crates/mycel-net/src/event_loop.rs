@@ -309,10 +309,21 @@ impl EventLoop {
         signed: &SignedStatement,
     ) -> gossipsub::MessageAcceptance {
         let now = now_ms();
+        let issuer = signed.peek().ok().map(|claimed| claimed.issuer);
+        let addrs_before = issuer
+            .and_then(|peer| self.membership.get(&peer))
+            .map(|info| info.addrs.clone());
         match self.membership.on_statement(signed, now) {
             Ok(Accepted::Duplicate) => gossipsub::MessageAcceptance::Ignore,
             Ok(Accepted::Announcement { change }) => {
-                self.learn_announced_addrs(signed);
+                // Periodic re-announcements repeat the same addresses: only news goes to
+                // Kademlia and to the peer book on disk.
+                let addrs_now = issuer
+                    .and_then(|peer| self.membership.get(&peer))
+                    .map(|info| info.addrs.clone());
+                if addrs_now != addrs_before {
+                    self.learn_announced_addrs(signed);
+                }
                 if let Some(change) = change {
                     self.on_change(change);
                 }
