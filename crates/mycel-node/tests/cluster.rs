@@ -4,7 +4,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, wait_converged, wait_until};
+use common::{addrs_of, cluster, local_config, wait_converged, wait_until};
+use mycel_node::Node;
 use mycel_core::membership::PeerState;
 use mycel_core::statement::{Announcement, Capabilities, SignedStatement, Statement};
 use mycel_core::wire::Rejection;
@@ -48,6 +49,37 @@ async fn ten_nodes_converge_with_capabilities() {
         },
     )
     .await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+/// A late joiner learns everyone from a neighbour's snapshot (anti-entropy), not from the
+/// next round of announcements: here announcements are a minute apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_pulls_a_snapshot_instead_of_waiting_for_gossip() {
+    let root = tempfile::tempdir().unwrap();
+    let slow = |dir: &str, bootstrap| {
+        let mut config = local_config(&root.path().join(dir), bootstrap, false);
+        config.timing.announce_interval = Duration::from_secs(60);
+        config.timing.announce_ttl = Duration::from_secs(180);
+        config
+    };
+    let mut nodes = vec![Node::start(slow("n0", vec![])).await.unwrap()];
+    for i in 1..4 {
+        let config = slow(&format!("n{i}"), addrs_of(&nodes[0]));
+        nodes.push(Node::start(config).await.unwrap());
+    }
+    wait_converged(&nodes, Duration::from_secs(20)).await;
+    // Everyone has announced; nothing more is gossiped for a minute.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let late = Node::start(slow("late", addrs_of(&nodes[3]))).await.unwrap();
+    wait_until(Duration::from_secs(10), "the late node knows all four", || async {
+        late.net.status().await.unwrap().alive_with_capabilities == 4
+    })
+    .await;
+    late.shutdown().await;
     for node in nodes {
         node.shutdown().await;
     }
