@@ -144,10 +144,12 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Benchmarks print figures; node logs (hundreds of nodes) would drown them.
+    // Kademlia warns at start-up that it cannot bootstrap with an empty table: Mycel seeds the
+    // table itself after membership has formed, so that is expected.
     init_tracing(if matches!(cli.command, Command::Bench(_)) {
-        "warn"
+        "warn,libp2p_kad=error"
     } else {
-        "warn,mycel=info"
+        "warn,libp2p_kad=error,mycel=info"
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,11 +5,11 @@ mod common;
 use std::time::Duration;
 
 use common::{addrs_of, cluster, local_config, wait_converged, wait_until};
-use mycel_node::Node;
 use mycel_core::membership::PeerState;
 use mycel_core::statement::{Announcement, Capabilities, SignedStatement, Statement};
 use mycel_core::wire::Rejection;
 use mycel_core::Keypair;
+use mycel_node::Node;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_nodes_converge_with_capabilities() {
@@ -74,10 +74,14 @@ async fn a_joining_node_pulls_a_snapshot_instead_of_waiting_for_gossip() {
     // Everyone has announced; nothing more is gossiped for a minute.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let late = Node::start(slow("late", addrs_of(&nodes[3]))).await.unwrap();
-    wait_until(Duration::from_secs(10), "the late node knows all four", || async {
-        late.net.status().await.unwrap().alive_with_capabilities == 4
-    })
+    let late = Node::start(slow("late", addrs_of(&nodes[3])))
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the late node knows all four",
+        || async { late.net.status().await.unwrap().alive_with_capabilities == 4 },
+    )
     .await;
     late.shutdown().await;
     for node in nodes {
@@ -190,6 +194,27 @@ fn announcement(key: &Keypair, seq: u64) -> SignedStatement {
     )
 }
 
+/// `from` relays a genuine announcement of `key` with `seq`; waits until `to` accepted it.
+async fn relay_genuine(from: &Node, to: &Node, key: &Keypair, seq: u64) {
+    let peer = key.public().to_peer_id();
+    from.net
+        .publish_raw(announcement(key, seq).to_bytes())
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "a genuine statement is accepted",
+        || async {
+            to.net
+                .peer(peer)
+                .await
+                .unwrap()
+                .is_some_and(|p| p.seq == seq)
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_replayed_oversized_and_malformed_messages_are_rejected_and_cost_the_sender() {
     let root = tempfile::tempdir().unwrap();
@@ -201,24 +226,7 @@ async fn forged_replayed_oversized_and_malformed_messages_are_rejected_and_cost_
     let other_id = other.public().to_peer_id();
 
     // A genuine statement relayed by the attacker is accepted.
-    attacker
-        .net
-        .publish_raw(announcement(&other, 10).to_bytes())
-        .await
-        .unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        "the genuine statement arrives",
-        || async {
-            victim
-                .net
-                .peer(other_id)
-                .await
-                .unwrap()
-                .is_some_and(|p| p.seq == 10)
-        },
-    )
-    .await;
+    relay_genuine(attacker, victim, &other, 10).await;
 
     let rejected = |reason: Rejection| metrics.rejected_for(reason);
 
@@ -266,24 +274,7 @@ async fn forged_replayed_oversized_and_malformed_messages_are_rejected_and_cost_
 
     // None of it changed what the victim believes, and it still accepts genuine news.
     assert_eq!(victim.net.peer(other_id).await.unwrap().unwrap().seq, 10);
-    attacker
-        .net
-        .publish_raw(announcement(&other, 12).to_bytes())
-        .await
-        .unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        "a newer genuine statement is accepted",
-        || async {
-            victim
-                .net
-                .peer(other_id)
-                .await
-                .unwrap()
-                .is_some_and(|p| p.seq == 12)
-        },
-    )
-    .await;
+    relay_genuine(attacker, victim, &other, 12).await;
 
     // Enough forgeries exhaust the attacker's reputation: it is banned and disconnected.
     for i in 0..6u8 {
