@@ -103,10 +103,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     if !args.listen.is_empty() {
         config.listen = args.listen;
     } else {
-        config.listen = vec![
-            format!("/ip4/0.0.0.0/tcp/{}", args.port).parse()?,
-            format!("/ip4/0.0.0.0/udp/{}/quic-v1", args.port).parse()?,
-        ];
+        config.listen = mycel_net::NetConfig::default_listen(args.port);
     }
     config.bootstrap = args.bootstrap;
     config.mdns = !args.no_mdns;

@@ -127,17 +127,24 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
+    /// TCP and QUIC on every interface, on `port`.
+    pub fn default_listen(port: u16) -> Vec<Multiaddr> {
+        vec![
+            format!("/ip4/0.0.0.0/tcp/{port}")
+                .parse()
+                .expect("valid multiaddr"),
+            format!("/ip4/0.0.0.0/udp/{port}/quic-v1")
+                .parse()
+                .expect("valid multiaddr"),
+        ]
+    }
+
     /// A configuration with defaults for everything but the identity.
     pub fn new(keypair: Keypair) -> Self {
         Self {
             keypair,
             transport: TransportKind::TcpQuic,
-            listen: vec![
-                "/ip4/0.0.0.0/tcp/4001".parse().expect("valid multiaddr"),
-                "/ip4/0.0.0.0/udp/4001/quic-v1"
-                    .parse()
-                    .expect("valid multiaddr"),
-            ],
+            listen: Self::default_listen(4001),
             bootstrap: Vec::new(),
             known_peers: Vec::new(),
             mdns: true,

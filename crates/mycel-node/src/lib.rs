@@ -55,10 +55,9 @@ pub struct NodeConfig {
 impl NodeConfig {
     /// Defaults for a node keeping its state in `data_dir`.
     pub fn new(data_dir: PathBuf) -> Self {
-        let net = NetConfig::new(libp2p::identity::Keypair::generate_ed25519());
         Self {
             data_dir,
-            listen: net.listen,
+            listen: NetConfig::default_listen(4001),
             bootstrap: Vec::new(),
             mdns: true,
             api: Some(SocketAddr::from(([127, 0, 0, 1], 7878))),
