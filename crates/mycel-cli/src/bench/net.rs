@@ -199,26 +199,37 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
     }
     gossip_ms.sort_by(f64::total_cmp);
 
-    // Request-response round trips between two nodes (QUIC when sockets are in use).
-    let (a, b) = (&nodes[0], &nodes[1]);
-    let rtt_transport = match transport {
-        TransportKind::TcpQuic => {
-            let quic = a
-                .net
-                .listen_addrs()
-                .iter()
-                .find(|addr| addr.iter().any(|p| matches!(p, Protocol::QuicV1)))
-                .cloned()
-                .context("node 0 has no QUIC address")?;
-            b.net
-                .dial(quic.with(Protocol::P2p(a.net.peer_id())))
-                .await?;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            "quic"
-        }
-        TransportKind::Memory => "memory",
+    // Request-response round trips between two more nodes started beside the network (so
+    // the network's background work goes on): QUIC only when sockets are in use, since a
+    // request goes over whichever connection to the peer request-response picks first.
+    let pair_listen: Multiaddr = match transport {
+        TransportKind::Memory => format!("/memory/{}", rng.gen::<u64>()).parse()?,
+        TransportKind::TcpQuic => "/ip4/127.0.0.1/udp/0/quic-v1".parse()?,
     };
+    let pair_config = |name: &str, bootstrap: Vec<Multiaddr>| {
+        let mut config = NodeConfig::new(root.path().join(name));
+        config.api = None;
+        config.mdns = false;
+        config.transport = transport;
+        config.listen = vec![pair_listen.clone()];
+        config.bootstrap = bootstrap;
+        config.limits.messages_per_sec = 1e6;
+        config.limits.message_burst = 1e6;
+        config
+    };
+    let a = Node::start(pair_config("rtt-a", vec![])).await?;
+    let a_addr = a.net.listen_addrs()[0].clone().with(Protocol::P2p(a.net.peer_id()));
+    let mut b_config = pair_config("rtt-b", vec![a_addr]);
+    if let TransportKind::Memory = transport {
+        b_config.listen = vec![format!("/memory/{}", rng.gen::<u64>()).parse()?];
+    }
+    let b = Node::start(b_config).await?;
     let payload = vec![7u8; 32];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.net.echo(a.net.peer_id(), payload.clone()).await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "the round-trip pair did not connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for _ in 0..100 {
         b.net.echo(a.net.peer_id(), payload.clone()).await?;
     }
@@ -229,6 +240,12 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
         rtt_us.push(t.elapsed().as_secs_f64() * 1e6);
     }
     rtt_us.sort_by(f64::total_cmp);
+    let rtt_transport = match transport {
+        TransportKind::TcpQuic => "quic",
+        TransportKind::Memory => "memory",
+    };
+    a.shutdown().await;
+    b.shutdown().await;
 
     // Failure detection: one node stops abruptly.
     let victim_index = rng.gen_range(2..n);
