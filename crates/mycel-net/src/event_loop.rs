@@ -215,8 +215,8 @@ impl EventLoop {
 
     // ---- own statements ------------------------------------------------------------------
 
-    /// Signs and publishes a new announcement. With `force_new` false and nothing pending this
-    /// is the periodic refresh; a pending (unpublished) announcement is retried as is.
+    /// Signs and publishes a new announcement, or with `retry_pending` republishes the one that
+    /// could not be published yet (no peer had subscribed), unchanged.
     fn announce(&mut self, retry_pending: bool) {
         if retry_pending {
             if let Some(bytes) = self.announce_pending.take() {
@@ -742,7 +742,6 @@ impl EventLoop {
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
-                endpoint,
                 num_established,
                 ..
             } => {
@@ -756,7 +755,6 @@ impl EventLoop {
                     }
                     // Both sides pull what the other knows: a joining node learns the
                     // network at once, and its neighbour learns the joiner's view.
-                    let _ = endpoint;
                     self.start_sync(peer_id);
                 }
             }

@@ -218,7 +218,9 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
         config
     };
     let a = Node::start(pair_config("rtt-a", vec![])).await?;
-    let a_addr = a.net.listen_addrs()[0].clone().with(Protocol::P2p(a.net.peer_id()));
+    let a_addr = a.net.listen_addrs()[0]
+        .clone()
+        .with(Protocol::P2p(a.net.peer_id()));
     let mut b_config = pair_config("rtt-b", vec![a_addr]);
     if let TransportKind::Memory = transport {
         b_config.listen = vec![format!("/memory/{}", rng.gen::<u64>()).parse()?];
@@ -227,7 +229,10 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
     let payload = vec![7u8; 32];
     let deadline = Instant::now() + Duration::from_secs(10);
     while b.net.echo(a.net.peer_id(), payload.clone()).await.is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "the round-trip pair did not connect");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the round-trip pair did not connect"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for _ in 0..100 {
