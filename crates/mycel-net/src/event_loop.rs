@@ -143,7 +143,7 @@ impl EventLoop {
             self.on_swarm_event(event);
         }
         self.dial_initial_peers();
-        self.announce(false);
+        self.announce();
 
         let timing = self.config.timing.clone();
         let mut tick = tokio::time::interval(timing.tick_interval);
@@ -166,7 +166,7 @@ impl EventLoop {
                 },
                 _ = tick.tick() => self.on_tick(),
                 _ = &mut announce_sleep => {
-                    self.announce(false);
+                    self.announce();
                     announce_sleep.as_mut().reset(
                         tokio::time::Instant::now() + jittered(timing.announce_interval));
                 }
@@ -203,11 +203,7 @@ impl EventLoop {
                 continue;
             }
             self.remember_addrs(peer, addrs.clone());
-            let opts = DialOpts::peer_id(peer)
-                .addresses(addrs)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            if let Err(e) = self.swarm.dial(opts) {
+            if let Err(e) = self.dial_peer(peer, addrs) {
                 debug!(%peer, "cannot dial known peer: {e}");
             }
         }
@@ -215,15 +211,16 @@ impl EventLoop {
 
     // ---- own statements ------------------------------------------------------------------
 
-    /// Signs and publishes a new announcement, or with `retry_pending` republishes the one that
-    /// could not be published yet (no peer had subscribed), unchanged.
-    fn announce(&mut self, retry_pending: bool) {
-        if retry_pending {
-            if let Some(bytes) = self.announce_pending.take() {
-                self.publish_own(bytes);
-            }
-            return;
+    /// Republishes, unchanged, the announcement that could not be published yet (no peer had
+    /// subscribed to the topic).
+    fn retry_pending_announcement(&mut self) {
+        if let Some(bytes) = self.announce_pending.take() {
+            self.publish_own(bytes);
         }
+    }
+
+    /// Signs and publishes a new announcement with the next sequence number.
+    fn announce(&mut self) {
         let now = now_ms();
         self.own_seq = (self.seq_source)(now).max(self.own_seq + 1);
         let statement = Statement::Announce(Announcement {
@@ -318,11 +315,11 @@ impl EventLoop {
             Ok(Accepted::Announcement { change }) => {
                 // Periodic re-announcements repeat the same addresses: only news goes to
                 // Kademlia and to the peer book on disk.
-                let addrs_now = issuer
-                    .and_then(|peer| self.membership.get(&peer))
-                    .map(|info| info.addrs.clone());
-                if addrs_now != addrs_before {
-                    self.learn_announced_addrs(signed);
+                if let Some(peer) = issuer {
+                    let addrs_now = self.membership.get(&peer).map(|info| &info.addrs);
+                    if addrs_now != addrs_before.as_ref() {
+                        self.learn_announced_addrs(peer);
+                    }
                 }
                 if let Some(change) = change {
                     self.on_change(change);
@@ -337,7 +334,7 @@ impl EventLoop {
             }
             Ok(Accepted::Refute) => {
                 info!(reporter = %source, "refuting a report that this node is down");
-                self.announce(false);
+                self.announce();
                 gossipsub::MessageAcceptance::Accept
             }
             Err(reason) => {
@@ -418,11 +415,7 @@ impl EventLoop {
             .collect();
         for (peer, addr) in due {
             self.last_dial.insert(peer, now);
-            let opts = DialOpts::peer_id(peer)
-                .addresses(vec![addr])
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            let _ = self.swarm.dial(opts);
+            let _ = self.dial_peer(peer, vec![addr]);
         }
     }
 
@@ -504,27 +497,30 @@ impl EventLoop {
         addrs
     }
 
-    /// Feeds a peer's announced addresses to Kademlia and the peer book. Filling the routing
-    /// table from announcements, without dialling, is what keeps Kademlia from bootstrapping
-    /// over and over while its table holds fewer than 20 peers (each bootstrap dials peers).
-    fn learn_announced_addrs(&mut self, signed: &SignedStatement) {
-        let Ok(claimed) = signed.peek() else { return };
-        let Statement::Announce(announcement) = claimed.statement else {
+    /// Feeds a peer's announced addresses (as membership just stored them) to Kademlia and the
+    /// peer book. Filling the routing table from announcements, without dialling, is what keeps
+    /// Kademlia from bootstrapping over and over while its table holds fewer than 20 peers.
+    fn learn_announced_addrs(&mut self, peer: PeerId) {
+        let Some(info) = self.membership.get(&peer) else {
             return;
         };
-        let addrs: Vec<Multiaddr> = announcement
-            .addrs
-            .iter()
-            .filter_map(|a| a.parse().ok())
-            .collect();
+        let addrs: Vec<Multiaddr> = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
         if addrs.is_empty() {
             return;
         }
-        let peer = claimed.issuer;
         self.kad_add(peer, &addrs);
         let _ = self
             .events
             .try_send(NetEvent::PeerAddresses { peer, addrs });
+    }
+
+    /// Dials `peer` at `addrs` unless it is connected or being dialled already.
+    fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), DialError> {
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        self.swarm.dial(opts)
     }
 
     /// Dials known peers while this node has fewer connections than it wants, a few per tick,
@@ -569,11 +565,7 @@ impl EventLoop {
                 continue;
             }
             self.last_dial.insert(peer, now);
-            let opts = DialOpts::peer_id(peer)
-                .addresses(addrs)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            let _ = self.swarm.dial(opts);
+            let _ = self.dial_peer(peer, addrs);
         }
     }
 
@@ -692,7 +684,7 @@ impl EventLoop {
             }
             Command::SetCapabilities(capabilities, reply) => {
                 self.capabilities = capabilities;
-                self.announce(false);
+                self.announce();
                 let _ = reply.send(self.own_seq);
             }
             Command::Echo {
@@ -937,7 +929,7 @@ impl EventLoop {
                     .report_message_validation_result(&message_id, &propagation_source, verdict);
             }
             gossipsub::Event::Subscribed { .. } if self.announce_pending.is_some() => {
-                self.announce(true);
+                self.retry_pending_announcement();
             }
             _ => {}
         }
@@ -1090,6 +1082,8 @@ fn is_stream_addr(addr: &Multiaddr) -> bool {
         .any(|p| matches!(p, Protocol::Tcp(_) | Protocol::Memory(_)))
 }
 
+// Sync traffic is counted in bytes estimated from what the messages hold (the codec encodes
+// them out of sight), rather than by encoding every message a second time.
 fn request_len(request: &SyncRequest) -> usize {
     match request {
         SyncRequest::Digest(entries) => entries.len() * 48,

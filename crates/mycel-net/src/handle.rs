@@ -206,7 +206,8 @@ pub async fn spawn(
     Ok((handle, event_rx, task))
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch: the `now` the drivers pass to mycel-core.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

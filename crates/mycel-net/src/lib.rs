@@ -24,7 +24,7 @@ mod metrics;
 mod protocol;
 
 pub use config::{Limits, NetConfig, Timing, TransportKind};
-pub use handle::{spawn, NetError, NetEvent, NetHandle, NetStatus};
+pub use handle::{now_ms, spawn, NetError, NetEvent, NetHandle, NetStatus};
 pub use metrics::NetMetrics;
 
 pub use libp2p::{Multiaddr, PeerId};

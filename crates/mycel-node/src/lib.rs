@@ -192,7 +192,7 @@ async fn persist_peers(store: Arc<Store>, mut events: tokio::sync::mpsc::Receive
             NetEvent::PeerAddresses { peer, addrs } => batch.push(KnownPeer {
                 peer,
                 addrs: addrs.iter().map(|a| a.to_string()).collect(),
-                last_seen: now_ms(),
+                last_seen: mycel_net::now_ms(),
             }),
         };
         push(event);
@@ -227,10 +227,4 @@ async fn refresh_capabilities(net: NetHandle, sys_root: PathBuf) {
             last = current;
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

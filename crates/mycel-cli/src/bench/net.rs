@@ -174,7 +174,7 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
         let source_id = nodes[source].net.peer_id();
         let mut caps = mycel_node::system::read_capabilities(std::path::Path::new("/sys"), vec![]);
         caps.load.queue_depth = rng.gen_range(1..1000);
-        let t0 = now_ms();
+        let t0 = mycel_net::now_ms();
         let seq = nodes[source].net.set_capabilities(caps).await?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut last_arrival = t0;
@@ -313,10 +313,4 @@ async fn mean_connections(nodes: &[Node]) -> anyhow::Result<(f64, f64, f64)> {
     }
     let n = nodes.len() as f64;
     Ok((now as f64 / n, opened as f64 / n, failed as f64 / n))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
