@@ -19,10 +19,18 @@ pub enum TransportKind {
 /// How often things happen. Defaults suit a real deployment; tests shorten them.
 #[derive(Debug, Clone)]
 pub struct Timing {
-    /// Interval between a node's own announcements (jittered by up to a fifth).
+    /// Interval between a node's own announcements in a small network (jittered by up to a
+    /// fifth). Larger networks stretch it: see [`Timing::announce_schedule`].
     pub announce_interval: Duration,
-    /// Lifetime of an announcement; a peer silent for this long is declared failed.
+    /// Lifetime of an announcement in a small network; a peer silent for this long is declared
+    /// failed. Stretched in proportion to the interval.
     pub announce_ttl: Duration,
+    /// Interval added per alive peer once the network outgrows `announce_interval`: every
+    /// announcement reaches every node, so with a fixed interval the traffic each node handles
+    /// would grow with the network; with this, each node handles about one periodic
+    /// announcement per `announce_interval_per_peer` whatever the size. Failures are still
+    /// found by pings and told by down reports; expiry is the backstop.
+    pub announce_interval_per_peer: Duration,
     /// Interval between pings on each connection.
     pub ping_interval: Duration,
     /// Time a ping may take before it counts as missed.
@@ -46,6 +54,7 @@ impl Default for Timing {
         Self {
             announce_interval: Duration::from_secs(30),
             announce_ttl: Duration::from_secs(90),
+            announce_interval_per_peer: Duration::from_secs(1),
             ping_interval: Duration::from_secs(5),
             ping_timeout: Duration::from_secs(5),
             random_walk_interval: Duration::from_secs(60),
@@ -55,6 +64,31 @@ impl Default for Timing {
             idle_connection_timeout: Duration::from_secs(60),
             gossip_heartbeat: Duration::from_secs(1),
         }
+    }
+}
+
+/// Longest interval between periodic announcements, whatever the network's size; lifetimes
+/// stay well under the one-hour limit receivers enforce.
+const MAX_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(15 * 60);
+/// Longest stretched lifetime (receivers refuse statements that live over an hour).
+const MAX_ANNOUNCE_TTL: Duration = Duration::from_secs(50 * 60);
+
+impl Timing {
+    /// Interval between periodic announcements and their lifetime when `alive_peers` others
+    /// are alive: `announce_interval` and `announce_ttl` until the network outgrows them, then
+    /// both stretched by the same factor.
+    pub fn announce_schedule(&self, alive_peers: usize) -> (Duration, Duration) {
+        let base = self.announce_interval.max(Duration::from_millis(1));
+        let scaled = self
+            .announce_interval_per_peer
+            .saturating_mul(u32::try_from(alive_peers).unwrap_or(u32::MAX));
+        let interval = base.max(scaled).min(MAX_ANNOUNCE_INTERVAL.max(base));
+        let stretch = interval.as_secs_f64() / base.as_secs_f64();
+        let ttl = self
+            .announce_ttl
+            .mul_f64(stretch)
+            .min(MAX_ANNOUNCE_TTL.max(self.announce_ttl));
+        (interval, ttl)
     }
 }
 
@@ -153,5 +187,27 @@ impl NetConfig {
             timing: Timing::default(),
             limits: Limits::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_stretch_with_the_network() {
+        let timing = Timing::default();
+        let small = timing.announce_schedule(10);
+        assert_eq!(small, (timing.announce_interval, timing.announce_ttl));
+
+        // 200 peers at 1 s each: 200 s, the lifetime stretched by the same factor.
+        let (interval, ttl) = timing.announce_schedule(200);
+        assert_eq!(interval, Duration::from_secs(200));
+        assert_eq!(ttl, Duration::from_secs(600));
+
+        // Huge networks stop stretching before lifetimes reach the receivers' one-hour limit.
+        let (interval, ttl) = timing.announce_schedule(1_000_000);
+        assert_eq!(interval, MAX_ANNOUNCE_INTERVAL);
+        assert!(ttl <= MAX_ANNOUNCE_TTL && ttl > interval);
     }
 }

@@ -57,6 +57,14 @@ pub(crate) struct EventLoop {
     seq_source: Box<dyn FnMut(u64) -> u64 + Send>,
     own_seq: u64,
     capabilities: Capabilities,
+    /// When we last announced and the lifetime that announcement was given.
+    last_announce: tokio::time::Instant,
+    last_ttl: Duration,
+    /// The periodic interval for the network's current size, and this round's jitter factor.
+    announce_interval: Duration,
+    announce_jitter: f64,
+    /// Load or power changed significantly since the last announcement.
+    capabilities_changed: bool,
     /// Our latest announcement could not be published (no subscribed peer yet).
     announce_pending: Option<Vec<u8>>,
     membership: Membership,
@@ -110,6 +118,11 @@ impl EventLoop {
         );
         Self {
             capabilities: config.capabilities.clone(),
+            last_announce: tokio::time::Instant::now(),
+            last_ttl: config.timing.announce_ttl,
+            announce_interval: config.timing.announce_interval,
+            announce_jitter: 1.0,
+            capabilities_changed: false,
             swarm,
             seq_source,
             own_seq: first_seq,
@@ -148,7 +161,7 @@ impl EventLoop {
         let timing = self.config.timing.clone();
         let mut tick = tokio::time::interval(timing.tick_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let announce_sleep = tokio::time::sleep(jittered(timing.announce_interval));
+        let announce_sleep = tokio::time::sleep_until(self.next_announce());
         tokio::pin!(announce_sleep);
         // Kademlia bootstraps by itself once its table is seeded (from identify and from
         // announcements); our random walks keep it fresh afterwards.
@@ -165,11 +178,7 @@ impl EventLoop {
                     Some(command) => self.on_command(command),
                 },
                 _ = tick.tick() => self.on_tick(),
-                _ = &mut announce_sleep => {
-                    self.announce();
-                    announce_sleep.as_mut().reset(
-                        tokio::time::Instant::now() + jittered(timing.announce_interval));
-                }
+                _ = &mut announce_sleep => self.announce(),
                 _ = &mut walk_sleep => {
                     self.random_walk();
                     walk_sleep.as_mut().reset(
@@ -181,6 +190,12 @@ impl EventLoop {
                         tokio::time::Instant::now() + jittered(self.sync_interval));
                     self.sync_interval = (self.sync_interval * 2).min(timing.max_sync_interval);
                 }
+            }
+            // Announcing (periodically, on a command, to refute), a change of load and the
+            // network's growth move the next announcement.
+            let next_announce = self.next_announce();
+            if announce_sleep.deadline() != next_announce {
+                announce_sleep.as_mut().reset(next_announce);
             }
         }
         debug!(peer = %self.swarm.local_peer_id(), "network task stopped");
@@ -219,14 +234,22 @@ impl EventLoop {
         }
     }
 
-    /// Signs and publishes a new announcement with the next sequence number.
+    /// Signs and publishes a new announcement with the next sequence number, and schedules
+    /// the next periodic one (the interval and lifetime stretch with the network).
     fn announce(&mut self) {
         let now = now_ms();
+        let (alive, _, _) = self.membership.counts();
+        let (interval, ttl) = self.config.timing.announce_schedule(alive);
+        self.announce_interval = interval;
+        self.announce_jitter = rand::thread_rng().gen_range(0.8..=1.2);
+        self.last_announce = tokio::time::Instant::now();
+        self.last_ttl = ttl;
+        self.capabilities_changed = false;
         self.own_seq = (self.seq_source)(now).max(self.own_seq + 1);
         let statement = Statement::Announce(Announcement {
             seq: self.own_seq,
             issued_at: now,
-            expires_at: now + self.config.timing.announce_ttl.as_millis() as u64,
+            expires_at: now + ttl.as_millis() as u64,
             capabilities: self.capabilities.clone(),
             addrs: self
                 .listen_addrs
@@ -239,6 +262,46 @@ impl EventLoop {
         let signed = SignedStatement::sign(&self.config.keypair, &statement);
         self.membership.set_own(self.own_seq, signed.clone());
         self.publish_own(signed.to_bytes());
+    }
+
+    /// Takes freshly read capabilities. New models or hardware are announced at once; a
+    /// significant change of load or power at most once per half interval (every node on a
+    /// busy host would otherwise re-announce together); small moves ride along with the next
+    /// periodic announcement.
+    fn refresh_capabilities(&mut self, capabilities: Capabilities) {
+        let urgent = capabilities.models != self.capabilities.models
+            || capabilities.hardware != self.capabilities.hardware;
+        let significant = capabilities.differs_significantly(&self.capabilities);
+        if !urgent && !significant {
+            // Keep what was announced, so that small moves cannot add up unannounced.
+            return;
+        }
+        self.capabilities = capabilities;
+        if urgent {
+            self.announce();
+        } else {
+            self.capabilities_changed = true;
+        }
+    }
+
+    /// When the next announcement is due: one interval (for the network's current size,
+    /// jittered) after the last, but before the last one's lifetime would run out (a node's
+    /// first announcement is made before it knows how large the network is), and half an
+    /// interval after the last when load or power changed significantly.
+    fn next_announce(&self) -> tokio::time::Instant {
+        let timing = &self.config.timing;
+        let lifetime_per_interval =
+            timing.announce_ttl.as_secs_f64() / timing.announce_interval.as_secs_f64().max(1e-3);
+        let covered = self.last_ttl.div_f64(lifetime_per_interval.max(1.0));
+        let periodic = self
+            .announce_interval
+            .min(covered)
+            .mul_f64(self.announce_jitter);
+        let mut due = self.last_announce + periodic;
+        if self.capabilities_changed {
+            due = due.min(self.last_announce + self.announce_interval / 2);
+        }
+        due
     }
 
     fn publish_own(&mut self, bytes: Vec<u8>) {
@@ -378,6 +441,8 @@ impl EventLoop {
         for change in self.membership.tick(now) {
             self.on_change(change);
         }
+        let (alive, _, _) = self.membership.counts();
+        self.announce_interval = self.config.timing.announce_schedule(alive).0;
         // Lift bans whose reputation has decayed back above the threshold.
         let blocked: Vec<PeerId> = self
             .swarm
@@ -687,6 +752,7 @@ impl EventLoop {
                 self.announce();
                 let _ = reply.send(self.own_seq);
             }
+            Command::RefreshCapabilities(capabilities) => self.refresh_capabilities(capabilities),
             Command::Echo {
                 peer,
                 payload,

@@ -93,6 +93,7 @@ pub(crate) enum Command {
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     Peer(PeerId, oneshot::Sender<Option<PeerInfo>>),
     SetCapabilities(Capabilities, oneshot::Sender<u64>),
+    RefreshCapabilities(Capabilities),
     Echo {
         peer: PeerId,
         payload: Vec<u8>,
@@ -261,6 +262,16 @@ impl NetHandle {
     pub async fn set_capabilities(&self, capabilities: Capabilities) -> Result<u64, NetError> {
         self.ask(|tx| Command::SetCapabilities(capabilities, tx))
             .await
+    }
+
+    /// Hands over freshly read capabilities: new models or hardware are announced at once,
+    /// a significant change of load or power soon (at most once per half announcement
+    /// interval), small moves with the next periodic announcement.
+    pub async fn refresh_capabilities(&self, capabilities: Capabilities) -> Result<(), NetError> {
+        self.commands
+            .send(Command::RefreshCapabilities(capabilities))
+            .await
+            .map_err(|_| NetError::Stopped)
     }
 
     /// Sends `payload` to `peer` on the sync protocol and returns the echo.

@@ -209,22 +209,18 @@ async fn persist_peers(store: Arc<Store>, mut events: tokio::sync::mpsc::Receive
     }
 }
 
-/// Re-reads load and power, and announces at once when they changed significantly (small
-/// moves ride along with the next periodic announcement). Nodes start their refresh at a
-/// random offset so that many nodes on one host do not re-announce in the same instant.
+/// Re-reads load and power and hands them to the network task, which decides when to
+/// announce them. Nodes start at a random offset so that many nodes on one host do not read
+/// in the same instant.
 async fn refresh_capabilities(net: NetHandle, sys_root: PathBuf) {
-    let mut last = system::read_capabilities(&sys_root, Vec::new());
     let offset = CAPABILITY_REFRESH.mul_f64(rand::random::<f64>());
     let start = tokio::time::Instant::now() + CAPABILITY_REFRESH + offset;
     let mut interval = tokio::time::interval_at(start, CAPABILITY_REFRESH);
     loop {
         interval.tick().await;
         let current = system::read_capabilities(&sys_root, Vec::new());
-        if current.differs_significantly(&last) {
-            if net.set_capabilities(current.clone()).await.is_err() {
-                return;
-            }
-            last = current;
+        if net.refresh_capabilities(current).await.is_err() {
+            return;
         }
     }
 }

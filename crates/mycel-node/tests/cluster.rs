@@ -89,6 +89,60 @@ async fn a_joining_node_pulls_a_snapshot_instead_of_waiting_for_gossip() {
     }
 }
 
+/// New models are announced at once; a change of load waits until half an interval has
+/// passed since the last announcement (all nodes on a busy host would otherwise re-announce
+/// together), then goes out without waiting for the periodic one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_changes_go_out_at_once_and_load_changes_are_paced() {
+    let root = tempfile::tempdir().unwrap();
+    let paced = |dir: &str, bootstrap| {
+        let mut config = local_config(&root.path().join(dir), bootstrap, false);
+        config.timing.announce_interval = Duration::from_secs(8);
+        config.timing.announce_ttl = Duration::from_secs(24);
+        config
+    };
+    let a = Node::start(paced("a", vec![])).await.unwrap();
+    let b = Node::start(paced("b", addrs_of(&a))).await.unwrap();
+    let nodes = [a, b];
+    wait_converged(&nodes, Duration::from_secs(20)).await;
+    let [a, b] = nodes;
+    let a_id = a.net.peer_id();
+    let seen_by_b = || async { b.net.peer(a_id).await.unwrap().unwrap() };
+    let before = seen_by_b().await;
+    let mut caps = before.capabilities.clone().unwrap();
+
+    caps.models = vec!["blake3:0123".into()];
+    a.net.refresh_capabilities(caps.clone()).await.unwrap();
+    wait_until(Duration::from_secs(2), "b sees the new model", || async {
+        seen_by_b()
+            .await
+            .capabilities
+            .is_some_and(|c| c.models == caps.models)
+    })
+    .await;
+    let after_model = seen_by_b().await;
+    assert!(after_model.seq > before.seq);
+
+    caps.load.queue_depth += 7;
+    a.net.refresh_capabilities(caps.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        seen_by_b().await.seq,
+        after_model.seq,
+        "a load change right after an announcement waits"
+    );
+    // Half of the 8 s interval (jitter does not apply to it), well before the periodic one.
+    wait_until(Duration::from_secs(4), "b sees the new load", || async {
+        seen_by_b()
+            .await
+            .capabilities
+            .is_some_and(|c| c.load.queue_depth == caps.load.queue_depth)
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
     let mut request = ureq::get(url).config().http_status_as_error(false).build();
     if let Some(token) = token {

@@ -16,6 +16,8 @@ pub fn fast_timing() -> Timing {
     Timing {
         announce_interval: Duration::from_secs(2),
         announce_ttl: Duration::from_secs(6),
+        // Test networks are small: keep the short interval at every size used here.
+        announce_interval_per_peer: Duration::from_millis(100),
         ping_interval: Duration::from_secs(1),
         ping_timeout: Duration::from_secs(1),
         random_walk_interval: Duration::from_secs(5),
