@@ -49,6 +49,7 @@ const FIRST_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 enum Pending {
     Echo(oneshot::Sender<Result<Vec<u8>, NetError>>),
     Sync,
+    Summary,
 }
 
 pub(crate) struct EventLoop {
@@ -85,6 +86,9 @@ pub(crate) struct EventLoop {
     /// Whether the Kademlia routing table has been seeded (see `random_walk`).
     kad_seeded: bool,
     sync_interval: Duration,
+    /// The last full sync taught us something: periodic syncs send the full digest at once
+    /// instead of comparing summaries first.
+    syncs_teach: bool,
     topic: gossipsub::IdentTopic,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
@@ -141,6 +145,7 @@ impl EventLoop {
             lan_peers: HashMap::new(),
             kad_seeded: false,
             sync_interval: FIRST_SYNC_INTERVAL,
+            syncs_teach: true,
             topic: gossipsub::IdentTopic::new(STATEMENTS_TOPIC),
             commands,
             events,
@@ -656,13 +661,24 @@ impl EventLoop {
         self.syncs_in_flight += 1;
     }
 
+    /// Syncs with a random neighbour. Once syncs stop teaching us anything it compares
+    /// summaries first and the full digest follows only if they differ: converged, a sync
+    /// costs two small messages.
     fn periodic_sync(&mut self) {
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        if peers.is_empty() {
+        if peers.is_empty() || self.syncs_in_flight >= MAX_SYNCS_IN_FLIGHT {
             return;
         }
         let peer = peers[rand::thread_rng().gen_range(0..peers.len())];
-        self.start_sync(peer);
+        if self.syncs_teach {
+            self.start_sync(peer);
+            return;
+        }
+        let request = SyncRequest::Summary(self.membership.digest_summary().to_vec());
+        self.metrics.traffic(SYNC, OUT, request_len(&request));
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        self.pending.insert(id, Pending::Summary);
+        self.syncs_in_flight += 1;
     }
 
     /// Adds addresses to the Kademlia routing table once it has been seeded. Kademlia dials
@@ -1060,8 +1076,13 @@ impl EventLoop {
                             if learned {
                                 self.sync_interval = FIRST_SYNC_INTERVAL;
                             }
+                            self.syncs_teach = learned;
                         }
-                        (Some(Pending::Sync), _) => {
+                        (Some(Pending::Summary), SyncResponse::Differs) => {
+                            self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
+                            self.start_sync(peer);
+                        }
+                        (Some(Pending::Sync | Pending::Summary), _) => {
                             self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
                         }
                         (None, _) => {}
@@ -1080,7 +1101,7 @@ impl EventLoop {
                         reason: error.to_string(),
                     }));
                 }
-                Some(Pending::Sync) => {
+                Some(Pending::Sync | Pending::Summary) => {
                     self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
                 }
                 None => {}
@@ -1122,6 +1143,17 @@ impl EventLoop {
                 self.reject(peer, Rejection::Oversized);
                 SyncResponse::Refused
             }
+            SyncRequest::Summary(summary) if summary.len() == 32 => {
+                if summary[..] == self.membership.digest_summary() {
+                    SyncResponse::InSync
+                } else {
+                    SyncResponse::Differs
+                }
+            }
+            SyncRequest::Summary(_) => {
+                self.reject(peer, Rejection::Malformed);
+                SyncResponse::Refused
+            }
         }
     }
 }
@@ -1153,7 +1185,7 @@ fn is_stream_addr(addr: &Multiaddr) -> bool {
 fn request_len(request: &SyncRequest) -> usize {
     match request {
         SyncRequest::Digest(entries) => entries.len() * 48,
-        SyncRequest::Echo(payload) => payload.len(),
+        SyncRequest::Echo(payload) | SyncRequest::Summary(payload) => payload.len(),
     }
 }
 
@@ -1161,7 +1193,7 @@ fn response_len(response: &SyncResponse) -> usize {
     match response {
         SyncResponse::Statements(s) => s.iter().map(|s| s.body.len() + 100).sum(),
         SyncResponse::Echo(payload) => payload.len(),
-        SyncResponse::Refused => 1,
+        SyncResponse::Refused | SyncResponse::InSync | SyncResponse::Differs => 1,
     }
 }
 

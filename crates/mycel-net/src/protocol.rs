@@ -31,6 +31,9 @@ pub(crate) struct DigestEntry {
 pub(crate) enum SyncRequest {
     /// "Here is what I know; send me what is newer" (anti-entropy).
     Digest(Vec<DigestEntry>),
+    /// "Here is a summary of what I know; do we differ?" (periodic anti-entropy: the full
+    /// digest follows only when the summaries differ).
+    Summary(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Echo the payload back (round-trip measurement).
     Echo(#[serde(with = "serde_bytes")] Vec<u8>),
 }
@@ -40,6 +43,10 @@ pub(crate) enum SyncRequest {
 pub(crate) enum SyncResponse {
     /// Announcements the requester lacked.
     Statements(Vec<SignedStatement>),
+    /// The summaries match: nothing to teach either way.
+    InSync,
+    /// The summaries differ: send the full digest.
+    Differs,
     /// The echoed payload.
     Echo(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The request was refused (rate limit, ban, bad request).
