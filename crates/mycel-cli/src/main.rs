@@ -66,7 +66,7 @@ struct NodeArgs {
     #[arg(long, default_value_t = 90)]
     announce_ttl: u64,
     /// Seconds between pings of each connected peer.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     ping_interval: u64,
     /// Missed pings before a connected peer is declared failed.
     #[arg(long, default_value_t = 2)]
@@ -115,7 +115,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.timing.announce_ttl = std::time::Duration::from_secs(args.announce_ttl.max(2));
     config.timing.announce_interval = config.timing.announce_ttl / 3;
     config.timing.ping_interval = std::time::Duration::from_secs(args.ping_interval.max(1));
-    config.timing.ping_timeout = config.timing.ping_interval;
+    config.timing.ping_timeout = config
+        .timing
+        .ping_interval
+        .min(std::time::Duration::from_secs(5));
 
     let node = Node::start(config)
         .await

@@ -55,7 +55,7 @@ impl Default for Timing {
             announce_interval: Duration::from_secs(30),
             announce_ttl: Duration::from_secs(90),
             announce_interval_per_peer: Duration::from_secs(1),
-            ping_interval: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(10),
             ping_timeout: Duration::from_secs(5),
             random_walk_interval: Duration::from_secs(60),
             max_sync_interval: Duration::from_secs(60),
