@@ -7,6 +7,7 @@
 //!
 //! - [`statement`]: signed, attributable statements nodes gossip (capability announcements,
 //!   failure reports) and their bounded decoding.
+//! - [`id`]: content ids (BLAKE3) of blobs and models.
 //! - [`membership`]: who is alive, who has failed, and what each peer offers.
 //! - [`ratelimit`]: per-peer token buckets.
 //! - [`reputation`]: a decayed per-peer score fed by misbehaviour.
@@ -14,6 +15,7 @@
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+pub mod id;
 pub mod membership;
 pub mod ratelimit;
 pub mod reputation;

@@ -1,0 +1,181 @@
+//! Sentence embeddings from BERT-family models: mean pooling over the attention mask, then L2
+//! normalisation (what sentence-transformers does for all-MiniLM-L6-v2).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer};
+
+use crate::files::{model_id, model_name};
+use crate::{ContentId, MlError, Result};
+
+/// The files an embedding model is loaded from (and hashed into its id).
+pub const EMBEDDER_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+
+/// Texts run through the model at once.
+pub const BATCH: usize = 32;
+
+/// A loaded embedding model.
+pub struct Embedder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    device: Device,
+    id: ContentId,
+    name: String,
+    dimension: usize,
+    max_tokens: usize,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("dimension", &self.dimension)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Embedder {
+    /// Loads the model in `dir` (config.json, model.safetensors, tokenizer.json).
+    pub fn load(dir: &Path) -> Result<Self> {
+        for file in EMBEDDER_FILES {
+            if !dir.join(file).is_file() {
+                return Err(MlError::model(
+                    dir,
+                    format!("no {file}: an embedding model directory holds {EMBEDDER_FILES:?}"),
+                ));
+            }
+        }
+        let config_path = dir.join("config.json");
+        let config_text =
+            std::fs::read_to_string(&config_path).map_err(|e| MlError::model(&config_path, e))?;
+        let config: Config = serde_json::from_str(&config_text)
+            .map_err(|e| MlError::model(&config_path, format!("not a BERT config: {e}")))?;
+        let max_tokens: usize = serde_json::from_str::<serde_json::Value>(&config_text)
+            .ok()
+            .and_then(|v| v["max_position_embeddings"].as_u64())
+            .unwrap_or(512) as usize;
+
+        let device = Device::Cpu;
+        let weights = dir.join("model.safetensors");
+        // SAFETY: the file is memory-mapped read-only; it must not be truncated while loaded,
+        // which holds for files in a node's model directory.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }
+            .map_err(|e| MlError::model(&weights, e))?;
+        let model = BertModel::load(vb, &config).map_err(|e| MlError::model(&weights, e))?;
+
+        let tokenizer_path = dir.join("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| MlError::model(&tokenizer_path, e))?;
+        // The shipped tokenizer pads every input to 128 tokens: pad to the batch's longest
+        // instead, and never truncate silently (too long is the caller's error).
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..Default::default()
+        }));
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| MlError::model(&tokenizer_path, e))?;
+
+        Ok(Self {
+            model,
+            tokenizer,
+            device,
+            id: model_id(dir, &EMBEDDER_FILES)?,
+            name: model_name(dir),
+            dimension: config.hidden_size,
+            max_tokens,
+        })
+    }
+
+    /// The model's content id.
+    pub fn id(&self) -> ContentId {
+        self.id
+    }
+
+    /// The model's name (its directory's name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Length of each embedding.
+    pub fn dimension(&self) -> usize {
+        self.dimension
+    }
+
+    /// Most tokens one input may have.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Embeds `texts` (unit-length vectors, in order), in batches of [`BATCH`]; returns them
+    /// with the number of tokens the inputs held.
+    pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<(Vec<Vec<f32>>, usize)> {
+        if texts.is_empty() {
+            return Err(MlError::Input("the input list is empty".into()));
+        }
+        let mut out = Vec::with_capacity(texts.len());
+        let mut tokens = 0;
+        for (batch_index, batch) in texts.chunks(BATCH).enumerate() {
+            let (vectors, n) = self.embed_batch(batch, batch_index * BATCH)?;
+            out.extend(vectors);
+            tokens += n;
+        }
+        Ok((out, tokens))
+    }
+
+    fn embed_batch<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        first_index: usize,
+    ) -> Result<(Vec<Vec<f32>>, usize)> {
+        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
+        let encodings = self
+            .tokenizer
+            .encode_batch(inputs, true)
+            .map_err(|e| MlError::Input(format!("cannot tokenize the input: {e}")))?;
+        let mut tokens = 0;
+        for (i, encoding) in encodings.iter().enumerate() {
+            let len = encoding
+                .get_attention_mask()
+                .iter()
+                .filter(|m| **m == 1)
+                .count();
+            if len > self.max_tokens {
+                return Err(MlError::Input(format!(
+                    "input {} has {len} tokens; {} takes at most {}",
+                    first_index + i,
+                    self.name,
+                    self.max_tokens
+                )));
+            }
+            tokens += len;
+        }
+        let rows = encodings.len();
+        let width = encodings[0].get_ids().len();
+        let ids: Vec<u32> = encodings
+            .iter()
+            .flat_map(|e| e.get_ids().to_vec())
+            .collect();
+        let mask: Vec<u32> = encodings
+            .iter()
+            .flat_map(|e| e.get_attention_mask().to_vec())
+            .collect();
+        let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
+        let mask = Tensor::from_vec(mask, (rows, width), &self.device)?;
+        let token_types = ids.zeros_like()?;
+        let hidden = self.model.forward(&ids, &token_types, Some(&mask))?;
+
+        // Mean over the real tokens, then unit length.
+        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+        let counts = mask.sum(1)?;
+        let mean = summed.broadcast_div(&counts)?;
+        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        let unit = mean.broadcast_div(&norms)?;
+        Ok((unit.to_vec2::<f32>()?, tokens))
+    }
+}

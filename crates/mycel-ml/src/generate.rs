@@ -1,0 +1,458 @@
+//! Text generation from llama-family GGUF models, with the tokenizer and chat template read
+//! from the file's metadata; greedy or sampled decoding (temperature, top-p, seed), stop
+//! strings and a token budget; text is handed out as it is made.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use serde::{Deserialize, Serialize};
+
+use crate::files::{file_id, model_name};
+use crate::gguf_tokenizer::GgufTokenizer;
+use crate::{ContentId, MlError, Result};
+
+/// Used when a GGUF file carries no chat template.
+pub(crate) const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// What was said.
+    pub content: String,
+}
+
+/// How to decode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateParams {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// 0 or absent: greedy (argmax). Above 0: sampled at this temperature.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to this.
+    pub top_p: Option<f64>,
+    /// Seed of the sampler: the same seed gives the same tokens.
+    pub seed: u64,
+    /// Generation stops before the first of these strings.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            temperature: None,
+            top_p: None,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl GenerateParams {
+    fn sampling(&self) -> Sampling {
+        match (self.temperature.filter(|t| *t > 0.0), self.top_p) {
+            (None, _) => Sampling::ArgMax,
+            (Some(temperature), Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
+            (Some(temperature), _) => Sampling::All { temperature },
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.max_tokens == 0 {
+            return Err(MlError::Input("max_tokens must be at least 1".into()));
+        }
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(MlError::Input(format!(
+                    "temperature must be between 0 and 2, not {t}"
+                )));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(MlError::Input(format!("top_p must be in (0, 1], not {p}")));
+            }
+        }
+        if self.stop.len() > 4 || self.stop.iter().any(|s| s.is_empty()) {
+            return Err(MlError::Input(
+                "stop takes at most 4 non-empty strings".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its turn or a stop string came.
+    Stop,
+    /// `max_tokens` ran out.
+    Length,
+}
+
+/// What one generation produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// The generated text (stop string excluded).
+    pub text: String,
+    /// The generated token ids.
+    pub tokens: Vec<u32>,
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Time spent on the prompt, in milliseconds.
+    pub prompt_ms: f64,
+    /// Time spent generating, in milliseconds.
+    pub decode_ms: f64,
+}
+
+/// How a GGUF model's matrices are multiplied. Replicas that must agree token for token need
+/// the same engine, so the engine is part of what a node announces about a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// Weights dequantised to f32 at load: the arithmetic of the reference implementations
+    /// (transformers, llama.cpp on f32), whose greedy tokens it reproduces; 4 bytes per
+    /// parameter in memory.
+    #[default]
+    Exact,
+    /// candle's quantised kernels (activations quantised to 8 bits): a quarter of the memory,
+    /// but greedy output drifts from the references after some tokens.
+    Quantized,
+}
+
+impl Engine {
+    /// The name used in announcements and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Exact => "candle-f32",
+            Self::Quantized => "candle-q",
+        }
+    }
+}
+
+/// Rewrites a GGUF model with every quantised tensor dequantised to f32 (an in-memory GGUF),
+/// so that candle's llama builds plain f32 matrices from it.
+fn dequantized(
+    content: &gguf_file::Content,
+    file: &mut File,
+    path: &Path,
+) -> Result<std::io::Cursor<Vec<u8>>> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let device = Device::Cpu;
+    let mut tensors = Vec::with_capacity(content.tensor_infos.len());
+    for name in content.tensor_infos.keys() {
+        let tensor = content
+            .tensor(file, name, &device)
+            .map_err(|e| MlError::model(path, e))?;
+        let tensor = match tensor.dtype() {
+            GgmlDType::F32 => tensor,
+            _ => QTensor::quantize(&tensor.dequantize(&device)?, GgmlDType::F32)?,
+        };
+        tensors.push((name.clone(), tensor));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &metadata, &tensors)?;
+    out.set_position(0);
+    Ok(out)
+}
+
+/// A loaded generation model.
+pub struct Generator {
+    model: Mutex<ModelWeights>,
+    tokenizer: GgufTokenizer,
+    template: minijinja::Environment<'static>,
+    device: Device,
+    id: ContentId,
+    name: String,
+    engine: Engine,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Generator {
+    /// Loads a llama-family GGUF file to run on `engine`.
+    pub fn load(path: &Path, engine: Engine) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| MlError::model(path, e))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| MlError::model(path, format!("not a GGUF file: {e}")))?;
+        let tokenizer = GgufTokenizer::from_gguf(&content).map_err(|e| MlError::model(path, e))?;
+        let device = Device::Cpu;
+        let not_llama = |e| MlError::model(path, format!("not a llama-family model: {e}"));
+        let model = match engine {
+            Engine::Quantized => ModelWeights::from_gguf(content, &mut file, &device),
+            Engine::Exact => {
+                let mut f32_file = dequantized(&content, &mut file, path)?;
+                let f32_content =
+                    gguf_file::Content::read(&mut f32_file).map_err(|e| MlError::model(path, e))?;
+                ModelWeights::from_gguf(f32_content, &mut f32_file, &device)
+            }
+        }
+        .map_err(not_llama)?;
+        let mut template = minijinja::Environment::new();
+        template.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        let source = tokenizer
+            .chat_template
+            .clone()
+            .unwrap_or_else(|| CHATML.to_owned());
+        template
+            .add_template_owned("chat", source)
+            .map_err(|e| MlError::model(path, format!("bad chat template: {e}")))?;
+        Ok(Self {
+            model: Mutex::new(model),
+            tokenizer,
+            template,
+            device,
+            id: file_id(path)?,
+            name: model_name(path),
+            engine,
+        })
+    }
+
+    /// The engine the model runs on.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The model's content id (BLAKE3 of the GGUF file).
+    pub fn id(&self) -> ContentId {
+        self.id
+    }
+
+    /// The model's name (the file's stem).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &GgufTokenizer {
+        &self.tokenizer
+    }
+
+    /// Most tokens of prompt and generation together.
+    pub fn context_length(&self) -> usize {
+        MAX_SEQ_LEN
+    }
+
+    /// The prompt for `messages` by the model's chat template, ready for the assistant's turn.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String> {
+        if messages.is_empty() {
+            return Err(MlError::Input("messages is empty".into()));
+        }
+        let template = self
+            .template
+            .get_template("chat")
+            .map_err(|e| MlError::Run(e.to_string()))?;
+        let token = |id: Option<u32>| id.and_then(|i| self.tokenizer.token_text(i));
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => token(self.tokenizer.bos).unwrap_or_default(),
+                eos_token => token(Some(self.tokenizer.eos)).unwrap_or_default(),
+            })
+            .map_err(|e| MlError::Input(format!("the chat template refused the messages: {e}")))
+    }
+
+    /// Generates a continuation of `prompt` (raw text: apply [`Generator::chat_prompt`]
+    /// first for a chat). `on_text` receives the text as it is made (never part of a stop
+    /// string); returning `false` from it stops generation.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        params: &GenerateParams,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        params.check()?;
+        let prompt_ids = self.tokenizer.encode(prompt)?;
+        if prompt_ids.is_empty() {
+            return Err(MlError::Input("the prompt is empty".into()));
+        }
+        if prompt_ids.len() + params.max_tokens > MAX_SEQ_LEN {
+            return Err(MlError::Input(format!(
+                "the prompt has {} tokens and max_tokens is {}; {} takes at most {} in all",
+                prompt_ids.len(),
+                params.max_tokens,
+                self.name,
+                MAX_SEQ_LEN
+            )));
+        }
+        let mut sampler = LogitsProcessor::from_sampling(params.seed, params.sampling());
+        let mut model = self
+            .model
+            .lock()
+            .map_err(|_| MlError::Run("the model is poisoned by an earlier panic".into()))?;
+        model.clear_kv_cache();
+
+        let started = Instant::now();
+        let input = Tensor::new(prompt_ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let mut logits = model.forward(&input, 0)?.squeeze(0)?;
+        let prompt_ms = started.elapsed().as_secs_f64() * 1e3;
+
+        let decode_started = Instant::now();
+        let mut tokens: Vec<u32> = Vec::new();
+        let mut stream = TextStream::new(&params.stop);
+        let mut finish_reason = FinishReason::Length;
+        while tokens.len() < params.max_tokens {
+            let next = sampler.sample(&logits)?;
+            if next == self.tokenizer.eos {
+                finish_reason = FinishReason::Stop;
+                break;
+            }
+            tokens.push(next);
+            let text = self.tokenizer.decode(&tokens)?;
+            let (fresh, stopped) = stream.advance(&text);
+            if !fresh.is_empty() && !on_text(fresh) {
+                finish_reason = FinishReason::Stop;
+                break;
+            }
+            if stopped {
+                finish_reason = FinishReason::Stop;
+                break;
+            }
+            if tokens.len() == params.max_tokens {
+                break;
+            }
+            let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
+            logits = model
+                .forward(&input, prompt_ids.len() + tokens.len() - 1)?
+                .squeeze(0)?;
+        }
+        let text = self.tokenizer.decode(&tokens)?;
+        let (rest, _) = stream.finish(&text);
+        if !rest.is_empty() {
+            on_text(rest);
+        }
+        Ok(Generation {
+            text: stream.emitted_text(&text).to_owned(),
+            tokens,
+            prompt_tokens: prompt_ids.len(),
+            finish_reason,
+            prompt_ms,
+            decode_ms: decode_started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
+
+/// Hands out generated text as it grows, holding back what might still become a stop string
+/// or is an incomplete UTF-8 sequence.
+struct TextStream<'a> {
+    stop: &'a [String],
+    emitted: usize,
+    /// Where a stop string began, once one has.
+    end: Option<usize>,
+}
+
+impl<'a> TextStream<'a> {
+    fn new(stop: &'a [String]) -> Self {
+        Self {
+            stop,
+            emitted: 0,
+            end: None,
+        }
+    }
+
+    /// The new text that is safe to hand out, and whether a stop string has appeared.
+    fn advance<'t>(&mut self, text: &'t str) -> (&'t str, bool) {
+        if let Some(at) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            self.end = Some(at);
+            let start = self.emitted.min(at);
+            self.emitted = at;
+            return (&text[start..at], true);
+        }
+        let mut safe = text.len();
+        if text.ends_with('\u{FFFD}') {
+            safe -= '\u{FFFD}'.len_utf8();
+        }
+        // Hold back a tail that is the beginning of a stop string.
+        for stop in self.stop {
+            for len in (1..stop.len()).rev() {
+                if stop.is_char_boundary(len) && text[..safe].ends_with(&stop[..len]) {
+                    safe = safe.min(text.len() - len).min(safe);
+                    break;
+                }
+            }
+        }
+        while !text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        if safe <= self.emitted {
+            return ("", false);
+        }
+        let fresh = &text[self.emitted..safe];
+        self.emitted = safe;
+        (fresh, false)
+    }
+
+    /// What is left to hand out once generation ended.
+    fn finish<'t>(&mut self, text: &'t str) -> (&'t str, bool) {
+        let end = self.end.unwrap_or(text.len());
+        let start = self.emitted.min(end);
+        self.emitted = end;
+        (&text[start..end], self.end.is_some())
+    }
+
+    fn emitted_text<'t>(&self, text: &'t str) -> &'t str {
+        &text[..self.end.unwrap_or(text.len()).min(text.len())]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_holds_back_possible_stop_strings_and_cuts_at_one() {
+        let stop = vec!["END".to_owned()];
+        let mut stream = TextStream::new(&stop);
+        assert_eq!(stream.advance("Hello"), ("Hello", false));
+        assert_eq!(stream.advance("Hello E"), (" ", false), "E may begin END");
+        assert_eq!(stream.advance("Hello EN"), ("", false));
+        assert_eq!(stream.advance("Hello ENd"), ("ENd", false));
+        assert_eq!(stream.advance("Hello ENd END more"), (" ", true));
+        assert_eq!(stream.finish("Hello ENd END more"), ("", true));
+        assert_eq!(stream.emitted_text("Hello ENd END more"), "Hello ENd ");
+    }
+
+    #[test]
+    fn stream_waits_for_whole_characters_and_flushes_at_the_end() {
+        let mut stream = TextStream::new(&[]);
+        assert_eq!(stream.advance("a\u{FFFD}"), ("a", false));
+        assert_eq!(stream.advance("aé"), ("é", false));
+        let mut stream = TextStream::new(&[]);
+        assert_eq!(stream.advance("x\u{FFFD}"), ("x", false));
+        assert_eq!(stream.finish("x\u{FFFD}"), ("\u{FFFD}", false));
+    }
+}

@@ -1,0 +1,172 @@
+//! A byte-level BPE tokenizer built from a GGUF file's metadata.
+//!
+//! candle's own `TokenizerFromGguf` does not know the `smollm` pre-tokenizer and adds a prefix
+//! space, which gives SmolLM2 the wrong tokens (see `shared/CANDLE.md`). Here the
+//! pre-tokenizer follows `tokenizer.ggml.pre` as llama.cpp does, and control tokens are matched
+//! before BPE.
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::{MlError, Result};
+
+/// GGUF token types of tokens matched whole, before BPE: control (3) and user-defined (4).
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+
+/// The tokenizer of a GGUF model and its special tokens.
+#[derive(Debug)]
+pub struct GgufTokenizer {
+    /// The tokenizer proper.
+    pub tokenizer: Tokenizer,
+    /// Token that ends a turn (generation stops there).
+    pub eos: u32,
+    /// Token that begins a text, if the model uses one.
+    pub bos: Option<u32>,
+    /// Whether a prompt starts with the BOS token.
+    pub add_bos: bool,
+    /// The Jinja chat template, if the file has one.
+    pub chat_template: Option<String>,
+}
+
+fn get<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
+    content
+        .metadata
+        .get(key)
+        .ok_or_else(|| MlError::Run(format!("the GGUF metadata has no {key}")))
+}
+
+fn strings(value: &Value, key: &str) -> Result<Vec<String>> {
+    value
+        .to_vec()
+        .map_err(|e| MlError::Run(format!("{key}: {e}")))?
+        .iter()
+        .map(|v| {
+            v.to_string()
+                .cloned()
+                .map_err(|e| MlError::Run(format!("{key}: {e}")))
+        })
+        .collect()
+}
+
+impl GgufTokenizer {
+    /// Builds the tokenizer described by `content`'s metadata (`tokenizer.ggml.*`).
+    pub fn from_gguf(content: &Content) -> Result<Self> {
+        let model = get(content, "tokenizer.ggml.model")?
+            .to_string()
+            .map_err(|e| MlError::Run(e.to_string()))?;
+        if model != "gpt2" {
+            return Err(MlError::Run(format!(
+                "tokenizer model {model:?} is not supported (byte-level BPE, \"gpt2\", is)"
+            )));
+        }
+        let pre = content
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_else(|| "default".into());
+        let tokens = strings(get(content, "tokenizer.ggml.tokens")?, "tokens")?;
+        let merges = strings(get(content, "tokenizer.ggml.merges")?, "merges")?;
+        let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| MlError::Run(e.to_string()))?
+                .iter()
+                .map(|t| t.to_i32().unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+
+        let vocab: ahash::AHashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .filter_map(|m| m.split_once(' '))
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| MlError::Run(format!("cannot build the BPE model: {e}")))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+            // llama.cpp's `smollm`: digits one by one, then the GPT-2 regex.
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            "gpt2" | "default" => byte_level.into(),
+            other => {
+                return Err(MlError::Run(format!(
+                    "pre-tokenizer {other:?} is not supported (smollm and gpt2 are)"
+                )))
+            }
+        };
+        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(types.iter())
+            .filter(|(_, t)| **t == CONTROL || **t == USER_DEFINED)
+            .map(|(token, _)| AddedToken::from(token.clone(), true))
+            .collect();
+        tokenizer
+            .add_special_tokens(specials)
+            .map_err(|e| MlError::Run(format!("cannot add the control tokens: {e}")))?;
+
+        let id = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+        let eos = id("tokenizer.ggml.eos_token_id")
+            .ok_or_else(|| MlError::Run("the GGUF metadata names no EOS token".into()))?;
+        let add_bos = content
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        let chat_template = content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        Ok(Self {
+            tokenizer,
+            eos,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            add_bos,
+            chat_template,
+        })
+    }
+
+    /// Token ids of `text`, control tokens included as themselves.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| MlError::Input(format!("cannot tokenize the prompt: {e}")))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            ids.push(bos);
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids`, control tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| MlError::Run(format!("cannot decode tokens: {e}")))
+    }
+
+    /// The text of a token id, if it has one.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+}

@@ -1,0 +1,271 @@
+//! The model code on tiny random models written by `mycel_ml::fixtures`: embeddings and
+//! generation behave (shapes, normalisation, batching, determinism, stop strings, limits)
+//! and bad input is refused with a clear error.
+
+use mycel_ml::fixtures::{write_tiny_bert, write_tiny_llama};
+use mycel_ml::{ChatMessage, Embedder, Engine, FinishReason, GenerateParams, Generator, MlError};
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>()
+}
+
+#[test]
+fn embeddings_are_unit_vectors_independent_of_batching() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert(dir.path()).unwrap();
+    let model = Embedder::load(dir.path()).unwrap();
+    assert_eq!(model.dimension(), 16);
+
+    let texts = [
+        "the cat sat on the mat.",
+        "the dog ran",
+        "a big red dog ran on the mat",
+    ];
+    let (batch, tokens) = model.embed(&texts).unwrap();
+    assert_eq!(batch.len(), 3);
+    assert!(tokens > 3 * 2, "[CLS] and [SEP] at least");
+    for (text, vector) in texts.iter().zip(&batch) {
+        assert_eq!(vector.len(), 16);
+        let norm: f32 = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "unit length, got {norm}");
+        // Padding to the batch's longest changes nothing.
+        let (alone, _) = model.embed(&[*text]).unwrap();
+        let diff = alone[0]
+            .iter()
+            .zip(vector)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "batched and alone differ by {diff}");
+    }
+    assert!(
+        cosine(&batch[0], &batch[1]) < 0.9999,
+        "different texts differ"
+    );
+
+    // The id covers the weights, not the files beside them.
+    std::fs::write(dir.path().join("README.md"), "notes").unwrap();
+    assert_eq!(Embedder::load(dir.path()).unwrap().id(), model.id());
+}
+
+#[test]
+fn embedding_refuses_bad_input_and_bad_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert(dir.path()).unwrap();
+    let model = Embedder::load(dir.path()).unwrap();
+    let empty: [&str; 0] = [];
+    assert!(matches!(model.embed(&empty), Err(MlError::Input(_))));
+    let long = "the cat ".repeat(20);
+    match model.embed(&["fine", long.as_str()]) {
+        Err(MlError::Input(message)) => assert!(message.contains("input 1"), "{message}"),
+        other => panic!("too long an input must be refused: {other:?}"),
+    }
+
+    let missing = tempfile::tempdir().unwrap();
+    match Embedder::load(missing.path()) {
+        Err(MlError::Model { reason, .. }) => assert!(reason.contains("config.json"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    std::fs::write(dir.path().join("model.safetensors"), b"not safetensors").unwrap();
+    assert!(matches!(
+        Embedder::load(dir.path()),
+        Err(MlError::Model { .. })
+    ));
+}
+
+fn tiny_llama() -> (tempfile::TempDir, Generator) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path).unwrap();
+    let model = Generator::load(&path, Engine::Exact).unwrap();
+    (dir, model)
+}
+
+#[test]
+fn gguf_tokenizer_matches_control_tokens_and_round_trips_text() {
+    let (_dir, model) = tiny_llama();
+    let tokenizer = model.tokenizer();
+    let text = "the cat, 2024 in Zürich\n\tnaïve 😀";
+    let ids = tokenizer.encode(text).unwrap();
+    assert_eq!(tokenizer.decode(&ids).unwrap(), text);
+    // Digits one by one (the smollm pre-tokenizer), merges applied.
+    let ids = tokenizer.encode("2024").unwrap();
+    assert_eq!(ids.len(), 4);
+    assert!(tokenizer.encode(" the").unwrap().len() == 1, "Ġ t, Ġt he");
+    // Control tokens are one id each, not spelled out byte by byte.
+    let ids = tokenizer.encode("<|im_start|>user").unwrap();
+    assert_eq!(
+        tokenizer.token_text(ids[0]).as_deref(),
+        Some("<|im_start|>")
+    );
+    assert_eq!(ids.len(), 1 + "user".len());
+}
+
+#[test]
+fn chat_prompt_follows_the_template_in_the_file() {
+    let (_dir, model) = tiny_llama();
+    let prompt = model
+        .chat_prompt(&[
+            ChatMessage {
+                role: "system".into(),
+                content: "Be brief.".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            },
+        ])
+        .unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert!(matches!(model.chat_prompt(&[]), Err(MlError::Input(_))));
+}
+
+#[test]
+fn greedy_and_seeded_generation_are_deterministic_and_stream_what_they_return() {
+    let (_dir, model) = tiny_llama();
+    let greedy = GenerateParams {
+        max_tokens: 12,
+        ..Default::default()
+    };
+    let mut streamed = String::new();
+    let first = model
+        .generate("the cat", &greedy, |t| {
+            streamed.push_str(t);
+            true
+        })
+        .unwrap();
+    let second = model.generate("the cat", &greedy, |_| true).unwrap();
+    assert_eq!(first.tokens, second.tokens);
+    assert_eq!(streamed, first.text);
+    assert!(first.prompt_tokens >= 2);
+    if first.finish_reason == FinishReason::Length {
+        assert_eq!(first.tokens.len(), 12);
+    }
+
+    let sampled = |seed| GenerateParams {
+        max_tokens: 24,
+        temperature: Some(1.5),
+        top_p: Some(0.95),
+        seed,
+        ..Default::default()
+    };
+    let a = model.generate("the cat", &sampled(7), |_| true).unwrap();
+    let b = model.generate("the cat", &sampled(7), |_| true).unwrap();
+    assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
+    let others: Vec<Vec<u32>> = (8..12)
+        .map(|seed| {
+            model
+                .generate("the cat", &sampled(seed), |_| true)
+                .unwrap()
+                .tokens
+        })
+        .collect();
+    assert!(
+        others.iter().any(|t| *t != a.tokens),
+        "other seeds give other tokens"
+    );
+}
+
+#[test]
+fn stop_strings_cut_the_text_and_limits_are_checked() {
+    let (_dir, model) = tiny_llama();
+    let free = GenerateParams {
+        max_tokens: 40,
+        temperature: Some(1.0),
+        seed: 3,
+        ..Default::default()
+    };
+    let full = model.generate("the", &free, |_| true).unwrap();
+    // Stop at a piece of what the model says anyway.
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(
+        chars.len() >= 6,
+        "the tiny model (fixed weights) says more: {full:?}"
+    );
+    {
+        let stop: String = chars[3..5].iter().collect();
+        let cut_at = full.text.find(&stop).unwrap();
+        let params = GenerateParams {
+            stop: vec![stop.clone()],
+            ..free.clone()
+        };
+        let mut streamed = String::new();
+        let stopped = model
+            .generate("the", &params, |t| {
+                streamed.push_str(t);
+                true
+            })
+            .unwrap();
+        assert_eq!(stopped.text, full.text[..cut_at]);
+        assert_eq!(streamed, stopped.text);
+        assert_eq!(stopped.finish_reason, FinishReason::Stop);
+    }
+
+    for bad in [
+        GenerateParams {
+            max_tokens: 0,
+            ..Default::default()
+        },
+        GenerateParams {
+            max_tokens: 10_000,
+            ..Default::default()
+        },
+        GenerateParams {
+            temperature: Some(-1.0),
+            ..Default::default()
+        },
+        GenerateParams {
+            stop: vec![String::new()],
+            ..Default::default()
+        },
+    ] {
+        assert!(
+            matches!(
+                model.generate("the", &bad, |_| true),
+                Err(MlError::Input(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        model.generate("", &GenerateParams::default(), |_| true),
+        Err(MlError::Input(_))
+    ));
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.gguf");
+    std::fs::write(&path, b"GGUF but not really").unwrap();
+    match Generator::load(&path, Engine::Exact) {
+        Err(MlError::Model { path: p, reason }) => {
+            assert!(
+                p.ends_with("broken.gguf") && reason.contains("GGUF"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_quantized_engine_loads_and_decodes_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path).unwrap();
+    let model = Generator::load(&path, Engine::Quantized).unwrap();
+    assert_eq!(model.engine(), Engine::Quantized);
+    let params = GenerateParams {
+        max_tokens: 8,
+        ..Default::default()
+    };
+    let a = model.generate("the cat", &params, |_| true).unwrap();
+    let b = model.generate("the cat", &params, |_| true).unwrap();
+    assert!(!a.tokens.is_empty());
+    assert_eq!(a.tokens, b.tokens);
+    // Same file, same id, whichever engine runs it.
+    assert_eq!(model.id(), Generator::load(&path, Engine::Exact).unwrap().id());
+}
