@@ -39,6 +39,11 @@ fn reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+fn smollm2(dir: &std::path::Path) -> Generator {
+    let path = dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    Generator::load(&path, Engine::Exact).unwrap()
+}
+
 fn ids(value: &Value) -> Vec<u32> {
     value
         .as_array()
@@ -86,11 +91,7 @@ fn minilm_matches_sentence_transformers() {
 fn smollm2_tokenizer_and_chat_template_match_transformers() {
     let Some(dir) = models_dir() else { return };
     let reference = reference();
-    let model = Generator::load(
-        &dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        Engine::Exact,
-    )
-    .unwrap();
+    let model = smollm2(&dir);
     for case in reference["smollm2"]["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         assert_eq!(
@@ -113,11 +114,7 @@ fn smollm2_tokenizer_and_chat_template_match_transformers() {
 fn smollm2_greedy_tokens_match_transformers() {
     let Some(dir) = models_dir() else { return };
     let reference = reference();
-    let model = Generator::load(
-        &dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        Engine::Exact,
-    )
-    .unwrap();
+    let model = smollm2(&dir);
     let expected = ids(&reference["smollm2"]["greedy_ids"]);
     let prompt = reference["smollm2"]["prompt"].as_str().unwrap();
     let params = GenerateParams {

@@ -267,5 +267,8 @@ fn the_quantized_engine_loads_and_decodes_deterministically() {
     assert!(!a.tokens.is_empty());
     assert_eq!(a.tokens, b.tokens);
     // Same file, same id, whichever engine runs it.
-    assert_eq!(model.id(), Generator::load(&path, Engine::Exact).unwrap().id());
+    assert_eq!(
+        model.id(),
+        Generator::load(&path, Engine::Exact).unwrap().id()
+    );
 }
