@@ -58,6 +58,17 @@ struct NodeArgs {
     /// Serve /metrics without the bearer token.
     #[arg(long)]
     open_metrics: bool,
+    /// A model to serve (repeatable): a .gguf file (chat) or a directory with config.json,
+    /// model.safetensors and tokenizer.json (embeddings).
+    #[arg(long = "model", value_name = "PATH")]
+    models: Vec<PathBuf>,
+    /// How generation models run: exact (f32 weights, agrees with the reference
+    /// implementations token for token) or quantized (a quarter of the memory).
+    #[arg(long, default_value = "exact", value_parser = parse_engine)]
+    engine: mycel_ml::Engine,
+    /// Requests that may wait or run at once; more are refused at once.
+    #[arg(long, default_value_t = mycel_node::models::DEFAULT_MAX_QUEUE)]
+    max_queue: usize,
     /// Most established connections.
     #[arg(long, default_value_t = 24)]
     max_connections: u32,
@@ -74,6 +85,14 @@ struct NodeArgs {
     /// Root of the /sys tree power state is read from.
     #[arg(long, default_value = "/sys", hide = true)]
     sys_root: PathBuf,
+}
+
+pub(crate) fn parse_engine(s: &str) -> Result<mycel_ml::Engine, String> {
+    match s {
+        "exact" => Ok(mycel_ml::Engine::Exact),
+        "quantized" => Ok(mycel_ml::Engine::Quantized),
+        other => Err(format!("unknown engine {other:?}; use exact or quantized")),
+    }
 }
 
 pub(crate) fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
@@ -110,6 +129,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.api = Some(args.api);
     config.open_metrics = args.open_metrics;
     config.sys_root = args.sys_root;
+    config.models = args.models;
+    config.engine = args.engine;
+    config.max_queue = args.max_queue;
     config.limits.max_connections = args.max_connections;
     config.limits.max_missed_pings = args.max_missed_pings;
     config.timing.announce_ttl = std::time::Duration::from_secs(args.announce_ttl.max(2));

@@ -20,7 +20,20 @@ pub(crate) struct UpArgs {
     /// API address of the first node (the others get free ports).
     #[arg(long, default_value = "127.0.0.1:7878")]
     api: SocketAddr,
+    /// A model to serve (repeatable) [default: the reference models in .cache/models, when
+    /// `bash scripts/fetch-models.sh` has put them there]
+    #[arg(long = "model", value_name = "PATH")]
+    models: Vec<PathBuf>,
+    /// How many nodes serve the models (loaded once, shared).
+    #[arg(long, default_value_t = 2)]
+    servers: usize,
 }
+
+/// The reference models, where `scripts/fetch-models.sh` puts them.
+const REFERENCE_MODELS: [&str; 2] = [
+    ".cache/models/all-minilm-l6-v2",
+    ".cache/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+];
 
 pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
@@ -31,6 +44,30 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
             (temp.path().to_path_buf(), Some(temp))
         }
     };
+    let model_paths: Vec<PathBuf> = if args.models.is_empty() {
+        REFERENCE_MODELS
+            .iter()
+            .map(PathBuf::from)
+            .filter(|p| p.exists())
+            .collect()
+    } else {
+        args.models.clone()
+    };
+    let spinner = ProgressBar::new_spinner();
+    let mut served = Vec::new();
+    for path in &model_paths {
+        spinner.set_message(format!("loading {}", path.display()));
+        spinner.enable_steady_tick(Duration::from_millis(100));
+        let path = path.clone();
+        served.push(
+            tokio::task::spawn_blocking(move || {
+                mycel_node::models::load_model(&path, mycel_ml::Engine::Exact)
+            })
+            .await??,
+        );
+    }
+    spinner.finish_and_clear();
+
     let progress = ProgressBar::new(args.nodes as u64).with_style(
         ProgressStyle::with_template("{spinner} {msg} {pos}/{len}").expect("valid template"),
     );
@@ -48,6 +85,9 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         } else {
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
+        if i < args.servers {
+            config.preloaded = served.clone();
+        }
         if let Some(first) = nodes.first() {
             let peer = first.net.peer_id();
             config.bootstrap = first
@@ -95,6 +135,18 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!();
     println!("  API      http://{api}");
     println!("  token    {}", first.token);
+    if served.is_empty() {
+        println!("  models   none: run `bash scripts/fetch-models.sh` first, or pass --model PATH");
+    }
+    for model in &served {
+        println!(
+            "  model    {} ({:?}, {}) on {} node(s)",
+            model.offer.name,
+            model.offer.kind,
+            model.offer.id.short(),
+            args.servers.min(nodes.len())
+        );
+    }
     println!();
     println!("Try:");
     println!("  mycel status --api {api} --token {}", first.token);
@@ -103,6 +155,18 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         "  curl -H 'Authorization: Bearer {}' http://{api}/api/peers",
         first.token
     );
+    for model in &served {
+        match model.offer.kind {
+            mycel_core::statement::ModelKind::Generation => println!(
+                "  curl -H 'Authorization: Bearer {}' http://{api}/v1/chat/completions -d \\\n    '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'",
+                first.token, model.offer.name
+            ),
+            mycel_core::statement::ModelKind::Embedding => println!(
+                "  curl -H 'Authorization: Bearer {}' http://{api}/v1/embeddings -d \\\n    '{{\"model\": \"{}\", \"input\": \"Hello\"}}'",
+                first.token, model.offer.name
+            ),
+        }
+    }
     println!();
     println!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c()

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::id::ContentId;
 use crate::wire::{self, Rejection};
 use crate::{Keypair, PeerId, PublicKey, UnixMillis};
 
@@ -18,16 +19,43 @@ pub const MAX_LIFETIME_MS: u64 = 60 * 60 * 1000;
 pub const MAX_ANNOUNCED_ADDRS: usize = 8;
 /// Longest announced address.
 pub const MAX_ADDR_LEN: usize = 256;
+/// Most models in one announcement.
+pub const MAX_ANNOUNCED_MODELS: usize = 32;
+/// Longest model name or engine name in an announcement.
+pub const MAX_MODEL_NAME_LEN: usize = 128;
 /// How far in the future an issue time may lie before it is refused (clock skew allowance).
 pub const MAX_CLOCK_SKEW_MS: u64 = 60 * 1000;
 
 const SIGNING_DOMAIN: &[u8] = b"mycel/statement/v1\0";
 
+/// What a model does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Text in, a vector out.
+    Embedding,
+    /// Text in, text out, token by token.
+    Generation,
+}
+
+/// A model a node serves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModelOffer {
+    /// Content id of the model's files.
+    pub id: ContentId,
+    /// Human name (a file or directory name); several ids may share one.
+    pub name: String,
+    /// What it does.
+    pub kind: ModelKind,
+    /// How it is run: replicas that must agree token for token need the same engine.
+    pub engine: String,
+}
+
 /// What a node offers: models, hardware, current load and power state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Capabilities {
-    /// Content ids of the models this node serves (empty until inference lands).
-    pub models: Vec<String>,
+    /// The models this node serves.
+    pub models: Vec<ModelOffer>,
     /// Static hardware description.
     pub hardware: Hardware,
     /// Current load.
@@ -216,7 +244,13 @@ impl SignedStatement {
         }
         let statement: Statement = wire::decode(&self.body, MAX_STATEMENT_BYTES)?;
         if let Statement::Announce(a) = &statement {
-            if a.addrs.len() > MAX_ANNOUNCED_ADDRS || a.addrs.iter().any(|x| x.len() > MAX_ADDR_LEN)
+            let models = &a.capabilities.models;
+            if a.addrs.len() > MAX_ANNOUNCED_ADDRS
+                || a.addrs.iter().any(|x| x.len() > MAX_ADDR_LEN)
+                || models.len() > MAX_ANNOUNCED_MODELS
+                || models.iter().any(|m| {
+                    m.name.len() > MAX_MODEL_NAME_LEN || m.engine.len() > MAX_MODEL_NAME_LEN
+                })
             {
                 return Err(Rejection::Malformed);
             }
@@ -363,6 +397,43 @@ mod tests {
         let many = with_addrs(vec!["/ip4/1.2.3.4/tcp/1".into(); MAX_ANNOUNCED_ADDRS + 1]);
         assert_eq!(many.verify(1), Err(Rejection::Malformed));
         let long = with_addrs(vec!["x".repeat(MAX_ADDR_LEN + 1)]);
+        assert_eq!(long.verify(1), Err(Rejection::Malformed));
+    }
+
+    #[test]
+    fn too_many_or_too_long_model_offers_are_malformed() {
+        let key = Keypair::generate_ed25519();
+        let offer = |name: String| ModelOffer {
+            id: ContentId::of(name.as_bytes()),
+            name,
+            kind: ModelKind::Generation,
+            engine: "candle-f32".into(),
+        };
+        let with_models = |models: Vec<ModelOffer>| {
+            SignedStatement::sign(
+                &key,
+                &Statement::Announce(Announcement {
+                    seq: 1,
+                    issued_at: 0,
+                    expires_at: 1_000,
+                    capabilities: Capabilities {
+                        models,
+                        ..Default::default()
+                    },
+                    addrs: vec![],
+                }),
+            )
+        };
+        let fine = with_models(vec![offer("smollm2".into())])
+            .verify(1)
+            .unwrap();
+        let Statement::Announce(a) = fine.statement else {
+            panic!()
+        };
+        assert_eq!(a.capabilities.models[0].name, "smollm2");
+        let many = with_models(vec![offer("m".into()); MAX_ANNOUNCED_MODELS + 1]);
+        assert_eq!(many.verify(1), Err(Rejection::Malformed));
+        let long = with_models(vec![offer("x".repeat(MAX_MODEL_NAME_LEN + 1))]);
         assert_eq!(long.verify(1), Err(Rejection::Malformed));
     }
 

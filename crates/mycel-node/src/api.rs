@@ -6,9 +6,12 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use mycel_net::{NetHandle, Registry};
+
+use crate::models::ModelService;
+use crate::openai;
 use serde_json::json;
 
 /// What the handlers share.
@@ -18,6 +21,7 @@ pub(crate) struct ApiState {
     pub(crate) token: Arc<str>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) api_addr: String,
+    pub(crate) models: Arc<ModelService>,
 }
 
 /// An OpenAI-style error body.
@@ -29,7 +33,10 @@ pub(crate) fn error(status: StatusCode, kind: &str, message: impl Into<String>) 
 pub(crate) fn router(state: ApiState, open_metrics: bool) -> Router {
     let guarded = Router::new()
         .route("/api/status", get(status))
-        .route("/api/peers", get(peers));
+        .route("/api/peers", get(peers))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/chat/completions", post(openai::chat_completions));
     let guarded = if open_metrics {
         guarded
     } else {

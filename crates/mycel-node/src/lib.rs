@@ -7,6 +7,8 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 mod api;
+pub mod models;
+mod openai;
 pub mod system;
 
 use std::net::SocketAddr;
@@ -15,10 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use mycel_ml::Engine;
 use mycel_net::{
     Limits, Multiaddr, NetConfig, NetEvent, NetHandle, Registry, Timing, TransportKind,
 };
 use mycel_store::{KnownPeer, Store};
+
+use crate::models::ModelService;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -50,6 +55,14 @@ pub struct NodeConfig {
     pub timing: Timing,
     /// Network limits.
     pub limits: Limits,
+    /// Models to serve: GGUF files (generation) and model directories (embeddings).
+    pub models: Vec<PathBuf>,
+    /// Models already loaded (shared by several nodes in one process), served as well.
+    pub preloaded: Vec<models::Served>,
+    /// How generation models run.
+    pub engine: Engine,
+    /// Requests that may wait or run at once before more are refused.
+    pub max_queue: usize,
 }
 
 impl NodeConfig {
@@ -67,6 +80,10 @@ impl NodeConfig {
             libp2p_metrics: true,
             timing: Timing::default(),
             limits: Limits::default(),
+            models: Vec::new(),
+            preloaded: Vec::new(),
+            engine: Engine::default(),
+            max_queue: models::DEFAULT_MAX_QUEUE,
         }
     }
 }
@@ -82,6 +99,8 @@ pub struct Node {
     pub token: String,
     /// The data directory.
     pub data_dir: PathBuf,
+    /// The models this node serves.
+    pub models: Arc<ModelService>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -93,6 +112,19 @@ impl Node {
         let keypair = mycel_store::load_or_create_identity(&dir)?;
         let token = mycel_store::load_or_create_token(&dir)?;
         let store = Arc::new(Store::open(&dir)?);
+        let paths = config.models.clone();
+        let (engine, max_queue) = (config.engine, config.max_queue.max(1));
+        let mut served = config.preloaded.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            paths
+                .iter()
+                .map(|path| models::load_model(path, engine))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await
+        .context("loading models")??;
+        served.extend(loaded);
+        let models = Arc::new(ModelService::new(served, max_queue));
         let known_peers = store
             .peers()?
             .into_iter()
@@ -111,7 +143,7 @@ impl Node {
         net_config.known_peers = known_peers;
         net_config.mdns = config.mdns;
         net_config.libp2p_metrics = config.libp2p_metrics;
-        net_config.capabilities = system::read_capabilities(&config.sys_root, Vec::new());
+        net_config.capabilities = system::read_capabilities(&config.sys_root, &models);
         net_config.timing = config.timing.clone();
         net_config.limits = config.limits.clone();
 
@@ -137,6 +169,7 @@ impl Node {
         tasks.push(tokio::spawn(refresh_capabilities(
             net.clone(),
             config.sys_root.clone(),
+            models.clone(),
         )));
 
         let mut api_addr = None;
@@ -150,6 +183,7 @@ impl Node {
                 token: token.clone().into(),
                 registry: Arc::new(registry),
                 api_addr: bound.to_string(),
+                models: models.clone(),
             };
             let app = api::router(state, config.open_metrics);
             tasks.push(tokio::spawn(async move {
@@ -164,6 +198,7 @@ impl Node {
             api_addr,
             token,
             data_dir: dir,
+            models,
             tasks,
         })
     }
@@ -212,13 +247,13 @@ async fn persist_peers(store: Arc<Store>, mut events: tokio::sync::mpsc::Receive
 /// Re-reads load and power and hands them to the network task, which decides when to
 /// announce them. Nodes start at a random offset so that many nodes on one host do not read
 /// in the same instant.
-async fn refresh_capabilities(net: NetHandle, sys_root: PathBuf) {
+async fn refresh_capabilities(net: NetHandle, sys_root: PathBuf, models: Arc<ModelService>) {
     let offset = CAPABILITY_REFRESH.mul_f64(rand::random::<f64>());
     let start = tokio::time::Instant::now() + CAPABILITY_REFRESH + offset;
     let mut interval = tokio::time::interval_at(start, CAPABILITY_REFRESH);
     loop {
         interval.tick().await;
-        let current = system::read_capabilities(&sys_root, Vec::new());
+        let current = system::read_capabilities(&sys_root, &models);
         if net.refresh_capabilities(current).await.is_err() {
             return;
         }

@@ -6,12 +6,17 @@ use std::path::Path;
 
 use mycel_core::statement::{Capabilities, Hardware, Load, PowerState};
 
-/// Reads the node's capabilities from the machine. `sys_root` is normally `/sys`.
-pub fn read_capabilities(sys_root: &Path, models: Vec<String>) -> Capabilities {
+use crate::models::ModelService;
+
+/// Reads the node's capabilities: the models it serves and its queue, and the machine's
+/// hardware, load and power. `sys_root` is normally `/sys`.
+pub fn read_capabilities(sys_root: &Path, models: &ModelService) -> Capabilities {
+    let mut load = read_load();
+    load.queue_depth = u32::try_from(models.queue_depth()).unwrap_or(u32::MAX);
     Capabilities {
-        models,
+        models: models.offers(),
         hardware: read_hardware(),
-        load: read_load(),
+        load,
         power: read_power(sys_root),
     }
 }
@@ -141,7 +146,7 @@ mod tests {
 
     #[test]
     fn hardware_reports_this_machine() {
-        let caps = read_capabilities(Path::new("/nonexistent"), vec![]);
+        let caps = read_capabilities(Path::new("/nonexistent"), &ModelService::new(vec![], 1));
         assert!(caps.hardware.cores >= 1);
         assert!(caps.hardware.memory_bytes > 0);
         assert!((0.0..=1.0).contains(&caps.load.utilisation));

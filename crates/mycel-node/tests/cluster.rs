@@ -5,8 +5,11 @@ mod common;
 use std::time::Duration;
 
 use common::{addrs_of, cluster, local_config, wait_converged, wait_until};
+use mycel_core::id::ContentId;
 use mycel_core::membership::PeerState;
-use mycel_core::statement::{Announcement, Capabilities, SignedStatement, Statement};
+use mycel_core::statement::{
+    Announcement, Capabilities, ModelKind, ModelOffer, SignedStatement, Statement,
+};
 use mycel_core::wire::Rejection;
 use mycel_core::Keypair;
 use mycel_node::Node;
@@ -111,7 +114,12 @@ async fn model_changes_go_out_at_once_and_load_changes_are_paced() {
     let before = seen_by_b().await;
     let mut caps = before.capabilities.clone().unwrap();
 
-    caps.models = vec!["blake3:0123".into()];
+    caps.models = vec![ModelOffer {
+        id: ContentId::of(b"weights"),
+        name: "tiny".into(),
+        kind: ModelKind::Generation,
+        engine: "candle-f32".into(),
+    }];
     a.net.refresh_capabilities(caps.clone()).await.unwrap();
     wait_until(Duration::from_secs(2), "b sees the new model", || async {
         seen_by_b()

@@ -172,7 +172,10 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
     for _ in 0..args.announcements {
         let source = rng.gen_range(0..n);
         let source_id = nodes[source].net.peer_id();
-        let mut caps = mycel_node::system::read_capabilities(std::path::Path::new("/sys"), vec![]);
+        let mut caps = mycel_node::system::read_capabilities(
+            std::path::Path::new("/sys"),
+            &mycel_node::models::ModelService::new(vec![], 1),
+        );
         caps.load.queue_depth = rng.gen_range(1..1000);
         let t0 = mycel_net::now_ms();
         let seq = nodes[source].net.set_capabilities(caps).await?;

@@ -1,0 +1,537 @@
+//! The OpenAI-compatible API: GET /v1/models, POST /v1/embeddings, POST /v1/chat/completions
+//! (plain and server-sent events), with OpenAI's request, response and error shapes, so that
+//! any OpenAI client pointed at a node works (its API key is the node's token).
+//!
+//! Requests run on this node's models; running them on the best peer is the router's job.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use mycel_ml::{ChatMessage, FinishReason, GenerateParams, MlError};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::api::ApiState;
+use crate::models::{RunError, Runner};
+
+/// Default `max_tokens` when a request names none.
+const DEFAULT_MAX_TOKENS: usize = 512;
+
+/// An OpenAI error response.
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<&'static str>,
+    message: String,
+}
+
+impl ApiError {
+    fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: None,
+            param,
+            message: message.into(),
+        }
+    }
+
+    fn no_model(name: &str, kind: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            kind: "invalid_request_error",
+            code: Some("model_not_found"),
+            param: Some("model"),
+            message: format!(
+                "the model {name:?} is not served here as an {kind} model; GET /v1/models lists \
+                 the models"
+            ),
+        }
+    }
+}
+
+impl From<RunError> for ApiError {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Busy(_) => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "server_error",
+                code: Some("overloaded"),
+                param: None,
+                message: e.to_string(),
+            },
+            RunError::Model(MlError::Input(message)) => Self::invalid(None, message),
+            RunError::Model(e) => Self {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                kind: "server_error",
+                code: None,
+                param: None,
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let mut json = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("the body is not valid JSON: {inner}")
+        } else if path == "." {
+            format!("the request does not have the expected fields: {inner}")
+        } else {
+            format!("{path}: {inner}")
+        };
+        ApiError::invalid(None, message)
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// GET /v1/models: this node's models, then those its peers announce.
+pub(crate) async fn list_models(State(state): State<ApiState>) -> Response {
+    let mut models: BTreeMap<String, Value> = BTreeMap::new();
+    for served in state.models.models() {
+        let offer = &served.offer;
+        models.insert(
+            offer.id.to_string(),
+            json!({
+                "id": offer.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "mycel",
+                "mycel": { "content_id": offer.id, "kind": offer.kind, "engine": offer.engine,
+                           "local": true, "peers": 0 },
+            }),
+        );
+    }
+    if let Ok(peers) = state.net.peers().await {
+        for peer in peers
+            .iter()
+            .filter(|p| p.state == mycel_core::membership::PeerState::Alive)
+        {
+            for offer in peer.capabilities.iter().flat_map(|c| c.models.iter()) {
+                let entry = models.entry(offer.id.to_string()).or_insert_with(|| {
+                    json!({
+                        "id": offer.name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "mycel",
+                        "mycel": { "content_id": offer.id, "kind": offer.kind,
+                                   "engine": offer.engine, "local": false, "peers": 0 },
+                    })
+                });
+                let count = entry["mycel"]["peers"].as_u64().unwrap_or(0);
+                entry["mycel"]["peers"] = json!(count + 1);
+            }
+        }
+    }
+    Json(json!({ "object": "list", "data": models.into_values().collect::<Vec<_>>() }))
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsRequest {
+    model: String,
+    input: Value,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+}
+
+/// POST /v1/embeddings.
+pub(crate) async fn embeddings(State(state): State<ApiState>, body: Bytes) -> Response {
+    match embed(state, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn embed(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
+    let request: EmbeddingsRequest = parse(&body)?;
+    let texts =
+        match serde_json::from_value::<EmbeddingInput>(request.input) {
+            Ok(EmbeddingInput::One(text)) => vec![text],
+            Ok(EmbeddingInput::Many(texts)) => texts,
+            Err(_) => return Err(ApiError::invalid(
+                Some("input"),
+                "input must be a string or an array of strings (token arrays are not supported)",
+            )),
+        };
+    if texts.is_empty() {
+        return Err(ApiError::invalid(Some("input"), "input is an empty list"));
+    }
+    if texts.len() > 2048 {
+        return Err(ApiError::invalid(
+            Some("input"),
+            format!("input has {} items; at most 2048", texts.len()),
+        ));
+    }
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("encoding_format"),
+                format!("encoding_format must be float or base64, not {other:?}"),
+            ))
+        }
+    };
+    let served = state.models.find(&request.model);
+    let Some(Runner::Embed(model)) = served.map(|s| s.runner.clone()) else {
+        return Err(ApiError::no_model(&request.model, "embedding"));
+    };
+    if let Some(dimensions) = request.dimensions {
+        if dimensions != model.dimension() {
+            return Err(ApiError::invalid(
+                Some("dimensions"),
+                format!(
+                    "{} makes vectors of {} dimensions only",
+                    model.name(),
+                    model.dimension()
+                ),
+            ));
+        }
+    }
+    let name = model.name().to_owned();
+    let (vectors, tokens) = state.models.embed(model, texts).await?;
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({ "object": "embedding", "index": index, "embedding": embedding })
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": name,
+        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct MessageIn {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<MessageIn>,
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    stream_options: Option<Value>,
+}
+
+fn messages(request: &ChatRequest) -> Result<Vec<ChatMessage>, ApiError> {
+    if request.messages.is_empty() {
+        return Err(ApiError::invalid(Some("messages"), "messages is empty"));
+    }
+    request
+        .messages
+        .iter()
+        .map(|m| {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant"
+            ) {
+                return Err(ApiError::invalid(
+                    Some("messages"),
+                    format!(
+                        "role {:?} is not supported (system, user, assistant are)",
+                        m.role
+                    ),
+                ));
+            }
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(text)) => text.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.kind.as_str(), &part.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    Some("messages"),
+                                    format!("content parts of type {kind:?} are not supported"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                m.role.as_str()
+            };
+            Ok(ChatMessage {
+                role: role.to_owned(),
+                content,
+            })
+        })
+        .collect()
+}
+
+fn params(request: &ChatRequest) -> Result<GenerateParams, ApiError> {
+    if request.n.unwrap_or(1) != 1 {
+        return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
+    }
+    let max_tokens = match request.max_completion_tokens.or(request.max_tokens) {
+        None => DEFAULT_MAX_TOKENS,
+        Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(n) => {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                format!("max_tokens must be at least 1, not {n}"),
+            ))
+        }
+    };
+    let stop = match &request.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    Ok(GenerateParams {
+        max_tokens,
+        // OpenAI's defaults: temperature 1, a fresh seed per request.
+        temperature: Some(request.temperature.unwrap_or(1.0)),
+        top_p: request.top_p,
+        seed: request.seed.unwrap_or_else(rand::random),
+        stop,
+    })
+}
+
+/// POST /v1/chat/completions.
+pub(crate) async fn chat_completions(State(state): State<ApiState>, body: Bytes) -> Response {
+    match chat(state, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
+    let request: ChatRequest = parse(&body)?;
+    let messages = messages(&request)?;
+    let mut params = params(&request)?;
+    let served = state.models.find(&request.model);
+    let Some(Runner::Generate(model)) = served.map(|s| s.runner.clone()) else {
+        return Err(ApiError::no_model(&request.model, "chat"));
+    };
+    let prompt = model
+        .chat_prompt(&messages)
+        .map_err(|e| ApiError::from(RunError::Model(e)))?;
+    // Without an explicit budget, generate up to the context that is left.
+    if request
+        .max_completion_tokens
+        .or(request.max_tokens)
+        .is_none()
+    {
+        let prompt_tokens = model
+            .tokenizer()
+            .encode(&prompt)
+            .map_err(|e| ApiError::from(RunError::Model(e)))?
+            .len();
+        let left = model.context_length().saturating_sub(prompt_tokens).max(1);
+        params.max_tokens = params.max_tokens.min(left);
+    }
+    let id = request_id("chatcmpl");
+    let created = unix_now();
+    let name = model.name().to_owned();
+    let fingerprint = model.engine().name();
+
+    if !request.stream.unwrap_or(false) {
+        let generation = state.models.generate(model, prompt, params, None).await?;
+        return Ok(Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": name,
+            "system_fingerprint": fingerprint,
+            "choices": [{
+                "index": 0,
+                "message": { "role": "assistant", "content": generation.text },
+                "logprobs": null,
+                "finish_reason": finish(generation.finish_reason),
+            }],
+            "usage": usage(generation.prompt_tokens, generation.tokens.len()),
+        }))
+        .into_response());
+    }
+
+    let include_usage = request
+        .stream_options
+        .as_ref()
+        .and_then(|o| o["include_usage"].as_bool())
+        .unwrap_or(false);
+    let chunk = move |delta: Value, finish_reason: Value| {
+        json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": name,
+            "system_fingerprint": fingerprint,
+            "choices": [{ "index": 0, "delta": delta, "logprobs": null,
+                          "finish_reason": finish_reason }],
+        })
+    };
+    let (text_tx, mut text_rx) = mpsc::channel::<String>(64);
+    let (event_tx, event_rx) = mpsc::channel::<Event>(64);
+    let models = state.models.clone();
+    tokio::spawn(async move {
+        let first = chunk(json!({ "role": "assistant", "content": "" }), Value::Null);
+        if event_tx.send(data(&first)).await.is_err() {
+            return;
+        }
+        let generation = models.generate(model, prompt, params, Some(text_tx));
+        tokio::pin!(generation);
+        let result = loop {
+            tokio::select! {
+                Some(text) = text_rx.recv() => {
+                    let piece = chunk(json!({ "content": text }), Value::Null);
+                    if event_tx.send(data(&piece)).await.is_err() {
+                        return;
+                    }
+                }
+                result = &mut generation => break result,
+            }
+        };
+        while let Ok(text) = text_rx.try_recv() {
+            let _ = event_tx
+                .send(data(&chunk(json!({ "content": text }), Value::Null)))
+                .await;
+        }
+        match result {
+            Ok(generation) => {
+                let last = chunk(json!({}), json!(finish(generation.finish_reason)));
+                let _ = event_tx.send(data(&last)).await;
+                if include_usage {
+                    let mut tail = chunk(json!({}), Value::Null);
+                    tail["choices"] = json!([]);
+                    tail["usage"] = usage(generation.prompt_tokens, generation.tokens.len());
+                    let _ = event_tx.send(data(&tail)).await;
+                }
+            }
+            Err(e) => {
+                let error = ApiError::from(e);
+                let body = json!({ "error": { "message": error.message, "type": error.kind,
+                                              "param": error.param, "code": error.code } });
+                let _ = event_tx.send(data(&body)).await;
+            }
+        }
+        let _ = event_tx.send(Event::default().data("[DONE]")).await;
+    });
+    let events = futures::stream::unfold(event_rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|event| (Ok::<_, Infallible>(event), rx))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+fn data(value: &Value) -> Event {
+    Event::default().data(value.to_string())
+}
+
+fn finish(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({ "prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion })
+}

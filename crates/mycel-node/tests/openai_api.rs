@@ -1,0 +1,281 @@
+//! The OpenAI-compatible API of a real node serving tiny models: shapes, streaming, bad input
+//! answered with OpenAI-style 4xx errors (the node keeps serving), and the official `openai`
+//! Python package driving it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::local_config;
+use mycel_ml::fixtures::{write_tiny_bert, write_tiny_llama};
+use mycel_node::Node;
+use serde_json::{json, Value};
+
+async fn tiny_node(root: &std::path::Path) -> Node {
+    write_tiny_bert(&root.join("tiny-bert")).unwrap();
+    write_tiny_llama(&root.join("tiny-llama.gguf")).unwrap();
+    let mut config = local_config(&root.join("node"), vec![], true);
+    config.models = vec![root.join("tiny-bert"), root.join("tiny-llama.gguf")];
+    Node::start(config).await.unwrap()
+}
+
+/// POSTs `body` (raw) and returns the status and the body.
+fn post(node: &Node, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
+    let url = format!("http://{}{path}", node.api_addr.unwrap());
+    let mut request = ureq::post(&url)
+        .config()
+        .http_status_as_error(false)
+        .build();
+    if let Some(token) = token {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    let mut response = request
+        .header("Content-Type", "application/json")
+        .send(body)
+        .expect("API reachable");
+    let status = response.status().as_u16();
+    (status, response.body_mut().read_to_string().unwrap())
+}
+
+fn post_json(node: &Node, path: &str, body: Value) -> (u16, Value) {
+    let (status, text) = post(node, path, &body.to_string(), Some(&node.token));
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_shapes_for_models_embeddings_and_chat() {
+    let root = tempfile::tempdir().unwrap();
+    let node = tiny_node(root.path()).await;
+
+    let url = format!("http://{}/v1/models", node.api_addr.unwrap());
+    let mut response = ureq::get(&url)
+        .header("Authorization", &format!("Bearer {}", node.token))
+        .call()
+        .unwrap();
+    let models: Value =
+        serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+    let names: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"tiny-bert") && names.contains(&"tiny-llama"),
+        "{names:?}"
+    );
+
+    let (status, body) = post_json(
+        &node,
+        "/v1/embeddings",
+        json!({ "model": "tiny-bert", "input": ["the cat sat", "the dog ran"] }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["data"][1]["index"], 1);
+    assert_eq!(body["data"][0]["embedding"].as_array().unwrap().len(), 16);
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() >= 4);
+
+    // Greedy chat is deterministic; the response has OpenAI's shape.
+    let request = json!({
+        "model": "tiny-llama",
+        "messages": [{ "role": "user", "content": "the cat" }],
+        "temperature": 0,
+        "max_tokens": 8,
+    });
+    let (status, first) = post_json(&node, "/v1/chat/completions", request.clone());
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["object"], "chat.completion");
+    assert_eq!(first["choices"][0]["message"]["role"], "assistant");
+    let text = first["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, second) = post_json(&node, "/v1/chat/completions", request.clone());
+    assert_eq!(second["choices"][0]["message"]["content"], text.as_str());
+    let completion = first["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=8).contains(&completion));
+
+    // Streaming: chunks that add up to the same text, then [DONE].
+    let mut streaming = request.clone();
+    streaming["stream"] = json!(true);
+    let (status, events) = post(
+        &node,
+        "/v1/chat/completions",
+        &streaming.to_string(),
+        Some(&node.token),
+    );
+    assert_eq!(status, 200);
+    let mut streamed = String::new();
+    let mut finish = None;
+    let lines: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(lines.last(), Some(&"[DONE]"));
+    for line in &lines[..lines.len() - 1] {
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            streamed.push_str(piece);
+        }
+        if let Some(reason) = chunk["choices"][0]["finish_reason"].as_str() {
+            finish = Some(reason.to_owned());
+        }
+    }
+    assert_eq!(streamed, text);
+    assert!(matches!(finish.as_deref(), Some("stop" | "length")));
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
+    let root = tempfile::tempdir().unwrap();
+    let node = tiny_node(root.path()).await;
+    let chat = |extra: Value| {
+        let mut body = json!({
+            "model": "tiny-llama",
+            "messages": [{ "role": "user", "content": "hi" }],
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "/v1/chat/completions",
+            chat(json!({ "model": "nope" })),
+            404,
+            "model",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "max_tokens": 0 })),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "max_tokens": 100000000 })),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "messages": [] })),
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "temperature": "hot" })),
+            400,
+            "temperature",
+        ),
+        ("/v1/chat/completions", chat(json!({ "n": 3 })), 400, "n"),
+        (
+            "/v1/embeddings",
+            json!({ "model": "tiny-bert", "input": [] }),
+            400,
+            "empty",
+        ),
+        (
+            "/v1/embeddings",
+            json!({ "model": "tiny-bert", "input": [1, 2] }),
+            400,
+            "input",
+        ),
+        (
+            "/v1/embeddings",
+            json!({ "model": "tiny-bert", "input": "cat ".repeat(40) }),
+            400,
+            "tokens",
+        ),
+        (
+            "/v1/embeddings",
+            json!({ "model": "tiny-llama", "input": "x" }),
+            404,
+            "model",
+        ),
+    ];
+    for (path, body, status, mentions) in cases {
+        let (got, answer) = post_json(&node, path, body.clone());
+        assert_eq!(got, status, "{body} -> {answer}");
+        let error = &answer["error"];
+        assert!(error["type"].is_string(), "{answer}");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.contains(mentions) || error["param"] == mentions,
+            "{body}: {message}"
+        );
+    }
+    let (status, answer) = post(
+        &node,
+        "/v1/chat/completions",
+        "{not json",
+        Some(&node.token),
+    );
+    assert_eq!(status, 400);
+    assert!(answer.contains("not valid JSON"), "{answer}");
+    let (status, _) = post(&node, "/v1/embeddings", "{}", None);
+    assert_eq!(status, 401);
+
+    // Still serving.
+    let (status, body) = post_json(
+        &node,
+        "/v1/embeddings",
+        json!({ "model": "tiny-bert", "input": "the cat" }),
+    );
+    assert_eq!(status, 200, "{body}");
+    node.shutdown().await;
+}
+
+/// The official `openai` package (from PyPI) against a running node. Needs a Python with it
+/// installed: `bash scripts/setup-test-python.sh` makes .cache/venv; CI sets
+/// MYCEL_REQUIRE_OPENAI=1 so that its absence fails instead of skipping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_client_works_against_a_node() {
+    let python = std::env::var_os("MYCEL_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../.cache/venv/bin/python")
+        });
+    let has_openai = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_openai {
+        assert!(
+            std::env::var("MYCEL_REQUIRE_OPENAI").as_deref() != Ok("1"),
+            "no Python with the openai package at {}: run `bash scripts/setup-test-python.sh`",
+            python.display()
+        );
+        eprintln!("SKIPPED: no Python with the openai package (bash scripts/setup-test-python.sh)");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let node = tiny_node(root.path()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(&python)
+            .arg(script)
+            .env(
+                "OPENAI_BASE_URL",
+                format!("http://{}/v1", node.api_addr.unwrap()),
+            )
+            .env("OPENAI_API_KEY", &node.token)
+            .output(),
+    )
+    .await
+    .expect("the client finishes")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("ALL OK"), "{stdout}\n{stderr}");
+    node.shutdown().await;
+}

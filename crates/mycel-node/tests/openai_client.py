@@ -1,0 +1,47 @@
+"""Drives a Mycel node with the official openai package (run by tests/openai_api.rs)."""
+import openai
+
+client = openai.OpenAI(max_retries=0, timeout=60)
+
+ids = [m.id for m in client.models.list().data]
+assert "tiny-bert" in ids and "tiny-llama" in ids, ids
+
+# The client asks for base64 by default and decodes it.
+emb = client.embeddings.create(model="tiny-bert", input=["the cat sat", "the dog ran"])
+assert len(emb.data) == 2 and len(emb.data[0].embedding) == 16, emb
+norm = sum(x * x for x in emb.data[0].embedding) ** 0.5
+assert abs(norm - 1.0) < 1e-3, norm
+floats = client.embeddings.create(model="tiny-bert", input="the cat sat", encoding_format="float")
+assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, emb.data[0].embedding)) < 1e-6
+
+messages = [{"role": "user", "content": "the cat"}]
+chat = client.chat.completions.create(model="tiny-llama", messages=messages, temperature=0, max_tokens=8)
+text = chat.choices[0].message.content
+assert chat.choices[0].finish_reason in ("stop", "length"), chat
+assert chat.usage.completion_tokens >= 1, chat
+
+stream = client.chat.completions.create(
+    model="tiny-llama", messages=messages, temperature=0, max_tokens=8, stream=True,
+    stream_options={"include_usage": True},
+)
+pieces, usage = [], None
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        pieces.append(chunk.choices[0].delta.content)
+    if chunk.usage:
+        usage = chunk.usage
+assert "".join(pieces) == text, (pieces, text)
+assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages)
+    raise SystemExit("an unknown model must fail")
+except openai.NotFoundError as e:
+    assert "no-such-model" in str(e), e
+try:
+    client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=0)
+    raise SystemExit("max_tokens 0 must fail")
+except openai.BadRequestError as e:
+    assert "max_tokens" in str(e), e
+
+print("ALL OK")
