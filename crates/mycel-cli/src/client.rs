@@ -1,5 +1,6 @@
-//! `mycel status` and `mycel peers`: read a node's HTTP API.
+//! `mycel status`, `peers`, `models`, `embed` and `chat`: a node's HTTP API from the terminal.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -63,6 +64,37 @@ impl ClientArgs {
                 "cannot reach a node API at {} ({e}); is `mycel node` running? Pass --api HOST:PORT if it listens elsewhere",
                 self.api
             ),
+        }
+    }
+
+    /// POSTs `body` and returns the response, with the API's own error message on failure.
+    fn post(&self, path: &str, body: &Value) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        let token = self.token()?;
+        let url = format!("http://{}{path}", self.api);
+        let response = ureq::post(&url)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .header("Authorization", &format!("Bearer {token}"))
+            .send_json(body)
+            .with_context(|| {
+                format!(
+                    "cannot reach a node API at {}; is `mycel node` running? Pass --api \
+                     HOST:PORT if it listens elsewhere",
+                    self.api
+                )
+            })?;
+        let status = response.status().as_u16();
+        if status == 200 {
+            return Ok(response);
+        }
+        let mut response = response;
+        let answer: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+        let message = answer["error"]["message"].as_str().unwrap_or("no details");
+        match status {
+            401 => bail!("the node at {} refused the token (401); use the token from its data directory's api.token", self.api),
+            404 => bail!("{message}; `mycel models` lists what is served"),
+            _ => bail!("the node at {} answered {status}: {message}", self.api),
         }
     }
 }
@@ -144,5 +176,151 @@ pub(crate) fn peers(args: ClientArgs) -> anyhow::Result<()> {
             ago
         );
     }
+    Ok(())
+}
+
+pub(crate) fn models(args: ClientArgs) -> anyhow::Result<()> {
+    let models = args.get("/v1/models")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&models)?);
+        return Ok(());
+    }
+    let list = models["data"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        eprintln!(
+            "no models served: start a node with --model PATH (bash scripts/fetch-models.sh \
+             fetches the reference models into .cache/models)"
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<10} {:<11} {:<6} {:>5}  CONTENT ID",
+        "MODEL", "KIND", "ENGINE", "LOCAL", "PEERS"
+    );
+    for model in list {
+        let m = &model["mycel"];
+        println!(
+            "{:<32} {:<10} {:<11} {:<6} {:>5}  {}",
+            model["id"].as_str().unwrap_or("?"),
+            m["kind"].as_str().unwrap_or("?"),
+            m["engine"].as_str().unwrap_or("?"),
+            if m["local"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            m["peers"],
+            m["content_id"].as_str().unwrap_or("?"),
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct EmbedArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Model name or content id.
+    #[arg(long, default_value = "all-minilm-l6-v2")]
+    model: String,
+    /// Texts to embed.
+    #[arg(required = true)]
+    texts: Vec<String>,
+}
+
+pub(crate) fn embed(args: EmbedArgs) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "model": args.model, "input": args.texts });
+    let mut response = args.client.post("/v1/embeddings", &body)?;
+    let answer: Value = response
+        .body_mut()
+        .read_json()
+        .context("the node sent invalid JSON")?;
+    if args.client.json {
+        println!("{}", serde_json::to_string(&answer)?);
+        return Ok(());
+    }
+    for (text, item) in args
+        .texts
+        .iter()
+        .zip(answer["data"].as_array().into_iter().flatten())
+    {
+        let vector: Vec<String> = item["embedding"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| format!("{:.4}", x.as_f64().unwrap_or(f64::NAN)))
+            .collect();
+        let shown = vector
+            .iter()
+            .take(6)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!("{text:?}: [{shown}, ...] ({} dimensions)", vector.len());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct ChatArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Model name or content id.
+    #[arg(long, default_value = "SmolLM2-135M-Instruct.Q4_1")]
+    model: String,
+    /// A system message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    /// Sampling temperature (0: greedy, the same answer every time).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    /// Seed of the sampler.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// What to say.
+    prompt: String,
+}
+
+/// Streams the answer to the terminal as it is generated.
+pub(crate) fn chat(args: ChatArgs) -> anyhow::Result<()> {
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(serde_json::json!({ "role": "system", "content": system }));
+    }
+    messages.push(serde_json::json!({ "role": "user", "content": args.prompt }));
+    let mut body = serde_json::json!({
+        "model": args.model,
+        "messages": messages,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "stream": true,
+    });
+    if let Some(seed) = args.seed {
+        body["seed"] = seed.into();
+    }
+    let response = args.client.post("/v1/chat/completions", &body)?;
+    let reader = BufReader::new(response.into_body().into_reader());
+    let mut out = std::io::stdout().lock();
+    for line in reader.lines() {
+        let line = line.context("the stream from the node broke off")?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data).context("the node sent invalid JSON")?;
+        if let Some(message) = chunk["error"]["message"].as_str() {
+            bail!("generation failed: {message}");
+        }
+        if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
+            write!(out, "{text}")?;
+            out.flush()?;
+        }
+    }
+    writeln!(out)?;
     Ok(())
 }

@@ -29,6 +29,12 @@ enum Command {
     Status(client::ClientArgs),
     /// List the peers a node knows.
     Peers(client::ClientArgs),
+    /// List the models a node and its peers serve.
+    Models(client::ClientArgs),
+    /// Embed texts with a node's embedding model.
+    Embed(client::EmbedArgs),
+    /// Chat with a node's generation model; the answer streams to the terminal.
+    Chat(client::ChatArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -189,6 +195,9 @@ fn main() -> std::process::ExitCode {
             Command::Up(args) => up::run(args).await,
             Command::Status(args) => client::status(args),
             Command::Peers(args) => client::peers(args),
+            Command::Models(args) => client::models(args),
+            Command::Embed(args) => client::embed(args),
+            Command::Chat(args) => client::chat(args),
             Command::Bench(command) => bench::run(command).await,
         }
     });

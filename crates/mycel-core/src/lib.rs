@@ -11,6 +11,8 @@
 //! - [`membership`]: who is alive, who has failed, and what each peer offers.
 //! - [`ratelimit`]: per-peer token buckets.
 //! - [`reputation`]: a decayed per-peer score fed by misbehaviour.
+//! - [`routing`]: ranking the peers that could run a task (reliability, load, RTT,
+//!   Thompson-sampling exploration).
 //! - [`wire`]: size-bounded CBOR encoding shared by every protocol message.
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
@@ -19,6 +21,7 @@ pub mod id;
 pub mod membership;
 pub mod ratelimit;
 pub mod reputation;
+pub mod routing;
 pub mod statement;
 pub mod wire;
 

@@ -54,7 +54,7 @@ impl ApiError {
             code: Some("model_not_found"),
             param: Some("model"),
             message: format!(
-                "the model {name:?} is not served here as an {kind} model; GET /v1/models lists \
+                "the model {name:?} is not served here for {kind}; GET /v1/models lists \
                  the models"
             ),
         }
@@ -220,7 +220,7 @@ async fn embed(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     };
     let served = state.models.find(&request.model);
     let Some(Runner::Embed(model)) = served.map(|s| s.runner.clone()) else {
-        return Err(ApiError::no_model(&request.model, "embedding"));
+        return Err(ApiError::no_model(&request.model, "embeddings"));
     };
     if let Some(dimensions) = request.dimensions {
         if dimensions != model.dimension() {
@@ -405,7 +405,7 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     let mut params = params(&request)?;
     let served = state.models.find(&request.model);
     let Some(Runner::Generate(model)) = served.map(|s| s.runner.clone()) else {
-        return Err(ApiError::no_model(&request.model, "chat"));
+        return Err(ApiError::no_model(&request.model, "chat completions"));
     };
     let prompt = model
         .chat_prompt(&messages)
