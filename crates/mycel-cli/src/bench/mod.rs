@@ -1,6 +1,7 @@
 //! `mycel bench ...`: whole-network benchmarks. A readable table goes to stderr; with `--json`
 //! one JSON object per scenario goes to stdout.
 
+mod inference;
 mod net;
 
 use clap::Subcommand;
@@ -9,11 +10,15 @@ use clap::Subcommand;
 pub(crate) enum BenchCommand {
     /// Membership, gossip, request-response and failure detection with N real nodes.
     Net(net::NetBenchArgs),
+    /// The reference models on this machine: embeddings (beside sentence-transformers when
+    /// given --python) and SmolLM2 prompt processing and decoding.
+    Inference(inference::InferenceBenchArgs),
 }
 
 pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Net(args) => net::run(args).await,
+        BenchCommand::Inference(args) => inference::run(args).await,
     }
 }
 
