@@ -142,8 +142,18 @@ pub fn rank<P: Clone, R: Rng + ?Sized>(
                 r.mean()
             };
             let queue = f64::from(c.queue_depth);
-            let load = queue / (queue + 4.0) + 0.5 * f64::from(c.utilisation.clamp(0.0, 1.0));
-            let rtt = c.rtt_ms.unwrap_or(weights.rtt_scale_ms).max(0.0);
+            // Figures from peers: a non-finite one counts as the worst.
+            let utilisation = if c.utilisation.is_finite() {
+                c.utilisation.clamp(0.0, 1.0)
+            } else {
+                1.0
+            };
+            let load = queue / (queue + 4.0) + 0.5 * f64::from(utilisation);
+            let rtt = c
+                .rtt_ms
+                .filter(|r| r.is_finite())
+                .unwrap_or(weights.rtt_scale_ms)
+                .max(0.0);
             let rtt = rtt / (rtt + weights.rtt_scale_ms.max(1e-9));
             let score = weights.reliability * reliability - weights.load * load - weights.rtt * rtt;
             (score, i)
@@ -280,6 +290,26 @@ mod tests {
             ..local
         };
         assert_eq!(rank(&[remote, swamped], even, &weights, &mut rng)[0], 1);
+    }
+
+    #[test]
+    fn non_finite_figures_never_rank_first() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let weights = Weights {
+            explore: false,
+            ..Weights::default()
+        };
+        let even = |_: &u32| Record::default();
+        let sane = candidate(0, 5.0, 0, 0.5);
+        let nan = Candidate {
+            utilisation: f32::NAN,
+            ..candidate(1, 5.0, 0, 0.0)
+        };
+        let inf = Candidate {
+            rtt_ms: Some(f64::NAN),
+            ..candidate(2, 0.0, 0, 0.5)
+        };
+        assert_eq!(rank(&[nan, inf, sane], even, &weights, &mut rng)[0], 0);
     }
 
     #[test]

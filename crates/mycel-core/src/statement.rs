@@ -65,15 +65,36 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    /// Whether `other` differs enough from `self` to be announced at once rather than with
-    /// the next periodic announcement: anything but a small move of utilisation counts.
+    /// Whether `other` differs enough from `self` to be announced soon rather than with the
+    /// next periodic announcement: models, hardware, queue depth, mains power; utilisation by
+    /// a quarter, battery by 5 points, temperature by 5 °C.
     pub fn differs_significantly(&self, other: &Self) -> bool {
         const UTILISATION_STEP: f32 = 0.25;
         self.models != other.models
             || self.hardware != other.hardware
-            || self.power != other.power
+            || power_differs(self.power.as_ref(), other.power.as_ref())
             || self.load.queue_depth != other.load.queue_depth
             || (self.load.utilisation - other.load.utilisation).abs() >= UTILISATION_STEP
+    }
+}
+
+fn power_differs(a: Option<&PowerState>, b: Option<&PowerState>) -> bool {
+    const BATTERY_STEP: u8 = 5;
+    const TEMPERATURE_STEP: f32 = 5.0;
+    match (a, b) {
+        (None, None) => false,
+        (Some(a), Some(b)) => {
+            a.on_mains != b.on_mains
+                || match (a.battery_pct, b.battery_pct) {
+                    (Some(x), Some(y)) => x.abs_diff(y) >= BATTERY_STEP,
+                    (x, y) => x.is_some() != y.is_some(),
+                }
+                || match (a.temperature_c, b.temperature_c) {
+                    (Some(x), Some(y)) => (x - y).abs() >= TEMPERATURE_STEP,
+                    (x, y) => x.is_some() != y.is_some(),
+                }
+        }
+        _ => true,
     }
 }
 
@@ -245,7 +266,11 @@ impl SignedStatement {
         let statement: Statement = wire::decode(&self.body, MAX_STATEMENT_BYTES)?;
         if let Statement::Announce(a) = &statement {
             let models = &a.capabilities.models;
-            if a.addrs.len() > MAX_ANNOUNCED_ADDRS
+            let utilisation = a.capabilities.load.utilisation;
+            let temperature = a.capabilities.power.as_ref().and_then(|p| p.temperature_c);
+            if !(0.0..=1.0).contains(&utilisation)
+                || temperature.is_some_and(|t| !t.is_finite())
+                || a.addrs.len() > MAX_ANNOUNCED_ADDRS
                 || a.addrs.iter().any(|x| x.len() > MAX_ADDR_LEN)
                 || models.len() > MAX_ANNOUNCED_MODELS
                 || models.iter().any(|m| {
@@ -372,6 +397,38 @@ mod tests {
             ..Default::default()
         });
         assert!(base.differs_significantly(&battery));
+        // Sensor noise is not news; a real change is.
+        let warm = |battery_pct, temperature_c| Capabilities {
+            power: Some(PowerState {
+                on_mains: Some(false),
+                battery_pct: Some(battery_pct),
+                temperature_c: Some(temperature_c),
+            }),
+            ..Default::default()
+        };
+        assert!(!warm(40, 51.0).differs_significantly(&warm(42, 52.5)));
+        assert!(warm(40, 51.0).differs_significantly(&warm(35, 51.0)));
+        assert!(warm(40, 51.0).differs_significantly(&warm(40, 58.0)));
+    }
+
+    #[test]
+    fn impossible_load_figures_are_malformed() {
+        let key = Keypair::generate_ed25519();
+        for utilisation in [f32::NAN, -0.5, 1.5, f32::INFINITY] {
+            let mut capabilities = Capabilities::default();
+            capabilities.load.utilisation = utilisation;
+            let signed = SignedStatement::sign(
+                &key,
+                &Statement::Announce(Announcement {
+                    seq: 1,
+                    issued_at: 0,
+                    expires_at: 1_000,
+                    capabilities,
+                    addrs: vec![],
+                }),
+            );
+            assert_eq!(signed.verify(1), Err(Rejection::Malformed), "{utilisation}");
+        }
     }
 
     #[test]

@@ -65,7 +65,8 @@ impl GenerateParams {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    /// Refuses parameters no generation can run with.
+    pub fn check(&self) -> Result<()> {
         if self.max_tokens == 0 {
             return Err(MlError::Input("max_tokens must be at least 1".into()));
         }
@@ -162,9 +163,11 @@ fn dequantized(
         };
         tensors.push((name.clone(), tensor));
     }
+    // The writer aligns tensors its own way; the original alignment must not be copied.
     let metadata: Vec<(&str, &gguf_file::Value)> = content
         .metadata
         .iter()
+        .filter(|(k, _)| k.as_str() != "general.alignment")
         .map(|(k, v)| (k.as_str(), v))
         .collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -327,7 +330,7 @@ impl Generator {
         let mut finish_reason = FinishReason::Length;
         while tokens.len() < params.max_tokens {
             let next = sampler.sample(&logits)?;
-            if next == self.tokenizer.eos {
+            if self.tokenizer.ends_turn(next) {
                 finish_reason = FinishReason::Stop;
                 break;
             }
@@ -396,11 +399,12 @@ impl<'a> TextStream<'a> {
         if text.ends_with('\u{FFFD}') {
             safe -= '\u{FFFD}'.len_utf8();
         }
-        // Hold back a tail that is the beginning of a stop string.
+        // Hold back the longest tail that is the beginning of a stop string.
+        let end = safe;
         for stop in self.stop {
             for len in (1..stop.len()).rev() {
-                if stop.is_char_boundary(len) && text[..safe].ends_with(&stop[..len]) {
-                    safe = safe.min(text.len() - len).min(safe);
+                if stop.is_char_boundary(len) && text[..end].ends_with(&stop[..len]) {
+                    safe = safe.min(end - len);
                     break;
                 }
             }
@@ -444,6 +448,20 @@ mod tests {
         assert_eq!(stream.advance("Hello ENd END more"), (" ", true));
         assert_eq!(stream.finish("Hello ENd END more"), ("", true));
         assert_eq!(stream.emitted_text("Hello ENd END more"), "Hello ENd ");
+    }
+
+    #[test]
+    fn stream_holds_back_the_longest_possible_stop_string() {
+        let stop = vec!["Human:".to_owned(), "\n\nHuman:".to_owned()];
+        let mut stream = TextStream::new(&stop);
+        assert_eq!(stream.advance("ok"), ("ok", false));
+        assert_eq!(
+            stream.advance("ok\n\nH"),
+            ("", false),
+            "all of \\n\\nH may begin a stop"
+        );
+        assert_eq!(stream.advance("ok\n\nHuman:"), ("", true));
+        assert_eq!(stream.emitted_text("ok\n\nHuman:"), "ok");
     }
 
     #[test]

@@ -25,8 +25,10 @@ const USER_DEFINED: i32 = 4;
 pub struct GgufTokenizer {
     /// The tokenizer proper.
     pub tokenizer: Tokenizer,
-    /// Token that ends a turn (generation stops there).
+    /// Token that ends a text (generation stops there).
     pub eos: u32,
+    /// Token that ends a turn, where the model has one apart from `eos`.
+    pub eot: Option<u32>,
     /// Token that begins a text, if the model uses one.
     pub bos: Option<u32>,
     /// Whether a prompt starts with the BOS token.
@@ -138,10 +140,16 @@ impl GgufTokenizer {
         Ok(Self {
             tokenizer,
             eos,
+            eot: id("tokenizer.ggml.eot_token_id").filter(|t| *t != eos),
             bos: id("tokenizer.ggml.bos_token_id"),
             add_bos,
             chat_template,
         })
+    }
+
+    /// Whether generation stops at `token` (end of text or of the turn).
+    pub fn ends_turn(&self, token: u32) -> bool {
+        token == self.eos || Some(token) == self.eot
     }
 
     /// Token ids of `text`, control tokens included as themselves.

@@ -11,7 +11,7 @@
 //! - Kademlia `/mycel/kad/1.0.0` with periodic random walks, identify `/mycel/id/1.0.0` whose
 //!   listen addresses feed the routing table (referrals), ping for liveness and RTT, mDNS;
 //! - gossipsub topic `mycel/statements/1` carrying signed announcements and down reports;
-//! - request-response `/mycel/sync/1` for anti-entropy snapshots and echo round trips.
+//! - request-response `/mycel/sync/2` for anti-entropy snapshots and echo round trips.
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 

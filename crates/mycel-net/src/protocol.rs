@@ -1,10 +1,10 @@
-//! Wire types of the `/mycel/sync/1` request-response protocol.
+//! Wire types of the `/mycel/sync/2` request-response protocol.
 
 use mycel_core::statement::SignedStatement;
 use serde::{Deserialize, Serialize};
 
-/// Protocol name of anti-entropy and echo.
-pub(crate) const SYNC_PROTOCOL: &str = "/mycel/sync/1";
+/// Protocol name of anti-entropy and echo (2: digest summaries).
+pub(crate) const SYNC_PROTOCOL: &str = "/mycel/sync/2";
 /// Protocol name of Kademlia (private, so we never join a public DHT).
 pub(crate) const KAD_PROTOCOL: &str = "/mycel/kad/1.0.0";
 /// Protocol version told by identify.
@@ -26,7 +26,7 @@ pub(crate) struct DigestEntry {
     pub(crate) seq: u64,
 }
 
-/// A request on `/mycel/sync/1`.
+/// A request on `/mycel/sync/2`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum SyncRequest {
     /// "Here is what I know; send me what is newer" (anti-entropy).
@@ -38,7 +38,7 @@ pub(crate) enum SyncRequest {
     Echo(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
-/// A response on `/mycel/sync/1`.
+/// A response on `/mycel/sync/2`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum SyncResponse {
     /// Announcements the requester lacked.

@@ -5,12 +5,14 @@
 //! router can go elsewhere instead of queueing behind a busy node.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
 use mycel_core::statement::{ModelKind, ModelOffer};
 use mycel_ml::{Embedder, Engine, GenerateParams, Generation, Generator, MlError};
-use tokio::sync::{mpsc, Semaphore};
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Requests waiting or running, at most, by default.
 pub const DEFAULT_MAX_QUEUE: usize = 16;
@@ -122,22 +124,36 @@ impl ModelService {
         self.max_queue - self.queue.available_permits()
     }
 
-    async fn run<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> Result<T, MlError> + Send + 'static,
-    ) -> Result<T, RunError> {
-        let _place = self
-            .queue
+    /// Takes a place in the queue, or says at once that there is none.
+    pub fn admit(&self) -> Result<Admission, RunError> {
+        self.queue
             .clone()
             .try_acquire_owned()
-            .map_err(|_| RunError::Busy(self.max_queue))?;
-        let _turn = self
+            .map(Admission)
+            .map_err(|_| RunError::Busy(self.max_queue))
+    }
+
+    /// Runs `work` on a blocking thread when its turn comes. If the caller stops waiting (the
+    /// client went away), `work` is told through the flag it is given and its places are
+    /// released only when it has returned.
+    async fn run<T: Send + 'static>(
+        &self,
+        admission: Admission,
+        work: impl FnOnce(&AtomicBool) -> Result<T, MlError> + Send + 'static,
+    ) -> Result<T, RunError> {
+        let turn = self
             .worker
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| RunError::Busy(self.max_queue))?;
-        match tokio::task::spawn_blocking(work).await {
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let _cancel_on_drop = CancelOnDrop(cancelled.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let _places = (admission, turn);
+            work(&cancelled)
+        });
+        match task.await {
             Ok(result) => Ok(result?),
             Err(e) => Err(RunError::Model(MlError::Run(format!(
                 "the model task failed: {e}"
@@ -148,27 +164,99 @@ impl ModelService {
     /// Embeds `texts` with `model`.
     pub async fn embed(
         &self,
+        admission: Admission,
         model: Arc<Embedder>,
         texts: Vec<String>,
     ) -> Result<(Vec<Vec<f32>>, usize), RunError> {
-        self.run(move || model.embed(&texts)).await
+        self.run(admission, move |_| model.embed(&texts)).await
     }
 
-    /// Generates with `model`; text goes to `stream` as it is made, when given (generation
-    /// stops when its receiver is dropped).
+    /// Generates with `model`; text goes to `stream` as it is made, when given. Generation
+    /// stops early when the receiver is dropped or the caller stops waiting.
     pub async fn generate(
         &self,
+        admission: Admission,
         model: Arc<Generator>,
         prompt: String,
         params: GenerateParams,
         stream: Option<mpsc::Sender<String>>,
     ) -> Result<Generation, RunError> {
-        self.run(move || {
-            model.generate(&prompt, &params, |text| match &stream {
-                Some(tx) => tx.blocking_send(text.to_owned()).is_ok(),
-                None => true,
+        self.run(admission, move |cancelled| {
+            model.generate(&prompt, &params, |text| {
+                !cancelled.load(Ordering::Relaxed)
+                    && stream
+                        .as_ref()
+                        .is_none_or(|tx| tx.blocking_send(text.to_owned()).is_ok())
             })
         })
         .await
+    }
+}
+
+/// A place in a node's queue, held until the request has run.
+#[derive(Debug)]
+pub struct Admission(#[allow(dead_code)] OwnedSemaphorePermit);
+
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_stream_stops_generation_and_a_full_queue_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        mycel_ml::fixtures::write_tiny_llama(&path).unwrap();
+        let served = load_model(&path, Engine::Exact).unwrap();
+        let Runner::Generate(model) = served.runner.clone() else {
+            panic!("a GGUF is a generation model")
+        };
+        let service = Arc::new(ModelService::new(vec![served], 1));
+        let params = GenerateParams {
+            max_tokens: 4000,
+            ..Default::default()
+        };
+        let prompt = "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n".to_owned();
+
+        // Left alone, greedy decoding of this prompt runs for hundreds of tokens.
+        let full = service
+            .generate(
+                service.admit().unwrap(),
+                model.clone(),
+                prompt.clone(),
+                params.clone(),
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(full.tokens.len() > 200, "{}", full.tokens.len());
+
+        let (tx, mut rx) = mpsc::channel(1);
+        let admission = service.admit().unwrap();
+        assert!(
+            matches!(service.admit(), Err(RunError::Busy(1))),
+            "one place only"
+        );
+        let running = {
+            let service = service.clone();
+            tokio::spawn(async move {
+                service
+                    .generate(admission, model, prompt, params, Some(tx))
+                    .await
+            })
+        };
+        rx.recv().await.expect("some text");
+        drop(rx);
+        let cut = running.await.unwrap().unwrap();
+        assert!(cut.tokens.len() < 20, "stopped early: {}", cut.tokens.len());
+        assert_eq!(service.queue_depth(), 0);
+        assert!(service.admit().is_ok());
     }
 }

@@ -235,7 +235,8 @@ async fn embed(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
         }
     }
     let name = model.name().to_owned();
-    let (vectors, tokens) = state.models.embed(model, texts).await?;
+    let admission = state.models.admit()?;
+    let (vectors, tokens) = state.models.embed(admission, model, texts).await?;
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
@@ -410,27 +411,46 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     let prompt = model
         .chat_prompt(&messages)
         .map_err(|e| ApiError::from(RunError::Model(e)))?;
-    // Without an explicit budget, generate up to the context that is left.
+    // Everything that can be refused is refused here, before a stream is opened.
+    let model_error = |e| ApiError::from(RunError::Model(e));
+    let prompt_tokens = model
+        .tokenizer()
+        .encode(&prompt)
+        .map_err(model_error)?
+        .len();
     if request
         .max_completion_tokens
         .or(request.max_tokens)
         .is_none()
     {
-        let prompt_tokens = model
-            .tokenizer()
-            .encode(&prompt)
-            .map_err(|e| ApiError::from(RunError::Model(e)))?
-            .len();
+        // Without an explicit budget, generate up to the context that is left.
         let left = model.context_length().saturating_sub(prompt_tokens).max(1);
         params.max_tokens = params.max_tokens.min(left);
     }
+    params.check().map_err(model_error)?;
+    if prompt_tokens + params.max_tokens > model.context_length() {
+        return Err(ApiError::invalid(
+            Some("max_tokens"),
+            format!(
+                "the messages take {prompt_tokens} tokens and max_tokens is {}; {} takes at \
+                 most {} in all",
+                params.max_tokens,
+                model.name(),
+                model.context_length()
+            ),
+        ));
+    }
+    let admission = state.models.admit()?;
     let id = request_id("chatcmpl");
     let created = unix_now();
     let name = model.name().to_owned();
     let fingerprint = model.engine().name();
 
     if !request.stream.unwrap_or(false) {
-        let generation = state.models.generate(model, prompt, params, None).await?;
+        let generation = state
+            .models
+            .generate(admission, model, prompt, params, None)
+            .await?;
         return Ok(Json(json!({
             "id": id,
             "object": "chat.completion",
@@ -472,10 +492,12 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
         if event_tx.send(data(&first)).await.is_err() {
             return;
         }
-        let generation = models.generate(model, prompt, params, Some(text_tx));
+        let generation = models.generate(admission, model, prompt, params, Some(text_tx));
         tokio::pin!(generation);
         let result = loop {
             tokio::select! {
+                // The client went away: dropping the generation stops it.
+                _ = event_tx.closed() => return,
                 Some(text) = text_rx.recv() => {
                     let piece = chunk(json!({ "content": text }), Value::Null);
                     if event_tx.send(data(&piece)).await.is_err() {

@@ -12,10 +12,15 @@ use mycel_node::Node;
 use serde_json::{json, Value};
 
 async fn tiny_node(root: &std::path::Path) -> Node {
+    tiny_node_with_queue(root, mycel_node::models::DEFAULT_MAX_QUEUE).await
+}
+
+async fn tiny_node_with_queue(root: &std::path::Path, max_queue: usize) -> Node {
     write_tiny_bert(&root.join("tiny-bert")).unwrap();
     write_tiny_llama(&root.join("tiny-llama.gguf")).unwrap();
     let mut config = local_config(&root.join("node"), vec![], true);
     config.models = vec![root.join("tiny-bert"), root.join("tiny-llama.gguf")];
+    config.max_queue = max_queue;
     Node::start(config).await.unwrap()
 }
 
@@ -229,6 +234,71 @@ async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
         json!({ "model": "tiny-bert", "input": "the cat" }),
     );
     assert_eq!(status, 200, "{body}");
+    node.shutdown().await;
+}
+
+/// A full queue refuses at once with 503; once the client holding the only place hangs up,
+/// the node serves again (that generation stops early: see the unit test in models.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_at_once_and_serves_again_when_the_client_leaves() {
+    let root = tempfile::tempdir().unwrap();
+    let node = tiny_node_with_queue(root.path(), 1).await;
+    let url = format!("http://{}/v1/chat/completions", node.api_addr.unwrap());
+    let long = json!({
+        "model": "tiny-llama",
+        "messages": [{ "role": "user", "content": "the cat" }],
+        "max_tokens": 4000,
+        "temperature": 1.0,
+        "stream": true,
+    });
+    let token = node.token.clone();
+    let (url2, token2) = (url.clone(), token.clone());
+    // Open a long stream and read its first chunk, so that it holds the only place.
+    let reader = tokio::task::spawn_blocking(move || {
+        let response = ureq::post(&url2)
+            .header("Authorization", &format!("Bearer {token2}"))
+            .send(long.to_string())
+            .unwrap();
+        let mut reader = std::io::BufReader::new(response.into_body().into_reader());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert!(line.starts_with("data: "), "{line}");
+        reader
+    })
+    .await
+    .unwrap();
+
+    let started = std::time::Instant::now();
+    let (status, answer) = post_json(
+        &node,
+        "/v1/chat/completions",
+        json!({ "model": "tiny-llama", "messages": [{ "role": "user", "content": "hi" }] }),
+    );
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "overloaded");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once"
+    );
+
+    // Hang up: the place comes back.
+    drop(reader);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = post_json(
+            &node,
+            "/v1/embeddings",
+            json!({ "model": "tiny-bert", "input": "the cat" }),
+        );
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     node.shutdown().await;
 }
 
