@@ -121,6 +121,15 @@ pub(crate) fn status(args: ClientArgs) -> anyhow::Result<()> {
         net["routing_table_peers"]
     );
     println!("rejected     {} messages", net["rejected_messages"]);
+    for model in status["models"].as_array().into_iter().flatten() {
+        println!(
+            "serving      {} ({}, {})",
+            model["name"].as_str().unwrap_or("?"),
+            model["kind"].as_str().unwrap_or("?"),
+            model["engine"].as_str().unwrap_or("?")
+        );
+    }
+    println!("queue        {} requests", status["queue_depth"]);
     Ok(())
 }
 

@@ -81,6 +81,8 @@ async fn status(State(state): State<ApiState>) -> Response {
             "version": env!("CARGO_PKG_VERSION"),
             "api": state.api_addr,
             "network": status,
+            "models": state.models.offers(),
+            "queue_depth": state.models.queue_depth(),
         }))
         .into_response(),
         Err(e) => error(
