@@ -15,6 +15,7 @@ pub mod files;
 pub mod fixtures;
 pub mod generate;
 pub mod gguf_tokenizer;
+pub mod hub;
 
 pub use embed::Embedder;
 pub use generate::{ChatMessage, Engine, FinishReason, GenerateParams, Generation, Generator};

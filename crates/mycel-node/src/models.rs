@@ -57,7 +57,23 @@ pub struct ModelService {
 
 /// Loads one model: a `.gguf` file is a generation model, a directory with config.json,
 /// model.safetensors and tokenizer.json an embedding model.
+/// `hf:ORG/REPO[/FILE]` is fetched from the Hugging Face hub first.
 pub fn load_model(path: &Path, engine: Engine) -> anyhow::Result<Served> {
+    let name = path.to_string_lossy();
+    if mycel_ml::hub::is_hub_name(&name) {
+        let local = mycel_ml::hub::fetch(&name)?;
+        let mut served = load_model(&local, engine)?;
+        if local.is_dir() {
+            // The snapshot folder is named by commit: call the model by its repository.
+            served.offer.name = name
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or(&name)
+                .to_owned();
+        }
+        return Ok(served);
+    }
     let what = || format!("cannot load the model at {}", path.display());
     if path.is_file() {
         let generator = Generator::load(path, engine).with_context(what)?;
@@ -83,9 +99,9 @@ pub fn load_model(path: &Path, engine: Engine) -> anyhow::Result<Served> {
         })
     } else {
         anyhow::bail!(
-            "no model at {}: pass a .gguf file (generation) or a directory with config.json, \
-             model.safetensors and tokenizer.json (embeddings); `bash scripts/fetch-models.sh` \
-             fetches the reference models into .cache/models",
+            "no model at {}: pass a .gguf file (generation), a directory with config.json, \
+             model.safetensors and tokenizer.json (embeddings), or hf:ORG/REPO[/FILE.gguf]; \
+             `bash scripts/fetch-models.sh` fetches the reference models into .cache/models",
             path.display()
         )
     }
