@@ -411,22 +411,31 @@ mod tests {
         assert!(warm(40, 51.0).differs_significantly(&warm(40, 58.0)));
     }
 
+    /// A signed announcement valid at t = 1 with these capabilities and addresses.
+    fn announce_with(
+        key: &Keypair,
+        capabilities: Capabilities,
+        addrs: Vec<String>,
+    ) -> SignedStatement {
+        SignedStatement::sign(
+            key,
+            &Statement::Announce(Announcement {
+                seq: 1,
+                issued_at: 0,
+                expires_at: 1_000,
+                capabilities,
+                addrs,
+            }),
+        )
+    }
+
     #[test]
     fn impossible_load_figures_are_malformed() {
         let key = Keypair::generate_ed25519();
         for utilisation in [f32::NAN, -0.5, 1.5, f32::INFINITY] {
             let mut capabilities = Capabilities::default();
             capabilities.load.utilisation = utilisation;
-            let signed = SignedStatement::sign(
-                &key,
-                &Statement::Announce(Announcement {
-                    seq: 1,
-                    issued_at: 0,
-                    expires_at: 1_000,
-                    capabilities,
-                    addrs: vec![],
-                }),
-            );
+            let signed = announce_with(&key, capabilities, vec![]);
             assert_eq!(signed.verify(1), Err(Rejection::Malformed), "{utilisation}");
         }
     }
@@ -434,18 +443,7 @@ mod tests {
     #[test]
     fn too_many_or_too_long_addresses_are_malformed() {
         let key = Keypair::generate_ed25519();
-        let with_addrs = |addrs: Vec<String>| {
-            SignedStatement::sign(
-                &key,
-                &Statement::Announce(Announcement {
-                    seq: 1,
-                    issued_at: 0,
-                    expires_at: 1_000,
-                    capabilities: Capabilities::default(),
-                    addrs,
-                }),
-            )
-        };
+        let with_addrs = |addrs| announce_with(&key, Capabilities::default(), addrs);
         assert!(
             with_addrs(vec!["/ip4/1.2.3.4/tcp/1".into(); MAX_ANNOUNCED_ADDRS])
                 .verify(1)
@@ -466,20 +464,12 @@ mod tests {
             kind: ModelKind::Generation,
             engine: "candle-f32".into(),
         };
-        let with_models = |models: Vec<ModelOffer>| {
-            SignedStatement::sign(
-                &key,
-                &Statement::Announce(Announcement {
-                    seq: 1,
-                    issued_at: 0,
-                    expires_at: 1_000,
-                    capabilities: Capabilities {
-                        models,
-                        ..Default::default()
-                    },
-                    addrs: vec![],
-                }),
-            )
+        let with_models = |models| {
+            let capabilities = Capabilities {
+                models,
+                ..Default::default()
+            };
+            announce_with(&key, capabilities, vec![])
         };
         let fine = with_models(vec![offer("smollm2".into())])
             .verify(1)

@@ -15,6 +15,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
+use mycel_core::statement::ModelOffer;
 use mycel_ml::{ChatMessage, FinishReason, GenerateParams, MlError};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -83,6 +84,12 @@ impl From<RunError> for ApiError {
     }
 }
 
+impl From<MlError> for ApiError {
+    fn from(e: MlError) -> Self {
+        RunError::Model(e).into()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": {
@@ -123,20 +130,19 @@ fn request_id(prefix: &str) -> String {
 
 /// GET /v1/models: this node's models, then those its peers announce.
 pub(crate) async fn list_models(State(state): State<ApiState>) -> Response {
+    let entry = |offer: &ModelOffer, local: bool| {
+        json!({
+            "id": offer.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "mycel",
+            "mycel": { "content_id": offer.id, "kind": offer.kind, "engine": offer.engine,
+                       "local": local, "peers": 0 },
+        })
+    };
     let mut models: BTreeMap<String, Value> = BTreeMap::new();
     for served in state.models.models() {
-        let offer = &served.offer;
-        models.insert(
-            offer.id.to_string(),
-            json!({
-                "id": offer.name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "mycel",
-                "mycel": { "content_id": offer.id, "kind": offer.kind, "engine": offer.engine,
-                           "local": true, "peers": 0 },
-            }),
-        );
+        models.insert(served.offer.id.to_string(), entry(&served.offer, true));
     }
     if let Ok(peers) = state.net.peers().await {
         for peer in peers
@@ -144,18 +150,11 @@ pub(crate) async fn list_models(State(state): State<ApiState>) -> Response {
             .filter(|p| p.state == mycel_core::membership::PeerState::Alive)
         {
             for offer in peer.capabilities.iter().flat_map(|c| c.models.iter()) {
-                let entry = models.entry(offer.id.to_string()).or_insert_with(|| {
-                    json!({
-                        "id": offer.name,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "mycel",
-                        "mycel": { "content_id": offer.id, "kind": offer.kind,
-                                   "engine": offer.engine, "local": false, "peers": 0 },
-                    })
-                });
-                let count = entry["mycel"]["peers"].as_u64().unwrap_or(0);
-                entry["mycel"]["peers"] = json!(count + 1);
+                let model = models
+                    .entry(offer.id.to_string())
+                    .or_insert_with(|| entry(offer, false));
+                let count = model["mycel"]["peers"].as_u64().unwrap_or(0);
+                model["mycel"]["peers"] = json!(count + 1);
             }
         }
     }
@@ -408,15 +407,12 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     let Some(Runner::Generate(model)) = served.map(|s| s.runner.clone()) else {
         return Err(ApiError::no_model(&request.model, "chat completions"));
     };
-    let prompt = model
-        .chat_prompt(&messages)
-        .map_err(|e| ApiError::from(RunError::Model(e)))?;
+    let prompt = model.chat_prompt(&messages).map_err(ApiError::from)?;
     // Everything that can be refused is refused here, before a stream is opened.
-    let model_error = |e| ApiError::from(RunError::Model(e));
     let prompt_tokens = model
         .tokenizer()
         .encode(&prompt)
-        .map_err(model_error)?
+        .map_err(ApiError::from)?
         .len();
     if request
         .max_completion_tokens
@@ -427,7 +423,7 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
         let left = model.context_length().saturating_sub(prompt_tokens).max(1);
         params.max_tokens = params.max_tokens.min(left);
     }
-    params.check().map_err(model_error)?;
+    params.check().map_err(ApiError::from)?;
     if prompt_tokens + params.max_tokens > model.context_length() {
         return Err(ApiError::invalid(
             Some("max_tokens"),
