@@ -13,6 +13,7 @@
 //! - [`reputation`]: a decayed per-peer score fed by misbehaviour.
 //! - [`routing`]: ranking the peers that could run a task (reliability, load, RTT,
 //!   Thompson-sampling exploration).
+//! - [`task`]: the inference task protocol's messages, their bounds and signed results.
 //! - [`wire`]: size-bounded CBOR encoding shared by every protocol message.
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
@@ -23,6 +24,7 @@ pub mod ratelimit;
 pub mod reputation;
 pub mod routing;
 pub mod statement;
+pub mod task;
 pub mod wire;
 
 pub use libp2p_identity::{Keypair, PeerId, PublicKey};

@@ -112,12 +112,51 @@ fn byte_chars() -> Vec<char> {
     chars.into_iter().map(|(_, c)| c).collect()
 }
 
+/// The size of a random llama written by [`write_llama`].
+#[derive(Debug, Clone, Copy)]
+pub struct LlamaShape {
+    /// Hidden size (a multiple of 32 for Q4_1 blocks).
+    pub dim: usize,
+    /// Feed-forward size.
+    pub ffn: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Context length in the metadata.
+    pub context: u32,
+}
+
+impl LlamaShape {
+    /// 2 layers, hidden size 64: loads and runs in milliseconds.
+    pub const TINY: Self = Self {
+        dim: 64,
+        ffn: 128,
+        layers: 2,
+        context: 256,
+    };
+    /// 8 layers, hidden size 512: a few milliseconds per token, for tests that must catch a
+    /// generation mid-way.
+    pub const SLOW: Self = Self {
+        dim: 512,
+        ffn: 1536,
+        layers: 8,
+        context: 4096,
+    };
+}
+
 /// Writes a 2-layer llama-architecture GGUF (hidden size 64, Q4_1 matrices as in the
 /// reference model) with a byte-level BPE tokenizer, ChatML control tokens and a ChatML chat
 /// template in its metadata, to `path`.
 pub fn write_tiny_llama(path: &Path) -> Result<()> {
+    write_llama(path, LlamaShape::TINY)
+}
+
+/// Writes a random llama of `shape` like [`write_tiny_llama`].
+pub fn write_llama(path: &Path, shape: LlamaShape) -> Result<()> {
     use gguf_file::Value;
-    let (dim, heads, kv_heads, ffn, layers) = (64usize, 4usize, 2usize, 128usize, 2usize);
+    let LlamaShape {
+        dim, ffn, layers, ..
+    } = shape;
+    let (heads, kv_heads) = (4usize, 2usize);
     let head_dim = dim / heads;
 
     let mut tokens: Vec<String> = byte_chars().into_iter().map(String::from).collect();
@@ -191,7 +230,7 @@ pub fn write_tiny_llama(path: &Path) -> Result<()> {
         ("llama.block_count", Value::U32(layers as u32)),
         ("llama.embedding_length", Value::U32(dim as u32)),
         ("llama.feed_forward_length", Value::U32(ffn as u32)),
-        ("llama.context_length", Value::U32(256)),
+        ("llama.context_length", Value::U32(shape.context)),
         ("llama.rope.dimension_count", Value::U32(head_dim as u32)),
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
         ("llama.rope.freq_base", Value::F32(10_000.0)),

@@ -16,89 +16,19 @@ use serde::{Deserialize, Serialize};
 use crate::files::{file_id, model_name};
 use crate::gguf_tokenizer::GgufTokenizer;
 use crate::{ContentId, MlError, Result};
+pub use mycel_core::task::Resume;
 
 /// Used when a GGUF file carries no chat template.
 pub(crate) const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
-/// One turn of a conversation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    /// What was said.
-    pub content: String,
-}
+pub use mycel_core::task::{ChatMessage, FinishReason, GenerateParams};
 
-/// How to decode.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GenerateParams {
-    /// Most tokens to generate.
-    pub max_tokens: usize,
-    /// 0 or absent: greedy (argmax). Above 0: sampled at this temperature.
-    pub temperature: Option<f64>,
-    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to this.
-    pub top_p: Option<f64>,
-    /// Seed of the sampler: the same seed gives the same tokens.
-    pub seed: u64,
-    /// Generation stops before the first of these strings.
-    pub stop: Vec<String>,
-}
-
-impl Default for GenerateParams {
-    fn default() -> Self {
-        Self {
-            max_tokens: 256,
-            temperature: None,
-            top_p: None,
-            seed: 0,
-            stop: Vec::new(),
-        }
+fn sampling(params: &GenerateParams) -> Sampling {
+    match (params.temperature.filter(|t| *t > 0.0), params.top_p) {
+        (None, _) => Sampling::ArgMax,
+        (Some(temperature), Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
+        (Some(temperature), _) => Sampling::All { temperature },
     }
-}
-
-impl GenerateParams {
-    fn sampling(&self) -> Sampling {
-        match (self.temperature.filter(|t| *t > 0.0), self.top_p) {
-            (None, _) => Sampling::ArgMax,
-            (Some(temperature), Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
-            (Some(temperature), _) => Sampling::All { temperature },
-        }
-    }
-
-    /// Refuses parameters no generation can run with.
-    pub fn check(&self) -> Result<()> {
-        if self.max_tokens == 0 {
-            return Err(MlError::Input("max_tokens must be at least 1".into()));
-        }
-        if let Some(t) = self.temperature {
-            if !(0.0..=2.0).contains(&t) {
-                return Err(MlError::Input(format!(
-                    "temperature must be between 0 and 2, not {t}"
-                )));
-            }
-        }
-        if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return Err(MlError::Input(format!("top_p must be in (0, 1], not {p}")));
-            }
-        }
-        if self.stop.len() > 4 || self.stop.iter().any(|s| s.is_empty()) {
-            return Err(MlError::Input(
-                "stop takes at most 4 non-empty strings".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// The model ended its turn or a stop string came.
-    Stop,
-    /// `max_tokens` ran out.
-    Length,
 }
 
 /// What one generation produced.
@@ -298,7 +228,21 @@ impl Generator {
         params: &GenerateParams,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        params.check()?;
+        self.generate_from(prompt, params, &Resume::default(), |text, _| on_text(text))
+    }
+
+    /// Like [`Generator::generate`], but picks up after `resume.tokens` (generated earlier,
+    /// perhaps by another node with the same model and engine), handing out text only past
+    /// the `resume.text_bytes` already delivered. Greedy and seeded decoding continue exactly
+    /// as an uninterrupted run would. `on_text` also receives every token generated so far.
+    pub fn generate_from(
+        &self,
+        prompt: &str,
+        params: &GenerateParams,
+        resume: &Resume,
+        mut on_text: impl FnMut(&str, &[u32]) -> bool,
+    ) -> Result<Generation> {
+        params.check().map_err(MlError::Input)?;
         let prompt_ids = self.tokenizer.encode(prompt)?;
         if prompt_ids.is_empty() {
             return Err(MlError::Input("the prompt is empty".into()));
@@ -312,7 +256,13 @@ impl Generator {
                 MAX_SEQ_LEN
             )));
         }
-        let mut sampler = LogitsProcessor::from_sampling(params.seed, params.sampling());
+        let vocab = self.tokenizer.vocab_size() as u32;
+        if resume.tokens.len() >= params.max_tokens || resume.tokens.iter().any(|t| *t >= vocab) {
+            return Err(MlError::Input(
+                "the resume point is past max_tokens or names unknown tokens".into(),
+            ));
+        }
+        let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling(params));
         let mut model = self
             .model
             .lock()
@@ -320,13 +270,29 @@ impl Generator {
         model.clear_kv_cache();
 
         let started = Instant::now();
-        let input = Tensor::new(prompt_ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        // A resumed generation reads its earlier tokens with the prompt, and draws the
+        // sampler's random numbers it drew for them, so what follows is what an uninterrupted
+        // run would have made.
+        let mut tokens: Vec<u32> = resume.tokens.clone();
+        let context: Vec<u32> = prompt_ids.iter().chain(&tokens).copied().collect();
+        let input = Tensor::new(context.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut logits = model.forward(&input, 0)?.squeeze(0)?;
         let prompt_ms = started.elapsed().as_secs_f64() * 1e3;
+        if !tokens.is_empty() {
+            let one = Tensor::new(&[0f32], &self.device)?;
+            for _ in &tokens {
+                sampler.sample(&one)?;
+            }
+        }
 
         let decode_started = Instant::now();
-        let mut tokens: Vec<u32> = Vec::new();
         let mut stream = TextStream::new(&params.stop);
+        let resumed_text = self.tokenizer.decode(&tokens)?;
+        let mut delivered = (resume.text_bytes as usize).min(resumed_text.len());
+        while !resumed_text.is_char_boundary(delivered) {
+            delivered -= 1;
+        }
+        stream.emitted = delivered;
         let mut finish_reason = FinishReason::Length;
         while tokens.len() < params.max_tokens {
             let next = sampler.sample(&logits)?;
@@ -337,7 +303,7 @@ impl Generator {
             tokens.push(next);
             let text = self.tokenizer.decode(&tokens)?;
             let (fresh, stopped) = stream.advance(&text);
-            if !fresh.is_empty() && !on_text(fresh) {
+            if !fresh.is_empty() && !on_text(fresh, &tokens) {
                 finish_reason = FinishReason::Stop;
                 break;
             }
@@ -356,7 +322,7 @@ impl Generator {
         let text = self.tokenizer.decode(&tokens)?;
         let (rest, _) = stream.finish(&text);
         if !rest.is_empty() {
-            on_text(rest);
+            on_text(rest, &tokens);
         }
         Ok(Generation {
             text: stream.emitted_text(&text).to_owned(),

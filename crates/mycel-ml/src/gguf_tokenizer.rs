@@ -173,6 +173,11 @@ impl GgufTokenizer {
             .map_err(|e| MlError::Run(format!("cannot decode tokens: {e}")))
     }
 
+    /// Number of token ids, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
     /// The text of a token id, if it has one.
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.tokenizer.id_to_token(id)

@@ -18,7 +18,9 @@ pub mod gguf_tokenizer;
 pub mod hub;
 
 pub use embed::Embedder;
-pub use generate::{ChatMessage, Engine, FinishReason, GenerateParams, Generation, Generator};
+pub use generate::{
+    ChatMessage, Engine, FinishReason, GenerateParams, Generation, Generator, Resume,
+};
 pub use mycel_core::id::ContentId;
 
 /// What went wrong loading or running a model.

@@ -3,7 +3,9 @@
 //! and bad input is refused with a clear error.
 
 use mycel_ml::fixtures::{write_tiny_bert, write_tiny_llama};
-use mycel_ml::{ChatMessage, Embedder, Engine, FinishReason, GenerateParams, Generator, MlError};
+use mycel_ml::{
+    ChatMessage, Embedder, Engine, FinishReason, GenerateParams, Generator, MlError, Resume,
+};
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>()
@@ -166,6 +168,72 @@ fn greedy_and_seeded_generation_are_deterministic_and_stream_what_they_return() 
         others.iter().any(|t| *t != a.tokens),
         "other seeds give other tokens"
     );
+}
+
+#[test]
+fn a_resumed_generation_continues_exactly_where_the_first_left_off() {
+    let (_dir, model) = tiny_llama();
+    for params in [
+        GenerateParams {
+            max_tokens: 30,
+            ..Default::default()
+        },
+        GenerateParams {
+            max_tokens: 30,
+            temperature: Some(1.2),
+            top_p: Some(0.9),
+            seed: 11,
+            ..Default::default()
+        },
+    ] {
+        let whole = model.generate("the cat", &params, |_| true).unwrap();
+        assert!(whole.tokens.len() > 12, "{:?}", whole.tokens);
+        // The first worker delivered some text, then died after 9 tokens.
+        let mut delivered = String::new();
+        let mut seen = Vec::new();
+        let _ = model.generate_from("the cat", &params, &Resume::default(), |text, tokens| {
+            delivered.push_str(text);
+            seen = tokens.to_vec();
+            tokens.len() < 9
+        });
+        let resume = Resume {
+            tokens: seen.clone(),
+            text_bytes: delivered.len() as u64,
+        };
+        let mut rest = String::new();
+        let resumed = model
+            .generate_from("the cat", &params, &resume, |text, _| {
+                rest.push_str(text);
+                true
+            })
+            .unwrap();
+        assert_eq!(resumed.tokens, whole.tokens, "{params:?}");
+        assert_eq!(resumed.text, whole.text);
+        assert_eq!(delivered + &rest, whole.text, "nothing lost or repeated");
+    }
+    // A resume point naming tokens the model lacks, or past the budget, is refused.
+    let params = GenerateParams {
+        max_tokens: 4,
+        ..Default::default()
+    };
+    for tokens in [vec![u32::MAX], vec![1; 4]] {
+        let resume = Resume {
+            tokens,
+            text_bytes: 3,
+        };
+        assert!(matches!(
+            model.generate_from("the cat", &params, &resume, |_, _| true),
+            Err(MlError::Input(_))
+        ));
+    }
+    // A delivered count in the middle of a character, or past the text, is clamped.
+    let resume = Resume {
+        tokens: vec![200, 201],
+        text_bytes: 1,
+    };
+    assert!(model
+        .generate_from("the cat", &params, &resume, |_, _| true)
+        .is_ok());
 }
 
 #[test]

@@ -26,7 +26,7 @@ type BoxError = Box<dyn Error + Send + Sync>;
 /// Limit and deny behaviours come first: the derive polls fields in declaration order.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
-    pub(crate) inbound_cap: crate::cap::Behaviour,
+    pub(crate) connections: crate::cap::Behaviour,
     pub(crate) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub(crate) limits: connection_limits::Behaviour,
     pub(crate) memory: memory_connection_limits::Behaviour,
@@ -34,6 +34,7 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+    pub(crate) streams: libp2p_stream::Behaviour,
     pub(crate) kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
 }
@@ -141,7 +142,7 @@ impl Behaviour {
         };
 
         Ok(Self {
-            inbound_cap: crate::cap::Behaviour::new(limits.max_connections),
+            connections: crate::cap::Behaviour::new(limits.max_connections),
             blocked: Default::default(),
             limits: connection_limits::Behaviour::new(connection_limits),
             memory: memory_connection_limits::Behaviour::with_max_percentage(0.9),
@@ -149,6 +150,7 @@ impl Behaviour {
             ping,
             gossipsub,
             sync,
+            streams: libp2p_stream::Behaviour::new(),
             kad: Some(kad).into(),
             mdns: mdns.into(),
         })

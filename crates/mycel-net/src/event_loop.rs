@@ -9,7 +9,8 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, SwarmEvent};
-use libp2p::{gossipsub, identify, mdns, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::{gossipsub, identify, kad, mdns, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
+use mycel_core::id::ContentId;
 use mycel_core::membership::{self, Accepted, Change, FailReason, Membership};
 use mycel_core::ratelimit::RateLimiter;
 use mycel_core::reputation::{self, Reputation};
@@ -95,6 +96,10 @@ pub(crate) struct EventLoop {
     connections: usize,
     connections_opened: u64,
     dial_failures: u64,
+    /// Content ids this node announces as a DHT provider of.
+    providing: HashSet<kad::RecordKey>,
+    /// Provider lookups in flight and who asked.
+    provider_queries: HashMap<kad::QueryId, oneshot::Sender<Vec<PeerId>>>,
 }
 
 impl EventLoop {
@@ -152,6 +157,8 @@ impl EventLoop {
             connections: 0,
             connections_opened: 0,
             dial_failures: 0,
+            providing: HashSet::new(),
+            provider_queries: HashMap::new(),
             config,
         }
     }
@@ -503,6 +510,16 @@ impl EventLoop {
             }
         }
         entry.truncate(MAX_ADDRS_PER_PEER);
+        self.update_dial_addrs(peer);
+    }
+
+    /// Hands the swarm the addresses to dial `peer` at when a protocol asks for it by id.
+    fn update_dial_addrs(&mut self, peer: PeerId) {
+        let addrs = self.known_addrs(&peer);
+        self.swarm
+            .behaviour_mut()
+            .connections
+            .set_dial_addrs(peer, addrs);
     }
 
     /// After losing the last connection to a peer it believed alive, the node dials it once:
@@ -578,6 +595,7 @@ impl EventLoop {
         if addrs.is_empty() {
             return;
         }
+        self.update_dial_addrs(peer);
         self.kad_add(peer, &addrs);
         let _ = self
             .events
@@ -800,7 +818,77 @@ impl EventLoop {
                     .map_err(|e| NetError::Other(format!("cannot dial {addr}: {e}")));
                 let _ = reply.send(result);
             }
+            Command::Penalise(peer, reason) => self.reject(peer, reason),
+            Command::Reputation(peer, reply) => {
+                let _ = reply.send(self.reputation.score(&peer, now_ms()));
+            }
+            Command::Provide(ids) => self.provide(ids),
+            Command::FindProviders(id, reply) => {
+                let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() else {
+                    let _ = reply.send(Vec::new());
+                    return;
+                };
+                let query = kad.get_providers(kad::RecordKey::new(&id.to_string()));
+                self.provider_queries.insert(query, reply);
+            }
             Command::Shutdown => {}
+        }
+    }
+
+    /// Starts providing the listed ids and stops providing the others.
+    fn provide(&mut self, ids: Vec<ContentId>) {
+        let wanted: HashSet<kad::RecordKey> = ids
+            .iter()
+            .map(|id| kad::RecordKey::new(&id.to_string()))
+            .collect();
+        let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() else {
+            return;
+        };
+        for key in self.providing.difference(&wanted) {
+            kad.stop_providing(key);
+        }
+        for key in wanted.difference(&self.providing) {
+            if let Err(e) = kad.start_providing(key.clone()) {
+                warn!("cannot record a provider record: {e}");
+            }
+        }
+        self.providing = wanted;
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed {
+            id, result, step, ..
+        } = event
+        else {
+            return;
+        };
+        match result {
+            kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                providers,
+                ..
+            })) => {
+                // The first providers found answer the lookup; a router needs candidates
+                // now, not the complete list.
+                if let Some(reply) = self.provider_queries.remove(&id) {
+                    let _ = reply.send(providers.into_iter().collect());
+                    if let Some(mut query) = self
+                        .swarm
+                        .behaviour_mut()
+                        .kad
+                        .as_mut()
+                        .and_then(|k| k.query_mut(&id))
+                    {
+                        query.finish();
+                    }
+                }
+            }
+            kad::QueryResult::GetProviders(_) if step.last => {
+                if let Some(reply) = self.provider_queries.remove(&id) {
+                    let _ = reply.send(Vec::new());
+                }
+            }
+            kad::QueryResult::StartProviding(Err(e)) => debug!("providing failed: {e}"),
+            _ => {}
         }
     }
 
@@ -905,6 +993,7 @@ impl EventLoop {
                     use libp2p::metrics::Recorder;
                     m.record(&event);
                 }
+                self.on_kad_event(event);
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 let local = *self.swarm.local_peer_id();
@@ -927,7 +1016,8 @@ impl EventLoop {
                     }
                 }
             }
-            BehaviourEvent::InboundCap(_)
+            BehaviourEvent::Connections(_)
+            | BehaviourEvent::Streams(())
             | BehaviourEvent::Blocked(_)
             | BehaviourEvent::Limits(_)
             | BehaviourEvent::Memory(_) => {}

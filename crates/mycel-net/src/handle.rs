@@ -5,8 +5,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId};
+use mycel_core::id::ContentId;
 use mycel_core::membership::PeerInfo;
 use mycel_core::statement::Capabilities;
+use mycel_core::wire::Rejection;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -16,6 +18,7 @@ use crate::behaviour::build_swarm;
 use crate::config::NetConfig;
 use crate::event_loop::EventLoop;
 use crate::metrics::NetMetrics;
+use crate::task::{IncomingStreams, Stream, TASK_PROTOCOL};
 
 /// Errors of the network layer, worded for the person running the node.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +107,10 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<(), NetError>>,
     },
     Dial(Multiaddr, oneshot::Sender<Result<(), NetError>>),
+    Penalise(PeerId, Rejection),
+    Reputation(PeerId, oneshot::Sender<f64>),
+    Provide(Vec<ContentId>),
+    FindProviders(ContentId, oneshot::Sender<Vec<PeerId>>),
     Shutdown,
 }
 
@@ -114,6 +121,17 @@ pub struct NetHandle {
     peer_id: PeerId,
     listen_addrs: Vec<Multiaddr>,
     metrics: NetMetrics,
+    streams: Streams,
+}
+
+/// Opens and accepts raw protocol streams without going through the event loop.
+#[derive(Clone)]
+struct Streams(libp2p_stream::Control);
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Streams")
+    }
 }
 
 impl std::fmt::Debug for Command {
@@ -191,6 +209,7 @@ pub async fn spawn(
         peer_id,
         listen_addrs: listen_addrs.clone(),
         metrics: metrics.clone(),
+        streams: Streams(swarm.behaviour().streams.new_control()),
     };
     let event_loop = EventLoop::new(
         swarm,
@@ -294,6 +313,51 @@ impl NetHandle {
     /// Dials an address.
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
         self.ask(|tx| Command::Dial(addr, tx)).await?
+    }
+
+    /// Opens a task stream to `peer` (dialling it if need be).
+    pub async fn open_task_stream(&self, peer: PeerId) -> Result<Stream, NetError> {
+        let mut control = self.streams.0.clone();
+        control
+            .open_stream(peer, TASK_PROTOCOL)
+            .await
+            .map_err(|e| NetError::Request {
+                peer,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Task streams opened by peers. Only one part of the node may accept them.
+    pub fn accept_task_streams(&self) -> Result<IncomingStreams, NetError> {
+        let mut control = self.streams.0.clone();
+        control
+            .accept(TASK_PROTOCOL)
+            .map_err(|_| NetError::Other("task streams are already being accepted".into()))
+    }
+
+    /// Counts misbehaviour seen outside the event loop (a malformed task, a bad result)
+    /// against `peer`'s reputation.
+    pub async fn penalise(&self, peer: PeerId, reason: Rejection) {
+        let _ = self.commands.send(Command::Penalise(peer, reason)).await;
+    }
+
+    /// `peer`'s reputation score now (0 is neutral, lower is worse).
+    pub async fn reputation(&self, peer: PeerId) -> Result<f64, NetError> {
+        self.ask(|tx| Command::Reputation(peer, tx)).await
+    }
+
+    /// Announces this node in the DHT as a provider of each of `ids` (and stops for ids no
+    /// longer listed).
+    pub async fn provide(&self, ids: Vec<ContentId>) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Provide(ids))
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// Peers the DHT lists as providers of `id` (empty when the lookup finds none in time).
+    pub async fn find_providers(&self, id: ContentId) -> Result<Vec<PeerId>, NetError> {
+        self.ask(|tx| Command::FindProviders(id, tx)).await
     }
 
     /// Stops the network task (connections are closed).

@@ -11,7 +11,10 @@
 //! - Kademlia `/mycel/kad/1.0.0` with periodic random walks, identify `/mycel/id/1.0.0` whose
 //!   listen addresses feed the routing table (referrals), ping for liveness and RTT, mDNS;
 //! - gossipsub topic `mycel/statements/1` carrying signed announcements and down reports;
-//! - request-response `/mycel/sync/2` for anti-entropy snapshots and echo round trips.
+//! - request-response `/mycel/sync/2` for anti-entropy snapshots and echo round trips;
+//! - raw streams `/mycel/task/1` for inference tasks ([`task`]), opened and accepted through
+//!   the [`NetHandle`] without passing through the event loop;
+//! - Kademlia provider records keyed by the content ids of the models a node serves.
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
@@ -22,6 +25,7 @@ mod event_loop;
 mod handle;
 mod metrics;
 mod protocol;
+pub mod task;
 
 pub use config::{Limits, NetConfig, Timing, TransportKind};
 pub use handle::{now_ms, spawn, NetError, NetEvent, NetHandle, NetStatus};

@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use mycel_net::{NetHandle, Registry};
 
+use crate::inference::Inference;
 use crate::models::ModelService;
 use crate::openai;
 use serde_json::json;
@@ -22,6 +23,7 @@ pub(crate) struct ApiState {
     pub(crate) registry: Arc<Registry>,
     pub(crate) api_addr: String,
     pub(crate) models: Arc<ModelService>,
+    pub(crate) inference: Arc<Inference>,
 }
 
 /// An OpenAI-style error body.

@@ -7,6 +7,7 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 mod api;
+pub mod inference;
 pub mod models;
 mod openai;
 pub mod system;
@@ -23,6 +24,7 @@ use mycel_net::{
 };
 use mycel_store::{KnownPeer, Store};
 
+use crate::inference::{Inference, RouterConfig};
 use crate::models::ModelService;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
@@ -63,6 +65,8 @@ pub struct NodeConfig {
     pub engine: Engine,
     /// Requests that may wait or run at once before more are refused.
     pub max_queue: usize,
+    /// How inference tasks are routed.
+    pub router: RouterConfig,
 }
 
 impl NodeConfig {
@@ -84,6 +88,7 @@ impl NodeConfig {
             preloaded: Vec::new(),
             engine: Engine::default(),
             max_queue: models::DEFAULT_MAX_QUEUE,
+            router: RouterConfig::default(),
         }
     }
 }
@@ -101,6 +106,8 @@ pub struct Node {
     pub data_dir: PathBuf,
     /// The models this node serves.
     pub models: Arc<ModelService>,
+    /// Routes inference tasks and runs those peers send.
+    pub inference: Arc<Inference>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -136,7 +143,7 @@ impl Node {
             })
             .collect();
 
-        let mut net_config = NetConfig::new(keypair);
+        let mut net_config = NetConfig::new(keypair.clone());
         net_config.transport = config.transport;
         net_config.listen = config.listen.clone();
         net_config.bootstrap = config.bootstrap.clone();
@@ -165,6 +172,17 @@ impl Node {
             .await
             .context("starting the network")?;
         let mut tasks = vec![net_task];
+        let inference = Arc::new(Inference::new(
+            net.clone(),
+            keypair,
+            models.clone(),
+            config.router.clone(),
+        ));
+        let incoming = net.accept_task_streams()?;
+        tasks.push(tokio::spawn(inference.clone().serve(incoming)));
+        // Provider records let nodes that have not heard our announcement find the models.
+        net.provide(models.offers().iter().map(|o| o.id).collect())
+            .await?;
         tasks.push(tokio::spawn(persist_peers(store.clone(), events)));
         tasks.push(tokio::spawn(refresh_capabilities(
             net.clone(),
@@ -184,6 +202,7 @@ impl Node {
                 registry: Arc::new(registry),
                 api_addr: bound.to_string(),
                 models: models.clone(),
+                inference: inference.clone(),
             };
             let app = api::router(state, config.open_metrics);
             tasks.push(tokio::spawn(async move {
@@ -199,6 +218,7 @@ impl Node {
             token,
             data_dir: dir,
             models,
+            inference,
             tasks,
         })
     }

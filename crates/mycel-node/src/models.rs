@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use mycel_core::statement::{ModelKind, ModelOffer};
-use mycel_ml::{Embedder, Engine, GenerateParams, Generation, Generator, MlError};
+use mycel_ml::{Embedder, Engine, GenerateParams, Generation, Generator, MlError, Resume};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -149,14 +149,16 @@ impl ModelService {
             .map_err(|_| RunError::Busy(self.max_queue))
     }
 
-    /// Runs `work` on a blocking thread when its turn comes. If the caller stops waiting (the
-    /// client went away), `work` is told through the flag it is given and its places are
-    /// released only when it has returned.
+    /// Runs `work` on a blocking thread when its turn comes; returns its result and how long
+    /// it waited for its turn, in milliseconds. If the caller stops waiting (the client went
+    /// away), `work` is told through the flag it is given and its places are released only
+    /// when it has returned.
     async fn run<T: Send + 'static>(
         &self,
         admission: Admission,
         work: impl FnOnce(&AtomicBool) -> Result<T, MlError> + Send + 'static,
-    ) -> Result<T, RunError> {
+    ) -> Result<(T, f64), RunError> {
+        let queued = std::time::Instant::now();
         let turn = self
             .worker
             .clone()
@@ -165,47 +167,106 @@ impl ModelService {
             .map_err(|_| RunError::Busy(self.max_queue))?;
         let cancelled = Arc::new(AtomicBool::new(false));
         let _cancel_on_drop = CancelOnDrop(cancelled.clone());
+        let queue_ms = queued.elapsed().as_secs_f64() * 1e3;
         let task = tokio::task::spawn_blocking(move || {
             let _places = (admission, turn);
             work(&cancelled)
         });
         match task.await {
-            Ok(result) => Ok(result?),
+            Ok(result) => Ok((result?, queue_ms)),
             Err(e) => Err(RunError::Model(MlError::Run(format!(
                 "the model task failed: {e}"
             )))),
         }
     }
 
-    /// Embeds `texts` with `model`.
+    /// Embeds `texts` with `model`: the vectors, the tokens read and the time queued (ms).
     pub async fn embed(
         &self,
         admission: Admission,
         model: Arc<Embedder>,
         texts: Vec<String>,
-    ) -> Result<(Vec<Vec<f32>>, usize), RunError> {
+    ) -> Result<((Vec<Vec<f32>>, usize), f64), RunError> {
         self.run(admission, move |_| model.embed(&texts)).await
     }
 
-    /// Generates with `model`; text goes to `stream` as it is made, when given. Generation
-    /// stops early when the receiver is dropped or the caller stops waiting.
+    /// Generates with `model`, picking up after `resume`; text goes to `stream` as it is
+    /// made, when given. Generation stops early when the receiver is dropped or the caller
+    /// stops waiting. Returns the generation and the time queued (ms).
     pub async fn generate(
         &self,
         admission: Admission,
         model: Arc<Generator>,
         prompt: String,
         params: GenerateParams,
-        stream: Option<mpsc::Sender<String>>,
-    ) -> Result<Generation, RunError> {
+        resume: Resume,
+        stream: Option<mpsc::Sender<Piece>>,
+    ) -> Result<(Generation, f64), RunError> {
         self.run(admission, move |cancelled| {
-            model.generate(&prompt, &params, |text| {
+            let mut sent = resume.tokens.len();
+            model.generate_from(&prompt, &params, &resume, |text, tokens| {
+                let piece = Piece {
+                    text: text.to_owned(),
+                    tokens: tokens[sent.min(tokens.len())..].to_vec(),
+                };
+                sent = tokens.len();
                 !cancelled.load(Ordering::Relaxed)
                     && stream
                         .as_ref()
-                        .is_none_or(|tx| tx.blocking_send(text.to_owned()).is_ok())
+                        .is_none_or(|tx| tx.blocking_send(piece).is_ok())
             })
         })
         .await
+    }
+}
+
+/// Where the pieces of a streamed generation go.
+pub trait PieceSink {
+    /// Takes the next piece; `false` when the receiver has gone (generation then stops).
+    fn take(&mut self, piece: Piece) -> impl std::future::Future<Output = bool> + Send;
+}
+
+/// Text a generation made, with the tokens made since the previous piece.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    /// New text.
+    pub text: String,
+    /// New tokens.
+    pub tokens: Vec<u32>,
+}
+
+impl ModelService {
+    /// Generates like [`ModelService::generate`], handing each piece to `sink` as it comes;
+    /// `Ok(None)` when the sink's receiver went away (the generation was stopped).
+    pub async fn generate_into(
+        &self,
+        admission: Admission,
+        model: Arc<Generator>,
+        prompt: String,
+        params: GenerateParams,
+        resume: Resume,
+        sink: &mut impl PieceSink,
+    ) -> Result<Option<(Generation, f64)>, RunError> {
+        let (tx, mut rx) = mpsc::channel::<Piece>(64);
+        let generation = self.generate(admission, model, prompt, params, resume, Some(tx));
+        tokio::pin!(generation);
+        let result = loop {
+            tokio::select! {
+                Some(piece) = rx.recv() => {
+                    // Dropping the generation stops it.
+                    if !sink.take(piece).await {
+                        return Ok(None);
+                    }
+                }
+                result = &mut generation => break result,
+            }
+        };
+        while let Ok(piece) = rx.try_recv() {
+            if !sink.take(piece).await {
+                return Ok(None);
+            }
+        }
+        result.map(Some)
     }
 }
 
@@ -242,12 +303,13 @@ mod tests {
         let prompt = "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n".to_owned();
 
         // Left alone, greedy decoding of this prompt runs for hundreds of tokens.
-        let full = service
+        let (full, _) = service
             .generate(
                 service.admit().unwrap(),
                 model.clone(),
                 prompt.clone(),
                 params.clone(),
+                Resume::default(),
                 None,
             )
             .await
@@ -264,13 +326,20 @@ mod tests {
             let service = service.clone();
             tokio::spawn(async move {
                 service
-                    .generate(admission, model, prompt, params, Some(tx))
+                    .generate(
+                        admission,
+                        model,
+                        prompt,
+                        params,
+                        Resume::default(),
+                        Some(tx),
+                    )
                     .await
             })
         };
         rx.recv().await.expect("some text");
         drop(rx);
-        let cut = running.await.unwrap().unwrap();
+        let (cut, _) = running.await.unwrap().unwrap();
         assert!(cut.tokens.len() < 20, "stopped early: {}", cut.tokens.len());
         assert_eq!(service.queue_depth(), 0);
         assert!(service.admit().is_ok());

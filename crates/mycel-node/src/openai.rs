@@ -2,7 +2,8 @@
 //! (plain and server-sent events), with OpenAI's request, response and error shapes, so that
 //! any OpenAI client pointed at a node works (its API key is the node's token).
 //!
-//! Requests run on this node's models; running them on the best peer is the router's job.
+//! Requests go through the node's router (`crate::inference`): they run here when this node is
+//! the best place, on a peer otherwise, and move to another node when one fails.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -15,7 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
-use mycel_core::statement::ModelOffer;
+use mycel_core::statement::{ModelKind, ModelOffer};
 use mycel_ml::{ChatMessage, FinishReason, GenerateParams, MlError};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -23,6 +24,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::api::ApiState;
+use crate::inference::RouteError;
 use crate::models::{RunError, Runner};
 
 /// Default `max_tokens` when a request names none.
@@ -48,16 +50,30 @@ impl ApiError {
         }
     }
 
-    fn no_model(name: &str, kind: &str) -> Self {
+    fn unavailable(code: &'static str, message: String) -> Self {
         Self {
-            status: StatusCode::NOT_FOUND,
-            kind: "invalid_request_error",
-            code: Some("model_not_found"),
-            param: Some("model"),
-            message: format!(
-                "the model {name:?} is not served here for {kind}; GET /v1/models lists \
-                 the models"
-            ),
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            code: Some(code),
+            param: None,
+            message,
+        }
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        match e {
+            RouteError::UnknownModel(_) => Self {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                code: Some("model_not_found"),
+                param: Some("model"),
+                message: e.to_string(),
+            },
+            RouteError::Invalid(message) => Self::invalid(None, message),
+            RouteError::Busy => Self::unavailable("overloaded", e.to_string()),
+            RouteError::Unavailable(_) => Self::unavailable("unavailable", e.to_string()),
         }
     }
 }
@@ -65,13 +81,7 @@ impl ApiError {
 impl From<RunError> for ApiError {
     fn from(e: RunError) -> Self {
         match e {
-            RunError::Busy(_) => Self {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                kind: "server_error",
-                code: Some("overloaded"),
-                param: None,
-                message: e.to_string(),
-            },
+            RunError::Busy(_) => Self::unavailable("overloaded", e.to_string()),
             RunError::Model(MlError::Input(message)) => Self::invalid(None, message),
             RunError::Model(e) => Self {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -217,26 +227,30 @@ async fn embed(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
             ))
         }
     };
-    let served = state.models.find(&request.model);
-    let Some(Runner::Embed(model)) = served.map(|s| s.runner.clone()) else {
-        return Err(ApiError::no_model(&request.model, "embeddings"));
+    let target = state
+        .inference
+        .resolve(&request.model, ModelKind::Embedding)
+        .await?;
+    let name = target.offer.name.clone();
+    let wrong_dimensions = |made: usize| {
+        ApiError::invalid(
+            Some("dimensions"),
+            format!("{name} makes vectors of {made} dimensions only"),
+        )
     };
-    if let Some(dimensions) = request.dimensions {
+    if let (Some(dimensions), Some(Runner::Embed(model))) = (request.dimensions, &target.local) {
         if dimensions != model.dimension() {
-            return Err(ApiError::invalid(
-                Some("dimensions"),
-                format!(
-                    "{} makes vectors of {} dimensions only",
-                    model.name(),
-                    model.dimension()
-                ),
-            ));
+            return Err(wrong_dimensions(model.dimension()));
         }
     }
-    let name = model.name().to_owned();
-    let admission = state.models.admit()?;
-    let (vectors, tokens) = state.models.embed(admission, model, texts).await?;
-    let data: Vec<Value> = vectors
+    let embedded = state.inference.embed(&target, texts).await?;
+    let made = embedded.vectors.first().map_or(0, Vec::len);
+    if request.dimensions.is_some_and(|d| d != made) {
+        return Err(wrong_dimensions(made));
+    }
+    let tokens = embedded.prompt_tokens;
+    let data: Vec<Value> = embedded
+        .vectors
         .into_iter()
         .enumerate()
         .map(|(index, vector)| {
@@ -403,50 +417,61 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     let request: ChatRequest = parse(&body)?;
     let messages = messages(&request)?;
     let mut params = params(&request)?;
-    let served = state.models.find(&request.model);
-    let Some(Runner::Generate(model)) = served.map(|s| s.runner.clone()) else {
-        return Err(ApiError::no_model(&request.model, "chat completions"));
-    };
-    let prompt = model.chat_prompt(&messages).map_err(ApiError::from)?;
-    // Everything that can be refused is refused here, before a stream is opened.
-    let prompt_tokens = model
-        .tokenizer()
-        .encode(&prompt)
-        .map_err(ApiError::from)?
-        .len();
-    if request
-        .max_completion_tokens
-        .or(request.max_tokens)
-        .is_none()
-    {
-        // Without an explicit budget, generate up to the context that is left.
-        let left = model.context_length().saturating_sub(prompt_tokens).max(1);
-        params.max_tokens = params.max_tokens.min(left);
+    let target = state
+        .inference
+        .resolve(&request.model, ModelKind::Generation)
+        .await?;
+    // Everything that can be refused is refused before a stream is opened: here when this
+    // node has the model, otherwise by the worker before its first token.
+    if let Some(Runner::Generate(model)) = &target.local {
+        let prompt = model.chat_prompt(&messages).map_err(ApiError::from)?;
+        let prompt_tokens = model
+            .tokenizer()
+            .encode(&prompt)
+            .map_err(ApiError::from)?
+            .len();
+        if request
+            .max_completion_tokens
+            .or(request.max_tokens)
+            .is_none()
+        {
+            // Without an explicit budget, generate up to the context that is left.
+            let left = model.context_length().saturating_sub(prompt_tokens).max(1);
+            params.max_tokens = params.max_tokens.min(left);
+        }
+        if prompt_tokens + params.max_tokens > model.context_length() {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                format!(
+                    "the messages take {prompt_tokens} tokens and max_tokens is {}; {} takes \
+                     at most {} in all",
+                    params.max_tokens,
+                    model.name(),
+                    model.context_length()
+                ),
+            ));
+        }
     }
-    params.check().map_err(ApiError::from)?;
-    if prompt_tokens + params.max_tokens > model.context_length() {
-        return Err(ApiError::invalid(
-            Some("max_tokens"),
-            format!(
-                "the messages take {prompt_tokens} tokens and max_tokens is {}; {} takes at \
-                 most {} in all",
-                params.max_tokens,
-                model.name(),
-                model.context_length()
-            ),
-        ));
-    }
-    let admission = state.models.admit()?;
+    params
+        .check()
+        .map_err(|message| ApiError::invalid(None, message))?;
     let id = request_id("chatcmpl");
     let created = unix_now();
-    let name = model.name().to_owned();
-    let fingerprint = model.engine().name();
+    let name = target.offer.name.clone();
+    let fingerprint = target.offer.engine.clone();
+    let (text_tx, mut text_rx) = mpsc::channel::<String>(64);
 
     if !request.stream.unwrap_or(false) {
-        let generation = state
-            .models
-            .generate(admission, model, prompt, params, None)
-            .await?;
+        // Run in this future: a client that leaves drops it, which stops the generation.
+        let generation = state.inference.generate(&target, messages, params, text_tx);
+        tokio::pin!(generation);
+        let completion = loop {
+            tokio::select! {
+                Some(_) = text_rx.recv() => {}
+                result = &mut generation => break result?,
+            }
+        };
+        let generation = completion.generation;
         return Ok(Json(json!({
             "id": id,
             "object": "chat.completion",
@@ -480,28 +505,59 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
                           "finish_reason": finish_reason }],
         })
     };
-    let (text_tx, mut text_rx) = mpsc::channel::<String>(64);
+    let inference = state.inference.clone();
+    let mut task =
+        tokio::spawn(async move { inference.generate(&target, messages, params, text_tx).await });
+    let stop = AbortOnDrop(task.abort_handle());
+    // Wait for the first text (or the end): a refusal before it is an error response, not an
+    // error inside a 200 stream.
+    let first = tokio::select! {
+        Some(text) = text_rx.recv() => Ok(text),
+        result = &mut task => Err(result),
+    };
+    let mut early_end = None;
+    let first_text = match first {
+        Ok(text) => Some(text),
+        Err(Ok(Err(e))) => return Err(e.into()),
+        Err(Ok(Ok(completion))) => {
+            early_end = Some(Ok(completion));
+            None
+        }
+        Err(Err(e)) => return Err(RouteError::Unavailable(format!("the task failed: {e}")).into()),
+    };
     let (event_tx, event_rx) = mpsc::channel::<Event>(64);
-    let models = state.models.clone();
     tokio::spawn(async move {
+        let _stop = stop;
         let first = chunk(json!({ "role": "assistant", "content": "" }), Value::Null);
         if event_tx.send(data(&first)).await.is_err() {
             return;
         }
-        let generation = models.generate(admission, model, prompt, params, Some(text_tx));
-        tokio::pin!(generation);
-        let result = loop {
-            tokio::select! {
-                // The client went away: dropping the generation stops it.
-                _ = event_tx.closed() => return,
-                Some(text) = text_rx.recv() => {
-                    let piece = chunk(json!({ "content": text }), Value::Null);
-                    if event_tx.send(data(&piece)).await.is_err() {
-                        return;
-                    }
-                }
-                result = &mut generation => break result,
+        if let Some(text) = first_text {
+            if event_tx
+                .send(data(&chunk(json!({ "content": text }), Value::Null)))
+                .await
+                .is_err()
+            {
+                return;
             }
+        }
+        let result = match early_end {
+            Some(result) => result,
+            None => loop {
+                tokio::select! {
+                    // The client went away: aborting the task stops the generation.
+                    _ = event_tx.closed() => return,
+                    Some(text) = text_rx.recv() => {
+                        let piece = chunk(json!({ "content": text }), Value::Null);
+                        if event_tx.send(data(&piece)).await.is_err() {
+                            return;
+                        }
+                    }
+                    result = &mut task => break result.unwrap_or_else(|e| {
+                        Err(RouteError::Unavailable(format!("the task failed: {e}")))
+                    }),
+                }
+            },
         };
         while let Ok(text) = text_rx.try_recv() {
             let _ = event_tx
@@ -509,7 +565,8 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
                 .await;
         }
         match result {
-            Ok(generation) => {
+            Ok(completion) => {
+                let generation = completion.generation;
                 let last = chunk(json!({}), json!(finish(generation.finish_reason)));
                 let _ = event_tx.send(data(&last)).await;
                 if include_usage {
@@ -536,6 +593,15 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// Stops a spawned task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn data(value: &Value) -> Event {

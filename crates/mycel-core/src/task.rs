@@ -1,0 +1,479 @@
+//! Messages of the inference task protocol.
+//!
+//! A requester opens a stream to a worker and sends one [`TaskRequest`]: a task id (the same
+//! on every attempt, so a retried task is recognisable), the model's content id, a time budget
+//! and the input. The worker answers with frames: [`TaskFrame::Chunk`]s of generated text as
+//! it is made, then one [`TaskFrame::Done`] carrying the output, its digest signed by the
+//! worker and the timings — or one [`TaskFrame::Refused`] saying why not. A generation that
+//! dies mid-way is resumed elsewhere from the tokens already delivered ([`Resume`]).
+//!
+//! Everything here is checked before use: [`TaskRequest::check`] bounds every field a worker
+//! allocates or loops over, and [`TaskResult::verify`] ties an output to the peer that signed
+//! it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::ContentId;
+use crate::wire::{self, Rejection};
+use crate::{Keypair, PeerId, PublicKey};
+
+/// Largest request frame a worker reads.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Largest answer frame a requester reads (embeddings of many inputs are the big ones).
+pub const MAX_FRAME_BYTES: usize = 32 << 20;
+/// Most inputs in one embedding task.
+pub const MAX_EMBED_INPUTS: usize = 2048;
+/// Most messages in one chat.
+pub const MAX_MESSAGES: usize = 256;
+/// Most tokens one generation may ask for.
+pub const MAX_GENERATE_TOKENS: usize = 32_768;
+
+/// Identifies a task across its attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TaskId(pub u128);
+
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// What was said.
+    pub content: String,
+}
+
+/// How to decode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateParams {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// 0 or absent: greedy (argmax). Above 0: sampled at this temperature.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to this.
+    pub top_p: Option<f64>,
+    /// Seed of the sampler: the same seed gives the same tokens.
+    pub seed: u64,
+    /// Generation stops before the first of these strings.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            temperature: None,
+            top_p: None,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl GenerateParams {
+    /// Refuses parameters no generation can run with.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_tokens == 0 {
+            return Err("max_tokens must be at least 1".into());
+        }
+        if self.max_tokens > MAX_GENERATE_TOKENS {
+            return Err(format!(
+                "max_tokens must be at most {MAX_GENERATE_TOKENS}, not {}",
+                self.max_tokens
+            ));
+        }
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(format!("temperature must be between 0 and 2, not {t}"));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(format!("top_p must be in (0, 1], not {p}"));
+            }
+        }
+        if self.stop.len() > 4 || self.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return Err("stop takes at most 4 non-empty strings of at most 256 bytes".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its turn or a stop string came.
+    Stop,
+    /// `max_tokens` ran out.
+    Length,
+}
+
+/// Where a generation picks up after its first worker died: the tokens already generated and
+/// how many bytes of their text the caller has already received.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resume {
+    /// Tokens generated so far.
+    pub tokens: Vec<u32>,
+    /// Bytes of their text already delivered.
+    pub text_bytes: u64,
+}
+
+/// What to compute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskInput {
+    /// Sentence embeddings of `texts`.
+    Embed {
+        /// The inputs.
+        texts: Vec<String>,
+    },
+    /// A chat completion.
+    Generate {
+        /// The conversation so far.
+        messages: Vec<ChatMessage>,
+        /// How to decode.
+        params: GenerateParams,
+        /// Where to pick up, when an earlier worker died mid-way.
+        resume: Resume,
+    },
+}
+
+/// The one request of a task stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRequest {
+    /// The task, the same on every attempt.
+    pub id: TaskId,
+    /// The model to run.
+    pub model: ContentId,
+    /// How long the requester will wait, from when the worker receives the request.
+    pub budget_ms: u64,
+    /// What to compute.
+    pub input: TaskInput,
+}
+
+impl TaskRequest {
+    /// Refuses requests a worker must not run: empty or too many inputs, bad parameters, a
+    /// resume point past the token budget.
+    pub fn check(&self) -> Result<(), String> {
+        if self.budget_ms == 0 {
+            return Err("the task has no time left".into());
+        }
+        match &self.input {
+            TaskInput::Embed { texts } => {
+                if texts.is_empty() || texts.len() > MAX_EMBED_INPUTS {
+                    return Err(format!(
+                        "an embedding task takes 1 to {MAX_EMBED_INPUTS} inputs, not {}",
+                        texts.len()
+                    ));
+                }
+            }
+            TaskInput::Generate {
+                messages,
+                params,
+                resume,
+            } => {
+                if messages.is_empty() || messages.len() > MAX_MESSAGES {
+                    return Err(format!(
+                        "a chat takes 1 to {MAX_MESSAGES} messages, not {}",
+                        messages.len()
+                    ));
+                }
+                params.check()?;
+                if resume.tokens.len() >= params.max_tokens {
+                    return Err("the resume point is past max_tokens".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a worker did not run a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    /// Its queue is full.
+    #[error("the worker is busy ({queue} requests queued)")]
+    Busy {
+        /// Its queue length.
+        queue: u32,
+    },
+    /// It does not serve the model.
+    #[error("the worker does not serve this model")]
+    UnknownModel,
+    /// The input cannot be run by this model anywhere (too long, bad parameters).
+    #[error("{0}")]
+    Invalid(String),
+    /// The model failed.
+    #[error("the worker failed: {0}")]
+    Failed(String),
+}
+
+impl Refusal {
+    /// Whether another worker could do better: everything but invalid input.
+    pub fn retry_elsewhere(&self) -> bool {
+        !matches!(self, Self::Invalid(_))
+    }
+}
+
+/// What a task produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskOutput {
+    /// One vector per input, `dims` little-endian f32 each, back to back.
+    Embeddings {
+        /// Length of each vector.
+        dims: u32,
+        /// The vectors' values.
+        #[serde(with = "serde_bytes")]
+        values: Vec<u8>,
+        /// Tokens in all inputs.
+        prompt_tokens: u32,
+    },
+    /// A completion (the whole of it, resumed parts included).
+    Generation {
+        /// The generated text.
+        text: String,
+        /// The generated tokens.
+        tokens: Vec<u32>,
+        /// Tokens in the prompt.
+        prompt_tokens: u32,
+        /// Why it ended.
+        finish_reason: FinishReason,
+    },
+}
+
+impl TaskOutput {
+    /// Packs embedding vectors (all of one length).
+    pub fn embeddings(vectors: &[Vec<f32>], prompt_tokens: usize) -> Self {
+        let dims = vectors.first().map_or(0, Vec::len);
+        let values = vectors
+            .iter()
+            .flat_map(|v| v.iter().flat_map(|x| x.to_le_bytes()))
+            .collect();
+        Self::Embeddings {
+            dims: dims as u32,
+            values,
+            prompt_tokens: prompt_tokens.min(u32::MAX as usize) as u32,
+        }
+    }
+
+    /// Unpacks embedding vectors, checking there are `count` of them, all finite.
+    pub fn vectors(&self, count: usize) -> Result<Vec<Vec<f32>>, String> {
+        let Self::Embeddings { dims, values, .. } = self else {
+            return Err("the worker returned a completion for an embedding task".into());
+        };
+        let dims = *dims as usize;
+        if dims == 0 || values.len() != count * dims * 4 {
+            return Err(format!(
+                "the worker returned {} bytes for {count} vectors of {dims} values",
+                values.len()
+            ));
+        }
+        let floats: Vec<f32> = values
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if floats.iter().any(|x| !x.is_finite()) {
+            return Err("the worker returned non-finite values".into());
+        }
+        Ok(floats.chunks_exact(dims).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// Where a worker's time went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Waiting for its turn.
+    pub queue_ms: f64,
+    /// Reading the input (the prompt, or the whole embedding batch).
+    pub prefill_ms: f64,
+    /// Generating tokens.
+    pub decode_ms: f64,
+}
+
+/// A task's output with the digest its worker signed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// What was computed.
+    pub output: TaskOutput,
+    /// BLAKE3 over the task id, the model and the output.
+    #[serde(with = "serde_bytes")]
+    pub digest: Vec<u8>,
+    /// The worker's public key (protobuf encoding).
+    #[serde(with = "serde_bytes")]
+    pub public_key: Vec<u8>,
+    /// The worker's signature over the digest.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+    /// Where the worker's time went.
+    pub timings: Timings,
+}
+
+/// The digest a worker signs: BLAKE3 over a domain tag, the task id, the model and the
+/// output's CBOR encoding. Replicas that computed the same output sign the same digest.
+pub fn output_digest(id: TaskId, model: &ContentId, output: &TaskOutput) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"mycel/task-result/1\0");
+    hasher.update(&id.0.to_le_bytes());
+    hasher.update(model.to_string().as_bytes());
+    hasher.update(&wire::encode(output));
+    *hasher.finalize().as_bytes()
+}
+
+impl TaskResult {
+    /// Signs `output` as the answer to task `id` on `model`.
+    pub fn sign(
+        keypair: &Keypair,
+        id: TaskId,
+        model: &ContentId,
+        output: TaskOutput,
+        timings: Timings,
+    ) -> Self {
+        let digest = output_digest(id, model, &output);
+        let signature = keypair
+            .sign(&digest)
+            .expect("ed25519 signing does not fail");
+        Self {
+            output,
+            digest: digest.to_vec(),
+            public_key: keypair.public().encode_protobuf(),
+            signature,
+            timings,
+        }
+    }
+
+    /// Checks that `worker` signed this output as the answer to task `id` on `model`.
+    pub fn verify(&self, worker: &PeerId, id: TaskId, model: &ContentId) -> Result<(), Rejection> {
+        let key =
+            PublicKey::try_decode_protobuf(&self.public_key).map_err(|_| Rejection::Malformed)?;
+        if key.to_peer_id() != *worker {
+            return Err(Rejection::BadSignature);
+        }
+        let digest = output_digest(id, model, &self.output);
+        if self.digest != digest || !key.verify(&digest, &self.signature) {
+            return Err(Rejection::BadSignature);
+        }
+        Ok(())
+    }
+}
+
+/// A message from worker to requester.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskFrame {
+    /// Generated text as it is made, with the tokens generated since the last chunk.
+    Chunk {
+        /// New text.
+        text: String,
+        /// New tokens.
+        tokens: Vec<u32>,
+    },
+    /// The task is done.
+    Done(Box<TaskResult>),
+    /// The task was not run.
+    Refused(Refusal),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ContentId {
+        ContentId::of(b"model")
+    }
+
+    fn generate_request(max_tokens: usize, resume: usize) -> TaskRequest {
+        TaskRequest {
+            id: TaskId(7),
+            model: model(),
+            budget_ms: 1000,
+            input: TaskInput::Generate {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "hi".into(),
+                }],
+                params: GenerateParams {
+                    max_tokens,
+                    ..Default::default()
+                },
+                resume: Resume {
+                    tokens: vec![1; resume],
+                    text_bytes: 0,
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn requests_are_bounded() {
+        assert!(generate_request(10, 3).check().is_ok());
+        assert!(
+            generate_request(10, 10).check().is_err(),
+            "resume past budget"
+        );
+        assert!(generate_request(0, 0).check().is_err());
+        assert!(generate_request(MAX_GENERATE_TOKENS + 1, 0)
+            .check()
+            .is_err());
+        let mut no_time = generate_request(10, 0);
+        no_time.budget_ms = 0;
+        assert!(no_time.check().is_err());
+        let embed = |n: usize| TaskRequest {
+            id: TaskId(1),
+            model: model(),
+            budget_ms: 1,
+            input: TaskInput::Embed {
+                texts: vec!["x".into(); n],
+            },
+        };
+        assert!(embed(1).check().is_ok());
+        assert!(embed(0).check().is_err());
+        assert!(embed(MAX_EMBED_INPUTS + 1).check().is_err());
+    }
+
+    #[test]
+    fn a_signed_result_verifies_only_for_its_worker_task_and_output() {
+        let worker = Keypair::generate_ed25519();
+        let other = Keypair::generate_ed25519();
+        let output = TaskOutput::embeddings(&[vec![1.0, 2.0], vec![3.0, 4.0]], 5);
+        let result = TaskResult::sign(&worker, TaskId(9), &model(), output, Timings::default());
+        let peer = worker.public().to_peer_id();
+        assert_eq!(result.verify(&peer, TaskId(9), &model()), Ok(()));
+        assert_eq!(
+            result.verify(&other.public().to_peer_id(), TaskId(9), &model()),
+            Err(Rejection::BadSignature),
+            "signed by someone else"
+        );
+        assert_eq!(
+            result.verify(&peer, TaskId(10), &model()),
+            Err(Rejection::BadSignature),
+            "another task"
+        );
+        let mut tampered = result.clone();
+        if let TaskOutput::Embeddings { values, .. } = &mut tampered.output {
+            values[0] ^= 1;
+        }
+        assert_eq!(
+            tampered.verify(&peer, TaskId(9), &model()),
+            Err(Rejection::BadSignature)
+        );
+        // The frame survives the wire.
+        let frame = TaskFrame::Done(Box::new(result));
+        let back: TaskFrame = wire::decode(&wire::encode(&frame), MAX_FRAME_BYTES).unwrap();
+        assert_eq!(back, frame);
+    }
+
+    #[test]
+    fn embeddings_unpack_checked() {
+        let output = TaskOutput::embeddings(&[vec![0.5, -1.0], vec![2.0, 3.0]], 4);
+        assert_eq!(
+            output.vectors(2).unwrap(),
+            vec![vec![0.5, -1.0], vec![2.0, 3.0]]
+        );
+        assert!(output.vectors(3).is_err(), "wrong count");
+        let nan = TaskOutput::embeddings(&[vec![f32::NAN]], 1);
+        assert!(nan.vectors(1).is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! The inference task protocol `/mycel/task/1`: one raw stream per task attempt, carrying
+//! length-prefixed CBOR frames (`mycel_core::task`): the requester's one request, then the
+//! worker's chunks and its final answer. Raw streams (libp2p-stream) rather than
+//! request-response, so that generated tokens travel as they are made and the event loop is
+//! not on the data path.
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use mycel_core::wire::{self, Rejection};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Protocol name of inference tasks.
+pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/task/1");
+
+pub use libp2p::Stream;
+pub use libp2p_stream::IncomingStreams;
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed or closed mid-frame.
+    #[error("stream failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The frame was too large or did not decode.
+    #[error("bad frame: {0}")]
+    Rejected(Rejection),
+}
+
+/// Writes `value` as one frame: its CBOR length as 4 little-endian bytes, then the CBOR.
+pub async fn write_frame<T: Serialize>(
+    io: &mut (impl AsyncWrite + Unpin),
+    value: &T,
+) -> std::io::Result<()> {
+    let body = wire::encode(value);
+    let len = u32::try_from(body.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(&body);
+    io.write_all(&frame).await?;
+    io.flush().await
+}
+
+/// Reads one frame of at most `max_len` bytes; `Ok(None)` when the stream ended cleanly
+/// before a frame began. The length is checked before anything is allocated.
+pub async fn read_frame<T: DeserializeOwned>(
+    io: &mut (impl AsyncRead + Unpin),
+    max_len: usize,
+) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = io.read(&mut len[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        got += n;
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max_len {
+        return Err(FrameError::Rejected(Rejection::Oversized));
+    }
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    wire::decode(&body, max_len)
+        .map(Some)
+        .map_err(FrameError::Rejected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_bad_ones_are_refused() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &("hello".to_owned(), 7u32))
+            .await
+            .unwrap();
+        write_frame(&mut buf, &vec![1u8; 100]).await.unwrap();
+        let mut reader = futures::io::Cursor::new(buf.clone());
+        let first: Option<(String, u32)> = read_frame(&mut reader, 1000).await.unwrap();
+        assert_eq!(first, Some(("hello".to_owned(), 7)));
+        assert!(matches!(
+            read_frame::<Vec<u8>>(&mut reader, 50).await,
+            Err(FrameError::Rejected(Rejection::Oversized))
+        ));
+        let mut empty = futures::io::Cursor::new(Vec::new());
+        assert!(read_frame::<u32>(&mut empty, 10).await.unwrap().is_none());
+        let mut cut = futures::io::Cursor::new(buf[..6].to_vec());
+        assert!(matches!(
+            read_frame::<(String, u32)>(&mut cut, 1000).await,
+            Err(FrameError::Io(_))
+        ));
+        let mut garbage = futures::io::Cursor::new(vec![3, 0, 0, 0, 0xff, 0xff, 0xff]);
+        assert!(matches!(
+            read_frame::<(String, u32)>(&mut garbage, 1000).await,
+            Err(FrameError::Rejected(Rejection::Malformed))
+        ));
+    }
+}

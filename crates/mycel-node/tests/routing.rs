@@ -1,0 +1,414 @@
+//! Tasks routed across real nodes on 127.0.0.1: a model only a peer serves is reached through
+//! any node's API; a worker that dies mid-generation is replaced by another that continues
+//! from the delivered tokens; busy and dead nodes are skipped; a malformed task is refused and
+//! costs its sender; providers are found in the DHT.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{addrs_of, local_config, wait_until};
+use mycel_core::membership::PeerState;
+use mycel_core::statement::ModelKind;
+use mycel_core::task::{Refusal, TaskFrame, TaskId, TaskInput, TaskRequest, MAX_FRAME_BYTES};
+use mycel_ml::fixtures::{write_llama, write_tiny_bert, write_tiny_llama, LlamaShape};
+use mycel_ml::{ChatMessage, Engine, GenerateParams};
+use mycel_net::task::{read_frame, write_frame};
+use mycel_net::Multiaddr;
+use mycel_node::inference::RouteError;
+use mycel_node::models::{load_model, Runner, Served};
+use mycel_node::Node;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn load(root: &Path, name: &str, write: impl FnOnce(&Path)) -> Served {
+    let path = root.join(name);
+    write(&path);
+    load_model(&path, Engine::Exact).unwrap()
+}
+
+fn tiny_bert(root: &Path) -> Served {
+    load(root, "tiny-bert", |p| write_tiny_bert(p).unwrap())
+}
+
+async fn start(
+    root: &Path,
+    name: &str,
+    bootstrap: Vec<Multiaddr>,
+    served: Vec<Served>,
+    max_queue: usize,
+) -> Node {
+    let mut config = local_config(&root.join(name), bootstrap, true);
+    config.preloaded = served;
+    config.max_queue = max_queue;
+    Node::start(config).await.unwrap()
+}
+
+/// Waits until `node` sees every one of `peers` alive, offering models.
+async fn wait_offers(node: &Node, peers: &[&Node]) {
+    let ids: Vec<String> = peers.iter().map(|p| p.net.peer_id().to_base58()).collect();
+    wait_until(
+        LIMIT,
+        "the serving peers are known with their models",
+        || async {
+            let known = node.net.peers().await.unwrap();
+            ids.iter().all(|id| {
+                known.iter().any(|p| {
+                    p.peer_id == *id
+                        && p.state == PeerState::Alive
+                        && p.capabilities
+                            .as_ref()
+                            .is_some_and(|c| !c.models.is_empty())
+                })
+            })
+        },
+    )
+    .await;
+}
+
+fn post_json(node: &Node, path: &str, body: Value) -> (u16, String) {
+    let url = format!("http://{}{path}", node.api_addr.unwrap());
+    let mut response = ureq::post(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("Authorization", &format!("Bearer {}", node.token))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .expect("API reachable");
+    let status = response.status().as_u16();
+    (status, response.body_mut().read_to_string().unwrap())
+}
+
+fn user(content: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: "user".into(),
+        content: content.into(),
+    }]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_only_a_peer_serves_is_run_there_through_any_nodes_api() {
+    let root = tempfile::tempdir().unwrap();
+    let bert = tiny_bert(root.path());
+    let llama = load(root.path(), "tiny-llama.gguf", |p| {
+        write_tiny_llama(p).unwrap()
+    });
+    let worker = start(
+        root.path(),
+        "b",
+        vec![],
+        vec![bert.clone(), llama.clone()],
+        16,
+    )
+    .await;
+    let gateway = start(root.path(), "a", addrs_of(&worker), vec![], 16).await;
+    wait_offers(&gateway, &[&worker]).await;
+
+    // Embeddings computed by the peer equal the ones it computes for itself.
+    let texts = ["the cat sat", "the dog ran"];
+    let (status, body) = post_json(
+        &gateway,
+        "/v1/embeddings",
+        json!({ "model": "tiny-bert", "input": texts }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let Runner::Embed(embedder) = &bert.runner else {
+        panic!("tiny-bert embeds")
+    };
+    let (expected, tokens) = embedder.embed(&texts).unwrap();
+    for (i, vector) in expected.iter().enumerate() {
+        let got: Vec<f32> = serde_json::from_value(body["data"][i]["embedding"].clone()).unwrap();
+        let diff = got
+            .iter()
+            .zip(vector)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-6, "vector {i} differs by {diff}");
+    }
+    assert_eq!(body["usage"]["prompt_tokens"], tokens);
+
+    // A chat too, plain and streamed, token for token what the worker's model makes.
+    let Runner::Generate(generator) = &llama.runner else {
+        panic!("a GGUF generates")
+    };
+    let prompt = generator.chat_prompt(&user("the dog")).unwrap();
+    let params = GenerateParams {
+        max_tokens: 16,
+        ..Default::default()
+    };
+    let expected = generator.generate(&prompt, &params, |_| true).unwrap();
+    let request = json!({ "model": "tiny-llama", "max_tokens": 16, "temperature": 0,
+                          "messages": [{ "role": "user", "content": "the dog" }] });
+    let (status, body) = post_json(&gateway, "/v1/chat/completions", request.clone());
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], expected.text);
+    assert_eq!(body["usage"]["completion_tokens"], expected.tokens.len());
+    let mut streaming = request;
+    streaming["stream"] = json!(true);
+    let (status, events) = post_json(&gateway, "/v1/chat/completions", streaming);
+    assert_eq!(status, 200, "{events}");
+    let streamed: String = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(streamed, expected.text);
+
+    // Input the worker's model cannot take is the caller's error, found by the worker.
+    let long = "word ".repeat(2000);
+    let (status, body) = post_json(
+        &gateway,
+        "/v1/embeddings",
+        json!({ "model": "tiny-bert", "input": long }),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post_json(
+        &gateway,
+        "/v1/embeddings",
+        json!({ "model": "nobody-serves-this", "input": "x" }),
+    );
+    assert_eq!(status, 404, "{body}");
+
+    gateway.shutdown().await;
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_whose_worker_dies_resumes_on_the_next_node_without_a_seam() {
+    let root = tempfile::tempdir().unwrap();
+    // A model slow enough (milliseconds per token) to be caught mid-way.
+    let slow = load(root.path(), "slow-llama.gguf", |p| {
+        write_llama(p, LlamaShape::SLOW).unwrap()
+    });
+    let first = start(root.path(), "b", vec![], vec![slow.clone()], 16).await;
+    let second = start(root.path(), "c", addrs_of(&first), vec![slow.clone()], 16).await;
+    let gateway = start(root.path(), "a", addrs_of(&first), vec![], 16).await;
+    wait_offers(&gateway, &[&first, &second]).await;
+
+    let Runner::Generate(generator) = &slow.runner else {
+        panic!("a GGUF generates")
+    };
+    let messages = user("tell me a story");
+    let params = GenerateParams {
+        max_tokens: 60,
+        ..Default::default()
+    };
+    let prompt = generator.chat_prompt(&messages).unwrap();
+    let expected = generator.generate(&prompt, &params, |_| true).unwrap();
+    assert_eq!(expected.tokens.len(), 60, "the story runs to max_tokens");
+
+    let target = gateway
+        .inference
+        .resolve("slow-llama", ModelKind::Generation)
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::channel(1024);
+    let ranking = vec![first.net.peer_id(), second.net.peer_id()];
+    let inference = gateway.inference.clone();
+    let running = tokio::spawn(async move {
+        inference
+            .generate_on(&target, messages, params, tx, ranking)
+            .await
+    });
+    let mut streamed = String::new();
+    for _ in 0..5 {
+        streamed.push_str(&rx.recv().await.expect("the first worker streams"));
+    }
+    // The first worker dies mid-stream, as a crash would.
+    first.abort();
+    while let Some(text) = rx.recv().await {
+        streamed.push_str(&text);
+    }
+    let completion = running
+        .await
+        .unwrap()
+        .expect("the task survives its worker");
+    assert_eq!(completion.attempts, 2, "resumed on the second node");
+    assert_eq!(completion.worker, second.net.peer_id());
+    assert_eq!(completion.generation.tokens, expected.tokens);
+    assert_eq!(completion.generation.text, expected.text);
+    assert_eq!(streamed, expected.text, "nothing lost or repeated");
+
+    gateway.shutdown().await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_and_dead_nodes_are_skipped_and_all_busy_is_overloaded() {
+    let root = tempfile::tempdir().unwrap();
+    let bert = tiny_bert(root.path());
+    let busy = start(root.path(), "busy", vec![], vec![bert.clone()], 1).await;
+    let good = start(root.path(), "good", addrs_of(&busy), vec![bert.clone()], 16).await;
+    let dead = start(root.path(), "dead", addrs_of(&busy), vec![bert.clone()], 16).await;
+    let gateway = start(root.path(), "gateway", addrs_of(&busy), vec![], 16).await;
+    wait_offers(&gateway, &[&busy, &good, &dead]).await;
+    let dead_id = dead.net.peer_id();
+    dead.abort();
+    let _held = busy.models.admit().expect("the one place");
+
+    let target = gateway
+        .inference
+        .resolve("tiny-bert", ModelKind::Embedding)
+        .await
+        .unwrap();
+    let texts = vec!["the cat sat".to_owned()];
+    let ranking = vec![dead_id, busy.net.peer_id(), good.net.peer_id()];
+    let embedded = gateway
+        .inference
+        .embed_on(&target, texts.clone(), ranking)
+        .await
+        .expect("the good node answers");
+    assert_eq!(embedded.worker, good.net.peer_id());
+    assert_eq!(embedded.vectors.len(), 1);
+
+    let only_busy = vec![busy.net.peer_id()];
+    assert!(matches!(
+        gateway
+            .inference
+            .embed_on(&target, texts.clone(), only_busy)
+            .await,
+        Err(RouteError::Busy)
+    ));
+    // The router's own ranking gets there too, whatever it tries first.
+    for _ in 0..5 {
+        let embedded = gateway
+            .inference
+            .embed(&target, texts.clone())
+            .await
+            .unwrap();
+        assert_eq!(embedded.worker, good.net.peer_id());
+    }
+
+    gateway.shutdown().await;
+    good.shutdown().await;
+    busy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_task_is_refused_costs_its_sender_and_the_worker_keeps_serving() {
+    let root = tempfile::tempdir().unwrap();
+    let bert = tiny_bert(root.path());
+    let model = bert.offer.id;
+    let worker = start(root.path(), "worker", vec![], vec![bert], 16).await;
+    let sender = start(root.path(), "sender", addrs_of(&worker), vec![], 16).await;
+    wait_offers(&sender, &[&worker]).await;
+    let sender_id = sender.net.peer_id();
+    assert_eq!(worker.net.reputation(sender_id).await.unwrap(), 0.0);
+
+    let refused =
+        |frame: Option<TaskFrame>| matches!(frame, Some(TaskFrame::Refused(Refusal::Invalid(_))));
+    // Bytes that are not a task.
+    let mut stream = sender
+        .net
+        .open_task_stream(worker.net.peer_id())
+        .await
+        .unwrap();
+    futures::AsyncWriteExt::write_all(&mut stream, &[5, 0, 0, 0, 0xff, 0xff, 0x13, 0, 1])
+        .await
+        .unwrap();
+    let answer = read_frame::<TaskFrame>(&mut stream, MAX_FRAME_BYTES)
+        .await
+        .unwrap();
+    assert!(refused(answer));
+    let after_garbage = worker.net.reputation(sender_id).await.unwrap();
+    assert!(after_garbage < 0.0, "{after_garbage}");
+
+    // A length prefix of 4 GiB: refused before anything is allocated.
+    let mut stream = sender
+        .net
+        .open_task_stream(worker.net.peer_id())
+        .await
+        .unwrap();
+    futures::AsyncWriteExt::write_all(&mut stream, &u32::MAX.to_le_bytes())
+        .await
+        .unwrap();
+    let answer = read_frame::<TaskFrame>(&mut stream, MAX_FRAME_BYTES)
+        .await
+        .unwrap();
+    assert!(refused(answer));
+
+    // A well-formed task breaking the protocol's bounds (no inputs).
+    let mut stream = sender
+        .net
+        .open_task_stream(worker.net.peer_id())
+        .await
+        .unwrap();
+    let empty = TaskRequest {
+        id: TaskId(1),
+        model,
+        budget_ms: 1000,
+        input: TaskInput::Embed { texts: vec![] },
+    };
+    write_frame(&mut stream, &empty).await.unwrap();
+    let answer = read_frame::<TaskFrame>(&mut stream, MAX_FRAME_BYTES)
+        .await
+        .unwrap();
+    assert!(refused(answer));
+    let after_all = worker.net.reputation(sender_id).await.unwrap();
+    assert!(after_all < after_garbage, "{after_all} vs {after_garbage}");
+
+    // The same peer's proper task still runs, signed by the worker.
+    let mut stream = sender
+        .net
+        .open_task_stream(worker.net.peer_id())
+        .await
+        .unwrap();
+    let good = TaskRequest {
+        id: TaskId(2),
+        model,
+        budget_ms: 10_000,
+        input: TaskInput::Embed {
+            texts: vec!["the cat".into()],
+        },
+    };
+    write_frame(&mut stream, &good).await.unwrap();
+    let Some(TaskFrame::Done(result)) = read_frame::<TaskFrame>(&mut stream, MAX_FRAME_BYTES)
+        .await
+        .unwrap()
+    else {
+        panic!("the task runs")
+    };
+    result
+        .verify(&worker.net.peer_id(), TaskId(2), &model)
+        .expect("signed by the worker");
+    assert_eq!(result.output.vectors(1).unwrap()[0].len(), 16);
+    assert!(result.timings.prefill_ms > 0.0);
+
+    sender.shutdown().await;
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dht_lists_the_nodes_serving_a_model() {
+    let root = tempfile::tempdir().unwrap();
+    let bert = tiny_bert(root.path());
+    let model = bert.offer.id;
+    let first = start(root.path(), "first", vec![], vec![], 16).await;
+    let worker = start(root.path(), "worker", addrs_of(&first), vec![bert], 16).await;
+    let asker = start(root.path(), "asker", addrs_of(&first), vec![], 16).await;
+    let worker_id = worker.net.peer_id();
+    wait_until(LIMIT, "the DHT lists the worker as a provider", || async {
+        asker
+            .net
+            .find_providers(model)
+            .await
+            .unwrap()
+            .contains(&worker_id)
+    })
+    .await;
+    asker.shutdown().await;
+    worker.shutdown().await;
+    first.shutdown().await;
+}
