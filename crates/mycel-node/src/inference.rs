@@ -144,8 +144,24 @@ struct RouterState {
     latencies_ms: VecDeque<f64>,
 }
 
+/// Counts of what the router has done since the node started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RouterStats {
+    /// Tasks that completed.
+    pub completed: u64,
+    /// Attempts that failed or were refused and moved on to another node.
+    pub failovers: u64,
+    /// Second attempts started because the first was slower than the observed p95.
+    pub hedges: u64,
+    /// Tasks run on this node.
+    pub local: u64,
+    /// Tasks run on peers.
+    pub remote: u64,
+}
+
 /// The node's inference service: router and worker.
 pub struct Inference {
+    stats: Mutex<RouterStats>,
     net: NetHandle,
     keypair: Keypair,
     models: Arc<ModelService>,
@@ -171,6 +187,7 @@ impl Inference {
     ) -> Self {
         let half_life = config.reliability_half_life.as_millis() as u64;
         Self {
+            stats: Mutex::new(RouterStats::default()),
             net,
             keypair,
             models,
@@ -277,7 +294,27 @@ impl Inference {
         )
     }
 
+    /// What the router has done since the node started.
+    pub fn stats(&self) -> RouterStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count(&self, what: impl FnOnce(&mut RouterStats)) {
+        what(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
     fn record(&self, peer: &PeerId, success: bool, elapsed: Option<Duration>) {
+        let local = *peer == self.net.peer_id();
+        self.count(|s| {
+            if success {
+                s.completed += 1;
+                if local {
+                    s.local += 1;
+                } else {
+                    s.remote += 1;
+                }
+            }
+        });
         let now = now_ms();
         let mut state = self.lock();
         if success {
@@ -366,6 +403,7 @@ impl Inference {
                     Outcome::Final(e) => return Err(e),
                     Outcome::Retry { reason, failed } => {
                         debug!(%peer, %reason, "embedding attempt failed; trying the next node");
+                        self.count(|s| s.failovers += 1);
                         if failed {
                             self.record(&peer, false, None);
                         }
@@ -375,6 +413,7 @@ impl Inference {
                 },
                 _ = hedge_timer => {
                     hedged = true;
+                    self.count(|s| s.hedges += 1);
                     running.push(attempt(ranking[next]));
                     next += 1;
                 }
@@ -513,6 +552,7 @@ impl Inference {
                 Outcome::Retry { reason, failed } => {
                     debug!(%peer, %reason, delivered = progress.resume.tokens.len(),
                            "generation attempt failed; trying the next node");
+                    self.count(|s| s.failovers += 1);
                     if failed {
                         self.record(peer, false, None);
                     }

@@ -27,9 +27,88 @@ pub(crate) struct InferenceBenchArgs {
     /// Tokens decoded per generation run.
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
+    /// Single-sentence tasks timed for the routing overhead (locally and from a peer).
+    #[arg(long, default_value_t = 300)]
+    overhead_tasks: usize,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+}
+
+/// Two nodes on loopback, the second serving MiniLM: the same one-sentence embedding task run
+/// by the serving node's router locally and by the other node's router on it, interleaved.
+/// Returns the medians (local, remote) in milliseconds.
+async fn routing_overhead(minilm: &std::path::Path, tasks: usize) -> anyhow::Result<(f64, f64)> {
+    use libp2p::multiaddr::Protocol;
+    use mycel_core::statement::ModelKind;
+    use mycel_node::{Node, NodeConfig};
+
+    let path = minilm.to_path_buf();
+    let served =
+        tokio::task::spawn_blocking(move || mycel_node::models::load_model(&path, Engine::Exact))
+            .await??;
+    let root = tempfile::tempdir()?;
+    let config = |name: &str, bootstrap: Vec<libp2p::Multiaddr>| {
+        let mut config = NodeConfig::new(root.path().join(name));
+        config.api = None;
+        config.mdns = false;
+        config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")];
+        config.bootstrap = bootstrap;
+        config
+    };
+    let mut worker_config = config("worker", vec![]);
+    worker_config.preloaded = vec![served];
+    let worker = Node::start(worker_config).await?;
+    let worker_id = worker.net.peer_id();
+    let bootstrap = worker
+        .net
+        .listen_addrs()
+        .iter()
+        .map(|a| a.clone().with(Protocol::P2p(worker_id)))
+        .collect();
+    let requester = Node::start(config("requester", bootstrap)).await?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    let remote_target = loop {
+        if let Ok(target) = requester
+            .inference
+            .resolve("all-minilm-l6-v2", ModelKind::Embedding)
+            .await
+        {
+            break target;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the requester never learned the worker's model"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let local_target = worker
+        .inference
+        .resolve("all-minilm-l6-v2", ModelKind::Embedding)
+        .await?;
+    let text = vec!["The old fisherman carefully repaired the broken wooden bridge.".to_owned()];
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for i in 0..tasks + 20 {
+        let started = Instant::now();
+        let done = worker.inference.embed(&local_target, text.clone()).await?;
+        let local_ms = started.elapsed().as_secs_f64() * 1e3;
+        anyhow::ensure!(done.worker == worker_id, "the local task ran elsewhere");
+        let started = Instant::now();
+        let done = requester
+            .inference
+            .embed(&remote_target, text.clone())
+            .await?;
+        let remote_ms = started.elapsed().as_secs_f64() * 1e3;
+        anyhow::ensure!(done.worker == worker_id, "the remote task ran elsewhere");
+        // The first tasks warm up connections and caches.
+        if i >= 20 {
+            local.push(local_ms);
+            remote.push(remote_ms);
+        }
+    }
+    requester.shutdown().await;
+    worker.shutdown().await;
+    Ok((median(local), median(remote)))
 }
 
 /// Short English sentences (10–18 tokens), varied by index, the same on every run.
@@ -195,6 +274,12 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
     })
     .await??;
 
+    let (local_ms, remote_ms) = routing_overhead(
+        &args.models.join("all-minilm-l6-v2"),
+        args.overhead_tasks.max(1),
+    )
+    .await?;
+
     let exact = &generation[Engine::Exact.name()];
     let st_rate = st.as_ref().and_then(|v| v["sent_per_s"].as_f64());
     let result = json!({
@@ -207,8 +292,9 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
         "prefill_tok_per_s": exact["prefill_tok_per_s"],
         "decode_tok_per_s": exact["decode_tok_per_s"],
         "engines": generation,
-        // Needs the task protocol (remote execution), which has not landed yet.
-        "remote_overhead_p50_ms": null,
+        "task_local_p50_ms": local_ms,
+        "task_remote_p50_ms": remote_ms,
+        "remote_overhead_p50_ms": remote_ms - local_ms,
     });
     eprintln!(
         "embeddings: {:.0} sentences/s{}; SmolLM2 {}: prefill {:.0} tok/s, decode {:.1} tok/s",
@@ -220,6 +306,11 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
         Engine::Exact.name(),
         exact["prefill_tok_per_s"].as_f64().unwrap_or(f64::NAN),
         exact["decode_tok_per_s"].as_f64().unwrap_or(f64::NAN),
+    );
+    eprintln!(
+        "one-sentence task: {local_ms:.2} ms here, {remote_ms:.2} ms from a peer \
+         (overhead {:.2} ms, p50)",
+        remote_ms - local_ms
     );
     if args.json {
         println!("{result}");

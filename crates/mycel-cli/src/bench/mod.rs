@@ -1,6 +1,7 @@
 //! `mycel bench ...`: whole-network benchmarks. A readable table goes to stderr; with `--json`
 //! one JSON object per scenario goes to stdout.
 
+mod failover;
 mod inference;
 mod net;
 
@@ -13,12 +14,16 @@ pub(crate) enum BenchCommand {
     /// The reference models on this machine: embeddings (beside sentence-transformers when
     /// given --python) and SmolLM2 prompt processing and decoding.
     Inference(inference::InferenceBenchArgs),
+    /// Serving nodes killed while a client sends requests through a gateway node: every
+    /// request must succeed; latency before, during and after.
+    Failover(failover::FailoverBenchArgs),
 }
 
 pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Net(args) => net::run(args).await,
         BenchCommand::Inference(args) => inference::run(args).await,
+        BenchCommand::Failover(args) => failover::run(args).await,
     }
 }
 
