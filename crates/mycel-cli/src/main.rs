@@ -68,9 +68,11 @@ struct NodeArgs {
     /// model.safetensors and tokenizer.json (embeddings).
     #[arg(long = "model", value_name = "PATH")]
     models: Vec<PathBuf>,
-    /// How generation models run: exact (f32 weights, agrees with the reference
-    /// implementations token for token) or quantized (a quarter of the memory).
-    #[arg(long, default_value = "exact", value_parser = parse_engine)]
+    /// How generation models run: q4 (our SIMD kernels on the file's Q4_1/Q8_0 blocks: the
+    /// fastest decoding, a quarter of the memory; files with other blocks run exact), exact
+    /// (f32 weights: the fastest prompt processing) or quantized (candle's kernels). q4 and
+    /// exact agree with the reference implementations token for token.
+    #[arg(long, default_value = "q4", value_parser = parse_engine)]
     engine: mycel_ml::Engine,
     /// Requests that may wait or run at once; more are refused at once.
     #[arg(long, default_value_t = mycel_node::models::DEFAULT_MAX_QUEUE)]
@@ -97,7 +99,10 @@ pub(crate) fn parse_engine(s: &str) -> Result<mycel_ml::Engine, String> {
     match s {
         "exact" => Ok(mycel_ml::Engine::Exact),
         "quantized" => Ok(mycel_ml::Engine::Quantized),
-        other => Err(format!("unknown engine {other:?}; use exact or quantized")),
+        "q4" => Ok(mycel_ml::Engine::Q4),
+        other => Err(format!(
+            "unknown engine {other:?}; use exact, quantized or q4"
+        )),
     }
 }
 

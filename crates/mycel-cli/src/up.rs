@@ -61,7 +61,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         let path = path.clone();
         served.push(
             tokio::task::spawn_blocking(move || {
-                mycel_node::models::load_model(&path, mycel_ml::Engine::Exact)
+                mycel_node::models::load_model(&path, mycel_ml::Engine::default())
             })
             .await??,
         );

@@ -259,3 +259,12 @@ pub fn write_llama(path: &Path, shape: LlamaShape) -> Result<()> {
     gguf_file::write(&mut file, &metadata, &tensors)?;
     Ok(())
 }
+
+/// Writes a copy of the GGUF at `path` with every matrix dequantised to f32, to `out` (a file
+/// no quantised kernel applies to).
+pub fn write_f32_copy(path: &Path, out: &Path) -> Result<()> {
+    let mut file = File::open(path).map_err(fail)?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let bytes = crate::generate::dequantized(&content, &mut file, path)?.into_inner();
+    std::fs::write(out, bytes).map_err(fail)
+}

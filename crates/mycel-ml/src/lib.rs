@@ -16,6 +16,8 @@ pub mod fixtures;
 pub mod generate;
 pub mod gguf_tokenizer;
 pub mod hub;
+mod llama;
+pub mod qmatmul;
 
 pub use embed::Embedder;
 pub use generate::{

@@ -111,20 +111,24 @@ fn smollm2_tokenizer_and_chat_template_match_transformers() {
 }
 
 #[test]
-fn smollm2_greedy_tokens_match_transformers() {
+fn smollm2_greedy_tokens_match_transformers_on_the_exact_and_q4_engines() {
     let Some(dir) = models_dir() else { return };
     let reference = reference();
-    let model = smollm2(&dir);
     let expected = ids(&reference["smollm2"]["greedy_ids"]);
     let prompt = reference["smollm2"]["prompt"].as_str().unwrap();
     let params = GenerateParams {
         max_tokens: expected.len(),
         ..Default::default()
     };
-    let generation = model.generate(prompt, &params, |_| true).unwrap();
-    assert_eq!(
-        generation.tokens, expected,
-        "ours: {:?}\nreference: {:?}",
-        generation.text, reference["smollm2"]["greedy_text"]
-    );
+    let path = dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    for engine in [Engine::Exact, Engine::Q4] {
+        let model = Generator::load(&path, engine).unwrap();
+        assert_eq!(model.engine(), engine, "SmolLM2's blocks are Q4_1 and Q8_0");
+        let generation = model.generate(prompt, &params, |_| true).unwrap();
+        assert_eq!(
+            generation.tokens, expected,
+            "{engine:?} ours: {:?}\nreference: {:?}",
+            generation.text, reference["smollm2"]["greedy_text"]
+        );
+    }
 }

@@ -340,3 +340,36 @@ fn the_quantized_engine_loads_and_decodes_deterministically() {
         Generator::load(&path, Engine::Exact).unwrap().id()
     );
 }
+
+#[test]
+fn the_q4_engine_agrees_with_the_exact_engine_and_falls_back_for_other_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path).unwrap();
+    let q4 = Generator::load(&path, Engine::Q4).unwrap();
+    assert_eq!(q4.engine(), Engine::Q4);
+    assert_eq!(q4.engine().name(), "mycel-q4");
+    let exact = Generator::load(&path, Engine::Exact).unwrap();
+    let greedy = GenerateParams {
+        max_tokens: 24,
+        ..Default::default()
+    };
+    let prompt = "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n";
+    let ours = q4.generate(prompt, &greedy, |_| true).unwrap();
+    assert!(ours.tokens.len() > 4, "{:?}", ours.tokens);
+    assert_eq!(
+        ours.tokens,
+        exact.generate(prompt, &greedy, |_| true).unwrap().tokens,
+        "the same weights, the same greedy tokens"
+    );
+    assert_eq!(
+        ours.tokens,
+        q4.generate(prompt, &greedy, |_| true).unwrap().tokens
+    );
+
+    // A file whose matrices are f32 has no q4 kernel: it runs on the exact engine.
+    let f32_path = dir.path().join("tiny-f32.gguf");
+    mycel_ml::fixtures::write_f32_copy(&path, &f32_path).unwrap();
+    let fallback = Generator::load(&f32_path, Engine::Q4).unwrap();
+    assert_eq!(fallback.engine(), Engine::Exact);
+}
