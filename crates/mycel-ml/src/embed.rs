@@ -117,22 +117,29 @@ impl Embedder {
         if texts.is_empty() {
             return Err(MlError::Input("the input list is empty".into()));
         }
-        let mut out = Vec::with_capacity(texts.len());
+        // Batches of similar lengths pad less (as sentence-transformers does): sort by length,
+        // embed, and put the vectors back in the caller's order.
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].as_ref().len()));
+        let mut out = vec![Vec::new(); texts.len()];
         let mut tokens = 0;
-        for (batch_index, batch) in texts.chunks(BATCH).enumerate() {
-            let (vectors, n) = self.embed_batch(batch, batch_index * BATCH)?;
-            out.extend(vectors);
+        for batch in order.chunks(BATCH) {
+            let (vectors, n) = self.embed_batch(texts, batch)?;
+            for (&i, vector) in batch.iter().zip(vectors) {
+                out[i] = vector;
+            }
             tokens += n;
         }
         Ok((out, tokens))
     }
 
+    /// Embeds `texts[i]` for each `i` in `batch`.
     fn embed_batch<S: AsRef<str>>(
         &self,
         texts: &[S],
-        first_index: usize,
+        batch: &[usize],
     ) -> Result<(Vec<Vec<f32>>, usize)> {
-        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
+        let inputs: Vec<&str> = batch.iter().map(|&i| texts[i].as_ref()).collect();
         let encodings = self
             .tokenizer
             .encode_batch(inputs, true)
@@ -147,9 +154,7 @@ impl Embedder {
             if len > self.max_tokens {
                 return Err(MlError::Input(format!(
                     "input {} has {len} tokens; {} takes at most {}",
-                    first_index + i,
-                    self.name,
-                    self.max_tokens
+                    batch[i], self.name, self.max_tokens
                 )));
             }
             tokens += len;

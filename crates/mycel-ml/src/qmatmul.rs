@@ -23,6 +23,8 @@ use rayon::prelude::*;
 
 /// Values per block.
 pub(crate) const BLOCK: usize = 32;
+/// Row chunks handed to each thread (more balance the load, fewer cost less to hand out).
+const CHUNKS_PER_THREAD: usize = 4;
 
 /// How a matrix's blocks store their values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +175,9 @@ impl QMatrix {
             .chunks_exact(BLOCK)
             .map(|c| c.iter().fold(0f32, |s, v| s + v))
             .collect();
-        let chunk = (n / (rayon::current_num_threads() * 4)).max(16);
+        let chunk = n
+            .div_ceil(rayon::current_num_threads() * CHUNKS_PER_THREAD)
+            .max(16);
         if m == 1 {
             let row_fn = row_kernel();
             let mut out = vec![0f32; n];
