@@ -1,43 +1,45 @@
-//! A llama-family decoder whose matrices run on our own quantised kernels ([`crate::qmatmul`]):
-//! the `mycel-q4` engine. Everything else (embedding lookup, RMS norms, rotary embeddings,
-//! attention with a KV cache, SwiGLU) is candle tensors.
+//! A llama-family decoder on our own quantised kernels ([`crate::qmatmul`]): the `mycel-q4`
+//! engine. The weights come from candle's GGUF reader; the forward pass is plain Rust over
+//! f32 slices, because at one token per step the dozens of small tensor ops per block (and the
+//! copies of the KV cache that concatenation and head repetition make) cost more than the
+//! matrix products themselves.
 //!
 //! The query, key and value projections are stacked into one matrix, and so are the gate and
-//! up projections, so each block reads its input twice instead of five times. Rotary
-//! embeddings are the interleaved kind that GGUF llama weights are converted for.
+//! up projections. Rotary embeddings are the interleaved kind that GGUF llama weights are
+//! converted for. The KV cache keeps each block's keys and values, position after position.
 
 use std::io::{Read, Seek};
-use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use candle_nn::ops::{rms_norm, silu, softmax_last_dim};
-use candle_nn::rotary_emb::rope_i;
+use candle_core::Device;
 
-use crate::qmatmul::{QLinear, QMatrix};
+use crate::qmatmul::QMatrix;
 
 /// Longest sequence the rotary tables cover.
 pub(crate) const MAX_SEQ_LEN: usize = 4096;
 
 struct Block {
-    qkv: QLinear,
-    out: QLinear,
-    gate_up: QLinear,
-    down: QLinear,
-    attn_norm: Tensor,
-    ffn_norm: Tensor,
+    qkv: QMatrix,
+    out: QMatrix,
+    gate_up: QMatrix,
+    down: QMatrix,
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
     ffn: usize,
-    cache: Option<(Tensor, Tensor)>,
+    /// Keys and values of every position so far: `[position][kv_heads × head_dim]`.
+    keys: Vec<f32>,
+    values: Vec<f32>,
 }
 
 /// The model and its KV cache.
 pub(crate) struct Llama {
-    embed: Tensor,
+    embed: QMatrix,
+    output: QMatrix,
+    norm: Vec<f32>,
     blocks: Vec<Block>,
-    norm: Tensor,
-    output: QLinear,
-    cos: Tensor,
-    sin: Tensor,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    dim: usize,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -58,13 +60,43 @@ fn meta_f32(content: &gguf_file::Content, key: &str, default: f32) -> candle_cor
         .map_or(Ok(default), |v| v.to_f32())
 }
 
+fn matrix<R: Read + Seek>(
+    content: &gguf_file::Content,
+    reader: &mut R,
+    name: &str,
+) -> candle_core::Result<QMatrix> {
+    QMatrix::from_qtensor(&content.tensor(reader, name, &Device::Cpu)?)
+}
+
+fn vector<R: Read + Seek>(
+    content: &gguf_file::Content,
+    reader: &mut R,
+    name: &str,
+) -> candle_core::Result<Vec<f32>> {
+    content
+        .tensor(reader, name, &Device::Cpu)?
+        .dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1()
+}
+
+/// `x / rms(x) · weight`, row by row.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(weight.len()) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        out.extend(row.iter().zip(weight).map(|(v, w)| v * scale * w));
+    }
+    out
+}
+
 impl Llama {
     /// Reads the weights of a llama-family GGUF (Q4_1 or Q8_0 matrices).
     pub(crate) fn from_gguf<R: Read + Seek>(
         content: &gguf_file::Content,
         reader: &mut R,
     ) -> candle_core::Result<Self> {
-        let device = Device::Cpu;
         let heads = meta_u32(content, "llama.attention.head_count")?;
         let kv_heads = meta_u32(content, "llama.attention.head_count_kv")?;
         let layers = meta_u32(content, "llama.block_count")?;
@@ -77,56 +109,67 @@ impl Llama {
             );
         }
         let head_dim = dim / heads;
-        let mut tensor = |name: &str| content.tensor(reader, name, &device);
-        let matrix = |t: &candle_core::quantized::QTensor| QMatrix::from_qtensor(t);
-        let linear = |m: QMatrix| QLinear(Arc::new(m));
-
-        let token_embd = tensor("token_embd.weight")?;
-        let embed = token_embd.dequantize(&device)?;
-        let output = match tensor("output.weight") {
-            Ok(t) => matrix(&t)?,
-            // Tied embeddings.
-            Err(_) => matrix(&token_embd)?,
+        if head_dim % 2 != 0 {
+            candle_core::bail!("head width {head_dim} is odd");
+        }
+        let embed = matrix(content, reader, "token_embd.weight")?;
+        // Tied embeddings when there is no output matrix.
+        let output = match content.tensor_infos.contains_key("output.weight") {
+            true => matrix(content, reader, "output.weight")?,
+            false => embed.clone(),
         };
-        let norm = tensor("output_norm.weight")?.dequantize(&device)?;
+        let norm = vector(content, reader, "output_norm.weight")?;
         let mut blocks = Vec::with_capacity(layers);
         for i in 0..layers {
             let p = format!("blk.{i}");
-            let mut m = |name: &str| -> candle_core::Result<QMatrix> {
-                matrix(&tensor(&format!("{p}.{name}.weight"))?)
-            };
+            let attn_norm = vector(content, reader, &format!("{p}.attn_norm.weight"))?;
+            let ffn_norm = vector(content, reader, &format!("{p}.ffn_norm.weight"))?;
+            let mut m = |name: &str| matrix(content, reader, &format!("{p}.{name}.weight"));
             let qkv = QMatrix::stack(&[m("attn_q")?, m("attn_k")?, m("attn_v")?])?;
             let out = m("attn_output")?;
             let gate = m("ffn_gate")?;
             let ffn = gate.rows();
             let gate_up = QMatrix::stack(&[gate, m("ffn_up")?])?;
             let down = m("ffn_down")?;
+            if qkv.rows() != (heads + 2 * kv_heads) * head_dim
+                || qkv.cols() != dim
+                || out.rows() != dim
+                || down.rows() != dim
+                || attn_norm.len() != dim
+                || ffn_norm.len() != dim
+            {
+                candle_core::bail!("block {i}'s matrices do not fit the model's shape");
+            }
             blocks.push(Block {
-                qkv: linear(qkv),
-                out: linear(out),
-                gate_up: linear(gate_up),
-                down: linear(down),
-                attn_norm: tensor(&format!("{p}.attn_norm.weight"))?.dequantize(&device)?,
-                ffn_norm: tensor(&format!("{p}.ffn_norm.weight"))?.dequantize(&device)?,
+                qkv,
+                out,
+                gate_up,
+                down,
+                attn_norm,
+                ffn_norm,
                 ffn,
-                cache: None,
+                keys: Vec::new(),
+                values: Vec::new(),
             });
         }
-        let inverse: Vec<f32> = (0..head_dim)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
+        if embed.cols() != dim || output.cols() != dim || norm.len() != dim {
+            candle_core::bail!("the embeddings do not fit the model's width");
+        }
+        let half = head_dim / 2;
+        let inverse: Vec<f32> = (0..half)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
             .collect();
         let angles: Vec<f32> = (0..MAX_SEQ_LEN)
             .flat_map(|p| inverse.iter().map(move |f| p as f32 * f))
             .collect();
-        let angles = Tensor::from_vec(angles, (MAX_SEQ_LEN, head_dim / 2), &device)?;
         Ok(Self {
+            cos: angles.iter().map(|a| a.cos()).collect(),
+            sin: angles.iter().map(|a| a.sin()).collect(),
             embed,
-            blocks,
+            output,
             norm,
-            output: linear(output),
-            cos: angles.cos()?,
-            sin: angles.sin()?,
+            blocks,
+            dim,
             heads,
             kv_heads,
             head_dim,
@@ -137,74 +180,108 @@ impl Llama {
     /// Forgets the KV cache.
     pub(crate) fn clear_kv_cache(&mut self) {
         for block in &mut self.blocks {
-            block.cache = None;
+            block.keys.clear();
+            block.values.clear();
         }
     }
 
-    /// Reads tokens `input` (shape (1, n)) at positions `pos..pos+n`; returns the logits after
-    /// the last one, shape (1, vocab).
-    pub(crate) fn forward(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let (_, n) = input.dims2()?;
-        if pos + n > MAX_SEQ_LEN {
-            candle_core::bail!("position {} is past {MAX_SEQ_LEN}", pos + n);
-        }
-        let ids = input.squeeze(0)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        let mask = (n > 1)
-            .then(|| {
-                let total = pos + n;
-                let values: Vec<f32> = (0..n)
-                    .flat_map(|i| {
-                        (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
-                    })
-                    .collect();
-                Tensor::from_vec(values, (n, total), &Device::Cpu)
-            })
-            .transpose()?;
-        let cos = self.cos.narrow(0, pos, n)?;
-        let sin = self.sin.narrow(0, pos, n)?;
-        let (heads, kv_heads, head_dim, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        for block in &mut self.blocks {
-            let h = rms_norm(&x, &block.attn_norm, eps)?;
-            let qkv = block.qkv.forward(&h)?;
-            let split = |from: usize, count: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(1, from * head_dim, count * head_dim)?
-                    .reshape((1, n, count, head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let q = rope_i(&split(0, heads)?, &cos, &sin)?;
-            let k = rope_i(&split(heads, kv_heads)?, &cos, &sin)?;
-            let v = split(heads + kv_heads, kv_heads)?;
-            let (k, v) = match &block.cache {
-                Some((k_cache, v_cache)) if pos > 0 => (
-                    Tensor::cat(&[k_cache, &k], 2)?,
-                    Tensor::cat(&[v_cache, &v], 2)?,
-                ),
-                _ => (k, v),
-            };
-            block.cache = Some((k.clone(), v.clone()));
-            let repeat = heads / kv_heads;
-            let k = candle_transformers::utils::repeat_kv(k, repeat)?;
-            let v = candle_transformers::utils::repeat_kv(v, repeat)?.contiguous()?;
-            let mut att = (q.matmul(&k.t()?)? * scale)?;
-            if let Some(mask) = &mask {
-                att = att.broadcast_add(mask)?;
+    /// Rotates each head of `row` (interleaved pairs) for position `pos`.
+    fn rope(&self, row: &mut [f32], pos: usize) {
+        let half = self.head_dim / 2;
+        let (cos, sin) = (
+            &self.cos[pos * half..(pos + 1) * half],
+            &self.sin[pos * half..(pos + 1) * half],
+        );
+        for head in row.chunks_exact_mut(self.head_dim) {
+            for (j, pair) in head.chunks_exact_mut(2).enumerate() {
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * cos[j] - b * sin[j];
+                pair[1] = a * sin[j] + b * cos[j];
             }
-            let att = softmax_last_dim(&att)?;
-            let y = att
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((n, heads * head_dim))?;
-            x = (x + block.out.forward(&y)?)?;
-            let h = rms_norm(&x, &block.ffn_norm, eps)?;
-            let gate_up = block.gate_up.forward(&h)?;
-            let act = (silu(&gate_up.narrow(1, 0, block.ffn)?)?
-                * gate_up.narrow(1, block.ffn, block.ffn)?)?;
-            x = (x + block.down.forward(&act)?)?;
         }
-        let last = rms_norm(&x.narrow(0, n - 1, 1)?, &self.norm, eps)?;
-        self.output.forward(&last)
+    }
+
+    /// Reads `tokens` at positions `pos..pos + n`; returns the logits after the last one.
+    pub(crate) fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+        let n = tokens.len();
+        if n == 0 || pos + n > MAX_SEQ_LEN {
+            candle_core::bail!("positions {pos}..{} are outside 0..{MAX_SEQ_LEN}", pos + n);
+        }
+        if tokens.iter().any(|t| *t as usize >= self.embed.rows()) {
+            candle_core::bail!("a token id is outside the vocabulary");
+        }
+        let (dim, heads, kv_heads, head_dim) = (self.dim, self.heads, self.kv_heads, self.head_dim);
+        let kv_dim = kv_heads * head_dim;
+        let group = heads / kv_heads;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut x: Vec<f32> = tokens
+            .iter()
+            .flat_map(|t| self.embed.row(*t as usize))
+            .collect();
+        for b in 0..self.blocks.len() {
+            let block = &self.blocks[b];
+            let h = rms_norm(&x, &block.attn_norm, self.eps);
+            let mut qkv = block.qkv.matmul(&h, n);
+            let width = (heads + 2 * kv_heads) * head_dim;
+            for (i, row) in qkv.chunks_exact_mut(width).enumerate() {
+                self.rope(&mut row[..(heads + kv_heads) * head_dim], pos + i);
+            }
+            let block = &mut self.blocks[b];
+            block.keys.truncate(pos * kv_dim);
+            block.values.truncate(pos * kv_dim);
+            for row in qkv.chunks_exact(width) {
+                block
+                    .keys
+                    .extend_from_slice(&row[heads * head_dim..][..kv_dim]);
+                block
+                    .values
+                    .extend_from_slice(&row[(heads + kv_heads) * head_dim..][..kv_dim]);
+            }
+            // Attention, causal: position pos + i sees positions 0..=pos + i.
+            let mut y = vec![0f32; n * heads * head_dim];
+            let mut scores = Vec::with_capacity(pos + n);
+            for i in 0..n {
+                let seen = pos + i + 1;
+                for head in 0..heads {
+                    let kv = head / group;
+                    let q = &qkv[i * width + head * head_dim..][..head_dim];
+                    scores.clear();
+                    scores.extend((0..seen).map(|t| {
+                        let k = &block.keys[t * kv_dim + kv * head_dim..][..head_dim];
+                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+                    }));
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut total = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    let out = &mut y[(i * heads + head) * head_dim..][..head_dim];
+                    for (t, w) in scores.iter().enumerate() {
+                        let v = &block.values[t * kv_dim + kv * head_dim..][..head_dim];
+                        let w = w / total;
+                        for (o, v) in out.iter_mut().zip(v) {
+                            *o += w * v;
+                        }
+                    }
+                }
+            }
+            let attended = block.out.matmul(&y, n);
+            x.iter_mut().zip(&attended).for_each(|(a, b)| *a += b);
+            let h = rms_norm(&x, &block.ffn_norm, self.eps);
+            let gate_up = block.gate_up.matmul(&h, n);
+            let ffn = block.ffn;
+            let act: Vec<f32> = gate_up
+                .chunks_exact(2 * ffn)
+                .flat_map(|row| {
+                    let (gate, up) = row.split_at(ffn);
+                    gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                })
+                .collect();
+            let down = block.down.matmul(&act, n);
+            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+        }
+        let last = rms_norm(&x[(n - 1) * dim..], &self.norm, self.eps);
+        Ok(self.output.matmul(&last, 1))
     }
 }

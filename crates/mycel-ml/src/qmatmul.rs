@@ -1,5 +1,5 @@
 //! Our own quantised matrix multiplication for GGUF weights (Q4_1 and Q8_0 blocks of 32) with
-//! f32 activations, used by the `mycel-q4` engine.
+//! f32 activations, used by the `mycel-q4` engine ([`crate::llama`]).
 //!
 //! candle 0.11 multiplies Q4_1 with a scalar loop in a portable build (../shared/CANDLE.md),
 //! which makes decoding memory- and instruction-bound at a third of llama.cpp's speed. Here
@@ -18,7 +18,6 @@
 use std::borrow::Cow;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
 /// Values per block.
@@ -132,6 +131,22 @@ impl QMatrix {
     /// Output features.
     pub(crate) fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Input features.
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `r`, dequantised.
+    pub(crate) fn row(&self, r: usize) -> Vec<f32> {
+        let blocks = self.blocks_per_row();
+        (r * blocks..(r + 1) * blocks)
+            .flat_map(|b| {
+                let (d, m) = (self.scales[b], self.min(b));
+                self.block_values(b).map(|q| d.mul_add(q, m))
+            })
+            .collect()
     }
 
     fn blocks_per_row(&self) -> usize {
@@ -426,50 +441,6 @@ mod avx2 {
     pub(super) fn unpacked_row(w: &QMatrix, r: usize, q: &[f32], x: &[f32], xsums: &[f32]) -> f32 {
         // SAFETY: chosen only when the CPU has AVX2 and FMA (`available`).
         unsafe { unpacked_row_avx2(w, r, q, x, xsums) }
-    }
-}
-
-/// A linear layer without bias on quantised weights, as a candle op: (.., cols) → (.., rows).
-#[derive(Debug, Clone)]
-pub(crate) struct QLinear(pub(crate) std::sync::Arc<QMatrix>);
-
-impl CustomOp1 for QLinear {
-    fn name(&self) -> &'static str {
-        "mycel-qmatmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(values) = storage else {
-            candle_core::bail!("mycel-qmatmul takes f32 inputs");
-        };
-        let dims = layout.shape().dims();
-        let k = *dims.last().unwrap_or(&0);
-        if k != self.0.cols {
-            candle_core::bail!("input has {k} features, the weights {}", self.0.cols);
-        }
-        let m = layout.shape().elem_count() / k.max(1);
-        let x = match layout.contiguous_offsets() {
-            Some((start, end)) => &values[start..end],
-            None => candle_core::bail!("mycel-qmatmul takes contiguous inputs"),
-        };
-        let out = self.0.matmul(x, m);
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("at least one dimension") = self.0.rows;
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
-    }
-}
-
-impl QLinear {
-    /// Applies the layer to `x`.
-    pub(crate) fn forward(
-        &self,
-        x: &candle_core::Tensor,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
     }
 }
 
