@@ -203,6 +203,12 @@ impl Llama {
 
     /// Reads `tokens` at positions `pos..pos + n`; returns the logits after the last one.
     pub(crate) fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+        // Run inside the thread pool: this thread then takes its share of every matrix
+        // product instead of waking two workers and sleeping for each one.
+        rayon::scope(|_| self.forward_in_pool(tokens, pos))
+    }
+
+    fn forward_in_pool(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
         let n = tokens.len();
         if n == 0 || pos + n > MAX_SEQ_LEN {
             candle_core::bail!("positions {pos}..{} are outside 0..{MAX_SEQ_LEN}", pos + n);

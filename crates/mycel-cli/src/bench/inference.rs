@@ -293,6 +293,7 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
         "prefill_tok_per_s": exact["prefill_tok_per_s"],
         "decode_tok_per_s": exact["decode_tok_per_s"],
         "engines": generation,
+        "q4_simd": mycel_ml::qmatmul::simd_available(),
         "task_local_p50_ms": local_ms,
         "task_remote_p50_ms": remote_ms,
         "remote_overhead_p50_ms": remote_ms - local_ms,
