@@ -3,10 +3,12 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer};
+use candle_transformers::models::bert::Config;
+use tokenizers::Tokenizer;
+
+use crate::bert::Bert;
 
 use crate::files::{model_id, model_name};
 use crate::{ContentId, MlError, Result};
@@ -19,9 +21,8 @@ pub const BATCH: usize = 32;
 
 /// A loaded embedding model.
 pub struct Embedder {
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
-    device: Device,
     id: ContentId,
     name: String,
     dimension: usize,
@@ -65,17 +66,15 @@ impl Embedder {
         // which holds for files in a node's model directory.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }
             .map_err(|e| MlError::model(&weights, e))?;
-        let model = BertModel::load(vb, &config).map_err(|e| MlError::model(&weights, e))?;
+        let model = Bert::load(vb, &config).map_err(|e| MlError::model(&weights, e))?;
 
         let tokenizer_path = dir.join("tokenizer.json");
         let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| MlError::model(&tokenizer_path, e))?;
-        // The shipped tokenizer pads every input to 128 tokens: pad to the batch's longest
-        // instead, and never truncate silently (too long is the caller's error).
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..Default::default()
-        }));
+        // The shipped tokenizer pads every input to 128 tokens: the model runs on the real
+        // tokens only, so no padding; and never truncate silently (too long is the caller's
+        // error).
+        tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
             .map_err(|e| MlError::model(&tokenizer_path, e))?;
@@ -83,7 +82,6 @@ impl Embedder {
         Ok(Self {
             model,
             tokenizer,
-            device,
             id: model_id(dir, &EMBEDDER_FILES)?,
             name: model_name(dir),
             dimension: config.hidden_size,
@@ -159,28 +157,13 @@ impl Embedder {
             }
             tokens += len;
         }
-        let rows = encodings.len();
-        let width = encodings[0].get_ids().len();
-        let ids: Vec<u32> = encodings
-            .iter()
-            .flat_map(|e| e.get_ids().to_vec())
-            .collect();
-        let mask: Vec<u32> = encodings
-            .iter()
-            .flat_map(|e| e.get_attention_mask().to_vec())
-            .collect();
-        let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
-        let mask = Tensor::from_vec(mask, (rows, width), &self.device)?;
-        let token_types = ids.zeros_like()?;
-        let hidden = self.model.forward(&ids, &token_types, Some(&mask))?;
-
-        // Mean over the real tokens, then unit length.
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-        let counts = mask.sum(1)?;
-        let mean = summed.broadcast_div(&counts)?;
-        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-        let unit = mean.broadcast_div(&norms)?;
-        Ok((unit.to_vec2::<f32>()?, tokens))
+        let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
+        let mut vectors = self.model.mean_pooled(&ids)?;
+        // Unit length.
+        for v in &mut vectors {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+        Ok((vectors, tokens))
     }
 }

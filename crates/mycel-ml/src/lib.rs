@@ -10,6 +10,7 @@
 
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod bert;
 pub mod embed;
 pub mod files;
 pub mod fixtures;
