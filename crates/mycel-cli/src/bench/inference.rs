@@ -1,6 +1,8 @@
 //! `mycel bench inference`: the reference models on this machine — embedding throughput
 //! (all-MiniLM-L6-v2, batch 32) side by side with sentence-transformers when a Python that has
-//! it is given, and SmolLM2-135M prompt processing and decoding on both engines.
+//! it is given, SmolLM2-135M prompt processing and decoding on each engine side by side with
+//! llama.cpp's `llama-bench` when given, in interleaved rounds; and the routing overhead of a
+//! task run on a peer.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,6 +29,13 @@ pub(crate) struct InferenceBenchArgs {
     /// Tokens decoded per generation run.
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
+    /// Rounds of ours-then-theirs, interleaved, so that a busy neighbour on a shared machine
+    /// hits both sides alike; medians over rounds are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// llama.cpp's `llama-bench`, to time it on the same GGUF in the same run.
+    #[arg(long)]
+    llama_bench: Option<PathBuf>,
     /// Single-sentence tasks timed for the routing overhead (locally and from a peer).
     #[arg(long, default_value_t = 300)]
     overhead_tasks: usize,
@@ -193,86 +202,93 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
     let passes = args.passes.max(1);
     let texts = sentences(args.sentences.max(1));
 
-    // Embeddings: one warm-up pass, then the median of the timed ones.
-    let texts_for_embed = texts.clone();
-    let embed_rate = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
-        let model = Embedder::load(&minilm)?;
-        model.embed(&texts_for_embed)?;
-        let mut rates = Vec::with_capacity(passes);
-        for _ in 0..passes {
-            let started = Instant::now();
-            model.embed(&texts_for_embed)?;
-            rates.push(texts_for_embed.len() as f64 / started.elapsed().as_secs_f64());
-        }
-        Ok(median(rates))
-    })
-    .await??;
+    let embedder = {
+        let path = minilm.clone();
+        let texts = texts.clone();
+        std::sync::Arc::new(
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Embedder> {
+                let model = Embedder::load(&path)?;
+                model.embed(&texts)?;
+                Ok(model)
+            })
+            .await??,
+        )
+    };
+    let sentences_file = tempfile::NamedTempFile::new()?;
+    std::fs::write(sentences_file.path(), serde_json::to_string(&texts)?)?;
+    let decode_tokens = args.decode_tokens.max(1);
+    let q4 = std::sync::Arc::new(load_generator(&smollm, Engine::Q4).await?);
 
-    let st = match &args.python {
-        None => None,
-        Some(python) => {
-            let file = tempfile::NamedTempFile::new()?;
-            std::fs::write(file.path(), serde_json::to_string(&texts)?)?;
-            let output = tokio::process::Command::new(python)
-                .args(["-c", ST_SCRIPT])
-                .arg(args.models.join("all-minilm-l6-v2"))
-                .arg(file.path())
-                .arg(passes.to_string())
-                .arg(threads.to_string())
-                .output()
-                .await
-                .with_context(|| format!("running {}", python.display()))?;
-            if !output.status.success() {
-                bail!(
-                    "sentence-transformers failed: {}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
+    // Ours and theirs, round after round.
+    let mut rounds = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let model = embedder.clone();
+        let batch = texts.clone();
+        let embed_rate = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+            let mut rates = Vec::with_capacity(passes);
+            for _ in 0..passes {
+                let started = Instant::now();
+                model.embed(&batch)?;
+                rates.push(batch.len() as f64 / started.elapsed().as_secs_f64());
             }
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let line = stdout.lines().last().unwrap_or_default();
-            Some(serde_json::from_str::<serde_json::Value>(line).context("reading its result")?)
-        }
+            Ok(median(rates))
+        })
+        .await??;
+        let st_rate = match &args.python {
+            None => None,
+            Some(python) => Some(
+                sentence_transformers(python, &minilm, sentences_file.path(), passes, threads)
+                    .await?,
+            ),
+        };
+        let generator = q4.clone();
+        let (prefill, decode, prompt_tokens) =
+            tokio::task::spawn_blocking(move || time_generation(&generator, decode_tokens, passes))
+                .await??;
+        let llama = match &args.llama_bench {
+            None => None,
+            Some(bin) => Some(
+                llama_bench(bin, &smollm, threads, prompt_tokens, decode_tokens, passes).await?,
+            ),
+        };
+        rounds.push(json!({
+            "embed_sent_per_s": embed_rate,
+            "st_sent_per_s": st_rate,
+            "prefill_tok_per_s": prefill,
+            "decode_tok_per_s": decode,
+            "llama_prefill_tok_per_s": llama.map(|l| l.0),
+            "llama_decode_tok_per_s": llama.map(|l| l.1),
+        }));
+    }
+    let over_rounds = |key: &str| -> Option<f64> {
+        let values: Vec<f64> = rounds.iter().filter_map(|r| r[key].as_f64()).collect();
+        (!values.is_empty()).then(|| median(values))
+    };
+    let ratio = |ours: &str, theirs: &str| -> Option<f64> {
+        let values: Vec<f64> = rounds
+            .iter()
+            .filter_map(|r| Some(r[ours].as_f64()? / r[theirs].as_f64()?))
+            .collect();
+        (!values.is_empty()).then(|| median(values))
     };
 
-    // Generation: a fixed chat prompt, greedy, on each engine.
-    let decode_tokens = args.decode_tokens.max(1);
-    let generation = tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
-        let mut out = serde_json::Map::new();
-        for engine in [Engine::Q4, Engine::Exact, Engine::Quantized] {
-            let model = Generator::load(&smollm, engine)?;
-            let prompt = model.chat_prompt(&[ChatMessage {
-                role: "user".into(),
-                content: "Explain in detail how a peer-to-peer network finds other nodes, \
-                          routes messages and survives nodes that fail."
-                    .into(),
-            }])?;
-            let params = GenerateParams {
-                max_tokens: decode_tokens,
-                ..Default::default()
-            };
-            model.generate(&prompt, &params, |_| true)?;
-            let mut prefill = Vec::new();
-            let mut decode = Vec::new();
-            let mut tokens = 0;
-            for _ in 0..passes {
-                let g = model.generate(&prompt, &params, |_| true)?;
-                prefill.push(g.prompt_tokens as f64 / (g.prompt_ms / 1e3));
-                // The first generated token comes from the prompt's pass.
-                decode.push(g.tokens.len().saturating_sub(1) as f64 / (g.decode_ms / 1e3));
-                tokens = g.tokens.len();
-            }
-            out.insert(
-                engine.name().to_owned(),
-                json!({
-                    "prefill_tok_per_s": median(prefill),
-                    "decode_tok_per_s": median(decode),
-                    "tokens": tokens,
-                }),
-            );
-        }
-        Ok(serde_json::Value::Object(out))
-    })
-    .await??;
+    // The other engines, once, for comparison.
+    let mut engines = serde_json::Map::new();
+    for engine in [Engine::Exact, Engine::Quantized] {
+        let generator = load_generator(&smollm, engine).await?;
+        let (prefill, decode, _) =
+            tokio::task::spawn_blocking(move || time_generation(&generator, decode_tokens, passes))
+                .await??;
+        engines.insert(
+            engine.name().to_owned(),
+            json!({ "prefill_tok_per_s": prefill, "decode_tok_per_s": decode }),
+        );
+    }
+    engines.insert(
+        Engine::Q4.name().to_owned(),
+        json!({ "prefill_tok_per_s": over_rounds("prefill_tok_per_s"),
+                "decode_tok_per_s": over_rounds("decode_tok_per_s") }),
+    );
 
     let (local_ms, remote_ms) = routing_overhead(
         &args.models.join("all-minilm-l6-v2"),
@@ -280,34 +296,42 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    // The headline figures are the default engine's.
-    let exact = &generation[Engine::default().name()];
-    let st_rate = st.as_ref().and_then(|v| v["sent_per_s"].as_f64());
+    let embed_rate = over_rounds("embed_sent_per_s").unwrap_or(f64::NAN);
+    let decode = over_rounds("decode_tok_per_s").unwrap_or(f64::NAN);
     let result = json!({
         "threads": threads,
+        "rounds": rounds,
         "embed_sent_per_s": embed_rate,
         "embed_batch": mycel_ml::embed::BATCH,
         "embed_sentences": texts.len(),
-        "st_sent_per_s": st_rate,
-        "embed_vs_st": st_rate.map(|s| embed_rate / s),
-        "prefill_tok_per_s": exact["prefill_tok_per_s"],
-        "decode_tok_per_s": exact["decode_tok_per_s"],
-        "engines": generation,
+        "st_sent_per_s": over_rounds("st_sent_per_s"),
+        "embed_vs_st": ratio("embed_sent_per_s", "st_sent_per_s"),
+        "engine": Engine::Q4.name(),
+        "prefill_tok_per_s": over_rounds("prefill_tok_per_s"),
+        "decode_tok_per_s": decode,
+        "llama_prefill_tok_per_s": over_rounds("llama_prefill_tok_per_s"),
+        "llama_decode_tok_per_s": over_rounds("llama_decode_tok_per_s"),
+        "prefill_vs_llama": ratio("prefill_tok_per_s", "llama_prefill_tok_per_s"),
+        "decode_vs_llama": ratio("decode_tok_per_s", "llama_decode_tok_per_s"),
+        "engines": engines,
         "q4_simd": mycel_ml::qmatmul::simd_available(),
         "task_local_p50_ms": local_ms,
         "task_remote_p50_ms": remote_ms,
         "remote_overhead_p50_ms": remote_ms - local_ms,
     });
     eprintln!(
-        "embeddings: {:.0} sentences/s{}; SmolLM2 {}: prefill {:.0} tok/s, decode {:.1} tok/s",
-        embed_rate,
-        st_rate.map_or(String::new(), |s| format!(
-            " (sentence-transformers {s:.0}/s, ratio {:.2})",
-            embed_rate / s
-        )),
-        Engine::default().name(),
-        exact["prefill_tok_per_s"].as_f64().unwrap_or(f64::NAN),
-        exact["decode_tok_per_s"].as_f64().unwrap_or(f64::NAN),
+        "embeddings: {embed_rate:.0} sentences/s{}; SmolLM2 {}: decode {decode:.1} tok/s{} \
+         (medians of {} rounds)",
+        result["embed_vs_st"]
+            .as_f64()
+            .map_or(String::new(), |r| format!(
+                " ({r:.2}x sentence-transformers)"
+            )),
+        Engine::Q4.name(),
+        result["decode_vs_llama"]
+            .as_f64()
+            .map_or(String::new(), |r| format!(" ({r:.2}x llama.cpp)")),
+        rounds.len(),
     );
     eprintln!(
         "one-sentence task: {local_ms:.2} ms here, {remote_ms:.2} ms from a peer \
@@ -318,4 +342,104 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
         println!("{result}");
     }
     Ok(())
+}
+
+async fn load_generator(path: &std::path::Path, engine: Engine) -> anyhow::Result<Generator> {
+    let path = path.to_path_buf();
+    Ok(tokio::task::spawn_blocking(move || Generator::load(&path, engine)).await??)
+}
+
+/// Prompt processing and decoding rates (medians of `passes` after a warm-up) on a fixed chat
+/// prompt, greedy; and the prompt's length in tokens.
+fn time_generation(
+    model: &Generator,
+    decode_tokens: usize,
+    passes: usize,
+) -> anyhow::Result<(f64, f64, usize)> {
+    let prompt = model.chat_prompt(&[ChatMessage {
+        role: "user".into(),
+        content: "Explain in detail how a peer-to-peer network finds other nodes, \
+                  routes messages and survives nodes that fail."
+            .into(),
+    }])?;
+    let params = GenerateParams {
+        max_tokens: decode_tokens,
+        ..Default::default()
+    };
+    let warm = model.generate(&prompt, &params, |_| true)?;
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for _ in 0..passes {
+        let g = model.generate(&prompt, &params, |_| true)?;
+        prefill.push(g.prompt_tokens as f64 / (g.prompt_ms / 1e3));
+        // The first generated token comes from the prompt's pass.
+        decode.push(g.tokens.len().saturating_sub(1) as f64 / (g.decode_ms / 1e3));
+    }
+    Ok((median(prefill), median(decode), warm.prompt_tokens))
+}
+
+/// sentence-transformers' rate on the same sentences (median of `passes` after a warm-up).
+async fn sentence_transformers(
+    python: &std::path::Path,
+    model: &std::path::Path,
+    sentences: &std::path::Path,
+    passes: usize,
+    threads: usize,
+) -> anyhow::Result<f64> {
+    let output = tokio::process::Command::new(python)
+        .args(["-c", ST_SCRIPT])
+        .arg(model)
+        .arg(sentences)
+        .arg(passes.to_string())
+        .arg(threads.to_string())
+        .output()
+        .await
+        .with_context(|| format!("running {}", python.display()))?;
+    if !output.status.success() {
+        bail!(
+            "sentence-transformers failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let value: serde_json::Value = serde_json::from_str(line).context("reading its result")?;
+    value["sent_per_s"]
+        .as_f64()
+        .context("sentence-transformers printed no rate")
+}
+
+/// llama.cpp's prompt processing and decoding rates on the same GGUF and thread count.
+async fn llama_bench(
+    bin: &std::path::Path,
+    model: &std::path::Path,
+    threads: usize,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    passes: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let output = tokio::process::Command::new(bin)
+        .arg("-m")
+        .arg(model)
+        .args(["-t", &threads.to_string(), "-p", &prompt_tokens.to_string()])
+        .args(["-n", &decode_tokens.to_string(), "-r", &passes.to_string()])
+        .args(["-o", "json"])
+        .output()
+        .await
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !output.status.success() {
+        bail!(
+            "llama-bench failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let runs: Vec<serde_json::Value> =
+        serde_json::from_slice(&output.stdout).context("reading llama-bench's JSON")?;
+    let rate = |prompt: bool| {
+        runs.iter()
+            .find(|r| (r["n_prompt"].as_u64().unwrap_or(0) > 0) == prompt)
+            .and_then(|r| r["avg_ts"].as_f64())
+            .context("llama-bench printed no rate")
+    };
+    Ok((rate(true)?, rate(false)?))
 }
