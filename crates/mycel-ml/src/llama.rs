@@ -15,8 +15,8 @@ use candle_core::Device;
 
 use crate::qmatmul::QMatrix;
 
-/// Longest sequence the rotary tables cover.
-pub(crate) const MAX_SEQ_LEN: usize = 4096;
+// Longest sequence the rotary tables cover: the limit `Generator` enforces for every engine.
+use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 
 struct Block {
     qkv: QMatrix,

@@ -74,10 +74,9 @@ impl QMatrix {
         };
         let data: Cow<'_, [u8]> = tensor.data()?;
         let blocks = rows * cols / BLOCK;
-        let (header, quant) = match format {
-            Format::Q4_1 => (4, BLOCK / 2),
-            Format::Q8_0 => (2, BLOCK),
-        };
+        // A block is its f16 scale (and, for Q4_1, its f16 minimum), then its values.
+        let header = if format == Format::Q4_1 { 4 } else { 2 };
+        let quant = format.quant_bytes();
         let size = header + quant;
         if data.len() != blocks * size {
             candle_core::bail!("{} bytes for {blocks} blocks of {size}", data.len());

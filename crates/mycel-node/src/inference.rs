@@ -97,6 +97,9 @@ pub struct Target {
     pub offer: ModelOffer,
     /// This node's copy, if it has one.
     pub local: Option<Runner>,
+    /// The peers that announced the same model and engine when it was resolved (a snapshot:
+    /// resolve again for each request).
+    peers: Vec<Candidate<PeerId>>,
 }
 
 /// Embeddings and who computed them.
@@ -207,37 +210,58 @@ impl Inference {
     // ---- choosing where ------------------------------------------------------------------
 
     /// The model called `name` (or with that content id) for tasks of `kind`: this node's if
-    /// it serves one, else the (id, engine) most peers offer.
+    /// it serves one, else the (id, engine) most peers offer; with the peers that offer it.
     pub async fn resolve(&self, name: &str, kind: ModelKind) -> Result<Target, RouteError> {
-        if let Some(served) = self.models.find(name).filter(|s| s.offer.kind == kind) {
-            return Ok(Target {
-                offer: served.offer.clone(),
-                local: Some(served.runner.clone()),
-            });
-        }
         let peers = self.net.peers().await.unwrap_or_default();
-        let mut offered: HashMap<(ContentId, String), (usize, ModelOffer)> = HashMap::new();
-        for peer in peers.iter().filter(|p| p.state == PeerState::Alive) {
-            for offer in peer.capabilities.iter().flat_map(|c| c.models.iter()) {
-                if offer.kind == kind && (offer.name == name || offer.id.to_string() == name) {
-                    offered
-                        .entry((offer.id, offer.engine.clone()))
-                        .or_insert((0, offer.clone()))
-                        .0 += 1;
+        let alive = || peers.iter().filter(|p| p.state == PeerState::Alive);
+        let (offer, local) = match self.models.find(name).filter(|s| s.offer.kind == kind) {
+            Some(served) => (served.offer.clone(), Some(served.runner.clone())),
+            None => {
+                let mut offered: HashMap<(ContentId, String), (usize, ModelOffer)> = HashMap::new();
+                for offer in alive().flat_map(|p| p.capabilities.iter().flat_map(|c| &c.models)) {
+                    if offer.kind == kind && (offer.name == name || offer.id.to_string() == name) {
+                        offered
+                            .entry((offer.id, offer.engine.clone()))
+                            .or_insert((0, offer.clone()))
+                            .0 += 1;
+                    }
                 }
+                let (_, offer) = offered
+                    .into_values()
+                    .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.id.cmp(&a.1.id)))
+                    .ok_or_else(|| RouteError::UnknownModel(name.to_owned()))?;
+                (offer, None)
+            }
+        };
+        let mut serving = Vec::new();
+        for peer in alive() {
+            let Some(capabilities) = &peer.capabilities else {
+                continue;
+            };
+            let serves = capabilities
+                .models
+                .iter()
+                .any(|m| m.id == offer.id && m.engine == offer.engine);
+            if let (true, Ok(peer_id)) = (serves, peer.peer_id.parse::<PeerId>()) {
+                serving.push(Candidate {
+                    peer: peer_id,
+                    rtt_ms: peer.rtt_us.map(|us| us as f64 / 1e3),
+                    queue_depth: capabilities.load.queue_depth,
+                    utilisation: capabilities.load.utilisation,
+                });
             }
         }
-        offered
-            .into_values()
-            .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.id.cmp(&a.1.id)))
-            .map(|(_, offer)| Target { offer, local: None })
-            .ok_or_else(|| RouteError::UnknownModel(name.to_owned()))
+        Ok(Target {
+            offer,
+            local,
+            peers: serving,
+        })
     }
 
     /// Every node that could run a task on `target`, best first.
     async fn ranking(&self, target: &Target) -> Vec<PeerId> {
         let own = self.net.peer_id();
-        let mut candidates = Vec::new();
+        let mut candidates = Vec::with_capacity(target.peers.len() + 1);
         if target.local.is_some() {
             candidates.push(Candidate {
                 peer: own,
@@ -246,27 +270,7 @@ impl Inference {
                 utilisation: 0.0,
             });
         }
-        let peers = self.net.peers().await.unwrap_or_default();
-        for peer in peers.iter().filter(|p| p.state == PeerState::Alive) {
-            let Some(capabilities) = &peer.capabilities else {
-                continue;
-            };
-            let serves = capabilities
-                .models
-                .iter()
-                .any(|m| m.id == target.offer.id && m.engine == target.offer.engine);
-            let Ok(peer_id) = peer.peer_id.parse::<PeerId>() else {
-                continue;
-            };
-            if serves {
-                candidates.push(Candidate {
-                    peer: peer_id,
-                    rtt_ms: peer.rtt_us.map(|us| us as f64 / 1e3),
-                    queue_depth: capabilities.load.queue_depth,
-                    utilisation: capabilities.load.utilisation,
-                });
-            }
-        }
+        candidates.extend(target.peers.iter().cloned());
         if candidates.is_empty() {
             // Nobody we know of announces it: ask the DHT who provides it.
             let lookup = self.net.find_providers(target.offer.id);

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::api::ApiState;
 use crate::inference::RouteError;
-use crate::models::{RunError, Runner};
+use crate::models::Runner;
 
 /// Default `max_tokens` when a request names none.
 const DEFAULT_MAX_TOKENS: usize = 512;
@@ -78,12 +78,11 @@ impl From<RouteError> for ApiError {
     }
 }
 
-impl From<RunError> for ApiError {
-    fn from(e: RunError) -> Self {
+impl From<MlError> for ApiError {
+    fn from(e: MlError) -> Self {
         match e {
-            RunError::Busy(_) => Self::unavailable("overloaded", e.to_string()),
-            RunError::Model(MlError::Input(message)) => Self::invalid(None, message),
-            RunError::Model(e) => Self {
+            MlError::Input(message) => Self::invalid(None, message),
+            e => Self {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
                 kind: "server_error",
                 code: None,
@@ -91,12 +90,6 @@ impl From<RunError> for ApiError {
                 message: e.to_string(),
             },
         }
-    }
-}
-
-impl From<MlError> for ApiError {
-    fn from(e: MlError) -> Self {
-        RunError::Model(e).into()
     }
 }
 
