@@ -4,17 +4,19 @@
 //! candle 0.11 multiplies Q4_1 with a scalar loop in a portable build (../shared/CANDLE.md),
 //! which makes decoding instruction-bound at a fraction of llama.cpp's speed. Here each block
 //! of the input is scaled to 16-bit integers (a scale per 32 values: ~16 bits of precision,
-//! far finer than the 4- or 8-bit weights), and a block's products are summed as integers with
-//! `madd` (AVX2, chosen at run time, so the binary stays portable) or with scalar code. Integer
-//! sums are exact in any order and every floating-point step is the same fused operation in
-//! the same order on both paths (`f32::mul_add` is `vfmadd`), so every CPU computes
-//! bit-identical results and replicas agree token for token whatever they run on.
+//! far finer than the 4- or 8-bit weights; llama.cpp's 8 bits change SmolLM2's greedy tokens
+//! within 32 of them), and a block's products are summed as integers with `madd` (AVX2, chosen
+//! at run time, so the binary stays portable) or with scalar code. Integer sums are exact in any order and
+//! every floating-point step is the same fused operation in the same order on both paths
+//! (`f32::mul_add` is `vfmadd`), so every CPU computes bit-identical results and replicas
+//! agree token for token whatever they run on.
 //!
 //! The arithmetic, per output element (row `r`, input `x`):
-//! - the input, per block `b`: `e_b = max|x| / 32767`, `x̂_i = round(x_i / e_b)` (i16), and
-//!   `Σx_b` summed in order (for the Q4_1 minimum);
+//! - the input, per block `b`: `e_b = max|x| / 32767`, `x̂_i = round(x_i / e_b)` (i16, half
+//!   away from zero), and `Σx_b` summed in order (for the Q4_1 minimum);
 //! - per block: integer lanes `s_j = Σ q_i·x̂_i` over elements `i ∈ {2j, 2j+1, 16+2j, 17+2j}`
-//!   (j = 0..8), `acc_j = fma(d_b·e_b, s_j, acc_j)`, `msum = fma(m_b, Σx_b, msum)` (Q4_1);
+//!   (j = 0..8),
+//!   `acc_j = fma(d_b·e_b, s_j, acc_j)`, `msum = fma(m_b, Σx_b, msum)` (Q4_1);
 //! - at the end: `((acc0+acc4) + (acc2+acc6)) + ((acc1+acc5) + (acc3+acc7)) + msum`.
 //!
 //! Every lane sum fits in 24 bits (|q| ≤ 128, |x̂| ≤ 32767, 4 terms), so its conversion to
@@ -47,16 +49,39 @@ impl Format {
             Self::Q8_0 => BLOCK,
         }
     }
+
+    /// f16 numbers per block: the scale, and the minimum for Q4_1.
+    fn halves(self) -> usize {
+        match self {
+            Self::Q4_1 => 2,
+            Self::Q8_0 => 1,
+        }
+    }
+
+    /// Bytes of one record: a block of each of a group's rows.
+    fn record_bytes(self) -> usize {
+        GROUP * (2 * self.halves() + self.quant_bytes())
+    }
 }
 
-/// A row-major matrix of quantised blocks, its scales unpacked to f32.
+/// A row-major matrix of quantised blocks, laid out for decoding, which reads every byte of
+/// the weights once per token: rows in groups of [`GROUP`] (the last padded with zeros), and
+/// for each group one record per block column: the rows' f16 scales, their f16 minimums
+/// (Q4_1), then their packed values. A group's weights are one sequential stream in memory,
+/// no larger than in the file.
 #[derive(Debug, Clone)]
 pub(crate) struct QMatrix {
     rows: usize,
     cols: usize,
     format: Format,
-    scales: Vec<f32>,
-    mins: Vec<f32>,
+    records: Vec<u8>,
+}
+
+/// A matrix's blocks in file order, unpacked: each block's f16 scale and minimum (bits) and
+/// its packed values.
+struct Blocks {
+    scales: Vec<u16>,
+    mins: Vec<u16>,
     quants: Vec<u8>,
 }
 
@@ -73,34 +98,75 @@ impl QMatrix {
             other => candle_core::bail!("no kernel for {other:?} blocks"),
         };
         let data: Cow<'_, [u8]> = tensor.data()?;
-        let blocks = rows * cols / BLOCK;
+        let count = rows * cols / BLOCK;
         // A block is its f16 scale (and, for Q4_1, its f16 minimum), then its values.
-        let header = if format == Format::Q4_1 { 4 } else { 2 };
+        let header = 2 * format.halves();
         let quant = format.quant_bytes();
         let size = header + quant;
-        if data.len() != blocks * size {
-            candle_core::bail!("{} bytes for {blocks} blocks of {size}", data.len());
+        if data.len() != count * size {
+            candle_core::bail!("{} bytes for {count} blocks of {size}", data.len());
         }
-        let f16_at = |at: usize| half::f16::from_le_bytes([data[at], data[at + 1]]).to_f32();
-        let mut scales = Vec::with_capacity(blocks);
-        let mut mins = Vec::with_capacity(if format == Format::Q4_1 { blocks } else { 0 });
-        let mut quants = Vec::with_capacity(blocks * quant);
+        let mut blocks = Blocks {
+            scales: Vec::with_capacity(count),
+            mins: Vec::with_capacity(if format == Format::Q4_1 { count } else { 0 }),
+            quants: Vec::with_capacity(count * quant),
+        };
         for block in data.chunks_exact(size) {
-            let at = block.as_ptr() as usize - data.as_ptr() as usize;
-            scales.push(f16_at(at));
+            blocks.scales.push(u16::from_le_bytes([block[0], block[1]]));
             if format == Format::Q4_1 {
-                mins.push(f16_at(at + 2));
+                blocks.mins.push(u16::from_le_bytes([block[2], block[3]]));
             }
-            quants.extend_from_slice(&block[header..]);
+            blocks.quants.extend_from_slice(&block[header..]);
         }
-        Ok(Self {
+        Ok(Self::pack(rows, cols, format, &blocks))
+    }
+
+    /// Lays out blocks given in file order.
+    fn pack(rows: usize, cols: usize, format: Format, blocks: &Blocks) -> Self {
+        let per_row = cols / BLOCK;
+        let quant = format.quant_bytes();
+        let groups = rows.div_ceil(GROUP);
+        let mut records = vec![0u8; groups * per_row * format.record_bytes()];
+        for (i, record) in records.chunks_exact_mut(format.record_bytes()).enumerate() {
+            let (g, b) = (i / per_row, i % per_row);
+            let (scales, rest) = record.split_at_mut(2 * GROUP);
+            let (mins, quants) = rest.split_at_mut(2 * GROUP * (format.halves() - 1));
+            for k in 0..GROUP.min(rows - g * GROUP) {
+                let index = (g * GROUP + k) * per_row + b;
+                scales[2 * k..2 * k + 2].copy_from_slice(&blocks.scales[index].to_le_bytes());
+                if format == Format::Q4_1 {
+                    mins[2 * k..2 * k + 2].copy_from_slice(&blocks.mins[index].to_le_bytes());
+                }
+                quants[k * quant..(k + 1) * quant]
+                    .copy_from_slice(&blocks.quants[index * quant..(index + 1) * quant]);
+            }
+        }
+        Self {
             rows,
             cols,
             format,
-            scales,
-            mins,
-            quants,
-        })
+            records,
+        }
+    }
+
+    /// The blocks in file order (the inverse of [`QMatrix::pack`]).
+    fn unpack(&self) -> Blocks {
+        let per_row = self.blocks_per_row();
+        let mut blocks = Blocks {
+            scales: Vec::new(),
+            mins: Vec::new(),
+            quants: Vec::new(),
+        };
+        for r in 0..self.rows {
+            for b in 0..per_row {
+                blocks.scales.push(self.half(r, b, 0));
+                if self.format == Format::Q4_1 {
+                    blocks.mins.push(self.half(r, b, 1));
+                }
+                blocks.quants.extend_from_slice(self.quants(r, b));
+            }
+        }
+        blocks
     }
 
     /// Stacks matrices with the same columns and format on top of each other (fused
@@ -113,20 +179,15 @@ impl QMatrix {
         {
             candle_core::bail!("stacked matrices must share columns and format");
         }
-        Ok(Self {
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols: first.cols,
-            format: first.format,
-            scales: parts
-                .iter()
-                .flat_map(|p| p.scales.iter().copied())
-                .collect(),
-            mins: parts.iter().flat_map(|p| p.mins.iter().copied()).collect(),
-            quants: parts
-                .iter()
-                .flat_map(|p| p.quants.iter().copied())
-                .collect(),
-        })
+        let mut all = first.unpack();
+        for part in &parts[1..] {
+            let more = part.unpack();
+            all.scales.extend(more.scales);
+            all.mins.extend(more.mins);
+            all.quants.extend(more.quants);
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        Ok(Self::pack(rows, first.cols, first.format, &all))
     }
 
     /// Output features.
@@ -141,11 +202,10 @@ impl QMatrix {
 
     /// Row `r`, dequantised.
     pub(crate) fn row(&self, r: usize) -> Vec<f32> {
-        let blocks = self.blocks_per_row();
-        (r * blocks..(r + 1) * blocks)
+        (0..self.blocks_per_row())
             .flat_map(|b| {
-                let (d, m) = (self.scales[b], self.min(b));
-                self.block_values(b).map(|q| d.mul_add(q, m))
+                let (d, m) = (self.scale(r, b), self.min(r, b));
+                self.block_ints(r, b).map(|q| d.mul_add(f32::from(q), m))
             })
             .collect()
     }
@@ -154,38 +214,58 @@ impl QMatrix {
         self.cols / BLOCK
     }
 
-    /// The quantised values of block `b` as integers, in element order.
-    fn block_values(&self, b: usize) -> [f32; BLOCK] {
-        let bytes = self.format.quant_bytes();
-        let q = &self.quants[b * bytes..(b + 1) * bytes];
-        let mut out = [0f32; BLOCK];
+    /// The record holding block `b` of row `r`'s group.
+    fn record(&self, r: usize, b: usize) -> &[u8] {
+        let size = self.format.record_bytes();
+        let at = ((r / GROUP) * self.blocks_per_row() + b) * size;
+        &self.records[at..at + size]
+    }
+
+    /// Row `r`'s block `b`: f16 number `which` (0: scale, 1: minimum) as bits.
+    fn half(&self, r: usize, b: usize, which: usize) -> u16 {
+        let at = 2 * (which * GROUP + r % GROUP);
+        let record = self.record(r, b);
+        u16::from_le_bytes([record[at], record[at + 1]])
+    }
+
+    /// Row `r`'s block `b`: its packed values.
+    fn quants(&self, r: usize, b: usize) -> &[u8] {
+        let quant = self.format.quant_bytes();
+        let at = 2 * GROUP * self.format.halves() + (r % GROUP) * quant;
+        &self.record(r, b)[at..at + quant]
+    }
+
+    /// Row `r`'s block `b`: its scale.
+    fn scale(&self, r: usize, b: usize) -> f32 {
+        f16(self.half(r, b, 0))
+    }
+
+    /// Row `r`'s block `b`: its minimum (0 for formats without one).
+    fn min(&self, r: usize, b: usize) -> f32 {
+        match self.format {
+            Format::Q4_1 => f16(self.half(r, b, 1)),
+            Format::Q8_0 => 0.0,
+        }
+    }
+
+    /// Row `r`'s block `b`: its quantised values as integers, in element order.
+    fn block_ints(&self, r: usize, b: usize) -> [i8; BLOCK] {
+        let q = self.quants(r, b);
+        let mut out = [0i8; BLOCK];
         match self.format {
             Format::Q4_1 => {
                 for j in 0..BLOCK / 2 {
-                    out[j] = f32::from(q[j] & 0x0F);
-                    out[j + BLOCK / 2] = f32::from(q[j] >> 4);
+                    out[j] = (q[j] & 0x0F) as i8;
+                    out[j + BLOCK / 2] = (q[j] >> 4) as i8;
                 }
             }
             Format::Q8_0 => {
                 for (o, v) in out.iter_mut().zip(q) {
-                    *o = f32::from(*v as i8);
+                    *o = *v as i8;
                 }
             }
         }
         out
-    }
-
-    fn min(&self, b: usize) -> f32 {
-        if self.format == Format::Q4_1 {
-            self.mins[b]
-        } else {
-            0.0
-        }
-    }
-
-    /// The quantised values of block `b` as integers, in element order.
-    fn block_ints(&self, b: usize) -> [i16; BLOCK] {
-        self.block_values(b).map(|v| v as i16)
     }
 
     /// `x · W^T` for `x` of shape (m, cols): returns (m, rows), row-major.
@@ -193,37 +273,35 @@ impl QMatrix {
         let (k, n) = (self.cols, self.rows);
         debug_assert_eq!(x.len(), m * k);
         let input = Input::quantize(x);
+        // Chunks of whole groups of rows.
         let chunk = n
             .div_ceil(rayon::current_num_threads() * CHUNKS_PER_THREAD)
-            .max(16);
+            .max(16)
+            .next_multiple_of(GROUP);
         let blocks = self.blocks_per_row();
-        if m == 1 {
-            let row_fn = row_kernel();
-            let mut out = vec![0f32; n];
-            out.par_chunks_mut(chunk).enumerate().for_each(|(c, part)| {
-                for (i, o) in part.iter_mut().enumerate() {
-                    *o = row_fn(self, c * chunk + i, None, &input, 0);
-                }
-            });
-            return out;
-        }
-        // Several inputs: each weight row is unpacked once and used for all of them, with the
-        // single-input arithmetic, so a token's outputs do not depend on whether it came
-        // alone or with a prompt.
-        let row_fn = row_kernel();
+        let kernel = kernel();
+        // Row-major (rows, m): a group of rows is read from memory once and stays in cache
+        // while it meets every input, each with the single-input arithmetic, so a token's
+        // outputs do not depend on whether it came alone or with a prompt.
         let mut transposed = vec![0f32; n * m];
         transposed
             .par_chunks_mut(chunk * m)
             .enumerate()
             .for_each(|(c, part)| {
-                for (i, outputs) in part.chunks_mut(m).enumerate() {
-                    let r = c * chunk + i;
-                    let q = self.row_ints(r);
-                    for (j, o) in outputs.iter_mut().enumerate() {
-                        *o = row_fn(self, r, Some(&q), &input, j * blocks);
+                let mut group = [0f32; GROUP];
+                for (g, outputs) in part.chunks_mut(GROUP * m).enumerate() {
+                    let group_index = (c * chunk) / GROUP + g;
+                    for j in 0..m {
+                        kernel(self, group_index, &input, j * blocks, &mut group);
+                        for (i, v) in group.iter().take(outputs.len() / m).enumerate() {
+                            outputs[i * m + j] = *v;
+                        }
                     }
                 }
             });
+        if m == 1 {
+            return transposed;
+        }
         let mut out = vec![0f32; m * n];
         for (r, column) in transposed.chunks_exact(m).enumerate() {
             for (j, v) in column.iter().enumerate() {
@@ -232,14 +310,11 @@ impl QMatrix {
         }
         out
     }
+}
 
-    /// Row `r`'s quantised values as integers.
-    fn row_ints(&self, r: usize) -> Vec<i16> {
-        let blocks = self.blocks_per_row();
-        (r * blocks..(r + 1) * blocks)
-            .flat_map(|b| self.block_ints(b))
-            .collect()
-    }
+/// An f16, given as its bits, as f32 (exact).
+fn f16(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
 }
 
 /// Inputs scaled to 16-bit integers, block by block.
@@ -266,11 +341,12 @@ impl Input {
             input.scale.push(scale);
             input.sum.push(block.iter().fold(0f32, |s, v| s + v));
             if scale > 0.0 && scale.is_finite() {
-                input.q.extend(
-                    block
-                        .iter()
-                        .map(|v| (v / scale).round().clamp(-32767.0, 32767.0) as i16),
-                );
+                let inverse = 1.0 / scale;
+                // Rounded half away from zero (`as` truncates; no libm call).
+                input.q.extend(block.iter().map(|v| {
+                    let y = v * inverse;
+                    (y + 0.5f32.copysign(y)).clamp(-32767.0, 32767.0) as i16
+                }));
             } else {
                 input.q.extend([0i16; BLOCK]);
             }
@@ -279,31 +355,25 @@ impl Input {
     }
 }
 
-/// Row `r` times the input whose blocks start at block `first`; the row's integers are read
-/// from `q` when given (unpacked once for several inputs), else from the packed blocks.
-type RowFn = fn(&QMatrix, usize, Option<&[i16]>, &Input, usize) -> f32;
+/// The rows of group `g` times the input whose blocks start at block `first`, written to
+/// `out` (padding rows give 0).
+type Kernel = fn(&QMatrix, usize, &Input, usize, &mut [f32; GROUP]);
+
+/// Rows laid out and computed together: they share each load of the input.
+const GROUP: usize = 4;
 
 /// The fixed reduction of the 8 lanes.
 fn reduce(acc: [f32; 8]) -> f32 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
-fn row_scalar(w: &QMatrix, r: usize, q: Option<&[i16]>, x: &Input, first: usize) -> f32 {
-    let blocks = w.blocks_per_row();
+fn row_scalar(w: &QMatrix, r: usize, x: &Input, first: usize) -> f32 {
     let mut acc = [0f32; 8];
     let mut msum = 0f32;
-    for b in 0..blocks {
-        let index = r * blocks + b;
-        let unpacked;
-        let qs = match q {
-            Some(q) => &q[b * BLOCK..(b + 1) * BLOCK],
-            None => {
-                unpacked = w.block_ints(index);
-                &unpacked[..]
-            }
-        };
+    for b in 0..w.blocks_per_row() {
+        let qs = w.block_ints(r, b);
         let xs = &x.q[(first + b) * BLOCK..(first + b + 1) * BLOCK];
-        let scale = w.scales[index] * x.scale[first + b];
+        let scale = w.scale(r, b) * x.scale[first + b];
         for (j, a) in acc.iter_mut().enumerate() {
             let lane: i32 = [2 * j, 2 * j + 1, 16 + 2 * j, 17 + 2 * j]
                 .iter()
@@ -311,17 +381,23 @@ fn row_scalar(w: &QMatrix, r: usize, q: Option<&[i16]>, x: &Input, first: usize)
                 .sum();
             *a = scale.mul_add(lane as f32, *a);
         }
-        msum = w.min(index).mul_add(x.sum[first + b], msum);
+        msum = w.min(r, b).mul_add(x.sum[first + b], msum);
     }
     reduce(acc) + msum
 }
 
-fn row_kernel() -> RowFn {
+fn kernel_scalar(w: &QMatrix, g: usize, x: &Input, first: usize, out: &mut [f32; GROUP]) {
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = row_scalar(w, g * GROUP + k, x, first);
+    }
+}
+
+fn kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
-        return avx2::row;
+        return avx2::group;
     }
-    row_scalar
+    kernel_scalar
 }
 
 /// Whether this CPU runs the AVX2 kernels (otherwise the scalar ones, with the same results).
@@ -340,16 +416,17 @@ pub fn simd_available() -> bool {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Format, Input, QMatrix, BLOCK};
+    use super::{Format, Input, QMatrix, BLOCK, GROUP};
 
     pub(super) fn available() -> bool {
         std::env::var_os("MYCEL_NO_SIMD").is_none()
             && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
 
     /// The fixed reduction of the 8 lanes (see `super::reduce`).
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn reduce(acc: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(acc);
         let hi = _mm256_extractf128_ps(acc, 1);
@@ -361,75 +438,91 @@ mod avx2 {
         _mm_cvtss_f32(s1)
     }
 
-    /// Block `index`'s values as two vectors of 16 integers (elements 0..16 and 16..32).
-    #[target_feature(enable = "avx2,fma")]
-    fn packed(w: &QMatrix, index: usize) -> (__m256i, __m256i) {
-        match w.format {
-            Format::Q4_1 => {
-                let bytes = &w.quants[index * BLOCK / 2..(index + 1) * BLOCK / 2];
-                // SAFETY: `bytes` holds 16 bytes; unaligned loads are allowed.
-                let raw = unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) };
-                let mask = _mm_set1_epi8(0x0F);
-                (
-                    _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask)),
-                    _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)),
-                )
-            }
-            Format::Q8_0 => {
-                let bytes = &w.quants[index * BLOCK..(index + 1) * BLOCK];
-                // SAFETY: `bytes` holds 32 bytes; unaligned loads are allowed.
-                unsafe {
-                    (
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(bytes.as_ptr().cast())),
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(bytes.as_ptr().add(16).cast())),
-                    )
-                }
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn row_avx2(w: &QMatrix, r: usize, q: Option<&[i16]>, x: &Input, first: usize) -> f32 {
+    /// The rows of group `g` times the input's blocks from `first`, the weights' format
+    /// fixed at compile time (`Q4`: Q4_1, else Q8_0). Per row, the same integer lanes and the
+    /// same floating-point operations in the same order as `super::row_scalar`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn group_avx2<const Q4: bool>(
+        w: &QMatrix,
+        g: usize,
+        x: &Input,
+        first: usize,
+        out: &mut [f32; GROUP],
+    ) {
         let blocks = w.blocks_per_row();
+        let size = w.format.record_bytes();
+        let quant = w.format.quant_bytes();
+        let values_at = 2 * GROUP * w.format.halves();
         assert!(
-            q.is_none_or(|q| q.len() >= blocks * BLOCK) && x.q.len() >= (first + blocks) * BLOCK
+            (g + 1) * blocks * size <= w.records.len()
+                && x.q.len() >= (first + blocks) * BLOCK
+                && x.scale.len() >= first + blocks
+                && x.sum.len() >= first + blocks
         );
-        let mut acc = _mm256_setzero_ps();
-        let mut msum = 0f32;
+        let mut acc = [_mm256_setzero_ps(); GROUP];
+        let mut msum = _mm_setzero_ps();
+        let nibble = _mm256_set1_epi16(0x0F);
+        let mut scales = [0f32; GROUP];
         for b in 0..blocks {
-            let index = r * blocks + b;
             let xb = first + b;
-            let (q0, q1) = match q {
-                // SAFETY: the assertion above keeps both 16-lane loads inside `q`.
-                Some(q) => unsafe {
-                    let qp = q.as_ptr().add(b * BLOCK);
-                    (
-                        _mm256_loadu_si256(qp.cast()),
-                        _mm256_loadu_si256(qp.add(16).cast()),
-                    )
-                },
-                None => packed(w, index),
-            };
-            // SAFETY: the assertion above keeps both 16-lane loads inside `x.q`.
-            let (x0, x1) = unsafe {
+            // SAFETY (every unchecked access below): the assertion above bounds the input's
+            // blocks first..first + blocks and the records of group g.
+            let (x0, x1, xscale, xsum, record) = unsafe {
                 let xp = x.q.as_ptr().add(xb * BLOCK);
                 (
                     _mm256_loadu_si256(xp.cast()),
                     _mm256_loadu_si256(xp.add(16).cast()),
+                    *x.scale.get_unchecked(xb),
+                    *x.sum.get_unchecked(xb),
+                    w.records.as_ptr().add((g * blocks + b) * size),
                 )
             };
-            // Lane j: elements 2j, 2j+1 (first half) plus 16+2j, 17+2j (second half).
-            let lanes = _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1));
-            let scale = _mm256_set1_ps(w.scales[index] * x.scale[xb]);
-            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(lanes), acc);
-            msum = w.min(index).mul_add(x.sum[xb], msum);
+            // The rows' scales times the input's, each rounded once as in `row_scalar`.
+            let d = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(record.cast()) });
+            // SAFETY: `scales` holds four floats; unaligned stores are allowed.
+            unsafe { _mm_storeu_ps(scales.as_mut_ptr(), _mm_mul_ps(d, _mm_set1_ps(xscale))) };
+            if Q4 {
+                // Per row: msum = fma(m, Σx, msum).
+                let m = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(record.add(8).cast()) });
+                msum = _mm_fmadd_ps(m, _mm_set1_ps(xsum), msum);
+            }
+            for k in 0..GROUP {
+                let qp = unsafe { record.add(values_at + k * quant) };
+                // Elements 0..16 and 16..32 as 16-bit integers.
+                let (q0, q1) = if Q4 {
+                    // Byte j holds element j (low nibble) and element 16 + j (high).
+                    let v = _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(qp.cast()) });
+                    (_mm256_and_si256(v, nibble), _mm256_srli_epi16(v, 4))
+                } else {
+                    unsafe {
+                        (
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.cast())),
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(16).cast())),
+                        )
+                    }
+                };
+                // Lane j: elements 2j, 2j+1 (first half) plus 16+2j, 17+2j (second half).
+                let lanes = _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1));
+                let scale = _mm256_set1_ps(scales[k]);
+                acc[k] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(lanes), acc[k]);
+            }
         }
-        reduce(acc) + msum
+        let mut mins = [0f32; GROUP];
+        // SAFETY: `mins` holds four floats; unaligned stores are allowed.
+        unsafe { _mm_storeu_ps(mins.as_mut_ptr(), msum) };
+        for k in 0..GROUP {
+            out[k] = reduce(acc[k]) + mins[k];
+        }
     }
 
-    pub(super) fn row(w: &QMatrix, r: usize, q: Option<&[i16]>, x: &Input, first: usize) -> f32 {
-        // SAFETY: chosen only when the CPU has AVX2 and FMA (`available`).
-        unsafe { row_avx2(w, r, q, x, first) }
+    pub(super) fn group(w: &QMatrix, g: usize, x: &Input, first: usize, out: &mut [f32; GROUP]) {
+        // SAFETY: chosen only when the CPU has AVX2, FMA and F16C (`available`).
+        unsafe {
+            match w.format {
+                Format::Q4_1 => group_avx2::<true>(w, g, x, first, out),
+                Format::Q8_0 => group_avx2::<false>(w, g, x, first, out),
+            }
+        }
     }
 }
 
@@ -460,48 +553,58 @@ mod tests {
     #[test]
     fn matches_the_dequantised_product_and_is_the_same_with_or_without_simd() {
         for format in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            // 70 rows: full groups of 4 and a partial one.
             let (rows, cols, m) = (70, 96, 3);
             let (q, w) = matrix(format, rows, cols);
             let dense = q.dequantize(&Device::Cpu).unwrap();
             let x = random(m * cols, 11);
             let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
-            let expected: Vec<f32> = xt
-                .matmul(&dense.t().unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let product = |x: &Tensor, w: &Tensor| -> Vec<f32> {
+                x.matmul(&w.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let expected = product(&xt, &dense);
+            let magnitude = product(&xt.abs().unwrap(), &dense.abs().unwrap());
             let got = w.matmul(&x, m);
-            for (a, b) in got.iter().zip(&expected) {
-                // Inputs carry ~16 bits per block of 32, 1e-5 of the block's largest value.
+            for ((a, b), size) in got.iter().zip(&expected).zip(&magnitude) {
+                // Each input carries 16 bits per block of 32: an error of at most half a step,
+                // 1/65534 of the block's largest value, per product.
                 assert!(
-                    (a - b).abs() < 2e-3 * (1.0 + b.abs()),
+                    (a - b).abs() <= size / 65534.0 + 1e-5,
                     "{format:?}: {a} vs {b}"
                 );
             }
-            // One row at a time gives the very same bits as several at once.
+            // One input at a time gives the very same bits as several at once, and the
+            // scalar kernel the very same bits as the SIMD one.
             for j in 0..m {
-                let alone = w.matmul(&x[j * cols..(j + 1) * cols], 1);
+                let one = &x[j * cols..(j + 1) * cols];
+                let alone = w.matmul(one, 1);
                 assert_eq!(alone, got[j * rows..(j + 1) * rows].to_vec(), "{format:?}");
+                let input = Input::quantize(one);
+                for (r, v) in alone.iter().enumerate() {
+                    let reference = row_scalar(&w, r, &input, 0);
+                    assert_eq!(v.to_bits(), reference.to_bits(), "{format:?} row {r}");
+                }
             }
-            // The scalar kernel gives the very same bits as the SIMD one, from packed blocks
-            // or from unpacked integers.
-            let input = Input::quantize(&x[..cols]);
-            for r in 0..rows {
-                let ints = w.row_ints(r);
-                let reference = row_scalar(&w, r, None, &input, 0).to_bits();
-                assert_eq!(
-                    reference,
-                    row_scalar(&w, r, Some(&ints), &input, 0).to_bits()
-                );
-                assert_eq!(reference, row_kernel()(&w, r, None, &input, 0).to_bits());
-                assert_eq!(
-                    reference,
-                    row_kernel()(&w, r, Some(&ints), &input, 0).to_bits(),
-                    "{format:?} row {r}"
-                );
-            }
+        }
+    }
+
+    #[test]
+    fn an_input_of_zeros_or_extremes_stays_exact() {
+        let (_, w) = matrix(GgmlDType::Q8_0, 8, 64);
+        assert!(w.matmul(&[0.0; 64], 1).iter().all(|v| *v == 0.0));
+        // Full-scale inputs against full-scale weights: no integer saturates.
+        let x: Vec<f32> = (0..64)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let input = Input::quantize(&x);
+        let out = w.matmul(&x, 1);
+        for (r, v) in out.iter().enumerate() {
+            assert_eq!(v.to_bits(), row_scalar(&w, r, &input, 0).to_bits());
         }
     }
 
