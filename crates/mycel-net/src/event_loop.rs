@@ -866,9 +866,10 @@ impl EventLoop {
             kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
                 providers,
                 ..
-            })) => {
+            })) if !providers.is_empty() => {
                 // The first providers found answer the lookup; a router needs candidates
-                // now, not the complete list.
+                // now, not the complete list. (Every peer's answer is reported, also the
+                // answers of peers that know no provider: those do not end the lookup.)
                 if let Some(reply) = self.provider_queries.remove(&id) {
                     let _ = reply.send(providers.into_iter().collect());
                     if let Some(mut query) = self

@@ -102,6 +102,23 @@ pub struct Target {
     peers: Vec<Candidate<PeerId>>,
 }
 
+impl Target {
+    /// A model known only by its content id, announced by no peer this node knows: its
+    /// candidates are the DHT's providers of the id, whatever engine they run it with.
+    pub fn unannounced(id: ContentId, kind: ModelKind) -> Self {
+        Self {
+            offer: ModelOffer {
+                id,
+                name: id.to_string(),
+                kind,
+                engine: String::new(),
+            },
+            local: None,
+            peers: Vec::new(),
+        }
+    }
+}
+
 /// Embeddings and who computed them.
 #[derive(Debug, Clone)]
 pub struct Embedded {
@@ -226,11 +243,16 @@ impl Inference {
                             .0 += 1;
                     }
                 }
-                let (_, offer) = offered
+                let best = offered
                     .into_values()
-                    .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.id.cmp(&a.1.id)))
-                    .ok_or_else(|| RouteError::UnknownModel(name.to_owned()))?;
-                (offer, None)
+                    .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.id.cmp(&a.1.id)));
+                match (best, name.parse::<ContentId>()) {
+                    (Some((_, offer)), _) => (offer, None),
+                    // Asked for by content id, which nobody we know of announces: the DHT's
+                    // providers are the candidates.
+                    (None, Ok(id)) => return Ok(Target::unannounced(id, kind)),
+                    (None, Err(_)) => return Err(RouteError::UnknownModel(name.to_owned())),
+                }
             }
         };
         let mut serving = Vec::new();

@@ -1,22 +1,25 @@
 //! Tasks routed across real nodes on 127.0.0.1: a model only a peer serves is reached through
 //! any node's API; a worker that dies mid-generation is replaced by another that continues
 //! from the delivered tokens; busy and dead nodes are skipped; a malformed task is refused and
-//! costs its sender; providers are found in the DHT.
+//! costs its sender; a first choice that stalls is hedged after the observed p95; a model
+//! nobody announces is run on a provider found in the DHT.
 
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{addrs_of, local_config, wait_until};
 use mycel_core::membership::PeerState;
 use mycel_core::statement::ModelKind;
-use mycel_core::task::{Refusal, TaskFrame, TaskId, TaskInput, TaskRequest, MAX_FRAME_BYTES};
+use mycel_core::task::{
+    Refusal, TaskFrame, TaskId, TaskInput, TaskRequest, MAX_FRAME_BYTES, MAX_REQUEST_BYTES,
+};
 use mycel_ml::fixtures::{write_llama, write_tiny_bert, write_tiny_llama, LlamaShape};
 use mycel_ml::{ChatMessage, Engine, GenerateParams};
 use mycel_net::task::{read_frame, write_frame};
-use mycel_net::Multiaddr;
-use mycel_node::inference::RouteError;
+use mycel_net::{Multiaddr, NetConfig, NetHandle, Registry};
+use mycel_node::inference::{RouteError, Target};
 use mycel_node::models::{load_model, Runner, Served};
 use mycel_node::Node;
 use serde_json::{json, Value};
@@ -67,6 +70,14 @@ async fn wait_offers(node: &Node, peers: &[&Node]) {
         },
     )
     .await;
+}
+
+/// The tiny BERT model as `node` resolves it.
+async fn bert_target(node: &Node) -> Target {
+    node.inference
+        .resolve("tiny-bert", ModelKind::Embedding)
+        .await
+        .unwrap()
 }
 
 fn post_json(node: &Node, path: &str, body: Value) -> (u16, String) {
@@ -258,11 +269,7 @@ async fn busy_and_dead_nodes_are_skipped_and_all_busy_is_overloaded() {
     dead.abort();
     let _held = busy.models.admit().expect("the one place");
 
-    let target = gateway
-        .inference
-        .resolve("tiny-bert", ModelKind::Embedding)
-        .await
-        .unwrap();
+    let target = bert_target(&gateway).await;
     let texts = vec!["the cat sat".to_owned()];
     let ranking = vec![dead_id, busy.net.peer_id(), good.net.peer_id()];
     let embedded = gateway
@@ -390,17 +397,101 @@ async fn a_malformed_task_is_refused_costs_its_sender_and_the_worker_keeps_servi
     worker.shutdown().await;
 }
 
+/// A real libp2p peer that accepts task streams, reads each request, reports its id and
+/// never answers: a worker stuck behind something else.
+async fn staller(bootstrap: Vec<Multiaddr>) -> (NetHandle, mpsc::UnboundedReceiver<TaskId>) {
+    let mut config = NetConfig::new(mycel_core::Keypair::generate_ed25519());
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    config.bootstrap = bootstrap;
+    config.mdns = false;
+    config.timing = common::fast_timing();
+    let (net, _events, _task) =
+        mycel_net::spawn(config, Box::new(|floor| floor), &mut Registry::default())
+            .await
+            .unwrap();
+    let mut incoming = net.accept_task_streams().unwrap();
+    let (seen, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some((_, mut stream)) = futures::StreamExt::next(&mut incoming).await {
+            if let Ok(Some(request)) =
+                read_frame::<TaskRequest>(&mut stream, MAX_REQUEST_BYTES).await
+            {
+                let _ = seen.send(request.id);
+            }
+            held.push(stream);
+        }
+    });
+    (net, received)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dht_lists_the_nodes_serving_a_model() {
+async fn a_stalled_first_choice_is_hedged_after_the_observed_p95() {
+    let root = tempfile::tempdir().unwrap();
+    let bert = tiny_bert(root.path());
+    let worker = start(root.path(), "worker", vec![], vec![bert], 16).await;
+    let gateway = start(root.path(), "gateway", addrs_of(&worker), vec![], 16).await;
+    let (stuck, mut received) = staller(addrs_of(&gateway)).await;
+    wait_offers(&gateway, &[&worker]).await;
+    let target = bert_target(&gateway).await;
+    let texts = vec!["the cat sat".to_owned()];
+
+    // The router learns what an embedding takes here (a p95 needs 20 samples).
+    for _ in 0..25 {
+        gateway
+            .inference
+            .embed_on(&target, texts.clone(), vec![worker.net.peer_id()])
+            .await
+            .unwrap();
+    }
+    let before = gateway.inference.stats();
+    assert_eq!(before.hedges, 0);
+
+    let started = Instant::now();
+    let embedded = gateway
+        .inference
+        .embed_on(
+            &target,
+            texts.clone(),
+            vec![stuck.peer_id(), worker.net.peer_id()],
+        )
+        .await
+        .expect("the hedge answers");
+    let elapsed = started.elapsed();
+    assert_eq!(embedded.worker, worker.net.peer_id());
+    // The stalled peer did get the task: the second attempt was a hedge, not a failover.
+    let stalled = tokio::time::timeout(LIMIT, received.recv()).await.unwrap();
+    assert!(stalled.is_some());
+    let after = gateway.inference.stats();
+    assert_eq!(after.hedges, before.hedges + 1);
+    assert_eq!(after.failovers, before.failovers);
+    // Far sooner than the attempt timeout that a failover would have waited for.
+    let timeout = mycel_node::inference::RouterConfig::default().attempt_timeout;
+    assert!(elapsed < timeout / 2, "{elapsed:?}");
+
+    stuck.shutdown().await;
+    gateway.shutdown().await;
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_nobody_announces_runs_on_a_provider_found_in_the_dht() {
     let root = tempfile::tempdir().unwrap();
     let bert = tiny_bert(root.path());
     let model = bert.offer.id;
     let first = start(root.path(), "first", vec![], vec![], 16).await;
-    let worker = start(root.path(), "worker", addrs_of(&first), vec![bert], 16).await;
-    let asker = start(root.path(), "asker", addrs_of(&first), vec![], 16).await;
+    let worker = start(
+        root.path(),
+        "worker",
+        addrs_of(&first),
+        vec![bert.clone()],
+        16,
+    )
+    .await;
+    let gateway = start(root.path(), "gateway", addrs_of(&first), vec![], 16).await;
     let worker_id = worker.net.peer_id();
     wait_until(LIMIT, "the DHT lists the worker as a provider", || async {
-        asker
+        gateway
             .net
             .find_providers(model)
             .await
@@ -408,7 +499,35 @@ async fn the_dht_lists_the_nodes_serving_a_model() {
             .contains(&worker_id)
     })
     .await;
-    asker.shutdown().await;
+
+    // The model by content id, with no announcing peer to start from: the candidates come
+    // from the DHT, and the task runs there.
+    let target = Target::unannounced(model, ModelKind::Embedding);
+    let before = gateway.inference.stats();
+    let texts = vec!["the cat sat".to_owned(), "a dog".to_owned()];
+    let embedded = gateway
+        .inference
+        .embed(&target, texts.clone())
+        .await
+        .expect("a provider runs it");
+    assert_eq!(embedded.worker, worker_id);
+    let Runner::Embed(embedder) = &bert.runner else {
+        panic!("an embedding model")
+    };
+    assert_eq!(embedded.vectors, embedder.embed(&texts).unwrap().0);
+    assert_eq!(gateway.inference.stats().remote, before.remote + 1);
+
+    // An id that nobody provides: a clear refusal, not a hang.
+    let unknown = Target::unannounced(
+        mycel_core::id::ContentId::of(b"nothing"),
+        ModelKind::Embedding,
+    );
+    assert!(matches!(
+        gateway.inference.embed(&unknown, texts).await,
+        Err(RouteError::Unavailable(_))
+    ));
+
+    gateway.shutdown().await;
     worker.shutdown().await;
     first.shutdown().await;
 }
