@@ -21,7 +21,7 @@ const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 
 /// The tokenizer of a GGUF model and its special tokens.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct GgufTokenizer {
     /// The tokenizer proper.
     pub tokenizer: Tokenizer,
@@ -160,7 +160,10 @@ impl GgufTokenizer {
             .map_err(|e| MlError::Input(format!("cannot tokenize the prompt: {e}")))?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
         if let (true, Some(bos)) = (self.add_bos, self.bos) {
-            ids.push(bos);
+            // A chat template that writes `{{ bos_token }}` itself gets no second one.
+            if encoding.get_ids().first() != Some(&bos) {
+                ids.push(bos);
+            }
         }
         ids.extend_from_slice(encoding.get_ids());
         Ok(ids)

@@ -100,6 +100,20 @@ fn gguf_tokenizer_matches_control_tokens_and_round_trips_text() {
         Some("<|im_start|>")
     );
     assert_eq!(ids.len(), 1 + "user".len());
+
+    // A model that starts prompts with BOS gets exactly one, also when its chat template
+    // writes the BOS token itself.
+    let mut with_bos = tokenizer.clone();
+    with_bos.add_bos = true;
+    let bos = with_bos.bos.unwrap();
+    let bos_text = with_bos.token_text(bos).unwrap();
+    let plain = with_bos.encode("the cat").unwrap();
+    assert_eq!(plain[0], bos);
+    assert_eq!(plain[1..], tokenizer.encode("the cat").unwrap()[..]);
+    assert_eq!(
+        with_bos.encode(&format!("{bos_text}the cat")).unwrap(),
+        plain
+    );
 }
 
 #[test]
