@@ -8,6 +8,8 @@
 //! - [`statement`]: signed, attributable statements nodes gossip (capability announcements,
 //!   failure reports) and their bounded decoding.
 //! - [`id`]: content ids (BLAKE3) of blobs and models.
+//! - [`blob`]: blobs as BLAKE3 trees (chunks verified one at a time against the id) and
+//!   directory manifests.
 //! - [`membership`]: who is alive, who has failed, and what each peer offers.
 //! - [`ratelimit`]: per-peer token buckets.
 //! - [`reputation`]: a decayed per-peer score fed by misbehaviour.
@@ -18,6 +20,7 @@
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+pub mod blob;
 pub mod id;
 pub mod membership;
 pub mod ratelimit;

@@ -5,12 +5,17 @@
 //! with the peer book and the node's announcement sequence counter. redb commits are
 //! transactional and survive `kill -9`; the key files are written to a temporary file, synced
 //! and renamed into place, so a crash never leaves a half-written identity.
+//!
+//! [`BlobStore`] keeps content-addressed blobs under `blobs/` with its own index (see
+//! [`blobs`]).
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+pub mod blobs;
 mod files;
 mod state;
 
+pub use blobs::{BlobError, BlobInfo, BlobStore};
 pub use files::{load_or_create_identity, load_or_create_token, prepare_data_dir};
 pub use state::{KnownPeer, Store};
 
