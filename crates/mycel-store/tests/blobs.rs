@@ -171,15 +171,7 @@ fn a_fetch_keeps_only_verified_chunks_and_resumes_after_a_crash() {
         fetcher.write_chunk(&blob.id, 2, &bad),
         Err(BlobError::Tree(TreeError::Chunk(2)))
     ));
-    for index in [0, 1, 2, 5] {
-        fetcher
-            .write_chunk(
-                &blob.id,
-                index,
-                &holder.read_chunk(&blob.id, index).unwrap(),
-            )
-            .unwrap();
-    }
+    copy_chunks(&holder, &fetcher, &blob.id, [0, 1, 2, 5]);
     assert_eq!(fetcher.missing(&blob.id).unwrap().unwrap(), vec![3, 4, 6]);
     // Not complete: never served as a blob.
     assert!(fetcher.info(&blob.id).unwrap().is_none());
@@ -201,15 +193,8 @@ fn a_fetch_keeps_only_verified_chunks_and_resumes_after_a_crash() {
         vec![1, 3, 4, 6]
     );
     assert!(!dir.join("tmp").join("import-dead").exists());
-    for index in fetcher.missing(&blob.id).unwrap().unwrap() {
-        fetcher
-            .write_chunk(
-                &blob.id,
-                index,
-                &holder.read_chunk(&blob.id, index).unwrap(),
-            )
-            .unwrap();
-    }
+    let missing = fetcher.missing(&blob.id).unwrap().unwrap();
+    copy_chunks(&holder, &fetcher, &blob.id, missing);
     let done = fetcher.finish_fetch(&blob.id, 3, false).unwrap();
     assert_eq!(done.id, blob.id);
     let out = root.path().join("out");
@@ -315,6 +300,19 @@ fn the_quota_evicts_the_least_recently_used_unpinned_blobs_and_refuses_what_cann
         .unwrap()
         .next()
         .is_none());
+}
+
+/// Hands chunks of `id` from `holder` to `fetcher`, as a peer would.
+fn copy_chunks(
+    holder: &BlobStore,
+    fetcher: &BlobStore,
+    id: &ContentId,
+    indices: impl IntoIterator<Item = u64>,
+) {
+    for index in indices {
+        let chunk = holder.read_chunk(id, index).unwrap();
+        fetcher.write_chunk(id, index, &chunk).unwrap();
+    }
 }
 
 fn hex(id: &ContentId) -> String {
