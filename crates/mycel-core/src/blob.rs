@@ -14,6 +14,7 @@
 //! its manifest blob.
 
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
+use serde::{Deserialize, Serialize};
 
 use crate::id::ContentId;
 
@@ -25,6 +26,67 @@ pub const MANIFEST_MAGIC: &[u8] = b"mycel-manifest-v1\n";
 
 /// Paths in a manifest are at most this long.
 pub const MAX_PATH_BYTES: usize = 4096;
+
+/// Chunks asked for in one request of the blob protocol.
+pub const MAX_CHUNKS_PER_REQUEST: usize = 64;
+
+/// Largest request frame of the blob protocol.
+pub const MAX_BLOB_REQUEST_BYTES: usize = 8 * 1024;
+
+/// Largest answer frame of the blob protocol: an outboard of up to 32 MiB (a blob of 256 GiB)
+/// or one chunk.
+pub const MAX_BLOB_FRAME_BYTES: usize = 32 * 1024 * 1024 + 64;
+
+/// A request of the blob protocol `/mycel/blob/1`: one per stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobRequest {
+    /// The blob's size and chunk hashes ([`Outboard::to_bytes`]).
+    Outboard {
+        /// The blob.
+        id: ContentId,
+    },
+    /// The bytes of some chunks, answered in the order asked.
+    Chunks {
+        /// The blob.
+        id: ContentId,
+        /// Chunk indices: 1 to [`MAX_CHUNKS_PER_REQUEST`].
+        chunks: Vec<u64>,
+    },
+}
+
+impl BlobRequest {
+    /// Checks the protocol's bounds.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Self::Outboard { .. } => Ok(()),
+            Self::Chunks { chunks, .. } if chunks.is_empty() => Err("no chunks asked for".into()),
+            Self::Chunks { chunks, .. } if chunks.len() > MAX_CHUNKS_PER_REQUEST => Err(format!(
+                "{} chunks asked for; at most {MAX_CHUNKS_PER_REQUEST}",
+                chunks.len()
+            )),
+            Self::Chunks { .. } => Ok(()),
+        }
+    }
+}
+
+/// An answer frame of the blob protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobFrame {
+    /// [`Outboard::to_bytes`] of the blob asked for.
+    Outboard(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// One chunk's bytes.
+    Chunk {
+        /// Its index.
+        index: u64,
+        /// Its bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// This node does not hold the blob (whole).
+    NotFound,
+    /// The request broke the protocol.
+    Refused(String),
+}
 
 /// Chunks of a blob of `size` bytes (an empty blob has one, empty).
 pub fn chunk_count(size: u64) -> u64 {

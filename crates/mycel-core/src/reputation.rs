@@ -31,7 +31,7 @@ impl Default for Config {
 /// How much a rejection costs the sender.
 pub fn penalty(reason: Rejection) -> f64 {
     match reason {
-        Rejection::BadSignature => 25.0,
+        Rejection::BadSignature | Rejection::Corrupt => 25.0,
         Rejection::Oversized | Rejection::Malformed => 20.0,
         Rejection::FromFuture => 5.0,
         Rejection::Replayed => 2.0,

@@ -34,11 +34,14 @@ pub enum Rejection {
     /// The sender's reputation fell below the ban threshold.
     #[error("sender is banned")]
     Banned,
+    /// Content that does not match the hash it was sent under.
+    #[error("content does not match its hash")]
+    Corrupt,
 }
 
 impl Rejection {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 9] = [
         Self::Oversized,
         Self::Malformed,
         Self::BadSignature,
@@ -47,6 +50,7 @@ impl Rejection {
         Self::FromFuture,
         Self::RateLimited,
         Self::Banned,
+        Self::Corrupt,
     ];
 
     /// A short, stable label (used in metrics and logs).
@@ -60,6 +64,7 @@ impl Rejection {
             Self::FromFuture => "from_future",
             Self::RateLimited => "rate_limited",
             Self::Banned => "banned",
+            Self::Corrupt => "corrupt",
         }
     }
 }
@@ -67,9 +72,14 @@ impl Rejection {
 /// Encodes `value` as CBOR.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
-    // Writing into a Vec cannot fail for I/O reasons, and our types serialize infallibly.
-    ciborium::into_writer(value, &mut out).expect("CBOR encoding into a Vec does not fail");
+    encode_into(value, &mut out);
     out
+}
+
+/// Appends the CBOR of `value` to `out`.
+pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) {
+    // Writing into a Vec cannot fail for I/O reasons, and our types serialize infallibly.
+    ciborium::into_writer(value, out).expect("CBOR encoding into a Vec does not fail");
 }
 
 /// Decodes CBOR bytes that came from outside, refusing inputs longer than `max_len`.

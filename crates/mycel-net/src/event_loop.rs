@@ -32,6 +32,9 @@ use crate::protocol::{
     MAX_SYNC_STATEMENTS, STATEMENTS_TOPIC,
 };
 
+/// Providers that answer a lookup before its query has ended.
+const ENOUGH_PROVIDERS: usize = 4;
+
 /// Addresses remembered per peer.
 const MAX_ADDRS_PER_PEER: usize = 8;
 /// Anti-entropy syncs in flight at once.
@@ -98,8 +101,8 @@ pub(crate) struct EventLoop {
     dial_failures: u64,
     /// Content ids this node announces as a DHT provider of.
     providing: HashSet<kad::RecordKey>,
-    /// Provider lookups in flight and who asked.
-    provider_queries: HashMap<kad::QueryId, oneshot::Sender<Vec<PeerId>>>,
+    /// Provider lookups in flight: who asked, and the providers found so far.
+    provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<PeerId>>, HashSet<PeerId>)>,
 }
 
 impl EventLoop {
@@ -829,7 +832,7 @@ impl EventLoop {
                     return;
                 };
                 let query = kad.get_providers(kad::RecordKey::new(&id.to_string()));
-                self.provider_queries.insert(query, reply);
+                self.provider_queries.insert(query, (reply, HashSet::new()));
             }
             Command::Shutdown => {}
         }
@@ -855,6 +858,23 @@ impl EventLoop {
         self.providing = wanted;
     }
 
+    /// Answers the provider lookup `id` with what it found and ends the query.
+    fn answer_providers(&mut self, id: kad::QueryId) {
+        let Some((reply, found)) = self.provider_queries.remove(&id) else {
+            return;
+        };
+        let _ = reply.send(found.into_iter().collect());
+        if let Some(mut query) = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .as_mut()
+            .and_then(|k| k.query_mut(&id))
+        {
+            query.finish();
+        }
+    }
+
     fn on_kad_event(&mut self, event: kad::Event) {
         let kad::Event::OutboundQueryProgressed {
             id, result, step, ..
@@ -866,28 +886,20 @@ impl EventLoop {
             kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
                 providers,
                 ..
-            })) if !providers.is_empty() => {
-                // The first providers found answer the lookup; a router needs candidates
-                // now, not the complete list. (Every peer's answer is reported, also the
-                // answers of peers that know no provider: those do not end the lookup.)
-                if let Some(reply) = self.provider_queries.remove(&id) {
-                    let _ = reply.send(providers.into_iter().collect());
-                    if let Some(mut query) = self
-                        .swarm
-                        .behaviour_mut()
-                        .kad
-                        .as_mut()
-                        .and_then(|k| k.query_mut(&id))
-                    {
-                        query.finish();
-                    }
+            })) => {
+                // Every peer's answer is reported, also the answers of peers that know no
+                // provider. The lookup is answered when the query ends, or as soon as enough
+                // providers are known: a router or a fetch needs candidates now, not the
+                // complete list, but a fetch wants several to pull from at once.
+                let Some((_, found)) = self.provider_queries.get_mut(&id) else {
+                    return;
+                };
+                found.extend(providers);
+                if found.len() >= ENOUGH_PROVIDERS || step.last {
+                    self.answer_providers(id);
                 }
             }
-            kad::QueryResult::GetProviders(_) if step.last => {
-                if let Some(reply) = self.provider_queries.remove(&id) {
-                    let _ = reply.send(Vec::new());
-                }
-            }
+            kad::QueryResult::GetProviders(_) if step.last => self.answer_providers(id),
             kad::QueryResult::StartProviding(Err(e)) => debug!("providing failed: {e}"),
             _ => {}
         }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use mycel_core::id::ContentId;
 use mycel_core::membership::PeerInfo;
 use mycel_core::statement::Capabilities;
@@ -315,11 +315,15 @@ impl NetHandle {
         self.ask(|tx| Command::Dial(addr, tx)).await?
     }
 
-    /// Opens a task stream to `peer` (dialling it if need be).
-    pub async fn open_task_stream(&self, peer: PeerId) -> Result<Stream, NetError> {
+    /// Opens a stream of `protocol` to `peer` (dialling it if need be).
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, NetError> {
         let mut control = self.streams.0.clone();
         control
-            .open_stream(peer, TASK_PROTOCOL)
+            .open_stream(peer, protocol)
             .await
             .map_err(|e| NetError::Request {
                 peer,
@@ -327,12 +331,22 @@ impl NetHandle {
             })
     }
 
-    /// Task streams opened by peers. Only one part of the node may accept them.
-    pub fn accept_task_streams(&self) -> Result<IncomingStreams, NetError> {
+    /// Streams of `protocol` opened by peers. Only one part of the node may accept them.
+    pub fn accept_streams(&self, protocol: StreamProtocol) -> Result<IncomingStreams, NetError> {
         let mut control = self.streams.0.clone();
         control
-            .accept(TASK_PROTOCOL)
-            .map_err(|_| NetError::Other("task streams are already being accepted".into()))
+            .accept(protocol.clone())
+            .map_err(|_| NetError::Other(format!("{protocol} streams are already being accepted")))
+    }
+
+    /// Opens a task stream to `peer` (dialling it if need be).
+    pub async fn open_task_stream(&self, peer: PeerId) -> Result<Stream, NetError> {
+        self.open_stream(peer, TASK_PROTOCOL).await
+    }
+
+    /// Task streams opened by peers. Only one part of the node may accept them.
+    pub fn accept_task_streams(&self) -> Result<IncomingStreams, NetError> {
+        self.accept_streams(TASK_PROTOCOL)
     }
 
     /// Counts misbehaviour seen outside the event loop (a malformed task, a bad result)

@@ -1,8 +1,12 @@
-//! The inference task protocol `/mycel/task/1`: one raw stream per task attempt, carrying
-//! length-prefixed CBOR frames (`mycel_core::task`): the requester's one request, then the
-//! worker's chunks and its final answer. Raw streams (libp2p-stream) rather than
-//! request-response, so that generated tokens travel as they are made and the event loop is
-//! not on the data path.
+//! Protocols on raw streams (libp2p-stream), carrying length-prefixed CBOR frames:
+//! - the inference task protocol `/mycel/task/1`: one stream per task attempt, the
+//!   requester's one request (`mycel_core::task`), then the worker's chunks and its final
+//!   answer;
+//! - the blob protocol `/mycel/blob/1`: one stream per request (`mycel_core::blob`), answered
+//!   by an outboard or by the chunks asked for, one frame each.
+//!
+//! Raw streams rather than request-response, so that tokens and chunks travel as they are
+//! made and the event loop is not on the data path.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
@@ -12,6 +16,9 @@ use serde::Serialize;
 
 /// Protocol name of inference tasks.
 pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/task/1");
+
+/// Protocol name of blob transfers.
+pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/blob/1");
 
 pub use libp2p::Stream;
 pub use libp2p_stream::IncomingStreams;
@@ -32,12 +39,12 @@ pub async fn write_frame<T: Serialize>(
     io: &mut (impl AsyncWrite + Unpin),
     value: &T,
 ) -> std::io::Result<()> {
-    let body = wire::encode(value);
-    let len = u32::try_from(body.len())
+    // The length prefix is written in place of 4 reserved bytes: one buffer, one write.
+    let mut frame = vec![0u8; 4];
+    wire::encode_into(value, &mut frame);
+    let len = u32::try_from(frame.len() - 4)
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(&body);
+    frame[..4].copy_from_slice(&len.to_le_bytes());
     io.write_all(&frame).await?;
     io.flush().await
 }

@@ -7,6 +7,7 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 mod api;
+pub mod blobs;
 pub mod inference;
 pub mod models;
 mod openai;
@@ -22,8 +23,9 @@ use mycel_ml::Engine;
 use mycel_net::{
     Limits, Multiaddr, NetConfig, NetEvent, NetHandle, Registry, Timing, TransportKind,
 };
-use mycel_store::{KnownPeer, Store};
+use mycel_store::{BlobStore, KnownPeer, Store};
 
+use crate::blobs::{BlobConfig, BlobService};
 use crate::inference::{Inference, RouterConfig};
 use crate::models::ModelService;
 use tokio::task::JoinHandle;
@@ -67,6 +69,8 @@ pub struct NodeConfig {
     pub max_queue: usize,
     /// How inference tasks are routed.
     pub router: RouterConfig,
+    /// How blobs are kept, served and fetched.
+    pub blobs: BlobConfig,
 }
 
 impl NodeConfig {
@@ -89,6 +93,7 @@ impl NodeConfig {
             engine: Engine::default(),
             max_queue: models::DEFAULT_MAX_QUEUE,
             router: RouterConfig::default(),
+            blobs: BlobConfig::default(),
         }
     }
 }
@@ -108,6 +113,8 @@ pub struct Node {
     pub models: Arc<ModelService>,
     /// Routes inference tasks and runs those peers send.
     pub inference: Arc<Inference>,
+    /// Holds, serves and fetches blobs.
+    pub blobs: Arc<BlobService>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -180,9 +187,26 @@ impl Node {
         ));
         let incoming = net.accept_task_streams()?;
         tasks.push(tokio::spawn(inference.clone().serve(incoming)));
-        // Provider records let nodes that have not heard our announcement find the models.
-        net.provide(models.offers().iter().map(|o| o.id).collect())
-            .await?;
+        let blob_dir = dir.join("blobs");
+        let quota = config.blobs.quota;
+        let blob_store = tokio::task::spawn_blocking(move || BlobStore::open(&blob_dir, quota))
+            .await
+            .context("opening the blob store")??;
+        let blobs = Arc::new(BlobService::new(
+            Arc::new(blob_store),
+            net.clone(),
+            config.blobs.clone(),
+        ));
+        tasks.push(tokio::spawn(
+            blobs
+                .clone()
+                .serve(net.accept_streams(mycel_net::task::BLOB_PROTOCOL)?),
+        ));
+        // Provider records let nodes that have not heard our announcement find the models,
+        // and every node find the blobs held here.
+        blobs
+            .provide_also(models.offers().iter().map(|o| o.id))
+            .await;
         tasks.push(tokio::spawn(persist_peers(store.clone(), events)));
         tasks.push(tokio::spawn(refresh_capabilities(
             net.clone(),
@@ -219,6 +243,7 @@ impl Node {
             data_dir: dir,
             models,
             inference,
+            blobs,
             tasks,
         })
     }

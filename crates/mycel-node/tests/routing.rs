@@ -18,7 +18,7 @@ use mycel_core::task::{
 use mycel_ml::fixtures::{write_llama, write_tiny_bert, write_tiny_llama, LlamaShape};
 use mycel_ml::{ChatMessage, Engine, GenerateParams};
 use mycel_net::task::{read_frame, write_frame};
-use mycel_net::{Multiaddr, NetConfig, NetHandle, Registry};
+use mycel_net::{Multiaddr, NetHandle};
 use mycel_node::inference::{RouteError, Target};
 use mycel_node::models::{load_model, Runner, Served};
 use mycel_node::Node;
@@ -400,15 +400,7 @@ async fn a_malformed_task_is_refused_costs_its_sender_and_the_worker_keeps_servi
 /// A real libp2p peer that accepts task streams, reads each request, reports its id and
 /// never answers: a worker stuck behind something else.
 async fn staller(bootstrap: Vec<Multiaddr>) -> (NetHandle, mpsc::UnboundedReceiver<TaskId>) {
-    let mut config = NetConfig::new(mycel_core::Keypair::generate_ed25519());
-    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    config.bootstrap = bootstrap;
-    config.mdns = false;
-    config.timing = common::fast_timing();
-    let (net, _events, _task) =
-        mycel_net::spawn(config, Box::new(|floor| floor), &mut Registry::default())
-            .await
-            .unwrap();
+    let net = common::raw_peer(bootstrap).await;
     let mut incoming = net.accept_task_streams().unwrap();
     let (seen, received) = mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use libp2p::multiaddr::Protocol;
-use mycel_net::{Multiaddr, Timing};
+use mycel_net::{Multiaddr, NetConfig, NetHandle, Registry, Timing};
 use mycel_node::{Node, NodeConfig};
 
 /// Timing short enough for tests to see announcements, failures and syncs quickly.
@@ -94,4 +94,19 @@ pub async fn wait_converged(nodes: &[Node], limit: Duration) {
         },
     )
     .await;
+}
+
+/// A bare libp2p peer on 127.0.0.1 (no node behind it), for tests that need a peer which
+/// misbehaves: it answers whatever protocol the test accepts on it, however the test likes.
+pub async fn raw_peer(bootstrap: Vec<Multiaddr>) -> NetHandle {
+    let mut config = NetConfig::new(mycel_core::Keypair::generate_ed25519());
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    config.bootstrap = bootstrap;
+    config.mdns = false;
+    config.timing = fast_timing();
+    let (net, _events, _task) =
+        mycel_net::spawn(config, Box::new(|floor| floor), &mut Registry::default())
+            .await
+            .unwrap();
+    net
 }

@@ -1,0 +1,546 @@
+//! Blobs across the network: this node serves the blobs it holds over `/mycel/blob/1`,
+//! announces itself as their DHT provider, and fetches blobs it lacks from every provider at
+//! once.
+//!
+//! A fetch first takes the blob's outboard (chunk hashes) from a provider and checks that it
+//! adds up to the content id; the store then reserves the room. Each provider then gets its
+//! own workers that take the next missing chunks from a shared queue, a few per request:
+//! faster providers take more. Every chunk is verified before a byte of it is written; a
+//! provider that sends a bad one is penalised and dropped from the fetch, and its chunks go
+//! back to the queue. A provider that fails or vanishes gives its chunks back too. When the
+//! queue is empty but chunks are still missing, the providers are looked up again until the
+//! deadline, so a fetch outlives providers that restart, and a fetch cut short (even by a
+//! crash of this node) resumes from the chunks already verified.
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use mycel_core::blob::{
+    BlobFrame, BlobRequest, Outboard, TreeError, MAX_BLOB_FRAME_BYTES, MAX_BLOB_REQUEST_BYTES,
+};
+use mycel_core::id::ContentId;
+use mycel_core::wire::Rejection;
+use mycel_net::task::{
+    read_frame, write_frame, FrameError, IncomingStreams, Stream, BLOB_PROTOCOL,
+};
+use mycel_net::{now_ms, NetHandle, PeerId};
+use mycel_store::{BlobError, BlobInfo, BlobStore};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+/// How blobs are kept, served and fetched.
+#[derive(Debug, Clone)]
+pub struct BlobConfig {
+    /// Bytes the store may hold.
+    pub quota: u64,
+    /// Bytes per second this node uploads at most, to all peers together; `None`: no limit.
+    pub upload_limit: Option<u64>,
+    /// How long a fetch keeps trying before it gives up.
+    pub fetch_deadline: Duration,
+    /// Chunks asked for in one request.
+    pub chunks_per_request: usize,
+    /// Requests in flight to one provider at once.
+    pub streams_per_provider: usize,
+    /// How long one request may go without an answer frame.
+    pub request_timeout: Duration,
+}
+
+impl Default for BlobConfig {
+    fn default() -> Self {
+        Self {
+            quota: 64 * 1024 * 1024 * 1024,
+            upload_limit: None,
+            fetch_deadline: Duration::from_secs(600),
+            chunks_per_request: 8,
+            streams_per_provider: 2,
+            request_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The store refused (quota, disk).
+    #[error(transparent)]
+    Store(#[from] BlobError),
+    /// Nobody supplied the blob before the deadline.
+    #[error("{id} could not be fetched in {secs} s: {reason}")]
+    Unavailable {
+        /// The blob.
+        id: ContentId,
+        /// The deadline.
+        secs: u64,
+        /// What was seen.
+        reason: String,
+    },
+}
+
+/// Bytes of a fetch done so far, for progress bars.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes verified and stored (including those a resumed fetch already had).
+    pub done: AtomicU64,
+    /// The blob's size, once its outboard is known.
+    pub total: AtomicU64,
+}
+
+/// What the blob service has done since the node started.
+#[derive(Debug, Default)]
+pub struct BlobStats {
+    /// Chunks sent to peers.
+    pub chunks_served: AtomicU64,
+    /// Chunks received, verified and stored.
+    pub chunks_fetched: AtomicU64,
+    /// Chunks received that failed verification.
+    pub chunks_refused: AtomicU64,
+}
+
+/// The blob service of one node.
+#[derive(Debug)]
+pub struct BlobService {
+    /// Counters.
+    pub stats: BlobStats,
+    store: Arc<BlobStore>,
+    net: NetHandle,
+    config: BlobConfig,
+    /// When the upload budget is next free (uploads are paced to `upload_limit`).
+    upload_free_at: Mutex<Instant>,
+    /// Ids provided besides the blobs in the store (the models this node serves).
+    also_provided: Mutex<BTreeSet<ContentId>>,
+}
+
+impl BlobService {
+    /// The service over `store`.
+    pub fn new(store: Arc<BlobStore>, net: NetHandle, config: BlobConfig) -> Self {
+        Self {
+            stats: BlobStats::default(),
+            store,
+            net,
+            config,
+            upload_free_at: Mutex::new(Instant::now()),
+            also_provided: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<BlobStore> {
+        &self.store
+    }
+
+    /// Provides `ids` in the DHT too, beside the blobs held.
+    pub async fn provide_also(&self, ids: impl IntoIterator<Item = ContentId>) {
+        self.also_provided
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ids);
+        self.announce().await;
+    }
+
+    /// Brings the DHT provider records in line with the blobs held.
+    pub async fn announce(&self) {
+        let store = self.store.clone();
+        let held = tokio::task::spawn_blocking(move || store.entries())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let mut ids: BTreeSet<ContentId> = held.iter().map(|b| b.id).collect();
+        ids.extend(
+            self.also_provided
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter(),
+        );
+        if self.net.provide(ids.into_iter().collect()).await.is_err() {
+            debug!("the network stopped; provider records not updated");
+        }
+    }
+
+    /// Runs `f` on the store off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&BlobStore) -> Result<T, BlobError> + Send + 'static,
+    ) -> Result<T, BlobError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .unwrap_or_else(|e| Err(BlobError::Index(format!("store task failed: {e}"))))
+    }
+
+    /// Imports a file or directory (pinned) and provides it.
+    pub async fn import_path(&self, path: &Path, pin: bool) -> Result<ContentId, BlobError> {
+        let path = path.to_path_buf();
+        let id = self
+            .blocking(move |s| s.import_path(&path, now_ms(), pin))
+            .await?;
+        self.announce().await;
+        Ok(id)
+    }
+
+    // ---- serving -----------------------------------------------------------------------
+
+    /// Answers the blob streams peers open, until the network stops.
+    pub async fn serve(self: Arc<Self>, mut incoming: IncomingStreams) {
+        while let Some((peer, stream)) = incoming.next().await {
+            let service = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = service.answer(peer, stream).await {
+                    debug!(%peer, "blob request ended: {e}");
+                }
+            });
+        }
+    }
+
+    async fn answer(&self, peer: PeerId, mut stream: Stream) -> std::io::Result<()> {
+        let request = match read_frame::<BlobRequest>(&mut stream, MAX_BLOB_REQUEST_BYTES).await {
+            Ok(Some(request)) => request,
+            Ok(None) => return Ok(()),
+            Err(FrameError::Io(e)) => return Err(e),
+            Err(FrameError::Rejected(reason)) => {
+                self.net.penalise(peer, reason).await;
+                let refusal = BlobFrame::Refused(format!("bad request: {reason}"));
+                return write_frame(&mut stream, &refusal).await;
+            }
+        };
+        if let Err(reason) = request.check() {
+            self.net.penalise(peer, Rejection::Malformed).await;
+            return write_frame(&mut stream, &BlobFrame::Refused(reason)).await;
+        }
+        match request {
+            BlobRequest::Outboard { id } => {
+                let outboard = self
+                    .blocking(move |s| match s.info(&id)? {
+                        Some(_) => s.outboard(&id),
+                        None => Ok(None),
+                    })
+                    .await;
+                let frame = match outboard {
+                    Ok(Some(outboard)) => BlobFrame::Outboard(outboard.to_bytes()),
+                    _ => BlobFrame::NotFound,
+                };
+                write_frame(&mut stream, &frame).await
+            }
+            BlobRequest::Chunks { id, chunks } => {
+                for index in chunks {
+                    let data = self.blocking(move |s| s.read_chunk(&id, index)).await;
+                    let frame = match data {
+                        Ok(data) => {
+                            self.pace(data.len() as u64).await;
+                            BlobFrame::Chunk { index, data }
+                        }
+                        Err(BlobError::NotFound(_)) => BlobFrame::NotFound,
+                        Err(BlobError::Tree(e)) => BlobFrame::Refused(e.to_string()),
+                        Err(e) => {
+                            warn!("cannot read a chunk of {id}: {e}");
+                            BlobFrame::NotFound
+                        }
+                    };
+                    let last = !matches!(frame, BlobFrame::Chunk { .. });
+                    write_frame(&mut stream, &frame).await?;
+                    if last {
+                        break;
+                    }
+                    self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
+                }
+                futures::AsyncWriteExt::close(&mut stream).await
+            }
+        }
+    }
+
+    /// Waits until `bytes` more fit the upload limit.
+    async fn pace(&self, bytes: u64) {
+        let Some(rate) = self.config.upload_limit.filter(|r| *r > 0) else {
+            return;
+        };
+        let start = {
+            let mut free_at = self
+                .upload_free_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let start = (*free_at).max(Instant::now());
+            *free_at = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+
+    // ---- fetching ----------------------------------------------------------------------
+
+    /// Fetches blob `id` unless it is here, from the DHT's providers and `hints`; pinned
+    /// when `pin`. Progress goes to `progress`.
+    pub async fn fetch(
+        &self,
+        id: ContentId,
+        hints: &[PeerId],
+        pin: bool,
+        progress: &Progress,
+    ) -> Result<BlobInfo, FetchError> {
+        if let Some(blob) = self.blocking(move |s| s.info(&id)).await? {
+            progress.total.store(blob.size, Ordering::Relaxed);
+            progress.done.store(blob.size, Ordering::Relaxed);
+            if pin && !blob.pinned {
+                self.blocking(move |s| s.set_pinned(&id, true)).await?;
+            }
+            return Ok(blob);
+        }
+        let deadline = Instant::now() + self.config.fetch_deadline;
+        let own = self.net.peer_id();
+        let mut excluded: HashSet<PeerId> = HashSet::new();
+        let mut last_problem = "no provider found".to_owned();
+        let mut outboard: Option<Outboard> = None;
+        while Instant::now() < deadline {
+            let mut providers: Vec<PeerId> = hints.to_vec();
+            let lookup = self.net.find_providers(id);
+            if let Ok(Ok(found)) = tokio::time::timeout(Duration::from_secs(5), lookup).await {
+                providers.extend(found);
+            }
+            let mut seen = HashSet::new();
+            providers.retain(|p| *p != own && !excluded.contains(p) && seen.insert(*p));
+            if providers.is_empty() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+            if outboard.is_none() {
+                for peer in &providers {
+                    match self.outboard_from(*peer, id).await {
+                        Ok(Some(found)) => {
+                            let candidate = found.clone();
+                            match self.blocking(move |s| s.begin_fetch(&id, &candidate)).await {
+                                Ok(_) => {
+                                    outboard = Some(found);
+                                    break;
+                                }
+                                Err(BlobError::Tree(e)) => {
+                                    last_problem = format!("{peer} sent chunk hashes that do not belong to the blob ({e})");
+                                    self.net.penalise(*peer, Rejection::Corrupt).await;
+                                    excluded.insert(*peer);
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        Ok(None) => last_problem = format!("{peer} does not hold it"),
+                        Err(e) => last_problem = e,
+                    }
+                }
+            }
+            let Some(outboard) = &outboard else {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            };
+            let missing = self
+                .blocking(move |s| s.missing(&id))
+                .await?
+                .unwrap_or_default();
+            progress.total.store(outboard.size, Ordering::Relaxed);
+            let missing_bytes: u64 = missing
+                .iter()
+                .map(|i| mycel_core::blob::chunk_len(outboard.size, *i))
+                .sum();
+            progress
+                .done
+                .store(outboard.size - missing_bytes, Ordering::Relaxed);
+            if !missing.is_empty() {
+                let queue = Mutex::new(missing.into_iter().collect::<VecDeque<u64>>());
+                let workers = providers
+                    .iter()
+                    .filter(|p| !excluded.contains(p))
+                    .flat_map(|peer| {
+                        (0..self.config.streams_per_provider)
+                            .map(|_| self.pull(*peer, id, &queue, progress))
+                    });
+                let outcomes = futures::future::join_all(workers).await;
+                for (peer, outcome) in outcomes {
+                    match outcome {
+                        Pulled::Done => {}
+                        Pulled::Failed(reason) => last_problem = reason,
+                        Pulled::Corrupt(index) => {
+                            last_problem = format!("{peer} sent a corrupt chunk {index}");
+                            if excluded.insert(peer) {
+                                self.net.penalise(peer, Rejection::Corrupt).await;
+                            }
+                        }
+                        Pulled::Store(e) => return Err(e.into()),
+                    }
+                }
+            }
+            let left = self
+                .blocking(move |s| s.missing(&id))
+                .await?
+                .unwrap_or_default();
+            if left.is_empty() {
+                let blob = self
+                    .blocking(move |s| s.finish_fetch(&id, now_ms(), pin))
+                    .await?;
+                self.announce().await;
+                return Ok(blob);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Err(FetchError::Unavailable {
+            id,
+            secs: self.config.fetch_deadline.as_secs(),
+            reason: last_problem,
+        })
+    }
+
+    /// Fetches `id` and, when it is a manifest, every file it lists.
+    pub async fn fetch_tree(
+        &self,
+        id: ContentId,
+        hints: &[PeerId],
+        pin: bool,
+        progress: &Progress,
+    ) -> Result<BlobInfo, FetchError> {
+        let root = self.fetch(id, hints, pin, progress).await?;
+        let entries = self.blocking(move |s| s.manifest(&id)).await?;
+        for entry in entries.unwrap_or_default() {
+            let part = Progress::default();
+            self.fetch(entry.id, hints, pin, &part).await?;
+        }
+        Ok(root)
+    }
+
+    async fn outboard_from(&self, peer: PeerId, id: ContentId) -> Result<Option<Outboard>, String> {
+        let ask = async {
+            let mut stream = self
+                .net
+                .open_stream(peer, BLOB_PROTOCOL)
+                .await
+                .map_err(|e| e.to_string())?;
+            write_frame(&mut stream, &BlobRequest::Outboard { id })
+                .await
+                .map_err(|e| e.to_string())?;
+            read_frame::<BlobFrame>(&mut stream, MAX_BLOB_FRAME_BYTES)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.config.request_timeout, ask).await {
+            Err(_) => Err(format!("{peer} did not answer in time")),
+            Ok(Err(e)) => Err(format!("{peer}: {e}")),
+            Ok(Ok(Some(BlobFrame::Outboard(bytes)))) => match Outboard::from_bytes(&bytes) {
+                Ok(outboard) => Ok(Some(outboard)),
+                Err(e) => {
+                    self.net.penalise(peer, Rejection::Malformed).await;
+                    Err(format!("{peer} sent a malformed outboard: {e}"))
+                }
+            },
+            Ok(Ok(_)) => Ok(None),
+        }
+    }
+
+    /// One worker of a fetch: takes chunks from `queue` and pulls them from `peer` until the
+    /// queue is empty or the peer fails; chunks not delivered go back to the queue.
+    async fn pull(
+        &self,
+        peer: PeerId,
+        id: ContentId,
+        queue: &Mutex<VecDeque<u64>>,
+        progress: &Progress,
+    ) -> (PeerId, Pulled) {
+        loop {
+            let batch: Vec<u64> = {
+                let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+                let n = queue.len().min(self.config.chunks_per_request);
+                queue.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return (peer, Pulled::Done);
+            }
+            let mut pending: VecDeque<u64> = batch.iter().copied().collect();
+            let outcome = self
+                .pull_batch(peer, id, batch, &mut pending, progress)
+                .await;
+            if !pending.is_empty() {
+                let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+                queue.extend(pending);
+            }
+            if let Some(outcome) = outcome {
+                return (peer, outcome);
+            }
+        }
+    }
+
+    /// Pulls `batch` from `peer`, removing each verified chunk from `pending`. `None` when the
+    /// whole batch arrived.
+    async fn pull_batch(
+        &self,
+        peer: PeerId,
+        id: ContentId,
+        batch: Vec<u64>,
+        pending: &mut VecDeque<u64>,
+        progress: &Progress,
+    ) -> Option<Pulled> {
+        let timeout = self.config.request_timeout;
+        let opened = tokio::time::timeout(timeout, async {
+            let mut stream = self.net.open_stream(peer, BLOB_PROTOCOL).await?;
+            write_frame(&mut stream, &BlobRequest::Chunks { id, chunks: batch })
+                .await
+                .map_err(|e| mycel_net::NetError::Other(e.to_string()))?;
+            Ok::<_, mycel_net::NetError>(stream)
+        })
+        .await;
+        let mut stream = match opened {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Some(Pulled::Failed(format!("{peer}: {e}"))),
+            Err(_) => return Some(Pulled::Failed(format!("{peer} did not answer in time"))),
+        };
+        while let Some(&expected) = pending.front() {
+            let frame = tokio::time::timeout(
+                timeout,
+                read_frame::<BlobFrame>(&mut stream, MAX_BLOB_FRAME_BYTES),
+            )
+            .await;
+            let (index, data) = match frame {
+                Ok(Ok(Some(BlobFrame::Chunk { index, data }))) if index == expected => {
+                    (index, data)
+                }
+                Ok(Ok(Some(BlobFrame::Chunk { index, .. }))) => {
+                    // Not the chunk asked for next: as bad as a corrupt one.
+                    return Some(Pulled::Corrupt(index));
+                }
+                Ok(Ok(Some(BlobFrame::Refused(reason)))) => {
+                    return Some(Pulled::Failed(format!("{peer} refused: {reason}")))
+                }
+                Ok(Ok(Some(_) | None)) => {
+                    return Some(Pulled::Failed(format!("{peer} stopped serving {id}")))
+                }
+                Ok(Err(e)) => return Some(Pulled::Failed(format!("{peer}: {e}"))),
+                Err(_) => return Some(Pulled::Failed(format!("{peer} stalled"))),
+            };
+            let len = data.len() as u64;
+            match self
+                .blocking(move |s| s.write_chunk(&id, index, &data))
+                .await
+            {
+                Ok(()) => {
+                    pending.pop_front();
+                    progress.done.fetch_add(len, Ordering::Relaxed);
+                    self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(BlobError::Tree(TreeError::Chunk(_) | TreeError::Index { .. })) => {
+                    self.stats.chunks_refused.fetch_add(1, Ordering::Relaxed);
+                    return Some(Pulled::Corrupt(index));
+                }
+                Err(e) => return Some(Pulled::Store(e)),
+            }
+        }
+        None
+    }
+}
+
+/// How a fetch worker ended.
+enum Pulled {
+    /// The queue ran dry.
+    Done,
+    /// The provider failed (stream error, timeout, refusal).
+    Failed(String),
+    /// The provider sent a chunk that does not verify.
+    Corrupt(u64),
+    /// The local store failed.
+    Store(BlobError),
+}
