@@ -11,7 +11,7 @@ use serde_json::Value;
 pub(crate) struct ClientArgs {
     /// Address of the node's API.
     #[arg(long, default_value = "127.0.0.1:7878")]
-    api: String,
+    pub(crate) api: String,
     /// Bearer token [default: $MYCEL_TOKEN, else api.token in --data-dir]
     #[arg(long)]
     token: Option<String>,
@@ -21,11 +21,11 @@ pub(crate) struct ClientArgs {
     data_dir: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 impl ClientArgs {
-    fn token(&self) -> anyhow::Result<String> {
+    pub(crate) fn token(&self) -> anyhow::Result<String> {
         if let Some(token) = &self.token {
             return Ok(token.clone());
         }
@@ -48,7 +48,7 @@ impl ClientArgs {
             })
     }
 
-    fn get(&self, path: &str) -> anyhow::Result<Value> {
+    pub(crate) fn get(&self, path: &str) -> anyhow::Result<Value> {
         let token = self.token()?;
         let url = format!("http://{}{path}", self.api);
         let response = ureq::get(&url)
@@ -64,6 +64,62 @@ impl ClientArgs {
                 "cannot reach a node API at {} ({e}); is `mycel node` running? Pass --api HOST:PORT if it listens elsewhere",
                 self.api
             ),
+        }
+    }
+
+    /// An HTTP agent that hands back error statuses as responses (for [`ClientArgs::expect`]).
+    pub(crate) fn agent(&self) -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
+    /// `http://<api><path>`.
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// The `Authorization` header's value.
+    pub(crate) fn auth(&self) -> anyhow::Result<String> {
+        Ok(format!("Bearer {}", self.token()?))
+    }
+
+    /// The response if it has the `expected` status; else the node's refusal, or advice when
+    /// the node could not be reached.
+    pub(crate) fn expect(
+        &self,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        expected: u16,
+    ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        let mut response = response.with_context(|| self.unreachable())?;
+        let status = response.status().as_u16();
+        if status != expected {
+            return Err(self.refusal(status, &mut response));
+        }
+        Ok(response)
+    }
+
+    /// The advice for a node that cannot be reached.
+    pub(crate) fn unreachable(&self) -> String {
+        format!(
+            "cannot reach a node API at {}; is `mycel node` running? Pass --api HOST:PORT if it \
+             listens elsewhere",
+            self.api
+        )
+    }
+
+    /// The error for a non-success `status`, with the API's own message.
+    pub(crate) fn refusal(
+        &self,
+        status: u16,
+        response: &mut ureq::http::Response<ureq::Body>,
+    ) -> anyhow::Error {
+        let answer: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+        let message = answer["error"]["message"].as_str().unwrap_or("no details");
+        match status {
+            401 => anyhow::anyhow!("the node at {} refused the token (401); use the token from its data directory's api.token", self.api),
+            _ => anyhow::anyhow!("the node at {} answered {status}: {message}", self.api),
         }
     }
 

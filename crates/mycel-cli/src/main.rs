@@ -1,6 +1,7 @@
 //! `mycel`: run a node, a local network, query a node, benchmark the network.
 
 mod bench;
+mod blobs;
 mod client;
 mod up;
 
@@ -35,6 +36,16 @@ enum Command {
     Embed(client::EmbedArgs),
     /// Chat with a node's generation model; the answer streams to the terminal.
     Chat(client::ChatArgs),
+    /// Store a file or directory on a node; prints its content id.
+    Put(blobs::PutArgs),
+    /// Fetch a blob (a file, or a directory's manifest and files) from the network to a path.
+    Get(blobs::GetArgs),
+    /// Pin a blob on a node (never evicted).
+    Pin(blobs::CidArgs),
+    /// Unpin a blob (evicted when the node needs room).
+    Unpin(blobs::CidArgs),
+    /// List the blobs a node holds.
+    Blobs(client::ClientArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -65,7 +76,8 @@ struct NodeArgs {
     #[arg(long)]
     open_metrics: bool,
     /// A model to serve (repeatable): a .gguf file (chat) or a directory with config.json,
-    /// model.safetensors and tokenizer.json (embeddings).
+    /// model.safetensors and tokenizer.json (embeddings); `hf:ORG/REPO[/FILE]` from the
+    /// Hugging Face hub; or a content id (blake3:...) fetched from the network's peers.
     #[arg(long = "model", value_name = "PATH")]
     models: Vec<PathBuf>,
     /// How generation models run: q4 (our SIMD kernels on the file's Q4_1/Q8_0 blocks: the
@@ -93,6 +105,42 @@ struct NodeArgs {
     /// Root of the /sys tree power state is read from.
     #[arg(long, default_value = "/sys", hide = true)]
     sys_root: PathBuf,
+    /// Most bytes of blobs kept (e.g. 500MiB, 64GiB); unpinned blobs are evicted least
+    /// recently used first to make room.
+    #[arg(long, default_value = "64GiB", value_parser = parse_bytes)]
+    blob_quota: u64,
+    /// Most bytes per second uploaded to peers (e.g. 20MiB); unlimited when not given.
+    #[arg(long, value_parser = parse_bytes)]
+    upload_limit: Option<u64>,
+}
+
+/// A byte count: a number with an optional unit (B, KB, MB, GB, TB or KiB, MiB, GiB, TiB).
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; write e.g. 500MiB or 2GB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1000,
+        "mb" | "m" => 1000u64.pow(2),
+        "gb" | "g" => 1000u64.pow(3),
+        "tb" | "t" => 1000u64.pow(4),
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?}; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+            ))
+        }
+    };
+    Ok((number * scale as f64) as u64)
 }
 
 pub(crate) fn parse_engine(s: &str) -> Result<mycel_ml::Engine, String> {
@@ -140,9 +188,15 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.api = Some(args.api);
     config.open_metrics = args.open_metrics;
     config.sys_root = args.sys_root;
-    config.models = args.models;
+    let (fetched, paths): (Vec<PathBuf>, Vec<PathBuf>) = args.models.into_iter().partition(|m| {
+        m.to_str()
+            .is_some_and(|m| m.parse::<mycel_core::id::ContentId>().is_ok())
+    });
+    config.models = paths;
     config.engine = args.engine;
     config.max_queue = args.max_queue;
+    config.blobs.quota = args.blob_quota;
+    config.blobs.upload_limit = args.upload_limit;
     config.limits.max_connections = args.max_connections;
     config.limits.max_missed_pings = args.max_missed_pings;
     config.timing.announce_ttl = std::time::Duration::from_secs(args.announce_ttl.max(2));
@@ -167,11 +221,48 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             data_dir.join("api.token").display()
         );
     }
+    for cid in fetched {
+        let id: mycel_core::id::ContentId = cid.to_string_lossy().parse()?;
+        let path = fetch_with_bar(&node, id).await?;
+        node.serve_model(path, args.engine)
+            .await
+            .with_context(|| format!("serving the model {id}"))?;
+        println!("model     {id} fetched and served");
+    }
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
     node.shutdown().await;
     Ok(())
+}
+
+/// Fetches the model blob `id` through `node`, with a progress bar.
+async fn fetch_with_bar(node: &Node, id: mycel_core::id::ContentId) -> anyhow::Result<PathBuf> {
+    use std::sync::atomic::Ordering;
+    let progress = mycel_node::blobs::Progress::default();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("fetching {}", id.short()));
+    let fetch = node.fetch_model(id, &progress);
+    tokio::pin!(fetch);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    let path = loop {
+        tokio::select! {
+            done = &mut fetch => break done,
+            _ = tick.tick() => {
+                bar.set_length(progress.total.load(Ordering::Relaxed));
+                bar.set_position(progress.done.load(Ordering::Relaxed));
+            }
+        }
+    };
+    bar.finish_and_clear();
+    path
 }
 
 fn main() -> std::process::ExitCode {
@@ -203,6 +294,11 @@ fn main() -> std::process::ExitCode {
             Command::Models(args) => client::models(args),
             Command::Embed(args) => client::embed(args),
             Command::Chat(args) => client::chat(args),
+            Command::Put(args) => blobs::put(args),
+            Command::Get(args) => blobs::get(args),
+            Command::Pin(args) => blobs::pin(args),
+            Command::Unpin(args) => blobs::unpin(args),
+            Command::Blobs(args) => blobs::list(args),
             Command::Bench(command) => bench::run(command).await,
         }
     });

@@ -28,19 +28,7 @@ fn node_serves_models_to_the_cli() {
     wait_until(Duration::from_secs(60), "the node serves its API", || {
         node.peer_id().is_some()
     });
-    let run = |args: &[&str]| {
-        let output = Command::new(MYCEL)
-            .args(args)
-            .args(["--api", &api, "--data-dir"])
-            .arg(&node.data_dir)
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| common::run_cli(&node, args);
 
     let (ok, out, err) = run(&["models"]);
     assert!(ok, "{err}");

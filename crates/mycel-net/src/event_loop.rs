@@ -724,20 +724,39 @@ impl EventLoop {
     /// the walk's jitter. Later walks look up a random key.
     fn random_walk(&mut self) {
         if !self.kad_seeded {
-            self.kad_seeded = true;
-            let local = *self.swarm.local_peer_id();
-            let mut known: HashSet<PeerId> = self.addresses.keys().copied().collect();
-            known.extend(self.membership.peers().map(|(peer, _)| *peer));
-            known.remove(&local);
-            for peer in known {
-                let addrs = self.known_addrs(&peer);
-                self.kad_add(peer, &addrs);
-            }
+            self.seed_kad();
             return;
         }
         if self.swarm.connected_peers().next().is_some() {
             if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
                 kad.get_closest_peers(PeerId::random());
+            }
+        }
+    }
+
+    /// Seeds the routing table with every peer known by now (see [`Self::random_walk`]).
+    /// Also done on demand, when the node provides or looks up content before its first walk:
+    /// a node asked for a blob joins the DHT then rather than a minute later. Provider records
+    /// made before the seeding only reached the local store; they are published again.
+    fn seed_kad(&mut self) {
+        if self.kad_seeded {
+            return;
+        }
+        self.kad_seeded = true;
+        let local = *self.swarm.local_peer_id();
+        let mut known: HashSet<PeerId> = self.addresses.keys().copied().collect();
+        known.extend(self.membership.peers().map(|(peer, _)| *peer));
+        known.remove(&local);
+        for peer in known {
+            let addrs = self.known_addrs(&peer);
+            self.kad_add(peer, &addrs);
+        }
+        let providing: Vec<kad::RecordKey> = self.providing.iter().cloned().collect();
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            for key in providing {
+                if let Err(e) = kad.start_providing(key) {
+                    warn!("cannot record a provider record: {e}");
+                }
             }
         }
     }
@@ -825,8 +844,15 @@ impl EventLoop {
             Command::Reputation(peer, reply) => {
                 let _ = reply.send(self.reputation.score(&peer, now_ms()));
             }
-            Command::Provide(ids) => self.provide(ids),
+            Command::Provide(ids) => {
+                let something = !ids.is_empty();
+                self.provide(ids);
+                if something && self.swarm.connected_peers().next().is_some() {
+                    self.seed_kad();
+                }
+            }
             Command::FindProviders(id, reply) => {
+                self.seed_kad();
                 let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() else {
                     let _ = reply.send(Vec::new());
                     return;

@@ -1,4 +1,5 @@
-//! The node's local HTTP API: status, peers and Prometheus metrics, behind a bearer token.
+//! The node's local HTTP API: status, peers, Prometheus metrics, the OpenAI API and the
+//! blob API, behind a bearer token.
 
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use mycel_net::{NetHandle, Registry};
 
+use crate::blob_api;
+use crate::blobs::BlobService;
 use crate::inference::Inference;
 use crate::models::ModelService;
 use crate::openai;
@@ -24,6 +27,7 @@ pub(crate) struct ApiState {
     pub(crate) api_addr: String,
     pub(crate) models: Arc<ModelService>,
     pub(crate) inference: Arc<Inference>,
+    pub(crate) blobs: Arc<BlobService>,
 }
 
 /// An OpenAI-style error body.
@@ -38,7 +42,14 @@ pub(crate) fn router(state: ApiState, open_metrics: bool) -> Router {
         .route("/api/peers", get(peers))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/embeddings", post(openai::embeddings))
-        .route("/v1/chat/completions", post(openai::chat_completions));
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/api/blobs", post(blob_api::upload).get(blob_api::list))
+        .route(
+            "/api/blobs/{cid}",
+            get(blob_api::download).delete(blob_api::unpin),
+        )
+        .route("/api/blobs/{cid}/fetch", post(blob_api::fetch))
+        .route("/api/blobs/{cid}/pin", post(blob_api::pin));
     let guarded = if open_metrics {
         guarded
     } else {

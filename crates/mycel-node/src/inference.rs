@@ -793,9 +793,8 @@ impl Inference {
         request: &TaskRequest,
         stream: &mut Stream,
     ) -> Result<TaskResult, Refusal> {
-        let served = self
-            .models
-            .models()
+        let models = self.models.models();
+        let served = models
             .iter()
             .find(|m| m.offer.id == request.model)
             .ok_or(Refusal::UnknownModel)?;

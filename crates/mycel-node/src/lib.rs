@@ -7,6 +7,7 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 mod api;
+mod blob_api;
 pub mod blobs;
 pub mod inference;
 pub mod models;
@@ -115,6 +116,7 @@ pub struct Node {
     pub inference: Arc<Inference>,
     /// Holds, serves and fetches blobs.
     pub blobs: Arc<BlobService>,
+    sys_root: PathBuf,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -227,6 +229,7 @@ impl Node {
                 api_addr: bound.to_string(),
                 models: models.clone(),
                 inference: inference.clone(),
+                blobs: blobs.clone(),
             };
             let app = api::router(state, config.open_metrics);
             tasks.push(tokio::spawn(async move {
@@ -244,8 +247,59 @@ impl Node {
             models,
             inference,
             blobs,
+            sys_root: config.sys_root.clone(),
             tasks,
         })
+    }
+
+    /// Fetches the model blob `id` (a GGUF file, or a directory's manifest and its files)
+    /// from the network, pinned, and lays it out under `<data dir>/models/` (hard links into
+    /// the blob store, no copies); returns the path to load. `progress` shows the fetch.
+    pub async fn fetch_model(
+        &self,
+        id: mycel_core::id::ContentId,
+        progress: &blobs::Progress,
+    ) -> anyhow::Result<PathBuf> {
+        self.blobs
+            .fetch_tree(id, &[], true, progress)
+            .await
+            .with_context(|| format!("fetching the model {id}"))?;
+        let store = self.blobs.store().clone();
+        let models = self.data_dir.join("models");
+        let hex = id
+            .to_string()
+            .replace(mycel_core::id::CONTENT_ID_PREFIX, "");
+        tokio::task::spawn_blocking(move || -> anyhow::Result<PathBuf> {
+            std::fs::create_dir_all(&models)?;
+            let target = match store.manifest(&id)? {
+                Some(_) => models.join(&hex),
+                None => models.join(format!("{hex}.gguf")),
+            };
+            if !target.exists() {
+                let part = models.join(format!("{hex}.part"));
+                if part.exists() {
+                    let _ = std::fs::remove_dir_all(&part);
+                    let _ = std::fs::remove_file(&part);
+                }
+                store.link_out(&id, &part)?;
+                std::fs::rename(&part, &target)?;
+            }
+            Ok(target)
+        })
+        .await?
+    }
+
+    /// Loads the model at `path` and serves it from now on: announced, provided in the DHT,
+    /// run for local and remote tasks.
+    pub async fn serve_model(&self, path: PathBuf, engine: Engine) -> anyhow::Result<()> {
+        let served =
+            tokio::task::spawn_blocking(move || models::load_model(&path, engine)).await??;
+        let id = served.offer.id;
+        self.models.add(served);
+        self.blobs.provide_also([id]).await;
+        let capabilities = system::read_capabilities(&self.sys_root, &self.models);
+        self.net.refresh_capabilities(capabilities).await?;
+        Ok(())
     }
 
     /// Stops the node cleanly.

@@ -49,7 +49,8 @@ pub enum RunError {
 /// The node's models and their queue.
 #[derive(Debug)]
 pub struct ModelService {
-    models: Vec<Served>,
+    /// The served models: a snapshot replaced whole when one is added.
+    models: std::sync::RwLock<Arc<Vec<Served>>>,
     queue: Arc<Semaphore>,
     max_queue: usize,
     worker: Arc<Semaphore>,
@@ -111,7 +112,7 @@ impl ModelService {
     /// Serves already loaded models.
     pub fn new(models: Vec<Served>, max_queue: usize) -> Self {
         Self {
-            models,
+            models: std::sync::RwLock::new(Arc::new(models)),
             queue: Arc::new(Semaphore::new(max_queue)),
             max_queue,
             worker: Arc::new(Semaphore::new(1)),
@@ -120,19 +121,37 @@ impl ModelService {
 
     /// What to announce.
     pub fn offers(&self) -> Vec<ModelOffer> {
-        self.models.iter().map(|m| m.offer.clone()).collect()
+        self.models().iter().map(|m| m.offer.clone()).collect()
     }
 
-    /// Every served model.
-    pub fn models(&self) -> &[Served] {
-        &self.models
+    /// Every served model (a snapshot).
+    pub fn models(&self) -> Arc<Vec<Served>> {
+        self.models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Serves one more model (a model with the same id and engine is not served twice).
+    pub fn add(&self, served: Served) {
+        let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+        if models
+            .iter()
+            .any(|m| m.offer.id == served.offer.id && m.offer.engine == served.offer.engine)
+        {
+            return;
+        }
+        let mut more = models.as_ref().clone();
+        more.push(served);
+        *models = Arc::new(more);
     }
 
     /// The model called `name`, or whose content id is `name`.
-    pub fn find(&self, name: &str) -> Option<&Served> {
-        self.models
+    pub fn find(&self, name: &str) -> Option<Served> {
+        self.models()
             .iter()
             .find(|m| m.offer.name == name || m.offer.id.to_string() == name)
+            .cloned()
     }
 
     /// Requests waiting or running.

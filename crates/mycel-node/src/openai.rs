@@ -144,7 +144,7 @@ pub(crate) async fn list_models(State(state): State<ApiState>) -> Response {
         })
     };
     let mut models: BTreeMap<String, Value> = BTreeMap::new();
-    for served in state.models.models() {
+    for served in state.models.models().iter() {
         models.insert(served.offer.id.to_string(), entry(&served.offer, true));
     }
     if let Ok(peers) = state.net.peers().await {

@@ -622,6 +622,36 @@ impl BlobStore {
         }
     }
 
+    /// Like [`BlobStore::export`], but with hard links to the stored files instead of copies
+    /// where the file system allows (the blobs should stay pinned: a link outlives eviction,
+    /// but the quota no longer counts it).
+    pub fn link_out(&self, id: &ContentId, path: &Path) -> Result<(), BlobError> {
+        let link = |id: &ContentId, to: &Path| -> Result<(), BlobError> {
+            if self.info(id)?.is_none() {
+                return Err(BlobError::NotFound(*id));
+            }
+            if let Some(parent) = to.parent() {
+                fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+            match fs::hard_link(self.data_path(id), to) {
+                Ok(()) => Ok(()),
+                Err(_) => self.export_file(id, to, 0),
+            }
+        };
+        match self.manifest(id)? {
+            None => link(id, path),
+            Some(entries) => {
+                for entry in entries {
+                    if !safe_path(&entry.path) {
+                        return Err(ManifestError::BadPath(entry.path).into());
+                    }
+                    link(&entry.id, &path.join(&entry.path))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn export_file(&self, id: &ContentId, path: &Path, now: u64) -> Result<(), BlobError> {
         let (mut file, _) = self.open_blob(id, now)?;
         if let Some(parent) = path.parent() {

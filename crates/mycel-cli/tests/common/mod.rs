@@ -107,3 +107,18 @@ pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bo
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Runs `mycel ARGS --api … --data-dir …` against `node`: (success, stdout, stderr).
+pub fn run_cli(node: &NodeProcess, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(MYCEL)
+        .args(args)
+        .args(["--api", &node.api, "--data-dir"])
+        .arg(&node.data_dir)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
