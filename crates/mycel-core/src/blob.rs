@@ -33,8 +33,7 @@ pub const MAX_CHUNKS_PER_REQUEST: usize = 64;
 /// Largest request frame of the blob protocol.
 pub const MAX_BLOB_REQUEST_BYTES: usize = 8 * 1024;
 
-/// Largest answer frame of the blob protocol: an outboard of up to 32 MiB (a blob of 256 GiB)
-/// or one chunk.
+/// Largest answer frame of the blob protocol: an outboard of up to 32 MiB (a blob of 256 GiB).
 pub const MAX_BLOB_FRAME_BYTES: usize = 32 * 1024 * 1024 + 64;
 
 /// A request of the blob protocol `/mycel/blob/1`: one per stream.
@@ -74,13 +73,13 @@ impl BlobRequest {
 pub enum BlobFrame {
     /// [`Outboard::to_bytes`] of the blob asked for.
     Outboard(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// One chunk's bytes.
+    /// One chunk: its `len` bytes follow this frame raw, outside the CBOR (no copies through
+    /// the encoder); `len` is at most [`CHUNK_BYTES`].
     Chunk {
         /// Its index.
         index: u64,
-        /// Its bytes.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        /// Bytes that follow.
+        len: u32,
     },
     /// This node does not hold the blob (whole).
     NotFound,

@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use mycel_core::blob::{
-    BlobFrame, BlobRequest, Outboard, TreeError, MAX_BLOB_FRAME_BYTES, MAX_BLOB_REQUEST_BYTES,
+    BlobFrame, BlobRequest, Outboard, TreeError, CHUNK_BYTES, MAX_BLOB_FRAME_BYTES,
+    MAX_BLOB_REQUEST_BYTES,
 };
 use mycel_core::id::ContentId;
 use mycel_core::wire::Rejection;
@@ -31,6 +32,15 @@ use mycel_net::{now_ms, NetHandle, PeerId};
 use mycel_store::{BlobError, BlobInfo, BlobStore};
 use tokio::time::Instant;
 use tracing::{debug, warn};
+
+/// Blob requests answered at once; streams beyond are dropped.
+const MAX_INBOUND_STREAMS: usize = 64;
+
+/// Chunks of one request being verified and written at once while the next arrive.
+const WRITES_IN_FLIGHT: usize = 3;
+
+/// Longest wait between two rounds of a fetch.
+const MAX_PAUSE: Duration = Duration::from_millis(500);
 
 /// How blobs are kept, served and fetched.
 #[derive(Debug, Clone)]
@@ -55,8 +65,8 @@ impl Default for BlobConfig {
             quota: 64 * 1024 * 1024 * 1024,
             upload_limit: None,
             fetch_deadline: Duration::from_secs(600),
-            chunks_per_request: 8,
-            streams_per_provider: 2,
+            chunks_per_request: 16,
+            streams_per_provider: 4,
             request_timeout: Duration::from_secs(20),
         }
     }
@@ -184,15 +194,27 @@ impl BlobService {
 
     // ---- serving -----------------------------------------------------------------------
 
-    /// Answers the blob streams peers open, until the network stops.
+    /// Answers the blob streams peers open, until the network stops. The answers run in a
+    /// set owned by this task: when the node stops, they stop with it.
     pub async fn serve(self: Arc<Self>, mut incoming: IncomingStreams) {
-        while let Some((peer, stream)) = incoming.next().await {
-            let service = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = service.answer(peer, stream).await {
-                    debug!(%peer, "blob request ended: {e}");
+        let mut answers = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                next = incoming.next() => {
+                    let Some((peer, stream)) = next else { break };
+                    if answers.len() >= MAX_INBOUND_STREAMS {
+                        debug!(%peer, "too many blob streams; dropping one");
+                        continue;
+                    }
+                    let service = self.clone();
+                    answers.spawn(async move {
+                        if let Err(e) = service.answer(peer, stream).await {
+                            debug!(%peer, "blob request ended: {e}");
+                        }
+                    });
                 }
-            });
+                Some(_) = answers.join_next(), if !answers.is_empty() => {}
+            }
         }
     }
 
@@ -226,12 +248,27 @@ impl BlobService {
                 write_frame(&mut stream, &frame).await
             }
             BlobRequest::Chunks { id, chunks } => {
-                for index in chunks {
-                    let data = self.blocking(move |s| s.read_chunk(&id, index)).await;
+                // The next chunk is read from disk while this one is sent.
+                let read = |index: u64| {
+                    let store = self.store.clone();
+                    tokio::task::spawn_blocking(move || store.read_chunk(&id, index))
+                };
+                let mut ahead = chunks.first().map(|i| read(*i));
+                for (k, &index) in chunks.iter().enumerate() {
+                    let Some(reading) = ahead.take() else { break };
+                    let data = reading.await.unwrap_or_else(|e| {
+                        Err(BlobError::Index(format!("read task failed: {e}")))
+                    });
+                    ahead = chunks.get(k + 1).map(|i| read(*i));
                     let frame = match data {
                         Ok(data) => {
                             self.pace(data.len() as u64).await;
-                            BlobFrame::Chunk { index, data }
+                            let len = data.len() as u32;
+                            write_frame(&mut stream, &BlobFrame::Chunk { index, len }).await?;
+                            futures::AsyncWriteExt::write_all(&mut stream, &data).await?;
+                            futures::AsyncWriteExt::flush(&mut stream).await?;
+                            self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
+                            continue;
                         }
                         Err(BlobError::NotFound(_)) => BlobFrame::NotFound,
                         Err(BlobError::Tree(e)) => BlobFrame::Refused(e.to_string()),
@@ -240,12 +277,8 @@ impl BlobService {
                             BlobFrame::NotFound
                         }
                     };
-                    let last = !matches!(frame, BlobFrame::Chunk { .. });
                     write_frame(&mut stream, &frame).await?;
-                    if last {
-                        break;
-                    }
-                    self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
+                    break;
                 }
                 futures::AsyncWriteExt::close(&mut stream).await
             }
@@ -288,11 +321,15 @@ impl BlobService {
             }
             return Ok(blob);
         }
-        let deadline = Instant::now() + self.config.fetch_deadline;
+        let started = Instant::now();
+        let deadline = started + self.config.fetch_deadline;
         let own = self.net.peer_id();
         let mut excluded: HashSet<PeerId> = HashSet::new();
         let mut last_problem = "no provider found".to_owned();
         let mut outboard: Option<Outboard> = None;
+        // Waits between rounds: short at first (a lookup right after joining the DHT can come
+        // back empty), then longer.
+        let mut pause = Duration::from_millis(20);
         while Instant::now() < deadline {
             let mut providers: Vec<PeerId> = hints.to_vec();
             let lookup = self.net.find_providers(id);
@@ -301,8 +338,10 @@ impl BlobService {
             }
             let mut seen = HashSet::new();
             providers.retain(|p| *p != own && !excluded.contains(p) && seen.insert(*p));
+            debug!(%id, providers = providers.len(), after = ?started.elapsed(), "providers found");
             if providers.is_empty() {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_PAUSE);
                 continue;
             }
             if outboard.is_none() {
@@ -329,9 +368,11 @@ impl BlobService {
                 }
             }
             let Some(outboard) = &outboard else {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_PAUSE);
                 continue;
             };
+            debug!(%id, after = ?started.elapsed(), "outboard verified, room reserved");
             let missing = self
                 .blocking(move |s| s.missing(&id))
                 .await?
@@ -373,9 +414,11 @@ impl BlobService {
                 .await?
                 .unwrap_or_default();
             if left.is_empty() {
+                debug!(%id, after = ?started.elapsed(), "every chunk verified");
                 let blob = self
                     .blocking(move |s| s.finish_fetch(&id, now_ms(), pin))
                     .await?;
+                debug!(%id, after = ?started.elapsed(), "fetched");
                 self.announce().await;
                 return Ok(blob);
             }
@@ -489,47 +532,103 @@ impl BlobService {
             Ok(Err(e)) => return Some(Pulled::Failed(format!("{peer}: {e}"))),
             Err(_) => return Some(Pulled::Failed(format!("{peer} did not answer in time"))),
         };
-        while let Some(&expected) = pending.front() {
-            let frame = tokio::time::timeout(
-                timeout,
-                read_frame::<BlobFrame>(&mut stream, MAX_BLOB_FRAME_BYTES),
-            )
-            .await;
-            let (index, data) = match frame {
-                Ok(Ok(Some(BlobFrame::Chunk { index, data }))) if index == expected => {
-                    (index, data)
+        // Chunks are verified and written while the next ones arrive: a few writes in
+        // flight, settled in order.
+        let order: Vec<u64> = pending.iter().copied().collect();
+        let mut writes: VecDeque<(u64, tokio::task::JoinHandle<Result<(), BlobError>>)> =
+            VecDeque::new();
+        let mut next = 0;
+        let mut ended: Option<Pulled> = None;
+        loop {
+            let reading = ended.is_none() && next < order.len();
+            while let Some((_, handle)) = writes.front() {
+                if reading && writes.len() < WRITES_IN_FLIGHT && !handle.is_finished() {
+                    break;
                 }
-                Ok(Ok(Some(BlobFrame::Chunk { index, .. }))) => {
-                    // Not the chunk asked for next: as bad as a corrupt one.
-                    return Some(Pulled::Corrupt(index));
+                let (index, handle) = writes.pop_front().expect("a write in flight");
+                let written = handle
+                    .await
+                    .unwrap_or_else(|e| Err(BlobError::Index(format!("write task failed: {e}"))));
+                match written {
+                    Ok(()) => {
+                        pending.retain(|i| *i != index);
+                        let len = mycel_core::blob::chunk_len(
+                            progress.total.load(Ordering::Relaxed),
+                            index,
+                        );
+                        progress.done.fetch_add(len, Ordering::Relaxed);
+                        self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(BlobError::Tree(TreeError::Chunk(_) | TreeError::Index { .. })) => {
+                        self.stats.chunks_refused.fetch_add(1, Ordering::Relaxed);
+                        ended.get_or_insert(Pulled::Corrupt(index));
+                    }
+                    Err(e) => {
+                        ended.get_or_insert(Pulled::Store(e));
+                    }
                 }
-                Ok(Ok(Some(BlobFrame::Refused(reason)))) => {
-                    return Some(Pulled::Failed(format!("{peer} refused: {reason}")))
-                }
-                Ok(Ok(Some(_) | None)) => {
-                    return Some(Pulled::Failed(format!("{peer} stopped serving {id}")))
-                }
-                Ok(Err(e)) => return Some(Pulled::Failed(format!("{peer}: {e}"))),
-                Err(_) => return Some(Pulled::Failed(format!("{peer} stalled"))),
-            };
-            let len = data.len() as u64;
-            match self
-                .blocking(move |s| s.write_chunk(&id, index, &data))
-                .await
-            {
-                Ok(()) => {
-                    pending.pop_front();
-                    progress.done.fetch_add(len, Ordering::Relaxed);
-                    self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(BlobError::Tree(TreeError::Chunk(_) | TreeError::Index { .. })) => {
-                    self.stats.chunks_refused.fetch_add(1, Ordering::Relaxed);
-                    return Some(Pulled::Corrupt(index));
-                }
-                Err(e) => return Some(Pulled::Store(e)),
             }
+            if ended.is_some() || next == order.len() {
+                if writes.is_empty() {
+                    return ended;
+                }
+                continue;
+            }
+            let expected = order[next];
+            let frame =
+                match within(timeout, peer, read_frame(&mut stream, MAX_BLOB_FRAME_BYTES)).await {
+                    Ok(frame) => frame,
+                    Err(failed) => {
+                        ended = Some(failed);
+                        continue;
+                    }
+                };
+            let data = match frame {
+                Some(BlobFrame::Chunk { index, len })
+                    if index == expected && u64::from(len) <= CHUNK_BYTES =>
+                {
+                    let mut data = vec![0u8; len as usize];
+                    let read = futures::AsyncReadExt::read_exact(&mut stream, &mut data);
+                    if let Err(failed) = within(timeout, peer, read).await {
+                        ended = Some(failed);
+                        continue;
+                    }
+                    data
+                }
+                // Not the chunk asked for next: as bad as a corrupt one.
+                Some(BlobFrame::Chunk { index, .. }) => {
+                    ended = Some(Pulled::Corrupt(index));
+                    continue;
+                }
+                Some(BlobFrame::Refused(reason)) => {
+                    ended = Some(Pulled::Failed(format!("{peer} refused: {reason}")));
+                    continue;
+                }
+                Some(_) | None => {
+                    ended = Some(Pulled::Failed(format!("{peer} stopped serving {id}")));
+                    continue;
+                }
+            };
+            let store = self.store.clone();
+            writes.push_back((
+                expected,
+                tokio::task::spawn_blocking(move || store.write_chunk(&id, expected, &data)),
+            ));
+            next += 1;
         }
-        None
+    }
+}
+
+/// `work`'s outcome within `timeout`, a failure of `peer` otherwise.
+async fn within<T, E: std::fmt::Display>(
+    timeout: Duration,
+    peer: PeerId,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, Pulled> {
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(Pulled::Failed(format!("{peer}: {e}"))),
+        Err(_) => Err(Pulled::Failed(format!("{peer} stalled"))),
     }
 }
 

@@ -32,7 +32,7 @@ use mycel_net::task::{read_frame, write_frame, FrameError, IncomingStreams, Stre
 use mycel_net::{now_ms, NetHandle, PeerId};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::models::{ModelService, Piece, PieceSink, RunError, Runner};
@@ -742,17 +742,21 @@ impl Inference {
 
     /// Serves the task streams peers open to this node until the network stops.
     pub async fn serve(self: Arc<Self>, mut incoming: IncomingStreams) {
-        let slots = Arc::new(Semaphore::new(MAX_INBOUND_TASKS));
-        while let Some((peer, stream)) = incoming.next().await {
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                debug!(%peer, "too many task streams; dropping one");
-                continue;
-            };
-            let this = self.clone();
-            tokio::spawn(async move {
-                this.work(peer, stream).await;
-                drop(slot);
-            });
+        // Tasks run in a set owned by this task: when the node stops, they stop with it.
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                next = incoming.next() => {
+                    let Some((peer, stream)) = next else { break };
+                    if running.len() >= MAX_INBOUND_TASKS {
+                        debug!(%peer, "too many task streams; dropping one");
+                        continue;
+                    }
+                    let this = self.clone();
+                    running.spawn(async move { this.work(peer, stream).await });
+                }
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+            }
         }
     }
 

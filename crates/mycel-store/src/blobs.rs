@@ -14,9 +14,9 @@
 //! Crash safety: a complete blob is written, synced and renamed into `data/` before its index
 //! entry is committed, and only blobs with an entry are served. On open, the store drops
 //! imports in progress, data files without an entry and entries without their file, and
-//! re-hashes the chunks a fetch in progress had marked verified (chunk marks are committed
-//! without waiting for the disk, and a chunk's bytes may not have reached it either), so a
-//! `kill -9` at any moment leaves a consistent store and a fetch that resumes.
+//! re-hashes every chunk of each fetch in progress (the marks of verified chunks are saved
+//! lazily, and a chunk's bytes may not have reached the disk), so a `kill -9` at any moment
+//! leaves a consistent store and a fetch that resumes with every chunk that did arrive.
 //!
 //! A quota bounds the bytes of complete blobs plus fetches in progress: admitting a blob
 //! evicts unpinned blobs least recently used first; pinned blobs are never evicted, and a blob
@@ -26,7 +26,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use mycel_core::blob::{
     chunk_count, chunk_len, decode_manifest, encode_manifest, safe_path, ManifestEntry,
@@ -139,7 +139,26 @@ pub struct BlobStore {
     /// Held while room is made for a blob and it is entered, so that two admissions do not
     /// both count the same free space.
     admission: Mutex<()>,
+    /// Fetches in progress: the outboard and the open partial file, read once per fetch
+    /// rather than once per chunk.
+    fetching: Mutex<std::collections::HashMap<ContentId, Arc<Fetching>>>,
 }
+
+/// A fetch's outboard and partial file, kept open while chunks arrive.
+#[derive(Debug)]
+struct Fetching {
+    outboard: Outboard,
+    file: File,
+    /// Held while writing to `file`.
+    writing: Mutex<()>,
+    /// Which chunks are verified (1) or not (0): kept here and saved to the index every
+    /// [`MARKS_SAVED_EVERY`] chunks and at the end, not once per chunk. Marks lost in a crash
+    /// only mean chunks fetched again.
+    marks: Mutex<(Vec<u8>, usize)>,
+}
+
+/// Verified chunks between two saves of a fetch's marks.
+const MARKS_SAVED_EVERY: usize = 32;
 
 impl BlobStore {
     /// Opens (or creates) the store in `dir` with a quota of `quota` bytes, and brings it back
@@ -165,6 +184,7 @@ impl BlobStore {
             db,
             quota,
             admission: Mutex::new(()),
+            fetching: Mutex::new(std::collections::HashMap::new()),
         };
         store.write(Durability::Immediate, |txn| {
             txn.open_table(BLOBS)?;
@@ -232,7 +252,9 @@ impl BlobStore {
                 }
             }
         }
-        // Fetches in progress: keep only the chunks whose bytes are really there.
+        // Fetches in progress: the chunks whose bytes are really there, whatever the saved
+        // marks say (marks are saved lazily, and a marked chunk's bytes may not have reached
+        // the disk).
         let partial_dir = self.dir.join("partial");
         let mut partial = Vec::new();
         {
@@ -253,11 +275,9 @@ impl BlobStore {
                 continue;
             };
             for (index, mark) in marks.iter_mut().enumerate() {
-                if *mark == 1 {
-                    let good = read_chunk_at(&file, outboard.size, index as u64)
-                        .is_ok_and(|data| outboard.verify_chunk(&id, index as u64, &data).is_ok());
-                    *mark = u8::from(good);
-                }
+                let good = read_chunk_at(&file, outboard.size, index as u64)
+                    .is_ok_and(|data| outboard.verify_chunk(&id, index as u64, &data).is_ok());
+                *mark = u8::from(good);
             }
             self.write(Durability::Immediate, |txn| {
                 txn.open_table(PARTIAL)?
@@ -278,6 +298,7 @@ impl BlobStore {
     }
 
     fn forget_partial(&self, id: &ContentId) -> Result<(), BlobError> {
+        self.fetch_done(id);
         self.write(Durability::Immediate, |txn| {
             txn.open_table(PARTIAL)?.remove(id.0.as_slice())?;
             if txn.open_table(BLOBS)?.get(id.0.as_slice())?.is_none() {
@@ -697,43 +718,107 @@ impl BlobStore {
 
     /// The chunks of the fetch of `id` not yet verified, or `None` if no fetch is under way.
     pub fn missing(&self, id: &ContentId) -> Result<Option<Vec<u64>>, BlobError> {
-        let txn = self.db.begin_read().map_err(index_error)?;
-        let table = txn.open_table(PARTIAL).map_err(index_error)?;
-        let marks = table.get(id.0.as_slice()).map_err(index_error)?;
-        Ok(marks.map(|m| {
-            m.value()
+        let cached = self
+            .fetching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned();
+        let unmarked = |marks: &[u8]| -> Vec<u64> {
+            marks
                 .iter()
                 .enumerate()
                 .filter(|(_, mark)| **mark == 0)
                 .map(|(i, _)| i as u64)
                 .collect()
-        }))
+        };
+        if let Some(fetching) = cached {
+            let marks = fetching.marks.lock().unwrap_or_else(|e| e.into_inner());
+            return Ok(Some(unmarked(&marks.0)));
+        }
+        Ok(self.saved_marks(id)?.map(|marks| unmarked(&marks)))
+    }
+
+    /// The marks of the fetch of `id` as last saved.
+    fn saved_marks(&self, id: &ContentId) -> Result<Option<Vec<u8>>, BlobError> {
+        let txn = self.db.begin_read().map_err(index_error)?;
+        let table = txn.open_table(PARTIAL).map_err(index_error)?;
+        let marks = table.get(id.0.as_slice()).map_err(index_error)?;
+        Ok(marks.map(|m| m.value().to_vec()))
+    }
+
+    /// Saves `marks` for the fetch of `id` (without waiting for the disk: recovery re-checks
+    /// marked chunks).
+    fn save_marks(&self, id: &ContentId, marks: &[u8]) -> Result<(), BlobError> {
+        self.write(Durability::None, |txn| {
+            let mut table = txn.open_table(PARTIAL)?;
+            if table.get(id.0.as_slice())?.is_some() {
+                table.insert(id.0.as_slice(), marks)?;
+            }
+            Ok(())
+        })
     }
 
     /// Verifies chunk `index` of the fetch of `id` and, only if it matches, writes it.
     pub fn write_chunk(&self, id: &ContentId, index: u64, data: &[u8]) -> Result<(), BlobError> {
+        let fetching = self.fetching(id)?;
+        fetching.outboard.verify_chunk(id, index, data)?;
+        {
+            // One write at a time: concurrent writes to one file only contend for its lock.
+            let _writing = fetching.writing.lock().unwrap_or_else(|e| e.into_inner());
+            fetching
+                .file
+                .write_all_at(data, index * CHUNK_BYTES)
+                .map_err(io(&self.partial_path(id)))?;
+        }
+        let save = {
+            let mut marks = fetching.marks.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(mark) = marks.0.get_mut(index as usize) {
+                *mark = 1;
+            }
+            marks.1 += 1;
+            (marks.1 % MARKS_SAVED_EVERY == 0).then(|| marks.0.clone())
+        };
+        match save {
+            Some(marks) => self.save_marks(id, &marks),
+            None => Ok(()),
+        }
+    }
+
+    /// The outboard, open partial file and marks of the fetch of `id`.
+    fn fetching(&self, id: &ContentId) -> Result<Arc<Fetching>, BlobError> {
+        let mut fetching = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = fetching.get(id) {
+            return Ok(f.clone());
+        }
+        let marks = self.saved_marks(id)?.ok_or(BlobError::NotFound(*id))?;
         let outboard = self.outboard(id)?.ok_or(BlobError::NotFound(*id))?;
-        outboard.verify_chunk(id, index, data)?;
         let path = self.partial_path(id);
         let file = OpenOptions::new()
             .write(true)
             .open(&path)
             .map_err(io(&path))?;
-        file.write_all_at(data, index * CHUNK_BYTES)
-            .map_err(io(&path))?;
-        // Committed without waiting for the disk: recovery re-checks marked chunks.
-        self.write(Durability::None, |txn| {
-            let mut table = txn.open_table(PARTIAL)?;
-            let mut marks = match table.get(id.0.as_slice())? {
-                Some(m) => m.value().to_vec(),
-                None => return Ok(()),
-            };
-            if let Some(mark) = marks.get_mut(index as usize) {
-                *mark = 1;
-            }
-            table.insert(id.0.as_slice(), marks.as_slice())?;
-            Ok(())
-        })
+        let f = Arc::new(Fetching {
+            outboard,
+            file,
+            writing: Mutex::new(()),
+            marks: Mutex::new((marks, 0)),
+        });
+        fetching.insert(*id, f.clone());
+        Ok(f)
+    }
+
+    /// Saves the marks of the fetch of `id` and forgets its cached state.
+    fn fetch_done(&self, id: &ContentId) {
+        let cached = self
+            .fetching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(fetching) = cached {
+            let marks = fetching.marks.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = self.save_marks(id, &marks.0);
+        }
     }
 
     /// Completes the fetch of `id` once every chunk is verified: the file is synced and
@@ -757,6 +842,7 @@ impl BlobStore {
         File::open(&path)
             .and_then(|f| f.sync_all())
             .map_err(io(&path))?;
+        self.fetch_done(id);
         let _held = self.admission.lock().unwrap_or_else(|e| e.into_inner());
         self.enter(id, &path, &outboard, now, pin)
     }

@@ -1,6 +1,7 @@
 //! `mycel bench ...`: whole-network benchmarks. A readable table goes to stderr; with `--json`
 //! one JSON object per scenario goes to stdout.
 
+mod blobs;
 mod failover;
 mod inference;
 mod net;
@@ -17,6 +18,12 @@ pub(crate) enum BenchCommand {
     /// Serving nodes killed while a client sends requests through a gateway node: every
     /// request must succeed; latency before, during and after.
     Failover(failover::FailoverBenchArgs),
+    /// Blob import, and fetches between node processes against a plain TCP copy: one
+    /// provider, three rate-limited providers, memory while fetching a large blob.
+    Blobs(blobs::BlobsBenchArgs),
+    /// The sending half of the TCP baseline of `bench blobs` (run by it).
+    #[command(hide = true)]
+    TcpSend(blobs::TcpSendArgs),
 }
 
 pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -24,6 +31,8 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Net(args) => net::run(args).await,
         BenchCommand::Inference(args) => inference::run(args).await,
         BenchCommand::Failover(args) => failover::run(args).await,
+        BenchCommand::Blobs(args) => blobs::run(args).await,
+        BenchCommand::TcpSend(args) => blobs::tcp_send(args),
     }
 }
 
