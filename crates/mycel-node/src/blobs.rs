@@ -39,6 +39,9 @@ const MAX_INBOUND_STREAMS: usize = 64;
 /// Chunks of one request being verified and written at once while the next arrive.
 const WRITES_IN_FLIGHT: usize = 3;
 
+/// How often a fetch looks for more providers while chunks flow.
+const PROVIDER_REFRESH: Duration = Duration::from_secs(1);
+
 /// Longest wait between two rounds of a fetch.
 const MAX_PAUSE: Duration = Duration::from_millis(500);
 
@@ -387,25 +390,45 @@ impl BlobService {
                 .store(outboard.size - missing_bytes, Ordering::Relaxed);
             if !missing.is_empty() {
                 let queue = Mutex::new(missing.into_iter().collect::<VecDeque<u64>>());
-                let workers = providers
-                    .iter()
-                    .filter(|p| !excluded.contains(p))
-                    .flat_map(|peer| {
-                        (0..self.config.streams_per_provider)
-                            .map(|_| self.pull(*peer, id, &queue, progress))
-                    });
-                let outcomes = futures::future::join_all(workers).await;
-                for (peer, outcome) in outcomes {
-                    match outcome {
-                        Pulled::Done => {}
-                        Pulled::Failed(reason) => last_problem = reason,
-                        Pulled::Corrupt(index) => {
-                            last_problem = format!("{peer} sent a corrupt chunk {index}");
-                            if excluded.insert(peer) {
-                                self.net.penalise(peer, Rejection::Corrupt).await;
+                let mut workers = futures::stream::FuturesUnordered::new();
+                let mut working: HashSet<PeerId> = HashSet::new();
+                for peer in joining(&providers, &mut working, &excluded) {
+                    for _ in 0..self.config.streams_per_provider {
+                        workers.push(self.pull(peer, id, &queue, progress));
+                    }
+                }
+                // Providers that turn up while the chunks flow join in.
+                let mut refresh =
+                    tokio::time::interval_at(Instant::now() + PROVIDER_REFRESH, PROVIDER_REFRESH);
+                loop {
+                    tokio::select! {
+                        outcome = workers.next() => {
+                            let Some((peer, outcome)) = outcome else { break };
+                            match outcome {
+                                Pulled::Done => {}
+                                Pulled::Failed(reason) => last_problem = reason,
+                                Pulled::Corrupt(index) => {
+                                    last_problem = format!("{peer} sent a corrupt chunk {index}");
+                                    if excluded.insert(peer) {
+                                        self.net.penalise(peer, Rejection::Corrupt).await;
+                                    }
+                                }
+                                Pulled::Store(e) => return Err(e.into()),
                             }
                         }
-                        Pulled::Store(e) => return Err(e.into()),
+                        _ = refresh.tick() => {
+                            let lookup = self.net.find_providers(id);
+                            if let Ok(Ok(found)) = tokio::time::timeout(PROVIDER_REFRESH, lookup).await {
+                                let found: Vec<PeerId> =
+                                    found.into_iter().filter(|p| *p != own).collect();
+                                for peer in joining(&found, &mut working, &excluded) {
+                                    debug!(%id, %peer, "another provider joins the fetch");
+                                    for _ in 0..self.config.streams_per_provider {
+                                        workers.push(self.pull(peer, id, &queue, progress));
+                                    }
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -617,6 +640,20 @@ impl BlobService {
             next += 1;
         }
     }
+}
+
+/// The providers in `peers` not yet `working` on a fetch nor `excluded` from it (now
+/// counted as working).
+fn joining(
+    peers: &[PeerId],
+    working: &mut HashSet<PeerId>,
+    excluded: &HashSet<PeerId>,
+) -> Vec<PeerId> {
+    peers
+        .iter()
+        .filter(|p| !excluded.contains(p) && working.insert(**p))
+        .copied()
+        .collect()
 }
 
 /// `work`'s outcome within `timeout`, a failure of `peer` otherwise.
