@@ -117,6 +117,21 @@ fn files_and_directories_travel_between_nodes_and_a_killed_fetcher_resumes() {
     assert!(out.contains("out.bin"), "{out}");
     assert_eq!(std::fs::read(root.path().join("out.bin")).unwrap(), data);
 
+    // A byte range straight from the API.
+    let token = std::fs::read_to_string(b.data_dir.join("api.token")).unwrap();
+    let mut response = ureq::get(&format!("http://{}/api/blobs/{file_id}", b.api))
+        .header("Authorization", &format!("Bearer {}", token.trim()))
+        .header("Range", "bytes=1000000-1000099")
+        .call()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 206);
+    assert_eq!(
+        response.headers()["content-range"],
+        format!("bytes 1000000-1000099/{}", data.len()).as_str()
+    );
+    let part = response.body_mut().read_to_vec().unwrap();
+    assert_eq!(part, data[1_000_000..1_000_100]);
+
     // Pins: what B fetched is not pinned until asked, and DELETE unpins.
     let pinned = |node: &NodeProcess, id: &str| {
         listed(node)
