@@ -244,30 +244,10 @@ async fn a_full_queue_refuses_at_once_and_serves_again_when_the_client_leaves() 
     let root = tempfile::tempdir().unwrap();
     let node = tiny_node_with_queue(root.path(), 1).await;
     let url = format!("http://{}/v1/chat/completions", node.api_addr.unwrap());
-    let long = json!({
-        "model": "tiny-llama",
-        "messages": [{ "role": "user", "content": "the cat" }],
-        "max_tokens": 4000,
-        "temperature": 1.0,
-        "stream": true,
-    });
-    let token = node.token.clone();
-    let (url2, token2) = (url.clone(), token.clone());
-    // Open a long stream and read its first chunk, so that it holds the only place.
-    let reader = tokio::task::spawn_blocking(move || {
-        let response = ureq::post(&url2)
-            .header("Authorization", &format!("Bearer {token2}"))
-            .send(long.to_string())
-            .unwrap();
-        let mut reader = std::io::BufReader::new(response.into_body().into_reader());
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-        assert!(line.starts_with("data: "), "{line}");
-        reader
-    })
-    .await
-    .unwrap();
 
+    // The only place taken: refused at once. (Held directly: a sampled generation of the
+    // tiny model may end at any token, and with it its hold on the place.)
+    let held = node.models.admit().expect("the one place");
     let started = std::time::Instant::now();
     let (status, answer) = post_json(
         &node,
@@ -280,6 +260,30 @@ async fn a_full_queue_refuses_at_once_and_serves_again_when_the_client_leaves() 
         started.elapsed() < Duration::from_secs(2),
         "refused at once"
     );
+    drop(held);
+
+    // A client that takes the place with a long stream and hangs up gives it back.
+    let long = json!({
+        "model": "tiny-llama",
+        "messages": [{ "role": "user", "content": "the cat" }],
+        "max_tokens": 4000,
+        "temperature": 1.0,
+        "stream": true,
+    });
+    let token = node.token.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        let response = ureq::post(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .send(long.to_string())
+            .unwrap();
+        let mut reader = std::io::BufReader::new(response.into_body().into_reader());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert!(line.starts_with("data: "), "{line}");
+        reader
+    })
+    .await
+    .unwrap();
 
     // Hang up: the place comes back.
     drop(reader);
