@@ -170,7 +170,9 @@ pub(crate) fn build_swarm(
             .with_tokio()
             .with_tcp(
                 tcp::Config::default(),
-                noise::Config::new,
+                // TLS first (AES-GCM: the cipher bounds one connection's throughput), Noise
+                // for peers that only speak Noise.
+                (crate::tls::Config::new, noise::Config::new),
                 yamux::Config::default,
             )?
             .with_quic()

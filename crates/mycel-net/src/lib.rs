@@ -6,8 +6,8 @@
 //! is the shape of rust-libp2p's file-sharing example and of commonware's actors.
 //!
 //! Protocols (all under private protocol names, so we never join a public network):
-//! - TCP and QUIC transports (or the in-process memory transport for large benchmarks), Noise,
-//!   Yamux;
+//! - TCP and QUIC transports (or the in-process memory transport for large benchmarks); TLS 1.3
+//!   preferring AES-GCM on TCP ([`tls`]; Noise still accepted), Yamux;
 //! - Kademlia `/mycel/kad/1.0.0` with periodic random walks, identify `/mycel/id/1.0.0` whose
 //!   listen addresses feed the routing table (referrals), ping for liveness and RTT, mDNS;
 //! - gossipsub topic `mycel/statements/1` carrying signed announcements and down reports;
@@ -26,6 +26,7 @@ mod handle;
 mod metrics;
 mod protocol;
 pub mod task;
+pub mod tls;
 
 pub use config::{Limits, NetConfig, Timing, TransportKind};
 pub use handle::{now_ms, spawn, NetError, NetEvent, NetHandle, NetStatus};

@@ -125,6 +125,8 @@ pub struct BlobService {
     upload_free_at: Mutex<Instant>,
     /// Ids provided besides the blobs in the store (the models this node serves).
     also_provided: Mutex<BTreeSet<ContentId>>,
+    /// Chunk buffers, shared by uploads and fetches.
+    pool: Arc<ChunkPool>,
 }
 
 impl BlobService {
@@ -137,6 +139,7 @@ impl BlobService {
             config,
             upload_free_at: Mutex::new(Instant::now()),
             also_provided: Mutex::new(BTreeSet::new()),
+            pool: Arc::default(),
         }
     }
 
@@ -251,37 +254,42 @@ impl BlobService {
                 write_frame(&mut stream, &frame).await
             }
             BlobRequest::Chunks { id, chunks } => {
-                // The next chunk is read from disk while this one is sent.
-                let read = |index: u64| {
-                    let store = self.store.clone();
-                    tokio::task::spawn_blocking(move || store.read_chunk(&id, index))
+                let reader = match self.blocking(move |s| s.reader(&id)).await {
+                    Ok(reader) => reader,
+                    Err(e) => {
+                        write_frame(&mut stream, &chunk_error(id, e)).await?;
+                        return futures::AsyncWriteExt::close(&mut stream).await;
+                    }
                 };
-                let mut ahead = chunks.first().map(|i| read(*i));
-                for (k, &index) in chunks.iter().enumerate() {
-                    let Some(reading) = ahead.take() else { break };
-                    let data = reading.await.unwrap_or_else(|e| {
-                        Err(BlobError::Index(format!("read task failed: {e}")))
-                    });
-                    ahead = chunks.get(k + 1).map(|i| read(*i));
-                    let frame = match data {
+                // One blocking task reads the chunks in order, a couple ahead of the one sent.
+                let (ready, mut chunks_read) = tokio::sync::mpsc::channel(2);
+                let pool = self.pool.clone();
+                tokio::task::spawn_blocking(move || {
+                    for index in chunks {
+                        let mut data = pool.take();
+                        let read = reader.read_chunk_into(index, &mut data).map(|()| data);
+                        let failed = read.is_err();
+                        if ready.blocking_send((index, read)).is_err() || failed {
+                            break;
+                        }
+                    }
+                });
+                while let Some((index, read)) = chunks_read.recv().await {
+                    match read {
                         Ok(data) => {
                             self.pace(data.len() as u64).await;
                             let len = data.len() as u32;
                             write_frame(&mut stream, &BlobFrame::Chunk { index, len }).await?;
                             futures::AsyncWriteExt::write_all(&mut stream, &data).await?;
                             futures::AsyncWriteExt::flush(&mut stream).await?;
+                            self.pool.put(data);
                             self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
-                            continue;
                         }
-                        Err(BlobError::NotFound(_)) => BlobFrame::NotFound,
-                        Err(BlobError::Tree(e)) => BlobFrame::Refused(e.to_string()),
                         Err(e) => {
-                            warn!("cannot read a chunk of {id}: {e}");
-                            BlobFrame::NotFound
+                            write_frame(&mut stream, &chunk_error(id, e)).await?;
+                            break;
                         }
-                    };
-                    write_frame(&mut stream, &frame).await?;
-                    break;
+                    }
                 }
                 futures::AsyncWriteExt::close(&mut stream).await
             }
@@ -610,7 +618,8 @@ impl BlobService {
                 Some(BlobFrame::Chunk { index, len })
                     if index == expected && u64::from(len) <= CHUNK_BYTES =>
                 {
-                    let mut data = vec![0u8; len as usize];
+                    let mut data = self.pool.take();
+                    data.resize(len as usize, 0);
                     let read = futures::AsyncReadExt::read_exact(&mut stream, &mut data);
                     if let Err(failed) = within(timeout, peer, read).await {
                         ended = Some(failed);
@@ -632,12 +641,53 @@ impl BlobService {
                     continue;
                 }
             };
-            let store = self.store.clone();
+            let (store, pool) = (self.store.clone(), self.pool.clone());
             writes.push_back((
                 expected,
-                tokio::task::spawn_blocking(move || store.write_chunk(&id, expected, &data)),
+                tokio::task::spawn_blocking(move || {
+                    let written = store.write_chunk(&id, expected, &data);
+                    pool.put(data);
+                    written
+                }),
             ));
             next += 1;
+        }
+    }
+}
+
+/// The frame that tells a fetcher why a chunk of `id` cannot be served.
+fn chunk_error(id: ContentId, e: BlobError) -> BlobFrame {
+    match e {
+        BlobError::NotFound(_) => BlobFrame::NotFound,
+        BlobError::Tree(e) => BlobFrame::Refused(e.to_string()),
+        e => {
+            warn!("cannot read a chunk of {id}: {e}");
+            BlobFrame::NotFound
+        }
+    }
+}
+
+/// Chunk-sized buffers used again rather than allocated per chunk: fresh memory costs page
+/// faults (and far more on VMs whose host backs guest pages on first touch).
+#[derive(Debug, Default)]
+struct ChunkPool(Mutex<Vec<Vec<u8>>>);
+
+/// Buffers a pool keeps (8 MiB).
+const POOLED_BUFFERS: usize = 32;
+
+impl ChunkPool {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(CHUNK_BYTES as usize))
+    }
+
+    fn put(&self, buffer: Vec<u8>) {
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOLED_BUFFERS && buffer.capacity() == CHUNK_BYTES as usize {
+            free.push(buffer);
         }
     }
 }

@@ -581,17 +581,22 @@ impl BlobStore {
 
     /// The bytes of chunk `index` of the complete blob `id`.
     pub fn read_chunk(&self, id: &ContentId, index: u64) -> Result<Vec<u8>, BlobError> {
+        let mut data = Vec::new();
+        self.reader(id)?.read_chunk_into(index, &mut data)?;
+        Ok(data)
+    }
+
+    /// The complete blob `id` opened for reading chunks (one lookup and one open for many
+    /// chunks).
+    pub fn reader(&self, id: &ContentId) -> Result<ChunkReader, BlobError> {
         let blob = self.info(id)?.ok_or(BlobError::NotFound(*id))?;
         let path = self.data_path(id);
         let file = File::open(&path).map_err(io(&path))?;
-        if index >= chunk_count(blob.size) {
-            return Err(TreeError::Index {
-                index,
-                count: chunk_count(blob.size),
-            }
-            .into());
-        }
-        read_chunk_at(&file, blob.size, index).map_err(io(&path))
+        Ok(ChunkReader {
+            file,
+            size: blob.size,
+            path,
+        })
     }
 
     /// The entries of the manifest blob `id`, or `None` when `id` is a plain blob.
@@ -854,9 +859,39 @@ impl BlobStore {
 }
 
 fn read_chunk_at(file: &File, size: u64, index: u64) -> std::io::Result<Vec<u8>> {
-    let mut data = vec![0u8; chunk_len(size, index) as usize];
-    file.read_exact_at(&mut data, index * CHUNK_BYTES)?;
+    let mut data = Vec::new();
+    read_chunk_into(file, size, index, &mut data)?;
     Ok(data)
+}
+
+/// Reads chunk `index` into `data` (resized to the chunk's length, its capacity reused).
+fn read_chunk_into(file: &File, size: u64, index: u64, data: &mut Vec<u8>) -> std::io::Result<()> {
+    data.resize(chunk_len(size, index) as usize, 0);
+    file.read_exact_at(data, index * CHUNK_BYTES)
+}
+
+/// A complete blob open for reading chunks; see [`BlobStore::reader`].
+#[derive(Debug)]
+pub struct ChunkReader {
+    file: File,
+    size: u64,
+    path: PathBuf,
+}
+
+impl ChunkReader {
+    /// The blob's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads chunk `index` into `data`, reusing its allocation.
+    pub fn read_chunk_into(&self, index: u64, data: &mut Vec<u8>) -> Result<(), BlobError> {
+        let count = chunk_count(self.size);
+        if index >= count {
+            return Err(TreeError::Index { index, count }.into());
+        }
+        read_chunk_into(&self.file, self.size, index, data).map_err(io(&self.path))
+    }
 }
 
 fn info(id: ContentId, meta: Meta) -> BlobInfo {

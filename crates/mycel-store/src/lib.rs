@@ -15,7 +15,7 @@ pub mod blobs;
 mod files;
 mod state;
 
-pub use blobs::{BlobError, BlobInfo, BlobStore};
+pub use blobs::{BlobError, BlobInfo, BlobStore, ChunkReader};
 pub use files::{load_or_create_identity, load_or_create_token, prepare_data_dir};
 pub use state::{KnownPeer, Store};
 

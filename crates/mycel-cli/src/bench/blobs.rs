@@ -10,7 +10,7 @@
 //!
 //! Every node is a separate `mycel node` process; fetches go through the fetcher's API
 //! (`POST /api/blobs/{cid}/fetch`), timed from the request to its completion event. The TCP
-//! copy and the single-provider fetch alternate, three rounds; medians are reported.
+//! copy and the single-provider fetch alternate, five rounds; medians are reported.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -346,7 +346,7 @@ fn run_blocking(args: BlobsBenchArgs) -> anyhow::Result<()> {
     let mut tcp = Vec::new();
     let mut single = Vec::new();
     let lone = Nodes(vec![provider(&exe, &dir.join("provider"), &file, None)?]);
-    for round in 0..3 {
+    for round in 0..5 {
         let out = dir.join("tcp-out.bin");
         let seconds = tcp_copy(&exe, &file, &out)?;
         std::fs::remove_file(&out)?;
