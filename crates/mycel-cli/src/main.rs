@@ -112,6 +112,10 @@ struct NodeArgs {
     /// Most bytes per second uploaded to peers (e.g. 20MiB); unlimited when not given.
     #[arg(long, value_parser = parse_bytes)]
     upload_limit: Option<u64>,
+    /// Serve models on demand: a request for a model id this node lacks fetches the model
+    /// from the peers that hold it, then serves it.
+    #[arg(long)]
+    serve_on_demand: bool,
 }
 
 /// A byte count: a number with an optional unit (B, KB, MB, GB, TB or KiB, MiB, GiB, TiB).
@@ -197,6 +201,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.max_queue = args.max_queue;
     config.blobs.quota = args.blob_quota;
     config.blobs.upload_limit = args.upload_limit;
+    config.serve_on_demand = args.serve_on_demand;
     config.limits.max_connections = args.max_connections;
     config.limits.max_missed_pings = args.max_missed_pings;
     config.timing.announce_ttl = std::time::Duration::from_secs(args.announce_ttl.max(2));

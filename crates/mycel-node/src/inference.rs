@@ -12,7 +12,7 @@
 //! percentile, a second starts on the next candidate and the first answer wins.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
@@ -36,6 +36,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::models::{ModelService, Piece, PieceSink, RunError, Runner};
+use crate::supply::ModelSupply;
 
 /// Task streams served at once; more are dropped (the requester fails over).
 const MAX_INBOUND_TASKS: usize = 256;
@@ -187,6 +188,8 @@ pub struct Inference {
     models: Arc<ModelService>,
     config: RouterConfig,
     state: Mutex<RouterState>,
+    /// Where models come from, when this node serves on demand.
+    supply: OnceLock<Arc<ModelSupply>>,
 }
 
 impl std::fmt::Debug for Inference {
@@ -217,6 +220,15 @@ impl Inference {
                 rng: StdRng::from_entropy(),
                 latencies_ms: VecDeque::new(),
             }),
+            supply: OnceLock::new(),
+        }
+    }
+
+    /// Lets requests for models this node lacks fetch and serve them (when `supply` serves
+    /// on demand).
+    pub fn set_supply(&self, supply: Arc<ModelSupply>) {
+        if supply.serves_on_demand() {
+            let _ = self.supply.set(supply);
         }
     }
 
@@ -231,6 +243,32 @@ impl Inference {
     pub async fn resolve(&self, name: &str, kind: ModelKind) -> Result<Target, RouteError> {
         let peers = self.net.peers().await.unwrap_or_default();
         let alive = || peers.iter().filter(|p| p.state == PeerState::Alive);
+        if let Some(supply) = self
+            .supply
+            .get()
+            .filter(|_| self.models.find(name).is_none())
+        {
+            // Serving on demand: a model asked for that peers announce is fetched in the
+            // background (the request goes to them meanwhile); one asked for by id that
+            // nobody announces is fetched first.
+            let announced = alive()
+                .flat_map(|p| p.capabilities.iter().flat_map(|c| &c.models))
+                .find(|o| o.kind == kind && (o.name == name || o.id.to_string() == name))
+                .map(|o| o.id);
+            match (announced, name.parse::<ContentId>()) {
+                (Some(id), _) => {
+                    let _ = supply.demand(id);
+                }
+                (None, Ok(id)) => {
+                    if let Some(demand) = supply.demand(id) {
+                        if let Err(e) = crate::supply::settled(demand).await {
+                            debug!(%id, "not served on demand: {e}");
+                        }
+                    }
+                }
+                (None, Err(_)) => {}
+            }
+        }
         let (offer, local) = match self.models.find(name).filter(|s| s.offer.kind == kind) {
             Some(served) => (served.offer.clone(), Some(served.runner.clone())),
             None => {
@@ -801,7 +839,13 @@ impl Inference {
         let served = models
             .iter()
             .find(|m| m.offer.id == request.model)
-            .ok_or(Refusal::UnknownModel)?;
+            .ok_or_else(|| {
+                // Serving on demand: fetch it for next time; this task goes elsewhere.
+                if let Some(supply) = self.supply.get() {
+                    let _ = supply.demand(request.model);
+                }
+                Refusal::UnknownModel
+            })?;
         let admission = self.models.admit().map_err(|_| Refusal::Busy {
             queue: u32::try_from(self.models.queue_depth()).unwrap_or(u32::MAX),
         })?;

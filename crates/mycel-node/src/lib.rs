@@ -12,6 +12,7 @@ pub mod blobs;
 pub mod inference;
 pub mod models;
 mod openai;
+pub mod supply;
 pub mod system;
 
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ use mycel_store::{BlobStore, KnownPeer, Store};
 use crate::blobs::{BlobConfig, BlobService};
 use crate::inference::{Inference, RouterConfig};
 use crate::models::ModelService;
+use crate::supply::ModelSupply;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -72,6 +74,9 @@ pub struct NodeConfig {
     pub router: RouterConfig,
     /// How blobs are kept, served and fetched.
     pub blobs: BlobConfig,
+    /// A request for a model id this node lacks makes it fetch the model from its holders
+    /// and serve it.
+    pub serve_on_demand: bool,
 }
 
 impl NodeConfig {
@@ -95,6 +100,7 @@ impl NodeConfig {
             max_queue: models::DEFAULT_MAX_QUEUE,
             router: RouterConfig::default(),
             blobs: BlobConfig::default(),
+            serve_on_demand: false,
         }
     }
 }
@@ -116,7 +122,8 @@ pub struct Node {
     pub inference: Arc<Inference>,
     /// Holds, serves and fetches blobs.
     pub blobs: Arc<BlobService>,
-    sys_root: PathBuf,
+    /// Fetches, loads and serves models.
+    pub supply: Arc<ModelSupply>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -139,6 +146,12 @@ impl Node {
         })
         .await
         .context("loading models")??;
+        let published: Vec<(PathBuf, mycel_core::id::ContentId)> = config
+            .models
+            .iter()
+            .cloned()
+            .zip(loaded.iter().map(|s| s.offer.id))
+            .collect();
         served.extend(loaded);
         let models = Arc::new(ModelService::new(served, max_queue));
         let known_peers = store
@@ -209,6 +222,25 @@ impl Node {
         blobs
             .provide_also(models.offers().iter().map(|o| o.id))
             .await;
+        let supply = Arc::new(ModelSupply::new(
+            blobs.clone(),
+            models.clone(),
+            net.clone(),
+            config.sys_root.clone(),
+            &dir,
+            config.engine,
+            config.serve_on_demand,
+        ));
+        inference.set_supply(supply.clone());
+        // The files of the models served from paths become blobs peers can fetch.
+        let publisher = supply.clone();
+        tasks.push(tokio::spawn(async move {
+            for (path, id) in published {
+                if let Err(e) = publisher.publish(&path, id).await {
+                    warn!("cannot publish the files of {}: {e:#}", path.display());
+                }
+            }
+        }));
         tasks.push(tokio::spawn(persist_peers(store.clone(), events)));
         tasks.push(tokio::spawn(refresh_capabilities(
             net.clone(),
@@ -247,59 +279,23 @@ impl Node {
             models,
             inference,
             blobs,
-            sys_root: config.sys_root.clone(),
+            supply,
             tasks,
         })
     }
 
-    /// Fetches the model blob `id` (a GGUF file, or a directory's manifest and its files)
-    /// from the network, pinned, and lays it out under `<data dir>/models/` (hard links into
-    /// the blob store, no copies); returns the path to load. `progress` shows the fetch.
+    /// Fetches the model blob `id` and lays it out to load; see [`ModelSupply::fetch`].
     pub async fn fetch_model(
         &self,
         id: mycel_core::id::ContentId,
         progress: &blobs::Progress,
     ) -> anyhow::Result<PathBuf> {
-        self.blobs
-            .fetch_tree(id, &[], true, progress)
-            .await
-            .with_context(|| format!("fetching the model {id}"))?;
-        let store = self.blobs.store().clone();
-        let models = self.data_dir.join("models");
-        let hex = id
-            .to_string()
-            .replace(mycel_core::id::CONTENT_ID_PREFIX, "");
-        tokio::task::spawn_blocking(move || -> anyhow::Result<PathBuf> {
-            std::fs::create_dir_all(&models)?;
-            let target = match store.manifest(&id)? {
-                Some(_) => models.join(&hex),
-                None => models.join(format!("{hex}.gguf")),
-            };
-            if !target.exists() {
-                let part = models.join(format!("{hex}.part"));
-                if part.exists() {
-                    let _ = std::fs::remove_dir_all(&part);
-                    let _ = std::fs::remove_file(&part);
-                }
-                store.link_out(&id, &part)?;
-                std::fs::rename(&part, &target)?;
-            }
-            Ok(target)
-        })
-        .await?
+        self.supply.fetch(id, progress).await
     }
 
-    /// Loads the model at `path` and serves it from now on: announced, provided in the DHT,
-    /// run for local and remote tasks.
+    /// Loads the model at `path` and serves it from now on; see [`ModelSupply::serve`].
     pub async fn serve_model(&self, path: PathBuf, engine: Engine) -> anyhow::Result<()> {
-        let served =
-            tokio::task::spawn_blocking(move || models::load_model(&path, engine)).await??;
-        let id = served.offer.id;
-        self.models.add(served);
-        self.blobs.provide_also([id]).await;
-        let capabilities = system::read_capabilities(&self.sys_root, &self.models);
-        self.net.refresh_capabilities(capabilities).await?;
-        Ok(())
+        self.supply.serve(path, engine).await.map(|_| ())
     }
 
     /// Stops the node cleanly.

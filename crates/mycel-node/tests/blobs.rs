@@ -13,6 +13,7 @@ use common::{addrs_of, local_config, wait_until};
 use futures::{AsyncWriteExt, StreamExt};
 use mycel_core::blob::{BlobFrame, BlobRequest, CHUNK_BYTES, MAX_BLOB_REQUEST_BYTES};
 use mycel_core::id::ContentId;
+use mycel_core::statement::ModelKind;
 use mycel_net::task::{read_frame, write_frame, BLOB_PROTOCOL};
 use mycel_net::{Multiaddr, NetHandle};
 use mycel_node::blobs::{BlobConfig, Progress};
@@ -325,4 +326,123 @@ async fn a_fetcher_that_crashes_keeps_no_partial_blob_and_resumes_where_it_stopp
 
     fetcher.shutdown().await;
     provider.shutdown().await;
+}
+
+/// A tiny embedding model directory with a README beside its files.
+fn tiny_model_dir(root: &Path) -> std::path::PathBuf {
+    let dir = root.join("tiny-bert");
+    mycel_ml::fixtures::write_tiny_bert(&dir).unwrap();
+    std::fs::write(dir.join("README.md"), "not part of the model").unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_served_from_a_path_is_published_under_its_id_and_a_peer_fetches_and_serves_it() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = tiny_model_dir(root.path());
+    let mut holder_config = config(&root.path().join("a"), vec![], None);
+    holder_config.models = vec![dir.clone()];
+    let holder = Node::start(holder_config).await.unwrap();
+    let id = holder.models.offers()[0].id;
+    // Its files (not the README) become a blob whose id is the model's id.
+    wait_until(LIMIT, "the model's files are published", || async {
+        holder.blobs.store().info(&id).unwrap().is_some()
+    })
+    .await;
+    let entries = holder.blobs.store().manifest(&id).unwrap().unwrap();
+    let names: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(names, mycel_ml::embed::EMBEDDER_FILES);
+    assert!(holder.blobs.store().info(&id).unwrap().unwrap().pinned);
+
+    let fetcher = start(&root.path().join("b"), addrs_of(&holder), None).await;
+    wait_provider(&fetcher, id, holder.net.peer_id()).await;
+    let path = fetcher.fetch_model(id, &Progress::default()).await.unwrap();
+    fetcher
+        .serve_model(path, mycel_ml::Engine::default())
+        .await
+        .unwrap();
+    let offers = fetcher.models.offers();
+    assert_eq!(offers.len(), 1);
+    assert_eq!(offers[0].id, id, "the fetched model has the same identity");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serving_on_demand_fetches_and_loads_a_model_asked_for_by_id_that_only_a_peer_holds()
+{
+    let root = tempfile::tempdir().unwrap();
+    let dir = tiny_model_dir(root.path());
+    let reference = mycel_ml::Embedder::load(&dir).unwrap();
+    // The holder keeps the model's files as a blob but does not serve the model.
+    let holder = start(&root.path().join("a"), vec![], None).await;
+    let id = holder
+        .blobs
+        .store()
+        .import_files(&dir, &mycel_ml::embed::EMBEDDER_FILES, 0, true)
+        .unwrap();
+    assert_eq!(id, reference.id(), "the blob's id is the model's id");
+    holder.blobs.announce().await;
+
+    let mut on_demand = config(&root.path().join("b"), addrs_of(&holder), None);
+    on_demand.serve_on_demand = true;
+    let node = Node::start(on_demand).await.unwrap();
+    wait_provider(&node, id, holder.net.peer_id()).await;
+    assert!(node.models.offers().is_empty());
+    let target = node
+        .inference
+        .resolve(&id.to_string(), ModelKind::Embedding)
+        .await
+        .unwrap();
+    assert!(target.local.is_some(), "fetched, verified and loaded first");
+    let texts = vec!["on demand".to_owned(), "a second sentence".to_owned()];
+    let embedded = node.inference.embed(&target, texts.clone()).await.unwrap();
+    assert_eq!(
+        embedded.worker,
+        node.net.peer_id(),
+        "run where it was loaded"
+    );
+    assert_eq!(embedded.vectors, reference.embed(&texts).unwrap().0);
+    assert!(node.blobs.store().info(&id).unwrap().unwrap().pinned);
+
+    // An id nobody holds: a clear refusal soon, not a wait for the fetch deadline.
+    let nobody = ContentId([7; 32]);
+    let started = std::time::Instant::now();
+    let target = node
+        .inference
+        .resolve(&nobody.to_string(), ModelKind::Embedding)
+        .await
+        .unwrap();
+    assert!(target.local.is_none());
+    assert!(node.inference.embed(&target, texts).await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(node.models.offers().len(), 1);
+
+    // A model a peer serves: the request goes to it at once, and the node on demand becomes
+    // a replica in the background.
+    let mut third = config(&root.path().join("c"), addrs_of(&node), None);
+    third.serve_on_demand = true;
+    let third = Node::start(third).await.unwrap();
+    wait_until(LIMIT, "the serving peer's announcement", || async {
+        third.net.peers().await.unwrap().iter().any(|p| {
+            p.capabilities
+                .iter()
+                .any(|c| c.models.iter().any(|m| m.id == id))
+        })
+    })
+    .await;
+    let target = third
+        .inference
+        .resolve(&id.to_string(), ModelKind::Embedding)
+        .await
+        .unwrap();
+    assert!(target.local.is_none(), "not waited for: a peer serves it");
+    let embedded = third
+        .inference
+        .embed(&target, vec!["x".into()])
+        .await
+        .unwrap();
+    assert_eq!(embedded.worker, node.net.peer_id());
+    wait_until(LIMIT, "the model is replicated on demand", || async {
+        third.models.offers().iter().any(|o| o.id == id)
+    })
+    .await;
 }

@@ -571,6 +571,30 @@ impl BlobStore {
             .id)
     }
 
+    /// Stores the files `names` of directory `root` and a manifest of exactly those (a
+    /// model's files without what lies beside them); returns the manifest's id.
+    pub fn import_files(
+        &self,
+        root: &Path,
+        names: &[&str],
+        now: u64,
+        pin: bool,
+    ) -> Result<ContentId, BlobError> {
+        let mut entries = Vec::with_capacity(names.len());
+        for name in names {
+            let full = root.join(name);
+            let file = File::open(&full).map_err(io(&full))?;
+            let id = self.import(file, now, pin)?.id;
+            entries.push(ManifestEntry {
+                path: (*name).to_owned(),
+                id,
+            });
+        }
+        Ok(self
+            .import(encode_manifest(&entries).as_slice(), now, pin)?
+            .id)
+    }
+
     /// Opens the complete blob `id` for reading (and marks it used now).
     pub fn open_blob(&self, id: &ContentId, now: u64) -> Result<(File, u64), BlobError> {
         let blob = self.touch(id, now, false)?;

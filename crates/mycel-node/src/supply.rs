@@ -1,0 +1,213 @@
+//! Where the models a node serves come from: paths given at start (their files published as
+//! a blob whose id is the model's id, so peers can fetch them), blobs fetched by content id,
+//! and, when the node serves on demand, any model id a request names that the node lacks.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use mycel_core::id::ContentId;
+use mycel_ml::Engine;
+use mycel_net::NetHandle;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::blobs::{BlobService, Progress};
+use crate::models::{self, ModelService};
+use crate::system;
+
+/// Models fetched on demand at once; further demands wait for a later request.
+const MAX_DEMANDS: usize = 2;
+
+/// How long an on-demand load looks for holders of the id before it gives up.
+const DEMAND_LOOKUP: Duration = Duration::from_secs(5);
+
+/// How a demanded model's load ended (`None` while it runs).
+pub type Demand = watch::Receiver<Option<Result<(), String>>>;
+
+/// Fetches, loads, publishes and serves models.
+#[derive(Debug)]
+pub struct ModelSupply {
+    blobs: Arc<BlobService>,
+    models: Arc<ModelService>,
+    net: NetHandle,
+    sys_root: PathBuf,
+    models_dir: PathBuf,
+    engine: Engine,
+    on_demand: bool,
+    demands: Mutex<HashMap<ContentId, Demand>>,
+}
+
+impl ModelSupply {
+    /// The supply of a node whose fetched models live under `data_dir/models`, loaded with
+    /// `engine`; `on_demand`: requests for model ids it lacks fetch and serve them.
+    pub fn new(
+        blobs: Arc<BlobService>,
+        models: Arc<ModelService>,
+        net: NetHandle,
+        sys_root: PathBuf,
+        data_dir: &Path,
+        engine: Engine,
+        on_demand: bool,
+    ) -> Self {
+        Self {
+            blobs,
+            models,
+            net,
+            sys_root,
+            models_dir: data_dir.join("models"),
+            engine,
+            on_demand,
+            demands: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether requests for models this node lacks make it fetch and serve them.
+    pub fn serves_on_demand(&self) -> bool {
+        self.on_demand
+    }
+
+    /// Fetches the model blob `id` (a GGUF file, or a directory's manifest and its files),
+    /// pinned, and lays it out under `<data dir>/models/` (hard links into the blob store, no
+    /// copies); returns the path to load. `progress` shows the fetch.
+    pub async fn fetch(&self, id: ContentId, progress: &Progress) -> anyhow::Result<PathBuf> {
+        self.blobs
+            .fetch_tree(id, &[], true, progress)
+            .await
+            .with_context(|| format!("fetching the model {id}"))?;
+        let store = self.blobs.store().clone();
+        let models = self.models_dir.clone();
+        let hex = id
+            .to_string()
+            .replace(mycel_core::id::CONTENT_ID_PREFIX, "");
+        tokio::task::spawn_blocking(move || -> anyhow::Result<PathBuf> {
+            std::fs::create_dir_all(&models)?;
+            let target = match store.manifest(&id)? {
+                Some(_) => models.join(&hex),
+                None => models.join(format!("{hex}.gguf")),
+            };
+            if !target.exists() {
+                let part = models.join(format!("{hex}.part"));
+                if part.exists() {
+                    let _ = std::fs::remove_dir_all(&part);
+                    let _ = std::fs::remove_file(&part);
+                }
+                store.link_out(&id, &part)?;
+                std::fs::rename(&part, &target)?;
+            }
+            Ok(target)
+        })
+        .await?
+    }
+
+    /// Loads the model at `path` and serves it from now on: announced, provided in the DHT,
+    /// run for local and remote tasks, its files published as a blob. Returns its id.
+    pub async fn serve(&self, path: PathBuf, engine: Engine) -> anyhow::Result<ContentId> {
+        let at = path.clone();
+        let served = tokio::task::spawn_blocking(move || models::load_model(&at, engine)).await??;
+        let id = served.offer.id;
+        self.models.add(served);
+        self.blobs.provide_also([id]).await;
+        let capabilities = system::read_capabilities(&self.sys_root, &self.models);
+        self.net.refresh_capabilities(capabilities).await?;
+        self.publish(&path, id).await?;
+        Ok(id)
+    }
+
+    /// Stores the files of the model served from `path` as the blob `id` (the model's id: the
+    /// file itself, or a manifest of exactly the files the model is loaded from), pinned, so
+    /// that peers can fetch the model. Nothing is done when the blob is already held, or for
+    /// a model named by hub repository (its files stay in the hub cache).
+    pub async fn publish(&self, path: &Path, id: ContentId) -> anyhow::Result<()> {
+        if mycel_ml::hub::is_hub_name(&path.to_string_lossy()) {
+            return Ok(());
+        }
+        let store = self.blobs.store().clone();
+        let shown = path.display().to_string();
+        let path = path.to_path_buf();
+        let published = tokio::task::spawn_blocking(move || -> anyhow::Result<ContentId> {
+            if store.info(&id)?.is_some() {
+                store.set_pinned(&id, true)?;
+                return Ok(id);
+            }
+            let now = mycel_net::now_ms();
+            Ok(if path.is_file() {
+                store.import_path(&path, now, true)?
+            } else {
+                store.import_files(&path, &mycel_ml::embed::EMBEDDER_FILES, now, true)?
+            })
+        })
+        .await??;
+        anyhow::ensure!(
+            published == id,
+            "the files of {shown} hash to {published}, not to the model's id {id}"
+        );
+        self.blobs.announce().await;
+        Ok(())
+    }
+
+    /// Starts fetching and serving model `id`, or joins the load already under way. Returns
+    /// `None` when the node does not serve on demand or already runs its most loads.
+    pub fn demand(self: &Arc<Self>, id: ContentId) -> Option<Demand> {
+        if !self.on_demand {
+            return None;
+        }
+        let mut demands = self.demands.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(under_way) = demands.get(&id) {
+            return Some(under_way.clone());
+        }
+        if demands.len() >= MAX_DEMANDS {
+            return None;
+        }
+        let (done, demand) = watch::channel(None);
+        demands.insert(id, demand.clone());
+        let supply = self.clone();
+        tokio::spawn(async move {
+            let outcome = supply.fetch_and_serve(id).await;
+            match &outcome {
+                Ok(()) => info!(%id, "model fetched and served on demand"),
+                Err(e) => warn!(%id, "cannot serve the model on demand: {e:#}"),
+            }
+            supply
+                .demands
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            let _ = done.send(Some(outcome.map_err(|e| format!("{e:#}"))));
+        });
+        Some(demand)
+    }
+
+    async fn fetch_and_serve(&self, id: ContentId) -> anyhow::Result<()> {
+        // A quick look first: an id nobody holds must not keep a load slot for the whole
+        // fetch deadline.
+        let holders = tokio::time::timeout(DEMAND_LOOKUP, self.net.find_providers(id))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let own = self.net.peer_id();
+        anyhow::ensure!(holders.iter().any(|p| *p != own), "no peer holds {id}");
+        let path = self.fetch(id, &Progress::default()).await?;
+        let served = self.serve(path, self.engine).await?;
+        anyhow::ensure!(
+            served == id,
+            "the blob {id} holds the model {served}, not the one asked for"
+        );
+        Ok(())
+    }
+}
+
+/// Waits until `demand` ends.
+pub async fn settled(mut demand: Demand) -> Result<(), String> {
+    loop {
+        if let Some(outcome) = demand.borrow_and_update().clone() {
+            return outcome;
+        }
+        if demand.changed().await.is_err() {
+            return Err("the load stopped".into());
+        }
+    }
+}
