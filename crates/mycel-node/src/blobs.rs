@@ -39,8 +39,12 @@ const MAX_INBOUND_STREAMS: usize = 64;
 /// Chunks of one request being verified and written at once while the next arrive.
 const WRITES_IN_FLIGHT: usize = 3;
 
-/// How often a fetch looks for more providers while chunks flow.
+/// How often a fetch looks for more providers while chunks flow (at most; the first look
+/// comes after [`FIRST_REFRESH`], and the wait doubles up to this).
 const PROVIDER_REFRESH: Duration = Duration::from_secs(1);
+
+/// When a fetch first looks again for providers.
+const FIRST_REFRESH: Duration = Duration::from_millis(100);
 
 /// Longest wait between two rounds of a fetch.
 const MAX_PAUSE: Duration = Duration::from_millis(500);
@@ -405,9 +409,13 @@ impl BlobService {
                         workers.push(self.pull(peer, id, &queue, progress));
                     }
                 }
-                // Providers that turn up while the chunks flow join in.
-                let mut refresh =
-                    tokio::time::interval_at(Instant::now() + PROVIDER_REFRESH, PROVIDER_REFRESH);
+                // Providers that turn up while the chunks flow join in: looked up soon after
+                // the start (a first lookup may have heard only the quickest holders), then
+                // less often. The lookup runs beside the transfers, never in their way.
+                let mut every = FIRST_REFRESH;
+                let refresh = tokio::time::sleep(every);
+                tokio::pin!(refresh);
+                let mut lookup: Option<futures::future::BoxFuture<'static, Vec<PeerId>>> = None;
                 loop {
                     tokio::select! {
                         outcome = workers.next() => {
@@ -424,16 +432,28 @@ impl BlobService {
                                 Pulled::Store(e) => return Err(e.into()),
                             }
                         }
-                        _ = refresh.tick() => {
-                            let lookup = self.net.find_providers(id);
-                            if let Ok(Ok(found)) = tokio::time::timeout(PROVIDER_REFRESH, lookup).await {
-                                let found: Vec<PeerId> =
-                                    found.into_iter().filter(|p| *p != own).collect();
-                                for peer in joining(&found, &mut working, &excluded) {
-                                    debug!(%id, %peer, "another provider joins the fetch");
-                                    for _ in 0..self.config.streams_per_provider {
-                                        workers.push(self.pull(peer, id, &queue, progress));
-                                    }
+                        () = &mut refresh, if lookup.is_none() => {
+                            let net = self.net.clone();
+                            lookup = Some(Box::pin(async move {
+                                tokio::time::timeout(PROVIDER_REFRESH, net.find_providers(id))
+                                    .await
+                                    .ok()
+                                    .and_then(Result::ok)
+                                    .unwrap_or_default()
+                            }));
+                        }
+                        found = async { lookup.as_mut().expect("a lookup under way").await },
+                            if lookup.is_some() =>
+                        {
+                            lookup = None;
+                            every = (every * 2).min(PROVIDER_REFRESH);
+                            refresh.as_mut().reset(Instant::now() + every);
+                            let found: Vec<PeerId> =
+                                found.into_iter().filter(|p| *p != own).collect();
+                            for peer in joining(&found, &mut working, &excluded) {
+                                debug!(%id, %peer, "another provider joins the fetch");
+                                for _ in 0..self.config.streams_per_provider {
+                                    workers.push(self.pull(peer, id, &queue, progress));
                                 }
                             }
                         }
