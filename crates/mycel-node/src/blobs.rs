@@ -36,6 +36,9 @@ use tracing::{debug, warn};
 /// Blob requests answered at once; streams beyond are dropped.
 const MAX_INBOUND_STREAMS: usize = 64;
 
+/// How long a blob stream may wait for its next request.
+const STREAM_IDLE: Duration = Duration::from_secs(30);
+
 /// Chunks of one request being verified and written at once while the next arrive.
 const WRITES_IN_FLIGHT: usize = 3;
 
@@ -228,21 +231,37 @@ impl BlobService {
         }
     }
 
+    /// Answers the requests of one stream in turn (a fetcher keeps its stream for many: a
+    /// fresh yamux stream starts with a 256 KiB window and grows it only as data flows),
+    /// until the peer closes it, goes quiet for [`STREAM_IDLE`], or is refused.
     async fn answer(&self, peer: PeerId, mut stream: Stream) -> std::io::Result<()> {
-        let request = match read_frame::<BlobRequest>(&mut stream, MAX_BLOB_REQUEST_BYTES).await {
-            Ok(Some(request)) => request,
-            Ok(None) => return Ok(()),
-            Err(FrameError::Io(e)) => return Err(e),
-            Err(FrameError::Rejected(reason)) => {
-                self.net.penalise(peer, reason).await;
-                let refusal = BlobFrame::Refused(format!("bad request: {reason}"));
-                return write_frame(&mut stream, &refusal).await;
+        loop {
+            let next = read_frame::<BlobRequest>(&mut stream, MAX_BLOB_REQUEST_BYTES);
+            let request = match tokio::time::timeout(STREAM_IDLE, next).await {
+                Err(_) | Ok(Ok(None)) => break,
+                Ok(Ok(Some(request))) => request,
+                Ok(Err(FrameError::Io(e))) => return Err(e),
+                Ok(Err(FrameError::Rejected(reason))) => {
+                    self.net.penalise(peer, reason).await;
+                    let refusal = BlobFrame::Refused(format!("bad request: {reason}"));
+                    write_frame(&mut stream, &refusal).await?;
+                    break;
+                }
+            };
+            if let Err(reason) = request.check() {
+                self.net.penalise(peer, Rejection::Malformed).await;
+                write_frame(&mut stream, &BlobFrame::Refused(reason)).await?;
+                break;
             }
-        };
-        if let Err(reason) = request.check() {
-            self.net.penalise(peer, Rejection::Malformed).await;
-            return write_frame(&mut stream, &BlobFrame::Refused(reason)).await;
+            if !self.answer_one(request, &mut stream).await? {
+                break;
+            }
         }
+        futures::AsyncWriteExt::close(&mut stream).await
+    }
+
+    /// Answers one request; `false` when the stream should end after it.
+    async fn answer_one(&self, request: BlobRequest, stream: &mut Stream) -> std::io::Result<bool> {
         match request {
             BlobRequest::Outboard { id } => {
                 let outboard = self
@@ -255,14 +274,16 @@ impl BlobService {
                     Ok(Some(outboard)) => BlobFrame::Outboard(outboard.to_bytes()),
                     _ => BlobFrame::NotFound,
                 };
-                write_frame(&mut stream, &frame).await
+                write_frame(stream, &frame).await?;
+                futures::AsyncWriteExt::flush(stream).await?;
+                Ok(true)
             }
             BlobRequest::Chunks { id, chunks } => {
                 let reader = match self.blocking(move |s| s.reader(&id)).await {
                     Ok(reader) => reader,
                     Err(e) => {
-                        write_frame(&mut stream, &chunk_error(id, e)).await?;
-                        return futures::AsyncWriteExt::close(&mut stream).await;
+                        write_frame(stream, &chunk_error(id, e)).await?;
+                        return Ok(false);
                     }
                 };
                 // One blocking task reads the chunks in order, a couple ahead of the one sent.
@@ -283,19 +304,19 @@ impl BlobService {
                         Ok(data) => {
                             self.pace(data.len() as u64).await;
                             let len = data.len() as u32;
-                            write_frame(&mut stream, &BlobFrame::Chunk { index, len }).await?;
-                            futures::AsyncWriteExt::write_all(&mut stream, &data).await?;
-                            futures::AsyncWriteExt::flush(&mut stream).await?;
+                            write_frame(stream, &BlobFrame::Chunk { index, len }).await?;
+                            futures::AsyncWriteExt::write_all(stream, &data).await?;
+                            futures::AsyncWriteExt::flush(stream).await?;
                             self.pool.put(data);
                             self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
-                            write_frame(&mut stream, &chunk_error(id, e)).await?;
-                            break;
+                            write_frame(stream, &chunk_error(id, e)).await?;
+                            return Ok(false);
                         }
                     }
                 }
-                futures::AsyncWriteExt::close(&mut stream).await
+                Ok(true)
             }
         }
     }
@@ -536,6 +557,9 @@ impl BlobService {
         queue: &Mutex<VecDeque<u64>>,
         progress: &Progress,
     ) -> (PeerId, Pulled) {
+        // One stream for all the worker's requests: its flow-control window, once grown,
+        // stays grown.
+        let mut stream = None;
         loop {
             let batch: Vec<u64> = {
                 let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -547,7 +571,7 @@ impl BlobService {
             }
             let mut pending: VecDeque<u64> = batch.iter().copied().collect();
             let outcome = self
-                .pull_batch(peer, id, batch, &mut pending, progress)
+                .pull_batch(peer, id, batch, &mut pending, progress, &mut stream)
                 .await;
             if !pending.is_empty() {
                 let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -559,8 +583,9 @@ impl BlobService {
         }
     }
 
-    /// Pulls `batch` from `peer`, removing each verified chunk from `pending`. `None` when the
-    /// whole batch arrived.
+    /// Pulls `batch` from `peer` over `open` (opened first if `None`; left `None` when the
+    /// stream failed), removing each verified chunk from `pending`. `None` when the whole
+    /// batch arrived.
     async fn pull_batch(
         &self,
         peer: PeerId,
@@ -568,10 +593,15 @@ impl BlobService {
         batch: Vec<u64>,
         pending: &mut VecDeque<u64>,
         progress: &Progress,
+        open: &mut Option<Stream>,
     ) -> Option<Pulled> {
         let timeout = self.config.request_timeout;
+        let kept = open.take();
         let opened = tokio::time::timeout(timeout, async {
-            let mut stream = self.net.open_stream(peer, BLOB_PROTOCOL).await?;
+            let mut stream = match kept {
+                Some(stream) => stream,
+                None => self.net.open_stream(peer, BLOB_PROTOCOL).await?,
+            };
             write_frame(&mut stream, &BlobRequest::Chunks { id, chunks: batch })
                 .await
                 .map_err(|e| mycel_net::NetError::Other(e.to_string()))?;
@@ -621,6 +651,9 @@ impl BlobService {
             }
             if ended.is_some() || next == order.len() {
                 if writes.is_empty() {
+                    if ended.is_none() {
+                        *open = Some(stream);
+                    }
                     return ended;
                 }
                 continue;
