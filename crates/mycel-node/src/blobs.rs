@@ -30,6 +30,7 @@ use mycel_net::task::{
 };
 use mycel_net::{now_ms, NetHandle, PeerId};
 use mycel_store::{BlobError, BlobInfo, BlobStore};
+use tokio::sync::oneshot::error::TryRecvError;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -422,12 +423,14 @@ impl BlobService {
                 .done
                 .store(outboard.size - missing_bytes, Ordering::Relaxed);
             if !missing.is_empty() {
+                let writer = Writer::start(self.store.clone(), self.pool.clone(), id);
+                let writer = &writer;
                 let queue = Mutex::new(missing.into_iter().collect::<VecDeque<u64>>());
                 let mut workers = futures::stream::FuturesUnordered::new();
                 let mut working: HashSet<PeerId> = HashSet::new();
                 for peer in joining(&providers, &mut working, &excluded) {
                     for _ in 0..self.config.streams_per_provider {
-                        workers.push(self.pull(peer, id, &queue, progress));
+                        workers.push(self.pull(peer, id, &queue, progress, writer));
                     }
                 }
                 // Providers that turn up while the chunks flow join in: looked up soon after
@@ -474,7 +477,7 @@ impl BlobService {
                             for peer in joining(&found, &mut working, &excluded) {
                                 debug!(%id, %peer, "another provider joins the fetch");
                                 for _ in 0..self.config.streams_per_provider {
-                                    workers.push(self.pull(peer, id, &queue, progress));
+                                    workers.push(self.pull(peer, id, &queue, progress, writer));
                                 }
                             }
                         }
@@ -556,6 +559,7 @@ impl BlobService {
         id: ContentId,
         queue: &Mutex<VecDeque<u64>>,
         progress: &Progress,
+        writer: &Writer,
     ) -> (PeerId, Pulled) {
         // One stream for all the worker's requests: its flow-control window, once grown,
         // stays grown.
@@ -571,7 +575,7 @@ impl BlobService {
             }
             let mut pending: VecDeque<u64> = batch.iter().copied().collect();
             let outcome = self
-                .pull_batch(peer, id, batch, &mut pending, progress, &mut stream)
+                .pull_batch(peer, id, batch, &mut pending, progress, &mut stream, writer)
                 .await;
             if !pending.is_empty() {
                 let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -594,6 +598,7 @@ impl BlobService {
         pending: &mut VecDeque<u64>,
         progress: &Progress,
         open: &mut Option<Stream>,
+        writer: &Writer,
     ) -> Option<Pulled> {
         let timeout = self.config.request_timeout;
         let kept = open.take();
@@ -616,20 +621,23 @@ impl BlobService {
         // Chunks are verified and written while the next ones arrive: a few writes in
         // flight, settled in order.
         let order: Vec<u64> = pending.iter().copied().collect();
-        let mut writes: VecDeque<(u64, tokio::task::JoinHandle<Result<(), BlobError>>)> =
-            VecDeque::new();
+        let mut writes: VecDeque<(u64, Written)> = VecDeque::new();
         let mut next = 0;
         let mut ended: Option<Pulled> = None;
         loop {
             let reading = ended.is_none() && next < order.len();
-            while let Some((_, handle)) = writes.front() {
-                if reading && writes.len() < WRITES_IN_FLIGHT && !handle.is_finished() {
+            loop {
+                let in_flight = writes.len();
+                let Some((_, done)) = writes.front_mut() else {
                     break;
-                }
-                let (index, handle) = writes.pop_front().expect("a write in flight");
-                let written = handle
-                    .await
-                    .unwrap_or_else(|e| Err(BlobError::Index(format!("write task failed: {e}"))));
+                };
+                let written = match done.try_recv() {
+                    Ok(written) => written,
+                    Err(TryRecvError::Empty) if reading && in_flight < WRITES_IN_FLIGHT => break,
+                    Err(TryRecvError::Empty) => done.await.unwrap_or_else(|_| Err(writer_gone())),
+                    Err(TryRecvError::Closed) => Err(writer_gone()),
+                };
+                let (index, _) = writes.pop_front().expect("a write in flight");
                 match written {
                     Ok(()) => {
                         pending.retain(|i| *i != index);
@@ -694,18 +702,66 @@ impl BlobService {
                     continue;
                 }
             };
-            let (store, pool) = (self.store.clone(), self.pool.clone());
-            writes.push_back((
-                expected,
-                tokio::task::spawn_blocking(move || {
-                    let written = store.write_chunk(&id, expected, &data);
-                    pool.put(data);
-                    written
-                }),
-            ));
+            writes.push_back((expected, writer.write(expected, data).await));
             next += 1;
         }
     }
+}
+
+/// How a chunk's verification and write ended.
+type Written = tokio::sync::oneshot::Receiver<Result<(), BlobError>>;
+
+/// A chunk for the writer, and where to say how it went.
+type WriteJob = (
+    u64,
+    Vec<u8>,
+    tokio::sync::oneshot::Sender<Result<(), BlobError>>,
+);
+
+/// The threads that verify and write the chunks of one fetch. A few long-lived threads fed
+/// from a queue rather than a blocking task per chunk: under load they never sleep between
+/// chunks, so chunks cost no thread wake-ups, and there are two so that one can sync while
+/// the other writes.
+struct Writer {
+    jobs: tokio::sync::mpsc::Sender<WriteJob>,
+}
+
+/// Threads per fetch that verify and write.
+const WRITER_THREADS: usize = 2;
+
+impl Writer {
+    fn start(store: Arc<BlobStore>, pool: Arc<ChunkPool>, id: ContentId) -> Self {
+        let (jobs, queue) = tokio::sync::mpsc::channel::<WriteJob>(16);
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..WRITER_THREADS {
+            let (store, pool, queue) = (store.clone(), pool.clone(), queue.clone());
+            tokio::task::spawn_blocking(move || loop {
+                let job = queue
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .blocking_recv();
+                let Some((index, data, done)) = job else {
+                    break;
+                };
+                let written = store.write_chunk(&id, index, &data);
+                pool.put(data);
+                let _ = done.send(written);
+            });
+        }
+        Self { jobs }
+    }
+
+    /// Queues chunk `index` to be verified and written.
+    async fn write(&self, index: u64, data: Vec<u8>) -> Written {
+        let (done, written) = tokio::sync::oneshot::channel();
+        // The threads live as long as this sender; a failed send shows as a closed `done`.
+        let _ = self.jobs.send((index, data, done)).await;
+        written
+    }
+}
+
+fn writer_gone() -> BlobError {
+    BlobError::Index("the chunk writer stopped".into())
 }
 
 /// The frame that tells a fetcher why a chunk of `id` cannot be served.

@@ -808,6 +808,15 @@ impl BlobStore {
             marks.1 += 1;
             (marks.1 % MARKS_SAVED_EVERY == 0).then(|| marks.0.clone())
         };
+        if save.is_some() {
+            // Written data goes to disk while the rest arrives, not all at the end: the
+            // final sync then has little left to do. (Not under the write lock: other
+            // chunks keep being written meanwhile.)
+            fetching
+                .file
+                .sync_data()
+                .map_err(io(&self.partial_path(id)))?;
+        }
         match save {
             Some(marks) => self.save_marks(id, &marks),
             None => Ok(()),

@@ -296,7 +296,8 @@ pub(crate) async fn run(args: BlobsBenchArgs) -> anyhow::Result<()> {
 /// Touches and frees `bytes` of memory. This machine is a VM whose memory the host backs on
 /// first touch: page cache written into never-used guest pages costs several times more
 /// (~0.5 GB/s here, against ~5 GB/s for pages used before), and whichever side of a
-/// comparison first needs fresh pages would pay for it. Both sides run after this.
+/// comparison first needs fresh pages would pay for it. Both sides run after this, every
+/// round (pages freed once may be handed back to the host and be cold again later).
 fn warm_memory(bytes: u64) {
     let mut block = vec![0u8; bytes as usize];
     for i in (0..block.len()).step_by(4096) {
@@ -348,10 +349,12 @@ fn run_blocking(args: BlobsBenchArgs) -> anyhow::Result<()> {
     let lone = Nodes(vec![provider(&exe, &dir.join("provider"), &file, None)?]);
     for round in 0..5 {
         let out = dir.join("tcp-out.bin");
+        warm_memory((3 * args.size).min(6 << 30));
         let seconds = tcp_copy(&exe, &file, &out)?;
         std::fs::remove_file(&out)?;
         tcp.push(size_mb / seconds);
         let fetcher_dir = dir.join(format!("fetcher-single-{round}"));
+        warm_memory((3 * args.size).min(6 << 30));
         let (seconds, _) = fetch(&exe, &fetcher_dir, &[&lone.0[0]], &id)?;
         std::fs::remove_dir_all(&fetcher_dir)?;
         single.push(size_mb / seconds);
@@ -369,9 +372,11 @@ fn run_blocking(args: BlobsBenchArgs) -> anyhow::Result<()> {
         .map(|i| provider(&exe, &dir.join(format!("limited-{i}")), &file, Some(limit)))
         .collect::<anyhow::Result<_>>()?;
     let limited = Nodes(limited);
+    warm_memory((3 * args.size).min(6 << 30));
     let (one_s, _) = fetch(&exe, &dir.join("fetcher-one"), &[&limited.0[0]], &id)?;
     std::fs::remove_dir_all(dir.join("fetcher-one"))?;
     let all: Vec<&NodeChild> = limited.0.iter().collect();
+    warm_memory((3 * args.size).min(6 << 30));
     let (three_s, _) = fetch(&exe, &dir.join("fetcher-three"), &all, &id)?;
     std::fs::remove_dir_all(dir.join("fetcher-three"))?;
     drop(limited);
