@@ -430,7 +430,7 @@ impl BlobService {
                 let mut working: HashSet<PeerId> = HashSet::new();
                 for peer in joining(&providers, &mut working, &excluded) {
                     for _ in 0..self.config.streams_per_provider {
-                        workers.push(self.pull(peer, id, &queue, progress, writer));
+                        workers.push(self.pull(peer, &queue, progress, writer));
                     }
                 }
                 // Providers that turn up while the chunks flow join in: looked up soon after
@@ -477,7 +477,7 @@ impl BlobService {
                             for peer in joining(&found, &mut working, &excluded) {
                                 debug!(%id, %peer, "another provider joins the fetch");
                                 for _ in 0..self.config.streams_per_provider {
-                                    workers.push(self.pull(peer, id, &queue, progress, writer));
+                                    workers.push(self.pull(peer, &queue, progress, writer));
                                 }
                             }
                         }
@@ -556,7 +556,6 @@ impl BlobService {
     async fn pull(
         &self,
         peer: PeerId,
-        id: ContentId,
         queue: &Mutex<VecDeque<u64>>,
         progress: &Progress,
         writer: &Writer,
@@ -575,7 +574,7 @@ impl BlobService {
             }
             let mut pending: VecDeque<u64> = batch.iter().copied().collect();
             let outcome = self
-                .pull_batch(peer, id, batch, &mut pending, progress, &mut stream, writer)
+                .pull_batch(peer, batch, &mut pending, progress, &mut stream, writer)
                 .await;
             if !pending.is_empty() {
                 let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -593,13 +592,13 @@ impl BlobService {
     async fn pull_batch(
         &self,
         peer: PeerId,
-        id: ContentId,
         batch: Vec<u64>,
         pending: &mut VecDeque<u64>,
         progress: &Progress,
         open: &mut Option<Stream>,
         writer: &Writer,
     ) -> Option<Pulled> {
+        let id = writer.id;
         let timeout = self.config.request_timeout;
         let kept = open.take();
         let opened = tokio::time::timeout(timeout, async {
@@ -723,6 +722,8 @@ type WriteJob = (
 /// chunks, so chunks cost no thread wake-ups, and there are two so that one can sync while
 /// the other writes.
 struct Writer {
+    /// The blob fetched.
+    id: ContentId,
     jobs: tokio::sync::mpsc::Sender<WriteJob>,
 }
 
@@ -748,7 +749,7 @@ impl Writer {
                 let _ = done.send(written);
             });
         }
-        Self { jobs }
+        Self { id, jobs }
     }
 
     /// Queues chunk `index` to be verified and written.
