@@ -8,6 +8,10 @@
 //! - [`statement`]: signed, attributable statements nodes gossip (capability announcements,
 //!   failure reports) and their bounded decoding.
 //! - [`id`]: content ids (BLAKE3) of blobs and models.
+//! - [`aggregate`]: combining federated-training updates (FedAvg and Byzantine-robust rules)
+//!   and server optimizers.
+//! - [`compress`]: top-k sparsification with error feedback and int8 quantisation of
+//!   updates.
 //! - [`blob`]: blobs as BLAKE3 trees (chunks verified one at a time against the id) and
 //!   directory manifests.
 //! - [`membership`]: who is alive, who has failed, and what each peer offers.
@@ -20,7 +24,9 @@
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+pub mod aggregate;
 pub mod blob;
+pub mod compress;
 pub mod id;
 pub mod membership;
 pub mod ratelimit;

@@ -5,6 +5,8 @@
 //! Every model has a [`ContentId`]: BLAKE3 over the files it is loaded from (see
 //! [`files::model_id`]), which is what nodes announce and what requests name.
 //!
+//! [`train`] trains small classifiers (logistic regression, MLPs) for federated jobs.
+//!
 //! Nothing here knows about the network; `mycel-node` runs these models for local and remote
 //! tasks. Models are plain structs with methods, as in candle.
 
@@ -19,6 +21,7 @@ pub mod gguf_tokenizer;
 pub mod hub;
 mod llama;
 pub mod qmatmul;
+pub mod train;
 
 pub use embed::Embedder;
 pub use generate::{
