@@ -3,6 +3,7 @@
 mod bench;
 mod blobs;
 mod client;
+mod train;
 mod up;
 
 use std::net::SocketAddr;
@@ -46,6 +47,10 @@ enum Command {
     Unpin(blobs::CidArgs),
     /// List the blobs a node holds.
     Blobs(client::ClientArgs),
+    /// Run a federated training job (a TOML spec) from a node, showing each round.
+    Train(train::TrainArgs),
+    /// List a node's training jobs.
+    Jobs(client::ClientArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -116,6 +121,35 @@ struct NodeArgs {
     /// from the peers that hold it, then serves it.
     #[arg(long)]
     serve_on_demand: bool,
+    /// A dataset for federated training (repeatable), announced by tag and size only:
+    /// TAG=SOURCE, SOURCE a .csv or .npy file (class in the last column) or
+    /// sklearn-digits[:train|test][:K/N][:dirichlet=A] (the shipped digits data).
+    #[arg(long = "dataset", value_name = "TAG=SOURCE", value_parser = parse_dataset)]
+    datasets: Vec<(String, String)>,
+    /// This node is on a metered network (training jobs may exclude it).
+    #[arg(long)]
+    metered: bool,
+    /// Poison every training update (sign-flip or noise): for tests of robust aggregation.
+    #[arg(long, hide = true, value_parser = parse_attack)]
+    train_attack: Option<mycel_core::fl::Attack>,
+}
+
+fn parse_dataset(s: &str) -> Result<(String, String), String> {
+    let (tag, source) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?}: expected TAG=SOURCE, e.g. digits=sklearn-digits:train:0/4")
+    })?;
+    if tag.is_empty() || source.is_empty() {
+        return Err(format!("{s:?}: expected TAG=SOURCE"));
+    }
+    Ok((tag.to_owned(), source.to_owned()))
+}
+
+pub(crate) fn parse_attack(s: &str) -> Result<mycel_core::fl::Attack, String> {
+    match s {
+        "sign-flip" | "sign_flip" => Ok(mycel_core::fl::Attack::SignFlip),
+        "noise" => Ok(mycel_core::fl::Attack::Noise),
+        _ => Err(format!("{s:?}: expected sign-flip or noise")),
+    }
 }
 
 /// A byte count: a number with an optional unit (B, KB, MB, GB, TB or KiB, MiB, GiB, TiB).
@@ -202,6 +236,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.blobs.quota = args.blob_quota;
     config.blobs.upload_limit = args.upload_limit;
     config.serve_on_demand = args.serve_on_demand;
+    config.datasets = args.datasets;
+    config.metered = args.metered;
+    config.train_attack = args.train_attack;
     config.limits.max_connections = args.max_connections;
     config.limits.max_missed_pings = args.max_missed_pings;
     config.timing.announce_ttl = std::time::Duration::from_secs(args.announce_ttl.max(2));
@@ -323,6 +360,8 @@ fn main() -> std::process::ExitCode {
             Command::Pin(args) => blobs::pin(args),
             Command::Unpin(args) => blobs::unpin(args),
             Command::Blobs(args) => blobs::list(args),
+            Command::Train(args) => train::train(args),
+            Command::Jobs(args) => train::jobs(args),
             Command::Bench(command) => bench::run(command).await,
         }
     });

@@ -12,6 +12,8 @@
 //!   and server optimizers.
 //! - [`compress`]: top-k sparsification with error feedback and int8 quantisation of
 //!   updates.
+//! - [`fl`]: federated training jobs, participant selection and the training protocol's
+//!   messages.
 //! - [`blob`]: blobs as BLAKE3 trees (chunks verified one at a time against the id) and
 //!   directory manifests.
 //! - [`membership`]: who is alive, who has failed, and what each peer offers.
@@ -27,6 +29,7 @@
 pub mod aggregate;
 pub mod blob;
 pub mod compress;
+pub mod fl;
 pub mod id;
 pub mod membership;
 pub mod ratelimit;

@@ -62,6 +62,23 @@ pub struct Capabilities {
     pub load: Load,
     /// Power state, where the platform exposes one.
     pub power: Option<PowerState>,
+    /// Datasets held for federated training (tag and size only; the data stays).
+    #[serde(default)]
+    pub datasets: Vec<DatasetOffer>,
+    /// Whether the node is on a metered network.
+    #[serde(default)]
+    pub metered: bool,
+}
+
+/// A dataset a node holds for federated training.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DatasetOffer {
+    /// The tag jobs name.
+    pub tag: String,
+    /// Samples held.
+    pub samples: u64,
+    /// Digest of the data (never the data itself).
+    pub digest: ContentId,
 }
 
 impl Capabilities {
@@ -71,6 +88,8 @@ impl Capabilities {
     pub fn differs_significantly(&self, other: &Self) -> bool {
         const UTILISATION_STEP: f32 = 0.25;
         self.models != other.models
+            || self.datasets != other.datasets
+            || self.metered != other.metered
             || self.hardware != other.hardware
             || power_differs(self.power.as_ref(), other.power.as_ref())
             || self.load.queue_depth != other.load.queue_depth
@@ -273,6 +292,11 @@ impl SignedStatement {
                 || a.addrs.len() > MAX_ANNOUNCED_ADDRS
                 || a.addrs.iter().any(|x| x.len() > MAX_ADDR_LEN)
                 || models.len() > MAX_ANNOUNCED_MODELS
+                || a.capabilities.datasets.len() > MAX_ANNOUNCED_MODELS
+                || a.capabilities
+                    .datasets
+                    .iter()
+                    .any(|d| d.tag.len() > MAX_MODEL_NAME_LEN)
                 || models.iter().any(|m| {
                     m.name.len() > MAX_MODEL_NAME_LEN || m.engine.len() > MAX_MODEL_NAME_LEN
                 })

@@ -5,7 +5,8 @@
 //! Every model has a [`ContentId`]: BLAKE3 over the files it is loaded from (see
 //! [`files::model_id`]), which is what nodes announce and what requests name.
 //!
-//! [`train`] trains small classifiers (logistic regression, MLPs) for federated jobs.
+//! [`train`] trains small classifiers (logistic regression, MLPs) for federated jobs on data
+//! [`data`] loads (CSV, NPY, the shipped scikit-learn digits, benchmark partitions).
 //!
 //! Nothing here knows about the network; `mycel-node` runs these models for local and remote
 //! tasks. Models are plain structs with methods, as in candle.
@@ -13,6 +14,7 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 mod bert;
+pub mod data;
 pub mod embed;
 pub mod files;
 pub mod fixtures;

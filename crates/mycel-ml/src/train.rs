@@ -31,6 +31,20 @@ pub enum Architecture {
     },
 }
 
+impl From<&mycel_core::fl::ModelSpec> for Architecture {
+    fn from(spec: &mycel_core::fl::ModelSpec) -> Self {
+        match spec {
+            mycel_core::fl::ModelSpec::Logistic { inputs, classes } => Architecture::Logistic {
+                inputs: *inputs,
+                classes: *classes,
+            },
+            mycel_core::fl::ModelSpec::Mlp { layers } => Architecture::Mlp {
+                layers: layers.clone(),
+            },
+        }
+    }
+}
+
 impl Architecture {
     /// Layer widths, inputs first.
     fn widths(&self) -> Vec<usize> {
@@ -82,10 +96,15 @@ impl Dataset {
     }
 
     /// A CSV file of numbers, one example per line, the class in the last column; every
-    /// feature multiplied by `scale`.
+    /// feature multiplied by `scale`. A first line that is not numeric is taken as a header.
     pub fn load_csv(path: &Path, scale: f32) -> Result<Dataset> {
         let text = std::fs::read_to_string(path).map_err(|e| MlError::model(path, e))?;
-        let bad = |line: usize, what: String| MlError::model(path, format!("line {line}: {what}"));
+        Self::parse_csv(&text, scale).map_err(|e| MlError::model(path, e))
+    }
+
+    /// Parses CSV text as [`Dataset::load_csv`] reads it.
+    pub fn parse_csv(text: &str, scale: f32) -> std::result::Result<Dataset, String> {
+        let bad = |line: usize, what: String| format!("line {line}: {what}");
         let mut features = Vec::new();
         let mut labels = Vec::new();
         let mut dim = None;
@@ -95,6 +114,9 @@ impl Dataset {
             .filter(|(_, l)| !l.trim().is_empty())
         {
             let values: Vec<&str> = line.split(',').map(str::trim).collect();
+            if n == 0 && values.iter().any(|v| v.parse::<f64>().is_err()) {
+                continue;
+            }
             if values.len() < 2 {
                 return Err(bad(n + 1, "needs features and a class".into()));
             }
@@ -126,12 +148,25 @@ impl Dataset {
             }
             labels.push(class as u32);
         }
-        let dim = dim.ok_or_else(|| MlError::model(path, "no examples"))?;
+        let dim = dim.ok_or("no examples")?;
         Ok(Dataset {
             features,
             labels,
             dim,
         })
+    }
+
+    /// A digest of the data (features and labels): what a node announces instead of it.
+    pub fn digest(&self) -> mycel_core::id::ContentId {
+        let mut h = blake3::Hasher::new();
+        h.update(&(self.dim as u64).to_le_bytes());
+        for v in &self.features {
+            h.update(&v.to_le_bytes());
+        }
+        for l in &self.labels {
+            h.update(&l.to_le_bytes());
+        }
+        mycel_core::id::ContentId(*h.finalize().as_bytes())
     }
 
     /// Classes seen (the largest label + 1).
@@ -520,8 +555,7 @@ mod tests {
 
     #[test]
     fn a_centralised_mlp_on_the_digits_reaches_the_bench_ceiling() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/digits.csv");
-        let data = Dataset::load_csv(&path, 1.0 / 16.0).unwrap();
+        let data = crate::data::digits().unwrap();
         assert_eq!((data.len(), data.dim, data.classes()), (1797, 64, 10));
         let (train, test) = stratified_split(&data, 0.2, 0);
         let mut model = Classifier::new(

@@ -3,7 +3,9 @@
 //!   requester's one request (`mycel_core::task`), then the worker's chunks and its final
 //!   answer;
 //! - the blob protocol `/mycel/blob/1`: one stream per request (`mycel_core::blob`), answered
-//!   by an outboard or by the chunks asked for, one frame each.
+//!   by an outboard or by the chunks asked for, one frame each;
+//! - the training protocol `/mycel/train/1`: one stream per round and participant, the
+//!   request (`mycel_core::fl`) with the global weights, then the signed update.
 //!
 //! Raw streams rather than request-response, so that tokens and chunks travel as they are
 //! made and the event loop is not on the data path.
@@ -19,6 +21,9 @@ pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/task/1");
 
 /// Protocol name of blob transfers.
 pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/blob/1");
+
+/// Protocol name of federated training rounds.
+pub const TRAIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/train/1");
 
 pub use libp2p::Stream;
 pub use libp2p_stream::IncomingStreams;

@@ -1,5 +1,5 @@
-//! The node's local HTTP API: status, peers, Prometheus metrics, the OpenAI API and the
-//! blob API, behind a bearer token.
+//! The node's local HTTP API: status, peers, Prometheus metrics, the OpenAI API, the blob
+//! API and the training API, behind a bearer token.
 
 use std::sync::Arc;
 
@@ -16,6 +16,8 @@ use crate::blobs::BlobService;
 use crate::inference::Inference;
 use crate::models::ModelService;
 use crate::openai;
+use crate::train_api;
+use crate::training::Training;
 use serde_json::json;
 
 /// What the handlers share.
@@ -28,6 +30,7 @@ pub(crate) struct ApiState {
     pub(crate) models: Arc<ModelService>,
     pub(crate) inference: Arc<Inference>,
     pub(crate) blobs: Arc<BlobService>,
+    pub(crate) training: Arc<Training>,
 }
 
 /// An OpenAI-style error body.
@@ -49,7 +52,9 @@ pub(crate) fn router(state: ApiState, open_metrics: bool) -> Router {
             get(blob_api::download).delete(blob_api::unpin),
         )
         .route("/api/blobs/{cid}/fetch", post(blob_api::fetch))
-        .route("/api/blobs/{cid}/pin", post(blob_api::pin));
+        .route("/api/blobs/{cid}/pin", post(blob_api::pin))
+        .route("/api/train", post(train_api::start).get(train_api::list))
+        .route("/api/train/{id}", get(train_api::show));
     let guarded = if open_metrics {
         guarded
     } else {

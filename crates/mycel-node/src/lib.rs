@@ -14,6 +14,8 @@ pub mod models;
 mod openai;
 pub mod supply;
 pub mod system;
+pub mod train_api;
+pub mod training;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +33,7 @@ use crate::blobs::{BlobConfig, BlobService};
 use crate::inference::{Inference, RouterConfig};
 use crate::models::ModelService;
 use crate::supply::ModelSupply;
+use crate::training::{LocalDataset, Training};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -77,6 +80,14 @@ pub struct NodeConfig {
     /// A request for a model id this node lacks makes it fetch the model from its holders
     /// and serve it.
     pub serve_on_demand: bool,
+    /// Datasets held for federated training: (tag, source) pairs, loaded at start.
+    pub datasets: Vec<(String, String)>,
+    /// Datasets already in memory, held as well.
+    pub preloaded_datasets: Vec<Arc<LocalDataset>>,
+    /// Whether this node is on a metered network (jobs may exclude it).
+    pub metered: bool,
+    /// Poison every training update sent (benchmarks and tests of robust aggregation).
+    pub train_attack: Option<mycel_core::fl::Attack>,
 }
 
 impl NodeConfig {
@@ -101,6 +112,10 @@ impl NodeConfig {
             router: RouterConfig::default(),
             blobs: BlobConfig::default(),
             serve_on_demand: false,
+            datasets: Vec::new(),
+            preloaded_datasets: Vec::new(),
+            metered: false,
+            train_attack: None,
         }
     }
 }
@@ -124,6 +139,8 @@ pub struct Node {
     pub blobs: Arc<BlobService>,
     /// Fetches, loads and serves models.
     pub supply: Arc<ModelSupply>,
+    /// Federated training: participant and coordinator.
+    pub training: Arc<Training>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -146,6 +163,23 @@ impl Node {
         })
         .await
         .context("loading models")??;
+        let sources = config.datasets.clone();
+        let mut datasets = config.preloaded_datasets.clone();
+        datasets.extend(
+            tokio::task::spawn_blocking(move || {
+                sources
+                    .iter()
+                    .map(|(tag, source)| LocalDataset::load(tag, source).map(Arc::new))
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .await
+            .context("loading datasets")??,
+        );
+        let dataset_offers: Vec<_> = datasets.iter().map(|d| d.offer()).collect();
+        let extra = system::Extra {
+            datasets: dataset_offers,
+            metered: config.metered,
+        };
         let published: Vec<(PathBuf, mycel_core::id::ContentId)> = config
             .models
             .iter()
@@ -172,7 +206,7 @@ impl Node {
         net_config.known_peers = known_peers;
         net_config.mdns = config.mdns;
         net_config.libp2p_metrics = config.libp2p_metrics;
-        net_config.capabilities = system::read_capabilities(&config.sys_root, &models);
+        net_config.capabilities = system::read_capabilities(&config.sys_root, &models, &extra);
         net_config.timing = config.timing.clone();
         net_config.limits = config.limits.clone();
 
@@ -196,7 +230,7 @@ impl Node {
         let mut tasks = vec![net_task];
         let inference = Arc::new(Inference::new(
             net.clone(),
-            keypair,
+            keypair.clone(),
             models.clone(),
             config.router.clone(),
         ));
@@ -227,11 +261,26 @@ impl Node {
             models.clone(),
             net.clone(),
             config.sys_root.clone(),
+            extra.clone(),
             &dir,
             config.engine,
             config.serve_on_demand,
         ));
         inference.set_supply(supply.clone());
+        let training = Arc::new(Training::new(
+            net.clone(),
+            keypair,
+            store.clone(),
+            blobs.clone(),
+            datasets,
+            config.train_attack,
+        ));
+        tasks.push(tokio::spawn(
+            training
+                .clone()
+                .serve(net.accept_streams(mycel_net::task::TRAIN_PROTOCOL)?),
+        ));
+        training.resume_all();
         // The files of the models served from paths become blobs peers can fetch.
         let publisher = supply.clone();
         tasks.push(tokio::spawn(async move {
@@ -246,6 +295,7 @@ impl Node {
             net.clone(),
             config.sys_root.clone(),
             models.clone(),
+            extra,
         )));
 
         let mut api_addr = None;
@@ -262,6 +312,7 @@ impl Node {
                 models: models.clone(),
                 inference: inference.clone(),
                 blobs: blobs.clone(),
+                training: training.clone(),
             };
             let app = api::router(state, config.open_metrics);
             tasks.push(tokio::spawn(async move {
@@ -280,6 +331,7 @@ impl Node {
             inference,
             blobs,
             supply,
+            training,
             tasks,
         })
     }
@@ -300,6 +352,7 @@ impl Node {
 
     /// Stops the node cleanly.
     pub async fn shutdown(self) {
+        self.training.stop();
         self.net.shutdown().await;
         for task in self.tasks {
             task.abort();
@@ -308,6 +361,7 @@ impl Node {
 
     /// Stops the node abruptly, as a crash would: tasks are dropped mid-flight.
     pub fn abort(self) {
+        self.training.stop();
         for task in self.tasks {
             task.abort();
         }
@@ -342,13 +396,18 @@ async fn persist_peers(store: Arc<Store>, mut events: tokio::sync::mpsc::Receive
 /// Re-reads load and power and hands them to the network task, which decides when to
 /// announce them. Nodes start at a random offset so that many nodes on one host do not read
 /// in the same instant.
-async fn refresh_capabilities(net: NetHandle, sys_root: PathBuf, models: Arc<ModelService>) {
+async fn refresh_capabilities(
+    net: NetHandle,
+    sys_root: PathBuf,
+    models: Arc<ModelService>,
+    extra: system::Extra,
+) {
     let offset = CAPABILITY_REFRESH.mul_f64(rand::random::<f64>());
     let start = tokio::time::Instant::now() + CAPABILITY_REFRESH + offset;
     let mut interval = tokio::time::interval_at(start, CAPABILITY_REFRESH);
     loop {
         interval.tick().await;
-        let current = system::read_capabilities(&sys_root, &models);
+        let current = system::read_capabilities(&sys_root, &models, &extra);
         if net.refresh_capabilities(current).await.is_err() {
             return;
         }

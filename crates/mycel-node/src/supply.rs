@@ -34,6 +34,7 @@ pub struct ModelSupply {
     models: Arc<ModelService>,
     net: NetHandle,
     sys_root: PathBuf,
+    extra: system::Extra,
     models_dir: PathBuf,
     engine: Engine,
     on_demand: bool,
@@ -43,11 +44,13 @@ pub struct ModelSupply {
 impl ModelSupply {
     /// The supply of a node whose fetched models live under `data_dir/models`, loaded with
     /// `engine`; `on_demand`: requests for model ids it lacks fetch and serve them.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         blobs: Arc<BlobService>,
         models: Arc<ModelService>,
         net: NetHandle,
         sys_root: PathBuf,
+        extra: system::Extra,
         data_dir: &Path,
         engine: Engine,
         on_demand: bool,
@@ -57,6 +60,7 @@ impl ModelSupply {
             models,
             net,
             sys_root,
+            extra,
             models_dir: data_dir.join("models"),
             engine,
             on_demand,
@@ -110,7 +114,7 @@ impl ModelSupply {
         let id = served.offer.id;
         self.models.add(served);
         self.blobs.provide_also([id]).await;
-        let capabilities = system::read_capabilities(&self.sys_root, &self.models);
+        let capabilities = system::read_capabilities(&self.sys_root, &self.models, &self.extra);
         self.net.refresh_capabilities(capabilities).await?;
         self.publish(&path, id).await?;
         Ok(id)

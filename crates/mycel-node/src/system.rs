@@ -4,13 +4,22 @@
 use std::fs;
 use std::path::Path;
 
-use mycel_core::statement::{Capabilities, Hardware, Load, PowerState};
+use mycel_core::statement::{Capabilities, DatasetOffer, Hardware, Load, PowerState};
 
 use crate::models::ModelService;
 
+/// What a node announces beyond what it reads: its datasets and its network's metering.
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    /// Datasets held for federated training.
+    pub datasets: Vec<DatasetOffer>,
+    /// On a metered network.
+    pub metered: bool,
+}
+
 /// Reads the node's capabilities: the models it serves and its queue, and the machine's
 /// hardware, load and power. `sys_root` is normally `/sys`.
-pub fn read_capabilities(sys_root: &Path, models: &ModelService) -> Capabilities {
+pub fn read_capabilities(sys_root: &Path, models: &ModelService, extra: &Extra) -> Capabilities {
     let mut load = read_load();
     load.queue_depth = u32::try_from(models.queue_depth()).unwrap_or(u32::MAX);
     Capabilities {
@@ -18,6 +27,8 @@ pub fn read_capabilities(sys_root: &Path, models: &ModelService) -> Capabilities
         hardware: read_hardware(),
         load,
         power: read_power(sys_root),
+        datasets: extra.datasets.clone(),
+        metered: extra.metered,
     }
 }
 
@@ -146,7 +157,11 @@ mod tests {
 
     #[test]
     fn hardware_reports_this_machine() {
-        let caps = read_capabilities(Path::new("/nonexistent"), &ModelService::new(vec![], 1));
+        let caps = read_capabilities(
+            Path::new("/nonexistent"),
+            &ModelService::new(vec![], 1),
+            &Extra::default(),
+        );
         assert!(caps.hardware.cores >= 1);
         assert!(caps.hardware.memory_bytes > 0);
         assert!((0.0..=1.0).contains(&caps.load.utilisation));

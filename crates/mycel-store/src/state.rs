@@ -11,6 +11,7 @@ use crate::StoreError;
 const STATE_FILE: &str = "state.redb";
 const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
 const ANNOUNCE_SEQ: &str = "announce_seq";
 /// Addresses kept per peer; more are dropped (the newest first in the list are kept).
 const MAX_ADDRS_PER_PEER: usize = 8;
@@ -48,6 +49,7 @@ impl Store {
         store.write(|txn| {
             txn.open_table(PEERS)?;
             txn.open_table(META)?;
+            txn.open_table(JOBS)?;
             Ok(())
         })?;
         Ok(store)
@@ -106,6 +108,34 @@ impl Store {
         }
         peers.sort_by_key(|p| std::cmp::Reverse(p.last_seen));
         Ok(peers)
+    }
+
+    /// Records a training job's state (replacing what was kept under `id`), durably.
+    pub fn put_job(&self, id: u128, record: &[u8]) -> Result<(), StoreError> {
+        self.write(|txn| {
+            txn.open_table(JOBS)?.insert(id, record)?;
+            Ok(())
+        })
+    }
+
+    /// A training job's last recorded state.
+    pub fn job(&self, id: u128) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(JOBS).map_err(|e| self.err(e))?;
+        let value = table.get(id).map_err(|e| self.err(e))?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    /// Every training job recorded, by id.
+    pub fn jobs(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(JOBS).map_err(|e| self.err(e))?;
+        let mut jobs = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (key, value) = row.map_err(|e| self.err(e))?;
+            jobs.push((key.value(), value.value().to_vec()));
+        }
+        Ok(jobs)
     }
 
     /// Reserves the next announcement sequence number: strictly greater than every one handed
@@ -170,5 +200,20 @@ mod tests {
             .next_announce_seq(1_000)
             .unwrap();
         assert_eq!(floored, 1_000);
+    }
+
+    #[test]
+    fn jobs_survive_reopen_and_are_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put_job(7, b"round 1").unwrap();
+            store.put_job(7, b"round 2").unwrap();
+            store.put_job(9, b"other").unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.job(7).unwrap().as_deref(), Some(&b"round 2"[..]));
+        assert_eq!(store.job(8).unwrap(), None);
+        assert_eq!(store.jobs().unwrap().len(), 2);
     }
 }

@@ -175,6 +175,7 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
         let mut caps = mycel_node::system::read_capabilities(
             std::path::Path::new("/sys"),
             &mycel_node::models::ModelService::new(vec![], 1),
+            &mycel_node::system::Extra::default(),
         );
         caps.load.queue_depth = rng.gen_range(1..1000);
         let t0 = mycel_net::now_ms();

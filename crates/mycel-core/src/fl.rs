@@ -1,0 +1,1061 @@
+//! Federated training: the job spec, who takes part in a round, and the messages of the
+//! training protocol.
+//!
+//! A coordinator runs a [`JobSpec`] round by round. Each round it picks participants among
+//! the peers that announce the job's dataset tag ([`eligibility`] applies the reputation and
+//! device policy, [`select`] rotates fairly), optionally groups them into clusters by
+//! measured round-trip time ([`clusters`]), and sends each a [`TrainRequest`] carrying the
+//! global weights. A participant trains on its local data and answers with a
+//! [`SignedUpdate`]: its change to the weights (compressed as the job asks), the samples it
+//! trained on, signed with its node key. A cluster head also asks its members, aggregates
+//! their updates robustly and forwards one update, so the root receives one per cluster.
+//!
+//! Pure: no I/O, no clock; randomness is passed in.
+
+use std::collections::BTreeMap;
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{Rule, ServerOptimizer};
+use crate::compress::{CompressError, Quantised, Sparse};
+use crate::id::ContentId;
+use crate::statement::PowerState;
+use crate::wire::{self, Rejection};
+use crate::{Keypair, PeerId, PublicKey};
+
+/// Largest training request a participant reads (it carries the global weights).
+pub const MAX_REQUEST_BYTES: usize = 64 << 20;
+/// Largest update a coordinator or cluster head reads.
+pub const MAX_UPDATE_BYTES: usize = 64 << 20;
+/// Most parameters a job's model may have.
+pub const MAX_PARAMETERS: usize = 8 << 20;
+/// Most members one cluster head is asked to gather.
+pub const MAX_MEMBERS: usize = 256;
+/// Most rounds in one job.
+pub const MAX_ROUNDS: u32 = 100_000;
+
+/// Identifies a job: a hash of its spec, so the same spec run again resumes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobId(pub u128);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 32 {
+            return Err(format!("a job id is 32 hex digits, not {s:?}"));
+        }
+        u128::from_str_radix(s, 16)
+            .map(JobId)
+            .map_err(|_| format!("a job id is 32 hex digits, not {s:?}"))
+    }
+}
+
+/// The model a job trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelSpec {
+    /// Multinomial logistic regression.
+    Logistic {
+        /// Input features.
+        inputs: usize,
+        /// Classes.
+        classes: usize,
+    },
+    /// A multilayer perceptron with ReLU between layers: `[inputs, hidden..., classes]`.
+    Mlp {
+        /// Layer widths.
+        layers: Vec<usize>,
+    },
+}
+
+impl ModelSpec {
+    /// The layer widths, inputs first, classes last.
+    pub fn widths(&self) -> Vec<usize> {
+        match self {
+            ModelSpec::Logistic { inputs, classes } => vec![*inputs, *classes],
+            ModelSpec::Mlp { layers } => layers.clone(),
+        }
+    }
+
+    /// Number of parameters (weights and biases); saturates on absurd sizes.
+    pub fn parameters(&self) -> usize {
+        self.widths()
+            .windows(2)
+            .map(|w| w[0].saturating_mul(w[1]).saturating_add(w[1]))
+            .fold(0usize, usize::saturating_add)
+    }
+}
+
+/// Local training of one round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalTraining {
+    /// Passes over the local data.
+    pub epochs: u32,
+    /// Minibatch size.
+    pub batch: u32,
+    /// Learning rate.
+    pub lr: f32,
+    /// SGD momentum (0: plain SGD).
+    #[serde(default)]
+    pub momentum: f32,
+    /// FedProx's proximal weight mu (0: FedAvg's local training).
+    #[serde(default)]
+    pub prox: f32,
+}
+
+/// How many take part in a round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Participation {
+    /// Fraction of the eligible peers asked each round.
+    #[serde(default = "one")]
+    pub fraction: f64,
+    /// Fewest updates a round needs; fewer and the round is retried.
+    #[serde(default = "one_u32")]
+    pub min: u32,
+    /// Most participants per round.
+    #[serde(default = "many")]
+    pub max: u32,
+    /// Peers whose reputation is below this are not asked.
+    #[serde(default = "default_min_reputation")]
+    pub min_reputation: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn one_u32() -> u32 {
+    1
+}
+fn many() -> u32 {
+    1000
+}
+fn default_min_reputation() -> f64 {
+    -50.0
+}
+
+impl Default for Participation {
+    fn default() -> Self {
+        Self {
+            fraction: 1.0,
+            min: 1,
+            max: many(),
+            min_reputation: default_min_reputation(),
+        }
+    }
+}
+
+/// Which devices may take part.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicePolicy {
+    /// A device on battery takes part only with at least this charge (percent).
+    pub min_battery: Option<u8>,
+    /// A device hotter than this (°C) does not take part.
+    pub max_temperature: Option<f32>,
+    /// Devices on a metered network do not take part.
+    #[serde(default)]
+    pub exclude_metered: bool,
+}
+
+/// The aggregation rule, as written in a job spec.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rule", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AggregatorSpec {
+    /// Weighted mean.
+    Fedavg {
+        /// Drop updates whose norm is an IQR outlier first (k, e.g. 1.5).
+        #[serde(default)]
+        iqr: Option<f64>,
+    },
+    /// Coordinate-wise median.
+    Median {
+        /// IQR norm filter first.
+        #[serde(default)]
+        iqr: Option<f64>,
+    },
+    /// Trimmed mean.
+    TrimmedMean {
+        /// Fraction trimmed from each side.
+        beta: f64,
+        /// IQR norm filter first.
+        #[serde(default)]
+        iqr: Option<f64>,
+    },
+    /// Krum.
+    Krum {
+        /// Byzantine updates tolerated.
+        f: usize,
+        /// IQR norm filter first.
+        #[serde(default)]
+        iqr: Option<f64>,
+    },
+    /// Multi-Krum.
+    MultiKrum {
+        /// Byzantine updates tolerated.
+        f: usize,
+        /// Updates averaged.
+        m: usize,
+        /// IQR norm filter first.
+        #[serde(default)]
+        iqr: Option<f64>,
+    },
+}
+
+impl Default for AggregatorSpec {
+    fn default() -> Self {
+        AggregatorSpec::Fedavg { iqr: None }
+    }
+}
+
+impl AggregatorSpec {
+    /// The rule and the IQR filter's k.
+    pub fn rule(&self) -> (Rule, Option<f64>) {
+        match *self {
+            AggregatorSpec::Fedavg { iqr } => (Rule::FedAvg, iqr),
+            AggregatorSpec::Median { iqr } => (Rule::Median, iqr),
+            AggregatorSpec::TrimmedMean { beta, iqr } => (Rule::TrimmedMean { beta }, iqr),
+            AggregatorSpec::Krum { f, iqr } => (Rule::Krum { f }, iqr),
+            AggregatorSpec::MultiKrum { f, m, iqr } => (Rule::MultiKrum { f, m }, iqr),
+        }
+    }
+
+    /// A short name for reports.
+    pub fn name(&self) -> String {
+        let (rule, iqr) = self.rule();
+        let base = match rule {
+            Rule::FedAvg => "fedavg".to_owned(),
+            Rule::Median => "median".to_owned(),
+            Rule::TrimmedMean { beta } => format!("trimmed_mean({beta})"),
+            Rule::Krum { f } => format!("krum({f})"),
+            Rule::MultiKrum { f, m } => format!("multi_krum({f},{m})"),
+        };
+        match iqr {
+            Some(k) => format!("{base}+iqr({k})"),
+            None => base,
+        }
+    }
+}
+
+/// The server optimizer, as written in a job spec.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "optimizer", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServerSpec {
+    /// `w += lr * aggregate`.
+    Sgd {
+        /// Server learning rate.
+        #[serde(default = "one_f32")]
+        lr: f32,
+    },
+    /// Server momentum.
+    Fedavgm {
+        /// Server learning rate.
+        #[serde(default = "one_f32")]
+        lr: f32,
+        /// Momentum.
+        #[serde(default = "default_momentum")]
+        momentum: f32,
+    },
+    /// Server Adam.
+    Fedadam {
+        /// Server learning rate.
+        #[serde(default = "default_adam_lr")]
+        lr: f32,
+    },
+}
+
+fn one_f32() -> f32 {
+    1.0
+}
+fn default_momentum() -> f32 {
+    0.9
+}
+fn default_adam_lr() -> f32 {
+    0.01
+}
+
+impl Default for ServerSpec {
+    fn default() -> Self {
+        ServerSpec::Sgd { lr: 1.0 }
+    }
+}
+
+impl ServerSpec {
+    /// The optimizer.
+    pub fn optimizer(&self) -> ServerOptimizer {
+        match *self {
+            ServerSpec::Sgd { lr } => ServerOptimizer::Sgd { lr },
+            ServerSpec::Fedavgm { lr, momentum } => ServerOptimizer::FedAvgM { lr, momentum },
+            ServerSpec::Fedadam { lr } => ServerOptimizer::FedAdam {
+                lr,
+                beta1: 0.9,
+                beta2: 0.99,
+                tau: 1e-3,
+            },
+        }
+    }
+}
+
+/// How participants compress their updates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Compression {
+    /// Dense little-endian f32.
+    #[default]
+    None,
+    /// The largest `fraction` of values by magnitude, the rest fed back next round.
+    TopK {
+        /// Fraction kept, in (0, 1].
+        fraction: f64,
+    },
+    /// 8-bit blockwise quantisation.
+    Int8,
+}
+
+impl Compression {
+    /// A short name for reports.
+    pub fn name(&self) -> String {
+        match self {
+            Compression::None => "none".into(),
+            Compression::TopK { fraction } => format!("topk({fraction})"),
+            Compression::Int8 => "int8".into(),
+        }
+    }
+}
+
+/// A federated training job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// A name for people.
+    #[serde(default)]
+    pub name: String,
+    /// The model.
+    pub model: ModelSpec,
+    /// The dataset tag participants hold.
+    pub dataset: String,
+    /// Rounds.
+    pub rounds: u32,
+    /// Local training per round.
+    pub train: LocalTraining,
+    /// Who takes part.
+    #[serde(default)]
+    pub participants: Participation,
+    /// Device policy.
+    #[serde(default)]
+    pub device: DevicePolicy,
+    /// How updates are combined.
+    #[serde(default)]
+    pub aggregator: AggregatorSpec,
+    /// How the aggregate moves the global model.
+    #[serde(default)]
+    pub server: ServerSpec,
+    /// How updates travel.
+    #[serde(default)]
+    pub compression: Compression,
+    /// Cluster size of hierarchical aggregation (0 or 1: flat).
+    #[serde(default)]
+    pub cluster_size: u32,
+    /// Milliseconds a round waits for updates; stragglers are cut.
+    #[serde(default = "default_deadline")]
+    pub round_deadline_ms: u64,
+    /// Evaluation data on the coordinator (a dataset source, see the CLI), if any.
+    #[serde(default)]
+    pub eval: Option<String>,
+    /// Seed of initial weights, selection and local shuffling.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_deadline() -> u64 {
+    10_000
+}
+
+impl JobSpec {
+    /// The job's id: BLAKE3 over the spec's encoding.
+    pub fn id(&self) -> JobId {
+        let hash = blake3::hash(&wire::encode(self));
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&hash.as_bytes()[..16]);
+        JobId(u128::from_le_bytes(bytes))
+    }
+
+    /// Checks every field a coordinator or participant relies on.
+    pub fn check(&self) -> Result<(), String> {
+        let widths = self.model.widths();
+        if widths.len() < 2 || widths.contains(&0) {
+            return Err("the model needs at least an input and an output width, none 0".into());
+        }
+        if widths.len() > 16 {
+            return Err("the model has more than 16 layers".into());
+        }
+        if self.model.parameters() > MAX_PARAMETERS {
+            return Err(format!(
+                "the model has {} parameters, at most {MAX_PARAMETERS} are allowed",
+                self.model.parameters()
+            ));
+        }
+        if self.dataset.is_empty() || self.dataset.len() > 64 {
+            return Err("the dataset tag must be 1 to 64 characters".into());
+        }
+        if self.rounds == 0 || self.rounds > MAX_ROUNDS {
+            return Err(format!("rounds must be 1 to {MAX_ROUNDS}"));
+        }
+        let t = &self.train;
+        if t.epochs == 0 || t.epochs > 1000 || t.batch == 0 || t.batch > 1 << 16 {
+            return Err("train.epochs must be 1 to 1000 and train.batch 1 to 65536".into());
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0 && t.lr <= 100.0) {
+            return Err("train.lr must be above 0 and at most 100".into());
+        }
+        if !(0.0..1.0).contains(&t.momentum) || !(0.0..=1000.0).contains(&t.prox) {
+            return Err("train.momentum must be in [0, 1) and train.prox in [0, 1000]".into());
+        }
+        let p = &self.participants;
+        if !(p.fraction > 0.0 && p.fraction <= 1.0) || p.min == 0 || p.max < p.min {
+            return Err(
+                "participants: fraction in (0, 1], min at least 1, max at least min".into(),
+            );
+        }
+        if !p.min_reputation.is_finite() {
+            return Err("participants.min_reputation must be a number".into());
+        }
+        match self.aggregator.rule() {
+            (Rule::TrimmedMean { beta }, _) if !(0.0..0.5).contains(&beta) => {
+                return Err("aggregator.beta must be in [0, 0.5)".into())
+            }
+            (Rule::MultiKrum { m: 0, .. }, _) => {
+                return Err("aggregator.m must be at least 1".into())
+            }
+            (_, Some(k)) if !(k.is_finite() && k > 0.0) => {
+                return Err("aggregator.iqr must be above 0".into())
+            }
+            _ => {}
+        }
+        let server_lr = match self.server {
+            ServerSpec::Sgd { lr }
+            | ServerSpec::Fedavgm { lr, .. }
+            | ServerSpec::Fedadam { lr } => lr,
+        };
+        if !(server_lr.is_finite() && server_lr > 0.0 && server_lr <= 100.0) {
+            return Err("server.lr must be above 0 and at most 100".into());
+        }
+        if let ServerSpec::Fedavgm { momentum, .. } = self.server {
+            if !(0.0..1.0).contains(&momentum) {
+                return Err("server.momentum must be in [0, 1)".into());
+            }
+        }
+        if let Compression::TopK { fraction } = self.compression {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                return Err("compression.fraction must be in (0, 1]".into());
+            }
+        }
+        if self.cluster_size as usize > MAX_MEMBERS {
+            return Err(format!("cluster_size must be at most {MAX_MEMBERS}"));
+        }
+        if !(1..=3_600_000).contains(&self.round_deadline_ms) {
+            return Err("round_deadline_ms must be 1 to 3600000".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the coordinator knows about a peer that holds the job's dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// The peer.
+    pub peer: PeerId,
+    /// Samples it holds under the tag.
+    pub samples: u64,
+    /// Its reputation with the coordinator.
+    pub reputation: f64,
+    /// Its announced power state.
+    pub power: Option<PowerState>,
+    /// Whether it announced a metered network.
+    pub metered: bool,
+}
+
+/// Why a peer is not asked this round.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Exclusion {
+    /// Reputation below the job's threshold.
+    #[error("reputation {0:.1} is below the job's threshold")]
+    Reputation(f64),
+    /// On battery below the threshold.
+    #[error("on battery at {0}%")]
+    Battery(u8),
+    /// Too hot.
+    #[error("at {0:.0} °C")]
+    Temperature(f32),
+    /// On a metered network.
+    #[error("on a metered network")]
+    Metered,
+    /// Holds no data.
+    #[error("holds no samples")]
+    NoData,
+}
+
+/// Whether `candidate` may take part under `spec`. A device on mains, or that reports no
+/// power state (most servers), passes the battery rule.
+pub fn eligibility(candidate: &Candidate, spec: &JobSpec) -> Result<(), Exclusion> {
+    if candidate.samples == 0 {
+        return Err(Exclusion::NoData);
+    }
+    if candidate.reputation.is_nan() || candidate.reputation < spec.participants.min_reputation {
+        return Err(Exclusion::Reputation(candidate.reputation));
+    }
+    if spec.device.exclude_metered && candidate.metered {
+        return Err(Exclusion::Metered);
+    }
+    if let Some(power) = &candidate.power {
+        if let (Some(min), Some(battery)) = (spec.device.min_battery, power.battery_pct) {
+            if power.on_mains != Some(true) && battery < min {
+                return Err(Exclusion::Battery(battery));
+            }
+        }
+        if let (Some(max), Some(t)) = (spec.device.max_temperature, power.temperature_c) {
+            if t > max {
+                return Err(Exclusion::Temperature(t));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How many of `eligible` peers a round asks.
+pub fn round_size(eligible: usize, p: &Participation) -> usize {
+    let wanted = (p.fraction * eligible as f64).ceil() as usize;
+    wanted.max(p.min as usize).min(p.max as usize).min(eligible)
+}
+
+/// Picks a round's participants among `eligible`: those asked least often so far first
+/// (`asked` counts earlier rounds), ties broken at random; returned in ascending peer order.
+pub fn select(
+    eligible: &[PeerId],
+    asked: &BTreeMap<PeerId, u32>,
+    p: &Participation,
+    rng: &mut impl Rng,
+) -> Vec<PeerId> {
+    let mut order: Vec<PeerId> = eligible.to_vec();
+    order.sort();
+    order.dedup();
+    order.shuffle(rng);
+    // A stable sort keeps the random order among peers asked equally often.
+    order.sort_by_key(|peer| asked.get(peer).copied().unwrap_or(0));
+    order.truncate(round_size(order.len(), p));
+    order.sort();
+    order
+}
+
+/// A cluster of hierarchical aggregation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// Trains, gathers its members' updates and forwards one.
+    pub head: PeerId,
+    /// The other members.
+    pub members: Vec<PeerId>,
+}
+
+/// Groups `peers` (each with its measured round-trip time to the coordinator, `None` when
+/// unmeasured) into clusters of at most `size`: peers close in RTT share a cluster, and the
+/// closest of each cluster is its head. `size` 0 or 1 gives one cluster per peer (flat).
+pub fn clusters(peers: &[(PeerId, Option<f64>)], size: usize) -> Vec<Cluster> {
+    let mut sorted: Vec<(PeerId, f64)> = peers
+        .iter()
+        .map(|(p, rtt)| (*p, rtt.filter(|r| r.is_finite()).unwrap_or(f64::MAX)))
+        .collect();
+    sorted.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    sorted
+        .chunks(size.max(1))
+        .map(|group| Cluster {
+            head: group[0].0,
+            members: group[1..].iter().map(|(p, _)| *p).collect(),
+        })
+        .collect()
+}
+
+/// Weights or an update on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Payload {
+    /// Little-endian f32 values.
+    Dense(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Top-k values.
+    Sparse(Sparse),
+    /// Int8 blocks.
+    Int8(Quantised),
+}
+
+impl Payload {
+    /// Dense encoding of `values`.
+    pub fn dense(values: &[f32]) -> Self {
+        Payload::Dense(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    /// The values, checked to be `expected` long and finite.
+    pub fn decode(&self, expected: usize) -> Result<Vec<f32>, CompressError> {
+        match self {
+            Payload::Dense(bytes) => {
+                if bytes.len() != expected.saturating_mul(4) {
+                    return Err(CompressError::Length {
+                        got: bytes.len() as u64 / 4,
+                        expected,
+                    });
+                }
+                let values: Vec<f32> = bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                if values.iter().any(|v| !v.is_finite()) {
+                    return Err(CompressError::NotFinite);
+                }
+                Ok(values)
+            }
+            Payload::Sparse(s) => s.decode(expected),
+            Payload::Int8(q) => q.decode(expected),
+        }
+    }
+}
+
+/// A member a cluster head gathers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// The member.
+    #[serde(with = "crate::statement::peer_id_bytes")]
+    pub peer: PeerId,
+    /// Where it listens (multiaddr strings), to dial it if not yet connected.
+    pub addrs: Vec<String>,
+}
+
+/// The coordinator's (or a cluster head's) request to train one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainRequest {
+    /// The job.
+    pub job: JobId,
+    /// The round (1-based).
+    pub round: u32,
+    /// The model.
+    pub model: ModelSpec,
+    /// The dataset tag to train on.
+    pub dataset: String,
+    /// The global weights (dense).
+    pub weights: Payload,
+    /// Local training.
+    pub train: LocalTraining,
+    /// How to send the update back.
+    pub compression: Compression,
+    /// Seed of the round; each participant mixes in its data's digest.
+    pub seed: u64,
+    /// Milliseconds the requester waits.
+    pub deadline_ms: u64,
+    /// For a cluster head: the members to gather, and how to combine them.
+    pub members: Vec<Member>,
+    /// How a cluster head combines its members' updates.
+    pub aggregator: AggregatorSpec,
+}
+
+impl TrainRequest {
+    /// Bounds every field a participant allocates or loops over.
+    pub fn check(&self) -> Result<(), String> {
+        let widths = self.model.widths();
+        if widths.len() < 2 || widths.len() > 16 || widths.contains(&0) {
+            return Err("the model's layers are malformed".into());
+        }
+        if self.model.parameters() > MAX_PARAMETERS {
+            return Err("the model is too large".into());
+        }
+        if self.members.len() > MAX_MEMBERS
+            || self.members.iter().any(|m| m.addrs.len() > 8)
+            || self.dataset.len() > 64
+        {
+            return Err("too many members or addresses, or a dataset tag too long".into());
+        }
+        let t = &self.train;
+        if t.epochs == 0 || t.epochs > 1000 || t.batch == 0 || !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err("malformed local-training parameters".into());
+        }
+        if !(t.momentum.is_finite() && t.prox.is_finite()) {
+            return Err("malformed local-training parameters".into());
+        }
+        Ok(())
+    }
+}
+
+/// A participant's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TrainReply {
+    /// The update, and what a cluster head saw gathering its members.
+    Update {
+        /// The (possibly combined) update.
+        update: SignedUpdate,
+        /// The head's traffic with its members (zero for a plain participant).
+        gathered: Gathered,
+    },
+    /// Why not.
+    Refused(String),
+}
+
+/// A cluster head's report of gathering its members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Gathered {
+    /// Bytes of updates the head received from members.
+    pub bytes_up: u64,
+    /// Bytes of requests the head sent to members.
+    pub bytes_down: u64,
+    /// Members asked.
+    pub asked: u32,
+    /// Members that did not answer in time or refused.
+    pub dropped: u32,
+    /// Members whose update was rejected (bad signature, malformed, not finite).
+    pub rejected: u32,
+}
+
+/// A round's update, signed by the peer that made it (or the cluster head that combined it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedUpdate {
+    /// The job.
+    pub job: JobId,
+    /// The round.
+    pub round: u32,
+    /// Samples behind the update.
+    pub samples: u64,
+    /// Mean training loss of the last local epoch.
+    pub loss: f32,
+    /// Digest of the data it trained on (orders updates independently of peer ids).
+    pub data: ContentId,
+    /// Updates combined into this one (1 unless sent by a cluster head).
+    pub contributors: u32,
+    /// Local weights minus global weights.
+    pub payload: Payload,
+    /// The signer's public key (protobuf encoding).
+    #[serde(with = "serde_bytes")]
+    pub public_key: Vec<u8>,
+    /// Ed25519 signature over [`SignedUpdate::digest`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl SignedUpdate {
+    /// What is signed: everything but the key and signature, domain-separated.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"mycel/fl-update/1\0");
+        h.update(&wire::encode(&(
+            self.job,
+            self.round,
+            self.samples,
+            self.loss,
+            self.data,
+            self.contributors,
+            &self.payload,
+        )));
+        *h.finalize().as_bytes()
+    }
+
+    /// Signs an update.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign(
+        keypair: &Keypair,
+        job: JobId,
+        round: u32,
+        samples: u64,
+        loss: f32,
+        data: ContentId,
+        contributors: u32,
+        payload: Payload,
+    ) -> Self {
+        let mut update = Self {
+            job,
+            round,
+            samples,
+            loss,
+            data,
+            contributors,
+            payload,
+            public_key: keypair.public().encode_protobuf(),
+            signature: Vec::new(),
+        };
+        update.signature = keypair
+            .sign(&update.digest())
+            .expect("ed25519 signing does not fail");
+        update
+    }
+
+    /// Checks that `sender` signed this update for `job`'s round `round`, and decodes it to
+    /// `parameters` finite values.
+    pub fn open(
+        &self,
+        sender: &PeerId,
+        job: JobId,
+        round: u32,
+        parameters: usize,
+    ) -> Result<Vec<f32>, Rejection> {
+        let key =
+            PublicKey::try_decode_protobuf(&self.public_key).map_err(|_| Rejection::Malformed)?;
+        if key.to_peer_id() != *sender || !key.verify(&self.digest(), &self.signature) {
+            return Err(Rejection::BadSignature);
+        }
+        if self.job != job || self.round != round {
+            return Err(Rejection::Replayed);
+        }
+        if !self.loss.is_finite() || self.contributors == 0 {
+            return Err(Rejection::Malformed);
+        }
+        self.payload
+            .decode(parameters)
+            .map_err(|_| Rejection::Malformed)
+    }
+}
+
+/// The seed a participant trains with in a round: the round's seed mixed with its data's
+/// digest, so every participant shuffles differently and the same data always the same way.
+pub fn participant_seed(round_seed: u64, data: &ContentId) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&round_seed.to_le_bytes());
+    h.update(&data.0);
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// The seed of round `round` of a job seeded `seed`.
+pub fn round_seed(seed: u64, round: u32) -> u64 {
+    seed ^ (u64::from(round).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// A poisoning behaviour, for benchmarks and tests of robust aggregation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attack {
+    /// Sends `w_g - 4 (w_local - w_g)`: the update times -4.
+    SignFlip,
+    /// Sends `w_g + N(0, 1)`: an update of standard normal noise.
+    Noise,
+}
+
+impl Attack {
+    /// Poisons an honest `update` in place.
+    pub fn apply(self, update: &mut [f32], rng: &mut impl Rng) {
+        match self {
+            Attack::SignFlip => update.iter_mut().for_each(|v| *v *= -4.0),
+            Attack::Noise => {
+                use rand_distr::{Distribution, StandardNormal};
+                update
+                    .iter_mut()
+                    .for_each(|v| *v = StandardNormal.sample(rng));
+            }
+        }
+    }
+
+    /// A short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Attack::SignFlip => "sign_flip",
+            Attack::Noise => "noise",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn spec() -> JobSpec {
+        let toml_like = r#"{"model":{"kind":"mlp","layers":[64,32,10]},"dataset":"digits",
+            "rounds":20,"train":{"epochs":1,"batch":32,"lr":0.1}}"#;
+        serde_json::from_str(toml_like).unwrap()
+    }
+
+    #[test]
+    fn a_minimal_spec_gets_defaults_and_bad_fields_are_named() {
+        let s = spec();
+        s.check().unwrap();
+        assert_eq!(s.model.parameters(), 64 * 32 + 32 + 32 * 10 + 10);
+        assert_eq!(s.aggregator, AggregatorSpec::Fedavg { iqr: None });
+        assert_eq!(s.id(), spec().id());
+        let mut other = spec();
+        other.seed = 1;
+        assert_ne!(s.id(), other.id());
+        let id = s.id();
+        assert_eq!(id.to_string().parse::<JobId>().unwrap(), id);
+
+        for (field, bad) in [
+            ("rounds", {
+                let mut b = spec();
+                b.rounds = 0;
+                b
+            }),
+            ("lr", {
+                let mut b = spec();
+                b.train.lr = f32::NAN;
+                b
+            }),
+            ("beta", {
+                let mut b = spec();
+                b.aggregator = AggregatorSpec::TrimmedMean {
+                    beta: 0.5,
+                    iqr: None,
+                };
+                b
+            }),
+            ("parameters", {
+                let mut b = spec();
+                b.model = ModelSpec::Mlp {
+                    layers: vec![100_000, 100_000, 10],
+                };
+                b
+            }),
+        ] {
+            let err = bad.check().unwrap_err();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        let unknown = r#"{"model":{"kind":"mlp","layers":[4,2]},"dataset":"d","rounds":1,
+            "train":{"epochs":1,"batch":1,"lr":0.1},"colour":"red"}"#;
+        assert!(serde_json::from_str::<JobSpec>(unknown).is_err());
+    }
+
+    #[test]
+    fn the_device_policy_and_reputation_exclude() {
+        let mut s = spec();
+        s.device = DevicePolicy {
+            min_battery: Some(30),
+            max_temperature: Some(80.0),
+            exclude_metered: true,
+        };
+        let base = Candidate {
+            peer: PeerId::random(),
+            samples: 10,
+            reputation: 0.0,
+            power: None,
+            metered: false,
+        };
+        assert_eq!(eligibility(&base, &s), Ok(()));
+        let power = |on_mains, battery_pct, temperature_c| Candidate {
+            power: Some(PowerState {
+                on_mains,
+                battery_pct,
+                temperature_c,
+            }),
+            ..base.clone()
+        };
+        assert_eq!(
+            eligibility(&power(Some(false), Some(20), None), &s),
+            Err(Exclusion::Battery(20))
+        );
+        assert_eq!(eligibility(&power(Some(true), Some(20), None), &s), Ok(()));
+        assert_eq!(eligibility(&power(None, Some(31), None), &s), Ok(()));
+        assert_eq!(
+            eligibility(&power(Some(true), None, Some(90.0)), &s),
+            Err(Exclusion::Temperature(90.0))
+        );
+        let metered = Candidate {
+            metered: true,
+            ..base.clone()
+        };
+        assert_eq!(eligibility(&metered, &s), Err(Exclusion::Metered));
+        let shunned = Candidate {
+            reputation: -60.0,
+            ..base.clone()
+        };
+        assert!(matches!(
+            eligibility(&shunned, &s),
+            Err(Exclusion::Reputation(_))
+        ));
+    }
+
+    #[test]
+    fn selection_rotates_fairly_and_respects_bounds() {
+        let peers: Vec<PeerId> = (0..10).map(|_| PeerId::random()).collect();
+        let p = Participation {
+            fraction: 0.3,
+            min: 2,
+            max: 5,
+            ..Default::default()
+        };
+        assert_eq!(round_size(10, &p), 3);
+        assert_eq!(round_size(1, &p), 1);
+        assert_eq!(round_size(100, &Participation { fraction: 1.0, ..p }), 5);
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut asked = BTreeMap::new();
+        for _ in 0..10 {
+            let chosen = select(&peers, &asked, &p, &mut rng);
+            assert_eq!(chosen.len(), 3);
+            for peer in chosen {
+                *asked.entry(peer).or_insert(0) += 1;
+            }
+        }
+        // 30 places over 10 peers: everyone asked exactly 3 times.
+        assert!(peers.iter().all(|p| asked[p] == 3), "{asked:?}");
+    }
+
+    #[test]
+    fn clusters_group_by_rtt_with_the_closest_as_head() {
+        let p: Vec<PeerId> = (0..6).map(|_| PeerId::random()).collect();
+        let rtts = [5.0, 1.0, 30.0, 2.0, 31.0, 6.0];
+        let peers: Vec<_> = p.iter().zip(rtts).map(|(p, r)| (*p, Some(r))).collect();
+        let cs = clusters(&peers, 3);
+        assert_eq!(cs.len(), 2);
+        assert_eq!(cs[0].head, p[1]);
+        assert_eq!(cs[0].members, vec![p[3], p[0]]);
+        assert_eq!(cs[1].head, p[5]);
+        assert_eq!(clusters(&peers, 0).len(), 6);
+        assert!(clusters(&peers, 0).iter().all(|c| c.members.is_empty()));
+    }
+
+    #[test]
+    fn updates_open_only_for_their_signer_job_and_round() {
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let job = JobId(5);
+        let data = ContentId::of(b"data");
+        let update =
+            SignedUpdate::sign(&key, job, 3, 10, 0.5, data, 1, Payload::dense(&[1.0, 2.0]));
+        assert_eq!(update.open(&peer, job, 3, 2).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(
+            update.open(&PeerId::random(), job, 3, 2),
+            Err(Rejection::BadSignature)
+        );
+        assert_eq!(update.open(&peer, job, 4, 2), Err(Rejection::Replayed));
+        assert_eq!(update.open(&peer, job, 3, 3), Err(Rejection::Malformed));
+        let mut forged = update.clone();
+        forged.payload = Payload::dense(&[9.0, 2.0]);
+        assert_eq!(forged.open(&peer, job, 3, 2), Err(Rejection::BadSignature));
+        let nan = SignedUpdate::sign(
+            &key,
+            job,
+            3,
+            10,
+            0.5,
+            data,
+            1,
+            Payload::dense(&[f32::NAN, 0.0]),
+        );
+        assert_eq!(nan.open(&peer, job, 3, 2), Err(Rejection::Malformed));
+        let reply = TrainReply::Update {
+            update,
+            gathered: Gathered::default(),
+        };
+        let back: TrainReply = wire::decode(&wire::encode(&reply), MAX_UPDATE_BYTES).unwrap();
+        assert_eq!(back, reply);
+    }
+
+    #[test]
+    fn attacks_poison_as_described() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut u = vec![1.0, -0.5];
+        Attack::SignFlip.apply(&mut u, &mut rng);
+        assert_eq!(u, vec![-4.0, 2.0]);
+        let mut big = vec![0.0f32; 10_000];
+        Attack::Noise.apply(&mut big, &mut rng);
+        let var = big.iter().map(|v| v * v).sum::<f32>() / big.len() as f32;
+        assert!((var - 1.0).abs() < 0.05, "{var}");
+    }
+}

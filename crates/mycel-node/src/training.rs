@@ -1,0 +1,1061 @@
+//! Federated training: the participant side (train a round on a local dataset, answer with a
+//! signed update; as a cluster head, gather members first) and the coordinator (run a job
+//! round by round, aggregate robustly, evaluate, record every round so a restart resumes).
+//!
+//! The protocol is `/mycel/train/1` on raw streams: one stream per request, one
+//! [`TrainRequest`] frame, one [`TrainReply`] frame (`mycel_core::fl`). Decisions (who takes
+//! part, clusters, how updates combine) are mycel-core's; this module does the I/O.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use futures::stream::FuturesUnordered;
+use futures::{AsyncWriteExt, StreamExt};
+use mycel_core::aggregate::{self, ServerState, Update};
+use mycel_core::compress::{Int8, TopK};
+use mycel_core::fl::{
+    self, Attack, Candidate, Compression, Gathered, JobId, JobSpec, Member, Payload, SignedUpdate,
+    TrainReply, TrainRequest,
+};
+use mycel_core::id::ContentId;
+use mycel_core::statement::DatasetOffer;
+use mycel_core::wire::{self, Rejection};
+use mycel_core::Keypair;
+use mycel_ml::train::{Architecture, Classifier, Dataset, TrainParams};
+use mycel_net::task::{read_frame, write_frame, FrameError, IncomingStreams, TRAIN_PROTOCOL};
+use mycel_net::{NetHandle, PeerId};
+use mycel_store::Store;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::blobs::BlobService;
+
+/// Rounds a job tries again when too few updates arrive, before it fails.
+const ROUND_ATTEMPTS: u32 = 3;
+/// Trainings run at once on one node.
+const CONCURRENT_TRAININGS: usize = 4;
+/// Largest recorded job state decoded.
+const MAX_RECORD_BYTES: usize = 256 << 20;
+
+/// A dataset this node holds.
+#[derive(Debug)]
+pub struct LocalDataset {
+    /// The tag jobs name.
+    pub tag: String,
+    /// The data.
+    pub data: Dataset,
+    /// Its digest (what is announced).
+    pub digest: ContentId,
+}
+
+impl LocalDataset {
+    /// Loads the dataset `source` names (see `mycel_ml::data::load_source`).
+    pub fn load(tag: &str, source: &str) -> anyhow::Result<Self> {
+        if tag.is_empty() || tag.len() > 64 {
+            bail!("dataset tag {tag:?}: use 1 to 64 characters");
+        }
+        let data = mycel_ml::data::load_source(source)
+            .with_context(|| format!("loading dataset {tag}={source}"))?;
+        Ok(Self::new(tag, data))
+    }
+
+    /// Wraps data already in memory.
+    pub fn new(tag: &str, data: Dataset) -> Self {
+        let digest = data.digest();
+        Self {
+            tag: tag.to_owned(),
+            data,
+            digest,
+        }
+    }
+
+    /// What is announced: tag, size and digest.
+    pub fn offer(&self) -> DatasetOffer {
+        DatasetOffer {
+            tag: self.tag.clone(),
+            samples: self.data.len() as u64,
+            digest: self.digest,
+        }
+    }
+}
+
+/// One round's figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundMetrics {
+    /// The round (1-based).
+    pub round: u32,
+    /// Peers asked (cluster heads and members).
+    pub asked: u32,
+    /// Updates aggregated (a cluster counts its contributors).
+    pub participants: u32,
+    /// Asked but no update in time (or refused).
+    pub dropped: u32,
+    /// Updates rejected (their senders penalised).
+    pub rejected: u32,
+    /// Mean local training loss, weighted by samples.
+    pub train_loss: f32,
+    /// Loss on the evaluation set (NaN without one).
+    pub test_loss: f32,
+    /// Accuracy on the evaluation set (NaN without one).
+    pub accuracy: f32,
+    /// Bytes of updates sent by all participants.
+    pub bytes_up: u64,
+    /// Bytes of requests (weights) sent to all participants.
+    pub bytes_down: u64,
+    /// Bytes of updates the coordinator received.
+    pub bytes_root: u64,
+    /// Wall time of the round, ms.
+    pub ms: f64,
+    /// The global model after the round, as a blob.
+    pub model: Option<ContentId>,
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Rounds are running.
+    Running,
+    /// All rounds done.
+    Done,
+    /// Stopped with this error.
+    Failed(String),
+}
+
+/// A job's recorded state: enough to resume it after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job.
+    pub id: JobId,
+    /// Its spec.
+    pub spec: JobSpec,
+    /// Where it stands.
+    pub state: JobState,
+    /// Rounds completed.
+    pub round: u32,
+    /// The global weights after `round`.
+    #[serde(with = "f32_bytes")]
+    pub weights: Vec<f32>,
+    /// Server optimizer state.
+    #[serde(with = "f32_bytes")]
+    pub server_m: Vec<f32>,
+    /// Server optimizer state (FedAdam's second moment).
+    #[serde(with = "f32_bytes")]
+    pub server_v: Vec<f32>,
+    /// How often each peer was asked (fair rotation).
+    pub asked: BTreeMap<String, u32>,
+    /// Per-round figures.
+    pub metrics: Vec<RoundMetrics>,
+    /// Wall time of the completed rounds, ms (summed across restarts).
+    pub elapsed_ms: f64,
+    /// The rounds after which the job was resumed (the coordinator had stopped).
+    #[serde(default)]
+    pub resumed_after: Vec<u32>,
+}
+
+mod f32_bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        serde_bytes::serialize(&bytes, s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        let bytes: Vec<u8> = serde_bytes::deserialize(d)?;
+        if !bytes.len().is_multiple_of(4) {
+            return Err(serde::de::Error::custom("f32 bytes not a multiple of 4"));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+/// The training service of a node.
+pub struct Training {
+    net: NetHandle,
+    keypair: Keypair,
+    store: Arc<Store>,
+    blobs: Arc<BlobService>,
+    datasets: BTreeMap<String, Arc<LocalDataset>>,
+    attack: Option<Attack>,
+    residuals: Mutex<HashMap<JobId, TopK>>,
+    running: Mutex<HashMap<JobId, JobRecord>>,
+    launched: Mutex<std::collections::HashSet<JobId>>,
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    slots: Semaphore,
+}
+
+impl std::fmt::Debug for Training {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Training")
+            .field("datasets", &self.datasets.keys().collect::<Vec<_>>())
+            .field("attack", &self.attack)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Training {
+    /// A training service holding `datasets`; `attack` poisons every update it sends (for
+    /// benchmarks and tests of robust aggregation only).
+    pub fn new(
+        net: NetHandle,
+        keypair: Keypair,
+        store: Arc<Store>,
+        blobs: Arc<BlobService>,
+        datasets: Vec<Arc<LocalDataset>>,
+        attack: Option<Attack>,
+    ) -> Self {
+        Self {
+            net,
+            keypair,
+            store,
+            blobs,
+            datasets: datasets.into_iter().map(|d| (d.tag.clone(), d)).collect(),
+            attack,
+            residuals: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            launched: Mutex::new(Default::default()),
+            background: Mutex::new(Vec::new()),
+            slots: Semaphore::new(CONCURRENT_TRAININGS),
+        }
+    }
+
+    /// What this node announces.
+    pub fn offers(&self) -> Vec<DatasetOffer> {
+        self.datasets.values().map(|d| d.offer()).collect()
+    }
+
+    /// Answers training requests until the node stops.
+    pub async fn serve(self: Arc<Self>, mut incoming: IncomingStreams) {
+        while let Some((peer, stream)) = incoming.next().await {
+            let this = self.clone();
+            tokio::spawn(async move { this.answer(peer, stream).await });
+        }
+    }
+
+    async fn answer(&self, peer: PeerId, mut stream: mycel_net::task::Stream) {
+        let request: TrainRequest = match read_frame(&mut stream, fl::MAX_REQUEST_BYTES).await {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(FrameError::Io(_)) => return,
+            Err(FrameError::Rejected(reason)) => {
+                self.net.penalise(peer, reason).await;
+                let _ = write_frame(&mut stream, &TrainReply::Refused(reason.to_string())).await;
+                return;
+            }
+        };
+        let reply = match self.train_round(peer, request).await {
+            Ok((update, gathered)) => TrainReply::Update { update, gathered },
+            Err(Refuse::Malformed(why)) => {
+                self.net.penalise(peer, Rejection::Malformed).await;
+                TrainReply::Refused(why)
+            }
+            Err(Refuse::Other(why)) => TrainReply::Refused(why),
+        };
+        let _ = write_frame(&mut stream, &reply).await;
+        let _ = stream.close().await;
+    }
+
+    /// Trains one round as asked (and, as a cluster head, gathers the members).
+    async fn train_round(
+        &self,
+        from: PeerId,
+        request: TrainRequest,
+    ) -> Result<(SignedUpdate, Gathered), Refuse> {
+        request.check().map_err(Refuse::Malformed)?;
+        let parameters = request.model.parameters();
+        let global = request
+            .weights
+            .decode(parameters)
+            .map_err(|e| Refuse::Malformed(format!("the global weights: {e}")))?;
+        let dataset = self
+            .datasets
+            .get(&request.dataset)
+            .cloned()
+            .ok_or_else(|| {
+                Refuse::Other(format!(
+                    "this node holds no dataset tagged {:?}",
+                    request.dataset
+                ))
+            })?;
+        let deadline = Instant::now() + Duration::from_millis(request.deadline_ms);
+        let gather = async {
+            if request.members.is_empty() {
+                return (Vec::new(), Gathered::default());
+            }
+            let mut forward = request.clone();
+            forward.members = Vec::new();
+            // Members answer a little before the head must.
+            forward.deadline_ms = request.deadline_ms.saturating_mul(8) / 10;
+            let cut = Instant::now() + Duration::from_millis(forward.deadline_ms);
+            let peers: Vec<(PeerId, Vec<String>)> = request
+                .members
+                .iter()
+                .map(|m| (m.peer, m.addrs.clone()))
+                .collect();
+            let outcome = self.ask_all(&peers, &forward, cut, parameters).await;
+            (outcome.updates, outcome.gathered)
+        };
+        let local = async {
+            let _slot = self
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| Refuse::Other("stopping".into()))?;
+            let (model, train) = (request.model.clone(), request.train);
+            let (global, data) = (global.clone(), dataset.clone());
+            let seed = fl::participant_seed(request.seed, &dataset.digest);
+            tokio::task::spawn_blocking(move || {
+                local_update(&model, &train, &global, &data.data, seed)
+            })
+            .await
+            .map_err(|e| Refuse::Other(format!("training failed: {e}")))?
+            .map_err(|e| Refuse::Other(format!("training failed: {e:#}")))
+        };
+        let ((gathered_updates, gathered), mine) = tokio::join!(gather, local);
+        let (mut delta, loss) = mine?;
+        if Instant::now() > deadline {
+            return Err(Refuse::Other(
+                "the round's deadline passed while training".into(),
+            ));
+        }
+        if let Some(attack) = self.attack {
+            let mut rng =
+                StdRng::seed_from_u64(fl::participant_seed(request.seed ^ 1, &dataset.digest));
+            attack.apply(&mut delta, &mut rng);
+        }
+        let samples = dataset.data.len() as u64;
+        if request.members.is_empty() {
+            let payload = match request.compression {
+                Compression::None => Payload::dense(&delta),
+                Compression::TopK { fraction } => {
+                    let mut residuals = self.residuals.lock().unwrap_or_else(|e| e.into_inner());
+                    let state = residuals.entry(request.job).or_default();
+                    Payload::Sparse(state.compress(&delta, fraction))
+                }
+                Compression::Int8 => Payload::Int8(Int8::compress(&delta)),
+            };
+            let update = SignedUpdate::sign(
+                &self.keypair,
+                request.job,
+                request.round,
+                samples,
+                loss,
+                dataset.digest,
+                1,
+                payload,
+            );
+            return Ok((update, Gathered::default()));
+        }
+        // A cluster head combines its own update with its members' by the job's rule.
+        let mut all = gathered_updates;
+        all.push(Received {
+            delta,
+            samples,
+            loss,
+            data: dataset.digest,
+            contributors: 1,
+        });
+        let combined = combine(&request.aggregator, all)
+            .map_err(|e| Refuse::Other(format!("cannot combine the cluster's updates: {e}")))?;
+        debug!(%from, round = request.round, contributors = combined.contributors, "cluster update");
+        let update = SignedUpdate::sign(
+            &self.keypair,
+            request.job,
+            request.round,
+            combined.samples,
+            combined.loss,
+            combined.data,
+            combined.contributors,
+            Payload::dense(&combined.delta),
+        );
+        Ok((update, gathered))
+    }
+
+    /// Sends `request` to every peer at once and collects what arrives before `cut`.
+    async fn ask_all(
+        &self,
+        peers: &[Addressed],
+        request: &TrainRequest,
+        cut: Instant,
+        parameters: usize,
+    ) -> Outcome {
+        let body = wire::encode(request);
+        let mut pending: FuturesUnordered<_> = peers
+            .iter()
+            .map(|(peer, addrs)| {
+                let (peer, addrs) = (*peer, addrs.clone());
+                async move {
+                    let result =
+                        tokio::time::timeout_at(cut.into(), self.ask(peer, &addrs, request))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(anyhow!("no answer before the round's deadline"))
+                            });
+                    (peer, result)
+                }
+            })
+            .collect();
+        let mut outcome = Outcome::default();
+        outcome.gathered.asked = peers.len() as u32;
+        outcome.gathered.bytes_down = (body.len() as u64 + 4) * peers.len() as u64;
+        while let Some((peer, result)) = pending.next().await {
+            match result {
+                Ok((TrainReply::Update { update, gathered }, bytes)) => {
+                    outcome.root_bytes += bytes;
+                    outcome.gathered.bytes_up += bytes + gathered.bytes_up;
+                    outcome.gathered.bytes_down += gathered.bytes_down;
+                    outcome.gathered.asked += gathered.asked;
+                    outcome.gathered.dropped += gathered.dropped;
+                    outcome.gathered.rejected += gathered.rejected;
+                    match update.open(&peer, request.job, request.round, parameters) {
+                        Ok(delta) => outcome.updates.push(Received {
+                            delta,
+                            samples: update.samples,
+                            loss: update.loss,
+                            data: update.data,
+                            contributors: update.contributors,
+                        }),
+                        Err(reason) => {
+                            warn!(%peer, %reason, round = request.round, "update rejected");
+                            self.net.penalise(peer, reason).await;
+                            outcome.gathered.rejected += update.contributors.max(1);
+                        }
+                    }
+                }
+                Ok((TrainReply::Refused(why), _)) => {
+                    debug!(%peer, %why, "participant refused");
+                    outcome.gathered.dropped += 1 + request.members.len() as u32;
+                }
+                Err(e) if e.downcast_ref::<Rejection>().is_some() => {
+                    warn!(%peer, round = request.round, "reply rejected: {e:#}");
+                    outcome.gathered.rejected += 1;
+                }
+                Err(e) => {
+                    debug!(%peer, "participant dropped: {e:#}");
+                    outcome.gathered.dropped += 1;
+                    outcome.dropped.push(peer);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// One request and its reply, with the reply's size on the wire.
+    async fn ask(
+        &self,
+        peer: PeerId,
+        addrs: &[String],
+        request: &TrainRequest,
+    ) -> anyhow::Result<(TrainReply, u64)> {
+        let mut stream = match self.net.open_stream(peer, TRAIN_PROTOCOL).await {
+            Ok(s) => s,
+            Err(first) => {
+                // Not connected and no address known to the swarm: dial what it announced.
+                for addr in addrs.iter().filter_map(|a| a.parse().ok()) {
+                    let _ = self.net.dial(addr).await;
+                }
+                self.net
+                    .open_stream(peer, TRAIN_PROTOCOL)
+                    .await
+                    .map_err(|e| anyhow!("{first}; then {e}"))?
+            }
+        };
+        write_frame(&mut stream, request).await?;
+        let reply: TrainReply = match read_frame(&mut stream, fl::MAX_UPDATE_BYTES).await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => bail!("the participant closed the stream"),
+            Err(FrameError::Io(e)) => return Err(e.into()),
+            Err(FrameError::Rejected(reason)) => {
+                self.net.penalise(peer, reason).await;
+                return Err(anyhow::Error::new(reason).context("the participant's reply"));
+            }
+        };
+        let bytes = wire::encode(&reply).len() as u64 + 4;
+        Ok((reply, bytes))
+    }
+
+    /// Starts `spec` in the background (or resumes it, if it ran here before and did not
+    /// finish); returns its id at once. Starting a job that is already running does nothing.
+    pub fn start(self: &Arc<Self>, spec: JobSpec) -> Result<JobId, String> {
+        spec.check()?;
+        let id = spec.id();
+        if !self
+            .launched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id)
+        {
+            return Ok(id);
+        }
+        let this = self.clone();
+        let handle = tokio::spawn(async move {
+            match this.run_job(spec, |_| {}).await {
+                Ok(record) => info!(job = %id, rounds = record.round, "training job done"),
+                Err(e) => warn!(job = %id, "training job failed: {e:#}"),
+            }
+            this.launched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        });
+        let mut background = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        background.retain(|h| !h.is_finished());
+        background.push(handle);
+        Ok(id)
+    }
+
+    /// Stops the jobs started in the background (their recorded state stays).
+    pub fn stop(&self) {
+        for handle in self
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            handle.abort();
+        }
+    }
+
+    /// Resumes every recorded job that was running when the node stopped.
+    pub fn resume_all(self: &Arc<Self>) {
+        let jobs = match self.jobs() {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                warn!("cannot read the recorded training jobs: {e:#}");
+                return;
+            }
+        };
+        for job in jobs.into_iter().filter(|j| j.state == JobState::Running) {
+            info!(job = %job.id, round = job.round, "resuming an interrupted training job");
+            let _ = self.start(job.spec);
+        }
+    }
+
+    /// A job's state: the running copy, else the recorded one.
+    pub fn job(&self, id: JobId) -> anyhow::Result<Option<JobRecord>> {
+        if let Some(record) = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
+            return Ok(Some(record.clone()));
+        }
+        self.store
+            .job(id.0)?
+            .map(|bytes| {
+                wire::decode(&bytes, MAX_RECORD_BYTES).map_err(|e| anyhow!("job record: {e}"))
+            })
+            .transpose()
+    }
+
+    /// Every recorded job.
+    pub fn jobs(&self) -> anyhow::Result<Vec<JobRecord>> {
+        let mut jobs: Vec<JobRecord> = self
+            .store
+            .jobs()?
+            .into_iter()
+            .filter_map(|(_, bytes)| wire::decode(&bytes, MAX_RECORD_BYTES).ok())
+            .collect();
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for job in &mut jobs {
+            if let Some(live) = running.get(&job.id) {
+                *job = live.clone();
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Runs `spec` to the end (or resumes it from its last completed round), calling
+    /// `progress` after every round.
+    pub async fn run_job(
+        &self,
+        spec: JobSpec,
+        progress: impl Fn(&JobRecord),
+    ) -> anyhow::Result<JobRecord> {
+        spec.check().map_err(|e| anyhow!("the job spec: {e}"))?;
+        let id = spec.id();
+        let architecture = Architecture::from(&spec.model);
+        let mut record = match self.job(id)? {
+            Some(record) if record.state == JobState::Done => return Ok(record),
+            Some(mut record) => {
+                info!(job = %id, round = record.round, "resuming the job");
+                record.state = JobState::Running;
+                record.resumed_after.push(record.round);
+                record
+            }
+            None => {
+                let model = Classifier::new(architecture.clone(), spec.seed)?;
+                JobRecord {
+                    id,
+                    spec: spec.clone(),
+                    state: JobState::Running,
+                    round: 0,
+                    weights: model.weights()?,
+                    server_m: Vec::new(),
+                    server_v: Vec::new(),
+                    asked: BTreeMap::new(),
+                    metrics: Vec::new(),
+                    elapsed_ms: 0.0,
+                    resumed_after: Vec::new(),
+                }
+            }
+        };
+        self.set_running(&record);
+        let eval = match &spec.eval {
+            Some(source) => {
+                let source = source.clone();
+                Some(Arc::new(
+                    tokio::task::spawn_blocking(move || mycel_ml::data::load_source(&source))
+                        .await??,
+                ))
+            }
+            None => None,
+        };
+        let result = self.rounds(&spec, &mut record, eval, &progress).await;
+        if let Err(e) = &result {
+            record.state = JobState::Failed(format!("{e:#}"));
+        }
+        self.save(&record).await?;
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        result.map(|()| record)
+    }
+
+    async fn rounds(
+        &self,
+        spec: &JobSpec,
+        record: &mut JobRecord,
+        eval: Option<Arc<Dataset>>,
+        progress: &impl Fn(&JobRecord),
+    ) -> anyhow::Result<()> {
+        let parameters = spec.model.parameters();
+        let optimizer = spec.server.optimizer();
+        let mut server = ServerState {
+            m: record.server_m.clone(),
+            v: record.server_v.clone(),
+        };
+        let mut attempts = 0;
+        while record.round < spec.rounds {
+            let started = Instant::now();
+            let round = record.round + 1;
+            let seed = fl::round_seed(spec.seed, round);
+            let (selected, addrs, rtts) = self.select(spec, record, seed).await?;
+            let request = TrainRequest {
+                job: record.id,
+                round,
+                model: spec.model.clone(),
+                dataset: spec.dataset.clone(),
+                weights: Payload::dense(&record.weights),
+                train: spec.train,
+                compression: spec.compression,
+                seed,
+                deadline_ms: spec.round_deadline_ms,
+                members: Vec::new(),
+                aggregator: spec.aggregator,
+            };
+            let plan = fl::clusters(
+                &selected
+                    .iter()
+                    .map(|p| (*p, rtts.get(p).copied()))
+                    .collect::<Vec<_>>(),
+                spec.cluster_size as usize,
+            );
+            let cut = Instant::now() + Duration::from_millis(spec.round_deadline_ms);
+            let mut outcome = Outcome::default();
+            // Heads with members get their own request; plain participants share one.
+            let (flat, heads): (Vec<_>, Vec<_>) =
+                plan.into_iter().partition(|c| c.members.is_empty());
+            let flat_peers: Vec<Addressed> = flat
+                .iter()
+                .map(|c| (c.head, addrs.get(&c.head).cloned().unwrap_or_default()))
+                .collect();
+            let head_requests: Vec<([Addressed; 1], TrainRequest)> = heads
+                .iter()
+                .map(|c| {
+                    let mut r = request.clone();
+                    r.members = c
+                        .members
+                        .iter()
+                        .map(|m| Member {
+                            peer: *m,
+                            addrs: addrs.get(m).cloned().unwrap_or_default(),
+                        })
+                        .collect();
+                    (
+                        [(c.head, addrs.get(&c.head).cloned().unwrap_or_default())],
+                        r,
+                    )
+                })
+                .collect();
+            let mut asks = vec![self.ask_all(&flat_peers, &request, cut, parameters)];
+            for (head, r) in &head_requests {
+                asks.push(self.ask_all(head, r, cut, parameters));
+            }
+            for part in futures::future::join_all(asks).await {
+                outcome.merge(part);
+            }
+            for peer in &selected {
+                *record.asked.entry(peer.to_string()).or_insert(0) += 1;
+            }
+            let contributors: u32 = outcome.updates.iter().map(|u| u.contributors).sum();
+            if contributors < spec.participants.min {
+                attempts += 1;
+                warn!(
+                    job = %record.id, round, contributors,
+                    "too few updates ({contributors} of at least {}); trying the round again",
+                    spec.participants.min
+                );
+                if attempts >= ROUND_ATTEMPTS {
+                    bail!(
+                        "round {round}: only {contributors} updates arrived, the job needs {}; \
+                         are enough peers holding dataset {:?} online?",
+                        spec.participants.min,
+                        spec.dataset
+                    );
+                }
+                continue;
+            }
+            attempts = 0;
+            let root_bytes = outcome.root_bytes;
+            let gathered = outcome.gathered;
+            let combined = combine(&spec.aggregator, outcome.updates)?;
+            optimizer.apply(&mut server, &mut record.weights, &combined.delta)?;
+            let (test_loss, accuracy) = match &eval {
+                Some(eval) => {
+                    let (arch, weights, eval) = (
+                        Architecture::from(&spec.model),
+                        record.weights.clone(),
+                        eval.clone(),
+                    );
+                    tokio::task::spawn_blocking(move || -> anyhow::Result<(f32, f32)> {
+                        let mut model = Classifier::new(arch, 0)?;
+                        model.set_weights(&weights)?;
+                        Ok(model.evaluate(&eval)?)
+                    })
+                    .await??
+                }
+                None => (f32::NAN, f32::NAN),
+            };
+            let model = self.store_model(&record.weights).await;
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            record.metrics.push(RoundMetrics {
+                round,
+                asked: gathered.asked,
+                participants: combined.contributors,
+                dropped: gathered.dropped,
+                rejected: gathered.rejected,
+                train_loss: combined.loss,
+                test_loss,
+                accuracy,
+                bytes_up: gathered.bytes_up,
+                bytes_down: gathered.bytes_down,
+                bytes_root: root_bytes,
+                ms,
+                model,
+            });
+            record.round = round;
+            record.server_m = server.m.clone();
+            record.server_v = server.v.clone();
+            record.elapsed_ms += ms;
+            if round == spec.rounds {
+                record.state = JobState::Done;
+            }
+            self.save(record).await?;
+            self.set_running(record);
+            progress(record);
+        }
+        Ok(())
+    }
+
+    /// The round's participants, their announced addresses and measured RTTs (ms).
+    async fn select(
+        &self,
+        spec: &JobSpec,
+        record: &JobRecord,
+        seed: u64,
+    ) -> anyhow::Result<(
+        Vec<PeerId>,
+        HashMap<PeerId, Vec<String>>,
+        HashMap<PeerId, f64>,
+    )> {
+        // Right after a start the peers' announcements may not have arrived yet.
+        let patience = Instant::now() + Duration::from_millis(spec.round_deadline_ms.max(5_000));
+        loop {
+            match self.try_select(spec, record, seed).await {
+                Err(e) if Instant::now() < patience => {
+                    debug!("waiting for participants: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_select(
+        &self,
+        spec: &JobSpec,
+        record: &JobRecord,
+        seed: u64,
+    ) -> anyhow::Result<(
+        Vec<PeerId>,
+        HashMap<PeerId, Vec<String>>,
+        HashMap<PeerId, f64>,
+    )> {
+        let mut eligible = Vec::new();
+        let mut addrs = HashMap::new();
+        let mut rtts = HashMap::new();
+        let mut excluded = Vec::new();
+        for holder in self.holders(spec).await? {
+            let peer = holder.peer;
+            match holder.exclusion {
+                None if holder.alive => {
+                    eligible.push(peer);
+                    addrs.insert(peer, holder.addrs);
+                    if let Some(rtt) = holder.rtt_ms {
+                        rtts.insert(peer, rtt);
+                    }
+                }
+                None => {}
+                Some(why) => excluded.push(format!("{peer}: {why}")),
+            }
+        }
+        if !excluded.is_empty() {
+            debug!(job = %record.id, "not eligible: {}", excluded.join("; "));
+        }
+        if eligible.is_empty() {
+            bail!(
+                "no eligible peer holds dataset {:?} ({} excluded by the job's policy); \
+                 start nodes with --dataset {}=PATH",
+                spec.dataset,
+                excluded.len(),
+                spec.dataset
+            );
+        }
+        let asked: BTreeMap<PeerId, u32> = record
+            .asked
+            .iter()
+            .filter_map(|(p, n)| Some((p.parse().ok()?, *n)))
+            .collect();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let selected = fl::select(&eligible, &asked, &spec.participants, &mut rng);
+        Ok((selected, addrs, rtts))
+    }
+
+    /// Peers the coordinator would consider for `spec` now, each with why it is excluded (if
+    /// it is).
+    pub async fn candidates(
+        &self,
+        spec: &JobSpec,
+    ) -> anyhow::Result<Vec<(PeerId, Option<String>)>> {
+        Ok(self
+            .holders(spec)
+            .await?
+            .into_iter()
+            .map(|h| (h.peer, h.exclusion.map(|e| e.to_string())))
+            .collect())
+    }
+
+    /// The peers that announce `spec`'s dataset, and whether the job's policy excludes them.
+    async fn holders(&self, spec: &JobSpec) -> anyhow::Result<Vec<Holder>> {
+        let mut out = Vec::new();
+        for info in self.net.peers().await? {
+            let Some(caps) = &info.capabilities else {
+                continue;
+            };
+            let Some(offer) = caps.datasets.iter().find(|d| d.tag == spec.dataset) else {
+                continue;
+            };
+            let Ok(peer) = info.peer_id.parse::<PeerId>() else {
+                continue;
+            };
+            let candidate = Candidate {
+                peer,
+                samples: offer.samples,
+                reputation: self.net.reputation(peer).await.unwrap_or(0.0),
+                power: caps.power.clone(),
+                metered: caps.metered,
+            };
+            out.push(Holder {
+                peer,
+                alive: info.state == mycel_core::membership::PeerState::Alive,
+                addrs: info.addrs.clone(),
+                rtt_ms: info.rtt_us.map(|us| us as f64 / 1000.0),
+                exclusion: fl::eligibility(&candidate, spec).err(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn store_model(&self, weights: &[f32]) -> Option<ContentId> {
+        let bytes: Vec<u8> = weights.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let store = self.blobs.store().clone();
+        let result = tokio::task::spawn_blocking(move || {
+            store.import(std::io::Cursor::new(bytes), mycel_net::now_ms(), true)
+        })
+        .await;
+        match result {
+            Ok(Ok(blob)) => Some(blob.id),
+            Ok(Err(e)) => {
+                warn!("cannot store the round's model as a blob: {e}");
+                None
+            }
+            Err(e) => {
+                warn!("cannot store the round's model as a blob: {e}");
+                None
+            }
+        }
+    }
+
+    fn set_running(&self, record: &JobRecord) {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.id, record.clone());
+    }
+
+    async fn save(&self, record: &JobRecord) -> anyhow::Result<()> {
+        let (store, id, bytes) = (self.store.clone(), record.id.0, wire::encode(record));
+        tokio::task::spawn_blocking(move || store.put_job(id, &bytes))
+            .await?
+            .context("recording the job's state")
+    }
+}
+
+/// A peer announcing a job's dataset.
+struct Holder {
+    peer: PeerId,
+    alive: bool,
+    addrs: Vec<String>,
+    rtt_ms: Option<f64>,
+    exclusion: Option<fl::Exclusion>,
+}
+
+/// A peer and the addresses it announced.
+type Addressed = (PeerId, Vec<String>);
+
+/// Why a request is not answered with an update.
+enum Refuse {
+    /// The request itself was bad (the sender pays).
+    Malformed(String),
+    /// This node cannot or will not (no such dataset, deadline passed).
+    Other(String),
+}
+
+/// An opened update.
+struct Received {
+    delta: Vec<f32>,
+    samples: u64,
+    loss: f32,
+    data: ContentId,
+    contributors: u32,
+}
+
+/// What a fan-out brought back.
+#[derive(Default)]
+struct Outcome {
+    updates: Vec<Received>,
+    gathered: Gathered,
+    root_bytes: u64,
+    dropped: Vec<PeerId>,
+}
+
+impl Outcome {
+    fn merge(&mut self, other: Outcome) {
+        self.updates.extend(other.updates);
+        self.root_bytes += other.root_bytes;
+        self.dropped.extend(other.dropped);
+        let (a, b) = (&mut self.gathered, other.gathered);
+        a.bytes_up += b.bytes_up;
+        a.bytes_down += b.bytes_down;
+        a.asked += b.asked;
+        a.dropped += b.dropped;
+        a.rejected += b.rejected;
+    }
+}
+
+/// Updates combined by a rule.
+struct Combined {
+    delta: Vec<f32>,
+    samples: u64,
+    loss: f32,
+    data: ContentId,
+    contributors: u32,
+}
+
+/// Combines updates by the job's rule (after its IQR filter), in an order that depends only
+/// on the data behind them, so that the same job gives the same model whatever the peer ids.
+fn combine(spec: &fl::AggregatorSpec, mut updates: Vec<Received>) -> anyhow::Result<Combined> {
+    updates.sort_by_key(|u| u.data);
+    let (rule, iqr) = spec.rule();
+    let views: Vec<Update> = updates
+        .iter()
+        .map(|u| Update {
+            delta: &u.delta,
+            samples: u.samples,
+        })
+        .collect();
+    let kept: Vec<usize> = match iqr {
+        Some(k) => aggregate::iqr_filter(&views, k).0,
+        None => (0..views.len()).collect(),
+    };
+    let kept_views: Vec<Update> = kept.iter().map(|&i| views[i]).collect();
+    // Robust rules need enough updates; with too few (a small cluster), fall back to the
+    // median, which needs only one.
+    let aggregated = aggregate::aggregate(rule, &kept_views)
+        .or_else(|_| aggregate::aggregate(aggregate::Rule::Median, &kept_views))?;
+    let samples: u64 = updates.iter().map(|u| u.samples).sum();
+    let loss = if samples == 0 {
+        0.0
+    } else {
+        updates
+            .iter()
+            .map(|u| u.loss * u.samples as f32)
+            .sum::<f32>()
+            / samples as f32
+    };
+    let mut data = blake3::Hasher::new();
+    for u in &updates {
+        data.update(&u.data.0);
+    }
+    Ok(Combined {
+        delta: aggregated.delta,
+        samples,
+        loss,
+        data: ContentId(*data.finalize().as_bytes()),
+        contributors: updates.iter().map(|u| u.contributors).sum(),
+    })
+}
+
+/// Trains from `global` on `data` and returns local minus global weights and the last loss.
+fn local_update(
+    model: &fl::ModelSpec,
+    train: &fl::LocalTraining,
+    global: &[f32],
+    data: &Dataset,
+    seed: u64,
+) -> anyhow::Result<(Vec<f32>, f32)> {
+    let mut classifier = Classifier::new(Architecture::from(model), 0)?;
+    classifier.set_weights(global)?;
+    let params = TrainParams {
+        epochs: train.epochs as usize,
+        batch: train.batch as usize,
+        lr: train.lr,
+        momentum: train.momentum,
+        prox: train.prox,
+    };
+    let report = classifier.train(data, &params, seed)?;
+    let local = classifier.weights()?;
+    let delta = local.iter().zip(global).map(|(l, g)| l - g).collect();
+    Ok((delta, report.loss))
+}

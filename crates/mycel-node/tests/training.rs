@@ -1,0 +1,346 @@
+//! Federated training between real nodes on 127.0.0.1: a job learns and repeats exactly, a
+//! participant that dies or straggles does not stop a round, bad updates are rejected and
+//! their senders penalised, and the device policy keeps a flat battery out.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{addrs_of, local_config, wait_until};
+use futures::StreamExt;
+use mycel_core::fl::{self, Gathered, JobSpec, Payload, SignedUpdate, TrainReply, TrainRequest};
+use mycel_core::statement::{Capabilities, DatasetOffer};
+use mycel_core::Keypair;
+use mycel_net::task::{read_frame, write_frame, TRAIN_PROTOCOL};
+use mycel_node::training::{JobRecord, JobState, LocalDataset};
+use mycel_node::{Node, NodeConfig};
+
+fn spec(rounds: u32, min: u32) -> JobSpec {
+    let text = format!(
+        r#"{{"name":"digits-test","model":{{"kind":"mlp","layers":[64,16,10]}},
+        "dataset":"digits","rounds":{rounds},"train":{{"epochs":1,"batch":32,"lr":0.1}},
+        "participants":{{"min":{min}}},"round_deadline_ms":20000,
+        "eval":"sklearn-digits:test","seed":3}}"#
+    );
+    serde_json::from_str(&text).unwrap()
+}
+
+fn with_data(mut config: NodeConfig, source: &str) -> NodeConfig {
+    config.datasets = vec![("digits".into(), source.into())];
+    config
+}
+
+/// A coordinator (no data) and `parts` participants holding IID partitions of the digits.
+async fn federation(root: &Path, parts: usize) -> Vec<Node> {
+    let coordinator = Node::start(local_config(&root.join("coordinator"), vec![], false))
+        .await
+        .unwrap();
+    let boot = addrs_of(&coordinator);
+    let mut nodes = vec![coordinator];
+    for k in 0..parts {
+        let config = with_data(
+            local_config(&root.join(format!("p{k}")), boot.clone(), false),
+            &format!("sklearn-digits:train:{k}/{parts}"),
+        );
+        nodes.push(Node::start(config).await.unwrap());
+    }
+    wait_for_datasets(&nodes[0], parts).await;
+    nodes
+}
+
+async fn wait_for_datasets(coordinator: &Node, n: usize) {
+    wait_until(
+        Duration::from_secs(30),
+        "the coordinator sees every participant's dataset",
+        || async {
+            let peers = coordinator.net.peers().await.unwrap();
+            peers
+                .iter()
+                .filter(|p| {
+                    p.capabilities
+                        .as_ref()
+                        .is_some_and(|c| c.datasets.iter().any(|d| d.tag == "digits"))
+                })
+                .count()
+                >= n
+        },
+    )
+    .await;
+}
+
+async fn run(coordinator: &Node, spec: JobSpec) -> JobRecord {
+    tokio::time::timeout(
+        Duration::from_secs(240),
+        coordinator.training.run_job(spec, |_| {}),
+    )
+    .await
+    .expect("the job finishes in time")
+    .expect("the job succeeds")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_four_node_job_learns_and_repeats_exactly_with_the_same_seed() {
+    let mut results = Vec::new();
+    for _ in 0..2 {
+        let root = tempfile::tempdir().unwrap();
+        let nodes = federation(root.path(), 3).await;
+        let record = run(&nodes[0], spec(4, 3)).await;
+        assert_eq!(record.state, JobState::Done);
+        assert_eq!(record.metrics.len(), 4);
+        assert!(record
+            .metrics
+            .iter()
+            .all(|m| m.participants == 3 && m.dropped == 0));
+        let first = record.metrics[0].accuracy;
+        let last = record.metrics[3].accuracy;
+        assert!(last > 0.5 && last > first, "accuracy {first} -> {last}");
+        // Each round's model is a blob on the coordinator, the same bytes as the weights.
+        let model = record.metrics[3].model.expect("the final model is stored");
+        let info = nodes[0].blobs.store().info(&model).unwrap().unwrap();
+        assert_eq!(info.size, record.weights.len() as u64 * 4);
+        results.push(record);
+        for node in nodes {
+            node.shutdown().await;
+        }
+    }
+    assert_eq!(
+        results[0].weights, results[1].weights,
+        "same seed, same model"
+    );
+    assert_eq!(results[0].id, results[1].id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stragglers_and_killed_participants_are_cut_and_rounds_complete() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = federation(root.path(), 3).await;
+    // A fourth participant with far more data: it trains for seconds and so straggles.
+    let big = mycel_ml::data::load_source("sklearn-digits:train").unwrap();
+    let mut huge = big.clone();
+    for _ in 0..150 {
+        huge.features.extend_from_slice(&big.features);
+        huge.labels.extend_from_slice(&big.labels);
+    }
+    let mut config = local_config(&root.path().join("slow"), addrs_of(&nodes[0]), false);
+    config.preloaded_datasets = vec![Arc::new(LocalDataset::new("digits", huge))];
+    let slow = Node::start(config).await.unwrap();
+    wait_for_datasets(&nodes[0], 4).await;
+
+    let mut job = spec(3, 3);
+    job.round_deadline_ms = 1_500;
+    let coordinator = nodes.remove(0);
+    let training = coordinator.training.clone();
+    let run = tokio::spawn(async move { training.run_job(job, |_| {}).await });
+    // Kill the slow participant while it trains in round 1 or 2.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    slow.abort();
+    let record = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the job finishes in time")
+        .unwrap()
+        .expect("the job succeeds without the slow participant");
+    assert_eq!(record.state, JobState::Done);
+    for m in &record.metrics {
+        assert_eq!(m.participants, 3, "round {}: {m:?}", m.round);
+        assert!(m.asked == 4 && m.dropped == 1, "round {}: {m:?}", m.round);
+        assert!(m.ms < 10_000.0, "round {} waited {} ms", m.round, m.ms);
+    }
+}
+
+/// A fake participant: announces the dataset and answers each round with `bad(round)`, the
+/// frame it writes (or nothing to say, to write an oversized frame header).
+async fn liar(bootstrap: Vec<mycel_net::Multiaddr>) -> (mycel_net::NetHandle, Keypair) {
+    let key = Keypair::generate_ed25519();
+    let mut config = mycel_net::NetConfig::new(key.clone());
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    config.bootstrap = bootstrap;
+    config.mdns = false;
+    config.timing = common::fast_timing();
+    config.capabilities = Capabilities {
+        datasets: vec![DatasetOffer {
+            tag: "digits".into(),
+            samples: 100,
+            digest: mycel_core::id::ContentId::of(b"lies"),
+        }],
+        ..Default::default()
+    };
+    let (net, _events, _task) = mycel_net::spawn(
+        config,
+        Box::new(|floor| floor),
+        &mut mycel_net::Registry::default(),
+    )
+    .await
+    .unwrap();
+    (net, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nan_oversized_and_forged_updates_are_rejected_and_penalised() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = federation(root.path(), 3).await;
+    let (liar_net, liar_key) = liar(addrs_of(&nodes[0])).await;
+    let liar_id = liar_net.peer_id();
+    let mut incoming = liar_net.accept_streams(TRAIN_PROTOCOL).unwrap();
+    tokio::spawn(async move {
+        let stranger = Keypair::generate_ed25519();
+        while let Some((_, mut stream)) = incoming.next().await {
+            let request: TrainRequest = read_frame(&mut stream, fl::MAX_REQUEST_BYTES)
+                .await
+                .unwrap()
+                .unwrap();
+            let n = request.model.parameters();
+            let sign = |key: &Keypair, values: Vec<f32>| {
+                SignedUpdate::sign(
+                    key,
+                    request.job,
+                    request.round,
+                    100,
+                    0.1,
+                    mycel_core::id::ContentId::of(b"lies"),
+                    1,
+                    Payload::dense(&values),
+                )
+            };
+            let update = match request.round % 3 {
+                // A NaN, properly signed.
+                1 => sign(&liar_key, vec![f32::NAN; n]),
+                // Signed by someone else.
+                2 => sign(&stranger, vec![0.0; n]),
+                // A frame claiming more than any update may be.
+                _ => {
+                    use futures::AsyncWriteExt;
+                    let len = (fl::MAX_UPDATE_BYTES as u32 + 1).to_le_bytes();
+                    let _ = stream.write_all(&len).await;
+                    let _ = stream.write_all(&[0u8; 1024]).await;
+                    let _ = stream.flush().await;
+                    continue;
+                }
+            };
+            let reply = TrainReply::Update {
+                update,
+                gathered: Gathered::default(),
+            };
+            let _ = write_frame(&mut stream, &reply).await;
+        }
+    });
+    wait_for_datasets(&nodes[0], 4).await;
+    let record = run(&nodes[0], spec(4, 3)).await;
+    for m in &record.metrics[..3] {
+        assert_eq!(
+            (m.asked, m.participants, m.rejected),
+            (4, 3, 1),
+            "round {}: {m:?}",
+            m.round
+        );
+    }
+    // Three offences put the liar below the job's reputation threshold: no longer asked.
+    let last = &record.metrics[3];
+    assert_eq!(
+        (last.asked, last.participants, last.rejected),
+        (3, 3, 0),
+        "{last:?}"
+    );
+    let accuracy = record.metrics[3].accuracy;
+    assert!(accuracy > 0.5, "accuracy {accuracy}");
+    let reputation = nodes[0].net.reputation(liar_id).await.unwrap();
+    assert!(reputation < -50.0, "the liar's reputation is {reputation}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_policy_keeps_a_flat_battery_out() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = federation(root.path(), 2).await;
+    let sys = root.path().join("sys");
+    let battery = sys.join("class/power_supply/BAT0");
+    std::fs::create_dir_all(&battery).unwrap();
+    std::fs::write(battery.join("type"), "Battery\n").unwrap();
+    std::fs::write(battery.join("capacity"), "12\n").unwrap();
+    let mut config = with_data(
+        local_config(&root.path().join("laptop"), addrs_of(&nodes[0]), false),
+        "sklearn-digits:train:0/2",
+    );
+    config.sys_root = sys;
+    let laptop = Node::start(config).await.unwrap();
+    let laptop_id = laptop.net.peer_id();
+    wait_for_datasets(&nodes[0], 3).await;
+
+    let mut job = spec(2, 2);
+    job.device.min_battery = Some(20);
+    let candidates = nodes[0].training.candidates(&job).await.unwrap();
+    let why = candidates
+        .iter()
+        .find(|(p, _)| *p == laptop_id)
+        .and_then(|(_, why)| why.clone());
+    assert_eq!(why.as_deref(), Some("on battery at 12%"));
+    let record = run(&nodes[0], job.clone()).await;
+    assert!(record
+        .metrics
+        .iter()
+        .all(|m| m.asked == 2 && m.participants == 2));
+    assert!(!record.asked.contains_key(&laptop_id.to_string()));
+
+    // Without the policy the laptop takes part.
+    job.device.min_battery = None;
+    let record = run(&nodes[0], job).await;
+    assert!(record.metrics.iter().all(|m| m.participants == 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_refuses_a_malformed_request_and_penalises_its_sender() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = federation(root.path(), 1).await;
+    let participant = &nodes[1];
+    let rogue = common::raw_peer(addrs_of(participant)).await;
+    let job = spec(1, 1);
+    let request = |weights: Vec<f32>, dataset: &str| TrainRequest {
+        job: job.id(),
+        round: 1,
+        model: job.model.clone(),
+        dataset: dataset.into(),
+        weights: Payload::dense(&weights),
+        train: job.train,
+        compression: job.compression,
+        seed: 0,
+        deadline_ms: 5_000,
+        members: Vec::new(),
+        aggregator: job.aggregator,
+    };
+    let ask = |r: TrainRequest| {
+        let rogue = rogue.clone();
+        let peer = participant.net.peer_id();
+        async move {
+            let mut stream = rogue.open_stream(peer, TRAIN_PROTOCOL).await.unwrap();
+            write_frame(&mut stream, &r).await.unwrap();
+            read_frame::<TrainReply>(&mut stream, fl::MAX_UPDATE_BYTES)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let n = job.model.parameters();
+    // Weights of the wrong length: refused, and the sender pays.
+    let reply = ask(request(vec![0.0; n - 1], "digits")).await;
+    assert!(
+        matches!(&reply, TrainReply::Refused(why) if why.contains("global weights")),
+        "{reply:?}"
+    );
+    let reputation = participant.net.reputation(rogue.peer_id()).await.unwrap();
+    assert!(reputation < 0.0, "{reputation}");
+    // A dataset it does not hold: refused without blame.
+    let reply = ask(request(vec![0.0; n], "faces")).await;
+    assert!(
+        matches!(&reply, TrainReply::Refused(why) if why.contains("faces")),
+        "{reply:?}"
+    );
+    // A proper request still gets a signed update.
+    let reply = ask(request(vec![0.0; n], "digits")).await;
+    let TrainReply::Update { update, .. } = reply else {
+        panic!("{reply:?}")
+    };
+    let delta = update
+        .open(&participant.net.peer_id(), job.id(), 1, n)
+        .unwrap();
+    assert!(delta.iter().any(|v| *v != 0.0));
+}
