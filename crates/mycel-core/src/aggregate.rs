@@ -269,6 +269,33 @@ pub fn iqr_filter(updates: &[Update], k: f64) -> (Vec<usize>, Vec<usize>) {
     (0..norms.len()).partition(|i| (low..=high).contains(&norms[*i]))
 }
 
+/// FedAvg for sparse (top-k) updates: each coordinate is the sample-weighted mean over the
+/// updates that carry it (a nonzero value). With error feedback a participant holds back most
+/// coordinates for later rounds; averaging its zeros in would dilute every coordinate by the
+/// number of participants that happened not to send it.
+pub fn fedavg_sparse(updates: &[Update]) -> Result<Aggregated, AggregateError> {
+    let len = check(updates)?;
+    let mut sum = vec![0f64; len];
+    let mut weight = vec![0f64; len];
+    for update in updates {
+        let w = update.samples.max(1) as f64;
+        for ((s, total), v) in sum.iter_mut().zip(&mut weight).zip(update.delta) {
+            if *v != 0.0 {
+                *s += w * f64::from(*v);
+                *total += w;
+            }
+        }
+    }
+    Ok(Aggregated {
+        delta: sum
+            .iter()
+            .zip(&weight)
+            .map(|(s, w)| if *w > 0.0 { (s / w) as f32 } else { 0.0 })
+            .collect(),
+        selected: (0..updates.len()).collect(),
+    })
+}
+
 /// Linear-interpolated quantile `q` of sorted `values`.
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     let at = q * (sorted.len() - 1) as f64;
@@ -402,6 +429,26 @@ mod tests {
         // (1*1 + 3*4)/4 = 3.25; (1*2 + 3*-1)/4 = -0.25
         assert_eq!(out.delta, vec![3.25, -0.25]);
         assert_eq!(out.selected, vec![0, 1]);
+    }
+
+    #[test]
+    fn sparse_fedavg_averages_each_coordinate_over_its_senders() {
+        let a = [2.0, 0.0, 0.0];
+        let b = [4.0, 6.0, 0.0];
+        let out = fedavg_sparse(&[
+            Update {
+                delta: &a,
+                samples: 1,
+            },
+            Update {
+                delta: &b,
+                samples: 3,
+            },
+        ])
+        .unwrap();
+        // (1*2 + 3*4)/4 = 3.5; only b sent the second (6); nobody the third.
+        assert_eq!(out.delta, vec![3.5, 6.0, 0.0]);
+        assert!(fedavg_sparse(&[]).is_err());
     }
 
     #[test]

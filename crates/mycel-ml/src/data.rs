@@ -3,7 +3,8 @@
 //!
 //! A source is written as a path (`.csv`: numbers, class in the last column; `.npy`: a 2-D
 //! float array, class in the last column) or as `sklearn-digits[:PART][:K/N][:dirichlet=A]`,
-//! where PART is `all` (default), `train` or `test` (a stratified 80/20 split with seed 0),
+//! where PART is `all` (default), `train` or `test` (a stratified 80/20 split with seed 0;
+//! features standardised with the training split's statistics, see [`digits`]),
 //! and `K/N` takes the K-th (0-based) of N partitions: IID, or by class proportions drawn from
 //! a Dirichlet(A) distribution (seed 0) — the usual non-IID benchmark split.
 
@@ -76,9 +77,40 @@ pub fn load_source(source: &str) -> Result<Dataset> {
     })
 }
 
-/// The shipped digits, features scaled to [0, 1].
+/// The shipped digits, each feature standardised (as scikit-learn's `StandardScaler` fitted
+/// on the training split: minus its mean, over its standard deviation, 1 where that is 0).
+/// The statistics are those of the public training split, the same on every node.
 pub fn digits() -> Result<Dataset> {
-    Dataset::parse_csv(DIGITS_CSV, 1.0 / 16.0).map_err(|e| MlError::Input(format!("digits: {e}")))
+    let mut data =
+        Dataset::parse_csv(DIGITS_CSV, 1.0).map_err(|e| MlError::Input(format!("digits: {e}")))?;
+    let train = stratified_split(&data, 0.2, 0).0;
+    let (dim, n) = (train.dim, train.len() as f64);
+    let mut mean = vec![0f64; dim];
+    let mut square = vec![0f64; dim];
+    for row in train.features.chunks_exact(dim) {
+        for (j, v) in row.iter().enumerate() {
+            mean[j] += f64::from(*v) / n;
+            square[j] += f64::from(*v) * f64::from(*v) / n;
+        }
+    }
+    let scale: Vec<f64> = mean
+        .iter()
+        .zip(&square)
+        .map(|(m, s)| {
+            let sd = (s - m * m).max(0.0).sqrt();
+            if sd > 1e-9 {
+                sd
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    for row in data.features.chunks_exact_mut(dim) {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = ((f64::from(*v) - mean[j]) / scale[j]) as f32;
+        }
+    }
+    Ok(data)
 }
 
 /// `parts` IID partitions of `data` (shuffled by `seed`, sizes differing by at most one).
@@ -228,7 +260,24 @@ mod tests {
     fn digits_sources_split_and_partition() {
         let all = load_source("sklearn-digits").unwrap();
         assert_eq!((all.len(), all.dim, all.classes()), (1797, 64, 10));
-        assert!(all.features.iter().all(|v| (0.0..=1.0).contains(v)));
+        // Standardised on the training split: mean 0 and deviation 1 (or 0) per feature there.
+        let train_all = load_source("sklearn-digits:train").unwrap();
+        for j in 0..64 {
+            let column: Vec<f64> = train_all
+                .features
+                .iter()
+                .skip(j)
+                .step_by(64)
+                .map(|v| f64::from(*v))
+                .collect();
+            let mean = column.iter().sum::<f64>() / column.len() as f64;
+            let var =
+                column.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / column.len() as f64;
+            assert!(
+                mean.abs() < 1e-4 && (var < 1e-9 || (var - 1.0).abs() < 1e-3),
+                "{j}: {mean} {var}"
+            );
+        }
         let train = load_source("sklearn-digits:train").unwrap();
         let test = load_source("sklearn-digits:test").unwrap();
         assert_eq!(train.len() + test.len(), 1797);

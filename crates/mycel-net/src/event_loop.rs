@@ -840,6 +840,12 @@ impl EventLoop {
                     .map_err(|e| NetError::Other(format!("cannot dial {addr}: {e}")));
                 let _ = reply.send(result);
             }
+            Command::AddAddresses(peer, addrs, reply) => {
+                if peer != *self.swarm.local_peer_id() {
+                    self.remember_addrs(peer, addrs);
+                }
+                let _ = reply.send(());
+            }
             Command::Penalise(peer, reason) => self.reject(peer, reason),
             Command::Reputation(peer, reply) => {
                 let _ = reply.send(self.reputation.score(&peer, now_ms()));

@@ -107,6 +107,7 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<(), NetError>>,
     },
     Dial(Multiaddr, oneshot::Sender<Result<(), NetError>>),
+    AddAddresses(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     Penalise(PeerId, Rejection),
     Reputation(PeerId, oneshot::Sender<f64>),
     Provide(Vec<ContentId>),
@@ -313,6 +314,12 @@ impl NetHandle {
     /// Dials an address.
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
         self.ask(|tx| Command::Dial(addr, tx)).await?
+    }
+
+    /// Tells the swarm where `peer` listens (learnt from elsewhere: a job's coordinator, say),
+    /// so that opening a stream to it can dial it.
+    pub async fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), NetError> {
+        self.ask(|tx| Command::AddAddresses(peer, addrs, tx)).await
     }
 
     /// Opens a stream of `protocol` to `peer` (dialling it if need be).

@@ -363,7 +363,7 @@ impl Training {
             data: dataset.digest,
             contributors: 1,
         });
-        let combined = combine(&request.aggregator, all)
+        let combined = combine(&request.aggregator, request.compression, all)
             .map_err(|e| Refuse::Other(format!("cannot combine the cluster's updates: {e}")))?;
         debug!(%from, round = request.round, contributors = combined.contributors, "cluster update");
         let update = SignedUpdate::sign(
@@ -457,16 +457,17 @@ impl Training {
     ) -> anyhow::Result<(TrainReply, u64)> {
         let mut stream = match self.net.open_stream(peer, TRAIN_PROTOCOL).await {
             Ok(s) => s,
-            Err(first) => {
-                // Not connected and no address known to the swarm: dial what it announced.
-                for addr in addrs.iter().filter_map(|a| a.parse().ok()) {
-                    let _ = self.net.dial(addr).await;
-                }
+            Err(first) if !addrs.is_empty() => {
+                // Not connected and no address known to the swarm (a cluster head asked to
+                // gather members it never met): use the addresses the coordinator passed on.
+                let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                self.net.add_addresses(peer, addrs).await?;
                 self.net
                     .open_stream(peer, TRAIN_PROTOCOL)
                     .await
                     .map_err(|e| anyhow!("{first}; then {e}"))?
             }
+            Err(e) => return Err(e.into()),
         };
         write_frame(&mut stream, request).await?;
         let reply: TrainReply = match read_frame(&mut stream, fl::MAX_UPDATE_BYTES).await {
@@ -705,6 +706,7 @@ impl Training {
             for part in futures::future::join_all(asks).await {
                 outcome.merge(part);
             }
+            let asked_ms = started.elapsed().as_secs_f64() * 1000.0;
             for peer in &selected {
                 *record.asked.entry(peer.to_string()).or_insert(0) += 1;
             }
@@ -729,7 +731,7 @@ impl Training {
             attempts = 0;
             let root_bytes = outcome.root_bytes;
             let gathered = outcome.gathered;
-            let combined = combine(&spec.aggregator, outcome.updates)?;
+            let combined = combine(&spec.aggregator, spec.compression, outcome.updates)?;
             optimizer.apply(&mut server, &mut record.weights, &combined.delta)?;
             let (test_loss, accuracy) = match &eval {
                 Some(eval) => {
@@ -747,8 +749,16 @@ impl Training {
                 }
                 None => (f32::NAN, f32::NAN),
             };
+            let evaluated_ms = started.elapsed().as_secs_f64() * 1000.0;
             let model = self.store_model(&record.weights).await;
             let ms = started.elapsed().as_secs_f64() * 1000.0;
+            debug!(
+                round,
+                asked_ms,
+                evaluated_ms,
+                stored_ms = ms,
+                "round timing"
+            );
             record.metrics.push(RoundMetrics {
                 round,
                 asked: gathered.asked,
@@ -995,7 +1005,12 @@ struct Combined {
 
 /// Combines updates by the job's rule (after its IQR filter), in an order that depends only
 /// on the data behind them, so that the same job gives the same model whatever the peer ids.
-fn combine(spec: &fl::AggregatorSpec, mut updates: Vec<Received>) -> anyhow::Result<Combined> {
+fn combine(
+    spec: &fl::AggregatorSpec,
+    compression: Compression,
+    mut updates: Vec<Received>,
+) -> anyhow::Result<Combined> {
+    let sparse = matches!(compression, Compression::TopK { .. });
     updates.sort_by_key(|u| u.data);
     let (rule, iqr) = spec.rule();
     let views: Vec<Update> = updates
@@ -1010,10 +1025,15 @@ fn combine(spec: &fl::AggregatorSpec, mut updates: Vec<Received>) -> anyhow::Res
         None => (0..views.len()).collect(),
     };
     let kept_views: Vec<Update> = kept.iter().map(|&i| views[i]).collect();
-    // Robust rules need enough updates; with too few (a small cluster), fall back to the
-    // median, which needs only one.
-    let aggregated = aggregate::aggregate(rule, &kept_views)
-        .or_else(|_| aggregate::aggregate(aggregate::Rule::Median, &kept_views))?;
+    // Sparse updates are averaged over the participants that sent each coordinate. Robust
+    // rules need enough updates; with too few (a small cluster), fall back to the median,
+    // which needs only one.
+    let aggregated = if sparse && rule == aggregate::Rule::FedAvg {
+        aggregate::fedavg_sparse(&kept_views)?
+    } else {
+        aggregate::aggregate(rule, &kept_views)
+            .or_else(|_| aggregate::aggregate(aggregate::Rule::Median, &kept_views))?
+    };
     let samples: u64 = updates.iter().map(|u| u.samples).sum();
     let loss = if samples == 0 {
         0.0

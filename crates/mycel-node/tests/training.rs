@@ -344,3 +344,59 @@ async fn a_participant_refuses_a_malformed_request_and_penalises_its_sender() {
         .unwrap();
     assert!(delta.iter().any(|v| *v != 0.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_and_clusters_cut_bytes_and_the_model_still_learns() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = federation(root.path(), 4).await;
+    let run_with = |f: &dyn Fn(&mut JobSpec)| {
+        let mut job = spec(4, 4);
+        f(&mut job);
+        job
+    };
+    let flat = run(&nodes[0], run_with(&|_| {})).await;
+    let int8 = run(
+        &nodes[0],
+        run_with(&|j| j.compression = fl::Compression::Int8),
+    )
+    .await;
+    let topk = run(
+        &nodes[0],
+        run_with(&|j| j.compression = fl::Compression::TopK { fraction: 0.1 }),
+    )
+    .await;
+    let clustered = run(&nodes[0], run_with(&|j| j.cluster_size = 2)).await;
+    let up = |r: &JobRecord| r.metrics.iter().map(|m| m.bytes_up).sum::<u64>();
+    let root_bytes = |r: &JobRecord| r.metrics.iter().map(|m| m.bytes_root).sum::<u64>();
+    assert!(
+        up(&int8) * 10 < up(&flat) * 4,
+        "int8 {} vs {}",
+        up(&int8),
+        up(&flat)
+    );
+    assert!(
+        up(&topk) * 10 < up(&flat) * 3,
+        "top-k {} vs {}",
+        up(&topk),
+        up(&flat)
+    );
+    // Two clusters of two: the root hears two updates a round instead of four.
+    assert!(
+        root_bytes(&clustered) * 10 < root_bytes(&flat) * 6,
+        "{} vs {}",
+        root_bytes(&clustered),
+        root_bytes(&flat)
+    );
+    for record in [&flat, &int8, &topk, &clustered] {
+        assert!(record
+            .metrics
+            .iter()
+            .all(|m| m.participants == 4 && m.asked == 4));
+        let accuracy = record.metrics[3].accuracy;
+        assert!(
+            accuracy > 0.5,
+            "{}: accuracy {accuracy}",
+            record.spec.compression.name()
+        );
+    }
+}

@@ -3,6 +3,7 @@
 
 mod blobs;
 mod failover;
+mod fl;
 mod inference;
 mod net;
 
@@ -21,6 +22,9 @@ pub(crate) enum BenchCommand {
     /// Blob import, and fetches between node processes against a plain TCP copy: one
     /// provider, three rate-limited providers, memory while fetching a large blob.
     Blobs(blobs::BlobsBenchArgs),
+    /// Federated training of the digits across real nodes on loopback, per scenario (split,
+    /// aggregator, attack, compression, hierarchy); with --flower, beside Flower.
+    Fl(fl::FlBenchArgs),
     /// The sending half of the TCP baseline of `bench blobs` (run by it).
     #[command(hide = true)]
     TcpSend(blobs::TcpSendArgs),
@@ -32,6 +36,7 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Inference(args) => inference::run(args).await,
         BenchCommand::Failover(args) => failover::run(args).await,
         BenchCommand::Blobs(args) => blobs::run(args).await,
+        BenchCommand::Fl(args) => fl::run(args).await,
         BenchCommand::TcpSend(args) => blobs::tcp_send(args),
     }
 }
