@@ -178,3 +178,19 @@ pub(crate) fn jobs(args: ClientArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_job_in_the_readme_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../jobs/digits.toml");
+        let spec = read_spec(&path).unwrap();
+        assert_eq!((spec.dataset.as_str(), spec.rounds), ("digits", 20));
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "dataset = \"digits\"\ncolour = 1\n").unwrap();
+        assert!(read_spec(&bad).is_err());
+    }
+}

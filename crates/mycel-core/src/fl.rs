@@ -74,23 +74,80 @@ pub enum ModelSpec {
         /// Layer widths.
         layers: Vec<usize>,
     },
+    /// A small CNN on `side`×`side` one-channel images: 3×3 convolution to `channels` maps,
+    /// ReLU, 2×2 max pooling, a linear layer to `classes`.
+    Cnn {
+        /// Image side (even).
+        side: usize,
+        /// Feature maps.
+        channels: usize,
+        /// Classes.
+        classes: usize,
+    },
 }
 
 impl ModelSpec {
-    /// The layer widths, inputs first, classes last.
+    /// The layer widths, inputs first, classes last (a CNN: pixels, pooled features,
+    /// classes).
     pub fn widths(&self) -> Vec<usize> {
         match self {
             ModelSpec::Logistic { inputs, classes } => vec![*inputs, *classes],
             ModelSpec::Mlp { layers } => layers.clone(),
+            ModelSpec::Cnn {
+                side,
+                channels,
+                classes,
+            } => vec![
+                side.saturating_mul(*side),
+                channels.saturating_mul((side / 2).saturating_mul(side / 2)),
+                *classes,
+            ],
         }
     }
 
     /// Number of parameters (weights and biases); saturates on absurd sizes.
     pub fn parameters(&self) -> usize {
-        self.widths()
-            .windows(2)
-            .map(|w| w[0].saturating_mul(w[1]).saturating_add(w[1]))
-            .fold(0usize, usize::saturating_add)
+        match self {
+            ModelSpec::Cnn {
+                channels, classes, ..
+            } => {
+                let pooled = self.widths()[1];
+                channels
+                    .saturating_mul(10)
+                    .saturating_add(pooled.saturating_mul(*classes))
+                    .saturating_add(*classes)
+            }
+            _ => self
+                .widths()
+                .windows(2)
+                .map(|w| w[0].saturating_mul(w[1]).saturating_add(w[1]))
+                .fold(0usize, usize::saturating_add),
+        }
+    }
+
+    /// Checks the model's shape.
+    fn check(&self) -> Result<(), String> {
+        let widths = self.widths();
+        if widths.len() < 2 || widths.contains(&0) {
+            return Err("the model needs at least an input and an output width, none 0".into());
+        }
+        if widths.len() > 16 {
+            return Err("the model has more than 16 layers".into());
+        }
+        if let ModelSpec::Cnn { side, channels, .. } = self {
+            if side % 2 != 0 || *side > 256 || *channels > 256 {
+                return Err(
+                    "a CNN's side must be even and at most 256, channels at most 256".into(),
+                );
+            }
+        }
+        if self.parameters() > MAX_PARAMETERS {
+            return Err(format!(
+                "the model has {} parameters, at most {MAX_PARAMETERS} are allowed",
+                self.parameters()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -341,6 +398,10 @@ pub struct JobSpec {
     pub name: String,
     /// The model.
     pub model: ModelSpec,
+    /// Initial weights: a blob of little-endian f32 values in the model's parameter order (a
+    /// previous job's model, say), fetched from the network; absent: random from `seed`.
+    #[serde(default)]
+    pub initial: Option<ContentId>,
     /// The dataset tag participants hold.
     pub dataset: String,
     /// Rounds.
@@ -391,19 +452,7 @@ impl JobSpec {
 
     /// Checks every field a coordinator or participant relies on.
     pub fn check(&self) -> Result<(), String> {
-        let widths = self.model.widths();
-        if widths.len() < 2 || widths.contains(&0) {
-            return Err("the model needs at least an input and an output width, none 0".into());
-        }
-        if widths.len() > 16 {
-            return Err("the model has more than 16 layers".into());
-        }
-        if self.model.parameters() > MAX_PARAMETERS {
-            return Err(format!(
-                "the model has {} parameters, at most {MAX_PARAMETERS} are allowed",
-                self.model.parameters()
-            ));
-        }
+        self.model.check()?;
         if self.dataset.is_empty() || self.dataset.len() > 64 {
             return Err("the dataset tag must be 1 to 64 characters".into());
         }
@@ -665,13 +714,7 @@ pub struct TrainRequest {
 impl TrainRequest {
     /// Bounds every field a participant allocates or loops over.
     pub fn check(&self) -> Result<(), String> {
-        let widths = self.model.widths();
-        if widths.len() < 2 || widths.len() > 16 || widths.contains(&0) {
-            return Err("the model's layers are malformed".into());
-        }
-        if self.model.parameters() > MAX_PARAMETERS {
-            return Err("the model is too large".into());
-        }
+        self.model.check()?;
         if self.members.len() > MAX_MEMBERS
             || self.members.iter().any(|m| m.addrs.len() > 8)
             || self.dataset.len() > 64
@@ -879,6 +922,15 @@ mod tests {
         let s = spec();
         s.check().unwrap();
         assert_eq!(s.model.parameters(), 64 * 32 + 32 + 32 * 10 + 10);
+        let cnn: ModelSpec =
+            serde_json::from_str(r#"{"kind":"cnn","side":8,"channels":4,"classes":10}"#).unwrap();
+        assert_eq!(cnn.parameters(), 4 * 9 + 4 + 10 * 4 * 16 + 10);
+        let odd = ModelSpec::Cnn {
+            side: 7,
+            channels: 4,
+            classes: 10,
+        };
+        assert!(odd.check().is_err());
         assert_eq!(s.aggregator, AggregatorSpec::Fedavg { iqr: None });
         assert_eq!(s.id(), spec().id());
         let mut other = spec();

@@ -29,6 +29,16 @@ pub enum Architecture {
         /// Layer widths, inputs first, classes last (at least two).
         layers: Vec<usize>,
     },
+    /// A small CNN on `side`×`side` one-channel images (row-major features): a 3×3
+    /// convolution to `channels` maps (padding 1), ReLU, 2×2 max pooling, then a linear layer.
+    Cnn {
+        /// Image side (even).
+        side: usize,
+        /// Feature maps.
+        channels: usize,
+        /// Classes.
+        classes: usize,
+    },
 }
 
 impl From<&mycel_core::fl::ModelSpec> for Architecture {
@@ -41,22 +51,71 @@ impl From<&mycel_core::fl::ModelSpec> for Architecture {
             mycel_core::fl::ModelSpec::Mlp { layers } => Architecture::Mlp {
                 layers: layers.clone(),
             },
+            mycel_core::fl::ModelSpec::Cnn {
+                side,
+                channels,
+                classes,
+            } => Architecture::Cnn {
+                side: *side,
+                channels: *channels,
+                classes: *classes,
+            },
         }
     }
 }
 
 impl Architecture {
-    /// Layer widths, inputs first.
-    fn widths(&self) -> Vec<usize> {
+    /// Input features and classes.
+    fn io(&self) -> (usize, usize) {
         match self {
-            Architecture::Logistic { inputs, classes } => vec![*inputs, *classes],
-            Architecture::Mlp { layers } => layers.clone(),
+            Architecture::Logistic { inputs, classes } => (*inputs, *classes),
+            Architecture::Mlp { layers } => (
+                layers.first().copied().unwrap_or(0),
+                layers.last().copied().unwrap_or(0),
+            ),
+            Architecture::Cnn { side, classes, .. } => (side * side, *classes),
+        }
+    }
+
+    /// Each layer's weight shape and bias length, in the flat order.
+    fn shapes(&self) -> Vec<(Vec<usize>, usize)> {
+        match self {
+            Architecture::Logistic { inputs, classes } => vec![(vec![*classes, *inputs], *classes)],
+            Architecture::Mlp { layers } => layers
+                .windows(2)
+                .map(|w| (vec![w[1], w[0]], w[1]))
+                .collect(),
+            Architecture::Cnn {
+                side,
+                channels,
+                classes,
+            } => vec![
+                (vec![*channels, 1, 3, 3], *channels),
+                (vec![*classes, channels * (side / 2) * (side / 2)], *classes),
+            ],
         }
     }
 
     /// Number of weights (and biases).
     pub fn parameters(&self) -> usize {
-        self.widths().windows(2).map(|w| w[0] * w[1] + w[1]).sum()
+        self.shapes()
+            .iter()
+            .map(|(w, b)| w.iter().product::<usize>() + b)
+            .sum()
+    }
+
+    fn check(&self) -> Result<()> {
+        let shapes = self.shapes();
+        let bad = shapes.is_empty()
+            || shapes.iter().any(|(w, b)| *b == 0 || w.contains(&0))
+            || matches!(self, Architecture::Cnn { side, .. } if side % 2 != 0);
+        if bad {
+            return Err(MlError::Input(format!(
+                "a model needs an input and an output layer, none empty (and a CNN an even \
+                 image side): {self:?}"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -215,17 +274,14 @@ fn ml(e: candle_core::Error) -> MlError {
 impl Classifier {
     /// A fresh model, weights drawn uniformly in `±1/sqrt(fan_in)` from `seed`.
     pub fn new(architecture: Architecture, seed: u64) -> Result<Self> {
-        let widths = architecture.widths();
-        if widths.len() < 2 || widths.contains(&0) {
-            return Err(MlError::Input(format!(
-                "a model needs at least an input and an output layer, all non-empty: {widths:?}"
-            )));
-        }
+        architecture.check()?;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut flat = Vec::with_capacity(architecture.parameters());
-        for w in widths.windows(2) {
-            let bound = 1.0 / (w[0] as f32).sqrt();
-            for _ in 0..w[0] * w[1] + w[1] {
+        for (weight, bias) in architecture.shapes() {
+            let count: usize = weight.iter().product();
+            // Fan-in: everything but the output dimension.
+            let bound = 1.0 / ((count / weight[0]) as f32).sqrt();
+            for _ in 0..count + bias {
                 flat.push(rng.gen_range(-bound..bound));
             }
         }
@@ -244,7 +300,6 @@ impl Classifier {
     }
 
     fn build(&self, flat: &[f32]) -> Result<Vec<(Var, Var)>> {
-        let widths = self.architecture.widths();
         if flat.len() != self.architecture.parameters() {
             return Err(MlError::Input(format!(
                 "{} weights given, the model has {}",
@@ -254,15 +309,11 @@ impl Classifier {
         }
         let mut at = 0;
         let mut layers = Vec::new();
-        for w in widths.windows(2) {
-            let (inputs, outputs) = (w[0], w[1]);
-            let weight = Tensor::from_slice(
-                &flat[at..at + inputs * outputs],
-                (outputs, inputs),
-                &self.device,
-            )
-            .map_err(ml)?;
-            at += inputs * outputs;
+        for (shape, outputs) in self.architecture.shapes() {
+            let count: usize = shape.iter().product();
+            let weight =
+                Tensor::from_slice(&flat[at..at + count], shape, &self.device).map_err(ml)?;
+            at += count;
             let bias =
                 Tensor::from_slice(&flat[at..at + outputs], outputs, &self.device).map_err(ml)?;
             at += outputs;
@@ -300,6 +351,18 @@ impl Classifier {
 
     fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
+        if let Architecture::Cnn { side, channels, .. } = self.architecture {
+            let (kernel, bias) = &self.layers[0];
+            h = h
+                .reshape((x.dim(0)?, 1, side, side))?
+                .conv2d(kernel.as_tensor(), 1, 1, 1, 1)?
+                .broadcast_add(&bias.as_tensor().reshape((1, channels, 1, 1))?)?
+                .relu()?
+                .max_pool2d(2)?
+                .flatten_from(1)?;
+            let (w, b) = &self.layers[1];
+            return h.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor());
+        }
         for (i, (w, b)) in self.layers.iter().enumerate() {
             h = h
                 .matmul(&w.as_tensor().t()?)?
@@ -324,12 +387,11 @@ impl Classifier {
     }
 
     fn check_data(&self, data: &Dataset) -> Result<()> {
-        let widths = self.architecture.widths();
-        let classes = *widths.last().expect("two layers at least");
-        if data.dim != widths[0] {
+        let (inputs, classes) = self.architecture.io();
+        if data.dim != inputs {
             return Err(MlError::Input(format!(
-                "the data has {} features, the model takes {}",
-                data.dim, widths[0]
+                "the data has {} features, the model takes {inputs}",
+                data.dim
             )));
         }
         if data.labels.iter().any(|l| *l as usize >= classes) {
@@ -551,6 +613,41 @@ mod tests {
                 1,
             )
             .unwrap();
+    }
+
+    #[test]
+    fn a_small_cnn_learns_the_digits_and_round_trips_its_weights() {
+        let data = crate::data::digits().unwrap();
+        let (train, test) = stratified_split(&data, 0.2, 0);
+        let arch = Architecture::Cnn {
+            side: 8,
+            channels: 4,
+            classes: 10,
+        };
+        assert_eq!(arch.parameters(), 4 * 9 + 4 + 10 * 4 * 16 + 10);
+        let mut model = Classifier::new(arch.clone(), 0).unwrap();
+        let params = TrainParams {
+            epochs: 3,
+            batch: 32,
+            lr: 0.1,
+            momentum: 0.0,
+            prox: 0.0,
+        };
+        model.train(&train, &params, 0).unwrap();
+        let (_, accuracy) = model.evaluate(&test).unwrap();
+        assert!(accuracy > 0.85, "{accuracy}");
+        let mut copy = Classifier::new(arch, 5).unwrap();
+        copy.set_weights(&model.weights().unwrap()).unwrap();
+        assert_eq!(copy.evaluate(&test).unwrap().1, accuracy);
+        assert!(Classifier::new(
+            Architecture::Cnn {
+                side: 7,
+                channels: 4,
+                classes: 10
+            },
+            0
+        )
+        .is_err());
     }
 
     #[test]

@@ -594,13 +594,16 @@ impl Training {
                 record
             }
             None => {
-                let model = Classifier::new(architecture.clone(), spec.seed)?;
+                let weights = match spec.initial {
+                    Some(blob) => self.initial_weights(blob, spec.model.parameters()).await?,
+                    None => Classifier::new(architecture.clone(), spec.seed)?.weights()?,
+                };
                 JobRecord {
                     id,
                     spec: spec.clone(),
                     state: JobState::Running,
                     round: 0,
-                    weights: model.weights()?,
+                    weights,
                     server_m: Vec::new(),
                     server_v: Vec::new(),
                     asked: BTreeMap::new(),
@@ -622,6 +625,8 @@ impl Training {
             None => None,
         };
         let result = self.rounds(&spec, &mut record, eval, &progress).await;
+        // The final model's blob is announced, so any node can fetch it by its id.
+        self.blobs.announce().await;
         if let Err(e) = &result {
             record.state = JobState::Failed(format!("{e:#}"));
         }
@@ -905,6 +910,40 @@ impl Training {
             });
         }
         Ok(out)
+    }
+
+    /// Fetches (from the network if need be) and checks a job's initial weights.
+    async fn initial_weights(
+        &self,
+        blob: ContentId,
+        parameters: usize,
+    ) -> anyhow::Result<Vec<f32>> {
+        let progress = crate::blobs::Progress::default();
+        let info = self
+            .blobs
+            .fetch(blob, &[], true, &progress)
+            .await
+            .with_context(|| format!("fetching the initial weights {blob}"))?;
+        if info.size != parameters as u64 * 4 {
+            bail!(
+                "the initial weights {blob} hold {} bytes; the model's {parameters} parameters \
+                 need {} (little-endian f32)",
+                info.size,
+                parameters * 4
+            );
+        }
+        let store = self.blobs.store().clone();
+        let bytes = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
+            use std::io::Read;
+            let (mut file, size) = store.open_blob(&blob, mycel_net::now_ms())?;
+            let mut bytes = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut bytes)?;
+            Ok(bytes)
+        })
+        .await??;
+        Payload::Dense(bytes)
+            .decode(parameters)
+            .map_err(|e| anyhow!("the initial weights {blob}: {e}"))
     }
 
     async fn store_model(&self, weights: &[f32]) -> Option<ContentId> {

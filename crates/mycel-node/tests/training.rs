@@ -366,6 +366,17 @@ async fn compression_and_clusters_cut_bytes_and_the_model_still_learns() {
     )
     .await;
     let clustered = run(&nodes[0], run_with(&|j| j.cluster_size = 2)).await;
+    let cnn = run(
+        &nodes[0],
+        run_with(&|j| {
+            j.model = fl::ModelSpec::Cnn {
+                side: 8,
+                channels: 4,
+                classes: 10,
+            }
+        }),
+    )
+    .await;
     let up = |r: &JobRecord| r.metrics.iter().map(|m| m.bytes_up).sum::<u64>();
     let root_bytes = |r: &JobRecord| r.metrics.iter().map(|m| m.bytes_root).sum::<u64>();
     assert!(
@@ -387,7 +398,7 @@ async fn compression_and_clusters_cut_bytes_and_the_model_still_learns() {
         root_bytes(&clustered),
         root_bytes(&flat)
     );
-    for record in [&flat, &int8, &topk, &clustered] {
+    for record in [&flat, &int8, &topk, &clustered, &cnn] {
         assert!(record
             .metrics
             .iter()
@@ -399,4 +410,32 @@ async fn compression_and_clusters_cut_bytes_and_the_model_still_learns() {
             record.spec.compression.name()
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_starts_from_an_earlier_models_blob_and_a_wrong_blob_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = federation(root.path(), 2).await;
+    let first = run(&nodes[0], spec(3, 2)).await;
+    let model = first.metrics[2].model.unwrap();
+    let mut next = spec(1, 2);
+    next.initial = Some(model);
+    next.seed = 9;
+    let second = run(&nodes[0], next.clone()).await;
+    let fresh = first.metrics[0].accuracy;
+    let (trained, resumed) = (first.metrics[2].accuracy, second.metrics[0].accuracy);
+    assert!(
+        resumed > fresh && resumed > trained - 0.1,
+        "fresh {fresh}, trained {trained}, continued {resumed}"
+    );
+    // A blob that is not the model's weights: a clear error, nothing recorded as done.
+    let junk = nodes[0]
+        .blobs
+        .store()
+        .import(std::io::Cursor::new(vec![7u8; 12]), 0, true)
+        .unwrap()
+        .id;
+    next.initial = Some(junk);
+    let err = nodes[0].training.run_job(next, |_| {}).await.unwrap_err();
+    assert!(format!("{err:#}").contains("initial weights"), "{err:#}");
 }

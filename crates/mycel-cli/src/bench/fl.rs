@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::multiaddr::Protocol;
-use mycel_core::fl::{AggregatorSpec, Attack, Compression, JobSpec, ServerSpec};
+use mycel_core::fl::{AggregatorSpec, Attack, Compression, JobSpec, ModelSpec, ServerSpec};
 use mycel_core::membership::PeerState;
 use mycel_node::training::JobRecord;
 use mycel_node::{Node, NodeConfig};
@@ -48,6 +48,7 @@ struct Scenario {
     compression: Compression,
     cluster_size: u32,
     server: ServerSpec,
+    model: ModelSpec,
 }
 
 fn scenarios(n: usize) -> Vec<Scenario> {
@@ -60,6 +61,9 @@ fn scenarios(n: usize) -> Vec<Scenario> {
         compression: Compression::None,
         cluster_size: 0,
         server: ServerSpec::Sgd { lr: 1.0 },
+        model: ModelSpec::Mlp {
+            layers: vec![64, 32, 10],
+        },
     };
     let robust = [
         AggregatorSpec::Fedavg { iqr: None },
@@ -91,6 +95,14 @@ fn scenarios(n: usize) -> Vec<Scenario> {
         Scenario {
             cluster_size: 4,
             ..base("iid-clusters4")
+        },
+        Scenario {
+            model: ModelSpec::Cnn {
+                side: 8,
+                channels: 8,
+                classes: 10,
+            },
+            ..base("iid-cnn8")
         },
     ];
     for split in ["iid", "dirichlet0.5"] {
@@ -290,9 +302,8 @@ async fn run_scenario(
     let startup_s = started.elapsed().as_secs_f64();
     let spec = JobSpec {
         name: scenario.name.clone(),
-        model: mycel_core::fl::ModelSpec::Mlp {
-            layers: vec![64, 32, 10],
-        },
+        model: scenario.model.clone(),
+        initial: None,
         dataset: "digits".into(),
         rounds: args.rounds,
         train: mycel_core::fl::LocalTraining {
