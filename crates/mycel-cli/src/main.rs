@@ -327,6 +327,7 @@ fn keep_freed_memory() {}
 
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
+    mycel_ml::fix_thread_count();
     let cli = Cli::parse();
     // Benchmarks print figures; node logs (hundreds of nodes) would drown them.
     // Kademlia warns at start-up that it cannot bootstrap with an empty table: Mycel seeds the

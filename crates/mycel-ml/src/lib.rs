@@ -59,6 +59,17 @@ impl MlError {
     }
 }
 
+/// Fixes the thread count candle's CPU kernels use, once. Unless `RAYON_NUM_THREADS` is set,
+/// candle works it out again on every matmul (reading `/proc/cpuinfo` and the CPU mask), which
+/// doubled the time of small training steps. Sets the variable to candle's own choice (the
+/// physical cores); call first thing in `main`, before any other thread exists.
+pub fn fix_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}
+
 impl From<candle_core::Error> for MlError {
     fn from(e: candle_core::Error) -> Self {
         Self::Run(e.to_string())
