@@ -199,10 +199,13 @@ fn multi_krum(
     m: usize,
 ) -> Result<Aggregated, AggregateError> {
     let n = updates.len();
-    if n < 2 * f + 3 {
+    if f.checked_mul(2)
+        .and_then(|x| x.checked_add(3))
+        .is_none_or(|need| n < need)
+    {
         return Err(AggregateError::Parameters(format!(
             "Krum with f = {f} needs at least {} updates, got {n}",
-            2 * f + 3
+            f.saturating_mul(2).saturating_add(3)
         )));
     }
     if m == 0 || m > n - f {

@@ -187,12 +187,17 @@ impl Quantised {
         if self.scales.iter().any(|s| !s.is_finite()) {
             return Err(CompressError::NotFinite);
         }
-        Ok(self
+        let values: Vec<f32> = self
             .values
             .chunks(INT8_BLOCK)
             .zip(&self.scales)
             .flat_map(|(block, scale)| block.iter().map(move |q| f32::from(*q as i8) * scale))
-            .collect())
+            .collect();
+        // A huge scale times 127 overflows to infinity.
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(CompressError::NotFinite);
+        }
+        Ok(values)
     }
 }
 
@@ -256,6 +261,9 @@ mod tests {
         assert!(matches!(q.decode(300), Err(CompressError::Int8(_))));
         let mut q = Int8::compress(&[1.0; 3]);
         q.scales[0] = f32::INFINITY;
+        assert_eq!(q.decode(3), Err(CompressError::NotFinite));
+        // Finite scale, infinite product.
+        q.scales[0] = f32::MAX;
         assert_eq!(q.decode(3), Err(CompressError::NotFinite));
     }
 

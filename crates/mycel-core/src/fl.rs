@@ -33,6 +33,8 @@ pub const MAX_UPDATE_BYTES: usize = 64 << 20;
 pub const MAX_PARAMETERS: usize = 8 << 20;
 /// Most members one cluster head is asked to gather.
 pub const MAX_MEMBERS: usize = 256;
+/// Most values a cluster head gathers in one round (members times parameters).
+pub const MAX_GATHERED_VALUES: usize = 64 << 20;
 /// Most rounds in one job.
 pub const MAX_ROUNDS: u32 = 100_000;
 
@@ -286,6 +288,26 @@ impl AggregatorSpec {
         }
     }
 
+    /// Checks the rule's parameters.
+    pub fn check(&self) -> Result<(), String> {
+        match self.rule() {
+            (Rule::TrimmedMean { beta }, _) if !(0.0..0.5).contains(&beta) => {
+                Err("aggregator.beta must be in [0, 0.5)".into())
+            }
+            (Rule::MultiKrum { m: 0, .. }, _) => Err("aggregator.m must be at least 1".into()),
+            (Rule::Krum { f } | Rule::MultiKrum { f, .. }, _) if f > MAX_MEMBERS => {
+                Err(format!("aggregator.f must be at most {MAX_MEMBERS}"))
+            }
+            (Rule::MultiKrum { m, .. }, _) if m > MAX_MEMBERS => {
+                Err(format!("aggregator.m must be at most {MAX_MEMBERS}"))
+            }
+            (_, Some(k)) if !(k.is_finite() && k > 0.0) => {
+                Err("aggregator.iqr must be above 0".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A short name for reports.
     pub fn name(&self) -> String {
         let (rule, iqr) = self.rule();
@@ -478,17 +500,15 @@ impl JobSpec {
         if !p.min_reputation.is_finite() {
             return Err("participants.min_reputation must be a number".into());
         }
-        match self.aggregator.rule() {
-            (Rule::TrimmedMean { beta }, _) if !(0.0..0.5).contains(&beta) => {
-                return Err("aggregator.beta must be in [0, 0.5)".into())
-            }
-            (Rule::MultiKrum { m: 0, .. }, _) => {
-                return Err("aggregator.m must be at least 1".into())
-            }
-            (_, Some(k)) if !(k.is_finite() && k > 0.0) => {
-                return Err("aggregator.iqr must be above 0".into())
-            }
-            _ => {}
+        self.aggregator.check()?;
+        if matches!(self.compression, Compression::TopK { .. })
+            && self.aggregator.rule().0 != Rule::FedAvg
+        {
+            return Err(
+                "compression top_k needs aggregator fedavg: the coordinate-wise and \
+                        distance rules see mostly zeros in sparse updates"
+                    .into(),
+            );
         }
         let server_lr = match self.server {
             ServerSpec::Sgd { lr }
@@ -722,13 +742,28 @@ impl TrainRequest {
             return Err("too many members or addresses, or a dataset tag too long".into());
         }
         let t = &self.train;
-        if t.epochs == 0 || t.epochs > 1000 || t.batch == 0 || !(t.lr.is_finite() && t.lr > 0.0) {
+        if t.epochs == 0
+            || t.epochs > 1000
+            || t.batch == 0
+            || t.batch > 1 << 16
+            || !(t.lr.is_finite() && t.lr > 0.0 && t.lr <= 100.0)
+            || !(0.0..1.0).contains(&t.momentum)
+            || !(0.0..=1000.0).contains(&t.prox)
+        {
             return Err("malformed local-training parameters".into());
         }
-        if !(t.momentum.is_finite() && t.prox.is_finite()) {
-            return Err("malformed local-training parameters".into());
+        if self.members.len().saturating_mul(self.model.parameters()) > MAX_GATHERED_VALUES {
+            return Err("too many members for a model this size".into());
         }
-        Ok(())
+        if !(1..=3_600_000).contains(&self.deadline_ms) {
+            return Err("deadline_ms must be 1 to 3600000".into());
+        }
+        if let Compression::TopK { fraction } = self.compression {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                return Err("malformed compression".into());
+            }
+        }
+        self.aggregator.check()
     }
 }
 
@@ -969,6 +1004,16 @@ mod tests {
             let err = bad.check().unwrap_err();
             assert!(err.contains(field), "{field}: {err}");
         }
+        let mut sparse_median = spec();
+        sparse_median.compression = Compression::TopK { fraction: 0.1 };
+        sparse_median.aggregator = AggregatorSpec::Median { iqr: None };
+        assert!(sparse_median.check().unwrap_err().contains("top_k"));
+        let mut huge_f = spec();
+        huge_f.aggregator = AggregatorSpec::Krum {
+            f: usize::MAX / 2,
+            iqr: None,
+        };
+        assert!(huge_f.check().unwrap_err().contains("aggregator.f"));
         let unknown = r#"{"model":{"kind":"mlp","layers":[4,2]},"dataset":"d","rounds":1,
             "train":{"epochs":1,"batch":1,"lr":0.1},"colour":"red"}"#;
         assert!(serde_json::from_str::<JobSpec>(unknown).is_err());
@@ -1097,6 +1142,49 @@ mod tests {
         };
         let back: TrainReply = wire::decode(&wire::encode(&reply), MAX_UPDATE_BYTES).unwrap();
         assert_eq!(back, reply);
+    }
+
+    #[test]
+    fn train_requests_are_bounded() {
+        let s = spec();
+        let good = TrainRequest {
+            job: s.id(),
+            round: 1,
+            model: s.model.clone(),
+            dataset: s.dataset.clone(),
+            weights: Payload::dense(&[]),
+            train: s.train,
+            compression: s.compression,
+            seed: 0,
+            deadline_ms: 1000,
+            members: Vec::new(),
+            aggregator: s.aggregator,
+        };
+        good.check().unwrap();
+        let bad = |f: &dyn Fn(&mut TrainRequest)| {
+            let mut r = good.clone();
+            f(&mut r);
+            r.check().is_err()
+        };
+        assert!(bad(&|r| r.train.epochs = 0));
+        assert!(bad(&|r| r.train.batch = 1 << 20));
+        assert!(bad(&|r| r.train.momentum = 1.5));
+        assert!(bad(&|r| r.deadline_ms = 0));
+        assert!(bad(&|r| r.aggregator = AggregatorSpec::Krum {
+            f: usize::MAX,
+            iqr: None
+        }));
+        assert!(bad(&|r| {
+            r.model = ModelSpec::Mlp {
+                layers: vec![1000, 1000],
+            };
+            r.members = (0..100)
+                .map(|_| Member {
+                    peer: PeerId::random(),
+                    addrs: Vec::new(),
+                })
+                .collect();
+        }));
     }
 
     #[test]

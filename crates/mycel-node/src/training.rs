@@ -39,6 +39,16 @@ use crate::blobs::BlobService;
 const ROUND_ATTEMPTS: u32 = 3;
 /// Trainings run at once on one node.
 const CONCURRENT_TRAININGS: usize = 4;
+/// Training requests read or answered at once on one node.
+const CONCURRENT_REQUESTS: usize = 16;
+/// How long a peer may take to send its request.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most weight-updates (epochs x rows x parameters) one round may ask of a participant.
+const MAX_WORK: u64 = 200_000_000_000;
+/// Most activations (batch x widest layer) one training step may need.
+const MAX_ACTIVATIONS: u64 = 64 << 20;
+/// Jobs whose top-k residuals a participant keeps.
+const MAX_RESIDUALS: usize = 16;
 /// Largest recorded job state decoded.
 const MAX_RECORD_BYTES: usize = 256 << 20;
 
@@ -158,6 +168,25 @@ pub struct JobRecord {
     pub resumed_after: Vec<u32>,
 }
 
+impl JobRecord {
+    /// A job that has not run a round (and has no weights yet).
+    fn empty(id: JobId, spec: JobSpec) -> Self {
+        Self {
+            id,
+            spec,
+            state: JobState::Running,
+            round: 0,
+            weights: Vec::new(),
+            server_m: Vec::new(),
+            server_v: Vec::new(),
+            asked: BTreeMap::new(),
+            metrics: Vec::new(),
+            elapsed_ms: 0.0,
+            resumed_after: Vec::new(),
+        }
+    }
+}
+
 mod f32_bytes {
     use serde::{Deserializer, Serializer};
 
@@ -186,11 +215,12 @@ pub struct Training {
     blobs: Arc<BlobService>,
     datasets: BTreeMap<String, Arc<LocalDataset>>,
     attack: Option<Attack>,
-    residuals: Mutex<HashMap<JobId, TopK>>,
+    residuals: Mutex<HashMap<(PeerId, JobId), TopK>>,
     running: Mutex<HashMap<JobId, JobRecord>>,
     launched: Mutex<std::collections::HashSet<JobId>>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     slots: Semaphore,
+    streams: Semaphore,
 }
 
 impl std::fmt::Debug for Training {
@@ -225,6 +255,7 @@ impl Training {
             launched: Mutex::new(Default::default()),
             background: Mutex::new(Vec::new()),
             slots: Semaphore::new(CONCURRENT_TRAININGS),
+            streams: Semaphore::new(CONCURRENT_REQUESTS),
         }
     }
 
@@ -242,10 +273,17 @@ impl Training {
     }
 
     async fn answer(&self, peer: PeerId, mut stream: mycel_net::task::Stream) {
-        let request: TrainRequest = match read_frame(&mut stream, fl::MAX_REQUEST_BYTES).await {
-            Ok(Some(r)) => r,
-            Ok(None) | Err(FrameError::Io(_)) => return,
-            Err(FrameError::Rejected(reason)) => {
+        // Each open request may hold a large buffer: few at once, and not for long.
+        let Ok(_stream_slot) = self.streams.try_acquire() else {
+            let _ = write_frame(&mut stream, &TrainReply::Refused("busy".into())).await;
+            return;
+        };
+        let read = read_frame(&mut stream, fl::MAX_REQUEST_BYTES);
+        let request: TrainRequest = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read).await {
+            Err(_) => return,
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None) | Err(FrameError::Io(_))) => return,
+            Ok(Err(FrameError::Rejected(reason))) => {
                 self.net.penalise(peer, reason).await;
                 let _ = write_frame(&mut stream, &TrainReply::Refused(reason.to_string())).await;
                 return;
@@ -271,6 +309,24 @@ impl Training {
     ) -> Result<(SignedUpdate, Gathered), Refuse> {
         request.check().map_err(Refuse::Malformed)?;
         let parameters = request.model.parameters();
+        if let Some(dataset) = self.datasets.get(&request.dataset) {
+            // Bound the work and the activations a request may ask of this node.
+            let rows = dataset.data.len() as u64;
+            let work = u64::from(request.train.epochs)
+                .saturating_mul(rows)
+                .saturating_mul(parameters as u64);
+            let width = match &request.model {
+                fl::ModelSpec::Cnn { side, channels, .. } => side * side * channels,
+                model => model.widths().into_iter().max().unwrap_or(0),
+            };
+            let activations = (request.train.batch as u64).min(rows.max(1)) * width as u64;
+            if work > MAX_WORK || activations > MAX_ACTIVATIONS {
+                return Err(Refuse::Other(format!(
+                    "the round asks too much of this node ({work} weight-updates, \
+                     {activations} activations per step)"
+                )));
+            }
+        }
         let global = request
             .weights
             .decode(parameters)
@@ -300,15 +356,16 @@ impl Training {
                 .iter()
                 .map(|m| (m.peer, m.addrs.clone()))
                 .collect();
-            let outcome = self.ask_all(&peers, &forward, cut, parameters).await;
+            let outcome = self
+                .ask_all(&peers, &forward, cut, parameters, &HashMap::new())
+                .await;
             (outcome.updates, outcome.gathered)
         };
         let local = async {
             let _slot = self
                 .slots
-                .acquire()
-                .await
-                .map_err(|_| Refuse::Other("stopping".into()))?;
+                .try_acquire()
+                .map_err(|_| Refuse::Other("busy: training other rounds".into()))?;
             let (model, train) = (request.model.clone(), request.train);
             let (global, data) = (global.clone(), dataset.clone());
             let seed = fl::participant_seed(request.seed, &dataset.digest);
@@ -321,6 +378,11 @@ impl Training {
         };
         let ((gathered_updates, gathered), mine) = tokio::join!(gather, local);
         let (mut delta, loss) = mine?;
+        if !loss.is_finite() || delta.iter().any(|v| !v.is_finite()) {
+            return Err(Refuse::Other(
+                "local training diverged (values not finite); a smaller lr may help".into(),
+            ));
+        }
         if Instant::now() > deadline {
             return Err(Refuse::Other(
                 "the round's deadline passed while training".into(),
@@ -337,7 +399,16 @@ impl Training {
                 Compression::None => Payload::dense(&delta),
                 Compression::TopK { fraction } => {
                     let mut residuals = self.residuals.lock().unwrap_or_else(|e| e.into_inner());
-                    let state = residuals.entry(request.job).or_default();
+                    // Kept per coordinator and job, for a few jobs at a time.
+                    if residuals.len() >= MAX_RESIDUALS
+                        && !residuals.contains_key(&(from, request.job))
+                    {
+                        residuals.clear();
+                    }
+                    let state = residuals.entry((from, request.job)).or_default();
+                    if !state.residual.is_empty() && state.residual.len() != delta.len() {
+                        state.residual.clear();
+                    }
                     Payload::Sparse(state.compress(&delta, fraction))
                 }
                 Compression::Int8 => Payload::Int8(Int8::compress(&delta)),
@@ -386,8 +457,11 @@ impl Training {
         request: &TrainRequest,
         cut: Instant,
         parameters: usize,
+        samples_cap: &HashMap<PeerId, u64>,
     ) -> Outcome {
         let body = wire::encode(request);
+        // A plain participant speaks for itself; a head for at most itself and its members.
+        let most_contributors = 1 + request.members.len() as u32;
         let mut pending: FuturesUnordered<_> = peers
             .iter()
             .map(|(peer, addrs)| {
@@ -409,16 +483,49 @@ impl Training {
         while let Some((peer, result)) = pending.next().await {
             match result {
                 Ok((TrainReply::Update { update, gathered }, bytes)) => {
-                    outcome.root_bytes += bytes;
-                    outcome.gathered.bytes_up += bytes + gathered.bytes_up;
-                    outcome.gathered.bytes_down += gathered.bytes_down;
-                    outcome.gathered.asked += gathered.asked;
-                    outcome.gathered.dropped += gathered.dropped;
-                    outcome.gathered.rejected += gathered.rejected;
-                    match update.open(&peer, request.job, request.round, parameters) {
+                    let gathered = if request.members.is_empty() {
+                        Gathered::default()
+                    } else {
+                        gathered
+                    };
+                    let g = &mut outcome.gathered;
+                    outcome.root_bytes = outcome.root_bytes.saturating_add(bytes);
+                    g.bytes_up = g
+                        .bytes_up
+                        .saturating_add(bytes.saturating_add(gathered.bytes_up));
+                    g.bytes_down = g.bytes_down.saturating_add(gathered.bytes_down);
+                    g.asked = g
+                        .asked
+                        .saturating_add(gathered.asked.min(most_contributors));
+                    g.dropped = g
+                        .dropped
+                        .saturating_add(gathered.dropped.min(most_contributors));
+                    g.rejected = g
+                        .rejected
+                        .saturating_add(gathered.rejected.min(most_contributors));
+                    let opened = update
+                        .open(&peer, request.job, request.round, parameters)
+                        .and_then(|delta| {
+                            // Claims the sender cannot back: more contributors than it was
+                            // asked to gather, a payload other than the job's compression.
+                            let kind_ok = matches!(
+                                (&update.payload, request.compression),
+                                (Payload::Dense(_), _)
+                                    | (Payload::Sparse(_), Compression::TopK { .. })
+                                    | (Payload::Int8(_), Compression::Int8)
+                            );
+                            if update.contributors > most_contributors || !kind_ok {
+                                return Err(Rejection::Malformed);
+                            }
+                            Ok(delta)
+                        });
+                    match opened {
                         Ok(delta) => outcome.updates.push(Received {
                             delta,
-                            samples: update.samples,
+                            // No more samples than the peer (or its cluster) announced.
+                            samples: samples_cap
+                                .get(&peer)
+                                .map_or(update.samples, |cap| update.samples.min(*cap)),
                             loss: update.loss,
                             data: update.data,
                             contributors: update.contributors,
@@ -426,13 +533,13 @@ impl Training {
                         Err(reason) => {
                             warn!(%peer, %reason, round = request.round, "update rejected");
                             self.net.penalise(peer, reason).await;
-                            outcome.gathered.rejected += update.contributors.max(1);
+                            g.rejected = g.rejected.saturating_add(1);
                         }
                     }
                 }
                 Ok((TrainReply::Refused(why), _)) => {
                     debug!(%peer, %why, "participant refused");
-                    outcome.gathered.dropped += 1 + request.members.len() as u32;
+                    outcome.gathered.dropped += most_contributors;
                 }
                 Err(e) if e.downcast_ref::<Rejection>().is_some() => {
                     warn!(%peer, round = request.round, "reply rejected: {e:#}");
@@ -496,16 +603,23 @@ impl Training {
         {
             return Ok(id);
         }
+        // Visible as running from now on, before the task has loaded anything.
+        let mut shown = match self.job(id) {
+            Ok(Some(record)) => record,
+            _ => JobRecord::empty(id, spec.clone()),
+        };
+        if shown.state != JobState::Done {
+            shown.state = JobState::Running;
+        }
+        self.set_running(&shown);
         let this = self.clone();
         let handle = tokio::spawn(async move {
+            // Cleared however the task ends (a panic included), so the job can start again.
+            let _launch = Launched(this.clone(), id);
             match this.run_job(spec, |_| {}).await {
                 Ok(record) => info!(job = %id, rounds = record.round, "training job done"),
                 Err(e) => warn!(job = %id, "training job failed: {e:#}"),
             }
-            this.launched
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
         });
         let mut background = self.background.lock().unwrap_or_else(|e| e.into_inner());
         background.retain(|h| !h.is_finished());
@@ -584,58 +698,87 @@ impl Training {
     ) -> anyhow::Result<JobRecord> {
         spec.check().map_err(|e| anyhow!("the job spec: {e}"))?;
         let id = spec.id();
-        let architecture = Architecture::from(&spec.model);
+        let result = self.run_checked(&spec, &progress).await;
+        if let Err(e) = &result {
+            // Whatever stopped it, the job's record says so (the API and `mycel train` show
+            // it; running the job again resumes it).
+            let mut record = self
+                .job(id)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| JobRecord::empty(id, spec.clone()));
+            record.state = JobState::Failed(format!("{e:#}"));
+            if let Err(save) = self.save(&record).await {
+                warn!(job = %id, "cannot record the job's failure: {save:#}");
+            }
+        }
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        result
+    }
+
+    async fn run_checked(
+        &self,
+        spec: &JobSpec,
+        progress: &impl Fn(&JobRecord),
+    ) -> anyhow::Result<JobRecord> {
+        let id = spec.id();
+        let eval = match &spec.eval {
+            Some(source) => {
+                let source = source.clone();
+                let data =
+                    tokio::task::spawn_blocking(move || mycel_ml::data::load_source(&source))
+                        .await??;
+                let (inputs, classes) = (
+                    spec.model.widths()[0],
+                    *spec.model.widths().last().unwrap_or(&0),
+                );
+                if data.dim != inputs || data.classes() > classes {
+                    bail!(
+                        "the evaluation data has {} features and {} classes; the model takes {inputs} \
+                         and {classes}",
+                        data.dim,
+                        data.classes()
+                    );
+                }
+                Some(Arc::new(data))
+            }
+            None => None,
+        };
         let mut record = match self.job(id)? {
             Some(record) if record.state == JobState::Done => return Ok(record),
+            // Recorded before it had weights (a placeholder, or it failed at the start).
+            Some(record) if record.weights.is_empty() => self.fresh(spec).await?,
             Some(mut record) => {
                 info!(job = %id, round = record.round, "resuming the job");
                 record.state = JobState::Running;
                 record.resumed_after.push(record.round);
                 record
             }
-            None => {
-                let weights = match spec.initial {
-                    Some(blob) => self.initial_weights(blob, spec.model.parameters()).await?,
-                    None => Classifier::new(architecture.clone(), spec.seed)?.weights()?,
-                };
-                JobRecord {
-                    id,
-                    spec: spec.clone(),
-                    state: JobState::Running,
-                    round: 0,
-                    weights,
-                    server_m: Vec::new(),
-                    server_v: Vec::new(),
-                    asked: BTreeMap::new(),
-                    metrics: Vec::new(),
-                    elapsed_ms: 0.0,
-                    resumed_after: Vec::new(),
-                }
-            }
+            None => self.fresh(spec).await?,
         };
         self.set_running(&record);
-        let eval = match &spec.eval {
-            Some(source) => {
-                let source = source.clone();
-                Some(Arc::new(
-                    tokio::task::spawn_blocking(move || mycel_ml::data::load_source(&source))
-                        .await??,
-                ))
-            }
-            None => None,
-        };
-        let result = self.rounds(&spec, &mut record, eval, &progress).await;
+        let result = self.rounds(spec, &mut record, eval, progress).await;
         // The final model's blob is announced, so any node can fetch it by its id.
         self.blobs.announce().await;
         if let Err(e) = &result {
             record.state = JobState::Failed(format!("{e:#}"));
         }
         self.save(&record).await?;
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
         result.map(|()| record)
+    }
+
+    /// A new job's record: initial weights from the spec's blob or its seed.
+    async fn fresh(&self, spec: &JobSpec) -> anyhow::Result<JobRecord> {
+        let weights = match spec.initial {
+            Some(blob) => self.initial_weights(blob, spec.model.parameters()).await?,
+            None => Classifier::new(Architecture::from(&spec.model), spec.seed)?.weights()?,
+        };
+        let mut record = JobRecord::empty(spec.id(), spec.clone());
+        record.weights = weights;
+        Ok(record)
     }
 
     async fn rounds(
@@ -656,7 +799,12 @@ impl Training {
             let started = Instant::now();
             let round = record.round + 1;
             let seed = fl::round_seed(spec.seed, round);
-            let (selected, addrs, rtts) = self.select(spec, record, seed).await?;
+            let Selection {
+                peers: selected,
+                addrs,
+                rtts,
+                samples,
+            } = self.select(spec, record, seed).await?;
             let request = TrainRequest {
                 job: record.id,
                 round,
@@ -704,9 +852,19 @@ impl Training {
                     )
                 })
                 .collect();
-            let mut asks = vec![self.ask_all(&flat_peers, &request, cut, parameters)];
+            // What each answering peer may claim to have trained on: its announced samples,
+            // a head's cluster's together.
+            let mut caps = samples.clone();
             for (head, r) in &head_requests {
-                asks.push(self.ask_all(head, r, cut, parameters));
+                let cluster = r.members.iter().map(|m| m.peer).chain([head[0].0]);
+                let total = cluster
+                    .map(|p| samples.get(&p).copied().unwrap_or(0))
+                    .fold(0u64, u64::saturating_add);
+                caps.insert(head[0].0, total);
+            }
+            let mut asks = vec![self.ask_all(&flat_peers, &request, cut, parameters, &caps)];
+            for (head, r) in &head_requests {
+                asks.push(self.ask_all(head, r, cut, parameters, &caps));
             }
             for part in futures::future::join_all(asks).await {
                 outcome.merge(part);
@@ -733,11 +891,38 @@ impl Training {
                 }
                 continue;
             }
-            attempts = 0;
             let root_bytes = outcome.root_bytes;
             let gathered = outcome.gathered;
-            let combined = combine(&spec.aggregator, spec.compression, outcome.updates)?;
+            let combined = match combine(&spec.aggregator, spec.compression, outcome.updates) {
+                Ok(combined) => combined,
+                Err(e) => {
+                    attempts += 1;
+                    warn!(job = %record.id, round, "cannot combine the updates: {e:#}; trying the round again");
+                    if attempts >= ROUND_ATTEMPTS {
+                        return Err(e.context(format!("round {round}")));
+                    }
+                    continue;
+                }
+            };
+            let (weights_before, server_before) = (record.weights.clone(), server.clone());
             optimizer.apply(&mut server, &mut record.weights, &combined.delta)?;
+            if record.weights.iter().any(|w| !w.is_finite()) {
+                // Updates that passed every check can still add up to infinity (FedAvg has no
+                // defence against a huge one): keep the last model and try the round again.
+                record.weights = weights_before;
+                server = server_before;
+                attempts += 1;
+                warn!(job = %record.id, round, "the aggregate made the model non-finite; trying the round again");
+                if attempts >= ROUND_ATTEMPTS {
+                    bail!(
+                        "round {round}: the aggregate made the model non-finite {ROUND_ATTEMPTS} \
+                         times; a robust aggregator (median, trimmed_mean, multi_krum) or an \
+                         IQR filter keeps out updates that large"
+                    );
+                }
+                continue;
+            }
+            attempts = 0;
             let (test_loss, accuracy) = match &eval {
                 Some(eval) => {
                     let (arch, weights, eval) = (
@@ -787,6 +972,21 @@ impl Training {
                 record.state = JobState::Done;
             }
             self.save(record).await?;
+            // The latest model stays pinned; earlier rounds' models may be evicted.
+            let models: Vec<Option<ContentId>> = record
+                .metrics
+                .iter()
+                .rev()
+                .take(2)
+                .map(|m| m.model)
+                .collect();
+            if let [Some(now), Some(before)] = models[..] {
+                if now != before {
+                    let store = self.blobs.store().clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || store.set_pinned(&before, false)).await;
+                }
+            }
             self.set_running(record);
             progress(record);
         }
@@ -799,11 +999,7 @@ impl Training {
         spec: &JobSpec,
         record: &JobRecord,
         seed: u64,
-    ) -> anyhow::Result<(
-        Vec<PeerId>,
-        HashMap<PeerId, Vec<String>>,
-        HashMap<PeerId, f64>,
-    )> {
+    ) -> anyhow::Result<Selection> {
         // Right after a start the peers' announcements may not have arrived yet.
         let patience = Instant::now() + Duration::from_millis(spec.round_deadline_ms.max(5_000));
         loop {
@@ -822,20 +1018,18 @@ impl Training {
         spec: &JobSpec,
         record: &JobRecord,
         seed: u64,
-    ) -> anyhow::Result<(
-        Vec<PeerId>,
-        HashMap<PeerId, Vec<String>>,
-        HashMap<PeerId, f64>,
-    )> {
+    ) -> anyhow::Result<Selection> {
         let mut eligible = Vec::new();
         let mut addrs = HashMap::new();
         let mut rtts = HashMap::new();
+        let mut samples = HashMap::new();
         let mut excluded = Vec::new();
         for holder in self.holders(spec).await? {
             let peer = holder.peer;
             match holder.exclusion {
                 None if holder.alive => {
                     eligible.push(peer);
+                    samples.insert(peer, holder.samples);
                     addrs.insert(peer, holder.addrs);
                     if let Some(rtt) = holder.rtt_ms {
                         rtts.insert(peer, rtt);
@@ -863,8 +1057,13 @@ impl Training {
             .filter_map(|(p, n)| Some((p.parse().ok()?, *n)))
             .collect();
         let mut rng = StdRng::seed_from_u64(seed);
-        let selected = fl::select(&eligible, &asked, &spec.participants, &mut rng);
-        Ok((selected, addrs, rtts))
+        let peers = fl::select(&eligible, &asked, &spec.participants, &mut rng);
+        Ok(Selection {
+            peers,
+            addrs,
+            rtts,
+            samples,
+        })
     }
 
     /// Peers the coordinator would consider for `spec` now, each with why it is excluded (if
@@ -903,6 +1102,7 @@ impl Training {
             };
             out.push(Holder {
                 peer,
+                samples: offer.samples,
                 alive: info.state == mycel_core::membership::PeerState::Alive,
                 addrs: info.addrs.clone(),
                 rtt_ms: info.rtt_us.map(|us| us as f64 / 1000.0),
@@ -984,10 +1184,33 @@ impl Training {
 /// A peer announcing a job's dataset.
 struct Holder {
     peer: PeerId,
+    samples: u64,
     alive: bool,
     addrs: Vec<String>,
     rtt_ms: Option<f64>,
     exclusion: Option<fl::Exclusion>,
+}
+
+/// Marks a job launched while alive.
+struct Launched(Arc<Training>, JobId);
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        self.0
+            .launched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
+    }
+}
+
+/// A round's participants and what the coordinator knows of them.
+struct Selection {
+    peers: Vec<PeerId>,
+    addrs: HashMap<PeerId, Vec<String>>,
+    rtts: HashMap<PeerId, f64>,
+    /// Samples each announced.
+    samples: HashMap<PeerId, u64>,
 }
 
 /// A peer and the addresses it announced.
@@ -1073,18 +1296,30 @@ fn combine(
         aggregate::aggregate(rule, &kept_views)
             .or_else(|_| aggregate::aggregate(aggregate::Rule::Median, &kept_views))?
     };
-    let samples: u64 = updates.iter().map(|u| u.samples).sum();
+    // Samples, loss and contributors of the updates the rule actually used.
+    let used: Vec<&Received> = aggregated
+        .selected
+        .iter()
+        .filter_map(|&i| kept.get(i).and_then(|&k| updates.get(k)))
+        .collect();
+    let samples = used
+        .iter()
+        .map(|u| u.samples)
+        .fold(0u64, u64::saturating_add);
     let loss = if samples == 0 {
         0.0
     } else {
-        updates
+        (used
             .iter()
-            .map(|u| u.loss * u.samples as f32)
-            .sum::<f32>()
-            / samples as f32
+            .map(|u| f64::from(u.loss) * u.samples as f64)
+            .sum::<f64>()
+            / samples as f64) as f32
     };
+    if !loss.is_finite() || aggregated.delta.iter().any(|v| !v.is_finite()) {
+        bail!("the combined update is not finite");
+    }
     let mut data = blake3::Hasher::new();
-    for u in &updates {
+    for u in &used {
         data.update(&u.data.0);
     }
     Ok(Combined {
@@ -1092,7 +1327,10 @@ fn combine(
         samples,
         loss,
         data: ContentId(*data.finalize().as_bytes()),
-        contributors: updates.iter().map(|u| u.contributors).sum(),
+        contributors: used
+            .iter()
+            .map(|u| u.contributors)
+            .fold(0u32, u32::saturating_add),
     })
 }
 
