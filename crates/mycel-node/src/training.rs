@@ -39,6 +39,8 @@ use crate::blobs::BlobService;
 const ROUND_ATTEMPTS: u32 = 3;
 /// Trainings run at once on one node.
 const CONCURRENT_TRAININGS: usize = 4;
+/// How long opening a training stream may take before it is asked for again.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Training requests read or answered at once on one node.
 const CONCURRENT_REQUESTS: usize = 16;
 /// How long a peer may take to send its request.
@@ -562,19 +564,25 @@ impl Training {
         addrs: &[String],
         request: &TrainRequest,
     ) -> anyhow::Result<(TrainReply, u64)> {
-        let mut stream = match self.net.open_stream(peer, TRAIN_PROTOCOL).await {
-            Ok(s) => s,
-            Err(first) if !addrs.is_empty() => {
-                // Not connected and no address known to the swarm (a cluster head asked to
-                // gather members it never met): use the addresses the coordinator passed on.
-                let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
-                self.net.add_addresses(peer, addrs).await?;
-                self.net
-                    .open_stream(peer, TRAIN_PROTOCOL)
-                    .await
-                    .map_err(|e| anyhow!("{first}; then {e}"))?
+        if !addrs.is_empty() {
+            // A cluster head may be asked to gather members it never met: the coordinator
+            // passes on where they listen.
+            let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            self.net.add_addresses(peer, addrs).await?;
+        }
+        // A stream request can wait on a dial that crossed the peer's own dial to us (seen
+        // once in a few runs, until the round's deadline); ask again after a while.
+        let first = tokio::time::timeout(OPEN_TIMEOUT, self.net.open_stream(peer, TRAIN_PROTOCOL));
+        let mut stream = match first.await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                debug!(%peer, "opening a training stream failed ({e}); trying again");
+                self.net.open_stream(peer, TRAIN_PROTOCOL).await?
             }
-            Err(e) => return Err(e.into()),
+            Err(_) => {
+                debug!(%peer, "opening a training stream took over {OPEN_TIMEOUT:?}; trying again");
+                self.net.open_stream(peer, TRAIN_PROTOCOL).await?
+            }
         };
         write_frame(&mut stream, request).await?;
         let reply: TrainReply = match read_frame(&mut stream, fl::MAX_UPDATE_BYTES).await {
