@@ -40,7 +40,7 @@ const ROUND_ATTEMPTS: u32 = 3;
 /// Trainings run at once on one node.
 const CONCURRENT_TRAININGS: usize = 4;
 /// How long opening a training stream may take before it is asked for again.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+const OPEN_TIMEOUT: Duration = Duration::from_millis(500);
 /// Training requests read or answered at once on one node.
 const CONCURRENT_REQUESTS: usize = 16;
 /// How long a peer may take to send its request.
@@ -570,18 +570,19 @@ impl Training {
             let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
             self.net.add_addresses(peer, addrs).await?;
         }
-        // A stream request can wait on a dial that crossed the peer's own dial to us (seen
-        // once in a few runs, until the round's deadline); ask again after a while.
-        let first = tokio::time::timeout(OPEN_TIMEOUT, self.net.open_stream(peer, TRAIN_PROTOCOL));
-        let mut stream = match first.await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                debug!(%peer, "opening a training stream failed ({e}); trying again");
-                self.net.open_stream(peer, TRAIN_PROTOCOL).await?
-            }
-            Err(_) => {
-                debug!(%peer, "opening a training stream took over {OPEN_TIMEOUT:?}; trying again");
-                self.net.open_stream(peer, TRAIN_PROTOCOL).await?
+        // libp2p-stream can lose a stream request: asked for in the instant between a new
+        // connection's handler and the swarm's report of it, it dials, the dial is dropped
+        // (already connected) and the request waits for the next connection. Asking again
+        // finds the connection; the caller's deadline bounds the loop.
+        let mut stream = loop {
+            let open = self.net.open_stream(peer, TRAIN_PROTOCOL);
+            match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+                Ok(Ok(stream)) => break stream,
+                Ok(Err(e)) => {
+                    debug!(%peer, "opening a training stream failed ({e}); trying once more");
+                    break self.net.open_stream(peer, TRAIN_PROTOCOL).await?;
+                }
+                Err(_) => debug!(%peer, "no training stream after {OPEN_TIMEOUT:?}; asking again"),
             }
         };
         write_frame(&mut stream, request).await?;
