@@ -152,5 +152,39 @@ fn a_job_runs_from_the_cli_and_a_killed_coordinator_resumes_it() {
     std::fs::write(&job, JOB.replace("rounds = 30", "rounds = 0")).unwrap();
     let (ok, _, err) = run_cli(&coordinator, &["train", job.to_str().unwrap()]);
     assert!(!ok && err.contains("rounds must be"), "{err}");
+
+    // The API itself refuses bad specs with an OpenAI-style 400 and the reason.
+    let token = std::fs::read_to_string(coordinator.data_dir.join("api.token")).unwrap();
+    let post = |body: &str| {
+        let mut response = ureq::post(&format!("http://{}/api/train", coordinator.api))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .header("Authorization", &format!("Bearer {}", token.trim()))
+            .header("Content-Type", "application/json")
+            .send(body)
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.body_mut().read_json().unwrap();
+        (
+            status,
+            body["error"]["message"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    let (status, message) = post("{not json");
+    assert_eq!(status, 400, "{message}");
+    let (status, message) = post(
+        r#"{"model":{"kind":"mlp","layers":[64,10]},"dataset":"digits","rounds":5,
+            "train":{"epochs":1,"batch":0,"lr":0.1}}"#,
+    );
+    assert!(
+        status == 400 && message.contains("train.batch"),
+        "{status} {message}"
+    );
+    let (status, message) = post(r#"{"model":{"kind":"mlp","layers":[64,10]}}"#);
+    assert!(
+        status == 400 && message.contains("dataset"),
+        "{status} {message}"
+    );
     drop(participants);
 }
