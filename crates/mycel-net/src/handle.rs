@@ -20,6 +20,10 @@ use crate::event_loop::EventLoop;
 use crate::metrics::NetMetrics;
 use crate::task::{IncomingStreams, Stream, TASK_PROTOCOL};
 
+/// How long a stream request may go unanswered before it is made again (see
+/// [`NetHandle::open_stream`]).
+pub const STREAM_REASK: Duration = Duration::from_millis(500);
+
 /// Errors of the network layer, worded for the person running the node.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -323,19 +327,32 @@ impl NetHandle {
     }
 
     /// Opens a stream of `protocol` to `peer` (dialling it if need be).
+    ///
+    /// libp2p-stream can lose a request made in the instant between a new connection's
+    /// handler and the swarm's report of that connection: it dials, the dial is dropped (the
+    /// peer is connected) and the request waits for another connection. So a request not
+    /// answered within [`STREAM_REASK`] is made again, which finds the connection; callers
+    /// bound the whole wait with their own deadlines.
     pub async fn open_stream(
         &self,
         peer: PeerId,
         protocol: StreamProtocol,
     ) -> Result<Stream, NetError> {
-        let mut control = self.streams.0.clone();
-        control
-            .open_stream(peer, protocol)
-            .await
-            .map_err(|e| NetError::Request {
-                peer,
-                reason: e.to_string(),
-            })
+        loop {
+            let mut control = self.streams.0.clone();
+            let open = control.open_stream(peer, protocol.clone());
+            match tokio::time::timeout(STREAM_REASK, open).await {
+                Ok(result) => {
+                    return result.map_err(|e| NetError::Request {
+                        peer,
+                        reason: e.to_string(),
+                    })
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, %protocol, "no stream after {STREAM_REASK:?}; asking again")
+                }
+            }
+        }
     }
 
     /// Streams of `protocol` opened by peers. Only one part of the node may accept them.

@@ -30,7 +30,7 @@ pub mod task;
 pub mod tls;
 
 pub use config::{Limits, NetConfig, Timing, TransportKind};
-pub use handle::{now_ms, spawn, NetError, NetEvent, NetHandle, NetStatus};
+pub use handle::{now_ms, spawn, NetError, NetEvent, NetHandle, NetStatus, STREAM_REASK};
 pub use metrics::NetMetrics;
 
 pub use libp2p::{Multiaddr, PeerId};

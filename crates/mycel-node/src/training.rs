@@ -39,8 +39,6 @@ use crate::blobs::BlobService;
 const ROUND_ATTEMPTS: u32 = 3;
 /// Trainings run at once on one node.
 const CONCURRENT_TRAININGS: usize = 4;
-/// How long opening a training stream may take before it is asked for again.
-const OPEN_TIMEOUT: Duration = Duration::from_millis(500);
 /// Training requests read or answered at once on one node.
 const CONCURRENT_REQUESTS: usize = 16;
 /// How long a peer may take to send its request.
@@ -570,21 +568,7 @@ impl Training {
             let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
             self.net.add_addresses(peer, addrs).await?;
         }
-        // libp2p-stream can lose a stream request: asked for in the instant between a new
-        // connection's handler and the swarm's report of it, it dials, the dial is dropped
-        // (already connected) and the request waits for the next connection. Asking again
-        // finds the connection; the caller's deadline bounds the loop.
-        let mut stream = loop {
-            let open = self.net.open_stream(peer, TRAIN_PROTOCOL);
-            match tokio::time::timeout(OPEN_TIMEOUT, open).await {
-                Ok(Ok(stream)) => break stream,
-                Ok(Err(e)) => {
-                    debug!(%peer, "opening a training stream failed ({e}); trying once more");
-                    break self.net.open_stream(peer, TRAIN_PROTOCOL).await?;
-                }
-                Err(_) => debug!(%peer, "no training stream after {OPEN_TIMEOUT:?}; asking again"),
-            }
-        };
+        let mut stream = self.net.open_stream(peer, TRAIN_PROTOCOL).await?;
         write_frame(&mut stream, request).await?;
         let reply: TrainReply = match read_frame(&mut stream, fl::MAX_UPDATE_BYTES).await {
             Ok(Some(reply)) => reply,
