@@ -127,8 +127,37 @@ impl ModelSpec {
         }
     }
 
+    /// Input features and classes.
+    pub fn io(&self) -> (usize, usize) {
+        let widths = self.widths();
+        (
+            widths.first().copied().unwrap_or(0),
+            widths.last().copied().unwrap_or(0),
+        )
+    }
+
+    /// Each layer's weight shape and bias length, in the flat parameter order (weights
+    /// row-major, then biases, layer by layer).
+    pub fn shapes(&self) -> Vec<(Vec<usize>, usize)> {
+        match self {
+            ModelSpec::Cnn {
+                side,
+                channels,
+                classes,
+            } => vec![
+                (vec![*channels, 1, 3, 3], *channels),
+                (vec![*classes, channels * (side / 2) * (side / 2)], *classes),
+            ],
+            _ => self
+                .widths()
+                .windows(2)
+                .map(|w| (vec![w[1], w[0]], w[1]))
+                .collect(),
+        }
+    }
+
     /// Checks the model's shape.
-    fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), String> {
         let widths = self.widths();
         if widths.len() < 2 || widths.contains(&0) {
             return Err("the model needs at least an input and an output width, none 0".into());

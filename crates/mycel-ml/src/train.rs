@@ -14,110 +14,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::{MlError, Result};
 
-/// The models a job can train.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Architecture {
-    /// Multinomial logistic regression: one linear layer and a softmax.
-    Logistic {
-        /// Input features.
-        inputs: usize,
-        /// Classes.
-        classes: usize,
-    },
-    /// A multi-layer perceptron with ReLU between layers: `[inputs, hidden..., classes]`.
-    Mlp {
-        /// Layer widths, inputs first, classes last (at least two).
-        layers: Vec<usize>,
-    },
-    /// A small CNN on `side`×`side` one-channel images (row-major features): a 3×3
-    /// convolution to `channels` maps (padding 1), ReLU, 2×2 max pooling, then a linear layer.
-    Cnn {
-        /// Image side (even).
-        side: usize,
-        /// Feature maps.
-        channels: usize,
-        /// Classes.
-        classes: usize,
-    },
-}
-
-impl From<&mycel_core::fl::ModelSpec> for Architecture {
-    fn from(spec: &mycel_core::fl::ModelSpec) -> Self {
-        match spec {
-            mycel_core::fl::ModelSpec::Logistic { inputs, classes } => Architecture::Logistic {
-                inputs: *inputs,
-                classes: *classes,
-            },
-            mycel_core::fl::ModelSpec::Mlp { layers } => Architecture::Mlp {
-                layers: layers.clone(),
-            },
-            mycel_core::fl::ModelSpec::Cnn {
-                side,
-                channels,
-                classes,
-            } => Architecture::Cnn {
-                side: *side,
-                channels: *channels,
-                classes: *classes,
-            },
-        }
-    }
-}
-
-impl Architecture {
-    /// Input features and classes.
-    fn io(&self) -> (usize, usize) {
-        match self {
-            Architecture::Logistic { inputs, classes } => (*inputs, *classes),
-            Architecture::Mlp { layers } => (
-                layers.first().copied().unwrap_or(0),
-                layers.last().copied().unwrap_or(0),
-            ),
-            Architecture::Cnn { side, classes, .. } => (side * side, *classes),
-        }
-    }
-
-    /// Each layer's weight shape and bias length, in the flat order.
-    fn shapes(&self) -> Vec<(Vec<usize>, usize)> {
-        match self {
-            Architecture::Logistic { inputs, classes } => vec![(vec![*classes, *inputs], *classes)],
-            Architecture::Mlp { layers } => layers
-                .windows(2)
-                .map(|w| (vec![w[1], w[0]], w[1]))
-                .collect(),
-            Architecture::Cnn {
-                side,
-                channels,
-                classes,
-            } => vec![
-                (vec![*channels, 1, 3, 3], *channels),
-                (vec![*classes, channels * (side / 2) * (side / 2)], *classes),
-            ],
-        }
-    }
-
-    /// Number of weights (and biases).
-    pub fn parameters(&self) -> usize {
-        self.shapes()
-            .iter()
-            .map(|(w, b)| w.iter().product::<usize>() + b)
-            .sum()
-    }
-
-    fn check(&self) -> Result<()> {
-        let shapes = self.shapes();
-        let bad = shapes.is_empty()
-            || shapes.iter().any(|(w, b)| *b == 0 || w.contains(&0))
-            || matches!(self, Architecture::Cnn { side, .. } if side % 2 != 0);
-        if bad {
-            return Err(MlError::Input(format!(
-                "a model needs an input and an output layer, none empty (and a CNN an even \
-                 image side): {self:?}"
-            )));
-        }
-        Ok(())
-    }
-}
+/// The models a job can train: the job spec's own description (logistic regression, MLPs, a
+/// small CNN), whose layer shapes and flat parameter order live in `mycel_core::fl`.
+pub use mycel_core::fl::ModelSpec as Architecture;
 
 /// Labelled examples: `features` holds `len() * dim` values, row by row.
 #[derive(Debug, Clone, PartialEq)]
@@ -274,7 +173,7 @@ fn ml(e: candle_core::Error) -> MlError {
 impl Classifier {
     /// A fresh model, weights drawn uniformly in `±1/sqrt(fan_in)` from `seed`.
     pub fn new(architecture: Architecture, seed: u64) -> Result<Self> {
-        architecture.check()?;
+        architecture.check().map_err(MlError::Input)?;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut flat = Vec::with_capacity(architecture.parameters());
         for (weight, bias) in architecture.shapes() {

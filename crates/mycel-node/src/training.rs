@@ -23,7 +23,7 @@ use mycel_core::id::ContentId;
 use mycel_core::statement::DatasetOffer;
 use mycel_core::wire::{self, Rejection};
 use mycel_core::Keypair;
-use mycel_ml::train::{Architecture, Classifier, Dataset, TrainParams};
+use mycel_ml::train::{Classifier, Dataset, TrainParams};
 use mycel_net::task::{read_frame, write_frame, FrameError, IncomingStreams, TRAIN_PROTOCOL};
 use mycel_net::{NetHandle, PeerId};
 use mycel_store::Store;
@@ -767,7 +767,7 @@ impl Training {
     async fn fresh(&self, spec: &JobSpec) -> anyhow::Result<JobRecord> {
         let weights = match spec.initial {
             Some(blob) => self.initial_weights(blob, spec.model.parameters()).await?,
-            None => Classifier::new(Architecture::from(&spec.model), spec.seed)?.weights()?,
+            None => Classifier::new(spec.model.clone(), spec.seed)?.weights()?,
         };
         let mut record = JobRecord::empty(spec.id(), spec.clone());
         record.weights = weights;
@@ -918,11 +918,8 @@ impl Training {
             attempts = 0;
             let (test_loss, accuracy) = match &eval {
                 Some(eval) => {
-                    let (arch, weights, eval) = (
-                        Architecture::from(&spec.model),
-                        record.weights.clone(),
-                        eval.clone(),
-                    );
+                    let (arch, weights, eval) =
+                        (spec.model.clone(), record.weights.clone(), eval.clone());
                     tokio::task::spawn_blocking(move || -> anyhow::Result<(f32, f32)> {
                         let mut model = Classifier::new(arch, 0)?;
                         model.set_weights(&weights)?;
@@ -1335,7 +1332,7 @@ fn local_update(
     data: &Dataset,
     seed: u64,
 ) -> anyhow::Result<(Vec<f32>, f32)> {
-    let mut classifier = Classifier::new(Architecture::from(model), 0)?;
+    let mut classifier = Classifier::new(model.clone(), 0)?;
     classifier.set_weights(global)?;
     let params = TrainParams {
         epochs: train.epochs as usize,
