@@ -681,6 +681,21 @@ pub fn clusters(peers: &[(PeerId, Option<f64>)], size: usize) -> Vec<Cluster> {
         .collect()
 }
 
+/// `values` as little-endian bytes: how weights travel and are stored.
+pub fn f32_to_le(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Little-endian bytes back to values; `None` unless the length is a multiple of 4.
+pub fn f32_from_le(bytes: &[u8]) -> Option<Vec<f32>> {
+    bytes.len().is_multiple_of(4).then(|| {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
+}
+
 /// Weights or an update on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Payload {
@@ -695,7 +710,7 @@ pub enum Payload {
 impl Payload {
     /// Dense encoding of `values`.
     pub fn dense(values: &[f32]) -> Self {
-        Payload::Dense(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        Payload::Dense(f32_to_le(values))
     }
 
     /// The values, checked to be `expected` long and finite.
@@ -708,10 +723,7 @@ impl Payload {
                         expected,
                     });
                 }
-                let values: Vec<f32> = bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
+                let values = f32_from_le(bytes).expect("length checked above");
                 if values.iter().any(|v| !v.is_finite()) {
                     return Err(CompressError::NotFinite);
                 }

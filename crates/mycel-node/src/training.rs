@@ -191,19 +191,13 @@ mod f32_bytes {
     use serde::{Deserializer, Serializer};
 
     pub(super) fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        serde_bytes::serialize(&bytes, s)
+        serde_bytes::serialize(&mycel_core::fl::f32_to_le(v), s)
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
         let bytes: Vec<u8> = serde_bytes::deserialize(d)?;
-        if !bytes.len().is_multiple_of(4) {
-            return Err(serde::de::Error::custom("f32 bytes not a multiple of 4"));
-        }
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        mycel_core::fl::f32_from_le(&bytes)
+            .ok_or_else(|| serde::de::Error::custom("f32 bytes not a multiple of 4"))
     }
 }
 
@@ -1137,7 +1131,7 @@ impl Training {
     }
 
     async fn store_model(&self, weights: &[f32]) -> Option<ContentId> {
-        let bytes: Vec<u8> = weights.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let bytes = fl::f32_to_le(weights);
         let store = self.blobs.store().clone();
         let result = tokio::task::spawn_blocking(move || {
             store.import(std::io::Cursor::new(bytes), mycel_net::now_ms(), true)
