@@ -12,7 +12,7 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
     allow_block_list, connection_limits, gossipsub, identify, kad, mdns, memory_connection_limits,
-    noise, ping, request_response, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder, Transport,
+    noise, ping, request_response, tcp, StreamProtocol, Swarm, SwarmBuilder, Transport,
 };
 use prometheus_client::registry::Registry;
 
@@ -173,7 +173,7 @@ pub(crate) fn build_swarm(
                 // TLS first (AES-GCM: the cipher bounds one connection's throughput), Noise
                 // for peers that only speak Noise.
                 (crate::tls::Config::new, noise::Config::new),
-                yamux::Config::default,
+                crate::mux::Config::default,
             )?
             .with_quic()
             .with_bandwidth_metrics(registry)
@@ -192,7 +192,7 @@ pub(crate) fn build_swarm(
                 Ok(MemoryTransport::default()
                     .upgrade(Version::V1)
                     .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux::Config::default()))
+                    .multiplex(crate::mux::Config::default()))
             })?
             .with_bandwidth_metrics(registry)
             .with_behaviour(|key| Behaviour::new(key, config))?

@@ -25,6 +25,7 @@ mod config;
 mod event_loop;
 mod handle;
 mod metrics;
+pub mod mux;
 mod protocol;
 pub mod task;
 pub mod tls;

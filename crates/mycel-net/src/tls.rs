@@ -139,6 +139,11 @@ impl Config {
 
 const ALPN: &[u8] = b"libp2p";
 
+/// Encrypted bytes rustls may hold before the socket takes them (its default is 64 KiB).
+/// A whole yamux frame ([`crate::mux::FRAME_SIZE`]) then goes to the socket in one `writev`
+/// instead of four or more.
+const SEND_BUFFER: usize = crate::mux::FRAME_SIZE + 64 * 1024;
+
 /// Presents our one certificate, whatever the peer asks for.
 #[derive(Debug)]
 struct OurCertificate(Arc<rustls::sign::CertifiedKey>);
@@ -185,10 +190,11 @@ where
 
     fn upgrade_inbound(self, socket: C, _: Self::Info) -> Self::Future {
         async move {
-            let stream = futures_rustls::TlsAcceptor::from(self.server)
+            let mut stream = futures_rustls::TlsAcceptor::from(self.server)
                 .accept(socket)
                 .await
                 .map_err(TlsError::Handshake)?;
+            stream.get_mut().1.set_buffer_limit(Some(SEND_BUFFER));
             let peer = peer_of(stream.get_ref().1)?;
             tracing::debug!(%peer, suite = ?negotiated_suite(stream.get_ref().1), "TLS accepted");
             Ok((peer, stream.into()))
@@ -209,10 +215,11 @@ where
         async move {
             // The spec: clients MUST NOT send a server name; an unspecified address sends none.
             let name = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED).into());
-            let stream = futures_rustls::TlsConnector::from(self.client)
+            let mut stream = futures_rustls::TlsConnector::from(self.client)
                 .connect(name, socket)
                 .await
                 .map_err(TlsError::Handshake)?;
+            stream.get_mut().1.set_buffer_limit(Some(SEND_BUFFER));
             let peer = peer_of(stream.get_ref().1)?;
             tracing::debug!(%peer, suite = ?negotiated_suite(stream.get_ref().1), "TLS dialed");
             Ok((peer, stream.into()))

@@ -29,7 +29,7 @@ use mycel_net::task::{
     read_frame, write_frame, FrameError, IncomingStreams, Stream, BLOB_PROTOCOL,
 };
 use mycel_net::{now_ms, NetHandle, PeerId};
-use mycel_store::{BlobError, BlobInfo, BlobStore};
+use mycel_store::{BlobError, BlobInfo, BlobStore, ChunkBuf};
 use tokio::sync::oneshot::error::TryRecvError;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -303,10 +303,11 @@ impl BlobService {
                 while let Some((index, read)) = chunks_read.recv().await {
                     match read {
                         Ok(data) => {
-                            self.pace(data.len() as u64).await;
-                            let len = data.len() as u32;
+                            let bytes = data.bytes();
+                            self.pace(bytes.len() as u64).await;
+                            let len = bytes.len() as u32;
                             write_frame(stream, &BlobFrame::Chunk { index, len }).await?;
-                            futures::AsyncWriteExt::write_all(stream, &data).await?;
+                            futures::AsyncWriteExt::write_all(stream, bytes).await?;
                             futures::AsyncWriteExt::flush(stream).await?;
                             self.pool.put(data);
                             self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
@@ -679,8 +680,8 @@ impl BlobService {
                     if index == expected && u64::from(len) <= CHUNK_BYTES =>
                 {
                     let mut data = self.pool.take();
-                    data.resize(len as usize, 0);
-                    let read = futures::AsyncReadExt::read_exact(&mut stream, &mut data);
+                    let buf = data.sized(len as usize);
+                    let read = futures::AsyncReadExt::read_exact(&mut stream, buf);
                     if let Err(failed) = within(timeout, peer, read).await {
                         ended = Some(failed);
                         continue;
@@ -713,7 +714,7 @@ type Written = tokio::sync::oneshot::Receiver<Result<(), BlobError>>;
 /// A chunk for the writer, and where to say how it went.
 type WriteJob = (
     u64,
-    Vec<u8>,
+    ChunkBuf,
     tokio::sync::oneshot::Sender<Result<(), BlobError>>,
 );
 
@@ -744,7 +745,7 @@ impl Writer {
                 let Some((index, data, done)) = job else {
                     break;
                 };
-                let written = store.write_chunk(&id, index, &data);
+                let written = store.write_chunk(&id, index, data.bytes());
                 pool.put(data);
                 let _ = done.send(written);
             });
@@ -753,7 +754,7 @@ impl Writer {
     }
 
     /// Queues chunk `index` to be verified and written.
-    async fn write(&self, index: u64, data: Vec<u8>) -> Written {
+    async fn write(&self, index: u64, data: ChunkBuf) -> Written {
         let (done, written) = tokio::sync::oneshot::channel();
         // The threads live as long as this sender; a failed send shows as a closed `done`.
         let _ = self.jobs.send((index, data, done)).await;
@@ -777,26 +778,25 @@ fn chunk_error(id: ContentId, e: BlobError) -> BlobFrame {
     }
 }
 
-/// Chunk-sized buffers used again rather than allocated per chunk: fresh memory costs page
-/// faults (and far more on VMs whose host backs guest pages on first touch).
+/// Chunk buffers used again rather than allocated per chunk.
 #[derive(Debug, Default)]
-struct ChunkPool(Mutex<Vec<Vec<u8>>>);
+struct ChunkPool(Mutex<Vec<ChunkBuf>>);
 
 /// Buffers a pool keeps (8 MiB).
 const POOLED_BUFFERS: usize = 32;
 
 impl ChunkPool {
-    fn take(&self) -> Vec<u8> {
+    fn take(&self) -> ChunkBuf {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(CHUNK_BYTES as usize))
+            .unwrap_or_default()
     }
 
-    fn put(&self, buffer: Vec<u8>) {
+    fn put(&self, buffer: ChunkBuf) {
         let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < POOLED_BUFFERS && buffer.capacity() == CHUNK_BYTES as usize {
+        if free.len() < POOLED_BUFFERS {
             free.push(buffer);
         }
     }

@@ -28,6 +28,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::direct::{preallocate, ChunkBuf, DirectWriter};
 use mycel_core::blob::{
     chunk_count, chunk_len, decode_manifest, encode_manifest, safe_path, ManifestEntry,
     ManifestError, Outboard, TreeError, TreeHasher, CHUNK_BYTES, MANIFEST_MAGIC,
@@ -149,7 +150,9 @@ pub struct BlobStore {
 struct Fetching {
     outboard: Outboard,
     file: File,
-    /// Held while writing to `file`.
+    /// The same file, for chunks written past the page cache.
+    direct: DirectWriter,
+    /// Held while writing to `file` (not for direct writes).
     writing: Mutex<()>,
     /// Which chunks are verified (1) or not (0): kept here and saved to the index every
     /// [`MARKS_SAVED_EVERY`] chunks and at the end, not once per chunk. Marks lost in a crash
@@ -605,9 +608,9 @@ impl BlobStore {
 
     /// The bytes of chunk `index` of the complete blob `id`.
     pub fn read_chunk(&self, id: &ContentId, index: u64) -> Result<Vec<u8>, BlobError> {
-        let mut data = Vec::new();
+        let mut data = ChunkBuf::new();
         self.reader(id)?.read_chunk_into(index, &mut data)?;
-        Ok(data)
+        Ok(data.bytes().to_vec())
     }
 
     /// The complete blob `id` opened for reading chunks (one lookup and one open for many
@@ -732,6 +735,7 @@ impl BlobStore {
             let path = self.partial_path(id);
             let file = File::create(&path).map_err(io(&path))?;
             file.set_len(outboard.size).map_err(io(&path))?;
+            preallocate(&file, outboard.size);
             let bytes = outboard.to_bytes();
             let marks = vec![0u8; count as usize];
             self.write(Durability::Immediate, |txn| {
@@ -792,12 +796,18 @@ impl BlobStore {
     pub fn write_chunk(&self, id: &ContentId, index: u64, data: &[u8]) -> Result<(), BlobError> {
         let fetching = self.fetching(id)?;
         fetching.outboard.verify_chunk(id, index, data)?;
-        {
-            // One write at a time: concurrent writes to one file only contend for its lock.
+        let offset = index * CHUNK_BYTES;
+        let direct = fetching
+            .direct
+            .write_at(data, offset)
+            .map_err(io(&self.partial_path(id)))?;
+        if !direct {
+            // One write at a time: concurrent buffered writes to one file only contend for
+            // its lock.
             let _writing = fetching.writing.lock().unwrap_or_else(|e| e.into_inner());
             fetching
                 .file
-                .write_all_at(data, index * CHUNK_BYTES)
+                .write_all_at(data, offset)
                 .map_err(io(&self.partial_path(id)))?;
         }
         let save = {
@@ -838,6 +848,7 @@ impl BlobStore {
             .map_err(io(&path))?;
         let f = Arc::new(Fetching {
             outboard,
+            direct: DirectWriter::open(&path),
             file,
             writing: Mutex::new(()),
             marks: Mutex::new((marks, 0)),
@@ -917,13 +928,16 @@ impl ChunkReader {
         self.size
     }
 
-    /// Reads chunk `index` into `data`, reusing its allocation.
-    pub fn read_chunk_into(&self, index: u64, data: &mut Vec<u8>) -> Result<(), BlobError> {
+    /// Reads chunk `index` into `data`.
+    pub fn read_chunk_into(&self, index: u64, data: &mut ChunkBuf) -> Result<(), BlobError> {
         let count = chunk_count(self.size);
         if index >= count {
             return Err(TreeError::Index { index, count }.into());
         }
-        read_chunk_into(&self.file, self.size, index, data).map_err(io(&self.path))
+        let out = data.sized(chunk_len(self.size, index) as usize);
+        self.file
+            .read_exact_at(out, index * CHUNK_BYTES)
+            .map_err(io(&self.path))
     }
 }
 

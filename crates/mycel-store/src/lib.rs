@@ -12,10 +12,12 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 pub mod blobs;
+mod direct;
 mod files;
 mod state;
 
 pub use blobs::{BlobError, BlobInfo, BlobStore, ChunkReader};
+pub use direct::ChunkBuf;
 pub use files::{load_or_create_identity, load_or_create_token, prepare_data_dir};
 pub use state::{KnownPeer, Store};
 
