@@ -212,6 +212,24 @@ fn models_named_on_the_hub_are_fetched_from_hf_endpoint() {
     );
     // Three files of the embedding model and the GGUF, each asked for (metadata, then body).
     assert!(served.load(std::sync::atomic::Ordering::Relaxed) >= 4);
+    // Both are published from the hub cache as pinned blobs under their ids, for peers to
+    // fetch.
+    let ids: Vec<String> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mycel"]["content_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2, "{models}");
+    wait_until(Duration::from_secs(30), "the models are published", || {
+        let listed = node.get("/api/blobs").unwrap_or_default();
+        ids.iter().all(|id| {
+            listed["blobs"].as_array().is_some_and(|b| {
+                b.iter()
+                    .any(|e| e["id"] == id.as_str() && e["pinned"] == true)
+            })
+        })
+    });
 
     // A name the hub does not have is a clear error at start-up.
     let output = Command::new(MYCEL)

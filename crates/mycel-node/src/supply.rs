@@ -122,12 +122,9 @@ impl ModelSupply {
 
     /// Stores the files of the model served from `path` as the blob `id` (the model's id: the
     /// file itself, or a manifest of exactly the files the model is loaded from), pinned, so
-    /// that peers can fetch the model. Nothing is done when the blob is already held, or for
-    /// a model named by hub repository (its files stay in the hub cache).
+    /// that peers can fetch the model. A model named by hub repository is published from the
+    /// hub cache its files were loaded from. Nothing is done when the blob is already held.
     pub async fn publish(&self, path: &Path, id: ContentId) -> anyhow::Result<()> {
-        if mycel_ml::hub::is_hub_name(&path.to_string_lossy()) {
-            return Ok(());
-        }
         let store = self.blobs.store().clone();
         let shown = path.display().to_string();
         let path = path.to_path_buf();
@@ -136,6 +133,11 @@ impl ModelSupply {
                 store.set_pinned(&id, true)?;
                 return Ok(id);
             }
+            let path = match mycel_ml::hub::is_hub_name(&path.to_string_lossy()) {
+                // Loaded a moment ago: the files come from the cache, not the network.
+                true => mycel_ml::hub::fetch(&path.to_string_lossy())?,
+                false => path,
+            };
             let now = mycel_net::now_ms();
             Ok(if path.is_file() {
                 store.import_path(&path, now, true)?
