@@ -180,11 +180,9 @@ impl Node {
             datasets: dataset_offers,
             metered: config.metered,
         };
-        let published: Vec<(PathBuf, mycel_core::id::ContentId)> = config
-            .models
+        let published: Vec<(PathBuf, mycel_core::id::ContentId)> = loaded
             .iter()
-            .cloned()
-            .zip(loaded.iter().map(|s| s.offer.id))
+            .map(|s| (s.source.clone(), s.offer.id))
             .collect();
         served.extend(loaded);
         let models = Arc::new(ModelService::new(served, max_queue));

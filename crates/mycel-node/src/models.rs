@@ -33,6 +33,9 @@ pub struct Served {
     pub offer: ModelOffer,
     /// The loaded model.
     pub runner: Runner,
+    /// The local file or folder it was loaded from (for a model named on the hub, its place
+    /// in the hub cache): what is published as its blob.
+    pub source: std::path::PathBuf,
 }
 
 /// Why a request was not run.
@@ -86,6 +89,7 @@ pub fn load_model(path: &Path, engine: Engine) -> anyhow::Result<Served> {
                 engine: engine.name().to_owned(),
             },
             runner: Runner::Generate(Arc::new(generator)),
+            source: path.to_path_buf(),
         })
     } else if path.is_dir() {
         let embedder = Embedder::load(path).with_context(what)?;
@@ -97,6 +101,7 @@ pub fn load_model(path: &Path, engine: Engine) -> anyhow::Result<Served> {
                 engine: "candle-f32".to_owned(),
             },
             runner: Runner::Embed(Arc::new(embedder)),
+            source: path.to_path_buf(),
         })
     } else {
         anyhow::bail!(

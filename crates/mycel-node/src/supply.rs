@@ -109,21 +109,21 @@ impl ModelSupply {
     /// Loads the model at `path` and serves it from now on: announced, provided in the DHT,
     /// run for local and remote tasks, its files published as a blob. Returns its id.
     pub async fn serve(&self, path: PathBuf, engine: Engine) -> anyhow::Result<ContentId> {
-        let at = path.clone();
-        let served = tokio::task::spawn_blocking(move || models::load_model(&at, engine)).await??;
-        let id = served.offer.id;
+        let served =
+            tokio::task::spawn_blocking(move || models::load_model(&path, engine)).await??;
+        let (id, source) = (served.offer.id, served.source.clone());
         self.models.add(served);
         self.blobs.provide_also([id]).await;
         let capabilities = system::read_capabilities(&self.sys_root, &self.models, &self.extra);
         self.net.refresh_capabilities(capabilities).await?;
-        self.publish(&path, id).await?;
+        self.publish(&source, id).await?;
         Ok(id)
     }
 
-    /// Stores the files of the model served from `path` as the blob `id` (the model's id: the
-    /// file itself, or a manifest of exactly the files the model is loaded from), pinned, so
-    /// that peers can fetch the model. A model named by hub repository is published from the
-    /// hub cache its files were loaded from. Nothing is done when the blob is already held.
+    /// Stores the files of the model loaded from `path` ([`models::Served::source`]: for a
+    /// model named on the hub, the hub cache) as the blob `id` (the model's id: the file
+    /// itself, or a manifest of exactly the files the model is loaded from), pinned, so that
+    /// peers can fetch the model. Nothing is done when the blob is already held.
     pub async fn publish(&self, path: &Path, id: ContentId) -> anyhow::Result<()> {
         let store = self.blobs.store().clone();
         let shown = path.display().to_string();
@@ -133,11 +133,6 @@ impl ModelSupply {
                 store.set_pinned(&id, true)?;
                 return Ok(id);
             }
-            let path = match mycel_ml::hub::is_hub_name(&path.to_string_lossy()) {
-                // Loaded a moment ago: the files come from the cache, not the network.
-                true => mycel_ml::hub::fetch(&path.to_string_lossy())?,
-                false => path,
-            };
             let now = mycel_net::now_ms();
             Ok(if path.is_file() {
                 store.import_path(&path, now, true)?

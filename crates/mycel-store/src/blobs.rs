@@ -735,7 +735,10 @@ impl BlobStore {
             let path = self.partial_path(id);
             let file = File::create(&path).map_err(io(&path))?;
             file.set_len(outboard.size).map_err(io(&path))?;
-            preallocate(&file, outboard.size);
+            if let Err(e) = preallocate(&file, outboard.size) {
+                let _ = fs::remove_file(&path);
+                return Err(io(&path)(e));
+            }
             let bytes = outboard.to_bytes();
             let marks = vec![0u8; count as usize];
             self.write(Durability::Immediate, |txn| {
@@ -797,11 +800,7 @@ impl BlobStore {
         let fetching = self.fetching(id)?;
         fetching.outboard.verify_chunk(id, index, data)?;
         let offset = index * CHUNK_BYTES;
-        let direct = fetching
-            .direct
-            .write_at(data, offset)
-            .map_err(io(&self.partial_path(id)))?;
-        if !direct {
+        if !fetching.direct.write_at(data, offset) {
             // One write at a time: concurrent buffered writes to one file only contend for
             // its lock.
             let _writing = fetching.writing.lock().unwrap_or_else(|e| e.into_inner());

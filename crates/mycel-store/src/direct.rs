@@ -19,15 +19,22 @@ use mycel_core::blob::CHUNK_BYTES;
 /// in use).
 const ALIGN: usize = 4096;
 
-/// Reserves `len` bytes of disk for `file` so that writes into it allocate nothing (best
-/// effort: a filesystem without preallocation leaves the file sparse).
-pub(crate) fn preallocate(file: &File, len: u64) {
+/// Reserves `len` bytes of disk for `file` so that writes into it allocate nothing. A
+/// filesystem without preallocation leaves the file sparse; a disk without room for it is an
+/// error now rather than halfway through the fetch.
+pub(crate) fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     if len > 0 {
-        let _ = rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len);
+        let reserved = rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len);
+        if let Err(e) = reserved {
+            if e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::DQUOT {
+                return Err(e.into());
+            }
+        }
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (file, len);
+    Ok(())
 }
 
 /// A second handle on a partial file that writes past the page cache.
@@ -61,28 +68,29 @@ impl DirectWriter {
         }
     }
 
-    /// Writes `data` at `offset` past the page cache. `Ok(false)`: not done (unaligned, or
-    /// the filesystem refuses), write it the usual way.
-    pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<bool> {
+    /// Writes `data` at `offset` past the page cache; `false`: not done (unaligned, or the
+    /// direct write failed), write it the usual way.
+    pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> bool {
         use std::os::unix::fs::FileExt;
         let Some(file) = &self.file else {
-            return Ok(false);
+            return false;
         };
         if !self.usable.load(Ordering::Relaxed)
             || data.is_empty()
             || !data.len().is_multiple_of(ALIGN)
             || !offset.is_multiple_of(ALIGN as u64)
         {
-            return Ok(false);
+            return false;
         }
-        let written = with_aligned(data, |aligned| file.write_all_at(aligned, offset));
-        match written {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+        match with_aligned(data, |aligned| file.write_all_at(aligned, offset)) {
+            Ok(()) => true,
+            // EINVAL where the filesystem opens for direct I/O but refuses it, EOPNOTSUPP on
+            // some network filesystems, or a real failure: from now on the caller writes the
+            // usual way, and its write reports a real failure (no room, I/O error) itself.
+            Err(_) => {
                 self.usable.store(false, Ordering::Relaxed);
-                Ok(false)
+                false
             }
-            Err(e) => Err(e),
         }
     }
 }
@@ -135,6 +143,10 @@ impl ChunkBuf {
     /// Makes the buffer `len` bytes long (at most a chunk, [`CHUNK_BYTES`]) and returns
     /// them to be filled; what they held before is left as it was.
     pub fn sized(&mut self, len: usize) -> &mut [u8] {
+        debug_assert!(
+            len <= CHUNK_BYTES as usize,
+            "{len} bytes do not fit a chunk"
+        );
         let len = len.min(CHUNK_BYTES as usize);
         self.len = len;
         &mut self.bytes[self.start..self.start + len]
@@ -157,22 +169,22 @@ mod tests {
         let size = 3 * ALIGN as u64 + 100;
         let file = File::create(&path).unwrap();
         file.set_len(size).unwrap();
-        preallocate(&file, size);
+        preallocate(&file, size).unwrap();
         let direct = DirectWriter::open(&path);
         let mut buf = ChunkBuf::new();
         assert_eq!(buf.sized(ALIGN).as_ptr() as usize % ALIGN, 0);
-        assert_eq!(buf.sized(usize::MAX).len(), CHUNK_BYTES as usize);
+        assert_eq!(buf.sized(CHUNK_BYTES as usize).len(), CHUNK_BYTES as usize);
         // An unaligned buffer (one byte in), an aligned length and offset.
         let backing: Vec<u8> = (0..2 * ALIGN + 1).map(|i| (i % 251) as u8).collect();
         let block = &backing[1..1 + 2 * ALIGN];
-        let done = direct.write_at(block, ALIGN as u64).unwrap();
+        let done = direct.write_at(block, ALIGN as u64);
         if !done {
             use std::os::unix::fs::FileExt;
             file.write_all_at(block, ALIGN as u64).unwrap();
         }
         // A short tail is never written direct.
-        assert!(!direct.write_at(&[9u8; 100], 3 * ALIGN as u64).unwrap());
-        assert!(!direct.write_at(block, 7).unwrap(), "unaligned offset");
+        assert!(!direct.write_at(&[9u8; 100], 3 * ALIGN as u64));
+        assert!(!direct.write_at(block, 7), "unaligned offset");
         {
             use std::os::unix::fs::FileExt;
             file.write_all_at(&[9u8; 100], 3 * ALIGN as u64).unwrap();
