@@ -837,6 +837,28 @@ pub struct Gathered {
     pub rejected: u32,
 }
 
+impl Gathered {
+    /// Adds `other`'s bytes and counts to these (saturating).
+    pub fn add(&mut self, other: &Gathered) {
+        self.bytes_up = self.bytes_up.saturating_add(other.bytes_up);
+        self.bytes_down = self.bytes_down.saturating_add(other.bytes_down);
+        self.asked = self.asked.saturating_add(other.asked);
+        self.dropped = self.dropped.saturating_add(other.dropped);
+        self.rejected = self.rejected.saturating_add(other.rejected);
+    }
+
+    /// The report with each count at most `members` (what a head asked `members` peers can
+    /// truthfully claim).
+    pub fn capped(self, members: u32) -> Gathered {
+        Gathered {
+            asked: self.asked.min(members),
+            dropped: self.dropped.min(members),
+            rejected: self.rejected.min(members),
+            ..self
+        }
+    }
+}
+
 /// A round's update, signed by the peer that made it (or the cluster head that combined it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SignedUpdate {

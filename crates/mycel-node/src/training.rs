@@ -477,26 +477,16 @@ impl Training {
         while let Some((peer, result)) = pending.next().await {
             match result {
                 Ok((TrainReply::Update { update, gathered }, bytes)) => {
-                    let gathered = if request.members.is_empty() {
+                    // Only a head reports on members, and on no more than it was given.
+                    let mut reported = if request.members.is_empty() {
                         Gathered::default()
                     } else {
-                        gathered
+                        gathered.capped(most_contributors)
                     };
+                    reported.bytes_up = reported.bytes_up.saturating_add(bytes);
                     let g = &mut outcome.gathered;
+                    g.add(&reported);
                     outcome.root_bytes = outcome.root_bytes.saturating_add(bytes);
-                    g.bytes_up = g
-                        .bytes_up
-                        .saturating_add(bytes.saturating_add(gathered.bytes_up));
-                    g.bytes_down = g.bytes_down.saturating_add(gathered.bytes_down);
-                    g.asked = g
-                        .asked
-                        .saturating_add(gathered.asked.min(most_contributors));
-                    g.dropped = g
-                        .dropped
-                        .saturating_add(gathered.dropped.min(most_contributors));
-                    g.rejected = g
-                        .rejected
-                        .saturating_add(gathered.rejected.min(most_contributors));
                     let opened = update
                         .open(&peer, request.job, request.round, parameters)
                         .and_then(|delta| {
@@ -712,16 +702,17 @@ impl Training {
         progress: &impl Fn(&JobRecord),
     ) -> anyhow::Result<JobRecord> {
         let id = spec.id();
+        let existing = match self.job(id)? {
+            Some(record) if record.state == JobState::Done => return Ok(record),
+            existing => existing,
+        };
         let eval = match &spec.eval {
             Some(source) => {
                 let source = source.clone();
                 let data =
                     tokio::task::spawn_blocking(move || mycel_ml::data::load_source(&source))
                         .await??;
-                let (inputs, classes) = (
-                    spec.model.widths()[0],
-                    *spec.model.widths().last().unwrap_or(&0),
-                );
+                let (inputs, classes) = spec.model.io();
                 if data.dim != inputs || data.classes() > classes {
                     bail!(
                         "the evaluation data has {} features and {} classes; the model takes {inputs} \
@@ -734,8 +725,7 @@ impl Training {
             }
             None => None,
         };
-        let mut record = match self.job(id)? {
-            Some(record) if record.state == JobState::Done => return Ok(record),
+        let mut record = match existing {
             // Recorded before it had weights (a placeholder, or it failed at the start).
             Some(record) if record.weights.is_empty() => self.fresh(spec).await?,
             Some(mut record) => {
@@ -1231,12 +1221,7 @@ impl Outcome {
         self.updates.extend(other.updates);
         self.root_bytes += other.root_bytes;
         self.dropped.extend(other.dropped);
-        let (a, b) = (&mut self.gathered, other.gathered);
-        a.bytes_up += b.bytes_up;
-        a.bytes_down += b.bytes_down;
-        a.asked += b.asked;
-        a.dropped += b.dropped;
-        a.rejected += b.rejected;
+        self.gathered.add(&other.gathered);
     }
 }
 

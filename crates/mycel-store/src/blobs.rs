@@ -277,9 +277,11 @@ impl BlobStore {
                 self.forget_partial(&id)?;
                 continue;
             };
+            let mut data = ChunkBuf::new();
             for (index, mark) in marks.iter_mut().enumerate() {
-                let good = read_chunk_at(&file, outboard.size, index as u64)
-                    .is_ok_and(|data| outboard.verify_chunk(&id, index as u64, &data).is_ok());
+                let index = index as u64;
+                let good = read_chunk_into(&file, outboard.size, index, &mut data)
+                    .is_ok_and(|()| outboard.verify_chunk(&id, index, data.bytes()).is_ok());
                 *mark = u8::from(good);
             }
             self.write(Durability::Immediate, |txn| {
@@ -901,16 +903,10 @@ impl BlobStore {
     }
 }
 
-fn read_chunk_at(file: &File, size: u64, index: u64) -> std::io::Result<Vec<u8>> {
-    let mut data = Vec::new();
-    read_chunk_into(file, size, index, &mut data)?;
-    Ok(data)
-}
-
-/// Reads chunk `index` into `data` (resized to the chunk's length, its capacity reused).
-fn read_chunk_into(file: &File, size: u64, index: u64, data: &mut Vec<u8>) -> std::io::Result<()> {
-    data.resize(chunk_len(size, index) as usize, 0);
-    file.read_exact_at(data, index * CHUNK_BYTES)
+/// Reads chunk `index` of the `size`-byte blob in `file` into `data`.
+fn read_chunk_into(file: &File, size: u64, index: u64, data: &mut ChunkBuf) -> std::io::Result<()> {
+    let out = data.sized(chunk_len(size, index) as usize);
+    file.read_exact_at(out, index * CHUNK_BYTES)
 }
 
 /// A complete blob open for reading chunks; see [`BlobStore::reader`].
@@ -933,10 +929,7 @@ impl ChunkReader {
         if index >= count {
             return Err(TreeError::Index { index, count }.into());
         }
-        let out = data.sized(chunk_len(self.size, index) as usize);
-        self.file
-            .read_exact_at(out, index * CHUNK_BYTES)
-            .map_err(io(&self.path))
+        read_chunk_into(&self.file, self.size, index, data).map_err(io(&self.path))
     }
 }
 
