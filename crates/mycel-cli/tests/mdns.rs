@@ -67,11 +67,14 @@ fn make_namespaces() -> Result<Namespaces, String> {
 fn two_nodes_find_each_other_by_mdns_across_a_veth_pair() {
     let ns = match make_namespaces() {
         Ok(ns) => ns,
-        Err(e) if std::env::var("MYCEL_REQUIRE_NETNS").as_deref() != Ok("1") => {
-            eprintln!("SKIPPED two_nodes_find_each_other_by_mdns_across_a_veth_pair: cannot create network namespaces ({e})");
+        Err(e) => {
+            mycel_ml::fixtures::skip_unless_required(
+                "two_nodes_find_each_other_by_mdns_across_a_veth_pair",
+                "MYCEL_REQUIRE_NETNS",
+                &format!("cannot create network namespaces ({e})"),
+            );
             return;
         }
-        Err(e) => panic!("cannot create network namespaces: {e}"),
     };
     let root = tempfile::tempdir().unwrap();
     let mut nodes = Vec::new();

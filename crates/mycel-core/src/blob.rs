@@ -92,9 +92,10 @@ pub fn chunk_count(size: u64) -> u64 {
     size.div_ceil(CHUNK_BYTES).max(1)
 }
 
-/// Bytes of chunk `index` of a blob of `size` bytes.
+/// Bytes of chunk `index` of a blob of `size` bytes (0 past its end, however far).
 pub fn chunk_len(size: u64, index: u64) -> u64 {
-    size.saturating_sub(index * CHUNK_BYTES).min(CHUNK_BYTES)
+    size.saturating_sub(index.saturating_mul(CHUNK_BYTES))
+        .min(CHUNK_BYTES)
 }
 
 /// The chaining value of chunk `index` with bytes `data` (not the root: see

@@ -2,8 +2,9 @@
 //!
 //! Nothing in this crate performs I/O, reads a clock or draws randomness on its own: time
 //! arrives as [`UnixMillis`] arguments and decisions come back as return values, so every
-//! rule here can be tested exhaustively and driven by a simulator (see `../../shared/DESIGN.md`,
-//! section 2). The libp2p driver in `mycel-net` feeds events in and carries decisions out.
+//! rule here can be tested exhaustively and driven by a simulator (see `docs/ARCHITECTURE.md`
+//! in the repository). The libp2p driver in `mycel-net` feeds events in and carries decisions
+//! out.
 //!
 //! - [`statement`]: signed, attributable statements nodes gossip (capability announcements,
 //!   failure reports) and their bounded decoding.

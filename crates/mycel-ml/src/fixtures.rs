@@ -268,3 +268,28 @@ pub fn write_f32_copy(path: &Path, out: &Path) -> Result<()> {
     let bytes = crate::generate::dequantized(&content, &mut file, path)?.into_inner();
     std::fs::write(out, bytes).map_err(fail)
 }
+
+/// Called by a test that cannot run on this machine (a missing model, Python package or
+/// kernel feature). When the environment variable `require` is `1` (CI sets it) the test
+/// fails with `why` instead. Otherwise the skip is said on stderr and, because `cargo test`
+/// hides a passing test's output, appended as a line to the file `$MYCEL_SKIP_LOG` when that
+/// is set (`.ci/run` counts those lines and fails on any).
+pub fn skip_unless_required(test: &str, require: &str, why: &str) {
+    assert!(
+        std::env::var(require).as_deref() != Ok("1"),
+        "{test}: {why} ({require}=1 requires it)"
+    );
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(log) = std::env::var_os("MYCEL_SKIP_LOG") {
+        use std::io::Write;
+        let line = format!("SKIPPED {test}: {why}\n");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            panic!("cannot record the skip in {}: {e}", log.to_string_lossy());
+        }
+    }
+}

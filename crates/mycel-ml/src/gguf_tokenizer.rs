@@ -1,7 +1,8 @@
 //! A byte-level BPE tokenizer built from a GGUF file's metadata.
 //!
-//! candle's own `TokenizerFromGguf` does not know the `smollm` pre-tokenizer and adds a prefix
-//! space, which gives SmolLM2 the wrong tokens (see `shared/CANDLE.md`). Here the
+//! candle's own `TokenizerFromGguf` does not know the `smollm` pre-tokenizer and falls back to
+//! a byte-level one that adds a prefix space, which gives SmolLM2 the wrong tokens ("Hello"
+//! becomes "ĠHello"; candle 0.11.1 matched llama.cpp on 1 of 8 test strings). Here the
 //! pre-tokenizer follows `tokenizer.ggml.pre` as llama.cpp does, and control tokens are matched
 //! before BPE.
 

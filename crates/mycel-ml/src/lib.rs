@@ -15,6 +15,7 @@
 
 mod bert;
 pub mod data;
+mod dense;
 pub mod embed;
 pub mod files;
 pub mod fixtures;

@@ -1,9 +1,10 @@
 //! Our own quantised matrix multiplication for GGUF weights (Q4_1 and Q8_0 blocks of 32),
 //! used by the `mycel-q4` engine ([`crate::llama`]).
 //!
-//! candle 0.11 multiplies Q4_1 with a scalar loop in a portable build (../shared/CANDLE.md),
-//! which makes decoding instruction-bound at a fraction of llama.cpp's speed. Here each block
-//! of the input is scaled to 16-bit integers (a scale per 32 values: ~16 bits of precision,
+//! candle 0.11 multiplies Q4_1 with a scalar loop (`BlockQ4_1::vec_dot` has no AVX2 kernel,
+//! and a portable build compiles that loop for baseline x86-64), which makes decoding
+//! instruction-bound at a fraction of llama.cpp's speed. Here each block of the input is
+//! scaled to 16-bit integers (a scale per 32 values: ~16 bits of precision,
 //! far finer than the 4- or 8-bit weights; llama.cpp's 8 bits change SmolLM2's greedy tokens
 //! within 32 of them), and a block's products are summed as integers with `madd` (AVX2, chosen
 //! at run time, so the binary stays portable) or with scalar code. Integer sums are exact in any order and

@@ -1,6 +1,8 @@
-//! Local training for federated jobs: small classifiers defined with candle (multinomial
-//! logistic regression and MLPs), trained with candle's autograd, their weights exchanged as
-//! one flat `f32` vector in a fixed order.
+//! Local training for federated jobs: small classifiers (multinomial logistic regression,
+//! MLPs, a small CNN), their weights exchanged as one flat `f32` vector in a fixed order.
+//! Dense models train by our own forward and backward pass (`dense.rs`: a federated round's
+//! model is so small that candle's per-operation cost dominated); the CNN trains with candle's
+//! autograd.
 //!
 //! Deterministic for a seed: weights are initialised from a seeded RNG (not candle's), the
 //! batches are shuffled from a seeded RNG, and the CPU kernels sum in a fixed order.
@@ -133,12 +135,12 @@ impl Dataset {
     }
 }
 
-/// A model being trained: its layers' weights and biases as candle variables.
+/// A model being trained: every weight and bias in the flat order of
+/// [`Classifier::weights`].
 #[derive(Debug)]
 pub struct Classifier {
     architecture: Architecture,
-    /// (weight [out, in], bias [out]) per layer.
-    layers: Vec<(Var, Var)>,
+    weights: Vec<f32>,
     device: Device,
 }
 
@@ -184,12 +186,22 @@ impl Classifier {
                 flat.push(rng.gen_range(-bound..bound));
             }
         }
+        Ok(Self {
+            architecture,
+            weights: flat,
+            device: Device::Cpu,
+        })
+    }
+
+    /// A model with these weights (in [`Classifier::weights`]'s order).
+    pub fn from_weights(architecture: Architecture, flat: &[f32]) -> Result<Self> {
+        architecture.check().map_err(MlError::Input)?;
         let mut model = Self {
             architecture,
-            layers: Vec::new(),
+            weights: Vec::new(),
             device: Device::Cpu,
         };
-        model.layers = model.build(&flat)?;
+        model.set_weights(flat)?;
         Ok(model)
     }
 
@@ -198,7 +210,36 @@ impl Classifier {
         &self.architecture
     }
 
-    fn build(&self, flat: &[f32]) -> Result<Vec<(Var, Var)>> {
+    /// The layer widths when the model is dense (logistic regression, an MLP).
+    fn dense_widths(&self) -> Option<Vec<usize>> {
+        match self.architecture {
+            Architecture::Cnn { .. } => None,
+            _ => Some(self.architecture.widths()),
+        }
+    }
+
+    /// The weights as candle variables: (weight [out, in], bias [out]) per layer.
+    fn variables(&self) -> candle_core::Result<Vec<(Var, Var)>> {
+        let mut at = 0;
+        let mut layers = Vec::new();
+        for (shape, outputs) in self.architecture.shapes() {
+            let count: usize = shape.iter().product();
+            let weight = Tensor::from_slice(&self.weights[at..at + count], shape, &self.device)?;
+            at += count;
+            let bias = Tensor::from_slice(&self.weights[at..at + outputs], outputs, &self.device)?;
+            at += outputs;
+            layers.push((Var::from_tensor(&weight)?, Var::from_tensor(&bias)?));
+        }
+        Ok(layers)
+    }
+
+    /// Every weight and bias, layer by layer (weights row-major, then biases).
+    pub fn weights(&self) -> Result<Vec<f32>> {
+        Ok(self.weights.clone())
+    }
+
+    /// Replaces every weight (in [`Classifier::weights`]'s order).
+    pub fn set_weights(&mut self, flat: &[f32]) -> Result<()> {
         if flat.len() != self.architecture.parameters() {
             return Err(MlError::Input(format!(
                 "{} weights given, the model has {}",
@@ -206,52 +247,17 @@ impl Classifier {
                 self.architecture.parameters()
             )));
         }
-        let mut at = 0;
-        let mut layers = Vec::new();
-        for (shape, outputs) in self.architecture.shapes() {
-            let count: usize = shape.iter().product();
-            let weight =
-                Tensor::from_slice(&flat[at..at + count], shape, &self.device).map_err(ml)?;
-            at += count;
-            let bias =
-                Tensor::from_slice(&flat[at..at + outputs], outputs, &self.device).map_err(ml)?;
-            at += outputs;
-            layers.push((
-                Var::from_tensor(&weight).map_err(ml)?,
-                Var::from_tensor(&bias).map_err(ml)?,
-            ));
-        }
-        Ok(layers)
-    }
-
-    /// Every weight and bias, layer by layer (weights row-major, then biases).
-    pub fn weights(&self) -> Result<Vec<f32>> {
-        let mut flat = Vec::with_capacity(self.architecture.parameters());
-        for (w, b) in &self.layers {
-            flat.extend(
-                w.as_tensor()
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(ml)?,
-            );
-            flat.extend(b.to_vec1::<f32>().map_err(ml)?);
-        }
-        Ok(flat)
-    }
-
-    /// Replaces every weight (in [`Classifier::weights`]'s order).
-    pub fn set_weights(&mut self, flat: &[f32]) -> Result<()> {
         if flat.iter().any(|v| !v.is_finite()) {
             return Err(MlError::Input("weights must be finite".into()));
         }
-        self.layers = self.build(flat)?;
+        self.weights = flat.to_vec();
         Ok(())
     }
 
-    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn logits(&self, layers: &[(Var, Var)], x: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         if let Architecture::Cnn { side, channels, .. } = self.architecture {
-            let (kernel, bias) = &self.layers[0];
+            let (kernel, bias) = &layers[0];
             h = h
                 .reshape((x.dim(0)?, 1, side, side))?
                 .conv2d(kernel.as_tensor(), 1, 1, 1, 1)?
@@ -259,14 +265,14 @@ impl Classifier {
                 .relu()?
                 .max_pool2d(2)?
                 .flatten_from(1)?;
-            let (w, b) = &self.layers[1];
+            let (w, b) = &layers[1];
             return h.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor());
         }
-        for (i, (w, b)) in self.layers.iter().enumerate() {
+        for (i, (w, b)) in layers.iter().enumerate() {
             h = h
                 .matmul(&w.as_tensor().t()?)?
                 .broadcast_add(b.as_tensor())?;
-            if i + 1 < self.layers.len() {
+            if i + 1 < layers.len() {
                 h = h.relu()?;
             }
         }
@@ -313,56 +319,72 @@ impl Classifier {
                 "no data to train on, or a batch of 0".into(),
             ));
         }
+        let orders = epoch_orders(data.len(), params.epochs, seed);
+        let loss = match self.dense_widths() {
+            Some(widths) => {
+                crate::dense::Dense::new(&widths).train(&mut self.weights, data, params, &orders)
+            }
+            None => self.train_autograd(data, params, &orders).map_err(ml)?,
+        };
+        Ok(TrainReport {
+            loss,
+            samples: data.len(),
+        })
+    }
+
+    /// [`Classifier::train`] by candle's autograd (any architecture; the CNN's path).
+    fn train_autograd(
+        &mut self,
+        data: &Dataset,
+        params: &TrainParams,
+        orders: &[Vec<usize>],
+    ) -> candle_core::Result<f32> {
+        let layers = self.variables()?;
         // A copy, not `detach`: a detached tensor shares the variable's storage, which the
         // updates below overwrite in place.
-        let anchor = self
-            .layers
+        let anchor = layers
             .iter()
             .flat_map(|(w, b)| [w.as_tensor().copy(), b.as_tensor().copy()])
-            .collect::<candle_core::Result<Vec<Tensor>>>()
-            .map_err(ml)?;
+            .collect::<candle_core::Result<Vec<Tensor>>>()?;
         let mut velocity: Vec<Option<Tensor>> = vec![None; anchor.len()];
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut order: Vec<usize> = (0..data.len()).collect();
         let mut last_loss = 0.0;
-        for _ in 0..params.epochs.max(1) {
-            order.shuffle(&mut rng);
+        for order in orders {
             let (mut sum, mut batches) = (0.0f32, 0usize);
             for rows in order.chunks(params.batch) {
-                let mut step = || -> candle_core::Result<f32> {
-                    let (x, y) = self.tensors(data, rows)?;
-                    let logits = self.logits(&x)?;
-                    let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-                    let grads = loss.backward()?;
-                    let vars = self.layers.iter().flat_map(|(w, b)| [w, b]);
-                    for ((var, start), v) in vars.zip(&anchor).zip(&mut velocity) {
-                        let Some(g) = grads.get(var.as_tensor()) else {
-                            continue;
-                        };
-                        let mut g = g.clone();
-                        if params.prox > 0.0 {
-                            g = (g + ((var.as_tensor() - start)? * f64::from(params.prox))?)?;
-                        }
-                        if params.momentum > 0.0 {
-                            g = match v.take() {
-                                Some(prev) => ((prev * f64::from(params.momentum))? + g)?,
-                                None => g,
-                            };
-                            *v = Some(g.clone());
-                        }
-                        var.set(&(var.as_tensor() - (g * f64::from(params.lr))?)?)?;
+                let (x, y) = self.tensors(data, rows)?;
+                let logits = self.logits(&layers, &x)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+                let grads = loss.backward()?;
+                let vars = layers.iter().flat_map(|(w, b)| [w, b]);
+                for ((var, start), v) in vars.zip(&anchor).zip(&mut velocity) {
+                    let Some(g) = grads.get(var.as_tensor()) else {
+                        continue;
+                    };
+                    let mut g = g.clone();
+                    if params.prox > 0.0 {
+                        g = (g + ((var.as_tensor() - start)? * f64::from(params.prox))?)?;
                     }
-                    loss.to_scalar::<f32>()
-                };
-                sum += step().map_err(ml)?;
+                    if params.momentum > 0.0 {
+                        g = match v.take() {
+                            Some(prev) => ((prev * f64::from(params.momentum))? + g)?,
+                            None => g,
+                        };
+                        *v = Some(g.clone());
+                    }
+                    var.set(&(var.as_tensor() - (g * f64::from(params.lr))?)?)?;
+                }
+                sum += loss.to_scalar::<f32>()?;
                 batches += 1;
             }
             last_loss = sum / batches as f32;
         }
-        Ok(TrainReport {
-            loss: last_loss,
-            samples: data.len(),
-        })
+        let mut flat = Vec::with_capacity(self.weights.len());
+        for (w, b) in &layers {
+            flat.extend(w.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+            flat.extend(b.to_vec1::<f32>()?);
+        }
+        self.weights = flat;
+        Ok(last_loss)
     }
 
     /// Mean loss and accuracy on `data`.
@@ -371,10 +393,14 @@ impl Classifier {
         if data.is_empty() {
             return Err(MlError::Input("no data to evaluate on".into()));
         }
+        if let Some(widths) = self.dense_widths() {
+            return Ok(crate::dense::Dense::new(&widths).evaluate(&self.weights, data));
+        }
         let rows: Vec<usize> = (0..data.len()).collect();
         let run = || -> candle_core::Result<(f32, f32)> {
+            let layers = self.variables()?;
             let (x, y) = self.tensors(data, &rows)?;
-            let logits = self.logits(&x)?;
+            let logits = self.logits(&layers, &x)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
             let predicted = logits.argmax(D::Minus1)?;
             let right = predicted
@@ -386,6 +412,20 @@ impl Classifier {
         };
         run().map_err(ml)
     }
+}
+
+/// The order in which [`Classifier::train`] visits `rows` examples in each of `epochs`
+/// epochs (at least one) for `seed`; minibatches are consecutive runs of it. Public so that a
+/// comparison (the Flower benchmark) can train on exactly the same minibatches.
+pub fn epoch_orders(rows: usize, epochs: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..rows).collect();
+    (0..epochs.max(1))
+        .map(|_| {
+            order.shuffle(&mut rng);
+            order.clone()
+        })
+        .collect()
 }
 
 /// Splits `data` into train and test, keeping each class's share (`test` fraction of each
@@ -460,6 +500,86 @@ mod tests {
         );
         assert_eq!(weights.len(), arch.parameters());
         assert_eq!(run().2, weights, "deterministic for a seed");
+    }
+
+    #[test]
+    fn the_dense_pass_trains_as_candles_autograd_does() {
+        let data = crate::data::load_source("sklearn-digits:train:0/10").unwrap();
+        let test = crate::data::load_source("sklearn-digits:test").unwrap();
+        for (arch, momentum, prox) in [
+            (
+                Architecture::Mlp {
+                    layers: vec![64, 32, 10],
+                },
+                0.0,
+                0.0,
+            ),
+            (
+                Architecture::Mlp {
+                    layers: vec![64, 16, 12, 10],
+                },
+                0.9,
+                0.1,
+            ),
+            (
+                Architecture::Logistic {
+                    inputs: 64,
+                    classes: 10,
+                },
+                0.5,
+                0.0,
+            ),
+        ] {
+            let params = TrainParams {
+                epochs: 2,
+                batch: 32,
+                lr: 0.1,
+                momentum,
+                prox,
+            };
+            let mut dense = Classifier::new(arch.clone(), 4).unwrap();
+            let mut reference = Classifier::new(arch.clone(), 4).unwrap();
+            let loss = dense.train(&data, &params, 9).unwrap().loss;
+            let orders = epoch_orders(data.len(), params.epochs, 9);
+            let reference_loss = reference.train_autograd(&data, &params, &orders).unwrap();
+            assert!(
+                (loss - reference_loss).abs() < 1e-4,
+                "{loss} vs {reference_loss}"
+            );
+            let worst = dense
+                .weights
+                .iter()
+                .zip(&reference.weights)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "{arch:?}: weights differ by {worst}");
+            // Evaluation: the dense pass against candle's on the same weights.
+            let (loss, accuracy) = dense.evaluate(&test).unwrap();
+            let reference = {
+                let rows: Vec<usize> = (0..test.len()).collect();
+                let vars = dense.variables().unwrap();
+                let (x, y) = dense.tensors(&test, &rows).unwrap();
+                let logits = dense.logits(&vars, &x).unwrap();
+                let loss = candle_nn::loss::cross_entropy(&logits, &y)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let right = logits
+                    .argmax(D::Minus1)
+                    .unwrap()
+                    .eq(&y)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                (loss, right / test.len() as f32)
+            };
+            assert!((loss - reference.0).abs() < 1e-4, "{loss} vs {reference:?}");
+            assert_eq!(accuracy, reference.1);
+        }
     }
 
     #[test]

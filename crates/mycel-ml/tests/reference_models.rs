@@ -22,14 +22,13 @@ fn models_dir() -> Option<PathBuf> {
     if present {
         return Some(dir);
     }
-    assert!(
-        std::env::var("MYCEL_REQUIRE_MODELS").as_deref() != Ok("1"),
-        "reference models missing in {}: run `bash scripts/fetch-models.sh`",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: reference models not in {} (run `bash scripts/fetch-models.sh`)",
-        dir.display()
+    mycel_ml::fixtures::skip_unless_required(
+        "reference model tests",
+        "MYCEL_REQUIRE_MODELS",
+        &format!(
+            "reference models not in {} (run `bash scripts/fetch-models.sh`)",
+            dir.display()
+        ),
     );
     None
 }

@@ -2,9 +2,12 @@
 //! decisions into network actions.
 
 use std::collections::{HashMap, HashSet};
+use std::io;
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::core::transport::memory::MemoryTransportError;
+use libp2p::core::transport::TransportError;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -28,7 +31,7 @@ use crate::config::NetConfig;
 use crate::handle::{now_ms, Command, NetError, NetEvent, NetStatus};
 use crate::metrics::{NetMetrics, GOSSIP, IN, OUT, SYNC};
 use crate::protocol::{
-    DigestEntry, SyncRequest, SyncResponse, KAD_PROTOCOL, MAX_DIGEST_ENTRIES, MAX_ECHO_BYTES,
+    self, DigestEntry, SyncRequest, SyncResponse, KAD_PROTOCOL, MAX_DIGEST_ENTRIES, MAX_ECHO_BYTES,
     MAX_SYNC_STATEMENTS, STATEMENTS_TOPIC,
 };
 
@@ -719,9 +722,10 @@ impl EventLoop {
     /// The first walk seeds the routing table with every peer known by then (from identify
     /// and announcements) in one batch: Kademlia bootstraps by itself after insertions while
     /// its table holds fewer than 20 peers, and each bootstrap dials peers, so a table filled
-    /// one connection at a time during a join means a storm of lookups (shared/LIBP2P.md,
-    /// pitfall 4). Membership does not need the DHT, so the DHT joins after it, staggered by
-    /// the walk's jitter. Later walks look up a random key.
+    /// one connection at a time during a join means a storm of lookups (measured: with 200
+    /// nodes in one process the joins did not quiesce within 90 s). Membership does not need
+    /// the DHT, so the DHT joins after it, staggered by the walk's jitter. Later walks look up
+    /// a random key.
     fn random_walk(&mut self) {
         if !self.kad_seeded {
             self.seed_kad();
@@ -1242,16 +1246,16 @@ impl EventLoop {
                 None => {}
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
-                // A request that does not decode (or is too large) is the peer's fault.
+                // A request our codec refused (too large, or does not decode) is the peer's
+                // fault; a stream that failed or closed early is not necessarily.
                 if let request_response::InboundFailure::Io(e) = &error {
-                    debug!(%peer, "bad sync request: {e}");
-                    let reason = if e.to_string().contains("max") || e.to_string().contains("large")
-                    {
-                        Rejection::Oversized
-                    } else {
-                        Rejection::Malformed
-                    };
-                    self.reject(peer, reason);
+                    match protocol::rejection(e) {
+                        Some(reason) => {
+                            debug!(%peer, "bad sync request: {e}");
+                            self.reject(peer, reason);
+                        }
+                        None => debug!(%peer, "sync request failed: {e}"),
+                    }
                 }
             }
             request_response::Event::ResponseSent { .. } => {}
@@ -1301,11 +1305,38 @@ fn nobody_listens(error: &DialError) -> bool {
         return false;
     };
     !attempts.is_empty()
-        && attempts.iter().all(|(_, e)| {
-            // The io::Error sits several wrappers deep; its Debug form names the kind.
-            let text = format!("{e:?}");
-            text.contains("ConnectionRefused") || text.contains("Unreachable")
+        && attempts.iter().all(|(_, e)| match e {
+            TransportError::Other(e) => refused_outright(e),
+            TransportError::MultiaddrNotSupported(_) => false,
         })
+}
+
+/// The kinds of a dial's I/O error that say no process listens at the address.
+const REFUSED_KINDS: [io::ErrorKind; 3] = [
+    io::ErrorKind::ConnectionRefused,
+    io::ErrorKind::HostUnreachable,
+    io::ErrorKind::NetworkUnreachable,
+];
+
+/// Whether a transport's dial error is a refusal by the address itself: an I/O error of one of
+/// [`REFUSED_KINDS`], or the memory transport's [`MemoryTransportError::Unreachable`].
+///
+/// Both are typed values, but libp2p keeps them out of typed reach: the transports its
+/// `SwarmBuilder` composes wrap the dial's error in `either::Either`s, whose `Error::source`
+/// skips the error they hold (it returns that error's own source), and in libp2p-core's
+/// `UpgradeError`, which is not public, so the refusal can neither be reached through
+/// `source()` nor named for a downcast. Its Debug form shows it (`Os { kind:
+/// ConnectionRefused, .. }`, `Kind(ConnectionRefused)`, `Unreachable`), so that is searched for
+/// the Debug names of those typed values, never for a message's wording.
+fn refused_outright(error: &io::Error) -> bool {
+    if REFUSED_KINDS.contains(&error.kind()) {
+        return true;
+    }
+    let debug = format!("{error:?}");
+    REFUSED_KINDS
+        .iter()
+        .any(|kind| debug.contains(&format!("{kind:?}")))
+        || debug.contains(&format!("{:?}", MemoryTransportError::Unreachable))
 }
 
 /// TCP and memory addresses: a dial to a dead one fails at once (QUIC waits for a timeout),
@@ -1340,4 +1371,53 @@ fn jittered(base: Duration) -> Duration {
     }
     let offset = rand::thread_rng().gen_range(0..=2 * fifth);
     Duration::from_millis(base.as_millis() as u64 - fifth + offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::core::transport::timeout::TransportTimeoutError;
+
+    use super::*;
+
+    fn dial_error(errors: Vec<TransportError<io::Error>>) -> DialError {
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        DialError::Transport(errors.into_iter().map(|e| (addr.clone(), e)).collect())
+    }
+
+    /// Wrapped as the swarm's boxed transport wraps a dial's error.
+    fn boxed(kind: io::ErrorKind) -> TransportError<io::Error> {
+        let timeout = TransportTimeoutError::Other(io::Error::from(kind));
+        TransportError::Other(io::Error::other(timeout))
+    }
+
+    #[test]
+    fn only_refusals_by_every_address_prove_nobody_listens() {
+        use io::ErrorKind::*;
+        for kind in [ConnectionRefused, HostUnreachable, NetworkUnreachable] {
+            assert!(nobody_listens(&dial_error(vec![boxed(kind)])), "{kind:?}");
+            assert!(nobody_listens(&dial_error(vec![TransportError::Other(
+                kind.into()
+            )])));
+        }
+        let memory = io::Error::other(MemoryTransportError::Unreachable);
+        assert!(nobody_listens(&dial_error(vec![TransportError::Other(
+            memory
+        )])));
+        for kind in [ConnectionReset, TimedOut, PermissionDenied, Other] {
+            assert!(!nobody_listens(&dial_error(vec![boxed(kind)])), "{kind:?}");
+        }
+        let timeout = io::Error::other(TransportTimeoutError::<io::Error>::Timeout);
+        assert!(!nobody_listens(&dial_error(vec![TransportError::Other(
+            timeout
+        )])));
+        let unsupported = TransportError::MultiaddrNotSupported("/dns/x".parse().unwrap());
+        assert!(!nobody_listens(&dial_error(vec![unsupported])));
+        // One address refusing while another times out proves nothing.
+        assert!(!nobody_listens(&dial_error(vec![
+            boxed(ConnectionRefused),
+            boxed(TimedOut)
+        ])));
+        assert!(!nobody_listens(&dial_error(Vec::new())));
+        assert!(!nobody_listens(&DialError::Aborted));
+    }
 }

@@ -60,6 +60,14 @@ pub async fn read_frame<T: DeserializeOwned>(
     io: &mut (impl AsyncRead + Unpin),
     max_len: usize,
 ) -> Result<Option<T>, FrameError> {
+    Ok(read_frame_sized(io, max_len).await?.map(|(value, _)| value))
+}
+
+/// [`read_frame`], with the frame's length (without its 4-byte prefix).
+pub async fn read_frame_sized<T: DeserializeOwned>(
+    io: &mut (impl AsyncRead + Unpin),
+    max_len: usize,
+) -> Result<Option<(T, usize)>, FrameError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -79,7 +87,7 @@ pub async fn read_frame<T: DeserializeOwned>(
     let mut body = vec![0u8; len];
     io.read_exact(&mut body).await?;
     wire::decode(&body, max_len)
-        .map(Some)
+        .map(|value| Some((value, len)))
         .map_err(FrameError::Rejected)
 }
 

@@ -24,7 +24,9 @@ use mycel_core::statement::DatasetOffer;
 use mycel_core::wire::{self, Rejection};
 use mycel_core::Keypair;
 use mycel_ml::train::{Classifier, Dataset, TrainParams};
-use mycel_net::task::{read_frame, write_frame, FrameError, IncomingStreams, TRAIN_PROTOCOL};
+use mycel_net::task::{
+    read_frame, read_frame_sized, write_frame, FrameError, IncomingStreams, TRAIN_PROTOCOL,
+};
 use mycel_net::{NetHandle, PeerId};
 use mycel_store::Store;
 use rand::rngs::StdRng;
@@ -554,17 +556,17 @@ impl Training {
         }
         let mut stream = self.net.open_stream(peer, TRAIN_PROTOCOL).await?;
         write_frame(&mut stream, request).await?;
-        let reply: TrainReply = match read_frame(&mut stream, fl::MAX_UPDATE_BYTES).await {
-            Ok(Some(reply)) => reply,
-            Ok(None) => bail!("the participant closed the stream"),
-            Err(FrameError::Io(e)) => return Err(e.into()),
-            Err(FrameError::Rejected(reason)) => {
-                self.net.penalise(peer, reason).await;
-                return Err(anyhow::Error::new(reason).context("the participant's reply"));
-            }
-        };
-        let bytes = wire::encode(&reply).len() as u64 + 4;
-        Ok((reply, bytes))
+        let (reply, bytes): (TrainReply, usize) =
+            match read_frame_sized(&mut stream, fl::MAX_UPDATE_BYTES).await {
+                Ok(Some(reply)) => reply,
+                Ok(None) => bail!("the participant closed the stream"),
+                Err(FrameError::Io(e)) => return Err(e.into()),
+                Err(FrameError::Rejected(reason)) => {
+                    self.net.penalise(peer, reason).await;
+                    return Err(anyhow::Error::new(reason).context("the participant's reply"));
+                }
+            };
+        Ok((reply, bytes as u64 + 4))
     }
 
     /// Starts `spec` in the background (or resumes it, if it ran here before and did not
@@ -678,12 +680,15 @@ impl Training {
         let result = self.run_checked(&spec, &progress).await;
         if let Err(e) = &result {
             // Whatever stopped it, the job's record says so (the API and `mycel train` show
-            // it; running the job again resumes it).
-            let mut record = self
-                .job(id)
+            // it; running the job again resumes it): the last record stored, not what was in
+            // memory (a round that failed half-way is not recorded as done).
+            let stored = self
+                .store
+                .job(id.0)
                 .ok()
                 .flatten()
-                .unwrap_or_else(|| JobRecord::empty(id, spec.clone()));
+                .and_then(|bytes| wire::decode::<JobRecord>(&bytes, MAX_RECORD_BYTES).ok());
+            let mut record = stored.unwrap_or_else(|| JobRecord::empty(id, spec.clone()));
             record.state = JobState::Failed(format!("{e:#}"));
             if let Err(save) = self.save(&record).await {
                 warn!(job = %id, "cannot record the job's failure: {save:#}");
@@ -740,10 +745,16 @@ impl Training {
         let result = self.rounds(spec, &mut record, eval, progress).await;
         // The final model's blob is announced, so any node can fetch it by its id.
         self.blobs.announce().await;
-        if let Err(e) = &result {
-            record.state = JobState::Failed(format!("{e:#}"));
+        // Every completed round was stored with the job's state; a failure is recorded by
+        // `run_job` on the last stored round; what is left is a job that had no round left.
+        match &result {
+            Err(_) => {}
+            Ok(()) if record.state != JobState::Done => {
+                record.state = JobState::Done;
+                self.save(&record).await?;
+            }
+            Ok(()) => {}
         }
-        self.save(&record).await?;
         result.map(|()| record)
     }
 
@@ -772,6 +783,10 @@ impl Training {
             v: record.server_v.clone(),
         };
         let mut attempts = 0;
+        let mut persisting: Option<tokio::task::JoinHandle<anyhow::Result<JobRecord>>> = None;
+        // However the rounds end, the last round's storing is waited for (a failure recorded
+        // after it must not be overwritten by it).
+        let outcome = async {
         while record.round < spec.rounds {
             let started = Instant::now();
             let round = record.round + 1;
@@ -782,6 +797,7 @@ impl Training {
                 rtts,
                 samples,
             } = self.select(spec, record, seed).await?;
+            let selected_ms = started.elapsed().as_secs_f64() * 1000.0;
             let request = TrainRequest {
                 job: record.id,
                 round,
@@ -847,6 +863,13 @@ impl Training {
                 outcome.merge(part);
             }
             let asked_ms = started.elapsed().as_secs_f64() * 1000.0;
+            // The previous round, stored while this one trained, is reported now rather than
+            // when this one ends.
+            if persisting.as_ref().is_some_and(|p| p.is_finished()) {
+                if let Some(stored) = persisting.take() {
+                    self.reported(stored, record, progress).await?;
+                }
+            }
             for peer in &selected {
                 *record.asked.entry(peer.to_string()).or_insert(0) += 1;
             }
@@ -905,24 +928,13 @@ impl Training {
                     let (arch, weights, eval) =
                         (spec.model.clone(), record.weights.clone(), eval.clone());
                     tokio::task::spawn_blocking(move || -> anyhow::Result<(f32, f32)> {
-                        let mut model = Classifier::new(arch, 0)?;
-                        model.set_weights(&weights)?;
-                        Ok(model.evaluate(&eval)?)
+                        Ok(Classifier::from_weights(arch, &weights)?.evaluate(&eval)?)
                     })
                     .await??
                 }
                 None => (f32::NAN, f32::NAN),
             };
-            let evaluated_ms = started.elapsed().as_secs_f64() * 1000.0;
-            let model = self.store_model(&record.weights).await;
             let ms = started.elapsed().as_secs_f64() * 1000.0;
-            debug!(
-                round,
-                asked_ms,
-                evaluated_ms,
-                stored_ms = ms,
-                "round timing"
-            );
             record.metrics.push(RoundMetrics {
                 round,
                 asked: gathered.asked,
@@ -936,7 +948,7 @@ impl Training {
                 bytes_down: gathered.bytes_down,
                 bytes_root: root_bytes,
                 ms,
-                model,
+                model: None,
             });
             record.round = round;
             record.server_m = server.m.clone();
@@ -945,26 +957,78 @@ impl Training {
             if round == spec.rounds {
                 record.state = JobState::Done;
             }
-            self.save(record).await?;
-            // The latest model stays pinned; earlier rounds' models may be evicted.
-            let models: Vec<Option<ContentId>> = record
-                .metrics
-                .iter()
-                .rev()
-                .take(2)
-                .map(|m| m.model)
-                .collect();
-            if let [Some(now), Some(before)] = models[..] {
-                if now != before {
-                    let store = self.blobs.store().clone();
-                    let _ =
-                        tokio::task::spawn_blocking(move || store.set_pinned(&before, false)).await;
-                }
+            // Write-behind: the round is stored (its model as a blob, the record durably) while
+            // the next round trains. Rounds are stored in order, and a round is reported
+            // (progress, the API's view) only once it is on disk, so a restart still resumes
+            // from the last round reported.
+            if let Some(previous) = persisting.take() {
+                self.reported(previous, record, progress).await?;
             }
-            self.set_running(record);
-            progress(record);
+            persisting = Some(tokio::spawn(self.persist(record.clone())));
+            debug!(round, selected_ms, asked_ms, ms, "round done");
         }
+        anyhow::Ok(())
+        }
+        .await;
+        let stored = match persisting.take() {
+            Some(last) => self.reported(last, record, progress).await,
+            None => Ok(()),
+        };
+        outcome.and(stored)
+    }
+
+    /// Waits for a round's storing to finish, copies the model's id it learnt into `record`
+    /// and reports the stored round.
+    async fn reported(
+        &self,
+        persisting: tokio::task::JoinHandle<anyhow::Result<JobRecord>>,
+        record: &mut JobRecord,
+        progress: &impl Fn(&JobRecord),
+    ) -> anyhow::Result<()> {
+        let stored = persisting.await.context("storing a round")??;
+        if let Some(m) = stored.metrics.last() {
+            if let Some(mine) = record.metrics.iter_mut().find(|r| r.round == m.round) {
+                mine.model = m.model;
+            }
+        }
+        self.set_running(&stored);
+        progress(&stored);
         Ok(())
+    }
+
+    /// Stores a round: the global model as a blob (pinned after the last round; earlier
+    /// rounds' models may be evicted, the record keeps the latest weights), then the job's
+    /// record, durably. Returns the record as stored.
+    fn persist(
+        &self,
+        mut record: JobRecord,
+    ) -> impl std::future::Future<Output = anyhow::Result<JobRecord>> + Send + 'static {
+        let (store, blobs) = (self.store.clone(), self.blobs.store().clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let last = record.state == JobState::Done;
+                let model = match blobs.import(
+                    std::io::Cursor::new(fl::f32_to_le(&record.weights)),
+                    mycel_net::now_ms(),
+                    last,
+                ) {
+                    Ok(blob) => Some(blob.id),
+                    Err(e) => {
+                        warn!("cannot store the round's model as a blob: {e}");
+                        None
+                    }
+                };
+                if let Some(last) = record.metrics.last_mut() {
+                    last.model = model;
+                }
+                store
+                    .put_job(record.id.0, &wire::encode(&record))
+                    .context("recording the job's state")?;
+                Ok(record)
+            })
+            .await
+            .context("storing a round")?
+        }
     }
 
     /// The round's participants, their announced addresses and measured RTTs (ms).
@@ -1056,7 +1120,7 @@ impl Training {
 
     /// The peers that announce `spec`'s dataset, and whether the job's policy excludes them.
     async fn holders(&self, spec: &JobSpec) -> anyhow::Result<Vec<Holder>> {
-        let mut out = Vec::new();
+        let mut holders = Vec::new();
         for info in self.net.peers().await? {
             let Some(caps) = &info.capabilities else {
                 continue;
@@ -1067,10 +1131,26 @@ impl Training {
             let Ok(peer) = info.peer_id.parse::<PeerId>() else {
                 continue;
             };
+            let offer = offer.clone();
+            holders.push((info, peer, offer));
+        }
+        // Asked of the event loop all at once, not one peer after another.
+        let reputations = futures::future::join_all(
+            holders
+                .iter()
+                .map(|(_, peer, _)| self.net.reputation(*peer)),
+        )
+        .await;
+        let mut out = Vec::new();
+        for ((info, peer, offer), reputation) in holders.into_iter().zip(reputations) {
+            let caps = info
+                .capabilities
+                .as_ref()
+                .expect("kept above: it has capabilities");
             let candidate = Candidate {
                 peer,
                 samples: offer.samples,
-                reputation: self.net.reputation(peer).await.unwrap_or(0.0),
+                reputation: reputation.unwrap_or(0.0),
                 power: caps.power.clone(),
                 metered: caps.metered,
             };
@@ -1118,26 +1198,6 @@ impl Training {
         Payload::Dense(bytes)
             .decode(parameters)
             .map_err(|e| anyhow!("the initial weights {blob}: {e}"))
-    }
-
-    async fn store_model(&self, weights: &[f32]) -> Option<ContentId> {
-        let bytes = fl::f32_to_le(weights);
-        let store = self.blobs.store().clone();
-        let result = tokio::task::spawn_blocking(move || {
-            store.import(std::io::Cursor::new(bytes), mycel_net::now_ms(), true)
-        })
-        .await;
-        match result {
-            Ok(Ok(blob)) => Some(blob.id),
-            Ok(Err(e)) => {
-                warn!("cannot store the round's model as a blob: {e}");
-                None
-            }
-            Err(e) => {
-                warn!("cannot store the round's model as a blob: {e}");
-                None
-            }
-        }
     }
 
     fn set_running(&self, record: &JobRecord) {
@@ -1311,8 +1371,7 @@ fn local_update(
     data: &Dataset,
     seed: u64,
 ) -> anyhow::Result<(Vec<f32>, f32)> {
-    let mut classifier = Classifier::new(model.clone(), 0)?;
-    classifier.set_weights(global)?;
+    let mut classifier = Classifier::from_weights(model.clone(), global)?;
     let params = TrainParams {
         epochs: train.epochs as usize,
         batch: train.batch as usize,

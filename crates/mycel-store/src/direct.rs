@@ -22,7 +22,7 @@ const ALIGN: usize = 4096;
 /// Reserves `len` bytes of disk for `file` so that writes into it allocate nothing. A
 /// filesystem without preallocation leaves the file sparse; a disk without room for it is an
 /// error now rather than halfway through the fetch.
-pub(crate) fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
+pub fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     if len > 0 {
         let reserved = rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len);
@@ -39,7 +39,7 @@ pub(crate) fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
 
 /// A second handle on a partial file that writes past the page cache.
 #[derive(Debug)]
-pub(crate) struct DirectWriter {
+pub struct DirectWriter {
     file: Option<File>,
     /// Cleared at the first refused write: the filesystem does not do it after all.
     usable: AtomicBool,
@@ -47,7 +47,7 @@ pub(crate) struct DirectWriter {
 
 impl DirectWriter {
     /// Opens `path` for direct writes; a writer that never writes where that is refused.
-    pub(crate) fn open(path: &Path) -> Self {
+    pub fn open(path: &Path) -> Self {
         #[cfg(target_os = "linux")]
         let file = {
             use std::os::unix::fs::OpenOptionsExt;
@@ -70,7 +70,7 @@ impl DirectWriter {
 
     /// Writes `data` at `offset` past the page cache; `false`: not done (unaligned, or the
     /// direct write failed), write it the usual way.
-    pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> bool {
+    pub fn write_at(&self, data: &[u8], offset: u64) -> bool {
         use std::os::unix::fs::FileExt;
         let Some(file) = &self.file else {
             return false;

@@ -17,7 +17,7 @@ mod files;
 mod state;
 
 pub use blobs::{BlobError, BlobInfo, BlobStore, ChunkReader};
-pub use direct::ChunkBuf;
+pub use direct::{preallocate, ChunkBuf, DirectWriter};
 pub use files::{load_or_create_identity, load_or_create_token, prepare_data_dir};
 pub use state::{KnownPeer, Store};
 

@@ -2,7 +2,9 @@
 //! 127.0.0.1 compared with a plain TCP copy of the same bytes between two processes:
 //! - `import_mb_s`: hashing and storing a file (median of 3, fresh stores);
 //! - `tcp_mb_s`: a child process sends the file over one loopback TCP connection, this
-//!   process writes what arrives to a file and syncs it;
+//!   process writes what arrives to a file through the page cache and syncs it;
+//!   `tcp_direct_mb_s`: the same, written the way fetches write (256 KiB aligned chunks past
+//!   the page cache into a preallocated file); the fetch is compared against both;
 //! - `single_mb_s`: a fetcher node fetches the blob from one provider node;
 //! - `swarm_speedup`: providers limited to a third of that rate (`--upload-limit`): the
 //!   fetch from three of them against the fetch from one;
@@ -258,8 +260,18 @@ fn fetch(
     Ok((seconds, rss))
 }
 
+/// How the TCP baseline's receiver writes.
+#[derive(Clone, Copy, PartialEq)]
+enum Sink {
+    /// Through the page cache, synced at the end.
+    Cached,
+    /// As fetches write: 256 KiB chunks from aligned buffers past the page cache
+    /// (`O_DIRECT`) into a preallocated file, synced at the end.
+    Direct,
+}
+
 /// Copies `file` from a child process over loopback TCP into `out` (synced); seconds.
-fn tcp_copy(exe: &Path, file: &Path, out: &Path) -> anyhow::Result<f64> {
+fn tcp_copy(exe: &Path, file: &Path, out: &Path, write: Sink) -> anyhow::Result<f64> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let started = Instant::now();
@@ -270,13 +282,35 @@ fn tcp_copy(exe: &Path, file: &Path, out: &Path) -> anyhow::Result<f64> {
         .spawn()?;
     let (mut stream, _) = listener.accept()?;
     let mut sink = std::fs::File::create(out)?;
-    let mut buffer = vec![0u8; 256 * 1024];
-    loop {
-        let n = stream.read(&mut buffer)?;
-        if n == 0 {
-            break;
+    match write {
+        Sink::Cached => {
+            let mut buffer = vec![0u8; 256 * 1024];
+            loop {
+                let n = stream.read(&mut buffer)?;
+                if n == 0 {
+                    break;
+                }
+                sink.write_all(&buffer[..n])?;
+            }
         }
-        sink.write_all(&buffer[..n])?;
+        Sink::Direct => {
+            use std::os::unix::fs::FileExt;
+            let size = std::fs::metadata(file)?.len();
+            sink.set_len(size)?;
+            mycel_store::preallocate(&sink, size)?;
+            let direct = mycel_store::DirectWriter::open(out);
+            let mut chunk = mycel_store::ChunkBuf::new();
+            let mut offset = 0u64;
+            while offset < size {
+                let len = (size - offset).min(mycel_core::blob::CHUNK_BYTES) as usize;
+                let buffer = chunk.sized(len);
+                stream.read_exact(buffer)?;
+                if !direct.write_at(chunk.bytes(), offset) {
+                    sink.write_all_at(chunk.bytes(), offset)?;
+                }
+                offset += len as u64;
+            }
+        }
     }
     sink.sync_all()?;
     let seconds = started.elapsed().as_secs_f64();
@@ -343,28 +377,41 @@ fn run_blocking(args: BlobsBenchArgs) -> anyhow::Result<()> {
     let import_mb_s = median(imports.clone());
     eprintln!("import      {import_mb_s:.0} MB/s (runs {imports:.0?})");
 
-    // Plain TCP between two processes, and one provider, alternating.
+    // Plain TCP between two processes (written through the page cache, and written the way
+    // fetches write), and one provider, alternating.
     let mut tcp = Vec::new();
+    let mut tcp_direct = Vec::new();
     let mut single = Vec::new();
     let lone = Nodes(vec![provider(&exe, &dir.join("provider"), &file, None)?]);
     for round in 0..5 {
         let out = dir.join("tcp-out.bin");
-        warm_memory((3 * args.size).min(6 << 30));
-        let seconds = tcp_copy(&exe, &file, &out)?;
-        std::fs::remove_file(&out)?;
-        tcp.push(size_mb / seconds);
+        for (write, rates) in [(Sink::Cached, &mut tcp), (Sink::Direct, &mut tcp_direct)] {
+            warm_memory((3 * args.size).min(6 << 30));
+            let seconds = tcp_copy(&exe, &file, &out, write)?;
+            anyhow::ensure!(
+                std::fs::metadata(&out)?.len() == args.size,
+                "the TCP copy is short"
+            );
+            std::fs::remove_file(&out)?;
+            rates.push(size_mb / seconds);
+        }
         let fetcher_dir = dir.join(format!("fetcher-single-{round}"));
         warm_memory((3 * args.size).min(6 << 30));
         let (seconds, _) = fetch(&exe, &fetcher_dir, &[&lone.0[0]], &id)?;
         std::fs::remove_dir_all(&fetcher_dir)?;
         single.push(size_mb / seconds);
         eprintln!(
-            "round {round}: tcp {:.0} MB/s, one provider {:.0} MB/s",
-            tcp[round], single[round]
+            "round {round}: tcp {:.0} MB/s (page cache), {:.0} MB/s (direct), one provider \
+             {:.0} MB/s",
+            tcp[round], tcp_direct[round], single[round]
         );
     }
     drop(lone);
-    let (tcp_mb_s, single_mb_s) = (median(tcp.clone()), median(single.clone()));
+    let (tcp_mb_s, tcp_direct_mb_s, single_mb_s) = (
+        median(tcp.clone()),
+        median(tcp_direct.clone()),
+        median(single.clone()),
+    );
 
     // Providers limited to a third of the single rate: one, then three.
     let limit = (single_mb_s * 1e6 / 3.0) as u64;
@@ -419,18 +466,25 @@ fn run_blocking(args: BlobsBenchArgs) -> anyhow::Result<()> {
         "size_mib": args.size / MIB,
         "import_mb_s": import_mb_s,
         "tcp_mb_s": tcp_mb_s,
+        "tcp_direct_mb_s": tcp_direct_mb_s,
         "single_mb_s": single_mb_s,
         "single_vs_tcp": single_mb_s / tcp_mb_s,
+        "single_vs_tcp_direct": single_mb_s / tcp_direct_mb_s,
         "swarm_limit_mb_s": limit as f64 / 1e6,
         "swarm_one_s": one_s,
         "swarm_three_s": three_s,
         "swarm_speedup": swarm_speedup,
         "fetch_rss_mib": fetch_rss_mib,
         "rss_size_mib": args.rss_size / MIB,
-        "rounds": { "import_mb_s": imports, "tcp_mb_s": tcp, "single_mb_s": single },
+        "rounds": {
+            "import_mb_s": imports,
+            "tcp_mb_s": tcp,
+            "tcp_direct_mb_s": tcp_direct,
+            "single_mb_s": single,
+        },
     });
     if args.json {
-        println!("{result}");
+        super::emit_json(result);
     } else {
         eprintln!("{}", serde_json::to_string_pretty(&result)?);
     }

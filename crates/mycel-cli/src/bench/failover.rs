@@ -284,7 +284,7 @@ pub(crate) async fn run(args: FailoverBenchArgs) -> anyhow::Result<()> {
         result["after"]["p99_ms"].as_f64().unwrap_or(f64::NAN),
     );
     if args.json {
-        println!("{result}");
+        super::emit_json(result);
     }
     Ok(())
 }

@@ -1,7 +1,10 @@
 //! `mycel bench fl`: federated training of the scikit-learn digits across real nodes on
 //! loopback (one coordinator, N participants each holding a partition), per scenario: data
 //! split, aggregator, attack, compression and hierarchy. With `--flower PYTHON`, Flower's
-//! FedAvg simulation of the same setting runs first, on the same machine, for the ratio.
+//! FedAvg simulation of the IID MLP setting runs first, on the same machine, on the same
+//! work (Mycel's partitions, initial weights and minibatch orders, written to a plan for
+//! bench/flower_digits.py), warmed up, with one and with 0.2 CPUs per client; the faster is
+//! compared against the `iid-fedavg` scenario.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -146,6 +149,24 @@ pub(crate) async fn run(args: FlBenchArgs) -> anyhow::Result<()> {
         Some(python) => Some(run_flower(python, &args)?),
         None => None,
     };
+    if let Some(flower) = &flower {
+        eprintln!(
+            "Flower {} ({} CPUs per client, the faster of {}): {:.1} ms per round, job {:.2} s, \
+             start-up {:.2} s, final accuracy {:.4}",
+            flower.version,
+            flower.cpus_per_client,
+            flower
+                .runs
+                .iter()
+                .map(|r| format!("{} -> {:.1} ms", r["cpus_per_client"], r["ms_per_round"]))
+                .collect::<Vec<_>>()
+                .join(", "),
+            flower.ms_per_round,
+            flower.job_s,
+            flower.startup_s,
+            flower.final_acc
+        );
+    }
     let all = scenarios(args.participants);
     let chosen: Vec<&Scenario> = all
         .iter()
@@ -171,15 +192,24 @@ pub(crate) async fn run(args: FlBenchArgs) -> anyhow::Result<()> {
     );
     eprintln!(
         "{:<52} {:>6} {:>9} {:>8} {:>10} {:>10}",
-        "scenario", "acc", "ms/round", "total s", "bytes up", "bytes root"
+        "scenario", "acc", "ms/round", "job s", "bytes up", "bytes root"
     );
     for scenario in chosen {
         bar.set_message(scenario.name.clone());
-        let (record, total_s, startup_s) = run_scenario(scenario, &args).await?;
-        let rounds = record.metrics.len().max(1) as f64;
-        let mut per_round: Vec<f64> = record.metrics.iter().map(|m| m.ms).collect();
+        let run = run_scenario(scenario, &args).await?;
+        let record = &run.record;
+        anyhow::ensure!(
+            record.metrics.len() == args.rounds as usize,
+            "{}: {} of {} rounds ran",
+            scenario.name,
+            record.metrics.len(),
+            args.rounds
+        );
+        // Everything a round costs: wall time between the ends of consecutive rounds (after
+        // the round's record is on disk), the first from the job's start.
+        let mut per_round = run.round_ms.clone();
+        let ms_per_round = per_round.iter().sum::<f64>() / per_round.len().max(1) as f64;
         per_round.sort_by(f64::total_cmp);
-        let ms_per_round = per_round.iter().sum::<f64>() / rounds;
         let bytes_up: u64 = record.metrics.iter().map(|m| m.bytes_up).sum();
         let bytes_root: u64 = record.metrics.iter().map(|m| m.bytes_root).sum();
         let final_acc = record.metrics.last().map_or(f32::NAN, |m| m.accuracy);
@@ -198,27 +228,51 @@ pub(crate) async fn run(args: FlBenchArgs) -> anyhow::Result<()> {
             "centralised_acc": centralised,
             "ms_per_round": ms_per_round,
             "ms_per_round_p50": super::quantile(&per_round, 0.5),
-            "total_s": total_s,
-            "startup_s": startup_s,
+            "ms_in_round_record": record.metrics.iter().map(|m| m.ms).sum::<f64>() / record.metrics.len().max(1) as f64,
+            "job_s": run.job_s,
+            "startup_s": run.startup_s,
+            "total_s": run.startup_s + run.job_s,
             "bytes_up": bytes_up,
             "bytes_down": record.metrics.iter().map(|m| m.bytes_down).sum::<u64>(),
             "bytes_root": bytes_root,
             "dropped": record.metrics.iter().map(|m| m.dropped).sum::<u32>(),
         });
-        if let Some(flower) = &flower {
+        // Flower runs the IID FedAvg MLP setting only: the ratio belongs to that scenario.
+        if let Some(flower) = flower.as_ref().filter(|_| scenario.name == FLOWER_SCENARIO) {
+            let gap = (f64::from(final_acc) - flower.final_acc).abs();
+            line["flower"] = json!(flower.version);
+            line["flower_cpus_per_client"] = json!(flower.cpus_per_client);
+            line["flower_runs"] = json!(flower.runs);
             line["flower_ms_per_round"] = json!(flower.ms_per_round);
-            line["flower_total_s"] = json!(flower.total_s);
+            line["flower_job_s"] = json!(flower.job_s);
+            line["flower_startup_s"] = json!(flower.startup_s);
             line["flower_final_acc"] = json!(flower.final_acc);
+            line["accuracy_gap"] = json!(gap);
             line["round_speedup"] = json!(flower.ms_per_round / ms_per_round);
-            line["total_speedup"] = json!(flower.total_s / total_s);
+            line["job_speedup"] = json!(flower.job_s / run.job_s);
+            bar.suspend(|| {
+                eprintln!(
+                    "against Flower: {:.1}x per round, {:.1}x per job; accuracy {final_acc:.4} vs \
+                     {:.4}",
+                    flower.ms_per_round / ms_per_round,
+                    flower.job_s / run.job_s,
+                    flower.final_acc
+                );
+                if gap > 0.01 {
+                    eprintln!(
+                        "WARNING: the accuracies differ by {gap:.4} (> 0.01) on the same \
+                         initialisation and minibatches"
+                    );
+                }
+            });
         }
         bar.suspend(|| {
             eprintln!(
                 "{:<52} {:>6.4} {:>9.2} {:>8.2} {:>10} {:>10}",
-                scenario.name, final_acc, ms_per_round, total_s, bytes_up, bytes_root
+                scenario.name, final_acc, ms_per_round, run.job_s, bytes_up, bytes_root
             );
             if args.json {
-                println!("{line}");
+                super::emit_json(line);
             }
         });
         bar.inc(1);
@@ -227,12 +281,21 @@ pub(crate) async fn run(args: FlBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts a coordinator and the participants, runs the job; (record, whole time from the
-/// first node's start to the final model, start-up part), both in seconds.
-async fn run_scenario(
-    scenario: &Scenario,
-    args: &FlBenchArgs,
-) -> anyhow::Result<(JobRecord, f64, f64)> {
+/// One scenario's run.
+struct ScenarioRun {
+    record: JobRecord,
+    /// Starting the nodes until the coordinator sees every participant, s.
+    startup_s: f64,
+    /// From the job's start to its final model, recorded, s.
+    job_s: f64,
+    /// Each round's wall time, ms: between the ends of consecutive rounds (the first from the
+    /// job's start), so that selection, evaluation, storing the model and recording the round
+    /// all count.
+    round_ms: Vec<f64>,
+}
+
+/// Starts a coordinator and the participants, runs the job.
+async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result<ScenarioRun> {
     let started = Instant::now();
     let root = tempfile::tempdir()?;
     let config = |name: String| {
@@ -306,13 +369,7 @@ async fn run_scenario(
         initial: None,
         dataset: "digits".into(),
         rounds: args.rounds,
-        train: mycel_core::fl::LocalTraining {
-            epochs: 1,
-            batch: 32,
-            lr: 0.1,
-            momentum: 0.0,
-            prox: 0.0,
-        },
+        train: LOCAL,
         participants: mycel_core::fl::Participation {
             min: (n - attackers) as u32,
             ..Default::default()
@@ -326,13 +383,33 @@ async fn run_scenario(
         eval: Some("sklearn-digits:test".into()),
         seed: 0,
     };
-    let record = coordinator.training.run_job(spec, |_| {}).await?;
-    let total_s = started.elapsed().as_secs_f64();
+    let job_started = Instant::now();
+    let ends = std::sync::Mutex::new(Vec::new());
+    let record = coordinator
+        .training
+        .run_job(spec, |_| {
+            ends.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Instant::now())
+        })
+        .await?;
+    let job_s = job_started.elapsed().as_secs_f64();
+    let ends = ends.into_inner().unwrap_or_else(|e| e.into_inner());
+    let round_ms = std::iter::once(job_started)
+        .chain(ends.iter().copied())
+        .zip(&ends)
+        .map(|(from, to)| to.duration_since(from).as_secs_f64() * 1000.0)
+        .collect();
     for node in participants {
         node.shutdown().await;
     }
     coordinator.shutdown().await;
-    Ok((record, total_s, startup_s))
+    Ok(ScenarioRun {
+        record,
+        startup_s,
+        job_s,
+        round_ms,
+    })
 }
 
 /// The ceiling: the same MLP trained on the whole training split for `epochs` epochs.
@@ -348,8 +425,8 @@ fn centralised_accuracy(epochs: u32) -> anyhow::Result<f32> {
     )?;
     let params = TrainParams {
         epochs: epochs as usize,
-        batch: 32,
-        lr: 0.1,
+        batch: LOCAL.batch as usize,
+        lr: LOCAL.lr,
         momentum: 0.0,
         prox: 0.0,
     };
@@ -357,52 +434,140 @@ fn centralised_accuracy(epochs: u32) -> anyhow::Result<f32> {
     Ok(model.evaluate(&test)?.1)
 }
 
+/// Flower's side of the comparison: the faster of its runs.
 struct Flower {
+    version: String,
+    cpus_per_client: f64,
     ms_per_round: f64,
-    total_s: f64,
+    job_s: f64,
+    startup_s: f64,
     final_acc: f64,
+    /// Every run's JSON line.
+    runs: Vec<serde_json::Value>,
 }
 
-/// Runs Flower's simulation of the IID FedAvg setting and reads its JSON line.
-fn run_flower(python: &str, args: &FlBenchArgs) -> anyhow::Result<Flower> {
-    let spinner = ProgressBar::new_spinner();
-    spinner.set_message("running Flower's simulation of the same setting");
-    spinner.enable_steady_tick(Duration::from_millis(100));
-    let started = Instant::now();
-    let output = std::process::Command::new(python)
-        .arg(&args.flower_script)
-        .args(["--clients", &args.participants.to_string()])
-        .args(["--rounds", &args.rounds.to_string()])
-        .output()
-        .with_context(|| format!("running {python} {}", args.flower_script.display()))?;
-    let wall = started.elapsed().as_secs_f64();
-    spinner.finish_and_clear();
-    if !output.status.success() {
-        bail!(
-            "Flower's run failed (is flwr[simulation] installed for {python}?): {}",
-            String::from_utf8_lossy(&output.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
+/// The scenario Flower simulates.
+const FLOWER_SCENARIO: &str = "iid-fedavg";
+/// The layers of that scenario's MLP.
+const FLOWER_LAYERS: [usize; 3] = [64, 32, 10];
+/// Local training in every scenario.
+const LOCAL: mycel_core::fl::LocalTraining = mycel_core::fl::LocalTraining {
+    epochs: 1,
+    batch: 32,
+    lr: 0.1,
+    momentum: 0.0,
+    prox: 0.0,
+};
+/// Ray's CPUs per Flower client tried: one actor per core, and five actors per core.
+const FLOWER_CPUS_PER_CLIENT: [f64; 2] = [1.0, 0.2];
+
+/// What Flower must train so that both sides do the same work: Mycel's partitions of the
+/// training split, its test split, its initial weights (job seed 0) and, per round and client,
+/// the row order Mycel's participant holding that partition trains in.
+fn flower_plan(args: &FlBenchArgs) -> anyhow::Result<serde_json::Value> {
+    use mycel_core::fl::{participant_seed, round_seed};
+    use mycel_ml::data::load_source;
+    use mycel_ml::train::{epoch_orders, Classifier};
+    let n = args.participants;
+    let mut clients = Vec::with_capacity(n);
+    let mut seeds = Vec::with_capacity(n);
+    for k in 0..n {
+        let data = load_source(&format!("sklearn-digits:train:{k}/{n}"))?;
+        anyhow::ensure!(data.dim == FLOWER_LAYERS[0], "the digits have 64 features");
+        seeds.push((data.len(), data.digest()));
+        clients.push(json!({ "x": data.features, "y": data.labels }));
     }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .context("Flower's script printed no JSON line")?;
-    let flower = Flower {
-        ms_per_round: line["ms_per_round"].as_f64().context("ms_per_round")?,
-        total_s: wall,
-        final_acc: line["final_acc"].as_f64().unwrap_or(f64::NAN),
-    };
-    eprintln!(
-        "Flower {}: {:.1} ms per round, {:.2} s in all (the command, start-up included), final accuracy {:.4}",
-        line["flwr"].as_str().unwrap_or("?"),
-        flower.ms_per_round,
-        flower.total_s,
-        flower.final_acc
-    );
-    Ok(flower)
+    let orders: Vec<Vec<Vec<Vec<usize>>>> = (1..=args.rounds)
+        .map(|round| {
+            seeds
+                .iter()
+                .map(|(rows, digest)| {
+                    let seed = participant_seed(round_seed(0, round), digest);
+                    epoch_orders(*rows, LOCAL.epochs as usize, seed)
+                })
+                .collect()
+        })
+        .collect();
+    let test = load_source("sklearn-digits:test")?;
+    let initial = Classifier::new(
+        ModelSpec::Mlp {
+            layers: FLOWER_LAYERS.to_vec(),
+        },
+        0,
+    )?
+    .weights()?;
+    Ok(json!({
+        "layers": FLOWER_LAYERS,
+        "lr": LOCAL.lr,
+        "batch": LOCAL.batch,
+        "rounds": args.rounds,
+        "clients": clients,
+        "test": { "x": test.features, "y": test.labels },
+        "initial": initial,
+        "orders": orders,
+    }))
+}
+
+/// Runs Flower's simulation of the IID FedAvg setting on the same plan with each CPU share
+/// per client and keeps the faster (by time per round).
+fn run_flower(python: &str, args: &FlBenchArgs) -> anyhow::Result<Flower> {
+    let dir = tempfile::tempdir()?;
+    let plan = dir.path().join("plan.json");
+    std::fs::write(&plan, serde_json::to_vec(&flower_plan(args)?)?)?;
+    let mut runs = Vec::new();
+    for cpus in FLOWER_CPUS_PER_CLIENT {
+        let spinner = ProgressBar::new_spinner();
+        spinner.set_message(format!(
+            "running Flower's simulation of the same job ({cpus} CPUs per client)"
+        ));
+        spinner.enable_steady_tick(Duration::from_millis(100));
+        let output = std::process::Command::new(python)
+            .arg(&args.flower_script)
+            .arg("--plan")
+            .arg(&plan)
+            .args(["--cpus-per-client", &cpus.to_string()])
+            .output()
+            .with_context(|| format!("running {python} {}", args.flower_script.display()))?;
+        spinner.finish_and_clear();
+        // A side that failed gives no ratio.
+        if !output.status.success() {
+            bail!(
+                "Flower's run failed (is flwr[simulation] installed for {python}?): {}",
+                String::from_utf8_lossy(&output.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .context("Flower's script printed no JSON line")?;
+        for key in ["ms_per_round", "job_s", "startup_s", "final_acc"] {
+            anyhow::ensure!(
+                line[key].as_f64().is_some_and(f64::is_finite),
+                "Flower's run reported no {key}"
+            );
+        }
+        runs.push(line);
+    }
+    let best = runs
+        .iter()
+        .min_by(|a, b| {
+            let ms = |r: &serde_json::Value| r["ms_per_round"].as_f64().unwrap_or(f64::INFINITY);
+            ms(a).total_cmp(&ms(b))
+        })
+        .context("no Flower run")?;
+    let get = |key: &str| best[key].as_f64().unwrap_or(f64::NAN);
+    Ok(Flower {
+        version: best["flwr"].as_str().unwrap_or("?").to_owned(),
+        cpus_per_client: get("cpus_per_client"),
+        ms_per_round: get("ms_per_round"),
+        job_s: get("job_s"),
+        startup_s: get("startup_s"),
+        final_acc: get("final_acc"),
+        runs: runs.clone(),
+    })
 }

@@ -33,9 +33,14 @@ pub(crate) struct InferenceBenchArgs {
     /// hits both sides alike; medians over rounds are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// llama.cpp's `llama-bench`, to time it on the same GGUF in the same run.
+    /// llama.cpp's `llama-bench` in its default build (native CPU, OpenMP), to time it on the
+    /// same GGUF in the same run; the ratios are against it. `bash scripts/build-llama-bench.sh`
+    /// builds it with a record of its build (`llama-bench.build` beside it).
     #[arg(long)]
     llama_bench: Option<PathBuf>,
+    /// A portable build of llama-bench (no -march=native, no OpenMP), reported beside.
+    #[arg(long)]
+    llama_bench_portable: Option<PathBuf>,
     /// Single-sentence tasks timed for the routing overhead (locally and from a peer).
     #[arg(long, default_value_t = 300)]
     overhead_tasks: usize,
@@ -198,6 +203,10 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
             args.models.display()
         );
     }
+    // A comparison needs to know what it compares with: checked before anything runs.
+    for bin in args.llama_bench.iter().chain(&args.llama_bench_portable) {
+        llama_build(bin)?;
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let passes = args.passes.max(1);
     let texts = sentences(args.sentences.max(1));
@@ -251,6 +260,12 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
                 llama_bench(bin, &smollm, threads, prompt_tokens, decode_tokens, passes).await?,
             ),
         };
+        let portable = match &args.llama_bench_portable {
+            None => None,
+            Some(bin) => Some(
+                llama_bench(bin, &smollm, threads, prompt_tokens, decode_tokens, passes).await?,
+            ),
+        };
         rounds.push(json!({
             "embed_sent_per_s": embed_rate,
             "st_sent_per_s": st_rate,
@@ -258,6 +273,8 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
             "decode_tok_per_s": decode,
             "llama_prefill_tok_per_s": llama.map(|l| l.0),
             "llama_decode_tok_per_s": llama.map(|l| l.1),
+            "llama_portable_prefill_tok_per_s": portable.map(|l| l.0),
+            "llama_portable_decode_tok_per_s": portable.map(|l| l.1),
         }));
     }
     let over_rounds = |key: &str| -> Option<f64> {
@@ -313,6 +330,12 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
         "llama_decode_tok_per_s": over_rounds("llama_decode_tok_per_s"),
         "prefill_vs_llama": ratio("prefill_tok_per_s", "llama_prefill_tok_per_s"),
         "decode_vs_llama": ratio("decode_tok_per_s", "llama_decode_tok_per_s"),
+        "llama_build": args.llama_bench.as_deref().map(llama_build).transpose()?,
+        "llama_portable_prefill_tok_per_s": over_rounds("llama_portable_prefill_tok_per_s"),
+        "llama_portable_decode_tok_per_s": over_rounds("llama_portable_decode_tok_per_s"),
+        "prefill_vs_llama_portable": ratio("prefill_tok_per_s", "llama_portable_prefill_tok_per_s"),
+        "decode_vs_llama_portable": ratio("decode_tok_per_s", "llama_portable_decode_tok_per_s"),
+        "llama_portable_build": args.llama_bench_portable.as_deref().map(llama_build).transpose()?,
         "engines": engines,
         "q4_simd": mycel_ml::qmatmul::simd_available(),
         "task_local_p50_ms": local_ms,
@@ -339,7 +362,7 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
         remote_ms - local_ms
     );
     if args.json {
-        println!("{result}");
+        super::emit_json(result);
     }
     Ok(())
 }
@@ -407,6 +430,21 @@ async fn sentence_transformers(
     value["sent_per_s"]
         .as_f64()
         .context("sentence-transformers printed no rate")
+}
+
+/// How a llama-bench binary was built: the `llama-bench.build` record beside it
+/// (`scripts/build-llama-bench.sh` writes it). A comparison with an unknown build is refused.
+fn llama_build(bin: &std::path::Path) -> anyhow::Result<String> {
+    let record = bin.with_file_name("llama-bench.build");
+    let text = std::fs::read_to_string(&record).with_context(|| {
+        format!(
+            "{} has no build record ({}): build it with `bash scripts/build-llama-bench.sh`, \
+             or write there the commands that built it",
+            bin.display(),
+            record.display()
+        )
+    })?;
+    Ok(text.trim().replace('\n', "; "))
 }
 
 /// llama.cpp's prompt processing and decoding rates on the same GGUF and thread count.

@@ -31,6 +31,9 @@ pub(crate) enum BenchCommand {
 }
 
 pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    if !matches!(command, BenchCommand::TcpSend(_)) {
+        eprintln!("reproduce with: {}", command_line());
+    }
     match command {
         BenchCommand::Net(args) => net::run(args).await,
         BenchCommand::Inference(args) => inference::run(args).await,
@@ -39,6 +42,32 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Fl(args) => fl::run(args).await,
         BenchCommand::TcpSend(args) => blobs::tcp_send(args),
     }
+}
+
+/// This process's command line, each argument quoted where a shell would need it: what
+/// reproduces the benchmark.
+pub(crate) fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            let plain = !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c));
+            if plain {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Prints one JSON result line on stdout, with the command that reproduces it.
+pub(crate) fn emit_json(mut line: serde_json::Value) {
+    if let Some(object) = line.as_object_mut() {
+        object.insert("command".into(), command_line().into());
+    }
+    println!("{line}");
 }
 
 /// Resident set size of this process in KiB.

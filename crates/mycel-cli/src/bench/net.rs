@@ -56,9 +56,17 @@ pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
         "rss_kib",
         "idle_cpu"
     );
+    let mut unconverged = Vec::new();
     for &n in &args.nodes {
         anyhow::ensure!(n >= 3, "each network needs at least 3 nodes");
         let result = bench_one(n, &args).await?;
+        if result["converged"] == false {
+            if args.json {
+                super::emit_json(result);
+            }
+            unconverged.push(n);
+            continue;
+        }
         eprintln!(
             "{:>5} {:>9} {:>11} {:>10.1} {:>10.1} {:>9.0} {:>9.0} {:>11} {:>9} {:>7.1}%",
             n,
@@ -73,8 +81,11 @@ pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
             result["idle_cpu_pct"].as_f64().unwrap_or(f64::NAN),
         );
         if args.json {
-            println!("{result}");
+            super::emit_json(result);
         }
+    }
+    if !unconverged.is_empty() {
+        bail!("networks of {unconverged:?} nodes did not converge (stranded nodes above)");
     }
     Ok(())
 }
@@ -153,7 +164,7 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
             break started.elapsed().as_millis() as u64;
         }
         if Instant::now() > deadline {
-            bail!("{n} nodes did not converge within 120 s");
+            return not_converged(n, nodes, transport).await;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
@@ -291,6 +302,7 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
     Ok(json!({
         "nodes": n,
         "transport": match transport { TransportKind::Memory => "memory", TransportKind::TcpQuic => "tcp" },
+        "converged": true,
         "startup_ms": startup_ms,
         "converge_ms": converge_ms,
         "gossip_p50_ms": quantile(&gossip_ms, 0.5),
@@ -303,6 +315,54 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
         "idle_cpu_pct": idle_cpu_pct,
         "conns_per_node_at_converge": conns_at_converge,
         "conns_per_node_after_idle": conns_after_idle,
+    }))
+}
+
+/// The report of a network that did not converge in 120 s: which nodes were stranded (saw
+/// fewer than all others), with their connections, instead of only an error.
+async fn not_converged(
+    n: usize,
+    nodes: Vec<Node>,
+    transport: TransportKind,
+) -> anyhow::Result<serde_json::Value> {
+    let mut stranded = Vec::new();
+    let mut seen = Vec::with_capacity(n);
+    for (i, node) in nodes.iter().enumerate() {
+        let status = node.net.status().await?;
+        seen.push(status.alive_with_capabilities as f64);
+        if status.alive_with_capabilities < n - 1 {
+            stranded.push(json!({
+                "node": i,
+                "peer": node.net.peer_id().to_string(),
+                "sees": status.alive_with_capabilities,
+                "connections": status.connections,
+                "dial_failures": status.dial_failures,
+            }));
+        }
+    }
+    let conns = mean_connections(&nodes).await?;
+    seen.sort_by(f64::total_cmp);
+    eprintln!(
+        "{n} nodes did not converge within 120 s: {} stranded (each node sees min {} / median {} \
+         of {} others; mean connections {:.1})",
+        stranded.len(),
+        seen[0],
+        quantile(&seen, 0.5),
+        n - 1,
+        conns.0
+    );
+    for s in &stranded {
+        eprintln!("  stranded: {s}");
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+    Ok(json!({
+        "nodes": n,
+        "transport": match transport { TransportKind::Memory => "memory", TransportKind::TcpQuic => "tcp" },
+        "converged": false,
+        "stranded": stranded,
+        "conns_per_node_at_deadline": conns,
     }))
 }
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's llama-bench twice, for `mycel bench inference --llama-bench ...
+# --llama-bench-portable ...`:
+#   .cache/llama.cpp/default/bin/llama-bench   llama.cpp's default build, as its users build
+#                                             it: native CPU (GGML_NATIVE, the default) and
+#                                             OpenMP (the default);
+#   .cache/llama.cpp/portable/bin/llama-bench  a portable x86-64 build (AVX2/FMA/F16C chosen
+#                                             at build time, no -march=native, no OpenMP),
+#                                             like our own portable binary.
+# The source is the llama.cpp vendored in the llama-cpp-python sdist on PyPI (the only
+# registry this machine reaches). Beside each binary, llama-bench.build records the exact
+# source and commands; the benchmark reports it. About 10-20 minutes per build on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+ROOT="$PWD/.cache/llama.cpp"
+mkdir -p "$ROOT"
+if [ ! -d "$ROOT/src/llama_cpp_python-$VERSION" ]; then
+  echo "fetching the llama-cpp-python $VERSION sdist from PyPI" >&2
+  python3 -m pip download --quiet --no-deps --no-binary :all: -d "$ROOT/src" \
+    "llama-cpp-python==$VERSION"
+  tar xzf "$ROOT/src/llama_cpp_python-$VERSION.tar.gz" -C "$ROOT/src"
+fi
+SRC="$ROOT/src/llama_cpp_python-$VERSION/vendor/llama.cpp"
+command -v cmake >/dev/null || python3 -m pip install --quiet cmake
+if ! echo 'int main(void){return 0;}' | gcc -fopenmp -x c - -o /dev/null 2>/dev/null; then
+  echo "gcc cannot link OpenMP; installing libgomp (Debian)" >&2
+  apt-get install -y -qq libgomp1 >/dev/null
+fi
+
+COMMON=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF)
+build() {
+  local name="$1"
+  shift
+  local out="$ROOT/$name"
+  if [ -x "$out/bin/llama-bench" ] && [ -f "$out/bin/llama-bench.build" ]; then
+    echo "$name: already built ($out/bin/llama-bench)" >&2
+    return
+  fi
+  echo "building llama-bench ($name) into $out" >&2
+  cmake -S "$SRC" -B "$out" "${COMMON[@]}" "$@" >"$out.log" 2>&1 ||
+    { tail -20 "$out.log"; exit 1; }
+  cmake --build "$out" --target llama-bench -j"$(nproc)" >>"$out.log" 2>&1 ||
+    { tail -20 "$out.log"; exit 1; }
+  {
+    echo "source: llama.cpp vendored in llama-cpp-python $VERSION (PyPI sdist)"
+    echo "configure: cmake -S <llama.cpp> -B <build> ${COMMON[*]} $*"
+    echo "build: cmake --build <build> --target llama-bench -j$(nproc)"
+  } >"$out/bin/llama-bench.build"
+  echo "$name: $out/bin/llama-bench" >&2
+}
+# llama.cpp's defaults: GGML_NATIVE=ON, GGML_OPENMP=ON.
+build default
+build portable -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF
