@@ -199,34 +199,16 @@ impl<'a> Dense<'a> {
         orders: &[Vec<usize>],
     ) -> f32 {
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked just above).
-                return unsafe { self.train_avx512(weights, data, params, orders) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2 (checked just above).
-                return unsafe { self.train_avx2(weights, data, params, orders) };
-            }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { self.train_avx2(weights, data, params, orders) };
         }
         self.train_any(weights, data, params, orders)
     }
 
-    /// [`Dense::train`] compiled for AVX-512. The same operations in the same order as every
-    /// other path (element-wise products and sums, no fused multiply-add), so the same bits.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn train_avx512(
-        &self,
-        weights: &mut [f32],
-        data: &Dataset,
-        params: &TrainParams,
-        orders: &[Vec<usize>],
-    ) -> f32 {
-        self.train_any(weights, data, params, orders)
-    }
-
-    /// [`Dense::train`] compiled for AVX2 (the same bits as every other path).
+    /// [`Dense::train`] compiled for AVX2: the same operations in the same order as the
+    /// portable path (element-wise products and sums, no fused multiply-add), so the same
+    /// bits; [`LANES`] fills one 256-bit register.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn train_avx2(
