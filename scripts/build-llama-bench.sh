@@ -17,7 +17,7 @@ ROOT="$PWD/.cache/llama.cpp"
 mkdir -p "$ROOT"
 if [ ! -d "$ROOT/src/llama_cpp_python-$VERSION" ]; then
   echo "fetching the llama-cpp-python $VERSION sdist from PyPI" >&2
-  python3 -m pip download --quiet --no-deps --no-binary :all: -d "$ROOT/src" \
+  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python -d "$ROOT/src" \
     "llama-cpp-python==$VERSION"
   tar xzf "$ROOT/src/llama_cpp_python-$VERSION.tar.gz" -C "$ROOT/src"
 fi
