@@ -318,8 +318,9 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
     }))
 }
 
-/// The report of a network that did not converge in 120 s: which nodes were stranded (saw
-/// fewer than all others), with their connections, instead of only an error.
+/// The report of a network that did not converge in 120 s, instead of only an error: how many
+/// nodes were stranded (no connection at all), and every node that saw fewer than all the
+/// others, with its connections and dial failures.
 async fn not_converged(
     n: usize,
     nodes: Vec<Node>,
@@ -342,16 +343,19 @@ async fn not_converged(
     }
     let conns = mean_connections(&nodes).await?;
     seen.sort_by(f64::total_cmp);
+    // Stranded: no connection at all. The others listed merely do not see those yet.
+    let isolated = stranded.iter().filter(|s| s["connections"] == 0).count();
     eprintln!(
-        "{n} nodes did not converge within 120 s: {} stranded (each node sees min {} / median {} \
-         of {} others; mean connections {:.1})",
-        stranded.len(),
+        "{n} nodes did not converge within 120 s: {isolated} stranded with no connection, {} \
+         not seeing every other (each node sees min {} / median {} of {} others; mean \
+         connections {:.1})",
+        stranded.len() - isolated,
         seen[0],
         quantile(&seen, 0.5),
         n - 1,
         conns.0
     );
-    for s in &stranded {
+    for s in stranded.iter().filter(|s| s["connections"] == 0) {
         eprintln!("  stranded: {s}");
     }
     for node in nodes {
@@ -361,7 +365,8 @@ async fn not_converged(
         "nodes": n,
         "transport": match transport { TransportKind::Memory => "memory", TransportKind::TcpQuic => "tcp" },
         "converged": false,
-        "stranded": stranded,
+        "stranded": isolated,
+        "incomplete": stranded,
         "conns_per_node_at_deadline": conns,
     }))
 }
