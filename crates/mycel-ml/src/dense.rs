@@ -158,16 +158,11 @@ impl<'a> Dense<'a> {
                     acc[..lanes].copy_from_slice(&gw[start..start + lanes]);
                     for row in 0..rows {
                         let g = grad[row * fan_out + o];
-                        let x = &input[row * fan_in + start..row * fan_in + start + lanes];
-                        if let Ok(x) = <&[f32; LANES]>::try_from(x) {
-                            for k in 0..LANES {
-                                acc[k] += g * x[k];
-                            }
-                        } else {
-                            for k in 0..lanes {
-                                acc[k] += g * x[k];
-                            }
-                        }
+                        add_scaled(
+                            &mut acc,
+                            g,
+                            &input[row * fan_in + start..row * fan_in + start + lanes],
+                        );
                     }
                     gw[start..start + lanes].copy_from_slice(&acc[..lanes]);
                 }
@@ -317,6 +312,21 @@ impl<'a> Dense<'a> {
 /// Outputs computed together, held in registers (a 256-bit vector of f32).
 const LANES: usize = 8;
 
+/// `acc[k] += a * x[k]` for the first `x.len()` (at most [`LANES`]) lanes; a whole row of
+/// lanes as one fixed-size loop, which the compiler turns into vector instructions.
+#[inline(always)]
+fn add_scaled(acc: &mut [f32; LANES], a: f32, x: &[f32]) {
+    if let Ok(x) = <&[f32; LANES]>::try_from(x) {
+        for k in 0..LANES {
+            acc[k] += a * x[k];
+        }
+    } else {
+        for (acc, x) in acc.iter_mut().zip(x) {
+            *acc += a * x;
+        }
+    }
+}
+
 /// `n` rounded up to whole lanes.
 fn padded(n: usize) -> usize {
     n.div_ceil(LANES) * LANES
@@ -370,16 +380,11 @@ fn input_grad(
         let lanes = LANES.min(fan_in - start);
         let mut acc = [0.0f32; LANES];
         for (o, &g) in g.iter().enumerate() {
-            let row_w = &w[o * fan_in + start..o * fan_in + start + lanes];
-            if let Ok(row_w) = <&[f32; LANES]>::try_from(row_w) {
-                for k in 0..LANES {
-                    acc[k] += g * row_w[k];
-                }
-            } else {
-                for k in 0..lanes {
-                    acc[k] += g * row_w[k];
-                }
-            }
+            add_scaled(
+                &mut acc,
+                g,
+                &w[o * fan_in + start..o * fan_in + start + lanes],
+            );
         }
         let at = row * fan_in + start;
         for k in 0..lanes {

@@ -643,6 +643,11 @@ impl Training {
         {
             return Ok(Some(record.clone()));
         }
+        self.stored(id)
+    }
+
+    /// A job's state as last stored on disk.
+    fn stored(&self, id: JobId) -> anyhow::Result<Option<JobRecord>> {
         self.store
             .job(id.0)?
             .map(|bytes| {
@@ -682,13 +687,11 @@ impl Training {
             // Whatever stopped it, the job's record says so (the API and `mycel train` show
             // it; running the job again resumes it): the last record stored, not what was in
             // memory (a round that failed half-way is not recorded as done).
-            let stored = self
-                .store
-                .job(id.0)
+            let mut record = self
+                .stored(id)
                 .ok()
                 .flatten()
-                .and_then(|bytes| wire::decode::<JobRecord>(&bytes, MAX_RECORD_BYTES).ok());
-            let mut record = stored.unwrap_or_else(|| JobRecord::empty(id, spec.clone()));
+                .unwrap_or_else(|| JobRecord::empty(id, spec.clone()));
             record.state = JobState::Failed(format!("{e:#}"));
             if let Err(save) = self.save(&record).await {
                 warn!(job = %id, "cannot record the job's failure: {save:#}");
@@ -964,7 +967,7 @@ impl Training {
             if let Some(previous) = persisting.take() {
                 self.reported(previous, record, progress).await?;
             }
-            persisting = Some(tokio::spawn(self.persist(record.clone())));
+            persisting = Some(self.persist(record.clone()));
             debug!(round, selected_ms, asked_ms, ms, "round done");
         }
         anyhow::Ok(())
@@ -999,36 +1002,29 @@ impl Training {
     /// Stores a round: the global model as a blob (pinned after the last round; earlier
     /// rounds' models may be evicted, the record keeps the latest weights), then the job's
     /// record, durably. Returns the record as stored.
-    fn persist(
-        &self,
-        mut record: JobRecord,
-    ) -> impl std::future::Future<Output = anyhow::Result<JobRecord>> + Send + 'static {
+    fn persist(&self, mut record: JobRecord) -> tokio::task::JoinHandle<anyhow::Result<JobRecord>> {
         let (store, blobs) = (self.store.clone(), self.blobs.store().clone());
-        async move {
-            tokio::task::spawn_blocking(move || {
-                let last = record.state == JobState::Done;
-                let model = match blobs.import(
-                    std::io::Cursor::new(fl::f32_to_le(&record.weights)),
-                    mycel_net::now_ms(),
-                    last,
-                ) {
-                    Ok(blob) => Some(blob.id),
-                    Err(e) => {
-                        warn!("cannot store the round's model as a blob: {e}");
-                        None
-                    }
-                };
-                if let Some(last) = record.metrics.last_mut() {
-                    last.model = model;
+        tokio::task::spawn_blocking(move || {
+            let last = record.state == JobState::Done;
+            let model = match blobs.import(
+                std::io::Cursor::new(fl::f32_to_le(&record.weights)),
+                mycel_net::now_ms(),
+                last,
+            ) {
+                Ok(blob) => Some(blob.id),
+                Err(e) => {
+                    warn!("cannot store the round's model as a blob: {e}");
+                    None
                 }
-                store
-                    .put_job(record.id.0, &wire::encode(&record))
-                    .context("recording the job's state")?;
-                Ok(record)
-            })
-            .await
-            .context("storing a round")?
-        }
+            };
+            if let Some(last) = record.metrics.last_mut() {
+                last.model = model;
+            }
+            store
+                .put_job(record.id.0, &wire::encode(&record))
+                .context("recording the job's state")?;
+            Ok(record)
+        })
     }
 
     /// The round's participants, their announced addresses and measured RTTs (ms).
@@ -1120,7 +1116,7 @@ impl Training {
 
     /// The peers that announce `spec`'s dataset, and whether the job's policy excludes them.
     async fn holders(&self, spec: &JobSpec) -> anyhow::Result<Vec<Holder>> {
-        let mut holders = Vec::new();
+        let mut found = Vec::new();
         for info in self.net.peers().await? {
             let Some(caps) = &info.capabilities else {
                 continue;
@@ -1131,39 +1127,35 @@ impl Training {
             let Ok(peer) = info.peer_id.parse::<PeerId>() else {
                 continue;
             };
-            let offer = offer.clone();
-            holders.push((info, peer, offer));
-        }
-        // Asked of the event loop all at once, not one peer after another.
-        let reputations = futures::future::join_all(
-            holders
-                .iter()
-                .map(|(_, peer, _)| self.net.reputation(*peer)),
-        )
-        .await;
-        let mut out = Vec::new();
-        for ((info, peer, offer), reputation) in holders.into_iter().zip(reputations) {
-            let caps = info
-                .capabilities
-                .as_ref()
-                .expect("kept above: it has capabilities");
             let candidate = Candidate {
                 peer,
                 samples: offer.samples,
-                reputation: reputation.unwrap_or(0.0),
+                reputation: 0.0,
                 power: caps.power.clone(),
                 metered: caps.metered,
             };
-            out.push(Holder {
+            let holder = Holder {
                 peer,
                 samples: offer.samples,
                 alive: info.state == mycel_core::membership::PeerState::Alive,
                 addrs: info.addrs.clone(),
                 rtt_ms: info.rtt_us.map(|us| us as f64 / 1000.0),
-                exclusion: fl::eligibility(&candidate, spec).err(),
-            });
+                exclusion: None,
+            };
+            found.push((candidate, holder));
         }
-        Ok(out)
+        // Asked of the event loop all at once, not one peer after another.
+        let reputations =
+            futures::future::join_all(found.iter().map(|(c, _)| self.net.reputation(c.peer))).await;
+        Ok(found
+            .into_iter()
+            .zip(reputations)
+            .map(|((mut candidate, mut holder), reputation)| {
+                candidate.reputation = reputation.unwrap_or(0.0);
+                holder.exclusion = fl::eligibility(&candidate, spec).err();
+                holder
+            })
+            .collect())
     }
 
     /// Fetches (from the network if need be) and checks a job's initial weights.

@@ -301,7 +301,7 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
     }
     Ok(json!({
         "nodes": n,
-        "transport": match transport { TransportKind::Memory => "memory", TransportKind::TcpQuic => "tcp" },
+        "transport": transport_name(transport),
         "converged": true,
         "startup_ms": startup_ms,
         "converge_ms": converge_ms,
@@ -316,6 +316,14 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
         "conns_per_node_at_converge": conns_at_converge,
         "conns_per_node_after_idle": conns_after_idle,
     }))
+}
+
+/// How a network's transport is named in the report.
+fn transport_name(transport: TransportKind) -> &'static str {
+    match transport {
+        TransportKind::Memory => "memory",
+        TransportKind::TcpQuic => "tcp",
+    }
 }
 
 /// The report of a network that did not converge in 120 s, instead of only an error: how many
@@ -363,7 +371,7 @@ async fn not_converged(
     }
     Ok(json!({
         "nodes": n,
-        "transport": match transport { TransportKind::Memory => "memory", TransportKind::TcpQuic => "tcp" },
+        "transport": transport_name(transport),
         "converged": false,
         "stranded": isolated,
         "incomplete": stranded,
