@@ -158,6 +158,10 @@ pub struct NetConfig {
     pub timing: Timing,
     /// Limits.
     pub limits: Limits,
+    /// Stream protocols accepted from the first connection on, before anything is announced:
+    /// a peer that hears of this node must not find them unsupported while the node starts.
+    /// [`crate::NetHandle::accept_streams`] hands each out once.
+    pub accept: Vec<libp2p::StreamProtocol>,
 }
 
 impl NetConfig {
@@ -186,6 +190,7 @@ impl NetConfig {
             capabilities: Capabilities::default(),
             timing: Timing::default(),
             limits: Limits::default(),
+            accept: Vec::new(),
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The handle the rest of the node uses to talk to the network task.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -127,6 +129,18 @@ pub struct NetHandle {
     listen_addrs: Vec<Multiaddr>,
     metrics: NetMetrics,
     streams: Streams,
+    /// Acceptors registered at start ([`NetConfig::accept`]), not yet handed out.
+    accepted: Accepted,
+}
+
+/// Acceptors registered at start, by protocol.
+#[derive(Clone, Default)]
+struct Accepted(Arc<Mutex<HashMap<StreamProtocol, IncomingStreams>>>);
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Accepted")
+    }
 }
 
 /// Opens and accepts raw protocol streams without going through the event loop.
@@ -154,6 +168,17 @@ pub async fn spawn(
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>, JoinHandle<()>), NetError> {
     let metrics = NetMetrics::register(registry);
     let mut swarm = build_swarm(&config, registry).map_err(|e| NetError::Build(e.to_string()))?;
+    // Before the first listen or dial, so no peer ever finds these protocols unsupported.
+    let mut accepted = HashMap::new();
+    for protocol in &config.accept {
+        let incoming = swarm
+            .behaviour()
+            .streams
+            .new_control()
+            .accept(protocol.clone())
+            .map_err(|_| NetError::Other(format!("{protocol} is listed twice in `accept`")))?;
+        accepted.insert(protocol.clone(), incoming);
+    }
     let libp2p_metrics = config
         .libp2p_metrics
         .then(|| libp2p::metrics::Metrics::new(registry));
@@ -215,6 +240,7 @@ pub async fn spawn(
         listen_addrs: listen_addrs.clone(),
         metrics: metrics.clone(),
         streams: Streams(swarm.behaviour().streams.new_control()),
+        accepted: Accepted(Arc::new(Mutex::new(accepted))),
     };
     let event_loop = EventLoop::new(
         swarm,
@@ -357,6 +383,15 @@ impl NetHandle {
 
     /// Streams of `protocol` opened by peers. Only one part of the node may accept them.
     pub fn accept_streams(&self, protocol: StreamProtocol) -> Result<IncomingStreams, NetError> {
+        let registered = self
+            .accepted
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&protocol);
+        if let Some(incoming) = registered {
+            return Ok(incoming);
+        }
         let mut control = self.streams.0.clone();
         control
             .accept(protocol.clone())

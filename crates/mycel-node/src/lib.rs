@@ -197,6 +197,12 @@ impl Node {
             })
             .collect();
 
+        let blob_dir = dir.join("blobs");
+        let quota = config.blobs.quota;
+        let blob_store = tokio::task::spawn_blocking(move || BlobStore::open(&blob_dir, quota))
+            .await
+            .context("opening the blob store")??;
+
         let mut net_config = NetConfig::new(keypair.clone());
         net_config.transport = config.transport;
         net_config.listen = config.listen.clone();
@@ -207,6 +213,13 @@ impl Node {
         net_config.capabilities = system::read_capabilities(&config.sys_root, &models, &extra);
         net_config.timing = config.timing.clone();
         net_config.limits = config.limits.clone();
+        // Served from the first connection on: peers hear of our models, blobs and datasets
+        // as soon as we connect, and must not find these protocols missing meanwhile.
+        net_config.accept = vec![
+            mycel_net::task::TASK_PROTOCOL,
+            mycel_net::task::BLOB_PROTOCOL,
+            mycel_net::task::TRAIN_PROTOCOL,
+        ];
 
         // Sequence numbers are reserved in the store before use, so a restarted node never
         // reuses one (its peers would take the new announcement for a replay).
@@ -234,11 +247,6 @@ impl Node {
         ));
         let incoming = net.accept_task_streams()?;
         tasks.push(tokio::spawn(inference.clone().serve(incoming)));
-        let blob_dir = dir.join("blobs");
-        let quota = config.blobs.quota;
-        let blob_store = tokio::task::spawn_blocking(move || BlobStore::open(&blob_dir, quota))
-            .await
-            .context("opening the blob store")??;
         let blobs = Arc::new(BlobService::new(
             Arc::new(blob_store),
             net.clone(),
@@ -249,11 +257,6 @@ impl Node {
                 .clone()
                 .serve(net.accept_streams(mycel_net::task::BLOB_PROTOCOL)?),
         ));
-        // Provider records let nodes that have not heard our announcement find the models,
-        // and every node find the blobs held here.
-        blobs
-            .provide_also(models.offers().iter().map(|o| o.id))
-            .await;
         let supply = Arc::new(ModelSupply::new(
             blobs.clone(),
             models.clone(),
@@ -278,6 +281,11 @@ impl Node {
                 .clone()
                 .serve(net.accept_streams(mycel_net::task::TRAIN_PROTOCOL)?),
         ));
+        // Provider records let nodes that have not heard our announcement find the models,
+        // and every node find the blobs held here.
+        blobs
+            .provide_also(models.offers().iter().map(|o| o.id))
+            .await;
         training.resume_all();
         // The files of the models served from paths become blobs peers can fetch.
         let publisher = supply.clone();

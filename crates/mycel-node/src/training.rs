@@ -39,6 +39,8 @@ use crate::blobs::BlobService;
 
 /// Rounds a job tries again when too few updates arrive, before it fails.
 const ROUND_ATTEMPTS: u32 = 3;
+/// The pause before a round's next attempt, times the attempts so far.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Trainings run at once on one node.
 const CONCURRENT_TRAININGS: usize = 4;
 /// Training requests read or answered at once on one node.
@@ -520,21 +522,25 @@ impl Training {
                             warn!(%peer, %reason, round = request.round, "update rejected");
                             self.net.penalise(peer, reason).await;
                             g.rejected = g.rejected.saturating_add(1);
+                            outcome.note(peer, format_args!("update rejected: {reason}"));
                         }
                     }
                 }
                 Ok((TrainReply::Refused(why), _)) => {
                     debug!(%peer, %why, "participant refused");
                     outcome.gathered.dropped += most_contributors;
+                    outcome.note(peer, format_args!("refused: {why}"));
                 }
                 Err(e) if e.downcast_ref::<Rejection>().is_some() => {
                     warn!(%peer, round = request.round, "reply rejected: {e:#}");
                     outcome.gathered.rejected += 1;
+                    outcome.note(peer, format_args!("{e:#}"));
                 }
                 Err(e) => {
                     debug!(%peer, "participant dropped: {e:#}");
                     outcome.gathered.dropped += 1;
                     outcome.dropped.push(peer);
+                    outcome.note(peer, format_args!("{e:#}"));
                 }
             }
         }
@@ -879,19 +885,25 @@ impl Training {
             let contributors: u32 = outcome.updates.iter().map(|u| u.contributors).sum();
             if contributors < spec.participants.min {
                 attempts += 1;
-                warn!(
-                    job = %record.id, round, contributors,
-                    "too few updates ({contributors} of at least {}); trying the round again",
-                    spec.participants.min
-                );
+                let why = outcome.why.join("; ");
                 if attempts >= ROUND_ATTEMPTS {
                     bail!(
                         "round {round}: only {contributors} updates arrived, the job needs {}; \
-                         are enough peers holding dataset {:?} online?",
+                         are enough peers holding dataset {:?} online? ({why})",
                         spec.participants.min,
                         spec.dataset
                     );
                 }
+                let pause = RETRY_PAUSE * attempts;
+                warn!(
+                    job = %record.id, round, contributors,
+                    "too few updates ({contributors} of at least {}: {why}); trying the round \
+                     again in {pause:?}",
+                    spec.participants.min
+                );
+                // Peers that failed at once (starting, restarting, reconnecting) get time
+                // to come back before the next attempt.
+                tokio::time::sleep(pause).await;
                 continue;
             }
             let root_bytes = outcome.root_bytes;
@@ -1266,13 +1278,30 @@ struct Outcome {
     gathered: Gathered,
     root_bytes: u64,
     dropped: Vec<PeerId>,
+    /// Why peers gave no update (the first few), for the log when a round falls short.
+    why: Vec<String>,
 }
 
 impl Outcome {
+    /// Reasons kept for the log.
+    const REASONS: usize = 4;
+
+    fn note(&mut self, peer: PeerId, why: impl std::fmt::Display) {
+        if self.why.len() < Self::REASONS {
+            self.why.push(format!("{peer}: {why}"));
+        }
+    }
+
+    fn note_all(&mut self, reasons: Vec<String>) {
+        let room = Self::REASONS.saturating_sub(self.why.len());
+        self.why.extend(reasons.into_iter().take(room));
+    }
+
     fn merge(&mut self, other: Outcome) {
         self.updates.extend(other.updates);
         self.root_bytes += other.root_bytes;
         self.dropped.extend(other.dropped);
+        self.note_all(other.why);
         self.gathered.add(&other.gathered);
     }
 }
