@@ -1,4 +1,5 @@
-//! End to end: `mycel` processes on 127.0.0.1, one killed with SIGKILL and restarted.
+//! End to end: `mycel` processes on 127.0.0.1, one killed with SIGKILL and restarted, one
+//! frozen with SIGSTOP and resumed.
 
 mod common;
 
@@ -75,6 +76,53 @@ fn killed_node_is_marked_failed_and_rejoins_from_stored_peers_with_the_same_id()
         "c rejoins and is seen alive",
         || alive(&a, &c_id) && alive(&b, &c_id) && alive(&c, &a_id) && alive(&c, &b_id),
     );
+}
+
+/// Sends `signal` (as `kill` names it) to `node`'s process.
+fn signal(node: &NodeProcess, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal}");
+}
+
+#[test]
+fn a_frozen_node_is_failed_within_seconds_and_alive_again_when_it_resumes() {
+    let root = tempfile::tempdir().unwrap();
+    let (port_a, port_b) = (free_port(), free_port());
+    let a = start(root.path(), "a", port_a, None);
+    wait_until(Duration::from_secs(30), "node a serves its API", || {
+        a.peer_id().is_some()
+    });
+    let boot = format!("/ip4/127.0.0.1/tcp/{port_a}/p2p/{}", a.peer_id().unwrap());
+    let b = start(root.path(), "b", port_b, Some(boot));
+    wait_until(Duration::from_secs(30), "b serves its API", || {
+        b.peer_id().is_some()
+    });
+    let b_id = b.peer_id().unwrap();
+    let state = |node: &NodeProcess, peer: &str| node.state_of(peer);
+    wait_until(Duration::from_secs(30), "a sees b alive", || {
+        state(&a, &b_id).as_deref() == Some("alive")
+    });
+
+    // Frozen: its connection stays open, its pings go unanswered. With pings every second
+    // and two misses allowed (common::FAST), silence of 1 s x 2 + the 1 s ping timeout
+    // fails it; counting failed pings alone took over 20 s (each waited out a 10 s stream
+    // negotiation). The bound leaves room for a loaded machine.
+    signal(&b, "STOP");
+    let frozen = std::time::Instant::now();
+    wait_until(Duration::from_secs(10), "a fails the frozen node", || {
+        state(&a, &b_id).as_deref() == Some("failed")
+    });
+    let detected = frozen.elapsed();
+    signal(&b, "CONT");
+    wait_until(
+        Duration::from_secs(10),
+        "the resumed node is alive again",
+        || state(&a, &b_id).as_deref() == Some("alive"),
+    );
+    eprintln!("frozen node failed after {detected:?}");
 }
 
 #[test]

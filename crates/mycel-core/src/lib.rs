@@ -18,6 +18,7 @@
 //! - [`blob`]: blobs as BLAKE3 trees (chunks verified one at a time against the id) and
 //!   directory manifests.
 //! - [`membership`]: who is alive, who has failed, and what each peer offers.
+//! - [`peering`]: staying joined: dial back-off, degree upkeep, shedding connections.
 //! - [`ratelimit`]: per-peer token buckets.
 //! - [`reputation`]: a decayed per-peer score fed by misbehaviour.
 //! - [`routing`]: ranking the peers that could run a task (reliability, load, RTT,
@@ -33,6 +34,7 @@ pub mod compress;
 pub mod fl;
 pub mod id;
 pub mod membership;
+pub mod peering;
 pub mod ratelimit;
 pub mod reputation;
 pub mod routing;

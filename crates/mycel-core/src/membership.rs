@@ -8,7 +8,8 @@
 //! announcement, and a report about ourselves is answered by re-announcing.
 //!
 //! A peer is declared failed when
-//! - it missed [`Config::max_missed_pings`] pings in a row while connected,
+//! - it missed [`Config::max_missed_pings`] pings in a row while connected, or answered none
+//!   for [`Config::silence_limit_ms`],
 //! - a probe dial after losing the connection failed ([`Membership::on_unreachable`]),
 //! - its latest announcement expired while we had no connection to it, or
 //! - a neighbour's down report names its latest sequence number.
@@ -30,6 +31,11 @@ pub struct Config {
     pub forget_after_ms: u64,
     /// Most peers tracked; announcements from further new peers are ignored.
     pub max_peers: usize,
+    /// A connected peer that has answered no ping for this long is declared failed (0: never
+    /// by silence alone). A frozen process keeps its connection open while each ping to it
+    /// waits out a stream-negotiation timeout, so counting failed pings alone takes many
+    /// times the ping interval.
+    pub silence_limit_ms: u64,
 }
 
 impl Default for Config {
@@ -38,6 +44,7 @@ impl Default for Config {
             max_missed_pings: 3,
             forget_after_ms: 10 * 60 * 1000,
             max_peers: 10_000,
+            silence_limit_ms: 0,
         }
     }
 }
@@ -138,6 +145,8 @@ struct Entry {
     info: PeerInfo,
     latest: Option<SignedStatement>,
     missed_pings: u32,
+    /// When the peer last answered a ping (or connected).
+    last_pong: UnixMillis,
 }
 
 /// The membership table of one node.
@@ -147,6 +156,8 @@ pub struct Membership {
     config: Config,
     peers: HashMap<PeerId, Entry>,
     own: Option<(u64, SignedStatement)>,
+    /// When [`Membership::tick`] last ran.
+    last_tick: Option<UnixMillis>,
 }
 
 impl Membership {
@@ -157,6 +168,7 @@ impl Membership {
             config,
             peers: HashMap::new(),
             own: None,
+            last_tick: None,
         }
     }
 
@@ -191,6 +203,7 @@ impl Membership {
             },
             latest: None,
             missed_pings: 0,
+            last_pong: now,
         }))
     }
 
@@ -282,6 +295,7 @@ impl Membership {
         entry.info.connected = true;
         entry.info.last_seen = now;
         entry.missed_pings = 0;
+        entry.last_pong = now;
         set_alive(entry, peer, now)
     }
 
@@ -299,6 +313,7 @@ impl Membership {
         entry.info.rtt_us = Some(rtt_us);
         entry.info.last_seen = now;
         entry.missed_pings = 0;
+        entry.last_pong = now;
         set_alive(entry, peer, now)
     }
 
@@ -326,8 +341,28 @@ impl Membership {
     pub fn tick(&mut self, now: UnixMillis) -> Vec<Change> {
         let mut changes = Vec::new();
         let forget_after = self.config.forget_after_ms;
+        let silence_limit = self.config.silence_limit_ms;
+        // Ticks far apart mean this node did not run (stopped, starved of CPU): its peers'
+        // silence over that time is its own, so their clocks start again.
+        if self
+            .last_tick
+            .is_some_and(|last| now.saturating_sub(last) > silence_limit / 2)
+        {
+            for entry in self.peers.values_mut() {
+                entry.last_pong = entry.last_pong.max(now);
+            }
+        }
+        self.last_tick = Some(now);
         self.peers.retain(|peer, entry| {
             let info = &entry.info;
+            if silence_limit > 0
+                && info.state == PeerState::Alive
+                && info.connected
+                && now.saturating_sub(entry.last_pong) > silence_limit
+            {
+                changes.extend(set_failed(entry, *peer, FailReason::MissedPings, now));
+                return true;
+            }
             if info.state == PeerState::Alive && !info.connected && info.expires_at <= now {
                 changes.extend(set_failed(entry, *peer, FailReason::Expired, now));
                 return true;
@@ -394,6 +429,11 @@ impl Membership {
             .filter(|(p, e)| e.info.state == PeerState::Alive && is_newer(p, e.info.seq))
             .filter_map(|(_, e)| e.latest.clone());
         own.chain(others).take(limit).collect()
+    }
+
+    /// The latest announcement of `peer` held here (to refer a newcomer to it).
+    pub fn latest(&self, peer: &PeerId) -> Option<&SignedStatement> {
+        self.peers.get(peer).and_then(|e| e.latest.as_ref())
     }
 
     /// What is known about `peer`.
@@ -555,6 +595,43 @@ mod tests {
         );
         assert_eq!(table.on_ping_ok(id, 150, 4), Some(Change::Alive(id)));
         assert_eq!(table.get(&id).unwrap().rtt_us, Some(150));
+    }
+
+    #[test]
+    fn a_connected_peer_silent_past_the_limit_fails_and_its_next_pong_revives_it() {
+        let local = Keypair::generate_ed25519().public().to_peer_id();
+        let config = Config {
+            silence_limit_ms: 3_000,
+            ..Config::default()
+        };
+        let mut table = Membership::new(local, config);
+        let id = Keypair::generate_ed25519().public().to_peer_id();
+        table.on_connected(id, 0);
+        assert_eq!(table.on_ping_ok(id, 100, 1_000), None);
+        // No ping answered, none failed either (each one still negotiating a stream).
+        for t in (1_000..4_000).step_by(500) {
+            assert!(table.tick(t).is_empty());
+        }
+        assert!(table.tick(4_000).is_empty(), "3 s since the last pong");
+        assert_eq!(
+            table.tick(4_001),
+            vec![Change::Failed(id, FailReason::MissedPings)]
+        );
+        assert!(table.tick(5_000).is_empty(), "reported once");
+        assert_eq!(table.on_ping_ok(id, 100, 5_100), Some(Change::Alive(id)));
+        // This node itself stalled for 10 s: nobody is failed for the silence it caused.
+        for t in (15_100..=18_100).step_by(500) {
+            assert!(table.tick(t).is_empty(), "at {t}");
+        }
+        assert_eq!(
+            table.tick(18_101),
+            vec![Change::Failed(id, FailReason::MissedPings)],
+            "a fresh window from the stall on"
+        );
+        // Without a limit, silence alone fails nobody.
+        let mut quiet = Membership::new(local, Config::default());
+        quiet.on_connected(id, 0);
+        assert!(quiet.tick(1_000_000).is_empty());
     }
 
     #[test]

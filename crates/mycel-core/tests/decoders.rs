@@ -1432,6 +1432,7 @@ const MAX_SYNC_RESPONSE_BYTES: usize = 4 << 20;
 const MAX_SYNC_STATEMENTS: usize = 2_000;
 const MAX_DIGEST_ENTRIES: usize = 20_000;
 const MAX_ECHO_BYTES: usize = 64 * 1024;
+const MAX_REFERRALS: usize = 16;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct DigestEntry {
@@ -1445,6 +1446,7 @@ enum SyncRequest {
     Digest(Vec<DigestEntry>),
     Summary(#[serde(with = "serde_bytes")] Vec<u8>),
     Echo(#[serde(with = "serde_bytes")] Vec<u8>),
+    Goodbye(Vec<SignedStatement>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1467,6 +1469,7 @@ fn sync_requests() {
         vec(digest_entry, 0..6).prop_map(SyncRequest::Digest),
         vec(any::<u8>(), 30..34).prop_map(SyncRequest::Summary),
         vec(any::<u8>(), 0..64).prop_map(SyncRequest::Echo),
+        vec(signed_statement(), 0..3).prop_map(SyncRequest::Goodbye),
     ];
     fuzz(
         "SyncRequest",
@@ -1490,6 +1493,12 @@ fn sync_requests() {
                     }
                     Ok(SyncRequest::Summary(s)) if s.len() == 32 => "summary",
                     Ok(SyncRequest::Echo(p)) if p.len() <= MAX_ECHO_BYTES => "echo",
+                    Ok(SyncRequest::Goodbye(s)) if s.len() <= MAX_REFERRALS => {
+                        for signed in &s {
+                            receive_statement(signed, local);
+                        }
+                        "goodbye"
+                    }
                     Ok(_) => "refused",
                     Err(_) => outcome,
                 }

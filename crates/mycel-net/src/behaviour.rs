@@ -46,7 +46,10 @@ impl Behaviour {
         let timing = &config.timing;
 
         let connection_limits = connection_limits::ConnectionLimits::default()
-            .with_max_established(Some(limits.max_connections))
+            // Beyond the cap, a few connections only long enough for a goodbye (see cap.rs).
+            .with_max_established(Some(
+                limits.max_connections + crate::cap::REFERRAL_SLOTS as u32,
+            ))
             .with_max_established_per_peer(Some(limits.max_connections_per_peer))
             .with_max_pending_incoming(Some(limits.max_pending))
             .with_max_pending_outgoing(Some(limits.max_pending));

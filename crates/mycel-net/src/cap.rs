@@ -1,5 +1,7 @@
 //! Connection policy outside any protocol: refuses inbound connections *before* their
-//! handshake while the node is at its connection cap, and tells the swarm where to dial a peer
+//! handshake once the node is at its connection cap and its few referral slots are taken (a
+//! connection in a referral slot only hears a goodbye with referrals; see the event loop),
+//! and tells the swarm where to dial a peer
 //! when a protocol asks for a connection by peer id alone (a task stream opened by
 //! libp2p-stream, say): the addresses the event loop learned from identify and announcements.
 //!
@@ -23,6 +25,10 @@ use libp2p::{Multiaddr, PeerId};
 
 /// Most peers whose dial addresses are kept.
 const MAX_DIAL_BOOK: usize = 8192;
+/// Connections accepted beyond the cap, each only long enough to say goodbye with referrals
+/// (the event loop closes them at once): a newcomer that reaches a full node still learns
+/// where else to go.
+pub(crate) const REFERRAL_SLOTS: usize = 4;
 
 /// The inbound-connection gate and the dial-address book.
 #[derive(Debug)]
@@ -65,7 +71,7 @@ impl NetworkBehaviour for Behaviour {
         _local_addr: &Multiaddr,
         _remote_addr: &Multiaddr,
     ) -> Result<(), ConnectionDenied> {
-        if self.established >= self.max_established {
+        if self.established >= self.max_established + REFERRAL_SLOTS {
             return Err(ConnectionDenied::new(AtCapacity(self.max_established)));
         }
         Ok(())

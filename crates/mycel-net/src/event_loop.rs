@@ -11,18 +11,20 @@ use libp2p::core::transport::TransportError;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{DialError, SwarmEvent};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{gossipsub, identify, kad, mdns, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
 use mycel_core::id::ContentId;
 use mycel_core::membership::{self, Accepted, Change, FailReason, Membership};
+use mycel_core::peering::{self, BackoffConfig, Connected, Degree, DegreeConfig, Revival};
 use mycel_core::ratelimit::RateLimiter;
 use mycel_core::reputation::{self, Reputation};
 use mycel_core::statement::{
     Announcement, Capabilities, SignedStatement, Statement, MAX_ADDR_LEN, MAX_ANNOUNCED_ADDRS,
 };
 use mycel_core::wire::Rejection;
+use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -32,7 +34,7 @@ use crate::handle::{now_ms, Command, NetError, NetEvent, NetStatus};
 use crate::metrics::{NetMetrics, GOSSIP, IN, OUT, SYNC};
 use crate::protocol::{
     self, DigestEntry, SyncRequest, SyncResponse, KAD_PROTOCOL, MAX_DIGEST_ENTRIES, MAX_ECHO_BYTES,
-    MAX_SYNC_STATEMENTS, STATEMENTS_TOPIC,
+    MAX_REFERRALS, MAX_SYNC_STATEMENTS, STATEMENTS_TOPIC,
 };
 
 /// Providers that answer a lookup before its query has ended.
@@ -46,8 +48,14 @@ const MAX_SYNCS_IN_FLIGHT: usize = 4;
 const LAN_DIAL_COOLDOWN: Duration = Duration::from_secs(3);
 /// Most LAN peers remembered.
 const MAX_LAN_PEERS: usize = 256;
-/// Least time between two dials of the same peer to keep our degree up.
-const DEGREE_DIAL_COOLDOWN: Duration = Duration::from_secs(30);
+/// How long a peer that said goodbye is not dialled again to keep our degree up.
+const GOODBYE_HOLD: Duration = Duration::from_secs(60);
+/// How long a goodbye may take before the connection is closed anyway.
+const PARTING_TIMEOUT: Duration = Duration::from_secs(3);
+/// A connection closed this soon after its peer said goodbye is no reason to probe it.
+const PARTED_MEMORY: Duration = Duration::from_secs(10);
+/// How long a dial of ours may stay unresolved before it no longer counts as in flight.
+const DIAL_IN_FLIGHT: Duration = Duration::from_secs(15);
 /// Least time between two probes of the same peer.
 const PROBE_COOLDOWN: Duration = Duration::from_secs(10);
 /// First interval between periodic syncs; doubles up to `Timing::max_sync_interval`.
@@ -57,6 +65,14 @@ enum Pending {
     Echo(oneshot::Sender<Result<Vec<u8>, NetError>>),
     Sync,
     Summary,
+    Goodbye,
+}
+
+/// What degree upkeep dials: a configured bootstrap address, or a peer by id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Target {
+    Addr(Multiaddr),
+    Peer(PeerId),
 }
 
 pub(crate) struct EventLoop {
@@ -83,9 +99,21 @@ pub(crate) struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     probing: HashSet<PeerId>,
-    /// When each peer was last dialled by a probe or to keep our degree: a peer that refuses
-    /// our connections (it is at its connection cap) must not be dialled in a loop.
+    /// When each peer was last dialled by a probe or from the LAN list.
     last_dial: HashMap<PeerId, u64>,
+    /// Degree upkeep with back-off per target (bootstrap addresses, peers).
+    degree: Degree<Target>,
+    /// Re-dialling peers last seen failed (a healed partition), one at a time.
+    revival: Revival<PeerId>,
+    /// Upkeep dials in flight, and when each started.
+    dialing: HashMap<ConnectionId, (Target, u64)>,
+    /// When the current connection to each peer was established, and whether it dialled us.
+    since: HashMap<PeerId, (u64, bool)>,
+    /// Peers we said goodbye to, and when the connection is closed at the latest.
+    parting: HashMap<PeerId, u64>,
+    /// Peers that said goodbye to us, and when.
+    parted: HashMap<PeerId, u64>,
+    rng: StdRng,
     pending: HashMap<OutboundRequestId, Pending>,
     syncs_in_flight: usize,
     /// Peers found on the LAN by mDNS (with an address), redialled while unconnected.
@@ -122,8 +150,13 @@ impl EventLoop {
         events: mpsc::Sender<NetEvent>,
     ) -> Self {
         let local = *swarm.local_peer_id();
+        let timing = &config.timing;
         let membership_config = membership::Config {
             max_missed_pings: config.limits.max_missed_pings,
+            // A frozen peer: failed once it has answered no ping for the misses allowed.
+            silence_limit_ms: (timing.ping_interval * config.limits.max_missed_pings
+                + timing.ping_timeout)
+                .as_millis() as u64,
             ..Default::default()
         };
         let rate = RateLimiter::new(
@@ -151,6 +184,17 @@ impl EventLoop {
             addresses: HashMap::new(),
             probing: HashSet::new(),
             last_dial: HashMap::new(),
+            degree: Degree::new(
+                DegreeConfig::for_target(config.limits.target_peers),
+                BackoffConfig::default(),
+            ),
+            revival: Revival::new(Revival::<PeerId>::default_backoff()),
+            dialing: HashMap::new(),
+            since: HashMap::new(),
+            parting: HashMap::new(),
+            parted: HashMap::new(),
+            // Decisions take this generator, never a thread-local one: a simulator can seed it.
+            rng: StdRng::from_entropy(),
             pending: HashMap::new(),
             syncs_in_flight: 0,
             lan_peers: HashMap::new(),
@@ -183,7 +227,7 @@ impl EventLoop {
         tokio::pin!(announce_sleep);
         // Kademlia bootstraps by itself once its table is seeded (from identify and from
         // announcements); our random walks keep it fresh afterwards.
-        let walk_sleep = tokio::time::sleep(jittered(timing.random_walk_interval));
+        let walk_sleep = tokio::time::sleep(jittered(timing.random_walk_interval, &mut self.rng));
         tokio::pin!(walk_sleep);
         let sync_sleep = tokio::time::sleep(self.sync_interval);
         tokio::pin!(sync_sleep);
@@ -200,12 +244,12 @@ impl EventLoop {
                 _ = &mut walk_sleep => {
                     self.random_walk();
                     walk_sleep.as_mut().reset(
-                        tokio::time::Instant::now() + jittered(timing.random_walk_interval));
+                        tokio::time::Instant::now() + jittered(timing.random_walk_interval, &mut self.rng));
                 }
                 _ = &mut sync_sleep => {
                     self.periodic_sync();
                     sync_sleep.as_mut().reset(
-                        tokio::time::Instant::now() + jittered(self.sync_interval));
+                        tokio::time::Instant::now() + jittered(self.sync_interval, &mut self.rng));
                     self.sync_interval = (self.sync_interval * 2).min(timing.max_sync_interval);
                 }
             }
@@ -219,26 +263,93 @@ impl EventLoop {
         debug!(peer = %self.swarm.local_peer_id(), "network task stopped");
     }
 
+    /// Dials every bootstrap address and remembered peer once at start; degree upkeep
+    /// retries them with back-off until the node has its target degree.
     fn dial_initial_peers(&mut self) {
         let local = *self.swarm.local_peer_id();
-        for addr in self.config.bootstrap.clone() {
-            if let Some(Protocol::P2p(peer)) = addr.iter().last() {
-                if peer == local {
-                    continue;
-                }
-            }
-            if let Err(e) = self.swarm.dial(addr.clone()) {
-                warn!(%addr, "cannot dial bootstrap address: {e}");
+        for (peer, addrs) in self.config.known_peers.clone() {
+            if peer != local && !addrs.is_empty() {
+                self.remember_addrs(peer, addrs);
             }
         }
-        for (peer, addrs) in self.config.known_peers.clone() {
-            if peer == local || addrs.is_empty() {
-                continue;
+        // A bootstrap address that names its peer is dialled as that peer (all its addresses
+        // in one dial, not one connection per address).
+        for addr in self.config.bootstrap.clone() {
+            let mut bare = addr.clone();
+            if let Some(Protocol::P2p(peer)) = bare.pop() {
+                if peer != local {
+                    self.remember_addrs(peer, vec![bare]);
+                }
             }
-            self.remember_addrs(peer, addrs.clone());
-            if let Err(e) = self.dial_peer(peer, addrs) {
-                debug!(%peer, "cannot dial known peer: {e}");
+        }
+        let now = now_ms();
+        let mut targets = self.bootstrap_targets();
+        for peer in self.peer_book() {
+            if !targets.contains(&Target::Peer(peer)) {
+                targets.push(Target::Peer(peer));
             }
+        }
+        for target in targets {
+            self.degree
+                .backoff_mut()
+                .tried(target.clone(), now, &mut self.rng);
+            self.dial_target(target, now);
+        }
+    }
+
+    /// The configured bootstrap list, other than ourselves: the peers it names, and the
+    /// addresses that name none.
+    fn bootstrap_targets(&self) -> Vec<Target> {
+        let local = *self.swarm.local_peer_id();
+        let mut targets = Vec::new();
+        for addr in &self.config.bootstrap {
+            let target = match addr.iter().last() {
+                Some(Protocol::P2p(peer)) if peer == local => continue,
+                Some(Protocol::P2p(peer)) => Target::Peer(peer),
+                _ => Target::Addr(addr.clone()),
+            };
+            if !targets.contains(&target) {
+                targets.push(target);
+            }
+        }
+        targets
+    }
+
+    /// Peers remembered from earlier runs.
+    fn peer_book(&self) -> impl Iterator<Item = PeerId> + '_ {
+        let local = *self.swarm.local_peer_id();
+        self.config
+            .known_peers
+            .iter()
+            .filter(move |(peer, addrs)| *peer != local && !addrs.is_empty())
+            .map(|(peer, _)| *peer)
+    }
+
+    /// Dials a degree-upkeep target (stream addresses first: a refused TCP dial fails at
+    /// once, a QUIC one waits for its handshake timeout) and counts it in flight.
+    fn dial_target(&mut self, target: Target, now: u64) {
+        let opts = match &target {
+            Target::Addr(addr) => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+            Target::Peer(peer) => {
+                let mut addrs = self.known_addrs(peer);
+                if addrs.iter().any(is_stream_addr) {
+                    addrs.retain(is_stream_addr);
+                }
+                if addrs.is_empty() {
+                    return;
+                }
+                DialOpts::peer_id(*peer)
+                    .addresses(addrs)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build()
+            }
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dialing.insert(id, (target, now));
+            }
+            Err(e) => debug!(?target, "not dialled: {e}"),
         }
     }
 
@@ -259,7 +370,7 @@ impl EventLoop {
         let (alive, _, _) = self.membership.counts();
         let (interval, ttl) = self.config.timing.announce_schedule(alive);
         self.announce_interval = interval;
-        self.announce_jitter = rand::thread_rng().gen_range(0.8..=1.2);
+        self.announce_jitter = self.rng.gen_range(0.8..=1.2);
         self.last_announce = tokio::time::Instant::now();
         self.last_ttl = ttl;
         self.capabilities_changed = false;
@@ -617,50 +728,173 @@ impl EventLoop {
         self.swarm.dial(opts)
     }
 
-    /// Dials known peers while this node has fewer connections than it wants, a few per tick,
-    /// so that gossip has a mesh and a node that joined through one bootstrap peer spreads out.
+    /// Dials while this node has fewer connections than it wants, a few per tick, each target
+    /// retried with capped exponential back-off (mycel-core's `peering`): bootstrap addresses
+    /// and remembered peers until the node has its degree, announced peers to spread out.
+    /// Losing every connection starts over from the bootstrap list at once.
     fn maintain_degree(&mut self) {
-        let connected = self.swarm.connected_peers().count();
-        let want = self
-            .config
-            .limits
-            .target_peers
-            .saturating_sub(connected)
-            .min(4);
-        if want == 0 {
-            return;
-        }
         let now = now_ms();
-        let cooldown = DEGREE_DIAL_COOLDOWN.as_millis() as u64;
-        let mut candidates: Vec<PeerId> = self
+        let stale = DIAL_IN_FLIGHT.as_millis() as u64;
+        self.dialing
+            .retain(|_, (_, at)| now.saturating_sub(*at) < stale);
+        let connected = self.swarm.connected_peers().count();
+        let short = connected + self.dialing.len() < self.degree.config().target;
+        let candidates = if short {
+            self.dial_candidates(connected, now)
+        } else {
+            Vec::new()
+        };
+        let step = self.degree.step(
+            now,
+            connected,
+            self.dialing.len(),
+            candidates,
+            &mut self.rng,
+        );
+        if step.rebootstrap {
+            info!("every connection lost; dialling the bootstrap list and known peers again");
+        }
+        for target in step.dial {
+            self.dial_target(target, now);
+        }
+        let failed: Vec<PeerId> = self
             .membership
             .peers()
             .filter(|(peer, info)| {
-                info.state == membership::PeerState::Alive
-                    && !info.connected
+                info.state == membership::PeerState::Failed
                     && !info.addrs.is_empty()
                     && !self.swarm.is_connected(peer)
                     && !self.reputation.is_banned(peer, now)
-                    && self
-                        .last_dial
-                        .get(*peer)
-                        .is_none_or(|t| now.saturating_sub(*t) >= cooldown)
             })
             .map(|(peer, _)| *peer)
             .collect();
-        candidates.shuffle(&mut rand::thread_rng());
-        for peer in candidates.into_iter().take(want) {
-            let addrs: Vec<Multiaddr> = self
-                .known_addrs(&peer)
-                .into_iter()
-                .filter(is_stream_addr)
-                .collect();
-            if addrs.is_empty() {
-                continue;
+        if let Some(peer) = self.revival.step(now, failed, &mut self.rng) {
+            let mut addrs = self.known_addrs(&peer);
+            if addrs.iter().any(is_stream_addr) {
+                addrs.retain(is_stream_addr);
             }
-            self.last_dial.insert(peer, now);
             let _ = self.dial_peer(peer, addrs);
         }
+        self.shed(now);
+        // Goodbyes unanswered in time: close anyway.
+        let overdue: Vec<PeerId> = self
+            .parting
+            .iter()
+            .filter(|(_, deadline)| now >= **deadline)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in overdue {
+            self.part(peer);
+        }
+        let memory = PARTED_MEMORY.as_millis() as u64;
+        self.parted.retain(|_, at| now.saturating_sub(*at) < memory);
+    }
+
+    /// Whom degree upkeep could dial, by tier.
+    fn dial_candidates(&self, connected: usize, now: u64) -> Vec<(Target, u8)> {
+        let mut candidates: Vec<(Target, u8)> = Vec::new();
+        // Tier 0: bootstrap addresses while the node is short of its degree and not connected
+        // to the peer they name (an address without a peer id only while it has no peer).
+        let bootstrap = self.bootstrap_targets();
+        let mut listed: HashSet<PeerId> = bootstrap
+            .iter()
+            .filter_map(|t| match t {
+                Target::Peer(peer) => Some(*peer),
+                Target::Addr(_) => None,
+            })
+            .collect();
+        for target in bootstrap {
+            let wanted = match &target {
+                Target::Peer(peer) => !self.swarm.is_connected(peer),
+                Target::Addr(_) => connected == 0,
+            };
+            if wanted {
+                candidates.push((target, 0));
+            }
+        }
+        // Tier 1: peers announced alive; tier 2: remembered ones and those last seen failed
+        // (a partition that healed shows up here first).
+        let book: HashSet<PeerId> = self.peer_book().collect();
+        for (peer, info) in self.membership.peers() {
+            if listed.contains(peer)
+                || info.connected
+                || self.swarm.is_connected(peer)
+                || self.reputation.is_banned(peer, now)
+                || info.addrs.is_empty() && !self.addresses.contains_key(peer)
+            {
+                continue;
+            }
+            let tier = if info.state == membership::PeerState::Alive {
+                1
+            } else {
+                2
+            };
+            candidates.push((Target::Peer(*peer), tier));
+        }
+        listed.extend(self.membership.peers().map(|(peer, _)| *peer));
+        for peer in book {
+            if !listed.contains(&peer) && !self.swarm.is_connected(&peer) {
+                candidates.push((Target::Peer(peer), 2));
+            }
+        }
+        candidates
+    }
+
+    /// Above the high-water mark, says goodbye to the connections mycel-core's `peering::shed`
+    /// picks (inbound, low score, youngest first; never in their first seconds).
+    fn shed(&mut self, now: u64) {
+        let conns: Vec<Connected<PeerId>> = self
+            .swarm
+            .connected_peers()
+            .filter(|peer| !self.parting.contains_key(peer))
+            .map(|peer| {
+                let (since, inbound) = self.since.get(peer).copied().unwrap_or((now, true));
+                Connected {
+                    peer: *peer,
+                    since,
+                    inbound,
+                    protected: false,
+                    score: self.reputation.score(peer, now),
+                }
+            })
+            .collect();
+        for peer in peering::shed(&self.degree.config(), now, &conns) {
+            debug!(%peer, "shedding a connection above the high-water mark");
+            self.say_goodbye(peer, now);
+        }
+    }
+
+    /// Closes the connections to a peer we said goodbye to (once: the entry stays, with no
+    /// deadline, until the close is seen, so that the close is not taken for a failure).
+    fn part(&mut self, peer: PeerId) {
+        if let Some(deadline) = self.parting.get_mut(&peer) {
+            *deadline = u64::MAX;
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// Tells `peer` we are closing our connection and where else to go (a few live peers'
+    /// signed announcements), then closes it once it has the message.
+    fn say_goodbye(&mut self, peer: PeerId, now: u64) {
+        let mut live: Vec<PeerId> = self
+            .swarm
+            .connected_peers()
+            .filter(|p| **p != peer && !self.parting.contains_key(*p))
+            .copied()
+            .collect();
+        live.shuffle(&mut self.rng);
+        let referrals: Vec<SignedStatement> = live
+            .iter()
+            .filter_map(|p| self.membership.latest(p).cloned())
+            .take(MAX_REFERRALS)
+            .collect();
+        let request = SyncRequest::Goodbye(referrals);
+        self.metrics.traffic(SYNC, OUT, request_len(&request));
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        self.pending.insert(id, Pending::Goodbye);
+        self.metrics.goodbyes_sent.inc();
+        self.parting
+            .insert(peer, now + PARTING_TIMEOUT.as_millis() as u64);
     }
 
     fn digest(&self) -> Vec<DigestEntry> {
@@ -693,7 +927,7 @@ impl EventLoop {
         if peers.is_empty() || self.syncs_in_flight >= MAX_SYNCS_IN_FLIGHT {
             return;
         }
-        let peer = peers[rand::thread_rng().gen_range(0..peers.len())];
+        let peer = peers[self.rng.gen_range(0..peers.len())];
         if self.syncs_teach {
             self.start_sync(peer);
             return;
@@ -953,6 +1187,8 @@ impl EventLoop {
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
+                endpoint,
                 num_established,
                 ..
             } => {
@@ -960,7 +1196,19 @@ impl EventLoop {
                 self.connections_opened += 1;
                 self.metrics.connections.set(self.connections as i64);
                 self.probing.remove(&peer_id);
+                if let Some((target, _)) = self.dialing.remove(&connection_id) {
+                    self.degree.backoff_mut().succeeded(&target);
+                }
+                self.degree.backoff_mut().succeeded(&Target::Peer(peer_id));
+                self.revival.revived(&peer_id);
                 if num_established.get() == 1 {
+                    self.since.insert(peer_id, (now, !endpoint.is_dialer()));
+                    // Beyond the cap (in a referral slot): the newest connection only gets
+                    // a goodbye with referrals.
+                    if self.connections > self.config.limits.max_connections as usize {
+                        self.metrics.referred.inc();
+                        self.say_goodbye(peer_id, now);
+                    }
                     if let Some(change) = self.membership.on_connected(peer_id, now) {
                         self.on_change(change);
                     }
@@ -981,21 +1229,36 @@ impl EventLoop {
                     debug!(%peer_id, ?cause, "last connection closed");
                     self.membership.on_disconnected(peer_id, now);
                     self.rate.remove(&peer_id);
+                    self.since.remove(&peer_id);
+                    let parting = self.parting.remove(&peer_id).is_some();
                     let alive = self
                         .membership
                         .get(&peer_id)
                         .is_some_and(|p| p.state == membership::PeerState::Alive);
-                    if alive && !self.reputation.is_banned(&peer_id, now) {
+                    // A close either side announced with a goodbye is no sign of failure.
+                    let parted = parting || self.parted.contains_key(&peer_id);
+                    if alive && !parted && !self.reputation.is_banned(&peer_id, now) {
                         self.probe(peer_id);
                     }
                 }
             }
             SwarmEvent::OutgoingConnectionError {
-                peer_id: Some(peer),
+                connection_id,
+                peer_id: None,
                 error,
-                ..
             } => {
                 self.dial_failures += 1;
+                if let Some((target, _)) = self.dialing.remove(&connection_id) {
+                    debug!(?target, "dial failed: {error}");
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id: Some(peer),
+                error,
+            } => {
+                self.dial_failures += 1;
+                self.dialing.remove(&connection_id);
                 debug!(%peer, "dial failed: {error}");
                 if self.probing.remove(&peer) {
                     // Our own limits refusing the dial says nothing about the peer.
@@ -1224,6 +1487,7 @@ impl EventLoop {
                         (Some(Pending::Sync | Pending::Summary), _) => {
                             self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
                         }
+                        (Some(Pending::Goodbye), _) => self.part(peer),
                         (None, _) => {}
                     }
                 }
@@ -1243,6 +1507,7 @@ impl EventLoop {
                 Some(Pending::Sync | Pending::Summary) => {
                     self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
                 }
+                Some(Pending::Goodbye) => self.part(peer),
                 None => {}
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -1291,6 +1556,29 @@ impl EventLoop {
             }
             SyncRequest::Summary(_) => {
                 self.reject(peer, Rejection::Malformed);
+                SyncResponse::Refused
+            }
+            SyncRequest::Goodbye(referrals) if referrals.len() <= MAX_REFERRALS => {
+                let now = now_ms();
+                self.metrics.goodbyes_received.inc();
+                // Not dialled again for a while (it has no room for us), and not probed
+                // when it closes the connection.
+                self.parted.insert(peer, now);
+                let until = now + GOODBYE_HOLD.as_millis() as u64;
+                self.degree.backoff_mut().hold(Target::Peer(peer), until);
+                // Referrals are announcements like any other: checked, stored, then dialled
+                // by degree upkeep with its back-off (one pointing back at us or at nonsense
+                // costs at most a few dials).
+                for signed in &referrals {
+                    if self.admit(peer).is_err() {
+                        break;
+                    }
+                    self.on_statement(peer, signed);
+                }
+                SyncResponse::InSync
+            }
+            SyncRequest::Goodbye(_) => {
+                self.reject(peer, Rejection::Oversized);
                 SyncResponse::Refused
             }
         }
@@ -1352,6 +1640,7 @@ fn request_len(request: &SyncRequest) -> usize {
     match request {
         SyncRequest::Digest(entries) => entries.len() * 48,
         SyncRequest::Echo(payload) | SyncRequest::Summary(payload) => payload.len(),
+        SyncRequest::Goodbye(s) => s.iter().map(|s| s.body.len() + 100).sum(),
     }
 }
 
@@ -1364,12 +1653,12 @@ fn response_len(response: &SyncResponse) -> usize {
 }
 
 /// `base` plus or minus up to a fifth, so that nodes started together spread out.
-fn jittered(base: Duration) -> Duration {
+fn jittered(base: Duration, rng: &mut impl Rng) -> Duration {
     let fifth = base.as_millis() as u64 / 5;
     if fifth == 0 {
         return base;
     }
-    let offset = rand::thread_rng().gen_range(0..=2 * fifth);
+    let offset = rng.gen_range(0..=2 * fifth);
     Duration::from_millis(base.as_millis() as u64 - fifth + offset)
 }
 

@@ -31,6 +31,9 @@ pub struct NetMetrics {
     pub(crate) messages: Family<TrafficLabel, Counter>,
     pub(crate) bytes: Family<TrafficLabel, Counter>,
     pub(crate) rejected: Family<ReasonLabel, Counter>,
+    pub(crate) goodbyes_sent: Counter,
+    pub(crate) goodbyes_received: Counter,
+    pub(crate) referred: Counter,
 }
 
 pub(crate) const GOSSIP: &str = "gossip";
@@ -63,6 +66,21 @@ impl NetMetrics {
             "rejected_messages",
             "Messages from peers rejected, by reason",
             metrics.rejected.clone(),
+        );
+        sub.register(
+            "goodbyes_sent",
+            "Connections closed on purpose with a goodbye and referrals (cap or shedding)",
+            metrics.goodbyes_sent.clone(),
+        );
+        sub.register(
+            "goodbyes_received",
+            "Goodbyes with referrals received from peers closing a connection",
+            metrics.goodbyes_received.clone(),
+        );
+        sub.register(
+            "referred",
+            "Connections beyond the cap answered only with referrals",
+            metrics.referred.clone(),
         );
         // Pre-create every label so the series exist (at zero) from the start.
         for state in ["alive", "failed"] {
@@ -112,6 +130,16 @@ impl NetMetrics {
                 reason: reason.label(),
             })
             .inc();
+    }
+
+    /// Connections beyond the cap answered only with a goodbye and referrals.
+    pub fn referred_total(&self) -> u64 {
+        self.referred.get()
+    }
+
+    /// Goodbyes (with referrals) received from peers closing a connection.
+    pub fn goodbyes_received_total(&self) -> u64 {
+        self.goodbyes_received.get()
     }
 
     /// Total rejected messages (all reasons).

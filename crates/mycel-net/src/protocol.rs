@@ -23,6 +23,8 @@ pub(crate) const MAX_SYNC_STATEMENTS: usize = 2_000;
 pub(crate) const MAX_DIGEST_ENTRIES: usize = 20_000;
 /// Largest echo payload.
 pub(crate) const MAX_ECHO_BYTES: usize = 64 * 1024;
+/// Most referrals in one goodbye.
+pub(crate) const MAX_REFERRALS: usize = 16;
 
 /// One entry of a digest: a peer (multihash bytes) and the latest sequence number known for it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +44,10 @@ pub(crate) enum SyncRequest {
     Summary(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Echo the payload back (round-trip measurement).
     Echo(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// "I am closing our connection (I am at my cap, or shedding), not failing; dial these
+    /// peers instead": the latest signed announcements of a few live peers, a peer exchange
+    /// that keeps a newcomer from stranding at a full node.
+    Goodbye(Vec<SignedStatement>),
 }
 
 /// A response on `/mycel/sync/2`.

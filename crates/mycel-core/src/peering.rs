@@ -1,0 +1,546 @@
+//! Keeping a node joined: whom to dial, when to dial again, and which connections to shed.
+//!
+//! Three rules, each a pure function of what the driver tells it:
+//! - [`Backoff`]: every dial target (a bootstrap address, a peer) is tried again after a
+//!   capped exponential back-off with jitter until a connection to it succeeds. A node whose
+//!   bootstrap peer is not up yet, or is at its cap, keeps trying instead of giving up after
+//!   one dial; a thousand nodes retrying one address do not arrive in lockstep.
+//! - [`Degree`]: while a node holds fewer connections than its target (counting dials in
+//!   flight, so one tick's dials are not repeated by the next), it dials a few more. When its
+//!   connections fall to zero it starts over from its bootstrap list at once.
+//! - [`shed`]: above the high-water mark the node sheds connections down to the middle of
+//!   its band, youngest-first among the unprotected inbound ones. Without it a network drifts
+//!   to the hard cap: gossipsub keeps a stream open on every connection, so connections made
+//!   for one DHT lookup never idle out.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+use rand::Rng;
+
+use crate::UnixMillis;
+
+/// How dial retries are spaced.
+#[derive(Debug, Clone, Copy)]
+pub struct BackoffConfig {
+    /// The wait after the first failed try.
+    pub first_ms: u64,
+    /// The longest wait.
+    pub max_ms: u64,
+    /// Targets tracked at most; the longest-waiting are forgotten first when full.
+    pub max_targets: usize,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        Self {
+            first_ms: 1_000,
+            max_ms: 60_000,
+            max_targets: 4_096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Attempts {
+    tries: u32,
+    next_at: UnixMillis,
+    /// Set by [`Backoff::hold`]; survives [`Backoff::reset`].
+    held_until: UnixMillis,
+}
+
+/// Per-target capped exponential back-off with jitter. A target with no record is due.
+#[derive(Debug)]
+pub struct Backoff<K> {
+    config: BackoffConfig,
+    targets: HashMap<K, Attempts>,
+}
+
+impl<K: Eq + Hash + Clone> Backoff<K> {
+    /// No target tried yet.
+    pub fn new(config: BackoffConfig) -> Self {
+        Self {
+            config,
+            targets: HashMap::new(),
+        }
+    }
+
+    /// Whether `target` may be dialled at `now`.
+    pub fn due(&self, target: &K, now: UnixMillis) -> bool {
+        self.targets
+            .get(target)
+            .is_none_or(|a| now >= a.next_at.max(a.held_until))
+    }
+
+    /// Records a dial of `target` at `now`: the next one waits `first_ms · 2^tries`, capped
+    /// at `max_ms`, times a jitter factor drawn from [0.5, 1.5). Returns that wait.
+    pub fn tried(&mut self, target: K, now: UnixMillis, rng: &mut impl Rng) -> u64 {
+        if !self.targets.contains_key(&target) && self.targets.len() >= self.config.max_targets {
+            // Forget the target whose next try is furthest away: it matters least now.
+            if let Some(far) = self
+                .targets
+                .iter()
+                .max_by_key(|(_, a)| a.next_at)
+                .map(|(k, _)| k.clone())
+            {
+                self.targets.remove(&far);
+            }
+        }
+        let attempts = self.targets.entry(target).or_insert(Attempts {
+            tries: 0,
+            next_at: now,
+            held_until: 0,
+        });
+        let base = self
+            .config
+            .first_ms
+            .saturating_mul(1u64 << attempts.tries.min(32))
+            .min(self.config.max_ms);
+        let wait = (base as f64 * rng.gen_range(0.5..1.5)) as u64;
+        attempts.tries = attempts.tries.saturating_add(1);
+        attempts.next_at = now.saturating_add(wait);
+        wait
+    }
+
+    /// Holds `target` back until at least `until` (a peer that just said goodbye, say),
+    /// without counting a try. A hold outlives [`Self::reset`] and [`Self::succeeded`].
+    pub fn hold(&mut self, target: K, until: UnixMillis) {
+        if let Some(a) = self.targets.get_mut(&target) {
+            a.held_until = a.held_until.max(until);
+        } else if self.targets.len() < self.config.max_targets {
+            self.targets.insert(
+                target,
+                Attempts {
+                    tries: 0,
+                    next_at: 0,
+                    held_until: until,
+                },
+            );
+        }
+    }
+
+    /// A connection to `target` succeeded: its next dial, if ever needed, goes at once
+    /// (unless it is held).
+    pub fn succeeded(&mut self, target: &K) {
+        if let Some(a) = self.targets.get_mut(target) {
+            a.tries = 0;
+            a.next_at = 0;
+            if a.held_until == 0 {
+                self.targets.remove(target);
+            }
+        }
+    }
+
+    /// Every target not held at `now` is due again (the node lost all its connections:
+    /// start over).
+    pub fn reset(&mut self, now: UnixMillis) {
+        self.targets.retain(|_, a| a.held_until > now);
+        for a in self.targets.values_mut() {
+            a.tries = 0;
+            a.next_at = 0;
+        }
+    }
+
+    /// Targets tracked.
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Whether no target is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+}
+
+/// The connection band a node keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct DegreeConfig {
+    /// Connections the node wants; it dials while below.
+    pub target: usize,
+    /// Above this it sheds connections (down to the middle of target and high).
+    pub high: usize,
+    /// Dials started in one step at most.
+    pub max_dials_per_step: usize,
+}
+
+impl DegreeConfig {
+    /// The band for `target`: shed above twice the target.
+    pub fn for_target(target: usize) -> Self {
+        Self {
+            target,
+            high: target.saturating_mul(2).max(target + 1),
+            max_dials_per_step: 4,
+        }
+    }
+
+    /// Where shedding stops.
+    pub fn low_water(&self) -> usize {
+        self.target + (self.high.saturating_sub(self.target)) / 2
+    }
+}
+
+/// What [`Degree::step`] asks of the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DegreeStep<K> {
+    /// Every connection was lost since the last step: dial the bootstrap list again now
+    /// (back-offs were reset).
+    pub rebootstrap: bool,
+    /// Candidates to dial now.
+    pub dial: Vec<K>,
+}
+
+/// Degree upkeep: whom to dial to stay at the target, with back-off per candidate.
+#[derive(Debug)]
+pub struct Degree<K> {
+    config: DegreeConfig,
+    backoff: Backoff<K>,
+    had_connections: bool,
+}
+
+impl<K: Eq + Hash + Clone> Degree<K> {
+    /// Upkeep for `config`, retries spaced by `backoff`.
+    pub fn new(config: DegreeConfig, backoff: BackoffConfig) -> Self {
+        Self {
+            config,
+            backoff: Backoff::new(backoff),
+            had_connections: false,
+        }
+    }
+
+    /// The band.
+    pub fn config(&self) -> DegreeConfig {
+        self.config
+    }
+
+    /// The per-target back-off (the driver records successes and goodbyes in it).
+    pub fn backoff_mut(&mut self) -> &mut Backoff<K> {
+        &mut self.backoff
+    }
+
+    /// Whether `target` may be dialled at `now`.
+    pub fn due(&self, target: &K, now: UnixMillis) -> bool {
+        self.backoff.due(target, now)
+    }
+
+    /// One upkeep step at `now`, with `connected` peers and `dialing` dials in flight.
+    /// `candidates` are the targets the node could dial, each with a tier (0 first: peers
+    /// known alive before peers last seen failed, say). Targets not yet due are skipped; up
+    /// to the shortfall (at most `max_dials_per_step`) are picked at random from the lowest
+    /// tier, then the next, and each is recorded as tried.
+    pub fn step(
+        &mut self,
+        now: UnixMillis,
+        connected: usize,
+        dialing: usize,
+        candidates: impl IntoIterator<Item = (K, u8)>,
+        rng: &mut impl Rng,
+    ) -> DegreeStep<K> {
+        let rebootstrap = connected == 0 && self.had_connections;
+        if rebootstrap {
+            self.backoff.reset(now);
+        }
+        self.had_connections = connected > 0;
+        let mut want = self
+            .config
+            .target
+            .saturating_sub(connected + dialing)
+            .min(self.config.max_dials_per_step);
+        let mut dial = Vec::new();
+        if want > 0 {
+            let mut tiers: std::collections::BTreeMap<u8, Vec<K>> = Default::default();
+            for (k, tier) in candidates {
+                if self.backoff.due(&k, now) {
+                    tiers.entry(tier).or_default().push(k);
+                }
+            }
+            for (_, mut due) in tiers {
+                // A partial Fisher-Yates: the first `take` places hold a uniform sample.
+                let take = want.min(due.len());
+                for i in 0..take {
+                    let j = rng.gen_range(i..due.len());
+                    due.swap(i, j);
+                }
+                due.truncate(take);
+                want -= take;
+                dial.extend(due);
+                if want == 0 {
+                    break;
+                }
+            }
+            for k in &dial {
+                self.backoff.tried(k.clone(), now, rng);
+            }
+        }
+        DegreeStep { rebootstrap, dial }
+    }
+}
+
+/// Re-dialling peers last seen failed, one at a time and regardless of degree: a node that
+/// has its degree within one half of a partition would otherwise never look across again,
+/// and the halves would wait for a DHT walk to meet. Each failed peer is retried with a short
+/// capped back-off (a peer that really left costs a refused dial every few seconds, until
+/// membership forgets it).
+#[derive(Debug)]
+pub struct Revival<K> {
+    backoff: Backoff<K>,
+}
+
+impl<K: Eq + Hash + Clone> Revival<K> {
+    /// Retries spaced by `backoff` (its cap bounds how long a healed partition waits).
+    pub fn new(backoff: BackoffConfig) -> Self {
+        Self {
+            backoff: Backoff::new(backoff),
+        }
+    }
+
+    /// The back-off for revival dials of 1 s doubling to 8 s.
+    pub fn default_backoff() -> BackoffConfig {
+        BackoffConfig {
+            first_ms: 1_000,
+            max_ms: 8_000,
+            max_targets: 4_096,
+        }
+    }
+
+    /// One failed peer to dial now, if any is due; recorded as tried.
+    pub fn step(
+        &mut self,
+        now: UnixMillis,
+        failed: impl IntoIterator<Item = K>,
+        rng: &mut impl Rng,
+    ) -> Option<K> {
+        let due: Vec<K> = failed
+            .into_iter()
+            .filter(|k| self.backoff.due(k, now))
+            .collect();
+        if due.is_empty() {
+            return None;
+        }
+        let pick = due[rng.gen_range(0..due.len())].clone();
+        self.backoff.tried(pick.clone(), now, rng);
+        Some(pick)
+    }
+
+    /// The peer is connected again: forget its back-off.
+    pub fn revived(&mut self, peer: &K) {
+        self.backoff.succeeded(peer);
+    }
+}
+
+/// A connection as [`shed`] sees it.
+#[derive(Debug, Clone)]
+pub struct Connected<K> {
+    /// The peer.
+    pub peer: K,
+    /// When the (oldest) connection to it was established.
+    pub since: UnixMillis,
+    /// Whether the peer dialled us (its slot is the first to give back).
+    pub inbound: bool,
+    /// Never shed (a bootstrap peer, a peer with work in flight).
+    pub protected: bool,
+    /// Its reputation score; lower is shed first among equals.
+    pub score: f64,
+}
+
+/// Connections younger than this are not shed: a newcomer needs time to sync and to find
+/// other peers through this one.
+pub const SHED_GRACE_MS: u64 = 20_000;
+
+/// Which peers to disconnect at `now` so that at most `config.low_water()` remain, once
+/// more than `config.high` are connected. Inbound before outbound (the peers we chose keep
+/// the node from being eclipsed by those that chose us), lower score first, then the
+/// youngest; protected peers and those within [`SHED_GRACE_MS`] are kept.
+pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected<K>]) -> Vec<K> {
+    if conns.len() <= config.high {
+        return Vec::new();
+    }
+    let excess = conns.len() - config.low_water();
+    let mut sheddable: Vec<&Connected<K>> = conns
+        .iter()
+        .filter(|c| !c.protected && now.saturating_sub(c.since) >= SHED_GRACE_MS)
+        .collect();
+    sheddable.sort_by(|a, b| {
+        b.inbound
+            .cmp(&a.inbound)
+            .then(a.score.total_cmp(&b.score))
+            .then(b.since.cmp(&a.since))
+    });
+    sheddable
+        .into_iter()
+        .take(excess)
+        .map(|c| c.peer.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    #[test]
+    fn retries_back_off_exponentially_with_jitter_up_to_the_cap() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut b = Backoff::new(BackoffConfig {
+            first_ms: 1_000,
+            max_ms: 16_000,
+            max_targets: 8,
+        });
+        let mut now = 0;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            assert!(b.due(&"boot", now));
+            let wait = b.tried("boot", now, &mut rng);
+            assert!(!b.due(&"boot", now + wait - 1));
+            waits.push(wait);
+            now += wait;
+        }
+        for (i, w) in waits.iter().enumerate() {
+            let base = (1_000u64 << i).min(16_000);
+            assert!(
+                *w >= base / 2 && *w < base * 3 / 2,
+                "try {i}: {w} vs {base}"
+            );
+        }
+        // Jitter: two targets tried at the same instants do not stay in lockstep.
+        let mut c = Backoff::new(BackoffConfig::default());
+        let (a, z) = (c.tried("a", 0, &mut rng), c.tried("z", 0, &mut rng));
+        assert_ne!(a, z);
+        // Success clears; reset makes everything due.
+        b.succeeded(&"boot");
+        assert!(b.due(&"boot", now));
+        c.hold("held", 5_000);
+        c.reset(1_000);
+        assert!(c.due(&"a", 0) && c.len() == 1);
+        assert!(
+            !c.due(&"held", 4_999) && c.due(&"held", 5_000),
+            "holds outlive a reset"
+        );
+        c.succeeded(&"held");
+        assert!(!c.due(&"held", 4_999), "and a success");
+    }
+
+    #[test]
+    fn the_back_off_table_stays_bounded() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut b = Backoff::new(BackoffConfig {
+            max_targets: 16,
+            ..Default::default()
+        });
+        for k in 0..1_000u32 {
+            b.tried(k, u64::from(k), &mut rng);
+            b.hold(k + 10_000, 5);
+        }
+        assert!(b.len() <= 16);
+    }
+
+    #[test]
+    fn upkeep_dials_the_shortfall_counting_dials_in_flight() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut d = Degree::new(DegreeConfig::for_target(8), BackoffConfig::default());
+        let peers: Vec<(u32, u8)> = (0..50).map(|p| (p, 0)).collect();
+        let step = d.step(0, 2, 0, peers.clone(), &mut rng);
+        assert_eq!(step.dial.len(), 4, "at most four per step");
+        let step2 = d.step(100, 2, 4, peers.clone(), &mut rng);
+        assert_eq!(step2.dial.len(), 2, "8 - 2 connected - 4 in flight");
+        assert!(
+            step2.dial.iter().all(|p| !step.dial.contains(p)),
+            "tried ones wait"
+        );
+        assert!(d.step(200, 8, 0, peers.clone(), &mut rng).dial.is_empty());
+        assert!(d.step(300, 5, 3, peers, &mut rng).dial.is_empty());
+        // Lower tiers first: two alive peers due, then the failed ones fill the rest.
+        let mut d = Degree::new(DegreeConfig::for_target(8), BackoffConfig::default());
+        let tiered = [(1u32, 1), (2, 0), (3, 1), (4, 0), (5, 1), (6, 1)];
+        let dial = d.step(0, 0, 0, tiered, &mut rng).dial;
+        assert_eq!(dial.len(), 4);
+        assert!(dial.contains(&2) && dial.contains(&4), "{dial:?}");
+    }
+
+    #[test]
+    fn a_candidate_that_keeps_failing_is_not_hammered() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut d = Degree::new(DegreeConfig::for_target(8), BackoffConfig::default());
+        let mut dials = 0;
+        // One candidate, no connection ever succeeds, a step every 100 ms for 60 s.
+        for t in 0..600u64 {
+            dials += d.step(t * 100, 1, 0, [(42u32, 0)], &mut rng).dial.len();
+        }
+        // 1, 2, 4, 8, 16, 32 s (x0.5..1.5): at most ~9 tries in a minute, at least 4.
+        assert!((4..=9).contains(&dials), "{dials} dials");
+    }
+
+    #[test]
+    fn losing_every_connection_rebootstraps_at_once() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut d = Degree::new(DegreeConfig::for_target(8), BackoffConfig::default());
+        // Never connected: no re-bootstrap signal (the driver's first dials are the bootstrap).
+        assert!(!d.step(0, 0, 0, [(1u32, 0)], &mut rng).rebootstrap);
+        assert!(!d.due(&1, 1));
+        assert!(!d.step(1_000, 3, 0, [(1u32, 0)], &mut rng).rebootstrap);
+        let step = d.step(2_000, 0, 0, [(1u32, 0)], &mut rng);
+        assert!(step.rebootstrap);
+        assert_eq!(step.dial, vec![1], "back-offs were reset");
+        assert!(
+            !d.step(3_000, 0, 0, [(1u32, 0)], &mut rng).rebootstrap,
+            "once per loss"
+        );
+    }
+
+    #[test]
+    fn failed_peers_are_retried_one_at_a_time_within_the_cap() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut r = Revival::new(Revival::<u32>::default_backoff());
+        let failed = [1u32, 2, 3];
+        let mut tries: HashMap<u32, Vec<u64>> = HashMap::new();
+        for t in 0..600u64 {
+            let now = t * 100;
+            if let Some(p) = r.step(now, failed, &mut rng) {
+                tries.entry(p).or_default().push(now);
+            }
+        }
+        for p in failed {
+            let at = &tries[&p];
+            // Never much more than 12 s (8 s x 1.5) between two tries, backed off fully.
+            assert!(at.windows(2).all(|w| w[1] - w[0] <= 12_500), "{p}: {at:?}");
+            assert!(at.len() >= 5, "{p}: {at:?}");
+        }
+        assert_eq!(r.step(0, std::iter::empty(), &mut rng), None);
+    }
+
+    fn conn(peer: u32, since: u64, inbound: bool) -> Connected<u32> {
+        Connected {
+            peer,
+            since,
+            inbound,
+            protected: false,
+            score: 0.0,
+        }
+    }
+
+    #[test]
+    fn shedding_starts_above_high_water_and_keeps_chosen_old_protected_peers() {
+        let config = DegreeConfig::for_target(8); // high 16, low water 12
+        let now = 100_000;
+        let mut conns: Vec<Connected<u32>> = (0..16).map(|p| conn(p, 0, p % 2 == 0)).collect();
+        assert!(
+            shed(&config, now, &conns).is_empty(),
+            "at high water: keep all"
+        );
+        conns.push(conn(100, now - 1_000, true)); // in its grace period
+        conns.push(conn(101, 0, true));
+        conns[1].protected = true;
+        conns[3].score = -50.0;
+        let out = shed(&config, now, &conns);
+        assert_eq!(out.len(), 18 - 12);
+        assert!(!out.contains(&100), "young connections are kept");
+        assert!(!out.contains(&1), "protected ones are kept");
+        // Inbound first: there are 9 inbound old enough (0, 2, …, 14 and 101), 6 are shed.
+        let inbound: Vec<&u32> = out.iter().filter(|p| **p % 2 == 0 || **p == 101).collect();
+        assert_eq!(inbound.len(), 6, "{out:?}");
+        // Among outbound, a low score goes first.
+        let mut outbound: Vec<Connected<u32>> = (0..20).map(|p| conn(p, 0, false)).collect();
+        outbound[3].score = -50.0;
+        assert_eq!(shed(&config, now, &outbound)[0], 3);
+    }
+}

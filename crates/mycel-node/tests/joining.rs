@@ -1,0 +1,172 @@
+//! Joins that never strand, on real nodes over loopback: a newcomer whose only bootstrap peer
+//! is full gets referrals instead of a refusal, a node started before its bootstrap peer keeps
+//! dialling it, and a node that lost every connection dials its bootstrap list again.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{addrs_of, local_config, wait_until};
+use libp2p::multiaddr::Protocol;
+use mycel_net::Multiaddr;
+use mycel_node::Node;
+
+/// The node's TCP address without its peer id (dialled as a bare bootstrap address).
+fn tcp_addr(node: &Node) -> Multiaddr {
+    node.net
+        .listen_addrs()
+        .iter()
+        .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
+        .cloned()
+        .expect("a TCP listen address")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn connections(node: &Node) -> usize {
+    node.net.status().await.map_or(0, |s| s.connections)
+}
+
+async fn sees_alive(node: &Node, other: &Node) -> bool {
+    node.net
+        .peer(other.net.peer_id())
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|p| p.state == mycel_core::membership::PeerState::Alive)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_whose_only_bootstrap_peer_is_full_joins_through_its_referrals() {
+    let root = tempfile::tempdir().unwrap();
+    // A hub that takes two connections, and two nodes that fill them.
+    let mut config = local_config(&root.path().join("hub"), Vec::new(), false);
+    config.limits.max_connections = 2;
+    let hub = Node::start(config).await.unwrap();
+    let mut members = Vec::new();
+    for name in ["a", "b"] {
+        let config = local_config(&root.path().join(name), addrs_of(&hub), false);
+        members.push(Node::start(config).await.unwrap());
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "the members know each other",
+        || async {
+            sees_alive(&members[0], &members[1]).await && sees_alive(&members[1], &members[0]).await
+        },
+    )
+    .await;
+    wait_until(Duration::from_secs(20), "the hub is full", || async {
+        connections(&hub).await >= 2
+    })
+    .await;
+
+    // The newcomer knows only the hub.
+    let config = local_config(&root.path().join("newcomer"), addrs_of(&hub), false);
+    let newcomer = Node::start(config).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the newcomer is connected to the members and sees them alive",
+        || async {
+            connections(&newcomer).await >= 1
+                && sees_alive(&newcomer, &members[0]).await
+                && sees_alive(&newcomer, &members[1]).await
+        },
+    )
+    .await;
+    // It got there through the hub's goodbye, and the hub stayed at its cap.
+    assert!(
+        hub.net.metrics().referred_total() >= 1,
+        "no referral counted"
+    );
+    assert!(newcomer.net.metrics().goodbyes_received_total() >= 1);
+    wait_until(
+        Duration::from_secs(10),
+        "the hub is back within its cap",
+        || async { connections(&hub).await <= 2 },
+    )
+    .await;
+    // And the members see the newcomer alive (it joined the network, not just two peers).
+    for member in &members {
+        wait_until(
+            Duration::from_secs(20),
+            "the members see the newcomer",
+            || async { sees_alive(member, &newcomer).await },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_its_bootstrap_peer_joins_when_it_comes_up() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let bootstrap: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let early = Node::start(local_config(
+        &root.path().join("early"),
+        vec![bootstrap],
+        false,
+    ))
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(10), "the first dial failed", || async {
+        early.net.status().await.unwrap().dial_failures >= 1
+    })
+    .await;
+    let mut config = local_config(&root.path().join("late"), Vec::new(), false);
+    config.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()];
+    let late = Node::start(config).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the early node reached its bootstrap peer",
+        || async { sees_alive(&early, &late).await && sees_alive(&late, &early).await },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_every_connection_dials_its_bootstrap_list_again() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let mut config = local_config(&root.path().join("first"), Vec::new(), false);
+    config.listen = vec![listen.clone()];
+    let first = Node::start(config).await.unwrap();
+    let node = Node::start(local_config(
+        &root.path().join("node"),
+        vec![tcp_addr(&first)],
+        false,
+    ))
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(20), "the node joined", || async {
+        sees_alive(&node, &first).await
+    })
+    .await;
+    let first_id = first.net.peer_id();
+    first.shutdown().await;
+    wait_until(
+        Duration::from_secs(20),
+        "the node lost its only peer",
+        || async { connections(&node).await == 0 },
+    )
+    .await;
+    // A different node (new identity, empty peer book, no bootstrap of its own) now listens
+    // at the bootstrap address: only the node's own re-dialling can connect the two.
+    let mut config = local_config(&root.path().join("second"), Vec::new(), false);
+    config.listen = vec![listen];
+    let second = Node::start(config).await.unwrap();
+    assert_ne!(second.net.peer_id(), first_id);
+    wait_until(
+        Duration::from_secs(30),
+        "the node re-joined through its bootstrap address",
+        || async { sees_alive(&node, &second).await && sees_alive(&second, &node).await },
+    )
+    .await;
+}
