@@ -97,6 +97,9 @@ struct NodeArgs {
     /// Most established connections.
     #[arg(long, default_value_t = 24)]
     max_connections: u32,
+    /// Connections the node keeps: it dials while below and sheds above twice this.
+    #[arg(long, default_value_t = 8)]
+    target_peers: usize,
     /// Seconds after which a silent peer's announcement expires (failure detection bound for
     /// peers not directly connected).
     #[arg(long, default_value_t = 90)]
@@ -240,6 +243,12 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.metered = args.metered;
     config.train_attack = args.train_attack;
     config.limits.max_connections = args.max_connections;
+    anyhow::ensure!(
+        args.target_peers >= 1 && args.target_peers <= args.max_connections as usize,
+        "--target-peers must be between 1 and --max-connections ({})",
+        args.max_connections
+    );
+    config.limits.target_peers = args.target_peers;
     config.limits.max_missed_pings = args.max_missed_pings;
     config.timing.announce_ttl = std::time::Duration::from_secs(args.announce_ttl.max(2));
     config.timing.announce_interval = config.timing.announce_ttl / 3;

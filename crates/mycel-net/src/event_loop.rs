@@ -54,8 +54,9 @@ const GOODBYE_HOLD: Duration = Duration::from_secs(60);
 const PARTING_TIMEOUT: Duration = Duration::from_secs(3);
 /// A connection closed this soon after its peer said goodbye is no reason to probe it.
 const PARTED_MEMORY: Duration = Duration::from_secs(10);
-/// How long a dial of ours may stay unresolved before it no longer counts as in flight.
-const DIAL_IN_FLIGHT: Duration = Duration::from_secs(15);
+/// How long a dial of ours may stay unresolved before it no longer counts as in flight (a dial
+/// into a blackhole hangs until `Timing::dial_timeout`; it must not stop the node dialling others).
+const DIAL_IN_FLIGHT: Duration = Duration::from_secs(5);
 /// Least time between two probes of the same peer.
 const PROBE_COOLDOWN: Duration = Duration::from_secs(10);
 /// First interval between periodic syncs; doubles up to `Timing::max_sync_interval`.

