@@ -326,16 +326,12 @@ impl EventLoop {
             .map(|(peer, _)| *peer)
     }
 
-    /// Dials a degree-upkeep target (stream addresses first: a refused TCP dial fails at
-    /// once, a QUIC one waits for its handshake timeout) and counts it in flight.
+    /// Dials a degree-upkeep target and counts it in flight.
     fn dial_target(&mut self, target: Target, now: u64) {
         let opts = match &target {
             Target::Addr(addr) => DialOpts::unknown_peer_id().address(addr.clone()).build(),
             Target::Peer(peer) => {
-                let mut addrs = self.known_addrs(peer);
-                if addrs.iter().any(is_stream_addr) {
-                    addrs.retain(is_stream_addr);
-                }
+                let addrs = self.dial_addrs(peer);
                 if addrs.is_empty() {
                     return;
                 }
@@ -702,6 +698,16 @@ impl EventLoop {
         addrs
     }
 
+    /// Where upkeep and revival dial `peer`: its stream addresses if it has any (a refused TCP
+    /// dial fails at once, a QUIC one waits for its handshake timeout), else all it has.
+    fn dial_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        let mut addrs = self.known_addrs(peer);
+        if addrs.iter().any(is_stream_addr) {
+            addrs.retain(is_stream_addr);
+        }
+        addrs
+    }
+
     /// Feeds a peer's announced addresses (as membership just stored them) to Kademlia and the
     /// peer book. Filling the routing table from announcements, without dialling, is what keeps
     /// Kademlia from bootstrapping over and over while its table holds fewer than 20 peers.
@@ -770,10 +776,7 @@ impl EventLoop {
             .map(|(peer, _)| *peer)
             .collect();
         if let Some(peer) = self.revival.step(now, failed, &mut self.rng) {
-            let mut addrs = self.known_addrs(&peer);
-            if addrs.iter().any(is_stream_addr) {
-                addrs.retain(is_stream_addr);
-            }
+            let addrs = self.dial_addrs(&peer);
             let _ = self.dial_peer(peer, addrs);
         }
         self.shed(now);
