@@ -48,6 +48,8 @@ const MAX_SYNCS_IN_FLIGHT: usize = 4;
 const LAN_DIAL_COOLDOWN: Duration = Duration::from_secs(3);
 /// Most LAN peers remembered.
 const MAX_LAN_PEERS: usize = 256;
+/// How often degree upkeep runs while the node is short of its degree.
+const SHORT_UPKEEP: Duration = Duration::from_millis(250);
 /// How long a peer that said goodbye is not dialled again to keep our degree up.
 const GOODBYE_HOLD: Duration = Duration::from_secs(60);
 /// How long a goodbye may take before the connection is closed anyway.
@@ -224,6 +226,11 @@ impl EventLoop {
         let timing = self.config.timing.clone();
         let mut tick = tokio::time::interval(timing.tick_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While short of its degree a node looks again every 250 ms, not once a tick: nodes
+        // started together find their bootstrap peers not listening yet, and their first
+        // retries (back-off from 250 ms) should not wait for the next whole tick.
+        let mut short_tick = tokio::time::interval(SHORT_UPKEEP.min(timing.tick_interval));
+        short_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let announce_sleep = tokio::time::sleep_until(self.next_announce());
         tokio::pin!(announce_sleep);
         // Kademlia bootstraps by itself once its table is seeded (from identify and from
@@ -241,6 +248,11 @@ impl EventLoop {
                     Some(command) => self.on_command(command),
                 },
                 _ = tick.tick() => self.on_tick(),
+                _ = short_tick.tick() => {
+                    if self.swarm.connected_peers().count() < self.config.limits.target_peers {
+                        self.maintain_degree();
+                    }
+                }
                 _ = &mut announce_sleep => self.announce(),
                 _ = &mut walk_sleep => {
                     self.random_walk();
@@ -585,6 +597,7 @@ impl EventLoop {
         }
         self.update_gauges();
         self.maintain_degree();
+        self.upkeep();
         self.dial_lan_peers();
     }
 
@@ -735,7 +748,7 @@ impl EventLoop {
         self.swarm.dial(opts)
     }
 
-    /// Dials while this node has fewer connections than it wants, a few per tick, each target
+    /// Dials while this node has fewer connections than it wants, a few per step, each target
     /// retried with capped exponential back-off (mycel-core's `peering`): bootstrap addresses
     /// and remembered peers until the node has its degree, announced peers to spread out.
     /// Losing every connection starts over from the bootstrap list at once.
@@ -764,6 +777,11 @@ impl EventLoop {
         for target in step.dial {
             self.dial_target(target, now);
         }
+    }
+
+    /// Once a tick: revival of failed peers, shedding, overdue goodbyes.
+    fn upkeep(&mut self) {
+        let now = now_ms();
         let failed: Vec<PeerId> = self
             .membership
             .peers()
