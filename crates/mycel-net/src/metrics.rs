@@ -137,6 +137,11 @@ impl NetMetrics {
         self.referred.get()
     }
 
+    /// Connections this node closed on purpose with a goodbye (at its cap, or shedding).
+    pub fn goodbyes_sent_total(&self) -> u64 {
+        self.goodbyes_sent.get()
+    }
+
     /// Goodbyes (with referrals) received from peers closing a connection.
     pub fn goodbyes_received_total(&self) -> u64 {
         self.goodbyes_received.get()

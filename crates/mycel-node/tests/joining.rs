@@ -170,3 +170,43 @@ async fn a_node_that_lost_every_connection_dials_its_bootstrap_list_again() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_above_twice_its_target_sheds_connections_with_a_goodbye_not_a_failure() {
+    let root = tempfile::tempdir().unwrap();
+    // Target 2: shed above 4, down to 3.
+    let mut config = local_config(&root.path().join("hub"), Vec::new(), false);
+    config.limits.target_peers = 2;
+    let hub = Node::start(config).await.unwrap();
+    let mut leaves = Vec::new();
+    for k in 0..6 {
+        let mut config = local_config(&root.path().join(format!("leaf{k}")), addrs_of(&hub), false);
+        config.limits.target_peers = 1;
+        leaves.push(Node::start(config).await.unwrap());
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "all six leaves reach the hub",
+        || async { connections(&hub).await >= 6 },
+    )
+    .await;
+    // Connections are kept for their first 20 s (mycel-core's peering::SHED_GRACE_MS).
+    wait_until(
+        Duration::from_secs(45),
+        "the hub sheds down to its band",
+        || async { connections(&hub).await <= 4 },
+    )
+    .await;
+    assert!(hub.net.metrics().goodbyes_sent_total() >= 2);
+    // The leaves it let go took the goodbye for what it was: the hub is alive to all of them,
+    // and each found another peer through the referrals.
+    for leaf in &leaves {
+        wait_until(
+            Duration::from_secs(20),
+            "every leaf is connected",
+            || async { connections(leaf).await >= 1 },
+        )
+        .await;
+        assert!(sees_alive(leaf, &hub).await, "a shed leaf failed the hub");
+    }
+}
