@@ -162,6 +162,9 @@ pub struct NetConfig {
     /// a peer that hears of this node must not find them unsupported while the node starts.
     /// [`crate::NetHandle::accept_streams`] hands each out once.
     pub accept: Vec<libp2p::StreamProtocol>,
+    /// Seeds the event loop's random choices (jitter, whom to dial, whom to sync with), so a
+    /// run can be replayed. Derived from the identity unless set.
+    pub seed: u64,
 }
 
 impl NetConfig {
@@ -179,6 +182,9 @@ impl NetConfig {
 
     /// A configuration with defaults for everything but the identity.
     pub fn new(keypair: Keypair) -> Self {
+        let identity = blake3::hash(&keypair.public().encode_protobuf());
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&identity.as_bytes()[..8]);
         Self {
             keypair,
             transport: TransportKind::TcpQuic,
@@ -191,6 +197,7 @@ impl NetConfig {
             timing: Timing::default(),
             limits: Limits::default(),
             accept: Vec::new(),
+            seed: u64::from_le_bytes(seed),
         }
     }
 }

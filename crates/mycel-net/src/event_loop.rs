@@ -196,8 +196,8 @@ impl EventLoop {
             since: HashMap::new(),
             parting: HashMap::new(),
             parted: HashMap::new(),
-            // Decisions take this generator, never a thread-local one: a simulator can seed it.
-            rng: StdRng::from_entropy(),
+            // Decisions take this generator, never a thread-local one: runs can be replayed.
+            rng: StdRng::seed_from_u64(config.seed),
             pending: HashMap::new(),
             syncs_in_flight: 0,
             lan_peers: HashMap::new(),

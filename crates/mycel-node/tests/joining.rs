@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{addrs_of, local_config, wait_until};
+use common::{addrs_of, free_port, local_config, wait_until};
 use libp2p::multiaddr::Protocol;
 use mycel_net::Multiaddr;
 use mycel_node::Node;
@@ -19,14 +19,6 @@ fn tcp_addr(node: &Node) -> Multiaddr {
         .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
         .cloned()
         .expect("a TCP listen address")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn connections(node: &Node) -> usize {

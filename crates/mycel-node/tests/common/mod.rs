@@ -62,6 +62,15 @@ pub async fn cluster(root: &Path, n: usize) -> Vec<Node> {
     nodes
 }
 
+/// A free TCP port on 127.0.0.1 (released before use; fine on a test machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `condition` every 50 ms until it holds, panicking with `what` after `limit`.
 pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut condition: F)
 where
