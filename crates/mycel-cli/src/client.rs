@@ -167,6 +167,18 @@ pub(crate) fn status(args: ClientArgs) -> anyhow::Result<()> {
     for addr in net["listen_addrs"].as_array().into_iter().flatten() {
         println!("listening    {}", addr.as_str().unwrap_or("?"));
     }
+    println!(
+        "reachable    {}{}",
+        net["reachability"].as_str().unwrap_or("?"),
+        if net["relay_server"].as_bool() == Some(true) {
+            " (serving as a relay)"
+        } else {
+            ""
+        }
+    );
+    for relay in net["relays"].as_array().into_iter().flatten() {
+        println!("relayed via  {}", relay.as_str().unwrap_or("?"));
+    }
     println!("connections  {}", net["connections"]);
     println!(
         "peers        {} alive ({} with capabilities), {} failed",
@@ -207,8 +219,8 @@ pub(crate) fn peers(args: ClientArgs) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     println!(
-        "{:<52} {:<7} {:>4} {:>9} {:>6} {:>8} {:>10}",
-        "PEER", "STATE", "CONN", "RTT", "CORES", "MEM GiB", "LAST SEEN"
+        "{:<52} {:<7} {:>4} {:<7} {:>9} {:>6} {:>8} {:>10}",
+        "PEER", "STATE", "CONN", "REACH", "RTT", "CORES", "MEM GiB", "LAST SEEN"
     );
     for peer in list {
         let caps = &peer["capabilities"];
@@ -227,7 +239,7 @@ pub(crate) fn peers(args: ClientArgs) -> anyhow::Result<()> {
             format!("{}s ago", now.saturating_sub(t) / 1000)
         });
         println!(
-            "{:<52} {:<7} {:>4} {:>9} {:>6} {:>8} {:>10}",
+            "{:<52} {:<7} {:>4} {:<7} {:>9} {:>6} {:>8} {:>10}",
             peer["peer_id"].as_str().unwrap_or("?"),
             peer["state"].as_str().unwrap_or("?"),
             if peer["connected"].as_bool() == Some(true) {
@@ -235,6 +247,7 @@ pub(crate) fn peers(args: ClientArgs) -> anyhow::Result<()> {
             } else {
                 "no"
             },
+            peer["reachability"].as_str().unwrap_or("?"),
             rtt,
             cores,
             mem,

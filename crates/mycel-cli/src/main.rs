@@ -100,6 +100,21 @@ struct NodeArgs {
     /// Connections the node keeps: it dials while below and sheds above twice this.
     #[arg(long, default_value_t = 8)]
     target_peers: usize,
+    /// Serve as a relay for nodes behind NATs: auto (once this node is found reachable from
+    /// outside), on or off.
+    #[arg(long, default_value = "auto", value_parser = parse_relay_server)]
+    relay_server: mycel_net::RelayServer,
+    /// An address of this node reachable from outside (repeatable), e.g. a port forwarded on
+    /// the router: announced, and the node counts as public.
+    #[arg(long, value_name = "MULTIADDR", value_parser = parse_multiaddr)]
+    external_addr: Vec<Multiaddr>,
+    /// Let blobs, model files and training updates travel over relayed connections when no
+    /// direct one can be made (off: they wait for a hole punch, then fail with a clear error).
+    #[arg(long)]
+    allow_relayed_data: bool,
+    /// Do not ask a UPnP gateway to forward our port.
+    #[arg(long)]
+    no_upnp: bool,
     /// Seconds after which a silent peer's announcement expires (failure detection bound for
     /// peers not directly connected).
     #[arg(long, default_value_t = 90)]
@@ -195,6 +210,15 @@ pub(crate) fn parse_engine(s: &str) -> Result<mycel_ml::Engine, String> {
     }
 }
 
+pub(crate) fn parse_relay_server(s: &str) -> Result<mycel_net::RelayServer, String> {
+    match s {
+        "auto" => Ok(mycel_net::RelayServer::Auto),
+        "on" => Ok(mycel_net::RelayServer::On),
+        "off" => Ok(mycel_net::RelayServer::Off),
+        other => Err(format!("unknown relay mode {other:?}; use auto, on or off")),
+    }
+}
+
 pub(crate) fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
     s.parse::<Multiaddr>().map_err(|e| {
         format!("{e}; expected a multiaddr such as /ip4/192.0.2.7/tcp/4001 or /ip4/192.0.2.7/udp/4001/quic-v1 (optionally ending in /p2p/<peer id>)")
@@ -250,6 +274,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     );
     config.limits.target_peers = args.target_peers;
     config.limits.max_missed_pings = args.max_missed_pings;
+    config.nat.relay_server = args.relay_server;
+    config.nat.external_addrs = args.external_addr;
+    config.nat.allow_relayed_data = args.allow_relayed_data;
+    config.nat.upnp = !args.no_upnp;
     config.timing.announce_ttl = std::time::Duration::from_secs(args.announce_ttl.max(2));
     config.timing.announce_interval = config.timing.announce_ttl / 3;
     config.timing.ping_interval = std::time::Duration::from_secs(args.ping_interval.max(1));

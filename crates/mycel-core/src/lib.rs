@@ -36,6 +36,7 @@ pub mod id;
 pub mod membership;
 pub mod peering;
 pub mod ratelimit;
+pub mod reach;
 pub mod reputation;
 pub mod routing;
 pub mod statement;

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::reach::Reachability;
 use crate::statement::{Capabilities, DownReport, SignedStatement, Statement};
 use crate::wire::Rejection;
 use crate::{PeerId, UnixMillis};
@@ -110,6 +111,12 @@ pub struct PeerInfo {
     pub capabilities: Option<Capabilities>,
     /// Where it listens, from its latest announcement.
     pub addrs: Vec<String>,
+    /// Whether it can be dialled from outside, as it announced.
+    #[serde(default)]
+    pub reachability: Reachability,
+    /// Whether it serves as a relay, as it announced.
+    #[serde(default)]
+    pub relay: bool,
 }
 
 /// A change of a peer's state, for the driver to act on (log, metrics, persist, notify).
@@ -200,6 +207,8 @@ impl Membership {
                 expires_at: 0,
                 capabilities: None,
                 addrs: Vec::new(),
+                reachability: Reachability::Unknown,
+                relay: false,
             },
             latest: None,
             missed_pings: 0,
@@ -248,6 +257,8 @@ impl Membership {
                 info.expires_at = announcement.expires_at;
                 info.capabilities = Some(announcement.capabilities);
                 info.addrs = announcement.addrs;
+                info.reachability = announcement.reachability;
+                info.relay = announcement.relay;
                 info.last_seen = now;
                 entry.latest = Some(signed.clone());
                 Ok(Accepted::Announcement {
@@ -514,6 +525,8 @@ mod tests {
                 expires_at: now + TTL,
                 capabilities: caps,
                 addrs: vec![format!("/ip4/127.0.0.1/tcp/{seq}")],
+                reachability: Default::default(),
+                relay: false,
             }),
         )
     }

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::id::ContentId;
+use crate::reach::Reachability;
 use crate::wire::{self, Rejection};
 use crate::{Keypair, PeerId, PublicKey, UnixMillis};
 
@@ -163,6 +164,13 @@ pub struct Announcement {
     /// it can dial it: at most [`MAX_ANNOUNCED_ADDRS`], each at most [`MAX_ADDR_LEN`] bytes.
     #[serde(default)]
     pub addrs: Vec<String>,
+    /// Whether the node can be dialled from outside (its AutoNAT verdict). A private node's
+    /// addresses include relayed ones (`.../p2p/RELAY/p2p-circuit`).
+    #[serde(default)]
+    pub reachability: Reachability,
+    /// Whether the node serves as a relay for nodes that cannot be dialled.
+    #[serde(default)]
+    pub relay: bool,
 }
 
 /// A node's signed observation that another node is unreachable.
@@ -354,6 +362,8 @@ mod tests {
                 ..Default::default()
             },
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            reachability: Reachability::Private,
+            relay: false,
         })
     }
 
@@ -397,6 +407,8 @@ mod tests {
             expires_at: MAX_LIFETIME_MS + 1,
             capabilities: Capabilities::default(),
             addrs: Vec::new(),
+            reachability: Default::default(),
+            relay: false,
         });
         assert_eq!(
             SignedStatement::sign(&key, &long).verify(1),
@@ -449,6 +461,8 @@ mod tests {
                 expires_at: 1_000,
                 capabilities,
                 addrs,
+                reachability: Default::default(),
+                relay: false,
             }),
         )
     }

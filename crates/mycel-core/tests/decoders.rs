@@ -674,6 +674,8 @@ fn statement() -> impl Strategy<Value = Statement> {
                     expires_at: NOW - ago + life,
                     capabilities,
                     addrs,
+                    reachability: Default::default(),
+                    relay: false,
                 })
             ),
         (peer(), any::<u64>(), times).prop_map(|(subject, subject_seq, (ago, life))| {
@@ -1610,6 +1612,8 @@ fn announcement_claiming_addrs(claimed: u32) -> SignedStatement {
         expires_at: NOW + 1000,
         capabilities: Capabilities::default(),
         addrs: vec!["/ip4/1.2.3.4/tcp/1".into()],
+        reachability: Default::default(),
+        relay: false,
     });
     let mut body = wire::encode(&statement);
     let key_at = body

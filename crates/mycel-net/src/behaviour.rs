@@ -11,12 +11,14 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    allow_block_list, connection_limits, gossipsub, identify, kad, mdns, memory_connection_limits,
-    noise, ping, request_response, tcp, StreamProtocol, Swarm, SwarmBuilder, Transport,
+    allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns,
+    memory_connection_limits, noise, ping, relay, request_response, tcp, upnp, StreamProtocol,
+    Swarm, SwarmBuilder, Transport,
 };
 use prometheus_client::registry::Registry;
+use rand_autonat::SeedableRng as _;
 
-use crate::config::{NetConfig, TransportKind};
+use crate::config::{NetConfig, RelayServer, TransportKind};
 use crate::protocol::{
     SyncCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, STATEMENTS_TOPIC, SYNC_PROTOCOL,
 };
@@ -30,6 +32,12 @@ pub(crate) struct Behaviour {
     pub(crate) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub(crate) limits: connection_limits::Behaviour,
     pub(crate) memory: memory_connection_limits::Behaviour,
+    pub(crate) relay_client: relay::client::Behaviour,
+    pub(crate) relay: Toggle<relay::Behaviour>,
+    pub(crate) dcutr: Toggle<dcutr::Behaviour>,
+    pub(crate) autonat_client: Toggle<autonat::v2::client::Behaviour<rand_autonat::rngs::StdRng>>,
+    pub(crate) autonat_server: Toggle<autonat::v2::server::Behaviour<rand_autonat::rngs::StdRng>>,
+    pub(crate) upnp: Toggle<upnp::tokio::Behaviour>,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
     pub(crate) gossipsub: gossipsub::Behaviour,
@@ -40,7 +48,11 @@ pub(crate) struct Behaviour {
 }
 
 impl Behaviour {
-    fn new(key: &Keypair, config: &NetConfig) -> Result<Self, BoxError> {
+    fn new(
+        key: &Keypair,
+        relay_client: relay::client::Behaviour,
+        config: &NetConfig,
+    ) -> Result<Self, BoxError> {
         let peer_id = key.public().to_peer_id();
         let limits = &config.limits;
         let timing = &config.timing;
@@ -147,7 +159,58 @@ impl Behaviour {
             None
         };
 
+        let nat = &config.nat;
+        let relay = (nat.relay_server != RelayServer::Off).then(|| {
+            let mut relay = relay::Behaviour::new(
+                peer_id,
+                relay::Config {
+                    max_reservations: nat.max_reservations,
+                    max_reservations_per_peer: nat.max_reservations_per_peer,
+                    reservation_duration: nat.reservation_duration,
+                    max_circuits: nat.max_circuits,
+                    max_circuits_per_peer: nat.max_circuits_per_peer,
+                    max_circuit_duration: nat.max_circuit_duration,
+                    max_circuit_bytes: nat.max_circuit_bytes,
+                    ..Default::default()
+                },
+            );
+            // libp2p would serve as soon as any external address is confirmed, a relayed one
+            // included; the event loop decides from our own reachability instead.
+            relay.set_status(Some(if nat.relay_server == RelayServer::On {
+                relay::Status::Enable
+            } else {
+                relay::Status::Disable
+            }));
+            relay
+        });
+        // No NAT inside one process: the memory transport runs without probes.
+        let probes = nat.autonat && config.transport == TransportKind::TcpQuic;
+        let seeded = |salt: u64| rand_autonat::rngs::StdRng::seed_from_u64(config.seed ^ salt);
+        let autonat_client = probes.then(|| {
+            autonat::v2::client::Behaviour::new(
+                seeded(0x6175_746f),
+                autonat::v2::client::Config::default().with_probe_interval(Duration::from_secs(2)),
+            )
+        });
+        let autonat_server =
+            probes.then(|| autonat::v2::server::Behaviour::new(seeded(0x7365_7276)));
+        // SSDP goes to the LAN's multicast group: never from a node that only listens on
+        // loopback (tests, a node kept to one machine).
+        let upnp = (nat.upnp
+            && config.transport == TransportKind::TcpQuic
+            && !config.listen.iter().all(crate::event_loop::is_loopback))
+        .then(upnp::tokio::Behaviour::default);
+
         Ok(Self {
+            relay_client,
+            relay: relay.into(),
+            dcutr: nat
+                .hole_punch
+                .then(|| dcutr::Behaviour::new(peer_id))
+                .into(),
+            autonat_client: autonat_client.into(),
+            autonat_server: autonat_server.into(),
+            upnp: upnp.into(),
             connections: crate::cap::Behaviour::new(limits.max_connections),
             blocked: Default::default(),
             limits: connection_limits::Behaviour::new(connection_limits),
@@ -182,8 +245,12 @@ pub(crate) fn build_swarm(
                 crate::mux::Config::default,
             )?
             .with_quic()
+            .with_relay_client(
+                (crate::tls::Config::new, noise::Config::new),
+                crate::mux::Config::default,
+            )?
             .with_bandwidth_metrics(registry)
-            .with_behaviour(|key| Behaviour::new(key, config))?
+            .with_behaviour(|key, relay| Behaviour::new(key, relay, config))?
             .with_swarm_config(|c| {
                 // One address at a time: concurrent dials of a peer's TCP and QUIC addresses
                 // both succeed on loopback and leave duplicate connections to tear down.
@@ -200,8 +267,9 @@ pub(crate) fn build_swarm(
                     .authenticate(noise::Config::new(key)?)
                     .multiplex(crate::mux::Config::default()))
             })?
+            .with_relay_client(noise::Config::new, crate::mux::Config::default)?
             .with_bandwidth_metrics(registry)
-            .with_behaviour(|key| Behaviour::new(key, config))?
+            .with_behaviour(|key, relay| Behaviour::new(key, relay, config))?
             .with_swarm_config(|c| {
                 // One address at a time: concurrent dials of a peer's TCP and QUIC addresses
                 // both succeed on loopback and leave duplicate connections to tear down.

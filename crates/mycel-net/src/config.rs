@@ -135,6 +135,79 @@ impl Default for Limits {
     }
 }
 
+/// When this node serves as a relay for nodes that cannot be dialled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayServer {
+    /// Once an address of this node is confirmed reachable from outside (AutoNAT, a gateway's
+    /// port mapping, or an address the operator declared).
+    Auto,
+    /// Always (an operator who knows the node is reachable).
+    On,
+    /// Never.
+    Off,
+}
+
+/// NAT traversal. A node behind a NAT learns so from AutoNAT probes, reserves a slot on
+/// public relays and announces the relayed addresses; peers reach it through a relay and
+/// then punch a direct connection (DCUtR). Bulk data waits for the direct connection.
+#[derive(Debug, Clone)]
+pub struct NatConfig {
+    /// Serve as a relay.
+    pub relay_server: RelayServer,
+    /// Reservations the relay holds at once.
+    pub max_reservations: usize,
+    /// Reservations one peer may hold.
+    pub max_reservations_per_peer: usize,
+    /// How long a reservation lasts before the peer must renew it.
+    pub reservation_duration: Duration,
+    /// Relayed connections at once.
+    pub max_circuits: usize,
+    /// Relayed connections per peer.
+    pub max_circuits_per_peer: usize,
+    /// How long one relayed connection may last.
+    pub max_circuit_duration: Duration,
+    /// Bytes one relayed connection may carry (each direction counted together).
+    pub max_circuit_bytes: u64,
+    /// Reserve slots on relays when this node cannot be dialled.
+    pub relay_client: bool,
+    /// Hole punching over relayed connections (DCUtR).
+    pub hole_punch: bool,
+    /// AutoNAT v2: ask peers to dial us back, and dial back peers that ask.
+    pub autonat: bool,
+    /// Ask a UPnP gateway on the LAN to map our port (never on loopback-only nodes).
+    pub upnp: bool,
+    /// Addresses the operator declares reachable from outside: announced, and the node counts
+    /// as public.
+    pub external_addrs: Vec<Multiaddr>,
+    /// Let bulk data (blobs, model files, training updates) use relayed connections. Off by
+    /// default: bulk data waits for a direct connection or fails with a clear error.
+    pub allow_relayed_data: bool,
+    /// How long bulk data waits for a direct connection to a peer reached only by relay.
+    pub direct_wait: Duration,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        Self {
+            relay_server: RelayServer::Auto,
+            max_reservations: 128,
+            max_reservations_per_peer: 4,
+            reservation_duration: Duration::from_secs(60 * 60),
+            max_circuits: 16,
+            max_circuits_per_peer: 4,
+            max_circuit_duration: Duration::from_secs(10 * 60),
+            max_circuit_bytes: 8 << 20,
+            relay_client: true,
+            hole_punch: true,
+            autonat: true,
+            upnp: true,
+            external_addrs: Vec::new(),
+            allow_relayed_data: false,
+            direct_wait: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Everything the network needs to start.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
@@ -162,6 +235,8 @@ pub struct NetConfig {
     /// a peer that hears of this node must not find them unsupported while the node starts.
     /// [`crate::NetHandle::accept_streams`] hands each out once.
     pub accept: Vec<libp2p::StreamProtocol>,
+    /// NAT traversal: relays, hole punching, reachability probes, gateway port mapping.
+    pub nat: NatConfig,
     /// Seeds the event loop's random choices (jitter, whom to dial, whom to sync with), so a
     /// run can be replayed. Derived from the identity unless set.
     pub seed: u64,
@@ -197,6 +272,7 @@ impl NetConfig {
             timing: Timing::default(),
             limits: Limits::default(),
             accept: Vec::new(),
+            nat: NatConfig::default(),
             seed: u64::from_le_bytes(seed),
         }
     }

@@ -28,6 +28,8 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+mod nat;
+
 use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::config::NetConfig;
 use crate::handle::{now_ms, Command, NetError, NetEvent, NetStatus};
@@ -137,6 +139,8 @@ pub(crate) struct EventLoop {
     providing: HashSet<kad::RecordKey>,
     /// Provider lookups in flight: who asked, and the providers found so far.
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<PeerId>>, HashSet<PeerId>)>,
+    /// Reachability, relay reservations, direct connections.
+    nat: nat::Nat,
 }
 
 impl EventLoop {
@@ -167,7 +171,9 @@ impl EventLoop {
             config.limits.message_burst,
             4096,
         );
+        let nat = nat::Nat::new(now_ms(), !config.nat.external_addrs.is_empty());
         Self {
+            nat,
             capabilities: config.capabilities.clone(),
             last_announce: tokio::time::Instant::now(),
             last_ttl: config.timing.announce_ttl,
@@ -220,6 +226,10 @@ impl EventLoop {
         for event in early_events {
             self.on_swarm_event(event);
         }
+        for addr in self.config.nat.external_addrs.clone() {
+            self.swarm.add_external_address(addr);
+        }
+        self.apply_relay_status();
         self.dial_initial_peers();
         self.announce();
 
@@ -390,12 +400,14 @@ impl EventLoop {
             expires_at: now + ttl.as_millis() as u64,
             capabilities: self.capabilities.clone(),
             addrs: self
-                .listen_addrs
+                .announced_addrs()
                 .iter()
                 .map(|a| a.to_string())
                 .filter(|a| a.len() <= MAX_ADDR_LEN)
                 .take(MAX_ANNOUNCED_ADDRS)
                 .collect(),
+            reachability: self.nat.reach.status(),
+            relay: self.serves_relay(),
         });
         let signed = SignedStatement::sign(&self.config.keypair, &statement);
         self.membership.set_own(self.own_seq, signed.clone());
@@ -598,6 +610,7 @@ impl EventLoop {
         self.update_gauges();
         self.maintain_degree();
         self.upkeep();
+        self.nat_tick(now);
         self.dial_lan_peers();
     }
 
@@ -707,7 +720,8 @@ impl EventLoop {
                 }
             }
         }
-        addrs.sort_by_key(|a| !is_stream_addr(a));
+        // Relayed addresses last: a direct dial is tried first.
+        addrs.sort_by_key(|a| (nat::is_relayed(a), !is_stream_addr(a)));
         addrs
     }
 
@@ -969,7 +983,10 @@ impl EventLoop {
             return;
         }
         if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
-            for addr in addrs.iter().filter(|a| is_stream_addr(a)) {
+            for addr in addrs
+                .iter()
+                .filter(|a| is_stream_addr(a) && !nat::is_relayed(a))
+            {
                 kad.add_address(&peer, addr.clone());
             }
         }
@@ -1044,6 +1061,14 @@ impl EventLoop {
             rejected_messages: self.metrics.rejected_total(),
             connections_opened: self.connections_opened,
             dial_failures: self.dial_failures,
+            reachability: self.nat.reach.status().as_str().to_owned(),
+            relay_server: self.serves_relay(),
+            relays: self.nat.relays().iter().map(|p| p.to_base58()).collect(),
+            announced_addrs: self
+                .announced_addrs()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
         }
     }
 
@@ -1100,6 +1125,7 @@ impl EventLoop {
                     .map_err(|e| NetError::Other(format!("cannot dial {addr}: {e}")));
                 let _ = reply.send(result);
             }
+            Command::DirectPath(peer, reply) => self.direct_path(peer, reply),
             Command::AddAddresses(peer, addrs, reply) => {
                 if peer != *self.swarm.local_peer_id() {
                     self.remember_addrs(peer, addrs);
@@ -1216,6 +1242,7 @@ impl EventLoop {
             } => {
                 self.connections += 1;
                 self.connections_opened += 1;
+                self.nat_connection_established(peer_id, connection_id, &endpoint);
                 self.metrics.connections.set(self.connections as i64);
                 self.probing.remove(&peer_id);
                 if let Some((target, _)) = self.dialing.remove(&connection_id) {
@@ -1241,10 +1268,12 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 cause,
                 ..
             } => {
+                self.nat_connection_closed(peer_id, connection_id);
                 self.connections = self.connections.saturating_sub(1);
                 self.metrics.connections.set(self.connections as i64);
                 if num_established == 0 {
@@ -1282,6 +1311,7 @@ impl EventLoop {
                 self.dial_failures += 1;
                 self.dialing.remove(&connection_id);
                 debug!(%peer, "dial failed: {error}");
+                self.nat_dial_failed(peer, &error);
                 if self.probing.remove(&peer) {
                     // Our own limits refusing the dial says nothing about the peer.
                     if nobody_listens(&error) {
@@ -1292,11 +1322,34 @@ impl EventLoop {
                     }
                 }
             }
-            SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
-                self.listen_addrs.push(address);
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                let relayed = self.on_relay_listen_addr(listener_id, &address);
+                if !relayed && !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| *a != address);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                let why = match reason {
+                    Ok(()) => "closed".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                self.on_listener_closed(listener_id, &why)
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                self.on_listener_closed(listener_id, &error.to_string())
+            }
+            SwarmEvent::ExternalAddrConfirmed { .. } | SwarmEvent::ExternalAddrExpired { .. } => {
+                self.on_external_addrs_changed()
             }
             _ => {}
         }
@@ -1349,6 +1402,14 @@ impl EventLoop {
                         self.lan_peers.remove(&peer);
                     }
                 }
+            }
+            BehaviourEvent::AutonatClient(event) => self.on_autonat_client(event),
+            BehaviourEvent::RelayClient(event) => self.on_relay_client(event),
+            BehaviourEvent::Dcutr(event) => self.on_dcutr(event),
+            BehaviourEvent::Upnp(event) => self.on_upnp(event),
+            BehaviourEvent::Relay(event) => debug!(?event, "relay server"),
+            BehaviourEvent::AutonatServer(event) => {
+                debug!(client = %event.client, addr = %event.tested_addr, ok = event.result.is_ok(), "AutoNAT dial-back")
             }
             BehaviourEvent::Connections(_)
             | BehaviourEvent::Streams(())
@@ -1651,6 +1712,16 @@ fn refused_outright(error: &io::Error) -> bool {
 
 /// TCP and memory addresses: a dial to a dead one fails at once (QUIC waits for a timeout),
 /// and their refusal by a peer at its cap costs no handshake.
+/// Whether `addr` is on this host only (127.0.0.0/8, ::1, or libp2p's memory transport).
+pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        Protocol::Memory(_) => true,
+        _ => false,
+    })
+}
+
 fn is_stream_addr(addr: &Multiaddr) -> bool {
     addr.iter()
         .any(|p| matches!(p, Protocol::Tcp(_) | Protocol::Memory(_)))

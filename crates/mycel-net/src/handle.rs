@@ -51,6 +51,14 @@ pub enum NetError {
         /// What went wrong.
         reason: String,
     },
+    /// Bulk data would have to ride a relay: no direct connection to the peer could be made.
+    #[error("{peer}: {reason}")]
+    RelayedOnly {
+        /// The peer.
+        peer: PeerId,
+        /// What was tried, and what to do.
+        reason: String,
+    },
     /// A dial or publish failed.
     #[error("{0}")]
     Other(String),
@@ -95,6 +103,15 @@ pub struct NetStatus {
     pub connections_opened: u64,
     /// Dials that failed since start.
     pub dial_failures: u64,
+    /// Whether other nodes can dial this one: `public`, `private` (behind a NAT: reached
+    /// through relays) or `unknown`.
+    pub reachability: String,
+    /// Whether this node serves as a relay for nodes behind NATs.
+    pub relay_server: bool,
+    /// Relays this node holds a reservation with (peer ids).
+    pub relays: Vec<String>,
+    /// The addresses this node announces, best first: confirmed external, relayed, local.
+    pub announced_addrs: Vec<String>,
 }
 
 pub(crate) enum Command {
@@ -114,6 +131,7 @@ pub(crate) enum Command {
     },
     Dial(Multiaddr, oneshot::Sender<Result<(), NetError>>),
     AddAddresses(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
+    DirectPath(PeerId, oneshot::Sender<Result<(), NetError>>),
     Penalise(PeerId, Rejection),
     Reputation(PeerId, oneshot::Sender<f64>),
     Provide(Vec<ContentId>),
@@ -396,6 +414,19 @@ impl NetHandle {
         control
             .accept(protocol.clone())
             .map_err(|_| NetError::Other(format!("{protocol} streams are already being accepted")))
+    }
+
+    /// Opens a stream for bulk data (blob chunks, model files, training updates): only over a
+    /// direct connection. A peer reached only through a relay gets `NatConfig::direct_wait`
+    /// for a hole punch; then this fails with an error that says so, unless the node allows
+    /// relayed data (`NatConfig::allow_relayed_data`).
+    pub async fn open_bulk_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, NetError> {
+        self.ask(|tx| Command::DirectPath(peer, tx)).await??;
+        self.open_stream(peer, protocol).await
     }
 
     /// Opens a task stream to `peer` (dialling it if need be).

@@ -30,7 +30,7 @@ mod protocol;
 pub mod task;
 pub mod tls;
 
-pub use config::{Limits, NetConfig, Timing, TransportKind};
+pub use config::{Limits, NatConfig, NetConfig, RelayServer, Timing, TransportKind};
 pub use handle::{now_ms, spawn, NetError, NetEvent, NetHandle, NetStatus, STREAM_REASK};
 pub use metrics::NetMetrics;
 

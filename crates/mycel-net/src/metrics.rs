@@ -34,7 +34,27 @@ pub struct NetMetrics {
     pub(crate) goodbyes_sent: Counter,
     pub(crate) goodbyes_received: Counter,
     pub(crate) referred: Counter,
+    /// NAT traversal events by kind and result (see `nat_event` labels).
+    pub(crate) nat: Family<NatLabel, Counter>,
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct NatLabel {
+    pub(crate) event: &'static str,
+    pub(crate) result: &'static str,
+}
+
+/// NAT events counted in `mycel_nat_events_total`.
+pub(crate) const NAT_EVENTS: [(&str, &str); 8] = [
+    ("autonat_probe", "reachable"),
+    ("autonat_probe", "unreachable"),
+    ("relay_reservation", "accepted"),
+    ("relay_reservation", "failed"),
+    ("hole_punch", "direct"),
+    ("hole_punch", "failed"),
+    ("bulk_over_relay", "refused"),
+    ("relayed_connection", "opened"),
+];
 
 pub(crate) const GOSSIP: &str = "gossip";
 pub(crate) const SYNC: &str = "sync";
@@ -82,6 +102,14 @@ impl NetMetrics {
             "Connections beyond the cap answered only with referrals",
             metrics.referred.clone(),
         );
+        sub.register(
+            "nat_events",
+            "NAT traversal: AutoNAT probes, relay reservations, hole punches, bulk data refused a relay",
+            metrics.nat.clone(),
+        );
+        for (event, result) in NAT_EVENTS {
+            let _ = metrics.nat.get_or_create(&NatLabel { event, result });
+        }
         // Pre-create every label so the series exist (at zero) from the start.
         for state in ["alive", "failed"] {
             let _ = metrics.peers.get_or_create(&StateLabel { state });
@@ -130,6 +158,20 @@ impl NetMetrics {
                 reason: reason.label(),
             })
             .inc();
+    }
+
+    /// How often a NAT traversal event happened (`mycel_nat_events_total{event, result}`).
+    pub fn nat_events(&self, event: &str, result: &str) -> u64 {
+        NAT_EVENTS
+            .iter()
+            .find(|(e, r)| *e == event && *r == result)
+            .map_or(0, |(event, result)| {
+                self.nat.get_or_create(&NatLabel { event, result }).get()
+            })
+    }
+
+    pub(crate) fn nat_event(&self, event: &'static str, result: &'static str) {
+        self.nat.get_or_create(&NatLabel { event, result }).inc();
     }
 
     /// Connections beyond the cap answered only with a goodbye and referrals.

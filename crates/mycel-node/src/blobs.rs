@@ -383,6 +383,7 @@ impl BlobService {
                 continue;
             }
             if outboard.is_none() {
+                let mut relayed_only = 0;
                 for peer in &providers {
                     match self.outboard_from(*peer, id).await {
                         Ok(Some(found)) => {
@@ -401,8 +402,20 @@ impl BlobService {
                             }
                         }
                         Ok(None) => last_problem = format!("{peer} does not hold it"),
-                        Err(e) => last_problem = e,
+                        Err((e, relayed)) => {
+                            relayed_only += usize::from(relayed);
+                            last_problem = e;
+                        }
                     }
+                }
+                // Every holder is reachable only through a relay: waiting would not help, and
+                // the error says what would.
+                if outboard.is_none() && relayed_only == providers.len() {
+                    return Err(FetchError::Unavailable {
+                        id,
+                        secs: started.elapsed().as_secs(),
+                        reason: last_problem,
+                    });
                 }
             }
             let Some(outboard) = &outboard else {
@@ -524,28 +537,39 @@ impl BlobService {
         Ok(root)
     }
 
-    async fn outboard_from(&self, peer: PeerId, id: ContentId) -> Result<Option<Outboard>, String> {
+    /// Asks `peer` for the outboard of `id`. The error says what went wrong, and whether the
+    /// peer is reachable only through a relay (bulk data refuses relays).
+    async fn outboard_from(
+        &self,
+        peer: PeerId,
+        id: ContentId,
+    ) -> Result<Option<Outboard>, (String, bool)> {
         let ask = async {
             let mut stream = self
                 .net
-                .open_stream(peer, BLOB_PROTOCOL)
+                .open_bulk_stream(peer, BLOB_PROTOCOL)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| {
+                    (
+                        e.to_string(),
+                        matches!(e, mycel_net::NetError::RelayedOnly { .. }),
+                    )
+                })?;
             write_frame(&mut stream, &BlobRequest::Outboard { id })
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| (e.to_string(), false))?;
             read_frame::<BlobFrame>(&mut stream, MAX_BLOB_FRAME_BYTES)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| (e.to_string(), false))
         };
         match tokio::time::timeout(self.config.request_timeout, ask).await {
-            Err(_) => Err(format!("{peer} did not answer in time")),
-            Ok(Err(e)) => Err(format!("{peer}: {e}")),
+            Err(_) => Err((format!("{peer} did not answer in time"), false)),
+            Ok(Err((e, relayed_only))) => Err((format!("{peer}: {e}"), relayed_only)),
             Ok(Ok(Some(BlobFrame::Outboard(bytes)))) => match Outboard::from_bytes(&bytes) {
                 Ok(outboard) => Ok(Some(outboard)),
                 Err(e) => {
                     self.net.penalise(peer, Rejection::Malformed).await;
-                    Err(format!("{peer} sent a malformed outboard: {e}"))
+                    Err((format!("{peer} sent a malformed outboard: {e}"), false))
                 }
             },
             Ok(Ok(_)) => Ok(None),
@@ -605,7 +629,7 @@ impl BlobService {
         let opened = tokio::time::timeout(timeout, async {
             let mut stream = match kept {
                 Some(stream) => stream,
-                None => self.net.open_stream(peer, BLOB_PROTOCOL).await?,
+                None => self.net.open_bulk_stream(peer, BLOB_PROTOCOL).await?,
             };
             write_frame(&mut stream, &BlobRequest::Chunks { id, chunks: batch })
                 .await

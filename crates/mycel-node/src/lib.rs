@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use mycel_ml::Engine;
 use mycel_net::{
-    Limits, Multiaddr, NetConfig, NetEvent, NetHandle, Registry, Timing, TransportKind,
+    Limits, Multiaddr, NatConfig, NetConfig, NetEvent, NetHandle, Registry, Timing, TransportKind,
 };
 use mycel_store::{BlobStore, KnownPeer, Store};
 
@@ -65,6 +65,8 @@ pub struct NodeConfig {
     pub timing: Timing,
     /// Network limits.
     pub limits: Limits,
+    /// NAT traversal (relays, hole punching, AutoNAT, UPnP).
+    pub nat: NatConfig,
     /// Models to serve: GGUF files (generation) and model directories (embeddings).
     pub models: Vec<PathBuf>,
     /// Models already loaded (shared by several nodes in one process), served as well.
@@ -105,6 +107,7 @@ impl NodeConfig {
             libp2p_metrics: true,
             timing: Timing::default(),
             limits: Limits::default(),
+            nat: NatConfig::default(),
             models: Vec::new(),
             preloaded: Vec::new(),
             engine: Engine::default(),
@@ -213,6 +216,7 @@ impl Node {
         net_config.capabilities = system::read_capabilities(&config.sys_root, &models, &extra);
         net_config.timing = config.timing.clone();
         net_config.limits = config.limits.clone();
+        net_config.nat = config.nat.clone();
         // Served from the first connection on: peers hear of our models, blobs and datasets
         // as soon as we connect, and must not find these protocols missing meanwhile.
         net_config.accept = vec![

@@ -560,7 +560,7 @@ impl Training {
             let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
             self.net.add_addresses(peer, addrs).await?;
         }
-        let mut stream = self.net.open_stream(peer, TRAIN_PROTOCOL).await?;
+        let mut stream = self.net.open_bulk_stream(peer, TRAIN_PROTOCOL).await?;
         write_frame(&mut stream, request).await?;
         let (reply, bytes): (TrainReply, usize) =
             match read_frame_sized(&mut stream, fl::MAX_UPDATE_BYTES).await {

@@ -252,6 +252,8 @@ fn announcement(key: &Keypair, seq: u64) -> SignedStatement {
             expires_at: now + 60_000,
             capabilities: Capabilities::default(),
             addrs: Vec::new(),
+            reachability: Default::default(),
+            relay: false,
         }),
     )
 }

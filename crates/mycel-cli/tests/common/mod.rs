@@ -62,7 +62,10 @@ pub fn spawn_node(prefix: &[&str], data_dir: &Path, api: &str, args: &[String]) 
         .args(["--api", api])
         .args(FAST)
         .args(args)
-        .env("MYCEL_LOG", "warn")
+        .env(
+            "MYCEL_LOG",
+            std::env::var("MYCEL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     let child = command.spawn().expect("mycel starts");

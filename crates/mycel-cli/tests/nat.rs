@@ -1,0 +1,301 @@
+//! NAT traversal between real `mycel` processes in network namespaces with real NAT routers
+//! (nftables masquerade), see `common::netns::NatLab`:
+//!
+//! - Behind ordinary NATs: two nodes each behind its own router learn from AutoNAT that they
+//!   are private, reserve a slot on a public relay, announce the relayed address, reach each
+//!   other through it, punch a direct connection (DCUtR) and move a blob over it. A public
+//!   node on the internet learns from AutoNAT that it is public and serves as a relay.
+//! - Behind symmetric NATs (a new port per connection) no hole can be punched: the nodes still
+//!   see each other through the relay, but bulk data refuses it with an error that says why
+//!   and what to do.
+//!
+//! Needs root for `ip netns` and `nft`; where they are missing the tests say so and return,
+//! unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::netns::{NatLab, HOME_A, HOME_B, INTERNET};
+use common::{spawn_node, wait_until, NodeProcess, MYCEL};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Member {
+    process: NodeProcess,
+    ns: usize,
+}
+
+/// Runs `mycel ARGS` against `member` inside its namespace: (success, stdout, stderr).
+fn cli(lab: &NatLab, member: &Member, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", lab.names[member.ns].as_str(), MYCEL])
+        .args(args)
+        .args(["--api", &member.process.api, "--data-dir"])
+        .arg(&member.process.data_dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(lab: &NatLab, member: &Member, command: &str) -> Option<Value> {
+    let (ok, out, _) = cli(lab, member, &[command, "--json"]);
+    ok.then(|| serde_json::from_str(&out).ok()).flatten()
+}
+
+fn status(lab: &NatLab, member: &Member) -> Value {
+    json(lab, member, "status").unwrap_or(Value::Null)
+}
+
+/// `viewer`'s record of the peer `id`, from `mycel peers --json`.
+fn peer(lab: &NatLab, viewer: &Member, id: &str) -> Value {
+    json(lab, viewer, "peers")
+        .and_then(|list| {
+            list.as_array()?
+                .iter()
+                .find(|p| p["peer_id"] == id)
+                .cloned()
+        })
+        .unwrap_or(Value::Null)
+}
+
+fn lab_or_skip(test: &str, label: &str, symmetric: bool) -> Option<NatLab> {
+    match NatLab::new(label, symmetric) {
+        Ok(lab) => Some(lab),
+        Err(e) => {
+            mycel_ml::fixtures::skip_unless_required(
+                test,
+                "MYCEL_REQUIRE_NETNS",
+                &format!("cannot build the namespaces and NAT routers ({e})"),
+            );
+            None
+        }
+    }
+}
+
+/// The relay R on the internet (its address declared by the operator), then homes A and B,
+/// each joining through R's QUIC address.
+fn start(lab: &NatLab, root: &std::path::Path) -> (Member, Member, Member, String) {
+    let node = |ns: usize, name: &str, args: Vec<String>| Member {
+        process: spawn_node(
+            &lab.exec(ns),
+            &root.join(name),
+            "127.0.0.1:7878",
+            &[
+                vec![
+                    "--no-mdns".to_owned(),
+                    "--no-upnp".to_owned(),
+                    "--port".to_owned(),
+                    "4001".to_owned(),
+                ],
+                args,
+            ]
+            .concat(),
+        ),
+        ns,
+    };
+    let relay = node(
+        INTERNET,
+        "r",
+        vec![
+            "--external-addr".into(),
+            "/ip4/10.214.1.1/udp/4001/quic-v1".into(),
+            "--external-addr".into(),
+            "/ip4/10.214.1.1/tcp/4001".into(),
+        ],
+    );
+    let mut relay_id = String::new();
+    wait_until(LIMIT, "the relay is up", || {
+        relay_id = status(lab, &relay)["network"]["peer_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        !relay_id.is_empty()
+    });
+    let home = |ns: usize, name: &str, net: u8| {
+        let boot = format!("/ip4/10.214.{net}.1/udp/4001/quic-v1/p2p/{relay_id}");
+        node(ns, name, vec!["--bootstrap".to_owned(), boot])
+    };
+    let a = home(HOME_A, "a", 1);
+    let b = home(HOME_B, "b", 2);
+    (relay, a, b, relay_id)
+}
+
+fn id_of(lab: &NatLab, member: &Member) -> String {
+    let mut id = String::new();
+    wait_until(LIMIT, "the node is up", || {
+        id = status(lab, member)["network"]["peer_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        !id.is_empty()
+    });
+    id
+}
+
+/// Waits until `member` calls itself private and holds a reservation with the relay, and
+/// returns its status.
+fn wait_private_and_relayed(lab: &NatLab, member: &Member, relay_id: &str) -> Value {
+    let mut s = Value::Null;
+    let started = std::time::Instant::now();
+    let mut shown = 0;
+    wait_until(
+        LIMIT,
+        "a home node is private and holds a relay reservation",
+        || {
+            s = status(lab, member);
+            if started.elapsed().as_secs() / 15 > shown {
+                shown += 1;
+                eprintln!("still waiting; status: {}", s["network"]);
+            }
+            let net = &s["network"];
+            net["reachability"] == "private"
+                && net["relays"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|x| x == relay_id))
+                && net["announced_addrs"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|x| x.as_str().unwrap_or("").contains("p2p-circuit"))
+                })
+        },
+    );
+    s
+}
+
+/// Both homes find themselves private (AutoNAT could not dial them back) and hold a
+/// reservation on the relay; B sees A alive and private, through A's announcement. Returns
+/// A's peer id.
+fn homes_private_and_relayed(lab: &NatLab, a: &Member, b: &Member, relay_id: &str) -> String {
+    let a_id = id_of(lab, a);
+    wait_private_and_relayed(lab, a, relay_id);
+    wait_private_and_relayed(lab, b, relay_id);
+    wait_until(LIMIT, "B sees A alive and private", || {
+        let info = peer(lab, b, &a_id);
+        info["state"] == "alive" && info["reachability"] == "private"
+    });
+    a_id
+}
+
+/// `mycel put PATH` on `member`: the content id.
+fn put(lab: &NatLab, member: &Member, path: &std::path::Path) -> String {
+    let (ok, out, err) = cli(lab, member, &["put", path.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    out.trim().to_owned()
+}
+
+#[test]
+fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() {
+    const TEST: &str = "nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly";
+    let Some(lab) = lab_or_skip(TEST, "c", false) else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let (relay, a, b, relay_id) = start(&lab, root.path());
+
+    // A public node beside the relay with nothing declared: AutoNAT finds it reachable.
+    let p = Member {
+        process: spawn_node(
+            &lab.exec(INTERNET),
+            &root.path().join("p"),
+            "127.0.0.1:7879",
+            &[
+                "--no-mdns".to_owned(),
+                "--no-upnp".to_owned(),
+                "--port".to_owned(),
+                "4002".to_owned(),
+                "--bootstrap".to_owned(),
+                format!("/ip4/10.214.1.1/tcp/4001/p2p/{relay_id}"),
+            ],
+        ),
+        ns: INTERNET,
+    };
+    wait_until(
+        LIMIT,
+        "AutoNAT finds the internet node public, and it serves as a relay",
+        || {
+            let net = &status(&lab, &p)["network"];
+            net["reachability"] == "public" && net["relay_server"] == true
+        },
+    );
+    let r = status(&lab, &relay);
+    assert_eq!(r["network"]["reachability"], "public", "{r}");
+
+    homes_private_and_relayed(&lab, &a, &b, &relay_id);
+
+    // A blob put on A travels to B: only over a direct connection (bulk data never rides
+    // the relay), so the hole was punched.
+    let file = root.path().join("data.bin");
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    std::fs::write(&file, &data).unwrap();
+    let id = put(&lab, &a, &file);
+    let copy = root.path().join("copy.bin");
+    let mut last = String::new();
+    wait_until(LIMIT, "B fetches A's blob over a direct connection", || {
+        let (ok, _, err) = cli(&lab, &b, &["get", &id, "-o", copy.to_str().unwrap()]);
+        last = err;
+        ok
+    });
+    assert_eq!(std::fs::read(&copy).unwrap(), data, "{last}");
+    let metrics = |m: &Member| {
+        let token = std::fs::read_to_string(m.process.data_dir.join("api.token")).unwrap();
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                lab.names[m.ns].as_str(),
+                "curl",
+                "-s",
+                "-H",
+            ])
+            .arg(format!("Authorization: Bearer {}", token.trim()))
+            .arg(format!("http://{}/metrics", m.process.api))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let punched = [&a, &b].iter().any(|m| {
+        metrics(m).lines().any(|l| {
+            l.starts_with("mycel_nat_events_total{event=\"hole_punch\",result=\"direct\"}")
+                && !l.ends_with(" 0")
+        })
+    });
+    assert!(
+        punched,
+        "A or B counts a punched hole:\n{}\n{}",
+        metrics(&a),
+        metrics(&b)
+    );
+}
+
+#[test]
+fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
+    const TEST: &str = "behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why";
+    let Some(lab) = lab_or_skip(TEST, "s", true) else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let (_relay, a, b, relay_id) = start(&lab, root.path());
+    let a_id = homes_private_and_relayed(&lab, &a, &b, &relay_id);
+
+    let file = root.path().join("data.bin");
+    std::fs::write(&file, vec![7u8; 300_000]).unwrap();
+    let id = put(&lab, &a, &file);
+    let copy = root.path().join("copy.bin");
+    let (ok, _, err) = cli(&lab, &b, &["get", &id, "-o", copy.to_str().unwrap()]);
+    assert!(!ok, "the blob must not travel over the relay");
+    assert!(
+        err.contains("--allow-relayed-data"),
+        "the error says what to do: {err}"
+    );
+    assert!(!copy.exists());
+    // Control traffic did use the relay: B holds a (relayed) connection to A.
+    assert_eq!(peer(&lab, &b, &a_id)["connected"], true);
+}

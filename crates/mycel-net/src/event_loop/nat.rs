@@ -1,0 +1,398 @@
+//! NAT traversal in the event loop: AutoNAT verdicts, relay reservations, hole punches and
+//! the rule that bulk data waits for a direct connection. What to do is decided by
+//! mycel-core's `reach`; this turns libp2p's events into its inputs and its answers into
+//! listeners, dials and closes.
+
+use std::collections::HashMap;
+
+use libp2p::core::transport::ListenerId;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, DialError};
+use libp2p::{autonat, dcutr, relay, upnp, Multiaddr, PeerId};
+use mycel_core::membership::PeerState;
+use mycel_core::reach::{Reach, ReachConfig, Reachability};
+use tokio::sync::oneshot;
+use tracing::{debug, info};
+
+use super::EventLoop;
+use crate::config::RelayServer;
+use crate::handle::{now_ms, NetError};
+
+/// A request for a direct connection (bulk data), answered when one exists or at `deadline`.
+pub(super) struct Waiter {
+    peer: PeerId,
+    deadline: u64,
+    reply: oneshot::Sender<Result<(), NetError>>,
+}
+
+/// NAT traversal state of one node.
+pub(super) struct Nat {
+    pub(super) reach: Reach<PeerId>,
+    /// Listeners on relays (`.../p2p/RELAY/p2p-circuit`), by the relay they go through.
+    listeners: HashMap<ListenerId, PeerId>,
+    /// Addresses others reach us at through a relay, by listener.
+    relayed_addrs: Vec<(ListenerId, Multiaddr)>,
+    /// Connections relayed through a third node, and their peer.
+    relayed_conns: HashMap<ConnectionId, PeerId>,
+    /// Direct (not relayed) connections per peer.
+    direct: HashMap<PeerId, usize>,
+    waiters: Vec<Waiter>,
+}
+
+impl Nat {
+    pub(super) fn new(now: u64, forced_public: bool) -> Self {
+        let mut reach = Reach::new(ReachConfig::default(), now);
+        if forced_public {
+            reach.force(Reachability::Public);
+        }
+        Self {
+            reach,
+            listeners: HashMap::new(),
+            relayed_addrs: Vec::new(),
+            relayed_conns: HashMap::new(),
+            direct: HashMap::new(),
+            waiters: Vec::new(),
+        }
+    }
+
+    /// Whether we hold a direct connection to `peer`.
+    pub(super) fn has_direct(&self, peer: &PeerId) -> bool {
+        self.direct.get(peer).is_some_and(|n| *n > 0)
+    }
+
+    /// Addresses reachable through relays.
+    pub(super) fn relayed_addrs(&self) -> impl Iterator<Item = &Multiaddr> {
+        self.relayed_addrs.iter().map(|(_, a)| a)
+    }
+
+    /// Relays whose reservation we hold.
+    pub(super) fn relays(&self) -> Vec<PeerId> {
+        self.reach.held()
+    }
+}
+
+/// Whether `addr` goes through a relay.
+pub(crate) fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
+impl EventLoop {
+    /// Addresses announced, best first: confirmed external ones (AutoNAT, a gateway, the
+    /// operator), then relayed ones, then what we listen on (for the LAN and this host).
+    pub(super) fn announced_addrs(&self) -> Vec<Multiaddr> {
+        let mut addrs: Vec<Multiaddr> = self.config.nat.external_addrs.clone();
+        for addr in self.swarm.external_addresses() {
+            if !is_relayed(addr) && !addrs.contains(addr) {
+                addrs.push(addr.clone());
+            }
+        }
+        for addr in self.nat.relayed_addrs() {
+            if !addrs.contains(addr) {
+                addrs.push(addr.clone());
+            }
+        }
+        for addr in &self.listen_addrs {
+            if !addrs.contains(addr) {
+                addrs.push(addr.clone());
+            }
+        }
+        addrs
+    }
+
+    /// The relay server serves once we are public (in auto mode), and the node announces the
+    /// change.
+    fn reachability_changed(&mut self) {
+        let status = self.nat.reach.status();
+        info!(reachability = status.as_str(), "reachability changed");
+        self.apply_relay_status();
+        if status == Reachability::Public {
+            // Reachable directly: relayed addresses would only slow others down.
+            let listeners: Vec<ListenerId> = self.nat.listeners.keys().copied().collect();
+            for id in listeners {
+                self.swarm.remove_listener(id);
+            }
+            self.nat.listeners.clear();
+            self.nat.relayed_addrs.clear();
+            self.nat.reach.release_all();
+        }
+        self.announce();
+    }
+
+    /// Tells the relay server whether to serve (advertise the hop protocol) now.
+    pub(super) fn apply_relay_status(&mut self) {
+        let serve = self.serves_relay();
+        if let Some(relay) = self.swarm.behaviour_mut().relay.as_mut() {
+            relay.set_status(Some(if serve {
+                relay::Status::Enable
+            } else {
+                relay::Status::Disable
+            }));
+        }
+    }
+
+    /// Whether this node serves as a relay now.
+    pub(super) fn serves_relay(&self) -> bool {
+        match self.config.nat.relay_server {
+            RelayServer::Off => false,
+            RelayServer::On => true,
+            RelayServer::Auto => self.nat.reach.status() == Reachability::Public,
+        }
+    }
+
+    pub(super) fn on_autonat_client(&mut self, event: autonat::v2::client::Event) {
+        let ok = event.result.is_ok();
+        self.metrics.nat_event(
+            "autonat_probe",
+            if ok { "reachable" } else { "unreachable" },
+        );
+        debug!(addr = %event.tested_addr, server = %event.server, ok, "AutoNAT probe");
+        if self.nat.reach.on_probe(ok) {
+            self.reachability_changed();
+        }
+    }
+
+    /// The swarm's confirmed external addresses changed (AutoNAT, a gateway, a relay).
+    pub(super) fn on_external_addrs_changed(&mut self) {
+        let confirmed = self
+            .swarm
+            .external_addresses()
+            .filter(|a| !is_relayed(a))
+            .count();
+        if self.nat.reach.set_confirmed(confirmed) {
+            self.reachability_changed();
+        } else {
+            self.announce();
+        }
+    }
+
+    pub(super) fn on_relay_client(&mut self, event: relay::client::Event) {
+        if let relay::client::Event::ReservationReqAccepted {
+            relay_peer_id,
+            renewal,
+            ..
+        } = event
+        {
+            if !renewal {
+                info!(relay = %relay_peer_id, "relay reservation accepted");
+                self.metrics.nat_event("relay_reservation", "accepted");
+            }
+            self.nat.reach.on_reserved(relay_peer_id);
+        }
+    }
+
+    pub(super) fn on_dcutr(&mut self, event: dcutr::Event) {
+        match event.result {
+            Ok(_) => {
+                info!(peer = %event.remote_peer_id, "hole punched: direct connection");
+                self.metrics.nat_event("hole_punch", "direct");
+            }
+            Err(e) => {
+                info!(peer = %event.remote_peer_id, "hole punch failed: {e}");
+                self.metrics.nat_event("hole_punch", "failed");
+            }
+        }
+    }
+
+    pub(super) fn on_upnp(&mut self, event: upnp::Event) {
+        match event {
+            upnp::Event::NewExternalAddr { external_addr, .. } => {
+                info!(%external_addr, "gateway mapped a port")
+            }
+            upnp::Event::ExpiredExternalAddr { external_addr, .. } => {
+                info!(%external_addr, "gateway mapping expired")
+            }
+            upnp::Event::GatewayNotFound => debug!("no UPnP gateway"),
+            upnp::Event::NonRoutableGateway => debug!("UPnP gateway is not on the internet"),
+        }
+    }
+
+    /// A listener came up; true when it is a relay's (its address is announced).
+    pub(super) fn on_relay_listen_addr(&mut self, listener: ListenerId, addr: &Multiaddr) -> bool {
+        if !self.nat.listeners.contains_key(&listener) && !is_relayed(addr) {
+            return false;
+        }
+        if !self.nat.relayed_addrs.iter().any(|(_, a)| a == addr) {
+            self.nat.relayed_addrs.push((listener, addr.clone()));
+            self.announce();
+        }
+        true
+    }
+
+    /// A listener closed; a relay's is asked again later.
+    pub(super) fn on_listener_closed(&mut self, listener: ListenerId, why: &str) {
+        self.nat.relayed_addrs.retain(|(id, _)| *id != listener);
+        if let Some(relay) = self.nat.listeners.remove(&listener) {
+            info!(%relay, "relay reservation ended: {why}");
+            self.metrics.nat_event("relay_reservation", "failed");
+            let now = now_ms();
+            self.nat.reach.on_failed(relay, now, &mut self.rng);
+            self.announce();
+        }
+    }
+
+    pub(super) fn nat_connection_established(
+        &mut self,
+        peer: PeerId,
+        connection: ConnectionId,
+        endpoint: &ConnectedPoint,
+    ) {
+        if endpoint.is_relayed() {
+            self.metrics.nat_event("relayed_connection", "opened");
+            self.nat.relayed_conns.insert(connection, peer);
+            return;
+        }
+        *self.nat.direct.entry(peer).or_default() += 1;
+        // A direct connection replaces relayed ones: streams must not pick the relay.
+        let relayed: Vec<ConnectionId> = self
+            .nat
+            .relayed_conns
+            .iter()
+            .filter(|(_, p)| **p == peer)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in relayed {
+            self.swarm.close_connection(c);
+        }
+        let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.nat.waiters)
+            .into_iter()
+            .partition(|w| w.peer == peer);
+        self.nat.waiters = waiting;
+        for w in ready {
+            let _ = w.reply.send(Ok(()));
+        }
+    }
+
+    /// A dial of `peer` failed: transfers waiting for it fail now unless another connection
+    /// (a relayed one, still to be upgraded) is up.
+    pub(super) fn nat_dial_failed(&mut self, peer: PeerId, error: &DialError) {
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        let (failed, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.nat.waiters)
+            .into_iter()
+            .partition(|w| w.peer == peer);
+        self.nat.waiters = waiting;
+        for w in failed {
+            let _ = w.reply.send(Err(NetError::Request {
+                peer,
+                reason: format!("cannot connect: {error}"),
+            }));
+        }
+    }
+
+    pub(super) fn nat_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
+        if self.nat.relayed_conns.remove(&connection).is_some() {
+            return;
+        }
+        if let Some(n) = self.nat.direct.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.nat.direct.remove(&peer);
+            }
+        }
+    }
+
+    /// Once a tick: expire waiters, ask relays for reservations while we need them.
+    pub(super) fn nat_tick(&mut self, now: u64) {
+        let (expired, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.nat.waiters)
+            .into_iter()
+            .partition(|w| now >= w.deadline);
+        self.nat.waiters = waiting;
+        for w in expired {
+            self.metrics.nat_event("bulk_over_relay", "refused");
+            let _ = w
+                .reply
+                .send(Err(relayed_only(w.peer, self.config.nat.direct_wait)));
+        }
+        // A node kept to this host (loopback, memory transport) has no NAT to get around.
+        if !self.config.nat.relay_client || self.config.listen.iter().all(super::is_loopback) {
+            return;
+        }
+        let candidates: Vec<PeerId> = self
+            .membership
+            .peers()
+            .filter(|(_, info)| {
+                info.state == PeerState::Alive
+                    && info.relay
+                    && info.reachability == Reachability::Public
+            })
+            .map(|(peer, _)| *peer)
+            .collect();
+        for relay in self.nat.reach.reserve(now, &candidates, &mut self.rng) {
+            let Some(base) = self
+                .dial_addrs(&relay)
+                .into_iter()
+                .find(|a| !is_relayed(a) && super::is_stream_addr(a))
+            else {
+                self.nat.reach.on_failed(relay, now, &mut self.rng);
+                continue;
+            };
+            let addr = base.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    debug!(%addr, "asking for a relay reservation");
+                    self.nat.listeners.insert(id, relay);
+                }
+                Err(e) => {
+                    debug!(%addr, "cannot listen through relay: {e}");
+                    self.nat.reach.on_failed(relay, now, &mut self.rng);
+                }
+            }
+        }
+    }
+
+    /// Answers `reply` once a direct connection to `peer` exists (dialling it if there is no
+    /// connection at all), or with an error after `NatConfig::direct_wait`. Bulk data uses
+    /// this before it opens a stream.
+    pub(super) fn direct_path(
+        &mut self,
+        peer: PeerId,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    ) {
+        if self.config.nat.allow_relayed_data || self.nat.has_direct(&peer) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        if !self.swarm.is_connected(&peer) {
+            let opts = DialOpts::peer_id(peer)
+                .addresses(self.known_addrs(&peer))
+                .extend_addresses_through_behaviour()
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                if !matches!(e, DialError::DialPeerConditionFalse(_)) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: format!("cannot dial: {e}"),
+                    }));
+                    return;
+                }
+            }
+        }
+        if self.nat.waiters.len() >= 1024 {
+            let _ = reply.send(Err(NetError::Other(
+                "too many transfers waiting for direct connections; try again later".into(),
+            )));
+            return;
+        }
+        let deadline = now_ms() + self.config.nat.direct_wait.as_millis() as u64;
+        self.nat.waiters.push(Waiter {
+            peer,
+            deadline,
+            reply,
+        });
+    }
+}
+
+fn relayed_only(peer: PeerId, waited: std::time::Duration) -> NetError {
+    NetError::RelayedOnly {
+        peer,
+        reason: format!(
+            "no direct connection within {waited:?}: the peer is reachable only through a relay \
+             and hole punching did not succeed (both sides may be behind NATs that change ports). \
+             Bulk data does not ride relays; run the node with --allow-relayed-data to allow it"
+        ),
+    }
+}
