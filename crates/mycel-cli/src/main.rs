@@ -3,6 +3,7 @@
 mod bench;
 mod blobs;
 mod client;
+mod netlab;
 mod train;
 mod up;
 

@@ -170,11 +170,9 @@ impl<P: Eq + Hash + Clone + Ord> Reach<P> {
         }
     }
 
-    /// Relays to ask for a reservation now, chosen at random among `candidates` (public
-    /// peers that serve as relays), skipping those held, asked or backing off. Each returned
-    /// relay counts as asked at `now`.
-    pub fn reserve(&mut self, now: UnixMillis, candidates: &[P], rng: &mut impl Rng) -> Vec<P> {
-        // Requests unanswered too long failed.
+    /// Reservation requests unanswered for too long: each counts as failed (asked again after
+    /// a back-off); the driver drops its listener, so a late answer cannot hold a slot.
+    pub fn expire(&mut self, now: UnixMillis, rng: &mut impl Rng) -> Vec<P> {
         let timeout = self.config.reserve_timeout_ms;
         let stale: Vec<P> = self
             .slots
@@ -182,9 +180,16 @@ impl<P: Eq + Hash + Clone + Ord> Reach<P> {
             .filter(|(_, s)| matches!(s, Slot::Asked(at) if now.saturating_sub(*at) >= timeout))
             .map(|(p, _)| p.clone())
             .collect();
-        for relay in stale {
-            self.on_failed(relay, now, rng);
+        for relay in &stale {
+            self.on_failed(relay.clone(), now, rng);
         }
+        stale
+    }
+
+    /// Relays to ask for a reservation now, chosen at random among `candidates` (public
+    /// peers that serve as relays), skipping those held, asked or backing off. Each returned
+    /// relay counts as asked at `now`.
+    pub fn reserve(&mut self, now: UnixMillis, candidates: &[P], rng: &mut impl Rng) -> Vec<P> {
         if !self.wants_relays(now) {
             return Vec::new();
         }
@@ -204,10 +209,15 @@ impl<P: Eq + Hash + Clone + Ord> Reach<P> {
         pool
     }
 
-    /// `relay` accepted (or renewed) our reservation.
-    pub fn on_reserved(&mut self, relay: P) {
+    /// `relay` accepted (or renewed) our reservation. False when it was not asked (a late
+    /// answer after [`Reach::expire`]): the driver drops it.
+    pub fn on_reserved(&mut self, relay: P) -> bool {
+        if !self.slots.contains_key(&relay) {
+            return false;
+        }
         self.backoff.succeeded(&relay);
         self.slots.insert(relay, Slot::Held);
+        true
     }
 
     /// A reservation with `relay` was refused, failed or closed: asked again after a
@@ -286,7 +296,7 @@ mod tests {
         assert_eq!(asked.len(), 2);
         // Asked ones are not asked again while pending.
         assert!(r.reserve(1_100, &[1, 2, 3], &mut rng).is_empty());
-        r.on_reserved(asked[0]);
+        assert!(r.on_reserved(asked[0]));
         r.on_failed(asked[1], 1_200, &mut rng);
         // The failed relay backs off; the third is asked instead.
         let third: Vec<u32> = [1, 2, 3]
@@ -295,8 +305,10 @@ mod tests {
             .collect();
         assert_eq!(r.reserve(1_300, &[1, 2, 3], &mut rng), third);
         assert_eq!(r.held(), vec![asked[0]]);
-        // An unanswered request times out and frees its slot.
+        // An unanswered request times out and frees its slot; a late answer is refused.
         let later = 1_300 + ReachConfig::default().reserve_timeout_ms;
+        assert_eq!(r.expire(later, &mut rng), third);
+        assert!(!r.on_reserved(third[0]));
         let again = r.reserve(later, &[1, 2, 3], &mut rng);
         assert_eq!(
             again,

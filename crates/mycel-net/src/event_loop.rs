@@ -730,7 +730,9 @@ impl EventLoop {
     fn dial_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
         let mut addrs = self.known_addrs(peer);
         if addrs.iter().any(is_stream_addr) {
-            addrs.retain(is_stream_addr);
+            // Relayed addresses stay whatever transport reaches the relay: behind a NAT they
+            // may be the only way in.
+            addrs.retain(|a| is_stream_addr(a) || nat::is_relayed(a));
         }
         addrs
     }
@@ -1311,7 +1313,7 @@ impl EventLoop {
                 self.dial_failures += 1;
                 self.dialing.remove(&connection_id);
                 debug!(%peer, "dial failed: {error}");
-                self.nat_dial_failed(peer, &error);
+                self.nat_dial_failed(peer, connection_id, &error);
                 if self.probing.remove(&peer) {
                     // Our own limits refusing the dial says nothing about the peer.
                     if nobody_listens(&error) {
@@ -1420,7 +1422,10 @@ impl EventLoop {
     }
 
     fn on_identify(&mut self, peer: PeerId, info: identify::Info) {
-        // Unspecified (0.0.0.0) listen addresses are not dialable; everything else is a referral.
+        // Unspecified (0.0.0.0) listen addresses are not dialable, and a peer's loopback
+        // addresses lead back to ourselves unless it is on this host (it sees us at a loopback
+        // address); everything else is a referral.
+        let same_host = is_loopback(&info.observed_addr);
         let addrs: Vec<Multiaddr> = info
             .listen_addrs
             .into_iter()
@@ -1429,7 +1434,7 @@ impl EventLoop {
                     Protocol::Ip4(ip) => ip.is_unspecified(),
                     Protocol::Ip6(ip) => ip.is_unspecified(),
                     _ => false,
-                })
+                }) && (same_host || !is_loopback(a))
             })
             .take(MAX_ADDRS_PER_PEER)
             .collect();

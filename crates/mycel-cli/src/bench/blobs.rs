@@ -122,18 +122,10 @@ fn start_node(exe: &Path, dir: &Path, extra: &[String]) -> anyhow::Result<NodeCh
         .args(["--no-mdns", "--api", &api, "--listen"])
         .arg(format!("/ip4/127.0.0.1/tcp/{port}"))
         .args(extra)
-        // MYCEL_BENCH_NODE_LOG=<filter> shows the nodes' logs (for finding where time goes).
-        .env(
-            "MYCEL_LOG",
-            std::env::var("MYCEL_BENCH_NODE_LOG").unwrap_or_else(|_| "error".into()),
-        )
+        .env("MYCEL_LOG", super::node_log_filter())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(if std::env::var_os("MYCEL_BENCH_NODE_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
+        .stderr(super::node_stderr())
         .spawn()
         .context("starting a node")?;
     let stdout = child.stdout.take().context("the node's output")?;

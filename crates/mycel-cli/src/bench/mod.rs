@@ -5,6 +5,7 @@ mod blobs;
 mod failover;
 mod fl;
 mod inference;
+mod nat;
 mod net;
 
 use clap::Subcommand;
@@ -13,6 +14,10 @@ use clap::Subcommand;
 pub(crate) enum BenchCommand {
     /// Membership, gossip, request-response and failure detection with N real nodes.
     Net(net::NetBenchArgs),
+    /// NAT traversal in network namespaces with nftables NAT routers, port-preserving and
+    /// symmetric: time until nodes behind NATs are reachable through a relay, and whether a
+    /// blob then travels over a punched hole (needs root).
+    Nat(nat::NatBenchArgs),
     /// The reference models on this machine: embeddings (beside sentence-transformers when
     /// given --python) and SmolLM2 prompt processing and decoding.
     Inference(inference::InferenceBenchArgs),
@@ -36,11 +41,27 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
     }
     match command {
         BenchCommand::Net(args) => net::run(args).await,
+        BenchCommand::Nat(args) => nat::run(args).await,
         BenchCommand::Inference(args) => inference::run(args).await,
         BenchCommand::Failover(args) => failover::run(args).await,
         BenchCommand::Blobs(args) => blobs::run(args).await,
         BenchCommand::Fl(args) => fl::run(args).await,
         BenchCommand::TcpSend(args) => blobs::tcp_send(args),
+    }
+}
+
+/// The log filter of the node processes a benchmark starts: MYCEL_BENCH_NODE_LOG=<filter>
+/// shows their logs (for finding where time goes), errors only otherwise.
+pub(crate) fn node_log_filter() -> String {
+    std::env::var("MYCEL_BENCH_NODE_LOG").unwrap_or_else(|_| "error".into())
+}
+
+/// Where those nodes' logs go: this process's stderr when MYCEL_BENCH_NODE_LOG is set.
+pub(crate) fn node_stderr() -> std::process::Stdio {
+    if std::env::var_os("MYCEL_BENCH_NODE_LOG").is_some() {
+        std::process::Stdio::inherit()
+    } else {
+        std::process::Stdio::null()
     }
 }
 

@@ -3,6 +3,12 @@
 
 use std::process::Command;
 
+// The NAT lab and the command helpers are shared with `mycel bench nat`.
+#[path = "../../src/netlab.rs"]
+mod netlab;
+#[allow(unused_imports)]
+pub use netlab::{ip, run, NatLab, HOME_A, HOME_B, INTERNET, INTERNET_ADDRS};
+
 /// Two namespaces, `names[i]` holding the veth end `devs[i]` with the address `addrs[i]` of
 /// 10.213.`net`.0/24. Removed on drop.
 pub struct VethPair {
@@ -17,27 +23,6 @@ impl Drop for VethPair {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
-}
-
-/// Runs `program args`, its stderr in the error.
-pub fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-pub fn ip(args: &[&str]) -> Result<(), String> {
-    run("ip", args)
 }
 
 impl VethPair {
@@ -120,195 +105,5 @@ impl VethPair {
             )?;
         }
         Ok(())
-    }
-}
-
-/// Two homes behind NAT routers on a small "internet": five namespaces.
-///
-/// ```text
-///  home A 192.168.51.2 ── router A (NAT) 10.214.1.2 ──┐
-///                                                    internet: 10.214.1.1, 10.214.2.1
-///  home B 192.168.52.2 ── router B (NAT) 10.214.2.2 ──┘
-/// ```
-///
-/// The internet namespace routes between the routers and knows no route to either home: a
-/// home is reached only through its router's translation. `symmetric` routers give every
-/// connection a new random port (`masquerade random`), as carrier-grade and some corporate
-/// NATs do, where hole punching cannot work; otherwise a connection keeps its port (a home
-/// router's endpoint-independent mapping, where it can). Removed on drop.
-pub struct NatLab {
-    /// internet, router A, router B, home A, home B.
-    pub names: [String; 5],
-}
-
-/// Index of the internet namespace in [`NatLab::names`].
-pub const INTERNET: usize = 0;
-/// Index of home A.
-pub const HOME_A: usize = 3;
-/// Index of home B.
-pub const HOME_B: usize = 4;
-
-impl Drop for NatLab {
-    fn drop(&mut self) {
-        for name in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-    }
-}
-
-impl NatLab {
-    pub fn new(label: &str, symmetric: bool) -> Result<Self, String> {
-        let tag = std::process::id() % 100_000;
-        let names = ["i", "ra", "rb", "ha", "hb"].map(|n| format!("mycel-{label}{n}-{tag}"));
-        let lab = NatLab { names };
-        for name in &lab.names {
-            // Left by a run that was killed before it could clean up.
-            let _ = ip(&["netns", "del", name]);
-            ip(&["netns", "add", name])?;
-            ip(&["-n", name, "link", "set", "lo", "up"])?;
-        }
-        let link = |a: usize, b: usize, dev_a: &str, dev_b: &str, addr_a: &str, addr_b: &str| {
-            let (da, db) = (
-                format!("{label}{dev_a}{tag}"),
-                format!("{label}{dev_b}{tag}"),
-            );
-            ip(&["link", "add", &da, "type", "veth", "peer", "name", &db])?;
-            for (ns, dev, addr) in [(a, &da, addr_a), (b, &db, addr_b)] {
-                ip(&["link", "set", dev, "netns", &lab.names[ns]])?;
-                ip(&["-n", &lab.names[ns], "addr", "add", addr, "dev", dev])?;
-                ip(&["-n", &lab.names[ns], "link", "set", dev, "up"])?;
-            }
-            Ok::<_, String>(())
-        };
-        link(0, 1, "wia", "wra", "10.214.1.1/24", "10.214.1.2/24")?;
-        link(0, 2, "wib", "wrb", "10.214.2.1/24", "10.214.2.2/24")?;
-        link(1, 3, "lra", "lha", "192.168.51.1/24", "192.168.51.2/24")?;
-        link(2, 4, "lrb", "lhb", "192.168.52.1/24", "192.168.52.2/24")?;
-        for ns in 0..3 {
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &lab.names[ns],
-                    "sysctl",
-                    "-qw",
-                    "net.ipv4.ip_forward=1",
-                ],
-            )?;
-        }
-        ip(&[
-            "-n",
-            &lab.names[1],
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.214.1.1",
-        ])?;
-        ip(&[
-            "-n",
-            &lab.names[2],
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.214.2.1",
-        ])?;
-        ip(&[
-            "-n",
-            &lab.names[3],
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.168.51.1",
-        ])?;
-        ip(&[
-            "-n",
-            &lab.names[4],
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.168.52.1",
-        ])?;
-        for (ns, wan) in [
-            (1, format!("{label}wra{tag}")),
-            (2, format!("{label}wrb{tag}")),
-        ] {
-            let nft = ["netns", "exec", lab.names[ns].as_str(), "nft"];
-            run("ip", &[&nft[..], &["add", "table", "ip", "nat"]].concat())?;
-            run(
-                "ip",
-                &[
-                    &nft[..],
-                    &[
-                        "add",
-                        "chain",
-                        "ip",
-                        "nat",
-                        "post",
-                        "{",
-                        "type",
-                        "nat",
-                        "hook",
-                        "postrouting",
-                        "priority",
-                        "100",
-                        ";",
-                        "}",
-                    ],
-                ]
-                .concat(),
-            )?;
-            let mut rule = vec![
-                "add",
-                "rule",
-                "ip",
-                "nat",
-                "post",
-                "oifname",
-                &wan,
-                "masquerade",
-            ];
-            if symmetric {
-                rule.push("random");
-            }
-            run("ip", &[&nft[..], &rule[..]].concat())?;
-            // A home router's firewall: nothing new comes in from the internet. Dropped before
-            // conntrack confirms it, an unsolicited packet leaves no entry behind, so a hole
-            // punched a moment later keeps its port (without this rule the router would pick
-            // another port for it, as behind a symmetric NAT).
-            run("ip", &[&nft[..], &["add", "table", "ip", "fw"]].concat())?;
-            run(
-                "ip",
-                &[
-                    &nft[..],
-                    &[
-                        "add", "chain", "ip", "fw", "in", "{", "type", "filter", "hook", "input",
-                        "priority", "0", ";", "}",
-                    ],
-                ]
-                .concat(),
-            )?;
-            run(
-                "ip",
-                &[
-                    &nft[..],
-                    &[
-                        "add", "rule", "ip", "fw", "in", "iifname", &wan, "ct", "state", "new",
-                        "drop",
-                    ],
-                ]
-                .concat(),
-            )?;
-        }
-        Ok(lab)
-    }
-
-    /// `ip netns exec NAME`, to prefix a command run in namespace `i`.
-    pub fn exec(&self, i: usize) -> [&str; 4] {
-        ["ip", "netns", "exec", self.names[i].as_str()]
     }
 }

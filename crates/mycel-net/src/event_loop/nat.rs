@@ -38,6 +38,8 @@ pub(super) struct Nat {
     relayed_conns: HashMap<ConnectionId, PeerId>,
     /// Direct (not relayed) connections per peer.
     direct: HashMap<PeerId, usize>,
+    /// Dials through a relay made for bulk data, still pending.
+    relay_dials: HashMap<ConnectionId, PeerId>,
     waiters: Vec<Waiter>,
 }
 
@@ -53,6 +55,7 @@ impl Nat {
             relayed_addrs: Vec::new(),
             relayed_conns: HashMap::new(),
             direct: HashMap::new(),
+            relay_dials: HashMap::new(),
             waiters: Vec::new(),
         }
     }
@@ -60,6 +63,17 @@ impl Nat {
     /// Whether we hold a direct connection to `peer`.
     pub(super) fn has_direct(&self, peer: &PeerId) -> bool {
         self.direct.get(peer).is_some_and(|n| *n > 0)
+    }
+
+    /// Whether we hold a relayed connection to `peer`.
+    fn has_relayed(&self, peer: &PeerId) -> bool {
+        self.relayed_conns.values().any(|p| p == peer)
+    }
+
+    /// Whether a stream to `peer` can only go over a direct connection: libp2p-stream picks
+    /// any of the peer's connections, so none may be relayed.
+    fn direct_only(&self, peer: &PeerId) -> bool {
+        self.has_direct(peer) && !self.has_relayed(peer)
     }
 
     /// Addresses reachable through relays.
@@ -71,6 +85,33 @@ impl Nat {
     pub(super) fn relays(&self) -> Vec<PeerId> {
         self.reach.held()
     }
+}
+
+/// Relayed addresses announced per reservation.
+const MAX_ADDRS_PER_RELAY: usize = 2;
+
+/// Whether `addr` is on the internet: not loopback, private (RFC 1918, unique local),
+/// link-local, shared (carrier-grade NAT, 100.64/10) or unspecified.
+pub(crate) fn is_global(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => {
+            let [a, b, ..] = ip.octets();
+            !(ip.is_private()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        Protocol::Ip6(ip) => {
+            let first = ip.segments()[0];
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80)
+        }
+        _ => false,
+    })
 }
 
 /// Whether `addr` goes through a relay.
@@ -93,8 +134,11 @@ impl EventLoop {
                 addrs.push(addr.clone());
             }
         }
+        // Loopback addresses only from a node kept to this host: to anyone else they lead
+        // back to themselves.
+        let local_only = self.listen_addrs.iter().all(super::is_loopback);
         for addr in &self.listen_addrs {
-            if !addrs.contains(addr) {
+            if !addrs.contains(addr) && (local_only || !super::is_loopback(addr)) {
                 addrs.push(addr.clone());
             }
         }
@@ -155,10 +199,11 @@ impl EventLoop {
 
     /// The swarm's confirmed external addresses changed (AutoNAT, a gateway, a relay).
     pub(super) fn on_external_addrs_changed(&mut self) {
+        // An address confirmed by a neighbour on the LAN says nothing about the internet.
         let confirmed = self
             .swarm
             .external_addresses()
-            .filter(|a| !is_relayed(a))
+            .filter(|a| !is_relayed(a) && is_global(a))
             .count();
         if self.nat.reach.set_confirmed(confirmed) {
             self.reachability_changed();
@@ -178,7 +223,10 @@ impl EventLoop {
                 info!(relay = %relay_peer_id, "relay reservation accepted");
                 self.metrics.nat_event("relay_reservation", "accepted");
             }
-            self.nat.reach.on_reserved(relay_peer_id);
+            if !self.nat.reach.on_reserved(relay_peer_id) {
+                // A late answer to a request given up on.
+                self.drop_relay(relay_peer_id);
+            }
         }
     }
 
@@ -208,10 +256,51 @@ impl EventLoop {
         }
     }
 
-    /// A listener came up; true when it is a relay's (its address is announced).
+    /// Closes our listeners through `relay` (their addresses are no longer announced).
+    fn drop_relay(&mut self, relay: PeerId) {
+        let ids: Vec<ListenerId> = self
+            .nat
+            .listeners
+            .iter()
+            .filter(|(_, r)| **r == relay)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.nat.listeners.remove(&id);
+            self.swarm.remove_listener(id);
+        }
+        let before = self.nat.relayed_addrs.len();
+        let listeners = &self.nat.listeners;
+        self.nat
+            .relayed_addrs
+            .retain(|(id, _)| listeners.contains_key(id));
+        if self.nat.relayed_addrs.len() != before {
+            self.announce();
+        }
+    }
+
+    /// A listener came up; true when it is a relay's. The relay chooses what the address
+    /// says: only the address through that very relay is announced, at most
+    /// [`MAX_ADDRS_PER_RELAY`] per reservation.
     pub(super) fn on_relay_listen_addr(&mut self, listener: ListenerId, addr: &Multiaddr) -> bool {
-        if !self.nat.listeners.contains_key(&listener) && !is_relayed(addr) {
-            return false;
+        let Some(relay) = self.nat.listeners.get(&listener).copied() else {
+            // Not ours to announce (or not through a relay at all).
+            return is_relayed(addr);
+        };
+        let through = addr
+            .iter()
+            .take_while(|p| *p != Protocol::P2pCircuit)
+            .last();
+        let own = self
+            .nat
+            .relayed_addrs
+            .iter()
+            .filter(|(id, _)| *id == listener)
+            .count();
+        if through != Some(Protocol::P2p(relay)) || !is_relayed(addr) || own >= MAX_ADDRS_PER_RELAY
+        {
+            debug!(%relay, %addr, "relayed address not announced");
+            return true;
         }
         if !self.nat.relayed_addrs.iter().any(|(_, a)| a == addr) {
             self.nat.relayed_addrs.push((listener, addr.clone()));
@@ -238,9 +327,14 @@ impl EventLoop {
         connection: ConnectionId,
         endpoint: &ConnectedPoint,
     ) {
+        self.nat.relay_dials.remove(&connection);
         if endpoint.is_relayed() {
             self.metrics.nat_event("relayed_connection", "opened");
             self.nat.relayed_conns.insert(connection, peer);
+            // Both sides dialled at once: the direct connection is already there.
+            if self.nat.has_direct(&peer) {
+                self.swarm.close_connection(connection);
+            }
             return;
         }
         *self.nat.direct.entry(peer).or_default() += 1;
@@ -255,6 +349,14 @@ impl EventLoop {
         for c in relayed {
             self.swarm.close_connection(c);
         }
+        self.settle_waiters(peer);
+    }
+
+    /// Answers the transfers waiting for `peer` once only direct connections to it are left.
+    fn settle_waiters(&mut self, peer: PeerId) {
+        if !self.nat.direct_only(&peer) {
+            return;
+        }
         let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.nat.waiters)
             .into_iter()
             .partition(|w| w.peer == peer);
@@ -266,8 +368,15 @@ impl EventLoop {
 
     /// A dial of `peer` failed: transfers waiting for it fail now unless another connection
     /// (a relayed one, still to be upgraded) is up.
-    pub(super) fn nat_dial_failed(&mut self, peer: PeerId, error: &DialError) {
-        if self.swarm.is_connected(&peer) {
+    pub(super) fn nat_dial_failed(
+        &mut self,
+        peer: PeerId,
+        connection: ConnectionId,
+        error: &DialError,
+    ) {
+        self.nat.relay_dials.remove(&connection);
+        // Connected, or still dialling it through a relay: the transfer may yet go.
+        if self.swarm.is_connected(&peer) || self.nat.relay_dials.values().any(|p| *p == peer) {
             return;
         }
         let (failed, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.nat.waiters)
@@ -284,6 +393,7 @@ impl EventLoop {
 
     pub(super) fn nat_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
         if self.nat.relayed_conns.remove(&connection).is_some() {
+            self.settle_waiters(peer);
             return;
         }
         if let Some(n) = self.nat.direct.get_mut(&peer) {
@@ -300,15 +410,25 @@ impl EventLoop {
             .into_iter()
             .partition(|w| now >= w.deadline);
         self.nat.waiters = waiting;
+        let waited = self.config.nat.direct_wait;
         for w in expired {
-            self.metrics.nat_event("bulk_over_relay", "refused");
-            let _ = w
-                .reply
-                .send(Err(relayed_only(w.peer, self.config.nat.direct_wait)));
+            let error = if self.nat.has_relayed(&w.peer) {
+                self.metrics.nat_event("bulk_over_relay", "refused");
+                relayed_only(w.peer, waited)
+            } else {
+                NetError::Request {
+                    peer: w.peer,
+                    reason: format!("no connection within {waited:?}"),
+                }
+            };
+            let _ = w.reply.send(Err(error));
         }
         // A node kept to this host (loopback, memory transport) has no NAT to get around.
         if !self.config.nat.relay_client || self.config.listen.iter().all(super::is_loopback) {
             return;
+        }
+        for relay in self.nat.reach.expire(now, &mut self.rng) {
+            self.drop_relay(relay);
         }
         let candidates: Vec<PeerId> = self
             .membership
@@ -320,6 +440,15 @@ impl EventLoop {
             })
             .map(|(peer, _)| *peer)
             .collect();
+        // A relay that stopped serving (or failed) is left at once, not when its reservation
+        // would have been renewed: its address would be announced dead meanwhile.
+        for relay in self.nat.reach.held() {
+            if !candidates.contains(&relay) {
+                info!(%relay, "relay no longer serves; leaving it");
+                self.drop_relay(relay);
+                self.nat.reach.on_failed(relay, now, &mut self.rng);
+            }
+        }
         for relay in self.nat.reach.reserve(now, &candidates, &mut self.rng) {
             let Some(base) = self
                 .dial_addrs(&relay)
@@ -351,23 +480,63 @@ impl EventLoop {
         peer: PeerId,
         reply: oneshot::Sender<Result<(), NetError>>,
     ) {
-        if self.config.nat.allow_relayed_data || self.nat.has_direct(&peer) {
+        if self.config.nat.allow_relayed_data || self.nat.direct_only(&peer) {
             let _ = reply.send(Ok(()));
             return;
         }
         if !self.swarm.is_connected(&peer) {
+            // Direct and relayed addresses are dialled side by side: one dial tries its
+            // addresses one after the other, and dead direct ones (a home's private address)
+            // could use up the wait before the relay is tried. A relayed connection that
+            // comes up is then upgraded by a hole punch.
+            let (relayed, direct): (Vec<Multiaddr>, Vec<Multiaddr>) =
+                self.known_addrs(&peer).into_iter().partition(is_relayed);
             let opts = DialOpts::peer_id(peer)
-                .addresses(self.known_addrs(&peer))
+                .addresses(direct)
                 .extend_addresses_through_behaviour()
                 .condition(PeerCondition::DisconnectedAndNotDialing)
                 .build();
-            if let Err(e) = self.swarm.dial(opts) {
-                if !matches!(e, DialError::DialPeerConditionFalse(_)) {
-                    let _ = reply.send(Err(NetError::Request {
-                        peer,
-                        reason: format!("cannot dial: {e}"),
-                    }));
-                    return;
+            let direct_failed = match self.swarm.dial(opts) {
+                Err(DialError::DialPeerConditionFalse(_)) | Ok(()) => None,
+                Err(e) => Some(e),
+            };
+            let mut relay_dialled = false;
+            if !relayed.is_empty() {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(relayed)
+                    .condition(PeerCondition::Always)
+                    .build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.nat.relay_dials.insert(id, peer);
+                        relay_dialled = true;
+                    }
+                    Err(e) => debug!(%peer, "relayed dial for a direct path: {e}"),
+                }
+            }
+            if let (Some(e), false) = (direct_failed, relay_dialled) {
+                let _ = reply.send(Err(NetError::Request {
+                    peer,
+                    reason: format!("cannot dial: {e}"),
+                }));
+                return;
+            }
+        } else if !self.nat.has_direct(&peer) {
+            // Reached through a relay only: its direct addresses may work by now (it moved,
+            // or it is on our LAN), beside the hole punch of the relayed connection.
+            let direct: Vec<Multiaddr> = self
+                .known_addrs(&peer)
+                .into_iter()
+                .filter(|a| !is_relayed(a))
+                .collect();
+            if !direct.is_empty() {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(direct)
+                    .condition(PeerCondition::NotDialing)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    debug!(%peer, "direct dial beside the relay: {e}");
                 }
             }
         }
