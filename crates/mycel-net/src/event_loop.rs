@@ -17,6 +17,7 @@ use mycel_core::id::ContentId;
 use mycel_core::membership::{self, Accepted, Change, FailReason, Membership};
 use mycel_core::peering::{self, BackoffConfig, Connected, Degree, DegreeConfig, Revival};
 use mycel_core::ratelimit::RateLimiter;
+use mycel_core::reach::Reachability;
 use mycel_core::reputation::{self, Reputation};
 use mycel_core::statement::{
     Announcement, Capabilities, SignedStatement, Statement, MAX_ADDR_LEN, MAX_ANNOUNCED_ADDRS,
@@ -984,7 +985,17 @@ impl EventLoop {
         if !self.kad_seeded {
             return;
         }
+        // A peer behind a NAT cannot answer lookups: walks would only wait on dials of its
+        // private addresses. (It runs Kademlia as a client, see `nat.rs`.)
+        let private = self
+            .membership
+            .get(&peer)
+            .is_some_and(|info| info.reachability == Reachability::Private);
         if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            if private {
+                kad.remove_peer(&peer);
+                return;
+            }
             for addr in addrs
                 .iter()
                 .filter(|a| is_stream_addr(a) && !nat::is_relayed(a))

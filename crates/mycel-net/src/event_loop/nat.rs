@@ -151,6 +151,15 @@ impl EventLoop {
         let status = self.nat.reach.status();
         info!(reachability = status.as_str(), "reachability changed");
         self.apply_relay_status();
+        // Behind a NAT nobody can reach our Kademlia server: be a client, so that peers do
+        // not put us in their routing tables and wait on dials of our private addresses.
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            kad.set_mode(Some(if status == Reachability::Private {
+                libp2p::kad::Mode::Client
+            } else {
+                libp2p::kad::Mode::Server
+            }));
+        }
         if status == Reachability::Public {
             // Reachable directly: relayed addresses would only slow others down.
             let listeners: Vec<ListenerId> = self.nat.listeners.keys().copied().collect();
@@ -187,11 +196,16 @@ impl EventLoop {
 
     pub(super) fn on_autonat_client(&mut self, event: autonat::v2::client::Event) {
         let ok = event.result.is_ok();
+        debug!(addr = %event.tested_addr, server = %event.server, ok, "AutoNAT probe");
+        // Only a dial-back to an address of our own on the internet says whether we can be
+        // reached: relayed candidates and bare peer ids (both seen from libp2p) say nothing.
+        if is_relayed(&event.tested_addr) || !is_global(&event.tested_addr) {
+            return;
+        }
         self.metrics.nat_event(
             "autonat_probe",
             if ok { "reachable" } else { "unreachable" },
         );
-        debug!(addr = %event.tested_addr, server = %event.server, ok, "AutoNAT probe");
         if self.nat.reach.on_probe(ok) {
             self.reachability_changed();
         }
