@@ -203,7 +203,8 @@ impl Default for NatConfig {
             upnp: true,
             external_addrs: Vec::new(),
             allow_relayed_data: false,
-            direct_wait: Duration::from_secs(10),
+            // DCUtR makes 3 attempts about 5 s apart; the wait covers all three.
+            direct_wait: Duration::from_secs(20),
         }
     }
 }

@@ -425,8 +425,14 @@ impl NetHandle {
         peer: PeerId,
         protocol: StreamProtocol,
     ) -> Result<Stream, NetError> {
-        self.ask(|tx| Command::DirectPath(peer, tx)).await??;
+        self.direct_path(peer).await?;
         self.open_stream(peer, protocol).await
+    }
+
+    /// Returns once every connection to `peer` is direct (dialling it if need be), or fails
+    /// after `NatConfig::direct_wait` (see [`NetHandle::open_bulk_stream`]).
+    pub async fn direct_path(&self, peer: PeerId) -> Result<(), NetError> {
+        self.ask(|tx| Command::DirectPath(peer, tx)).await?
     }
 
     /// Opens a task stream to `peer` (dialling it if need be).

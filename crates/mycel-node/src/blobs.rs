@@ -544,6 +544,12 @@ impl BlobService {
         peer: PeerId,
         id: ContentId,
     ) -> Result<Option<Outboard>, (String, bool)> {
+        // The wait for a direct connection (a hole punch) is bounded by the network's own
+        // `direct_wait`, not by the request's timeout.
+        self.net.direct_path(peer).await.map_err(|e| {
+            let relayed_only = matches!(e, mycel_net::NetError::RelayedOnly { .. });
+            (format!("{peer}: {e}"), relayed_only)
+        })?;
         let ask = async {
             let mut stream = self
                 .net
