@@ -7,7 +7,8 @@
 //!   node on the internet learns from AutoNAT that it is public and serves as a relay.
 //! - Behind symmetric NATs (a new port per connection) no hole can be punched: the nodes still
 //!   see each other through the relay, but bulk data refuses it with an error that says why
-//!   and what to do.
+//!   and what to do. A peer that lies about being a public relay costs a failed reservation,
+//!   nothing more.
 //!
 //! Needs root for `ip netns` and `nft`; where they are missing the tests say so and return,
 //! unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
@@ -246,35 +247,43 @@ fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() 
         ok
     });
     assert_eq!(std::fs::read(&copy).unwrap(), data, "{last}");
-    let metrics = |m: &Member| {
-        let token = std::fs::read_to_string(m.process.data_dir.join("api.token")).unwrap();
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                lab.names[m.ns].as_str(),
-                "curl",
-                "-s",
-                "-H",
-            ])
-            .arg(format!("Authorization: Bearer {}", token.trim()))
-            .arg(format!("http://{}/metrics", m.process.api))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let punched = [&a, &b].iter().any(|m| {
-        metrics(m).lines().any(|l| {
-            l.starts_with("mycel_nat_events_total{event=\"hole_punch\",result=\"direct\"}")
-                && !l.ends_with(" 0")
-        })
-    });
+    let punched = [&a, &b]
+        .iter()
+        .any(|m| nat_events(&lab, m, "hole_punch", "direct") > 0);
     assert!(
         punched,
         "A or B counts a punched hole:\n{}\n{}",
-        metrics(&a),
-        metrics(&b)
+        metrics(&lab, &a),
+        metrics(&lab, &b)
     );
+}
+
+/// `member`'s /metrics, read inside its namespace.
+fn metrics(lab: &NatLab, m: &Member) -> String {
+    let token = std::fs::read_to_string(m.process.data_dir.join("api.token")).unwrap();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.names[m.ns].as_str(),
+            "curl",
+            "-s",
+            "-H",
+        ])
+        .arg(format!("Authorization: Bearer {}", token.trim()))
+        .arg(format!("http://{}/metrics", m.process.api))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `mycel_nat_events_total{event, result}` of `member`.
+fn nat_events(lab: &NatLab, m: &Member, event: &str, result: &str) -> u64 {
+    let series = format!("mycel_nat_events_total{{event=\"{event}\",result=\"{result}\"}} ");
+    metrics(lab, m)
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -286,6 +295,44 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
     let root = tempfile::tempdir().unwrap();
     let (_relay, a, b, relay_id) = start(&lab, root.path());
     let a_id = homes_private_and_relayed(&lab, &a, &b, &relay_id);
+
+    // A liar: a node behind B's NAT that declares an address nobody can reach and calls
+    // itself a public relay. A, which wants a second relay, tries it, fails, and keeps its
+    // reservation with the real relay only; nothing is announced through the liar.
+    let liar = Member {
+        process: spawn_node(
+            &lab.exec(HOME_B),
+            &root.path().join("liar"),
+            "127.0.0.1:7879",
+            &[
+                "--no-mdns".to_owned(),
+                "--no-upnp".to_owned(),
+                "--port".to_owned(),
+                "4002".to_owned(),
+                "--relay-server".to_owned(),
+                "on".to_owned(),
+                "--external-addr".to_owned(),
+                "/ip4/198.51.100.99/tcp/4002".to_owned(),
+                "--bootstrap".to_owned(),
+                format!("/ip4/{}/udp/4001/quic-v1/p2p/{relay_id}", INTERNET_ADDRS[1]),
+            ],
+        ),
+        ns: HOME_B,
+    };
+    let liar_id = id_of(&lab, &liar);
+    wait_until(LIMIT, "A sees the liar as a public relay", || {
+        let info = peer(&lab, &a, &liar_id);
+        info["reachability"] == "public" && info["relay"] == true
+    });
+    wait_until(LIMIT, "A's reservation with the liar fails", || {
+        nat_events(&lab, &a, "relay_reservation", "failed") > 0
+    });
+    let net = &status(&lab, &a)["network"];
+    assert_eq!(net["relays"], serde_json::json!([relay_id]), "{net}");
+    assert!(
+        !net["announced_addrs"].to_string().contains(&liar_id),
+        "nothing is announced through the liar: {net}"
+    );
 
     let file = root.path().join("data.bin");
     std::fs::write(&file, vec![7u8; 300_000]).unwrap();
