@@ -62,6 +62,7 @@ pub fn spawn_node(prefix: &[&str], data_dir: &Path, api: &str, args: &[String]) 
         .args(["--api", api])
         .args(FAST)
         .args(args)
+        // MYCEL_TEST_LOG=<filter> shows more of the nodes' logs (warnings otherwise).
         .env(
             "MYCEL_LOG",
             std::env::var("MYCEL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
