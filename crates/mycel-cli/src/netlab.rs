@@ -58,9 +58,14 @@ pub const HOME_B: usize = 4;
 
 impl Drop for NatLab {
     fn drop(&mut self) {
-        for name in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
+        delete_namespaces(&self.names);
+    }
+}
+
+/// Deletes the named namespaces (with the interfaces in them), ignoring those already gone.
+pub fn delete_namespaces(names: &[String]) {
+    for name in names {
+        let _ = ip(&["netns", "del", name]);
     }
 }
 

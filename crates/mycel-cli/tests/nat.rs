@@ -80,35 +80,38 @@ fn lab_or_skip(test: &str, label: &str, symmetric: bool) -> Option<NatLab> {
     }
 }
 
+/// A node in namespace `ns` listening on `port` (its API on 127.0.0.1:`port` + 3877 there),
+/// with `args` after the lab's common flags.
+fn lab_node(lab: &NatLab, ns: usize, dir: &std::path::Path, port: u16, args: &[&str]) -> Member {
+    let common = ["--no-mdns", "--no-upnp", "--port", &port.to_string()].map(str::to_owned);
+    let args: Vec<String> = common
+        .into_iter()
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect();
+    Member {
+        process: spawn_node(
+            &lab.exec(ns),
+            dir,
+            &format!("127.0.0.1:{}", port + 3877),
+            &args,
+        ),
+        ns,
+    }
+}
+
 /// The relay R on the internet (its address declared by the operator), then homes A and B,
 /// each joining through R's QUIC address.
 fn start(lab: &NatLab, root: &std::path::Path) -> (Member, Member, Member, String) {
-    let node = |ns: usize, name: &str, args: Vec<String>| Member {
-        process: spawn_node(
-            &lab.exec(ns),
-            &root.join(name),
-            "127.0.0.1:7878",
-            &[
-                vec![
-                    "--no-mdns".to_owned(),
-                    "--no-upnp".to_owned(),
-                    "--port".to_owned(),
-                    "4001".to_owned(),
-                ],
-                args,
-            ]
-            .concat(),
-        ),
-        ns,
-    };
-    let relay = node(
+    let relay = lab_node(
+        lab,
         INTERNET,
-        "r",
-        vec![
-            "--external-addr".into(),
-            "/ip4/198.51.100.1/udp/4001/quic-v1".into(),
-            "--external-addr".into(),
-            "/ip4/198.51.100.1/tcp/4001".into(),
+        &root.join("r"),
+        4001,
+        &[
+            "--external-addr",
+            "/ip4/198.51.100.1/udp/4001/quic-v1",
+            "--external-addr",
+            "/ip4/198.51.100.1/tcp/4001",
         ],
     );
     let mut relay_id = String::new();
@@ -124,7 +127,7 @@ fn start(lab: &NatLab, root: &std::path::Path) -> (Member, Member, Member, Strin
             "/ip4/{}/udp/4001/quic-v1/p2p/{relay_id}",
             INTERNET_ADDRS[side]
         );
-        node(ns, name, vec!["--bootstrap".to_owned(), boot])
+        lab_node(lab, ns, &root.join(name), 4001, &["--bootstrap", &boot])
     };
     let a = home(HOME_A, "a", 0);
     let b = home(HOME_B, "b", 1);
@@ -203,22 +206,14 @@ fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() 
     let (_relay, a, b, relay_id) = start(&lab, root.path());
 
     // A public node beside the relay with nothing declared: AutoNAT finds it reachable.
-    let p = Member {
-        process: spawn_node(
-            &lab.exec(INTERNET),
-            &root.path().join("p"),
-            "127.0.0.1:7879",
-            &[
-                "--no-mdns".to_owned(),
-                "--no-upnp".to_owned(),
-                "--port".to_owned(),
-                "4002".to_owned(),
-                "--bootstrap".to_owned(),
-                format!("/ip4/198.51.100.1/tcp/4001/p2p/{relay_id}"),
-            ],
-        ),
-        ns: INTERNET,
-    };
+    let boot = format!("/ip4/198.51.100.1/tcp/4001/p2p/{relay_id}");
+    let p = lab_node(
+        &lab,
+        INTERNET,
+        &root.path().join("p"),
+        4002,
+        &["--bootstrap", &boot],
+    );
     wait_until(
         LIMIT,
         "AutoNAT finds the internet node public, and it serves as a relay",
@@ -299,26 +294,21 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
     // A liar: a node behind B's NAT that declares an address nobody can reach and calls
     // itself a public relay. A, which wants a second relay, tries it, fails, and keeps its
     // reservation with the real relay only; nothing is announced through the liar.
-    let liar = Member {
-        process: spawn_node(
-            &lab.exec(HOME_B),
-            &root.path().join("liar"),
-            "127.0.0.1:7879",
-            &[
-                "--no-mdns".to_owned(),
-                "--no-upnp".to_owned(),
-                "--port".to_owned(),
-                "4002".to_owned(),
-                "--relay-server".to_owned(),
-                "on".to_owned(),
-                "--external-addr".to_owned(),
-                "/ip4/198.51.100.99/tcp/4002".to_owned(),
-                "--bootstrap".to_owned(),
-                format!("/ip4/{}/udp/4001/quic-v1/p2p/{relay_id}", INTERNET_ADDRS[1]),
-            ],
-        ),
-        ns: HOME_B,
-    };
+    let boot = format!("/ip4/{}/udp/4001/quic-v1/p2p/{relay_id}", INTERNET_ADDRS[1]);
+    let liar = lab_node(
+        &lab,
+        HOME_B,
+        &root.path().join("liar"),
+        4002,
+        &[
+            "--relay-server",
+            "on",
+            "--external-addr",
+            "/ip4/198.51.100.99/tcp/4002",
+            "--bootstrap",
+            &boot,
+        ],
+    );
     let liar_id = id_of(&lab, &liar);
     wait_until(LIMIT, "A sees the liar as a public relay", || {
         let info = peer(&lab, &a, &liar_id);

@@ -161,7 +161,7 @@ impl Behaviour {
 
         let nat = &config.nat;
         let relay = (nat.relay_server != RelayServer::Off).then(|| {
-            let mut relay = relay::Behaviour::new(
+            relay::Behaviour::new(
                 peer_id,
                 relay::Config {
                     max_reservations: nat.max_reservations,
@@ -173,15 +173,7 @@ impl Behaviour {
                     max_circuit_bytes: nat.max_circuit_bytes,
                     ..Default::default()
                 },
-            );
-            // libp2p would serve as soon as any external address is confirmed, a relayed one
-            // included; the event loop decides from our own reachability instead.
-            relay.set_status(Some(if nat.relay_server == RelayServer::On {
-                relay::Status::Enable
-            } else {
-                relay::Status::Disable
-            }));
-            relay
+            )
         });
         // No NAT inside one process: the memory transport runs without probes.
         let probes = nat.autonat && config.transport == TransportKind::TcpQuic;

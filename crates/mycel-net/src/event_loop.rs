@@ -1076,7 +1076,13 @@ impl EventLoop {
             dial_failures: self.dial_failures,
             reachability: self.nat.reach.status().as_str().to_owned(),
             relay_server: self.serves_relay(),
-            relays: self.nat.relays().iter().map(|p| p.to_base58()).collect(),
+            relays: self
+                .nat
+                .reach
+                .held()
+                .iter()
+                .map(|p| p.to_base58())
+                .collect(),
             announced_addrs: self
                 .announced_addrs()
                 .iter()

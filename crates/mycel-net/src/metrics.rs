@@ -160,16 +160,6 @@ impl NetMetrics {
             .inc();
     }
 
-    /// How often a NAT traversal event happened (`mycel_nat_events_total{event, result}`).
-    pub fn nat_events(&self, event: &str, result: &str) -> u64 {
-        NAT_EVENTS
-            .iter()
-            .find(|(e, r)| *e == event && *r == result)
-            .map_or(0, |(event, result)| {
-                self.nat.get_or_create(&NatLabel { event, result }).get()
-            })
-    }
-
     pub(crate) fn nat_event(&self, event: &'static str, result: &'static str) {
         self.nat.get_or_create(&NatLabel { event, result }).inc();
     }

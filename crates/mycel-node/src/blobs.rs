@@ -551,16 +551,12 @@ impl BlobService {
             (format!("{peer}: {e}"), relayed_only)
         })?;
         let ask = async {
+            // The path is direct now (checked above): a plain stream.
             let mut stream = self
                 .net
-                .open_bulk_stream(peer, BLOB_PROTOCOL)
+                .open_stream(peer, BLOB_PROTOCOL)
                 .await
-                .map_err(|e| {
-                    (
-                        e.to_string(),
-                        matches!(e, mycel_net::NetError::RelayedOnly { .. }),
-                    )
-                })?;
+                .map_err(|e| (e.to_string(), false))?;
             write_frame(&mut stream, &BlobRequest::Outboard { id })
                 .await
                 .map_err(|e| (e.to_string(), false))?;

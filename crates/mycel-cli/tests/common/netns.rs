@@ -1,8 +1,6 @@
 //! Network namespaces joined by a veth pair, for tests that need real kernels' networking
 //! between `mycel` processes (mDNS, partitions). Needs root; the namespaces are deleted on drop.
 
-use std::process::Command;
-
 // The NAT lab and the command helpers are shared with `mycel bench nat`.
 #[path = "../../src/netlab.rs"]
 mod netlab;
@@ -19,9 +17,7 @@ pub struct VethPair {
 
 impl Drop for VethPair {
     fn drop(&mut self) {
-        for name in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
+        netlab::delete_namespaces(&self.names);
     }
 }
 

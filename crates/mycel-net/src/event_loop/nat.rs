@@ -76,14 +76,13 @@ impl Nat {
         self.has_direct(peer) && !self.has_relayed(peer)
     }
 
-    /// Addresses reachable through relays.
-    pub(super) fn relayed_addrs(&self) -> impl Iterator<Item = &Multiaddr> {
-        self.relayed_addrs.iter().map(|(_, a)| a)
-    }
-
-    /// Relays whose reservation we hold.
-    pub(super) fn relays(&self) -> Vec<PeerId> {
-        self.reach.held()
+    /// Takes the waiting transfers `pick` chooses out of the queue.
+    fn take_waiters(&mut self, pick: impl Fn(&Waiter) -> bool) -> Vec<Waiter> {
+        let (taken, waiting) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| pick(w));
+        self.waiters = waiting;
+        taken
     }
 }
 
@@ -129,7 +128,7 @@ impl EventLoop {
                 addrs.push(addr.clone());
             }
         }
-        for addr in self.nat.relayed_addrs() {
+        for (_, addr) in &self.nat.relayed_addrs {
             if !addrs.contains(addr) {
                 addrs.push(addr.clone());
             }
@@ -173,7 +172,9 @@ impl EventLoop {
         self.announce();
     }
 
-    /// Tells the relay server whether to serve (advertise the hop protocol) now.
+    /// Tells the relay server whether to serve (advertise the hop protocol) now. Called before
+    /// the first event and on every change of reachability: libp2p would serve as soon as
+    /// any external address is confirmed, a relayed one included.
     pub(super) fn apply_relay_status(&mut self) {
         let serve = self.serves_relay();
         if let Some(relay) = self.swarm.behaviour_mut().relay.as_mut() {
@@ -371,11 +372,7 @@ impl EventLoop {
         if !self.nat.direct_only(&peer) {
             return;
         }
-        let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.nat.waiters)
-            .into_iter()
-            .partition(|w| w.peer == peer);
-        self.nat.waiters = waiting;
-        for w in ready {
+        for w in self.nat.take_waiters(|w| w.peer == peer) {
             let _ = w.reply.send(Ok(()));
         }
     }
@@ -393,11 +390,7 @@ impl EventLoop {
         if self.swarm.is_connected(&peer) || self.nat.relay_dials.values().any(|p| *p == peer) {
             return;
         }
-        let (failed, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.nat.waiters)
-            .into_iter()
-            .partition(|w| w.peer == peer);
-        self.nat.waiters = waiting;
-        for w in failed {
+        for w in self.nat.take_waiters(|w| w.peer == peer) {
             let _ = w.reply.send(Err(NetError::Request {
                 peer,
                 reason: format!("cannot connect: {error}"),
@@ -420,12 +413,8 @@ impl EventLoop {
 
     /// Once a tick: expire waiters, ask relays for reservations while we need them.
     pub(super) fn nat_tick(&mut self, now: u64) {
-        let (expired, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.nat.waiters)
-            .into_iter()
-            .partition(|w| now >= w.deadline);
-        self.nat.waiters = waiting;
         let waited = self.config.nat.direct_wait;
-        for w in expired {
+        for w in self.nat.take_waiters(|w| now >= w.deadline) {
             let error = if self.nat.has_relayed(&w.peer) {
                 self.metrics.nat_event("bulk_over_relay", "refused");
                 relayed_only(w.peer, waited)
