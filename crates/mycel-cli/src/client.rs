@@ -219,7 +219,7 @@ pub(crate) fn peers(args: ClientArgs) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     println!(
-        "{:<52} {:<7} {:>4} {:<7} {:>9} {:>6} {:>8} {:>10}",
+        "{:<52} {:<7} {:>5} {:<7} {:>9} {:>6} {:>8} {:>10}",
         "PEER", "STATE", "CONN", "REACH", "RTT", "CORES", "MEM GiB", "LAST SEEN"
     );
     for peer in list {
@@ -239,13 +239,13 @@ pub(crate) fn peers(args: ClientArgs) -> anyhow::Result<()> {
             format!("{}s ago", now.saturating_sub(t) / 1000)
         });
         println!(
-            "{:<52} {:<7} {:>4} {:<7} {:>9} {:>6} {:>8} {:>10}",
+            "{:<52} {:<7} {:>5} {:<7} {:>9} {:>6} {:>8} {:>10}",
             peer["peer_id"].as_str().unwrap_or("?"),
             peer["state"].as_str().unwrap_or("?"),
-            if peer["connected"].as_bool() == Some(true) {
-                "yes"
-            } else {
-                "no"
+            match peer["link"].as_str() {
+                Some("relayed") => "relay",
+                Some(_) => "yes",
+                None => "no",
             },
             peer["reachability"].as_str().unwrap_or("?"),
             rtt,

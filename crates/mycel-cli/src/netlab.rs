@@ -1,6 +1,7 @@
-//! Network namespaces with NAT routers between them, for `mycel bench nat` and the NAT tests:
-//! real kernels' routing and nftables translation between `mycel` processes. Needs root; the
-//! namespaces are deleted on drop.
+//! Network namespaces for `mycel bench nat`, `mycel bench partition` and the tests that need
+//! real kernels' networking between `mycel` processes: two namespaces joined by a veth pair
+//! (whose link can turn into a blackhole), and a lab with NAT routers (nftables translation).
+//! Needs root; the namespaces are deleted on drop.
 
 use std::process::Command;
 
@@ -26,6 +27,33 @@ pub fn ip(args: &[&str]) -> Result<(), String> {
     run("ip", args)
 }
 
+/// Moves the calling thread into the network namespace `name` (made by `ip netns add`), as
+/// `ip netns exec` does for a process: the sockets it opens from then on live there. Only
+/// this thread moves; run it on a thread of its own.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn enter(name: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/run/netns/{name}"))
+        .map_err(|e| format!("network namespace {name}: {e}"))?;
+    // SAFETY: setns only reads the descriptor, open for the whole call, and changes nothing
+    // but this thread's network namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "entering network namespace {name}: {}",
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
+/// See the Linux version: elsewhere there are no network namespaces to enter.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn enter(name: &str) -> Result<(), String> {
+    Err(format!("network namespace {name}: needs Linux"))
+}
+
 /// Two homes behind NAT routers on a small "internet": five namespaces.
 ///
 /// ```text
@@ -35,12 +63,12 @@ pub fn ip(args: &[&str]) -> Result<(), String> {
 /// ```
 ///
 /// The internet uses documentation ranges (TEST-NET-2 and -3), which nodes count as global
-/// addresses as they would real ones, inside namespaces nothing outside can reach. It
-/// routes between the routers and knows no route to either home: a
-/// home is reached only through its router's translation. `symmetric` routers give every
-/// connection a new random port (`masquerade random`), as carrier-grade and some corporate
-/// NATs do, where hole punching cannot work; otherwise a connection keeps its port (a home
-/// router's endpoint-independent mapping, where it can). Removed on drop.
+/// addresses as they would real ones, inside namespaces nothing outside can reach. It routes
+/// between the routers and knows no route to either home: a home is reached only through its
+/// router's translation. A symmetric router (`symmetric[0]` for router A, `[1]` for B) gives
+/// every connection a new random port (`masquerade random`), as carrier-grade and some
+/// corporate NATs do, where hole punching cannot work; otherwise a connection keeps its port
+/// (a home router's endpoint-independent mapping, where it can). Removed on drop.
 pub struct NatLab {
     /// internet, router A, router B, home A, home B.
     pub names: [String; 5],
@@ -70,7 +98,7 @@ pub fn delete_namespaces(names: &[String]) {
 }
 
 impl NatLab {
-    pub fn new(label: &str, symmetric: bool) -> Result<Self, String> {
+    pub fn new(label: &str, symmetric: [bool; 2]) -> Result<Self, String> {
         let tag = std::process::id() % 100_000;
         let names = ["i", "ra", "rb", "ha", "hb"].map(|n| format!("mycel-{label}{n}-{tag}"));
         let lab = NatLab { names };
@@ -150,6 +178,7 @@ impl NatLab {
             (1, format!("{label}wra{tag}")),
             (2, format!("{label}wrb{tag}")),
         ] {
+            let symmetric = symmetric[ns - 1];
             let nft = ["netns", "exec", lab.names[ns].as_str(), "nft"];
             run("ip", &[&nft[..], &["add", "table", "ip", "nat"]].concat())?;
             run(
@@ -220,8 +249,109 @@ impl NatLab {
         Ok(lab)
     }
 
-    /// `ip netns exec NAME`, to prefix a command run in namespace `i`.
+    /// `ip netns exec NAME`, to prefix a command run in namespace `i` (for the tests; the
+    /// benchmarks start nodes through `bench::lab`).
+    #[allow(dead_code)]
     pub fn exec(&self, i: usize) -> [&str; 4] {
         ["ip", "netns", "exec", self.names[i].as_str()]
+    }
+}
+
+/// Two namespaces, `names[i]` holding the veth end `devs[i]` with the address `addrs[i]` of
+/// 10.213.`net`.0/24. Removed on drop.
+pub struct VethPair {
+    pub names: [String; 2],
+    pub devs: [String; 2],
+    pub addrs: [String; 2],
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        delete_namespaces(&self.names);
+    }
+}
+
+impl VethPair {
+    /// Namespaces named after `label` and this process, on subnet 10.213.`net`.0/24.
+    pub fn new(label: &str, net: u8) -> Result<Self, String> {
+        let tag = std::process::id() % 100_000;
+        let pair = VethPair {
+            names: [
+                format!("mycel-{label}a-{tag}"),
+                format!("mycel-{label}b-{tag}"),
+            ],
+            devs: [format!("v{label}a{tag}"), format!("v{label}b{tag}")],
+            addrs: [format!("10.213.{net}.1"), format!("10.213.{net}.2")],
+        };
+        let [na, nb] = &pair.names;
+        let [va, vb] = &pair.devs;
+        ip(&["netns", "add", na])?;
+        ip(&["netns", "add", nb])?;
+        ip(&["link", "add", va, "type", "veth", "peer", "name", vb])?;
+        ip(&["link", "set", va, "netns", na])?;
+        ip(&["link", "set", vb, "netns", nb])?;
+        for i in 0..2 {
+            let (name, dev) = (&pair.names[i], &pair.devs[i]);
+            let addr = format!("{}/24", pair.addrs[i]);
+            ip(&["-n", name, "addr", "add", &addr, "dev", dev])?;
+            ip(&["-n", name, "link", "set", dev, "up"])?;
+            ip(&["-n", name, "link", "set", "lo", "up"])?;
+            // A fresh namespace has no route for multicast; a LAN host has its default route.
+            ip(&["-n", name, "route", "add", "default", "dev", dev])?;
+        }
+        Ok(pair)
+    }
+
+    /// `ip netns exec NAME`, to prefix a command run in namespace `i` (for the tests; the
+    /// benchmarks start nodes through `bench::lab`).
+    #[allow(dead_code)]
+    pub fn exec(&self, i: usize) -> [&str; 4] {
+        ["ip", "netns", "exec", self.names[i].as_str()]
+    }
+
+    /// Drops every packet arriving over the veth in both namespaces (nftables, input hook):
+    /// a blackhole, as when a link fails silently; senders see nothing but silence.
+    pub fn blackhole(&self) -> Result<(), String> {
+        for i in 0..2 {
+            let name = self.names[i].as_str();
+            let dev = self.devs[i].as_str();
+            let ns = ["netns", "exec", name, "nft"];
+            run("ip", &[&ns[..], &["add", "table", "inet", "cut"]].concat())?;
+            run(
+                "ip",
+                &[
+                    &ns[..],
+                    &[
+                        "add", "chain", "inet", "cut", "input", "{", "type", "filter", "hook",
+                        "input", "priority", "0", ";", "}",
+                    ],
+                ]
+                .concat(),
+            )?;
+            run(
+                "ip",
+                &[
+                    &ns[..],
+                    &[
+                        "add", "rule", "inet", "cut", "input", "iifname", dev, "drop",
+                    ],
+                ]
+                .concat(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Self::blackhole`].
+    pub fn restore(&self) -> Result<(), String> {
+        for name in &self.names {
+            run(
+                "ip",
+                &[
+                    "netns", "exec", name, "nft", "delete", "table", "inet", "cut",
+                ],
+            )?;
+        }
+        Ok(())
     }
 }

@@ -3,12 +3,14 @@
 //!
 //! - Behind ordinary NATs: two nodes each behind its own router learn from AutoNAT that they
 //!   are private, reserve a slot on a public relay, announce the relayed address, reach each
-//!   other through it, punch a direct connection (DCUtR) and move a blob over it. A public
-//!   node on the internet learns from AutoNAT that it is public and serves as a relay.
+//!   other through it, get a chat completion across, punch a direct connection (DCUtR) and
+//!   move a blob over it. A public node on the internet learns from AutoNAT that it is public
+//!   and serves as a relay.
 //! - Behind symmetric NATs (a new port per connection) no hole can be punched: the nodes still
-//!   see each other through the relay, but bulk data refuses it with an error that says why
-//!   and what to do. A peer that lies about being a public relay costs a failed reservation,
-//!   nothing more.
+//!   see each other and chat through the relay, but bulk data refuses it with an error that
+//!   says why and what to do, and travels over it only to a node that allows relayed data. A
+//!   peer that lies about being a public relay costs a failed reservation, nothing more, and
+//!   the lie costs the liar reputation.
 //!
 //! Needs root for `ip netns` and `nft`; where they are missing the tests say so and return,
 //! unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
@@ -20,6 +22,7 @@ use std::time::Duration;
 
 use common::netns::{NatLab, HOME_A, HOME_B, INTERNET, INTERNET_ADDRS};
 use common::{spawn_node, wait_until, NodeProcess, MYCEL};
+use mycel_ml::fixtures::write_tiny_llama;
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -67,7 +70,7 @@ fn peer(lab: &NatLab, viewer: &Member, id: &str) -> Value {
 }
 
 fn lab_or_skip(test: &str, label: &str, symmetric: bool) -> Option<NatLab> {
-    match NatLab::new(label, symmetric) {
+    match NatLab::new(label, [symmetric; 2]) {
         Ok(lab) => Some(lab),
         Err(e) => {
             mycel_ml::fixtures::skip_unless_required(
@@ -99,9 +102,11 @@ fn lab_node(lab: &NatLab, ns: usize, dir: &std::path::Path, port: u16, args: &[&
     }
 }
 
-/// The relay R on the internet (its address declared by the operator), then homes A and B,
-/// each joining through R's QUIC address.
+/// The relay R on the internet (its address declared by the operator), then homes A (serving
+/// the tiny generation model) and B, each joining through R's QUIC address.
 fn start(lab: &NatLab, root: &std::path::Path) -> (Member, Member, Member, String) {
+    let model = root.join("tiny-llama.gguf");
+    write_tiny_llama(&model).unwrap();
     let relay = lab_node(
         lab,
         INTERNET,
@@ -122,15 +127,19 @@ fn start(lab: &NatLab, root: &std::path::Path) -> (Member, Member, Member, Strin
             .to_owned();
         !relay_id.is_empty()
     });
-    let home = |ns: usize, name: &str, side: usize| {
+    let home = |ns: usize, name: &str, side: usize, args: &[&str]| {
         let boot = format!(
             "/ip4/{}/udp/4001/quic-v1/p2p/{relay_id}",
             INTERNET_ADDRS[side]
         );
-        lab_node(lab, ns, &root.join(name), 4001, &["--bootstrap", &boot])
+        let args: Vec<&str> = ["--bootstrap", &boot]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        lab_node(lab, ns, &root.join(name), 4001, &args)
     };
-    let a = home(HOME_A, "a", 0);
-    let b = home(HOME_B, "b", 1);
+    let a = home(HOME_A, "a", 0, &["--model", model.to_str().unwrap()]);
+    let b = home(HOME_B, "b", 1, &[]);
     (relay, a, b, relay_id)
 }
 
@@ -196,6 +205,35 @@ fn put(lab: &NatLab, member: &Member, path: &std::path::Path) -> String {
     out.trim().to_owned()
 }
 
+/// A greedy chat completion with the tiny model, asked of `member`.
+fn chat(lab: &NatLab, member: &Member) -> (bool, String, String) {
+    let args = [
+        "chat",
+        "--model",
+        "tiny-llama",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "6",
+        "the",
+    ];
+    cli(lab, member, &args)
+}
+
+/// B, which serves no model, gets a chat completion from A (across the NATs, through whatever
+/// connection B holds to A): the same greedy answer A gives itself.
+fn b_chats_with_a(lab: &NatLab, a: &Member, b: &Member) {
+    let (ok, local, err) = chat(lab, a);
+    assert!(ok && !local.trim().is_empty(), "A answers itself: {err}");
+    let mut last = (String::new(), String::new());
+    wait_until(LIMIT, "B gets a chat completion from A", || {
+        let (ok, out, err) = chat(lab, b);
+        last = (out, err);
+        ok
+    });
+    assert_eq!(last.0, local, "B's answer is A's: {}", last.1);
+}
+
 #[test]
 fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() {
     const TEST: &str = "nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly";
@@ -223,7 +261,8 @@ fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() 
         },
     );
 
-    homes_private_and_relayed(&lab, &a, &b, &relay_id);
+    let a_id = homes_private_and_relayed(&lab, &a, &b, &relay_id);
+    b_chats_with_a(&lab, &a, &b);
 
     // A blob put on A travels to B: only over a direct connection (bulk data never rides
     // the relay), so the hole was punched. It is larger than a relayed connection may carry
@@ -242,6 +281,11 @@ fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() 
         ok
     });
     assert_eq!(std::fs::read(&copy).unwrap(), data, "{last}");
+    assert_eq!(
+        peer(&lab, &b, &a_id)["link"],
+        "direct",
+        "B's peer list shows the direct connection"
+    );
     let punched = [&a, &b]
         .iter()
         .any(|m| nat_events(&lab, m, "hole_punch", "direct") > 0);
@@ -274,10 +318,19 @@ fn metrics(lab: &NatLab, m: &Member) -> String {
 
 /// `mycel_nat_events_total{event, result}` of `member`.
 fn nat_events(lab: &NatLab, m: &Member, event: &str, result: &str) -> u64 {
-    let series = format!("mycel_nat_events_total{{event=\"{event}\",result=\"{result}\"}} ");
+    counter(
+        lab,
+        m,
+        &format!("mycel_nat_events_total{{event=\"{event}\",result=\"{result}\"}}"),
+    )
+}
+
+/// The value of the counter `series` (name and labels) in `member`'s /metrics.
+fn counter(lab: &NatLab, m: &Member, series: &str) -> u64 {
+    let prefix = format!("{series} ");
     metrics(lab, m)
         .lines()
-        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
         .unwrap_or(0)
 }
 
@@ -317,6 +370,14 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
     wait_until(LIMIT, "A's reservation with the liar fails", || {
         nat_events(&lab, &a, "relay_reservation", "failed") > 0
     });
+    // The lie costs the liar reputation (counted as a rejection: unreachable).
+    wait_until(LIMIT, "A holds the lie against the liar", || {
+        counter(
+            &lab,
+            &a,
+            "mycel_rejected_messages_total{reason=\"unreachable\"}",
+        ) > 0
+    });
     let net = &status(&lab, &a)["network"];
     assert_eq!(net["relays"], serde_json::json!([relay_id]), "{net}");
     assert!(
@@ -328,8 +389,9 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
     std::fs::write(&file, vec![7u8; 300_000]).unwrap();
     let id = put(&lab, &a, &file);
     // Control traffic uses the relay: B connects to A through it.
-    wait_until(LIMIT, "B is connected to A (through the relay)", || {
-        peer(&lab, &b, &a_id)["connected"] == true
+    wait_until(LIMIT, "B is connected to A through the relay", || {
+        let info = peer(&lab, &b, &a_id);
+        info["connected"] == true && info["link"] == "relayed"
     });
     let copy = root.path().join("copy.bin");
     let (ok, _, err) = cli(&lab, &b, &["get", &id, "-o", copy.to_str().unwrap()]);
@@ -339,4 +401,27 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
         "the error says what to do: {err}"
     );
     assert!(!copy.exists());
+
+    // Task requests and streamed tokens may ride the relay: B chats with A through it.
+    b_chats_with_a(&lab, &a, &b);
+
+    // An operator who accepts relayed data says so: C, also behind B's NAT, fetches the blob
+    // through the relay.
+    let c = lab_node(
+        &lab,
+        HOME_B,
+        &root.path().join("c"),
+        4003,
+        &["--allow-relayed-data", "--bootstrap", &boot],
+    );
+    wait_until(LIMIT, "C sees A alive", || {
+        peer(&lab, &c, &a_id)["state"] == "alive"
+    });
+    let mut last = String::new();
+    wait_until(LIMIT, "C fetches A's blob through the relay", || {
+        let (ok, _, err) = cli(&lab, &c, &["get", &id, "-o", copy.to_str().unwrap()]);
+        last = err;
+        ok
+    });
+    assert_eq!(std::fs::read(&copy).unwrap(), vec![7u8; 300_000], "{last}");
 }

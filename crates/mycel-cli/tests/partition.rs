@@ -1,8 +1,9 @@
 //! A partition that heals: four `mycel` processes, two in each of two network namespaces
 //! joined by a veth pair. The link turns into a blackhole (nftables drops everything that
 //! arrives over it, so nobody sees an error, only silence); each half declares the other
-//! failed and keeps announcing; then the link comes back and, with no restart, every node
-//! sees every other alive again, with the announcements made during the cut. Needs root for
+//! failed and keeps announcing, and one node stores a blob; then the link comes back and, with
+//! no restart, every node sees every other alive again, with the announcements made during
+//! the cut, and the other half finds the blob's provider record and fetches it. Needs root for
 //! `ip netns` and `nft`; where they are missing the test says so and returns, unless
 //! MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
 
@@ -150,6 +151,14 @@ fn two_halves_of_a_network_reconcile_after_a_blackhole_without_a_restart() {
         },
     );
 
+    // A blob stored on one side during the cut: its provider record lives only in that half.
+    let file = members[0].process.data_dir.with_file_name("during-cut.bin");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let (ok, out, err) = cli_raw(&pair, &members[0], &["put", file.to_str().unwrap()]);
+    assert!(ok, "put during the cut: {err}");
+    let blob = out.trim().to_owned();
+
     pair.restore().unwrap();
     let restored = Instant::now();
     wait_until(
@@ -166,10 +175,20 @@ fn two_halves_of_a_network_reconcile_after_a_blackhole_without_a_restart() {
                 })
         },
     );
-    eprintln!(
-        "partition: detected after {detected:?}, healed {:?} after the link came back",
-        restored.elapsed()
+    let healed = restored.elapsed();
+    // The other side finds the blob's provider across the healed link and fetches it.
+    let copy = file.with_file_name("fetched.bin");
+    let (ok, _, err) = cli_raw(
+        &pair,
+        &members[3],
+        &["get", &blob, "-o", copy.to_str().unwrap()],
     );
+    assert!(
+        ok,
+        "the other half fetches the blob stored during the cut: {err}"
+    );
+    assert_eq!(std::fs::read(&copy).unwrap(), data);
+    eprintln!("partition: detected after {detected:?}, healed {healed:?} after the link came back");
 }
 
 /// `mycel status --json` run in the member's namespace (its API listens on that
@@ -202,6 +221,12 @@ fn views(pair: &VethPair, members: &[Member]) -> Vec<View> {
 }
 
 fn cli(pair: &VethPair, member: &Member, command: &str) -> Option<serde_json::Value> {
+    let (_, out, _) = cli_raw(pair, member, &[command, "--json"]);
+    serde_json::from_str(&out).ok()
+}
+
+/// `mycel ARGS` against `member`, inside its namespace: (success, stdout, stderr).
+fn cli_raw(pair: &VethPair, member: &Member, args: &[&str]) -> (bool, String, String) {
     let out = Command::new("ip")
         .args([
             "netns",
@@ -209,15 +234,14 @@ fn cli(pair: &VethPair, member: &Member, command: &str) -> Option<serde_json::Va
             pair.names[member.ns].as_str(),
             common::MYCEL,
         ])
-        .args([
-            command,
-            "--json",
-            "--api",
-            &member.process.api,
-            "--data-dir",
-        ])
+        .args(args)
+        .args(["--api", &member.process.api, "--data-dir"])
         .arg(&member.process.data_dir)
         .output()
-        .ok()?;
-    serde_json::from_slice(&out.stdout).ok()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -84,6 +84,16 @@ pub enum FailReason {
     Reported(String),
 }
 
+/// How this node is connected to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Link {
+    /// At least one connection goes straight to the peer (dialled, or a punched hole).
+    Direct,
+    /// Every connection goes through a relay.
+    Relayed,
+}
+
 /// What this node knows about one peer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerInfo {
@@ -117,6 +127,10 @@ pub struct PeerInfo {
     /// Whether it serves as a relay, as it announced.
     #[serde(default)]
     pub relay: bool,
+    /// How we are connected to it now (none while not connected); filled in by the network
+    /// driver, which knows its connections, when it answers a query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<Link>,
 }
 
 /// A change of a peer's state, for the driver to act on (log, metrics, persist, notify).
@@ -209,6 +223,7 @@ impl Membership {
                 addrs: Vec::new(),
                 reachability: Reachability::Unknown,
                 relay: false,
+                link: None,
             },
             latest: None,
             missed_pings: 0,

@@ -1100,12 +1100,12 @@ impl EventLoop {
                 let _ = reply.send(
                     self.membership
                         .peers()
-                        .map(|(_, info)| info.clone())
+                        .map(|(peer, info)| self.with_link(peer, info))
                         .collect(),
                 );
             }
             Command::Peer(peer, reply) => {
-                let _ = reply.send(self.membership.get(&peer).cloned());
+                let _ = reply.send(self.membership.get(&peer).map(|i| self.with_link(&peer, i)));
             }
             Command::SetCapabilities(capabilities, reply) => {
                 self.capabilities = capabilities;

@@ -5,8 +5,10 @@ mod blobs;
 mod failover;
 mod fl;
 mod inference;
+mod lab;
 mod nat;
 mod net;
+mod partition;
 
 use clap::Subcommand;
 
@@ -18,6 +20,10 @@ pub(crate) enum BenchCommand {
     /// symmetric: time until nodes behind NATs are reachable through a relay, and whether a
     /// blob then travels over a punched hole (needs root).
     Nat(nat::NatBenchArgs),
+    /// A network of node processes in two network namespaces, the link between them cut (a
+    /// blackhole) and restored: how fast each half notices, and how fast and how completely
+    /// they reconcile with no restart (needs root).
+    Partition(partition::PartitionBenchArgs),
     /// The reference models on this machine: embeddings (beside sentence-transformers when
     /// given --python) and SmolLM2 prompt processing and decoding.
     Inference(inference::InferenceBenchArgs),
@@ -42,6 +48,7 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Net(args) => net::run(args).await,
         BenchCommand::Nat(args) => nat::run(args).await,
+        BenchCommand::Partition(args) => partition::run(args).await,
         BenchCommand::Inference(args) => inference::run(args).await,
         BenchCommand::Failover(args) => failover::run(args).await,
         BenchCommand::Blobs(args) => blobs::run(args).await,

@@ -1,137 +1,113 @@
 //! `mycel bench nat`: NAT traversal between `mycel` processes in network namespaces with real
-//! NAT routers (nftables masquerade; see `netlab.rs`), behind port-preserving ("cone") and
-//! symmetric NATs, runs interleaved. Per run: how long until both homes know they are private
-//! and hold a relay reservation, and how long B takes to fetch a 1 MiB blob from A (a relayed
-//! connection, a hole punch, then the transfer over the direct connection) or to be refused
-//! with the error that says why (symmetric NATs: no hole can be punched, bulk data does not
-//! ride the relay). Needs root.
+//! NAT routers (nftables masquerade; see `netlab.rs`). Three scenarios, tries interleaved:
+//! both homes behind port-preserving ("cone") routers, one cone and one symmetric, both
+//! symmetric. Per try: a relay on the "internet", home A serving a tiny generation model, home
+//! B. Once both homes know they are private and hold a relay reservation, B connects to A
+//! (through the relay: neither can be dialled), may punch a direct connection (DCUtR), asks A
+//! for a chat completion, and fetches a blob from A, which travels only over a direct
+//! connection (bulk data never rides a relay by default) or is refused with the error that
+//! says why. Needs root.
+//!
+//! One JSON line per try, and one per scenario with `tries`, `relayed_ok` (B got a connection
+//! to A), `relayed_connect_ms` (p50: from both homes private and relayed to B's first
+//! connection to A), `direct_ok`, `direct_ms` (p50: from B's first connection to A, relayed, to
+//! a direct one), `direct_within_2s`, `chat_ok`, `blob_ok` and `blob_mb_s` (p50).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
+use super::lab::LabNode;
 use crate::netlab::{NatLab, HOME_A, HOME_B, INTERNET, INTERNET_ADDRS};
 
 #[derive(Args)]
 pub(crate) struct NatBenchArgs {
-    /// Runs of each NAT kind (interleaved: cone, symmetric, cone, ...).
+    /// Tries of each scenario (interleaved: cone-cone, cone-symmetric, symmetric-symmetric,
+    /// cone-cone, ...).
     #[arg(long, default_value_t = 3)]
-    runs: usize,
-    /// Print one JSON line per run and one with the medians.
+    tries: usize,
+    /// Size of the blob B fetches from A, in MiB.
+    #[arg(long, default_value_t = 4)]
+    blob_mib: usize,
+    /// Print one JSON line per try and one per scenario.
     #[arg(long)]
     json: bool,
 }
 
+/// The scenarios: name, and whether router A and router B are symmetric.
+const SCENARIOS: [(&str, [bool; 2]); 3] = [
+    ("cone-cone", [false, false]),
+    ("cone-symmetric", [false, true]),
+    ("symmetric-symmetric", [true, true]),
+];
+
 /// How long any one step may take.
 const LIMIT: Duration = Duration::from_secs(90);
+/// How long B's connection to A may stay relayed before the try counts no direct one (DCUtR
+/// makes 3 attempts a few seconds apart).
+const DIRECT_LIMIT: Duration = Duration::from_secs(25);
 
-struct Node {
-    child: Child,
-    ns: String,
+/// A node in namespace `ns` of the lab, its API on the namespace's 127.0.0.1:7878.
+fn start(
+    exe: &Path,
+    lab: &NatLab,
+    ns: usize,
     dir: PathBuf,
+    args: &[String],
+) -> anyhow::Result<LabNode> {
+    let args: Vec<String> = ["--port".to_owned(), "4001".to_owned()]
+        .into_iter()
+        .chain(args.iter().cloned())
+        .collect();
+    LabNode::start(exe, &lab.names[ns], dir, "127.0.0.1:7878", &args)
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Node {
-    fn start(
-        exe: &Path,
-        lab: &NatLab,
-        ns: usize,
-        dir: PathBuf,
-        args: &[String],
-    ) -> anyhow::Result<Self> {
-        let [program, prefix @ ..] = lab.exec(ns);
-        let child = Command::new(program)
-            .args(prefix)
-            .arg(exe)
-            .arg("node")
-            .arg("--data-dir")
-            .arg(&dir)
-            .args([
-                "--no-mdns",
-                "--no-upnp",
-                "--port",
-                "4001",
-                "--api",
-                "127.0.0.1:7878",
-            ])
-            .args(args)
-            .env("MYCEL_LOG", super::node_log_filter())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(super::node_stderr())
-            .spawn()
-            .context("starting a node")?;
-        Ok(Self {
-            child,
-            ns: lab.names[ns].clone(),
-            dir,
-        })
-    }
-
-    /// `mycel ARGS` against this node, inside its namespace.
-    fn cli(&self, exe: &Path, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", self.ns.as_str()])
-            .arg(exe)
-            .args(args)
-            .args(["--api", "127.0.0.1:7878", "--data-dir"])
-            .arg(&self.dir)
-            .output();
-        match out {
-            Ok(out) => (
-                out.status.success(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ),
-            Err(e) => (false, String::new(), e.to_string()),
+/// Polls `done` every 50 ms until it holds or `limit` passes: the time it took, or none.
+fn time_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        if done() {
+            return Some(started.elapsed());
         }
-    }
-
-    fn status(&self, exe: &Path) -> Value {
-        let (ok, out, _) = self.cli(exe, &["status", "--json"]);
-        if ok {
-            serde_json::from_str(&out).unwrap_or(Value::Null)
-        } else {
-            Value::Null
+        if started.elapsed() > limit {
+            return None;
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-fn wait(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + LIMIT;
-    while !done() {
-        if Instant::now() > deadline {
-            bail!("timed out after {LIMIT:?} waiting until {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+/// How `viewer` is connected to `peer` now: "direct", "relayed", or none.
+fn link(viewer: &LabNode, peer: &str) -> Option<String> {
+    viewer
+        .api("/api/peers")?
+        .as_array()?
+        .iter()
+        .find(|p| p["peer_id"] == peer)?["link"]
+        .as_str()
+        .map(str::to_owned)
 }
 
-struct Run {
-    private_ms: f64,
-    fetch_ms: f64,
-    fetched: bool,
-    error: String,
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
 }
 
-fn one_run(exe: &Path, symmetric: bool, root: &Path) -> anyhow::Result<Run> {
+fn one_try(
+    exe: &Path,
+    symmetric: [bool; 2],
+    root: &Path,
+    blob_mib: usize,
+) -> anyhow::Result<Value> {
     let lab = NatLab::new("b", symmetric).map_err(|e| {
         anyhow::anyhow!("cannot build the namespaces and NAT routers ({e}); run as root with ip (iproute2) and nft (nftables)")
     })?;
     let _ = std::fs::remove_dir_all(root);
-    let relay = Node::start(
+    std::fs::create_dir_all(root)?;
+    let model = root.join("tiny-llama.gguf");
+    mycel_ml::fixtures::write_tiny_llama(&model)?;
+    let relay = start(
         exe,
         &lab,
         INTERNET,
@@ -141,46 +117,73 @@ fn one_run(exe: &Path, symmetric: bool, root: &Path) -> anyhow::Result<Run> {
             "/ip4/198.51.100.1/udp/4001/quic-v1".into(),
         ],
     )?;
-    let mut relay_id = String::new();
-    wait("the relay is up", || {
-        relay_id = relay.status(exe)["network"]["peer_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        !relay_id.is_empty()
-    })?;
+    let relay_id = relay.peer_id(LIMIT)?;
     let started = Instant::now();
-    let home = |ns: usize, name: &str, side: usize| {
-        Node::start(
-            exe,
-            &lab,
-            ns,
-            root.join(name),
-            &[
-                "--bootstrap".into(),
-                format!(
-                    "/ip4/{}/udp/4001/quic-v1/p2p/{relay_id}",
-                    INTERNET_ADDRS[side]
-                ),
-            ],
-        )
+    let home = |ns: usize, name: &str, side: usize, extra: &[String]| {
+        let mut args = vec![
+            "--bootstrap".to_owned(),
+            format!(
+                "/ip4/{}/udp/4001/quic-v1/p2p/{relay_id}",
+                INTERNET_ADDRS[side]
+            ),
+        ];
+        args.extend_from_slice(extra);
+        start(exe, &lab, ns, root.join(name), &args)
     };
-    let a = home(HOME_A, "a", 0)?;
-    let b = home(HOME_B, "b", 1)?;
-    wait(
+    let a = home(
+        HOME_A,
+        "a",
+        0,
+        &["--model".to_owned(), model.display().to_string()],
+    )?;
+    let b = home(HOME_B, "b", 1, &[])?;
+    let a_id = a.peer_id(LIMIT)?;
+    super::lab::wait(
         "both homes are private and hold a relay reservation",
+        LIMIT,
         || {
             [&a, &b].iter().all(|n| {
-                let net = &n.status(exe)["network"];
+                let net = &n.status()["network"];
                 net["reachability"] == "private"
                     && net["relays"].as_array().is_some_and(|r| !r.is_empty())
             })
         },
     )?;
-    let private_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let private_ms = ms(started.elapsed());
 
+    // B's first connection to A, then (where a hole can be punched) the direct one.
+    let mut first = None;
+    let relayed_connect = time_until(LIMIT, || {
+        first = link(&b, &a_id);
+        first.is_some()
+    });
+    let connected_at = Instant::now();
+    let direct = match first.as_deref() {
+        None => None,
+        Some("direct") => Some(Duration::ZERO),
+        Some(_) => time_until(DIRECT_LIMIT, || {
+            link(&b, &a_id).as_deref() == Some("direct")
+        }),
+    };
+    let direct_ms = direct.map(|_| ms(connected_at.elapsed()));
+
+    // A chat completion from A's model, asked of B (which serves none).
+    let chat = [
+        "chat",
+        "--model",
+        "tiny-llama",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "6",
+        "the",
+    ];
+    let (chat_ok, answer, chat_err) = b.cli(exe, &chat);
+    let chat_ok = chat_ok && !answer.trim().is_empty();
+
+    // A blob from A.
     let file = root.join("blob.bin");
-    let data: Vec<u8> = (0..1u32 << 20)
+    let data: Vec<u8> = (0..(blob_mib as u32) << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     std::fs::write(&file, &data)?;
@@ -191,22 +194,32 @@ fn one_run(exe: &Path, symmetric: bool, root: &Path) -> anyhow::Result<Run> {
     let id = out.trim().to_owned();
     let copy = root.join("copy.bin");
     let asked = Instant::now();
-    let (fetched, _, error) = b.cli(exe, &["get", &id, "-o", &copy.to_string_lossy()]);
-    let fetch_ms = asked.elapsed().as_secs_f64() * 1000.0;
+    let (fetched, _, blob_err) = b.cli(exe, &["get", &id, "-o", &copy.to_string_lossy()]);
+    let fetch = asked.elapsed();
     if fetched && std::fs::read(&copy)? != data {
         bail!("B fetched a blob that differs from A's");
     }
-    Ok(Run {
-        private_ms,
-        fetch_ms,
-        fetched,
-        error: error.trim().to_owned(),
-    })
+    Ok(json!({
+        "private_ms": private_ms,
+        "relayed_ok": relayed_connect.is_some(),
+        "relayed_connect_ms": relayed_connect.map(ms),
+        "first_link": first,
+        "direct_ok": direct.is_some(),
+        "direct_ms": direct_ms,
+        "chat_ok": chat_ok,
+        "chat_error": if chat_ok { "" } else { chat_err.trim() },
+        "blob_ok": fetched,
+        "blob_ms": ms(fetch),
+        "blob_mb_s": fetched.then(|| data.len() as f64 / 1e6 / fetch.as_secs_f64().max(1e-6)),
+        "blob_error": if fetched { "" } else { blob_err.trim() },
+    }))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of the numbers under `key` in `tries` (none when there are none).
+fn median(tries: &[Value], key: &str) -> Option<f64> {
+    let mut v: Vec<f64> = tries.iter().filter_map(|t| t[key].as_f64()).collect();
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    v.get(v.len() / 2).copied()
 }
 
 pub(crate) async fn run(args: NatBenchArgs) -> anyhow::Result<()> {
@@ -216,50 +229,50 @@ pub(crate) async fn run(args: NatBenchArgs) -> anyhow::Result<()> {
 fn run_blocking(args: NatBenchArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the mycel binary")?;
     let root = tempfile::tempdir()?;
-    let kinds = [("cone", false), ("symmetric", true)];
-    let mut results: Vec<(&str, Run)> = Vec::new();
-    for run in 1..=args.runs {
-        for (kind, symmetric) in kinds {
-            eprintln!("run {run}/{}: {kind} NATs", args.runs);
-            let r = one_run(&exe, symmetric, &root.path().join(format!("{kind}{run}")))?;
+    let mut results: Vec<(&str, Value)> = Vec::new();
+    for t in 1..=args.tries {
+        for (scenario, symmetric) in SCENARIOS {
+            eprintln!("try {t}/{}: {scenario}", args.tries);
+            let dir = root.path().join(format!("{scenario}{t}"));
+            let mut r = one_try(&exe, symmetric, &dir, args.blob_mib)?;
+            r["scenario"] = json!(scenario);
+            r["try"] = json!(t);
             if args.json {
-                println!(
-                    "{}",
-                    json!({"nat": kind, "run": run, "private_ms": r.private_ms.round(),
-                           "fetch_ms": r.fetch_ms.round(), "fetched": r.fetched,
-                           "error": if r.fetched { "" } else { r.error.as_str() }})
-                );
+                println!("{r}");
             } else {
-                println!(
-                    "{kind:<9} run {run}: private and relayed after {:>6.0} ms; blob {} after {:>6.0} ms{}",
-                    r.private_ms,
-                    if r.fetched { "fetched directly" } else { "refused" },
-                    r.fetch_ms,
-                    if r.fetched { String::new() } else { format!(" ({})", r.error) }
-                );
+                eprintln!("  {r}");
             }
-            results.push((kind, r));
+            results.push((scenario, r));
         }
     }
-    for (kind, _) in kinds {
-        let runs: Vec<&Run> = results
+    for (scenario, _) in SCENARIOS {
+        let tries: Vec<Value> = results
             .iter()
-            .filter(|(k, _)| *k == kind)
-            .map(|(_, r)| r)
+            .filter(|(s, _)| *s == scenario)
+            .map(|(_, r)| r.clone())
             .collect();
-        let fetched = runs.iter().filter(|r| r.fetched).count();
-        let private = median(runs.iter().map(|r| r.private_ms).collect());
-        let fetch = median(runs.iter().map(|r| r.fetch_ms).collect());
-        let summary = json!({"nat": kind, "runs": runs.len(), "fetched_directly": fetched,
-                             "private_ms_median": private.round(), "fetch_ms_median": fetch.round(),
-                             "command": super::command_line()});
+        let count = |key: &str| tries.iter().filter(|t| t[key] == true).count();
+        let within_2s = tries
+            .iter()
+            .filter(|t| t["direct_ms"].as_u64().is_some_and(|d| d <= 2_000))
+            .count();
+        let summary = json!({
+            "scenario": scenario,
+            "tries": tries.len(),
+            "private_ms": median(&tries, "private_ms"),
+            "relayed_ok": count("relayed_ok"),
+            "relayed_connect_ms": median(&tries, "relayed_connect_ms"),
+            "direct_ok": count("direct_ok"),
+            "direct_ms": median(&tries, "direct_ms"),
+            "direct_within_2s": within_2s,
+            "chat_ok": count("chat_ok"),
+            "blob_ok": count("blob_ok"),
+            "blob_mb_s": median(&tries, "blob_mb_s"),
+        });
         if args.json {
-            println!("{summary}");
+            super::emit_json(summary);
         } else {
-            println!(
-                "{kind}: {fetched} of {} fetched directly; median {private:.0} ms to private and relayed, {fetch:.0} ms to the blob or its refusal",
-                runs.len()
-            );
+            println!("{summary}");
         }
     }
     Ok(())

@@ -11,8 +11,9 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError};
 use libp2p::{autonat, dcutr, relay, upnp, Multiaddr, PeerId};
-use mycel_core::membership::PeerState;
+use mycel_core::membership::{Link, PeerInfo, PeerState};
 use mycel_core::reach::{Reach, ReachConfig, Reachability};
+use mycel_core::wire::Rejection;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
@@ -271,6 +272,29 @@ impl EventLoop {
         }
     }
 
+    /// `info` with how we are connected to `peer` now.
+    pub(super) fn with_link(&self, peer: &PeerId, info: &PeerInfo) -> PeerInfo {
+        let mut info = info.clone();
+        info.link = if self.nat.has_direct(peer) {
+            Some(Link::Direct)
+        } else if self.nat.has_relayed(peer) {
+            Some(Link::Relayed)
+        } else {
+            None
+        };
+        info
+    }
+
+    /// A relay never answered our reservation request: if we hold no direct connection to
+    /// it either, it announced itself a public relay and could not be reached, which costs it
+    /// reputation (a full relay that refuses over a working connection pays nothing).
+    fn blame_unreachable_relay(&mut self, relay: PeerId, unanswered: bool) {
+        if unanswered && !self.nat.has_direct(&relay) {
+            info!(%relay, "relay announced itself public and could not be reached");
+            self.reject(relay, Rejection::Unreachable);
+        }
+    }
+
     /// Closes our listeners through `relay` (their addresses are no longer announced).
     fn drop_relay(&mut self, relay: PeerId) {
         let ids: Vec<ListenerId> = self
@@ -331,7 +355,8 @@ impl EventLoop {
             info!(%relay, "relay reservation ended: {why}");
             self.metrics.nat_event("relay_reservation", "failed");
             let now = now_ms();
-            self.nat.reach.on_failed(relay, now, &mut self.rng);
+            let unanswered = self.nat.reach.on_failed(relay, now, &mut self.rng);
+            self.blame_unreachable_relay(relay, unanswered);
             self.announce();
         }
     }
@@ -432,6 +457,7 @@ impl EventLoop {
         }
         for relay in self.nat.reach.expire(now, &mut self.rng) {
             self.drop_relay(relay);
+            self.blame_unreachable_relay(relay, true);
         }
         let candidates: Vec<PeerId> = self
             .membership

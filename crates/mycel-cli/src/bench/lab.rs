@@ -1,0 +1,140 @@
+//! `mycel` node processes in network namespaces (see `netlab.rs`), for the benchmarks that run
+//! nodes over real kernels' networking: `bench nat` and `bench partition`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// A `mycel node` running inside a namespace; killed on drop.
+pub(crate) struct LabNode {
+    child: Child,
+    /// The namespace it runs in.
+    pub(crate) ns: String,
+    pub(crate) dir: PathBuf,
+    /// Its API's address, inside the namespace.
+    pub(crate) api: String,
+}
+
+impl Drop for LabNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LabNode {
+    /// `mycel node --data-dir DIR --api API --no-mdns --no-upnp ARGS` in namespace `ns`.
+    pub(crate) fn start(
+        exe: &Path,
+        ns: &str,
+        dir: PathBuf,
+        api: &str,
+        args: &[String],
+    ) -> anyhow::Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(exe)
+            .arg("node")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--api", api, "--no-mdns", "--no-upnp"])
+            .args(args)
+            .env("MYCEL_LOG", super::node_log_filter())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(super::node_stderr())
+            .spawn()
+            .context("starting a node")?;
+        Ok(Self {
+            child,
+            ns: ns.to_owned(),
+            dir,
+            api: api.to_owned(),
+        })
+    }
+
+    /// `mycel ARGS` against this node, inside its namespace: (success, stdout, stderr).
+    pub(crate) fn cli(&self, exe: &Path, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", self.ns.as_str()])
+            .arg(exe)
+            .args(args)
+            .args(["--api", &self.api, "--data-dir"])
+            .arg(&self.dir)
+            .output();
+        match out {
+            Ok(out) => (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ),
+            Err(e) => (false, String::new(), e.to_string()),
+        }
+    }
+
+    /// Its /api/status, or null while the node does not answer.
+    pub(crate) fn status(&self) -> Value {
+        self.api("/api/status").unwrap_or_default()
+    }
+
+    /// `GET PATH` of its API, from a thread that enters its namespace (milliseconds, where a
+    /// `mycel` process per question would cost tens): the JSON answer, or none while the node
+    /// does not answer.
+    pub(crate) fn api(&self, path: &str) -> Option<Value> {
+        let token = std::fs::read_to_string(self.dir.join("api.token")).ok()?;
+        let url = format!("http://{}{path}", self.api);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    crate::netlab::enter(&self.ns).ok()?;
+                    let agent: ureq::Agent = ureq::Agent::config_builder()
+                        .timeout_global(Some(Duration::from_secs(2)))
+                        .build()
+                        .into();
+                    agent
+                        .get(&url)
+                        .header("Authorization", &format!("Bearer {}", token.trim()))
+                        .call()
+                        .ok()?
+                        .body_mut()
+                        .read_json::<Value>()
+                        .ok()
+                })
+                .join()
+                .ok()
+                .flatten()
+        })
+    }
+
+    /// Its peer id, once it answers (within `limit`).
+    pub(crate) fn peer_id(&self, limit: Duration) -> anyhow::Result<String> {
+        let mut id = String::new();
+        wait("a node is up", limit, || {
+            id = self.status()["network"]["peer_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            !id.is_empty()
+        })?;
+        Ok(id)
+    }
+}
+
+/// Polls `done` every 50 ms until it holds, or fails after `limit` naming `what`.
+pub(crate) fn wait(
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting until {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
