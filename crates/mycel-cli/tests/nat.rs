@@ -9,8 +9,7 @@
 //! - Behind symmetric NATs (a new port per connection) no hole can be punched: the nodes still
 //!   see each other and chat through the relay, but bulk data refuses it with an error that
 //!   says why and what to do, and travels over it only to a node that allows relayed data. A
-//!   peer that lies about being a public relay costs a failed reservation, nothing more, and
-//!   the lie costs the liar reputation.
+//!   peer that lies about being a public relay costs a failed reservation, nothing more.
 //!
 //! Needs root for `ip netns` and `nft`; where they are missing the tests say so and return,
 //! unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
@@ -369,14 +368,6 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
     });
     wait_until(LIMIT, "A's reservation with the liar fails", || {
         nat_events(&lab, &a, "relay_reservation", "failed") > 0
-    });
-    // The lie costs the liar reputation (counted as a rejection: unreachable).
-    wait_until(LIMIT, "A holds the lie against the liar", || {
-        counter(
-            &lab,
-            &a,
-            "mycel_rejected_messages_total{reason=\"unreachable\"}",
-        ) > 0
     });
     let net = &status(&lab, &a)["network"];
     assert_eq!(net["relays"], serde_json::json!([relay_id]), "{net}");

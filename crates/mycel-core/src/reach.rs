@@ -221,12 +221,10 @@ impl<P: Eq + Hash + Clone + Ord> Reach<P> {
     }
 
     /// A reservation with `relay` was refused, failed or closed: asked again after a
-    /// back-off. True when `relay` was asked and never accepted (a peer that announced itself
-    /// a relay and did not serve: if it could not even be reached, its announcement lied).
-    pub fn on_failed(&mut self, relay: P, now: UnixMillis, rng: &mut impl Rng) -> bool {
-        let unanswered = matches!(self.slots.remove(&relay), Some(Slot::Asked(_)));
+    /// back-off.
+    pub fn on_failed(&mut self, relay: P, now: UnixMillis, rng: &mut impl Rng) {
+        self.slots.remove(&relay);
         self.backoff.tried(relay, now, rng);
-        unanswered
     }
 
     /// Relays whose reservation is held; a node that turned public no longer needs them.
@@ -299,10 +297,7 @@ mod tests {
         // Asked ones are not asked again while pending.
         assert!(r.reserve(1_100, &[1, 2, 3], &mut rng).is_empty());
         assert!(r.on_reserved(asked[0]));
-        assert!(
-            r.on_failed(asked[1], 1_200, &mut rng),
-            "asked and never accepted"
-        );
+        r.on_failed(asked[1], 1_200, &mut rng);
         // The failed relay backs off; the third is asked instead.
         let third: Vec<u32> = [1, 2, 3]
             .into_iter()
@@ -320,22 +315,6 @@ mod tests {
             vec![asked[1]],
             "the back-off has passed, the third timed out"
         );
-    }
-
-    #[test]
-    fn only_a_relay_that_never_accepted_counts_as_unanswered() {
-        let mut rng = StdRng::seed_from_u64(3);
-        let mut r = reach();
-        r.on_probe(false);
-        let asked = r.reserve(1_000, &[1, 2], &mut rng);
-        assert_eq!(asked.len(), 2);
-        assert!(r.on_reserved(asked[0]));
-        assert!(!r.on_failed(asked[0], 2_000, &mut rng), "held, then ended");
-        assert!(
-            r.on_failed(asked[1], 2_000, &mut rng),
-            "asked, never accepted"
-        );
-        assert!(!r.on_failed(asked[1], 2_000, &mut rng), "already forgotten");
     }
 
     #[test]

@@ -33,7 +33,6 @@ pub fn penalty(reason: Rejection) -> f64 {
     match reason {
         Rejection::BadSignature | Rejection::Corrupt => 25.0,
         Rejection::Oversized | Rejection::Malformed => 20.0,
-        Rejection::Unreachable => 10.0,
         Rejection::FromFuture => 5.0,
         Rejection::Replayed => 2.0,
         Rejection::Expired | Rejection::RateLimited => 1.0,

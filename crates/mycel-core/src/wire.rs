@@ -43,14 +43,11 @@ pub enum Rejection {
     /// Content that does not match the hash it was sent under.
     #[error("content does not match its hash")]
     Corrupt,
-    /// A peer announced itself reachable (a public relay) and could not be reached.
-    #[error("announced itself reachable and could not be reached")]
-    Unreachable,
 }
 
 impl Rejection {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 9] = [
         Self::Oversized,
         Self::Malformed,
         Self::BadSignature,
@@ -60,7 +57,6 @@ impl Rejection {
         Self::RateLimited,
         Self::Banned,
         Self::Corrupt,
-        Self::Unreachable,
     ];
 
     /// A short, stable label (used in metrics and logs).
@@ -75,7 +71,6 @@ impl Rejection {
             Self::RateLimited => "rate_limited",
             Self::Banned => "banned",
             Self::Corrupt => "corrupt",
-            Self::Unreachable => "unreachable",
         }
     }
 }

@@ -89,7 +89,10 @@ impl LabNode {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    crate::netlab::enter(&self.ns).ok()?;
+                    if let Err(e) = crate::netlab::enter(&self.ns) {
+                        eprintln!("cannot read the node's API: {e}");
+                        return None;
+                    }
                     let agent: ureq::Agent = ureq::Agent::config_builder()
                         .timeout_global(Some(Duration::from_secs(2)))
                         .build()

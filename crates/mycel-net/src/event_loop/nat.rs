@@ -13,7 +13,6 @@ use libp2p::swarm::{ConnectionId, DialError};
 use libp2p::{autonat, dcutr, relay, upnp, Multiaddr, PeerId};
 use mycel_core::membership::{Link, PeerInfo, PeerState};
 use mycel_core::reach::{Reach, ReachConfig, Reachability};
-use mycel_core::wire::Rejection;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
@@ -285,16 +284,6 @@ impl EventLoop {
         info
     }
 
-    /// A relay never answered our reservation request: if we hold no direct connection to
-    /// it either, it announced itself a public relay and could not be reached, which costs it
-    /// reputation (a full relay that refuses over a working connection pays nothing).
-    fn blame_unreachable_relay(&mut self, relay: PeerId, unanswered: bool) {
-        if unanswered && !self.nat.has_direct(&relay) {
-            info!(%relay, "relay announced itself public and could not be reached");
-            self.reject(relay, Rejection::Unreachable);
-        }
-    }
-
     /// Closes our listeners through `relay` (their addresses are no longer announced).
     fn drop_relay(&mut self, relay: PeerId) {
         let ids: Vec<ListenerId> = self
@@ -355,8 +344,7 @@ impl EventLoop {
             info!(%relay, "relay reservation ended: {why}");
             self.metrics.nat_event("relay_reservation", "failed");
             let now = now_ms();
-            let unanswered = self.nat.reach.on_failed(relay, now, &mut self.rng);
-            self.blame_unreachable_relay(relay, unanswered);
+            self.nat.reach.on_failed(relay, now, &mut self.rng);
             self.announce();
         }
     }
@@ -457,7 +445,6 @@ impl EventLoop {
         }
         for relay in self.nat.reach.expire(now, &mut self.rng) {
             self.drop_relay(relay);
-            self.blame_unreachable_relay(relay, true);
         }
         let candidates: Vec<PeerId> = self
             .membership
