@@ -77,7 +77,7 @@ pub(crate) async fn run(args: PartitionBenchArgs) -> anyhow::Result<()> {
 
 fn run_blocking(args: PartitionBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.nodes >= 4 && args.nodes % 2 == 0,
+        args.nodes >= 4 && args.nodes.is_multiple_of(2),
         "--nodes must be even and at least 4 (half on each side)"
     );
     let exe = std::env::current_exe().context("finding the mycel binary")?;
