@@ -317,19 +317,10 @@ fn metrics(lab: &NatLab, m: &Member) -> String {
 
 /// `mycel_nat_events_total{event, result}` of `member`.
 fn nat_events(lab: &NatLab, m: &Member, event: &str, result: &str) -> u64 {
-    counter(
-        lab,
-        m,
-        &format!("mycel_nat_events_total{{event=\"{event}\",result=\"{result}\"}}"),
-    )
-}
-
-/// The value of the counter `series` (name and labels) in `member`'s /metrics.
-fn counter(lab: &NatLab, m: &Member, series: &str) -> u64 {
-    let prefix = format!("{series} ");
+    let series = format!("mycel_nat_events_total{{event=\"{event}\",result=\"{result}\"}} ");
     metrics(lab, m)
         .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
         .unwrap_or(0)
 }
 

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -16,6 +17,8 @@ pub(crate) struct LabNode {
     pub(crate) dir: PathBuf,
     /// Its API's address, inside the namespace.
     pub(crate) api: String,
+    /// Its API token, read once the node has written it.
+    token: OnceLock<String>,
 }
 
 impl Drop for LabNode {
@@ -53,6 +56,7 @@ impl LabNode {
             ns: ns.to_owned(),
             dir,
             api: api.to_owned(),
+            token: OnceLock::new(),
         })
     }
 
@@ -84,7 +88,13 @@ impl LabNode {
     /// `mycel` process per question would cost tens): the JSON answer, or none while the node
     /// does not answer.
     pub(crate) fn api(&self, path: &str) -> Option<Value> {
-        let token = std::fs::read_to_string(self.dir.join("api.token")).ok()?;
+        let token = match self.token.get() {
+            Some(token) => token,
+            None => {
+                let token = std::fs::read_to_string(self.dir.join("api.token")).ok()?;
+                self.token.get_or_init(|| token.trim().to_owned())
+            }
+        };
         let url = format!("http://{}{path}", self.api);
         std::thread::scope(|scope| {
             scope
@@ -99,7 +109,7 @@ impl LabNode {
                         .into();
                     agent
                         .get(&url)
-                        .header("Authorization", &format!("Bearer {}", token.trim()))
+                        .header("Authorization", &format!("Bearer {token}"))
                         .call()
                         .ok()?
                         .body_mut()
@@ -127,17 +137,39 @@ impl LabNode {
 }
 
 /// Polls `done` every 50 ms until it holds, or fails after `limit` naming `what`.
-pub(crate) fn wait(
-    what: &str,
-    limit: Duration,
-    mut done: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if Instant::now() > deadline {
-            bail!("timed out after {limit:?} waiting until {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+pub(crate) fn wait(what: &str, limit: Duration, done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    match poll(limit, Duration::from_millis(50), done) {
+        Some(_) => Ok(()),
+        None => bail!("timed out after {limit:?} waiting until {what}"),
     }
-    Ok(())
+}
+
+/// Polls `done` every `every` until it holds (the time that took) or `limit` passes (none).
+pub(crate) fn poll(
+    limit: Duration,
+    every: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        if done() {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Whole milliseconds of `d`.
+pub(crate) fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// The median of the numbers under `key` in `reports` (none when there are none).
+pub(crate) fn median(reports: &[Value], key: &str) -> Option<f64> {
+    let mut v: Vec<f64> = reports.iter().filter_map(|r| r[key].as_f64()).collect();
+    v.sort_by(f64::total_cmp);
+    (!v.is_empty()).then(|| super::quantile(&v, 0.5))
 }

@@ -20,7 +20,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::lab::LabNode;
+use super::lab::{median, ms, LabNode};
 use crate::netlab::{NatLab, HOME_A, HOME_B, INTERNET, INTERNET_ADDRS};
 
 #[derive(Args)]
@@ -65,18 +65,9 @@ fn start(
     LabNode::start(exe, &lab.names[ns], dir, "127.0.0.1:7878", &args)
 }
 
-/// Polls `done` every 50 ms until it holds or `limit` passes: the time it took, or none.
-fn time_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
-    let started = Instant::now();
-    loop {
-        if done() {
-            return Some(started.elapsed());
-        }
-        if started.elapsed() > limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Polls `done` every 20 ms until it holds or `limit` passes: the time it took, or none.
+fn time_until(limit: Duration, done: impl FnMut() -> bool) -> Option<Duration> {
+    super::lab::poll(limit, Duration::from_millis(20), done)
 }
 
 /// How `viewer` is connected to `peer` now: "direct", "relayed", or none.
@@ -88,10 +79,6 @@ fn link(viewer: &LabNode, peer: &str) -> Option<String> {
         .find(|p| p["peer_id"] == peer)?["link"]
         .as_str()
         .map(str::to_owned)
-}
-
-fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
 }
 
 fn one_try(
@@ -213,13 +200,6 @@ fn one_try(
         "blob_mb_s": fetched.then(|| data.len() as f64 / 1e6 / fetch.as_secs_f64().max(1e-6)),
         "blob_error": if fetched { "" } else { blob_err.trim() },
     }))
-}
-
-/// The median of the numbers under `key` in `tries` (none when there are none).
-fn median(tries: &[Value], key: &str) -> Option<f64> {
-    let mut v: Vec<f64> = tries.iter().filter_map(|t| t[key].as_f64()).collect();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
 }
 
 pub(crate) async fn run(args: NatBenchArgs) -> anyhow::Result<()> {

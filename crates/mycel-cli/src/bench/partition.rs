@@ -34,7 +34,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::lab::LabNode;
+use super::lab::{median, ms, LabNode};
 use crate::netlab::VethPair;
 
 #[derive(Args)]
@@ -94,11 +94,7 @@ fn run_blocking(args: PartitionBenchArgs) -> anyhow::Result<()> {
         }
         reports.push(report);
     }
-    let median = |key: &str| {
-        let mut v: Vec<f64> = reports.iter().filter_map(|r| r[key].as_f64()).collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).map(|m| m.round())
-    };
+    let median = |key: &str| median(&reports, key).map(f64::round);
     let summary = json!({
         "nodes": args.nodes,
         "runs": reports.len(),
@@ -133,12 +129,13 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
     let n = args.nodes;
     let side_of = |i: usize| usize::from(i >= n / 2);
     let started = Instant::now();
+    // Ports repeat across the sides (each side is its own namespace).
+    let port_of = |i: usize| 4001 + i % (n / 2);
     let start = |i: usize, boot: &[String]| -> anyhow::Result<LabNode> {
         let side = side_of(i);
-        let port = 4001 + (i % (n / 2)) as u16;
         let mut node_args = vec![
             "--port".to_owned(),
-            port.to_string(),
+            port_of(i).to_string(),
             "--ping-interval".to_owned(),
             args.ping_interval.to_string(),
             "--max-missed-pings".to_owned(),
@@ -161,10 +158,10 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
     for seed in [0, n / 2] {
         let node = start(seed, &boot)?;
         let id = node.peer_id(LIMIT)?;
-        let port = 4001 + (seed % (n / 2));
         boot.push(format!(
-            "/ip4/{}/tcp/{port}/p2p/{id}",
-            pair.addrs[side_of(seed)]
+            "/ip4/{}/tcp/{}/p2p/{id}",
+            pair.addrs[side_of(seed)],
+            port_of(seed)
         ));
         nodes[seed] = Some(node);
     }
@@ -259,21 +256,25 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
 
     pair.restore().map_err(anyhow::Error::msg)?;
     let restored = Instant::now();
-    let missing = |v: &[View]| {
+    // (viewer, announcer) pairs whose viewer holds an announcement older (`Less`) than, or
+    // newer (`Greater`) than, the announcer's from the cut. Newer means the announcer spoke
+    // again after the link came back, so whether the one from the cut got across cannot be
+    // told (reported as masked, not counted as delivered or lost).
+    let pairs = |v: &[View], order: std::cmp::Ordering| {
         (0..n)
             .flat_map(|i| (0..n).map(move |j| (i, j)))
-            .filter(|(i, j)| i != j && v[*i].get(&ids[*j]).map_or(0, |(_, seq)| *seq) < during[*j])
+            .filter(|(i, j)| {
+                i != j
+                    && v[*i]
+                        .get(&ids[*j])
+                        .map_or(0, |(_, seq)| *seq)
+                        .cmp(&during[*j])
+                        == order
+            })
             .count()
     };
-    // Pairs where the viewer already holds a newer announcement than the one from the cut:
-    // the announcer spoke again after the link came back, so whether the one from the cut
-    // got across cannot be told (reported, not counted as delivered or lost).
-    let masked = |v: &[View]| {
-        (0..n)
-            .flat_map(|i| (0..n).map(move |j| (i, j)))
-            .filter(|(i, j)| i != j && v[*i].get(&ids[*j]).map_or(0, |(_, seq)| *seq) > during[*j])
-            .count()
-    };
+    let missing = |v: &[View]| pairs(v, std::cmp::Ordering::Less);
+    let masked = |v: &[View]| pairs(v, std::cmp::Ordering::Greater);
     let mut heal_ms = None;
     let mut reconcile_ms = None;
     let mut lost = None;
@@ -331,10 +332,6 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
         "blobs_fetched": fetched,
         "fetch_ms": fetch_ms,
     }))
-}
-
-fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
 }
 
 /// Every member's view, from its /api/peers (a node that does not answer sees nobody).
