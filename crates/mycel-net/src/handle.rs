@@ -271,7 +271,13 @@ pub async fn spawn(
         command_rx,
         event_tx,
     );
-    let task = tokio::spawn(event_loop.run(early_events));
+    // Several nodes may share a process (tests, `mycel bench net`): each one's debug lines
+    // name it.
+    let span = tracing::debug_span!("node", id = %peer_id);
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        event_loop.run(early_events),
+        span,
+    ));
     Ok((handle, event_rx, task))
 }
 

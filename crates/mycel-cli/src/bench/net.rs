@@ -101,10 +101,12 @@ pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// A free TCP port on 127.0.0.1, held (by the returned listener) until every node has its
+/// own: ports picked one by one and released at once can repeat, and two nodes on one port
+/// (libp2p sets SO_REUSEPORT) would each receive the other's connections.
+fn free_tcp_port() -> anyhow::Result<(u16, std::net::TcpListener)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok((listener.local_addr()?.port(), listener))
 }
 
 async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::Value> {
@@ -119,6 +121,7 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
     // Identities and addresses first, so that all nodes can start at once with a bootstrap
     // list naming nodes that are starting beside them.
     let mut configs = Vec::with_capacity(n);
+    let mut held_ports = Vec::with_capacity(n);
     let mut addrs: Vec<(PeerId, Multiaddr)> = Vec::with_capacity(n);
     for i in 0..n {
         let dir = root.path().join(format!("node-{i}"));
@@ -136,10 +139,14 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
         config.limits.message_burst = 1e6;
         config.listen = match transport {
             TransportKind::Memory => vec![format!("/memory/{}", rng.gen::<u64>()).parse()?],
-            TransportKind::TcpQuic => vec![
-                format!("/ip4/127.0.0.1/tcp/{}", free_tcp_port()?).parse()?,
-                "/ip4/127.0.0.1/udp/0/quic-v1".parse()?,
-            ],
+            TransportKind::TcpQuic => {
+                let (port, held) = free_tcp_port()?;
+                held_ports.push(held);
+                vec![
+                    format!("/ip4/127.0.0.1/tcp/{port}").parse()?,
+                    "/ip4/127.0.0.1/udp/0/quic-v1".parse()?,
+                ]
+            }
         };
         addrs.push((peer, config.listen[0].clone().with(Protocol::P2p(peer))));
         configs.push(config);
@@ -152,6 +159,7 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
             .collect();
     }
 
+    drop(held_ports);
     let rss_before = rss_kib();
     let started = Instant::now();
     let results = join_all(configs.into_iter().map(Node::start)).await;
