@@ -280,10 +280,16 @@ fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() 
         ok
     });
     assert_eq!(std::fs::read(&copy).unwrap(), data, "{last}");
+    let b_sees_a = peer(&lab, &b, &a_id);
     assert_eq!(
-        peer(&lab, &b, &a_id)["link"],
-        "direct",
+        b_sees_a["link"], "direct",
         "B's peer list shows the direct connection"
+    );
+    // Behind routers that drop unsolicited traffic, the direct connection can only have
+    // followed a relayed one: B timed the upgrade.
+    assert!(
+        b_sees_a["direct_after_ms"].is_u64(),
+        "B records when its relayed connection to A became direct: {b_sees_a}"
     );
     let punched = [&a, &b]
         .iter()

@@ -131,6 +131,11 @@ pub struct PeerInfo {
     /// driver, which knows its connections, when it answers a query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<Link>,
+    /// Milliseconds from our first relayed connection to it to the first direct one (a
+    /// punched hole, or a direct dial that got through), while connected; filled in by the
+    /// network driver like `link`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_after_ms: Option<u64>,
 }
 
 /// A change of a peer's state, for the driver to act on (log, metrics, persist, notify).
@@ -224,6 +229,7 @@ impl Membership {
                 reachability: Reachability::Unknown,
                 relay: false,
                 link: None,
+                direct_after_ms: None,
             },
             latest: None,
             missed_pings: 0,

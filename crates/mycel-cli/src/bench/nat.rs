@@ -11,7 +11,8 @@
 //! One JSON line per try, and one per scenario with `tries`, `relayed_ok` (B got a connection
 //! to A), `relayed_connect_ms` (p50: from both homes private and relayed to B's first
 //! connection to A), `direct_ok`, `direct_ms` (p50: from B's first connection to A, relayed, to
-//! a direct one), `direct_within_2s`, `chat_ok`, `blob_ok` and `blob_mb_s` (p50).
+//! the direct one, as B recorded it; null in a try where B's first connection was direct),
+//! `direct_within_2s`, `chat_ok`, `blob_ok` and `blob_mb_s` (p50).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -70,13 +71,19 @@ fn time_until(limit: Duration, done: impl FnMut() -> bool) -> Option<Duration> {
     super::lab::poll(limit, Duration::from_millis(20), done)
 }
 
-/// How `viewer` is connected to `peer` now: "direct", "relayed", or none.
-fn link(viewer: &LabNode, peer: &str) -> Option<String> {
+/// `viewer`'s entry for `peer` in /api/peers.
+fn peer_entry(viewer: &LabNode, peer: &str) -> Option<Value> {
     viewer
         .api("/api/peers")?
         .as_array()?
         .iter()
-        .find(|p| p["peer_id"] == peer)?["link"]
+        .find(|p| p["peer_id"] == peer)
+        .cloned()
+}
+
+/// How `viewer` is connected to `peer` now: "direct", "relayed", or none.
+fn link(viewer: &LabNode, peer: &str) -> Option<String> {
+    peer_entry(viewer, peer)?["link"]
         .as_str()
         .map(str::to_owned)
 }
@@ -144,15 +151,19 @@ fn one_try(
         first = link(&b, &a_id);
         first.is_some()
     });
-    let connected_at = Instant::now();
+    // The time from the relayed connection to the direct one is B's own record
+    // (`direct_after_ms`): by the time this loop first looks the hole may be punched already.
     let direct = match first.as_deref() {
         None => None,
-        Some("direct") => Some(Duration::ZERO),
+        Some("direct") => Some(()),
         Some(_) => time_until(DIRECT_LIMIT, || {
             link(&b, &a_id).as_deref() == Some("direct")
-        }),
+        })
+        .map(|_| ()),
     };
-    let direct_ms = direct.map(|_| ms(connected_at.elapsed()));
+    let direct_ms = direct
+        .and_then(|()| peer_entry(&b, &a_id))
+        .and_then(|p| p["direct_after_ms"].as_u64());
 
     // A chat completion from A's model, asked of B (which serves none).
     let chat = [

@@ -38,6 +38,10 @@ pub(super) struct Nat {
     relayed_conns: HashMap<ConnectionId, PeerId>,
     /// Direct (not relayed) connections per peer.
     direct: HashMap<PeerId, usize>,
+    /// When the first relayed connection to each peer opened (no direct one yet).
+    relayed_since: HashMap<PeerId, u64>,
+    /// Milliseconds from a peer's first relayed connection to its first direct one.
+    direct_after: HashMap<PeerId, u64>,
     /// Dials through a relay made for bulk data, still pending.
     relay_dials: HashMap<ConnectionId, PeerId>,
     waiters: Vec<Waiter>,
@@ -55,6 +59,8 @@ impl Nat {
             relayed_addrs: Vec::new(),
             relayed_conns: HashMap::new(),
             direct: HashMap::new(),
+            relayed_since: HashMap::new(),
+            direct_after: HashMap::new(),
             relay_dials: HashMap::new(),
             waiters: Vec::new(),
         }
@@ -281,6 +287,7 @@ impl EventLoop {
         } else {
             None
         };
+        info.direct_after_ms = self.nat.direct_after.get(peer).copied();
         info
     }
 
@@ -362,10 +369,17 @@ impl EventLoop {
             // Both sides dialled at once: the direct connection is already there.
             if self.nat.has_direct(&peer) {
                 self.swarm.close_connection(connection);
+            } else {
+                self.nat.relayed_since.entry(peer).or_insert_with(now_ms);
             }
             return;
         }
         *self.nat.direct.entry(peer).or_default() += 1;
+        if let Some(since) = self.nat.relayed_since.remove(&peer) {
+            let after = now_ms().saturating_sub(since);
+            self.nat.direct_after.insert(peer, after);
+            self.metrics.nat_event("relayed_to_direct", "upgraded");
+        }
         // A direct connection replaces relayed ones: streams must not pick the relay.
         let relayed: Vec<ConnectionId> = self
             .nat
@@ -414,13 +428,16 @@ impl EventLoop {
     pub(super) fn nat_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
         if self.nat.relayed_conns.remove(&connection).is_some() {
             self.settle_waiters(peer);
-            return;
-        }
-        if let Some(n) = self.nat.direct.get_mut(&peer) {
+        } else if let Some(n) = self.nat.direct.get_mut(&peer) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.nat.direct.remove(&peer);
             }
+        }
+        // Timings are kept while connected only (bounded by the connections held).
+        if !self.nat.has_direct(&peer) && !self.nat.has_relayed(&peer) {
+            self.nat.relayed_since.remove(&peer);
+            self.nat.direct_after.remove(&peer);
         }
     }
 
