@@ -203,6 +203,12 @@ pub async fn spawn(
 
     let mut pending = Vec::new();
     for addr in &config.listen {
+        if let Some(reason) = tcp_port_taken(addr) {
+            return Err(NetError::Listen {
+                addr: addr.clone(),
+                reason,
+            });
+        }
         let id = swarm
             .listen_on(addr.clone())
             .map_err(|e| NetError::Listen {
@@ -279,6 +285,33 @@ pub async fn spawn(
         span,
     ));
     Ok((handle, event_rx, task))
+}
+
+/// Why a TCP listen address with a fixed port cannot be ours: libp2p listens with
+/// SO_REUSEPORT, so a second node given a port another node holds would bind it too, without
+/// an error, and the kernel would split the incoming connections between them. A plain bind
+/// (no SO_REUSEPORT) finds the port taken first.
+fn tcp_port_taken(addr: &Multiaddr) -> Option<String> {
+    use libp2p::multiaddr::Protocol;
+    let mut parts = addr.iter();
+    let ip: std::net::IpAddr = match parts.next()? {
+        Protocol::Ip4(ip) => ip.into(),
+        Protocol::Ip6(ip) => ip.into(),
+        _ => return None,
+    };
+    let Some(Protocol::Tcp(port)) = parts.next() else {
+        return None;
+    };
+    if port == 0 {
+        return None;
+    }
+    match std::net::TcpListener::bind((ip, port)) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Some(format!(
+            "TCP port {port} is already in use (another mycel node, or another program); \
+             choose another port with --listen"
+        )),
+        _ => None,
+    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch: the `now` the drivers pass to mycel-core.
@@ -479,5 +512,44 @@ impl NetHandle {
     /// Stops the network task (connections are closed).
     pub async fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fixed_tcp_port_held_by_another_listener_is_found_taken() {
+        // The first holder listens as libp2p does, with SO_REUSEPORT.
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_reuse_address(true).unwrap();
+        socket.set_reuse_port(true).unwrap();
+        socket
+            .bind(
+                &"127.0.0.1:0"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )
+            .unwrap();
+        socket.listen(8).unwrap();
+        let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+        let taken: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+        let reason = tcp_port_taken(&taken).expect("the port is held");
+        assert!(
+            reason.contains(&port.to_string()) && reason.contains("--listen"),
+            "{reason}"
+        );
+
+        drop(socket);
+        assert_eq!(tcp_port_taken(&taken), None, "free once its holder is gone");
+        let any: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+        assert_eq!(tcp_port_taken(&any), None, "port 0 is never taken");
+        let quic: Multiaddr = format!("/ip4/127.0.0.1/udp/{port}/quic-v1")
+            .parse()
+            .unwrap();
+        assert_eq!(tcp_port_taken(&quic), None, "not TCP");
     }
 }
