@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::behaviour::build_swarm;
 use crate::config::NetConfig;
@@ -280,10 +281,7 @@ pub async fn spawn(
     // Several nodes may share a process (tests, `mycel bench net`): each one's debug lines
     // name it.
     let span = tracing::debug_span!("node", id = %peer_id);
-    let task = tokio::spawn(tracing::Instrument::instrument(
-        event_loop.run(early_events),
-        span,
-    ));
+    let task = tokio::spawn(event_loop.run(early_events).instrument(span));
     Ok((handle, event_rx, task))
 }
 

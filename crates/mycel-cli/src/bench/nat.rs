@@ -153,16 +153,17 @@ fn one_try(
     });
     // The time from the relayed connection to the direct one is B's own record
     // (`direct_after_ms`): by the time this loop first looks the hole may be punched already.
-    let direct = match first.as_deref() {
-        None => None,
-        Some("direct") => Some(()),
+    let direct_ok = match first.as_deref() {
+        None => false,
+        Some("direct") => true,
         Some(_) => time_until(DIRECT_LIMIT, || {
             link(&b, &a_id).as_deref() == Some("direct")
         })
-        .map(|_| ()),
+        .is_some(),
     };
-    let direct_ms = direct
-        .and_then(|()| peer_entry(&b, &a_id))
+    let direct_ms = direct_ok
+        .then(|| peer_entry(&b, &a_id))
+        .flatten()
         .and_then(|p| p["direct_after_ms"].as_u64());
 
     // A chat completion from A's model, asked of B (which serves none).
@@ -202,7 +203,7 @@ fn one_try(
         "relayed_ok": relayed_connect.is_some(),
         "relayed_connect_ms": relayed_connect.map(ms),
         "first_link": first,
-        "direct_ok": direct.is_some(),
+        "direct_ok": direct_ok,
         "direct_ms": direct_ms,
         "chat_ok": chat_ok,
         "chat_error": if chat_ok { "" } else { chat_err.trim() },

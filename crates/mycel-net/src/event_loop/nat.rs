@@ -434,8 +434,11 @@ impl EventLoop {
                 self.nat.direct.remove(&peer);
             }
         }
-        // Timings are kept while connected only (bounded by the connections held).
-        if !self.nat.has_direct(&peer) && !self.nat.has_relayed(&peer) {
+        // Timings are kept while connected only (bounded by the connections held); the scan
+        // of relayed connections only for a peer that has a timing.
+        let timed =
+            self.nat.relayed_since.contains_key(&peer) || self.nat.direct_after.contains_key(&peer);
+        if timed && !self.nat.has_direct(&peer) && !self.nat.has_relayed(&peer) {
             self.nat.relayed_since.remove(&peer);
             self.nat.direct_after.remove(&peer);
         }
