@@ -8,6 +8,10 @@
 //! - [`Degree`]: while a node holds fewer connections than its target (counting dials in
 //!   flight, so one tick's dials are not repeated by the next), it dials a few more. When its
 //!   connections fall to zero it starts over from its bootstrap list at once.
+//! - [`Referrals`]: a peer met through another's referral (a goodbye names live peers) is
+//!   remembered with its referrer until a dial settles it; if nobody listens at its addresses
+//!   or another peer answers there, the referrer is charged. Referring strangers to a victim's
+//!   address, or to nonsense, costs the referrer its reputation.
 //! - [`shed`]: above the high-water mark the node sheds connections down to the middle of
 //!   its band, youngest-first among the unprotected inbound ones. Without it a network drifts
 //!   to the hard cap: gossipsub keeps a stream open on every connection, so connections made
@@ -374,6 +378,75 @@ pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected
         .collect()
 }
 
+/// Who referred which peer, until a dial shows whether the peer is where it claims to be.
+///
+/// Bounded: when full, the oldest referral is forgotten (its referrer goes uncharged, which a
+/// flood of referrals cannot turn into a cost for anyone else). Referrals older than the
+/// time to live are forgotten too: a peer that leaves long after it was referred says
+/// nothing about its referrer.
+#[derive(Debug)]
+pub struct Referrals<K> {
+    by: HashMap<K, (K, UnixMillis)>,
+    max: usize,
+    ttl_ms: u64,
+}
+
+impl<K: Eq + Hash + Clone> Referrals<K> {
+    /// Keeps at most `max` referrals, each for `ttl_ms`.
+    pub fn new(max: usize, ttl_ms: u64) -> Self {
+        Self {
+            by: HashMap::new(),
+            max,
+            ttl_ms,
+        }
+    }
+
+    /// `referrer` told us of `peer` at `now`, a peer we did not know. A peer already
+    /// referred keeps its first referrer.
+    pub fn referred(&mut self, peer: K, referrer: K, now: UnixMillis) {
+        if self.by.contains_key(&peer) || self.max == 0 {
+            return;
+        }
+        if self.by.len() >= self.max {
+            let ttl = self.ttl_ms;
+            self.by.retain(|_, (_, at)| now.saturating_sub(*at) < ttl);
+        }
+        if self.by.len() >= self.max {
+            if let Some(oldest) = self
+                .by
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone())
+            {
+                self.by.remove(&oldest);
+            }
+        }
+        self.by.insert(peer, (referrer, now));
+    }
+
+    /// A dial of `peer` at `now` found nobody there, or another peer: the referrer to charge,
+    /// if a live referral brought `peer`. The referral is settled either way.
+    pub fn bogus(&mut self, peer: &K, now: UnixMillis) -> Option<K> {
+        let (referrer, at) = self.by.remove(peer)?;
+        (now.saturating_sub(at) < self.ttl_ms).then_some(referrer)
+    }
+
+    /// We connected to `peer`: its referral was good.
+    pub fn confirmed(&mut self, peer: &K) {
+        self.by.remove(peer);
+    }
+
+    /// Referrals not settled yet.
+    pub fn len(&self) -> usize {
+        self.by.len()
+    }
+
+    /// Whether no referral waits.
+    pub fn is_empty(&self) -> bool {
+        self.by.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,5 +617,37 @@ mod tests {
         let mut outbound: Vec<Connected<u32>> = (0..20).map(|p| conn(p, 0, false)).collect();
         outbound[3].score = -50.0;
         assert_eq!(shed(&config, now, &outbound)[0], 3);
+    }
+
+    #[test]
+    fn a_bogus_referral_is_charged_to_its_referrer_once() {
+        let mut r = Referrals::new(8, 60_000);
+        r.referred(1u32, 100u32, 0);
+        // A second referrer of the same peer does not take over the first one's referral.
+        r.referred(1, 200, 10);
+        r.referred(2, 100, 20);
+        assert_eq!(r.bogus(&1, 1_000), Some(100));
+        assert_eq!(r.bogus(&1, 1_000), None, "settled once");
+        r.confirmed(&2);
+        assert_eq!(
+            r.bogus(&2, 1_000),
+            None,
+            "a good referral costs nothing later"
+        );
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn referrals_expire_and_stay_bounded() {
+        let mut r = Referrals::new(4, 1_000);
+        r.referred(1u32, 100u32, 0);
+        assert_eq!(r.bogus(&1, 5_000), None, "too old to blame the referrer");
+        for peer in 0..1_000u32 {
+            r.referred(peer, 7, u64::from(peer));
+        }
+        assert_eq!(r.len(), 4);
+        // The newest are kept.
+        assert_eq!(r.bogus(&999, 1_000), Some(7));
+        assert_eq!(r.bogus(&0, 1_000), None);
     }
 }

@@ -33,7 +33,9 @@ pub fn penalty(reason: Rejection) -> f64 {
     match reason {
         Rejection::BadSignature | Rejection::Corrupt => 25.0,
         Rejection::Oversized | Rejection::Malformed => 20.0,
-        Rejection::FromFuture => 5.0,
+        // A referred peer may have left since: a few such cost little, a goodbye full of
+        // them (16 referrals) costs most of the way to a ban.
+        Rejection::FromFuture | Rejection::BadReferral => 5.0,
         Rejection::Replayed => 2.0,
         Rejection::Expired | Rejection::RateLimited => 1.0,
         Rejection::Banned => 0.0,

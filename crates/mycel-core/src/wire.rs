@@ -43,11 +43,15 @@ pub enum Rejection {
     /// Content that does not match the hash it was sent under.
     #[error("content does not match its hash")]
     Corrupt,
+    /// A peer this sender referred us to (a goodbye's referral) was not there: nobody listens
+    /// at its addresses, or another peer (ourselves, say) answers at them.
+    #[error("referred peer is not at its addresses")]
+    BadReferral,
 }
 
 impl Rejection {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Rejection; 9] = [
+    pub const ALL: [Rejection; 10] = [
         Self::Oversized,
         Self::Malformed,
         Self::BadSignature,
@@ -57,6 +61,7 @@ impl Rejection {
         Self::RateLimited,
         Self::Banned,
         Self::Corrupt,
+        Self::BadReferral,
     ];
 
     /// A short, stable label (used in metrics and logs).
@@ -71,6 +76,7 @@ impl Rejection {
             Self::RateLimited => "rate_limited",
             Self::Banned => "banned",
             Self::Corrupt => "corrupt",
+            Self::BadReferral => "bad_referral",
         }
     }
 }

@@ -15,7 +15,9 @@ use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{gossipsub, identify, kad, mdns, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
 use mycel_core::id::ContentId;
 use mycel_core::membership::{self, Accepted, Change, FailReason, Membership};
-use mycel_core::peering::{self, BackoffConfig, Connected, Degree, DegreeConfig, Revival};
+use mycel_core::peering::{
+    self, BackoffConfig, Connected, Degree, DegreeConfig, Referrals, Revival,
+};
 use mycel_core::ratelimit::RateLimiter;
 use mycel_core::reach::Reachability;
 use mycel_core::reputation::{self, Reputation};
@@ -64,6 +66,9 @@ const PARTED_MEMORY: Duration = Duration::from_secs(10);
 const DIAL_IN_FLIGHT: Duration = Duration::from_secs(5);
 /// Least time between two probes of the same peer.
 const PROBE_COOLDOWN: Duration = Duration::from_secs(10);
+/// Referrals remembered until a dial settles them, and for how long.
+const MAX_PENDING_REFERRALS: usize = 1_024;
+const REFERRAL_TTL: Duration = Duration::from_secs(300);
 /// First interval between periodic syncs; doubles up to `Timing::max_sync_interval`.
 const FIRST_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -111,6 +116,8 @@ pub(crate) struct EventLoop {
     degree: Degree<Target>,
     /// Re-dialling peers last seen failed (a healed partition), one at a time.
     revival: Revival<PeerId>,
+    /// Peers met through goodbyes' referrals, with who referred them.
+    referrals: Referrals<PeerId>,
     /// Upkeep dials in flight, and when each started.
     dialing: HashMap<ConnectionId, (Target, u64)>,
     /// When the current connection to each peer was established, and whether it dialled us.
@@ -199,6 +206,7 @@ impl EventLoop {
                 BackoffConfig::default(),
             ),
             revival: Revival::new(Revival::<PeerId>::default_backoff()),
+            referrals: Referrals::new(MAX_PENDING_REFERRALS, REFERRAL_TTL.as_millis() as u64),
             dialing: HashMap::new(),
             since: HashMap::new(),
             parting: HashMap::new(),
@@ -1137,6 +1145,22 @@ impl EventLoop {
                     .map_err(|e| NetError::Other(format!("publish failed: {e}")));
                 let _ = reply.send(result);
             }
+            Command::ReferRaw {
+                peer,
+                referrals,
+                reply,
+            } => {
+                let result = if self.swarm.is_connected(&peer) {
+                    let request = SyncRequest::Goodbye(referrals);
+                    self.metrics.traffic(SYNC, OUT, request_len(&request));
+                    // The answer is not awaited: no pending entry, so nothing closes.
+                    self.swarm.behaviour_mut().sync.send_request(&peer, request);
+                    Ok(())
+                } else {
+                    Err(NetError::Other(format!("not connected to {peer}")))
+                };
+                let _ = reply.send(result);
+            }
             Command::Dial(addr, reply) => {
                 let result = self
                     .swarm
@@ -1264,6 +1288,7 @@ impl EventLoop {
                 self.nat_connection_established(peer_id, connection_id, &endpoint);
                 self.metrics.connections.set(self.connections as i64);
                 self.probing.remove(&peer_id);
+                self.referrals.confirmed(&peer_id);
                 if let Some((target, _)) = self.dialing.remove(&connection_id) {
                     self.degree.backoff_mut().succeeded(&target);
                 }
@@ -1331,6 +1356,16 @@ impl EventLoop {
                 self.dialing.remove(&connection_id);
                 debug!(%peer, "dial failed: {error}");
                 self.nat_dial_failed(peer, connection_id, &error);
+                let elsewhere = matches!(
+                    error,
+                    DialError::WrongPeerId { .. } | DialError::LocalPeerId { .. }
+                );
+                if elsewhere || nobody_listens(&error) {
+                    if let Some(referrer) = self.referrals.bogus(&peer, now) {
+                        debug!(%peer, %referrer, "referred peer is not at its addresses");
+                        self.reject(referrer, Rejection::BadReferral);
+                    }
+                }
                 if self.probing.remove(&peer) {
                     // Our own limits refusing the dial says nothing about the peer.
                     if nobody_listens(&error) {
@@ -1674,11 +1709,22 @@ impl EventLoop {
                 // Referrals are announcements like any other: checked, stored, then dialled
                 // by degree upkeep with its back-off (one pointing back at us or at nonsense
                 // costs at most a few dials).
+                // A stranger's referral is remembered with its referrer, who pays if the
+                // stranger proves not to be at its addresses (see `on_dial_failed`).
                 for signed in &referrals {
                     if self.admit(peer).is_err() {
                         break;
                     }
-                    self.on_statement(peer, signed);
+                    let stranger = signed
+                        .peek()
+                        .ok()
+                        .map(|claimed| claimed.issuer)
+                        .filter(|issuer| self.membership.get(issuer).is_none());
+                    let accepted =
+                        self.on_statement(peer, signed) == gossipsub::MessageAcceptance::Accept;
+                    if let (Some(stranger), true) = (stranger, accepted) {
+                        self.referrals.referred(stranger, peer, now);
+                    }
                 }
                 SyncResponse::InSync
             }

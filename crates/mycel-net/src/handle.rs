@@ -130,6 +130,11 @@ pub(crate) enum Command {
         bytes: Vec<u8>,
         reply: oneshot::Sender<Result<(), NetError>>,
     },
+    ReferRaw {
+        peer: PeerId,
+        referrals: Vec<mycel_core::statement::SignedStatement>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
     Dial(Multiaddr, oneshot::Sender<Result<(), NetError>>),
     AddAddresses(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     DirectPath(PeerId, oneshot::Sender<Result<(), NetError>>),
@@ -394,6 +399,22 @@ impl NetHandle {
     pub async fn publish_raw(&self, bytes: Vec<u8>) -> Result<(), NetError> {
         self.ask(|reply| Command::PublishRaw { bytes, reply })
             .await?
+    }
+
+    /// Sends `peer` a goodbye carrying `referrals` as they are (any statements, any number),
+    /// without closing the connection. For tests and tools that exercise how peers treat
+    /// referrals they cannot trust.
+    pub async fn refer_raw(
+        &self,
+        peer: PeerId,
+        referrals: Vec<mycel_core::statement::SignedStatement>,
+    ) -> Result<(), NetError> {
+        self.ask(|reply| Command::ReferRaw {
+            peer,
+            referrals,
+            reply,
+        })
+        .await?
     }
 
     /// Dials an address.

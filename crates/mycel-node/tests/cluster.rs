@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{addrs_of, cluster, local_config, wait_converged, wait_until};
+use common::{addrs_of, cluster, connected_to, local_config, wait_converged, wait_until};
 use mycel_core::id::ContentId;
 use mycel_core::membership::PeerState;
 use mycel_core::statement::{
@@ -352,14 +352,7 @@ async fn forged_replayed_oversized_and_malformed_messages_are_rejected_and_cost_
     wait_until(
         Duration::from_secs(10),
         "the attacker is banned and disconnected",
-        || async {
-            victim
-                .net
-                .peer(attacker_id)
-                .await
-                .unwrap()
-                .is_some_and(|p| !p.connected)
-        },
+        || async { !connected_to(victim, attacker_id).await },
     )
     .await;
     assert!(rejected(Rejection::BadSignature) >= 2);

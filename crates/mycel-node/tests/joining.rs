@@ -1,13 +1,18 @@
 //! Joins that never strand, on real nodes over loopback: a newcomer whose only bootstrap peer
 //! is full gets referrals instead of a refusal, a node started before its bootstrap peer keeps
 //! dialling it, and a node that lost every connection dials its bootstrap list again.
+//! Referrals are not trusted: a peer that refers strangers who are not where they claim pays
+//! for each in reputation, and is banned when it keeps at it.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{addrs_of, free_port, local_config, wait_until};
+use common::{addrs_of, connected_to, free_port, local_config, raw_peer, wait_until};
 use libp2p::multiaddr::Protocol;
+use mycel_core::statement::{Announcement, Capabilities, SignedStatement, Statement};
+use mycel_core::wire::Rejection;
+use mycel_core::Keypair;
 use mycel_net::Multiaddr;
 use mycel_node::Node;
 
@@ -202,4 +207,115 @@ async fn a_node_above_twice_its_target_sheds_connections_with_a_goodbye_not_a_fa
         .await;
         assert!(sees_alive(leaf, &hub).await, "a shed leaf failed the hub");
     }
+}
+
+/// The signed announcement of a freshly made key that claims to listen at `addr`.
+fn stranger_at(addr: &str) -> SignedStatement {
+    let now = mycel_net::now_ms();
+    SignedStatement::sign(
+        &Keypair::generate_ed25519(),
+        &Statement::Announce(Announcement {
+            seq: 1,
+            issued_at: now,
+            expires_at: now + 60_000,
+            capabilities: Capabilities::default(),
+            addrs: vec![addr.to_owned()],
+            reachability: Default::default(),
+            relay: false,
+        }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_refers_strangers_who_are_not_there_pays_for_each_and_is_banned() {
+    let root = tempfile::tempdir().unwrap();
+    let victim = Node::start(local_config(&root.path().join("victim"), Vec::new(), false))
+        .await
+        .unwrap();
+    let honest = Node::start(local_config(
+        &root.path().join("honest"),
+        addrs_of(&victim),
+        false,
+    ))
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the nodes know each other",
+        || async { sees_alive(&victim, &honest).await },
+    )
+    .await;
+    // A bare libp2p peer that says goodbye with whatever referrals it likes.
+    let attacker = raw_peer(addrs_of(&victim)).await;
+    let attacker_id = attacker.peer_id();
+    let victim_id = victim.net.peer_id();
+    wait_until(
+        Duration::from_secs(20),
+        "the attacker is connected",
+        || async { connected_to(&victim, attacker_id).await },
+    )
+    .await;
+
+    // Sixteen strangers (the most one goodbye may name): half claim a port where nobody
+    // listens, half claim the victim's own address.
+    let nowhere = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let own = tcp_addr(&victim).to_string();
+    let batch = || -> Vec<SignedStatement> {
+        (0..16)
+            .map(|i| stranger_at(if i % 2 == 0 { &nowhere } else { &own }))
+            .collect()
+    };
+    attacker.refer_raw(victim_id, batch()).await.unwrap();
+    let charged = || victim.net.metrics().rejected_for(Rejection::BadReferral);
+    // Degree upkeep dials the strangers as it looks for peers (each with its own back-off),
+    // finds nobody or itself, and charges the attacker once per referral.
+    wait_until(
+        Duration::from_secs(30),
+        "the victim dialled strangers and charged the attacker",
+        || async { charged() >= 8 },
+    )
+    .await;
+    let score = victim.net.reputation(attacker_id).await.unwrap();
+    let at_least = 5.0 * charged().min(16) as f64 - 1.0;
+    assert!(
+        score <= -at_least,
+        "the attacker's reputation is {score} after {} charges",
+        charged()
+    );
+    assert!(
+        sees_alive(&victim, &honest).await && connections(&victim).await >= 2,
+        "the victim keeps its honest peer (and, so far, the attacker)"
+    );
+
+    // It keeps at it: banned and disconnected; the honest peer stays.
+    let mut batches = 1;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let connected = connected_to(&victim, attacker_id).await;
+        if victim.net.reputation(attacker_id).await.unwrap() <= -100.0 && !connected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the attacker was not banned after {batches} goodbyes ({} charges)",
+            charged()
+        );
+        if batches < 5 && attacker.refer_raw(victim_id, batch()).await.is_ok() {
+            batches += 1;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(
+        charged() <= 16 * batches,
+        "{} charges for {batches} goodbyes of 16 referrals: a referral charged twice",
+        charged()
+    );
+    assert!(
+        sees_alive(&victim, &honest).await,
+        "the honest peer is still alive"
+    );
+    assert!(
+        victim.net.reputation(honest.net.peer_id()).await.unwrap() > -1.0,
+        "the honest peer was not charged"
+    );
 }

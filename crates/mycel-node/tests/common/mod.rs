@@ -87,6 +87,15 @@ where
     }
 }
 
+/// Whether `node` holds a connection to `peer` (a peer it does not know: no).
+pub async fn connected_to(node: &Node, peer: mycel_net::PeerId) -> bool {
+    node.net
+        .peer(peer)
+        .await
+        .unwrap()
+        .is_some_and(|p| p.connected)
+}
+
 /// Waits until every node sees every other alive with capabilities.
 pub async fn wait_converged(nodes: &[Node], limit: Duration) {
     let n = nodes.len();
