@@ -1161,6 +1161,14 @@ impl EventLoop {
                 };
                 let _ = reply.send(result);
             }
+            Command::Listen(addr, reply) => {
+                let result = self
+                    .swarm
+                    .listen_on(addr)
+                    .map(|_| ())
+                    .map_err(|e| NetError::Other(format!("cannot listen: {e}")));
+                let _ = reply.send(result);
+            }
             Command::Dial(addr, reply) => {
                 let result = self
                     .swarm
@@ -1461,7 +1469,7 @@ impl EventLoop {
             BehaviourEvent::RelayClient(event) => self.on_relay_client(event),
             BehaviourEvent::Dcutr(event) => self.on_dcutr(event),
             BehaviourEvent::Upnp(event) => self.on_upnp(event),
-            BehaviourEvent::Relay(event) => debug!(?event, "relay server"),
+            BehaviourEvent::Relay(event) => self.on_relay_server(event),
             BehaviourEvent::AutonatServer(event) => {
                 debug!(client = %event.client, addr = %event.tested_addr, ok = event.result.is_ok(), "AutoNAT dial-back")
             }

@@ -136,6 +136,7 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<(), NetError>>,
     },
     Dial(Multiaddr, oneshot::Sender<Result<(), NetError>>),
+    Listen(Multiaddr, oneshot::Sender<Result<(), NetError>>),
     AddAddresses(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     DirectPath(PeerId, oneshot::Sender<Result<(), NetError>>),
     Penalise(PeerId, Rejection),
@@ -415,6 +416,12 @@ impl NetHandle {
             reply,
         })
         .await?
+    }
+
+    /// Listens on one more address: a relay's circuit address (`.../p2p/RELAY/p2p-circuit`)
+    /// asks that relay for a reservation.
+    pub async fn listen(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.ask(|tx| Command::Listen(addr, tx)).await?
     }
 
     /// Dials an address.

@@ -45,11 +45,15 @@ pub(crate) struct NatLabel {
 }
 
 /// NAT events counted in `mycel_nat_events_total`.
-pub(crate) const NAT_EVENTS: [(&str, &str); 8] = [
+pub(crate) const NAT_EVENTS: [(&str, &str); 12] = [
     ("autonat_probe", "reachable"),
     ("autonat_probe", "unreachable"),
     ("relay_reservation", "accepted"),
     ("relay_reservation", "failed"),
+    ("relay_served", "reservation_accepted"),
+    ("relay_served", "reservation_denied"),
+    ("relay_served", "circuit_accepted"),
+    ("relay_served", "circuit_denied"),
     ("hole_punch", "direct"),
     ("hole_punch", "failed"),
     ("bulk_over_relay", "refused"),
@@ -189,6 +193,11 @@ impl NetMetrics {
                     .get()
             })
             .sum()
+    }
+
+    /// NAT events of one kind and result (the labels of `mycel_nat_events_total`).
+    pub fn nat_events(&self, event: &'static str, result: &'static str) -> u64 {
+        self.nat.get_or_create(&NatLabel { event, result }).get()
     }
 
     /// Rejected messages for one reason.

@@ -4,7 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{addrs_of, cluster, connected_to, local_config, wait_converged, wait_until};
+use common::{
+    addrs_of, cluster, connected_to, free_port, local_config, raw_peer, wait_converged, wait_until,
+};
 use mycel_core::id::ContentId;
 use mycel_core::membership::PeerState;
 use mycel_core::statement::{
@@ -12,6 +14,7 @@ use mycel_core::statement::{
 };
 use mycel_core::wire::Rejection;
 use mycel_core::Keypair;
+use mycel_net::Multiaddr;
 use mycel_node::Node;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -359,4 +362,81 @@ async fn forged_replayed_oversized_and_malformed_messages_are_rejected_and_cost_
     for node in nodes {
         node.shutdown().await;
     }
+}
+
+/// Strangers (one key each, as cheap as keys are) ask a relay for more reservations than it
+/// keeps: those past its limit are refused, each refusal counted in the relay's /metrics and
+/// charged to the peer that asked, and the relay goes on serving everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_refuses_reservations_past_its_limit_counts_and_charges_them() {
+    const SYBILS: usize = 6;
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut config = local_config(&root.path().join("relay"), Vec::new(), false);
+    config.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()];
+    config.nat.relay_server = mycel_net::RelayServer::On;
+    config.nat.max_reservations = 2;
+    // Declared as an operator of a public relay would: reservations carry this address.
+    config.nat.external_addrs = config.listen.clone();
+    let relay = Node::start(config).await.unwrap();
+    let relay_id = relay.net.peer_id();
+    let circuit: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{relay_id}/p2p-circuit")
+        .parse()
+        .unwrap();
+    let served = |result| relay.net.metrics().nat_events("relay_served", result);
+
+    let mut sybils = Vec::new();
+    for _ in 0..SYBILS {
+        let sybil = raw_peer(addrs_of(&relay)).await;
+        let id = sybil.peer_id();
+        wait_until(Duration::from_secs(20), "a sybil is connected", || async {
+            connected_to(&relay, id).await
+        })
+        .await;
+        sybil.listen(circuit.clone()).await.unwrap();
+        sybils.push(sybil);
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the relay answered every request",
+        || async { served("reservation_accepted") + served("reservation_denied") >= SYBILS as u64 },
+    )
+    .await;
+    assert_eq!(served("reservation_accepted"), 2, "as many as it keeps");
+    assert_eq!(served("reservation_denied"), SYBILS as u64 - 2);
+    let mut charged = 0;
+    for sybil in &sybils {
+        let score = relay.net.reputation(sybil.peer_id()).await.unwrap();
+        if score < -0.5 {
+            charged += 1;
+        }
+    }
+    assert_eq!(
+        charged,
+        SYBILS - 2,
+        "each refused peer, and only those, is charged"
+    );
+
+    // The relay goes on serving: a newcomer joins through it.
+    let newcomer = Node::start(local_config(
+        &root.path().join("newcomer"),
+        addrs_of(&relay),
+        false,
+    ))
+    .await
+    .unwrap();
+    let newcomer_id = newcomer.net.peer_id();
+    wait_until(
+        Duration::from_secs(20),
+        "the relay sees the newcomer alive",
+        || async {
+            relay
+                .net
+                .peer(newcomer_id)
+                .await
+                .unwrap()
+                .is_some_and(|p| p.state == PeerState::Alive)
+        },
+    )
+    .await;
 }

@@ -13,6 +13,7 @@ use libp2p::swarm::{ConnectionId, DialError};
 use libp2p::{autonat, dcutr, relay, upnp, Multiaddr, PeerId};
 use mycel_core::membership::{Link, PeerInfo, PeerState};
 use mycel_core::reach::{Reach, ReachConfig, Reachability};
+use mycel_core::wire::Rejection;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
@@ -248,6 +249,36 @@ impl EventLoop {
                 // A late answer to a request given up on.
                 self.drop_relay(relay_peer_id);
             }
+        }
+    }
+
+    /// What this node's relay server did, counted; a peer whose request the server refused
+    /// (reservations or circuits past the limits, or asked for too fast) pays a little for it:
+    /// an honest client is refused now and then by a full relay, a flood is refused many times.
+    pub(super) fn on_relay_server(&mut self, event: relay::Event) {
+        let (outcome, refused) = match event {
+            relay::Event::ReservationReqAccepted { renewed, .. } => {
+                if renewed {
+                    return;
+                }
+                ("reservation_accepted", None)
+            }
+            relay::Event::ReservationReqDenied { src_peer_id, .. } => {
+                ("reservation_denied", Some(src_peer_id))
+            }
+            relay::Event::CircuitReqAccepted { .. } => ("circuit_accepted", None),
+            relay::Event::CircuitReqDenied { src_peer_id, .. } => {
+                ("circuit_denied", Some(src_peer_id))
+            }
+            other => {
+                debug!(?other, "relay server");
+                return;
+            }
+        };
+        self.metrics.nat_event("relay_served", outcome);
+        if let Some(peer) = refused {
+            debug!(%peer, outcome, "relay server refused a request");
+            self.reject(peer, Rejection::RateLimited);
         }
     }
 
