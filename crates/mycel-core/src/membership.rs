@@ -244,7 +244,10 @@ impl Membership {
         now: UnixMillis,
     ) -> Result<Accepted, Rejection> {
         // Gossip and anti-entropy deliver the same announcement many times: settle duplicates
-        // and replays from the claimed sequence number before paying for the signature check.
+        // from the claimed sequence number before paying for the signature check. An older
+        // one is checked: gossip and sync race, so an honest neighbour relays a genuine
+        // statement after a newer one now and then (`Replayed`, which costs nothing), while a
+        // forged one is a bad signature.
         let claimed = signed.peek()?;
         if let Statement::Announce(a) = &claimed.statement {
             if let Some(entry) = self.peers.get(&claimed.issuer) {
@@ -252,6 +255,7 @@ impl Membership {
                     return Ok(Accepted::Duplicate);
                 }
                 if a.seq < entry.info.seq {
+                    signed.verify(now)?;
                     return Err(Rejection::Replayed);
                 }
             }
@@ -589,6 +593,13 @@ mod tests {
         assert_eq!(
             table.on_statement(&announce(&peer, 4, 100), 102),
             Err(Rejection::Replayed)
+        );
+        // An older statement that was never signed by its issuer is a forgery, not a replay.
+        let mut forged = announce(&peer, 3, 100);
+        forged.signature[0] ^= 0xff;
+        assert_eq!(
+            table.on_statement(&forged, 103),
+            Err(Rejection::BadSignature)
         );
         assert_eq!(table.get(&peer.public().to_peer_id()).unwrap().seq, 5);
     }

@@ -36,7 +36,10 @@ pub fn penalty(reason: Rejection) -> f64 {
         // A referred peer may have left since: a few such cost little, a goodbye full of
         // them (16 referrals) costs most of the way to a ban.
         Rejection::FromFuture | Rejection::BadReferral => 5.0,
-        Rejection::Replayed => 2.0,
+        // A genuine statement that arrived after a newer one (gossip and anti-entropy race;
+        // forgeries fail as bad signatures), or a training update for a round already
+        // counted: news to nobody, harm to nobody.
+        Rejection::Replayed => 0.0,
         Rejection::Expired | Rejection::RateLimited => 1.0,
         Rejection::Banned => 0.0,
     }

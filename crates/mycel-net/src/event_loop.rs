@@ -559,6 +559,12 @@ impl EventLoop {
                 self.announce();
                 gossipsub::MessageAcceptance::Accept
             }
+            // Counted, not charged, and not held against the neighbour by gossipsub's own
+            // score either: honest neighbours relay a stale copy now and then.
+            Err(Rejection::Replayed) => {
+                self.metrics.reject(Rejection::Replayed);
+                gossipsub::MessageAcceptance::Ignore
+            }
             Err(reason) => {
                 self.reject(source, reason);
                 gossipsub::MessageAcceptance::Reject

@@ -308,7 +308,10 @@ async fn forged_replayed_oversized_and_malformed_messages_are_rejected_and_cost_
     )
     .await;
 
-    // Replayed: an older sequence number than the one accepted.
+    // Replayed: a genuine statement older than the one accepted, as honest neighbours relay
+    // now and then (gossip and sync race). Refused and counted, but not charged.
+    let score = || async { victim.net.reputation(attacker.net.peer_id()).await.unwrap() };
+    let before = score().await;
     attacker
         .net
         .publish_raw(announcement(&other, 5).to_bytes())
@@ -320,6 +323,10 @@ async fn forged_replayed_oversized_and_malformed_messages_are_rejected_and_cost_
         || async { rejected(Rejection::Replayed) >= 1 },
     )
     .await;
+    assert!(
+        score().await >= before - 0.01,
+        "a stale genuine statement cost its relay"
+    );
 
     // Oversized (above the statement limit, below gossipsub's frame limit) and malformed.
     attacker
