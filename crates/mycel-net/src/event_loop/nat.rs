@@ -95,6 +95,8 @@ impl Nat {
 
 /// Relayed addresses announced per reservation.
 const MAX_ADDRS_PER_RELAY: usize = 2;
+/// How long the start of a relayed wait is kept after the peer's last connection closed.
+const RELAYED_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Whether `addr` is on the internet: not loopback, private (RFC 1918, unique local),
 /// link-local, shared (carrier-grade NAT, 100.64/10) or unspecified.
@@ -465,18 +467,25 @@ impl EventLoop {
                 self.nat.direct.remove(&peer);
             }
         }
-        // Timings are kept while connected only (bounded by the connections held); the scan
-        // of relayed connections only for a peer that has a timing.
-        let timed =
-            self.nat.relayed_since.contains_key(&peer) || self.nat.direct_after.contains_key(&peer);
-        if timed && !self.nat.has_direct(&peer) && !self.nat.has_relayed(&peer) {
-            self.nat.relayed_since.remove(&peer);
+        // A hole punch's timing is kept while connected. When the last connection closes,
+        // the start of a relayed wait outlives it a little: the peer may close the relayed
+        // connection just before our side sees the direct one open (`nat_tick` forgets it
+        // after `RELAYED_MEMORY`).
+        if self.nat.direct_after.contains_key(&peer)
+            && !self.nat.has_direct(&peer)
+            && !self.nat.has_relayed(&peer)
+        {
             self.nat.direct_after.remove(&peer);
         }
     }
 
     /// Once a tick: expire waiters, ask relays for reservations while we need them.
     pub(super) fn nat_tick(&mut self, now: u64) {
+        let memory = RELAYED_MEMORY.as_millis() as u64;
+        let swarm = &self.swarm;
+        self.nat
+            .relayed_since
+            .retain(|peer, since| swarm.is_connected(peer) || now.saturating_sub(*since) < memory);
         let waited = self.config.nat.direct_wait;
         for w in self.nat.take_waiters(|w| now >= w.deadline) {
             let error = if self.nat.has_relayed(&w.peer) {
