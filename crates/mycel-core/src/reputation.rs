@@ -79,6 +79,10 @@ impl Reputation {
 
     /// Charges `peer` for a rejected message; returns true when this crossed the ban threshold.
     pub fn penalise(&mut self, peer: PeerId, reason: Rejection, now: UnixMillis) -> bool {
+        if penalty(reason) == 0.0 {
+            // Nothing to charge: no record for a peer that did no harm.
+            return false;
+        }
         let before = self.score(&peer, now);
         let after = before - penalty(reason);
         self.scores.insert(

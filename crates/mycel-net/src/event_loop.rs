@@ -559,15 +559,15 @@ impl EventLoop {
                 self.announce();
                 gossipsub::MessageAcceptance::Accept
             }
-            // Counted, not charged, and not held against the neighbour by gossipsub's own
-            // score either: honest neighbours relay a stale copy now and then.
-            Err(Rejection::Replayed) => {
-                self.metrics.reject(Rejection::Replayed);
-                gossipsub::MessageAcceptance::Ignore
-            }
+            // A rejection that costs nothing (a stale copy honest neighbours relay now and
+            // then) is not held against the neighbour by gossipsub's own score either.
             Err(reason) => {
                 self.reject(source, reason);
-                gossipsub::MessageAcceptance::Reject
+                if reputation::penalty(reason) > 0.0 {
+                    gossipsub::MessageAcceptance::Reject
+                } else {
+                    gossipsub::MessageAcceptance::Ignore
+                }
             }
         }
     }
@@ -1721,10 +1721,9 @@ impl EventLoop {
                 let until = now + GOODBYE_HOLD.as_millis() as u64;
                 self.degree.backoff_mut().hold(Target::Peer(peer), until);
                 // Referrals are announcements like any other: checked, stored, then dialled
-                // by degree upkeep with its back-off (one pointing back at us or at nonsense
-                // costs at most a few dials).
-                // A stranger's referral is remembered with its referrer, who pays if the
-                // stranger proves not to be at its addresses (see `on_dial_failed`).
+                // by degree upkeep with its back-off. A stranger's referral is remembered with
+                // its referrer, who pays if a dial finds the stranger is not at its addresses
+                // (nobody listens, or another peer answers: us, say).
                 for signed in &referrals {
                     if self.admit(peer).is_err() {
                         break;

@@ -5,7 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    addrs_of, cluster, connected_to, free_port, local_config, raw_peer, wait_converged, wait_until,
+    addrs_of, cluster, connected_to, free_port, join, local_config, raw_peer, wait_converged,
+    wait_until,
 };
 use mycel_core::id::ContentId;
 use mycel_core::membership::PeerState;
@@ -425,13 +426,7 @@ async fn a_relay_refuses_reservations_past_its_limit_counts_and_charges_them() {
     );
 
     // The relay goes on serving: a newcomer joins through it.
-    let newcomer = Node::start(local_config(
-        &root.path().join("newcomer"),
-        addrs_of(&relay),
-        false,
-    ))
-    .await
-    .unwrap();
+    let newcomer = join(root.path(), "newcomer", &relay).await;
     let newcomer_id = newcomer.net.peer_id();
     wait_until(
         Duration::from_secs(20),

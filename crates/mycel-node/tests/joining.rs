@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{addrs_of, connected_to, free_port, local_config, raw_peer, wait_until};
+use common::{addrs_of, connected_to, free_port, join, local_config, raw_peer, wait_until};
 use libp2p::multiaddr::Protocol;
 use mycel_core::statement::{Announcement, Capabilities, SignedStatement, Statement};
 use mycel_core::wire::Rejection;
@@ -232,13 +232,7 @@ async fn a_peer_that_refers_strangers_who_are_not_there_pays_for_each_and_is_ban
     let victim = Node::start(local_config(&root.path().join("victim"), Vec::new(), false))
         .await
         .unwrap();
-    let honest = Node::start(local_config(
-        &root.path().join("honest"),
-        addrs_of(&victim),
-        false,
-    ))
-    .await
-    .unwrap();
+    let honest = join(root.path(), "honest", &victim).await;
     wait_until(
         Duration::from_secs(20),
         "the nodes know each other",

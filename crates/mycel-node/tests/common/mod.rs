@@ -62,6 +62,13 @@ pub async fn cluster(root: &Path, n: usize) -> Vec<Node> {
     nodes
 }
 
+/// Starts a node in `root/name` (no API) that bootstraps from `via`.
+pub async fn join(root: &Path, name: &str, via: &Node) -> Node {
+    Node::start(local_config(&root.join(name), addrs_of(via), false))
+        .await
+        .expect("node starts")
+}
+
 /// A free TCP port on 127.0.0.1 (released before use; fine on a test machine).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
