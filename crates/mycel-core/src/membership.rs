@@ -12,12 +12,26 @@
 //!   for [`Config::silence_limit_ms`],
 //! - a probe dial after losing the connection failed ([`Membership::on_unreachable`]),
 //! - its latest announcement expired while we had no connection to it, or
-//! - a neighbour's down report names its latest sequence number.
+//! - down reports from [`Config::down_quorum`] distinct reporters name its latest sequence
+//!   number while this node has no direct evidence that it is alive.
+//!
+//! Hearsay is cheap for an attacker, so a down report counts only when it can be true: its
+//! reporter is a peer this node holds alive, its subject is a peer this node knows, and it
+//! names the subject's announcement this node holds (a report about an older one is stale; a
+//! newer one this node has not seen). Each reporter counts once per subject and
+//! [`Config::report_window_ms`]. A report that does not count is not passed on either. A
+//! report about this node is answered by re-announcing, at most once per
+//! [`Config::refute_interval_ms`] (reports in between are answered by the same
+//! announcement, see [`Membership::refute_due`]); one naming an announcement this node never
+//! made is a lie its issuer pays for. Every statement that changes the table is also charged
+//! to its issuer's rate ([`Config::issuer_rate_per_s`]), not to the neighbour that relayed
+//! it: an honest relay of a flood is not the flood's author.
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ratelimit::RateLimiter;
 use crate::reach::Reachability;
 use crate::statement::{Capabilities, DownReport, SignedStatement, Statement};
 use crate::wire::Rejection;
@@ -37,6 +51,18 @@ pub struct Config {
     /// waits out a stream-negotiation timeout, so counting failed pings alone takes many
     /// times the ping interval.
     pub silence_limit_ms: u64,
+    /// Distinct reporters whose down reports fail a peer this node does not observe itself.
+    pub down_quorum: usize,
+    /// How long a down report counts toward the quorum; one reporter counts once per subject
+    /// in this time.
+    pub report_window_ms: u64,
+    /// Least time between two refutations of reports about this node.
+    pub refute_interval_ms: u64,
+    /// Statements one issuer may have applied a second, on average (announcements, counted
+    /// down reports), wherever they came from.
+    pub issuer_rate_per_s: f64,
+    /// Statements one issuer may have applied in a burst.
+    pub issuer_burst: f64,
 }
 
 impl Default for Config {
@@ -46,9 +72,20 @@ impl Default for Config {
             forget_after_ms: 10 * 60 * 1000,
             max_peers: 10_000,
             silence_limit_ms: 0,
+            down_quorum: 2,
+            report_window_ms: 30_000,
+            refute_interval_ms: 1_000,
+            issuer_rate_per_s: 2.0,
+            issuer_burst: 20.0,
         }
     }
 }
+
+/// Most reporters remembered per subject (more than any quorum needs).
+const MAX_REPORTS: usize = 8;
+
+/// Issuers whose rate is tracked at once (full buckets are dropped first).
+const MAX_RATED_ISSUERS: usize = 4096;
 
 /// Whether a peer is considered alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -164,6 +201,50 @@ pub enum Accepted {
     },
     /// A peer reported this node down: re-announce with a higher sequence number to refute.
     Refute,
+    /// A valid statement that does not count here and is not to be passed on: a down report
+    /// about a peer this node does not know, or about an announcement other than the one it
+    /// holds, from a reporter it does not hold alive, repeated, or contradicted by this node's
+    /// own contact with the subject; or a report about this node that the next refutation
+    /// answers.
+    Ignored,
+}
+
+/// Who pays for a refused statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Culprit {
+    /// The neighbour that sent it: the statement itself is invalid (it does not decode, its
+    /// signature fails, it expired), which an honest neighbour checks before relaying.
+    Sender,
+    /// Its verified issuer: the statement is genuine, and honest neighbours relay it, but its
+    /// issuer is over its rate or lied.
+    Issuer(PeerId),
+}
+
+/// A refused statement: why, and who pays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why it was refused.
+    pub reason: Rejection,
+    /// Who is charged for it.
+    pub culprit: Culprit,
+}
+
+impl From<Rejection> for Refusal {
+    fn from(reason: Rejection) -> Self {
+        Self {
+            reason,
+            culprit: Culprit::Sender,
+        }
+    }
+}
+
+impl Refusal {
+    fn issuer(reason: Rejection, issuer: PeerId) -> Self {
+        Self {
+            reason,
+            culprit: Culprit::Issuer(issuer),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -173,6 +254,9 @@ struct Entry {
     missed_pings: u32,
     /// When the peer last answered a ping (or connected).
     last_pong: UnixMillis,
+    /// Reporters whose down reports about the announcement held count now, and when each
+    /// report arrived.
+    reports: Vec<(PeerId, UnixMillis)>,
 }
 
 /// The membership table of one node.
@@ -184,17 +268,32 @@ pub struct Membership {
     own: Option<(u64, SignedStatement)>,
     /// When [`Membership::tick`] last ran.
     last_tick: Option<UnixMillis>,
+    /// Statements applied per issuer.
+    issuer_rate: RateLimiter<PeerId>,
+    /// When this node last refuted a report about itself.
+    last_refute: Option<UnixMillis>,
+    /// A report about this node's announcement with this sequence number waits for the next
+    /// refutation.
+    refute_pending: Option<u64>,
 }
 
 impl Membership {
     /// An empty table for the node `local`.
     pub fn new(local: PeerId, config: Config) -> Self {
+        let issuer_rate = RateLimiter::new(
+            config.issuer_rate_per_s,
+            config.issuer_burst,
+            MAX_RATED_ISSUERS,
+        );
         Self {
             local,
             config,
             peers: HashMap::new(),
             own: None,
             last_tick: None,
+            issuer_rate,
+            last_refute: None,
+            refute_pending: None,
         }
     }
 
@@ -234,6 +333,7 @@ impl Membership {
             latest: None,
             missed_pings: 0,
             last_pong: now,
+            reports: Vec::new(),
         }))
     }
 
@@ -242,7 +342,7 @@ impl Membership {
         &mut self,
         signed: &SignedStatement,
         now: UnixMillis,
-    ) -> Result<Accepted, Rejection> {
+    ) -> Result<Accepted, Refusal> {
         // Gossip and anti-entropy deliver the same announcement many times: settle duplicates
         // from the claimed sequence number before paying for the signature check. An older
         // one is checked: gossip and sync race, so an honest neighbour relays a genuine
@@ -256,7 +356,7 @@ impl Membership {
                 }
                 if a.seq < entry.info.seq {
                     signed.verify(now)?;
-                    return Err(Rejection::Replayed);
+                    return Err(Rejection::Replayed.into());
                 }
             }
         }
@@ -267,14 +367,19 @@ impl Membership {
         }
         match verified.statement {
             Statement::Announce(announcement) => {
+                if !self.peers.contains_key(&issuer) && self.peers.len() >= self.config.max_peers {
+                    return Ok(Accepted::Duplicate);
+                }
+                // Only the issuer can make a newer announcement, so it pays for each.
+                if !self.issuer_rate.allow(issuer, now) {
+                    return Err(Refusal::issuer(Rejection::RateLimited, issuer));
+                }
                 let Some(entry) = self.entry(issuer, now) else {
                     return Ok(Accepted::Duplicate);
                 };
-                if announcement.seq == entry.info.seq {
+                // Settled before the signature check for a peer already listed.
+                if announcement.seq <= entry.info.seq {
                     return Ok(Accepted::Duplicate);
-                }
-                if announcement.seq < entry.info.seq {
-                    return Err(Rejection::Replayed);
                 }
                 let info = &mut entry.info;
                 info.seq = announcement.seq;
@@ -286,6 +391,7 @@ impl Membership {
                 info.relay = announcement.relay;
                 info.last_seen = now;
                 entry.latest = Some(signed.clone());
+                entry.reports.clear();
                 Ok(Accepted::Announcement {
                     change: set_alive(entry, issuer, now),
                 })
@@ -299,30 +405,97 @@ impl Membership {
         reporter: PeerId,
         report: DownReport,
         now: UnixMillis,
-    ) -> Result<Accepted, Rejection> {
+    ) -> Result<Accepted, Refusal> {
         if report.subject == self.local {
-            let own_seq = self.own.as_ref().map_or(0, |(seq, _)| *seq);
-            return Ok(if report.subject_seq >= own_seq {
-                Accepted::Refute
-            } else {
-                Accepted::Duplicate
-            });
+            return self.on_report_about_self(reporter, report.subject_seq, now);
         }
+        let reporter_alive = self
+            .peers
+            .get(&reporter)
+            .is_some_and(|e| e.info.state == PeerState::Alive && e.latest.is_some());
+        if !reporter_alive {
+            return Ok(Accepted::Ignored);
+        }
+        let window = self.config.report_window_ms;
+        let quorum = self.config.down_quorum.max(1);
         let Some(entry) = self.peers.get_mut(&report.subject) else {
-            return Ok(Accepted::Down { change: None });
+            return Ok(Accepted::Ignored);
         };
-        // Direct evidence beats hearsay; a report about an older incarnation is stale.
+        // Direct evidence beats hearsay; a report about another announcement than the one
+        // held is stale (older) or cannot be checked (newer).
         let directly_alive = entry.info.connected && entry.missed_pings == 0;
-        if directly_alive
-            || report.subject_seq < entry.info.seq
-            || entry.info.state == PeerState::Failed
-        {
+        if directly_alive || entry.latest.is_none() || report.subject_seq != entry.info.seq {
+            return Ok(Accepted::Ignored);
+        }
+        entry
+            .reports
+            .retain(|(_, at)| now.saturating_sub(*at) < window);
+        if entry.reports.len() >= MAX_REPORTS || entry.reports.iter().any(|(r, _)| *r == reporter) {
+            return Ok(Accepted::Ignored);
+        }
+        if !self.issuer_rate.allow(reporter, now) {
+            return Err(Refusal::issuer(Rejection::RateLimited, reporter));
+        }
+        entry.reports.push((reporter, now));
+        if entry.info.state == PeerState::Failed || entry.reports.len() < quorum {
             return Ok(Accepted::Down { change: None });
         }
         let reason = FailReason::Reported(reporter.to_base58());
         Ok(Accepted::Down {
             change: set_failed(entry, report.subject, reason, now),
         })
+    }
+
+    /// A report that this node is down: refuted by a newer announcement, at most once per
+    /// [`Config::refute_interval_ms`].
+    fn on_report_about_self(
+        &mut self,
+        reporter: PeerId,
+        subject_seq: u64,
+        now: UnixMillis,
+    ) -> Result<Accepted, Refusal> {
+        let Some(own_seq) = self.own.as_ref().map(|(seq, _)| *seq) else {
+            return Ok(Accepted::Ignored);
+        };
+        if subject_seq > own_seq {
+            return Err(Refusal::issuer(Rejection::FalseReport, reporter));
+        }
+        if subject_seq < own_seq {
+            return Ok(Accepted::Ignored);
+        }
+        let recently = self
+            .last_refute
+            .is_some_and(|at| now.saturating_sub(at) < self.config.refute_interval_ms);
+        if recently {
+            self.refute_pending = Some(own_seq);
+            return Ok(Accepted::Ignored);
+        }
+        self.last_refute = Some(now);
+        self.refute_pending = None;
+        Ok(Accepted::Refute)
+    }
+
+    /// Whether a report about this node that arrived too soon after the last refutation is
+    /// due to be refuted now (re-announce when true). Call periodically.
+    pub fn refute_due(&mut self, now: UnixMillis) -> bool {
+        let Some(reported) = self.refute_pending else {
+            return false;
+        };
+        let own_seq = self.own.as_ref().map_or(0, |(seq, _)| *seq);
+        if own_seq > reported {
+            // Announced since: that refuted it.
+            self.refute_pending = None;
+            return false;
+        }
+        if self
+            .last_refute
+            .is_some_and(|at| now.saturating_sub(at) < self.config.refute_interval_ms)
+        {
+            return false;
+        }
+        self.refute_pending = None;
+        self.last_refute = Some(now);
+        true
     }
 
     /// A connection to `peer` was established.
@@ -332,6 +505,7 @@ impl Membership {
         entry.info.last_seen = now;
         entry.missed_pings = 0;
         entry.last_pong = now;
+        entry.reports.clear();
         set_alive(entry, peer, now)
     }
 
@@ -350,6 +524,7 @@ impl Membership {
         entry.info.last_seen = now;
         entry.missed_pings = 0;
         entry.last_pong = now;
+        entry.reports.clear();
         set_alive(entry, peer, now)
     }
 
@@ -592,14 +767,14 @@ mod tests {
         );
         assert_eq!(
             table.on_statement(&announce(&peer, 4, 100), 102),
-            Err(Rejection::Replayed)
+            Err(Rejection::Replayed.into())
         );
         // An older statement that was never signed by its issuer is a forgery, not a replay.
         let mut forged = announce(&peer, 3, 100);
         forged.signature[0] ^= 0xff;
         assert_eq!(
             table.on_statement(&forged, 103),
-            Err(Rejection::BadSignature)
+            Err(Rejection::BadSignature.into())
         );
         assert_eq!(table.get(&peer.public().to_peer_id()).unwrap().seq, 5);
     }
@@ -679,50 +854,78 @@ mod tests {
         assert!(quiet.tick(1_000_000).is_empty());
     }
 
+    fn down(reporter: &Keypair, subject: PeerId, seq: u64, now: UnixMillis) -> SignedStatement {
+        SignedStatement::sign(
+            reporter,
+            &Statement::Down(DownReport {
+                subject,
+                subject_seq: seq,
+                issued_at: now,
+                expires_at: now + TTL,
+            }),
+        )
+    }
+
     #[test]
-    fn down_report_fails_subject_unless_refuted_or_directly_alive() {
+    fn down_reports_fail_a_subject_only_from_a_quorum_of_live_reporters_naming_its_announcement() {
         let (_, mut table) = table();
-        let reporter = Keypair::generate_ed25519();
+        let [r1, r2, stranger] = [(); 3].map(|_| Keypair::generate_ed25519());
         let subject = Keypair::generate_ed25519();
         let sid = subject.public().to_peer_id();
+        table.on_statement(&announce(&r1, 1, 0), 0).unwrap();
+        table.on_statement(&announce(&r2, 1, 0), 0).unwrap();
         table.on_statement(&announce(&subject, 3, 0), 0).unwrap();
+        let alive = |t: &Membership| t.get(&sid).unwrap().state == PeerState::Alive;
 
-        let report = |seq| {
-            SignedStatement::sign(
-                &reporter,
-                &Statement::Down(DownReport {
-                    subject: sid,
-                    subject_seq: seq,
-                    issued_at: 10,
-                    expires_at: 10 + TTL,
-                }),
-            )
-        };
-        // A report about an older incarnation changes nothing.
-        assert_eq!(
-            table.on_statement(&report(2), 10),
-            Ok(Accepted::Down { change: None })
-        );
-        assert_eq!(table.get(&sid).unwrap().state, PeerState::Alive);
+        // Reports that cannot be true, or cannot be checked, count for nothing and go no
+        // further: from a key nobody knows, about an older or a newer announcement than the
+        // one held (u64::MAX included), about a peer nobody knows.
+        for (report, what) in [
+            (down(&stranger, sid, 3, 10), "an unknown reporter"),
+            (down(&r1, sid, 2, 10), "an older announcement"),
+            (down(&r1, sid, 4, 10), "an announcement not seen here"),
+            (down(&r1, sid, u64::MAX, 10), "u64::MAX"),
+            (
+                down(&r1, stranger.public().to_peer_id(), 1, 10),
+                "an unknown subject",
+            ),
+        ] {
+            assert_eq!(
+                table.on_statement(&report, 10),
+                Ok(Accepted::Ignored),
+                "{what}"
+            );
+        }
+        assert!(alive(&table));
 
         // While we are connected and pings succeed, hearsay is ignored.
         table.on_connected(sid, 11);
         assert_eq!(
-            table.on_statement(&report(3), 12),
-            Ok(Accepted::Down { change: None })
+            table.on_statement(&down(&r1, sid, 3, 12), 12),
+            Ok(Accepted::Ignored)
         );
         table.on_disconnected(sid, 13);
 
-        let applied = table.on_statement(&report(3), 14).unwrap();
-        let reason = FailReason::Reported(reporter.public().to_peer_id().to_base58());
+        // One live reporter is not enough, and counts once however often it repeats itself.
         assert_eq!(
-            applied,
-            Accepted::Down {
+            table.on_statement(&down(&r1, sid, 3, 14), 14),
+            Ok(Accepted::Down { change: None })
+        );
+        assert_eq!(
+            table.on_statement(&down(&r1, sid, 3, 15), 15),
+            Ok(Accepted::Ignored)
+        );
+        assert!(alive(&table));
+        // A second one makes the quorum.
+        let reason = FailReason::Reported(r2.public().to_peer_id().to_base58());
+        assert_eq!(
+            table.on_statement(&down(&r2, sid, 3, 16), 16),
+            Ok(Accepted::Down {
                 change: Some(Change::Failed(sid, reason))
-            }
+            })
         );
 
-        // The subject refutes with a newer announcement.
+        // The subject refutes with a newer announcement, which also clears the old reports.
         let back = table.on_statement(&announce(&subject, 4, 20), 20).unwrap();
         assert_eq!(
             back,
@@ -730,23 +933,150 @@ mod tests {
                 change: Some(Change::Alive(sid))
             }
         );
+        assert_eq!(
+            table.on_statement(&down(&r1, sid, 4, 21), 21),
+            Ok(Accepted::Down { change: None })
+        );
+        assert!(alive(&table), "one report about the new announcement");
     }
 
     #[test]
-    fn report_about_self_asks_for_refutation() {
-        let (local, mut table) = table();
-        table.set_own(7, announce(&local, 7, 0));
-        let reporter = Keypair::generate_ed25519();
-        let report = SignedStatement::sign(
-            &reporter,
-            &Statement::Down(DownReport {
-                subject: local.public().to_peer_id(),
-                subject_seq: 7,
-                issued_at: 1,
-                expires_at: 1 + TTL,
-            }),
+    fn reports_past_the_window_no_longer_count_toward_the_quorum() {
+        let (_, mut table) = table();
+        let [r1, r2, subject] = [(); 3].map(|_| Keypair::generate_ed25519());
+        let sid = subject.public().to_peer_id();
+        for key in [&r1, &r2, &subject] {
+            table.on_statement(&announce(key, 1, 0), 0).unwrap();
+        }
+        let window = Config::default().report_window_ms;
+        // Announcements that outlive the window, so that expiry stays out of it.
+        let long = |key: &Keypair, seq, now: UnixMillis| {
+            SignedStatement::sign(
+                key,
+                &Statement::Announce(Announcement {
+                    seq,
+                    issued_at: now,
+                    expires_at: now + 3 * window,
+                    capabilities: Capabilities::default(),
+                    addrs: Vec::new(),
+                    reachability: Default::default(),
+                    relay: false,
+                }),
+            )
+        };
+        for key in [&r1, &r2, &subject] {
+            table.on_statement(&long(key, 2, 1), 1).unwrap();
+        }
+        let report = |key: &Keypair, now: UnixMillis| {
+            SignedStatement::sign(
+                key,
+                &Statement::Down(DownReport {
+                    subject: sid,
+                    subject_seq: 2,
+                    issued_at: now,
+                    expires_at: now + 3 * window,
+                }),
+            )
+        };
+        assert_eq!(
+            table.on_statement(&report(&r1, 10), 10),
+            Ok(Accepted::Down { change: None })
         );
-        assert_eq!(table.on_statement(&report, 2), Ok(Accepted::Refute));
+        let later = 10 + window;
+        assert_eq!(
+            table.on_statement(&report(&r2, later), later),
+            Ok(Accepted::Down { change: None }),
+            "the first report has lapsed"
+        );
+        assert_eq!(table.get(&sid).unwrap().state, PeerState::Alive);
+        // The first reporter may speak again, and now the two make a quorum.
+        assert!(matches!(
+            table.on_statement(&report(&r1, later + 1), later + 1),
+            Ok(Accepted::Down {
+                change: Some(Change::Failed(..))
+            })
+        ));
+    }
+
+    #[test]
+    fn a_report_about_self_is_refuted_at_most_once_per_interval_and_a_false_one_costs_its_issuer() {
+        let (local, mut table) = table();
+        let me = local.public().to_peer_id();
+        let reporter = Keypair::generate_ed25519();
+        let rid = reporter.public().to_peer_id();
+        // Before this node has announced, there is nothing to refute.
+        assert_eq!(
+            table.on_statement(&down(&reporter, me, 7, 1), 1),
+            Ok(Accepted::Ignored)
+        );
+        table.set_own(7, announce(&local, 7, 0));
+        assert_eq!(
+            table.on_statement(&down(&reporter, me, 7, 2), 2),
+            Ok(Accepted::Refute)
+        );
+        // This node re-announced (seq 8); a report about seq 7 is stale now.
+        table.set_own(8, announce(&local, 8, 3));
+        assert_eq!(
+            table.on_statement(&down(&reporter, me, 7, 4), 4),
+            Ok(Accepted::Ignored)
+        );
+        // A report about seq 8 within the interval waits; many of them make one refutation.
+        for t in 5..50 {
+            assert_eq!(
+                table.on_statement(&down(&reporter, me, 8, t), t),
+                Ok(Accepted::Ignored)
+            );
+        }
+        let interval = Config::default().refute_interval_ms;
+        assert!(!table.refute_due(2 + interval - 1));
+        assert!(table.refute_due(2 + interval));
+        assert!(!table.refute_due(2 + interval + 1), "once");
+        // A pending refutation is dropped when this node announced meanwhile.
+        table.set_own(9, announce(&local, 9, 2 + interval));
+        let t = 2 + interval + 10;
+        assert_eq!(
+            table.on_statement(&down(&reporter, me, 9, t), t),
+            Ok(Accepted::Ignored)
+        );
+        table.set_own(10, announce(&local, 10, t + 1));
+        assert!(!table.refute_due(t + 10 * interval));
+        // Nobody can have seen an announcement this node never made.
+        assert_eq!(
+            table.on_statement(&down(&reporter, me, 11, t + 2), t + 2),
+            Err(Refusal {
+                reason: Rejection::FalseReport,
+                culprit: Culprit::Issuer(rid)
+            })
+        );
+    }
+
+    #[test]
+    fn an_issuer_over_its_rate_pays_and_replays_of_its_statements_cost_it_nothing() {
+        let (_, mut table) = table();
+        let flooder = Keypair::generate_ed25519();
+        let fid = flooder.public().to_peer_id();
+        let burst = Config::default().issuer_burst as u64;
+        for seq in 1..=burst {
+            assert!(table.on_statement(&announce(&flooder, seq, 0), 0).is_ok());
+        }
+        assert_eq!(
+            table.on_statement(&announce(&flooder, burst + 1, 0), 0),
+            Err(Refusal {
+                reason: Rejection::RateLimited,
+                culprit: Culprit::Issuer(fid)
+            })
+        );
+        // Copies of what it already said (a relay passing them on again) are not charged.
+        for _ in 0..100 {
+            assert_eq!(
+                table.on_statement(&announce(&flooder, burst, 0), 1),
+                Ok(Accepted::Duplicate)
+            );
+        }
+        // Its rate refills.
+        assert!(table
+            .on_statement(&announce(&flooder, burst + 1, 1_000), 1_000)
+            .is_ok());
     }
 
     #[test]

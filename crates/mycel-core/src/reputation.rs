@@ -36,6 +36,8 @@ pub fn penalty(reason: Rejection) -> f64 {
         // A referred peer may have left since: a few such cost little, a goodbye full of
         // them (16 referrals) costs most of the way to a ban.
         Rejection::FromFuture | Rejection::BadReferral => 5.0,
+        // Only its issuer can have signed it, and no honest node would.
+        Rejection::FalseReport => 10.0,
         // A genuine statement that arrived after a newer one (gossip and anti-entropy race;
         // forgeries fail as bad signatures), or a training update for a round already
         // counted: news to nobody, harm to nobody.

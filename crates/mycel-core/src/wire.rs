@@ -47,11 +47,15 @@ pub enum Rejection {
     /// at its addresses, or another peer (ourselves, say) answers at them.
     #[error("referred peer is not at its addresses")]
     BadReferral,
+    /// A down report about this node naming an announcement it never made (a sequence number
+    /// above its own): the reporter cannot have seen it, so the report is a lie.
+    #[error("down report names an announcement that was never made")]
+    FalseReport,
 }
 
 impl Rejection {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 11] = [
         Self::Oversized,
         Self::Malformed,
         Self::BadSignature,
@@ -62,6 +66,7 @@ impl Rejection {
         Self::Banned,
         Self::Corrupt,
         Self::BadReferral,
+        Self::FalseReport,
     ];
 
     /// A short, stable label (used in metrics and logs).
@@ -77,6 +82,7 @@ impl Rejection {
             Self::Banned => "banned",
             Self::Corrupt => "corrupt",
             Self::BadReferral => "bad_referral",
+            Self::FalseReport => "false_report",
         }
     }
 }

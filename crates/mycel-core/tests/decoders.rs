@@ -1044,7 +1044,7 @@ fn receive_statement(signed: &SignedStatement, local: PeerId) -> &'static str {
         let _ = signed.verify(now);
     }
     let mut membership = Membership::new(local, MembershipConfig::default());
-    match membership.on_statement(signed, NOW) {
+    match membership.on_statement(signed, NOW).map_err(|r| r.reason) {
         Ok(_) => "accepted",
         Err(Rejection::BadSignature) => "bad signature",
         Err(Rejection::Malformed) => "body malformed",

@@ -105,6 +105,11 @@ pub struct Limits {
     pub messages_per_sec: f64,
     /// Messages a peer may send in a burst.
     pub message_burst: f64,
+    /// Statements (announcements, down reports) one issuer may have applied a second, on
+    /// average, whichever neighbours relay them; past it the issuer is charged.
+    pub statements_per_issuer_per_sec: f64,
+    /// Statements one issuer may have applied in a burst.
+    pub statement_burst_per_issuer: f64,
     /// Largest gossip message forwarded by gossipsub.
     pub max_gossip_bytes: usize,
     /// Largest sync request and response.
@@ -126,6 +131,8 @@ impl Default for Limits {
             max_pending: 32,
             messages_per_sec: 200.0,
             message_burst: 2_000.0,
+            statements_per_issuer_per_sec: 2.0,
+            statement_burst_per_issuer: 20.0,
             max_gossip_bytes: 64 * 1024,
             max_sync_request_bytes: 1 << 20,
             max_sync_response_bytes: 4 << 20,

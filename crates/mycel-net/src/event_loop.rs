@@ -14,7 +14,7 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{gossipsub, identify, kad, mdns, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
 use mycel_core::id::ContentId;
-use mycel_core::membership::{self, Accepted, Change, FailReason, Membership};
+use mycel_core::membership::{self, Accepted, Change, Culprit, FailReason, Membership, Refusal};
 use mycel_core::peering::{
     self, BackoffConfig, Connected, Degree, DegreeConfig, Referrals, Revival,
 };
@@ -105,6 +105,8 @@ pub(crate) struct EventLoop {
     membership: Membership,
     reputation: Reputation,
     rate: RateLimiter<PeerId>,
+    /// Gossip each neighbour relays (dropped past it, charged to nobody).
+    relayed: RateLimiter<PeerId>,
     metrics: NetMetrics,
     libp2p_metrics: Option<libp2p::metrics::Metrics>,
     listen_addrs: Vec<Multiaddr>,
@@ -172,8 +174,15 @@ impl EventLoop {
             silence_limit_ms: (timing.ping_interval * config.limits.max_missed_pings
                 + timing.ping_timeout)
                 .as_millis() as u64,
+            issuer_rate_per_s: config.limits.statements_per_issuer_per_sec,
+            issuer_burst: config.limits.statement_burst_per_issuer,
             ..Default::default()
         };
+        let relayed = RateLimiter::new(
+            config.limits.messages_per_sec,
+            config.limits.message_burst,
+            4096,
+        );
         let rate = RateLimiter::new(
             config.limits.messages_per_sec,
             config.limits.message_burst,
@@ -195,6 +204,7 @@ impl EventLoop {
             membership: Membership::new(local, membership_config),
             reputation: Reputation::new(reputation::Config::default()),
             rate,
+            relayed,
             metrics,
             libp2p_metrics,
             listen_addrs,
@@ -529,11 +539,21 @@ impl EventLoop {
     ) -> gossipsub::MessageAcceptance {
         let now = now_ms();
         let issuer = signed.peek().ok().map(|claimed| claimed.issuer);
+        // A banned issuer's statements are dropped unread, whoever relays them (a forger
+        // naming a banned issuer only gets its own message dropped).
+        if issuer.is_some_and(|issuer| self.reputation.is_banned(&issuer, now)) {
+            self.metrics.reject(Rejection::Banned);
+            return gossipsub::MessageAcceptance::Ignore;
+        }
         let addrs_before = issuer
             .and_then(|peer| self.membership.get(&peer))
             .map(|info| info.addrs.clone());
         match self.membership.on_statement(signed, now) {
             Ok(Accepted::Duplicate) => gossipsub::MessageAcceptance::Ignore,
+            Ok(Accepted::Ignored) => {
+                self.metrics.reports_ignored.inc();
+                gossipsub::MessageAcceptance::Ignore
+            }
             Ok(Accepted::Announcement { change }) => {
                 // Periodic re-announcements repeat the same addresses: only news goes to
                 // Kademlia and to the peer book on disk.
@@ -554,20 +574,35 @@ impl EventLoop {
                 }
                 gossipsub::MessageAcceptance::Accept
             }
+            // Refuted, not passed on: the report is about this node, and wrong.
             Ok(Accepted::Refute) => {
-                info!(reporter = %source, "refuting a report that this node is down");
+                info!(reporter = ?issuer, "refuting a report that this node is down");
+                self.metrics.refutations.inc();
                 self.announce();
-                gossipsub::MessageAcceptance::Accept
+                gossipsub::MessageAcceptance::Ignore
             }
             // A rejection that costs nothing (a stale copy honest neighbours relay now and
             // then) is not held against the neighbour by gossipsub's own score either.
-            Err(reason) => {
+            Err(Refusal {
+                reason,
+                culprit: Culprit::Sender,
+            }) => {
                 self.reject(source, reason);
                 if reputation::penalty(reason) > 0.0 {
                     gossipsub::MessageAcceptance::Reject
                 } else {
                     gossipsub::MessageAcceptance::Ignore
                 }
+            }
+            // A genuine statement its issuer pays for (over its rate, or a lie only it can
+            // have signed): the neighbour that relayed it is not to blame, and it goes no
+            // further.
+            Err(Refusal {
+                reason,
+                culprit: Culprit::Issuer(issuer),
+            }) => {
+                self.reject(issuer, reason);
+                gossipsub::MessageAcceptance::Ignore
             }
         }
     }
@@ -589,6 +624,20 @@ impl EventLoop {
         }
     }
 
+    /// Checks the ban list and the rate limit for a gossip message `peer` relays. Past its
+    /// rate the message is dropped but nobody is charged: a neighbour relays what others
+    /// issued, and statements are charged to their issuers (see `Membership::on_statement`).
+    fn admit_gossip(&mut self, peer: PeerId) -> Result<(), Rejection> {
+        let now = now_ms();
+        if self.reputation.is_banned(&peer, now) {
+            return Err(Rejection::Banned);
+        }
+        if !self.relayed.allow(peer, now) {
+            return Err(Rejection::RateLimited);
+        }
+        Ok(())
+    }
+
     /// Checks the ban list and the rate limit for a message from `peer`.
     fn admit(&mut self, peer: PeerId) -> Result<(), Rejection> {
         let now = now_ms();
@@ -605,6 +654,11 @@ impl EventLoop {
         let now = now_ms();
         for change in self.membership.tick(now) {
             self.on_change(change);
+        }
+        if self.membership.refute_due(now) {
+            info!("refuting reports that this node is down");
+            self.metrics.refutations.inc();
+            self.announce();
         }
         let (alive, _, _) = self.membership.counts();
         self.announce_interval = self.config.timing.announce_schedule(alive).0;
@@ -1547,9 +1601,9 @@ impl EventLoop {
                 message,
             } => {
                 self.metrics.traffic(GOSSIP, IN, message.data.len());
-                let verdict = match self.admit(propagation_source) {
+                let verdict = match self.admit_gossip(propagation_source) {
                     Err(reason) => {
-                        self.reject(propagation_source, reason);
+                        self.metrics.reject(reason);
                         gossipsub::MessageAcceptance::Ignore
                     }
                     Ok(()) => match SignedStatement::from_bytes(&message.data) {

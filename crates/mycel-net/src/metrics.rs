@@ -34,6 +34,8 @@ pub struct NetMetrics {
     pub(crate) goodbyes_sent: Counter,
     pub(crate) goodbyes_received: Counter,
     pub(crate) referred: Counter,
+    pub(crate) refutations: Counter,
+    pub(crate) reports_ignored: Counter,
     /// NAT traversal events by kind and result (see `nat_event` labels).
     pub(crate) nat: Family<NatLabel, Counter>,
 }
@@ -105,6 +107,18 @@ impl NetMetrics {
             "referred",
             "Connections beyond the cap answered only with referrals",
             metrics.referred.clone(),
+        );
+        sub.register(
+            "refutations",
+            "Announcements made to refute reports that this node is down",
+            metrics.refutations.clone(),
+        );
+        sub.register(
+            "down_reports_ignored",
+            "Down reports neither counted nor passed on (unknown reporter or subject, an \
+             announcement other than the one held, a repeat, contradicted by direct contact, \
+             or about this node and answered by the next refutation)",
+            metrics.reports_ignored.clone(),
         );
         sub.register(
             "nat_events",
@@ -181,6 +195,16 @@ impl NetMetrics {
     /// Goodbyes (with referrals) received from peers closing a connection.
     pub fn goodbyes_received_total(&self) -> u64 {
         self.goodbyes_received.get()
+    }
+
+    /// Announcements made to refute reports that this node is down.
+    pub fn refutations_total(&self) -> u64 {
+        self.refutations.get()
+    }
+
+    /// Down reports neither counted nor passed on.
+    pub fn down_reports_ignored_total(&self) -> u64 {
+        self.reports_ignored.get()
     }
 
     /// Total rejected messages (all reasons).

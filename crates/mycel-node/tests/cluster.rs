@@ -5,14 +5,12 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    addrs_of, cluster, connected_to, free_port, join, local_config, raw_peer, wait_converged,
-    wait_until,
+    addrs_of, announcement, cluster, connected_to, free_port, join, local_config, raw_peer,
+    wait_converged, wait_until,
 };
 use mycel_core::id::ContentId;
 use mycel_core::membership::PeerState;
-use mycel_core::statement::{
-    Announcement, Capabilities, ModelKind, ModelOffer, SignedStatement, Statement,
-};
+use mycel_core::statement::{ModelKind, ModelOffer};
 use mycel_core::wire::Rejection;
 use mycel_core::Keypair;
 use mycel_net::Multiaddr;
@@ -241,25 +239,6 @@ async fn api_requires_token_and_serves_peers_and_metrics() {
     for node in nodes {
         node.shutdown().await;
     }
-}
-
-fn announcement(key: &Keypair, seq: u64) -> SignedStatement {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    SignedStatement::sign(
-        key,
-        &Statement::Announce(Announcement {
-            seq,
-            issued_at: now,
-            expires_at: now + 60_000,
-            capabilities: Capabilities::default(),
-            addrs: Vec::new(),
-            reachability: Default::default(),
-            relay: false,
-        }),
-    )
 }
 
 /// `from` relays a genuine announcement of `key` with `seq`; waits until `to` accepted it.

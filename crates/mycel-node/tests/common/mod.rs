@@ -121,6 +121,24 @@ pub async fn wait_converged(nodes: &[Node], limit: Duration) {
     .await;
 }
 
+/// A genuine announcement of `key` with `seq`, valid for a minute from now.
+pub fn announcement(key: &mycel_core::Keypair, seq: u64) -> mycel_core::statement::SignedStatement {
+    use mycel_core::statement::{Announcement, Capabilities, SignedStatement, Statement};
+    let now = mycel_net::now_ms();
+    SignedStatement::sign(
+        key,
+        &Statement::Announce(Announcement {
+            seq,
+            issued_at: now,
+            expires_at: now + 60_000,
+            capabilities: Capabilities::default(),
+            addrs: Vec::new(),
+            reachability: Default::default(),
+            relay: false,
+        }),
+    )
+}
+
 /// A bare libp2p peer on 127.0.0.1 (no node behind it), for tests that need a peer which
 /// misbehaves: it answers whatever protocol the test accepts on it, however the test likes.
 pub async fn raw_peer(bootstrap: Vec<Multiaddr>) -> NetHandle {

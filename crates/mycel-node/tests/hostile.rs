@@ -1,0 +1,240 @@
+//! Hostile peers on real nodes: down reports that lie, and floods that honest nodes relay.
+//! The attacker is an ordinary node that publishes whatever the test signs (with its own key
+//! or with keys made up for the purpose) through its `publish_raw` test hook.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    addrs_of, announcement, cluster, connected_to, local_config, wait_converged, wait_until,
+};
+use mycel_core::membership::PeerState;
+use mycel_core::statement::{DownReport, SignedStatement, Statement};
+use mycel_core::wire::Rejection;
+use mycel_core::{Keypair, PeerId};
+use mycel_node::Node;
+
+fn down_report(key: &Keypair, subject: PeerId, subject_seq: u64) -> SignedStatement {
+    let now = mycel_net::now_ms();
+    SignedStatement::sign(
+        key,
+        &Statement::Down(DownReport {
+            subject,
+            subject_seq,
+            issued_at: now,
+            expires_at: now + 5_000,
+        }),
+    )
+}
+
+/// The sequence number of `subject`'s announcement as `node` holds it.
+async fn seq_of(node: &Node, subject: PeerId) -> u64 {
+    node.net.peer(subject).await.unwrap().map_or(0, |p| p.seq)
+}
+
+/// A victim, an attacker connected to it, and an observer that hears of the victim only
+/// through the attacker. Down reports made up by the attacker (from keys nobody knows, about
+/// announcements the victim never made, u64::MAX) fail the victim nowhere; one report from a
+/// live reporter is not enough on its own; a report naming an announcement the victim never
+/// made costs the attacker; and a flood of reports the victim must refute makes it re-announce
+/// at most once a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 2).await;
+    wait_converged(&nodes, Duration::from_secs(20)).await;
+    let (victim, attacker) = (&nodes[0], &nodes[1]);
+    let (victim_id, attacker_id) = (victim.net.peer_id(), attacker.net.peer_id());
+    // The attacker signs with its node's own key, as read from its data directory.
+    let attacker_key = mycel_store::load_or_create_identity(&root.path().join("node-1")).unwrap();
+    assert_eq!(attacker_key.public().to_peer_id(), attacker_id);
+    // The observer keeps one connection, to the attacker.
+    let mut config = local_config(&root.path().join("observer"), addrs_of(attacker), false);
+    config.limits.max_connections = 1;
+    config.limits.target_peers = 1;
+    let observer = Node::start(config).await.unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the observer holds the victim alive, through the attacker only",
+        || async {
+            observer
+                .net
+                .peer(victim_id)
+                .await
+                .unwrap()
+                .is_some_and(|p| p.state == PeerState::Alive && !p.connected)
+                && connected_to(&observer, attacker_id).await
+        },
+    )
+    .await;
+
+    // Made-up reports: eight keys nobody knows, the attacker's own key about an
+    // announcement nobody has seen (u64::MAX), and one honest-looking report from the
+    // attacker itself, a live peer, about the victim's announcement that the observer holds.
+    let seq = seq_of(&observer, victim_id).await;
+    let mut lies: Vec<SignedStatement> = (0..8)
+        .map(|_| down_report(&Keypair::generate_ed25519(), victim_id, seq))
+        .collect();
+    lies.push(down_report(&attacker_key, victim_id, u64::MAX));
+    lies.push(down_report(&attacker_key, victim_id, seq));
+    let ignored_before = observer.net.metrics().down_reports_ignored_total();
+    for lie in &lies {
+        attacker.net.publish_raw(lie.to_bytes()).await.unwrap();
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the observer set the made-up reports aside",
+        || async { observer.net.metrics().down_reports_ignored_total() >= ignored_before + 9 },
+    )
+    .await;
+    // Watch for three seconds: the victim is never failed in the observer's view.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(3) {
+        let info = observer.net.peer(victim_id).await.unwrap().unwrap();
+        assert_eq!(
+            info.state,
+            PeerState::Alive,
+            "made-up reports failed the victim: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A report naming an announcement the victim never made is a lie only the attacker can
+    // have signed: the victim charges the attacker.
+    // (The u64::MAX report above was one already.)
+    let false_before = victim.net.metrics().rejected_for(Rejection::FalseReport);
+    assert!(false_before >= 1);
+    let score_before = victim.net.reputation(attacker_id).await.unwrap();
+    let own = seq_of(attacker, victim_id).await;
+    attacker
+        .net
+        .publish_raw(down_report(&attacker_key, victim_id, own + 1_000_000_000).to_bytes())
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the victim counts the false report",
+        || async { victim.net.metrics().rejected_for(Rejection::FalseReport) > false_before },
+    )
+    .await;
+    let score = victim.net.reputation(attacker_id).await.unwrap();
+    assert!(
+        score <= score_before - 9.9,
+        "the false report cost the attacker {} points",
+        score_before - score
+    );
+
+    // A flood of reports about the victim's current announcement, each made as soon as the
+    // attacker has seen the victim's last refutation: at most one refutation a second.
+    let refuted_before = victim.net.metrics().refutations_total();
+    let flood = Instant::now();
+    let mut sent = 0;
+    while flood.elapsed() < Duration::from_secs(3) {
+        let seq = seq_of(attacker, victim_id).await;
+        let report = down_report(&attacker_key, victim_id, seq);
+        attacker.net.publish_raw(report.to_bytes()).await.unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = flood.elapsed().as_secs_f64();
+    // The last deferred refutation lands up to a second after the flood.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let refutations = victim.net.metrics().refutations_total() - refuted_before;
+    assert!(
+        refutations >= 1,
+        "the victim refuted none of {sent} reports"
+    );
+    assert!(
+        (refutations as f64) <= seconds + 2.0,
+        "{refutations} refutations of {sent} reports in {seconds:.1} s"
+    );
+    // And the victim is alive everywhere.
+    for node in [attacker, &observer] {
+        let info = node.net.peer(victim_id).await.unwrap().unwrap();
+        assert_eq!(info.state, PeerState::Alive);
+    }
+    observer.shutdown().await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+/// A flood of genuine statements from one issuer, injected at two points of a network of
+/// honest nodes: the issuer pays for it (rate-limited, charged, banned) and the honest nodes
+/// that relayed it are charged nothing and stay connected to each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_not_to_honest_relays() {
+    const FLOOD: u64 = 2_500;
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 4).await;
+    wait_converged(&nodes, Duration::from_secs(30)).await;
+    let (injectors, honest) = nodes.split_at(2);
+    let flooder = Keypair::generate_ed25519();
+    let flooder_id = flooder.public().to_peer_id();
+
+    // Each injector publishes its own share of the issuer's statements (every one genuine and
+    // newer than the last), as fast as it can.
+    let mut sends = Vec::new();
+    for (k, injector) in injectors.iter().enumerate() {
+        let net = injector.net.clone();
+        let key = flooder.clone();
+        sends.push(tokio::spawn(async move {
+            for i in 0..FLOOD {
+                let seq = 1 + 2 * i + k as u64;
+                if net
+                    .publish_raw(announcement(&key, seq).to_bytes())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }));
+    }
+    for send in sends {
+        send.await.unwrap();
+    }
+    for node in honest {
+        wait_until(
+            Duration::from_secs(30),
+            "the flood's issuer is banned",
+            || async { node.net.reputation(flooder_id).await.unwrap() <= -100.0 },
+        )
+        .await;
+        assert!(node.net.metrics().rejected_for(Rejection::RateLimited) >= 1);
+    }
+    // Nobody honest was charged for relaying it, and the honest network holds together.
+    for node in &nodes {
+        for other in &nodes {
+            if node.net.peer_id() == other.net.peer_id() {
+                continue;
+            }
+            let score = node.net.reputation(other.net.peer_id()).await.unwrap();
+            assert!(
+                score > -0.5,
+                "{} charged {} {score} points for relaying",
+                node.net.peer_id(),
+                other.net.peer_id()
+            );
+            assert!(connected_to(node, other.net.peer_id()).await);
+        }
+    }
+    // The banned issuer's news goes nowhere now.
+    let held = seq_of(&honest[0], flooder_id).await;
+    injectors[0]
+        .net
+        .publish_raw(announcement(&flooder, 10 * FLOOD).to_bytes())
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the banned issuer's statement is dropped",
+        || async { honest[0].net.metrics().rejected_for(Rejection::Banned) >= 1 },
+    )
+    .await;
+    assert_eq!(seq_of(&honest[0], flooder_id).await, held);
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
