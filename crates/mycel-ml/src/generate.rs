@@ -79,6 +79,97 @@ impl Engine {
     }
 }
 
+/// Instructions a chat template may run for one prompt (a real template takes a few hundred
+/// per message; a request holds at most a few thousand messages).
+const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Most blocks (layers) a model may have.
+const MAX_LAYERS: u64 = 512;
+/// Widest embedding a model may have.
+const MAX_WIDTH: u64 = 65_536;
+/// Most attention heads.
+const MAX_HEADS: u64 = 1_024;
+/// Widest attention head (and rotary dimension).
+const MAX_HEAD_WIDTH: u64 = 1_024;
+/// Widest feed-forward layer.
+const MAX_FFN_WIDTH: u64 = 4 * MAX_WIDTH;
+/// Most experts of a mixture.
+const MAX_EXPERTS: u64 = 256;
+
+/// Checks what a GGUF header claims before anything is allocated from it: every tensor's
+/// element count must fit in the file (no block type packs more than 8 elements into a byte),
+/// and the llama hyper-parameters the engines
+/// size their buffers by must be sane (a file is untrusted input: a peer can send any bytes as
+/// a model, and a header claiming 4,294,967,295 layers made the loader abort the process).
+fn check_header(content: &gguf_file::Content, file_size: u64) -> std::result::Result<(), String> {
+    for (name, info) in &content.tensor_infos {
+        let elements = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, d| n.checked_mul(*d as u64));
+        match elements {
+            Some(n) if n <= file_size.saturating_mul(8) => {}
+            _ => {
+                return Err(format!(
+                "tensor {name:?} claims shape {:?}, more than a file of {file_size} bytes holds",
+                info.shape.dims()
+            ))
+            }
+        }
+    }
+    let number = |key: &str| -> std::result::Result<Option<u64>, String> {
+        use gguf_file::Value;
+        Ok(match content.metadata.get(key) {
+            None => None,
+            Some(Value::U8(v)) => Some(u64::from(*v)),
+            Some(Value::U16(v)) => Some(u64::from(*v)),
+            Some(Value::U32(v)) => Some(u64::from(*v)),
+            Some(Value::U64(v)) => Some(*v),
+            Some(Value::I8(v)) => u64::try_from(*v).ok(),
+            Some(Value::I16(v)) => u64::try_from(*v).ok(),
+            Some(Value::I32(v)) => u64::try_from(*v).ok(),
+            Some(Value::I64(v)) => u64::try_from(*v).ok(),
+            Some(_) => return Err(format!("{key} is not a number")),
+        })
+    };
+    let within = |key: &str, low: u64, high: u64| -> std::result::Result<Option<u64>, String> {
+        match number(key)? {
+            Some(v) if v < low || v > high => Err(format!("{key} is {v}, outside {low}..={high}")),
+            v => Ok(v),
+        }
+    };
+    // Each block has at least its attention and feed-forward matrices and two norms.
+    let tensors = content.tensor_infos.len() as u64;
+    if let Some(layers) = within("llama.block_count", 1, MAX_LAYERS)? {
+        if layers.saturating_mul(4) > tensors {
+            return Err(format!(
+                "llama.block_count is {layers}, but the file holds only {tensors} tensors"
+            ));
+        }
+    }
+    let width = within("llama.embedding_length", 1, MAX_WIDTH)?;
+    let heads = within("llama.attention.head_count", 1, MAX_HEADS)?;
+    if let Some(kv) = within("llama.attention.head_count_kv", 1, MAX_HEADS)? {
+        if heads.is_some_and(|heads| kv > heads) {
+            return Err(format!("{kv} key-value heads for {heads:?} heads"));
+        }
+    }
+    if let (Some(width), Some(heads)) = (width, heads) {
+        if width / heads > MAX_HEAD_WIDTH {
+            return Err(format!(
+                "heads of width {} are wider than {MAX_HEAD_WIDTH}",
+                width / heads
+            ));
+        }
+    }
+    within("llama.rope.dimension_count", 0, MAX_HEAD_WIDTH)?;
+    within("llama.feed_forward_length", 0, MAX_FFN_WIDTH)?;
+    let experts = within("llama.expert_count", 0, MAX_EXPERTS)?.unwrap_or(0);
+    within("llama.expert_used_count", 0, experts)?;
+    Ok(())
+}
+
 /// Rewrites a GGUF model with every quantised tensor dequantised to f32 (an in-memory GGUF),
 /// so that candle's llama builds plain f32 matrices from it.
 pub(crate) fn dequantized(
@@ -166,6 +257,8 @@ impl Generator {
         let mut file = File::open(path).map_err(|e| MlError::model(path, e))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| MlError::model(path, format!("not a GGUF file: {e}")))?;
+        let file_size = file.metadata().map_err(|e| MlError::model(path, e))?.len();
+        check_header(&content, file_size).map_err(|e| MlError::model(path, e))?;
         let tokenizer = GgufTokenizer::from_gguf(&content).map_err(|e| MlError::model(path, e))?;
         let device = Device::Cpu;
         let not_llama = |e| MlError::model(path, format!("not a llama-family model: {e}"));
@@ -196,6 +289,9 @@ impl Generator {
             }
         };
         let mut template = minijinja::Environment::new();
+        // A template comes with the file, from whoever made it: it runs on bounded fuel, so
+        // one that loops fails the request instead of holding the node.
+        template.set_fuel(Some(TEMPLATE_FUEL));
         template.add_function(
             "raise_exception",
             |message: String| -> std::result::Result<String, minijinja::Error> {

@@ -387,3 +387,125 @@ fn the_q4_engine_agrees_with_the_exact_engine_and_falls_back_for_other_blocks() 
     let fallback = Generator::load(&f32_path, Engine::Q4).unwrap();
     assert_eq!(fallback.engine(), Engine::Exact);
 }
+
+/// A copy of the tiny llama at `from`, with `changes` made to its metadata, at `to`.
+fn with_metadata(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    changes: &[(&str, candle_core::quantized::gguf_file::Value)],
+) {
+    use candle_core::quantized::gguf_file;
+    let mut file = std::fs::File::open(from).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| {
+            let tensor = content
+                .tensor(&mut file, name, &candle_core::Device::Cpu)
+                .unwrap();
+            (name.clone(), tensor)
+        })
+        .collect();
+    let mut metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| changes.iter().all(|(c, _)| c != k) && k.as_str() != "general.alignment")
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    metadata.extend(changes.iter().map(|(k, v)| (*k, v)));
+    let tensors: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::fs::File::create(to).unwrap();
+    gguf_file::write(&mut out, &metadata, &tensors).unwrap();
+}
+
+/// A model file is untrusted input (a peer can send any bytes as a model): a header that
+/// claims more than the file holds, or hyper-parameters no model has, is refused with an error
+/// that names what is wrong, on every engine, before anything is allocated from it (a header
+/// claiming 4,294,967,295 layers made the loader abort the process).
+#[test]
+fn a_model_file_claiming_absurd_sizes_is_refused_on_every_engine_without_allocating() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("tiny.gguf");
+    write_tiny_llama(&good).unwrap();
+    let bad = dir.path().join("bad.gguf");
+    let cases: Vec<(&str, Value)> = vec![
+        ("llama.block_count", Value::U32(u32::MAX)),
+        ("llama.block_count", Value::U32(200)),
+        ("llama.embedding_length", Value::U32(u32::MAX)),
+        ("llama.attention.head_count", Value::U32(0)),
+        ("llama.attention.head_count_kv", Value::U32(1 << 20)),
+        ("llama.rope.dimension_count", Value::U32(u32::MAX)),
+        ("llama.feed_forward_length", Value::U64(u64::MAX)),
+        ("llama.expert_count", Value::U32(u32::MAX)),
+        ("llama.block_count", Value::String("many".into())),
+    ];
+    for (key, value) in cases {
+        let shown = format!("{key} = {value:?}");
+        with_metadata(&good, &bad, &[(key, value)]);
+        for engine in [Engine::Q4, Engine::Quantized, Engine::Exact] {
+            match Generator::load(&bad, engine) {
+                Err(MlError::Model { reason, .. }) => {
+                    assert!(reason.contains(key), "{shown} on {engine:?}: {reason}")
+                }
+                other => panic!("{shown} on {engine:?} must be refused: {other:?}"),
+            }
+        }
+    }
+
+    // A tensor whose shape claims more elements than the file could hold (the dimension of
+    // output_norm.weight rewritten in place to 2^62).
+    let mut bytes = std::fs::read(&good).unwrap();
+    let name = b"output_norm.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("the tensor's name in the header")
+        + name.len();
+    assert_eq!(&bytes[at..at + 4], &1u32.to_le_bytes(), "one dimension");
+    bytes[at + 4..at + 12].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    std::fs::write(&bad, &bytes).unwrap();
+    for engine in [Engine::Q4, Engine::Quantized, Engine::Exact] {
+        match Generator::load(&bad, engine) {
+            Err(MlError::Model { reason, .. }) => {
+                assert!(reason.contains("output_norm.weight"), "{reason}")
+            }
+            other => panic!("a tensor of 2^62 elements on {engine:?}: {other:?}"),
+        }
+    }
+    // The untouched file still loads.
+    Generator::load(&good, Engine::Q4).unwrap();
+}
+
+/// A chat template that would run for hours (it comes with the file, from whoever made it)
+/// fails the request within a bounded time instead of holding the node.
+#[test]
+fn a_chat_template_that_loops_fails_the_request_quickly() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("tiny.gguf");
+    write_tiny_llama(&good).unwrap();
+    let looping = dir.path().join("looping.gguf");
+    let template =
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}";
+    with_metadata(
+        &good,
+        &looping,
+        &[("tokenizer.chat_template", Value::String(template.into()))],
+    );
+    let model = Generator::load(&looping, Engine::Q4).unwrap();
+    let messages = [ChatMessage {
+        role: "user".into(),
+        content: "hello".into(),
+    }];
+    let started = std::time::Instant::now();
+    let result = model.chat_prompt(&messages);
+    let took = started.elapsed();
+    assert!(result.is_err(), "a template of 10^10 steps finished");
+    assert!(took < std::time::Duration::from_secs(10), "it ran {took:?}");
+    // An honest template on the same machinery is untouched by the bound.
+    let model = Generator::load(&good, Engine::Q4).unwrap();
+    assert!(model.chat_prompt(&messages).unwrap().contains("hello"));
+}

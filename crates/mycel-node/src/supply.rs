@@ -77,8 +77,18 @@ impl ModelSupply {
     /// pinned, and lays it out under `<data dir>/models/` (hard links into the blob store, no
     /// copies); returns the path to load. `progress` shows the fetch.
     pub async fn fetch(&self, id: ContentId, progress: &Progress) -> anyhow::Result<PathBuf> {
+        self.fetch_tree(id, true, progress).await
+    }
+
+    /// [`ModelSupply::fetch`], pinning the blobs only when `pin`.
+    async fn fetch_tree(
+        &self,
+        id: ContentId,
+        pin: bool,
+        progress: &Progress,
+    ) -> anyhow::Result<PathBuf> {
         self.blobs
-            .fetch_tree(id, &[], true, progress)
+            .fetch_tree(id, &[], pin, progress)
             .await
             .with_context(|| format!("fetching the model {id}"))?;
         let store = self.blobs.store().clone();
@@ -191,14 +201,65 @@ impl ModelSupply {
             .unwrap_or_default();
         let own = self.net.peer_id();
         anyhow::ensure!(holders.iter().any(|p| *p != own), "no peer holds {id}");
-        let path = self.fetch(id, &Progress::default()).await?;
-        let served = self.serve(path, self.engine).await?;
-        anyhow::ensure!(
-            served == id,
-            "the blob {id} holds the model {served}, not the one asked for"
-        );
+        // Whoever asked chose the id: what it names may be no model at all. It is kept
+        // unpinned until it loads, and dropped if it does not.
+        let path = self.fetch_tree(id, false, &Progress::default()).await?;
+        match self.serve(path.clone(), self.engine).await {
+            Ok(served) if served == id => self.set_tree_pinned(id, true).await,
+            Ok(served) => anyhow::bail!("the blob {id} holds the model {served}, not {id}"),
+            Err(e) => {
+                if let Err(cleanup) = self.drop_tree(id, &path).await {
+                    warn!(%id, "cannot drop what was fetched for a failed load: {cleanup:#}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Pins or unpins the blob `id` and, for a manifest, the files it lists.
+    async fn set_tree_pinned(&self, id: ContentId, pinned: bool) -> anyhow::Result<()> {
+        let store = self.blobs.store().clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            for part in tree(&store, id)? {
+                store.set_pinned(&part, pinned)?;
+            }
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Deletes what an on-demand fetch of `id` brought (the blob, the files its manifest
+    /// lists, unless another model pinned them, and the model's link at `path`), and stops
+    /// offering it to peers.
+    async fn drop_tree(&self, id: ContentId, path: &Path) -> anyhow::Result<()> {
+        let store = self.blobs.store().clone();
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else if path.exists() {
+                std::fs::remove_file(&path)?;
+            }
+            for part in tree(&store, id)? {
+                if store.info(&part)?.is_some_and(|b| !b.pinned) {
+                    store.remove(&part)?;
+                }
+            }
+            Ok(())
+        })
+        .await??;
+        self.blobs.announce().await;
         Ok(())
     }
+}
+
+/// The blob `id` and, when it is a manifest, the files it lists.
+fn tree(store: &mycel_store::BlobStore, id: ContentId) -> anyhow::Result<Vec<ContentId>> {
+    let mut parts = vec![id];
+    if let Some(entries) = store.manifest(&id)? {
+        parts.extend(entries.iter().map(|e| e.id));
+    }
+    Ok(parts)
 }
 
 /// Waits until `demand` ends.

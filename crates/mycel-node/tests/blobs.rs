@@ -366,6 +366,53 @@ async fn a_model_served_from_a_path_is_published_under_its_id_and_a_peer_fetches
     assert_eq!(offers[0].id, id, "the fetched model has the same identity");
 }
 
+/// Whoever asks for a model by id chooses the id: a blob that is no model is fetched, fails to
+/// load with a clear error, and is then deleted (not left pinned), its link under models/
+/// removed; the node serves nothing new and goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_that_is_no_model_fails_to_load_on_demand_and_is_dropped() {
+    let root = tempfile::tempdir().unwrap();
+    let holder = start(&root.path().join("a"), vec![], None).await;
+    let junk: Vec<u8> = (0..3 * CHUNK_BYTES as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let id = holder
+        .blobs
+        .store()
+        .import(junk.as_slice(), 0, true)
+        .unwrap()
+        .id;
+    holder.blobs.announce().await;
+
+    let mut on_demand = config(&root.path().join("b"), addrs_of(&holder), None);
+    on_demand.serve_on_demand = true;
+    let node = Node::start(on_demand).await.unwrap();
+    wait_provider(&node, id, holder.net.peer_id()).await;
+    let demand = node.supply.demand(id).expect("a load slot is free");
+    let outcome = mycel_node::supply::settled(demand).await;
+    match outcome {
+        Err(e) => assert!(e.contains("GGUF"), "{e}"),
+        Ok(()) => panic!("junk was served as a model"),
+    }
+    assert!(
+        node.blobs.store().info(&id).unwrap().is_none(),
+        "the junk is deleted"
+    );
+    let models = root.path().join("b").join("models");
+    let left: Vec<_> = std::fs::read_dir(&models)
+        .map(|dir| dir.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left under models/: {left:?}");
+    assert!(node.models.offers().is_empty());
+    // It still fetches what it is asked for.
+    let copy = node
+        .blobs
+        .fetch(id, &[], false, &Progress::default())
+        .await
+        .unwrap();
+    assert_eq!(copy.id, id);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_serving_on_demand_fetches_and_loads_a_model_asked_for_by_id_that_only_a_peer_holds()
 {
