@@ -140,6 +140,12 @@ struct NodeArgs {
     /// from the peers that hold it, then serves it.
     #[arg(long)]
     serve_on_demand: bool,
+    /// Lets a model name mean a model id this node trusts (repeatable): NAME=ID. A name
+    /// nobody bound means the one id peers announce under it, and is refused with the ids
+    /// listed when peers announce it for several (keys are free: counting announcers would
+    /// let anyone capture a name).
+    #[arg(long = "bind-model", value_name = "NAME=ID")]
+    bind_model: Vec<String>,
     /// A dataset for federated training (repeatable), announced by tag and size only:
     /// TAG=SOURCE, SOURCE a .csv or .npy file (class in the last column) or
     /// sklearn-digits[:train|test][:K/N][:dirichlet=A] (the shipped digits data).
@@ -264,6 +270,13 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.blobs.quota = args.blob_quota;
     config.blobs.upload_limit = args.upload_limit;
     config.serve_on_demand = args.serve_on_demand;
+    for spec in &args.bind_model {
+        config
+            .router
+            .bindings
+            .bind_spec(spec)
+            .map_err(|e| anyhow::anyhow!("--bind-model {e}"))?;
+    }
     config.datasets = args.datasets;
     config.metered = args.metered;
     config.train_attack = args.train_attack;

@@ -34,6 +34,7 @@ pub mod compress;
 pub mod fl;
 pub mod id;
 pub mod membership;
+pub mod naming;
 pub mod peering;
 pub mod ratelimit;
 pub mod reach;

@@ -19,6 +19,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use mycel_core::id::ContentId;
 use mycel_core::membership::PeerState;
+use mycel_core::naming::{self, Bindings, NameError, Resolved};
 use mycel_core::routing::{self, Candidate, Reliability, Weights};
 use mycel_core::statement::{ModelKind, ModelOffer};
 use mycel_core::task::{
@@ -60,6 +61,9 @@ pub struct RouterConfig {
     pub hedge: bool,
     /// Outcomes fade by half over this time.
     pub reliability_half_life: Duration,
+    /// Which ids a model name may mean, as the operator configured them (the models this
+    /// node serves are bound to their names as well).
+    pub bindings: Bindings,
 }
 
 impl Default for RouterConfig {
@@ -70,6 +74,7 @@ impl Default for RouterConfig {
             deadline: Duration::from_secs(600),
             hedge: true,
             reliability_half_life: Duration::from_secs(300),
+            bindings: Bindings::new(),
         }
     }
 }
@@ -80,6 +85,10 @@ pub enum RouteError {
     /// Nobody serves a model of that name or id for that kind of task.
     #[error("no node serves a model {0:?} for this kind of task; GET /v1/models lists the models")]
     UnknownModel(String),
+    /// Peers announce the name for several models and no binding says which one it means
+    /// (the message lists the ids).
+    #[error("{0}")]
+    AmbiguousModel(String),
     /// The input cannot be run (too long, bad parameters): a 4xx.
     #[error("{0}")]
     Invalid(String),
@@ -239,57 +248,72 @@ impl Inference {
     // ---- choosing where ------------------------------------------------------------------
 
     /// The model called `name` (or with that content id) for tasks of `kind`: this node's if
-    /// it serves one, else the (id, engine) most peers offer; with the peers that offer it.
+    /// it serves one; else the id the name is bound to, or the one id peers announce under it
+    /// (see `mycel_core::naming`), run with the engine most of its announcers use; with the
+    /// peers that offer it.
     pub async fn resolve(&self, name: &str, kind: ModelKind) -> Result<Target, RouteError> {
         let peers = self.net.peers().await.unwrap_or_default();
         let alive = || peers.iter().filter(|p| p.state == PeerState::Alive);
-        if let Some(supply) = self
-            .supply
-            .get()
-            .filter(|_| self.models.find(name).is_none())
-        {
-            // Serving on demand: a model asked for that peers announce is fetched in the
-            // background (the request goes to them meanwhile); one asked for by id that
-            // nobody announces is fetched first.
-            let announced = alive()
+        let offers = || {
+            alive()
                 .flat_map(|p| p.capabilities.iter().flat_map(|c| &c.models))
-                .find(|o| o.kind == kind && (o.name == name || o.id.to_string() == name))
-                .map(|o| o.id);
-            match (announced, name.parse::<ContentId>()) {
-                (Some(id), _) => {
-                    let _ = supply.demand(id);
-                }
-                (None, Ok(id)) => {
-                    if let Some(demand) = supply.demand(id) {
-                        if let Err(e) = crate::supply::settled(demand).await {
-                            debug!(%id, "not served on demand: {e}");
-                        }
-                    }
-                }
-                (None, Err(_)) => {}
-            }
-        }
-        let (offer, local) = match self.models.find(name).filter(|s| s.offer.kind == kind) {
+                .filter(|o| o.kind == kind)
+        };
+        let local = self.models.find(name).filter(|s| s.offer.kind == kind);
+        let (offer, local) = match local {
             Some(served) => (served.offer.clone(), Some(served.runner.clone())),
             None => {
-                let mut offered: HashMap<(ContentId, String), (usize, ModelOffer)> = HashMap::new();
-                for offer in alive().flat_map(|p| p.capabilities.iter().flat_map(|c| &c.models)) {
-                    if offer.kind == kind && (offer.name == name || offer.id.to_string() == name) {
-                        offered
-                            .entry((offer.id, offer.engine.clone()))
-                            .or_insert((0, offer.clone()))
-                            .0 += 1;
+                let announced: Vec<(ContentId, &str)> =
+                    offers().map(|o| (o.id, o.name.as_str())).collect();
+                let resolved = naming::resolve(name, &announced, &self.config.bindings).map_err(
+                    |e| match e {
+                        NameError::Unknown(_) => RouteError::UnknownModel(name.to_owned()),
+                        ambiguous @ NameError::Ambiguous { .. } => {
+                            RouteError::AmbiguousModel(ambiguous.to_string())
+                        }
+                    },
+                )?;
+                if let Some(served) = self
+                    .models
+                    .find(&resolved.id().to_string())
+                    .filter(|s| s.offer.kind == kind)
+                {
+                    (served.offer.clone(), Some(served.runner.clone()))
+                } else {
+                    if let Some(supply) = self.supply.get() {
+                        // Serving on demand: a model peers announce is fetched in the
+                        // background (the request goes to them meanwhile); one nobody
+                        // announces is fetched first.
+                        let demand = supply.demand(resolved.id());
+                        if let (Resolved::Unannounced(id), Some(demand)) = (resolved, demand) {
+                            if let Err(e) = crate::supply::settled(demand).await {
+                                debug!(%id, "not served on demand: {e}");
+                            }
+                        }
                     }
-                }
-                let best = offered
-                    .into_values()
-                    .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.id.cmp(&a.1.id)));
-                match (best, name.parse::<ContentId>()) {
-                    (Some((_, offer)), _) => (offer, None),
-                    // Asked for by content id, which nobody we know of announces: the DHT's
-                    // providers are the candidates.
-                    (None, Ok(id)) => return Ok(Target::unannounced(id, kind)),
-                    (None, Err(_)) => return Err(RouteError::UnknownModel(name.to_owned())),
+                    match self
+                        .models
+                        .find(&resolved.id().to_string())
+                        .filter(|s| s.offer.kind == kind)
+                    {
+                        Some(served) => (served.offer.clone(), Some(served.runner.clone())),
+                        None => {
+                            // The engine most of the id's announcers run it with.
+                            let mut engines: HashMap<&str, (usize, &ModelOffer)> = HashMap::new();
+                            for offer in offers().filter(|o| o.id == resolved.id()) {
+                                engines.entry(offer.engine.as_str()).or_insert((0, offer)).0 += 1;
+                            }
+                            let best = engines.into_values().max_by(|a, b| {
+                                a.0.cmp(&b.0).then_with(|| b.1.engine.cmp(&a.1.engine))
+                            });
+                            match best {
+                                Some((_, offer)) => (offer.clone(), None),
+                                // Nobody we know of announces it: the DHT's providers of the
+                                // id are the candidates.
+                                None => return Ok(Target::unannounced(resolved.id(), kind)),
+                            }
+                        }
+                    }
                 }
             }
         };

@@ -71,6 +71,13 @@ impl From<RouteError> for ApiError {
                 param: Some("model"),
                 message: e.to_string(),
             },
+            RouteError::AmbiguousModel(_) => Self {
+                status: StatusCode::BAD_REQUEST,
+                kind: "invalid_request_error",
+                code: Some("model_ambiguous"),
+                param: Some("model"),
+                message: e.to_string(),
+            },
             RouteError::Invalid(message) => Self::invalid(None, message),
             RouteError::Busy => Self::unavailable("overloaded", e.to_string()),
             RouteError::Unavailable(_) => Self::unavailable("unavailable", e.to_string()),

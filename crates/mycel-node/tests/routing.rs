@@ -523,3 +523,106 @@ async fn a_model_nobody_announces_runs_on_a_provider_found_in_the_dht() {
     worker.shutdown().await;
     first.shutdown().await;
 }
+
+/// Keys are free: two impostors announcing their own model under an honest model's name do
+/// not capture the name. Unbound, the name is ambiguous, and the request is refused with both
+/// ids listed; a node that bound the name to the honest id gets the honest model however many
+/// announce the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impostors_announcing_a_name_cannot_capture_it() {
+    let root = tempfile::tempdir().unwrap();
+    for dir in ["honest", "impostor"] {
+        std::fs::create_dir_all(root.path().join(dir)).unwrap();
+    }
+    let honest = load(root.path(), "honest/tiny.gguf", |p| {
+        write_tiny_llama(p).unwrap()
+    });
+    let impostor = load(root.path(), "impostor/tiny.gguf", |p| {
+        write_llama(
+            p,
+            LlamaShape {
+                layers: 1,
+                ..LlamaShape::TINY
+            },
+        )
+        .unwrap()
+    });
+    let (honest_id, impostor_id) = (honest.offer.id, impostor.offer.id);
+    assert_ne!(honest_id, impostor_id);
+    assert_eq!(
+        honest.offer.name, impostor.offer.name,
+        "one name, two models"
+    );
+    let worker = start(root.path(), "h", vec![], vec![honest], 16).await;
+    let mut impostors = Vec::new();
+    for name in ["x1", "x2"] {
+        impostors.push(
+            start(
+                root.path(),
+                name,
+                addrs_of(&worker),
+                vec![impostor.clone()],
+                16,
+            )
+            .await,
+        );
+    }
+    let asker = start(root.path(), "a", addrs_of(&worker), vec![], 16).await;
+    wait_offers(&asker, &[&worker, &impostors[0], &impostors[1]]).await;
+
+    match asker.inference.resolve("tiny", ModelKind::Generation).await {
+        Err(RouteError::AmbiguousModel(message)) => {
+            assert!(
+                message.contains(&honest_id.to_string())
+                    && message.contains(&impostor_id.to_string()),
+                "{message}"
+            );
+        }
+        other => panic!(
+            "the name must be ambiguous: {:?}",
+            other.map(|t| t.offer.id)
+        ),
+    }
+    let (status, body) = post_json(
+        &asker,
+        "/v1/chat/completions",
+        json!({ "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2 }),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("model_ambiguous") && body.contains(&honest_id.to_string()),
+        "{body}"
+    );
+    // By id, no binding is needed.
+    let by_id = asker
+        .inference
+        .resolve(&honest_id.to_string(), ModelKind::Generation)
+        .await
+        .unwrap();
+    assert_eq!(by_id.offer.id, honest_id);
+
+    // A node that bound the name to the honest id.
+    let mut config = local_config(&root.path().join("b"), addrs_of(&worker), true);
+    config
+        .router
+        .bindings
+        .bind_spec(&format!("tiny={honest_id}"))
+        .unwrap();
+    let bound = Node::start(config).await.unwrap();
+    wait_offers(&bound, &[&worker, &impostors[0], &impostors[1]]).await;
+    let target = bound
+        .inference
+        .resolve("tiny", ModelKind::Generation)
+        .await
+        .unwrap();
+    assert_eq!(
+        target.offer.id, honest_id,
+        "two impostors, one honest server"
+    );
+    let (status, body) = post_json(
+        &bound,
+        "/v1/chat/completions",
+        json!({ "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2 }),
+    );
+    assert_eq!(status, 200, "{body}");
+}
