@@ -154,6 +154,11 @@ struct NodeArgs {
     /// This node is on a metered network (training jobs may exclude it).
     #[arg(long)]
     metered: bool,
+    /// A coordinator whose training jobs this node trains for (repeatable), by peer id; `any`
+    /// trains for every coordinator. Without it a node trains only for its own jobs: an
+    /// update can reveal the data it was trained on.
+    #[arg(long = "train-for", value_name = "PEER_ID|any")]
+    train_for: Vec<String>,
     /// Poison every training update (sign-flip or noise): for tests of robust aggregation.
     #[arg(long, hide = true, value_parser = parse_attack)]
     train_attack: Option<mycel_core::fl::Attack>,
@@ -279,6 +284,20 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     }
     config.datasets = args.datasets;
     config.metered = args.metered;
+    config.train_for = if args.train_for.iter().any(|c| c == "any") {
+        mycel_core::fl::TrainFor::Anyone
+    } else {
+        mycel_core::fl::TrainFor::Coordinators(
+            args.train_for
+                .iter()
+                .map(|c| {
+                    c.parse::<mycel_net::PeerId>().map_err(|e| {
+                        anyhow::anyhow!("--train-for {c:?}: not a peer id or `any` ({e})")
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+        )
+    };
     config.train_attack = args.train_attack;
     config.limits.max_connections = args.max_connections;
     anyhow::ensure!(

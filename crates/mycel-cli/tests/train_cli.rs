@@ -66,6 +66,8 @@ fn a_job_runs_from_the_cli_and_a_killed_coordinator_resumes_it() {
                     boot.clone(),
                     "--dataset".into(),
                     format!("digits=sklearn-digits:train:{k}/3"),
+                    "--train-for".into(),
+                    coordinator.peer_id().unwrap(),
                 ],
             )
         })

@@ -112,7 +112,8 @@ pub fn aggregate(rule: Rule, updates: &[Update]) -> Result<Aggregated, Aggregate
     let all = || (0..n).collect::<Vec<_>>();
     match rule {
         Rule::FedAvg => {
-            let total: u64 = updates.iter().map(|u| u.samples).sum();
+            // Summed wide: claimed counts are bounded by the caller, but never overflow here.
+            let total: u128 = updates.iter().map(|u| u128::from(u.samples)).sum();
             let weights: Vec<f64> = if total == 0 {
                 vec![1.0 / n as f64; n]
             } else {
@@ -432,6 +433,24 @@ mod tests {
         // (1*1 + 3*4)/4 = 3.25; (1*2 + 3*-1)/4 = -0.25
         assert_eq!(out.delta, vec![3.25, -0.25]);
         assert_eq!(out.selected, vec![0, 1]);
+    }
+
+    #[test]
+    fn fedavg_sums_claimed_samples_without_overflow() {
+        let (a, b) = ([2.0], [4.0]);
+        let claims = [u64::MAX, u64::MAX];
+        let updates = [
+            Update {
+                delta: &a,
+                samples: claims[0],
+            },
+            Update {
+                delta: &b,
+                samples: claims[1],
+            },
+        ];
+        assert_eq!(aggregate(Rule::FedAvg, &updates).unwrap().delta, vec![3.0]);
+        assert_eq!(fedavg_sparse(&updates).unwrap().delta, vec![3.0]);
     }
 
     #[test]

@@ -770,9 +770,33 @@ pub struct TrainRequest {
     pub members: Vec<Member>,
     /// How a cluster head combines its members' updates.
     pub aggregator: AggregatorSpec,
+    /// The coordinator's signature on this round's request (a cluster head forwards it
+    /// unchanged): participants that train only for coordinators they trust check it.
+    #[serde(default)]
+    pub ticket: Option<JobTicket>,
 }
 
 impl TrainRequest {
+    /// What a [`JobTicket`] vouches for: everything a participant trains by (job, round,
+    /// model, dataset, weights, local training, compression, seed, aggregator), not the
+    /// deadline or members a cluster head changes when it forwards the request.
+    pub fn body_digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"mycel/fl-request/1\0");
+        h.update(&wire::encode(&(
+            self.job,
+            self.round,
+            &self.model,
+            &self.dataset,
+            &self.weights,
+            self.train,
+            self.compression,
+            self.seed,
+            self.aggregator,
+        )));
+        *h.finalize().as_bytes()
+    }
+
     /// Bounds every field a participant allocates or loops over.
     pub fn check(&self) -> Result<(), String> {
         self.model.check()?;
@@ -806,6 +830,167 @@ impl TrainRequest {
         }
         self.aggregator.check()
     }
+}
+
+/// Digest of the members a cluster head is to gather.
+fn members_digest(members: &[Member]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"mycel/fl-members/1\0");
+    h.update(&wire::encode(&members));
+    *h.finalize().as_bytes()
+}
+
+/// Most peers one ticket names.
+pub const MAX_TICKET_PEERS: usize = 4 * MAX_MEMBERS;
+
+/// A coordinator's signature on one round's request: the request's body (see
+/// [`TrainRequest::body_digest`]), the members a cluster head is to gather, and the peers the
+/// request is for (the plain participants it was sent to, or a head and its members). A node
+/// that trains only for coordinators it trusts trains a round only under such a ticket, only
+/// when it is one of the peers named, and only when the request came from the coordinator or
+/// from one of those peers (a head forwarding it), so that nobody can get updates on a job
+/// its coordinator did not send them, nor make a node gather members the coordinator did not
+/// give it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobTicket {
+    /// The job.
+    pub job: JobId,
+    /// The round.
+    pub round: u32,
+    /// [`TrainRequest::body_digest`] of the request.
+    pub body: [u8; 32],
+    /// Digest of the members a head is to gather (of none, for plain participants).
+    pub members: [u8; 32],
+    /// The peers the request is for (peer id bytes).
+    pub peers: Vec<serde_bytes::ByteBuf>,
+    /// The coordinator's public key (protobuf encoding).
+    #[serde(with = "serde_bytes")]
+    pub public_key: Vec<u8>,
+    /// Ed25519 signature over [`JobTicket::digest`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl JobTicket {
+    /// What is signed: everything but the key and signature, domain-separated.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"mycel/fl-ticket/1\0");
+        h.update(&wire::encode(&(
+            self.job,
+            self.round,
+            self.body,
+            self.members,
+            &self.peers,
+        )));
+        *h.finalize().as_bytes()
+    }
+
+    /// The coordinator `keypair` vouches for `request` (its members included) sent to
+    /// `peers`.
+    pub fn sign(keypair: &Keypair, request: &TrainRequest, peers: &[PeerId]) -> Self {
+        let mut ticket = Self {
+            job: request.job,
+            round: request.round,
+            body: request.body_digest(),
+            members: members_digest(&request.members),
+            peers: peers
+                .iter()
+                .map(|p| serde_bytes::ByteBuf::from(p.to_bytes()))
+                .collect(),
+            public_key: keypair.public().encode_protobuf(),
+            signature: Vec::new(),
+        };
+        ticket.signature = keypair
+            .sign(&ticket.digest())
+            .expect("ed25519 signing does not fail");
+        ticket
+    }
+
+    /// Checks that this ticket vouches for `request`, received by `me` from `from`; returns
+    /// the coordinator that signed it.
+    pub fn check(
+        &self,
+        request: &TrainRequest,
+        from: &PeerId,
+        me: &PeerId,
+    ) -> Result<PeerId, String> {
+        if self.peers.len() > MAX_TICKET_PEERS {
+            return Err("the job ticket names too many peers".into());
+        }
+        let key = PublicKey::try_decode_protobuf(&self.public_key)
+            .map_err(|_| "the job ticket's key does not decode".to_owned())?;
+        if !key.verify(&self.digest(), &self.signature) {
+            return Err("the job ticket's signature does not verify".into());
+        }
+        let coordinator = key.to_peer_id();
+        if self.job != request.job
+            || self.round != request.round
+            || self.body != request.body_digest()
+        {
+            return Err("the job ticket is for another request".into());
+        }
+        // A plain participant gathers nobody; a head only the members it was given.
+        if !request.members.is_empty() && self.members != members_digest(&request.members) {
+            return Err("the job ticket gives this node no such members to gather".into());
+        }
+        let named = |peer: &PeerId| {
+            let bytes = peer.to_bytes();
+            self.peers.iter().any(|p| p.as_slice() == bytes.as_slice())
+        };
+        if !named(me) {
+            return Err("the job ticket is not for this node".into());
+        }
+        if *from != coordinator && !named(from) {
+            return Err(
+                "the request came from neither the coordinator nor a peer of its ticket".into(),
+            );
+        }
+        Ok(coordinator)
+    }
+}
+
+/// Whose training requests a node answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrainFor {
+    /// Any coordinator's (a node that accepts that its updates go to strangers).
+    Anyone,
+    /// Only jobs signed by these coordinators (and this node's own jobs).
+    Coordinators(Vec<PeerId>),
+}
+
+impl Default for TrainFor {
+    /// Only this node's own jobs.
+    fn default() -> Self {
+        Self::Coordinators(Vec::new())
+    }
+}
+
+/// Whether `policy` lets `me` train `request`, received from `from`.
+pub fn authorise(
+    policy: &TrainFor,
+    request: &TrainRequest,
+    from: &PeerId,
+    me: &PeerId,
+) -> Result<(), String> {
+    let TrainFor::Coordinators(allowed) = policy else {
+        return Ok(());
+    };
+    let Some(ticket) = &request.ticket else {
+        return Err(
+            "this node trains only for coordinators its operator allowed, and the request \
+             carries no job ticket"
+                .into(),
+        );
+    };
+    let coordinator = ticket.check(request, from, me)?;
+    if coordinator != *me && !allowed.contains(&coordinator) {
+        return Err(format!(
+            "this node trains only for the coordinators its operator allowed \
+             (mycel node --train-for PEER_ID); {coordinator} is not one"
+        ));
+    }
+    Ok(())
 }
 
 /// A participant's answer.
@@ -1208,6 +1393,107 @@ mod tests {
     }
 
     #[test]
+    fn a_node_trains_only_under_a_ticket_from_a_coordinator_it_allowed_and_for_itself() {
+        let s = spec();
+        let [coordinator, head, member, me, stranger] =
+            [(); 5].map(|_| Keypair::generate_ed25519());
+        let id = |k: &Keypair| k.public().to_peer_id();
+        let request = TrainRequest {
+            job: s.id(),
+            round: 2,
+            model: s.model.clone(),
+            dataset: s.dataset.clone(),
+            weights: Payload::dense(&vec![0.5; s.model.parameters()]),
+            train: s.train,
+            compression: s.compression,
+            seed: 7,
+            deadline_ms: 1000,
+            members: Vec::new(),
+            aggregator: s.aggregator,
+            ticket: None,
+        };
+        let allowed = TrainFor::Coordinators(vec![id(&coordinator)]);
+        let plain = |r: &TrainRequest, peers: &[PeerId]| {
+            let mut r = r.clone();
+            r.ticket = Some(JobTicket::sign(&coordinator, &r, peers));
+            r
+        };
+        let ok = plain(&request, &[id(&me)]);
+        assert_eq!(
+            authorise(&allowed, &ok, &id(&coordinator), &id(&me)),
+            Ok(())
+        );
+        // Anyone, without a ticket: the old behaviour, for an operator who wants it.
+        assert_eq!(
+            authorise(&TrainFor::Anyone, &request, &id(&stranger), &id(&me)),
+            Ok(())
+        );
+        let refused = |r: &TrainRequest, from: &Keypair, policy: &TrainFor, what: &str| {
+            let err = authorise(policy, r, &id(from), &id(&me)).unwrap_err();
+            assert!(err.contains(what), "{err}");
+        };
+        refused(&request, &coordinator, &allowed, "no job ticket");
+        refused(&ok, &coordinator, &TrainFor::default(), "is not one");
+        // A stranger's own ticket, or the coordinator's ticket replayed by a stranger, or for
+        // other peers, or on other weights: refused.
+        let mut own = request.clone();
+        own.ticket = Some(JobTicket::sign(&stranger, &own, &[id(&me)]));
+        refused(&own, &stranger, &allowed, "is not one");
+        refused(&ok, &stranger, &allowed, "neither the coordinator");
+        refused(
+            &plain(&request, &[id(&member)]),
+            &coordinator,
+            &allowed,
+            "not for this node",
+        );
+        let mut other_weights = ok.clone();
+        other_weights.weights = Payload::dense(&vec![9.0; s.model.parameters()]);
+        refused(&other_weights, &coordinator, &allowed, "another request");
+        let mut forged = ok.clone();
+        forged.ticket.as_mut().unwrap().signature[0] ^= 1;
+        refused(&forged, &coordinator, &allowed, "signature");
+        // A node's own jobs need no allow-list.
+        let mut mine = request.clone();
+        mine.ticket = Some(JobTicket::sign(&me, &mine, &[id(&me)]));
+        assert_eq!(
+            authorise(&TrainFor::default(), &mine, &id(&me), &id(&me)),
+            Ok(())
+        );
+
+        // A cluster head's request names the head and its members: the head may gather exactly
+        // those members, and forwards the request (members cleared, deadline shortened) under
+        // the same ticket, which the member accepts from the head.
+        let mut for_head = request.clone();
+        for_head.members = vec![Member {
+            peer: id(&member),
+            addrs: Vec::new(),
+        }];
+        for_head.ticket = Some(JobTicket::sign(
+            &coordinator,
+            &for_head,
+            &[id(&head), id(&member)],
+        ));
+        assert_eq!(
+            authorise(&allowed, &for_head, &id(&coordinator), &id(&head)),
+            Ok(())
+        );
+        let mut more = for_head.clone();
+        more.members.push(Member {
+            peer: id(&stranger),
+            addrs: Vec::new(),
+        });
+        let err = authorise(&allowed, &more, &id(&coordinator), &id(&head)).unwrap_err();
+        assert!(err.contains("no such members"), "{err}");
+        let mut forwarded = for_head.clone();
+        forwarded.members.clear();
+        forwarded.deadline_ms = 800;
+        assert_eq!(
+            authorise(&allowed, &forwarded, &id(&head), &id(&member)),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn train_requests_are_bounded() {
         let s = spec();
         let good = TrainRequest {
@@ -1222,6 +1508,7 @@ mod tests {
             deadline_ms: 1000,
             members: Vec::new(),
             aggregator: s.aggregator,
+            ticket: None,
         };
         good.check().unwrap();
         let bad = |f: &dyn Fn(&mut TrainRequest)| {

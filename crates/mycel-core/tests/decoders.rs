@@ -977,6 +977,7 @@ fn train_request() -> impl Strategy<Value = TrainRequest> {
                         deadline_ms,
                         members,
                         aggregator,
+                        ticket: None,
                     }
                 },
             )
@@ -1594,6 +1595,7 @@ fn a_frame_filling_its_limit_decodes_within_the_bound() {
         deadline_ms: 1000,
         members: Vec::new(),
         aggregator: AggregatorSpec::default(),
+        ticket: None,
     };
     let bytes = wire::encode(&request);
     assert!(bytes.len() <= fl::MAX_REQUEST_BYTES);

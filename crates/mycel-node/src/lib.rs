@@ -90,6 +90,8 @@ pub struct NodeConfig {
     pub metered: bool,
     /// Poison every training update sent (benchmarks and tests of robust aggregation).
     pub train_attack: Option<mycel_core::fl::Attack>,
+    /// Whose training jobs this node trains for (default: its own only).
+    pub train_for: mycel_core::fl::TrainFor,
 }
 
 impl NodeConfig {
@@ -119,6 +121,7 @@ impl NodeConfig {
             preloaded_datasets: Vec::new(),
             metered: false,
             train_attack: None,
+            train_for: Default::default(),
         }
     }
 }
@@ -279,6 +282,7 @@ impl Node {
             blobs.clone(),
             datasets,
             config.train_attack,
+            config.train_for.clone(),
         ));
         tasks.push(tokio::spawn(
             training

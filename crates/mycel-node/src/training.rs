@@ -16,8 +16,8 @@ use futures::{AsyncWriteExt, StreamExt};
 use mycel_core::aggregate::{self, ServerState, Update};
 use mycel_core::compress::{Int8, TopK};
 use mycel_core::fl::{
-    self, Attack, Candidate, Compression, Gathered, JobId, JobSpec, Member, Payload, SignedUpdate,
-    TrainReply, TrainRequest,
+    self, Attack, Candidate, Compression, Gathered, JobId, JobSpec, JobTicket, Member, Payload,
+    SignedUpdate, TrainFor, TrainReply, TrainRequest,
 };
 use mycel_core::id::ContentId;
 use mycel_core::statement::DatasetOffer;
@@ -213,6 +213,8 @@ pub struct Training {
     blobs: Arc<BlobService>,
     datasets: BTreeMap<String, Arc<LocalDataset>>,
     attack: Option<Attack>,
+    /// Whose jobs this node trains for.
+    train_for: TrainFor,
     residuals: Mutex<HashMap<(PeerId, JobId), TopK>>,
     running: Mutex<HashMap<JobId, JobRecord>>,
     launched: Mutex<std::collections::HashSet<JobId>>,
@@ -240,8 +242,10 @@ impl Training {
         blobs: Arc<BlobService>,
         datasets: Vec<Arc<LocalDataset>>,
         attack: Option<Attack>,
+        train_for: TrainFor,
     ) -> Self {
         Self {
+            train_for,
             net,
             keypair,
             store,
@@ -329,6 +333,9 @@ impl Training {
             .weights
             .decode(parameters)
             .map_err(|e| Refuse::Malformed(format!("the global weights: {e}")))?;
+        // Only for jobs the operator allowed: an update can reveal the data it came from.
+        let me = self.keypair.public().to_peer_id();
+        fl::authorise(&self.train_for, &request, &from, &me).map_err(Refuse::Other)?;
         let dataset = self
             .datasets
             .get(&request.dataset)
@@ -819,6 +826,7 @@ impl Training {
                 deadline_ms: spec.round_deadline_ms,
                 members: Vec::new(),
                 aggregator: spec.aggregator,
+                ticket: None,
             };
             let plan = fl::clusters(
                 &selected
@@ -836,6 +844,11 @@ impl Training {
                 .iter()
                 .map(|c| (c.head, addrs.get(&c.head).cloned().unwrap_or_default()))
                 .collect();
+            // This coordinator vouches for each request and names the peers it is for, so
+            // that nodes training only for coordinators they trust can check it.
+            let mut request = request;
+            let flat_ids: Vec<PeerId> = flat_peers.iter().map(|(p, _)| *p).collect();
+            request.ticket = Some(JobTicket::sign(&self.keypair, &request, &flat_ids));
             let head_requests: Vec<([Addressed; 1], TrainRequest)> = heads
                 .iter()
                 .map(|c| {
@@ -848,6 +861,9 @@ impl Training {
                             addrs: addrs.get(m).cloned().unwrap_or_default(),
                         })
                         .collect();
+                    let cluster: Vec<PeerId> =
+                        std::iter::once(c.head).chain(c.members.iter().copied()).collect();
+                    r.ticket = Some(JobTicket::sign(&self.keypair, &r, &cluster));
                     (
                         [(c.head, addrs.get(&c.head).cloned().unwrap_or_default())],
                         r,

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use common::{addrs_of, local_config, wait_until};
 use futures::StreamExt;
-use mycel_core::fl::{self, Gathered, JobSpec, Payload, SignedUpdate, TrainReply, TrainRequest};
+use mycel_core::fl::{
+    self, Gathered, JobSpec, JobTicket, Payload, SignedUpdate, TrainFor, TrainReply, TrainRequest,
+};
 use mycel_core::statement::{Capabilities, DatasetOffer};
 use mycel_core::Keypair;
 use mycel_net::task::{read_frame, write_frame, TRAIN_PROTOCOL};
@@ -40,10 +42,11 @@ async fn federation(root: &Path, parts: usize) -> Vec<Node> {
     let boot = addrs_of(&coordinator);
     let mut nodes = vec![coordinator];
     for k in 0..parts {
-        let config = with_data(
+        let mut config = with_data(
             local_config(&root.join(format!("p{k}")), boot.clone(), false),
             &format!("sklearn-digits:train:{k}/{parts}"),
         );
+        config.train_for = TrainFor::Coordinators(vec![nodes[0].net.peer_id()]);
         nodes.push(Node::start(config).await.unwrap());
     }
     wait_for_datasets(&nodes[0], parts).await;
@@ -125,6 +128,7 @@ async fn stragglers_and_killed_participants_are_cut_and_rounds_complete() {
     }
     let mut config = local_config(&root.path().join("slow"), addrs_of(&nodes[0]), false);
     config.preloaded_datasets = vec![Arc::new(LocalDataset::new("digits", huge))];
+    config.train_for = TrainFor::Coordinators(vec![nodes[0].net.peer_id()]);
     let slow = Node::start(config).await.unwrap();
     wait_for_datasets(&nodes[0], 4).await;
 
@@ -272,6 +276,7 @@ async fn the_device_policy_keeps_a_flat_battery_out() {
         "sklearn-digits:train:0/2",
     );
     config.sys_root = sys;
+    config.train_for = TrainFor::Coordinators(vec![nodes[0].net.peer_id()]);
     let laptop = Node::start(config).await.unwrap();
     let laptop_id = laptop.net.peer_id();
     wait_for_datasets(&nodes[0], 3).await;
@@ -297,11 +302,22 @@ async fn the_device_policy_keeps_a_flat_battery_out() {
     assert!(record.metrics.iter().all(|m| m.participants == 3));
 }
 
+/// A participant trains only under a ticket its coordinator signed for it: a stranger's request
+/// without one, under the stranger's own ticket, or under the coordinator's ticket for another
+/// node or replayed by a stranger the ticket does not name, gets no update (only a malformed one
+/// costs its sender); a peer the coordinator named beside it (a cluster head forwarding the
+/// request) gets one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_participant_refuses_a_malformed_request_and_penalises_its_sender() {
+async fn a_participant_trains_only_for_its_coordinator_and_penalises_malformed_requests() {
     let root = tempfile::tempdir().unwrap();
     let nodes = federation(root.path(), 1).await;
     let participant = &nodes[1];
+    let coordinator_key =
+        mycel_store::load_or_create_identity(&root.path().join("coordinator")).unwrap();
+    assert_eq!(
+        coordinator_key.public().to_peer_id(),
+        nodes[0].net.peer_id()
+    );
     let rogue = common::raw_peer(addrs_of(participant)).await;
     let job = spec(1, 1);
     let request = |weights: Vec<f32>, dataset: &str| TrainRequest {
@@ -316,6 +332,11 @@ async fn a_participant_refuses_a_malformed_request_and_penalises_its_sender() {
         deadline_ms: 5_000,
         members: Vec::new(),
         aggregator: job.aggregator,
+        ticket: None,
+    };
+    let ticketed = |mut r: TrainRequest, key: &Keypair, peers: &[mycel_net::PeerId]| {
+        r.ticket = Some(JobTicket::sign(key, &r, peers));
+        r
     };
     let ask = |r: TrainRequest| {
         let rogue = rogue.clone();
@@ -329,29 +350,47 @@ async fn a_participant_refuses_a_malformed_request_and_penalises_its_sender() {
                 .unwrap()
         }
     };
+    let refused = |reply: &TrainReply, what: &str| {
+        assert!(
+            matches!(reply, TrainReply::Refused(why) if why.contains(what)),
+            "expected a refusal naming {what:?}: {reply:?}"
+        );
+    };
     let n = job.model.parameters();
+    let (me, rogue_id) = (participant.net.peer_id(), rogue.peer_id());
     // Weights of the wrong length: refused, and the sender pays.
-    let reply = ask(request(vec![0.0; n - 1], "digits")).await;
-    assert!(
-        matches!(&reply, TrainReply::Refused(why) if why.contains("global weights")),
-        "{reply:?}"
+    refused(
+        &ask(request(vec![0.0; n - 1], "digits")).await,
+        "global weights",
     );
-    let reputation = participant.net.reputation(rogue.peer_id()).await.unwrap();
+    let reputation = participant.net.reputation(rogue_id).await.unwrap();
     assert!(reputation < 0.0, "{reputation}");
-    // A dataset it does not hold: refused without blame.
-    let reply = ask(request(vec![0.0; n], "faces")).await;
-    assert!(
-        matches!(&reply, TrainReply::Refused(why) if why.contains("faces")),
-        "{reply:?}"
+    // Well-formed, but not a job its operator allowed: refused, without blame.
+    refused(&ask(request(vec![0.0; n], "digits")).await, "no job ticket");
+    let rogue_key = Keypair::generate_ed25519();
+    let own = ticketed(request(vec![0.0; n], "digits"), &rogue_key, &[me, rogue_id]);
+    refused(&ask(own).await, "is not one");
+    let elsewhere = ticketed(
+        request(vec![0.0; n], "digits"),
+        &coordinator_key,
+        &[nodes[0].net.peer_id()],
     );
-    // A proper request still gets a signed update.
-    let reply = ask(request(vec![0.0; n], "digits")).await;
+    refused(&ask(elsewhere).await, "not for this node");
+    let replayed = ticketed(request(vec![0.0; n], "digits"), &coordinator_key, &[me]);
+    refused(&ask(replayed).await, "neither the coordinator");
+    assert!(participant.net.reputation(rogue_id).await.unwrap() >= reputation - 0.01);
+    // The coordinator named the rogue beside the participant (as it names a cluster head and
+    // its members): a dataset it does not hold is refused without blame, the right one gets
+    // a signed update.
+    let named = [me, rogue_id];
+    let faces = ticketed(request(vec![0.0; n], "faces"), &coordinator_key, &named);
+    refused(&ask(faces).await, "faces");
+    let proper = ticketed(request(vec![0.0; n], "digits"), &coordinator_key, &named);
+    let reply = ask(proper).await;
     let TrainReply::Update { update, .. } = reply else {
         panic!("{reply:?}")
     };
-    let delta = update
-        .open(&participant.net.peer_id(), job.id(), 1, n)
-        .unwrap();
+    let delta = update.open(&me, job.id(), 1, n).unwrap();
     assert!(delta.iter().any(|v| *v != 0.0));
 }
 

@@ -321,6 +321,7 @@ async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result
     for k in 0..n {
         let mut c = config(format!("p{k}"));
         c.bootstrap = vec![boot.clone()];
+        c.train_for = mycel_core::fl::TrainFor::Coordinators(vec![coordinator.net.peer_id()]);
         let split = match scenario.split {
             "iid" => String::new(),
             _ => ":dirichlet=0.5".into(),
