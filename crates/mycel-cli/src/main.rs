@@ -78,6 +78,10 @@ struct NodeArgs {
     /// Address of the HTTP API (keep it on loopback unless you mean otherwise).
     #[arg(long, default_value = "127.0.0.1:7878")]
     api: SocketAddr,
+    /// Confirms an --api address beyond loopback: anyone who reaches it with the token
+    /// controls the node, and it speaks plain HTTP (put a TLS proxy in front).
+    #[arg(long)]
+    api_public: bool,
     /// Serve /metrics without the bearer token.
     #[arg(long)]
     open_metrics: bool,
@@ -263,6 +267,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.bootstrap = args.bootstrap;
     config.mdns = !args.no_mdns;
     config.api = Some(args.api);
+    config.api_public = args.api_public;
     config.open_metrics = args.open_metrics;
     config.sys_root = args.sys_root;
     let (fetched, paths): (Vec<PathBuf>, Vec<PathBuf>) = args.models.into_iter().partition(|m| {

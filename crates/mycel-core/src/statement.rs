@@ -83,6 +83,49 @@ pub struct DatasetOffer {
 }
 
 impl Capabilities {
+    /// Checks what peers check of an announcement's capabilities (so that a node refuses,
+    /// at start, a configuration its peers would reject): at most [`MAX_ANNOUNCED_MODELS`]
+    /// models and datasets, names, engines and tags of at most [`MAX_MODEL_NAME_LEN`]
+    /// bytes, utilisation in [0, 1], a finite temperature.
+    pub fn check(&self) -> Result<(), String> {
+        let too_long = |what: &str, text: &str| {
+            (text.len() > MAX_MODEL_NAME_LEN).then(|| {
+                format!(
+                    "{what} {text:?} is {} bytes; peers accept at most {MAX_MODEL_NAME_LEN}",
+                    text.len()
+                )
+            })
+        };
+        if self.models.len() > MAX_ANNOUNCED_MODELS || self.datasets.len() > MAX_ANNOUNCED_MODELS {
+            return Err(format!(
+                "{} models and {} datasets; peers accept at most {MAX_ANNOUNCED_MODELS} of each",
+                self.models.len(),
+                self.datasets.len()
+            ));
+        }
+        let names = self.models.iter().flat_map(|m| {
+            [
+                too_long("the model name", &m.name),
+                too_long("the engine name", &m.engine),
+            ]
+        });
+        let tags = self
+            .datasets
+            .iter()
+            .map(|d| too_long("the dataset tag", &d.tag));
+        if let Some(problem) = names.chain(tags).flatten().next() {
+            return Err(problem);
+        }
+        let utilisation = self.load.utilisation;
+        let temperature = self.power.as_ref().and_then(|p| p.temperature_c);
+        if !(0.0..=1.0).contains(&utilisation) || temperature.is_some_and(|t| !t.is_finite()) {
+            return Err(format!(
+                "utilisation {utilisation} or temperature {temperature:?} out of range"
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether `other` differs enough from `self` to be announced soon rather than with the
     /// next periodic announcement: models, hardware, queue depth, mains power; utilisation by
     /// a quarter, battery by 5 points, temperature by 5 °C.
@@ -292,22 +335,9 @@ impl SignedStatement {
         }
         let statement: Statement = wire::decode(&self.body, MAX_STATEMENT_BYTES)?;
         if let Statement::Announce(a) = &statement {
-            let models = &a.capabilities.models;
-            let utilisation = a.capabilities.load.utilisation;
-            let temperature = a.capabilities.power.as_ref().and_then(|p| p.temperature_c);
-            if !(0.0..=1.0).contains(&utilisation)
-                || temperature.is_some_and(|t| !t.is_finite())
-                || a.addrs.len() > MAX_ANNOUNCED_ADDRS
+            if a.addrs.len() > MAX_ANNOUNCED_ADDRS
                 || a.addrs.iter().any(|x| x.len() > MAX_ADDR_LEN)
-                || models.len() > MAX_ANNOUNCED_MODELS
-                || a.capabilities.datasets.len() > MAX_ANNOUNCED_MODELS
-                || a.capabilities
-                    .datasets
-                    .iter()
-                    .any(|d| d.tag.len() > MAX_MODEL_NAME_LEN)
-                || models.iter().any(|m| {
-                    m.name.len() > MAX_MODEL_NAME_LEN || m.engine.len() > MAX_MODEL_NAME_LEN
-                })
+                || a.capabilities.check().is_err()
             {
                 return Err(Rejection::Malformed);
             }

@@ -2,6 +2,7 @@
 //! API and the training API, behind a bearer token.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -19,6 +20,49 @@ use crate::openai;
 use crate::train_api;
 use crate::training::Training;
 use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+/// API connections served at once; further ones wait in the listen backlog until one closes.
+pub(crate) const MAX_CONNECTIONS: usize = 256;
+
+/// A client must send a request's headers within this time; a connection idle this long
+/// between requests is closed too. Silent or trickling connections cannot hold the
+/// connection slots for longer.
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` until the task is dropped: HTTP/1.1, at most
+/// [`MAX_CONNECTIONS`] connections at once, headers within [`HEADER_READ_TIMEOUT`].
+pub(crate) async fn serve(listener: TcpListener, app: Router) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: give the others time to close.
+                warn!("API cannot accept a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = builder.serve_connection(io, service).await {
+                debug!("API connection ended: {e}");
+            }
+        });
+    }
+}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -79,7 +123,10 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme is case-insensitive (RFC 9110).
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
     match presented {
         Some(token) if constant_time_eq(token.trim().as_bytes(), state.token.as_bytes()) => {
             next.run(request).await

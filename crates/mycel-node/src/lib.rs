@@ -55,6 +55,8 @@ pub struct NodeConfig {
     pub api: Option<SocketAddr>,
     /// Serve /metrics without the token.
     pub open_metrics: bool,
+    /// The operator confirmed an API address beyond loopback.
+    pub api_public: bool,
     /// Transports.
     pub transport: TransportKind,
     /// Root of the `/sys`-like tree power state is read from.
@@ -104,6 +106,7 @@ impl NodeConfig {
             mdns: true,
             api: Some(SocketAddr::from(([127, 0, 0, 1], 7878))),
             open_metrics: false,
+            api_public: false,
             transport: TransportKind::TcpQuic,
             sys_root: PathBuf::from("/sys"),
             libp2p_metrics: true,
@@ -153,6 +156,14 @@ pub struct Node {
 impl Node {
     /// Opens the data directory, starts networking and the API.
     pub async fn start(config: NodeConfig) -> anyhow::Result<Self> {
+        if let Some(addr) = config.api.filter(|a| !a.ip().is_loopback()) {
+            anyhow::ensure!(
+                config.api_public,
+                "the API would listen on {addr}, beyond this machine: anyone who reaches it \
+                 with the token controls the node, over plain HTTP. Keep --api on 127.0.0.1, \
+                 or pass --api-public to confirm (and put a TLS proxy in front)"
+            );
+        }
         let dir = config.data_dir.clone();
         mycel_store::prepare_data_dir(&dir)?;
         let keypair = mycel_store::load_or_create_identity(&dir)?;
@@ -217,6 +228,11 @@ impl Node {
         net_config.mdns = config.mdns;
         net_config.libp2p_metrics = config.libp2p_metrics;
         net_config.capabilities = system::read_capabilities(&config.sys_root, &models, &extra);
+        // Peers would refuse (and charge) announcements they cannot accept: refuse the
+        // configuration here instead, saying what to change.
+        net_config.capabilities.check().map_err(|e| {
+            anyhow::anyhow!("{e}: rename the model file or the dataset tag, or serve fewer")
+        })?;
         net_config.timing = config.timing.clone();
         net_config.limits = config.limits.clone();
         net_config.nat = config.nat.clone();
@@ -314,6 +330,12 @@ impl Node {
 
         let mut api_addr = None;
         if let Some(addr) = config.api {
+            if !addr.ip().is_loopback() {
+                warn!(
+                    "the API listens on {addr}, beyond this machine, over plain HTTP; keep \
+                     api.token secret and put a TLS proxy in front"
+                );
+            }
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
                 format!("cannot bind the API to {addr}; is another node using it? Pass --api 127.0.0.1:<free port>")
             })?;
@@ -330,9 +352,7 @@ impl Node {
             };
             let app = api::router(state, config.open_metrics);
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    warn!("API server stopped: {e}");
-                }
+                api::serve(listener, app).await;
             }));
             api_addr = Some(bound);
         }

@@ -238,3 +238,101 @@ async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_not_to_hone
         node.shutdown().await;
     }
 }
+
+/// The local API under a flood of connections that send nothing, or headers a byte at a time
+/// too slowly: each is closed once it has sent no complete request for 10 s, so they cannot
+/// hold the API's connection slots, and a client's request is answered meanwhile or soon
+/// after. The bearer scheme is matched case-insensitively.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_slow_connections_cannot_hold_the_api() {
+    use std::io::{Read, Write};
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(local_config(&root.path().join("n"), vec![], true))
+        .await
+        .unwrap();
+    let api = node.api_addr.unwrap();
+    // More silent connections than the API serves at once, and one that trickles headers.
+    let silent: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(api).unwrap())
+        .collect();
+    let mut slow = std::net::TcpStream::connect(api).unwrap();
+    slow.write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let token = node.token.clone();
+    let answered = tokio::task::spawn_blocking(move || {
+        let url = format!("http://{api}/api/status");
+        let status = ureq::get(&url)
+            .header("Authorization", &format!("bearer {token}"))
+            .call()
+            .map(|r| r.status().as_u16());
+        (status.ok(), started.elapsed())
+    })
+    .await
+    .unwrap();
+    assert_eq!(answered.0, Some(200), "lower-case scheme, during the flood");
+    assert!(
+        answered.1 < Duration::from_secs(15),
+        "answered after {:?}",
+        answered.1
+    );
+    // Each silent connection was closed by the node (EOF), none later than ~10 s after it
+    // opened.
+    let check = tokio::task::spawn_blocking(move || {
+        let mut closed = 0;
+        for mut stream in silent.into_iter().chain([slow]) {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(15)))
+                .unwrap();
+            let mut buf = [0u8; 256];
+            // A timed-out header read may get a 408 before the close; read to the end.
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => {
+                        closed += 1;
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                        closed += 1;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        (closed, started.elapsed())
+    })
+    .await
+    .unwrap();
+    assert_eq!(check.0, 301, "every silent or slow connection is closed");
+    assert!(check.1 < Duration::from_secs(25), "{:?}", check.1);
+    node.shutdown().await;
+}
+
+/// An API address beyond loopback is refused unless the operator confirms it, with the flag
+/// named (refused before anything starts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_beyond_loopback_must_be_confirmed() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = local_config(&root.path().join("n"), vec![], true);
+    config.api = Some(std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let err = Node::start(config).await.unwrap_err();
+    assert!(format!("{err:#}").contains("--api-public"), "{err:#}");
+}
+
+/// A model whose name peers would refuse (over 128 bytes: both neighbours used to ban the
+/// node within seconds) is refused at start, with the limit and the fix named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_name_peers_would_refuse_is_refused_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join(format!("{}.gguf", "m".repeat(200)));
+    mycel_ml::fixtures::write_tiny_llama(&path).unwrap();
+    let mut config = local_config(&root.path().join("n"), vec![], false);
+    config.models = vec![path];
+    let err = format!("{:#}", Node::start(config).await.unwrap_err());
+    assert!(
+        err.contains("at most 128") && err.contains("rename"),
+        "{err}"
+    );
+}

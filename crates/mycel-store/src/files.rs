@@ -49,9 +49,26 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     write().map_err(|e| dir_error(dir, e))
 }
 
+/// Reads a secret file, if it exists: one that users other than its owner may read or
+/// write is refused (an API token anyone on the machine can read is no protection).
 fn read_existing(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     match fs::read(path) {
-        Ok(bytes) => Ok(Some(bytes)),
+        Ok(bytes) => {
+            let mode = fs::metadata(path)
+                .map_err(|e| StoreError::CorruptFile {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(StoreError::LoosePermissions {
+                    path: path.to_path_buf(),
+                    mode: mode & 0o7777,
+                });
+            }
+            Ok(Some(bytes))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StoreError::CorruptFile {
             path: path.to_path_buf(),
@@ -142,12 +159,44 @@ mod tests {
     fn corrupt_identity_is_a_clear_error_and_is_not_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(IDENTITY_FILE), b"garbage").unwrap();
+        fs::set_permissions(
+            dir.path().join(IDENTITY_FILE),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         let err = load_or_create_identity(dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::CorruptFile { .. }), "{err}");
         assert!(err.to_string().contains("identity.key"));
         assert_eq!(
             fs::read(dir.path().join(IDENTITY_FILE)).unwrap(),
             b"garbage"
+        );
+    }
+
+    #[test]
+    fn a_secret_file_others_may_read_is_refused_with_the_fix_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = load_or_create_token(dir.path()).unwrap();
+        let identity = load_or_create_identity(dir.path()).unwrap();
+        for file in [TOKEN_FILE, IDENTITY_FILE] {
+            let path = dir.path().join(file);
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+            let err = match file {
+                TOKEN_FILE => load_or_create_token(dir.path()).unwrap_err(),
+                _ => load_or_create_identity(dir.path()).map(|_| ()).unwrap_err(),
+            };
+            assert!(
+                matches!(err, StoreError::LoosePermissions { mode: 0o644, .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        // Fixed as told, both load as before (nothing was rewritten).
+        assert_eq!(load_or_create_token(dir.path()).unwrap(), token);
+        assert_eq!(
+            load_or_create_identity(dir.path()).unwrap().public(),
+            identity.public()
         );
     }
 

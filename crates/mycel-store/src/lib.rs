@@ -42,6 +42,14 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A secret file others may read or write.
+    #[error("{path} may be read or written by other users (mode {mode:04o}), and it holds a secret; run `chmod 600 {path}` (and check who read it), then start again")]
+    LoosePermissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The database failed.
     #[error("state database {path}: {reason}")]
     Database {
