@@ -158,6 +158,11 @@ struct NodeArgs {
     /// This node is on a metered network (training jobs may exclude it).
     #[arg(long)]
     metered: bool,
+    /// Inbound connections one remote IP may have in their handshake at once (loopback is
+    /// not limited): a flood of silent or stalled connections from one address cannot take
+    /// every pending slot.
+    #[arg(long, default_value_t = 4)]
+    max_pending_per_ip: u32,
     /// A coordinator whose training jobs this node trains for (repeatable), by peer id; `any`
     /// trains for every coordinator. Without it a node trains only for its own jobs: an
     /// update can reveal the data it was trained on.
@@ -305,6 +310,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     };
     config.train_attack = args.train_attack;
     config.limits.max_connections = args.max_connections;
+    config.limits.max_pending_per_ip = args.max_pending_per_ip;
     anyhow::ensure!(
         args.target_peers >= 1 && args.target_peers <= args.max_connections as usize,
         "--target-peers must be between 1 and --max-connections ({})",

@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 use rand_autonat::SeedableRng as _;
 
 use crate::config::{NetConfig, RelayServer, TransportKind};
+use crate::metrics::NetMetrics;
 use crate::protocol::{
     SyncCodec, IDENTIFY_PROTOCOL, KAD_PROTOCOL, STATEMENTS_TOPIC, SYNC_PROTOCOL,
 };
@@ -52,6 +53,7 @@ impl Behaviour {
         key: &Keypair,
         relay_client: relay::client::Behaviour,
         config: &NetConfig,
+        metrics: &NetMetrics,
     ) -> Result<Self, BoxError> {
         let peer_id = key.public().to_peer_id();
         let limits = &config.limits;
@@ -203,7 +205,11 @@ impl Behaviour {
             autonat_client: autonat_client.into(),
             autonat_server: autonat_server.into(),
             upnp: upnp.into(),
-            connections: crate::cap::Behaviour::new(limits.max_connections),
+            connections: crate::cap::Behaviour::new(
+                limits.max_connections,
+                limits.max_pending_per_ip,
+                metrics.connections_refused.clone(),
+            ),
             blocked: Default::default(),
             limits: connection_limits::Behaviour::new(connection_limits),
             memory: memory_connection_limits::Behaviour::with_max_percentage(0.9),
@@ -222,6 +228,7 @@ impl Behaviour {
 pub(crate) fn build_swarm(
     config: &NetConfig,
     registry: &mut Registry,
+    metrics: &NetMetrics,
 ) -> Result<Swarm<Behaviour>, BoxError> {
     let idle = config.timing.idle_connection_timeout;
     let dial_timeout = config.timing.dial_timeout;
@@ -242,7 +249,7 @@ pub(crate) fn build_swarm(
                 crate::mux::Config::default,
             )?
             .with_bandwidth_metrics(registry)
-            .with_behaviour(|key, relay| Behaviour::new(key, relay, config))?
+            .with_behaviour(|key, relay| Behaviour::new(key, relay, config, metrics))?
             .with_swarm_config(|c| {
                 // One address at a time: concurrent dials of a peer's TCP and QUIC addresses
                 // both succeed on loopback and leave duplicate connections to tear down.
@@ -261,7 +268,7 @@ pub(crate) fn build_swarm(
             })?
             .with_relay_client(noise::Config::new, crate::mux::Config::default)?
             .with_bandwidth_metrics(registry)
-            .with_behaviour(|key, relay| Behaviour::new(key, relay, config))?
+            .with_behaviour(|key, relay| Behaviour::new(key, relay, config, metrics))?
             .with_swarm_config(|c| {
                 // One address at a time: concurrent dials of a peer's TCP and QUIC addresses
                 // both succeed on loopback and leave duplicate connections to tear down.

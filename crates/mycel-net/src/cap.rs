@@ -13,15 +13,21 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::task::{Context, Poll};
 
 use libp2p::core::transport::PortUse;
 use libp2p::core::Endpoint;
+use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{
     dummy, ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
     THandlerOutEvent, ToSwarm,
 };
 use libp2p::{Multiaddr, PeerId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::metrics::ReasonLabel;
 
 /// Most peers whose dial addresses are kept.
 const MAX_DIAL_BOOK: usize = 8192;
@@ -36,6 +42,15 @@ pub(crate) struct Behaviour {
     max_established: usize,
     established: usize,
     dial_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Inbound connections one remote IP may have in their handshake at once: silent or
+    /// stalled connections from one address cannot take every pending slot (loopback, this
+    /// machine, is not limited).
+    max_pending_per_ip: usize,
+    /// The remote IP of each inbound connection in its handshake.
+    pending: HashMap<ConnectionId, IpAddr>,
+    pending_per_ip: HashMap<IpAddr, usize>,
+    /// Inbound connections refused before their handshake, by reason.
+    refused: Family<ReasonLabel, Counter>,
 }
 
 /// Why an inbound connection was refused.
@@ -43,12 +58,61 @@ pub(crate) struct Behaviour {
 #[error("at the connection cap of {0}")]
 pub(crate) struct AtCapacity(usize);
 
+/// Why an inbound connection was refused: its address has too many in their handshake.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} already has {1} connections in their handshake")]
+pub(crate) struct PendingFromIp(IpAddr, usize);
+
+/// Reasons counted in `mycel_connections_refused_total`.
+pub(crate) const REFUSED_AT_CAP: &str = "at_cap";
+/// See [`REFUSED_AT_CAP`].
+pub(crate) const REFUSED_PENDING_PER_IP: &str = "pending_per_ip";
+
+/// The IP an inbound connection comes from, unless it is relayed (then the address is the
+/// relay's) or from this machine.
+fn limited_ip(remote: &Multiaddr) -> Option<IpAddr> {
+    if remote.iter().any(|p| p == Protocol::P2pCircuit) {
+        return None;
+    }
+    let ip = match remote.iter().next()? {
+        Protocol::Ip4(ip) => IpAddr::V4(ip),
+        Protocol::Ip6(ip) => IpAddr::V6(ip),
+        _ => return None,
+    };
+    (!ip.is_loopback()).then_some(ip)
+}
+
 impl Behaviour {
-    pub(crate) fn new(max_established: u32) -> Self {
+    pub(crate) fn new(
+        max_established: u32,
+        max_pending_per_ip: u32,
+        refused: Family<ReasonLabel, Counter>,
+    ) -> Self {
         Self {
             max_established: max_established as usize,
             established: 0,
             dial_addrs: HashMap::new(),
+            max_pending_per_ip: max_pending_per_ip as usize,
+            pending: HashMap::new(),
+            pending_per_ip: HashMap::new(),
+            refused,
+        }
+    }
+
+    fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// An inbound connection left its handshake (established, failed or denied).
+    fn settled(&mut self, connection_id: ConnectionId) {
+        let Some(ip) = self.pending.remove(&connection_id) else {
+            return;
+        };
+        if let Some(n) = self.pending_per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_per_ip.remove(&ip);
+            }
         }
     }
 
@@ -67,12 +131,22 @@ impl NetworkBehaviour for Behaviour {
 
     fn handle_pending_inbound_connection(
         &mut self,
-        _connection_id: ConnectionId,
+        connection_id: ConnectionId,
         _local_addr: &Multiaddr,
-        _remote_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
     ) -> Result<(), ConnectionDenied> {
         if self.established >= self.max_established + REFERRAL_SLOTS {
+            self.refuse(REFUSED_AT_CAP);
             return Err(ConnectionDenied::new(AtCapacity(self.max_established)));
+        }
+        if let Some(ip) = limited_ip(remote_addr) {
+            let n = self.pending_per_ip.get(&ip).copied().unwrap_or(0);
+            if n >= self.max_pending_per_ip {
+                self.refuse(REFUSED_PENDING_PER_IP);
+                return Err(ConnectionDenied::new(PendingFromIp(ip, n)));
+            }
+            *self.pending_per_ip.entry(ip).or_default() += 1;
+            self.pending.insert(connection_id, ip);
         }
         Ok(())
     }
@@ -112,7 +186,11 @@ impl NetworkBehaviour for Behaviour {
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
-            FromSwarm::ConnectionEstablished(_) => self.established += 1,
+            FromSwarm::ConnectionEstablished(e) => {
+                self.settled(e.connection_id);
+                self.established += 1;
+            }
+            FromSwarm::ListenFailure(f) => self.settled(f.connection_id),
             FromSwarm::ConnectionClosed(_) => self.established = self.established.saturating_sub(1),
             _ => {}
         }

@@ -101,6 +101,9 @@ pub struct Limits {
     pub max_connections_per_peer: u32,
     /// Connections being set up, each direction.
     pub max_pending: u32,
+    /// Inbound connections one remote IP may have in their handshake at once (loopback is
+    /// not limited).
+    pub max_pending_per_ip: u32,
     /// Messages a peer may send a second, on average (gossip and sync requests together).
     pub messages_per_sec: f64,
     /// Messages a peer may send in a burst.
@@ -129,6 +132,7 @@ impl Default for Limits {
             max_connections: 24,
             max_connections_per_peer: 2,
             max_pending: 32,
+            max_pending_per_ip: 4,
             messages_per_sec: 200.0,
             message_burst: 2_000.0,
             statements_per_issuer_per_sec: 2.0,

@@ -192,7 +192,8 @@ pub async fn spawn(
     registry: &mut Registry,
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>, JoinHandle<()>), NetError> {
     let metrics = NetMetrics::register(registry);
-    let mut swarm = build_swarm(&config, registry).map_err(|e| NetError::Build(e.to_string()))?;
+    let mut swarm =
+        build_swarm(&config, registry, &metrics).map_err(|e| NetError::Build(e.to_string()))?;
     // Before the first listen or dial, so no peer ever finds these protocols unsupported.
     let mut accepted = HashMap::new();
     for protocol in &config.accept {

@@ -35,6 +35,7 @@ pub struct NetMetrics {
     pub(crate) goodbyes_received: Counter,
     pub(crate) referred: Counter,
     pub(crate) refutations: Counter,
+    pub(crate) connections_refused: Family<ReasonLabel, Counter>,
     pub(crate) reports_ignored: Counter,
     /// NAT traversal events by kind and result (see `nat_event` labels).
     pub(crate) nat: Family<NatLabel, Counter>,
@@ -108,6 +109,21 @@ impl NetMetrics {
             "Connections beyond the cap answered only with referrals",
             metrics.referred.clone(),
         );
+        sub.register(
+            "connections_refused",
+            "Inbound connections refused before their handshake, by reason (at_cap: at the \
+             connection cap and its referral slots; pending_per_ip: the remote address already \
+             has its share of connections in their handshake)",
+            metrics.connections_refused.clone(),
+        );
+        for reason in [
+            crate::cap::REFUSED_AT_CAP,
+            crate::cap::REFUSED_PENDING_PER_IP,
+        ] {
+            let _ = metrics
+                .connections_refused
+                .get_or_create(&ReasonLabel { reason });
+        }
         sub.register(
             "refutations",
             "Announcements made to refute reports that this node is down",
@@ -195,6 +211,14 @@ impl NetMetrics {
     /// Goodbyes (with referrals) received from peers closing a connection.
     pub fn goodbyes_received_total(&self) -> u64 {
         self.goodbyes_received.get()
+    }
+
+    /// Inbound connections refused before their handshake for `reason` (see
+    /// `mycel_connections_refused_total`).
+    pub fn connections_refused(&self, reason: &'static str) -> u64 {
+        self.connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .get()
     }
 
     /// Announcements made to refute reports that this node is down.

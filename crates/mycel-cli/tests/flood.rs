@@ -1,0 +1,158 @@
+//! A connection flood from one address: 64 silent TCP connections to a node's libp2p port,
+//! closed and reopened every 2 s (each held for less than the handshake deadline, so the
+//! flood never lets up), from a second network namespace. A newcomer from another address
+//! still joins through the flooded node within seconds, and the node counts what it refused
+//! in /metrics. Needs root for `ip netns`; where it is missing the test says so and returns,
+//! unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::VethPair;
+use common::{spawn_node, wait_until, NodeProcess};
+
+const TEST: &str = "a_newcomer_joins_through_a_node_flooded_with_silent_connections";
+
+/// Kills the flood when the test ends, however it ends.
+struct Flood(Child);
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_newcomer_joins_through_a_node_flooded_with_silent_connections() {
+    let pair = match VethPair::new("f", 11) {
+        Ok(pair) => pair,
+        Err(e) => {
+            mycel_ml::fixtures::skip_unless_required(
+                TEST,
+                "MYCEL_REQUIRE_NETNS",
+                &format!("cannot build the namespaces ({e})"),
+            );
+            return;
+        }
+    };
+    let root = tempfile::tempdir().unwrap();
+    let addr = &pair.addrs[0];
+    let start = |name: &str, port: u16, extra: &[String]| {
+        let mut args = vec![
+            "--no-mdns".to_owned(),
+            "--listen".to_owned(),
+            format!("/ip4/{addr}/tcp/{port}"),
+        ];
+        args.extend_from_slice(extra);
+        spawn_node(
+            &pair.exec(0),
+            &root.path().join(name),
+            &format!("127.0.0.1:{}", port + 3800),
+            &args,
+        )
+    };
+    let victim = start("victim", 4101, &[]);
+    let mut victim_id = None;
+    wait_until(Duration::from_secs(30), "the victim is up", || {
+        victim_id = cli(&pair, &victim, &["status", "--json"])
+            .and_then(|s| s["network"]["peer_id"].as_str().map(str::to_owned));
+        victim_id.is_some()
+    });
+    let victim_id = victim_id.unwrap();
+
+    // The flood, from the other namespace's address.
+    let script = format!(
+        "end=$((SECONDS+60)); while [ $SECONDS -lt $end ]; do fds=(); \
+         for i in $(seq 64); do exec {{fd}}<>/dev/tcp/{addr}/4101 && fds+=($fd); done; \
+         sleep 2; for fd in \"${{fds[@]}}\"; do exec {{fd}}>&-; done; done"
+    );
+    let _flood = Flood(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                pair.names[1].as_str(),
+                "bash",
+                "-c",
+                &script,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let refused = || {
+        metric(
+            &pair,
+            &victim,
+            "mycel_connections_refused_total{reason=\"pending_per_ip\"}",
+        )
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the node refuses the flood's extra connections",
+        || refused() > 0.0,
+    );
+
+    // A newcomer from another address joins through the flooded node.
+    let joined = Instant::now();
+    let newcomer = start(
+        "newcomer",
+        4102,
+        &[
+            "--bootstrap".to_owned(),
+            format!("/ip4/{addr}/tcp/4101/p2p/{victim_id}"),
+        ],
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "the flooded node sees the newcomer alive",
+        || {
+            let newcomer_id = cli(&pair, &newcomer, &["status", "--json"])
+                .and_then(|s| s["network"]["peer_id"].as_str().map(str::to_owned));
+            let peers = cli(&pair, &victim, &["peers", "--json"]).unwrap_or_default();
+            newcomer_id.is_some_and(|id| {
+                peers.as_array().is_some_and(|list| {
+                    list.iter()
+                        .any(|p| p["peer_id"] == id.as_str() && p["state"] == "alive")
+                })
+            })
+        },
+    );
+    eprintln!(
+        "joined through the flooded node after {:?}; {} connections from the flood refused",
+        joined.elapsed(),
+        refused()
+    );
+}
+
+/// `mycel ARGS` against `node` inside namespace 0 (its API listens on that loopback), as JSON.
+fn cli(pair: &VethPair, node: &NodeProcess, args: &[&str]) -> Option<serde_json::Value> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", pair.names[0].as_str(), common::MYCEL])
+        .args(args)
+        .args(["--api", &node.api, "--data-dir"])
+        .arg(&node.data_dir)
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// One sample of `node`'s /metrics (0 when absent or unreachable).
+fn metric(pair: &VethPair, node: &NodeProcess, series: &str) -> f64 {
+    let token = std::fs::read_to_string(node.data_dir.join("api.token")).unwrap_or_default();
+    let out = Command::new("ip")
+        .args(["netns", "exec", pair.names[0].as_str(), "curl", "-s", "-H"])
+        .arg(format!("Authorization: Bearer {}", token.trim()))
+        .arg(format!("http://{}/metrics", node.api))
+        .output();
+    let Ok(out) = out else { return 0.0 };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
