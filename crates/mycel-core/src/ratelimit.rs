@@ -53,6 +53,30 @@ impl<K: Eq + Hash + Copy> RateLimiter<K> {
         }
     }
 
+    /// The whole tokens `key` has at `now` (refilled), without taking any: for a cost known
+    /// only once the work is done, paid with [`RateLimiter::spend`].
+    pub fn available(&mut self, key: K, now: UnixMillis) -> u64 {
+        if !self.buckets.contains_key(&key) && self.buckets.len() >= self.max_keys {
+            self.forget_full(now);
+        }
+        let (rate, burst) = (self.rate_per_s, self.burst);
+        let bucket = self.buckets.entry(key).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        let elapsed_s = now.saturating_sub(bucket.last) as f64 / 1000.0;
+        bucket.tokens = (bucket.tokens + elapsed_s * rate).min(burst);
+        bucket.last = bucket.last.max(now);
+        bucket.tokens.max(0.0).floor() as u64
+    }
+
+    /// Takes `n` tokens from `key` (after [`RateLimiter::available`] said it has them).
+    pub fn spend(&mut self, key: K, n: u64) {
+        if let Some(bucket) = self.buckets.get_mut(&key) {
+            bucket.tokens = (bucket.tokens - n as f64).max(0.0);
+        }
+    }
+
     /// Drops buckets that have refilled completely: they carry no information.
     pub fn forget_full(&mut self, now: UnixMillis) {
         let (rate, burst) = (self.rate_per_s, self.burst);
@@ -79,6 +103,18 @@ mod tests {
         assert!(!limiter.allow(1, 50), "half a token is not enough");
         assert!(limiter.allow(1, 100));
         assert!(limiter.allow(2, 100), "keys are independent");
+    }
+
+    #[test]
+    fn a_cost_paid_after_the_work_comes_out_of_the_same_bucket() {
+        let mut limiter = RateLimiter::new(100.0, 1000.0, 4);
+        assert_eq!(limiter.available(1u8, 0), 1000);
+        limiter.spend(1, 900);
+        assert_eq!(limiter.available(1, 0), 100);
+        limiter.spend(1, 100);
+        assert_eq!(limiter.available(1, 0), 0);
+        assert!(!limiter.allow(1, 0));
+        assert_eq!(limiter.available(1, 500), 50, "refilled at the rate");
     }
 
     proptest! {

@@ -113,6 +113,11 @@ pub struct Limits {
     pub statements_per_issuer_per_sec: f64,
     /// Statements one issuer may have applied in a burst.
     pub statement_burst_per_issuer: f64,
+    /// Statements a peer's sync requests may pull a second, on average (a sync answer's
+    /// cost is paid by the peer that asked).
+    pub sync_statements_per_sec: f64,
+    /// Statements a peer may pull at once (a snapshot for a joining node).
+    pub sync_statement_burst: f64,
     /// Largest gossip message forwarded by gossipsub.
     pub max_gossip_bytes: usize,
     /// Largest sync request and response.
@@ -136,6 +141,8 @@ impl Default for Limits {
             messages_per_sec: 200.0,
             message_burst: 2_000.0,
             statements_per_issuer_per_sec: 2.0,
+            sync_statements_per_sec: 500.0,
+            sync_statement_burst: 4_000.0,
             statement_burst_per_issuer: 20.0,
             max_gossip_bytes: 64 * 1024,
             max_sync_request_bytes: 1 << 20,

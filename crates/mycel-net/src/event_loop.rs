@@ -74,6 +74,8 @@ const FIRST_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 
 enum Pending {
     Echo(oneshot::Sender<Result<Vec<u8>, NetError>>),
+    /// A test's sync request: the statements it got, or why not.
+    SyncRaw(oneshot::Sender<Result<usize, NetError>>),
     Sync,
     Summary,
     Goodbye,
@@ -107,6 +109,8 @@ pub(crate) struct EventLoop {
     rate: RateLimiter<PeerId>,
     /// Gossip each neighbour relays (dropped past it, charged to nobody).
     relayed: RateLimiter<PeerId>,
+    /// Statements each peer's sync requests pulled (answers are cut to what is left).
+    served: RateLimiter<PeerId>,
     metrics: NetMetrics,
     libp2p_metrics: Option<libp2p::metrics::Metrics>,
     listen_addrs: Vec<Multiaddr>,
@@ -205,6 +209,11 @@ impl EventLoop {
             reputation: Reputation::new(reputation::Config::default()),
             rate,
             relayed,
+            served: RateLimiter::new(
+                config.limits.sync_statements_per_sec,
+                config.limits.sync_statement_burst,
+                4096,
+            ),
             metrics,
             libp2p_metrics,
             listen_addrs,
@@ -1194,6 +1203,14 @@ impl EventLoop {
                     .send_request(&peer, SyncRequest::Echo(payload));
                 self.pending.insert(id, Pending::Echo(reply));
             }
+            Command::SyncRaw { peer, reply } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_request(&peer, SyncRequest::Digest(Vec::new()));
+                self.pending.insert(id, Pending::SyncRaw(reply));
+            }
             Command::PublishRaw { bytes, reply } => {
                 let len = bytes.len();
                 let result = self
@@ -1661,6 +1678,15 @@ impl EventLoop {
                         (Some(Pending::Echo(reply)), SyncResponse::Echo(payload)) => {
                             let _ = reply.send(Ok(payload));
                         }
+                        (Some(Pending::SyncRaw(reply)), SyncResponse::Statements(s)) => {
+                            let _ = reply.send(Ok(s.len()));
+                        }
+                        (Some(Pending::SyncRaw(reply)), _) => {
+                            let _ = reply.send(Err(NetError::Request {
+                                peer,
+                                reason: "refused".into(),
+                            }));
+                        }
                         (Some(Pending::Echo(reply)), _) => {
                             let _ = reply.send(Err(NetError::Request {
                                 peer,
@@ -1712,6 +1738,12 @@ impl EventLoop {
                         reason: error.to_string(),
                     }));
                 }
+                Some(Pending::SyncRaw(reply)) => {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
                 Some(Pending::Sync | Pending::Summary) => {
                     self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
                 }
@@ -1749,7 +1781,17 @@ impl EventLoop {
                     .iter()
                     .filter_map(|e| PeerId::from_bytes(&e.peer).ok().map(|p| (p, e.seq)))
                     .collect();
-                SyncResponse::Statements(self.membership.newer_than(&digest, MAX_SYNC_STATEMENTS))
+                // A few bytes of request can ask for the whole table: the answer is cut to
+                // what the asker has left to pull, and paid from it.
+                let budget = self.served.available(peer, now_ms());
+                if budget == 0 {
+                    self.reject(peer, Rejection::RateLimited);
+                    return SyncResponse::Refused;
+                }
+                let limit = MAX_SYNC_STATEMENTS.min(usize::try_from(budget).unwrap_or(usize::MAX));
+                let statements = self.membership.newer_than(&digest, limit);
+                self.served.spend(peer, statements.len() as u64);
+                SyncResponse::Statements(statements)
             }
             SyncRequest::Digest(_) => {
                 self.reject(peer, Rejection::Oversized);

@@ -130,6 +130,10 @@ pub(crate) enum Command {
         bytes: Vec<u8>,
         reply: oneshot::Sender<Result<(), NetError>>,
     },
+    SyncRaw {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<usize, NetError>>,
+    },
     ReferRaw {
         peer: PeerId,
         referrals: Vec<mycel_core::statement::SignedStatement>,
@@ -394,6 +398,12 @@ impl NetHandle {
             reply,
         })
         .await?
+    }
+
+    /// Asks `peer` for every statement it holds (a sync request with an empty digest) and
+    /// returns how many it sent. For tests of what a peer's few bytes of request may cost.
+    pub async fn sync_raw(&self, peer: PeerId) -> Result<usize, NetError> {
+        self.ask(|reply| Command::SyncRaw { peer, reply }).await?
     }
 
     /// Publishes raw bytes on the statements topic, bypassing every local check. For tests

@@ -68,6 +68,8 @@ pub struct BlobConfig {
     pub streams_per_provider: usize,
     /// How long one request may go without an answer frame.
     pub request_timeout: Duration,
+    /// How long a fetch looks for a first provider before it says nobody holds the blob.
+    pub lookup_deadline: Duration,
 }
 
 impl Default for BlobConfig {
@@ -79,8 +81,24 @@ impl Default for BlobConfig {
             chunks_per_request: 16,
             streams_per_provider: 4,
             request_timeout: Duration::from_secs(20),
+            lookup_deadline: Duration::from_secs(30),
         }
     }
+}
+
+/// How long the other providers may take to answer for an outboard once one has: those
+/// silent longer are left out of the fetch.
+const OUTBOARD_GRACE: Duration = Duration::from_secs(1);
+
+/// How asking a provider failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AskFailure {
+    /// It is reachable only through a relay, and bulk data does not ride relays.
+    RelayedOnly,
+    /// It did not answer within the request timeout.
+    Silent,
+    /// It refused, failed or sent nonsense.
+    Other,
 }
 
 /// Why a fetch failed.
@@ -368,6 +386,7 @@ impl BlobService {
         // Waits between rounds: short at first (a lookup right after joining the DHT can come
         // back empty), then longer.
         let mut pause = Duration::from_millis(20);
+        let mut ever_found = false;
         while Instant::now() < deadline {
             let mut providers: Vec<PeerId> = hints.to_vec();
             let lookup = self.net.find_providers(id);
@@ -378,35 +397,74 @@ impl BlobService {
             providers.retain(|p| *p != own && !excluded.contains(p) && seen.insert(*p));
             debug!(%id, providers = providers.len(), after = ?started.elapsed(), "providers found");
             if providers.is_empty() {
+                // An id nobody holds: said soon, not after the whole fetch deadline.
+                if !ever_found && started.elapsed() >= self.config.lookup_deadline {
+                    return Err(FetchError::Unavailable {
+                        id,
+                        secs: started.elapsed().as_secs(),
+                        reason: "no peer holds it (no provider found)".into(),
+                    });
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(MAX_PAUSE);
                 continue;
             }
+            ever_found = true;
             if outboard.is_none() {
                 let mut relayed_only = 0;
-                for peer in &providers {
-                    match self.outboard_from(*peer, id).await {
+                // Every provider is asked at once: provider records are anyone's claim, and
+                // asked one after another each silent one would cost a whole request timeout.
+                // Once one has answered, the others get a moment more; those still silent
+                // then are not waited for (nor pulled from) in this fetch.
+                let mut asks: futures::stream::FuturesUnordered<_> = providers
+                    .iter()
+                    .map(|peer| async move { (*peer, self.outboard_from(*peer, id).await) })
+                    .collect();
+                let mut unanswered: HashSet<PeerId> = providers.iter().copied().collect();
+                let mut grace: Option<Instant> = None;
+                loop {
+                    let next = match grace {
+                        None => asks.next().await,
+                        Some(until) => match tokio::time::timeout_at(until, asks.next()).await {
+                            Ok(next) => next,
+                            Err(_) => break,
+                        },
+                    };
+                    let Some((peer, answer)) = next else { break };
+                    unanswered.remove(&peer);
+                    match answer {
+                        Ok(Some(_)) if outboard.is_some() => {}
                         Ok(Some(found)) => {
                             let candidate = found.clone();
                             match self.blocking(move |s| s.begin_fetch(&id, &candidate)).await {
                                 Ok(_) => {
                                     outboard = Some(found);
-                                    break;
+                                    grace = Some(Instant::now() + OUTBOARD_GRACE);
                                 }
                                 Err(BlobError::Tree(e)) => {
                                     last_problem = format!("{peer} sent chunk hashes that do not belong to the blob ({e})");
-                                    self.net.penalise(*peer, Rejection::Corrupt).await;
-                                    excluded.insert(*peer);
+                                    self.net.penalise(peer, Rejection::Corrupt).await;
+                                    excluded.insert(peer);
                                 }
                                 Err(e) => return Err(e.into()),
                             }
                         }
                         Ok(None) => last_problem = format!("{peer} does not hold it"),
-                        Err((e, relayed)) => {
-                            relayed_only += usize::from(relayed);
+                        Err((e, failure)) => {
+                            relayed_only += usize::from(failure == AskFailure::RelayedOnly);
+                            // A provider that stays silent (a record pointing at a peer that
+                            // never holds it) is not waited for again in this fetch; one that
+                            // refused (restarting, say) is asked again.
+                            if failure == AskFailure::Silent {
+                                excluded.insert(peer);
+                            }
                             last_problem = e;
                         }
                     }
+                }
+                drop(asks);
+                if outboard.is_some() {
+                    excluded.extend(unanswered);
                 }
                 // Every holder is reachable only through a relay: waiting would not help, and
                 // the error says what would.
@@ -543,12 +601,15 @@ impl BlobService {
         &self,
         peer: PeerId,
         id: ContentId,
-    ) -> Result<Option<Outboard>, (String, bool)> {
+    ) -> Result<Option<Outboard>, (String, AskFailure)> {
         // The wait for a direct connection (a hole punch) is bounded by the network's own
         // `direct_wait`, not by the request's timeout.
         self.net.direct_path(peer).await.map_err(|e| {
-            let relayed_only = matches!(e, mycel_net::NetError::RelayedOnly { .. });
-            (format!("{peer}: {e}"), relayed_only)
+            let failure = match e {
+                mycel_net::NetError::RelayedOnly { .. } => AskFailure::RelayedOnly,
+                _ => AskFailure::Other,
+            };
+            (format!("{peer}: {e}"), failure)
         })?;
         let ask = async {
             // The path is direct now (checked above): a plain stream.
@@ -556,22 +617,25 @@ impl BlobService {
                 .net
                 .open_stream(peer, BLOB_PROTOCOL)
                 .await
-                .map_err(|e| (e.to_string(), false))?;
+                .map_err(|e| (e.to_string(), AskFailure::Other))?;
             write_frame(&mut stream, &BlobRequest::Outboard { id })
                 .await
-                .map_err(|e| (e.to_string(), false))?;
+                .map_err(|e| (e.to_string(), AskFailure::Other))?;
             read_frame::<BlobFrame>(&mut stream, MAX_BLOB_FRAME_BYTES)
                 .await
-                .map_err(|e| (e.to_string(), false))
+                .map_err(|e| (e.to_string(), AskFailure::Other))
         };
         match tokio::time::timeout(self.config.request_timeout, ask).await {
-            Err(_) => Err((format!("{peer} did not answer in time"), false)),
-            Ok(Err((e, relayed_only))) => Err((format!("{peer}: {e}"), relayed_only)),
+            Err(_) => Err((format!("{peer} did not answer in time"), AskFailure::Silent)),
+            Ok(Err((e, failure))) => Err((format!("{peer}: {e}"), failure)),
             Ok(Ok(Some(BlobFrame::Outboard(bytes)))) => match Outboard::from_bytes(&bytes) {
                 Ok(outboard) => Ok(Some(outboard)),
                 Err(e) => {
                     self.net.penalise(peer, Rejection::Malformed).await;
-                    Err((format!("{peer} sent a malformed outboard: {e}"), false))
+                    Err((
+                        format!("{peer} sent a malformed outboard: {e}"),
+                        AskFailure::Other,
+                    ))
                 }
             },
             Ok(Ok(_)) => Ok(None),

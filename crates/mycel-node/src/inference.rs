@@ -41,6 +41,8 @@ use crate::supply::ModelSupply;
 
 /// Task streams served at once; more are dropped (the requester fails over).
 const MAX_INBOUND_TASKS: usize = 256;
+/// Task streams served at once for one peer: no peer takes every slot.
+const MAX_INBOUND_TASKS_PER_PEER: usize = MAX_INBOUND_TASKS / 8;
 /// Latencies remembered for the hedging percentile.
 const LATENCY_WINDOW: usize = 200;
 /// Latencies needed before hedging starts.
@@ -662,13 +664,13 @@ impl Inference {
         let Some(Runner::Generate(model)) = &target.local else {
             return retry("this node does not serve the model", false);
         };
-        let prompt = match model.chat_prompt(messages) {
-            Ok(prompt) => prompt,
-            Err(e) => return Outcome::Final(RouteError::Invalid(e.to_string())),
-        };
         let admission = match self.models.admit() {
             Ok(admission) => admission,
             Err(e) => return retry(e.to_string(), false),
+        };
+        let prompt = match crate::models::chat_prompt(model, messages).await {
+            Ok((prompt, _)) => prompt,
+            Err(e) => return Outcome::Final(RouteError::Invalid(e.to_string())),
         };
         let resume = progress.resume.clone();
         match self
@@ -806,18 +808,37 @@ impl Inference {
     pub async fn serve(self: Arc<Self>, mut incoming: IncomingStreams) {
         // Tasks run in a set owned by this task: when the node stops, they stop with it.
         let mut running = tokio::task::JoinSet::new();
+        let mut per_peer: HashMap<PeerId, usize> = HashMap::new();
+        let mut whose: HashMap<tokio::task::Id, PeerId> = HashMap::new();
         loop {
             tokio::select! {
                 next = incoming.next() => {
                     let Some((peer, stream)) = next else { break };
-                    if running.len() >= MAX_INBOUND_TASKS {
+                    let mine = per_peer.get(&peer).copied().unwrap_or(0);
+                    if running.len() >= MAX_INBOUND_TASKS || mine >= MAX_INBOUND_TASKS_PER_PEER {
                         debug!(%peer, "too many task streams; dropping one");
                         continue;
                     }
+                    *per_peer.entry(peer).or_default() += 1;
                     let this = self.clone();
-                    running.spawn(async move { this.work(peer, stream).await });
+                    let task = running.spawn(async move { this.work(peer, stream).await });
+                    whose.insert(task.id(), peer);
                 }
-                Some(_) = running.join_next(), if !running.is_empty() => {}
+                Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                    // Finished or panicked, the stream's slot is given back.
+                    let id = match &done {
+                        Ok((id, ())) => *id,
+                        Err(e) => e.id(),
+                    };
+                    if let Some(peer) = whose.remove(&id) {
+                        if let Some(n) = per_peer.get_mut(&peer) {
+                            *n -= 1;
+                            if *n == 0 {
+                                per_peer.remove(&peer);
+                            }
+                        }
+                    }
+                }
             }
         }
     }
@@ -896,7 +917,9 @@ impl Inference {
                     resume,
                 },
             ) => {
-                let prompt = model.chat_prompt(messages).map_err(|e| refusal(e.into()))?;
+                let (prompt, _) = crate::models::chat_prompt(model, messages)
+                    .await
+                    .map_err(|e| refusal(e.into()))?;
                 let (generation, queue_ms) = self
                     .models
                     .generate_into(

@@ -26,6 +26,24 @@ pub enum Runner {
     Generate(Arc<Generator>),
 }
 
+/// The prompt for `messages` by `model`'s chat template, and its length in tokens, worked
+/// out on the blocking pool: a template comes with the model file and may run long (up to
+/// its fuel), and tokenising a long prompt takes a while, neither on the async runtime that
+/// serves the API and the network.
+pub async fn chat_prompt(
+    model: &Arc<Generator>,
+    messages: &[mycel_ml::ChatMessage],
+) -> Result<(String, usize), MlError> {
+    let (model, messages) = (model.clone(), messages.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let prompt = model.chat_prompt(&messages)?;
+        let tokens = model.tokenizer().encode(&prompt)?.len();
+        Ok((prompt, tokens))
+    })
+    .await
+    .map_err(|e| MlError::Run(format!("preparing the prompt failed: {e}")))?
+}
+
 /// A model this node serves.
 #[derive(Debug, Clone)]
 pub struct Served {

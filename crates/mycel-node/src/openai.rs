@@ -424,12 +424,9 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     // Everything that can be refused is refused before a stream is opened: here when this
     // node has the model, otherwise by the worker before its first token.
     if let Some(Runner::Generate(model)) = &target.local {
-        let prompt = model.chat_prompt(&messages).map_err(ApiError::from)?;
-        let prompt_tokens = model
-            .tokenizer()
-            .encode(&prompt)
-            .map_err(ApiError::from)?
-            .len();
+        let (_, prompt_tokens) = crate::models::chat_prompt(model, &messages)
+            .await
+            .map_err(ApiError::from)?;
         if request
             .max_completion_tokens
             .or(request.max_tokens)

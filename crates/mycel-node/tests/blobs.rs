@@ -493,3 +493,72 @@ async fn a_node_serving_on_demand_fetches_and_loads_a_model_asked_for_by_id_that
     })
     .await;
 }
+
+/// A real libp2p peer that claims to provide `id` and then never answers: it reads each
+/// request and holds the stream open in silence.
+async fn silent_provider(bootstrap: Vec<Multiaddr>, id: ContentId) -> NetHandle {
+    let net = common::raw_peer(bootstrap).await;
+    let mut incoming = net.accept_streams(BLOB_PROTOCOL).unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some((_, mut stream)) = incoming.next().await {
+            let _ = read_frame::<BlobRequest>(&mut stream, MAX_BLOB_REQUEST_BYTES).await;
+            held.push(stream);
+        }
+    });
+    net.provide(vec![id]).await.unwrap();
+    net
+}
+
+/// Provider records are anyone's claim: two silent "providers" named before the honest one
+/// cost the fetch no request timeout (20 s each when they were asked one after another), and
+/// an id nobody holds fails within the lookup deadline, saying so, not after the fetch
+/// deadline (10 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_providers_do_not_delay_a_fetch_and_an_id_nobody_holds_fails_soon() {
+    let root = tempfile::tempdir().unwrap();
+    let honest = start(&root.path().join("honest"), vec![], None).await;
+    let data = bytes(3 * CHUNK_BYTES, 6);
+    let file = root.path().join("data.bin");
+    std::fs::write(&file, &data).unwrap();
+    let id = honest.blobs.import_path(&file, true).await.unwrap();
+    let silent = [
+        silent_provider(addrs_of(&honest), id).await,
+        silent_provider(addrs_of(&honest), id).await,
+    ];
+    let mut config = config(&root.path().join("fetcher"), addrs_of(&honest), None);
+    config.blobs.lookup_deadline = Duration::from_secs(2);
+    let fetcher = Node::start(config).await.unwrap();
+    for peer in silent
+        .iter()
+        .map(|s| s.peer_id())
+        .chain([honest.net.peer_id()])
+    {
+        wait_provider(&fetcher, id, peer).await;
+    }
+    let hints = [
+        silent[0].peer_id(),
+        silent[1].peer_id(),
+        honest.net.peer_id(),
+    ];
+    let started = std::time::Instant::now();
+    let blob = fetcher
+        .blobs
+        .fetch(id, &hints, false, &Progress::default())
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(blob.size, data.len() as u64);
+    assert!(took < Duration::from_secs(10), "the fetch took {took:?}");
+
+    let nobody = ContentId([9; 32]);
+    let started = std::time::Instant::now();
+    let err = fetcher
+        .blobs
+        .fetch(nobody, &[], false, &Progress::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no peer holds it"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{err}");
+}

@@ -336,3 +336,119 @@ async fn a_model_name_peers_would_refuse_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// A sync request is a few bytes, and its answer can be the whole membership table: answers
+/// are cut to what the asker has left to pull (4,000 statements at once, 500 a second after)
+/// and once that is spent the asker is refused and charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_answers_are_paced_per_asker_and_charged_to_it() {
+    const KEYS: u64 = 300;
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 2).await;
+    wait_converged(&nodes, Duration::from_secs(20)).await;
+    let (victim, helper) = (&nodes[0], &nodes[1]);
+    // Give the victim a table worth pulling: 300 more members.
+    for _ in 0..KEYS {
+        let key = Keypair::generate_ed25519();
+        helper
+            .net
+            .publish_raw(announcement(&key, 1).to_bytes())
+            .await
+            .unwrap();
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "the victim holds every announcement",
+        || async { victim.net.status().await.unwrap().alive >= KEYS as usize },
+    )
+    .await;
+    let asker = common::raw_peer(addrs_of(victim)).await;
+    let asker_id = asker.peer_id();
+    wait_until(
+        Duration::from_secs(20),
+        "the asker is connected",
+        || async { connected_to(victim, asker_id).await },
+    )
+    .await;
+    let started = Instant::now();
+    let (mut pulled, mut answers, mut refused) = (0usize, 0, 0);
+    for _ in 0..60 {
+        match asker.sync_raw(victim.net.peer_id()).await {
+            Ok(n) => {
+                pulled += n;
+                answers += 1;
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    let bound = 4_000.0 + 500.0 * started.elapsed().as_secs_f64() + KEYS as f64 + 2.0;
+    assert!(
+        answers >= 10,
+        "an honest-looking first pull is answered in full"
+    );
+    assert!(
+        (pulled as f64) <= bound,
+        "{pulled} statements in {answers} answers, more than {bound:.0}"
+    );
+    assert!(refused > 0, "the asker was never refused");
+    assert!(victim.net.reputation(asker_id).await.unwrap() < 0.0);
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+/// One peer opening many task streams and sending nothing gets at most its share of the
+/// node's 256 task slots (32); the streams past its share are closed at once, and another
+/// peer's streams are served beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_gets_at_most_its_share_of_task_streams() {
+    use mycel_net::task::{read_frame, TASK_PROTOCOL};
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 1).await;
+    let victim = &nodes[0];
+    let hog = common::raw_peer(addrs_of(victim)).await;
+    let other = common::raw_peer(addrs_of(victim)).await;
+    for peer in [hog.peer_id(), other.peer_id()] {
+        wait_until(Duration::from_secs(20), "connected", || async {
+            connected_to(victim, peer).await
+        })
+        .await;
+    }
+    let mut streams = Vec::new();
+    for _ in 0..64 {
+        streams.push(
+            hog.open_stream(victim.net.peer_id(), TASK_PROTOCOL)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut theirs = Vec::new();
+    for _ in 0..4 {
+        theirs.push(
+            other
+                .open_stream(victim.net.peer_id(), TASK_PROTOCOL)
+                .await
+                .unwrap(),
+        );
+    }
+    // A stream the node holds waits for its request (for 10 s); one past the share is closed.
+    let held = |mut stream: mycel_net::task::Stream| async move {
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            read_frame::<mycel_core::task::TaskFrame>(&mut stream, 1 << 20),
+        )
+        .await
+        .is_err()
+    };
+    let outcomes = futures::future::join_all(streams.into_iter().map(held)).await;
+    let kept = outcomes.iter().filter(|h| **h).count();
+    assert_eq!(kept, 32, "the hog's streams held: {kept} of 64");
+    let outcomes = futures::future::join_all(theirs.into_iter().map(held)).await;
+    assert!(
+        outcomes.iter().all(|h| *h),
+        "another peer's streams are served"
+    );
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
