@@ -34,23 +34,11 @@ impl<K: Eq + Hash + Copy> RateLimiter<K> {
 
     /// Takes one token for `key` at `now`; false when the key is over its rate.
     pub fn allow(&mut self, key: K, now: UnixMillis) -> bool {
-        if !self.buckets.contains_key(&key) && self.buckets.len() >= self.max_keys {
-            self.forget_full(now);
+        if self.available(key, now) == 0 {
+            return false;
         }
-        let (rate, burst) = (self.rate_per_s, self.burst);
-        let bucket = self.buckets.entry(key).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        let elapsed_s = now.saturating_sub(bucket.last) as f64 / 1000.0;
-        bucket.tokens = (bucket.tokens + elapsed_s * rate).min(burst);
-        bucket.last = bucket.last.max(now);
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.spend(key, 1);
+        true
     }
 
     /// The whole tokens `key` has at `now` (refilled), without taking any: for a cost known
