@@ -44,8 +44,14 @@ pub struct Config {
     pub max_missed_pings: u32,
     /// How long a failed peer stays listed before it is forgotten.
     pub forget_after_ms: u64,
-    /// Most peers tracked; announcements from further new peers are ignored.
+    /// Most peers tracked. A newcomer past it (or past [`Config::max_statement_bytes`])
+    /// takes the place of the peer least worth keeping: a failed one (failed longest ago
+    /// first), else one this node is not connected to whose announcement is the stalest; a
+    /// connected peer is never evicted, and when all are connected the newcomer is ignored.
     pub max_peers: usize,
+    /// Most bytes of announcements held (each up to 16 KiB: 10,000 peers could otherwise
+    /// hold 160 MiB).
+    pub max_statement_bytes: usize,
     /// A connected peer that has answered no ping for this long is declared failed (0: never
     /// by silence alone). A frozen process keeps its connection open while each ping to it
     /// waits out a stream-negotiation timeout, so counting failed pings alone takes many
@@ -71,6 +77,7 @@ impl Default for Config {
             max_missed_pings: 3,
             forget_after_ms: 10 * 60 * 1000,
             max_peers: 10_000,
+            max_statement_bytes: 16 << 20,
             silence_limit_ms: 0,
             down_quorum: 2,
             report_window_ms: 30_000,
@@ -270,6 +277,8 @@ pub struct Membership {
     last_tick: Option<UnixMillis>,
     /// Statements applied per issuer.
     issuer_rate: RateLimiter<PeerId>,
+    /// Bytes of the announcements held (see [`Config::max_statement_bytes`]).
+    stored_bytes: usize,
     /// When this node last refuted a report about itself.
     last_refute: Option<UnixMillis>,
     /// A report about this node's announcement with this sequence number waits for the next
@@ -292,6 +301,7 @@ impl Membership {
             own: None,
             last_tick: None,
             issuer_rate,
+            stored_bytes: 0,
             last_refute: None,
             refute_pending: None,
         }
@@ -307,8 +317,41 @@ impl Membership {
         self.own.as_ref()
     }
 
+    /// Makes room for `extra` more bytes of announcements and, when `peer` is not listed, one
+    /// more peer, by evicting the peers least worth keeping (never `peer`, never a connected
+    /// one). False when there is no such room.
+    fn make_room(&mut self, peer: PeerId, extra: usize) -> bool {
+        let new = !self.peers.contains_key(&peer);
+        while (new && self.peers.len() >= self.config.max_peers)
+            || self.stored_bytes.saturating_add(extra) > self.config.max_statement_bytes
+        {
+            // Failed first (longest ago first), then the stalest announcement.
+            let victim = self
+                .peers
+                .iter()
+                .filter(|(p, e)| **p != peer && !e.info.connected)
+                .min_by_key(|(_, e)| {
+                    let failed = e.info.state == PeerState::Failed;
+                    let since = if failed {
+                        e.info.state_since
+                    } else {
+                        e.info.announced_at
+                    };
+                    (!failed, since)
+                })
+                .map(|(p, _)| *p);
+            let Some(victim) = victim else {
+                return false;
+            };
+            if let Some(gone) = self.peers.remove(&victim) {
+                self.stored_bytes -= gone.latest.as_ref().map_or(0, stored_len);
+            }
+        }
+        true
+    }
+
     fn entry(&mut self, peer: PeerId, now: UnixMillis) -> Option<&mut Entry> {
-        if !self.peers.contains_key(&peer) && self.peers.len() >= self.config.max_peers {
+        if !self.make_room(peer, 0) {
             return None;
         }
         Some(self.peers.entry(peer).or_insert_with(|| Entry {
@@ -367,12 +410,17 @@ impl Membership {
         }
         match verified.statement {
             Statement::Announce(announcement) => {
-                if !self.peers.contains_key(&issuer) && self.peers.len() >= self.config.max_peers {
-                    return Ok(Accepted::Duplicate);
-                }
                 // Only the issuer can make a newer announcement, so it pays for each.
                 if !self.issuer_rate.allow(issuer, now) {
                     return Err(Refusal::issuer(Rejection::RateLimited, issuer));
+                }
+                let held = self
+                    .peers
+                    .get(&issuer)
+                    .and_then(|e| e.latest.as_ref())
+                    .map_or(0, stored_len);
+                if !self.make_room(issuer, stored_len(signed).saturating_sub(held)) {
+                    return Ok(Accepted::Duplicate);
                 }
                 let Some(entry) = self.entry(issuer, now) else {
                     return Ok(Accepted::Duplicate);
@@ -390,8 +438,11 @@ impl Membership {
                 info.reachability = announcement.reachability;
                 info.relay = announcement.relay;
                 info.last_seen = now;
-                entry.latest = Some(signed.clone());
+                let old = entry.latest.replace(signed.clone());
                 entry.reports.clear();
+                self.stored_bytes =
+                    self.stored_bytes - old.as_ref().map_or(0, stored_len) + stored_len(signed);
+                let entry = self.peers.get_mut(&issuer).expect("just updated");
                 Ok(Accepted::Announcement {
                     change: set_alive(entry, issuer, now),
                 })
@@ -564,6 +615,7 @@ impl Membership {
             }
         }
         self.last_tick = Some(now);
+        let mut forgotten = 0;
         self.peers.retain(|peer, entry| {
             let info = &entry.info;
             if silence_limit > 0
@@ -578,9 +630,14 @@ impl Membership {
                 changes.extend(set_failed(entry, *peer, FailReason::Expired, now));
                 return true;
             }
-            !(entry.info.state == PeerState::Failed
-                && now.saturating_sub(entry.info.state_since) > forget_after)
+            let keep = !(entry.info.state == PeerState::Failed
+                && now.saturating_sub(entry.info.state_since) > forget_after);
+            if !keep {
+                forgotten += entry.latest.as_ref().map_or(0, stored_len);
+            }
+            keep
         });
+        self.stored_bytes -= forgotten;
         changes
     }
 
@@ -673,6 +730,11 @@ impl Membership {
         }
         counts
     }
+}
+
+/// The bytes a held statement takes.
+fn stored_len(signed: &SignedStatement) -> usize {
+    signed.body.len() + signed.public_key.len() + signed.signature.len()
 }
 
 fn set_alive(entry: &mut Entry, peer: PeerId, now: UnixMillis) -> Option<Change> {
@@ -1128,6 +1190,63 @@ mod tests {
         assert_ne!(first.digest_summary(), second.digest_summary());
         first.on_statement(&announce(&a, 2, 1), 1).unwrap();
         assert_eq!(first.digest_summary(), second.digest_summary());
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_peers_least_worth_keeping_instead_of_ignoring_newcomers() {
+        let local = Keypair::generate_ed25519().public().to_peer_id();
+        let config = Config {
+            max_peers: 3,
+            ..Config::default()
+        };
+        let mut table = Membership::new(local, config);
+        let keys: Vec<Keypair> = (0..6).map(|_| Keypair::generate_ed25519()).collect();
+        let id = |k: usize| keys[k].public().to_peer_id();
+        // 0 connected, 1 announced early, 2 announced later.
+        table.on_connected(id(0), 0);
+        table.on_statement(&announce(&keys[1], 1, 10), 10).unwrap();
+        table.on_statement(&announce(&keys[2], 1, 20), 20).unwrap();
+        // A newcomer takes the place of the stalest unconnected peer (1), not of 0 or 2.
+        assert!(matches!(
+            table.on_statement(&announce(&keys[3], 1, 30), 30),
+            Ok(Accepted::Announcement { .. })
+        ));
+        assert!(table.get(&id(1)).is_none());
+        assert!(table.get(&id(0)).is_some() && table.get(&id(2)).is_some());
+        // A failed peer goes before any alive one, however fresh.
+        table.on_disconnected(id(0), 31);
+        table.on_unreachable(id(0), 32);
+        table.on_statement(&announce(&keys[4], 1, 40), 40).unwrap();
+        assert!(table.get(&id(0)).is_none(), "the failed peer was evicted");
+        assert!(table.get(&id(2)).is_some() && table.get(&id(3)).is_some());
+        // Everyone connected: the newcomer is ignored, nobody evicted.
+        for k in [2, 3, 4] {
+            table.on_connected(id(k), 50);
+        }
+        assert_eq!(
+            table.on_statement(&announce(&keys[5], 1, 60), 60),
+            Ok(Accepted::Duplicate)
+        );
+        assert_eq!(table.peers().count(), 3);
+    }
+
+    #[test]
+    fn the_bytes_of_announcements_held_are_bounded() {
+        let local = Keypair::generate_ed25519().public().to_peer_id();
+        let one = stored_len(&announce(&Keypair::generate_ed25519(), 1, 0));
+        let config = Config {
+            max_statement_bytes: 4 * one + one / 2,
+            ..Config::default()
+        };
+        let mut table = Membership::new(local, config);
+        for t in 0..20 {
+            let key = Keypair::generate_ed25519();
+            table.on_statement(&announce(&key, 1, t), t).unwrap();
+            assert!(table.stored_bytes <= 4 * one + one / 2);
+        }
+        assert_eq!(table.peers().count(), 4, "the newest four");
+        // Evicted peers gave their bytes back: the count is exactly what the four hold.
+        assert_eq!(table.stored_bytes, 4 * one);
     }
 
     #[test]
