@@ -144,6 +144,10 @@ struct NodeArgs {
     /// from the peers that hold it, then serves it.
     #[arg(long)]
     serve_on_demand: bool,
+    /// With --serve-on-demand, the only model ids served on demand (repeatable; default:
+    /// any id a request names).
+    #[arg(long = "on-demand-allow", value_name = "ID")]
+    on_demand_allow: Vec<mycel_core::id::ContentId>,
     /// Lets a model name mean a model id this node trusts (repeatable): NAME=ID. A name
     /// nobody bound means the one id peers announce under it, and is refused with the ids
     /// listed when peers announce it for several (keys are free: counting announcers would
@@ -285,6 +289,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.blobs.quota = args.blob_quota;
     config.blobs.upload_limit = args.upload_limit;
     config.serve_on_demand = args.serve_on_demand;
+    config.on_demand_allow = args.on_demand_allow;
     for spec in &args.bind_model {
         config
             .router

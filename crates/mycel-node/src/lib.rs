@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use mycel_core::id::ContentId;
 use mycel_ml::Engine;
 use mycel_net::{
     Limits, Multiaddr, NatConfig, NetConfig, NetEvent, NetHandle, Registry, Timing, TransportKind,
@@ -84,6 +85,8 @@ pub struct NodeConfig {
     /// A request for a model id this node lacks makes it fetch the model from its holders
     /// and serve it.
     pub serve_on_demand: bool,
+    /// The only model ids served on demand (empty: any a request names).
+    pub on_demand_allow: Vec<ContentId>,
     /// Datasets held for federated training: (tag, source) pairs, loaded at start.
     pub datasets: Vec<(String, String)>,
     /// Datasets already in memory, held as well.
@@ -120,6 +123,7 @@ impl NodeConfig {
             router: RouterConfig::default(),
             blobs: BlobConfig::default(),
             serve_on_demand: false,
+            on_demand_allow: Vec::new(),
             datasets: Vec::new(),
             preloaded_datasets: Vec::new(),
             metered: false,
@@ -280,16 +284,19 @@ impl Node {
                 .clone()
                 .serve(net.accept_streams(mycel_net::task::BLOB_PROTOCOL)?),
         ));
-        let supply = Arc::new(ModelSupply::new(
-            blobs.clone(),
-            models.clone(),
-            net.clone(),
-            config.sys_root.clone(),
-            extra.clone(),
-            &dir,
-            config.engine,
-            config.serve_on_demand,
-        ));
+        let supply = Arc::new(
+            ModelSupply::new(
+                blobs.clone(),
+                models.clone(),
+                net.clone(),
+                config.sys_root.clone(),
+                extra.clone(),
+                &dir,
+                config.engine,
+                config.serve_on_demand,
+            )
+            .allowing(config.on_demand_allow.clone()),
+        );
         inference.set_supply(supply.clone());
         let training = Arc::new(Training::new(
             net.clone(),

@@ -38,6 +38,8 @@ pub struct ModelSupply {
     models_dir: PathBuf,
     engine: Engine,
     on_demand: bool,
+    /// The only ids served on demand (empty: any).
+    allowed: Vec<ContentId>,
     demands: Mutex<HashMap<ContentId, Demand>>,
 }
 
@@ -64,8 +66,15 @@ impl ModelSupply {
             models_dir: data_dir.join("models"),
             engine,
             on_demand,
+            allowed: Vec::new(),
             demands: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Serves on demand only the model ids in `allowed` (empty: any a request names).
+    pub fn allowing(mut self, allowed: Vec<ContentId>) -> Self {
+        self.allowed = allowed;
+        self
     }
 
     /// Whether requests for models this node lacks make it fetch and serve them.
@@ -160,9 +169,10 @@ impl ModelSupply {
     }
 
     /// Starts fetching and serving model `id`, or joins the load already under way. Returns
-    /// `None` when the node does not serve on demand or already runs its most loads.
+    /// `None` when the node does not serve on demand, not this id, or already runs its most
+    /// loads.
     pub fn demand(self: &Arc<Self>, id: ContentId) -> Option<Demand> {
-        if !self.on_demand {
+        if !self.on_demand || !(self.allowed.is_empty() || self.allowed.contains(&id)) {
             return None;
         }
         let mut demands = self.demands.lock().unwrap_or_else(|e| e.into_inner());

@@ -404,6 +404,14 @@ async fn a_blob_that_is_no_model_fails_to_load_on_demand_and_is_dropped() {
         .unwrap_or_default();
     assert!(left.is_empty(), "left under models/: {left:?}");
     assert!(node.models.offers().is_empty());
+    // An operator who allows only other ids on demand: the junk is not even fetched.
+    let mut strict = config(&root.path().join("c"), addrs_of(&holder), None);
+    strict.serve_on_demand = true;
+    strict.on_demand_allow = vec![ContentId([3; 32])];
+    let strict = Node::start(strict).await.unwrap();
+    assert!(strict.supply.demand(id).is_none(), "not an allowed id");
+    assert!(strict.supply.demand(ContentId([3; 32])).is_some());
+    assert!(strict.blobs.store().info(&id).unwrap().is_none());
     // It still fetches what it is asked for.
     let copy = node
         .blobs
