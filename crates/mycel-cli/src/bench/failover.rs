@@ -41,7 +41,7 @@ pub(crate) struct FailoverBenchArgs {
 }
 
 /// Kills the child processes when dropped, whatever happens to the benchmark.
-struct Children(Vec<Option<std::process::Child>>);
+pub(crate) struct Children(pub(crate) Vec<Option<std::process::Child>>);
 
 impl Drop for Children {
     fn drop(&mut self) {

@@ -1,6 +1,7 @@
 //! `mycel bench ...`: whole-network benchmarks. A readable table goes to stderr; with `--json`
 //! one JSON object per scenario goes to stdout.
 
+mod attack;
 mod blobs;
 mod failover;
 mod fl;
@@ -36,6 +37,11 @@ pub(crate) enum BenchCommand {
     /// Federated training of the digits across real nodes on loopback, per scenario (split,
     /// aggregator, attack, compression, hierarchy); with --flower, beside Flower.
     Fl(fl::FlBenchArgs),
+    /// Attacks on a victim node process by a peer speaking our protocols (lying down
+    /// reports, a flood of one issuer's statements, sync amplification, silent task streams,
+    /// silent API connections): whether honest nodes still see it alive, honest bans, its CPU
+    /// and memory, and the requests it answers against a run with no attack.
+    Attack(attack::AttackBenchArgs),
     /// The sending half of the TCP baseline of `bench blobs` (run by it).
     #[command(hide = true)]
     TcpSend(blobs::TcpSendArgs),
@@ -53,6 +59,7 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Failover(args) => failover::run(args).await,
         BenchCommand::Blobs(args) => blobs::run(args).await,
         BenchCommand::Fl(args) => fl::run(args).await,
+        BenchCommand::Attack(args) => attack::run(args).await,
         BenchCommand::TcpSend(args) => blobs::tcp_send(args),
     }
 }

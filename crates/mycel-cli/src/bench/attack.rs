@@ -1,0 +1,507 @@
+//! `mycel bench attack`: a victim `mycel node` process serving a tiny embedding model, two
+//! honest nodes in this process (one connected to the victim, one that hears of it only
+//! through the first), and an attacker in this process speaking our protocols with a bare
+//! libp2p node. A client sends embedding requests to the victim's API throughout. Each attack
+//! runs for `--seconds` after a run with no attack; per attack it reports whether any honest
+//! node saw the victim failed, honest bans, the victim's CPU and memory, and the requests
+//! answered against the no-attack run.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use libp2p::multiaddr::Protocol;
+use mycel_core::membership::PeerState;
+use mycel_core::statement::{Announcement, Capabilities, DownReport, SignedStatement, Statement};
+use mycel_core::Keypair;
+use mycel_net::{Multiaddr, NetConfig, NetHandle, PeerId, Registry};
+use mycel_node::{Node, NodeConfig};
+use serde_json::json;
+
+use super::blobs::free_port;
+use super::failover::Children;
+
+/// The attacks, in the order they run.
+const ATTACKS: [&str; 5] = [
+    "down_reports",
+    "issuer_flood",
+    "sync_amplification",
+    "task_streams",
+    "api_connections",
+];
+
+#[derive(Args)]
+pub(crate) struct AttackBenchArgs {
+    /// Seconds each attack (and the no-attack run before it) lasts.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Only this attack (see the list in the output).
+    #[arg(long)]
+    only: Option<String>,
+    /// Print one JSON object per attack on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one run (attack or none) saw.
+struct Observed {
+    requests_ok: u64,
+    requests_failed: u64,
+    victim_failed: bool,
+    cpu_pct: f64,
+    rss_mib: f64,
+}
+
+pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
+    if let Some(only) = &args.only {
+        if !ATTACKS.contains(&only.as_str()) {
+            bail!("no attack {only:?}; the attacks are {}", ATTACKS.join(", "));
+        }
+    }
+    let root = tempfile::tempdir()?;
+    let model = root.path().join("tiny-bert");
+    mycel_ml::fixtures::write_tiny_bert(&model).context("writing the tiny model")?;
+    let (port, api_port) = (free_port()?, free_port()?);
+    let data = root.path().join("victim");
+    let exe = std::env::current_exe().context("finding the mycel binary")?;
+    let child = std::process::Command::new(&exe)
+        .arg("node")
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--listen",
+            &format!("/ip4/127.0.0.1/tcp/{port}"),
+            "--no-mdns",
+        ])
+        .args(["--api", &format!("127.0.0.1:{api_port}")])
+        .arg("--model")
+        .arg(&model)
+        .env("MYCEL_LOG", super::node_log_filter())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(super::node_stderr())
+        .spawn()
+        .context("starting the victim node")?;
+    let pid = child.id();
+    let _children = Children(vec![Some(child)]);
+    let api = format!("127.0.0.1:{api_port}");
+    let token = wait_for_token(&data).await?;
+    let victim_id = wait_for_peer_id(&api, &token).await?;
+    let victim_addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{victim_id}").parse()?;
+
+    // Honest nodes: `near` connected to the victim, `far` only to `near`.
+    let honest_config = |name: &str, bootstrap: Vec<Multiaddr>, max: u32| {
+        let mut c = NodeConfig::new(root.path().join(name));
+        c.mdns = false;
+        c.api = None;
+        c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")];
+        c.bootstrap = bootstrap;
+        c.limits.max_connections = max;
+        c.limits.target_peers = 1;
+        c
+    };
+    let near = Node::start(honest_config("near", vec![victim_addr.clone()], 24)).await?;
+    let near_addr = near.net.listen_addrs()[0]
+        .clone()
+        .with(Protocol::P2p(near.net.peer_id()));
+    let far = Node::start(honest_config("far", vec![near_addr], 1)).await?;
+    let victim_peer: PeerId = victim_id.parse()?;
+    wait_alive(&[&near, &far], victim_peer).await?;
+
+    let seconds = Duration::from_secs(args.seconds);
+    let mut rows = Vec::new();
+    for attack in ATTACKS {
+        if args.only.as_deref().is_some_and(|o| o != attack) {
+            continue;
+        }
+        eprintln!(
+            "{attack}: {} s without, then {} s with",
+            args.seconds, args.seconds
+        );
+        let baseline = observe(pid, &api, &token, &[&near, &far], victim_peer, seconds).await?;
+        // A fresh identity for each attack (keys are free; the victim may have banned the
+        // last one).
+        let (attacker, attacker_key) = raw_peer(vec![victim_addr.clone()]).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !near_connected(&attacker, victim_peer).await {
+            if Instant::now() > deadline {
+                bail!("the attacker could not connect to the victim");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let running = tokio::spawn(attack_loop(
+            attack,
+            attacker.clone(),
+            attacker_key,
+            victim_peer,
+            api.clone(),
+            stop.clone(),
+            sent.clone(),
+        ));
+        let under = observe(pid, &api, &token, &[&near, &far], victim_peer, seconds).await?;
+        stop.store(true, Ordering::SeqCst);
+        let _ = running.await;
+        attacker.shutdown().await;
+        let honest_bans = honest_bans(&near, &far, victim_peer).await;
+        let ratio = under.requests_ok as f64 / baseline.requests_ok.max(1) as f64;
+        let row = json!({
+            "attack": attack,
+            "seconds": args.seconds,
+            "attack_messages": sent.load(Ordering::SeqCst),
+            "victims_failed": u64::from(under.victim_failed),
+            "honest_bans": honest_bans,
+            "victim_cpu_pct": round1(under.cpu_pct),
+            "victim_cpu_pct_baseline": round1(baseline.cpu_pct),
+            "victim_rss_mib": round1(under.rss_mib),
+            "requests_ok": under.requests_ok,
+            "requests_failed": under.requests_failed,
+            "requests_ok_baseline": baseline.requests_ok,
+            "requests_ok_ratio": (ratio * 1000.0).round() / 1000.0,
+            "command": super::command_line(),
+        });
+        eprintln!(
+            "  {} attack messages; victims_failed {} honest_bans {} cpu {:.0}% (baseline {:.0}%) rss {:.0} MiB requests_ok {} of {} ({:.1}%)",
+            sent.load(Ordering::SeqCst),
+            u64::from(under.victim_failed),
+            honest_bans,
+            under.cpu_pct,
+            baseline.cpu_pct,
+            under.rss_mib,
+            under.requests_ok,
+            baseline.requests_ok,
+            ratio * 100.0
+        );
+        rows.push(row);
+    }
+    if args.json {
+        for row in rows {
+            println!("{row}");
+        }
+    }
+    near.shutdown().await;
+    far.shutdown().await;
+    Ok(())
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+/// A bare libp2p node on 127.0.0.1 and its key.
+async fn raw_peer(bootstrap: Vec<Multiaddr>) -> anyhow::Result<(NetHandle, Keypair)> {
+    let key = Keypair::generate_ed25519();
+    let mut config = NetConfig::new(key.clone());
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+    config.bootstrap = bootstrap;
+    config.mdns = false;
+    let (net, _events, _task) =
+        mycel_net::spawn(config, Box::new(|floor| floor), &mut Registry::default()).await?;
+    Ok((net, key))
+}
+
+async fn near_connected(net: &NetHandle, peer: PeerId) -> bool {
+    net.peer(peer)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|p| p.connected)
+}
+
+async fn wait_for_token(data: &Path) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(token) = std::fs::read_to_string(data.join("api.token")) {
+            if token.trim().len() >= 16 {
+                return Ok(token.trim().to_owned());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the victim node wrote no api.token within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_for_peer_id(api: &str, token: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = get_json(api, token, "/api/status").await;
+        if let Some(id) = status
+            .as_ref()
+            .and_then(|s| s["network"]["peer_id"].as_str())
+        {
+            return Ok(id.to_owned());
+        }
+        if Instant::now() > deadline {
+            bail!("the victim node's API did not answer within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn get_json(api: &str, token: &str, path: &str) -> Option<serde_json::Value> {
+    let (url, auth) = (format!("http://{api}{path}"), format!("Bearer {token}"));
+    tokio::task::spawn_blocking(move || {
+        let mut response = ureq::get(&url).header("Authorization", &auth).call().ok()?;
+        serde_json::from_str(&response.body_mut().read_to_string().ok()?).ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+async fn wait_alive(nodes: &[&Node], victim: PeerId) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for node in nodes {
+        loop {
+            let alive = node
+                .net
+                .peer(victim)
+                .await?
+                .is_some_and(|p| p.state == PeerState::Alive);
+            if alive {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("an honest node did not see the victim alive within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Honest pairs (near, far and the victim) where one side holds the other banned.
+async fn honest_bans(near: &Node, far: &Node, victim: PeerId) -> u64 {
+    let mut bans = 0;
+    let pairs = [
+        (near, victim),
+        (near, far.net.peer_id()),
+        (far, near.net.peer_id()),
+        (far, victim),
+    ];
+    for (node, peer) in pairs {
+        if node.net.reputation(peer).await.unwrap_or(0.0) <= -100.0 {
+            bans += 1;
+        }
+    }
+    bans
+}
+
+/// The victim's CPU time (user + system) in clock ticks, and its resident memory in MiB.
+fn victim_usage(pid: u32) -> (u64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (in parentheses, which may hold spaces).
+    let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let cpu = ticks(11) + ticks(12);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (cpu, rss_kib / 1024.0)
+}
+
+/// Sends embedding requests to the victim for `duration`, one at a time, while watching
+/// whether the honest nodes hold the victim alive.
+async fn observe(
+    pid: u32,
+    api: &str,
+    token: &str,
+    honest: &[&Node],
+    victim: PeerId,
+    duration: Duration,
+) -> anyhow::Result<Observed> {
+    let (cpu_before, _) = victim_usage(pid);
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (url, auth) = (
+        format!("http://{api}/v1/embeddings"),
+        format!("Bearer {token}"),
+    );
+    let client = {
+        let stop = stop.clone();
+        tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(5)))
+                .build()
+                .into();
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while !stop.load(Ordering::SeqCst) {
+                let body = json!({ "model": "tiny-bert", "input": ["the cat sat on the mat"] });
+                let answered = agent
+                    .post(&url)
+                    .header("Authorization", &auth)
+                    .header("Content-Type", "application/json")
+                    .send(body.to_string())
+                    .ok()
+                    .and_then(|mut r| r.body_mut().read_to_string().ok())
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .is_some_and(|v| v["data"][0]["embedding"].is_array());
+                if answered {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let mut victim_failed = false;
+    while started.elapsed() < duration {
+        for node in honest {
+            let failed = node
+                .net
+                .peer(victim)
+                .await?
+                .is_none_or(|p| p.state == PeerState::Failed);
+            victim_failed |= failed;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (requests_ok, requests_failed) = client.await?;
+    let wall = started.elapsed().as_secs_f64();
+    let (cpu_after, rss_mib) = victim_usage(pid);
+    // Clock ticks are 100 a second on Linux.
+    let cpu_pct = (cpu_after.saturating_sub(cpu_before)) as f64 / 100.0 / wall * 100.0;
+    Ok(Observed {
+        requests_ok,
+        requests_failed,
+        victim_failed,
+        cpu_pct,
+        rss_mib,
+    })
+}
+
+fn now_ms() -> u64 {
+    mycel_net::now_ms()
+}
+
+/// Runs `attack` against `victim` until `stop`, counting what it sent in `sent`.
+async fn attack_loop(
+    attack: &'static str,
+    net: NetHandle,
+    key: Keypair,
+    victim: PeerId,
+    api: String,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) {
+    let count = || sent.fetch_add(1, Ordering::SeqCst);
+    match attack {
+        // Reports about the victim: from keys nobody knows, naming announcements it never
+        // made (u64::MAX), and from the attacker itself about its current one.
+        "down_reports" => {
+            while !stop.load(Ordering::SeqCst) {
+                let seq = net.peer(victim).await.ok().flatten().map_or(0, |p| p.seq);
+                for (signer, subject_seq) in [
+                    (Keypair::generate_ed25519(), seq),
+                    (key.clone(), u64::MAX),
+                    (key.clone(), seq),
+                ] {
+                    let now = now_ms();
+                    let report = SignedStatement::sign(
+                        &signer,
+                        &Statement::Down(DownReport {
+                            subject: victim,
+                            subject_seq,
+                            issued_at: now,
+                            expires_at: now + 60_000,
+                        }),
+                    );
+                    let _ = net.publish_raw(report.to_bytes()).await;
+                    count();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        // Genuine announcements of one key, each newer than the last, as fast as they go.
+        "issuer_flood" => {
+            let flooder = Keypair::generate_ed25519();
+            let mut seq = 1;
+            while !stop.load(Ordering::SeqCst) {
+                let now = now_ms();
+                let statement = SignedStatement::sign(
+                    &flooder,
+                    &Statement::Announce(Announcement {
+                        seq,
+                        issued_at: now,
+                        expires_at: now + 60_000,
+                        capabilities: Capabilities::default(),
+                        addrs: Vec::new(),
+                        reachability: Default::default(),
+                        relay: false,
+                    }),
+                );
+                seq += 1;
+                let _ = net.publish_raw(statement.to_bytes()).await;
+                count();
+                if seq % 100 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        // Sync requests with an empty digest: "send me everything".
+        "sync_amplification" => {
+            while !stop.load(Ordering::SeqCst) {
+                let _ = net.sync_raw(victim).await;
+                count();
+            }
+        }
+        // Task streams opened and left silent, as many as the victim keeps.
+        "task_streams" => {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                if held.len() < 512 {
+                    if let Ok(stream) = net
+                        .open_stream(victim, mycel_net::task::TASK_PROTOCOL)
+                        .await
+                    {
+                        held.push(stream);
+                        count();
+                    }
+                } else {
+                    held.clear();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        // TCP connections to the victim's API that send nothing, kept topped up to 300.
+        "api_connections" => {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                // Those the victim closed (a read says so at once) are opened again.
+                held.retain(|s: &tokio::net::TcpStream| {
+                    let mut byte = [0u8; 1];
+                    matches!(s.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                while held.len() < 300 {
+                    match tokio::net::TcpStream::connect(&api).await {
+                        Ok(stream) => {
+                            held.push(stream);
+                            count();
+                        }
+                        Err(_) => break,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        _ => {}
+    }
+}
