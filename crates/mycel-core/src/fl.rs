@@ -844,13 +844,14 @@ fn members_digest(members: &[Member]) -> [u8; 32] {
 pub const MAX_TICKET_PEERS: usize = 4 * MAX_MEMBERS;
 
 /// A coordinator's signature on one round's request: the request's body (see
-/// [`TrainRequest::body_digest`]), the members a cluster head is to gather, and the peers the
-/// request is for (the plain participants it was sent to, or a head and its members). A node
-/// that trains only for coordinators it trusts trains a round only under such a ticket, only
-/// when it is one of the peers named, and only when the request came from the coordinator or
-/// from one of those peers (a head forwarding it), so that nobody can get updates on a job
-/// its coordinator did not send them, nor make a node gather members the coordinator did not
-/// give it.
+/// [`TrainRequest::body_digest`]), the members a cluster head is to gather, the peers the
+/// request is for (the plain participants it was sent to, or a head and its members), the head
+/// that may forward it, and when it expires. A node that trains only for coordinators it
+/// trusts trains a round only under such a ticket, only when it is one of the peers named,
+/// and only when the request came from the coordinator itself or, with no members, from the
+/// ticket's head (forwarding it): no participant can ask another for its update, a head
+/// gathers only the members the coordinator gave it, and an old ticket cannot be replayed
+/// for long.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobTicket {
     /// The job.
@@ -863,6 +864,11 @@ pub struct JobTicket {
     pub members: [u8; 32],
     /// The peers the request is for (peer id bytes).
     pub peers: Vec<serde_bytes::ByteBuf>,
+    /// The cluster head that may forward the request to its members (peer id bytes); none
+    /// for plain participants.
+    pub head: Option<serde_bytes::ByteBuf>,
+    /// When the ticket stops being valid (Unix milliseconds).
+    pub expires_at: u64,
     /// The coordinator's public key (protobuf encoding).
     #[serde(with = "serde_bytes")]
     pub public_key: Vec<u8>,
@@ -871,24 +877,35 @@ pub struct JobTicket {
     pub signature: Vec<u8>,
 }
 
+/// Clock skew allowed when checking a ticket's expiry.
+const TICKET_SKEW_MS: u64 = 60_000;
+
 impl JobTicket {
     /// What is signed: everything but the key and signature, domain-separated.
     pub fn digest(&self) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
-        h.update(b"mycel/fl-ticket/1\0");
+        h.update(b"mycel/fl-ticket/2\0");
         h.update(&wire::encode(&(
             self.job,
             self.round,
             self.body,
             self.members,
             &self.peers,
+            &self.head,
+            self.expires_at,
         )));
         *h.finalize().as_bytes()
     }
 
     /// The coordinator `keypair` vouches for `request` (its members included) sent to
-    /// `peers`.
-    pub fn sign(keypair: &Keypair, request: &TrainRequest, peers: &[PeerId]) -> Self {
+    /// `peers`, forwarded only by `head` (for a cluster head's request), until `expires_at`.
+    pub fn sign(
+        keypair: &Keypair,
+        request: &TrainRequest,
+        peers: &[PeerId],
+        head: Option<PeerId>,
+        expires_at: u64,
+    ) -> Self {
         let mut ticket = Self {
             job: request.job,
             round: request.round,
@@ -898,6 +915,8 @@ impl JobTicket {
                 .iter()
                 .map(|p| serde_bytes::ByteBuf::from(p.to_bytes()))
                 .collect(),
+            head: head.map(|h| serde_bytes::ByteBuf::from(h.to_bytes())),
+            expires_at,
             public_key: keypair.public().encode_protobuf(),
             signature: Vec::new(),
         };
@@ -907,13 +926,14 @@ impl JobTicket {
         ticket
     }
 
-    /// Checks that this ticket vouches for `request`, received by `me` from `from`; returns
-    /// the coordinator that signed it.
+    /// Checks that this ticket vouches for `request`, received by `me` from `from` at `now`;
+    /// returns the coordinator that signed it.
     pub fn check(
         &self,
         request: &TrainRequest,
         from: &PeerId,
         me: &PeerId,
+        now: u64,
     ) -> Result<PeerId, String> {
         if self.peers.len() > MAX_TICKET_PEERS {
             return Err("the job ticket names too many peers".into());
@@ -924,26 +944,34 @@ impl JobTicket {
             return Err("the job ticket's signature does not verify".into());
         }
         let coordinator = key.to_peer_id();
+        if now > self.expires_at.saturating_add(TICKET_SKEW_MS) {
+            return Err("the job ticket has expired".into());
+        }
         if self.job != request.job
             || self.round != request.round
             || self.body != request.body_digest()
         {
             return Err("the job ticket is for another request".into());
         }
-        // A plain participant gathers nobody; a head only the members it was given.
-        if !request.members.is_empty() && self.members != members_digest(&request.members) {
-            return Err("the job ticket gives this node no such members to gather".into());
-        }
-        let named = |peer: &PeerId| {
-            let bytes = peer.to_bytes();
-            self.peers.iter().any(|p| p.as_slice() == bytes.as_slice())
+        let is = |bytes: &serde_bytes::ByteBuf, peer: &PeerId| {
+            bytes.as_slice() == peer.to_bytes().as_slice()
         };
-        if !named(me) {
+        if !self.peers.iter().any(|p| is(p, me)) {
             return Err("the job ticket is not for this node".into());
         }
-        if *from != coordinator && !named(from) {
+        let from_head = self.head.as_ref().is_some_and(|h| is(h, from));
+        if !request.members.is_empty() {
+            // Gathering: only as the ticket's head, only the members it covers, only when
+            // the coordinator asks.
+            if *from != coordinator || !self.head.as_ref().is_some_and(|h| is(h, me)) {
+                return Err("only the coordinator can make this node a cluster head".into());
+            }
+            if self.members != members_digest(&request.members) {
+                return Err("the job ticket gives this node no such members to gather".into());
+            }
+        } else if *from != coordinator && !from_head {
             return Err(
-                "the request came from neither the coordinator nor a peer of its ticket".into(),
+                "the request came from neither the coordinator nor the head of its ticket".into(),
             );
         }
         Ok(coordinator)
@@ -966,12 +994,13 @@ impl Default for TrainFor {
     }
 }
 
-/// Whether `policy` lets `me` train `request`, received from `from`.
+/// Whether `policy` lets `me` train `request`, received from `from` at `now`.
 pub fn authorise(
     policy: &TrainFor,
     request: &TrainRequest,
     from: &PeerId,
     me: &PeerId,
+    now: u64,
 ) -> Result<(), String> {
     let TrainFor::Coordinators(allowed) = policy else {
         return Ok(());
@@ -983,7 +1012,7 @@ pub fn authorise(
                 .into(),
         );
     };
-    let coordinator = ticket.check(request, from, me)?;
+    let coordinator = ticket.check(request, from, me, now)?;
     if coordinator != *me && !allowed.contains(&coordinator) {
         return Err(format!(
             "this node trains only for the coordinators its operator allowed \
@@ -1394,6 +1423,7 @@ mod tests {
 
     #[test]
     fn a_node_trains_only_under_a_ticket_from_a_coordinator_it_allowed_and_for_itself() {
+        const NOW: u64 = 1_000_000;
         let s = spec();
         let [coordinator, head, member, me, stranger] =
             [(); 5].map(|_| Keypair::generate_ed25519());
@@ -1413,83 +1443,93 @@ mod tests {
             ticket: None,
         };
         let allowed = TrainFor::Coordinators(vec![id(&coordinator)]);
-        let plain = |r: &TrainRequest, peers: &[PeerId]| {
+        let signed = |key: &Keypair, r: &TrainRequest, peers: &[PeerId], head: Option<PeerId>| {
             let mut r = r.clone();
-            r.ticket = Some(JobTicket::sign(&coordinator, &r, peers));
+            r.ticket = Some(JobTicket::sign(key, &r, peers, head, NOW + 5_000));
             r
         };
-        let ok = plain(&request, &[id(&me)]);
-        assert_eq!(
-            authorise(&allowed, &ok, &id(&coordinator), &id(&me)),
-            Ok(())
-        );
-        // Anyone, without a ticket: the old behaviour, for an operator who wants it.
-        assert_eq!(
-            authorise(&TrainFor::Anyone, &request, &id(&stranger), &id(&me)),
-            Ok(())
-        );
-        let refused = |r: &TrainRequest, from: &Keypair, policy: &TrainFor, what: &str| {
-            let err = authorise(policy, r, &id(from), &id(&me)).unwrap_err();
+        let check = |policy: &TrainFor, r: &TrainRequest, from: &Keypair, to: &Keypair, now| {
+            authorise(policy, r, &id(from), &id(to), now)
+        };
+        let refused = |r: &TrainRequest, from: &Keypair, to: &Keypair, now, what: &str| {
+            let err = check(&allowed, r, from, to, now).unwrap_err();
             assert!(err.contains(what), "{err}");
         };
-        refused(&request, &coordinator, &allowed, "no job ticket");
-        refused(&ok, &coordinator, &TrainFor::default(), "is not one");
-        // A stranger's own ticket, or the coordinator's ticket replayed by a stranger, or for
-        // other peers, or on other weights: refused.
-        let mut own = request.clone();
-        own.ticket = Some(JobTicket::sign(&stranger, &own, &[id(&me)]));
-        refused(&own, &stranger, &allowed, "is not one");
-        refused(&ok, &stranger, &allowed, "neither the coordinator");
-        refused(
-            &plain(&request, &[id(&member)]),
-            &coordinator,
-            &allowed,
-            "not for this node",
-        );
-        let mut other_weights = ok.clone();
-        other_weights.weights = Payload::dense(&vec![9.0; s.model.parameters()]);
-        refused(&other_weights, &coordinator, &allowed, "another request");
-        let mut forged = ok.clone();
-        forged.ticket.as_mut().unwrap().signature[0] ^= 1;
-        refused(&forged, &coordinator, &allowed, "signature");
-        // A node's own jobs need no allow-list.
-        let mut mine = request.clone();
-        mine.ticket = Some(JobTicket::sign(&me, &mine, &[id(&me)]));
+        // Flat: named plain participants, from the coordinator.
+        let flat = signed(&coordinator, &request, &[id(&me), id(&stranger)], None);
+        assert_eq!(check(&allowed, &flat, &coordinator, &me, NOW), Ok(()));
+        // Anyone, without a ticket: the old behaviour, for an operator who wants it.
         assert_eq!(
-            authorise(&TrainFor::default(), &mine, &id(&me), &id(&me)),
+            check(&TrainFor::Anyone, &request, &stranger, &me, NOW),
             Ok(())
         );
+        refused(&request, &coordinator, &me, NOW, "no job ticket");
+        assert!(check(&TrainFor::default(), &flat, &coordinator, &me, NOW)
+            .unwrap_err()
+            .contains("is not one"));
+        // Another participant named in the same ticket cannot ask this one for its update,
+        // nor can a stranger replay it, nor does it hold for long.
+        refused(&flat, &stranger, &me, NOW, "neither the coordinator");
+        refused(&flat, &coordinator, &me, NOW + 70_000, "expired");
+        // A stranger's own ticket; a ticket for other peers; other weights; a forgery.
+        let own = signed(&stranger, &request, &[id(&me)], None);
+        refused(&own, &stranger, &me, NOW, "is not one");
+        refused(
+            &signed(&coordinator, &request, &[id(&member)], None),
+            &coordinator,
+            &me,
+            NOW,
+            "not for this node",
+        );
+        let mut other_weights = flat.clone();
+        other_weights.weights = Payload::dense(&vec![9.0; s.model.parameters()]);
+        refused(&other_weights, &coordinator, &me, NOW, "another request");
+        let mut forged = flat.clone();
+        forged.ticket.as_mut().unwrap().signature[0] ^= 1;
+        refused(&forged, &coordinator, &me, NOW, "signature");
+        // A node's own jobs need no allow-list.
+        let mine = signed(&me, &request, &[id(&me)], None);
+        assert_eq!(check(&TrainFor::default(), &mine, &me, &me, NOW), Ok(()));
 
-        // A cluster head's request names the head and its members: the head may gather exactly
-        // those members, and forwards the request (members cleared, deadline shortened) under
-        // the same ticket, which the member accepts from the head.
-        let mut for_head = request.clone();
-        for_head.members = vec![Member {
+        // A cluster: the head gathers exactly the members the ticket covers, when the
+        // coordinator asks, and forwards the request (members cleared, deadline shortened)
+        // under the same ticket, which its member accepts from it and from nobody else.
+        let mut cluster = request.clone();
+        cluster.members = vec![Member {
             peer: id(&member),
             addrs: Vec::new(),
         }];
-        for_head.ticket = Some(JobTicket::sign(
+        let cluster = signed(
             &coordinator,
-            &for_head,
+            &cluster,
             &[id(&head), id(&member)],
-        ));
-        assert_eq!(
-            authorise(&allowed, &for_head, &id(&coordinator), &id(&head)),
-            Ok(())
+            Some(id(&head)),
         );
-        let mut more = for_head.clone();
+        assert_eq!(check(&allowed, &cluster, &coordinator, &head, NOW), Ok(()));
+        let mut more = cluster.clone();
         more.members.push(Member {
             peer: id(&stranger),
             addrs: Vec::new(),
         });
-        let err = authorise(&allowed, &more, &id(&coordinator), &id(&head)).unwrap_err();
-        assert!(err.contains("no such members"), "{err}");
-        let mut forwarded = for_head.clone();
+        refused(&more, &coordinator, &head, NOW, "no such members");
+        refused(
+            &cluster,
+            &coordinator,
+            &member,
+            NOW,
+            "only the coordinator can make",
+        );
+        refused(&cluster, &head, &head, NOW, "only the coordinator can make");
+        let mut forwarded = cluster.clone();
         forwarded.members.clear();
         forwarded.deadline_ms = 800;
-        assert_eq!(
-            authorise(&allowed, &forwarded, &id(&head), &id(&member)),
-            Ok(())
+        assert_eq!(check(&allowed, &forwarded, &head, &member, NOW), Ok(()));
+        refused(
+            &forwarded,
+            &stranger,
+            &member,
+            NOW,
+            "neither the coordinator",
         );
     }
 

@@ -46,8 +46,9 @@ pub struct Config {
     pub forget_after_ms: u64,
     /// Most peers tracked. A newcomer past it (or past [`Config::max_statement_bytes`])
     /// takes the place of the peer least worth keeping: a failed one (failed longest ago
-    /// first), else one this node is not connected to whose announcement is the stalest; a
-    /// connected peer is never evicted, and when all are connected the newcomer is ignored.
+    /// first), else the unconnected one listed most recently (a flood of new keys displaces
+    /// only newcomers, never the peers known longest); a connected peer is never evicted, and
+    /// when all are connected the newcomer is ignored.
     pub max_peers: usize,
     /// Most bytes of announcements held (each up to 16 KiB: 10,000 peers could otherwise
     /// hold 160 MiB).
@@ -261,9 +262,12 @@ struct Entry {
     missed_pings: u32,
     /// When the peer last answered a ping (or connected).
     last_pong: UnixMillis,
-    /// Reporters whose down reports about the announcement held count now, and when each
-    /// report arrived.
-    reports: Vec<(PeerId, UnixMillis)>,
+    /// Down reports within the window: reporter, the announcement (sequence number) it
+    /// named, and when it arrived. A reporter counts once per window whatever it names, so a
+    /// refutation does not let the same reporters fail the peer again at once.
+    reports: Vec<(PeerId, u64, UnixMillis)>,
+    /// When this node first listed the peer.
+    first_seen: UnixMillis,
 }
 
 /// The membership table of one node.
@@ -325,19 +329,16 @@ impl Membership {
         while (new && self.peers.len() >= self.config.max_peers)
             || self.stored_bytes.saturating_add(extra) > self.config.max_statement_bytes
         {
-            // Failed first (longest ago first), then the stalest announcement.
+            // Failed first (longest ago first), then the peer listed most recently: keys are
+            // free, so a flood of new ones only displaces newcomers, never the peers known
+            // longest (whom a sybil would have had to outlast).
             let victim = self
                 .peers
                 .iter()
                 .filter(|(p, e)| **p != peer && !e.info.connected)
-                .min_by_key(|(_, e)| {
-                    let failed = e.info.state == PeerState::Failed;
-                    let since = if failed {
-                        e.info.state_since
-                    } else {
-                        e.info.announced_at
-                    };
-                    (!failed, since)
+                .min_by_key(|(_, e)| match e.info.state {
+                    PeerState::Failed => (0, e.info.state_since),
+                    PeerState::Alive => (1, u64::MAX - e.first_seen),
                 })
                 .map(|(p, _)| *p);
             let Some(victim) = victim else {
@@ -377,6 +378,7 @@ impl Membership {
             missed_pings: 0,
             last_pong: now,
             reports: Vec::new(),
+            first_seen: now,
         }))
     }
 
@@ -410,6 +412,12 @@ impl Membership {
         }
         match verified.statement {
             Statement::Announce(announcement) => {
+                // A sequence number of 0 (or not above the one held) is no news, and must not
+                // make room by evicting anyone.
+                let held_seq = self.peers.get(&issuer).map_or(0, |e| e.info.seq);
+                if announcement.seq <= held_seq {
+                    return Ok(Accepted::Duplicate);
+                }
                 // Only the issuer can make a newer announcement, so it pays for each.
                 if !self.issuer_rate.allow(issuer, now) {
                     return Err(Refusal::issuer(Rejection::RateLimited, issuer));
@@ -439,7 +447,6 @@ impl Membership {
                 info.relay = announcement.relay;
                 info.last_seen = now;
                 let old = entry.latest.replace(signed.clone());
-                entry.reports.clear();
                 self.stored_bytes =
                     self.stored_bytes - old.as_ref().map_or(0, stored_len) + stored_len(signed);
                 let entry = self.peers.get_mut(&issuer).expect("just updated");
@@ -480,15 +487,22 @@ impl Membership {
         }
         entry
             .reports
-            .retain(|(_, at)| now.saturating_sub(*at) < window);
-        if entry.reports.len() >= MAX_REPORTS || entry.reports.iter().any(|(r, _)| *r == reporter) {
+            .retain(|(_, _, at)| now.saturating_sub(*at) < window);
+        if entry.reports.len() >= MAX_REPORTS
+            || entry.reports.iter().any(|(r, _, _)| *r == reporter)
+        {
             return Ok(Accepted::Ignored);
         }
         if !self.issuer_rate.allow(reporter, now) {
             return Err(Refusal::issuer(Rejection::RateLimited, reporter));
         }
-        entry.reports.push((reporter, now));
-        if entry.info.state == PeerState::Failed || entry.reports.len() < quorum {
+        entry.reports.push((reporter, report.subject_seq, now));
+        let naming_this = entry
+            .reports
+            .iter()
+            .filter(|(_, seq, _)| *seq == entry.info.seq)
+            .count();
+        if entry.info.state == PeerState::Failed || naming_this < quorum {
             return Ok(Accepted::Down { change: None });
         }
         let reason = FailReason::Reported(reporter.to_base58());
@@ -556,7 +570,6 @@ impl Membership {
         entry.info.last_seen = now;
         entry.missed_pings = 0;
         entry.last_pong = now;
-        entry.reports.clear();
         set_alive(entry, peer, now)
     }
 
@@ -575,7 +588,6 @@ impl Membership {
         entry.info.last_seen = now;
         entry.missed_pings = 0;
         entry.last_pong = now;
-        entry.reports.clear();
         set_alive(entry, peer, now)
     }
 
@@ -987,7 +999,7 @@ mod tests {
             })
         );
 
-        // The subject refutes with a newer announcement, which also clears the old reports.
+        // The subject refutes with a newer announcement.
         let back = table.on_statement(&announce(&subject, 4, 20), 20).unwrap();
         assert_eq!(
             back,
@@ -995,11 +1007,17 @@ mod tests {
                 change: Some(Change::Alive(sid))
             }
         );
-        assert_eq!(
-            table.on_statement(&down(&r1, sid, 4, 21), 21),
-            Ok(Accepted::Down { change: None })
+        // The same reporters cannot fail it again at once: each counts once per window.
+        for r in [&r1, &r2] {
+            assert_eq!(
+                table.on_statement(&down(r, sid, 4, 21), 21),
+                Ok(Accepted::Ignored)
+            );
+        }
+        assert!(
+            alive(&table),
+            "refuted, and not failed again by the same two"
         );
-        assert!(alive(&table), "one report about the new announcement");
     }
 
     #[test]
@@ -1202,25 +1220,33 @@ mod tests {
         let mut table = Membership::new(local, config);
         let keys: Vec<Keypair> = (0..6).map(|_| Keypair::generate_ed25519()).collect();
         let id = |k: usize| keys[k].public().to_peer_id();
-        // 0 connected, 1 announced early, 2 announced later.
+        // 0 connected, 1 listed early, 2 listed later.
         table.on_connected(id(0), 0);
         table.on_statement(&announce(&keys[1], 1, 10), 10).unwrap();
         table.on_statement(&announce(&keys[2], 1, 20), 20).unwrap();
-        // A newcomer takes the place of the stalest unconnected peer (1), not of 0 or 2.
+        // A newcomer takes the place of the unconnected peer listed most recently (2): the
+        // peer known longest (1) stays, and so does the connected one.
         assert!(matches!(
             table.on_statement(&announce(&keys[3], 1, 30), 30),
             Ok(Accepted::Announcement { .. })
         ));
-        assert!(table.get(&id(1)).is_none());
-        assert!(table.get(&id(0)).is_some() && table.get(&id(2)).is_some());
-        // A failed peer goes before any alive one, however fresh.
+        assert!(table.get(&id(2)).is_none());
+        assert!(table.get(&id(0)).is_some() && table.get(&id(1)).is_some());
+        // A failed peer goes before any alive one.
         table.on_disconnected(id(0), 31);
         table.on_unreachable(id(0), 32);
         table.on_statement(&announce(&keys[4], 1, 40), 40).unwrap();
         assert!(table.get(&id(0)).is_none(), "the failed peer was evicted");
-        assert!(table.get(&id(2)).is_some() && table.get(&id(3)).is_some());
+        assert!(table.get(&id(1)).is_some() && table.get(&id(3)).is_some());
+        // An announcement with sequence number 0 evicts nobody.
+        let zero = Keypair::generate_ed25519();
+        assert_eq!(
+            table.on_statement(&announce(&zero, 0, 41), 41),
+            Ok(Accepted::Duplicate)
+        );
+        assert!(table.get(&id(4)).is_some());
         // Everyone connected: the newcomer is ignored, nobody evicted.
-        for k in [2, 3, 4] {
+        for k in [1, 3, 4] {
             table.on_connected(id(k), 50);
         }
         assert_eq!(
@@ -1239,12 +1265,17 @@ mod tests {
             ..Config::default()
         };
         let mut table = Membership::new(local, config);
-        for t in 0..20 {
-            let key = Keypair::generate_ed25519();
-            table.on_statement(&announce(&key, 1, t), t).unwrap();
+        let keys: Vec<Keypair> = (0..20).map(|_| Keypair::generate_ed25519()).collect();
+        for (t, key) in keys.iter().enumerate() {
+            let t = t as u64;
+            table.on_statement(&announce(key, 1, t), t).unwrap();
             assert!(table.stored_bytes <= 4 * one + one / 2);
         }
-        assert_eq!(table.peers().count(), 4, "the newest four");
+        assert_eq!(table.peers().count(), 4);
+        // The three known longest stayed; newcomers displaced newcomers.
+        for key in &keys[..3] {
+            assert!(table.get(&key.public().to_peer_id()).is_some());
+        }
         // Evicted peers gave their bytes back: the count is exactly what the four hold.
         assert_eq!(table.stored_bytes, 4 * one);
     }

@@ -102,21 +102,34 @@ const MAX_EXPERTS: u64 = 256;
 /// size their buffers by must be sane (a file is untrusted input: a peer can send any bytes as
 /// a model, and a header claiming 4,294,967,295 layers made the loader abort the process).
 fn check_header(content: &gguf_file::Content, file_size: u64) -> std::result::Result<(), String> {
+    // Tensors may point at the same bytes, so each fitting in the file is not enough: their
+    // sizes together must (an engine copies, or dequantises, every one).
+    let mut total = 0u64;
     for (name, info) in &content.tensor_infos {
         let elements = info
             .shape
             .dims()
             .iter()
             .try_fold(1u64, |n, d| n.checked_mul(*d as u64));
-        match elements {
-            Some(n) if n <= file_size.saturating_mul(8) => {}
-            _ => {
+        let block = info.ggml_dtype.block_size() as u64;
+        let bytes = elements
+            .filter(|n| *n <= file_size.saturating_mul(8) && block > 0)
+            .map(|n| n.div_ceil(block) * info.ggml_dtype.type_size() as u64);
+        match bytes {
+            Some(b) => total = total.saturating_add(b),
+            None => {
                 return Err(format!(
                 "tensor {name:?} claims shape {:?}, more than a file of {file_size} bytes holds",
                 info.shape.dims()
             ))
             }
         }
+    }
+    if total > file_size {
+        return Err(format!(
+            "the tensors claim {total} bytes together, more than the file's {file_size}: \
+             some overlap"
+        ));
     }
     let number = |key: &str| -> std::result::Result<Option<u64>, String> {
         use gguf_file::Value;

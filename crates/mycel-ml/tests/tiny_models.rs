@@ -475,6 +475,19 @@ fn a_model_file_claiming_absurd_sizes_is_refused_on_every_engine_without_allocat
             other => panic!("a tensor of 2^62 elements on {engine:?}: {other:?}"),
         }
     }
+    // Tensors that together claim more bytes than the file (as tensors aliasing the same
+    // bytes would): output_norm.weight (f32) rewritten to half as many elements as the file
+    // has bytes, so twice the file's size on its own.
+    let mut bytes = std::fs::read(&good).unwrap();
+    let half = bytes.len() as u64 / 2;
+    bytes[at + 4..at + 12].copy_from_slice(&half.to_le_bytes());
+    std::fs::write(&bad, &bytes).unwrap();
+    match Generator::load(&bad, Engine::Q4) {
+        Err(MlError::Model { reason, .. }) => {
+            assert!(reason.contains("more than the file"), "{reason}")
+        }
+        other => panic!("tensors larger together than the file: {other:?}"),
+    }
     // The untouched file still loads.
     Generator::load(&good, Engine::Q4).unwrap();
 }

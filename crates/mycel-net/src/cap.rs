@@ -76,6 +76,10 @@ fn limited_ip(remote: &Multiaddr) -> Option<IpAddr> {
     }
     let ip = match remote.iter().next()? {
         Protocol::Ip4(ip) => IpAddr::V4(ip),
+        // One IPv6 host usually holds a whole /64: that is the unit limited.
+        Protocol::Ip6(ip) if !ip.is_loopback() => {
+            IpAddr::V6((u128::from(ip) & !((1u128 << 64) - 1)).into())
+        }
         Protocol::Ip6(ip) => IpAddr::V6(ip),
         _ => return None,
     };

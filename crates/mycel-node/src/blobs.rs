@@ -86,6 +86,9 @@ impl Default for BlobConfig {
     }
 }
 
+/// Providers asked for an outboard at once.
+const MAX_ASKED: usize = 8;
+
 /// How long the other providers may take to answer for an outboard once one has: those
 /// silent longer are left out of the fetch.
 const OUTBOARD_GRACE: Duration = Duration::from_secs(1);
@@ -416,11 +419,14 @@ impl BlobService {
                 // asked one after another each silent one would cost a whole request timeout.
                 // Once one has answered, the others get a moment more; those still silent
                 // then are not waited for (nor pulled from) in this fetch.
-                let mut asks: futures::stream::FuturesUnordered<_> = providers
+                // At most a few at once: each answer may be a large frame, and provider
+                // records are anyone's claim (the rest are asked in later rounds).
+                let asked: Vec<PeerId> = providers.iter().copied().take(MAX_ASKED).collect();
+                let mut asks: futures::stream::FuturesUnordered<_> = asked
                     .iter()
                     .map(|peer| async move { (*peer, self.outboard_from(*peer, id).await) })
                     .collect();
-                let mut unanswered: HashSet<PeerId> = providers.iter().copied().collect();
+                let mut unanswered: HashSet<PeerId> = asked.iter().copied().collect();
                 let mut grace: Option<Instant> = None;
                 loop {
                     let next = match grace {
@@ -468,7 +474,10 @@ impl BlobService {
                 }
                 // Every holder is reachable only through a relay: waiting would not help, and
                 // the error says what would.
-                if outboard.is_none() && relayed_only == providers.len() {
+                if outboard.is_none()
+                    && relayed_only == asked.len()
+                    && asked.len() == providers.len()
+                {
                     return Err(FetchError::Unavailable {
                         id,
                         secs: started.elapsed().as_secs(),

@@ -335,7 +335,8 @@ impl Training {
             .map_err(|e| Refuse::Malformed(format!("the global weights: {e}")))?;
         // Only for jobs the operator allowed: an update can reveal the data it came from.
         let me = self.keypair.public().to_peer_id();
-        fl::authorise(&self.train_for, &request, &from, &me).map_err(Refuse::Other)?;
+        fl::authorise(&self.train_for, &request, &from, &me, mycel_net::now_ms())
+            .map_err(Refuse::Other)?;
         let dataset = self
             .datasets
             .get(&request.dataset)
@@ -848,7 +849,15 @@ impl Training {
             // that nodes training only for coordinators they trust can check it.
             let mut request = request;
             let flat_ids: Vec<PeerId> = flat_peers.iter().map(|(p, _)| *p).collect();
-            request.ticket = Some(JobTicket::sign(&self.keypair, &request, &flat_ids));
+            // Valid for the round (and the allowed clock skew), no longer.
+            let expires_at = mycel_net::now_ms() + spec.round_deadline_ms;
+            request.ticket = Some(JobTicket::sign(
+                &self.keypair,
+                &request,
+                &flat_ids,
+                None,
+                expires_at,
+            ));
             let head_requests: Vec<([Addressed; 1], TrainRequest)> = heads
                 .iter()
                 .map(|c| {
@@ -863,7 +872,13 @@ impl Training {
                         .collect();
                     let cluster: Vec<PeerId> =
                         std::iter::once(c.head).chain(c.members.iter().copied()).collect();
-                    r.ticket = Some(JobTicket::sign(&self.keypair, &r, &cluster));
+                    r.ticket = Some(JobTicket::sign(
+                        &self.keypair,
+                        &r,
+                        &cluster,
+                        Some(c.head),
+                        expires_at,
+                    ));
                     (
                         [(c.head, addrs.get(&c.head).cloned().unwrap_or_default())],
                         r,

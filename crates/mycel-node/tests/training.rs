@@ -11,7 +11,8 @@ use std::time::Duration;
 use common::{addrs_of, local_config, wait_until};
 use futures::StreamExt;
 use mycel_core::fl::{
-    self, Gathered, JobSpec, JobTicket, Payload, SignedUpdate, TrainFor, TrainReply, TrainRequest,
+    self, Gathered, JobSpec, JobTicket, Member, Payload, SignedUpdate, TrainFor, TrainReply,
+    TrainRequest,
 };
 use mycel_core::statement::{Capabilities, DatasetOffer};
 use mycel_core::Keypair;
@@ -334,10 +335,22 @@ async fn a_participant_trains_only_for_its_coordinator_and_penalises_malformed_r
         aggregator: job.aggregator,
         ticket: None,
     };
-    let ticketed = |mut r: TrainRequest, key: &Keypair, peers: &[mycel_net::PeerId]| {
-        r.ticket = Some(JobTicket::sign(key, &r, peers));
+    // A ticket as a coordinator signs it: flat (no head), or for a cluster with its head.
+    let signed = |mut r: TrainRequest,
+                  key: &Keypair,
+                  peers: &[mycel_net::PeerId],
+                  head: Option<mycel_net::PeerId>| {
+        r.ticket = Some(JobTicket::sign(
+            key,
+            &r,
+            peers,
+            head,
+            mycel_net::now_ms() + 30_000,
+        ));
         r
     };
+    let ticketed =
+        |r: TrainRequest, key: &Keypair, peers: &[mycel_net::PeerId]| signed(r, key, peers, None);
     let ask = |r: TrainRequest| {
         let rogue = rogue.clone();
         let peer = participant.net.peer_id();
@@ -367,9 +380,22 @@ async fn a_participant_trains_only_for_its_coordinator_and_penalises_malformed_r
     assert!(reputation < 0.0, "{reputation}");
     // Well-formed, but not a job its operator allowed: refused, without blame.
     refused(&ask(request(vec![0.0; n], "digits")).await, "no job ticket");
+    // A cluster ticket: the key's cluster of the rogue (head) and the participant, as the
+    // rogue forwards it.
+    let member = Member {
+        peer: me,
+        addrs: Vec::new(),
+    };
+    let forwarded = |key: &Keypair, dataset: &str| {
+        let mut r = request(vec![0.0; n], dataset);
+        r.members = vec![member.clone()];
+        let mut r = signed(r, key, &[rogue_id, me], Some(rogue_id));
+        r.members.clear();
+        r
+    };
+    // Under a ticket of the rogue's own making: not a coordinator the participant allows.
     let rogue_key = Keypair::generate_ed25519();
-    let own = ticketed(request(vec![0.0; n], "digits"), &rogue_key, &[me, rogue_id]);
-    refused(&ask(own).await, "is not one");
+    refused(&ask(forwarded(&rogue_key, "digits")).await, "is not one");
     let elsewhere = ticketed(
         request(vec![0.0; n], "digits"),
         &coordinator_key,
@@ -378,15 +404,20 @@ async fn a_participant_trains_only_for_its_coordinator_and_penalises_malformed_r
     refused(&ask(elsewhere).await, "not for this node");
     let replayed = ticketed(request(vec![0.0; n], "digits"), &coordinator_key, &[me]);
     refused(&ask(replayed).await, "neither the coordinator");
+    // Named beside the participant as a fellow plain participant, the rogue still cannot ask
+    // it for its update.
+    let fellow = ticketed(
+        request(vec![0.0; n], "digits"),
+        &coordinator_key,
+        &[me, rogue_id],
+    );
+    refused(&ask(fellow).await, "neither the coordinator");
     assert!(participant.net.reputation(rogue_id).await.unwrap() >= reputation - 0.01);
-    // The coordinator named the rogue beside the participant (as it names a cluster head and
-    // its members): a dataset it does not hold is refused without blame, the right one gets
-    // a signed update.
-    let named = [me, rogue_id];
-    let faces = ticketed(request(vec![0.0; n], "faces"), &coordinator_key, &named);
-    refused(&ask(faces).await, "faces");
-    let proper = ticketed(request(vec![0.0; n], "digits"), &coordinator_key, &named);
-    let reply = ask(proper).await;
+    // The coordinator made the rogue the head of a cluster with the participant in it: the
+    // head forwards the request (members cleared). A dataset the participant does not hold
+    // is refused without blame; the right one gets a signed update.
+    refused(&ask(forwarded(&coordinator_key, "faces")).await, "faces");
+    let reply = ask(forwarded(&coordinator_key, "digits")).await;
     let TrainReply::Update { update, .. } = reply else {
         panic!("{reply:?}")
     };
