@@ -186,6 +186,15 @@ impl BlobService {
         self.announce().await;
     }
 
+    /// Stops offering `id` beyond the blobs held (undoes [`BlobService::provide_also`]).
+    pub async fn provide_no_longer(&self, id: ContentId) {
+        self.also_provided
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.announce().await;
+    }
+
     /// Brings the DHT provider records in line with the blobs held.
     pub async fn announce(&self) {
         let store = self.store.clone();

@@ -155,6 +155,19 @@ impl ModelService {
             .clone()
     }
 
+    /// Stops serving every model with id `id`; whether one was served.
+    pub fn remove(&self, id: &mycel_core::id::ContentId) -> bool {
+        let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+        let kept: Vec<Served> = models
+            .iter()
+            .filter(|m| m.offer.id != *id)
+            .cloned()
+            .collect();
+        let removed = kept.len() != models.len();
+        *models = Arc::new(kept);
+        removed
+    }
+
     /// Serves one more model (a model with the same id and engine is not served twice).
     pub fn add(&self, served: Served) {
         let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());

@@ -130,6 +130,11 @@ impl ModelSupply {
     pub async fn serve(&self, path: PathBuf, engine: Engine) -> anyhow::Result<ContentId> {
         let served =
             tokio::task::spawn_blocking(move || models::load_model(&path, engine)).await??;
+        self.serve_loaded(served).await
+    }
+
+    /// Serves a model already loaded (see [`ModelSupply::serve`]).
+    async fn serve_loaded(&self, served: models::Served) -> anyhow::Result<ContentId> {
         let (id, source) = (served.offer.id, served.source.clone());
         self.models.add(served);
         self.blobs.provide_also([id]).await;
@@ -214,10 +219,29 @@ impl ModelSupply {
         // Whoever asked chose the id: what it names may be no model at all. It is kept
         // unpinned until it loads, and dropped if it does not.
         let path = self.fetch_tree(id, false, &Progress::default()).await?;
-        match self.serve(path.clone(), self.engine).await {
-            Ok(served) if served == id => self.set_tree_pinned(id, true).await,
-            Ok(served) => anyhow::bail!("the blob {id} holds the model {served}, not {id}"),
+        let engine = self.engine;
+        let load = path.clone();
+        let outcome = async {
+            let served =
+                tokio::task::spawn_blocking(move || models::load_model(&load, engine)).await??;
+            anyhow::ensure!(
+                served.offer.id == id,
+                "the blob {id} holds the model {}, not {id}",
+                served.offer.id
+            );
+            self.serve_loaded(served).await
+        }
+        .await;
+        match outcome {
+            Ok(_) => self.set_tree_pinned(id, true).await,
             Err(e) => {
+                // Undone whatever of it was done: no longer served, offered or kept.
+                if self.models.remove(&id) {
+                    let capabilities =
+                        system::read_capabilities(&self.sys_root, &self.models, &self.extra);
+                    let _ = self.net.refresh_capabilities(capabilities).await;
+                }
+                self.blobs.provide_no_longer(id).await;
                 if let Err(cleanup) = self.drop_tree(id, &path).await {
                     warn!(%id, "cannot drop what was fetched for a failed load: {cleanup:#}");
                 }
