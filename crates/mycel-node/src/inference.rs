@@ -66,6 +66,9 @@ pub struct RouterConfig {
     /// Which ids a model name may mean, as the operator configured them (the models this
     /// node serves are bound to their names as well).
     pub bindings: Bindings,
+    /// The engine preferred for a model peers offer with several engines (this node's own;
+    /// counting announcers would let made-up keys choose).
+    pub engine: String,
 }
 
 impl Default for RouterConfig {
@@ -77,6 +80,7 @@ impl Default for RouterConfig {
             hedge: true,
             reliability_half_life: Duration::from_secs(300),
             bindings: Bindings::new(),
+            engine: mycel_ml::Engine::default().name().to_owned(),
         }
     }
 }
@@ -300,13 +304,20 @@ impl Inference {
                     {
                         Some(served) => (served.offer.clone(), Some(served.runner.clone())),
                         None => {
-                            // The engine most of the id's announcers run it with.
+                            // This node's own engine when peers offer the id with it (keys are
+                            // free: a count of announcers would let made-up ones choose), else
+                            // the engine most of the id's announcers run it with.
                             let mut engines: HashMap<&str, (usize, &ModelOffer)> = HashMap::new();
                             for offer in offers().filter(|o| o.id == resolved.id()) {
                                 engines.entry(offer.engine.as_str()).or_insert((0, offer)).0 += 1;
                             }
-                            let best = engines.into_values().max_by(|a, b| {
-                                a.0.cmp(&b.0).then_with(|| b.1.engine.cmp(&a.1.engine))
+                            let preferred = engines
+                                .get(self.config.engine.as_str())
+                                .map(|(_, offer)| (usize::MAX, *offer));
+                            let best = preferred.or_else(|| {
+                                engines.into_values().max_by(|a, b| {
+                                    a.0.cmp(&b.0).then_with(|| b.1.engine.cmp(&a.1.engine))
+                                })
                             });
                             match best {
                                 Some((_, offer)) => (offer.clone(), None),

@@ -266,11 +266,13 @@ impl Node {
             .await
             .context("starting the network")?;
         let mut tasks = vec![net_task];
+        let mut router = config.router.clone();
+        router.engine = config.engine.name().to_owned();
         let inference = Arc::new(Inference::new(
             net.clone(),
             keypair.clone(),
             models.clone(),
-            config.router.clone(),
+            router,
         ));
         let incoming = net.accept_task_streams()?;
         tasks.push(tokio::spawn(inference.clone().serve(incoming)));

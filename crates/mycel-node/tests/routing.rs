@@ -626,3 +626,73 @@ async fn impostors_announcing_a_name_cannot_capture_it() {
     );
     assert_eq!(status, 200, "{body}");
 }
+
+/// Made-up keys announcing an honest model's id under an engine of their own do not draw its
+/// requests by outnumbering the honest server: a node prefers its own engine when a peer
+/// offers the id with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_engines_announced_for_an_honest_id_do_not_draw_its_requests() {
+    use mycel_core::statement::{
+        Announcement, Capabilities, ModelOffer, SignedStatement, Statement,
+    };
+    let root = tempfile::tempdir().unwrap();
+    let honest = load(root.path(), "tiny.gguf", |p| write_tiny_llama(p).unwrap());
+    let (id, engine) = (honest.offer.id, honest.offer.engine.clone());
+    let worker = start(root.path(), "w", vec![], vec![honest], 16).await;
+    let mut config = local_config(&root.path().join("a"), addrs_of(&worker), true);
+    config.engine = Engine::Exact;
+    let asker = Node::start(config).await.unwrap();
+    wait_offers(&asker, &[&worker]).await;
+    // Five keys announce the same id run by "fast-engine", relayed by the worker.
+    let now = mycel_net::now_ms();
+    let mut fakes = Vec::new();
+    for _ in 0..5 {
+        let key = mycel_core::Keypair::generate_ed25519();
+        fakes.push(key.public().to_peer_id());
+        let statement = SignedStatement::sign(
+            &key,
+            &Statement::Announce(Announcement {
+                seq: 1,
+                issued_at: now,
+                expires_at: now + 60_000,
+                capabilities: Capabilities {
+                    models: vec![ModelOffer {
+                        id,
+                        name: "tiny".into(),
+                        kind: ModelKind::Generation,
+                        engine: "fast-engine".into(),
+                    }],
+                    ..Default::default()
+                },
+                addrs: Vec::new(),
+                reachability: Default::default(),
+                relay: false,
+            }),
+        );
+        worker.net.publish_raw(statement.to_bytes()).await.unwrap();
+    }
+    wait_until(LIMIT, "the asker holds the made-up offers", || async {
+        let peers = asker.net.peers().await.unwrap();
+        fakes.iter().all(|f| {
+            peers
+                .iter()
+                .any(|p| p.peer_id == f.to_base58() && p.state == PeerState::Alive)
+        })
+    })
+    .await;
+    let target = asker
+        .inference
+        .resolve(&id.to_string(), ModelKind::Generation)
+        .await
+        .unwrap();
+    assert_eq!(
+        target.offer.engine, engine,
+        "five made-up announcers, one honest"
+    );
+    let (status, body) = post_json(
+        &asker,
+        "/v1/chat/completions",
+        json!({ "model": id.to_string(), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2 }),
+    );
+    assert_eq!(status, 200, "{body}");
+}
