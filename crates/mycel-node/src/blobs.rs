@@ -34,7 +34,7 @@ use tokio::sync::oneshot::error::TryRecvError;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-/// Blob requests answered at once; streams beyond are dropped.
+/// Blob streams answered at once, a quarter of them for one peer; streams beyond are dropped.
 const MAX_INBOUND_STREAMS: usize = 64;
 
 /// How long a blob stream may wait for its next request.
@@ -241,23 +241,22 @@ impl BlobService {
     /// Answers the blob streams peers open, until the network stops. The answers run in a
     /// set owned by this task: when the node stops, they stop with it.
     pub async fn serve(self: Arc<Self>, mut incoming: IncomingStreams) {
-        let mut answers = tokio::task::JoinSet::new();
+        let mut slots = crate::slots::Slots::new(MAX_INBOUND_STREAMS, MAX_INBOUND_STREAMS / 4);
         loop {
             tokio::select! {
                 next = incoming.next() => {
                     let Some((peer, stream)) = next else { break };
-                    if answers.len() >= MAX_INBOUND_STREAMS {
-                        debug!(%peer, "too many blob streams; dropping one");
-                        continue;
-                    }
                     let service = self.clone();
-                    answers.spawn(async move {
+                    let answer = async move {
                         if let Err(e) = service.answer(peer, stream).await {
                             debug!(%peer, "blob request ended: {e}");
                         }
-                    });
+                    };
+                    if !slots.spawn(peer, answer) {
+                        debug!(%peer, "too many blob streams; dropping one");
+                    }
                 }
-                Some(_) = answers.join_next(), if !answers.is_empty() => {}
+                () = slots.next_done(), if !slots.is_empty() => {}
             }
         }
     }

@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::models::{ModelService, Piece, PieceSink, RunError, Runner};
+use crate::slots::Slots;
 use crate::supply::ModelSupply;
 
 /// Task streams served at once; more are dropped (the requester fails over).
@@ -818,38 +819,17 @@ impl Inference {
     /// Serves the task streams peers open to this node until the network stops.
     pub async fn serve(self: Arc<Self>, mut incoming: IncomingStreams) {
         // Tasks run in a set owned by this task: when the node stops, they stop with it.
-        let mut running = tokio::task::JoinSet::new();
-        let mut per_peer: HashMap<PeerId, usize> = HashMap::new();
-        let mut whose: HashMap<tokio::task::Id, PeerId> = HashMap::new();
+        let mut slots = Slots::new(MAX_INBOUND_TASKS, MAX_INBOUND_TASKS_PER_PEER);
         loop {
             tokio::select! {
                 next = incoming.next() => {
                     let Some((peer, stream)) = next else { break };
-                    let mine = per_peer.get(&peer).copied().unwrap_or(0);
-                    if running.len() >= MAX_INBOUND_TASKS || mine >= MAX_INBOUND_TASKS_PER_PEER {
-                        debug!(%peer, "too many task streams; dropping one");
-                        continue;
-                    }
-                    *per_peer.entry(peer).or_default() += 1;
                     let this = self.clone();
-                    let task = running.spawn(async move { this.work(peer, stream).await });
-                    whose.insert(task.id(), peer);
-                }
-                Some(done) = running.join_next_with_id(), if !running.is_empty() => {
-                    // Finished or panicked, the stream's slot is given back.
-                    let id = match &done {
-                        Ok((id, ())) => *id,
-                        Err(e) => e.id(),
-                    };
-                    if let Some(peer) = whose.remove(&id) {
-                        if let Some(n) = per_peer.get_mut(&peer) {
-                            *n -= 1;
-                            if *n == 0 {
-                                per_peer.remove(&peer);
-                            }
-                        }
+                    if !slots.spawn(peer, async move { this.work(peer, stream).await }) {
+                        debug!(%peer, "too many task streams; dropping one");
                     }
                 }
+                () = slots.next_done(), if !slots.is_empty() => {}
             }
         }
     }

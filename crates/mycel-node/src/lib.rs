@@ -12,6 +12,7 @@ pub mod blobs;
 pub mod inference;
 pub mod models;
 mod openai;
+mod slots;
 pub mod supply;
 pub mod system;
 pub mod train_api;

@@ -399,9 +399,9 @@ async fn sync_answers_are_paced_per_asker_and_charged_to_it() {
 
 /// One peer opening many task streams and sending nothing gets at most its share of the
 /// node's 256 task slots (32); the streams past its share are closed at once, and another
-/// peer's streams are served beside them.
+/// peer's streams are served beside them. Blob streams likewise (16 of 64).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_peer_gets_at_most_its_share_of_task_streams() {
+async fn one_peer_gets_at_most_its_share_of_task_and_blob_streams() {
     use mycel_net::task::{read_frame, TASK_PROTOCOL};
     let root = tempfile::tempdir().unwrap();
     let nodes = cluster(root.path(), 1).await;
@@ -448,6 +448,18 @@ async fn one_peer_gets_at_most_its_share_of_task_streams() {
         outcomes.iter().all(|h| *h),
         "another peer's streams are served"
     );
+    // Blob streams likewise: 16 of 64 for one peer.
+    let mut blob_streams = Vec::new();
+    for _ in 0..24 {
+        blob_streams.push(
+            hog.open_stream(victim.net.peer_id(), mycel_net::task::BLOB_PROTOCOL)
+                .await
+                .unwrap(),
+        );
+    }
+    let outcomes = futures::future::join_all(blob_streams.into_iter().map(held)).await;
+    let kept = outcomes.iter().filter(|h| **h).count();
+    assert_eq!(kept, 16, "the hog's blob streams held: {kept} of 24");
     for node in nodes {
         node.shutdown().await;
     }

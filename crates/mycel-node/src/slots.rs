@@ -1,0 +1,104 @@
+//! Streams a serve loop answers at once: a cap in all and a share per peer, so that one peer
+//! (which may be a stranger) cannot take every slot.
+
+use std::collections::HashMap;
+
+use mycel_net::PeerId;
+use tokio::task::{Id, JoinError, JoinSet};
+
+/// The slots of one serve loop, and the tasks that hold them.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    max: usize,
+    per_peer: usize,
+    held: HashMap<PeerId, usize>,
+    whose: HashMap<Id, PeerId>,
+    tasks: JoinSet<()>,
+}
+
+impl Slots {
+    /// At most `max` at once, `per_peer` of them for one peer.
+    pub(crate) fn new(max: usize, per_peer: usize) -> Self {
+        Self {
+            max,
+            per_peer,
+            held: HashMap::new(),
+            whose: HashMap::new(),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// Runs `work` for `peer` when a slot is free for it; false (and `work` dropped) when not.
+    pub(crate) fn spawn(
+        &mut self,
+        peer: PeerId,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> bool {
+        let mine = self.held.get(&peer).copied().unwrap_or(0);
+        if self.tasks.len() >= self.max || mine >= self.per_peer {
+            return false;
+        }
+        *self.held.entry(peer).or_default() += 1;
+        let task = self.tasks.spawn(work);
+        self.whose.insert(task.id(), peer);
+        true
+    }
+
+    /// Waits for a task to end (finished or panicked) and gives its slot back; pending
+    /// forever while none runs (for a `select!` arm guarded by [`Slots::is_empty`]).
+    pub(crate) async fn next_done(&mut self) {
+        let Some(done) = self.tasks.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let id = match &done {
+            Ok((id, ())) => *id,
+            Err(e) => JoinError::id(e),
+        };
+        if let Some(peer) = self.whose.remove(&id) {
+            if let Some(n) = self.held.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    self.held.remove(&peer);
+                }
+            }
+        }
+    }
+
+    /// Whether no task runs.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_peer_gets_its_share_and_slots_come_back() {
+        let mut slots = Slots::new(4, 2);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let (release, wait) = tokio::sync::watch::channel(false);
+        let work = || {
+            let mut wait = wait.clone();
+            async move {
+                let _ = wait.wait_for(|go| *go).await;
+            }
+        };
+        assert!(slots.spawn(a, work()));
+        assert!(slots.spawn(a, work()));
+        assert!(!slots.spawn(a, work()), "a's share is 2");
+        assert!(slots.spawn(b, work()));
+        assert!(slots.spawn(b, work()));
+        assert!(!slots.spawn(PeerId::random(), work()), "4 in all");
+        release.send(true).unwrap();
+        for _ in 0..4 {
+            slots.next_done().await;
+        }
+        assert!(slots.is_empty());
+        assert!(
+            slots.spawn(a, work()) && slots.spawn(a, work()),
+            "given back"
+        );
+    }
+}
