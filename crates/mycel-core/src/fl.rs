@@ -783,17 +783,20 @@ impl TrainRequest {
     pub fn body_digest(&self) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
         h.update(b"mycel/fl-request/1\0");
-        h.update(&wire::encode(&(
-            self.job,
-            self.round,
-            &self.model,
-            &self.dataset,
-            &self.weights,
-            self.train,
-            self.compression,
-            self.seed,
-            self.aggregator,
-        )));
+        wire::hash_encoded(
+            &(
+                self.job,
+                self.round,
+                &self.model,
+                &self.dataset,
+                &self.weights,
+                self.train,
+                self.compression,
+                self.seed,
+                self.aggregator,
+            ),
+            &mut h,
+        );
         *h.finalize().as_bytes()
     }
 
@@ -836,7 +839,7 @@ impl TrainRequest {
 fn members_digest(members: &[Member]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(b"mycel/fl-members/1\0");
-    h.update(&wire::encode(&members));
+    wire::hash_encoded(&members, &mut h);
     *h.finalize().as_bytes()
 }
 
@@ -885,15 +888,18 @@ impl JobTicket {
     pub fn digest(&self) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
         h.update(b"mycel/fl-ticket/2\0");
-        h.update(&wire::encode(&(
-            self.job,
-            self.round,
-            self.body,
-            self.members,
-            &self.peers,
-            &self.head,
-            self.expires_at,
-        )));
+        wire::hash_encoded(
+            &(
+                self.job,
+                self.round,
+                self.body,
+                self.members,
+                &self.peers,
+                &self.head,
+                self.expires_at,
+            ),
+            &mut h,
+        );
         *h.finalize().as_bytes()
     }
 

@@ -637,26 +637,12 @@ impl EventLoop {
     /// rate the message is dropped but nobody is charged: a neighbour relays what others
     /// issued, and statements are charged to their issuers (see `Membership::on_statement`).
     fn admit_gossip(&mut self, peer: PeerId) -> Result<(), Rejection> {
-        let now = now_ms();
-        if self.reputation.is_banned(&peer, now) {
-            return Err(Rejection::Banned);
-        }
-        if !self.relayed.allow(peer, now) {
-            return Err(Rejection::RateLimited);
-        }
-        Ok(())
+        admit(&self.reputation, &mut self.relayed, peer, now_ms())
     }
 
     /// Checks the ban list and the rate limit for a message from `peer`.
     fn admit(&mut self, peer: PeerId) -> Result<(), Rejection> {
-        let now = now_ms();
-        if self.reputation.is_banned(&peer, now) {
-            return Err(Rejection::Banned);
-        }
-        if !self.rate.allow(peer, now) {
-            return Err(Rejection::RateLimited);
-        }
-        Ok(())
+        admit(&self.reputation, &mut self.rate, peer, now_ms())
     }
 
     fn on_tick(&mut self) {
@@ -1935,6 +1921,22 @@ fn jittered(base: Duration, rng: &mut impl Rng) -> Duration {
     }
     let offset = rng.gen_range(0..=2 * fifth);
     Duration::from_millis(base.as_millis() as u64 - fifth + offset)
+}
+
+/// Whether `peer` may be heard at `now`: not banned, and within `limiter`'s rate.
+fn admit(
+    reputation: &Reputation,
+    limiter: &mut RateLimiter<PeerId>,
+    peer: PeerId,
+    now: u64,
+) -> Result<(), Rejection> {
+    if reputation.is_banned(&peer, now) {
+        return Err(Rejection::Banned);
+    }
+    if !limiter.allow(peer, now) {
+        return Err(Rejection::RateLimited);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

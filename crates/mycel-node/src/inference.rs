@@ -266,9 +266,15 @@ impl Inference {
                 .flat_map(|p| p.capabilities.iter().flat_map(|c| &c.models))
                 .filter(|o| o.kind == kind)
         };
-        let local = self.models.find(name).filter(|s| s.offer.kind == kind);
-        let (offer, local) = match local {
-            Some(served) => (served.offer.clone(), Some(served.runner.clone())),
+        // This node's copy of a model of the right kind, by name or id.
+        let here = |key: &str| {
+            self.models
+                .find(key)
+                .filter(|s| s.offer.kind == kind)
+                .map(|s| (s.offer.clone(), Some(s.runner.clone())))
+        };
+        let (offer, local) = match here(name) {
+            Some(found) => found,
             None => {
                 let announced: Vec<(ContentId, &str)> =
                     offers().map(|o| (o.id, o.name.as_str())).collect();
@@ -280,52 +286,41 @@ impl Inference {
                         }
                     },
                 )?;
-                if let Some(served) = self
-                    .models
-                    .find(&resolved.id().to_string())
-                    .filter(|s| s.offer.kind == kind)
-                {
-                    (served.offer.clone(), Some(served.runner.clone()))
-                } else {
-                    if let Some(supply) = self.supply.get() {
-                        // Serving on demand: a model peers announce is fetched in the
-                        // background (the request goes to them meanwhile); one nobody
-                        // announces is fetched first.
-                        let demand = supply.demand(resolved.id());
-                        if let (Resolved::Unannounced(id), Some(demand)) = (resolved, demand) {
-                            if let Err(e) = crate::supply::settled(demand).await {
-                                debug!(%id, "not served on demand: {e}");
-                            }
+                let id = resolved.id();
+                if let (None, Some(supply)) = (here(&id.to_string()), self.supply.get()) {
+                    // Serving on demand: a model peers announce is fetched in the background
+                    // (the request goes to them meanwhile); one nobody announces is fetched
+                    // first.
+                    let demand = supply.demand(id);
+                    if let (Resolved::Unannounced(_), Some(demand)) = (resolved, demand) {
+                        if let Err(e) = crate::supply::settled(demand).await {
+                            debug!(%id, "not served on demand: {e}");
                         }
                     }
-                    match self
-                        .models
-                        .find(&resolved.id().to_string())
-                        .filter(|s| s.offer.kind == kind)
-                    {
-                        Some(served) => (served.offer.clone(), Some(served.runner.clone())),
-                        None => {
-                            // This node's own engine when peers offer the id with it (keys are
-                            // free: a count of announcers would let made-up ones choose), else
-                            // the engine most of the id's announcers run it with.
-                            let mut engines: HashMap<&str, (usize, &ModelOffer)> = HashMap::new();
-                            for offer in offers().filter(|o| o.id == resolved.id()) {
-                                engines.entry(offer.engine.as_str()).or_insert((0, offer)).0 += 1;
-                            }
-                            let preferred = engines
-                                .get(self.config.engine.as_str())
-                                .map(|(_, offer)| (usize::MAX, *offer));
-                            let best = preferred.or_else(|| {
-                                engines.into_values().max_by(|a, b| {
-                                    a.0.cmp(&b.0).then_with(|| b.1.engine.cmp(&a.1.engine))
-                                })
-                            });
-                            match best {
-                                Some((_, offer)) => (offer.clone(), None),
-                                // Nobody we know of announces it: the DHT's providers of the
-                                // id are the candidates.
-                                None => return Ok(Target::unannounced(resolved.id(), kind)),
-                            }
+                }
+                match here(&id.to_string()) {
+                    Some(found) => found,
+                    None => {
+                        // This node's own engine when peers offer the id with it (keys are
+                        // free: a count of announcers would let made-up ones choose), else the
+                        // engine most of the id's announcers run it with.
+                        let mut engines: HashMap<&str, (usize, &ModelOffer)> = HashMap::new();
+                        for offer in offers().filter(|o| o.id == id) {
+                            engines.entry(offer.engine.as_str()).or_insert((0, offer)).0 += 1;
+                        }
+                        let preferred = engines
+                            .get(self.config.engine.as_str())
+                            .map(|(_, offer)| (usize::MAX, *offer));
+                        let best = preferred.or_else(|| {
+                            engines.into_values().max_by(|a, b| {
+                                a.0.cmp(&b.0).then_with(|| b.1.engine.cmp(&a.1.engine))
+                            })
+                        });
+                        match best {
+                            Some((_, offer)) => (offer.clone(), None),
+                            // Nobody we know of announces it: the DHT's providers of the id
+                            // are the candidates.
+                            None => return Ok(Target::unannounced(id, kind)),
                         }
                     }
                 }

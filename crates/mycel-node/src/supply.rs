@@ -128,9 +128,7 @@ impl ModelSupply {
     /// Loads the model at `path` and serves it from now on: announced, provided in the DHT,
     /// run for local and remote tasks, its files published as a blob. Returns its id.
     pub async fn serve(&self, path: PathBuf, engine: Engine) -> anyhow::Result<ContentId> {
-        let served =
-            tokio::task::spawn_blocking(move || models::load_model(&path, engine)).await??;
-        self.serve_loaded(served).await
+        self.serve_loaded(load(path, engine).await?).await
     }
 
     /// Serves a model already loaded (see [`ModelSupply::serve`]).
@@ -219,11 +217,8 @@ impl ModelSupply {
         // Whoever asked chose the id: what it names may be no model at all. It is kept
         // unpinned until it loads, and dropped if it does not.
         let path = self.fetch_tree(id, false, &Progress::default()).await?;
-        let engine = self.engine;
-        let load = path.clone();
         let outcome = async {
-            let served =
-                tokio::task::spawn_blocking(move || models::load_model(&load, engine)).await??;
+            let served = load(path.clone(), self.engine).await?;
             anyhow::ensure!(
                 served.offer.id == id,
                 "the blob {id} holds the model {}, not {id}",
@@ -285,6 +280,11 @@ impl ModelSupply {
         self.blobs.announce().await;
         Ok(())
     }
+}
+
+/// Loads the model at `path` on the blocking pool.
+async fn load(path: PathBuf, engine: Engine) -> anyhow::Result<models::Served> {
+    tokio::task::spawn_blocking(move || models::load_model(&path, engine)).await?
 }
 
 /// The blob `id` and, when it is a manifest, the files it lists.

@@ -127,7 +127,7 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
         // last one).
         let (attacker, attacker_key) = raw_peer(vec![victim_addr.clone()]).await?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !near_connected(&attacker, victim_peer).await {
+        while !connected(&attacker, victim_peer).await {
             if Instant::now() > deadline {
                 bail!("the attacker could not connect to the victim");
             }
@@ -163,7 +163,6 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
             "requests_failed": under.requests_failed,
             "requests_ok_baseline": baseline.requests_ok,
             "requests_ok_ratio": (ratio * 1000.0).round() / 1000.0,
-            "command": super::command_line(),
         });
         eprintln!(
             "  {} attack messages; victims_failed {} honest_bans {} cpu {:.0}% (baseline {:.0}%) rss {:.0} MiB requests_ok {} of {} ({:.1}%)",
@@ -181,7 +180,7 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
     }
     if args.json {
         for row in rows {
-            println!("{row}");
+            super::emit_json(row);
         }
     }
     near.shutdown().await;
@@ -205,7 +204,7 @@ async fn raw_peer(bootstrap: Vec<Multiaddr>) -> anyhow::Result<(NetHandle, Keypa
     Ok((net, key))
 }
 
-async fn near_connected(net: &NetHandle, peer: PeerId) -> bool {
+async fn connected(net: &NetHandle, peer: PeerId) -> bool {
     net.peer(peer)
         .await
         .ok()
@@ -294,28 +293,6 @@ async fn honest_bans(near: &Node, far: &Node, victim: PeerId) -> u64 {
     bans
 }
 
-/// The victim's CPU time (user + system) in clock ticks, and its resident memory in MiB.
-fn victim_usage(pid: u32) -> (u64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (in parentheses, which may hold spaces).
-    let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let cpu = ticks(11) + ticks(12);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    (cpu, rss_kib / 1024.0)
-}
-
 /// Sends embedding requests to the victim for `duration`, one at a time, while watching
 /// whether the honest nodes hold the victim alive.
 async fn observe(
@@ -326,7 +303,7 @@ async fn observe(
     victim: PeerId,
     duration: Duration,
 ) -> anyhow::Result<Observed> {
-    let (cpu_before, _) = victim_usage(pid);
+    let cpu_before = super::cpu_seconds_of(&pid.to_string());
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let (url, auth) = (
@@ -376,9 +353,8 @@ async fn observe(
     stop.store(true, Ordering::SeqCst);
     let (requests_ok, requests_failed) = client.await?;
     let wall = started.elapsed().as_secs_f64();
-    let (cpu_after, rss_mib) = victim_usage(pid);
-    // Clock ticks are 100 a second on Linux.
-    let cpu_pct = (cpu_after.saturating_sub(cpu_before)) as f64 / 100.0 / wall * 100.0;
+    let cpu_pct = (super::cpu_seconds_of(&pid.to_string()) - cpu_before) / wall * 100.0;
+    let rss_mib = super::rss_kib_of(&pid.to_string()) as f64 / 1024.0;
     Ok(Observed {
         requests_ok,
         requests_failed,
@@ -386,10 +362,6 @@ async fn observe(
         cpu_pct,
         rss_mib,
     })
-}
-
-fn now_ms() -> u64 {
-    mycel_net::now_ms()
 }
 
 /// Runs `attack` against `victim` until `stop`, counting what it sent in `sent`.
@@ -414,7 +386,7 @@ async fn attack_loop(
                     (key.clone(), u64::MAX),
                     (key.clone(), seq),
                 ] {
-                    let now = now_ms();
+                    let now = mycel_net::now_ms();
                     let report = SignedStatement::sign(
                         &signer,
                         &Statement::Down(DownReport {
@@ -435,7 +407,7 @@ async fn attack_loop(
             let flooder = Keypair::generate_ed25519();
             let mut seq = 1;
             while !stop.load(Ordering::SeqCst) {
-                let now = now_ms();
+                let now = mycel_net::now_ms();
                 let statement = SignedStatement::sign(
                     &flooder,
                     &Statement::Announce(Announcement {

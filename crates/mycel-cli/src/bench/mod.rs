@@ -107,7 +107,12 @@ pub(crate) fn emit_json(mut line: serde_json::Value) {
 
 /// Resident set size of this process in KiB.
 pub(crate) fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    rss_kib_of("self")
+}
+
+/// Resident set size of process `proc` (a pid, or `self`) in KiB.
+pub(crate) fn rss_kib_of(proc: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{proc}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -120,7 +125,12 @@ pub(crate) fn rss_kib() -> u64 {
 
 /// CPU time (user + system) this process has used, in seconds.
 pub(crate) fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_seconds_of("self")
+}
+
+/// CPU time (user + system) process `proc` (a pid, or `self`) has used, in seconds.
+pub(crate) fn cpu_seconds_of(proc: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{proc}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
