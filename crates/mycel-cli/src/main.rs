@@ -167,6 +167,14 @@ struct NodeArgs {
     /// every pending slot.
     #[arg(long, default_value_t = 4)]
     max_pending_per_ip: u32,
+    /// Inbound connections one remote IP (an IPv6 /64) may hold at once, in their handshake
+    /// or established (loopback and relayed ones are not limited): keys made on one machine
+    /// cannot take every slot.
+    #[arg(long, default_value_t = 8)]
+    max_inbound_per_ip: u32,
+    /// Inbound connections one subnet (an IPv4 /24, an IPv6 /48) may hold at once.
+    #[arg(long, default_value_t = 16)]
+    max_inbound_per_subnet: u32,
     /// A coordinator whose training jobs this node trains for (repeatable), by peer id; `any`
     /// trains for every coordinator. Without it a node trains only for its own jobs: an
     /// update can reveal the data it was trained on.
@@ -316,6 +324,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.train_attack = args.train_attack;
     config.limits.max_connections = args.max_connections;
     config.limits.max_pending_per_ip = args.max_pending_per_ip;
+    config.limits.max_inbound_per_ip = args.max_inbound_per_ip;
+    config.limits.max_inbound_per_subnet = args.max_inbound_per_subnet;
     anyhow::ensure!(
         args.target_peers >= 1 && args.target_peers <= args.max_connections as usize,
         "--target-peers must be between 1 and --max-connections ({})",

@@ -129,6 +129,91 @@ fn a_newcomer_joins_through_a_node_flooded_with_silent_connections() {
     );
 }
 
+const SHARES_TEST: &str = "keys_made_on_one_machine_get_only_its_share_of_inbound_slots";
+
+/// Four nodes on one address (one machine making keys, as far as the victim can tell) all
+/// dial a node that lets one address hold 2 of its inbound connections: it holds no more
+/// than 2 from them, sends the rest away with referrals (counted in /metrics), and sees all
+/// four alive: the ones past the share found the others through the referrals.
+#[test]
+fn keys_made_on_one_machine_get_only_its_share_of_inbound_slots() {
+    let pair = match VethPair::new("s", 12) {
+        Ok(pair) => pair,
+        Err(e) => {
+            mycel_ml::fixtures::skip_unless_required(
+                SHARES_TEST,
+                "MYCEL_REQUIRE_NETNS",
+                &format!("cannot build the namespaces ({e})"),
+            );
+            return;
+        }
+    };
+    let root = tempfile::tempdir().unwrap();
+    let start = |ns: usize, name: &str, port: u16, extra: &[String]| {
+        let mut args = vec![
+            "--no-mdns".to_owned(),
+            "--listen".to_owned(),
+            format!("/ip4/{}/tcp/{port}", pair.addrs[ns]),
+        ];
+        args.extend_from_slice(extra);
+        spawn_node(
+            &pair.exec(ns),
+            &root.path().join(name),
+            &format!("127.0.0.1:{}", port + 3800),
+            &args,
+        )
+    };
+    let victim = start(
+        0,
+        "victim",
+        4201,
+        &["--max-inbound-per-ip".to_owned(), "2".to_owned()],
+    );
+    let mut victim_id = None;
+    wait_until(Duration::from_secs(30), "the victim is up", || {
+        victim_id = cli(&pair, &victim, &["status", "--json"])
+            .and_then(|s| s["network"]["peer_id"].as_str().map(str::to_owned));
+        victim_id.is_some()
+    });
+    let bootstrap = format!("/ip4/{}/tcp/4201/p2p/{}", pair.addrs[0], victim_id.unwrap());
+    let _sybils: Vec<NodeProcess> = (0..4)
+        .map(|i| {
+            start(
+                1,
+                &format!("sybil{i}"),
+                4211 + i,
+                &["--bootstrap".to_owned(), bootstrap.clone()],
+            )
+        })
+        .collect();
+    let series = "mycel_connections_refused_total{reason=\"inbound_per_ip\"}";
+    let alive = || {
+        cli(&pair, &victim, &["peers", "--json"])
+            .and_then(|p| p.as_array().cloned())
+            .map_or(0, |list| {
+                list.iter().filter(|p| p["state"] == "alive").count()
+            })
+    };
+    let mut most_inbound = 0.0f64;
+    wait_until(
+        Duration::from_secs(30),
+        "the victim refuses the address's extra connections and sees all four alive",
+        || {
+            most_inbound = most_inbound.max(metric(&pair, &victim, "mycel_connections_inbound"));
+            metric(&pair, &victim, series) > 0.0 && alive() == 4
+        },
+    );
+    // Its own dials are not limited; what peers dial in from that address is.
+    for _ in 0..20 {
+        most_inbound = most_inbound.max(metric(&pair, &victim, "mycel_connections_inbound"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        most_inbound <= 2.0,
+        "{most_inbound} inbound connections held from one address"
+    );
+}
+
 /// `mycel ARGS` against `node` inside namespace 0 (its API listens on that loopback), as JSON.
 fn cli(pair: &VethPair, node: &NodeProcess, args: &[&str]) -> Option<serde_json::Value> {
     let out = Command::new("ip")

@@ -33,6 +33,7 @@ pub mod blob;
 pub mod compress;
 pub mod fl;
 pub mod id;
+pub mod inbound;
 pub mod membership;
 pub mod naming;
 pub mod peering;

@@ -16,6 +16,12 @@
 //!   its band, youngest-first among the unprotected inbound ones. Without it a network drifts
 //!   to the hard cap: gossipsub keeps a stream open on every connection, so connections made
 //!   for one DHT lookup never idle out.
+//! - [`evict`]: at the hard cap a newcomer is not simply turned away: an inbound connection
+//!   of low value makes room (from the subnet holding most of them, lowest score, youngest),
+//!   while the peers this node dialled itself and its longest-connected good inbound peers
+//!   are never evicted for a stranger. Sybils that fill the slots evict each other, not the
+//!   neighbours that keep the node from being eclipsed; and [`Degree`] keeps dialling until
+//!   the node holds `min_outbound` connections it chose itself.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -167,6 +173,14 @@ pub struct DegreeConfig {
     pub high: usize,
     /// Dials started in one step at most.
     pub max_dials_per_step: usize,
+    /// Connections this node dialled itself that it keeps up whatever its total (inbound
+    /// strangers filling every slot cannot cut it off from the peers it chose).
+    pub min_outbound: usize,
+    /// The longest-connected inbound peers in good standing that [`evict`] never picks.
+    pub protect_oldest: usize,
+    /// A connection is neither shed nor evicted in its first this many milliseconds: a
+    /// newcomer needs time to sync and to find other peers through this one.
+    pub grace_ms: u64,
 }
 
 impl DegreeConfig {
@@ -176,6 +190,9 @@ impl DegreeConfig {
             target,
             high: target.saturating_mul(2).max(target + 1),
             max_dials_per_step: 4,
+            min_outbound: target.div_ceil(4),
+            protect_oldest: target / 2,
+            grace_ms: SHED_GRACE_MS,
         }
     }
 
@@ -183,6 +200,17 @@ impl DegreeConfig {
     pub fn low_water(&self) -> usize {
         self.target + (self.high.saturating_sub(self.target)) / 2
     }
+}
+
+/// The connections a node holds, as [`Degree::step`] counts them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Held {
+    /// Peers connected.
+    pub connected: usize,
+    /// Of those, peers whose first connection this node dialled.
+    pub outbound: usize,
+    /// Dials in flight.
+    pub dialing: usize,
 }
 
 /// What [`Degree::step`] asks of the driver.
@@ -228,29 +256,38 @@ impl<K: Eq + Hash + Clone> Degree<K> {
         self.backoff.due(target, now)
     }
 
-    /// One upkeep step at `now`, with `connected` peers and `dialing` dials in flight.
-    /// `candidates` are the targets the node could dial, each with a tier (0 first: peers
-    /// known alive before peers last seen failed, say). Targets not yet due are skipped; up
-    /// to the shortfall (at most `max_dials_per_step`) are picked at random from the lowest
-    /// tier, then the next, and each is recorded as tried.
+    /// How many dials the node is short of: its target degree, or the connections it must
+    /// have dialled itself, whichever is further.
+    pub fn shortfall(&self, held: Held) -> usize {
+        let total = self
+            .config
+            .target
+            .saturating_sub(held.connected + held.dialing);
+        let outbound = self
+            .config
+            .min_outbound
+            .saturating_sub(held.outbound + held.dialing);
+        total.max(outbound)
+    }
+
+    /// One upkeep step at `now` with the connections `held`. `candidates` are the targets
+    /// the node could dial, each with a tier (0 first: peers known alive before peers last
+    /// seen failed, say). Targets not yet due are skipped; up to the [`Self::shortfall`] (at
+    /// most `max_dials_per_step`) are picked at random from the lowest tier, then the next,
+    /// and each is recorded as tried.
     pub fn step(
         &mut self,
         now: UnixMillis,
-        connected: usize,
-        dialing: usize,
+        held: Held,
         candidates: impl IntoIterator<Item = (K, u8)>,
         rng: &mut impl Rng,
     ) -> DegreeStep<K> {
-        let rebootstrap = connected == 0 && self.had_connections;
+        let rebootstrap = held.connected == 0 && self.had_connections;
         if rebootstrap {
             self.backoff.reset(now);
         }
-        self.had_connections = connected > 0;
-        let mut want = self
-            .config
-            .target
-            .saturating_sub(connected + dialing)
-            .min(self.config.max_dials_per_step);
+        self.had_connections = held.connected > 0;
+        let mut want = self.shortfall(held).min(self.config.max_dials_per_step);
         let mut dial = Vec::new();
         if want > 0 {
             let mut tiers: std::collections::BTreeMap<u8, Vec<K>> = Default::default();
@@ -346,16 +383,18 @@ pub struct Connected<K> {
     pub protected: bool,
     /// Its reputation score; lower is shed first among equals.
     pub score: f64,
+    /// The subnet its address is in (see `inbound::subnet_of`); `None` where none applies
+    /// (this machine, a relayed connection).
+    pub subnet: Option<std::net::IpAddr>,
 }
 
-/// Connections younger than this are not shed: a newcomer needs time to sync and to find
-/// other peers through this one.
+/// The default [`DegreeConfig::grace_ms`].
 pub const SHED_GRACE_MS: u64 = 20_000;
 
 /// Which peers to disconnect at `now` so that at most `config.low_water()` remain, once
 /// more than `config.high` are connected. Inbound before outbound (the peers we chose keep
 /// the node from being eclipsed by those that chose us), lower score first, then the
-/// youngest; protected peers and those within [`SHED_GRACE_MS`] are kept.
+/// youngest; protected peers and those within their `grace_ms` are kept.
 pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected<K>]) -> Vec<K> {
     if conns.len() <= config.high {
         return Vec::new();
@@ -363,7 +402,7 @@ pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected
     let excess = conns.len() - config.low_water();
     let mut sheddable: Vec<&Connected<K>> = conns
         .iter()
-        .filter(|c| !c.protected && now.saturating_sub(c.since) >= SHED_GRACE_MS)
+        .filter(|c| !c.protected && now.saturating_sub(c.since) >= config.grace_ms)
         .collect();
     sheddable.sort_by(|a, b| {
         b.inbound
@@ -376,6 +415,46 @@ pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected
         .take(excess)
         .map(|c| c.peer.clone())
         .collect()
+}
+
+/// Which inbound connection makes room at `now` for a newcomer once the node is at its
+/// hard cap, if any. Never a peer this node dialled, a protected one, one within its first
+/// `config.grace_ms`, nor one of the `config.protect_oldest` longest-connected inbound peers
+/// with a score of at least 0. Of the rest: from the subnet holding most of them (a block of
+/// addresses filling the slots loses its own first), the lowest score, then the youngest.
+/// `None`: the newcomer gets the goodbye instead.
+pub fn evict<K: Clone>(
+    config: &DegreeConfig,
+    now: UnixMillis,
+    conns: &[Connected<K>],
+) -> Option<K> {
+    let mut inbound: Vec<&Connected<K>> = conns
+        .iter()
+        .filter(|c| c.inbound && !c.protected && now.saturating_sub(c.since) >= config.grace_ms)
+        .collect();
+    inbound.sort_by_key(|c| c.since);
+    let mut kept = 0;
+    inbound.retain(|c| {
+        let keep = kept < config.protect_oldest && c.score >= 0.0;
+        kept += usize::from(keep);
+        !keep
+    });
+    let mut per_subnet: HashMap<std::net::IpAddr, usize> = HashMap::new();
+    for c in &inbound {
+        if let Some(subnet) = c.subnet {
+            *per_subnet.entry(subnet).or_default() += 1;
+        }
+    }
+    let crowd = |c: &Connected<K>| c.subnet.map_or(1, |s| per_subnet[&s]);
+    inbound
+        .into_iter()
+        .max_by(|a, b| {
+            crowd(a)
+                .cmp(&crowd(b))
+                .then(b.score.total_cmp(&a.score))
+                .then(a.since.cmp(&b.since))
+        })
+        .map(|c| c.peer.clone())
 }
 
 /// Who referred which peer, until a dial shows whether the peer is where it claims to be.
@@ -514,22 +593,50 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let mut d = Degree::new(DegreeConfig::for_target(8), BackoffConfig::default());
         let peers: Vec<(u32, u8)> = (0..50).map(|p| (p, 0)).collect();
-        let step = d.step(0, 2, 0, peers.clone(), &mut rng);
+        let held = |connected, dialing| Held {
+            connected,
+            outbound: connected,
+            dialing,
+        };
+        let step = d.step(0, held(2, 0), peers.clone(), &mut rng);
         assert_eq!(step.dial.len(), 4, "at most four per step");
-        let step2 = d.step(100, 2, 4, peers.clone(), &mut rng);
+        let step2 = d.step(100, held(2, 4), peers.clone(), &mut rng);
         assert_eq!(step2.dial.len(), 2, "8 - 2 connected - 4 in flight");
         assert!(
             step2.dial.iter().all(|p| !step.dial.contains(p)),
             "tried ones wait"
         );
-        assert!(d.step(200, 8, 0, peers.clone(), &mut rng).dial.is_empty());
-        assert!(d.step(300, 5, 3, peers, &mut rng).dial.is_empty());
+        assert!(d
+            .step(200, held(8, 0), peers.clone(), &mut rng)
+            .dial
+            .is_empty());
+        assert!(d
+            .step(300, held(5, 3), peers.clone(), &mut rng)
+            .dial
+            .is_empty());
         // Lower tiers first: two alive peers due, then the failed ones fill the rest.
         let mut d = Degree::new(DegreeConfig::for_target(8), BackoffConfig::default());
         let tiered = [(1u32, 1), (2, 0), (3, 1), (4, 0), (5, 1), (6, 1)];
-        let dial = d.step(0, 0, 0, tiered, &mut rng).dial;
+        let dial = d.step(0, held(0, 0), tiered, &mut rng).dial;
         assert_eq!(dial.len(), 4);
         assert!(dial.contains(&2) && dial.contains(&4), "{dial:?}");
+        // At its degree but every connection inbound: it dials until it holds two it chose.
+        let mut d = Degree::new(DegreeConfig::for_target(8), BackoffConfig::default());
+        let inbound_only = Held {
+            connected: 20,
+            outbound: 0,
+            dialing: 0,
+        };
+        assert_eq!(
+            d.step(0, inbound_only, peers.clone(), &mut rng).dial.len(),
+            2
+        );
+        let one_out = Held {
+            outbound: 1,
+            dialing: 1,
+            ..inbound_only
+        };
+        assert!(d.step(100, one_out, peers, &mut rng).dial.is_empty());
     }
 
     #[test]
@@ -539,7 +646,12 @@ mod tests {
         let mut dials = 0;
         // One candidate, no connection ever succeeds, a step every 100 ms for 60 s.
         for t in 0..600u64 {
-            dials += d.step(t * 100, 1, 0, [(42u32, 0)], &mut rng).dial.len();
+            let held = Held {
+                connected: 1,
+                outbound: 1,
+                dialing: 0,
+            };
+            dials += d.step(t * 100, held, [(42u32, 0)], &mut rng).dial.len();
         }
         // 0.25, 0.5, 1, 2, 4, 8, 16, 32 s (x0.5..1.5): at most ~11 tries in a minute.
         assert!((6..=11).contains(&dials), "{dials} dials");
@@ -549,15 +661,20 @@ mod tests {
     fn losing_every_connection_rebootstraps_at_once() {
         let mut rng = StdRng::seed_from_u64(9);
         let mut d = Degree::new(DegreeConfig::for_target(8), BackoffConfig::default());
+        let held = |connected| Held {
+            connected,
+            outbound: connected,
+            dialing: 0,
+        };
         // Never connected: no re-bootstrap signal (the driver's first dials are the bootstrap).
-        assert!(!d.step(0, 0, 0, [(1u32, 0)], &mut rng).rebootstrap);
+        assert!(!d.step(0, held(0), [(1u32, 0)], &mut rng).rebootstrap);
         assert!(!d.due(&1, 1));
-        assert!(!d.step(1_000, 3, 0, [(1u32, 0)], &mut rng).rebootstrap);
-        let step = d.step(2_000, 0, 0, [(1u32, 0)], &mut rng);
+        assert!(!d.step(1_000, held(3), [(1u32, 0)], &mut rng).rebootstrap);
+        let step = d.step(2_000, held(0), [(1u32, 0)], &mut rng);
         assert!(step.rebootstrap);
         assert_eq!(step.dial, vec![1], "back-offs were reset");
         assert!(
-            !d.step(3_000, 0, 0, [(1u32, 0)], &mut rng).rebootstrap,
+            !d.step(3_000, held(0), [(1u32, 0)], &mut rng).rebootstrap,
             "once per loss"
         );
     }
@@ -590,7 +707,56 @@ mod tests {
             inbound,
             protected: false,
             score: 0.0,
+            subnet: None,
         }
+    }
+
+    #[test]
+    fn a_newcomer_evicts_the_crowded_subnet_never_chosen_or_old_good_peers() {
+        let config = DegreeConfig::for_target(8);
+        let now = 1_000_000;
+        let subnet = |n: u8| Some(std::net::IpAddr::from([10, 0, n, 0]));
+        // Outbound 0-3; inbound 4-9 old and honest, each from its own subnet; sybils 10-19
+        // from one subnet, connected later; 20 in its grace period.
+        let mut conns: Vec<Connected<u32>> = (0..4).map(|p| conn(p, 0, false)).collect();
+        for p in 4..10u32 {
+            conns.push(Connected {
+                subnet: subnet(p as u8),
+                ..conn(p, 1_000 * u64::from(p), true)
+            });
+        }
+        for p in 10..20u32 {
+            conns.push(Connected {
+                subnet: subnet(99),
+                score: 1.0,
+                ..conn(p, 100_000 + u64::from(p), true)
+            });
+        }
+        conns.push(conn(20, now - 1, true));
+        let victim = evict(&config, now, &conns).unwrap();
+        assert!(
+            (10..20).contains(&victim),
+            "a sybil goes first, not {victim}"
+        );
+        assert_eq!(victim, 19, "the youngest of the crowd");
+        // Without the sybils: never an outbound peer, never the four oldest good inbound,
+        // never one in its grace; the young honest ones are fair game.
+        conns.truncate(4 + 6);
+        conns.push(conn(20, now - 1, true));
+        let victim = evict(&config, now, &conns).unwrap();
+        assert!([8, 9].contains(&victim), "{victim}");
+        // A bad score loses its protection.
+        conns[4].score = -10.0;
+        assert_eq!(evict(&config, now, &conns), Some(4));
+        // Only outbound, protected, old-and-good or young connections: nobody is evicted.
+        let mut kept: Vec<Connected<u32>> = (0..4).map(|p| conn(p, 0, false)).collect();
+        kept.extend((4..8).map(|p| conn(p, 0, true)));
+        kept.push(Connected {
+            protected: true,
+            ..conn(8, 0, true)
+        });
+        kept.push(conn(9, now, true));
+        assert_eq!(evict(&config, now, &kept), None);
     }
 
     #[test]

@@ -207,7 +207,11 @@ impl Behaviour {
             upnp: upnp.into(),
             connections: crate::cap::Behaviour::new(
                 limits.max_connections,
-                limits.max_pending_per_ip,
+                mycel_core::inbound::SharesConfig {
+                    pending_per_host: limits.max_pending_per_ip as usize,
+                    per_host: limits.max_inbound_per_ip as usize,
+                    per_subnet: limits.max_inbound_per_subnet as usize,
+                },
                 metrics.connections_refused.clone(),
             ),
             blocked: Default::default(),

@@ -1,7 +1,8 @@
 //! Connection policy outside any protocol: refuses inbound connections *before* their
 //! handshake once the node is at its connection cap and its few referral slots are taken (a
-//! connection in a referral slot only hears a goodbye with referrals; see the event loop),
-//! and tells the swarm where to dial a peer
+//! connection in a referral slot makes room by evicting a low-value inbound one, or only
+//! hears a goodbye with referrals; see the event loop), or once their source address or
+//! subnet holds its share of inbound connections (mycel-core's `inbound`), and tells the swarm where to dial a peer
 //! when a protocol asks for a connection by peer id alone (a task stream opened by
 //! libp2p-stream, say): the addresses the event loop learned from identify and announcements.
 //!
@@ -14,6 +15,8 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
+
+use mycel_core::inbound::{Admission, InboundShares, SharesConfig};
 use std::task::{Context, Poll};
 
 use libp2p::core::transport::PortUse;
@@ -42,13 +45,11 @@ pub(crate) struct Behaviour {
     max_established: usize,
     established: usize,
     dial_addrs: HashMap<PeerId, Vec<Multiaddr>>,
-    /// Inbound connections one remote IP may have in their handshake at once: silent or
-    /// stalled connections from one address cannot take every pending slot (loopback, this
-    /// machine, is not limited).
-    max_pending_per_ip: usize,
-    /// The remote IP of each inbound connection in its handshake.
-    pending: HashMap<ConnectionId, IpAddr>,
-    pending_per_ip: HashMap<IpAddr, usize>,
+    /// Inbound connections per source host and subnet, pending and established: silent or
+    /// stalled connections from one address cannot take every pending slot, nor keys made
+    /// on one machine or block every established one (loopback, this machine, and relayed
+    /// connections are not counted).
+    shares: InboundShares<ConnectionId>,
     /// Inbound connections refused before their handshake, by reason.
     refused: Family<ReasonLabel, Counter>,
 }
@@ -58,28 +59,18 @@ pub(crate) struct Behaviour {
 #[error("at the connection cap of {0}")]
 pub(crate) struct AtCapacity(usize);
 
-/// Why an inbound connection was refused: its address has too many in their handshake.
-#[derive(Debug, thiserror::Error)]
-#[error("{0} already has {1} connections in their handshake")]
-pub(crate) struct PendingFromIp(IpAddr, usize);
-
-/// Reasons counted in `mycel_connections_refused_total`.
+/// Reasons counted in `mycel_connections_refused_total`, beside those of
+/// `mycel_core::inbound::ShareRefusal::reason`.
 pub(crate) const REFUSED_AT_CAP: &str = "at_cap";
-/// See [`REFUSED_AT_CAP`].
-pub(crate) const REFUSED_PENDING_PER_IP: &str = "pending_per_ip";
 
 /// The IP an inbound connection comes from, unless it is relayed (then the address is the
 /// relay's) or from this machine.
-fn limited_ip(remote: &Multiaddr) -> Option<IpAddr> {
+pub(crate) fn limited_ip(remote: &Multiaddr) -> Option<IpAddr> {
     if remote.iter().any(|p| p == Protocol::P2pCircuit) {
         return None;
     }
     let ip = match remote.iter().next()? {
         Protocol::Ip4(ip) => IpAddr::V4(ip),
-        // One IPv6 host usually holds a whole /64: that is the unit limited.
-        Protocol::Ip6(ip) if !ip.is_loopback() => {
-            IpAddr::V6((u128::from(ip) & !((1u128 << 64) - 1)).into())
-        }
         Protocol::Ip6(ip) => IpAddr::V6(ip),
         _ => return None,
     };
@@ -89,16 +80,14 @@ fn limited_ip(remote: &Multiaddr) -> Option<IpAddr> {
 impl Behaviour {
     pub(crate) fn new(
         max_established: u32,
-        max_pending_per_ip: u32,
+        shares: SharesConfig,
         refused: Family<ReasonLabel, Counter>,
     ) -> Self {
         Self {
             max_established: max_established as usize,
             established: 0,
             dial_addrs: HashMap::new(),
-            max_pending_per_ip: max_pending_per_ip as usize,
-            pending: HashMap::new(),
-            pending_per_ip: HashMap::new(),
+            shares: InboundShares::new(shares),
             refused,
         }
     }
@@ -107,17 +96,10 @@ impl Behaviour {
         self.refused.get_or_create(&ReasonLabel { reason }).inc();
     }
 
-    /// An inbound connection left its handshake (established, failed or denied).
-    fn settled(&mut self, connection_id: ConnectionId) {
-        let Some(ip) = self.pending.remove(&connection_id) else {
-            return;
-        };
-        if let Some(n) = self.pending_per_ip.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.pending_per_ip.remove(&ip);
-            }
-        }
+    /// Whether an inbound connection was let in past its source's share, only to be sent away
+    /// with referrals.
+    pub(crate) fn is_over_share(&self, connection_id: &ConnectionId) -> bool {
+        self.shares.is_over_share(connection_id)
     }
 
     /// Replaces what is known about where `peer` can be dialled.
@@ -144,13 +126,16 @@ impl NetworkBehaviour for Behaviour {
             return Err(ConnectionDenied::new(AtCapacity(self.max_established)));
         }
         if let Some(ip) = limited_ip(remote_addr) {
-            let n = self.pending_per_ip.get(&ip).copied().unwrap_or(0);
-            if n >= self.max_pending_per_ip {
-                self.refuse(REFUSED_PENDING_PER_IP);
-                return Err(ConnectionDenied::new(PendingFromIp(ip, n)));
+            match self.shares.admit(connection_id, ip) {
+                Admission::Counted => {}
+                // It hears a goodbye with referrals once established (the event loop asks
+                // `is_over_share`), in one of the referral slots checked above.
+                Admission::OverShare(refusal) => self.refuse(refusal.reason()),
+                Admission::Refused(refusal) => {
+                    self.refuse(refusal.reason());
+                    return Err(ConnectionDenied::new(refusal));
+                }
             }
-            *self.pending_per_ip.entry(ip).or_default() += 1;
-            self.pending.insert(connection_id, ip);
         }
         Ok(())
     }
@@ -191,11 +176,14 @@ impl NetworkBehaviour for Behaviour {
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
             FromSwarm::ConnectionEstablished(e) => {
-                self.settled(e.connection_id);
+                self.shares.established(&e.connection_id);
                 self.established += 1;
             }
-            FromSwarm::ListenFailure(f) => self.settled(f.connection_id),
-            FromSwarm::ConnectionClosed(_) => self.established = self.established.saturating_sub(1),
+            FromSwarm::ListenFailure(f) => self.shares.closed(&f.connection_id),
+            FromSwarm::ConnectionClosed(c) => {
+                self.shares.closed(&c.connection_id);
+                self.established = self.established.saturating_sub(1);
+            }
             _ => {}
         }
     }

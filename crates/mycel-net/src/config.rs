@@ -47,6 +47,9 @@ pub struct Timing {
     pub idle_connection_timeout: Duration,
     /// Gossipsub heartbeat (mesh maintenance and lazy gossip).
     pub gossip_heartbeat: Duration,
+    /// A new connection is neither shed above the degree band nor evicted at the cap for
+    /// this long: a newcomer needs time to sync and to find other peers through this one.
+    pub connection_grace: Duration,
 }
 
 impl Default for Timing {
@@ -63,6 +66,7 @@ impl Default for Timing {
             dial_timeout: Duration::from_secs(5),
             idle_connection_timeout: Duration::from_secs(60),
             gossip_heartbeat: Duration::from_secs(1),
+            connection_grace: Duration::from_millis(mycel_core::peering::SHED_GRACE_MS),
         }
     }
 }
@@ -104,6 +108,11 @@ pub struct Limits {
     /// Inbound connections one remote IP may have in their handshake at once (loopback is
     /// not limited).
     pub max_pending_per_ip: u32,
+    /// Inbound connections one remote IP (an IPv6 /64) may hold, in their handshake or
+    /// established (loopback and relayed connections are not limited).
+    pub max_inbound_per_ip: u32,
+    /// Inbound connections one subnet (an IPv4 /24, an IPv6 /48) may hold.
+    pub max_inbound_per_subnet: u32,
     /// Messages a peer may send a second, on average (gossip and sync requests together).
     pub messages_per_sec: f64,
     /// Messages a peer may send in a burst.
@@ -138,6 +147,8 @@ impl Default for Limits {
             max_connections_per_peer: 2,
             max_pending: 32,
             max_pending_per_ip: 4,
+            max_inbound_per_ip: 8,
+            max_inbound_per_subnet: 16,
             messages_per_sec: 200.0,
             message_burst: 2_000.0,
             statements_per_issuer_per_sec: 2.0,

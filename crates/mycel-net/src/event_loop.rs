@@ -16,7 +16,7 @@ use libp2p::{gossipsub, identify, kad, mdns, ping, Multiaddr, PeerId, StreamProt
 use mycel_core::id::ContentId;
 use mycel_core::membership::{self, Accepted, Change, Culprit, FailReason, Membership, Refusal};
 use mycel_core::peering::{
-    self, BackoffConfig, Connected, Degree, DegreeConfig, Referrals, Revival,
+    self, BackoffConfig, Connected, Degree, DegreeConfig, Held, Referrals, Revival,
 };
 use mycel_core::ratelimit::RateLimiter;
 use mycel_core::reach::Reachability;
@@ -88,6 +88,16 @@ enum Target {
     Peer(PeerId),
 }
 
+/// A connected peer's first connection.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    since: u64,
+    /// The peer dialled us.
+    inbound: bool,
+    /// The subnet it connected from (`None`: this machine, or relayed).
+    subnet: Option<std::net::IpAddr>,
+}
+
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     config: NetConfig,
@@ -126,8 +136,8 @@ pub(crate) struct EventLoop {
     referrals: Referrals<PeerId>,
     /// Upkeep dials in flight, and when each started.
     dialing: HashMap<ConnectionId, (Target, u64)>,
-    /// When the current connection to each peer was established, and whether it dialled us.
-    since: HashMap<PeerId, (u64, bool)>,
+    /// Each connected peer's first connection: when, which way, from which subnet.
+    since: HashMap<PeerId, Link>,
     /// Peers we said goodbye to, and when the connection is closed at the latest.
     parting: HashMap<PeerId, u64>,
     /// Peers that said goodbye to us, and when.
@@ -221,7 +231,10 @@ impl EventLoop {
             probing: HashSet::new(),
             last_dial: HashMap::new(),
             degree: Degree::new(
-                DegreeConfig::for_target(config.limits.target_peers),
+                DegreeConfig {
+                    grace_ms: config.timing.connection_grace.as_millis() as u64,
+                    ..DegreeConfig::for_target(config.limits.target_peers)
+                },
                 BackoffConfig::default(),
             ),
             revival: Revival::new(Revival::<PeerId>::default_backoff()),
@@ -838,19 +851,17 @@ impl EventLoop {
         self.dialing
             .retain(|_, (_, at)| now.saturating_sub(*at) < stale);
         let connected = self.swarm.connected_peers().count();
-        let short = connected + self.dialing.len() < self.degree.config().target;
-        let candidates = if short {
+        let held = Held {
+            connected,
+            outbound: self.since.values().filter(|l| !l.inbound).count(),
+            dialing: self.dialing.len(),
+        };
+        let candidates = if self.degree.shortfall(held) > 0 {
             self.dial_candidates(connected, now)
         } else {
             Vec::new()
         };
-        let step = self.degree.step(
-            now,
-            connected,
-            self.dialing.len(),
-            candidates,
-            &mut self.rng,
-        );
+        let step = self.degree.step(now, held, candidates, &mut self.rng);
         if step.rebootstrap {
             info!("every connection lost; dialling the bootstrap list and known peers again");
         }
@@ -945,24 +956,52 @@ impl EventLoop {
     /// Above the high-water mark, says goodbye to the connections mycel-core's `peering::shed`
     /// picks (inbound, low score, youngest first; never in their first seconds).
     fn shed(&mut self, now: u64) {
-        let conns: Vec<Connected<PeerId>> = self
-            .swarm
-            .connected_peers()
-            .filter(|peer| !self.parting.contains_key(peer))
-            .map(|peer| {
-                let (since, inbound) = self.since.get(peer).copied().unwrap_or((now, true));
-                Connected {
-                    peer: *peer,
-                    since,
-                    inbound,
-                    protected: false,
-                    score: self.reputation.score(peer, now),
-                }
-            })
-            .collect();
+        let conns = self.held_connections(now, None);
         for peer in peering::shed(&self.degree.config(), now, &conns) {
             debug!(%peer, "shedding a connection above the high-water mark");
             self.say_goodbye(peer, now);
+        }
+    }
+
+    /// The connected peers as mycel-core's `peering` sees them, but for those we are parting
+    /// from and `except`.
+    fn held_connections(&self, now: u64, except: Option<PeerId>) -> Vec<Connected<PeerId>> {
+        self.swarm
+            .connected_peers()
+            .filter(|peer| !self.parting.contains_key(peer) && Some(**peer) != except)
+            .map(|peer| {
+                let link = self.since.get(peer).copied().unwrap_or(Link {
+                    since: now,
+                    inbound: true,
+                    subnet: None,
+                });
+                Connected {
+                    peer: *peer,
+                    since: link.since,
+                    inbound: link.inbound,
+                    protected: false,
+                    score: self.reputation.score(peer, now),
+                    subnet: link.subnet,
+                }
+            })
+            .collect()
+    }
+
+    /// A connection beyond the cap: an inbound connection of low value makes room for it
+    /// (mycel-core's `peering::evict`), or, where none may be evicted, the newcomer itself only
+    /// hears a goodbye with referrals.
+    fn make_room(&mut self, newcomer: PeerId, now: u64) {
+        let conns = self.held_connections(now, Some(newcomer));
+        match peering::evict(&self.degree.config(), now, &conns) {
+            Some(victim) => {
+                debug!(%victim, %newcomer, "evicting an inbound connection at the cap");
+                self.metrics.evicted.inc();
+                self.say_goodbye(victim, now);
+            }
+            None => {
+                self.metrics.referred.inc();
+                self.say_goodbye(newcomer, now);
+            }
         }
     }
 
@@ -1356,6 +1395,9 @@ impl EventLoop {
             } => {
                 self.connections += 1;
                 self.connections_opened += 1;
+                if !endpoint.is_dialer() {
+                    self.metrics.connections_inbound.inc();
+                }
                 self.nat_connection_established(peer_id, connection_id, &endpoint);
                 self.metrics.connections.set(self.connections as i64);
                 self.probing.remove(&peer_id);
@@ -1365,13 +1407,33 @@ impl EventLoop {
                 }
                 self.degree.backoff_mut().succeeded(&Target::Peer(peer_id));
                 self.revival.revived(&peer_id);
+                let over_share = self
+                    .swarm
+                    .behaviour()
+                    .connections
+                    .is_over_share(&connection_id);
+                if over_share && num_established.get() > 1 {
+                    // A second connection from a peer already held: only this one goes.
+                    self.swarm.close_connection(connection_id);
+                }
                 if num_established.get() == 1 {
-                    self.since.insert(peer_id, (now, !endpoint.is_dialer()));
-                    // Beyond the cap (in a referral slot): the newest connection only gets
-                    // a goodbye with referrals.
-                    if self.connections > self.config.limits.max_connections as usize {
+                    let inbound = !endpoint.is_dialer();
+                    let subnet = crate::cap::limited_ip(endpoint.get_remote_address())
+                        .map(mycel_core::inbound::subnet_of);
+                    let link = Link {
+                        since: now,
+                        inbound,
+                        subnet,
+                    };
+                    self.since.insert(peer_id, link);
+                    if over_share {
+                        // Past its address's share of inbound slots: referrals only.
                         self.metrics.referred.inc();
                         self.say_goodbye(peer_id, now);
+                    } else if self.connections > self.config.limits.max_connections as usize {
+                        // Beyond the cap (in a referral slot): someone makes room, or the
+                        // newcomer only gets a goodbye with referrals.
+                        self.make_room(peer_id, now);
                     }
                     if let Some(change) = self.membership.on_connected(peer_id, now) {
                         self.on_change(change);
@@ -1384,10 +1446,14 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
+                endpoint,
                 num_established,
                 cause,
                 ..
             } => {
+                if !endpoint.is_dialer() {
+                    self.metrics.connections_inbound.dec();
+                }
                 self.nat_connection_closed(peer_id, connection_id);
                 self.connections = self.connections.saturating_sub(1);
                 self.metrics.connections.set(self.connections as i64);

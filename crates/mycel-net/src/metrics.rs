@@ -28,12 +28,14 @@ pub(crate) struct ReasonLabel {
 pub struct NetMetrics {
     pub(crate) peers: Family<StateLabel, Gauge>,
     pub(crate) connections: Gauge,
+    pub(crate) connections_inbound: Gauge,
     pub(crate) messages: Family<TrafficLabel, Counter>,
     pub(crate) bytes: Family<TrafficLabel, Counter>,
     pub(crate) rejected: Family<ReasonLabel, Counter>,
     pub(crate) goodbyes_sent: Counter,
     pub(crate) goodbyes_received: Counter,
     pub(crate) referred: Counter,
+    pub(crate) evicted: Counter,
     pub(crate) refutations: Counter,
     pub(crate) connections_refused: Family<ReasonLabel, Counter>,
     pub(crate) reports_ignored: Counter,
@@ -110,16 +112,27 @@ impl NetMetrics {
             metrics.referred.clone(),
         );
         sub.register(
+            "connections_inbound",
+            "Open connections that peers dialled (those the per-address shares count)",
+            metrics.connections_inbound.clone(),
+        );
+        sub.register(
+            "connections_evicted",
+            "Inbound connections closed at the cap to make room for a newcomer (the lowest \
+             value among those not dialled by this node, not long-lived and not new)",
+            metrics.evicted.clone(),
+        );
+        sub.register(
             "connections_refused",
             "Inbound connections refused before their handshake, by reason (at_cap: at the \
              connection cap and its referral slots; pending_per_ip: the remote address already \
-             has its share of connections in their handshake)",
+             has its share of connections in their handshake; inbound_per_ip, \
+             inbound_per_subnet: the remote address, or its /24 or /48, already holds its \
+             share of inbound connections)",
             metrics.connections_refused.clone(),
         );
-        for reason in [
-            crate::cap::REFUSED_AT_CAP,
-            crate::cap::REFUSED_PENDING_PER_IP,
-        ] {
+        let shares = mycel_core::inbound::ShareRefusal::REASONS;
+        for reason in std::iter::once(crate::cap::REFUSED_AT_CAP).chain(shares) {
             let _ = metrics
                 .connections_refused
                 .get_or_create(&ReasonLabel { reason });
@@ -201,6 +214,11 @@ impl NetMetrics {
     /// Connections beyond the cap answered only with a goodbye and referrals.
     pub fn referred_total(&self) -> u64 {
         self.referred.get()
+    }
+
+    /// Inbound connections closed at the cap to make room for a newcomer.
+    pub fn evicted_total(&self) -> u64 {
+        self.evicted.get()
     }
 
     /// Connections this node closed on purpose with a goodbye (at its cap, or shedding).

@@ -464,3 +464,57 @@ async fn one_peer_gets_at_most_its_share_of_task_and_blob_streams() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = local_config(&root.path().join("victim"), Vec::new(), false);
+    config.limits.max_connections = 4;
+    config.limits.target_peers = 2;
+    config.timing.connection_grace = Duration::from_millis(1_500);
+    let victim = Node::start(config).await.unwrap();
+    let neighbour = Node::start(local_config(
+        &root.path().join("neighbour"),
+        addrs_of(&victim),
+        false,
+    ))
+    .await
+    .unwrap();
+    let neighbour_id = neighbour.net.peer_id();
+    wait_until(
+        Duration::from_secs(20),
+        "the neighbour connects",
+        || async { connected_to(&victim, neighbour_id).await },
+    )
+    .await;
+    // Strangers arrive one after another, each past the others' grace by the time the next
+    // comes, until the victim is at its cap many times over.
+    let mut strangers = Vec::new();
+    let mut latest_held = 0;
+    for i in 0..8 {
+        let stranger = common::raw_peer(addrs_of(&victim)).await;
+        let id = stranger.peer_id();
+        strangers.push(stranger);
+        let until = Instant::now() + Duration::from_millis(1_800);
+        while Instant::now() < until {
+            if connected_to(&victim, id).await {
+                latest_held = i;
+            }
+            assert!(
+                connected_to(&victim, neighbour_id).await,
+                "the long-lived neighbour keeps its slot"
+            );
+            let held = victim.net.status().await.unwrap().connected_peers;
+            assert!(held <= 4 + 4, "{held} peers held at a cap of 4");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let evicted = victim.net.metrics().evicted_total();
+    assert!(evicted >= 3, "strangers made room by eviction: {evicted}");
+    assert!(
+        latest_held >= 6,
+        "a late stranger still got a slot (the latest held: {latest_held})"
+    );
+    neighbour.shutdown().await;
+    victim.shutdown().await;
+}

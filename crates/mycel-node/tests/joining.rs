@@ -188,7 +188,7 @@ async fn a_node_above_twice_its_target_sheds_connections_with_a_goodbye_not_a_fa
         || async { connections(&hub).await >= 6 },
     )
     .await;
-    // Connections are kept for their first 20 s (mycel-core's peering::SHED_GRACE_MS).
+    // Connections are kept for their first 20 s (`Timing::connection_grace`).
     wait_until(
         Duration::from_secs(45),
         "the hub sheds down to its band",

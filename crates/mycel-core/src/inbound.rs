@@ -1,0 +1,299 @@
+//! Shares of inbound connections per source address: one host (an IPv4 address, an IPv6
+//! /64) and one subnet (an IPv4 /24, an IPv6 /48: one operator's block) may hold only so
+//! many of a node's inbound connections, in their handshake and established together. A
+//! stranger can make keys without end, but addresses cost it something: this is what keeps
+//! a single machine, or a single rented block, from taking every slot a node has.
+//!
+//! A connection past its source's share is not simply refused: it may finish its handshake
+//! to hear a goodbye with referrals (several honest nodes behind one NAT must not strand
+//! the ones past the share), while the handshakes one host may have in flight stay bounded.
+//!
+//! Pure bookkeeping keyed by the driver's connection id; the driver decides which
+//! connections are subject to it (not those from this machine, nor relayed ones, whose
+//! address is the relay's).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+
+/// The unit one host is limited by: an IPv4 address, or the /64 an IPv6 host usually holds.
+pub fn host_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+    }
+}
+
+/// The block one operator is limited by: an IPv4 /24 or an IPv6 /48.
+pub fn subnet_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & !0xff).into()),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into()),
+    }
+}
+
+/// How many inbound connections one source may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct SharesConfig {
+    /// In their handshake from one host at once.
+    pub pending_per_host: usize,
+    /// From one host, in their handshake or established.
+    pub per_host: usize,
+    /// From one subnet, in their handshake or established.
+    pub per_subnet: usize,
+}
+
+/// Why an inbound connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ShareRefusal {
+    /// Its host has this many connections in their handshake already.
+    #[error("{0} already has {1} connections in their handshake")]
+    PendingPerHost(IpAddr, usize),
+    /// Its host holds this many inbound connections already.
+    #[error("{0} already holds {1} inbound connections")]
+    PerHost(IpAddr, usize),
+    /// Its subnet holds this many inbound connections already.
+    #[error("the subnet {0} already holds {1} inbound connections")]
+    PerSubnet(IpAddr, usize),
+}
+
+impl ShareRefusal {
+    /// Every [`Self::reason`].
+    pub const REASONS: [&'static str; 3] =
+        ["pending_per_ip", "inbound_per_ip", "inbound_per_subnet"];
+
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::PendingPerHost(..) => "pending_per_ip",
+            Self::PerHost(..) => "inbound_per_ip",
+            Self::PerSubnet(..) => "inbound_per_subnet",
+        }
+    }
+}
+
+/// What [`InboundShares::admit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Within its source's share: counted.
+    Counted,
+    /// Past its source's share: it may finish its handshake only to hear a goodbye with
+    /// referrals (counted as pending until it settles, not as held).
+    OverShare(ShareRefusal),
+    /// Refused before its handshake: its host has its share of handshakes in flight.
+    Refused(ShareRefusal),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    host: IpAddr,
+    subnet: IpAddr,
+    established: bool,
+    /// Admitted past its share: not counted as held.
+    over_share: bool,
+}
+
+/// The inbound connections held per host and subnet.
+#[derive(Debug)]
+pub struct InboundShares<C> {
+    config: SharesConfig,
+    conns: HashMap<C, Entry>,
+    pending: HashMap<IpAddr, usize>,
+    hosts: HashMap<IpAddr, usize>,
+    subnets: HashMap<IpAddr, usize>,
+}
+
+fn inc(map: &mut HashMap<IpAddr, usize>, key: IpAddr) {
+    *map.entry(key).or_default() += 1;
+}
+
+fn dec(map: &mut HashMap<IpAddr, usize>, key: IpAddr) {
+    if let Some(n) = map.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+impl<C: Eq + Hash> InboundShares<C> {
+    /// Nothing held yet.
+    pub fn new(config: SharesConfig) -> Self {
+        Self {
+            config,
+            conns: HashMap::new(),
+            pending: HashMap::new(),
+            hosts: HashMap::new(),
+            subnets: HashMap::new(),
+        }
+    }
+
+    /// A connection from `ip` starts its handshake: counted within its source's share,
+    /// admitted past it to hear referrals, or refused (then nothing is counted).
+    pub fn admit(&mut self, conn: C, ip: IpAddr) -> Admission {
+        let (host, subnet) = (host_of(ip), subnet_of(ip));
+        let count = |map: &HashMap<IpAddr, usize>, key| map.get(&key).copied().unwrap_or(0);
+        let pending = count(&self.pending, host);
+        if pending >= self.config.pending_per_host {
+            return Admission::Refused(ShareRefusal::PendingPerHost(host, pending));
+        }
+        let (hosts, subnets) = (count(&self.hosts, host), count(&self.subnets, subnet));
+        let over = if hosts >= self.config.per_host {
+            Some(ShareRefusal::PerHost(host, hosts))
+        } else if subnets >= self.config.per_subnet {
+            Some(ShareRefusal::PerSubnet(subnet, subnets))
+        } else {
+            None
+        };
+        let entry = Entry {
+            host,
+            subnet,
+            established: false,
+            over_share: over.is_some(),
+        };
+        if let Some(old) = self.conns.insert(conn, entry) {
+            // The driver reused an id it never released: forget the old one's counts.
+            self.release(old);
+        }
+        inc(&mut self.pending, host);
+        match over {
+            Some(refusal) => Admission::OverShare(refusal),
+            None => {
+                inc(&mut self.hosts, host);
+                inc(&mut self.subnets, subnet);
+                Admission::Counted
+            }
+        }
+    }
+
+    /// Whether `conn` was admitted past its source's share (the driver sends it away).
+    pub fn is_over_share(&self, conn: &C) -> bool {
+        self.conns.get(conn).is_some_and(|e| e.over_share)
+    }
+
+    /// The connection finished its handshake: it no longer counts as pending.
+    pub fn established(&mut self, conn: &C) {
+        if let Some(entry) = self.conns.get_mut(conn) {
+            if !entry.established {
+                entry.established = true;
+                dec(&mut self.pending, entry.host);
+            }
+        }
+    }
+
+    /// The connection failed its handshake or closed: its share is free again.
+    pub fn closed(&mut self, conn: &C) {
+        if let Some(entry) = self.conns.remove(conn) {
+            self.release(entry);
+        }
+    }
+
+    fn release(&mut self, entry: Entry) {
+        if !entry.established {
+            dec(&mut self.pending, entry.host);
+        }
+        if !entry.over_share {
+            dec(&mut self.hosts, entry.host);
+            dec(&mut self.subnets, entry.subnet);
+        }
+    }
+
+    /// Connections counted (pending and established).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether nothing is counted.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: SharesConfig = SharesConfig {
+        pending_per_host: 2,
+        per_host: 3,
+        per_subnet: 5,
+    };
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn hosts_and_subnets_hold_their_share_and_no_more() {
+        let mut s = InboundShares::new(CONFIG);
+        let a = ip("192.0.2.7");
+        assert_eq!(s.admit(1, a), Admission::Counted);
+        assert_eq!(s.admit(2, a), Admission::Counted);
+        assert_eq!(
+            s.admit(3, a),
+            Admission::Refused(ShareRefusal::PendingPerHost(a, 2))
+        );
+        s.established(&1);
+        s.established(&2);
+        s.established(&2); // twice counts once
+        assert_eq!(s.admit(3, a), Admission::Counted);
+        s.established(&3);
+        // Past the host's share: admitted to hear referrals, never held; its handshake
+        // still counts against the host's pending ones.
+        let over = Admission::OverShare(ShareRefusal::PerHost(a, 3));
+        assert_eq!(s.admit(4, a), over);
+        assert!(s.is_over_share(&4) && !s.is_over_share(&3));
+        assert_eq!(s.admit(5, a), over);
+        assert!(matches!(
+            s.admit(6, a),
+            Admission::Refused(ShareRefusal::PendingPerHost(..))
+        ));
+        s.established(&4);
+        s.closed(&4);
+        s.closed(&5);
+        // The same /24 from other hosts: two more, then the subnet is full.
+        assert_eq!(s.admit(4, ip("192.0.2.8")), Admission::Counted);
+        assert_eq!(s.admit(5, ip("192.0.2.9")), Admission::Counted);
+        let Admission::OverShare(refused) = s.admit(6, ip("192.0.2.10")) else {
+            panic!("the subnet is full")
+        };
+        assert_eq!(refused, ShareRefusal::PerSubnet(ip("192.0.2.0"), 5));
+        assert_eq!(refused.reason(), "inbound_per_subnet");
+        s.closed(&6);
+        // Another subnet is not affected; a close frees a share.
+        assert_eq!(s.admit(6, ip("198.51.100.1")), Admission::Counted);
+        s.closed(&1);
+        assert_eq!(s.admit(7, a), Admission::Counted);
+        s.established(&7);
+        assert!(matches!(s.admit(8, a), Admission::OverShare(..)));
+        for c in 1..=8 {
+            s.closed(&c);
+        }
+        assert!(s.is_empty());
+        assert!(s.pending.is_empty() && s.hosts.is_empty() && s.subnets.is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_host_is_its_64_and_a_subnet_its_48() {
+        assert_eq!(
+            host_of(ip("2001:db8:1:2:aaaa::1")),
+            ip("2001:db8:1:2::"),
+            "one /64"
+        );
+        assert_eq!(subnet_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1::"));
+        assert_eq!(subnet_of(ip("203.0.113.77")), ip("203.0.113.0"));
+        let mut s = InboundShares::new(CONFIG);
+        for c in 1..=3 {
+            assert_eq!(
+                s.admit(c, ip(&format!("2001:db8:1:2::{c}"))),
+                Admission::Counted
+            );
+            s.established(&c);
+        }
+        assert!(matches!(
+            s.admit(4, ip("2001:db8:1:2:ffff::9")),
+            Admission::OverShare(ShareRefusal::PerHost(..))
+        ));
+        assert_eq!(s.admit(5, ip("2001:db8:1:3::1")), Admission::Counted);
+    }
+}
