@@ -8,7 +8,7 @@
 //! so neither an upload nor a download is ever held whole in memory.
 
 use std::convert::Infallible;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,17 +20,15 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
+use mycel_core::blob::CHUNK_BYTES;
 use mycel_core::id::ContentId;
 use mycel_net::now_ms;
-use mycel_store::{BlobError, BlobInfo};
+use mycel_store::{BlobError, BlobInfo, ChunkBuf};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::api::{error, ApiState};
 use crate::blobs::{FetchError, Progress};
-
-/// Bytes per piece of a streamed download.
-const PIECE: usize = 256 * 1024;
 
 fn blob_error(e: BlobError) -> Response {
     let status = match &e {
@@ -39,10 +37,12 @@ fn blob_error(e: BlobError) -> Response {
         BlobError::Tree(_) | BlobError::Manifest(_) | BlobError::Unsupported { .. } => {
             StatusCode::BAD_REQUEST
         }
+        BlobError::Corrupt { .. } => StatusCode::SERVICE_UNAVAILABLE,
         BlobError::Io { .. } | BlobError::Index(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let kind = match status {
         StatusCode::NOT_FOUND => "not_found",
+        StatusCode::SERVICE_UNAVAILABLE => "blob_corrupt",
         StatusCode::INSUFFICIENT_STORAGE => "insufficient_storage",
         StatusCode::BAD_REQUEST => "invalid_request_error",
         _ => "internal",
@@ -217,12 +217,13 @@ pub(crate) async fn download(
         return fetch_error(e);
     }
     let store = state.blobs.store().clone();
-    let opened = tokio::task::spawn_blocking(move || store.open_blob(&id, now_ms())).await;
-    let (mut file, size) = match opened {
-        Ok(Ok(opened)) => opened,
+    let opened = tokio::task::spawn_blocking(move || store.open_reader(&id, now_ms())).await;
+    let reader = match opened {
+        Ok(Ok(reader)) => reader,
         Ok(Err(e)) => return blob_error(e),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     };
+    let size = reader.size();
     let (status, start, len) = match range(&headers, size) {
         Ok(None) => (StatusCode::OK, 0, size),
         Ok(Some((start, end))) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
@@ -234,28 +235,37 @@ pub(crate) async fn download(
                 .into_response()
         }
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    // Whole chunks are read, each verified against its hash before any of it is sent: a
+    // chunk the disk changed ends the response early (the client sees a cut-off body, never
+    // wrong bytes) and the blob goes for repair.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, BlobError>>(4);
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = file.seek(SeekFrom::Start(start)) {
-            let _ = tx.blocking_send(Err(e));
-            return;
-        }
-        let mut left = len;
-        while left > 0 {
-            let mut piece = vec![0u8; PIECE.min(left as usize)];
-            if let Err(e) = file.read_exact(&mut piece) {
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-            left -= piece.len() as u64;
-            if tx.blocking_send(Ok(Bytes::from(piece))).is_err() {
-                // The client went away.
+        let end = start + len;
+        let mut data = ChunkBuf::new();
+        for index in start / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES) {
+            let piece = reader.read_chunk_into(index, &mut data).map(|()| {
+                let at = index * CHUNK_BYTES;
+                let from = (start.max(at) - at) as usize;
+                let to = (end.min(at + data.bytes().len() as u64) - at) as usize;
+                Bytes::copy_from_slice(&data.bytes()[from..to])
+            });
+            let failed = piece.is_err();
+            if tx.blocking_send(piece).is_err() || failed {
+                // The client went away, or the chunk was not served.
                 return;
             }
         }
     });
-    let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|piece| (piece, rx))
+    let blobs = state.blobs.clone();
+    let body = Body::from_stream(futures::stream::unfold(rx, move |mut rx| {
+        let blobs = blobs.clone();
+        async move {
+            let piece = rx.recv().await?.map_err(|e| {
+                blobs.on_read_error(&e);
+                std::io::Error::other(e.to_string())
+            });
+            Some((piece, rx))
+        }
     }));
     let mut response = Response::builder()
         .status(status)

@@ -29,10 +29,11 @@ use mycel_net::task::{
     read_frame, write_frame, FrameError, IncomingStreams, Stream, BLOB_PROTOCOL,
 };
 use mycel_net::{now_ms, NetHandle, PeerId};
-use mycel_store::{BlobError, BlobInfo, BlobStore, ChunkBuf};
+use mycel_store::{BlobError, BlobInfo, BlobStore, ChunkBuf, Quarantine};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::oneshot::error::TryRecvError;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// Blob streams answered at once, a quarter of them for one peer; streams beyond are dropped.
 const MAX_INBOUND_STREAMS: usize = 64;
@@ -140,6 +141,10 @@ pub struct BlobStats {
     pub chunks_fetched: AtomicU64,
     /// Chunks received that failed verification.
     pub chunks_refused: AtomicU64,
+    /// Blobs found corrupt on this node's disk (`mycel_blobs_corrupt_total`).
+    pub corrupt: Counter,
+    /// Corrupt blobs fetched whole again from peers (`mycel_blobs_repaired_total`).
+    pub repaired: Counter,
 }
 
 /// The blob service of one node.
@@ -156,6 +161,8 @@ pub struct BlobService {
     also_provided: Mutex<BTreeSet<ContentId>>,
     /// Chunk buffers, shared by uploads and fetches.
     pool: Arc<ChunkPool>,
+    /// Blobs being repaired after a corrupt chunk was found.
+    repairing: Mutex<HashSet<ContentId>>,
 }
 
 impl BlobService {
@@ -169,7 +176,68 @@ impl BlobService {
             upload_free_at: Mutex::new(Instant::now()),
             also_provided: Mutex::new(BTreeSet::new()),
             pool: Arc::default(),
+            repairing: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Registers the service's counters in `registry`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "mycel_blobs_corrupt",
+            "Blobs found corrupt on this node's disk (never served; repaired from peers)",
+            self.stats.corrupt.clone(),
+        );
+        registry.register(
+            "mycel_blobs_repaired",
+            "Corrupt blobs made whole again from peers",
+            self.stats.repaired.clone(),
+        );
+    }
+
+    /// Handles `e` from reading a stored blob: when a chunk was found corrupt, the blob is
+    /// taken out of service and what it lost is fetched again from peers, in the background
+    /// (once at a time per blob).
+    pub fn on_read_error(self: &Arc<Self>, e: &BlobError) {
+        let BlobError::Corrupt { id, chunk } = *e else {
+            return;
+        };
+        if !self
+            .repairing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id)
+        {
+            return;
+        }
+        let service = self.clone();
+        tokio::spawn(async move {
+            warn!(%id, chunk, "a stored chunk no longer matches its hash; checking the whole blob");
+            match service.blocking(move |s| s.quarantine(&id)).await {
+                Ok(Quarantine::Repair { missing, pinned }) => {
+                    service.stats.corrupt.inc();
+                    service.announce().await;
+                    warn!(%id, chunks = missing.len(), "blob corrupt on disk: no longer served; fetching the lost chunks from peers");
+                    match service.fetch(id, &[], pinned, &Progress::default()).await {
+                        Ok(_) => {
+                            service.stats.repaired.inc();
+                            service.announce().await;
+                            info!(%id, "corrupt blob repaired from peers");
+                        }
+                        Err(e) => {
+                            warn!(%id, "cannot repair the corrupt blob ({e}); it is no longer held here");
+                            let _ = service.blocking(move |s| s.cancel_fetch(&id)).await;
+                        }
+                    }
+                }
+                Ok(Quarantine::Intact | Quarantine::Gone) => {}
+                Err(e) => warn!(%id, "cannot check the blob: {e}"),
+            }
+            service
+                .repairing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        });
     }
 
     /// The store.
@@ -264,7 +332,7 @@ impl BlobService {
     /// Answers the requests of one stream in turn (a fetcher keeps its stream for many: a
     /// fresh yamux stream starts with a 256 KiB window and grows it only as data flows),
     /// until the peer closes it, goes quiet for [`STREAM_IDLE`], or is refused.
-    async fn answer(&self, peer: PeerId, mut stream: Stream) -> std::io::Result<()> {
+    async fn answer(self: &Arc<Self>, peer: PeerId, mut stream: Stream) -> std::io::Result<()> {
         loop {
             let next = read_frame::<BlobRequest>(&mut stream, MAX_BLOB_REQUEST_BYTES);
             let request = match tokio::time::timeout(STREAM_IDLE, next).await {
@@ -291,7 +359,11 @@ impl BlobService {
     }
 
     /// Answers one request; `false` when the stream should end after it.
-    async fn answer_one(&self, request: BlobRequest, stream: &mut Stream) -> std::io::Result<bool> {
+    async fn answer_one(
+        self: &Arc<Self>,
+        request: BlobRequest,
+        stream: &mut Stream,
+    ) -> std::io::Result<bool> {
         match request {
             BlobRequest::Outboard { id } => {
                 let outboard = self
@@ -342,6 +414,7 @@ impl BlobService {
                             self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
+                            self.on_read_error(&e);
                             write_frame(stream, &chunk_error(id, e)).await?;
                             return Ok(false);
                         }
@@ -876,7 +949,7 @@ fn writer_gone() -> BlobError {
 /// The frame that tells a fetcher why a chunk of `id` cannot be served.
 fn chunk_error(id: ContentId, e: BlobError) -> BlobFrame {
     match e {
-        BlobError::NotFound(_) => BlobFrame::NotFound,
+        BlobError::NotFound(_) | BlobError::Corrupt { .. } => BlobFrame::NotFound,
         BlobError::Tree(e) => BlobFrame::Refused(e.to_string()),
         e => {
             warn!("cannot read a chunk of {id}: {e}");

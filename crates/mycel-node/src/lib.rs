@@ -282,6 +282,7 @@ impl Node {
             net.clone(),
             config.blobs.clone(),
         ));
+        blobs.register(&mut registry);
         tasks.push(tokio::spawn(
             blobs
                 .clone()

@@ -570,3 +570,64 @@ async fn silent_providers_do_not_delay_a_fetch_and_an_id_nobody_holds_fails_soon
     assert!(err.contains("no peer holds it"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(15), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_never_serves_a_chunk_its_disk_changed_and_repairs_the_blob_from_a_peer() {
+    let root = tempfile::tempdir().unwrap();
+    let a = start(&root.path().join("a"), vec![], None).await;
+    let b = start(&root.path().join("b"), addrs_of(&a), None).await;
+    let data = bytes(4 * CHUNK_BYTES + 99, 7);
+    let file = root.path().join("data.bin");
+    std::fs::write(&file, &data).unwrap();
+    let id = a.blobs.import_path(&file, true).await.unwrap();
+    wait_provider(&b, id, a.net.peer_id()).await;
+    b.blobs
+        .fetch(id, &[], true, &Progress::default())
+        .await
+        .unwrap();
+
+    // Bit rot in chunk 2 of B's copy.
+    let hex: String = id.0.iter().map(|b| format!("{b:02x}")).collect();
+    let path = root.path().join("b/blobs/data").join(&hex[..2]).join(&hex);
+    let mut on_disk = std::fs::read(&path).unwrap();
+    on_disk[(2 * CHUNK_BYTES + 5) as usize] ^= 0x40;
+    std::fs::write(&path, &on_disk).unwrap();
+
+    // A peer asking B for every chunk gets 0 and 1, then "not found", never the bad bytes.
+    let mut stream = a
+        .net
+        .open_stream(b.net.peer_id(), BLOB_PROTOCOL)
+        .await
+        .unwrap();
+    let request = BlobRequest::Chunks {
+        id,
+        chunks: vec![0, 1, 2, 3],
+    };
+    write_frame(&mut stream, &request).await.unwrap();
+    for expected in 0..2u64 {
+        let frame = read_frame::<BlobFrame>(&mut stream, 1 << 20).await.unwrap();
+        let Some(BlobFrame::Chunk { index, len }) = frame else {
+            panic!("chunk {expected}: {frame:?}")
+        };
+        assert_eq!(index, expected);
+        let mut chunk = vec![0u8; len as usize];
+        futures::AsyncReadExt::read_exact(&mut stream, &mut chunk)
+            .await
+            .unwrap();
+    }
+    let frame = read_frame::<BlobFrame>(&mut stream, 1 << 20).await.unwrap();
+    assert!(matches!(frame, Some(BlobFrame::NotFound)), "{frame:?}");
+
+    // B takes it out of service, fetches what it lost from A, and holds it whole and pinned.
+    wait_until(LIMIT, "B repairs the blob from A", || async {
+        b.blobs.stats.repaired.get() >= 1
+    })
+    .await;
+    assert_eq!(b.blobs.stats.corrupt.get(), 1);
+    let held = b.blobs.store().info(&id).unwrap().unwrap();
+    assert!(held.pinned, "still pinned after the repair");
+    assert_eq!(export(&b, &id, &root.path().join("out.bin")), data);
+    for node in [a, b] {
+        node.shutdown().await;
+    }
+}

@@ -11,6 +11,12 @@
 //! Bytes stream through: an import hashes and writes 256 KiB at a time, an export or a served
 //! chunk reads from the file, so a blob is never held whole in memory.
 //!
+//! Bit rot: every chunk read to be served, exported or returned by the API is hashed
+//! against the blob's outboard first. A chunk that no longer matches is never handed out
+//! ([`BlobError::Corrupt`]); [`BlobStore::quarantine`] then turns the blob back into a fetch
+//! holding only its chunks that still verify, so the node can repair it from peers (or, if
+//! no peer has it, it is simply no longer here).
+//!
 //! Crash safety: a complete blob is written, synced and renamed into `data/` before its index
 //! entry is committed, and only blobs with an entry are served. On open, the store drops
 //! imports in progress, data files without an entry and entries without their file, and
@@ -83,6 +89,14 @@ pub enum BlobError {
     /// No such blob here.
     #[error("no blob {0} in this store")]
     NotFound(ContentId),
+    /// A stored chunk no longer matches its hash (the disk changed it).
+    #[error("blob {id} is corrupt on this disk (chunk {chunk} no longer matches its hash): it is not served; the node repairs it from peers that hold it (`mycel fetch {id}` to retry)")]
+    Corrupt {
+        /// The blob.
+        id: ContentId,
+        /// The first chunk found corrupt.
+        chunk: u64,
+    },
     /// Hashes or bytes that do not belong to the id.
     #[error(transparent)]
     Tree(#[from] TreeError),
@@ -615,16 +629,66 @@ impl BlobStore {
         Ok(data.bytes().to_vec())
     }
 
-    /// The complete blob `id` opened for reading chunks (one lookup and one open for many
-    /// chunks).
+    /// Like [`BlobStore::reader`], marking the blob used at `now`.
+    pub fn open_reader(&self, id: &ContentId, now: u64) -> Result<ChunkReader, BlobError> {
+        self.touch(id, now, false)?;
+        self.reader(id)
+    }
+
+    /// The complete blob `id` opened for reading chunks, each verified against its hash
+    /// as it is read (one lookup and one open for many chunks).
     pub fn reader(&self, id: &ContentId) -> Result<ChunkReader, BlobError> {
         let blob = self.info(id)?.ok_or(BlobError::NotFound(*id))?;
+        let outboard = self.outboard(id)?.ok_or(BlobError::NotFound(*id))?;
         let path = self.data_path(id);
         let file = File::open(&path).map_err(io(&path))?;
         Ok(ChunkReader {
+            id: *id,
+            outboard,
             file,
             size: blob.size,
             path,
+        })
+    }
+
+    /// After [`BlobError::Corrupt`]: re-hashes every chunk of the complete blob `id` and, if
+    /// any fails, takes it out of the store's complete blobs and makes it a fetch holding
+    /// the chunks that still verify, so that only the rest need fetching again.
+    pub fn quarantine(&self, id: &ContentId) -> Result<Quarantine, BlobError> {
+        let _held = self.admission.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(blob) = self.info(id)? else {
+            return Ok(Quarantine::Gone);
+        };
+        let outboard = self.outboard(id)?.ok_or(BlobError::NotFound(*id))?;
+        let path = self.data_path(id);
+        let file = File::open(&path).map_err(io(&path))?;
+        let mut data = ChunkBuf::new();
+        let marks: Vec<u8> = (0..outboard.chunks())
+            .map(|index| {
+                let good = read_chunk_into(&file, outboard.size, index, &mut data)
+                    .is_ok_and(|()| outboard.verify_chunk(id, index, data.bytes()).is_ok());
+                u8::from(good)
+            })
+            .collect();
+        let missing: Vec<u64> = (0..marks.len() as u64)
+            .filter(|i| marks[*i as usize] == 0)
+            .collect();
+        if missing.is_empty() {
+            return Ok(Quarantine::Intact);
+        }
+        // Moved first: a crash before the commit leaves an entry without its file and a
+        // partial file without a fetch, both dropped on open (the blob is then simply gone).
+        let partial = self.partial_path(id);
+        fs::rename(&path, &partial).map_err(io(&path))?;
+        self.write(Durability::Immediate, |txn| {
+            txn.open_table(BLOBS)?.remove(id.0.as_slice())?;
+            txn.open_table(PARTIAL)?
+                .insert(id.0.as_slice(), marks.as_slice())?;
+            Ok(())
+        })?;
+        Ok(Quarantine::Repair {
+            missing,
+            pinned: blob.pinned,
         })
     }
 
@@ -708,14 +772,23 @@ impl BlobStore {
     }
 
     fn export_file(&self, id: &ContentId, path: &Path, now: u64) -> Result<(), BlobError> {
-        let (mut file, _) = self.open_blob(id, now)?;
+        let reader = self.open_reader(id, now)?;
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(io(parent))?;
         }
         let tmp = path.with_extension("mycel-part");
         let mut out = File::create(&tmp).map_err(io(&tmp))?;
-        std::io::copy(&mut file, &mut out).map_err(io(&tmp))?;
-        out.sync_all().map_err(io(&tmp))?;
+        let mut data = ChunkBuf::new();
+        let copied = (0..chunk_count(reader.size))
+            .try_for_each(|index| {
+                reader.read_chunk_into(index, &mut data)?;
+                out.write_all(data.bytes()).map_err(io(&tmp))
+            })
+            .and_then(|()| out.sync_all().map_err(io(&tmp)));
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         fs::rename(&tmp, path).map_err(io(path))
     }
 
@@ -909,9 +982,28 @@ fn read_chunk_into(file: &File, size: u64, index: u64, data: &mut ChunkBuf) -> s
     file.read_exact_at(out, index * CHUNK_BYTES)
 }
 
+/// What [`BlobStore::quarantine`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quarantine {
+    /// Every chunk verifies (the fault was passing): the blob stays as it was.
+    Intact,
+    /// The blob is no longer complete here: these chunks must be fetched again (it was
+    /// pinned: pin it again once repaired).
+    Repair {
+        /// The chunks that failed.
+        missing: Vec<u64>,
+        /// Whether it was pinned.
+        pinned: bool,
+    },
+    /// No complete blob by that id (already quarantined, or removed).
+    Gone,
+}
+
 /// A complete blob open for reading chunks; see [`BlobStore::reader`].
 #[derive(Debug)]
 pub struct ChunkReader {
+    id: ContentId,
+    outboard: Outboard,
     file: File,
     size: u64,
     path: PathBuf,
@@ -923,13 +1015,19 @@ impl ChunkReader {
         self.size
     }
 
-    /// Reads chunk `index` into `data`.
+    /// Reads chunk `index` into `data`, verified against its hash.
     pub fn read_chunk_into(&self, index: u64, data: &mut ChunkBuf) -> Result<(), BlobError> {
         let count = chunk_count(self.size);
         if index >= count {
             return Err(TreeError::Index { index, count }.into());
         }
-        read_chunk_into(&self.file, self.size, index, data).map_err(io(&self.path))
+        read_chunk_into(&self.file, self.size, index, data).map_err(io(&self.path))?;
+        self.outboard
+            .verify_chunk(&self.id, index, data.bytes())
+            .map_err(|_| BlobError::Corrupt {
+                id: self.id,
+                chunk: index,
+            })
     }
 }
 

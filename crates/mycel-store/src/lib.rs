@@ -16,7 +16,7 @@ mod direct;
 mod files;
 mod state;
 
-pub use blobs::{BlobError, BlobInfo, BlobStore, ChunkReader};
+pub use blobs::{BlobError, BlobInfo, BlobStore, ChunkReader, Quarantine};
 pub use direct::{preallocate, ChunkBuf, DirectWriter};
 pub use files::{load_or_create_identity, load_or_create_token, prepare_data_dir};
 pub use state::{KnownPeer, Store};

@@ -318,3 +318,63 @@ fn copy_chunks(
 fn hex(id: &ContentId) -> String {
     id.0.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn a_chunk_the_disk_changed_is_never_handed_out_and_the_blob_becomes_a_fetch_of_what_it_lost() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("blobs");
+    let store = open(&dir, 64 * MIB);
+    let original = bytes(3 * CHUNK_BYTES + 11, 9);
+    let blob = store.import(&original[..], 1, true).unwrap();
+    let id = blob.id;
+    // Bit rot in chunk 1 of the stored file.
+    let path = dir.join("data").join(&hex(&id)[..2]).join(hex(&id));
+    let mut on_disk = fs::read(&path).unwrap();
+    on_disk[(CHUNK_BYTES + 77) as usize] ^= 0x10;
+    fs::write(&path, &on_disk).unwrap();
+
+    assert_eq!(
+        store.read_chunk(&id, 0).unwrap(),
+        &original[..CHUNK_BYTES as usize]
+    );
+    assert!(matches!(
+        store.read_chunk(&id, 1),
+        Err(BlobError::Corrupt { chunk: 1, .. })
+    ));
+    let out = root.path().join("out");
+    assert!(matches!(
+        store.export(&id, &out, 2),
+        Err(BlobError::Corrupt { chunk: 1, .. })
+    ));
+    assert!(!out.exists() && !out.with_extension("mycel-part").exists());
+
+    // Quarantined: no longer a complete blob, a fetch missing only chunk 1, and so across a
+    // restart.
+    let quarantined = store.quarantine(&id).unwrap();
+    assert_eq!(
+        quarantined,
+        mycel_store::Quarantine::Repair {
+            missing: vec![1],
+            pinned: true
+        }
+    );
+    assert!(store.info(&id).unwrap().is_none());
+    assert!(matches!(
+        store.read_chunk(&id, 0),
+        Err(BlobError::NotFound(_))
+    ));
+    drop(store);
+    let store = open(&dir, 64 * MIB);
+    assert_eq!(store.missing(&id).unwrap(), Some(vec![1]));
+    // Repaired with the right bytes, it is whole and pinned again.
+    let chunk = &original[CHUNK_BYTES as usize..2 * CHUNK_BYTES as usize];
+    store.write_chunk(&id, 1, chunk).unwrap();
+    let blob = store.finish_fetch(&id, 3, true).unwrap();
+    assert!(blob.pinned);
+    store.export(&id, &out, 4).unwrap();
+    assert_eq!(fs::read(&out).unwrap(), original);
+    assert_eq!(
+        store.quarantine(&id).unwrap(),
+        mycel_store::Quarantine::Intact
+    );
+}
