@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one node until Ctrl-C.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Start a local network of N nodes in this process (on 127.0.0.1) and serve until Ctrl-C.
     Up(up::UpArgs),
     /// Show a node's status.
@@ -79,9 +79,17 @@ struct NodeArgs {
     #[arg(long, default_value = "127.0.0.1:7878")]
     api: SocketAddr,
     /// Confirms an --api address beyond loopback: anyone who reaches it with the token
-    /// controls the node, and it speaks plain HTTP (put a TLS proxy in front).
+    /// controls the node (serve it over HTTPS with --api-tls-cert and --api-tls-key, or put
+    /// a TLS proxy in front).
     #[arg(long)]
     api_public: bool,
+    /// The API speaks HTTPS with this certificate chain (PEM, leaf first); needs
+    /// --api-tls-key.
+    #[arg(long, value_name = "PEM", requires = "api_tls_key")]
+    api_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --api-tls-cert.
+    #[arg(long, value_name = "PEM", requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
     /// Serve /metrics without the bearer token.
     #[arg(long)]
     open_metrics: bool,
@@ -285,6 +293,11 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.mdns = !args.no_mdns;
     config.api = Some(args.api);
     config.api_public = args.api_public;
+    config.api_tls = args
+        .api_tls_cert
+        .clone()
+        .zip(args.api_tls_key.clone())
+        .map(|(cert, key)| mycel_node::ApiTls { cert, key });
     config.open_metrics = args.open_metrics;
     config.sys_root = args.sys_root;
     let (fetched, paths): (Vec<PathBuf>, Vec<PathBuf>) = args.models.into_iter().partition(|m| {
@@ -445,7 +458,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Node(args) => run_node(args).await,
+            Command::Node(args) => run_node(*args).await,
             Command::Up(args) => up::run(args).await,
             Command::Status(args) => client::status(args),
             Command::Peers(args) => client::peers(args),

@@ -200,3 +200,74 @@ fn a_node_asked_to_serve_a_model_by_content_id_fetches_it_from_its_peers() {
     assert!(ok, "{err}");
     assert!(!out.trim().is_empty());
 }
+
+const FULL_DISK_TEST: &str = "a_full_disk_is_said_as_such_and_a_corrupt_database_with_the_way_out";
+
+/// Unmounts the small file system when the test ends, however it ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `mycel put` onto a node whose disk fills up says "no space left", not that the node
+/// cannot be reached; a node whose database file is corrupt refuses to start and says how
+/// to recover, not "another node using this --data-dir". The disk is an 8 MiB tmpfs (root
+/// needed: where mounting fails the test says so and returns, unless
+/// MYCEL_REQUIRE_NETNS=1, set by CI, which makes that a failure).
+#[test]
+fn a_full_disk_is_said_as_such_and_a_corrupt_database_with_the_way_out() {
+    let root = tempfile::tempdir().unwrap();
+    let disk = root.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&disk)
+        .output();
+    match mounted {
+        Ok(out) if out.status.success() => {}
+        other => {
+            mycel_ml::fixtures::skip_unless_required(
+                FULL_DISK_TEST,
+                "MYCEL_REQUIRE_NETNS",
+                &format!("cannot mount a small tmpfs ({other:?})"),
+            );
+            return;
+        }
+    }
+    let _mounted = Mounted(disk.clone());
+    let node = start(&disk, "node", free_port(), None, &[]);
+    let file = root.path().join("big.bin");
+    std::fs::write(&file, bytes(24 * 1024 * 1024, 2)).unwrap();
+    let (ok, _, stderr) = run(&node, &["put", file.to_str().unwrap()]);
+    assert!(!ok, "a 24 MiB put onto 8 MiB succeeded");
+    assert!(stderr.contains("no space left"), "{stderr}");
+    assert!(!stderr.contains("cannot reach"), "{stderr}");
+    // The node is still fine: a small file goes in once the space is free again.
+    let small = root.path().join("small.bin");
+    std::fs::write(&small, bytes(1000, 3)).unwrap();
+    let (ok, out, stderr) = run(&node, &["put", small.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(!out.trim().is_empty());
+    drop(node);
+
+    // A corrupt state database: the node refuses to start, saying what to do.
+    let data_dir = root.path().join("corrupt");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    std::fs::write(data_dir.join("state.redb"), bytes(256 * 1024, 4)).unwrap();
+    let out = Command::new(MYCEL)
+        .args(["node", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--api", &format!("127.0.0.1:{}", free_port()), "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("corrupt") && stderr.contains("mv "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("another mycel node"), "{stderr}");
+}

@@ -32,9 +32,55 @@ pub(crate) const MAX_CONNECTIONS: usize = 256;
 /// connection slots for longer.
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `app` on `listener` until the task is dropped: HTTP/1.1, at most
-/// [`MAX_CONNECTIONS`] connections at once, headers within [`HEADER_READ_TIMEOUT`].
-pub(crate) async fn serve(listener: TcpListener, app: Router) {
+/// The TLS side of an HTTPS API, from the PEM files in `tls`; errors name the file and what
+/// is wrong with it.
+pub(crate) fn tls_acceptor(tls: &crate::ApiTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .with_context(|| {
+            format!(
+                "cannot read the API's certificate chain from {} (a PEM file, leaf first)",
+                tls.cert.display()
+            )
+        })?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{} holds no certificate (a PEM file with BEGIN CERTIFICATE blocks, leaf first)",
+        tls.cert.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(&tls.key).with_context(|| {
+        format!(
+            "cannot read the API's private key from {} (a PEM file: PKCS#8, PKCS#1 or SEC1)",
+            tls.key.display()
+        )
+    })?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .with_context(|| {
+            format!(
+                "the key in {} does not fit the certificate in {}",
+                tls.key.display(),
+                tls.cert.display()
+            )
+        })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `app` on `listener` until the task is dropped: HTTP/1.1 (over TLS with `tls`), at
+/// most [`MAX_CONNECTIONS`] connections at once, the TLS handshake and then the headers each
+/// within [`HEADER_READ_TIMEOUT`].
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -50,14 +96,31 @@ pub(crate) async fn serve(listener: TcpListener, app: Router) {
             }
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = builder.serve_connection(io, service).await {
+            let served = match tls {
+                None => {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    builder.serve_connection(io, service).await
+                }
+                Some(tls) => {
+                    let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(stream)) => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            builder.serve_connection(io, service).await
+                        }
+                        Ok(Err(e)) => return debug!("API TLS handshake failed: {e}"),
+                        Err(_) => return debug!("API TLS handshake timed out"),
+                    }
+                }
+            };
+            if let Err(e) = served {
                 debug!("API connection ended: {e}");
             }
         });

@@ -38,6 +38,9 @@ fn blob_error(e: BlobError) -> Response {
             StatusCode::BAD_REQUEST
         }
         BlobError::Corrupt { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        BlobError::Io { source, .. } if matches!(source.raw_os_error(), Some(28 | 122)) => {
+            StatusCode::INSUFFICIENT_STORAGE
+        }
         BlobError::Io { .. } | BlobError::Index(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let kind = match status {
@@ -121,12 +124,19 @@ pub(crate) async fn upload(
         store.import(reader, now_ms(), pin)
     });
     let mut stream = body.into_data_stream();
+    let mut importing = true;
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| format!("the upload broke off: {e}"));
-        let failed = piece.is_err();
-        // A full channel holds the upload back until the import thread has caught up.
-        if tx.send(piece).await.is_err() || failed {
+        if piece.is_err() {
+            let _ = tx.send(piece).await;
             break;
+        }
+        // A full channel holds the upload back until the import thread has caught up. Once
+        // the import failed (a full disk, say), the rest of the upload is read and dropped:
+        // a client still sending would otherwise see the connection cut instead of the
+        // answer that says why.
+        if importing && tx.send(piece).await.is_err() {
+            importing = false;
         }
     }
     drop(tx);

@@ -59,6 +59,8 @@ pub struct NodeConfig {
     pub open_metrics: bool,
     /// The operator confirmed an API address beyond loopback.
     pub api_public: bool,
+    /// The API speaks HTTPS with this certificate chain and private key (PEM files).
+    pub api_tls: Option<ApiTls>,
     /// Transports.
     pub transport: TransportKind,
     /// Root of the `/sys`-like tree power state is read from.
@@ -100,6 +102,15 @@ pub struct NodeConfig {
     pub train_for: mycel_core::fl::TrainFor,
 }
 
+/// The certificate an HTTPS API presents.
+#[derive(Debug, Clone)]
+pub struct ApiTls {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM file with its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
 impl NodeConfig {
     /// Defaults for a node keeping its state in `data_dir`.
     pub fn new(data_dir: PathBuf) -> Self {
@@ -111,6 +122,7 @@ impl NodeConfig {
             api: Some(SocketAddr::from(([127, 0, 0, 1], 7878))),
             open_metrics: false,
             api_public: false,
+            api_tls: None,
             transport: TransportKind::TcpQuic,
             sys_root: PathBuf::from("/sys"),
             libp2p_metrics: true,
@@ -165,10 +177,13 @@ impl Node {
             anyhow::ensure!(
                 config.api_public,
                 "the API would listen on {addr}, beyond this machine: anyone who reaches it \
-                 with the token controls the node, over plain HTTP. Keep --api on 127.0.0.1, \
-                 or pass --api-public to confirm (and put a TLS proxy in front)"
+                 with the token controls the node. Keep --api on 127.0.0.1, or pass \
+                 --api-public to confirm (with --api-tls-cert and --api-tls-key, or a TLS \
+                 proxy in front)"
             );
         }
+        // Read before anything else starts: a bad certificate is a configuration error.
+        let tls = config.api_tls.as_ref().map(api::tls_acceptor).transpose()?;
         let dir = config.data_dir.clone();
         mycel_store::prepare_data_dir(&dir)?;
         let keypair = mycel_store::load_or_create_identity(&dir)?;
@@ -341,10 +356,11 @@ impl Node {
 
         let mut api_addr = None;
         if let Some(addr) = config.api {
-            if !addr.ip().is_loopback() {
+            if !addr.ip().is_loopback() && tls.is_none() {
                 warn!(
                     "the API listens on {addr}, beyond this machine, over plain HTTP; keep \
-                     api.token secret and put a TLS proxy in front"
+                     api.token secret and pass --api-tls-cert and --api-tls-key (or put a TLS \
+                     proxy in front)"
                 );
             }
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -363,7 +379,7 @@ impl Node {
             };
             let app = api::router(state, config.open_metrics);
             tasks.push(tokio::spawn(async move {
-                api::serve(listener, app).await;
+                api::serve(listener, app, tls).await;
             }));
             api_addr = Some(bound);
         }

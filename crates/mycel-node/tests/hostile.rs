@@ -321,6 +321,75 @@ async fn an_api_beyond_loopback_must_be_confirmed() {
     assert!(format!("{err:#}").contains("--api-public"), "{err:#}");
 }
 
+/// The API over HTTPS: a client that trusts the node's certificate gets its answers; plain
+/// HTTP on that port gets none; a key that does not fit the certificate is refused at start
+/// with both files named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_speaks_https_with_the_certificate_it_is_given() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let root = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (root.path().join("cert.pem"), root.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+    let mut config = local_config(&root.path().join("n"), vec![], true);
+    config.api_tls = Some(mycel_node::ApiTls {
+        cert: cert.clone(),
+        key: key.clone(),
+    });
+    let node = Node::start(config).await.unwrap();
+    let api = node.api_addr.unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(made.cert.der().clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(api).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let request = format!(
+        "GET /api/status HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
+         Connection: close\r\n\r\n",
+        node.token
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    let _ = tls.read_to_string(&mut answer).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("peer_id"), "{answer}");
+
+    // Plain HTTP to the HTTPS port gets no answer.
+    let plain = tokio::task::spawn_blocking(move || {
+        ureq::get(&format!("http://{api}/api/status"))
+            .config()
+            .timeout_global(Some(Duration::from_secs(15)))
+            .build()
+            .call()
+            .map(|r| r.status().as_u16())
+    })
+    .await
+    .unwrap();
+    assert!(plain.is_err(), "plain HTTP answered {plain:?}");
+    node.shutdown().await;
+
+    // Another key than the certificate's: refused at start, both files named.
+    let other = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(&key, other.serialize_pem()).unwrap();
+    let mut config = local_config(&root.path().join("m"), vec![], true);
+    config.api_tls = Some(mycel_node::ApiTls {
+        cert: cert.clone(),
+        key: key.clone(),
+    });
+    let err = format!("{:#}", Node::start(config).await.unwrap_err());
+    assert!(err.contains("key.pem") && err.contains("cert.pem"), "{err}");
+}
+
 /// A model whose name peers would refuse (over 128 bytes: both neighbours used to ban the
 /// node within seconds) is refused at start, with the limit and the fix named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

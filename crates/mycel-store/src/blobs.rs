@@ -58,7 +58,7 @@ pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{}: {}", path.display(), crate::io_advice(source))]
     Io {
         /// The file.
         path: PathBuf,
@@ -190,12 +190,11 @@ impl BlobStore {
         }
         fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         let path = dir.join(INDEX_FILE);
-        let db = Database::create(&path).map_err(|e| {
-            BlobError::Index(format!(
-                "{}: {e}; is another mycel node using this --data-dir?",
-                path.display()
-            ))
-        })?;
+        let db = crate::open_database(
+            &path,
+            "the blob index (the blobs must then be put or fetched again)",
+        )
+        .map_err(|reason| BlobError::Index(format!("{}: {reason}", path.display())))?;
         let store = Self {
             dir: dir.to_path_buf(),
             db,

@@ -21,7 +21,62 @@ pub use direct::{preallocate, ChunkBuf, DirectWriter};
 pub use files::{load_or_create_identity, load_or_create_token, prepare_data_dir};
 pub use state::{KnownPeer, Store};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// Opens (or creates) the redb database at `path`, which keeps `holds`, with what to do next
+/// in the error: the file is held by another node, corrupt (move it away), on a full disk, or
+/// written by a newer version. redb checks some invariants with panics in debug builds; a
+/// file that trips one is reported as corrupt too, never a crash.
+pub(crate) fn open_database(path: &Path, holds: &str) -> Result<redb::Database, String> {
+    let opened = std::panic::catch_unwind(|| redb::Database::create(path));
+    let shown = path.display();
+    let corrupt = |why: &str| {
+        format!(
+            "the database file is corrupt ({why}); restore it from a backup, or move it away \
+             (`mv {shown} {shown}.corrupt`) and start again with a fresh one, losing {holds}"
+        )
+    };
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Err(_) => Err(corrupt("it failed redb's own checks")),
+        Ok(Err(e)) => Err(match e {
+            redb::DatabaseError::DatabaseAlreadyOpen
+            | redb::DatabaseError::LockProtocolMismatch => {
+                "the database is already open: another mycel node is using this --data-dir \
+                 (stop it, or pass another --data-dir)"
+                    .to_owned()
+            }
+            redb::DatabaseError::Storage(redb::StorageError::Corrupted(why)) => corrupt(&why),
+            redb::DatabaseError::Storage(redb::StorageError::Io(io))
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                corrupt(&io.to_string())
+            }
+            redb::DatabaseError::Storage(redb::StorageError::Io(io)) => io_advice(&io),
+            redb::DatabaseError::UpgradeRequired(v) => format!(
+                "the database was written in file format {v}, which this build does not read; \
+                 run the mycel version that wrote it, or move the file away to start afresh"
+            ),
+            e => e.to_string(),
+        }),
+    }
+}
+
+/// An I/O error said with what to do: a full disk and a short file are the common ones.
+pub(crate) fn io_advice(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(28) => format!("no space left on the device ({e}); free some space and try again"),
+        Some(122) => format!("the disk quota is exceeded ({e}); free some space and try again"),
+        _ if e.kind() == std::io::ErrorKind::UnexpectedEof => format!(
+            "the file is shorter than its contents say ({e}): it is truncated or corrupt; move \
+             it away and start again"
+        ),
+        _ => e.to_string(),
+    }
+}
 
 /// Errors of the store, each saying which file and what to do.
 #[derive(Debug, thiserror::Error)]

@@ -41,9 +41,14 @@ impl Store {
     /// Opens (or creates) the database in the data directory `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(STATE_FILE);
-        let db = Database::create(&path).map_err(|e| StoreError::Database {
+        let db = crate::open_database(
+            &path,
+            "the peer book and the records of training jobs (peers are learnt again from the \
+             network)",
+        )
+        .map_err(|reason| StoreError::Database {
             path: path.clone(),
-            reason: format!("{e}; is another mycel node using this --data-dir?"),
+            reason,
         })?;
         let store = Self { path, db };
         store.write(|txn| {

@@ -378,3 +378,44 @@ fn a_chunk_the_disk_changed_is_never_handed_out_and_the_blob_becomes_a_fetch_of_
         mycel_store::Quarantine::Intact
     );
 }
+
+#[test]
+fn a_corrupt_or_truncated_database_says_so_and_how_to_recover() {
+    let root = tempfile::tempdir().unwrap();
+    // A good store first, so the files are real redb files.
+    let dir = root.path().join("node");
+    std::fs::create_dir_all(&dir).unwrap();
+    drop(mycel_store::Store::open(&dir).unwrap());
+    drop(open(&dir.join("blobs"), 64 * MIB));
+    let state = dir.join("state.redb");
+    let good = fs::read(&state).unwrap();
+    let garbage: Vec<u8> = bytes(good.len() as u64, 3);
+    for (what, contents) in [
+        ("truncated", good[..good.len() / 3].to_vec()),
+        ("overwritten", garbage),
+        ("header overwritten", {
+            let mut c = good.clone();
+            c[..64].copy_from_slice(&bytes(64, 1));
+            c
+        }),
+    ] {
+        fs::write(&state, &contents).unwrap();
+        let e = mycel_store::Store::open(&dir).unwrap_err().to_string();
+        assert!(!e.contains("another mycel node"), "{what}: {e}");
+        assert!(e.contains("corrupt") && e.contains("mv "), "{what}: {e}");
+    }
+    // The blob index likewise.
+    let index = dir.join("blobs/index.redb");
+    let len = fs::metadata(&index).unwrap().len();
+    fs::write(&index, bytes(len, 5)).unwrap();
+    let e = BlobStore::open(&dir.join("blobs"), 64 * MIB)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("corrupt") && e.contains("blob index"), "{e}");
+    // And a database another node holds open says that, not "corrupt".
+    fs::remove_file(&state).unwrap();
+    let held = mycel_store::Store::open(&dir).unwrap();
+    let e = mycel_store::Store::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("another mycel node"), "{e}");
+    drop(held);
+}
