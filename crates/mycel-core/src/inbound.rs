@@ -171,10 +171,12 @@ impl<C: Eq + Hash> InboundShares<C> {
         self.conns.get(conn).is_some_and(|e| e.over_share)
     }
 
-    /// The connection finished its handshake: it no longer counts as pending.
+    /// The connection finished its handshake: it no longer counts as pending (one let in
+    /// past its share does until it closes: the host's pending share also bounds how many of
+    /// those it can hold while they hear their goodbye).
     pub fn established(&mut self, conn: &C) {
         if let Some(entry) = self.conns.get_mut(conn) {
-            if !entry.established {
+            if !entry.established && !entry.over_share {
                 entry.established = true;
                 dec(&mut self.pending, entry.host);
             }
@@ -189,7 +191,7 @@ impl<C: Eq + Hash> InboundShares<C> {
     }
 
     fn release(&mut self, entry: Entry) {
-        if !entry.established {
+        if !entry.established || entry.over_share {
             dec(&mut self.pending, entry.host);
         }
         if !entry.over_share {
@@ -249,6 +251,14 @@ mod tests {
             Admission::Refused(ShareRefusal::PendingPerHost(..))
         ));
         s.established(&4);
+        s.established(&5);
+        assert!(
+            matches!(
+                s.admit(6, a),
+                Admission::Refused(ShareRefusal::PendingPerHost(..))
+            ),
+            "those past the share count as pending until they close"
+        );
         s.closed(&4);
         s.closed(&5);
         // The same /24 from other hosts: two more, then the subnet is full.

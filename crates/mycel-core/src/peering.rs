@@ -417,28 +417,47 @@ pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected
         .collect()
 }
 
+/// A score above this keeps a long-lived peer protected from eviction: an honest peer
+/// charged a point now and then (a relayed expired statement, a sync over budget) is still
+/// in good standing; one charged for real misbehaviour is not.
+pub const GOOD_STANDING: f64 = -10.0;
+
+/// Scores compared in bands this wide when choosing whom to evict: a fresh key's clean 0
+/// does not outrank a long-lived peer's few points of wear.
+const SCORE_BAND: f64 = 10.0;
+
 /// Which inbound connection makes room at `now` for a newcomer once the node is at its
 /// hard cap, if any. Never a peer this node dialled, a protected one, one within its first
-/// `config.grace_ms`, nor one of the `config.protect_oldest` longest-connected inbound peers
-/// with a score of at least 0. Of the rest: from the subnet holding most of them (a block of
-/// addresses filling the slots loses its own first), the lowest score, then the youngest.
-/// `None`: the newcomer gets the goodbye instead.
+/// `config.grace_ms` (unless `for_own_dial`: a connection this node dialled to hold its
+/// `min_outbound` takes precedence over any inbound one's grace), nor one of the
+/// `config.protect_oldest` longest-connected inbound peers in good standing
+/// ([`GOOD_STANDING`]). Of the rest: from the subnet holding most of them (a block of
+/// addresses filling the slots loses its own first), the lowest score band, then the
+/// youngest. `None`: the newcomer gets the goodbye instead.
 pub fn evict<K: Clone>(
     config: &DegreeConfig,
     now: UnixMillis,
     conns: &[Connected<K>],
+    for_own_dial: bool,
 ) -> Option<K> {
     let mut inbound: Vec<&Connected<K>> = conns
         .iter()
-        .filter(|c| c.inbound && !c.protected && now.saturating_sub(c.since) >= config.grace_ms)
+        .filter(|c| {
+            c.inbound
+                && !c.protected
+                && (for_own_dial || now.saturating_sub(c.since) >= config.grace_ms)
+        })
         .collect();
     inbound.sort_by_key(|c| c.since);
     let mut kept = 0;
     inbound.retain(|c| {
-        let keep = kept < config.protect_oldest && c.score >= 0.0;
+        let keep = kept < config.protect_oldest
+            && c.score > GOOD_STANDING
+            && now.saturating_sub(c.since) >= config.grace_ms;
         kept += usize::from(keep);
         !keep
     });
+    let band = |c: &Connected<K>| (c.score / SCORE_BAND).floor();
     let mut per_subnet: HashMap<std::net::IpAddr, usize> = HashMap::new();
     for c in &inbound {
         if let Some(subnet) = c.subnet {
@@ -451,7 +470,7 @@ pub fn evict<K: Clone>(
         .max_by(|a, b| {
             crowd(a)
                 .cmp(&crowd(b))
-                .then(b.score.total_cmp(&a.score))
+                .then(band(b).total_cmp(&band(a)))
                 .then(a.since.cmp(&b.since))
         })
         .map(|c| c.peer.clone())
@@ -733,7 +752,7 @@ mod tests {
             });
         }
         conns.push(conn(20, now - 1, true));
-        let victim = evict(&config, now, &conns).unwrap();
+        let victim = evict(&config, now, &conns, false).unwrap();
         assert!(
             (10..20).contains(&victim),
             "a sybil goes first, not {victim}"
@@ -743,11 +762,21 @@ mod tests {
         // never one in its grace; the young honest ones are fair game.
         conns.truncate(4 + 6);
         conns.push(conn(20, now - 1, true));
-        let victim = evict(&config, now, &conns).unwrap();
+        let victim = evict(&config, now, &conns, false).unwrap();
         assert!([8, 9].contains(&victim), "{victim}");
-        // A bad score loses its protection.
-        conns[4].score = -10.0;
-        assert_eq!(evict(&config, now, &conns), Some(4));
+        // A few points of wear neither cost the protection nor outrank a clean newcomer's
+        // band; a bad score loses the protection.
+        conns[4].score = -3.0;
+        let victim = evict(&config, now, &conns, false).unwrap();
+        assert!([8, 9].contains(&victim), "{victim}");
+        conns[4].score = -30.0;
+        assert_eq!(evict(&config, now, &conns, false), Some(4));
+        // The node's own dial takes precedence over a stranger's grace, not over the old.
+        conns[4].score = 0.0;
+        conns.truncate(4 + 4);
+        conns.push(conn(21, now - 1, true));
+        assert_eq!(evict(&config, now, &conns, false), None);
+        assert_eq!(evict(&config, now, &conns, true), Some(21));
         // Only outbound, protected, old-and-good or young connections: nobody is evicted.
         let mut kept: Vec<Connected<u32>> = (0..4).map(|p| conn(p, 0, false)).collect();
         kept.extend((4..8).map(|p| conn(p, 0, true)));
@@ -756,7 +785,7 @@ mod tests {
             ..conn(8, 0, true)
         });
         kept.push(conn(9, now, true));
-        assert_eq!(evict(&config, now, &kept), None);
+        assert_eq!(evict(&config, now, &kept, false), None);
     }
 
     #[test]

@@ -60,9 +60,17 @@ impl Behaviour {
         let timing = &config.timing;
 
         let connection_limits = connection_limits::ConnectionLimits::default()
-            // Beyond the cap, a few connections only long enough for a goodbye (see cap.rs).
-            .with_max_established(Some(
+            // Beyond the cap, a few connections only long enough for a goodbye (see cap.rs);
+            // room above that for the dials that keep the node's own choices
+            // (`DegreeConfig::min_outbound`) whoever fills the inbound slots.
+            .with_max_established_incoming(Some(
                 limits.max_connections + crate::cap::REFERRAL_SLOTS as u32,
+            ))
+            .with_max_established(Some(
+                limits.max_connections
+                    + crate::cap::REFERRAL_SLOTS as u32
+                    + mycel_core::peering::DegreeConfig::for_target(limits.target_peers)
+                        .min_outbound as u32,
             ))
             .with_max_established_per_peer(Some(limits.max_connections_per_peer))
             .with_max_pending_incoming(Some(limits.max_pending))

@@ -96,6 +96,19 @@ struct Link {
     inbound: bool,
     /// The subnet it connected from (`None`: this machine, or relayed).
     subnet: Option<std::net::IpAddr>,
+    /// Connections open to it now.
+    conns: u32,
+}
+
+/// Who opened a connection that arrives beyond the cap, which decides who makes room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Arrival {
+    /// A peer dialled us.
+    Inbound,
+    /// Degree upkeep dialled it (to keep the node's degree and its own choices).
+    Upkeep(Target),
+    /// Another dial of ours (a Kademlia lookup, a stream opened by peer id).
+    Other,
 }
 
 pub(crate) struct EventLoop {
@@ -138,6 +151,9 @@ pub(crate) struct EventLoop {
     dialing: HashMap<ConnectionId, (Target, u64)>,
     /// Each connected peer's first connection: when, which way, from which subnet.
     since: HashMap<PeerId, Link>,
+    /// Inbound connections counted in `mycel_connections_inbound` (not those let in past
+    /// their address's share only to hear a goodbye).
+    counted_inbound: HashSet<ConnectionId>,
     /// Peers we said goodbye to, and when the connection is closed at the latest.
     parting: HashMap<PeerId, u64>,
     /// Peers that said goodbye to us, and when.
@@ -241,6 +257,7 @@ impl EventLoop {
             referrals: Referrals::new(MAX_PENDING_REFERRALS, REFERRAL_TTL.as_millis() as u64),
             dialing: HashMap::new(),
             since: HashMap::new(),
+            counted_inbound: HashSet::new(),
             parting: HashMap::new(),
             parted: HashMap::new(),
             // Decisions take this generator, never a thread-local one: runs can be replayed.
@@ -974,6 +991,7 @@ impl EventLoop {
                     since: now,
                     inbound: true,
                     subnet: None,
+                    conns: 1,
                 });
                 Connected {
                     peer: *peer,
@@ -987,12 +1005,32 @@ impl EventLoop {
             .collect()
     }
 
-    /// A connection beyond the cap: an inbound connection of low value makes room for it
-    /// (mycel-core's `peering::evict`), or, where none may be evicted, the newcomer itself only
-    /// hears a goodbye with referrals.
-    fn make_room(&mut self, newcomer: PeerId, now: u64) {
-        let conns = self.held_connections(now, Some(newcomer));
-        match peering::evict(&self.degree.config(), now, &conns) {
+    /// Connections held, less those of peers this node is parting from (they close within
+    /// [`PARTING_TIMEOUT`] and must not make room at others' expense meanwhile).
+    fn held_connection_count(&self) -> usize {
+        let parting: usize = self
+            .parting
+            .keys()
+            .filter_map(|peer| self.since.get(peer))
+            .map(|link| link.conns as usize)
+            .sum();
+        self.connections.saturating_sub(parting)
+    }
+
+    /// A connection beyond the cap: an inbound connection of low value makes room for a peer
+    /// that dialled us or one degree upkeep dialled (mycel-core's `peering::evict`); where none
+    /// may be evicted, or for other dials of ours, the newcomer itself only hears a goodbye
+    /// with referrals (and an upkeep target is not dialled again for a while).
+    fn make_room(&mut self, newcomer: PeerId, arrival: Arrival, now: u64) {
+        let victim = match &arrival {
+            Arrival::Other => None,
+            Arrival::Inbound | Arrival::Upkeep(_) => {
+                let conns = self.held_connections(now, Some(newcomer));
+                let own = matches!(arrival, Arrival::Upkeep(_));
+                peering::evict(&self.degree.config(), now, &conns, own)
+            }
+        };
+        match victim {
             Some(victim) => {
                 debug!(%victim, %newcomer, "evicting an inbound connection at the cap");
                 self.metrics.evicted.inc();
@@ -1001,6 +1039,10 @@ impl EventLoop {
             None => {
                 self.metrics.referred.inc();
                 self.say_goodbye(newcomer, now);
+                if let Arrival::Upkeep(target) = arrival {
+                    let until = now + GOODBYE_HOLD.as_millis() as u64;
+                    self.degree.backoff_mut().hold(target, until);
+                }
             }
         }
     }
@@ -1395,15 +1437,16 @@ impl EventLoop {
             } => {
                 self.connections += 1;
                 self.connections_opened += 1;
-                if !endpoint.is_dialer() {
-                    self.metrics.connections_inbound.inc();
-                }
                 self.nat_connection_established(peer_id, connection_id, &endpoint);
                 self.metrics.connections.set(self.connections as i64);
                 self.probing.remove(&peer_id);
                 self.referrals.confirmed(&peer_id);
-                if let Some((target, _)) = self.dialing.remove(&connection_id) {
-                    self.degree.backoff_mut().succeeded(&target);
+                let upkeep = self
+                    .dialing
+                    .remove(&connection_id)
+                    .map(|(target, _)| target);
+                if let Some(target) = &upkeep {
+                    self.degree.backoff_mut().succeeded(target);
                 }
                 self.degree.backoff_mut().succeeded(&Target::Peer(peer_id));
                 self.revival.revived(&peer_id);
@@ -1412,6 +1455,13 @@ impl EventLoop {
                     .behaviour()
                     .connections
                     .is_over_share(&connection_id);
+                if !endpoint.is_dialer() && !over_share {
+                    self.metrics.connections_inbound.inc();
+                    self.counted_inbound.insert(connection_id);
+                }
+                if let Some(link) = self.since.get_mut(&peer_id) {
+                    link.conns = num_established.get();
+                }
                 if over_share && num_established.get() > 1 {
                     // A second connection from a peer already held: only this one goes.
                     self.swarm.close_connection(connection_id);
@@ -1424,16 +1474,24 @@ impl EventLoop {
                         since: now,
                         inbound,
                         subnet,
+                        conns: 1,
                     };
                     self.since.insert(peer_id, link);
                     if over_share {
                         // Past its address's share of inbound slots: referrals only.
                         self.metrics.referred.inc();
                         self.say_goodbye(peer_id, now);
-                    } else if self.connections > self.config.limits.max_connections as usize {
+                    } else if self.held_connection_count()
+                        > self.config.limits.max_connections as usize
+                    {
                         // Beyond the cap (in a referral slot): someone makes room, or the
                         // newcomer only gets a goodbye with referrals.
-                        self.make_room(peer_id, now);
+                        let arrival = match upkeep {
+                            _ if inbound => Arrival::Inbound,
+                            Some(target) => Arrival::Upkeep(target),
+                            None => Arrival::Other,
+                        };
+                        self.make_room(peer_id, arrival, now);
                     }
                     if let Some(change) = self.membership.on_connected(peer_id, now) {
                         self.on_change(change);
@@ -1451,8 +1509,12 @@ impl EventLoop {
                 cause,
                 ..
             } => {
-                if !endpoint.is_dialer() {
+                let _ = endpoint;
+                if self.counted_inbound.remove(&connection_id) {
                     self.metrics.connections_inbound.dec();
+                }
+                if let Some(link) = self.since.get_mut(&peer_id) {
+                    link.conns = num_established;
                 }
                 self.nat_connection_closed(peer_id, connection_id);
                 self.connections = self.connections.saturating_sub(1);

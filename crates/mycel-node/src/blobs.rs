@@ -223,9 +223,10 @@ impl BlobService {
                             service.announce().await;
                             info!(%id, "corrupt blob repaired from peers");
                         }
+                        // Its good chunks stay, as a fetch `mycel fetch` resumes (pinned again
+                        // on completion if it was).
                         Err(e) => {
-                            warn!(%id, "cannot repair the corrupt blob ({e}); it is no longer held here");
-                            let _ = service.blocking(move |s| s.cancel_fetch(&id)).await;
+                            warn!(%id, "cannot repair the corrupt blob yet ({e}); its good chunks are kept: `mycel fetch {id}` resumes the repair")
                         }
                     }
                 }

@@ -556,6 +556,12 @@ async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
         || async { connected_to(&victim, neighbour_id).await },
     )
     .await;
+    // A few points of wear, as an honest peer collects: still in good standing, but a lower
+    // score than any fresh stranger's, so only its protection as a long-lived peer keeps it.
+    victim
+        .net
+        .penalise(neighbour_id, Rejection::BadReferral)
+        .await;
     // Strangers arrive one after another, each past the others' grace by the time the next
     // comes, until the victim is at its cap many times over.
     let mut strangers = Vec::new();

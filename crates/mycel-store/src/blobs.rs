@@ -47,6 +47,8 @@ const INDEX_FILE: &str = "index.redb";
 const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
 const OUTBOARDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outboards");
 const PARTIAL: TableDefinition<&[u8], &[u8]> = TableDefinition::new("partial");
+/// Fetches that repair a blob found corrupt, and whether it was pinned.
+const REPAIRS: TableDefinition<&[u8], bool> = TableDefinition::new("repairs");
 /// Largest index record decoded.
 const MAX_META_BYTES: usize = 1024;
 /// Deepest directory imported (symbolic links are followed; this stops loops).
@@ -206,6 +208,7 @@ impl BlobStore {
             txn.open_table(BLOBS)?;
             txn.open_table(OUTBOARDS)?;
             txn.open_table(PARTIAL)?;
+            txn.open_table(REPAIRS)?;
             Ok(())
         })?;
         store.recover()?;
@@ -319,6 +322,7 @@ impl BlobStore {
         self.fetch_done(id);
         self.write(Durability::Immediate, |txn| {
             txn.open_table(PARTIAL)?.remove(id.0.as_slice())?;
+            txn.open_table(REPAIRS)?.remove(id.0.as_slice())?;
             if txn.open_table(BLOBS)?.get(id.0.as_slice())?.is_none() {
                 txn.open_table(OUTBOARDS)?.remove(id.0.as_slice())?;
             }
@@ -464,8 +468,11 @@ impl BlobStore {
     ) -> Result<(), BlobError> {
         let bytes = mycel_core::wire::encode(&meta);
         self.write(durability, |txn| {
-            txn.open_table(BLOBS)?
-                .insert(id.0.as_slice(), bytes.as_slice())?;
+            let mut blobs = txn.open_table(BLOBS)?;
+            // Only a blob still here: one quarantined meanwhile stays out.
+            if blobs.get(id.0.as_slice())?.is_some() {
+                blobs.insert(id.0.as_slice(), bytes.as_slice())?;
+            }
             Ok(())
         })
     }
@@ -654,10 +661,9 @@ impl BlobStore {
     /// any fails, takes it out of the store's complete blobs and makes it a fetch holding
     /// the chunks that still verify, so that only the rest need fetching again.
     pub fn quarantine(&self, id: &ContentId) -> Result<Quarantine, BlobError> {
-        let _held = self.admission.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(blob) = self.info(id)? else {
+        if self.info(id)?.is_none() {
             return Ok(Quarantine::Gone);
-        };
+        }
         let outboard = self.outboard(id)?.ok_or(BlobError::NotFound(*id))?;
         let path = self.data_path(id);
         let file = File::open(&path).map_err(io(&path))?;
@@ -675,6 +681,11 @@ impl BlobStore {
         if missing.is_empty() {
             return Ok(Quarantine::Intact);
         }
+        // Hashed above without the lock (a large blob takes a while); settled under it.
+        let _held = self.admission.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(blob) = self.info(id)? else {
+            return Ok(Quarantine::Gone);
+        };
         // Moved first: a crash before the commit leaves an entry without its file and a
         // partial file without a fetch, both dropped on open (the blob is then simply gone).
         let partial = self.partial_path(id);
@@ -683,6 +694,8 @@ impl BlobStore {
             txn.open_table(BLOBS)?.remove(id.0.as_slice())?;
             txn.open_table(PARTIAL)?
                 .insert(id.0.as_slice(), marks.as_slice())?;
+            txn.open_table(REPAIRS)?
+                .insert(id.0.as_slice(), blob.pinned)?;
             Ok(())
         })?;
         Ok(Quarantine::Repair {
@@ -966,7 +979,23 @@ impl BlobStore {
             .map_err(io(&path))?;
         self.fetch_done(id);
         let _held = self.admission.lock().unwrap_or_else(|e| e.into_inner());
-        self.enter(id, &path, &outboard, now, pin)
+        if let Some(blob) = self.info(id)? {
+            // Another fetch of the same blob finished first.
+            return Ok(blob);
+        }
+        // A repaired blob is pinned again if it was.
+        let repaired_pinned = {
+            let txn = self.db.begin_read().map_err(index_error)?;
+            let table = txn.open_table(REPAIRS).map_err(index_error)?;
+            let pinned = table.get(id.0.as_slice()).map_err(index_error)?;
+            pinned.is_some_and(|p| p.value())
+        };
+        let blob = self.enter(id, &path, &outboard, now, pin || repaired_pinned)?;
+        self.write(Durability::Immediate, |txn| {
+            txn.open_table(REPAIRS)?.remove(id.0.as_slice())?;
+            Ok(())
+        })?;
+        Ok(blob)
     }
 
     /// Gives up the fetch of `id`, dropping what it had.
