@@ -37,6 +37,7 @@ pub mod inbound;
 pub mod membership;
 pub mod naming;
 pub mod peering;
+pub mod queue;
 pub mod ratelimit;
 pub mod reach;
 pub mod reputation;

@@ -46,9 +46,10 @@ pub struct Config {
     pub forget_after_ms: u64,
     /// Most peers tracked. A newcomer past it (or past [`Config::max_statement_bytes`])
     /// takes the place of the peer least worth keeping: a failed one (failed longest ago
-    /// first), else the unconnected one listed most recently (a flood of new keys displaces
-    /// only newcomers, never the peers known longest); a connected peer is never evicted, and
-    /// when all are connected the newcomer is ignored.
+    /// first), else one whose reputation fell out of good standing (the lowest first, see
+    /// [`Membership::set_standing`]), else the unconnected one listed most recently (a flood
+    /// of new keys displaces only newcomers, never the peers known longest); a connected peer
+    /// is never evicted, and when all are connected the newcomer is ignored.
     pub max_peers: usize,
     /// Most bytes of announcements held (each up to 16 KiB: 10,000 peers could otherwise
     /// hold 160 MiB).
@@ -268,6 +269,8 @@ struct Entry {
     reports: Vec<(PeerId, u64, UnixMillis)>,
     /// When this node first listed the peer.
     first_seen: UnixMillis,
+    /// Its reputation score when it was last charged, if that left it out of good standing.
+    bad_standing: Option<f64>,
 }
 
 /// The membership table of one node.
@@ -321,6 +324,14 @@ impl Membership {
         self.own.as_ref()
     }
 
+    /// Records `peer`'s reputation `score` after it was charged: below `threshold` it is
+    /// among the first evicted when the table is full (after failed peers).
+    pub fn set_standing(&mut self, peer: &PeerId, score: f64, threshold: f64) {
+        if let Some(entry) = self.peers.get_mut(peer) {
+            entry.bad_standing = (score <= threshold).then_some(score);
+        }
+    }
+
     /// Makes room for `extra` more bytes of announcements and, when `peer` is not listed, one
     /// more peer, by evicting the peers least worth keeping (never `peer`, never a connected
     /// one). False when there is no such room.
@@ -329,16 +340,20 @@ impl Membership {
         while (new && self.peers.len() >= self.config.max_peers)
             || self.stored_bytes.saturating_add(extra) > self.config.max_statement_bytes
         {
-            // Failed first (longest ago first), then the peer listed most recently: keys are
-            // free, so a flood of new ones only displaces newcomers, never the peers known
-            // longest (whom a sybil would have had to outlast).
+            // Failed first (longest ago first), then peers out of good standing (the lowest
+            // score first), then the peer listed most recently: keys are free, so a flood of
+            // new ones only displaces newcomers, never the peers known longest (whom a sybil
+            // would have had to outlast).
             let victim = self
                 .peers
                 .iter()
                 .filter(|(p, e)| **p != peer && !e.info.connected)
-                .min_by_key(|(_, e)| match e.info.state {
-                    PeerState::Failed => (0, e.info.state_since),
-                    PeerState::Alive => (1, u64::MAX - e.first_seen),
+                .min_by_key(|(_, e)| match (e.info.state, e.bad_standing) {
+                    (PeerState::Failed, _) => (0, e.info.state_since),
+                    (PeerState::Alive, Some(score)) => {
+                        (1, ((score.clamp(-1e6, 0.0) + 1e6) * 1e3) as u64)
+                    }
+                    (PeerState::Alive, None) => (2, u64::MAX - e.first_seen),
                 })
                 .map(|(p, _)| *p);
             let Some(victim) = victim else {
@@ -379,6 +394,7 @@ impl Membership {
             last_pong: now,
             reports: Vec::new(),
             first_seen: now,
+            bad_standing: None,
         }))
     }
 
@@ -1245,9 +1261,20 @@ mod tests {
             Ok(Accepted::Duplicate)
         );
         assert!(table.get(&id(4)).is_some());
+        // A peer out of good standing goes before the newest, even though it was listed
+        // early (1 is older than 3 and 4).
+        table.set_standing(&id(1), -30.0, -10.0);
+        table.set_standing(&id(3), -5.0, -10.0);
+        let late = Keypair::generate_ed25519();
+        table.on_statement(&announce(&late, 1, 42), 42).unwrap();
+        assert!(
+            table.get(&id(1)).is_none(),
+            "the peer in bad standing was evicted"
+        );
+        assert!(table.get(&id(3)).is_some() && table.get(&id(4)).is_some());
         // Everyone connected: the newcomer is ignored, nobody evicted.
-        for k in [1, 3, 4] {
-            table.on_connected(id(k), 50);
+        for peer in [id(3), id(4), late.public().to_peer_id()] {
+            table.on_connected(peer, 50);
         }
         assert_eq!(
             table.on_statement(&announce(&keys[5], 1, 60), 60),

@@ -16,6 +16,10 @@
 //!   its band, youngest-first among the unprotected inbound ones. Without it a network drifts
 //!   to the hard cap: gossipsub keeps a stream open on every connection, so connections made
 //!   for one DHT lookup never idle out.
+//! - [`DialBudget`]: an address is only a peer's claim until a dial finds that peer there.
+//!   Keys are free, so many "peers" can announce one victim's address; once a few dials
+//!   failed at one host within a minute, further dials there wait, so a node cannot be
+//!   turned into a source of dials at someone else's machine.
 //! - [`evict`]: at the hard cap a newcomer is not simply turned away: an inbound connection
 //!   of low value makes room (from the subnet holding most of them, lowest score, youngest),
 //!   while the peers this node dialled itself and its longest-connected good inbound peers
@@ -476,6 +480,92 @@ pub fn evict<K: Clone>(
         .map(|c| c.peer.clone())
 }
 
+/// Dials that failed (or are not known to have succeeded) at each host, with the peer each
+/// was meant for; see the module doc.
+#[derive(Debug)]
+pub struct DialBudget<K> {
+    per_host: usize,
+    window_ms: u64,
+    max_hosts: usize,
+    failed: HashMap<std::net::IpAddr, Vec<(K, UnixMillis)>>,
+}
+
+impl<K: Eq + Clone> DialBudget<K> {
+    /// At most `per_host` dials may fail at one host within `window_ms` before further
+    /// dials there wait; at most `max_hosts` hosts are tracked (the oldest failures are
+    /// forgotten first).
+    pub fn new(per_host: usize, window_ms: u64, max_hosts: usize) -> Self {
+        Self {
+            per_host,
+            window_ms,
+            max_hosts,
+            failed: HashMap::new(),
+        }
+    }
+
+    /// Whether a dial at the host of `ip` may be made at `now`: while fewer than `per_host`
+    /// dials failed there within the window.
+    pub fn allows(&self, ip: std::net::IpAddr, now: UnixMillis) -> bool {
+        let host = crate::inbound::host_of(ip);
+        self.failed.get(&host).is_none_or(|failed| {
+            failed
+                .iter()
+                .filter(|(_, at)| now.saturating_sub(*at) < self.window_ms)
+                .count()
+                < self.per_host
+        })
+    }
+
+    /// A dial of `peer` at `ip` failed (nobody listens there, or another peer answered), or
+    /// is being made and counts as failed until [`Self::forget`].
+    pub fn failed(&mut self, ip: std::net::IpAddr, peer: K, now: UnixMillis) {
+        let host = crate::inbound::host_of(ip);
+        if !self.failed.contains_key(&host) && self.failed.len() >= self.max_hosts {
+            let window = self.window_ms;
+            self.failed
+                .retain(|_, list| list.iter().any(|(_, at)| now.saturating_sub(*at) < window));
+            if self.failed.len() >= self.max_hosts {
+                let oldest = self
+                    .failed
+                    .iter()
+                    .min_by_key(|(_, list)| list.iter().map(|(_, at)| *at).max())
+                    .map(|(h, _)| *h);
+                if let Some(oldest) = oldest {
+                    self.failed.remove(&oldest);
+                }
+            }
+        }
+        let list = self.failed.entry(host).or_default();
+        list.retain(|(_, at)| now.saturating_sub(*at) < self.window_ms);
+        list.push((peer, now));
+        // Never more than the budget and one to hold per host.
+        let excess = list.len().saturating_sub(self.per_host + 1);
+        list.drain(..excess);
+    }
+
+    /// `peer` answered at `ip`, or its dial there ended in a way that says nothing about
+    /// the address (a timeout, an unreachable network: a partition, not a lie): its
+    /// failures there are forgotten.
+    pub fn forget(&mut self, ip: std::net::IpAddr, peer: &K) {
+        let host = crate::inbound::host_of(ip);
+        if let Some(list) = self.failed.get_mut(&host) {
+            list.retain(|(p, _)| p != peer);
+            if list.is_empty() {
+                self.failed.remove(&host);
+            }
+        }
+    }
+
+    /// A dial of `peer` ended before any address was tried (refused by a limit of ours):
+    /// what it counted anywhere is forgotten.
+    pub fn forget_peer(&mut self, peer: &K) {
+        self.failed.retain(|_, list| {
+            list.retain(|(p, _)| p != peer);
+            !list.is_empty()
+        });
+    }
+}
+
 /// Who referred which peer, until a dial shows whether the peer is where it claims to be.
 ///
 /// Bounded: when full, the oldest referral is forgotten (its referrer goes uncharged, which a
@@ -812,6 +902,39 @@ mod tests {
         let mut outbound: Vec<Connected<u32>> = (0..20).map(|p| conn(p, 0, false)).collect();
         outbound[3].score = -50.0;
         assert_eq!(shed(&config, now, &outbound)[0], 3);
+    }
+
+    #[test]
+    fn many_peers_claiming_one_host_get_a_few_dials_there_not_one_each() {
+        let ip: std::net::IpAddr = "203.0.113.9".parse().unwrap();
+        let other: std::net::IpAddr = "198.51.100.1".parse().unwrap();
+        let mut budget = DialBudget::new(4, 60_000, 16);
+        for peer in 0..4u32 {
+            assert!(budget.allows(ip, 10));
+            budget.failed(ip, peer, 10);
+        }
+        assert!(!budget.allows(ip, 20), "a fifth dial waits, for any peer");
+        assert!(budget.allows(other, 20), "other hosts are not affected");
+        // A peer found there frees its places; the window frees the rest.
+        budget.forget(ip, &0);
+        assert!(budget.allows(ip, 20));
+        budget.failed(ip, 4, 20);
+        assert!(!budget.allows(ip, 30));
+        assert!(budget.allows(ip, 60_021), "failures older than the window");
+        budget.forget_peer(&4);
+        assert!(
+            budget.allows(ip, 30),
+            "a dial refused before it was made counts nothing"
+        );
+        // Bounded: many hosts, many peers.
+        for h in 0..1_000u32 {
+            let ip = std::net::IpAddr::from(h.to_be_bytes());
+            for peer in 0..10u32 {
+                budget.failed(ip, peer, 100_000 + u64::from(h));
+            }
+        }
+        assert!(budget.failed.len() <= 16);
+        assert!(budget.failed.values().all(|l| l.len() <= 5));
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub const MAX_FRAME_BYTES: usize = 32 << 20;
 pub const MAX_EMBED_INPUTS: usize = 2048;
 /// Most messages in one chat.
 pub const MAX_MESSAGES: usize = 256;
+/// The longest a worker lets a peer's task run, whatever budget the task names (a budget
+/// is the sender's claim; ten minutes covers the longest generation allowed on a slow CPU).
+pub const MAX_TASK_BUDGET_MS: u64 = 10 * 60 * 1000;
+
 /// Most tokens one generation may ask for.
 pub const MAX_GENERATE_TOKENS: usize = 32_768;
 

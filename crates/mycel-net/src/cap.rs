@@ -1,4 +1,7 @@
-//! Connection policy outside any protocol: refuses inbound connections *before* their
+//! Connection policy outside any protocol: dials to peers whose addresses only another peer
+//! vouched for (a Kademlia answer naming strangers; none of them announced itself to us nor
+//! was met) are kept within a small budget, so lying answers cannot make this node dial a
+//! victim's address over and over. Besides that it refuses inbound connections *before* their
 //! handshake once the node is at its connection cap and its few referral slots are taken (a
 //! connection in a referral slot makes room by evicting a low-value inbound one, or only
 //! hears a goodbye with referrals; see the event loop), or once their source address or
@@ -17,14 +20,16 @@ use std::convert::Infallible;
 use std::net::IpAddr;
 
 use mycel_core::inbound::{Admission, InboundShares, SharesConfig};
+use mycel_core::peering::DialBudget;
+use mycel_core::ratelimit::RateLimiter;
 use std::task::{Context, Poll};
 
-use libp2p::core::transport::PortUse;
+use libp2p::core::transport::{PortUse, TransportError};
 use libp2p::core::Endpoint;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{
-    dummy, ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
-    THandlerOutEvent, ToSwarm,
+    dummy, ConnectionDenied, ConnectionId, DialError, FromSwarm, NetworkBehaviour, THandler,
+    THandlerInEvent, THandlerOutEvent, ToSwarm,
 };
 use libp2p::{Multiaddr, PeerId};
 use prometheus_client::metrics::counter::Counter;
@@ -50,6 +55,11 @@ pub(crate) struct Behaviour {
     /// on one machine or block every established one (loopback, this machine, and relayed
     /// connections are not counted).
     shares: InboundShares<ConnectionId>,
+    /// Dials to peers known only from others' claims (see the module doc).
+    stranger_dials: RateLimiter<()>,
+    /// Hosts where other peers' dials failed: many keys claiming one address get a few
+    /// dials there, not one each, whichever behaviour dials them.
+    dial_budget: DialBudget<PeerId>,
     /// Inbound connections refused before their handshake, by reason.
     refused: Family<ReasonLabel, Counter>,
 }
@@ -62,6 +72,46 @@ pub(crate) struct AtCapacity(usize);
 /// Reasons counted in `mycel_connections_refused_total`, beside those of
 /// `mycel_core::inbound::ShareRefusal::reason`.
 pub(crate) const REFUSED_AT_CAP: &str = "at_cap";
+/// A dial of ours to a stranger past the budget (counted in the same family).
+pub(crate) const REFUSED_STRANGER_DIAL: &str = "stranger_dial";
+/// A dial of ours not made: other peers' dials failed at the host it claims (mycel-core's
+/// `peering::DialBudget`; counted in the same family).
+pub(crate) const REFUSED_ADDRESS_BUDGET: &str = "address_budget";
+/// Different peers whose dials may fail at one host within a minute before others claiming
+/// that host wait.
+const DIAL_FAILURES_PER_HOST: usize = 4;
+/// Dials to strangers a second, on average, and at once.
+const STRANGER_DIALS_PER_SEC: f64 = 1.0;
+const STRANGER_DIAL_BURST: f64 = 32.0;
+
+/// Why a dial of ours was not made: others' dials failed at the host it claims.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: other peers' dials failed at the host it claims; it waits")]
+pub(crate) struct AddressBudget(PeerId);
+
+/// Why a dial of ours was not made.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: only other peers claim where it is, and this node's budget for such dials is spent")]
+pub(crate) struct StrangerDial(PeerId);
+
+/// Whether a dial's I/O error says nothing about who is at the address: it timed out, or the
+/// network is unreachable (a partition, not a lie about the address). The error is searched
+/// in its Debug form for the typed kinds, as the event loop's `refused_outright` explains.
+fn says_nothing(error: &std::io::Error) -> bool {
+    const KINDS: [std::io::ErrorKind; 3] = [
+        std::io::ErrorKind::TimedOut,
+        std::io::ErrorKind::HostUnreachable,
+        std::io::ErrorKind::NetworkUnreachable,
+    ];
+    if KINDS.contains(&error.kind()) {
+        return true;
+    }
+    let debug = format!("{error:?}");
+    KINDS
+        .iter()
+        .any(|kind| debug.contains(&format!("{kind:?}")))
+        || debug.contains("Timeout")
+}
 
 /// The IP an inbound connection comes from, unless it is relayed (then the address is the
 /// relay's) or from this machine.
@@ -88,6 +138,8 @@ impl Behaviour {
             established: 0,
             dial_addrs: HashMap::new(),
             shares: InboundShares::new(shares),
+            stranger_dials: RateLimiter::new(STRANGER_DIALS_PER_SEC, STRANGER_DIAL_BURST, 1),
+            dial_budget: DialBudget::new(DIAL_FAILURES_PER_HOST, 60_000, 4_096),
             refused,
         }
     }
@@ -144,12 +196,47 @@ impl NetworkBehaviour for Behaviour {
         &mut self,
         _connection_id: ConnectionId,
         maybe_peer: Option<PeerId>,
-        _addresses: &[Multiaddr],
+        addresses: &[Multiaddr],
         _effective_role: Endpoint,
     ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        Ok(maybe_peer
-            .and_then(|peer| self.dial_addrs.get(&peer).cloned())
-            .unwrap_or_default())
+        let Some(peer) = maybe_peer else {
+            return Ok(Vec::new());
+        };
+        let now = crate::handle::now_ms();
+        let known = self.dial_addrs.get(&peer).cloned();
+        if known.is_none() && addresses.is_empty() {
+            // No address of our own for it (nothing it announced, nothing we met), and none
+            // given with the dial: whatever addresses the dial uses, another peer claimed them.
+            if !self.stranger_dials.allow((), now) {
+                self.refuse(REFUSED_STRANGER_DIAL);
+                return Err(ConnectionDenied::new(StrangerDial(peer)));
+            }
+            return Ok(Vec::new());
+        }
+        // Whoever dials (degree upkeep, a probe, Kademlia, a stream opened by peer id): at a
+        // host where dials keep failing, further dials wait. Each dial made counts as failed
+        // until the peer answers there, so a burst of dials to many keys claiming one host
+        // is held to the budget too.
+        let budget = &mut self.dial_budget;
+        let mut allowed = |a: &Multiaddr| match limited_ip(a) {
+            None => true,
+            Some(ip) if budget.allows(ip, now) => {
+                budget.failed(ip, peer, now);
+                true
+            }
+            Some(_) => false,
+        };
+        let explicit_ok = addresses.iter().filter(|a| allowed(a)).count() > 0;
+        let kept: Vec<Multiaddr> = known
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| allowed(a))
+            .collect();
+        if !explicit_ok && kept.is_empty() {
+            self.refuse(REFUSED_ADDRESS_BUDGET);
+            return Err(ConnectionDenied::new(AddressBudget(peer)));
+        }
+        Ok(kept)
     }
 
     fn handle_established_inbound_connection(
@@ -178,6 +265,38 @@ impl NetworkBehaviour for Behaviour {
             FromSwarm::ConnectionEstablished(e) => {
                 self.shares.established(&e.connection_id);
                 self.established += 1;
+                if e.endpoint.is_dialer() {
+                    if let Some(ip) = limited_ip(e.endpoint.get_remote_address()) {
+                        self.dial_budget.forget(ip, &e.peer_id);
+                    }
+                }
+            }
+            FromSwarm::DialFailure(f) => {
+                let Some(peer) = f.peer_id else { return };
+                let now = crate::handle::now_ms();
+                match f.error {
+                    // Another peer answered there.
+                    DialError::WrongPeerId { address, .. } => {
+                        if let Some(ip) = limited_ip(address) {
+                            self.dial_budget.failed(ip, peer, now);
+                        }
+                    }
+                    DialError::Transport(attempts) => {
+                        for (addr, error) in attempts {
+                            let Some(ip) = limited_ip(addr) else { continue };
+                            let silent = match error {
+                                TransportError::Other(e) => says_nothing(e),
+                                TransportError::MultiaddrNotSupported(_) => true,
+                            };
+                            if silent {
+                                self.dial_budget.forget(ip, &peer);
+                            } else {
+                                self.dial_budget.failed(ip, peer, now);
+                            }
+                        }
+                    }
+                    _ => self.dial_budget.forget_peer(&peer),
+                }
             }
             FromSwarm::ListenFailure(f) => self.shares.closed(&f.connection_id),
             FromSwarm::ConnectionClosed(c) => {

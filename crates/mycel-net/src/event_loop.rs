@@ -653,6 +653,8 @@ impl EventLoop {
         let now = now_ms();
         let banned = self.reputation.penalise(peer, reason, now);
         let score = self.reputation.score(&peer, now);
+        self.membership
+            .set_standing(&peer, score, peering::GOOD_STANDING);
         self.swarm
             .behaviour_mut()
             .gossipsub
@@ -1459,6 +1461,7 @@ impl EventLoop {
                     self.metrics.connections_inbound.inc();
                     self.counted_inbound.insert(connection_id);
                 }
+
                 if let Some(link) = self.since.get_mut(&peer_id) {
                     link.conns = num_established.get();
                 }
@@ -1554,6 +1557,7 @@ impl EventLoop {
                 self.dial_failures += 1;
                 self.dialing.remove(&connection_id);
                 debug!(%peer, "dial failed: {error}");
+
                 self.nat_dial_failed(peer, connection_id, &error);
                 let elsewhere = matches!(
                     error,

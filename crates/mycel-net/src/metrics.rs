@@ -124,15 +124,23 @@ impl NetMetrics {
         );
         sub.register(
             "connections_refused",
-            "Inbound connections refused before their handshake, by reason (at_cap: at the \
+            "Connections refused before their handshake, by reason (at_cap: at the \
              connection cap and its referral slots; pending_per_ip: the remote address already \
              has its share of connections in their handshake; inbound_per_ip, \
              inbound_per_subnet: the remote address, or its /24 or /48, already holds its \
-             share of inbound connections)",
+             share of inbound connections; stranger_dial: a dial of ours to a peer only \
+             others claimed to know the address of, past the budget of 1 a second; \
+             address_budget: a dial of ours not made because 4 other peers' dials failed at \
+             the host it claims within a minute)",
             metrics.connections_refused.clone(),
         );
         let shares = mycel_core::inbound::ShareRefusal::REASONS;
-        for reason in std::iter::once(crate::cap::REFUSED_AT_CAP).chain(shares) {
+        let ours = [
+            crate::cap::REFUSED_AT_CAP,
+            crate::cap::REFUSED_STRANGER_DIAL,
+            crate::cap::REFUSED_ADDRESS_BUDGET,
+        ];
+        for reason in ours.into_iter().chain(shares) {
             let _ = metrics
                 .connections_refused
                 .get_or_create(&ReasonLabel { reason });
@@ -214,6 +222,14 @@ impl NetMetrics {
     /// Connections beyond the cap answered only with a goodbye and referrals.
     pub fn referred_total(&self) -> u64 {
         self.referred.get()
+    }
+
+    /// Connections refused before their handshake, or dials of ours not made, for `reason`
+    /// (`mycel_connections_refused_total`).
+    pub fn refused_total(&self, reason: &'static str) -> u64 {
+        self.connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .get()
     }
 
     /// Inbound connections closed at the cap to make room for a newcomer.

@@ -20,11 +20,12 @@ use futures::StreamExt;
 use mycel_core::id::ContentId;
 use mycel_core::membership::PeerState;
 use mycel_core::naming::{self, Bindings, NameError, Resolved};
+use mycel_core::queue::Requester;
 use mycel_core::routing::{self, Candidate, Reliability, Weights};
 use mycel_core::statement::{ModelKind, ModelOffer};
 use mycel_core::task::{
     ChatMessage, Refusal, Resume, TaskFrame, TaskId, TaskInput, TaskOutput, TaskRequest,
-    TaskResult, Timings, MAX_FRAME_BYTES, MAX_REQUEST_BYTES,
+    TaskResult, Timings, MAX_FRAME_BYTES, MAX_REQUEST_BYTES, MAX_TASK_BUDGET_MS,
 };
 use mycel_core::wire::Rejection;
 use mycel_core::Keypair;
@@ -536,7 +537,7 @@ impl Inference {
             let Some(Runner::Embed(model)) = &target.local else {
                 return retry("this node does not serve the model", false);
             };
-            let admission = match self.models.admit() {
+            let admission = match self.models.admit(Requester::Local) {
                 Ok(admission) => admission,
                 Err(e) => return retry(e.to_string(), false),
             };
@@ -671,7 +672,7 @@ impl Inference {
         let Some(Runner::Generate(model)) = &target.local else {
             return retry("this node does not serve the model", false);
         };
-        let admission = match self.models.admit() {
+        let admission = match self.models.admit(Requester::Local) {
             Ok(admission) => admission,
             Err(e) => return retry(e.to_string(), false),
         };
@@ -850,8 +851,9 @@ impl Inference {
             let _ = write_frame(&mut stream, &TaskFrame::Refused(Refusal::Invalid(message))).await;
             return;
         }
-        let budget = Duration::from_millis(request.budget_ms);
-        let answer = tokio::time::timeout(budget, self.run_task(&request, &mut stream)).await;
+        // The sender's budget, but never more than a task may take here.
+        let budget = Duration::from_millis(request.budget_ms.min(MAX_TASK_BUDGET_MS));
+        let answer = tokio::time::timeout(budget, self.run_task(peer, &request, &mut stream)).await;
         let frame = match answer {
             Ok(Ok(result)) => TaskFrame::Done(Box::new(result)),
             Ok(Err(refusal)) => TaskFrame::Refused(refusal),
@@ -863,6 +865,7 @@ impl Inference {
 
     async fn run_task(
         &self,
+        peer: PeerId,
         request: &TaskRequest,
         stream: &mut Stream,
     ) -> Result<TaskResult, Refusal> {
@@ -877,9 +880,12 @@ impl Inference {
                 }
                 Refusal::UnknownModel
             })?;
-        let admission = self.models.admit().map_err(|_| Refusal::Busy {
-            queue: u32::try_from(self.models.queue_depth()).unwrap_or(u32::MAX),
-        })?;
+        let admission = self
+            .models
+            .admit(Requester::Peer(peer))
+            .map_err(|_| Refusal::Busy {
+                queue: u32::try_from(self.models.queue_depth()).unwrap_or(u32::MAX),
+            })?;
         let started = Instant::now();
         let (output, timings) = match (&served.runner, &request.input) {
             (Runner::Embed(model), TaskInput::Embed { texts }) => {

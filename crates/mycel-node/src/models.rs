@@ -6,13 +6,15 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use mycel_core::queue::{QueueShares, Requester};
 use mycel_core::statement::{ModelKind, ModelOffer};
 use mycel_ml::{Embedder, Engine, GenerateParams, Generation, Generator, MlError, Resume};
+use mycel_net::PeerId;
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 
 /// Requests waiting or running, at most, by default.
 pub const DEFAULT_MAX_QUEUE: usize = 16;
@@ -72,7 +74,7 @@ pub enum RunError {
 pub struct ModelService {
     /// The served models: a snapshot replaced whole when one is added.
     models: std::sync::RwLock<Arc<Vec<Served>>>,
-    queue: Arc<Semaphore>,
+    queue: Arc<Mutex<QueueShares<PeerId>>>,
     max_queue: usize,
     worker: Arc<Semaphore>,
 }
@@ -136,7 +138,7 @@ impl ModelService {
     pub fn new(models: Vec<Served>, max_queue: usize) -> Self {
         Self {
             models: std::sync::RwLock::new(Arc::new(models)),
-            queue: Arc::new(Semaphore::new(max_queue)),
+            queue: Arc::new(Mutex::new(QueueShares::new(max_queue))),
             max_queue,
             worker: Arc::new(Semaphore::new(1)),
         }
@@ -192,16 +194,21 @@ impl ModelService {
 
     /// Requests waiting or running.
     pub fn queue_depth(&self) -> usize {
-        self.max_queue - self.queue.available_permits()
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).held()
     }
 
-    /// Takes a place in the queue, or says at once that there is none.
-    pub fn admit(&self) -> Result<Admission, RunError> {
-        self.queue
-            .clone()
-            .try_acquire_owned()
-            .map(Admission)
-            .map_err(|_| RunError::Busy(self.max_queue))
+    /// Takes a place in the queue for `who`, or says at once that there is none: a quarter
+    /// of the places is kept for the node's own users, and one peer holds at most half
+    /// (mycel-core's `queue`).
+    pub fn admit(&self, who: Requester<PeerId>) -> Result<Admission, RunError> {
+        let mut shares = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        shares
+            .take(&who)
+            .map_err(|_| RunError::Busy(self.max_queue))?;
+        Ok(Admission {
+            shares: self.queue.clone(),
+            who,
+        })
     }
 
     /// Runs `work` on a blocking thread when its turn comes; returns its result and how long
@@ -327,7 +334,19 @@ impl ModelService {
 
 /// A place in a node's queue, held until the request has run.
 #[derive(Debug)]
-pub struct Admission(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct Admission {
+    shares: Arc<Mutex<QueueShares<PeerId>>>,
+    who: Requester<PeerId>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.shares
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(&self.who);
+    }
+}
 
 struct CancelOnDrop(Arc<AtomicBool>);
 
@@ -360,7 +379,7 @@ mod tests {
         // Left alone, greedy decoding of this prompt runs for hundreds of tokens.
         let (full, _) = service
             .generate(
-                service.admit().unwrap(),
+                service.admit(Requester::Local).unwrap(),
                 model.clone(),
                 prompt.clone(),
                 params.clone(),
@@ -372,9 +391,9 @@ mod tests {
         assert!(full.tokens.len() > 200, "{}", full.tokens.len());
 
         let (tx, mut rx) = mpsc::channel(1);
-        let admission = service.admit().unwrap();
+        let admission = service.admit(Requester::Local).unwrap();
         assert!(
-            matches!(service.admit(), Err(RunError::Busy(1))),
+            matches!(service.admit(Requester::Local), Err(RunError::Busy(1))),
             "one place only"
         );
         let running = {
@@ -397,6 +416,32 @@ mod tests {
         let (cut, _) = running.await.unwrap().unwrap();
         assert!(cut.tokens.len() < 20, "stopped early: {}", cut.tokens.len());
         assert_eq!(service.queue_depth(), 0);
-        assert!(service.admit().is_ok());
+        assert!(service.admit(Requester::Local).is_ok());
+    }
+
+    #[test]
+    fn one_peer_holds_at_most_half_the_queue_and_the_node_keeps_a_quarter() {
+        let service = ModelService::new(Vec::new(), 16);
+        let (hog, other) = (PeerId::random(), PeerId::random());
+        let held: Vec<Admission> = (0..8)
+            .map(|_| service.admit(Requester::Peer(hog)).unwrap())
+            .collect();
+        assert!(
+            service.admit(Requester::Peer(hog)).is_err(),
+            "half is its share"
+        );
+        let theirs: Vec<Admission> = (0..4)
+            .map(|_| service.admit(Requester::Peer(other)).unwrap())
+            .collect();
+        assert!(
+            service.admit(Requester::Peer(PeerId::random())).is_err(),
+            "peers hold the 12 places they may"
+        );
+        let own: Vec<Admission> = (0..4)
+            .map(|_| service.admit(Requester::Local).unwrap())
+            .collect();
+        assert_eq!(service.queue_depth(), 16);
+        drop((held, theirs, own));
+        assert_eq!(service.queue_depth(), 0, "every place given back");
     }
 }

@@ -247,7 +247,10 @@ async fn a_full_queue_refuses_at_once_and_serves_again_when_the_client_leaves() 
 
     // The only place taken: refused at once. (Held directly: a sampled generation of the
     // tiny model may end at any token, and with it its hold on the place.)
-    let held = node.models.admit().expect("the one place");
+    let held = node
+        .models
+        .admit(mycel_core::queue::Requester::Local)
+        .expect("the one place");
     let started = std::time::Instant::now();
     let (status, answer) = post_json(
         &node,

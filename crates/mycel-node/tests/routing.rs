@@ -267,7 +267,10 @@ async fn busy_and_dead_nodes_are_skipped_and_all_busy_is_overloaded() {
     wait_offers(&gateway, &[&busy, &good, &dead]).await;
     let dead_id = dead.net.peer_id();
     dead.abort();
-    let _held = busy.models.admit().expect("the one place");
+    let _held = busy
+        .models
+        .admit(mycel_core::queue::Requester::Local)
+        .expect("the one place");
 
     let target = bert_target(&gateway).await;
     let texts = vec!["the cat sat".to_owned()];
