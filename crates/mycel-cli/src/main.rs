@@ -298,6 +298,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         .clone()
         .zip(args.api_tls_key.clone())
         .map(|(cert, key)| mycel_node::ApiTls { cert, key });
+    let tls = config.api_tls.is_some();
     config.open_metrics = args.open_metrics;
     config.sys_root = args.sys_root;
     let (fetched, paths): (Vec<PathBuf>, Vec<PathBuf>) = args.models.into_iter().partition(|m| {
@@ -367,8 +368,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         println!("listening {addr}/p2p/{peer_id}");
     }
     if let Some(api) = node.api_addr {
+        let scheme = if tls { "https" } else { "http" };
         println!(
-            "api       http://{api}  (token in {})",
+            "api       {scheme}://{api}  (token in {})",
             data_dir.join("api.token").display()
         );
     }

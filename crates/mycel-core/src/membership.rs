@@ -31,11 +31,15 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::peering::GOOD_STANDING;
 use crate::ratelimit::RateLimiter;
 use crate::reach::Reachability;
 use crate::statement::{Capabilities, DownReport, SignedStatement, Statement};
 use crate::wire::Rejection;
 use crate::{PeerId, UnixMillis};
+
+/// How fast a recorded bad standing fades (reputation's own default half-life).
+const STANDING_HALF_LIFE_MS: u64 = 10 * 60 * 1000;
 
 /// Membership tunables.
 #[derive(Debug, Clone)]
@@ -269,8 +273,9 @@ struct Entry {
     reports: Vec<(PeerId, u64, UnixMillis)>,
     /// When this node first listed the peer.
     first_seen: UnixMillis,
-    /// Its reputation score when it was last charged, if that left it out of good standing.
-    bad_standing: Option<f64>,
+    /// Its reputation score when it was last charged, and when, if that left it out of good
+    /// standing (it decays as reputation does).
+    bad_standing: Option<(f64, UnixMillis)>,
 }
 
 /// The membership table of one node.
@@ -324,18 +329,20 @@ impl Membership {
         self.own.as_ref()
     }
 
-    /// Records `peer`'s reputation `score` after it was charged: below `threshold` it is
-    /// among the first evicted when the table is full (after failed peers).
-    pub fn set_standing(&mut self, peer: &PeerId, score: f64, threshold: f64) {
+    /// Records `peer`'s reputation `score` at `now`, after it was charged: while it stays
+    /// out of good standing (`peering::GOOD_STANDING`; it decays with a 10-minute half-life,
+    /// as reputation does) the peer is among the first evicted when the table is full (after
+    /// failed peers).
+    pub fn set_standing(&mut self, peer: &PeerId, score: f64, now: UnixMillis) {
         if let Some(entry) = self.peers.get_mut(peer) {
-            entry.bad_standing = (score <= threshold).then_some(score);
+            entry.bad_standing = (score <= GOOD_STANDING).then_some((score, now));
         }
     }
 
     /// Makes room for `extra` more bytes of announcements and, when `peer` is not listed, one
     /// more peer, by evicting the peers least worth keeping (never `peer`, never a connected
     /// one). False when there is no such room.
-    fn make_room(&mut self, peer: PeerId, extra: usize) -> bool {
+    fn make_room(&mut self, peer: PeerId, extra: usize, now: UnixMillis) -> bool {
         let new = !self.peers.contains_key(&peer);
         while (new && self.peers.len() >= self.config.max_peers)
             || self.stored_bytes.saturating_add(extra) > self.config.max_statement_bytes
@@ -348,12 +355,18 @@ impl Membership {
                 .peers
                 .iter()
                 .filter(|(p, e)| **p != peer && !e.info.connected)
-                .min_by_key(|(_, e)| match (e.info.state, e.bad_standing) {
-                    (PeerState::Failed, _) => (0, e.info.state_since),
-                    (PeerState::Alive, Some(score)) => {
-                        (1, ((score.clamp(-1e6, 0.0) + 1e6) * 1e3) as u64)
+                .min_by_key(|(_, e)| {
+                    let standing = e.bad_standing.map(|(score, at)| {
+                        let elapsed = now.saturating_sub(at) as f64;
+                        score * 0.5f64.powf(elapsed / STANDING_HALF_LIFE_MS as f64)
+                    });
+                    match (e.info.state, standing) {
+                        (PeerState::Failed, _) => (0, e.info.state_since),
+                        (PeerState::Alive, Some(score)) if score <= GOOD_STANDING => {
+                            (1, ((score.max(-1e6) + 1e6) * 1e3) as u64)
+                        }
+                        (PeerState::Alive, _) => (2, u64::MAX - e.first_seen),
                     }
-                    (PeerState::Alive, None) => (2, u64::MAX - e.first_seen),
                 })
                 .map(|(p, _)| *p);
             let Some(victim) = victim else {
@@ -367,7 +380,7 @@ impl Membership {
     }
 
     fn entry(&mut self, peer: PeerId, now: UnixMillis) -> Option<&mut Entry> {
-        if !self.make_room(peer, 0) {
+        if !self.make_room(peer, 0, now) {
             return None;
         }
         Some(self.peers.entry(peer).or_insert_with(|| Entry {
@@ -443,7 +456,7 @@ impl Membership {
                     .get(&issuer)
                     .and_then(|e| e.latest.as_ref())
                     .map_or(0, stored_len);
-                if !self.make_room(issuer, stored_len(signed).saturating_sub(held)) {
+                if !self.make_room(issuer, stored_len(signed).saturating_sub(held), now) {
                     return Ok(Accepted::Duplicate);
                 }
                 let Some(entry) = self.entry(issuer, now) else {
@@ -1263,8 +1276,8 @@ mod tests {
         assert!(table.get(&id(4)).is_some());
         // A peer out of good standing goes before the newest, even though it was listed
         // early (1 is older than 3 and 4).
-        table.set_standing(&id(1), -30.0, -10.0);
-        table.set_standing(&id(3), -5.0, -10.0);
+        table.set_standing(&id(1), -30.0, 41);
+        table.set_standing(&id(3), -5.0, 41);
         let late = Keypair::generate_ed25519();
         table.on_statement(&announce(&late, 1, 42), 42).unwrap();
         assert!(

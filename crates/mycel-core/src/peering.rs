@@ -18,8 +18,8 @@
 //!   for one DHT lookup never idle out.
 //! - [`DialBudget`]: an address is only a peer's claim until a dial finds that peer there.
 //!   Keys are free, so many "peers" can announce one victim's address; once a few dials
-//!   failed at one host within a minute, further dials there wait, so a node cannot be
-//!   turned into a source of dials at someone else's machine.
+//!   failed at one host within a minute (whichever peers they were for), further dials there
+//!   wait, so a node cannot be turned into a source of dials at someone else's machine.
 //! - [`evict`]: at the hard cap a newcomer is not simply turned away: an inbound connection
 //!   of low value makes room (from the subnet holding most of them, lowest score, youngest),
 //!   while the peers this node dialled itself and its longest-connected good inbound peers
@@ -461,7 +461,8 @@ pub fn evict<K: Clone>(
         kept += usize::from(keep);
         !keep
     });
-    let band = |c: &Connected<K>| (c.score / SCORE_BAND).floor();
+    // Towards zero: (-10, 0] is the band of a clean key, so a little wear costs nothing.
+    let band = |c: &Connected<K>| (c.score / SCORE_BAND).ceil() as i64;
     let mut per_subnet: HashMap<std::net::IpAddr, usize> = HashMap::new();
     for c in &inbound {
         if let Some(subnet) = c.subnet {
@@ -474,14 +475,14 @@ pub fn evict<K: Clone>(
         .max_by(|a, b| {
             crowd(a)
                 .cmp(&crowd(b))
-                .then(band(b).total_cmp(&band(a)))
+                .then(band(b).cmp(&band(a)))
                 .then(a.since.cmp(&b.since))
         })
         .map(|c| c.peer.clone())
 }
 
-/// Dials that failed (or are not known to have succeeded) at each host, with the peer each
-/// was meant for; see the module doc.
+/// Dials that failed (or are not known to have succeeded) at each host, each under the
+/// driver's key for it (the dial, with the peer it was meant for); see the module doc.
 #[derive(Debug)]
 pub struct DialBudget<K> {
     per_host: usize,
@@ -504,7 +505,7 @@ impl<K: Eq + Clone> DialBudget<K> {
     }
 
     /// Whether a dial at the host of `ip` may be made at `now`: while fewer than `per_host`
-    /// dials failed there within the window.
+    /// dials failed there (or are under way) within the window.
     pub fn allows(&self, ip: std::net::IpAddr, now: UnixMillis) -> bool {
         let host = crate::inbound::host_of(ip);
         self.failed.get(&host).is_none_or(|failed| {
@@ -516,9 +517,10 @@ impl<K: Eq + Clone> DialBudget<K> {
         })
     }
 
-    /// A dial of `peer` at `ip` failed (nobody listens there, or another peer answered), or
-    /// is being made and counts as failed until [`Self::forget`].
-    pub fn failed(&mut self, ip: std::net::IpAddr, peer: K, now: UnixMillis) {
+    /// The dial `key` at `ip` failed (nobody listens there, or another peer answered), or is
+    /// being made and counts as failed until [`Self::forget`]. One entry per key: a dial
+    /// recorded when it starts and again when it fails counts once.
+    pub fn failed(&mut self, ip: std::net::IpAddr, key: K, now: UnixMillis) {
         let host = crate::inbound::host_of(ip);
         if !self.failed.contains_key(&host) && self.failed.len() >= self.max_hosts {
             let window = self.window_ms;
@@ -536,33 +538,24 @@ impl<K: Eq + Clone> DialBudget<K> {
             }
         }
         let list = self.failed.entry(host).or_default();
-        list.retain(|(_, at)| now.saturating_sub(*at) < self.window_ms);
-        list.push((peer, now));
+        list.retain(|(k, at)| *k != key && now.saturating_sub(*at) < self.window_ms);
+        list.push((key, now));
         // Never more than the budget and one to hold per host.
         let excess = list.len().saturating_sub(self.per_host + 1);
         list.drain(..excess);
     }
 
-    /// `peer` answered at `ip`, or its dial there ended in a way that says nothing about
-    /// the address (a timeout, an unreachable network: a partition, not a lie): its
-    /// failures there are forgotten.
-    pub fn forget(&mut self, ip: std::net::IpAddr, peer: &K) {
+    /// Forgets the entries at `ip` that `which` picks: a dial that ended in a way that says
+    /// nothing about the address (a timeout, an unreachable network: a partition, not a
+    /// lie), or every dial of a peer that answered there.
+    pub fn forget(&mut self, ip: std::net::IpAddr, which: impl Fn(&K) -> bool) {
         let host = crate::inbound::host_of(ip);
         if let Some(list) = self.failed.get_mut(&host) {
-            list.retain(|(p, _)| p != peer);
+            list.retain(|(k, _)| !which(k));
             if list.is_empty() {
                 self.failed.remove(&host);
             }
         }
-    }
-
-    /// A dial of `peer` ended before any address was tried (refused by a limit of ours):
-    /// what it counted anywhere is forgotten.
-    pub fn forget_peer(&mut self, peer: &K) {
-        self.failed.retain(|_, list| {
-            list.retain(|(p, _)| p != peer);
-            !list.is_empty()
-        });
     }
 }
 
@@ -856,9 +849,15 @@ mod tests {
         assert!([8, 9].contains(&victim), "{victim}");
         // A few points of wear neither cost the protection nor outrank a clean newcomer's
         // band; a bad score loses the protection.
-        conns[4].score = -3.0;
+        conns[8].score = -3.0;
         let victim = evict(&config, now, &conns, false).unwrap();
-        assert!([8, 9].contains(&victim), "{victim}");
+        assert_eq!(
+            victim, 9,
+            "8's wear is within a clean key's band: the youngest goes"
+        );
+        conns[8].score = -12.0;
+        assert_eq!(evict(&config, now, &conns, false), Some(8));
+        conns[8].score = 0.0;
         conns[4].score = -30.0;
         assert_eq!(evict(&config, now, &conns, false), Some(4));
         // The node's own dial takes precedence over a stranger's grace, not over the old.
@@ -909,28 +908,32 @@ mod tests {
         let ip: std::net::IpAddr = "203.0.113.9".parse().unwrap();
         let other: std::net::IpAddr = "198.51.100.1".parse().unwrap();
         let mut budget = DialBudget::new(4, 60_000, 16);
-        for peer in 0..4u32 {
-            assert!(budget.allows(ip, 10));
-            budget.failed(ip, peer, 10);
+        // Keys are (peer, dial).
+        for peer in 0..2u32 {
+            for dial in 0..2u32 {
+                assert!(budget.allows(ip, 10));
+                budget.failed(ip, (peer, dial), 10);
+                budget.failed(ip, (peer, dial), 11); // recorded at the start and the end: once
+            }
         }
         assert!(!budget.allows(ip, 20), "a fifth dial waits, for any peer");
         assert!(budget.allows(other, 20), "other hosts are not affected");
-        // A peer found there frees its places; the window frees the rest.
-        budget.forget(ip, &0);
+        // A peer found there frees its places, a dial that said nothing its own; the window
+        // frees the rest.
+        budget.forget(ip, |k| k.0 == 0);
         assert!(budget.allows(ip, 20));
-        budget.failed(ip, 4, 20);
+        budget.failed(ip, (4, 9), 20);
+        budget.failed(ip, (4, 10), 20);
         assert!(!budget.allows(ip, 30));
+        budget.forget(ip, |k| *k == (4, 10));
+        assert!(budget.allows(ip, 30));
+        budget.failed(ip, (4, 10), 20);
         assert!(budget.allows(ip, 60_021), "failures older than the window");
-        budget.forget_peer(&4);
-        assert!(
-            budget.allows(ip, 30),
-            "a dial refused before it was made counts nothing"
-        );
         // Bounded: many hosts, many peers.
         for h in 0..1_000u32 {
             let ip = std::net::IpAddr::from(h.to_be_bytes());
             for peer in 0..10u32 {
-                budget.failed(ip, peer, 100_000 + u64::from(h));
+                budget.failed(ip, (peer, 0), 100_000 + u64::from(h));
             }
         }
         assert!(budget.failed.len() <= 16);

@@ -1,7 +1,9 @@
-//! Connection policy outside any protocol: dials to peers whose addresses only another peer
-//! vouched for (a Kademlia answer naming strangers; none of them announced itself to us nor
-//! was met) are kept within a small budget, so lying answers cannot make this node dial a
-//! victim's address over and over. Besides that it refuses inbound connections *before* their
+//! Connection policy outside any protocol. Dials of ours, whoever makes them, are held to
+//! two budgets: at a host where dials keep failing (refused, or another peer answering),
+//! no more than 8 a minute (keys are free, so many "peers" can claim one victim's address);
+//! and dials to peers whose addresses only another peer vouched for (a Kademlia answer
+//! naming strangers that never announced themselves to us nor were met, whose addresses
+//! this behaviour does not see) 1 a second, burst 32. Besides that it refuses inbound connections *before* their
 //! handshake once the node is at its connection cap and its few referral slots are taken (a
 //! connection in a referral slot makes room by evicting a low-value inbound one, or only
 //! hears a goodbye with referrals; see the event loop), or once their source address or
@@ -57,9 +59,11 @@ pub(crate) struct Behaviour {
     shares: InboundShares<ConnectionId>,
     /// Dials to peers known only from others' claims (see the module doc).
     stranger_dials: RateLimiter<()>,
-    /// Hosts where other peers' dials failed: many keys claiming one address get a few
-    /// dials there, not one each, whichever behaviour dials them.
-    dial_budget: DialBudget<PeerId>,
+    /// Hosts where dials failed: many keys claiming one address get a few dials there, not
+    /// one each, whichever behaviour dials them (with addresses this behaviour sees).
+    dial_budget: DialBudget<(PeerId, ConnectionId)>,
+    /// Dials of ours in flight that the budget counts, with the hosts each may try.
+    pending_dials: HashMap<ConnectionId, (PeerId, Vec<IpAddr>)>,
     /// Inbound connections refused before their handshake, by reason.
     refused: Family<ReasonLabel, Counter>,
 }
@@ -77,9 +81,9 @@ pub(crate) const REFUSED_STRANGER_DIAL: &str = "stranger_dial";
 /// A dial of ours not made: other peers' dials failed at the host it claims (mycel-core's
 /// `peering::DialBudget`; counted in the same family).
 pub(crate) const REFUSED_ADDRESS_BUDGET: &str = "address_budget";
-/// Different peers whose dials may fail at one host within a minute before others claiming
-/// that host wait.
-const DIAL_FAILURES_PER_HOST: usize = 4;
+/// Dials that may fail (or be under way) at one host within a minute before further dials
+/// there wait.
+const DIAL_FAILURES_PER_HOST: usize = 8;
 /// Dials to strangers a second, on average, and at once.
 const STRANGER_DIALS_PER_SEC: f64 = 1.0;
 const STRANGER_DIAL_BURST: f64 = 32.0;
@@ -140,6 +144,7 @@ impl Behaviour {
             shares: InboundShares::new(shares),
             stranger_dials: RateLimiter::new(STRANGER_DIALS_PER_SEC, STRANGER_DIAL_BURST, 1),
             dial_budget: DialBudget::new(DIAL_FAILURES_PER_HOST, 60_000, 4_096),
+            pending_dials: HashMap::new(),
             refused,
         }
     }
@@ -194,7 +199,7 @@ impl NetworkBehaviour for Behaviour {
 
     fn handle_pending_outbound_connection(
         &mut self,
-        _connection_id: ConnectionId,
+        connection_id: ConnectionId,
         maybe_peer: Option<PeerId>,
         addresses: &[Multiaddr],
         _effective_role: Endpoint,
@@ -213,30 +218,43 @@ impl NetworkBehaviour for Behaviour {
             }
             return Ok(Vec::new());
         }
-        // Whoever dials (degree upkeep, a probe, Kademlia, a stream opened by peer id): at a
-        // host where dials keep failing, further dials wait. Each dial made counts as failed
-        // until the peer answers there, so a burst of dials to many keys claiming one host
-        // is held to the budget too.
-        let budget = &mut self.dial_budget;
-        let mut allowed = |a: &Multiaddr| match limited_ip(a) {
-            None => true,
-            Some(ip) if budget.allows(ip, now) => {
-                budget.failed(ip, peer, now);
-                true
-            }
-            Some(_) => false,
+        // The addresses this dial uses: those it was given (the swarm then leaves out what
+        // behaviours add), else ours. At a host where dials keep failing, further dials wait
+        // (mycel-core's `peering::DialBudget`); a dial counts once as failed at each host it
+        // tries until the peer answers there, so a burst of dials to many keys claiming one
+        // host is held to the budget too.
+        let ours = addresses.is_empty();
+        let candidates = if ours {
+            known.unwrap_or_default()
+        } else {
+            addresses.to_vec()
         };
-        let explicit_ok = addresses.iter().filter(|a| allowed(a)).count() > 0;
-        let kept: Vec<Multiaddr> = known
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|a| allowed(a))
-            .collect();
-        if !explicit_ok && kept.is_empty() {
+        let mut hosts: Vec<IpAddr> = Vec::new();
+        let mut kept = Vec::new();
+        for addr in candidates {
+            match limited_ip(&addr) {
+                None => kept.push(addr),
+                Some(ip) if self.dial_budget.allows(ip, now) => {
+                    let host = mycel_core::inbound::host_of(ip);
+                    if !hosts.contains(&host) {
+                        hosts.push(host);
+                    }
+                    kept.push(addr);
+                }
+                Some(_) => {}
+            }
+        }
+        if kept.is_empty() {
             self.refuse(REFUSED_ADDRESS_BUDGET);
             return Err(ConnectionDenied::new(AddressBudget(peer)));
         }
-        Ok(kept)
+        for host in &hosts {
+            self.dial_budget.failed(*host, (peer, connection_id), now);
+        }
+        if !hosts.is_empty() {
+            self.pending_dials.insert(connection_id, (peer, hosts));
+        }
+        Ok(if ours { kept } else { Vec::new() })
     }
 
     fn handle_established_inbound_connection(
@@ -265,37 +283,46 @@ impl NetworkBehaviour for Behaviour {
             FromSwarm::ConnectionEstablished(e) => {
                 self.shares.established(&e.connection_id);
                 self.established += 1;
-                if e.endpoint.is_dialer() {
-                    if let Some(ip) = limited_ip(e.endpoint.get_remote_address()) {
-                        self.dial_budget.forget(ip, &e.peer_id);
+                // The peer answered: the hosts this dial counted (the one it answered at, and
+                // those whose attempts were cancelled) are forgotten.
+                if let Some((peer, hosts)) = self.pending_dials.remove(&e.connection_id) {
+                    for host in hosts {
+                        self.dial_budget.forget(host, |(p, _)| *p == peer);
                     }
                 }
             }
             FromSwarm::DialFailure(f) => {
-                let Some(peer) = f.peer_id else { return };
-                let now = crate::handle::now_ms();
+                let Some((peer, hosts)) = self.pending_dials.remove(&f.connection_id) else {
+                    return;
+                };
+                // Hosts where something other than the peer answered (refused, another peer,
+                // a failed handshake) keep the failure; hosts that only timed out or were
+                // unreachable (a partition, not a lie), or were never tried, are forgotten.
+                let host = |a: &Multiaddr| limited_ip(a).map(mycel_core::inbound::host_of);
+                let mut answered: Vec<IpAddr> = Vec::new();
                 match f.error {
-                    // Another peer answered there.
-                    DialError::WrongPeerId { address, .. } => {
-                        if let Some(ip) = limited_ip(address) {
-                            self.dial_budget.failed(ip, peer, now);
-                        }
-                    }
+                    DialError::WrongPeerId { address, .. } => answered.extend(host(address)),
                     DialError::Transport(attempts) => {
                         for (addr, error) in attempts {
-                            let Some(ip) = limited_ip(addr) else { continue };
                             let silent = match error {
                                 TransportError::Other(e) => says_nothing(e),
                                 TransportError::MultiaddrNotSupported(_) => true,
                             };
-                            if silent {
-                                self.dial_budget.forget(ip, &peer);
-                            } else {
-                                self.dial_budget.failed(ip, peer, now);
+                            if !silent {
+                                answered.extend(host(addr));
                             }
                         }
                     }
-                    _ => self.dial_budget.forget_peer(&peer),
+                    _ => {}
+                }
+                let now = crate::handle::now_ms();
+                let key = (peer, f.connection_id);
+                for h in hosts {
+                    if answered.contains(&h) {
+                        self.dial_budget.failed(h, key, now);
+                    } else {
+                        self.dial_budget.forget(h, |k| *k == key);
+                    }
                 }
             }
             FromSwarm::ListenFailure(f) => self.shares.closed(&f.connection_id),

@@ -653,8 +653,7 @@ impl EventLoop {
         let now = now_ms();
         let banned = self.reputation.penalise(peer, reason, now);
         let score = self.reputation.score(&peer, now);
-        self.membership
-            .set_standing(&peer, score, peering::GOOD_STANDING);
+        self.membership.set_standing(&peer, score, now);
         self.swarm
             .behaviour_mut()
             .gossipsub

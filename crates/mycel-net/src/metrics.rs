@@ -130,8 +130,8 @@ impl NetMetrics {
              inbound_per_subnet: the remote address, or its /24 or /48, already holds its \
              share of inbound connections; stranger_dial: a dial of ours to a peer only \
              others claimed to know the address of, past the budget of 1 a second; \
-             address_budget: a dial of ours not made because 4 other peers' dials failed at \
-             the host it claims within a minute)",
+             address_budget: a dial of ours not made because 8 dials failed at the host it \
+             claims within a minute)",
             metrics.connections_refused.clone(),
         );
         let shares = mycel_core::inbound::ShareRefusal::REASONS;

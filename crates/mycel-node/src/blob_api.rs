@@ -38,7 +38,12 @@ fn blob_error(e: BlobError) -> Response {
             StatusCode::BAD_REQUEST
         }
         BlobError::Corrupt { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        BlobError::Io { source, .. } if matches!(source.raw_os_error(), Some(28 | 122)) => {
+        BlobError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) =>
+        {
             StatusCode::INSUFFICIENT_STORAGE
         }
         BlobError::Io { .. } | BlobError::Index(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -124,19 +129,33 @@ pub(crate) async fn upload(
         store.import(reader, now_ms(), pin)
     });
     let mut stream = body.into_data_stream();
-    let mut importing = true;
+    // Once the import failed (a full disk, say), the rest of the upload is read and dropped,
+    // up to a bound: a client still sending would otherwise see the connection cut instead
+    // of the answer that says why. Past the bound the answer goes out and the connection
+    // closes.
+    let mut drained: Option<(u64, tokio::time::Instant)> = None;
+    let mut cut_short = false;
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| format!("the upload broke off: {e}"));
-        if piece.is_err() {
+        let Ok(bytes) = piece else {
             let _ = tx.send(piece).await;
             break;
-        }
-        // A full channel holds the upload back until the import thread has caught up. Once
-        // the import failed (a full disk, say), the rest of the upload is read and dropped:
-        // a client still sending would otherwise see the connection cut instead of the
-        // answer that says why.
-        if importing && tx.send(piece).await.is_err() {
-            importing = false;
+        };
+        match &mut drained {
+            // A full channel holds the upload back until the import thread has caught up.
+            None => {
+                let len = bytes.len() as u64;
+                if tx.send(Ok(bytes)).await.is_err() {
+                    drained = Some((len, tokio::time::Instant::now()));
+                }
+            }
+            Some((bytes_dropped, since)) => {
+                *bytes_dropped += bytes.len() as u64;
+                if *bytes_dropped > MAX_DRAIN_BYTES || since.elapsed() > MAX_DRAIN_TIME {
+                    cut_short = true;
+                    break;
+                }
+            }
         }
     }
     drop(tx);
@@ -145,10 +164,25 @@ pub(crate) async fn upload(
             state.blobs.announce().await;
             (StatusCode::CREATED, Json(describe(&blob))).into_response()
         }
-        Ok(Err(e)) => blob_error(e),
+        Ok(Err(e)) => {
+            let mut response = blob_error(e);
+            if cut_short {
+                response.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+            }
+            response
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }
+
+/// How much of an upload is read and dropped after its import failed, so that the client
+/// hears why instead of a cut connection.
+const MAX_DRAIN_BYTES: u64 = 256 * 1024 * 1024;
+/// And for how long at most.
+const MAX_DRAIN_TIME: Duration = Duration::from_secs(30);
 
 /// `GET /api/blobs`: every complete blob, with the store's use and quota.
 pub(crate) async fn list(State(state): State<ApiState>) -> Response {

@@ -67,10 +67,14 @@ pub(crate) fn open_database(path: &Path, holds: &str) -> Result<redb::Database, 
 
 /// An I/O error said with what to do: a full disk and a short file are the common ones.
 pub(crate) fn io_advice(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(28) => format!("no space left on the device ({e}); free some space and try again"),
-        Some(122) => format!("the disk quota is exceeded ({e}); free some space and try again"),
-        _ if e.kind() == std::io::ErrorKind::UnexpectedEof => format!(
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => {
+            format!("no space left on the device ({e}); free some space and try again")
+        }
+        std::io::ErrorKind::QuotaExceeded => {
+            format!("the disk quota is exceeded ({e}); free some space and try again")
+        }
+        std::io::ErrorKind::UnexpectedEof => format!(
             "the file is shorter than its contents say ({e}): it is truncated or corrupt; move \
              it away and start again"
         ),

@@ -5,6 +5,11 @@
 //! runs for `--seconds` after a run with no attack; per attack it reports whether any honest
 //! node saw the victim failed, honest bans, the victim's CPU and memory, and the requests
 //! answered against the no-attack run.
+//!
+//! On a machine with more than one CPU the victim and the client run on the last CPU and
+//! everything else of this process (the attacker, the honest nodes) on the others, so that
+//! the requests answered measure what the attack does to the victim, not the attacker's own
+//! CPU taken from it (`--shared-cores` runs everything on every CPU instead).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -45,6 +50,80 @@ pub(crate) struct AttackBenchArgs {
     /// Print one JSON object per attack on stdout.
     #[arg(long)]
     json: bool,
+    /// Requests a second the client sends (one at a time, each on its schedule: a user's
+    /// steady load); 0 sends the next as soon as the last is answered (the victim's capacity).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Let the victim, the client and the attacker share every CPU (by default the victim
+    /// and the client get the last CPU to themselves).
+    #[arg(long)]
+    shared_cores: bool,
+}
+
+/// Which CPUs the victim and the client use, and which the rest of this process uses.
+#[derive(Debug, Clone)]
+struct Cores {
+    victim: Vec<usize>,
+    attacker: Vec<usize>,
+}
+
+impl Cores {
+    fn plan(shared: bool) -> Self {
+        let all: Vec<usize> =
+            (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        if shared || all.len() < 2 {
+            return Self {
+                victim: all.clone(),
+                attacker: all,
+            };
+        }
+        let (attacker, victim) = all.split_at(all.len() - 1);
+        Self {
+            victim: victim.to_vec(),
+            attacker: attacker.to_vec(),
+        }
+    }
+}
+
+/// How the client sends its requests.
+#[derive(Debug)]
+struct Client {
+    /// Where it (and the victim) run.
+    cores: Cores,
+    /// Requests a second (0: as fast as answered).
+    rate: f64,
+}
+
+/// Pins thread `tid` (0: the calling thread) to `cpus`.
+fn pin(tid: libc::pid_t, cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within its bounds for
+    // CPU numbers below CPU_SETSIZE (checked), and sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in cpus.iter().filter(|c| **c < libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Pins every thread of this process to `cpus` (threads started later inherit it from
+/// the thread that starts them).
+fn pin_process(cpus: &[usize]) -> std::io::Result<()> {
+    for task in std::fs::read_dir("/proc/self/task")? {
+        if let Some(tid) = task?
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<libc::pid_t>().ok())
+        {
+            // A thread that ended meanwhile is no matter.
+            let _ = pin(tid, cpus);
+        }
+    }
+    Ok(())
 }
 
 /// What one run (attack or none) saw.
@@ -68,7 +147,26 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
     let (port, api_port) = (free_port()?, free_port()?);
     let data = root.path().join("victim");
     let exe = std::env::current_exe().context("finding the mycel binary")?;
-    let child = std::process::Command::new(&exe)
+    let cores = Cores::plan(args.shared_cores);
+    let client = Client {
+        cores: cores.clone(),
+        rate: args.rate,
+    };
+    eprintln!(
+        "victim and client on CPU {:?}, attacker and honest nodes on CPU {:?}",
+        cores.victim, cores.attacker
+    );
+    pin_process(&cores.attacker).context("pinning this process's threads")?;
+    let mut command = std::process::Command::new(&exe);
+    {
+        use std::os::unix::process::CommandExt;
+        let victim_cpus = cores.victim.clone();
+        // SAFETY: only sched_setaffinity between fork and exec (async-signal-safe).
+        unsafe {
+            command.pre_exec(move || pin(0, &victim_cpus));
+        }
+    }
+    let child = command
         .arg("node")
         .arg("--data-dir")
         .arg(&data)
@@ -122,7 +220,16 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
             "{attack}: {} s without, then {} s with",
             args.seconds, args.seconds
         );
-        let baseline = observe(pid, &api, &token, &[&near, &far], victim_peer, seconds).await?;
+        let baseline = observe(
+            pid,
+            &api,
+            &token,
+            &[&near, &far],
+            victim_peer,
+            seconds,
+            &client,
+        )
+        .await?;
         // A fresh identity for each attack (keys are free; the victim may have banned the
         // last one).
         let (attacker, attacker_key) = raw_peer(vec![victim_addr.clone()]).await?;
@@ -144,7 +251,16 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
             stop.clone(),
             sent.clone(),
         ));
-        let under = observe(pid, &api, &token, &[&near, &far], victim_peer, seconds).await?;
+        let under = observe(
+            pid,
+            &api,
+            &token,
+            &[&near, &far],
+            victim_peer,
+            seconds,
+            &client,
+        )
+        .await?;
         stop.store(true, Ordering::SeqCst);
         let _ = running.await;
         attacker.shutdown().await;
@@ -163,6 +279,9 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
             "requests_failed": under.requests_failed,
             "requests_ok_baseline": baseline.requests_ok,
             "requests_ok_ratio": (ratio * 1000.0).round() / 1000.0,
+            "client_rate": args.rate,
+            "victim_cpus": cores.victim,
+            "attacker_cpus": cores.attacker,
         });
         eprintln!(
             "  {} attack messages; victims_failed {} honest_bans {} cpu {:.0}% (baseline {:.0}%) rss {:.0} MiB requests_ok {} of {} ({:.1}%)",
@@ -302,7 +421,9 @@ async fn observe(
     honest: &[&Node],
     victim: PeerId,
     duration: Duration,
+    client: &Client,
 ) -> anyhow::Result<Observed> {
+    let (cores, rate) = (&client.cores, client.rate);
     let cpu_before = super::cpu_seconds_of(&pid.to_string());
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -312,13 +433,23 @@ async fn observe(
     );
     let client = {
         let stop = stop.clone();
+        let cores = cores.clone();
         tokio::task::spawn_blocking(move || {
+            // The client is the victim's user: it runs beside the victim, not the attacker.
+            let _ = pin(0, &cores.victim);
             let agent: ureq::Agent = ureq::Agent::config_builder()
                 .timeout_global(Some(Duration::from_secs(5)))
                 .build()
                 .into();
             let (mut ok, mut failed) = (0u64, 0u64);
+            let period = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+            let mut next = Instant::now();
             while !stop.load(Ordering::SeqCst) {
+                if let Some(period) = period {
+                    // On schedule; a late answer delays only the requests behind it.
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                    next += period;
+                }
                 let body = json!({ "model": "tiny-bert", "input": ["the cat sat on the mat"] });
                 let answered = agent
                     .post(&url)
@@ -335,6 +466,8 @@ async fn observe(
                     failed += 1;
                 }
             }
+            // This blocking thread may run other work next: back with the rest.
+            let _ = pin(0, &cores.attacker);
             (ok, failed)
         })
     };
