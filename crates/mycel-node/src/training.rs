@@ -1222,12 +1222,12 @@ impl Training {
             );
         }
         let store = self.blobs.store().clone();
+        let max = parameters as u64 * 4;
         let bytes = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
-            use std::io::Read;
-            let (mut file, size) = store.open_blob(&blob, mycel_net::now_ms())?;
-            let mut bytes = Vec::with_capacity(size as usize);
-            file.read_to_end(&mut bytes)?;
-            Ok(bytes)
+            // Verified chunk by chunk: weights the disk changed are never trained from.
+            store
+                .read_verified(&blob, max, mycel_net::now_ms())?
+                .ok_or_else(|| anyhow!("the initial weights {blob} are over {max} bytes"))
         })
         .await??;
         Payload::Dense(bytes)

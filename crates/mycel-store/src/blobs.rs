@@ -706,18 +706,44 @@ impl BlobStore {
 
     /// The entries of the manifest blob `id`, or `None` when `id` is a plain blob.
     pub fn manifest(&self, id: &ContentId) -> Result<Option<Vec<ManifestEntry>>, BlobError> {
-        let (mut file, size) = self.open_blob(id, 0)?;
-        let mut magic = vec![0u8; MANIFEST_MAGIC.len()];
-        if size > MAX_MANIFEST_BYTES
-            || file.read_exact(&mut magic).is_err()
-            || magic != MANIFEST_MAGIC
-        {
+        let reader = self.reader(id)?;
+        if reader.size > MAX_MANIFEST_BYTES || reader.size < MANIFEST_MAGIC.len() as u64 {
             return Ok(None);
         }
-        let mut bytes = magic;
-        file.read_to_end(&mut bytes)
-            .map_err(io(&self.data_path(id)))?;
+        // The first chunk says whether it is one (each chunk verified as it is read).
+        let mut data = ChunkBuf::new();
+        reader.read_chunk_into(0, &mut data)?;
+        if !data.bytes().starts_with(MANIFEST_MAGIC) {
+            return Ok(None);
+        }
+        let mut bytes = Vec::with_capacity(reader.size as usize);
+        bytes.extend_from_slice(data.bytes());
+        for index in 1..chunk_count(reader.size) {
+            reader.read_chunk_into(index, &mut data)?;
+            bytes.extend_from_slice(data.bytes());
+        }
         Ok(Some(decode_manifest(&bytes)?))
+    }
+
+    /// The whole of blob `id`, each chunk verified as it is read, marked used at `now`; `None`
+    /// when it is over `max` bytes.
+    pub fn read_verified(
+        &self,
+        id: &ContentId,
+        max: u64,
+        now: u64,
+    ) -> Result<Option<Vec<u8>>, BlobError> {
+        let reader = self.open_reader(id, now)?;
+        if reader.size > max {
+            return Ok(None);
+        }
+        let mut bytes = Vec::with_capacity(reader.size as usize);
+        let mut data = ChunkBuf::new();
+        for index in 0..chunk_count(reader.size) {
+            reader.read_chunk_into(index, &mut data)?;
+            bytes.extend_from_slice(data.bytes());
+        }
+        Ok(Some(bytes))
     }
 
     /// Pins or unpins `id` and, for a manifest, the files it lists that are here.

@@ -341,6 +341,10 @@ fn a_chunk_the_disk_changed_is_never_handed_out_and_the_blob_becomes_a_fetch_of_
         store.read_chunk(&id, 1),
         Err(BlobError::Corrupt { chunk: 1, .. })
     ));
+    assert!(matches!(
+        store.read_verified(&id, u64::MAX, 2),
+        Err(BlobError::Corrupt { chunk: 1, .. })
+    ));
     let out = root.path().join("out");
     assert!(matches!(
         store.export(&id, &out, 2),
