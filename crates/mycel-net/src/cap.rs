@@ -98,23 +98,16 @@ pub(crate) struct AddressBudget(PeerId);
 #[error("{0}: only other peers claim where it is, and this node's budget for such dials is spent")]
 pub(crate) struct StrangerDial(PeerId);
 
-/// Whether a dial's I/O error says nothing about who is at the address: it timed out, or the
-/// network is unreachable (a partition, not a lie about the address). The error is searched
-/// in its Debug form for the typed kinds, as the event loop's `refused_outright` explains.
+/// Whether a dial's I/O error says nothing about who is at the address: it timed out (an
+/// I/O timeout, or libp2p's transport timeout, whose Debug name is `Timeout`), or the network
+/// is unreachable (a partition, not a lie about the address).
 fn says_nothing(error: &std::io::Error) -> bool {
     const KINDS: [std::io::ErrorKind; 3] = [
         std::io::ErrorKind::TimedOut,
         std::io::ErrorKind::HostUnreachable,
         std::io::ErrorKind::NetworkUnreachable,
     ];
-    if KINDS.contains(&error.kind()) {
-        return true;
-    }
-    let debug = format!("{error:?}");
-    KINDS
-        .iter()
-        .any(|kind| debug.contains(&format!("{kind:?}")))
-        || debug.contains("Timeout")
+    crate::event_loop::error_shows(error, &KINDS, "Timeout")
 }
 
 /// The IP an inbound connection comes from, unless it is relayed (then the address is the

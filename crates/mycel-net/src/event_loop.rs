@@ -1999,14 +1999,21 @@ const REFUSED_KINDS: [io::ErrorKind; 3] = [
 /// ConnectionRefused, .. }`, `Kind(ConnectionRefused)`, `Unreachable`), so that is searched for
 /// the Debug names of those typed values, never for a message's wording.
 fn refused_outright(error: &io::Error) -> bool {
-    if REFUSED_KINDS.contains(&error.kind()) {
+    let unreachable = format!("{:?}", MemoryTransportError::Unreachable);
+    error_shows(error, &REFUSED_KINDS, &unreachable)
+}
+
+/// Whether `error` is of one of `kinds`, or holds one (or a typed value whose Debug name is
+/// `also`) somewhere libp2p's wrappers keep out of typed reach (see [`refused_outright`]).
+pub(crate) fn error_shows(error: &io::Error, kinds: &[io::ErrorKind], also: &str) -> bool {
+    if kinds.contains(&error.kind()) {
         return true;
     }
     let debug = format!("{error:?}");
-    REFUSED_KINDS
+    kinds
         .iter()
         .any(|kind| debug.contains(&format!("{kind:?}")))
-        || debug.contains(&format!("{:?}", MemoryTransportError::Unreachable))
+        || debug.contains(also)
 }
 
 /// TCP and memory addresses: a dial to a dead one fails at once (QUIC waits for a timeout),

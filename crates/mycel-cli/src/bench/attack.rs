@@ -220,16 +220,12 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
             "{attack}: {} s without, then {} s with",
             args.seconds, args.seconds
         );
-        let baseline = observe(
-            pid,
-            &api,
-            &token,
-            &[&near, &far],
-            victim_peer,
-            seconds,
-            &client,
-        )
-        .await?;
+        let run = || {
+            let honest = [&near, &far];
+            let (api, token, client) = (&api, &token, &client);
+            async move { observe(pid, api, token, &honest, victim_peer, seconds, client).await }
+        };
+        let baseline = run().await?;
         // A fresh identity for each attack (keys are free; the victim may have banned the
         // last one).
         let (attacker, attacker_key) = raw_peer(vec![victim_addr.clone()]).await?;
@@ -251,16 +247,7 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
             stop.clone(),
             sent.clone(),
         ));
-        let under = observe(
-            pid,
-            &api,
-            &token,
-            &[&near, &far],
-            victim_peer,
-            seconds,
-            &client,
-        )
-        .await?;
+        let under = run().await?;
         stop.store(true, Ordering::SeqCst);
         let _ = running.await;
         attacker.shutdown().await;
