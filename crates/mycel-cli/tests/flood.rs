@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,41 +28,16 @@ impl Drop for Flood {
 
 #[test]
 fn a_newcomer_joins_through_a_node_flooded_with_silent_connections() {
-    let pair = match VethPair::new("f", 11) {
-        Ok(pair) => pair,
-        Err(e) => {
-            mycel_ml::fixtures::skip_unless_required(
-                TEST,
-                "MYCEL_REQUIRE_NETNS",
-                &format!("cannot build the namespaces ({e})"),
-            );
-            return;
-        }
+    let Some(pair) = namespaces(TEST, "f", 11) else {
+        return;
     };
     let root = tempfile::tempdir().unwrap();
     let addr = &pair.addrs[0];
     let start = |name: &str, port: u16, extra: &[String]| {
-        let mut args = vec![
-            "--no-mdns".to_owned(),
-            "--listen".to_owned(),
-            format!("/ip4/{addr}/tcp/{port}"),
-        ];
-        args.extend_from_slice(extra);
-        spawn_node(
-            &pair.exec(0),
-            &root.path().join(name),
-            &format!("127.0.0.1:{}", port + 3800),
-            &args,
-        )
+        start_in(&pair, 0, &root.path().join(name), port, extra)
     };
     let victim = start("victim", 4101, &[]);
-    let mut victim_id = None;
-    wait_until(Duration::from_secs(30), "the victim is up", || {
-        victim_id = cli(&pair, &victim, &["status", "--json"])
-            .and_then(|s| s["network"]["peer_id"].as_str().map(str::to_owned));
-        victim_id.is_some()
-    });
-    let victim_id = victim_id.unwrap();
+    let victim_id = wait_peer_id(&pair, &victim);
 
     // The flood, from the other namespace's address.
     let script = format!(
@@ -111,8 +87,7 @@ fn a_newcomer_joins_through_a_node_flooded_with_silent_connections() {
         Duration::from_secs(15),
         "the flooded node sees the newcomer alive",
         || {
-            let newcomer_id = cli(&pair, &newcomer, &["status", "--json"])
-                .and_then(|s| s["network"]["peer_id"].as_str().map(str::to_owned));
+            let newcomer_id = peer_id(&pair, &newcomer);
             let peers = cli(&pair, &victim, &["peers", "--json"]).unwrap_or_default();
             newcomer_id.is_some_and(|id| {
                 peers.as_array().is_some_and(|list| {
@@ -137,31 +112,12 @@ const SHARES_TEST: &str = "keys_made_on_one_machine_get_only_its_share_of_inboun
 /// four alive: the ones past the share found the others through the referrals.
 #[test]
 fn keys_made_on_one_machine_get_only_its_share_of_inbound_slots() {
-    let pair = match VethPair::new("s", 12) {
-        Ok(pair) => pair,
-        Err(e) => {
-            mycel_ml::fixtures::skip_unless_required(
-                SHARES_TEST,
-                "MYCEL_REQUIRE_NETNS",
-                &format!("cannot build the namespaces ({e})"),
-            );
-            return;
-        }
+    let Some(pair) = namespaces(SHARES_TEST, "s", 12) else {
+        return;
     };
     let root = tempfile::tempdir().unwrap();
     let start = |ns: usize, name: &str, port: u16, extra: &[String]| {
-        let mut args = vec![
-            "--no-mdns".to_owned(),
-            "--listen".to_owned(),
-            format!("/ip4/{}/tcp/{port}", pair.addrs[ns]),
-        ];
-        args.extend_from_slice(extra);
-        spawn_node(
-            &pair.exec(ns),
-            &root.path().join(name),
-            &format!("127.0.0.1:{}", port + 3800),
-            &args,
-        )
+        start_in(&pair, ns, &root.path().join(name), port, extra)
     };
     let victim = start(
         0,
@@ -169,13 +125,8 @@ fn keys_made_on_one_machine_get_only_its_share_of_inbound_slots() {
         4201,
         &["--max-inbound-per-ip".to_owned(), "2".to_owned()],
     );
-    let mut victim_id = None;
-    wait_until(Duration::from_secs(30), "the victim is up", || {
-        victim_id = cli(&pair, &victim, &["status", "--json"])
-            .and_then(|s| s["network"]["peer_id"].as_str().map(str::to_owned));
-        victim_id.is_some()
-    });
-    let bootstrap = format!("/ip4/{}/tcp/4201/p2p/{}", pair.addrs[0], victim_id.unwrap());
+    let victim_id = wait_peer_id(&pair, &victim);
+    let bootstrap = format!("/ip4/{}/tcp/4201/p2p/{victim_id}", pair.addrs[0]);
     let _sybils: Vec<NodeProcess> = (0..4)
         .map(|i| {
             start(
@@ -212,6 +163,55 @@ fn keys_made_on_one_machine_get_only_its_share_of_inbound_slots() {
         most_inbound <= 2.0,
         "{most_inbound} inbound connections held from one address"
     );
+}
+
+/// The two namespaces, or `None` (said, or a failure where CI requires them) where they
+/// cannot be built.
+fn namespaces(test: &str, label: &str, net: u8) -> Option<VethPair> {
+    match VethPair::new(label, net) {
+        Ok(pair) => Some(pair),
+        Err(e) => {
+            mycel_ml::fixtures::skip_unless_required(
+                test,
+                "MYCEL_REQUIRE_NETNS",
+                &format!("cannot build the namespaces ({e})"),
+            );
+            None
+        }
+    }
+}
+
+/// A node in namespace `ns` listening on its address at `port` (its API on that
+/// namespace's loopback, at `port + 3800`).
+fn start_in(pair: &VethPair, ns: usize, dir: &Path, port: u16, extra: &[String]) -> NodeProcess {
+    let mut args = vec![
+        "--no-mdns".to_owned(),
+        "--listen".to_owned(),
+        format!("/ip4/{}/tcp/{port}", pair.addrs[ns]),
+    ];
+    args.extend_from_slice(extra);
+    spawn_node(
+        &pair.exec(ns),
+        dir,
+        &format!("127.0.0.1:{}", port + 3800),
+        &args,
+    )
+}
+
+/// `node`'s peer id, once its API answers.
+fn peer_id(pair: &VethPair, node: &NodeProcess) -> Option<String> {
+    cli(pair, node, &["status", "--json"])
+        .and_then(|s| s["network"]["peer_id"].as_str().map(str::to_owned))
+}
+
+/// Waits until `node` is up; its peer id.
+fn wait_peer_id(pair: &VethPair, node: &NodeProcess) -> String {
+    let mut id = None;
+    wait_until(Duration::from_secs(30), "the node is up", || {
+        id = peer_id(pair, node);
+        id.is_some()
+    });
+    id.unwrap()
 }
 
 /// `mycel ARGS` against `node` inside namespace 0 (its API listens on that loopback), as JSON.

@@ -199,16 +199,6 @@ impl<C: Eq + Hash> InboundShares<C> {
             dec(&mut self.subnets, entry.subnet);
         }
     }
-
-    /// Connections counted (pending and established).
-    pub fn len(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// Whether nothing is counted.
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -279,7 +269,7 @@ mod tests {
         for c in 1..=8 {
             s.closed(&c);
         }
-        assert!(s.is_empty());
+        assert!(s.conns.is_empty());
         assert!(s.pending.is_empty() && s.hosts.is_empty() && s.subnets.is_empty());
     }
 

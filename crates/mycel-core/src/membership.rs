@@ -38,9 +38,6 @@ use crate::statement::{Capabilities, DownReport, SignedStatement, Statement};
 use crate::wire::Rejection;
 use crate::{PeerId, UnixMillis};
 
-/// How fast a recorded bad standing fades (reputation's own default half-life).
-const STANDING_HALF_LIFE_MS: u64 = 10 * 60 * 1000;
-
 /// Membership tunables.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -358,7 +355,8 @@ impl Membership {
                 .min_by_key(|(_, e)| {
                     let standing = e.bad_standing.map(|(score, at)| {
                         let elapsed = now.saturating_sub(at) as f64;
-                        score * 0.5f64.powf(elapsed / STANDING_HALF_LIFE_MS as f64)
+                        score
+                            * 0.5f64.powf(elapsed / crate::reputation::DEFAULT_HALF_LIFE_MS as f64)
                     });
                     match (e.info.state, standing) {
                         (PeerState::Failed, _) => (0, e.info.state_since),

@@ -10,6 +10,9 @@ use std::collections::HashMap;
 use crate::wire::Rejection;
 use crate::{PeerId, UnixMillis};
 
+/// How fast a score decays back towards 0 by default.
+pub const DEFAULT_HALF_LIFE_MS: u64 = 10 * 60 * 1000;
+
 /// Reputation tunables.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -22,7 +25,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            half_life_ms: 10 * 60 * 1000,
+            half_life_ms: DEFAULT_HALF_LIFE_MS,
             ban_below: -100.0,
         }
     }

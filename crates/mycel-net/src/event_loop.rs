@@ -1506,12 +1506,10 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
-                endpoint,
                 num_established,
                 cause,
                 ..
             } => {
-                let _ = endpoint;
                 if self.counted_inbound.remove(&connection_id) {
                     self.metrics.connections_inbound.dec();
                 }

@@ -29,7 +29,7 @@ use mycel_net::task::{
     read_frame, write_frame, FrameError, IncomingStreams, Stream, BLOB_PROTOCOL,
 };
 use mycel_net::{now_ms, NetHandle, PeerId};
-use mycel_store::{BlobError, BlobInfo, BlobStore, ChunkBuf, Quarantine};
+use mycel_store::{BlobError, BlobInfo, BlobStore, ChunkBuf, ChunkReader, Quarantine};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::oneshot::error::TryRecvError;
 use tokio::time::Instant;
@@ -334,6 +334,7 @@ impl BlobService {
     /// fresh yamux stream starts with a 256 KiB window and grows it only as data flows),
     /// until the peer closes it, goes quiet for [`STREAM_IDLE`], or is refused.
     async fn answer(self: &Arc<Self>, peer: PeerId, mut stream: Stream) -> std::io::Result<()> {
+        let mut reader = None;
         loop {
             let next = read_frame::<BlobRequest>(&mut stream, MAX_BLOB_REQUEST_BYTES);
             let request = match tokio::time::timeout(STREAM_IDLE, next).await {
@@ -352,18 +353,21 @@ impl BlobService {
                 write_frame(&mut stream, &BlobFrame::Refused(reason)).await?;
                 break;
             }
-            if !self.answer_one(request, &mut stream).await? {
+            if !self.answer_one(request, &mut stream, &mut reader).await? {
                 break;
             }
         }
         futures::AsyncWriteExt::close(&mut stream).await
     }
 
-    /// Answers one request; `false` when the stream should end after it.
+    /// Answers one request; `false` when the stream should end after it. `reader` keeps the
+    /// blob last read open for the stream's next request: a fetcher asks one stream for
+    /// many chunks of one blob, and opening it reads its whole outboard (32 bytes a chunk).
     async fn answer_one(
         self: &Arc<Self>,
         request: BlobRequest,
         stream: &mut Stream,
+        reader: &mut Option<Arc<ChunkReader>>,
     ) -> std::io::Result<bool> {
         match request {
             BlobRequest::Outboard { id } => {
@@ -382,13 +386,18 @@ impl BlobService {
                 Ok(true)
             }
             BlobRequest::Chunks { id, chunks } => {
-                let reader = match self.blocking(move |s| s.reader(&id)).await {
-                    Ok(reader) => reader,
-                    Err(e) => {
-                        write_frame(stream, &chunk_error(id, e)).await?;
-                        return Ok(false);
-                    }
+                let open = match reader.take().filter(|r| r.id() == id) {
+                    Some(open) => open,
+                    None => match self.blocking(move |s| s.reader(&id)).await {
+                        Ok(opened) => Arc::new(opened),
+                        Err(e) => {
+                            write_frame(stream, &chunk_error(id, e)).await?;
+                            return Ok(false);
+                        }
+                    },
                 };
+                *reader = Some(open.clone());
+                let reader = open;
                 // One blocking task reads the chunks in order, a couple ahead of the one sent.
                 let (ready, mut chunks_read) = tokio::sync::mpsc::channel(2);
                 let pool = self.pool.clone();

@@ -75,7 +75,6 @@ pub struct ModelService {
     /// The served models: a snapshot replaced whole when one is added.
     models: std::sync::RwLock<Arc<Vec<Served>>>,
     queue: Arc<Mutex<QueueShares<PeerId>>>,
-    max_queue: usize,
     worker: Arc<Semaphore>,
 }
 
@@ -139,7 +138,6 @@ impl ModelService {
         Self {
             models: std::sync::RwLock::new(Arc::new(models)),
             queue: Arc::new(Mutex::new(QueueShares::new(max_queue))),
-            max_queue,
             worker: Arc::new(Semaphore::new(1)),
         }
     }
@@ -197,6 +195,11 @@ impl ModelService {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).held()
     }
 
+    /// Places in the queue.
+    fn queue_places(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).max()
+    }
+
     /// Takes a place in the queue for `who`, or says at once that there is none: a quarter
     /// of the places is kept for the node's own users, and one peer holds at most half
     /// (mycel-core's `queue`).
@@ -204,7 +207,7 @@ impl ModelService {
         let mut shares = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         shares
             .take(&who)
-            .map_err(|_| RunError::Busy(self.max_queue))?;
+            .map_err(|_| RunError::Busy(shares.max()))?;
         Ok(Admission {
             shares: self.queue.clone(),
             who,
@@ -226,7 +229,7 @@ impl ModelService {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| RunError::Busy(self.max_queue))?;
+            .map_err(|_| RunError::Busy(self.queue_places()))?;
         let cancelled = Arc::new(AtomicBool::new(false));
         let _cancel_on_drop = CancelOnDrop(cancelled.clone());
         let queue_ms = queued.elapsed().as_secs_f64() * 1e3;

@@ -306,7 +306,7 @@ async fn a_fetcher_that_crashes_keeps_no_partial_blob_and_resumes_where_it_stopp
     let fetcher = restart(config(&fetcher_dir, addrs_of(&provider), None)).await;
     // Not whole: not listed, not served, not readable.
     assert!(fetcher.blobs.store().info(&id).unwrap().is_none());
-    assert!(fetcher.blobs.store().open_blob(&id, 0).is_err());
+    assert!(fetcher.blobs.store().open_reader(&id, 0).is_err());
     let missing = fetcher.blobs.store().missing(&id).unwrap().unwrap();
     assert!(missing.len() < 16, "{missing:?}");
     wait_provider(&fetcher, id, provider.net.peer_id()).await;

@@ -614,7 +614,6 @@ impl Drop for Veth {
 /// says so and returns, unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_that_all_claim_one_address_get_a_few_dials_there_not_one_each() {
-    use mycel_core::statement::{Announcement, Capabilities};
     use std::sync::atomic::{AtomicUsize, Ordering};
     let tag = std::process::id() % 200;
     let dev = format!("mycd{tag}");
@@ -671,22 +670,10 @@ async fn keys_that_all_claim_one_address_get_a_few_dials_there_not_one_each() {
         connected_to(&node, attacker.peer_id()).await
     })
     .await;
-    let now = mycel_net::now_ms();
     let claimed = format!("/ip4/{theirs}/tcp/{target_port}");
     for _ in 0..20 {
         let key = Keypair::generate_ed25519();
-        let lie = SignedStatement::sign(
-            &key,
-            &Statement::Announce(Announcement {
-                seq: 1,
-                issued_at: now,
-                expires_at: now + 60_000,
-                capabilities: Capabilities::default(),
-                addrs: vec![claimed.clone()],
-                reachability: Default::default(),
-                relay: false,
-            }),
-        );
+        let lie = common::announcement_at(&key, 1, vec![claimed.clone()]);
         attacker.publish_raw(lie.to_bytes()).await.unwrap();
     }
     // The attacker leaves (it is a full node too, and would dial the keys it told of

@@ -286,20 +286,14 @@ impl BlobStore {
                 }
             }
         }
-        for (id, mut marks) in partial {
+        for (id, _saved) in partial {
             let file = File::open(self.partial_path(&id)).ok();
             let outboard = self.outboard(&id)?;
             let (Some(file), Some(outboard)) = (file, outboard) else {
                 self.forget_partial(&id)?;
                 continue;
             };
-            let mut data = ChunkBuf::new();
-            for (index, mark) in marks.iter_mut().enumerate() {
-                let index = index as u64;
-                let good = read_chunk_into(&file, outboard.size, index, &mut data)
-                    .is_ok_and(|()| outboard.verify_chunk(&id, index, data.bytes()).is_ok());
-                *mark = u8::from(good);
-            }
+            let marks = verified_marks(&file, &outboard, &id);
             self.write(Durability::Immediate, |txn| {
                 txn.open_table(PARTIAL)?
                     .insert(id.0.as_slice(), marks.as_slice())?;
@@ -620,14 +614,6 @@ impl BlobStore {
             .id)
     }
 
-    /// Opens the complete blob `id` for reading (and marks it used now).
-    pub fn open_blob(&self, id: &ContentId, now: u64) -> Result<(File, u64), BlobError> {
-        let blob = self.touch(id, now, false)?;
-        let path = self.data_path(id);
-        let file = File::open(&path).map_err(io(&path))?;
-        Ok((file, blob.size))
-    }
-
     /// The bytes of chunk `index` of the complete blob `id`.
     pub fn read_chunk(&self, id: &ContentId, index: u64) -> Result<Vec<u8>, BlobError> {
         let mut data = ChunkBuf::new();
@@ -667,14 +653,7 @@ impl BlobStore {
         let outboard = self.outboard(id)?.ok_or(BlobError::NotFound(*id))?;
         let path = self.data_path(id);
         let file = File::open(&path).map_err(io(&path))?;
-        let mut data = ChunkBuf::new();
-        let marks: Vec<u8> = (0..outboard.chunks())
-            .map(|index| {
-                let good = read_chunk_into(&file, outboard.size, index, &mut data)
-                    .is_ok_and(|()| outboard.verify_chunk(id, index, data.bytes()).is_ok());
-                u8::from(good)
-            })
-            .collect();
+        let marks = verified_marks(&file, &outboard, id);
         let missing: Vec<u64> = (0..marks.len() as u64)
             .filter(|i| marks[*i as usize] == 0)
             .collect();
@@ -718,10 +697,10 @@ impl BlobStore {
         }
         let mut bytes = Vec::with_capacity(reader.size as usize);
         bytes.extend_from_slice(data.bytes());
-        for index in 1..chunk_count(reader.size) {
-            reader.read_chunk_into(index, &mut data)?;
-            bytes.extend_from_slice(data.bytes());
-        }
+        reader.each_chunk(1, |chunk| {
+            bytes.extend_from_slice(chunk);
+            Ok(())
+        })?;
         Ok(Some(decode_manifest(&bytes)?))
     }
 
@@ -738,11 +717,10 @@ impl BlobStore {
             return Ok(None);
         }
         let mut bytes = Vec::with_capacity(reader.size as usize);
-        let mut data = ChunkBuf::new();
-        for index in 0..chunk_count(reader.size) {
-            reader.read_chunk_into(index, &mut data)?;
-            bytes.extend_from_slice(data.bytes());
-        }
+        reader.each_chunk(0, |chunk| {
+            bytes.extend_from_slice(chunk);
+            Ok(())
+        })?;
         Ok(Some(bytes))
     }
 
@@ -816,12 +794,8 @@ impl BlobStore {
         }
         let tmp = path.with_extension("mycel-part");
         let mut out = File::create(&tmp).map_err(io(&tmp))?;
-        let mut data = ChunkBuf::new();
-        let copied = (0..chunk_count(reader.size))
-            .try_for_each(|index| {
-                reader.read_chunk_into(index, &mut data)?;
-                out.write_all(data.bytes()).map_err(io(&tmp))
-            })
+        let copied = reader
+            .each_chunk(0, |chunk| out.write_all(chunk).map_err(io(&tmp)))
             .and_then(|()| out.sync_all().map_err(io(&tmp)));
         if let Err(e) = copied {
             let _ = fs::remove_file(&tmp);
@@ -1030,6 +1004,18 @@ impl BlobStore {
     }
 }
 
+/// Which chunks of the blob in `file` match `outboard` (1) and which do not (0).
+fn verified_marks(file: &File, outboard: &Outboard, id: &ContentId) -> Vec<u8> {
+    let mut data = ChunkBuf::new();
+    (0..outboard.chunks())
+        .map(|index| {
+            let good = read_chunk_into(file, outboard.size, index, &mut data)
+                .is_ok_and(|()| outboard.verify_chunk(id, index, data.bytes()).is_ok());
+            u8::from(good)
+        })
+        .collect()
+}
+
 /// Reads chunk `index` of the `size`-byte blob in `file` into `data`.
 fn read_chunk_into(file: &File, size: u64, index: u64, data: &mut ChunkBuf) -> std::io::Result<()> {
     let out = data.sized(chunk_len(size, index) as usize);
@@ -1064,9 +1050,29 @@ pub struct ChunkReader {
 }
 
 impl ChunkReader {
+    /// The blob's id.
+    pub fn id(&self) -> ContentId {
+        self.id
+    }
+
     /// The blob's size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Calls `f` with every chunk from `from` on, in order, each verified; stops at the first
+    /// error.
+    pub fn each_chunk(
+        &self,
+        from: u64,
+        mut f: impl FnMut(&[u8]) -> Result<(), BlobError>,
+    ) -> Result<(), BlobError> {
+        let mut data = ChunkBuf::new();
+        for index in from..chunk_count(self.size) {
+            self.read_chunk_into(index, &mut data)?;
+            f(data.bytes())?;
+        }
+        Ok(())
     }
 
     /// Reads chunk `index` into `data`, verified against its hash.

@@ -87,7 +87,7 @@ fn imports_stream_in_and_export_byte_for_byte_under_their_blake3_id() {
         .unwrap();
     assert_eq!(store.used().unwrap(), before);
     assert!(matches!(
-        store.open_blob(&ContentId::of(b"absent"), 4),
+        store.open_reader(&ContentId::of(b"absent"), 4),
         Err(BlobError::NotFound(_))
     ));
 }
@@ -175,7 +175,7 @@ fn a_fetch_keeps_only_verified_chunks_and_resumes_after_a_crash() {
     assert_eq!(fetcher.missing(&blob.id).unwrap().unwrap(), vec![3, 4, 6]);
     // Not complete: never served as a blob.
     assert!(fetcher.info(&blob.id).unwrap().is_none());
-    assert!(fetcher.open_blob(&blob.id, 2).is_err());
+    assert!(fetcher.open_reader(&blob.id, 2).is_err());
     assert!(fetcher.finish_fetch(&blob.id, 2, false).is_err());
 
     // A crash: the store is dropped without any cleanup, and chunk 1's bytes never reached
@@ -228,7 +228,7 @@ fn after_a_crash_only_whole_blobs_with_an_entry_are_listed() {
     assert_eq!(ids, vec![kept.id]);
     assert!(!orphan_path.exists());
     assert!(matches!(
-        store.open_blob(&lost.id, 2),
+        store.open_reader(&lost.id, 2),
         Err(BlobError::NotFound(_))
     ));
 }
@@ -256,7 +256,7 @@ fn the_quota_evicts_the_least_recently_used_unpinned_blobs_and_refuses_what_cann
     let c = import(3, 30, false);
     let d = import(4, 40, false);
     // Reading `a` makes `c` the least recently used unpinned blob.
-    store.open_blob(&a, 50).unwrap();
+    store.open_reader(&a, 50).unwrap();
     let e = import(5, 60, false);
     let present = |id: &ContentId| store.info(id).unwrap().is_some();
     assert!(!present(&c), "the least recently used goes first");

@@ -123,6 +123,15 @@ pub async fn wait_converged(nodes: &[Node], limit: Duration) {
 
 /// A genuine announcement of `key` with `seq`, valid for a minute from now.
 pub fn announcement(key: &mycel_core::Keypair, seq: u64) -> mycel_core::statement::SignedStatement {
+    announcement_at(key, seq, Vec::new())
+}
+
+/// Like [`announcement`], claiming the addresses `addrs`.
+pub fn announcement_at(
+    key: &mycel_core::Keypair,
+    seq: u64,
+    addrs: Vec<String>,
+) -> mycel_core::statement::SignedStatement {
     use mycel_core::statement::{Announcement, Capabilities, SignedStatement, Statement};
     let now = mycel_net::now_ms();
     SignedStatement::sign(
@@ -132,7 +141,7 @@ pub fn announcement(key: &mycel_core::Keypair, seq: u64) -> mycel_core::statemen
             issued_at: now,
             expires_at: now + 60_000,
             capabilities: Capabilities::default(),
-            addrs: Vec::new(),
+            addrs,
             reachability: Default::default(),
             relay: false,
         }),
