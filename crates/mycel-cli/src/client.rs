@@ -304,10 +304,95 @@ pub(crate) struct EmbedArgs {
     /// Texts to embed.
     #[arg(required = true)]
     texts: Vec<String>,
+    /// How the result is checked: none, replicate[:R] or spot_check:P (default: the node's).
+    #[arg(long, value_name = "MODE")]
+    verify: Option<mycel_core::verify::Mode>,
+}
+
+/// The `mycel` object asking for `mode`.
+fn verify_options(mode: mycel_core::verify::Mode) -> Value {
+    use mycel_core::verify::Mode;
+    match mode {
+        Mode::None => serde_json::json!({ "verify": "none" }),
+        Mode::Replicate { replicas } => {
+            serde_json::json!({ "verify": "replicate", "replicas": replicas })
+        }
+        Mode::SpotCheck { rate } => serde_json::json!({ "verify": "spot_check", "p": rate }),
+    }
+}
+
+/// One line on how an answer was checked, for the terminal.
+fn describe_verification(mycel: &Value) -> Option<String> {
+    let verify = mycel["verify"].as_str()?;
+    let certificate = &mycel["certificate"];
+    Some(match certificate["workers"].as_array() {
+        Some(workers) => format!(
+            "verified: {} workers agreed (quorum {} of {} candidates); certificate issued by {}",
+            workers.len(),
+            certificate["rule"]["quorum"],
+            certificate["rule"]["candidates"],
+            certificate["issuer"]["peer"].as_str().unwrap_or("?"),
+        ),
+        None => format!("not verified (mode {verify})"),
+    })
+}
+
+#[derive(Args)]
+pub(crate) struct VerifyArgs {
+    /// The certificate (or a response holding one under mycel.certificate); - reads stdin.
+    file: std::path::PathBuf,
+}
+
+/// Checks a certificate offline: signatures, quorum rule, issuer.
+pub(crate) fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    use mycel_core::verify::Certificate;
+    let text = if args.file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("cannot read {}", args.file.display()))?
+    };
+    let value: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not JSON", args.file.display()))?;
+    let value = value
+        .pointer("/mycel/certificate")
+        .cloned()
+        .unwrap_or(value);
+    let certificate: Certificate = serde_json::from_value(value).with_context(|| {
+        format!(
+            "{} is not a certificate (nor a response with mycel.certificate)",
+            args.file.display()
+        )
+    })?;
+    let checked = certificate
+        .check()
+        .map_err(|e| anyhow::anyhow!("INVALID: {e}"))?;
+    let claim = &certificate.claim;
+    println!("valid certificate");
+    println!("  task    {}", claim.task);
+    println!("  model   {} ({})", claim.model, claim.engine);
+    println!("  input   {}", claim.input);
+    println!("  output  {}", claim.output);
+    println!(
+        "  quorum  {} of {} agreed ({} requested, {} liars assumed among {} candidates)",
+        checked.workers.len(),
+        certificate.rule.quorum,
+        certificate.rule.requested,
+        certificate.rule.faulty,
+        certificate.rule.candidates
+    );
+    for worker in &checked.workers {
+        println!("  worker  {worker}");
+    }
+    println!("  issuer  {}", checked.issuer);
+    Ok(())
 }
 
 pub(crate) fn embed(args: EmbedArgs) -> anyhow::Result<()> {
-    let body = serde_json::json!({ "model": args.model, "input": args.texts });
+    let mut body = serde_json::json!({ "model": args.model, "input": args.texts });
+    if let Some(mode) = args.verify {
+        body["mycel"] = verify_options(mode);
+    }
     let mut response = args.client.post("/v1/embeddings", &body)?;
     let answer: Value = response
         .body_mut()
@@ -336,6 +421,9 @@ pub(crate) fn embed(args: EmbedArgs) -> anyhow::Result<()> {
             .join(", ");
         println!("{text:?}: [{shown}, ...] ({} dimensions)", vector.len());
     }
+    if let Some(line) = describe_verification(&answer["mycel"]) {
+        println!("{line}");
+    }
     Ok(())
 }
 
@@ -358,6 +446,10 @@ pub(crate) struct ChatArgs {
     /// Seed of the sampler.
     #[arg(long)]
     seed: Option<u64>,
+    /// How the answer is checked: none, replicate[:R] or spot_check:P (default: the
+    /// node's). A verified answer comes whole once a quorum agreed.
+    #[arg(long, value_name = "MODE")]
+    verify: Option<mycel_core::verify::Mode>,
     /// What to say.
     prompt: String,
 }
@@ -379,7 +471,11 @@ pub(crate) fn chat(args: ChatArgs) -> anyhow::Result<()> {
     if let Some(seed) = args.seed {
         body["seed"] = seed.into();
     }
+    if let Some(mode) = args.verify {
+        body["mycel"] = verify_options(mode);
+    }
     let response = args.client.post("/v1/chat/completions", &body)?;
+    let mut checked = None;
     let reader = BufReader::new(response.into_body().into_reader());
     let mut out = std::io::stdout().lock();
     for line in reader.lines() {
@@ -398,7 +494,13 @@ pub(crate) fn chat(args: ChatArgs) -> anyhow::Result<()> {
             write!(out, "{text}")?;
             out.flush()?;
         }
+        if let Some(line) = describe_verification(&chunk["mycel"]) {
+            checked = Some(line);
+        }
     }
     writeln!(out)?;
+    if let Some(line) = checked {
+        eprintln!("{line}");
+    }
     Ok(())
 }

@@ -38,6 +38,9 @@ enum Command {
     Embed(client::EmbedArgs),
     /// Chat with a node's generation model; the answer streams to the terminal.
     Chat(client::ChatArgs),
+    /// Check a result's certificate offline (a file holding the certificate, or the whole
+    /// response that carried it; - for standard input).
+    Verify(client::VerifyArgs),
     /// Store a file or directory on a node; prints its content id.
     Put(blobs::PutArgs),
     /// Fetch a blob (a file, or a directory's manifest and files) from the network to a path.
@@ -162,6 +165,16 @@ struct NodeArgs {
     /// let anyone capture a name).
     #[arg(long = "bind-model", value_name = "NAME=ID")]
     bind_model: Vec<String>,
+    /// How results of this node's inference requests are checked when a request does not
+    /// say: none, replicate[:R] (a quorum of distinct peers must agree; a certificate comes
+    /// with the answer) or spot_check:P (a fraction P re-run elsewhere).
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    verify: mycel_core::verify::Mode,
+    /// Misbehave as a worker, for tests and benchmarks: wrong[:GROUP], random, slow:MS,
+    /// drop, crash:N, bad_signature or replay.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, value_name = "FAULT")]
+    fault: Option<mycel_node::fault::Fault>,
     /// A dataset for federated training (repeatable), announced by tag and size only:
     /// TAG=SOURCE, SOURCE a .csv or .npy file (class in the last column) or
     /// sklearn-digits[:train|test][:K/N][:dirichlet=A] (the shipped digits data).
@@ -319,6 +332,11 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             .bind_spec(spec)
             .map_err(|e| anyhow::anyhow!("--bind-model {e}"))?;
     }
+    config.router.verify = args.verify;
+    #[cfg(feature = "fault-injection")]
+    {
+        config.router.fault = args.fault;
+    }
     config.datasets = args.datasets;
     config.metered = args.metered;
     config.train_for = if args.train_for.iter().any(|c| c == "any") {
@@ -467,6 +485,7 @@ fn main() -> std::process::ExitCode {
             Command::Models(args) => client::models(args),
             Command::Embed(args) => client::embed(args),
             Command::Chat(args) => client::chat(args),
+            Command::Verify(args) => client::verify(args),
             Command::Put(args) => blobs::put(args),
             Command::Get(args) => blobs::get(args),
             Command::Pin(args) => blobs::pin(args),

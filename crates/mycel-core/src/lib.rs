@@ -24,6 +24,10 @@
 //! - [`routing`]: ranking the peers that could run a task (reliability, load, RTT,
 //!   Thompson-sampling exploration).
 //! - [`task`]: the inference task protocol's messages, their bounds and signed results.
+//! - [`trust`]: what peers' work has shown (successes, failures, timeouts, disagreements,
+//!   invalid answers) and isolation of liars with a doubling back-off.
+//! - [`verify`]: verification modes, the quorum that accepts a replicated task's output
+//!   (no wrong output while fewer than a third of the candidates lie) and certificates.
 //! - [`wire`]: size-bounded CBOR encoding shared by every protocol message.
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
@@ -44,6 +48,8 @@ pub mod reputation;
 pub mod routing;
 pub mod statement;
 pub mod task;
+pub mod trust;
+pub mod verify;
 pub mod wire;
 
 pub use libp2p_identity::{Keypair, PeerId, PublicKey};

@@ -14,7 +14,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::id::ContentId;
-use crate::wire::{self, Rejection};
+use crate::verify::{input_digest, output_digest, Claim};
+use crate::wire::Rejection;
 use crate::{Keypair, PeerId, PublicKey};
 
 /// Largest request frame a worker reads.
@@ -298,69 +299,70 @@ pub struct Timings {
     pub decode_ms: f64,
 }
 
-/// A task's output with the digest its worker signed.
+/// A task's output with its worker's signature over the [`Claim`] it makes: this task, this
+/// model run by this engine, this input, this output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskResult {
     /// What was computed.
     pub output: TaskOutput,
-    /// BLAKE3 over the task id, the model and the output.
-    #[serde(with = "serde_bytes")]
-    pub digest: Vec<u8>,
+    /// The engine (and its numeric version) that computed it.
+    pub engine: String,
     /// The worker's public key (protobuf encoding).
     #[serde(with = "serde_bytes")]
     pub public_key: Vec<u8>,
-    /// The worker's signature over the digest.
+    /// The worker's signature over the claim ([`Claim::signed_bytes`]).
     #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
     /// Where the worker's time went.
     pub timings: Timings,
 }
 
-/// The digest a worker signs: BLAKE3 over a domain tag, the task id, the model and the
-/// output's CBOR encoding. Replicas that computed the same output sign the same digest.
-pub fn output_digest(id: TaskId, model: &ContentId, output: &TaskOutput) -> [u8; 32] {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(b"mycel/task-result/1\0");
-    hasher.update(&id.0.to_le_bytes());
-    hasher.update(model.to_string().as_bytes());
-    hasher.update(&wire::encode(output));
-    *hasher.finalize().as_bytes()
-}
-
 impl TaskResult {
-    /// Signs `output` as the answer to task `id` on `model`.
+    /// The claim this result makes as the answer to `request`.
+    pub fn claim(&self, request: &TaskRequest) -> Claim {
+        Claim::new(
+            request.id,
+            request.model,
+            &self.engine,
+            input_digest(&request.input),
+            output_digest(&self.output),
+        )
+    }
+
+    /// Signs `output`, computed by `engine`, as the answer to `request`.
     pub fn sign(
         keypair: &Keypair,
-        id: TaskId,
-        model: &ContentId,
+        request: &TaskRequest,
+        engine: &str,
         output: TaskOutput,
         timings: Timings,
     ) -> Self {
-        let digest = output_digest(id, model, &output);
-        let signature = keypair
-            .sign(&digest)
-            .expect("ed25519 signing does not fail");
-        Self {
+        let mut result = Self {
             output,
-            digest: digest.to_vec(),
+            engine: engine.to_owned(),
             public_key: keypair.public().encode_protobuf(),
-            signature,
+            signature: Vec::new(),
             timings,
-        }
+        };
+        result.signature = keypair
+            .sign(&result.claim(request).signed_bytes())
+            .expect("ed25519 signing does not fail");
+        result
     }
 
-    /// Checks that `worker` signed this output as the answer to task `id` on `model`.
-    pub fn verify(&self, worker: &PeerId, id: TaskId, model: &ContentId) -> Result<(), Rejection> {
+    /// Checks that `worker` signed this output as the answer to `request`; returns the claim
+    /// it signed.
+    pub fn verify(&self, worker: &PeerId, request: &TaskRequest) -> Result<Claim, Rejection> {
         let key =
             PublicKey::try_decode_protobuf(&self.public_key).map_err(|_| Rejection::Malformed)?;
         if key.to_peer_id() != *worker {
             return Err(Rejection::BadSignature);
         }
-        let digest = output_digest(id, model, &self.output);
-        if self.digest != digest || !key.verify(&digest, &self.signature) {
+        let claim = self.claim(request);
+        if !key.verify(&claim.signed_bytes(), &self.signature) {
             return Err(Rejection::BadSignature);
         }
-        Ok(())
+        Ok(claim)
     }
 }
 
@@ -383,6 +385,7 @@ pub enum TaskFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire;
 
     fn model() -> ContentId {
         ContentId::of(b"model")
@@ -442,25 +445,57 @@ mod tests {
         let worker = Keypair::generate_ed25519();
         let other = Keypair::generate_ed25519();
         let output = TaskOutput::embeddings(&[vec![1.0, 2.0], vec![3.0, 4.0]], 5);
-        let result = TaskResult::sign(&worker, TaskId(9), &model(), output, Timings::default());
+        let request = TaskRequest {
+            id: TaskId(9),
+            model: model(),
+            budget_ms: 1000,
+            input: TaskInput::Embed {
+                texts: vec!["a".into(), "b".into()],
+            },
+        };
+        let result = TaskResult::sign(&worker, &request, "candle/1", output, Timings::default());
         let peer = worker.public().to_peer_id();
-        assert_eq!(result.verify(&peer, TaskId(9), &model()), Ok(()));
+        let claim = result.verify(&peer, &request).expect("verifies");
+        assert_eq!(claim.engine, "candle/1");
+        assert_eq!(claim.output, output_digest(&result.output));
         assert_eq!(
-            result.verify(&other.public().to_peer_id(), TaskId(9), &model()),
+            result.verify(&other.public().to_peer_id(), &request),
             Err(Rejection::BadSignature),
             "signed by someone else"
         );
+        let another_task = TaskRequest {
+            id: TaskId(10),
+            ..request.clone()
+        };
         assert_eq!(
-            result.verify(&peer, TaskId(10), &model()),
+            result.verify(&peer, &another_task),
             Err(Rejection::BadSignature),
             "another task"
+        );
+        let another_input = TaskRequest {
+            input: TaskInput::Embed {
+                texts: vec!["a".into(), "c".into()],
+            },
+            ..request.clone()
+        };
+        assert_eq!(
+            result.verify(&peer, &another_input),
+            Err(Rejection::BadSignature),
+            "another input"
+        );
+        let mut other_engine = result.clone();
+        other_engine.engine = "candle/2".into();
+        assert_eq!(
+            other_engine.verify(&peer, &request),
+            Err(Rejection::BadSignature),
+            "another engine"
         );
         let mut tampered = result.clone();
         if let TaskOutput::Embeddings { values, .. } = &mut tampered.output {
             values[0] ^= 1;
         }
         assert_eq!(
-            tampered.verify(&peer, TaskId(9), &model()),
+            tampered.verify(&peer, &request),
             Err(Rejection::BadSignature)
         );
         // The frame survives the wire.

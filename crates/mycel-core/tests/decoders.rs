@@ -573,6 +573,18 @@ fn model_id() -> ContentId {
     ContentId::of(b"the model")
 }
 
+/// The task every signed result in these tests answers.
+fn answered_task() -> TaskRequest {
+    TaskRequest {
+        id: TASK,
+        model: model_id(),
+        budget_ms: 1_000,
+        input: TaskInput::Embed {
+            texts: vec!["the input".into()],
+        },
+    }
+}
+
 fn ascii(max: usize) -> impl Strategy<Value = String> {
     vec(0x20u8..0x7f, 0..=max).prop_map(|b| String::from_utf8(b).expect("ascii"))
 }
@@ -772,7 +784,7 @@ fn task_frame() -> impl Strategy<Value = TaskFrame> {
         (text(40), vec(any::<u32>(), 0..8))
             .prop_map(|(text, tokens)| TaskFrame::Chunk { text, tokens }),
         (output, timings).prop_map(|(output, timings)| TaskFrame::Done(Box::new(
-            TaskResult::sign(key(), TASK, &model_id(), output, timings)
+            TaskResult::sign(key(), &answered_task(), "engine/1", output, timings)
         ))),
         prop_oneof![
             any::<u32>().prop_map(|queue| Refusal::Busy { queue }),
@@ -1161,8 +1173,8 @@ fn task_frames() {
                     for count in [1, 2, 3, task::MAX_EMBED_INPUTS] {
                         let _ = result.output.vectors(count);
                     }
-                    match result.verify(&worker, TASK, &model_id()) {
-                        Ok(()) => "result verified",
+                    match result.verify(&worker, &answered_task()) {
+                        Ok(_) => "result verified",
                         Err(_) => "result refused",
                     }
                 }

@@ -150,6 +150,8 @@ pub(crate) fn router(state: ApiState, open_metrics: bool) -> Router {
     let guarded = Router::new()
         .route("/api/status", get(status))
         .route("/api/peers", get(peers))
+        .route("/api/peers/{peer}/evidence", get(evidence))
+        .route("/api/verify", post(verify))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -225,6 +227,20 @@ async fn peers(State(state): State<ApiState>) -> Response {
     match state.net.peers().await {
         Ok(mut peers) => {
             peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+            // With what this node's tasks have shown about each (see `mycel_core::trust`).
+            let peers: Vec<serde_json::Value> = peers
+                .into_iter()
+                .map(|peer| {
+                    let trust = peer
+                        .peer_id
+                        .parse()
+                        .ok()
+                        .and_then(|id| state.inference.trust_of(&id));
+                    let mut value = json!(peer);
+                    value["trust"] = json!(trust);
+                    value
+                })
+                .collect();
             Json(peers).into_response()
         }
         Err(e) => error(
@@ -233,6 +249,92 @@ async fn peers(State(state): State<ApiState>) -> Response {
             e.to_string(),
         ),
     }
+}
+
+/// GET /api/peers/{peer}/evidence: the signed lies of `peer` this node kept, each checkable
+/// by anyone (its claim, its signature and the certificate of the quorum it lost).
+async fn evidence(
+    State(state): State<ApiState>,
+    axum::extract::Path(peer): axum::extract::Path<String>,
+) -> Response {
+    match peer.parse::<mycel_net::PeerId>() {
+        Ok(peer) => Json(state.inference.evidence(&peer)).into_response(),
+        Err(_) => error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!("{peer:?} is not a peer id"),
+        ),
+    }
+}
+
+/// POST /api/verify: checks a certificate (alone, or inside the response that carried it
+/// under `mycel.certificate`): its signatures and quorum rule, offline, and that its workers
+/// and issuer are peers this node knows.
+async fn verify(State(state): State<ApiState>, body: axum::body::Bytes) -> Response {
+    use mycel_core::verify::Certificate;
+    let rejected = |status: StatusCode, message: String| {
+        state.inference.metrics.certificates_rejected.inc();
+        (status, Json(json!({ "valid": false, "error": message }))).into_response()
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(e) => {
+            return rejected(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not JSON: {e}"),
+            )
+        }
+    };
+    let value = value
+        .pointer("/mycel/certificate")
+        .cloned()
+        .unwrap_or(value);
+    let certificate: Certificate = match serde_json::from_value(value) {
+        Ok(certificate) => certificate,
+        Err(e) => {
+            return rejected(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not a certificate: {e}"),
+            )
+        }
+    };
+    let checked = match certificate.check() {
+        Ok(checked) => checked,
+        Err(e) => return rejected(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    };
+    let known: std::collections::HashSet<String> = state
+        .net
+        .peers()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| p.peer_id)
+        .chain([state.net.peer_id().to_string()])
+        .collect();
+    let unknown: Vec<String> = checked
+        .workers
+        .iter()
+        .chain([&checked.issuer])
+        .map(ToString::to_string)
+        .filter(|peer| !known.contains(peer))
+        .collect();
+    if !unknown.is_empty() {
+        return rejected(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the certificate names peers this node does not know: {}",
+                unknown.join(", ")
+            ),
+        );
+    }
+    Json(json!({
+        "valid": true,
+        "claim": certificate.claim,
+        "rule": certificate.rule,
+        "workers": checked.workers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "issuer": checked.issuer.to_string(),
+    }))
+    .into_response()
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

@@ -11,7 +11,7 @@
 //! Embedding tasks are hedged: when the first attempt takes longer than the observed 95th
 //! percentile, a second starts on the next candidate and the first answer wins.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -27,15 +27,18 @@ use mycel_core::task::{
     ChatMessage, Refusal, Resume, TaskFrame, TaskId, TaskInput, TaskOutput, TaskRequest,
     TaskResult, Timings, MAX_FRAME_BYTES, MAX_REQUEST_BYTES, MAX_TASK_BUDGET_MS,
 };
+use mycel_core::trust::{self, Trust};
+use mycel_core::verify::{self, Certificate, Claim, Evidence, Mode, Quorum, Signer, Step};
 use mycel_core::wire::Rejection;
 use mycel_core::Keypair;
 use mycel_ml::{GenerateParams, Generation, MlError};
 use mycel_net::task::{read_frame, write_frame, FrameError, IncomingStreams, Stream};
 use mycel_net::{now_ms, NetHandle, PeerId};
+use prometheus_client::metrics::counter::Counter;
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::models::{ModelService, Piece, PieceSink, RunError, Runner};
 use crate::slots::Slots;
@@ -51,6 +54,8 @@ const LATENCY_WINDOW: usize = 200;
 const MIN_LATENCIES: usize = 20;
 /// Longest wait for a DHT provider lookup.
 const PROVIDER_LOOKUP: Duration = Duration::from_secs(3);
+/// Pieces of evidence kept per peer.
+const EVIDENCE_PER_PEER: usize = 4;
 
 /// How the router behaves.
 #[derive(Debug, Clone)]
@@ -71,6 +76,13 @@ pub struct RouterConfig {
     /// The engine preferred for a model peers offer with several engines (this node's own;
     /// counting announcers would let made-up keys choose).
     pub engine: String,
+    /// How results are checked when a request does not say.
+    pub verify: Mode,
+    /// When peers are isolated, and for how long.
+    pub trust: trust::Config,
+    /// How this node misbehaves as a worker (tests and benchmarks).
+    #[cfg(feature = "fault-injection")]
+    pub fault: Option<crate::fault::Fault>,
 }
 
 impl Default for RouterConfig {
@@ -83,6 +95,10 @@ impl Default for RouterConfig {
             reliability_half_life: Duration::from_secs(300),
             bindings: Bindings::new(),
             engine: mycel_ml::Engine::default().name().to_owned(),
+            verify: Mode::None,
+            trust: trust::Config::default(),
+            #[cfg(feature = "fault-injection")]
+            fault: None,
         }
     }
 }
@@ -106,6 +122,10 @@ pub enum RouteError {
     /// Every candidate failed.
     #[error("no node could run the task: {0}")]
     Unavailable(String),
+    /// The task ran but no answer could be verified (too few nodes, or the replicas
+    /// disagreed beyond what the quorum can settle).
+    #[error("the result could not be verified: {0}")]
+    Unverified(String),
 }
 
 /// A model as the router sees it: what is offered, and its local runner if this node serves it.
@@ -178,8 +198,79 @@ fn retry<T>(reason: impl Into<String>, failed: bool) -> Outcome<T> {
 
 struct RouterState {
     reliability: Reliability<PeerId>,
+    trust: Trust<PeerId>,
+    evidence: HashMap<PeerId, VecDeque<Evidence>>,
+    /// Peers whose trust changed since it was last written to the store.
+    dirty: HashSet<PeerId>,
     rng: StdRng,
     latencies_ms: VecDeque<f64>,
+}
+
+impl RouterState {
+    fn note(
+        &mut self,
+        peer: &PeerId,
+        outcome: trust::Outcome,
+        now: u64,
+    ) -> Option<trust::Isolation> {
+        self.dirty.insert(*peer);
+        self.trust.note(peer, outcome, now)
+    }
+}
+
+/// What the store keeps of a peer's trust.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TrustEntry {
+    record: trust::Record,
+    evidence: Vec<Evidence>,
+}
+
+/// Largest trust entry decoded from the store.
+const MAX_TRUST_ENTRY_BYTES: usize = 1 << 20;
+/// Trust changes are written at least this often (isolations at once).
+const TRUST_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How a task's result was checked.
+#[derive(Debug, Clone, Default)]
+pub struct Verification {
+    /// The mode it ran under.
+    pub mode: Mode,
+    /// For `replicate`: the certificate of the quorum that agreed.
+    pub certificate: Option<Certificate>,
+}
+
+/// A result and how it was checked.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The output.
+    pub output: TaskOutput,
+    /// Who computed it (one of them, for a replicated task).
+    pub worker: PeerId,
+    /// How it was checked.
+    pub verification: Verification,
+}
+
+/// What this node's tasks have shown about a peer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerTrust {
+    /// Score in (0, 1].
+    pub score: f64,
+    /// Decayed counts.
+    pub successes: f64,
+    /// Failed tasks.
+    pub failures: f64,
+    /// Tasks it went quiet on.
+    pub timeouts: f64,
+    /// Quorums it lost.
+    pub disagreements: f64,
+    /// Malformed or badly signed answers.
+    pub invalid: f64,
+    /// Times isolated.
+    pub offences: u32,
+    /// Isolated until (Unix ms), when isolated now.
+    pub isolated_until: Option<u64>,
+    /// Pieces of evidence of lies kept.
+    pub evidence: usize,
 }
 
 /// Counts of what the router has done since the node started.
@@ -195,11 +286,34 @@ pub struct RouterStats {
     pub local: u64,
     /// Tasks run on peers.
     pub remote: u64,
+    /// Tasks re-run elsewhere to spot-check the first answer.
+    pub spot_checks: u64,
+}
+
+/// Counters of verification, for /metrics.
+#[derive(Debug, Default)]
+pub struct VerifyMetrics {
+    /// Replicated tasks a quorum verified.
+    pub verified: Counter,
+    /// Replicated tasks no quorum could verify.
+    pub unverified: Counter,
+    /// Answers that lost a settled quorum.
+    pub disagreements: Counter,
+    /// Peers isolated.
+    pub isolations: Counter,
+    /// Tasks re-run to spot-check.
+    pub spot_checks: Counter,
+    /// Results refused: bad signatures, wrong shapes, another engine.
+    pub invalid_results: Counter,
+    /// Certificates and evidence refused by /api/verify.
+    pub certificates_rejected: Counter,
 }
 
 /// The node's inference service: router and worker.
 pub struct Inference {
     stats: Mutex<RouterStats>,
+    /// Verification counters.
+    pub metrics: VerifyMetrics,
     net: NetHandle,
     keypair: Keypair,
     models: Arc<ModelService>,
@@ -207,6 +321,12 @@ pub struct Inference {
     state: Mutex<RouterState>,
     /// Where models come from, when this node serves on demand.
     supply: OnceLock<Arc<ModelSupply>>,
+    /// Where trust is kept across restarts (until the node stops).
+    store: Mutex<Option<Arc<mycel_store::Store>>>,
+    /// Wakes the trust writer at once (an isolation).
+    flush_now: tokio::sync::Notify,
+    #[cfg(feature = "fault-injection")]
+    injector: Option<crate::fault::Injector>,
 }
 
 impl std::fmt::Debug for Inference {
@@ -228,16 +348,138 @@ impl Inference {
         let half_life = config.reliability_half_life.as_millis() as u64;
         Self {
             stats: Mutex::new(RouterStats::default()),
+            metrics: VerifyMetrics::default(),
             net,
             keypair,
             models,
-            config,
             state: Mutex::new(RouterState {
                 reliability: Reliability::new(half_life),
+                trust: Trust::new(config.trust.clone()),
+                evidence: HashMap::new(),
+                dirty: HashSet::new(),
                 rng: StdRng::from_entropy(),
                 latencies_ms: VecDeque::new(),
             }),
             supply: OnceLock::new(),
+            store: Mutex::new(None),
+            flush_now: tokio::sync::Notify::new(),
+            #[cfg(feature = "fault-injection")]
+            injector: config.fault.map(crate::fault::Injector::new),
+            config,
+        }
+    }
+
+    /// Restores the trust records kept in `store` and keeps writing changes there: an
+    /// isolation at once, everything else within `TRUST_FLUSH_INTERVAL`. Returns the writer.
+    pub fn keep_trust_in(
+        self: &Arc<Self>,
+        store: Arc<mycel_store::Store>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let kept = store.trust()?;
+        {
+            let mut state = self.lock();
+            for (peer, bytes) in kept {
+                match mycel_core::wire::decode::<TrustEntry>(&bytes, MAX_TRUST_ENTRY_BYTES) {
+                    Ok(entry) => {
+                        state.trust.restore(peer, entry.record);
+                        if !entry.evidence.is_empty() {
+                            state.evidence.insert(peer, entry.evidence.into());
+                        }
+                    }
+                    Err(reason) => warn!(%peer, %reason, "a stored trust record does not decode"),
+                }
+            }
+        }
+        *self.store.lock().unwrap_or_else(|e| e.into_inner()) = Some(store);
+        let this = self.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(TRUST_FLUSH_INTERVAL) => {}
+                    () = this.flush_now.notified() => {}
+                }
+                this.flush().await;
+            }
+        }))
+    }
+
+    /// Writes the trust records that changed to the store.
+    pub async fn flush(&self) {
+        let Some(store) = self.store.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return;
+        };
+        let entries: Vec<(PeerId, Vec<u8>)> = {
+            let mut state = self.lock();
+            let dirty: Vec<PeerId> = state.dirty.drain().collect();
+            dirty
+                .into_iter()
+                .filter_map(|peer| {
+                    let record = state.trust.stored(&peer)?;
+                    let evidence = state
+                        .evidence
+                        .get(&peer)
+                        .map(|e| e.iter().cloned().collect())
+                        .unwrap_or_default();
+                    let entry = TrustEntry { record, evidence };
+                    Some((peer, mycel_core::wire::encode(&entry)))
+                })
+                .collect()
+        };
+        if entries.is_empty() {
+            return;
+        }
+        let written = tokio::task::spawn_blocking(move || store.put_trust(&entries)).await;
+        if let Ok(Err(e)) = written {
+            warn!("cannot write peers' trust records: {e}");
+        }
+    }
+
+    /// Lets go of the store (the node is stopping: its database must close).
+    pub fn release_store(&self) {
+        self.store.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Registers the verification counters in `registry`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let m = &self.metrics;
+        for (name, help, counter) in [
+            (
+                "mycel_verify_verified",
+                "Replicated tasks a quorum verified",
+                &m.verified,
+            ),
+            (
+                "mycel_verify_unverified",
+                "Replicated tasks no quorum could verify",
+                &m.unverified,
+            ),
+            (
+                "mycel_verify_disagreements",
+                "Answers that lost a settled quorum",
+                &m.disagreements,
+            ),
+            (
+                "mycel_verify_isolations",
+                "Peers isolated for lies or failures",
+                &m.isolations,
+            ),
+            (
+                "mycel_verify_spot_checks",
+                "Tasks re-run elsewhere to spot-check",
+                &m.spot_checks,
+            ),
+            (
+                "mycel_verify_invalid_results",
+                "Worker results refused (bad signature, wrong shape, another engine)",
+                &m.invalid_results,
+            ),
+            (
+                "mycel_verify_certificates_rejected",
+                "Certificates and evidence that failed their check at /api/verify",
+                &m.certificates_rejected,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
         }
     }
 
@@ -353,7 +595,7 @@ impl Inference {
     }
 
     /// Every node that could run a task on `target`, best first.
-    async fn ranking(&self, target: &Target) -> Vec<PeerId> {
+    pub async fn ranking(&self, target: &Target) -> Vec<PeerId> {
         let own = self.net.peer_id();
         let mut candidates = Vec::with_capacity(target.peers.len() + 1);
         if target.local.is_some() {
@@ -381,6 +623,8 @@ impl Inference {
         }
         let now = now_ms();
         let mut state = self.lock();
+        // Isolated peers get no work until their back-off ends.
+        candidates.retain(|c| c.peer == own || !state.trust.isolated(&c.peer, now));
         let RouterState {
             reliability, rng, ..
         } = &mut *state;
@@ -419,6 +663,16 @@ impl Inference {
             state.reliability.success(peer, now);
         } else {
             state.reliability.failure(peer, now);
+        }
+        let outcome = if success {
+            trust::Outcome::Success
+        } else {
+            trust::Outcome::Failure
+        };
+        if let Some(isolation) = state.note(peer, outcome, now) {
+            self.flush_now.notify_one();
+            self.metrics.isolations.inc();
+            warn!(%peer, offences = isolation.offences, "isolating a peer whose tasks keep failing");
         }
         if let Some(elapsed) = elapsed {
             if state.latencies_ms.len() == LATENCY_WINDOW {
@@ -610,7 +864,7 @@ impl Inference {
         let deadline = tokio::time::Instant::now() + self.config.deadline;
         let mut progress = Progress {
             resume: Resume::default(),
-            text,
+            text: Some(text),
         };
         let mut reasons = Vec::new();
         let mut all_busy = true;
@@ -743,6 +997,470 @@ impl Inference {
         })
     }
 
+    // ---- verified results ------------------------------------------------------------------
+
+    /// Runs `input` on `target`, checked as `mode` says: `replicate` answers only with an
+    /// output a quorum of distinct workers signed (and its certificate); `spot_check` answers
+    /// from the first worker and re-runs a fraction of tasks elsewhere in the background.
+    pub async fn run_checked(
+        self: &Arc<Self>,
+        target: &Target,
+        input: TaskInput,
+        mode: Mode,
+    ) -> Result<Checked, RouteError> {
+        let ranking = self.ranking(target).await;
+        self.run_checked_on(target, input, mode, ranking).await
+    }
+
+    /// Like [`Inference::run_checked`], with `ranking` as the candidates, in order.
+    pub async fn run_checked_on(
+        self: &Arc<Self>,
+        target: &Target,
+        input: TaskInput,
+        mode: Mode,
+        ranking: Vec<PeerId>,
+    ) -> Result<Checked, RouteError> {
+        mode.check().map_err(RouteError::Invalid)?;
+        let id = TaskId(self.lock().rng.gen());
+        let request = TaskRequest {
+            id,
+            model: target.offer.id,
+            budget_ms: self.config.deadline.as_millis() as u64,
+            input,
+        };
+        match mode {
+            Mode::Replicate { replicas } => {
+                let (worker, result, certificate) = self
+                    .replicate(target, &request, &ranking, replicas as usize, Vec::new())
+                    .await?;
+                Ok(Checked {
+                    output: result.output,
+                    worker,
+                    verification: Verification {
+                        mode,
+                        certificate: Some(certificate),
+                    },
+                })
+            }
+            Mode::SpotCheck { rate } => self.spot_check(target, request, ranking, rate).await,
+            Mode::None => self.spot_check(target, request, ranking, 0.0).await,
+        }
+    }
+
+    /// Embeddings checked as `mode` says.
+    pub async fn embed_checked(
+        self: &Arc<Self>,
+        target: &Target,
+        texts: Vec<String>,
+        mode: Mode,
+    ) -> Result<(Embedded, Verification), RouteError> {
+        let count = texts.len();
+        let checked = self
+            .run_checked(target, TaskInput::Embed { texts }, mode)
+            .await?;
+        let vectors = checked
+            .output
+            .vectors(count)
+            .map_err(RouteError::Unavailable)?;
+        let prompt_tokens = match checked.output {
+            TaskOutput::Embeddings { prompt_tokens, .. } => prompt_tokens as usize,
+            TaskOutput::Generation { .. } => 0,
+        };
+        let embedded = Embedded {
+            vectors,
+            prompt_tokens,
+            worker: checked.worker,
+        };
+        Ok((embedded, checked.verification))
+    }
+
+    /// A chat completion checked as `mode` says (not streamed: the text comes once checked).
+    pub async fn generate_checked(
+        self: &Arc<Self>,
+        target: &Target,
+        messages: Vec<ChatMessage>,
+        params: GenerateParams,
+        mode: Mode,
+    ) -> Result<(Completion, Verification), RouteError> {
+        let input = TaskInput::Generate {
+            messages,
+            params,
+            resume: Resume::default(),
+        };
+        let checked = self.run_checked(target, input, mode).await?;
+        let TaskOutput::Generation {
+            text,
+            tokens,
+            prompt_tokens,
+            finish_reason,
+        } = checked.output
+        else {
+            return Err(RouteError::Unavailable(
+                "the worker returned embeddings for a chat".into(),
+            ));
+        };
+        let completion = Completion {
+            generation: Generation {
+                text,
+                tokens,
+                prompt_tokens: prompt_tokens as usize,
+                finish_reason,
+                prompt_ms: 0.0,
+                decode_ms: 0.0,
+            },
+            worker: checked.worker,
+            attempts: 1,
+        };
+        Ok((completion, checked.verification))
+    }
+
+    /// Runs `request` on distinct candidates of `ranking` (after the `prior` answers already
+    /// in hand) until a quorum of equal signed claims is reached (see `mycel_core::verify`);
+    /// returns one agreeing worker, its result and the certificate. Workers on the losing
+    /// side of a settled quorum are noted as having disagreed, with the evidence kept.
+    async fn replicate(
+        &self,
+        target: &Target,
+        request: &TaskRequest,
+        ranking: &[PeerId],
+        replicas: usize,
+        prior: Vec<(PeerId, TaskResult)>,
+    ) -> Result<(PeerId, TaskResult, Certificate), RouteError> {
+        let mut quorum = Quorum::<PeerId, Claim>::new(ranking.len(), replicas)
+            .map_err(|e| RouteError::Unverified(e.to_string()))?;
+        let mut results: Vec<(PeerId, TaskResult, Claim)> = Vec::new();
+        for (peer, result) in prior {
+            let claim = result.claim(request);
+            quorum.asked(1);
+            quorum.answered(peer, claim.clone());
+            results.push((peer, result, claim));
+        }
+        let mut unasked: VecDeque<PeerId> = ranking
+            .iter()
+            .filter(|p| results.iter().all(|(q, _, _)| q != *p))
+            .copied()
+            .collect();
+        let deadline = tokio::time::Instant::now() + self.config.deadline;
+        let mut running = FuturesUnordered::new();
+        let mut reasons = Vec::new();
+        loop {
+            match quorum.step() {
+                Step::Ask(count) => {
+                    for _ in 0..count {
+                        if let Some(peer) = unasked.pop_front() {
+                            running.push(self.signed_attempt(peer, target, request));
+                        }
+                    }
+                    quorum.asked(count);
+                }
+                Step::Wait => {
+                    tokio::select! {
+                        Some((peer, outcome)) = running.next() => match outcome {
+                            Outcome::Done(result) => {
+                                let claim = result.claim(request);
+                                quorum.answered(peer, claim.clone());
+                                results.push((peer, result, claim));
+                            }
+                            Outcome::Final(e) => return Err(e),
+                            Outcome::Retry { reason, failed } => {
+                                quorum.failed();
+                                if failed {
+                                    self.record(&peer, false, None);
+                                }
+                                reasons.push(format!("{peer}: {reason}"));
+                            }
+                        },
+                        _ = tokio::time::sleep_until(deadline) => {
+                            return Err(RouteError::Unverified(
+                                "the deadline passed before a quorum agreed".into(),
+                            ));
+                        }
+                    }
+                }
+                Step::Accept { output, rule } => {
+                    self.metrics.verified.inc();
+                    return self.settled(request, output, rule, results);
+                }
+                Step::GiveUp(e) => {
+                    self.metrics.unverified.inc();
+                    let mut message = e.to_string();
+                    if !reasons.is_empty() {
+                        message = format!("{message}; {}", reasons.join("; "));
+                    }
+                    return Err(RouteError::Unverified(message));
+                }
+            }
+        }
+    }
+
+    /// A quorum agreed on `agreed`: the certificate, and what each worker's answer shows.
+    fn settled(
+        &self,
+        request: &TaskRequest,
+        agreed: Claim,
+        rule: verify::Rule,
+        results: Vec<(PeerId, TaskResult, Claim)>,
+    ) -> Result<(PeerId, TaskResult, Certificate), RouteError> {
+        let now = now_ms();
+        let signers = results
+            .iter()
+            .filter(|(_, _, claim)| *claim == agreed)
+            .map(|(_, result, _)| Signer::from_parts(&result.public_key, &result.signature))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RouteError::Unverified(e.to_string()))?;
+        let certificate = Certificate::issue(&self.keypair, agreed.clone(), rule, signers, now);
+        let mut chosen = None;
+        let mut state = self.lock();
+        for (peer, result, claim) in results {
+            if claim == agreed {
+                state.reliability.success(&peer, now);
+                state.note(&peer, trust::Outcome::Success, now);
+                chosen.get_or_insert((peer, result));
+                continue;
+            }
+            // Signed, and outvoted by a quorum that holds an honest answer: a lie.
+            self.metrics.disagreements.inc();
+            state.reliability.failure(&peer, now);
+            let isolation = state.note(&peer, trust::Outcome::Disagreement, now);
+            let liar = Signer::from_parts(&result.public_key, &result.signature);
+            if let Ok(liar) = liar {
+                state.dirty.insert(peer);
+                let kept = state.evidence.entry(peer).or_default();
+                if kept.len() == EVIDENCE_PER_PEER {
+                    kept.pop_front();
+                }
+                kept.push_back(Evidence {
+                    lie: claim,
+                    liar,
+                    certificate: certificate.clone(),
+                });
+            }
+            if let Some(isolation) = isolation {
+                self.flush_now.notify_one();
+                self.metrics.isolations.inc();
+                warn!(%peer, task = %request.id, offences = isolation.offences,
+                      "isolating a peer whose answer lost a quorum");
+            }
+        }
+        drop(state);
+        self.count(|s| s.completed += 1);
+        let (peer, result) =
+            chosen.ok_or_else(|| RouteError::Unverified("no agreeing answer kept".into()))?;
+        Ok((peer, result, certificate))
+    }
+
+    /// Answers from the first candidate that answers with a signed result; with probability
+    /// `rate` the task is then re-run on another candidate in the background and compared.
+    async fn spot_check(
+        self: &Arc<Self>,
+        target: &Target,
+        request: TaskRequest,
+        ranking: Vec<PeerId>,
+        rate: f64,
+    ) -> Result<Checked, RouteError> {
+        let mut reasons = Vec::new();
+        let mut all_busy = true;
+        for peer in &ranking {
+            let (peer, outcome) = self.signed_attempt(*peer, target, &request).await;
+            match outcome {
+                Outcome::Done(result) => {
+                    self.record(&peer, true, None);
+                    let draw = self.lock().rng.gen::<f64>();
+                    if verify::spot_checked(rate, draw) {
+                        self.count(|s| s.spot_checks += 1);
+                        self.metrics.spot_checks.inc();
+                        let this = self.clone();
+                        let (target, request, first) =
+                            (target.clone(), request.clone(), result.clone());
+                        let ranking = ranking.clone();
+                        tokio::spawn(async move {
+                            this.recheck(&target, &request, &ranking, peer, first).await;
+                        });
+                    }
+                    let mode = if rate > 0.0 {
+                        Mode::SpotCheck { rate }
+                    } else {
+                        Mode::None
+                    };
+                    return Ok(Checked {
+                        output: result.output,
+                        worker: peer,
+                        verification: Verification {
+                            mode,
+                            certificate: None,
+                        },
+                    });
+                }
+                Outcome::Final(e) => return Err(e),
+                Outcome::Retry { reason, failed } => {
+                    if failed {
+                        self.record(&peer, false, None);
+                    }
+                    all_busy &= !failed;
+                    reasons.push(format!("{peer}: {reason}"));
+                }
+            }
+        }
+        Err(give_up(ranking.is_empty(), all_busy, reasons))
+    }
+
+    /// Re-runs a task `first_peer` answered on another candidate; when the two differ, a
+    /// quorum settles which one lied.
+    async fn recheck(
+        &self,
+        target: &Target,
+        request: &TaskRequest,
+        ranking: &[PeerId],
+        first_peer: PeerId,
+        first: TaskResult,
+    ) {
+        for peer in ranking.iter().filter(|p| **p != first_peer) {
+            let (peer, outcome) = self.signed_attempt(*peer, target, request).await;
+            match outcome {
+                Outcome::Done(second) if second.claim(request) == first.claim(request) => {
+                    self.record(&peer, true, None);
+                    return;
+                }
+                Outcome::Done(second) => {
+                    debug!(task = %request.id, %first_peer, %peer, "a spot check disagreed");
+                    let prior = vec![(first_peer, first), (peer, second)];
+                    if let Err(e) = self.replicate(target, request, ranking, 2, prior).await {
+                        debug!(task = %request.id, "the spot check was not settled: {e}");
+                    }
+                    return;
+                }
+                Outcome::Final(_) => return,
+                Outcome::Retry { failed, .. } => {
+                    if failed {
+                        self.record(&peer, false, None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `request` on `peer` (this node included) for a signed result: this node signs
+    /// its own; a peer's is checked (signature, engine, kind of output).
+    async fn signed_attempt(
+        &self,
+        peer: PeerId,
+        target: &Target,
+        request: &TaskRequest,
+    ) -> (PeerId, Outcome<TaskResult>) {
+        let mut sink = Progress {
+            resume: Resume::default(),
+            text: None,
+        };
+        if peer == self.net.peer_id() {
+            let Some(runner) = &target.local else {
+                return (peer, retry("this node does not serve the model", false));
+            };
+            let computed = self
+                .compute(
+                    runner,
+                    &target.offer.name,
+                    &request.input,
+                    Requester::Local,
+                    &mut sink,
+                )
+                .await;
+            let outcome = match computed {
+                Ok((output, timings)) => Outcome::Done(TaskResult::sign(
+                    &self.keypair,
+                    request,
+                    &target.offer.engine,
+                    output,
+                    timings,
+                )),
+                Err(Refusal::Invalid(message)) => Outcome::Final(RouteError::Invalid(message)),
+                Err(refusal @ (Refusal::Busy { .. } | Refusal::UnknownModel)) => {
+                    retry(refusal.to_string(), false)
+                }
+                Err(refusal) => retry(refusal.to_string(), true),
+            };
+            return (peer, outcome);
+        }
+        let generating = matches!(request.input, TaskInput::Generate { .. });
+        let outcome = self
+            .remote(peer, request, generating.then_some(&mut sink))
+            .await;
+        let Outcome::Done(result) = outcome else {
+            return (peer, outcome);
+        };
+        let shape = match (&request.input, &result.output) {
+            (TaskInput::Embed { texts }, output) => output.vectors(texts.len()).map(|_| ()),
+            (TaskInput::Generate { .. }, TaskOutput::Generation { .. }) => Ok(()),
+            (TaskInput::Generate { .. }, _) => Err("embeddings for a chat".to_owned()),
+        };
+        if let Err(reason) = shape {
+            self.net.penalise(peer, Rejection::Malformed).await;
+            self.note(&peer, trust::Outcome::Invalid);
+            return (peer, retry(reason, true));
+        }
+        if !target.offer.engine.is_empty() && result.engine != target.offer.engine {
+            self.metrics.invalid_results.inc();
+            return (
+                peer,
+                retry(
+                    format!(
+                        "the worker ran engine {:?}, not {:?}",
+                        result.engine, target.offer.engine
+                    ),
+                    true,
+                ),
+            );
+        }
+        (peer, Outcome::Done(result))
+    }
+
+    fn note(&self, peer: &PeerId, outcome: trust::Outcome) {
+        let now = now_ms();
+        if outcome == trust::Outcome::Invalid {
+            self.metrics.invalid_results.inc();
+        }
+        if let Some(isolation) = self.lock().note(peer, outcome, now) {
+            self.flush_now.notify_one();
+            self.metrics.isolations.inc();
+            warn!(%peer, offences = isolation.offences, ?outcome, "isolating a peer");
+        }
+    }
+
+    /// What this node's tasks have shown about `peer`, if it did any.
+    pub fn trust_of(&self, peer: &PeerId) -> Option<PeerTrust> {
+        let now = now_ms();
+        let state = self.lock();
+        if !state.trust.knows(peer) {
+            return None;
+        }
+        let decayed = state.trust.record(peer, now);
+        let conduct = decayed.conduct;
+        Some(PeerTrust {
+            score: conduct.score(),
+            successes: conduct.successes,
+            failures: conduct.failures,
+            timeouts: conduct.timeouts,
+            disagreements: conduct.disagreements,
+            invalid: conduct.invalid,
+            offences: decayed.offences,
+            isolated_until: (decayed.isolated_until > now).then_some(decayed.isolated_until),
+            evidence: state.evidence.get(peer).map_or(0, VecDeque::len),
+        })
+    }
+
+    /// The default verification mode of this node.
+    pub fn default_mode(&self) -> Mode {
+        self.config.verify
+    }
+
+    /// The evidence kept of `peer`'s lies.
+    pub fn evidence(&self, peer: &PeerId) -> Vec<Evidence> {
+        self.lock()
+            .evidence
+            .get(peer)
+            .map(|kept| kept.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     // ---- the wire --------------------------------------------------------------------------
 
     /// Sends `request` to `peer` and reads its answer; chunks go to `progress`, when given.
@@ -797,8 +1515,9 @@ impl Inference {
                     };
                 }
                 Ok(Ok(Some(TaskFrame::Done(result)))) => {
-                    if let Err(reason) = result.verify(&peer, request.id, &request.model) {
+                    if let Err(reason) = result.verify(&peer, request) {
                         self.net.penalise(peer, reason).await;
+                        self.note(&peer, trust::Outcome::Invalid);
                         return retry(
                             format!("the answer is not signed by the worker: {reason}"),
                             true,
@@ -851,6 +1570,13 @@ impl Inference {
             let _ = write_frame(&mut stream, &TaskFrame::Refused(Refusal::Invalid(message))).await;
             return;
         }
+        #[cfg(feature = "fault-injection")]
+        if let Some(injector) = &self.injector {
+            match injector.before() {
+                None => return,
+                Some(wait) => tokio::time::sleep(wait).await,
+            }
+        }
         // The sender's budget, but never more than a task may take here.
         let budget = Duration::from_millis(request.budget_ms.min(MAX_TASK_BUDGET_MS));
         let answer = tokio::time::timeout(budget, self.run_task(peer, &request, &mut stream)).await;
@@ -880,14 +1606,49 @@ impl Inference {
                 }
                 Refusal::UnknownModel
             })?;
-        let admission = self
-            .models
-            .admit(Requester::Peer(peer))
-            .map_err(|_| Refusal::Busy {
-                queue: u32::try_from(self.models.queue_depth()).unwrap_or(u32::MAX),
-            })?;
+        let (output, timings) = self
+            .compute(
+                &served.runner,
+                &served.offer.name,
+                &request.input,
+                Requester::Peer(peer),
+                &mut ChunkWriter(stream),
+            )
+            .await?;
+        #[cfg(feature = "fault-injection")]
+        let output = match &self.injector {
+            Some(injector) => injector.output(output),
+            None => output,
+        };
+        let result = TaskResult::sign(
+            &self.keypair,
+            request,
+            &served.offer.engine,
+            output,
+            timings,
+        );
+        #[cfg(feature = "fault-injection")]
+        let result = match &self.injector {
+            Some(injector) => injector.result(result),
+            None => result,
+        };
+        Ok(result)
+    }
+
+    /// Runs `input` on this node's `runner` for `requester`; generated text goes to `sink`.
+    async fn compute<S: PieceSink + Send>(
+        &self,
+        runner: &Runner,
+        name: &str,
+        input: &TaskInput,
+        requester: Requester<PeerId>,
+        sink: &mut S,
+    ) -> Result<(TaskOutput, Timings), Refusal> {
+        let admission = self.models.admit(requester).map_err(|_| Refusal::Busy {
+            queue: u32::try_from(self.models.queue_depth()).unwrap_or(u32::MAX),
+        })?;
         let started = Instant::now();
-        let (output, timings) = match (&served.runner, &request.input) {
+        match (runner, input) {
             (Runner::Embed(model), TaskInput::Embed { texts }) => {
                 let ((vectors, tokens), queue_ms) = self
                     .models
@@ -899,7 +1660,7 @@ impl Inference {
                     prefill_ms: started.elapsed().as_secs_f64() * 1e3 - queue_ms,
                     decode_ms: 0.0,
                 };
-                (TaskOutput::embeddings(&vectors, tokens), timings)
+                Ok((TaskOutput::embeddings(&vectors, tokens), timings))
             }
             (
                 Runner::Generate(model),
@@ -920,7 +1681,7 @@ impl Inference {
                         prompt,
                         params.clone(),
                         resume.clone(),
-                        &mut ChunkWriter(stream),
+                        sink,
                     )
                     .await
                     .map_err(refusal)?
@@ -936,29 +1697,20 @@ impl Inference {
                     prompt_tokens: generation.prompt_tokens as u32,
                     finish_reason: generation.finish_reason,
                 };
-                (output, timings)
+                Ok((output, timings))
             }
-            _ => {
-                return Err(Refusal::Invalid(format!(
-                    "{} does not run this kind of task",
-                    served.offer.name
-                )))
-            }
-        };
-        Ok(TaskResult::sign(
-            &self.keypair,
-            request.id,
-            &request.model,
-            output,
-            timings,
-        ))
+            _ => Err(Refusal::Invalid(format!(
+                "{name} does not run this kind of task"
+            ))),
+        }
     }
 }
 
 /// What the caller has received so far, and where its stream goes.
 struct Progress {
     resume: Resume,
-    text: mpsc::Sender<String>,
+    /// Where text goes; `None` for a replica, whose text nobody reads as it comes.
+    text: Option<mpsc::Sender<String>>,
 }
 
 impl PieceSink for Progress {
@@ -988,7 +1740,10 @@ impl Progress {
             return true;
         }
         self.resume.text_bytes += text.len() as u64;
-        self.text.send(text).await.is_ok()
+        match &self.text {
+            Some(sender) => sender.send(text).await.is_ok(),
+            None => true,
+        }
     }
 }
 

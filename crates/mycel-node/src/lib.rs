@@ -9,6 +9,8 @@
 mod api;
 mod blob_api;
 pub mod blobs;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod inference;
 pub mod models;
 mod openai;
@@ -292,12 +294,14 @@ impl Node {
         ));
         let incoming = net.accept_task_streams()?;
         tasks.push(tokio::spawn(inference.clone().serve(incoming)));
+        tasks.push(inference.keep_trust_in(store.clone())?);
         let blobs = Arc::new(BlobService::new(
             Arc::new(blob_store),
             net.clone(),
             config.blobs.clone(),
         ));
         blobs.register(&mut registry);
+        inference.register(&mut registry);
         tasks.push(tokio::spawn(
             blobs
                 .clone()
@@ -414,6 +418,8 @@ impl Node {
     /// Stops the node cleanly.
     pub async fn shutdown(self) {
         self.training.stop();
+        self.inference.flush().await;
+        self.inference.release_store();
         self.net.shutdown().await;
         for task in self.tasks {
             task.abort();
@@ -423,6 +429,7 @@ impl Node {
     /// Stops the node abruptly, as a crash would: tasks are dropped mid-flight.
     pub fn abort(self) {
         self.training.stop();
+        self.inference.release_store();
         for task in self.tasks {
             task.abort();
         }

@@ -24,8 +24,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::api::ApiState;
-use crate::inference::RouteError;
+use crate::inference::{RouteError, Verification};
 use crate::models::Runner;
+use mycel_core::verify::Mode;
 
 /// Default `max_tokens` when a request names none.
 const DEFAULT_MAX_TOKENS: usize = 512;
@@ -81,6 +82,13 @@ impl From<RouteError> for ApiError {
             RouteError::Invalid(message) => Self::invalid(None, message),
             RouteError::Busy => Self::unavailable("overloaded", e.to_string()),
             RouteError::Unavailable(_) => Self::unavailable("unavailable", e.to_string()),
+            RouteError::Unverified(_) => Self {
+                status: StatusCode::BAD_GATEWAY,
+                kind: "verification_error",
+                code: Some("unverified"),
+                param: None,
+                message: e.to_string(),
+            },
         }
     }
 }
@@ -126,6 +134,55 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
         };
         ApiError::invalid(None, message)
     })
+}
+
+/// Mycel's own part of a request body: `{"mycel": {"verify": "replicate", "replicas": 3}}`
+/// or `{"mycel": {"verify": "spot_check", "p": 0.1}}`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MycelOptions {
+    #[serde(default)]
+    verify: Option<String>,
+    #[serde(default)]
+    replicas: Option<u32>,
+    #[serde(default)]
+    p: Option<f64>,
+}
+
+/// The verification mode a request asks for, or the node's default.
+fn mode(state: &ApiState, options: Option<&MycelOptions>) -> Result<Mode, ApiError> {
+    let Some(options) = options else {
+        return Ok(state.inference.default_mode());
+    };
+    let Some(verify) = options.verify.as_deref() else {
+        if options.replicas.is_some() || options.p.is_some() {
+            return Err(ApiError::invalid(
+                Some("mycel.verify"),
+                "replicas and p go with verify: replicate or spot_check",
+            ));
+        }
+        return Ok(state.inference.default_mode());
+    };
+    Mode::from_parts(verify, options.replicas, options.p)
+        .map_err(|message| ApiError::invalid(Some("mycel.verify"), message))
+}
+
+/// The `mycel` object of a response: how the result was checked, with the certificate of a
+/// verified one.
+fn verification_json(verification: &Verification) -> Value {
+    let mut value = json!({
+        "verify": verification.mode.name(),
+        "verified": verification.certificate.is_some(),
+    });
+    match verification.mode {
+        Mode::Replicate { replicas } => value["replicas"] = json!(replicas),
+        Mode::SpotCheck { rate } => value["p"] = json!(rate),
+        Mode::None => {}
+    }
+    if let Some(certificate) = &verification.certificate {
+        value["certificate"] = json!(certificate);
+    }
+    value
 }
 
 fn unix_now() -> u64 {
@@ -187,6 +244,8 @@ struct EmbeddingsRequest {
     encoding_format: Option<String>,
     #[serde(default)]
     dimensions: Option<usize>,
+    #[serde(default)]
+    mycel: Option<MycelOptions>,
 }
 
 /// POST /v1/embeddings.
@@ -243,7 +302,14 @@ async fn embed(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
             return Err(wrong_dimensions(model.dimension()));
         }
     }
-    let embedded = state.inference.embed(&target, texts).await?;
+    let (embedded, verification) = match mode(&state, request.mycel.as_ref())? {
+        Mode::None => (state.inference.embed(&target, texts).await?, None),
+        mode => {
+            let (embedded, verification) =
+                state.inference.embed_checked(&target, texts, mode).await?;
+            (embedded, Some(verification))
+        }
+    };
     let made = embedded.vectors.first().map_or(0, Vec::len);
     if request.dimensions.is_some_and(|d| d != made) {
         return Err(wrong_dimensions(made));
@@ -263,13 +329,16 @@ async fn embed(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
             json!({ "object": "embedding", "index": index, "embedding": embedding })
         })
         .collect();
-    Ok(Json(json!({
+    let mut body = json!({
         "object": "list",
         "data": data,
         "model": name,
         "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
-    }))
-    .into_response())
+    });
+    if let Some(verification) = verification {
+        body["mycel"] = verification_json(&verification);
+    }
+    Ok(Json(body).into_response())
 }
 
 #[derive(Deserialize)]
@@ -322,6 +391,8 @@ struct ChatRequest {
     n: Option<u32>,
     #[serde(default)]
     stream_options: Option<Value>,
+    #[serde(default)]
+    mycel: Option<MycelOptions>,
 }
 
 fn messages(request: &ChatRequest) -> Result<Vec<ChatMessage>, ApiError> {
@@ -456,6 +527,10 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     let created = unix_now();
     let name = target.offer.name.clone();
     let fingerprint = target.offer.engine.clone();
+    let mode = mode(&state, request.mycel.as_ref())?;
+    if mode != Mode::None {
+        return chat_checked(state, request, target, messages, params, mode, id, created).await;
+    }
     let (text_tx, mut text_rx) = mpsc::channel::<String>(64);
 
     if !request.stream.unwrap_or(false) {
@@ -468,40 +543,23 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
                 result = &mut generation => break result?,
             }
         };
-        let generation = completion.generation;
-        return Ok(Json(json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": name,
-            "system_fingerprint": fingerprint,
-            "choices": [{
-                "index": 0,
-                "message": { "role": "assistant", "content": generation.text },
-                "logprobs": null,
-                "finish_reason": finish(generation.finish_reason),
-            }],
-            "usage": usage(generation.prompt_tokens, generation.tokens.len()),
-        }))
-        .into_response());
+        let reply = Reply {
+            id,
+            created,
+            model: name,
+            fingerprint,
+        };
+        return Ok(Json(reply.completion(&completion.generation)).into_response());
     }
 
-    let include_usage = request
-        .stream_options
-        .as_ref()
-        .and_then(|o| o["include_usage"].as_bool())
-        .unwrap_or(false);
-    let chunk = move |delta: Value, finish_reason: Value| {
-        json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": name,
-            "system_fingerprint": fingerprint,
-            "choices": [{ "index": 0, "delta": delta, "logprobs": null,
-                          "finish_reason": finish_reason }],
-        })
+    let include_usage = include_usage(&request);
+    let reply = Reply {
+        id,
+        created,
+        model: name,
+        fingerprint,
     };
+    let chunk = move |delta: Value, finish_reason: Value| reply.chunk(delta, finish_reason);
     let inference = state.inference.clone();
     let mut task =
         tokio::spawn(async move { inference.generate(&target, messages, params, text_tx).await });
@@ -590,6 +648,109 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// What every reply to one chat request repeats.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+}
+
+impl Reply {
+    /// A whole (not streamed) completion.
+    fn completion(&self, generation: &mycel_ml::Generation) -> Value {
+        json!({
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": [{
+                "index": 0,
+                "message": { "role": "assistant", "content": generation.text },
+                "logprobs": null,
+                "finish_reason": finish(generation.finish_reason),
+            }],
+            "usage": usage(generation.prompt_tokens, generation.tokens.len()),
+        })
+    }
+
+    /// One event of a streamed completion.
+    fn chunk(&self, delta: Value, finish_reason: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": [{ "index": 0, "delta": delta, "logprobs": null,
+                          "finish_reason": finish_reason }],
+        })
+    }
+}
+
+/// Whether a streamed request asked for a final usage event.
+fn include_usage(request: &ChatRequest) -> bool {
+    request
+        .stream_options
+        .as_ref()
+        .and_then(|o| o["include_usage"].as_bool())
+        .unwrap_or(false)
+}
+
+/// A chat completion checked as `mode` says. The text comes once it is checked: a stream
+/// gets it in one piece, then the `mycel` object (with the certificate) in its final event.
+#[allow(clippy::too_many_arguments)]
+async fn chat_checked(
+    state: ApiState,
+    request: ChatRequest,
+    target: crate::inference::Target,
+    messages: Vec<ChatMessage>,
+    params: GenerateParams,
+    mode: Mode,
+    id: String,
+    created: u64,
+) -> Result<Response, ApiError> {
+    let reply = Reply {
+        id,
+        created,
+        model: target.offer.name.clone(),
+        fingerprint: target.offer.engine.clone(),
+    };
+    let (completion, verification) = state
+        .inference
+        .generate_checked(&target, messages, params, mode)
+        .await?;
+    let generation = completion.generation;
+    let checked = verification_json(&verification);
+    if !request.stream.unwrap_or(false) {
+        let mut body = reply.completion(&generation);
+        body["mycel"] = checked;
+        return Ok(Json(body).into_response());
+    }
+    let include_usage = include_usage(&request);
+    let chunk = |delta: Value, finish_reason: Value| reply.chunk(delta, finish_reason);
+    let mut last = chunk(json!({}), json!(finish(generation.finish_reason)));
+    last["mycel"] = checked;
+    let mut events = vec![
+        data(&chunk(
+            json!({ "role": "assistant", "content": "" }),
+            Value::Null,
+        )),
+        data(&chunk(json!({ "content": generation.text }), Value::Null)),
+        data(&last),
+    ];
+    if include_usage {
+        let mut tail = chunk(json!({}), Value::Null);
+        tail["choices"] = json!([]);
+        tail["usage"] = usage(generation.prompt_tokens, generation.tokens.len());
+        events.push(data(&tail));
+    }
+    events.push(Event::default().data("[DONE]"));
+    let events = futures::stream::iter(events.into_iter().map(Ok::<_, Infallible>));
+    Ok(Sse::new(events).into_response())
 }
 
 /// Stops a spawned task when dropped.

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{addrs_of, local_config, wait_until};
+use common::{addrs_of, local_config, restart, wait_until};
 use futures::{AsyncWriteExt, StreamExt};
 use mycel_core::blob::{BlobFrame, BlobRequest, CHUNK_BYTES, MAX_BLOB_REQUEST_BYTES};
 use mycel_core::id::ContentId;
@@ -50,21 +50,6 @@ async fn start(dir: &Path, bootstrap: Vec<Multiaddr>, upload_limit: Option<u64>)
     Node::start(config(dir, bootstrap, upload_limit))
         .await
         .unwrap()
-}
-
-/// Starts a node as soon as the crashed one's tasks have released its files.
-async fn restart(config: NodeConfig) -> Node {
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        match Node::start(config.clone()).await {
-            Ok(node) => return node,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                assert!(format!("{e:#}").contains("already open"), "{e:#}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("{e:#}"),
-        }
-    }
 }
 
 /// Waits until `asker` finds `provider` in the DHT as a holder of `id`.

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{addrs_of, local_config, wait_until};
+use common::{addrs_of, local_config, wait_offers, wait_until};
 use mycel_core::membership::PeerState;
 use mycel_core::statement::ModelKind;
 use mycel_core::task::{
@@ -50,28 +50,6 @@ async fn start(
     Node::start(config).await.unwrap()
 }
 
-/// Waits until `node` sees every one of `peers` alive, offering models.
-async fn wait_offers(node: &Node, peers: &[&Node]) {
-    let ids: Vec<String> = peers.iter().map(|p| p.net.peer_id().to_base58()).collect();
-    wait_until(
-        LIMIT,
-        "the serving peers are known with their models",
-        || async {
-            let known = node.net.peers().await.unwrap();
-            ids.iter().all(|id| {
-                known.iter().any(|p| {
-                    p.peer_id == *id
-                        && p.state == PeerState::Alive
-                        && p.capabilities
-                            .as_ref()
-                            .is_some_and(|c| !c.models.is_empty())
-                })
-            })
-        },
-    )
-    .await;
-}
-
 /// The tiny BERT model as `node` resolves it.
 async fn bert_target(node: &Node) -> Target {
     node.inference
@@ -81,17 +59,7 @@ async fn bert_target(node: &Node) -> Target {
 }
 
 fn post_json(node: &Node, path: &str, body: Value) -> (u16, String) {
-    let url = format!("http://{}{path}", node.api_addr.unwrap());
-    let mut response = ureq::post(&url)
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .header("Authorization", &format!("Bearer {}", node.token))
-        .header("Content-Type", "application/json")
-        .send(body.to_string())
-        .expect("API reachable");
-    let status = response.status().as_u16();
-    (status, response.body_mut().read_to_string().unwrap())
+    common::post(node, path, body.to_string())
 }
 
 fn user(content: &str) -> Vec<ChatMessage> {
@@ -391,7 +359,7 @@ async fn a_malformed_task_is_refused_costs_its_sender_and_the_worker_keeps_servi
         panic!("the task runs")
     };
     result
-        .verify(&worker.net.peer_id(), TaskId(2), &model)
+        .verify(&worker.net.peer_id(), &good)
         .expect("signed by the worker");
     assert_eq!(result.output.vectors(1).unwrap()[0].len(), 16);
     assert!(result.timings.prefill_ms > 0.0);

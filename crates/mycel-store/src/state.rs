@@ -12,6 +12,7 @@ const STATE_FILE: &str = "state.redb";
 const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
+const TRUST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust");
 const ANNOUNCE_SEQ: &str = "announce_seq";
 /// Addresses kept per peer; more are dropped (the newest first in the list are kept).
 const MAX_ADDRS_PER_PEER: usize = 8;
@@ -55,6 +56,7 @@ impl Store {
             txn.open_table(PEERS)?;
             txn.open_table(META)?;
             txn.open_table(JOBS)?;
+            txn.open_table(TRUST)?;
             Ok(())
         })?;
         Ok(store)
@@ -141,6 +143,31 @@ impl Store {
             jobs.push((key.value(), value.value().to_vec()));
         }
         Ok(jobs)
+    }
+
+    /// Records what peers' work has shown (an encoded record per peer), in one transaction.
+    pub fn put_trust(&self, records: &[(PeerId, Vec<u8>)]) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(TRUST)?;
+            for (peer, record) in records {
+                table.insert(peer.to_bytes().as_slice(), record.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every peer's recorded trust (peers whose id no longer parses are skipped).
+    pub fn trust(&self) -> Result<Vec<(PeerId, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(TRUST).map_err(|e| self.err(e))?;
+        let mut records = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (key, value) = row.map_err(|e| self.err(e))?;
+            if let Ok(peer) = PeerId::from_bytes(key.value()) {
+                records.push((peer, value.value().to_vec()));
+            }
+        }
+        Ok(records)
     }
 
     /// Reserves the next announcement sequence number: strictly greater than every one handed

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use libp2p::multiaddr::Protocol;
+use mycel_core::membership::PeerState;
 use mycel_net::{Multiaddr, NetConfig, NetHandle, Registry, Timing};
 use mycel_node::{Node, NodeConfig};
 
@@ -161,4 +162,56 @@ pub async fn raw_peer(bootstrap: Vec<Multiaddr>) -> NetHandle {
             .await
             .unwrap();
     net
+}
+
+/// Starts a node as soon as the stopped or crashed one's tasks have released its files.
+pub async fn restart(config: NodeConfig) -> Node {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match Node::start(config.clone()).await {
+            Ok(node) => return node,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert!(format!("{e:#}").contains("already open"), "{e:#}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+}
+
+/// Waits until `node` sees every one of `peers` alive, offering models.
+pub async fn wait_offers(node: &Node, peers: &[&Node]) {
+    let ids: Vec<String> = peers.iter().map(|p| p.net.peer_id().to_base58()).collect();
+    wait_until(
+        Duration::from_secs(20),
+        "the serving peers are known with their models",
+        || async {
+            let known = node.net.peers().await.unwrap();
+            ids.iter().all(|id| {
+                known.iter().any(|p| {
+                    p.peer_id == *id
+                        && p.state == PeerState::Alive
+                        && p.capabilities
+                            .as_ref()
+                            .is_some_and(|c| !c.models.is_empty())
+                })
+            })
+        },
+    )
+    .await;
+}
+
+/// POSTs `body` (JSON) to `node`'s API with its token: the status and the body.
+pub fn post(node: &Node, path: &str, body: String) -> (u16, String) {
+    let url = format!("http://{}{path}", node.api_addr.unwrap());
+    let mut response = ureq::post(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("Authorization", &format!("Bearer {}", node.token))
+        .header("Content-Type", "application/json")
+        .send(body)
+        .expect("API reachable");
+    let status = response.status().as_u16();
+    (status, response.body_mut().read_to_string().unwrap())
 }

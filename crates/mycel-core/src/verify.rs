@@ -1,0 +1,1018 @@
+//! Checking results against lying peers: the verification mode a caller asks for, the quorum
+//! that accepts a replicated task's output, and certificates anyone can check offline.
+//!
+//! ## The rule, and why no wrong output is accepted
+//!
+//! A task whose model `n` peers serve (the candidates) runs on several of them; each returns
+//! its output with a signed attestation (task, model, engine, input digest, output digest).
+//! We assume fewer than a third of the candidates lie: at most `f = ⌈n/3⌉ − 1` of them
+//! ([`max_faulty`]). Honest workers run the same deterministic task and return the same
+//! output, so a set of answers that holds `f + 1` equal outputs contains at least one honest
+//! answer, and that output is the right one, however the liars collude.
+//!
+//! - The first wave asks `max(r, f + 1)` distinct candidates (`r`: the replicas the caller
+//!   asked for, a floor) and accepts only if they all agree: `f + 1` equal answers.
+//! - On any disagreement the quorum rises to `max(2f + 1, first wave)` equal answers, and more
+//!   candidates are asked, one not yet used each time, until one output reaches it or no
+//!   output can (every candidate asked, or all that is left could not make up the
+//!   difference): then the task fails with a clear error, never with an unverified answer.
+//! - If two different outputs each hold `f + 1` answers, more than `f` candidates lied and
+//!   the assumption is broken: that fails too.
+//!
+//! The property test at the end of this file draws candidates, liars (colluding on one wrong
+//! output or each with its own), replicas that fail, and the order answers arrive in, and
+//! checks that a wrong output is never accepted and that the right one is whenever enough
+//! honest candidates answer.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::ContentId;
+use crate::task::{TaskId, TaskInput, TaskOutput};
+use crate::wire;
+use crate::{Keypair, PeerId, PublicKey, UnixMillis};
+
+/// Most replicas a caller may ask for.
+pub const MAX_REPLICAS: u32 = 16;
+/// Replicas of `replicate` when the caller names no number.
+pub const DEFAULT_REPLICAS: u32 = 3;
+/// Version of the certificate format (and of the attestation workers sign).
+pub const CERTIFICATE_VERSION: u32 = 1;
+
+/// How a task's result is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Mode {
+    /// The first worker's signed answer, unchecked.
+    #[default]
+    None,
+    /// Run on at least `replicas` distinct peers and accept only a quorum of equal outputs.
+    Replicate {
+        /// The floor the caller asks for (more are used when the network needs them).
+        replicas: u32,
+    },
+    /// Answer at once from the first worker, and re-run a fraction `rate` of tasks on another
+    /// peer afterwards to compare (the comparison feeds reputation).
+    SpotCheck {
+        /// Fraction of tasks re-run, in (0, 1].
+        rate: f64,
+    },
+}
+
+impl Mode {
+    /// Refuses a replica count or a rate no task can run with.
+    pub fn check(&self) -> Result<(), String> {
+        match *self {
+            Self::None => Ok(()),
+            Self::Replicate { replicas } if (1..=MAX_REPLICAS).contains(&replicas) => Ok(()),
+            Self::Replicate { replicas } => Err(format!(
+                "replicas must be between 1 and {MAX_REPLICAS}, not {replicas}"
+            )),
+            Self::SpotCheck { rate } if rate > 0.0 && rate <= 1.0 => Ok(()),
+            Self::SpotCheck { rate } => {
+                Err(format!("the spot-check rate must be in (0, 1], not {rate}"))
+            }
+        }
+    }
+
+    /// The mode named `verify` (`none`, `replicate`, `spot_check`) with its optional number,
+    /// as the API's `mycel` object gives them.
+    pub fn from_parts(
+        verify: &str,
+        replicas: Option<u32>,
+        rate: Option<f64>,
+    ) -> Result<Self, String> {
+        let mode = match verify {
+            "none" => Self::None,
+            "replicate" => Self::Replicate {
+                replicas: replicas.unwrap_or(DEFAULT_REPLICAS),
+            },
+            "spot_check" | "spot-check" => Self::SpotCheck {
+                rate: rate.ok_or("spot_check needs a rate p, e.g. \"p\": 0.1")?,
+            },
+            other => {
+                return Err(format!(
+                    "verify must be none, replicate or spot_check, not {other:?}"
+                ))
+            }
+        };
+        mode.check()?;
+        Ok(mode)
+    }
+
+    /// The mode's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Replicate { .. } => "replicate",
+            Self::SpotCheck { .. } => "spot_check",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("none"),
+            Self::Replicate { replicas } => write!(f, "replicate:{replicas}"),
+            Self::SpotCheck { rate } => write!(f, "spot_check:{rate}"),
+        }
+    }
+}
+
+/// `none`, `replicate`, `replicate:3` (or `replicate(3)`), `spot_check:0.1`.
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (name, arg) = match s.split_once([':', '(']) {
+            Some((name, rest)) => (name, Some(rest.trim_end_matches(')'))),
+            None => (s, None),
+        };
+        let bad = |what: &str| format!("{what} in verification mode {s:?}");
+        match name {
+            "replicate" => {
+                let replicas = arg
+                    .map(|a| a.parse::<u32>().map_err(|_| bad("not a replica count")))
+                    .transpose()?;
+                Self::from_parts(name, replicas, None)
+            }
+            "spot_check" | "spot-check" => {
+                let rate = arg
+                    .map(|a| a.parse::<f64>().map_err(|_| bad("not a rate")))
+                    .transpose()?;
+                Self::from_parts(name, None, rate)
+            }
+            _ if arg.is_some() => Err(bad("no number goes")),
+            _ => Self::from_parts(name, None, None),
+        }
+    }
+}
+
+/// Whether this task is one of the fraction `rate` to re-run elsewhere (a draw in [0, 1)).
+pub fn spot_checked(rate: f64, draw: f64) -> bool {
+    draw < rate
+}
+
+/// Most liars assumed among `candidates`: fewer than a third, `⌈n/3⌉ − 1`.
+pub fn max_faulty(candidates: usize) -> usize {
+    candidates.div_ceil(3).saturating_sub(1)
+}
+
+/// Equal answers needed: unanimous in the first wave, more after a disagreement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    /// Replicas the caller asked for (the floor).
+    pub requested: u32,
+    /// Peers that serve the model and could have been asked.
+    pub candidates: u32,
+    /// Liars assumed among them, `⌈candidates/3⌉ − 1`.
+    pub faulty: u32,
+    /// Equal answers the accepted output holds at least.
+    pub quorum: u32,
+}
+
+impl Rule {
+    /// Checks the numbers fit together: the assumed liars follow from the candidates and the
+    /// quorum holds more answers than there can be liars, and at least as many as requested.
+    pub fn check(&self) -> Result<(), CertError> {
+        let bad = |why: String| Err(CertError::Rule(why));
+        if self.candidates == 0 || self.requested == 0 {
+            return bad("no candidates or no replicas".into());
+        }
+        let faulty = max_faulty(self.candidates as usize) as u32;
+        if self.faulty != faulty {
+            return bad(format!(
+                "{} candidates allow {faulty} liars, the certificate assumes {}",
+                self.candidates, self.faulty
+            ));
+        }
+        if self.quorum < self.faulty + 1 || self.quorum < self.requested {
+            return bad(format!(
+                "a quorum of {} is below {} liars + 1 or the {} replicas requested",
+                self.quorum, self.faulty, self.requested
+            ));
+        }
+        if self.quorum > self.candidates {
+            return bad(format!(
+                "a quorum of {} among {} candidates",
+                self.quorum, self.candidates
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a replicated task found no answer to accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuorumError {
+    /// Fewer peers serve the model than the replicas needed.
+    #[error(
+        "{needed} replicas are needed ({requested} requested, {faulty} liars assumed among \
+         {candidates} candidates) but only {candidates} nodes serve the model"
+    )]
+    TooFewCandidates {
+        /// Replicas needed in the first wave.
+        needed: usize,
+        /// Replicas requested.
+        requested: usize,
+        /// Liars assumed.
+        faulty: usize,
+        /// Peers serving the model.
+        candidates: usize,
+    },
+    /// No replicas were asked for.
+    #[error("replicate needs at least one replica")]
+    NoReplicas,
+    /// The replicas disagreed and no output reached the quorum with the candidates left.
+    #[error(
+        "the replicas disagreed and no output reached a quorum of {quorum} equal answers \
+         ({answers} answers, the largest group {largest}, {failed} replicas failed, every usable \
+         candidate asked)"
+    )]
+    NoQuorum {
+        /// Equal answers needed.
+        quorum: usize,
+        /// Answers received.
+        answers: usize,
+        /// The largest group of equal answers.
+        largest: usize,
+        /// Replicas that gave no answer.
+        failed: usize,
+    },
+    /// Two different outputs each hold more answers than there can be liars: more than a
+    /// third of the candidates lie, and no answer can be trusted.
+    #[error(
+        "two different outputs each hold {faulty}+1 or more answers: more than {faulty} of the \
+         {candidates} candidates lie"
+    )]
+    Contradiction {
+        /// Liars assumed.
+        faulty: usize,
+        /// Peers serving the model.
+        candidates: usize,
+    },
+}
+
+/// What a replicated task does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step<D> {
+    /// Send the task to this many more candidates (not yet asked).
+    Ask(usize),
+    /// Wait for the answers outstanding.
+    Wait,
+    /// The output is verified.
+    Accept {
+        /// The agreed output.
+        output: D,
+        /// The rule it met.
+        rule: Rule,
+    },
+    /// No answer can be verified.
+    GiveUp(QuorumError),
+}
+
+/// The answers of one replicated task and the decision they lead to. Pure: the driver sends
+/// the task where [`Quorum::step`] says, and feeds back each answer ([`Quorum::answered`]) or
+/// failure ([`Quorum::failed`]).
+#[derive(Debug, Clone)]
+pub struct Quorum<P, D> {
+    requested: usize,
+    candidates: usize,
+    faulty: usize,
+    first_wave: usize,
+    asked: usize,
+    failed: usize,
+    answers: Vec<(P, D)>,
+}
+
+impl<P: PartialEq + Clone, D: PartialEq + Clone> Quorum<P, D> {
+    /// A task for which `candidates` distinct peers serve the model and the caller asked for
+    /// at least `requested` replicas.
+    pub fn new(candidates: usize, requested: usize) -> Result<Self, QuorumError> {
+        if requested == 0 {
+            return Err(QuorumError::NoReplicas);
+        }
+        let faulty = max_faulty(candidates);
+        let first_wave = requested.max(faulty + 1);
+        if first_wave > candidates {
+            return Err(QuorumError::TooFewCandidates {
+                needed: first_wave,
+                requested,
+                faulty,
+                candidates,
+            });
+        }
+        Ok(Self {
+            requested,
+            candidates,
+            faulty,
+            first_wave,
+            asked: 0,
+            failed: 0,
+            answers: Vec::new(),
+        })
+    }
+
+    /// Records that the driver sent the task to `count` more candidates.
+    pub fn asked(&mut self, count: usize) {
+        self.asked = (self.asked + count).min(self.candidates);
+    }
+
+    /// Records `peer`'s answer (a second answer from one peer is ignored).
+    pub fn answered(&mut self, peer: P, output: D) {
+        if self.answers.iter().all(|(p, _)| *p != peer) {
+            self.answers.push((peer, output));
+        }
+    }
+
+    /// Records that an asked replica gave no usable answer (error, timeout, bad signature).
+    pub fn failed(&mut self) {
+        self.failed += 1;
+    }
+
+    /// Whether two answers differ.
+    pub fn disagreed(&self) -> bool {
+        self.answers.windows(2).any(|w| w[0].1 != w[1].1)
+    }
+
+    /// Equal answers the accepted output must hold now.
+    pub fn quorum(&self) -> usize {
+        if self.disagreed() {
+            (2 * self.faulty + 1).max(self.first_wave)
+        } else {
+            self.first_wave
+        }
+    }
+
+    /// The answers so far, in arrival order.
+    pub fn answers(&self) -> &[(P, D)] {
+        &self.answers
+    }
+
+    /// Liars assumed.
+    pub fn faulty(&self) -> usize {
+        self.faulty
+    }
+
+    fn groups(&self) -> Vec<(&D, usize)> {
+        let mut groups: Vec<(&D, usize)> = Vec::new();
+        for (_, output) in &self.answers {
+            match groups.iter_mut().find(|(d, _)| *d == output) {
+                Some((_, count)) => *count += 1,
+                None => groups.push((output, 1)),
+            }
+        }
+        groups
+    }
+
+    /// What to do next.
+    pub fn step(&self) -> Step<D> {
+        let groups = self.groups();
+        let trusted = groups.iter().filter(|(_, c)| *c > self.faulty).count();
+        if trusted > 1 {
+            return Step::GiveUp(QuorumError::Contradiction {
+                faulty: self.faulty,
+                candidates: self.candidates,
+            });
+        }
+        let quorum = self.quorum();
+        let largest = groups.iter().map(|(_, c)| *c).max().unwrap_or(0);
+        if let Some((output, _)) = groups.iter().find(|(_, c)| *c >= quorum) {
+            return Step::Accept {
+                output: (*output).clone(),
+                rule: Rule {
+                    requested: self.requested as u32,
+                    candidates: self.candidates as u32,
+                    faulty: self.faulty as u32,
+                    quorum: quorum as u32,
+                },
+            };
+        }
+        let outstanding = self.asked.saturating_sub(self.answers.len() + self.failed);
+        let unasked = self.candidates - self.asked;
+        let wanted = quorum - largest;
+        if largest + outstanding + unasked < quorum {
+            return Step::GiveUp(QuorumError::NoQuorum {
+                quorum,
+                answers: self.answers.len(),
+                largest,
+                failed: self.failed,
+            });
+        }
+        if outstanding >= wanted {
+            return Step::Wait;
+        }
+        let more = (wanted - outstanding).min(unasked);
+        if more == 0 {
+            Step::Wait
+        } else {
+            Step::Ask(more)
+        }
+    }
+}
+
+// ---- attestations and certificates ---------------------------------------------------------
+
+/// The digest of a task's input as a worker received it (CBOR of [`TaskInput`]).
+pub fn input_digest(input: &TaskInput) -> ContentId {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"mycel/task-input/1\0");
+    wire::hash_encoded(input, &mut hasher);
+    ContentId(*hasher.finalize().as_bytes())
+}
+
+/// The digest of a task's output (CBOR of [`TaskOutput`]): replicas that computed the same
+/// output have the same digest.
+pub fn output_digest(output: &TaskOutput) -> ContentId {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"mycel/task-output/1\0");
+    wire::hash_encoded(output, &mut hasher);
+    ContentId(*hasher.finalize().as_bytes())
+}
+
+/// What a worker signs for an answer: the task, the model and the engine that ran it, the
+/// input it read and the output it made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The task (32 hex digits).
+    pub task: String,
+    /// The model's content id.
+    pub model: ContentId,
+    /// The engine (and its numeric version) that ran it.
+    pub engine: String,
+    /// Digest of the input ([`input_digest`]).
+    pub input: ContentId,
+    /// Digest of the output ([`output_digest`]).
+    pub output: ContentId,
+}
+
+impl Claim {
+    /// The claim for task `id` of `model` run by `engine` on `input` giving `output`.
+    pub fn new(
+        id: TaskId,
+        model: ContentId,
+        engine: &str,
+        input: ContentId,
+        output: ContentId,
+    ) -> Self {
+        Self {
+            task: id.to_string(),
+            model,
+            engine: engine.to_owned(),
+            input,
+            output,
+        }
+    }
+
+    /// The bytes signed: BLAKE3 over a domain tag and the claim's fields.
+    pub fn signed_bytes(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"mycel/attestation/1\0");
+        hasher.update(self.task.as_bytes());
+        hasher.update(b"\0");
+        hasher.update(&self.model.0);
+        hasher.update(&(self.engine.len() as u64).to_le_bytes());
+        hasher.update(self.engine.as_bytes());
+        hasher.update(&self.input.0);
+        hasher.update(&self.output.0);
+        *hasher.finalize().as_bytes()
+    }
+}
+
+/// A signature by one node: its peer id, public key and signature, hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signer {
+    /// The signer's peer id.
+    pub peer: String,
+    /// Its public key (protobuf encoding), hex.
+    pub public_key: String,
+    /// Its signature, hex.
+    pub signature: String,
+}
+
+impl Signer {
+    /// `keypair`'s signature over `bytes`.
+    pub fn sign(keypair: &Keypair, bytes: &[u8]) -> Self {
+        let signature = keypair.sign(bytes).expect("ed25519 signing does not fail");
+        Self {
+            peer: keypair.public().to_peer_id().to_string(),
+            public_key: to_hex(&keypair.public().encode_protobuf()),
+            signature: to_hex(&signature),
+        }
+    }
+
+    /// A signature already made by the holder of `public_key` (protobuf encoding).
+    pub fn from_parts(public_key: &[u8], signature: &[u8]) -> Result<Self, CertError> {
+        let key = PublicKey::try_decode_protobuf(public_key)
+            .map_err(|_| CertError::Malformed("a public key does not decode".into()))?;
+        Ok(Self {
+            peer: key.to_peer_id().to_string(),
+            public_key: to_hex(public_key),
+            signature: to_hex(signature),
+        })
+    }
+
+    /// The signer's peer id, once its key and signature over `bytes` check out.
+    pub fn verify(&self, bytes: &[u8]) -> Result<PeerId, CertError> {
+        let peer: PeerId = self
+            .peer
+            .parse()
+            .map_err(|_| CertError::Malformed(format!("{:?} is not a peer id", self.peer)))?;
+        let key = from_hex(&self.public_key)
+            .and_then(|k| PublicKey::try_decode_protobuf(&k).ok())
+            .ok_or_else(|| {
+                CertError::Malformed(format!("the public key of {peer} does not decode"))
+            })?;
+        if key.to_peer_id() != peer {
+            return Err(CertError::KeyMismatch(peer.to_string()));
+        }
+        let signature = from_hex(&self.signature)
+            .ok_or_else(|| CertError::Malformed(format!("the signature of {peer} is not hex")))?;
+        if !key.verify(bytes, &signature) {
+            return Err(CertError::BadSignature(peer.to_string()));
+        }
+        Ok(peer)
+    }
+}
+
+/// Proof that a quorum of workers returned one output for one task: the claim they signed,
+/// their signatures, the rule the quorum met, and the node that ran the quorum, which signs
+/// the whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    /// [`CERTIFICATE_VERSION`].
+    pub version: u32,
+    /// How the output was verified (`replicate`).
+    pub mode: String,
+    /// What every worker listed signed.
+    pub claim: Claim,
+    /// The numbers the quorum met.
+    pub rule: Rule,
+    /// The workers that returned the output, each with its signature over the claim.
+    pub workers: Vec<Signer>,
+    /// When the certificate was made.
+    pub issued_at: UnixMillis,
+    /// The node that ran the quorum, signing everything above.
+    pub issuer: Signer,
+}
+
+/// Why a certificate does not check out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertError {
+    /// It does not parse, or a field is not what it must be.
+    #[error("the certificate is malformed: {0}")]
+    Malformed(String),
+    /// A signature does not verify.
+    #[error("the signature of {0} does not verify")]
+    BadSignature(String),
+    /// A public key is not the named peer's.
+    #[error("the public key given for {0} is not that peer's")]
+    KeyMismatch(String),
+    /// A worker is listed twice.
+    #[error("worker {0} is listed twice")]
+    DuplicateWorker(String),
+    /// The numbers do not fit or too few workers signed.
+    #[error("the quorum rule does not hold: {0}")]
+    Rule(String),
+}
+
+/// What a checked certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// The workers whose signatures verified.
+    pub workers: Vec<PeerId>,
+    /// The node that issued it.
+    pub issuer: PeerId,
+}
+
+impl Certificate {
+    /// The certificate for `claim`, signed by `workers` (signatures already checked by the
+    /// caller), under `rule`, issued by `keypair` at `now`.
+    pub fn issue(
+        keypair: &Keypair,
+        claim: Claim,
+        rule: Rule,
+        workers: Vec<Signer>,
+        now: UnixMillis,
+    ) -> Self {
+        let mut certificate = Self {
+            version: CERTIFICATE_VERSION,
+            mode: "replicate".into(),
+            claim,
+            rule,
+            workers,
+            issued_at: now,
+            issuer: Signer {
+                peer: keypair.public().to_peer_id().to_string(),
+                public_key: to_hex(&keypair.public().encode_protobuf()),
+                signature: String::new(),
+            },
+        };
+        certificate.issuer = Signer::sign(keypair, &certificate.body());
+        certificate
+    }
+
+    /// The bytes the issuer signs: the CBOR of the certificate with the issuer's signature
+    /// left empty.
+    fn body(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        unsigned.issuer.signature.clear();
+        wire::encode(&unsigned)
+    }
+
+    /// Checks everything a certificate claims, offline: the format, the rule's numbers, every
+    /// worker's key and signature over the claim (distinct workers, at least the quorum), and
+    /// the issuer's signature over the whole.
+    pub fn check(&self) -> Result<Checked, CertError> {
+        if self.version != CERTIFICATE_VERSION {
+            return Err(CertError::Malformed(format!(
+                "version {} (this node reads {CERTIFICATE_VERSION})",
+                self.version
+            )));
+        }
+        if self.mode != "replicate" {
+            return Err(CertError::Malformed(format!("mode {:?}", self.mode)));
+        }
+        if self.workers.len() > 4 * MAX_REPLICAS as usize {
+            return Err(CertError::Malformed(format!(
+                "{} workers",
+                self.workers.len()
+            )));
+        }
+        self.rule.check()?;
+        let signed = self.claim.signed_bytes();
+        let mut workers = Vec::with_capacity(self.workers.len());
+        for worker in &self.workers {
+            let peer = worker.verify(&signed)?;
+            if workers.contains(&peer) {
+                return Err(CertError::DuplicateWorker(peer.to_string()));
+            }
+            workers.push(peer);
+        }
+        if workers.len() < self.rule.quorum as usize {
+            return Err(CertError::Rule(format!(
+                "{} workers signed, the quorum is {}",
+                workers.len(),
+                self.rule.quorum
+            )));
+        }
+        let issuer = self.issuer.verify(&self.body())?;
+        Ok(Checked { workers, issuer })
+    }
+}
+
+/// Evidence that a worker lied: its signed claim for a task, and the certificate of the
+/// output a quorum agreed on for the same task, model and input. Anyone can check it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// What the liar signed.
+    pub lie: Claim,
+    /// Its signature.
+    pub liar: Signer,
+    /// The quorum's certificate.
+    pub certificate: Certificate,
+}
+
+impl Evidence {
+    /// The liar's peer id, once the evidence holds: the liar signed its claim, the
+    /// certificate checks, both are about the same task, model, engine and input, and the
+    /// outputs differ.
+    pub fn check(&self) -> Result<PeerId, CertError> {
+        let liar = self.liar.verify(&self.lie.signed_bytes())?;
+        self.certificate.check()?;
+        let agreed = &self.certificate.claim;
+        let same_task = self.lie.task == agreed.task
+            && self.lie.model == agreed.model
+            && self.lie.engine == agreed.engine
+            && self.lie.input == agreed.input;
+        if !same_task || self.lie.output == agreed.output {
+            return Err(CertError::Malformed(
+                "the claim is not a different answer to the certified task".into(),
+            ));
+        }
+        Ok(liar)
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of lower- or upper-case hex, or `None`.
+pub fn from_hex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) || !hex.is_ascii() {
+        return None;
+    }
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn modes_parse_and_refuse_nonsense() {
+        assert_eq!("none".parse::<Mode>(), Ok(Mode::None));
+        assert_eq!(
+            "replicate".parse::<Mode>(),
+            Ok(Mode::Replicate { replicas: 3 })
+        );
+        assert_eq!(
+            "replicate(5)".parse::<Mode>(),
+            Ok(Mode::Replicate { replicas: 5 })
+        );
+        assert_eq!(
+            "spot_check:0.1".parse::<Mode>(),
+            Ok(Mode::SpotCheck { rate: 0.1 })
+        );
+        for bad in [
+            "replicate:0",
+            "replicate:17",
+            "spot_check",
+            "spot_check:1.5",
+            "quorum",
+            "none:2",
+        ] {
+            assert!(bad.parse::<Mode>().is_err(), "{bad}");
+        }
+        let mode = Mode::Replicate { replicas: 4 };
+        assert_eq!(mode.to_string().parse::<Mode>(), Ok(mode));
+    }
+
+    #[test]
+    fn liars_assumed_are_fewer_than_a_third() {
+        let f: Vec<usize> = (1..=10).map(max_faulty).collect();
+        assert_eq!(f, vec![0, 0, 0, 1, 1, 1, 2, 2, 2, 3]);
+        for n in 1..200 {
+            assert!(3 * max_faulty(n) < n, "{n}");
+        }
+    }
+
+    /// Runs a quorum to its end: `answers[i]` is what the i-th candidate asked returns
+    /// (`None`: it fails).
+    fn drive(candidates: usize, requested: usize, answers: &[Option<u8>]) -> Step<u8> {
+        let mut quorum = match Quorum::new(candidates, requested) {
+            Ok(q) => q,
+            Err(e) => return Step::GiveUp(e),
+        };
+        let mut next = 0;
+        let mut pending = std::collections::VecDeque::new();
+        loop {
+            match quorum.step() {
+                Step::Ask(k) => {
+                    quorum.asked(k);
+                    for _ in 0..k {
+                        pending.push_back(next);
+                        next += 1;
+                    }
+                }
+                Step::Wait => {
+                    let i = pending
+                        .pop_front()
+                        .expect("waits only with answers outstanding");
+                    match answers[i] {
+                        Some(output) => quorum.answered(i, output),
+                        None => quorum.failed(),
+                    }
+                }
+                end => return end,
+            }
+        }
+    }
+
+    #[test]
+    fn unanimous_first_wave_is_accepted_and_disagreement_escalates() {
+        // 10 candidates: f = 3, a first wave of 4 (at least f + 1 even when 3 are asked).
+        let honest = [Some(1); 10];
+        match drive(10, 3, &honest) {
+            Step::Accept { output, rule } => {
+                assert_eq!(output, 1);
+                assert_eq!(rule.quorum, 4);
+            }
+            other => panic!("{other:?}"),
+        }
+        // One liar in the first wave: the quorum rises to 2f + 1 = 7.
+        let mut one_liar = honest;
+        one_liar[0] = Some(9);
+        match drive(10, 3, &one_liar) {
+            Step::Accept { output, rule } => {
+                assert_eq!((output, rule.quorum), (1, 7));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Three colluding liars (f) asked first: the first wave of f + 1 holds an honest
+        // answer, the disagreement escalates, and the liars' output never reaches 7.
+        let mut three = honest;
+        for a in three.iter_mut().take(3) {
+            *a = Some(9);
+        }
+        assert!(matches!(
+            drive(10, 3, &three),
+            Step::Accept { output: 1, .. }
+        ));
+        // With a fourth honest node gone quiet, 6 honest answers cannot make 7: it gives up.
+        three[9] = None;
+        assert!(matches!(
+            drive(10, 3, &three),
+            Step::GiveUp(QuorumError::NoQuorum { quorum: 7, .. })
+        ));
+        // Fewer candidates than the first wave needs.
+        assert!(matches!(
+            drive(2, 3, &honest),
+            Step::GiveUp(QuorumError::TooFewCandidates { .. })
+        ));
+        // A replica that fails is replaced.
+        let mut failing = honest;
+        failing[1] = None;
+        assert!(matches!(
+            drive(10, 3, &failing),
+            Step::Accept { output: 1, .. }
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever the candidates, the liars (up to f, colluding or not), the failures and
+        /// the order of answers: a wrong output is never accepted, and the right one is
+        /// whenever the honest candidates that answer can make up the quorum.
+        #[test]
+        fn no_wrong_output_is_ever_accepted(
+            candidates in 1usize..25,
+            requested in 1usize..8,
+            liar_share in 0.0f64..1.0,
+            colluding in any::<bool>(),
+            seed in any::<u64>(),
+            fail_share in 0.0f64..0.5,
+        ) {
+            use rand::{seq::SliceRandom, Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let faulty = max_faulty(candidates);
+            let liars = ((faulty as f64 + 1.0) * liar_share) as usize; // 0..=f
+            const RIGHT: u8 = 0;
+            let mut answers: Vec<Option<u8>> = (0..candidates)
+                .map(|i| {
+                    if i < liars {
+                        Some(if colluding { 200 } else { 100 + i as u8 })
+                    } else {
+                        Some(RIGHT)
+                    }
+                })
+                .collect();
+            for a in &mut answers {
+                if rng.gen_bool(fail_share) {
+                    *a = None;
+                }
+            }
+            answers.shuffle(&mut rng);
+            let honest_answering = answers.iter().filter(|a| **a == Some(RIGHT)).count();
+            match drive(candidates, requested, &answers) {
+                Step::Accept { output, rule } => {
+                    prop_assert_eq!(output, RIGHT);
+                    prop_assert!(rule.check().is_ok());
+                }
+                Step::GiveUp(_) => {
+                    // Only when the honest answers could not reach the highest quorum.
+                    let quorum = (2 * faulty + 1).max(requested.max(faulty + 1));
+                    prop_assert!(
+                        honest_answering < quorum || requested.max(faulty + 1) > candidates,
+                        "gave up with {} honest answers for a quorum of {}", honest_answering, quorum
+                    );
+                }
+                other => prop_assert!(false, "ended with {:?}", other),
+            }
+        }
+    }
+
+    fn certificate() -> (Certificate, Vec<Keypair>) {
+        let workers: Vec<Keypair> = (0..4).map(|_| Keypair::generate_ed25519()).collect();
+        let claim = Claim::new(
+            TaskId(42),
+            ContentId::of(b"model"),
+            "mycel-q4/1",
+            ContentId::of(b"input"),
+            ContentId::of(b"output"),
+        );
+        let signed = claim.signed_bytes();
+        let signers = workers.iter().map(|k| Signer::sign(k, &signed)).collect();
+        let rule = Rule {
+            requested: 3,
+            candidates: 10,
+            faulty: 3,
+            quorum: 4,
+        };
+        let issuer = Keypair::generate_ed25519();
+        (
+            Certificate::issue(&issuer, claim, rule, signers, 1_000),
+            workers,
+        )
+    }
+
+    #[test]
+    fn a_certificate_checks_offline_and_any_changed_byte_fails_it() {
+        let (cert, workers) = certificate();
+        let checked = cert.check().expect("an honest certificate checks");
+        assert_eq!(checked.workers.len(), 4);
+        assert_eq!(checked.workers[0], workers[0].public().to_peer_id());
+        // Through JSON, as `mycel verify` reads it.
+        let json = serde_json::to_string_pretty(&cert).unwrap();
+        let back: Certificate = serde_json::from_str(&json).unwrap();
+        assert!(back.check().is_ok());
+        // Change every byte inside a value, one at a time: parsing or checking fails.
+        let bytes = json.as_bytes();
+        let mut changed_values = 0;
+        for i in 0..bytes.len() {
+            let c = bytes[i];
+            let replacement = match c {
+                b'0'..=b'8' => c + 1,
+                b'9' => b'0',
+                b'a'..=b'y' => c + 1,
+                b'A'..=b'Y' => c + 1,
+                _ => continue,
+            };
+            let mut altered = bytes.to_vec();
+            altered[i] = replacement;
+            let Ok(text) = std::str::from_utf8(&altered) else {
+                continue;
+            };
+            let Ok(cert) = serde_json::from_str::<Certificate>(text) else {
+                continue;
+            };
+            changed_values += 1;
+            assert!(
+                cert.check().is_err(),
+                "byte {i} ({}) changed and it still checks",
+                c as char
+            );
+        }
+        assert!(
+            changed_values > 500,
+            "{changed_values} altered certificates parsed"
+        );
+    }
+
+    #[test]
+    fn evidence_of_a_lie_checks_and_cannot_be_made_up() {
+        let (cert, _) = certificate();
+        let liar = Keypair::generate_ed25519();
+        let mut lie = cert.claim.clone();
+        lie.output = ContentId::of(b"something else");
+        let evidence = Evidence {
+            liar: Signer::sign(&liar, &lie.signed_bytes()),
+            lie: lie.clone(),
+            certificate: cert.clone(),
+        };
+        assert_eq!(evidence.check(), Ok(liar.public().to_peer_id()));
+        // The agreed output itself is no lie.
+        let same = Evidence {
+            liar: Signer::sign(&liar, &cert.claim.signed_bytes()),
+            lie: cert.claim.clone(),
+            certificate: cert.clone(),
+        };
+        assert!(same.check().is_err());
+        // A claim the accused never signed.
+        let framed = Evidence {
+            liar: Signer {
+                peer: liar.public().to_peer_id().to_string(),
+                ..evidence.liar.clone()
+            },
+            lie: Claim {
+                engine: "another".into(),
+                ..lie
+            },
+            certificate: cert,
+        };
+        assert!(framed.check().is_err());
+    }
+
+    #[test]
+    fn forged_or_short_certificates_fail() {
+        let (cert, _) = certificate();
+        let mut short = cert.clone();
+        short.workers.pop();
+        assert!(short.check().is_err(), "3 workers for a quorum of 4");
+        let mut doubled = cert.clone();
+        doubled.workers[1] = doubled.workers[0].clone();
+        assert!(doubled.check().is_err());
+        // A worker's signature moved to another claim (a replay onto another task).
+        let mut replayed = cert.clone();
+        replayed.claim.task = TaskId(43).to_string();
+        assert!(replayed.check().is_err());
+        // A key that is not the named peer's.
+        let mut swapped = cert.clone();
+        swapped.workers[0].public_key = swapped.workers[1].public_key.clone();
+        assert!(matches!(swapped.check(), Err(CertError::KeyMismatch(_))));
+        // A rule that assumes fewer liars than its candidates allow.
+        let mut lax = cert;
+        lax.rule.faulty = 1;
+        lax.rule.quorum = 2;
+        assert!(lax.check().is_err());
+    }
+}
