@@ -321,20 +321,26 @@ fn verify_options(mode: mycel_core::verify::Mode) -> Value {
     }
 }
 
-/// One line on how an answer was checked, for the terminal.
+/// One line on how an answer was checked, for the terminal: a certificate is checked here,
+/// not taken on the node's word.
 fn describe_verification(mycel: &Value) -> Option<String> {
     let verify = mycel["verify"].as_str()?;
-    let certificate = &mycel["certificate"];
-    Some(match certificate["workers"].as_array() {
-        Some(workers) => format!(
-            "verified: {} workers agreed (quorum {} of {} candidates); certificate issued by {}",
-            workers.len(),
-            certificate["rule"]["quorum"],
-            certificate["rule"]["candidates"],
-            certificate["issuer"]["peer"].as_str().unwrap_or("?"),
-        ),
-        None => format!("not verified (mode {verify})"),
-    })
+    if mycel["certificate"].is_null() {
+        return Some(format!("not verified (mode {verify})"));
+    }
+    Some(
+        match mycel_node::openai::check_certificate(&mycel["certificate"]) {
+            Ok((certificate, checked)) => format!(
+                "verified: {} workers agreed (quorum {} of {} candidates); certificate issued \
+                 by {}",
+                checked.workers.len(),
+                certificate.rule.quorum,
+                certificate.rule.candidates,
+                checked.issuer,
+            ),
+            Err(e) => format!("NOT verified: the certificate does not check: {e}"),
+        },
+    )
 }
 
 #[derive(Args)]
@@ -343,9 +349,9 @@ pub(crate) struct VerifyArgs {
     file: std::path::PathBuf,
 }
 
-/// Checks a certificate offline: signatures, quorum rule, issuer.
+/// Checks a certificate offline: signatures, quorum rule, issuer, and the content of a whole
+/// response against it.
 pub(crate) fn verify(args: VerifyArgs) -> anyhow::Result<()> {
-    use mycel_core::verify::Certificate;
     let text = if args.file.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
     } else {
@@ -354,18 +360,7 @@ pub(crate) fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     };
     let value: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not JSON", args.file.display()))?;
-    let value = value
-        .pointer("/mycel/certificate")
-        .cloned()
-        .unwrap_or(value);
-    let certificate: Certificate = serde_json::from_value(value).with_context(|| {
-        format!(
-            "{} is not a certificate (nor a response with mycel.certificate)",
-            args.file.display()
-        )
-    })?;
-    let checked = certificate
-        .check()
+    let (certificate, checked) = mycel_node::openai::check_certificate(&value)
         .map_err(|e| anyhow::anyhow!("INVALID: {e}"))?;
     let claim = &certificate.claim;
     println!("valid certificate");

@@ -87,7 +87,17 @@ impl Serialize for ContentId {
 impl<'de> Deserialize<'de> for ContentId {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let s = String::deserialize(deserializer)?;
-        s.parse().map_err(serde::de::Error::custom)
+        let id: Self = s.parse().map_err(serde::de::Error::custom)?;
+        // One text per id in what is signed and stored: the printed (lower-case) form only.
+        if s[CONTENT_ID_PREFIX.len()..]
+            .bytes()
+            .any(|b| b.is_ascii_uppercase())
+        {
+            return Err(serde::de::Error::custom(format!(
+                "content id {s:?} is not in lower case"
+            )));
+        }
+        Ok(id)
     }
 }
 

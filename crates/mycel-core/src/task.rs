@@ -358,6 +358,9 @@ impl TaskResult {
         if key.to_peer_id() != *worker {
             return Err(Rejection::BadSignature);
         }
+        if self.engine.len() > crate::verify::MAX_ENGINE_BYTES {
+            return Err(Rejection::Malformed);
+        }
         let claim = self.claim(request);
         if !key.verify(&claim.signed_bytes(), &self.signature) {
             return Err(Rejection::BadSignature);

@@ -6,8 +6,9 @@
 //! The score is `(successes + 1) / (successes + 1 + bad)`, where `bad` weighs a failure or a
 //! timeout 1, an invalid answer 5 and a disagreement 10: a lie costs more than a long record
 //! of honest work earns back quickly. A bad outcome that takes the score below
-//! [`Config::isolate_below`] isolates the peer (not routed to, not selected, its gossip
-//! ignored) for `base_isolation_ms · 2^offences`, capped. Pure: time comes in as arguments.
+//! [`Config::isolate_below`] isolates the peer (no tasks are routed to it) for
+//! `base_isolation_ms · 2^offences`, capped; offences are forgiven an hour after the last
+//! isolation ends. Pure: time comes in as arguments.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -42,6 +43,9 @@ pub struct Config {
     pub base_isolation_ms: u64,
     /// Longest isolation.
     pub max_isolation_ms: u64,
+    /// Offences are forgotten this long after an isolation ends with no new one (a flaky
+    /// honest peer does not climb to day-long isolations over weeks).
+    pub forgive_after_ms: u64,
 }
 
 impl Default for Config {
@@ -51,6 +55,7 @@ impl Default for Config {
             isolate_below: 0.5,
             base_isolation_ms: 60 * 1000,
             max_isolation_ms: 24 * 60 * 60 * 1000,
+            forgive_after_ms: 60 * 60 * 1000,
         }
     }
 }
@@ -174,6 +179,14 @@ impl<P: Eq + Hash + Clone> Trust<P> {
             Outcome::Disagreement => conduct.disagreements += 1.0,
             Outcome::Invalid => conduct.invalid += 1.0,
         }
+        if record.offences > 0
+            && now
+                > record
+                    .isolated_until
+                    .saturating_add(self.config.forgive_after_ms)
+        {
+            record.offences = 0;
+        }
         let mut isolation = None;
         let bad = outcome != Outcome::Success;
         if bad && record.isolated_until <= now && conduct.score() < self.config.isolate_below {
@@ -250,6 +263,18 @@ mod tests {
         assert_eq!(third.until, 3 * MIN + 4 * MIN);
         // While isolated, more bad news does not restart the clock.
         assert_eq!(trust.note(&liar, Outcome::Invalid, 3 * MIN + 1), None);
+        // An hour after its last isolation, its offences are forgiven: back to the first step.
+        let later = 7 * MIN + Config::default().forgive_after_ms + 1;
+        let again = trust
+            .note(&liar, Outcome::Disagreement, later)
+            .expect("isolated");
+        assert_eq!(
+            again,
+            Isolation {
+                until: later + MIN,
+                offences: 1
+            }
+        );
     }
 
     #[test]

@@ -40,6 +40,11 @@ pub const MAX_REPLICAS: u32 = 16;
 pub const DEFAULT_REPLICAS: u32 = 3;
 /// Version of the certificate format (and of the attestation workers sign).
 pub const CERTIFICATE_VERSION: u32 = 1;
+/// Most candidates one replicated task draws from (the best ranked): the quorum, and so the
+/// replicas asked and the signatures in a certificate, stay below 2/3 of this.
+pub const MAX_CANDIDATES: usize = 64;
+/// Longest engine name a worker may claim.
+pub const MAX_ENGINE_BYTES: usize = 128;
 
 /// How a task's result is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -181,6 +186,12 @@ impl Rule {
         let bad = |why: String| Err(CertError::Rule(why));
         if self.candidates == 0 || self.requested == 0 {
             return bad("no candidates or no replicas".into());
+        }
+        if self.candidates as usize > MAX_CANDIDATES {
+            return bad(format!(
+                "{} candidates (a quorum draws from at most {MAX_CANDIDATES})",
+                self.candidates
+            ));
         }
         let faulty = max_faulty(self.candidates as usize) as u32;
         if self.faulty != faulty {
@@ -467,6 +478,23 @@ impl Claim {
         }
     }
 
+    /// Refuses a claim whose fields are not in their one canonical form (so that no two
+    /// texts of one certificate check): a task of 32 lower-case hex digits, a bounded engine.
+    pub fn check(&self) -> Result<(), CertError> {
+        let task_ok = self.task.len() == 32
+            && self
+                .task
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !task_ok {
+            return Err(CertError::Malformed(format!("task {:?}", self.task)));
+        }
+        if self.engine.len() > MAX_ENGINE_BYTES {
+            return Err(CertError::Malformed("the engine name is too long".into()));
+        }
+        Ok(())
+    }
+
     /// The bytes signed: BLAKE3 over a domain tag and the claim's fields.
     pub fn signed_bytes(&self) -> [u8; 32] {
         let mut hasher = blake3::Hasher::new();
@@ -517,6 +545,10 @@ impl Signer {
 
     /// The signer's peer id, once its key and signature over `bytes` check out.
     pub fn verify(&self, bytes: &[u8]) -> Result<PeerId, CertError> {
+        // Bounded before any parsing: base58 decoding is quadratic in its input.
+        if self.peer.len() > 128 || self.public_key.len() > 256 || self.signature.len() > 256 {
+            return Err(CertError::Malformed("a signer's field is too long".into()));
+        }
         let peer: PeerId = self
             .peer
             .parse()
@@ -636,13 +668,15 @@ impl Certificate {
         if self.mode != "replicate" {
             return Err(CertError::Malformed(format!("mode {:?}", self.mode)));
         }
-        if self.workers.len() > 4 * MAX_REPLICAS as usize {
+        self.rule.check()?;
+        if self.workers.len() > self.rule.candidates as usize {
             return Err(CertError::Malformed(format!(
-                "{} workers",
-                self.workers.len()
+                "{} workers among {} candidates",
+                self.workers.len(),
+                self.rule.candidates
             )));
         }
-        self.rule.check()?;
+        self.claim.check()?;
         let signed = self.claim.signed_bytes();
         let mut workers = Vec::with_capacity(self.workers.len());
         for worker in &self.workers {
@@ -702,9 +736,13 @@ pub fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The bytes of lower- or upper-case hex, or `None`.
+/// The bytes of lower-case hex, or `None`.
 pub fn from_hex(hex: &str) -> Option<Vec<u8>> {
-    if !hex.len().is_multiple_of(2) || !hex.is_ascii() {
+    // Lower case only: one text per value, so that no changed byte leaves a value the same.
+    let canonical = hex
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hex.len().is_multiple_of(2) || !canonical {
         return None;
     }
     (0..hex.len() / 2)
@@ -930,27 +968,31 @@ mod tests {
         let mut changed_values = 0;
         for i in 0..bytes.len() {
             let c = bytes[i];
-            let replacement = match c {
-                b'0'..=b'8' => c + 1,
-                b'9' => b'0',
-                b'a'..=b'y' => c + 1,
-                b'A'..=b'Y' => c + 1,
+            let replacements: &[u8] = match c {
+                b'0'..=b'8' => &[c + 1],
+                b'9' => b"0",
+                // Another letter, and the same letter in the other case.
+                b'a'..=b'y' => &[c + 1, c.to_ascii_uppercase()],
+                b'A'..=b'Y' => &[c + 1, c.to_ascii_lowercase()],
                 _ => continue,
             };
-            let mut altered = bytes.to_vec();
-            altered[i] = replacement;
-            let Ok(text) = std::str::from_utf8(&altered) else {
-                continue;
-            };
-            let Ok(cert) = serde_json::from_str::<Certificate>(text) else {
-                continue;
-            };
-            changed_values += 1;
-            assert!(
-                cert.check().is_err(),
-                "byte {i} ({}) changed and it still checks",
-                c as char
-            );
+            for &replacement in replacements {
+                let mut altered = bytes.to_vec();
+                altered[i] = replacement;
+                let Ok(text) = std::str::from_utf8(&altered) else {
+                    continue;
+                };
+                let Ok(cert) = serde_json::from_str::<Certificate>(text) else {
+                    continue;
+                };
+                changed_values += 1;
+                assert!(
+                    cert.check().is_err(),
+                    "byte {i} ({}) changed to {} and it still checks",
+                    c as char,
+                    replacement as char
+                );
+            }
         }
         assert!(
             changed_values > 500,

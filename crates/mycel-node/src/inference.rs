@@ -56,6 +56,8 @@ const MIN_LATENCIES: usize = 20;
 const PROVIDER_LOOKUP: Duration = Duration::from_secs(3);
 /// Pieces of evidence kept per peer.
 const EVIDENCE_PER_PEER: usize = 4;
+/// Spot checks running at once in the background.
+const MAX_RECHECKS: usize = 4;
 
 /// How the router behaves.
 #[derive(Debug, Clone)]
@@ -288,6 +290,9 @@ pub struct RouterStats {
     pub remote: u64,
     /// Tasks re-run elsewhere to spot-check the first answer.
     pub spot_checks: u64,
+    /// Tasks this node's models ran as a worker (for itself or for peers), replicas
+    /// included: the work verification costs.
+    pub worked: u64,
 }
 
 /// Counters of verification, for /metrics.
@@ -325,6 +330,8 @@ pub struct Inference {
     store: Mutex<Option<Arc<mycel_store::Store>>>,
     /// Wakes the trust writer at once (an isolation).
     flush_now: tokio::sync::Notify,
+    /// Spot checks running in the background; more are skipped.
+    rechecks: Arc<tokio::sync::Semaphore>,
     #[cfg(feature = "fault-injection")]
     injector: Option<crate::fault::Injector>,
 }
@@ -363,6 +370,7 @@ impl Inference {
             supply: OnceLock::new(),
             store: Mutex::new(None),
             flush_now: tokio::sync::Notify::new(),
+            rechecks: Arc::new(tokio::sync::Semaphore::new(MAX_RECHECKS)),
             #[cfg(feature = "fault-injection")]
             injector: config.fault.map(crate::fault::Injector::new),
             config,
@@ -428,10 +436,15 @@ impl Inference {
         if entries.is_empty() {
             return;
         }
+        let peers: Vec<PeerId> = entries.iter().map(|(peer, _)| *peer).collect();
         let written = tokio::task::spawn_blocking(move || store.put_trust(&entries)).await;
-        if let Ok(Err(e)) = written {
-            warn!("cannot write peers' trust records: {e}");
-        }
+        let error = match written {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        warn!("cannot write peers' trust records (tried again later): {error}");
+        self.lock().dirty.extend(peers);
     }
 
     /// Lets go of the store (the node is stopping: its database must close).
@@ -645,7 +658,8 @@ impl Inference {
         what(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    fn record(&self, peer: &PeerId, success: bool, elapsed: Option<Duration>) {
+    fn record(&self, peer: &PeerId, outcome: trust::Outcome, elapsed: Option<Duration>) {
+        let success = outcome == trust::Outcome::Success;
         let local = *peer == self.net.peer_id();
         self.count(|s| {
             if success {
@@ -664,11 +678,6 @@ impl Inference {
         } else {
             state.reliability.failure(peer, now);
         }
-        let outcome = if success {
-            trust::Outcome::Success
-        } else {
-            trust::Outcome::Failure
-        };
         if let Some(isolation) = state.note(peer, outcome, now) {
             self.flush_now.notify_one();
             self.metrics.isolations.inc();
@@ -749,7 +758,7 @@ impl Inference {
             tokio::select! {
                 Some((peer, outcome, elapsed)) = running.next() => match outcome {
                     Outcome::Done(embedded) => {
-                        self.record(&peer, true, Some(elapsed));
+                        self.record(&peer, trust::Outcome::Success, Some(elapsed));
                         return Ok(embedded);
                     }
                     Outcome::Final(e) => return Err(e),
@@ -757,7 +766,7 @@ impl Inference {
                         debug!(%peer, %reason, "embedding attempt failed; trying the next node");
                         self.count(|s| s.failovers += 1);
                         if failed {
-                            self.record(&peer, false, None);
+                            self.record(&peer, blame(&reason), None);
                         }
                         all_busy &= !failed;
                         reasons.push(format!("{peer}: {reason}"));
@@ -795,6 +804,7 @@ impl Inference {
                 Ok(admission) => admission,
                 Err(e) => return retry(e.to_string(), false),
             };
+            self.count(|s| s.worked += 1);
             return match self
                 .models
                 .embed(admission, model.clone(), texts.clone())
@@ -892,7 +902,7 @@ impl Inference {
             };
             match outcome {
                 Outcome::Done(generation) => {
-                    self.record(peer, true, None);
+                    self.record(peer, trust::Outcome::Success, None);
                     debug!(%peer, task = %id, ms = started.elapsed().as_millis(), "generated");
                     return Ok(Completion {
                         generation,
@@ -906,7 +916,7 @@ impl Inference {
                            "generation attempt failed; trying the next node");
                     self.count(|s| s.failovers += 1);
                     if failed {
-                        self.record(peer, false, None);
+                        self.record(peer, blame(&reason), None);
                     }
                     all_busy &= !failed;
                     reasons.push(format!("{peer}: {reason}"));
@@ -935,6 +945,7 @@ impl Inference {
             Err(e) => return Outcome::Final(RouteError::Invalid(e.to_string())),
         };
         let resume = progress.resume.clone();
+        self.count(|s| s.worked += 1);
         match self
             .models
             .generate_into(
@@ -1021,6 +1032,16 @@ impl Inference {
         ranking: Vec<PeerId>,
     ) -> Result<Checked, RouteError> {
         mode.check().map_err(RouteError::Invalid)?;
+        // Distinct, not isolated, and no more than a quorum may draw from.
+        let own = self.net.peer_id();
+        let now = now_ms();
+        let mut ranking = ranking;
+        {
+            let state = self.lock();
+            let mut seen = HashSet::new();
+            ranking.retain(|p| seen.insert(*p) && (*p == own || !state.trust.isolated(p, now)));
+        }
+        ranking.truncate(verify::MAX_CANDIDATES);
         let id = TaskId(self.lock().rng.gen());
         let request = TaskRequest {
             id,
@@ -1143,15 +1164,25 @@ impl Inference {
         let deadline = tokio::time::Instant::now() + self.config.deadline;
         let mut running = FuturesUnordered::new();
         let mut reasons = Vec::new();
+        let mut invalid = Vec::new();
         loop {
             match quorum.step() {
                 Step::Ask(count) => {
-                    for _ in 0..count {
-                        if let Some(peer) = unasked.pop_front() {
-                            running.push(self.signed_attempt(peer, target, request));
-                        }
+                    let mut asked = 0;
+                    while asked < count {
+                        let Some(peer) = unasked.pop_front() else {
+                            break;
+                        };
+                        running.push(self.signed_attempt(peer, target, request));
+                        asked += 1;
                     }
-                    quorum.asked(count);
+                    if asked == 0 {
+                        return Err(self.unverified("no candidate left to ask", &reasons));
+                    }
+                    quorum.asked(asked);
+                }
+                Step::Wait if running.is_empty() => {
+                    return Err(self.unverified("no answer outstanding", &reasons));
                 }
                 Step::Wait => {
                     tokio::select! {
@@ -1161,18 +1192,30 @@ impl Inference {
                                 quorum.answered(peer, claim.clone());
                                 results.push((peer, result, claim));
                             }
-                            Outcome::Final(e) => return Err(e),
+                            // This node's own model refuses the input: the caller's error.
+                            Outcome::Final(e) if peer == self.net.peer_id() => return Err(e),
+                            // A peer that calls the input invalid may lie to stop the task:
+                            // the caller hears so only from more peers than may lie.
+                            Outcome::Final(e) => {
+                                quorum.failed();
+                                invalid.push(peer);
+                                if invalid.len() > quorum.faulty() {
+                                    return Err(e);
+                                }
+                                reasons.push(format!("{peer}: {e}"));
+                            }
                             Outcome::Retry { reason, failed } => {
                                 quorum.failed();
                                 if failed {
-                                    self.record(&peer, false, None);
+                                    self.record(&peer, blame(&reason), None);
                                 }
                                 reasons.push(format!("{peer}: {reason}"));
                             }
                         },
                         _ = tokio::time::sleep_until(deadline) => {
-                            return Err(RouteError::Unverified(
-                                "the deadline passed before a quorum agreed".into(),
+                            return Err(self.unverified(
+                                "the deadline passed before a quorum agreed",
+                                &reasons,
                             ));
                         }
                     }
@@ -1181,15 +1224,18 @@ impl Inference {
                     self.metrics.verified.inc();
                     return self.settled(request, output, rule, results);
                 }
-                Step::GiveUp(e) => {
-                    self.metrics.unverified.inc();
-                    let mut message = e.to_string();
-                    if !reasons.is_empty() {
-                        message = format!("{message}; {}", reasons.join("; "));
-                    }
-                    return Err(RouteError::Unverified(message));
-                }
+                Step::GiveUp(e) => return Err(self.unverified(&e.to_string(), &reasons)),
             }
+        }
+    }
+
+    /// A replicated task that found no answer to accept, with what the replicas said.
+    fn unverified(&self, why: &str, reasons: &[String]) -> RouteError {
+        self.metrics.unverified.inc();
+        if reasons.is_empty() {
+            RouteError::Unverified(why.to_owned())
+        } else {
+            RouteError::Unverified(format!("{why}; {}", reasons.join("; ")))
         }
     }
 
@@ -1218,22 +1264,29 @@ impl Inference {
                 chosen.get_or_insert((peer, result));
                 continue;
             }
+            if claim.engine != agreed.engine {
+                // Another engine (a target only the DHT knew of): a different output is no lie.
+                continue;
+            }
             // Signed, and outvoted by a quorum that holds an honest answer: a lie.
             self.metrics.disagreements.inc();
             state.reliability.failure(&peer, now);
             let isolation = state.note(&peer, trust::Outcome::Disagreement, now);
-            let liar = Signer::from_parts(&result.public_key, &result.signature);
-            if let Ok(liar) = liar {
-                state.dirty.insert(peer);
-                let kept = state.evidence.entry(peer).or_default();
-                if kept.len() == EVIDENCE_PER_PEER {
-                    kept.pop_front();
-                }
-                kept.push_back(Evidence {
+            let evidence =
+                Signer::from_parts(&result.public_key, &result.signature).map(|liar| Evidence {
                     lie: claim,
                     liar,
                     certificate: certificate.clone(),
                 });
+            if let Ok(evidence) = evidence.as_ref().map(|e| (e.check(), e)) {
+                if evidence.0 == Ok(peer) {
+                    state.dirty.insert(peer);
+                    let kept = state.evidence.entry(peer).or_default();
+                    if kept.len() == EVIDENCE_PER_PEER {
+                        kept.pop_front();
+                    }
+                    kept.push_back(evidence.1.clone());
+                }
             }
             if let Some(isolation) = isolation {
                 self.flush_now.notify_one();
@@ -1260,21 +1313,31 @@ impl Inference {
     ) -> Result<Checked, RouteError> {
         let mut reasons = Vec::new();
         let mut all_busy = true;
+        let deadline = tokio::time::Instant::now() + self.config.deadline;
         for peer in &ranking {
-            let (peer, outcome) = self.signed_attempt(*peer, target, &request).await;
+            let attempt = self.signed_attempt(*peer, target, &request);
+            let Ok((peer, outcome)) = tokio::time::timeout_at(deadline, attempt).await else {
+                return Err(RouteError::Unavailable("the deadline passed".into()));
+            };
             match outcome {
                 Outcome::Done(result) => {
-                    self.record(&peer, true, None);
+                    self.record(&peer, trust::Outcome::Success, None);
                     let draw = self.lock().rng.gen::<f64>();
-                    if verify::spot_checked(rate, draw) {
+                    let slot = verify::spot_checked(rate, draw)
+                        .then(|| self.rechecks.clone().try_acquire_owned().ok())
+                        .flatten();
+                    if let Some(slot) = slot {
                         self.count(|s| s.spot_checks += 1);
                         self.metrics.spot_checks.inc();
                         let this = self.clone();
                         let (target, request, first) =
                             (target.clone(), request.clone(), result.clone());
                         let ranking = ranking.clone();
+                        let deadline = this.config.deadline;
                         tokio::spawn(async move {
-                            this.recheck(&target, &request, &ranking, peer, first).await;
+                            let _slot = slot;
+                            let recheck = this.recheck(&target, &request, &ranking, peer, first);
+                            let _ = tokio::time::timeout(deadline, recheck).await;
                         });
                     }
                     let mode = if rate > 0.0 {
@@ -1294,7 +1357,7 @@ impl Inference {
                 Outcome::Final(e) => return Err(e),
                 Outcome::Retry { reason, failed } => {
                     if failed {
-                        self.record(&peer, false, None);
+                        self.record(&peer, blame(&reason), None);
                     }
                     all_busy &= !failed;
                     reasons.push(format!("{peer}: {reason}"));
@@ -1318,7 +1381,7 @@ impl Inference {
             let (peer, outcome) = self.signed_attempt(*peer, target, request).await;
             match outcome {
                 Outcome::Done(second) if second.claim(request) == first.claim(request) => {
-                    self.record(&peer, true, None);
+                    self.record(&peer, trust::Outcome::Success, None);
                     return;
                 }
                 Outcome::Done(second) => {
@@ -1329,10 +1392,11 @@ impl Inference {
                     }
                     return;
                 }
-                Outcome::Final(_) => return,
-                Outcome::Retry { failed, .. } => {
+                // A peer that calls the input invalid: the next one checks.
+                Outcome::Final(_) => {}
+                Outcome::Retry { reason, failed } => {
                     if failed {
-                        self.record(&peer, false, None);
+                        self.record(&peer, blame(&reason), None);
                     }
                 }
             }
@@ -1648,6 +1712,7 @@ impl Inference {
             queue: u32::try_from(self.models.queue_depth()).unwrap_or(u32::MAX),
         })?;
         let started = Instant::now();
+        self.count(|s| s.worked += 1);
         match (runner, input) {
             (Runner::Embed(model), TaskInput::Embed { texts }) => {
                 let ((vectors, tokens), queue_ms) = self
@@ -1735,6 +1800,10 @@ impl PieceSink for ChunkWriter<'_> {
 impl Progress {
     /// Hands `text` to the caller and remembers `tokens`; `false` when the caller has gone.
     async fn deliver(&mut self, text: String, tokens: Vec<u32>) -> bool {
+        if self.text.is_none() {
+            // A replica's stream: nobody reads it, and the final answer carries it all.
+            return true;
+        }
         self.resume.tokens.extend(tokens);
         if text.is_empty() {
             return true;
@@ -1762,6 +1831,15 @@ fn run_error<T>(e: RunError) -> Outcome<T> {
         RunError::Busy(_) => retry(e.to_string(), false),
         RunError::Model(MlError::Input(message)) => Outcome::Final(RouteError::Invalid(message)),
         RunError::Model(e) => retry(e.to_string(), true),
+    }
+}
+
+/// What a failed attempt says of its worker: it went quiet, or it failed.
+fn blame(reason: &str) -> trust::Outcome {
+    if reason.contains("went quiet") || reason.contains("timed out") {
+        trust::Outcome::Timeout
+    } else {
+        trust::Outcome::Failure
     }
 }
 

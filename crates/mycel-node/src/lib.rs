@@ -13,7 +13,7 @@ pub mod blobs;
 pub mod fault;
 pub mod inference;
 pub mod models;
-mod openai;
+pub mod openai;
 mod slots;
 pub mod supply;
 pub mod system;

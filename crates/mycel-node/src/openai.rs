@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use crate::api::ApiState;
 use crate::inference::{RouteError, Verification};
 use crate::models::Runner;
+use mycel_core::task::TaskOutput;
 use mycel_core::verify::Mode;
 
 /// Default `max_tokens` when a request names none.
@@ -700,6 +701,87 @@ fn include_usage(request: &ChatRequest) -> bool {
         .unwrap_or(false)
 }
 
+/// Checks a certificate given alone or inside the response that carried it: the text is in
+/// its one canonical form, the signatures and rule hold, and a response's content is the
+/// certified output. Pure CPU: callers on the async runtime run it on the blocking pool.
+pub fn check_certificate(
+    value: &Value,
+) -> Result<(mycel_core::verify::Certificate, mycel_core::verify::Checked), String> {
+    use mycel_core::verify::{output_digest, Certificate};
+    let (certificate_value, response) = match value.pointer("/mycel/certificate") {
+        Some(certificate) => (certificate, Some(value)),
+        None => (value, None),
+    };
+    let certificate: Certificate = serde_json::from_value(certificate_value.clone())
+        .map_err(|e| format!("not a certificate (nor a response with mycel.certificate): {e}"))?;
+    // serde ignores what it does not read: the text must be exactly the certificate's.
+    if serde_json::to_value(&certificate).ok().as_ref() != Some(certificate_value) {
+        return Err("the certificate has fields or values beyond its canonical form".into());
+    }
+    let checked = certificate.check().map_err(|e| e.to_string())?;
+    if let Some(response) = response {
+        let output = certified_output(response)?
+            .ok_or("the response is neither an embeddings list nor a chat completion")?;
+        if output_digest(&output) != certificate.claim.output {
+            return Err(
+                "the response's content is not the output the certificate certifies".into(),
+            );
+        }
+    }
+    Ok((certificate, checked))
+}
+
+/// What a whole response (an embeddings list, or a chat completion made under verification)
+/// says was computed, as the workers' output: `None` for anything else (a certificate
+/// alone). Its digest must be the certificate's `claim.output`.
+pub fn certified_output(response: &Value) -> Result<Option<TaskOutput>, String> {
+    match response["object"].as_str() {
+        Some("list") => {
+            let data = response["data"]
+                .as_array()
+                .ok_or("no data in the response")?;
+            let mut vectors = Vec::with_capacity(data.len());
+            for item in data {
+                let vector: Vec<f32> = match &item["embedding"] {
+                    Value::String(encoded) => base64::engine::general_purpose::STANDARD
+                        .decode(encoded)
+                        .map_err(|e| format!("an embedding is not base64: {e}"))?
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                    other => serde_json::from_value(other.clone())
+                        .map_err(|e| format!("an embedding is not a list of numbers: {e}"))?,
+                };
+                vectors.push(vector);
+            }
+            let tokens = response["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+            Ok(Some(TaskOutput::embeddings(&vectors, tokens as usize)))
+        }
+        Some("chat.completion") => {
+            let choice = &response["choices"][0];
+            let text = choice["message"]["content"]
+                .as_str()
+                .ok_or("no message content in the response")?;
+            let tokens: Vec<u32> =
+                serde_json::from_value(response["mycel"]["output_tokens"].clone())
+                    .map_err(|_| "the response has no mycel.output_tokens".to_owned())?;
+            let finish_reason = match choice["finish_reason"].as_str() {
+                Some("stop") => FinishReason::Stop,
+                Some("length") => FinishReason::Length,
+                other => return Err(format!("finish_reason {other:?}")),
+            };
+            let prompt_tokens = response["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+            Ok(Some(TaskOutput::Generation {
+                text: text.to_owned(),
+                tokens,
+                prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+                finish_reason,
+            }))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// A chat completion checked as `mode` says. The text comes once it is checked: a stream
 /// gets it in one piece, then the `mycel` object (with the certificate) in its final event.
 #[allow(clippy::too_many_arguments)]
@@ -724,7 +806,10 @@ async fn chat_checked(
         .generate_checked(&target, messages, params, mode)
         .await?;
     let generation = completion.generation;
-    let checked = verification_json(&verification);
+    let mut checked = verification_json(&verification);
+    // The token ids are part of what the workers signed: with them a client can check the
+    // answer against the certificate (`certified_output`).
+    checked["output_tokens"] = json!(generation.tokens);
     if !request.stream.unwrap_or(false) {
         let mut body = reply.completion(&generation);
         body["mycel"] = checked;

@@ -3,6 +3,8 @@
 
 mod attack;
 mod blobs;
+#[cfg(feature = "fault-injection")]
+mod byzantine;
 mod failover;
 mod fl;
 mod inference;
@@ -42,6 +44,11 @@ pub(crate) enum BenchCommand {
     /// silent API connections): whether honest nodes still see it alive, honest bans, its CPU
     /// and memory, and the requests it answers against a run with no attack.
     Attack(attack::AttackBenchArgs),
+    /// Verification against lying workers (colluding or not) under replicate and
+    /// spot_check: wrong outputs accepted, liars isolated, work and latency against mode
+    /// none. Needs a build with --features fault-injection.
+    #[cfg(feature = "fault-injection")]
+    Byzantine(byzantine::ByzantineBenchArgs),
     /// The sending half of the TCP baseline of `bench blobs` (run by it).
     #[command(hide = true)]
     TcpSend(blobs::TcpSendArgs),
@@ -60,6 +67,8 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Blobs(args) => blobs::run(args).await,
         BenchCommand::Fl(args) => fl::run(args).await,
         BenchCommand::Attack(args) => attack::run(args).await,
+        #[cfg(feature = "fault-injection")]
+        BenchCommand::Byzantine(args) => byzantine::run(args).await,
         BenchCommand::TcpSend(args) => blobs::tcp_send(args),
     }
 }
