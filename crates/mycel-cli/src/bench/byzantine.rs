@@ -1,7 +1,7 @@
 //! `mycel bench byzantine` (a build with `--features fault-injection`): serving nodes in this
 //! process, some of them liars (colluding on one wrong output, or each with its own), and a
-//! client node sending tasks under a verification mode, interleaved with the same tasks under
-//! mode none. Per scenario: wrong outputs accepted as verified, tasks that could not be
+//! client node (a gateway serving nothing) sending tasks under a verification mode,
+//! interleaved with the same tasks under mode none. Per scenario: wrong outputs accepted as verified, tasks that could not be
 //! verified, how many tasks involving each liar it took to isolate it, and the work and p50
 //! latency against mode none.
 
@@ -23,7 +23,7 @@ use serde_json::json;
 
 #[derive(Args)]
 pub(crate) struct ByzantineBenchArgs {
-    /// Serving nodes (the client among them).
+    /// Serving nodes (the client is another node, a gateway serving nothing).
     #[arg(long, default_value_t = 10)]
     nodes: usize,
     /// Tasks per scenario under the verification mode (as many again under mode none).
@@ -154,7 +154,8 @@ enum Answer {
 fn input(task: Task, k: usize) -> (Vec<String>, Vec<ChatMessage>) {
     let text = format!("input {k}: the network checks what its peers say");
     match task {
-        Task::Embed => (vec![text], Vec::new()),
+        // The tiny embedding model reads at most 24 tokens.
+        Task::Embed => (vec![format!("input {k} checked")], Vec::new()),
         Task::Chat => (
             Vec::new(),
             vec![ChatMessage {
@@ -227,7 +228,9 @@ async fn run_scenario(
     dir: &Path,
 ) -> anyhow::Result<serde_json::Value> {
     let mut nodes: Vec<Node> = Vec::new();
-    for i in 0..args.nodes {
+    // Node 0 is the client: a gateway serving nothing. Then the serving nodes, the liars
+    // last.
+    for i in 0..=args.nodes {
         let bootstrap = match nodes.first() {
             Some(first) => vec![first.net.listen_addrs()[0]
                 .clone()
@@ -235,14 +238,17 @@ async fn run_scenario(
             None => Vec::new(),
         };
         let mut config = node_config(&dir.join(format!("n{i}")), bootstrap, model);
-        if i >= args.nodes - scenario.liars {
+        if i == 0 {
+            config.models.clear();
+        }
+        if i > args.nodes - scenario.liars {
             let group = if scenario.colluding { 1 } else { i as u64 + 1 };
             config.router.fault = Some(Fault::Wrong { group });
         }
         nodes.push(Node::start(config).await?);
     }
     let client = &nodes[0];
-    let liars: Vec<PeerId> = nodes[args.nodes - scenario.liars..]
+    let liars: Vec<PeerId> = nodes[args.nodes + 1 - scenario.liars..]
         .iter()
         .map(|n| n.net.peer_id())
         .collect();
@@ -260,11 +266,11 @@ async fn run_scenario(
                         .is_some_and(|c| !c.models.is_empty())
             })
             .count();
-        if serving + 1 >= args.nodes {
+        if serving >= args.nodes {
             break;
         }
         if Instant::now() > deadline {
-            bail!("only {serving} of {} serving peers came up", args.nodes - 1);
+            bail!("only {serving} of {} serving peers came up", args.nodes);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -277,8 +283,8 @@ async fn run_scenario(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let target = client.inference.resolve(&name, kind).await?;
-    // The right answers: the client's own model.
-    let own = client.net.peer_id();
+    // The right answers: an honest node's.
+    let honest = nodes[1].net.peer_id();
     let mut expected = Vec::with_capacity(INPUTS);
     for k in 0..INPUTS {
         let (answer, _) = ask(
@@ -287,7 +293,7 @@ async fn run_scenario(
             scenario.task,
             k,
             Mode::None,
-            Some(vec![own]),
+            Some(vec![honest]),
         )
         .await?;
         expected.push(answer);
