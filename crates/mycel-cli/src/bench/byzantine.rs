@@ -181,38 +181,42 @@ async fn ask(
     k: usize,
     mode: Mode,
     ranking: Option<Vec<PeerId>>,
-) -> Result<(Answer, bool), RouteError> {
+) -> Result<(Answer, bool, PeerId), RouteError> {
     let (texts, messages) = input(task, k);
     match (task, mode, ranking) {
         (Task::Embed, _, Some(ranking)) => {
             let e = client.embed_on(target, texts, ranking).await?;
-            Ok((Answer::Vectors(e.vectors), false))
+            Ok((Answer::Vectors(e.vectors), false, e.worker))
         }
         (Task::Chat, _, Some(ranking)) => {
             let (tx, _rx) = tokio::sync::mpsc::channel(4 * CHAT_TOKENS);
             let c = client
                 .generate_on(target, messages, params(), tx, ranking)
                 .await?;
-            Ok((Answer::Tokens(c.generation.tokens), false))
+            Ok((Answer::Tokens(c.generation.tokens), false, c.worker))
         }
         (Task::Embed, Mode::None, None) => {
             let e = client.embed(target, texts).await?;
-            Ok((Answer::Vectors(e.vectors), false))
+            Ok((Answer::Vectors(e.vectors), false, e.worker))
         }
         (Task::Chat, Mode::None, None) => {
             let (tx, _rx) = tokio::sync::mpsc::channel(4 * CHAT_TOKENS);
             let c = client.generate(target, messages, params(), tx).await?;
-            Ok((Answer::Tokens(c.generation.tokens), false))
+            Ok((Answer::Tokens(c.generation.tokens), false, c.worker))
         }
         (Task::Embed, mode, None) => {
             let (e, v) = client.embed_checked(target, texts, mode).await?;
-            Ok((Answer::Vectors(e.vectors), v.certificate.is_some()))
+            Ok((Answer::Vectors(e.vectors), v.certificate.is_some(), e.worker))
         }
         (Task::Chat, mode, None) => {
             let (c, v) = client
                 .generate_checked(target, messages, params(), mode)
                 .await?;
-            Ok((Answer::Tokens(c.generation.tokens), v.certificate.is_some()))
+            Ok((
+                Answer::Tokens(c.generation.tokens),
+                v.certificate.is_some(),
+                c.worker,
+            ))
         }
     }
 }
@@ -287,7 +291,7 @@ async fn run_scenario(
     let honest = nodes[1].net.peer_id();
     let mut expected = Vec::with_capacity(INPUTS);
     for k in 0..INPUTS {
-        let (answer, _) = ask(
+        let (answer, _, _) = ask(
             &client.inference,
             &target,
             scenario.task,
@@ -343,8 +347,11 @@ async fn run_scenario(
         )
         .await;
         mode_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        // The task involved a liar that answered it (spot check: the first answer), or whose
+        // record it changed (replicas).
+        let answered_by = outcome.as_ref().ok().map(|(_, _, worker)| *worker);
         match outcome {
-            Ok((answer, verified)) if answer != expected[k] => {
+            Ok((answer, verified, _)) if answer != expected[k] => {
                 wrong_returned += 1;
                 if verified {
                     wrong_accepted += 1;
@@ -358,7 +365,7 @@ async fn run_scenario(
             if isolated_after[l].is_some() {
                 continue;
             }
-            if involvement(liar) > seen[l] + 0.5 {
+            if answered_by == Some(*liar) || involvement(liar) > seen[l] + 0.5 {
                 involved[l] += 1;
             }
             if client
