@@ -206,7 +206,11 @@ async fn ask(
         }
         (Task::Embed, mode, None) => {
             let (e, v) = client.embed_checked(target, texts, mode).await?;
-            Ok((Answer::Vectors(e.vectors), v.certificate.is_some(), e.worker))
+            Ok((
+                Answer::Vectors(e.vectors),
+                v.certificate.is_some(),
+                e.worker,
+            ))
         }
         (Task::Chat, mode, None) => {
             let (c, v) = client
@@ -389,6 +393,12 @@ async fn run_scenario(
     let all_isolated = isolated_after.iter().all(Option::is_some);
     let max_to_isolate = isolated_after.iter().flatten().max().copied();
     let work_ratio = mode_work as f64 / none_work.max(1) as f64;
+    let unisolated: Vec<u32> = isolated_after
+        .iter()
+        .zip(&involved)
+        .filter(|(isolated, _)| isolated.is_none())
+        .map(|(_, tasks)| *tasks)
+        .collect();
     eprintln!(
         "{:<28} {:>5} {:>6} {:>6} {:>9} {:>10} {:>9.2} {:>10.2} {:>9.2}",
         scenario.name,
@@ -399,9 +409,10 @@ async fn run_scenario(
         match (all_isolated, max_to_isolate) {
             (true, Some(m)) => m.to_string(),
             _ => format!(
-                "{}/{} isol.",
+                "{}/{} ({}t)",
                 isolated_after.iter().flatten().count(),
-                liars.len()
+                liars.len(),
+                unisolated.iter().max().unwrap_or(&0)
             ),
         },
         work_ratio,
@@ -426,6 +437,9 @@ async fn run_scenario(
         "liars_isolated": isolated_after.iter().flatten().count(),
         "max_tasks_to_isolate": if all_isolated { json!(max_to_isolate) } else { json!(null) },
         "tasks_to_isolate": isolated_after,
+        // Liars never isolated, and how many tasks involved each: a liar the router never
+        // asked harmed no one.
+        "unisolated_liar_tasks": unisolated,
         "work_ratio": work_ratio,
         "p50_ms": p50_mode,
         "p50_none_ms": p50_none,
