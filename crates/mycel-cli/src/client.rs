@@ -219,8 +219,8 @@ pub(crate) fn peers(args: ClientArgs) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     println!(
-        "{:<52} {:<7} {:>5} {:<7} {:>9} {:>6} {:>8} {:>10}",
-        "PEER", "STATE", "CONN", "REACH", "RTT", "CORES", "MEM GiB", "LAST SEEN"
+        "{:<52} {:<7} {:>5} {:<7} {:>9} {:>6} {:>8} {:>10} {:>12}",
+        "PEER", "STATE", "CONN", "REACH", "RTT", "CORES", "MEM GiB", "LAST SEEN", "TRUST"
     );
     for peer in list {
         let caps = &peer["capabilities"];
@@ -238,8 +238,15 @@ pub(crate) fn peers(args: ClientArgs) -> anyhow::Result<()> {
         let ago = peer["last_seen"].as_u64().map_or("-".into(), |t| {
             format!("{}s ago", now.saturating_sub(t) / 1000)
         });
+        // What this node's tasks showed of it: its score, or how long it stays isolated.
+        let trust = &peer["trust"];
+        let trust = match (trust["isolated_until"].as_u64(), trust["score"].as_f64()) {
+            (Some(until), _) => format!("isolated {}s", until.saturating_sub(now) / 1000),
+            (None, Some(score)) => format!("{score:.2}"),
+            _ => "-".into(),
+        };
         println!(
-            "{:<52} {:<7} {:>5} {:<7} {:>9} {:>6} {:>8} {:>10}",
+            "{:<52} {:<7} {:>5} {:<7} {:>9} {:>6} {:>8} {:>10} {:>12}",
             peer["peer_id"].as_str().unwrap_or("?"),
             peer["state"].as_str().unwrap_or("?"),
             match peer["link"].as_str() {
@@ -251,7 +258,8 @@ pub(crate) fn peers(args: ClientArgs) -> anyhow::Result<()> {
             rtt,
             cores,
             mem,
-            ago
+            ago,
+            trust
         );
     }
     Ok(())

@@ -3,7 +3,8 @@
 //! Penalties are weighted by how clearly a rejection shows intent: a bad signature or a
 //! malformed message cannot happen by accident between honest nodes, while a late (expired)
 //! statement can. A peer whose score falls below the ban threshold is disconnected and ignored
-//! until the score has decayed back above it.
+//! until the score has decayed back above it. A peer caught lying (`trust`) is banned until
+//! a time whatever its score.
 
 use std::collections::HashMap;
 
@@ -56,11 +57,13 @@ struct Score {
     at: UnixMillis,
 }
 
-/// Scores of the peers that misbehaved (everyone else is at zero).
+/// Scores of the peers that misbehaved (everyone else is at zero), and peers isolated for
+/// lying (see `trust`) until a time.
 #[derive(Debug, Default)]
 pub struct Reputation {
     config: Config,
     scores: HashMap<PeerId, Score>,
+    isolated: HashMap<PeerId, UnixMillis>,
 }
 
 impl Reputation {
@@ -69,6 +72,7 @@ impl Reputation {
         Self {
             config,
             scores: HashMap::new(),
+            isolated: HashMap::new(),
         }
     }
 
@@ -100,13 +104,26 @@ impl Reputation {
         before >= self.config.ban_below && after < self.config.ban_below
     }
 
-    /// Whether `peer` is banned at `now`.
+    /// Whether `peer` is banned at `now`: its score is below the threshold, or it is
+    /// isolated.
     pub fn is_banned(&self, peer: &PeerId, now: UnixMillis) -> bool {
-        self.score(peer, now) < self.config.ban_below
+        self.score(peer, now) < self.config.ban_below || self.isolated(peer, now)
+    }
+
+    /// Bans `peer` until `until` whatever its score: a worker caught lying.
+    pub fn isolate(&mut self, peer: PeerId, until: UnixMillis) {
+        let entry = self.isolated.entry(peer).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// Whether `peer` is isolated at `now`.
+    pub fn isolated(&self, peer: &PeerId, now: UnixMillis) -> bool {
+        self.isolated.get(peer).is_some_and(|until| *until > now)
     }
 
     /// Drops records that have decayed to almost nothing.
     pub fn prune(&mut self, now: UnixMillis) {
+        self.isolated.retain(|_, until| *until > now);
         let config_half_life = self.config.half_life_ms.max(1) as f64;
         self.scores.retain(|_, s| {
             let elapsed = now.saturating_sub(s.at) as f64;
@@ -118,6 +135,18 @@ impl Reputation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_isolation_bans_until_its_time() {
+        let mut rep = Reputation::new(Config::default());
+        let peer = PeerId::random();
+        rep.isolate(peer, 1_000);
+        rep.isolate(peer, 500);
+        assert!(rep.is_banned(&peer, 999), "the later time holds");
+        assert!(!rep.is_banned(&peer, 1_000));
+        rep.prune(1_000);
+        assert!(!rep.isolated(&peer, 0), "forgotten once over");
+    }
 
     #[test]
     fn repeated_forgeries_ban_and_decay_lifts_the_ban() {

@@ -6,7 +6,8 @@
 //! The score is `(successes + 1) / (successes + 1 + bad)`, where `bad` weighs a failure or a
 //! timeout 1, an invalid answer 5 and a disagreement 10: a lie costs more than a long record
 //! of honest work earns back quickly. A bad outcome that takes the score below
-//! [`Config::isolate_below`] isolates the peer (no tasks are routed to it) for
+//! [`Config::isolate_below`] isolates the peer (no tasks are routed to it; a liar is also
+//! cut off in the network, see `reputation::Reputation::isolate`) for
 //! `base_isolation_ms · 2^offences`, capped; offences are forgiven an hour after the last
 //! isolation ends. Pure: time comes in as arguments.
 

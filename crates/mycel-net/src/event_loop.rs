@@ -688,6 +688,9 @@ impl EventLoop {
         }
         let (alive, _, _) = self.membership.counts();
         self.announce_interval = self.config.timing.announce_schedule(alive).0;
+        // Forget scores decayed to nothing and isolations over (a stranger's key penalised
+        // once must not stay in memory for good).
+        self.reputation.prune(now);
         // Lift bans whose reputation has decayed back above the threshold.
         let blocked: Vec<PeerId> = self
             .swarm
@@ -1329,8 +1332,19 @@ impl EventLoop {
                 let _ = reply.send(());
             }
             Command::Penalise(peer, reason) => self.reject(peer, reason),
+            Command::Isolate(peer, until) => {
+                warn!(%peer, "isolating a peer caught lying");
+                self.reputation.isolate(peer, until);
+                self.swarm.behaviour_mut().blocked.block_peer(peer);
+            }
             Command::Reputation(peer, reply) => {
-                let _ = reply.send(self.reputation.score(&peer, now_ms()));
+                let now = now_ms();
+                let score = if self.reputation.isolated(&peer, now) {
+                    f64::MIN
+                } else {
+                    self.reputation.score(&peer, now)
+                };
+                let _ = reply.send(score);
             }
             Command::Provide(ids) => {
                 let something = !ids.is_empty();

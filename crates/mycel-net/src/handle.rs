@@ -144,6 +144,7 @@ pub(crate) enum Command {
     AddAddresses(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     DirectPath(PeerId, oneshot::Sender<Result<(), NetError>>),
     Penalise(PeerId, Rejection),
+    Isolate(PeerId, u64),
     Reputation(PeerId, oneshot::Sender<f64>),
     Provide(Vec<ContentId>),
     FindProviders(ContentId, oneshot::Sender<Vec<PeerId>>),
@@ -527,7 +528,14 @@ impl NetHandle {
         let _ = self.commands.send(Command::Penalise(peer, reason)).await;
     }
 
-    /// `peer`'s reputation score now (0 is neutral, lower is worse).
+    /// Cuts `peer` off until `until` (Unix ms) whatever its score: disconnected, its gossip
+    /// and statements ignored, its reputation the lowest there is (a worker caught lying).
+    pub async fn isolate(&self, peer: PeerId, until: u64) {
+        let _ = self.commands.send(Command::Isolate(peer, until)).await;
+    }
+
+    /// `peer`'s reputation score now (0 is neutral, lower is worse; an isolated peer has the
+    /// lowest).
     pub async fn reputation(&self, peer: PeerId) -> Result<f64, NetError> {
         self.ask(|tx| Command::Reputation(peer, tx)).await
     }

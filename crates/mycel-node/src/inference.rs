@@ -389,6 +389,11 @@ impl Inference {
             for (peer, bytes) in kept {
                 match mycel_core::wire::decode::<TrustEntry>(&bytes, MAX_TRUST_ENTRY_BYTES) {
                     Ok(entry) => {
+                        let conduct = entry.record.conduct;
+                        let lied = conduct.disagreements + conduct.invalid > 0.5;
+                        if lied && entry.record.isolated_until > now_ms() {
+                            self.cut_off(peer, entry.record.isolated_until);
+                        }
                         state.trust.restore(peer, entry.record);
                         if !entry.evidence.is_empty() {
                             state.evidence.insert(peer, entry.evidence.into());
@@ -993,6 +998,7 @@ impl Inference {
             || text.len() < delivered
         {
             self.net.penalise(peer, Rejection::Malformed).await;
+            self.note(&peer, trust::Outcome::Invalid);
             return retry("the worker's answer contradicts what it streamed", true);
         }
         if text.len() > delivered && !progress.deliver(text[delivered..].to_owned(), vec![]).await {
@@ -1289,6 +1295,7 @@ impl Inference {
                 }
             }
             if let Some(isolation) = isolation {
+                self.cut_off(peer, isolation.until);
                 self.flush_now.notify_one();
                 self.metrics.isolations.inc();
                 warn!(%peer, task = %request.id, offences = isolation.offences,
@@ -1483,10 +1490,24 @@ impl Inference {
             self.metrics.invalid_results.inc();
         }
         if let Some(isolation) = self.lock().note(peer, outcome, now) {
+            if matches!(
+                outcome,
+                trust::Outcome::Invalid | trust::Outcome::Disagreement
+            ) {
+                self.cut_off(*peer, isolation.until);
+            }
             self.flush_now.notify_one();
             self.metrics.isolations.inc();
             warn!(%peer, offences = isolation.offences, ?outcome, "isolating a peer");
         }
+    }
+
+    /// A liar (a lost quorum, a forged or malformed answer) is cut off in the network as
+    /// well until its isolation ends: disconnected, its gossip ignored, not selected for
+    /// training. A peer isolated for failing is only left out of routing.
+    fn cut_off(&self, peer: PeerId, until: u64) {
+        let net = self.net.clone();
+        tokio::spawn(async move { net.isolate(peer, until).await });
     }
 
     /// What this node's tasks have shown about `peer`, if it did any.

@@ -171,6 +171,11 @@ async fn colluding_liars_never_win_are_isolated_with_evidence_and_certificates_c
             assert_eq!(piece.check(), Ok(*liar), "the evidence convicts the liar");
         }
     }
+    for liar in &liars {
+        // Cut off in the network too: no training would select it.
+        let reputation = client.net.reputation(*liar).await.unwrap();
+        assert!(reputation < -50.0, "{reputation}");
+    }
     assert!(metric(client, "mycel_verify_disagreements") >= 2.0);
     assert!(metric(client, "mycel_verify_isolations") >= 2.0);
 

@@ -419,10 +419,33 @@ async fn run_scenario(
         p50_mode,
         p50_mode / p50_none
     );
+    // Honest workers noted as disagreeing or isolated: false disagreements of the exact
+    // agreement rule (the same output bytes), which should never happen.
+    let honest: Vec<PeerId> = nodes[1..=args.nodes - scenario.liars]
+        .iter()
+        .map(|n| n.net.peer_id())
+        .collect();
+    let honest_disagreements: f64 = honest
+        .iter()
+        .filter_map(|p| client.inference.trust_of(p))
+        .map(|t| t.disagreements)
+        .sum();
+    let honest_isolated = honest
+        .iter()
+        .filter(|p| client.inference.trust_of(p).is_some_and(|t| t.offences > 0))
+        .count();
+    let honest_successes: f64 = honest
+        .iter()
+        .filter_map(|p| client.inference.trust_of(p))
+        .map(|t| t.successes)
+        .sum();
     for node in nodes {
         node.shutdown().await;
     }
     Ok(json!({
+        "honest_disagreements": honest_disagreements.round(),
+        "honest_answers": honest_successes.round(),
+        "honest_isolated": honest_isolated,
         "scenario": scenario.name,
         "mode": scenario.mode.to_string(),
         "task": task_name(scenario.task),
