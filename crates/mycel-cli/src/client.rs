@@ -329,26 +329,25 @@ fn verify_options(mode: mycel_core::verify::Mode) -> Value {
     }
 }
 
-/// One line on how an answer was checked, for the terminal: a certificate is checked here,
-/// not taken on the node's word.
-fn describe_verification(mycel: &Value) -> Option<String> {
+/// One line on how an answer was checked, for the terminal: the certificate, and the answer
+/// against it, are checked here, not taken on the node's word.
+fn describe_verification(response: &Value) -> Option<String> {
+    let mycel = &response["mycel"];
     let verify = mycel["verify"].as_str()?;
     if mycel["certificate"].is_null() {
         return Some(format!("not verified (mode {verify})"));
     }
-    Some(
-        match mycel_node::openai::check_certificate(&mycel["certificate"]) {
-            Ok((certificate, checked)) => format!(
-                "verified: {} workers agreed (quorum {} of {} candidates); certificate issued \
+    Some(match mycel_node::openai::check_certificate(response) {
+        Ok((certificate, checked)) => format!(
+            "verified: {} workers agreed (quorum {} of {} candidates); certificate issued \
                  by {}",
-                checked.workers.len(),
-                certificate.rule.quorum,
-                certificate.rule.candidates,
-                checked.issuer,
-            ),
-            Err(e) => format!("NOT verified: the certificate does not check: {e}"),
-        },
-    )
+            checked.workers.len(),
+            certificate.rule.quorum,
+            certificate.rule.candidates,
+            checked.issuer,
+        ),
+        Err(e) => format!("NOT verified: the certificate does not check: {e}"),
+    })
 }
 
 #[derive(Args)]
@@ -424,7 +423,7 @@ pub(crate) fn embed(args: EmbedArgs) -> anyhow::Result<()> {
             .join(", ");
         println!("{text:?}: [{shown}, ...] ({} dimensions)", vector.len());
     }
-    if let Some(line) = describe_verification(&answer["mycel"]) {
+    if let Some(line) = describe_verification(&answer) {
         println!("{line}");
     }
     Ok(())
@@ -476,9 +475,12 @@ pub(crate) fn chat(args: ChatArgs) -> anyhow::Result<()> {
     }
     if let Some(mode) = args.verify {
         body["mycel"] = verify_options(mode);
+        // The prompt's token count is part of what the workers signed.
+        body["stream_options"] = serde_json::json!({ "include_usage": true });
     }
     let response = args.client.post("/v1/chat/completions", &body)?;
-    let mut checked = None;
+    let mut streamed = String::new();
+    let (mut mycel, mut finish, mut usage) = (Value::Null, Value::Null, Value::Null);
     let reader = BufReader::new(response.into_body().into_reader());
     let mut out = std::io::stdout().lock();
     for line in reader.lines() {
@@ -496,13 +498,25 @@ pub(crate) fn chat(args: ChatArgs) -> anyhow::Result<()> {
         if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
             write!(out, "{text}")?;
             out.flush()?;
+            streamed.push_str(text);
         }
-        if let Some(line) = describe_verification(&chunk["mycel"]) {
-            checked = Some(line);
+        if chunk["mycel"].is_object() {
+            mycel = chunk["mycel"].clone();
+            finish = chunk["choices"][0]["finish_reason"].clone();
+        }
+        if chunk["usage"].is_object() {
+            usage = chunk["usage"].clone();
         }
     }
     writeln!(out)?;
-    if let Some(line) = checked {
+    // The streamed answer, put together as a whole response, checked against the certificate.
+    let whole = serde_json::json!({
+        "object": "chat.completion",
+        "choices": [{ "message": { "content": streamed }, "finish_reason": finish }],
+        "usage": usage,
+        "mycel": mycel,
+    });
+    if let Some(line) = describe_verification(&whole) {
         eprintln!("{line}");
     }
     Ok(())

@@ -9,7 +9,7 @@
 //! [`Config::isolate_below`] isolates the peer (no tasks are routed to it; a liar is also
 //! cut off in the network, see `reputation::Reputation::isolate`) for
 //! `base_isolation_ms · 2^offences`, capped; offences are forgiven an hour after the last
-//! isolation ends. Pure: time comes in as arguments.
+//! isolation ends unless it ever lied. Pure: time comes in as arguments.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -104,6 +104,12 @@ pub struct Record {
     pub offences: u32,
     /// Isolated until then (0: never).
     pub isolated_until: UnixMillis,
+    /// The last isolation was for a lie (a disagreement or an invalid answer), not failures.
+    #[serde(default)]
+    pub for_lie: bool,
+    /// Lies ever noted (not decayed): a peer that lied is never forgiven its offences.
+    #[serde(default)]
+    pub lies: u32,
 }
 
 /// The records of every peer that did work for this node.
@@ -180,7 +186,12 @@ impl<P: Eq + Hash + Clone> Trust<P> {
             Outcome::Disagreement => conduct.disagreements += 1.0,
             Outcome::Invalid => conduct.invalid += 1.0,
         }
+        let lie = matches!(outcome, Outcome::Disagreement | Outcome::Invalid);
+        if lie {
+            record.lies = record.lies.saturating_add(1);
+        }
         if record.offences > 0
+            && record.lies == 0
             && now
                 > record
                     .isolated_until
@@ -199,6 +210,7 @@ impl<P: Eq + Hash + Clone> Trust<P> {
                 .min(self.config.max_isolation_ms);
             record.offences += 1;
             record.isolated_until = now + length;
+            record.for_lie = lie;
             isolation = Some(Isolation {
                 until: record.isolated_until,
                 offences: record.offences,
@@ -264,7 +276,7 @@ mod tests {
         assert_eq!(third.until, 3 * MIN + 4 * MIN);
         // While isolated, more bad news does not restart the clock.
         assert_eq!(trust.note(&liar, Outcome::Invalid, 3 * MIN + 1), None);
-        // An hour after its last isolation, its offences are forgiven: back to the first step.
+        // A liar's offences are never forgiven: the next lie, however late, doubles again.
         let later = 7 * MIN + Config::default().forgive_after_ms + 1;
         let again = trust
             .note(&liar, Outcome::Disagreement, later)
@@ -272,9 +284,25 @@ mod tests {
         assert_eq!(
             again,
             Isolation {
-                until: later + MIN,
-                offences: 1
+                until: later + 8 * MIN,
+                offences: 4
             }
+        );
+        assert!(trust.record(&liar, later).for_lie);
+        // A peer isolated for failing is forgiven an hour after its isolation ends.
+        let flaky = 9u8;
+        trust.note(&flaky, Outcome::Failure, 0);
+        let first = trust.note(&flaky, Outcome::Timeout, 1).expect("isolated");
+        assert!(!trust.record(&flaky, 2).for_lie);
+        let late = first.until + Config::default().forgive_after_ms + 1;
+        let mut again = None;
+        for _ in 0..3 {
+            again = again.or(trust.note(&flaky, Outcome::Failure, late));
+        }
+        assert_eq!(
+            again.expect("isolated again").offences,
+            1,
+            "forgiven: the first step"
         );
     }
 

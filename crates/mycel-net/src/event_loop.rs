@@ -47,6 +47,8 @@ const ENOUGH_PROVIDERS: usize = 4;
 
 /// Addresses remembered per peer.
 const MAX_ADDRS_PER_PEER: usize = 8;
+/// The reputation reported for a peer isolated for lying: far below any threshold.
+const ISOLATED_SCORE: f64 = -1_000.0;
 /// Anti-entropy syncs in flight at once.
 const MAX_SYNCS_IN_FLIGHT: usize = 4;
 /// Least time between two dials of a LAN peer found by mDNS.
@@ -1340,7 +1342,7 @@ impl EventLoop {
             Command::Reputation(peer, reply) => {
                 let now = now_ms();
                 let score = if self.reputation.isolated(&peer, now) {
-                    f64::MIN
+                    ISOLATED_SCORE
                 } else {
                     self.reputation.score(&peer, now)
                 };

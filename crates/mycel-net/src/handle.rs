@@ -534,8 +534,8 @@ impl NetHandle {
         let _ = self.commands.send(Command::Isolate(peer, until)).await;
     }
 
-    /// `peer`'s reputation score now (0 is neutral, lower is worse; an isolated peer has the
-    /// lowest).
+    /// `peer`'s reputation score now (0 is neutral, lower is worse; an isolated peer has
+    /// -1000).
     pub async fn reputation(&self, peer: PeerId) -> Result<f64, NetError> {
         self.ask(|tx| Command::Reputation(peer, tx)).await
     }

@@ -58,6 +58,11 @@ const PROVIDER_LOOKUP: Duration = Duration::from_secs(3);
 const EVIDENCE_PER_PEER: usize = 4;
 /// Spot checks running at once in the background.
 const MAX_RECHECKS: usize = 4;
+/// An isolated liar is routed to again this long after its isolation ends: the network lifts
+/// its ban on the event loop's next tick, and a task sent before would fail.
+const UNBLOCK_SLACK_MS: u64 = 2_000;
+/// Longest a background spot check may take.
+const RECHECK_BUDGET: Duration = Duration::from_secs(60);
 
 /// How the router behaves.
 #[derive(Debug, Clone)]
@@ -389,9 +394,7 @@ impl Inference {
             for (peer, bytes) in kept {
                 match mycel_core::wire::decode::<TrustEntry>(&bytes, MAX_TRUST_ENTRY_BYTES) {
                     Ok(entry) => {
-                        let conduct = entry.record.conduct;
-                        let lied = conduct.disagreements + conduct.invalid > 0.5;
-                        if lied && entry.record.isolated_until > now_ms() {
+                        if entry.record.for_lie && entry.record.isolated_until > now_ms() {
                             self.cut_off(peer, entry.record.isolated_until);
                         }
                         state.trust.restore(peer, entry.record);
@@ -642,7 +645,8 @@ impl Inference {
         let now = now_ms();
         let mut state = self.lock();
         // Isolated peers get no work until their back-off ends.
-        candidates.retain(|c| c.peer == own || !state.trust.isolated(&c.peer, now));
+        let until = now.saturating_sub(UNBLOCK_SLACK_MS);
+        candidates.retain(|c| c.peer == own || !state.trust.isolated(&c.peer, until));
         let RouterState {
             reliability, rng, ..
         } = &mut *state;
@@ -975,6 +979,8 @@ impl Inference {
         request: &TaskRequest,
         progress: &mut Progress,
     ) -> Outcome<Generation> {
+        // What earlier workers streamed: their claims, not this worker's.
+        let inherited = !progress.resume.tokens.is_empty() || progress.resume.text_bytes > 0;
         let outcome = self.remote(peer, request, Some(progress)).await;
         let result = match outcome {
             Outcome::Done(result) => result,
@@ -997,6 +1003,14 @@ impl Inference {
             || !text.is_char_boundary(delivered.min(text.len()))
             || text.len() < delivered
         {
+            if inherited {
+                // The text to continue came from a worker that failed: it may have claimed
+                // more than it sent. Nobody here is to blame for certain.
+                return retry(
+                    "the answer does not continue what an earlier worker streamed",
+                    false,
+                );
+            }
             self.net.penalise(peer, Rejection::Malformed).await;
             self.note(&peer, trust::Outcome::Invalid);
             return retry("the worker's answer contradicts what it streamed", true);
@@ -1045,7 +1059,8 @@ impl Inference {
         {
             let state = self.lock();
             let mut seen = HashSet::new();
-            ranking.retain(|p| seen.insert(*p) && (*p == own || !state.trust.isolated(p, now)));
+            let until = now.saturating_sub(UNBLOCK_SLACK_MS);
+            ranking.retain(|p| seen.insert(*p) && (*p == own || !state.trust.isolated(p, until)));
         }
         ranking.truncate(verify::MAX_CANDIDATES);
         let id = TaskId(self.lock().rng.gen());
@@ -1271,28 +1286,31 @@ impl Inference {
                 continue;
             }
             if claim.engine != agreed.engine {
-                // Another engine (a target only the DHT knew of): a different output is no lie.
+                // Another engine (a target only the DHT knew of): a different output is no
+                // proof of a lie, but it is no use either.
+                state.reliability.failure(&peer, now);
+                state.note(&peer, trust::Outcome::Failure, now);
                 continue;
             }
             // Signed, and outvoted by a quorum that holds an honest answer: a lie.
             self.metrics.disagreements.inc();
             state.reliability.failure(&peer, now);
             let isolation = state.note(&peer, trust::Outcome::Disagreement, now);
-            let evidence =
-                Signer::from_parts(&result.public_key, &result.signature).map(|liar| Evidence {
+            // The liar's signature over its claim (the certificate was just made here).
+            let liar = Signer::from_parts(&result.public_key, &result.signature)
+                .ok()
+                .filter(|liar| liar.verify(&claim.signed_bytes()) == Ok(peer));
+            if let Some(liar) = liar {
+                state.dirty.insert(peer);
+                let kept = state.evidence.entry(peer).or_default();
+                if kept.len() == EVIDENCE_PER_PEER {
+                    kept.pop_front();
+                }
+                kept.push_back(Evidence {
                     lie: claim,
                     liar,
                     certificate: certificate.clone(),
                 });
-            if let Ok(evidence) = evidence.as_ref().map(|e| (e.check(), e)) {
-                if evidence.0 == Ok(peer) {
-                    state.dirty.insert(peer);
-                    let kept = state.evidence.entry(peer).or_default();
-                    if kept.len() == EVIDENCE_PER_PEER {
-                        kept.pop_front();
-                    }
-                    kept.push_back(evidence.1.clone());
-                }
             }
             if let Some(isolation) = isolation {
                 self.cut_off(peer, isolation.until);
@@ -1340,7 +1358,8 @@ impl Inference {
                         let (target, request, first) =
                             (target.clone(), request.clone(), result.clone());
                         let ranking = ranking.clone();
-                        let deadline = this.config.deadline;
+                        // Spot checks share 4 slots: a slow peer must not hold them long.
+                        let deadline = this.config.deadline.min(RECHECK_BUDGET);
                         tokio::spawn(async move {
                             let _slot = slot;
                             let recheck = this.recheck(&target, &request, &ranking, peer, first);
@@ -1530,6 +1549,11 @@ impl Inference {
             isolated_until: (decayed.isolated_until > now).then_some(decayed.isolated_until),
             evidence: state.evidence.get(peer).map_or(0, VecDeque::len),
         })
+    }
+
+    /// Spot checks running in the background now.
+    pub fn rechecks_running(&self) -> usize {
+        MAX_RECHECKS - self.rechecks.available_permits()
     }
 
     /// The default verification mode of this node.

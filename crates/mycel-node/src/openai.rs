@@ -740,18 +740,35 @@ pub fn certified_output(response: &Value) -> Result<Option<TaskOutput>, String> 
             let data = response["data"]
                 .as_array()
                 .ok_or("no data in the response")?;
-            let mut vectors = Vec::with_capacity(data.len());
-            for item in data {
+            let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(data.len());
+            for (position, item) in data.iter().enumerate() {
+                // Each vector where its index says, all of one length: the digest alone
+                // would not tell a regrouped or reordered list from the certified one.
+                if item["index"].as_u64() != Some(position as u64) {
+                    return Err(format!("embedding {position} has index {}", item["index"]));
+                }
                 let vector: Vec<f32> = match &item["embedding"] {
-                    Value::String(encoded) => base64::engine::general_purpose::STANDARD
-                        .decode(encoded)
-                        .map_err(|e| format!("an embedding is not base64: {e}"))?
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect(),
+                    Value::String(encoded) => {
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(encoded)
+                            .map_err(|e| format!("an embedding is not base64: {e}"))?;
+                        if bytes.len() % 4 != 0 {
+                            return Err("a base64 embedding is not whole floats".into());
+                        }
+                        bytes
+                            .chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                            .collect()
+                    }
                     other => serde_json::from_value(other.clone())
                         .map_err(|e| format!("an embedding is not a list of numbers: {e}"))?,
                 };
+                if vectors
+                    .first()
+                    .is_some_and(|first| first.len() != vector.len())
+                {
+                    return Err("the embeddings are not all of one length".into());
+                }
                 vectors.push(vector);
             }
             let tokens = response["usage"]["prompt_tokens"].as_u64().unwrap_or(0);

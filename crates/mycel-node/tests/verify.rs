@@ -171,11 +171,21 @@ async fn colluding_liars_never_win_are_isolated_with_evidence_and_certificates_c
             assert_eq!(piece.check(), Ok(*liar), "the evidence convicts the liar");
         }
     }
-    for liar in &liars {
-        // Cut off in the network too: no training would select it.
-        let reputation = client.net.reputation(*liar).await.unwrap();
-        assert!(reputation < -50.0, "{reputation}");
-    }
+    // Cut off in the network too (told to the event loop as the lie is found): no training
+    // would select them.
+    wait_until(
+        LIMIT,
+        "the liars' reputation falls below training's floor",
+        || async {
+            for liar in &liars {
+                if client.net.reputation(*liar).await.unwrap() >= -50.0 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
     assert!(metric(client, "mycel_verify_disagreements") >= 2.0);
     assert!(metric(client, "mycel_verify_isolations") >= 2.0);
 
@@ -202,6 +212,11 @@ async fn colluding_liars_never_win_are_isolated_with_evidence_and_certificates_c
         serde_json::from_str::<Value>(&answer).unwrap()["valid"],
         true
     );
+    // The vectors swapped between the inputs (their indexes too): not what was certified.
+    let mut swapped = response.clone();
+    swapped["data"].as_array_mut().unwrap().swap(0, 1);
+    let (status, answer) = post(client, "/api/verify", swapped.to_string());
+    assert_eq!(status, 422, "{answer}");
     let text = serde_json::to_string(&certificate).unwrap();
     let at = text.find("\"output\":\"blake3:").unwrap() + "\"output\":\"blake3:".len();
     let mut altered = text.into_bytes();
@@ -364,8 +379,17 @@ async fn isolation_ends_doubles_on_a_repeat_and_survives_a_restart() {
         !isolated(&client, &liar)
     })
     .await;
-    // Its back-off over, it is a candidate again.
-    assert!(client.inference.ranking(&bert).await.contains(&liar));
+    // Its back-off over, it is a candidate again (the router waits for the network to lift
+    // its ban first) and reachable.
+    wait_until(LIMIT, "the liar is a candidate again", || async {
+        client.inference.ranking(&bert).await.contains(&liar)
+    })
+    .await;
+    let open = client.net.open_task_stream(liar);
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(5), open).await,
+        Ok(Ok(_))
+    ));
     let second = run_until_isolated(2).await;
     let length = second
         .isolated_until

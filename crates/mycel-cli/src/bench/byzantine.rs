@@ -324,6 +324,11 @@ async fn run_scenario(
     };
     for i in 0..args.tasks {
         let k = i % INPUTS;
+        // Spot checks of the task before finish first: their work and CPU are the mode's.
+        let settled = Instant::now() + Duration::from_secs(60);
+        while client.inference.rechecks_running() > 0 && Instant::now() < settled {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         // Mode none, then the mode, on the same input.
         let before = worked(&nodes);
         let started = Instant::now();
@@ -340,16 +345,62 @@ async fn run_scenario(
         none_work += worked(&nodes) - before;
 
         let seen: Vec<f64> = liars.iter().map(involvement).collect();
+        // Under spot_check only the first choice answers, and the router's ranking gives a
+        // peer with no record little traffic: every tenth task the liar is offered first, the
+        // share a uniform router would give one peer in ten.
+        let ranking = match scenario.mode {
+            Mode::SpotCheck { .. } if i % args.nodes == 0 => {
+                let mut ranking = client.inference.ranking(&target).await;
+                ranking.retain(|p| *p != liars[0]);
+                ranking.insert(0, liars[0]);
+                Some(ranking)
+            }
+            _ => None,
+        };
         let started = Instant::now();
-        let outcome = ask(
-            &client.inference,
-            &target,
-            scenario.task,
-            k,
-            scenario.mode,
-            None,
-        )
-        .await;
+        let outcome = match ranking {
+            Some(ranking) => {
+                let (texts, messages) = input(scenario.task, k);
+                let task_input = match scenario.task {
+                    Task::Embed => mycel_core::task::TaskInput::Embed { texts },
+                    Task::Chat => mycel_core::task::TaskInput::Generate {
+                        messages,
+                        params: params(),
+                        resume: Default::default(),
+                    },
+                };
+                client
+                    .inference
+                    .run_checked_on(&target, task_input, scenario.mode, ranking)
+                    .await
+                    .map(|checked| {
+                        let answer = match checked.output {
+                            mycel_core::task::TaskOutput::Embeddings { .. } => {
+                                Answer::Vectors(checked.output.vectors(1).unwrap_or_default())
+                            }
+                            mycel_core::task::TaskOutput::Generation { tokens, .. } => {
+                                Answer::Tokens(tokens)
+                            }
+                        };
+                        (
+                            answer,
+                            checked.verification.certificate.is_some(),
+                            checked.worker,
+                        )
+                    })
+            }
+            None => {
+                ask(
+                    &client.inference,
+                    &target,
+                    scenario.task,
+                    k,
+                    scenario.mode,
+                    None,
+                )
+                .await
+            }
+        };
         mode_ms.push(started.elapsed().as_secs_f64() * 1e3);
         // The task involved a liar that answered it (spot check: the first answer), or whose
         // record it changed (replicas).
