@@ -687,7 +687,14 @@ impl Inference {
         } else {
             state.reliability.failure(peer, now);
         }
-        if let Some(isolation) = state.note(peer, outcome, now) {
+        // An unchecked answer is no credit against a later lie: trust counts as successes only
+        // answers a quorum or a spot check agreed with (see `settled` and `recheck`).
+        let isolation = if success {
+            None
+        } else {
+            state.note(peer, outcome, now)
+        };
+        if let Some(isolation) = isolation {
             self.flush_now.notify_one();
             self.metrics.isolations.inc();
             warn!(%peer, offences = isolation.offences, "isolating a peer whose tasks keep failing");
@@ -1407,7 +1414,10 @@ impl Inference {
             let (peer, outcome) = self.signed_attempt(*peer, target, request).await;
             match outcome {
                 Outcome::Done(second) if second.claim(request) == first.claim(request) => {
+                    // Two workers agreed: both answers are checked ones.
                     self.record(&peer, trust::Outcome::Success, None);
+                    self.note(&peer, trust::Outcome::Success);
+                    self.note(&first_peer, trust::Outcome::Success);
                     return;
                 }
                 Outcome::Done(second) => {
