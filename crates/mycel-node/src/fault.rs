@@ -1,6 +1,6 @@
 //! Fault injection for tests and benchmarks (the `fault-injection` cargo feature; release
 //! builds leave it off): a worker told to lie, to be slow, to drop tasks, to crash, to sign
-//! badly or to replay old answers.
+//! badly, to replay old answers or to refuse every task as invalid.
 
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -30,6 +30,8 @@ pub enum Fault {
     BadSignature,
     /// Answers every task with its first signed answer.
     Replay,
+    /// Refuses every task as invalid input (to stop a replicated task for everyone).
+    RefuseInvalid,
 }
 
 /// `wrong[:GROUP]`, `random`, `slow:MS`, `drop`, `crash:N`, `bad_signature`, `replay`.
@@ -53,10 +55,11 @@ impl FromStr for Fault {
             "crash" => Self::CrashAfter(number("a task count")?),
             "bad_signature" => Self::BadSignature,
             "replay" => Self::Replay,
+            "refuse_invalid" => Self::RefuseInvalid,
             _ => {
                 return Err(format!(
                     "unknown fault {s:?}: wrong[:GROUP], random, slow:MS, drop, crash:N, \
-                     bad_signature or replay"
+                     bad_signature, replay or refuse_invalid"
                 ))
             }
         })
@@ -76,6 +79,11 @@ impl Injector {
             fault,
             tasks: Mutex::new((0, None)),
         }
+    }
+
+    /// Whether every task is refused as invalid.
+    pub(crate) fn refuses(&self) -> bool {
+        self.fault == Fault::RefuseInvalid
     }
 
     /// Before a task runs: how long to stall, or `None` to drop it.

@@ -1691,6 +1691,11 @@ impl Inference {
         }
         #[cfg(feature = "fault-injection")]
         if let Some(injector) = &self.injector {
+            if injector.refuses() {
+                let refusal = Refusal::Invalid("fault injection: refused as invalid".into());
+                let _ = write_frame(&mut stream, &TaskFrame::Refused(refusal)).await;
+                return;
+            }
             match injector.before() {
                 None => return,
                 Some(wait) => tokio::time::sleep(wait).await,

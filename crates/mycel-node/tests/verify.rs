@@ -2,7 +2,7 @@
 //! feature, which these tests turn on): colluding liars never win a replicated task and are
 //! isolated at their first lie, with evidence anyone can check; a quorum's certificate checks
 //! offline and through /api/verify, and one changed byte fails it; forged and replayed
-//! answers are refused and counted; an isolation ends after its back-off, doubles on a repeat
+//! answers are refused and counted, and a worker refusing good input cannot stop a task; an isolation ends after its back-off, doubles on a repeat
 //! offence, and the record survives a restart; a result that could not be verified is an
 //! error, never an answer labelled verified.
 
@@ -272,17 +272,45 @@ async fn colluding_liars_never_win_are_isolated_with_evidence_and_certificates_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_and_replayed_answers_are_refused_counted_and_isolated() {
+async fn forged_replayed_and_refusing_workers_cannot_stop_or_fool_a_task() {
     let root = tempfile::tempdir().unwrap();
     let nodes = network(
         root.path(),
         "tiny-bert",
-        &[None, None, Some(Fault::BadSignature), Some(Fault::Replay)],
+        &[
+            None,
+            None,
+            Some(Fault::BadSignature),
+            Some(Fault::Replay),
+            Some(Fault::RefuseInvalid),
+        ],
     )
     .await;
     let client = &nodes[0];
     let (forger, replayer) = (nodes[2].net.peer_id(), nodes[3].net.peer_id());
+    let refuser = nodes[4].net.peer_id();
     let bert = target(client, "tiny-bert", ModelKind::Embedding).await;
+    // A peer that calls good input invalid cannot stop a replicated task: asked first, its
+    // refusal counts as a failed replica and the others settle it (5 candidates, 1 liar
+    // assumed: 2 equal answers).
+    let mut ranking = vec![refuser, client.net.peer_id(), nodes[1].net.peer_id()];
+    ranking.extend([forger, replayer]);
+    let input = mycel_core::task::TaskInput::Embed {
+        texts: vec!["good input".into()],
+    };
+    let checked = client
+        .inference
+        .run_checked_on(&bert, input, Mode::Replicate { replicas: 2 }, ranking)
+        .await
+        .expect("one refusal does not stop the task");
+    let workers = checked
+        .verification
+        .certificate
+        .unwrap()
+        .check()
+        .unwrap()
+        .workers;
+    assert!(!workers.contains(&refuser));
     // Each faulty worker is asked on its own until it is isolated: the forger's first answer
     // is refused, the replayer's second (its first, answering another task).
     for (peer, answers) in [(forger, 1), (replayer, 2)] {
