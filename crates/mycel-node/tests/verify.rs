@@ -2,9 +2,10 @@
 //! feature, which these tests turn on): colluding liars never win a replicated task and are
 //! isolated at their first lie, with evidence anyone can check; a quorum's certificate checks
 //! offline and through /api/verify, and one changed byte fails it; forged and replayed
-//! answers are refused and counted, and a worker refusing good input cannot stop a task; an isolation ends after its back-off, doubles on a repeat
-//! offence, and the record survives a restart; a result that could not be verified is an
-//! error, never an answer labelled verified.
+//! answers are refused and counted, and a worker refusing good input cannot stop a task; an
+//! isolation ends after its back-off, doubles on a repeat offence, and the record survives a
+//! restart; a result that could not be verified is an error, never an answer labelled
+//! verified.
 
 mod common;
 
