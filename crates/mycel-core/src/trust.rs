@@ -5,11 +5,14 @@
 //!
 //! The score is `(successes + 1) / (successes + 1 + bad)`, where `bad` weighs a failure or a
 //! timeout 1, an invalid answer 5 and a disagreement 10: a lie costs more than a long record
-//! of honest work earns back quickly. A bad outcome that takes the score below
-//! [`Config::isolate_below`] isolates the peer (no tasks are routed to it; a liar is also
-//! cut off in the network, see `reputation::Reputation::isolate`) for
-//! `base_isolation_ms · 2^offences`, capped; offences are forgiven an hour after the last
-//! isolation ends unless it ever lied. Pure: time comes in as arguments.
+//! of honest work earns back quickly. A lie (a disagreement or an invalid answer) that
+//! leaves the score below [`Config::isolate_below`] isolates the peer (no tasks are routed
+//! to it, and it is cut off in the network, see `reputation::Reputation::isolate`) for
+//! `base_isolation_ms · 2^offences`, capped. Failures and timeouts lower the score (and the
+//! router's reliability ranks such peers last) but do not isolate on their own: a peer that
+//! is down or slow is no liar, and isolating it for a minute would keep a recovering peer
+//! (one behind a relay that is not ready yet, say) out for no gain. Pure: time comes in as
+//! arguments.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -44,9 +47,6 @@ pub struct Config {
     pub base_isolation_ms: u64,
     /// Longest isolation.
     pub max_isolation_ms: u64,
-    /// Offences are forgotten this long after an isolation ends with no new one (a flaky
-    /// honest peer does not climb to day-long isolations over weeks).
-    pub forgive_after_ms: u64,
 }
 
 impl Default for Config {
@@ -56,7 +56,6 @@ impl Default for Config {
             isolate_below: 0.5,
             base_isolation_ms: 60 * 1000,
             max_isolation_ms: 24 * 60 * 60 * 1000,
-            forgive_after_ms: 60 * 60 * 1000,
         }
     }
 }
@@ -104,12 +103,6 @@ pub struct Record {
     pub offences: u32,
     /// Isolated until then (0: never).
     pub isolated_until: UnixMillis,
-    /// The last isolation was for a lie (a disagreement or an invalid answer), not failures.
-    #[serde(default)]
-    pub for_lie: bool,
-    /// Lies ever noted (not decayed): a peer that lied is never forgiven its offences.
-    #[serde(default)]
-    pub lies: u32,
 }
 
 /// The records of every peer that did work for this node.
@@ -186,22 +179,9 @@ impl<P: Eq + Hash + Clone> Trust<P> {
             Outcome::Disagreement => conduct.disagreements += 1.0,
             Outcome::Invalid => conduct.invalid += 1.0,
         }
-        let lie = matches!(outcome, Outcome::Disagreement | Outcome::Invalid);
-        if lie {
-            record.lies = record.lies.saturating_add(1);
-        }
-        if record.offences > 0
-            && record.lies == 0
-            && now
-                > record
-                    .isolated_until
-                    .saturating_add(self.config.forgive_after_ms)
-        {
-            record.offences = 0;
-        }
         let mut isolation = None;
-        let bad = outcome != Outcome::Success;
-        if bad && record.isolated_until <= now && conduct.score() < self.config.isolate_below {
+        let lie = matches!(outcome, Outcome::Disagreement | Outcome::Invalid);
+        if lie && record.isolated_until <= now && conduct.score() < self.config.isolate_below {
             let factor = 1u64 << record.offences.min(32);
             let length = self
                 .config
@@ -210,7 +190,6 @@ impl<P: Eq + Hash + Clone> Trust<P> {
                 .min(self.config.max_isolation_ms);
             record.offences += 1;
             record.isolated_until = now + length;
-            record.for_lie = lie;
             isolation = Some(Isolation {
                 until: record.isolated_until,
                 offences: record.offences,
@@ -276,34 +255,13 @@ mod tests {
         assert_eq!(third.until, 3 * MIN + 4 * MIN);
         // While isolated, more bad news does not restart the clock.
         assert_eq!(trust.note(&liar, Outcome::Invalid, 3 * MIN + 1), None);
-        // A liar's offences are never forgiven: the next lie, however late, doubles again.
-        let later = 7 * MIN + Config::default().forgive_after_ms + 1;
+        // However late the next lie, the back-off keeps doubling.
+        let later = 7 * MIN + 24 * 60 * MIN;
         let again = trust
             .note(&liar, Outcome::Disagreement, later)
             .expect("isolated");
-        assert_eq!(
-            again,
-            Isolation {
-                until: later + 8 * MIN,
-                offences: 4
-            }
-        );
-        assert!(trust.record(&liar, later).for_lie);
-        // A peer isolated for failing is forgiven an hour after its isolation ends.
-        let flaky = 9u8;
-        trust.note(&flaky, Outcome::Failure, 0);
-        let first = trust.note(&flaky, Outcome::Timeout, 1).expect("isolated");
-        assert!(!trust.record(&flaky, 2).for_lie);
-        let late = first.until + Config::default().forgive_after_ms + 1;
-        let mut again = None;
-        for _ in 0..3 {
-            again = again.or(trust.note(&flaky, Outcome::Failure, late));
-        }
-        assert_eq!(
-            again.expect("isolated again").offences,
-            1,
-            "forgiven: the first step"
-        );
+        assert_eq!(again.offences, 4);
+        assert_eq!(again.until, later + 8 * MIN);
     }
 
     #[test]
@@ -317,11 +275,16 @@ mod tests {
         assert_eq!(trust.note(&peer, Outcome::Timeout, 60), None);
         assert_eq!(trust.note(&peer, Outcome::Failure, 61), None);
         assert!(trust.score(&peer, 62) > 0.9);
-        // A peer that fails more than it succeeds is isolated.
+        // A peer that only fails is scored low but not isolated: down is not lying.
         let flaky = 3u8;
-        assert_eq!(trust.note(&flaky, Outcome::Success, 0), None);
-        assert_eq!(trust.note(&flaky, Outcome::Failure, 1), None);
-        assert!(trust.note(&flaky, Outcome::Timeout, 2).is_some());
+        for t in 0..10 {
+            assert_eq!(trust.note(&flaky, Outcome::Failure, t), None);
+            assert_eq!(trust.note(&flaky, Outcome::Timeout, t), None);
+        }
+        assert!(trust.score(&flaky, 10) < 0.1);
+        assert!(!trust.isolated(&flaky, 10));
+        // One invalid answer then isolates it: its record has nothing to offset a lie.
+        assert!(trust.note(&flaky, Outcome::Invalid, 11).is_some());
     }
 
     #[test]

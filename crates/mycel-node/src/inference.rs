@@ -394,7 +394,8 @@ impl Inference {
             for (peer, bytes) in kept {
                 match mycel_core::wire::decode::<TrustEntry>(&bytes, MAX_TRUST_ENTRY_BYTES) {
                     Ok(entry) => {
-                        if entry.record.for_lie && entry.record.isolated_until > now_ms() {
+                        // Isolations are for lies: the network cuts the peer off again.
+                        if entry.record.isolated_until > now_ms() {
                             self.cut_off(peer, entry.record.isolated_until);
                         }
                         state.trust.restore(peer, entry.record);
@@ -481,7 +482,7 @@ impl Inference {
             ),
             (
                 "mycel_verify_isolations",
-                "Peers isolated for lies or failures",
+                "Peers isolated for lies (lost quorums, invalid answers)",
                 &m.isolations,
             ),
             (
@@ -1533,7 +1534,7 @@ impl Inference {
 
     /// A liar (a lost quorum, a forged or malformed answer) is cut off in the network as
     /// well until its isolation ends: disconnected, its gossip ignored, not selected for
-    /// training. A peer isolated for failing is only left out of routing.
+    /// training.
     fn cut_off(&self, peer: PeerId, until: u64) {
         let net = self.net.clone();
         tokio::spawn(async move { net.isolate(peer, until).await });
