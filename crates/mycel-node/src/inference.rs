@@ -1251,6 +1251,10 @@ impl Inference {
                 }
                 Step::Accept { output, rule } => {
                     self.metrics.verified.inc();
+                    // Peers that called the input invalid, when a quorum ran it: a lie.
+                    for peer in &invalid {
+                        self.note(peer, trust::Outcome::Invalid);
+                    }
                     return self.settled(request, output, rule, results);
                 }
                 Step::GiveUp(e) => return Err(self.unverified(&e.to_string(), &reasons)),

@@ -312,6 +312,8 @@ async fn forged_replayed_and_refusing_workers_cannot_stop_or_fool_a_task() {
         .unwrap()
         .workers;
     assert!(!workers.contains(&refuser));
+    // Calling input invalid that a quorum then ran is a lie: the refuser is isolated.
+    assert!(isolated(client, &refuser));
     // Each faulty worker is asked on its own until it is isolated: the forger's first answer
     // is refused, the replayer's second (its first, answering another task).
     for (peer, answers) in [(forger, 1), (replayer, 2)] {
