@@ -71,13 +71,19 @@ impl FromStr for Fault {
 pub(crate) struct Injector {
     fault: Fault,
     tasks: Mutex<(u64, Option<TaskResult>)>,
+    /// Draws of `Fault::Random`, seeded from the node's configuration when it has a seed.
+    rng: Mutex<rand::rngs::StdRng>,
 }
 
 impl Injector {
-    pub(crate) fn new(fault: Fault) -> Self {
+    pub(crate) fn new(fault: Fault, seed: Option<u64>) -> Self {
+        let rng = seed.map_or_else(rand::rngs::StdRng::from_entropy, |seed| {
+            rand::rngs::StdRng::seed_from_u64(seed ^ 0xfa17)
+        });
         Self {
             fault,
             tasks: Mutex::new((0, None)),
+            rng: Mutex::new(rng),
         }
     }
 
@@ -99,7 +105,7 @@ impl Injector {
     pub(crate) fn output(&self, output: TaskOutput) -> TaskOutput {
         let seed = match self.fault {
             Fault::Wrong { group } => group,
-            Fault::Random => rand::random(),
+            Fault::Random => self.rng.lock().unwrap_or_else(|e| e.into_inner()).gen(),
             _ => return output,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x11a5);
@@ -178,9 +184,9 @@ mod tests {
     #[test]
     fn colluders_agree_on_their_wrong_output() {
         let honest = TaskOutput::embeddings(&[vec![0.5; 8]], 3);
-        let a = Injector::new(Fault::Wrong { group: 1 }).output(honest.clone());
-        let b = Injector::new(Fault::Wrong { group: 1 }).output(honest.clone());
-        let c = Injector::new(Fault::Wrong { group: 2 }).output(honest.clone());
+        let a = Injector::new(Fault::Wrong { group: 1 }, None).output(honest.clone());
+        let b = Injector::new(Fault::Wrong { group: 1 }, None).output(honest.clone());
+        let c = Injector::new(Fault::Wrong { group: 2 }, None).output(honest.clone());
         assert_eq!(a, b);
         assert_ne!(a, honest);
         assert_ne!(a, c);

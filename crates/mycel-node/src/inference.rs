@@ -87,6 +87,9 @@ pub struct RouterConfig {
     pub verify: Mode,
     /// When peers are isolated, and for how long.
     pub trust: trust::Config,
+    /// Seed of the router's random choices (ranking samples, task ids, spot-check draws,
+    /// injected faults): the same seed replays the same choices. `None`: from the OS.
+    pub seed: Option<u64>,
     /// How this node misbehaves as a worker (tests and benchmarks).
     #[cfg(feature = "fault-injection")]
     pub fault: Option<crate::fault::Fault>,
@@ -104,6 +107,7 @@ impl Default for RouterConfig {
             engine: mycel_ml::Engine::default().name().to_owned(),
             verify: Mode::None,
             trust: trust::Config::default(),
+            seed: None,
             #[cfg(feature = "fault-injection")]
             fault: None,
         }
@@ -185,6 +189,9 @@ pub struct Completion {
     /// Nodes tried, the successful one included.
     pub attempts: usize,
 }
+
+/// A worker's signed result with the claim it signed (checked, or made here).
+type Signed = (TaskResult, Claim);
 
 /// How one attempt ended.
 enum Outcome<T> {
@@ -369,7 +376,9 @@ impl Inference {
                 trust: Trust::new(config.trust.clone()),
                 evidence: HashMap::new(),
                 dirty: HashSet::new(),
-                rng: StdRng::from_entropy(),
+                rng: config
+                    .seed
+                    .map_or_else(StdRng::from_entropy, StdRng::seed_from_u64),
                 latencies_ms: VecDeque::new(),
             }),
             supply: OnceLock::new(),
@@ -377,7 +386,9 @@ impl Inference {
             flush_now: tokio::sync::Notify::new(),
             rechecks: Arc::new(tokio::sync::Semaphore::new(MAX_RECHECKS)),
             #[cfg(feature = "fault-injection")]
-            injector: config.fault.map(crate::fault::Injector::new),
+            injector: config
+                .fault
+                .map(|fault| crate::fault::Injector::new(fault, config.seed)),
             config,
         }
     }
@@ -736,7 +747,7 @@ impl Inference {
         ranking: Vec<PeerId>,
     ) -> Result<Embedded, RouteError> {
         let request = TaskRequest {
-            id: TaskId(rand::random()),
+            id: TaskId(self.lock().rng.gen()),
             model: target.offer.id,
             budget_ms: self.config.deadline.as_millis() as u64,
             input: TaskInput::Embed { texts },
@@ -838,7 +849,7 @@ impl Inference {
         let model = request.model;
         let id = request.id;
         match self.remote(peer, &request, None).await {
-            Outcome::Done(result) => match result.output.vectors(count) {
+            Outcome::Done((result, _)) => match result.output.vectors(count) {
                 Ok(vectors) => {
                     let prompt_tokens = match result.output {
                         TaskOutput::Embeddings { prompt_tokens, .. } => prompt_tokens as usize,
@@ -887,7 +898,7 @@ impl Inference {
         text: mpsc::Sender<String>,
         ranking: Vec<PeerId>,
     ) -> Result<Completion, RouteError> {
-        let id = TaskId(rand::random());
+        let id = TaskId(self.lock().rng.gen());
         let deadline = tokio::time::Instant::now() + self.config.deadline;
         let mut progress = Progress {
             resume: Resume::default(),
@@ -991,7 +1002,7 @@ impl Inference {
         let inherited = !progress.resume.tokens.is_empty() || progress.resume.text_bytes > 0;
         let outcome = self.remote(peer, request, Some(progress)).await;
         let result = match outcome {
-            Outcome::Done(result) => result,
+            Outcome::Done((result, _)) => result,
             Outcome::Final(e) => return Outcome::Final(e),
             Outcome::Retry { reason, failed } => return Outcome::Retry { reason, failed },
         };
@@ -1174,13 +1185,12 @@ impl Inference {
         request: &TaskRequest,
         ranking: &[PeerId],
         replicas: usize,
-        prior: Vec<(PeerId, TaskResult)>,
+        prior: Vec<(PeerId, Signed)>,
     ) -> Result<(PeerId, TaskResult, Certificate), RouteError> {
         let mut quorum = Quorum::<PeerId, Claim>::new(ranking.len(), replicas)
             .map_err(|e| RouteError::Unverified(e.to_string()))?;
         let mut results: Vec<(PeerId, TaskResult, Claim)> = Vec::new();
-        for (peer, result) in prior {
-            let claim = result.claim(request);
+        for (peer, (result, claim)) in prior {
             quorum.asked(1);
             quorum.answered(peer, claim.clone());
             results.push((peer, result, claim));
@@ -1216,8 +1226,7 @@ impl Inference {
                 Step::Wait => {
                     tokio::select! {
                         Some((peer, outcome)) = running.next() => match outcome {
-                            Outcome::Done(result) => {
-                                let claim = result.claim(request);
+                            Outcome::Done((result, claim)) => {
                                 quorum.answered(peer, claim.clone());
                                 results.push((peer, result, claim));
                             }
@@ -1357,7 +1366,7 @@ impl Inference {
                 return Err(RouteError::Unavailable("the deadline passed".into()));
             };
             match outcome {
-                Outcome::Done(result) => {
+                Outcome::Done((result, claim)) => {
                     self.record(&peer, trust::Outcome::Success, None);
                     let draw = self.lock().rng.gen::<f64>();
                     let slot = verify::spot_checked(rate, draw)
@@ -1368,7 +1377,7 @@ impl Inference {
                         self.metrics.spot_checks.inc();
                         let this = self.clone();
                         let (target, request, first) =
-                            (target.clone(), request.clone(), result.clone());
+                            (target.clone(), request.clone(), (result.clone(), claim));
                         let ranking = ranking.clone();
                         // Spot checks share 4 slots: a slow peer must not hold them long.
                         let deadline = this.config.deadline.min(RECHECK_BUDGET);
@@ -1413,12 +1422,12 @@ impl Inference {
         request: &TaskRequest,
         ranking: &[PeerId],
         first_peer: PeerId,
-        first: TaskResult,
+        first: Signed,
     ) {
         for peer in ranking.iter().filter(|p| **p != first_peer) {
             let (peer, outcome) = self.signed_attempt(*peer, target, request).await;
             match outcome {
-                Outcome::Done(second) if second.claim(request) == first.claim(request) => {
+                Outcome::Done(second) if second.1 == first.1 => {
                     // Two workers agreed: both answers are checked ones.
                     self.record(&peer, trust::Outcome::Success, None);
                     self.note(&peer, trust::Outcome::Success);
@@ -1451,7 +1460,7 @@ impl Inference {
         peer: PeerId,
         target: &Target,
         request: &TaskRequest,
-    ) -> (PeerId, Outcome<TaskResult>) {
+    ) -> (PeerId, Outcome<Signed>) {
         let mut sink = Progress {
             resume: Resume::default(),
             text: None,
@@ -1470,13 +1479,17 @@ impl Inference {
                 )
                 .await;
             let outcome = match computed {
-                Ok((output, timings)) => Outcome::Done(TaskResult::sign(
-                    &self.keypair,
-                    request,
-                    &target.offer.engine,
-                    output,
-                    timings,
-                )),
+                Ok((output, timings)) => {
+                    let result = TaskResult::sign(
+                        &self.keypair,
+                        request,
+                        &target.offer.engine,
+                        output,
+                        timings,
+                    );
+                    let claim = result.claim(request);
+                    Outcome::Done((result, claim))
+                }
                 Err(Refusal::Invalid(message)) => Outcome::Final(RouteError::Invalid(message)),
                 Err(refusal @ (Refusal::Busy { .. } | Refusal::UnknownModel)) => {
                     retry(refusal.to_string(), false)
@@ -1489,7 +1502,7 @@ impl Inference {
         let outcome = self
             .remote(peer, request, generating.then_some(&mut sink))
             .await;
-        let Outcome::Done(result) = outcome else {
+        let Outcome::Done((result, claim)) = outcome else {
             return (peer, outcome);
         };
         let shape = match (&request.input, &result.output) {
@@ -1515,7 +1528,7 @@ impl Inference {
                 ),
             );
         }
-        (peer, Outcome::Done(result))
+        (peer, Outcome::Done((result, claim)))
     }
 
     fn note(&self, peer: &PeerId, outcome: trust::Outcome) {
@@ -1594,7 +1607,7 @@ impl Inference {
         peer: PeerId,
         request: &TaskRequest,
         mut progress: Option<&mut Progress>,
-    ) -> Outcome<TaskResult> {
+    ) -> Outcome<Signed> {
         let wait = self.config.attempt_timeout;
         let mut stream = match tokio::time::timeout(wait, self.net.open_task_stream(peer)).await {
             Ok(Ok(stream)) => stream,
@@ -1639,15 +1652,17 @@ impl Inference {
                     };
                 }
                 Ok(Ok(Some(TaskFrame::Done(result)))) => {
-                    if let Err(reason) = result.verify(&peer, request) {
-                        self.net.penalise(peer, reason).await;
-                        self.note(&peer, trust::Outcome::Invalid);
-                        return retry(
-                            format!("the answer is not signed by the worker: {reason}"),
-                            true,
-                        );
-                    }
-                    return Outcome::Done(*result);
+                    return match result.verify(&peer, request) {
+                        Ok(claim) => Outcome::Done((*result, claim)),
+                        Err(reason) => {
+                            self.net.penalise(peer, reason).await;
+                            self.note(&peer, trust::Outcome::Invalid);
+                            retry(
+                                format!("the answer is not signed by the worker: {reason}"),
+                                true,
+                            )
+                        }
+                    };
                 }
             }
         }

@@ -8,10 +8,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use mycel_core::membership::PeerState;
 use mycel_core::statement::ModelKind;
 use mycel_core::verify::Mode;
 use mycel_ml::{ChatMessage, Engine, GenerateParams};
@@ -249,6 +248,8 @@ async fn run_scenario(
         if i == 0 {
             config.models.clear();
         }
+        // Each node's random choices from a seed of its own: a run can be replayed.
+        config.router.seed = Some(i as u64);
         if i > args.nodes - scenario.liars {
             let group = if scenario.colluding { 1 } else { i as u64 + 1 };
             config.router.fault = Some(Fault::Wrong { group });
@@ -260,28 +261,13 @@ async fn run_scenario(
         .iter()
         .map(|n| n.net.peer_id())
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let serving = client
-            .net
-            .peers()
-            .await?
-            .iter()
-            .filter(|p| {
-                p.state == PeerState::Alive
-                    && p.capabilities
-                        .as_ref()
-                        .is_some_and(|c| !c.models.is_empty())
-            })
-            .count();
-        if serving >= args.nodes {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {serving} of {} serving peers came up", args.nodes);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let limits = (Duration::from_secs(60), Duration::from_millis(100));
+    super::wait_for_peers(client, args.nodes, "serving peers", limits, |p| {
+        p.capabilities
+            .as_ref()
+            .is_some_and(|c| !c.models.is_empty())
+    })
+    .await?;
     let kind = match scenario.task {
         Task::Chat => ModelKind::Generation,
         Task::Embed => ModelKind::Embedding,
@@ -476,20 +462,13 @@ async fn run_scenario(
         .iter()
         .map(|n| n.net.peer_id())
         .collect();
-    let honest_disagreements: f64 = honest
+    let records: Vec<_> = honest
         .iter()
         .filter_map(|p| client.inference.trust_of(p))
-        .map(|t| t.disagreements)
-        .sum();
-    let honest_isolated = honest
-        .iter()
-        .filter(|p| client.inference.trust_of(p).is_some_and(|t| t.offences > 0))
-        .count();
-    let honest_successes: f64 = honest
-        .iter()
-        .filter_map(|p| client.inference.trust_of(p))
-        .map(|t| t.successes)
-        .sum();
+        .collect();
+    let honest_disagreements: f64 = records.iter().map(|t| t.disagreements).sum();
+    let honest_isolated = records.iter().filter(|t| t.offences > 0).count();
+    let honest_successes: f64 = records.iter().map(|t| t.successes).sum();
     for node in nodes {
         node.shutdown().await;
     }

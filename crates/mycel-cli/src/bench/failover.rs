@@ -13,7 +13,6 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::multiaddr::Protocol;
-use mycel_core::membership::PeerState;
 use mycel_node::{Node, NodeConfig};
 use serde_json::json;
 
@@ -115,26 +114,13 @@ pub(crate) async fn run(args: FailoverBenchArgs) -> anyhow::Result<()> {
         args.servers
     ));
     spinner.enable_steady_tick(Duration::from_millis(100));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let peers = gateway.net.peers().await?;
-        let serving = peers
-            .iter()
-            .filter(|p| {
-                p.state == PeerState::Alive
-                    && p.capabilities
-                        .as_ref()
-                        .is_some_and(|c| c.models.iter().any(|m| m.name == model_name))
-            })
-            .count();
-        if serving >= args.servers {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {serving} of {} serving nodes came up", args.servers);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let limits = (Duration::from_secs(120), Duration::from_millis(100));
+    super::wait_for_peers(&gateway, args.servers, "serving nodes", limits, |p| {
+        p.capabilities
+            .as_ref()
+            .is_some_and(|c| c.models.iter().any(|m| m.name == model_name))
+    })
+    .await?;
     spinner.finish_and_clear();
 
     let url = format!("http://{}/v1/embeddings", gateway.api_addr.expect("API on"));

@@ -14,7 +14,6 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::multiaddr::Protocol;
 use mycel_core::fl::{AggregatorSpec, Attack, Compression, JobSpec, ModelSpec, ServerSpec};
-use mycel_core::membership::PeerState;
 use mycel_node::training::JobRecord;
 use mycel_node::{Node, NodeConfig};
 use serde_json::json;
@@ -341,28 +340,13 @@ async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result
     for node in futures::future::join_all(starting).await {
         participants.push(node?);
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let holders = coordinator
-            .net
-            .peers()
-            .await?
-            .iter()
-            .filter(|p| {
-                p.state == PeerState::Alive
-                    && p.capabilities
-                        .as_ref()
-                        .is_some_and(|c| c.datasets.iter().any(|d| d.tag == "digits"))
-            })
-            .count();
-        if holders >= n {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {holders} of {n} participants were seen in 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let limits = (Duration::from_secs(60), Duration::from_millis(10));
+    super::wait_for_peers(&coordinator, n, "participants", limits, |p| {
+        p.capabilities
+            .as_ref()
+            .is_some_and(|c| c.datasets.iter().any(|d| d.tag == "digits"))
+    })
+    .await?;
     let startup_s = started.elapsed().as_secs_f64();
     let spec = JobSpec {
         name: scenario.name.clone(),

@@ -155,6 +155,34 @@ pub(crate) fn cpu_seconds_of(proc: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Waits until `node` sees `want` alive peers that `matches`, polling every `poll`; fails
+/// after `limit` saying how many of the `what` came up.
+pub(crate) async fn wait_for_peers(
+    node: &mycel_node::Node,
+    want: usize,
+    what: &str,
+    (limit, poll): (std::time::Duration, std::time::Duration),
+    matches: impl Fn(&mycel_core::membership::PeerInfo) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let seen = node
+            .net
+            .peers()
+            .await?
+            .iter()
+            .filter(|p| p.state == mycel_core::membership::PeerState::Alive && matches(p))
+            .count();
+        if seen >= want {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("only {seen} of {want} {what} came up within {limit:?}");
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// The value at quantile `q` (0..=1) of sorted `values`.
 pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
