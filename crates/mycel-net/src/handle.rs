@@ -159,6 +159,7 @@ pub struct NetHandle {
     listen_addrs: Vec<Multiaddr>,
     metrics: NetMetrics,
     streams: Streams,
+    acceptor: crate::accept::Acceptor,
     /// Acceptors registered at start ([`NetConfig::accept`]), not yet handed out.
     accepted: Accepted,
 }
@@ -200,12 +201,10 @@ pub async fn spawn(
     let mut swarm =
         build_swarm(&config, registry, &metrics).map_err(|e| NetError::Build(e.to_string()))?;
     // Before the first listen or dial, so no peer ever finds these protocols unsupported.
+    let acceptor = swarm.behaviour().accept.acceptor();
     let mut accepted = HashMap::new();
     for protocol in &config.accept {
-        let incoming = swarm
-            .behaviour()
-            .streams
-            .new_control()
+        let incoming = acceptor
             .accept(protocol.clone())
             .map_err(|_| NetError::Other(format!("{protocol} is listed twice in `accept`")))?;
         accepted.insert(protocol.clone(), incoming);
@@ -277,6 +276,7 @@ pub async fn spawn(
         listen_addrs: listen_addrs.clone(),
         metrics: metrics.clone(),
         streams: Streams(swarm.behaviour().streams.new_control()),
+        acceptor,
         accepted: Accepted(Arc::new(Mutex::new(accepted))),
     };
     let event_loop = EventLoop::new(
@@ -487,8 +487,7 @@ impl NetHandle {
         if let Some(incoming) = registered {
             return Ok(incoming);
         }
-        let mut control = self.streams.0.clone();
-        control
+        self.acceptor
             .accept(protocol.clone())
             .map_err(|_| NetError::Other(format!("{protocol} streams are already being accepted")))
     }

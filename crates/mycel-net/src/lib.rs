@@ -19,6 +19,7 @@
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+mod accept;
 mod behaviour;
 mod cap;
 mod config;

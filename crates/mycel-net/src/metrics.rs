@@ -39,6 +39,8 @@ pub struct NetMetrics {
     pub(crate) refutations: Counter,
     pub(crate) connections_refused: Family<ReasonLabel, Counter>,
     pub(crate) reports_ignored: Counter,
+    /// Inbound raw streams dropped: past their queue's bounds, or of a protocol not accepted.
+    pub(crate) streams_dropped: Counter,
     /// NAT traversal events by kind and result (see `nat_event` labels).
     pub(crate) nat: Family<NatLabel, Counter>,
 }
@@ -146,6 +148,13 @@ impl NetMetrics {
                 .get_or_create(&ReasonLabel { reason });
         }
         sub.register(
+            "inbound_streams_dropped",
+            "Inbound task, blob and training streams dropped before their acceptor took them: \
+             past the queue of a protocol (512 in all, 64 per peer), or of a protocol not \
+             accepted",
+            metrics.streams_dropped.clone(),
+        );
+        sub.register(
             "refutations",
             "Announcements made to refute reports that this node is down",
             metrics.refutations.clone(),
@@ -230,6 +239,12 @@ impl NetMetrics {
         self.connections_refused
             .get_or_create(&ReasonLabel { reason })
             .get()
+    }
+
+    /// Inbound raw streams dropped before their acceptor took them
+    /// (`mycel_inbound_streams_dropped_total`).
+    pub fn streams_dropped_total(&self) -> u64 {
+        self.streams_dropped.get()
     }
 
     /// Inbound connections closed at the cap to make room for a newcomer.

@@ -1,4 +1,5 @@
-//! Protocols on raw streams (libp2p-stream), carrying length-prefixed CBOR frames:
+//! Protocols on raw streams (opened with libp2p-stream, accepted by [`crate::accept`]),
+//! carrying length-prefixed CBOR frames:
 //! - the inference task protocol `/mycel/task/1`: one stream per task attempt, the
 //!   requester's one request (`mycel_core::task`), then the worker's chunks and its final
 //!   answer;
@@ -25,8 +26,8 @@ pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/blob/1");
 /// Protocol name of federated training rounds.
 pub const TRAIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/train/1");
 
+pub use crate::accept::IncomingStreams;
 pub use libp2p::Stream;
-pub use libp2p_stream::IncomingStreams;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -483,23 +483,18 @@ async fn one_peer_gets_at_most_its_share_of_task_and_blob_streams() {
         })
         .await;
     }
-    let mut streams = Vec::new();
-    for _ in 0..64 {
-        streams.push(
-            hog.open_stream(victim.net.peer_id(), TASK_PROTOCOL)
-                .await
-                .unwrap(),
-        );
-    }
-    let mut theirs = Vec::new();
-    for _ in 0..4 {
-        theirs.push(
-            other
-                .open_stream(victim.net.peer_id(), TASK_PROTOCOL)
-                .await
-                .unwrap(),
-        );
-    }
+    // The hog's burst and the other peer's streams arrive at once.
+    let open = |peer: &mycel_net::NetHandle, n: usize| {
+        let peer = peer.clone();
+        let victim = victim.net.peer_id();
+        async move {
+            let opens = (0..n).map(|_| peer.open_stream(victim, TASK_PROTOCOL));
+            futures::future::join_all(opens).await
+        }
+    };
+    let (streams, theirs) = tokio::join!(open(&hog, 64), open(&other, 4));
+    let streams: Vec<_> = streams.into_iter().map(Result::unwrap).collect();
+    let theirs: Vec<_> = theirs.into_iter().map(Result::unwrap).collect();
     // A stream the node holds waits for its request (for 10 s); one past the share is closed.
     let held = |mut stream: mycel_net::task::Stream| async move {
         tokio::time::timeout(
@@ -509,13 +504,20 @@ async fn one_peer_gets_at_most_its_share_of_task_and_blob_streams() {
         .await
         .is_err()
     };
-    let outcomes = futures::future::join_all(streams.into_iter().map(held)).await;
+    let (outcomes, theirs) = tokio::join!(
+        futures::future::join_all(streams.into_iter().map(held)),
+        futures::future::join_all(theirs.into_iter().map(held))
+    );
     let kept = outcomes.iter().filter(|h| **h).count();
     assert_eq!(kept, 32, "the hog's streams held: {kept} of 64");
-    let outcomes = futures::future::join_all(theirs.into_iter().map(held)).await;
     assert!(
-        outcomes.iter().all(|h| *h),
+        theirs.iter().all(|h| *h),
         "another peer's streams are served"
+    );
+    assert_eq!(
+        victim.net.metrics().streams_dropped_total(),
+        0,
+        "no stream was lost on its way to the serve loop"
     );
     // Blob streams likewise: 16 of 64 for one peer.
     let mut blob_streams = Vec::new();
