@@ -164,6 +164,9 @@ pub(crate) fn status(args: ClientArgs) -> anyhow::Result<()> {
     let net = &status["network"];
     println!("peer id      {}", net["peer_id"].as_str().unwrap_or("?"));
     println!("version      {}", status["version"].as_str().unwrap_or("?"));
+    if let Some(operator) = net["operator"].as_str() {
+        println!("operator     {operator}");
+    }
     for addr in net["listen_addrs"].as_array().into_iter().flatten() {
         println!("listening    {}", addr.as_str().unwrap_or("?"));
     }

@@ -170,6 +170,12 @@ struct NodeArgs {
     /// with the answer) or spot_check:P (a fraction P re-run elsewhere).
     #[arg(long, value_name = "MODE", default_value = "none")]
     verify: mycel_core::verify::Mode,
+    /// The key of the operator running this node, shared by all the nodes one operator runs
+    /// (created there on first use, readable by its owner only). The node announces the
+    /// operator's signature for it, and checked results never have two workers of one
+    /// operator.
+    #[arg(long, value_name = "FILE")]
+    operator_key: Option<PathBuf>,
     /// Misbehave as a worker, for tests and benchmarks: wrong[:GROUP], random, slow:MS,
     /// drop, crash:N, bad_signature or replay.
     #[cfg(feature = "fault-injection")]
@@ -333,6 +339,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--bind-model {e}"))?;
     }
     config.router.verify = args.verify;
+    config.operator_key = args.operator_key;
     #[cfg(feature = "fault-injection")]
     {
         config.router.fault = args.fault;

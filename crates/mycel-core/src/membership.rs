@@ -174,6 +174,10 @@ pub struct PeerInfo {
     /// Whether it serves as a relay, as it announced.
     #[serde(default)]
     pub relay: bool,
+    /// The operator that runs it (base58 id of the operator's key), when its announcement
+    /// carries the operator's signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
     /// How we are connected to it now (none while not connected); filled in by the network
     /// driver, which knows its connections, when it answers a query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -397,6 +401,7 @@ impl Membership {
                 addrs: Vec::new(),
                 reachability: Reachability::Unknown,
                 relay: false,
+                operator: None,
                 link: None,
                 direct_after_ms: None,
             },
@@ -449,6 +454,13 @@ impl Membership {
                 if !self.issuer_rate.allow(issuer, now) {
                     return Err(Refusal::issuer(Rejection::RateLimited, issuer));
                 }
+                // An operator's word that fails can only be the issuer's doing (its own
+                // signature covers it), and neighbours that do not know the field relay it.
+                if let Some(operator) = &announcement.operator {
+                    operator
+                        .check(&issuer)
+                        .map_err(|reason| Refusal::issuer(reason, issuer))?;
+                }
                 let held = self
                     .peers
                     .get(&issuer)
@@ -472,6 +484,12 @@ impl Membership {
                 info.addrs = announcement.addrs;
                 info.reachability = announcement.reachability;
                 info.relay = announcement.relay;
+                // The operator's signature was checked with the statement's.
+                info.operator = announcement
+                    .operator
+                    .as_ref()
+                    .and_then(|o| o.id())
+                    .map(|id| id.to_base58());
                 info.last_seen = now;
                 let old = entry.latest.replace(signed.clone());
                 self.stored_bytes =
@@ -804,7 +822,7 @@ fn set_failed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::statement::{Announcement, Hardware};
+    use crate::statement::{Announcement, Hardware, Operator};
     use crate::Keypair;
 
     const TTL: u64 = 10_000;
@@ -828,8 +846,43 @@ mod tests {
                 addrs: vec![format!("/ip4/127.0.0.1/tcp/{seq}")],
                 reachability: Default::default(),
                 relay: false,
+                operator: None,
             }),
         )
+    }
+
+    #[test]
+    fn an_operators_word_is_kept_and_a_false_one_is_charged_to_its_issuer() {
+        let (_, mut table) = table();
+        let (node, liar, operator) = (
+            Keypair::generate_ed25519(),
+            Keypair::generate_ed25519(),
+            Keypair::generate_ed25519(),
+        );
+        let with_word = |key: &Keypair, word: Operator| {
+            let mut statement = announce(key, 1, 100).verify(100).unwrap().statement;
+            if let Statement::Announce(a) = &mut statement {
+                a.operator = Some(word);
+            }
+            SignedStatement::sign(key, &statement)
+        };
+        let node_id = node.public().to_peer_id();
+        let word = Operator::vouch(&operator, &node_id);
+        table
+            .on_statement(&with_word(&node, word.clone()), 100)
+            .unwrap();
+        assert_eq!(
+            table.get(&node_id).unwrap().operator,
+            Some(operator.public().to_peer_id().to_base58())
+        );
+        // Another node's word: the liar pays, not whoever relayed it, and is not stored.
+        let liar_id = liar.public().to_peer_id();
+        let refusal = table
+            .on_statement(&with_word(&liar, word), 100)
+            .unwrap_err();
+        assert_eq!(refusal.reason, Rejection::BadSignature);
+        assert_eq!(refusal.culprit, Culprit::Issuer(liar_id));
+        assert!(table.get(&liar_id).is_none());
     }
 
     fn table() -> (Keypair, Membership) {
@@ -1068,6 +1121,7 @@ mod tests {
                     addrs: Vec::new(),
                     reachability: Default::default(),
                     relay: false,
+                    operator: None,
                 }),
             )
         };

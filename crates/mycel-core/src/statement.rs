@@ -214,6 +214,68 @@ pub struct Announcement {
     /// Whether the node serves as a relay for nodes that cannot be dialled.
     #[serde(default)]
     pub relay: bool,
+    /// The operator that runs the node, when it says so (checked by
+    /// [`crate::membership::Membership::on_statement`], which charges the issuer for a word
+    /// that fails: peers that do not know the field relay it): replicas of a verified task go
+    /// to distinct operators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<Operator>,
+}
+
+const OPERATOR_DOMAIN: &[u8] = b"mycel/operator/v1\0";
+
+/// Longest encoded operator key or signature accepted.
+pub const MAX_OPERATOR_FIELD: usize = 128;
+
+/// An operator's word that it runs a node: the operator's public key and its signature over
+/// the node's peer id. One key signs for every node an operator runs, so that peers can tell
+/// them apart from other operators' nodes (a forged word fails the announcement; a node with
+/// none is an operator of its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operator {
+    /// Protobuf encoding of the operator's public key.
+    #[serde(with = "serde_bytes")]
+    pub public_key: Vec<u8>,
+    /// The operator's signature over `OPERATOR_DOMAIN || the node's peer id`.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl Operator {
+    /// `operator`'s word that it runs `node`.
+    pub fn vouch(operator: &Keypair, node: &PeerId) -> Self {
+        Self {
+            public_key: operator.public().encode_protobuf(),
+            signature: operator
+                .sign(&Self::signing_input(node))
+                .expect("ed25519 signing does not fail"),
+        }
+    }
+
+    fn signing_input(node: &PeerId) -> Vec<u8> {
+        [OPERATOR_DOMAIN, &node.to_bytes()].concat()
+    }
+
+    /// The operator's id, from its key alone: for a word already checked (with the
+    /// announcement that carried it).
+    pub fn id(&self) -> Option<PeerId> {
+        PublicKey::try_decode_protobuf(&self.public_key)
+            .ok()
+            .map(|key| key.to_peer_id())
+    }
+
+    /// The operator's id, when its signature for `node` holds.
+    pub fn check(&self, node: &PeerId) -> Result<PeerId, Rejection> {
+        if self.public_key.len() > MAX_OPERATOR_FIELD || self.signature.len() > MAX_OPERATOR_FIELD {
+            return Err(Rejection::Malformed);
+        }
+        let key = PublicKey::try_decode_protobuf(&self.public_key)
+            .map_err(|_| Rejection::BadSignature)?;
+        if !key.verify(&Self::signing_input(node), &self.signature) {
+            return Err(Rejection::BadSignature);
+        }
+        Ok(key.to_peer_id())
+    }
 }
 
 /// A node's signed observation that another node is unreachable.
@@ -334,6 +396,7 @@ impl SignedStatement {
             return Err(Rejection::BadSignature);
         }
         let statement: Statement = wire::decode(&self.body, MAX_STATEMENT_BYTES)?;
+        let issuer = key.to_peer_id();
         if let Statement::Announce(a) = &statement {
             if a.addrs.len() > MAX_ANNOUNCED_ADDRS
                 || a.addrs.iter().any(|x| x.len() > MAX_ADDR_LEN)
@@ -349,10 +412,7 @@ impl SignedStatement {
         if expires_at <= now || expires_at.saturating_sub(issued_at) > MAX_LIFETIME_MS {
             return Err(Rejection::Expired);
         }
-        Ok(Verified {
-            issuer: key.to_peer_id(),
-            statement,
-        })
+        Ok(Verified { issuer, statement })
     }
 }
 
@@ -394,6 +454,7 @@ mod tests {
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             reachability: Reachability::Private,
             relay: false,
+            operator: None,
         })
     }
 
@@ -439,6 +500,7 @@ mod tests {
             addrs: Vec::new(),
             reachability: Default::default(),
             relay: false,
+            operator: None,
         });
         assert_eq!(
             SignedStatement::sign(&key, &long).verify(1),
@@ -483,6 +545,16 @@ mod tests {
         capabilities: Capabilities,
         addrs: Vec<String>,
     ) -> SignedStatement {
+        announce_by(key, capabilities, addrs, None)
+    }
+
+    /// Like `announce_with`, with an operator's word.
+    fn announce_by(
+        key: &Keypair,
+        capabilities: Capabilities,
+        addrs: Vec<String>,
+        operator: Option<Operator>,
+    ) -> SignedStatement {
         SignedStatement::sign(
             key,
             &Statement::Announce(Announcement {
@@ -493,8 +565,41 @@ mod tests {
                 addrs,
                 reachability: Default::default(),
                 relay: false,
+                operator,
             }),
         )
+    }
+
+    #[test]
+    fn an_operators_word_holds_only_for_the_node_it_was_given_to() {
+        let (node, other, operator) = (
+            Keypair::generate_ed25519(),
+            Keypair::generate_ed25519(),
+            Keypair::generate_ed25519(),
+        );
+        let (node_id, other_id) = (node.public().to_peer_id(), other.public().to_peer_id());
+        let word = Operator::vouch(&operator, &node_id);
+        // It travels in the announcement unchanged.
+        let signed = announce_by(
+            &node,
+            Capabilities::default(),
+            Vec::new(),
+            Some(word.clone()),
+        );
+        let Statement::Announce(a) = signed.verify(1).unwrap().statement else {
+            panic!("an announcement")
+        };
+        assert_eq!(a.operator.as_ref(), Some(&word));
+        assert_eq!(word.check(&node_id), Ok(operator.public().to_peer_id()));
+        // Another node claiming the word (to pass for one of that operator's nodes, or to
+        // keep them out of a replica set) is refused.
+        assert_eq!(word.check(&other_id), Err(Rejection::BadSignature));
+        let mut forged = word.clone();
+        forged.signature[0] ^= 1;
+        assert_eq!(forged.check(&node_id), Err(Rejection::BadSignature));
+        let mut huge = word;
+        huge.signature = vec![0; MAX_OPERATOR_FIELD + 1];
+        assert_eq!(huge.check(&node_id), Err(Rejection::Malformed));
     }
 
     #[test]

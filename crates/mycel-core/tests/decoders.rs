@@ -688,6 +688,7 @@ fn statement() -> impl Strategy<Value = Statement> {
                     addrs,
                     reachability: Default::default(),
                     relay: false,
+                    operator: None,
                 })
             ),
         (peer(), any::<u64>(), times).prop_map(|(subject, subject_seq, (ago, life))| {
@@ -1628,6 +1629,7 @@ fn announcement_claiming_addrs(claimed: u32) -> SignedStatement {
         addrs: vec!["/ip4/1.2.3.4/tcp/1".into()],
         reachability: Default::default(),
         relay: false,
+        operator: None,
     });
     let mut body = wire::encode(&statement);
     let key_at = body

@@ -270,6 +270,9 @@ pub struct NetConfig {
     /// Seeds the event loop's random choices (jitter, whom to dial, whom to sync with), so a
     /// run can be replayed. Derived from the identity unless set.
     pub seed: u64,
+    /// The operator's word that it runs this node, announced with it
+    /// ([`mycel_core::statement::Operator`]).
+    pub operator: Option<mycel_core::statement::Operator>,
 }
 
 impl NetConfig {
@@ -304,6 +307,7 @@ impl NetConfig {
             accept: Vec::new(),
             nat: NatConfig::default(),
             seed: u64::from_le_bytes(seed),
+            operator: None,
         }
     }
 }

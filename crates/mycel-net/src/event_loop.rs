@@ -468,6 +468,7 @@ impl EventLoop {
                 .collect(),
             reachability: self.nat.reach.status(),
             relay: self.serves_relay(),
+            operator: self.config.operator.clone(),
         });
         let signed = SignedStatement::sign(&self.config.keypair, &statement);
         self.membership.set_own(self.own_seq, signed.clone());
@@ -1238,6 +1239,12 @@ impl EventLoop {
                 .iter()
                 .map(|a| a.to_string())
                 .collect(),
+            operator: self
+                .config
+                .operator
+                .as_ref()
+                .and_then(|o| o.id())
+                .map(|id| id.to_base58()),
         }
     }
 

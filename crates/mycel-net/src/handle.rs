@@ -113,6 +113,9 @@ pub struct NetStatus {
     pub relays: Vec<String>,
     /// The addresses this node announces, best first: confirmed external, relayed, local.
     pub announced_addrs: Vec<String>,
+    /// The operator that runs this node (base58 id of its key), when one vouches for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
 }
 
 pub(crate) enum Command {

@@ -149,6 +149,9 @@ pub struct Target {
     /// The peers that announced the same model and engine when it was resolved (a snapshot:
     /// resolve again for each request).
     peers: Vec<Candidate<PeerId>>,
+    /// The operators that vouch for some of those peers (by the operator's id); a peer not
+    /// in it is an operator of its own.
+    operators: HashMap<PeerId, PeerId>,
 }
 
 impl Target {
@@ -164,7 +167,13 @@ impl Target {
             },
             local: None,
             peers: Vec::new(),
+            operators: HashMap::new(),
         }
+    }
+
+    /// Who runs `peer`: its operator, or the peer itself when none vouches for it.
+    fn operator_of(&self, peer: &PeerId) -> PeerId {
+        self.operators.get(peer).copied().unwrap_or(*peer)
     }
 }
 
@@ -346,6 +355,8 @@ pub struct Inference {
     rechecks: Arc<tokio::sync::Semaphore>,
     #[cfg(feature = "fault-injection")]
     injector: Option<crate::fault::Injector>,
+    /// The operator that vouches for this node, if any.
+    operator: Option<PeerId>,
 }
 
 impl std::fmt::Debug for Inference {
@@ -357,12 +368,14 @@ impl std::fmt::Debug for Inference {
 }
 
 impl Inference {
-    /// The service for a node with identity `keypair`, serving `models`.
+    /// The service for a node with identity `keypair`, serving `models`, run by `operator`
+    /// when one vouches for it.
     pub fn new(
         net: NetHandle,
         keypair: Keypair,
         models: Arc<ModelService>,
         config: RouterConfig,
+        operator: Option<PeerId>,
     ) -> Self {
         let half_life = config.reliability_half_life.as_millis() as u64;
         Self {
@@ -390,6 +403,7 @@ impl Inference {
                 .fault
                 .map(|fault| crate::fault::Injector::new(fault, config.seed)),
             config,
+            operator,
         }
     }
 
@@ -537,6 +551,19 @@ impl Inference {
     pub async fn resolve(&self, name: &str, kind: ModelKind) -> Result<Target, RouteError> {
         let peers = self.net.peers().await.unwrap_or_default();
         let alive = || peers.iter().filter(|p| p.state == PeerState::Alive);
+        // Who runs whom, for every peer that says (the DHT's providers of an unannounced
+        // model may be among them).
+        let mut operators = HashMap::new();
+        if let Some(operator) = self.operator {
+            operators.insert(self.net.peer_id(), operator);
+        }
+        for peer in alive() {
+            let node = peer.peer_id.parse::<PeerId>();
+            let operator = peer.operator.as_deref().map(str::parse::<PeerId>);
+            if let (Ok(node), Some(Ok(operator))) = (node, operator) {
+                operators.insert(node, operator);
+            }
+        }
         let offers = || {
             alive()
                 .flat_map(|p| p.capabilities.iter().flat_map(|c| &c.models))
@@ -596,7 +623,11 @@ impl Inference {
                             Some((_, offer)) => (offer.clone(), None),
                             // Nobody we know of announces it: the DHT's providers of the id
                             // are the candidates.
-                            None => return Ok(Target::unannounced(id, kind)),
+                            None => {
+                                let mut target = Target::unannounced(id, kind);
+                                target.operators = operators;
+                                return Ok(target);
+                            }
                         }
                     }
                 }
@@ -624,6 +655,7 @@ impl Inference {
             offer,
             local,
             peers: serving,
+            operators,
         })
     }
 
@@ -1071,7 +1103,9 @@ impl Inference {
         ranking: Vec<PeerId>,
     ) -> Result<Checked, RouteError> {
         mode.check().map_err(RouteError::Invalid)?;
-        // Distinct, not isolated, and no more than a quorum may draw from.
+        // Distinct, not isolated, and no more than a quorum may draw from. A checked task's
+        // workers are distinct operators too (the best-ranked node of each), so that one
+        // operator's nodes count once among the candidates and never check each other.
         let own = self.net.peer_id();
         let now = now_ms();
         let mut ranking = ranking;
@@ -1080,6 +1114,10 @@ impl Inference {
             let mut seen = HashSet::new();
             let until = now.saturating_sub(UNBLOCK_SLACK_MS);
             ranking.retain(|p| seen.insert(*p) && (*p == own || !state.trust.isolated(p, until)));
+            if mode != Mode::None {
+                let mut operators = HashSet::new();
+                ranking.retain(|p| operators.insert(target.operator_of(p)));
+            }
         }
         ranking.truncate(verify::MAX_CANDIDATES);
         let id = TaskId(self.lock().rng.gen());

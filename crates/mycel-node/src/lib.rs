@@ -102,6 +102,10 @@ pub struct NodeConfig {
     pub train_attack: Option<mycel_core::fl::Attack>,
     /// Whose training jobs this node trains for (default: its own only).
     pub train_for: mycel_core::fl::TrainFor,
+    /// The key of the operator that runs this node (created there if missing): the node
+    /// announces the operator's word for it, and peers never pick two nodes of one operator
+    /// to check each other's results.
+    pub operator_key: Option<PathBuf>,
 }
 
 /// The certificate an HTTPS API presents.
@@ -144,6 +148,7 @@ impl NodeConfig {
             metered: false,
             train_attack: None,
             train_for: Default::default(),
+            operator_key: None,
         }
     }
 }
@@ -189,6 +194,13 @@ impl Node {
         let dir = config.data_dir.clone();
         mycel_store::prepare_data_dir(&dir)?;
         let keypair = mycel_store::load_or_create_identity(&dir)?;
+        let operator = match &config.operator_key {
+            Some(path) => Some(
+                mycel_store::load_or_create_key(path)
+                    .with_context(|| format!("reading the operator key {}", path.display()))?,
+            ),
+            None => None,
+        };
         let token = mycel_store::load_or_create_token(&dir)?;
         let store = Arc::new(Store::open(&dir)?);
         let paths = config.models.clone();
@@ -258,6 +270,9 @@ impl Node {
         net_config.timing = config.timing.clone();
         net_config.limits = config.limits.clone();
         net_config.nat = config.nat.clone();
+        net_config.operator = operator
+            .as_ref()
+            .map(|key| mycel_core::statement::Operator::vouch(key, &keypair.public().to_peer_id()));
         // Served from the first connection on: peers hear of our models, blobs and datasets
         // as soon as we connect, and must not find these protocols missing meanwhile.
         net_config.accept = vec![
@@ -291,6 +306,7 @@ impl Node {
             keypair.clone(),
             models.clone(),
             router,
+            operator.map(|key| key.public().to_peer_id()),
         ));
         let incoming = net.accept_task_streams()?;
         tasks.push(tokio::spawn(inference.clone().serve(incoming)));

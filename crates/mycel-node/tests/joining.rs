@@ -222,6 +222,7 @@ fn stranger_at(addr: &str) -> SignedStatement {
             addrs: vec![addr.to_owned()],
             reachability: Default::default(),
             relay: false,
+            operator: None,
         }),
     )
 }

@@ -638,6 +638,7 @@ async fn made_up_engines_announced_for_an_honest_id_do_not_draw_its_requests() {
                 addrs: Vec::new(),
                 reachability: Default::default(),
                 relay: false,
+                operator: None,
             }),
         );
         worker.net.publish_raw(statement.to_bytes()).await.unwrap();

@@ -84,6 +84,12 @@ fn isolated(node: &Node, peer: &PeerId) -> bool {
         .is_some_and(|t| t.isolated_until.is_some())
 }
 
+/// The workers whose signatures a checked result's certificate carries.
+fn certified_workers(checked: mycel_node::inference::Checked) -> Vec<PeerId> {
+    let certificate = checked.verification.certificate.expect("certified");
+    certificate.check().expect("the certificate checks").workers
+}
+
 fn metric(node: &Node, name: &str) -> f64 {
     let url = format!("http://{}/metrics", node.api_addr.unwrap());
     let body = ureq::get(&url)
@@ -304,13 +310,7 @@ async fn forged_replayed_and_refusing_workers_cannot_stop_or_fool_a_task() {
         .run_checked_on(&bert, input, Mode::Replicate { replicas: 2 }, ranking)
         .await
         .expect("one refusal does not stop the task");
-    let workers = checked
-        .verification
-        .certificate
-        .unwrap()
-        .check()
-        .unwrap()
-        .workers;
+    let workers = certified_workers(checked);
     assert!(!workers.contains(&refuser));
     // Calling input invalid that a quorum then ran is a lie: the refuser is isolated.
     assert!(isolated(client, &refuser));
@@ -532,6 +532,80 @@ async fn chats_are_certified_and_an_unverifiable_one_is_an_error_not_an_answer()
         "{outcome:?}"
     );
     liar.shutdown().await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+/// Two nodes run by one operator (one operator key) count as one candidate and never both
+/// work on a checked task, whatever order they are offered in; a node's peers and
+/// /api/peers show who runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_operators_nodes_never_check_each_other() {
+    let root = tempfile::tempdir().unwrap();
+    let key = root.path().join("operator.key");
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..4 {
+        let bootstrap = nodes.first().map(addrs_of).unwrap_or_default();
+        let shared = (i >= 2).then(|| key.clone());
+        nodes.push(
+            start(
+                root.path(),
+                &format!("n{i}"),
+                bootstrap,
+                "tiny-bert",
+                None,
+                |c| c.operator_key = shared,
+            )
+            .await,
+        );
+    }
+    wait_offers(&nodes[0], &nodes[1..].iter().collect::<Vec<_>>()).await;
+    let client = &nodes[0];
+    let operator = nodes[2].net.status().await.unwrap().operator.unwrap();
+    assert_eq!(
+        nodes[3].net.status().await.unwrap().operator.as_ref(),
+        Some(&operator),
+        "one key, one operator"
+    );
+    let peers = get(client, "/api/peers");
+    let operators: Vec<&str> = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["operator"].as_str())
+        .collect();
+    assert_eq!(operators, [operator.as_str(); 2], "{peers}");
+
+    let pair = [nodes[2].net.peer_id(), nodes[3].net.peer_id()];
+    let bert = target(client, "tiny-bert", ModelKind::Embedding).await;
+    // The operator's two nodes offered first: a router that did not know would ask both.
+    let mut candidates: Vec<PeerId> = nodes.iter().rev().map(|n| n.net.peer_id()).collect();
+    let input = || mycel_core::task::TaskInput::Embed {
+        texts: vec!["the cat sat".to_owned()],
+    };
+    for round in 0..4 {
+        let checked = client
+            .inference
+            .run_checked_on(
+                &bert,
+                input(),
+                Mode::Replicate { replicas: 3 },
+                candidates.clone(),
+            )
+            .await
+            .expect("three operators agree");
+        let workers = certified_workers(checked);
+        let theirs = workers.iter().filter(|w| pair.contains(w)).count();
+        assert_eq!(theirs, 1, "round {round}: {workers:?}");
+        candidates.swap(0, 1);
+    }
+    // Three operators cannot make four replicas.
+    let four = client
+        .inference
+        .run_checked_on(&bert, input(), Mode::Replicate { replicas: 4 }, candidates)
+        .await;
+    assert!(matches!(four, Err(RouteError::Unverified(_))), "{four:?}");
     for node in nodes {
         node.shutdown().await;
     }

@@ -30,11 +30,19 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` atomically with mode 0600: temporary file, fsync, rename.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp: PathBuf = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
+/// Creates `path` with `bytes`, atomically and with mode 0600: a temporary file of this
+/// call's own, fsync, then a hard link that fails when `path` exists. Returns false when
+/// another process created `path` meanwhile (nodes sharing an operator key start at once):
+/// the caller reads that one instead.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<bool, StoreError> {
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nth = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp: PathBuf = path.with_extension(format!("tmp.{}.{nth}", std::process::id()));
+    let write = || -> std::io::Result<bool> {
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -43,8 +51,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
             .open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
+        let linked = match fs::hard_link(&tmp, path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        fs::remove_file(&tmp)?;
+        fs::File::open(dir)?.sync_all()?;
+        Ok(linked)
     };
     write().map_err(|e| dir_error(dir, e))
 }
@@ -79,7 +96,13 @@ fn read_existing(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
 
 /// Loads the node's identity from `dir`, creating one on first start.
 pub fn load_or_create_identity(dir: &Path) -> Result<Keypair, StoreError> {
-    let path = dir.join(IDENTITY_FILE);
+    load_or_create_key(&dir.join(IDENTITY_FILE))
+}
+
+/// Loads a key (protobuf-encoded, readable by its owner only) from `path`, creating one
+/// there when there is none: an operator's key, shared by the nodes it runs.
+pub fn load_or_create_key(path: &Path) -> Result<Keypair, StoreError> {
+    let path = path.to_path_buf();
     if let Some(bytes) = read_existing(&path)? {
         return Keypair::from_protobuf_encoding(&bytes).map_err(|e| StoreError::CorruptFile {
             path: path.clone(),
@@ -93,8 +116,11 @@ pub fn load_or_create_identity(dir: &Path) -> Result<Keypair, StoreError> {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-    write_private(&path, &encoded)?;
-    Ok(keypair)
+    if write_private(&path, &encoded)? {
+        Ok(keypair)
+    } else {
+        load_or_create_key(&path)
+    }
 }
 
 /// Loads the API bearer token from `dir`, creating a random one on first start.
@@ -118,8 +144,11 @@ pub fn load_or_create_token(dir: &Path) -> Result<String, StoreError> {
     let mut raw = [0u8; 24];
     rand::thread_rng().fill_bytes(&mut raw);
     let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    write_private(&path, token.as_bytes())?;
-    Ok(token)
+    if write_private(&path, token.as_bytes())? {
+        Ok(token)
+    } else {
+        load_or_create_token(dir)
+    }
 }
 
 #[cfg(test)]
@@ -153,6 +182,22 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn nodes_creating_one_operator_key_at_once_all_get_the_one_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("operator.key");
+        let keys: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| load_or_create_key(&path).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let on_disk = load_or_create_key(&path).unwrap().public();
+        assert!(keys.iter().all(|k| k.public() == on_disk));
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind");
     }
 
     #[test]

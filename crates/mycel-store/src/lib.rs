@@ -18,7 +18,9 @@ mod state;
 
 pub use blobs::{BlobError, BlobInfo, BlobStore, ChunkReader, Quarantine};
 pub use direct::{preallocate, ChunkBuf, DirectWriter};
-pub use files::{load_or_create_identity, load_or_create_token, prepare_data_dir};
+pub use files::{
+    load_or_create_identity, load_or_create_key, load_or_create_token, prepare_data_dir,
+};
 pub use state::{KnownPeer, Store};
 
 use std::path::{Path, PathBuf};

@@ -538,6 +538,7 @@ async fn attack_loop(
                         addrs: Vec::new(),
                         reachability: Default::default(),
                         relay: false,
+                        operator: None,
                     }),
                 );
                 seq += 1;

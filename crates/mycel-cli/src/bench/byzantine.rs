@@ -228,6 +228,14 @@ fn worked(nodes: &[Node]) -> u64 {
     nodes.iter().map(|n| n.inference.stats().worked).sum()
 }
 
+/// Waits (a minute at most) until `client`'s background spot checks have finished.
+async fn rechecks_done(client: &Node) {
+    let settled = Instant::now() + Duration::from_secs(60);
+    while client.inference.rechecks_running() > 0 && Instant::now() < settled {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 async fn run_scenario(
     args: &ByzantineBenchArgs,
     scenario: &Scenario,
@@ -308,13 +316,17 @@ async fn run_scenario(
             t.successes + t.failures + t.timeouts + t.disagreements + t.invalid
         })
     };
+    // The process's CPU time in each mode's tasks (all nodes run in this process): from a
+    // task's start to the next one's, so that background spot checks count for the mode.
+    let (mut none_cpu, mut mode_cpu) = (0.0, 0.0);
+    let mut cpu_mark = super::process_cpu_seconds();
     for i in 0..args.tasks {
         let k = i % INPUTS;
         // Spot checks of the task before finish first: their work and CPU are the mode's.
-        let settled = Instant::now() + Duration::from_secs(60);
-        while client.inference.rechecks_running() > 0 && Instant::now() < settled {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        rechecks_done(client).await;
+        let cpu = super::process_cpu_seconds();
+        mode_cpu += cpu - cpu_mark;
+        cpu_mark = cpu;
         // Mode none, then the mode, on the same input.
         let before = worked(&nodes);
         let started = Instant::now();
@@ -329,6 +341,9 @@ async fn run_scenario(
         .await;
         none_ms.push(started.elapsed().as_secs_f64() * 1e3);
         none_work += worked(&nodes) - before;
+        let cpu = super::process_cpu_seconds();
+        none_cpu += cpu - cpu_mark;
+        cpu_mark = cpu;
 
         let seen: Vec<f64> = liars.iter().map(involvement).collect();
         // Under spot_check only the first choice answers, and the router's ranking gives a
@@ -421,8 +436,11 @@ async fn run_scenario(
     }
     bar.finish_and_clear();
     // Background spot checks still running count for the mode.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    rechecks_done(client).await;
     let mode_work = worked(&nodes) - work_start - none_work;
+    mode_cpu += super::process_cpu_seconds() - cpu_mark;
+    let tasks = args.tasks.max(1) as f64;
+    let (cpu_ms_none, cpu_ms_mode) = (none_cpu * 1e3 / tasks, mode_cpu * 1e3 / tasks);
     none_ms.sort_by(f64::total_cmp);
     mode_ms.sort_by(f64::total_cmp);
     let p50_none = super::quantile(&none_ms, 0.5);
@@ -497,6 +515,11 @@ async fn run_scenario(
         "p50_ms": p50_mode,
         "p50_none_ms": p50_none,
         "p50_ratio": p50_mode / p50_none,
+        // CPU of every node (one process) per task: with all nodes on this machine's cores,
+        // a task under the mode cannot take less wall time than its CPU over the cores.
+        "cpu_ms_per_task": cpu_ms_mode,
+        "cpu_ms_per_task_none": cpu_ms_none,
+        "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "models": "tiny fixtures (mycel_ml::fixtures), exact engine",
     }))
 }

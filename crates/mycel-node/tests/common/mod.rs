@@ -145,6 +145,7 @@ pub fn announcement_at(
             addrs,
             reachability: Default::default(),
             relay: false,
+            operator: None,
         }),
     )
 }
