@@ -13,6 +13,8 @@
 //!   and server optimizers.
 //! - [`compress`]: top-k sparsification with error feedback and int8 quantisation of
 //!   updates.
+//! - [`dp`]: privacy accounting for differentially private federated averaging (Rényi DP
+//!   of the sampled Gaussian mechanism, converted to (ε, δ)).
 //! - [`fl`]: federated training jobs, participant selection and the training protocol's
 //!   messages.
 //! - [`blob`]: blobs as BLAKE3 trees (chunks verified one at a time against the id) and
@@ -35,6 +37,7 @@
 pub mod aggregate;
 pub mod blob;
 pub mod compress;
+pub mod dp;
 pub mod fl;
 pub mod id;
 pub mod inbound;
