@@ -70,8 +70,12 @@ pub(crate) fn train(args: TrainArgs) -> anyhow::Result<()> {
         let round = job["round"].as_u64().unwrap_or(0);
         bar.set_position(round);
         if let Some(last) = job["metrics"].as_array().and_then(|m| m.last()) {
+            let spent = match last["epsilon"].as_f64() {
+                Some(eps) => format!(" ε {eps:.3}"),
+                None => String::new(),
+            };
             bar.set_message(format!(
-                "loss {} acc {}",
+                "loss {} acc {}{spent}",
                 num(&last["train_loss"], 4),
                 num(&last["accuracy"], 3)
             ));
@@ -110,8 +114,17 @@ fn num(v: &Value, digits: usize) -> String {
 }
 
 fn print_table(job: &Value) {
+    // A differentially private job shows the ε spent after each round.
+    let private = job["spec"]["privacy"].is_object();
+    let epsilon = |v: &Value| {
+        if private {
+            format!(" {:>8}", num(v, 3))
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "{:>5} {:>6} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8}",
+        "{:>5} {:>6} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8}{}",
         "round",
         "peers",
         "dropped",
@@ -120,11 +133,16 @@ fn print_table(job: &Value) {
         "bytes up",
         "bytes down",
         "bytes root",
-        "ms"
+        "ms",
+        if private {
+            format!(" {:>8}", "ε")
+        } else {
+            String::new()
+        }
     );
     for m in job["metrics"].as_array().into_iter().flatten() {
         println!(
-            "{:>5} {:>6} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8}",
+            "{:>5} {:>6} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8}{}",
             m["round"],
             m["participants"],
             m["dropped"],
@@ -133,8 +151,12 @@ fn print_table(job: &Value) {
             m["bytes_up"],
             m["bytes_down"],
             m["bytes_root"],
-            num(&m["ms"], 1)
+            num(&m["ms"], 1),
+            epsilon(&m["epsilon"])
         );
+    }
+    if let Some(why) = job["stopped"].as_str() {
+        println!("{why}");
     }
     println!(
         "job {} done: {} rounds in {} ms; model {}",

@@ -19,7 +19,11 @@
 //! reference epsilon of `tests/data/dp_reference.json` (made by `scripts/dp-reference.py`)
 //! within 1%.
 //!
-//! Everything here is arithmetic on `f64`: no clock, no randomness.
+//! The aggregate itself ([`noisy_mean`]) takes its randomness from the caller, which must
+//! keep it secret (noise anyone could replay hides nothing). No clock, no I/O.
+
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
 
 /// Orders of Rényi divergence the accountant tracks: 1.1 to 10.9 by tenths, 11 to 63, and
 /// 128, 256, 512, 1024.
@@ -168,6 +172,82 @@ pub fn epsilon(orders: &[f64], rdp: &[f64], delta: f64) -> Result<(f64, f64), Dp
     Ok((best.0.max(0.0), best.1))
 }
 
+/// Scales `update` down to L2 norm `clip` if it is longer; returns its norm before.
+pub fn clip(update: &mut [f32], clip: f32) -> f64 {
+    let norm = update
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt();
+    if norm > f64::from(clip) {
+        let scale = (f64::from(clip) / norm) as f32;
+        update.iter_mut().for_each(|v| *v *= scale);
+    }
+    norm
+}
+
+/// Why updates cannot be aggregated privately.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AggregateError {
+    /// Updates of different lengths.
+    #[error("updates of {0} and {1} values cannot be summed")]
+    Shape(usize, usize),
+    /// A parameter out of range.
+    #[error("clip {clip}, noise multiplier {sigma} and denominator {denominator} must be finite and above 0")]
+    Parameters {
+        /// The clip norm.
+        clip: f32,
+        /// The noise multiplier.
+        sigma: f64,
+        /// The denominator.
+        denominator: f64,
+    },
+}
+
+/// DP-FedAvg's aggregate with central noise: every update clipped to L2 norm `clip`, summed,
+/// Gaussian noise of standard deviation `sigma × clip` added to each coordinate of the sum,
+/// and the sum divided by `denominator` (the expected number of participants, which does not
+/// depend on anyone's data). One participant more or less moves the sum by at most `clip`:
+/// the noise is calibrated to that. `len` is the model's size (the aggregate of no update is
+/// noise alone).
+pub fn noisy_mean(
+    mut updates: Vec<Vec<f32>>,
+    len: usize,
+    clip: f32,
+    sigma: f64,
+    denominator: f64,
+    rng: &mut impl Rng,
+) -> Result<Vec<f32>, AggregateError> {
+    let valid = |x: f64| x.is_finite() && x > 0.0;
+    if !(valid(f64::from(clip)) && valid(sigma) && valid(denominator)) {
+        return Err(AggregateError::Parameters {
+            clip,
+            sigma,
+            denominator,
+        });
+    }
+    let mut sum = vec![0f64; len];
+    for update in &mut updates {
+        if update.len() != len {
+            return Err(AggregateError::Shape(update.len(), len));
+        }
+        self::clip(update, clip);
+        for (s, v) in sum.iter_mut().zip(update.iter()) {
+            *s += f64::from(*v);
+        }
+    }
+    let noise =
+        Normal::new(0.0, sigma * f64::from(clip)).map_err(|_| AggregateError::Parameters {
+            clip,
+            sigma,
+            denominator,
+        })?;
+    Ok(sum
+        .into_iter()
+        .map(|s| ((s + noise.sample(rng)) / denominator) as f32)
+        .collect())
+}
+
 /// The privacy a job has spent: RDP at each order, summed over its rounds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Accountant {
@@ -189,6 +269,22 @@ impl Accountant {
             rdp: vec![0.0; orders.len()],
             orders,
         }
+    }
+
+    /// What was spent as recorded by [`Accountant::rdp`] (a job's record, after a restart);
+    /// nothing spent when the record is of another length.
+    pub fn from_rdp(rdp: Vec<f64>) -> Self {
+        let fresh = Self::new();
+        if rdp.len() == fresh.orders.len() && rdp.iter().all(|r| *r >= 0.0) {
+            Self { rdp, ..fresh }
+        } else {
+            fresh
+        }
+    }
+
+    /// The RDP spent at each of the orders.
+    pub fn rdp(&self) -> &[f64] {
+        &self.rdp
     }
 
     /// The RDP of one round at each order (to compose many rounds with [`Accountant::add`]
@@ -265,6 +361,54 @@ mod tests {
         parts.compose(0.01, 1.0, 40).unwrap();
         parts.compose(0.01, 1.0, 60).unwrap();
         assert!((parts.epsilon(1e-5).unwrap() - base).abs() < 1e-9);
+    }
+
+    #[test]
+    fn one_update_moves_the_sum_by_the_clip_at_most_and_the_noise_is_calibrated() {
+        use rand::SeedableRng;
+        let mut long = vec![3.0f32, 4.0];
+        assert_eq!(clip(&mut long, 1.0), 5.0);
+        assert!((long[0] - 0.6).abs() < 1e-6 && (long[1] - 0.8).abs() < 1e-6);
+        let mut short = vec![0.3f32, 0.4];
+        clip(&mut short, 1.0);
+        assert_eq!(short, [0.3, 0.4], "short updates are kept as they are");
+
+        // With the same noise, a huge update changes the aggregate as much as one at the clip.
+        let mean = |updates: Vec<Vec<f32>>| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            noisy_mean(updates, 2, 1.0, 1.0, 4.0, &mut rng).unwrap()
+        };
+        let others = vec![vec![0.1f32, 0.2], vec![-0.3, 0.1]];
+        let with = |extra: Vec<f32>| {
+            let mut all = others.clone();
+            all.push(extra);
+            mean(all)
+        };
+        assert_eq!(with(vec![1e6, 0.0]), with(vec![1.0, 0.0]));
+        let without = mean(others.clone());
+        let moved = with(vec![1e6, 0.0])[0] - without[0];
+        assert!((moved - 0.25).abs() < 1e-5, "{moved}");
+
+        // The noise on the sum has standard deviation σ·clip.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let noise = noisy_mean(Vec::new(), 20_000, 0.5, 2.0, 1.0, &mut rng).unwrap();
+        let sd = (noise.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / 20_000.0).sqrt();
+        assert!((sd - 1.0).abs() < 0.03, "{sd}");
+
+        assert_eq!(
+            noisy_mean(vec![vec![1.0]], 2, 1.0, 1.0, 1.0, &mut rng),
+            Err(AggregateError::Shape(1, 2))
+        );
+        assert!(noisy_mean(Vec::new(), 2, 0.0, 1.0, 1.0, &mut rng).is_err());
+    }
+
+    #[test]
+    fn what_was_spent_survives_its_record() {
+        let mut accountant = Accountant::new();
+        accountant.compose(0.1, 1.1, 30).unwrap();
+        let restored = Accountant::from_rdp(accountant.rdp().to_vec());
+        assert_eq!(restored, accountant);
+        assert_eq!(Accountant::from_rdp(vec![1.0; 3]), Accountant::new());
     }
 
     #[test]

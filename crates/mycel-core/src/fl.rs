@@ -486,10 +486,72 @@ pub struct JobSpec {
     /// Seed of initial weights, selection and local shuffling.
     #[serde(default)]
     pub seed: u64,
+    /// Differential privacy (DP-FedAvg), if the job promises it. Not encoded when absent, so
+    /// that a job without it keeps its id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<Privacy>,
 }
 
 fn default_deadline() -> u64 {
     10_000
+}
+
+/// What a differentially private job (DP-FedAvg with central noise) promises and how.
+///
+/// Each round the coordinator draws participants by Poisson sampling with secret randomness
+/// (each eligible peer independently with probability `participants.fraction`), clips each
+/// update to L2 norm `clip`, adds Gaussian noise of standard deviation
+/// `noise_multiplier × clip` to their sum and divides by the expected number of participants.
+/// A privacy accountant ([`crate::dp`]) reports the ε spent after every round at `delta`; the
+/// job stops before a round would spend more than `epsilon`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Privacy {
+    /// L2 norm each participant's update is clipped to.
+    pub clip: f32,
+    /// Standard deviation of the noise over `clip` (σ).
+    pub noise_multiplier: f64,
+    /// The δ of the (ε, δ) guarantee.
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// The most ε the job may spend.
+    #[serde(default)]
+    pub epsilon: Option<f64>,
+}
+
+fn default_delta() -> f64 {
+    1e-5
+}
+
+impl Privacy {
+    fn check(&self, spec: &JobSpec) -> Result<(), String> {
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            return Err("privacy.clip must be a number above 0".into());
+        }
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier > 0.0) {
+            return Err("privacy.noise_multiplier must be a number above 0".into());
+        }
+        if !(self.delta > 0.0 && self.delta < 0.01) {
+            return Err("privacy.delta must be above 0 and below 0.01".into());
+        }
+        if self.epsilon.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
+            return Err("privacy.epsilon must be a number above 0".into());
+        }
+        if spec.aggregator != (AggregatorSpec::Fedavg { iqr: None }) {
+            return Err(
+                "privacy needs aggregator fedavg without an IQR filter: the noise bounds what \
+                 one clipped update can change in a sum, not in a median or a filter"
+                    .into(),
+            );
+        }
+        if spec.compression != Compression::None || spec.cluster_size > 1 {
+            return Err(
+                "privacy needs dense updates (compression none) and a flat job (cluster_size \
+                 0 or 1): the coordinator clips each participant's update"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 impl JobSpec {
@@ -562,6 +624,9 @@ impl JobSpec {
         }
         if !(1..=3_600_000).contains(&self.round_deadline_ms) {
             return Err("round_deadline_ms must be 1 to 3600000".into());
+        }
+        if let Some(privacy) = &self.privacy {
+            privacy.check(self)?;
         }
         Ok(())
     }
@@ -652,6 +717,17 @@ pub fn select(
     order.truncate(round_size(order.len(), p));
     order.sort();
     order
+}
+
+/// A differentially private job's participants: each of `eligible` independently with
+/// probability `fraction` (Poisson sampling, which the privacy accountant assumes). `rng`
+/// must be secret: who was sampled is part of what the noise hides.
+pub fn poisson_select(eligible: &[PeerId], fraction: f64, rng: &mut impl Rng) -> Vec<PeerId> {
+    let mut peers: Vec<PeerId> = eligible.to_vec();
+    peers.sort();
+    peers.dedup();
+    peers.retain(|_| rng.gen_bool(fraction.clamp(0.0, 1.0)));
+    peers
 }
 
 /// A cluster of hierarchical aggregation.
@@ -1233,6 +1309,54 @@ mod tests {
         let toml_like = r#"{"model":{"kind":"mlp","layers":[64,32,10]},"dataset":"digits",
             "rounds":20,"train":{"epochs":1,"batch":32,"lr":0.1}}"#;
         serde_json::from_str(toml_like).unwrap()
+    }
+
+    #[test]
+    fn privacy_keeps_old_ids_and_refuses_what_it_cannot_bound() {
+        let plain = spec();
+        let encoded = wire::encode(&plain);
+        assert!(
+            !encoded.windows(7).any(|w| w == b"privacy"),
+            "a job without privacy encodes as before (its id unchanged)"
+        );
+        let private = |edit: fn(&mut JobSpec)| {
+            let mut s = spec();
+            s.privacy = Some(Privacy {
+                clip: 1.0,
+                noise_multiplier: 1.0,
+                delta: 1e-5,
+                epsilon: Some(8.0),
+            });
+            edit(&mut s);
+            s.check()
+        };
+        assert_eq!(private(|_| {}), Ok(()));
+        for (what, edit) in [
+            (
+                "clip",
+                (|s| s.privacy.as_mut().unwrap().clip = 0.0) as fn(&mut JobSpec),
+            ),
+            ("noise_multiplier", |s| {
+                s.privacy.as_mut().unwrap().noise_multiplier = f64::NAN
+            }),
+            ("delta", |s| s.privacy.as_mut().unwrap().delta = 0.5),
+            ("epsilon", |s| {
+                s.privacy.as_mut().unwrap().epsilon = Some(-1.0)
+            }),
+            ("aggregator", |s| {
+                s.aggregator = AggregatorSpec::Fedavg { iqr: Some(1.5) }
+            }),
+            ("flat", |s| s.cluster_size = 4),
+        ] {
+            let err = private(edit).unwrap_err();
+            assert!(err.contains(what), "{what}: {err}");
+        }
+        // Poisson sampling: each peer on its own, about the fraction of them.
+        let peers: Vec<PeerId> = (0..1000).map(|_| PeerId::random()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let chosen = poisson_select(&peers, 0.2, &mut rng).len();
+        assert!((150..250).contains(&chosen), "{chosen}");
+        assert_eq!(poisson_select(&peers, 1.0, &mut rng).len(), 1000);
     }
 
     #[test]

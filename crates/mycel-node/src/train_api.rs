@@ -24,6 +24,12 @@ pub struct JobView {
     pub state: &'static str,
     /// Why it failed.
     pub error: Option<String>,
+    /// Why it ended before its last round (its privacy budget), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
+    /// The ε it has spent (a differentially private job), at the spec's δ.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
     /// Rounds completed.
     pub round: u32,
     /// Rounds in all.
@@ -52,6 +58,8 @@ impl From<JobRecord> for JobView {
             name: r.spec.name.clone(),
             state,
             error,
+            stopped: r.stopped.clone(),
+            epsilon: r.metrics.iter().rev().find_map(|m| m.epsilon),
             round: r.round,
             rounds: r.spec.rounds,
             elapsed_ms: r.elapsed_ms,

@@ -127,6 +127,9 @@ pub struct RoundMetrics {
     pub ms: f64,
     /// The global model after the round, as a blob.
     pub model: Option<ContentId>,
+    /// The ε the job had spent after the round (a differentially private job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 /// Where a job stands.
@@ -170,6 +173,13 @@ pub struct JobRecord {
     /// The rounds after which the job was resumed (the coordinator had stopped).
     #[serde(default)]
     pub resumed_after: Vec<u32>,
+    /// The privacy a differentially private job has spent: Rényi DP at each of the
+    /// accountant's orders (`mycel_core::dp`).
+    #[serde(default)]
+    pub privacy_rdp: Vec<f64>,
+    /// Why the job ended before its last round (its privacy budget), if it did.
+    #[serde(default)]
+    pub stopped: Option<String>,
 }
 
 impl JobRecord {
@@ -187,6 +197,8 @@ impl JobRecord {
             metrics: Vec::new(),
             elapsed_ms: 0.0,
             resumed_after: Vec::new(),
+            privacy_rdp: Vec::new(),
+            stopped: None,
         }
     }
 }
@@ -801,10 +813,39 @@ impl Training {
         };
         let mut attempts = 0;
         let mut persisting: Option<tokio::task::JoinHandle<anyhow::Result<JobRecord>>> = None;
+        // A private job's spending: what the record says was spent, and what a round costs
+        // (each peer sampled with the participation fraction, noise at the multiplier).
+        let mut accountant = mycel_core::dp::Accountant::from_rdp(record.privacy_rdp.clone());
+        let per_round = spec
+            .privacy
+            .map(|p| accountant.round(spec.participants.fraction, p.noise_multiplier))
+            .transpose()?;
         // However the rounds end, the last round's storing is waited for (a failure recorded
         // after it must not be overwritten by it).
         let outcome = async {
         while record.round < spec.rounds {
+            if let (Some(privacy), Some(per_round)) = (&spec.privacy, &per_round) {
+                let mut next = accountant.clone();
+                next.add(per_round, 1);
+                let epsilon = next.epsilon(privacy.delta)?;
+                if let Some(budget) = privacy.epsilon.filter(|budget| epsilon > *budget) {
+                    let why = format!(
+                        "stopped after round {}: round {} would bring the privacy spent to \
+                         ε = {epsilon:.3} at δ = {}, over the job's budget of ε = {budget}",
+                        record.round,
+                        record.round + 1,
+                        privacy.delta
+                    );
+                    info!(job = %record.id, "{why}");
+                    record.stopped = Some(why);
+                    record.state = JobState::Done;
+                    if let Some(previous) = persisting.take() {
+                        self.reported(previous, record, progress).await?;
+                    }
+                    persisting = Some(self.persist(record.clone()));
+                    break;
+                }
+            }
             let started = Instant::now();
             let round = record.round + 1;
             let seed = fl::round_seed(spec.seed, round);
@@ -813,6 +854,7 @@ impl Training {
                 addrs,
                 rtts,
                 samples,
+                eligible,
             } = self.select(spec, record, seed).await?;
             let selected_ms = started.elapsed().as_secs_f64() * 1000.0;
             let request = TrainRequest {
@@ -939,7 +981,17 @@ impl Training {
             }
             let root_bytes = outcome.root_bytes;
             let gathered = outcome.gathered;
-            let combined = match combine(&spec.aggregator, spec.compression, outcome.updates) {
+            let combined = match &spec.privacy {
+                // The expected number of participants: it does not depend on who answered.
+                Some(privacy) => combine_private(
+                    privacy,
+                    parameters,
+                    spec.participants.fraction * eligible as f64,
+                    outcome.updates,
+                ),
+                None => combine(&spec.aggregator, spec.compression, outcome.updates),
+            };
+            let combined = match combined {
                 Ok(combined) => combined,
                 Err(e) => {
                     attempts += 1;
@@ -981,8 +1033,17 @@ impl Training {
                 None => (f32::NAN, f32::NAN),
             };
             let ms = started.elapsed().as_secs_f64() * 1000.0;
+            let epsilon = match (&spec.privacy, &per_round) {
+                (Some(privacy), Some(per_round)) => {
+                    accountant.add(per_round, 1);
+                    record.privacy_rdp = accountant.rdp().to_vec();
+                    Some(accountant.epsilon(privacy.delta)?)
+                }
+                _ => None,
+            };
             record.metrics.push(RoundMetrics {
                 round,
+                epsilon,
                 asked: gathered.asked,
                 participants: combined.contributors,
                 dropped: gathered.dropped,
@@ -1133,13 +1194,24 @@ impl Training {
             .iter()
             .filter_map(|(p, n)| Some((p.parse().ok()?, *n)))
             .collect();
-        let mut rng = StdRng::seed_from_u64(seed);
-        let peers = fl::select(&eligible, &asked, &spec.participants, &mut rng);
+        let peers = if spec.privacy.is_some() {
+            // Secret randomness: who takes part is part of what the noise hides, and a seed
+            // in the spec is known to every participant.
+            fl::poisson_select(
+                &eligible,
+                spec.participants.fraction,
+                &mut StdRng::from_entropy(),
+            )
+        } else {
+            let mut rng = StdRng::seed_from_u64(seed);
+            fl::select(&eligible, &asked, &spec.participants, &mut rng)
+        };
         Ok(Selection {
             peers,
             addrs,
             rtts,
             samples,
+            eligible: eligible.len(),
         })
     }
 
@@ -1280,6 +1352,8 @@ struct Selection {
     rtts: HashMap<PeerId, f64>,
     /// Samples each announced.
     samples: HashMap<PeerId, u64>,
+    /// Peers that could have been selected.
+    eligible: usize,
 }
 
 /// A peer and the addresses it announced.
@@ -1344,6 +1418,50 @@ struct Combined {
     loss: f32,
     data: ContentId,
     contributors: u32,
+}
+
+/// Combines a differentially private job's updates (`mycel_core::dp::noisy_mean`): each
+/// clipped, summed with the noise, over `expected` participants; every update weighs the same
+/// (weights by samples would let one participant's data count for more than the clip).
+fn combine_private(
+    privacy: &fl::Privacy,
+    parameters: usize,
+    expected: f64,
+    mut updates: Vec<Received>,
+) -> anyhow::Result<Combined> {
+    updates.sort_by_key(|u| u.data);
+    let samples = updates
+        .iter()
+        .map(|u| u.samples)
+        .fold(0u64, u64::saturating_add);
+    let loss = if updates.is_empty() {
+        0.0
+    } else {
+        updates.iter().map(|u| f64::from(u.loss)).sum::<f64>() as f32 / updates.len() as f32
+    };
+    let mut data = blake3::Hasher::new();
+    for u in &updates {
+        data.update(&u.data.0);
+    }
+    let contributors = updates.iter().map(|u| u.contributors).sum();
+    let delta = mycel_core::dp::noisy_mean(
+        updates.into_iter().map(|u| u.delta).collect(),
+        parameters,
+        privacy.clip,
+        privacy.noise_multiplier,
+        expected.max(1.0),
+        &mut StdRng::from_entropy(),
+    )?;
+    if !loss.is_finite() || delta.iter().any(|v| !v.is_finite()) {
+        bail!("the combined update is not finite");
+    }
+    Ok(Combined {
+        delta,
+        samples,
+        loss,
+        data: ContentId(*data.finalize().as_bytes()),
+        contributors,
+    })
 }
 
 /// Combines updates by the job's rule (after its IQR filter), in an order that depends only

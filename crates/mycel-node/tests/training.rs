@@ -519,3 +519,103 @@ async fn a_job_starts_from_an_earlier_models_blob_and_a_wrong_blob_is_refused() 
     let err = nodes[0].training.run_job(next, |_| {}).await.unwrap_err();
     assert!(format!("{err:#}").contains("initial weights"), "{err:#}");
 }
+
+/// The bytes of a round's model, from the coordinator's blob store.
+fn round_model(node: &Node, record: &JobRecord, round: u32, dir: &Path) -> Vec<f32> {
+    let id = record.metrics[round as usize - 1]
+        .model
+        .expect("the round's model is stored");
+    let path = dir.join(format!("round-{round}"));
+    node.blobs
+        .store()
+        .export(&id, &path, mycel_net::now_ms())
+        .unwrap();
+    fl::f32_from_le(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_job_spends_its_epsilon_round_by_round_across_a_crash_and_stops_at_its_budget() {
+    use mycel_core::dp::Accountant;
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = federation(root.path(), 3).await;
+    // Every participant takes part in every round (fraction 1): q = 1, noise multiplier 1.
+    let spent = |rounds: u64| {
+        let mut accountant = Accountant::new();
+        accountant.compose(1.0, 1.0, rounds).unwrap();
+        accountant.epsilon(1e-5).unwrap()
+    };
+    let budget = (spent(5) + spent(6)) / 2.0;
+    let mut spec = spec(10, 3);
+    spec.privacy = Some(fl::Privacy {
+        clip: 1.0,
+        noise_multiplier: 1.0,
+        delta: 1e-5,
+        epsilon: Some(budget),
+    });
+    let id = nodes[0].training.start(spec).unwrap();
+    wait_until(Duration::from_secs(60), "two rounds complete", || async {
+        nodes[0]
+            .training
+            .job(id)
+            .unwrap()
+            .is_some_and(|r| r.round >= 2)
+    })
+    .await;
+    // The coordinator crashes and starts again: the job resumes, and so does its spending.
+    nodes.remove(0).abort();
+    let coordinator = common::restart(local_config(
+        &root.path().join("coordinator"),
+        vec![],
+        false,
+    ))
+    .await;
+    wait_for_datasets(&coordinator, 3).await;
+    wait_until(Duration::from_secs(120), "the job ends", || async {
+        coordinator
+            .training
+            .job(id)
+            .unwrap()
+            .is_some_and(|r| r.state != JobState::Running)
+    })
+    .await;
+    let record = coordinator.training.job(id).unwrap().unwrap();
+    assert_eq!(record.state, JobState::Done, "{:?}", record.state);
+    assert!(!record.resumed_after.is_empty(), "it was resumed");
+    // Five rounds fit the budget, the sixth would not: it stopped, and says why.
+    assert_eq!(record.round, 5);
+    let rounds: Vec<u32> = record.metrics.iter().map(|m| m.round).collect();
+    assert_eq!(rounds, [1, 2, 3, 4, 5], "every round once");
+    for m in &record.metrics {
+        let expected = spent(u64::from(m.round));
+        let epsilon = m.epsilon.expect("ε reported every round");
+        assert!(
+            (epsilon - expected).abs() < 1e-9 * expected,
+            "round {}: ε {epsilon}, {expected} expected",
+            m.round
+        );
+    }
+    assert!(record.metrics[4].epsilon.unwrap() <= budget);
+    let stopped = record.stopped.as_deref().unwrap();
+    assert!(
+        stopped.contains("round 6") && stopped.contains("budget"),
+        "{stopped}"
+    );
+    // The noise is there, at its scale: a round moves each weight by about σ·clip over the
+    // 3 expected participants (the clipped updates themselves move it by far less).
+    let (before, after) = (
+        round_model(&coordinator, &record, 4, root.path()),
+        round_model(&coordinator, &record, 5, root.path()),
+    );
+    let moved = (before
+        .iter()
+        .zip(&after)
+        .map(|(a, b)| f64::from(b - a).powi(2))
+        .sum::<f64>()
+        / before.len() as f64)
+        .sqrt();
+    assert!((0.25..0.42).contains(&moved), "{moved}");
+    coordinator.shutdown().await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}

@@ -367,6 +367,7 @@ async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result
         round_deadline_ms: 30_000,
         eval: Some("sklearn-digits:test".into()),
         seed: 0,
+        privacy: None,
     };
     let job_started = Instant::now();
     let ends = std::sync::Mutex::new(Vec::new());
