@@ -210,7 +210,22 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../jobs/digits.toml");
         let spec = read_spec(&path).unwrap();
         assert_eq!((spec.dataset.as_str(), spec.rounds), ("digits", 20));
+        assert!(spec.privacy.is_none());
+        // Its privacy section, uncommented, is a valid private job.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let private = text
+            .replace("# [privacy]", "[privacy]")
+            .replace("# clip", "clip");
+        let private = private
+            .replace("# noise_multiplier", "noise_multiplier")
+            .replace("# delta", "delta")
+            .replace("# epsilon", "epsilon");
         let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("private.toml");
+        std::fs::write(&file, private).unwrap();
+        let spec = read_spec(&file).unwrap();
+        assert_eq!(spec.privacy.map(|p| p.epsilon), Some(Some(8.0)));
+        spec.check().unwrap();
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "dataset = \"digits\"\ncolour = 1\n").unwrap();
         assert!(read_spec(&bad).is_err());

@@ -499,12 +499,15 @@ fn default_deadline() -> u64 {
 /// What a differentially private job (DP-FedAvg with central noise) promises and how.
 ///
 /// Each round the coordinator draws participants by Poisson sampling with secret randomness
-/// (each eligible peer independently with probability `participants.fraction`), clips each
+/// (each eligible peer independently with probability `participants.fraction`;
+/// `participants.max` does not apply, and a round that falls short of `participants.min`
+/// is not drawn again: it aggregates what arrived), names each its own in its ticket, clips each
 /// update to L2 norm `clip`, adds Gaussian noise of standard deviation
 /// `noise_multiplier × clip` to their sum and divides by the expected number of participants.
 /// A privacy accountant ([`crate::dp`]) reports the ε spent after every round at `delta`; the
 /// job stops before a round would spend more than `epsilon`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Privacy {
     /// L2 norm each participant's update is clipped to.
     pub clip: f32,

@@ -1,5 +1,6 @@
 //! The privacy accountant against Google's `dp-accounting` (its version and the command that
-//! made the figures are in the data file): every epsilon within 1%.
+//! made the figures are in the data file): every epsilon within 10⁻⁹ (the issue asks for 1%),
+//! at the same best order.
 
 use std::collections::HashMap;
 
@@ -26,10 +27,12 @@ fn every_reference_epsilon_is_matched_within_one_percent() {
             .or_insert_with(|| fresh.round(q, sigma).unwrap());
         let mut accountant = fresh.clone();
         accountant.add(round, steps);
-        let ours = accountant.epsilon(delta).unwrap();
+        let (ours, order) = accountant.epsilon_and_order(delta).unwrap();
         let error = (ours - reference).abs() / reference.max(1e-9);
         let what = format!("q {q} σ {sigma} steps {steps} δ {delta}: {ours} against {reference}");
-        assert!(error <= 0.01, "{what}");
+        // The issue asks for 1%; the same arithmetic gives the same figures far closer.
+        assert!(error <= 1e-9, "{what}");
+        assert_eq!(order, field("order"), "{what}: the best order");
         if error > worst.0 {
             worst = (error, what);
         }

@@ -11,6 +11,7 @@
 //! `>= 0`, FedProx's `mu (w - w_global)` added to the gradient, SGD with momentum `v = m v + g`.
 
 use crate::train::{Dataset, TrainParams};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The layer widths of a dense model and where each layer's weights sit in the flat vector.
 pub(crate) struct Dense<'a> {
@@ -186,19 +187,22 @@ impl<'a> Dense<'a> {
 
     /// Minibatch SGD over `data` in the given epoch orders, updating `weights` in place;
     /// returns the mean batch loss of the last epoch.
+    /// Returns the last epoch's mean loss, or `None` when `stop` was set (checked before
+    /// each minibatch; the weights are then part-trained).
     pub(crate) fn train(
         &self,
         weights: &mut [f32],
         data: &Dataset,
         params: &TrainParams,
         orders: &[Vec<usize>],
-    ) -> f32 {
+        stop: &AtomicBool,
+    ) -> Option<f32> {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { self.train_avx2(weights, data, params, orders) };
+            return unsafe { self.train_avx2(weights, data, params, orders, stop) };
         }
-        self.train_any(weights, data, params, orders)
+        self.train_any(weights, data, params, orders, stop)
     }
 
     /// [`Dense::train`] compiled for AVX2: the same operations in the same order as the
@@ -212,8 +216,9 @@ impl<'a> Dense<'a> {
         data: &Dataset,
         params: &TrainParams,
         orders: &[Vec<usize>],
-    ) -> f32 {
-        self.train_any(weights, data, params, orders)
+        stop: &AtomicBool,
+    ) -> Option<f32> {
+        self.train_any(weights, data, params, orders, stop)
     }
 
     #[inline(always)]
@@ -223,7 +228,8 @@ impl<'a> Dense<'a> {
         data: &Dataset,
         params: &TrainParams,
         orders: &[Vec<usize>],
-    ) -> f32 {
+        stop: &AtomicBool,
+    ) -> Option<f32> {
         let batch = params.batch.min(data.len()).max(1);
         let mut b = self.buffers(batch);
         let anchor = weights.to_vec();
@@ -233,6 +239,9 @@ impl<'a> Dense<'a> {
         for order in orders {
             let (mut sum, mut batches) = (0.0f32, 0usize);
             for rows in order.chunks(batch) {
+                if stop.load(Ordering::Relaxed) {
+                    return None;
+                }
                 self.forward(weights, data, rows, &mut b);
                 sum += self.loss(data, rows, &mut b);
                 batches += 1;
@@ -262,7 +271,7 @@ impl<'a> Dense<'a> {
             }
             last = sum / batches.max(1) as f32;
         }
-        last
+        Some(last)
     }
 
     /// Mean loss and accuracy on `data`.
@@ -420,8 +429,13 @@ mod tests {
         };
         let orders = crate::train::epoch_orders(data.len(), 2, 5);
         let (mut fast, mut plain) = (start.clone(), start);
-        let fast_loss = dense.train(&mut fast, &data, &params, &orders);
-        let plain_loss = dense.train_any(&mut plain, &data, &params, &orders);
+        let go = AtomicBool::new(false);
+        let fast_loss = dense
+            .train(&mut fast, &data, &params, &orders, &go)
+            .unwrap();
+        let plain_loss = dense
+            .train_any(&mut plain, &data, &params, &orders, &go)
+            .unwrap();
         assert_eq!(fast_loss.to_bits(), plain_loss.to_bits());
         assert!(fast
             .iter()
@@ -436,9 +450,14 @@ mod tests {
             let mut avx2 = fast.clone();
             let mut again = fast.clone();
             // SAFETY: the CPU has AVX2 (checked just above).
-            let a = unsafe { dense.train_avx2(&mut avx2, &data, &params, &orders) };
-            let b = dense.train_any(&mut again, &data, &params, &orders);
-            assert_eq!(a.to_bits(), b.to_bits());
+            let a = unsafe { dense.train_avx2(&mut avx2, &data, &params, &orders, &go) };
+            let b = dense.train_any(&mut again, &data, &params, &orders, &go);
+            assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
+            // Told to stop, it stops before the first minibatch and leaves the weights be.
+            let mut kept = fast.clone();
+            let stop = AtomicBool::new(true);
+            assert_eq!(dense.train(&mut kept, &data, &params, &orders, &stop), None);
+            assert_eq!(kept, fast);
             assert!(avx2
                 .iter()
                 .zip(&again)

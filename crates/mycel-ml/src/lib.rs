@@ -49,6 +49,9 @@ pub enum MlError {
     /// The model failed while running.
     #[error("model error: {0}")]
     Run(String),
+    /// Stopped before the end, as the caller asked (training for a round nobody waits for).
+    #[error("stopped before the end")]
+    Stopped,
 }
 
 impl MlError {

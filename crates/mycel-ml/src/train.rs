@@ -8,6 +8,7 @@
 //! batches are shuffled from a seeded RNG, and the CPU kernels sum in a fixed order.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::rngs::StdRng;
@@ -313,6 +314,18 @@ impl Classifier {
         params: &TrainParams,
         seed: u64,
     ) -> Result<TrainReport> {
+        self.train_until(data, params, seed, &AtomicBool::new(false))
+    }
+
+    /// [`Classifier::train`], stopping with [`MlError::Stopped`] (the weights part-trained)
+    /// once `stop` is set: it is checked before each minibatch.
+    pub fn train_until(
+        &mut self,
+        data: &Dataset,
+        params: &TrainParams,
+        seed: u64,
+        stop: &AtomicBool,
+    ) -> Result<TrainReport> {
         self.check_data(data)?;
         if data.is_empty() || params.batch == 0 {
             return Err(MlError::Input(
@@ -321,10 +334,13 @@ impl Classifier {
         }
         let orders = epoch_orders(data.len(), params.epochs, seed);
         let loss = match self.dense_widths() {
-            Some(widths) => {
-                crate::dense::Dense::new(&widths).train(&mut self.weights, data, params, &orders)
-            }
-            None => self.train_autograd(data, params, &orders).map_err(ml)?,
+            Some(widths) => crate::dense::Dense::new(&widths)
+                .train(&mut self.weights, data, params, &orders, stop)
+                .ok_or(MlError::Stopped)?,
+            None => self
+                .train_autograd(data, params, &orders, stop)
+                .map_err(ml)?
+                .ok_or(MlError::Stopped)?,
         };
         Ok(TrainReport {
             loss,
@@ -338,7 +354,8 @@ impl Classifier {
         data: &Dataset,
         params: &TrainParams,
         orders: &[Vec<usize>],
-    ) -> candle_core::Result<f32> {
+        stop: &AtomicBool,
+    ) -> candle_core::Result<Option<f32>> {
         let layers = self.variables()?;
         // A copy, not `detach`: a detached tensor shares the variable's storage, which the
         // updates below overwrite in place.
@@ -351,6 +368,9 @@ impl Classifier {
         for order in orders {
             let (mut sum, mut batches) = (0.0f32, 0usize);
             for rows in order.chunks(params.batch) {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
                 let (x, y) = self.tensors(data, rows)?;
                 let logits = self.logits(&layers, &x)?;
                 let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
@@ -384,7 +404,7 @@ impl Classifier {
             flat.extend(b.to_vec1::<f32>()?);
         }
         self.weights = flat;
-        Ok(last_loss)
+        Ok(Some(last_loss))
     }
 
     /// Mean loss and accuracy on `data`.
@@ -541,7 +561,10 @@ mod tests {
             let mut reference = Classifier::new(arch.clone(), 4).unwrap();
             let loss = dense.train(&data, &params, 9).unwrap().loss;
             let orders = epoch_orders(data.len(), params.epochs, 9);
-            let reference_loss = reference.train_autograd(&data, &params, &orders).unwrap();
+            let reference_loss = reference
+                .train_autograd(&data, &params, &orders, &AtomicBool::new(false))
+                .unwrap()
+                .unwrap();
             assert!(
                 (loss - reference_loss).abs() < 1e-4,
                 "{loss} vs {reference_loss}"

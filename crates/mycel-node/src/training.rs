@@ -7,6 +7,7 @@
 //! part, clusters, how updates combine) are mycel-core's; this module does the I/O.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,8 +38,12 @@ use tracing::{debug, info, warn};
 
 use crate::blobs::BlobService;
 
-/// Rounds a job tries again when too few updates arrive, before it fails.
-const ROUND_ATTEMPTS: u32 = 3;
+/// Attempts a round gets when too few updates arrive, before the job fails. Each attempt
+/// doubles the round's deadline (up to [`MAX_STRETCH`] times the job's): on a busy machine
+/// training takes longer than the job planned for.
+const ROUND_ATTEMPTS: u32 = 5;
+/// The most a round's deadline is stretched, as a multiple of the job's.
+const MAX_STRETCH: u64 = 16;
 /// The pause before a round's next attempt, times the attempts so far.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Trainings run at once on one node.
@@ -173,10 +178,6 @@ pub struct JobRecord {
     /// The rounds after which the job was resumed (the coordinator had stopped).
     #[serde(default)]
     pub resumed_after: Vec<u32>,
-    /// The privacy a differentially private job has spent: Rényi DP at each of the
-    /// accountant's orders (`mycel_core::dp`).
-    #[serde(default)]
-    pub privacy_rdp: Vec<f64>,
     /// Why the job ended before its last round (its privacy budget), if it did.
     #[serde(default)]
     pub stopped: Option<String>,
@@ -197,7 +198,6 @@ impl JobRecord {
             metrics: Vec::new(),
             elapsed_ms: 0.0,
             resumed_after: Vec::new(),
-            privacy_rdp: Vec::new(),
             stopped: None,
         }
     }
@@ -233,6 +233,8 @@ pub struct Training {
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     slots: Semaphore,
     streams: Semaphore,
+    /// Rounds stopped because their requester went away (or their deadline passed).
+    abandoned: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Training {
@@ -270,7 +272,15 @@ impl Training {
             background: Mutex::new(Vec::new()),
             slots: Semaphore::new(CONCURRENT_TRAININGS),
             streams: Semaphore::new(CONCURRENT_REQUESTS),
+            abandoned: Default::default(),
         }
+    }
+
+    /// Rounds this node stopped training because nobody waited for them any more: the
+    /// requester closed the stream (it crashed, or gave up at its deadline), or the round's
+    /// deadline passed.
+    pub fn rounds_abandoned(&self) -> u64 {
+        self.abandoned.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// What this node announces.
@@ -303,7 +313,22 @@ impl Training {
                 return;
             }
         };
-        let reply = match self.train_round(peer, request).await {
+        // The requester sends nothing more: a read that ends means it closed the stream or
+        // went away, and the round's training (CPU a busy machine needs) stops.
+        let stop = Arc::new(AtomicBool::new(false));
+        let work = self.train_round(peer, request, stop.clone());
+        tokio::pin!(work);
+        let mut probe = [0u8; 1];
+        let outcome = tokio::select! {
+            outcome = &mut work => outcome,
+            _ = futures::AsyncReadExt::read(&mut stream, &mut probe) => {
+                stop.store(true, Ordering::Relaxed);
+                self.abandoned.fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, "the requester went away; its round's training stopped");
+                return;
+            }
+        };
+        let reply = match outcome {
             Ok((update, gathered)) => TrainReply::Update { update, gathered },
             Err(Refuse::Malformed(why)) => {
                 self.net.penalise(peer, Rejection::Malformed).await;
@@ -320,6 +345,7 @@ impl Training {
         &self,
         from: PeerId,
         request: TrainRequest,
+        stop: Arc<AtomicBool>,
     ) -> Result<(SignedUpdate, Gathered), Refuse> {
         request.check().map_err(Refuse::Malformed)?;
         let parameters = request.model.parameters();
@@ -387,12 +413,22 @@ impl Training {
             let (model, train) = (request.model.clone(), request.train);
             let (global, data) = (global.clone(), dataset.clone());
             let seed = fl::participant_seed(request.seed, &dataset.digest);
-            tokio::task::spawn_blocking(move || {
-                local_update(&model, &train, &global, &data.data, seed)
-            })
-            .await
-            .map_err(|e| Refuse::Other(format!("training failed: {e}")))?
-            .map_err(|e| Refuse::Other(format!("training failed: {e:#}")))
+            let flag = stop.clone();
+            let training = tokio::task::spawn_blocking(move || {
+                local_update(&model, &train, &global, &data.data, seed, &flag)
+            });
+            // Training past the round's deadline helps nobody: it stops there.
+            let late = tokio::time::sleep_until(deadline.into());
+            tokio::select! {
+                done = training => done
+                    .map_err(|e| Refuse::Other(format!("training failed: {e}")))?
+                    .map_err(|e| Refuse::Other(format!("training failed: {e:#}"))),
+                () = late => {
+                    stop.store(true, Ordering::Relaxed);
+                    self.abandoned.fetch_add(1, Ordering::Relaxed);
+                    Err(Refuse::Other("the round's deadline passed while training".into()))
+                }
+            }
         };
         let ((gathered_updates, gathered), mine) = tokio::join!(gather, local);
         let (mut delta, loss) = mine?;
@@ -760,15 +796,20 @@ impl Training {
             None => None,
         };
         let mut record = match existing {
-            // Recorded before it had weights (a placeholder, or it failed at the start).
-            Some(record) if record.weights.is_empty() => self.fresh(spec).await?,
-            Some(mut record) => {
+            Some(mut record) if !record.weights.is_empty() => {
                 info!(job = %id, round = record.round, "resuming the job");
                 record.state = JobState::Running;
                 record.resumed_after.push(record.round);
                 record
             }
-            None => self.fresh(spec).await?,
+            // New, or recorded before it had weights (it failed at the start): stored before
+            // its first round, so that a coordinator that crashes in round 1 finds the job to
+            // resume.
+            _ => {
+                let record = self.fresh(spec).await?;
+                self.save(&record).await?;
+                record
+            }
         };
         self.set_running(&record);
         let result = self.rounds(spec, &mut record, eval, progress).await;
@@ -813,13 +854,18 @@ impl Training {
         };
         let mut attempts = 0;
         let mut persisting: Option<tokio::task::JoinHandle<anyhow::Result<JobRecord>>> = None;
-        // A private job's spending: what the record says was spent, and what a round costs
-        // (each peer sampled with the participation fraction, noise at the multiplier).
-        let mut accountant = mycel_core::dp::Accountant::from_rdp(record.privacy_rdp.clone());
+        // A private job's spending. Every round costs the same (each peer sampled with the
+        // participation fraction, noise at the multiplier) and is charged exactly once: a
+        // private round is never tried again, and is stored before its model goes anywhere.
+        // So what was spent follows from the rounds the record holds.
+        let mut accountant = mycel_core::dp::Accountant::new();
         let per_round = spec
             .privacy
             .map(|p| accountant.round(spec.participants.fraction, p.noise_multiplier))
             .transpose()?;
+        if let Some(per_round) = &per_round {
+            accountant.add(per_round, u64::from(record.round));
+        }
         // However the rounds end, the last round's storing is waited for (a failure recorded
         // after it must not be overwritten by it).
         let outcome = async {
@@ -857,6 +903,8 @@ impl Training {
                 eligible,
             } = self.select(spec, record, seed).await?;
             let selected_ms = started.elapsed().as_secs_f64() * 1000.0;
+            // Each attempt of a round that fell short doubles its deadline.
+            let deadline_ms = stretched(spec.round_deadline_ms, attempts);
             let request = TrainRequest {
                 job: record.id,
                 round,
@@ -866,7 +914,7 @@ impl Training {
                 train: spec.train,
                 compression: spec.compression,
                 seed,
-                deadline_ms: spec.round_deadline_ms,
+                deadline_ms,
                 members: Vec::new(),
                 aggregator: spec.aggregator,
                 ticket: None,
@@ -878,7 +926,7 @@ impl Training {
                     .collect::<Vec<_>>(),
                 spec.cluster_size as usize,
             );
-            let cut = Instant::now() + Duration::from_millis(spec.round_deadline_ms);
+            let cut = Instant::now() + Duration::from_millis(deadline_ms);
             let mut outcome = Outcome::default();
             // Heads with members get their own request; plain participants share one.
             let (flat, heads): (Vec<_>, Vec<_>) =
@@ -892,7 +940,7 @@ impl Training {
             let mut request = request;
             let flat_ids: Vec<PeerId> = flat_peers.iter().map(|(p, _)| *p).collect();
             // Valid for the round (and the allowed clock skew), no longer.
-            let expires_at = mycel_net::now_ms() + spec.round_deadline_ms;
+            let expires_at = mycel_net::now_ms() + deadline_ms;
             request.ticket = Some(JobTicket::sign(
                 &self.keypair,
                 &request,
@@ -937,9 +985,33 @@ impl Training {
                     .fold(0u64, u64::saturating_add);
                 caps.insert(head[0].0, total);
             }
-            let mut asks = vec![self.ask_all(&flat_peers, &request, cut, parameters, &caps)];
-            for (head, r) in &head_requests {
-                asks.push(self.ask_all(head, r, cut, parameters, &caps));
+            // A private job's sample is secret, from the participants too: each gets a request
+            // whose ticket names it alone.
+            let private_requests: Vec<([Addressed; 1], TrainRequest)> = if spec.privacy.is_some()
+            {
+                flat_peers
+                    .iter()
+                    .map(|peer| {
+                        let mut r = request.clone();
+                        r.ticket = Some(JobTicket::sign(
+                            &self.keypair,
+                            &r,
+                            &[peer.0],
+                            None,
+                            expires_at,
+                        ));
+                        ([peer.clone()], r)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut asks = Vec::new();
+            if spec.privacy.is_none() {
+                asks.push(self.ask_all(&flat_peers, &request, cut, parameters, &caps));
+            }
+            for (peer, r) in head_requests.iter().chain(&private_requests) {
+                asks.push(self.ask_all(peer, r, cut, parameters, &caps));
             }
             for part in futures::future::join_all(asks).await {
                 outcome.merge(part);
@@ -956,7 +1028,9 @@ impl Training {
                 *record.asked.entry(peer.to_string()).or_insert(0) += 1;
             }
             let contributors: u32 = outcome.updates.iter().map(|u| u.contributors).sum();
-            if contributors < spec.participants.min {
+            // A private round is never drawn again: the retried round would include each peer
+            // more often than the accountant counts. It aggregates what arrived.
+            if contributors < spec.participants.min && spec.privacy.is_none() {
                 attempts += 1;
                 let why = outcome.why.join("; ");
                 if attempts >= ROUND_ATTEMPTS {
@@ -971,8 +1045,9 @@ impl Training {
                 warn!(
                     job = %record.id, round, contributors,
                     "too few updates ({contributors} of at least {}: {why}); trying the round \
-                     again in {pause:?}",
-                    spec.participants.min
+                     again in {pause:?}, with a deadline of {} ms",
+                    spec.participants.min,
+                    stretched(spec.round_deadline_ms, attempts)
                 );
                 // Peers that failed at once (starting, restarting, reconnecting) get time
                 // to come back before the next attempt.
@@ -993,6 +1068,9 @@ impl Training {
             };
             let combined = match combined {
                 Ok(combined) => combined,
+                Err(e) if spec.privacy.is_some() => {
+                    return Err(e.context(format!("round {round} of a private job")));
+                }
                 Err(e) => {
                     attempts += 1;
                     warn!(job = %record.id, round, "cannot combine the updates: {e:#}; trying the round again");
@@ -1009,6 +1087,9 @@ impl Training {
                 // defence against a huge one): keep the last model and try the round again.
                 record.weights = weights_before;
                 server = server_before;
+                if spec.privacy.is_some() {
+                    bail!("round {round}: the private aggregate made the model non-finite");
+                }
                 attempts += 1;
                 warn!(job = %record.id, round, "the aggregate made the model non-finite; trying the round again");
                 if attempts >= ROUND_ATTEMPTS {
@@ -1036,10 +1117,15 @@ impl Training {
             let epsilon = match (&spec.privacy, &per_round) {
                 (Some(privacy), Some(per_round)) => {
                     accountant.add(per_round, 1);
-                    record.privacy_rdp = accountant.rdp().to_vec();
                     Some(accountant.epsilon(privacy.delta)?)
                 }
                 _ => None,
+            };
+            // The participants' losses are their data's: a private job does not publish them.
+            let train_loss = if spec.privacy.is_some() {
+                f32::NAN
+            } else {
+                combined.loss
             };
             record.metrics.push(RoundMetrics {
                 round,
@@ -1048,7 +1134,7 @@ impl Training {
                 participants: combined.contributors,
                 dropped: gathered.dropped,
                 rejected: gathered.rejected,
-                train_loss: combined.loss,
+                train_loss,
                 test_loss,
                 accuracy,
                 bytes_up: gathered.bytes_up,
@@ -1072,6 +1158,13 @@ impl Training {
                 self.reported(previous, record, progress).await?;
             }
             persisting = Some(self.persist(record.clone()));
+            if spec.privacy.is_some() {
+                // Stored (and so charged) before the next round's request carries the model
+                // out: a crash cannot release a round the record does not hold.
+                if let Some(stored) = persisting.take() {
+                    self.reported(stored, record, progress).await?;
+                }
+            }
             debug!(round, selected_ms, asked_ms, ms, "round done");
         }
         anyhow::Ok(())
@@ -1420,6 +1513,16 @@ struct Combined {
     contributors: u32,
 }
 
+/// A round's deadline at its `attempts`-th retry: the job's, doubled for each, at most
+/// [`MAX_STRETCH`] times the job's and an hour.
+fn stretched(deadline_ms: u64, attempts: u32) -> u64 {
+    let factor = 1u64 << attempts.min(63);
+    deadline_ms
+        .saturating_mul(factor.min(MAX_STRETCH))
+        .min(3_600_000)
+        .max(deadline_ms)
+}
+
 /// Combines a differentially private job's updates (`mycel_core::dp::noisy_mean`): each
 /// clipped, summed with the noise, over `expected` participants; every update weighs the same
 /// (weights by samples would let one participant's data count for more than the clip).
@@ -1540,6 +1643,7 @@ fn local_update(
     global: &[f32],
     data: &Dataset,
     seed: u64,
+    stop: &AtomicBool,
 ) -> anyhow::Result<(Vec<f32>, f32)> {
     let mut classifier = Classifier::from_weights(model.clone(), global)?;
     let params = TrainParams {
@@ -1549,7 +1653,7 @@ fn local_update(
         momentum: train.momentum,
         prox: train.prox,
     };
-    let report = classifier.train(data, &params, seed)?;
+    let report = classifier.train_until(data, &params, seed, stop)?;
     let local = classifier.weights()?;
     let delta = local.iter().zip(global).map(|(l, g)| l - g).collect();
     Ok((delta, report.loss))

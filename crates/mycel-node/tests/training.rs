@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{addrs_of, local_config, wait_until};
+use common::{addrs_of, local_config, wait_for_datasets, wait_until};
 use futures::StreamExt;
 use mycel_core::fl::{
     self, Gathered, JobSpec, JobTicket, Member, Payload, SignedUpdate, TrainFor, TrainReply,
@@ -52,26 +52,6 @@ async fn federation(root: &Path, parts: usize) -> Vec<Node> {
     }
     wait_for_datasets(&nodes[0], parts).await;
     nodes
-}
-
-async fn wait_for_datasets(coordinator: &Node, n: usize) {
-    wait_until(
-        Duration::from_secs(30),
-        "the coordinator sees every participant's dataset",
-        || async {
-            let peers = coordinator.net.peers().await.unwrap();
-            peers
-                .iter()
-                .filter(|p| {
-                    p.capabilities
-                        .as_ref()
-                        .is_some_and(|c| c.datasets.iter().any(|d| d.tag == "digits"))
-                })
-                .count()
-                >= n
-        },
-    )
-    .await;
 }
 
 async fn run(coordinator: &Node, spec: JobSpec) -> JobRecord {
@@ -595,6 +575,8 @@ async fn a_private_job_spends_its_epsilon_round_by_round_across_a_crash_and_stop
         );
     }
     assert!(record.metrics[4].epsilon.unwrap() <= budget);
+    // The participants' losses are not published (they tell of their data).
+    assert!(record.metrics.iter().all(|m| m.train_loss.is_nan()));
     let stopped = record.stopped.as_deref().unwrap();
     assert!(
         stopped.contains("round 6") && stopped.contains("budget"),

@@ -216,3 +216,24 @@ pub fn post(node: &Node, path: &str, body: String) -> (u16, String) {
     let status = response.status().as_u16();
     (status, response.body_mut().read_to_string().unwrap())
 }
+
+/// Waits until `coordinator` sees `n` peers announcing the dataset tagged `digits`.
+pub async fn wait_for_datasets(coordinator: &Node, n: usize) {
+    wait_until(
+        Duration::from_secs(30),
+        "the coordinator sees every participant's dataset",
+        || async {
+            let peers = coordinator.net.peers().await.unwrap();
+            peers
+                .iter()
+                .filter(|p| {
+                    p.capabilities
+                        .as_ref()
+                        .is_some_and(|c| c.datasets.iter().any(|d| d.tag == "digits"))
+                })
+                .count()
+                >= n
+        },
+    )
+    .await;
+}
