@@ -38,9 +38,23 @@ use tracing::{debug, info, warn};
 
 use crate::blobs::BlobService;
 
-/// Attempts a round gets when too few updates arrive, before the job fails. Each attempt
-/// doubles the round's deadline (up to [`MAX_STRETCH`] times the job's): on a busy machine
-/// training takes longer than the job planned for.
+/// A peer gave no update because the round's deadline came first.
+#[derive(Debug)]
+struct Late;
+
+impl std::fmt::Display for Late {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no answer before the round's deadline")
+    }
+}
+
+impl std::error::Error for Late {}
+
+/// What a participant answers when its training outlasted the round's deadline.
+const DEADLINE_PASSED: &str = "the round's deadline passed while training";
+/// Attempts a round gets when too few updates arrive, before the job fails. Each attempt that
+/// fell short because peers were late doubles the round's deadline (up to [`MAX_STRETCH`]
+/// times the job's): on a busy machine training takes longer than the job planned for.
 const ROUND_ATTEMPTS: u32 = 5;
 /// The most a round's deadline is stretched, as a multiple of the job's.
 const MAX_STRETCH: u64 = 16;
@@ -135,6 +149,13 @@ pub struct RoundMetrics {
     /// The ε the job had spent after the round (a differentially private job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// Attempts the round took (more than 1 when too few updates arrived at first).
+    #[serde(default = "one_attempt")]
+    pub attempts: u32,
+}
+
+fn one_attempt() -> u32 {
+    1
 }
 
 /// Where a job stands.
@@ -231,7 +252,7 @@ pub struct Training {
     running: Mutex<HashMap<JobId, JobRecord>>,
     launched: Mutex<std::collections::HashSet<JobId>>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     streams: Semaphore,
     /// Rounds stopped because their requester went away (or their deadline passed).
     abandoned: std::sync::atomic::AtomicU64,
@@ -270,10 +291,15 @@ impl Training {
             running: Mutex::new(HashMap::new()),
             launched: Mutex::new(Default::default()),
             background: Mutex::new(Vec::new()),
-            slots: Semaphore::new(CONCURRENT_TRAININGS),
+            slots: Arc::new(Semaphore::new(CONCURRENT_TRAININGS)),
             streams: Semaphore::new(CONCURRENT_REQUESTS),
             abandoned: Default::default(),
         }
+    }
+
+    /// Rounds this node is training now.
+    pub fn trainings_running(&self) -> usize {
+        CONCURRENT_TRAININGS - self.slots.available_permits()
     }
 
     /// Rounds this node stopped training because nobody waited for them any more: the
@@ -320,6 +346,7 @@ impl Training {
         tokio::pin!(work);
         let mut probe = [0u8; 1];
         let outcome = tokio::select! {
+            biased;
             outcome = &mut work => outcome,
             _ = futures::AsyncReadExt::read(&mut stream, &mut probe) => {
                 stop.store(true, Ordering::Relaxed);
@@ -406,15 +433,19 @@ impl Training {
             (outcome.updates, outcome.gathered)
         };
         let local = async {
-            let _slot = self
+            // The slot goes with the training thread: a stopped round holds it until its
+            // thread has stopped too.
+            let slot = self
                 .slots
-                .try_acquire()
+                .clone()
+                .try_acquire_owned()
                 .map_err(|_| Refuse::Other("busy: training other rounds".into()))?;
             let (model, train) = (request.model.clone(), request.train);
             let (global, data) = (global.clone(), dataset.clone());
             let seed = fl::participant_seed(request.seed, &dataset.digest);
             let flag = stop.clone();
             let training = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
                 local_update(&model, &train, &global, &data.data, seed, &flag)
             });
             // Training past the round's deadline helps nobody: it stops there.
@@ -426,7 +457,7 @@ impl Training {
                 () = late => {
                     stop.store(true, Ordering::Relaxed);
                     self.abandoned.fetch_add(1, Ordering::Relaxed);
-                    Err(Refuse::Other("the round's deadline passed while training".into()))
+                    Err(Refuse::Other(DEADLINE_PASSED.into()))
                 }
             }
         };
@@ -438,9 +469,7 @@ impl Training {
             ));
         }
         if Instant::now() > deadline {
-            return Err(Refuse::Other(
-                "the round's deadline passed while training".into(),
-            ));
+            return Err(Refuse::Other(DEADLINE_PASSED.into()));
         }
         if let Some(attack) = self.attack {
             let mut rng =
@@ -524,10 +553,8 @@ impl Training {
                     let result =
                         tokio::time::timeout_at(cut.into(), self.ask(peer, &addrs, request))
                             .await
-                            .unwrap_or_else(|_| {
-                                Err(anyhow!("no answer before the round's deadline"))
-                            });
-                    (peer, result)
+                            .map_err(|_| anyhow::Error::new(Late));
+                    (peer, result.and_then(|r| r))
                 }
             })
             .collect();
@@ -584,6 +611,9 @@ impl Training {
                 }
                 Ok((TrainReply::Refused(why), _)) => {
                     debug!(%peer, %why, "participant refused");
+                    if why == DEADLINE_PASSED {
+                        outcome.late += 1;
+                    }
                     outcome.gathered.dropped += most_contributors;
                     outcome.note(peer, format_args!("refused: {why}"));
                 }
@@ -594,6 +624,9 @@ impl Training {
                 }
                 Err(e) => {
                     debug!(%peer, "participant dropped: {e:#}");
+                    if e.downcast_ref::<Late>().is_some() {
+                        outcome.late += 1;
+                    }
                     outcome.gathered.dropped += 1;
                     outcome.dropped.push(peer);
                     outcome.note(peer, format_args!("{e:#}"));
@@ -853,6 +886,9 @@ impl Training {
             v: record.server_v.clone(),
         };
         let mut attempts = 0;
+        // Attempts of this round that fell short because peers were late: each doubles the
+        // deadline of the next (failures of other kinds do not: gone peers stay gone).
+        let mut late_attempts = 0;
         let mut persisting: Option<tokio::task::JoinHandle<anyhow::Result<JobRecord>>> = None;
         // A private job's spending. Every round costs the same (each peer sampled with the
         // participation fraction, noise at the multiplier) and is charged exactly once: a
@@ -903,8 +939,7 @@ impl Training {
                 eligible,
             } = self.select(spec, record, seed).await?;
             let selected_ms = started.elapsed().as_secs_f64() * 1000.0;
-            // Each attempt of a round that fell short doubles its deadline.
-            let deadline_ms = stretched(spec.round_deadline_ms, attempts);
+            let deadline_ms = stretched(spec.round_deadline_ms, late_attempts);
             let request = TrainRequest {
                 job: record.id,
                 round,
@@ -1032,6 +1067,9 @@ impl Training {
             // more often than the accountant counts. It aggregates what arrived.
             if contributors < spec.participants.min && spec.privacy.is_none() {
                 attempts += 1;
+                if outcome.late > 0 {
+                    late_attempts += 1;
+                }
                 let why = outcome.why.join("; ");
                 if attempts >= ROUND_ATTEMPTS {
                     bail!(
@@ -1047,7 +1085,7 @@ impl Training {
                     "too few updates ({contributors} of at least {}: {why}); trying the round \
                      again in {pause:?}, with a deadline of {} ms",
                     spec.participants.min,
-                    stretched(spec.round_deadline_ms, attempts)
+                    stretched(spec.round_deadline_ms, late_attempts)
                 );
                 // Peers that failed at once (starting, restarting, reconnecting) get time
                 // to come back before the next attempt.
@@ -1101,7 +1139,8 @@ impl Training {
                 }
                 continue;
             }
-            attempts = 0;
+            let round_attempts = attempts + 1;
+            (attempts, late_attempts) = (0, 0);
             let (test_loss, accuracy) = match &eval {
                 Some(eval) => {
                     let (arch, weights, eval) =
@@ -1130,6 +1169,7 @@ impl Training {
             record.metrics.push(RoundMetrics {
                 round,
                 epsilon,
+                attempts: round_attempts,
                 asked: gathered.asked,
                 participants: combined.contributors,
                 dropped: gathered.dropped,
@@ -1476,6 +1516,8 @@ struct Outcome {
     gathered: Gathered,
     root_bytes: u64,
     dropped: Vec<PeerId>,
+    /// Peers that had not answered by the round's deadline.
+    late: u32,
     /// Why peers gave no update (the first few), for the log when a round falls short.
     why: Vec<String>,
 }
@@ -1499,6 +1541,7 @@ impl Outcome {
         self.updates.extend(other.updates);
         self.root_bytes += other.root_bytes;
         self.dropped.extend(other.dropped);
+        self.late += other.late;
         self.note_all(other.why);
         self.gathered.add(&other.gathered);
     }
@@ -1513,8 +1556,8 @@ struct Combined {
     contributors: u32,
 }
 
-/// A round's deadline at its `attempts`-th retry: the job's, doubled for each, at most
-/// [`MAX_STRETCH`] times the job's and an hour.
+/// A round's deadline after `attempts` attempts that fell short for lateness: the job's,
+/// doubled for each, at most [`MAX_STRETCH`] times the job's and an hour.
 fn stretched(deadline_ms: u64, attempts: u32) -> u64 {
     let factor = 1u64 << attempts.min(63);
     deadline_ms
