@@ -51,9 +51,39 @@ struct Scenario {
     cluster_size: u32,
     server: ServerSpec,
     model: ModelSpec,
+    /// Differential privacy (central noise), with the budget the job ends at.
+    privacy: Option<mycel_core::fl::Privacy>,
 }
 
-fn scenarios(n: usize) -> Vec<Scenario> {
+/// The ε a differentially private scenario may spend over the job, at [`DP_DELTA`].
+const DP_EPSILON: f64 = 8.0;
+/// The δ of the differentially private scenarios.
+const DP_DELTA: f64 = 1e-5;
+
+/// The smallest noise multiplier (to 0.01) at which `rounds` rounds with every participant
+/// in each (q = 1) spend at most `epsilon` at `delta`.
+fn noise_for(rounds: u32, epsilon: f64, delta: f64) -> f64 {
+    let spent = |sigma: f64| {
+        let mut accountant = mycel_core::dp::Accountant::new();
+        accountant
+            .compose(1.0, sigma, u64::from(rounds))
+            .map_or(f64::INFINITY, |()| {
+                accountant.epsilon(delta).unwrap_or(f64::INFINITY)
+            })
+    };
+    let (mut low, mut high) = (0.01, 100.0);
+    while high - low > 0.005 {
+        let mid = (low + high) / 2.0;
+        if spent(mid) <= epsilon {
+            high = mid;
+        } else {
+            low = mid;
+        }
+    }
+    (high * 100.0).ceil() / 100.0
+}
+
+fn scenarios(n: usize, rounds: u32) -> Vec<Scenario> {
     let f = (n * 3) / 10;
     let base = |name: &str| Scenario {
         name: name.to_owned(),
@@ -66,6 +96,7 @@ fn scenarios(n: usize) -> Vec<Scenario> {
         model: ModelSpec::Mlp {
             layers: vec![64, 32, 10],
         },
+        privacy: None,
     };
     let robust = [
         AggregatorSpec::Fedavg { iqr: None },
@@ -105,6 +136,17 @@ fn scenarios(n: usize) -> Vec<Scenario> {
                 classes: 10,
             },
             ..base("iid-cnn8")
+        },
+        // DP-FedAvg with central noise: every participant in every round, the noise the
+        // rounds need to spend at most ε = 8 at δ = 1e-5 (the private issue's target).
+        Scenario {
+            privacy: Some(mycel_core::fl::Privacy {
+                clip: 1.0,
+                noise_multiplier: noise_for(rounds, DP_EPSILON, DP_DELTA),
+                delta: DP_DELTA,
+                epsilon: Some(DP_EPSILON),
+            }),
+            ..base("iid-dp-eps8")
         },
     ];
     for split in ["iid", "dirichlet0.5"] {
@@ -166,7 +208,7 @@ pub(crate) async fn run(args: FlBenchArgs) -> anyhow::Result<()> {
             flower.final_acc
         );
     }
-    let all = scenarios(args.participants);
+    let all = scenarios(args.participants, args.rounds);
     let chosen: Vec<&Scenario> = all
         .iter()
         .filter(|s| {
@@ -235,6 +277,11 @@ pub(crate) async fn run(args: FlBenchArgs) -> anyhow::Result<()> {
             "bytes_down": record.metrics.iter().map(|m| m.bytes_down).sum::<u64>(),
             "bytes_root": bytes_root,
             "dropped": record.metrics.iter().map(|m| m.dropped).sum::<u32>(),
+            "secure_aggregation": false,
+            "epsilon": record.metrics.last().and_then(|m| m.epsilon),
+            "delta": scenario.privacy.map(|p| p.delta),
+            "noise_multiplier": scenario.privacy.map(|p| p.noise_multiplier),
+            "clip": scenario.privacy.map(|p| p.clip),
         });
         // Flower runs the IID FedAvg MLP setting only: the ratio belongs to that scenario.
         if let Some(flower) = flower.as_ref().filter(|_| scenario.name == FLOWER_SCENARIO) {
@@ -367,7 +414,7 @@ async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result
         round_deadline_ms: 30_000,
         eval: Some("sklearn-digits:test".into()),
         seed: 0,
-        privacy: None,
+        privacy: scenario.privacy,
     };
     let job_started = Instant::now();
     let ends = std::sync::Mutex::new(Vec::new());
