@@ -62,8 +62,11 @@ const MAX_STRETCH: u64 = 16;
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Trainings run at once on one node.
 const CONCURRENT_TRAININGS: usize = 4;
-/// Training requests read or answered at once on one node.
+/// Training requests read or answered at once on one node (each may hold a large buffer).
 const CONCURRENT_REQUESTS: usize = 16;
+/// Of those, at most this many from one peer: a peer that opens streams and sends nothing
+/// cannot keep coordinators out.
+const REQUESTS_PER_PEER: usize = 4;
 /// How long a peer may take to send its request.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most weight-updates (epochs x rows x parameters) one round may ask of a participant.
@@ -253,7 +256,6 @@ pub struct Training {
     launched: Mutex<std::collections::HashSet<JobId>>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     slots: Arc<Semaphore>,
-    streams: Semaphore,
     /// Rounds stopped because their requester went away (or their deadline passed).
     abandoned: std::sync::atomic::AtomicU64,
 }
@@ -292,7 +294,6 @@ impl Training {
             launched: Mutex::new(Default::default()),
             background: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(CONCURRENT_TRAININGS)),
-            streams: Semaphore::new(CONCURRENT_REQUESTS),
             abandoned: Default::default(),
         }
     }
@@ -314,20 +315,26 @@ impl Training {
         self.datasets.values().map(|d| d.offer()).collect()
     }
 
-    /// Answers training requests until the node stops.
+    /// Answers training requests until the node stops: at most [`CONCURRENT_REQUESTS`] at
+    /// once, [`REQUESTS_PER_PEER`] of them for one peer (a stream past its share is closed).
+    /// The answers run in a set owned by this task: when the node stops, they stop with it.
     pub async fn serve(self: Arc<Self>, mut incoming: IncomingStreams) {
-        while let Some((peer, stream)) = incoming.next().await {
-            let this = self.clone();
-            tokio::spawn(async move { this.answer(peer, stream).await });
+        let mut slots = crate::slots::Slots::new(CONCURRENT_REQUESTS, REQUESTS_PER_PEER);
+        loop {
+            tokio::select! {
+                next = incoming.next() => {
+                    let Some((peer, stream)) = next else { break };
+                    let this = self.clone();
+                    if !slots.spawn(peer, async move { this.answer(peer, stream).await }) {
+                        debug!(%peer, "too many training streams; dropping one");
+                    }
+                }
+                () = slots.next_done(), if !slots.is_empty() => {}
+            }
         }
     }
 
     async fn answer(&self, peer: PeerId, mut stream: mycel_net::task::Stream) {
-        // Each open request may hold a large buffer: few at once, and not for long.
-        let Ok(_stream_slot) = self.streams.try_acquire() else {
-            let _ = write_frame(&mut stream, &TrainReply::Refused("busy".into())).await;
-            return;
-        };
         let read = read_frame(&mut stream, fl::MAX_REQUEST_BYTES);
         let request: TrainRequest = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read).await {
             Err(_) => return,

@@ -468,7 +468,8 @@ async fn sync_answers_are_paced_per_asker_and_charged_to_it() {
 
 /// One peer opening many task streams and sending nothing gets at most its share of the
 /// node's 256 task slots (32); the streams past its share are closed at once, and another
-/// peer's streams are served beside them. Blob streams likewise (16 of 64).
+/// peer's streams are served beside them. Blob streams likewise (16 of 64), and training
+/// streams (4 of 16).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_peer_gets_at_most_its_share_of_task_and_blob_streams() {
     use mycel_net::task::{read_frame, TASK_PROTOCOL};
@@ -531,6 +532,23 @@ async fn one_peer_gets_at_most_its_share_of_task_and_blob_streams() {
     let outcomes = futures::future::join_all(blob_streams.into_iter().map(held)).await;
     let kept = outcomes.iter().filter(|h| **h).count();
     assert_eq!(kept, 16, "the hog's blob streams held: {kept} of 24");
+    // Training streams likewise: 4 of 16 for one peer, and a coordinator still gets in.
+    let (train, theirs) = tokio::join!(
+        async {
+            let opens = (0..8)
+                .map(|_| hog.open_stream(victim.net.peer_id(), mycel_net::task::TRAIN_PROTOCOL));
+            futures::future::join_all(opens).await
+        },
+        other.open_stream(victim.net.peer_id(), mycel_net::task::TRAIN_PROTOCOL)
+    );
+    let train: Vec<_> = train.into_iter().map(Result::unwrap).collect();
+    let (outcomes, theirs) = tokio::join!(
+        futures::future::join_all(train.into_iter().map(held)),
+        held(theirs.unwrap())
+    );
+    let kept = outcomes.iter().filter(|h| **h).count();
+    assert_eq!(kept, 4, "the hog's training streams held: {kept} of 8");
+    assert!(theirs, "another peer's training stream is served");
     for node in nodes {
         node.shutdown().await;
     }
