@@ -6,6 +6,8 @@
 //! in the repository). The libp2p driver in `mycel-net` feeds events in and carries decisions
 //! out.
 //!
+//! - [`secagg`]: secure aggregation's arithmetic (pairwise and self masks, Shamir shares
+//!   for dropouts): the aggregator learns only the sum.
 //! - [`statement`]: signed, attributable statements nodes gossip (capability announcements,
 //!   failure reports) and their bounded decoding.
 //! - [`id`]: content ids (BLAKE3) of blobs and models.
@@ -49,6 +51,7 @@ pub mod ratelimit;
 pub mod reach;
 pub mod reputation;
 pub mod routing;
+pub mod secagg;
 pub mod statement;
 pub mod task;
 pub mod trust;
