@@ -617,10 +617,9 @@ impl Training {
                     }
                 }
                 Ok((TrainReply::Refused(why), _)) => {
+                    // Not counted late on its word: a participant's own deadline falls after
+                    // this node's cut, so a late one is already counted as such.
                     debug!(%peer, %why, "participant refused");
-                    if why == DEADLINE_PASSED {
-                        outcome.late += 1;
-                    }
                     outcome.gathered.dropped += most_contributors;
                     outcome.note(peer, format_args!("refused: {why}"));
                 }
