@@ -198,6 +198,13 @@ impl Secrets {
         PublicKey::from(&self.mask_key).to_bytes()
     }
 
+    /// A commitment to the self-mask secret, advertised with the public key: a self-mask
+    /// secret rebuilt from shares must match it (a holder's altered share would otherwise
+    /// leave a wrong sum without a word).
+    pub fn commitment(&self) -> [u8; 32] {
+        commit(&self.self_seed)
+    }
+
     /// Shares of both secrets for `participants` (indices, this one's included), any
     /// `threshold` of which rebuild them (a majority: `2 × threshold > participants`). The
     /// sharing polynomials come from `rng`, which must be secret: it could rebuild the
@@ -253,13 +260,14 @@ pub fn mask(
 
 /// The sum of the updates of the participants that sent (`masked`, by index): their self-masks
 /// are removed with their rebuilt secrets (`self_seed_shares`, at least `threshold` shares
-/// for each of them), and the pairwise masks they share with participants that dropped after
+/// for each of them, each checked against its commitment), and the pairwise masks they share with participants that dropped after
 /// sharing (in `publics`, which holds exactly the participants that shared, but not in
 /// `masked`) with those participants' rebuilt mask keys (`mask_key_shares`). A rebuilt mask
 /// key must match its public key.
 pub fn unmask(
     masked: &BTreeMap<usize, Vec<u32>>,
     publics: &BTreeMap<usize, [u8; 32]>,
+    commitments: &BTreeMap<usize, [u8; 32]>,
     self_seed_shares: &BTreeMap<usize, Vec<Vec<u8>>>,
     mask_key_shares: &BTreeMap<usize, Vec<Vec<u8>>>,
     threshold: usize,
@@ -280,6 +288,12 @@ pub fn unmask(
         }
         apply(&mut sum, y, true);
         let secret = rebuild(u, self_seed_shares.get(&u), threshold)?;
+        if commitments.get(&u) != Some(&commit(&secret)) {
+            return Err(SecAggError::Rebuild(
+                u,
+                "the rebuilt self-mask secret does not match its commitment".into(),
+            ));
+        }
         apply(
             &mut sum,
             &expand(&self_mask_seed(&secret, context), len),
@@ -302,6 +316,15 @@ pub fn unmask(
         }
     }
     Ok(sum)
+}
+
+fn commit(secret: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    Sha256::new()
+        .chain_update(b"mycel/secagg/commit/v1")
+        .chain_update(secret)
+        .finalize()
+        .into()
 }
 
 /// A 32-byte secret of participant `u` from at least `threshold` of its shares (fewer would
@@ -387,6 +410,8 @@ mod tests {
             .collect();
         let publics: BTreeMap<usize, [u8; 32]> =
             ids.iter().map(|&u| (u, secrets[u].public())).collect();
+        let commitments: BTreeMap<usize, [u8; 32]> =
+            ids.iter().map(|&u| (u, secrets[u].commitment())).collect();
         // shares[u][v]: u's shares held by v.
         let shares: Vec<Shares> = secrets
             .iter()
@@ -429,7 +454,32 @@ mod tests {
                 }
             }
         }
-        let sum = unmask(&masked, &publics, &seed_shares, &key_shares, t, CONTEXT).unwrap();
+        let sum = unmask(
+            &masked,
+            &publics,
+            &commitments,
+            &seed_shares,
+            &key_shares,
+            t,
+            CONTEXT,
+        )
+        .unwrap();
+        // One altered share: the rebuilt secret fails its commitment, not the sum silently.
+        let mut altered = seed_shares.clone();
+        let first = altered.values_mut().next().unwrap();
+        first[0][5] ^= 1;
+        assert!(matches!(
+            unmask(
+                &masked,
+                &publics,
+                &commitments,
+                &altered,
+                &key_shares,
+                t,
+                CONTEXT
+            ),
+            Err(SecAggError::Rebuild(..))
+        ));
         let mut plain = vec![0u32; values[0].len()];
         for &u in &survivors {
             apply(&mut plain, &encode(&values[u], n).unwrap(), true);
