@@ -394,6 +394,62 @@ struct ChatRequest {
     stream_options: Option<Value>,
     #[serde(default)]
     mycel: Option<MycelOptions>,
+    // Parts of the API this node does not implement yet: refused when used, never ignored.
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    functions: Option<Value>,
+    #[serde(default)]
+    function_call: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<u32>,
+}
+
+/// Refuses a request that asks for what this node does not do (tools, structured output,
+/// log-probabilities), naming the field: answering as if it had been honoured would mislead.
+fn unsupported(request: &ChatRequest) -> Result<(), ApiError> {
+    let used = |v: &Option<Value>| match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::String(s)) => s != "none",
+        Some(_) => true,
+    };
+    let refuse = |param: &'static str, what: &str| {
+        Err(ApiError::invalid(
+            Some(param),
+            format!(
+                "{param}: {what} is not supported by this node yet; send the request without \
+                 it"
+            ),
+        ))
+    };
+    if used(&request.tools) || used(&request.functions) {
+        return refuse("tools", "tool and function calling");
+    }
+    if used(&request.tool_choice) || used(&request.function_call) {
+        return refuse("tool_choice", "tool and function calling");
+    }
+    let format = request
+        .response_format
+        .as_ref()
+        .and_then(|f| f.get("type"))
+        .and_then(Value::as_str);
+    if request.response_format.is_some() && format != Some("text") {
+        return refuse(
+            "response_format",
+            "structured output (json_object, json_schema)",
+        );
+    }
+    if request.logprobs == Some(true) || request.top_logprobs.is_some_and(|n| n > 0) {
+        return refuse("logprobs", "returning log-probabilities");
+    }
+    Ok(())
 }
 
 fn messages(request: &ChatRequest) -> Result<Vec<ChatMessage>, ApiError> {
@@ -487,6 +543,7 @@ pub(crate) async fn chat_completions(State(state): State<ApiState>, body: Bytes)
 
 async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     let request: ChatRequest = parse(&body)?;
+    unsupported(&request)?;
     let messages = messages(&request)?;
     let mut params = params(&request)?;
     let target = state

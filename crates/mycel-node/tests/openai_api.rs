@@ -180,6 +180,26 @@ async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
             "temperature",
         ),
         ("/v1/chat/completions", chat(json!({ "n": 3 })), 400, "n"),
+        // What the node does not do is refused by name, never ignored.
+        (
+            "/v1/chat/completions",
+            chat(json!({ "tools": [{ "type": "function",
+                                      "function": { "name": "f", "parameters": {} } }] })),
+            400,
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "response_format": { "type": "json_object" } })),
+            400,
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "logprobs": true })),
+            400,
+            "logprobs",
+        ),
         (
             "/v1/embeddings",
             json!({ "model": "tiny-bert", "input": [] }),
@@ -232,6 +252,16 @@ async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
         &node,
         "/v1/embeddings",
         json!({ "model": "tiny-bert", "input": "the cat" }),
+    );
+    assert_eq!(status, 200, "{body}");
+    // Those fields at their do-nothing values, as some clients send them, are fine.
+    let (status, body) = post_json(
+        &node,
+        "/v1/chat/completions",
+        chat(
+            json!({ "tools": [], "response_format": { "type": "text" }, "logprobs": false,
+                     "tool_choice": "none", "max_tokens": 2 }),
+        ),
     );
     assert_eq!(status, 200, "{body}");
     node.shutdown().await;
