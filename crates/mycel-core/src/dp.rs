@@ -172,16 +172,26 @@ pub fn epsilon(orders: &[f64], rdp: &[f64], delta: f64) -> Result<(f64, f64), Dp
     Ok((best.0.max(0.0), best.1))
 }
 
-/// Scales `update` down to L2 norm `clip` if it is longer; returns its norm before.
-pub fn clip(update: &mut [f32], clip: f32) -> f64 {
+/// `update`'s L2 norm, and the factor that brings it down to `clip` (1 when it is shorter).
+fn norm_and_scale(update: &[f32], clip: f32) -> (f64, f64) {
     let norm = update
         .iter()
         .map(|&v| f64::from(v) * f64::from(v))
         .sum::<f64>()
         .sqrt();
-    if norm > f64::from(clip) {
-        let scale = (f64::from(clip) / norm) as f32;
-        update.iter_mut().for_each(|v| *v *= scale);
+    let scale = if norm > f64::from(clip) {
+        f64::from(clip) / norm
+    } else {
+        1.0
+    };
+    (norm, scale)
+}
+
+/// Scales `update` down to L2 norm `clip` if it is longer; returns its norm before.
+pub fn clip(update: &mut [f32], clip: f32) -> f64 {
+    let (norm, scale) = norm_and_scale(update, clip);
+    if scale < 1.0 {
+        update.iter_mut().for_each(|v| *v *= scale as f32);
     }
     norm
 }
@@ -232,16 +242,7 @@ pub fn noisy_mean(
             return Err(AggregateError::Shape(update.len(), len));
         }
         // Scaled in f64: a huge update's scale would lose precision as an f32.
-        let norm = update
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>()
-            .sqrt();
-        let scale = if norm > f64::from(clip) {
-            f64::from(clip) / norm
-        } else {
-            1.0
-        };
+        let (_, scale) = norm_and_scale(update, clip);
         for (s, v) in sum.iter_mut().zip(update) {
             *s += f64::from(*v) * scale;
         }

@@ -49,7 +49,16 @@ struct Queue {
 #[derive(Default)]
 struct Queues {
     by_protocol: HashMap<StreamProtocol, Queue>,
+    /// The keys of `by_protocol`, kept beside them: every connection asks for them after each
+    /// of its polls, and an `Arc` is cheaper to hand out than a fresh list.
+    protocols: Arc<[StreamProtocol]>,
     dropped: Counter,
+}
+
+impl Queues {
+    fn list_protocols(&mut self) {
+        self.protocols = self.by_protocol.keys().cloned().collect();
+    }
 }
 
 fn lock(queues: &Mutex<Queues>) -> MutexGuard<'_, Queues> {
@@ -121,7 +130,9 @@ impl futures::Stream for IncomingStreams {
 
 impl Drop for IncomingStreams {
     fn drop(&mut self) {
-        lock(&self.queues).by_protocol.remove(&self.protocol);
+        let mut queues = lock(&self.queues);
+        queues.by_protocol.remove(&self.protocol);
+        queues.list_protocols();
     }
 }
 
@@ -137,8 +148,8 @@ impl Behaviour {
     pub(crate) fn new(dropped: Counter) -> Self {
         Self {
             queues: Arc::new(Mutex::new(Queues {
-                by_protocol: HashMap::new(),
                 dropped,
+                ..Queues::default()
             })),
         }
     }
@@ -176,6 +187,7 @@ impl Acceptor {
         queues
             .by_protocol
             .insert(protocol.clone(), Queue::default());
+        queues.list_protocols();
         Ok(IncomingStreams {
             queues: self.queues.clone(),
             protocol,
@@ -238,14 +250,14 @@ pub(crate) struct Handler {
 }
 
 /// The inbound upgrade: any of the protocols accepted when the stream was opened.
-pub(crate) struct Protocols(Vec<StreamProtocol>);
+pub(crate) struct Protocols(Arc<[StreamProtocol]>);
 
 impl UpgradeInfo for Protocols {
     type Info = StreamProtocol;
     type InfoIter = std::vec::IntoIter<StreamProtocol>;
 
     fn protocol_info(&self) -> Self::InfoIter {
-        self.0.clone().into_iter()
+        self.0.iter().cloned().collect::<Vec<_>>().into_iter()
     }
 }
 
@@ -268,7 +280,7 @@ impl ConnectionHandler for Handler {
     type OutboundOpenInfo = Infallible;
 
     fn listen_protocol(&self) -> SubstreamProtocol<Protocols> {
-        let protocols = lock(&self.queues).by_protocol.keys().cloned().collect();
+        let protocols = lock(&self.queues).protocols.clone();
         SubstreamProtocol::new(Protocols(protocols), ())
     }
 

@@ -309,25 +309,17 @@ impl BlobService {
 
     /// Answers the blob streams peers open, until the network stops. The answers run in a
     /// set owned by this task: when the node stops, they stop with it.
-    pub async fn serve(self: Arc<Self>, mut incoming: IncomingStreams) {
-        let mut slots = crate::slots::Slots::new(MAX_INBOUND_STREAMS, MAX_INBOUND_STREAMS / 4);
-        loop {
-            tokio::select! {
-                next = incoming.next() => {
-                    let Some((peer, stream)) = next else { break };
-                    let service = self.clone();
-                    let answer = async move {
-                        if let Err(e) = service.answer(peer, stream).await {
-                            debug!(%peer, "blob request ended: {e}");
-                        }
-                    };
-                    if !slots.spawn(peer, answer) {
-                        debug!(%peer, "too many blob streams; dropping one");
-                    }
+    pub async fn serve(self: Arc<Self>, incoming: IncomingStreams) {
+        let slots = crate::slots::Slots::new(MAX_INBOUND_STREAMS, MAX_INBOUND_STREAMS / 4);
+        crate::slots::serve(incoming, slots, "blob", |peer, stream| {
+            let service = self.clone();
+            async move {
+                if let Err(e) = service.answer(peer, stream).await {
+                    debug!(%peer, "blob request ended: {e}");
                 }
-                () = slots.next_done(), if !slots.is_empty() => {}
             }
-        }
+        })
+        .await;
     }
 
     /// Answers the requests of one stream in turn (a fetcher keeps its stream for many: a

@@ -1709,21 +1709,13 @@ impl Inference {
     // ---- the worker ------------------------------------------------------------------------
 
     /// Serves the task streams peers open to this node until the network stops.
-    pub async fn serve(self: Arc<Self>, mut incoming: IncomingStreams) {
-        // Tasks run in a set owned by this task: when the node stops, they stop with it.
-        let mut slots = Slots::new(MAX_INBOUND_TASKS, MAX_INBOUND_TASKS_PER_PEER);
-        loop {
-            tokio::select! {
-                next = incoming.next() => {
-                    let Some((peer, stream)) = next else { break };
-                    let this = self.clone();
-                    if !slots.spawn(peer, async move { this.work(peer, stream).await }) {
-                        debug!(%peer, "too many task streams; dropping one");
-                    }
-                }
-                () = slots.next_done(), if !slots.is_empty() => {}
-            }
-        }
+    pub async fn serve(self: Arc<Self>, incoming: IncomingStreams) {
+        let slots = Slots::new(MAX_INBOUND_TASKS, MAX_INBOUND_TASKS_PER_PEER);
+        crate::slots::serve(incoming, slots, "task", |peer, stream| {
+            let this = self.clone();
+            async move { this.work(peer, stream).await }
+        })
+        .await;
     }
 
     async fn work(&self, peer: PeerId, mut stream: Stream) {

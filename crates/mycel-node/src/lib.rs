@@ -102,6 +102,10 @@ pub struct NodeConfig {
     pub train_attack: Option<mycel_core::fl::Attack>,
     /// Whose training jobs this node trains for (default: its own only).
     pub train_for: mycel_core::fl::TrainFor,
+    /// Seeds this node's secret random choices as a coordinator of private jobs (which
+    /// participants a round samples, the noise): the same seed replays a run. Whoever knows
+    /// it can take the noise out, so it must stay secret. `None`: from the OS.
+    pub training_seed: Option<u64>,
     /// The key of the operator that runs this node (created there if missing): the node
     /// announces the operator's word for it, and peers never pick two nodes of one operator
     /// to check each other's results.
@@ -148,6 +152,7 @@ impl NodeConfig {
             metered: false,
             train_attack: None,
             train_for: Default::default(),
+            training_seed: None,
             operator_key: None,
         }
     }
@@ -337,15 +342,18 @@ impl Node {
             .allowing(config.on_demand_allow.clone()),
         );
         inference.set_supply(supply.clone());
-        let training = Arc::new(Training::new(
-            net.clone(),
-            keypair,
-            store.clone(),
-            blobs.clone(),
-            datasets,
-            config.train_attack,
-            config.train_for.clone(),
-        ));
+        let training = Arc::new(
+            Training::new(
+                net.clone(),
+                keypair,
+                store.clone(),
+                blobs.clone(),
+                datasets,
+                config.train_attack,
+                config.train_for.clone(),
+            )
+            .seeded(config.training_seed),
+        );
         tasks.push(tokio::spawn(
             training
                 .clone()

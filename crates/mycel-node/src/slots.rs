@@ -2,9 +2,37 @@
 //! (which may be a stranger) cannot take every slot.
 
 use std::collections::HashMap;
+use std::future::Future;
 
+use futures::StreamExt;
+use mycel_net::task::{IncomingStreams, Stream};
 use mycel_net::PeerId;
 use tokio::task::{Id, JoinError, JoinSet};
+use tracing::debug;
+
+/// Answers the streams of `incoming` with `answer` until the network stops, each in one of
+/// `slots`; a stream past its peer's share (or the cap) is closed at once. The answers run in
+/// a set owned by this task: when the node stops, they stop with it.
+pub(crate) async fn serve<Fut>(
+    mut incoming: IncomingStreams,
+    mut slots: Slots,
+    what: &'static str,
+    mut answer: impl FnMut(PeerId, Stream) -> Fut,
+) where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            next = incoming.next() => {
+                let Some((peer, stream)) = next else { break };
+                if !slots.spawn(peer, answer(peer, stream)) {
+                    debug!(%peer, "too many {what} streams; dropping one");
+                }
+            }
+            () = slots.next_done(), if !slots.is_empty() => {}
+        }
+    }
+}
 
 /// The slots of one serve loop, and the tasks that hold them.
 #[derive(Debug)]

@@ -7,7 +7,7 @@
 //! part, clusters, how updates combine) are mycel-core's; this module does the I/O.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -257,7 +257,9 @@ pub struct Training {
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     slots: Arc<Semaphore>,
     /// Rounds stopped because their requester went away (or their deadline passed).
-    abandoned: std::sync::atomic::AtomicU64,
+    abandoned: AtomicU64,
+    /// Secret randomness of private jobs this node coordinates (sampling, noise).
+    rng: Mutex<StdRng>,
 }
 
 impl std::fmt::Debug for Training {
@@ -295,6 +297,19 @@ impl Training {
             background: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(CONCURRENT_TRAININGS)),
             abandoned: Default::default(),
+            rng: Mutex::new(StdRng::from_entropy()),
+        }
+    }
+
+    /// Seeds the secret random choices of the private jobs this node coordinates (see
+    /// `NodeConfig::training_seed`); without a seed they come from the OS.
+    pub fn seeded(self, seed: Option<u64>) -> Self {
+        match seed {
+            Some(seed) => Self {
+                rng: Mutex::new(StdRng::seed_from_u64(seed)),
+                ..self
+            },
+            None => self,
         }
     }
 
@@ -307,7 +322,7 @@ impl Training {
     /// requester closed the stream (it crashed, or gave up at its deadline), or the round's
     /// deadline passed.
     pub fn rounds_abandoned(&self) -> u64 {
-        self.abandoned.load(std::sync::atomic::Ordering::Relaxed)
+        self.abandoned.load(Ordering::Relaxed)
     }
 
     /// What this node announces.
@@ -318,20 +333,13 @@ impl Training {
     /// Answers training requests until the node stops: at most [`CONCURRENT_REQUESTS`] at
     /// once, [`REQUESTS_PER_PEER`] of them for one peer (a stream past its share is closed).
     /// The answers run in a set owned by this task: when the node stops, they stop with it.
-    pub async fn serve(self: Arc<Self>, mut incoming: IncomingStreams) {
-        let mut slots = crate::slots::Slots::new(CONCURRENT_REQUESTS, REQUESTS_PER_PEER);
-        loop {
-            tokio::select! {
-                next = incoming.next() => {
-                    let Some((peer, stream)) = next else { break };
-                    let this = self.clone();
-                    if !slots.spawn(peer, async move { this.answer(peer, stream).await }) {
-                        debug!(%peer, "too many training streams; dropping one");
-                    }
-                }
-                () = slots.next_done(), if !slots.is_empty() => {}
-            }
-        }
+    pub async fn serve(self: Arc<Self>, incoming: IncomingStreams) {
+        let slots = crate::slots::Slots::new(CONCURRENT_REQUESTS, REQUESTS_PER_PEER);
+        crate::slots::serve(incoming, slots, "training", |peer, stream| {
+            let this = self.clone();
+            async move { this.answer(peer, stream).await }
+        })
+        .await;
     }
 
     async fn answer(&self, peer: PeerId, mut stream: mycel_net::task::Stream) {
@@ -977,18 +985,11 @@ impl Training {
                 .map(|c| (c.head, addrs.get(&c.head).cloned().unwrap_or_default()))
                 .collect();
             // This coordinator vouches for each request and names the peers it is for, so
-            // that nodes training only for coordinators they trust can check it.
+            // that nodes training only for coordinators they trust can check it (the tickets
+            // are made below: the plain participants' one, the heads', a private job's).
             let mut request = request;
-            let flat_ids: Vec<PeerId> = flat_peers.iter().map(|(p, _)| *p).collect();
             // Valid for the round (and the allowed clock skew), no longer.
             let expires_at = mycel_net::now_ms() + deadline_ms;
-            request.ticket = Some(JobTicket::sign(
-                &self.keypair,
-                &request,
-                &flat_ids,
-                None,
-                expires_at,
-            ));
             let head_requests: Vec<([Addressed; 1], TrainRequest)> = heads
                 .iter()
                 .map(|c| {
@@ -1049,6 +1050,14 @@ impl Training {
             };
             let mut asks = Vec::new();
             if spec.privacy.is_none() {
+                let flat_ids: Vec<PeerId> = flat_peers.iter().map(|(p, _)| *p).collect();
+                request.ticket = Some(JobTicket::sign(
+                    &self.keypair,
+                    &request,
+                    &flat_ids,
+                    None,
+                    expires_at,
+                ));
                 asks.push(self.ask_all(&flat_peers, &request, cut, parameters, &caps));
             }
             for (peer, r) in head_requests.iter().chain(&private_requests) {
@@ -1107,6 +1116,7 @@ impl Training {
                     parameters,
                     spec.participants.fraction * eligible as f64,
                     outcome.updates,
+                    &mut self.rng.lock().unwrap_or_else(|e| e.into_inner()),
                 ),
                 None => combine(&spec.aggregator, spec.compression, outcome.updates),
             };
@@ -1166,12 +1176,6 @@ impl Training {
                 }
                 _ => None,
             };
-            // The participants' losses are their data's: a private job does not publish them.
-            let train_loss = if spec.privacy.is_some() {
-                f32::NAN
-            } else {
-                combined.loss
-            };
             record.metrics.push(RoundMetrics {
                 round,
                 epsilon,
@@ -1180,7 +1184,7 @@ impl Training {
                 participants: combined.contributors,
                 dropped: gathered.dropped,
                 rejected: gathered.rejected,
-                train_loss,
+                train_loss: combined.loss,
                 test_loss,
                 accuracy,
                 bytes_up: gathered.bytes_up,
@@ -1336,11 +1340,8 @@ impl Training {
         let peers = if spec.privacy.is_some() {
             // Secret randomness: who takes part is part of what the noise hides, and a seed
             // in the spec is known to every participant.
-            fl::poisson_select(
-                &eligible,
-                spec.participants.fraction,
-                &mut StdRng::from_entropy(),
-            )
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            fl::poisson_select(&eligible, spec.participants.fraction, &mut *rng)
         } else {
             let mut rng = StdRng::seed_from_u64(seed);
             fl::select(&eligible, &asked, &spec.participants, &mut rng)
@@ -1573,24 +1574,22 @@ fn stretched(deadline_ms: u64, attempts: u32) -> u64 {
 }
 
 /// Combines a differentially private job's updates (`mycel_core::dp::noisy_mean`): each
-/// clipped, summed with the noise, over `expected` participants; every update weighs the same
-/// (weights by samples would let one participant's data count for more than the clip).
+/// clipped, summed with the noise from `rng` (secret), over `expected` participants; every
+/// update weighs the same (weights by samples would let one participant's data count for more
+/// than the clip). The participants' losses are their data's: the combined loss is NaN, never
+/// published.
 fn combine_private(
     privacy: &fl::Privacy,
     parameters: usize,
     expected: f64,
     mut updates: Vec<Received>,
+    rng: &mut StdRng,
 ) -> anyhow::Result<Combined> {
     updates.sort_by_key(|u| u.data);
     let samples = updates
         .iter()
         .map(|u| u.samples)
         .fold(0u64, u64::saturating_add);
-    let loss = if updates.is_empty() {
-        0.0
-    } else {
-        updates.iter().map(|u| f64::from(u.loss)).sum::<f64>() as f32 / updates.len() as f32
-    };
     let mut data = blake3::Hasher::new();
     for u in &updates {
         data.update(&u.data.0);
@@ -1602,15 +1601,15 @@ fn combine_private(
         privacy.clip,
         privacy.noise_multiplier,
         expected.max(1.0),
-        &mut StdRng::from_entropy(),
+        rng,
     )?;
-    if !loss.is_finite() || delta.iter().any(|v| !v.is_finite()) {
+    if delta.iter().any(|v| !v.is_finite()) {
         bail!("the combined update is not finite");
     }
     Ok(Combined {
         delta,
         samples,
-        loss,
+        loss: f32::NAN,
         data: ContentId(*data.finalize().as_bytes()),
         contributors,
     })
