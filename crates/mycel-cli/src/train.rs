@@ -65,6 +65,13 @@ pub(crate) fn train(args: TrainArgs) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     bar.set_prefix(format!("training {}", short(&id)));
+    if let Some(secure) = &spec.secure_aggregation {
+        bar.println(format!(
+            "secure aggregation: the coordinator sees only each round's sum; a round \
+             completes while {:.0}% of its participants (at least a majority) remain",
+            secure.threshold * 100.0
+        ));
+    }
     let job = loop {
         let job = client.get(&format!("/api/train/{id}"))?;
         let round = job["round"].as_u64().unwrap_or(0);
@@ -226,6 +233,15 @@ mod tests {
         let spec = read_spec(&file).unwrap();
         assert_eq!(spec.privacy.map(|p| p.epsilon), Some(Some(8.0)));
         spec.check().unwrap();
+        // So is its secure aggregation section, with at least three participants.
+        let secure = text
+            .replace("# [secure_aggregation]", "[secure_aggregation]")
+            .replace("# threshold", "threshold")
+            .replace("min = 2 ", "min = 3 ");
+        let file = dir.path().join("secure.toml");
+        std::fs::write(&file, secure).unwrap();
+        let spec = read_spec(&file).unwrap();
+        assert_eq!(spec.secure_aggregation.map(|s| s.threshold), Some(0.5));
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "dataset = \"digits\"\ncolour = 1\n").unwrap();
         assert!(read_spec(&bad).is_err());

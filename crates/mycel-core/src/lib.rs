@@ -52,6 +52,7 @@ pub mod reach;
 pub mod reputation;
 pub mod routing;
 pub mod secagg;
+pub mod secround;
 pub mod statement;
 pub mod task;
 pub mod trust;

@@ -21,13 +21,17 @@
 //!
 //! The threshold must be a majority (`2t > n`): with `t` at most half, an aggregator could
 //! tell one half that a participant dropped and the other half that it sent, and get both of
-//! its secrets. A [`Holder`] serves one round. Everything here is pure: randomness comes in
-//! as a caller's RNG; the protocol messages, their signatures and the encryption of shares
-//! between participants belong to the driver (not written yet).
+//! its secrets. A [`Holder`] serves one round. Shares travel through the aggregator sealed
+//! ([`Secrets::seal_pair`]) with a third key, the sealing key: ChaCha20-Poly1305 under a key
+//! derived from the two participants' sealing keys, so the aggregator reads none of them even
+//! after it rebuilds a dropped participant's mask key. Everything here is pure: randomness
+//! comes in as a caller's RNG; the messages of a round are [`crate::secround`]'s.
 
 use std::collections::BTreeMap;
 
 use chacha20::cipher::{KeyIvInit, StreamCipher};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::ChaCha20Poly1305;
 use hkdf::Hkdf;
 use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -35,6 +39,9 @@ use zeroize::Zeroizing;
 
 /// Fractional bits of the fixed-point encoding.
 pub const FRACTION_BITS: u32 = 16;
+
+/// Bytes of one share of a 32-byte secret (its id, then the 32 bytes).
+pub const SHARE_BYTES: usize = 33;
 
 /// What goes wrong in secure aggregation.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -68,6 +75,9 @@ pub enum SecAggError {
     /// Fewer participants sent their updates than the threshold.
     #[error("{0} participants sent their updates; the threshold is {1}")]
     TooFew(usize, usize),
+    /// A sealed pair of shares that does not open (altered, or not for this pair and round).
+    #[error("the shares participant {0} sealed for participant {1} do not open")]
+    Unsealed(usize, usize),
 }
 
 /// `values` in fixed point modulo 2³² (two's complement, [`FRACTION_BITS`] fractional bits),
@@ -166,6 +176,7 @@ fn apply(into: &mut [u32], mask: &[u32], add: bool) {
 /// participant's mask key is rebuilt by the aggregator).
 pub struct Secrets {
     mask_key: StaticSecret,
+    seal_key: StaticSecret,
     self_seed: Zeroizing<[u8; 32]>,
 }
 
@@ -184,11 +195,14 @@ impl Secrets {
     /// Fresh secrets from `rng`, which must be secret (the OS's).
     pub fn generate(rng: &mut impl rand10::CryptoRng) -> Self {
         let mut key = Zeroizing::new([0u8; 32]);
+        let mut seal = Zeroizing::new([0u8; 32]);
         let mut self_seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(key.as_mut());
+        rng.fill_bytes(seal.as_mut());
         rng.fill_bytes(self_seed.as_mut());
         Self {
             mask_key: StaticSecret::from(*key),
+            seal_key: StaticSecret::from(*seal),
             self_seed,
         }
     }
@@ -196,6 +210,53 @@ impl Secrets {
     /// The public half of the mask key, for the others.
     pub fn public(&self) -> [u8; 32] {
         PublicKey::from(&self.mask_key).to_bytes()
+    }
+
+    /// The public half of the sealing key, for the others.
+    pub fn seal_public(&self) -> [u8; 32] {
+        PublicKey::from(&self.seal_key).to_bytes()
+    }
+
+    /// The ciphers participant `me` (this one) and participant `other`, whose sealing key is
+    /// `theirs`, seal shares with in the round `context` names: one agreement of the two
+    /// sealing keys, and from it, with HKDF salted with the round and naming the direction
+    /// and both keys, one key for each direction (each used for one message: a zero nonce
+    /// is safe).
+    pub fn seal_pair(
+        &self,
+        me: usize,
+        other: usize,
+        theirs: &[u8; 32],
+        context: &[u8],
+    ) -> Result<SealPair, SecAggError> {
+        let own = PublicKey::from(&self.seal_key);
+        let theirs = PublicKey::from(*theirs);
+        let shared = self.seal_key.diffie_hellman(&theirs);
+        if !shared.was_contributory() {
+            return Err(SecAggError::WeakKey(other));
+        }
+        let cipher = |from: (usize, &PublicKey), to: (usize, &PublicKey)| {
+            let info = [
+                b"mycel/secagg/seal/v1".as_slice(),
+                &(from.0 as u64).to_le_bytes(),
+                from.1.as_bytes(),
+                &(to.0 as u64).to_le_bytes(),
+                to.1.as_bytes(),
+            ]
+            .concat();
+            let mut key = Zeroizing::new([0u8; 32]);
+            Hkdf::<Sha256>::new(Some(context), shared.as_bytes())
+                .expand(&info, key.as_mut())
+                .expect("32 bytes is a valid HKDF-SHA256 length");
+            ChaCha20Poly1305::new(&(*key).into())
+        };
+        Ok(SealPair {
+            me,
+            other,
+            context: context.to_vec(),
+            outgoing: cipher((me, &own), (other, &theirs)),
+            incoming: cipher((other, &theirs), (me, &own)),
+        })
     }
 
     /// A commitment to the self-mask secret, advertised with the public key: a self-mask
@@ -231,7 +292,76 @@ impl Secrets {
     }
 }
 
-fn check_threshold(threshold: usize, count: usize) -> Result<(), SecAggError> {
+/// The two ciphers one participant shares with another in a round ([`Secrets::seal_pair`]).
+pub struct SealPair {
+    me: usize,
+    other: usize,
+    context: Vec<u8>,
+    outgoing: ChaCha20Poly1305,
+    incoming: ChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for SealPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealPair")
+            .field("me", &self.me)
+            .field("other", &self.other)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SealPair {
+    /// `share` (a mask-key share and a self-seed share, as [`Secrets::shares`] made them)
+    /// sealed for the other participant.
+    pub fn seal(&self, share: &(Vec<u8>, Vec<u8>)) -> Result<Vec<u8>, SecAggError> {
+        if share.0.len() != SHARE_BYTES || share.1.len() != SHARE_BYTES {
+            return Err(SecAggError::Unsealed(self.me, self.other));
+        }
+        let plain = Zeroizing::new([share.0.as_slice(), &share.1].concat());
+        self.outgoing
+            .encrypt(
+                &[0u8; 12].into(),
+                Payload {
+                    msg: &plain,
+                    aad: &self.context,
+                },
+            )
+            .map_err(|_| SecAggError::Unsealed(self.me, self.other))
+    }
+
+    /// The shares the other participant sealed for this one.
+    pub fn open(&self, sealed: &[u8]) -> Result<(Vec<u8>, Vec<u8>), SecAggError> {
+        let plain = Zeroizing::new(
+            self.incoming
+                .decrypt(
+                    &[0u8; 12].into(),
+                    Payload {
+                        msg: sealed,
+                        aad: &self.context,
+                    },
+                )
+                .map_err(|_| SecAggError::Unsealed(self.other, self.me))?,
+        );
+        if plain.len() != 2 * SHARE_BYTES {
+            return Err(SecAggError::Unsealed(self.other, self.me));
+        }
+        Ok((plain[..SHARE_BYTES].to_vec(), plain[SHARE_BYTES..].to_vec()))
+    }
+}
+
+/// Whether a public key (mask or sealing) makes secret agreements: not of small order (an
+/// agreement with it would be all zero, whoever the other party).
+pub fn usable(public: &[u8; 32]) -> bool {
+    // Any clamped scalar is a multiple of the cofactor: the agreement is zero exactly for
+    // points of small order.
+    StaticSecret::from([0x42; 32])
+        .diffie_hellman(&PublicKey::from(*public))
+        .was_contributory()
+}
+
+/// Whether `threshold` of `count` participants is a usable threshold: a majority, at least
+/// two, of at most 255 (GF(256) shares).
+pub fn check_threshold(threshold: usize, count: usize) -> Result<(), SecAggError> {
     if threshold < 2 || 2 * threshold <= count || threshold > count || count > 255 {
         return Err(SecAggError::Threshold { threshold, count });
     }
@@ -260,10 +390,10 @@ pub fn mask(
 
 /// The sum of the updates of the participants that sent (`masked`, by index): their self-masks
 /// are removed with their rebuilt secrets (`self_seed_shares`, at least `threshold` shares
-/// for each of them, each checked against its commitment), and the pairwise masks they share with participants that dropped after
-/// sharing (in `publics`, which holds exactly the participants that shared, but not in
-/// `masked`) with those participants' rebuilt mask keys (`mask_key_shares`). A rebuilt mask
-/// key must match its public key.
+/// for each of them, each checked against its commitment), and the pairwise masks they
+/// share with participants that dropped after sharing (in `publics`, which holds exactly the
+/// participants that shared, but not in `masked`) with those participants' rebuilt mask keys
+/// (`mask_key_shares`). A rebuilt mask key must match its public key.
 pub fn unmask(
     masked: &BTreeMap<usize, Vec<u32>>,
     publics: &BTreeMap<usize, [u8; 32]>,

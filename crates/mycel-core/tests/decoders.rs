@@ -28,6 +28,9 @@ use mycel_core::fl::{
 };
 use mycel_core::id::ContentId;
 use mycel_core::membership::{Config as MembershipConfig, Membership};
+use mycel_core::secround::{
+    self, FromParticipant, Keys, Masked, Participant, Reveal, Sealed, Setup, ToParticipant,
+};
 use mycel_core::statement::{
     Announcement, Capabilities, DatasetOffer, DownReport, Hardware, Load, ModelKind, ModelOffer,
     PowerState, SignedStatement, Statement, MAX_STATEMENT_BYTES,
@@ -44,6 +47,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 
 // ---------------------------------------------------------------------------------------------
 // Counting allocations.
@@ -970,13 +974,13 @@ fn train_request() -> impl Strategy<Value = TrainRequest> {
                 any::<u64>(),
                 mostly(1u64..3_600_000, any::<u64>()),
             ),
-            (vec(member(), 0..3), aggregator()),
+            (vec(member(), 0..3), aggregator(), secure_setup()),
         )
             .prop_map(
                 move |(
                     (job, round, dataset, weights),
                     (train, compression, seed, deadline_ms),
-                    (members, aggregator),
+                    (members, aggregator, secure),
                 )| {
                     TrainRequest {
                         job: JobId(job),
@@ -991,10 +995,150 @@ fn train_request() -> impl Strategy<Value = TrainRequest> {
                         members,
                         aggregator,
                         ticket: None,
+                        secure,
                     }
                 },
             )
     })
+}
+
+fn secure_setup() -> impl Strategy<Value = Option<Setup>> {
+    option::of(
+        (
+            vec(peer(), 0..4),
+            mostly(1u32..4, any::<u32>()),
+            any::<u64>(),
+        )
+            .prop_map(|(peers, threshold, scale)| {
+                let mut setup = Setup::new(&peers, 0.5, scale);
+                setup.threshold = threshold;
+                setup
+            }),
+    )
+}
+
+/// One securely aggregated round of the three test keys, run once: what each step sends,
+/// and the coordinator's state before each kind of message. Participant 0's secrets come
+/// from a fixed seed, so a case can make the same participant 0 again.
+struct SecureRound {
+    setup: Setup,
+    keys: Vec<Keys>,
+    sealed: Vec<Vec<Sealed>>,
+    masked: Vec<Masked>,
+    confirmations: Vec<ByteBuf>,
+    unmasking: ToParticipant,
+    reveals: Vec<Reveal>,
+    /// Before any keys; with all keys; with all shares; with every masked update; with
+    /// every signature on the senders list.
+    coordinators: [secround::Coordinator; 5],
+}
+
+const SECURE_VALUES: usize = 3;
+
+fn first_participant(setup: &Setup) -> (Participant, Keys) {
+    Participant::new(key(), JOB, ROUND, setup, &mut secround::secret_rng([7; 32])).unwrap()
+}
+
+fn secure_round() -> &'static SecureRound {
+    static ROUND_RUN: OnceLock<SecureRound> = OnceLock::new();
+    ROUND_RUN.get_or_init(|| {
+        let peers: Vec<PeerId> = keys().iter().map(|k| k.public().to_peer_id()).collect();
+        let setup = Setup::new(&peers, 0.5, 100);
+        let mut parts = vec![first_participant(&setup)];
+        for (i, k) in keys().iter().enumerate().skip(1) {
+            let rng = &mut secround::secret_rng([i as u8; 32]);
+            parts.push(Participant::new(k, JOB, ROUND, &setup, rng).unwrap());
+        }
+        let mut c = secround::Coordinator::new(JOB, ROUND, &setup, SECURE_VALUES).unwrap();
+        let empty = c.clone();
+        for (i, (_, k)) in parts.iter().enumerate() {
+            c.keys(i, k.clone()).unwrap();
+        }
+        let keyed = c.clone();
+        let keys: Vec<Keys> = parts.iter().map(|(_, k)| k.clone()).collect();
+        let roster = c.roster().unwrap();
+        let mut sealed = Vec::new();
+        for (i, (p, _)) in parts.iter_mut().enumerate() {
+            let s = p
+                .share(&roster, &mut secround::secret_rng([8 + i as u8; 32]))
+                .unwrap();
+            c.shares(i, s.clone()).unwrap();
+            sealed.push(s);
+        }
+        let shared = c.clone();
+        let mut masked = Vec::new();
+        for (i, (p, _)) in parts.iter_mut().enumerate() {
+            let values = secround::pack(&[0.5; SECURE_VALUES], 10, 0.1, 100);
+            let m = p
+                .mask(&c.inbox(i), &values, 10, ContentId([i as u8; 32]))
+                .unwrap();
+            c.masked(i, m.clone()).unwrap();
+            masked.push(m);
+        }
+        let senders = c.senders().unwrap();
+        let all_masked = c.clone();
+        let mut confirmations = Vec::new();
+        for (i, (p, _)) in parts.iter_mut().enumerate() {
+            let signature = p.confirm(&self::keys()[i], &senders).unwrap();
+            c.confirmed(i, signature.clone()).unwrap();
+            confirmations.push(signature);
+        }
+        let unmasking = c.unmasking().unwrap();
+        let ToParticipant::Unmask {
+            senders,
+            signatures,
+        } = &unmasking
+        else {
+            unreachable!()
+        };
+        let reveals = parts
+            .iter_mut()
+            .map(|(p, _)| p.reveal(senders, signatures).unwrap())
+            .collect();
+        SecureRound {
+            setup,
+            keys,
+            sealed,
+            masked,
+            confirmations,
+            reveals,
+            unmasking,
+            coordinators: [empty, keyed, shared, all_masked, c],
+        }
+    })
+}
+
+/// The shares sealed for participant 0 in the round.
+fn first_inbox() -> Vec<Sealed> {
+    secure_round()
+        .sealed
+        .iter()
+        .flatten()
+        .filter(|s| s.to == 0)
+        .cloned()
+        .collect()
+}
+
+fn to_participant() -> impl Strategy<Value = ToParticipant> {
+    let round = secure_round();
+    prop_oneof![
+        proptest::sample::subsequence(round.keys.clone(), 0..=3).prop_map(ToParticipant::Roster),
+        proptest::sample::subsequence(first_inbox(), 0..=2).prop_map(ToParticipant::Inbox),
+        vec(mostly(0u32..3, any::<u32>()), 0..5).prop_map(ToParticipant::Confirm),
+        Just(round.unmasking.clone()),
+    ]
+}
+
+fn from_participant() -> impl Strategy<Value = FromParticipant> {
+    let round = secure_round();
+    prop_oneof![
+        proptest::sample::select(round.keys.clone()).prop_map(FromParticipant::Keys),
+        proptest::sample::select(round.sealed.clone()).prop_map(FromParticipant::Shares),
+        proptest::sample::select(round.masked.clone()).prop_map(FromParticipant::Masked),
+        proptest::sample::select(round.confirmations.clone()).prop_map(FromParticipant::Confirmed),
+        proptest::sample::select(round.reveals.clone()).prop_map(FromParticipant::Reveal),
+        text(30).prop_map(FromParticipant::Refused),
+    ]
 }
 
 fn gathered() -> impl Strategy<Value = Gathered> {
@@ -1319,6 +1463,98 @@ fn train_requests() {
     );
 }
 
+/// How a secure round's state machine took a decoded step.
+fn round_outcome(result: Result<(), secround::RoundError>) -> Checked {
+    match result {
+        Ok(()) => "accepted",
+        Err(_) => "refused by the round",
+    }
+    .into()
+}
+
+#[test]
+fn secure_round_steps_to_a_participant() {
+    let round = secure_round();
+    let values = secround::pack(&[0.5; SECURE_VALUES], 10, 0.1, 100);
+    fuzz_with(
+        "ToParticipant",
+        secround::MAX_STEP_BYTES,
+        Format::Cbor,
+        encoded(to_participant()),
+        // Participant 0 again, fresh and past each step, made outside the count.
+        |_| {
+            let fresh = first_participant(&round.setup).0;
+            let mut shared = first_participant(&round.setup).0;
+            let rng = &mut secround::secret_rng([8; 32]);
+            shared.share(&round.keys, rng).unwrap();
+            let mut masked = first_participant(&round.setup).0;
+            masked.share(&round.keys, rng).unwrap();
+            masked
+                .mask(&first_inbox(), &values, 10, ContentId([0; 32]))
+                .unwrap();
+            let mut confirmed = first_participant(&round.setup).0;
+            confirmed.share(&round.keys, rng).unwrap();
+            confirmed
+                .mask(&first_inbox(), &values, 10, ContentId([0; 32]))
+                .unwrap();
+            confirmed.confirm(key(), &[0, 1, 2]).unwrap();
+            (fresh, shared, masked, confirmed)
+        },
+        |bytes, (mut fresh, mut shared, mut masked, mut confirmed)| {
+            let step = wire::decode::<ToParticipant>(bytes, secround::MAX_STEP_BYTES);
+            let outcome = label(&step, bytes.len(), secround::MAX_STEP_BYTES);
+            let result = match step {
+                Ok(ToParticipant::Roster(roster)) => fresh
+                    .share(&roster, &mut secround::secret_rng([8; 32]))
+                    .map(drop),
+                Ok(ToParticipant::Inbox(inbox)) => shared
+                    .mask(&inbox, &values, 10, ContentId([0; 32]))
+                    .map(drop),
+                Ok(ToParticipant::Confirm(senders)) => masked.confirm(key(), &senders).map(drop),
+                Ok(ToParticipant::Unmask {
+                    senders,
+                    signatures,
+                }) => confirmed.reveal(&senders, &signatures).map(drop),
+                Err(_) => return outcome.into(),
+            };
+            round_outcome(result)
+        },
+    );
+}
+
+#[test]
+fn secure_round_steps_from_a_participant() {
+    let round = secure_round();
+    fuzz_with(
+        "FromParticipant",
+        MAX_UPDATE_BYTES,
+        Format::Cbor,
+        encoded(from_participant()),
+        |_| round.coordinators.clone(),
+        |bytes, [mut empty, mut keyed, mut shared, mut masked, mut confirmed]| {
+            let reply = wire::decode::<FromParticipant>(bytes, MAX_UPDATE_BYTES);
+            let outcome = label(&reply, bytes.len(), MAX_UPDATE_BYTES);
+            let result = match reply {
+                Ok(FromParticipant::Keys(keys)) => empty.keys(keys.index as usize, keys),
+                Ok(FromParticipant::Shares(sealed)) => {
+                    let from = sealed.first().map_or(0, |s| s.from as usize);
+                    // Again from one that shared: refused; where it has not yet: checked.
+                    let _ = shared.shares(from, sealed.clone());
+                    keyed.shares(from, sealed)
+                }
+                Ok(FromParticipant::Masked(m)) => shared.masked(m.index as usize, m),
+                Ok(FromParticipant::Confirmed(signature)) => masked.confirmed(0, signature),
+                Ok(FromParticipant::Reveal(reveal)) => confirmed
+                    .reveal(0, reveal)
+                    .and_then(|()| confirmed.finish().map(drop)),
+                Ok(FromParticipant::Refused(_)) => return "refused".into(),
+                Err(_) => return outcome.into(),
+            };
+            round_outcome(result)
+        },
+    );
+}
+
 #[test]
 fn train_replies() {
     let participant = signer();
@@ -1579,6 +1815,8 @@ fn every_decoder_refuses_a_frame_one_byte_past_its_limit_before_allocating() {
     at_limit::<BlobFrame>(MAX_BLOB_FRAME_BYTES);
     at_limit::<TrainRequest>(fl::MAX_REQUEST_BYTES);
     at_limit::<TrainReply>(MAX_UPDATE_BYTES);
+    at_limit::<ToParticipant>(secround::MAX_STEP_BYTES);
+    at_limit::<FromParticipant>(MAX_UPDATE_BYTES);
     at_limit::<SyncRequest>(MAX_SYNC_REQUEST_BYTES);
     at_limit::<SyncResponse>(MAX_SYNC_RESPONSE_BYTES);
 }
@@ -1609,6 +1847,7 @@ fn a_frame_filling_its_limit_decodes_within_the_bound() {
         members: Vec::new(),
         aggregator: AggregatorSpec::default(),
         ticket: None,
+        secure: None,
     };
     let bytes = wire::encode(&request);
     assert!(bytes.len() <= fl::MAX_REQUEST_BYTES);

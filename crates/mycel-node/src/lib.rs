@@ -100,6 +100,9 @@ pub struct NodeConfig {
     pub metered: bool,
     /// Poison every training update sent (benchmarks and tests of robust aggregation).
     pub train_attack: Option<mycel_core::fl::Attack>,
+    /// In securely aggregated rounds, leave right after sending the key shares, as a
+    /// participant that crashes then would (tests and benchmarks of dropout recovery).
+    pub train_drop_after_shares: bool,
     /// Whose training jobs this node trains for (default: its own only).
     pub train_for: mycel_core::fl::TrainFor,
     /// Seeds this node's secret random choices as a coordinator of private jobs (which
@@ -151,6 +154,7 @@ impl NodeConfig {
             preloaded_datasets: Vec::new(),
             metered: false,
             train_attack: None,
+            train_drop_after_shares: false,
             train_for: Default::default(),
             training_seed: None,
             operator_key: None,
@@ -352,7 +356,8 @@ impl Node {
                 config.train_attack,
                 config.train_for.clone(),
             )
-            .seeded(config.training_seed),
+            .seeded(config.training_seed)
+            .dropping_after_shares(config.train_drop_after_shares),
         );
         tasks.push(tokio::spawn(
             training

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use futures::stream::FuturesUnordered;
-use futures::{AsyncWriteExt, StreamExt};
+use futures::{AsyncWriteExt, FutureExt, StreamExt};
 use mycel_core::aggregate::{self, ServerState, Update};
 use mycel_core::compress::{Int8, TopK};
 use mycel_core::fl::{
@@ -21,6 +21,7 @@ use mycel_core::fl::{
     SignedUpdate, TrainFor, TrainReply, TrainRequest,
 };
 use mycel_core::id::ContentId;
+use mycel_core::secround::{self, FromParticipant, RoundError, ToParticipant};
 use mycel_core::statement::DatasetOffer;
 use mycel_core::wire::{self, Rejection};
 use mycel_core::Keypair;
@@ -52,6 +53,15 @@ impl std::error::Error for Late {}
 
 /// What a participant answers when its training outlasted the round's deadline.
 const DEADLINE_PASSED: &str = "the round's deadline passed while training";
+/// Why a participant told to drop after sharing (tests, benchmarks) left a secure round.
+const DROPPED_AFTER_SHARES: &str = "left after sharing (NodeConfig::train_drop_after_shares)";
+/// The shortest a securely aggregated round waits for a step that involves no training.
+const QUICK_STEP: Duration = Duration::from_secs(2);
+/// How long after its deadline a securely aggregated round waits for its unmasking step.
+const UNMASK_GRACE: Duration = Duration::from_secs(10);
+/// Rounds whose shares a node remembers revealing (for [`Training::reveal_once`]).
+const REVEALS_KEPT: usize = 4096;
+
 /// Attempts a round gets when too few updates arrive, before the job fails. Each attempt that
 /// fell short because peers were late doubles the round's deadline (up to [`MAX_STRETCH`]
 /// times the job's): on a busy machine training takes longer than the job planned for.
@@ -260,6 +270,10 @@ pub struct Training {
     abandoned: AtomicU64,
     /// Secret randomness of private jobs this node coordinates (sampling, noise).
     rng: Mutex<StdRng>,
+    /// Leaves securely aggregated rounds right after sharing (tests, benchmarks).
+    drop_after_shares: bool,
+    /// The rounds (coordinator, job, round) this node revealed secure-aggregation shares for.
+    revealed: Mutex<std::collections::VecDeque<(PeerId, JobId, u32)>>,
 }
 
 impl std::fmt::Debug for Training {
@@ -298,6 +312,17 @@ impl Training {
             slots: Arc::new(Semaphore::new(CONCURRENT_TRAININGS)),
             abandoned: Default::default(),
             rng: Mutex::new(StdRng::from_entropy()),
+            drop_after_shares: false,
+            revealed: Mutex::default(),
+        }
+    }
+
+    /// Makes this node leave securely aggregated rounds right after it sends its key shares,
+    /// as a participant that crashes then would (see `NodeConfig::train_drop_after_shares`).
+    pub fn dropping_after_shares(self, drop: bool) -> Self {
+        Self {
+            drop_after_shares: drop,
+            ..self
         }
     }
 
@@ -354,6 +379,9 @@ impl Training {
                 return;
             }
         };
+        if request.secure.is_some() {
+            return self.answer_secure(peer, stream, request).await;
+        }
         // The requester sends nothing more: a read that ends means it closed the stream or
         // went away, and the round's training (CPU a busy machine needs) stops.
         let stop = Arc::new(AtomicBool::new(false));
@@ -377,18 +405,168 @@ impl Training {
                 TrainReply::Refused(why)
             }
             Err(Refuse::Other(why)) => TrainReply::Refused(why),
+            Err(Refuse::Gone) => return,
         };
         let _ = write_frame(&mut stream, &reply).await;
         let _ = stream.close().await;
     }
 
-    /// Trains one round as asked (and, as a cluster head, gathers the members).
-    async fn train_round(
+    /// A securely aggregated round (`mycel_core::secround`): the round's steps on the
+    /// request's stream, this node's training running beside the first of them. When the
+    /// coordinator goes away or the round fails, the training stops.
+    async fn answer_secure(
+        &self,
+        peer: PeerId,
+        mut stream: mycel_net::task::Stream,
+        request: TrainRequest,
+    ) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let result = self.secure_round(peer, &mut stream, &request, &stop).await;
+        if let Err(refuse) = result {
+            // Whatever stopped the round, its training stops too.
+            let already = stop.swap(true, Ordering::Relaxed);
+            let why = match refuse {
+                Refuse::Malformed(why) => {
+                    self.net.penalise(peer, Rejection::Malformed).await;
+                    why
+                }
+                Refuse::Other(why) => why,
+                Refuse::Gone => {
+                    if !already {
+                        self.abandoned.fetch_add(1, Ordering::Relaxed);
+                    }
+                    debug!(%peer, round = request.round, "the coordinator went away");
+                    return;
+                }
+            };
+            debug!(%peer, round = request.round, "secure round stopped: {why}");
+            // A participant told to drop leaves without a word, as a crash would.
+            if why != DROPPED_AFTER_SHARES {
+                let _ = write_frame(&mut stream, &FromParticipant::Refused(why)).await;
+            }
+        }
+        let _ = stream.close().await;
+    }
+
+    async fn secure_round(
         &self,
         from: PeerId,
-        request: TrainRequest,
-        stop: Arc<AtomicBool>,
-    ) -> Result<(SignedUpdate, Gathered), Refuse> {
+        stream: &mut mycel_net::task::Stream,
+        request: &TrainRequest,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<(), Refuse> {
+        let setup = request
+            .secure
+            .as_ref()
+            .expect("a securely aggregated request");
+        let (global, dataset) = self.prepare(from, request)?;
+        let deadline = Instant::now() + Duration::from_millis(request.deadline_ms);
+        // The unmasking comes once the coordinator has the updates, up to its deadline: a
+        // little longer to wait for that.
+        let last = deadline + UNMASK_GRACE;
+        let mut rng = secret_rng();
+        let (mut round, keys) =
+            secround::Participant::new(&self.keypair, request.job, request.round, setup, &mut rng)
+                .map_err(refusal)?;
+        let training = self.train_local(request, &global, &dataset, stop, deadline);
+        tokio::pin!(training);
+        let mut trained = None;
+        let inbox = {
+            let sharing = async {
+                send(&mut *stream, &FromParticipant::Keys(keys)).await?;
+                let ToParticipant::Roster(roster) = next_step(&mut *stream, deadline).await? else {
+                    return Err(Refuse::Malformed("expected the roster".into()));
+                };
+                let sealed = round.share(&roster, &mut rng).map_err(refusal)?;
+                send(&mut *stream, &FromParticipant::Shares(sealed)).await?;
+                if self.drop_after_shares {
+                    return Err(Refuse::Other(DROPPED_AFTER_SHARES.into()));
+                }
+                let ToParticipant::Inbox(inbox) = next_step(&mut *stream, deadline).await? else {
+                    return Err(Refuse::Malformed("expected the sealed shares".into()));
+                };
+                Ok(inbox)
+            };
+            tokio::pin!(sharing);
+            loop {
+                tokio::select! {
+                    done = &mut training, if trained.is_none() => trained = Some(done?),
+                    inbox = &mut sharing => break inbox?,
+                }
+            }
+        };
+        let (delta, loss) = match trained {
+            Some(done) => done,
+            // The coordinator sends nothing until it has this node's update: a read that ends
+            // means it went away, and the training stops.
+            None => {
+                let mut probe = [0u8; 1];
+                tokio::select! {
+                    biased;
+                    done = &mut training => done?,
+                    read = futures::AsyncReadExt::read(&mut *stream, &mut probe) => {
+                        return Err(match read {
+                            Ok(n) if n > 0 => Refuse::Malformed(
+                                "a step before this node's masked update".into(),
+                            ),
+                            _ => Refuse::Gone,
+                        });
+                    }
+                }
+            }
+        };
+        let samples = dataset.data.len() as u64;
+        let values = secround::pack(&delta, samples, loss, round.scale());
+        let masked = round
+            .mask(&inbox, &values, samples, dataset.digest)
+            .map_err(refusal)?;
+        send(&mut *stream, &FromParticipant::Masked(masked)).await?;
+        let ToParticipant::Confirm(senders) = next_step(&mut *stream, last).await? else {
+            return Err(Refuse::Malformed("expected the senders list".into()));
+        };
+        let signature = round.confirm(&self.keypair, &senders).map_err(refusal)?;
+        send(&mut *stream, &FromParticipant::Confirmed(signature)).await?;
+        let ToParticipant::Unmask {
+            senders,
+            signatures,
+        } = next_step(&mut *stream, last).await?
+        else {
+            return Err(Refuse::Malformed("expected the unmasking request".into()));
+        };
+        let reveal = round.reveal(&senders, &signatures).map_err(refusal)?;
+        // Shares of one round are revealed once: two sums over nested sets of the round's
+        // (deterministically trained) updates would give one update.
+        if !self.reveal_once(from, request.job, request.round) {
+            return Err(Refuse::Other(format!(
+                "this node already revealed its shares for round {} of job {}",
+                request.round, request.job
+            )));
+        }
+        send(&mut *stream, &FromParticipant::Reveal(reveal)).await?;
+        Ok(())
+    }
+
+    /// Records that this node reveals its shares for `coordinator`'s `job`, `round`: false
+    /// when it did before (remembered for the last [`REVEALS_KEPT`] rounds).
+    fn reveal_once(&self, coordinator: PeerId, job: JobId, round: u32) -> bool {
+        let mut revealed = self.revealed.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (coordinator, job, round);
+        if revealed.contains(&key) {
+            return false;
+        }
+        if revealed.len() >= REVEALS_KEPT {
+            revealed.pop_front();
+        }
+        revealed.push_back(key);
+        true
+    }
+
+    /// Checks a request and whether this node trains it: the global weights and the dataset.
+    fn prepare(
+        &self,
+        from: PeerId,
+        request: &TrainRequest,
+    ) -> Result<(Vec<f32>, Arc<LocalDataset>), Refuse> {
         request.check().map_err(Refuse::Malformed)?;
         let parameters = request.model.parameters();
         if let Some(dataset) = self.datasets.get(&request.dataset) {
@@ -415,7 +593,7 @@ impl Training {
             .map_err(|e| Refuse::Malformed(format!("the global weights: {e}")))?;
         // Only for jobs the operator allowed: an update can reveal the data it came from.
         let me = self.keypair.public().to_peer_id();
-        fl::authorise(&self.train_for, &request, &from, &me, mycel_net::now_ms())
+        fl::authorise(&self.train_for, request, &from, &me, mycel_net::now_ms())
             .map_err(Refuse::Other)?;
         let dataset = self
             .datasets
@@ -427,6 +605,71 @@ impl Training {
                     request.dataset
                 ))
             })?;
+        Ok((global, dataset))
+    }
+
+    /// Trains this node's part of a round from `global` on `dataset`, until `deadline` at
+    /// the latest: its update and loss, checked finite, poisoned if this node attacks.
+    async fn train_local(
+        &self,
+        request: &TrainRequest,
+        global: &[f32],
+        dataset: &Arc<LocalDataset>,
+        stop: &Arc<AtomicBool>,
+        deadline: Instant,
+    ) -> Result<(Vec<f32>, f32), Refuse> {
+        // The slot goes with the training thread: a stopped round holds it until its
+        // thread has stopped too.
+        let slot = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refuse::Other("busy: training other rounds".into()))?;
+        let (model, train) = (request.model.clone(), request.train);
+        let (global, data) = (global.to_vec(), dataset.clone());
+        let seed = fl::participant_seed(request.seed, &dataset.digest);
+        let flag = stop.clone();
+        let training = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            local_update(&model, &train, &global, &data.data, seed, &flag)
+        });
+        // Training past the round's deadline helps nobody: it stops there.
+        let late = tokio::time::sleep_until(deadline.into());
+        let (mut delta, loss) = tokio::select! {
+            done = training => done
+                .map_err(|e| Refuse::Other(format!("training failed: {e}")))?
+                .map_err(|e| Refuse::Other(format!("training failed: {e:#}")))?,
+            () = late => {
+                stop.store(true, Ordering::Relaxed);
+                self.abandoned.fetch_add(1, Ordering::Relaxed);
+                return Err(Refuse::Other(DEADLINE_PASSED.into()));
+            }
+        };
+        if !loss.is_finite() || delta.iter().any(|v| !v.is_finite()) {
+            return Err(Refuse::Other(
+                "local training diverged (values not finite); a smaller lr may help".into(),
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(Refuse::Other(DEADLINE_PASSED.into()));
+        }
+        if let Some(attack) = self.attack {
+            let mut rng =
+                StdRng::seed_from_u64(fl::participant_seed(request.seed ^ 1, &dataset.digest));
+            attack.apply(&mut delta, &mut rng);
+        }
+        Ok((delta, loss))
+    }
+
+    /// Trains one round as asked (and, as a cluster head, gathers the members).
+    async fn train_round(
+        &self,
+        from: PeerId,
+        request: TrainRequest,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(SignedUpdate, Gathered), Refuse> {
+        let (global, dataset) = self.prepare(from, &request)?;
+        let parameters = request.model.parameters();
         let deadline = Instant::now() + Duration::from_millis(request.deadline_ms);
         let gather = async {
             if request.members.is_empty() {
@@ -447,50 +690,9 @@ impl Training {
                 .await;
             (outcome.updates, outcome.gathered)
         };
-        let local = async {
-            // The slot goes with the training thread: a stopped round holds it until its
-            // thread has stopped too.
-            let slot = self
-                .slots
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Refuse::Other("busy: training other rounds".into()))?;
-            let (model, train) = (request.model.clone(), request.train);
-            let (global, data) = (global.clone(), dataset.clone());
-            let seed = fl::participant_seed(request.seed, &dataset.digest);
-            let flag = stop.clone();
-            let training = tokio::task::spawn_blocking(move || {
-                let _slot = slot;
-                local_update(&model, &train, &global, &data.data, seed, &flag)
-            });
-            // Training past the round's deadline helps nobody: it stops there.
-            let late = tokio::time::sleep_until(deadline.into());
-            tokio::select! {
-                done = training => done
-                    .map_err(|e| Refuse::Other(format!("training failed: {e}")))?
-                    .map_err(|e| Refuse::Other(format!("training failed: {e:#}"))),
-                () = late => {
-                    stop.store(true, Ordering::Relaxed);
-                    self.abandoned.fetch_add(1, Ordering::Relaxed);
-                    Err(Refuse::Other(DEADLINE_PASSED.into()))
-                }
-            }
-        };
+        let local = self.train_local(&request, &global, &dataset, &stop, deadline);
         let ((gathered_updates, gathered), mine) = tokio::join!(gather, local);
-        let (mut delta, loss) = mine?;
-        if !loss.is_finite() || delta.iter().any(|v| !v.is_finite()) {
-            return Err(Refuse::Other(
-                "local training diverged (values not finite); a smaller lr may help".into(),
-            ));
-        }
-        if Instant::now() > deadline {
-            return Err(Refuse::Other(DEADLINE_PASSED.into()));
-        }
-        if let Some(attack) = self.attack {
-            let mut rng =
-                StdRng::seed_from_u64(fl::participant_seed(request.seed ^ 1, &dataset.digest));
-            attack.apply(&mut delta, &mut rng);
-        }
+        let (delta, loss) = mine?;
         let samples = dataset.data.len() as u64;
         if request.members.is_empty() {
             let payload = match request.compression {
@@ -648,6 +850,254 @@ impl Training {
             }
         }
         outcome
+    }
+
+    /// A securely aggregated round with `peers`, whom `request.secure` names in this order:
+    /// the round's steps (`mycel_core::secround`) on one stream per participant. A
+    /// participant that fails a step, refuses, misbehaves or is late leaves the round (its
+    /// stream closes, its secrets are rebuilt from the others' shares); each step but the
+    /// last waits until `cut` at most. The outcome holds the unmasked sum, or why there is
+    /// none.
+    async fn ask_secure(
+        &self,
+        peers: &[Addressed],
+        request: &TrainRequest,
+        cut: Instant,
+        parameters: usize,
+        samples_cap: &HashMap<PeerId, u64>,
+        min: u32,
+    ) -> Outcome {
+        let mut outcome = Outcome::default();
+        outcome.gathered.asked = peers.len() as u32;
+        // The steps that involve no training are quick: one peer that never answers must not
+        // hold them (and so everyone else) until the round's cut.
+        let quick = || {
+            let step = Duration::from_millis(request.deadline_ms / 5).max(QUICK_STEP);
+            cut.min(Instant::now() + step)
+        };
+        let setup = request
+            .secure
+            .as_ref()
+            .expect("a securely aggregated request");
+        let mut round =
+            match secround::Coordinator::new(request.job, request.round, setup, parameters) {
+                Ok(round) => round,
+                Err(e) => {
+                    outcome.gathered.dropped = peers.len() as u32;
+                    outcome.why.push(format!("the round's setup: {e}"));
+                    return outcome;
+                }
+            };
+        // The request on a stream of its own to each, answered with the participant's keys.
+        let request_bytes = wire::encode(request).len() as u64 + 4;
+        let opening_cut = quick();
+        let opened = futures::future::join_all(peers.iter().enumerate().map(
+            |(index, (peer, addrs))| async move {
+                let opening = async {
+                    if !addrs.is_empty() {
+                        let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                        self.net.add_addresses(*peer, addrs).await?;
+                    }
+                    let mut stream = self.net.open_bulk_stream(*peer, TRAIN_PROTOCOL).await?;
+                    write_frame(&mut stream, request).await?;
+                    let reply = secure_reply(&mut stream).await;
+                    anyhow::Ok((stream, reply))
+                };
+                match tokio::time::timeout_at(opening_cut.into(), opening).await {
+                    Ok(Ok((stream, reply))) => (*peer, index, Some(stream), reply),
+                    Ok(Err(e)) => (*peer, index, None, Err(e)),
+                    Err(_) => (*peer, index, None, Err(anyhow::Error::new(Late))),
+                }
+            },
+        ))
+        .await;
+        outcome.gathered.bytes_down += request_bytes * peers.len() as u64;
+        let mut live = self
+            .settle(&mut outcome, opened, |i, reply| match reply {
+                FromParticipant::Keys(keys) => round.keys(i, keys),
+                _ => Err(RoundError::Bad("expected keys".into())),
+            })
+            .await;
+        let roster = match round.roster() {
+            Ok(roster) => ToParticipant::Roster(roster),
+            Err(e) => return secure_failed(outcome, live, e),
+        };
+        let replies = self.step(&mut outcome, live, |_| &roster, quick()).await;
+        live = self
+            .settle(&mut outcome, replies, |i, reply| match reply {
+                FromParticipant::Shares(sealed) => round.shares(i, sealed),
+                _ => Err(RoundError::Bad("expected sealed shares".into())),
+            })
+            .await;
+        if let Err(e) = round.shared() {
+            return secure_failed(outcome, live, e);
+        }
+        let inboxes: HashMap<usize, ToParticipant> = live
+            .iter()
+            .map(|(_, i, _)| (*i, ToParticipant::Inbox(round.inbox(*i))))
+            .collect();
+        let replies = self.step(&mut outcome, live, |i| &inboxes[&i], cut).await;
+        live = self
+            .settle(&mut outcome, replies, |i, reply| match reply {
+                FromParticipant::Masked(masked) => round.masked(i, masked),
+                _ => Err(RoundError::Bad("expected a masked update".into())),
+            })
+            .await;
+        // Too few to make the round count: it stops before anything is unmasked (a sum is
+        // unmasked at most once per round: two over nested sets would give one update).
+        let senders = match round.senders() {
+            Ok(senders) if senders.len() >= min as usize => ToParticipant::Confirm(senders),
+            Ok(senders) => {
+                let e = RoundError::TooFew(format!(
+                    "{} participants sent their masked update, the job needs {min}",
+                    senders.len()
+                ));
+                return secure_failed(outcome, live, e);
+            }
+            Err(e) => return secure_failed(outcome, live, e),
+        };
+        // Answered at once from here: the training is done.
+        let until = Instant::now() + UNMASK_GRACE / 2;
+        let replies = self.step(&mut outcome, live, |_| &senders, until).await;
+        live = self
+            .settle(&mut outcome, replies, |i, reply| match reply {
+                FromParticipant::Confirmed(signature) => round.confirmed(i, signature),
+                _ => Err(RoundError::Bad("expected a signed senders list".into())),
+            })
+            .await;
+        let unmasking = match round.unmasking() {
+            Ok(unmasking) => unmasking,
+            Err(e) => return secure_failed(outcome, live, e),
+        };
+        let replies = self.step(&mut outcome, live, |_| &unmasking, until).await;
+        live = self
+            .settle(&mut outcome, replies, |i, reply| match reply {
+                FromParticipant::Reveal(reveal) => round.reveal(i, reveal),
+                _ => Err(RoundError::Bad("expected shares for unmasking".into())),
+            })
+            .await;
+        drop(live);
+        let summed = match round.finish() {
+            Ok(summed) => summed,
+            Err(e) => return secure_failed(outcome, Vec::new(), e),
+        };
+        if let Some(peer) = summed.blamed.and_then(|i| round.peer(i)) {
+            warn!(%peer, round = request.round, "its shares did not rebuild a secret; left out");
+            self.net.penalise(peer, Rejection::Malformed).await;
+            outcome.gathered.rejected += 1;
+        }
+        let mut used: Vec<(u64, ContentId)> = summed
+            .contributors
+            .iter()
+            .filter_map(|&(i, samples, data)| {
+                let peer = round.peer(i)?;
+                let cap = samples_cap.get(&peer).copied().unwrap_or(samples);
+                Some((samples.min(cap), data))
+            })
+            .collect();
+        used.sort_by_key(|(_, data)| *data);
+        let mut data = blake3::Hasher::new();
+        for (_, d) in &used {
+            data.update(&d.0);
+        }
+        if summed.delta.iter().any(|v| !v.is_finite()) || !summed.loss.is_finite() {
+            outcome.why.push("the unmasked sum is not finite".into());
+            return outcome;
+        }
+        outcome.summed = Some(Combined {
+            delta: summed.delta,
+            samples: used.iter().map(|(s, _)| *s).fold(0u64, u64::saturating_add),
+            loss: summed.loss,
+            data: ContentId(*data.finalize().as_bytes()),
+            contributors: used.len() as u32,
+        });
+        outcome
+    }
+
+    /// Sends each live participant of a secure round its step (`step` by index) and reads
+    /// its reply, all at once, until `until`.
+    async fn step<'a>(
+        &self,
+        outcome: &mut Outcome,
+        live: Vec<SecureLink>,
+        step: impl Fn(usize) -> &'a ToParticipant,
+        until: Instant,
+    ) -> Vec<SecureReply> {
+        for (_, i, _) in &live {
+            outcome.gathered.bytes_down += wire::encode(step(*i)).len() as u64 + 4;
+        }
+        futures::future::join_all(live.into_iter().map(|(peer, i, mut stream)| {
+            let message = step(i);
+            async move {
+                let exchange = async {
+                    write_frame(&mut stream, message).await?;
+                    secure_reply(&mut stream).await
+                };
+                let reply = match tokio::time::timeout_at(until.into(), exchange).await {
+                    Ok(reply) => reply,
+                    Err(_) => Err(anyhow::Error::new(Late)),
+                };
+                (peer, i, Some(stream), reply)
+            }
+        }))
+        .await
+    }
+
+    /// A secure round's replies to one step, each handed to `take` (the round's checks):
+    /// the participants still in the round. One that failed, refused, was late or sent
+    /// what the round refuses leaves (a misbehaving one is penalised).
+    async fn settle(
+        &self,
+        outcome: &mut Outcome,
+        replies: Vec<SecureReply>,
+        mut take: impl FnMut(usize, FromParticipant) -> Result<(), RoundError>,
+    ) -> Vec<SecureLink> {
+        let mut live = Vec::new();
+        for (peer, i, stream, reply) in replies {
+            let failed = match reply {
+                Ok((reply, bytes)) => {
+                    outcome.gathered.bytes_up = outcome.gathered.bytes_up.saturating_add(bytes);
+                    outcome.root_bytes = outcome.root_bytes.saturating_add(bytes);
+                    match take(i, reply) {
+                        Ok(()) => None,
+                        Err(RoundError::Bad(why)) => {
+                            warn!(%peer, "secure round: {why}");
+                            self.net.penalise(peer, Rejection::Malformed).await;
+                            outcome.gathered.rejected += 1;
+                            outcome.note(peer, format_args!("rejected: {why}"));
+                            Some(())
+                        }
+                        Err(e) => {
+                            outcome.note(peer, format_args!("{e}"));
+                            Some(())
+                        }
+                    }
+                }
+                Err(e) if e.downcast_ref::<Rejection>().is_some() => {
+                    if let Some(reason) = e.downcast_ref::<Rejection>() {
+                        self.net.penalise(peer, *reason).await;
+                    }
+                    warn!(%peer, "secure round: reply rejected: {e:#}");
+                    outcome.gathered.rejected += 1;
+                    outcome.note(peer, format_args!("{e:#}"));
+                    Some(())
+                }
+                Err(e) => {
+                    debug!(%peer, "secure round: participant dropped: {e:#}");
+                    if e.downcast_ref::<Late>().is_some() {
+                        outcome.late += 1;
+                    }
+                    outcome.gathered.dropped += 1;
+                    outcome.dropped.push(peer);
+                    outcome.note(peer, format_args!("{e:#}"));
+                    Some(())
+                }
+            };
+            if let (None, Some(stream)) = (failed, stream) {
+                live.push((peer, i, stream));
+            }
+        }
+        live
     }
 
     /// One request and its reply, with the reply's size on the wire.
@@ -967,6 +1417,7 @@ impl Training {
                 members: Vec::new(),
                 aggregator: spec.aggregator,
                 ticket: None,
+                secure: None,
             };
             let plan = fl::clusters(
                 &selected
@@ -1051,6 +1502,15 @@ impl Training {
             let mut asks = Vec::new();
             if spec.privacy.is_none() {
                 let flat_ids: Vec<PeerId> = flat_peers.iter().map(|(p, _)| *p).collect();
+                if let Some(secure) = &spec.secure_aggregation {
+                    // Updates are weighed by samples over all the participants' announced.
+                    let scale = flat_ids
+                        .iter()
+                        .map(|p| samples.get(p).copied().unwrap_or(0))
+                        .fold(0u64, u64::saturating_add);
+                    request.secure =
+                        Some(secround::Setup::new(&flat_ids, secure.threshold, scale));
+                }
                 request.ticket = Some(JobTicket::sign(
                     &self.keypair,
                     &request,
@@ -1058,10 +1518,21 @@ impl Training {
                     None,
                     expires_at,
                 ));
-                asks.push(self.ask_all(&flat_peers, &request, cut, parameters, &caps));
+                if request.secure.is_some() {
+                    let min = spec.participants.min;
+                    asks.push(
+                        self.ask_secure(&flat_peers, &request, cut, parameters, &caps, min)
+                            .boxed(),
+                    );
+                } else {
+                    asks.push(
+                        self.ask_all(&flat_peers, &request, cut, parameters, &caps)
+                            .boxed(),
+                    );
+                }
             }
             for (peer, r) in head_requests.iter().chain(&private_requests) {
-                asks.push(self.ask_all(peer, r, cut, parameters, &caps));
+                asks.push(self.ask_all(peer, r, cut, parameters, &caps).boxed());
             }
             for part in futures::future::join_all(asks).await {
                 outcome.merge(part);
@@ -1077,7 +1548,8 @@ impl Training {
             for peer in &selected {
                 *record.asked.entry(peer.to_string()).or_insert(0) += 1;
             }
-            let contributors: u32 = outcome.updates.iter().map(|u| u.contributors).sum();
+            let contributors: u32 = outcome.updates.iter().map(|u| u.contributors).sum::<u32>()
+                + outcome.summed.as_ref().map_or(0, |s| s.contributors);
             // A private round is never drawn again: the retried round would include each peer
             // more often than the accountant counts. It aggregates what arrived.
             if contributors < spec.participants.min && spec.privacy.is_none() {
@@ -1109,16 +1581,18 @@ impl Training {
             }
             let root_bytes = outcome.root_bytes;
             let gathered = outcome.gathered;
-            let combined = match &spec.privacy {
+            let combined = match (&spec.privacy, outcome.summed.take()) {
+                // Securely aggregated: the sum is all there is.
+                (_, Some(summed)) => Ok(summed),
                 // The expected number of participants: it does not depend on who answered.
-                Some(privacy) => combine_private(
+                (Some(privacy), None) => combine_private(
                     privacy,
                     parameters,
                     spec.participants.fraction * eligible as f64,
                     outcome.updates,
                     &mut self.rng.lock().unwrap_or_else(|e| e.into_inner()),
                 ),
-                None => combine(&spec.aggregator, spec.compression, outcome.updates),
+                (None, None) => combine(&spec.aggregator, spec.compression, outcome.updates),
             };
             let combined = match combined {
                 Ok(combined) => combined,
@@ -1143,6 +1617,11 @@ impl Training {
                 server = server_before;
                 if spec.privacy.is_some() {
                     bail!("round {round}: the private aggregate made the model non-finite");
+                }
+                if spec.secure_aggregation.is_some() {
+                    // Not drawn again: a second sum over the round's updates could single
+                    // one out.
+                    bail!("round {round}: the securely aggregated sum made the model non-finite");
                 }
                 attempts += 1;
                 warn!(job = %record.id, round, "the aggregate made the model non-finite; trying the round again");
@@ -1344,7 +1823,12 @@ impl Training {
             fl::poisson_select(&eligible, spec.participants.fraction, &mut *rng)
         } else {
             let mut rng = StdRng::seed_from_u64(seed);
-            fl::select(&eligible, &asked, &spec.participants, &mut rng)
+            let mut peers = fl::select(&eligible, &asked, &spec.participants, &mut rng);
+            if spec.secure_aggregation.is_some() {
+                // Shares are points of GF(256).
+                peers.truncate(secround::MAX_PARTICIPANTS);
+            }
+            peers
         };
         Ok(Selection {
             peers,
@@ -1499,12 +1983,48 @@ struct Selection {
 /// A peer and the addresses it announced.
 type Addressed = (PeerId, Vec<String>);
 
+/// A participant still in a secure round: its peer id, index and stream.
+type SecureLink = (PeerId, usize, mycel_net::task::Stream);
+
+/// A participant's reply to a secure round's step, with its stream if it is still open and
+/// the reply's size on the wire.
+type SecureReply = (
+    PeerId,
+    usize,
+    Option<mycel_net::task::Stream>,
+    anyhow::Result<(FromParticipant, u64)>,
+);
+
+/// A participant's next message in a secure round (a refusal as an error).
+async fn secure_reply(
+    stream: &mut mycel_net::task::Stream,
+) -> anyhow::Result<(FromParticipant, u64)> {
+    match read_frame_sized(stream, fl::MAX_UPDATE_BYTES).await {
+        Ok(Some((FromParticipant::Refused(why), _))) => bail!("refused: {why}"),
+        Ok(Some((reply, bytes))) => Ok((reply, bytes as u64 + 4)),
+        Ok(None) => bail!("the participant closed the stream"),
+        Err(FrameError::Io(e)) => Err(e.into()),
+        Err(FrameError::Rejected(reason)) => {
+            Err(anyhow::Error::new(reason).context("the participant's reply"))
+        }
+    }
+}
+
+/// A secure round that cannot go on: its streams close (the participants stop), and why.
+fn secure_failed(mut outcome: Outcome, live: Vec<SecureLink>, e: RoundError) -> Outcome {
+    drop(live);
+    outcome.why.insert(0, format!("secure aggregation: {e}"));
+    outcome
+}
+
 /// Why a request is not answered with an update.
 enum Refuse {
     /// The request itself was bad (the sender pays).
     Malformed(String),
     /// This node cannot or will not (no such dataset, deadline passed).
     Other(String),
+    /// The requester went away.
+    Gone,
 }
 
 /// An opened update.
@@ -1520,6 +2040,8 @@ struct Received {
 #[derive(Default)]
 struct Outcome {
     updates: Vec<Received>,
+    /// A securely aggregated round's unmasked sum.
+    summed: Option<Combined>,
     gathered: Gathered,
     root_bytes: u64,
     dropped: Vec<PeerId>,
@@ -1546,6 +2068,9 @@ impl Outcome {
 
     fn merge(&mut self, other: Outcome) {
         self.updates.extend(other.updates);
+        if other.summed.is_some() {
+            self.summed = other.summed;
+        }
         self.root_bytes += other.root_bytes;
         self.dropped.extend(other.dropped);
         self.late += other.late;
@@ -1561,6 +2086,45 @@ struct Combined {
     loss: f32,
     data: ContentId,
     contributors: u32,
+}
+
+/// Secret randomness for a securely aggregated round's keys and shares: seeded from the OS.
+fn secret_rng() -> secround::SecretRng {
+    use rand::RngCore;
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    secround::secret_rng(seed)
+}
+
+/// How a participant answers a step of a securely aggregated round that cannot go on.
+fn refusal(e: RoundError) -> Refuse {
+    match e {
+        RoundError::Bad(why) => Refuse::Malformed(why),
+        other => Refuse::Other(other.to_string()),
+    }
+}
+
+/// Sends a participant's step of a securely aggregated round.
+async fn send(stream: &mut mycel_net::task::Stream, step: &FromParticipant) -> Result<(), Refuse> {
+    write_frame(stream, step).await.map_err(|_| Refuse::Gone)
+}
+
+/// The coordinator's next step of a securely aggregated round, by `until`.
+async fn next_step(
+    stream: &mut mycel_net::task::Stream,
+    until: Instant,
+) -> Result<ToParticipant, Refuse> {
+    let read = read_frame(stream, secround::MAX_STEP_BYTES);
+    match tokio::time::timeout_at(until.into(), read).await {
+        Err(_) => Err(Refuse::Other(
+            "the coordinator's next step did not come in time".into(),
+        )),
+        Ok(Ok(Some(step))) => Ok(step),
+        Ok(Ok(None) | Err(FrameError::Io(_))) => Err(Refuse::Gone),
+        Ok(Err(FrameError::Rejected(reason))) => Err(Refuse::Malformed(format!(
+            "the coordinator's step: {reason}"
+        ))),
+    }
 }
 
 /// A round's deadline after `attempts` attempts that fell short for lateness: the job's,

@@ -314,6 +314,7 @@ async fn a_participant_trains_only_for_its_coordinator_and_penalises_malformed_r
         members: Vec::new(),
         aggregator: job.aggregator,
         ticket: None,
+        secure: None,
     };
     // A ticket as a coordinator signs it: flat (no head), or for a cluster with its head.
     let signed = |mut r: TrainRequest,
@@ -599,5 +600,207 @@ async fn a_private_job_spends_its_epsilon_round_by_round_across_a_crash_and_stop
     coordinator.shutdown().await;
     for node in nodes {
         node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_securely_aggregated_job_survives_dropouts_and_equals_the_plain_job() {
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = Node::start(local_config(
+        &root.path().join("coordinator"),
+        vec![],
+        false,
+    ))
+    .await
+    .unwrap();
+    let boot = addrs_of(&coordinator);
+    let parts = 6;
+    let mut nodes = Vec::new();
+    for k in 0..parts {
+        let mut config = with_data(
+            local_config(&root.path().join(format!("p{k}")), boot.clone(), false),
+            &format!("sklearn-digits:train:{k}/{parts}"),
+        );
+        config.train_for = TrainFor::Coordinators(vec![coordinator.net.peer_id()]);
+        // p4 leaves every round right after it shared its secrets, as a crash then would:
+        // its pairwise masks are taken out with the others' shares of its mask key.
+        config.train_drop_after_shares = k == 4;
+        nodes.push(Node::start(config).await.unwrap());
+    }
+    wait_for_datasets(&coordinator, parts).await;
+    // p5 is killed before the job: the coordinator may still pick it.
+    nodes.pop().unwrap().shutdown().await;
+
+    let mut secure = spec(3, 3);
+    secure.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    let masked = run(&coordinator, secure.clone()).await;
+    assert_eq!(masked.state, JobState::Done);
+    for m in &masked.metrics {
+        assert_eq!(m.participants, 4, "p0..p3 are summed in round {}", m.round);
+        assert!(m.dropped >= 1, "p4 dropped in round {}", m.round);
+        assert_eq!(m.rejected, 0);
+    }
+    let accuracy = masked.metrics[2].accuracy;
+    assert!(accuracy > 0.5, "accuracy {accuracy}");
+
+    // The same job in the clear over the same four participants (p4 gone too).
+    nodes.pop().unwrap().shutdown().await;
+    let mut plain = secure;
+    plain.secure_aggregation = None;
+    let clear = run(&coordinator, plain).await;
+    assert!(clear.metrics.iter().all(|m| m.participants == 4));
+    let gap = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    // From the same start, one round apart only by the fixed-point rounding of the sum
+    // (16 fractional bits: each weighted value within 2^-17, the mean within about 1e-4).
+    let dir = root.path().join("models");
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = gap(
+        &round_model(&coordinator, &masked, 1, &dir.join("masked")),
+        &round_model(&coordinator, &clear, 1, &dir.join("clear")),
+    );
+    assert!(first < 1e-4, "round 1's models differ by up to {first}");
+    assert!(
+        first > 0.0,
+        "fixed-point sums are not bit-identical to float sums"
+    );
+    // Later rounds train from those slightly different models.
+    let last = gap(&masked.weights, &clear.weights);
+    assert!(last < 1e-2, "the final models differ by up to {last}");
+    let (a, b) = (masked.metrics[2].accuracy, clear.metrics[2].accuracy);
+    assert!(
+        (a - b).abs() <= 0.02,
+        "accuracy {a} securely, {b} in the clear"
+    );
+    for node in nodes {
+        node.shutdown().await;
+    }
+    coordinator.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_breaking_a_secure_round_is_left_out_and_penalised() {
+    use mycel_core::secround::{self, FromParticipant, Participant, ToParticipant};
+    let root = tempfile::tempdir().unwrap();
+    let nodes = federation(root.path(), 3).await;
+    let (liar_net, liar_key) = liar(addrs_of(&nodes[0])).await;
+    let liar_id = liar_net.peer_id();
+    let mut incoming = liar_net.accept_streams(TRAIN_PROTOCOL).unwrap();
+    tokio::spawn(async move {
+        while let Some((_, mut stream)) = incoming.next().await {
+            let Ok(Some(request)) =
+                read_frame::<TrainRequest>(&mut stream, fl::MAX_REQUEST_BYTES).await
+            else {
+                continue;
+            };
+            let setup = request.secure.clone().expect("a secure round");
+            let rng = &mut secround::secret_rng([request.round as u8; 32]);
+            let (mut me, mut keys) =
+                Participant::new(&liar_key, request.job, request.round, &setup, rng).unwrap();
+            if request.round % 3 == 1 {
+                // Keys that are not the ones it signed.
+                keys.mask[0] ^= 1;
+            }
+            let _ = write_frame(&mut stream, &FromParticipant::Keys(keys)).await;
+            let Ok(Some(ToParticipant::Roster(roster))) =
+                read_frame(&mut stream, secround::MAX_STEP_BYTES).await
+            else {
+                continue;
+            };
+            let Ok(mut sealed) = me.share(&roster, rng) else {
+                continue;
+            };
+            if request.round % 3 == 2 {
+                // One share short: some participant could not be unmasked.
+                sealed.pop();
+            }
+            let _ = write_frame(&mut stream, &FromParticipant::Shares(sealed)).await;
+            let Ok(Some(ToParticipant::Inbox(inbox))) =
+                read_frame(&mut stream, secround::MAX_STEP_BYTES).await
+            else {
+                continue;
+            };
+            // An update of nothing, honestly masked.
+            let n = request.model.parameters();
+            let values = secround::pack(&vec![0.0; n], 100, 0.1, setup.scale);
+            let data = mycel_core::id::ContentId::of(b"lies");
+            let Ok(masked) = me.mask(&inbox, &values, 100, data) else {
+                continue;
+            };
+            let _ = write_frame(&mut stream, &FromParticipant::Masked(masked)).await;
+            let Ok(Some(ToParticipant::Confirm(senders))) =
+                read_frame(&mut stream, secround::MAX_STEP_BYTES).await
+            else {
+                continue;
+            };
+            let Ok(signature) = me.confirm(&liar_key, &senders) else {
+                continue;
+            };
+            let _ = write_frame(&mut stream, &FromParticipant::Confirmed(signature)).await;
+            let Ok(Some(ToParticipant::Unmask {
+                senders,
+                signatures,
+            })) = read_frame(&mut stream, secround::MAX_STEP_BYTES).await
+            else {
+                continue;
+            };
+            let Ok(mut reveal) = me.reveal(&senders, &signatures) else {
+                continue;
+            };
+            // Shares that rebuild wrong secrets.
+            for (_, share) in reveal.self_seeds.iter_mut() {
+                share[9] ^= 0x20;
+            }
+            let _ = write_frame(&mut stream, &FromParticipant::Reveal(reveal)).await;
+        }
+    });
+    wait_for_datasets(&nodes[0], 4).await;
+    let mut job = spec(4, 3);
+    job.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    let record = run(&nodes[0], job).await;
+    // Forged keys, then missing shares: left out at once. Then bad shares at unmasking: its
+    // update is in the sum (it sent one), its answer is left out and the sum still unmasks.
+    for (m, summed) in record.metrics[..3].iter().zip([3, 3, 4]) {
+        assert_eq!(
+            (m.asked, m.participants, m.rejected),
+            (4, summed, 1),
+            "round {}: {m:?}",
+            m.round
+        );
+    }
+    let last = &record.metrics[3];
+    assert_eq!((last.asked, last.participants), (3, 3), "{last:?}");
+    let accuracy = last.accuracy;
+    assert!(accuracy > 0.5, "accuracy {accuracy}");
+    let reputation = nodes[0].net.reputation(liar_id).await.unwrap();
+    assert!(reputation < -50.0, "the liar's reputation is {reputation}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_participant_does_not_hold_a_secure_round_to_its_deadline() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = federation(root.path(), 3).await;
+    // Accepts every training stream and never answers.
+    let (silent, _) = liar(addrs_of(&nodes[0])).await;
+    let mut incoming = silent.accept_streams(TRAIN_PROTOCOL).unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some((_, stream)) = incoming.next().await {
+            held.push(stream);
+        }
+    });
+    wait_for_datasets(&nodes[0], 4).await;
+    let mut job = spec(2, 3);
+    job.round_deadline_ms = 10_000;
+    job.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    let record = run(&nodes[0], job).await;
+    for m in &record.metrics {
+        assert_eq!((m.asked, m.participants, m.dropped), (4, 3, 1), "{m:?}");
+        // The keys step waits a fifth of the deadline for it, not the whole deadline.
+        assert!(m.ms < 6_000.0, "round {} took {} ms", m.round, m.ms);
     }
 }

@@ -29,7 +29,8 @@ pub(crate) struct FlBenchArgs {
     /// Rounds per job.
     #[arg(long, default_value_t = 20)]
     rounds: u32,
-    /// Run only the scenarios whose name contains this (e.g. "attack", "iid-fedavg").
+    /// Run only the scenarios whose name contains this, or one of these (comma-separated:
+    /// e.g. "attack", "iid-fedavg,secagg").
     #[arg(long)]
     only: Option<String>,
     /// A Python with flwr installed: run Flower's simulation of the IID FedAvg setting
@@ -53,6 +54,10 @@ struct Scenario {
     model: ModelSpec,
     /// Differential privacy (central noise), with the budget the job ends at.
     privacy: Option<mycel_core::fl::Privacy>,
+    /// Secure aggregation.
+    secure: Option<mycel_core::fl::SecureAggregation>,
+    /// Participants that leave every round right after sending their key shares.
+    dropouts: usize,
 }
 
 /// The ε a differentially private scenario may spend over the job, at [`DP_DELTA`].
@@ -97,6 +102,8 @@ fn scenarios(n: usize, rounds: u32) -> Vec<Scenario> {
             layers: vec![64, 32, 10],
         },
         privacy: None,
+        secure: None,
+        dropouts: 0,
     };
     let robust = [
         AggregatorSpec::Fedavg { iqr: None },
@@ -147,6 +154,18 @@ fn scenarios(n: usize, rounds: u32) -> Vec<Scenario> {
                 epsilon: Some(DP_EPSILON),
             }),
             ..base("iid-dp-eps8")
+        },
+        // Secure aggregation, with 3 of 10 participants (3 in 10 of them) leaving every
+        // round after they shared their secrets: their masks are taken out with the others'
+        // shares.
+        Scenario {
+            secure: Some(mycel_core::fl::SecureAggregation { threshold: 0.5 }),
+            ..base("iid-secagg")
+        },
+        Scenario {
+            secure: Some(mycel_core::fl::SecureAggregation { threshold: 0.5 }),
+            dropouts: (n * 3) / 10,
+            ..base(&format!("iid-secagg-drop{}", (n * 3) / 10))
         },
     ];
     for split in ["iid", "dirichlet0.5"] {
@@ -214,7 +233,7 @@ pub(crate) async fn run(args: FlBenchArgs) -> anyhow::Result<()> {
         .filter(|s| {
             args.only
                 .as_ref()
-                .is_none_or(|o| s.name.contains(o.as_str()))
+                .is_none_or(|o| o.split(',').any(|o| s.name.contains(o)))
         })
         .collect();
     if chosen.is_empty() {
@@ -271,13 +290,15 @@ pub(crate) async fn run(args: FlBenchArgs) -> anyhow::Result<()> {
             "ms_per_round_p50": super::quantile(&per_round, 0.5),
             "ms_in_round_record": record.metrics.iter().map(|m| m.ms).sum::<f64>() / record.metrics.len().max(1) as f64,
             "job_s": run.job_s,
+            "cpu_ms_per_round": run.cpu_s * 1000.0 / record.metrics.len().max(1) as f64,
             "startup_s": run.startup_s,
             "total_s": run.startup_s + run.job_s,
             "bytes_up": bytes_up,
             "bytes_down": record.metrics.iter().map(|m| m.bytes_down).sum::<u64>(),
             "bytes_root": bytes_root,
             "dropped": record.metrics.iter().map(|m| m.dropped).sum::<u32>(),
-            "secure_aggregation": false,
+            "secure_aggregation": scenario.secure.is_some(),
+            "dropouts": scenario.dropouts,
             "epsilon": record.metrics.last().and_then(|m| m.epsilon),
             "delta": scenario.privacy.map(|p| p.delta),
             "noise_multiplier": scenario.privacy.map(|p| p.noise_multiplier),
@@ -334,6 +355,8 @@ struct ScenarioRun {
     startup_s: f64,
     /// From the job's start to its final model, recorded, s.
     job_s: f64,
+    /// CPU time of every node (all run in this process) over the job, s.
+    cpu_s: f64,
     /// Each round's wall time, ms: between the ends of consecutive rounds (the first from the
     /// job's start), so that selection, evaluation, storing the model and recording the round
     /// all count.
@@ -363,6 +386,9 @@ async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result
     } else {
         0
     };
+    // Dropouts, like attackers, spread out.
+    let dropouts = scenario.dropouts;
+    let drop_stride = n / dropouts.max(1);
     let mut starting = Vec::new();
     for k in 0..n {
         let mut c = config(format!("p{k}"));
@@ -381,6 +407,7 @@ async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result
         c.train_attack = scenario
             .attack
             .filter(|_| k % stride == 0 && k / stride < attackers);
+        c.train_drop_after_shares = k % drop_stride == 0 && k / drop_stride < dropouts;
         starting.push(Node::start(c));
     }
     let mut participants = Vec::new();
@@ -403,7 +430,7 @@ async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result
         rounds: args.rounds,
         train: LOCAL,
         participants: mycel_core::fl::Participation {
-            min: (n - attackers) as u32,
+            min: (n - attackers - dropouts) as u32,
             ..Default::default()
         },
         device: Default::default(),
@@ -415,8 +442,10 @@ async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result
         eval: Some("sklearn-digits:test".into()),
         seed: 0,
         privacy: scenario.privacy,
+        secure_aggregation: scenario.secure,
     };
     let job_started = Instant::now();
+    let cpu_started = super::cpu_seconds();
     let ends = std::sync::Mutex::new(Vec::new());
     let record = coordinator
         .training
@@ -427,6 +456,7 @@ async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result
         })
         .await?;
     let job_s = job_started.elapsed().as_secs_f64();
+    let cpu_s = super::cpu_seconds() - cpu_started;
     let ends = ends.into_inner().unwrap_or_else(|e| e.into_inner());
     let round_ms = std::iter::once(job_started)
         .chain(ends.iter().copied())
@@ -441,6 +471,7 @@ async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result
         record,
         startup_s,
         job_s,
+        cpu_s,
         round_ms,
     })
 }

@@ -1,0 +1,1424 @@
+//! One securely aggregated round (flat), as two state machines: the coordinator's
+//! ([`Coordinator`]) and a participant's ([`Participant`]). The arithmetic is
+//! [`crate::secagg`]'s; this is who sends what, in which order, and what each side checks.
+//!
+//! The round's request carries a [`Setup`] (the participants in index order, the threshold,
+//! the weight scale), vouched for by the coordinator's ticket. Then, on each participant's
+//! stream (Bonawitz et al. 2017, §4, with signed keys):
+//!
+//! 1. participant → coordinator: [`Keys`], its round's public mask and sealing keys and its
+//!    self-mask commitment, signed by its node key;
+//! 2. coordinator → all: the roster ([`ToParticipant::Roster`]), every set of keys that came
+//!    in time; each participant checks every signature against the setup's peer ids;
+//! 3. participant → coordinator: its secrets' shares for each other roster member, sealed
+//!    for that member ([`Sealed`]); those that sent theirs are the round's sharers;
+//! 4. coordinator → each sharer: the sealed shares addressed to it ([`ToParticipant::Inbox`]);
+//!    it masks its update with the pairwise masks of exactly those senders and sends it
+//!    ([`Masked`]);
+//! 5. coordinator → each that sent: who sent ([`ToParticipant::Confirm`]); each that finds
+//!    the list a threshold of its own sharers, itself among them, signs it
+//!    ([`FromParticipant::Confirmed`]);
+//! 6. coordinator → each that signed: the list with at least a threshold of those signatures
+//!    ([`ToParticipant::Unmask`]); each checks them and answers with the self-mask share of
+//!    every one that sent and the mask-key share of every sharer that did not ([`Reveal`]);
+//! 7. the coordinator rebuilds the secrets from at least a threshold of answers and unmasks
+//!    the sum ([`Coordinator::finish`]).
+//!
+//! Why the signed list (Bonawitz's consistency check): a coordinator that told different
+//! holders different lists could collect one participant's self-mask secret from some and the
+//! mask keys of the few sharers that participant masked with from others, and unmask it.
+//! With a threshold of signatures from the list's own members on one list, and a majority
+//! threshold, no two holders can be told two lists.
+//!
+//! An update goes in weighted by its samples over the setup's scale, with the weight and the
+//! weighted loss as two more values ([`pack`]): the sum gives FedAvg's weighted mean and
+//! mean loss over whoever sent ([`unpack`]), and no participant's own figures.
+//!
+//! What the coordinator cannot do: read one participant's update, or read the shares it
+//! relays. What it is still trusted for: a correct sum (a participant can add anything to the
+//! sum, and no check of a masked value is possible), and not joining the round under many
+//! identities of its own (peers it controls hold shares; the threshold is a majority of the
+//! round's participants). A participant reveals shares once per coordinator, job and round
+//! (the driver remembers): sums over two sets of the same round's updates, one set inside the
+//! other, would give the difference.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::fl::JobId;
+use crate::id::ContentId;
+use crate::secagg::{self, Holder, SealPair, SecAggError, Secrets, ShareKind, SHARE_BYTES};
+use crate::{wire, Keypair, PeerId, PublicKey};
+
+/// Most participants of a securely aggregated round (shares are GF(256) points).
+pub const MAX_PARTICIPANTS: usize = 255;
+
+/// The most bytes of one step from the coordinator (a roster of 255 participants' signed
+/// keys is about 80 KB); a participant's steps are bounded by [`crate::fl::MAX_UPDATE_BYTES`].
+pub const MAX_STEP_BYTES: usize = 1 << 20;
+
+/// A generator of a round's secrets.
+pub type SecretRng = rand10::rngs::StdRng;
+
+/// The generator of a round's secrets (keys, sharing polynomials), from a seed that must be
+/// secret (the OS's).
+pub fn secret_rng(seed: [u8; 32]) -> SecretRng {
+    use rand10::SeedableRng;
+    rand10::rngs::StdRng::from_seed(seed)
+}
+
+/// What the coordinator fixes for a securely aggregated round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Setup {
+    /// The round's participants in index order (peer id bytes).
+    pub participants: Vec<ByteBuf>,
+    /// Shares that rebuild a participant's secrets: a majority of the participants.
+    pub threshold: u32,
+    /// What an update's samples are divided by to weigh it (the samples the participants
+    /// announced, together): keeps weighted values within the fixed-point range.
+    pub scale: u64,
+}
+
+impl Setup {
+    /// A setup for `participants`, with the threshold a `fraction` of them asks (at least a
+    /// majority).
+    pub fn new(participants: &[PeerId], fraction: f64, scale: u64) -> Self {
+        Self {
+            participants: participants
+                .iter()
+                .map(|p| ByteBuf::from(p.to_bytes()))
+                .collect(),
+            threshold: threshold(participants.len(), fraction) as u32,
+            scale: scale.max(1),
+        }
+    }
+
+    /// The participants, once every field is checked.
+    pub fn check(&self) -> Result<Vec<PeerId>, String> {
+        let count = self.participants.len();
+        if !(2..=MAX_PARTICIPANTS).contains(&count) {
+            return Err(format!(
+                "a securely aggregated round needs 2 to {MAX_PARTICIPANTS} participants, not {count}"
+            ));
+        }
+        secagg::check_threshold(self.threshold as usize, count).map_err(|e| e.to_string())?;
+        if self.scale == 0 {
+            return Err("the weight scale must be at least 1".into());
+        }
+        let peers = self
+            .participants
+            .iter()
+            .map(|b| {
+                PeerId::from_bytes(b).map_err(|_| "a participant id does not decode".to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if peers.iter().collect::<BTreeSet<_>>().len() != count {
+            return Err("a participant is named twice".into());
+        }
+        Ok(peers)
+    }
+
+    /// What every key, share and mask of the round is bound to.
+    fn context(&self, job: JobId, round: u32) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"mycel/secagg/round/v1\0");
+        wire::hash_encoded(&(job, round, self), &mut h);
+        *h.finalize().as_bytes()
+    }
+}
+
+/// The threshold for `count` participants at `fraction`: at least a majority, at most all.
+pub fn threshold(count: usize, fraction: f64) -> usize {
+    let asked = (count as f64 * fraction).ceil() as usize;
+    asked.max(count / 2 + 1).min(count)
+}
+
+/// Why a round cannot go on.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RoundError {
+    /// A message that breaks the protocol: its sender pays.
+    #[error("{0}")]
+    Bad(String),
+    /// Too few participants got through a step.
+    #[error("{0}")]
+    TooFew(String),
+    /// The arithmetic failed (a secret that cannot be rebuilt, a weak key).
+    #[error(transparent)]
+    SecAgg(#[from] SecAggError),
+}
+
+fn bad<T>(why: impl Into<String>) -> Result<T, RoundError> {
+    Err(RoundError::Bad(why.into()))
+}
+
+/// A participant's keys for one round, signed by its node key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Keys {
+    /// The job.
+    pub job: JobId,
+    /// The round.
+    pub round: u32,
+    /// The participant's index in the setup.
+    pub index: u32,
+    /// Its public mask key.
+    pub mask: ByteBuf,
+    /// Its public sealing key.
+    pub seal: ByteBuf,
+    /// Its commitment to its self-mask secret.
+    pub commitment: ByteBuf,
+    /// Its node's public key (protobuf encoding).
+    pub public_key: ByteBuf,
+    /// Ed25519 over [`Keys::digest`].
+    pub signature: ByteBuf,
+}
+
+impl Keys {
+    /// What is signed: the keys, bound to the round's context (job, round and setup).
+    fn digest(&self, context: &[u8; 32]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"mycel/secagg/keys/v1\0");
+        h.update(context);
+        wire::hash_encoded(
+            &(
+                self.job,
+                self.round,
+                self.index,
+                &self.mask,
+                &self.seal,
+                &self.commitment,
+            ),
+            &mut h,
+        );
+        *h.finalize().as_bytes()
+    }
+
+    /// Checks the signature is `peer`'s, for `job`'s `round` (whose context is `context`),
+    /// and returns the keys.
+    fn verify(
+        &self,
+        peer: &PeerId,
+        job: JobId,
+        round: u32,
+        context: &[u8; 32],
+    ) -> Result<Verified, RoundError> {
+        let signer = verify(
+            &self.public_key,
+            &self.signature,
+            peer,
+            &self.digest(context),
+        )?;
+        if self.job != job || self.round != round {
+            return bad("keys of another round");
+        }
+        match (
+            key32(&self.mask),
+            key32(&self.seal),
+            key32(&self.commitment),
+        ) {
+            (Some(mask), Some(seal), Some(commitment)) => Ok(Verified {
+                mask,
+                seal,
+                commitment,
+                signer,
+            }),
+            _ => bad("a key is not 32 bytes"),
+        }
+    }
+}
+
+/// A participant's keys, checked.
+#[derive(Debug, Clone)]
+struct Verified {
+    mask: [u8; 32],
+    seal: [u8; 32],
+    commitment: [u8; 32],
+    /// Its node's key, which signs the senders list.
+    signer: PublicKey,
+}
+
+/// What a participant signs to confirm who sent.
+fn senders_digest(context: &[u8; 32], senders: &[u32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"mycel/secagg/senders/v1\0");
+    h.update(context);
+    wire::hash_encoded(&senders, &mut h);
+    *h.finalize().as_bytes()
+}
+
+/// `senders` as a sorted list without repeats, or why not.
+fn senders_list(senders: &[u32]) -> Result<Vec<u32>, RoundError> {
+    let set: BTreeSet<u32> = senders.iter().copied().collect();
+    if set.len() != senders.len() {
+        return bad("a participant named twice among the senders");
+    }
+    Ok(set.into_iter().collect())
+}
+
+fn key32(bytes: &[u8]) -> Option<[u8; 32]> {
+    bytes.try_into().ok()
+}
+
+fn sign(keypair: &Keypair, digest: &[u8; 32]) -> (ByteBuf, ByteBuf) {
+    (
+        ByteBuf::from(keypair.public().encode_protobuf()),
+        ByteBuf::from(keypair.sign(digest).expect("ed25519 signing does not fail")),
+    )
+}
+
+fn verify(
+    public_key: &[u8],
+    signature: &[u8],
+    peer: &PeerId,
+    digest: &[u8; 32],
+) -> Result<PublicKey, RoundError> {
+    let key = PublicKey::try_decode_protobuf(public_key)
+        .map_err(|_| RoundError::Bad("a public key does not decode".into()))?;
+    if key.to_peer_id() != *peer || !key.verify(digest, signature) {
+        return bad("a signature does not verify for its participant");
+    }
+    Ok(key)
+}
+
+/// A pair of shares sealed by one participant for another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sealed {
+    /// The sealer's index.
+    pub from: u32,
+    /// The index of the one it is for.
+    pub to: u32,
+    /// ChaCha20-Poly1305 ciphertext of a mask-key share and a self-seed share.
+    pub ciphertext: ByteBuf,
+}
+
+/// A participant's masked update (unsigned: it goes to the coordinator alone, on a stream
+/// the transport authenticates).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Masked {
+    /// The job.
+    pub job: JobId,
+    /// The round.
+    pub round: u32,
+    /// The participant's index.
+    pub index: u32,
+    /// Samples behind the update.
+    pub samples: u64,
+    /// Digest of the data it trained on.
+    pub data: ContentId,
+    /// The masked values, little-endian u32 words.
+    pub values: ByteBuf,
+}
+
+/// A participant's answer to the unmasking request: shares by owner index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reveal {
+    /// Self-seed shares of those that sent their update.
+    pub self_seeds: Vec<(u32, ByteBuf)>,
+    /// Mask-key shares of sharers that did not.
+    pub mask_keys: Vec<(u32, ByteBuf)>,
+}
+
+/// What the coordinator sends a participant after the request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToParticipant {
+    /// Every participant's keys that came in time.
+    Roster(Vec<Keys>),
+    /// The shares sealed for this participant by the round's sharers.
+    Inbox(Vec<Sealed>),
+    /// The indices of those that sent their masked update, to sign.
+    Confirm(Vec<u32>),
+    /// The same indices, with the signatures of at least a threshold of them.
+    Unmask {
+        /// Those that sent.
+        senders: Vec<u32>,
+        /// Signatures on the list by its members (index, signature).
+        signatures: Vec<(u32, ByteBuf)>,
+    },
+}
+
+/// What a participant sends the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromParticipant {
+    /// Its keys.
+    Keys(Keys),
+    /// Its shares, sealed for each other roster member.
+    Shares(Vec<Sealed>),
+    /// Its masked update.
+    Masked(Masked),
+    /// Its signature on the senders list.
+    Confirmed(ByteBuf),
+    /// Its shares for unmasking.
+    Reveal(Reveal),
+    /// Why it stops.
+    Refused(String),
+}
+
+/// `delta` weighted by `samples / scale`, followed by the weight and the weighted loss.
+pub fn pack(delta: &[f32], samples: u64, loss: f32, scale: u64) -> Vec<f32> {
+    let weight = (samples as f64 / scale.max(1) as f64) as f32;
+    delta
+        .iter()
+        .map(|v| v * weight)
+        .chain([weight, loss * weight])
+        .collect()
+}
+
+/// A sum of [`pack`]ed values back to the weighted mean update and the mean loss.
+pub fn unpack(sum: &[f32]) -> Result<(Vec<f32>, f32), RoundError> {
+    let [.., weight, loss] = sum else {
+        return Err(RoundError::TooFew("an empty sum".into()));
+    };
+    if !(weight.is_finite() && *weight > 0.0) {
+        return Err(RoundError::TooFew(format!(
+            "the updates' weights sum to {weight}: nothing to average"
+        )));
+    }
+    let delta = sum[..sum.len() - 2].iter().map(|v| v / weight).collect();
+    Ok((delta, loss / weight))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Keyed,
+    Shared,
+    Masked,
+    Confirmed,
+    Revealed,
+}
+
+/// One participant's side of one round.
+pub struct Participant {
+    job: JobId,
+    round: u32,
+    index: usize,
+    peers: Vec<PeerId>,
+    threshold: usize,
+    scale: u64,
+    context: [u8; 32],
+    secrets: Secrets,
+    /// This participant's node key.
+    me: PublicKey,
+    /// Verified public mask keys by index.
+    roster: BTreeMap<usize, [u8; 32]>,
+    /// The roster members' node keys (this one's included), which sign the senders list.
+    signers: BTreeMap<usize, PublicKey>,
+    /// The senders list this participant signed.
+    confirmed: Vec<u32>,
+    /// The ciphers shared with each other roster member.
+    seals: BTreeMap<usize, SealPair>,
+    /// Shares of each sharer this one holds (its own included).
+    held: BTreeMap<usize, (Vec<u8>, Vec<u8>)>,
+    holder: Holder,
+    stage: Stage,
+}
+
+impl std::fmt::Debug for Participant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Participant")
+            .field("index", &self.index)
+            .field("stage", &self.stage)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Participant {
+    /// Joins `job`'s `round` as `keypair`'s node: fresh secrets from `rng` (which must be
+    /// secret), and the keys to send.
+    pub fn new(
+        keypair: &Keypair,
+        job: JobId,
+        round: u32,
+        setup: &Setup,
+        rng: &mut impl rand10::CryptoRng,
+    ) -> Result<(Self, Keys), RoundError> {
+        let peers = setup.check().map_err(RoundError::Bad)?;
+        let me = keypair.public().to_peer_id();
+        let Some(index) = peers.iter().position(|p| *p == me) else {
+            return bad("the setup does not name this node");
+        };
+        let secrets = Secrets::generate(rng);
+        let mut keys = Keys {
+            job,
+            round,
+            index: index as u32,
+            mask: ByteBuf::from(secrets.public().to_vec()),
+            seal: ByteBuf::from(secrets.seal_public().to_vec()),
+            commitment: ByteBuf::from(secrets.commitment().to_vec()),
+            public_key: ByteBuf::new(),
+            signature: ByteBuf::new(),
+        };
+        let context = setup.context(job, round);
+        (keys.public_key, keys.signature) = sign(keypair, &keys.digest(&context));
+        let participant = Self {
+            job,
+            round,
+            index,
+            threshold: setup.threshold as usize,
+            scale: setup.scale,
+            context,
+            peers,
+            secrets,
+            me: keypair.public(),
+            roster: BTreeMap::new(),
+            signers: BTreeMap::new(),
+            confirmed: Vec::new(),
+            seals: BTreeMap::new(),
+            held: BTreeMap::new(),
+            holder: Holder::default(),
+            stage: Stage::Keyed,
+        };
+        Ok((participant, keys))
+    }
+
+    /// The weight scale of the round (for [`pack`]).
+    pub fn scale(&self) -> u64 {
+        self.scale
+    }
+
+    /// Checks the roster and seals this participant's shares for each other member.
+    pub fn share(
+        &mut self,
+        roster: &[Keys],
+        rng: &mut impl rand10::CryptoRng,
+    ) -> Result<Vec<Sealed>, RoundError> {
+        if self.stage != Stage::Keyed {
+            return bad("a roster out of turn");
+        }
+        // Checked whole before anything is kept: a bad roster changes nothing.
+        let mut checked = BTreeMap::new();
+        let mut signers = BTreeMap::new();
+        let own = (self.secrets.public(), self.secrets.seal_public());
+        for keys in roster {
+            let index = keys.index as usize;
+            let Some(peer) = self.peers.get(index) else {
+                return bad("a roster entry for no participant");
+            };
+            let found = if index == self.index {
+                // Its own keys it knows; no signature to check.
+                match (key32(&keys.mask), key32(&keys.seal)) {
+                    (Some(mask), Some(seal)) if (mask, seal) == own => {
+                        signers.insert(index, self.me.clone());
+                        own
+                    }
+                    _ => return bad("the roster does not hold this participant's keys"),
+                }
+            } else {
+                let verified = keys.verify(peer, self.job, self.round, &self.context)?;
+                signers.insert(index, verified.signer);
+                (verified.mask, verified.seal)
+            };
+            if checked.insert(index, found).is_some() {
+                return bad("a participant is twice in the roster");
+            }
+        }
+        if !checked.contains_key(&self.index) {
+            return bad("the roster does not hold this participant's keys");
+        }
+        if checked.len() < self.threshold {
+            return Err(RoundError::TooFew(format!(
+                "{} participants in the roster, the threshold is {}",
+                checked.len(),
+                self.threshold
+            )));
+        }
+        let ids: Vec<usize> = checked.keys().copied().collect();
+        let mut shares = self.secrets.shares(&ids, self.threshold, rng)?;
+        let mine = shares
+            .remove(&self.index)
+            .expect("the roster holds this participant");
+        let seals = shares
+            .keys()
+            .map(|&to| {
+                let pair =
+                    self.secrets
+                        .seal_pair(self.index, to, &checked[&to].1, &self.context)?;
+                Ok((to, pair))
+            })
+            .collect::<Result<BTreeMap<_, _>, SecAggError>>()?;
+        let sealed = shares
+            .iter()
+            .map(|(&to, share)| {
+                Ok(Sealed {
+                    from: self.index as u32,
+                    to: to as u32,
+                    ciphertext: ByteBuf::from(seals[&to].seal(share)?),
+                })
+            })
+            .collect::<Result<Vec<_>, SecAggError>>()?;
+        self.held.insert(self.index, mine);
+        self.roster = checked
+            .into_iter()
+            .map(|(u, (mask, _))| (u, mask))
+            .collect();
+        self.seals = seals;
+        self.signers = signers;
+        self.stage = Stage::Shared;
+        Ok(sealed)
+    }
+
+    /// Opens the shares sealed for this participant, and masks `values` (from [`pack`]) with
+    /// the masks it shares with their senders.
+    pub fn mask(
+        &mut self,
+        inbox: &[Sealed],
+        values: &[f32],
+        samples: u64,
+        data: ContentId,
+    ) -> Result<Masked, RoundError> {
+        if self.stage != Stage::Shared {
+            return bad("an inbox out of turn");
+        }
+        // Opened whole before anything is kept: a bad inbox changes nothing.
+        let mut held = self.held.clone();
+        for sealed in inbox {
+            let from = sealed.from as usize;
+            if sealed.to as usize != self.index || from == self.index {
+                return bad("a share sealed for another participant");
+            }
+            let Some(pair) = self.seals.get(&from) else {
+                return bad("a share from outside the roster");
+            };
+            let share = pair.open(&sealed.ciphertext)?;
+            if held.insert(from, share).is_some() {
+                return bad("two shares from one participant");
+            }
+        }
+        if held.len() < self.threshold {
+            return Err(RoundError::TooFew(format!(
+                "{} participants shared their secrets, the threshold is {}",
+                held.len(),
+                self.threshold
+            )));
+        }
+        let publics: BTreeMap<usize, [u8; 32]> =
+            held.keys().map(|u| (*u, self.roster[u])).collect();
+        let encoded = secagg::encode(values, self.peers.len())?;
+        let masked = secagg::mask(self.index, &encoded, &self.secrets, &publics, &self.context)?;
+        let out = Masked {
+            job: self.job,
+            round: self.round,
+            index: self.index as u32,
+            samples,
+            data,
+            values: ByteBuf::from(
+                masked
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        self.held = held;
+        self.stage = Stage::Masked;
+        Ok(out)
+    }
+
+    /// Signs who sent (`sent`), once, if they are a threshold of this participant's sharers,
+    /// itself among them.
+    pub fn confirm(&mut self, keypair: &Keypair, sent: &[u32]) -> Result<ByteBuf, RoundError> {
+        if self.stage != Stage::Masked {
+            return bad("a senders list out of turn");
+        }
+        let list = senders_list(sent)?;
+        if list.iter().any(|u| !self.held.contains_key(&(*u as usize)))
+            || !list.contains(&(self.index as u32))
+        {
+            return bad("the senders named are not this participant's sharers");
+        }
+        if list.len() < self.threshold {
+            return Err(RoundError::TooFew(format!(
+                "{} participants sent their update, the threshold is {}",
+                list.len(),
+                self.threshold
+            )));
+        }
+        let signature = keypair
+            .sign(&senders_digest(&self.context, &list))
+            .expect("ed25519 signing does not fail");
+        self.confirmed = list;
+        self.stage = Stage::Confirmed;
+        Ok(ByteBuf::from(signature))
+    }
+
+    /// The shares for unmasking, given who sent (`sent`, the list this participant signed)
+    /// and at least a threshold of its members' signatures on it: self-seed shares of the
+    /// senders, mask-key shares of the other sharers. Answered once.
+    pub fn reveal(
+        &mut self,
+        sent: &[u32],
+        signatures: &[(u32, ByteBuf)],
+    ) -> Result<Reveal, RoundError> {
+        if self.stage != Stage::Confirmed {
+            return bad("an unmasking request out of turn");
+        }
+        if senders_list(sent)? != self.confirmed {
+            return bad("an unmasking request for another senders list than the one signed");
+        }
+        let digest = senders_digest(&self.context, &self.confirmed);
+        let mut signed = BTreeSet::new();
+        for (u, signature) in signatures {
+            if signed.len() >= self.threshold {
+                break;
+            }
+            if !self.confirmed.contains(u) || signed.contains(u) {
+                return bad("a signature on the senders list from outside it, or twice");
+            }
+            let signer = &self.signers[&(*u as usize)];
+            if !signer.verify(&digest, signature) {
+                return bad("a signature on the senders list does not verify");
+            }
+            signed.insert(*u);
+        }
+        if signed.len() < self.threshold {
+            return bad(format!(
+                "{} signatures on the senders list, the threshold is {}",
+                signed.len(),
+                self.threshold
+            ));
+        }
+        let sent: BTreeSet<usize> = self.confirmed.iter().map(|&u| u as usize).collect();
+        let mut reveal = Reveal {
+            self_seeds: Vec::new(),
+            mask_keys: Vec::new(),
+        };
+        for (&owner, (key, seed)) in &self.held {
+            if sent.contains(&owner) {
+                self.holder.reveal(owner, ShareKind::SelfSeed)?;
+                reveal
+                    .self_seeds
+                    .push((owner as u32, ByteBuf::from(seed.clone())));
+            } else {
+                self.holder.reveal(owner, ShareKind::MaskKey)?;
+                reveal
+                    .mask_keys
+                    .push((owner as u32, ByteBuf::from(key.clone())));
+            }
+        }
+        self.stage = Stage::Revealed;
+        Ok(reveal)
+    }
+}
+
+/// What the coordinator learns from a round: the sum's mean and who is behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summed {
+    /// The weighted mean update.
+    pub delta: Vec<f32>,
+    /// The weighted mean loss.
+    pub loss: f32,
+    /// Those whose update is in the sum (index, samples, data digest).
+    pub contributors: Vec<(usize, u64, ContentId)>,
+    /// A participant whose revealed shares did not rebuild a secret (left out to finish).
+    pub blamed: Option<usize>,
+}
+
+/// The coordinator's side of one round (it holds only what participants sent it: public
+/// keys, sealed shares, masked updates and revealed shares).
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    job: JobId,
+    round: u32,
+    peers: Vec<PeerId>,
+    threshold: usize,
+    context: [u8; 32],
+    values: usize,
+    /// Verified keys by index: (mask, seal, commitment), and the message to pass on.
+    keys: BTreeMap<usize, ([u8; 32], Keys)>,
+    /// The node keys that signed them.
+    signers: BTreeMap<usize, PublicKey>,
+    /// Signatures on the senders list, by signer.
+    confirmations: BTreeMap<usize, ByteBuf>,
+    commitments: BTreeMap<usize, [u8; 32]>,
+    /// Sealed shares by sharer.
+    sharers: BTreeMap<usize, Vec<Sealed>>,
+    /// Masked updates by sender, with samples and data digest.
+    masked: BTreeMap<usize, (Vec<u32>, u64, ContentId)>,
+    reveals: BTreeMap<usize, Reveal>,
+}
+
+impl Coordinator {
+    /// A round of `setup` whose updates have `parameters` values (packed: two more).
+    pub fn new(job: JobId, round: u32, setup: &Setup, parameters: usize) -> Result<Self, String> {
+        let peers = setup.check()?;
+        Ok(Self {
+            job,
+            round,
+            peers,
+            threshold: setup.threshold as usize,
+            context: setup.context(job, round),
+            values: parameters + 2,
+            keys: BTreeMap::new(),
+            signers: BTreeMap::new(),
+            confirmations: BTreeMap::new(),
+            commitments: BTreeMap::new(),
+            sharers: BTreeMap::new(),
+            masked: BTreeMap::new(),
+            reveals: BTreeMap::new(),
+        })
+    }
+
+    /// The participant at `index`.
+    pub fn peer(&self, index: usize) -> Option<PeerId> {
+        self.peers.get(index).copied()
+    }
+
+    /// `from`'s keys.
+    pub fn keys(&mut self, from: usize, keys: Keys) -> Result<(), RoundError> {
+        let Some(peer) = self.peers.get(from) else {
+            return bad("keys from no participant");
+        };
+        if keys.index as usize != from {
+            return bad("keys under another participant's index");
+        }
+        let verified = keys.verify(peer, self.job, self.round, &self.context)?;
+        if self.keys.contains_key(&from) {
+            return bad("keys sent twice");
+        }
+        // A key whose agreement is public would make every other participant's step fail.
+        if !secagg::usable(&verified.mask) || !secagg::usable(&verified.seal) {
+            return bad("a public key of small order");
+        }
+        self.commitments.insert(from, verified.commitment);
+        self.signers.insert(from, verified.signer);
+        self.keys.insert(from, (verified.mask, keys));
+        Ok(())
+    }
+
+    /// The roster to send every participant whose keys came.
+    pub fn roster(&self) -> Result<Vec<Keys>, RoundError> {
+        if self.keys.len() < self.threshold {
+            return Err(RoundError::TooFew(format!(
+                "{} participants sent their keys, the threshold is {}",
+                self.keys.len(),
+                self.threshold
+            )));
+        }
+        Ok(self.keys.values().map(|(_, k)| k.clone()).collect())
+    }
+
+    /// `from`'s sealed shares: one for each other roster member.
+    pub fn shares(&mut self, from: usize, sealed: Vec<Sealed>) -> Result<(), RoundError> {
+        if !self.keys.contains_key(&from) || self.sharers.contains_key(&from) {
+            return bad("shares from outside the roster, or sent twice");
+        }
+        let to: BTreeSet<usize> = sealed.iter().map(|s| s.to as usize).collect();
+        let others: BTreeSet<usize> = self.keys.keys().copied().filter(|u| *u != from).collect();
+        if to != others
+            || sealed.len() != others.len()
+            || sealed.iter().any(|s| s.from as usize != from)
+            || sealed
+                .iter()
+                .any(|s| s.ciphertext.len() != 2 * SHARE_BYTES + 16)
+        {
+            return bad("the shares are not one sealed pair for each other roster member");
+        }
+        self.sharers.insert(from, sealed);
+        Ok(())
+    }
+
+    /// Whether enough participants shared to go on.
+    pub fn shared(&self) -> Result<(), RoundError> {
+        if self.sharers.len() < self.threshold {
+            return Err(RoundError::TooFew(format!(
+                "{} participants shared their secrets, the threshold is {}",
+                self.sharers.len(),
+                self.threshold
+            )));
+        }
+        Ok(())
+    }
+
+    /// The sharers (who are sent an inbox).
+    pub fn sharers(&self) -> Vec<usize> {
+        self.sharers.keys().copied().collect()
+    }
+
+    /// The shares sealed for `to` by the sharers.
+    pub fn inbox(&self, to: usize) -> Vec<Sealed> {
+        self.sharers
+            .iter()
+            .filter(|(from, _)| **from != to)
+            .filter_map(|(_, sealed)| sealed.iter().find(|s| s.to as usize == to).cloned())
+            .collect()
+    }
+
+    /// `from`'s masked update.
+    pub fn masked(&mut self, from: usize, masked: Masked) -> Result<(), RoundError> {
+        if !self.sharers.contains_key(&from) || self.masked.contains_key(&from) {
+            return bad("a masked update from outside the sharers, or sent twice");
+        }
+        if masked.job != self.job || masked.round != self.round || masked.index as usize != from {
+            return bad("a masked update of another round or participant");
+        }
+        if masked.values.len() != self.values * 4 {
+            return bad(format!(
+                "a masked update of {} bytes, not {}",
+                masked.values.len(),
+                self.values * 4
+            ));
+        }
+        let values = masked
+            .values
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        self.masked
+            .insert(from, (values, masked.samples, masked.data));
+        Ok(())
+    }
+
+    /// Those that sent their masked update, to ask for shares.
+    pub fn senders(&self) -> Result<Vec<u32>, RoundError> {
+        if self.masked.len() < self.threshold {
+            return Err(RoundError::TooFew(format!(
+                "{} participants sent their masked update, the threshold is {}",
+                self.masked.len(),
+                self.threshold
+            )));
+        }
+        Ok(self.masked.keys().map(|&u| u as u32).collect())
+    }
+
+    /// `from`'s signature on the senders list.
+    pub fn confirmed(&mut self, from: usize, signature: ByteBuf) -> Result<(), RoundError> {
+        if !self.masked.contains_key(&from) || self.confirmations.contains_key(&from) {
+            return bad("a signature on the senders list from one not asked, or twice");
+        }
+        let senders: Vec<u32> = self.masked.keys().map(|&u| u as u32).collect();
+        if !self.signers[&from].verify(&senders_digest(&self.context, &senders), &signature) {
+            return bad("a signature on the senders list does not verify");
+        }
+        self.confirmations.insert(from, signature);
+        Ok(())
+    }
+
+    /// The unmasking request: the senders list and at least a threshold of its members'
+    /// signatures on it (those that signed are asked).
+    pub fn unmasking(&self) -> Result<ToParticipant, RoundError> {
+        if self.confirmations.len() < self.threshold {
+            return Err(RoundError::TooFew(format!(
+                "{} participants signed the senders list, the threshold is {}",
+                self.confirmations.len(),
+                self.threshold
+            )));
+        }
+        Ok(ToParticipant::Unmask {
+            senders: self.masked.keys().map(|&u| u as u32).collect(),
+            signatures: self
+                .confirmations
+                .iter()
+                .map(|(&u, s)| (u as u32, s.clone()))
+                .collect(),
+        })
+    }
+
+    /// `from`'s shares for unmasking: exactly the self-seed shares of the senders and the
+    /// mask-key shares of the other sharers.
+    pub fn reveal(&mut self, from: usize, reveal: Reveal) -> Result<(), RoundError> {
+        if !self.confirmations.contains_key(&from) || self.reveals.contains_key(&from) {
+            return bad("shares from a participant not asked, or sent twice");
+        }
+        let seeds: BTreeSet<usize> = reveal.self_seeds.iter().map(|(u, _)| *u as usize).collect();
+        let keys: BTreeSet<usize> = reveal.mask_keys.iter().map(|(u, _)| *u as usize).collect();
+        let senders: BTreeSet<usize> = self.masked.keys().copied().collect();
+        let dropped: BTreeSet<usize> = self
+            .sharers
+            .keys()
+            .copied()
+            .filter(|u| !senders.contains(u))
+            .collect();
+        if seeds != senders
+            || keys != dropped
+            || seeds.len() != reveal.self_seeds.len()
+            || keys.len() != reveal.mask_keys.len()
+            || reveal
+                .self_seeds
+                .iter()
+                .chain(&reveal.mask_keys)
+                .any(|(_, s)| s.len() != SHARE_BYTES)
+        {
+            return bad("the shares revealed are not one for each sharer, of the kind asked");
+        }
+        self.reveals.insert(from, reveal);
+        Ok(())
+    }
+
+    /// Participants that answered the unmasking request.
+    pub fn revealed(&self) -> usize {
+        self.reveals.len()
+    }
+
+    /// The unmasked sum's mean, from the shares revealed. When the shares of all who answered
+    /// do not rebuild every secret and more than a threshold answered, the answer of each in
+    /// turn is left out: one participant's bad shares do not fail the round (it is named).
+    pub fn finish(&self) -> Result<Summed, RoundError> {
+        if self.reveals.len() < self.threshold {
+            return Err(RoundError::TooFew(format!(
+                "{} participants answered the unmasking request, the threshold is {}",
+                self.reveals.len(),
+                self.threshold
+            )));
+        }
+        let first = self.unmask(None);
+        let (sum, blamed) = match first {
+            Ok(sum) => (sum, None),
+            Err(e) if self.reveals.len() > self.threshold => {
+                let retried = self
+                    .reveals
+                    .keys()
+                    .find_map(|&left| self.unmask(Some(left)).ok().map(|sum| (sum, left)));
+                match retried {
+                    Some((sum, left)) => (sum, Some(left)),
+                    None => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let (delta, loss) = unpack(&secagg::decode(&sum))?;
+        Ok(Summed {
+            delta,
+            loss,
+            contributors: self
+                .masked
+                .iter()
+                .map(|(&u, (_, samples, data))| (u, *samples, *data))
+                .collect(),
+            blamed,
+        })
+    }
+
+    fn unmask(&self, without: Option<usize>) -> Result<Vec<u32>, RoundError> {
+        let mut seeds: BTreeMap<usize, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut keys: BTreeMap<usize, Vec<Vec<u8>>> = BTreeMap::new();
+        for (_, reveal) in self.reveals.iter().filter(|(v, _)| Some(**v) != without) {
+            for (owner, share) in &reveal.self_seeds {
+                seeds
+                    .entry(*owner as usize)
+                    .or_default()
+                    .push(share.to_vec());
+            }
+            for (owner, share) in &reveal.mask_keys {
+                keys.entry(*owner as usize)
+                    .or_default()
+                    .push(share.to_vec());
+            }
+        }
+        let publics: BTreeMap<usize, [u8; 32]> =
+            self.sharers.keys().map(|u| (*u, self.keys[u].0)).collect();
+        let masked: BTreeMap<usize, Vec<u32>> = self
+            .masked
+            .iter()
+            .map(|(&u, (values, _, _))| (u, values.clone()))
+            .collect();
+        Ok(secagg::unmask(
+            &masked,
+            &publics,
+            &self.commitments,
+            &seeds,
+            &keys,
+            self.threshold,
+            &self.context,
+        )?)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)]
+mod tests {
+    use super::*;
+    use rand10::SeedableRng;
+
+    fn rng(seed: u8) -> rand10::rngs::StdRng {
+        rand10::rngs::StdRng::from_seed([seed; 32])
+    }
+
+    const JOB: JobId = JobId(7);
+
+    struct Round {
+        keypairs: Vec<Keypair>,
+        setup: Setup,
+        updates: Vec<Vec<f32>>,
+    }
+
+    fn round(n: usize) -> Round {
+        let keypairs: Vec<Keypair> = (0..n).map(|_| Keypair::generate_ed25519()).collect();
+        let peers: Vec<PeerId> = keypairs.iter().map(|k| k.public().to_peer_id()).collect();
+        let setup = Setup::new(&peers, 0.5, 100 * n as u64);
+        let updates = (0..n)
+            .map(|u| {
+                (0..5)
+                    .map(|i| (u as f32 - 1.5) * 0.01 * (i as f32 + 1.0))
+                    .collect()
+            })
+            .collect();
+        Round {
+            keypairs,
+            setup,
+            updates,
+        }
+    }
+
+    /// Runs a round through both state machines; participants in `gone_before_mask` leave
+    /// after sharing, those in `gone_before_reveal` after sending their update.
+    fn run(
+        r: &Round,
+        gone_before_mask: &[usize],
+        gone_before_reveal: &[usize],
+    ) -> Result<Summed, RoundError> {
+        let n = r.keypairs.len();
+        let mut c = Coordinator::new(JOB, 3, &r.setup, 5).unwrap();
+        let mut parts = Vec::new();
+        for (u, kp) in r.keypairs.iter().enumerate() {
+            let (p, keys) = Participant::new(kp, JOB, 3, &r.setup, &mut rng(u as u8)).unwrap();
+            c.keys(u, keys)?;
+            parts.push(p);
+        }
+        let roster = c.roster()?;
+        for (u, p) in parts.iter_mut().enumerate() {
+            let sealed = p.share(&roster, &mut rng(50 + u as u8))?;
+            c.shares(u, sealed)?;
+        }
+        c.shared()?;
+        for u in c.sharers() {
+            if gone_before_mask.contains(&u) {
+                continue;
+            }
+            let inbox = c.inbox(u);
+            let values = pack(&r.updates[u], 100, 0.5 + u as f32, r.setup.scale);
+            let masked = parts[u].mask(&inbox, &values, 100, ContentId([u as u8; 32]))?;
+            c.masked(u, masked)?;
+        }
+        let answering: Vec<usize> = c
+            .senders()?
+            .iter()
+            .map(|&u| u as usize)
+            .filter(|u| !gone_before_reveal.contains(u))
+            .collect();
+        unmask(&mut c, &mut parts, &r.keypairs, &answering)?;
+        assert!(c.revealed() <= n);
+        c.finish()
+    }
+
+    /// The senders list signed by `answering`, and their shares: the unmasking request.
+    fn unmask(
+        c: &mut Coordinator,
+        parts: &mut [Participant],
+        keypairs: &[Keypair],
+        answering: &[usize],
+    ) -> Result<ToParticipant, RoundError> {
+        let senders = c.senders()?;
+        for &u in answering {
+            let signature = parts[u].confirm(&keypairs[u], &senders)?;
+            c.confirmed(u, signature)?;
+        }
+        let request = c.unmasking()?;
+        let ToParticipant::Unmask {
+            senders,
+            signatures,
+        } = &request
+        else {
+            unreachable!()
+        };
+        for &u in answering {
+            let reveal = parts[u].reveal(senders, signatures)?;
+            c.reveal(u, reveal)?;
+        }
+        Ok(request)
+    }
+
+    /// A round of `r` past its shares (participant u's sharing seeded `seed + u`): the
+    /// coordinator and the participants.
+    fn shared(r: &Round, seed: u8) -> (Coordinator, Vec<Participant>) {
+        let mut c = Coordinator::new(JOB, 3, &r.setup, 5).unwrap();
+        let mut parts = Vec::new();
+        for (u, kp) in r.keypairs.iter().enumerate() {
+            let (p, keys) = Participant::new(kp, JOB, 3, &r.setup, &mut rng(u as u8)).unwrap();
+            c.keys(u, keys).unwrap();
+            parts.push(p);
+        }
+        let roster = c.roster().unwrap();
+        for (u, p) in parts.iter_mut().enumerate() {
+            c.shares(u, p.share(&roster, &mut rng(seed + u as u8)).unwrap())
+                .unwrap();
+        }
+        (c, parts)
+    }
+
+    fn plain_mean(r: &Round, senders: &[usize]) -> Vec<f32> {
+        let mut mean = vec![0f32; 5];
+        for &u in senders {
+            for (m, v) in mean.iter_mut().zip(&r.updates[u]) {
+                *m += v / senders.len() as f32;
+            }
+        }
+        mean
+    }
+
+    #[test]
+    fn a_round_gives_the_mean_of_those_that_sent_whoever_drops() {
+        let r = round(7);
+        for (before_mask, before_reveal) in [
+            (vec![], vec![]),
+            (vec![1, 4], vec![]),
+            (vec![0], vec![2, 6]),
+            (vec![], vec![3, 5, 6]),
+        ] {
+            let summed = run(&r, &before_mask, &before_reveal).unwrap();
+            let senders: Vec<usize> = (0..7).filter(|u| !before_mask.contains(u)).collect();
+            let want = plain_mean(&r, &senders);
+            for (got, want) in summed.delta.iter().zip(&want) {
+                assert!(
+                    (got - want).abs() < 1e-3,
+                    "{got} vs {want} ({before_mask:?})"
+                );
+            }
+            let loss = senders.iter().map(|&u| 0.5 + u as f32).sum::<f32>() / senders.len() as f32;
+            assert!((summed.loss - loss).abs() < 1e-3);
+            assert_eq!(summed.contributors.len(), senders.len());
+            assert_eq!(summed.blamed, None);
+        }
+    }
+
+    #[test]
+    fn too_many_dropouts_fail_the_round_instead_of_unmasking_anyone() {
+        let r = round(5);
+        // Threshold 3: two may leave, three may not.
+        assert!(run(&r, &[0, 1], &[]).is_ok());
+        assert!(matches!(
+            run(&r, &[0, 1, 2], &[]),
+            Err(RoundError::TooFew(_))
+        ));
+        assert!(matches!(run(&r, &[0], &[1, 2]), Err(RoundError::TooFew(_))));
+    }
+
+    #[test]
+    fn a_participant_refuses_to_reveal_both_shares_and_rosters_it_cannot_check() {
+        let r = round(4);
+        let mut c = Coordinator::new(JOB, 3, &r.setup, 5).unwrap();
+        let mut parts = Vec::new();
+        let mut roster = Vec::new();
+        for (u, kp) in r.keypairs.iter().enumerate() {
+            let (p, keys) = Participant::new(kp, JOB, 3, &r.setup, &mut rng(u as u8)).unwrap();
+            c.keys(u, keys.clone()).unwrap();
+            roster.push(keys);
+            parts.push(p);
+        }
+        // A roster entry signed by someone else, or for another round, is refused.
+        let mut forged = roster.clone();
+        forged[2].mask = ByteBuf::from(vec![9u8; 32]);
+        assert!(matches!(
+            parts[0].share(&forged, &mut rng(1)),
+            Err(RoundError::Bad(_))
+        ));
+        let mut parts0 = Participant::new(&r.keypairs[0], JOB, 3, &r.setup, &mut rng(0))
+            .unwrap()
+            .0;
+        let mut wrong_round = roster.clone();
+        wrong_round.iter_mut().for_each(|k| k.round = 4);
+        assert!(parts0.share(&wrong_round, &mut rng(1)).is_err());
+        // A coordinator's keys under another index are refused too.
+        let mut c2 = Coordinator::new(JOB, 3, &r.setup, 5).unwrap();
+        let mut moved = roster[1].clone();
+        moved.index = 2;
+        assert!(c2.keys(2, moved).is_err());
+
+        let roster = c.roster().unwrap();
+        for (u, p) in parts.iter_mut().enumerate() {
+            c.shares(u, p.share(&roster, &mut rng(9)).unwrap()).unwrap();
+        }
+        for u in 0..4 {
+            let values = pack(&r.updates[u], 10, 0.1, r.setup.scale);
+            let m = parts[u]
+                .mask(&c.inbox(u), &values, 10, ContentId([0; 32]))
+                .unwrap();
+            c.masked(u, m).unwrap();
+        }
+        // A list below the threshold is not signed.
+        assert!(matches!(
+            parts[1].confirm(&r.keypairs[1], &[1, 2]),
+            Err(RoundError::TooFew(_))
+        ));
+        // Everyone signs that all four sent; participant 0 reveals 1's self-seed share once.
+        let everyone = [0, 1, 2, 3];
+        let signatures: Vec<(u32, ByteBuf)> = (0..4)
+            .map(|u| {
+                let s = parts[u].confirm(&r.keypairs[u], &everyone).unwrap();
+                (u as u32, s)
+            })
+            .collect();
+        parts[0].reveal(&everyone, &signatures).unwrap();
+        // A second request, now saying 1 dropped, is refused: with both shares 1 would be
+        // unmasked alone.
+        assert!(parts[0].reveal(&[0, 2, 3], &signatures).is_err());
+        // Another holder told a list other than the one it signed, or shown too few
+        // signatures, or a signature passed off as another member's, refuses.
+        assert!(parts[1].reveal(&[0, 1, 2], &signatures).is_err());
+        assert!(parts[1].reveal(&everyone, &signatures[..2]).is_err());
+        let mut passed_off = signatures.clone();
+        passed_off[1].1 = passed_off[2].1.clone();
+        assert!(parts[1].reveal(&everyone, &passed_off).is_err());
+        parts[1].reveal(&everyone, &signatures).unwrap();
+        // A participant's holder alone refuses both kinds too.
+        let mut holder = Holder::default();
+        holder.reveal(1, ShareKind::SelfSeed).unwrap();
+        assert!(holder.reveal(1, ShareKind::MaskKey).is_err());
+    }
+
+    #[test]
+    fn different_senders_lists_for_different_holders_unmask_nobody() {
+        // The attack the signed list stops (n = 5, t = 3): participant 0 masks with 1 and 2
+        // only (its inbox trimmed); holders 3 and 4 are told "0, 3, 4 sent", holder 1 "0, 1,
+        // 3", holder 2 "0, 2, 3": each list gets 0's self-seed shares and the others' the
+        // mask keys of 1 and 2, which is all it takes to strip 0's masks.
+        let r = round(5);
+        let (mut c, mut parts) = shared(&r, 30);
+        for u in 0..5 {
+            let mut inbox = c.inbox(u);
+            if u == 0 {
+                inbox.retain(|s| s.from == 1 || s.from == 2);
+            }
+            let values = pack(&r.updates[u], 10, 0.1, r.setup.scale);
+            let m = parts[u]
+                .mask(&inbox, &values, 10, ContentId([0; 32]))
+                .unwrap();
+            c.masked(u, m).unwrap();
+        }
+        // Participant 0 signs no list naming one it does not share with.
+        assert!(parts[0].confirm(&r.keypairs[0], &[0, 3, 4]).is_err());
+        // The others each sign the list they are told; no list has a threshold of its own
+        // members' signatures, so no holder reveals anything.
+        let lists: [(usize, [u32; 3]); 4] = [
+            (3, [0, 3, 4]),
+            (4, [0, 3, 4]),
+            (1, [0, 1, 3]),
+            (2, [0, 2, 3]),
+        ];
+        let signed: Vec<(usize, [u32; 3], ByteBuf)> = lists
+            .iter()
+            .map(|&(u, list)| (u, list, parts[u].confirm(&r.keypairs[u], &list).unwrap()))
+            .collect();
+        for &(u, list) in &lists {
+            let signatures: Vec<(u32, ByteBuf)> = signed
+                .iter()
+                .map(|(v, _, s)| (*v as u32, s.clone()))
+                .collect();
+            assert!(
+                parts[u].reveal(&list, &signatures).is_err(),
+                "holder {u} revealed for {list:?}"
+            );
+            let own: Vec<(u32, ByteBuf)> = signed
+                .iter()
+                .filter(|(_, l, _)| *l == list)
+                .map(|(v, _, s)| (*v as u32, s.clone()))
+                .collect();
+            assert!(parts[u].reveal(&list, &own).is_err());
+        }
+    }
+
+    #[test]
+    fn a_sealed_share_opens_only_for_its_receiver_and_round() {
+        let r = round(3);
+        let (c, mut parts) = shared(&r, 9);
+        let mut inbox = c.inbox(0);
+        inbox[0].ciphertext[3] ^= 1;
+        let values = pack(&r.updates[0], 10, 0.1, r.setup.scale);
+        assert!(matches!(
+            parts[0].mask(&inbox, &values, 10, ContentId([0; 32])),
+            Err(RoundError::SecAgg(SecAggError::Unsealed(..)))
+        ));
+        // Participant 1's inbox handed to participant 2: not for it.
+        let values = pack(&r.updates[2], 10, 0.1, r.setup.scale);
+        assert!(parts[2]
+            .mask(&c.inbox(1), &values, 10, ContentId([0; 32]))
+            .is_err());
+    }
+
+    #[test]
+    fn one_participants_bad_shares_are_left_out_and_named() {
+        let r = round(5);
+        let (mut c, mut parts) = shared(&r, 20);
+        for u in 0..4 {
+            let values = pack(&r.updates[u], 100, 0.1, r.setup.scale);
+            let m = parts[u]
+                .mask(&c.inbox(u), &values, 100, ContentId([0; 32]))
+                .unwrap();
+            c.masked(u, m).unwrap();
+        }
+        let senders = c.senders().unwrap();
+        for u in 0..4 {
+            let signature = parts[u].confirm(&r.keypairs[u], &senders).unwrap();
+            c.confirmed(u, signature).unwrap();
+        }
+        let Ok(ToParticipant::Unmask {
+            senders,
+            signatures,
+        }) = c.unmasking()
+        else {
+            panic!("an unmasking request")
+        };
+        for u in 0..4 {
+            let mut reveal = parts[u].reveal(&senders, &signatures).unwrap();
+            if u == 2 {
+                reveal.self_seeds[1].1[4] ^= 0x40;
+                reveal.mask_keys[0].1[7] ^= 0x01;
+            }
+            c.reveal(u, reveal).unwrap();
+        }
+        let summed = c.finish().unwrap();
+        assert_eq!(summed.blamed, Some(2));
+        let want = plain_mean(&r, &[0, 1, 2, 3]);
+        for (got, want) in summed.delta.iter().zip(&want) {
+            assert!((got - want).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn malformed_messages_are_refused_without_changing_the_round() {
+        let r = round(3);
+        let mut c = Coordinator::new(JOB, 3, &r.setup, 5).unwrap();
+        let (mut p0, keys0) =
+            Participant::new(&r.keypairs[0], JOB, 3, &r.setup, &mut rng(0)).unwrap();
+        // Keys signed by participant 0 claimed by participant 1.
+        let mut stolen = keys0.clone();
+        stolen.index = 1;
+        assert!(c.keys(1, stolen).is_err());
+        c.keys(0, keys0.clone()).unwrap();
+        assert!(c.keys(0, keys0).is_err(), "keys twice");
+        for u in 1..3 {
+            let (_, k) =
+                Participant::new(&r.keypairs[u], JOB, 3, &r.setup, &mut rng(u as u8)).unwrap();
+            c.keys(u, k).unwrap();
+        }
+        let roster = c.roster().unwrap();
+        let sealed = p0.share(&roster, &mut rng(1)).unwrap();
+        // Missing one recipient, or a share claimed by another sender.
+        assert!(c.shares(0, sealed[..1].to_vec()).is_err());
+        let mut other = sealed.clone();
+        other[0].from = 2;
+        assert!(c.shares(0, other).is_err());
+        c.shares(0, sealed).unwrap();
+        // Out of turn: an inbox before a roster, a reveal before masking.
+        let (mut p1, _) = Participant::new(&r.keypairs[1], JOB, 3, &r.setup, &mut rng(1)).unwrap();
+        assert!(p1.mask(&[], &[0.0; 7], 1, ContentId([0; 32])).is_err());
+        assert!(p1.reveal(&[0, 1], &[]).is_err());
+        assert!(p1.confirm(&r.keypairs[1], &[0, 1]).is_err());
+        // A setup that names nobody twice, has a majority threshold and at least two.
+        let mut twice = r.setup.clone();
+        twice.participants[1] = twice.participants[0].clone();
+        assert!(twice.check().is_err());
+        let mut minority = r.setup.clone();
+        minority.threshold = 1;
+        assert!(minority.check().is_err());
+        assert!(
+            Participant::new(&Keypair::generate_ed25519(), JOB, 3, &r.setup, &mut rng(3)).is_err()
+        );
+    }
+
+    #[test]
+    fn thresholds_are_at_least_a_majority() {
+        assert_eq!(threshold(10, 0.5), 6);
+        assert_eq!(threshold(10, 0.7), 7);
+        assert_eq!(threshold(3, 0.0), 2);
+        assert_eq!(threshold(4, 1.0), 4);
+    }
+}
