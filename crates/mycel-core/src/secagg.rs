@@ -229,34 +229,21 @@ impl Secrets {
         theirs: &[u8; 32],
         context: &[u8],
     ) -> Result<SealPair, SecAggError> {
-        let own = PublicKey::from(&self.seal_key);
-        let theirs = PublicKey::from(*theirs);
-        let shared = self.seal_key.diffie_hellman(&theirs);
-        if !shared.was_contributory() {
-            return Err(SecAggError::WeakKey(other));
-        }
-        let cipher = |from: (usize, &PublicKey), to: (usize, &PublicKey)| {
-            let info = [
-                b"mycel/secagg/seal/v1".as_slice(),
-                &(from.0 as u64).to_le_bytes(),
-                from.1.as_bytes(),
-                &(to.0 as u64).to_le_bytes(),
-                to.1.as_bytes(),
-            ]
-            .concat();
-            let mut key = Zeroizing::new([0u8; 32]);
-            Hkdf::<Sha256>::new(Some(context), shared.as_bytes())
-                .expand(&info, key.as_mut())
-                .expect("32 bytes is a valid HKDF-SHA256 length");
-            ChaCha20Poly1305::new(&(*key).into())
-        };
+        let (outgoing, incoming) = seal_keys(&self.seal_key, me, other, theirs, context)?;
         Ok(SealPair {
             me,
             other,
             context: context.to_vec(),
-            outgoing: cipher((me, &own), (other, &theirs)),
-            incoming: cipher((other, &theirs), (me, &own)),
+            outgoing: ChaCha20Poly1305::new(&(*outgoing).into()),
+            incoming: ChaCha20Poly1305::new(&(*incoming).into()),
         })
+    }
+
+    /// The sealing key's secret, shown by a participant that accuses another of sealing
+    /// shares it cannot open ([`opens_for`]): it opens everything sealed to and from this
+    /// participant in the round, so a participant that shows it sends no update in the round.
+    pub fn seal_secret(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.seal_key.to_bytes())
     }
 
     /// A commitment to the self-mask secret, advertised with the public key: a self-mask
@@ -347,6 +334,78 @@ impl SealPair {
         }
         Ok((plain[..SHARE_BYTES].to_vec(), plain[SHARE_BYTES..].to_vec()))
     }
+}
+
+/// The key of one direction's sealed shares.
+type SealKey = Zeroizing<[u8; 32]>;
+
+/// The keys of what participant `me`, whose sealing key is `mine`, seals for `other` (whose
+/// public sealing key is `theirs`) and of what `other` seals for `me`, in the round `context`
+/// names: one agreement, and from it, with HKDF salted with the round and naming the direction
+/// and both keys, one key for each direction.
+fn seal_keys(
+    mine: &StaticSecret,
+    me: usize,
+    other: usize,
+    theirs: &[u8; 32],
+    context: &[u8],
+) -> Result<(SealKey, SealKey), SecAggError> {
+    let own = PublicKey::from(mine);
+    let theirs = PublicKey::from(*theirs);
+    let shared = mine.diffie_hellman(&theirs);
+    if !shared.was_contributory() {
+        return Err(SecAggError::WeakKey(other));
+    }
+    let key = |from: (usize, &PublicKey), to: (usize, &PublicKey)| {
+        let info = [
+            b"mycel/secagg/seal/v1".as_slice(),
+            &(from.0 as u64).to_le_bytes(),
+            from.1.as_bytes(),
+            &(to.0 as u64).to_le_bytes(),
+            to.1.as_bytes(),
+        ]
+        .concat();
+        let mut key = Zeroizing::new([0u8; 32]);
+        Hkdf::<Sha256>::new(Some(context), shared.as_bytes())
+            .expand(&info, key.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA256 length");
+        key
+    };
+    Ok((
+        key((me, &own), (other, &theirs)),
+        key((other, &theirs), (me, &own)),
+    ))
+}
+
+/// Whether the shares `sender` (public sealing key `sender_public`) sealed for `receiver`
+/// open, given the receiver's sealing secret (shown when it accuses the sender), which must
+/// match the receiver's public sealing key `receiver_public`. `None` when the secret does
+/// not match (the accusation proves nothing).
+pub fn opens_for(
+    receiver_secret: &[u8; 32],
+    receiver_public: &[u8; 32],
+    receiver: usize,
+    sender: usize,
+    sender_public: &[u8; 32],
+    context: &[u8],
+    sealed: &[u8],
+) -> Option<bool> {
+    let secret = StaticSecret::from(*receiver_secret);
+    if PublicKey::from(&secret).as_bytes() != receiver_public {
+        return None;
+    }
+    let Ok((_, incoming)) = seal_keys(&secret, receiver, sender, sender_public, context) else {
+        // The sender's key is of small order: what it sealed opens for nobody.
+        return Some(false);
+    };
+    let opened = ChaCha20Poly1305::new(&(*incoming).into()).decrypt(
+        &[0u8; 12].into(),
+        Payload {
+            msg: sealed,
+            aad: context,
+        },
+    );
+    Some(opened.is_ok_and(|plain| plain.len() == 2 * SHARE_BYTES))
 }
 
 /// Whether a public key (mask or sealing) makes secret agreements: not of small order (an

@@ -14,7 +14,8 @@
 //!    for that member ([`Sealed`]); those that sent theirs are the round's sharers;
 //! 4. coordinator → each sharer: the sealed shares addressed to it ([`ToParticipant::Inbox`]);
 //!    it masks its update with the pairwise masks of exactly those senders and sends it
-//!    ([`Masked`]);
+//!    ([`Masked`]), or, when a share does not open, names its sealer and shows its own
+//!    sealing secret instead ([`FromParticipant::Unopened`], [`Coordinator::unopened`]);
 //! 5. coordinator → each that sent: who sent ([`ToParticipant::Confirm`]); each that finds
 //!    the list a threshold of its own sharers, itself among them, signs it
 //!    ([`FromParticipant::Confirmed`]);
@@ -28,19 +29,23 @@
 //! holders different lists could collect one participant's self-mask secret from some and the
 //! mask keys of the few sharers that participant masked with from others, and unmask it.
 //! With a threshold of signatures from the list's own members on one list, and a majority
-//! threshold, no two holders can be told two lists.
+//! threshold, no two holders can be told two lists; the signatures cover the session's
+//! roster, so those from another session of the same round count for nothing.
 //!
 //! An update goes in weighted by its samples over the setup's scale, with the weight and the
 //! weighted loss as two more values ([`pack`]): the sum gives FedAvg's weighted mean and
 //! mean loss over whoever sent ([`unpack`]), and no participant's own figures.
 //!
-//! What the coordinator cannot do: read one participant's update, or read the shares it
-//! relays. What it is still trusted for: a correct sum (a participant can add anything to the
-//! sum, and no check of a masked value is possible), and not joining the round under many
-//! identities of its own (peers it controls hold shares; the threshold is a majority of the
-//! round's participants). A participant reveals shares once per coordinator, job and round
-//! (the driver remembers): sums over two sets of the same round's updates, one set inside the
-//! other, would give the difference.
+//! What the coordinator cannot do within a round: read one participant's update, or read the
+//! shares it relays. What it is still trusted for: a correct sum (a participant can add
+//! anything to the sum, and no check of a masked value is possible), and not joining the
+//! round under many identities of its own (peers it controls hold shares; the threshold is a
+//! majority of the round's participants; a setup naming the coordinator itself, or of fewer
+//! than three, is refused). Across rounds, sums over two sets of participants of the same
+//! model, one set inside the other, give the difference: the driver reveals shares once per
+//! coordinator, job and round and once per training's inputs, which stops the exact form of
+//! this but not a coordinator that changes the model a little in between (what differential
+//! privacy is for).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -98,9 +103,10 @@ impl Setup {
     /// The participants, once every field is checked.
     pub fn check(&self) -> Result<Vec<PeerId>, String> {
         let count = self.participants.len();
-        if !(2..=MAX_PARTICIPANTS).contains(&count) {
+        // Two would each learn the other's update from the sum (and the next model).
+        if !(3..=MAX_PARTICIPANTS).contains(&count) {
             return Err(format!(
-                "a securely aggregated round needs 2 to {MAX_PARTICIPANTS} participants, not {count}"
+                "a securely aggregated round needs 3 to {MAX_PARTICIPANTS} participants, not {count}"
             ));
         }
         secagg::check_threshold(self.threshold as usize, count).map_err(|e| e.to_string())?;
@@ -147,6 +153,9 @@ pub enum RoundError {
     /// The arithmetic failed (a secret that cannot be rebuilt, a weak key).
     #[error(transparent)]
     SecAgg(#[from] SecAggError),
+    /// A participant sealed shares that do not open (checked with the receiver's key).
+    #[error("participant {0} sealed shares that do not open")]
+    Culprit(usize),
 }
 
 fn bad<T>(why: impl Into<String>) -> Result<T, RoundError> {
@@ -170,7 +179,7 @@ pub struct Keys {
     pub commitment: ByteBuf,
     /// Its node's public key (protobuf encoding).
     pub public_key: ByteBuf,
-    /// Ed25519 over [`Keys::digest`].
+    /// Ed25519 over the keys, bound to the round's context (job, round and setup).
     pub signature: ByteBuf,
 }
 
@@ -238,12 +247,27 @@ struct Verified {
     signer: PublicKey,
 }
 
-/// What a participant signs to confirm who sent.
-fn senders_digest(context: &[u8; 32], senders: &[u32]) -> [u8; 32] {
+/// What a participant signs to confirm who sent: the list, in this session of the round
+/// (its roster of fresh keys), so that a signature from another session of the same round
+/// counts for nothing.
+fn senders_digest(context: &[u8; 32], roster: &[u8; 32], senders: &[u32]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(b"mycel/secagg/senders/v1\0");
     h.update(context);
+    h.update(roster);
     wire::hash_encoded(&senders, &mut h);
+    *h.finalize().as_bytes()
+}
+
+/// The digest of a roster: every member's keys, in index order.
+fn roster_digest<'a>(roster: impl Iterator<Item = &'a Keys>) -> [u8; 32] {
+    let mut entries: Vec<&Keys> = roster.collect();
+    entries.sort_by_key(|k| k.index);
+    let mut h = blake3::Hasher::new();
+    h.update(b"mycel/secagg/roster/v1\0");
+    for k in entries {
+        wire::hash_encoded(&(k.index, &k.mask, &k.seal, &k.commitment), &mut h);
+    }
     *h.finalize().as_bytes()
 }
 
@@ -348,6 +372,15 @@ pub enum FromParticipant {
     Masked(Masked),
     /// Its signature on the senders list.
     Confirmed(ByteBuf),
+    /// Instead of its masked update: the shares `from` sealed for it do not open; `secret`
+    /// is its round's sealing secret, for the coordinator to check who lies (it then sends
+    /// no update in the round: the secret opens what it sealed too).
+    Unopened {
+        /// The sealer.
+        from: u32,
+        /// The accuser's sealing secret for the round.
+        secret: ByteBuf,
+    },
     /// Its shares for unmasking.
     Reveal(Reveal),
     /// Why it stops.
@@ -405,6 +438,8 @@ pub struct Participant {
     signers: BTreeMap<usize, PublicKey>,
     /// The senders list this participant signed.
     confirmed: Vec<u32>,
+    /// The digest of the roster it accepted (binds its signature to this session).
+    roster_digest: [u8; 32],
     /// The ciphers shared with each other roster member.
     seals: BTreeMap<usize, SealPair>,
     /// Shares of each sharer this one holds (its own included).
@@ -463,6 +498,7 @@ impl Participant {
             roster: BTreeMap::new(),
             signers: BTreeMap::new(),
             confirmed: Vec::new(),
+            roster_digest: [0; 32],
             seals: BTreeMap::new(),
             held: BTreeMap::new(),
             holder: Holder::default(),
@@ -553,6 +589,7 @@ impl Participant {
             .collect();
         self.seals = seals;
         self.signers = signers;
+        self.roster_digest = roster_digest(roster.iter());
         self.stage = Stage::Shared;
         Ok(sealed)
     }
@@ -613,6 +650,17 @@ impl Participant {
         Ok(out)
     }
 
+    /// After [`Participant::mask`] failed because the shares `from` sealed for this one do
+    /// not open: this round's sealing secret, for the coordinator to check who lies. The
+    /// participant takes no further step in the round (the secret opens what it sealed).
+    pub fn accuse(&mut self, from: usize) -> Result<ByteBuf, RoundError> {
+        if self.stage != Stage::Shared || !self.seals.contains_key(&from) {
+            return bad("an accusation out of turn");
+        }
+        self.stage = Stage::Revealed;
+        Ok(ByteBuf::from(self.secrets.seal_secret().to_vec()))
+    }
+
     /// Signs who sent (`sent`), once, if they are a threshold of this participant's sharers,
     /// itself among them.
     pub fn confirm(&mut self, keypair: &Keypair, sent: &[u32]) -> Result<ByteBuf, RoundError> {
@@ -633,7 +681,7 @@ impl Participant {
             )));
         }
         let signature = keypair
-            .sign(&senders_digest(&self.context, &list))
+            .sign(&senders_digest(&self.context, &self.roster_digest, &list))
             .expect("ed25519 signing does not fail");
         self.confirmed = list;
         self.stage = Stage::Confirmed;
@@ -654,7 +702,7 @@ impl Participant {
         if senders_list(sent)? != self.confirmed {
             return bad("an unmasking request for another senders list than the one signed");
         }
-        let digest = senders_digest(&self.context, &self.confirmed);
+        let digest = senders_digest(&self.context, &self.roster_digest, &self.confirmed);
         let mut signed = BTreeSet::new();
         for (u, signature) in signatures {
             if signed.len() >= self.threshold {
@@ -728,6 +776,8 @@ pub struct Coordinator {
     signers: BTreeMap<usize, PublicKey>,
     /// Signatures on the senders list, by signer.
     confirmations: BTreeMap<usize, ByteBuf>,
+    /// The digest of the roster sent, once sent (no keys are taken after it).
+    roster_digest: Option<[u8; 32]>,
     commitments: BTreeMap<usize, [u8; 32]>,
     /// Sealed shares by sharer.
     sharers: BTreeMap<usize, Vec<Sealed>>,
@@ -750,6 +800,7 @@ impl Coordinator {
             keys: BTreeMap::new(),
             signers: BTreeMap::new(),
             confirmations: BTreeMap::new(),
+            roster_digest: None,
             commitments: BTreeMap::new(),
             sharers: BTreeMap::new(),
             masked: BTreeMap::new(),
@@ -767,6 +818,9 @@ impl Coordinator {
         let Some(peer) = self.peers.get(from) else {
             return bad("keys from no participant");
         };
+        if self.roster_digest.is_some() {
+            return bad("keys after the roster was sent");
+        }
         if keys.index as usize != from {
             return bad("keys under another participant's index");
         }
@@ -784,8 +838,8 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The roster to send every participant whose keys came.
-    pub fn roster(&self) -> Result<Vec<Keys>, RoundError> {
+    /// The roster to send every participant whose keys came; no keys are taken after it.
+    pub fn roster(&mut self) -> Result<Vec<Keys>, RoundError> {
         if self.keys.len() < self.threshold {
             return Err(RoundError::TooFew(format!(
                 "{} participants sent their keys, the threshold is {}",
@@ -793,7 +847,9 @@ impl Coordinator {
                 self.threshold
             )));
         }
-        Ok(self.keys.values().map(|(_, k)| k.clone()).collect())
+        let roster: Vec<Keys> = self.keys.values().map(|(_, k)| k.clone()).collect();
+        self.roster_digest = Some(roster_digest(roster.iter()));
+        Ok(roster)
     }
 
     /// `from`'s sealed shares: one for each other roster member.
@@ -867,6 +923,40 @@ impl Coordinator {
         Ok(())
     }
 
+    /// `accuser`'s word that the shares `from` sealed for it do not open, with its round's
+    /// sealing secret: [`RoundError::Culprit`] naming `from` when they do not open, a bad
+    /// message (the accuser pays) when they do or the secret is not the accuser's.
+    pub fn unopened(&self, accuser: usize, from: u32, secret: &[u8]) -> RoundError {
+        let from = from as usize;
+        let sealed = self
+            .sharers
+            .get(&from)
+            .and_then(|sealed| sealed.iter().find(|s| s.to as usize == accuser));
+        let public = |u: usize| self.keys.get(&u).and_then(|(_, k)| key32(&k.seal));
+        let (Some(sealed), Some(secret), Some(accuser_public), Some(sender_public), true) = (
+            sealed,
+            key32(secret),
+            public(accuser),
+            public(from),
+            self.sharers.contains_key(&accuser) && !self.masked.contains_key(&accuser),
+        ) else {
+            return RoundError::Bad("an accusation about shares that were not sent to it".into());
+        };
+        match secagg::opens_for(
+            &secret,
+            &accuser_public,
+            accuser,
+            from,
+            &sender_public,
+            &self.context,
+            &sealed.ciphertext,
+        ) {
+            Some(false) => RoundError::Culprit(from),
+            Some(true) => RoundError::Bad("an accusation about shares that open".into()),
+            None => RoundError::Bad("an accusation with a secret that is not the accuser's".into()),
+        }
+    }
+
     /// Those that sent their masked update, to ask for shares.
     pub fn senders(&self) -> Result<Vec<u32>, RoundError> {
         if self.masked.len() < self.threshold {
@@ -885,7 +975,9 @@ impl Coordinator {
             return bad("a signature on the senders list from one not asked, or twice");
         }
         let senders: Vec<u32> = self.masked.keys().map(|&u| u as u32).collect();
-        if !self.signers[&from].verify(&senders_digest(&self.context, &senders), &signature) {
+        let roster = self.roster_digest.unwrap_or_default();
+        let digest = senders_digest(&self.context, &roster, &senders);
+        if !self.signers[&from].verify(&digest, &signature) {
             return bad("a signature on the senders list does not verify");
         }
         self.confirmations.insert(from, signature);
@@ -1126,13 +1218,14 @@ mod tests {
         Ok(request)
     }
 
-    /// A round of `r` past its shares (participant u's sharing seeded `seed + u`): the
-    /// coordinator and the participants.
+    /// A session of round 3 of `r` past its shares (participant u's secrets seeded by `seed`
+    /// and u): the coordinator and the participants.
     fn shared(r: &Round, seed: u8) -> (Coordinator, Vec<Participant>) {
         let mut c = Coordinator::new(JOB, 3, &r.setup, 5).unwrap();
         let mut parts = Vec::new();
         for (u, kp) in r.keypairs.iter().enumerate() {
-            let (p, keys) = Participant::new(kp, JOB, 3, &r.setup, &mut rng(u as u8)).unwrap();
+            let secret = &mut rng(seed.wrapping_mul(3).wrapping_add(100 + u as u8));
+            let (p, keys) = Participant::new(kp, JOB, 3, &r.setup, secret).unwrap();
             c.keys(u, keys).unwrap();
             parts.push(p);
         }
@@ -1262,6 +1355,83 @@ mod tests {
         let mut holder = Holder::default();
         holder.reveal(1, ShareKind::SelfSeed).unwrap();
         assert!(holder.reveal(1, ShareKind::MaskKey).is_err());
+    }
+
+    #[test]
+    fn a_signature_from_another_session_of_the_round_counts_for_nothing() {
+        let r = round(4);
+        let everyone = [0, 1, 2, 3];
+        let masked = |seed: u8| {
+            let (mut c, mut parts) = shared(&r, seed);
+            for u in 0..4 {
+                let values = pack(&r.updates[u], 10, 0.1, r.setup.scale);
+                let m = parts[u]
+                    .mask(&c.inbox(u), &values, 10, ContentId([0; 32]))
+                    .unwrap();
+                c.masked(u, m).unwrap();
+            }
+            (c, parts)
+        };
+        // A first session of the round stopped after everyone signed the list.
+        let (_, mut first) = masked(40);
+        let old: Vec<(u32, ByteBuf)> = (0..4)
+            .map(|u| {
+                (
+                    u as u32,
+                    first[u].confirm(&r.keypairs[u], &everyone).unwrap(),
+                )
+            })
+            .collect();
+        // In a second session those signatures neither pass the coordinator nor a holder.
+        let (mut c, mut second) = masked(60);
+        assert!(c.confirmed(1, old[1].1.clone()).is_err());
+        second[0].confirm(&r.keypairs[0], &everyone).unwrap();
+        assert!(second[0].reveal(&everyone, &old).is_err());
+        let fresh: Vec<(u32, ByteBuf)> = (1..4)
+            .map(|u| {
+                (
+                    u as u32,
+                    second[u].confirm(&r.keypairs[u], &everyone).unwrap(),
+                )
+            })
+            .collect();
+        second[0].reveal(&everyone, &fresh).unwrap();
+    }
+
+    #[test]
+    fn shares_that_do_not_open_are_blamed_on_their_sealer_not_on_an_accuser() {
+        let r = round(4);
+        let (mut c, mut parts) = shared(&r, 70);
+        // Participant 3 sealed garbage for participant 1 (its shares' place in the inbox).
+        let mut inbox = c.inbox(1);
+        let garbage = inbox.iter_mut().find(|s| s.from == 3).unwrap();
+        garbage.ciphertext[0] ^= 0xff;
+        let values = pack(&r.updates[1], 10, 0.1, r.setup.scale);
+        let Err(RoundError::SecAgg(SecAggError::Unsealed(3, 1))) =
+            parts[1].mask(&inbox, &values, 10, ContentId([0; 32]))
+        else {
+            panic!("the garbage does not open")
+        };
+        // The coordinator holds what 3 really sent: that opens with 1's secret, so 1's word
+        // does not hold...
+        let secret = parts[1].accuse(3).unwrap();
+        assert!(matches!(c.unopened(1, 3, &secret), RoundError::Bad(_)));
+        // ...and after accusing, 1 takes no further step.
+        assert!(parts[1].accuse(3).is_err());
+        assert!(parts[1]
+            .mask(&c.inbox(1), &values, 10, ContentId([0; 32]))
+            .is_err());
+        // Garbage that 3 really sent for 1 is 3's fault.
+        let mut sealed = c.sharers[&3].clone();
+        for s in &mut sealed {
+            s.ciphertext[0] ^= 0xff;
+        }
+        c.sharers.insert(3, sealed);
+        assert_eq!(c.unopened(1, 3, &secret), RoundError::Culprit(3));
+        // A secret that is not the accuser's proves nothing: no framing of an honest sealer.
+        let forged = ByteBuf::from(vec![7u8; 32]);
+        assert!(matches!(c.unopened(1, 3, &forged), RoundError::Bad(_)));
+        assert!(matches!(c.unopened(1, 9, &secret), RoundError::Bad(_)));
     }
 
     #[test]

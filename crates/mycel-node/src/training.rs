@@ -21,6 +21,7 @@ use mycel_core::fl::{
     SignedUpdate, TrainFor, TrainReply, TrainRequest,
 };
 use mycel_core::id::ContentId;
+use mycel_core::secagg;
 use mycel_core::secround::{self, FromParticipant, RoundError, ToParticipant};
 use mycel_core::statement::DatasetOffer;
 use mycel_core::wire::{self, Rejection};
@@ -272,8 +273,9 @@ pub struct Training {
     rng: Mutex<StdRng>,
     /// Leaves securely aggregated rounds right after sharing (tests, benchmarks).
     drop_after_shares: bool,
-    /// The rounds (coordinator, job, round) this node revealed secure-aggregation shares for.
-    revealed: Mutex<std::collections::VecDeque<(PeerId, JobId, u32)>>,
+    /// What this node revealed secure-aggregation shares for: digests of (coordinator, job,
+    /// round) and of the training's inputs.
+    revealed: Mutex<std::collections::VecDeque<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for Training {
@@ -464,6 +466,19 @@ impl Training {
         // The unmasking comes once the coordinator has the updates, up to its deadline: a
         // little longer to wait for that.
         let last = deadline + UNMASK_GRACE;
+        // A setup that names its coordinator (the requester, or the ticket's signer) would let
+        // it subtract its own update from a sum of few.
+        let named = setup.check().map_err(Refuse::Malformed)?;
+        let signer = request
+            .ticket
+            .as_ref()
+            .and_then(|t| mycel_core::PublicKey::try_decode_protobuf(&t.public_key).ok())
+            .map(|k| k.to_peer_id());
+        if named.contains(&from) || signer.is_some_and(|s| named.contains(&s)) {
+            return Err(Refuse::Malformed(
+                "a securely aggregated round whose setup names its coordinator".into(),
+            ));
+        }
         let mut rng = secret_rng();
         let (mut round, keys) =
             secround::Participant::new(&self.keypair, request.job, request.round, setup, &mut rng)
@@ -496,14 +511,21 @@ impl Training {
             }
         };
         let (delta, loss) = match trained {
-            Some(done) => done,
+            Some(done) => {
+                stop.store(true, Ordering::Relaxed);
+                done
+            }
             // The coordinator sends nothing until it has this node's update: a read that ends
             // means it went away, and the training stops.
             None => {
                 let mut probe = [0u8; 1];
                 tokio::select! {
                     biased;
-                    done = &mut training => done?,
+                    done = &mut training => {
+                        // Done: a later stop is not an abandoned training.
+                        stop.store(true, Ordering::Relaxed);
+                        done?
+                    }
                     read = futures::AsyncReadExt::read(&mut *stream, &mut probe) => {
                         return Err(match read {
                             Ok(n) if n > 0 => Refuse::Malformed(
@@ -517,9 +539,18 @@ impl Training {
         };
         let samples = dataset.data.len() as u64;
         let values = secround::pack(&delta, samples, loss, round.scale());
-        let masked = round
-            .mask(&inbox, &values, samples, dataset.digest)
-            .map_err(refusal)?;
+        let masked = match round.mask(&inbox, &values, samples, dataset.digest) {
+            Ok(masked) => masked,
+            // Shares that do not open: say whose, with this round's sealing secret for the
+            // coordinator to check, and send no update.
+            Err(RoundError::SecAgg(secagg::SecAggError::Unsealed(from, _))) => {
+                let secret = round.accuse(from).map_err(refusal)?;
+                let from = from as u32;
+                send(&mut *stream, &FromParticipant::Unopened { from, secret }).await?;
+                return Ok(());
+            }
+            Err(e) => return Err(refusal(e)),
+        };
         send(&mut *stream, &FromParticipant::Masked(masked)).await?;
         let ToParticipant::Confirm(senders) = next_step(&mut *stream, last).await? else {
             return Err(Refuse::Malformed("expected the senders list".into()));
@@ -536,9 +567,10 @@ impl Training {
         let reveal = round.reveal(&senders, &signatures).map_err(refusal)?;
         // Shares of one round are revealed once: two sums over nested sets of the round's
         // (deterministically trained) updates would give one update.
-        if !self.reveal_once(from, request.job, request.round) {
+        if !self.reveal_once(from, request) {
             return Err(Refuse::Other(format!(
-                "this node already revealed its shares for round {} of job {}",
+                "this node already revealed its shares for round {} of job {}, or for the \
+                 same training",
                 request.round, request.job
             )));
         }
@@ -546,18 +578,40 @@ impl Training {
         Ok(())
     }
 
-    /// Records that this node reveals its shares for `coordinator`'s `job`, `round`: false
-    /// when it did before (remembered for the last [`REVEALS_KEPT`] rounds).
-    fn reveal_once(&self, coordinator: PeerId, job: JobId, round: u32) -> bool {
+    /// Records that this node reveals its shares for `request` from `coordinator`: false
+    /// when it did before for that coordinator's job and round, or for the same training
+    /// (model, data, weights, local training and seed) whoever asked (remembered for the
+    /// last [`REVEALS_KEPT`] reveals).
+    fn reveal_once(&self, coordinator: PeerId, request: &TrainRequest) -> bool {
+        let mut round = blake3::Hasher::new();
+        round.update(b"mycel/secagg/revealed-round\0");
+        wire::hash_encoded(
+            &(coordinator.to_bytes(), request.job, request.round),
+            &mut round,
+        );
+        let mut inputs = blake3::Hasher::new();
+        inputs.update(b"mycel/secagg/revealed-inputs\0");
+        wire::hash_encoded(
+            &(
+                &request.model,
+                &request.dataset,
+                &request.weights,
+                request.train,
+                request.seed,
+            ),
+            &mut inputs,
+        );
+        let keys = [*round.finalize().as_bytes(), *inputs.finalize().as_bytes()];
         let mut revealed = self.revealed.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (coordinator, job, round);
-        if revealed.contains(&key) {
+        if keys.iter().any(|k| revealed.contains(k)) {
             return false;
         }
-        if revealed.len() >= REVEALS_KEPT {
-            revealed.pop_front();
+        for key in keys {
+            if revealed.len() >= REVEALS_KEPT {
+                revealed.pop_front();
+            }
+            revealed.push_back(key);
         }
-        revealed.push_back(key);
         true
     }
 
@@ -913,7 +967,7 @@ impl Training {
         .await;
         outcome.gathered.bytes_down += request_bytes * peers.len() as u64;
         let mut live = self
-            .settle(&mut outcome, opened, |i, reply| match reply {
+            .settle(&mut outcome, opened, false, |i, reply| match reply {
                 FromParticipant::Keys(keys) => round.keys(i, keys),
                 _ => Err(RoundError::Bad("expected keys".into())),
             })
@@ -924,7 +978,7 @@ impl Training {
         };
         let replies = self.step(&mut outcome, live, |_| &roster, quick()).await;
         live = self
-            .settle(&mut outcome, replies, |i, reply| match reply {
+            .settle(&mut outcome, replies, false, |i, reply| match reply {
                 FromParticipant::Shares(sealed) => round.shares(i, sealed),
                 _ => Err(RoundError::Bad("expected sealed shares".into())),
             })
@@ -937,12 +991,38 @@ impl Training {
             .map(|(_, i, _)| (*i, ToParticipant::Inbox(round.inbox(*i))))
             .collect();
         let replies = self.step(&mut outcome, live, |i| &inboxes[&i], cut).await;
+        let mut culprits = Vec::new();
         live = self
-            .settle(&mut outcome, replies, |i, reply| match reply {
+            .settle(&mut outcome, replies, true, |i, reply| match reply {
                 FromParticipant::Masked(masked) => round.masked(i, masked),
+                FromParticipant::Unopened { from, secret } => {
+                    match round.unopened(i, from, &secret) {
+                        RoundError::Culprit(u) => {
+                            culprits.push(u);
+                            Ok(())
+                        }
+                        other => Err(other),
+                    }
+                }
                 _ => Err(RoundError::Bad("expected a masked update".into())),
             })
             .await;
+        // Shares sealed so that they do not open: their sealer pays, and the round stops
+        // before anything is unmasked (so it may be drawn again, without it).
+        if !culprits.is_empty() {
+            let mut named = Vec::new();
+            for peer in culprits.iter().filter_map(|&u| round.peer(u)) {
+                warn!(%peer, round = request.round, "sealed shares that do not open");
+                self.net.penalise(peer, Rejection::Malformed).await;
+                outcome.gathered.rejected += 1;
+                named.push(peer.to_string());
+            }
+            let e = RoundError::Bad(format!(
+                "{} sealed shares that do not open",
+                named.join(", ")
+            ));
+            return secure_failed(outcome, live, e);
+        }
         // Too few to make the round count: it stops before anything is unmasked (a sum is
         // unmasked at most once per round: two over nested sets would give one update).
         let senders = match round.senders() {
@@ -960,7 +1040,7 @@ impl Training {
         let until = Instant::now() + UNMASK_GRACE / 2;
         let replies = self.step(&mut outcome, live, |_| &senders, until).await;
         live = self
-            .settle(&mut outcome, replies, |i, reply| match reply {
+            .settle(&mut outcome, replies, false, |i, reply| match reply {
                 FromParticipant::Confirmed(signature) => round.confirmed(i, signature),
                 _ => Err(RoundError::Bad("expected a signed senders list".into())),
             })
@@ -969,9 +1049,11 @@ impl Training {
             Ok(unmasking) => unmasking,
             Err(e) => return secure_failed(outcome, live, e),
         };
+        // From here a sum may be unmasked: the round is not drawn again, whatever happens.
+        outcome.unmask_asked = true;
         let replies = self.step(&mut outcome, live, |_| &unmasking, until).await;
         live = self
-            .settle(&mut outcome, replies, |i, reply| match reply {
+            .settle(&mut outcome, replies, false, |i, reply| match reply {
                 FromParticipant::Reveal(reveal) => round.reveal(i, reveal),
                 _ => Err(RoundError::Bad("expected shares for unmasking".into())),
             })
@@ -1050,6 +1132,7 @@ impl Training {
         &self,
         outcome: &mut Outcome,
         replies: Vec<SecureReply>,
+        training: bool,
         mut take: impl FnMut(usize, FromParticipant) -> Result<(), RoundError>,
     ) -> Vec<SecureLink> {
         let mut live = Vec::new();
@@ -1084,7 +1167,8 @@ impl Training {
                 }
                 Err(e) => {
                     debug!(%peer, "secure round: participant dropped: {e:#}");
-                    if e.downcast_ref::<Late>().is_some() {
+                    // Late in the step that waits for training: the deadline may be short.
+                    if training && e.downcast_ref::<Late>().is_some() {
                         outcome.late += 1;
                     }
                     outcome.gathered.dropped += 1;
@@ -1547,6 +1631,13 @@ impl Training {
             }
             for peer in &selected {
                 *record.asked.entry(peer.to_string()).or_insert(0) += 1;
+            }
+            if outcome.unmask_asked && outcome.summed.is_none() {
+                bail!(
+                    "round {round}: the securely aggregated sum could not be unmasked ({}); \
+                     a round whose shares were asked for is not drawn again",
+                    outcome.why.join("; ")
+                );
             }
             let contributors: u32 = outcome.updates.iter().map(|u| u.contributors).sum::<u32>()
                 + outcome.summed.as_ref().map_or(0, |s| s.contributors);
@@ -2042,6 +2133,9 @@ struct Outcome {
     updates: Vec<Received>,
     /// A securely aggregated round's unmasked sum.
     summed: Option<Combined>,
+    /// Whether a securely aggregated round asked for shares to unmask (it is then never
+    /// drawn again: two sums over the round's updates could single one out).
+    unmask_asked: bool,
     gathered: Gathered,
     root_bytes: u64,
     dropped: Vec<PeerId>,
@@ -2071,6 +2165,7 @@ impl Outcome {
         if other.summed.is_some() {
             self.summed = other.summed;
         }
+        self.unmask_asked |= other.unmask_asked;
         self.root_bytes += other.root_bytes;
         self.dropped.extend(other.dropped);
         self.late += other.late;

@@ -404,6 +404,33 @@ async fn a_participant_trains_only_for_its_coordinator_and_penalises_malformed_r
     };
     let delta = update.open(&me, job.id(), 1, n).unwrap();
     assert!(delta.iter().any(|v| *v != 0.0));
+    // A securely aggregated round whose setup names its requester (here the head the
+    // coordinator made the rogue): the requester could subtract its own update from the sum.
+    // Refused, and the sender pays.
+    let third = Keypair::generate_ed25519().public().to_peer_id();
+    let mut secure = request(vec![0.0; n], "digits");
+    secure.secure = Some(mycel_core::secround::Setup::new(
+        &[me, rogue_id, third],
+        0.5,
+        100,
+    ));
+    secure.members = vec![member.clone()];
+    let mut secure = signed(secure, &coordinator_key, &[rogue_id, me], Some(rogue_id));
+    secure.members.clear();
+    let before = participant.net.reputation(rogue_id).await.unwrap();
+    let mut stream = rogue.open_stream(me, TRAIN_PROTOCOL).await.unwrap();
+    write_frame(&mut stream, &secure).await.unwrap();
+    let reply: mycel_core::secround::FromParticipant =
+        read_frame(&mut stream, fl::MAX_UPDATE_BYTES)
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(
+        matches!(&reply, mycel_core::secround::FromParticipant::Refused(why)
+            if why.contains("names its coordinator")),
+        "{reply:?}"
+    );
+    assert!(participant.net.reputation(rogue_id).await.unwrap() < before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -691,6 +718,7 @@ async fn a_participant_breaking_a_secure_round_is_left_out_and_penalised() {
     let liar_id = liar_net.peer_id();
     let mut incoming = liar_net.accept_streams(TRAIN_PROTOCOL).unwrap();
     tokio::spawn(async move {
+        let mut garbled = false;
         while let Some((_, mut stream)) = incoming.next().await {
             let Ok(Some(request)) =
                 read_frame::<TrainRequest>(&mut stream, fl::MAX_REQUEST_BYTES).await
@@ -701,7 +729,7 @@ async fn a_participant_breaking_a_secure_round_is_left_out_and_penalised() {
             let rng = &mut secround::secret_rng([request.round as u8; 32]);
             let (mut me, mut keys) =
                 Participant::new(&liar_key, request.job, request.round, &setup, rng).unwrap();
-            if request.round % 3 == 1 {
+            if request.round == 2 {
                 // Keys that are not the ones it signed.
                 keys.mask[0] ^= 1;
             }
@@ -714,7 +742,14 @@ async fn a_participant_breaking_a_secure_round_is_left_out_and_penalised() {
             let Ok(mut sealed) = me.share(&roster, rng) else {
                 continue;
             };
-            if request.round % 3 == 2 {
+            if request.round == 3 && !garbled {
+                // Shares of the right size that open for nobody: every other participant
+                // would have to leave the round.
+                garbled = true;
+                for s in &mut sealed {
+                    s.ciphertext[0] ^= 0xff;
+                }
+            } else if request.round == 3 {
                 // One share short: some participant could not be unmasked.
                 sealed.pop();
             }
@@ -751,9 +786,11 @@ async fn a_participant_breaking_a_secure_round_is_left_out_and_penalised() {
             let Ok(mut reveal) = me.reveal(&senders, &signatures) else {
                 continue;
             };
-            // Shares that rebuild wrong secrets.
-            for (_, share) in reveal.self_seeds.iter_mut() {
-                share[9] ^= 0x20;
+            if request.round == 1 {
+                // Shares that rebuild wrong secrets.
+                for (_, share) in reveal.self_seeds.iter_mut() {
+                    share[9] ^= 0x20;
+                }
             }
             let _ = write_frame(&mut stream, &FromParticipant::Reveal(reveal)).await;
         }
@@ -761,19 +798,25 @@ async fn a_participant_breaking_a_secure_round_is_left_out_and_penalised() {
     wait_for_datasets(&nodes[0], 4).await;
     let mut job = spec(4, 3);
     job.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    // The liar stays eligible, to show every offence.
+    job.participants.min_reputation = -1e9;
     let record = run(&nodes[0], job).await;
-    // Forged keys, then missing shares: left out at once. Then bad shares at unmasking: its
-    // update is in the sum (it sent one), its answer is left out and the sum still unmasks.
-    for (m, summed) in record.metrics[..3].iter().zip([3, 3, 4]) {
+    // Round 1, bad shares at unmasking: its update is in the sum (it sent one), its answer
+    // is left out and the sum still unmasks. Round 2, forged keys: left out at once. Round
+    // 3, shares that open for nobody: the others show their sealing secrets, the coordinator
+    // checks them, blames the sealer and draws the round again (nothing was unmasked); then
+    // a missing share: left out at once. Round 4: four offences have it banned by the
+    // coordinator's network: still picked (the job's threshold), but its stream is refused.
+    let expected = [(4, 1, 1), (3, 1, 1), (3, 1, 2), (3, 0, 1)];
+    for (m, (summed, rejected, attempts)) in record.metrics.iter().zip(expected) {
         assert_eq!(
-            (m.asked, m.participants, m.rejected),
-            (4, summed, 1),
+            (m.asked, m.participants, m.rejected, m.attempts),
+            (4, summed, rejected, attempts),
             "round {}: {m:?}",
             m.round
         );
     }
     let last = &record.metrics[3];
-    assert_eq!((last.asked, last.participants), (3, 3), "{last:?}");
     let accuracy = last.accuracy;
     assert!(accuracy > 0.5, "accuracy {accuracy}");
     let reputation = nodes[0].net.reputation(liar_id).await.unwrap();
