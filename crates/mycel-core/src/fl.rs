@@ -498,8 +498,10 @@ pub struct JobSpec {
 
 /// Secure aggregation (Bonawitz et al. 2017; [`crate::secround`]): each round's participants
 /// mask their updates with pairwise masks that cancel in the sum, and share their secrets so
-/// that the round completes when some drop out. The coordinator learns the sum of the updates
-/// of those that sent (FedAvg's weighted mean) and nothing about any one of them.
+/// that the round completes when some drop out. In a flat job the coordinator learns the sum
+/// of the updates of those that sent (FedAvg's weighted mean) and nothing about any one of
+/// them; in a clustered job each head learns its members' sum and the coordinator each
+/// cluster's mean, which it combines by the job's rule (robust over clusters).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecureAggregation {
@@ -519,11 +521,14 @@ impl SecureAggregation {
         if !(0.5..=1.0).contains(&self.threshold) {
             return Err("secure_aggregation.threshold must be in [0.5, 1]".into());
         }
-        if spec.aggregator != (AggregatorSpec::Fedavg { iqr: None }) {
+        let clustered = spec.cluster_size > 1;
+        if !clustered && spec.aggregator != (AggregatorSpec::Fedavg { iqr: None }) {
             return Err(format!(
-                "secure_aggregation needs aggregator fedavg without an IQR filter, not {}: \
-                 the coordinator sees only the sum of the masked updates, and a median, a \
-                 trimmed mean, Krum or a filter needs each update in the clear",
+                "secure_aggregation in a flat job needs aggregator fedavg without an IQR \
+                 filter, not {}: the coordinator sees only the sum of the masked updates, and \
+                 a median, a trimmed mean, Krum or a filter needs each update in the clear \
+                 (with cluster_size of 4 or more the aggregator applies over the clusters' \
+                 secure sums)",
                 spec.aggregator.name()
             ));
         }
@@ -534,12 +539,13 @@ impl SecureAggregation {
                     .into(),
             );
         }
-        if spec.cluster_size > 1 {
-            return Err(
-                "secure_aggregation with cluster_size above 1 (secure sums per cluster) is \
-                 not built yet: use a flat job (cluster_size 0 or 1)"
-                    .into(),
-            );
+        if clustered && spec.cluster_size < 1 + crate::secround::MIN_PARTICIPANTS as u32 {
+            return Err(format!(
+                "secure_aggregation with clusters needs cluster_size of at least {}: each \
+                 head sums at least {} members securely",
+                1 + crate::secround::MIN_PARTICIPANTS,
+                crate::secround::MIN_PARTICIPANTS
+            ));
         }
         if spec.privacy.is_some() {
             return Err(
@@ -831,6 +837,34 @@ pub fn clusters(peers: &[(PeerId, Option<f64>)], size: usize) -> Vec<Cluster> {
         .collect()
 }
 
+/// `clusters` for a securely aggregated job: every cluster's head sums at least
+/// `min_members` members securely, so a cluster with fewer joins the one before it; when
+/// there is only one cluster and it is short, everyone becomes a plain participant of one
+/// flat secure sum (clusters without members).
+pub fn secure_clusters(mut clusters: Vec<Cluster>, min_members: usize) -> Vec<Cluster> {
+    while clusters.len() > 1
+        && clusters
+            .last()
+            .is_some_and(|c| c.members.len() < min_members)
+    {
+        let short = clusters.pop().expect("more than one cluster");
+        let last = clusters.last_mut().expect("more than one cluster");
+        last.members.push(short.head);
+        last.members.extend(short.members);
+    }
+    if clusters.len() == 1 && clusters[0].members.len() < min_members {
+        let only = clusters.pop().expect("one cluster");
+        return std::iter::once(only.head)
+            .chain(only.members)
+            .map(|head| Cluster {
+                head,
+                members: Vec::new(),
+            })
+            .collect();
+    }
+    clusters
+}
+
 /// `values` as little-endian bytes: how weights travel and are stored.
 pub fn f32_to_le(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -987,12 +1021,13 @@ impl TrainRequest {
             }
         }
         if let Some(setup) = &self.secure {
-            setup.check()?;
-            if !self.members.is_empty() || self.compression != Compression::None {
-                return Err(
-                    "a securely aggregated round is flat and dense (no members, no compression)"
-                        .into(),
-                );
+            let named = setup.check()?;
+            if self.compression != Compression::None {
+                return Err("a securely aggregated round is dense (no compression)".into());
+            }
+            // A head's setup names exactly its members.
+            if !self.members.is_empty() && !named.iter().eq(self.members.iter().map(|m| &m.peer)) {
+                return Err("a secure cluster's setup does not name its members".into());
             }
         }
         self.aggregator.check()
@@ -1425,7 +1460,7 @@ mod tests {
                 s.aggregator = AggregatorSpec::Fedavg { iqr: Some(1.5) }
             }),
             ("compression none", |s| s.compression = Compression::Int8),
-            ("cluster_size", |s| s.cluster_size = 4),
+            ("cluster_size", |s| s.cluster_size = 2),
             ("privacy", |s| {
                 s.privacy = Some(Privacy {
                     clip: 1.0,
@@ -1439,6 +1474,46 @@ mod tests {
             let err = secure(edit).unwrap_err();
             assert!(err.contains(what), "{what}: {err}");
         }
+        // With clusters of four or more, a robust rule applies over the clusters' sums.
+        assert_eq!(
+            secure(|s| {
+                s.cluster_size = 4;
+                s.aggregator = AggregatorSpec::Median { iqr: Some(1.5) };
+            }),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn secure_clusters_sum_at_least_three_members_each() {
+        let peers: Vec<PeerId> = (0..11).map(|_| PeerId::random()).collect();
+        let plan = clusters(&peers.iter().map(|p| (*p, None)).collect::<Vec<_>>(), 4);
+        assert_eq!(plan.len(), 3, "4 + 4 + 3");
+        let merged = secure_clusters(plan.clone(), 3);
+        assert_eq!(
+            merged.iter().map(|c| c.members.len()).collect::<Vec<_>>(),
+            vec![3, 6],
+            "the short cluster joins the one before"
+        );
+        let everyone: std::collections::BTreeSet<PeerId> = merged
+            .iter()
+            .flat_map(|c| std::iter::once(c.head).chain(c.members.iter().copied()))
+            .collect();
+        assert_eq!(everyone.len(), 11);
+        // One short cluster: everyone is a flat participant.
+        let short = clusters(
+            &peers[..3].iter().map(|p| (*p, None)).collect::<Vec<_>>(),
+            4,
+        );
+        let flat = secure_clusters(short, 3);
+        assert_eq!(flat.len(), 3);
+        assert!(flat.iter().all(|c| c.members.is_empty()));
+        // Clusters that are long enough stay as they are.
+        let even = clusters(
+            &peers[..8].iter().map(|p| (*p, None)).collect::<Vec<_>>(),
+            4,
+        );
+        assert_eq!(secure_clusters(even.clone(), 3), even);
     }
 
     #[test]

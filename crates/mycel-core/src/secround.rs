@@ -60,6 +60,10 @@ use crate::{wire, Keypair, PeerId, PublicKey};
 /// Most participants of a securely aggregated round (shares are GF(256) points).
 pub const MAX_PARTICIPANTS: usize = 255;
 
+/// Fewest participants of a securely aggregated round: of two, each would learn the other's
+/// update from the sum (and the next model).
+pub const MIN_PARTICIPANTS: usize = 3;
+
 /// The most bytes of one step from the coordinator (a roster of 255 participants' signed
 /// keys is about 80 KB); a participant's steps are bounded by [`crate::fl::MAX_UPDATE_BYTES`].
 pub const MAX_STEP_BYTES: usize = 1 << 20;
@@ -103,8 +107,7 @@ impl Setup {
     /// The participants, once every field is checked.
     pub fn check(&self) -> Result<Vec<PeerId>, String> {
         let count = self.participants.len();
-        // Two would each learn the other's update from the sum (and the next model).
-        if !(3..=MAX_PARTICIPANTS).contains(&count) {
+        if !(MIN_PARTICIPANTS..=MAX_PARTICIPANTS).contains(&count) {
             return Err(format!(
                 "a securely aggregated round needs 3 to {MAX_PARTICIPANTS} participants, not {count}"
             ));

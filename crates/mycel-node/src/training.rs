@@ -381,7 +381,9 @@ impl Training {
                 return;
             }
         };
-        if request.secure.is_some() {
+        // A securely aggregated round's participant; a head of such a round (members to
+        // gather) takes the plain path and sums its members securely.
+        if request.secure.is_some() && request.members.is_empty() {
             return self.answer_secure(peer, stream, request).await;
         }
         // The requester sends nothing more: a read that ends means it closed the stream or
@@ -727,7 +729,7 @@ impl Training {
         let deadline = Instant::now() + Duration::from_millis(request.deadline_ms);
         let gather = async {
             if request.members.is_empty() {
-                return (Vec::new(), Gathered::default());
+                return (Vec::new(), Gathered::default(), None);
             }
             let mut forward = request.clone();
             forward.members = Vec::new();
@@ -739,13 +741,27 @@ impl Training {
                 .iter()
                 .map(|m| (m.peer, m.addrs.clone()))
                 .collect();
+            if let Some(setup) = &request.secure {
+                // The head of a securely aggregated cluster coordinates its members' secure
+                // sum: it learns their sum, and the requester only the cluster's.
+                let min = setup.threshold;
+                let outcome = self
+                    .ask_secure(&peers, &forward, cut, parameters, &HashMap::new(), min)
+                    .await;
+                let why = outcome.why.join("; ");
+                return (
+                    Vec::new(),
+                    outcome.gathered,
+                    Some(outcome.summed.ok_or(why)),
+                );
+            }
             let outcome = self
                 .ask_all(&peers, &forward, cut, parameters, &HashMap::new())
                 .await;
-            (outcome.updates, outcome.gathered)
+            (outcome.updates, outcome.gathered, None)
         };
         let local = self.train_local(&request, &global, &dataset, &stop, deadline);
-        let ((gathered_updates, gathered), mine) = tokio::join!(gather, local);
+        let ((gathered_updates, gathered, summed), mine) = tokio::join!(gather, local);
         let (delta, loss) = mine?;
         let samples = dataset.data.len() as u64;
         if request.members.is_empty() {
@@ -779,8 +795,25 @@ impl Training {
             );
             return Ok((update, Gathered::default()));
         }
-        // A cluster head combines its own update with its members' by the job's rule.
+        // A cluster head combines its own update with its members' by the job's rule; in a
+        // securely aggregated job, with its members' secure sum by FedAvg (the job's rule is
+        // for the requester, over clusters).
         let mut all = gathered_updates;
+        let mut rule = request.aggregator;
+        if let Some(summed) = summed {
+            // Without the members' sum the head's own update would go out alone, in the clear.
+            let summed = summed.map_err(|why| {
+                Refuse::Other(format!("the cluster's secure sum did not complete: {why}"))
+            })?;
+            all.push(Received {
+                delta: summed.delta,
+                samples: summed.samples,
+                loss: summed.loss,
+                data: summed.data,
+                contributors: summed.contributors,
+            });
+            rule = fl::AggregatorSpec::Fedavg { iqr: None };
+        }
         all.push(Received {
             delta,
             samples,
@@ -788,7 +821,7 @@ impl Training {
             data: dataset.digest,
             contributors: 1,
         });
-        let combined = combine(&request.aggregator, request.compression, all)
+        let combined = combine(&rule, request.compression, all)
             .map_err(|e| Refuse::Other(format!("cannot combine the cluster's updates: {e}")))?;
         debug!(%from, round = request.round, contributors = combined.contributors, "cluster update");
         let update = SignedUpdate::sign(
@@ -1503,13 +1536,18 @@ impl Training {
                 ticket: None,
                 secure: None,
             };
-            let plan = fl::clusters(
+            let mut plan = fl::clusters(
                 &selected
                     .iter()
                     .map(|p| (*p, rtts.get(p).copied()))
                     .collect::<Vec<_>>(),
                 spec.cluster_size as usize,
             );
+            if spec.secure_aggregation.is_some() && spec.cluster_size > 1 {
+                // Every cluster sums at least three members securely; too few for one
+                // cluster, and the round is one flat secure sum.
+                plan = fl::secure_clusters(plan, secround::MIN_PARTICIPANTS);
+            }
             let cut = Instant::now() + Duration::from_millis(deadline_ms);
             let mut outcome = Outcome::default();
             // Heads with members get their own request; plain participants share one.
@@ -1537,6 +1575,15 @@ impl Training {
                             addrs: addrs.get(m).cloned().unwrap_or_default(),
                         })
                         .collect();
+                    if let Some(secure) = &spec.secure_aggregation {
+                        // The head coordinates its members' secure sum.
+                        let scale = c
+                            .members
+                            .iter()
+                            .map(|p| samples.get(p).copied().unwrap_or(0))
+                            .fold(0u64, u64::saturating_add);
+                        r.secure = Some(secround::Setup::new(&c.members, secure.threshold, scale));
+                    }
                     let cluster: Vec<PeerId> =
                         std::iter::once(c.head).chain(c.members.iter().copied()).collect();
                     r.ticket = Some(JobTicket::sign(
@@ -1602,7 +1649,9 @@ impl Training {
                     None,
                     expires_at,
                 ));
-                if request.secure.is_some() {
+                if request.secure.is_some() && flat_peers.is_empty() {
+                    // Every participant is in a cluster whose head sums it securely.
+                } else if request.secure.is_some() {
                     let min = spec.participants.min;
                     asks.push(
                         self.ask_secure(&flat_peers, &request, cut, parameters, &caps, min)

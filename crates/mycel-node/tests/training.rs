@@ -847,3 +847,41 @@ async fn a_silent_participant_does_not_hold_a_secure_round_to_its_deadline() {
         assert!(m.ms < 6_000.0, "round {} took {} ms", m.round, m.ms);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_sums_inside_clusters_equal_the_plain_clustered_job() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = federation(root.path(), 8).await;
+    // Two clusters of four: each head sums its three members securely and sends the
+    // cluster's mean; the coordinator combines the clusters.
+    let mut secure = spec(2, 3);
+    secure.cluster_size = 4;
+    secure.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    let masked = run(&nodes[0], secure.clone()).await;
+    for m in &masked.metrics {
+        assert_eq!((m.asked, m.participants, m.dropped), (8, 8, 0), "{m:?}");
+    }
+    let mut plain = secure;
+    plain.secure_aggregation = None;
+    let clear = run(&nodes[0], plain).await;
+    // FedAvg within and over clusters is the weighted mean of all eight, however they are
+    // grouped: the same model up to the fixed-point rounding of the secure sums.
+    let dir = root.path().join("models");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (
+        round_model(&nodes[0], &masked, 1, &dir.join("masked")),
+        round_model(&nodes[0], &clear, 1, &dir.join("clear")),
+    );
+    let gap = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(gap < 1e-4 && gap > 0.0, "round 1's models differ by {gap}");
+    // The root got two cluster updates, as in the clear, not eight masked ones.
+    let (secure_root, plain_root) = (masked.metrics[0].bytes_root, clear.metrics[0].bytes_root);
+    assert!(
+        secure_root as f64 <= 1.1 * plain_root as f64,
+        "{secure_root} bytes reached the root, {plain_root} in the clear"
+    );
+}

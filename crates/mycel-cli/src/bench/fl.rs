@@ -167,6 +167,20 @@ fn scenarios(n: usize, rounds: u32) -> Vec<Scenario> {
             dropouts: (n * 3) / 10,
             ..base(&format!("iid-secagg-drop{}", (n * 3) / 10))
         },
+        // Secure sums inside clusters of 4 (a short last cluster joins the one before),
+        // FedAvg over the clusters; and a median over them with 3 of 10 sign-flip attackers.
+        Scenario {
+            secure: Some(mycel_core::fl::SecureAggregation { threshold: 0.5 }),
+            cluster_size: 4,
+            ..base("iid-clusters4-secagg")
+        },
+        Scenario {
+            secure: Some(mycel_core::fl::SecureAggregation { threshold: 0.5 }),
+            cluster_size: 4,
+            aggregator: AggregatorSpec::Median { iqr: None },
+            attack: Some(Attack::SignFlip),
+            ..base("attack-iid-sign_flip-median-clusters4-secagg")
+        },
     ];
     for split in ["iid", "dirichlet0.5"] {
         for attack in [Attack::SignFlip, Attack::Noise] {
