@@ -547,14 +547,6 @@ impl SecureAggregation {
                 crate::secround::MIN_PARTICIPANTS
             ));
         }
-        if spec.privacy.is_some() {
-            return Err(
-                "secure_aggregation with privacy is not built yet: privacy's central noise \
-                 needs the coordinator to clip each update, which secure aggregation hides \
-                 (distributed noise, added by the participants, is the way; not written yet)"
-                    .into(),
-            );
-        }
         if spec.participants.min < 3 {
             return Err(
                 "secure_aggregation needs participants.min of at least 3: from a sum of two \
@@ -570,7 +562,7 @@ fn default_deadline() -> u64 {
     10_000
 }
 
-/// What a differentially private job (DP-FedAvg with central noise) promises and how.
+/// What a differentially private job (DP-FedAvg) promises and how.
 ///
 /// Each round the coordinator draws participants by Poisson sampling with secret randomness
 /// (each eligible peer independently with probability `participants.fraction`;
@@ -580,6 +572,13 @@ fn default_deadline() -> u64 {
 /// `noise_multiplier × clip` to their sum and divides by the expected number of participants.
 /// A privacy accountant ([`crate::dp`]) reports the ε spent after every round at `delta`; the
 /// job stops before a round would spend more than `epsilon`.
+///
+/// With secure aggregation the noise is distributed instead: each participant clips its own
+/// update and adds Gaussian noise of standard deviation `noise_multiplier × clip /
+/// √participants.min` (a round unmasks only when at least that many sent, and a round that
+/// falls short unmasks nothing and is drawn again), the coordinator divides the noised sum by
+/// the expected number of participants, and the sample is named to the participants (each
+/// checks the others' keys).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Privacy {
@@ -1461,7 +1460,9 @@ mod tests {
             }),
             ("compression none", |s| s.compression = Compression::Int8),
             ("cluster_size", |s| s.cluster_size = 2),
-            ("privacy", |s| {
+            ("flat job", |s| {
+                // Private and secure: distributed DP, in flat jobs only.
+                s.cluster_size = 4;
                 s.privacy = Some(Privacy {
                     clip: 1.0,
                     noise_multiplier: 1.0,
@@ -1474,6 +1475,17 @@ mod tests {
             let err = secure(edit).unwrap_err();
             assert!(err.contains(what), "{what}: {err}");
         }
+        assert_eq!(
+            secure(|s| {
+                s.privacy = Some(Privacy {
+                    clip: 1.0,
+                    noise_multiplier: 1.0,
+                    delta: 1e-5,
+                    epsilon: None,
+                })
+            }),
+            Ok(())
+        );
         // With clusters of four or more, a robust rule applies over the clusters' sums.
         assert_eq!(
             secure(|s| {

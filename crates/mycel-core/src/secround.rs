@@ -43,9 +43,8 @@
 //! majority of the round's participants; a setup naming the coordinator itself, or of fewer
 //! than three, is refused). Across rounds, sums over two sets of participants of the same
 //! model, one set inside the other, give the difference: the driver reveals shares once per
-//! coordinator, job and round and once per training's inputs, which stops the exact form of
-//! this but not a coordinator that changes the model a little in between (what differential
-//! privacy is for).
+//! coordinator, job and round, which stops a replayed round but not the same model under
+//! another label (what differential privacy bounds).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -88,6 +87,37 @@ pub struct Setup {
     /// What an update's samples are divided by to weigh it (the samples the participants
     /// announced, together): keeps weighted values within the fixed-point range.
     pub scale: u64,
+    /// Distributed differential privacy: each participant clips its update and adds its
+    /// share of the noise ([`noised`]). Not encoded when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<Noise>,
+}
+
+/// Each participant's part of distributed DP-FedAvg: clip its update to L2 norm `clip`, add
+/// Gaussian noise of standard deviation `std` to each value, weigh it 1. With `std` =
+/// σ·clip/√m and at least m updates in the sum, the sum carries noise of standard deviation
+/// at least σ·clip, what central DP-FedAvg adds at the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Noise {
+    /// L2 norm each update is clipped to.
+    pub clip: f32,
+    /// Standard deviation of the noise each participant adds to each value.
+    pub std: f64,
+}
+
+/// `delta` clipped and noised as `noise` says, packed with weight 1 and no loss (a private
+/// job publishes none): what a participant masks in a differentially private round. `rng`
+/// must be secret.
+pub fn noised(delta: &[f32], noise: &Noise, rng: &mut impl rand::Rng) -> Vec<f32> {
+    use rand_distr::Distribution;
+    let mut clipped = delta.to_vec();
+    crate::dp::clip(&mut clipped, noise.clip);
+    if let Ok(normal) = rand_distr::Normal::new(0.0, noise.std) {
+        for v in &mut clipped {
+            *v = (f64::from(*v) + normal.sample(rng)) as f32;
+        }
+    }
+    pack(&clipped, 1, 0.0, 1)
 }
 
 impl Setup {
@@ -101,6 +131,15 @@ impl Setup {
                 .collect(),
             threshold: threshold(participants.len(), fraction) as u32,
             scale: scale.max(1),
+            noise: None,
+        }
+    }
+
+    /// The setup with distributed differential privacy.
+    pub fn with_noise(self, noise: Noise) -> Self {
+        Self {
+            noise: Some(noise),
+            ..self
         }
     }
 
@@ -115,6 +154,14 @@ impl Setup {
         secagg::check_threshold(self.threshold as usize, count).map_err(|e| e.to_string())?;
         if self.scale == 0 {
             return Err("the weight scale must be at least 1".into());
+        }
+        if let Some(noise) = &self.noise {
+            let clip = f64::from(noise.clip);
+            // Noised values must stay far inside the fixed-point range.
+            let in_range = |x: f64| x.is_finite() && x > 0.0 && x <= 1e3;
+            if !(in_range(clip) && in_range(noise.std)) {
+                return Err("the noise's clip and standard deviation must be in (0, 1000]".into());
+            }
         }
         let peers = self
             .participants
@@ -676,11 +723,12 @@ impl Participant {
         {
             return bad("the senders named are not this participant's sharers");
         }
-        if list.len() < self.threshold {
+        // A sum of fewer than three would let its coordinator and one more learn an update.
+        let least = self.threshold.max(MIN_PARTICIPANTS);
+        if list.len() < least {
             return Err(RoundError::TooFew(format!(
-                "{} participants sent their update, the threshold is {}",
+                "{} participants sent their update, the round needs {least}",
                 list.len(),
-                self.threshold
             )));
         }
         let signature = keypair
@@ -761,6 +809,8 @@ pub struct Summed {
     pub contributors: Vec<(usize, u64, ContentId)>,
     /// A participant whose revealed shares did not rebuild a secret (left out to finish).
     pub blamed: Option<usize>,
+    /// The updates' weights together (the mean times this is the sum).
+    pub weight: f32,
 }
 
 /// The coordinator's side of one round (it holds only what participants sent it: public
@@ -1069,10 +1119,13 @@ impl Coordinator {
             }
             Err(e) => return Err(e),
         };
-        let (delta, loss) = unpack(&secagg::decode(&sum))?;
+        let decoded = secagg::decode(&sum);
+        let weight = decoded[decoded.len().saturating_sub(2)];
+        let (delta, loss) = unpack(&decoded)?;
         Ok(Summed {
             delta,
             loss,
+            weight,
             contributors: self
                 .masked
                 .iter()
@@ -1585,6 +1638,37 @@ mod tests {
         assert!(
             Participant::new(&Keypair::generate_ed25519(), JOB, 3, &r.setup, &mut rng(3)).is_err()
         );
+    }
+
+    #[test]
+    fn a_private_update_is_clipped_noised_and_weighs_one() {
+        use rand::SeedableRng;
+        let noise = Noise {
+            clip: 1.0,
+            std: 0.5,
+        };
+        let big = vec![3.0f32; 10_000];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let out = noised(&big, &noise, &mut rng);
+        assert_eq!(out.len(), 10_002);
+        assert_eq!(&out[10_000..], &[1.0, 0.0], "weight 1, no loss");
+        // Clipped to norm 1 (each value 0.01), then noise of standard deviation 0.5.
+        let values = &out[..10_000];
+        let mean = values.iter().map(|v| f64::from(*v)).sum::<f64>() / 1e4;
+        let var = values
+            .iter()
+            .map(|v| (f64::from(*v) - mean).powi(2))
+            .sum::<f64>()
+            / 1e4;
+        assert!((mean - 0.01).abs() < 0.02, "mean {mean}");
+        assert!((var.sqrt() - 0.5).abs() < 0.02, "std {}", var.sqrt());
+        let mut setup = round(3).setup.with_noise(noise);
+        setup.check().unwrap();
+        setup.noise = Some(Noise {
+            clip: f32::NAN,
+            std: 1.0,
+        });
+        assert!(setup.check().is_err());
     }
 
     #[test]

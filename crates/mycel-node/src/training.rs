@@ -274,7 +274,7 @@ pub struct Training {
     /// Leaves securely aggregated rounds right after sharing (tests, benchmarks).
     drop_after_shares: bool,
     /// What this node revealed secure-aggregation shares for: digests of (coordinator, job,
-    /// round) and of the training's inputs.
+    /// round).
     revealed: Mutex<std::collections::VecDeque<[u8; 32]>>,
 }
 
@@ -540,7 +540,11 @@ impl Training {
             }
         };
         let samples = dataset.data.len() as u64;
-        let values = secround::pack(&delta, samples, loss, round.scale());
+        let values = match &setup.noise {
+            // Distributed DP: clipped, noised from the OS's randomness, weighing 1.
+            Some(noise) => secround::noised(&delta, noise, &mut StdRng::from_entropy()),
+            None => secround::pack(&delta, samples, loss, round.scale()),
+        };
         let masked = match round.mask(&inbox, &values, samples, dataset.digest) {
             Ok(masked) => masked,
             // Shares that do not open: say whose, with this round's sealing secret for the
@@ -571,8 +575,7 @@ impl Training {
         // (deterministically trained) updates would give one update.
         if !self.reveal_once(from, request) {
             return Err(Refuse::Other(format!(
-                "this node already revealed its shares for round {} of job {}, or for the \
-                 same training",
+                "this node already revealed its shares for round {} of job {}",
                 request.round, request.job
             )));
         }
@@ -581,9 +584,10 @@ impl Training {
     }
 
     /// Records that this node reveals its shares for `request` from `coordinator`: false
-    /// when it did before for that coordinator's job and round, or for the same training
-    /// (model, data, weights, local training and seed) whoever asked (remembered for the
-    /// last [`REVEALS_KEPT`] reveals).
+    /// when it did before for that coordinator's job and round (remembered for the last
+    /// [`REVEALS_KEPT`] reveals). The same training under another job or round label is not
+    /// refused: an honest user may run it again, and a slightly changed model would evade
+    /// the check anyway (differences between rounds are what differential privacy bounds).
     fn reveal_once(&self, coordinator: PeerId, request: &TrainRequest) -> bool {
         let mut round = blake3::Hasher::new();
         round.update(b"mycel/secagg/revealed-round\0");
@@ -591,29 +595,15 @@ impl Training {
             &(coordinator.to_bytes(), request.job, request.round),
             &mut round,
         );
-        let mut inputs = blake3::Hasher::new();
-        inputs.update(b"mycel/secagg/revealed-inputs\0");
-        wire::hash_encoded(
-            &(
-                &request.model,
-                &request.dataset,
-                &request.weights,
-                request.train,
-                request.seed,
-            ),
-            &mut inputs,
-        );
-        let keys = [*round.finalize().as_bytes(), *inputs.finalize().as_bytes()];
+        let key = *round.finalize().as_bytes();
         let mut revealed = self.revealed.lock().unwrap_or_else(|e| e.into_inner());
-        if keys.iter().any(|k| revealed.contains(k)) {
+        if revealed.contains(&key) {
             return false;
         }
-        for key in keys {
-            if revealed.len() >= REVEALS_KEPT {
-                revealed.pop_front();
-            }
-            revealed.push_back(key);
+        if revealed.len() >= REVEALS_KEPT {
+            revealed.pop_front();
         }
+        revealed.push_back(key);
         true
     }
 
@@ -744,9 +734,21 @@ impl Training {
             if let Some(setup) = &request.secure {
                 // The head of a securely aggregated cluster coordinates its members' secure
                 // sum: it learns their sum, and the requester only the cluster's.
-                let min = setup.threshold;
+                // At least three in the sum, and done a little before this head must answer.
+                let min = setup.threshold.max(secround::MIN_PARTICIPANTS as u32);
+                let finish_by = deadline - Duration::from_millis(request.deadline_ms / 10);
                 let outcome = self
-                    .ask_secure(&peers, &forward, cut, parameters, &HashMap::new(), min)
+                    .ask_secure(
+                        &peers,
+                        &forward,
+                        SecureBounds {
+                            cut,
+                            min,
+                            finish_by: Some(finish_by),
+                        },
+                        parameters,
+                        &HashMap::new(),
+                    )
                     .await;
                 let why = outcome.why.join("; ");
                 return (
@@ -761,8 +763,10 @@ impl Training {
             (outcome.updates, outcome.gathered, None)
         };
         let local = self.train_local(&request, &global, &dataset, &stop, deadline);
-        let ((gathered_updates, gathered, summed), mine) = tokio::join!(gather, local);
-        let (delta, loss) = mine?;
+        // A head that cannot train (busy, too late) stops gathering at once: its members'
+        // secure sum would be learnt, and their one reveal spent, for nothing.
+        let ((gathered_updates, gathered, summed), (delta, loss)) =
+            futures::future::try_join(gather.map(Ok), local).await?;
         let samples = dataset.data.len() as u64;
         if request.members.is_empty() {
             let payload = match request.compression {
@@ -949,11 +953,15 @@ impl Training {
         &self,
         peers: &[Addressed],
         request: &TrainRequest,
-        cut: Instant,
+        bounds: SecureBounds,
         parameters: usize,
         samples_cap: &HashMap<PeerId, u64>,
-        min: u32,
     ) -> Outcome {
+        let SecureBounds {
+            cut,
+            min,
+            finish_by,
+        } = bounds;
         let mut outcome = Outcome::default();
         outcome.gathered.asked = peers.len() as u32;
         // The steps that involve no training are quick: one peer that never answers must not
@@ -1070,7 +1078,10 @@ impl Training {
             Err(e) => return secure_failed(outcome, live, e),
         };
         // Answered at once from here: the training is done.
-        let until = Instant::now() + UNMASK_GRACE / 2;
+        let mut until = Instant::now() + UNMASK_GRACE / 2;
+        if let Some(finish_by) = finish_by {
+            until = until.min(finish_by);
+        }
         let replies = self.step(&mut outcome, live, |_| &senders, until).await;
         live = self
             .settle(&mut outcome, replies, false, |i, reply| match reply {
@@ -1119,8 +1130,15 @@ impl Training {
             outcome.why.push("the unmasked sum is not finite".into());
             return outcome;
         }
+        // With distributed DP the requester divides the sum itself (by the expected number of
+        // participants, which does not depend on who sent).
+        let delta = if setup.noise.is_some() {
+            summed.delta.iter().map(|v| v * summed.weight).collect()
+        } else {
+            summed.delta
+        };
         outcome.summed = Some(Combined {
-            delta: summed.delta,
+            delta,
             samples: used.iter().map(|(s, _)| *s).fold(0u64, u64::saturating_add),
             loss: summed.loss,
             data: ContentId(*data.finalize().as_bytes()),
@@ -1612,6 +1630,7 @@ impl Training {
             // A private job's sample is secret, from the participants too: each gets a request
             // whose ticket names it alone.
             let private_requests: Vec<([Addressed; 1], TrainRequest)> = if spec.privacy.is_some()
+                && spec.secure_aggregation.is_none()
             {
                 flat_peers
                     .iter()
@@ -1631,7 +1650,9 @@ impl Training {
                 Vec::new()
             };
             let mut asks = Vec::new();
-            if spec.privacy.is_none() {
+            // A securely aggregated private job names its sample to its participants: each
+            // must check the others' keys.
+            if spec.privacy.is_none() || spec.secure_aggregation.is_some() {
                 let flat_ids: Vec<PeerId> = flat_peers.iter().map(|(p, _)| *p).collect();
                 if let Some(secure) = &spec.secure_aggregation {
                     // Updates are weighed by samples over all the participants' announced.
@@ -1639,8 +1660,17 @@ impl Training {
                         .iter()
                         .map(|p| samples.get(p).copied().unwrap_or(0))
                         .fold(0u64, u64::saturating_add);
-                    request.secure =
-                        Some(secround::Setup::new(&flat_ids, secure.threshold, scale));
+                    let mut setup = secround::Setup::new(&flat_ids, secure.threshold, scale);
+                    if let Some(privacy) = &spec.privacy {
+                        // Distributed DP: each participant adds its share of the noise, so
+                        // that the sum of at least the job's minimum carries σ·C.
+                        let share = f64::from(spec.participants.min).sqrt();
+                        setup = setup.with_noise(secround::Noise {
+                            clip: privacy.clip,
+                            std: privacy.noise_multiplier * f64::from(privacy.clip) / share,
+                        });
+                    }
+                    request.secure = Some(setup);
                 }
                 request.ticket = Some(JobTicket::sign(
                     &self.keypair,
@@ -1654,8 +1684,18 @@ impl Training {
                 } else if request.secure.is_some() {
                     let min = spec.participants.min;
                     asks.push(
-                        self.ask_secure(&flat_peers, &request, cut, parameters, &caps, min)
-                            .boxed(),
+                        self.ask_secure(
+                            &flat_peers,
+                            &request,
+                            SecureBounds {
+                                cut,
+                                min,
+                                finish_by: None,
+                            },
+                            parameters,
+                            &caps,
+                        )
+                        .boxed(),
                     );
                 } else {
                     asks.push(
@@ -1681,7 +1721,11 @@ impl Training {
             for peer in &selected {
                 *record.asked.entry(peer.to_string()).or_insert(0) += 1;
             }
-            if outcome.unmask_asked && outcome.summed.is_none() {
+            // In a clustered secure job the heads' secure sums are unmasked (and their means
+            // sent) by the time they answer: the round is not drawn again either.
+            let clusters_summed =
+                spec.secure_aggregation.is_some() && !head_requests.is_empty();
+            if outcome.unmask_asked && outcome.summed.is_none() && !clusters_summed {
                 bail!(
                     "round {round}: the securely aggregated sum could not be unmasked ({}); \
                      a round whose shares were asked for is not drawn again",
@@ -1692,7 +1736,20 @@ impl Training {
                 + outcome.summed.as_ref().map_or(0, |s| s.contributors);
             // A private round is never drawn again: the retried round would include each peer
             // more often than the accountant counts. It aggregates what arrived.
-            if contributors < spec.participants.min && spec.privacy.is_none() {
+            // A securely aggregated round that fell short unmasked nothing (it stops before
+            // the senders list): drawing it again releases nothing twice, private or not.
+            if contributors < spec.participants.min && clusters_summed {
+                bail!(
+                    "round {round}: only {contributors} updates arrived in the clusters' secure \
+                     sums, the job needs {}; a round whose clusters were summed is not drawn \
+                     again ({})",
+                    spec.participants.min,
+                    outcome.why.join("; ")
+                );
+            }
+            if contributors < spec.participants.min
+                && (spec.privacy.is_none() || spec.secure_aggregation.is_some())
+            {
                 attempts += 1;
                 if outcome.late > 0 {
                     late_attempts += 1;
@@ -1723,7 +1780,17 @@ impl Training {
             let gathered = outcome.gathered;
             let combined = match (&spec.privacy, outcome.summed.take()) {
                 // Securely aggregated: the sum is all there is.
-                (_, Some(summed)) => Ok(summed),
+                // Distributed DP: the noised sum over the expected number of participants.
+                (Some(_), Some(mut summed)) => {
+                    let expected = (spec.participants.fraction * eligible as f64).max(1.0);
+                    summed
+                        .delta
+                        .iter_mut()
+                        .for_each(|v| *v = (f64::from(*v) / expected) as f32);
+                    summed.loss = f32::NAN;
+                    Ok(summed)
+                }
+                (None, Some(summed)) => Ok(summed),
                 // The expected number of participants: it does not depend on who answered.
                 (Some(privacy), None) => combine_private(
                     privacy,
@@ -1736,8 +1803,8 @@ impl Training {
             };
             let combined = match combined {
                 Ok(combined) => combined,
-                Err(e) if spec.privacy.is_some() => {
-                    return Err(e.context(format!("round {round} of a private job")));
+                Err(e) if spec.privacy.is_some() || spec.secure_aggregation.is_some() => {
+                    return Err(e.context(format!("round {round} of a private or secure job")));
                 }
                 Err(e) => {
                     attempts += 1;
@@ -2122,6 +2189,16 @@ struct Selection {
 
 /// A peer and the addresses it announced.
 type Addressed = (PeerId, Vec<String>);
+
+/// When a secure round's steps end and how few senders it unmasks for.
+struct SecureBounds {
+    /// The end of the steps that wait for training.
+    cut: Instant,
+    /// Fewest senders to go on to the senders list.
+    min: u32,
+    /// When the last steps must be over (a head answering its own requester).
+    finish_by: Option<Instant>,
+}
 
 /// A participant still in a secure round: its peer id, index and stream.
 type SecureLink = (PeerId, usize, mycel_net::task::Stream);

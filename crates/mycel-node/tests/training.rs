@@ -885,3 +885,48 @@ async fn secure_sums_inside_clusters_equal_the_plain_clustered_job() {
         "{secure_root} bytes reached the root, {plain_root} in the clear"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_secure_job_adds_the_noise_at_the_participants() {
+    use mycel_core::dp::Accountant;
+    let root = tempfile::tempdir().unwrap();
+    let nodes = federation(root.path(), 3).await;
+    let mut secure = spec(3, 3);
+    secure.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    let plain = run(&nodes[0], secure.clone()).await;
+    // Distributed DP: every participant clips its update and adds a third of the noise's
+    // variance; the coordinator, which sees only the sum, adds none.
+    let mut private = secure;
+    private.privacy = Some(fl::Privacy {
+        clip: 1.0,
+        noise_multiplier: 1.0,
+        delta: 1e-5,
+        epsilon: None,
+    });
+    let noised = run(&nodes[0], private).await;
+    for (m, rounds) in noised.metrics.iter().zip(1u64..) {
+        let mut accountant = Accountant::new();
+        accountant.compose(1.0, 1.0, rounds).unwrap();
+        let want = accountant.epsilon(1e-5).unwrap();
+        let got = m.epsilon.expect("ε is reported");
+        assert!(
+            (got - want).abs() < 1e-9,
+            "round {rounds}: ε {got} vs {want}"
+        );
+        assert_eq!(m.participants, 3);
+        assert!(m.train_loss.is_nan(), "a private job publishes no loss");
+    }
+    // The noise is there: σ·C = 1 on the sum, a third of it on each weight of the mean.
+    let moved: f32 = noised
+        .weights
+        .iter()
+        .zip(&plain.weights)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / plain.weights.len() as f32;
+    assert!(noised.weights.iter().all(|w| w.is_finite()));
+    assert!(
+        moved > 0.1,
+        "the private model is only {moved} from the plain one on average"
+    );
+}

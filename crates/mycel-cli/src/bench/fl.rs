@@ -155,6 +155,18 @@ fn scenarios(n: usize, rounds: u32) -> Vec<Scenario> {
             }),
             ..base("iid-dp-eps8")
         },
+        // The same privacy with distributed noise: each participant clips and adds its share
+        // of the noise, under secure aggregation (the coordinator sees only the noised sum).
+        Scenario {
+            privacy: Some(mycel_core::fl::Privacy {
+                clip: 1.0,
+                noise_multiplier: noise_for(rounds, DP_EPSILON, DP_DELTA),
+                delta: DP_DELTA,
+                epsilon: Some(DP_EPSILON),
+            }),
+            secure: Some(mycel_core::fl::SecureAggregation { threshold: 0.5 }),
+            ..base("iid-dp-secagg-eps8")
+        },
         // Secure aggregation, with 3 of 10 participants (3 in 10 of them) leaving every
         // round after they shared their secrets: their masks are taken out with the others'
         // shares.
@@ -168,18 +180,11 @@ fn scenarios(n: usize, rounds: u32) -> Vec<Scenario> {
             ..base(&format!("iid-secagg-drop{}", (n * 3) / 10))
         },
         // Secure sums inside clusters of 4 (a short last cluster joins the one before),
-        // FedAvg over the clusters; and a median over them with 3 of 10 sign-flip attackers.
+        // FedAvg over the clusters.
         Scenario {
             secure: Some(mycel_core::fl::SecureAggregation { threshold: 0.5 }),
             cluster_size: 4,
             ..base("iid-clusters4-secagg")
-        },
-        Scenario {
-            secure: Some(mycel_core::fl::SecureAggregation { threshold: 0.5 }),
-            cluster_size: 4,
-            aggregator: AggregatorSpec::Median { iqr: None },
-            attack: Some(Attack::SignFlip),
-            ..base("attack-iid-sign_flip-median-clusters4-secagg")
         },
     ];
     for split in ["iid", "dirichlet0.5"] {
