@@ -554,6 +554,21 @@ impl SecureAggregation {
                     .into(),
             );
         }
+        if let Some(privacy) = &spec.privacy {
+            // Each participant's noise must fit the fixed point of the largest round.
+            let clip = f64::from(privacy.clip);
+            let std = privacy.noise_multiplier * clip / f64::from(spec.participants.min).sqrt();
+            let most = (spec.participants.max as usize).min(crate::secround::MAX_PARTICIPANTS);
+            let range = crate::secagg::range(most);
+            if clip + 6.0 * std > range {
+                return Err(format!(
+                    "privacy with secure_aggregation: each participant's noise (clip {clip}, \
+                     standard deviation {std:.3}) does not fit the fixed-point range of \
+                     {most} participants (±{range:.0}); lower privacy.clip or \
+                     participants.max, or raise participants.min"
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -575,10 +590,12 @@ fn default_deadline() -> u64 {
 ///
 /// With secure aggregation the noise is distributed instead: each participant clips its own
 /// update and adds Gaussian noise of standard deviation `noise_multiplier × clip /
-/// √participants.min` (a round unmasks only when at least that many sent, and a round that
-/// falls short unmasks nothing and is drawn again), the coordinator divides the noised sum by
-/// the expected number of participants, and the sample is named to the participants (each
-/// checks the others' keys).
+/// √participants.min` (a round unmasks only when at least that many sent; one that falls
+/// short releases nothing, leaves the model as it was and is charged), the coordinator divides
+/// the noised sum by the expected number of participants, and the sample is named to the
+/// participants (each checks the others' keys): the reported ε, which assumes a secret
+/// sample, holds against observers of the models, not against the coordinator or the round's
+/// participants.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Privacy {

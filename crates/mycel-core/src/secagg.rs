@@ -97,6 +97,12 @@ pub fn encode(values: &[f32], count: usize) -> Result<Vec<u32>, SecAggError> {
         .collect()
 }
 
+/// The largest value (in absolute terms) [`encode`] keeps for `count` participants: beyond
+/// it values are clamped.
+pub fn range(count: usize) -> f64 {
+    (i32::MAX as f64 / count.max(1) as f64).floor() / f64::from(1u32 << FRACTION_BITS)
+}
+
 /// A sum of [`encode`]d values back to floating point.
 pub fn decode(sum: &[u32]) -> Vec<f32> {
     sum.iter()

@@ -103,6 +103,9 @@ pub struct Noise {
     pub clip: f32,
     /// Standard deviation of the noise each participant adds to each value.
     pub std: f64,
+    /// Fewest senders whose noise adds up to what the job promises: a participant signs no
+    /// shorter senders list.
+    pub senders: u32,
 }
 
 /// `delta` clipped and noised as `noise` says, packed with weight 1 and no loss (a private
@@ -158,9 +161,21 @@ impl Setup {
         if let Some(noise) = &self.noise {
             let clip = f64::from(noise.clip);
             // Noised values must stay far inside the fixed-point range.
-            let in_range = |x: f64| x.is_finite() && x > 0.0 && x <= 1e3;
-            if !(in_range(clip) && in_range(noise.std)) {
-                return Err("the noise's clip and standard deviation must be in (0, 1000]".into());
+            let positive = |x: f64| x.is_finite() && x > 0.0;
+            if !(positive(clip) && positive(noise.std)) {
+                return Err("the noise's clip and standard deviation must be above 0".into());
+            }
+            // Noised values must not be clamped by the fixed point (six standard deviations).
+            if clip + 6.0 * noise.std > secagg::range(count) {
+                return Err(format!(
+                    "the noise (clip {clip}, standard deviation {}) does not fit the fixed-point \
+                     range of {count} participants, ±{:.0}",
+                    noise.std,
+                    secagg::range(count)
+                ));
+            }
+            if noise.senders as usize > count {
+                return Err("the noise needs more senders than the round has".into());
             }
         }
         let peers = self
@@ -488,6 +503,8 @@ pub struct Participant {
     signers: BTreeMap<usize, PublicKey>,
     /// The senders list this participant signed.
     confirmed: Vec<u32>,
+    /// Fewest senders the round's noise needs (0 without noise).
+    noise_senders: usize,
     /// The digest of the roster it accepted (binds its signature to this session).
     roster_digest: [u8; 32],
     /// The ciphers shared with each other roster member.
@@ -548,6 +565,7 @@ impl Participant {
             roster: BTreeMap::new(),
             signers: BTreeMap::new(),
             confirmed: Vec::new(),
+            noise_senders: setup.noise.map_or(0, |n| n.senders as usize),
             roster_digest: [0; 32],
             seals: BTreeMap::new(),
             held: BTreeMap::new(),
@@ -723,8 +741,9 @@ impl Participant {
         {
             return bad("the senders named are not this participant's sharers");
         }
-        // A sum of fewer than three would let its coordinator and one more learn an update.
-        let least = self.threshold.max(MIN_PARTICIPANTS);
+        // A sum of fewer than three would let its coordinator and one more learn an update;
+        // with distributed noise, fewer than the noise's senders would carry too little.
+        let least = self.threshold.max(MIN_PARTICIPANTS).max(self.noise_senders);
         if list.len() < least {
             return Err(RoundError::TooFew(format!(
                 "{} participants sent their update, the round needs {least}",
@@ -1646,6 +1665,7 @@ mod tests {
         let noise = Noise {
             clip: 1.0,
             std: 0.5,
+            senders: 3,
         };
         let big = vec![3.0f32; 10_000];
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
@@ -1667,6 +1687,20 @@ mod tests {
         setup.noise = Some(Noise {
             clip: f32::NAN,
             std: 1.0,
+            senders: 3,
+        });
+        assert!(setup.check().is_err());
+        // Noise the fixed point would clamp, or more senders than the round has: refused.
+        setup.noise = Some(Noise {
+            clip: 1.0,
+            std: 5000.0,
+            senders: 3,
+        });
+        assert!(setup.check().is_err());
+        setup.noise = Some(Noise {
+            clip: 1.0,
+            std: 0.5,
+            senders: 4,
         });
         assert!(setup.check().is_err());
     }

@@ -1668,6 +1668,7 @@ impl Training {
                         setup = setup.with_noise(secround::Noise {
                             clip: privacy.clip,
                             std: privacy.noise_multiplier * f64::from(privacy.clip) / share,
+                            senders: spec.participants.min,
                         });
                     }
                     request.secure = Some(setup);
@@ -1747,9 +1748,28 @@ impl Training {
                     outcome.why.join("; ")
                 );
             }
-            if contributors < spec.participants.min
-                && (spec.privacy.is_none() || spec.secure_aggregation.is_some())
-            {
+            // A private round is never drawn again (a redrawn sample would include each peer
+            // more often than the accountant's q). A securely aggregated private round that
+            // fell short released nothing: it is charged and leaves the model as it was.
+            let released_nothing = spec.privacy.is_some()
+                && spec.secure_aggregation.is_some()
+                && contributors < spec.participants.min;
+            if released_nothing {
+                warn!(
+                    job = %record.id, round, contributors,
+                    "too few updates for the round's noise ({contributors} of at least {}: {}); \
+                     the round releases nothing and is charged",
+                    spec.participants.min,
+                    outcome.why.join("; ")
+                );
+                outcome.summed = Some(Combined {
+                    delta: vec![0.0; parameters],
+                    samples: 0,
+                    loss: f32::NAN,
+                    data: ContentId([0; 32]),
+                    contributors: 0,
+                });
+            } else if contributors < spec.participants.min && spec.privacy.is_none() {
                 attempts += 1;
                 if outcome.late > 0 {
                     late_attempts += 1;
@@ -1780,7 +1800,8 @@ impl Training {
             let gathered = outcome.gathered;
             let combined = match (&spec.privacy, outcome.summed.take()) {
                 // Securely aggregated: the sum is all there is.
-                // Distributed DP: the noised sum over the expected number of participants.
+                // Distributed DP: the noised sum over the expected number of participants (a
+                // round that released nothing: no change).
                 (Some(_), Some(mut summed)) => {
                     let expected = (spec.participants.fraction * eligible as f64).max(1.0);
                     summed

@@ -929,4 +929,36 @@ async fn a_private_secure_job_adds_the_noise_at_the_participants() {
         moved > 0.1,
         "the private model is only {moved} from the plain one on average"
     );
+
+    // A fourth participant that leaves every round after sharing, and a job needing all four:
+    // each round falls short of the noise's senders, releases nothing, is charged all the
+    // same, and is not drawn again.
+    let mut config = with_data(
+        local_config(&root.path().join("p3"), addrs_of(&nodes[0]), false),
+        "sklearn-digits:train:3/4",
+    );
+    config.train_for = TrainFor::Coordinators(vec![nodes[0].net.peer_id()]);
+    config.train_drop_after_shares = true;
+    let _leaver = Node::start(config).await.unwrap();
+    wait_for_datasets(&nodes[0], 4).await;
+    let mut short = spec(2, 4);
+    short.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    short.privacy = Some(fl::Privacy {
+        clip: 1.0,
+        noise_multiplier: 1.0,
+        delta: 1e-5,
+        epsilon: None,
+    });
+    let nothing = run(&nodes[0], short).await;
+    for m in &nothing.metrics {
+        assert_eq!((m.participants, m.attempts), (0, 1), "{m:?}");
+        assert!(m.epsilon.is_some_and(|e| e > 0.0), "charged: {m:?}");
+    }
+    let dir = root.path().join("models");
+    std::fs::create_dir_all(&dir).unwrap();
+    assert_eq!(
+        round_model(&nodes[0], &nothing, 1, &dir),
+        nothing.weights,
+        "the model did not move"
+    );
 }
