@@ -239,9 +239,20 @@ mod tests {
             .replace("# threshold", "threshold")
             .replace("min = 2 ", "min = 3 ");
         let file = dir.path().join("secure.toml");
-        std::fs::write(&file, secure).unwrap();
+        std::fs::write(&file, &secure).unwrap();
         let spec = read_spec(&file).unwrap();
         assert_eq!(spec.secure_aggregation.map(|s| s.threshold), Some(0.5));
+        // And both at once: distributed noise under secure aggregation.
+        let both = secure
+            .replace("# [privacy]", "[privacy]")
+            .replace("# clip", "clip")
+            .replace("# noise_multiplier", "noise_multiplier")
+            .replace("# delta", "delta")
+            .replace("# epsilon", "epsilon");
+        let file = dir.path().join("both.toml");
+        std::fs::write(&file, both).unwrap();
+        let spec = read_spec(&file).unwrap();
+        assert!(spec.privacy.is_some() && spec.secure_aggregation.is_some());
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "dataset = \"digits\"\ncolour = 1\n").unwrap();
         assert!(read_spec(&bad).is_err());

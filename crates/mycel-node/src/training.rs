@@ -1537,6 +1537,19 @@ impl Training {
                 samples,
                 eligible,
             } = self.select(spec, record, seed).await?;
+            if spec.privacy.is_some()
+                && spec.secure_aggregation.is_some()
+                && selected.len() > secround::MAX_PARTICIPANTS
+            {
+                // A Poisson sample is not cut (that would change the sampling the accountant
+                // counts): a round this large cannot be summed securely.
+                bail!(
+                    "round {round}: {} participants sampled, more than the {} a securely \
+                     aggregated round allows; lower participants.fraction",
+                    selected.len(),
+                    secround::MAX_PARTICIPANTS
+                );
+            }
             let selected_ms = started.elapsed().as_secs_f64() * 1000.0;
             let deadline_ms = stretched(spec.round_deadline_ms, late_attempts);
             let request = TrainRequest {
