@@ -150,21 +150,22 @@ fn pair_seed(
         high.1.as_bytes(),
     ]
     .concat();
-    let mut seed = Zeroizing::new([0u8; 32]);
-    Hkdf::<Sha256>::new(Some(context), shared.as_bytes())
-        .expand(&info, seed.as_mut())
-        .expect("32 bytes is a valid HKDF-SHA256 length");
-    Ok(seed)
+    Ok(hkdf32(context, shared.as_bytes(), &info))
 }
 
 /// The round's self-mask seed, from a participant's self-mask secret: bound to the round, so
 /// that a secret revealed to unmask one round unmasks no other.
 fn self_mask_seed(secret: &[u8; 32], context: &[u8]) -> Zeroizing<[u8; 32]> {
-    let mut seed = Zeroizing::new([0u8; 32]);
+    hkdf32(context, secret, b"mycel/secagg/self/v1")
+}
+
+/// 32 bytes of HKDF-SHA256 from `secret`, salted with the round's `context`, for `info`.
+fn hkdf32(context: &[u8], secret: &[u8], info: &[u8]) -> Zeroizing<[u8; 32]> {
+    let mut out = Zeroizing::new([0u8; 32]);
     Hkdf::<Sha256>::new(Some(context), secret)
-        .expand(b"mycel/secagg/self/v1", seed.as_mut())
+        .expand(info, out.as_mut())
         .expect("32 bytes is a valid HKDF-SHA256 length");
-    seed
+    out
 }
 
 /// Adds (`add` true) or subtracts `mask` from `into`, modulo 2³².
@@ -371,11 +372,7 @@ fn seal_keys(
             to.1.as_bytes(),
         ]
         .concat();
-        let mut key = Zeroizing::new([0u8; 32]);
-        Hkdf::<Sha256>::new(Some(context), shared.as_bytes())
-            .expand(&info, key.as_mut())
-            .expect("32 bytes is a valid HKDF-SHA256 length");
-        key
+        hkdf32(context, shared.as_bytes(), &info)
     };
     Ok((
         key((me, &own), (other, &theirs)),

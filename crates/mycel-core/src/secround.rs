@@ -223,6 +223,16 @@ pub enum RoundError {
     Culprit(usize),
 }
 
+/// Whether `count` participants that `did` something are at least `threshold`.
+fn at_least(count: usize, threshold: usize, did: &str) -> Result<(), RoundError> {
+    if count < threshold {
+        return Err(RoundError::TooFew(format!(
+            "{count} participants {did}, the threshold is {threshold}"
+        )));
+    }
+    Ok(())
+}
+
 fn bad<T>(why: impl Into<String>) -> Result<T, RoundError> {
     Err(RoundError::Bad(why.into()))
 }
@@ -619,13 +629,7 @@ impl Participant {
         if !checked.contains_key(&self.index) {
             return bad("the roster does not hold this participant's keys");
         }
-        if checked.len() < self.threshold {
-            return Err(RoundError::TooFew(format!(
-                "{} participants in the roster, the threshold is {}",
-                checked.len(),
-                self.threshold
-            )));
-        }
+        at_least(checked.len(), self.threshold, "in the roster")?;
         let ids: Vec<usize> = checked.keys().copied().collect();
         let mut shares = self.secrets.shares(&ids, self.threshold, rng)?;
         let mine = shares
@@ -689,13 +693,7 @@ impl Participant {
                 return bad("two shares from one participant");
             }
         }
-        if held.len() < self.threshold {
-            return Err(RoundError::TooFew(format!(
-                "{} participants shared their secrets, the threshold is {}",
-                held.len(),
-                self.threshold
-            )));
-        }
+        at_least(held.len(), self.threshold, "shared their secrets")?;
         let publics: BTreeMap<usize, [u8; 32]> =
             held.keys().map(|u| (*u, self.roster[u])).collect();
         let encoded = secagg::encode(values, self.peers.len())?;
@@ -912,13 +910,7 @@ impl Coordinator {
 
     /// The roster to send every participant whose keys came; no keys are taken after it.
     pub fn roster(&mut self) -> Result<Vec<Keys>, RoundError> {
-        if self.keys.len() < self.threshold {
-            return Err(RoundError::TooFew(format!(
-                "{} participants sent their keys, the threshold is {}",
-                self.keys.len(),
-                self.threshold
-            )));
-        }
+        at_least(self.keys.len(), self.threshold, "sent their keys")?;
         let roster: Vec<Keys> = self.keys.values().map(|(_, k)| k.clone()).collect();
         self.roster_digest = Some(roster_digest(roster.iter()));
         Ok(roster)
@@ -946,14 +938,7 @@ impl Coordinator {
 
     /// Whether enough participants shared to go on.
     pub fn shared(&self) -> Result<(), RoundError> {
-        if self.sharers.len() < self.threshold {
-            return Err(RoundError::TooFew(format!(
-                "{} participants shared their secrets, the threshold is {}",
-                self.sharers.len(),
-                self.threshold
-            )));
-        }
-        Ok(())
+        at_least(self.sharers.len(), self.threshold, "shared their secrets")
     }
 
     /// The sharers (who are sent an inbox).
@@ -1031,13 +1016,11 @@ impl Coordinator {
 
     /// Those that sent their masked update, to ask for shares.
     pub fn senders(&self) -> Result<Vec<u32>, RoundError> {
-        if self.masked.len() < self.threshold {
-            return Err(RoundError::TooFew(format!(
-                "{} participants sent their masked update, the threshold is {}",
-                self.masked.len(),
-                self.threshold
-            )));
-        }
+        at_least(
+            self.masked.len(),
+            self.threshold,
+            "sent their masked update",
+        )?;
         Ok(self.masked.keys().map(|&u| u as u32).collect())
     }
 
@@ -1059,13 +1042,11 @@ impl Coordinator {
     /// The unmasking request: the senders list and at least a threshold of its members'
     /// signatures on it (those that signed are asked).
     pub fn unmasking(&self) -> Result<ToParticipant, RoundError> {
-        if self.confirmations.len() < self.threshold {
-            return Err(RoundError::TooFew(format!(
-                "{} participants signed the senders list, the threshold is {}",
-                self.confirmations.len(),
-                self.threshold
-            )));
-        }
+        at_least(
+            self.confirmations.len(),
+            self.threshold,
+            "signed the senders list",
+        )?;
         Ok(ToParticipant::Unmask {
             senders: self.masked.keys().map(|&u| u as u32).collect(),
             signatures: self
@@ -1116,13 +1097,11 @@ impl Coordinator {
     /// do not rebuild every secret and more than a threshold answered, the answer of each in
     /// turn is left out: one participant's bad shares do not fail the round (it is named).
     pub fn finish(&self) -> Result<Summed, RoundError> {
-        if self.reveals.len() < self.threshold {
-            return Err(RoundError::TooFew(format!(
-                "{} participants answered the unmasking request, the threshold is {}",
-                self.reveals.len(),
-                self.threshold
-            )));
-        }
+        at_least(
+            self.reveals.len(),
+            self.threshold,
+            "answered the unmasking request",
+        )?;
         let first = self.unmask(None);
         let (sum, blamed) = match first {
             Ok(sum) => (sum, None),

@@ -45,13 +45,24 @@ pub async fn write_frame<T: Serialize>(
     io: &mut (impl AsyncWrite + Unpin),
     value: &T,
 ) -> std::io::Result<()> {
+    write_framed(io, &frame(value)?).await
+}
+
+/// `value` as one frame, to be written (to several streams, say) with [`write_framed`]:
+/// encoded once.
+pub fn frame<T: Serialize>(value: &T) -> std::io::Result<Vec<u8>> {
     // The length prefix is written in place of 4 reserved bytes: one buffer, one write.
     let mut frame = vec![0u8; 4];
     wire::encode_into(value, &mut frame);
     let len = u32::try_from(frame.len() - 4)
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
     frame[..4].copy_from_slice(&len.to_le_bytes());
-    io.write_all(&frame).await?;
+    Ok(frame)
+}
+
+/// Writes a frame made by [`frame`].
+pub async fn write_framed(io: &mut (impl AsyncWrite + Unpin), frame: &[u8]) -> std::io::Result<()> {
+    io.write_all(frame).await?;
     io.flush().await
 }
 

@@ -105,9 +105,11 @@ pub struct NodeConfig {
     pub train_drop_after_shares: bool,
     /// Whose training jobs this node trains for (default: its own only).
     pub train_for: mycel_core::fl::TrainFor,
-    /// Seeds this node's secret random choices as a coordinator of private jobs (which
-    /// participants a round samples, the noise): the same seed replays a run. Whoever knows
-    /// it can take the noise out, so it must stay secret. `None`: from the OS.
+    /// Seeds this node's secret random choices in training: as a coordinator of private jobs,
+    /// which participants a round samples and the noise; as a participant of securely
+    /// aggregated rounds, its round keys, shares and noise. The same seed replays a run.
+    /// Whoever knows it can take the noise out and unmask the node's updates, so it must stay
+    /// secret. `None`: from the OS.
     pub training_seed: Option<u64>,
     /// The key of the operator that runs this node (created there if missing): the node
     /// announces the operator's word for it, and peers never pick two nodes of one operator

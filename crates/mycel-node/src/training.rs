@@ -28,7 +28,8 @@ use mycel_core::wire::{self, Rejection};
 use mycel_core::Keypair;
 use mycel_ml::train::{Classifier, Dataset, TrainParams};
 use mycel_net::task::{
-    read_frame, read_frame_sized, write_frame, FrameError, IncomingStreams, TRAIN_PROTOCOL,
+    read_frame, read_frame_sized, write_frame, write_framed, FrameError, IncomingStreams,
+    TRAIN_PROTOCOL,
 };
 use mycel_net::{NetHandle, PeerId};
 use mycel_store::Store;
@@ -269,7 +270,8 @@ pub struct Training {
     slots: Arc<Semaphore>,
     /// Rounds stopped because their requester went away (or their deadline passed).
     abandoned: AtomicU64,
-    /// Secret randomness of private jobs this node coordinates (sampling, noise).
+    /// This node's secret randomness for training: a private job's sampling and noise as its
+    /// coordinator; a secure round's keys, shares and noise as a participant.
     rng: Mutex<StdRng>,
     /// Leaves securely aggregated rounds right after sharing (tests, benchmarks).
     drop_after_shares: bool,
@@ -328,8 +330,8 @@ impl Training {
         }
     }
 
-    /// Seeds the secret random choices of the private jobs this node coordinates (see
-    /// `NodeConfig::training_seed`); without a seed they come from the OS.
+    /// Seeds this node's secret randomness in training (see `NodeConfig::training_seed`);
+    /// without a seed it comes from the OS.
     pub fn seeded(self, seed: Option<u64>) -> Self {
         match seed {
             Some(seed) => Self {
@@ -338,6 +340,12 @@ impl Training {
             },
             None => self,
         }
+    }
+
+    /// 32 bytes of this node's secret randomness (see `NodeConfig::training_seed`).
+    fn secret_seed(&self) -> [u8; 32] {
+        use rand::Rng;
+        self.rng.lock().unwrap_or_else(|e| e.into_inner()).gen()
     }
 
     /// Rounds this node is training now.
@@ -481,7 +489,7 @@ impl Training {
                 "a securely aggregated round whose setup names its coordinator".into(),
             ));
         }
-        let mut rng = secret_rng();
+        let mut rng = secround::secret_rng(self.secret_seed());
         let (mut round, keys) =
             secround::Participant::new(&self.keypair, request.job, request.round, setup, &mut rng)
                 .map_err(refusal)?;
@@ -542,7 +550,9 @@ impl Training {
         let samples = dataset.data.len() as u64;
         let values = match &setup.noise {
             // Distributed DP: clipped, noised from the OS's randomness, weighing 1.
-            Some(noise) => secround::noised(&delta, noise, &mut StdRng::from_entropy()),
+            Some(noise) => {
+                secround::noised(&delta, noise, &mut StdRng::from_seed(self.secret_seed()))
+            }
             None => secround::pack(&delta, samples, loss, round.scale()),
         };
         let masked = match round.mask(&inbox, &values, samples, dataset.digest) {
@@ -850,25 +860,28 @@ impl Training {
         parameters: usize,
         samples_cap: &HashMap<PeerId, u64>,
     ) -> Outcome {
-        let body = wire::encode(request);
+        let body = own_frame(request);
         // A plain participant speaks for itself; a head for at most itself and its members.
         let most_contributors = 1 + request.members.len() as u32;
         let mut pending: FuturesUnordered<_> = peers
             .iter()
             .map(|(peer, addrs)| {
-                let (peer, addrs) = (*peer, addrs.clone());
+                let body = &body;
                 async move {
-                    let result =
-                        tokio::time::timeout_at(cut.into(), self.ask(peer, &addrs, request))
-                            .await
-                            .map_err(|_| anyhow::Error::new(Late));
-                    (peer, result.and_then(|r| r))
+                    let asking = async {
+                        let mut stream = self.send_request(*peer, addrs, body).await?;
+                        read_reply::<TrainReply>(&mut stream).await
+                    };
+                    let result = tokio::time::timeout_at(cut.into(), asking)
+                        .await
+                        .map_err(|_| anyhow::Error::new(Late));
+                    (*peer, result.and_then(|r| r))
                 }
             })
             .collect();
         let mut outcome = Outcome::default();
         outcome.gathered.asked = peers.len() as u32;
-        outcome.gathered.bytes_down = (body.len() as u64 + 4) * peers.len() as u64;
+        outcome.gathered.bytes_down = body.len() as u64 * peers.len() as u64;
         while let Some((peer, result)) = pending.next().await {
             match result {
                 Ok((TrainReply::Update { update, gathered }, bytes)) => {
@@ -924,23 +937,53 @@ impl Training {
                     outcome.gathered.dropped += most_contributors;
                     outcome.note(peer, format_args!("refused: {why}"));
                 }
-                Err(e) if e.downcast_ref::<Rejection>().is_some() => {
-                    warn!(%peer, round = request.round, "reply rejected: {e:#}");
-                    outcome.gathered.rejected += 1;
-                    outcome.note(peer, format_args!("{e:#}"));
-                }
-                Err(e) => {
-                    debug!(%peer, "participant dropped: {e:#}");
-                    if e.downcast_ref::<Late>().is_some() {
-                        outcome.late += 1;
-                    }
-                    outcome.gathered.dropped += 1;
-                    outcome.dropped.push(peer);
-                    outcome.note(peer, format_args!("{e:#}"));
-                }
+                Err(e) => self.lost(&mut outcome, peer, &e, true).await,
             }
         }
         outcome
+    }
+
+    /// A peer that gave no reply: penalised when what it sent was refused (counted
+    /// rejected), counted dropped otherwise (and late, when it missed a deadline that waits
+    /// for training and `counts_late`).
+    async fn lost(
+        &self,
+        outcome: &mut Outcome,
+        peer: PeerId,
+        e: &anyhow::Error,
+        counts_late: bool,
+    ) {
+        if let Some(reason) = e.downcast_ref::<Rejection>() {
+            warn!(%peer, "reply rejected: {e:#}");
+            self.net.penalise(peer, *reason).await;
+            outcome.gathered.rejected += 1;
+        } else {
+            debug!(%peer, "participant dropped: {e:#}");
+            if counts_late && e.downcast_ref::<Late>().is_some() {
+                outcome.late += 1;
+            }
+            outcome.gathered.dropped += 1;
+            outcome.dropped.push(peer);
+        }
+        outcome.note(peer, format_args!("{e:#}"));
+    }
+
+    /// Opens a training stream to `peer` (at `addrs` too, if given) and sends it `frame`.
+    async fn send_request(
+        &self,
+        peer: PeerId,
+        addrs: &[String],
+        frame: &[u8],
+    ) -> anyhow::Result<mycel_net::task::Stream> {
+        if !addrs.is_empty() {
+            // A cluster head may be asked to gather members it never met: the coordinator
+            // passes on where they listen.
+            let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            self.net.add_addresses(peer, addrs).await?;
+        }
+        let mut stream = self.net.open_bulk_stream(peer, TRAIN_PROTOCOL).await?;
+        write_framed(&mut stream, frame).await?;
+        Ok(stream)
     }
 
     /// A securely aggregated round with `peers`, whom `request.secure` names in this order:
@@ -984,29 +1027,26 @@ impl Training {
                 }
             };
         // The request on a stream of its own to each, answered with the participant's keys.
-        let request_bytes = wire::encode(request).len() as u64 + 4;
+        let body = own_frame(request);
         let opening_cut = quick();
-        let opened = futures::future::join_all(peers.iter().enumerate().map(
-            |(index, (peer, addrs))| async move {
-                let opening = async {
-                    if !addrs.is_empty() {
-                        let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
-                        self.net.add_addresses(*peer, addrs).await?;
+        let opened =
+            futures::future::join_all(peers.iter().enumerate().map(|(index, (peer, addrs))| {
+                let body = &body;
+                async move {
+                    let opening = async {
+                        let mut stream = self.send_request(*peer, addrs, body).await?;
+                        let reply = secure_reply(&mut stream).await;
+                        anyhow::Ok((stream, reply))
+                    };
+                    match tokio::time::timeout_at(opening_cut.into(), opening).await {
+                        Ok(Ok((stream, reply))) => (*peer, index, Some(stream), reply),
+                        Ok(Err(e)) => (*peer, index, None, Err(e)),
+                        Err(_) => (*peer, index, None, Err(anyhow::Error::new(Late))),
                     }
-                    let mut stream = self.net.open_bulk_stream(*peer, TRAIN_PROTOCOL).await?;
-                    write_frame(&mut stream, request).await?;
-                    let reply = secure_reply(&mut stream).await;
-                    anyhow::Ok((stream, reply))
-                };
-                match tokio::time::timeout_at(opening_cut.into(), opening).await {
-                    Ok(Ok((stream, reply))) => (*peer, index, Some(stream), reply),
-                    Ok(Err(e)) => (*peer, index, None, Err(e)),
-                    Err(_) => (*peer, index, None, Err(anyhow::Error::new(Late))),
                 }
-            },
-        ))
-        .await;
-        outcome.gathered.bytes_down += request_bytes * peers.len() as u64;
+            }))
+            .await;
+        outcome.gathered.bytes_down += body.len() as u64 * peers.len() as u64;
         let mut live = self
             .settle(&mut outcome, opened, false, |i, reply| match reply {
                 FromParticipant::Keys(keys) => round.keys(i, keys),
@@ -1014,7 +1054,7 @@ impl Training {
             })
             .await;
         let roster = match round.roster() {
-            Ok(roster) => ToParticipant::Roster(roster),
+            Ok(roster) => own_frame(&ToParticipant::Roster(roster)),
             Err(e) => return secure_failed(outcome, live, e),
         };
         let replies = self.step(&mut outcome, live, |_| &roster, quick()).await;
@@ -1027,9 +1067,9 @@ impl Training {
         if let Err(e) = round.shared() {
             return secure_failed(outcome, live, e);
         }
-        let inboxes: HashMap<usize, ToParticipant> = live
+        let inboxes: HashMap<usize, Vec<u8>> = live
             .iter()
-            .map(|(_, i, _)| (*i, ToParticipant::Inbox(round.inbox(*i))))
+            .map(|(_, i, _)| (*i, own_frame(&ToParticipant::Inbox(round.inbox(*i)))))
             .collect();
         let replies = self.step(&mut outcome, live, |i| &inboxes[&i], cut).await;
         let mut culprits = Vec::new();
@@ -1067,7 +1107,9 @@ impl Training {
         // Too few to make the round count: it stops before anything is unmasked (a sum is
         // unmasked at most once per round: two over nested sets would give one update).
         let senders = match round.senders() {
-            Ok(senders) if senders.len() >= min as usize => ToParticipant::Confirm(senders),
+            Ok(senders) if senders.len() >= min as usize => {
+                own_frame(&ToParticipant::Confirm(senders))
+            }
             Ok(senders) => {
                 let e = RoundError::TooFew(format!(
                     "{} participants sent their masked update, the job needs {min}",
@@ -1090,7 +1132,7 @@ impl Training {
             })
             .await;
         let unmasking = match round.unmasking() {
-            Ok(unmasking) => unmasking,
+            Ok(unmasking) => own_frame(&unmasking),
             Err(e) => return secure_failed(outcome, live, e),
         };
         // From here a sum may be unmasked: the round is not drawn again, whatever happens.
@@ -1153,17 +1195,17 @@ impl Training {
         &self,
         outcome: &mut Outcome,
         live: Vec<SecureLink>,
-        step: impl Fn(usize) -> &'a ToParticipant,
+        step: impl Fn(usize) -> &'a [u8],
         until: Instant,
     ) -> Vec<SecureReply> {
         for (_, i, _) in &live {
-            outcome.gathered.bytes_down += wire::encode(step(*i)).len() as u64 + 4;
+            outcome.gathered.bytes_down += step(*i).len() as u64;
         }
         futures::future::join_all(live.into_iter().map(|(peer, i, mut stream)| {
-            let message = step(i);
+            let frame = step(i);
             async move {
                 let exchange = async {
-                    write_frame(&mut stream, message).await?;
+                    write_framed(&mut stream, frame).await?;
                     secure_reply(&mut stream).await
                 };
                 let reply = match tokio::time::timeout_at(until.into(), exchange).await {
@@ -1207,24 +1249,10 @@ impl Training {
                         }
                     }
                 }
-                Err(e) if e.downcast_ref::<Rejection>().is_some() => {
-                    if let Some(reason) = e.downcast_ref::<Rejection>() {
-                        self.net.penalise(peer, *reason).await;
-                    }
-                    warn!(%peer, "secure round: reply rejected: {e:#}");
-                    outcome.gathered.rejected += 1;
-                    outcome.note(peer, format_args!("{e:#}"));
-                    Some(())
-                }
                 Err(e) => {
-                    debug!(%peer, "secure round: participant dropped: {e:#}");
-                    // Late in the step that waits for training: the deadline may be short.
-                    if training && e.downcast_ref::<Late>().is_some() {
-                        outcome.late += 1;
-                    }
-                    outcome.gathered.dropped += 1;
-                    outcome.dropped.push(peer);
-                    outcome.note(peer, format_args!("{e:#}"));
+                    // Late only in the step that waits for training: the deadline may be
+                    // short; the quick steps' lateness is not the training's.
+                    self.lost(outcome, peer, &e, training).await;
                     Some(())
                 }
             };
@@ -1233,34 +1261,6 @@ impl Training {
             }
         }
         live
-    }
-
-    /// One request and its reply, with the reply's size on the wire.
-    async fn ask(
-        &self,
-        peer: PeerId,
-        addrs: &[String],
-        request: &TrainRequest,
-    ) -> anyhow::Result<(TrainReply, u64)> {
-        if !addrs.is_empty() {
-            // A cluster head may be asked to gather members it never met: the coordinator
-            // passes on where they listen.
-            let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
-            self.net.add_addresses(peer, addrs).await?;
-        }
-        let mut stream = self.net.open_bulk_stream(peer, TRAIN_PROTOCOL).await?;
-        write_frame(&mut stream, request).await?;
-        let (reply, bytes): (TrainReply, usize) =
-            match read_frame_sized(&mut stream, fl::MAX_UPDATE_BYTES).await {
-                Ok(Some(reply)) => reply,
-                Ok(None) => bail!("the participant closed the stream"),
-                Err(FrameError::Io(e)) => return Err(e.into()),
-                Err(FrameError::Rejected(reason)) => {
-                    self.net.penalise(peer, reason).await;
-                    return Err(anyhow::Error::new(reason).context("the participant's reply"));
-                }
-            };
-        Ok((reply, bytes as u64 + 4))
     }
 
     /// Starts `spec` in the background (or resumes it, if it ran here before and did not
@@ -2250,8 +2250,18 @@ type SecureReply = (
 async fn secure_reply(
     stream: &mut mycel_net::task::Stream,
 ) -> anyhow::Result<(FromParticipant, u64)> {
+    match read_reply(stream).await? {
+        (FromParticipant::Refused(why), _) => bail!("refused: {why}"),
+        reply => Ok(reply),
+    }
+}
+
+/// A participant's reply frame, with its size on the wire; a frame refused (too large, not
+/// decoding) as the [`Rejection`] it is, for its sender to pay.
+async fn read_reply<T: serde::de::DeserializeOwned>(
+    stream: &mut mycel_net::task::Stream,
+) -> anyhow::Result<(T, u64)> {
     match read_frame_sized(stream, fl::MAX_UPDATE_BYTES).await {
-        Ok(Some((FromParticipant::Refused(why), _))) => bail!("refused: {why}"),
         Ok(Some((reply, bytes))) => Ok((reply, bytes as u64 + 4)),
         Ok(None) => bail!("the participant closed the stream"),
         Err(FrameError::Io(e)) => Err(e.into()),
@@ -2259,6 +2269,11 @@ async fn secure_reply(
             Err(anyhow::Error::new(reason).context("the participant's reply"))
         }
     }
+}
+
+/// A frame this node built from its own values (far below the 4 GiB a frame can hold).
+fn own_frame<T: Serialize>(value: &T) -> Vec<u8> {
+    mycel_net::task::frame(value).expect("a frame this node builds fits in 4 GiB")
 }
 
 /// A secure round that cannot go on: its streams close (the participants stop), and why.
@@ -2341,14 +2356,6 @@ struct Combined {
     loss: f32,
     data: ContentId,
     contributors: u32,
-}
-
-/// Secret randomness for a securely aggregated round's keys and shares: seeded from the OS.
-fn secret_rng() -> secround::SecretRng {
-    use rand::RngCore;
-    let mut seed = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut seed);
-    secround::secret_rng(seed)
 }
 
 /// How a participant answers a step of a securely aggregated round that cannot go on.

@@ -105,6 +105,15 @@ fn scenarios(n: usize, rounds: u32) -> Vec<Scenario> {
         secure: None,
         dropouts: 0,
     };
+    // DP-FedAvg spending at most ε = 8 at δ = 1e-5 over the job (the private issue's target)
+    // with every participant in every round; secure aggregation at a majority threshold.
+    let dp_eps8 = Some(mycel_core::fl::Privacy {
+        clip: 1.0,
+        noise_multiplier: noise_for(rounds, DP_EPSILON, DP_DELTA),
+        delta: DP_DELTA,
+        epsilon: Some(DP_EPSILON),
+    });
+    let secure = Some(mycel_core::fl::SecureAggregation { threshold: 0.5 });
     let robust = [
         AggregatorSpec::Fedavg { iqr: None },
         AggregatorSpec::MultiKrum {
@@ -147,42 +156,32 @@ fn scenarios(n: usize, rounds: u32) -> Vec<Scenario> {
         // DP-FedAvg with central noise: every participant in every round, the noise the
         // rounds need to spend at most ε = 8 at δ = 1e-5 (the private issue's target).
         Scenario {
-            privacy: Some(mycel_core::fl::Privacy {
-                clip: 1.0,
-                noise_multiplier: noise_for(rounds, DP_EPSILON, DP_DELTA),
-                delta: DP_DELTA,
-                epsilon: Some(DP_EPSILON),
-            }),
+            privacy: dp_eps8,
             ..base("iid-dp-eps8")
         },
         // The same privacy with distributed noise: each participant clips and adds its share
         // of the noise, under secure aggregation (the coordinator sees only the noised sum).
         Scenario {
-            privacy: Some(mycel_core::fl::Privacy {
-                clip: 1.0,
-                noise_multiplier: noise_for(rounds, DP_EPSILON, DP_DELTA),
-                delta: DP_DELTA,
-                epsilon: Some(DP_EPSILON),
-            }),
-            secure: Some(mycel_core::fl::SecureAggregation { threshold: 0.5 }),
+            privacy: dp_eps8,
+            secure,
             ..base("iid-dp-secagg-eps8")
         },
         // Secure aggregation, with 3 of 10 participants (3 in 10 of them) leaving every
         // round after they shared their secrets: their masks are taken out with the others'
         // shares.
         Scenario {
-            secure: Some(mycel_core::fl::SecureAggregation { threshold: 0.5 }),
+            secure,
             ..base("iid-secagg")
         },
         Scenario {
-            secure: Some(mycel_core::fl::SecureAggregation { threshold: 0.5 }),
+            secure,
             dropouts: (n * 3) / 10,
             ..base(&format!("iid-secagg-drop{}", (n * 3) / 10))
         },
         // Secure sums inside clusters of 4 (a short last cluster joins the one before),
         // FedAvg over the clusters.
         Scenario {
-            secure: Some(mycel_core::fl::SecureAggregation { threshold: 0.5 }),
+            secure,
             cluster_size: 4,
             ..base("iid-clusters4-secagg")
         },
