@@ -237,11 +237,15 @@ mod tests {
         let secure = text
             .replace("# [secure_aggregation]", "[secure_aggregation]")
             .replace("# threshold", "threshold")
+            .replace("# neighbours =", "neighbours =")
             .replace("min = 2 ", "min = 3 ");
         let file = dir.path().join("secure.toml");
         std::fs::write(&file, &secure).unwrap();
         let spec = read_spec(&file).unwrap();
-        assert_eq!(spec.secure_aggregation.map(|s| s.threshold), Some(0.5));
+        assert_eq!(
+            spec.secure_aggregation.map(|s| (s.threshold, s.neighbours)),
+            Some((0.5, 0))
+        );
         // And both at once: distributed noise under secure aggregation.
         let both = secure
             .replace("# [privacy]", "[privacy]")

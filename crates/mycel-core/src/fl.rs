@@ -510,6 +510,16 @@ pub struct SecureAggregation {
     /// of its participants is left, and no fewer can unmask anyone.
     #[serde(default = "half")]
     pub threshold: f64,
+    /// Neighbourhoods (SecAgg+): each participant masks with and shares its secrets among
+    /// this many others (rounded up to an even number), so its work grows with this, not
+    /// with the round's size; the threshold is then the share of a neighbourhood. 0 (the
+    /// default), or at least the round's size: everyone with everyone.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub neighbours: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 fn half() -> f64 {
@@ -520,6 +530,14 @@ impl SecureAggregation {
     fn check(&self, spec: &JobSpec) -> Result<(), String> {
         if !(0.5..=1.0).contains(&self.threshold) {
             return Err("secure_aggregation.threshold must be in [0.5, 1]".into());
+        }
+        if self.neighbours == 1 || self.neighbours > crate::secround::MAX_PARTICIPANTS as u32 {
+            return Err(format!(
+                "secure_aggregation.neighbours must be 0 (everyone) or 2 to {}: a participant \
+                 shares its secrets among itself and its neighbours, and a majority of them \
+                 rebuilds them",
+                crate::secround::MAX_PARTICIPANTS
+            ));
         }
         let clustered = spec.cluster_size > 1;
         if !clustered && spec.aggregator != (AggregatorSpec::Fedavg { iqr: None }) {
@@ -1459,11 +1477,18 @@ mod tests {
         let secure = |edit: fn(&mut JobSpec)| {
             let mut s = spec();
             s.participants.min = 3;
-            s.secure_aggregation = Some(SecureAggregation { threshold: 0.5 });
+            s.secure_aggregation = Some(SecureAggregation {
+                threshold: 0.5,
+                neighbours: 0,
+            });
             edit(&mut s);
             s.check()
         };
         assert_eq!(secure(|_| {}), Ok(()));
+        assert_eq!(
+            secure(|s| s.secure_aggregation.as_mut().unwrap().neighbours = 6),
+            Ok(())
+        );
         for (what, edit) in [
             (
                 "threshold",
@@ -1488,6 +1513,9 @@ mod tests {
                 })
             }),
             ("participants.min", |s| s.participants.min = 2),
+            ("neighbours", |s| {
+                s.secure_aggregation.as_mut().unwrap().neighbours = 1
+            }),
         ] {
             let err = secure(edit).unwrap_err();
             assert!(err.contains(what), "{what}: {err}");

@@ -26,8 +26,16 @@
 //! derived from the two participants' sealing keys, so the aggregator reads none of them even
 //! after it rebuilds a dropped participant's mask key. Everything here is pure: randomness
 //! comes in as a caller's RNG; the messages of a round are [`crate::secround`]'s.
+//!
+//! Neighbourhoods (SecAgg+, Bell et al., "Secure Single-Server Aggregation with
+//! (Poly)Logarithmic Overhead", CCS 2020): instead of every pair, each participant masks with
+//! and shares its secrets among only its `k` neighbours in a [`Graph`] (a ring in an order no
+//! participant picks), so a participant's key agreements, shares and mask expansions grow
+//! with `k`, not with the round's size. The threshold is then a majority of a neighbourhood
+//! (the participant and its `k` neighbours), and the sum stays one of many updates as long as
+//! each sender keeps neighbours among the senders ([`crate::secround`] checks it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chacha20::cipher::{KeyIvInit, StreamCipher};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -75,6 +83,9 @@ pub enum SecAggError {
     /// Fewer participants sent their updates than the threshold.
     #[error("{0} participants sent their updates; the threshold is {1}")]
     TooFew(usize, usize),
+    /// A neighbourhood graph that cannot be built.
+    #[error("{0}")]
+    Graph(String),
     /// A sealed pair of shares that does not open (altered, or not for this pair and round).
     #[error("the shares participant {0} sealed for participant {1} do not open")]
     Unsealed(usize, usize),
@@ -176,6 +187,85 @@ fn apply(into: &mut [u32], mask: &[u32], add: bool) {
         } else {
             x.wrapping_sub(*m)
         };
+    }
+}
+
+/// Who masks with whom in a round: every pair ([`Graph::complete`]) or each participant
+/// with its neighbours on a ring ([`Graph::ring`]). Symmetric: `u` masks with `v` exactly when
+/// `v` masks with `u`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Graph {
+    count: usize,
+    /// Each participant's neighbours; none: everyone is everyone's neighbour.
+    neighbours: Option<Vec<BTreeSet<usize>>>,
+}
+
+impl Graph {
+    /// Every pair of `count` participants.
+    pub fn complete(count: usize) -> Self {
+        Self {
+            count,
+            neighbours: None,
+        }
+    }
+
+    /// Participants on a ring in the order `order` (a permutation of `0..order.len()`), each
+    /// the neighbour of the `k / 2` before it and the `k / 2` after it. `k` must be even, at
+    /// least 2 and less than the count minus one (more is [`Graph::complete`]).
+    pub fn ring(order: &[usize], k: usize) -> Result<Self, SecAggError> {
+        let count = order.len();
+        let mut seen = vec![false; count];
+        for &u in order {
+            if u >= count || std::mem::replace(&mut seen[u], true) {
+                return Err(SecAggError::Graph(
+                    "the ring's order is not a permutation".into(),
+                ));
+            }
+        }
+        if k < 2 || !k.is_multiple_of(2) || k + 1 >= count {
+            return Err(SecAggError::Graph(format!(
+                "{k} neighbours of {count} participants: needs an even number from 2 to {}",
+                count.saturating_sub(3)
+            )));
+        }
+        let mut neighbours = vec![BTreeSet::new(); count];
+        for (at, &u) in order.iter().enumerate() {
+            for step in 1..=k / 2 {
+                let v = order[(at + step) % count];
+                neighbours[u].insert(v);
+                neighbours[v].insert(u);
+            }
+        }
+        Ok(Self {
+            count,
+            neighbours: Some(neighbours),
+        })
+    }
+
+    /// Whether `u` and `v` (two participants) mask with each other.
+    pub fn adjacent(&self, u: usize, v: usize) -> bool {
+        u != v
+            && u < self.count
+            && v < self.count
+            && self.neighbours.as_ref().is_none_or(|n| n[u].contains(&v))
+    }
+
+    /// How many hold one participant's shares: itself and its neighbours.
+    pub fn holders(&self) -> usize {
+        match &self.neighbours {
+            None => self.count,
+            Some(n) => n.first().map_or(1, |s| s.len() + 1),
+        }
+    }
+
+    /// Whether everyone is everyone's neighbour.
+    pub fn is_complete(&self) -> bool {
+        self.neighbours.is_none()
+    }
+
+    /// The number of participants.
+    pub fn count(&self) -> usize {
+        self.count
     }
 }
 
@@ -455,7 +545,9 @@ pub fn mask(
 /// for each of them, each checked against its commitment), and the pairwise masks they
 /// share with participants that dropped after sharing (in `publics`, which holds exactly the
 /// participants that shared, but not in `masked`) with those participants' rebuilt mask keys
-/// (`mask_key_shares`). A rebuilt mask key must match its public key.
+/// (`mask_key_shares`). A rebuilt mask key must match its public key. `graph` says who masked
+/// with whom.
+#[allow(clippy::too_many_arguments)]
 pub fn unmask(
     masked: &BTreeMap<usize, Vec<u32>>,
     publics: &BTreeMap<usize, [u8; 32]>,
@@ -463,9 +555,10 @@ pub fn unmask(
     self_seed_shares: &BTreeMap<usize, Vec<Vec<u8>>>,
     mask_key_shares: &BTreeMap<usize, Vec<Vec<u8>>>,
     threshold: usize,
+    graph: &Graph,
     context: &[u8],
 ) -> Result<Vec<u32>, SecAggError> {
-    check_threshold(threshold, publics.len())?;
+    check_threshold(threshold, publics.len().min(graph.holders()))?;
     if masked.len() < threshold {
         return Err(SecAggError::TooFew(masked.len(), threshold));
     }
@@ -500,7 +593,7 @@ pub fn unmask(
                 "the rebuilt mask key does not match its public key".into(),
             ));
         }
-        for &v in masked.keys() {
+        for &v in masked.keys().filter(|&&v| graph.adjacent(dropped, v)) {
             let theirs = PublicKey::from(publics[&v]);
             let seed = pair_seed(&key, &theirs, context, dropped, v)?;
             // v added the mask when v < dropped, subtracted it otherwise: undo that.
@@ -653,6 +746,7 @@ mod tests {
             &seed_shares,
             &key_shares,
             t,
+            &Graph::complete(n),
             CONTEXT,
         )
         .unwrap();
@@ -668,6 +762,7 @@ mod tests {
                 &altered,
                 &key_shares,
                 t,
+                &Graph::complete(n),
                 CONTEXT
             ),
             Err(SecAggError::Rebuild(..))

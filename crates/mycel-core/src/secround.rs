@@ -32,6 +32,23 @@
 //! threshold, no two holders can be told two lists; the signatures cover the session's
 //! roster, so those from another session of the same round count for nothing.
 //!
+//! Neighbourhoods (SecAgg+, Bell et al. 2020; [`Setup::neighbours`]): each participant
+//! checks the keys of, shares its secrets with and masks with only its `k` neighbours on a
+//! ring ([`secagg::Graph`], in an order set by hashing the peer ids with the job and round),
+//! and the threshold is a majority of a neighbourhood (the participant and its neighbours).
+//! Its key agreements, sealed shares and mask expansions grow with `k`; the roster and the
+//! senders list stay the size of the round, and each participant checks the signatures on
+//! the list (one per sender). What changes for safety: the coordinator learns the sum of a
+//! set of senders only where their pairwise masks join them, so a participant signs the list
+//! only if at least a threshold of its neighbourhood (itself included) is on it (its update
+//! is then summed with at least a threshold minus one of its neighbours'), and a holder
+//! reveals anything only when **every** member of the list signed it: a member's own
+//! signature vouches that the neighbours the list names are the ones it masked with (a
+//! coordinator cannot name, beside a participant, peers that never shared with it, nor leave
+//! out all its real partners). The price: a sender that leaves between sending its update
+//! and signing stops the round (nothing is unmasked; it is named as not having signed).
+//! Without neighbourhoods, a threshold of signatures suffices, as above.
+//!
 //! An update goes in weighted by its samples over the setup's scale, with the weight and the
 //! weighted loss as two more values ([`pack`]): the sum gives FedAvg's weighted mean and
 //! mean loss over whoever sent ([`unpack`]), and no participant's own figures.
@@ -91,6 +108,15 @@ pub struct Setup {
     /// share of the noise ([`noised`]). Not encoded when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise: Option<Noise>,
+    /// Neighbourhoods (SecAgg+): each participant masks with and shares its secrets among
+    /// this many neighbours on a ring ([`secagg::Graph`]), and the threshold is a majority of
+    /// a neighbourhood; 0: everyone with everyone. Not encoded when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub neighbours: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Each participant's part of distributed DP-FedAvg: clip its update to L2 norm `clip`, add
@@ -135,7 +161,58 @@ impl Setup {
             threshold: threshold(participants.len(), fraction) as u32,
             scale: scale.max(1),
             noise: None,
+            neighbours: 0,
         }
+    }
+
+    /// The setup with neighbourhoods of `k` (SecAgg+), the threshold a `fraction` of a
+    /// neighbourhood (at least a majority of it); unchanged when `k` is 0 or a neighbourhood
+    /// would be everyone. `k` is rounded up to an even number.
+    pub fn with_neighbours(self, k: u32, fraction: f64) -> Self {
+        let k = k.saturating_add(k % 2);
+        let count = self.participants.len();
+        if k == 0 || k as usize + 1 >= count {
+            return self;
+        }
+        Self {
+            neighbours: k,
+            threshold: threshold(k as usize + 1, fraction) as u32,
+            ..self
+        }
+    }
+
+    /// Fewest participants that must take each step of the round for it to go on (have keys
+    /// in the roster, share, send, sign): the threshold with everyone as neighbours, a
+    /// majority of the round with neighbourhoods.
+    pub fn quorum(&self) -> usize {
+        if self.neighbours == 0 {
+            self.threshold as usize
+        } else {
+            self.participants.len() / 2 + 1
+        }
+    }
+
+    /// Who masks with whom among `peers` (this setup's participants, checked) in `job`'s
+    /// `round`: everyone, or a ring of neighbourhoods in an order set by hashing each peer id
+    /// with the job and round (which neither a participant nor the order of the setup
+    /// chooses).
+    fn graph(&self, peers: &[PeerId], job: JobId, round: u32) -> Result<secagg::Graph, String> {
+        if self.neighbours == 0 {
+            return Ok(secagg::Graph::complete(peers.len()));
+        }
+        let mut order: Vec<(blake3::Hash, usize)> = peers
+            .iter()
+            .enumerate()
+            .map(|(u, peer)| {
+                let mut h = blake3::Hasher::new();
+                h.update(b"mycel/secagg/ring/v1\0");
+                wire::hash_encoded(&(job, round, ByteBuf::from(peer.to_bytes())), &mut h);
+                (h.finalize(), u)
+            })
+            .collect();
+        order.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let order: Vec<usize> = order.into_iter().map(|(_, u)| u).collect();
+        secagg::Graph::ring(&order, self.neighbours as usize).map_err(|e| e.to_string())
     }
 
     /// The setup with distributed differential privacy.
@@ -154,7 +231,19 @@ impl Setup {
                 "a securely aggregated round needs 3 to {MAX_PARTICIPANTS} participants, not {count}"
             ));
         }
-        secagg::check_threshold(self.threshold as usize, count).map_err(|e| e.to_string())?;
+        let holders = if self.neighbours == 0 {
+            count
+        } else {
+            let k = self.neighbours as usize;
+            if !k.is_multiple_of(2) || k + 1 >= count {
+                return Err(format!(
+                    "{k} neighbours in a round of {count}: needs an even number below {}",
+                    count - 1
+                ));
+            }
+            k + 1
+        };
+        secagg::check_threshold(self.threshold as usize, holders).map_err(|e| e.to_string())?;
         if self.scale == 0 {
             return Err("the weight scale must be at least 1".into());
         }
@@ -502,12 +591,17 @@ pub struct Participant {
     index: usize,
     peers: Vec<PeerId>,
     threshold: usize,
+    /// Fewest participants for each step ([`Setup::quorum`]).
+    quorum: usize,
+    /// Who masks with whom.
+    graph: secagg::Graph,
     scale: u64,
     context: [u8; 32],
     secrets: Secrets,
     /// This participant's node key.
     me: PublicKey,
-    /// Verified public mask keys by index.
+    /// Verified public mask keys by index (of this participant's neighbours, itself
+    /// included).
     roster: BTreeMap<usize, [u8; 32]>,
     /// The roster members' node keys (this one's included), which sign the senders list.
     signers: BTreeMap<usize, PublicKey>,
@@ -545,6 +639,7 @@ impl Participant {
         rng: &mut impl rand10::CryptoRng,
     ) -> Result<(Self, Keys), RoundError> {
         let peers = setup.check().map_err(RoundError::Bad)?;
+        let graph = setup.graph(&peers, job, round).map_err(RoundError::Bad)?;
         let me = keypair.public().to_peer_id();
         let Some(index) = peers.iter().position(|p| *p == me) else {
             return bad("the setup does not name this node");
@@ -567,6 +662,8 @@ impl Participant {
             round,
             index,
             threshold: setup.threshold as usize,
+            quorum: setup.quorum(),
+            graph,
             scale: setup.scale,
             context,
             peers,
@@ -590,7 +687,9 @@ impl Participant {
         self.scale
     }
 
-    /// Checks the roster and seals this participant's shares for each other member.
+    /// Checks the roster and seals this participant's shares for each of its neighbours in
+    /// it (every other member, without neighbourhoods). Of the others it checks only that
+    /// their node keys are their peer ids' (they sign the senders list).
     pub fn share(
         &mut self,
         roster: &[Keys],
@@ -603,7 +702,7 @@ impl Participant {
         let mut checked = BTreeMap::new();
         let mut signers = BTreeMap::new();
         let own = (self.secrets.public(), self.secrets.seal_public());
-        for keys in roster {
+        for (seen, keys) in roster.iter().enumerate() {
             let index = keys.index as usize;
             let Some(peer) = self.peers.get(index) else {
                 return bad("a roster entry for no participant");
@@ -613,23 +712,41 @@ impl Participant {
                 match (key32(&keys.mask), key32(&keys.seal)) {
                     (Some(mask), Some(seal)) if (mask, seal) == own => {
                         signers.insert(index, self.me.clone());
-                        own
+                        Some(own)
                     }
                     _ => return bad("the roster does not hold this participant's keys"),
                 }
-            } else {
+            } else if self.graph.adjacent(self.index, index) {
                 let verified = keys.verify(peer, self.job, self.round, &self.context)?;
                 signers.insert(index, verified.signer);
-                (verified.mask, verified.seal)
+                Some((verified.mask, verified.seal))
+            } else {
+                // Not a neighbour: its keys are never used here, its node key only to check
+                // its signature on the senders list.
+                let key = PublicKey::try_decode_protobuf(&keys.public_key)
+                    .map_err(|_| RoundError::Bad("a public key does not decode".into()))?;
+                if key.to_peer_id() != *peer {
+                    return bad("a node key in the roster is not its participant's");
+                }
+                signers.insert(index, key);
+                None
             };
-            if checked.insert(index, found).is_some() {
+            if signers.len() != seen + 1 {
                 return bad("a participant is twice in the roster");
+            }
+            if let Some(found) = found {
+                checked.insert(index, found);
             }
         }
         if !checked.contains_key(&self.index) {
             return bad("the roster does not hold this participant's keys");
         }
-        at_least(checked.len(), self.threshold, "in the roster")?;
+        at_least(signers.len(), self.quorum, "in the roster")?;
+        at_least(
+            checked.len(),
+            self.threshold,
+            "of this participant's neighbourhood in the roster",
+        )?;
         let ids: Vec<usize> = checked.keys().copied().collect();
         let mut shares = self.secrets.shares(&ids, self.threshold, rng)?;
         let mine = shares
@@ -686,7 +803,7 @@ impl Participant {
                 return bad("a share sealed for another participant");
             }
             let Some(pair) = self.seals.get(&from) else {
-                return bad("a share from outside the roster");
+                return bad("a share from outside this participant's neighbours in the roster");
             };
             let share = pair.open(&sealed.ciphertext)?;
             if held.insert(from, share).is_some() {
@@ -727,25 +844,40 @@ impl Participant {
         Ok(ByteBuf::from(self.secrets.seal_secret().to_vec()))
     }
 
-    /// Signs who sent (`sent`), once, if they are a threshold of this participant's sharers,
-    /// itself among them.
+    /// Signs who sent (`sent`), once, if they are a quorum of the roster, itself among them,
+    /// every neighbour named shared with it, and a threshold of its neighbourhood (itself
+    /// included) is among them: its update is then summed with at least a threshold minus
+    /// one of its neighbours', whose pairwise masks with it are never revealed.
     pub fn confirm(&mut self, keypair: &Keypair, sent: &[u32]) -> Result<ByteBuf, RoundError> {
         if self.stage != Stage::Masked {
             return bad("a senders list out of turn");
         }
         let list = senders_list(sent)?;
-        if list.iter().any(|u| !self.held.contains_key(&(*u as usize)))
-            || !list.contains(&(self.index as u32))
+        let me = self.index;
+        let neighbour = |u: usize| u == me || self.graph.adjacent(me, u);
+        if list.iter().map(|&u| u as usize).any(|u| {
+            !self.signers.contains_key(&u) || (neighbour(u) && !self.held.contains_key(&u))
+        }) || !list.contains(&(me as u32))
         {
             return bad("the senders named are not this participant's sharers");
         }
         // A sum of fewer than three would let its coordinator and one more learn an update;
         // with distributed noise, fewer than the noise's senders would carry too little.
-        let least = self.threshold.max(MIN_PARTICIPANTS).max(self.noise_senders);
+        let least = self.quorum.max(MIN_PARTICIPANTS).max(self.noise_senders);
         if list.len() < least {
             return Err(RoundError::TooFew(format!(
                 "{} participants sent their update, the round needs {least}",
                 list.len(),
+            )));
+        }
+        let partners = list
+            .iter()
+            .filter(|&&u| self.held.contains_key(&(u as usize)))
+            .count();
+        if partners < self.threshold {
+            return Err(RoundError::TooFew(format!(
+                "{} of this participant's neighbourhood sent their update, the threshold is {}",
+                partners, self.threshold
             )));
         }
         let signature = keypair
@@ -757,8 +889,9 @@ impl Participant {
     }
 
     /// The shares for unmasking, given who sent (`sent`, the list this participant signed)
-    /// and at least a threshold of its members' signatures on it: self-seed shares of the
-    /// senders, mask-key shares of the other sharers. Answered once.
+    /// and at least a threshold of its members' signatures on it (with neighbourhoods, every
+    /// member's: each vouches that it was summed with enough of its neighbours): self-seed
+    /// shares of the senders, mask-key shares of the other sharers. Answered once.
     pub fn reveal(
         &mut self,
         sent: &[u32],
@@ -771,25 +904,31 @@ impl Participant {
             return bad("an unmasking request for another senders list than the one signed");
         }
         let digest = senders_digest(&self.context, &self.roster_digest, &self.confirmed);
+        let needed = if self.graph.is_complete() {
+            self.threshold
+        } else {
+            self.confirmed.len()
+        };
         let mut signed = BTreeSet::new();
         for (u, signature) in signatures {
-            if signed.len() >= self.threshold {
+            if signed.len() >= needed {
                 break;
             }
             if !self.confirmed.contains(u) || signed.contains(u) {
                 return bad("a signature on the senders list from outside it, or twice");
             }
-            let signer = &self.signers[&(*u as usize)];
+            let Some(signer) = self.signers.get(&(*u as usize)) else {
+                return bad("a signature on the senders list from outside the roster");
+            };
             if !signer.verify(&digest, signature) {
                 return bad("a signature on the senders list does not verify");
             }
             signed.insert(*u);
         }
-        if signed.len() < self.threshold {
+        if signed.len() < needed {
             return bad(format!(
-                "{} signatures on the senders list, the threshold is {}",
+                "{} signatures on the senders list, {needed} needed",
                 signed.len(),
-                self.threshold
             ));
         }
         let sent: BTreeSet<usize> = self.confirmed.iter().map(|&u| u as usize).collect();
@@ -838,6 +977,10 @@ pub struct Coordinator {
     round: u32,
     peers: Vec<PeerId>,
     threshold: usize,
+    /// Fewest participants for each step ([`Setup::quorum`]).
+    quorum: usize,
+    /// Who masks with whom.
+    graph: secagg::Graph,
     context: [u8; 32],
     values: usize,
     /// Verified keys by index: (mask, seal, commitment), and the message to pass on.
@@ -853,6 +996,8 @@ pub struct Coordinator {
     sharers: BTreeMap<usize, Vec<Sealed>>,
     /// Masked updates by sender, with samples and data digest.
     masked: BTreeMap<usize, (Vec<u32>, u64, ContentId)>,
+    /// Those whose update is summed, once fixed ([`Coordinator::senders`]).
+    list: Option<Vec<usize>>,
     reveals: BTreeMap<usize, Reveal>,
 }
 
@@ -860,11 +1005,14 @@ impl Coordinator {
     /// A round of `setup` whose updates have `parameters` values (packed: two more).
     pub fn new(job: JobId, round: u32, setup: &Setup, parameters: usize) -> Result<Self, String> {
         let peers = setup.check()?;
+        let graph = setup.graph(&peers, job, round)?;
         Ok(Self {
             job,
             round,
             peers,
             threshold: setup.threshold as usize,
+            quorum: setup.quorum(),
+            graph,
             context: setup.context(job, round),
             values: parameters + 2,
             keys: BTreeMap::new(),
@@ -874,6 +1022,7 @@ impl Coordinator {
             commitments: BTreeMap::new(),
             sharers: BTreeMap::new(),
             masked: BTreeMap::new(),
+            list: None,
             reveals: BTreeMap::new(),
         })
     }
@@ -910,19 +1059,24 @@ impl Coordinator {
 
     /// The roster to send every participant whose keys came; no keys are taken after it.
     pub fn roster(&mut self) -> Result<Vec<Keys>, RoundError> {
-        at_least(self.keys.len(), self.threshold, "sent their keys")?;
+        at_least(self.keys.len(), self.quorum, "sent their keys")?;
         let roster: Vec<Keys> = self.keys.values().map(|(_, k)| k.clone()).collect();
         self.roster_digest = Some(roster_digest(roster.iter()));
         Ok(roster)
     }
 
-    /// `from`'s sealed shares: one for each other roster member.
+    /// `from`'s sealed shares: one for each of its neighbours in the roster.
     pub fn shares(&mut self, from: usize, sealed: Vec<Sealed>) -> Result<(), RoundError> {
         if !self.keys.contains_key(&from) || self.sharers.contains_key(&from) {
             return bad("shares from outside the roster, or sent twice");
         }
         let to: BTreeSet<usize> = sealed.iter().map(|s| s.to as usize).collect();
-        let others: BTreeSet<usize> = self.keys.keys().copied().filter(|u| *u != from).collect();
+        let others: BTreeSet<usize> = self
+            .keys
+            .keys()
+            .copied()
+            .filter(|&u| self.graph.adjacent(from, u))
+            .collect();
         if to != others
             || sealed.len() != others.len()
             || sealed.iter().any(|s| s.from as usize != from)
@@ -930,7 +1084,7 @@ impl Coordinator {
                 .iter()
                 .any(|s| s.ciphertext.len() != 2 * SHARE_BYTES + 16)
         {
-            return bad("the shares are not one sealed pair for each other roster member");
+            return bad("the shares are not one sealed pair for each neighbour in the roster");
         }
         self.sharers.insert(from, sealed);
         Ok(())
@@ -938,7 +1092,7 @@ impl Coordinator {
 
     /// Whether enough participants shared to go on.
     pub fn shared(&self) -> Result<(), RoundError> {
-        at_least(self.sharers.len(), self.threshold, "shared their secrets")
+        at_least(self.sharers.len(), self.quorum, "shared their secrets")
     }
 
     /// The sharers (who are sent an inbox).
@@ -959,6 +1113,9 @@ impl Coordinator {
     pub fn masked(&mut self, from: usize, masked: Masked) -> Result<(), RoundError> {
         if !self.sharers.contains_key(&from) || self.masked.contains_key(&from) {
             return bad("a masked update from outside the sharers, or sent twice");
+        }
+        if self.list.is_some() {
+            return bad("a masked update after the senders list was fixed");
         }
         if masked.job != self.job || masked.round != self.round || masked.index as usize != from {
             return bad("a masked update of another round or participant");
@@ -1014,22 +1171,38 @@ impl Coordinator {
         }
     }
 
-    /// Those that sent their masked update, to ask for shares.
-    pub fn senders(&self) -> Result<Vec<u32>, RoundError> {
-        at_least(
-            self.masked.len(),
-            self.threshold,
-            "sent their masked update",
-        )?;
-        Ok(self.masked.keys().map(|&u| u as u32).collect())
+    /// Those that sent their masked update, to ask for signatures (fixed at the first call;
+    /// no masked update is taken after it). With neighbourhoods each must be summed with at
+    /// least a threshold minus one of its neighbours, or it would not sign (and leaving it
+    /// out would not help: its mask key could not be rebuilt from so few).
+    pub fn senders(&mut self) -> Result<Vec<u32>, RoundError> {
+        let list: Vec<usize> = self.masked.keys().copied().collect();
+        self.list = Some(list.clone());
+        at_least(list.len(), self.quorum, "sent their masked update")?;
+        for &u in &list {
+            let partners = list.iter().filter(|&&v| self.graph.adjacent(u, v)).count();
+            if partners + 1 < self.threshold {
+                return Err(RoundError::TooFew(format!(
+                    "participant {u} sent with {partners} of its neighbours, the threshold is {} \
+                     with itself",
+                    self.threshold
+                )));
+            }
+        }
+        Ok(list.into_iter().map(|u| u as u32).collect())
+    }
+
+    /// The senders list once fixed (empty before).
+    fn list(&self) -> &[usize] {
+        self.list.as_deref().unwrap_or_default()
     }
 
     /// `from`'s signature on the senders list.
     pub fn confirmed(&mut self, from: usize, signature: ByteBuf) -> Result<(), RoundError> {
-        if !self.masked.contains_key(&from) || self.confirmations.contains_key(&from) {
+        if !self.list().contains(&from) || self.confirmations.contains_key(&from) {
             return bad("a signature on the senders list from one not asked, or twice");
         }
-        let senders: Vec<u32> = self.masked.keys().map(|&u| u as u32).collect();
+        let senders: Vec<u32> = self.list().iter().map(|&u| u as u32).collect();
         let roster = self.roster_digest.unwrap_or_default();
         let digest = senders_digest(&self.context, &roster, &senders);
         if !self.signers[&from].verify(&digest, &signature) {
@@ -1040,15 +1213,16 @@ impl Coordinator {
     }
 
     /// The unmasking request: the senders list and at least a threshold of its members'
-    /// signatures on it (those that signed are asked).
+    /// signatures on it (with neighbourhoods, all of them), and those that signed are asked.
     pub fn unmasking(&self) -> Result<ToParticipant, RoundError> {
-        at_least(
-            self.confirmations.len(),
-            self.threshold,
-            "signed the senders list",
-        )?;
+        let needed = if self.graph.is_complete() {
+            self.quorum
+        } else {
+            self.list().len()
+        };
+        at_least(self.confirmations.len(), needed, "signed the senders list")?;
         Ok(ToParticipant::Unmask {
-            senders: self.masked.keys().map(|&u| u as u32).collect(),
+            senders: self.list().iter().map(|&u| u as u32).collect(),
             signatures: self
                 .confirmations
                 .iter()
@@ -1058,19 +1232,21 @@ impl Coordinator {
     }
 
     /// `from`'s shares for unmasking: exactly the self-seed shares of the senders and the
-    /// mask-key shares of the other sharers.
+    /// mask-key shares of the other sharers, of those whose shares it holds (itself and
+    /// its neighbours).
     pub fn reveal(&mut self, from: usize, reveal: Reveal) -> Result<(), RoundError> {
         if !self.confirmations.contains_key(&from) || self.reveals.contains_key(&from) {
             return bad("shares from a participant not asked, or sent twice");
         }
         let seeds: BTreeSet<usize> = reveal.self_seeds.iter().map(|(u, _)| *u as usize).collect();
         let keys: BTreeSet<usize> = reveal.mask_keys.iter().map(|(u, _)| *u as usize).collect();
-        let senders: BTreeSet<usize> = self.masked.keys().copied().collect();
+        let held = |u: &usize| *u == from || self.graph.adjacent(*u, from);
+        let senders: BTreeSet<usize> = self.list().iter().copied().filter(held).collect();
         let dropped: BTreeSet<usize> = self
             .sharers
             .keys()
             .copied()
-            .filter(|u| !senders.contains(u))
+            .filter(|u| held(u) && !senders.contains(u))
             .collect();
         if seeds != senders
             || keys != dropped
@@ -1099,7 +1275,7 @@ impl Coordinator {
     pub fn finish(&self) -> Result<Summed, RoundError> {
         at_least(
             self.reveals.len(),
-            self.threshold,
+            self.quorum,
             "answered the unmasking request",
         )?;
         let first = self.unmask(None);
@@ -1125,9 +1301,12 @@ impl Coordinator {
             loss,
             weight,
             contributors: self
-                .masked
+                .list()
                 .iter()
-                .map(|(&u, (_, samples, data))| (u, *samples, *data))
+                .map(|u| {
+                    let (_, samples, data) = &self.masked[u];
+                    (*u, *samples, *data)
+                })
                 .collect(),
             blamed,
         })
@@ -1152,9 +1331,9 @@ impl Coordinator {
         let publics: BTreeMap<usize, [u8; 32]> =
             self.sharers.keys().map(|u| (*u, self.keys[u].0)).collect();
         let masked: BTreeMap<usize, Vec<u32>> = self
-            .masked
+            .list()
             .iter()
-            .map(|(&u, (values, _, _))| (u, values.clone()))
+            .map(|u| (*u, self.masked[u].0.clone()))
             .collect();
         Ok(secagg::unmask(
             &masked,
@@ -1163,6 +1342,7 @@ impl Coordinator {
             &seeds,
             &keys,
             self.threshold,
+            &self.graph,
             &self.context,
         )?)
     }
@@ -1636,6 +1816,210 @@ mod tests {
         assert!(
             Participant::new(&Keypair::generate_ed25519(), JOB, 3, &r.setup, &mut rng(3)).is_err()
         );
+    }
+
+    /// A round of `n` with neighbourhoods of `k`.
+    fn ring_round(n: usize, k: u32) -> Round {
+        let mut r = round(n);
+        r.setup = r.setup.with_neighbours(k, 0.5);
+        r
+    }
+
+    /// The graph of round 3 of `r`.
+    fn graph3(r: &Round) -> secagg::Graph {
+        let peers = r.setup.check().unwrap();
+        r.setup.graph(&peers, JOB, 3).unwrap()
+    }
+
+    #[test]
+    fn neighbourhoods_are_a_ring_no_setup_order_chooses() {
+        let r = ring_round(12, 4);
+        assert_eq!((r.setup.neighbours, r.setup.threshold), (4, 3));
+        assert_eq!(r.setup.quorum(), 7, "a majority of the round for each step");
+        let graph = graph3(&r);
+        let peers = r.setup.check().unwrap();
+        for u in 0..12 {
+            let mine: Vec<usize> = (0..12).filter(|&v| graph.adjacent(u, v)).collect();
+            assert_eq!(mine.len(), 4, "{u}'s neighbours: {mine:?}");
+            assert!(mine.iter().all(|&v| graph.adjacent(v, u)), "symmetric");
+        }
+        // The same peers in another order: the same neighbours, by peer id.
+        let mut reversed = r.setup.clone();
+        reversed.participants.reverse();
+        let rpeers = reversed.check().unwrap();
+        let rgraph = reversed.graph(&rpeers, JOB, 3).unwrap();
+        let at = |p: &PeerId| rpeers.iter().position(|q| q == p).unwrap();
+        for u in 0..12 {
+            for v in 0..12 {
+                assert_eq!(
+                    graph.adjacent(u, v),
+                    rgraph.adjacent(at(&peers[u]), at(&peers[v]))
+                );
+            }
+        }
+        // Another round, other neighbours.
+        let other = r.setup.graph(&peers, JOB, 4).unwrap();
+        assert_ne!(graph, other);
+        // Neighbourhoods as large as the round are everyone; odd counts round up.
+        assert_eq!(round(6).setup.with_neighbours(5, 0.5).neighbours, 0);
+        assert_eq!(round(9).setup.with_neighbours(3, 0.5).neighbours, 4);
+        let mut odd = r.setup.clone();
+        odd.neighbours = 3;
+        assert!(odd.check().is_err());
+        let mut minority = r.setup.clone();
+        minority.threshold = 2;
+        assert!(
+            minority.check().is_err(),
+            "2 of 5 is no majority of a neighbourhood"
+        );
+    }
+
+    #[test]
+    fn with_neighbourhoods_a_participant_works_only_with_its_neighbours() {
+        let r = ring_round(12, 4);
+        let graph = graph3(&r);
+        let (mut c, parts) = shared(&r, 9);
+        let _ = parts;
+        // Each sealed for its four neighbours only; the coordinator takes no more.
+        for u in c.sharers() {
+            let inbox = c.inbox(u);
+            assert_eq!(inbox.len(), 4);
+            assert!(inbox.iter().all(|s| graph.adjacent(u, s.from as usize)));
+        }
+        let mut c2 = Coordinator::new(JOB, 3, &r.setup, 5).unwrap();
+        let mut p0 = None;
+        for (u, kp) in r.keypairs.iter().enumerate() {
+            let (p, keys) = Participant::new(kp, JOB, 3, &r.setup, &mut rng(u as u8)).unwrap();
+            c2.keys(u, keys).unwrap();
+            if u == 0 {
+                p0 = Some(p);
+            }
+        }
+        let roster = c2.roster().unwrap();
+        let mut sealed = p0.unwrap().share(&roster, &mut rng(40)).unwrap();
+        assert_eq!(sealed.len(), 4);
+        let stranger = (1..12).find(|&v| !graph.adjacent(0, v)).unwrap();
+        let mut extra = sealed[0].clone();
+        extra.to = stranger as u32;
+        sealed.push(extra);
+        assert!(c2.shares(0, sealed).is_err(), "a share for a non-neighbour");
+        let _ = c.senders();
+    }
+
+    mod ring_sums {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(24))]
+            #[test]
+            fn with_neighbourhoods_the_sum_is_the_mean_of_the_senders_list(
+                (n, k) in (6usize..14).prop_flat_map(|n| (Just(n), 1u32..((n as u32 - 2) / 2))),
+                drops in proptest::collection::btree_set(0usize..14, 0..4),
+            ) {
+                let r = ring_round(n, 2 * k);
+                let graph = graph3(&r);
+                let gone: Vec<usize> = drops.into_iter().filter(|&u| u < n).collect();
+                let t = r.setup.threshold as usize;
+                match run(&r, &gone, &[]) {
+                    Ok(summed) => {
+                        let list: Vec<usize> = summed.contributors.iter().map(|c| c.0).collect();
+                        // Every contributor sent, and was summed with at least t - 1 neighbours.
+                        for &u in &list {
+                            prop_assert!(!gone.contains(&u));
+                            let partners = list.iter().filter(|&&v| graph.adjacent(u, v)).count();
+                            prop_assert!(partners + 1 >= t);
+                        }
+                        let want = plain_mean(&r, &list);
+                        for (got, want) in summed.delta.iter().zip(&want) {
+                            prop_assert!((got - want).abs() < 1e-3, "{} vs {}", got, want);
+                        }
+                    }
+                    Err(RoundError::TooFew(_)) | Err(RoundError::SecAgg(SecAggError::Rebuild(..))) => {
+                        // Only when too many left: fewer than a quorum sent, or some owner lost
+                        // its holders.
+                        let alive = n - gone.len();
+                        let lost = (0..n).any(|u| {
+                            let holders = (0..n)
+                                .filter(|&v| (v == u || graph.adjacent(u, v)) && !gone.contains(&v))
+                                .count();
+                            holders < t
+                        });
+                        prop_assert!(alive < r.setup.quorum() || lost, "failed with {gone:?}");
+                    }
+                    Err(e) => prop_assert!(false, "{e}"),
+                }
+                if gone.is_empty() {
+                    prop_assert!(run(&r, &[], &[]).is_ok());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn with_neighbourhoods_a_sender_without_enough_neighbours_stops_the_round() {
+        let r = ring_round(10, 4);
+        let graph = graph3(&r);
+        // Three of participant 0's four neighbours leave: it would be summed with one, short
+        // of the threshold (3 of 5 with itself). Nothing is unmasked.
+        let mine: Vec<usize> = (1..10).filter(|&v| graph.adjacent(0, v)).collect();
+        let err = run(&r, &mine[..3], &[]).unwrap_err();
+        assert!(
+            matches!(&err, RoundError::TooFew(why) if why.contains("participant 0")),
+            "{err}"
+        );
+        // Two of them leave: it is summed with two, and the round completes without them.
+        let summed = run(&r, &mine[..2], &[]).unwrap();
+        let list: Vec<usize> = summed.contributors.iter().map(|c| c.0).collect();
+        assert_eq!(list.len(), 8);
+        let want = plain_mean(&r, &list);
+        for (got, want) in summed.delta.iter().zip(&want) {
+            assert!((got - want).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn with_neighbourhoods_no_member_is_unmasked_without_its_own_signature() {
+        let r = ring_round(10, 4);
+        let graph = graph3(&r);
+        let (mut c, mut parts) = shared(&r, 3);
+        for u in c.sharers() {
+            let inbox = c.inbox(u);
+            let values = pack(&r.updates[u], 100, 1.0, r.setup.scale);
+            let masked = parts[u]
+                .mask(&inbox, &values, 100, ContentId([0; 32]))
+                .unwrap();
+            c.masked(u, masked).unwrap();
+        }
+        let senders = c.senders().unwrap();
+        assert_eq!(senders.len(), 10);
+        // A list that leaves out all of 0's neighbours: 0 will not sign it.
+        let mine: Vec<u32> = (1..10)
+            .filter(|&v| graph.adjacent(0, v))
+            .map(|v| v as u32)
+            .collect();
+        let isolating: Vec<u32> = senders
+            .iter()
+            .copied()
+            .filter(|u| !mine.contains(u))
+            .collect();
+        assert!(matches!(
+            parts[0].confirm(&r.keypairs[0], &isolating),
+            Err(RoundError::TooFew(_))
+        ));
+        // Everyone but 5 signs the full list: without 5's signature nobody reveals.
+        let mut signatures = Vec::new();
+        for u in 0..10 {
+            let s = parts[u].confirm(&r.keypairs[u], &senders).unwrap();
+            if u != 5 {
+                c.confirmed(u, s.clone()).unwrap();
+                signatures.push((u as u32, s));
+            }
+        }
+        assert!(matches!(c.unmasking(), Err(RoundError::TooFew(_))));
+        for u in 0..10 {
+            assert!(parts[u].reveal(&senders, &signatures).is_err());
+        }
     }
 
     #[test]

@@ -745,7 +745,7 @@ impl Training {
                 // The head of a securely aggregated cluster coordinates its members' secure
                 // sum: it learns their sum, and the requester only the cluster's.
                 // At least three in the sum, and done a little before this head must answer.
-                let min = setup.threshold.max(secround::MIN_PARTICIPANTS as u32);
+                let min = (setup.quorum() as u32).max(secround::MIN_PARTICIPANTS as u32);
                 let finish_by = deadline - Duration::from_millis(request.deadline_ms / 10);
                 let outcome = self
                     .ask_secure(
@@ -1613,7 +1613,10 @@ impl Training {
                             .iter()
                             .map(|p| samples.get(p).copied().unwrap_or(0))
                             .fold(0u64, u64::saturating_add);
-                        r.secure = Some(secround::Setup::new(&c.members, secure.threshold, scale));
+                        r.secure = Some(
+                            secround::Setup::new(&c.members, secure.threshold, scale)
+                                .with_neighbours(secure.neighbours, secure.threshold),
+                        );
                     }
                     let cluster: Vec<PeerId> =
                         std::iter::once(c.head).chain(c.members.iter().copied()).collect();
@@ -1673,7 +1676,8 @@ impl Training {
                         .iter()
                         .map(|p| samples.get(p).copied().unwrap_or(0))
                         .fold(0u64, u64::saturating_add);
-                    let mut setup = secround::Setup::new(&flat_ids, secure.threshold, scale);
+                    let mut setup = secround::Setup::new(&flat_ids, secure.threshold, scale)
+                        .with_neighbours(secure.neighbours, secure.threshold);
                     if let Some(privacy) = &spec.privacy {
                         // Distributed DP: each participant adds its share of the noise, so
                         // that the sum of at least the job's minimum carries σ·C.

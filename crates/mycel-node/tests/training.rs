@@ -659,7 +659,10 @@ async fn a_securely_aggregated_job_survives_dropouts_and_equals_the_plain_job() 
     nodes.pop().unwrap().shutdown().await;
 
     let mut secure = spec(3, 3);
-    secure.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    secure.secure_aggregation = Some(fl::SecureAggregation {
+        threshold: 0.5,
+        neighbours: 0,
+    });
     let masked = run(&coordinator, secure.clone()).await;
     assert_eq!(masked.state, JobState::Done);
     for m in &masked.metrics {
@@ -672,7 +675,7 @@ async fn a_securely_aggregated_job_survives_dropouts_and_equals_the_plain_job() 
 
     // The same job in the clear over the same four participants (p4 gone too).
     nodes.pop().unwrap().shutdown().await;
-    let mut plain = secure;
+    let mut plain = secure.clone();
     plain.secure_aggregation = None;
     let clear = run(&coordinator, plain).await;
     assert!(clear.metrics.iter().all(|m| m.participants == 4));
@@ -698,6 +701,23 @@ async fn a_securely_aggregated_job_survives_dropouts_and_equals_the_plain_job() 
     // Later rounds train from those slightly different models.
     let last = gap(&masked.weights, &clear.weights);
     assert!(last < 1e-2, "the final models differ by up to {last}");
+    // With neighbourhoods (SecAgg+): each of the four masks with two others, on a ring.
+    let mut ring = secure;
+    ring.secure_aggregation = Some(fl::SecureAggregation {
+        threshold: 0.5,
+        neighbours: 2,
+    });
+    let ringed = run(&coordinator, ring).await;
+    assert_eq!(ringed.state, JobState::Done);
+    assert!(ringed.metrics.iter().all(|m| m.participants == 4));
+    let ring_gap = gap(
+        &round_model(&coordinator, &ringed, 1, &dir.join("ring")),
+        &round_model(&coordinator, &clear, 1, &dir.join("clear-again")),
+    );
+    assert!(
+        ring_gap < 1e-4,
+        "round 1's models differ by up to {ring_gap}"
+    );
     let (a, b) = (masked.metrics[2].accuracy, clear.metrics[2].accuracy);
     assert!(
         (a - b).abs() <= 0.02,
@@ -797,7 +817,10 @@ async fn a_participant_breaking_a_secure_round_is_left_out_and_penalised() {
     });
     wait_for_datasets(&nodes[0], 4).await;
     let mut job = spec(4, 3);
-    job.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    job.secure_aggregation = Some(fl::SecureAggregation {
+        threshold: 0.5,
+        neighbours: 0,
+    });
     // The liar stays eligible, to show every offence.
     job.participants.min_reputation = -1e9;
     let record = run(&nodes[0], job).await;
@@ -839,7 +862,10 @@ async fn a_silent_participant_does_not_hold_a_secure_round_to_its_deadline() {
     wait_for_datasets(&nodes[0], 4).await;
     let mut job = spec(2, 3);
     job.round_deadline_ms = 10_000;
-    job.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    job.secure_aggregation = Some(fl::SecureAggregation {
+        threshold: 0.5,
+        neighbours: 0,
+    });
     let record = run(&nodes[0], job).await;
     for m in &record.metrics {
         assert_eq!((m.asked, m.participants, m.dropped), (4, 3, 1), "{m:?}");
@@ -856,7 +882,10 @@ async fn secure_sums_inside_clusters_equal_the_plain_clustered_job() {
     // cluster's mean; the coordinator combines the clusters.
     let mut secure = spec(2, 3);
     secure.cluster_size = 4;
-    secure.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    secure.secure_aggregation = Some(fl::SecureAggregation {
+        threshold: 0.5,
+        neighbours: 0,
+    });
     let masked = run(&nodes[0], secure.clone()).await;
     for m in &masked.metrics {
         assert_eq!((m.asked, m.participants, m.dropped), (8, 8, 0), "{m:?}");
@@ -892,7 +921,10 @@ async fn a_private_secure_job_adds_the_noise_at_the_participants() {
     let root = tempfile::tempdir().unwrap();
     let nodes = federation(root.path(), 3).await;
     let mut secure = spec(3, 3);
-    secure.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    secure.secure_aggregation = Some(fl::SecureAggregation {
+        threshold: 0.5,
+        neighbours: 0,
+    });
     let plain = run(&nodes[0], secure.clone()).await;
     // Distributed DP: every participant clips its update and adds a third of the noise's
     // variance; the coordinator, which sees only the sum, adds none.
@@ -942,7 +974,10 @@ async fn a_private_secure_job_adds_the_noise_at_the_participants() {
     let _leaver = Node::start(config).await.unwrap();
     wait_for_datasets(&nodes[0], 4).await;
     let mut short = spec(2, 4);
-    short.secure_aggregation = Some(fl::SecureAggregation { threshold: 0.5 });
+    short.secure_aggregation = Some(fl::SecureAggregation {
+        threshold: 0.5,
+        neighbours: 0,
+    });
     short.privacy = Some(fl::Privacy {
         clip: 1.0,
         noise_multiplier: 1.0,

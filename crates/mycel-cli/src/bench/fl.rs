@@ -113,7 +113,10 @@ fn scenarios(n: usize, rounds: u32) -> Vec<Scenario> {
         delta: DP_DELTA,
         epsilon: Some(DP_EPSILON),
     });
-    let secure = Some(mycel_core::fl::SecureAggregation { threshold: 0.5 });
+    let secure = Some(mycel_core::fl::SecureAggregation {
+        threshold: 0.5,
+        neighbours: 0,
+    });
     let robust = [
         AggregatorSpec::Fedavg { iqr: None },
         AggregatorSpec::MultiKrum {
@@ -177,6 +180,13 @@ fn scenarios(n: usize, rounds: u32) -> Vec<Scenario> {
             secure,
             dropouts: (n * 3) / 10,
             ..base(&format!("iid-secagg-drop{}", (n * 3) / 10))
+        },
+        // The same with neighbourhoods of 6 (SecAgg+): each participant masks with 6 others,
+        // threshold 4 of its 7, which any 3 dropouts of 10 leave.
+        Scenario {
+            secure: secure.map(|s| mycel_core::fl::SecureAggregation { neighbours: 6, ..s }),
+            dropouts: (n * 3) / 10,
+            ..base(&format!("iid-secagg6-drop{}", (n * 3) / 10))
         },
         // Secure sums inside clusters of 4 (a short last cluster joins the one before),
         // FedAvg over the clusters.
@@ -316,6 +326,7 @@ pub(crate) async fn run(args: FlBenchArgs) -> anyhow::Result<()> {
             "bytes_root": bytes_root,
             "dropped": record.metrics.iter().map(|m| m.dropped).sum::<u32>(),
             "secure_aggregation": scenario.secure.is_some(),
+            "neighbours": scenario.secure.map(|s| s.neighbours),
             "dropouts": scenario.dropouts,
             "epsilon": record.metrics.last().and_then(|m| m.epsilon),
             "delta": scenario.privacy.map(|p| p.delta),

@@ -12,6 +12,7 @@ mod lab;
 mod nat;
 mod net;
 mod partition;
+mod secagg;
 
 use clap::Subcommand;
 
@@ -39,6 +40,10 @@ pub(crate) enum BenchCommand {
     /// Federated training of the digits across real nodes on loopback, per scenario (split,
     /// aggregator, attack, compression, hierarchy); with --flower, beside Flower.
     Fl(fl::FlBenchArgs),
+    /// One securely aggregated round through its state machines in this process, for
+    /// rounds of several sizes, with everyone as everyone's neighbour and with
+    /// neighbourhoods (SecAgg+): each participant's CPU time and bytes, the coordinator's.
+    Secagg(secagg::SecaggBenchArgs),
     /// Attacks on a victim node process by a peer speaking our protocols (lying down
     /// reports, a flood of one issuer's statements, sync amplification, silent task streams,
     /// silent API connections): whether honest nodes still see it alive, honest bans, its CPU
@@ -66,6 +71,7 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Failover(args) => failover::run(args).await,
         BenchCommand::Blobs(args) => blobs::run(args).await,
         BenchCommand::Fl(args) => fl::run(args).await,
+        BenchCommand::Secagg(args) => secagg::run(args).await,
         BenchCommand::Attack(args) => attack::run(args).await,
         #[cfg(feature = "fault-injection")]
         BenchCommand::Byzantine(args) => byzantine::run(args).await,
