@@ -505,15 +505,19 @@ pub struct JobSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecureAggregation {
-    /// The share of a round's participants whose shares rebuild one participant's secrets
-    /// (at least a majority is used whatever this says): a round completes while this share
-    /// of its participants is left, and no fewer can unmask anyone.
+    /// The share of a round's participants (of a participant and its neighbours, with
+    /// `neighbours`) whose shares rebuild one participant's secrets (at least a majority is
+    /// used whatever this says): a round completes while this share is left, and no fewer
+    /// can unmask anyone. With neighbourhoods each step of the round needs a bare majority
+    /// of it whatever this says.
     #[serde(default = "half")]
     pub threshold: f64,
     /// Neighbourhoods (SecAgg+): each participant masks with and shares its secrets among
-    /// this many others (rounded up to an even number), so its work grows with this, not
-    /// with the round's size; the threshold is then the share of a neighbourhood. 0 (the
-    /// default), or at least the round's size: everyone with everyone.
+    /// this many others (at least 4, rounded up to an even number), so its work grows with
+    /// this, not with the round's size; the threshold is then the share of a neighbourhood,
+    /// and a coordinator colluding with that many of a participant's neighbours could unmask
+    /// it (docs/ARCHITECTURE.md). 0 (the default), or at least the round's size: everyone
+    /// with everyone.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub neighbours: u32,
 }
@@ -531,11 +535,13 @@ impl SecureAggregation {
         if !(0.5..=1.0).contains(&self.threshold) {
             return Err("secure_aggregation.threshold must be in [0.5, 1]".into());
         }
-        if self.neighbours == 1 || self.neighbours > crate::secround::MAX_PARTICIPANTS as u32 {
+        let least = crate::secround::MIN_NEIGHBOURS as u32;
+        if (self.neighbours != 0 && self.neighbours < least)
+            || self.neighbours > crate::secround::MAX_PARTICIPANTS as u32
+        {
             return Err(format!(
-                "secure_aggregation.neighbours must be 0 (everyone) or 2 to {}: a participant \
-                 shares its secrets among itself and its neighbours, and a majority of them \
-                 rebuilds them",
+                "secure_aggregation.neighbours must be 0 (everyone) or {least} to {}: a \
+                 coordinator colluding with half of a participant's neighbours could unmask it",
                 crate::secround::MAX_PARTICIPANTS
             ));
         }
@@ -1514,7 +1520,7 @@ mod tests {
             }),
             ("participants.min", |s| s.participants.min = 2),
             ("neighbours", |s| {
-                s.secure_aggregation.as_mut().unwrap().neighbours = 1
+                s.secure_aggregation.as_mut().unwrap().neighbours = 2
             }),
         ] {
             let err = secure(edit).unwrap_err();

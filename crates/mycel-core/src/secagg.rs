@@ -258,6 +258,31 @@ impl Graph {
         }
     }
 
+    /// Whether `members` are joined by their pairwise masks: one part, each reachable from
+    /// any other through neighbours among them. Masks join two participants only when both
+    /// are summed, so a sum over members in several parts can be taken part by part.
+    pub fn joined(&self, members: &BTreeSet<usize>) -> bool {
+        let Some(&first) = members.first() else {
+            return true;
+        };
+        let mut reached = BTreeSet::from([first]);
+        let mut frontier = vec![first];
+        while let Some(u) = frontier.pop() {
+            let next: Vec<usize> = match &self.neighbours {
+                None => members.iter().copied().collect(),
+                Some(n) => n
+                    .get(u)
+                    .map_or_else(Vec::new, |s| s.iter().copied().collect()),
+            };
+            for v in next {
+                if members.contains(&v) && reached.insert(v) {
+                    frontier.push(v);
+                }
+            }
+        }
+        reached.len() == members.len()
+    }
+
     /// Whether everyone is everyone's neighbour.
     pub fn is_complete(&self) -> bool {
         self.neighbours.is_none()
@@ -334,13 +359,6 @@ impl Secrets {
             outgoing: ChaCha20Poly1305::new(&(*outgoing).into()),
             incoming: ChaCha20Poly1305::new(&(*incoming).into()),
         })
-    }
-
-    /// The sealing key's secret, shown by a participant that accuses another of sealing
-    /// shares it cannot open ([`opens_for`]): it opens everything sealed to and from this
-    /// participant in the round, so a participant that shows it sends no update in the round.
-    pub fn seal_secret(&self) -> Zeroizing<[u8; 32]> {
-        Zeroizing::new(self.seal_key.to_bytes())
     }
 
     /// A commitment to the self-mask secret, advertised with the public key: a self-mask
@@ -470,37 +488,6 @@ fn seal_keys(
     ))
 }
 
-/// Whether the shares `sender` (public sealing key `sender_public`) sealed for `receiver`
-/// open, given the receiver's sealing secret (shown when it accuses the sender), which must
-/// match the receiver's public sealing key `receiver_public`. `None` when the secret does
-/// not match (the accusation proves nothing).
-pub fn opens_for(
-    receiver_secret: &[u8; 32],
-    receiver_public: &[u8; 32],
-    receiver: usize,
-    sender: usize,
-    sender_public: &[u8; 32],
-    context: &[u8],
-    sealed: &[u8],
-) -> Option<bool> {
-    let secret = StaticSecret::from(*receiver_secret);
-    if PublicKey::from(&secret).as_bytes() != receiver_public {
-        return None;
-    }
-    let Ok((_, incoming)) = seal_keys(&secret, receiver, sender, sender_public, context) else {
-        // The sender's key is of small order: what it sealed opens for nobody.
-        return Some(false);
-    };
-    let opened = ChaCha20Poly1305::new(&(*incoming).into()).decrypt(
-        &[0u8; 12].into(),
-        Payload {
-            msg: sealed,
-            aad: context,
-        },
-    );
-    Some(opened.is_ok_and(|plain| plain.len() == 2 * SHARE_BYTES))
-}
-
 /// Whether a public key (mask or sealing) makes secret agreements: not of small order (an
 /// agreement with it would be all zero, whoever the other party).
 pub fn usable(public: &[u8; 32]) -> bool {
@@ -586,6 +573,10 @@ pub fn unmask(
         );
     }
     for (&dropped, public) in publics.iter().filter(|(u, _)| !masked.contains_key(u)) {
+        if !masked.keys().any(|&v| graph.adjacent(dropped, v)) {
+            // No sender masked with it: nothing of its to take out.
+            continue;
+        }
         let key = StaticSecret::from(*rebuild(dropped, mask_key_shares.get(&dropped), threshold)?);
         if PublicKey::from(&key).as_bytes() != public {
             return Err(SecAggError::Rebuild(

@@ -14,8 +14,9 @@
 //!    for that member ([`Sealed`]); those that sent theirs are the round's sharers;
 //! 4. coordinator → each sharer: the sealed shares addressed to it ([`ToParticipant::Inbox`]);
 //!    it masks its update with the pairwise masks of exactly those senders and sends it
-//!    ([`Masked`]), or, when a share does not open, names its sealer and shows its own
-//!    sealing secret instead ([`FromParticipant::Unopened`], [`Coordinator::unopened`]);
+//!    ([`Masked`]), or, when a share does not open, names its sealer instead and leaves the
+//!    round ([`FromParticipant::Unopened`], [`Coordinator::unopened`]: the sealer's update is
+//!    left out, and a sealer named by two is blamed);
 //! 5. coordinator → each that sent: who sent ([`ToParticipant::Confirm`]); each that finds
 //!    the list a threshold of its own sharers, itself among them, signs it
 //!    ([`FromParticipant::Confirmed`]);
@@ -40,14 +41,18 @@
 //! senders list stay the size of the round, and each participant checks the signatures on
 //! the list (one per sender). What changes for safety: the coordinator learns the sum of a
 //! set of senders only where their pairwise masks join them, so a participant signs the list
-//! only if at least a threshold of its neighbourhood (itself included) is on it (its update
-//! is then summed with at least a threshold minus one of its neighbours'), and a holder
-//! reveals anything only when **every** member of the list signed it: a member's own
+//! only if it is one part joined by masks ([`secagg::Graph::joined`]) and at least a
+//! threshold of its neighbourhood (itself included) is on it (its update is then summed with
+//! at least a threshold minus one of its neighbours'), and a holder reveals anything only
+//! when **every** member of the list signed it: a member's own
 //! signature vouches that the neighbours the list names are the ones it masked with (a
 //! coordinator cannot name, beside a participant, peers that never shared with it, nor leave
 //! out all its real partners). The price: a sender that leaves between sending its update
 //! and signing stops the round (nothing is unmasked; it is named as not having signed).
-//! Without neighbourhoods, a threshold of signatures suffices, as above.
+//! Without neighbourhoods, a threshold of signatures suffices, as above. What is given up:
+//! a coordinator colluding with a threshold minus one of a participant's neighbours (rather
+//! than a majority of the round) can unmask it, and it names the job and round whose hash
+//! orders the ring (docs/ARCHITECTURE.md says when to use neighbourhoods).
 //!
 //! An update goes in weighted by its samples over the setup's scale, with the weight and the
 //! weighted loss as two more values ([`pack`]): the sum gives FedAvg's weighted mean and
@@ -79,6 +84,10 @@ pub const MAX_PARTICIPANTS: usize = 255;
 /// Fewest participants of a securely aggregated round: of two, each would learn the other's
 /// update from the sum (and the next model).
 pub const MIN_PARTICIPANTS: usize = 3;
+
+/// Fewest neighbours with neighbourhoods: a participant's update is exposed to a coordinator
+/// that colludes with a threshold minus one of its neighbours (2 of 4).
+pub const MIN_NEIGHBOURS: usize = 4;
 
 /// The most bytes of one step from the coordinator (a roster of 255 participants' signed
 /// keys is about 80 KB); a participant's steps are bounded by [`crate::fl::MAX_UPDATE_BYTES`].
@@ -170,6 +179,11 @@ impl Setup {
     /// would be everyone. `k` is rounded up to an even number.
     pub fn with_neighbours(self, k: u32, fraction: f64) -> Self {
         let k = k.saturating_add(k % 2);
+        let k = if k == 0 {
+            0
+        } else {
+            k.max(MIN_NEIGHBOURS as u32)
+        };
         let count = self.participants.len();
         if k == 0 || k as usize + 1 >= count {
             return self;
@@ -200,6 +214,12 @@ impl Setup {
         if self.neighbours == 0 {
             return Ok(secagg::Graph::complete(peers.len()));
         }
+        let order = Self::ring_order(peers, job, round);
+        secagg::Graph::ring(&order, self.neighbours as usize).map_err(|e| e.to_string())
+    }
+
+    /// The participants' indices in ring order for `job`'s `round`.
+    fn ring_order(peers: &[PeerId], job: JobId, round: u32) -> Vec<usize> {
         let mut order: Vec<(blake3::Hash, usize)> = peers
             .iter()
             .enumerate()
@@ -211,8 +231,7 @@ impl Setup {
             })
             .collect();
         order.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        let order: Vec<usize> = order.into_iter().map(|(_, u)| u).collect();
-        secagg::Graph::ring(&order, self.neighbours as usize).map_err(|e| e.to_string())
+        order.into_iter().map(|(_, u)| u).collect()
     }
 
     /// The setup with distributed differential privacy.
@@ -235,10 +254,11 @@ impl Setup {
             count
         } else {
             let k = self.neighbours as usize;
-            if !k.is_multiple_of(2) || k + 1 >= count {
+            if k < MIN_NEIGHBOURS || !k.is_multiple_of(2) || k + 1 >= count {
                 return Err(format!(
-                    "{k} neighbours in a round of {count}: needs an even number below {}",
-                    count - 1
+                    "{k} neighbours in a round of {count}: needs an even number from \
+                     {MIN_NEIGHBOURS} to {}",
+                    count - 2
                 ));
             }
             k + 1
@@ -307,9 +327,6 @@ pub enum RoundError {
     /// The arithmetic failed (a secret that cannot be rebuilt, a weak key).
     #[error(transparent)]
     SecAgg(#[from] SecAggError),
-    /// A participant sealed shares that do not open (checked with the receiver's key).
-    #[error("participant {0} sealed shares that do not open")]
-    Culprit(usize),
 }
 
 /// Whether `count` participants that `did` something are at least `threshold`.
@@ -536,14 +553,13 @@ pub enum FromParticipant {
     Masked(Masked),
     /// Its signature on the senders list.
     Confirmed(ByteBuf),
-    /// Instead of its masked update: the shares `from` sealed for it do not open; `secret`
-    /// is its round's sealing secret, for the coordinator to check who lies (it then sends
-    /// no update in the round: the secret opens what it sealed too).
+    /// Instead of its masked update: the shares `from` sealed for it do not open. It shows
+    /// no secret (its sealing secret would open every share sealed for it: a coordinator
+    /// that garbled shares on their way could collect a threshold of holders' shares), sends
+    /// no update in the round and takes no further step.
     Unopened {
         /// The sealer.
         from: u32,
-        /// The accuser's sealing secret for the round.
-        secret: ByteBuf,
     },
     /// Its shares for unmasking.
     Reveal(Reveal),
@@ -834,14 +850,14 @@ impl Participant {
     }
 
     /// After [`Participant::mask`] failed because the shares `from` sealed for this one do
-    /// not open: this round's sealing secret, for the coordinator to check who lies. The
-    /// participant takes no further step in the round (the secret opens what it sealed).
-    pub fn accuse(&mut self, from: usize) -> Result<ByteBuf, RoundError> {
+    /// not open: the participant takes no further step in the round (it reveals nothing:
+    /// see [`FromParticipant::Unopened`]).
+    pub fn accuse(&mut self, from: usize) -> Result<(), RoundError> {
         if self.stage != Stage::Shared || !self.seals.contains_key(&from) {
             return bad("an accusation out of turn");
         }
         self.stage = Stage::Revealed;
-        Ok(ByteBuf::from(self.secrets.seal_secret().to_vec()))
+        Ok(())
     }
 
     /// Signs who sent (`sent`), once, if they are a quorum of the roster, itself among them,
@@ -869,6 +885,11 @@ impl Participant {
                 "{} participants sent their update, the round needs {least}",
                 list.len(),
             )));
+        }
+        // One sum, not several: the senders must be joined by their masks.
+        let members: BTreeSet<usize> = list.iter().map(|&u| u as usize).collect();
+        if !self.graph.joined(&members) {
+            return bad("the senders named split into parts not joined by their masks");
         }
         let partners = list
             .iter()
@@ -998,6 +1019,10 @@ pub struct Coordinator {
     masked: BTreeMap<usize, (Vec<u32>, u64, ContentId)>,
     /// Those whose update is summed, once fixed ([`Coordinator::senders`]).
     list: Option<Vec<usize>>,
+    /// Participants that said shares sealed for them do not open.
+    accusers: BTreeSet<usize>,
+    /// Sealers said to have sealed shares that do not open, with who said so.
+    accused: BTreeMap<usize, BTreeSet<usize>>,
     reveals: BTreeMap<usize, Reveal>,
 }
 
@@ -1023,6 +1048,8 @@ impl Coordinator {
             sharers: BTreeMap::new(),
             masked: BTreeMap::new(),
             list: None,
+            accusers: BTreeSet::new(),
+            accused: BTreeMap::new(),
             reveals: BTreeMap::new(),
         })
     }
@@ -1114,8 +1141,8 @@ impl Coordinator {
         if !self.sharers.contains_key(&from) || self.masked.contains_key(&from) {
             return bad("a masked update from outside the sharers, or sent twice");
         }
-        if self.list.is_some() {
-            return bad("a masked update after the senders list was fixed");
+        if self.list.is_some() || self.accusers.contains(&from) {
+            return bad("a masked update after the senders list was fixed, or after accusing");
         }
         if masked.job != self.job || masked.round != self.round || masked.index as usize != from {
             return bad("a masked update of another round or participant");
@@ -1137,38 +1164,36 @@ impl Coordinator {
         Ok(())
     }
 
-    /// `accuser`'s word that the shares `from` sealed for it do not open, with its round's
-    /// sealing secret: [`RoundError::Culprit`] naming `from` when they do not open, a bad
-    /// message (the accuser pays) when they do or the secret is not the accuser's.
-    pub fn unopened(&self, accuser: usize, from: u32, secret: &[u8]) -> RoundError {
+    /// `accuser`'s word that the shares `from` sealed for it do not open. Nobody can check
+    /// it (the accuser shows no secret): the accuser sends no update, and the sealer's update
+    /// is left out of the sum (it counts as dropped). A sealer accused by two or more
+    /// accusers in a round is [`Coordinator::culprits`]: framing it takes two liars.
+    pub fn unopened(&mut self, accuser: usize, from: u32) -> Result<(), RoundError> {
         let from = from as usize;
-        let sealed = self
+        let sealed_to_it = self
             .sharers
             .get(&from)
-            .and_then(|sealed| sealed.iter().find(|s| s.to as usize == accuser));
-        let public = |u: usize| self.keys.get(&u).and_then(|(_, k)| key32(&k.seal));
-        let (Some(sealed), Some(secret), Some(accuser_public), Some(sender_public), true) = (
-            sealed,
-            key32(secret),
-            public(accuser),
-            public(from),
-            self.sharers.contains_key(&accuser) && !self.masked.contains_key(&accuser),
-        ) else {
-            return RoundError::Bad("an accusation about shares that were not sent to it".into());
-        };
-        match secagg::opens_for(
-            &secret,
-            &accuser_public,
-            accuser,
-            from,
-            &sender_public,
-            &self.context,
-            &sealed.ciphertext,
-        ) {
-            Some(false) => RoundError::Culprit(from),
-            Some(true) => RoundError::Bad("an accusation about shares that open".into()),
-            None => RoundError::Bad("an accusation with a secret that is not the accuser's".into()),
+            .is_some_and(|sealed| sealed.iter().any(|s| s.to as usize == accuser));
+        if !sealed_to_it
+            || !self.sharers.contains_key(&accuser)
+            || self.masked.contains_key(&accuser)
+            || self.accusers.contains(&accuser)
+            || self.list.is_some()
+        {
+            return bad("an accusation about shares that were not sent to it, or out of turn");
         }
+        self.accusers.insert(accuser);
+        self.accused.entry(from).or_default().insert(accuser);
+        Ok(())
+    }
+
+    /// Sealers accused by at least two participants in the round, each with how many.
+    pub fn culprits(&self) -> Vec<(usize, usize)> {
+        self.accused
+            .iter()
+            .filter(|(_, by)| by.len() >= 2)
+            .map(|(u, by)| (*u, by.len()))
+            .collect()
     }
 
     /// Those that sent their masked update, to ask for signatures (fixed at the first call;
@@ -1176,15 +1201,42 @@ impl Coordinator {
     /// least a threshold minus one of its neighbours, or it would not sign (and leaving it
     /// out would not help: its mask key could not be rebuilt from so few).
     pub fn senders(&mut self) -> Result<Vec<u32>, RoundError> {
-        let list: Vec<usize> = self.masked.keys().copied().collect();
+        // An accused sealer's update is left out: some participant could not take its
+        // shares, so its sum with that participant's mask is not to be had.
+        let list: Vec<usize> = self
+            .masked
+            .keys()
+            .copied()
+            .filter(|u| !self.accused.contains_key(u))
+            .collect();
         self.list = Some(list.clone());
         at_least(list.len(), self.quorum, "sent their masked update")?;
+        // What the participants will check before they sign (with neighbourhoods; without,
+        // all of it follows from the quorum): each summed with a threshold minus one of its
+        // neighbours, and all joined by their masks into one sum...
         for &u in &list {
             let partners = list.iter().filter(|&&v| self.graph.adjacent(u, v)).count();
             if partners + 1 < self.threshold {
                 return Err(RoundError::TooFew(format!(
                     "participant {u} sent with {partners} of its neighbours, the threshold is {} \
                      with itself",
+                    self.threshold
+                )));
+            }
+        }
+        if !self.graph.joined(&list.iter().copied().collect()) {
+            return Err(RoundError::TooFew(
+                "the senders split into parts not joined by their masks".into(),
+            ));
+        }
+        // ...and what unmasking needs: the mask key of each sharer left out whose masks are
+        // on a summed update, rebuilt from a threshold of its neighbours among the senders.
+        for &d in self.sharers.keys().filter(|d| !list.contains(d)) {
+            let holders = list.iter().filter(|&&v| self.graph.adjacent(d, v)).count();
+            if holders > 0 && holders < self.threshold {
+                return Err(RoundError::TooFew(format!(
+                    "participant {d} left with {holders} of its neighbours among the senders, \
+                     its mask key needs {}",
                     self.threshold
                 )));
             }
@@ -1633,10 +1685,10 @@ mod tests {
     }
 
     #[test]
-    fn shares_that_do_not_open_are_blamed_on_their_sealer_not_on_an_accuser() {
-        let r = round(4);
+    fn shares_that_do_not_open_are_named_without_a_secret_and_blamed_on_two_accounts() {
+        let r = round(5);
         let (mut c, mut parts) = shared(&r, 70);
-        // Participant 3 sealed garbage for participant 1 (its shares' place in the inbox).
+        // Participant 3 sealed garbage for participant 1 (or its coordinator garbled it).
         let mut inbox = c.inbox(1);
         let garbage = inbox.iter_mut().find(|s| s.from == 3).unwrap();
         garbage.ciphertext[0] ^= 0xff;
@@ -1646,26 +1698,52 @@ mod tests {
         else {
             panic!("the garbage does not open")
         };
-        // The coordinator holds what 3 really sent: that opens with 1's secret, so 1's word
-        // does not hold...
-        let secret = parts[1].accuse(3).unwrap();
-        assert!(matches!(c.unopened(1, 3, &secret), RoundError::Bad(_)));
-        // ...and after accusing, 1 takes no further step.
+        parts[1].accuse(3).unwrap();
+        c.unopened(1, 3).unwrap();
+        // After accusing, 1 takes no further step, and its word counts once.
         assert!(parts[1].accuse(3).is_err());
         assert!(parts[1]
             .mask(&c.inbox(1), &values, 10, ContentId([0; 32]))
             .is_err());
-        // Garbage that 3 really sent for 1 is 3's fault.
-        let mut sealed = c.sharers[&3].clone();
-        for s in &mut sealed {
-            s.ciphertext[0] ^= 0xff;
+        assert!(c.unopened(1, 3).is_err());
+        assert!(c.unopened(1, 9).is_err(), "no such sealer");
+        // One accuser blames nobody (it may be lying); 3's update is left out of the sum.
+        assert!(c.culprits().is_empty());
+        for u in [0, 2, 3, 4] {
+            let values = pack(&r.updates[u], 10, 0.1, r.setup.scale);
+            let masked = parts[u]
+                .mask(&c.inbox(u), &values, 10, ContentId([0; 32]))
+                .unwrap();
+            c.masked(u, masked).unwrap();
         }
-        c.sharers.insert(3, sealed);
-        assert_eq!(c.unopened(1, 3, &secret), RoundError::Culprit(3));
-        // A secret that is not the accuser's proves nothing: no framing of an honest sealer.
-        let forged = ByteBuf::from(vec![7u8; 32]);
-        assert!(matches!(c.unopened(1, 3, &forged), RoundError::Bad(_)));
-        assert!(matches!(c.unopened(1, 9, &secret), RoundError::Bad(_)));
+        assert!(c
+            .masked(
+                1,
+                Masked {
+                    job: JOB,
+                    round: 3,
+                    index: 1,
+                    samples: 1,
+                    data: ContentId([0; 32]),
+                    values: ByteBuf::new()
+                }
+            )
+            .is_err());
+        let senders = unmask(&mut c, &mut parts, &r.keypairs, &[0, 2, 4]).unwrap();
+        let ToParticipant::Unmask { senders, .. } = senders else {
+            unreachable!()
+        };
+        assert_eq!(senders, vec![0, 2, 4]);
+        let summed = c.finish().unwrap();
+        let want = plain_mean(&r, &[0, 2, 4]);
+        for (got, want) in summed.delta.iter().zip(&want) {
+            assert!((got - want).abs() < 1e-3);
+        }
+        // Two accusers name a culprit.
+        let (mut c, _) = shared(&r, 71);
+        c.unopened(1, 3).unwrap();
+        c.unopened(2, 3).unwrap();
+        assert_eq!(c.culprits(), vec![(3, 2)]);
     }
 
     #[test]
@@ -1863,6 +1941,14 @@ mod tests {
         // Neighbourhoods as large as the round are everyone; odd counts round up.
         assert_eq!(round(6).setup.with_neighbours(5, 0.5).neighbours, 0);
         assert_eq!(round(9).setup.with_neighbours(3, 0.5).neighbours, 4);
+        assert_eq!(
+            round(12).setup.with_neighbours(2, 0.5).neighbours,
+            4,
+            "at least 4"
+        );
+        let mut two = r.setup.clone();
+        two.neighbours = 2;
+        assert!(two.check().is_err());
         let mut odd = r.setup.clone();
         odd.neighbours = 3;
         assert!(odd.check().is_err());
@@ -1914,7 +2000,7 @@ mod tests {
             #![proptest_config(ProptestConfig::with_cases(24))]
             #[test]
             fn with_neighbourhoods_the_sum_is_the_mean_of_the_senders_list(
-                (n, k) in (6usize..14).prop_flat_map(|n| (Just(n), 1u32..((n as u32 - 2) / 2))),
+                (n, k) in (6usize..14).prop_flat_map(|n| (Just(n), 2u32..=((n as u32 - 2) / 2))),
                 drops in proptest::collection::btree_set(0usize..14, 0..4),
             ) {
                 let r = ring_round(n, 2 * k);
@@ -1945,7 +2031,11 @@ mod tests {
                                 .count();
                             holders < t
                         });
-                        prop_assert!(alive < r.setup.quorum() || lost, "failed with {gone:?}");
+                        let left: BTreeSet<usize> = (0..n).filter(|u| !gone.contains(u)).collect();
+                        prop_assert!(
+                            alive < r.setup.quorum() || lost || !graph.joined(&left),
+                            "failed with {gone:?}"
+                        );
                     }
                     Err(e) => prop_assert!(false, "{e}"),
                 }
@@ -1979,6 +2069,42 @@ mod tests {
     }
 
     #[test]
+    fn with_neighbourhoods_senders_in_two_parts_are_refused() {
+        // Two gaps of two on a ring of 12 with 4 neighbours each: every sender keeps two
+        // neighbours, but the senders are two parts whose sums could be unmasked apart.
+        let r = ring_round(12, 4);
+        let peers = r.setup.check().unwrap();
+        let order = Setup::ring_order(&peers, JOB, 3);
+        let gone = [order[0], order[1], order[6], order[7]];
+        let err = run(&r, &gone, &[]).unwrap_err();
+        assert!(
+            matches!(&err, RoundError::TooFew(why) if why.contains("split")),
+            "{err}"
+        );
+        // A participant refuses to sign such a list too.
+        let (mut c, mut parts) = shared(&r, 5);
+        for u in c.sharers() {
+            let values = pack(&r.updates[u], 100, 1.0, r.setup.scale);
+            let masked = parts[u]
+                .mask(&c.inbox(u), &values, 100, ContentId([0; 32]))
+                .unwrap();
+            c.masked(u, masked).unwrap();
+        }
+        let split: Vec<u32> = (0..12)
+            .filter(|u| !gone.contains(u))
+            .map(|u| u as u32)
+            .collect();
+        let me = order[2];
+        assert!(matches!(
+            parts[me].confirm(&r.keypairs[me], &split),
+            Err(RoundError::Bad(why)) if why.contains("split")
+        ));
+        // One gap: still one sum.
+        let summed = run(&r, &gone[..2], &[]).unwrap();
+        assert_eq!(summed.contributors.len(), 10);
+    }
+
+    #[test]
     fn with_neighbourhoods_no_member_is_unmasked_without_its_own_signature() {
         let r = ring_round(10, 4);
         let graph = graph3(&r);
@@ -2003,10 +2129,7 @@ mod tests {
             .copied()
             .filter(|u| !mine.contains(u))
             .collect();
-        assert!(matches!(
-            parts[0].confirm(&r.keypairs[0], &isolating),
-            Err(RoundError::TooFew(_))
-        ));
+        assert!(parts[0].confirm(&r.keypairs[0], &isolating).is_err());
         // Everyone but 5 signs the full list: without 5's signature nobody reveals.
         let mut signatures = Vec::new();
         for u in 0..10 {

@@ -557,12 +557,11 @@ impl Training {
         };
         let masked = match round.mask(&inbox, &values, samples, dataset.digest) {
             Ok(masked) => masked,
-            // Shares that do not open: say whose, with this round's sealing secret for the
-            // coordinator to check, and send no update.
+            // Shares that do not open: say whose, and send no update (and no secret).
             Err(RoundError::SecAgg(secagg::SecAggError::Unsealed(from, _))) => {
-                let secret = round.accuse(from).map_err(refusal)?;
+                round.accuse(from).map_err(refusal)?;
                 let from = from as u32;
-                send(&mut *stream, &FromParticipant::Unopened { from, secret }).await?;
+                send(&mut *stream, &FromParticipant::Unopened { from }).await?;
                 return Ok(());
             }
             Err(e) => return Err(refusal(e)),
@@ -1072,29 +1071,28 @@ impl Training {
             .map(|(_, i, _)| (*i, own_frame(&ToParticipant::Inbox(round.inbox(*i)))))
             .collect();
         let replies = self.step(&mut outcome, live, |i| &inboxes[&i], cut).await;
-        let mut culprits = Vec::new();
         live = self
             .settle(&mut outcome, replies, true, |i, reply| match reply {
                 FromParticipant::Masked(masked) => round.masked(i, masked),
-                FromParticipant::Unopened { from, secret } => {
-                    match round.unopened(i, from, &secret) {
-                        RoundError::Culprit(u) => {
-                            culprits.push(u);
-                            Ok(())
-                        }
-                        other => Err(other),
-                    }
-                }
+                FromParticipant::Unopened { from } => round.unopened(i, from),
                 _ => Err(RoundError::Bad("expected a masked update".into())),
             })
             .await;
-        // Shares sealed so that they do not open: their sealer pays, and the round stops
-        // before anything is unmasked (so it may be drawn again, without it).
+        // Shares sealed so that they do not open, by two or more accounts: their sealer
+        // pays, and the round stops before anything is unmasked (so it may be drawn again,
+        // without it). Named by one only, the sealer's update is just left out.
+        let culprits = round.culprits();
         if !culprits.is_empty() {
             let mut named = Vec::new();
-            for peer in culprits.iter().filter_map(|&u| round.peer(u)) {
-                warn!(%peer, round = request.round, "sealed shares that do not open");
-                self.net.penalise(peer, Rejection::Malformed).await;
+            for (peer, accusers) in culprits
+                .iter()
+                .filter_map(|&(u, accusers)| Some((round.peer(u)?, accusers)))
+            {
+                warn!(%peer, round = request.round, accusers, "sealed shares that do not open");
+                // One offence for each participant whose shares it garbled.
+                for _ in 0..accusers {
+                    self.net.penalise(peer, Rejection::Malformed).await;
+                }
                 outcome.gathered.rejected += 1;
                 named.push(peer.to_string());
             }
@@ -1108,6 +1106,9 @@ impl Training {
         // unmasked at most once per round: two over nested sets would give one update).
         let senders = match round.senders() {
             Ok(senders) if senders.len() >= min as usize => {
+                // Only those whose update is summed sign (not an accuser, nor an accused
+                // sealer).
+                live.retain(|(_, i, _)| senders.contains(&(*i as u32)));
                 own_frame(&ToParticipant::Confirm(senders))
             }
             Ok(senders) => {

@@ -655,14 +655,16 @@ async fn a_securely_aggregated_job_survives_dropouts_and_equals_the_plain_job() 
         nodes.push(Node::start(config).await.unwrap());
     }
     wait_for_datasets(&coordinator, parts).await;
-    // p5 is killed before the job: the coordinator may still pick it.
-    nodes.pop().unwrap().shutdown().await;
+    let dir = root.path().join("models");
+    std::fs::create_dir_all(&dir).unwrap();
 
     let mut secure = spec(3, 3);
     secure.secure_aggregation = Some(fl::SecureAggregation {
         threshold: 0.5,
         neighbours: 0,
     });
+    // p5 is killed before the job: the coordinator may still pick it.
+    nodes.pop().unwrap().shutdown().await;
     let masked = run(&coordinator, secure.clone()).await;
     assert_eq!(masked.state, JobState::Done);
     for m in &masked.metrics {
@@ -675,7 +677,7 @@ async fn a_securely_aggregated_job_survives_dropouts_and_equals_the_plain_job() 
 
     // The same job in the clear over the same four participants (p4 gone too).
     nodes.pop().unwrap().shutdown().await;
-    let mut plain = secure.clone();
+    let mut plain = secure;
     plain.secure_aggregation = None;
     let clear = run(&coordinator, plain).await;
     assert!(clear.metrics.iter().all(|m| m.participants == 4));
@@ -687,8 +689,6 @@ async fn a_securely_aggregated_job_survives_dropouts_and_equals_the_plain_job() 
     };
     // From the same start, one round apart only by the fixed-point rounding of the sum
     // (16 fractional bits: each weighted value within 2^-17, the mean within about 1e-4).
-    let dir = root.path().join("models");
-    std::fs::create_dir_all(&dir).unwrap();
     let first = gap(
         &round_model(&coordinator, &masked, 1, &dir.join("masked")),
         &round_model(&coordinator, &clear, 1, &dir.join("clear")),
@@ -701,28 +701,69 @@ async fn a_securely_aggregated_job_survives_dropouts_and_equals_the_plain_job() 
     // Later rounds train from those slightly different models.
     let last = gap(&masked.weights, &clear.weights);
     assert!(last < 1e-2, "the final models differ by up to {last}");
-    // With neighbourhoods (SecAgg+): each of the four masks with two others, on a ring.
-    let mut ring = secure;
-    ring.secure_aggregation = Some(fl::SecureAggregation {
-        threshold: 0.5,
-        neighbours: 2,
-    });
-    let ringed = run(&coordinator, ring).await;
-    assert_eq!(ringed.state, JobState::Done);
-    assert!(ringed.metrics.iter().all(|m| m.participants == 4));
-    let ring_gap = gap(
-        &round_model(&coordinator, &ringed, 1, &dir.join("ring")),
-        &round_model(&coordinator, &clear, 1, &dir.join("clear-again")),
-    );
-    assert!(
-        ring_gap < 1e-4,
-        "round 1's models differ by up to {ring_gap}"
-    );
     let (a, b) = (masked.metrics[2].accuracy, clear.metrics[2].accuracy);
     assert!(
         (a - b).abs() <= 0.02,
         "accuracy {a} securely, {b} in the clear"
     );
+    for node in nodes {
+        node.shutdown().await;
+    }
+    coordinator.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_sums_with_neighbourhoods_equal_those_with_everyone() {
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = Node::start(local_config(
+        &root.path().join("coordinator"),
+        vec![],
+        false,
+    ))
+    .await
+    .unwrap();
+    let boot = addrs_of(&coordinator);
+    let parts = 6;
+    let mut nodes = Vec::new();
+    for k in 0..parts {
+        let mut config = with_data(
+            local_config(&root.path().join(format!("p{k}")), boot.clone(), false),
+            &format!("sklearn-digits:train:{k}/{parts}"),
+        );
+        config.train_for = TrainFor::Coordinators(vec![coordinator.net.peer_id()]);
+        config.train_drop_after_shares = k == 4;
+        nodes.push(Node::start(config).await.unwrap());
+    }
+    wait_for_datasets(&coordinator, parts).await;
+    let dir = root.path().join("models");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut secure = spec(3, 3);
+    secure.secure_aggregation = Some(fl::SecureAggregation {
+        threshold: 0.5,
+        neighbours: 0,
+    });
+    // With neighbourhoods (SecAgg+): six on a ring, each masking with four (threshold 3 of
+    // its 5), p4 leaving after it shared: the same sum as with everyone as neighbours, to
+    // the bit (the fixed-point sum of the same five updates).
+    let mut ring = secure.clone();
+    ring.secure_aggregation = Some(fl::SecureAggregation {
+        threshold: 0.5,
+        neighbours: 4,
+    });
+    let ringed = run(&coordinator, ring).await;
+    let everyone = run(&coordinator, secure).await;
+    for record in [&ringed, &everyone] {
+        assert_eq!(record.state, JobState::Done);
+        assert!(record
+            .metrics
+            .iter()
+            .all(|m| m.participants == 5 && m.dropped >= 1));
+    }
+    assert_eq!(
+        round_model(&coordinator, &ringed, 1, &dir.join("ring")),
+        round_model(&coordinator, &everyone, 1, &dir.join("everyone")),
+    );
+
     for node in nodes {
         node.shutdown().await;
     }

@@ -146,6 +146,15 @@ pub(crate) async fn run(args: SecaggBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A seed of its own for run `run`, participant `u` and `step`.
+fn seed32(run: u8, u: usize, step: u8) -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    seed[0] = run;
+    seed[1..9].copy_from_slice(&(u as u64).to_le_bytes());
+    seed[9] = step;
+    seed
+}
+
 /// One round of `setup` among `keypairs`, every `drop_every`-th participant leaving after it
 /// shared: what it cost.
 fn round(
@@ -180,7 +189,7 @@ fn round(
     let mut parts = Vec::new();
     let mut keys = Vec::new();
     for (u, kp) in keypairs.iter().enumerate() {
-        let mut rng = secround::secret_rng([seed.wrapping_add(u as u8); 32]);
+        let mut rng = secround::secret_rng(seed32(seed, u, 0));
         timed(&mut spent[u], &mut || {
             let (p, k) = Participant::new(kp, job, round, setup, &mut rng)?;
             parts.push(p);
@@ -200,7 +209,7 @@ fn round(
     let roster_bytes = to_size(ToParticipant::Roster(roster.clone()));
     for (u, p) in parts.iter_mut().enumerate() {
         received[u] += roster_bytes;
-        let mut rng = secround::secret_rng([seed.wrapping_add(100).wrapping_add(u as u8); 32]);
+        let mut rng = secround::secret_rng(seed32(seed, u, 1));
         let mut sealed = Vec::new();
         timed(&mut spent[u], &mut || {
             sealed = p.share(&roster, &mut rng)?;
