@@ -16,9 +16,10 @@
 //!    it masks its update with the pairwise masks of exactly those senders and sends it
 //!    ([`Masked`]), or, when a share does not open, names its sealer instead and leaves the
 //!    round ([`FromParticipant::Unopened`], [`Coordinator::unopened`]: the sealer's update is
-//!    left out, and a sealer named by two is blamed);
+//!    left out; nobody can check the word, so nobody is blamed);
 //! 5. coordinator → each that sent: who sent ([`ToParticipant::Confirm`]); each that finds
-//!    the list a threshold of its own sharers, itself among them, signs it
+//!    the list a threshold of its own sharers, itself among them (with neighbourhoods: one
+//!    part joined by masks, below), signs it
 //!    ([`FromParticipant::Confirmed`]);
 //! 6. coordinator → each that signed: the list with at least a threshold of those signatures
 //!    ([`ToParticipant::Unmask`]); each checks them and answers with the self-mask share of
@@ -257,8 +258,9 @@ impl Setup {
             if k < MIN_NEIGHBOURS || !k.is_multiple_of(2) || k + 1 >= count {
                 return Err(format!(
                     "{k} neighbours in a round of {count}: needs an even number from \
-                     {MIN_NEIGHBOURS} to {}",
-                    count - 2
+                     {MIN_NEIGHBOURS} to {} (and a round of at least {})",
+                    count.saturating_sub(2),
+                    MIN_NEIGHBOURS + 2
                 ));
             }
             k + 1
@@ -861,8 +863,8 @@ impl Participant {
     }
 
     /// Signs who sent (`sent`), once, if they are a quorum of the roster, itself among them,
-    /// every neighbour named shared with it, and a threshold of its neighbourhood (itself
-    /// included) is among them: its update is then summed with at least a threshold minus
+    /// every neighbour named shared with it, they are one part joined by their masks, and a
+    /// threshold of its neighbourhood (itself included) is among them: its update is then summed with at least a threshold minus
     /// one of its neighbours', whose pairwise masks with it are never revealed.
     pub fn confirm(&mut self, keypair: &Keypair, sent: &[u32]) -> Result<ByteBuf, RoundError> {
         if self.stage != Stage::Masked {
@@ -1166,8 +1168,9 @@ impl Coordinator {
 
     /// `accuser`'s word that the shares `from` sealed for it do not open. Nobody can check
     /// it (the accuser shows no secret): the accuser sends no update, and the sealer's update
-    /// is left out of the sum (it counts as dropped). A sealer accused by two or more
-    /// accusers in a round is [`Coordinator::culprits`]: framing it takes two liars.
+    /// is left out of the sum (it counts as dropped). Neither is to be penalised for it: the
+    /// sealer may be framed, and the accuser may be the victim of a coordinator (or of a
+    /// sealer) garbling its shares.
     pub fn unopened(&mut self, accuser: usize, from: u32) -> Result<(), RoundError> {
         let from = from as usize;
         let sealed_to_it = self
@@ -1187,19 +1190,24 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Sealers accused by at least two participants in the round, each with how many.
-    pub fn culprits(&self) -> Vec<(usize, usize)> {
-        self.accused
-            .iter()
-            .filter(|(_, by)| by.len() >= 2)
-            .map(|(u, by)| (*u, by.len()))
-            .collect()
+    /// The sealers accused in the round, each with how many accused it.
+    pub fn accusations(&self) -> Vec<(usize, usize)> {
+        self.accused.iter().map(|(u, by)| (*u, by.len())).collect()
     }
 
-    /// Those that sent their masked update, to ask for signatures (fixed at the first call;
-    /// no masked update is taken after it). With neighbourhoods each must be summed with at
-    /// least a threshold minus one of its neighbours, or it would not sign (and leaving it
-    /// out would not help: its mask key could not be rebuilt from so few).
+    /// How many participants accused a sealer (they send no update).
+    pub fn accusers(&self) -> usize {
+        self.accusers.len()
+    }
+
+    /// Those whose update is summed, to ask for signatures (fixed at the first call; no
+    /// masked update is taken after it): those that sent theirs, less any sealer accused of
+    /// shares that do not open. With neighbourhoods, it also checks what the participants
+    /// will check before they sign, and what unmasking will need, so that the round stops
+    /// before anyone is asked: each sender summed with at least a threshold minus one of its
+    /// neighbours (leaving one out would not help: its mask key could not be rebuilt from so
+    /// few), the senders one part joined by their masks, and each sharer left out that is a
+    /// sender's neighbour with a threshold of holders among the senders.
     pub fn senders(&mut self) -> Result<Vec<u32>, RoundError> {
         // An accused sealer's update is left out: some participant could not take its
         // shares, so its sum with that participant's mask is not to be had.
@@ -1707,8 +1715,7 @@ mod tests {
             .is_err());
         assert!(c.unopened(1, 3).is_err());
         assert!(c.unopened(1, 9).is_err(), "no such sealer");
-        // One accuser blames nobody (it may be lying); 3's update is left out of the sum.
-        assert!(c.culprits().is_empty());
+        // Nobody is blamed (the accuser may be lying); 3's update is left out of the sum.
         for u in [0, 2, 3, 4] {
             let values = pack(&r.updates[u], 10, 0.1, r.setup.scale);
             let masked = parts[u]
@@ -1739,11 +1746,12 @@ mod tests {
         for (got, want) in summed.delta.iter().zip(&want) {
             assert!((got - want).abs() < 1e-3);
         }
-        // Two accusers name a culprit.
+        assert_eq!((c.accusations(), c.accusers()), (vec![(3, 1)], 1));
+        // Two accusers name the same sealer: counted, and its update left out all the same.
         let (mut c, _) = shared(&r, 71);
         c.unopened(1, 3).unwrap();
         c.unopened(2, 3).unwrap();
-        assert_eq!(c.culprits(), vec![(3, 2)]);
+        assert_eq!((c.accusations(), c.accusers()), (vec![(3, 2)], 2));
     }
 
     #[test]
@@ -2130,6 +2138,17 @@ mod tests {
             .filter(|u| !mine.contains(u))
             .collect();
         assert!(parts[0].confirm(&r.keypairs[0], &isolating).is_err());
+        // One joined part in which 0 keeps one neighbour of four: it will not sign either.
+        let short: Vec<u32> = senders
+            .iter()
+            .copied()
+            .filter(|u| !mine[..3].contains(u))
+            .collect();
+        assert!(graph.joined(&short.iter().map(|&u| u as usize).collect()));
+        assert!(matches!(
+            parts[0].confirm(&r.keypairs[0], &short),
+            Err(RoundError::TooFew(why)) if why.contains("neighbourhood")
+        ));
         // Everyone but 5 signs the full list: without 5's signature nobody reveals.
         let mut signatures = Vec::new();
         for u in 0..10 {

@@ -13,7 +13,7 @@
 //! - gossipsub topic `mycel/statements/1` carrying signed announcements and down reports;
 //! - request-response `/mycel/sync/2` for anti-entropy snapshots and echo round trips;
 //! - raw streams `/mycel/task/1` for inference tasks, `/mycel/blob/1` for blobs and
-//!   `/mycel/train/1` for federated training rounds ([`task`]), opened and accepted through
+//!   `/mycel/train/2` for federated training rounds ([`task`]), opened and accepted through
 //!   the [`NetHandle`] without passing through the event loop;
 //! - Kademlia provider records keyed by the content ids of the models a node serves.
 

@@ -5,7 +5,7 @@
 //!   answer;
 //! - the blob protocol `/mycel/blob/1`: one stream per request (`mycel_core::blob`), answered
 //!   by an outboard or by the chunks asked for, one frame each;
-//! - the training protocol `/mycel/train/1`: one stream per round and participant, the
+//! - the training protocol `/mycel/train/2`: one stream per round and participant, the
 //!   request (`mycel_core::fl`) with the global weights, then the signed update.
 //!
 //! Raw streams rather than request-response, so that tokens and chunks travel as they are
@@ -24,7 +24,10 @@ pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/task/1");
 pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/blob/1");
 
 /// Protocol name of federated training rounds.
-pub const TRAIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/train/1");
+///
+/// Version 2: secure rounds with neighbourhoods, and accusations that show no secret (a
+/// version-1 participant would show its sealing secret, and ignore neighbourhoods).
+pub const TRAIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/train/2");
 
 pub use crate::accept::IncomingStreams;
 pub use libp2p::Stream;

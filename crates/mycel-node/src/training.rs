@@ -2,7 +2,7 @@
 //! signed update; as a cluster head, gather members first) and the coordinator (run a job
 //! round by round, aggregate robustly, evaluate, record every round so a restart resumes).
 //!
-//! The protocol is `/mycel/train/1` on raw streams: one stream per request, one
+//! The protocol is `/mycel/train/2` on raw streams: one stream per request, one
 //! [`TrainRequest`] frame, one [`TrainReply`] frame (`mycel_core::fl`). Decisions (who takes
 //! part, clusters, how updates combine) are mycel-core's; this module does the I/O.
 
@@ -1078,30 +1078,25 @@ impl Training {
                 _ => Err(RoundError::Bad("expected a masked update".into())),
             })
             .await;
-        // Shares sealed so that they do not open, by two or more accounts: their sealer
-        // pays, and the round stops before anything is unmasked (so it may be drawn again,
-        // without it). Named by one only, the sealer's update is just left out.
-        let culprits = round.culprits();
-        if !culprits.is_empty() {
-            let mut named = Vec::new();
-            for (peer, accusers) in culprits
-                .iter()
-                .filter_map(|&(u, accusers)| Some((round.peer(u)?, accusers)))
-            {
-                warn!(%peer, round = request.round, accusers, "sealed shares that do not open");
-                // One offence for each participant whose shares it garbled.
-                for _ in 0..accusers {
-                    self.net.penalise(peer, Rejection::Malformed).await;
+        // Shares that do not open: the accuser and the sealer are left out of the sum (the
+        // round goes on while enough remain). An accusation cannot be checked (the accuser
+        // shows no secret), so nobody is penalised: two liars could frame an honest sealer.
+        // A sealer named by two or more is not drawn again for the round.
+        for (u, accusers) in round.accusations() {
+            if let Some(peer) = round.peer(u) {
+                warn!(%peer, round = request.round, accusers, "named as sealing shares that do not open");
+                outcome.note(peer, format_args!("{accusers} said its shares do not open"));
+                if live.iter().any(|(_, i, _)| *i == u) {
+                    // It sent its update, which is left out.
+                    outcome.gathered.dropped += 1;
                 }
-                outcome.gathered.rejected += 1;
-                named.push(peer.to_string());
+                if accusers >= 2 {
+                    outcome.suspects.push(peer);
+                }
             }
-            let e = RoundError::Bad(format!(
-                "{} sealed shares that do not open",
-                named.join(", ")
-            ));
-            return secure_failed(outcome, live, e);
         }
+        // Those that accused send no update.
+        outcome.gathered.dropped += round.accusers() as u32;
         // Too few to make the round count: it stops before anything is unmasked (a sum is
         // unmasked at most once per round: two over nested sets would give one update).
         let senders = match round.senders() {
@@ -1489,6 +1484,10 @@ impl Training {
         // Attempts of this round that fell short because peers were late: each doubles the
         // deadline of the next (failures of other kinds do not: gone peers stay gone).
         let mut late_attempts = 0;
+        // Sealers two or more participants said sealed shares that do not open, in this
+        // round's attempts so far: not drawn again for the round (an accusation cannot be
+        // checked, so nobody is penalised for one; see ask_secure).
+        let mut suspects: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
         let mut persisting: Option<tokio::task::JoinHandle<anyhow::Result<JobRecord>>> = None;
         // A private job's spending. Every round costs the same (each peer sampled with the
         // participation fraction, noise at the multiplier) and is charged exactly once: a
@@ -1532,12 +1531,15 @@ impl Training {
             let round = record.round + 1;
             let seed = fl::round_seed(spec.seed, round);
             let Selection {
-                peers: selected,
+                peers: mut selected,
                 addrs,
                 rtts,
                 samples,
                 eligible,
             } = self.select(spec, record, seed).await?;
+            if spec.privacy.is_none() {
+                selected.retain(|p| !suspects.contains(p));
+            }
             if spec.privacy.is_some()
                 && spec.secure_aggregation.is_some()
                 && selected.len() > secround::MAX_PARTICIPANTS
@@ -1740,6 +1742,7 @@ impl Training {
             for peer in &selected {
                 *record.asked.entry(peer.to_string()).or_insert(0) += 1;
             }
+            suspects.extend(outcome.suspects.iter().copied());
             // In a clustered secure job the heads' secure sums are unmasked (and their means
             // sent) by the time they answer: the round is not drawn again either.
             let clusters_summed =
@@ -1882,6 +1885,7 @@ impl Training {
             }
             let round_attempts = attempts + 1;
             (attempts, late_attempts) = (0, 0);
+            suspects.clear();
             let (test_loss, accuracy) = match &eval {
                 Some(eval) => {
                     let (arch, weights, eval) =
@@ -2323,6 +2327,9 @@ struct Outcome {
     late: u32,
     /// Why peers gave no update (the first few), for the log when a round falls short.
     why: Vec<String>,
+    /// Sealers two or more participants of a secure round said sealed shares that do not
+    /// open: not drawn again for the round.
+    suspects: Vec<PeerId>,
 }
 
 impl Outcome {
@@ -2346,6 +2353,7 @@ impl Outcome {
             self.summed = other.summed;
         }
         self.unmask_asked |= other.unmask_asked;
+        self.suspects.extend(other.suspects);
         self.root_bytes += other.root_bytes;
         self.dropped.extend(other.dropped);
         self.late += other.late;
