@@ -1190,9 +1190,17 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The sealers accused in the round, each with how many accused it.
-    pub fn accusations(&self) -> Vec<(usize, usize)> {
-        self.accused.iter().map(|(u, by)| (*u, by.len())).collect()
+    /// The sealers accused in the round, each with who accused it.
+    pub fn accusations(&self) -> Vec<(usize, Vec<usize>)> {
+        self.accused
+            .iter()
+            .map(|(u, by)| (*u, by.iter().copied().collect()))
+            .collect()
+    }
+
+    /// Whether `u` sent its masked update.
+    pub fn sent(&self, u: usize) -> bool {
+        self.masked.contains_key(&u)
     }
 
     /// How many participants accused a sealer (they send no update).
@@ -1693,7 +1701,7 @@ mod tests {
     }
 
     #[test]
-    fn shares_that_do_not_open_are_named_without_a_secret_and_blamed_on_two_accounts() {
+    fn shares_that_do_not_open_are_named_without_a_secret_and_left_out_unblamed() {
         let r = round(5);
         let (mut c, mut parts) = shared(&r, 70);
         // Participant 3 sealed garbage for participant 1 (or its coordinator garbled it).
@@ -1746,12 +1754,16 @@ mod tests {
         for (got, want) in summed.delta.iter().zip(&want) {
             assert!((got - want).abs() < 1e-3);
         }
-        assert_eq!((c.accusations(), c.accusers()), (vec![(3, 1)], 1));
+        assert_eq!((c.accusations(), c.accusers()), (vec![(3, vec![1])], 1));
+        assert!(
+            !c.sent(1) && c.sent(3),
+            "3 sent, and its update was left out"
+        );
         // Two accusers name the same sealer: counted, and its update left out all the same.
         let (mut c, _) = shared(&r, 71);
         c.unopened(1, 3).unwrap();
         c.unopened(2, 3).unwrap();
-        assert_eq!((c.accusations(), c.accusers()), (vec![(3, 2)], 2));
+        assert_eq!((c.accusations(), c.accusers()), (vec![(3, vec![1, 2])], 2));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! [`TrainRequest`] frame, one [`TrainReply`] frame (`mycel_core::fl`). Decisions (who takes
 //! part, clusters, how updates combine) are mycel-core's; this module does the I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -217,6 +217,11 @@ pub struct JobRecord {
     /// Why the job ended before its last round (its privacy budget), if it did.
     #[serde(default)]
     pub stopped: Option<String>,
+    /// Peers two or more participants of one secure round named as sealing shares that do
+    /// not open: not drawn again for the job (nobody can check the word, so their network
+    /// reputation does not pay; a framed honest peer loses one job).
+    #[serde(default)]
+    pub suspects: BTreeSet<String>,
 }
 
 impl JobRecord {
@@ -235,6 +240,7 @@ impl JobRecord {
             elapsed_ms: 0.0,
             resumed_after: Vec::new(),
             stopped: None,
+            suspects: BTreeSet::new(),
         }
     }
 }
@@ -265,7 +271,7 @@ pub struct Training {
     train_for: TrainFor,
     residuals: Mutex<HashMap<(PeerId, JobId), TopK>>,
     running: Mutex<HashMap<JobId, JobRecord>>,
-    launched: Mutex<std::collections::HashSet<JobId>>,
+    launched: Mutex<HashSet<JobId>>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     slots: Arc<Semaphore>,
     /// Rounds stopped because their requester went away (or their deadline passed).
@@ -1080,19 +1086,29 @@ impl Training {
             .await;
         // Shares that do not open: the accuser and the sealer are left out of the sum (the
         // round goes on while enough remain). An accusation cannot be checked (the accuser
-        // shows no secret), so nobody is penalised: two liars could frame an honest sealer.
-        // A sealer named by two or more is not drawn again for the round.
+        // shows no secret), so nobody's reputation pays: two liars could frame an honest
+        // sealer. A sealer named by two or more is not drawn again for the job; a sealer and
+        // its lone accuser (one of them misbehaved) not again for the round.
         for (u, accusers) in round.accusations() {
-            if let Some(peer) = round.peer(u) {
-                warn!(%peer, round = request.round, accusers, "named as sealing shares that do not open");
-                outcome.note(peer, format_args!("{accusers} said its shares do not open"));
-                if live.iter().any(|(_, i, _)| *i == u) {
-                    // It sent its update, which is left out.
-                    outcome.gathered.dropped += 1;
-                }
-                if accusers >= 2 {
-                    outcome.suspects.push(peer);
-                }
+            let Some(peer) = round.peer(u) else {
+                continue;
+            };
+            warn!(%peer, round = request.round, accusers = accusers.len(), "named as sealing shares that do not open");
+            outcome.note(
+                peer,
+                format_args!("{} said its shares do not open", accusers.len()),
+            );
+            if round.sent(u) {
+                // It sent its update, which is left out.
+                outcome.gathered.dropped += 1;
+            }
+            if accusers.len() >= 2 {
+                outcome.suspects.push(peer);
+            } else {
+                outcome.benched.push(peer);
+                outcome
+                    .benched
+                    .extend(accusers.iter().filter_map(|&a| round.peer(a)));
             }
         }
         // Those that accused send no update.
@@ -1484,10 +1500,9 @@ impl Training {
         // Attempts of this round that fell short because peers were late: each doubles the
         // deadline of the next (failures of other kinds do not: gone peers stay gone).
         let mut late_attempts = 0;
-        // Sealers two or more participants said sealed shares that do not open, in this
-        // round's attempts so far: not drawn again for the round (an accusation cannot be
-        // checked, so nobody is penalised for one; see ask_secure).
-        let mut suspects: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
+        // A sealer and its lone accuser in this round's attempts so far: not drawn again for
+        // the round (one of them misbehaved; see ask_secure).
+        let mut benched: HashSet<PeerId> = HashSet::new();
         let mut persisting: Option<tokio::task::JoinHandle<anyhow::Result<JobRecord>>> = None;
         // A private job's spending. Every round costs the same (each peer sampled with the
         // participation fraction, noise at the multiplier) and is charged exactly once: a
@@ -1531,15 +1546,12 @@ impl Training {
             let round = record.round + 1;
             let seed = fl::round_seed(spec.seed, round);
             let Selection {
-                peers: mut selected,
+                peers: selected,
                 addrs,
                 rtts,
                 samples,
                 eligible,
-            } = self.select(spec, record, seed).await?;
-            if spec.privacy.is_none() {
-                selected.retain(|p| !suspects.contains(p));
-            }
+            } = self.select(spec, record, seed, &benched).await?;
             if spec.privacy.is_some()
                 && spec.secure_aggregation.is_some()
                 && selected.len() > secround::MAX_PARTICIPANTS
@@ -1742,7 +1754,10 @@ impl Training {
             for peer in &selected {
                 *record.asked.entry(peer.to_string()).or_insert(0) += 1;
             }
-            suspects.extend(outcome.suspects.iter().copied());
+            record
+                .suspects
+                .extend(outcome.suspects.iter().map(|p| p.to_string()));
+            benched.extend(outcome.benched.iter().copied());
             // In a clustered secure job the heads' secure sums are unmasked (and their means
             // sent) by the time they answer: the round is not drawn again either.
             let clusters_summed =
@@ -1885,7 +1900,7 @@ impl Training {
             }
             let round_attempts = attempts + 1;
             (attempts, late_attempts) = (0, 0);
-            suspects.clear();
+            benched.clear();
             let (test_loss, accuracy) = match &eval {
                 Some(eval) => {
                     let (arch, weights, eval) =
@@ -2009,11 +2024,12 @@ impl Training {
         spec: &JobSpec,
         record: &JobRecord,
         seed: u64,
+        benched: &HashSet<PeerId>,
     ) -> anyhow::Result<Selection> {
         // Right after a start the peers' announcements may not have arrived yet.
         let patience = Instant::now() + Duration::from_millis(spec.round_deadline_ms.max(5_000));
         loop {
-            match self.try_select(spec, record, seed).await {
+            match self.try_select(spec, record, seed, benched).await {
                 Err(e) if Instant::now() < patience => {
                     debug!("waiting for participants: {e:#}");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -2028,6 +2044,7 @@ impl Training {
         spec: &JobSpec,
         record: &JobRecord,
         seed: u64,
+        benched: &HashSet<PeerId>,
     ) -> anyhow::Result<Selection> {
         let mut eligible = Vec::new();
         let mut addrs = HashMap::new();
@@ -2036,6 +2053,13 @@ impl Training {
         let mut excluded = Vec::new();
         for holder in self.holders(spec).await? {
             let peer = holder.peer;
+            if record.suspects.contains(&peer.to_string()) || benched.contains(&peer) {
+                excluded.push(format!(
+                    "{peer}: named in a secure round as sealing shares that do not open, or \
+                     naming a sealer alone"
+                ));
+                continue;
+            }
             match holder.exclusion {
                 None if holder.alive => {
                     eligible.push(peer);
@@ -2328,8 +2352,10 @@ struct Outcome {
     /// Why peers gave no update (the first few), for the log when a round falls short.
     why: Vec<String>,
     /// Sealers two or more participants of a secure round said sealed shares that do not
-    /// open: not drawn again for the round.
+    /// open: not drawn again for the job.
     suspects: Vec<PeerId>,
+    /// A sealer and its lone accuser: not drawn again for the round.
+    benched: Vec<PeerId>,
 }
 
 impl Outcome {
@@ -2354,6 +2380,7 @@ impl Outcome {
         }
         self.unmask_asked |= other.unmask_asked;
         self.suspects.extend(other.suspects);
+        self.benched.extend(other.benched);
         self.root_bytes += other.root_bytes;
         self.dropped.extend(other.dropped);
         self.late += other.late;

@@ -803,14 +803,14 @@ async fn a_participant_breaking_a_secure_round_is_left_out_and_penalised() {
                 continue;
             };
             if request.round == 3 {
+                // One share short: some participant could not be unmasked.
+                sealed.pop();
+            } else if request.round == 4 {
                 // Shares of the right size that open for nobody: every other participant
                 // leaves the round.
                 for s in &mut sealed {
                     s.ciphertext[0] ^= 0xff;
                 }
-            } else if request.round == 4 {
-                // One share short: some participant could not be unmasked.
-                sealed.pop();
             }
             let _ = write_frame(&mut stream, &FromParticipant::Shares(sealed)).await;
             let Ok(Some(ToParticipant::Inbox(inbox))) =
@@ -865,13 +865,13 @@ async fn a_participant_breaking_a_secure_round_is_left_out_and_penalised() {
     let record = run(&nodes[0], job).await;
     // Round 1, bad shares at unmasking: its update is in the sum (it sent one), its answer
     // is left out and the sum still unmasks. Round 2, forged keys: left out at once. Round
-    // 3, shares that open for nobody: every other participant names it and sends nothing,
-    // so the round falls short before anything is unmasked; nobody can check the word, so
-    // nobody pays, but a sealer named by two is not drawn again for the round, and the
-    // round's second draw goes without it. Round 4, a missing share: left out at once.
-    // Three offences it can be shown to have committed (rounds 1, 2 and 4) cost it its
+    // 3, a missing share: left out at once. Round 4, shares that open for nobody: every
+    // other participant names it and sends nothing, so the round falls short before
+    // anything is unmasked; nobody can check the word, so its reputation does not pay, but
+    // a sealer named by two is not drawn again for the job, and the round's second draw
+    // goes without it. The three offences it can be shown to have committed cost it its
     // reputation.
-    let expected = [(4, 4, 1, 1), (4, 3, 1, 1), (3, 3, 0, 2), (4, 3, 1, 1)];
+    let expected = [(4, 4, 1, 1), (4, 3, 1, 1), (4, 3, 1, 1), (3, 3, 0, 2)];
     for (m, expected) in record.metrics.iter().zip(expected) {
         assert_eq!(
             (m.asked, m.participants, m.rejected, m.attempts),
@@ -880,6 +880,7 @@ async fn a_participant_breaking_a_secure_round_is_left_out_and_penalised() {
             m.round
         );
     }
+    assert!(record.suspects.contains(&liar_id.to_string()));
     let last = &record.metrics[3];
     let accuracy = last.accuracy;
     assert!(accuracy > 0.5, "accuracy {accuracy}");
