@@ -765,6 +765,9 @@ impl Training {
                         &HashMap::new(),
                     )
                     .await;
+                // Whom members named for shares that did not open stays with this head: the
+                // root could not check it (a head could frame its members), and a clustered
+                // round is not drawn again anyway (docs/ARCHITECTURE.md).
                 let why = outcome.why.join("; ");
                 return (
                     Vec::new(),
@@ -1399,6 +1402,14 @@ impl Training {
                 .flatten()
                 .unwrap_or_else(|| JobRecord::empty(id, spec.clone()));
             record.state = JobState::Failed(format!("{e:#}"));
+            if let Some(running) = self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+            {
+                record.suspects.extend(running.suspects.iter().cloned());
+            }
             if let Err(save) = self.save(&record).await {
                 warn!(job = %id, "cannot record the job's failure: {save:#}");
             }
@@ -1754,9 +1765,14 @@ impl Training {
             for peer in &selected {
                 *record.asked.entry(peer.to_string()).or_insert(0) += 1;
             }
-            record
-                .suspects
-                .extend(outcome.suspects.iter().map(|p| p.to_string()));
+            if !outcome.suspects.is_empty() {
+                record
+                    .suspects
+                    .extend(outcome.suspects.iter().map(|p| p.to_string()));
+                // Kept even if the round then fails (the failure is recorded over the last
+                // stored record, to which they are added).
+                self.note_suspects(record);
+            }
             benched.extend(outcome.benched.iter().copied());
             // In a clustered secure job the heads' secure sums are unmasked (and their means
             // sent) by the time they answer: the round is not drawn again either.
@@ -1812,9 +1828,18 @@ impl Training {
                 }
                 let why = outcome.why.join("; ");
                 if attempts >= ROUND_ATTEMPTS {
+                    let left_out = record.suspects.len() + benched.len();
+                    let accused = if left_out > 0 {
+                        format!(
+                            "; {left_out} peers left out for shares that did not open in a \
+                             secure round"
+                        )
+                    } else {
+                        String::new()
+                    };
                     bail!(
                         "round {round}: only {contributors} updates arrived, the job needs {}; \
-                         are enough peers holding dataset {:?} online? ({why})",
+                         are enough peers holding dataset {:?} online? ({why}{accused})",
                         spec.participants.min,
                         spec.dataset
                     );
@@ -2051,6 +2076,8 @@ impl Training {
         let mut rtts = HashMap::new();
         let mut samples = HashMap::new();
         let mut excluded = Vec::new();
+        // Peers left out for an accusation in a secure round (see ask_secure).
+        let mut accused = 0;
         for holder in self.holders(spec).await? {
             let peer = holder.peer;
             if record.suspects.contains(&peer.to_string()) || benched.contains(&peer) {
@@ -2058,6 +2085,7 @@ impl Training {
                     "{peer}: named in a secure round as sealing shares that do not open, or \
                      naming a sealer alone"
                 ));
+                accused += 1;
                 continue;
             }
             match holder.exclusion {
@@ -2078,10 +2106,11 @@ impl Training {
         }
         if eligible.is_empty() {
             bail!(
-                "no eligible peer holds dataset {:?} ({} excluded by the job's policy); \
-                 start nodes with --dataset {}=PATH",
+                "no eligible peer holds dataset {:?} ({} excluded by the job's policy, {accused} \
+                 for shares that did not open in a secure round); start nodes with --dataset \
+                 {}=PATH",
                 spec.dataset,
-                excluded.len(),
+                excluded.len() - accused,
                 spec.dataset
             );
         }
@@ -2203,6 +2232,14 @@ impl Training {
         Payload::Dense(bytes)
             .decode(parameters)
             .map_err(|e| anyhow!("the initial weights {blob}: {e}"))
+    }
+
+    /// Adds `record`'s suspects to the running copy of its job.
+    fn note_suspects(&self, record: &JobRecord) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(copy) = running.get_mut(&record.id) {
+            copy.suspects.extend(record.suspects.iter().cloned());
+        }
     }
 
     fn set_running(&self, record: &JobRecord) {
