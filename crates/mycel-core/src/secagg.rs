@@ -42,7 +42,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::ChaCha20Poly1305;
 use hkdf::Hkdf;
 use sha2::Sha256;
-use x25519_dalek::{PublicKey, StaticSecret};
+use x25519_dalek::{PublicKey, SharedSecret, StaticSecret};
 use zeroize::Zeroizing;
 
 /// Fractional bits of the fixed-point encoding.
@@ -143,25 +143,48 @@ fn pair_seed(
     u: usize,
     v: usize,
 ) -> Result<Zeroizing<[u8; 32]>, SecAggError> {
-    let shared = mine.diffie_hellman(theirs);
-    if !shared.was_contributory() {
-        return Err(SecAggError::WeakKey(v));
-    }
+    let shared = agree(mine, theirs, v)?;
     let own = PublicKey::from(mine);
     let (low, high) = if u < v {
-        ((u, own), (v, *theirs))
+        ((u, &own), (v, theirs))
     } else {
-        ((v, *theirs), (u, own))
+        ((v, theirs), (u, &own))
     };
+    Ok(derive(context, &shared, b"mycel/secagg/pair/v1", low, high))
+}
+
+/// The X25519 agreement of `mine` with `theirs` (participant `other`'s key), refused when a
+/// small-order key makes it public.
+fn agree(
+    mine: &StaticSecret,
+    theirs: &PublicKey,
+    other: usize,
+) -> Result<SharedSecret, SecAggError> {
+    let shared = mine.diffie_hellman(theirs);
+    if !shared.was_contributory() {
+        return Err(SecAggError::WeakKey(other));
+    }
+    Ok(shared)
+}
+
+/// 32 bytes of HKDF-SHA256 from an agreement, salted with the round's `context`, for `label`
+/// naming two participants and their public keys in the order given.
+fn derive(
+    context: &[u8],
+    shared: &SharedSecret,
+    label: &[u8],
+    first: (usize, &PublicKey),
+    second: (usize, &PublicKey),
+) -> Zeroizing<[u8; 32]> {
     let info = [
-        b"mycel/secagg/pair/v1".as_slice(),
-        &(low.0 as u64).to_le_bytes(),
-        low.1.as_bytes(),
-        &(high.0 as u64).to_le_bytes(),
-        high.1.as_bytes(),
+        label,
+        &(first.0 as u64).to_le_bytes(),
+        first.1.as_bytes(),
+        &(second.0 as u64).to_le_bytes(),
+        second.1.as_bytes(),
     ]
     .concat();
-    Ok(hkdf32(context, shared.as_bytes(), &info))
+    hkdf32(context, shared.as_bytes(), &info)
 }
 
 /// The round's self-mask seed, from a participant's self-mask secret: bound to the round, so
@@ -262,19 +285,14 @@ impl Graph {
     /// any other through neighbours among them. Masks join two participants only when both
     /// are summed, so a sum over members in several parts can be taken part by part.
     pub fn joined(&self, members: &BTreeSet<usize>) -> bool {
-        let Some(&first) = members.first() else {
+        // Everyone with everyone: any set is one part.
+        let (Some(neighbours), Some(&first)) = (&self.neighbours, members.first()) else {
             return true;
         };
         let mut reached = BTreeSet::from([first]);
         let mut frontier = vec![first];
         while let Some(u) = frontier.pop() {
-            let next: Vec<usize> = match &self.neighbours {
-                None => members.iter().copied().collect(),
-                Some(n) => n
-                    .get(u)
-                    .map_or_else(Vec::new, |s| s.iter().copied().collect()),
-            };
-            for v in next {
+            for v in neighbours.get(u).into_iter().flatten().copied() {
                 if members.contains(&v) && reached.insert(v) {
                     frontier.push(v);
                 }
@@ -286,11 +304,6 @@ impl Graph {
     /// Whether everyone is everyone's neighbour.
     pub fn is_complete(&self) -> bool {
         self.neighbours.is_none()
-    }
-
-    /// The number of participants.
-    pub fn count(&self) -> usize {
-        self.count
     }
 }
 
@@ -467,21 +480,8 @@ fn seal_keys(
 ) -> Result<(SealKey, SealKey), SecAggError> {
     let own = PublicKey::from(mine);
     let theirs = PublicKey::from(*theirs);
-    let shared = mine.diffie_hellman(&theirs);
-    if !shared.was_contributory() {
-        return Err(SecAggError::WeakKey(other));
-    }
-    let key = |from: (usize, &PublicKey), to: (usize, &PublicKey)| {
-        let info = [
-            b"mycel/secagg/seal/v1".as_slice(),
-            &(from.0 as u64).to_le_bytes(),
-            from.1.as_bytes(),
-            &(to.0 as u64).to_le_bytes(),
-            to.1.as_bytes(),
-        ]
-        .concat();
-        hkdf32(context, shared.as_bytes(), &info)
-    };
+    let shared = agree(mine, &theirs, other)?;
+    let key = |from, to| derive(context, &shared, b"mycel/secagg/seal/v1", from, to);
     Ok((
         key((me, &own), (other, &theirs)),
         key((other, &theirs), (me, &own)),

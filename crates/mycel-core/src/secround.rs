@@ -175,6 +175,17 @@ impl Setup {
         }
     }
 
+    /// A setup for `participants` as a job's `secure` settings ask (threshold and
+    /// neighbourhoods).
+    pub fn for_job(
+        participants: &[PeerId],
+        secure: &crate::fl::SecureAggregation,
+        scale: u64,
+    ) -> Self {
+        Self::new(participants, secure.threshold, scale)
+            .with_neighbours(secure.neighbours, secure.threshold)
+    }
+
     /// The setup with neighbourhoods of `k` (SecAgg+), the threshold a `fraction` of a
     /// neighbourhood (at least a majority of it); unchanged when `k` is 0 or a neighbourhood
     /// would be everyone. `k` is rounded up to an even number.
@@ -1539,6 +1550,15 @@ mod tests {
         (c, parts)
     }
 
+    /// Participant `u` masks its update with its inbox and sends it.
+    fn send_masked(r: &Round, c: &mut Coordinator, parts: &mut [Participant], u: usize) {
+        let values = pack(&r.updates[u], 10, 0.1, r.setup.scale);
+        let masked = parts[u]
+            .mask(&c.inbox(u), &values, 10, ContentId([0; 32]))
+            .unwrap();
+        c.masked(u, masked).unwrap();
+    }
+
     fn plain_mean(r: &Round, senders: &[usize]) -> Vec<f32> {
         let mut mean = vec![0f32; 5];
         for &u in senders {
@@ -1622,11 +1642,7 @@ mod tests {
             c.shares(u, p.share(&roster, &mut rng(9)).unwrap()).unwrap();
         }
         for u in 0..4 {
-            let values = pack(&r.updates[u], 10, 0.1, r.setup.scale);
-            let m = parts[u]
-                .mask(&c.inbox(u), &values, 10, ContentId([0; 32]))
-                .unwrap();
-            c.masked(u, m).unwrap();
+            send_masked(&r, &mut c, &mut parts, u);
         }
         // A list below the threshold is not signed.
         assert!(matches!(
@@ -1666,11 +1682,7 @@ mod tests {
         let masked = |seed: u8| {
             let (mut c, mut parts) = shared(&r, seed);
             for u in 0..4 {
-                let values = pack(&r.updates[u], 10, 0.1, r.setup.scale);
-                let m = parts[u]
-                    .mask(&c.inbox(u), &values, 10, ContentId([0; 32]))
-                    .unwrap();
-                c.masked(u, m).unwrap();
+                send_masked(&r, &mut c, &mut parts, u);
             }
             (c, parts)
         };
@@ -1725,11 +1737,7 @@ mod tests {
         assert!(c.unopened(1, 9).is_err(), "no such sealer");
         // Nobody is blamed (the accuser may be lying); 3's update is left out of the sum.
         for u in [0, 2, 3, 4] {
-            let values = pack(&r.updates[u], 10, 0.1, r.setup.scale);
-            let masked = parts[u]
-                .mask(&c.inbox(u), &values, 10, ContentId([0; 32]))
-                .unwrap();
-            c.masked(u, masked).unwrap();
+            send_masked(&r, &mut c, &mut parts, u);
         }
         assert!(c
             .masked(
@@ -1840,11 +1848,7 @@ mod tests {
         let r = round(5);
         let (mut c, mut parts) = shared(&r, 20);
         for u in 0..4 {
-            let values = pack(&r.updates[u], 100, 0.1, r.setup.scale);
-            let m = parts[u]
-                .mask(&c.inbox(u), &values, 100, ContentId([0; 32]))
-                .unwrap();
-            c.masked(u, m).unwrap();
+            send_masked(&r, &mut c, &mut parts, u);
         }
         let senders = c.senders().unwrap();
         for u in 0..4 {
@@ -2104,11 +2108,7 @@ mod tests {
         // A participant refuses to sign such a list too.
         let (mut c, mut parts) = shared(&r, 5);
         for u in c.sharers() {
-            let values = pack(&r.updates[u], 100, 1.0, r.setup.scale);
-            let masked = parts[u]
-                .mask(&c.inbox(u), &values, 100, ContentId([0; 32]))
-                .unwrap();
-            c.masked(u, masked).unwrap();
+            send_masked(&r, &mut c, &mut parts, u);
         }
         let split: Vec<u32> = (0..12)
             .filter(|u| !gone.contains(u))

@@ -1639,10 +1639,7 @@ impl Training {
                             .iter()
                             .map(|p| samples.get(p).copied().unwrap_or(0))
                             .fold(0u64, u64::saturating_add);
-                        r.secure = Some(
-                            secround::Setup::new(&c.members, secure.threshold, scale)
-                                .with_neighbours(secure.neighbours, secure.threshold),
-                        );
+                        r.secure = Some(secround::Setup::for_job(&c.members, secure, scale));
                     }
                     let cluster: Vec<PeerId> =
                         std::iter::once(c.head).chain(c.members.iter().copied()).collect();
@@ -1702,8 +1699,7 @@ impl Training {
                         .iter()
                         .map(|p| samples.get(p).copied().unwrap_or(0))
                         .fold(0u64, u64::saturating_add);
-                    let mut setup = secround::Setup::new(&flat_ids, secure.threshold, scale)
-                        .with_neighbours(secure.neighbours, secure.threshold);
+                    let mut setup = secround::Setup::for_job(&flat_ids, secure, scale);
                     if let Some(privacy) = &spec.privacy {
                         // Distributed DP: each participant adds its share of the noise, so
                         // that the sum of at least the job's minimum carries σ·C.

@@ -37,6 +37,15 @@ fn with_data(mut config: NodeConfig, source: &str) -> NodeConfig {
 
 /// A coordinator (no data) and `parts` participants holding IID partitions of the digits.
 async fn federation(root: &Path, parts: usize) -> Vec<Node> {
+    federation_with(root, parts, |_, _| {}).await
+}
+
+/// [`federation`], participant `k`'s configuration changed by `tweak(k, config)`.
+async fn federation_with(
+    root: &Path,
+    parts: usize,
+    tweak: impl Fn(usize, &mut NodeConfig),
+) -> Vec<Node> {
     let coordinator = Node::start(local_config(&root.join("coordinator"), vec![], false))
         .await
         .unwrap();
@@ -48,6 +57,7 @@ async fn federation(root: &Path, parts: usize) -> Vec<Node> {
             &format!("sklearn-digits:train:{k}/{parts}"),
         );
         config.train_for = TrainFor::Coordinators(vec![nodes[0].net.peer_id()]);
+        tweak(k, &mut config);
         nodes.push(Node::start(config).await.unwrap());
     }
     wait_for_datasets(&nodes[0], parts).await;
@@ -630,31 +640,22 @@ async fn a_private_job_spends_its_epsilon_round_by_round_across_a_crash_and_stop
     }
 }
 
+/// A coordinator and six participants p0..p5 ([`federation`]); p4 leaves every secure round
+/// right after it shared its secrets, as a crash then would (its pairwise masks are taken out
+/// with the others' shares of its mask key).
+async fn six_with_one_leaving(root: &Path) -> (Node, Vec<Node>) {
+    let mut nodes = federation_with(root, 6, |k, config| {
+        config.train_drop_after_shares = k == 4;
+    })
+    .await;
+    let coordinator = nodes.remove(0);
+    (coordinator, nodes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_securely_aggregated_job_survives_dropouts_and_equals_the_plain_job() {
     let root = tempfile::tempdir().unwrap();
-    let coordinator = Node::start(local_config(
-        &root.path().join("coordinator"),
-        vec![],
-        false,
-    ))
-    .await
-    .unwrap();
-    let boot = addrs_of(&coordinator);
-    let parts = 6;
-    let mut nodes = Vec::new();
-    for k in 0..parts {
-        let mut config = with_data(
-            local_config(&root.path().join(format!("p{k}")), boot.clone(), false),
-            &format!("sklearn-digits:train:{k}/{parts}"),
-        );
-        config.train_for = TrainFor::Coordinators(vec![coordinator.net.peer_id()]);
-        // p4 leaves every round right after it shared its secrets, as a crash then would:
-        // its pairwise masks are taken out with the others' shares of its mask key.
-        config.train_drop_after_shares = k == 4;
-        nodes.push(Node::start(config).await.unwrap());
-    }
-    wait_for_datasets(&coordinator, parts).await;
+    let (coordinator, mut nodes) = six_with_one_leaving(root.path()).await;
     let dir = root.path().join("models");
     std::fs::create_dir_all(&dir).unwrap();
 
@@ -715,26 +716,7 @@ async fn a_securely_aggregated_job_survives_dropouts_and_equals_the_plain_job() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secure_sums_with_neighbourhoods_equal_those_with_everyone() {
     let root = tempfile::tempdir().unwrap();
-    let coordinator = Node::start(local_config(
-        &root.path().join("coordinator"),
-        vec![],
-        false,
-    ))
-    .await
-    .unwrap();
-    let boot = addrs_of(&coordinator);
-    let parts = 6;
-    let mut nodes = Vec::new();
-    for k in 0..parts {
-        let mut config = with_data(
-            local_config(&root.path().join(format!("p{k}")), boot.clone(), false),
-            &format!("sklearn-digits:train:{k}/{parts}"),
-        );
-        config.train_for = TrainFor::Coordinators(vec![coordinator.net.peer_id()]);
-        config.train_drop_after_shares = k == 4;
-        nodes.push(Node::start(config).await.unwrap());
-    }
-    wait_for_datasets(&coordinator, parts).await;
+    let (coordinator, nodes) = six_with_one_leaving(root.path()).await;
     let dir = root.path().join("models");
     std::fs::create_dir_all(&dir).unwrap();
     let mut secure = spec(3, 3);

@@ -146,6 +146,14 @@ pub(crate) async fn run(args: SecaggBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `f`'s result, its wall time (ms) added to `into`.
+fn timed<T>(into: &mut f64, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let start = Instant::now();
+    let out = f();
+    *into += start.elapsed().as_secs_f64() * 1e3;
+    out
+}
+
 /// A seed of its own for run `run`, participant `u` and `step`.
 fn seed32(run: u8, u: usize, step: u8) -> [u8; 32] {
     let mut seed = [0u8; 32];
@@ -171,102 +179,63 @@ fn round(
     let mut sent = vec![0usize; n];
     let mut received = vec![0usize; n];
     let mut coordinator = 0f64;
-    let timed = |into: &mut f64, f: &mut dyn FnMut() -> anyhow::Result<()>| {
-        let start = Instant::now();
-        let out = f();
-        *into += start.elapsed().as_secs_f64() * 1e3;
-        out
-    };
     let from_size = |m: FromParticipant| wire::encode(&m).len();
     let to_size = |m: ToParticipant| wire::encode(&m).len();
 
-    let mut c = None;
-    timed(&mut coordinator, &mut || {
-        c = Some(Coordinator::new(job, round, setup, parameters).map_err(anyhow::Error::msg)?);
-        Ok(())
+    let mut c = timed(&mut coordinator, || {
+        Coordinator::new(job, round, setup, parameters).map_err(anyhow::Error::msg)
     })?;
-    let mut c = c.expect("made above");
     let mut parts = Vec::new();
     let mut keys = Vec::new();
     for (u, kp) in keypairs.iter().enumerate() {
         let mut rng = secround::secret_rng(seed32(seed, u, 0));
-        timed(&mut spent[u], &mut || {
-            let (p, k) = Participant::new(kp, job, round, setup, &mut rng)?;
-            parts.push(p);
-            keys.push(k);
-            Ok(())
+        let (p, k) = timed(&mut spent[u], || {
+            Ok(Participant::new(kp, job, round, setup, &mut rng)?)
         })?;
-        sent[u] += from_size(FromParticipant::Keys(keys[u].clone()));
+        sent[u] += from_size(FromParticipant::Keys(k.clone()));
+        parts.push(p);
+        keys.push(k);
     }
     for (u, k) in keys.into_iter().enumerate() {
-        timed(&mut coordinator, &mut || Ok(c.keys(u, k.clone())?))?;
+        timed(&mut coordinator, || Ok(c.keys(u, k)?))?;
     }
-    let mut roster = Vec::new();
-    timed(&mut coordinator, &mut || {
-        roster = c.roster()?;
-        Ok(())
-    })?;
+    let roster = timed(&mut coordinator, || Ok(c.roster()?))?;
     let roster_bytes = to_size(ToParticipant::Roster(roster.clone()));
     for (u, p) in parts.iter_mut().enumerate() {
         received[u] += roster_bytes;
         let mut rng = secround::secret_rng(seed32(seed, u, 1));
-        let mut sealed = Vec::new();
-        timed(&mut spent[u], &mut || {
-            sealed = p.share(&roster, &mut rng)?;
-            Ok(())
-        })?;
+        let sealed = timed(&mut spent[u], || Ok(p.share(&roster, &mut rng)?))?;
         sent[u] += from_size(FromParticipant::Shares(sealed.clone()));
-        timed(&mut coordinator, &mut || Ok(c.shares(u, sealed.clone())?))?;
+        timed(&mut coordinator, || Ok(c.shares(u, sealed)?))?;
     }
-    timed(&mut coordinator, &mut || Ok(c.shared()?))?;
+    timed(&mut coordinator, || Ok(c.shared()?))?;
     let gone = |u: usize| drop_every > 0 && u % drop_every == drop_every - 1;
     let update: Vec<f32> = (0..parameters).map(|i| (i % 17) as f32 * 1e-3).collect();
     for u in c.sharers() {
         if gone(u) {
             continue;
         }
-        let mut inbox = Vec::new();
-        timed(&mut coordinator, &mut || {
-            inbox = c.inbox(u);
-            Ok(())
-        })?;
+        let inbox = timed(&mut coordinator, || Ok(c.inbox(u)))?;
         received[u] += to_size(ToParticipant::Inbox(inbox.clone()));
-        let mut masked = None;
-        timed(&mut spent[u], &mut || {
+        let masked = timed(&mut spent[u], || {
             let values = secround::pack(&update, 100, 0.5, setup.scale);
-            masked = Some(parts[u].mask(&inbox, &values, 100, ContentId([u as u8; 32]))?);
-            Ok(())
+            Ok(parts[u].mask(&inbox, &values, 100, ContentId([u as u8; 32]))?)
         })?;
-        let masked = masked.expect("made above");
         sent[u] += from_size(FromParticipant::Masked(masked.clone()));
-        timed(&mut coordinator, &mut || Ok(c.masked(u, masked.clone())?))?;
+        timed(&mut coordinator, || Ok(c.masked(u, masked)?))?;
     }
-    let mut senders = Vec::new();
-    timed(&mut coordinator, &mut || {
-        senders = c.senders()?;
-        Ok(())
-    })?;
+    let senders = timed(&mut coordinator, || Ok(c.senders()?))?;
     let confirm_bytes = to_size(ToParticipant::Confirm(senders.clone()));
     for &u in &senders {
         let u = u as usize;
         received[u] += confirm_bytes;
-        let mut signature = None;
-        timed(&mut spent[u], &mut || {
-            signature = Some(parts[u].confirm(&keypairs[u], &senders)?);
-            Ok(())
+        let signature = timed(&mut spent[u], || {
+            Ok(parts[u].confirm(&keypairs[u], &senders)?)
         })?;
-        let signature = signature.expect("made above");
         sent[u] += from_size(FromParticipant::Confirmed(signature.clone()));
-        timed(&mut coordinator, &mut || {
-            Ok(c.confirmed(u, signature.clone())?)
-        })?;
+        timed(&mut coordinator, || Ok(c.confirmed(u, signature)?))?;
     }
-    let mut unmasking = None;
-    timed(&mut coordinator, &mut || {
-        unmasking = Some(c.unmasking()?);
-        Ok(())
-    })?;
-    let unmasking = unmasking.expect("made above");
+    let unmasking = timed(&mut coordinator, || Ok(c.unmasking()?))?;
     let unmask_bytes = wire::encode(&unmasking).len();
     let ToParticipant::Unmask {
         senders,
@@ -278,21 +247,14 @@ fn round(
     for &u in &senders {
         let u = u as usize;
         received[u] += unmask_bytes;
-        let mut reveal = None;
-        timed(&mut spent[u], &mut || {
-            reveal = Some(parts[u].reveal(&senders, &signatures)?);
-            Ok(())
-        })?;
-        let reveal = reveal.expect("made above");
+        let reveal = timed(
+            &mut spent[u],
+            || Ok(parts[u].reveal(&senders, &signatures)?),
+        )?;
         sent[u] += from_size(FromParticipant::Reveal(reveal.clone()));
-        timed(&mut coordinator, &mut || Ok(c.reveal(u, reveal.clone())?))?;
+        timed(&mut coordinator, || Ok(c.reveal(u, reveal)?))?;
     }
-    let mut summed = None;
-    timed(&mut coordinator, &mut || {
-        summed = Some(c.finish()?);
-        Ok(())
-    })?;
-    let summed = summed.expect("made above");
+    let summed = timed(&mut coordinator, || Ok(c.finish()?))?;
     // Every update is the same: the mean is it, up to the fixed point's rounding (each of
     // the summed weighted values within 2^-17, the weights together at least a half).
     let tolerance = n as f32 * (-16f32).exp2();
