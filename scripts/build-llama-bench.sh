@@ -52,4 +52,14 @@ build() {
 }
 # llama.cpp's defaults: GGML_NATIVE=ON, GGML_OPENMP=ON.
 build default
+# Where the CPU reports AMX but the machine does not grant its tile state (some VMs), the
+# default build dies at its first AMX instruction (SIGSEGV/SIGILL in ldtilecfg). What its users
+# do then: the same native build with AMX turned off; the benchmark takes that one instead.
+model="$PWD/.cache/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ -f "$model" ] && ! "$ROOT/default/bin/llama-bench" -m "$model" -p 8 -n 4 -r 1 >/dev/null 2>&1; then
+  echo "the default build crashes on this machine (AMX granted by the CPU, not by the kernel?)" >&2
+  NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  build native-noamx -DCMAKE_C_FLAGS="$NOAMX" -DCMAKE_CXX_FLAGS="$NOAMX"
+  echo "default build crashed here; use $ROOT/native-noamx/bin/llama-bench as --llama-bench" >&2
+fi
 build portable -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF

@@ -208,14 +208,45 @@ enum Outcome<T> {
     Done(T),
     /// The input is at fault: no other node would do better.
     Final(RouteError),
-    /// Try the next candidate; `failed` when the worker is to blame (not when merely busy).
-    Retry { reason: String, failed: bool },
+    /// Try the next candidate; `fault` says whether the worker is to blame, and how.
+    Retry { reason: String, fault: Fault },
 }
 
-fn retry<T>(reason: impl Into<String>, failed: bool) -> Outcome<T> {
+/// What a failed attempt says of its worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Nothing: it was busy, or does not serve the model.
+    None,
+    /// It went quiet: a step of the attempt timed out.
+    Quiet,
+    /// It failed: an error, a broken stream, a bad or wrong answer.
+    Failed,
+}
+
+impl Fault {
+    /// A task stream that broke: quiet when it timed out, failed otherwise.
+    fn of_stream(e: &std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            Fault::Quiet
+        } else {
+            Fault::Failed
+        }
+    }
+
+    /// What goes into the worker's trust record, if anything.
+    fn trust(self) -> Option<trust::Outcome> {
+        match self {
+            Fault::None => None,
+            Fault::Quiet => Some(trust::Outcome::Timeout),
+            Fault::Failed => Some(trust::Outcome::Failure),
+        }
+    }
+}
+
+fn retry<T>(reason: impl Into<String>, fault: Fault) -> Outcome<T> {
     Outcome::Retry {
         reason: reason.into(),
-        failed,
+        fault,
     }
 }
 
@@ -822,13 +853,13 @@ impl Inference {
                         return Ok(embedded);
                     }
                     Outcome::Final(e) => return Err(e),
-                    Outcome::Retry { reason, failed } => {
+                    Outcome::Retry { reason, fault } => {
                         debug!(%peer, %reason, "embedding attempt failed; trying the next node");
                         self.count(|s| s.failovers += 1);
-                        if failed {
-                            self.record(&peer, blame(&reason), None);
+                        if let Some(outcome) = fault.trust() {
+                            self.record(&peer, outcome, None);
                         }
-                        all_busy &= !failed;
+                        all_busy &= fault == Fault::None;
                         reasons.push(format!("{peer}: {reason}"));
                     }
                 },
@@ -858,11 +889,11 @@ impl Inference {
         let count = texts.len();
         if peer == self.net.peer_id() {
             let Some(Runner::Embed(model)) = &target.local else {
-                return retry("this node does not serve the model", false);
+                return retry("this node does not serve the model", Fault::None);
             };
             let admission = match self.models.admit(Requester::Local) {
                 Ok(admission) => admission,
-                Err(e) => return retry(e.to_string(), false),
+                Err(e) => return retry(e.to_string(), Fault::None),
             };
             self.count(|s| s.worked += 1);
             return match self
@@ -896,11 +927,11 @@ impl Inference {
                 }
                 Err(reason) => {
                     self.net.penalise(peer, Rejection::Malformed).await;
-                    retry(reason, true)
+                    retry(reason, Fault::Failed)
                 }
             },
             Outcome::Final(e) => Outcome::Final(e),
-            Outcome::Retry { reason, failed } => Outcome::Retry { reason, failed },
+            Outcome::Retry { reason, fault } => Outcome::Retry { reason, fault },
         }
     }
 
@@ -971,14 +1002,14 @@ impl Inference {
                     });
                 }
                 Outcome::Final(e) => return Err(e),
-                Outcome::Retry { reason, failed } => {
+                Outcome::Retry { reason, fault } => {
                     debug!(%peer, %reason, delivered = progress.resume.tokens.len(),
                            "generation attempt failed; trying the next node");
                     self.count(|s| s.failovers += 1);
-                    if failed {
-                        self.record(peer, blame(&reason), None);
+                    if let Some(outcome) = fault.trust() {
+                        self.record(peer, outcome, None);
                     }
-                    all_busy &= !failed;
+                    all_busy &= fault == Fault::None;
                     reasons.push(format!("{peer}: {reason}"));
                 }
             }
@@ -994,11 +1025,11 @@ impl Inference {
         progress: &mut Progress,
     ) -> Outcome<Generation> {
         let Some(Runner::Generate(model)) = &target.local else {
-            return retry("this node does not serve the model", false);
+            return retry("this node does not serve the model", Fault::None);
         };
         let admission = match self.models.admit(Requester::Local) {
             Ok(admission) => admission,
-            Err(e) => return retry(e.to_string(), false),
+            Err(e) => return retry(e.to_string(), Fault::None),
         };
         let prompt = match crate::models::chat_prompt(model, messages).await {
             Ok((prompt, _)) => prompt,
@@ -1036,7 +1067,7 @@ impl Inference {
         let result = match outcome {
             Outcome::Done((result, _)) => result,
             Outcome::Final(e) => return Outcome::Final(e),
-            Outcome::Retry { reason, failed } => return Outcome::Retry { reason, failed },
+            Outcome::Retry { reason, fault } => return Outcome::Retry { reason, fault },
         };
         let TaskOutput::Generation {
             text,
@@ -1046,7 +1077,7 @@ impl Inference {
         } = result.output
         else {
             self.net.penalise(peer, Rejection::Malformed).await;
-            return retry("the worker returned embeddings for a chat", true);
+            return retry("the worker returned embeddings for a chat", Fault::Failed);
         };
         // The final answer must continue what was streamed.
         let delivered = progress.resume.text_bytes as usize;
@@ -1059,12 +1090,15 @@ impl Inference {
                 // more than it sent. Nobody here is to blame for certain.
                 return retry(
                     "the answer does not continue what an earlier worker streamed",
-                    false,
+                    Fault::None,
                 );
             }
             self.net.penalise(peer, Rejection::Malformed).await;
             self.note(&peer, trust::Outcome::Invalid);
-            return retry("the worker's answer contradicts what it streamed", true);
+            return retry(
+                "the worker's answer contradicts what it streamed",
+                Fault::Failed,
+            );
         }
         if text.len() > delivered && !progress.deliver(text[delivered..].to_owned(), vec![]).await {
             return Outcome::Final(RouteError::Unavailable("the caller left".into()));
@@ -1280,10 +1314,10 @@ impl Inference {
                                 }
                                 reasons.push(format!("{peer}: {e}"));
                             }
-                            Outcome::Retry { reason, failed } => {
+                            Outcome::Retry { reason, fault } => {
                                 quorum.failed();
-                                if failed {
-                                    self.record(&peer, blame(&reason), None);
+                                if let Some(outcome) = fault.trust() {
+                                    self.record(&peer, outcome, None);
                                 }
                                 reasons.push(format!("{peer}: {reason}"));
                             }
@@ -1440,11 +1474,11 @@ impl Inference {
                     });
                 }
                 Outcome::Final(e) => return Err(e),
-                Outcome::Retry { reason, failed } => {
-                    if failed {
-                        self.record(&peer, blame(&reason), None);
+                Outcome::Retry { reason, fault } => {
+                    if let Some(outcome) = fault.trust() {
+                        self.record(&peer, outcome, None);
                     }
-                    all_busy &= !failed;
+                    all_busy &= fault == Fault::None;
                     reasons.push(format!("{peer}: {reason}"));
                 }
             }
@@ -1482,9 +1516,9 @@ impl Inference {
                 }
                 // A peer that calls the input invalid: the next one checks.
                 Outcome::Final(_) => {}
-                Outcome::Retry { reason, failed } => {
-                    if failed {
-                        self.record(&peer, blame(&reason), None);
+                Outcome::Retry { fault, .. } => {
+                    if let Some(outcome) = fault.trust() {
+                        self.record(&peer, outcome, None);
                     }
                 }
             }
@@ -1505,7 +1539,10 @@ impl Inference {
         };
         if peer == self.net.peer_id() {
             let Some(runner) = &target.local else {
-                return (peer, retry("this node does not serve the model", false));
+                return (
+                    peer,
+                    retry("this node does not serve the model", Fault::None),
+                );
             };
             let computed = self
                 .compute(
@@ -1530,9 +1567,9 @@ impl Inference {
                 }
                 Err(Refusal::Invalid(message)) => Outcome::Final(RouteError::Invalid(message)),
                 Err(refusal @ (Refusal::Busy { .. } | Refusal::UnknownModel)) => {
-                    retry(refusal.to_string(), false)
+                    retry(refusal.to_string(), Fault::None)
                 }
-                Err(refusal) => retry(refusal.to_string(), true),
+                Err(refusal) => retry(refusal.to_string(), Fault::Failed),
             };
             return (peer, outcome);
         }
@@ -1551,7 +1588,7 @@ impl Inference {
         if let Err(reason) = shape {
             self.net.penalise(peer, Rejection::Malformed).await;
             self.note(&peer, trust::Outcome::Invalid);
-            return (peer, retry(reason, true));
+            return (peer, retry(reason, Fault::Failed));
         }
         if !target.offer.engine.is_empty() && result.engine != target.offer.engine {
             self.metrics.invalid_results.inc();
@@ -1562,7 +1599,7 @@ impl Inference {
                         "the worker ran engine {:?}, not {:?}",
                         result.engine, target.offer.engine
                     ),
-                    true,
+                    Fault::Failed,
                 ),
             );
         }
@@ -1649,32 +1686,38 @@ impl Inference {
         let wait = self.config.attempt_timeout;
         let mut stream = match tokio::time::timeout(wait, self.net.open_task_stream(peer)).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return retry(format!("cannot open a task stream: {e}"), true),
-            Err(_) => return retry("opening a task stream timed out", true),
+            Ok(Err(e)) => return retry(format!("cannot open a task stream: {e}"), Fault::Failed),
+            Err(_) => return retry("opening a task stream timed out", Fault::Quiet),
         };
         match tokio::time::timeout(wait, write_frame(&mut stream, request)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return retry(format!("cannot send the task: {e}"), true),
-            Err(_) => return retry("sending the task timed out", true),
+            Ok(Err(e)) => return retry(format!("cannot send the task: {e}"), Fault::Failed),
+            Err(_) => return retry("sending the task timed out", Fault::Quiet),
         }
         loop {
             let frame =
                 tokio::time::timeout(wait, read_frame::<TaskFrame>(&mut stream, MAX_FRAME_BYTES))
                     .await;
             match frame {
-                Err(_) => return retry("the worker went quiet", true),
-                Ok(Ok(None)) => return retry("the worker closed the stream", true),
+                Err(_) => return retry("the worker went quiet", Fault::Quiet),
+                Ok(Ok(None)) => return retry("the worker closed the stream", Fault::Failed),
                 Ok(Err(FrameError::Io(e))) => {
-                    return retry(format!("the stream failed: {e}"), true)
+                    return retry(format!("the stream failed: {e}"), Fault::of_stream(&e))
                 }
                 Ok(Err(FrameError::Rejected(reason))) => {
                     self.net.penalise(peer, reason).await;
-                    return retry(format!("the worker sent a bad message: {reason}"), true);
+                    return retry(
+                        format!("the worker sent a bad message: {reason}"),
+                        Fault::Failed,
+                    );
                 }
                 Ok(Ok(Some(TaskFrame::Chunk { text, tokens }))) => {
                     let Some(progress) = progress.as_deref_mut() else {
                         self.net.penalise(peer, Rejection::Malformed).await;
-                        return retry("the worker streamed text for an embedding task", true);
+                        return retry(
+                            "the worker streamed text for an embedding task",
+                            Fault::Failed,
+                        );
                     };
                     if !progress.deliver(text, tokens).await {
                         return Outcome::Final(RouteError::Unavailable("the caller left".into()));
@@ -1684,9 +1727,9 @@ impl Inference {
                     return match refusal {
                         Refusal::Invalid(message) => Outcome::Final(RouteError::Invalid(message)),
                         Refusal::Busy { .. } | Refusal::UnknownModel => {
-                            retry(refusal.to_string(), false)
+                            retry(refusal.to_string(), Fault::None)
                         }
-                        Refusal::Failed(_) => retry(refusal.to_string(), true),
+                        Refusal::Failed(_) => retry(refusal.to_string(), Fault::Failed),
                     };
                 }
                 Ok(Ok(Some(TaskFrame::Done(result)))) => {
@@ -1697,7 +1740,7 @@ impl Inference {
                             self.note(&peer, trust::Outcome::Invalid);
                             retry(
                                 format!("the answer is not signed by the worker: {reason}"),
-                                true,
+                                Fault::Failed,
                             )
                         }
                     };
@@ -1938,18 +1981,9 @@ fn refusal(e: RunError) -> Refusal {
 
 fn run_error<T>(e: RunError) -> Outcome<T> {
     match e {
-        RunError::Busy(_) => retry(e.to_string(), false),
+        RunError::Busy(_) => retry(e.to_string(), Fault::None),
         RunError::Model(MlError::Input(message)) => Outcome::Final(RouteError::Invalid(message)),
-        RunError::Model(e) => retry(e.to_string(), true),
-    }
-}
-
-/// What a failed attempt says of its worker: it went quiet, or it failed.
-fn blame(reason: &str) -> trust::Outcome {
-    if reason.contains("went quiet") || reason.contains("timed out") {
-        trust::Outcome::Timeout
-    } else {
-        trust::Outcome::Failure
+        RunError::Model(e) => retry(e.to_string(), Fault::Failed),
     }
 }
 
@@ -1960,5 +1994,24 @@ fn give_up(nobody: bool, all_busy: bool, reasons: Vec<String>) -> RouteError {
         RouteError::Busy
     } else {
         RouteError::Unavailable(reasons.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_attempt_is_judged_by_its_kind_not_its_message() {
+        use std::io::{Error, ErrorKind};
+        assert_eq!(Fault::None.trust(), None);
+        assert_eq!(Fault::Quiet.trust(), Some(trust::Outcome::Timeout));
+        assert_eq!(Fault::Failed.trust(), Some(trust::Outcome::Failure));
+        // What a message says does not count: a reset that mentions a time-out is a failure,
+        // a time-out whatever its text is quiet.
+        let reset = Error::new(ErrorKind::ConnectionReset, "timed out? no: went quiet");
+        assert_eq!(Fault::of_stream(&reset), Fault::Failed);
+        let timeout = Error::new(ErrorKind::TimedOut, "read");
+        assert_eq!(Fault::of_stream(&timeout), Fault::Quiet);
     }
 }

@@ -466,9 +466,21 @@ async fn llama_bench(
         .await
         .with_context(|| format!("running {}", bin.display()))?;
     if !output.status.success() {
+        use std::os::unix::process::ExitStatusExt;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
         bail!(
-            "llama-bench failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+            "{} failed ({}){}{}",
+            bin.display(),
+            match output.status.signal() {
+                Some(signal) => format!(
+                    "killed by signal {signal}: an instruction this machine does not run? \
+                     bash scripts/build-llama-bench.sh tells, and builds one that runs"
+                ),
+                None => output.status.to_string(),
+            },
+            if last.is_some() { ": " } else { "" },
+            last.unwrap_or("")
         );
     }
     let runs: Vec<serde_json::Value> =
