@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-bench twice, for `mycel bench inference --llama-bench ...
+# Builds llama.cpp's llama-bench twice (three times where the default build crashes), for `mycel bench inference --llama-bench ...
 # --llama-bench-portable ...`:
 #   .cache/llama.cpp/default/bin/llama-bench   llama.cpp's default build, as its users build
 #                                             it: native CPU (GGML_NATIVE, the default) and
@@ -56,8 +56,15 @@ build default
 # default build dies at its first AMX instruction (SIGSEGV/SIGILL in ldtilecfg). What its users
 # do then: the same native build with AMX turned off; the benchmark takes that one instead.
 model="$PWD/.cache/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-if [ -f "$model" ] && ! "$ROOT/default/bin/llama-bench" -m "$model" -p 8 -n 4 -r 1 >/dev/null 2>&1; then
-  echo "the default build crashes on this machine (AMX granted by the CPU, not by the kernel?)" >&2
+status=0
+if [ -f "$model" ]; then
+  # In a subshell without core dumps; a status of 128 or more is a signal.
+  (ulimit -c 0; "$ROOT/default/bin/llama-bench" -m "$model" -p 8 -n 4 -r 1 >/dev/null 2>&1) || status=$?
+else
+  echo "no $model: run scripts/fetch-models.sh first to check that the default build runs here" >&2
+fi
+if [ "$status" -ge 128 ]; then
+  echo "the default build is killed by signal $((status - 128)) on this machine (AMX granted by the CPU, not by the kernel?)" >&2
   NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   build native-noamx -DCMAKE_C_FLAGS="$NOAMX" -DCMAKE_CXX_FLAGS="$NOAMX"
   echo "default build crashed here; use $ROOT/native-noamx/bin/llama-bench as --llama-bench" >&2

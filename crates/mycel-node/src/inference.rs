@@ -1691,7 +1691,7 @@ impl Inference {
         };
         match tokio::time::timeout(wait, write_frame(&mut stream, request)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return retry(format!("cannot send the task: {e}"), Fault::Failed),
+            Ok(Err(e)) => return retry(format!("cannot send the task: {e}"), Fault::of_stream(&e)),
             Err(_) => return retry("sending the task timed out", Fault::Quiet),
         }
         loop {

@@ -468,20 +468,20 @@ async fn llama_bench(
     if !output.status.success() {
         use std::os::unix::process::ExitStatusExt;
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
-        bail!(
-            "{} failed ({}){}{}",
-            bin.display(),
-            match output.status.signal() {
-                Some(signal) => format!(
-                    "killed by signal {signal}: an instruction this machine does not run? \
-                     bash scripts/build-llama-bench.sh tells, and builds one that runs"
-                ),
-                None => output.status.to_string(),
-            },
-            if last.is_some() { ": " } else { "" },
-            last.unwrap_or("")
-        );
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+        let how = match output.status.signal() {
+            // SIGILL, SIGSEGV: most often a build for instructions this machine does not run
+            // (a native build's AMX on a VM that grants no tile state).
+            Some(signal @ (4 | 11)) => format!(
+                "killed by signal {signal}: built for instructions this machine does not run? \
+                 `bash scripts/build-llama-bench.sh` checks the default build and makes one \
+                 without AMX where it crashes"
+            ),
+            Some(signal) => format!("killed by signal {signal}"),
+            None => output.status.to_string(),
+        };
+        bail!("{} failed ({how}): {tail}", bin.display());
     }
     let runs: Vec<serde_json::Value> =
         serde_json::from_slice(&output.stdout).context("reading llama-bench's JSON")?;
