@@ -65,6 +65,9 @@ const SETTLE: Duration = Duration::from_secs(5);
 /// What one node sees: peer id -> (state, sequence number of its latest announcement).
 type View = HashMap<String, (String, u64)>;
 
+/// Past this, the bench says which nodes still hold which peers of the other half alive.
+const SLOW_DETECTION: Duration = Duration::from_secs(15);
+
 struct Member {
     node: LabNode,
     /// Index of its namespace in the pair (0 or 1).
@@ -211,6 +214,7 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
     let cut = Instant::now();
     pair.blackhole().map_err(anyhow::Error::msg)?;
     let mut detected_ms = None;
+    let mut told = false;
     poll_until(&members, "each half sees the other failed", |v| {
         let failed = (0..n).all(|i| {
             (0..n)
@@ -219,6 +223,21 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
         });
         if failed {
             detected_ms = Some(ms(cut.elapsed()));
+        } else if !told && cut.elapsed() > SLOW_DETECTION {
+            // Detection should take seconds: say who still holds whom alive, and how.
+            told = true;
+            for i in 0..n {
+                let peers = members[i].node.api("/api/peers").unwrap_or_default();
+                for p in peers.as_array().into_iter().flatten() {
+                    let other_side = (0..n).any(|j| {
+                        members[j].side != members[i].side
+                            && p["peer_id"].as_str() == Some(ids[j].as_str())
+                    });
+                    if other_side && p["state"].as_str() != Some("failed") {
+                        eprintln!("  after {SLOW_DETECTION:?} node {i} still holds {p}");
+                    }
+                }
+            }
         }
         failed
     })?;
