@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-bench twice (three times where the default build crashes), for `mycel bench inference --llama-bench ...
-# --llama-bench-portable ...`:
+# Builds llama.cpp's llama-bench twice (three times where the default build crashes), for
+# `mycel bench inference --llama-bench ... --llama-bench-portable ...`:
 #   .cache/llama.cpp/default/bin/llama-bench   llama.cpp's default build, as its users build
 #                                             it: native CPU (GGML_NATIVE, the default) and
 #                                             OpenMP (the default);

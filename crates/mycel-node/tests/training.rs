@@ -640,6 +640,14 @@ async fn a_private_job_spends_its_epsilon_round_by_round_across_a_crash_and_stop
     }
 }
 
+/// Secure aggregation at the default threshold (a majority), with `neighbours` (0: everyone).
+fn secure_sums(neighbours: u32) -> Option<fl::SecureAggregation> {
+    Some(fl::SecureAggregation {
+        threshold: 0.5,
+        neighbours,
+    })
+}
+
 /// A coordinator and six participants p0..p5 ([`federation`]); p4 leaves every secure round
 /// right after it shared its secrets, as a crash then would (its pairwise masks are taken out
 /// with the others' shares of its mask key).
@@ -660,10 +668,7 @@ async fn a_securely_aggregated_job_survives_dropouts_and_equals_the_plain_job() 
     std::fs::create_dir_all(&dir).unwrap();
 
     let mut secure = spec(3, 3);
-    secure.secure_aggregation = Some(fl::SecureAggregation {
-        threshold: 0.5,
-        neighbours: 0,
-    });
+    secure.secure_aggregation = secure_sums(0);
     // p5 is killed before the job: the coordinator may still pick it.
     nodes.pop().unwrap().shutdown().await;
     let masked = run(&coordinator, secure.clone()).await;
@@ -720,18 +725,12 @@ async fn secure_sums_with_neighbourhoods_equal_those_with_everyone() {
     let dir = root.path().join("models");
     std::fs::create_dir_all(&dir).unwrap();
     let mut secure = spec(3, 3);
-    secure.secure_aggregation = Some(fl::SecureAggregation {
-        threshold: 0.5,
-        neighbours: 0,
-    });
+    secure.secure_aggregation = secure_sums(0);
     // With neighbourhoods (SecAgg+): six on a ring, each masking with four (threshold 3 of
     // its 5), p4 leaving after it shared: the same sum as with everyone as neighbours, to
     // the bit (the fixed-point sum of the same five updates).
     let mut ring = secure.clone();
-    ring.secure_aggregation = Some(fl::SecureAggregation {
-        threshold: 0.5,
-        neighbours: 4,
-    });
+    ring.secure_aggregation = secure_sums(4);
     let ringed = run(&coordinator, ring).await;
     let everyone = run(&coordinator, secure).await;
     for record in [&ringed, &everyone] {
@@ -838,10 +837,7 @@ async fn a_participant_breaking_a_secure_round_is_left_out_and_penalised() {
     });
     wait_for_datasets(&nodes[0], 4).await;
     let mut job = spec(5, 3);
-    job.secure_aggregation = Some(fl::SecureAggregation {
-        threshold: 0.5,
-        neighbours: 0,
-    });
+    job.secure_aggregation = secure_sums(0);
     // The liar stays eligible, to show every offence.
     job.participants.min_reputation = -1e9;
     let record = run(&nodes[0], job).await;
@@ -893,10 +889,7 @@ async fn a_silent_participant_does_not_hold_a_secure_round_to_its_deadline() {
     wait_for_datasets(&nodes[0], 4).await;
     let mut job = spec(2, 3);
     job.round_deadline_ms = 10_000;
-    job.secure_aggregation = Some(fl::SecureAggregation {
-        threshold: 0.5,
-        neighbours: 0,
-    });
+    job.secure_aggregation = secure_sums(0);
     let record = run(&nodes[0], job).await;
     for m in &record.metrics {
         assert_eq!((m.asked, m.participants, m.dropped), (4, 3, 1), "{m:?}");
@@ -913,10 +906,7 @@ async fn secure_sums_inside_clusters_equal_the_plain_clustered_job() {
     // cluster's mean; the coordinator combines the clusters.
     let mut secure = spec(2, 3);
     secure.cluster_size = 4;
-    secure.secure_aggregation = Some(fl::SecureAggregation {
-        threshold: 0.5,
-        neighbours: 0,
-    });
+    secure.secure_aggregation = secure_sums(0);
     let masked = run(&nodes[0], secure.clone()).await;
     for m in &masked.metrics {
         assert_eq!((m.asked, m.participants, m.dropped), (8, 8, 0), "{m:?}");
@@ -952,10 +942,7 @@ async fn a_private_secure_job_adds_the_noise_at_the_participants() {
     let root = tempfile::tempdir().unwrap();
     let nodes = federation(root.path(), 3).await;
     let mut secure = spec(3, 3);
-    secure.secure_aggregation = Some(fl::SecureAggregation {
-        threshold: 0.5,
-        neighbours: 0,
-    });
+    secure.secure_aggregation = secure_sums(0);
     let plain = run(&nodes[0], secure.clone()).await;
     // Distributed DP: every participant clips its update and adds a third of the noise's
     // variance; the coordinator, which sees only the sum, adds none.
@@ -1005,10 +992,7 @@ async fn a_private_secure_job_adds_the_noise_at_the_participants() {
     let _leaver = Node::start(config).await.unwrap();
     wait_for_datasets(&nodes[0], 4).await;
     let mut short = spec(2, 4);
-    short.secure_aggregation = Some(fl::SecureAggregation {
-        threshold: 0.5,
-        neighbours: 0,
-    });
+    short.secure_aggregation = secure_sums(0);
     short.privacy = Some(fl::Privacy {
         clip: 1.0,
         noise_multiplier: 1.0,

@@ -26,7 +26,7 @@
 //! The bench polls each node's /api/peers from a thread that enters the node's namespace, so a
 //! poll of 20 nodes takes milliseconds, not 20 process starts. Needs root.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -226,14 +226,17 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
         } else if !told && cut.elapsed() > SLOW_DETECTION {
             // Detection should take seconds: say who still holds whom alive, and how.
             told = true;
-            for i in 0..n {
-                let peers = members[i].node.api("/api/peers").unwrap_or_default();
+            for (i, member) in members.iter().enumerate() {
+                let other_side: HashSet<&str> = (0..n)
+                    .filter(|j| members[*j].side != member.side)
+                    .map(|j| ids[j].as_str())
+                    .collect();
+                let peers = member.node.api("/api/peers").unwrap_or_default();
                 for p in peers.as_array().into_iter().flatten() {
-                    let other_side = (0..n).any(|j| {
-                        members[j].side != members[i].side
-                            && p["peer_id"].as_str() == Some(ids[j].as_str())
-                    });
-                    if other_side && p["state"].as_str() != Some("failed") {
+                    let other = p["peer_id"]
+                        .as_str()
+                        .is_some_and(|id| other_side.contains(id));
+                    if other && p["state"].as_str() != Some("failed") {
                         eprintln!("  after {SLOW_DETECTION:?} node {i} still holds {p}");
                     }
                 }
