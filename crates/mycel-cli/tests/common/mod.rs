@@ -3,8 +3,12 @@
 #![allow(dead_code)]
 
 pub mod netns;
+#[path = "../../../mycel-node/tests/common/port.rs"]
+mod port;
 
-use std::net::TcpListener;
+#[allow(unused_imports)] // not every test file picks ports
+pub use port::free_port;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,15 +16,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub const MYCEL: &str = env!("CARGO_BIN_EXE_mycel");
-
-/// A free TCP port on 127.0.0.1 (released before use; fine on a test machine).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A `mycel node` child process, killed with SIGKILL when dropped.
 pub struct NodeProcess {

@@ -2,6 +2,11 @@
 
 #![allow(dead_code)]
 
+mod port;
+
+#[allow(unused_imports)] // not every test file picks ports
+pub use port::free_port;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -68,15 +73,6 @@ pub async fn join(root: &Path, name: &str, via: &Node) -> Node {
     Node::start(local_config(&root.join(name), addrs_of(via), false))
         .await
         .expect("node starts")
-}
-
-/// A free TCP port on 127.0.0.1 (released before use; fine on a test machine).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Polls `condition` every 50 ms until it holds, panicking with `what` after `limit`.
