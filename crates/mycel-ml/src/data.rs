@@ -80,7 +80,19 @@ pub fn load_source(source: &str) -> Result<Dataset> {
 /// The shipped digits, each feature standardised (as scikit-learn's `StandardScaler` fitted
 /// on the training split: minus its mean, over its standard deviation, 1 where that is 0).
 /// The statistics are those of the public training split, the same on every node.
+///
+/// Parsed once per process (they are part of the binary): a job that evaluates on them
+/// spent ~3.5 ms of its first round parsing them again.
 pub fn digits() -> Result<Dataset> {
+    static PARSED: std::sync::OnceLock<std::result::Result<Dataset, String>> =
+        std::sync::OnceLock::new();
+    PARSED
+        .get_or_init(|| parse_digits().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(MlError::Input)
+}
+
+fn parse_digits() -> Result<Dataset> {
     let mut data =
         Dataset::parse_csv(DIGITS_CSV, 1.0).map_err(|e| MlError::Input(format!("digits: {e}")))?;
     let train = stratified_split(&data, 0.2, 0).0;

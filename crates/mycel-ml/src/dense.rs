@@ -198,16 +198,37 @@ impl<'a> Dense<'a> {
         stop: &AtomicBool,
     ) -> Option<f32> {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { self.train_avx2(weights, data, params, orders, stop) };
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { self.train_avx512(weights, data, params, orders, stop) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                return unsafe { self.train_avx2(weights, data, params, orders, stop) };
+            }
         }
+        self.train_any(weights, data, params, orders, stop)
+    }
+
+    /// [`Dense::train`] compiled for AVX-512: [`LANES`] fills one 512-bit register; the same
+    /// operations in the same order as every other path, so the same bits.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn train_avx512(
+        &self,
+        weights: &mut [f32],
+        data: &Dataset,
+        params: &TrainParams,
+        orders: &[Vec<usize>],
+        stop: &AtomicBool,
+    ) -> Option<f32> {
         self.train_any(weights, data, params, orders, stop)
     }
 
     /// [`Dense::train`] compiled for AVX2: the same operations in the same order as the
     /// portable path (element-wise products and sums, no fused multiply-add), so the same
-    /// bits; [`LANES`] fills one 256-bit register.
+    /// bits; [`LANES`] fills two 256-bit registers.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn train_avx2(
@@ -277,10 +298,23 @@ impl<'a> Dense<'a> {
     /// Mean loss and accuracy on `data`.
     pub(crate) fn evaluate(&self, weights: &[f32], data: &Dataset) -> (f32, f32) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { self.evaluate_avx2(weights, data) };
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { self.evaluate_avx512(weights, data) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                return unsafe { self.evaluate_avx2(weights, data) };
+            }
         }
+        self.evaluate_any(weights, data)
+    }
+
+    /// [`Dense::evaluate`] compiled for AVX-512 (the same bits as every other path).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn evaluate_avx512(&self, weights: &[f32], data: &Dataset) -> (f32, f32) {
         self.evaluate_any(weights, data)
     }
 
@@ -318,8 +352,10 @@ impl<'a> Dense<'a> {
     }
 }
 
-/// Outputs computed together, held in registers (a 256-bit vector of f32).
-const LANES: usize = 8;
+/// Outputs computed together, held in registers: one 512-bit vector of f32 (two 256-bit ones
+/// on AVX2). Each output's sum runs in the same order whatever the width, so the width changes
+/// only how many outputs go at once, never the bits.
+const LANES: usize = 16;
 
 /// `acc[k] += a * x[k]` for the first `x.len()` (at most [`LANES`]) lanes; a whole row of
 /// lanes as one fixed-size loop, which the compiler turns into vector instructions.
@@ -462,6 +498,21 @@ mod tests {
                 .iter()
                 .zip(&again)
                 .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let (mut wide, mut again) = (fast.clone(), fast.clone());
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            let a = unsafe { dense.train_avx512(&mut wide, &data, &params, &orders, &go) };
+            let b = dense.train_any(&mut again, &data, &params, &orders, &go);
+            assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
+            assert!(wide
+                .iter()
+                .zip(&again)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            // SAFETY: as above.
+            let evaluated = unsafe { dense.evaluate_avx512(&wide, &data) };
+            assert_eq!(evaluated, dense.evaluate_any(&again, &data));
         }
     }
 }

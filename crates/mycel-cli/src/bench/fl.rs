@@ -316,6 +316,7 @@ pub(crate) async fn run(args: FlBenchArgs) -> anyhow::Result<()> {
             "centralised_acc": centralised,
             "ms_per_round": ms_per_round,
             "ms_per_round_p50": super::quantile(&per_round, 0.5),
+            "round_ms": run.round_ms,
             "ms_in_round_record": record.metrics.iter().map(|m| m.ms).sum::<f64>() / record.metrics.len().max(1) as f64,
             "job_s": run.job_s,
             "cpu_ms_per_round": run.cpu_s * 1000.0 / record.metrics.len().max(1) as f64,
@@ -474,19 +475,24 @@ async fn run_scenario(scenario: &Scenario, args: &FlBenchArgs) -> anyhow::Result
         secure_aggregation: scenario.secure,
     };
     let job_started = Instant::now();
-    let cpu_started = super::cpu_seconds();
-    let ends = std::sync::Mutex::new(Vec::new());
-    let record = coordinator
-        .training
-        .run_job(spec, |_| {
-            ends.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Instant::now())
-        })
-        .await?;
+    let cpu_started = super::process_cpu_seconds();
+    // On the runtime's workers, as a node runs a job it is given (`Training::start`), not
+    // on the thread that waits for the benchmark.
+    let training = coordinator.training.clone();
+    let job = tokio::spawn(async move {
+        let ends = std::sync::Mutex::new(Vec::new());
+        let record = training
+            .run_job(spec, |_| {
+                ends.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Instant::now())
+            })
+            .await;
+        record.map(|record| (record, ends.into_inner().unwrap_or_else(|e| e.into_inner())))
+    });
+    let (record, ends) = job.await??;
     let job_s = job_started.elapsed().as_secs_f64();
-    let cpu_s = super::cpu_seconds() - cpu_started;
-    let ends = ends.into_inner().unwrap_or_else(|e| e.into_inner());
+    let cpu_s = super::process_cpu_seconds() - cpu_started;
     let round_ms = std::iter::once(job_started)
         .chain(ends.iter().copied())
         .zip(&ends)

@@ -145,7 +145,6 @@ pub(crate) fn cpu_seconds() -> f64 {
 
 /// CPU time this process has used, in seconds, to the nanosecond (what `cpu_seconds` reads
 /// from /proc counts 10 ms ticks: too coarse for one task of a millisecond).
-#[cfg(feature = "fault-injection")]
 pub(crate) fn process_cpu_seconds() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
