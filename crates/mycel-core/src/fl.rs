@@ -1175,7 +1175,9 @@ impl JobTicket {
     }
 
     /// Checks that this ticket vouches for `request`, received by `me` from `from` at `now`;
-    /// returns the coordinator that signed it.
+    /// returns the coordinator that signed it. `from` must be the peer the connection
+    /// authenticated, never an id a message claims: a ticket `from` its own signer is
+    /// accepted without a signature check.
     pub fn check(
         &self,
         request: &TrainRequest,
@@ -1254,7 +1256,8 @@ impl Default for TrainFor {
     }
 }
 
-/// Whether `policy` lets `me` train `request`, received from `from` at `now`.
+/// Whether `policy` lets `me` train `request`, received from `from` (the peer the connection
+/// authenticated) at `now`.
 pub fn authorise(
     policy: &TrainFor,
     request: &TrainRequest,
@@ -1942,8 +1945,12 @@ mod tests {
             NOW,
             "neither the coordinator",
         );
-        // A forwarded ticket is checked (from the coordinator in person, the connection
-        // vouches for it): a forgery, or another key's, fails.
+        // A forwarded ticket is checked: a forgery, or another key's, fails. From the
+        // coordinator in person the connection vouches for the sender, and the signature is
+        // not what authorises it.
+        let mut in_person = flat.clone();
+        in_person.ticket.as_mut().unwrap().signature[0] ^= 1;
+        assert_eq!(check(&allowed, &in_person, &coordinator, &me, NOW), Ok(()));
         let mut forged = forwarded.clone();
         forged.ticket.as_mut().unwrap().signature[0] ^= 1;
         refused(&forged, &head, &member, NOW, "signature");

@@ -442,6 +442,10 @@ fn input_grad(
 mod tests {
     use super::*;
 
+    /// What [`every_instruction_set_gives_the_same_bits`] trains, as trained on 2026-12-05.
+    const FINGERPRINT: u64 = 0x80c5_2785_9eda_46ee;
+    const LOSS_BITS: u32 = 0x3fbe_c1e3;
+
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
         let data = crate::data::load_source("sklearn-digits:train:1/10").unwrap();
@@ -473,6 +477,17 @@ mod tests {
             .train_any(&mut plain, &data, &params, &orders, &go)
             .unwrap();
         assert_eq!(fast_loss.to_bits(), plain_loss.to_bits());
+        // Pinned across versions too: a change to any sum's order (or to the maths) shows
+        // here, and would break agreement with nodes of an older version.
+        let fingerprint = plain
+            .iter()
+            .fold(0u64, |h, w| h.rotate_left(7) ^ u64::from(w.to_bits()));
+        assert_eq!(
+            (fingerprint, plain_loss.to_bits()),
+            (FINGERPRINT, LOSS_BITS),
+            "fingerprint {fingerprint:#x}, loss bits {:#x}",
+            plain_loss.to_bits()
+        );
         assert!(fast
             .iter()
             .zip(&plain)
