@@ -99,15 +99,18 @@ pub(crate) struct AddressBudget(PeerId);
 pub(crate) struct StrangerDial(PeerId);
 
 /// Whether a dial's I/O error says nothing about who is at the address: it timed out (an
-/// I/O timeout, or libp2p's transport timeout, whose Debug name is `Timeout`), or the network
-/// is unreachable (a partition, not a lie about the address).
+/// I/O timeout, or libp2p's `TransportTimeoutError::Timeout`, found by its Debug name as
+/// `event_loop::refused_outright` explains), or the network is unreachable (a partition, not
+/// a lie about the address).
 fn says_nothing(error: &std::io::Error) -> bool {
+    use libp2p::core::transport::timeout::TransportTimeoutError;
     const KINDS: [std::io::ErrorKind; 3] = [
         std::io::ErrorKind::TimedOut,
         std::io::ErrorKind::HostUnreachable,
         std::io::ErrorKind::NetworkUnreachable,
     ];
-    crate::event_loop::error_shows(error, &KINDS, "Timeout")
+    let timeout = format!("{:?}", TransportTimeoutError::<std::io::Error>::Timeout);
+    crate::event_loop::error_shows(error, &KINDS, &timeout)
 }
 
 /// The IP an inbound connection comes from, unless it is relayed (then the address is the
