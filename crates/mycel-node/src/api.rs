@@ -24,7 +24,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-/// API connections served at once; further ones wait in the listen backlog until one closes.
+/// API connections served at once. When all are taken, a newcomer takes the slot of the
+/// connection that has waited longest without sending a request; when every one has sent a
+/// request, newcomers wait in the listen backlog until one closes.
 pub(crate) const MAX_CONNECTIONS: usize = 256;
 
 /// A client must send a request's headers within this time; a connection idle this long
@@ -75,17 +77,18 @@ pub(crate) fn tls_acceptor(tls: &crate::ApiTls) -> anyhow::Result<tokio_rustls::
 
 /// Serves `app` on `listener` until the task is dropped: HTTP/1.1 (over TLS with `tls`), at
 /// most [`MAX_CONNECTIONS`] connections at once, the TLS handshake and then the headers each
-/// within [`HEADER_READ_TIMEOUT`].
+/// within [`HEADER_READ_TIMEOUT`]. With every slot taken, the connection that has waited
+/// longest without sending a request is closed for a newcomer: a flood of silent
+/// connections cannot lock clients out for the header timeout (a connection that has sent a
+/// request keeps its slot).
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let silent = Arc::new(std::sync::Mutex::new(Silent::default()));
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -95,35 +98,119 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(tokio::sync::TryAcquireError::Closed) => return,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                if let Some(close) = lock(&silent).oldest() {
+                    // Its task ends and frees its slot.
+                    let _ = close.send(());
+                }
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                slot
+            }
+        };
+        let (close, closed) = tokio::sync::oneshot::channel();
+        let id = lock(&silent).add(close);
+        let service = Spoken {
+            inner: hyper_util::service::TowerToHyperService::new(app.clone()),
+            silent: silent.clone(),
+            id,
+        };
         let tls = tls.clone();
+        let connections = silent.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            let served = match tls {
-                None => {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    builder.serve_connection(io, service).await
-                }
-                Some(tls) => {
-                    let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream));
-                    match handshake.await {
-                        Ok(Ok(stream)) => {
-                            let io = hyper_util::rt::TokioIo::new(stream);
-                            builder.serve_connection(io, service).await
-                        }
-                        Ok(Err(e)) => return debug!("API TLS handshake failed: {e}"),
-                        Err(_) => return debug!("API TLS handshake timed out"),
+            let serving = async move {
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                let served = match tls {
+                    None => {
+                        let io = hyper_util::rt::TokioIo::new(stream);
+                        builder.serve_connection(io, service).await
                     }
+                    Some(tls) => {
+                        let handshake =
+                            tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream));
+                        match handshake.await {
+                            Ok(Ok(stream)) => {
+                                let io = hyper_util::rt::TokioIo::new(stream);
+                                builder.serve_connection(io, service).await
+                            }
+                            Ok(Err(e)) => return debug!("API TLS handshake failed: {e}"),
+                            Err(_) => return debug!("API TLS handshake timed out"),
+                        }
+                    }
+                };
+                if let Err(e) = served {
+                    debug!("API connection ended: {e}");
                 }
             };
-            if let Err(e) = served {
-                debug!("API connection ended: {e}");
+            tokio::select! {
+                () = serving => {}
+                // Only a sent signal closes it (the sender is dropped once it has spoken).
+                Ok(()) = closed => debug!("API connection that sent nothing closed for a newcomer"),
             }
+            lock(&connections).spoke(id);
         });
+    }
+}
+
+/// The API's connections that have not sent a request yet, oldest first, each with the
+/// signal that closes it.
+#[derive(Default)]
+struct Silent {
+    next: u64,
+    waiting: std::collections::BTreeMap<u64, tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Silent {
+    /// A new connection; returns its id.
+    fn add(&mut self, close: tokio::sync::oneshot::Sender<()>) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.waiting.insert(id, close);
+        id
+    }
+
+    /// Connection `id` sent a request, or ended.
+    fn spoke(&mut self, id: u64) {
+        self.waiting.remove(&id);
+    }
+
+    /// The signal that closes the connection silent longest, taken out of the list.
+    fn oldest(&mut self) -> Option<tokio::sync::oneshot::Sender<()>> {
+        self.waiting.pop_first().map(|(_, close)| close)
+    }
+}
+
+fn lock(silent: &std::sync::Mutex<Silent>) -> std::sync::MutexGuard<'_, Silent> {
+    silent.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The connection's service, which marks the connection as having spoken at its first
+/// request.
+struct Spoken<S> {
+    inner: S,
+    silent: Arc<std::sync::Mutex<Silent>>,
+    id: u64,
+}
+
+impl<S, R> hyper::service::Service<R> for Spoken<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: R) -> Self::Future {
+        lock(&self.silent).spoke(self.id);
+        self.inner.call(request)
     }
 }
 
@@ -340,4 +427,32 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         body,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_silent_longest_goes_first_and_one_that_spoke_never() {
+        let mut silent = Silent::default();
+        let (mut closes, mut signals) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let (close, closed) = tokio::sync::oneshot::channel();
+            closes.push(silent.add(close));
+            signals.push(closed);
+        }
+        // The oldest has spoken: the next oldest goes, then the last, then nobody.
+        silent.spoke(closes[0]);
+        assert!(silent.oldest().unwrap().send(()).is_ok());
+        assert_eq!(signals[1].try_recv(), Ok(()));
+        assert!(silent.oldest().unwrap().send(()).is_ok());
+        assert_eq!(signals[2].try_recv(), Ok(()));
+        assert!(silent.oldest().is_none());
+        // The one that spoke was never signalled: its sender is gone, nothing was sent.
+        assert!(matches!(
+            signals[0].try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        ));
+    }
 }

@@ -240,9 +240,10 @@ async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_not_to_hone
 }
 
 /// The local API under a flood of connections that send nothing, or headers a byte at a time
-/// too slowly: each is closed once it has sent no complete request for 10 s, so they cannot
-/// hold the API's connection slots, and a client's request is answered meanwhile or soon
-/// after. The bearer scheme is matched case-insensitively.
+/// too slowly: each is closed once it has sent no complete request for 10 s, or sooner when a
+/// newcomer needs its slot, so they cannot hold the API's connection slots, and a client's
+/// request is answered at once (not after their 10 s). The bearer scheme is matched
+/// case-insensitively.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_slow_connections_cannot_hold_the_api() {
     use std::io::{Read, Write};
@@ -272,8 +273,8 @@ async fn silent_and_slow_connections_cannot_hold_the_api() {
     .unwrap();
     assert_eq!(answered.0, Some(200), "lower-case scheme, during the flood");
     assert!(
-        answered.1 < Duration::from_secs(15),
-        "answered after {:?}",
+        answered.1 < Duration::from_secs(3),
+        "answered after {:?}: the silent connections held the slots",
         answered.1
     );
     // Each silent connection was closed by the node (EOF), none later than ~10 s after it
