@@ -1,6 +1,7 @@
 //! The node's local HTTP API: status, peers, Prometheus metrics, the OpenAI API, the blob
 //! API and the training API, behind a bearer token.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +26,9 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 /// API connections served at once. When all are taken, a newcomer takes the slot of the
-/// connection that has waited longest without sending a request; when every one has sent a
-/// request, newcomers wait in the listen backlog until one closes.
+/// connection that has waited longest without sending an authorised request; when every one
+/// has sent one, the newcomer waits (and those behind it in the listen backlog) until one
+/// closes.
 pub(crate) const MAX_CONNECTIONS: usize = 256;
 
 /// A client must send a request's headers within this time; a connection idle this long
@@ -78,9 +80,10 @@ pub(crate) fn tls_acceptor(tls: &crate::ApiTls) -> anyhow::Result<tokio_rustls::
 /// Serves `app` on `listener` until the task is dropped: HTTP/1.1 (over TLS with `tls`), at
 /// most [`MAX_CONNECTIONS`] connections at once, the TLS handshake and then the headers each
 /// within [`HEADER_READ_TIMEOUT`]. With every slot taken, the connection that has waited
-/// longest without sending a request is closed for a newcomer: a flood of silent
-/// connections cannot lock clients out for the header timeout (a connection that has sent a
-/// request keeps its slot).
+/// longest without sending an authorised request is closed for a newcomer: a flood of
+/// connections that send nothing, or only requests without the token, cannot lock clients
+/// out for the header timeout (a connection that has sent an authorised request keeps its
+/// slot; its requests are the operator's).
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
@@ -116,8 +119,11 @@ pub(crate) async fn serve(
         let id = lock(&silent).add(close);
         let service = Spoken {
             inner: hyper_util::service::TowerToHyperService::new(app.clone()),
-            silent: silent.clone(),
-            id,
+            speaker: Speaker {
+                silent: silent.clone(),
+                id,
+                spoken: Arc::new(AtomicBool::new(false)),
+            },
         };
         let tls = tls.clone();
         let connections = silent.clone();
@@ -155,13 +161,13 @@ pub(crate) async fn serve(
                 // Only a sent signal closes it (the sender is dropped once it has spoken).
                 Ok(()) = closed => debug!("API connection that sent nothing closed for a newcomer"),
             }
-            lock(&connections).spoke(id);
+            lock(&connections).forget(id);
         });
     }
 }
 
-/// The API's connections that have not sent a request yet, oldest first, each with the
-/// signal that closes it.
+/// The API's connections that have not sent an authorised request yet, oldest first, each
+/// with the signal that closes it.
 #[derive(Default)]
 struct Silent {
     next: u64,
@@ -177,9 +183,10 @@ impl Silent {
         id
     }
 
-    /// Connection `id` sent a request, or ended.
-    fn spoke(&mut self, id: u64) {
-        self.waiting.remove(&id);
+    /// Connection `id` sent an authorised request, or ended: it is no longer one to close.
+    /// False when it was not waiting (it was chosen to close, or has spoken before).
+    fn forget(&mut self, id: u64) -> bool {
+        self.waiting.remove(&id).is_some()
     }
 
     /// The signal that closes the connection silent longest, taken out of the list.
@@ -192,24 +199,44 @@ fn lock(silent: &std::sync::Mutex<Silent>) -> std::sync::MutexGuard<'_, Silent> 
     silent.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The connection's service, which marks the connection as having spoken at its first
-/// request.
-struct Spoken<S> {
-    inner: S,
+/// A request's connection, in the request's extensions: [`require_token`] marks it as one
+/// that keeps its slot once the request is authorised.
+#[derive(Clone)]
+struct Speaker {
     silent: Arc<std::sync::Mutex<Silent>>,
     id: u64,
+    spoken: Arc<AtomicBool>,
 }
 
-impl<S, R> hyper::service::Service<R> for Spoken<S>
+impl Speaker {
+    /// Marks the connection as one that keeps its slot; false when it has already been
+    /// chosen to close (its request must not start: the connection is going).
+    fn spoke(&self) -> bool {
+        if self.spoken.load(Ordering::Relaxed) {
+            return true;
+        }
+        let kept = lock(&self.silent).forget(self.id);
+        self.spoken.store(kept, Ordering::Relaxed);
+        kept
+    }
+}
+
+/// The connection's service: each request carries its connection's [`Speaker`].
+struct Spoken<S> {
+    inner: S,
+    speaker: Speaker,
+}
+
+impl<S, B> hyper::service::Service<hyper::Request<B>> for Spoken<S>
 where
-    S: hyper::service::Service<R>,
+    S: hyper::service::Service<hyper::Request<B>>,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = S::Future;
 
-    fn call(&self, request: R) -> Self::Future {
-        lock(&self.silent).spoke(self.id);
+    fn call(&self, mut request: hyper::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.speaker.clone());
         self.inner.call(request)
     }
 }
@@ -281,6 +308,17 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         .map(|(_, token)| token);
     match presented {
         Some(token) if constant_time_eq(token.trim().as_bytes(), state.token.as_bytes()) => {
+            // Authorised: its connection keeps its slot from now on, unless it was already
+            // chosen to make room (then nothing of the request runs).
+            if let Some(speaker) = request.extensions().get::<Speaker>() {
+                if !speaker.spoke() {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "connection_closing",
+                        "this connection sent no request for a while and was closed to make                          room for another; send the request again",
+                    );
+                }
+            }
             next.run(request).await
         }
         _ => error(
@@ -443,9 +481,12 @@ mod tests {
             signals.push(closed);
         }
         // The oldest has spoken: the next oldest goes, then the last, then nobody.
-        silent.spoke(closes[0]);
+        assert!(silent.forget(closes[0]));
+        assert!(!silent.forget(closes[0]), "spoke before");
         assert!(silent.oldest().unwrap().send(()).is_ok());
         assert_eq!(signals[1].try_recv(), Ok(()));
+        // Chosen to close, it cannot claim its slot any more.
+        assert!(!silent.forget(closes[1]));
         assert!(silent.oldest().unwrap().send(()).is_ok());
         assert_eq!(signals[2].try_recv(), Ok(()));
         assert!(silent.oldest().is_none());
