@@ -315,7 +315,8 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
                     return error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "connection_closing",
-                        "this connection sent no request for a while and was closed to make                          room for another; send the request again",
+                        "this connection sent no request for a while and was closed to make \
+                         room for another; send the request again",
                     );
                 }
             }
