@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::VethPair;
-use common::{spawn_node, wait_until, NodeProcess};
+use common::{spawn_node_with, wait_until, NodeProcess};
 
 const TEST: &str = "two_halves_of_a_network_reconcile_after_a_blackhole_without_a_restart";
 
@@ -28,76 +28,19 @@ struct Member {
 
 #[test]
 fn two_halves_of_a_network_reconcile_after_a_blackhole_without_a_restart() {
-    let pair = VethPair::new("p", 9).and_then(|pair| {
-        // nftables must work here too, not only namespaces.
-        pair.blackhole()?;
-        pair.restore()?;
-        Ok(pair)
-    });
-    let pair = match pair {
-        Ok(pair) => pair,
-        Err(e) => {
-            mycel_ml::fixtures::skip_unless_required(
-                TEST,
-                "MYCEL_REQUIRE_NETNS",
-                &format!("cannot build the namespaces or their nftables rules ({e})"),
-            );
-            return;
-        }
+    let Some(pair) = namespaces("p", 9, TEST) else {
+        return;
     };
     let root = tempfile::tempdir().unwrap();
-    let mut members: Vec<Member> = Vec::new();
-    let mut boot: Option<String> = None;
-    for (k, (ns, port)) in [(0, 4001), (0, 4002), (1, 4001), (1, 4002)]
-        .into_iter()
-        .enumerate()
-    {
-        // One connection is enough for each node: each half holds its degree by itself, so
-        // only the re-dialling of failed peers looks across the healed link.
-        let mut args = vec![
-            "--target-peers".to_owned(),
-            "1".to_owned(),
-            "--no-mdns".to_owned(),
-            "--listen".to_owned(),
-            format!("/ip4/{}/tcp/{port}", pair.addrs[ns]),
-        ];
-        if let Some(boot) = &boot {
-            args.extend(["--bootstrap".to_owned(), boot.clone()]);
-        }
-        let process = spawn_node(
-            &pair.exec(ns),
-            &root.path().join(format!("n{k}")),
-            &format!("127.0.0.1:{}", 7800 + port),
-            &args,
-        );
-        let member = Member { process, ns };
-        if boot.is_none() {
-            let mut id = None;
-            wait_until(Duration::from_secs(30), "the first node is up", || {
-                id = status(&pair, &member).map(|s| s["network"]["peer_id"].clone());
-                id.is_some()
-            });
-            let id = id.unwrap();
-            boot = Some(format!(
-                "/ip4/{}/tcp/{port}/p2p/{}",
-                pair.addrs[ns],
-                id.as_str().unwrap()
-            ));
-        }
-        members.push(member);
-    }
-    let ids: Vec<String> = members
-        .iter()
-        .map(|m| {
-            let mut id = None;
-            wait_until(Duration::from_secs(30), "every node is up", || {
-                id =
-                    status(&pair, m).and_then(|s| s["network"]["peer_id"].as_str().map(Into::into));
-                id.is_some()
-            });
-            id.unwrap()
-        })
-        .collect();
+    // One connection is enough for each node: each half holds its degree by itself, so only
+    // the re-dialling of failed peers looks across the healed link.
+    let one = [
+        (0, 4001, "1"),
+        (0, 4002, "1"),
+        (1, 4001, "1"),
+        (1, 4002, "1"),
+    ];
+    let (members, ids) = start(&pair, &root.path().join("n"), &one, &common::FAST);
     let all_alive = |views: &[View]| {
         views.iter().enumerate().all(|(i, view)| {
             ids.iter()
@@ -189,6 +132,195 @@ fn two_halves_of_a_network_reconcile_after_a_blackhole_without_a_restart() {
     );
     assert_eq!(std::fs::read(&copy).unwrap(), data);
     eprintln!("partition: detected after {detected:?}, healed {healed:?} after the link came back");
+}
+
+/// Pings and misses as in [`common::FAST`], but announcements that live 60 s: a peer held
+/// alive only on its announcement would stay alive for 40-60 s after a cut.
+const LONG_LIVED: [&str; 6] = [
+    "--ping-interval",
+    "1",
+    "--max-missed-pings",
+    "2",
+    "--announce-ttl",
+    "60",
+];
+
+/// A star: a0 and x in one namespace, b0 and b1 in the other, each of x, b0 and b1 with one
+/// connection, to a0. When the link is cut nobody in b's half is connected to x, nobody
+/// there misses its pings and nobody there can report it; only a0 reports b0 and b1 to x,
+/// one reporter, below the quorum of two. Without probes of peers held alive without a
+/// connection each side holds the other alive until the 60 s announcements expire; with
+/// them, each side dials the other's peers, the dials time out in the blackhole, and each
+/// fails them locally well within 20 s, for "unanswered".
+#[test]
+fn peers_with_no_connection_into_the_cut_half_are_failed_there_by_probes_not_expiry() {
+    const NAME: &str =
+        "peers_with_no_connection_into_the_cut_half_are_failed_there_by_probes_not_expiry";
+    let Some(pair) = namespaces("s", 10, NAME) else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    // a0 (target 3: it never sheds), x, b0, b1 (target 1: one connection each, to a0).
+    let star = [
+        (0, 4101, "3"),
+        (0, 4102, "1"),
+        (1, 4101, "1"),
+        (1, 4102, "1"),
+    ];
+    let (members, ids) = start(&pair, &root.path().join("s"), &star, &LONG_LIVED);
+    let (x, b) = (1, [2, 3]);
+    // What member i holds about member j: (state, connected, fail reason).
+    let entry = |tables: &[Vec<serde_json::Value>], i: usize, j: usize| {
+        tables[i]
+            .iter()
+            .find(|p| p["peer_id"] == ids[j].as_str())
+            .map(|p| {
+                (
+                    p["state"].as_str().unwrap_or_default().to_owned(),
+                    p["connected"].as_bool().unwrap_or(false),
+                    p["fail_reason"].as_str().map(str::to_owned),
+                )
+            })
+    };
+    let tables = |members: &[Member]| -> Vec<Vec<serde_json::Value>> {
+        members
+            .iter()
+            .map(|m| {
+                cli(&pair, m, "peers")
+                    .and_then(|v| v.as_array().cloned())
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    // Everyone alive everywhere, and x unconnected to b0 and b1 both ways (a probe's own
+    // connection closes within seconds of its answer).
+    wait_until(
+        Duration::from_secs(60),
+        "all four alive, x and the b half not connected",
+        || {
+            let t = tables(&members);
+            let alive = (0..4).all(|i| {
+                (0..4).all(|j| i == j || entry(&t, i, j).is_some_and(|(s, ..)| s == "alive"))
+            });
+            alive
+                && b.iter().all(|&j| {
+                    entry(&t, x, j).is_some_and(|(_, c, _)| !c)
+                        && entry(&t, j, x).is_some_and(|(_, c, _)| !c)
+                })
+        },
+    );
+
+    pair.blackhole().unwrap();
+    let cut = Instant::now();
+    let mut last = Vec::new();
+    wait_until(
+        Duration::from_secs(20),
+        "x and the b half hold each other failed (expiry would take 40-60 s)",
+        || {
+            last = tables(&members);
+            b.iter().all(|&j| {
+                entry(&last, x, j).is_some_and(|(s, ..)| s == "failed")
+                    && entry(&last, j, x).is_some_and(|(s, ..)| s == "failed")
+            })
+        },
+    );
+    let detected = cut.elapsed();
+    let reason = |i, j| entry(&last, i, j).and_then(|(.., r)| r);
+    // x was connected to neither b, and a0 alone reports them: only its probes can have
+    // failed them. In the b half nobody was connected to x: nobody could report it.
+    for j in b {
+        assert_eq!(reason(x, j).as_deref(), Some("unanswered"), "x about b");
+    }
+    let about_x: Vec<Option<String>> = b.iter().map(|&j| reason(j, x)).collect();
+    assert!(
+        about_x.iter().any(|r| r.as_deref() == Some("unanswered"))
+            && about_x.iter().all(|r| r.as_deref() != Some("expired")),
+        "the b half about x: {about_x:?}"
+    );
+
+    pair.restore().unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        "every node sees every other alive again",
+        || {
+            let t = tables(&members);
+            (0..4).all(|i| {
+                (0..4).all(|j| i == j || entry(&t, i, j).is_some_and(|(s, ..)| s == "alive"))
+            })
+        },
+    );
+    eprintln!("probes: x and the b half failed each other {detected:?} after the cut");
+}
+
+/// Two namespaces labelled `label` on 10.213.`net`.0/24 whose link nftables can cut, or `None`
+/// (the test `name` then skips, or fails where MYCEL_REQUIRE_NETNS=1).
+fn namespaces(label: &str, net: u8, name: &str) -> Option<VethPair> {
+    let pair = VethPair::new(label, net).and_then(|pair| {
+        // nftables must work here too, not only namespaces.
+        pair.blackhole()?;
+        pair.restore()?;
+        Ok(pair)
+    });
+    match pair {
+        Ok(pair) => Some(pair),
+        Err(e) => {
+            mycel_ml::fixtures::skip_unless_required(
+                name,
+                "MYCEL_REQUIRE_NETNS",
+                &format!("cannot build the namespaces or their nftables rules ({e})"),
+            );
+            None
+        }
+    }
+}
+
+/// Starts one node per (namespace, port, target degree) with `timings`, each bootstrapping
+/// from the first, data under `dir`k; returns them and their peer ids once all are up.
+fn start(
+    pair: &VethPair,
+    dir: &std::path::Path,
+    nodes: &[(usize, u16, &str)],
+    timings: &[&str],
+) -> (Vec<Member>, Vec<String>) {
+    let mut members: Vec<Member> = Vec::new();
+    let mut boot: Option<String> = None;
+    for (k, &(ns, port, target)) in nodes.iter().enumerate() {
+        let mut args = vec![
+            "--target-peers".to_owned(),
+            target.to_owned(),
+            "--no-mdns".to_owned(),
+            "--listen".to_owned(),
+            format!("/ip4/{}/tcp/{port}", pair.addrs[ns]),
+        ];
+        if let Some(boot) = &boot {
+            args.extend(["--bootstrap".to_owned(), boot.clone()]);
+        }
+        let process = spawn_node_with(
+            &pair.exec(ns),
+            &dir.with_file_name(format!("{}{k}", dir.file_name().unwrap().to_string_lossy())),
+            &format!("127.0.0.1:{}", 7800 + port),
+            timings,
+            &args,
+        );
+        let member = Member { process, ns };
+        if boot.is_none() {
+            let id = peer_id(pair, &member);
+            boot = Some(format!("/ip4/{}/tcp/{port}/p2p/{id}", pair.addrs[ns]));
+        }
+        members.push(member);
+    }
+    let ids = members.iter().map(|m| peer_id(pair, m)).collect();
+    (members, ids)
+}
+
+/// The member's peer id, once its API answers.
+fn peer_id(pair: &VethPair, member: &Member) -> String {
+    let mut id = None;
+    wait_until(Duration::from_secs(30), "the node is up", || {
+        id = status(pair, member).and_then(|s| s["network"]["peer_id"].as_str().map(Into::into));
+        id.is_some()
+    });
+    id.unwrap()
 }
 
 /// `mycel status --json` run in the member's namespace (its API listens on that

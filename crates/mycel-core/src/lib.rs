@@ -46,6 +46,7 @@ pub mod inbound;
 pub mod membership;
 pub mod naming;
 pub mod peering;
+pub mod probe;
 pub mod queue;
 pub mod ratelimit;
 pub mod reach;

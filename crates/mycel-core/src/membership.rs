@@ -32,6 +32,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::peering::GOOD_STANDING;
+use crate::probe::{probe_addrs, Candidate, Vantage};
 use crate::ratelimit::RateLimiter;
 use crate::reach::Reachability;
 use crate::statement::{Capabilities, DownReport, SignedStatement, Statement};
@@ -129,6 +130,30 @@ pub enum FailReason {
     Expired,
     /// A neighbour reported it down (the reporter's peer id).
     Reported(String),
+    /// This node's probe dial to the addresses it announced went unanswered while nothing
+    /// else showed it alive (no connection, no newer announcement); see [`crate::probe`].
+    /// Failed here only: nobody else is told.
+    Unanswered,
+}
+
+impl FailReason {
+    /// Whether this node tells others with a signed down report: only for what it saw of its
+    /// own connection to the peer break. Expiry and hearsay need no retelling, and one
+    /// unanswered probe is this node's view alone (a network path may be down here only).
+    pub fn warrants_report(&self) -> bool {
+        matches!(self, Self::MissedPings | Self::Unreachable)
+    }
+
+    /// A short, stable label (as serialised, without the reporter).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::MissedPings => "missed_pings",
+            Self::Unreachable => "unreachable",
+            Self::Expired => "expired",
+            Self::Reported(_) => "reported",
+            Self::Unanswered => "unanswered",
+        }
+    }
 }
 
 /// How this node is connected to a peer.
@@ -277,6 +302,8 @@ struct Entry {
     /// Its reputation score when it was last charged, and when, if that left it out of good
     /// standing (it decays as reputation does).
     bad_standing: Option<(f64, UnixMillis)>,
+    /// This node has been connected to it (probes try such peers before strangers).
+    met: bool,
 }
 
 /// The membership table of one node.
@@ -411,6 +438,7 @@ impl Membership {
             reports: Vec::new(),
             first_seen: now,
             bad_standing: None,
+            met: false,
         }))
     }
 
@@ -612,6 +640,7 @@ impl Membership {
     pub fn on_connected(&mut self, peer: PeerId, now: UnixMillis) -> Option<Change> {
         let entry = self.entry(peer, now)?;
         entry.info.connected = true;
+        entry.met = true;
         entry.info.last_seen = now;
         entry.missed_pings = 0;
         entry.last_pong = now;
@@ -654,6 +683,46 @@ impl Membership {
             return None;
         }
         set_failed(entry, peer, FailReason::Unreachable, now)
+    }
+
+    /// The peers a probe may test (see [`crate::probe`]): held alive on an announcement with no
+    /// connection, with addresses that `vantage` can dial directly ([`probe_addrs`]).
+    pub fn probe_candidates(&self, vantage: &Vantage) -> Vec<Candidate<PeerId>> {
+        self.peers
+            .iter()
+            .filter(|(_, e)| {
+                e.info.state == PeerState::Alive && !e.info.connected && e.latest.is_some()
+            })
+            .filter_map(|(peer, e)| {
+                let addrs = probe_addrs(&e.info.addrs, e.info.reachability, vantage);
+                (!addrs.is_empty()).then_some(Candidate {
+                    peer: *peer,
+                    seq: e.info.seq,
+                    met: e.met,
+                    addrs,
+                })
+            })
+            .collect()
+    }
+
+    /// A probe of `peer`, picked while its announcement `seq` was held, went unanswered: it
+    /// fails here ([`FailReason::Unanswered`]) unless something showed it alive since (a
+    /// connection, a newer announcement). Nothing counts toward a quorum of reports.
+    pub fn on_probe_unanswered(
+        &mut self,
+        peer: PeerId,
+        seq: u64,
+        now: UnixMillis,
+    ) -> Option<Change> {
+        let entry = self.peers.get_mut(&peer)?;
+        if entry.info.state != PeerState::Alive
+            || entry.info.connected
+            || entry.latest.is_none()
+            || entry.info.seq != seq
+        {
+            return None;
+        }
+        set_failed(entry, peer, FailReason::Unanswered, now)
     }
 
     /// Expires announcements and forgets long-failed peers. Call periodically.
@@ -1098,6 +1167,99 @@ mod tests {
             alive(&table),
             "refuted, and not failed again by the same two"
         );
+    }
+
+    #[test]
+    fn probe_candidates_are_peers_held_alive_on_an_announcement_without_a_connection() {
+        let (_, mut table) = table();
+        let [quiet, connected, failed, met] = [(); 4].map(|_| Keypair::generate_ed25519());
+        let id = |k: &Keypair| k.public().to_peer_id();
+        for key in [&quiet, &connected, &failed, &met] {
+            table.on_statement(&announce(key, 1, 0), 0).unwrap();
+        }
+        // A peer known only from a connection has no announcement to probe by.
+        let bare = Keypair::generate_ed25519();
+        table.on_connected(id(&bare), 0);
+        table.on_disconnected(id(&bare), 0);
+        table.on_connected(id(&connected), 0);
+        table.on_connected(id(&met), 0);
+        table.on_disconnected(id(&met), 1);
+        table.on_connected(id(&failed), 0);
+        table.on_ping_failure(id(&failed), 1);
+        table.on_ping_failure(id(&failed), 2);
+        table.on_ping_failure(id(&failed), 3);
+        table.on_disconnected(id(&failed), 3);
+        let here = Vantage::of(["/ip4/127.0.0.1/tcp/9"]);
+        let mut found: Vec<(PeerId, bool, Vec<String>)> = table
+            .probe_candidates(&here)
+            .into_iter()
+            .map(|c| (c.peer, c.met, c.addrs))
+            .collect();
+        found.sort_unstable_by_key(|(p, ..)| *p);
+        let mut expected = vec![
+            (id(&quiet), false, vec!["/ip4/127.0.0.1/tcp/1".to_string()]),
+            (id(&met), true, vec!["/ip4/127.0.0.1/tcp/1".to_string()]),
+        ];
+        expected.sort_unstable_by_key(|(p, ..)| *p);
+        assert_eq!(found, expected);
+        // Loopback addresses are no way in from a node on a network.
+        let lan = Vantage::of(["/ip4/10.0.0.1/tcp/9"]);
+        assert!(table.probe_candidates(&lan).is_empty());
+    }
+
+    #[test]
+    fn an_unanswered_probe_fails_a_peer_here_only_and_counts_toward_no_quorum() {
+        let (_, mut table) = table();
+        let [r1, r2, subject] = [(); 3].map(|_| Keypair::generate_ed25519());
+        let (r2id, sid) = (r2.public().to_peer_id(), subject.public().to_peer_id());
+        for key in [&r1, &r2, &subject] {
+            table.on_statement(&announce(key, 1, 0), 0).unwrap();
+        }
+        // Unknown peers, and an announcement other than the one probed: nothing.
+        let stranger = Keypair::generate_ed25519().public().to_peer_id();
+        assert_eq!(table.on_probe_unanswered(stranger, 1, 10), None);
+        assert_eq!(table.on_probe_unanswered(sid, 2, 10), None);
+        // One counted report, below the quorum of two.
+        let accepted = table.on_statement(&down(&r1, sid, 1, 10), 10).unwrap();
+        assert_eq!(accepted, Accepted::Down { change: None });
+        // A connection shows it alive: the probe's silence means nothing.
+        table.on_connected(sid, 20);
+        assert_eq!(table.on_probe_unanswered(sid, 1, 20), None);
+        table.on_disconnected(sid, 30);
+        assert_eq!(
+            table.on_probe_unanswered(sid, 1, 40),
+            Some(Change::Failed(sid, FailReason::Unanswered))
+        );
+        assert_eq!(table.on_probe_unanswered(sid, 1, 41), None, "once");
+        // No retelling, and the probe was no report: a newer announcement revives it, and a
+        // second reporter naming it then does not fail it (r1's report named the old one).
+        assert!(!FailReason::Unanswered.warrants_report());
+        let revived = table.on_statement(&announce(&subject, 2, 50), 50).unwrap();
+        assert_eq!(
+            revived,
+            Accepted::Announcement {
+                change: Some(Change::Alive(sid))
+            }
+        );
+        table.on_statement(&down(&r2, sid, 2, 60), 60).unwrap();
+        assert_eq!(table.get(&sid).unwrap().state, PeerState::Alive);
+        assert_eq!(table.peers[&sid].reports.len(), 2);
+        assert!(table.peers[&sid].reports.iter().any(|(r, ..)| *r == r2id));
+    }
+
+    #[test]
+    fn only_a_broken_connection_of_this_node_warrants_a_down_report() {
+        let told: Vec<bool> = [
+            FailReason::MissedPings,
+            FailReason::Unreachable,
+            FailReason::Expired,
+            FailReason::Reported("x".into()),
+            FailReason::Unanswered,
+        ]
+        .iter()
+        .map(FailReason::warrants_report)
+        .collect();
+        assert_eq!(told, [true, true, false, false, false]);
     }
 
     #[test]

@@ -26,6 +26,29 @@ use serde::{Deserialize, Serialize};
 use crate::peering::{Backoff, BackoffConfig};
 use crate::UnixMillis;
 
+/// Whether `ip` is on the internet: not loopback, private (RFC 1918, unique local),
+/// link-local, shared (carrier-grade NAT, 100.64/10), broadcast or unspecified.
+pub fn is_global_ip(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(ip) => {
+            let [a, b, ..] = ip.octets();
+            !(ip.is_private()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        std::net::IpAddr::V6(ip) => {
+            let first = ip.segments()[0];
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
 /// Whether a node can be dialled from outside its network.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

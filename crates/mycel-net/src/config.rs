@@ -50,6 +50,14 @@ pub struct Timing {
     /// A new connection is neither shed above the degree band nor evicted at the cap for
     /// this long: a newcomer needs time to sync and to find other peers through this one.
     pub connection_grace: Duration,
+    /// One probe of a peer held alive without a connection (a dial to the addresses it
+    /// announced; unanswered, it is failed here) per this long while nothing is wrong.
+    pub probe_interval: Duration,
+    /// One probe per this long for a while after one of this node's connections failed or a
+    /// down report counted.
+    pub probe_alert_interval: Duration,
+    /// A peer is not probed again within this.
+    pub probe_cooldown: Duration,
 }
 
 impl Default for Timing {
@@ -67,6 +75,9 @@ impl Default for Timing {
             idle_connection_timeout: Duration::from_secs(60),
             gossip_heartbeat: Duration::from_secs(1),
             connection_grace: Duration::from_millis(mycel_core::peering::SHED_GRACE_MS),
+            probe_interval: Duration::from_secs(10),
+            probe_alert_interval: Duration::from_millis(500),
+            probe_cooldown: Duration::from_secs(30),
         }
     }
 }
@@ -138,6 +149,8 @@ pub struct Limits {
     /// Peers a node keeps connections to: below this it dials known peers (from their
     /// announcements) so that gossip has a mesh to travel on.
     pub target_peers: usize,
+    /// Probes of peers held alive without a connection in flight at once (0: no probes).
+    pub max_probes_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -160,6 +173,7 @@ impl Default for Limits {
             max_sync_response_bytes: 4 << 20,
             max_missed_pings: 2,
             target_peers: 8,
+            max_probes_in_flight: 4,
         }
     }
 }

@@ -18,6 +18,7 @@ use mycel_core::membership::{self, Accepted, Change, Culprit, FailReason, Member
 use mycel_core::peering::{
     self, BackoffConfig, Connected, Degree, DegreeConfig, Held, Referrals, Revival,
 };
+use mycel_core::probe::{Outcome, ProbeConfig, Prober, Vantage, Verdict};
 use mycel_core::ratelimit::RateLimiter;
 use mycel_core::reach::Reachability;
 use mycel_core::reputation::{self, Reputation};
@@ -183,6 +184,10 @@ pub(crate) struct EventLoop {
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<PeerId>>, HashSet<PeerId>)>,
     /// Reachability, relay reservations, direct connections.
     nat: nat::Nat,
+    /// Probes of peers held alive without a connection (mycel-core's `probe`).
+    prober: Prober<PeerId>,
+    /// Their dials in flight.
+    probe_dials: HashMap<ConnectionId, PeerId>,
 }
 
 impl EventLoop {
@@ -221,8 +226,21 @@ impl EventLoop {
             4096,
         );
         let nat = nat::Nat::new(now_ms(), !config.nat.external_addrs.is_empty());
+        let prober = Prober::new(ProbeConfig {
+            quiet_interval_ms: timing.probe_interval.as_millis() as u64,
+            alert_interval_ms: timing.probe_alert_interval.as_millis() as u64,
+            cooldown_ms: timing.probe_cooldown.as_millis() as u64,
+            max_in_flight: config.limits.max_probes_in_flight,
+            // Two addresses' dial timeouts, and slack: only lost events reach it.
+            deadline_ms: 3 * timing.dial_timeout.as_millis() as u64,
+            // Probes are settled between ticks: a gap of three ticks is this node stalling.
+            stall_ms: (3 * timing.tick_interval.as_millis() as u64).max(2_000),
+            ..Default::default()
+        });
         Self {
             nat,
+            prober,
+            probe_dials: HashMap::new(),
             capabilities: config.capabilities.clone(),
             last_announce: tokio::time::Instant::now(),
             last_ttl: config.timing.announce_ttl,
@@ -549,7 +567,10 @@ impl EventLoop {
             .gossipsub
             .publish(self.topic.clone(), bytes)
         {
-            Ok(_) => self.metrics.traffic(GOSSIP, OUT, len),
+            Ok(_) => {
+                self.metrics.traffic(GOSSIP, OUT, len);
+                self.metrics.down_reports_sent.inc();
+            }
             Err(e) => debug!(%subject, "down report not published: {e}"),
         }
     }
@@ -562,9 +583,21 @@ impl EventLoop {
             Change::Alive(peer) => debug!(%peer, "peer alive"),
             Change::Failed(peer, reason) => {
                 info!(%peer, ?reason, "peer failed");
-                // Neighbours tell everyone what they saw; expiry and hearsay need no retelling.
-                if matches!(reason, FailReason::MissedPings | FailReason::Unreachable) {
+                self.metrics
+                    .peer_failures
+                    .get_or_create(&crate::metrics::ReasonLabel {
+                        reason: reason.label(),
+                    })
+                    .inc();
+                // Neighbours tell everyone what they saw; expiry, hearsay and this node's own
+                // unanswered probes need no retelling.
+                if reason.warrants_report() {
                     self.publish_down_report(peer);
+                }
+                // Something went wrong nearby: look at the peers held alive without a
+                // connection sooner (expiry and probes themselves do not keep it going).
+                if !matches!(reason, FailReason::Expired | FailReason::Unanswered) {
+                    self.prober.alert(now_ms());
                 }
                 if reason == FailReason::MissedPings {
                     let _ = self.swarm.disconnect_peer_id(peer);
@@ -611,6 +644,9 @@ impl EventLoop {
                 gossipsub::MessageAcceptance::Accept
             }
             Ok(Accepted::Down { change }) => {
+                // A report that counts says something went wrong somewhere: probe faster
+                // (whom to probe stays this node's own pick).
+                self.prober.alert(now_ms());
                 if let Some(change) = change {
                     self.on_change(change);
                 }
@@ -711,6 +747,7 @@ impl EventLoop {
         self.update_gauges();
         self.maintain_degree();
         self.upkeep();
+        self.probe_sweep(now);
         self.nat_tick(now);
         self.dial_lan_peers();
     }
@@ -805,6 +842,89 @@ impl EventLoop {
             }
             Err(e) => debug!(%peer, "probe not dialled: {e}"),
         }
+    }
+
+    /// Starts the probes mycel-core's `Prober` picks among the peers held alive without a
+    /// connection: one dial each, to the addresses the peer signed that this node can reach
+    /// directly, through the same per-host dial budget as every dial.
+    fn probe_sweep(&mut self, now: u64) {
+        let (want, released) = self.prober.advance(now);
+        for peer in released {
+            debug!(%peer, "probe had no outcome in time");
+            self.count_probe("inconclusive");
+        }
+        let prober = &self.prober;
+        self.probe_dials.retain(|_, peer| prober.probing(peer));
+        if want == 0 {
+            return;
+        }
+        let own: Vec<String> = self
+            .listen_addrs
+            .iter()
+            .chain(self.swarm.external_addresses())
+            .map(|a| a.to_string())
+            .collect();
+        let vantage = Vantage::of(own.iter().map(String::as_str));
+        let candidates = self
+            .membership
+            .probe_candidates(&vantage)
+            .into_iter()
+            .filter(|c| {
+                !self.swarm.is_connected(&c.peer)
+                    && !self.probing.contains(&c.peer)
+                    && !self.reputation.is_banned(&c.peer, now)
+            })
+            .collect();
+        for candidate in self.prober.pick(now, want, candidates, &mut self.rng) {
+            let peer = candidate.peer;
+            let addrs: Vec<Multiaddr> = candidate
+                .addrs
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            // Not "...AndNotDialing": an upkeep dial hanging in a blackhole must not hold the
+            // probe back, nor the probe an upkeep dial.
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::Disconnected)
+                .build();
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    debug!(%peer, "probing a peer held alive without a connection");
+                    self.probe_dials.insert(id, peer);
+                }
+                Err(e) => {
+                    debug!(%peer, "probe not dialled: {e}");
+                    self.settle_probe(peer, Outcome::Inconclusive, now);
+                }
+            }
+        }
+    }
+
+    /// Applies the outcome of a probe of `peer`: an unanswered one fails it here only.
+    fn settle_probe(&mut self, peer: PeerId, outcome: Outcome, now: u64) {
+        let Some(verdict) = self.prober.settle(&peer, outcome, now) else {
+            return;
+        };
+        match verdict {
+            Verdict::Answered => self.count_probe("answered"),
+            Verdict::Inconclusive => self.count_probe("inconclusive"),
+            Verdict::Unanswered { seq } => {
+                self.count_probe("unanswered");
+                info!(%peer, "probe unanswered");
+                if let Some(change) = self.membership.on_probe_unanswered(peer, seq, now) {
+                    self.on_change(change);
+                }
+            }
+        }
+    }
+
+    fn count_probe(&self, outcome: &'static str) {
+        self.metrics
+            .probes
+            .get_or_create(&crate::metrics::OutcomeLabel { outcome })
+            .inc();
     }
 
     /// Addresses of `peer` from identify and from its announcements, stream transports first.
@@ -1474,6 +1594,9 @@ impl EventLoop {
                 }
                 self.degree.backoff_mut().succeeded(&Target::Peer(peer_id));
                 self.revival.revived(&peer_id);
+                // A probe is answered by any connection to its peer, whichever way it came.
+                let probe = self.probe_dials.remove(&connection_id).is_some();
+                self.settle_probe(peer_id, Outcome::Answered, now);
                 let over_share = self
                     .swarm
                     .behaviour()
@@ -1520,6 +1643,15 @@ impl EventLoop {
                     }
                     if let Some(change) = self.membership.on_connected(peer_id, now) {
                         self.on_change(change);
+                    }
+                    if probe
+                        && !self.parting.contains_key(&peer_id)
+                        && self.held_connection_count() > self.config.limits.target_peers
+                    {
+                        // The probe's answer is all this node wanted of the connection (the
+                        // goodbye tells the peer the close is no failure).
+                        self.say_goodbye(peer_id, now);
+                        return;
                     }
                     // Both sides pull what the other knows: a joining node learns the
                     // network at once, and its neighbour learns the joiner's view.
@@ -1577,6 +1709,9 @@ impl EventLoop {
                 self.dial_failures += 1;
                 self.dialing.remove(&connection_id);
                 debug!(%peer, "dial failed: {error}");
+                if self.probe_dials.remove(&connection_id).is_some() {
+                    self.settle_probe(peer, probe_outcome(&error), now);
+                }
 
                 self.nat_dial_failed(peer, connection_id, &error);
                 let elsewhere = matches!(
@@ -2002,6 +2137,33 @@ fn nobody_listens(error: &DialError) -> bool {
         })
 }
 
+/// What a failed probe dial says about its peer: unanswered only when every address refused
+/// it outright or let it time out (the same silence a missed ping is). Anything else (our own
+/// limits, another peer answering, a reset or a broken handshake, which a peer at its cap
+/// causes too) proves nothing.
+fn probe_outcome(error: &DialError) -> Outcome {
+    let DialError::Transport(attempts) = error else {
+        return Outcome::Inconclusive;
+    };
+    let silent = |e: &TransportError<io::Error>| match e {
+        TransportError::Other(e) => refused_outright(e) || timed_out(e),
+        TransportError::MultiaddrNotSupported(_) => false,
+    };
+    if !attempts.is_empty() && attempts.iter().all(|(_, e)| silent(e)) {
+        Outcome::Unanswered
+    } else {
+        Outcome::Inconclusive
+    }
+}
+
+/// Whether a dial's I/O error is a timeout: an I/O one, or libp2p's
+/// `TransportTimeoutError::Timeout` (found by its Debug name, see [`refused_outright`]).
+fn timed_out(error: &io::Error) -> bool {
+    use libp2p::core::transport::timeout::TransportTimeoutError;
+    let timeout = format!("{:?}", TransportTimeoutError::<io::Error>::Timeout);
+    error_shows(error, &[io::ErrorKind::TimedOut], &timeout)
+}
+
 /// The kinds of a dial's I/O error that say no process listens at the address.
 const REFUSED_KINDS: [io::ErrorKind; 3] = [
     io::ErrorKind::ConnectionRefused,
@@ -2113,6 +2275,51 @@ mod tests {
     fn boxed(kind: io::ErrorKind) -> TransportError<io::Error> {
         let timeout = TransportTimeoutError::Other(io::Error::from(kind));
         TransportError::Other(io::Error::other(timeout))
+    }
+
+    #[test]
+    fn a_probe_is_unanswered_only_when_every_address_refused_or_timed_out() {
+        use io::ErrorKind::*;
+        let probe = |errors| probe_outcome(&dial_error(errors));
+        let timeout = || {
+            TransportError::Other(io::Error::other(
+                TransportTimeoutError::<io::Error>::Timeout,
+            ))
+        };
+        for kind in [
+            ConnectionRefused,
+            HostUnreachable,
+            NetworkUnreachable,
+            TimedOut,
+        ] {
+            assert_eq!(probe(vec![boxed(kind)]), Outcome::Unanswered, "{kind:?}");
+        }
+        assert_eq!(probe(vec![timeout()]), Outcome::Unanswered);
+        let memory = io::Error::other(MemoryTransportError::Unreachable);
+        assert_eq!(
+            probe(vec![TransportError::Other(memory)]),
+            Outcome::Unanswered
+        );
+        assert_eq!(
+            probe(vec![boxed(ConnectionRefused), timeout()]),
+            Outcome::Unanswered
+        );
+        // A reset or a broken handshake (a peer at its cap), our own refusals, another peer.
+        for kind in [ConnectionReset, PermissionDenied, UnexpectedEof, Other] {
+            assert_eq!(probe(vec![boxed(kind)]), Outcome::Inconclusive, "{kind:?}");
+        }
+        assert_eq!(
+            probe(vec![timeout(), boxed(ConnectionReset)]),
+            Outcome::Inconclusive
+        );
+        let unsupported = TransportError::MultiaddrNotSupported("/dns/x".parse().unwrap());
+        assert_eq!(probe(vec![unsupported]), Outcome::Inconclusive);
+        assert_eq!(probe(Vec::new()), Outcome::Inconclusive);
+        assert_eq!(probe_outcome(&DialError::Aborted), Outcome::Inconclusive);
+        assert_eq!(
+            probe_outcome(&DialError::NoAddresses),
+            Outcome::Inconclusive
+        );
     }
 
     #[test]

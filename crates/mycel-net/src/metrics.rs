@@ -43,7 +43,30 @@ pub struct NetMetrics {
     pub(crate) streams_dropped: Counter,
     /// NAT traversal events by kind and result (see `nat_event` labels).
     pub(crate) nat: Family<NatLabel, Counter>,
+    /// Probes of peers held alive without a connection, by outcome.
+    pub(crate) probes: Family<OutcomeLabel, Counter>,
+    /// Peers declared failed, by reason.
+    pub(crate) peer_failures: Family<ReasonLabel, Counter>,
+    /// Down reports this node published.
+    pub(crate) down_reports_sent: Counter,
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct OutcomeLabel {
+    pub(crate) outcome: &'static str,
+}
+
+/// Outcomes counted in `mycel_probes_total`.
+pub(crate) const PROBE_OUTCOMES: [&str; 3] = ["answered", "unanswered", "inconclusive"];
+
+/// Reasons counted in `mycel_peer_failures_total` (`FailReason`'s).
+pub(crate) const FAIL_REASONS: [&str; 5] = [
+    "missed_pings",
+    "unreachable",
+    "expired",
+    "reported",
+    "unanswered",
+];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct NatLabel {
@@ -174,6 +197,32 @@ impl NetMetrics {
         for (event, result) in NAT_EVENTS {
             let _ = metrics.nat.get_or_create(&NatLabel { event, result });
         }
+        sub.register(
+            "probes",
+            "Probe dials of peers held alive without a connection, by outcome (answered; \
+             unanswered: every address refused or timed out while this node ran, and the peer \
+             is failed here only; inconclusive: this node's limits, a stall, another peer \
+             answering, no outcome in time)",
+            metrics.probes.clone(),
+        );
+        for outcome in PROBE_OUTCOMES {
+            let _ = metrics.probes.get_or_create(&OutcomeLabel { outcome });
+        }
+        sub.register(
+            "peer_failures",
+            "Peers declared failed, by reason (missed_pings, unreachable: this node's own \
+             connection broke, and it tells others; expired: no newer announcement in time; \
+             reported: a quorum of down reports; unanswered: a probe went unanswered)",
+            metrics.peer_failures.clone(),
+        );
+        for reason in FAIL_REASONS {
+            let _ = metrics.peer_failures.get_or_create(&ReasonLabel { reason });
+        }
+        sub.register(
+            "down_reports_sent",
+            "Signed down reports this node published about peers whose connection to it broke",
+            metrics.down_reports_sent.clone(),
+        );
         // Pre-create every label so the series exist (at zero) from the start.
         for state in ["alive", "failed"] {
             let _ = metrics.peers.get_or_create(&StateLabel { state });
@@ -278,6 +327,25 @@ impl NetMetrics {
     /// Down reports neither counted nor passed on.
     pub fn down_reports_ignored_total(&self) -> u64 {
         self.reports_ignored.get()
+    }
+
+    /// Probes of peers held alive without a connection that ended with `outcome`
+    /// (`answered`, `unanswered` or `inconclusive`).
+    pub fn probes_total(&self, outcome: &'static str) -> u64 {
+        self.probes.get_or_create(&OutcomeLabel { outcome }).get()
+    }
+
+    /// Peers declared failed for `reason` (`missed_pings`, `unreachable`, `expired`,
+    /// `reported` or `unanswered`).
+    pub fn peer_failures_total(&self, reason: &'static str) -> u64 {
+        self.peer_failures
+            .get_or_create(&ReasonLabel { reason })
+            .get()
+    }
+
+    /// Down reports this node published.
+    pub fn down_reports_sent_total(&self) -> u64 {
+        self.down_reports_sent.get()
     }
 
     /// Total rejected messages (all reasons).

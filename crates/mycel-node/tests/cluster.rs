@@ -59,6 +59,64 @@ async fn ten_nodes_converge_with_capabilities() {
     }
 }
 
+/// Probes of peers held alive without a connection, run fast on a healthy network, fail
+/// nobody: every dial is answered, and the connections they open close again with a goodbye
+/// (degree stays in its band).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_of_live_peers_fail_nobody_and_leave_the_degree_alone() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..6 {
+        let bootstrap = nodes.first().map(addrs_of).unwrap_or_default();
+        let mut config = local_config(&root.path().join(format!("node-{i}")), bootstrap, false);
+        config.limits.target_peers = 2;
+        config.timing.probe_interval = Duration::from_millis(200);
+        config.timing.probe_cooldown = Duration::from_secs(2);
+        // Connections above the band are shed after this (the bootstrap node starts above it).
+        config.timing.connection_grace = Duration::from_secs(1);
+        nodes.push(Node::start(config).await.unwrap());
+    }
+    wait_converged(&nodes, Duration::from_secs(30)).await;
+    // Six seconds of probing: each node could probe every unconnected peer twice.
+    let answered = |nodes: &[Node]| -> u64 {
+        nodes
+            .iter()
+            .map(|n| n.net.metrics().probes_total("answered"))
+            .sum()
+    };
+    let before = answered(&nodes);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(answered(&nodes) > before + 10, "{}", answered(&nodes));
+    for node in &nodes {
+        let metrics = node.net.metrics();
+        for reason in [
+            "missed_pings",
+            "unreachable",
+            "expired",
+            "reported",
+            "unanswered",
+        ] {
+            assert_eq!(metrics.peer_failures_total(reason), 0, "{reason}");
+        }
+        assert_eq!(metrics.probes_total("unanswered"), 0);
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "every node back within its band (target 2, high-water mark 4)",
+        || async {
+            let mut held = Vec::new();
+            for node in &nodes {
+                held.push(node.net.status().await.unwrap().connected_peers);
+            }
+            held.iter().all(|h| *h <= 4)
+        },
+    )
+    .await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
 /// A late joiner learns everyone from a neighbour's snapshot (anti-entropy), not from the
 /// next round of announcements: here announcements are a minute apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

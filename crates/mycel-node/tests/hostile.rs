@@ -163,6 +163,97 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
 /// A flood of genuine statements from one issuer, injected at two points of a network of
 /// honest nodes: the issuer pays for it (rate-limited, charged, banned) and the honest nodes
 /// that relayed it are charged nothing and stay connected to each other.
+/// A peer held alive on its announcement alone, whose address swallows connections and never
+/// speaks: the node's probe dials it, the dial times out, and the node fails it here only,
+/// for "unanswered", publishing nothing. One hostile report about it from a live peer (which
+/// makes the node probe sooner) plus that local failure still fail it nowhere else: the probe
+/// is no report and counts toward nobody's quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_failed_by_probes_only_where_they_went_unanswered() {
+    use mycel_core::membership::FailReason;
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 2).await;
+    wait_converged(&nodes, Duration::from_secs(20)).await;
+    let (node, attacker) = (&nodes[0], &nodes[1]);
+    let attacker_id = attacker.net.peer_id();
+    let attacker_key = mycel_store::load_or_create_identity(&root.path().join("node-1")).unwrap();
+    // An observer that hears of the peer only through the attacker and probes nobody.
+    let mut config = local_config(&root.path().join("observer"), addrs_of(attacker), false);
+    config.limits.max_connections = 1;
+    config.limits.target_peers = 1;
+    config.limits.max_probes_in_flight = 0;
+    let observer = Node::start(config).await.unwrap();
+    // The silent address: connections are accepted and held, never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = format!("/ip4/127.0.0.1/tcp/{}", silent.local_addr().unwrap().port());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().take(64) {
+            held.push(stream);
+        }
+    });
+    let ghost = Keypair::generate_ed25519();
+    let ghost_id = ghost.public().to_peer_id();
+    let told = common::announcement_at(&ghost, 1, vec![silent_addr]);
+    let reports_before = node.net.metrics().down_reports_sent_total();
+    let score_before = node.net.reputation(attacker_id).await.unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the node and the observer hold the silent peer's announcement",
+        || async {
+            // Republished until it takes: gossip needs the mesh first.
+            let _ = attacker.net.publish_raw(told.to_bytes()).await;
+            // (The node may have probed it already: it holds the announcement either way.)
+            let at_node = node.net.peer(ghost_id).await.unwrap();
+            let at_observer = observer.net.peer(ghost_id).await.unwrap();
+            at_node.is_some_and(|p| p.seq == 1)
+                && at_observer.is_some_and(|p| p.state == PeerState::Alive)
+        },
+    )
+    .await;
+    // One report from a live peer, below the quorum of two.
+    let _ = attacker
+        .net
+        .publish_raw(down_report(&attacker_key, ghost_id, 1).to_bytes())
+        .await;
+    wait_until(
+        Duration::from_secs(20),
+        "the node fails the silent peer for an unanswered probe",
+        || async {
+            node.net
+                .peer(ghost_id)
+                .await
+                .unwrap()
+                .is_some_and(|p| p.fail_reason == Some(FailReason::Unanswered))
+        },
+    )
+    .await;
+    assert!(node.net.metrics().probes_total("unanswered") >= 1);
+    assert_eq!(
+        node.net.metrics().peer_failures_total("unanswered"),
+        1,
+        "only the silent peer"
+    );
+    assert_eq!(
+        node.net.metrics().down_reports_sent_total(),
+        reports_before,
+        "an unanswered probe is told to nobody"
+    );
+    // The observer, which heard the one report, still holds it alive.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(3) {
+        let info = observer.net.peer(ghost_id).await.unwrap().unwrap();
+        assert_eq!(info.state, PeerState::Alive, "{info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The attacker's report was genuine and counted: it costs the attacker nothing.
+    assert!(node.net.reputation(attacker_id).await.unwrap() >= score_before);
+    observer.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_not_to_honest_relays() {
     const FLOOD: u64 = 2_500;

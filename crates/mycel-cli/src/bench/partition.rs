@@ -10,6 +10,9 @@
 //! - `converge_ms`: start of the nodes until every node sees every other alive;
 //! - `detected_ms`: cut (from just before the first nftables rule) until every node sees
 //!   every node of the other half failed;
+//! - `failed_by`: at that moment, (viewer, peer of the other half) pairs by the reason the
+//!   viewer failed the peer (`missed_pings`, `reported`, `unanswered`: its own probe went
+//!   unanswered, `expired`, `unreachable`);
 //! - `heal_ms`: link restored until every node sees every other alive again;
 //! - `reconcile_ms`: link restored until, besides, every node holds every other node's
 //!   announcement made during the cut (or a newer one);
@@ -226,17 +229,9 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
         } else if !told && cut.elapsed() > SLOW_DETECTION {
             // Detection should take seconds: say who still holds whom alive, and how.
             told = true;
-            for (i, member) in members.iter().enumerate() {
-                let other_side: HashSet<&str> = (0..n)
-                    .filter(|j| members[*j].side != member.side)
-                    .map(|j| ids[j].as_str())
-                    .collect();
-                let peers = member.node.api("/api/peers").unwrap_or_default();
-                for p in peers.as_array().into_iter().flatten() {
-                    let other = p["peer_id"]
-                        .as_str()
-                        .is_some_and(|id| other_side.contains(id));
-                    if other && p["state"].as_str() != Some("failed") {
+            for i in 0..n {
+                for p in other_half(&members, &ids, i) {
+                    if p["state"].as_str() != Some("failed") {
                         eprintln!("  after {SLOW_DETECTION:?} node {i} still holds {p}");
                     }
                 }
@@ -257,6 +252,7 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
         }
         Ok((out.trim().to_owned(), data))
     };
+    let failed_by = fail_reasons(&members, &ids);
     let blobs = [blob(0)?, blob(n / 2)?];
     let mut during = before.clone();
     poll_until(
@@ -347,6 +343,7 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
         "cut_ms": cut_ms,
         "converge_ms": converge_ms,
         "detected_ms": detected_ms,
+        "failed_by": failed_by,
         "heal_ms": heal_ms,
         "reconcile_ms": reconcile_ms,
         "announcements_lost": lost,
@@ -354,6 +351,49 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
         "blobs_fetched": fetched,
         "fetch_ms": fetch_ms,
     }))
+}
+
+/// (viewer, peer of the other half) pairs each member holds failed, by the reason it failed
+/// them.
+fn fail_reasons(members: &[Member], ids: &[String]) -> Value {
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    for i in 0..members.len() {
+        for p in other_half(members, ids, i) {
+            if p["state"].as_str() != Some("failed") {
+                continue;
+            }
+            // A unit reason is a string; `reported` carries its reporter.
+            let reason = match &p["fail_reason"] {
+                Value::String(r) => r.clone(),
+                Value::Object(o) => o.keys().next().cloned().unwrap_or_default(),
+                _ => "none".to_owned(),
+            };
+            *counts.entry(reason).or_default() += 1;
+        }
+    }
+    json!(counts)
+}
+
+/// What member `i` holds about the peers of the other half (its /api/peers entries).
+fn other_half(members: &[Member], ids: &[String], i: usize) -> Vec<Value> {
+    let other_side: HashSet<&str> = members
+        .iter()
+        .zip(ids)
+        .filter(|(m, _)| m.side != members[i].side)
+        .map(|(_, id)| id.as_str())
+        .collect();
+    let peers = members[i].node.api("/api/peers").unwrap_or_default();
+    let Value::Array(peers) = peers else {
+        return Vec::new();
+    };
+    peers
+        .into_iter()
+        .filter(|p| {
+            p["peer_id"]
+                .as_str()
+                .is_some_and(|id| other_side.contains(id))
+        })
+        .collect()
 }
 
 /// Every member's view, from its /api/peers (a node that does not answer sees nobody).

@@ -41,8 +41,20 @@ pub const FAST: [&str; 6] = [
     "2",
 ];
 
-/// Starts `mycel node` with `args`, optionally under a prefix command (e.g. `ip netns exec`).
+/// Starts `mycel node` with `args` and the [`FAST`] timings, optionally under a prefix
+/// command (e.g. `ip netns exec`).
 pub fn spawn_node(prefix: &[&str], data_dir: &Path, api: &str, args: &[String]) -> NodeProcess {
+    spawn_node_with(prefix, data_dir, api, &FAST, args)
+}
+
+/// Starts `mycel node` with `timings` (flags such as [`FAST`]'s) and `args`.
+pub fn spawn_node_with(
+    prefix: &[&str],
+    data_dir: &Path,
+    api: &str,
+    timings: &[&str],
+    args: &[String],
+) -> NodeProcess {
     let mut command = if prefix.is_empty() {
         Command::new(MYCEL)
     } else {
@@ -55,7 +67,7 @@ pub fn spawn_node(prefix: &[&str], data_dir: &Path, api: &str, args: &[String]) 
         .arg("--data-dir")
         .arg(data_dir)
         .args(["--api", api])
-        .args(FAST)
+        .args(timings)
         .args(args)
         // MYCEL_TEST_LOG=<filter> shows more of the nodes' logs (warnings otherwise).
         .env(

@@ -102,22 +102,8 @@ const RELAYED_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
 /// link-local, shared (carrier-grade NAT, 100.64/10) or unspecified.
 pub(crate) fn is_global(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => {
-            let [a, b, ..] = ip.octets();
-            !(ip.is_private()
-                || ip.is_loopback()
-                || ip.is_link_local()
-                || ip.is_unspecified()
-                || ip.is_broadcast()
-                || (a == 100 && (64..128).contains(&b)))
-        }
-        Protocol::Ip6(ip) => {
-            let first = ip.segments()[0];
-            !(ip.is_loopback()
-                || ip.is_unspecified()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80)
-        }
+        Protocol::Ip4(ip) => mycel_core::reach::is_global_ip(ip.into()),
+        Protocol::Ip6(ip) => mycel_core::reach::is_global_ip(ip.into()),
         _ => false,
     })
 }

@@ -1,0 +1,727 @@
+//! Probes of peers held alive without a connection (SWIM's periodic probe of a random member).
+//!
+//! Pings watch connected peers only. A peer held alive on the strength of its announcement,
+//! with no connection from this node, would otherwise stay alive here until the announcement
+//! expires (90 s, stretched in large networks) however long it has been gone: after a
+//! partition, a peer that kept no connection into this node's half is missed by nobody there,
+//! so nobody reports it. [`Prober`] picks such peers now and then and the driver dials each
+//! one at the addresses it signed; a dial nobody answers fails the peer **here only**
+//! ([`crate::membership::FailReason::Unanswered`]): nothing is published, nothing counts
+//! toward anyone's quorum of down reports, and any later contact revives it.
+//!
+//! What keeps it safe among hostile peers:
+//! - whom to probe comes only from this node's table and its seeded random source; a report
+//!   can raise the pace ([`Prober::alert`] takes no peer), never choose the target;
+//! - peers this node has been connected to are probed before strangers, so a flood of new
+//!   keys cannot crowd them out, and the pace, the probes in flight and the records kept are
+//!   all bounded;
+//! - a probe dials only what the peer itself signed, and only addresses this node can reach
+//!   directly ([`probe_addrs`]): a peer reachable only through a relay or a NAT is never
+//!   failed for silence at addresses it could not answer on;
+//! - a probe that could not run properly (this node stalled, its own limits refused the dial,
+//!   another peer answered) proves nothing and is retried later.
+//!
+//! Pure: time and the random source are passed in.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+
+use rand::Rng;
+
+use crate::inbound::subnet_of;
+use crate::reach::{is_global_ip, Reachability};
+use crate::UnixMillis;
+
+/// Probe pacing and bounds.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    /// One probe per this long while nothing is wrong.
+    pub quiet_interval_ms: u64,
+    /// One probe per this long during an alert.
+    pub alert_interval_ms: u64,
+    /// How long an alert lasts after its last trigger.
+    pub alert_ms: u64,
+    /// Probes started in one step at most (the token bucket's size: no bursts after a pause).
+    pub max_per_step: usize,
+    /// Probes in flight at most (0: probing off).
+    pub max_in_flight: usize,
+    /// A peer is not picked again within this after its last probe.
+    pub cooldown_ms: u64,
+    /// ... or within this after a probe that proved nothing.
+    pub retry_ms: u64,
+    /// A probe with no outcome after this long is released (it proved nothing).
+    pub deadline_ms: u64,
+    /// Steps further apart than this mean this node itself stalled: probes in flight then
+    /// prove nothing.
+    pub stall_ms: u64,
+    /// Per-peer records kept at most.
+    pub max_tracked: usize,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            quiet_interval_ms: 10_000,
+            alert_interval_ms: 500,
+            alert_ms: 30_000,
+            max_per_step: 2,
+            max_in_flight: 4,
+            cooldown_ms: 30_000,
+            retry_ms: 5_000,
+            deadline_ms: 15_000,
+            stall_ms: 3_000,
+            max_tracked: 4_096,
+        }
+    }
+}
+
+/// A peer that may be probed, as membership sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate<P> {
+    /// The peer.
+    pub peer: P,
+    /// The sequence number of its announcement held now (a newer one during the probe
+    /// refutes its silence).
+    pub seq: u64,
+    /// Whether this node has been connected to it.
+    pub met: bool,
+    /// Where to dial it (from [`probe_addrs`]).
+    pub addrs: Vec<String>,
+}
+
+/// What the driver saw of one probe dial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A connection to the peer was established.
+    Answered,
+    /// Every address tried refused the dial outright or let it time out.
+    Unanswered,
+    /// Anything else: this node's own limits, another peer answering, a reset.
+    Inconclusive,
+}
+
+/// A settled probe, for the driver to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It answered.
+    Answered,
+    /// Nobody answered while this node was running: fail the peer here if its announcement
+    /// is still the one with this sequence number.
+    Unanswered {
+        /// The sequence number held when it was picked.
+        seq: u64,
+    },
+    /// It proved nothing; the peer is retried sooner.
+    Inconclusive,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Flight {
+    started: UnixMillis,
+    seq: u64,
+    stalled: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    picked: UnixMillis,
+    retry: bool,
+}
+
+/// One probe's worth of [`Prober`]'s credit.
+const TOKEN: u64 = 1_000_000;
+
+/// Which alive, unconnected peers to probe and when. See the module docs.
+#[derive(Debug)]
+pub struct Prober<P> {
+    config: ProbeConfig,
+    flights: HashMap<P, Flight>,
+    records: HashMap<P, Record>,
+    /// Probes that may start, in millionths.
+    credit: u64,
+    last_step: Option<UnixMillis>,
+    alert_since: UnixMillis,
+    alert_until: UnixMillis,
+}
+
+impl<P: Eq + Hash + Clone> Prober<P> {
+    /// A prober with no probe made yet.
+    pub fn new(config: ProbeConfig) -> Self {
+        Self {
+            config,
+            flights: HashMap::new(),
+            records: HashMap::new(),
+            credit: TOKEN,
+            last_step: None,
+            alert_since: 0,
+            alert_until: 0,
+        }
+    }
+
+    /// Something went wrong near this node (one of its own connections failed, or a counted
+    /// down report arrived): probe faster for a while. It names no peer on purpose.
+    pub fn alert(&mut self, now: UnixMillis) {
+        if self.config.max_in_flight == 0 {
+            return;
+        }
+        if !self.alerted(now) {
+            self.alert_since = now;
+        }
+        self.alert_until = now.saturating_add(self.config.alert_ms);
+    }
+
+    /// Whether an alert is on.
+    pub fn alerted(&self, now: UnixMillis) -> bool {
+        now < self.alert_until
+    }
+
+    /// Probes in flight.
+    pub fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// Whether a probe of `peer` is in flight.
+    pub fn probing(&self, peer: &P) -> bool {
+        self.flights.contains_key(peer)
+    }
+
+    fn stalled(&self, now: UnixMillis) -> bool {
+        self.last_step
+            .is_some_and(|last| now.saturating_sub(last) > self.config.stall_ms)
+    }
+
+    /// Advances the clock (call once per tick): marks flights a stall of this node spoiled,
+    /// releases those past their deadline (returned: they proved nothing) and refills the
+    /// pace. Returns how many probes may start now; when it is 0 there is no need to gather
+    /// candidates.
+    pub fn advance(&mut self, now: UnixMillis) -> (usize, Vec<P>) {
+        if self.config.max_in_flight == 0 {
+            return (0, Vec::new());
+        }
+        if self.stalled(now) {
+            for flight in self.flights.values_mut() {
+                flight.stalled = true;
+            }
+        }
+        let deadline = self.config.deadline_ms;
+        let expired: Vec<P> = self
+            .flights
+            .iter()
+            .filter(|(_, f)| now.saturating_sub(f.started) >= deadline)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for peer in &expired {
+            self.flights.remove(peer);
+            self.mark_retry(peer, now);
+        }
+        let interval = if self.alerted(now) {
+            self.config.alert_interval_ms
+        } else {
+            self.config.quiet_interval_ms
+        }
+        .max(1);
+        if let Some(last) = self.last_step {
+            let earned =
+                u128::from(now.saturating_sub(last)) * u128::from(TOKEN) / u128::from(interval);
+            self.credit = self
+                .credit
+                .saturating_add(u64::try_from(earned).unwrap_or(u64::MAX));
+        }
+        self.credit = self.credit.min(self.config.max_per_step as u64 * TOKEN);
+        self.last_step = Some(now);
+        let slots = self.config.max_in_flight.saturating_sub(self.flights.len());
+        (((self.credit / TOKEN) as usize).min(slots), expired)
+    }
+
+    /// Picks up to `want` (from [`Prober::advance`]) of `candidates` to probe now and records
+    /// them in flight: peers met before first, uniformly at random within each tier, none
+    /// picked again within its cooldown.
+    pub fn pick(
+        &mut self,
+        now: UnixMillis,
+        want: usize,
+        candidates: Vec<Candidate<P>>,
+        rng: &mut impl Rng,
+    ) -> Vec<Candidate<P>> {
+        if want == 0 {
+            return Vec::new();
+        }
+        let alerted = self.alerted(now);
+        let (mut met, mut strangers): (Vec<_>, Vec<_>) = candidates
+            .into_iter()
+            .filter(|c| !c.addrs.is_empty() && self.due(&c.peer, now, alerted))
+            .partition(|c| c.met);
+        let mut picks = Vec::new();
+        for tier in [&mut met, &mut strangers] {
+            // A partial Fisher-Yates: the first `take` places hold a uniform sample.
+            let take = (want - picks.len()).min(tier.len());
+            for i in 0..take {
+                let j = rng.gen_range(i..tier.len());
+                tier.swap(i, j);
+            }
+            picks.extend(tier.drain(..take));
+        }
+        for c in &picks {
+            self.flights.insert(
+                c.peer.clone(),
+                Flight {
+                    started: now,
+                    seq: c.seq,
+                    stalled: false,
+                },
+            );
+            self.records.insert(
+                c.peer.clone(),
+                Record {
+                    picked: now,
+                    retry: false,
+                },
+            );
+        }
+        self.credit = self.credit.saturating_sub(picks.len() as u64 * TOKEN);
+        self.prune(now);
+        picks
+    }
+
+    fn due(&self, peer: &P, now: UnixMillis, alerted: bool) -> bool {
+        if self.flights.contains_key(peer) {
+            return false;
+        }
+        let Some(record) = self.records.get(peer) else {
+            return true;
+        };
+        // During an alert, an answer from before it began says nothing about now.
+        if alerted && record.picked < self.alert_since {
+            return true;
+        }
+        let cooldown = if record.retry {
+            self.config.retry_ms
+        } else {
+            self.config.cooldown_ms
+        };
+        now.saturating_sub(record.picked) >= cooldown
+    }
+
+    /// The probe of `peer` proved nothing: it is due again [`ProbeConfig::retry_ms`] from now.
+    fn mark_retry(&mut self, peer: &P, now: UnixMillis) {
+        if let Some(record) = self.records.get_mut(peer) {
+            record.picked = now;
+            record.retry = true;
+        }
+    }
+
+    /// Forgets records past their cooldown once there are too many, then the oldest.
+    fn prune(&mut self, now: UnixMillis) {
+        if self.records.len() <= self.config.max_tracked {
+            return;
+        }
+        let cooldown = self.config.cooldown_ms;
+        let flights = &self.flights;
+        self.records.retain(|peer, r| {
+            flights.contains_key(peer) || now.saturating_sub(r.picked) < cooldown
+        });
+        if self.records.len() > self.config.max_tracked {
+            let mut ages: Vec<(UnixMillis, P)> = self
+                .records
+                .iter()
+                .filter(|(p, _)| !self.flights.contains_key(*p))
+                .map(|(p, r)| (r.picked, p.clone()))
+                .collect();
+            ages.sort_unstable_by_key(|(picked, _)| *picked);
+            let excess = self.records.len() - self.config.max_tracked;
+            for (_, peer) in ages.into_iter().take(excess) {
+                self.records.remove(&peer);
+            }
+        }
+    }
+
+    /// The outcome of the probe of `peer`; `None` when none was in flight (already settled,
+    /// released, or never started).
+    pub fn settle(&mut self, peer: &P, outcome: Outcome, now: UnixMillis) -> Option<Verdict> {
+        let flight = self.flights.remove(peer)?;
+        // A node that did not run while it waited cannot blame the peer for the silence.
+        let stalled = flight.stalled || self.stalled(now);
+        let verdict = match outcome {
+            Outcome::Answered => Verdict::Answered,
+            Outcome::Unanswered if !stalled => Verdict::Unanswered { seq: flight.seq },
+            Outcome::Unanswered | Outcome::Inconclusive => Verdict::Inconclusive,
+        };
+        if verdict == Verdict::Inconclusive {
+            self.mark_retry(peer, now);
+        }
+        Some(verdict)
+    }
+}
+
+/// Where this node stands, to tell which of a peer's addresses it can dial directly.
+#[derive(Debug, Clone, Default)]
+pub struct Vantage {
+    /// The subnets (IPv4 /24, IPv6 /48) of this node's own non-loopback addresses.
+    pub subnets: Vec<IpAddr>,
+    /// Every address this node listens on is on this host (loopback or in memory).
+    pub local_only: bool,
+}
+
+impl Vantage {
+    /// The vantage of a node with these addresses (multiaddr strings).
+    pub fn of<'a>(own: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut subnets = Vec::new();
+        let mut local_only = true;
+        for addr in own {
+            match parse(addr).host {
+                Host::Ip(ip) if !ip.is_loopback() && !ip.is_unspecified() => {
+                    local_only = false;
+                    let subnet = subnet_of(ip);
+                    if !subnets.contains(&subnet) {
+                        subnets.push(subnet);
+                    }
+                }
+                Host::Ip(_) | Host::Memory => {}
+                Host::Dns | Host::Other => local_only = false,
+            }
+        }
+        Self {
+            subnets,
+            local_only,
+        }
+    }
+}
+
+/// Addresses probed at most per peer: the swarm tries one at a time and each silent one costs
+/// a whole dial timeout.
+const MAX_PROBE_ADDRS: usize = 2;
+
+/// The addresses of a peer (as it announced them) that a probe from `vantage` may dial, stream
+/// transports first, at most two; none when silence there would prove nothing:
+/// - a peer that announced it is private, or any relayed address, may be reachable only
+///   through a relay;
+/// - a global IP is dialable from anywhere; a private one only from the same subnet (another
+///   network's 192.168.1.5 is somebody else); loopback and in-memory addresses only from a
+///   node kept to this host itself; a DNS name only when the peer says it is public;
+///   link-local never.
+pub fn probe_addrs(addrs: &[String], reachability: Reachability, vantage: &Vantage) -> Vec<String> {
+    if reachability == Reachability::Private {
+        return Vec::new();
+    }
+    let parsed: Vec<(&String, Parsed)> = addrs.iter().map(|a| (a, parse(a))).collect();
+    if parsed.iter().any(|(_, p)| p.relayed) {
+        return Vec::new();
+    }
+    let mut usable: Vec<(&String, bool)> = parsed
+        .into_iter()
+        .filter(|(_, p)| match p.host {
+            Host::Ip(ip) if ip.is_loopback() => vantage.local_only,
+            Host::Ip(ip) if link_local(ip) || ip.is_unspecified() => false,
+            Host::Ip(ip) if is_global_ip(ip) => true,
+            Host::Ip(ip) => vantage.subnets.contains(&subnet_of(ip)),
+            Host::Memory => vantage.local_only,
+            Host::Dns => reachability == Reachability::Public,
+            Host::Other => false,
+        })
+        .map(|(a, p)| (a, p.stream))
+        .collect();
+    if usable.iter().any(|(_, stream)| *stream) {
+        usable.retain(|(_, stream)| *stream);
+    }
+    usable
+        .into_iter()
+        .take(MAX_PROBE_ADDRS)
+        .map(|(a, _)| a.clone())
+        .collect()
+}
+
+fn link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Host {
+    Ip(IpAddr),
+    Memory,
+    Dns,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Parsed {
+    host: Host,
+    stream: bool,
+    relayed: bool,
+}
+
+/// The parts of a multiaddr string a probe cares about.
+fn parse(addr: &str) -> Parsed {
+    let parts: Vec<&str> = addr.split('/').collect();
+    let host = match (parts.get(1).copied(), parts.get(2)) {
+        (Some("ip4" | "ip6"), Some(ip)) => ip.parse().map_or(Host::Other, Host::Ip),
+        (Some("memory"), Some(_)) => Host::Memory,
+        (Some("dns" | "dns4" | "dns6"), Some(_)) => Host::Dns,
+        _ => Host::Other,
+    };
+    Parsed {
+        host,
+        stream: matches!(host, Host::Memory) || parts.contains(&"tcp"),
+        relayed: parts.contains(&"p2p-circuit"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn candidates(n: u32, met: bool) -> Vec<Candidate<u32>> {
+        (0..n)
+            .map(|i| Candidate {
+                peer: if met { i } else { 100_000 + i },
+                seq: 1,
+                met,
+                addrs: vec!["/ip4/1.2.3.4/tcp/1".into()],
+            })
+            .collect()
+    }
+
+    fn peers(picks: &[Candidate<u32>]) -> Vec<u32> {
+        picks.iter().map(|c| c.peer).collect()
+    }
+
+    /// Runs `secs` seconds of 100 ms steps, settling every probe as answered at once.
+    fn run(prober: &mut Prober<u32>, rng: &mut StdRng, from: u64, secs: u64) -> Vec<u32> {
+        let mut picked = Vec::new();
+        for step in 0..secs * 10 {
+            let now = from + step * 100;
+            let (want, _) = prober.advance(now);
+            let picks = prober.pick(now, want, candidates(20, true), rng);
+            for c in &picks {
+                prober.settle(&c.peer, Outcome::Answered, now);
+            }
+            picked.extend(peers(&picks));
+        }
+        picked
+    }
+
+    #[test]
+    fn picks_are_seeded_and_held_to_the_pace_and_the_slots() {
+        let pick_all = |seed| {
+            let mut prober = Prober::new(ProbeConfig::default());
+            run(&mut prober, &mut StdRng::seed_from_u64(seed), 0, 60)
+        };
+        let picked = pick_all(7);
+        assert_eq!(picked, pick_all(7), "the same seed replays the same probes");
+        // Quiet: one at start, then one per 10 s.
+        assert_eq!(picked.len(), 6, "{picked:?}");
+        // During an alert: two a second at most.
+        let mut prober = Prober::new(ProbeConfig::default());
+        let mut rng = StdRng::seed_from_u64(1);
+        prober.alert(0);
+        let picked = run(&mut prober, &mut rng, 0, 10);
+        assert_eq!(picked.len(), 20);
+        // Probes that never settle: four in flight at most.
+        let mut prober = Prober::new(ProbeConfig::default());
+        prober.alert(0);
+        let mut in_flight = 0;
+        for step in 0..50 {
+            let (want, _) = prober.advance(step * 100);
+            in_flight += prober
+                .pick(step * 100, want, candidates(20, true), &mut rng)
+                .len();
+            assert!(prober.in_flight() <= 4);
+        }
+        assert_eq!(in_flight, 4);
+    }
+
+    #[test]
+    fn every_candidate_is_probed_once_before_any_twice() {
+        let mut prober = Prober::new(ProbeConfig::default());
+        let mut rng = StdRng::seed_from_u64(3);
+        prober.alert(0);
+        // 20 candidates at 2/s: all covered in 10 s, none twice within the 30 s cooldown.
+        let picked = run(&mut prober, &mut rng, 0, 10);
+        let mut distinct = picked.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 20, "{picked:?}");
+        assert_eq!(picked.len(), 20);
+        prober.alert(10_000);
+        assert!(run(&mut prober, &mut rng, 10_000, 10).is_empty());
+    }
+
+    #[test]
+    fn an_alert_makes_peers_probed_before_it_due_again_once() {
+        let mut prober = Prober::new(ProbeConfig::default());
+        let mut rng = StdRng::seed_from_u64(4);
+        prober.alert(0);
+        assert_eq!(run(&mut prober, &mut rng, 0, 10).len(), 20);
+        // The alert ended (30 s after it began); a new one at 45 s makes all 20 due again.
+        prober.alert(45_000);
+        assert_eq!(run(&mut prober, &mut rng, 45_000, 10).len(), 20);
+        // A further trigger within the same alert does not.
+        prober.alert(55_000);
+        assert!(run(&mut prober, &mut rng, 55_000, 5).is_empty());
+    }
+
+    #[test]
+    fn peers_met_before_are_probed_before_strangers() {
+        let mut prober = Prober::new(ProbeConfig::default());
+        let mut rng = StdRng::seed_from_u64(5);
+        prober.alert(0);
+        let mut all = candidates(10_000, false);
+        all.extend(candidates(5, true));
+        let mut picked = Vec::new();
+        for step in 0..30 {
+            let now = step * 100;
+            let (want, _) = prober.advance(now);
+            let picks = prober.pick(now, want, all.clone(), &mut rng);
+            for c in &picks {
+                prober.settle(&c.peer, Outcome::Answered, now);
+            }
+            picked.extend(peers(&picks));
+        }
+        assert!(picked.len() > 5);
+        let mut first: Vec<u32> = picked[..5].to_vec();
+        first.sort_unstable();
+        assert_eq!(first, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn only_a_probe_in_flight_settles_and_only_once() {
+        let mut prober = Prober::new(ProbeConfig::default());
+        let mut rng = StdRng::seed_from_u64(6);
+        assert_eq!(prober.settle(&1, Outcome::Unanswered, 0), None);
+        let (want, _) = prober.advance(0);
+        let picks = prober.pick(0, want, candidates(1, true), &mut rng);
+        assert_eq!(peers(&picks), vec![0]);
+        assert_eq!(
+            prober.settle(&0, Outcome::Unanswered, 2_000),
+            Some(Verdict::Unanswered { seq: 1 })
+        );
+        assert_eq!(prober.settle(&0, Outcome::Unanswered, 2_000), None);
+    }
+
+    #[test]
+    fn a_probe_that_proved_nothing_is_retried_sooner() {
+        let mut prober = Prober::new(ProbeConfig::default());
+        let mut rng = StdRng::seed_from_u64(8);
+        prober.alert(0);
+        let (want, _) = prober.advance(0);
+        assert_eq!(prober.pick(0, want, candidates(1, true), &mut rng).len(), 1);
+        // Never settled: released at the deadline, due again 5 s later (not 30 s).
+        let mut now = 0;
+        let mut released = Vec::new();
+        while released.is_empty() {
+            now += 500;
+            released = prober.advance(now).1;
+        }
+        assert_eq!((now, released), (15_000, vec![0]));
+        let (want, _) = prober.advance(19_000);
+        assert!(prober
+            .pick(19_000, want, candidates(1, true), &mut rng)
+            .is_empty());
+        let (want, _) = prober.advance(20_000);
+        assert_eq!(
+            peers(&prober.pick(20_000, want, candidates(1, true), &mut rng)),
+            vec![0]
+        );
+        assert_eq!(
+            prober.settle(&0, Outcome::Inconclusive, 20_100),
+            Some(Verdict::Inconclusive)
+        );
+    }
+
+    #[test]
+    fn silence_while_this_node_stalled_proves_nothing() {
+        for through_step in [true, false] {
+            let mut prober = Prober::new(ProbeConfig::default());
+            let mut rng = StdRng::seed_from_u64(9);
+            let (want, _) = prober.advance(0);
+            assert_eq!(prober.pick(0, want, candidates(1, true), &mut rng).len(), 1);
+            prober.advance(1_000);
+            // The node did not run for 4 s (the steps are 1 s apart otherwise).
+            if through_step {
+                prober.advance(5_000);
+            }
+            assert_eq!(
+                prober.settle(&0, Outcome::Unanswered, 5_000),
+                Some(Verdict::Inconclusive),
+                "{through_step}"
+            );
+        }
+    }
+
+    #[test]
+    fn records_stay_bounded_under_a_stream_of_new_candidates() {
+        let mut prober = Prober::new(ProbeConfig::default());
+        let mut rng = StdRng::seed_from_u64(10);
+        prober.alert(0);
+        for step in 0..20_000u32 {
+            let now = u64::from(step) * 500;
+            prober.alert(now);
+            let (want, _) = prober.advance(now);
+            let fresh = vec![Candidate {
+                peer: step,
+                seq: 1,
+                met: false,
+                addrs: vec!["/ip4/1.2.3.4/tcp/1".into()],
+            }];
+            for c in prober.pick(now, want, fresh, &mut rng) {
+                prober.settle(&c.peer, Outcome::Answered, now);
+            }
+        }
+        assert!(prober.records.len() <= 4_096, "{}", prober.records.len());
+    }
+
+    #[test]
+    fn probing_off_starts_nothing() {
+        let mut prober = Prober::<u32>::new(ProbeConfig {
+            max_in_flight: 0,
+            ..Default::default()
+        });
+        prober.alert(0);
+        assert_eq!(prober.advance(10_000).0, 0);
+        assert!(!prober.alerted(1));
+    }
+
+    #[test]
+    fn only_addresses_dialable_from_here_are_probed() {
+        let lan = Vantage::of(["/ip4/10.1.2.3/tcp/4001", "/ip4/127.0.0.1/tcp/4001"]);
+        let local = Vantage::of(["/ip4/127.0.0.1/tcp/4001", "/memory/5"]);
+        assert!(local.local_only && !lan.local_only);
+        let addrs = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let unknown = Reachability::Unknown;
+        // Global: from anywhere, stream transports first, at most two.
+        let global = addrs(&[
+            "/ip4/8.8.8.8/udp/1/quic-v1",
+            "/ip4/8.8.8.8/tcp/1",
+            "/ip6/2001:4860::1/tcp/1",
+            "/ip4/9.9.9.9/tcp/1",
+        ]);
+        assert_eq!(
+            probe_addrs(&global, unknown, &lan),
+            addrs(&["/ip4/8.8.8.8/tcp/1", "/ip6/2001:4860::1/tcp/1"])
+        );
+        // Private: only from the same /24.
+        let same = addrs(&["/ip4/10.1.2.9/tcp/1"]);
+        assert_eq!(probe_addrs(&same, unknown, &lan), same);
+        assert!(probe_addrs(&addrs(&["/ip4/10.1.3.9/tcp/1"]), unknown, &lan).is_empty());
+        assert!(probe_addrs(&addrs(&["/ip4/192.168.1.5/tcp/1"]), unknown, &lan).is_empty());
+        // Loopback and memory: only from a node kept to this host.
+        let here = addrs(&["/ip4/127.0.0.1/tcp/1", "/memory/7"]);
+        assert!(probe_addrs(&here, unknown, &lan).is_empty());
+        assert_eq!(probe_addrs(&here, unknown, &local), here);
+        // Link-local never; DNS only from a peer that says it is public.
+        assert!(probe_addrs(&addrs(&["/ip4/169.254.1.1/tcp/1"]), unknown, &lan).is_empty());
+        let dns = addrs(&["/dns4/example.org/tcp/1"]);
+        assert!(probe_addrs(&dns, unknown, &lan).is_empty());
+        assert_eq!(probe_addrs(&dns, Reachability::Public, &lan), dns);
+        // Private peers and any relayed address: silence at the direct ones proves nothing.
+        assert!(probe_addrs(&global, Reachability::Private, &lan).is_empty());
+        let mut relayed = global.clone();
+        relayed.push("/ip4/8.8.4.4/tcp/1/p2p/12D3KooWRelay/p2p-circuit".into());
+        assert!(probe_addrs(&relayed, unknown, &lan).is_empty());
+    }
+}
