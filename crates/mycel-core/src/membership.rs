@@ -302,7 +302,7 @@ struct Entry {
     /// Its reputation score when it was last charged, and when, if that left it out of good
     /// standing (it decays as reputation does).
     bad_standing: Option<(f64, UnixMillis)>,
-    /// This node has been connected to it (probes try such peers before strangers).
+    /// This node dialled it and got through (probes try such peers before strangers).
     met: bool,
 }
 
@@ -640,11 +640,18 @@ impl Membership {
     pub fn on_connected(&mut self, peer: PeerId, now: UnixMillis) -> Option<Change> {
         let entry = self.entry(peer, now)?;
         entry.info.connected = true;
-        entry.met = true;
         entry.info.last_seen = now;
         entry.missed_pings = 0;
         entry.last_pong = now;
         set_alive(entry, peer, now)
+    }
+
+    /// This node dialled `peer` and got through (probes try such peers before strangers: a
+    /// stranger's key can connect to us, but cannot make us reach it where it is not).
+    pub fn on_dialled(&mut self, peer: PeerId) {
+        if let Some(entry) = self.peers.get_mut(&peer) {
+            entry.met = true;
+        }
     }
 
     /// The last connection to `peer` closed. The driver should probe it and report the outcome.
@@ -1183,7 +1190,11 @@ mod tests {
         table.on_disconnected(id(&bare), 0);
         table.on_connected(id(&connected), 0);
         table.on_connected(id(&met), 0);
+        table.on_dialled(id(&met));
         table.on_disconnected(id(&met), 1);
+        // Inbound only: still a stranger.
+        table.on_connected(id(&quiet), 0);
+        table.on_disconnected(id(&quiet), 1);
         table.on_connected(id(&failed), 0);
         table.on_ping_failure(id(&failed), 1);
         table.on_ping_failure(id(&failed), 2);

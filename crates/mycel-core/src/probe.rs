@@ -12,14 +12,15 @@
 //! What keeps it safe among hostile peers:
 //! - whom to probe comes only from this node's table and its seeded random source; a report
 //!   can raise the pace ([`Prober::alert`] takes no peer), never choose the target;
-//! - peers this node has been connected to are probed before strangers, so a flood of new
+//! - peers this node has dialled and reached are probed before strangers, so a flood of new
 //!   keys cannot crowd them out, and the pace, the probes in flight and the records kept are
-//!   all bounded;
+//!   all bounded; a counted report starts an alert at most once in five minutes;
 //! - a probe dials only what the peer itself signed, and only addresses this node can reach
 //!   directly ([`probe_addrs`]): a peer reachable only through a relay or a NAT is never
 //!   failed for silence at addresses it could not answer on;
-//! - a probe that could not run properly (this node stalled, its own limits refused the dial,
-//!   another peer answered) proves nothing and is retried later.
+//! - a probe that could not run properly (this node stalled, or heard from no peer at all
+//!   meanwhile, its own limits refused the dial, another peer answered) proves nothing and is
+//!   retried later.
 //!
 //! Pure: time and the random source are passed in.
 
@@ -57,6 +58,9 @@ pub struct ProbeConfig {
     pub stall_ms: u64,
     /// Per-peer records kept at most.
     pub max_tracked: usize,
+    /// A counted down report starts an alert at most this often (one live key could
+    /// otherwise keep every node that hears it in alert).
+    pub report_alert_every_ms: u64,
 }
 
 impl Default for ProbeConfig {
@@ -72,6 +76,7 @@ impl Default for ProbeConfig {
             deadline_ms: 15_000,
             stall_ms: 3_000,
             max_tracked: 4_096,
+            report_alert_every_ms: 300_000,
         }
     }
 }
@@ -84,7 +89,7 @@ pub struct Candidate<P> {
     /// The sequence number of its announcement held now (a newer one during the probe
     /// refutes its silence).
     pub seq: u64,
-    /// Whether this node has been connected to it.
+    /// Whether this node has dialled it and got through.
     pub met: bool,
     /// Where to dial it (from [`probe_addrs`]).
     pub addrs: Vec<String>,
@@ -126,7 +131,8 @@ struct Flight {
 #[derive(Debug, Clone, Copy)]
 struct Record {
     picked: UnixMillis,
-    retry: bool,
+    /// Probes in a row that proved nothing (each doubles the wait, up to the cooldown).
+    inconclusive: u32,
 }
 
 /// One probe's worth of [`Prober`]'s credit.
@@ -143,6 +149,11 @@ pub struct Prober<P> {
     last_step: Option<UnixMillis>,
     alert_since: UnixMillis,
     alert_until: UnixMillis,
+    /// When a counted down report last started an alert.
+    report_alert: Option<UnixMillis>,
+    /// When this node last heard from any peer (a pong, a new connection): silence counts
+    /// only while this node itself can hear (its own network may be down).
+    last_contact: Option<UnixMillis>,
 }
 
 impl<P: Eq + Hash + Clone> Prober<P> {
@@ -152,11 +163,32 @@ impl<P: Eq + Hash + Clone> Prober<P> {
             config,
             flights: HashMap::new(),
             records: HashMap::new(),
-            credit: TOKEN,
+            // Nothing to probe at start: a node that just started has met nobody yet.
+            credit: 0,
             last_step: None,
             alert_since: 0,
             alert_until: 0,
+            report_alert: None,
+            last_contact: None,
         }
+    }
+
+    /// A counted down report arrived: an alert, unless one report started one in the last
+    /// [`ProbeConfig::report_alert_every_ms`].
+    pub fn alert_on_report(&mut self, now: UnixMillis) {
+        let every = self.config.report_alert_every_ms;
+        if self
+            .report_alert
+            .is_none_or(|at| now.saturating_sub(at) >= every)
+        {
+            self.report_alert = Some(now);
+            self.alert(now);
+        }
+    }
+
+    /// This node heard from a peer (a ping answered, a connection established).
+    pub fn heard(&mut self, now: UnixMillis) {
+        self.last_contact = Some(now);
     }
 
     /// Something went wrong near this node (one of its own connections failed, or a counted
@@ -167,6 +199,8 @@ impl<P: Eq + Hash + Clone> Prober<P> {
         }
         if !self.alerted(now) {
             self.alert_since = now;
+            // An alert starts with a probe at once.
+            self.credit = self.credit.max(TOKEN);
         }
         self.alert_until = now.saturating_add(self.config.alert_ms);
     }
@@ -216,7 +250,9 @@ impl<P: Eq + Hash + Clone> Prober<P> {
             self.mark_retry(peer, now);
         }
         let interval = if self.alerted(now) {
-            self.config.alert_interval_ms
+            self.config
+                .alert_interval_ms
+                .min(self.config.quiet_interval_ms)
         } else {
             self.config.quiet_interval_ms
         }
@@ -271,13 +307,13 @@ impl<P: Eq + Hash + Clone> Prober<P> {
                     stalled: false,
                 },
             );
-            self.records.insert(
-                c.peer.clone(),
-                Record {
+            self.records
+                .entry(c.peer.clone())
+                .and_modify(|r| r.picked = now)
+                .or_insert(Record {
                     picked: now,
-                    retry: false,
-                },
-            );
+                    inconclusive: 0,
+                });
         }
         self.credit = self.credit.saturating_sub(picks.len() as u64 * TOKEN);
         self.prune(now);
@@ -295,19 +331,23 @@ impl<P: Eq + Hash + Clone> Prober<P> {
         if alerted && record.picked < self.alert_since {
             return true;
         }
-        let cooldown = if record.retry {
-            self.config.retry_ms
-        } else {
-            self.config.cooldown_ms
+        let cooldown = match record.inconclusive {
+            0 => self.config.cooldown_ms,
+            n => self
+                .config
+                .retry_ms
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(self.config.cooldown_ms),
         };
         now.saturating_sub(record.picked) >= cooldown
     }
 
-    /// The probe of `peer` proved nothing: it is due again [`ProbeConfig::retry_ms`] from now.
+    /// The probe of `peer` proved nothing: it is due again [`ProbeConfig::retry_ms`] from now,
+    /// twice that after a second such probe in a row, and so on up to the cooldown.
     fn mark_retry(&mut self, peer: &P, now: UnixMillis) {
         if let Some(record) = self.records.get_mut(peer) {
             record.picked = now;
-            record.retry = true;
+            record.inconclusive = record.inconclusive.saturating_add(1);
         }
     }
 
@@ -342,13 +382,21 @@ impl<P: Eq + Hash + Clone> Prober<P> {
         let flight = self.flights.remove(peer)?;
         // A node that did not run while it waited cannot blame the peer for the silence.
         let stalled = flight.stalled || self.stalled(now);
+        // Nor can a node that heard from nobody since the probe began (its own network may be
+        // what is down).
+        let deaf = self.last_contact.is_none_or(|at| at < flight.started);
         let verdict = match outcome {
             Outcome::Answered => Verdict::Answered,
-            Outcome::Unanswered if !stalled => Verdict::Unanswered { seq: flight.seq },
+            Outcome::Unanswered if !stalled && !deaf => Verdict::Unanswered { seq: flight.seq },
             Outcome::Unanswered | Outcome::Inconclusive => Verdict::Inconclusive,
         };
         if verdict == Verdict::Inconclusive {
             self.mark_retry(peer, now);
+        } else if let Some(record) = self.records.get_mut(peer) {
+            record.inconclusive = 0;
+        }
+        if verdict == Verdict::Answered {
+            self.heard(now);
         }
         Some(verdict)
     }
@@ -361,17 +409,23 @@ pub struct Vantage {
     pub subnets: Vec<IpAddr>,
     /// Every address this node listens on is on this host (loopback or in memory).
     pub local_only: bool,
+    /// This node has a non-loopback IPv4 address.
+    pub v4: bool,
+    /// This node has a non-loopback IPv6 address.
+    pub v6: bool,
 }
 
 impl Vantage {
     /// The vantage of a node with these addresses (multiaddr strings).
     pub fn of<'a>(own: impl IntoIterator<Item = &'a str>) -> Self {
         let mut subnets = Vec::new();
-        let mut local_only = true;
+        let (mut local_only, mut v4, mut v6) = (true, false, false);
         for addr in own {
             match parse(addr).host {
                 Host::Ip(ip) if !ip.is_loopback() && !ip.is_unspecified() => {
                     local_only = false;
+                    v4 |= ip.is_ipv4();
+                    v6 |= ip.is_ipv6();
                     let subnet = subnet_of(ip);
                     if !subnets.contains(&subnet) {
                         subnets.push(subnet);
@@ -384,22 +438,25 @@ impl Vantage {
         Self {
             subnets,
             local_only,
+            v4,
+            v6,
         }
     }
 }
 
-/// Addresses probed at most per peer: the swarm tries one at a time and each silent one costs
-/// a whole dial timeout.
-const MAX_PROBE_ADDRS: usize = 2;
-
-/// The addresses of a peer (as it announced them) that a probe from `vantage` may dial, stream
-/// transports first, at most two; none when silence there would prove nothing:
+/// The addresses of a peer (as it announced them) that a probe from `vantage` may dial: the
+/// best stream (TCP, memory) one and the best other (QUIC) one, global addresses before
+/// private ones; none when silence there would prove nothing:
 /// - a peer that announced it is private, or any relayed address, may be reachable only
 ///   through a relay;
-/// - a global IP is dialable from anywhere; a private one only from the same subnet (another
-///   network's 192.168.1.5 is somebody else); loopback and in-memory addresses only from a
-///   node kept to this host itself; a DNS name only when the peer says it is public;
+/// - a global IP is dialable from anywhere (of a family this node has); a private one only
+///   from the same subnet, and only when the peer has no global address (another network's
+///   192.168.1.5 or 172.17.0.2 is somebody else); loopback and in-memory addresses only from
+///   a node kept to this host itself; a DNS name only when the peer says it is public;
 ///   link-local never.
+///
+/// A firewall may drop one transport and not the other: with one address of each, silence
+/// must be on both.
 pub fn probe_addrs(addrs: &[String], reachability: Reachability, vantage: &Vantage) -> Vec<String> {
     if reachability == Reachability::Private {
         return Vec::new();
@@ -408,26 +465,33 @@ pub fn probe_addrs(addrs: &[String], reachability: Reachability, vantage: &Vanta
     if parsed.iter().any(|(_, p)| p.relayed) {
         return Vec::new();
     }
-    let mut usable: Vec<(&String, bool)> = parsed
+    // (address, rank: 0 reachable from anywhere it can go, 1 only as a neighbour, stream)
+    let family = |ip: IpAddr| if ip.is_ipv4() { vantage.v4 } else { vantage.v6 };
+    let mut usable: Vec<(&String, u8, bool)> = parsed
         .into_iter()
-        .filter(|(_, p)| match p.host {
-            Host::Ip(ip) if ip.is_loopback() => vantage.local_only,
-            Host::Ip(ip) if link_local(ip) || ip.is_unspecified() => false,
-            Host::Ip(ip) if is_global_ip(ip) => true,
-            Host::Ip(ip) => vantage.subnets.contains(&subnet_of(ip)),
-            Host::Memory => vantage.local_only,
-            Host::Dns => reachability == Reachability::Public,
-            Host::Other => false,
+        .filter_map(|(a, p)| {
+            let rank = match p.host {
+                Host::Ip(ip) if ip.is_loopback() => vantage.local_only.then_some(0),
+                Host::Ip(ip) if link_local(ip) || ip.is_unspecified() || !family(ip) => None,
+                Host::Ip(ip) if is_global_ip(ip) => Some(0),
+                Host::Ip(ip) => vantage.subnets.contains(&subnet_of(ip)).then_some(1),
+                Host::Memory => vantage.local_only.then_some(0),
+                Host::Dns => (reachability == Reachability::Public).then_some(0),
+                Host::Other => None,
+            };
+            rank.map(|rank| (a, rank, p.stream))
         })
-        .map(|(a, p)| (a, p.stream))
         .collect();
-    if usable.iter().any(|(_, stream)| *stream) {
-        usable.retain(|(_, stream)| *stream);
+    if usable.iter().any(|(_, rank, _)| *rank == 0) {
+        usable.retain(|(_, rank, _)| *rank == 0);
     }
-    usable
+    usable.sort_by_key(|(_, rank, stream)| (*rank, !*stream));
+    let stream = usable.iter().find(|(.., s)| *s);
+    let other = usable.iter().find(|(.., s)| !*s);
+    stream
         .into_iter()
-        .take(MAX_PROBE_ADDRS)
-        .map(|(a, _)| a.clone())
+        .chain(other)
+        .map(|(a, ..)| (*a).clone())
         .collect()
 }
 
@@ -513,8 +577,8 @@ mod tests {
         };
         let picked = pick_all(7);
         assert_eq!(picked, pick_all(7), "the same seed replays the same probes");
-        // Quiet: one at start, then one per 10 s.
-        assert_eq!(picked.len(), 6, "{picked:?}");
+        // Quiet: one per 10 s.
+        assert_eq!(picked.len(), 5, "{picked:?}");
         // During an alert: two a second at most.
         let mut prober = Prober::new(ProbeConfig::default());
         let mut rng = StdRng::seed_from_u64(1);
@@ -593,9 +657,11 @@ mod tests {
         let mut prober = Prober::new(ProbeConfig::default());
         let mut rng = StdRng::seed_from_u64(6);
         assert_eq!(prober.settle(&1, Outcome::Unanswered, 0), None);
+        prober.alert(0);
         let (want, _) = prober.advance(0);
         let picks = prober.pick(0, want, candidates(1, true), &mut rng);
         assert_eq!(peers(&picks), vec![0]);
+        prober.heard(1_000);
         assert_eq!(
             prober.settle(&0, Outcome::Unanswered, 2_000),
             Some(Verdict::Unanswered { seq: 1 })
@@ -631,6 +697,57 @@ mod tests {
             prober.settle(&0, Outcome::Inconclusive, 20_100),
             Some(Verdict::Inconclusive)
         );
+        // A second one in a row: twice the wait.
+        let (want, _) = prober.advance(29_000);
+        assert!(prober
+            .pick(29_000, want, candidates(1, true), &mut rng)
+            .is_empty());
+        let (want, _) = prober.advance(30_200);
+        assert_eq!(
+            peers(&prober.pick(30_200, want, candidates(1, true), &mut rng)),
+            vec![0]
+        );
+    }
+
+    #[test]
+    fn silence_while_this_node_heard_from_nobody_proves_nothing() {
+        let mut prober = Prober::new(ProbeConfig::default());
+        let mut rng = StdRng::seed_from_u64(11);
+        prober.alert(0);
+        prober.heard(0);
+        for step in 0..=10 {
+            prober.advance(step * 500);
+        }
+        let picks = prober.pick(5_000, 2, candidates(2, true), &mut rng);
+        assert_eq!(picks.len(), 2);
+        // Heard from nobody since the probes began (this node's own network is down).
+        assert_eq!(
+            prober.settle(&picks[0].peer, Outcome::Unanswered, 5_500),
+            Some(Verdict::Inconclusive)
+        );
+        prober.heard(5_600);
+        assert_eq!(
+            prober.settle(&picks[1].peer, Outcome::Unanswered, 5_700),
+            Some(Verdict::Unanswered { seq: 1 })
+        );
+    }
+
+    #[test]
+    fn a_counted_report_starts_an_alert_at_most_every_five_minutes() {
+        let mut prober = Prober::<u32>::new(ProbeConfig::default());
+        prober.alert_on_report(1_000);
+        assert!(prober.alerted(30_000));
+        assert!(!prober.alerted(31_000));
+        prober.alert_on_report(100_000);
+        assert!(
+            !prober.alerted(100_001),
+            "a report within 5 min of the last one"
+        );
+        prober.alert_on_report(301_000);
+        assert!(prober.alerted(301_001));
+        // Local evidence always alerts.
+        prober.alert(400_000);
+        assert!(prober.alerted(400_001));
     }
 
     #[test]
@@ -638,9 +755,11 @@ mod tests {
         for through_step in [true, false] {
             let mut prober = Prober::new(ProbeConfig::default());
             let mut rng = StdRng::seed_from_u64(9);
+            prober.alert(0);
             let (want, _) = prober.advance(0);
             assert_eq!(prober.pick(0, want, candidates(1, true), &mut rng).len(), 1);
             prober.advance(1_000);
+            prober.heard(4_999);
             // The node did not run for 4 s (the steps are 1 s apart otherwise).
             if through_step {
                 prober.advance(5_000);
@@ -690,29 +809,42 @@ mod tests {
     fn only_addresses_dialable_from_here_are_probed() {
         let lan = Vantage::of(["/ip4/10.1.2.3/tcp/4001", "/ip4/127.0.0.1/tcp/4001"]);
         let local = Vantage::of(["/ip4/127.0.0.1/tcp/4001", "/memory/5"]);
-        assert!(local.local_only && !lan.local_only);
+        let dual = Vantage::of(["/ip4/10.1.2.3/tcp/4001", "/ip6/2001:db8::3/tcp/4001"]);
+        assert!(local.local_only && !lan.local_only && lan.v4 && !lan.v6 && dual.v6);
         let addrs = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
         let unknown = Reachability::Unknown;
-        // Global: from anywhere, stream transports first, at most two.
+        // Global: the best stream address and the best other one, of a family this node has.
         let global = addrs(&[
+            "/ip6/2001:4860::1/tcp/1",
             "/ip4/8.8.8.8/udp/1/quic-v1",
             "/ip4/8.8.8.8/tcp/1",
-            "/ip6/2001:4860::1/tcp/1",
             "/ip4/9.9.9.9/tcp/1",
         ]);
         assert_eq!(
             probe_addrs(&global, unknown, &lan),
-            addrs(&["/ip4/8.8.8.8/tcp/1", "/ip6/2001:4860::1/tcp/1"])
+            addrs(&["/ip4/8.8.8.8/tcp/1", "/ip4/8.8.8.8/udp/1/quic-v1"])
         );
-        // Private: only from the same /24.
+        assert_eq!(
+            probe_addrs(&global, unknown, &dual),
+            addrs(&["/ip6/2001:4860::1/tcp/1", "/ip4/8.8.8.8/udp/1/quic-v1"])
+        );
+        // Private: only from the same /24, and only when the peer has no global address.
         let same = addrs(&["/ip4/10.1.2.9/tcp/1"]);
         assert_eq!(probe_addrs(&same, unknown, &lan), same);
+        let both = addrs(&["/ip4/10.1.2.9/tcp/1", "/ip4/8.8.8.8/tcp/1"]);
+        assert_eq!(
+            probe_addrs(&both, unknown, &lan),
+            addrs(&["/ip4/8.8.8.8/tcp/1"])
+        );
         assert!(probe_addrs(&addrs(&["/ip4/10.1.3.9/tcp/1"]), unknown, &lan).is_empty());
         assert!(probe_addrs(&addrs(&["/ip4/192.168.1.5/tcp/1"]), unknown, &lan).is_empty());
         // Loopback and memory: only from a node kept to this host.
         let here = addrs(&["/ip4/127.0.0.1/tcp/1", "/memory/7"]);
         assert!(probe_addrs(&here, unknown, &lan).is_empty());
-        assert_eq!(probe_addrs(&here, unknown, &local), here);
+        assert_eq!(
+            probe_addrs(&here, unknown, &local),
+            addrs(&["/ip4/127.0.0.1/tcp/1"])
+        );
         // Link-local never; DNS only from a peer that says it is public.
         assert!(probe_addrs(&addrs(&["/ip4/169.254.1.1/tcp/1"]), unknown, &lan).is_empty());
         let dns = addrs(&["/dns4/example.org/tcp/1"]);

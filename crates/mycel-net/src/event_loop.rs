@@ -645,8 +645,8 @@ impl EventLoop {
             }
             Ok(Accepted::Down { change }) => {
                 // A report that counts says something went wrong somewhere: probe faster
-                // (whom to probe stays this node's own pick).
-                self.prober.alert(now_ms());
+                // (whom to probe stays this node's own pick; one report in 5 minutes does).
+                self.prober.alert_on_report(now_ms());
                 if let Some(change) = change {
                     self.on_change(change);
                 }
@@ -873,6 +873,12 @@ impl EventLoop {
                 !self.swarm.is_connected(&c.peer)
                     && !self.probing.contains(&c.peer)
                     && !self.reputation.is_banned(&c.peer, now)
+            })
+            .filter_map(|mut c| {
+                // An address that does not parse would make a dial with none (inconclusive,
+                // and retried sooner).
+                c.addrs.retain(|a| a.parse::<Multiaddr>().is_ok());
+                (!c.addrs.is_empty()).then_some(c)
             })
             .collect();
         for candidate in self.prober.pick(now, want, candidates, &mut self.rng) {
@@ -1596,6 +1602,7 @@ impl EventLoop {
                 self.revival.revived(&peer_id);
                 // A probe is answered by any connection to its peer, whichever way it came.
                 let probe = self.probe_dials.remove(&connection_id).is_some();
+                self.prober.heard(now);
                 self.settle_probe(peer_id, Outcome::Answered, now);
                 let over_share = self
                     .swarm
@@ -1643,6 +1650,9 @@ impl EventLoop {
                     }
                     if let Some(change) = self.membership.on_connected(peer_id, now) {
                         self.on_change(change);
+                    }
+                    if endpoint.is_dialer() {
+                        self.membership.on_dialled(peer_id);
                     }
                     if probe
                         && !self.parting.contains_key(&peer_id)
@@ -1866,9 +1876,11 @@ impl EventLoop {
     fn on_ping(&mut self, event: ping::Event) {
         let now = now_ms();
         let change = match event.result {
-            Ok(rtt) => self
-                .membership
-                .on_ping_ok(event.peer, rtt.as_micros() as u64, now),
+            Ok(rtt) => {
+                self.prober.heard(now);
+                self.membership
+                    .on_ping_ok(event.peer, rtt.as_micros() as u64, now)
+            }
             Err(e) => {
                 debug!(peer = %event.peer, "ping failed: {e}");
                 self.membership.on_ping_failure(event.peer, now)
@@ -2138,15 +2150,20 @@ fn nobody_listens(error: &DialError) -> bool {
 }
 
 /// What a failed probe dial says about its peer: unanswered only when every address refused
-/// it outright or let it time out (the same silence a missed ping is). Anything else (our own
-/// limits, another peer answering, a reset or a broken handshake, which a peer at its cap
-/// causes too) proves nothing.
+/// it (a connection refused, an in-memory address nobody listens on) or let it time out (the
+/// same silence a missed ping is). Anything else (our own limits, another peer answering, a
+/// reset or a broken handshake, which a peer at its cap causes too, an unreachable network or
+/// host, which may be this node's own network) proves nothing.
 fn probe_outcome(error: &DialError) -> Outcome {
     let DialError::Transport(attempts) = error else {
         return Outcome::Inconclusive;
     };
     let silent = |e: &TransportError<io::Error>| match e {
-        TransportError::Other(e) => refused_outright(e) || timed_out(e),
+        TransportError::Other(e) => {
+            error_shows(e, &[io::ErrorKind::ConnectionRefused], "ConnectionRefused")
+                || nobody_in_memory(e)
+                || timed_out(e)
+        }
         TransportError::MultiaddrNotSupported(_) => false,
     };
     if !attempts.is_empty() && attempts.iter().all(|(_, e)| silent(e)) {
@@ -2154,6 +2171,20 @@ fn probe_outcome(error: &DialError) -> Outcome {
     } else {
         Outcome::Inconclusive
     }
+}
+
+/// Whether a dial's I/O error is the memory transport's `Unreachable` (nobody listens at the
+/// address), found by its Debug name as a word of its own (not the tail of `HostUnreachable`
+/// or `NetworkUnreachable`).
+fn nobody_in_memory(error: &io::Error) -> bool {
+    let name = format!("{:?}", MemoryTransportError::Unreachable);
+    let debug = format!("{error:?}");
+    debug.match_indices(&name).any(|(at, _)| {
+        !debug[..at]
+            .chars()
+            .next_back()
+            .is_some_and(char::is_alphanumeric)
+    })
 }
 
 /// Whether a dial's I/O error is a timeout: an I/O one, or libp2p's
@@ -2286,12 +2317,7 @@ mod tests {
                 TransportTimeoutError::<io::Error>::Timeout,
             ))
         };
-        for kind in [
-            ConnectionRefused,
-            HostUnreachable,
-            NetworkUnreachable,
-            TimedOut,
-        ] {
+        for kind in [ConnectionRefused, TimedOut] {
             assert_eq!(probe(vec![boxed(kind)]), Outcome::Unanswered, "{kind:?}");
         }
         assert_eq!(probe(vec![timeout()]), Outcome::Unanswered);
@@ -2305,7 +2331,14 @@ mod tests {
             Outcome::Unanswered
         );
         // A reset or a broken handshake (a peer at its cap), our own refusals, another peer.
-        for kind in [ConnectionReset, PermissionDenied, UnexpectedEof, Other] {
+        for kind in [
+            ConnectionReset,
+            PermissionDenied,
+            UnexpectedEof,
+            Other,
+            HostUnreachable,
+            NetworkUnreachable,
+        ] {
             assert_eq!(probe(vec![boxed(kind)]), Outcome::Inconclusive, "{kind:?}");
         }
         assert_eq!(

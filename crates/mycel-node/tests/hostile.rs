@@ -160,9 +160,6 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
     }
 }
 
-/// A flood of genuine statements from one issuer, injected at two points of a network of
-/// honest nodes: the issuer pays for it (rate-limited, charged, banned) and the honest nodes
-/// that relayed it are charged nothing and stay connected to each other.
 /// A peer held alive on its announcement alone, whose address swallows connections and never
 /// speaks: the node's probe dials it, the dial times out, and the node fails it here only,
 /// for "unanswered", publishing nothing. One hostile report about it from a live peer (which
@@ -254,6 +251,9 @@ async fn a_silent_peer_is_failed_by_probes_only_where_they_went_unanswered() {
     }
 }
 
+/// A flood of genuine statements from one issuer, injected at two points of a network of
+/// honest nodes: the issuer pays for it (rate-limited, charged, banned) and the honest nodes
+/// that relayed it are charged nothing and stay connected to each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_not_to_honest_relays() {
     const FLOOD: u64 = 2_500;
