@@ -10,8 +10,10 @@
 //! toward anyone's quorum of down reports, and any later contact revives it.
 //!
 //! What keeps it safe among hostile peers:
-//! - whom to probe comes only from this node's table and its seeded random source; a report
-//!   can raise the pace ([`Prober::alert`] takes no peer), never choose the target;
+//! - whom to probe comes from this node's table and its seeded random source; a counted down
+//!   report may add one probe of the peer it names ([`Prober::suspect`], on a budget of one
+//!   a second), which can only ever fail that peer here; an alert (one of this node's own
+//!   connections went silent) raises the pace for a bounded number of probes;
 //! - peers this node has dialled and reached are probed before strangers, so a flood of new
 //!   keys cannot crowd them out, and the pace, the probes in flight and the records kept are
 //!   all bounded; a counted report starts an alert at most once in five minutes;
@@ -58,15 +60,17 @@ pub struct ProbeConfig {
     pub stall_ms: u64,
     /// Per-peer records kept at most.
     pub max_tracked: usize,
-    /// A counted down report starts an alert at most this often (one live key could
-    /// otherwise keep every node that hears it in alert).
-    pub report_alert_every_ms: u64,
+    /// Probes an alert may add before the pace falls back to quiet (an alert of every node
+    /// at once must not become a storm of handshakes in a large network).
+    pub alert_probes: usize,
+    /// One probe of a peer named by a counted down report per this long at most.
+    pub suspect_interval_ms: u64,
 }
 
 impl Default for ProbeConfig {
     fn default() -> Self {
         Self {
-            quiet_interval_ms: 10_000,
+            quiet_interval_ms: 60_000,
             alert_interval_ms: 500,
             alert_ms: 30_000,
             max_per_step: 2,
@@ -76,7 +80,8 @@ impl Default for ProbeConfig {
             deadline_ms: 15_000,
             stall_ms: 3_000,
             max_tracked: 4_096,
-            report_alert_every_ms: 300_000,
+            alert_probes: 24,
+            suspect_interval_ms: 1_000,
         }
     }
 }
@@ -138,6 +143,18 @@ struct Record {
 /// One probe's worth of [`Prober`]'s credit.
 const TOKEN: u64 = 1_000_000;
 
+/// Peers named by reports waiting for their probe, at most.
+const MAX_SUSPECTS: usize = 16;
+
+/// A peer named by a report is probed within this or not at all.
+pub const SUSPECT_TTL_MS: u64 = 10_000;
+
+/// `credit` plus what `elapsed` earns at one token per `interval`.
+fn earn(credit: u64, elapsed: u64, interval: u64) -> u64 {
+    let earned = u128::from(elapsed) * u128::from(TOKEN) / u128::from(interval.max(1));
+    credit.saturating_add(u64::try_from(earned).unwrap_or(u64::MAX))
+}
+
 /// Which alive, unconnected peers to probe and when. See the module docs.
 #[derive(Debug)]
 pub struct Prober<P> {
@@ -149,8 +166,12 @@ pub struct Prober<P> {
     last_step: Option<UnixMillis>,
     alert_since: UnixMillis,
     alert_until: UnixMillis,
-    /// When a counted down report last started an alert.
-    report_alert: Option<UnixMillis>,
+    /// Probes picked during the current alert.
+    alert_picks: usize,
+    /// Peers named by counted down reports, to probe once soon, and when they were named.
+    suspects: Vec<(P, UnixMillis)>,
+    /// Suspect probes that may start, in millionths.
+    suspect_credit: u64,
     /// When this node last heard from any peer (a pong, a new connection): silence counts
     /// only while this node itself can hear (its own network may be down).
     last_contact: Option<UnixMillis>,
@@ -168,22 +189,26 @@ impl<P: Eq + Hash + Clone> Prober<P> {
             last_step: None,
             alert_since: 0,
             alert_until: 0,
-            report_alert: None,
+            alert_picks: 0,
+            suspects: Vec::new(),
+            suspect_credit: TOKEN,
             last_contact: None,
         }
     }
 
-    /// A counted down report arrived: an alert, unless one report started one in the last
-    /// [`ProbeConfig::report_alert_every_ms`].
-    pub fn alert_on_report(&mut self, now: UnixMillis) {
-        let every = self.config.report_alert_every_ms;
-        if self
-            .report_alert
-            .is_none_or(|at| now.saturating_sub(at) >= every)
-        {
-            self.report_alert = Some(now);
-            self.alert(now);
+    /// A counted down report names `peer`: probe it once soon, if it is still held alive
+    /// without a connection by then (at most one such probe per
+    /// [`ProbeConfig::suspect_interval_ms`], a few waiting at most, none older than
+    /// [`SUSPECT_TTL_MS`]). A report may choose this target because an unanswered probe is
+    /// this node's view alone: it is published nowhere and counts toward no quorum.
+    pub fn suspect(&mut self, peer: P, now: UnixMillis) {
+        if self.config.max_in_flight == 0 || self.suspects.iter().any(|(p, _)| *p == peer) {
+            return;
         }
+        if self.suspects.len() >= MAX_SUSPECTS {
+            self.suspects.remove(0);
+        }
+        self.suspects.push((peer, now));
     }
 
     /// This node heard from a peer (a ping answered, a connection established).
@@ -199,6 +224,7 @@ impl<P: Eq + Hash + Clone> Prober<P> {
         }
         if !self.alerted(now) {
             self.alert_since = now;
+            self.alert_picks = 0;
             // An alert starts with a probe at once.
             self.credit = self.credit.max(TOKEN);
         }
@@ -249,25 +275,40 @@ impl<P: Eq + Hash + Clone> Prober<P> {
             self.flights.remove(peer);
             self.mark_retry(peer, now);
         }
-        let interval = if self.alerted(now) {
+        let interval = if self.fast(now) {
             self.config
                 .alert_interval_ms
                 .min(self.config.quiet_interval_ms)
         } else {
             self.config.quiet_interval_ms
-        }
-        .max(1);
-        if let Some(last) = self.last_step {
-            let earned =
-                u128::from(now.saturating_sub(last)) * u128::from(TOKEN) / u128::from(interval);
-            self.credit = self
-                .credit
-                .saturating_add(u64::try_from(earned).unwrap_or(u64::MAX));
-        }
-        self.credit = self.credit.min(self.config.max_per_step as u64 * TOKEN);
+        };
+        let elapsed = self.last_step.map_or(0, |last| now.saturating_sub(last));
+        let cap = self.config.max_per_step as u64 * TOKEN;
+        self.credit = earn(self.credit, elapsed, interval).min(cap);
+        self.suspect_credit = earn(
+            self.suspect_credit,
+            elapsed,
+            self.config.suspect_interval_ms,
+        )
+        .min(cap);
         self.last_step = Some(now);
+        self.suspects
+            .retain(|(_, at)| now.saturating_sub(*at) < SUSPECT_TTL_MS);
+        let suspects = if self.suspects.is_empty() {
+            0
+        } else {
+            self.suspect_credit / TOKEN
+        };
         let slots = self.config.max_in_flight.saturating_sub(self.flights.len());
-        (((self.credit / TOKEN) as usize).min(slots), expired)
+        (
+            ((self.credit / TOKEN + suspects) as usize).min(slots),
+            expired,
+        )
+    }
+
+    /// Whether probes go at the alert pace: during an alert, until it spent its probes.
+    fn fast(&self, now: UnixMillis) -> bool {
+        self.alerted(now) && self.alert_picks < self.config.alert_probes
     }
 
     /// Picks up to `want` (from [`Prober::advance`]) of `candidates` to probe now and records
@@ -284,20 +325,45 @@ impl<P: Eq + Hash + Clone> Prober<P> {
             return Vec::new();
         }
         let alerted = self.alerted(now);
+        let mut candidates: Vec<Candidate<P>> = candidates
+            .into_iter()
+            .filter(|c| !c.addrs.is_empty() && !self.flights.contains_key(&c.peer))
+            .collect();
+        // Peers named by reports first, whatever their cooldown, on their own budget.
+        let mut picks = Vec::new();
+        let suspects = std::mem::take(&mut self.suspects);
+        for (peer, at) in suspects {
+            let found = candidates.iter().position(|c| c.peer == peer);
+            match found {
+                Some(i) if picks.len() < want && self.suspect_credit >= TOKEN => {
+                    self.suspect_credit -= TOKEN;
+                    picks.push(candidates.swap_remove(i));
+                }
+                // Waits for the budget; gone from the candidates (connected, failed): done.
+                Some(_) => self.suspects.push((peer, at)),
+                None => {}
+            }
+        }
+        let regular = (want - picks.len()).min((self.credit / TOKEN) as usize);
         let (mut met, mut strangers): (Vec<_>, Vec<_>) = candidates
             .into_iter()
-            .filter(|c| !c.addrs.is_empty() && self.due(&c.peer, now, alerted))
+            .filter(|c| self.due(&c.peer, now, alerted))
             .partition(|c| c.met);
-        let mut picks = Vec::new();
+        let mut chosen = Vec::new();
         for tier in [&mut met, &mut strangers] {
             // A partial Fisher-Yates: the first `take` places hold a uniform sample.
-            let take = (want - picks.len()).min(tier.len());
+            let take = (regular - chosen.len()).min(tier.len());
             for i in 0..take {
                 let j = rng.gen_range(i..tier.len());
                 tier.swap(i, j);
             }
-            picks.extend(tier.drain(..take));
+            chosen.extend(tier.drain(..take));
         }
+        self.credit = self.credit.saturating_sub(chosen.len() as u64 * TOKEN);
+        if alerted {
+            self.alert_picks += chosen.len();
+        }
+        picks.extend(chosen);
         for c in &picks {
             self.flights.insert(
                 c.peer.clone(),
@@ -315,7 +381,6 @@ impl<P: Eq + Hash + Clone> Prober<P> {
                     inconclusive: 0,
                 });
         }
-        self.credit = self.credit.saturating_sub(picks.len() as u64 * TOKEN);
         self.prune(now);
         picks
     }
@@ -572,13 +637,19 @@ mod tests {
     #[test]
     fn picks_are_seeded_and_held_to_the_pace_and_the_slots() {
         let pick_all = |seed| {
-            let mut prober = Prober::new(ProbeConfig::default());
+            let mut prober = Prober::new(ProbeConfig {
+                quiet_interval_ms: 10_000,
+                ..Default::default()
+            });
             run(&mut prober, &mut StdRng::seed_from_u64(seed), 0, 60)
         };
         let picked = pick_all(7);
         assert_eq!(picked, pick_all(7), "the same seed replays the same probes");
         // Quiet: one per 10 s.
         assert_eq!(picked.len(), 5, "{picked:?}");
+        let mut prober = Prober::new(ProbeConfig::default());
+        let picked = run(&mut prober, &mut StdRng::seed_from_u64(7), 0, 130);
+        assert_eq!(picked.len(), 2, "one a minute by default");
         // During an alert: two a second at most.
         let mut prober = Prober::new(ProbeConfig::default());
         let mut rng = StdRng::seed_from_u64(1);
@@ -733,21 +804,61 @@ mod tests {
     }
 
     #[test]
-    fn a_counted_report_starts_an_alert_at_most_every_five_minutes() {
-        let mut prober = Prober::<u32>::new(ProbeConfig::default());
-        prober.alert_on_report(1_000);
-        assert!(prober.alerted(30_000));
-        assert!(!prober.alerted(31_000));
-        prober.alert_on_report(100_000);
+    fn a_peer_named_by_a_report_is_probed_once_soon_on_a_budget_of_its_own() {
+        let mut prober = Prober::new(ProbeConfig::default());
+        let mut rng = StdRng::seed_from_u64(12);
+        let all = candidates(20, true);
+        // Quiet, no credit yet: only the suspect goes, whatever its cooldown.
+        prober.suspect(7, 0);
+        let (want, _) = prober.advance(0);
+        assert_eq!(peers(&prober.pick(0, want, all.clone(), &mut rng)), vec![7]);
+        prober.settle(&7, Outcome::Answered, 100);
+        prober.suspect(7, 200);
+        let (want, _) = prober.advance(200);
         assert!(
-            !prober.alerted(100_001),
-            "a report within 5 min of the last one"
+            prober.pick(200, want, all.clone(), &mut rng).is_empty(),
+            "budget spent"
         );
-        prober.alert_on_report(301_000);
-        assert!(prober.alerted(301_001));
-        // Local evidence always alerts.
-        prober.alert(400_000);
-        assert!(prober.alerted(400_001));
+        let (want, _) = prober.advance(1_200);
+        assert_eq!(
+            peers(&prober.pick(1_200, want, all.clone(), &mut rng)),
+            vec![7]
+        );
+        // A flood of reports: one probe a second, the rest dropped or expired.
+        let mut picked = 0;
+        for step in 0..100u64 {
+            let now = 2_000 + step * 100;
+            prober.suspect((step % 20) as u32, now);
+            let (want, _) = prober.advance(now);
+            for c in prober.pick(now, want, all.clone(), &mut rng) {
+                prober.settle(&c.peer, Outcome::Answered, now);
+                picked += 1;
+            }
+        }
+        assert!((9..=12).contains(&picked), "{picked}");
+        // A suspect no longer held alive without a connection is not probed.
+        let mut prober = Prober::new(ProbeConfig::default());
+        prober.suspect(99, 0);
+        let (want, _) = prober.advance(0);
+        assert!(prober.pick(0, want, all, &mut rng).is_empty());
+    }
+
+    #[test]
+    fn an_alert_spends_a_bounded_number_of_probes() {
+        let mut prober = Prober::new(ProbeConfig::default());
+        let mut rng = StdRng::seed_from_u64(13);
+        prober.alert(0);
+        let mut picked = 0;
+        for step in 0..300u64 {
+            let now = step * 100;
+            let (want, _) = prober.advance(now);
+            for c in prober.pick(now, want, candidates(200, false), &mut rng) {
+                prober.settle(&c.peer, Outcome::Answered, now);
+                picked += 1;
+            }
+        }
+        // 24 at two a second, then the quiet pace for the rest of the 30 s alert.
+        assert!((24..=27).contains(&picked), "{picked}");
     }
 
     #[test]

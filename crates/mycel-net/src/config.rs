@@ -51,7 +51,10 @@ pub struct Timing {
     /// this long: a newcomer needs time to sync and to find other peers through this one.
     pub connection_grace: Duration,
     /// One probe of a peer held alive without a connection (a dial to the addresses it
-    /// announced; unanswered, it is failed here) per this long while nothing is wrong.
+    /// announced; unanswered, it is failed here) per this long while nothing is wrong. Each
+    /// costs both ends a handshake, and one node probing at random finds a given peer only
+    /// after about half its table's worth of intervals: what finds failures is the probing
+    /// after an alert and of peers named by reports, so the quiet pace stays slow.
     pub probe_interval: Duration,
     /// One probe per this long for a while after one of this node's connections failed or a
     /// down report counted.
@@ -75,7 +78,7 @@ impl Default for Timing {
             idle_connection_timeout: Duration::from_secs(60),
             gossip_heartbeat: Duration::from_secs(1),
             connection_grace: Duration::from_millis(mycel_core::peering::SHED_GRACE_MS),
-            probe_interval: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(60),
             probe_alert_interval: Duration::from_millis(500),
             probe_cooldown: Duration::from_secs(30),
         }

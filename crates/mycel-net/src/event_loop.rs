@@ -594,9 +594,9 @@ impl EventLoop {
                 if reason.warrants_report() {
                     self.publish_down_report(peer);
                 }
-                // Something went wrong nearby: look at the peers held alive without a
-                // connection sooner (expiry and probes themselves do not keep it going).
-                if !matches!(reason, FailReason::Expired | FailReason::Unanswered) {
+                // One of this node's own connections went silent (a partition, a machine
+                // gone): look at the peers held alive without a connection sooner.
+                if reason == FailReason::MissedPings {
                     self.prober.alert(now_ms());
                 }
                 if reason == FailReason::MissedPings {
@@ -644,9 +644,13 @@ impl EventLoop {
                 gossipsub::MessageAcceptance::Accept
             }
             Ok(Accepted::Down { change }) => {
-                // A report that counts says something went wrong somewhere: probe faster
-                // (whom to probe stays this node's own pick; one report in 5 minutes does).
-                self.prober.alert_on_report(now_ms());
+                // A report that counts names a peer: probe it once soon if this node holds it
+                // alive without a connection (the answer is this node's view alone).
+                if let Ok(claimed) = signed.peek() {
+                    if let Statement::Down(report) = claimed.statement {
+                        self.prober.suspect(report.subject, now);
+                    }
+                }
                 if let Some(change) = change {
                     self.on_change(change);
                 }
