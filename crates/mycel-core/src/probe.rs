@@ -16,7 +16,7 @@
 //!   connections went silent) raises the pace for a bounded number of probes;
 //! - peers this node has dialled and reached are probed before strangers, so a flood of new
 //!   keys cannot crowd them out, and the pace, the probes in flight and the records kept are
-//!   all bounded; a counted report starts an alert at most once in five minutes;
+//!   all bounded;
 //! - a probe dials only what the peer itself signed, and only addresses this node can reach
 //!   directly ([`probe_addrs`]): a peer reachable only through a relay or a NAT is never
 //!   failed for silence at addresses it could not answer on;
@@ -105,7 +105,9 @@ pub struct Candidate<P> {
 pub enum Outcome {
     /// A connection to the peer was established.
     Answered,
-    /// Every address tried refused the dial outright or let it time out.
+    /// Every address tried refused the dial outright: the path works, nobody listens.
+    Refused,
+    /// Every address tried refused the dial or let it time out, some timed out.
     Unanswered,
     /// Anything else: this node's own limits, another peer answering, a reset.
     Inconclusive,
@@ -216,8 +218,8 @@ impl<P: Eq + Hash + Clone> Prober<P> {
         self.last_contact = Some(now);
     }
 
-    /// Something went wrong near this node (one of its own connections failed, or a counted
-    /// down report arrived): probe faster for a while. It names no peer on purpose.
+    /// One of this node's own connections went silent (a partition, a machine gone): probe
+    /// faster, for at most [`ProbeConfig::alert_probes`] probes. It names no peer.
     pub fn alert(&mut self, now: UnixMillis) {
         if self.config.max_in_flight == 0 {
             return;
@@ -339,9 +341,9 @@ impl<P: Eq + Hash + Clone> Prober<P> {
                     self.suspect_credit -= TOKEN;
                     picks.push(candidates.swap_remove(i));
                 }
-                // Waits for the budget; gone from the candidates (connected, failed): done.
-                Some(_) => self.suspects.push((peer, at)),
-                None => {}
+                // Waits for the budget, or until the peer is a candidate again (the driver
+                // leaves out peers it is dialling anyway), at most until its time is up.
+                _ => self.suspects.push((peer, at)),
             }
         }
         let regular = (want - picks.len()).min((self.credit / TOKEN) as usize);
@@ -450,10 +452,12 @@ impl<P: Eq + Hash + Clone> Prober<P> {
         // Nor can a node that heard from nobody since the probe began (its own network may be
         // what is down).
         let deaf = self.last_contact.is_none_or(|at| at < flight.started);
+        // (A refusal is an answer from the peer's host: it proves the path works.)
         let verdict = match outcome {
             Outcome::Answered => Verdict::Answered,
+            Outcome::Refused if !stalled => Verdict::Unanswered { seq: flight.seq },
             Outcome::Unanswered if !stalled && !deaf => Verdict::Unanswered { seq: flight.seq },
-            Outcome::Unanswered | Outcome::Inconclusive => Verdict::Inconclusive,
+            Outcome::Refused | Outcome::Unanswered | Outcome::Inconclusive => Verdict::Inconclusive,
         };
         if verdict == Verdict::Inconclusive {
             self.mark_retry(peer, now);
@@ -791,7 +795,7 @@ mod tests {
         }
         let picks = prober.pick(5_000, 2, candidates(2, true), &mut rng);
         assert_eq!(picks.len(), 2);
-        // Heard from nobody since the probes began (this node's own network is down).
+        // Heard from nobody since the probes began (this node's own network is down)...
         assert_eq!(
             prober.settle(&picks[0].peer, Outcome::Unanswered, 5_500),
             Some(Verdict::Inconclusive)
@@ -799,6 +803,15 @@ mod tests {
         prober.heard(5_600);
         assert_eq!(
             prober.settle(&picks[1].peer, Outcome::Unanswered, 5_700),
+            Some(Verdict::Unanswered { seq: 1 })
+        );
+        // Heard from nobody since this one began either, but a refusal is the peer's host
+        // answering: nobody listens there.
+        let (want, _) = prober.advance(6_500);
+        let picks = prober.pick(6_500, want, candidates(3, true), &mut rng);
+        assert_eq!(peers(&picks), vec![2]);
+        assert_eq!(
+            prober.settle(&2, Outcome::Refused, 6_510),
             Some(Verdict::Unanswered { seq: 1 })
         );
     }
@@ -836,11 +849,23 @@ mod tests {
             }
         }
         assert!((9..=12).contains(&picked), "{picked}");
-        // A suspect no longer held alive without a connection is not probed.
+        // A suspect that is no candidate (connected, failed) is not probed; if it becomes one
+        // within 10 s it is, after that it is forgotten.
         let mut prober = Prober::new(ProbeConfig::default());
         prober.suspect(99, 0);
         let (want, _) = prober.advance(0);
-        assert!(prober.pick(0, want, all, &mut rng).is_empty());
+        assert!(prober.pick(0, want, all.clone(), &mut rng).is_empty());
+        let mut more = all.clone();
+        more.extend(candidates(100, true).into_iter().filter(|c| c.peer == 99));
+        let (want, _) = prober.advance(5_000);
+        assert_eq!(
+            peers(&prober.pick(5_000, want, more.clone(), &mut rng)),
+            vec![99]
+        );
+        prober.settle(&99, Outcome::Answered, 5_100);
+        prober.suspect(99, 6_000);
+        let (want, _) = prober.advance(16_000);
+        assert!(!peers(&prober.pick(16_000, want, more, &mut rng)).contains(&99));
     }
 
     #[test]

@@ -56,8 +56,8 @@ pub struct Timing {
     /// after about half its table's worth of intervals: what finds failures is the probing
     /// after an alert and of peers named by reports, so the quiet pace stays slow.
     pub probe_interval: Duration,
-    /// One probe per this long for a while after one of this node's connections failed or a
-    /// down report counted.
+    /// One probe per this long, for a bounded number of probes, after one of this node's
+    /// connections went silent.
     pub probe_alert_interval: Duration,
     /// A peer is not probed again within this.
     pub probe_cooldown: Duration,

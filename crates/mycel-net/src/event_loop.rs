@@ -645,10 +645,17 @@ impl EventLoop {
             }
             Ok(Accepted::Down { change }) => {
                 // A report that counts names a peer: probe it once soon if this node holds it
-                // alive without a connection (the answer is this node's view alone).
+                // alive without a connection (the answer is this node's view alone). Only
+                // from a reporter this node is connected to: one report must not make every
+                // node of the network dial its subject at once.
                 if let Ok(claimed) = signed.peek() {
                     if let Statement::Down(report) = claimed.statement {
-                        self.prober.suspect(report.subject, now);
+                        let held = self.membership.get(&report.subject).is_some_and(|p| {
+                            p.state == membership::PeerState::Alive && !p.connected
+                        });
+                        if held && self.swarm.is_connected(&claimed.issuer) {
+                            self.prober.suspect(report.subject, now);
+                        }
                     }
                 }
                 if let Some(change) = change {
@@ -2162,18 +2169,23 @@ fn probe_outcome(error: &DialError) -> Outcome {
     let DialError::Transport(attempts) = error else {
         return Outcome::Inconclusive;
     };
-    let silent = |e: &TransportError<io::Error>| match e {
+    let refused = |e: &TransportError<io::Error>| match e {
         TransportError::Other(e) => {
             error_shows(e, &[io::ErrorKind::ConnectionRefused], "ConnectionRefused")
                 || nobody_in_memory(e)
-                || timed_out(e)
         }
         TransportError::MultiaddrNotSupported(_) => false,
     };
-    if !attempts.is_empty() && attempts.iter().all(|(_, e)| silent(e)) {
-        Outcome::Unanswered
-    } else {
+    let silent = |e: &TransportError<io::Error>| match e {
+        TransportError::Other(inner) => refused(e) || timed_out(inner),
+        TransportError::MultiaddrNotSupported(_) => false,
+    };
+    if attempts.is_empty() || !attempts.iter().all(|(_, e)| silent(e)) {
         Outcome::Inconclusive
+    } else if attempts.iter().all(|(_, e)| refused(e)) {
+        Outcome::Refused
+    } else {
+        Outcome::Unanswered
     }
 }
 
@@ -2321,15 +2333,11 @@ mod tests {
                 TransportTimeoutError::<io::Error>::Timeout,
             ))
         };
-        for kind in [ConnectionRefused, TimedOut] {
-            assert_eq!(probe(vec![boxed(kind)]), Outcome::Unanswered, "{kind:?}");
-        }
+        assert_eq!(probe(vec![boxed(ConnectionRefused)]), Outcome::Refused);
+        assert_eq!(probe(vec![boxed(TimedOut)]), Outcome::Unanswered);
         assert_eq!(probe(vec![timeout()]), Outcome::Unanswered);
         let memory = io::Error::other(MemoryTransportError::Unreachable);
-        assert_eq!(
-            probe(vec![TransportError::Other(memory)]),
-            Outcome::Unanswered
-        );
+        assert_eq!(probe(vec![TransportError::Other(memory)]), Outcome::Refused);
         assert_eq!(
             probe(vec![boxed(ConnectionRefused), timeout()]),
             Outcome::Unanswered

@@ -200,7 +200,7 @@ async fn a_silent_peer_is_failed_by_probes_only_where_they_went_unanswered() {
         || async {
             // Republished until it takes: gossip needs the mesh first.
             let _ = attacker.net.publish_raw(told.to_bytes()).await;
-            // (The node may have probed it already: it holds the announcement either way.)
+            // (The node holds the announcement: a probe may already be under way.)
             let at_node = node.net.peer(ghost_id).await.unwrap();
             let at_observer = observer.net.peer(ghost_id).await.unwrap();
             at_node.is_some_and(|p| p.seq == 1)
