@@ -103,14 +103,13 @@ pub(crate) struct StrangerDial(PeerId);
 /// `event_loop::refused_outright` explains), or the network is unreachable (a partition, not
 /// a lie about the address).
 fn says_nothing(error: &std::io::Error) -> bool {
-    use libp2p::core::transport::timeout::TransportTimeoutError;
-    const KINDS: [std::io::ErrorKind; 3] = [
-        std::io::ErrorKind::TimedOut,
-        std::io::ErrorKind::HostUnreachable,
-        std::io::ErrorKind::NetworkUnreachable,
-    ];
-    let timeout = format!("{:?}", TransportTimeoutError::<std::io::Error>::Timeout);
-    crate::event_loop::error_shows(error, &KINDS, &timeout)
+    use std::io::ErrorKind::{HostUnreachable, NetworkUnreachable};
+    crate::event_loop::timed_out(error)
+        || crate::event_loop::error_shows(
+            error,
+            &[HostUnreachable, NetworkUnreachable],
+            "NetworkUnreachable",
+        )
 }
 
 /// The IP an inbound connection comes from, unless it is relayed (then the address is the

@@ -2205,7 +2205,7 @@ fn nobody_in_memory(error: &io::Error) -> bool {
 
 /// Whether a dial's I/O error is a timeout: an I/O one, or libp2p's
 /// `TransportTimeoutError::Timeout` (found by its Debug name, see [`refused_outright`]).
-fn timed_out(error: &io::Error) -> bool {
+pub(crate) fn timed_out(error: &io::Error) -> bool {
     use libp2p::core::transport::timeout::TransportTimeoutError;
     let timeout = format!("{:?}", TransportTimeoutError::<io::Error>::Timeout);
     error_shows(error, &[io::ErrorKind::TimedOut], &timeout)
