@@ -95,6 +95,10 @@ impl Default for Config {
 /// Most reporters remembered per subject (more than any quorum needs).
 const MAX_REPORTS: usize = 8;
 
+/// How long after accepting an announcement this node passes on gossip copies of it that
+/// arrive after it came by anti-entropy: well within gossipsub's duplicate cache (60 s).
+pub const RELAY_WINDOW_MS: u64 = 30_000;
+
 /// Issuers whose rate is tracked at once (full buckets are dropped first).
 const MAX_RATED_ISSUERS: usize = 4096;
 
@@ -345,6 +349,22 @@ impl Membership {
             last_refute: None,
             refute_pending: None,
         }
+    }
+
+    /// Whether `signed` is, byte for byte, the latest announcement held for its issuer,
+    /// received less than [`RELAY_WINDOW_MS`] ago. Gossip delivers such a copy after
+    /// anti-entropy brought the statement first; passing it on is what carries the statement
+    /// past this node (a copy refused as a duplicate goes no further). Only what this node
+    /// verified itself is passed on this way, and only while gossip's own duplicate cache
+    /// still holds the copy, so a replay later on is not spread again.
+    pub fn holds_fresh(&self, signed: &SignedStatement, now: UnixMillis) -> bool {
+        let Ok(claimed) = signed.peek() else {
+            return false;
+        };
+        self.peers.get(&claimed.issuer).is_some_and(|e| {
+            e.latest.as_ref() == Some(signed)
+                && now.saturating_sub(e.info.announced_at) < RELAY_WINDOW_MS
+        })
     }
 
     /// Records this node's own latest announcement (served to peers by anti-entropy).
@@ -984,6 +1004,38 @@ mod tests {
         assert_eq!(info.capabilities.as_ref().unwrap().hardware.cores, 1);
         assert_eq!(info.addrs, vec!["/ip4/127.0.0.1/tcp/1".to_owned()]);
         assert_eq!(table.counts(), (1, 1, 0));
+    }
+
+    #[test]
+    fn only_an_identical_copy_of_a_fresh_held_announcement_is_passed_on() {
+        let (_, mut table) = table();
+        let peer = Keypair::generate_ed25519();
+        let first = announce(&peer, 1, 100);
+        // Nothing held for a stranger: its copies are for `on_statement` to judge.
+        assert!(!table.holds_fresh(&first, 100));
+        table.on_statement(&first, 100).unwrap();
+        // The same bytes again (gossip after anti-entropy): a duplicate, passed on.
+        assert_eq!(
+            table.on_statement(&first, 200).unwrap(),
+            Accepted::Duplicate
+        );
+        assert!(table.holds_fresh(&first, 200));
+        // The same sequence number with another body (an issuer saying two things), or the
+        // held body under a signature that is not the issuer's: never passed on unchecked.
+        let other_body = announce(&peer, 1, 150);
+        assert_ne!(other_body, first);
+        assert!(!table.holds_fresh(&other_body, 200));
+        let mut forged = first.clone();
+        forged.signature[0] ^= 1;
+        assert!(!table.holds_fresh(&forged, 200));
+        // Long after it arrived, gossip's duplicate cache has let it go: a replay then is not
+        // spread again.
+        assert!(!table.holds_fresh(&first, 100 + RELAY_WINDOW_MS));
+        // Superseded: the older copy is no longer what is held.
+        let second = announce(&peer, 2, 300);
+        table.on_statement(&second, 300).unwrap();
+        assert!(!table.holds_fresh(&first, 300));
+        assert!(table.holds_fresh(&second, 300));
     }
 
     #[test]
