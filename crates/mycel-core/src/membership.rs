@@ -95,8 +95,10 @@ impl Default for Config {
 /// Most reporters remembered per subject (more than any quorum needs).
 const MAX_REPORTS: usize = 8;
 
-/// How long after accepting an announcement this node passes on gossip copies of it that
-/// arrive after it came by anti-entropy: well within gossipsub's duplicate cache (60 s).
+/// How long an announcement stays fresh for gossip: a copy of one held is passed on for this
+/// long after it was accepted ([`Membership::holds_fresh`]), and the driver passes one that
+/// anti-entropy brought on by gossip while it is younger than this. Well within gossipsub's
+/// duplicate cache (60 s), so that no statement goes round twice.
 pub const RELAY_WINDOW_MS: u64 = 30_000;
 
 /// Issuers whose rate is tracked at once (full buckets are dropped first).
@@ -358,10 +360,10 @@ impl Membership {
     /// verified itself is passed on this way, and only while gossip's own duplicate cache
     /// still holds the copy, so a replay later on is not spread again.
     pub fn holds_fresh(&self, signed: &SignedStatement, now: UnixMillis) -> bool {
-        let Ok(claimed) = signed.peek() else {
+        let Some(issuer) = signed.claimed_issuer() else {
             return false;
         };
-        self.peers.get(&claimed.issuer).is_some_and(|e| {
+        self.peers.get(&issuer).is_some_and(|e| {
             e.latest.as_ref() == Some(signed)
                 && now.saturating_sub(e.info.announced_at) < RELAY_WINDOW_MS
         })
@@ -468,11 +470,22 @@ impl Membership {
         signed: &SignedStatement,
         now: UnixMillis,
     ) -> Result<Accepted, Refusal> {
-        // Gossip and anti-entropy deliver the same announcement many times: settle duplicates
-        // from the claimed sequence number before paying for the signature check. An older
-        // one is checked: gossip and sync race, so an honest neighbour relays a genuine
-        // statement after a newer one now and then (`Replayed`, which costs nothing), while a
-        // forged one is a bad signature.
+        // Gossip and anti-entropy deliver the same announcement many times: a byte-for-byte
+        // copy of the one held (verified when it came) is settled without decoding anything.
+        if let Some(issuer) = signed.claimed_issuer() {
+            let held = if issuer == self.local {
+                self.own.as_ref().map(|(_, s)| s)
+            } else {
+                self.peers.get(&issuer).and_then(|e| e.latest.as_ref())
+            };
+            if held == Some(signed) {
+                return Ok(Accepted::Duplicate);
+            }
+        }
+        // Other duplicates are settled from the claimed sequence number before paying for
+        // the signature check. An older one is checked: gossip and sync race, so an honest
+        // neighbour relays a genuine statement after a newer one now and then (`Replayed`,
+        // which costs nothing), while a forged one is a bad signature.
         let claimed = signed.peek()?;
         if let Statement::Announce(a) = &claimed.statement {
             if let Some(entry) = self.peers.get(&claimed.issuer) {

@@ -333,6 +333,10 @@ impl std::fmt::Debug for SignedStatement {
     }
 }
 
+/// The longest protobuf key encoding a peer id holds as it is (libp2p's rule; an Ed25519
+/// key's is 36 bytes).
+const MAX_INLINE_KEY_LEN: usize = 42;
+
 /// A statement whose signature has been checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verified {
@@ -373,16 +377,30 @@ impl SignedStatement {
         wire::decode(bytes, MAX_STATEMENT_BYTES)
     }
 
-    /// Decodes the claimed issuer and body *without* checking the signature. Cheap; lets a
-    /// receiver drop statements it already has before paying for a signature check.
+    /// The issuer this statement claims, read from its key's bytes without decoding the key
+    /// (no curve arithmetic): an Ed25519 key's peer id holds the key's protobuf encoding
+    /// itself. `None` for a key too long to be held so. Unchecked: only [`Self::verify`]
+    /// proves it, and it accepts only the canonical encoding, so a statement that verifies
+    /// claims the issuer it proves.
+    pub fn claimed_issuer(&self) -> Option<PeerId> {
+        if self.public_key.len() > MAX_INLINE_KEY_LEN {
+            return None;
+        }
+        // The multihash of the identity function: code 0, the length, the bytes.
+        let mut id = Vec::with_capacity(2 + self.public_key.len());
+        id.push(0);
+        id.push(self.public_key.len() as u8);
+        id.extend_from_slice(&self.public_key);
+        PeerId::from_bytes(&id).ok()
+    }
+
+    /// Decodes the claimed issuer and body *without* checking the signature. Cheaper than
+    /// [`Self::verify`]; lets a receiver drop statements it already has before paying for a
+    /// signature check.
     pub fn peek(&self) -> Result<Verified, Rejection> {
-        let key = PublicKey::try_decode_protobuf(&self.public_key)
-            .map_err(|_| Rejection::BadSignature)?;
+        let issuer = self.claimed_issuer().ok_or(Rejection::BadSignature)?;
         let statement: Statement = wire::decode(&self.body, MAX_STATEMENT_BYTES)?;
-        Ok(Verified {
-            issuer: key.to_peer_id(),
-            statement,
-        })
+        Ok(Verified { issuer, statement })
     }
 
     /// Checks the signature and the validity window at `now`, and decodes the body.
@@ -392,6 +410,11 @@ impl SignedStatement {
         }
         let key = PublicKey::try_decode_protobuf(&self.public_key)
             .map_err(|_| Rejection::BadSignature)?;
+        // Another encoding of the same key would claim another issuer (see
+        // `claimed_issuer`): a statement names its issuer one way only.
+        if key.encode_protobuf() != self.public_key {
+            return Err(Rejection::BadSignature);
+        }
         if !key.verify(&signing_input(&self.body), &self.signature) {
             return Err(Rejection::BadSignature);
         }
@@ -456,6 +479,37 @@ mod tests {
             relay: false,
             operator: None,
         })
+    }
+
+    #[test]
+    fn the_claimed_issuer_is_read_without_decoding_and_only_the_canonical_key_verifies() {
+        let key = Keypair::generate_ed25519();
+        let signed = SignedStatement::sign(&key, &announce(1, 1_000));
+        assert_eq!(signed.claimed_issuer(), Some(key.public().to_peer_id()));
+        assert_eq!(signed.peek().unwrap().issuer, key.public().to_peer_id());
+        // The same key with its two protobuf fields swapped: it decodes to the same key, and
+        // the signature is over the body alone, but it would claim another issuer.
+        let canonical = &signed.public_key;
+        assert_eq!(canonical[..4], [0x08, 0x01, 0x12, 0x20]);
+        let mut swapped = canonical[2..].to_vec();
+        swapped.extend_from_slice(&canonical[..2]);
+        assert_eq!(
+            PublicKey::try_decode_protobuf(&swapped).unwrap(),
+            key.public()
+        );
+        let other = SignedStatement {
+            public_key: swapped,
+            ..signed.clone()
+        };
+        assert_ne!(other.claimed_issuer(), signed.claimed_issuer());
+        assert_eq!(other.verify(1_500), Err(Rejection::BadSignature));
+        // A key too long to be held in a peer id claims no issuer.
+        let long = SignedStatement {
+            public_key: vec![0; 43],
+            ..signed
+        };
+        assert_eq!(long.claimed_issuer(), None);
+        assert_eq!(long.peek(), Err(Rejection::BadSignature));
     }
 
     #[test]
