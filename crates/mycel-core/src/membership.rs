@@ -353,19 +353,23 @@ impl Membership {
         }
     }
 
-    /// Whether `signed` is, byte for byte, the latest announcement held for its issuer,
-    /// received less than [`RELAY_WINDOW_MS`] ago. Gossip delivers such a copy after
-    /// anti-entropy brought the statement first; passing it on is what carries the statement
-    /// past this node (a copy refused as a duplicate goes no further). Only what this node
-    /// verified itself is passed on this way, and only while gossip's own duplicate cache
-    /// still holds the copy, so a replay later on is not spread again.
-    pub fn holds_fresh(&self, signed: &SignedStatement, now: UnixMillis) -> bool {
+    /// Whether `data`, decoded as `signed`, is exactly the encoding of the latest
+    /// announcement held for its issuer, received less than [`RELAY_WINDOW_MS`] ago. Gossip
+    /// delivers such a copy after anti-entropy brought the statement first; passing it on is
+    /// what carries the statement past this node (a copy refused as a duplicate goes no
+    /// further). Only the one encoding of what this node verified itself is passed on, so
+    /// that variants of it (a byte appended, the fields reordered: each a new gossip message
+    /// that decodes the same) cannot make the network forward a statement over and over; and
+    /// only while gossip's duplicate cache still holds that copy, so a replay later on is
+    /// not spread again.
+    pub fn holds_fresh(&self, signed: &SignedStatement, data: &[u8], now: UnixMillis) -> bool {
         let Some(issuer) = signed.claimed_issuer() else {
             return false;
         };
         self.peers.get(&issuer).is_some_and(|e| {
             e.latest.as_ref() == Some(signed)
                 && now.saturating_sub(e.info.announced_at) < RELAY_WINDOW_MS
+                && signed.to_bytes() == data
         })
     }
 
@@ -470,8 +474,8 @@ impl Membership {
         signed: &SignedStatement,
         now: UnixMillis,
     ) -> Result<Accepted, Refusal> {
-        // Gossip and anti-entropy deliver the same announcement many times: a byte-for-byte
-        // copy of the one held (verified when it came) is settled without decoding anything.
+        // Gossip and anti-entropy deliver the same announcement many times: a copy of the one
+        // held (verified when it came) is settled without decoding it again.
         if let Some(issuer) = signed.claimed_issuer() {
             let held = if issuer == self.local {
                 self.own.as_ref().map(|(_, s)| s)
@@ -1020,35 +1024,43 @@ mod tests {
     }
 
     #[test]
-    fn only_an_identical_copy_of_a_fresh_held_announcement_is_passed_on() {
+    fn only_the_exact_copy_of_a_fresh_held_announcement_is_passed_on() {
         let (_, mut table) = table();
         let peer = Keypair::generate_ed25519();
         let first = announce(&peer, 1, 100);
+        let bytes = first.to_bytes();
         // Nothing held for a stranger: its copies are for `on_statement` to judge.
-        assert!(!table.holds_fresh(&first, 100));
-        table.on_statement(&first, 100).unwrap();
+        assert!(!table.holds_fresh(&first, &bytes, 100));
+        // Accepted (by anti-entropy, say) well after it was issued: freshness runs from here.
+        table.on_statement(&first, 4_000).unwrap();
         // The same bytes again (gossip after anti-entropy): a duplicate, passed on.
         assert_eq!(
-            table.on_statement(&first, 200).unwrap(),
+            table.on_statement(&first, 4_100).unwrap(),
             Accepted::Duplicate
         );
-        assert!(table.holds_fresh(&first, 200));
+        assert!(table.holds_fresh(&first, &bytes, 4_100));
+        assert!(table.holds_fresh(&first, &bytes, 4_000 + RELAY_WINDOW_MS - 1));
+        // A variant that decodes the same (a byte appended): a new gossip message each time,
+        // never passed on.
+        let mut padded = bytes.clone();
+        padded.push(0);
+        assert!(!table.holds_fresh(&first, &padded, 4_100));
         // The same sequence number with another body (an issuer saying two things), or the
         // held body under a signature that is not the issuer's: never passed on unchecked.
         let other_body = announce(&peer, 1, 150);
         assert_ne!(other_body, first);
-        assert!(!table.holds_fresh(&other_body, 200));
+        assert!(!table.holds_fresh(&other_body, &other_body.to_bytes(), 4_100));
         let mut forged = first.clone();
         forged.signature[0] ^= 1;
-        assert!(!table.holds_fresh(&forged, 200));
+        assert!(!table.holds_fresh(&forged, &forged.to_bytes(), 4_100));
         // Long after it arrived, gossip's duplicate cache has let it go: a replay then is not
         // spread again.
-        assert!(!table.holds_fresh(&first, 100 + RELAY_WINDOW_MS));
+        assert!(!table.holds_fresh(&first, &bytes, 4_000 + RELAY_WINDOW_MS));
         // Superseded: the older copy is no longer what is held.
-        let second = announce(&peer, 2, 300);
-        table.on_statement(&second, 300).unwrap();
-        assert!(!table.holds_fresh(&first, 300));
-        assert!(table.holds_fresh(&second, 300));
+        let second = announce(&peer, 2, 4_200);
+        table.on_statement(&second, 4_200).unwrap();
+        assert!(!table.holds_fresh(&first, &bytes, 4_200));
+        assert!(table.holds_fresh(&second, &second.to_bytes(), 4_200));
     }
 
     #[test]

@@ -52,6 +52,9 @@ const MAX_ADDRS_PER_PEER: usize = 8;
 const ISOLATED_SCORE: f64 = -1_000.0;
 /// Anti-entropy syncs in flight at once.
 const MAX_SYNCS_IN_FLIGHT: usize = 4;
+/// How far in the future an announcement's issue time may be and still count as young for
+/// [`EventLoop::pass_on_news`] (clocks differ a little).
+const PASS_ON_SKEW_MS: u64 = 5_000;
 /// Least time between two dials of a LAN peer found by mDNS.
 const LAN_DIAL_COOLDOWN: Duration = Duration::from_secs(3);
 /// Most LAN peers remembered.
@@ -554,13 +557,14 @@ impl EventLoop {
     }
 
     /// Passes an announcement that anti-entropy brought as news on by gossip too, while it is
-    /// young. Its issuer published it to the few peers in its mesh then, and gossipsub never
+    /// young. Its issuer published it to the few peers subscribed then, and gossipsub never
     /// sends a message to peers that join the mesh later: without this, such an announcement
     /// spreads only by syncs, one neighbour at a time (measured at 200 nodes joining at once:
     /// the slowest announcements took 8-10 s to reach everyone that way). It is news to a
-    /// node once, so each node passes it on at most once, and gossip's duplicate cache drops
-    /// the copies of nodes that had it; an old one is left to anti-entropy, which is how a
-    /// newcomer learns the network without flooding it.
+    /// node once, so each node publishes it at most once (to every subscribed peer, as
+    /// gossipsub publishes), and gossip's duplicate cache drops the copies of nodes that had
+    /// it; an old one is left to anti-entropy, which is how a newcomer learns the network
+    /// without flooding it.
     fn pass_on_news(&mut self, signed: &SignedStatement, now: u64) {
         let Ok(claimed) = signed.peek() else {
             return;
@@ -568,7 +572,12 @@ impl EventLoop {
         let Statement::Announce(announcement) = &claimed.statement else {
             return;
         };
-        if now.saturating_sub(announcement.issued_at) >= membership::RELAY_WINDOW_MS {
+        // Young by the issuer's clock, within a little skew: a date set in the future must
+        // not keep a statement young for longer.
+        let issued = announcement.issued_at;
+        if issued > now + PASS_ON_SKEW_MS
+            || now.saturating_sub(issued) >= membership::RELAY_WINDOW_MS
+        {
             return;
         }
         let bytes = signed.to_bytes();
@@ -638,10 +647,12 @@ impl EventLoop {
     }
 
     /// Applies a statement that arrived from `source`; returns the gossip verdict.
+    /// `gossip_copy` is the message as gossip delivered it, when it came by gossip.
     fn on_statement(
         &mut self,
         source: PeerId,
         signed: &SignedStatement,
+        gossip_copy: Option<&[u8]>,
     ) -> gossipsub::MessageAcceptance {
         let now = now_ms();
         let issuer = signed.claimed_issuer();
@@ -655,6 +666,17 @@ impl EventLoop {
             .and_then(|peer| self.membership.get(&peer))
             .map(|info| info.addrs.clone());
         match self.membership.on_statement(signed, now) {
+            // A gossip copy of what anti-entropy brought first is a duplicate here, but
+            // gossip must still pass it on: a copy ignored here goes no further, and nodes
+            // that sync on connecting would otherwise stop every early announcement one hop
+            // from its issuer (measured: two thirds of a 50-node join then arrived by sync
+            // alone). Only the exact bytes of what this node verified and holds, while fresh.
+            Ok(Accepted::Duplicate)
+                if gossip_copy
+                    .is_some_and(|data| self.membership.holds_fresh(signed, data, now)) =>
+            {
+                gossipsub::MessageAcceptance::Accept
+            }
             Ok(Accepted::Duplicate) => gossipsub::MessageAcceptance::Ignore,
             Ok(Accepted::Ignored) => {
                 self.metrics.reports_ignored.inc();
@@ -1951,19 +1973,9 @@ impl EventLoop {
                         gossipsub::MessageAcceptance::Ignore
                     }
                     Ok(()) => match SignedStatement::from_bytes(&message.data) {
-                        // A copy of what anti-entropy brought first is a duplicate to
-                        // membership, but gossip must still pass it on: a copy ignored here
-                        // goes no further, and nodes that sync on connecting would otherwise
-                        // stop every early announcement one hop from its issuer (measured:
-                        // two thirds of a 50-node join then arrived by sync alone).
-                        Ok(signed) => match self.on_statement(propagation_source, &signed) {
-                            gossipsub::MessageAcceptance::Ignore
-                                if self.membership.holds_fresh(&signed, now_ms()) =>
-                            {
-                                gossipsub::MessageAcceptance::Accept
-                            }
-                            verdict => verdict,
-                        },
+                        Ok(signed) => {
+                            self.on_statement(propagation_source, &signed, Some(&message.data))
+                        }
                         Err(reason) => {
                             self.reject(propagation_source, reason);
                             gossipsub::MessageAcceptance::Reject
@@ -2043,7 +2055,7 @@ impl EventLoop {
                                 if self.admit(peer).is_err() {
                                     break;
                                 }
-                                let news = self.on_statement(peer, signed)
+                                let news = self.on_statement(peer, signed, None)
                                     == gossipsub::MessageAcceptance::Accept;
                                 if news {
                                     self.pass_on_news(signed, now_ms());
@@ -2175,8 +2187,8 @@ impl EventLoop {
                     let stranger = signed
                         .claimed_issuer()
                         .filter(|issuer| self.membership.get(issuer).is_none());
-                    let accepted =
-                        self.on_statement(peer, signed) == gossipsub::MessageAcceptance::Accept;
+                    let accepted = self.on_statement(peer, signed, None)
+                        == gossipsub::MessageAcceptance::Accept;
                     if let (Some(stranger), true) = (stranger, accepted) {
                         self.referrals.referred(stranger, peer, now);
                     }

@@ -271,8 +271,7 @@ pub async fn spawn(
 
     let first_seq = seq_source(now_ms());
     let (command_tx, command_rx) = mpsc::channel(256);
-    // Room for a join's burst of addresses while the peer-book writer batches them.
-    let (event_tx, event_rx) = mpsc::channel(1024);
+    let (event_tx, event_rx) = mpsc::channel(256);
     let peer_id = *swarm.local_peer_id();
     let handle = NetHandle {
         commands: command_tx,

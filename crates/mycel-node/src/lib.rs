@@ -467,9 +467,6 @@ impl Node {
     }
 }
 
-/// How long the peer-book writer collects addresses before writing them.
-const PEER_BOOK_BATCH: Duration = Duration::from_secs(1);
-
 /// Writes the addresses peers tell us about to the peer book, in batches.
 async fn persist_peers(store: Arc<Store>, mut events: tokio::sync::mpsc::Receiver<NetEvent>) {
     while let Some(event) = events.recv().await {
@@ -482,12 +479,6 @@ async fn persist_peers(store: Arc<Store>, mut events: tokio::sync::mpsc::Receive
             }),
         };
         push(event);
-        // A join learns the addresses of the whole network within seconds: collecting for a
-        // moment makes the burst a few disk writes instead of one (with its fsync) per peer.
-        // Measured: 200 nodes joining in one process spent several percent of their CPU in
-        // these fsyncs. The book is a hint for the next start; a second of it lost to a crash
-        // costs nothing the bootstrap list does not give back.
-        tokio::time::sleep(PEER_BOOK_BATCH).await;
         while let Ok(event) = events.try_recv() {
             push(event);
         }
