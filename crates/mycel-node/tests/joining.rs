@@ -314,3 +314,44 @@ async fn a_peer_that_refers_strangers_who_are_not_there_pays_for_each_and_is_ban
         "the honest peer was not charged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_book_holds_the_peers_a_join_taught_after_a_clean_shutdown() {
+    let root = tempfile::tempdir().unwrap();
+    let hub = Node::start(local_config(&root.path().join("hub"), Vec::new(), false))
+        .await
+        .unwrap();
+    let node = join(root.path(), "node", &hub).await;
+    wait_until(Duration::from_secs(20), "the node saw the hub", || async {
+        sees_alive(&node, &hub).await
+    })
+    .await;
+    // The writer batches a burst of addresses (at most one write a second): the newcomer's
+    // may still wait in the batch when the node shuts down, which writes it then.
+    let newcomer = join(root.path(), "newcomer", &hub).await;
+    wait_until(
+        Duration::from_secs(20),
+        "the node saw the newcomer",
+        || async { sees_alive(&node, &newcomer).await },
+    )
+    .await;
+    node.shutdown().await;
+    // The store closes once the node's aborted tasks have let it go.
+    let dir = root.path().join("node");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let store = loop {
+        match mycel_store::Store::open(&dir) {
+            Ok(store) => break store,
+            Err(e) if std::time::Instant::now() > deadline => panic!("the store stays open: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let book = store.peers().unwrap();
+    for (name, peer) in [("hub", &hub), ("newcomer", &newcomer)] {
+        assert!(
+            book.iter()
+                .any(|p| p.peer == peer.net.peer_id() && !p.addrs.is_empty()),
+            "the {name} is not in the peer book: {book:?}"
+        );
+    }
+}
