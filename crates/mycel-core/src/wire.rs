@@ -115,9 +115,16 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, Re
     if bytes.len() > max_len {
         return Err(Rejection::Oversized);
     }
-    ciborium::de::from_reader_with_recursion_limit(bytes, MAX_DEPTH)
+    let mut rest = bytes;
+    let value = ciborium::de::from_reader_with_recursion_limit(&mut rest, MAX_DEPTH)
         .map(|capped::Root(value)| value)
-        .map_err(|_| Rejection::Malformed)
+        .map_err(|_| Rejection::Malformed)?;
+    // One item, nothing after it: bytes appended to a valid message would make another
+    // message (another gossip id, say) that decodes the same.
+    if !rest.is_empty() {
+        return Err(Rejection::Malformed);
+    }
+    Ok(value)
 }
 
 /// Deepest nesting of arrays and maps a decode follows (ours nest less than 10 deep); each
@@ -385,6 +392,28 @@ mod capped {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_refuses_bytes_after_the_item() {
+        let bytes = encode(&(7u32, "seven".to_string()));
+        assert_eq!(
+            decode::<(u32, String)>(&bytes, 1_000),
+            Ok((7, "seven".to_string()))
+        );
+        let mut padded = bytes.clone();
+        padded.push(0);
+        assert_eq!(
+            decode::<(u32, String)>(&padded, 1_000),
+            Err(Rejection::Malformed)
+        );
+        // A second whole item after the first is refused too.
+        let mut twice = bytes.clone();
+        twice.extend_from_slice(&bytes);
+        assert_eq!(
+            decode::<(u32, String)>(&twice, 1_000),
+            Err(Rejection::Malformed)
+        );
+    }
 
     #[test]
     fn decode_refuses_oversized_input_before_parsing() {
