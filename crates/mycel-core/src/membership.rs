@@ -101,6 +101,18 @@ const MAX_REPORTS: usize = 8;
 /// duplicate cache (60 s), so that no statement goes round twice.
 pub const RELAY_WINDOW_MS: u64 = 30_000;
 
+/// How far in the future an announcement's issue time may be and still count as young for
+/// gossip (clocks differ a little).
+const YOUNG_SKEW_MS: u64 = 5_000;
+
+/// Whether an announcement issued at `issued_at` is young enough at `now` for a node that
+/// learnt it by anti-entropy to pass it on by gossip: under [`RELAY_WINDOW_MS`] old by its
+/// issuer's clock, and not dated more than a little skew ahead (a date set in the future must
+/// not keep a statement young for longer).
+pub fn young_for_gossip(issued_at: UnixMillis, now: UnixMillis) -> bool {
+    issued_at <= now + YOUNG_SKEW_MS && now.saturating_sub(issued_at) < RELAY_WINDOW_MS
+}
+
 /// Issuers whose rate is tracked at once (full buckets are dropped first).
 const MAX_RATED_ISSUERS: usize = 4096;
 
@@ -1061,6 +1073,16 @@ mod tests {
         table.on_statement(&second, 4_200).unwrap();
         assert!(!table.holds_fresh(&first, &bytes, 4_200));
         assert!(table.holds_fresh(&second, &second.to_bytes(), 4_200));
+    }
+
+    #[test]
+    fn an_announcement_is_young_for_gossip_within_the_window_and_a_little_skew() {
+        let now = 100_000;
+        assert!(young_for_gossip(now, now));
+        assert!(young_for_gossip(now - RELAY_WINDOW_MS + 1, now));
+        assert!(!young_for_gossip(now - RELAY_WINDOW_MS, now));
+        assert!(young_for_gossip(now + YOUNG_SKEW_MS, now));
+        assert!(!young_for_gossip(now + YOUNG_SKEW_MS + 1, now));
     }
 
     #[test]

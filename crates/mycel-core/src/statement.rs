@@ -386,12 +386,13 @@ impl SignedStatement {
         if self.public_key.len() > MAX_INLINE_KEY_LEN {
             return None;
         }
-        // The multihash of the identity function: code 0, the length, the bytes.
-        let mut id = Vec::with_capacity(2 + self.public_key.len());
-        id.push(0);
-        id.push(self.public_key.len() as u8);
-        id.extend_from_slice(&self.public_key);
-        PeerId::from_bytes(&id).ok()
+        // The multihash of the identity function: code 0, the length, the bytes (on the
+        // stack: this runs for every copy of every statement that arrives).
+        let len = self.public_key.len();
+        let mut id = [0u8; 2 + MAX_INLINE_KEY_LEN];
+        id[1] = len as u8;
+        id[2..2 + len].copy_from_slice(&self.public_key);
+        PeerId::from_bytes(&id[..2 + len]).ok()
     }
 
     /// Decodes the claimed issuer and body *without* checking the signature. Cheaper than

@@ -52,9 +52,6 @@ const MAX_ADDRS_PER_PEER: usize = 8;
 const ISOLATED_SCORE: f64 = -1_000.0;
 /// Anti-entropy syncs in flight at once.
 const MAX_SYNCS_IN_FLIGHT: usize = 4;
-/// How far in the future an announcement's issue time may be and still count as young for
-/// [`EventLoop::pass_on_news`] (clocks differ a little).
-const PASS_ON_SKEW_MS: u64 = 5_000;
 /// Least time between two dials of a LAN peer found by mDNS.
 const LAN_DIAL_COOLDOWN: Duration = Duration::from_secs(3);
 /// Most LAN peers remembered.
@@ -536,18 +533,20 @@ impl EventLoop {
         due
     }
 
-    fn publish_own(&mut self, bytes: Vec<u8>) {
+    /// Publishes `bytes` on the statements topic, counting the traffic when it went out.
+    fn publish(&mut self, bytes: Vec<u8>) -> Result<(), gossipsub::PublishError> {
         let len = bytes.len();
-        match self
-            .swarm
+        self.swarm
             .behaviour_mut()
             .gossipsub
-            .publish(self.topic.clone(), bytes.clone())
-        {
-            Ok(_) => {
-                self.metrics.traffic(GOSSIP, OUT, len);
-                self.announce_pending = None;
-            }
+            .publish(self.topic.clone(), bytes)?;
+        self.metrics.traffic(GOSSIP, OUT, len);
+        Ok(())
+    }
+
+    fn publish_own(&mut self, bytes: Vec<u8>) {
+        match self.publish(bytes.clone()) {
+            Ok(()) => self.announce_pending = None,
             Err(gossipsub::PublishError::Duplicate) => self.announce_pending = None,
             Err(e) => {
                 debug!("announcement not published yet: {e}");
@@ -572,24 +571,8 @@ impl EventLoop {
         let Statement::Announce(announcement) = &claimed.statement else {
             return;
         };
-        // Young by the issuer's clock, within a little skew: a date set in the future must
-        // not keep a statement young for longer.
-        let issued = announcement.issued_at;
-        if issued > now + PASS_ON_SKEW_MS
-            || now.saturating_sub(issued) >= membership::RELAY_WINDOW_MS
-        {
-            return;
-        }
-        let bytes = signed.to_bytes();
-        let len = bytes.len();
-        if self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(self.topic.clone(), bytes)
-            .is_ok()
-        {
-            self.metrics.traffic(GOSSIP, OUT, len);
+        if membership::young_for_gossip(announcement.issued_at, now) {
+            let _ = self.publish(signed.to_bytes());
         }
     }
 
@@ -600,15 +583,8 @@ impl EventLoop {
             return;
         };
         let bytes = SignedStatement::sign(&self.config.keypair, &statement).to_bytes();
-        let len = bytes.len();
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(self.topic.clone(), bytes)
-        {
-            Ok(_) => {
-                self.metrics.traffic(GOSSIP, OUT, len);
+        match self.publish(bytes) {
+            Ok(()) => {
                 self.metrics.down_reports_sent.inc();
             }
             Err(e) => debug!(%subject, "down report not published: {e}"),

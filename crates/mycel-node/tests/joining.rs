@@ -338,15 +338,11 @@ async fn the_peer_book_holds_the_peers_a_join_taught_after_a_clean_shutdown() {
     node.shutdown().await;
     // The store closes once the node's aborted tasks have let it go.
     let dir = root.path().join("node");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let store = loop {
-        match mycel_store::Store::open(&dir) {
-            Ok(store) => break store,
-            Err(e) if std::time::Instant::now() > deadline => panic!("the store stays open: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    let book = store.peers().unwrap();
+    wait_until(Duration::from_secs(10), "the store was let go", || async {
+        mycel_store::Store::open(&dir).is_ok()
+    })
+    .await;
+    let book = mycel_store::Store::open(&dir).unwrap().peers().unwrap();
     for (name, peer) in [("hub", &hub), ("newcomer", &newcomer)] {
         assert!(
             book.iter()
