@@ -22,6 +22,7 @@
 //! - [`blob`]: blobs as BLAKE3 trees (chunks verified one at a time against the id) and
 //!   directory manifests.
 //! - [`membership`]: who is alive, who has failed, and what each peer offers.
+//! - [`antientropy`]: when, and with whom, a node runs anti-entropy syncs.
 //! - [`peering`]: staying joined: dial back-off, degree upkeep, shedding connections.
 //! - [`ratelimit`]: per-peer token buckets.
 //! - [`reputation`]: a decayed per-peer score fed by misbehaviour.
@@ -37,6 +38,7 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 pub mod aggregate;
+pub mod antientropy;
 pub mod blob;
 pub mod compress;
 pub mod dp;

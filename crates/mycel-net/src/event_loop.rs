@@ -13,6 +13,7 @@ use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{gossipsub, identify, kad, mdns, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
+use mycel_core::antientropy::{SyncKind, SyncSchedule};
 use mycel_core::id::ContentId;
 use mycel_core::membership::{self, Accepted, Change, Culprit, FailReason, Membership, Refusal};
 use mycel_core::peering::{
@@ -50,8 +51,6 @@ const ENOUGH_PROVIDERS: usize = 4;
 const MAX_ADDRS_PER_PEER: usize = 8;
 /// The reputation reported for a peer isolated for lying: far below any threshold.
 const ISOLATED_SCORE: f64 = -1_000.0;
-/// Anti-entropy syncs in flight at once.
-const MAX_SYNCS_IN_FLIGHT: usize = 4;
 /// Least time between two dials of a LAN peer found by mDNS.
 const LAN_DIAL_COOLDOWN: Duration = Duration::from_secs(3);
 /// Most LAN peers remembered.
@@ -72,7 +71,8 @@ const PROBE_COOLDOWN: Duration = Duration::from_secs(10);
 /// Referrals remembered until a dial settles them, and for how long.
 const MAX_PENDING_REFERRALS: usize = 1_024;
 const REFERRAL_TTL: Duration = Duration::from_secs(300);
-/// First interval between periodic syncs; doubles up to `Timing::max_sync_interval`.
+/// First interval between periodic syncs; doubles up to `Timing::max_sync_interval` (see
+/// [`SyncSchedule`]).
 const FIRST_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 
 enum Pending {
@@ -163,15 +163,12 @@ pub(crate) struct EventLoop {
     parted: HashMap<PeerId, u64>,
     rng: StdRng,
     pending: HashMap<OutboundRequestId, Pending>,
-    syncs_in_flight: usize,
+    /// When, and with whom, to sync (one sync in flight at a time).
+    syncs: SyncSchedule<PeerId>,
     /// Peers found on the LAN by mDNS (with an address), redialled while unconnected.
     lan_peers: HashMap<PeerId, Multiaddr>,
     /// Whether the Kademlia routing table has been seeded (see `random_walk`).
     kad_seeded: bool,
-    sync_interval: Duration,
-    /// The last full sync taught us something: periodic syncs send the full digest at once
-    /// instead of comparing summaries first.
-    syncs_teach: bool,
     topic: gossipsub::IdentTopic,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
@@ -283,11 +280,12 @@ impl EventLoop {
             // Decisions take this generator, never a thread-local one: runs can be replayed.
             rng: StdRng::seed_from_u64(config.seed),
             pending: HashMap::new(),
-            syncs_in_flight: 0,
+            syncs: SyncSchedule::new(
+                FIRST_SYNC_INTERVAL.as_millis() as u64,
+                config.timing.max_sync_interval.as_millis() as u64,
+            ),
             lan_peers: HashMap::new(),
             kad_seeded: false,
-            sync_interval: FIRST_SYNC_INTERVAL,
-            syncs_teach: true,
             topic: gossipsub::IdentTopic::new(STATEMENTS_TOPIC),
             commands,
             events,
@@ -325,7 +323,7 @@ impl EventLoop {
         // announcements); our random walks keep it fresh afterwards.
         let walk_sleep = tokio::time::sleep(jittered(timing.random_walk_interval, &mut self.rng));
         tokio::pin!(walk_sleep);
-        let sync_sleep = tokio::time::sleep(self.sync_interval);
+        let sync_sleep = tokio::time::sleep(FIRST_SYNC_INTERVAL);
         tokio::pin!(sync_sleep);
 
         loop {
@@ -349,9 +347,17 @@ impl EventLoop {
                 }
                 _ = &mut sync_sleep => {
                     self.periodic_sync();
+                    let wait = Duration::from_millis(self.syncs.next_wait_ms());
                     sync_sleep.as_mut().reset(
-                        tokio::time::Instant::now() + jittered(self.sync_interval, &mut self.rng));
-                    self.sync_interval = (self.sync_interval * 2).min(timing.max_sync_interval);
+                        tokio::time::Instant::now() + jittered(wait, &mut self.rng));
+                }
+            }
+            // A sync deferred (another in flight) brings the next one forward.
+            if let Some(wait) = self.syncs.take_soon() {
+                let soon = tokio::time::Instant::now()
+                    + jittered(Duration::from_millis(wait), &mut self.rng);
+                if sync_sleep.deadline() > soon {
+                    sync_sleep.as_mut().reset(soon);
                 }
             }
             // Announcing (periodically, on a command, to refute), a change of load and the
@@ -1264,35 +1270,40 @@ impl EventLoop {
             .collect()
     }
 
+    /// Syncs with `peer` now or, while another sync is in flight, soon after (see
+    /// [`SyncSchedule`]).
     fn start_sync(&mut self, peer: PeerId) {
-        if self.syncs_in_flight >= MAX_SYNCS_IN_FLIGHT {
-            return;
+        if self.syncs.want(peer) {
+            self.send_digest(peer);
         }
+    }
+
+    fn send_digest(&mut self, peer: PeerId) {
         let request = SyncRequest::Digest(self.digest());
         self.metrics.traffic(SYNC, OUT, 0);
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
         self.pending.insert(id, Pending::Sync);
-        self.syncs_in_flight += 1;
     }
 
-    /// Syncs with a random neighbour. Once syncs stop teaching us anything it compares
-    /// summaries first and the full digest follows only if they differ: converged, a sync
-    /// costs two small messages.
+    /// Syncs with a neighbour owed a sync, or else a random one.
     fn periodic_sync(&mut self) {
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        if peers.is_empty() || self.syncs_in_flight >= MAX_SYNCS_IN_FLIGHT {
+        let swarm = &self.swarm;
+        let Some((peer, kind)) =
+            self.syncs
+                .on_timer(&peers, |p| swarm.is_connected(p), &mut self.rng)
+        else {
             return;
+        };
+        match kind {
+            SyncKind::Digest => self.send_digest(peer),
+            SyncKind::Summary => {
+                let request = SyncRequest::Summary(self.membership.digest_summary().to_vec());
+                self.metrics.traffic(SYNC, OUT, request_len(&request));
+                let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+                self.pending.insert(id, Pending::Summary);
+            }
         }
-        let peer = peers[self.rng.gen_range(0..peers.len())];
-        if self.syncs_teach {
-            self.start_sync(peer);
-            return;
-        }
-        let request = SyncRequest::Summary(self.membership.digest_summary().to_vec());
-        self.metrics.traffic(SYNC, OUT, request_len(&request));
-        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
-        self.pending.insert(id, Pending::Summary);
-        self.syncs_in_flight += 1;
     }
 
     /// Adds addresses to the Kademlia routing table once it has been seeded. Kademlia dials
@@ -2021,8 +2032,8 @@ impl EventLoop {
                             }));
                         }
                         (Some(Pending::Sync), SyncResponse::Statements(statements)) => {
-                            self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
                             if statements.len() > MAX_SYNC_STATEMENTS {
+                                self.syncs.settled();
                                 self.reject(peer, Rejection::Oversized);
                                 return;
                             }
@@ -2040,18 +2051,13 @@ impl EventLoop {
                             }
                             // While syncs still teach us something the network is converging:
                             // keep syncing often. Once they come back empty, back off.
-                            if learned {
-                                self.sync_interval = FIRST_SYNC_INTERVAL;
-                            }
-                            self.syncs_teach = learned;
+                            self.syncs.answered(learned);
                         }
                         (Some(Pending::Summary), SyncResponse::Differs) => {
-                            self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
+                            self.syncs.settled();
                             self.start_sync(peer);
                         }
-                        (Some(Pending::Sync | Pending::Summary), _) => {
-                            self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
-                        }
+                        (Some(Pending::Sync | Pending::Summary), _) => self.syncs.settled(),
                         (Some(Pending::Goodbye), _) => self.part(peer),
                         (None, _) => {}
                     }
@@ -2075,9 +2081,7 @@ impl EventLoop {
                         reason: error.to_string(),
                     }));
                 }
-                Some(Pending::Sync | Pending::Summary) => {
-                    self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
-                }
+                Some(Pending::Sync | Pending::Summary) => self.syncs.settled(),
                 Some(Pending::Goodbye) => self.part(peer),
                 None => {}
             },
