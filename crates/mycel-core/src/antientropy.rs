@@ -7,6 +7,9 @@
 //! up to `max` while syncs teach nothing (and falls back to `first` when one does).
 //!
 //! One sync is in flight at a time: each digest then carries what the sync before taught.
+//! Unless it stalls: once the syncs in flight have all been waiting [`STALL_MS`], another may
+//! start (at most [`MAX_IN_FLIGHT`]), so a neighbour that is slow to answer, or never answers
+//! until the request times out, cannot stop a node's anti-entropy.
 //! With four at once, a 200-node join pulled 75,000 statements by sync, 53,000 of them copies
 //! of news another sync or gossip was bringing at the same moment. A new neighbour that
 //! connects while a sync is in flight is *owed* one: the next timer firings (brought forward
@@ -22,8 +25,14 @@ use std::collections::VecDeque;
 
 use rand::Rng;
 
+use crate::UnixMillis;
+
 /// Most neighbours remembered as owed a sync.
 pub const MAX_OWED: usize = 64;
+/// How long a sync may wait for its answer before another may start beside it.
+pub const STALL_MS: u64 = 2_000;
+/// Most syncs in flight, stalled ones included.
+pub const MAX_IN_FLIGHT: usize = 4;
 
 /// What a sync sends first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +50,8 @@ pub struct SyncSchedule<P> {
     first_ms: u64,
     max_ms: u64,
     interval_ms: u64,
-    in_flight: bool,
+    /// The neighbours asked and when.
+    in_flight: Vec<(P, UnixMillis)>,
     owed: VecDeque<P>,
     teach: bool,
     soon: bool,
@@ -54,18 +64,28 @@ impl<P: Clone + PartialEq> SyncSchedule<P> {
             first_ms,
             max_ms: max_ms.max(first_ms),
             interval_ms: first_ms,
-            in_flight: false,
+            in_flight: Vec::new(),
             owed: VecDeque::new(),
             teach: true,
             soon: false,
         }
     }
 
-    /// A full sync with `peer` is wanted now (a new connection, or a neighbour whose summary
-    /// differs). True: send it now. False: another is in flight, `peer` is owed one.
-    pub fn want(&mut self, peer: P) -> bool {
-        if !self.in_flight {
-            self.in_flight = true;
+    /// Whether another sync may start at `now`: none in flight, or all of them stalled.
+    fn may_start(&self, now: UnixMillis) -> bool {
+        self.in_flight.len() < MAX_IN_FLIGHT
+            && self
+                .in_flight
+                .iter()
+                .all(|(_, at)| now.saturating_sub(*at) >= STALL_MS)
+    }
+
+    /// A full sync with `peer` is wanted at `now` (a new connection, or a neighbour whose
+    /// summary differs). True: send it now. False: another is in flight, `peer` is owed one.
+    pub fn want(&mut self, peer: P, now: UnixMillis) -> bool {
+        let asked = self.in_flight.iter().any(|(p, _)| *p == peer);
+        if !asked && self.may_start(now) {
+            self.in_flight.push((peer, now));
             return true;
         }
         if self.owed.len() < MAX_OWED && !self.owed.contains(&peer) {
@@ -75,27 +95,39 @@ impl<P: Clone + PartialEq> SyncSchedule<P> {
         false
     }
 
-    /// The timer fired: the neighbour to sync with and what to send, or `None` (a sync is in
-    /// flight, or no neighbour). Owed neighbours first (those `connected` no longer says are
-    /// connected are forgotten), else one of `neighbours` at random.
+    /// The timer fired at `now`: the neighbour to sync with and what to send, or `None` (a
+    /// sync in flight has not stalled, or no neighbour is free). Owed neighbours first (those
+    /// `connected` no longer says are connected are forgotten), else one of `neighbours` not
+    /// asked already, at random.
     pub fn on_timer<R: Rng>(
         &mut self,
         neighbours: &[P],
         connected: impl Fn(&P) -> bool,
+        now: UnixMillis,
         rng: &mut R,
     ) -> Option<(P, SyncKind)> {
-        if self.in_flight || neighbours.is_empty() {
+        if !self.may_start(now) {
             return None;
         }
+        let asked = |p: &P| self.in_flight.iter().any(|(q, _)| q == p);
         let mut peer = None;
         while let Some(owed) = self.owed.pop_front() {
-            if connected(&owed) {
+            if connected(&owed) && !asked(&owed) {
                 peer = Some(owed);
                 break;
             }
         }
-        let peer = peer.unwrap_or_else(|| neighbours[rng.gen_range(0..neighbours.len())].clone());
-        self.in_flight = true;
+        let peer = match peer {
+            Some(peer) => peer,
+            None => {
+                let free: Vec<&P> = neighbours.iter().filter(|p| !asked(p)).collect();
+                if free.is_empty() {
+                    return None;
+                }
+                free[rng.gen_range(0..free.len())].clone()
+            }
+        };
+        self.in_flight.push((peer.clone(), now));
         let kind = if self.teach {
             SyncKind::Digest
         } else {
@@ -122,23 +154,25 @@ impl<P: Clone + PartialEq> SyncSchedule<P> {
         Some(self.first_ms)
     }
 
-    /// The sync in flight was answered with statements; `learned` whether any was news.
-    pub fn answered(&mut self, learned: bool) {
-        self.in_flight = false;
+    /// The sync with `peer` was answered with statements; `learned` whether any was news.
+    pub fn answered(&mut self, peer: &P, learned: bool) {
+        self.settled(peer);
         self.teach = learned;
         if learned {
             self.interval_ms = self.first_ms;
         }
     }
 
-    /// The sync in flight ended without statements (in sync, refused, failed).
-    pub fn settled(&mut self) {
-        self.in_flight = false;
+    /// The sync with `peer` ended without statements (in sync, refused, failed).
+    pub fn settled(&mut self, peer: &P) {
+        if let Some(i) = self.in_flight.iter().position(|(p, _)| p == peer) {
+            self.in_flight.swap_remove(i);
+        }
     }
 
-    /// Whether a sync is in flight.
-    pub fn in_flight(&self) -> bool {
-        self.in_flight
+    /// Syncs in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// Neighbours owed a sync, oldest first.
@@ -156,44 +190,64 @@ mod tests {
     #[test]
     fn one_sync_at_a_time_and_newcomers_meanwhile_are_owed_one_each() {
         let mut s = SyncSchedule::new(500, 60_000);
-        assert!(s.want(1));
-        assert!(!s.want(2));
-        assert!(!s.want(3));
-        assert!(!s.want(2), "owed once");
+        assert!(s.want(1, 0));
+        assert!(!s.want(2, 10));
+        assert!(!s.want(3, 20));
+        assert!(!s.want(2, 30), "owed once");
         assert_eq!(s.owed().copied().collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(s.take_soon(), Some(500));
         assert_eq!(s.take_soon(), None);
         let mut rng = StdRng::seed_from_u64(1);
+        assert_eq!(s.on_timer(&[1, 2, 3], |_| true, 500, &mut rng), None);
+        s.settled(&1);
         assert_eq!(
-            s.on_timer(&[1, 2, 3], |_| true, &mut rng),
-            None,
-            "one in flight"
-        );
-        s.settled();
-        assert_eq!(
-            s.on_timer(&[1, 2, 3], |_| true, &mut rng),
+            s.on_timer(&[1, 2, 3], |_| true, 600, &mut rng),
             Some((2, SyncKind::Digest))
         );
-        s.answered(false);
-        assert!(s.want(4), "nothing in flight: at once, not owed");
-        assert!(!s.want(5));
-        s.answered(true);
+        s.answered(&2, false);
+        assert!(s.want(4, 700), "nothing in flight: at once, not owed");
+        assert!(!s.want(5, 710));
+        s.answered(&4, true);
         // The owed neighbour that left is skipped.
         assert_eq!(s.owed().copied().collect::<Vec<_>>(), vec![3, 5]);
         assert_eq!(
-            s.on_timer(&[1, 2, 5], |p| *p != 3, &mut rng),
+            s.on_timer(&[1, 2, 5], |p| *p != 3, 800, &mut rng),
             Some((5, SyncKind::Digest))
         );
-        assert!(!s.want(6));
-        assert!(s.in_flight());
+        assert!(!s.want(6, 900));
+        assert_eq!(s.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_stalled_sync_does_not_stop_the_next() {
+        let mut s = SyncSchedule::new(500, 60_000);
+        let mut rng = StdRng::seed_from_u64(4);
+        assert!(s.want(1, 0));
+        assert!(!s.want(2, STALL_MS - 1));
+        // Neighbour 1 never answers: after the stall time another sync starts beside it, and
+        // never a second one to the neighbour already asked.
+        assert_eq!(
+            s.on_timer(&[1, 2], |_| true, STALL_MS, &mut rng),
+            Some((2, SyncKind::Digest))
+        );
+        assert_eq!(s.on_timer(&[1, 2], |_| true, 3 * STALL_MS, &mut rng), None);
+        assert!(!s.want(1, 3 * STALL_MS), "asked already");
+        for (i, peer) in (3..10).enumerate() {
+            let now = (4 + i as u64) * STALL_MS;
+            let room = s.in_flight() < MAX_IN_FLIGHT;
+            assert_eq!(s.want(peer, now), room);
+        }
+        assert_eq!(s.in_flight(), MAX_IN_FLIGHT, "stalled ones included");
+        s.settled(&1);
+        assert_eq!(s.in_flight(), MAX_IN_FLIGHT - 1);
     }
 
     #[test]
     fn owed_neighbours_are_bounded() {
         let mut s = SyncSchedule::new(500, 60_000);
-        assert!(s.want(0u32));
+        assert!(s.want(0u32, 0));
         for p in 1..1_000u32 {
-            assert!(!s.want(p));
+            assert!(!s.want(p, 1));
         }
         assert_eq!(s.owed().count(), MAX_OWED);
     }
@@ -204,20 +258,20 @@ mod tests {
         let waits: Vec<u64> = (0..5).map(|_| s.next_wait_ms()).collect();
         assert_eq!(waits, vec![500, 1_000, 2_000, 3_000, 3_000]);
         let mut rng = StdRng::seed_from_u64(2);
-        let (_, kind) = s.on_timer(&[7], |_| true, &mut rng).unwrap();
+        let (_, kind) = s.on_timer(&[7], |_| true, 0, &mut rng).unwrap();
         assert_eq!(kind, SyncKind::Digest, "a node starts by pulling");
-        s.answered(false);
-        let (_, kind) = s.on_timer(&[7], |_| true, &mut rng).unwrap();
+        s.answered(&7, false);
+        let (_, kind) = s.on_timer(&[7], |_| true, 1, &mut rng).unwrap();
         assert_eq!(kind, SyncKind::Summary);
-        s.answered(true);
+        s.answered(&7, true);
         assert_eq!(
             s.next_wait_ms(),
             500,
             "news brings the timer back to the start"
         );
         // A deferred sync brings the timer forward too.
-        assert!(s.want(8));
-        assert!(!s.want(9));
+        assert!(s.want(8, 2));
+        assert!(!s.want(9, 3));
         s.next_wait_ms();
         s.next_wait_ms();
         assert_eq!(s.take_soon(), Some(500));
@@ -228,7 +282,7 @@ mod tests {
     fn no_neighbour_no_sync() {
         let mut s: SyncSchedule<u32> = SyncSchedule::new(500, 60_000);
         let mut rng = StdRng::seed_from_u64(3);
-        assert_eq!(s.on_timer(&[], |_| true, &mut rng), None);
-        assert!(!s.in_flight());
+        assert_eq!(s.on_timer(&[], |_| true, 0, &mut rng), None);
+        assert_eq!(s.in_flight(), 0);
     }
 }

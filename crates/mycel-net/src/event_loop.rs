@@ -1273,7 +1273,7 @@ impl EventLoop {
     /// Syncs with `peer` now or, while another sync is in flight, soon after (see
     /// [`SyncSchedule`]).
     fn start_sync(&mut self, peer: PeerId) {
-        if self.syncs.want(peer) {
+        if self.syncs.want(peer, now_ms()) {
             self.send_digest(peer);
         }
     }
@@ -1291,7 +1291,7 @@ impl EventLoop {
         let swarm = &self.swarm;
         let Some((peer, kind)) =
             self.syncs
-                .on_timer(&peers, |p| swarm.is_connected(p), &mut self.rng)
+                .on_timer(&peers, |p| swarm.is_connected(p), now_ms(), &mut self.rng)
         else {
             return;
         };
@@ -2033,7 +2033,7 @@ impl EventLoop {
                         }
                         (Some(Pending::Sync), SyncResponse::Statements(statements)) => {
                             if statements.len() > MAX_SYNC_STATEMENTS {
-                                self.syncs.settled();
+                                self.syncs.settled(&peer);
                                 self.reject(peer, Rejection::Oversized);
                                 return;
                             }
@@ -2051,13 +2051,13 @@ impl EventLoop {
                             }
                             // While syncs still teach us something the network is converging:
                             // keep syncing often. Once they come back empty, back off.
-                            self.syncs.answered(learned);
+                            self.syncs.answered(&peer, learned);
                         }
                         (Some(Pending::Summary), SyncResponse::Differs) => {
-                            self.syncs.settled();
+                            self.syncs.settled(&peer);
                             self.start_sync(peer);
                         }
-                        (Some(Pending::Sync | Pending::Summary), _) => self.syncs.settled(),
+                        (Some(Pending::Sync | Pending::Summary), _) => self.syncs.settled(&peer),
                         (Some(Pending::Goodbye), _) => self.part(peer),
                         (None, _) => {}
                     }
@@ -2081,7 +2081,7 @@ impl EventLoop {
                         reason: error.to_string(),
                     }));
                 }
-                Some(Pending::Sync | Pending::Summary) => self.syncs.settled(),
+                Some(Pending::Sync | Pending::Summary) => self.syncs.settled(&peer),
                 Some(Pending::Goodbye) => self.part(peer),
                 None => {}
             },
