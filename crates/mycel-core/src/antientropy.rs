@@ -4,19 +4,22 @@
 //! statements the neighbour holds newer. Both ends of a new connection sync, so that a
 //! joining node learns the network at once and its neighbour learns the joiner's view; then
 //! the node syncs with one neighbour at a time on a timer that starts at `first` and doubles
-//! up to `max` while syncs teach nothing (and falls back to `first` when one does).
+//! (after each firing that started a sync) up to `max` while syncs teach nothing, and falls
+//! back to `first` when one does.
 //!
 //! One sync is in flight at a time: each digest then carries what the sync before taught.
-//! Unless it stalls: once the syncs in flight have all been waiting [`STALL_MS`], another may
-//! start (at most [`MAX_IN_FLIGHT`]), so a neighbour that is slow to answer, or never answers
-//! until the request times out, cannot stop a node's anti-entropy.
 //! With four at once, a 200-node join pulled 75,000 statements by sync, 53,000 of them copies
-//! of news another sync or gossip was bringing at the same moment. A new neighbour that
-//! connects while a sync is in flight is *owed* one: the next timer firings (brought forward
-//! to within `first`) go to owed neighbours before random ones, so that a link that comes
-//! back after a partition is synced across. Owed syncs are not started back to back as soon
-//! as the one in flight settles: measured, that pulled mostly what gossip was bringing too,
-//! and the 200-node join was about 10% slower than with them on the timer.
+//! of news another sync or gossip was bringing at the same moment. Unless it stalls: once the
+//! syncs in flight have all waited [`STALL_MS`], another may start beside them (at most
+//! [`MAX_IN_FLIGHT`], never two to one neighbour), so a neighbour that is slow to answer, or
+//! silent until the request times out, cannot stop a node's anti-entropy.
+//!
+//! A new neighbour that connects while a sync is in flight is *owed* one: the timer is
+//! brought forward to within `first` (jittered by the driver) and, while neighbours are owed,
+//! serves an owed one and a random one by turns (owed neighbours that reconnect again and
+//! again cannot starve the others). Owed syncs are not started back to back as soon as the
+//! one in flight settles: measured, that pulled mostly what gossip was bringing too, and the
+//! 200-node join was about 10% slower than with them on the timer.
 //!
 //! Generic over the peer type; the driver sends the requests, keeps the timer and draws the
 //! jitter.
@@ -33,6 +36,9 @@ pub const MAX_OWED: usize = 64;
 pub const STALL_MS: u64 = 2_000;
 /// Most syncs in flight, stalled ones included.
 pub const MAX_IN_FLIGHT: usize = 4;
+/// A sync in flight this long is forgotten (the driver's request times out before: this only
+/// keeps a lost answer from holding a place for ever).
+pub const ABANDON_MS: u64 = 30_000;
 
 /// What a sync sends first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +61,9 @@ pub struct SyncSchedule<P> {
     owed: VecDeque<P>,
     teach: bool,
     soon: bool,
+    /// The last timer pick went to an owed neighbour: the next goes to a random one (owed
+    /// neighbours that reconnect again and again cannot starve the others).
+    served_owed: bool,
 }
 
 impl<P: Clone + PartialEq> SyncSchedule<P> {
@@ -68,11 +77,14 @@ impl<P: Clone + PartialEq> SyncSchedule<P> {
             owed: VecDeque::new(),
             teach: true,
             soon: false,
+            served_owed: false,
         }
     }
 
     /// Whether another sync may start at `now`: none in flight, or all of them stalled.
-    fn may_start(&self, now: UnixMillis) -> bool {
+    fn may_start(&mut self, now: UnixMillis) -> bool {
+        self.in_flight
+            .retain(|(_, at)| now.saturating_sub(*at) < ABANDON_MS);
         self.in_flight.len() < MAX_IN_FLIGHT
             && self
                 .in_flight
@@ -85,10 +97,16 @@ impl<P: Clone + PartialEq> SyncSchedule<P> {
     pub fn want(&mut self, peer: P, now: UnixMillis) -> bool {
         let asked = self.in_flight.iter().any(|(p, _)| *p == peer);
         if !asked && self.may_start(now) {
+            self.owed.retain(|p| *p != peer);
             self.in_flight.push((peer, now));
             return true;
         }
-        if self.owed.len() < MAX_OWED && !self.owed.contains(&peer) {
+        if !self.owed.contains(&peer) {
+            // Full: the newest connections matter most (a link just back), the oldest may
+            // well be gone.
+            if self.owed.len() >= MAX_OWED {
+                self.owed.pop_front();
+            }
             self.owed.push_back(peer);
         }
         self.soon = true;
@@ -96,9 +114,9 @@ impl<P: Clone + PartialEq> SyncSchedule<P> {
     }
 
     /// The timer fired at `now`: the neighbour to sync with and what to send, or `None` (a
-    /// sync in flight has not stalled, or no neighbour is free). Owed neighbours first (those
-    /// `connected` no longer says are connected are forgotten), else one of `neighbours` not
-    /// asked already, at random.
+    /// sync in flight has not stalled, or no neighbour is free). Owed neighbours and random
+    /// ones by turns (owed neighbours that `connected` no longer says are connected are
+    /// forgotten), a random one being one of `neighbours` not asked already.
     pub fn on_timer<R: Rng>(
         &mut self,
         neighbours: &[P],
@@ -110,23 +128,22 @@ impl<P: Clone + PartialEq> SyncSchedule<P> {
             return None;
         }
         let asked = |p: &P| self.in_flight.iter().any(|(q, _)| q == p);
-        let mut peer = None;
-        while let Some(owed) = self.owed.pop_front() {
-            if connected(&owed) && !asked(&owed) {
-                peer = Some(owed);
-                break;
+        self.owed.retain(|p| connected(p));
+        let free: Vec<&P> = neighbours.iter().filter(|p| !asked(p)).collect();
+        let owed = self.owed.iter().position(|p| !asked(p));
+        let peer = match owed {
+            Some(i) if !self.served_owed || free.is_empty() => {
+                self.served_owed = true;
+                self.owed.remove(i).expect("a position in the queue")
             }
-        }
-        let peer = match peer {
-            Some(peer) => peer,
-            None => {
-                let free: Vec<&P> = neighbours.iter().filter(|p| !asked(p)).collect();
-                if free.is_empty() {
-                    return None;
-                }
+            _ if free.is_empty() => return None,
+            _ => {
+                self.served_owed = false;
                 free[rng.gen_range(0..free.len())].clone()
             }
         };
+        // Owed neighbours still waiting are not forgotten: the timer comes back soon.
+        self.soon |= !self.owed.is_empty();
         self.in_flight.push((peer.clone(), now));
         let kind = if self.teach {
             SyncKind::Digest
@@ -136,11 +153,13 @@ impl<P: Clone + PartialEq> SyncSchedule<P> {
         Some((peer, kind))
     }
 
-    /// How long the timer waits next (before jitter); each call doubles the one after, up to
-    /// the maximum.
-    pub fn next_wait_ms(&mut self) -> u64 {
+    /// How long the timer waits next (before jitter); when the firing just past `started` a
+    /// sync, the one after waits twice as long, up to the maximum.
+    pub fn next_wait_ms(&mut self, started: bool) -> u64 {
         let wait = self.interval_ms;
-        self.interval_ms = (self.interval_ms.saturating_mul(2)).min(self.max_ms);
+        if started {
+            self.interval_ms = (self.interval_ms.saturating_mul(2)).min(self.max_ms);
+        }
         wait
     }
 
@@ -204,18 +223,46 @@ mod tests {
             s.on_timer(&[1, 2, 3], |_| true, 600, &mut rng),
             Some((2, SyncKind::Digest))
         );
+        assert_eq!(s.take_soon(), Some(500), "3 is still owed");
         s.answered(&2, false);
         assert!(s.want(4, 700), "nothing in flight: at once, not owed");
         assert!(!s.want(5, 710));
         s.answered(&4, true);
-        // The owed neighbour that left is skipped.
         assert_eq!(s.owed().copied().collect::<Vec<_>>(), vec![3, 5]);
+        // Random and owed neighbours take turns; the owed one that left is forgotten.
+        let (random, _) = s.on_timer(&[1, 2, 5], |p| *p != 3, 800, &mut rng).unwrap();
+        assert!([1, 2, 5].contains(&random));
+        assert_eq!(s.owed().copied().collect::<Vec<_>>(), vec![5]);
+        s.settled(&random);
         assert_eq!(
-            s.on_timer(&[1, 2, 5], |p| *p != 3, 800, &mut rng),
+            s.on_timer(&[1, 2, 5], |_| true, 900, &mut rng),
             Some((5, SyncKind::Digest))
         );
-        assert!(!s.want(6, 900));
+        assert!(!s.want(6, 1_000));
         assert_eq!(s.in_flight(), 1);
+    }
+
+    #[test]
+    fn neighbours_that_keep_reconnecting_cannot_starve_the_others() {
+        let mut s = SyncSchedule::new(500, 60_000);
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut now = 0;
+        assert!(s.want(100, now));
+        let mut last = 100;
+        let mut picks = Vec::new();
+        for flapper in 200..210 {
+            now += 100;
+            assert!(!s.want(flapper, now), "a sync is in flight");
+            s.settled(&last);
+            let (peer, _) = s.on_timer(&[1, 2, 3], |_| true, now, &mut rng).unwrap();
+            picks.push(peer);
+            last = peer;
+        }
+        let random = picks.iter().filter(|p| **p < 100).count();
+        assert_eq!(
+            random, 5,
+            "every other pick is a random neighbour: {picks:?}"
+        );
     }
 
     #[test]
@@ -232,7 +279,12 @@ mod tests {
         );
         assert_eq!(s.on_timer(&[1, 2], |_| true, 3 * STALL_MS, &mut rng), None);
         assert!(!s.want(1, 3 * STALL_MS), "asked already");
-        for (i, peer) in (3..10).enumerate() {
+        assert_eq!(
+            s.on_timer(&[1, 2, 3], |_| true, 3 * STALL_MS, &mut rng),
+            Some((3, SyncKind::Digest)),
+            "not 1 again, though owed"
+        );
+        for (i, peer) in (4..10).enumerate() {
             let now = (4 + i as u64) * STALL_MS;
             let room = s.in_flight() < MAX_IN_FLIGHT;
             assert_eq!(s.want(peer, now), room);
@@ -243,19 +295,32 @@ mod tests {
     }
 
     #[test]
-    fn owed_neighbours_are_bounded() {
+    fn a_sync_that_has_not_stalled_holds_the_next() {
+        let mut s = SyncSchedule::new(500, 60_000);
+        assert!(s.want(1, 0));
+        assert!(s.want(2, STALL_MS), "1 has stalled");
+        assert!(!s.want(3, STALL_MS + 1), "2 has not");
+        // A lost answer does not hold a place for ever.
+        assert!(s.want(4, ABANDON_MS + STALL_MS));
+        assert_eq!(s.in_flight(), 1);
+    }
+
+    #[test]
+    fn owed_neighbours_are_bounded_and_the_newest_kept() {
         let mut s = SyncSchedule::new(500, 60_000);
         assert!(s.want(0u32, 0));
         for p in 1..1_000u32 {
             assert!(!s.want(p, 1));
         }
         assert_eq!(s.owed().count(), MAX_OWED);
+        assert_eq!(s.owed().last(), Some(&999));
+        assert!(!s.owed().any(|p| *p == 1));
     }
 
     #[test]
     fn the_timer_doubles_while_syncs_teach_nothing_and_summaries_replace_digests() {
         let mut s: SyncSchedule<u32> = SyncSchedule::new(500, 3_000);
-        let waits: Vec<u64> = (0..5).map(|_| s.next_wait_ms()).collect();
+        let waits: Vec<u64> = (0..5).map(|_| s.next_wait_ms(true)).collect();
         assert_eq!(waits, vec![500, 1_000, 2_000, 3_000, 3_000]);
         let mut rng = StdRng::seed_from_u64(2);
         let (_, kind) = s.on_timer(&[7], |_| true, 0, &mut rng).unwrap();
@@ -265,17 +330,19 @@ mod tests {
         assert_eq!(kind, SyncKind::Summary);
         s.answered(&7, true);
         assert_eq!(
-            s.next_wait_ms(),
+            s.next_wait_ms(true),
             500,
             "news brings the timer back to the start"
         );
+        assert_eq!(s.next_wait_ms(false), 1_000);
+        assert_eq!(s.next_wait_ms(false), 1_000, "no sync started, no doubling");
         // A deferred sync brings the timer forward too.
         assert!(s.want(8, 2));
         assert!(!s.want(9, 3));
-        s.next_wait_ms();
-        s.next_wait_ms();
+        s.next_wait_ms(true);
+        s.next_wait_ms(true);
         assert_eq!(s.take_soon(), Some(500));
-        assert_eq!(s.next_wait_ms(), 500);
+        assert_eq!(s.next_wait_ms(true), 500);
     }
 
     #[test]

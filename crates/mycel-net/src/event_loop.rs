@@ -163,8 +163,12 @@ pub(crate) struct EventLoop {
     parted: HashMap<PeerId, u64>,
     rng: StdRng,
     pending: HashMap<OutboundRequestId, Pending>,
-    /// When, and with whom, to sync (one sync in flight at a time).
+    /// When, and with whom, to sync (one sync in flight at a time, another beside it only
+    /// once those in flight have stalled), on the clock of `sync_clock`.
     syncs: SyncSchedule<PeerId>,
+    /// The origin of the sync schedule's clock: monotonic, so that a step of the wall clock
+    /// cannot make every sync look stalled, or none.
+    sync_clock: tokio::time::Instant,
     /// Peers found on the LAN by mDNS (with an address), redialled while unconnected.
     lan_peers: HashMap<PeerId, Multiaddr>,
     /// Whether the Kademlia routing table has been seeded (see `random_walk`).
@@ -280,6 +284,7 @@ impl EventLoop {
             // Decisions take this generator, never a thread-local one: runs can be replayed.
             rng: StdRng::seed_from_u64(config.seed),
             pending: HashMap::new(),
+            sync_clock: tokio::time::Instant::now(),
             syncs: SyncSchedule::new(
                 FIRST_SYNC_INTERVAL.as_millis() as u64,
                 config.timing.max_sync_interval.as_millis() as u64,
@@ -346,8 +351,8 @@ impl EventLoop {
                         tokio::time::Instant::now() + jittered(timing.random_walk_interval, &mut self.rng));
                 }
                 _ = &mut sync_sleep => {
-                    self.periodic_sync();
-                    let wait = Duration::from_millis(self.syncs.next_wait_ms());
+                    let started = self.periodic_sync();
+                    let wait = Duration::from_millis(self.syncs.next_wait_ms(started));
                     sync_sleep.as_mut().reset(
                         tokio::time::Instant::now() + jittered(wait, &mut self.rng));
                 }
@@ -1273,9 +1278,18 @@ impl EventLoop {
     /// Syncs with `peer` now or, while another sync is in flight, soon after (see
     /// [`SyncSchedule`]).
     fn start_sync(&mut self, peer: PeerId) {
-        if self.syncs.want(peer, now_ms()) {
+        // A peer we are parting from would only take the place of one that stays.
+        if self.parting.contains_key(&peer) {
+            return;
+        }
+        if self.syncs.want(peer, self.sync_now()) {
             self.send_digest(peer);
         }
+    }
+
+    /// Milliseconds on the sync schedule's monotonic clock.
+    fn sync_now(&self) -> u64 {
+        self.sync_clock.elapsed().as_millis() as u64
     }
 
     fn send_digest(&mut self, peer: PeerId) {
@@ -1285,15 +1299,24 @@ impl EventLoop {
         self.pending.insert(id, Pending::Sync);
     }
 
-    /// Syncs with a neighbour owed a sync, or else a random one.
-    fn periodic_sync(&mut self) {
-        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+    /// Syncs with a neighbour owed a sync or a random one, by turns; true when one started.
+    fn periodic_sync(&mut self) -> bool {
+        let parting = &self.parting;
+        let peers: Vec<PeerId> = self
+            .swarm
+            .connected_peers()
+            .filter(|p| !parting.contains_key(p))
+            .copied()
+            .collect();
+        let now = self.sync_now();
         let swarm = &self.swarm;
-        let Some((peer, kind)) =
-            self.syncs
-                .on_timer(&peers, |p| swarm.is_connected(p), now_ms(), &mut self.rng)
-        else {
-            return;
+        let Some((peer, kind)) = self.syncs.on_timer(
+            &peers,
+            |p| swarm.is_connected(p) && !parting.contains_key(p),
+            now,
+            &mut self.rng,
+        ) else {
+            return false;
         };
         match kind {
             SyncKind::Digest => self.send_digest(peer),
@@ -1304,6 +1327,7 @@ impl EventLoop {
                 self.pending.insert(id, Pending::Summary);
             }
         }
+        true
     }
 
     /// Adds addresses to the Kademlia routing table once it has been seeded. Kademlia dials
