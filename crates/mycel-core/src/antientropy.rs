@@ -15,9 +15,11 @@
 //! silent until the request times out, cannot stop a node's anti-entropy.
 //!
 //! A new neighbour that connects while a sync is in flight is *owed* one: the timer is
-//! brought forward to within `first` (jittered by the driver) and, while neighbours are owed,
-//! serves an owed one and a random one by turns (owed neighbours that reconnect again and
-//! again cannot starve the others). Owed syncs are not started back to back as soon as the
+//! brought forward to within `first` (jittered by the driver), and its firings serve an owed
+//! neighbour and a random one by turns (owed neighbours that reconnect again and again cannot
+//! starve the others). Owed neighbours do not keep the timer at `first`: measured, the dozen
+//! or so each node is owed at the end of a 200-node join then kept every node syncing twice a
+//! second for half a minute (idle CPU 29–32 % instead of 19–21 %). Owed syncs are not started back to back as soon as the
 //! one in flight settles: measured, that pulled mostly what gossip was bringing too, and the
 //! 200-node join was about 10% slower than with them on the timer.
 //!
@@ -142,8 +144,6 @@ impl<P: Clone + PartialEq> SyncSchedule<P> {
                 free[rng.gen_range(0..free.len())].clone()
             }
         };
-        // Owed neighbours still waiting are not forgotten: the timer comes back soon.
-        self.soon |= !self.owed.is_empty();
         self.in_flight.push((peer.clone(), now));
         let kind = if self.teach {
             SyncKind::Digest
@@ -223,7 +223,6 @@ mod tests {
             s.on_timer(&[1, 2, 3], |_| true, 600, &mut rng),
             Some((2, SyncKind::Digest))
         );
-        assert_eq!(s.take_soon(), Some(500), "3 is still owed");
         s.answered(&2, false);
         assert!(s.want(4, 700), "nothing in flight: at once, not owed");
         assert!(!s.want(5, 710));
