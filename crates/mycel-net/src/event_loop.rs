@@ -59,6 +59,8 @@ const MAX_LAN_PEERS: usize = 256;
 const SHORT_UPKEEP: Duration = Duration::from_millis(250);
 /// How long a peer that said goodbye is not dialled again to keep our degree up.
 const GOODBYE_HOLD: Duration = Duration::from_secs(60);
+/// Peers remembered as sent away at most (a flood of fresh keys cannot grow the table).
+const MAX_SENT_AWAY: usize = 4096;
 /// How long a goodbye may take before the connection is closed anyway.
 const PARTING_TIMEOUT: Duration = Duration::from_secs(3);
 /// A connection closed this soon after its peer said goodbye is no reason to probe it.
@@ -161,6 +163,9 @@ pub(crate) struct EventLoop {
     parting: HashMap<PeerId, u64>,
     /// Peers that said goodbye to us, and when.
     parted: HashMap<PeerId, u64>,
+    /// Peers we said goodbye to within [`GOODBYE_HOLD`], and when: one that comes back
+    /// (a probe of its, a lookup) finds no room made for it at the others' expense.
+    sent_away: HashMap<PeerId, u64>,
     rng: StdRng,
     pending: HashMap<OutboundRequestId, Pending>,
     /// When, and with whom, to sync (one sync in flight at a time, another beside it only
@@ -281,6 +286,7 @@ impl EventLoop {
             counted_inbound: HashSet::new(),
             parting: HashMap::new(),
             parted: HashMap::new(),
+            sent_away: HashMap::new(),
             // Decisions take this generator, never a thread-local one: runs can be replayed.
             rng: StdRng::seed_from_u64(config.seed),
             pending: HashMap::new(),
@@ -1102,6 +1108,9 @@ impl EventLoop {
         }
         let memory = PARTED_MEMORY.as_millis() as u64;
         self.parted.retain(|_, at| now.saturating_sub(*at) < memory);
+        let hold = GOODBYE_HOLD.as_millis() as u64;
+        self.sent_away
+            .retain(|_, at| now.saturating_sub(*at) < hold);
     }
 
     /// Whom degree upkeep could dial, by tier.
@@ -1203,11 +1212,21 @@ impl EventLoop {
 
     /// A connection beyond the cap: an inbound connection of low value makes room for a peer
     /// that dialled us or one degree upkeep dialled (mycel-core's `peering::evict`); where none
-    /// may be evicted, or for other dials of ours, the newcomer itself only hears a goodbye
-    /// with referrals (and an upkeep target is not dialled again for a while).
+    /// may be evicted, for other dials of ours, or for a peer that dials again after we sent
+    /// it away, the newcomer itself only hears a goodbye with referrals (and an upkeep target
+    /// is not dialled again for a while).
     fn make_room(&mut self, newcomer: PeerId, arrival: Arrival, now: u64) {
+        let hold = GOODBYE_HOLD.as_millis() as u64;
+        let sent_away = self
+            .sent_away
+            .get(&newcomer)
+            .is_some_and(|at| now.saturating_sub(*at) < hold);
         let victim = match &arrival {
             Arrival::Other => None,
+            // A peer sent away lately that comes back (its probe, a lookup, a bootstrap
+            // address of ours) was judged of less value than those held: it does not evict
+            // one of them.
+            Arrival::Inbound | Arrival::Upkeep(_) if sent_away => None,
             Arrival::Inbound | Arrival::Upkeep(_) => {
                 let conns = self.held_connections(now, Some(newcomer));
                 let own = matches!(arrival, Arrival::Upkeep(_));
@@ -1243,6 +1262,18 @@ impl EventLoop {
     /// Tells `peer` we are closing our connection and where else to go (a few live peers'
     /// signed announcements), then closes it once it has the message.
     fn say_goodbye(&mut self, peer: PeerId, now: u64) {
+        if self.sent_away.len() >= MAX_SENT_AWAY {
+            let hold = GOODBYE_HOLD.as_millis() as u64;
+            self.sent_away
+                .retain(|_, at| now.saturating_sub(*at) < hold);
+        }
+        if self.sent_away.len() < MAX_SENT_AWAY {
+            self.sent_away.insert(peer, now);
+        }
+        // Nor does degree upkeep dial it again at once (it would take the place of the one
+        // it made room for).
+        let until = now + GOODBYE_HOLD.as_millis() as u64;
+        self.degree.backoff_mut().hold(Target::Peer(peer), until);
         let mut live: Vec<PeerId> = self
             .swarm
             .connected_peers()
