@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use mycel_net::{NetHandle, Registry};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::blob_api;
 use crate::blobs::BlobService;
@@ -35,6 +37,51 @@ pub(crate) const MAX_CONNECTIONS: usize = 256;
 /// between requests is closed too. Silent or trickling connections cannot hold the
 /// connection slots for longer.
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the API's accept loop did with connections, counted in `/metrics`: a flood of
+/// connections shows as many closed for newcomers or timed out.
+#[derive(Clone, Default)]
+pub(crate) struct ConnMetrics {
+    accepted: Counter,
+    made_room: Counter,
+    timed_out: Counter,
+    open: Gauge,
+}
+
+impl ConnMetrics {
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "mycel_api_connections_accepted",
+            "Connections the API accepted",
+            self.accepted.clone(),
+        );
+        registry.register(
+            "mycel_api_connections_closed_for_newcomer",
+            "API connections that had sent no authorised request, closed to make room for a \
+             newcomer with every slot taken",
+            self.made_room.clone(),
+        );
+        registry.register(
+            "mycel_api_connections_timed_out",
+            "API connections closed because headers or a TLS handshake did not arrive in time",
+            self.timed_out.clone(),
+        );
+        registry.register(
+            "mycel_api_connections_open",
+            "API connections open now",
+            self.open.clone(),
+        );
+    }
+}
+
+/// Keeps `mycel_api_connections_open` while a connection's task lives.
+struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// The TLS side of an HTTPS API, from the PEM files in `tls`; errors name the file and what
 /// is wrong with it.
@@ -83,11 +130,12 @@ pub(crate) fn tls_acceptor(tls: &crate::ApiTls) -> anyhow::Result<tokio_rustls::
 /// longest without sending an authorised request is closed for a newcomer: a flood of
 /// connections that send nothing, or only requests without the token, cannot lock clients
 /// out for the header timeout (a connection that has sent an authorised request keeps its
-/// slot; its requests are the operator's).
+/// slot; its requests are the operator's). What it does is counted in `metrics`.
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    metrics: ConnMetrics,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let silent = Arc::new(std::sync::Mutex::new(Silent::default()));
@@ -107,7 +155,9 @@ pub(crate) async fn serve(
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 if let Some(close) = lock(&silent).oldest() {
                     // Its task ends and frees its slot.
-                    let _ = close.send(());
+                    if close.send(()).is_ok() {
+                        metrics.made_room.inc();
+                    }
                 }
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
@@ -127,8 +177,13 @@ pub(crate) async fn serve(
         };
         let tls = tls.clone();
         let connections = silent.clone();
+        metrics.accepted.inc();
+        metrics.open.inc();
+        let open = OpenConnection(metrics.open.clone());
+        let timed_out = metrics.timed_out.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let _open = open;
             let serving = async move {
                 let mut builder = hyper::server::conn::http1::Builder::new();
                 builder
@@ -148,11 +203,17 @@ pub(crate) async fn serve(
                                 builder.serve_connection(io, service).await
                             }
                             Ok(Err(e)) => return debug!("API TLS handshake failed: {e}"),
-                            Err(_) => return debug!("API TLS handshake timed out"),
+                            Err(_) => {
+                                timed_out.inc();
+                                return debug!("API TLS handshake timed out");
+                            }
                         }
                     }
                 };
                 if let Err(e) = served {
+                    if e.is_timeout() {
+                        timed_out.inc();
+                    }
                     debug!("API connection ended: {e}");
                 }
             };

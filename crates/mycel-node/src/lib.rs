@@ -332,6 +332,8 @@ impl Node {
         ));
         blobs.register(&mut registry);
         inference.register(&mut registry);
+        let api_connections = api::ConnMetrics::default();
+        api_connections.register(&mut registry);
         tasks.push(tokio::spawn(
             blobs
                 .clone()
@@ -417,7 +419,7 @@ impl Node {
             };
             let app = api::router(state, config.open_metrics);
             tasks.push(tokio::spawn(async move {
-                api::serve(listener, app, tls).await;
+                api::serve(listener, app, tls, api_connections).await;
             }));
             api_addr = Some(bound);
         }

@@ -399,7 +399,55 @@ async fn silent_and_slow_connections_cannot_hold_the_api() {
     .unwrap();
     assert_eq!(check.0, 301, "every silent or slow connection is closed");
     assert!(check.1 < Duration::from_secs(25), "{:?}", check.1);
+    // The flood shows in /metrics: 302 connections during it (300 silent, the slow one, the
+    // client) for 256 slots, so at least 46 silent ones closed for newcomers; the others
+    // timed out. The scrape's own connection came after.
+    let metrics = tokio::task::spawn_blocking({
+        let (api, token) = (api, node.token.clone());
+        move || scrape(api, &token)
+    })
+    .await
+    .unwrap();
+    let counter = |name: &str| {
+        metrics
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    let accepted = counter("mycel_api_connections_accepted_total");
+    let made_room = counter("mycel_api_connections_closed_for_newcomer_total");
+    let timed_out = counter("mycel_api_connections_timed_out_total");
+    assert!(accepted >= 303.0, "accepted: {accepted}");
+    assert!(made_room >= 46.0, "closed for newcomers: {made_room}");
+    assert!(
+        timed_out >= 200.0,
+        "timed out: {timed_out} (the silent connections left after the newcomers' room)"
+    );
+    assert!(
+        made_room + timed_out <= accepted,
+        "{made_room} + {timed_out} > {accepted}"
+    );
     node.shutdown().await;
+}
+
+/// The node's /metrics, parsed.
+fn scrape(api: std::net::SocketAddr, token: &str) -> prometheus_parse::Scrape {
+    let body = ureq::get(&format!("http://{api}/metrics"))
+        .header("Authorization", &format!("Bearer {token}"))
+        .call()
+        .expect("/metrics answers")
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid Prometheus text")
 }
 
 /// One request on a kept-alive connection: its status code (the body read to its end, so the
