@@ -230,6 +230,9 @@ pub struct PeerInfo {
     /// network driver like `link`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_after_ms: Option<u64>,
+    /// Whether it was at its connection cap when it announced (referrals skip it).
+    #[serde(default)]
+    pub full: bool,
 }
 
 /// A change of a peer's state, for the driver to act on (log, metrics, persist, notify).
@@ -469,6 +472,7 @@ impl Membership {
                 operator: None,
                 link: None,
                 direct_after_ms: None,
+                full: false,
             },
             latest: None,
             missed_pings: 0,
@@ -561,6 +565,7 @@ impl Membership {
                 info.addrs = announcement.addrs;
                 info.reachability = announcement.reachability;
                 info.relay = announcement.relay;
+                info.full = announcement.full;
                 // The operator's signature was checked with the statement's.
                 info.operator = announcement
                     .operator
@@ -972,6 +977,7 @@ mod tests {
                 reachability: Default::default(),
                 relay: false,
                 operator: None,
+                full: false,
             }),
         )
     }
@@ -1394,6 +1400,7 @@ mod tests {
                     reachability: Default::default(),
                     relay: false,
                     operator: None,
+                    full: false,
                 }),
             )
         };

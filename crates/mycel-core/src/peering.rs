@@ -395,6 +395,25 @@ pub struct Connected<K> {
 /// The default [`DegreeConfig::grace_ms`].
 pub const SHED_GRACE_MS: u64 = 20_000;
 
+/// Which of `live` (each peer with whether its latest announcement said it was at its
+/// connection cap) to refer a newcomer to, at most `max`: peers with free slots first, in
+/// random order, then full ones (they refer the newcomer on in turn) to fill the list.
+pub fn referrals<K>(live: Vec<(K, bool)>, max: usize, rng: &mut impl rand::Rng) -> Vec<K> {
+    use rand::seq::SliceRandom;
+    let mut room = Vec::new();
+    let mut full = Vec::new();
+    for (peer, at_cap) in live {
+        if at_cap {
+            full.push(peer);
+        } else {
+            room.push(peer);
+        }
+    }
+    room.shuffle(rng);
+    full.shuffle(rng);
+    room.into_iter().chain(full).take(max).collect()
+}
+
 /// Which peers to disconnect at `now` so that at most `config.low_water()` remain, once
 /// more than `config.high` are connected. Inbound before outbound (the peers we chose keep
 /// the node from being eclipsed by those that chose us), lower score first, then the
@@ -633,6 +652,31 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+
+    #[test]
+    fn referrals_name_peers_with_free_slots_first() {
+        let mut rng = StdRng::seed_from_u64(7);
+        // 20 full peers and 3 with room, 16 referrals: the 3 always come first.
+        let live: Vec<(u32, bool)> = (0..23).map(|k| (k, k >= 3)).collect();
+        for _ in 0..50 {
+            let picked = referrals(live.clone(), 16, &mut rng);
+            assert_eq!(picked.len(), 16);
+            let mut first: Vec<u32> = picked[..3].to_vec();
+            first.sort();
+            assert_eq!(first, vec![0, 1, 2], "{picked:?}");
+            let mut unique = picked.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), 16, "no peer twice: {picked:?}");
+        }
+        // With room everywhere it is a random sample, not always the same peers.
+        let open: Vec<(u32, bool)> = (0..40).map(|k| (k, false)).collect();
+        let a = referrals(open.clone(), 16, &mut rng);
+        let b = referrals(open, 16, &mut rng);
+        assert_ne!(a, b);
+        // Only full peers: they are still named (they pass the newcomer on).
+        assert_eq!(referrals(vec![(9u32, true)], 16, &mut rng), vec![9]);
+    }
 
     #[test]
     fn retries_back_off_exponentially_with_jitter_up_to_the_cap() {

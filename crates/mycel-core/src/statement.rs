@@ -220,6 +220,11 @@ pub struct Announcement {
     /// to distinct operators.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator: Option<Operator>,
+    /// Whether the node was at its connection cap when it announced: a node at its own cap
+    /// refers newcomers to peers that were not (a hint, as fresh as the announcement; left
+    /// out of the encoding when false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
 }
 
 const OPERATOR_DOMAIN: &[u8] = b"mycel/operator/v1\0";
@@ -479,6 +484,7 @@ mod tests {
             reachability: Reachability::Private,
             relay: false,
             operator: None,
+            full: false,
         })
     }
 
@@ -556,6 +562,7 @@ mod tests {
             reachability: Default::default(),
             relay: false,
             operator: None,
+            full: false,
         });
         assert_eq!(
             SignedStatement::sign(&key, &long).verify(1),
@@ -621,6 +628,7 @@ mod tests {
                 reachability: Default::default(),
                 relay: false,
                 operator,
+                full: false,
             }),
         )
     }

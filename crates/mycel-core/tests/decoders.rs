@@ -693,6 +693,7 @@ fn statement() -> impl Strategy<Value = Statement> {
                     reachability: Default::default(),
                     relay: false,
                     operator: None,
+                    full: false,
                 })
             ),
         (peer(), any::<u64>(), times).prop_map(|(subject, subject_seq, (ago, life))| {
@@ -1871,6 +1872,7 @@ fn announcement_claiming_addrs(claimed: u32) -> SignedStatement {
         reachability: Default::default(),
         relay: false,
         operator: None,
+        full: false,
     });
     let mut body = wire::encode(&statement);
     let key_at = body

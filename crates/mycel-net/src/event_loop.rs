@@ -28,7 +28,6 @@ use mycel_core::statement::{
 };
 use mycel_core::wire::Rejection;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -130,6 +129,8 @@ pub(crate) struct EventLoop {
     announce_jitter: f64,
     /// Load or power changed significantly since the last announcement.
     capabilities_changed: bool,
+    /// Whether the last announcement said this node was at its connection cap.
+    announced_full: bool,
     /// Our latest announcement could not be published (no subscribed peer yet).
     announce_pending: Option<Vec<u8>>,
     membership: Membership,
@@ -253,6 +254,7 @@ impl EventLoop {
             announce_interval: config.timing.announce_interval,
             announce_jitter: 1.0,
             capabilities_changed: false,
+            announced_full: false,
             swarm,
             seq_source,
             own_seq: first_seq,
@@ -504,7 +506,9 @@ impl EventLoop {
             reachability: self.nat.reach.status(),
             relay: self.serves_relay(),
             operator: self.config.operator.clone(),
+            full: self.at_cap(),
         });
+        self.announced_full = self.at_cap();
         let signed = SignedStatement::sign(&self.config.keypair, &statement);
         self.membership.set_own(self.own_seq, signed.clone());
         self.publish_own(signed.to_bytes());
@@ -1111,6 +1115,16 @@ impl EventLoop {
         let hold = GOODBYE_HOLD.as_millis() as u64;
         self.sent_away
             .retain(|_, at| now.saturating_sub(*at) < hold);
+        // Reaching the cap, or leaving it, rides with the next announcement that a change
+        // of load would bring (at most one each half interval): referrals are a hint.
+        if self.at_cap() != self.announced_full {
+            self.capabilities_changed = true;
+        }
+    }
+
+    /// Whether this node holds as many connections as its cap allows.
+    fn at_cap(&self) -> bool {
+        self.held_connection_count() >= self.config.limits.max_connections as usize
     }
 
     /// Whom degree upkeep could dial, by tier.
@@ -1274,18 +1288,21 @@ impl EventLoop {
         // it made room for).
         let until = now + GOODBYE_HOLD.as_millis() as u64;
         self.degree.backoff_mut().hold(Target::Peer(peer), until);
-        let mut live: Vec<PeerId> = self
+        // Live neighbours whose signed announcement we hold, those with free slots first.
+        let mut live: Vec<(PeerId, bool)> = self
             .swarm
             .connected_peers()
             .filter(|p| **p != peer && !self.parting.contains_key(*p))
-            .copied()
+            .filter(|p| self.membership.latest(p).is_some())
+            .map(|p| (*p, self.membership.get(p).is_some_and(|info| info.full)))
             .collect();
-        live.shuffle(&mut self.rng);
-        let referrals: Vec<SignedStatement> = live
-            .iter()
-            .filter_map(|p| self.membership.latest(p).cloned())
-            .take(MAX_REFERRALS)
-            .collect();
+        // The swarm's order is a hash map's: sorted, so that the seeded choice is repeatable.
+        live.sort_unstable_by_key(|(p, _)| *p);
+        let referrals: Vec<SignedStatement> =
+            peering::referrals(live, MAX_REFERRALS, &mut self.rng)
+                .iter()
+                .filter_map(|p| self.membership.latest(p).cloned())
+                .collect();
         let request = SyncRequest::Goodbye(referrals);
         self.metrics.traffic(SYNC, OUT, request_len(&request));
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);

@@ -63,6 +63,13 @@ async fn a_newcomer_whose_only_bootstrap_peer_is_full_joins_through_its_referral
         connections(&hub).await >= 2
     })
     .await;
+    // And says so in its announcement (a hint for the referrals others give).
+    wait_until(
+        Duration::from_secs(20),
+        "a member sees the hub announce that it is full",
+        || async { hub_full(&members[0], &hub).await == Some(true) },
+    )
+    .await;
 
     // The newcomer knows only the hub.
     let config = local_config(&root.path().join("newcomer"), addrs_of(&hub), false);
@@ -98,6 +105,29 @@ async fn a_newcomer_whose_only_bootstrap_peer_is_full_joins_through_its_referral
         )
         .await;
     }
+    // Below its cap again, the hub announces that it has room.
+    let mut members = members.into_iter();
+    let (a, b) = (members.next().unwrap(), members.next().unwrap());
+    b.shutdown().await;
+    newcomer.shutdown().await;
+    wait_until(
+        Duration::from_secs(20),
+        "a member sees the hub announce room again",
+        || async { hub_full(&a, &hub).await == Some(false) },
+    )
+    .await;
+}
+
+/// Whether `hub`'s latest announcement, as `viewer` holds it, says it is at its cap.
+async fn hub_full(viewer: &Node, hub: &Node) -> Option<bool> {
+    viewer
+        .net
+        .peer(hub.net.peer_id())
+        .await
+        .ok()
+        .flatten()
+        .filter(|p| p.seq > 0)
+        .map(|p| p.full)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,6 +253,7 @@ fn stranger_at(addr: &str) -> SignedStatement {
             reachability: Default::default(),
             relay: false,
             operator: None,
+            full: false,
         }),
     )
 }

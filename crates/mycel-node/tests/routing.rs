@@ -639,6 +639,7 @@ async fn made_up_engines_announced_for_an_honest_id_do_not_draw_its_requests() {
                 reachability: Default::default(),
                 relay: false,
                 operator: None,
+                full: false,
             }),
         );
         worker.net.publish_raw(statement.to_bytes()).await.unwrap();

@@ -539,6 +539,7 @@ async fn attack_loop(
                         reachability: Default::default(),
                         relay: false,
                         operator: None,
+                        full: false,
                     }),
                 );
                 seq += 1;

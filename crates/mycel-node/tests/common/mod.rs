@@ -142,6 +142,7 @@ pub fn announcement_at(
             reachability: Default::default(),
             relay: false,
             operator: None,
+            full: false,
         }),
     )
 }
