@@ -9,8 +9,7 @@
 //! - Behind symmetric NATs (a new port per connection) no hole can be punched: the nodes still
 //!   see each other and chat through the relay, but bulk data refuses it with an error that
 //!   says why and what to do, and travels over it only to a node that allows relayed data. A
-//!   peer that lies about being a public relay costs a failed reservation, and pays for it in
-//!   reputation.
+//!   peer that lies about being a public relay costs a failed reservation, nothing more.
 //!
 //! Needs root for `ip netns` and `nft`; where they are missing the tests say so and return,
 //! unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
@@ -366,14 +365,6 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
     });
     wait_until(LIMIT, "A's reservation with the liar fails", || {
         nat_events(&lab, &a, "relay_reservation", "failed") > 0
-    });
-    // And the liar pays for it in A's reputation, counted in A's /metrics.
-    let series = "mycel_rejected_messages_total{reason=\"false_relay\"} ";
-    wait_until(LIMIT, "A charges the liar", || {
-        metrics(&lab, &a)
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse::<u64>().ok())
-            .is_some_and(|n| n >= 1)
     });
     let net = &status(&lab, &a)["network"];
     assert_eq!(net["relays"], serde_json::json!([relay_id]), "{net}");

@@ -244,13 +244,10 @@ impl<P: Eq + Hash + Clone + Ord> Reach<P> {
     }
 
     /// A reservation with `relay` was refused, failed or closed: asked again after a
-    /// back-off. True when it had been asked for and never granted (the relay, which
-    /// announced that it serves, did not: the driver charges it); false for one that was
-    /// held (a relay may stop serving) or never asked.
-    pub fn on_failed(&mut self, relay: P, now: UnixMillis, rng: &mut impl Rng) -> bool {
-        let refused = matches!(self.slots.remove(&relay), Some(Slot::Asked(_)));
+    /// back-off.
+    pub fn on_failed(&mut self, relay: P, now: UnixMillis, rng: &mut impl Rng) {
+        self.slots.remove(&relay);
         self.backoff.tried(relay, now, rng);
-        refused
     }
 
     /// Relays whose reservation is held; a node that turned public no longer needs them.
@@ -323,10 +320,7 @@ mod tests {
         // Asked ones are not asked again while pending.
         assert!(r.reserve(1_100, &[1, 2, 3], &mut rng).is_empty());
         assert!(r.on_reserved(asked[0]));
-        assert!(
-            r.on_failed(asked[1], 1_200, &mut rng),
-            "asked and never granted: the relay is charged"
-        );
+        r.on_failed(asked[1], 1_200, &mut rng);
         // The failed relay backs off; the third is asked instead.
         let third: Vec<u32> = [1, 2, 3]
             .into_iter()
@@ -343,26 +337,6 @@ mod tests {
             again,
             vec![asked[1]],
             "the back-off has passed, the third timed out"
-        );
-    }
-
-    #[test]
-    fn only_a_reservation_asked_for_and_never_granted_charges_the_relay() {
-        let mut rng = StdRng::seed_from_u64(3);
-        let mut r = reach();
-        r.on_probe(false);
-        let asked = r.reserve(1_000, &[1, 2], &mut rng);
-        assert_eq!(asked.len(), 2);
-        assert!(r.on_reserved(asked[0]));
-        // Held, then ended: no lie (a relay may stop serving, or lose its connection).
-        assert!(!r.on_failed(asked[0], 1_100, &mut rng));
-        // Never asked: nothing to charge.
-        assert!(!r.on_failed(9, 1_100, &mut rng));
-        // Asked and refused, failed or unanswered: the relay said it serves and did not.
-        assert!(r.on_failed(asked[1], 1_100, &mut rng));
-        assert!(
-            !r.on_failed(asked[1], 1_200, &mut rng),
-            "charged once per request"
         );
     }
 

@@ -51,15 +51,11 @@ pub enum Rejection {
     /// above its own): the reporter cannot have seen it, so the report is a lie.
     #[error("down report names an announcement that was never made")]
     FalseReport,
-    /// A peer that announced itself a public relay could not be reached at the address it
-    /// announced when we asked it for a reservation.
-    #[error("announced itself a public relay but could not be reached there")]
-    FalseRelay,
 }
 
 impl Rejection {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 11] = [
         Self::Oversized,
         Self::Malformed,
         Self::BadSignature,
@@ -71,7 +67,6 @@ impl Rejection {
         Self::Corrupt,
         Self::BadReferral,
         Self::FalseReport,
-        Self::FalseRelay,
     ];
 
     /// A short, stable label (used in metrics and logs).
@@ -88,7 +83,6 @@ impl Rejection {
             Self::Corrupt => "corrupt",
             Self::BadReferral => "bad_referral",
             Self::FalseReport => "false_report",
-            Self::FalseRelay => "false_relay",
         }
     }
 }

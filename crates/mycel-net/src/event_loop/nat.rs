@@ -363,21 +363,14 @@ impl EventLoop {
         true
     }
 
-    /// A listener closed; a relay's is asked again later. A relay that never granted the
-    /// reservation and could not even be reached at the address it announced as public
-    /// pays for the claim (`Rejection::FalseRelay`, as a referral to a peer that is not
-    /// there); one that was reached and refused is full, not lying, and pays nothing.
+    /// A listener closed; a relay's is asked again later.
     pub(super) fn on_listener_closed(&mut self, listener: ListenerId, why: &str) {
         self.nat.relayed_addrs.retain(|(id, _)| *id != listener);
         if let Some(relay) = self.nat.listeners.remove(&listener) {
             info!(%relay, "relay reservation ended: {why}");
             self.metrics.nat_event("relay_reservation", "failed");
             let now = now_ms();
-            if self.nat.reach.on_failed(relay, now, &mut self.rng)
-                && !self.swarm.is_connected(&relay)
-            {
-                self.reject(relay, Rejection::FalseRelay);
-            }
+            self.nat.reach.on_failed(relay, now, &mut self.rng);
             self.announce();
         }
     }
@@ -498,10 +491,6 @@ impl EventLoop {
         }
         for relay in self.nat.reach.expire(now, &mut self.rng) {
             self.drop_relay(relay);
-            // Asked, and its announced address never answered: as above.
-            if !self.swarm.is_connected(&relay) {
-                self.reject(relay, Rejection::FalseRelay);
-            }
         }
         let candidates: Vec<PeerId> = self
             .membership
