@@ -92,6 +92,9 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
     /// at `max_ms`, times a jitter factor drawn from [0.5, 1.5). Returns that wait.
     pub fn tried(&mut self, target: K, now: UnixMillis, rng: &mut impl Rng) -> u64 {
         if !self.targets.contains_key(&target) && self.targets.len() >= self.config.max_targets {
+            self.forget_due(now);
+        }
+        if !self.targets.contains_key(&target) && self.targets.len() >= self.config.max_targets {
             // Forget the target whose next try is furthest away: it matters least now.
             if let Some(far) = self
                 .targets
@@ -118,9 +121,20 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
         wait
     }
 
-    /// Holds `target` back until at least `until` (a peer that just said goodbye, say),
-    /// without counting a try. A hold outlives [`Self::reset`] and [`Self::succeeded`].
-    pub fn hold(&mut self, target: K, until: UnixMillis) {
+    /// Forgets the targets that hold nothing back at `now` (due, their hold over): a full
+    /// table makes room with them first.
+    fn forget_due(&mut self, now: UnixMillis) {
+        self.targets
+            .retain(|_, a| now < a.next_at.max(a.held_until));
+    }
+
+    /// Holds `target` back from `now` until at least `until` (a peer that just said
+    /// goodbye, say), without counting a try. A hold outlives [`Self::reset`] and
+    /// [`Self::succeeded`]. A full table first forgets targets whose wait is over.
+    pub fn hold(&mut self, target: K, now: UnixMillis, until: UnixMillis) {
+        if !self.targets.contains_key(&target) && self.targets.len() >= self.config.max_targets {
+            self.forget_due(now);
+        }
         if let Some(a) = self.targets.get_mut(&target) {
             a.held_until = a.held_until.max(until);
         } else if self.targets.len() < self.config.max_targets {
@@ -396,22 +410,27 @@ pub struct Connected<K> {
 pub const SHED_GRACE_MS: u64 = 20_000;
 
 /// Which of `live` (each peer with whether its latest announcement said it was at its
-/// connection cap) to refer a newcomer to, at most `max`: peers with free slots first, in
-/// random order, then full ones (they refer the newcomer on in turn) to fill the list.
+/// connection cap) to refer a newcomer to, at most `max`: half of the list from peers with
+/// free slots, in random order, the rest a uniform pick of the others (full ones refer the
+/// newcomer on in turn). The claim is a peer's own: keys that never say `full` cannot take
+/// more than that half of the list beyond their share of the live peers.
 pub fn referrals<K>(live: Vec<(K, bool)>, max: usize, rng: &mut impl rand::Rng) -> Vec<K> {
     use rand::seq::SliceRandom;
-    let mut room = Vec::new();
-    let mut full = Vec::new();
-    for (peer, at_cap) in live {
-        if at_cap {
-            full.push(peer);
+    let mut live = live;
+    live.shuffle(rng);
+    let with_room = max.div_ceil(2);
+    let mut picked = Vec::with_capacity(max.min(live.len()));
+    let mut rest = Vec::with_capacity(live.len());
+    for (peer, full) in live {
+        if !full && picked.len() < with_room {
+            picked.push(peer);
         } else {
-            room.push(peer);
+            rest.push(peer);
         }
     }
-    room.shuffle(rng);
-    full.shuffle(rng);
-    room.into_iter().chain(full).take(max).collect()
+    let room = max.saturating_sub(picked.len());
+    picked.extend(rest.into_iter().take(room));
+    picked
 }
 
 /// Which peers to disconnect at `now` so that at most `config.low_water()` remain, once
@@ -669,6 +688,21 @@ mod tests {
             unique.dedup();
             assert_eq!(unique.len(), 16, "no peer twice: {picked:?}");
         }
+        // Keys that never say full (30 of them) beside 10 honest full peers: the honest
+        // ones still get a fair part of the uniform half.
+        let crowd: Vec<(u32, bool)> = (0..40).map(|k| (k, k >= 30)).collect();
+        let honest: usize = (0..50)
+            .map(|_| {
+                referrals(crowd.clone(), 16, &mut rng)
+                    .iter()
+                    .filter(|k| **k >= 30)
+                    .count()
+            })
+            .sum();
+        assert!(
+            honest >= 50,
+            "honest full peers named {honest} times in 50 lists"
+        );
         // With room everywhere it is a random sample, not always the same peers.
         let open: Vec<(u32, bool)> = (0..40).map(|k| (k, false)).collect();
         let a = referrals(open.clone(), 16, &mut rng);
@@ -709,7 +743,7 @@ mod tests {
         // Success clears; reset makes everything due.
         b.succeeded(&"boot");
         assert!(b.due(&"boot", now));
-        c.hold("held", 5_000);
+        c.hold("held", 0, 5_000);
         c.reset(1_000);
         assert!(c.due(&"a", 0) && c.len() == 1);
         assert!(
@@ -729,9 +763,26 @@ mod tests {
         });
         for k in 0..1_000u32 {
             b.tried(k, u64::from(k), &mut rng);
-            b.hold(k + 10_000, 5);
+            b.hold(k + 10_000, u64::from(k), 5);
         }
         assert!(b.len() <= 16);
+        // A table full of holds that are over still takes a new one.
+        let mut h = Backoff::new(BackoffConfig {
+            max_targets: 4,
+            ..Default::default()
+        });
+        for k in 0..4u32 {
+            h.hold(k, 0, 100);
+        }
+        h.hold(9, 200, 60_200);
+        assert!(!h.due(&9, 30_000), "the new hold is kept");
+        assert!(h.len() <= 4);
+        // And a dial recorded into a table full of live holds keeps them.
+        for k in 0..4u32 {
+            h.hold(k, 200, 60_200);
+        }
+        h.tried(77, 300, &mut rng);
+        assert!(h.len() <= 4);
     }
 
     #[test]

@@ -1258,7 +1258,7 @@ impl EventLoop {
                 self.say_goodbye(newcomer, now);
                 if let Arrival::Upkeep(target) = arrival {
                     let until = now + GOODBYE_HOLD.as_millis() as u64;
-                    self.degree.backoff_mut().hold(target, until);
+                    self.degree.backoff_mut().hold(target, now, until);
                 }
             }
         }
@@ -1287,7 +1287,9 @@ impl EventLoop {
         // Nor does degree upkeep dial it again at once (it would take the place of the one
         // it made room for).
         let until = now + GOODBYE_HOLD.as_millis() as u64;
-        self.degree.backoff_mut().hold(Target::Peer(peer), until);
+        self.degree
+            .backoff_mut()
+            .hold(Target::Peer(peer), now, until);
         // Live neighbours whose signed announcement we hold, those with free slots first.
         let mut live: Vec<(PeerId, bool)> = self
             .swarm
@@ -1782,8 +1784,10 @@ impl EventLoop {
                         && self.held_connection_count() > self.config.limits.target_peers
                     {
                         // The probe's answer is all this node wanted of the connection (the
-                        // goodbye tells the peer the close is no failure).
+                        // goodbye tells the peer the close is no failure). It was not judged
+                        // of less value than others: should it dial in, it may take a place.
                         self.say_goodbye(peer_id, now);
+                        self.sent_away.remove(&peer_id);
                         return;
                     }
                     // Both sides pull what the other knows: a joining node learns the
@@ -2227,7 +2231,9 @@ impl EventLoop {
                 // when it closes the connection.
                 self.parted.insert(peer, now);
                 let until = now + GOODBYE_HOLD.as_millis() as u64;
-                self.degree.backoff_mut().hold(Target::Peer(peer), until);
+                self.degree
+                    .backoff_mut()
+                    .hold(Target::Peer(peer), now, until);
                 // Referrals are announcements like any other: checked, stored, then dialled
                 // by degree upkeep with its back-off. A stranger's referral is remembered with
                 // its referrer, who pays if a dial finds the stranger is not at its addresses

@@ -63,7 +63,8 @@ impl ConnMetrics {
         );
         registry.register(
             "mycel_api_connections_timed_out",
-            "API connections closed because headers or a TLS handshake did not arrive in time",
+            "API connections that never sent an authorised request, closed because headers or \
+             a TLS handshake did not arrive in time",
             self.timed_out.clone(),
         );
         registry.register(
@@ -154,10 +155,8 @@ pub(crate) async fn serve(
             Err(tokio::sync::TryAcquireError::Closed) => return,
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 if let Some(close) = lock(&silent).oldest() {
-                    // Its task ends and frees its slot.
-                    if close.send(()).is_ok() {
-                        metrics.made_room.inc();
-                    }
+                    // Its task ends and frees its slot (and counts it).
+                    let _ = close.send(());
                 }
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
@@ -167,12 +166,13 @@ pub(crate) async fn serve(
         };
         let (close, closed) = tokio::sync::oneshot::channel();
         let id = lock(&silent).add(close);
+        let spoken = Arc::new(AtomicBool::new(false));
         let service = Spoken {
             inner: hyper_util::service::TowerToHyperService::new(app.clone()),
             speaker: Speaker {
                 silent: silent.clone(),
                 id,
-                spoken: Arc::new(AtomicBool::new(false)),
+                spoken: spoken.clone(),
             },
         };
         let tls = tls.clone();
@@ -181,6 +181,7 @@ pub(crate) async fn serve(
         metrics.open.inc();
         let open = OpenConnection(metrics.open.clone());
         let timed_out = metrics.timed_out.clone();
+        let made_room = metrics.made_room.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let _open = open;
@@ -211,7 +212,9 @@ pub(crate) async fn serve(
                     }
                 };
                 if let Err(e) = served {
-                    if e.is_timeout() {
+                    // hyper's header timeout also ends an idle kept-alive connection: only
+                    // one that never sent an authorised request counts.
+                    if e.is_timeout() && !spoken.load(Ordering::Relaxed) {
                         timed_out.inc();
                     }
                     debug!("API connection ended: {e}");
@@ -220,7 +223,10 @@ pub(crate) async fn serve(
             tokio::select! {
                 () = serving => {}
                 // Only a sent signal closes it (the sender is dropped once it has spoken).
-                Ok(()) = closed => debug!("API connection that sent nothing closed for a newcomer"),
+                Ok(()) = closed => {
+                    made_room.inc();
+                    debug!("API connection that sent nothing closed for a newcomer");
+                }
             }
             lock(&connections).forget(id);
         });

@@ -845,10 +845,11 @@ async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
         }
     }
     let evicted = victim.net.metrics().evicted_total();
-    // Each of the five that found the victim full made room once; those sent away that came
-    // back (their probes, their lookups) took nobody's place.
+    // Each of the five that found the victim full made room once (and the victim's own upkeep
+    // dial now and then); those sent away that came back (their probes, their lookups, the
+    // victim's upkeep) took nobody's place: 9 were counted when they did.
     assert!(
-        (3..=8).contains(&evicted),
+        (3..=7).contains(&evicted),
         "strangers made room by eviction, once each: {evicted} evictions for 8 strangers"
     );
     neighbour.shutdown().await;
