@@ -91,10 +91,7 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
     /// Records a dial of `target` at `now`: the next one waits `first_ms · 2^tries`, capped
     /// at `max_ms`, times a jitter factor drawn from [0.5, 1.5). Returns that wait.
     pub fn tried(&mut self, target: K, now: UnixMillis, rng: &mut impl Rng) -> u64 {
-        if !self.targets.contains_key(&target) && self.targets.len() >= self.config.max_targets {
-            self.forget_due(now);
-        }
-        if !self.targets.contains_key(&target) && self.targets.len() >= self.config.max_targets {
+        if self.full_without(&target, now) {
             // Forget the target whose next try is furthest away: it matters least now.
             if let Some(far) = self
                 .targets
@@ -121,23 +118,28 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
         wait
     }
 
-    /// Forgets the targets that hold nothing back at `now` (due, their hold over): a full
-    /// table makes room with them first.
-    fn forget_due(&mut self, now: UnixMillis) {
+    /// Whether the table is full and `target` not in it, once the targets that hold nothing
+    /// back at `now` (due, their hold over) are forgotten: a full table makes room with
+    /// them first.
+    fn full_without(&mut self, target: &K, now: UnixMillis) -> bool {
+        if self.targets.contains_key(target) || self.targets.len() < self.config.max_targets {
+            return false;
+        }
         self.targets
             .retain(|_, a| now < a.next_at.max(a.held_until));
+        self.targets.len() >= self.config.max_targets
     }
 
     /// Holds `target` back from `now` until at least `until` (a peer that just said
     /// goodbye, say), without counting a try. A hold outlives [`Self::reset`] and
     /// [`Self::succeeded`]. A full table first forgets targets whose wait is over.
     pub fn hold(&mut self, target: K, now: UnixMillis, until: UnixMillis) {
-        if !self.targets.contains_key(&target) && self.targets.len() >= self.config.max_targets {
-            self.forget_due(now);
+        if self.full_without(&target, now) {
+            return;
         }
         if let Some(a) = self.targets.get_mut(&target) {
             a.held_until = a.held_until.max(until);
-        } else if self.targets.len() < self.config.max_targets {
+        } else {
             self.targets.insert(
                 target,
                 Attempts {

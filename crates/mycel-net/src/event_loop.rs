@@ -164,8 +164,9 @@ pub(crate) struct EventLoop {
     parting: HashMap<PeerId, u64>,
     /// Peers that said goodbye to us, and when.
     parted: HashMap<PeerId, u64>,
-    /// Peers we said goodbye to within [`GOODBYE_HOLD`], and when: one that comes back
-    /// (a probe of its, a lookup) finds no room made for it at the others' expense.
+    /// Peers we sent away, and when: one that comes back within [`GOODBYE_HOLD`] (a probe
+    /// of its, a lookup) finds no room made for it at the others' expense. Older entries are
+    /// pruned when the table is full.
     sent_away: HashMap<PeerId, u64>,
     rng: StdRng,
     pending: HashMap<OutboundRequestId, Pending>,
@@ -491,6 +492,7 @@ impl EventLoop {
         self.last_ttl = ttl;
         self.capabilities_changed = false;
         self.own_seq = (self.seq_source)(now).max(self.own_seq + 1);
+        let full = self.at_cap();
         let statement = Statement::Announce(Announcement {
             seq: self.own_seq,
             issued_at: now,
@@ -506,9 +508,9 @@ impl EventLoop {
             reachability: self.nat.reach.status(),
             relay: self.serves_relay(),
             operator: self.config.operator.clone(),
-            full: self.at_cap(),
+            full,
         });
-        self.announced_full = self.at_cap();
+        self.announced_full = full;
         let signed = SignedStatement::sign(&self.config.keypair, &statement);
         self.membership.set_own(self.own_seq, signed.clone());
         self.publish_own(signed.to_bytes());
@@ -1112,9 +1114,6 @@ impl EventLoop {
         }
         let memory = PARTED_MEMORY.as_millis() as u64;
         self.parted.retain(|_, at| now.saturating_sub(*at) < memory);
-        let hold = GOODBYE_HOLD.as_millis() as u64;
-        self.sent_away
-            .retain(|_, at| now.saturating_sub(*at) < hold);
         // Reaching the cap, or leaving it, rides with the next announcement that a change
         // of load would bring (at most one each half interval): referrals are a hint.
         if self.at_cap() != self.announced_full {
@@ -1183,7 +1182,7 @@ impl EventLoop {
         let conns = self.held_connections(now, None);
         for peer in peering::shed(&self.degree.config(), now, &conns) {
             debug!(%peer, "shedding a connection above the high-water mark");
-            self.say_goodbye(peer, now);
+            self.send_away(peer, now);
         }
     }
 
@@ -1251,11 +1250,11 @@ impl EventLoop {
             Some(victim) => {
                 debug!(%victim, %newcomer, "evicting an inbound connection at the cap");
                 self.metrics.evicted.inc();
-                self.say_goodbye(victim, now);
+                self.send_away(victim, now);
             }
             None => {
                 self.metrics.referred.inc();
-                self.say_goodbye(newcomer, now);
+                self.send_away(newcomer, now);
                 if let Arrival::Upkeep(target) = arrival {
                     let until = now + GOODBYE_HOLD.as_millis() as u64;
                     self.degree.backoff_mut().hold(target, now, until);
@@ -1273,9 +1272,9 @@ impl EventLoop {
         }
     }
 
-    /// Tells `peer` we are closing our connection and where else to go (a few live peers'
-    /// signed announcements), then closes it once it has the message.
-    fn say_goodbye(&mut self, peer: PeerId, now: u64) {
+    /// Says goodbye to `peer` as one judged of less value than those held (evicted, refused
+    /// at the cap, shed): should it come back within [`GOODBYE_HOLD`] it makes no room.
+    fn send_away(&mut self, peer: PeerId, now: u64) {
         if self.sent_away.len() >= MAX_SENT_AWAY {
             let hold = GOODBYE_HOLD.as_millis() as u64;
             self.sent_away
@@ -1284,7 +1283,13 @@ impl EventLoop {
         if self.sent_away.len() < MAX_SENT_AWAY {
             self.sent_away.insert(peer, now);
         }
-        // Nor does degree upkeep dial it again at once (it would take the place of the one
+        self.say_goodbye(peer, now);
+    }
+
+    /// Tells `peer` we are closing our connection and where else to go (a few live peers'
+    /// signed announcements), then closes it once it has the message.
+    fn say_goodbye(&mut self, peer: PeerId, now: u64) {
+        // Degree upkeep does not dial it again for a while (it would take the place of the one
         // it made room for).
         let until = now + GOODBYE_HOLD.as_millis() as u64;
         self.degree
@@ -1760,7 +1765,7 @@ impl EventLoop {
                     if over_share {
                         // Past its address's share of inbound slots: referrals only.
                         self.metrics.referred.inc();
-                        self.say_goodbye(peer_id, now);
+                        self.send_away(peer_id, now);
                     } else if self.held_connection_count()
                         > self.config.limits.max_connections as usize
                     {
@@ -1787,7 +1792,6 @@ impl EventLoop {
                         // goodbye tells the peer the close is no failure). It was not judged
                         // of less value than others: should it dial in, it may take a place.
                         self.say_goodbye(peer_id, now);
-                        self.sent_away.remove(&peer_id);
                         return;
                     }
                     // Both sides pull what the other knows: a joining node learns the

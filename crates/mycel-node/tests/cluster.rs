@@ -5,8 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    addrs_of, announcement, cluster, connected_to, free_port, join, local_config, raw_peer,
-    wait_converged, wait_until,
+    addrs_of, announcement, cluster, connected_to, free_port, http_get, join, local_config,
+    raw_peer, wait_converged, wait_until,
 };
 use mycel_core::id::ContentId;
 use mycel_core::membership::PeerState;
@@ -202,16 +202,6 @@ async fn model_changes_go_out_at_once_and_load_changes_are_paced() {
     .await;
     a.shutdown().await;
     b.shutdown().await;
-}
-
-fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
-    let mut request = ureq::get(url).config().http_status_as_error(false).build();
-    if let Some(token) = token {
-        request = request.header("Authorization", &format!("Bearer {token}"));
-    }
-    let mut response = request.call().expect("API reachable");
-    let status = response.status().as_u16();
-    (status, response.body_mut().read_to_string().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

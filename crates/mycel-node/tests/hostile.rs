@@ -439,13 +439,8 @@ async fn silent_and_slow_connections_cannot_hold_the_api() {
 
 /// The node's /metrics, parsed.
 fn scrape(api: std::net::SocketAddr, token: &str) -> prometheus_parse::Scrape {
-    let body = ureq::get(&format!("http://{api}/metrics"))
-        .header("Authorization", &format!("Bearer {token}"))
-        .call()
-        .expect("/metrics answers")
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let (status, body) = common::http_get(&format!("http://{api}/metrics"), Some(token));
+    assert_eq!(status, 200, "/metrics: {body}");
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
         .expect("valid Prometheus text")
 }

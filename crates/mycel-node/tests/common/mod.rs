@@ -199,6 +199,17 @@ pub async fn wait_offers(node: &Node, peers: &[&Node]) {
     .await;
 }
 
+/// GETs `url`, with `token` as bearer when given: the status and the body.
+pub fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut request = ureq::get(url).config().http_status_as_error(false).build();
+    if let Some(token) = token {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    let mut response = request.call().expect("API reachable");
+    let status = response.status().as_u16();
+    (status, response.body_mut().read_to_string().unwrap())
+}
+
 /// POSTs `body` (JSON) to `node`'s API with its token: the status and the body.
 pub fn post(node: &Node, path: &str, body: String) -> (u16, String) {
     let url = format!("http://{}{path}", node.api_addr.unwrap());
