@@ -9,7 +9,8 @@
 //! - Behind symmetric NATs (a new port per connection) no hole can be punched: the nodes still
 //!   see each other and chat through the relay, but bulk data refuses it with an error that
 //!   says why and what to do, and travels over it only to a node that allows relayed data. A
-//!   peer that lies about being a public relay costs a failed reservation, nothing more.
+//!   peer that lies about being a public relay costs a failed reservation, and pays for it in
+//!   reputation.
 //!
 //! Needs root for `ip netns` and `nft`; where they are missing the tests say so and return,
 //! unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
@@ -240,7 +241,7 @@ fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() 
         return;
     };
     let root = tempfile::tempdir().unwrap();
-    let (_relay, a, b, relay_id) = start(&lab, root.path());
+    let (relay, a, b, relay_id) = start(&lab, root.path());
 
     // A public node beside the relay with nothing declared: AutoNAT finds it reachable.
     let boot = format!("/ip4/198.51.100.1/tcp/4001/p2p/{relay_id}");
@@ -259,6 +260,34 @@ fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() 
             net["reachability"] == "public" && net["relay_server"] == true
         },
     );
+
+    // Whoever found P public dialled it back beside the connection it already had (libp2p's
+    // AutoNAT v2 server always dials anew); that extra connection is closed once the test is
+    // done, so P holds one connection per peer (before, each probe served left a lasting
+    // second one, counted against both caps).
+    let mut last = String::new();
+    wait_until(
+        LIMIT,
+        "the dial-back connection is closed and P holds one connection per peer",
+        || {
+            let closed: u64 = [&relay, &a, &b, &p]
+                .iter()
+                .map(|m| nat_events(&lab, m, "autonat_dial_back", "closed"))
+                .sum();
+            let held = gauge(&metrics(&lab, &p), "mycel_connections");
+            let linked = json(&lab, &p, "peers").and_then(|l| {
+                Some(
+                    l.as_array()?
+                        .iter()
+                        .filter(|x| !x["link"].is_null())
+                        .count(),
+                )
+            });
+            last = format!("closed {closed}, connections {held:?}, peers linked {linked:?}");
+            closed > 0 && held.is_some() && held == linked.map(|n| n as u64)
+        },
+    );
+    eprintln!("dial-backs: {last}");
 
     let a_id = homes_private_and_relayed(&lab, &a, &b, &relay_id);
     b_chats_with_a(&lab, &a, &b);
@@ -321,6 +350,14 @@ fn metrics(lab: &NatLab, m: &Member) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The value of the series `name` (a metric's name, with its labels if it has any) in a
+/// /metrics text.
+fn gauge(metrics: &str, name: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// `mycel_nat_events_total{event, result}` of `member`.
 fn nat_events(lab: &NatLab, m: &Member, event: &str, result: &str) -> u64 {
     let series = format!("mycel_nat_events_total{{event=\"{event}\",result=\"{result}\"}} ");
@@ -340,9 +377,10 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
     let (_relay, a, b, relay_id) = start(&lab, root.path());
     let a_id = homes_private_and_relayed(&lab, &a, &b, &relay_id);
 
-    // A liar: a node behind B's NAT that declares an address nobody can reach and calls
-    // itself a public relay. A, which wants a second relay, tries it, fails, and keeps its
-    // reservation with the real relay only; nothing is announced through the liar.
+    // A liar: a node behind B's NAT that declares a public address where nothing serves (a
+    // closed port on the relay's host) and calls itself a public relay. A, which wants a
+    // second relay, tries it, fails, keeps its reservation with the real relay only, and
+    // charges the liar; nothing is announced through the liar.
     let boot = format!("/ip4/{}/udp/4001/quic-v1/p2p/{relay_id}", INTERNET_ADDRS[1]);
     let liar = lab_node(
         &lab,
@@ -353,7 +391,7 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
             "--relay-server",
             "on",
             "--external-addr",
-            "/ip4/198.51.100.99/tcp/4002",
+            "/ip4/198.51.100.1/tcp/4099",
             "--bootstrap",
             &boot,
         ],
@@ -365,6 +403,13 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
     });
     wait_until(LIMIT, "A's reservation with the liar fails", || {
         nat_events(&lab, &a, "relay_reservation", "failed") > 0
+    });
+    wait_until(LIMIT, "A charges the liar", || {
+        gauge(
+            &metrics(&lab, &a),
+            "mycel_rejected_messages_total{reason=\"false_relay\"}",
+        )
+        .is_some_and(|n| n >= 1)
     });
     let net = &status(&lab, &a)["network"];
     assert_eq!(net["relays"], serde_json::json!([relay_id]), "{net}");

@@ -250,6 +250,19 @@ impl<P: Eq + Hash + Clone + Ord> Reach<P> {
         self.backoff.tried(relay, now, rng);
     }
 
+    /// A dial of `relay`, asked for a reservation and not answered yet, found nobody serving
+    /// at a public address it announced (refused outright, or another peer answered). The
+    /// request counts as failed now; returns whether to charge the relay, which happens once
+    /// per request: not for a relay that was never asked or that granted the request (one
+    /// holding our reservation that stops serving is not lying), nor twice for one request.
+    pub fn on_unreachable(&mut self, relay: P, now: UnixMillis, rng: &mut impl Rng) -> bool {
+        if !matches!(self.slots.get(&relay), Some(Slot::Asked(_))) {
+            return false;
+        }
+        self.on_failed(relay, now, rng);
+        true
+    }
+
     /// Relays whose reservation is held; a node that turned public no longer needs them.
     pub fn held(&self) -> Vec<P> {
         let mut held: Vec<P> = self
@@ -265,6 +278,80 @@ impl<P: Eq + Hash + Clone + Ord> Reach<P> {
     /// Forgets every reservation (the node turned public and closed them).
     pub fn release_all(&mut self) {
         self.slots.clear();
+    }
+}
+
+/// How long a connection of ours to an already connected peer may wait for the AutoNAT
+/// dial-back it was made for to be settled.
+pub const DIAL_BACK_MS: u64 = 30_000;
+/// Most such connections remembered (each is also bounded by the swarm's own limits).
+const MAX_DIAL_BACKS: usize = 256;
+
+/// Connections this node dialled to test another's address (an AutoNAT v2 dial-back) while
+/// already connected to it. libp2p dials them as extra connections and nothing closes them
+/// after the test, so each probe a node serves would leave a lasting second connection that
+/// counts against its cap. The driver reports every direct connection it dialled to a peer it
+/// already held ([`DialBacks::opened`]) and every finished dial-back ([`DialBacks::tested`]),
+/// which names the connections to close: the peer keeps the connection it had. A connection
+/// whose test never settles is forgotten after [`DIAL_BACK_MS`] and kept.
+#[derive(Debug)]
+pub struct DialBacks<C, P, A> {
+    open: Vec<(C, P, A, UnixMillis)>,
+}
+
+impl<C, P, A> Default for DialBacks<C, P, A> {
+    fn default() -> Self {
+        Self { open: Vec::new() }
+    }
+}
+
+impl<C: Eq + Clone, P: Eq, A: Eq> DialBacks<C, P, A> {
+    /// We dialled `conn` to `peer` at `addr` and it opened; `had_direct`: another direct
+    /// connection to `peer` was already up.
+    pub fn opened(&mut self, conn: C, peer: P, addr: A, had_direct: bool, now: UnixMillis) {
+        if !had_direct {
+            return;
+        }
+        self.expire(now);
+        if self.open.len() >= MAX_DIAL_BACKS {
+            self.open.remove(0);
+        }
+        self.open.push((conn, peer, addr, now));
+    }
+
+    /// A dial-back test of `addr` for `peer` finished (either way): the connections opened
+    /// for it, to close.
+    pub fn tested(&mut self, peer: &P, addr: &A, now: UnixMillis) -> Vec<C> {
+        self.expire(now);
+        let mut done = Vec::new();
+        self.open.retain(|(c, p, a, _)| {
+            let hit = p == peer && a == addr;
+            if hit {
+                done.push(c.clone());
+            }
+            !hit
+        });
+        done
+    }
+
+    /// `conn` closed.
+    pub fn closed(&mut self, conn: &C) {
+        self.open.retain(|(c, ..)| c != conn);
+    }
+
+    fn expire(&mut self, now: UnixMillis) {
+        self.open
+            .retain(|(.., at)| now.saturating_sub(*at) < DIAL_BACK_MS);
+    }
+
+    /// Connections remembered.
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
     }
 }
 
@@ -341,6 +428,31 @@ mod tests {
     }
 
     #[test]
+    fn only_a_relay_asked_and_not_found_at_its_address_is_charged() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut r = reach();
+        r.on_probe(false);
+        let asked = r.reserve(1_000, &[1, 2], &mut rng);
+        assert_eq!(asked.len(), 2);
+        assert!(r.on_reserved(asked[0]));
+        // Held: a relay that stops serving later is not lying about serving.
+        assert!(!r.on_unreachable(asked[0], 1_100, &mut rng));
+        assert_eq!(r.held(), vec![asked[0]], "the held reservation stands");
+        // Never asked: nothing to charge.
+        assert!(!r.on_unreachable(9, 1_100, &mut rng));
+        // Asked and nobody there: charged once, the request failed and backs off.
+        assert!(r.on_unreachable(asked[1], 1_100, &mut rng));
+        assert!(
+            !r.on_unreachable(asked[1], 1_200, &mut rng),
+            "once per request"
+        );
+        assert!(
+            r.reserve(1_300, &[1, 2], &mut rng).is_empty(),
+            "backing off"
+        );
+    }
+
+    #[test]
     fn an_unknown_node_reserves_after_its_grace_and_a_public_one_never() {
         let mut rng = StdRng::seed_from_u64(2);
         let mut r = reach();
@@ -350,5 +462,34 @@ mod tests {
         let mut public = reach();
         public.set_confirmed(1);
         assert!(public.reserve(grace * 10, &[7], &mut rng).is_empty());
+    }
+
+    #[test]
+    fn a_dial_back_beside_a_held_connection_is_closed_once_its_test_is_done() {
+        let mut d: DialBacks<u32, char, &str> = DialBacks::default();
+        // The first direct connection to a peer is kept whatever it was dialled for.
+        d.opened(1, 'a', "x", false, 0);
+        assert!(d.tested(&'a', &"x", 10).is_empty());
+        // A second one, made for a dial-back: closed when the test of that address ends,
+        // not when another address or peer is tested.
+        d.opened(2, 'a', "x", true, 100);
+        d.opened(3, 'b', "y", true, 100);
+        assert!(d.tested(&'a', &"z", 200).is_empty());
+        assert!(d.tested(&'c', &"x", 200).is_empty());
+        assert_eq!(d.tested(&'a', &"x", 200), vec![2]);
+        assert!(d.tested(&'a', &"x", 300).is_empty(), "told once");
+        // Closed before its test ended: nothing to close later.
+        d.closed(&3);
+        assert!(d.tested(&'b', &"y", 300).is_empty());
+        // A test that never settles: the connection is kept and forgotten.
+        d.opened(4, 'a', "x", true, 1_000);
+        assert_eq!(d.len(), 1);
+        assert!(d.tested(&'a', &"x", 1_000 + DIAL_BACK_MS).is_empty());
+        assert!(d.is_empty());
+        // Bounded.
+        for c in 0..(MAX_DIAL_BACKS as u32 + 10) {
+            d.opened(c, 'a', "w", true, 2_000_000);
+        }
+        assert_eq!(d.len(), MAX_DIAL_BACKS);
     }
 }

@@ -42,6 +42,10 @@ pub fn penalty(reason: Rejection) -> f64 {
         Rejection::FromFuture | Rejection::BadReferral => 5.0,
         // Only its issuer can have signed it, and no honest node would.
         Rejection::FalseReport => 10.0,
+        // As a referral to a peer that is not there: a relay that is down for a while pays a
+        // little (asked again after 2 s doubling to 2 min), one that is never where it says
+        // pays at every try.
+        Rejection::FalseRelay => 5.0,
         // A genuine statement that arrived after a newer one (gossip and anti-entropy race;
         // forgeries fail as bad signatures), or a training update for a round already
         // counted: news to nobody, harm to nobody.

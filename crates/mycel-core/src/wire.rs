@@ -51,11 +51,16 @@ pub enum Rejection {
     /// above its own): the reporter cannot have seen it, so the report is a lie.
     #[error("down report names an announcement that was never made")]
     FalseReport,
+    /// A peer that announced itself a public relay refused our connection at a public
+    /// address it announced (or another peer answered there) while we asked it for a
+    /// reservation.
+    #[error("announced itself a public relay but nobody serves at its address")]
+    FalseRelay,
 }
 
 impl Rejection {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Rejection; 11] = [
+    pub const ALL: [Rejection; 12] = [
         Self::Oversized,
         Self::Malformed,
         Self::BadSignature,
@@ -67,6 +72,7 @@ impl Rejection {
         Self::Corrupt,
         Self::BadReferral,
         Self::FalseReport,
+        Self::FalseRelay,
     ];
 
     /// A short, stable label (used in metrics and logs).
@@ -83,6 +89,7 @@ impl Rejection {
             Self::Corrupt => "corrupt",
             Self::BadReferral => "bad_referral",
             Self::FalseReport => "false_report",
+            Self::FalseRelay => "false_relay",
         }
     }
 }

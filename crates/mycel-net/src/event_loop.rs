@@ -1961,9 +1961,7 @@ impl EventLoop {
             BehaviourEvent::Dcutr(event) => self.on_dcutr(event),
             BehaviourEvent::Upnp(event) => self.on_upnp(event),
             BehaviourEvent::Relay(event) => self.on_relay_server(event),
-            BehaviourEvent::AutonatServer(event) => {
-                debug!(client = %event.client, addr = %event.tested_addr, ok = event.result.is_ok(), "AutoNAT dial-back")
-            }
+            BehaviourEvent::AutonatServer(event) => self.on_autonat_server(event),
             BehaviourEvent::Connections(_)
             | BehaviourEvent::Streams(())
             | BehaviourEvent::Blocked(_)

@@ -12,7 +12,7 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError};
 use libp2p::{autonat, dcutr, relay, upnp, Multiaddr, PeerId};
 use mycel_core::membership::{Link, PeerInfo, PeerState};
-use mycel_core::reach::{Reach, ReachConfig, Reachability};
+use mycel_core::reach::{DialBacks, Reach, ReachConfig, Reachability};
 use mycel_core::wire::Rejection;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
@@ -45,6 +45,11 @@ pub(super) struct Nat {
     direct_after: HashMap<PeerId, u64>,
     /// Dials through a relay made for bulk data, still pending.
     relay_dials: HashMap<ConnectionId, PeerId>,
+    /// Direct dials of relays we want a reservation with and reached only through another
+    /// relay so far.
+    relay_checks: HashMap<ConnectionId, PeerId>,
+    /// Extra connections we dialled to peers we held, maybe for an AutoNAT dial-back.
+    dial_backs: DialBacks<ConnectionId, PeerId, Multiaddr>,
     waiters: Vec<Waiter>,
 }
 
@@ -63,6 +68,8 @@ impl Nat {
             relayed_since: HashMap::new(),
             direct_after: HashMap::new(),
             relay_dials: HashMap::new(),
+            relay_checks: HashMap::new(),
+            dial_backs: DialBacks::default(),
             waiters: Vec::new(),
         }
     }
@@ -109,6 +116,28 @@ pub(crate) fn is_global(addr: &Multiaddr) -> bool {
 }
 
 /// Whether `addr` goes through a relay.
+/// Whether a failed dial found nobody serving at one of the peer's public addresses: the
+/// connection was refused outright there, or another peer answered.
+fn nobody_serves_at_public_addr(error: &DialError) -> bool {
+    match error {
+        DialError::Transport(attempts) => attempts.iter().any(|(addr, e)| {
+            is_global(addr)
+                && matches!(e, libp2p::TransportError::Other(e) if super::refused_outright(e))
+        }),
+        DialError::WrongPeerId { address, .. } => is_global(address),
+        _ => false,
+    }
+}
+
+/// `addr` without a trailing `/p2p/<peer>`.
+fn without_peer(addr: &Multiaddr) -> Multiaddr {
+    let mut addr = addr.clone();
+    if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        addr.pop();
+    }
+    addr
+}
+
 pub(crate) fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
@@ -204,6 +233,18 @@ impl EventLoop {
         );
         if self.nat.reach.on_probe(ok) {
             self.reachability_changed();
+        }
+    }
+
+    /// We dialled `client` back at `addr` for its AutoNAT probe. A connection opened for it
+    /// beside one the client already had is closed now (libp2p keeps it, and it would count
+    /// against our cap and the client's).
+    pub(super) fn on_autonat_server(&mut self, event: autonat::v2::server::Event) {
+        debug!(client = %event.client, addr = %event.tested_addr, ok = event.result.is_ok(), "AutoNAT dial-back");
+        let tested = without_peer(&event.tested_addr);
+        for connection in self.nat.dial_backs.tested(&event.client, &tested, now_ms()) {
+            self.metrics.nat_event("autonat_dial_back", "closed");
+            self.swarm.close_connection(connection);
         }
     }
 
@@ -382,6 +423,9 @@ impl EventLoop {
         endpoint: &ConnectedPoint,
     ) {
         self.nat.relay_dials.remove(&connection);
+        if let Some(relay) = self.nat.relay_checks.remove(&connection) {
+            self.ask_relay(relay, now_ms());
+        }
         if endpoint.is_relayed() {
             self.metrics.nat_event("relayed_connection", "opened");
             self.nat.relayed_conns.insert(connection, peer);
@@ -393,7 +437,17 @@ impl EventLoop {
             }
             return;
         }
-        *self.nat.direct.entry(peer).or_default() += 1;
+        let held = self.nat.direct.entry(peer).or_default();
+        if let ConnectedPoint::Dialer { address, .. } = endpoint {
+            self.nat.dial_backs.opened(
+                connection,
+                peer,
+                without_peer(address),
+                *held > 0,
+                now_ms(),
+            );
+        }
+        *held += 1;
         if let Some(since) = self.nat.relayed_since.remove(&peer) {
             let after = now_ms().saturating_sub(since);
             self.nat.direct_after.insert(peer, after);
@@ -432,6 +486,24 @@ impl EventLoop {
         error: &DialError,
     ) {
         self.nat.relay_dials.remove(&connection);
+        let relay_check = self.nat.relay_checks.remove(&connection);
+        // A relay we asked for a reservation that nobody serves at a public address it
+        // announced is not where it says it serves: it pays, as a referral to a peer that is
+        // not there does. (Only a dial's own failure at such an address counts: our limits
+        // refusing the dial, a timeout or an unreachable network prove nothing.)
+        if nobody_serves_at_public_addr(error) {
+            let now = now_ms();
+            if self.nat.reach.on_unreachable(peer, now, &mut self.rng) {
+                info!(%peer, "relay not found at its announced address: {error}");
+                self.metrics.nat_event("relay_reservation", "failed");
+                // Its listener closes by itself; the request is settled here, once.
+                self.nat.listeners.retain(|_, relay| *relay != peer);
+                self.reject(peer, Rejection::FalseRelay);
+            }
+        } else if relay_check.is_some() {
+            self.metrics.nat_event("relay_reservation", "failed");
+            self.nat.reach.on_failed(peer, now_ms(), &mut self.rng);
+        }
         // Connected, or still dialling it through a relay: the transfer may yet go.
         if self.swarm.is_connected(&peer) || self.nat.relay_dials.values().any(|p| *p == peer) {
             return;
@@ -445,6 +517,7 @@ impl EventLoop {
     }
 
     pub(super) fn nat_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
+        self.nat.dial_backs.closed(&connection);
         if self.nat.relayed_conns.remove(&connection).is_some() {
             self.settle_waiters(peer);
         } else if let Some(n) = self.nat.direct.get_mut(&peer) {
@@ -512,24 +585,66 @@ impl EventLoop {
             }
         }
         for relay in self.nat.reach.reserve(now, &candidates, &mut self.rng) {
-            let Some(base) = self
-                .dial_addrs(&relay)
-                .into_iter()
-                .find(|a| !is_relayed(a) && super::is_stream_addr(a))
-            else {
-                self.nat.reach.on_failed(relay, now, &mut self.rng);
-                continue;
-            };
-            let addr = base.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
-            match self.swarm.listen_on(addr.clone()) {
-                Ok(id) => {
-                    debug!(%addr, "asking for a relay reservation");
-                    self.nat.listeners.insert(id, relay);
-                }
-                Err(e) => {
-                    debug!(%addr, "cannot listen through relay: {e}");
+            if self.swarm.is_connected(&relay) && !self.nat.has_direct(&relay) {
+                // Reached only through another relay: a reservation needs a direct
+                // connection, and libp2p's relay client would not dial one (the peer counts
+                // as connected). Dial its public addresses first; the reservation is asked
+                // for once the connection is up (`nat_connection_established`).
+                let public: Vec<Multiaddr> = self
+                    .dial_addrs(&relay)
+                    .into_iter()
+                    .filter(|a| !is_relayed(a) && super::is_stream_addr(a) && is_global(a))
+                    .collect();
+                if public.is_empty() {
                     self.nat.reach.on_failed(relay, now, &mut self.rng);
+                    continue;
                 }
+                let opts = DialOpts::peer_id(relay)
+                    .addresses(public)
+                    .condition(PeerCondition::Always)
+                    .build();
+                let connection = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.nat.relay_checks.insert(connection, relay);
+                    }
+                    Err(e) => {
+                        debug!(%relay, "cannot dial relay directly: {e}");
+                        self.nat.reach.on_failed(relay, now, &mut self.rng);
+                    }
+                }
+                continue;
+            }
+            self.ask_relay(relay, now);
+        }
+    }
+
+    /// Listens through `relay` (asked for a reservation by `reach`): libp2p's relay client
+    /// dials it if need be, at the public address it announced first.
+    fn ask_relay(&mut self, relay: PeerId, now: u64) {
+        let addrs: Vec<Multiaddr> = self
+            .dial_addrs(&relay)
+            .into_iter()
+            .filter(|a| !is_relayed(a) && super::is_stream_addr(a))
+            .collect();
+        let Some(base) = addrs
+            .iter()
+            .find(|a| is_global(a))
+            .or(addrs.first())
+            .cloned()
+        else {
+            self.nat.reach.on_failed(relay, now, &mut self.rng);
+            return;
+        };
+        let addr = base.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+        match self.swarm.listen_on(addr.clone()) {
+            Ok(id) => {
+                debug!(%addr, "asking for a relay reservation");
+                self.nat.listeners.insert(id, relay);
+            }
+            Err(e) => {
+                debug!(%addr, "cannot listen through relay: {e}");
+                self.nat.reach.on_failed(relay, now, &mut self.rng);
             }
         }
     }
