@@ -250,6 +250,14 @@ impl<P: Eq + Hash + Clone + Ord> Reach<P> {
         self.backoff.tried(relay, now, rng);
     }
 
+    /// When the pending reservation request to `relay` was made (`None`: none pending).
+    pub fn asked_at(&self, relay: &P) -> Option<UnixMillis> {
+        match self.slots.get(relay) {
+            Some(Slot::Asked(at)) => Some(*at),
+            _ => None,
+        }
+    }
+
     /// A dial of `relay`, asked for a reservation and not answered yet, found nobody serving
     /// at a public address it announced (refused outright, or another peer answered). The
     /// request counts as failed now; returns whether to charge the relay, which happens once
@@ -440,8 +448,11 @@ mod tests {
         assert_eq!(r.held(), vec![asked[0]], "the held reservation stands");
         // Never asked: nothing to charge.
         assert!(!r.on_unreachable(9, 1_100, &mut rng));
+        assert_eq!(r.asked_at(&asked[1]), Some(1_000));
+        assert_eq!(r.asked_at(&asked[0]), None, "granted");
         // Asked and nobody there: charged once, the request failed and backs off.
         assert!(r.on_unreachable(asked[1], 1_100, &mut rng));
+        assert_eq!(r.asked_at(&asked[1]), None);
         assert!(
             !r.on_unreachable(asked[1], 1_200, &mut rng),
             "once per request"

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use libp2p::core::transport::ListenerId;
+use libp2p::core::transport::{ListenerId, PortUse};
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -45,9 +45,9 @@ pub(super) struct Nat {
     direct_after: HashMap<PeerId, u64>,
     /// Dials through a relay made for bulk data, still pending.
     relay_dials: HashMap<ConnectionId, PeerId>,
-    /// Direct dials of relays we want a reservation with and reached only through another
-    /// relay so far.
-    relay_checks: HashMap<ConnectionId, PeerId>,
+    /// Our direct dials of relays we want a reservation with, and when that request was
+    /// made.
+    relay_checks: HashMap<ConnectionId, (PeerId, u64)>,
     /// Extra connections we dialled to peers we held, maybe for an AutoNAT dial-back.
     dial_backs: DialBacks<ConnectionId, PeerId, Multiaddr>,
     waiters: Vec<Waiter>,
@@ -115,16 +115,25 @@ pub(crate) fn is_global(addr: &Multiaddr) -> bool {
     })
 }
 
-/// Whether `addr` goes through a relay.
-/// Whether a failed dial found nobody serving at one of the peer's public addresses: the
-/// connection was refused outright there, or another peer answered.
-fn nobody_serves_at_public_addr(error: &DialError) -> bool {
+/// Whether a failed dial found nobody serving the peer where it was dialled: every address
+/// refused the connection outright (not a timeout, nor an unreachable network or host, which
+/// may be our own), or another peer answered.
+fn nobody_serves_there(error: &DialError) -> bool {
+    let refused = |e: &std::io::Error| {
+        super::error_shows(
+            e,
+            &[std::io::ErrorKind::ConnectionRefused],
+            "ConnectionRefused",
+        )
+    };
     match error {
-        DialError::Transport(attempts) => attempts.iter().any(|(addr, e)| {
-            is_global(addr)
-                && matches!(e, libp2p::TransportError::Other(e) if super::refused_outright(e))
-        }),
-        DialError::WrongPeerId { address, .. } => is_global(address),
+        DialError::Transport(attempts) => {
+            !attempts.is_empty()
+                && attempts
+                    .iter()
+                    .all(|(_, e)| matches!(e, libp2p::TransportError::Other(e) if refused(e)))
+        }
+        DialError::WrongPeerId { .. } => true,
         _ => false,
     }
 }
@@ -138,6 +147,7 @@ fn without_peer(addr: &Multiaddr) -> Multiaddr {
     addr
 }
 
+/// Whether `addr` goes through a relay.
 pub(crate) fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
@@ -243,8 +253,11 @@ impl EventLoop {
         debug!(client = %event.client, addr = %event.tested_addr, ok = event.result.is_ok(), "AutoNAT dial-back");
         let tested = without_peer(&event.tested_addr);
         for connection in self.nat.dial_backs.tested(&event.client, &tested, now_ms()) {
-            self.metrics.nat_event("autonat_dial_back", "closed");
-            self.swarm.close_connection(connection);
+            // Never the client's last direct connection (the older one may have closed).
+            if self.nat.direct.get(&event.client).is_some_and(|n| *n > 1) {
+                self.metrics.nat_event("autonat_dial_back", "closed");
+                self.swarm.close_connection(connection);
+            }
         }
     }
 
@@ -423,8 +436,11 @@ impl EventLoop {
         endpoint: &ConnectedPoint,
     ) {
         self.nat.relay_dials.remove(&connection);
-        if let Some(relay) = self.nat.relay_checks.remove(&connection) {
-            self.ask_relay(relay, now_ms());
+        if let Some((relay, asked)) = self.nat.relay_checks.remove(&connection) {
+            // Only for the request the dial was made for (a later one dials anew).
+            if self.nat.reach.asked_at(&relay) == Some(asked) {
+                self.ask_relay(relay, now_ms());
+            }
         }
         if endpoint.is_relayed() {
             self.metrics.nat_event("relayed_connection", "opened");
@@ -438,7 +454,13 @@ impl EventLoop {
             return;
         }
         let held = self.nat.direct.entry(peer).or_default();
-        if let ConnectedPoint::Dialer { address, .. } = endpoint {
+        // Only the AutoNAT server dials from a new port (libp2p's `allocate_new_port`).
+        if let ConnectedPoint::Dialer {
+            address,
+            port_use: PortUse::New,
+            ..
+        } = endpoint
+        {
             self.nat.dial_backs.opened(
                 connection,
                 peer,
@@ -486,23 +508,23 @@ impl EventLoop {
         error: &DialError,
     ) {
         self.nat.relay_dials.remove(&connection);
-        let relay_check = self.nat.relay_checks.remove(&connection);
-        // A relay we asked for a reservation that nobody serves at a public address it
-        // announced is not where it says it serves: it pays, as a referral to a peer that is
-        // not there does. (Only a dial's own failure at such an address counts: our limits
-        // refusing the dial, a timeout or an unreachable network prove nothing.)
-        if nobody_serves_at_public_addr(error) {
+        // Our dial of a relay for a reservation request still pending: a relay that nobody
+        // serves at any public address its announcement names is not where it says it
+        // serves, and pays, as a referral to a peer that is not there does. Any other
+        // failure (a timeout, an unreachable network, our own limits) proves nothing: the
+        // request just failed.
+        if let Some((relay, asked)) = self.nat.relay_checks.remove(&connection) {
             let now = now_ms();
-            if self.nat.reach.on_unreachable(peer, now, &mut self.rng) {
-                info!(%peer, "relay not found at its announced address: {error}");
+            if self.nat.reach.asked_at(&relay) == Some(asked) {
                 self.metrics.nat_event("relay_reservation", "failed");
-                // Its listener closes by itself; the request is settled here, once.
-                self.nat.listeners.retain(|_, relay| *relay != peer);
-                self.reject(peer, Rejection::FalseRelay);
+                if nobody_serves_there(error) {
+                    info!(%relay, "relay not found at its announced addresses: {error}");
+                    self.nat.reach.on_unreachable(relay, now, &mut self.rng);
+                    self.reject(relay, Rejection::FalseRelay);
+                } else {
+                    self.nat.reach.on_failed(relay, now, &mut self.rng);
+                }
             }
-        } else if relay_check.is_some() {
-            self.metrics.nat_event("relay_reservation", "failed");
-            self.nat.reach.on_failed(peer, now_ms(), &mut self.rng);
         }
         // Connected, or still dialling it through a relay: the transfer may yet go.
         if self.swarm.is_connected(&peer) || self.nat.relay_dials.values().any(|p| *p == peer) {
@@ -585,53 +607,57 @@ impl EventLoop {
             }
         }
         for relay in self.nat.reach.reserve(now, &candidates, &mut self.rng) {
-            if self.swarm.is_connected(&relay) && !self.nat.has_direct(&relay) {
-                // Reached only through another relay: a reservation needs a direct
-                // connection, and libp2p's relay client would not dial one (the peer counts
-                // as connected). Dial its public addresses first; the reservation is asked
-                // for once the connection is up (`nat_connection_established`).
-                let public: Vec<Multiaddr> = self
-                    .dial_addrs(&relay)
-                    .into_iter()
-                    .filter(|a| !is_relayed(a) && super::is_stream_addr(a) && is_global(a))
-                    .collect();
-                if public.is_empty() {
-                    self.nat.reach.on_failed(relay, now, &mut self.rng);
-                    continue;
-                }
-                let opts = DialOpts::peer_id(relay)
-                    .addresses(public)
-                    .condition(PeerCondition::Always)
-                    .build();
-                let connection = opts.connection_id();
-                match self.swarm.dial(opts) {
-                    Ok(()) => {
-                        self.nat.relay_checks.insert(connection, relay);
-                    }
-                    Err(e) => {
-                        debug!(%relay, "cannot dial relay directly: {e}");
-                        self.nat.reach.on_failed(relay, now, &mut self.rng);
-                    }
-                }
+            if self.nat.has_direct(&relay) {
+                self.ask_relay(relay, now);
                 continue;
             }
-            self.ask_relay(relay, now);
+            // Not directly connected: dial it ourselves at the public addresses its current
+            // announcement names, and ask once that connection is up
+            // (`nat_connection_established`). Our own dial is the one whose failure says the
+            // relay is not where it claims (`nat_dial_failed`); libp2p's relay client would
+            // also not dial a relay reached only through another relay (it counts as
+            // connected), and a reservation needs a direct connection.
+            let public: Vec<Multiaddr> = self
+                .membership
+                .get(&relay)
+                .map(|info| {
+                    info.addrs
+                        .iter()
+                        .filter_map(|a| a.parse().ok())
+                        .collect::<Vec<Multiaddr>>()
+                })
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|a| !is_relayed(a) && super::is_stream_addr(a) && is_global(a))
+                .collect();
+            if public.is_empty() {
+                self.nat.reach.on_failed(relay, now, &mut self.rng);
+                continue;
+            }
+            let opts = DialOpts::peer_id(relay)
+                .addresses(public)
+                .condition(PeerCondition::Always)
+                .build();
+            let connection = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    self.nat.relay_checks.insert(connection, (relay, now));
+                }
+                Err(e) => {
+                    debug!(%relay, "cannot dial relay directly: {e}");
+                    self.nat.reach.on_failed(relay, now, &mut self.rng);
+                }
+            }
         }
     }
 
-    /// Listens through `relay` (asked for a reservation by `reach`): libp2p's relay client
-    /// dials it if need be, at the public address it announced first.
+    /// Listens through `relay`, to which we hold a direct connection (asked for a reservation
+    /// by `reach`): libp2p's relay client asks over that connection.
     fn ask_relay(&mut self, relay: PeerId, now: u64) {
-        let addrs: Vec<Multiaddr> = self
+        let Some(base) = self
             .dial_addrs(&relay)
             .into_iter()
-            .filter(|a| !is_relayed(a) && super::is_stream_addr(a))
-            .collect();
-        let Some(base) = addrs
-            .iter()
-            .find(|a| is_global(a))
-            .or(addrs.first())
-            .cloned()
+            .find(|a| !is_relayed(a) && super::is_stream_addr(a))
         else {
             self.nat.reach.on_failed(relay, now, &mut self.rng);
             return;
