@@ -289,80 +289,6 @@ impl<P: Eq + Hash + Clone + Ord> Reach<P> {
     }
 }
 
-/// How long a connection of ours to an already connected peer may wait for the AutoNAT
-/// dial-back it was made for to be settled.
-pub const DIAL_BACK_MS: u64 = 30_000;
-/// Most such connections remembered (each is also bounded by the swarm's own limits).
-const MAX_DIAL_BACKS: usize = 256;
-
-/// Connections this node dialled to test another's address (an AutoNAT v2 dial-back) while
-/// already connected to it. libp2p dials them as extra connections and nothing closes them
-/// after the test, so each probe a node serves would leave a lasting second connection that
-/// counts against its cap. The driver reports every direct connection it dialled to a peer it
-/// already held ([`DialBacks::opened`]) and every finished dial-back ([`DialBacks::tested`]),
-/// which names the connections to close: the peer keeps the connection it had. A connection
-/// whose test never settles is forgotten after [`DIAL_BACK_MS`] and kept.
-#[derive(Debug)]
-pub struct DialBacks<C, P, A> {
-    open: Vec<(C, P, A, UnixMillis)>,
-}
-
-impl<C, P, A> Default for DialBacks<C, P, A> {
-    fn default() -> Self {
-        Self { open: Vec::new() }
-    }
-}
-
-impl<C: Eq + Clone, P: Eq, A: Eq> DialBacks<C, P, A> {
-    /// We dialled `conn` to `peer` at `addr` and it opened; `had_direct`: another direct
-    /// connection to `peer` was already up.
-    pub fn opened(&mut self, conn: C, peer: P, addr: A, had_direct: bool, now: UnixMillis) {
-        if !had_direct {
-            return;
-        }
-        self.expire(now);
-        if self.open.len() >= MAX_DIAL_BACKS {
-            self.open.remove(0);
-        }
-        self.open.push((conn, peer, addr, now));
-    }
-
-    /// A dial-back test of `addr` for `peer` finished (either way): the connections opened
-    /// for it, to close.
-    pub fn tested(&mut self, peer: &P, addr: &A, now: UnixMillis) -> Vec<C> {
-        self.expire(now);
-        let mut done = Vec::new();
-        self.open.retain(|(c, p, a, _)| {
-            let hit = p == peer && a == addr;
-            if hit {
-                done.push(c.clone());
-            }
-            !hit
-        });
-        done
-    }
-
-    /// `conn` closed.
-    pub fn closed(&mut self, conn: &C) {
-        self.open.retain(|(c, ..)| c != conn);
-    }
-
-    fn expire(&mut self, now: UnixMillis) {
-        self.open
-            .retain(|(.., at)| now.saturating_sub(*at) < DIAL_BACK_MS);
-    }
-
-    /// Connections remembered.
-    pub fn len(&self) -> usize {
-        self.open.len()
-    }
-
-    /// Whether none is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.open.is_empty()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;
@@ -473,34 +399,5 @@ mod tests {
         let mut public = reach();
         public.set_confirmed(1);
         assert!(public.reserve(grace * 10, &[7], &mut rng).is_empty());
-    }
-
-    #[test]
-    fn a_dial_back_beside_a_held_connection_is_closed_once_its_test_is_done() {
-        let mut d: DialBacks<u32, char, &str> = DialBacks::default();
-        // The first direct connection to a peer is kept whatever it was dialled for.
-        d.opened(1, 'a', "x", false, 0);
-        assert!(d.tested(&'a', &"x", 10).is_empty());
-        // A second one, made for a dial-back: closed when the test of that address ends,
-        // not when another address or peer is tested.
-        d.opened(2, 'a', "x", true, 100);
-        d.opened(3, 'b', "y", true, 100);
-        assert!(d.tested(&'a', &"z", 200).is_empty());
-        assert!(d.tested(&'c', &"x", 200).is_empty());
-        assert_eq!(d.tested(&'a', &"x", 200), vec![2]);
-        assert!(d.tested(&'a', &"x", 300).is_empty(), "told once");
-        // Closed before its test ended: nothing to close later.
-        d.closed(&3);
-        assert!(d.tested(&'b', &"y", 300).is_empty());
-        // A test that never settles: the connection is kept and forgotten.
-        d.opened(4, 'a', "x", true, 1_000);
-        assert_eq!(d.len(), 1);
-        assert!(d.tested(&'a', &"x", 1_000 + DIAL_BACK_MS).is_empty());
-        assert!(d.is_empty());
-        // Bounded.
-        for c in 0..(MAX_DIAL_BACKS as u32 + 10) {
-            d.opened(c, 'a', "w", true, 2_000_000);
-        }
-        assert_eq!(d.len(), MAX_DIAL_BACKS);
     }
 }

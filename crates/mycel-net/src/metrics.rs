@@ -75,7 +75,7 @@ pub(crate) struct NatLabel {
 }
 
 /// NAT events counted in `mycel_nat_events_total`.
-pub(crate) const NAT_EVENTS: [(&str, &str); 13] = [
+pub(crate) const NAT_EVENTS: [(&str, &str); 12] = [
     ("autonat_probe", "reachable"),
     ("autonat_probe", "unreachable"),
     ("relay_reservation", "accepted"),
@@ -88,7 +88,6 @@ pub(crate) const NAT_EVENTS: [(&str, &str); 13] = [
     ("hole_punch", "failed"),
     ("bulk_over_relay", "refused"),
     ("relayed_connection", "opened"),
-    ("autonat_dial_back", "closed"),
 ];
 
 pub(crate) const GOSSIP: &str = "gossip";

@@ -5,14 +5,14 @@
 
 use std::collections::HashMap;
 
-use libp2p::core::transport::{ListenerId, PortUse};
+use libp2p::core::transport::ListenerId;
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError};
 use libp2p::{autonat, dcutr, relay, upnp, Multiaddr, PeerId};
 use mycel_core::membership::{Link, PeerInfo, PeerState};
-use mycel_core::reach::{DialBacks, Reach, ReachConfig, Reachability};
+use mycel_core::reach::{Reach, ReachConfig, Reachability};
 use mycel_core::wire::Rejection;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
@@ -48,8 +48,6 @@ pub(super) struct Nat {
     /// Our direct dials of relays we want a reservation with, and when that request was
     /// made.
     relay_checks: HashMap<ConnectionId, (PeerId, u64)>,
-    /// Extra connections we dialled to peers we held, maybe for an AutoNAT dial-back.
-    dial_backs: DialBacks<ConnectionId, PeerId, Multiaddr>,
     waiters: Vec<Waiter>,
 }
 
@@ -69,7 +67,6 @@ impl Nat {
             direct_after: HashMap::new(),
             relay_dials: HashMap::new(),
             relay_checks: HashMap::new(),
-            dial_backs: DialBacks::default(),
             waiters: Vec::new(),
         }
     }
@@ -136,15 +133,6 @@ fn nobody_serves_there(error: &DialError) -> bool {
         DialError::WrongPeerId { .. } => true,
         _ => false,
     }
-}
-
-/// `addr` without a trailing `/p2p/<peer>`.
-fn without_peer(addr: &Multiaddr) -> Multiaddr {
-    let mut addr = addr.clone();
-    if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
-        addr.pop();
-    }
-    addr
 }
 
 /// Whether `addr` goes through a relay.
@@ -246,19 +234,8 @@ impl EventLoop {
         }
     }
 
-    /// We dialled `client` back at `addr` for its AutoNAT probe. A connection opened for it
-    /// beside one the client already had is closed now (libp2p keeps it, and it would count
-    /// against our cap and the client's).
     pub(super) fn on_autonat_server(&mut self, event: autonat::v2::server::Event) {
         debug!(client = %event.client, addr = %event.tested_addr, ok = event.result.is_ok(), "AutoNAT dial-back");
-        let tested = without_peer(&event.tested_addr);
-        for connection in self.nat.dial_backs.tested(&event.client, &tested, now_ms()) {
-            // Never the client's last direct connection (the older one may have closed).
-            if self.nat.direct.get(&event.client).is_some_and(|n| *n > 1) {
-                self.metrics.nat_event("autonat_dial_back", "closed");
-                self.swarm.close_connection(connection);
-            }
-        }
     }
 
     /// The swarm's confirmed external addresses changed (AutoNAT, a gateway, a relay).
@@ -453,23 +430,7 @@ impl EventLoop {
             }
             return;
         }
-        let held = self.nat.direct.entry(peer).or_default();
-        // Only the AutoNAT server dials from a new port (libp2p's `allocate_new_port`).
-        if let ConnectedPoint::Dialer {
-            address,
-            port_use: PortUse::New,
-            ..
-        } = endpoint
-        {
-            self.nat.dial_backs.opened(
-                connection,
-                peer,
-                without_peer(address),
-                *held > 0,
-                now_ms(),
-            );
-        }
-        *held += 1;
+        *self.nat.direct.entry(peer).or_default() += 1;
         if let Some(since) = self.nat.relayed_since.remove(&peer) {
             let after = now_ms().saturating_sub(since);
             self.nat.direct_after.insert(peer, after);
@@ -539,7 +500,6 @@ impl EventLoop {
     }
 
     pub(super) fn nat_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
-        self.nat.dial_backs.closed(&connection);
         if self.nat.relayed_conns.remove(&connection).is_some() {
             self.settle_waiters(peer);
         } else if let Some(n) = self.nat.direct.get_mut(&peer) {
