@@ -1031,10 +1031,7 @@ impl EventLoop {
     /// peer book. Filling the routing table from announcements, without dialling, is what keeps
     /// Kademlia from bootstrapping over and over while its table holds fewer than 20 peers.
     fn learn_announced_addrs(&mut self, peer: PeerId) {
-        let Some(info) = self.membership.get(&peer) else {
-            return;
-        };
-        let addrs: Vec<Multiaddr> = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        let addrs = self.addrs_announced_by(&peer);
         if addrs.is_empty() {
             return;
         }
@@ -1043,6 +1040,14 @@ impl EventLoop {
         let _ = self
             .events
             .try_send(NetEvent::PeerAddresses { peer, addrs });
+    }
+
+    /// The addresses of `peer`'s announcement held by membership (none if unknown).
+    fn addrs_announced_by(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.membership
+            .get(peer)
+            .map(|info| info.addrs.iter().filter_map(|a| a.parse().ok()).collect())
+            .unwrap_or_default()
     }
 
     /// Dials `peer` at `addrs` unless it is connected or being dialled already.
@@ -1961,7 +1966,9 @@ impl EventLoop {
             BehaviourEvent::Dcutr(event) => self.on_dcutr(event),
             BehaviourEvent::Upnp(event) => self.on_upnp(event),
             BehaviourEvent::Relay(event) => self.on_relay_server(event),
-            BehaviourEvent::AutonatServer(event) => self.on_autonat_server(event),
+            BehaviourEvent::AutonatServer(event) => {
+                debug!(client = %event.client, addr = %event.tested_addr, ok = event.result.is_ok(), "AutoNAT dial-back")
+            }
             BehaviourEvent::Connections(_)
             | BehaviourEvent::Streams(())
             | BehaviourEvent::Blocked(_)
@@ -2286,13 +2293,6 @@ fn probe_outcome(error: &DialError) -> Outcome {
     let DialError::Transport(attempts) = error else {
         return Outcome::Inconclusive;
     };
-    let refused = |e: &TransportError<io::Error>| match e {
-        TransportError::Other(e) => {
-            error_shows(e, &[io::ErrorKind::ConnectionRefused], "ConnectionRefused")
-                || nobody_in_memory(e)
-        }
-        TransportError::MultiaddrNotSupported(_) => false,
-    };
     let silent = |e: &TransportError<io::Error>| match e {
         TransportError::Other(inner) => refused(e) || timed_out(inner),
         TransportError::MultiaddrNotSupported(_) => false,
@@ -2303,6 +2303,19 @@ fn probe_outcome(error: &DialError) -> Outcome {
         Outcome::Refused
     } else {
         Outcome::Unanswered
+    }
+}
+
+/// Whether a dial attempt's error is the address refusing the connection: the connection
+/// refused outright, or an in-memory address nobody listens on. Not an unreachable network or
+/// host, which may be this node's own.
+fn refused(error: &TransportError<io::Error>) -> bool {
+    match error {
+        TransportError::Other(e) => {
+            error_shows(e, &[io::ErrorKind::ConnectionRefused], "ConnectionRefused")
+                || nobody_in_memory(e)
+        }
+        TransportError::MultiaddrNotSupported(_) => false,
     }
 }
 

@@ -116,19 +116,9 @@ pub(crate) fn is_global(addr: &Multiaddr) -> bool {
 /// refused the connection outright (not a timeout, nor an unreachable network or host, which
 /// may be our own), or another peer answered.
 fn nobody_serves_there(error: &DialError) -> bool {
-    let refused = |e: &std::io::Error| {
-        super::error_shows(
-            e,
-            &[std::io::ErrorKind::ConnectionRefused],
-            "ConnectionRefused",
-        )
-    };
     match error {
         DialError::Transport(attempts) => {
-            !attempts.is_empty()
-                && attempts
-                    .iter()
-                    .all(|(_, e)| matches!(e, libp2p::TransportError::Other(e) if refused(e)))
+            !attempts.is_empty() && attempts.iter().all(|(_, e)| super::refused(e))
         }
         DialError::WrongPeerId { .. } => true,
         _ => false,
@@ -232,10 +222,6 @@ impl EventLoop {
         if self.nat.reach.on_probe(ok) {
             self.reachability_changed();
         }
-    }
-
-    pub(super) fn on_autonat_server(&mut self, event: autonat::v2::server::Event) {
-        debug!(client = %event.client, addr = %event.tested_addr, ok = event.result.is_ok(), "AutoNAT dial-back");
     }
 
     /// The swarm's confirmed external addresses changed (AutoNAT, a gateway, a relay).
@@ -480,8 +466,9 @@ impl EventLoop {
                 self.metrics.nat_event("relay_reservation", "failed");
                 if nobody_serves_there(error) {
                     info!(%relay, "relay not found at its announced addresses: {error}");
-                    self.nat.reach.on_unreachable(relay, now, &mut self.rng);
-                    self.reject(relay, Rejection::FalseRelay);
+                    if self.nat.reach.on_unreachable(relay, now, &mut self.rng) {
+                        self.reject(relay, Rejection::FalseRelay);
+                    }
                 } else {
                     self.nat.reach.on_failed(relay, now, &mut self.rng);
                 }
@@ -578,15 +565,7 @@ impl EventLoop {
             // also not dial a relay reached only through another relay (it counts as
             // connected), and a reservation needs a direct connection.
             let public: Vec<Multiaddr> = self
-                .membership
-                .get(&relay)
-                .map(|info| {
-                    info.addrs
-                        .iter()
-                        .filter_map(|a| a.parse().ok())
-                        .collect::<Vec<Multiaddr>>()
-                })
-                .unwrap_or_default()
+                .addrs_announced_by(&relay)
                 .into_iter()
                 .filter(|a| !is_relayed(a) && super::is_stream_addr(a) && is_global(a))
                 .collect();
