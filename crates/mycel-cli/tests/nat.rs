@@ -11,62 +11,35 @@
 //!   says why and what to do, and travels over it only to a node that allows relayed data. A
 //!   peer that lies about being a public relay costs a failed reservation, and pays for it in
 //!   reputation.
+//! - An AutoNAT server that calls a public node unreachable (lying, or unable to dial out)
+//!   makes it private only while nobody else can be asked; the next server's dial-back makes
+//!   it public again, and the liar pays.
 //!
 //! Needs root for `ip netns` and `nft`; where they are missing the tests say so and return,
 //! unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::netns::{NatLab, HOME_A, HOME_B, INTERNET, INTERNET_ADDRS};
-use common::{spawn_node, wait_until, NodeProcess, MYCEL};
+use common::netns::{
+    cli, gauge, id_of, metrics, nat_events, peer, status, Member, NatLab, HOME_A, HOME_B, INTERNET,
+    INTERNET_ADDRS,
+};
+use common::wait_until;
 use mycel_ml::fixtures::write_tiny_llama;
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-struct Member {
-    process: NodeProcess,
-    ns: usize,
-}
-
-/// Runs `mycel ARGS` against `member` inside its namespace: (success, stdout, stderr).
-fn cli(lab: &NatLab, member: &Member, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", lab.names[member.ns].as_str(), MYCEL])
-        .args(args)
-        .args(["--api", &member.process.api, "--data-dir"])
-        .arg(&member.process.data_dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json(lab: &NatLab, member: &Member, command: &str) -> Option<Value> {
-    let (ok, out, _) = cli(lab, member, &[command, "--json"]);
-    ok.then(|| serde_json::from_str(&out).ok()).flatten()
-}
-
-fn status(lab: &NatLab, member: &Member) -> Value {
-    json(lab, member, "status").unwrap_or(Value::Null)
-}
-
-/// `viewer`'s record of the peer `id`, from `mycel peers --json`.
-fn peer(lab: &NatLab, viewer: &Member, id: &str) -> Value {
-    json(lab, viewer, "peers")
-        .and_then(|list| {
-            list.as_array()?
-                .iter()
-                .find(|p| p["peer_id"] == id)
-                .cloned()
-        })
-        .unwrap_or(Value::Null)
+/// A node of this lab (see `common::netns::lab_node`), without UPnP: these routers have no
+/// gateway to ask.
+fn lab_node(lab: &NatLab, ns: usize, dir: &std::path::Path, port: u16, args: &[&str]) -> Member {
+    let args: Vec<&str> = ["--no-upnp"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    common::netns::lab_node(lab, ns, dir, port, &args)
 }
 
 fn lab_or_skip(test: &str, label: &str, symmetric: bool) -> Option<NatLab> {
@@ -80,25 +53,6 @@ fn lab_or_skip(test: &str, label: &str, symmetric: bool) -> Option<NatLab> {
             );
             None
         }
-    }
-}
-
-/// A node in namespace `ns` listening on `port` (its API on 127.0.0.1:`port` + 3877 there),
-/// with `args` after the lab's common flags.
-fn lab_node(lab: &NatLab, ns: usize, dir: &std::path::Path, port: u16, args: &[&str]) -> Member {
-    let common = ["--no-mdns", "--no-upnp", "--port", &port.to_string()].map(str::to_owned);
-    let args: Vec<String> = common
-        .into_iter()
-        .chain(args.iter().map(|a| a.to_string()))
-        .collect();
-    Member {
-        process: spawn_node(
-            &lab.exec(ns),
-            dir,
-            &format!("127.0.0.1:{}", port + 3877),
-            &args,
-        ),
-        ns,
     }
 }
 
@@ -141,18 +95,6 @@ fn start(lab: &NatLab, root: &std::path::Path) -> (Member, Member, Member, Strin
     let a = home(HOME_A, "a", 0, &["--model", model.to_str().unwrap()]);
     let b = home(HOME_B, "b", 1, &[]);
     (relay, a, b, relay_id)
-}
-
-fn id_of(lab: &NatLab, member: &Member) -> String {
-    let mut id = String::new();
-    wait_until(LIMIT, "the node is up", || {
-        id = status(lab, member)["network"]["peer_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        !id.is_empty()
-    });
-    id
 }
 
 /// Waits until `member` calls itself private and holds a reservation with the relay, and
@@ -303,42 +245,6 @@ fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() 
     );
 }
 
-/// `member`'s /metrics, read inside its namespace.
-fn metrics(lab: &NatLab, m: &Member) -> String {
-    let token = std::fs::read_to_string(m.process.data_dir.join("api.token")).unwrap();
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            lab.names[m.ns].as_str(),
-            "curl",
-            "-s",
-            "-H",
-        ])
-        .arg(format!("Authorization: Bearer {}", token.trim()))
-        .arg(format!("http://{}/metrics", m.process.api))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The value of the series `name` (a metric's name, with its labels if it has any) in a
-/// /metrics text.
-fn gauge(metrics: &str, name: &str) -> Option<u64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// `mycel_nat_events_total{event, result}` of `member`.
-fn nat_events(lab: &NatLab, m: &Member, event: &str, result: &str) -> u64 {
-    let series = format!("mycel_nat_events_total{{event=\"{event}\",result=\"{result}\"}} ");
-    metrics(lab, m)
-        .lines()
-        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
     const TEST: &str = "behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why";
@@ -429,4 +335,161 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
         ok
     });
     assert_eq!(std::fs::read(&copy).unwrap(), vec![7u8; 300_000], "{last}");
+}
+
+/// A lying AutoNAT server cannot make a public node private for good, and pays for trying.
+///
+/// libp2p's servers answer only on connections the asker dialled, so every node here is on
+/// the internet: P in the internet's namespace, L and R in the routers' (each router's
+/// firewall opened for that node's port), and P is seen at one address by both. P's first
+/// and only server is L, whose firewall refuses every new connection to P but from L's own
+/// port: each of L's dial-backs fails, and L calls P unreachable (as a liar would, or a
+/// server that cannot dial out). With nobody else to ask, P believes it. Then R, an honest
+/// server, joins; P dials it, asks it, R's dial-back reaches P, P is public again, and L,
+/// contradicted, is charged (`false_verdict`). libp2p's own client kept L's verdict for good
+/// and charged nobody.
+#[test]
+fn a_lying_autonat_server_cannot_make_a_public_node_private_for_good() {
+    const TEST: &str = "a_lying_autonat_server_cannot_make_a_public_node_private_for_good";
+    const ROUTER_A: usize = 1;
+    const ROUTER_B: usize = 2;
+    let Some(lab) = lab_or_skip(TEST, "v", false) else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let nft = |ns: usize, rule: &str| {
+        let mut args = vec!["netns", "exec", lab.names[ns].as_str(), "nft"];
+        args.extend(rule.split(' '));
+        common::netns::run("ip", &args).unwrap();
+    };
+    // P is seen at one address by everyone: its packets towards router A's side leave from
+    // its address on router B's side too (the kernel picks the source by the route). So the
+    // address L fails is the one R is asked about.
+    let route = common::netns::output(
+        "ip",
+        &[
+            "-n",
+            &lab.names[INTERNET],
+            "-o",
+            "route",
+            "show",
+            "198.51.100.0/24",
+        ],
+    )
+    .unwrap();
+    let dev = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no device in {route:?}"))
+        .to_owned();
+    common::netns::ip(&[
+        "-n",
+        &lab.names[INTERNET],
+        "route",
+        "replace",
+        "198.51.100.0/24",
+        "dev",
+        &dev,
+        "src",
+        INTERNET_ADDRS[1],
+    ])
+    .unwrap();
+    // The routers' own firewalls let L and R be dialled.
+    nft(ROUTER_B, "insert rule ip fw in tcp dport 4002 accept");
+    nft(ROUTER_A, "insert rule ip fw in tcp dport 4003 accept");
+    // L's lie: new connections to P's port only from L's own (where libp2p dials from, to
+    // keep one mapping); its dial-backs come from new ports and are refused.
+    nft(ROUTER_B, "add table inet liar");
+    nft(
+        ROUTER_B,
+        "add chain inet liar out { type filter hook output priority 0 ; policy accept ; }",
+    );
+    nft(
+        ROUTER_B,
+        &format!(
+            "add rule inet liar out ip daddr {} tcp dport 4001 tcp sport != 4002 ct state new \
+             reject with tcp reset",
+            INTERNET_ADDRS[1]
+        ),
+    );
+
+    // R does not dial P itself (only its dial-backs, from new ports, go through): P must be
+    // the one that dials R, or R would not serve P (see above).
+    nft(ROUTER_A, "add table inet honest");
+    nft(
+        ROUTER_A,
+        "add chain inet honest out { type filter hook output priority 0 ; policy accept ; }",
+    );
+    nft(
+        ROUTER_A,
+        "add rule inet honest out tcp dport 4001 tcp sport 4003 ct state new reject with tcp reset",
+    );
+    nft(
+        ROUTER_A,
+        "add rule inet honest out udp dport 4001 udp sport 4003 reject",
+    );
+
+    let l = lab_node(&lab, ROUTER_B, &root.path().join("l"), 4002, &[]);
+    let l_id = id_of(&lab, &l);
+    let p = lab_node(
+        &lab,
+        INTERNET,
+        &root.path().join("p"),
+        4001,
+        &[
+            "--bootstrap",
+            &format!("/ip4/203.0.113.2/tcp/4002/p2p/{l_id}"),
+        ],
+    );
+    let mut last = Value::Null;
+    wait_until(
+        LIMIT,
+        "P believes its only server and calls itself private",
+        || {
+            last = status(&lab, &p)["network"].clone();
+            last["reachability"] == "private"
+        },
+    );
+    assert_eq!(
+        nat_events(&lab, &p, "autonat_probe", "reachable"),
+        0,
+        "{last}"
+    );
+
+    // R joins through L; P hears of it and dials it (short of its degree).
+    let _r = lab_node(
+        &lab,
+        ROUTER_A,
+        &root.path().join("r"),
+        4003,
+        &[
+            "--bootstrap",
+            &format!("/ip4/203.0.113.2/tcp/4002/p2p/{l_id}"),
+        ],
+    );
+    wait_until(
+        LIMIT,
+        "P, asked again by an honest server, is public",
+        || {
+            last = status(&lab, &p)["network"].clone();
+            last["reachability"] == "public"
+        },
+    );
+    // The very address L failed (libp2p's client never asked about it again).
+    assert!(
+        nat_events(&lab, &p, "autonat_probe", "reachable") >= 1,
+        "{last}"
+    );
+    wait_until(
+        LIMIT,
+        "P charges the server that called it unreachable",
+        || {
+            gauge(
+                &metrics(&lab, &p),
+                "mycel_rejected_messages_total{reason=\"false_verdict\"}",
+            )
+            .is_some_and(|n| n >= 1)
+        },
+    );
 }

@@ -10,21 +10,15 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::netns::VethPair;
-use common::{spawn_node_with, wait_until, NodeProcess};
+use common::netns::{Member, VethPair};
+use common::{spawn_node_with, wait_until};
 
 const TEST: &str = "two_halves_of_a_network_reconcile_after_a_blackhole_without_a_restart";
 
 /// What the node sees: peer id -> (state, announcement sequence number).
 type View = HashMap<String, (String, u64)>;
-
-struct Member {
-    process: NodeProcess,
-    ns: usize,
-}
 
 #[test]
 fn two_halves_of_a_network_reconcile_after_a_blackhole_without_a_restart() {
@@ -98,7 +92,7 @@ fn two_halves_of_a_network_reconcile_after_a_blackhole_without_a_restart() {
     let file = members[0].process.data_dir.with_file_name("during-cut.bin");
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 253) as u8).collect();
     std::fs::write(&file, &data).unwrap();
-    let (ok, out, err) = cli_raw(&pair, &members[0], &["put", file.to_str().unwrap()]);
+    let (ok, out, err) = common::netns::cli(&pair, &members[0], &["put", file.to_str().unwrap()]);
     assert!(ok, "put during the cut: {err}");
     let blob = out.trim().to_owned();
 
@@ -121,7 +115,7 @@ fn two_halves_of_a_network_reconcile_after_a_blackhole_without_a_restart() {
     let healed = restored.elapsed();
     // The other side finds the blob's provider across the healed link and fetches it.
     let copy = file.with_file_name("fetched.bin");
-    let (ok, _, err) = cli_raw(
+    let (ok, _, err) = common::netns::cli(
         &pair,
         &members[3],
         &["get", &blob, "-o", copy.to_str().unwrap()],
@@ -353,27 +347,6 @@ fn views(pair: &VethPair, members: &[Member]) -> Vec<View> {
 }
 
 fn cli(pair: &VethPair, member: &Member, command: &str) -> Option<serde_json::Value> {
-    let (_, out, _) = cli_raw(pair, member, &[command, "--json"]);
+    let (_, out, _) = common::netns::cli(pair, member, &[command, "--json"]);
     serde_json::from_str(&out).ok()
-}
-
-/// `mycel ARGS` against `member`, inside its namespace: (success, stdout, stderr).
-fn cli_raw(pair: &VethPair, member: &Member, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            pair.names[member.ns].as_str(),
-            common::MYCEL,
-        ])
-        .args(args)
-        .args(["--api", &member.process.api, "--data-dir"])
-        .arg(&member.process.data_dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }

@@ -39,6 +39,7 @@
 
 pub mod aggregate;
 pub mod antientropy;
+pub mod autonat;
 pub mod blob;
 pub mod compress;
 pub mod dp;

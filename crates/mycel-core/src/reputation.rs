@@ -46,6 +46,9 @@ pub fn penalty(reason: Rejection) -> f64 {
         // little (asked again after 2 s doubling to 2 min), one that is never where it says
         // pays at every try.
         Rejection::FalseRelay => 5.0,
+        // A server that cannot dial out (a firewall of its own) errs as a liar does; it is
+        // named only when another server's dial-back proved it wrong within minutes.
+        Rejection::FalseVerdict => 5.0,
         // A genuine statement that arrived after a newer one (gossip and anti-entropy race;
         // forgeries fail as bad signatures), or a training update for a round already
         // counted: news to nobody, harm to nobody.

@@ -56,11 +56,15 @@ pub enum Rejection {
     /// reservation.
     #[error("announced itself a public relay but nobody serves at its address")]
     FalseRelay,
+    /// An AutoNAT server called an address of ours unreachable shortly before another
+    /// server's dial-back reached it.
+    #[error("called a reachable address unreachable")]
+    FalseVerdict,
 }
 
 impl Rejection {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 13] = [
         Self::Oversized,
         Self::Malformed,
         Self::BadSignature,
@@ -73,6 +77,7 @@ impl Rejection {
         Self::BadReferral,
         Self::FalseReport,
         Self::FalseRelay,
+        Self::FalseVerdict,
     ];
 
     /// A short, stable label (used in metrics and logs).
@@ -90,6 +95,7 @@ impl Rejection {
             Self::BadReferral => "bad_referral",
             Self::FalseReport => "false_report",
             Self::FalseRelay => "false_relay",
+            Self::FalseVerdict => "false_verdict",
         }
     }
 }

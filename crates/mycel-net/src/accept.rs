@@ -18,6 +18,7 @@ use std::task::{Context, Poll, Waker};
 use libp2p::core::transport::PortUse;
 use libp2p::core::upgrade::{DeniedUpgrade, InboundUpgrade, UpgradeInfo};
 use libp2p::core::Endpoint;
+use libp2p::multiaddr::Protocol;
 use libp2p::swarm::handler::{ConnectionEvent, FullyNegotiatedInbound};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
@@ -50,14 +51,26 @@ struct Queue {
 struct Queues {
     by_protocol: HashMap<StreamProtocol, Queue>,
     /// The keys of `by_protocol`, kept beside them: every connection asks for them after each
-    /// of its polls, and an `Arc` is cheaper to hand out than a fresh list.
+    /// of its polls, and an `Arc` is cheaper to hand out than a fresh list. Without the
+    /// protocols accepted only on direct inbound connections (below).
     protocols: Arc<[StreamProtocol]>,
+    /// All the keys, for direct inbound connections.
+    protocols_inbound: Arc<[StreamProtocol]>,
+    /// Protocols offered only on connections the peer dialled directly (not through a
+    /// relay): AutoNAT's dial-back, which proves an address only over such a connection.
+    inbound_only: Vec<StreamProtocol>,
     dropped: Counter,
 }
 
 impl Queues {
     fn list_protocols(&mut self) {
-        self.protocols = self.by_protocol.keys().cloned().collect();
+        self.protocols_inbound = self.by_protocol.keys().cloned().collect();
+        self.protocols = self
+            .by_protocol
+            .keys()
+            .filter(|p| !self.inbound_only.contains(p))
+            .cloned()
+            .collect();
     }
 }
 
@@ -132,6 +145,8 @@ impl Drop for IncomingStreams {
     fn drop(&mut self) {
         let mut queues = lock(&self.queues);
         queues.by_protocol.remove(&self.protocol);
+        let protocol = &self.protocol;
+        queues.inbound_only.retain(|p| p != protocol);
         queues.list_protocols();
     }
 }
@@ -180,6 +195,22 @@ impl Acceptor {
         &self,
         protocol: StreamProtocol,
     ) -> Result<IncomingStreams, AlreadyAccepted> {
+        self.accept_where(protocol, false)
+    }
+
+    /// As [`Acceptor::accept`], on connections the peer dialled directly only.
+    pub(crate) fn accept_direct_inbound(
+        &self,
+        protocol: StreamProtocol,
+    ) -> Result<IncomingStreams, AlreadyAccepted> {
+        self.accept_where(protocol, true)
+    }
+
+    fn accept_where(
+        &self,
+        protocol: StreamProtocol,
+        direct_inbound_only: bool,
+    ) -> Result<IncomingStreams, AlreadyAccepted> {
         let mut queues = lock(&self.queues);
         if queues.by_protocol.contains_key(&protocol) {
             return Err(AlreadyAccepted);
@@ -187,6 +218,9 @@ impl Acceptor {
         queues
             .by_protocol
             .insert(protocol.clone(), Queue::default());
+        if direct_inbound_only {
+            queues.inbound_only.push(protocol.clone());
+        }
         queues.list_protocols();
         Ok(IncomingStreams {
             queues: self.queues.clone(),
@@ -204,11 +238,12 @@ impl NetworkBehaviour for Behaviour {
         _: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
-        _: &Multiaddr,
+        remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         Ok(Handler {
             peer,
             queues: self.queues.clone(),
+            direct_inbound: !remote.iter().any(|p| p == Protocol::P2pCircuit),
         })
     }
 
@@ -223,6 +258,7 @@ impl NetworkBehaviour for Behaviour {
         Ok(Handler {
             peer,
             queues: self.queues.clone(),
+            direct_inbound: false,
         })
     }
 
@@ -247,6 +283,8 @@ impl NetworkBehaviour for Behaviour {
 pub(crate) struct Handler {
     peer: PeerId,
     queues: Arc<Mutex<Queues>>,
+    /// The peer dialled this connection, not through a relay.
+    direct_inbound: bool,
 }
 
 /// The inbound upgrade: any of the protocols accepted when the stream was opened.
@@ -280,7 +318,12 @@ impl ConnectionHandler for Handler {
     type OutboundOpenInfo = Infallible;
 
     fn listen_protocol(&self) -> SubstreamProtocol<Protocols> {
-        let protocols = lock(&self.queues).protocols.clone();
+        let queues = lock(&self.queues);
+        let protocols = if self.direct_inbound {
+            queues.protocols_inbound.clone()
+        } else {
+            queues.protocols.clone()
+        };
         SubstreamProtocol::new(Protocols(protocols), ())
     }
 
@@ -325,5 +368,53 @@ mod tests {
         );
         drop(first);
         assert!(acceptor.accept(protocol).is_ok());
+    }
+
+    #[test]
+    fn a_direct_inbound_protocol_is_offered_only_on_connections_the_peer_dialled_directly() {
+        let mut behaviour = Behaviour::new(Counter::default());
+        let acceptor = behaviour.acceptor();
+        let everywhere = StreamProtocol::new("/test/any");
+        let inbound = StreamProtocol::new("/test/dial-back");
+        let _a = acceptor.accept(everywhere.clone()).unwrap();
+        let _b = acceptor.accept_direct_inbound(inbound.clone()).unwrap();
+        let peer = PeerId::random();
+        let local: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let offered = |handler: Handler| -> Vec<String> {
+            let mut list: Vec<String> = handler
+                .listen_protocol()
+                .upgrade()
+                .protocol_info()
+                .map(|p| p.to_string())
+                .collect();
+            list.sort();
+            list
+        };
+        let direct: Multiaddr = "/ip4/198.51.100.1/tcp/2".parse().unwrap();
+        let relayed: Multiaddr = format!("/ip4/198.51.100.1/tcp/2/p2p/{}/p2p-circuit", peer)
+            .parse()
+            .unwrap();
+        let id = ConnectionId::new_unchecked(0);
+        let h = behaviour
+            .handle_established_inbound_connection(id, peer, &local, &direct)
+            .unwrap();
+        assert_eq!(
+            offered(h),
+            vec![everywhere.to_string(), inbound.to_string()]
+        );
+        let h = behaviour
+            .handle_established_inbound_connection(id, peer, &local, &relayed)
+            .unwrap();
+        assert_eq!(offered(h), vec![everywhere.to_string()]);
+        let h = behaviour
+            .handle_established_outbound_connection(
+                id,
+                peer,
+                &direct,
+                Endpoint::Dialer,
+                PortUse::Reuse,
+            )
+            .unwrap();
+        assert_eq!(offered(h), vec![everywhere.to_string()]);
     }
 }

@@ -36,7 +36,6 @@ pub(crate) struct Behaviour {
     pub(crate) relay_client: relay::client::Behaviour,
     pub(crate) relay: Toggle<relay::Behaviour>,
     pub(crate) dcutr: Toggle<dcutr::Behaviour>,
-    pub(crate) autonat_client: Toggle<autonat::v2::client::Behaviour<rand_autonat::rngs::StdRng>>,
     pub(crate) autonat_server: Toggle<autonat::v2::server::Behaviour<rand_autonat::rngs::StdRng>>,
     pub(crate) upnp: Toggle<upnp::tokio::Behaviour>,
     pub(crate) identify: identify::Behaviour,
@@ -191,17 +190,13 @@ impl Behaviour {
                 },
             )
         });
-        // No NAT inside one process: the memory transport runs without probes.
-        let probes = nat.autonat && config.transport == TransportKind::TcpQuic;
-        let seeded = |salt: u64| rand_autonat::rngs::StdRng::seed_from_u64(config.seed ^ salt);
-        let autonat_client = probes.then(|| {
-            autonat::v2::client::Behaviour::new(
-                seeded(0x6175_746f),
-                autonat::v2::client::Config::default().with_probe_interval(Duration::from_secs(2)),
-            )
+        // libp2p's AutoNAT v2 server dials back the peers that ask; our own client asks
+        // (autonat.rs: libp2p's keeps one server's "unreachable" for good).
+        let autonat_server = config.probes_reachability().then(|| {
+            autonat::v2::server::Behaviour::new(rand_autonat::rngs::StdRng::seed_from_u64(
+                config.seed ^ 0x7365_7276,
+            ))
         });
-        let autonat_server =
-            probes.then(|| autonat::v2::server::Behaviour::new(seeded(0x7365_7276)));
         // SSDP goes to the LAN's multicast group: never from a node that only listens on
         // loopback (tests, a node kept to one machine).
         let upnp = (nat.upnp
@@ -216,7 +211,6 @@ impl Behaviour {
                 .hole_punch
                 .then(|| dcutr::Behaviour::new(peer_id))
                 .into(),
-            autonat_client: autonat_client.into(),
             autonat_server: autonat_server.into(),
             upnp: upnp.into(),
             connections: crate::cap::Behaviour::new(

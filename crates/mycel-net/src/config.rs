@@ -115,7 +115,9 @@ impl Timing {
 pub struct Limits {
     /// Established connections in total.
     pub max_connections: u32,
-    /// Established connections to one peer.
+    /// Established connections to one peer: two where both sides dialled at once, and one
+    /// for an AutoNAT dial-back (which comes over a new connection by design; with no room
+    /// for it, our own limit would refuse it and the server would call us unreachable).
     pub max_connections_per_peer: u32,
     /// Connections being set up, each direction.
     pub max_pending: u32,
@@ -160,7 +162,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 24,
-            max_connections_per_peer: 2,
+            max_connections_per_peer: 3,
             max_pending: 32,
             max_pending_per_ip: 4,
             max_inbound_per_ip: 8,
@@ -230,6 +232,14 @@ pub struct NatConfig {
     pub allow_relayed_data: bool,
     /// How long bulk data waits for a direct connection to a peer reached only by relay.
     pub direct_wait: Duration,
+}
+
+impl NetConfig {
+    /// Whether this node asks peers to dial it back (and dials back those that ask): not
+    /// inside one process, where the memory transport has no NAT to find.
+    pub(crate) fn probes_reachability(&self) -> bool {
+        self.nat.autonat && self.transport == TransportKind::TcpQuic
+    }
 }
 
 impl Default for NatConfig {

@@ -192,6 +192,8 @@ pub(crate) struct EventLoop {
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<PeerId>>, HashSet<PeerId>)>,
     /// Reachability, relay reservations, direct connections.
     nat: nat::Nat,
+    /// Dial-backs and servers' answers of our AutoNAT probes, from their tasks.
+    autonat_inputs: mpsc::Receiver<nat::AutoNatInput>,
     /// Probes of peers held alive without a connection (mycel-core's `probe`).
     prober: Prober<PeerId>,
     /// Their dials in flight.
@@ -210,6 +212,7 @@ impl EventLoop {
         listen_addrs: Vec<Multiaddr>,
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<NetEvent>,
+        dial_backs: Option<crate::task::IncomingStreams>,
     ) -> Self {
         let local = *swarm.local_peer_id();
         let timing = &config.timing;
@@ -233,7 +236,17 @@ impl EventLoop {
             config.limits.message_burst,
             4096,
         );
-        let nat = nat::Nat::new(now_ms(), !config.nat.external_addrs.is_empty());
+        let (autonat_tx, autonat_inputs) = mpsc::channel(64);
+        let nat = nat::Nat::new(
+            now_ms(),
+            !config.nat.external_addrs.is_empty(),
+            dial_backs.map(|incoming| nat::AutoNat {
+                probes: mycel_core::autonat::Probes::new(Default::default()),
+                control: swarm.behaviour().streams.new_control(),
+                inputs: autonat_tx,
+                dial_backs: Some(incoming),
+            }),
+        );
         let prober = Prober::new(ProbeConfig {
             quiet_interval_ms: timing.probe_interval.as_millis() as u64,
             alert_interval_ms: timing.probe_alert_interval.as_millis() as u64,
@@ -247,6 +260,7 @@ impl EventLoop {
         });
         Self {
             nat,
+            autonat_inputs,
             prober,
             probe_dials: HashMap::new(),
             capabilities: config.capabilities.clone(),
@@ -320,6 +334,7 @@ impl EventLoop {
             self.swarm.add_external_address(addr);
         }
         self.apply_relay_status();
+        self.serve_dial_backs();
         self.dial_initial_peers();
         self.announce();
 
@@ -348,6 +363,7 @@ impl EventLoop {
                     Some(command) => self.on_command(command),
                 },
                 _ = tick.tick() => self.on_tick(),
+                Some(input) = self.autonat_inputs.recv() => self.on_autonat_input(input),
                 _ = short_tick.tick() => {
                     if self.swarm.connected_peers().count() < self.config.limits.target_peers {
                         self.maintain_degree();
@@ -1906,7 +1922,9 @@ impl EventLoop {
             SwarmEvent::ListenerError { listener_id, error } => {
                 self.on_listener_closed(listener_id, &error.to_string())
             }
-            SwarmEvent::ExternalAddrConfirmed { .. } | SwarmEvent::ExternalAddrExpired { .. } => {
+            SwarmEvent::ExternalAddrConfirmed { .. } => self.on_external_addrs_changed(),
+            SwarmEvent::ExternalAddrExpired { address } => {
+                self.on_external_addr_expired(&address);
                 self.on_external_addrs_changed()
             }
             _ => {}
@@ -1961,7 +1979,6 @@ impl EventLoop {
                     }
                 }
             }
-            BehaviourEvent::AutonatClient(event) => self.on_autonat_client(event),
             BehaviourEvent::RelayClient(event) => self.on_relay_client(event),
             BehaviourEvent::Dcutr(event) => self.on_dcutr(event),
             BehaviourEvent::Upnp(event) => self.on_upnp(event),
@@ -2001,6 +2018,13 @@ impl EventLoop {
         {
             self.kad_add(peer, &addrs);
         }
+        if info
+            .protocols
+            .contains(&crate::autonat::DIAL_REQUEST_PROTOCOL)
+        {
+            self.autonat_server_up(peer);
+        }
+        self.on_observed_addr(peer, info.observed_addr.clone());
         self.remember_addrs(peer, addrs.clone());
         if !addrs.is_empty() {
             let _ = self

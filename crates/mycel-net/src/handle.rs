@@ -212,6 +212,14 @@ pub async fn spawn(
             .map_err(|_| NetError::Other(format!("{protocol} is listed twice in `accept`")))?;
         accepted.insert(protocol.clone(), incoming);
     }
+    let dial_backs = match config.probes_reachability() {
+        true => Some(
+            acceptor
+                .accept_direct_inbound(crate::autonat::DIAL_BACK_PROTOCOL)
+                .map_err(|_| NetError::Other("AutoNAT dial-backs are accepted twice".into()))?,
+        ),
+        false => None,
+    };
     let libp2p_metrics = config
         .libp2p_metrics
         .then(|| libp2p::metrics::Metrics::new(registry));
@@ -292,6 +300,7 @@ pub async fn spawn(
         listen_addrs,
         command_rx,
         event_tx,
+        dial_backs,
     );
     // Several nodes may share a process (tests, `mycel bench net`): each one's debug lines
     // name it.

@@ -20,6 +20,7 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 mod accept;
+mod autonat;
 mod behaviour;
 mod cap;
 mod config;

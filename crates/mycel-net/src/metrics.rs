@@ -75,7 +75,7 @@ pub(crate) struct NatLabel {
 }
 
 /// NAT events counted in `mycel_nat_events_total`.
-pub(crate) const NAT_EVENTS: [(&str, &str); 12] = [
+pub(crate) const NAT_EVENTS: [(&str, &str); 16] = [
     ("autonat_probe", "reachable"),
     ("autonat_probe", "unreachable"),
     ("relay_reservation", "accepted"),
@@ -88,6 +88,10 @@ pub(crate) const NAT_EVENTS: [(&str, &str); 12] = [
     ("hole_punch", "failed"),
     ("bulk_over_relay", "refused"),
     ("relayed_connection", "opened"),
+    ("upnp", "mapped"),
+    ("upnp", "expired"),
+    ("upnp", "no_gateway"),
+    ("upnp", "non_routable"),
 ];
 
 pub(crate) const GOSSIP: &str = "gossip";
@@ -191,7 +195,8 @@ impl NetMetrics {
         );
         sub.register(
             "nat_events",
-            "NAT traversal: AutoNAT probes, relay reservations, hole punches, bulk data refused a relay",
+            "NAT traversal: AutoNAT probes, relay reservations, hole punches, bulk data refused a \
+             relay, UPnP port mappings (mapped, expired, no gateway, gateway not on the internet)",
             metrics.nat.clone(),
         );
         for (event, result) in NAT_EVENTS {

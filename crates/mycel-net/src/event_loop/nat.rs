@@ -5,16 +5,18 @@
 
 use std::collections::HashMap;
 
+use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError};
-use libp2p::{autonat, dcutr, relay, upnp, Multiaddr, PeerId};
+use libp2p::{dcutr, relay, upnp, Multiaddr, PeerId};
+use mycel_core::autonat::{Answer, Finding, Probes};
 use mycel_core::membership::{Link, PeerInfo, PeerState};
 use mycel_core::reach::{Reach, ReachConfig, Reachability};
 use mycel_core::wire::Rejection;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
 
 use super::EventLoop;
@@ -28,9 +30,40 @@ pub(super) struct Waiter {
     reply: oneshot::Sender<Result<(), NetError>>,
 }
 
+/// Our AutoNAT client: the decisions (mycel-core's `autonat`) and what carries them out.
+pub(super) struct AutoNat {
+    pub(super) probes: Probes<PeerId, Multiaddr>,
+    /// Opens dial-request streams.
+    pub(super) control: libp2p_stream::Control,
+    /// Where the probe tasks report.
+    pub(super) inputs: mpsc::Sender<AutoNatInput>,
+    /// Servers' dial-back streams, until the event loop starts answering them.
+    pub(super) dial_backs: Option<crate::task::IncomingStreams>,
+}
+
+/// What a probe task learnt.
+pub(super) enum AutoNatInput {
+    /// `from` dialled us and handed over `nonce`.
+    DialBack { from: PeerId, nonce: u64 },
+    /// The server's verdict on the probe with `nonce`.
+    Answer { nonce: u64, answer: Answer },
+}
+
+/// A whole probe (opening the stream, data the server may ask for, its dial, its answer) is
+/// given up after this; mycel-core's timeout (30 s) is the backstop.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(25);
+/// A dial-back stream must hand over its nonce within this.
+const DIAL_BACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Dial-back streams answered at once at most, in all and from one peer; more are dropped
+/// (the server then reports a dial-back error: no verdict).
+const DIAL_BACKS_AT_ONCE: usize = 16;
+const DIAL_BACKS_PER_PEER: usize = 2;
+
 /// NAT traversal state of one node.
 pub(super) struct Nat {
     pub(super) reach: Reach<PeerId>,
+    /// `None` where the node does not probe (one process, or switched off).
+    pub(super) autonat: Option<AutoNat>,
     /// Listeners on relays (`.../p2p/RELAY/p2p-circuit`), by the relay they go through.
     listeners: HashMap<ListenerId, PeerId>,
     /// Addresses others reach us at through a relay, by listener.
@@ -52,13 +85,14 @@ pub(super) struct Nat {
 }
 
 impl Nat {
-    pub(super) fn new(now: u64, forced_public: bool) -> Self {
+    pub(super) fn new(now: u64, forced_public: bool, autonat: Option<AutoNat>) -> Self {
         let mut reach = Reach::new(ReachConfig::default(), now);
         if forced_public {
             reach.force(Reachability::Public);
         }
         Self {
             reach,
+            autonat,
             listeners: HashMap::new(),
             relayed_addrs: Vec::new(),
             relayed_conns: HashMap::new(),
@@ -122,6 +156,28 @@ fn nobody_serves_there(error: &DialError) -> bool {
         }
         DialError::WrongPeerId { .. } => true,
         _ => false,
+    }
+}
+
+/// Opens a dial-request stream to `server`. libp2p's server answers only on connections the
+/// asker dialled, and libp2p-stream picks one of a peer's connections at random: where both
+/// sides dialled, a few tries find the right one.
+async fn open_dial_request(
+    control: &mut libp2p_stream::Control,
+    server: PeerId,
+) -> std::io::Result<libp2p::Stream> {
+    const TRIES: usize = 4;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match control
+            .open_stream(server, crate::autonat::DIAL_REQUEST_PROTOCOL)
+            .await
+        {
+            Ok(stream) => return Ok(stream),
+            Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) if tries < TRIES => {}
+            Err(e) => return Err(std::io::Error::other(e)),
+        }
     }
 }
 
@@ -207,32 +263,222 @@ impl EventLoop {
         }
     }
 
-    pub(super) fn on_autonat_client(&mut self, event: autonat::v2::client::Event) {
-        let ok = event.result.is_ok();
-        debug!(addr = %event.tested_addr, server = %event.server, ok, "AutoNAT probe");
-        // Only a dial-back to an address of our own on the internet says whether we can be
-        // reached: relayed candidates and bare peer ids (both seen from libp2p) say nothing.
-        if is_relayed(&event.tested_addr) || !is_global(&event.tested_addr) {
+    /// Starts answering servers' dial-backs: each hands over its nonce on a stream of its
+    /// own, read with a deadline, a bounded number at once.
+    pub(super) fn serve_dial_backs(&mut self) {
+        let Some(auto) = self.nat.autonat.as_mut() else {
+            return;
+        };
+        let Some(mut incoming) = auto.dial_backs.take() else {
+            return;
+        };
+        let inputs = auto.inputs.clone();
+        tokio::spawn(async move {
+            let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(DIAL_BACKS_AT_ONCE));
+            let per_peer: std::sync::Arc<std::sync::Mutex<HashMap<PeerId, usize>>> =
+                Default::default();
+            loop {
+                let (from, stream) = tokio::select! {
+                    next = incoming.next() => match next {
+                        Some(next) => next,
+                        None => return,
+                    },
+                    // The event loop is gone.
+                    _ = inputs.closed() => return,
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    continue;
+                };
+                {
+                    let mut held = per_peer.lock().unwrap_or_else(|e| e.into_inner());
+                    let mine = held.entry(from).or_default();
+                    if *mine >= DIAL_BACKS_PER_PEER {
+                        continue;
+                    }
+                    *mine += 1;
+                }
+                let inputs = inputs.clone();
+                let per_peer = per_peer.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let answered = tokio::time::timeout(
+                        DIAL_BACK_TIMEOUT,
+                        crate::autonat::answer_dial_back(stream),
+                    )
+                    .await;
+                    {
+                        let mut held = per_peer.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(n) = held.get_mut(&from) {
+                            *n -= 1;
+                            if *n == 0 {
+                                held.remove(&from);
+                            }
+                        }
+                    }
+                    if let Ok(Ok(nonce)) = answered {
+                        let _ = inputs.send(AutoNatInput::DialBack { from, nonce }).await;
+                    }
+                });
+            }
+        });
+    }
+
+    /// `reporter` says where it sees us (identify's observed address): an address on the
+    /// internet, not through a relay, is a candidate to have dialled back, with the port we
+    /// listen on for its transport (as libp2p's identify translates it): a connection we
+    /// dialled may have left from another port, or a NAT may have given it another, and
+    /// what counts is whether the internet reaches our listener. A LAN address or a relayed
+    /// one says nothing about whether the internet reaches us.
+    pub(super) fn on_observed_addr(&mut self, reporter: PeerId, addr: Multiaddr) {
+        if is_relayed(&addr) || !is_global(&addr) {
             return;
         }
-        self.metrics.nat_event(
-            "autonat_probe",
-            if ok { "reachable" } else { "unreachable" },
-        );
-        if self.nat.reach.on_probe(ok) {
-            self.reachability_changed();
+        let listening = |tcp: bool| {
+            self.listen_addrs.iter().find_map(|l| {
+                l.iter().find_map(|p| match p {
+                    Protocol::Tcp(port) if tcp => Some(port),
+                    Protocol::Udp(port) if !tcp => Some(port),
+                    _ => None,
+                })
+            })
+        };
+        let mut translated = Multiaddr::empty();
+        for p in addr.iter() {
+            translated.push(match p {
+                Protocol::Tcp(_) => match listening(true) {
+                    Some(port) => Protocol::Tcp(port),
+                    None => return,
+                },
+                Protocol::Udp(_) => match listening(false) {
+                    Some(port) => Protocol::Udp(port),
+                    None => return,
+                },
+                // Only what names the address and transport: a trailing /p2p/ID is ours.
+                Protocol::P2p(_) => continue,
+                p => p,
+            });
+        }
+        if let Some(auto) = self.nat.autonat.as_mut() {
+            auto.probes.add_candidate(translated, reporter);
+        }
+    }
+
+    /// A confirmed address expired: it is tested again like a new candidate.
+    pub(super) fn on_external_addr_expired(&mut self, addr: &Multiaddr) {
+        if let Some(auto) = self.nat.autonat.as_mut() {
+            auto.probes.reopen(addr);
+        }
+    }
+
+    /// `peer` speaks AutoNAT as a server. Asked only over a direct connection: over a relay
+    /// it would see the relay's address, not ours.
+    pub(super) fn autonat_server_up(&mut self, peer: PeerId) {
+        if !self.nat.has_direct(&peer) {
+            return;
+        }
+        if let Some(auto) = self.nat.autonat.as_mut() {
+            auto.probes.server_up(peer);
+        }
+    }
+
+    /// Sends the probes that are due, each in a task of its own that reports its answer.
+    fn autonat_tick(&mut self, now: u64) {
+        let Some(auto) = self.nat.autonat.as_mut() else {
+            return;
+        };
+        let settled = auto.probes.expire(now, &mut self.rng);
+        for finding in settled {
+            self.on_autonat_finding(finding);
+        }
+        let Some(auto) = self.nat.autonat.as_mut() else {
+            return;
+        };
+        // A server we hold as many connections with as the limit allows could not dial us
+        // back: our limit would refuse its new connection, and it would call us unreachable.
+        let links = &self.since;
+        let per_peer = self.config.limits.max_connections_per_peer;
+        let usable = |p: &PeerId| links.get(p).map_or(0, |l| l.conns) < per_peer;
+        for probe in auto.probes.poll(now, usable, &mut self.rng) {
+            debug!(server = %probe.server, addr = %probe.addr, "AutoNAT probe sent");
+            let mut control = auto.control.clone();
+            let inputs = auto.inputs.clone();
+            tokio::spawn(async move {
+                let asked = tokio::time::timeout(PROBE_TIMEOUT, async {
+                    let stream = open_dial_request(&mut control, probe.server).await?;
+                    crate::autonat::ask(stream, &probe.addr, probe.nonce).await
+                })
+                .await;
+                let answer = match asked {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(e)) => {
+                        debug!(server = %probe.server, "AutoNAT probe failed: {e}");
+                        Answer::Inconclusive
+                    }
+                    Err(_) => Answer::Inconclusive,
+                };
+                let nonce = probe.nonce;
+                let _ = inputs.send(AutoNatInput::Answer { nonce, answer }).await;
+            });
+        }
+    }
+
+    pub(super) fn on_autonat_input(&mut self, input: AutoNatInput) {
+        let now = now_ms();
+        let Some(auto) = self.nat.autonat.as_mut() else {
+            return;
+        };
+        let finding = match input {
+            AutoNatInput::DialBack { from, nonce } => auto.probes.on_dial_back(nonce, &from, now),
+            AutoNatInput::Answer { nonce, answer } => {
+                debug!(?answer, "AutoNAT answer");
+                auto.probes.on_answer(nonce, answer, now, &mut self.rng)
+            }
+        };
+        if let Some(finding) = finding {
+            self.on_autonat_finding(finding);
+        }
+    }
+
+    fn on_autonat_finding(&mut self, finding: Finding<PeerId, Multiaddr>) {
+        match finding {
+            Finding::Confirmed { addr, wrong } => {
+                info!(%addr, "address confirmed by a dial-back");
+                self.metrics.nat_event("autonat_probe", "reachable");
+                for server in wrong {
+                    info!(%server, %addr, "AutoNAT server called a reachable address unreachable");
+                    self.reject(server, Rejection::FalseVerdict);
+                }
+                let before = self.nat.reach.status();
+                self.nat.reach.on_probe(true);
+                // Announced from the swarm's list (which tells the behaviours, not us).
+                self.swarm.add_external_address(addr);
+                self.external_addrs_changed_since(before);
+            }
+            Finding::Refuted { addr } => {
+                info!(%addr, "address not reachable from outside");
+                self.metrics.nat_event("autonat_probe", "unreachable");
+                if self.nat.reach.on_probe(false) {
+                    self.reachability_changed();
+                }
+            }
         }
     }
 
     /// The swarm's confirmed external addresses changed (AutoNAT, a gateway, a relay).
     pub(super) fn on_external_addrs_changed(&mut self) {
+        self.external_addrs_changed_since(self.nat.reach.status());
+    }
+
+    /// As [`Self::on_external_addrs_changed`], for a node whose status was `before`.
+    fn external_addrs_changed_since(&mut self, before: Reachability) {
         // An address confirmed by a neighbour on the LAN says nothing about the internet.
         let confirmed = self
             .swarm
             .external_addresses()
             .filter(|a| !is_relayed(a) && is_global(a))
             .count();
-        if self.nat.reach.set_confirmed(confirmed) {
+        self.nat.reach.set_confirmed(confirmed);
+        if self.nat.reach.status() != before {
             self.reachability_changed();
         } else {
             self.announce();
@@ -300,17 +546,30 @@ impl EventLoop {
         }
     }
 
+    /// What the UPnP gateway did, logged and counted. The mapped address itself reaches us as
+    /// a confirmed external address (libp2p-upnp confirms it to the swarm), which
+    /// `on_external_addrs_changed` turns into reachability; the count tells an operator (and
+    /// the tests) that it was the gateway, not AutoNAT, that made the node public.
     pub(super) fn on_upnp(&mut self, event: upnp::Event) {
-        match event {
+        let result = match event {
             upnp::Event::NewExternalAddr { external_addr, .. } => {
-                info!(%external_addr, "gateway mapped a port")
+                info!(%external_addr, "gateway mapped a port");
+                "mapped"
             }
             upnp::Event::ExpiredExternalAddr { external_addr, .. } => {
-                info!(%external_addr, "gateway mapping expired")
+                info!(%external_addr, "gateway mapping expired");
+                "expired"
             }
-            upnp::Event::GatewayNotFound => debug!("no UPnP gateway"),
-            upnp::Event::NonRoutableGateway => debug!("UPnP gateway is not on the internet"),
-        }
+            upnp::Event::GatewayNotFound => {
+                debug!("no UPnP gateway");
+                "no_gateway"
+            }
+            upnp::Event::NonRoutableGateway => {
+                debug!("UPnP gateway is not on the internet");
+                "non_routable"
+            }
+        };
+        self.metrics.nat_event("upnp", result);
     }
 
     /// `info` with how we are connected to `peer` now.
@@ -493,6 +752,9 @@ impl EventLoop {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.nat.direct.remove(&peer);
+                if let Some(auto) = self.nat.autonat.as_mut() {
+                    auto.probes.server_down(&peer);
+                }
             }
         }
         // A hole punch's timing is kept while connected. When the last connection closes,
@@ -509,6 +771,7 @@ impl EventLoop {
 
     /// Once a tick: expire waiters, ask relays for reservations while we need them.
     pub(super) fn nat_tick(&mut self, now: u64) {
+        self.autonat_tick(now);
         let memory = RELAYED_MEMORY.as_millis() as u64;
         let swarm = &self.swarm;
         self.nat
