@@ -40,7 +40,7 @@ pub(crate) struct AlreadyAccepted;
 /// The waiting streams of one protocol.
 #[derive(Default)]
 struct Queue {
-    streams: VecDeque<(PeerId, Stream)>,
+    streams: VecDeque<(PeerId, ConnectionId, Stream)>,
     per_peer: HashMap<PeerId, usize>,
     waker: Option<Waker>,
 }
@@ -80,7 +80,13 @@ fn lock(queues: &Mutex<Queues>) -> MutexGuard<'_, Queues> {
 
 impl Queues {
     /// Queues `stream` for its acceptor, or drops it past a bound or with no acceptor.
-    fn push(&mut self, peer: PeerId, stream: Stream, protocol: StreamProtocol) {
+    fn push(
+        &mut self,
+        peer: PeerId,
+        connection: ConnectionId,
+        stream: Stream,
+        protocol: StreamProtocol,
+    ) {
         let Some(queue) = self.by_protocol.get_mut(&protocol) else {
             tracing::debug!(%peer, %protocol, "no acceptor; inbound stream dropped");
             self.dropped.inc();
@@ -93,7 +99,7 @@ impl Queues {
             return;
         }
         *queue.per_peer.entry(peer).or_default() += 1;
-        queue.streams.push_back((peer, stream));
+        queue.streams.push_back((peer, connection, stream));
         if let Some(waker) = queue.waker.take() {
             waker.wake();
         }
@@ -115,29 +121,40 @@ impl std::fmt::Debug for IncomingStreams {
     }
 }
 
-impl futures::Stream for IncomingStreams {
-    type Item = (PeerId, Stream);
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+impl IncomingStreams {
+    /// The next stream, with the connection it came on.
+    pub(crate) fn poll_next_on(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<(PeerId, ConnectionId, Stream)>> {
         let mut queues = lock(&self.queues);
         let Some(queue) = queues.by_protocol.get_mut(&self.protocol) else {
             return Poll::Ready(None);
         };
         match queue.streams.pop_front() {
-            Some((peer, stream)) => {
+            Some((peer, connection, stream)) => {
                 if let Some(n) = queue.per_peer.get_mut(&peer) {
                     *n -= 1;
                     if *n == 0 {
                         queue.per_peer.remove(&peer);
                     }
                 }
-                Poll::Ready(Some((peer, stream)))
+                Poll::Ready(Some((peer, connection, stream)))
             }
             None => {
                 queue.waker = Some(cx.waker().clone());
                 Poll::Pending
             }
         }
+    }
+}
+
+impl futures::Stream for IncomingStreams {
+    type Item = (PeerId, Stream);
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.poll_next_on(cx)
+            .map(|next| next.map(|(peer, _, stream)| (peer, stream)))
     }
 }
 
@@ -235,13 +252,14 @@ impl NetworkBehaviour for Behaviour {
 
     fn handle_established_inbound_connection(
         &mut self,
-        _: ConnectionId,
+        connection: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
         remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         Ok(Handler {
             peer,
+            connection,
             queues: self.queues.clone(),
             direct_inbound: !remote.iter().any(|p| p == Protocol::P2pCircuit),
         })
@@ -249,7 +267,7 @@ impl NetworkBehaviour for Behaviour {
 
     fn handle_established_outbound_connection(
         &mut self,
-        _: ConnectionId,
+        connection: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
         _: Endpoint,
@@ -257,6 +275,7 @@ impl NetworkBehaviour for Behaviour {
     ) -> Result<THandler<Self>, ConnectionDenied> {
         Ok(Handler {
             peer,
+            connection,
             queues: self.queues.clone(),
             direct_inbound: false,
         })
@@ -282,6 +301,7 @@ impl NetworkBehaviour for Behaviour {
 /// the negotiated ones.
 pub(crate) struct Handler {
     peer: PeerId,
+    connection: ConnectionId,
     queues: Arc<Mutex<Queues>>,
     /// The peer dialled this connection, not through a relay.
     direct_inbound: bool,
@@ -347,7 +367,7 @@ impl ConnectionHandler for Handler {
             ..
         }) = event
         {
-            lock(&self.queues).push(self.peer, stream, protocol);
+            lock(&self.queues).push(self.peer, self.connection, stream, protocol);
         }
     }
 }

@@ -245,6 +245,7 @@ impl EventLoop {
                 control: swarm.behaviour().streams.new_control(),
                 inputs: autonat_tx,
                 dial_backs: Some(incoming),
+                sent: HashMap::new(),
             }),
         );
         let prober = Prober::new(ProbeConfig {

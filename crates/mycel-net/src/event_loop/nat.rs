@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 
-use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
@@ -39,12 +38,20 @@ pub(super) struct AutoNat {
     pub(super) inputs: mpsc::Sender<AutoNatInput>,
     /// Servers' dial-back streams, until the event loop starts answering them.
     pub(super) dial_backs: Option<crate::task::IncomingStreams>,
+    /// Per probe out (by nonce): when it was sent and the connections its server already
+    /// held with us then. A dial-back proves an address only over a new connection, not
+    /// one the server had open before (a liar would hand the nonce over that).
+    pub(super) sent: HashMap<u64, (u64, Vec<ConnectionId>)>,
 }
 
 /// What a probe task learnt.
 pub(super) enum AutoNatInput {
-    /// `from` dialled us and handed over `nonce`.
-    DialBack { from: PeerId, nonce: u64 },
+    /// `from` handed over `nonce` on `connection` (one it dialled to us directly).
+    DialBack {
+        from: PeerId,
+        connection: ConnectionId,
+        nonce: u64,
+    },
     /// The server's verdict on the probe with `nonce`.
     Answer { nonce: u64, answer: Answer },
 }
@@ -72,6 +79,8 @@ pub(super) struct Nat {
     relayed_conns: HashMap<ConnectionId, PeerId>,
     /// Direct (not relayed) connections per peer.
     direct: HashMap<PeerId, usize>,
+    /// Direct connections each peer dialled to us, open now.
+    inbound: HashMap<PeerId, Vec<ConnectionId>>,
     /// When the first relayed connection to each peer opened (no direct one yet).
     relayed_since: HashMap<PeerId, u64>,
     /// Milliseconds from a peer's first relayed connection to its first direct one.
@@ -97,6 +106,7 @@ impl Nat {
             relayed_addrs: Vec::new(),
             relayed_conns: HashMap::new(),
             direct: HashMap::new(),
+            inbound: HashMap::new(),
             relayed_since: HashMap::new(),
             direct_after: HashMap::new(),
             relay_dials: HashMap::new(),
@@ -278,8 +288,8 @@ impl EventLoop {
             let per_peer: std::sync::Arc<std::sync::Mutex<HashMap<PeerId, usize>>> =
                 Default::default();
             loop {
-                let (from, stream) = tokio::select! {
-                    next = incoming.next() => match next {
+                let (from, connection, stream) = tokio::select! {
+                    next = futures::future::poll_fn(|cx| incoming.poll_next_on(cx)) => match next {
                         Some(next) => next,
                         None => return,
                     },
@@ -316,7 +326,12 @@ impl EventLoop {
                         }
                     }
                     if let Ok(Ok(nonce)) = answered {
-                        let _ = inputs.send(AutoNatInput::DialBack { from, nonce }).await;
+                        let dial_back = AutoNatInput::DialBack {
+                            from,
+                            connection,
+                            nonce,
+                        };
+                        let _ = inputs.send(dial_back).await;
                     }
                 });
             }
@@ -398,8 +413,22 @@ impl EventLoop {
         let links = &self.since;
         let per_peer = self.config.limits.max_connections_per_peer;
         let usable = |p: &PeerId| links.get(p).map_or(0, |l| l.conns) < per_peer;
-        for probe in auto.probes.poll(now, usable, &mut self.rng) {
+        let probes = auto.probes.poll(now, usable, &mut self.rng);
+        // Probes long settled (the core's timeout is 30 s) need no record.
+        auto.sent
+            .retain(|_, (at, _)| now.saturating_sub(*at) < 60_000);
+        for probe in probes {
             debug!(server = %probe.server, addr = %probe.addr, "AutoNAT probe sent");
+            let held = self
+                .nat
+                .inbound
+                .get(&probe.server)
+                .cloned()
+                .unwrap_or_default();
+            let Some(auto) = self.nat.autonat.as_mut() else {
+                return;
+            };
+            auto.sent.insert(probe.nonce, (now, held));
             let mut control = auto.control.clone();
             let inputs = auto.inputs.clone();
             tokio::spawn(async move {
@@ -428,7 +457,21 @@ impl EventLoop {
             return;
         };
         let finding = match input {
-            AutoNatInput::DialBack { from, nonce } => auto.probes.on_dial_back(nonce, &from, now),
+            AutoNatInput::DialBack {
+                from,
+                connection,
+                nonce,
+            } => {
+                let old = auto
+                    .sent
+                    .get(&nonce)
+                    .is_some_and(|(_, held)| held.contains(&connection));
+                if old {
+                    info!(server = %from, "AutoNAT nonce handed over on an old connection");
+                    return;
+                }
+                auto.probes.on_dial_back(nonce, &from, now)
+            }
             AutoNatInput::Answer { nonce, answer } => {
                 debug!(?answer, "AutoNAT answer");
                 auto.probes.on_answer(nonce, answer, now, &mut self.rng)
@@ -676,6 +719,9 @@ impl EventLoop {
             return;
         }
         *self.nat.direct.entry(peer).or_default() += 1;
+        if !endpoint.is_dialer() {
+            self.nat.inbound.entry(peer).or_default().push(connection);
+        }
         if let Some(since) = self.nat.relayed_since.remove(&peer) {
             let after = now_ms().saturating_sub(since);
             self.nat.direct_after.insert(peer, after);
@@ -749,6 +795,12 @@ impl EventLoop {
         if self.nat.relayed_conns.remove(&connection).is_some() {
             self.settle_waiters(peer);
         } else if let Some(n) = self.nat.direct.get_mut(&peer) {
+            if let Some(inbound) = self.nat.inbound.get_mut(&peer) {
+                inbound.retain(|c| *c != connection);
+                if inbound.is_empty() {
+                    self.nat.inbound.remove(&peer);
+                }
+            }
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.nat.direct.remove(&peer);
