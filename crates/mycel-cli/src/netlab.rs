@@ -664,6 +664,24 @@ impl VethPair {
         Ok(())
     }
 
+    /// Takes the link down at both ends (as when a cable is pulled): the kernels see it go,
+    /// routes through it are gone, and senders get errors at once instead of silence.
+    pub fn link_down(&self) -> Result<(), String> {
+        self.set_link("down")
+    }
+
+    /// Undoes [`Self::link_down`].
+    pub fn link_up(&self) -> Result<(), String> {
+        self.set_link("up")
+    }
+
+    fn set_link(&self, state: &str) -> Result<(), String> {
+        for i in 0..2 {
+            ip(&["-n", &self.names[i], "link", "set", &self.devs[i], state])?;
+        }
+        Ok(())
+    }
+
     /// Undoes [`Self::blackhole`].
     pub fn restore(&self) -> Result<(), String> {
         for name in &self.names {

@@ -1,9 +1,11 @@
 //! `mycel bench partition`: a network cut in two and healed, on real kernels' networking.
 //!
 //! N `mycel` processes, half in each of two network namespaces joined by a veth pair (see
-//! `netlab.rs`). Once every node sees every other alive, the link turns into a blackhole
-//! (nftables drops everything arriving over it: no error reaches anyone, only silence) for
-//! `--cut-secs`, and at least until every node has announced again. During the cut one node on
+//! `netlab.rs`). Once every node sees every other alive, the link is cut for `--cut-secs`,
+//! and at least until every node has announced again: `--cut blackhole` (the default)
+//! drops everything arriving over it (nftables: no error reaches anyone, only silence);
+//! `--cut down` takes the link down at both ends (the kernels see it go, and senders get
+//! errors at once). During the cut one node on
 //! each side stores a blob, so its provider record lives only in its own half. Then the link
 //! comes back and, with no restart, the halves must reconcile. Per run:
 //!
@@ -49,6 +51,9 @@ pub(crate) struct PartitionBenchArgs {
     /// again).
     #[arg(long, default_value_t = 30)]
     cut_secs: u64,
+    /// How the link is cut: `blackhole` (silence) or `down` (the link goes away).
+    #[arg(long, value_enum, default_value_t = Cut::Blackhole)]
+    cut: Cut,
     /// The nodes' ping interval in seconds (`mycel node --ping-interval`).
     #[arg(long, default_value_t = 1)]
     ping_interval: u64,
@@ -58,6 +63,38 @@ pub(crate) struct PartitionBenchArgs {
     /// Print one JSON object per run, and one with the medians, on stdout.
     #[arg(long)]
     json: bool,
+}
+
+/// How the link between the halves is cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Cut {
+    /// Every packet arriving over the link is dropped.
+    Blackhole,
+    /// The link is taken down at both ends.
+    Down,
+}
+
+impl Cut {
+    fn apply(self, pair: &VethPair) -> Result<(), String> {
+        match self {
+            Self::Blackhole => pair.blackhole(),
+            Self::Down => pair.link_down(),
+        }
+    }
+
+    fn undo(self, pair: &VethPair) -> Result<(), String> {
+        match self {
+            Self::Blackhole => pair.restore(),
+            Self::Down => pair.link_up(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Blackhole => "blackhole",
+            Self::Down => "down",
+        }
+    }
 }
 
 /// How long convergence, detection or healing may take before the run reports it failed.
@@ -103,6 +140,7 @@ fn run_blocking(args: PartitionBenchArgs) -> anyhow::Result<()> {
     let median = |key: &str| median(&reports, key).map(f64::round);
     let summary = json!({
         "nodes": args.nodes,
+        "cut": args.cut.name(),
         "runs": reports.len(),
         "healed": reports.iter().filter(|r| !r["heal_ms"].is_null()).count(),
         "converge_ms_median": median("converge_ms"),
@@ -215,7 +253,7 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
     };
     // The cut takes effect with the first rule: time it from before the rules go in.
     let cut = Instant::now();
-    pair.blackhole().map_err(anyhow::Error::msg)?;
+    args.cut.apply(&pair).map_err(anyhow::Error::msg)?;
     let mut detected_ms = None;
     let mut told = false;
     poll_until(&members, "each half sees the other failed", |v| {
@@ -272,7 +310,7 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
     let cut_ms = ms(cut.elapsed());
     eprintln!("  each half failed the other after {detected_ms:?} ms; restoring the link after {cut_ms} ms");
 
-    pair.restore().map_err(anyhow::Error::msg)?;
+    args.cut.undo(&pair).map_err(anyhow::Error::msg)?;
     let restored = Instant::now();
     // (viewer, announcer) pairs whose viewer holds an announcement older (`Less`) than, or
     // newer (`Greater`) than, the announcer's from the cut. Newer means the announcer spoke
@@ -340,6 +378,7 @@ fn one_run(exe: &Path, args: &PartitionBenchArgs, root: &Path) -> anyhow::Result
     }
     Ok(json!({
         "nodes": n,
+        "cut": args.cut.name(),
         "cut_ms": cut_ms,
         "converge_ms": converge_ms,
         "detected_ms": detected_ms,
