@@ -143,6 +143,20 @@ struct Candidate<P> {
 }
 
 impl<P: Ord> Candidate<P> {
+    /// The probe out for it: its server, whether the dial-back came, whether the server
+    /// claimed success.
+    fn probe_out(&mut self) -> Option<(&mut P, &mut bool, &mut bool)> {
+        match &mut self.test {
+            Test::Pending {
+                server,
+                dialled_back,
+                claimed,
+                ..
+            } => Some((server, dialled_back, claimed)),
+            _ => None,
+        }
+    }
+
     /// Whether `server` may settle it (it has not failed it, nor given no verdict on it).
     fn fresh(&self, server: &P) -> bool {
         !self.failed_by.contains_key(server) && !self.shunned.contains_key(server)
@@ -307,15 +321,7 @@ impl<P: Ord + Clone, A: Ord + Clone + std::hash::Hash> Probes<P, A> {
     /// server the probe went to.
     pub fn on_dial_back(&mut self, nonce: u64, from: &P, now: UnixMillis) -> Option<Finding<P, A>> {
         let (addr, c) = pending(&mut self.candidates, nonce)?;
-        let Test::Pending {
-            server,
-            dialled_back,
-            claimed,
-            ..
-        } = &mut c.test
-        else {
-            return None;
-        };
+        let (server, dialled_back, claimed) = c.probe_out()?;
         if server != from {
             return None;
         }
@@ -339,15 +345,7 @@ impl<P: Ord + Clone, A: Ord + Clone + std::hash::Hash> Probes<P, A> {
         let refute_by = self.config.refute_by;
         let (addr, c) = pending(&mut self.candidates, nonce)?;
         let addr = addr.clone();
-        let Test::Pending {
-            server,
-            dialled_back,
-            claimed,
-            ..
-        } = &mut c.test
-        else {
-            return None;
-        };
+        let (server, dialled_back, claimed) = c.probe_out()?;
         let server = server.clone();
         if *dialled_back {
             // The dial-back came: whatever the server says, the address was reached, and a

@@ -405,7 +405,12 @@ impl EventLoop {
         for finding in settled {
             self.on_autonat_finding(finding);
         }
-        let Some(auto) = self.nat.autonat.as_mut() else {
+        let Nat {
+            autonat: Some(auto),
+            inbound,
+            ..
+        } = &mut self.nat
+        else {
             return;
         };
         // A server we hold as many connections with as the limit allows could not dial us
@@ -419,15 +424,7 @@ impl EventLoop {
             .retain(|_, (at, _)| now.saturating_sub(*at) < 60_000);
         for probe in probes {
             debug!(server = %probe.server, addr = %probe.addr, "AutoNAT probe sent");
-            let held = self
-                .nat
-                .inbound
-                .get(&probe.server)
-                .cloned()
-                .unwrap_or_default();
-            let Some(auto) = self.nat.autonat.as_mut() else {
-                return;
-            };
+            let held = inbound.get(&probe.server).cloned().unwrap_or_default();
             auto.sent.insert(probe.nonce, (now, held));
             let mut control = auto.control.clone();
             let inputs = auto.inputs.clone();
