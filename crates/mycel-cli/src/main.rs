@@ -120,6 +120,21 @@ struct NodeArgs {
     /// outside), on or off.
     #[arg(long, default_value = "auto", value_parser = parse_relay_server)]
     relay_server: mycel_net::RelayServer,
+    /// Reservations this node's relay holds at once (each lets one node behind a NAT be
+    /// reached through it); more are refused.
+    #[arg(long, default_value_t = mycel_net::NatConfig::default().max_reservations)]
+    relay_max_reservations: usize,
+    /// Relayed connections this node's relay carries at once; more are refused.
+    #[arg(long, default_value_t = mycel_net::NatConfig::default().max_circuits)]
+    relay_max_circuits: usize,
+    /// Seconds one relayed connection may last; the relay then closes it (the two nodes
+    /// reconnect through it, or directly once a hole is punched).
+    #[arg(long, default_value_t = mycel_net::NatConfig::default().max_circuit_duration.as_secs())]
+    relay_circuit_secs: u64,
+    /// Bytes one relayed connection may carry, both directions together (e.g. 8MiB); the
+    /// relay then closes it.
+    #[arg(long, default_value_t = mycel_net::NatConfig::default().max_circuit_bytes, value_parser = parse_bytes)]
+    relay_circuit_bytes: u64,
     /// An address of this node reachable from outside (repeatable), e.g. a port forwarded on
     /// the router: announced, and the node counts as public.
     #[arg(long, value_name = "MULTIADDR", value_parser = parse_multiaddr)]
@@ -373,6 +388,24 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.limits.target_peers = args.target_peers;
     config.limits.max_missed_pings = args.max_missed_pings;
     config.nat.relay_server = args.relay_server;
+    anyhow::ensure!(
+        args.relay_max_reservations >= 1 && args.relay_max_circuits >= 1,
+        "--relay-max-reservations and --relay-max-circuits must be at least 1 (use \
+         --relay-server off to serve no relay)"
+    );
+    anyhow::ensure!(
+        (1..=u64::from(u32::MAX)).contains(&args.relay_circuit_secs),
+        "--relay-circuit-secs must be between 1 and {}",
+        u32::MAX
+    );
+    anyhow::ensure!(
+        args.relay_circuit_bytes >= 1,
+        "--relay-circuit-bytes must be at least 1 byte"
+    );
+    config.nat.max_reservations = args.relay_max_reservations;
+    config.nat.max_circuits = args.relay_max_circuits;
+    config.nat.max_circuit_duration = std::time::Duration::from_secs(args.relay_circuit_secs);
+    config.nat.max_circuit_bytes = args.relay_circuit_bytes;
     config.nat.external_addrs = args.external_addr;
     config.nat.allow_relayed_data = args.allow_relayed_data;
     config.nat.upnp = !args.no_upnp;

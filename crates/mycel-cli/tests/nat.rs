@@ -11,6 +11,9 @@
 //!   says why and what to do, and travels over it only to a node that allows relayed data. A
 //!   peer that lies about being a public relay costs a failed reservation, and pays for it in
 //!   reputation.
+//! - A relay bounds what it carries as its operator set it (`--relay-circuit-secs`,
+//!   `--relay-circuit-bytes`): it cuts a relayed connection at either limit and counts why;
+//!   the nodes reconnect through it, and a blob larger than one circuit's bytes still arrives.
 //! - An AutoNAT server that calls a public node unreachable (lying, or unable to dial out)
 //!   makes it private only while nobody else can be asked; the next server's dial-back makes
 //!   it public again, and the liar pays.
@@ -23,8 +26,8 @@ mod common;
 use std::time::Duration;
 
 use common::netns::{
-    cli, gauge, id_of, metrics, nat_events, peer, status, Member, NatLab, HOME_A, HOME_B, INTERNET,
-    INTERNET_ADDRS,
+    cli, gauge, id_of, metrics, nat_events, peer, status, Lab, Member, NatLab, HOME_A, HOME_B,
+    INTERNET, INTERNET_ADDRS,
 };
 use common::wait_until;
 use mycel_ml::fixtures::write_tiny_llama;
@@ -56,23 +59,26 @@ fn lab_or_skip(test: &str, label: &str, symmetric: bool) -> Option<NatLab> {
     }
 }
 
-/// The relay R on the internet (its address declared by the operator), then homes A (serving
-/// the tiny generation model) and B, each joining through R's QUIC address.
-fn start(lab: &NatLab, root: &std::path::Path) -> (Member, Member, Member, String) {
+/// The relay R on the internet (its address declared by the operator, `relay_args` added to
+/// its command line), then homes A (serving the tiny generation model) and B, each joining
+/// through R's QUIC address.
+fn start(
+    lab: &NatLab,
+    root: &std::path::Path,
+    relay_args: &[&str],
+) -> (Member, Member, Member, String) {
     let model = root.join("tiny-llama.gguf");
     write_tiny_llama(&model).unwrap();
-    let relay = lab_node(
-        lab,
-        INTERNET,
-        &root.join("r"),
-        4001,
-        &[
-            "--external-addr",
-            "/ip4/198.51.100.1/udp/4001/quic-v1",
-            "--external-addr",
-            "/ip4/198.51.100.1/tcp/4001",
-        ],
-    );
+    let args: Vec<&str> = [
+        "--external-addr",
+        "/ip4/198.51.100.1/udp/4001/quic-v1",
+        "--external-addr",
+        "/ip4/198.51.100.1/tcp/4001",
+    ]
+    .into_iter()
+    .chain(relay_args.iter().copied())
+    .collect();
+    let relay = lab_node(lab, INTERNET, &root.join("r"), 4001, &args);
     let mut relay_id = String::new();
     wait_until(LIMIT, "the relay is up", || {
         relay_id = status(lab, &relay)["network"]["peer_id"]
@@ -140,6 +146,18 @@ fn homes_private_and_relayed(lab: &NatLab, a: &Member, b: &Member, relay_id: &st
     a_id
 }
 
+/// C: a node behind B's NAT that accepts relayed data, joining through the relay.
+fn accepting_relayed_data(lab: &NatLab, root: &std::path::Path, relay_id: &str) -> Member {
+    let boot = format!("/ip4/{}/udp/4001/quic-v1/p2p/{relay_id}", INTERNET_ADDRS[1]);
+    lab_node(
+        lab,
+        HOME_B,
+        &root.join("c"),
+        4003,
+        &["--allow-relayed-data", "--bootstrap", &boot],
+    )
+}
+
 /// `mycel put PATH` on `member`: the content id.
 fn put(lab: &NatLab, member: &Member, path: &std::path::Path) -> String {
     let (ok, out, err) = cli(lab, member, &["put", path.to_str().unwrap()]);
@@ -183,7 +201,7 @@ fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() 
         return;
     };
     let root = tempfile::tempdir().unwrap();
-    let (_relay, a, b, relay_id) = start(&lab, root.path());
+    let (_relay, a, b, relay_id) = start(&lab, root.path(), &[]);
 
     // A public node beside the relay with nothing declared: AutoNAT finds it reachable.
     let boot = format!("/ip4/198.51.100.1/tcp/4001/p2p/{relay_id}");
@@ -252,7 +270,7 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
         return;
     };
     let root = tempfile::tempdir().unwrap();
-    let (_relay, a, b, relay_id) = start(&lab, root.path());
+    let (_relay, a, b, relay_id) = start(&lab, root.path(), &[]);
     let a_id = homes_private_and_relayed(&lab, &a, &b, &relay_id);
 
     // A liar: a node behind B's NAT that declares a public address where nothing serves (a
@@ -318,13 +336,7 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
 
     // An operator who accepts relayed data says so: C, also behind B's NAT, fetches the blob
     // through the relay.
-    let c = lab_node(
-        &lab,
-        HOME_B,
-        &root.path().join("c"),
-        4003,
-        &["--allow-relayed-data", "--bootstrap", &boot],
-    );
+    let c = accepting_relayed_data(&lab, root.path(), &relay_id);
     wait_until(LIMIT, "C sees A alive", || {
         peer(&lab, &c, &a_id)["state"] == "alive"
     });
@@ -335,6 +347,92 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
         ok
     });
     assert_eq!(std::fs::read(&copy).unwrap(), vec![7u8; 300_000], "{last}");
+}
+
+/// A relay bounds what it carries, as its operator configured: a relayed connection lasts at
+/// most `--relay-circuit-secs` and carries at most `--relay-circuit-bytes`; the relay cuts it
+/// there and counts why, and the nodes behind symmetric NATs (no hole to punch) come back
+/// through it.
+#[test]
+fn a_relay_cuts_circuits_at_their_duration_and_byte_limits() {
+    const TEST: &str = "a_relay_cuts_circuits_at_their_duration_and_byte_limits";
+    let Some(lab) = lab_or_skip(TEST, "k", true) else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let (relay, a, b, relay_id) = start(
+        &lab,
+        root.path(),
+        &["--relay-circuit-secs", "8", "--relay-circuit-bytes", "1MiB"],
+    );
+    let a_id = homes_private_and_relayed(&lab, &a, &b, &relay_id);
+    let relayed_to_a = |member: &Member| {
+        let info = peer(&lab, member, &a_id);
+        info["connected"] == true && info["link"] == "relayed"
+    };
+    let served = |result: &str| nat_events(&lab, &relay, "relay_served", result);
+
+    // Duration: B's relayed connection to A is cut by the relay after 8 s, and comes back.
+    wait_until(LIMIT, "B is connected to A through the relay", || {
+        relayed_to_a(&b)
+    });
+    wait_until(LIMIT, "the relay cuts a circuit at its duration", || {
+        served("circuit_duration_limit") >= 1
+    });
+    wait_until(LIMIT, "B is connected to A through the relay again", || {
+        relayed_to_a(&b)
+    });
+    assert_eq!(
+        served("circuit_bytes_limit"),
+        0,
+        "control traffic stays far below 256 KiB a circuit"
+    );
+
+    // Bytes: C, behind B's NAT and accepting relayed data, fetches a 2 MB blob of A's. No
+    // circuit carries more than 1 MiB (four 256 KiB chunks), so the relay cuts the circuit
+    // mid-transfer; C reconnects through it and the fetch resumes where it stopped, every
+    // chunk verified. (`timeout` bounds the fetch: a node fetching keeps trying for minutes.)
+    let file = root.path().join("data.bin");
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let id = put(&lab, &a, &file);
+    let c = accepting_relayed_data(&lab, root.path(), &relay_id);
+    wait_until(LIMIT, "C is connected to A through the relay", || {
+        relayed_to_a(&c)
+    });
+    let copy = root.path().join("copy.bin");
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.ns(c.ns),
+            "timeout",
+            "120",
+            common::MYCEL,
+        ])
+        .args([
+            "get",
+            &id,
+            "-o",
+            copy.to_str().unwrap(),
+            "--api",
+            &c.process.api,
+        ])
+        .arg("--data-dir")
+        .arg(&c.process.data_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "C's fetch: {err}");
+    assert!(
+        std::fs::read(&copy).unwrap() == data,
+        "C's copy is A's blob"
+    );
+    assert!(
+        served("circuit_bytes_limit") >= 1,
+        "2 MB cannot pass one circuit of 1 MiB: {}",
+        metrics(&lab, &relay)
+    );
 }
 
 /// A lying AutoNAT server cannot make a public node private for good, and pays for trying.

@@ -75,7 +75,7 @@ pub(crate) struct NatLabel {
 }
 
 /// NAT events counted in `mycel_nat_events_total`.
-pub(crate) const NAT_EVENTS: [(&str, &str); 16] = [
+pub(crate) const NAT_EVENTS: [(&str, &str); 20] = [
     ("autonat_probe", "reachable"),
     ("autonat_probe", "unreachable"),
     ("relay_reservation", "accepted"),
@@ -84,6 +84,10 @@ pub(crate) const NAT_EVENTS: [(&str, &str); 16] = [
     ("relay_served", "reservation_denied"),
     ("relay_served", "circuit_accepted"),
     ("relay_served", "circuit_denied"),
+    ("relay_served", "circuit_closed"),
+    ("relay_served", "circuit_duration_limit"),
+    ("relay_served", "circuit_bytes_limit"),
+    ("relay_served", "circuit_broken"),
     ("hole_punch", "direct"),
     ("hole_punch", "failed"),
     ("bulk_over_relay", "refused"),

@@ -34,8 +34,10 @@ pub(crate) struct NetBenchArgs {
     /// Round trips timed between two nodes.
     #[arg(long, default_value_t = 10_000)]
     round_trips: usize,
-    /// Seconds of idle CPU measured after convergence.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds of idle CPU measured after convergence; the degree is read at its end. The
+    /// default outlasts the grace in which a new connection is never shed (20 s), so the
+    /// degree read is the network's steady state, not its join.
+    #[arg(long, default_value_t = 30)]
     idle_secs: u64,
     /// Networks built and measured per size.
     #[arg(long, default_value_t = 1)]
@@ -47,7 +49,7 @@ pub(crate) struct NetBenchArgs {
 
 pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
     eprintln!(
-        "{:>5} {:>9} {:>11} {:>10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>8} {:>6} {:>5}",
+        "{:>5} {:>9} {:>11} {:>10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>8} {:>6} {:>5} {:>6} {:>5}",
         "nodes",
         "transport",
         "converge_ms",
@@ -59,6 +61,8 @@ pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
         "rss_kib",
         "idle_cpu",
         "conns",
+        "most",
+        "peers",
         "most"
     );
     let mut unconverged = Vec::new();
@@ -75,7 +79,7 @@ pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
             continue;
         }
         eprintln!(
-            "{:>5} {:>9} {:>11} {:>10.1} {:>10.1} {:>9.0} {:>9.0} {:>11} {:>9} {:>7.1}% {:>6.1} {:>5}",
+            "{:>5} {:>9} {:>11} {:>10.1} {:>10.1} {:>9.0} {:>9.0} {:>11} {:>9} {:>7.1}% {:>6.1} {:>5} {:>6.1} {:>5}",
             n,
             result["transport"].as_str().unwrap_or("?"),
             result["converge_ms"],
@@ -90,6 +94,10 @@ pub(crate) async fn run(args: NetBenchArgs) -> anyhow::Result<()> {
                 .as_f64()
                 .unwrap_or(f64::NAN),
             result["most_conns_after_idle"],
+            result["peers_per_node_after_idle"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            result["most_peers_after_idle"],
         );
         if args.json {
             super::emit_json(result);
@@ -196,10 +204,16 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let idle_cpu_pct = (cpu_seconds() - cpu_start) / idle_start.elapsed().as_secs_f64() * 100.0;
     let conns_after_idle = mean_connections(&nodes).await?;
-    let mut most_conns = 0;
+    // The degree: peers connected (a peer may hold more than one connection: both sides
+    // dialled at once, or a TCP and a QUIC one).
+    let (mut most_conns, mut peers, mut most_peers) = (0, 0, 0);
     for node in &nodes {
-        most_conns = most_conns.max(node.net.status().await?.connections);
+        let status = node.net.status().await?;
+        most_conns = most_conns.max(status.connections);
+        most_peers = most_peers.max(status.connected_peers);
+        peers += status.connected_peers;
     }
+    let peers_after_idle = peers as f64 / n as f64;
 
     // Gossip: a node re-announces; time until the last node has the new announcement.
     let mut gossip_ms = Vec::with_capacity(args.announcements);
@@ -340,6 +354,9 @@ async fn bench_one(n: usize, args: &NetBenchArgs) -> anyhow::Result<serde_json::
         "conns_per_node_at_converge": conns_at_converge,
         "conns_per_node_after_idle": conns_after_idle,
         "most_conns_after_idle": most_conns,
+        "peers_per_node_after_idle": peers_after_idle,
+        "most_peers_after_idle": most_peers,
+        "target_peers": mycel_net::Limits::default().target_peers,
     }))
 }
 

@@ -191,6 +191,18 @@ async fn open_dial_request(
     }
 }
 
+/// How a circuit this node relayed ended, as counted: closed by either side, cut by the
+/// relay at its duration or byte limit, or broken. libp2p-relay tells the limits apart only by
+/// the error it ends the copy with (`TimedOut`; an error with its own message for bytes).
+fn circuit_end(error: Option<&std::io::Error>) -> &'static str {
+    match error {
+        None => "circuit_closed",
+        Some(e) if e.kind() == std::io::ErrorKind::TimedOut => "circuit_duration_limit",
+        Some(e) if e.to_string().contains("circuit bytes") => "circuit_bytes_limit",
+        Some(_) => "circuit_broken",
+    }
+}
+
 /// Whether `addr` goes through a relay.
 pub(crate) fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
@@ -558,6 +570,7 @@ impl EventLoop {
                 ("reservation_denied", Some(src_peer_id))
             }
             relay::Event::CircuitReqAccepted { .. } => ("circuit_accepted", None),
+            relay::Event::CircuitClosed { error, .. } => (circuit_end(error.as_ref()), None),
             relay::Event::CircuitReqDenied { src_peer_id, .. } => {
                 ("circuit_denied", Some(src_peer_id))
             }
