@@ -664,6 +664,46 @@ impl VethPair {
         Ok(())
     }
 
+    /// Refuses new connections arriving over the veth in namespace `i` (nftables, input hook:
+    /// packets of connections opened from inside still pass), as a home router does: nobody
+    /// outside can dial a node there, it must dial out itself. For the tests.
+    #[allow(dead_code)]
+    pub fn refuse_inbound(&self, i: usize) -> Result<(), String> {
+        let ns = ["netns", "exec", self.names[i].as_str(), "nft"];
+        run("ip", &[&ns[..], &["add", "table", "inet", "fw"]].concat())?;
+        run(
+            "ip",
+            &[
+                &ns[..],
+                &[
+                    "add", "chain", "inet", "fw", "input", "{", "type", "filter", "hook", "input",
+                    "priority", "0", ";", "}",
+                ],
+            ]
+            .concat(),
+        )?;
+        run(
+            "ip",
+            &[
+                &ns[..],
+                &[
+                    "add",
+                    "rule",
+                    "inet",
+                    "fw",
+                    "input",
+                    "iifname",
+                    self.devs[i].as_str(),
+                    "ct",
+                    "state",
+                    "new",
+                    "drop",
+                ],
+            ]
+            .concat(),
+        )
+    }
+
     /// Takes the link down at both ends (as when a cable is pulled): the kernels see it go,
     /// routes through it are gone, and senders get errors at once instead of silence.
     pub fn link_down(&self) -> Result<(), String> {

@@ -3,7 +3,8 @@
 //! arrives over it, so nobody sees an error, only silence); each half declares the other
 //! failed and keeps announcing, and one node stores a blob; then the link comes back and, with
 //! no restart, every node sees every other alive again, with the announcements made during
-//! the cut, and the other half finds the blob's provider record and fetches it. Needs root for
+//! the cut, and the other half finds the blob's provider record and fetches it. Also: a node
+//! behind a firewall whose links all drop re-joins by itself when they come back. Needs root for
 //! `ip netns` and `nft`; where they are missing the test says so and returns, unless
 //! MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
 
@@ -244,6 +245,82 @@ fn peers_with_no_connection_into_the_cut_half_are_failed_there_by_probes_not_exp
         },
     );
     eprintln!("probes: x and the b half failed each other {detected:?} after the cut");
+}
+
+/// A node whose links all drop re-joins by itself once the network is reachable again. x sits
+/// alone in one namespace behind a firewall that refuses new inbound connections (as a home
+/// router does: nobody can bring it back but itself), y and z in the other; x bootstrapped
+/// from y. The link goes down at both ends: x's connections fall to none and it fails y and
+/// z, which fail it. The link comes back and, with no restart, x dials its way back in: it
+/// holds connections again and all three see each other alive.
+#[test]
+fn a_node_whose_links_all_drop_rejoins_by_itself() {
+    const NAME: &str = "a_node_whose_links_all_drop_rejoins_by_itself";
+    let Some(pair) = namespaces("j", 13, NAME) else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    // y first: the others bootstrap from it.
+    let nodes = [(1, 4201, "2"), (1, 4202, "2"), (0, 4201, "2")];
+    let (members, ids) = start(&pair, &root.path().join("j"), &nodes, &common::FAST);
+    let x = 2;
+    let all_alive = |views: &[View]| {
+        views.iter().enumerate().all(|(i, view)| {
+            ids.iter()
+                .enumerate()
+                .all(|(j, id)| i == j || view.get(id).is_some_and(|(s, _)| s == "alive"))
+        })
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "all three see each other alive",
+        || all_alive(&views(&pair, &members)),
+    );
+    pair.refuse_inbound(0).unwrap();
+    // The firewall holds: a new connection from the other side to x's port gets nowhere.
+    let dialled = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.names[1],
+            "timeout",
+            "2",
+            "bash",
+            "-c",
+        ])
+        .arg(format!("exec 3<>/dev/tcp/{}/4201", pair.addrs[0]))
+        .status()
+        .unwrap();
+    assert!(
+        !dialled.success(),
+        "x's firewall refuses new inbound connections"
+    );
+
+    pair.link_down().unwrap();
+    let connections =
+        |m: &Member| status(&pair, m).and_then(|s| s["network"]["connections"].as_u64());
+    wait_until(
+        Duration::from_secs(30),
+        "x holds no connection and fails y and z",
+        || {
+            let v = views(&pair, &members);
+            connections(&members[x]) == Some(0)
+                && ids[..x]
+                    .iter()
+                    .all(|id| v[x].get(id).is_some_and(|(s, _)| s == "failed"))
+        },
+    );
+
+    // Down long enough for x's dials to back off.
+    std::thread::sleep(Duration::from_secs(15));
+    pair.link_up().unwrap();
+    let back = Instant::now();
+    wait_until(
+        Duration::from_secs(60),
+        "x re-joins: connected again, all three alive everywhere",
+        || connections(&members[x]).is_some_and(|n| n > 0) && all_alive(&views(&pair, &members)),
+    );
+    eprintln!("x re-joined {:?} after the link came back", back.elapsed());
 }
 
 /// Two namespaces labelled `label` on 10.213.`net`.0/24 whose link nftables can cut, or `None`
