@@ -36,13 +36,7 @@ fn two_halves_of_a_network_reconcile_after_a_blackhole_without_a_restart() {
         (1, 4002, "1"),
     ];
     let (members, ids) = start(&pair, &root.path().join("n"), &one, &common::FAST);
-    let all_alive = |views: &[View]| {
-        views.iter().enumerate().all(|(i, view)| {
-            ids.iter()
-                .enumerate()
-                .all(|(j, id)| i == j || view.get(id).is_some_and(|(s, _)| s == "alive"))
-        })
-    };
+    let all_alive = |views: &[View]| all_alive(&ids, views);
     wait_until(
         Duration::from_secs(60),
         "all four see each other alive",
@@ -264,13 +258,7 @@ fn a_node_whose_links_all_drop_rejoins_by_itself() {
     let nodes = [(1, 4201, "2"), (1, 4202, "2"), (0, 4201, "2")];
     let (members, ids) = start(&pair, &root.path().join("j"), &nodes, &common::FAST);
     let x = 2;
-    let all_alive = |views: &[View]| {
-        views.iter().enumerate().all(|(i, view)| {
-            ids.iter()
-                .enumerate()
-                .all(|(j, id)| i == j || view.get(id).is_some_and(|(s, _)| s == "alive"))
-        })
-    };
+    let all_alive = |views: &[View]| all_alive(&ids, views);
     wait_until(
         Duration::from_secs(60),
         "all three see each other alive",
@@ -398,6 +386,15 @@ fn peer_id(pair: &VethPair, member: &Member) -> String {
 /// namespace's loopback).
 fn status(pair: &VethPair, member: &Member) -> Option<serde_json::Value> {
     cli(pair, member, "status")
+}
+
+/// Whether every member (`views[i]` is what member i sees) sees every other of `ids` alive.
+fn all_alive(ids: &[String], views: &[View]) -> bool {
+    views.iter().enumerate().all(|(i, view)| {
+        ids.iter()
+            .enumerate()
+            .all(|(j, id)| i == j || view.get(id).is_some_and(|(s, _)| s == "alive"))
+    })
 }
 
 /// Each member's view of the others.
