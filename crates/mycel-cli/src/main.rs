@@ -143,6 +143,10 @@ struct NodeArgs {
     /// direct one can be made (off: they wait for a hole punch, then fail with a clear error).
     #[arg(long)]
     allow_relayed_data: bool,
+    /// Seconds bulk data waits for a direct connection (a hole punch) to a peer reached only
+    /// through a relay before it fails.
+    #[arg(long, default_value_t = mycel_net::NatConfig::default().direct_wait.as_secs())]
+    direct_wait: u64,
     /// Do not ask a UPnP gateway to forward our port.
     #[arg(long)]
     no_upnp: bool,
@@ -408,6 +412,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.nat.max_circuit_bytes = args.relay_circuit_bytes;
     config.nat.external_addrs = args.external_addr;
     config.nat.allow_relayed_data = args.allow_relayed_data;
+    config.nat.direct_wait = std::time::Duration::from_secs(args.direct_wait.max(1));
     config.nat.upnp = !args.no_upnp;
     config.timing.announce_ttl = std::time::Duration::from_secs(args.announce_ttl.max(2));
     config.timing.announce_interval = config.timing.announce_ttl / 3;

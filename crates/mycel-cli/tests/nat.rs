@@ -7,8 +7,9 @@
 //!   move a blob over it. A public node on the internet learns from AutoNAT that it is public
 //!   and serves as a relay.
 //! - Behind symmetric NATs (a new port per connection) no hole can be punched: the nodes still
-//!   see each other and chat through the relay, but bulk data refuses it with an error that
-//!   says why and what to do, and travels over it only to a node that allows relayed data. A
+//!   see each other and chat through the relay, but bulk data (a blob, a training job's model
+//!   and updates) refuses it with an error that says why and what to do, and travels over it
+//!   only for a node that allows relayed data. A
 //!   peer that lies about being a public relay costs a failed reservation, and pays for it in
 //!   reputation.
 //! - A relay bounds what it carries as its operator set it (`--relay-circuit-secs`,
@@ -59,14 +60,15 @@ fn lab_or_skip(test: &str, label: &str, symmetric: bool) -> Option<NatLab> {
     }
 }
 
-/// The relay R on the internet (its address declared by the operator, `relay_args` added to
-/// its command line), then homes A (serving the tiny generation model) and B, each joining
-/// through R's QUIC address.
+/// The relay R on the internet (its address declared by the operator), then homes A (serving
+/// the tiny generation model) and B, each joining through R's QUIC address; `extra` adds to
+/// the command lines of R, A and B.
 fn start(
     lab: &NatLab,
     root: &std::path::Path,
-    relay_args: &[&str],
+    extra: [&[&str]; 3],
 ) -> (Member, Member, Member, String) {
+    let [relay_args, a_args, b_args] = extra;
     let model = root.join("tiny-llama.gguf");
     write_tiny_llama(&model).unwrap();
     let args: Vec<&str> = [
@@ -98,8 +100,12 @@ fn start(
             .collect();
         lab_node(lab, ns, &root.join(name), 4001, &args)
     };
-    let a = home(HOME_A, "a", 0, &["--model", model.to_str().unwrap()]);
-    let b = home(HOME_B, "b", 1, &[]);
+    let a_args: Vec<&str> = ["--model", model.to_str().unwrap()]
+        .into_iter()
+        .chain(a_args.iter().copied())
+        .collect();
+    let a = home(HOME_A, "a", 0, &a_args);
+    let b = home(HOME_B, "b", 1, b_args);
     (relay, a, b, relay_id)
 }
 
@@ -201,7 +207,7 @@ fn nodes_behind_nats_meet_through_a_relay_punch_a_hole_and_move_data_directly() 
         return;
     };
     let root = tempfile::tempdir().unwrap();
-    let (_relay, a, b, relay_id) = start(&lab, root.path(), &[]);
+    let (_relay, a, b, relay_id) = start(&lab, root.path(), [&[], &[], &[]]);
 
     // A public node beside the relay with nothing declared: AutoNAT finds it reachable.
     let boot = format!("/ip4/198.51.100.1/tcp/4001/p2p/{relay_id}");
@@ -270,7 +276,21 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
         return;
     };
     let root = tempfile::tempdir().unwrap();
-    let (_relay, a, b, relay_id) = start(&lab, root.path(), &[]);
+    // A holds a dataset and trains for anyone; B waits 3 s for a hole punch (not 20).
+    let (_relay, a, b, relay_id) = start(
+        &lab,
+        root.path(),
+        [
+            &[],
+            &[
+                "--dataset",
+                "digits=sklearn-digits:train",
+                "--train-for",
+                "any",
+            ],
+            &["--direct-wait", "3"],
+        ],
+    );
     let a_id = homes_private_and_relayed(&lab, &a, &b, &relay_id);
 
     // A liar: a node behind B's NAT that declares a public address where nothing serves (a
@@ -334,6 +354,19 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
     // Task requests and streamed tokens may ride the relay: B chats with A through it.
     b_chats_with_a(&lab, &a, &b);
 
+    // Training updates are bulk data too: B's job, with A its only participant, fails and
+    // says why and what to do.
+    wait_until(LIMIT, "B sees A's dataset", || {
+        peer(&lab, &b, &a_id)["capabilities"]["datasets"][0]["tag"] == "digits"
+    });
+    let job = root.path().join("job.toml");
+    std::fs::write(&job, JOB).unwrap();
+    let (ok, out, err) = cli(&lab, &b, &["train", job.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("--allow-relayed-data"),
+        "B's job over the relay: {out}{err}"
+    );
+
     // An operator who accepts relayed data says so: C, also behind B's NAT, fetches the blob
     // through the relay.
     let c = accepting_relayed_data(&lab, root.path(), &relay_id);
@@ -347,7 +380,32 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
         ok
     });
     assert_eq!(std::fs::read(&copy).unwrap(), vec![7u8; 300_000], "{last}");
+
+    // And C's job trains on A's data through the relay.
+    let (ok, out, err) = cli(&lab, &c, &["train", job.to_str().unwrap()]);
+    assert!(ok && out.contains("done: 2 rounds"), "C's job: {out}{err}");
 }
+
+/// Two rounds on A's digits, A the only participant needed.
+const JOB: &str = r#"
+name = "over-the-relay"
+dataset = "digits"
+rounds = 2
+seed = 1
+round_deadline_ms = 30000
+
+[model]
+kind = "mlp"
+layers = [64, 10]
+
+[train]
+epochs = 1
+batch = 8
+lr = 0.05
+
+[participants]
+min = 1
+"#;
 
 /// A relay bounds what it carries, as its operator configured: a relayed connection lasts at
 /// most `--relay-circuit-secs` and carries at most `--relay-circuit-bytes`; the relay cuts it
@@ -363,7 +421,11 @@ fn a_relay_cuts_circuits_at_their_duration_and_byte_limits() {
     let (relay, a, b, relay_id) = start(
         &lab,
         root.path(),
-        &["--relay-circuit-secs", "8", "--relay-circuit-bytes", "1MiB"],
+        [
+            &["--relay-circuit-secs", "8", "--relay-circuit-bytes", "1MiB"],
+            &[],
+            &[],
+        ],
     );
     let a_id = homes_private_and_relayed(&lab, &a, &b, &relay_id);
     let relayed_to_a = |member: &Member| {
