@@ -229,6 +229,10 @@ struct NodeArgs {
     /// Poison every training update (sign-flip or noise): for tests of robust aggregation.
     #[arg(long, hide = true, value_parser = parse_attack)]
     train_attack: Option<mycel_core::fl::Attack>,
+    /// Keep announcing relay service with every reservation taken (refusing all who believe
+    /// it): for tests of how clients make such a relay pay.
+    #[arg(long, hide = true)]
+    lie_relay_room: bool,
 }
 
 fn parse_dataset(s: &str) -> Result<(String, String), String> {
@@ -412,6 +416,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.nat.max_circuit_bytes = args.relay_circuit_bytes;
     config.nat.external_addrs = args.external_addr;
     config.nat.allow_relayed_data = args.allow_relayed_data;
+    config.nat.lie_relay_room = args.lie_relay_room;
     config.nat.direct_wait = std::time::Duration::from_secs(args.direct_wait.max(1));
     config.nat.upnp = !args.no_upnp;
     config.timing.announce_ttl = std::time::Duration::from_secs(args.announce_ttl.max(2));

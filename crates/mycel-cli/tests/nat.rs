@@ -497,6 +497,80 @@ fn a_relay_cuts_circuits_at_their_duration_and_byte_limits() {
     );
 }
 
+/// A relay announces itself one only while it has room: R, limited to 2 reservations, stops
+/// once A and B hold them, and nobody asks it again. L announces room it never gives (one
+/// reservation, and it keeps saying it has room once that is taken): the home it refuses
+/// charges it at every request, and holds no reservation with it.
+#[test]
+fn a_relay_that_announces_room_it_does_not_give_pays() {
+    const TEST: &str = "a_relay_that_announces_room_it_does_not_give_pays";
+    let Some(lab) = lab_or_skip(TEST, "r", false) else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let (relay, a, b, relay_id) = start(
+        &lab,
+        root.path(),
+        [&["--relay-max-reservations", "2"], &[], &[]],
+    );
+    let a_id = homes_private_and_relayed(&lab, &a, &b, &relay_id);
+    wait_until(LIMIT, "R, full, no longer announces itself a relay", || {
+        let info = peer(&lab, &b, &relay_id);
+        info["state"] == "alive" && info["relay"] == false
+    });
+
+    let boot = format!("/ip4/198.51.100.1/tcp/4001/p2p/{relay_id}");
+    let liar = lab_node(
+        &lab,
+        INTERNET,
+        &root.path().join("l"),
+        4005,
+        &[
+            "--relay-server",
+            "on",
+            "--relay-max-reservations",
+            "1",
+            "--lie-relay-room",
+            "--external-addr",
+            "/ip4/198.51.100.1/udp/4005/quic-v1",
+            "--external-addr",
+            "/ip4/198.51.100.1/tcp/4005",
+            "--bootstrap",
+            &boot,
+        ],
+    );
+    let liar_id = id_of(&lab, &liar);
+    let refused = |m: &Member| {
+        gauge(
+            &metrics(&lab, m),
+            "mycel_rejected_messages_total{reason=\"relay_refused\"}",
+        )
+        .unwrap_or(0)
+    };
+    wait_until(
+        LIMIT,
+        "one home holds L's one reservation, the other is refused twice and charges L",
+        || {
+            let holds = |m: &Member| {
+                status(&lab, m)["network"]["relays"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|x| x == liar_id.as_str()))
+            };
+            let (ha, hb) = (holds(&a), holds(&b));
+            (ha != hb) && refused(if ha { &b } else { &a }) >= 2
+        },
+    );
+    assert_eq!(
+        nat_events(&lab, &relay, "relay_served", "reservation_denied"),
+        0,
+        "R announced it was full: nobody asked it again"
+    );
+    assert!(
+        peer(&lab, &b, &a_id)["state"] == "alive",
+        "the homes still see each other"
+    );
+}
+
 /// A lying AutoNAT server cannot make a public node private for good, and pays for trying.
 ///
 /// libp2p's servers answer only on connections the asker dialled, so every node here is on

@@ -271,6 +271,13 @@ impl<P: Eq + Hash + Clone + Ord> Reach<P> {
         true
     }
 
+    /// `relay`, asked for a reservation and not answered yet, refused it (while it announced
+    /// itself a relay). As [`Reach::on_unreachable`]: the request failed; returns whether to
+    /// charge the relay (once per request it was asked).
+    pub fn on_refused(&mut self, relay: P, now: UnixMillis, rng: &mut impl Rng) -> bool {
+        self.on_unreachable(relay, now, rng)
+    }
+
     /// Relays whose reservation is held; a node that turned public no longer needs them.
     pub fn held(&self) -> Vec<P> {
         let mut held: Vec<P> = self

@@ -49,6 +49,10 @@ pub fn penalty(reason: Rejection) -> f64 {
         // A server that cannot dial out (a firewall of its own) errs as a liar does; it is
         // named only when another server's dial-back proved it wrong within minutes.
         Rejection::FalseVerdict => 5.0,
+        // A relay stops announcing itself one once its reservations are full; one that just
+        // filled up may refuse before that announcement arrives (a little, now and then), one
+        // that announces room it never gives pays at every request (2 s doubling to 2 min).
+        Rejection::RelayRefused => 2.0,
         // A genuine statement that arrived after a newer one (gossip and anti-entropy race;
         // forgeries fail as bad signatures), or a training update for a round already
         // counted: news to nobody, harm to nobody.

@@ -60,11 +60,14 @@ pub enum Rejection {
     /// server's dial-back reached it.
     #[error("called a reachable address unreachable")]
     FalseVerdict,
+    /// A peer that announced itself a relay with room refused our reservation request.
+    #[error("announced itself a relay with room but refused a reservation")]
+    RelayRefused,
 }
 
 impl Rejection {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Rejection; 13] = [
+    pub const ALL: [Rejection; 14] = [
         Self::Oversized,
         Self::Malformed,
         Self::BadSignature,
@@ -78,6 +81,7 @@ impl Rejection {
         Self::FalseReport,
         Self::FalseRelay,
         Self::FalseVerdict,
+        Self::RelayRefused,
     ];
 
     /// A short, stable label (used in metrics and logs).
@@ -96,6 +100,7 @@ impl Rejection {
             Self::FalseReport => "false_report",
             Self::FalseRelay => "false_relay",
             Self::FalseVerdict => "false_verdict",
+            Self::RelayRefused => "relay_refused",
         }
     }
 }

@@ -232,6 +232,9 @@ pub struct NatConfig {
     pub allow_relayed_data: bool,
     /// How long bulk data waits for a direct connection to a peer reached only by relay.
     pub direct_wait: Duration,
+    /// Misbehave, for tests: keep announcing relay service with every reservation taken.
+    #[doc(hidden)]
+    pub lie_relay_room: bool,
 }
 
 impl NetConfig {
@@ -261,6 +264,7 @@ impl Default for NatConfig {
             allow_relayed_data: false,
             // DCUtR makes 3 attempts about 5 s apart; the wait covers all three.
             direct_wait: Duration::from_secs(20),
+            lie_relay_room: false,
         }
     }
 }

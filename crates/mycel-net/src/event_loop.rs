@@ -246,6 +246,7 @@ impl EventLoop {
                 inputs: autonat_tx,
                 dial_backs: Some(incoming),
                 sent: HashMap::new(),
+                tested: HashMap::new(),
             }),
         );
         let prober = Prober::new(ProbeConfig {
@@ -1913,15 +1914,9 @@ impl EventLoop {
                 listener_id,
                 reason,
                 ..
-            } => {
-                let why = match reason {
-                    Ok(()) => "closed".to_owned(),
-                    Err(e) => e.to_string(),
-                };
-                self.on_listener_closed(listener_id, &why)
-            }
+            } => self.on_listener_closed(listener_id, reason.as_ref().err()),
             SwarmEvent::ListenerError { listener_id, error } => {
-                self.on_listener_closed(listener_id, &error.to_string())
+                self.on_listener_closed(listener_id, Some(&error))
             }
             SwarmEvent::ExternalAddrConfirmed { .. } => self.on_external_addrs_changed(),
             SwarmEvent::ExternalAddrExpired { address } => {

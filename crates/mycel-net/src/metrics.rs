@@ -75,11 +75,12 @@ pub(crate) struct NatLabel {
 }
 
 /// NAT events counted in `mycel_nat_events_total`.
-pub(crate) const NAT_EVENTS: [(&str, &str); 20] = [
+pub(crate) const NAT_EVENTS: [(&str, &str); 21] = [
     ("autonat_probe", "reachable"),
     ("autonat_probe", "unreachable"),
     ("relay_reservation", "accepted"),
     ("relay_reservation", "failed"),
+    ("relay_reservation", "refused"),
     ("relay_served", "reservation_accepted"),
     ("relay_served", "reservation_denied"),
     ("relay_served", "circuit_accepted"),

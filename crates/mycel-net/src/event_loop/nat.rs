@@ -42,6 +42,8 @@ pub(super) struct AutoNat {
     /// held with us then. A dial-back proves an address only over a new connection, not
     /// one the server had open before (a liar would hand the nonce over that).
     pub(super) sent: HashMap<u64, (u64, Vec<ConnectionId>)>,
+    /// The address each probe out (by nonce) tests.
+    pub(super) tested: HashMap<u64, Multiaddr>,
 }
 
 /// What a probe task learnt.
@@ -81,6 +83,8 @@ pub(super) struct Nat {
     direct: HashMap<PeerId, usize>,
     /// Direct connections each peer dialled to us, open now.
     inbound: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Where each of those arrived (our side's address).
+    inbound_local: HashMap<ConnectionId, Multiaddr>,
     /// When the first relayed connection to each peer opened (no direct one yet).
     relayed_since: HashMap<PeerId, u64>,
     /// Milliseconds from a peer's first relayed connection to its first direct one.
@@ -91,6 +95,8 @@ pub(super) struct Nat {
     /// made.
     relay_checks: HashMap<ConnectionId, (PeerId, u64)>,
     waiters: Vec<Waiter>,
+    /// Reservations our relay server holds for others now.
+    served_reservations: usize,
 }
 
 impl Nat {
@@ -107,11 +113,13 @@ impl Nat {
             relayed_conns: HashMap::new(),
             direct: HashMap::new(),
             inbound: HashMap::new(),
+            inbound_local: HashMap::new(),
             relayed_since: HashMap::new(),
             direct_after: HashMap::new(),
             relay_dials: HashMap::new(),
             relay_checks: HashMap::new(),
             waiters: Vec::new(),
+            served_reservations: 0,
         }
     }
 
@@ -189,6 +197,61 @@ async fn open_dial_request(
             Err(e) => return Err(std::io::Error::other(e)),
         }
     }
+}
+
+/// Whether a dial-back that arrived at our `arrived` (the connection's local address) can
+/// have been dialled to `tested`: the same transport (TCP, or QUIC) and port (candidates carry
+/// our listening port) and, where we sit on a public address ourselves (no NAT between), the
+/// same IP. A server that dials us where we are to "confirm" an address that is not ours (a
+/// victim's, to be announced) or another transport's port proves nothing.
+fn dial_back_reached(tested: &Multiaddr, arrived: &Multiaddr) -> bool {
+    fn parts(addr: &Multiaddr) -> (Option<std::net::IpAddr>, Option<(bool, u16)>) {
+        let mut ip = None;
+        let mut port = None;
+        for p in addr.iter() {
+            match p {
+                Protocol::Ip4(a) => ip = Some(a.into()),
+                Protocol::Ip6(a) => ip = Some(a.into()),
+                Protocol::Tcp(n) => port = Some((false, n)),
+                Protocol::Udp(n) => port = Some((true, n)),
+                _ => {}
+            }
+        }
+        (ip, port)
+    }
+    let ((tested_ip, tested_port), (arrived_ip, arrived_port)) = (parts(tested), parts(arrived));
+    if tested_port.is_none() || tested_port != arrived_port {
+        return false;
+    }
+    match arrived_ip {
+        Some(ip) if mycel_core::reach::is_global_ip(ip) => tested_ip == Some(ip),
+        _ => true,
+    }
+}
+
+/// Whether a relay listener failed because the relay refused the reservation (refused, or
+/// its limits reached), as against a broken connection or a timeout. The refusal sits a few
+/// errors deep (the swarm's and the relay transport's wrap it).
+fn reservation_refused(error: &std::io::Error) -> bool {
+    use libp2p::relay::outbound::hop::ReserveError;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = error
+        .get_ref()
+        .map(|e| e as &(dyn std::error::Error + 'static));
+    while let Some(e) = next {
+        if let Some(refusal) = e.downcast_ref::<ReserveError>() {
+            return matches!(
+                refusal,
+                ReserveError::Refused | ReserveError::ResourceLimitExceeded
+            );
+        }
+        next = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|e| e as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    false
 }
 
 /// How a circuit this node relayed ended, as counted: closed by either side, cut by the
@@ -277,12 +340,16 @@ impl EventLoop {
     }
 
     /// Whether this node serves as a relay now.
+    /// Whether this node announces itself a relay: it serves one and has room for another
+    /// reservation (a full relay that announced itself would refuse whoever believed it).
     pub(super) fn serves_relay(&self) -> bool {
-        match self.config.nat.relay_server {
+        let serving = match self.config.nat.relay_server {
             RelayServer::Off => false,
             RelayServer::On => true,
             RelayServer::Auto => self.nat.reach.status() == Reachability::Public,
-        }
+        };
+        let room = self.nat.served_reservations < self.config.nat.max_reservations;
+        serving && (room || self.config.nat.lie_relay_room)
     }
 
     /// Starts answering servers' dial-backs: each hands over its nonce on a stream of its
@@ -434,10 +501,13 @@ impl EventLoop {
         // Probes long settled (the core's timeout is 30 s) need no record.
         auto.sent
             .retain(|_, (at, _)| now.saturating_sub(*at) < 60_000);
+        let sent = &auto.sent;
+        auto.tested.retain(|nonce, _| sent.contains_key(nonce));
         for probe in probes {
             debug!(server = %probe.server, addr = %probe.addr, "AutoNAT probe sent");
             let held = inbound.get(&probe.server).cloned().unwrap_or_default();
             auto.sent.insert(probe.nonce, (now, held));
+            auto.tested.insert(probe.nonce, probe.addr.clone());
             let mut control = auto.control.clone();
             let inputs = auto.inputs.clone();
             tokio::spawn(async move {
@@ -478,6 +548,15 @@ impl EventLoop {
                 if old {
                     info!(server = %from, "AutoNAT nonce handed over on an old connection");
                     return;
+                }
+                let arrived = self.nat.inbound_local.get(&connection);
+                let tested = auto.tested.get(&nonce);
+                if let (Some(tested), Some(arrived)) = (tested, arrived) {
+                    if !dial_back_reached(tested, arrived) {
+                        info!(server = %from, %tested, %arrived,
+                            "AutoNAT dial-back arrived where the tested address does not lead");
+                        return;
+                    }
                 }
                 auto.probes.on_dial_back(nonce, &from, now)
             }
@@ -559,12 +638,21 @@ impl EventLoop {
     /// (reservations or circuits past the limits, or asked for too fast) pays a little for it:
     /// an honest client is refused now and then by a full relay, a flood is refused many times.
     pub(super) fn on_relay_server(&mut self, event: relay::Event) {
+        let announced = self.serves_relay();
         let (outcome, refused) = match event {
             relay::Event::ReservationReqAccepted { renewed, .. } => {
                 if renewed {
                     return;
                 }
+                self.nat.served_reservations += 1;
                 ("reservation_accepted", None)
+            }
+            relay::Event::ReservationClosed { .. } | relay::Event::ReservationTimedOut { .. } => {
+                self.nat.served_reservations = self.nat.served_reservations.saturating_sub(1);
+                if self.serves_relay() != announced {
+                    self.announce();
+                }
+                return;
             }
             relay::Event::ReservationReqDenied { src_peer_id, .. } => {
                 ("reservation_denied", Some(src_peer_id))
@@ -580,6 +668,10 @@ impl EventLoop {
             }
         };
         self.metrics.nat_event("relay_served", outcome);
+        if self.serves_relay() != announced {
+            // Full now (or room again): said at once, not at the next announcement.
+            self.announce();
+        }
         if let Some(peer) = refused {
             debug!(%peer, outcome, "relay server refused a request");
             self.reject(peer, Rejection::RateLimited);
@@ -692,14 +784,28 @@ impl EventLoop {
         true
     }
 
-    /// A listener closed; a relay's is asked again later.
-    pub(super) fn on_listener_closed(&mut self, listener: ListenerId, why: &str) {
+    /// A listener closed (`error`: why, if it failed); a relay's is asked again later. A
+    /// relay that refused the reservation we asked for, while announcing room for it, pays.
+    pub(super) fn on_listener_closed(
+        &mut self,
+        listener: ListenerId,
+        error: Option<&std::io::Error>,
+    ) {
         self.nat.relayed_addrs.retain(|(id, _)| *id != listener);
         if let Some(relay) = self.nat.listeners.remove(&listener) {
+            let why = error.map_or_else(|| "closed".to_owned(), |e| e.to_string());
             info!(%relay, "relay reservation ended: {why}");
             self.metrics.nat_event("relay_reservation", "failed");
             let now = now_ms();
-            self.nat.reach.on_failed(relay, now, &mut self.rng);
+            let announced_room = self.membership.get(&relay).is_some_and(|info| info.relay);
+            if error.is_some_and(reservation_refused) && announced_room {
+                self.metrics.nat_event("relay_reservation", "refused");
+                if self.nat.reach.on_refused(relay, now, &mut self.rng) {
+                    self.reject(relay, Rejection::RelayRefused);
+                }
+            } else {
+                self.nat.reach.on_failed(relay, now, &mut self.rng);
+            }
             self.announce();
         }
     }
@@ -729,8 +835,11 @@ impl EventLoop {
             return;
         }
         *self.nat.direct.entry(peer).or_default() += 1;
-        if !endpoint.is_dialer() {
+        if let ConnectedPoint::Listener { local_addr, .. } = endpoint {
             self.nat.inbound.entry(peer).or_default().push(connection);
+            self.nat
+                .inbound_local
+                .insert(connection, local_addr.clone());
         }
         if let Some(since) = self.nat.relayed_since.remove(&peer) {
             let after = now_ms().saturating_sub(since);
@@ -802,6 +911,7 @@ impl EventLoop {
     }
 
     pub(super) fn nat_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
+        self.nat.inbound_local.remove(&connection);
         if self.nat.relayed_conns.remove(&connection).is_some() {
             self.settle_waiters(peer);
         } else if let Some(n) = self.nat.direct.get_mut(&peer) {
@@ -1030,5 +1140,84 @@ fn relayed_only(peer: PeerId, waited: std::time::Duration) -> NetError {
              and hole punching did not succeed (both sides may be behind NATs that change ports). \
              Bulk data does not ride relays; run the node with --allow-relayed-data to allow it"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> Multiaddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_dial_back_counts_only_where_the_tested_address_leads() {
+        // Behind a NAT: our side's address is private; transport and port must match.
+        let tested = addr("/ip4/203.0.113.7/tcp/4001");
+        assert!(dial_back_reached(
+            &tested,
+            &addr("/ip4/192.168.1.2/tcp/4001")
+        ));
+        assert!(!dial_back_reached(
+            &tested,
+            &addr("/ip4/192.168.1.2/udp/4001/quic-v1")
+        ));
+        assert!(!dial_back_reached(
+            &tested,
+            &addr("/ip4/192.168.1.2/tcp/4002")
+        ));
+        // On a public address: the IP must be the tested one (a server cannot confirm a
+        // victim's address for us by dialling ours).
+        assert!(dial_back_reached(
+            &tested,
+            &addr("/ip4/203.0.113.7/tcp/4001")
+        ));
+        assert!(!dial_back_reached(
+            &tested,
+            &addr("/ip4/198.51.100.9/tcp/4001")
+        ));
+        let quic = addr("/ip4/203.0.113.7/udp/4001/quic-v1");
+        assert!(dial_back_reached(
+            &quic,
+            &addr("/ip4/0.0.0.0/udp/4001/quic-v1")
+        ));
+        assert!(!dial_back_reached(
+            &quic,
+            &addr("/ip4/203.0.113.7/tcp/4001")
+        ));
+        assert!(!dial_back_reached(&addr("/ip4/203.0.113.7"), &tested));
+    }
+
+    #[test]
+    fn refusals_are_told_from_other_reservation_failures() {
+        use libp2p::relay::outbound::hop::ReserveError;
+        // As the swarm hands it over: the relay transport's error inside an io::Error.
+        let wrapped = |e: ReserveError| {
+            std::io::Error::other(libp2p::relay::client::transport::Error::Reservation(e))
+        };
+        assert!(reservation_refused(&wrapped(ReserveError::Refused)));
+        assert!(reservation_refused(&wrapped(
+            ReserveError::ResourceLimitExceeded
+        )));
+        assert!(reservation_refused(&std::io::Error::other(wrapped(
+            ReserveError::Refused
+        ))));
+        assert!(!reservation_refused(&wrapped(ReserveError::Unsupported)));
+        assert!(!reservation_refused(&wrapped(ReserveError::Io(
+            std::io::ErrorKind::TimedOut.into()
+        ))));
+        assert!(!reservation_refused(&std::io::Error::other("closed")));
+    }
+
+    #[test]
+    fn circuit_ends_are_told_apart() {
+        assert_eq!(circuit_end(None), "circuit_closed");
+        let timed_out: std::io::Error = std::io::ErrorKind::TimedOut.into();
+        assert_eq!(circuit_end(Some(&timed_out)), "circuit_duration_limit");
+        let bytes = std::io::Error::other("Max circuit bytes reached.");
+        assert_eq!(circuit_end(Some(&bytes)), "circuit_bytes_limit");
+        let reset: std::io::Error = std::io::ErrorKind::ConnectionReset.into();
+        assert_eq!(circuit_end(Some(&reset)), "circuit_broken");
     }
 }
