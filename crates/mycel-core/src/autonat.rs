@@ -22,8 +22,9 @@
 //!   the other servers that called it unreachable shortly before are named for the driver
 //!   to charge (and the confirming server itself if it said "unreachable" after dialling).
 //! - **Bounded**: at most [`ProbeConfig::max_candidates`] addresses, ranked by how many
-//!   distinct peers report them (peers choose what they report as our address, and one peer
-//!   counts once); a refuted or single-reported address makes room for a newcomer, keeping
+//!   distinct reporters vouch for them (peers choose what they report as our address; one
+//!   reporter counts once, and the driver counts a network as one reporter, so that keys made
+//!   on one host or subnet count once); a refuted or single-reported address makes room for a newcomer, keeping
 //!   its back-off. One probe in flight per address and per server.
 //!
 //! Pure: time and the random source are passed in.
@@ -129,9 +130,9 @@ enum Test<P> {
 }
 
 #[derive(Debug)]
-struct Candidate<P> {
-    /// The peers that reported it (one peer counts once, however often it reports).
-    reporters: BTreeSet<P>,
+struct Candidate<P, R> {
+    /// Who reported it (one reporter counts once, however often it reports).
+    reporters: BTreeSet<R>,
     test: Test<P>,
     /// Servers that could not reach it, and when they said so.
     failed_by: BTreeMap<P, UnixMillis>,
@@ -142,7 +143,7 @@ struct Candidate<P> {
     refuted: bool,
 }
 
-impl<P: Ord> Candidate<P> {
+impl<P: Ord, R> Candidate<P, R> {
     /// The probe out for it: its server, whether the dial-back came, whether the server
     /// claimed success.
     fn probe_out(&mut self) -> Option<(&mut P, &mut bool, &mut bool)> {
@@ -163,16 +164,18 @@ impl<P: Ord> Candidate<P> {
     }
 }
 
-/// Probing state of one node.
+/// Probing state of one node: servers are `P`, addresses `A`, and reporters of addresses
+/// are counted as `R` (the driver's choice: a peer, or the network a peer reports from, so
+/// that keys made on one host count once).
 #[derive(Debug)]
-pub struct Probes<P, A> {
+pub struct Probes<P, A, R = P> {
     config: ProbeConfig,
-    candidates: BTreeMap<A, Candidate<P>>,
+    candidates: BTreeMap<A, Candidate<P, R>>,
     servers: BTreeSet<P>,
     backoff: Backoff<A>,
 }
 
-impl<P: Ord + Clone, A: Ord + Clone + std::hash::Hash> Probes<P, A> {
+impl<P: Ord + Clone, A: Ord + Clone + std::hash::Hash, R: Ord> Probes<P, A, R> {
     /// No candidate, no server.
     pub fn new(config: ProbeConfig) -> Self {
         Self {
@@ -184,7 +187,7 @@ impl<P: Ord + Clone, A: Ord + Clone + std::hash::Hash> Probes<P, A> {
     }
 
     /// `reporter` says it sees us at `addr`.
-    pub fn add_candidate(&mut self, addr: A, reporter: P) {
+    pub fn add_candidate(&mut self, addr: A, reporter: R) {
         if let Some(c) = self.candidates.get_mut(&addr) {
             if c.reporters.len() < MAX_REPORTERS {
                 c.reporters.insert(reporter);
@@ -444,10 +447,10 @@ impl<P: Ord + Clone, A: Ord + Clone + std::hash::Hash> Probes<P, A> {
 }
 
 /// The candidate whose pending probe has `nonce`.
-fn pending<P, A: Ord>(
-    candidates: &mut BTreeMap<A, Candidate<P>>,
+fn pending<P, A: Ord, R>(
+    candidates: &mut BTreeMap<A, Candidate<P, R>>,
     nonce: u64,
-) -> Option<(&A, &mut Candidate<P>)> {
+) -> Option<(&A, &mut Candidate<P, R>)> {
     candidates
         .iter_mut()
         .find(|(_, c)| matches!(&c.test, Test::Pending { nonce: n, .. } if *n == nonce))
@@ -701,5 +704,34 @@ mod tests {
         }
         assert_eq!(p.candidates.len(), max);
         assert!(p.candidates.contains_key(&"real"));
+    }
+
+    #[test]
+    fn reporters_counted_by_network_keep_sybils_of_one_network_from_the_slots() {
+        // Reporters as the driver counts them: by the network they report from. Sybils on one
+        // network report fakes two keys each; every fake counts one reporter, so a real
+        // address newly seen by one honest network still gets a slot and is probed first once
+        // a second network reports it.
+        let mut p: Probes<u32, &str, &str> = Probes::new(ProbeConfig::default());
+        let mut rng = StdRng::seed_from_u64(7);
+        let max = ProbeConfig::default().max_candidates;
+        let fakes: Vec<&'static str> = (0..max)
+            .map(|i| &*Box::leak(format!("fake{i}").into_boxed_str()))
+            .collect();
+        for f in &fakes {
+            p.add_candidate(f, "10.0.0.0/24");
+            p.add_candidate(f, "10.0.0.0/24");
+        }
+        p.add_candidate("real", "192.0.2.0/24");
+        assert!(p.candidates.contains_key(&"real"), "a newcomer gets a slot");
+        assert_eq!(p.candidates.len(), max);
+        p.add_candidate("real", "198.51.100.0/24");
+        p.server_up(1);
+        let probes = p.poll(0, |_| true, &mut rng);
+        assert_eq!(probes.len(), 1, "one probe per server at a time");
+        assert_eq!(
+            probes[0].addr, "real",
+            "the best-reported address is probed first"
+        );
     }
 }

@@ -31,7 +31,7 @@ pub(super) struct Waiter {
 
 /// Our AutoNAT client: the decisions (mycel-core's `autonat`) and what carries them out.
 pub(super) struct AutoNat {
-    pub(super) probes: Probes<PeerId, Multiaddr>,
+    pub(super) probes: Probes<PeerId, Multiaddr, Reporter>,
     /// Opens dial-request streams.
     pub(super) control: libp2p_stream::Control,
     /// Where the probe tasks report.
@@ -44,6 +44,15 @@ pub(super) struct AutoNat {
     pub(super) sent: HashMap<u64, (u64, Vec<ConnectionId>)>,
     /// The address each probe out (by nonce) tests.
     pub(super) tested: HashMap<u64, Multiaddr>,
+}
+
+/// Who vouches for an address a peer says it sees us at: the network the peer reports from
+/// (its /24, or /48), so that keys made on one host or subnet, however many, count once when
+/// candidates are ranked; a peer on this machine or met through a relay, by its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Reporter {
+    Net(std::net::IpAddr),
+    Peer(PeerId),
 }
 
 /// What a probe task learnt.
@@ -452,6 +461,10 @@ impl EventLoop {
                 p => p,
             });
         }
+        let reporter = match self.since.get(&reporter).and_then(|link| link.subnet) {
+            Some(net) => Reporter::Net(net),
+            None => Reporter::Peer(reporter),
+        };
         if let Some(auto) = self.nat.autonat.as_mut() {
             auto.probes.add_candidate(translated, reporter);
         }
