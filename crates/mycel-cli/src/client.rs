@@ -173,10 +173,19 @@ pub(crate) fn status(args: ClientArgs) -> anyhow::Result<()> {
     println!(
         "reachable    {}{}",
         net["reachability"].as_str().unwrap_or("?"),
-        if net["relay_server"].as_bool() == Some(true) {
-            " (serving as a relay)"
-        } else {
-            ""
+        match (
+            net["relay_server"].as_bool(),
+            net["relay_announced"].as_bool(),
+        ) {
+            (Some(true), Some(false)) => format!(
+                " (serving as a relay, full: {} reservations)",
+                net["relay_reservations"]
+            ),
+            (Some(true), _) => format!(
+                " (serving as a relay: {} reservations)",
+                net["relay_reservations"]
+            ),
+            _ => String::new(),
         }
     );
     for relay in net["relays"].as_array().into_iter().flatten() {

@@ -524,7 +524,7 @@ impl EventLoop {
                 .take(MAX_ANNOUNCED_ADDRS)
                 .collect(),
             reachability: self.nat.reach.status(),
-            relay: self.serves_relay(),
+            relay: self.announces_relay(),
             operator: self.config.operator.clone(),
             full,
         });
@@ -1506,6 +1506,8 @@ impl EventLoop {
             dial_failures: self.dial_failures,
             reachability: self.nat.reach.status().as_str().to_owned(),
             relay_server: self.serves_relay(),
+            relay_reservations: self.nat.served_reservations(),
+            relay_announced: self.announces_relay(),
             relays: self
                 .nat
                 .reach

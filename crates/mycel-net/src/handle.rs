@@ -109,6 +109,10 @@ pub struct NetStatus {
     pub reachability: String,
     /// Whether this node serves as a relay for nodes behind NATs.
     pub relay_server: bool,
+    /// Reservations this node's relay holds for others (at most; see the relay's limits).
+    pub relay_reservations: usize,
+    /// Whether this node's announcement offers relay service (it serves and has room).
+    pub relay_announced: bool,
     /// Relays this node holds a reservation with (peer ids).
     pub relays: Vec<String>,
     /// The addresses this node announces, best first: confirmed external, relayed, local.

@@ -104,8 +104,9 @@ pub(super) struct Nat {
     /// made.
     relay_checks: HashMap<ConnectionId, (PeerId, u64)>,
     waiters: Vec<Waiter>,
-    /// Reservations our relay server holds for others now.
-    served_reservations: usize,
+    /// Reservations our relay server holds for others now, by peer (an upper bound: see
+    /// `on_relay_server`).
+    served: HashMap<PeerId, usize>,
 }
 
 impl Nat {
@@ -128,8 +129,13 @@ impl Nat {
             relay_dials: HashMap::new(),
             relay_checks: HashMap::new(),
             waiters: Vec::new(),
-            served_reservations: 0,
+            served: HashMap::new(),
         }
+    }
+
+    /// Reservations our relay holds for others (an upper bound).
+    pub(super) fn served_reservations(&self) -> usize {
+        self.served.values().sum()
     }
 
     /// Whether we hold a direct connection to `peer`.
@@ -348,17 +354,21 @@ impl EventLoop {
         }
     }
 
-    /// Whether this node serves as a relay now.
-    /// Whether this node announces itself a relay: it serves one and has room for another
-    /// reservation (a full relay that announced itself would refuse whoever believed it).
+    /// Whether this node serves as a relay now (full or not: those holding reservations keep
+    /// renewing them and opening circuits).
     pub(super) fn serves_relay(&self) -> bool {
-        let serving = match self.config.nat.relay_server {
+        match self.config.nat.relay_server {
             RelayServer::Off => false,
             RelayServer::On => true,
             RelayServer::Auto => self.nat.reach.status() == Reachability::Public,
-        };
-        let room = self.nat.served_reservations < self.config.nat.max_reservations;
-        serving && (room || self.config.nat.lie_relay_room)
+        }
+    }
+
+    /// Whether this node announces itself a relay: it serves one and has room for another
+    /// reservation (a full relay that announced itself would refuse whoever believed it).
+    pub(super) fn announces_relay(&self) -> bool {
+        let room = self.nat.served_reservations() < self.config.nat.max_reservations;
+        self.serves_relay() && (room || self.config.nat.lie_relay_room)
     }
 
     /// Starts answering servers' dial-backs: each hands over its nonce on a stream of its
@@ -650,21 +660,32 @@ impl EventLoop {
     /// What this node's relay server did, counted; a peer whose request the server refused
     /// (reservations or circuits past the limits, or asked for too fast) pays a little for it:
     /// an honest client is refused now and then by a full relay, a flood is refused many times.
+    ///
+    /// Reservations held are counted per peer: one more for each accepted (not renewed), one
+    /// less when one times out. libp2p-relay reports `ReservationClosed` for every connection
+    /// of a peer that closes, with or without a reservation, and names no connection; a
+    /// reservation lives on one connection, so a peer's count is cut to the connections it
+    /// has left (an upper bound: a full relay may announce itself full a little longer).
     pub(super) fn on_relay_server(&mut self, event: relay::Event) {
-        let announced = self.serves_relay();
+        let announced = self.announces_relay();
         let (outcome, refused) = match event {
-            relay::Event::ReservationReqAccepted { renewed, .. } => {
+            relay::Event::ReservationReqAccepted {
+                src_peer_id,
+                renewed,
+            } => {
                 if renewed {
                     return;
                 }
-                self.nat.served_reservations += 1;
+                *self.nat.served.entry(src_peer_id).or_default() += 1;
                 ("reservation_accepted", None)
             }
-            relay::Event::ReservationClosed { .. } | relay::Event::ReservationTimedOut { .. } => {
-                self.nat.served_reservations = self.nat.served_reservations.saturating_sub(1);
-                if self.serves_relay() != announced {
-                    self.announce();
-                }
+            relay::Event::ReservationTimedOut { src_peer_id } => {
+                self.unserve(src_peer_id, |n| n.saturating_sub(1), announced);
+                return;
+            }
+            relay::Event::ReservationClosed { src_peer_id } => {
+                let left = self.since.get(&src_peer_id).map_or(0, |l| l.conns as usize);
+                self.unserve(src_peer_id, |n| n.min(left), announced);
                 return;
             }
             relay::Event::ReservationReqDenied { src_peer_id, .. } => {
@@ -681,13 +702,27 @@ impl EventLoop {
             }
         };
         self.metrics.nat_event("relay_served", outcome);
-        if self.serves_relay() != announced {
+        if self.announces_relay() != announced {
             // Full now (or room again): said at once, not at the next announcement.
             self.announce();
         }
         if let Some(peer) = refused {
             debug!(%peer, outcome, "relay server refused a request");
             self.reject(peer, Rejection::RateLimited);
+        }
+    }
+
+    /// Lowers `peer`'s count of reservations held by `lower`, and announces at once if that
+    /// gave the relay room again.
+    fn unserve(&mut self, peer: PeerId, lower: impl Fn(usize) -> usize, announced: bool) {
+        if let Some(n) = self.nat.served.get_mut(&peer) {
+            *n = lower(*n);
+            if *n == 0 {
+                self.nat.served.remove(&peer);
+            }
+        }
+        if self.announces_relay() != announced {
+            self.announce();
         }
     }
 
