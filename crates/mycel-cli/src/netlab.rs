@@ -288,6 +288,41 @@ impl NatLab {
     pub fn exec(&self, i: usize) -> [&str; 4] {
         ["ip", "netns", "exec", self.names[i].as_str()]
     }
+
+    /// Drops every new connection to `port` (TCP and UDP) arriving in namespace `i`
+    /// (nftables, input hook), as a black hole does: whoever dials there hears nothing, while
+    /// what a node on that port dials out itself still flows. For the tests.
+    #[allow(dead_code)]
+    pub fn black_hole_port(&self, i: usize, port: u16) -> Result<(), String> {
+        let ns = ["netns", "exec", self.names[i].as_str(), "nft"];
+        run("ip", &[&ns[..], &["add", "table", "inet", "bh"]].concat())?;
+        run(
+            "ip",
+            &[
+                &ns[..],
+                &[
+                    "add", "chain", "inet", "bh", "input", "{", "type", "filter", "hook", "input",
+                    "priority", "0", ";", "}",
+                ],
+            ]
+            .concat(),
+        )?;
+        let port = port.to_string();
+        for proto in ["tcp", "udp"] {
+            run(
+                "ip",
+                &[
+                    &ns[..],
+                    &[
+                        "add", "rule", "inet", "bh", "input", proto, "dport", &port, "ct", "state",
+                        "new", "drop",
+                    ],
+                ]
+                .concat(),
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// A home behind a router that runs a UPnP IGD gateway (miniupnpd, nftables backend) on a

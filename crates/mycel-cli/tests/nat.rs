@@ -500,7 +500,8 @@ fn a_relay_cuts_circuits_at_their_duration_and_byte_limits() {
 /// A relay announces itself one only while it has room: R, limited to 2 reservations, stops
 /// once A and B hold them, and nobody asks it again. L announces room it never gives (one
 /// reservation, and it keeps saying it has room once that is taken): the home it refuses
-/// charges it at every request, and holds no reservation with it.
+/// charges it at every request, and holds no reservation with it. H black-holes the
+/// addresses it announces: it is charged too.
 #[test]
 fn a_relay_that_announces_room_it_does_not_give_pays() {
     const TEST: &str = "a_relay_that_announces_room_it_does_not_give_pays";
@@ -593,6 +594,38 @@ fn a_relay_that_announces_room_it_does_not_give_pays() {
         net["relay_reservations"] == 2 && net["relay_announced"] == false,
         "R still full: {net}"
     );
+
+    // A relay that black-holes the addresses it announces: H, on the internet, where every
+    // new connection to its port is dropped (it dials out itself, so it joins). The home
+    // still wanting a second relay asks it, hears nothing at any address while its other
+    // peers answer, and charges it `false_relay`.
+    lab.black_hole_port(INTERNET, 4007).unwrap();
+    let _hole = lab_node(
+        &lab,
+        INTERNET,
+        &root.path().join("h"),
+        4007,
+        &[
+            "--relay-server",
+            "on",
+            "--external-addr",
+            "/ip4/198.51.100.1/udp/4007/quic-v1",
+            "--external-addr",
+            "/ip4/198.51.100.1/tcp/4007",
+            "--bootstrap",
+            &boot,
+        ],
+    );
+    let false_relay = |m: &Member| {
+        gauge(
+            &metrics(&lab, m),
+            "mycel_rejected_messages_total{reason=\"false_relay\"}",
+        )
+        .unwrap_or(0)
+    };
+    wait_until(LIMIT, "a home charges the black-holing relay", || {
+        false_relay(&a) + false_relay(&b) >= 1
+    });
     assert!(
         peer(&lab, &b, &a_id)["state"] == "alive",
         "the homes still see each other"

@@ -218,6 +218,11 @@ impl<P: Eq + Hash + Clone> Prober<P> {
         self.last_contact = Some(now);
     }
 
+    /// Whether this node heard from a peer at `at` or later (its own network worked then).
+    pub fn heard_since(&self, at: UnixMillis) -> bool {
+        self.last_contact.is_some_and(|c| c >= at)
+    }
+
     /// One of this node's own connections went silent (a partition, a machine gone): probe
     /// faster, for at most [`ProbeConfig::alert_probes`] probes. It names no peer.
     pub fn alert(&mut self, now: UnixMillis) {

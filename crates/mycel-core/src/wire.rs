@@ -51,9 +51,9 @@ pub enum Rejection {
     /// above its own): the reporter cannot have seen it, so the report is a lie.
     #[error("down report names an announcement that was never made")]
     FalseReport,
-    /// A peer that announced itself a public relay refused our connection at a public
-    /// address it announced (or another peer answered there) while we asked it for a
-    /// reservation.
+    /// A peer that announced itself a public relay refused our connection at every public
+    /// address it announced (or another peer answered there, or all were silent while our
+    /// own network worked) while we asked it for a reservation.
     #[error("announced itself a public relay but nobody serves at its address")]
     FalseRelay,
     /// An AutoNAT server called an address of ours unreachable shortly before another

@@ -192,6 +192,21 @@ fn nobody_serves_there(error: &DialError) -> bool {
     }
 }
 
+/// Whether a failed dial met only silence: every address timed out (a black hole, or a
+/// network down, ours included: the caller tells them apart).
+fn silent_there(error: &DialError) -> bool {
+    match error {
+        DialError::Transport(attempts) => {
+            !attempts.is_empty()
+                && attempts.iter().all(|(_, e)| match e {
+                    libp2p::TransportError::Other(e) => super::timed_out(e),
+                    libp2p::TransportError::MultiaddrNotSupported(_) => false,
+                })
+        }
+        _ => false,
+    }
+}
+
 /// Opens a dial-request stream to `server`. libp2p's server answers only on connections the
 /// asker dialled, and libp2p-stream picks one of a peer's connections at random: where both
 /// sides dialled, a few tries find the right one.
@@ -929,14 +944,21 @@ impl EventLoop {
         self.nat.relay_dials.remove(&connection);
         // Our dial of a relay for a reservation request still pending: a relay that nobody
         // serves at any public address its announcement names is not where it says it
-        // serves, and pays, as a referral to a peer that is not there does. Any other
-        // failure (a timeout, an unreachable network, our own limits) proves nothing: the
-        // request just failed.
+        // serves, and pays, as a referral to a peer that is not there does; so does one
+        // whose every address is silent (a black hole) while this node's own network works.
+        // Any other failure (an unreachable network, our own limits, a timeout while we
+        // heard from nobody) proves nothing: the request just failed. An honest relay that
+        // went down pays a little per try until its announcement lapses.
         if let Some((relay, asked)) = self.nat.relay_checks.remove(&connection) {
             let now = now_ms();
             if self.nat.reach.asked_at(&relay) == Some(asked) {
                 self.metrics.nat_event("relay_reservation", "failed");
-                if nobody_serves_there(error) {
+                // Silence at every address is a black hole where this node's own network
+                // works: it heard from a peer within a ping interval before it asked.
+                let ping = self.config.timing.ping_interval.as_millis() as u64;
+                let black_hole =
+                    silent_there(error) && self.prober.heard_since(asked.saturating_sub(ping));
+                if nobody_serves_there(error) || black_hole {
                     info!(%relay, "relay not found at its announced addresses: {error}");
                     if self.nat.reach.on_unreachable(relay, now, &mut self.rng) {
                         self.reject(relay, Rejection::FalseRelay);
