@@ -28,6 +28,26 @@ pub fn output(program: &str, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// In namespace `ns`, adds the nftables table and input-hook chain `[family, table, chain]`
+/// and one rule per entry of `rules` (the words after `add rule FAMILY TABLE CHAIN`).
+pub fn nft_input_rules(ns: &str, names: [&str; 3], rules: &[&[&str]]) -> Result<(), String> {
+    let [family, table, chain] = names;
+    let nft = ["netns", "exec", ns, "nft"];
+    run("ip", &[&nft[..], &["add", "table", family, table]].concat())?;
+    let hook = [
+        "add", "chain", family, table, chain, "{", "type", "filter", "hook", "input", "priority",
+        "0", ";", "}",
+    ];
+    run("ip", &[&nft[..], &hook[..]].concat())?;
+    for rule in rules {
+        run(
+            "ip",
+            &[&nft[..], &["add", "rule", family, table, chain][..], rule].concat(),
+        )?;
+    }
+    Ok(())
+}
+
 /// `ip ARGS`.
 pub fn ip(args: &[&str]) -> Result<(), String> {
     run("ip", args)
@@ -255,29 +275,8 @@ impl NatLab {
             // conntrack confirms it, an unsolicited packet leaves no entry behind, so a hole
             // punched a moment later keeps its port (without this rule the router would pick
             // another port for it, as behind a symmetric NAT).
-            run("ip", &[&nft[..], &["add", "table", "ip", "fw"]].concat())?;
-            run(
-                "ip",
-                &[
-                    &nft[..],
-                    &[
-                        "add", "chain", "ip", "fw", "in", "{", "type", "filter", "hook", "input",
-                        "priority", "0", ";", "}",
-                    ],
-                ]
-                .concat(),
-            )?;
-            run(
-                "ip",
-                &[
-                    &nft[..],
-                    &[
-                        "add", "rule", "ip", "fw", "in", "iifname", &wan, "ct", "state", "new",
-                        "drop",
-                    ],
-                ]
-                .concat(),
-            )?;
+            let rule = ["iifname", wan.as_str(), "ct", "state", "new", "drop"];
+            nft_input_rules(&lab.names[ns], ["ip", "fw", "in"], &[&rule])?;
         }
         Ok(lab)
     }
@@ -294,34 +293,13 @@ impl NatLab {
     /// what a node on that port dials out itself still flows. For the tests.
     #[allow(dead_code)]
     pub fn black_hole_port(&self, i: usize, port: u16) -> Result<(), String> {
-        let ns = ["netns", "exec", self.names[i].as_str(), "nft"];
-        run("ip", &[&ns[..], &["add", "table", "inet", "bh"]].concat())?;
-        run(
-            "ip",
-            &[
-                &ns[..],
-                &[
-                    "add", "chain", "inet", "bh", "input", "{", "type", "filter", "hook", "input",
-                    "priority", "0", ";", "}",
-                ],
-            ]
-            .concat(),
-        )?;
         let port = port.to_string();
-        for proto in ["tcp", "udp"] {
-            run(
-                "ip",
-                &[
-                    &ns[..],
-                    &[
-                        "add", "rule", "inet", "bh", "input", proto, "dport", &port, "ct", "state",
-                        "new", "drop",
-                    ],
-                ]
-                .concat(),
-            )?;
-        }
-        Ok(())
+        let rule = |proto| [proto, "dport", port.as_str(), "ct", "state", "new", "drop"];
+        nft_input_rules(
+            &self.names[i],
+            ["inet", "bh", "input"],
+            &[&rule("tcp"), &rule("udp")],
+        )
     }
 }
 
@@ -670,31 +648,8 @@ impl VethPair {
     /// a blackhole, as when a link fails silently; senders see nothing but silence.
     pub fn blackhole(&self) -> Result<(), String> {
         for i in 0..2 {
-            let name = self.names[i].as_str();
-            let dev = self.devs[i].as_str();
-            let ns = ["netns", "exec", name, "nft"];
-            run("ip", &[&ns[..], &["add", "table", "inet", "cut"]].concat())?;
-            run(
-                "ip",
-                &[
-                    &ns[..],
-                    &[
-                        "add", "chain", "inet", "cut", "input", "{", "type", "filter", "hook",
-                        "input", "priority", "0", ";", "}",
-                    ],
-                ]
-                .concat(),
-            )?;
-            run(
-                "ip",
-                &[
-                    &ns[..],
-                    &[
-                        "add", "rule", "inet", "cut", "input", "iifname", dev, "drop",
-                    ],
-                ]
-                .concat(),
-            )?;
+            let rule = ["iifname", self.devs[i].as_str(), "drop"];
+            nft_input_rules(&self.names[i], ["inet", "cut", "input"], &[&rule])?;
         }
         Ok(())
     }
@@ -704,39 +659,15 @@ impl VethPair {
     /// outside can dial a node there, it must dial out itself. For the tests.
     #[allow(dead_code)]
     pub fn refuse_inbound(&self, i: usize) -> Result<(), String> {
-        let ns = ["netns", "exec", self.names[i].as_str(), "nft"];
-        run("ip", &[&ns[..], &["add", "table", "inet", "fw"]].concat())?;
-        run(
-            "ip",
-            &[
-                &ns[..],
-                &[
-                    "add", "chain", "inet", "fw", "input", "{", "type", "filter", "hook", "input",
-                    "priority", "0", ";", "}",
-                ],
-            ]
-            .concat(),
-        )?;
-        run(
-            "ip",
-            &[
-                &ns[..],
-                &[
-                    "add",
-                    "rule",
-                    "inet",
-                    "fw",
-                    "input",
-                    "iifname",
-                    self.devs[i].as_str(),
-                    "ct",
-                    "state",
-                    "new",
-                    "drop",
-                ],
-            ]
-            .concat(),
-        )
+        let rule = [
+            "iifname",
+            self.devs[i].as_str(),
+            "ct",
+            "state",
+            "new",
+            "drop",
+        ];
+        nft_input_rules(&self.names[i], ["inet", "fw", "input"], &[&rule])
     }
 
     /// Takes the link down at both ends (as when a cable is pulled): the kernels see it go,
