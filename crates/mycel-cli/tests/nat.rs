@@ -27,7 +27,7 @@ mod common;
 use std::time::Duration;
 
 use common::netns::{
-    cli, gauge, id_of, metrics, nat_events, peer, status, Lab, Member, NatLab, HOME_A, HOME_B,
+    cli, id_of, metrics, nat_events, peer, rejected, status, Lab, Member, NatLab, HOME_A, HOME_B,
     INTERNET, INTERNET_ADDRS,
 };
 use common::wait_until;
@@ -320,11 +320,7 @@ fn behind_symmetric_nats_bulk_data_refuses_the_relay_and_says_why() {
         nat_events(&lab, &a, "relay_reservation", "failed") > 0
     });
     wait_until(LIMIT, "A charges the liar", || {
-        gauge(
-            &metrics(&lab, &a),
-            "mycel_rejected_messages_total{reason=\"false_relay\"}",
-        )
-        .is_some_and(|n| n >= 1)
+        rejected(&lab, &a, "false_relay") >= 1
     });
     let net = &status(&lab, &a)["network"];
     assert_eq!(net["relays"], serde_json::json!([relay_id]), "{net}");
@@ -546,13 +542,7 @@ fn a_relay_that_announces_room_it_does_not_give_pays() {
         ],
     );
     let liar_id = id_of(&lab, &liar);
-    let refused = |m: &Member| {
-        gauge(
-            &metrics(&lab, m),
-            "mycel_rejected_messages_total{reason=\"relay_refused\"}",
-        )
-        .unwrap_or(0)
-    };
+    let refused = |m: &Member| rejected(&lab, m, "relay_refused");
     wait_until(
         LIMIT,
         "one home holds L's one reservation, the other is refused twice and charges L",
@@ -616,13 +606,7 @@ fn a_relay_that_announces_room_it_does_not_give_pays() {
             &boot,
         ],
     );
-    let false_relay = |m: &Member| {
-        gauge(
-            &metrics(&lab, m),
-            "mycel_rejected_messages_total{reason=\"false_relay\"}",
-        )
-        .unwrap_or(0)
-    };
+    let false_relay = |m: &Member| rejected(&lab, m, "false_relay");
     wait_until(LIMIT, "a home charges the black-holing relay", || {
         false_relay(&a) + false_relay(&b) >= 1
     });
@@ -779,12 +763,6 @@ fn a_lying_autonat_server_cannot_make_a_public_node_private_for_good() {
     wait_until(
         LIMIT,
         "P charges the server that called it unreachable",
-        || {
-            gauge(
-                &metrics(&lab, &p),
-                "mycel_rejected_messages_total{reason=\"false_verdict\"}",
-            )
-            .is_some_and(|n| n >= 1)
-        },
+        || rejected(&lab, &p, "false_verdict") >= 1,
     );
 }

@@ -258,24 +258,18 @@ impl<P: Eq + Hash + Clone + Ord> Reach<P> {
         }
     }
 
-    /// A dial of `relay`, asked for a reservation and not answered yet, found nobody serving
-    /// at a public address it announced (refused outright, or another peer answered). The
-    /// request counts as failed now; returns whether to charge the relay, which happens once
+    /// `relay`, asked for a reservation and not answered yet, proved it does not serve as it
+    /// announced: our dial found nobody at its public addresses (refused outright, another
+    /// peer answering, or silence while our own network worked), or it refused the request
+    /// while announcing room for it. The request counts as failed now; returns whether to charge the relay, which happens once
     /// per request: not for a relay that was never asked or that granted the request (one
     /// holding our reservation that stops serving is not lying), nor twice for one request.
-    pub fn on_unreachable(&mut self, relay: P, now: UnixMillis, rng: &mut impl Rng) -> bool {
+    pub fn on_false_relay(&mut self, relay: P, now: UnixMillis, rng: &mut impl Rng) -> bool {
         if !matches!(self.slots.get(&relay), Some(Slot::Asked(_))) {
             return false;
         }
         self.on_failed(relay, now, rng);
         true
-    }
-
-    /// `relay`, asked for a reservation and not answered yet, refused it (while it announced
-    /// itself a relay). As [`Reach::on_unreachable`]: the request failed; returns whether to
-    /// charge the relay (once per request it was asked).
-    pub fn on_refused(&mut self, relay: P, now: UnixMillis, rng: &mut impl Rng) -> bool {
-        self.on_unreachable(relay, now, rng)
     }
 
     /// Relays whose reservation is held; a node that turned public no longer needs them.
@@ -377,17 +371,17 @@ mod tests {
         assert_eq!(asked.len(), 2);
         assert!(r.on_reserved(asked[0]));
         // Held: a relay that stops serving later is not lying about serving.
-        assert!(!r.on_unreachable(asked[0], 1_100, &mut rng));
+        assert!(!r.on_false_relay(asked[0], 1_100, &mut rng));
         assert_eq!(r.held(), vec![asked[0]], "the held reservation stands");
         // Never asked: nothing to charge.
-        assert!(!r.on_unreachable(9, 1_100, &mut rng));
+        assert!(!r.on_false_relay(9, 1_100, &mut rng));
         assert_eq!(r.asked_at(&asked[1]), Some(1_000));
         assert_eq!(r.asked_at(&asked[0]), None, "granted");
         // Asked and nobody there: charged once, the request failed and backs off.
-        assert!(r.on_unreachable(asked[1], 1_100, &mut rng));
+        assert!(r.on_false_relay(asked[1], 1_100, &mut rng));
         assert_eq!(r.asked_at(&asked[1]), None);
         assert!(
-            !r.on_unreachable(asked[1], 1_200, &mut rng),
+            !r.on_false_relay(asked[1], 1_200, &mut rng),
             "once per request"
         );
         assert!(

@@ -246,7 +246,6 @@ impl EventLoop {
                 inputs: autonat_tx,
                 dial_backs: Some(incoming),
                 sent: HashMap::new(),
-                tested: HashMap::new(),
             }),
         );
         let prober = Prober::new(ProbeConfig {

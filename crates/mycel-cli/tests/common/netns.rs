@@ -142,6 +142,12 @@ pub fn gauge(metrics: &str, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// `mycel_rejected_messages_total{reason}` of `member`: what it charged its peers for.
+pub fn rejected(lab: &impl Lab, m: &Member, reason: &str) -> u64 {
+    let series = format!("mycel_rejected_messages_total{{reason=\"{reason}\"}}");
+    gauge(&metrics(lab, m), &series).unwrap_or(0)
+}
+
 /// `mycel_nat_events_total{event, result}` of `member`.
 pub fn nat_events(lab: &impl Lab, m: &Member, event: &str, result: &str) -> u64 {
     let series = format!("mycel_nat_events_total{{event=\"{event}\",result=\"{result}\"}}");

@@ -38,12 +38,20 @@ pub(super) struct AutoNat {
     pub(super) inputs: mpsc::Sender<AutoNatInput>,
     /// Servers' dial-back streams, until the event loop starts answering them.
     pub(super) dial_backs: Option<crate::task::IncomingStreams>,
-    /// Per probe out (by nonce): when it was sent and the connections its server already
-    /// held with us then. A dial-back proves an address only over a new connection, not
-    /// one the server had open before (a liar would hand the nonce over that).
-    pub(super) sent: HashMap<u64, (u64, Vec<ConnectionId>)>,
-    /// The address each probe out (by nonce) tests.
-    pub(super) tested: HashMap<u64, Multiaddr>,
+    /// Probes out, by nonce.
+    pub(super) sent: HashMap<u64, Sent>,
+}
+
+/// A probe out, as a dial-back for it is checked.
+pub(super) struct Sent {
+    /// When it went out.
+    at: u64,
+    /// The connections its server already held with us then. A dial-back proves an address
+    /// only over a new connection, not one the server had open before (a liar would hand
+    /// the nonce over that).
+    held: Vec<ConnectionId>,
+    /// The address it tests.
+    addr: Multiaddr,
 }
 
 /// Who vouches for an address a peer says it sees us at: the network the peer reports from
@@ -538,14 +546,16 @@ impl EventLoop {
         let probes = auto.probes.poll(now, usable, &mut self.rng);
         // Probes long settled (the core's timeout is 30 s) need no record.
         auto.sent
-            .retain(|_, (at, _)| now.saturating_sub(*at) < 60_000);
-        let sent = &auto.sent;
-        auto.tested.retain(|nonce, _| sent.contains_key(nonce));
+            .retain(|_, sent| now.saturating_sub(sent.at) < 60_000);
         for probe in probes {
             debug!(server = %probe.server, addr = %probe.addr, "AutoNAT probe sent");
             let held = inbound.get(&probe.server).cloned().unwrap_or_default();
-            auto.sent.insert(probe.nonce, (now, held));
-            auto.tested.insert(probe.nonce, probe.addr.clone());
+            let sent = Sent {
+                at: now,
+                held,
+                addr: probe.addr.clone(),
+            };
+            auto.sent.insert(probe.nonce, sent);
             let mut control = auto.control.clone();
             let inputs = auto.inputs.clone();
             tokio::spawn(async move {
@@ -579,19 +589,14 @@ impl EventLoop {
                 connection,
                 nonce,
             } => {
-                let old = auto
-                    .sent
-                    .get(&nonce)
-                    .is_some_and(|(_, held)| held.contains(&connection));
-                if old {
-                    info!(server = %from, "AutoNAT nonce handed over on an old connection");
-                    return;
-                }
-                let arrived = self.nat.inbound_local.get(&connection);
-                let tested = auto.tested.get(&nonce);
-                if let (Some(tested), Some(arrived)) = (tested, arrived) {
-                    if !dial_back_reached(tested, arrived) {
-                        info!(server = %from, %tested, %arrived,
+                if let Some(sent) = auto.sent.get(&nonce) {
+                    if sent.held.contains(&connection) {
+                        info!(server = %from, "AutoNAT nonce handed over on an old connection");
+                        return;
+                    }
+                    let arrived = self.nat.inbound_local.get(&connection);
+                    if let Some(arrived) = arrived.filter(|a| !dial_back_reached(&sent.addr, a)) {
+                        info!(server = %from, tested = %sent.addr, %arrived,
                             "AutoNAT dial-back arrived where the tested address does not lead");
                         return;
                     }
@@ -863,7 +868,7 @@ impl EventLoop {
             let announced_room = self.membership.get(&relay).is_some_and(|info| info.relay);
             if error.is_some_and(reservation_refused) && announced_room {
                 self.metrics.nat_event("relay_reservation", "refused");
-                if self.nat.reach.on_refused(relay, now, &mut self.rng) {
+                if self.nat.reach.on_false_relay(relay, now, &mut self.rng) {
                     self.reject(relay, Rejection::RelayRefused);
                 }
             } else {
@@ -960,7 +965,7 @@ impl EventLoop {
                     silent_there(error) && self.prober.heard_since(asked.saturating_sub(ping));
                 if nobody_serves_there(error) || black_hole {
                     info!(%relay, "relay not found at its announced addresses: {error}");
-                    if self.nat.reach.on_unreachable(relay, now, &mut self.rng) {
+                    if self.nat.reach.on_false_relay(relay, now, &mut self.rng) {
                         self.reject(relay, Rejection::FalseRelay);
                     }
                 } else {
