@@ -233,6 +233,10 @@ struct NodeArgs {
     /// it): for tests of how clients make such a relay pay.
     #[arg(long, hide = true)]
     lie_relay_room: bool,
+    /// Hold this machine's own connections to the per-host limits like any host's: for
+    /// benchmarks of them, where every process shares 127.0.0.1.
+    #[arg(long, hide = true)]
+    limit_loopback: bool,
 }
 
 fn parse_dataset(s: &str) -> Result<(String, String), String> {
@@ -417,6 +421,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.nat.external_addrs = args.external_addr;
     config.nat.allow_relayed_data = args.allow_relayed_data;
     config.nat.lie_relay_room = args.lie_relay_room;
+    config.limits.limit_loopback = args.limit_loopback;
     config.nat.direct_wait = std::time::Duration::from_secs(args.direct_wait.max(1));
     config.nat.upnp = !args.no_upnp;
     config.timing.announce_ttl = std::time::Duration::from_secs(args.announce_ttl.max(2));

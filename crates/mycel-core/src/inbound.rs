@@ -16,6 +16,8 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 
+use crate::UnixMillis;
+
 /// The unit one host is limited by: an IPv4 address, or the /64 an IPv6 host usually holds.
 pub fn host_of(ip: IpAddr) -> IpAddr {
     match ip {
@@ -201,6 +203,81 @@ impl<C: Eq + Hash> InboundShares<C> {
     }
 }
 
+/// Handshakes from one host that ended with a banned peer, past which the host is refused
+/// before its handshakes ([`Strikes`]).
+const FREE_STRIKES: u32 = 3;
+/// A host's strikes are forgotten after this long without a new one.
+const STRIKE_WINDOW_MS: u64 = 60_000;
+/// How long the first refusal lasts; each further strike doubles it, up to the most.
+const FIRST_HOLD_MS: u64 = 1_000;
+const MOST_HOLD_MS: u64 = 60_000;
+/// Hosts whose strikes are remembered at once.
+const MAX_STRUCK_HOSTS: usize = 4_096;
+
+#[derive(Debug, Clone, Copy)]
+struct Struck {
+    count: u32,
+    last: UnixMillis,
+    held_until: UnixMillis,
+}
+
+/// Hosts that keep sending banned peers. A banned peer is known only once its handshake is
+/// done, and a handshake costs its receiver as much as its sender (a key exchange and a
+/// signature each way): a banned peer that dials again and again, or a host that makes a new
+/// key for every connection that gets banned, costs the node a handshake each time. Past
+/// [`FREE_STRIKES`] such handshakes within a minute, the host's connections are refused before
+/// their handshake (an accept and a close) for a second, doubling with each further strike up
+/// to a minute. Honest peers behind the same address are refused with it for that while;
+/// they still dial out, and others still dial them.
+#[derive(Debug, Default)]
+pub struct Strikes {
+    hosts: HashMap<IpAddr, Struck>,
+}
+
+impl Strikes {
+    /// Counts a handshake from `ip` that ended with a banned peer.
+    pub fn strike(&mut self, ip: IpAddr, now: UnixMillis) {
+        let host = host_of(ip);
+        if !self.hosts.contains_key(&host) && self.hosts.len() >= MAX_STRUCK_HOSTS {
+            self.hosts
+                .retain(|_, s| now.saturating_sub(s.last) < STRIKE_WINDOW_MS);
+            if self.hosts.len() >= MAX_STRUCK_HOSTS {
+                // Still full: the one struck longest ago makes room.
+                if let Some(oldest) = self
+                    .hosts
+                    .iter()
+                    .min_by_key(|(_, s)| s.last)
+                    .map(|(h, _)| *h)
+                {
+                    self.hosts.remove(&oldest);
+                }
+            }
+        }
+        let struck = self.hosts.entry(host).or_insert(Struck {
+            count: 0,
+            last: now,
+            held_until: 0,
+        });
+        if now.saturating_sub(struck.last) >= STRIKE_WINDOW_MS {
+            struck.count = 0;
+        }
+        struck.count += 1;
+        struck.last = now;
+        if struck.count > FREE_STRIKES {
+            let doublings = (struck.count - FREE_STRIKES - 1).min(16);
+            let hold = (FIRST_HOLD_MS << doublings).min(MOST_HOLD_MS);
+            struck.held_until = struck.held_until.max(now + hold);
+        }
+    }
+
+    /// Whether a connection from `ip` may start its handshake at `now`.
+    pub fn admits(&self, ip: IpAddr, now: UnixMillis) -> bool {
+        self.hosts
+            .get(&host_of(ip))
+            .is_none_or(|s| s.held_until <= now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +348,39 @@ mod tests {
         }
         assert!(s.conns.is_empty());
         assert!(s.pending.is_empty() && s.hosts.is_empty() && s.subnets.is_empty());
+    }
+
+    #[test]
+    fn a_host_that_keeps_sending_banned_peers_is_refused_for_a_doubling_while() {
+        let mut strikes = Strikes::default();
+        let (bad, other) = (ip("203.0.113.7"), ip("203.0.113.8"));
+        for t in 0..3 {
+            strikes.strike(bad, t * 1_000);
+            assert!(strikes.admits(bad, t * 1_000), "the first three are free");
+        }
+        strikes.strike(bad, 3_000);
+        assert!(!strikes.admits(bad, 3_500));
+        assert!(strikes.admits(bad, 4_000), "held for a second");
+        assert!(strikes.admits(other, 3_500), "another host is not");
+        strikes.strike(bad, 4_000);
+        assert!(!strikes.admits(bad, 5_999));
+        assert!(strikes.admits(bad, 6_000), "then two");
+        for t in 0..20 {
+            strikes.strike(bad, 6_000 + t);
+        }
+        assert!(!strikes.admits(bad, 6_019 + 59_999));
+        assert!(strikes.admits(bad, 6_019 + 60_000), "a minute at most");
+        // A minute without strikes: it starts again from nothing.
+        let later = 6_019 + 120_000;
+        strikes.strike(bad, later);
+        assert!(strikes.admits(bad, later));
+        // An IPv6 host is its /64: a new address in it is the same host.
+        let v6 = ip("2001:db8::1");
+        for t in 0..4 {
+            strikes.strike(v6, t);
+        }
+        assert!(!strikes.admits(ip("2001:db8::ffff"), 10));
+        assert!(strikes.admits(ip("2001:db8:0:1::1"), 10));
     }
 
     #[test]

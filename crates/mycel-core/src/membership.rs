@@ -116,6 +116,16 @@ pub fn young_for_gossip(issued_at: UnixMillis, now: UnixMillis) -> bool {
 /// Issuers whose rate is tracked at once (full buckets are dropped first).
 const MAX_RATED_ISSUERS: usize = 4096;
 
+/// How many times an issuer's burst one neighbour may relay of it at once
+/// ([`Membership::admit_relayed`]): a neighbour that restarted begins with a full bucket
+/// again.
+const RELAYED_BURSTS: f64 = 2.0;
+/// How long a neighbour may have held statements back before passing them on all at once
+/// (gossipsub's forward queue keeps a message up to 5 s).
+const RELAY_DELAY_S: f64 = 5.0;
+/// Neighbour and issuer pairs tracked at once (full buckets are dropped first).
+const MAX_RATED_RELAYS: usize = 8192;
+
 /// Whether a peer is considered alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -338,6 +348,8 @@ pub struct Membership {
     last_tick: Option<UnixMillis>,
     /// Statements applied per issuer.
     issuer_rate: RateLimiter<PeerId>,
+    /// Statements relayed by gossip per neighbour and issuer.
+    relayed: RateLimiter<(PeerId, PeerId)>,
     /// Bytes of the announcements held (see [`Config::max_statement_bytes`]).
     stored_bytes: usize,
     /// When this node last refuted a report about itself.
@@ -355,6 +367,11 @@ impl Membership {
             config.issuer_burst,
             MAX_RATED_ISSUERS,
         );
+        let relayed = RateLimiter::new(
+            config.issuer_rate_per_s,
+            RELAYED_BURSTS * config.issuer_burst + RELAY_DELAY_S * config.issuer_rate_per_s,
+            MAX_RATED_RELAYS,
+        );
         Self {
             local,
             config,
@@ -362,9 +379,34 @@ impl Membership {
             own: None,
             last_tick: None,
             issuer_rate,
+            relayed,
             stored_bytes: 0,
             last_refute: None,
             refute_pending: None,
+        }
+    }
+
+    /// Checks a statement claiming `issuer` that the neighbour `relay` passed on by gossip,
+    /// before anything of it is decoded or verified. A node passes on only statements it
+    /// accepted, and accepts each issuer's at most at the issuer's rate (announcements and
+    /// counted down reports), so no node that checks what it relays passes on more of one
+    /// issuer than that rate allows; twice the burst and five seconds' worth are allowed on
+    /// top, for a neighbour that restarted or held messages back. Past it the neighbour is
+    /// relaying what it never checked (or a flood of its own under another key): it pays
+    /// ([`Rejection::OverRelayed`]) and the statement is dropped unread. A flood injected at
+    /// several points therefore costs its injectors, never the honest nodes between them, who
+    /// pass on only what each issuer's rate let through. Statements of the neighbour itself
+    /// (charged to it as their issuer) and of this node are not counted here.
+    pub fn admit_relayed(
+        &mut self,
+        relay: PeerId,
+        issuer: PeerId,
+        now: UnixMillis,
+    ) -> Result<(), Rejection> {
+        if issuer == relay || issuer == self.local || self.relayed.allow((relay, issuer), now) {
+            Ok(())
+        } else {
+            Err(Rejection::OverRelayed)
         }
     }
 
@@ -1517,6 +1559,55 @@ mod tests {
         assert!(table
             .on_statement(&announce(&flooder, burst + 1, 1_000), 1_000)
             .is_ok());
+    }
+
+    #[test]
+    fn honest_relays_of_a_flood_pass_the_relay_check_and_its_injector_does_not() {
+        let issuer = Keypair::generate_ed25519();
+        let iid = issuer.public().to_peer_id();
+        let (honest, injector) = (
+            Keypair::generate_ed25519().public().to_peer_id(),
+            Keypair::generate_ed25519().public().to_peer_id(),
+        );
+        let (_, mut victim) = table();
+        // The issuer floods an honest relay with 100 announcements a second for 30 s; the
+        // relay restarts (its buckets full again) halfway. What it accepts it passes on, each
+        // held back by up to 5 s in its queue (a made-up spread of delays, late ones bunched).
+        let mut arrivals = Vec::new();
+        let (_, mut relay) = table();
+        let mut seq = 0;
+        for step in 0..3_000u64 {
+            let now = step * 10;
+            if step == 1_500 {
+                relay = table().1;
+            }
+            seq += 1;
+            if let Ok(Accepted::Announcement { .. }) =
+                relay.on_statement(&announce(&issuer, seq, now), now)
+            {
+                let delay = (step * 7_919) % 5_001;
+                arrivals.push(now + delay);
+            }
+        }
+        assert!(arrivals.len() > 60, "the relay accepted {}", arrivals.len());
+        arrivals.sort_unstable();
+        for at in arrivals {
+            assert_eq!(victim.admit_relayed(honest, iid, at), Ok(()));
+        }
+        // The injector passes on everything: past twice the burst and five seconds' worth it
+        // pays, and the honest relay's standing for the same issuer is its own.
+        let bound = (2.0 * 20.0 + 5.0 * 2.0) as usize;
+        let admitted = (0..1_000)
+            .filter(|_| victim.admit_relayed(injector, iid, 40_000).is_ok())
+            .count();
+        assert_eq!(admitted, bound);
+        assert_eq!(
+            victim.admit_relayed(injector, iid, 40_000),
+            Err(Rejection::OverRelayed)
+        );
+        assert_eq!(victim.admit_relayed(honest, iid, 40_000), Ok(()));
+        // A neighbour's own statements are charged to it as their issuer, not here.
+        assert!((0..1_000).all(|_| victim.admit_relayed(injector, injector, 40_000).is_ok()));
     }
 
     #[test]

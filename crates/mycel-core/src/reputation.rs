@@ -53,6 +53,9 @@ pub fn penalty(reason: Rejection) -> f64 {
         // filled up may refuse before that announcement arrives (a little, now and then), one
         // that announces room it never gives pays at every request (2 s doubling to 2 min).
         Rejection::RelayRefused => 2.0,
+        // No node that checks what it relays passes on more of one issuer than that issuer's
+        // rate (with room for delays and a restart): a relay of a flood it never checked.
+        Rejection::OverRelayed => 5.0,
         // A genuine statement that arrived after a newer one (gossip and anti-entropy race;
         // forgeries fail as bad signatures), or a training update for a round already
         // counted: news to nobody, harm to nobody.

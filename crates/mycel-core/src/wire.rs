@@ -63,11 +63,15 @@ pub enum Rejection {
     /// A peer that announced itself a relay with room refused our reservation request.
     #[error("announced itself a relay with room but refused a reservation")]
     RelayRefused,
+    /// A neighbour passed on more of one issuer's statements than that issuer's rate lets a
+    /// node that checks what it relays pass on: it relays without checking, or floods.
+    #[error("relayed one issuer's statements beyond the rate any checking node passes on")]
+    OverRelayed,
 }
 
 impl Rejection {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Rejection; 14] = [
+    pub const ALL: [Rejection; 15] = [
         Self::Oversized,
         Self::Malformed,
         Self::BadSignature,
@@ -82,6 +86,7 @@ impl Rejection {
         Self::FalseRelay,
         Self::FalseVerdict,
         Self::RelayRefused,
+        Self::OverRelayed,
     ];
 
     /// A short, stable label (used in metrics and logs).
@@ -101,6 +106,7 @@ impl Rejection {
             Self::FalseRelay => "false_relay",
             Self::FalseVerdict => "false_verdict",
             Self::RelayRefused => "relay_refused",
+            Self::OverRelayed => "over_relayed",
         }
     }
 }

@@ -221,6 +221,7 @@ impl Behaviour {
                     per_subnet: limits.max_inbound_per_subnet as usize,
                 },
                 metrics.connections_refused.clone(),
+                limits.limit_loopback,
             ),
             blocked: Default::default(),
             limits: connection_limits::Behaviour::new(connection_limits),

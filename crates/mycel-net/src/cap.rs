@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
 
-use mycel_core::inbound::{Admission, InboundShares, SharesConfig};
+use mycel_core::inbound::{Admission, InboundShares, SharesConfig, Strikes};
 use mycel_core::peering::DialBudget;
 use mycel_core::ratelimit::RateLimiter;
 use std::task::{Context, Poll};
@@ -66,6 +66,10 @@ pub(crate) struct Behaviour {
     pending_dials: HashMap<ConnectionId, (PeerId, Vec<IpAddr>)>,
     /// Inbound connections refused before their handshake, by reason.
     refused: Family<ReasonLabel, Counter>,
+    /// Hosts that keep sending banned peers.
+    strikes: Strikes,
+    /// This machine's connections are limited like any host's (see `Limits::limit_loopback`).
+    limit_loopback: bool,
 }
 
 /// Why an inbound connection was refused.
@@ -76,6 +80,11 @@ pub(crate) struct AtCapacity(usize);
 /// Reasons counted in `mycel_connections_refused_total`, beside those of
 /// `mycel_core::inbound::ShareRefusal::reason`.
 pub(crate) const REFUSED_AT_CAP: &str = "at_cap";
+/// An inbound connection whose handshake showed a banned peer (counted in the same family).
+pub(crate) const REFUSED_BANNED: &str = "banned_peer";
+/// An inbound connection refused before its handshake: its host kept sending banned peers
+/// (mycel-core's `inbound::Strikes`; counted in the same family).
+pub(crate) const REFUSED_STRUCK: &str = "struck_host";
 /// A dial of ours to a stranger past the budget (counted in the same family).
 pub(crate) const REFUSED_STRANGER_DIAL: &str = "stranger_dial";
 /// A dial of ours not made: other peers' dials failed at the host it claims (mycel-core's
@@ -87,6 +96,11 @@ const DIAL_FAILURES_PER_HOST: usize = 8;
 /// Dials to strangers a second, on average, and at once.
 const STRANGER_DIALS_PER_SEC: f64 = 1.0;
 const STRANGER_DIAL_BURST: f64 = 32.0;
+
+/// Why an inbound connection was refused before its handshake.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} kept sending banned peers; refused for a while")]
+pub(crate) struct Struck(IpAddr);
 
 /// Why a dial of ours was not made: others' dials failed at the host it claims.
 #[derive(Debug, thiserror::Error)]
@@ -115,15 +129,19 @@ fn says_nothing(error: &std::io::Error) -> bool {
 /// The IP an inbound connection comes from, unless it is relayed (then the address is the
 /// relay's) or from this machine.
 pub(crate) fn limited_ip(remote: &Multiaddr) -> Option<IpAddr> {
+    source_ip(remote).filter(|ip| !ip.is_loopback())
+}
+
+/// The IP a connection comes from, this machine's included, unless it is relayed.
+pub(crate) fn source_ip(remote: &Multiaddr) -> Option<IpAddr> {
     if remote.iter().any(|p| p == Protocol::P2pCircuit) {
         return None;
     }
-    let ip = match remote.iter().next()? {
-        Protocol::Ip4(ip) => IpAddr::V4(ip),
-        Protocol::Ip6(ip) => IpAddr::V6(ip),
-        _ => return None,
-    };
-    (!ip.is_loopback()).then_some(ip)
+    match remote.iter().next()? {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    }
 }
 
 impl Behaviour {
@@ -131,6 +149,7 @@ impl Behaviour {
         max_established: u32,
         shares: SharesConfig,
         refused: Family<ReasonLabel, Counter>,
+        limit_loopback: bool,
     ) -> Self {
         Self {
             max_established: max_established as usize,
@@ -141,7 +160,29 @@ impl Behaviour {
             dial_budget: DialBudget::new(DIAL_FAILURES_PER_HOST, 60_000, 4_096),
             pending_dials: HashMap::new(),
             refused,
+            strikes: Strikes::default(),
+            limit_loopback,
         }
+    }
+
+    /// The IP an inbound connection from `remote` is limited by, if any: not a relayed one's
+    /// (the address is the relay's), nor this machine's unless told to.
+    fn gated_ip(&self, remote: &Multiaddr) -> Option<IpAddr> {
+        source_ip(remote).filter(|ip| self.limit_loopback || !ip.is_loopback())
+    }
+
+    /// A connection from `ip` showed a banned peer: its handshake was wasted, or the
+    /// peer it brought was just banned. Hosts that keep doing so are refused before the
+    /// handshake for a while.
+    pub(crate) fn strike(&mut self, ip: IpAddr) {
+        if self.limit_loopback || !ip.is_loopback() {
+            self.strikes.strike(ip, crate::handle::now_ms());
+        }
+    }
+
+    /// Counts an inbound connection refused after its handshake, for `reason`.
+    pub(crate) fn refused_after_handshake(&self, reason: &'static str) {
+        self.refuse(reason);
     }
 
     fn refuse(&self, reason: &'static str) {
@@ -177,7 +218,14 @@ impl NetworkBehaviour for Behaviour {
             self.refuse(REFUSED_AT_CAP);
             return Err(ConnectionDenied::new(AtCapacity(self.max_established)));
         }
-        if let Some(ip) = limited_ip(remote_addr) {
+        let gated = self.gated_ip(remote_addr);
+        if let Some(ip) = gated {
+            if !self.strikes.admits(ip, crate::handle::now_ms()) {
+                self.refuse(REFUSED_STRUCK);
+                return Err(ConnectionDenied::new(Struck(ip)));
+            }
+        }
+        if let Some(ip) = gated {
             match self.shares.admit(connection_id, ip) {
                 Admission::Counted => {}
                 // It hears a goodbye with referrals once established (the event loop asks

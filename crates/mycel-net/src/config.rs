@@ -156,6 +156,10 @@ pub struct Limits {
     pub target_peers: usize,
     /// Probes of peers held alive without a connection in flight at once (0: no probes).
     pub max_probes_in_flight: usize,
+    /// Holds this machine's own connections (loopback) to the per-host limits and refusals
+    /// like any other host's. Off by default: nodes of a local cluster share 127.0.0.1. On
+    /// for benchmarks and tests of those limits, where every process shares it.
+    pub limit_loopback: bool,
 }
 
 impl Default for Limits {
@@ -179,6 +183,7 @@ impl Default for Limits {
             max_missed_pings: 2,
             target_peers: 8,
             max_probes_in_flight: 4,
+            limit_loopback: false,
         }
     }
 }

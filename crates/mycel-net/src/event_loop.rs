@@ -100,6 +100,9 @@ struct Link {
     inbound: bool,
     /// The subnet it connected from (`None`: this machine, or relayed).
     subnet: Option<std::net::IpAddr>,
+    /// Where its first connection came from, when it dialled us: the host that pays if it
+    /// is banned.
+    source: Option<std::net::IpAddr>,
     /// Connections open to it now.
     conns: u32,
 }
@@ -780,6 +783,10 @@ impl EventLoop {
         if banned {
             warn!(%peer, "banning peer for repeated invalid messages");
             self.swarm.behaviour_mut().blocked.block_peer(peer);
+            // The host that sent it pays too: keys are free, addresses are not.
+            if let Some(source) = self.since.get(&peer).and_then(|l| l.source) {
+                self.swarm.behaviour_mut().connections.strike(source);
+            }
         }
     }
 
@@ -1219,6 +1226,7 @@ impl EventLoop {
                     since: now,
                     inbound: true,
                     subnet: None,
+                    source: None,
                     conns: 1,
                 });
                 Connected {
@@ -1783,6 +1791,11 @@ impl EventLoop {
                         since: now,
                         inbound,
                         subnet,
+                        source: if inbound {
+                            crate::cap::source_ip(endpoint.get_remote_address())
+                        } else {
+                            None
+                        },
                         conns: 1,
                     };
                     self.since.insert(peer_id, link);
@@ -1854,6 +1867,21 @@ impl EventLoop {
                     if alive && !parted && !self.reputation.is_banned(&peer_id, now) {
                         self.probe(peer_id);
                     }
+                }
+            }
+            // A banned peer dialled again: its handshake was wasted, and its host pays.
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error: libp2p::swarm::ListenError::Denied { cause },
+                ..
+            } if cause
+                .downcast_ref::<libp2p::allow_block_list::Blocked>()
+                .is_some() =>
+            {
+                let connections = &mut self.swarm.behaviour_mut().connections;
+                connections.refused_after_handshake(crate::cap::REFUSED_BANNED);
+                if let Some(source) = crate::cap::source_ip(&send_back_addr) {
+                    connections.strike(source);
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -2067,7 +2095,24 @@ impl EventLoop {
                     }
                     Ok(()) => match SignedStatement::from_bytes(&message.data) {
                         Ok(signed) => {
-                            self.on_statement(propagation_source, &signed, Some(&message.data))
+                            // More of one issuer than any checking node passes on: the
+                            // neighbour pays, and nothing of it is verified.
+                            let over = signed.claimed_issuer().and_then(|issuer| {
+                                self.membership
+                                    .admit_relayed(propagation_source, issuer, now_ms())
+                                    .err()
+                            });
+                            match over {
+                                Some(reason) => {
+                                    self.reject(propagation_source, reason);
+                                    gossipsub::MessageAcceptance::Ignore
+                                }
+                                None => self.on_statement(
+                                    propagation_source,
+                                    &signed,
+                                    Some(&message.data),
+                                ),
+                            }
                         }
                         Err(reason) => {
                             self.reject(propagation_source, reason);

@@ -165,7 +165,9 @@ impl NetMetrics {
              share of inbound connections; stranger_dial: a dial of ours to a peer only \
              others claimed to know the address of, past the budget of 1 a second; \
              address_budget: a dial of ours not made because 8 dials failed at the host it \
-             claims within a minute)",
+             claims within a minute; banned_peer: an inbound connection whose handshake \
+             showed a banned peer; struck_host: refused before its handshake because its \
+             host sent more than 3 banned peers within a minute)",
             metrics.connections_refused.clone(),
         );
         let shares = mycel_core::inbound::ShareRefusal::REASONS;
@@ -173,6 +175,8 @@ impl NetMetrics {
             crate::cap::REFUSED_AT_CAP,
             crate::cap::REFUSED_STRANGER_DIAL,
             crate::cap::REFUSED_ADDRESS_BUDGET,
+            crate::cap::REFUSED_BANNED,
+            crate::cap::REFUSED_STRUCK,
         ];
         for reason in ours.into_iter().chain(shares) {
             let _ = metrics

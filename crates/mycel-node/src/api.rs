@@ -1,6 +1,8 @@
 //! The node's local HTTP API: status, peers, Prometheus metrics, the OpenAI API, the blob
 //! API and the training API, behind a bearer token.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,8 +143,8 @@ pub(crate) async fn serve(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let silent = Arc::new(std::sync::Mutex::new(Silent::default()));
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, from) = match listener.accept().await {
+            Ok((stream, from)) => (stream, from.ip()),
             Err(e) => {
                 // Out of file descriptors, say: give the others time to close.
                 warn!("API cannot accept a connection: {e}");
@@ -165,7 +167,7 @@ pub(crate) async fn serve(
             }
         };
         let (close, closed) = tokio::sync::oneshot::channel();
-        let id = lock(&silent).add(close);
+        let id = lock(&silent).add(from, close);
         let spoken = Arc::new(AtomicBool::new(false));
         let service = Spoken {
             inner: hyper_util::service::TowerToHyperService::new(app.clone()),
@@ -234,19 +236,19 @@ pub(crate) async fn serve(
 }
 
 /// The API's connections that have not sent an authorised request yet, oldest first, each
-/// with the signal that closes it.
+/// with the address it came from and the signal that closes it.
 #[derive(Default)]
 struct Silent {
     next: u64,
-    waiting: std::collections::BTreeMap<u64, tokio::sync::oneshot::Sender<()>>,
+    waiting: std::collections::BTreeMap<u64, (IpAddr, tokio::sync::oneshot::Sender<()>)>,
 }
 
 impl Silent {
-    /// A new connection; returns its id.
-    fn add(&mut self, close: tokio::sync::oneshot::Sender<()>) -> u64 {
+    /// A new connection from `from`; returns its id.
+    fn add(&mut self, from: IpAddr, close: tokio::sync::oneshot::Sender<()>) -> u64 {
         let id = self.next;
         self.next += 1;
-        self.waiting.insert(id, close);
+        self.waiting.insert(id, (from, close));
         id
     }
 
@@ -256,9 +258,21 @@ impl Silent {
         self.waiting.remove(&id).is_some()
     }
 
-    /// The signal that closes the connection silent longest, taken out of the list.
+    /// The signal that closes the connection silent longest from the address that holds the
+    /// most silent connections, taken out of the list: a flood from one address makes room
+    /// from its own connections, not by closing a client elsewhere in its TLS handshake.
     fn oldest(&mut self) -> Option<tokio::sync::oneshot::Sender<()>> {
-        self.waiting.pop_first().map(|(_, close)| close)
+        let mut counts: HashMap<IpAddr, usize> = HashMap::new();
+        for (from, _) in self.waiting.values() {
+            *counts.entry(*from).or_default() += 1;
+        }
+        let most = counts.values().copied().max()?;
+        let id = self
+            .waiting
+            .iter()
+            .find(|(_, (from, _))| counts[from] == most)
+            .map(|(id, _)| *id)?;
+        self.waiting.remove(&id).map(|(_, close)| close)
     }
 }
 
@@ -545,7 +559,7 @@ mod tests {
         let (mut closes, mut signals) = (Vec::new(), Vec::new());
         for _ in 0..3 {
             let (close, closed) = tokio::sync::oneshot::channel();
-            closes.push(silent.add(close));
+            closes.push(silent.add(IpAddr::from([127, 0, 0, 1]), close));
             signals.push(closed);
         }
         // The oldest has spoken: the next oldest goes, then the last, then nobody.
@@ -563,5 +577,27 @@ mod tests {
             signals[0].try_recv(),
             Err(tokio::sync::oneshot::error::TryRecvError::Closed)
         ));
+    }
+    #[test]
+    fn room_is_made_from_the_address_holding_the_most_silent_connections() {
+        let mut silent = Silent::default();
+        let (client, flood) = (IpAddr::from([192, 0, 2, 1]), IpAddr::from([203, 0, 113, 9]));
+        let (close, mut client_closed) = tokio::sync::oneshot::channel();
+        silent.add(client, close);
+        let mut flooded = Vec::new();
+        for _ in 0..4 {
+            let (close, closed) = tokio::sync::oneshot::channel();
+            silent.add(flood, close);
+            flooded.push(closed);
+        }
+        // The client's connection is the oldest, but the flood's address holds more.
+        for closed in &mut flooded[..3] {
+            assert!(silent.oldest().unwrap().send(()).is_ok());
+            assert_eq!(closed.try_recv(), Ok(()));
+            assert!(client_closed.try_recv().is_err());
+        }
+        // As many from each: the oldest goes.
+        assert!(silent.oldest().unwrap().send(()).is_ok());
+        assert_eq!(client_closed.try_recv(), Ok(()));
     }
 }

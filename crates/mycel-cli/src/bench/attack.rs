@@ -176,6 +176,10 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
             "--no-mdns",
         ])
         .args(["--api", &format!("127.0.0.1:{api_port}")])
+        // The attacker shares 127.0.0.1 with everyone here: the victim limits it as the
+        // host of its own an attacker elsewhere would be (the honest nodes are connected
+        // before any attack, and an attacker's host refused after one waits out the hold).
+        .arg("--limit-loopback")
         .arg("--model")
         .arg(&model)
         .env("MYCEL_LOG", super::node_log_filter())
@@ -227,12 +231,13 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
         };
         let baseline = run().await?;
         // A fresh identity for each attack (keys are free; the victim may have banned the
-        // last one).
+        // last one). Its address is the last one's: after an attacker that kept dialling
+        // once banned, the victim refuses it until the hold ends (a minute at most).
         let (attacker, attacker_key) = raw_peer(vec![victim_addr.clone()]).await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(90);
         while !connected(&attacker, victim_peer).await {
             if Instant::now() > deadline {
-                bail!("the attacker could not connect to the victim");
+                bail!("the attacker could not connect to the victim within 90 s");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
