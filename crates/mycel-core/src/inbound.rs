@@ -206,7 +206,8 @@ impl<C: Eq + Hash> InboundShares<C> {
 /// Handshakes from one host that ended with a banned peer, past which the host is refused
 /// before its handshakes ([`Strikes`]).
 const FREE_STRIKES: u32 = 3;
-/// A host's strikes are forgotten after this long without a new one.
+/// A host's strikes are forgotten after this long without a new one, counted from the end
+/// of its hold (a strike right after the longest hold keeps it at the longest).
 const STRIKE_WINDOW_MS: u64 = 60_000;
 /// How long the first refusal lasts; each further strike doubles it, up to the most.
 const FIRST_HOLD_MS: u64 = 1_000;
@@ -258,7 +259,7 @@ impl Strikes {
             last: now,
             held_until: 0,
         });
-        if now.saturating_sub(struck.last) >= STRIKE_WINDOW_MS {
+        if now.saturating_sub(struck.last.max(struck.held_until)) >= STRIKE_WINDOW_MS {
             struck.count = 0;
         }
         struck.count += 1;
@@ -369,9 +370,13 @@ mod tests {
             strikes.strike(bad, 6_000 + t);
         }
         assert!(!strikes.admits(bad, 6_019 + 59_999));
-        assert!(strikes.admits(bad, 6_019 + 60_000), "a minute at most");
-        // A minute without strikes: it starts again from nothing.
-        let later = 6_019 + 120_000;
+        let free = 6_019 + 60_000;
+        assert!(strikes.admits(bad, free), "a minute at most");
+        // Back at once after the longest hold: held for another minute, not let off.
+        strikes.strike(bad, free + 100);
+        assert!(!strikes.admits(bad, free + 100 + 59_999));
+        // A minute without strikes after the hold: it starts again from nothing.
+        let later = free + 100 + 60_000 + 60_000;
         strikes.strike(bad, later);
         assert!(strikes.admits(bad, later));
         // An IPv6 host is its /64: a new address in it is the same host.

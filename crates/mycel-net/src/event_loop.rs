@@ -2094,6 +2094,14 @@ impl EventLoop {
                         gossipsub::MessageAcceptance::Ignore
                     }
                     Ok(()) => match SignedStatement::from_bytes(&message.data) {
+                        // Nodes publish and pass on only the one encoding of a statement;
+                        // another that decodes the same (fields reordered, lengths written
+                        // long) would be a second gossip message for one statement, passed
+                        // on as news once and then as a copy of the one held.
+                        Ok(signed) if signed.to_bytes() != message.data => {
+                            self.reject(propagation_source, Rejection::Malformed);
+                            gossipsub::MessageAcceptance::Reject
+                        }
                         Ok(signed) => {
                             // More of one issuer than any checking node passes on: the
                             // neighbour pays, and nothing of it is verified.
@@ -2189,8 +2197,18 @@ impl EventLoop {
                                 return;
                             }
                             let mut learned = false;
+                            let mut issuers = HashSet::new();
                             for signed in &statements {
                                 if self.admit(peer).is_err() {
+                                    break;
+                                }
+                                // An answer holds the latest statement of each peer: several
+                                // of one issuer are a flood of it, each to be verified.
+                                if signed
+                                    .claimed_issuer()
+                                    .is_some_and(|issuer| !issuers.insert(issuer))
+                                {
+                                    self.reject(peer, Rejection::Malformed);
                                     break;
                                 }
                                 let news = self.on_statement(peer, signed, None)

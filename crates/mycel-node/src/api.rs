@@ -258,19 +258,25 @@ impl Silent {
         self.waiting.remove(&id).is_some()
     }
 
-    /// The signal that closes the connection silent longest from the address that holds the
-    /// most silent connections, taken out of the list: a flood from one address makes room
-    /// from its own connections, not by closing a client elsewhere in its TLS handshake.
+    /// The signal that closes the connection silent longest from the host that holds the
+    /// most silent connections, taken out of the list: a flood from one host makes room from
+    /// its own connections, not by closing a client elsewhere in its TLS handshake. A host is
+    /// an IPv4 address or an IPv6 /64 (one machine holds a /64), and this machine's loopback
+    /// is one host whatever address of it is used.
     fn oldest(&mut self) -> Option<tokio::sync::oneshot::Sender<()>> {
+        let host = |ip: &IpAddr| match ip.to_canonical() {
+            ip if ip.is_loopback() => IpAddr::from([127, 0, 0, 1]),
+            ip => mycel_core::inbound::host_of(ip),
+        };
         let mut counts: HashMap<IpAddr, usize> = HashMap::new();
         for (from, _) in self.waiting.values() {
-            *counts.entry(*from).or_default() += 1;
+            *counts.entry(host(from)).or_default() += 1;
         }
         let most = counts.values().copied().max()?;
         let id = self
             .waiting
             .iter()
-            .find(|(_, (from, _))| counts[from] == most)
+            .find(|(_, (from, _))| counts[&host(from)] == most)
             .map(|(id, _)| *id)?;
         self.waiting.remove(&id).map(|(_, close)| close)
     }
@@ -581,13 +587,14 @@ mod tests {
     #[test]
     fn room_is_made_from_the_address_holding_the_most_silent_connections() {
         let mut silent = Silent::default();
-        let (client, flood) = (IpAddr::from([192, 0, 2, 1]), IpAddr::from([203, 0, 113, 9]));
+        let client = IpAddr::from([192, 0, 2, 1]);
         let (close, mut client_closed) = tokio::sync::oneshot::channel();
         silent.add(client, close);
         let mut flooded = Vec::new();
-        for _ in 0..4 {
+        for i in 0..4u16 {
+            // One address each, all in one /64: one host.
             let (close, closed) = tokio::sync::oneshot::channel();
-            silent.add(flood, close);
+            silent.add(IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, i]), close);
             flooded.push(closed);
         }
         // The client's connection is the oldest, but the flood's address holds more.

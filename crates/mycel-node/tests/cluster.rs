@@ -392,6 +392,73 @@ async fn forged_replayed_oversized_and_malformed_messages_are_rejected_and_cost_
     }
 }
 
+/// `signed` encoded with its fields in another order: CBOR that decodes to the same
+/// statement, but is not the one encoding nodes publish.
+fn reordered(signed: &mycel_core::statement::SignedStatement) -> Vec<u8> {
+    fn head(out: &mut Vec<u8>, major: u8, len: usize) {
+        match len {
+            0..=23 => out.push(major << 5 | len as u8),
+            24..=255 => out.extend([major << 5 | 24, len as u8]),
+            _ => {
+                out.push(major << 5 | 25);
+                out.extend((len as u16).to_be_bytes());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    head(&mut out, 5, 3);
+    for (key, value) in [
+        ("signature", &signed.signature),
+        ("public_key", &signed.public_key),
+        ("body", &signed.body),
+    ] {
+        head(&mut out, 3, key.len());
+        out.extend(key.as_bytes());
+        head(&mut out, 2, value.len());
+        out.extend(value);
+    }
+    out
+}
+
+/// Another encoding of a genuine statement (its fields in another order) decodes the same
+/// but would be a second gossip message for it: a node refuses it as malformed, charges the
+/// neighbour that sent it and neither applies nor passes it on; the one encoding of the same
+/// statement is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_encoding_of_a_statement_is_refused_and_never_passed_on() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 3).await;
+    wait_converged(&nodes, Duration::from_secs(20)).await;
+    let (victim, attacker) = (&nodes[0], &nodes[1]);
+    let other = Keypair::generate_ed25519();
+    let other_id = other.public().to_peer_id();
+    let genuine = announcement(&other, 7);
+    let variant = reordered(&genuine);
+    assert_ne!(variant, genuine.to_bytes());
+    assert_eq!(
+        mycel_core::statement::SignedStatement::from_bytes(&variant).unwrap(),
+        genuine,
+        "the variant decodes to the very statement"
+    );
+    let metrics = victim.net.metrics();
+    let before = metrics.rejected_for(Rejection::Malformed);
+    attacker.net.publish_raw(variant).await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the variant is refused",
+        || async { metrics.rejected_for(Rejection::Malformed) > before },
+    )
+    .await;
+    for node in &nodes {
+        assert!(node.net.peer(other_id).await.unwrap().is_none());
+    }
+    assert!(victim.net.reputation(attacker.net.peer_id()).await.unwrap() <= -19.9);
+    relay_genuine(attacker, victim, &other, 7).await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
 /// Strangers (one key each, as cheap as keys are) ask a relay for more reservations than it
 /// keeps: those past its limit are refused, each refusal counted in the relay's /metrics and
 /// charged to the peer that asked, and the relay goes on serving everyone else.

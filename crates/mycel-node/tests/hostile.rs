@@ -261,7 +261,22 @@ async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_and_injecto
 ) {
     const FLOOD: u64 = 2_500;
     let root = tempfile::tempdir().unwrap();
-    let nodes = cluster(root.path(), 4).await;
+    // The honest nodes in a line behind the injectors: the first is connected to both
+    // injectors, the second only to the first (at a cap of one connection it sends anyone
+    // else away), so everything of the flood the second sees, the first passed on.
+    let first = Node::start(local_config(&root.path().join("first"), Vec::new(), false))
+        .await
+        .unwrap();
+    let injectors = [
+        join(root.path(), "injector-0", &first).await,
+        join(root.path(), "injector-1", &first).await,
+    ];
+    let mut config = local_config(&root.path().join("second"), addrs_of(&first), false);
+    config.limits.max_connections = 1;
+    config.limits.target_peers = 1;
+    let second = Node::start(config).await.unwrap();
+    let [i0, i1] = injectors;
+    let nodes = [i0, i1, first, second];
     wait_converged(&nodes, Duration::from_secs(30)).await;
     let (injectors, honest) = nodes.split_at(2);
     let flooder = Keypair::generate_ed25519();
@@ -289,7 +304,9 @@ async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_and_injecto
     for send in sends {
         send.await.unwrap();
     }
-    for node in honest {
+    let first = &honest[0];
+    {
+        let node = first;
         wait_until(
             Duration::from_secs(30),
             "an injector is banned for what it passed on",
@@ -308,6 +325,13 @@ async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_and_injecto
         let issuer = node.net.reputation(flooder_id).await.unwrap();
         assert!(issuer < 0.0, "the issuer was charged {issuer}");
     }
+    // What the first passed on of the flood reached the second, within the issuer's rate.
+    wait_until(
+        Duration::from_secs(10),
+        "the second holds the issuer's statements",
+        || async { seq_of(&honest[1], flooder_id).await > 0 },
+    )
+    .await;
     // Nobody honest was charged for relaying it, and the honest nodes hold together.
     for node in honest {
         for other in honest {
