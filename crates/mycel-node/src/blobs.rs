@@ -152,6 +152,8 @@ pub struct BlobStats {
 pub struct BlobService {
     /// Counters.
     pub stats: BlobStats,
+    /// What the node's defences turned away (shared with the other services).
+    pub defences: crate::defences::Defences,
     store: Arc<BlobStore>,
     net: NetHandle,
     config: BlobConfig,
@@ -170,6 +172,7 @@ impl BlobService {
     pub fn new(store: Arc<BlobStore>, net: NetHandle, config: BlobConfig) -> Self {
         Self {
             stats: BlobStats::default(),
+            defences: Default::default(),
             store,
             net,
             config,
@@ -178,6 +181,12 @@ impl BlobService {
             pool: Arc::default(),
             repairing: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Counts what its defences turn away in `defences`.
+    pub fn counting(mut self, defences: crate::defences::Defences) -> Self {
+        self.defences = defences;
+        self
     }
 
     /// Registers the service's counters in `registry`.
@@ -311,7 +320,9 @@ impl BlobService {
     /// set owned by this task: when the node stops, they stop with it.
     pub async fn serve(self: Arc<Self>, incoming: IncomingStreams) {
         let slots = crate::slots::Slots::new(MAX_INBOUND_STREAMS, MAX_INBOUND_STREAMS / 4);
-        crate::slots::serve(incoming, slots, "blob", |peer, stream| {
+        let past_share = ("blob", crate::defences::BLOB_STREAMS_PAST_SHARE);
+        let defences = self.defences.clone();
+        crate::slots::serve(incoming, slots, past_share, defences, |peer, stream| {
             let service = self.clone();
             async move {
                 if let Err(e) = service.answer(peer, stream).await {
@@ -533,7 +544,10 @@ impl BlobService {
                                 Err(BlobError::Tree(e)) => {
                                     last_problem = format!("{peer} sent chunk hashes that do not belong to the blob ({e})");
                                     self.net.penalise(peer, Rejection::Corrupt).await;
-                                    excluded.insert(peer);
+                                    if excluded.insert(peer) {
+                                        self.defences
+                                            .count(crate::defences::BLOB_PROVIDER_EXCLUDED);
+                                    }
                                 }
                                 Err(e) => return Err(e.into()),
                             }
@@ -544,8 +558,8 @@ impl BlobService {
                             // A provider that stays silent (a record pointing at a peer that
                             // never holds it) is not waited for again in this fetch; one that
                             // refused (restarting, say) is asked again.
-                            if failure == AskFailure::Silent {
-                                excluded.insert(peer);
+                            if failure == AskFailure::Silent && excluded.insert(peer) {
+                                self.defences.count(crate::defences::BLOB_PROVIDER_EXCLUDED);
                             }
                             last_problem = e;
                         }
@@ -553,7 +567,11 @@ impl BlobService {
                 }
                 drop(asks);
                 if outboard.is_some() {
-                    excluded.extend(unanswered);
+                    for peer in unanswered {
+                        if excluded.insert(peer) {
+                            self.defences.count(crate::defences::BLOB_PROVIDER_EXCLUDED);
+                        }
+                    }
                 }
                 // Every holder is reachable only through a relay: waiting would not help, and
                 // the error says what would.
@@ -614,6 +632,7 @@ impl BlobService {
                                 Pulled::Corrupt(index) => {
                                     last_problem = format!("{peer} sent a corrupt chunk {index}");
                                     if excluded.insert(peer) {
+                                        self.defences.count(crate::defences::BLOB_PROVIDER_EXCLUDED);
                                         self.net.penalise(peer, Rejection::Corrupt).await;
                                     }
                                 }

@@ -388,6 +388,8 @@ pub struct Inference {
     injector: Option<crate::fault::Injector>,
     /// The operator that vouches for this node, if any.
     operator: Option<PeerId>,
+    /// What the node's defences turned away (shared with the other services).
+    pub defences: crate::defences::Defences,
 }
 
 impl std::fmt::Debug for Inference {
@@ -435,7 +437,14 @@ impl Inference {
                 .map(|fault| crate::fault::Injector::new(fault, config.seed)),
             config,
             operator,
+            defences: Default::default(),
         }
+    }
+
+    /// Counts what its defences turn away in `defences`.
+    pub fn counting(mut self, defences: crate::defences::Defences) -> Self {
+        self.defences = defences;
+        self
     }
 
     /// Restores the trust records kept in `store` and keeps writing changes there: an
@@ -616,6 +625,7 @@ impl Inference {
                     |e| match e {
                         NameError::Unknown(_) => RouteError::UnknownModel(name.to_owned()),
                         ambiguous @ NameError::Ambiguous { .. } => {
+                            self.defences.count(crate::defences::MODEL_NAME_AMBIGUOUS);
                             RouteError::AmbiguousModel(ambiguous.to_string())
                         }
                     },
@@ -1754,7 +1764,9 @@ impl Inference {
     /// Serves the task streams peers open to this node until the network stops.
     pub async fn serve(self: Arc<Self>, incoming: IncomingStreams) {
         let slots = Slots::new(MAX_INBOUND_TASKS, MAX_INBOUND_TASKS_PER_PEER);
-        crate::slots::serve(incoming, slots, "task", |peer, stream| {
+        let past_share = ("task", crate::defences::TASK_STREAMS_PAST_SHARE);
+        let defences = self.defences.clone();
+        crate::slots::serve(incoming, slots, past_share, defences, |peer, stream| {
             let this = self.clone();
             async move { this.work(peer, stream).await }
         })

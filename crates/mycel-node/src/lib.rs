@@ -9,6 +9,7 @@
 mod api;
 mod blob_api;
 pub mod blobs;
+pub mod defences;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod inference;
@@ -309,27 +310,31 @@ impl Node {
         });
 
         let mut registry = Registry::default();
+        let defences = defences::Defences::default();
+        defences.register(&mut registry);
         let (net, events, net_task) = mycel_net::spawn(net_config, seq_source, &mut registry)
             .await
             .context("starting the network")?;
         let mut tasks = vec![net_task];
         let mut router = config.router.clone();
         router.engine = config.engine.name().to_owned();
-        let inference = Arc::new(Inference::new(
-            net.clone(),
-            keypair.clone(),
-            models.clone(),
-            router,
-            operator.map(|key| key.public().to_peer_id()),
-        ));
+        let inference = Arc::new(
+            Inference::new(
+                net.clone(),
+                keypair.clone(),
+                models.clone(),
+                router,
+                operator.map(|key| key.public().to_peer_id()),
+            )
+            .counting(defences.clone()),
+        );
         let incoming = net.accept_task_streams()?;
         tasks.push(tokio::spawn(inference.clone().serve(incoming)));
         tasks.push(inference.keep_trust_in(store.clone())?);
-        let blobs = Arc::new(BlobService::new(
-            Arc::new(blob_store),
-            net.clone(),
-            config.blobs.clone(),
-        ));
+        let blobs = Arc::new(
+            BlobService::new(Arc::new(blob_store), net.clone(), config.blobs.clone())
+                .counting(defences),
+        );
         blobs.register(&mut registry);
         inference.register(&mut registry);
         let api_connections = api::ConnMetrics::default();

@@ -16,7 +16,8 @@ use tracing::debug;
 pub(crate) async fn serve<Fut>(
     mut incoming: IncomingStreams,
     mut slots: Slots,
-    what: &'static str,
+    (what, past_share): (&'static str, &'static str),
+    defences: crate::defences::Defences,
     mut answer: impl FnMut(PeerId, Stream) -> Fut,
 ) where
     Fut: Future<Output = ()> + Send + 'static,
@@ -26,6 +27,7 @@ pub(crate) async fn serve<Fut>(
             next = incoming.next() => {
                 let Some((peer, stream)) = next else { break };
                 if !slots.spawn(peer, answer(peer, stream)) {
+                    defences.count(past_share);
                     debug!(%peer, "too many {what} streams; dropping one");
                 }
             }

@@ -230,6 +230,9 @@ impl ModelSupply {
         match outcome {
             Ok(_) => self.set_tree_pinned(id, true).await,
             Err(e) => {
+                self.blobs
+                    .defences
+                    .count(crate::defences::ON_DEMAND_LOAD_FAILED);
                 // Undone whatever of it was done: no longer served, offered or kept.
                 if self.models.remove(&id) {
                     let capabilities =

@@ -376,7 +376,9 @@ impl Training {
     /// The answers run in a set owned by this task: when the node stops, they stop with it.
     pub async fn serve(self: Arc<Self>, incoming: IncomingStreams) {
         let slots = crate::slots::Slots::new(CONCURRENT_REQUESTS, REQUESTS_PER_PEER);
-        crate::slots::serve(incoming, slots, "training", |peer, stream| {
+        let past_share = ("training", crate::defences::TRAINING_STREAMS_PAST_SHARE);
+        let defences = self.blobs.defences.clone();
+        crate::slots::serve(incoming, slots, past_share, defences, |peer, stream| {
             let this = self.clone();
             async move { this.answer(peer, stream).await }
         })
@@ -654,8 +656,14 @@ impl Training {
             .map_err(|e| Refuse::Malformed(format!("the global weights: {e}")))?;
         // Only for jobs the operator allowed: an update can reveal the data it came from.
         let me = self.keypair.public().to_peer_id();
-        fl::authorise(&self.train_for, request, &from, &me, mycel_net::now_ms())
-            .map_err(Refuse::Other)?;
+        fl::authorise(&self.train_for, request, &from, &me, mycel_net::now_ms()).map_err(
+            |why| {
+                self.blobs
+                    .defences
+                    .count(crate::defences::TRAINING_NOT_ALLOWED);
+                Refuse::Other(why)
+            },
+        )?;
         let dataset = self
             .datasets
             .get(&request.dataset)

@@ -389,6 +389,8 @@ async fn a_blob_that_is_no_model_fails_to_load_on_demand_and_is_dropped() {
         .unwrap_or_default();
     assert!(left.is_empty(), "left under models/: {left:?}");
     assert!(node.models.offers().is_empty());
+    let failed = mycel_node::defences::ON_DEMAND_LOAD_FAILED;
+    assert_eq!(node.blobs.defences.total(failed), 1);
     // An operator who allows only other ids on demand: the junk is not even fetched.
     let mut strict = config(&root.path().join("c"), addrs_of(&holder), None);
     strict.serve_on_demand = true;
@@ -543,6 +545,8 @@ async fn silent_providers_do_not_delay_a_fetch_and_an_id_nobody_holds_fails_soon
     let took = started.elapsed();
     assert_eq!(blob.size, data.len() as u64);
     assert!(took < Duration::from_secs(10), "the fetch took {took:?}");
+    let excluded = mycel_node::defences::BLOB_PROVIDER_EXCLUDED;
+    assert!(fetcher.blobs.defences.total(excluded) >= 1);
 
     let nobody = ContentId([9; 32]);
     let started = std::time::Instant::now();

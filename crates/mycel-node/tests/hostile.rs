@@ -856,6 +856,14 @@ async fn one_peer_gets_at_most_its_share_of_task_and_blob_streams() {
     let kept = outcomes.iter().filter(|h| **h).count();
     assert_eq!(kept, 4, "the hog's training streams held: {kept} of 8");
     assert!(theirs, "another peer's training stream is served");
+    // What the shares turned away is counted in /metrics.
+    use mycel_node::defences::{
+        BLOB_STREAMS_PAST_SHARE, TASK_STREAMS_PAST_SHARE, TRAINING_STREAMS_PAST_SHARE,
+    };
+    let defences = &victim.blobs.defences;
+    assert!(defences.total(TASK_STREAMS_PAST_SHARE) >= 32);
+    assert!(defences.total(BLOB_STREAMS_PAST_SHARE) >= 8);
+    assert!(defences.total(TRAINING_STREAMS_PAST_SHARE) >= 4);
     for node in nodes {
         node.shutdown().await;
     }

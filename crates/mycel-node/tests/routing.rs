@@ -554,6 +554,8 @@ async fn impostors_announcing_a_name_cannot_capture_it() {
             other.map(|t| t.offer.id)
         ),
     }
+    let ambiguous = mycel_node::defences::MODEL_NAME_AMBIGUOUS;
+    assert_eq!(asker.inference.defences.total(ambiguous), 1);
     let (status, body) = post_json(
         &asker,
         "/v1/chat/completions",

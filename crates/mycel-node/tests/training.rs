@@ -404,6 +404,9 @@ async fn a_participant_trains_only_for_its_coordinator_and_penalises_malformed_r
     );
     refused(&ask(fellow).await, "neither the coordinator");
     assert!(participant.net.reputation(rogue_id).await.unwrap() >= reputation - 0.01);
+    // Each refusal for want of an allowed job is counted in /metrics.
+    let not_allowed = mycel_node::defences::TRAINING_NOT_ALLOWED;
+    assert!(participant.blobs.defences.total(not_allowed) >= 5);
     // The coordinator made the rogue the head of a cluster with the participant in it: the
     // head forwards the request (members cleared). A dataset the participant does not hold
     // is refused without blame; the right one gets a signed update.

@@ -1,0 +1,72 @@
+//! What the node's own defences turned away, beyond the network's rejections of messages
+//! (`mycel_rejected_messages_total`) and connections (`mycel_connections_refused_total`):
+//! counted in `mycel_defences_total{defence}`, so that an operator sees an attack the node is
+//! holding off, and tests can see which defence held.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+/// An inbound task stream closed at once: its peer held its share of the task slots.
+pub const TASK_STREAMS_PAST_SHARE: &str = "task_streams_past_share";
+/// An inbound blob stream closed at once: its peer held its share of the blob slots.
+pub const BLOB_STREAMS_PAST_SHARE: &str = "blob_streams_past_share";
+/// An inbound training stream closed at once: its peer held its share of the training slots.
+pub const TRAINING_STREAMS_PAST_SHARE: &str = "training_streams_past_share";
+/// A training request refused: no coordinator or job this node's operator allowed.
+pub const TRAINING_NOT_ALLOWED: &str = "training_not_allowed";
+/// A model fetched on demand that failed to load, dropped from the disk again.
+pub const ON_DEMAND_LOAD_FAILED: &str = "on_demand_load_failed";
+/// A request by a model name that peers announce for several ids, none bound here.
+pub const MODEL_NAME_AMBIGUOUS: &str = "model_name_ambiguous";
+/// A blob provider left out of the rest of a fetch: silent, or it sent what does not belong
+/// to the blob.
+pub const BLOB_PROVIDER_EXCLUDED: &str = "blob_provider_excluded";
+
+const ALL: [&str; 7] = [
+    TASK_STREAMS_PAST_SHARE,
+    BLOB_STREAMS_PAST_SHARE,
+    TRAINING_STREAMS_PAST_SHARE,
+    TRAINING_NOT_ALLOWED,
+    ON_DEMAND_LOAD_FAILED,
+    MODEL_NAME_AMBIGUOUS,
+    BLOB_PROVIDER_EXCLUDED,
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DefenceLabel {
+    defence: &'static str,
+}
+
+/// The counters, shared by every part of a node (clones count together).
+#[derive(Debug, Clone, Default)]
+pub struct Defences(Family<DefenceLabel, Counter>);
+
+impl Defences {
+    /// Counts one thing `defence` turned away.
+    pub fn count(&self, defence: &'static str) {
+        self.0.get_or_create(&DefenceLabel { defence }).inc();
+    }
+
+    /// How many things `defence` turned away so far.
+    pub fn total(&self, defence: &'static str) -> u64 {
+        self.0.get_or_create(&DefenceLabel { defence }).get()
+    }
+
+    /// Registers the counters (every defence shown, at 0 until it acts).
+    pub fn register(&self, registry: &mut Registry) {
+        for defence in ALL {
+            let _ = self.0.get_or_create(&DefenceLabel { defence });
+        }
+        registry.register(
+            "mycel_defences",
+            "Things the node's defences turned away, by defence (task, blob and training \
+             streams past their peer's share; training for coordinators and jobs the operator \
+             did not allow; models fetched on demand that failed to load, dropped again; \
+             requests by a name several ids are announced under; blob providers left out of a \
+             fetch for silence or bad data)",
+            self.0.clone(),
+        );
+    }
+}
