@@ -1,8 +1,9 @@
-//! A connection flood from one address: 64 silent TCP connections to a node's libp2p port,
-//! closed and reopened every 2 s (each held for less than the handshake deadline, so the
-//! flood never lets up), from a second network namespace. A newcomer from another address
-//! still joins through the flooded node within seconds, and the node counts what it refused
-//! in /metrics. Needs root for `ip netns`; where it is missing the test says so and returns,
+//! A connection flood from one address: 200 TCP connections to a node's libp2p port, half
+//! of them silent and half stalled after proposing /noise (multistream-select's header and
+//! the protocol, then nothing), closed and reopened every 2 s (each held for less than the
+//! handshake deadline, so the flood never lets up), from a second network namespace. A
+//! newcomer from another address still joins through the flooded node within seconds, and
+//! the node counts what it refused in /metrics. Needs root for `ip netns`; where it is missing the test says so and returns,
 //! unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
 
 mod common;
@@ -40,9 +41,13 @@ fn a_newcomer_joins_through_a_node_flooded_with_silent_connections() {
     let victim_id = wait_peer_id(&pair, &victim);
 
     // The flood, from the other namespace's address.
+    // (A write to a connection the node already closed must not end the flood: SIGPIPE is
+    // ignored.)
     let script = format!(
-        "end=$((SECONDS+60)); while [ $SECONDS -lt $end ]; do fds=(); \
-         for i in $(seq 64); do exec {{fd}}<>/dev/tcp/{addr}/4101 && fds+=($fd); done; \
+        "trap '' PIPE; end=$((SECONDS+60)); while [ $SECONDS -lt $end ]; do fds=(); \
+         for i in $(seq 200); do exec {{fd}}<>/dev/tcp/{addr}/4101 && fds+=($fd) && \
+         if [ $((i % 2)) = 0 ]; then \
+         printf '\\x13/multistream/1.0.0\\n\\x07/noise\\n' >&$fd 2>/dev/null; fi; done; \
          sleep 2; for fd in \"${{fds[@]}}\"; do exec {{fd}}>&-; done; done"
     );
     let _flood = Flood(

@@ -391,6 +391,37 @@ async fn a_blob_that_is_no_model_fails_to_load_on_demand_and_is_dropped() {
     assert!(node.models.offers().is_empty());
     let failed = mycel_node::defences::ON_DEMAND_LOAD_FAILED;
     assert_eq!(node.blobs.defences.total(failed), 1);
+
+    // A real GGUF whose header claims 4,294,967,295 layers (it aborted the process once):
+    // refused by name, dropped, and the node goes on answering.
+    let gguf = root.path().join("absurd.gguf");
+    mycel_ml::fixtures::write_tiny_llama(&gguf).unwrap();
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    let key = b"llama.block_count";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the key in the header")
+        + key.len();
+    assert_eq!(&bytes[at..at + 4], &4u32.to_le_bytes(), "a u32 value");
+    bytes[at + 4..at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    let absurd = holder
+        .blobs
+        .store()
+        .import(bytes.as_slice(), 0, true)
+        .unwrap()
+        .id;
+    holder.blobs.announce().await;
+    wait_provider(&node, absurd, holder.net.peer_id()).await;
+    let demand = node.supply.demand(absurd).expect("a load slot is free");
+    match mycel_node::supply::settled(demand).await {
+        Err(e) => assert!(e.contains("block_count"), "{e}"),
+        Ok(()) => panic!("a model claiming 4,294,967,295 layers was served"),
+    }
+    assert!(node.blobs.store().info(&absurd).unwrap().is_none());
+    assert_eq!(node.blobs.defences.total(failed), 2);
+    assert!(node.net.status().await.is_ok(), "the node answers");
+
     // An operator who allows only other ids on demand: the junk is not even fetched.
     let mut strict = config(&root.path().join("c"), addrs_of(&holder), None);
     strict.serve_on_demand = true;

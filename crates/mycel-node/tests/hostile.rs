@@ -149,10 +149,56 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
         (refutations as f64) <= seconds + 2.0,
         "{refutations} refutations of {sent} reports in {seconds:.1} s"
     );
-    // And the victim is alive everywhere.
+    // One reporter's reports, however many, counted once: nobody failed the victim for
+    // reports (two would have made the observer's quorum).
+    assert_eq!(observer.net.metrics().peer_failures_total("reported"), 0);
+    // Two other live reporters' word about the one announcement makes the quorum: the
+    // observer fails the victim, until the victim's refutation reaches it. (Not the attacker
+    // again: a reporter counts once per subject in 30 s, whatever announcement it names.)
+    let mut reporters = Vec::new();
+    for name in ["reporter-a", "reporter-b"] {
+        let node = join(root.path(), name, attacker).await;
+        let key = mycel_store::load_or_create_identity(&root.path().join(name)).unwrap();
+        let id = node.net.peer_id();
+        wait_until(
+            Duration::from_secs(20),
+            "the observer holds the reporter alive",
+            || async {
+                observer
+                    .net
+                    .peer(id)
+                    .await
+                    .unwrap()
+                    .is_some_and(|p| p.state == PeerState::Alive)
+            },
+        )
+        .await;
+        reporters.push((node, key));
+    }
+    let seq = seq_of(&observer, victim_id).await;
+    for (_, key) in &reporters {
+        let report = down_report(key, victim_id, seq);
+        attacker.net.publish_raw(report.to_bytes()).await.unwrap();
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "two live reporters fail the victim at the observer",
+        || async { observer.net.metrics().peer_failures_total("reported") >= 1 },
+    )
+    .await;
+    // And the victim is alive everywhere again.
     for node in [attacker, &observer] {
-        let info = node.net.peer(victim_id).await.unwrap().unwrap();
-        assert_eq!(info.state, PeerState::Alive);
+        wait_until(Duration::from_secs(20), "the victim is alive", || async {
+            node.net
+                .peer(victim_id)
+                .await
+                .unwrap()
+                .is_some_and(|p| p.state == PeerState::Alive)
+        })
+        .await;
+    }
+    for (node, _) in reporters {
+        node.shutdown().await;
     }
     observer.shutdown().await;
     for node in nodes {

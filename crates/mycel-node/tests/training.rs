@@ -253,6 +253,52 @@ async fn nan_oversized_and_forged_updates_are_rejected_and_penalised() {
     assert!(reputation < -50.0, "the liar's reputation is {reputation}");
 }
 
+/// A participant that claims u64::MAX samples for an update of zeros, having announced 100:
+/// FedAvg weighs it by what it announced, not by its claim (which would outweigh everyone
+/// and freeze the model, or overflow the sum), and the model learns as it would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_claiming_more_samples_than_it_announced_is_weighed_by_its_announcement() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = federation(root.path(), 3).await;
+    let (liar_net, liar_key) = liar(addrs_of(&nodes[0])).await;
+    let mut incoming = liar_net.accept_streams(TRAIN_PROTOCOL).unwrap();
+    tokio::spawn(async move {
+        while let Some((_, mut stream)) = incoming.next().await {
+            let request: TrainRequest = read_frame(&mut stream, fl::MAX_REQUEST_BYTES)
+                .await
+                .unwrap()
+                .unwrap();
+            let update = SignedUpdate::sign(
+                &liar_key,
+                request.job,
+                request.round,
+                u64::MAX,
+                0.1,
+                mycel_core::id::ContentId::of(b"lies"),
+                1,
+                Payload::dense(&vec![0.0; request.model.parameters()]),
+            );
+            let reply = TrainReply::Update {
+                update,
+                gathered: Gathered::default(),
+            };
+            let _ = write_frame(&mut stream, &reply).await;
+        }
+    });
+    wait_for_datasets(&nodes[0], 4).await;
+    let record = run(&nodes[0], spec(4, 3)).await;
+    for m in &record.metrics {
+        assert_eq!(
+            (m.asked, m.participants, m.rejected),
+            (4, 4, 0),
+            "round {}: {m:?}",
+            m.round
+        );
+    }
+    let accuracy = record.metrics[3].accuracy;
+    assert!(accuracy > 0.5, "accuracy {accuracy}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_device_policy_keeps_a_flat_battery_out() {
     let root = tempfile::tempdir().unwrap();
