@@ -79,6 +79,47 @@ fn killed_node_is_marked_failed_and_rejoins_from_stored_peers_with_the_same_id()
 }
 
 /// Sends `signal` (as `kill` names it) to `node`'s process.
+/// The CLI finds the API token without it on its command line: in the node's data directory,
+/// or in MYCEL_TOKEN (which comes before the data directory); a wrong one is a 401 that says
+/// where the right one is.
+#[test]
+fn the_cli_reads_the_token_from_the_data_directory_or_the_environment() {
+    let root = tempfile::tempdir().unwrap();
+    let node = start(root.path(), "a", free_port(), None);
+    wait_until(Duration::from_secs(30), "the node serves its API", || {
+        node.peer_id().is_some()
+    });
+    let token = std::fs::read_to_string(node.data_dir.join("api.token")).unwrap();
+    let elsewhere = root.path().join("empty");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let status = |dir: &std::path::Path, env: Option<&str>| {
+        let mut command = std::process::Command::new(common::MYCEL);
+        command
+            .args(["status", "--json", "--api", &node.api, "--data-dir"])
+            .arg(dir)
+            .env_remove("MYCEL_TOKEN");
+        if let Some(token) = env {
+            command.env("MYCEL_TOKEN", token);
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = status(&node.data_dir, None);
+    assert!(ok, "from the data directory: {stderr}");
+    let (ok, stderr) = status(&elsewhere, None);
+    assert!(!ok && stderr.contains("MYCEL_TOKEN"), "{stderr}");
+    let (ok, stderr) = status(&elsewhere, Some(token.trim()));
+    assert!(ok, "from MYCEL_TOKEN: {stderr}");
+    let (ok, stderr) = status(&node.data_dir, Some("wrong"));
+    assert!(
+        !ok && stderr.contains("401"),
+        "MYCEL_TOKEN comes first: {stderr}"
+    );
+}
+
 fn signal(node: &NodeProcess, signal: &str) {
     let status = std::process::Command::new("kill")
         .args([&format!("-{signal}"), &node.child.id().to_string()])

@@ -69,6 +69,68 @@ fn user(content: &str) -> Vec<ChatMessage> {
     }]
 }
 
+/// A model file's chat template is its maker's code: one that would loop for hours (it made
+/// a node stop answering its API and its peers, who then declared it dead) fails a peer's
+/// request within a bounded time on the worker's blocking pool, and the worker goes on
+/// answering, alive to its peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_template_that_loops_fails_a_peers_request_and_the_worker_keeps_answering() {
+    let root = tempfile::tempdir().unwrap();
+    let bert = tiny_bert(root.path());
+    let looping = load(root.path(), "looping.gguf", |p| {
+        write_tiny_llama(p).unwrap();
+        // The template rewritten in place: its length prefix (8 bytes before it) says how
+        // many bytes it has; the loop is padded with spaces to as many.
+        let mut bytes = std::fs::read(p).unwrap();
+        let start = b"{% for message in messages %}";
+        let at = bytes
+            .windows(start.len())
+            .position(|w| w == start)
+            .expect("the template in the header");
+        let len = u64::from_le_bytes(bytes[at - 8..at].try_into().unwrap()) as usize;
+        let lasting = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}\
+                       {% endfor %}{% endfor %}";
+        assert!(lasting.len() <= len);
+        let padded = format!("{lasting:<len$}");
+        bytes[at..at + len].copy_from_slice(padded.as_bytes());
+        std::fs::write(p, bytes).unwrap();
+    });
+    let worker = start(root.path(), "w", vec![], vec![looping, bert], 16).await;
+    let gateway = start(root.path(), "g", addrs_of(&worker), vec![], 16).await;
+    wait_offers(&gateway, &[&worker]).await;
+    let started = std::time::Instant::now();
+    let (status, body) = post_json(
+        &gateway,
+        "/v1/chat/completions",
+        json!({ "model": "looping", "max_tokens": 2,
+                "messages": [{ "role": "user", "content": "hi" }] }),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("chat template"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the request was held {:?}",
+        started.elapsed()
+    );
+    // The worker answers the next request, and its peer holds it alive.
+    let (status, body) = post_json(
+        &gateway,
+        "/v1/embeddings",
+        json!({ "model": "tiny-bert", "input": ["the cat sat"] }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let seen = gateway
+        .net
+        .peer(worker.net.peer_id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.state, PeerState::Alive);
+    for node in [gateway, worker] {
+        node.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_only_a_peer_serves_is_run_there_through_any_nodes_api() {
     let root = tempfile::tempdir().unwrap();

@@ -30,7 +30,6 @@ use std::path::{Path, PathBuf};
 /// written by a newer version. redb checks some invariants with panics in debug builds; a
 /// file that trips one is reported as corrupt too, never a crash.
 pub(crate) fn open_database(path: &Path, holds: &str) -> Result<redb::Database, String> {
-    let opened = std::panic::catch_unwind(|| redb::Database::create(path));
     let shown = path.display();
     let corrupt = |why: &str| {
         format!(
@@ -38,6 +37,15 @@ pub(crate) fn open_database(path: &Path, holds: &str) -> Result<redb::Database, 
              (`mv {shown} {shown}.corrupt`) and start again with a fresh one, losing {holds}"
         )
     };
+    // redb would take an empty file for a new database and start afresh without a word:
+    // one that was cut to nothing (a copy gone wrong, a disk full at the wrong moment) held
+    // something, and its loss is said, not hidden.
+    if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+        return Err(corrupt(
+            "it is empty: truncated to nothing, or the node stopped while creating it",
+        ));
+    }
+    let opened = std::panic::catch_unwind(|| redb::Database::create(path));
     match opened {
         Ok(Ok(db)) => Ok(db),
         Err(_) => Err(corrupt("it failed redb's own checks")),

@@ -396,6 +396,7 @@ fn a_corrupt_or_truncated_database_says_so_and_how_to_recover() {
     let garbage: Vec<u8> = bytes(good.len() as u64, 3);
     for (what, contents) in [
         ("truncated", good[..good.len() / 3].to_vec()),
+        ("truncated to nothing", Vec::new()),
         ("overwritten", garbage),
         ("header overwritten", {
             let mut c = good.clone();
