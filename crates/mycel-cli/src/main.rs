@@ -184,6 +184,16 @@ struct NodeArgs {
     /// let anyone capture a name).
     #[arg(long = "bind-model", value_name = "NAME=ID")]
     bind_model: Vec<String>,
+    /// Trusts the model names announced by nodes this operator key vouches for (repeatable;
+    /// the peer id of the key given to those nodes' --operator-key): such a name means the id
+    /// they announce it for, whatever others announce.
+    #[arg(long = "trust-operator", value_name = "KEY")]
+    trust_operator: Vec<mycel_core::PeerId>,
+    /// Lets a model name mean a model only through --bind-model or --trust-operator (or this
+    /// node serving it): a name that only untrusted peers announce is refused, with the ids
+    /// announced under it listed, even when they agree.
+    #[arg(long)]
+    bound_names_only: bool,
     /// How results of this node's inference requests are checked when a request does not
     /// say: none, replicate[:R] (a quorum of distinct peers must agree; a certificate comes
     /// with the answer) or spot_check:P (a fraction P re-run elsewhere).
@@ -365,6 +375,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             .bind_spec(spec)
             .map_err(|e| anyhow::anyhow!("--bind-model {e}"))?;
     }
+    for operator in &args.trust_operator {
+        config.router.bindings.trust_operator(*operator);
+    }
+    config.router.bindings.set_bound_only(args.bound_names_only);
     config.router.verify = args.verify;
     config.operator_key = args.operator_key;
     #[cfg(feature = "fault-injection")]

@@ -4,19 +4,27 @@
 //! are free, so how many peers announce a name settles nothing (many made-up keys could make
 //! a name mean their model). A name means an id only through a binding this node's operator
 //! trusts: the models the node serves itself (checked by the driver first), and
-//! [`Bindings`], an allow-list of ids per name from the node's configuration. A name nobody
-//! bound means the one id announced under it, and is an error listing the ids when peers
-//! announce it for several: the user then asks by id, or binds the name. Asking by content id
-//! needs no binding.
+//! [`Bindings`], an allow-list of ids per name from the node's configuration, and name
+//! records signed by keys the operator trusts: the names announced by nodes that an operator
+//! key in [`Bindings::trust_operator`] vouches for (the operator signs the node's id, the node
+//! signs its announcement of the name and id). A name nobody bound means the one id
+//! announced under it, and is an error listing the ids when peers announce it for several:
+//! the user then asks by id, or binds the name. With [`Bindings::set_bound_only`] an unbound
+//! name means nothing at all, however few announce it. Asking by content id needs no binding.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::id::ContentId;
+use crate::PeerId;
 
 /// Names bound to the ids they may mean, as the operator configured them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Bindings {
     by_name: HashMap<String, Vec<ContentId>>,
+    /// Operator keys whose nodes' names are trusted.
+    operators: Vec<PeerId>,
+    /// Whether a name that nothing trusted binds means nothing.
+    bound_only: bool,
 }
 
 impl Bindings {
@@ -56,7 +64,25 @@ impl Bindings {
 
     /// Whether nothing is bound.
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.by_name.is_empty() && self.operators.is_empty()
+    }
+
+    /// Trusts the names announced by nodes that the operator key `operator` vouches for.
+    pub fn trust_operator(&mut self, operator: PeerId) {
+        if !self.operators.contains(&operator) {
+            self.operators.push(operator);
+        }
+    }
+
+    /// Whether names announced by nodes of `operator` are trusted.
+    pub fn trusts(&self, operator: &PeerId) -> bool {
+        self.operators.contains(operator)
+    }
+
+    /// Lets only bound names, and names trusted operators' nodes announce, mean a model: an
+    /// unbound name is refused even when one id is announced under it.
+    pub fn set_bound_only(&mut self, bound_only: bool) {
+        self.bound_only = bound_only;
     }
 }
 
@@ -89,10 +115,7 @@ pub enum NameError {
         "the name {name:?} is announced for {} different models: {}; ask for one by its id, \
          or bind the name to the ids you trust (mycel node --bind-model NAME=ID)",
         ids.len(),
-        ids.iter()
-            .map(|(id, n)| format!("{id} ({n} peer{})", if *n == 1 { "" } else { "s" }))
-            .collect::<Vec<_>>()
-            .join(", ")
+        listed(ids)
     )]
     Ambiguous {
         /// The name asked for.
@@ -100,6 +123,27 @@ pub enum NameError {
         /// Each id announced under it, with how many alive peers announce it.
         ids: Vec<(ContentId, usize)>,
     },
+    /// Only bound names are taken, and nothing trusted binds this one.
+    #[error(
+        "the name {name:?} is bound to no model this node trusts (announced for: {}); ask for \
+         one by its id, bind the name (mycel node --bind-model NAME=ID) or trust the operator \
+         of the nodes that serve it (mycel node --trust-operator KEY)",
+        listed(ids)
+    )]
+    Unbound {
+        /// The name asked for.
+        name: String,
+        /// Each id announced under it, with how many alive peers announce it.
+        ids: Vec<(ContentId, usize)>,
+    },
+}
+
+/// Each id with how many peers announce it, for an error.
+fn listed(ids: &[(ContentId, usize)]) -> String {
+    ids.iter()
+        .map(|(id, n)| format!("{id} ({n} peer{})", if *n == 1 { "" } else { "s" }))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Resolves `name` (a content id, or a name) among `announced`, the (id, name) of each model
@@ -107,6 +151,18 @@ pub enum NameError {
 pub fn resolve(
     name: &str,
     announced: &[(ContentId, &str)],
+    bindings: &Bindings,
+) -> Result<Resolved, NameError> {
+    resolve_trusting(name, announced, &[], bindings)
+}
+
+/// [`resolve`], where `trusted` are the offers among `announced` from nodes of operators
+/// the bindings trust: a name they announce means the id they announce it for (and is
+/// ambiguous only among them), whatever others announce.
+pub fn resolve_trusting(
+    name: &str,
+    announced: &[(ContentId, &str)],
+    trusted: &[(ContentId, &str)],
     bindings: &Bindings,
 ) -> Result<Resolved, NameError> {
     let is_announced = |id: ContentId| announced.iter().any(|(a, _)| *a == id);
@@ -140,7 +196,32 @@ pub fn resolve(
             (None, None) => return Err(NameError::Unknown(name.to_owned())),
         });
     }
-    let counts = count(&|_, label| label == name);
+    let named = |offers: &[(ContentId, &str)]| {
+        let mut counts: BTreeMap<ContentId, usize> = BTreeMap::new();
+        for (id, label) in offers {
+            if *label == name {
+                *counts.entry(*id).or_default() += 1;
+            }
+        }
+        counts
+    };
+    let vouched = named(trusted);
+    let by_trusted = !vouched.is_empty();
+    let counts = if by_trusted {
+        vouched
+    } else {
+        named(announced)
+    };
+    if bindings.bound_only && !by_trusted {
+        return Err(if counts.is_empty() {
+            NameError::Unknown(name.to_owned())
+        } else {
+            NameError::Unbound {
+                name: name.to_owned(),
+                ids: counts.into_iter().collect(),
+            }
+        });
+    }
     match counts.len() {
         0 => Err(NameError::Unknown(name.to_owned())),
         1 => Ok(Resolved::Announced(*counts.keys().next().expect("one id"))),
@@ -218,6 +299,60 @@ mod tests {
         assert_eq!(
             resolve("smollm2", &both, &bindings),
             Ok(Resolved::Announced(id(3)))
+        );
+    }
+
+    #[test]
+    fn names_of_trusted_operators_nodes_hold_and_bound_only_refuses_the_rest() {
+        let operator = crate::Keypair::generate_ed25519().public().to_peer_id();
+        let mut bindings = Bindings::new();
+        bindings.trust_operator(operator);
+        assert!(bindings.trusts(&operator) && !bindings.is_empty());
+        // Fifty impostors announce their model under the name; the trusted operator's node
+        // announces the honest one: the name means it, not ambiguous.
+        let trusted = [(id(1), "smollm2")];
+        let mut announced = trusted.to_vec();
+        announced.extend((0..50).map(|_| (id(2), "smollm2")));
+        assert_eq!(
+            resolve_trusting("smollm2", &announced, &trusted, &bindings),
+            Ok(Resolved::Announced(id(1)))
+        );
+        // Two ids from trusted nodes: ambiguous among those two only.
+        let two = [(id(1), "smollm2"), (id(3), "smollm2")];
+        match resolve_trusting("smollm2", &announced, &two, &bindings) {
+            Err(NameError::Ambiguous { ids, .. }) => {
+                assert_eq!(ids, vec![(id(1), 1), (id(3), 1)])
+            }
+            other => panic!("{other:?}"),
+        }
+        // Bound names only: a name only untrusted peers announce means nothing, even for one
+        // id, and the error lists what is announced and how to trust it.
+        bindings.set_bound_only(true);
+        match resolve_trusting("smollm2", &[(id(2), "smollm2")], &[], &bindings) {
+            Err(e @ NameError::Unbound { .. }) => {
+                let message = e.to_string();
+                assert!(message.contains(&id(2).to_string()), "{message}");
+                assert!(message.contains("--trust-operator"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            resolve_trusting("nobody", &[], &[], &bindings),
+            Err(NameError::Unknown("nobody".into()))
+        );
+        // What trusted nodes announce, a binding, or an id still resolve.
+        assert_eq!(
+            resolve_trusting("smollm2", &announced, &trusted, &bindings),
+            Ok(Resolved::Announced(id(1)))
+        );
+        bindings.bind("other", id(7));
+        assert_eq!(
+            resolve_trusting("other", &announced, &[], &bindings),
+            Ok(Resolved::Unannounced(id(7)))
+        );
+        assert_eq!(
+            resolve_trusting(&id(2).to_string(), &announced, &[], &bindings),
+            Ok(Resolved::Announced(id(2)))
         );
     }
 

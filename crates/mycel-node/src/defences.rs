@@ -18,7 +18,8 @@ pub const TRAINING_STREAMS_PAST_SHARE: &str = "training_streams_past_share";
 pub const TRAINING_NOT_ALLOWED: &str = "training_not_allowed";
 /// A model fetched on demand that failed to load, dropped from the disk again.
 pub const ON_DEMAND_LOAD_FAILED: &str = "on_demand_load_failed";
-/// A request by a model name that peers announce for several ids, none bound here.
+/// A request by a model name that peers announce for several ids, none bound here (or, with
+/// only bound names taken, for any id nothing trusted binds).
 pub const MODEL_NAME_AMBIGUOUS: &str = "model_name_ambiguous";
 /// A blob provider left out of the rest of a fetch: silent, or it sent what does not belong
 /// to the blob.

@@ -619,17 +619,28 @@ impl Inference {
         let (offer, local) = match here(name) {
             Some(found) => found,
             None => {
+                let bindings = &self.config.bindings;
                 let announced: Vec<(ContentId, &str)> =
                     offers().map(|o| (o.id, o.name.as_str())).collect();
-                let resolved = naming::resolve(name, &announced, &self.config.bindings).map_err(
-                    |e| match e {
+                // The names of nodes a trusted operator vouches for (its signature over the
+                // node's id, checked with the announcement).
+                let trusted: Vec<(ContentId, &str)> = alive()
+                    .filter(|p| {
+                        let operator = p.operator.as_deref().map(str::parse::<PeerId>);
+                        operator.is_some_and(|o| o.is_ok_and(|o| bindings.trusts(&o)))
+                    })
+                    .flat_map(|p| p.capabilities.iter().flat_map(|c| &c.models))
+                    .filter(|o| o.kind == kind)
+                    .map(|o| (o.id, o.name.as_str()))
+                    .collect();
+                let resolved = naming::resolve_trusting(name, &announced, &trusted, bindings)
+                    .map_err(|e| match e {
                         NameError::Unknown(_) => RouteError::UnknownModel(name.to_owned()),
-                        ambiguous @ NameError::Ambiguous { .. } => {
+                        refused @ (NameError::Ambiguous { .. } | NameError::Unbound { .. }) => {
                             self.defences.count(crate::defences::MODEL_NAME_AMBIGUOUS);
-                            RouteError::AmbiguousModel(ambiguous.to_string())
+                            RouteError::AmbiguousModel(refused.to_string())
                         }
-                    },
-                )?;
+                    })?;
                 let id = resolved.id();
                 if let (None, Some(supply)) = (here(&id.to_string()), self.supply.get()) {
                     // Serving on demand: a model peers announce is fetched in the background

@@ -586,7 +586,12 @@ async fn impostors_announcing_a_name_cannot_capture_it() {
         honest.offer.name, impostor.offer.name,
         "one name, two models"
     );
-    let worker = start(root.path(), "h", vec![], vec![honest], 16).await;
+    // The honest worker's operator vouches for it.
+    let mut config = local_config(&root.path().join("h"), vec![], true);
+    config.preloaded = vec![honest];
+    config.max_queue = 16;
+    config.operator_key = Some(root.path().join("operator.key"));
+    let worker = Node::start(config).await.unwrap();
     let mut impostors = Vec::new();
     for name in ["x1", "x2"] {
         impostors.push(
@@ -660,6 +665,49 @@ async fn impostors_announcing_a_name_cannot_capture_it() {
         json!({ "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2 }),
     );
     assert_eq!(status, 200, "{body}");
+
+    // A node that trusts the honest worker's operator: the name its nodes announce is a
+    // record signed (through the operator's word for the node) by a key it trusts.
+    let operator: mycel_net::PeerId = bound
+        .net
+        .peer(worker.net.peer_id())
+        .await
+        .unwrap()
+        .and_then(|p| p.operator)
+        .expect("the worker's operator is announced")
+        .parse()
+        .unwrap();
+    let mut config = local_config(&root.path().join("t"), addrs_of(&worker), true);
+    config.router.bindings.trust_operator(operator);
+    config.router.bindings.set_bound_only(true);
+    let trusting = Node::start(config).await.unwrap();
+    wait_offers(&trusting, &[&worker, &impostors[0], &impostors[1]]).await;
+    let target = trusting
+        .inference
+        .resolve("tiny", ModelKind::Generation)
+        .await
+        .unwrap();
+    assert_eq!(target.offer.id, honest_id, "the trusted operator's name");
+    // Taking bound names only, and trusting nobody: even a name only impostors announce
+    // means nothing, and the error lists what is announced and how to trust it.
+    let mut config = local_config(&root.path().join("s"), addrs_of(&worker), true);
+    config.router.bindings.set_bound_only(true);
+    let strict = Node::start(config).await.unwrap();
+    wait_offers(&strict, &[&worker, &impostors[0], &impostors[1]]).await;
+    match strict
+        .inference
+        .resolve("tiny", ModelKind::Generation)
+        .await
+    {
+        Err(RouteError::AmbiguousModel(message)) => {
+            assert!(message.contains("--trust-operator"), "{message}");
+            assert!(message.contains(&impostor_id.to_string()), "{message}");
+        }
+        other => panic!("an unbound name resolved: {:?}", other.map(|t| t.offer.id)),
+    }
+    for node in [strict, trusting] {
+        node.shutdown().await;
+    }
 }
 
 /// Made-up keys announcing an honest model's id under an engine of their own do not draw its
