@@ -185,8 +185,9 @@ struct NodeArgs {
     #[arg(long = "bind-model", value_name = "NAME=ID")]
     bind_model: Vec<String>,
     /// Trusts the model names announced by nodes this operator key vouches for (repeatable;
-    /// the peer id of the key given to those nodes' --operator-key): such a name means the id
-    /// they announce it for, whatever others announce.
+    /// the peer id of the key given to those nodes' --operator-key): while such a node is
+    /// known, a name it announces means the id it announces it for, whatever others announce
+    /// (with --bound-names-only, also while none is).
     #[arg(long = "trust-operator", value_name = "KEY")]
     trust_operator: Vec<mycel_core::PeerId>,
     /// Lets a model name mean a model only through --bind-model or --trust-operator (or this

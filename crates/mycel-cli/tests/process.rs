@@ -78,7 +78,6 @@ fn killed_node_is_marked_failed_and_rejoins_from_stored_peers_with_the_same_id()
     );
 }
 
-/// Sends `signal` (as `kill` names it) to `node`'s process.
 /// The CLI finds the API token without it on its command line: in the node's data directory,
 /// or in MYCEL_TOKEN (which comes before the data directory); a wrong one is a 401 that says
 /// where the right one is.
@@ -120,6 +119,7 @@ fn the_cli_reads_the_token_from_the_data_directory_or_the_environment() {
     );
 }
 
+/// Sends `signal` (as `kill` names it) to `node`'s process.
 fn signal(node: &NodeProcess, signal: &str) {
     let status = std::process::Command::new("kill")
         .args([&format!("-{signal}"), &node.child.id().to_string()])

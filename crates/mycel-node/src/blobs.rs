@@ -567,6 +567,8 @@ impl BlobService {
                 }
                 drop(asks);
                 if outboard.is_some() {
+                    // Still silent a grace after another holder answered: left out (an
+                    // honest but slow holder is counted with the fake providers).
                     for peer in unanswered {
                         if excluded.insert(peer) {
                             self.defences.count(crate::defences::BLOB_PROVIDER_EXCLUDED);

@@ -18,20 +18,23 @@ pub const TRAINING_STREAMS_PAST_SHARE: &str = "training_streams_past_share";
 pub const TRAINING_NOT_ALLOWED: &str = "training_not_allowed";
 /// A model fetched on demand that failed to load, dropped from the disk again.
 pub const ON_DEMAND_LOAD_FAILED: &str = "on_demand_load_failed";
-/// A request by a model name that peers announce for several ids, none bound here (or, with
-/// only bound names taken, for any id nothing trusted binds).
+/// A request by a model name that peers announce for several ids, none bound here.
 pub const MODEL_NAME_AMBIGUOUS: &str = "model_name_ambiguous";
-/// A blob provider left out of the rest of a fetch: silent, or it sent what does not belong
-/// to the blob.
+/// A request by a model name nothing bound or trusted names, with only bound names taken.
+pub const MODEL_NAME_UNBOUND: &str = "model_name_unbound";
+/// A blob provider left out of the rest of a fetch: silent past the ask's deadline or a
+/// grace after another holder answered (a slow honest holder counts too), or it sent what
+/// does not belong to the blob.
 pub const BLOB_PROVIDER_EXCLUDED: &str = "blob_provider_excluded";
 
-const ALL: [&str; 7] = [
+const ALL: [&str; 8] = [
     TASK_STREAMS_PAST_SHARE,
     BLOB_STREAMS_PAST_SHARE,
     TRAINING_STREAMS_PAST_SHARE,
     TRAINING_NOT_ALLOWED,
     ON_DEMAND_LOAD_FAILED,
     MODEL_NAME_AMBIGUOUS,
+    MODEL_NAME_UNBOUND,
     BLOB_PROVIDER_EXCLUDED,
 ];
 
@@ -65,7 +68,8 @@ impl Defences {
             "Things the node's defences turned away, by defence (task, blob and training \
              streams past their peer's share; training for coordinators and jobs the operator \
              did not allow; models fetched on demand that failed to load, dropped again; \
-             requests by a name several ids are announced under; blob providers left out of a \
+             requests by a name several ids are announced under, or, with only bound names \
+             taken, by a name nothing bound or trusted names; blob providers left out of a \
              fetch for silence or bad data)",
             self.0.clone(),
         );

@@ -636,8 +636,12 @@ impl Inference {
                 let resolved = naming::resolve_trusting(name, &announced, &trusted, bindings)
                     .map_err(|e| match e {
                         NameError::Unknown(_) => RouteError::UnknownModel(name.to_owned()),
-                        refused @ (NameError::Ambiguous { .. } | NameError::Unbound { .. }) => {
+                        refused @ NameError::Ambiguous { .. } => {
                             self.defences.count(crate::defences::MODEL_NAME_AMBIGUOUS);
+                            RouteError::AmbiguousModel(refused.to_string())
+                        }
+                        refused @ NameError::Unbound { .. } => {
+                            self.defences.count(crate::defences::MODEL_NAME_UNBOUND);
                             RouteError::AmbiguousModel(refused.to_string())
                         }
                     })?;

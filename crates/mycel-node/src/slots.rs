@@ -16,7 +16,7 @@ use tracing::debug;
 pub(crate) async fn serve<Fut>(
     mut incoming: IncomingStreams,
     mut slots: Slots,
-    (what, past_share): (&'static str, &'static str),
+    (what, past_share_label): (&'static str, &'static str),
     defences: crate::defences::Defences,
     mut answer: impl FnMut(PeerId, Stream) -> Fut,
 ) where
@@ -26,8 +26,12 @@ pub(crate) async fn serve<Fut>(
         tokio::select! {
             next = incoming.next() => {
                 let Some((peer, stream)) = next else { break };
+                let past_share = slots.is_past_share(&peer);
                 if !slots.spawn(peer, answer(peer, stream)) {
-                    defences.count(past_share);
+                    // Only the peer's own share is a defence at work; the cap in all is load.
+                    if past_share {
+                        defences.count(past_share_label);
+                    }
                     debug!(%peer, "too many {what} streams; dropping one");
                 }
             }
@@ -56,6 +60,11 @@ impl Slots {
             whose: HashMap::new(),
             tasks: JoinSet::new(),
         }
+    }
+
+    /// Whether `peer` holds its whole share of the slots.
+    pub(crate) fn is_past_share(&self, peer: &PeerId) -> bool {
+        self.held.get(peer).copied().unwrap_or(0) >= self.per_peer
     }
 
     /// Runs `work` for `peer` when a slot is free for it; false (and `work` dropped) when not.

@@ -106,7 +106,10 @@ async fn a_chat_template_that_loops_fails_a_peers_request_and_the_worker_keeps_a
                 "messages": [{ "role": "user", "content": "hi" }] }),
     );
     assert_eq!(status, 400, "{body}");
-    assert!(body.contains("chat template"), "{body}");
+    assert!(
+        body.contains("chat template") && body.contains("fuel"),
+        "{body}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "the request was held {:?}",
@@ -688,8 +691,8 @@ async fn impostors_announcing_a_name_cannot_capture_it() {
         .await
         .unwrap();
     assert_eq!(target.offer.id, honest_id, "the trusted operator's name");
-    // Taking bound names only, and trusting nobody: even a name only impostors announce
-    // means nothing, and the error lists what is announced and how to trust it.
+    // Taking bound names only, and trusting nobody: the name means nothing (unbound, not
+    // merely ambiguous), and the error lists what is announced and how to trust it.
     let mut config = local_config(&root.path().join("s"), addrs_of(&worker), true);
     config.router.bindings.set_bound_only(true);
     let strict = Node::start(config).await.unwrap();
@@ -705,6 +708,8 @@ async fn impostors_announcing_a_name_cannot_capture_it() {
         }
         other => panic!("an unbound name resolved: {:?}", other.map(|t| t.offer.id)),
     }
+    let unbound = mycel_node::defences::MODEL_NAME_UNBOUND;
+    assert_eq!(strict.inference.defences.total(unbound), 1);
     for node in [strict, trusting] {
         node.shutdown().await;
     }
