@@ -1,10 +1,10 @@
-//! The membership table's memory when strangers fill it, measured with a counting allocator:
-//! with the largest announcements peers accept (until the table's 16 MiB of statements is
-//! reached) and with the most peers it lists (10,000 small announcements). Issue 15 found a
-//! worst case of ~160 MiB before the table had a byte bound; it must stay well below that.
+//! The membership table's memory when strangers fill it, measured with a counting allocator
+//! (what the table allocates on this thread): with the largest announcements peers accept
+//! (until the table's 16 MiB of statements is reached) and with the most peers it lists
+//! (10,000 small announcements). Issue 15 found a worst case of ~160 MiB before the table had
+//! a byte bound; it must stay well below that.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod counting;
 
 use mycel_core::membership::{Config, Membership};
 use mycel_core::statement::{
@@ -13,31 +13,7 @@ use mycel_core::statement::{
 };
 use mycel_core::{id::ContentId, Keypair};
 
-/// Bytes allocated and not yet freed, by every thread of this test binary (it holds one
-/// test, so nothing else allocates meanwhile but the harness).
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-struct Counting;
-
-// SAFETY: every call is passed to the system allocator unchanged; only a counter is kept.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size, Ordering::Relaxed);
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+use counting::measured;
 
 const MIB: usize = 1 << 20;
 const NOW: u64 = 1_700_000_000_000;
@@ -104,13 +80,14 @@ fn a_membership_table_filled_by_strangers_stays_well_under_its_worst_case() {
     let body = large[0].body.len();
     // Peers held, and the bytes the table holds, after it took in `statements`.
     let fill = |statements: &[SignedStatement]| {
-        let before = LIVE.load(Ordering::SeqCst);
-        let mut table = Membership::new(local, Config::default());
-        for signed in statements {
-            let _ = table.on_statement(signed, NOW);
-        }
-        let held = table.peers().count();
-        (held, LIVE.load(Ordering::SeqCst).saturating_sub(before))
+        let (table, usage) = measured(|| {
+            let mut table = Membership::new(local, Config::default());
+            for signed in statements {
+                let _ = table.on_statement(signed, NOW);
+            }
+            table
+        });
+        (table.peers().count(), usage.live)
     };
     let (held, used) = fill(&large);
     eprintln!(

@@ -165,27 +165,23 @@ impl Behaviour {
         }
     }
 
-    /// The IP an inbound connection from `remote` is limited by, if any: not a relayed one's
-    /// (the address is the relay's), nor this machine's unless told to.
-    fn gated_ip(&self, remote: &Multiaddr) -> Option<IpAddr> {
-        source_ip(remote).filter(|ip| self.limit_loopback || !ip.is_loopback())
+    /// Whether connections from `ip` are held to the per-host limits: not this machine's
+    /// unless told to.
+    fn limits(&self, ip: IpAddr) -> bool {
+        self.limit_loopback || !ip.is_loopback()
     }
 
     /// A connection from `ip` showed a banned peer: its handshake was wasted, or the
     /// peer it brought was just banned. Hosts that keep doing so are refused before the
     /// handshake for a while.
     pub(crate) fn strike(&mut self, ip: IpAddr) {
-        if self.limit_loopback || !ip.is_loopback() {
+        if self.limits(ip) {
             self.strikes.strike(ip, crate::handle::now_ms());
         }
     }
 
-    /// Counts an inbound connection refused after its handshake, for `reason`.
-    pub(crate) fn refused_after_handshake(&self, reason: &'static str) {
-        self.refuse(reason);
-    }
-
-    fn refuse(&self, reason: &'static str) {
+    /// Counts a connection refused, for `reason`.
+    pub(crate) fn refuse(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabel { reason }).inc();
     }
 
@@ -218,14 +214,12 @@ impl NetworkBehaviour for Behaviour {
             self.refuse(REFUSED_AT_CAP);
             return Err(ConnectionDenied::new(AtCapacity(self.max_established)));
         }
-        let gated = self.gated_ip(remote_addr);
-        if let Some(ip) = gated {
+        // Relayed connections (the address is the relay's) are not limited here.
+        if let Some(ip) = source_ip(remote_addr).filter(|ip| self.limits(*ip)) {
             if !self.strikes.admits(ip, crate::handle::now_ms()) {
                 self.refuse(REFUSED_STRUCK);
                 return Err(ConnectionDenied::new(Struck(ip)));
             }
-        }
-        if let Some(ip) = gated {
             match self.shares.admit(connection_id, ip) {
                 Admission::Counted => {}
                 // It hears a goodbye with referrals once established (the event loop asks

@@ -1879,7 +1879,7 @@ impl EventLoop {
                 .is_some() =>
             {
                 let connections = &mut self.swarm.behaviour_mut().connections;
-                connections.refused_after_handshake(crate::cap::REFUSED_BANNED);
+                connections.refuse(crate::cap::REFUSED_BANNED);
                 if let Some(source) = crate::cap::source_ip(&send_back_addr) {
                     connections.strike(source);
                 }

@@ -189,6 +189,15 @@ impl BlobService {
         self
     }
 
+    /// Leaves `peer` out of the rest of a fetch, counted once; false when it already was.
+    fn exclude(&self, excluded: &mut HashSet<PeerId>, peer: PeerId) -> bool {
+        let new = excluded.insert(peer);
+        if new {
+            self.defences.count(crate::defences::BLOB_PROVIDER_EXCLUDED);
+        }
+        new
+    }
+
     /// Registers the service's counters in `registry`.
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
@@ -544,10 +553,7 @@ impl BlobService {
                                 Err(BlobError::Tree(e)) => {
                                     last_problem = format!("{peer} sent chunk hashes that do not belong to the blob ({e})");
                                     self.net.penalise(peer, Rejection::Corrupt).await;
-                                    if excluded.insert(peer) {
-                                        self.defences
-                                            .count(crate::defences::BLOB_PROVIDER_EXCLUDED);
-                                    }
+                                    self.exclude(&mut excluded, peer);
                                 }
                                 Err(e) => return Err(e.into()),
                             }
@@ -558,8 +564,8 @@ impl BlobService {
                             // A provider that stays silent (a record pointing at a peer that
                             // never holds it) is not waited for again in this fetch; one that
                             // refused (restarting, say) is asked again.
-                            if failure == AskFailure::Silent && excluded.insert(peer) {
-                                self.defences.count(crate::defences::BLOB_PROVIDER_EXCLUDED);
+                            if failure == AskFailure::Silent {
+                                self.exclude(&mut excluded, peer);
                             }
                             last_problem = e;
                         }
@@ -570,9 +576,7 @@ impl BlobService {
                     // Still silent a grace after another holder answered: left out (an
                     // honest but slow holder is counted with the fake providers).
                     for peer in unanswered {
-                        if excluded.insert(peer) {
-                            self.defences.count(crate::defences::BLOB_PROVIDER_EXCLUDED);
-                        }
+                        self.exclude(&mut excluded, peer);
                     }
                 }
                 // Every holder is reachable only through a relay: waiting would not help, and
@@ -633,8 +637,7 @@ impl BlobService {
                                 Pulled::Failed(reason) => last_problem = reason,
                                 Pulled::Corrupt(index) => {
                                     last_problem = format!("{peer} sent a corrupt chunk {index}");
-                                    if excluded.insert(peer) {
-                                        self.defences.count(crate::defences::BLOB_PROVIDER_EXCLUDED);
+                                    if self.exclude(&mut excluded, peer) {
                                         self.net.penalise(peer, Rejection::Corrupt).await;
                                     }
                                 }

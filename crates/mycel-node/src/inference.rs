@@ -392,6 +392,17 @@ pub struct Inference {
     pub defences: crate::defences::Defences,
 }
 
+/// The models of `kind` that `peer` announces.
+fn offers_of(
+    peer: &mycel_core::membership::PeerInfo,
+    kind: ModelKind,
+) -> impl Iterator<Item = &ModelOffer> {
+    peer.capabilities
+        .iter()
+        .flat_map(|c| &c.models)
+        .filter(move |o| o.kind == kind)
+}
+
 impl std::fmt::Debug for Inference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inference")
@@ -597,18 +608,21 @@ impl Inference {
         if let Some(operator) = self.operator {
             operators.insert(self.net.peer_id(), operator);
         }
+        let bindings = &self.config.bindings;
+        // The nodes a trusted operator vouches for (its signature over the node's id, checked
+        // with the announcement): their names are trusted.
+        let mut vouched = Vec::new();
         for peer in alive() {
             let node = peer.peer_id.parse::<PeerId>();
             let operator = peer.operator.as_deref().map(str::parse::<PeerId>);
             if let (Ok(node), Some(Ok(operator))) = (node, operator) {
                 operators.insert(node, operator);
+                if bindings.trusts(&operator) {
+                    vouched.push(peer);
+                }
             }
         }
-        let offers = || {
-            alive()
-                .flat_map(|p| p.capabilities.iter().flat_map(|c| &c.models))
-                .filter(|o| o.kind == kind)
-        };
+        let offers = || alive().flat_map(|p| offers_of(p, kind));
         // This node's copy of a model of the right kind, by name or id.
         let here = |key: &str| {
             self.models
@@ -619,18 +633,11 @@ impl Inference {
         let (offer, local) = match here(name) {
             Some(found) => found,
             None => {
-                let bindings = &self.config.bindings;
                 let announced: Vec<(ContentId, &str)> =
                     offers().map(|o| (o.id, o.name.as_str())).collect();
-                // The names of nodes a trusted operator vouches for (its signature over the
-                // node's id, checked with the announcement).
-                let trusted: Vec<(ContentId, &str)> = alive()
-                    .filter(|p| {
-                        let operator = p.operator.as_deref().map(str::parse::<PeerId>);
-                        operator.is_some_and(|o| o.is_ok_and(|o| bindings.trusts(&o)))
-                    })
-                    .flat_map(|p| p.capabilities.iter().flat_map(|c| &c.models))
-                    .filter(|o| o.kind == kind)
+                let trusted: Vec<(ContentId, &str)> = vouched
+                    .iter()
+                    .flat_map(|p| offers_of(p, kind))
                     .map(|o| (o.id, o.name.as_str()))
                     .collect();
                 let resolved = naming::resolve_trusting(name, &announced, &trusted, bindings)

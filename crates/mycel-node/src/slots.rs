@@ -73,8 +73,7 @@ impl Slots {
         peer: PeerId,
         work: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> bool {
-        let mine = self.held.get(&peer).copied().unwrap_or(0);
-        if self.tasks.len() >= self.max || mine >= self.per_peer {
+        if self.tasks.len() >= self.max || self.is_past_share(&peer) {
             return false;
         }
         *self.held.entry(peer).or_default() += 1;
