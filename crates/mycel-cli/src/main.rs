@@ -178,23 +178,26 @@ struct NodeArgs {
     /// any id a request names).
     #[arg(long = "on-demand-allow", value_name = "ID")]
     on_demand_allow: Vec<mycel_core::id::ContentId>,
+    /// With --serve-on-demand, the most bytes of models served on demand at once (their
+    /// files, about what they take in memory); a model that would pass it is not served.
+    #[arg(long, value_parser = parse_bytes, default_value = "8GiB")]
+    on_demand_quota: u64,
     /// Lets a model name mean a model id this node trusts (repeatable): NAME=ID. A name
-    /// nobody bound means the one id peers announce under it, and is refused with the ids
-    /// listed when peers announce it for several (keys are free: counting announcers would
-    /// let anyone capture a name).
+    /// that nothing trusted binds is refused, with the ids peers announce under it listed
+    /// (keys are free: believing announcers would let anyone capture a name).
     #[arg(long = "bind-model", value_name = "NAME=ID")]
     bind_model: Vec<String>,
     /// Trusts the model names announced by nodes this operator key vouches for (repeatable;
-    /// the peer id of the key given to those nodes' --operator-key): while such a node is
-    /// known, a name it announces means the id it announces it for, whatever others announce
-    /// (with --bound-names-only, also while none is).
+    /// the peer id of the key given to those nodes' --operator-key): a name they announce
+    /// means the id they announce it for, whatever others announce. The nodes sharing this
+    /// node's own --operator-key are trusted so without it.
     #[arg(long = "trust-operator", value_name = "KEY")]
     trust_operator: Vec<mycel_core::PeerId>,
-    /// Lets a model name mean a model only through --bind-model or --trust-operator (or this
-    /// node serving it): a name that only untrusted peers announce is refused, with the ids
-    /// announced under it listed, even when they agree.
+    /// Lets a model name that nothing trusted binds mean the one id peers announce under it
+    /// (refused, with the ids listed, when they announce several). Only for networks whose
+    /// peers you trust: anyone can announce any name.
     #[arg(long)]
-    bound_names_only: bool,
+    trust_announced_names: bool,
     /// How results of this node's inference requests are checked when a request does not
     /// say: none, replicate[:R] (a quorum of distinct peers must agree; a certificate comes
     /// with the answer) or spot_check:P (a fraction P re-run elsewhere).
@@ -369,6 +372,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.blobs.upload_limit = args.upload_limit;
     config.serve_on_demand = args.serve_on_demand;
     config.on_demand_allow = args.on_demand_allow;
+    config.on_demand_quota = args.on_demand_quota;
     for spec in &args.bind_model {
         config
             .router
@@ -379,7 +383,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     for operator in &args.trust_operator {
         config.router.bindings.trust_operator(*operator);
     }
-    config.router.bindings.set_bound_only(args.bound_names_only);
+    config
+        .router
+        .bindings
+        .trust_announced_names(args.trust_announced_names);
     config.router.verify = args.verify;
     config.operator_key = args.operator_key;
     #[cfg(feature = "fault-injection")]

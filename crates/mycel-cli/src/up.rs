@@ -88,6 +88,14 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         if i < args.servers {
             config.preloaded = served.clone();
         }
+        // One user runs this network: the names of the models it loaded mean them on every
+        // node (a name nothing trusted binds means nothing).
+        for model in &served {
+            config
+                .router
+                .bindings
+                .bind(model.offer.name.clone(), model.offer.id);
+        }
         if let Some(first) = nodes.first() {
             let peer = first.net.peer_id();
             config.bootstrap = first

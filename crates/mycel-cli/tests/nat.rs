@@ -89,6 +89,8 @@ fn start(
             .to_owned();
         !relay_id.is_empty()
     });
+    // A and B are one operator's homes: B trusts the name A announces its model under.
+    let operator = root.join("operator.key");
     let home = |ns: usize, name: &str, side: usize, args: &[&str]| {
         let boot = format!(
             "/ip4/{}/udp/4001/quic-v1/p2p/{relay_id}",
@@ -96,6 +98,7 @@ fn start(
         );
         let args: Vec<&str> = ["--bootstrap", &boot]
             .into_iter()
+            .chain(["--operator-key", operator.to_str().unwrap()])
             .chain(args.iter().copied())
             .collect();
         lab_node(lab, ns, &root.join(name), 4001, &args)

@@ -7,10 +7,12 @@
 //! [`Bindings`], an allow-list of ids per name from the node's configuration, and name
 //! records signed by keys the operator trusts: the names announced by nodes that an operator
 //! key in [`Bindings::trust_operator`] vouches for (the operator signs the node's id, the node
-//! signs its announcement of the name and id). A name nobody bound means the one id
-//! announced under it, and is an error listing the ids when peers announce it for several:
-//! the user then asks by id, or binds the name. With [`Bindings::set_bound_only`] an unbound
-//! name means nothing at all, however few announce it. Asking by content id needs no binding.
+//! signs its announcement of the name and id). A name nothing trusted binds means nothing,
+//! however many or few announce it: the error lists the ids announced under it, and the user
+//! asks by id, binds the name or trusts an operator. Only when the operator chooses to trust
+//! announcements ([`Bindings::trust_announced_names`]) does such a name mean the one id
+//! announced under it (an error listing the ids when peers announce it for several). Asking
+//! by content id needs no binding.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -23,8 +25,8 @@ pub struct Bindings {
     by_name: HashMap<String, Vec<ContentId>>,
     /// Operator keys whose nodes' names are trusted.
     operators: Vec<PeerId>,
-    /// Whether a name that nothing trusted binds means nothing.
-    bound_only: bool,
+    /// Whether a name that nothing trusted binds means the one id announced under it.
+    announced: bool,
 }
 
 impl Bindings {
@@ -79,10 +81,11 @@ impl Bindings {
         self.operators.contains(operator)
     }
 
-    /// Lets only bound names, and names trusted operators' nodes announce, mean a model: an
-    /// unbound name is refused even when one id is announced under it.
-    pub fn set_bound_only(&mut self, bound_only: bool) {
-        self.bound_only = bound_only;
+    /// Lets a name that nothing trusted binds mean the one id peers announce under it (an
+    /// error listing the ids when they announce several). Off by default: then only bound
+    /// names, and names trusted operators' nodes announce, mean a model.
+    pub fn trust_announced_names(&mut self, announced: bool) {
+        self.announced = announced;
     }
 }
 
@@ -110,7 +113,8 @@ pub enum NameError {
     /// Nobody announces a model of that name, and it is not bound.
     #[error("no node serves a model called {0:?}")]
     Unknown(String),
-    /// Peers announce the name for several ids and no binding says which one it means.
+    /// Peers announce the name for several ids and no binding says which one it means (when
+    /// announced names are trusted, or among trusted operators' nodes).
     #[error(
         "the name {name:?} is announced for {} different models: {}; ask for one by its id, \
          or bind the name to the ids you trust (mycel node --bind-model NAME=ID)",
@@ -123,11 +127,12 @@ pub enum NameError {
         /// Each id announced under it, with how many alive peers announce it.
         ids: Vec<(ContentId, usize)>,
     },
-    /// Only bound names are taken, and nothing trusted binds this one.
+    /// Nothing trusted binds this name.
     #[error(
         "the name {name:?} is bound to no model this node trusts (announced for: {}); ask for \
-         one by its id, bind the name (mycel node --bind-model NAME=ID) or trust the operator \
-         of the nodes that serve it (mycel node --trust-operator KEY)",
+         one by its id, bind the name (mycel node --bind-model NAME=ID), trust the operator \
+         of the nodes that serve it (mycel node --trust-operator KEY) or, on a network of \
+         peers you trust, their announcements (mycel node --trust-announced-names)",
         listed(ids)
     )]
     Unbound {
@@ -212,7 +217,7 @@ pub fn resolve_trusting(
     } else {
         named(announced)
     };
-    if bindings.bound_only && !by_trusted {
+    if !bindings.announced && !by_trusted {
         return Err(if counts.is_empty() {
             NameError::Unknown(name.to_owned())
         } else {
@@ -242,8 +247,14 @@ mod tests {
 
     #[test]
     fn a_name_announced_for_one_id_means_it_and_for_several_is_an_error_listing_them() {
-        let bindings = Bindings::new();
         let honest = [(id(1), "smollm2"), (id(1), "smollm2"), (id(9), "other")];
+        // By default an announcement alone binds nothing, even when everyone agrees.
+        assert!(matches!(
+            resolve("smollm2", &honest, &Bindings::new()),
+            Err(NameError::Unbound { .. })
+        ));
+        let mut bindings = Bindings::new();
+        bindings.trust_announced_names(true);
         assert_eq!(
             resolve("smollm2", &honest, &bindings),
             Ok(Resolved::Announced(id(1)))
@@ -303,7 +314,7 @@ mod tests {
     }
 
     #[test]
-    fn names_of_trusted_operators_nodes_hold_and_bound_only_refuses_the_rest() {
+    fn names_of_trusted_operators_nodes_hold_and_untrusted_ones_are_refused_by_default() {
         let operator = crate::Keypair::generate_ed25519().public().to_peer_id();
         let mut bindings = Bindings::new();
         bindings.trust_operator(operator);
@@ -325,9 +336,8 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // Bound names only: a name only untrusted peers announce means nothing, even for one
-        // id, and the error lists what is announced and how to trust it.
-        bindings.set_bound_only(true);
+        // By default a name only untrusted peers announce means nothing, even for one id, and
+        // the error lists what is announced and how to trust it.
         match resolve_trusting("smollm2", &[(id(2), "smollm2")], &[], &bindings) {
             Err(e @ NameError::Unbound { .. }) => {
                 let message = e.to_string();
@@ -336,6 +346,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // Trusting announcements (the operator's choice) lets it mean the one id.
+        let mut open = bindings.clone();
+        open.trust_announced_names(true);
+        assert_eq!(
+            resolve_trusting("smollm2", &[(id(2), "smollm2")], &[], &open),
+            Ok(Resolved::Announced(id(2)))
+        );
         assert_eq!(
             resolve_trusting("nobody", &[], &[], &bindings),
             Err(NameError::Unknown("nobody".into()))

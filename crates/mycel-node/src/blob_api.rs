@@ -279,20 +279,46 @@ pub(crate) async fn download(
                 .into_response()
         }
     };
-    // Whole chunks are read, each verified against its hash before any of it is sent: a
-    // chunk the disk changed ends the response early (the client sees a cut-off body, never
-    // wrong bytes) and the blob goes for repair.
+    // Whole chunks are read, each verified against its hash before any of it is sent. The
+    // first is read before the status goes out: a blob of one chunk the disk changed (or
+    // whose first chunk it changed) is answered 503 `blob_corrupt`, and goes for repair. A
+    // later chunk the disk changed ends the response early, short of its Content-Length: the
+    // client sees a failed transfer, never wrong bytes, and the blob goes for repair.
+    let end = start + len;
+    let piece = move |reader: &mycel_store::ChunkReader, data: &mut ChunkBuf, index: u64| {
+        reader.read_chunk_into(index, data).map(|()| {
+            let at = index * CHUNK_BYTES;
+            let from = (start.max(at) - at) as usize;
+            let to = (end.min(at + data.bytes().len() as u64) - at) as usize;
+            Bytes::copy_from_slice(&data.bytes()[from..to])
+        })
+    };
+    let first = start / CHUNK_BYTES;
+    let read_first = tokio::task::spawn_blocking(move || {
+        let mut data = ChunkBuf::new();
+        let head = if len == 0 {
+            Ok(Bytes::new())
+        } else {
+            piece(&reader, &mut data, first)
+        };
+        (reader, data, head)
+    })
+    .await;
+    let (reader, mut data, head) = match read_first {
+        Ok((reader, data, Ok(head))) => (reader, data, head),
+        Ok((_, _, Err(e))) => {
+            state.blobs.on_read_error(&e);
+            return blob_error(e);
+        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, BlobError>>(4);
     tokio::task::spawn_blocking(move || {
-        let end = start + len;
-        let mut data = ChunkBuf::new();
-        for index in start / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES) {
-            let piece = reader.read_chunk_into(index, &mut data).map(|()| {
-                let at = index * CHUNK_BYTES;
-                let from = (start.max(at) - at) as usize;
-                let to = (end.min(at + data.bytes().len() as u64) - at) as usize;
-                Bytes::copy_from_slice(&data.bytes()[from..to])
-            });
+        if tx.blocking_send(Ok(head)).is_err() {
+            return;
+        }
+        for index in first + 1..end.div_ceil(CHUNK_BYTES) {
+            let piece = piece(&reader, &mut data, index);
             let failed = piece.is_err();
             if tx.blocking_send(piece).is_err() || failed {
                 // The client went away, or the chunk was not served.

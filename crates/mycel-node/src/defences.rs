@@ -18,6 +18,8 @@ pub const TRAINING_STREAMS_PAST_SHARE: &str = "training_streams_past_share";
 pub const TRAINING_NOT_ALLOWED: &str = "training_not_allowed";
 /// A model fetched on demand that failed to load, dropped from the disk again.
 pub const ON_DEMAND_LOAD_FAILED: &str = "on_demand_load_failed";
+/// A model fetched on demand that would have passed the on-demand quota, dropped again.
+pub const ON_DEMAND_OVER_QUOTA: &str = "on_demand_over_quota";
 /// A request by a model name that peers announce for several ids, none bound here.
 pub const MODEL_NAME_AMBIGUOUS: &str = "model_name_ambiguous";
 /// A request by a model name nothing bound or trusted names, with only bound names taken.
@@ -27,12 +29,13 @@ pub const MODEL_NAME_UNBOUND: &str = "model_name_unbound";
 /// does not belong to the blob.
 pub const BLOB_PROVIDER_EXCLUDED: &str = "blob_provider_excluded";
 
-const ALL: [&str; 8] = [
+const ALL: [&str; 9] = [
     TASK_STREAMS_PAST_SHARE,
     BLOB_STREAMS_PAST_SHARE,
     TRAINING_STREAMS_PAST_SHARE,
     TRAINING_NOT_ALLOWED,
     ON_DEMAND_LOAD_FAILED,
+    ON_DEMAND_OVER_QUOTA,
     MODEL_NAME_AMBIGUOUS,
     MODEL_NAME_UNBOUND,
     BLOB_PROVIDER_EXCLUDED,

@@ -93,6 +93,9 @@ pub struct NodeConfig {
     pub serve_on_demand: bool,
     /// The only model ids served on demand (empty: any a request names).
     pub on_demand_allow: Vec<ContentId>,
+    /// Most bytes of models served on demand at once (their files, which is about what they
+    /// take in memory): a model that would pass it is dropped again instead of loaded.
+    pub on_demand_quota: u64,
     /// Datasets held for federated training: (tag, source) pairs, loaded at start.
     pub datasets: Vec<(String, String)>,
     /// Datasets already in memory, held as well.
@@ -153,6 +156,7 @@ impl NodeConfig {
             blobs: BlobConfig::default(),
             serve_on_demand: false,
             on_demand_allow: Vec::new(),
+            on_demand_quota: supply::DEFAULT_ON_DEMAND_QUOTA,
             datasets: Vec::new(),
             preloaded_datasets: Vec::new(),
             metered: false,
@@ -355,7 +359,8 @@ impl Node {
                 config.engine,
                 config.serve_on_demand,
             )
-            .allowing(config.on_demand_allow.clone()),
+            .allowing(config.on_demand_allow.clone())
+            .with_quota(config.on_demand_quota),
         );
         inference.set_supply(supply.clone());
         let training = Arc::new(

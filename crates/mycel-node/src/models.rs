@@ -28,22 +28,49 @@ pub enum Runner {
     Generate(Arc<Generator>),
 }
 
+/// How long a chat template may run before its request fails. Its fuel bounds the work it
+/// can do whatever the clock says (a template past this limit runs on, on the blocking pool,
+/// until it ends or its fuel does); the limit bounds how long a request waits for it on a
+/// slow or busy machine.
+pub const TEMPLATE_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The prompt for `messages` by `model`'s chat template, and its length in tokens, worked
 /// out on the blocking pool: a template comes with the model file and may run long (up to
-/// its fuel), and tokenising a long prompt takes a while, neither on the async runtime that
-/// serves the API and the network.
+/// its fuel and [`TEMPLATE_TIME_LIMIT`]), and tokenising a long prompt takes a while, neither
+/// on the async runtime that serves the API and the network.
 pub async fn chat_prompt(
     model: &Arc<Generator>,
     messages: &[mycel_ml::ChatMessage],
 ) -> Result<(String, usize), MlError> {
-    let (model, messages) = (model.clone(), messages.to_vec());
+    chat_prompt_within(model, messages, TEMPLATE_TIME_LIMIT).await
+}
+
+/// [`chat_prompt`] with the template's time limit `limit`.
+pub async fn chat_prompt_within(
+    model: &Arc<Generator>,
+    messages: &[mycel_ml::ChatMessage],
+    limit: std::time::Duration,
+) -> Result<(String, usize), MlError> {
+    let failed =
+        |e: tokio::task::JoinError| MlError::Run(format!("preparing the prompt failed: {e}"));
+    let (templating, messages) = (model.clone(), messages.to_vec());
+    let render = tokio::task::spawn_blocking(move || templating.chat_prompt(&messages));
+    let prompt = match tokio::time::timeout(limit, render).await {
+        Ok(rendered) => rendered.map_err(failed)??,
+        Err(_) => {
+            return Err(MlError::Input(format!(
+                "the model's chat template ran past its time limit ({} ms)",
+                limit.as_millis()
+            )))
+        }
+    };
+    let model = model.clone();
     tokio::task::spawn_blocking(move || {
-        let prompt = model.chat_prompt(&messages)?;
         let tokens = model.tokenizer().encode(&prompt)?.len();
         Ok((prompt, tokens))
     })
     .await
-    .map_err(|e| MlError::Run(format!("preparing the prompt failed: {e}")))?
+    .map_err(failed)?
 }
 
 /// A model this node serves.

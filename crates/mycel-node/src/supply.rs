@@ -21,6 +21,9 @@ use crate::system;
 /// Models fetched on demand at once; further demands wait for a later request.
 const MAX_DEMANDS: usize = 2;
 
+/// The most bytes of models served on demand at once, unless configured.
+pub const DEFAULT_ON_DEMAND_QUOTA: u64 = 8 << 30;
+
 /// How long an on-demand load looks for holders of the id before it gives up.
 const DEMAND_LOOKUP: Duration = Duration::from_secs(5);
 
@@ -41,6 +44,10 @@ pub struct ModelSupply {
     /// The only ids served on demand (empty: any).
     allowed: Vec<ContentId>,
     demands: Mutex<HashMap<ContentId, Demand>>,
+    /// Most bytes of models served on demand at once.
+    quota: u64,
+    /// The bytes of each model served on demand, or being loaded.
+    held: Mutex<HashMap<ContentId, u64>>,
 }
 
 impl ModelSupply {
@@ -68,7 +75,15 @@ impl ModelSupply {
             on_demand,
             allowed: Vec::new(),
             demands: Mutex::new(HashMap::new()),
+            quota: DEFAULT_ON_DEMAND_QUOTA,
+            held: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Serves at most `quota` bytes of models on demand at once.
+    pub fn with_quota(mut self, quota: u64) -> Self {
+        self.quota = quota;
+        self
     }
 
     /// Serves on demand only the model ids in `allowed` (empty: any a request names).
@@ -218,6 +233,7 @@ impl ModelSupply {
         // unpinned until it loads, and dropped if it does not.
         let path = self.fetch_tree(id, false, &Progress::default()).await?;
         let outcome = async {
+            self.reserve(id).await?;
             let served = load(path.clone(), self.engine).await?;
             anyhow::ensure!(
                 served.offer.id == id,
@@ -230,9 +246,18 @@ impl ModelSupply {
         match outcome {
             Ok(_) => self.set_tree_pinned(id, true).await,
             Err(e) => {
-                self.blobs
-                    .defences
-                    .count(crate::defences::ON_DEMAND_LOAD_FAILED);
+                let over_quota = e.is::<OverQuota>();
+                self.blobs.defences.count(if over_quota {
+                    crate::defences::ON_DEMAND_OVER_QUOTA
+                } else {
+                    crate::defences::ON_DEMAND_LOAD_FAILED
+                });
+                if !over_quota {
+                    self.held
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                }
                 // Undone whatever of it was done: no longer served, offered or kept.
                 if self.models.remove(&id) {
                     let capabilities =
@@ -246,6 +271,37 @@ impl ModelSupply {
                 Err(e)
             }
         }
+    }
+
+    /// Counts the fetched model `id` against the quota, or refuses it when it would pass it.
+    async fn reserve(&self, id: ContentId) -> anyhow::Result<()> {
+        let store = self.blobs.store().clone();
+        let size = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+            let mut size = 0u64;
+            for part in tree(&store, id)? {
+                size = size.saturating_add(store.info(&part)?.map_or(0, |b| b.size));
+            }
+            Ok(size)
+        })
+        .await??;
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let others: u64 = held
+            .iter()
+            .filter(|(model, _)| **model != id)
+            .map(|(_, bytes)| *bytes)
+            .sum();
+        if others.saturating_add(size) > self.quota {
+            return Err(OverQuota {
+                id,
+                size,
+                held: others,
+                models: held.len(),
+                quota: self.quota,
+            }
+            .into());
+        }
+        held.insert(id, size);
+        Ok(())
     }
 
     /// Pins or unpins the blob `id` and, for a manifest, the files it lists.
@@ -283,6 +339,20 @@ impl ModelSupply {
         self.blobs.announce().await;
         Ok(())
     }
+}
+
+/// A model served on demand would pass the on-demand quota.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "serving the model {id} ({size} bytes) on demand would pass the on-demand quota: {held} of \
+     {quota} bytes are held by {models} model(s) served on demand (raise --on-demand-quota)"
+)]
+struct OverQuota {
+    id: ContentId,
+    size: u64,
+    held: u64,
+    models: usize,
+    quota: u64,
 }
 
 /// Loads the model at `path` on the blocking pool.

@@ -422,6 +422,61 @@ async fn a_blob_that_is_no_model_fails_to_load_on_demand_and_is_dropped() {
     assert_eq!(node.blobs.defences.total(failed), 2);
     assert!(node.net.status().await.is_ok(), "the node answers");
 
+    // Real models past the on-demand quota: room for the first, which is served; the second
+    // would pass the quota with the first, so it is dropped again instead of loaded.
+    let mut models = Vec::new();
+    for (name, layers) in [("two.gguf", 2), ("one.gguf", 1)] {
+        let path = root.path().join(name);
+        let shape = mycel_ml::fixtures::LlamaShape {
+            layers,
+            ..mycel_ml::fixtures::LlamaShape::TINY
+        };
+        mycel_ml::fixtures::write_llama(&path, shape).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let info = holder
+            .blobs
+            .store()
+            .import(bytes.as_slice(), 0, true)
+            .unwrap();
+        models.push((info.id, info.size));
+    }
+    holder.blobs.announce().await;
+    let mut bounded = config(&root.path().join("q"), addrs_of(&holder), None);
+    bounded.serve_on_demand = true;
+    bounded.on_demand_quota = models[0].1 + models[1].1 - 1;
+    let bounded = Node::start(bounded).await.unwrap();
+    for (id, _) in &models {
+        wait_provider(&bounded, *id, holder.net.peer_id()).await;
+    }
+    let demand = bounded
+        .supply
+        .demand(models[0].0)
+        .expect("a load slot is free");
+    mycel_node::supply::settled(demand).await.unwrap();
+    assert_eq!(bounded.models.offers().len(), 1, "the first is served");
+    let demand = bounded
+        .supply
+        .demand(models[1].0)
+        .expect("a load slot is free");
+    match mycel_node::supply::settled(demand).await {
+        Err(e) => assert!(e.contains("--on-demand-quota"), "{e}"),
+        Ok(()) => panic!("a model past the on-demand quota was served"),
+    }
+    assert_eq!(bounded.models.offers().len(), 1);
+    assert!(bounded.blobs.store().info(&models[1].0).unwrap().is_none());
+    assert!(
+        bounded
+            .blobs
+            .store()
+            .info(&models[0].0)
+            .unwrap()
+            .unwrap()
+            .pinned
+    );
+    let over = mycel_node::defences::ON_DEMAND_OVER_QUOTA;
+    assert_eq!(bounded.blobs.defences.total(over), 1);
+    assert_eq!(bounded.blobs.defences.total(failed), 0);
+
     // An operator who allows only other ids on demand: the junk is not even fetched.
     let mut strict = config(&root.path().join("c"), addrs_of(&holder), None);
     strict.serve_on_demand = true;
@@ -595,7 +650,9 @@ async fn silent_providers_do_not_delay_a_fetch_and_an_id_nobody_holds_fails_soon
 async fn a_holder_never_serves_a_chunk_its_disk_changed_and_repairs_the_blob_from_a_peer() {
     let root = tempfile::tempdir().unwrap();
     let a = start(&root.path().join("a"), vec![], None).await;
-    let b = start(&root.path().join("b"), addrs_of(&a), None).await;
+    let mut with_api = config(&root.path().join("b"), addrs_of(&a), None);
+    with_api.api = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let b = Node::start(with_api).await.unwrap();
     let data = bytes(4 * CHUNK_BYTES + 99, 7);
     let file = root.path().join("data.bin");
     std::fs::write(&file, &data).unwrap();
@@ -647,6 +704,44 @@ async fn a_holder_never_serves_a_chunk_its_disk_changed_and_repairs_the_blob_fro
     let held = b.blobs.store().info(&id).unwrap().unwrap();
     assert!(held.pinned, "still pinned after the repair");
     assert_eq!(export(&b, &id, &root.path().join("out.bin")), data);
+
+    // Through B's own API. Bit rot in the first chunk: a 503 that names it, before any byte.
+    let url = format!("http://{}/api/blobs/{id}", b.api_addr.unwrap());
+    let rot = |chunk: u64| {
+        let mut on_disk = std::fs::read(&path).unwrap();
+        on_disk[(chunk * CHUNK_BYTES + 5) as usize] ^= 0x40;
+        std::fs::write(&path, &on_disk).unwrap();
+    };
+    rot(0);
+    let (u, token) = (url.clone(), b.token.clone());
+    let (status, body) = tokio::task::spawn_blocking(move || common::http_get(&u, Some(&token)))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("blob_corrupt"), "{body}");
+    wait_until(LIMIT, "B repairs the blob again", || async {
+        b.blobs.stats.repaired.get() >= 2
+    })
+    .await;
+    // In a later chunk: the body stops short of its length (a failed transfer), and what came
+    // is the blob's own bytes.
+    rot(3);
+    let token = b.token.clone();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut response = ureq::get(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let mut got = Vec::new();
+        let read = std::io::Read::read_to_end(&mut response.body_mut().as_reader(), &mut got);
+        (read.is_err(), got)
+    })
+    .await
+    .unwrap();
+    assert!(got.0, "the transfer fails");
+    assert!(got.1.len() <= 3 * CHUNK_BYTES as usize, "{}", got.1.len());
+    assert_eq!(got.1, data[..got.1.len()], "never a wrong byte");
     for node in [a, b] {
         node.shutdown().await;
     }

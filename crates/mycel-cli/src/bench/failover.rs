@@ -76,8 +76,11 @@ pub(crate) async fn run(args: FailoverBenchArgs) -> anyhow::Result<()> {
         .unwrap_or_default();
     let root = tempfile::tempdir()?;
 
-    // The gateway: serves no model, routes every request.
+    // The gateway: serves no model, routes every request. One operator runs every node here,
+    // so the gateway trusts the names its serving nodes announce.
+    let operator_key = root.path().join("operator.key");
     let mut config = NodeConfig::new(root.path().join("gateway"));
+    config.operator_key = Some(operator_key.clone());
     config.mdns = false;
     config.api = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
@@ -100,6 +103,8 @@ pub(crate) async fn run(args: FailoverBenchArgs) -> anyhow::Result<()> {
             .arg(bootstrap.to_string())
             .arg("--model")
             .arg(&args.model)
+            .arg("--operator-key")
+            .arg(&operator_key)
             .env("MYCEL_LOG", "error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

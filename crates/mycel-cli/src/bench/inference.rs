@@ -71,6 +71,7 @@ async fn routing_overhead(minilm: &std::path::Path, tasks: usize) -> anyhow::Res
         config
     };
     let mut worker_config = config("worker", vec![]);
+    let (name, id) = (served.offer.name.clone(), served.offer.id);
     worker_config.preloaded = vec![served];
     let worker = Node::start(worker_config).await?;
     let worker_id = worker.net.peer_id();
@@ -80,7 +81,10 @@ async fn routing_overhead(minilm: &std::path::Path, tasks: usize) -> anyhow::Res
         .iter()
         .map(|a| a.clone().with(Protocol::P2p(worker_id)))
         .collect();
-    let requester = Node::start(config("requester", bootstrap)).await?;
+    // One user runs both: the requester binds the worker's model name to its id.
+    let mut requester_config = config("requester", bootstrap);
+    requester_config.router.bindings.bind(name, id);
+    let requester = Node::start(requester_config).await?;
     let deadline = Instant::now() + std::time::Duration::from_secs(30);
     let remote_target = loop {
         if let Ok(target) = requester
