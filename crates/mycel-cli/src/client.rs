@@ -291,15 +291,22 @@ pub(crate) fn models(args: ClientArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // A model whose name this node does not trust is asked for by its content id.
     println!(
-        "{:<32} {:<10} {:<11} {:<6} {:>5}  CONTENT ID",
-        "MODEL", "KIND", "ENGINE", "LOCAL", "PEERS"
+        "{:<32} {:<7} {:<10} {:<11} {:<6} {:>5}  CONTENT ID",
+        "MODEL", "BY NAME", "KIND", "ENGINE", "LOCAL", "PEERS"
     );
     for model in list {
         let m = &model["mycel"];
+        let name = m["name"].as_str().unwrap_or("?");
         println!(
-            "{:<32} {:<10} {:<11} {:<6} {:>5}  {}",
-            model["id"].as_str().unwrap_or("?"),
+            "{:<32} {:<7} {:<10} {:<11} {:<6} {:>5}  {}",
+            name,
+            if model["id"].as_str() == Some(name) {
+                "yes"
+            } else {
+                "no"
+            },
             m["kind"].as_str().unwrap_or("?"),
             m["engine"].as_str().unwrap_or("?"),
             if m["local"].as_bool() == Some(true) {

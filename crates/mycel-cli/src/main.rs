@@ -178,7 +178,7 @@ struct NodeArgs {
     /// any id a request names).
     #[arg(long = "on-demand-allow", value_name = "ID")]
     on_demand_allow: Vec<mycel_core::id::ContentId>,
-    /// With --serve-on-demand, the most bytes of models served on demand at once (their
+    /// With --serve-on-demand, the most bytes of models served on demand (since the start; their
     /// files, about what they take in memory); a model that would pass it is not served.
     #[arg(long, value_parser = parse_bytes, default_value = "8GiB")]
     on_demand_quota: u64,
@@ -205,8 +205,8 @@ struct NodeArgs {
     verify: mycel_core::verify::Mode,
     /// The key of the operator running this node, shared by all the nodes one operator runs
     /// (created there on first use, readable by its owner only). The node announces the
-    /// operator's signature for it, and checked results never have two workers of one
-    /// operator.
+    /// operator's signature for it, checked results never have two workers of one operator,
+    /// and the names the operator's other nodes announce are trusted here.
     #[arg(long, value_name = "FILE")]
     operator_key: Option<PathBuf>,
     /// Misbehave as a worker, for tests and benchmarks: wrong[:GROUP], random, slow:MS,

@@ -87,6 +87,11 @@ impl Bindings {
     pub fn trust_announced_names(&mut self, announced: bool) {
         self.announced = announced;
     }
+
+    /// Whether a name nothing trusted binds means the one id announced under it.
+    pub fn trusts_announced_names(&self) -> bool {
+        self.announced
+    }
 }
 
 /// What a name (or an id) resolved to.

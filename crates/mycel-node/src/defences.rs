@@ -22,7 +22,7 @@ pub const ON_DEMAND_LOAD_FAILED: &str = "on_demand_load_failed";
 pub const ON_DEMAND_OVER_QUOTA: &str = "on_demand_over_quota";
 /// A request by a model name that peers announce for several ids, none bound here.
 pub const MODEL_NAME_AMBIGUOUS: &str = "model_name_ambiguous";
-/// A request by a model name nothing bound or trusted names, with only bound names taken.
+/// A request by a model name that nothing this node trusts binds (the default refusal).
 pub const MODEL_NAME_UNBOUND: &str = "model_name_unbound";
 /// A blob provider left out of the rest of a fetch: silent past the ask's deadline or a
 /// grace after another holder answered (a slow honest holder counts too), or it sent what

@@ -124,6 +124,10 @@ pub enum RouteError {
     /// (the message lists the ids).
     #[error("{0}")]
     AmbiguousModel(String),
+    /// Nothing this node trusts binds the name (the message lists the ids announced under it
+    /// and how to trust one).
+    #[error("{0}")]
+    UnboundModel(String),
     /// The input cannot be run (too long, bad parameters): a 4xx.
     #[error("{0}")]
     Invalid(String),
@@ -589,6 +593,20 @@ impl Inference {
         }
     }
 
+    /// Whether a request by `name` may mean the model `id` that a peer vouched for by
+    /// `operator` (if any) announces under it: the name is bound to the id, the operator is
+    /// trusted (or runs this node), or the operator trusts announced names. For listing
+    /// models; the request itself is resolved by [`Inference::resolve`].
+    pub fn name_usable(&self, name: &str, id: ContentId, operator: Option<&str>) -> bool {
+        let bindings = &self.config.bindings;
+        if let Some(ids) = bindings.get(name) {
+            return ids.contains(&id);
+        }
+        let operator = operator.and_then(|o| o.parse::<PeerId>().ok());
+        bindings.trusts_announced_names()
+            || operator.is_some_and(|o| bindings.trusts(&o) || self.operator == Some(o))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, RouterState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -596,9 +614,9 @@ impl Inference {
     // ---- choosing where ------------------------------------------------------------------
 
     /// The model called `name` (or with that content id) for tasks of `kind`: this node's if
-    /// it serves one; else the id the name is bound to, or the one id peers announce under it
-    /// (see `mycel_core::naming`), run with the engine most of its announcers use; with the
-    /// peers that offer it.
+    /// it serves one; else the id the name is bound to, or that nodes of a trusted operator
+    /// (this node's own included) announce under it (see `mycel_core::naming`), run with the
+    /// engine most of its announcers use; with the peers that offer it.
     pub async fn resolve(&self, name: &str, kind: ModelKind) -> Result<Target, RouteError> {
         let peers = self.net.peers().await.unwrap_or_default();
         let alive = || peers.iter().filter(|p| p.state == PeerState::Alive);
@@ -651,7 +669,7 @@ impl Inference {
                         }
                         refused @ NameError::Unbound { .. } => {
                             self.defences.count(crate::defences::MODEL_NAME_UNBOUND);
-                            RouteError::AmbiguousModel(refused.to_string())
+                            RouteError::UnboundModel(refused.to_string())
                         }
                     })?;
                 let id = resolved.id();

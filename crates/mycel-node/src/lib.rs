@@ -93,7 +93,7 @@ pub struct NodeConfig {
     pub serve_on_demand: bool,
     /// The only model ids served on demand (empty: any a request names).
     pub on_demand_allow: Vec<ContentId>,
-    /// Most bytes of models served on demand at once (their files, which is about what they
+    /// Most bytes of models served on demand since the start (their files, about what they
     /// take in memory): a model that would pass it is dropped again instead of loaded.
     pub on_demand_quota: u64,
     /// Datasets held for federated training: (tag, source) pairs, loaded at start.

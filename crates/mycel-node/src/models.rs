@@ -28,11 +28,16 @@ pub enum Runner {
     Generate(Arc<Generator>),
 }
 
-/// How long a chat template may run before its request fails. Its fuel bounds the work it
-/// can do whatever the clock says (a template past this limit runs on, on the blocking pool,
-/// until it ends or its fuel does); the limit bounds how long a request waits for it on a
-/// slow or busy machine.
+/// How long a request waits for a chat template (for a template slot, then for the template)
+/// before it fails. The template's fuel bounds the work it can do whatever the clock says: one
+/// past this limit keeps its thread and its slot until it ends or its fuel does.
 pub const TEMPLATE_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Chat templates that may run at once in this process: a template that outlives its request
+/// still holds its slot, so requests that time out cannot pile up threads on the blocking
+/// pool (which the store's I/O needs too).
+const TEMPLATE_SLOTS: usize = 4;
+static TEMPLATES: Semaphore = Semaphore::const_new(TEMPLATE_SLOTS);
 
 /// The prompt for `messages` by `model`'s chat template, and its length in tokens, worked
 /// out on the blocking pool: a template comes with the model file and may run long (up to
@@ -54,9 +59,20 @@ pub async fn chat_prompt_within(
     let failed =
         |e: tokio::task::JoinError| MlError::Run(format!("preparing the prompt failed: {e}"));
     let (templating, messages) = (model.clone(), messages.to_vec());
-    let render = tokio::task::spawn_blocking(move || templating.chat_prompt(&messages));
+    let render = async move {
+        let slot = TEMPLATES
+            .acquire()
+            .await
+            .map_err(|e| MlError::Run(format!("no template slot: {e}")))?;
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            templating.chat_prompt(&messages)
+        })
+        .await
+        .map_err(failed)?
+    };
     let prompt = match tokio::time::timeout(limit, render).await {
-        Ok(rendered) => rendered.map_err(failed)??,
+        Ok(rendered) => rendered?,
         Err(_) => {
             return Err(MlError::Input(format!(
                 "the model's chat template ran past its time limit ({} ms)",

@@ -80,6 +80,13 @@ impl From<RouteError> for ApiError {
                 param: Some("model"),
                 message: e.to_string(),
             },
+            RouteError::UnboundModel(_) => Self {
+                status: StatusCode::BAD_REQUEST,
+                kind: "invalid_request_error",
+                code: Some("model_unbound"),
+                param: Some("model"),
+                message: e.to_string(),
+            },
             RouteError::Invalid(message) => Self::invalid(None, message),
             RouteError::Busy => Self::unavailable("overloaded", e.to_string()),
             RouteError::Unavailable(_) => Self::unavailable("unavailable", e.to_string()),
@@ -196,21 +203,32 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
-/// GET /v1/models: this node's models, then those its peers announce.
+/// GET /v1/models: this node's models, then those its peers announce. A model's `id` is
+/// what a request may name it by: its name when this node serves it or trusts the name (bound,
+/// or announced by a trusted operator's node), else its content id (`mycel.name` is the name
+/// announced with it).
 pub(crate) async fn list_models(State(state): State<ApiState>) -> Response {
-    let entry = |offer: &ModelOffer, local: bool| {
+    let entry = |offer: &ModelOffer, local: bool, named: bool| {
+        let id = if named {
+            offer.name.clone()
+        } else {
+            offer.id.to_string()
+        };
         json!({
-            "id": offer.name,
+            "id": id,
             "object": "model",
             "created": 0,
             "owned_by": "mycel",
-            "mycel": { "content_id": offer.id, "kind": offer.kind, "engine": offer.engine,
-                       "local": local, "peers": 0 },
+            "mycel": { "content_id": offer.id, "name": offer.name, "kind": offer.kind,
+                       "engine": offer.engine, "local": local, "peers": 0 },
         })
     };
     let mut models: BTreeMap<String, Value> = BTreeMap::new();
     for served in state.models.models().iter() {
-        models.insert(served.offer.id.to_string(), entry(&served.offer, true));
+        models.insert(
+            served.offer.id.to_string(),
+            entry(&served.offer, true, true),
+        );
     }
     if let Ok(peers) = state.net.peers().await {
         for peer in peers
@@ -218,9 +236,17 @@ pub(crate) async fn list_models(State(state): State<ApiState>) -> Response {
             .filter(|p| p.state == mycel_core::membership::PeerState::Alive)
         {
             for offer in peer.capabilities.iter().flat_map(|c| c.models.iter()) {
+                let named =
+                    state
+                        .inference
+                        .name_usable(&offer.name, offer.id, peer.operator.as_deref());
                 let model = models
                     .entry(offer.id.to_string())
-                    .or_insert_with(|| entry(offer, false));
+                    .or_insert_with(|| entry(offer, false, named));
+                if named {
+                    // Another announcer of the id may be trusted where the first was not.
+                    model["id"] = json!(offer.name);
+                }
                 let count = model["mycel"]["peers"].as_u64().unwrap_or(0);
                 model["mycel"]["peers"] = json!(count + 1);
             }

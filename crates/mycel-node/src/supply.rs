@@ -24,6 +24,13 @@ const MAX_DEMANDS: usize = 2;
 /// The most bytes of models served on demand at once, unless configured.
 pub const DEFAULT_ON_DEMAND_QUOTA: u64 = 8 << 30;
 
+/// How long an id whose model failed to load on demand, or would have passed the quota, is
+/// not fetched again.
+const REFUSAL_HOLD: Duration = Duration::from_secs(600);
+
+/// Most ids remembered as refused.
+const MAX_REFUSED: usize = 1024;
+
 /// How long an on-demand load looks for holders of the id before it gives up.
 const DEMAND_LOOKUP: Duration = Duration::from_secs(5);
 
@@ -44,10 +51,13 @@ pub struct ModelSupply {
     /// The only ids served on demand (empty: any).
     allowed: Vec<ContentId>,
     demands: Mutex<HashMap<ContentId, Demand>>,
-    /// Most bytes of models served on demand at once.
+    /// Most bytes of models served on demand (models are never unloaded: since the start).
     quota: u64,
     /// The bytes of each model served on demand, or being loaded.
     held: Mutex<HashMap<ContentId, u64>>,
+    /// Ids whose model failed to load or would have passed the quota, until when they are
+    /// not fetched again.
+    refused: Mutex<HashMap<ContentId, tokio::time::Instant>>,
 }
 
 impl ModelSupply {
@@ -77,10 +87,11 @@ impl ModelSupply {
             demands: Mutex::new(HashMap::new()),
             quota: DEFAULT_ON_DEMAND_QUOTA,
             held: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Serves at most `quota` bytes of models on demand at once.
+    /// Serves at most `quota` bytes of models on demand.
     pub fn with_quota(mut self, quota: u64) -> Self {
         self.quota = quota;
         self
@@ -187,13 +198,20 @@ impl ModelSupply {
     }
 
     /// Starts fetching and serving model `id`, or joins the load already under way. Returns
-    /// `None` when the node does not serve on demand, not this id, or already runs its most
-    /// loads.
+    /// `None` when the node does not serve on demand, not this id, already runs its most
+    /// loads, or the id's model failed to load or would have passed the quota lately.
     pub fn demand(self: &Arc<Self>, id: ContentId) -> Option<Demand> {
         if !self.on_demand || !(self.allowed.is_empty() || self.allowed.contains(&id)) {
             return None;
         }
-        let mut demands = self.demands.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        if lock(&self.refused)
+            .get(&id)
+            .is_some_and(|until| *until > now)
+        {
+            return None;
+        }
+        let mut demands = lock(&self.demands);
         if let Some(under_way) = demands.get(&id) {
             return Some(under_way.clone());
         }
@@ -209,11 +227,7 @@ impl ModelSupply {
                 Ok(()) => info!(%id, "model fetched and served on demand"),
                 Err(e) => warn!(%id, "cannot serve the model on demand: {e:#}"),
             }
-            supply
-                .demands
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            lock(&supply.demands).remove(&id);
             let _ = done.send(Some(outcome.map_err(|e| format!("{e:#}"))));
         });
         Some(demand)
@@ -229,6 +243,27 @@ impl ModelSupply {
             .unwrap_or_default();
         let own = self.net.peer_id();
         anyhow::ensure!(holders.iter().any(|p| *p != own), "no peer holds {id}");
+        // Nothing more fits: not even fetched.
+        {
+            let held = lock(&self.held);
+            let bytes: u64 = held.values().sum();
+            if bytes >= self.quota {
+                self.blobs
+                    .defences
+                    .count(crate::defences::ON_DEMAND_OVER_QUOTA);
+                return Err(self.refuse(
+                    id,
+                    OverQuota {
+                        id,
+                        size: None,
+                        held: bytes,
+                        models: held.len(),
+                        quota: self.quota,
+                    }
+                    .into(),
+                ));
+            }
+        }
         // Whoever asked chose the id: what it names may be no model at all. It is kept
         // unpinned until it loads, and dropped if it does not.
         let path = self.fetch_tree(id, false, &Progress::default()).await?;
@@ -253,10 +288,7 @@ impl ModelSupply {
                     crate::defences::ON_DEMAND_LOAD_FAILED
                 });
                 if !over_quota {
-                    self.held
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
+                    lock(&self.held).remove(&id);
                 }
                 // Undone whatever of it was done: no longer served, offered or kept.
                 if self.models.remove(&id) {
@@ -268,9 +300,27 @@ impl ModelSupply {
                 if let Err(cleanup) = self.drop_tree(id, &path).await {
                     warn!(%id, "cannot drop what was fetched for a failed load: {cleanup:#}");
                 }
-                Err(e)
+                Err(self.refuse(id, e))
             }
         }
+    }
+
+    /// Remembers `id` as refused for a while (the error `e` says why), and returns `e`.
+    fn refuse(&self, id: ContentId, e: anyhow::Error) -> anyhow::Error {
+        let now = tokio::time::Instant::now();
+        let mut refused = lock(&self.refused);
+        refused.retain(|_, until| *until > now);
+        if refused.len() >= MAX_REFUSED {
+            if let Some(soonest) = refused
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(k, _)| *k)
+            {
+                refused.remove(&soonest);
+            }
+        }
+        refused.insert(id, now + REFUSAL_HOLD);
+        e
     }
 
     /// Counts the fetched model `id` against the quota, or refuses it when it would pass it.
@@ -284,7 +334,7 @@ impl ModelSupply {
             Ok(size)
         })
         .await??;
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = lock(&self.held);
         let others: u64 = held
             .iter()
             .filter(|(model, _)| **model != id)
@@ -293,7 +343,7 @@ impl ModelSupply {
         if others.saturating_add(size) > self.quota {
             return Err(OverQuota {
                 id,
-                size,
+                size: Some(size),
                 held: others,
                 models: held.len(),
                 quota: self.quota,
@@ -344,15 +394,21 @@ impl ModelSupply {
 /// A model served on demand would pass the on-demand quota.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "serving the model {id} ({size} bytes) on demand would pass the on-demand quota: {held} of \
-     {quota} bytes are held by {models} model(s) served on demand (raise --on-demand-quota)"
+    "serving the model {id}{} on demand would pass the on-demand quota: {held} of {quota} \
+     bytes are held by {models} model(s) served on demand (raise --on-demand-quota)",
+    size.map(|s| format!(" ({s} bytes)")).unwrap_or_default()
 )]
 struct OverQuota {
     id: ContentId,
-    size: u64,
+    /// The model's size, when it was fetched to learn it.
+    size: Option<u64>,
     held: u64,
     models: usize,
     quota: u64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Loads the model at `path` on the blocking pool.

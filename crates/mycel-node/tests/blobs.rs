@@ -476,6 +476,12 @@ async fn a_blob_that_is_no_model_fails_to_load_on_demand_and_is_dropped() {
     let over = mycel_node::defences::ON_DEMAND_OVER_QUOTA;
     assert_eq!(bounded.blobs.defences.total(over), 1);
     assert_eq!(bounded.blobs.defences.total(failed), 0);
+    // Refused lately: asking again does not fetch it again.
+    assert!(bounded.supply.demand(models[1].0).is_none());
+    assert!(
+        node.supply.demand(id).is_none(),
+        "nor junk that failed to load"
+    );
 
     // An operator who allows only other ids on demand: the junk is not even fetched.
     let mut strict = config(&root.path().join("c"), addrs_of(&holder), None);

@@ -104,7 +104,7 @@ async fn a_chat_template_that_loops_fails_a_peers_request_and_the_worker_keeps_a
     };
     let held = std::time::Instant::now();
     let err =
-        mycel_node::models::chat_prompt_within(generator, &user("hi"), Duration::from_millis(50))
+        mycel_node::models::chat_prompt_within(generator, &user("hi"), Duration::from_millis(1))
             .await
             .unwrap_err()
             .to_string();
@@ -640,7 +640,7 @@ async fn impostors_announcing_a_name_cannot_capture_it() {
     .unwrap();
     wait_offers(&asker, &[&worker, &impostors[0], &impostors[1]]).await;
     match asker.inference.resolve("tiny", ModelKind::Generation).await {
-        Err(RouteError::AmbiguousModel(message)) => {
+        Err(RouteError::UnboundModel(message)) => {
             assert!(
                 message.contains(&honest_id.to_string())
                     && message.contains(&impostor_id.to_string())
@@ -681,7 +681,7 @@ async fn impostors_announcing_a_name_cannot_capture_it() {
     );
     assert_eq!(status, 400, "{body}");
     assert!(
-        body.contains("model_ambiguous") && body.contains(&honest_id.to_string()),
+        body.contains("model_unbound") && body.contains(&honest_id.to_string()),
         "{body}"
     );
     // By id, no binding is needed.
@@ -691,6 +691,25 @@ async fn impostors_announcing_a_name_cannot_capture_it() {
         .await
         .unwrap();
     assert_eq!(by_id.offer.id, honest_id);
+    // /v1/models lists what a request may name: the content ids here, the name where it is
+    // bound (below).
+    let listed_as = |node: &Node, id: mycel_core::id::ContentId| {
+        let url = format!("http://{}/v1/models", node.api_addr.unwrap());
+        let (status, body) = common::http_get(&url, Some(&node.token));
+        assert_eq!(status, 200, "{body}");
+        let models: Value = serde_json::from_str(&body).unwrap();
+        let entry = models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mycel"]["content_id"] == id.to_string())
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not listed: {models}"));
+        assert_eq!(entry["mycel"]["name"], "tiny");
+        entry["id"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(listed_as(&asker, honest_id), honest_id.to_string());
+    assert_eq!(listed_as(&asker, impostor_id), impostor_id.to_string());
 
     // A node that bound the name to the honest id.
     let mut config = local_config(&root.path().join("b"), addrs_of(&worker), true);
@@ -710,6 +729,8 @@ async fn impostors_announcing_a_name_cannot_capture_it() {
         target.offer.id, honest_id,
         "two impostors, one honest server"
     );
+    assert_eq!(listed_as(&bound, honest_id), "tiny");
+    assert_eq!(listed_as(&bound, impostor_id), impostor_id.to_string());
     let (status, body) = post_json(
         &bound,
         "/v1/chat/completions",

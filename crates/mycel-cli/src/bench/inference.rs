@@ -87,12 +87,20 @@ async fn routing_overhead(minilm: &std::path::Path, tasks: usize) -> anyhow::Res
     let requester = Node::start(requester_config).await?;
     let deadline = Instant::now() + std::time::Duration::from_secs(30);
     let remote_target = loop {
-        if let Ok(target) = requester
-            .inference
-            .resolve("all-minilm-l6-v2", ModelKind::Embedding)
+        // The name is bound, so it resolves at once: wait for the worker's announcement of
+        // the model, so that the target holds it as a candidate.
+        let offered = requester
+            .net
+            .peer(worker_id)
             .await
-        {
-            break target;
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.capabilities.is_some_and(|c| !c.models.is_empty()));
+        if offered {
+            break requester
+                .inference
+                .resolve("all-minilm-l6-v2", ModelKind::Embedding)
+                .await?;
         }
         anyhow::ensure!(
             Instant::now() < deadline,

@@ -113,6 +113,8 @@ fn one_try(
     )?;
     let relay_id = relay.peer_id(LIMIT)?;
     let started = Instant::now();
+    // A and B are one operator's homes: B trusts the name A announces its model under.
+    let operator = root.join("operator.key");
     let home = |ns: usize, name: &str, side: usize, extra: &[String]| {
         let mut args = vec![
             "--bootstrap".to_owned(),
@@ -120,6 +122,8 @@ fn one_try(
                 "/ip4/{}/udp/4001/quic-v1/p2p/{relay_id}",
                 INTERNET_ADDRS[side]
             ),
+            "--operator-key".to_owned(),
+            operator.display().to_string(),
         ];
         args.extend_from_slice(extra);
         start(exe, &lab, ns, root.join(name), &args)
