@@ -438,7 +438,9 @@ pub fn referrals<K>(live: Vec<(K, bool)>, max: usize, rng: &mut impl rand::Rng) 
 /// Which peers to disconnect at `now` so that at most `config.low_water()` remain, once
 /// more than `config.high` are connected. Inbound before outbound (the peers we chose keep
 /// the node from being eclipsed by those that chose us), lower score first, then the
-/// youngest; protected peers and those within their `grace_ms` are kept.
+/// youngest; protected peers, those within their `grace_ms` and the best `min_outbound` of
+/// the peers this node dialled are kept (strangers arriving one after another, each in its
+/// grace, must not make the node shed the peers it chose).
 pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected<K>]) -> Vec<K> {
     if conns.len() <= config.high {
         return Vec::new();
@@ -454,8 +456,18 @@ pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected
             .then(a.score.total_cmp(&b.score))
             .then(b.since.cmp(&a.since))
     });
+    let outbound = conns.iter().filter(|c| !c.inbound).count();
+    let mut outbound_spare = outbound.saturating_sub(config.min_outbound);
     sheddable
         .into_iter()
+        .filter(|c| {
+            if c.inbound {
+                return true;
+            }
+            let spare = outbound_spare > 0;
+            outbound_spare = outbound_spare.saturating_sub(1);
+            spare
+        })
         .take(excess)
         .map(|c| c.peer.clone())
         .collect()
@@ -998,6 +1010,12 @@ mod tests {
         let mut outbound: Vec<Connected<u32>> = (0..20).map(|p| conn(p, 0, false)).collect();
         outbound[3].score = -50.0;
         assert_eq!(shed(&config, now, &outbound)[0], 3);
+        // Strangers in their grace fill the node above high water: the peers it dialled are
+        // kept down to min_outbound (2 here), the best of them, not shed for the strangers.
+        let mut eclipsed: Vec<Connected<u32>> = (0..3).map(|p| conn(p, 0, false)).collect();
+        eclipsed[0].score = -5.0;
+        eclipsed.extend((10..30).map(|p| conn(p, now - 1_000, true)));
+        assert_eq!(shed(&config, now, &eclipsed), vec![0]);
     }
 
     #[test]

@@ -1549,6 +1549,22 @@ impl EventLoop {
                         .collect(),
                 );
             }
+            Command::Workers(reply) => {
+                let _ = reply.send(
+                    self.membership
+                        .peers()
+                        .filter(|(_, info)| {
+                            info.state == membership::PeerState::Alive
+                                && (info.operator.is_some()
+                                    || info
+                                        .capabilities
+                                        .as_ref()
+                                        .is_some_and(|c| !c.models.is_empty()))
+                        })
+                        .map(|(peer, info)| self.with_link(peer, info))
+                        .collect(),
+                );
+            }
             Command::Peer(peer, reply) => {
                 let _ = reply.send(self.membership.get(&peer).map(|i| self.with_link(&peer, i)));
             }

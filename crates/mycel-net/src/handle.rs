@@ -125,6 +125,7 @@ pub struct NetStatus {
 pub(crate) enum Command {
     Status(oneshot::Sender<NetStatus>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Workers(oneshot::Sender<Vec<PeerInfo>>),
     Peer(PeerId, oneshot::Sender<Option<PeerInfo>>),
     SetCapabilities(Capabilities, oneshot::Sender<u64>),
     RefreshCapabilities(Capabilities),
@@ -383,6 +384,13 @@ impl NetHandle {
     /// Everything known about every peer.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
         self.ask(Command::Peers).await
+    }
+
+    /// Everything known about the alive peers that announce a model or the operator that runs
+    /// them: what a request needs to find where a model runs and who runs it, without copying
+    /// every peer the table holds (strangers that announce neither cost a request nothing).
+    pub async fn workers(&self) -> Result<Vec<PeerInfo>, NetError> {
+        self.ask(Command::Workers).await
     }
 
     /// Everything known about one peer.

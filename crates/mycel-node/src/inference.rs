@@ -618,7 +618,7 @@ impl Inference {
     /// (this node's own included) announce under it (see `mycel_core::naming`), run with the
     /// engine most of its announcers use; with the peers that offer it.
     pub async fn resolve(&self, name: &str, kind: ModelKind) -> Result<Target, RouteError> {
-        let peers = self.net.peers().await.unwrap_or_default();
+        let peers = self.net.workers().await.unwrap_or_default();
         let alive = || peers.iter().filter(|p| p.state == PeerState::Alive);
         // Who runs whom, for every peer that says (the DHT's providers of an unannounced
         // model may be among them).
@@ -630,7 +630,7 @@ impl Inference {
         // The nodes a trusted operator vouches for (its signature over the node's id, checked
         // with the announcement): their names are trusted.
         let mut vouched = Vec::new();
-        for peer in alive() {
+        for peer in alive().filter(|p| p.operator.is_some()) {
             let node = peer.peer_id.parse::<PeerId>();
             let operator = peer.operator.as_deref().map(str::parse::<PeerId>);
             if let (Ok(node), Some(Ok(operator))) = (node, operator) {

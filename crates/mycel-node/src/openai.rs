@@ -230,7 +230,7 @@ pub(crate) async fn list_models(State(state): State<ApiState>) -> Response {
             entry(&served.offer, true, true),
         );
     }
-    if let Ok(peers) = state.net.peers().await {
+    if let Ok(peers) = state.net.workers().await {
         for peer in peers
             .iter()
             .filter(|p| p.state == mycel_core::membership::PeerState::Alive)

@@ -918,7 +918,13 @@ async fn one_peer_gets_at_most_its_share_of_task_and_blob_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
     let root = tempfile::tempdir().unwrap();
-    let mut config = local_config(&root.path().join("victim"), Vec::new(), false);
+    // The peer the victim chose (its bootstrap peer: a connection it dialled), which wants no
+    // more peers itself.
+    let mut config = local_config(&root.path().join("chosen"), Vec::new(), false);
+    config.limits.target_peers = 1;
+    let chosen = Node::start(config).await.unwrap();
+    let chosen_id = chosen.net.peer_id();
+    let mut config = local_config(&root.path().join("victim"), addrs_of(&chosen), false);
     config.limits.max_connections = 4;
     config.limits.target_peers = 2;
     config.timing.connection_grace = Duration::from_millis(1_500);
@@ -933,8 +939,10 @@ async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
     let neighbour_id = neighbour.net.peer_id();
     wait_until(
         Duration::from_secs(20),
-        "the neighbour connects",
-        || async { connected_to(&victim, neighbour_id).await },
+        "the neighbour connects, and the victim to the peer it chose",
+        || async {
+            connected_to(&victim, neighbour_id).await && connected_to(&victim, chosen_id).await
+        },
     )
     .await;
     // A few points of wear, as an honest peer collects: still in good standing, but a lower
@@ -956,8 +964,17 @@ async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
                 connected_to(victim, neighbour_id).await,
                 "the long-lived neighbour keeps its slot ({what})"
             );
+            assert!(
+                connected_to(victim, chosen_id).await,
+                "the peer the victim chose keeps its slot ({what})"
+            );
             let held = victim.net.status().await.unwrap().connected_peers;
-            assert!(held <= 4 + 4, "{held} peers held at a cap of 4 ({what})");
+            // The cap, its referral slots, and the peer the victim dialled (the cap bounds
+            // what others dial in).
+            assert!(
+                held <= 4 + 4 + 1,
+                "{held} peers held at a cap of 4 ({what})"
+            );
         }
     };
     for i in 0..8 {
@@ -987,8 +1004,9 @@ async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
         (3..=7).contains(&evicted),
         "strangers made room by eviction, once each: {evicted} evictions for 8 strangers"
     );
-    neighbour.shutdown().await;
-    victim.shutdown().await;
+    for node in [neighbour, chosen, victim] {
+        node.shutdown().await;
+    }
 }
 
 const DIAL_BUDGET_TEST: &str = "keys_that_all_claim_one_address_get_a_few_dials_there_not_one_each";

@@ -490,6 +490,35 @@ async fn a_participant_trains_only_for_its_coordinator_and_penalises_malformed_r
         "{reply:?}"
     );
     assert!(participant.net.reputation(rogue_id).await.unwrap() < before);
+
+    // Only the coordinator, in person, makes the participant a cluster head, and only of the
+    // members its ticket covers. A ticket that makes the participant the head of a cluster
+    // with a stranger, sent by the rogue: refused before anything is gathered.
+    let mut headed = request(vec![0.0; n], "digits");
+    headed.members = vec![Member {
+        peer: third,
+        addrs: Vec::new(),
+    }];
+    let headed = signed(headed, &coordinator_key, &[me, third], Some(me));
+    refused(&ask(headed.clone()).await, "only the coordinator");
+    // The same ticket from the coordinator itself, with other members than it covers.
+    let mut swapped = headed;
+    swapped.members = vec![Member {
+        peer: rogue_id,
+        addrs: Vec::new(),
+    }];
+    let mut stream = nodes[0].net.open_stream(me, TRAIN_PROTOCOL).await.unwrap();
+    write_frame(&mut stream, &swapped).await.unwrap();
+    let reply = read_frame::<TrainReply>(&mut stream, fl::MAX_UPDATE_BYTES)
+        .await
+        .unwrap()
+        .unwrap();
+    refused(&reply, "no such members");
+    assert_eq!(
+        participant.training.rounds_abandoned(),
+        0,
+        "no round was started for them"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,12 +31,14 @@ use super::blobs::free_port;
 use super::failover::Children;
 
 /// The attacks, in the order they run.
-const ATTACKS: [&str; 5] = [
+const ATTACKS: [&str; 7] = [
     "down_reports",
     "issuer_flood",
     "sync_amplification",
     "task_streams",
     "api_connections",
+    "handshake_stalls",
+    "sybil_connections",
 ];
 
 #[derive(Args)]
@@ -247,8 +249,12 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
             attack,
             attacker.clone(),
             attacker_key,
-            victim_peer,
-            api.clone(),
+            Victim {
+                peer: victim_peer,
+                addr: victim_addr.clone(),
+                tcp: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                api: api.clone(),
+            },
             stop.clone(),
             sent.clone(),
         ));
@@ -489,17 +495,33 @@ async fn observe(
     })
 }
 
+/// Where the victim is.
+struct Victim {
+    peer: PeerId,
+    /// Its libp2p address, with its peer id.
+    addr: Multiaddr,
+    /// Its libp2p TCP port's socket address.
+    tcp: std::net::SocketAddr,
+    /// Its API's socket address.
+    api: String,
+}
+
 /// Runs `attack` against `victim` until `stop`, counting what it sent in `sent`.
 async fn attack_loop(
     attack: &'static str,
     net: NetHandle,
     key: Keypair,
-    victim: PeerId,
-    api: String,
+    target: Victim,
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
 ) {
+    let (victim, api) = (target.peer, target.api.as_str());
     let count = || sent.fetch_add(1, Ordering::SeqCst);
+    // Whether the victim closed `stream` (a read says so at once).
+    let open = |s: &tokio::net::TcpStream| {
+        let mut byte = [0u8; 1];
+        matches!(s.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    };
     match attack {
         // Reports about the victim: from keys nobody knows, naming announcements it never
         // made (u64::MAX), and from the attacker itself about its current one.
@@ -584,13 +606,10 @@ async fn attack_loop(
         "api_connections" => {
             let mut held = Vec::new();
             while !stop.load(Ordering::SeqCst) {
-                // Those the victim closed (a read says so at once) are opened again.
-                held.retain(|s: &tokio::net::TcpStream| {
-                    let mut byte = [0u8; 1];
-                    matches!(s.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-                });
+                // Those the victim closed are opened again.
+                held.retain(open);
                 while held.len() < 300 {
-                    match tokio::net::TcpStream::connect(&api).await {
+                    match tokio::net::TcpStream::connect(api).await {
                         Ok(stream) => {
                             held.push(stream);
                             count();
@@ -599,6 +618,59 @@ async fn attack_loop(
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        // TCP connections to the victim's libp2p port, kept topped up to 200: half silent,
+        // half stalled after proposing /noise (multistream-select's header and the protocol).
+        "handshake_stalls" => {
+            use tokio::io::AsyncWriteExt;
+            let mut held = Vec::new();
+            let mut opened = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                held.retain(open);
+                while held.len() < 200 {
+                    let Ok(mut stream) = tokio::net::TcpStream::connect(target.tcp).await else {
+                        break;
+                    };
+                    opened += 1;
+                    if opened.is_multiple_of(2) {
+                        let _ = stream
+                            .write_all(b"\x13/multistream/1.0.0\n\x07/noise\n")
+                            .await;
+                    }
+                    held.push(stream);
+                    count();
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        // Fresh identities from the attacker's host, up to 32 at once, each dialling the
+        // victim; one not connected within 2 s is dropped for another fresh one.
+        "sybil_connections" => {
+            let mut sybils: Vec<(NetHandle, Instant)> = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let mut kept = Vec::new();
+                for (sybil, born) in sybils {
+                    if born.elapsed() < Duration::from_secs(2) || connected(&sybil, victim).await {
+                        kept.push((sybil, born));
+                    } else {
+                        sybil.shutdown().await;
+                    }
+                }
+                sybils = kept;
+                while sybils.len() < 32 && !stop.load(Ordering::SeqCst) {
+                    match raw_peer(vec![target.addr.clone()]).await {
+                        Ok((sybil, _)) => {
+                            sybils.push((sybil, Instant::now()));
+                            count();
+                        }
+                        Err(_) => break,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            for (sybil, _) in sybils {
+                sybil.shutdown().await;
             }
         }
         _ => {}
