@@ -438,17 +438,26 @@ pub fn referrals<K>(live: Vec<(K, bool)>, max: usize, rng: &mut impl rand::Rng) 
 /// Which peers to disconnect at `now` so that at most `config.low_water()` remain, once
 /// more than `config.high` are connected. Inbound before outbound (the peers we chose keep
 /// the node from being eclipsed by those that chose us), lower score first, then the
-/// youngest; protected peers, those within their `grace_ms` and the best `min_outbound` of
-/// the peers this node dialled are kept (strangers arriving one after another, each in its
-/// grace, must not make the node shed the peers it chose).
+/// youngest. Kept: protected peers, those within their `grace_ms`, the `protect_oldest`
+/// longest-connected inbound peers in good standing (as [`evict`] keeps them), and at least
+/// `min_outbound` of the peers this node dialled (strangers arriving one after another, each
+/// in its grace, must not make the node shed the peers it chose or its long-lived
+/// neighbours).
 pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected<K>]) -> Vec<K> {
     if conns.len() <= config.high {
         return Vec::new();
     }
     let excess = conns.len() - config.low_water();
+    let past_grace = |c: &Connected<K>| now.saturating_sub(c.since) >= config.grace_ms;
+    let mut oldest: Vec<&Connected<K>> = conns
+        .iter()
+        .filter(|c| c.inbound && past_grace(c) && c.score > GOOD_STANDING)
+        .collect();
+    oldest.sort_by_key(|c| c.since);
+    oldest.truncate(config.protect_oldest);
     let mut sheddable: Vec<&Connected<K>> = conns
         .iter()
-        .filter(|c| !c.protected && now.saturating_sub(c.since) >= config.grace_ms)
+        .filter(|c| !c.protected && past_grace(c) && !oldest.iter().any(|o| std::ptr::eq(*o, *c)))
         .collect();
     sheddable.sort_by(|a, b| {
         b.inbound
@@ -1003,19 +1012,32 @@ mod tests {
         assert_eq!(out.len(), 18 - 12);
         assert!(!out.contains(&100), "young connections are kept");
         assert!(!out.contains(&1), "protected ones are kept");
-        // Inbound first: there are 9 inbound old enough (0, 2, …, 14 and 101), 6 are shed.
-        let inbound: Vec<&u32> = out.iter().filter(|p| **p % 2 == 0 || **p == 101).collect();
-        assert_eq!(inbound.len(), 6, "{out:?}");
+        // Inbound first: of the 9 inbound old enough (0, 2, …, 14 and 101) the 4 oldest in
+        // good standing are kept (0, 2, 4, 6), the other 5 shed; then the outbound peer with
+        // the lowest score.
+        let mut sorted = out.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![3, 8, 10, 12, 14, 101]);
         // Among outbound, a low score goes first.
         let mut outbound: Vec<Connected<u32>> = (0..20).map(|p| conn(p, 0, false)).collect();
         outbound[3].score = -50.0;
         assert_eq!(shed(&config, now, &outbound)[0], 3);
         // Strangers in their grace fill the node above high water: the peers it dialled are
-        // kept down to min_outbound (2 here), the best of them, not shed for the strangers.
+        // kept down to min_outbound (2 here), the worst shed first, not all for the strangers.
         let mut eclipsed: Vec<Connected<u32>> = (0..3).map(|p| conn(p, 0, false)).collect();
         eclipsed[0].score = -5.0;
         eclipsed.extend((10..30).map(|p| conn(p, now - 1_000, true)));
         assert_eq!(shed(&config, now, &eclipsed), vec![0]);
+        // Nor the longest-connected inbound peers in good standing (protect_oldest, 4 here):
+        // with wear, but in good standing, they stay while strangers past their grace go.
+        let mut worn: Vec<Connected<u32>> = (0..4).map(|p| conn(p, p.into(), true)).collect();
+        for c in &mut worn {
+            c.score = -5.0;
+        }
+        worn.extend((10..25).map(|p| conn(p, 50_000, true)));
+        let out = shed(&config, now, &worn);
+        assert_eq!(out.len(), 19 - 12);
+        assert!(out.iter().all(|p| *p >= 10), "{out:?}");
     }
 
     #[test]

@@ -160,6 +160,9 @@ pub struct Limits {
     /// like any other host's. Off by default: nodes of a local cluster share 127.0.0.1. On
     /// for benchmarks and tests of those limits, where every process shares it.
     pub limit_loopback: bool,
+    /// Most peers the membership table lists; a newcomer past it takes the place of the peer
+    /// least worth keeping (mycel-core's `membership::Config::max_peers`).
+    pub max_members: usize,
 }
 
 impl Default for Limits {
@@ -184,6 +187,7 @@ impl Default for Limits {
             target_peers: 8,
             max_probes_in_flight: 4,
             limit_loopback: false,
+            max_members: 10_000,
         }
     }
 }

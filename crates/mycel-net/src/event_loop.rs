@@ -227,6 +227,7 @@ impl EventLoop {
                 .as_millis() as u64,
             issuer_rate_per_s: config.limits.statements_per_issuer_per_sec,
             issuer_burst: config.limits.statement_burst_per_issuer,
+            max_peers: config.limits.max_members,
             ..Default::default()
         };
         let relayed = RateLimiter::new(

@@ -922,6 +922,9 @@ async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
     // more peers itself.
     let mut config = local_config(&root.path().join("chosen"), Vec::new(), false);
     config.limits.target_peers = 1;
+    // Strangers that learn of it dial it too: it keeps them all for the test's length rather
+    // than shed the victim for them.
+    config.timing.connection_grace = Duration::from_secs(600);
     let chosen = Node::start(config).await.unwrap();
     let chosen_id = chosen.net.peer_id();
     let mut config = local_config(&root.path().join("victim"), addrs_of(&chosen), false);
@@ -1005,6 +1008,88 @@ async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
         "strangers made room by eviction, once each: {evicted} evictions for 8 strangers"
     );
     for node in [neighbour, chosen, victim] {
+        node.shutdown().await;
+    }
+}
+
+/// A membership table full of strangers' announcements (keys are free) still takes an honest
+/// newcomer, in the place of a stranger, and keeps the peers it knew before the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_peers() {
+    const TABLE: usize = 12;
+    let root = tempfile::tempdir().unwrap();
+    let mut config = local_config(&root.path().join("victim"), Vec::new(), false);
+    config.limits.max_members = TABLE;
+    let victim = Node::start(config).await.unwrap();
+    let old = join(root.path(), "old", &victim).await;
+    let attacker = common::raw_peer(addrs_of(&victim)).await;
+    let (old_id, attacker_id) = (old.net.peer_id(), attacker.peer_id());
+    wait_until(Duration::from_secs(20), "both connect", || async {
+        connected_to(&victim, old_id).await && connected_to(&victim, attacker_id).await
+    })
+    .await;
+    // Forty made-up keys announce themselves through the attacker, a few a second (within
+    // every rate: what a patient attacker does).
+    let strangers: Vec<Keypair> = (0..40).map(|_| Keypair::generate_ed25519()).collect();
+    let listed = || async {
+        victim
+            .net
+            .peers()
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.peer_id.clone())
+            .collect::<Vec<_>>()
+    };
+    for key in &strangers {
+        let statement = common::announcement(key, 1).to_bytes();
+        // The first waits for the victim's subscription to reach the attacker.
+        wait_until(Duration::from_secs(10), "the attacker can publish", || async {
+            attacker.publish_raw(statement.clone()).await.is_ok()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stranger_ids: Vec<String> = strangers
+        .iter()
+        .map(|k| k.public().to_peer_id().to_base58())
+        .collect();
+    wait_until(
+        Duration::from_secs(20),
+        "the table fills with strangers",
+        || async {
+            let listed = listed().await;
+            listed.len() == TABLE
+                && listed.iter().filter(|p| stranger_ids.contains(p)).count() >= TABLE - 3
+        },
+    )
+    .await;
+    // The peer known before the flood is still listed, alive.
+    let seen = victim.net.peer(old_id).await.unwrap();
+    assert!(
+        seen.is_some_and(|p| p.state == PeerState::Alive),
+        "the old peer was pushed out"
+    );
+    // An honest newcomer joins through the full table: listed, alive, in a stranger's place.
+    let newcomer = join(root.path(), "newcomer", &victim).await;
+    let newcomer_id = newcomer.net.peer_id();
+    wait_until(
+        Duration::from_secs(20),
+        "the victim lists the newcomer alive",
+        || async {
+            victim
+                .net
+                .peer(newcomer_id)
+                .await
+                .unwrap()
+                .is_some_and(|p| p.state == PeerState::Alive)
+        },
+    )
+    .await;
+    let listed = listed().await;
+    assert!(listed.len() <= TABLE, "{} listed", listed.len());
+    assert!(listed.contains(&old_id.to_base58()));
+    for node in [newcomer, old, victim] {
         node.shutdown().await;
     }
 }

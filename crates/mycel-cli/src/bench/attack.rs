@@ -235,7 +235,8 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
         // A fresh identity for each attack (keys are free; the victim may have banned the
         // last one). Its address is the last one's: after an attacker that kept dialling
         // once banned, the victim refuses it until the hold ends (a minute at most).
-        let (attacker, attacker_key) = raw_peer(vec![victim_addr.clone()]).await?;
+        let target = mycel_net::Limits::default().target_peers;
+        let (attacker, attacker_key) = raw_peer(vec![victim_addr.clone()], target).await?;
         let deadline = Instant::now() + Duration::from_secs(90);
         while !connected(&attacker, victim_peer).await {
             if Instant::now() > deadline {
@@ -309,10 +310,14 @@ fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
-/// A bare libp2p node on 127.0.0.1 and its key.
-async fn raw_peer(bootstrap: Vec<Multiaddr>) -> anyhow::Result<(NetHandle, Keypair)> {
+/// A bare libp2p node on 127.0.0.1 wanting `target` peers, and its key.
+async fn raw_peer(
+    bootstrap: Vec<Multiaddr>,
+    target: usize,
+) -> anyhow::Result<(NetHandle, Keypair)> {
     let key = Keypair::generate_ed25519();
     let mut config = NetConfig::new(key.clone());
+    config.limits.target_peers = target;
     config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
     config.bootstrap = bootstrap;
     config.mdns = false;
@@ -517,10 +522,24 @@ async fn attack_loop(
 ) {
     let (victim, api) = (target.peer, target.api.as_str());
     let count = || sent.fetch_add(1, Ordering::SeqCst);
-    // Whether the victim closed `stream` (a read says so at once).
+    // Whether the victim has not closed `stream` (a read of nothing, or an error other than
+    // "nothing yet", says it did; what the victim sent, say its multistream-select answer,
+    // is read and dropped).
     let open = |s: &tokio::net::TcpStream| {
-        let mut byte = [0u8; 1];
-        matches!(s.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        let mut buf = [0u8; 256];
+        match s.try_read(&mut buf) {
+            Ok(0) => false,
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        }
+    };
+    // A connection, or nothing within a second (a victim that stopped accepting must not hold
+    // the attack past its end).
+    let connect = |addr: std::net::SocketAddr| async move {
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+            .await
+            .ok()
+            .and_then(Result::ok)
     };
     match attack {
         // Reports about the victim: from keys nobody knows, naming announcements it never
@@ -605,16 +624,17 @@ async fn attack_loop(
         // TCP connections to the victim's API that send nothing, kept topped up to 300.
         "api_connections" => {
             let mut held = Vec::new();
+            let api: std::net::SocketAddr = api.parse().expect("the API's address");
             while !stop.load(Ordering::SeqCst) {
                 // Those the victim closed are opened again.
                 held.retain(open);
-                while held.len() < 300 {
-                    match tokio::net::TcpStream::connect(api).await {
-                        Ok(stream) => {
+                while held.len() < 300 && !stop.load(Ordering::SeqCst) {
+                    match connect(api).await {
+                        Some(stream) => {
                             held.push(stream);
                             count();
                         }
-                        Err(_) => break,
+                        None => break,
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -628,8 +648,8 @@ async fn attack_loop(
             let mut opened = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 held.retain(open);
-                while held.len() < 200 {
-                    let Ok(mut stream) = tokio::net::TcpStream::connect(target.tcp).await else {
+                while held.len() < 200 && !stop.load(Ordering::SeqCst) {
+                    let Some(mut stream) = connect(target.tcp).await else {
                         break;
                     };
                     opened += 1;
@@ -659,7 +679,7 @@ async fn attack_loop(
                 }
                 sybils = kept;
                 while sybils.len() < 32 && !stop.load(Ordering::SeqCst) {
-                    match raw_peer(vec![target.addr.clone()]).await {
+                    match raw_peer(vec![target.addr.clone()], 1).await {
                         Ok((sybil, _)) => {
                             sybils.push((sybil, Instant::now()));
                             count();
