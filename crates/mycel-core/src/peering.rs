@@ -451,7 +451,7 @@ pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected
     let past_grace = |c: &Connected<K>| now.saturating_sub(c.since) >= config.grace_ms;
     let mut oldest: Vec<&Connected<K>> = conns
         .iter()
-        .filter(|c| c.inbound && past_grace(c) && c.score > GOOD_STANDING)
+        .filter(|c| c.inbound && !c.protected && past_grace(c) && c.score > GOOD_STANDING)
         .collect();
     oldest.sort_by_key(|c| c.since);
     oldest.truncate(config.protect_oldest);

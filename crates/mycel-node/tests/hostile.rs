@@ -1013,7 +1013,8 @@ async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
 }
 
 /// A membership table full of strangers' announcements (keys are free) still takes an honest
-/// newcomer, in the place of a stranger, and keeps the peers it knew before the flood.
+/// newcomer, in the place of a stranger, and keeps the peers it knew before the flood: the
+/// strangers listed last make room first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_peers() {
     const TABLE: usize = 12;
@@ -1028,9 +1029,6 @@ async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_pe
         connected_to(&victim, old_id).await && connected_to(&victim, attacker_id).await
     })
     .await;
-    // Forty made-up keys announce themselves through the attacker, a few a second (within
-    // every rate: what a patient attacker does).
-    let strangers: Vec<Keypair> = (0..40).map(|_| Keypair::generate_ed25519()).collect();
     let listed = || async {
         victim
             .net
@@ -1041,12 +1039,26 @@ async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_pe
             .map(|p| p.peer_id.clone())
             .collect::<Vec<_>>()
     };
+    // A peer known before the flood that holds no connection (announced, then out of reach).
+    let veteran = Keypair::generate_ed25519();
+    let veteran_id = veteran.public().to_peer_id().to_base58();
+    let statement = common::announcement(&veteran, 1).to_bytes();
+    wait_until(Duration::from_secs(10), "the veteran is listed", || async {
+        let _ = attacker.publish_raw(statement.clone()).await;
+        listed().await.contains(&veteran_id)
+    })
+    .await;
+    // Forty made-up keys announce themselves through the attacker, a few a second (within
+    // every rate: what a patient attacker does).
+    let strangers: Vec<Keypair> = (0..40).map(|_| Keypair::generate_ed25519()).collect();
     for key in &strangers {
         let statement = common::announcement(key, 1).to_bytes();
         // The first waits for the victim's subscription to reach the attacker.
-        wait_until(Duration::from_secs(10), "the attacker can publish", || async {
-            attacker.publish_raw(statement.clone()).await.is_ok()
-        })
+        wait_until(
+            Duration::from_secs(10),
+            "the attacker can publish",
+            || async { attacker.publish_raw(statement.clone()).await.is_ok() },
+        )
         .await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1054,16 +1066,22 @@ async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_pe
         .iter()
         .map(|k| k.public().to_peer_id().to_base58())
         .collect();
+    let strangers_listed =
+        |listed: &[String]| listed.iter().filter(|p| stranger_ids.contains(p)).count();
     wait_until(
         Duration::from_secs(20),
         "the table fills with strangers",
         || async {
             let listed = listed().await;
-            listed.len() == TABLE
-                && listed.iter().filter(|p| stranger_ids.contains(p)).count() >= TABLE - 3
+            listed.len() == TABLE && strangers_listed(&listed) >= TABLE - 4
         },
     )
     .await;
+    let before = listed().await;
+    assert!(
+        before.contains(&veteran_id),
+        "the peer known before the flood was pushed out by newer strangers"
+    );
     // The peer known before the flood is still listed, alive.
     let seen = victim.net.peer(old_id).await.unwrap();
     assert!(
@@ -1088,7 +1106,14 @@ async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_pe
     .await;
     let listed = listed().await;
     assert!(listed.len() <= TABLE, "{} listed", listed.len());
-    assert!(listed.contains(&old_id.to_base58()));
+    for kept in [&old_id.to_base58(), &attacker_id.to_base58(), &veteran_id] {
+        assert!(listed.contains(kept), "{kept} was pushed out");
+    }
+    assert_eq!(
+        strangers_listed(&listed),
+        strangers_listed(&before) - 1,
+        "the newcomer took a stranger's place"
+    );
     for node in [newcomer, old, victim] {
         node.shutdown().await;
     }
