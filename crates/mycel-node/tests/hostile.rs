@@ -1012,6 +1012,71 @@ async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
     }
 }
 
+/// Above its high-water mark a node sheds strangers, not its long-lived neighbour (a little
+/// worn, still in good standing) nor the peer it chose (its bootstrap peer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shedding_takes_strangers_not_an_old_neighbour_nor_the_peer_a_node_chose() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = local_config(&root.path().join("chosen"), Vec::new(), false);
+    config.timing.connection_grace = Duration::from_secs(600);
+    let chosen = Node::start(config).await.unwrap();
+    let chosen_id = chosen.net.peer_id();
+    // A target of 2: it sheds above 4 connections down to 3, keeping its oldest inbound peer
+    // in good standing and one peer it dialled; no cap in the way (16).
+    let mut config = local_config(&root.path().join("victim"), addrs_of(&chosen), false);
+    config.limits.max_connections = 16;
+    config.limits.target_peers = 2;
+    config.timing.connection_grace = Duration::from_millis(1_500);
+    let victim = Node::start(config).await.unwrap();
+    let neighbour = Node::start(local_config(
+        &root.path().join("neighbour"),
+        addrs_of(&victim),
+        false,
+    ))
+    .await
+    .unwrap();
+    let neighbour_id = neighbour.net.peer_id();
+    wait_until(Duration::from_secs(20), "both connect", || async {
+        connected_to(&victim, neighbour_id).await && connected_to(&victim, chosen_id).await
+    })
+    .await;
+    // Wear that puts it below any fresh stranger's score, as an honest peer collects.
+    victim
+        .net
+        .penalise(neighbour_id, Rejection::BadReferral)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let mut strangers = Vec::new();
+    for _ in 0..6 {
+        strangers.push(common::raw_peer(addrs_of(&victim)).await);
+    }
+    // Until the strangers are past their grace and shed, and for a while after: the
+    // neighbour and the chosen peer stay.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut shed = false;
+    let mut quiet_until = None;
+    while quiet_until.is_none_or(|until| Instant::now() < until) {
+        assert!(Instant::now() < deadline, "the victim never shed down to 3");
+        assert!(
+            connected_to(&victim, neighbour_id).await,
+            "the long-lived neighbour was shed"
+        );
+        assert!(
+            connected_to(&victim, chosen_id).await,
+            "the peer the victim chose was shed"
+        );
+        let held = victim.net.status().await.unwrap().connected_peers;
+        if !shed && held <= 3 {
+            shed = true;
+            quiet_until = Some(Instant::now() + Duration::from_secs(2));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for node in [neighbour, chosen, victim] {
+        node.shutdown().await;
+    }
+}
+
 /// A membership table full of strangers' announcements (keys are free) still takes an honest
 /// newcomer, in the place of a stranger, and keeps the peers it knew before the flood: the
 /// strangers listed last make room first.
