@@ -915,25 +915,28 @@ async fn one_peer_gets_at_most_its_share_of_task_and_blob_streams() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
-    let root = tempfile::tempdir().unwrap();
-    // The peer the victim chose (its bootstrap peer: a connection it dialled), which wants no
-    // more peers itself.
-    let mut config = local_config(&root.path().join("chosen"), Vec::new(), false);
+/// A victim (target 2, a 1.5 s grace, at most `max_connections`), the peer it chose (its
+/// bootstrap peer: a connection it dialled) and a neighbour that dialled it, all connected:
+/// (victim, chosen, neighbour).
+async fn victim_with_chosen_and_neighbour(
+    root: &std::path::Path,
+    max_connections: u32,
+) -> (Node, Node, Node) {
+    // The chosen peer wants no more peers itself.
+    let mut config = local_config(&root.join("chosen"), Vec::new(), false);
     config.limits.target_peers = 1;
-    // Strangers that learn of it dial it too: it keeps them all for the test's length rather
+    // Strangers that learn of it dial it too: it keeps them all for a test's length rather
     // than shed the victim for them.
     config.timing.connection_grace = Duration::from_secs(600);
     let chosen = Node::start(config).await.unwrap();
     let chosen_id = chosen.net.peer_id();
-    let mut config = local_config(&root.path().join("victim"), addrs_of(&chosen), false);
-    config.limits.max_connections = 4;
+    let mut config = local_config(&root.join("victim"), addrs_of(&chosen), false);
+    config.limits.max_connections = max_connections;
     config.limits.target_peers = 2;
     config.timing.connection_grace = Duration::from_millis(1_500);
     let victim = Node::start(config).await.unwrap();
     let neighbour = Node::start(local_config(
-        &root.path().join("neighbour"),
+        &root.join("neighbour"),
         addrs_of(&victim),
         false,
     ))
@@ -948,6 +951,14 @@ async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
         },
     )
     .await;
+    (victim, chosen, neighbour)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
+    let root = tempfile::tempdir().unwrap();
+    let (victim, chosen, neighbour) = victim_with_chosen_and_neighbour(root.path(), 4).await;
+    let (chosen_id, neighbour_id) = (chosen.net.peer_id(), neighbour.net.peer_id());
     // A few points of wear, as an honest peer collects: still in good standing, but a lower
     // score than any fresh stranger's, so only its protection as a long-lived peer keeps it.
     victim
@@ -1017,29 +1028,10 @@ async fn strangers_at_the_cap_evict_each_other_not_a_long_lived_neighbour() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shedding_takes_strangers_not_an_old_neighbour_nor_the_peer_a_node_chose() {
     let root = tempfile::tempdir().unwrap();
-    let mut config = local_config(&root.path().join("chosen"), Vec::new(), false);
-    config.timing.connection_grace = Duration::from_secs(600);
-    let chosen = Node::start(config).await.unwrap();
-    let chosen_id = chosen.net.peer_id();
     // A target of 2: it sheds above 4 connections down to 3, keeping its oldest inbound peer
     // in good standing and one peer it dialled; no cap in the way (16).
-    let mut config = local_config(&root.path().join("victim"), addrs_of(&chosen), false);
-    config.limits.max_connections = 16;
-    config.limits.target_peers = 2;
-    config.timing.connection_grace = Duration::from_millis(1_500);
-    let victim = Node::start(config).await.unwrap();
-    let neighbour = Node::start(local_config(
-        &root.path().join("neighbour"),
-        addrs_of(&victim),
-        false,
-    ))
-    .await
-    .unwrap();
-    let neighbour_id = neighbour.net.peer_id();
-    wait_until(Duration::from_secs(20), "both connect", || async {
-        connected_to(&victim, neighbour_id).await && connected_to(&victim, chosen_id).await
-    })
-    .await;
+    let (victim, chosen, neighbour) = victim_with_chosen_and_neighbour(root.path(), 16).await;
+    let (chosen_id, neighbour_id) = (chosen.net.peer_id(), neighbour.net.peer_id());
     // Wear that puts it below any fresh stranger's score, as an honest peer collects.
     victim
         .net
