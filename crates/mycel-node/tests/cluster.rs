@@ -518,14 +518,7 @@ async fn a_relay_refuses_reservations_past_its_limit_counts_and_charges_them() {
     wait_until(
         Duration::from_secs(20),
         "the relay sees the newcomer alive",
-        || async {
-            relay
-                .net
-                .peer(newcomer_id)
-                .await
-                .unwrap()
-                .is_some_and(|p| p.state == PeerState::Alive)
-        },
+        || async { common::holds_alive(&relay, newcomer_id).await },
     )
     .await;
 }

@@ -163,14 +163,7 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
         wait_until(
             Duration::from_secs(20),
             "the observer holds the reporter alive",
-            || async {
-                observer
-                    .net
-                    .peer(id)
-                    .await
-                    .unwrap()
-                    .is_some_and(|p| p.state == PeerState::Alive)
-            },
+            || async { common::holds_alive(&observer, id).await },
         )
         .await;
         reporters.push((node, key));
@@ -189,11 +182,7 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
     // And the victim is alive everywhere again.
     for node in [attacker, &observer] {
         wait_until(Duration::from_secs(20), "the victim is alive", || async {
-            node.net
-                .peer(victim_id)
-                .await
-                .unwrap()
-                .is_some_and(|p| p.state == PeerState::Alive)
+            common::holds_alive(node, victim_id).await
         })
         .await;
     }
@@ -1151,14 +1140,7 @@ async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_pe
     wait_until(
         Duration::from_secs(20),
         "the victim lists the newcomer alive",
-        || async {
-            victim
-                .net
-                .peer(newcomer_id)
-                .await
-                .unwrap()
-                .is_some_and(|p| p.state == PeerState::Alive)
-        },
+        || async { common::holds_alive(&victim, newcomer_id).await },
     )
     .await;
     let listed = listed().await;

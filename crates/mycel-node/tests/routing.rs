@@ -749,28 +749,23 @@ async fn impostors_announcing_a_name_cannot_capture_it() {
         .expect("the worker's operator is announced")
         .parse()
         .unwrap();
-    let mut config = local_config(&root.path().join("t"), addrs_of(&worker), true);
-    config.router.bindings.trust_operator(operator);
-    let trusting = Node::start(config).await.unwrap();
-    wait_offers(&trusting, &[&worker, &impostors[0], &impostors[1]]).await;
-    let target = trusting
-        .inference
-        .resolve("tiny", ModelKind::Generation)
-        .await
-        .unwrap();
-    assert_eq!(target.offer.id, honest_id, "the trusted operator's name");
+    let mut trusting = local_config(&root.path().join("t"), addrs_of(&worker), true);
+    trusting.router.bindings.trust_operator(operator);
     // A node of the honest worker's own operator trusts its names without being told.
-    let mut config = local_config(&root.path().join("s"), addrs_of(&worker), true);
-    config.operator_key = Some(root.path().join("operator.key"));
-    let sibling = Node::start(config).await.unwrap();
-    wait_offers(&sibling, &[&worker, &impostors[0], &impostors[1]]).await;
-    let target = sibling
-        .inference
-        .resolve("tiny", ModelKind::Generation)
-        .await
-        .unwrap();
-    assert_eq!(target.offer.id, honest_id, "its own operator's name");
-    for node in [sibling, trusting] {
+    let mut sibling = local_config(&root.path().join("s"), addrs_of(&worker), true);
+    sibling.operator_key = Some(root.path().join("operator.key"));
+    for (config, what) in [
+        (trusting, "the trusted operator's name"),
+        (sibling, "its own operator's name"),
+    ] {
+        let node = Node::start(config).await.unwrap();
+        wait_offers(&node, &[&worker, &impostors[0], &impostors[1]]).await;
+        let target = node
+            .inference
+            .resolve("tiny", ModelKind::Generation)
+            .await
+            .unwrap();
+        assert_eq!(target.offer.id, honest_id, "{what}");
         node.shutdown().await;
     }
 }

@@ -225,6 +225,15 @@ pub fn post(node: &Node, path: &str, body: String) -> (u16, String) {
     (status, response.body_mut().read_to_string().unwrap())
 }
 
+/// Whether `node` holds `peer` alive.
+pub async fn holds_alive(node: &Node, peer: mycel_net::PeerId) -> bool {
+    node.net
+        .peer(peer)
+        .await
+        .unwrap()
+        .is_some_and(|p| p.state == mycel_core::membership::PeerState::Alive)
+}
+
 /// Waits until `coordinator` sees `n` peers announcing the dataset tagged `digits`.
 pub async fn wait_for_datasets(coordinator: &Node, n: usize) {
     wait_until(
