@@ -65,6 +65,11 @@ pub struct GenerateParams {
     pub seed: u64,
     /// Generation stops before the first of these strings.
     pub stop: Vec<String>,
+    /// `max_tokens` is a default, not the caller's: the engine lowers it to what the model's
+    /// context leaves after the prompt (at least 1) instead of refusing the task. Absent on the
+    /// wire when false, so tasks that do not use it encode as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fit_context: bool,
 }
 
 impl Default for GenerateParams {
@@ -75,6 +80,7 @@ impl Default for GenerateParams {
             top_p: None,
             seed: 0,
             stop: Vec::new(),
+            fit_context: false,
         }
     }
 }

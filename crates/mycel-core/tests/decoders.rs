@@ -625,14 +625,16 @@ fn task_request() -> impl Strategy<Value = TaskRequest> {
         option::of(prop_oneof![0.0f64..1.5, any::<f64>()]),
         any::<u64>(),
         vec(ascii(6), 0..6),
+        any::<bool>(),
     )
         .prop_map(
-            |(max_tokens, temperature, top_p, seed, stop)| GenerateParams {
+            |(max_tokens, temperature, top_p, seed, stop, fit_context)| GenerateParams {
                 max_tokens,
                 temperature,
                 top_p,
                 seed,
                 stop,
+                fit_context,
             },
         );
     let input = prop_oneof![

@@ -405,6 +405,16 @@ impl Generator {
         if prompt_ids.is_empty() {
             return Err(MlError::Input("the prompt is empty".into()));
         }
+        let fitted;
+        let params = if params.fit_context && prompt_ids.len() + params.max_tokens > MAX_SEQ_LEN {
+            fitted = GenerateParams {
+                max_tokens: MAX_SEQ_LEN.saturating_sub(prompt_ids.len()).max(1),
+                ..params.clone()
+            };
+            &fitted
+        } else {
+            params
+        };
         if prompt_ids.len() + params.max_tokens > MAX_SEQ_LEN {
             return Err(MlError::Input(format!(
                 "the prompt has {} tokens and max_tokens is {}; {} takes at most {} in all",

@@ -556,6 +556,11 @@ fn params(request: &ChatRequest) -> Result<GenerateParams, ApiError> {
         top_p: request.top_p,
         seed: request.seed.unwrap_or_else(rand::random),
         stop,
+        // Without an explicit budget, generate up to the context the prompt leaves.
+        fit_context: request
+            .max_completion_tokens
+            .or(request.max_tokens)
+            .is_none(),
     })
 }
 
@@ -571,39 +576,14 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     let request: ChatRequest = parse(&body)?;
     unsupported(&request)?;
     let messages = messages(&request)?;
-    let mut params = params(&request)?;
+    let params = params(&request)?;
     let target = state
         .inference
         .resolve(&request.model, ModelKind::Generation)
         .await?;
-    // Everything that can be refused is refused before a stream is opened: here when this
-    // node has the model, otherwise by the worker before its first token.
-    if let Some(Runner::Generate(model)) = &target.local {
-        let (_, prompt_tokens) = crate::models::chat_prompt(model, &messages)
-            .await
-            .map_err(ApiError::from)?;
-        if request
-            .max_completion_tokens
-            .or(request.max_tokens)
-            .is_none()
-        {
-            // Without an explicit budget, generate up to the context that is left.
-            let left = model.context_length().saturating_sub(prompt_tokens).max(1);
-            params.max_tokens = params.max_tokens.min(left);
-        }
-        if prompt_tokens + params.max_tokens > model.context_length() {
-            return Err(ApiError::invalid(
-                Some("max_tokens"),
-                format!(
-                    "the messages take {prompt_tokens} tokens and max_tokens is {}; {} takes \
-                     at most {} in all",
-                    params.max_tokens,
-                    model.name(),
-                    model.context_length()
-                ),
-            ));
-        }
-    }
+    // Everything that can be refused is refused before a stream is opened, by whichever node
+    // runs the task (this one too) before its first token; the prompt is templated and counted
+    // only there, after the task is admitted.
     params
         .check()
         .map_err(|message| ApiError::invalid(None, message))?;

@@ -267,6 +267,70 @@ async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
     node.shutdown().await;
 }
 
+/// The prompt is templated and counted by the node that runs the task, after admission: a
+/// prompt that leaves little of the context gets an answer that fits when max_tokens is not
+/// given, and a 400 before any stream when an explicit max_tokens does not fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_near_the_end_of_the_context_fits_a_default_budget_and_refuses_a_larger_one() {
+    let root = tempfile::tempdir().unwrap();
+    let node = tiny_node(root.path()).await;
+    let chat = |words: usize, max_tokens: Option<usize>, stream: bool| {
+        let mut body = json!({
+            "model": "tiny-llama",
+            "messages": [{ "role": "user", "content": "cat ".repeat(words) }],
+            "temperature": 0,
+            "stream": stream,
+        });
+        if let Some(n) = max_tokens {
+            body["max_tokens"] = json!(n);
+        }
+        body
+    };
+    // The context of the tiny model (candle's quantised llama) is 4,096 tokens; a budget of
+    // all of it never fits, and the refusal counts the prompt without running it.
+    let context = 4096;
+    let prompt_tokens = |words| {
+        let (status, answer) = post_json(
+            &node,
+            "/v1/chat/completions",
+            chat(words, Some(context), false),
+        );
+        assert_eq!(status, 400, "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        let counted = message
+            .strip_prefix("the prompt has ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        counted.unwrap_or_else(|| panic!("{message}"))
+    };
+    let (small, large) = (prompt_tokens(64), prompt_tokens(128));
+    let per_word = (large - small) / 64;
+    assert!(per_word >= 1, "{small} {large}");
+    let words = 128 + (context - 6 - large) / per_word;
+    let used = prompt_tokens(words);
+    assert!(
+        used < context && context - used <= 6 + per_word,
+        "{used} tokens"
+    );
+    let left = context - used;
+
+    let (status, answer) = post_json(&node, "/v1/chat/completions", chat(words, None, false));
+    assert_eq!(status, 200, "{answer}");
+    let completion = answer["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert!((1..=left).contains(&completion), "{completion} of {left}");
+    for stream in [false, true] {
+        let (status, answer) = post_json(
+            &node,
+            "/v1/chat/completions",
+            chat(words, Some(left + 1), stream),
+        );
+        assert_eq!(status, 400, "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("max_tokens"), "{message}");
+    }
+    node.shutdown().await;
+}
+
 /// A full queue refuses at once with 503; once the client holding the only place hangs up,
 /// the node serves again (that generation stops early: see the unit test in models.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

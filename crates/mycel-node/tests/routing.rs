@@ -149,6 +149,31 @@ async fn a_chat_template_that_loops_fails_a_peers_request_and_the_worker_keeps_a
         .unwrap()
         .unwrap();
     assert_eq!(seen.state, PeerState::Alive);
+    // The worker's own API templates only what it admitted: with every place in its queue
+    // taken, the looping template is never run and the request is refused as busy (it was a
+    // 400 from the template when the API templated before admission).
+    let held: Vec<_> = std::iter::from_fn(|| {
+        worker
+            .models
+            .admit(mycel_core::queue::Requester::Local)
+            .ok()
+    })
+    .take(1000)
+    .collect();
+    assert!(
+        !held.is_empty() && held.len() < 1000,
+        "{} places",
+        held.len()
+    );
+    let (status, body) = post_json(
+        &worker,
+        "/v1/chat/completions",
+        json!({ "model": "looping", "max_tokens": 2,
+                "messages": [{ "role": "user", "content": "hi" }] }),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(!body.contains("chat template"), "{body}");
+    drop(held);
     for node in [gateway, worker] {
         node.shutdown().await;
     }
