@@ -592,6 +592,72 @@ deny 0-65535 0.0.0.0/0 0-65535
     }
 }
 
+/// A hub namespace (`names[0]`) whose bridge joins `n` leaf namespaces, each on its own veth:
+/// every namespace has its own IPv4 address of 10.214.`net`.0/24 and an IPv6 address in its own
+/// /64 of fd6d:`net`:0::/48, all on one link. Distinct source addresses of one operator's
+/// block, which one namespace cannot show (libp2p does not bind a dial to the address a node
+/// listens on). For the tests; removed on drop.
+#[allow(dead_code)]
+pub struct Star {
+    pub names: Vec<String>,
+    pub addrs4: Vec<String>,
+    pub addrs6: Vec<String>,
+}
+
+impl Drop for Star {
+    fn drop(&mut self) {
+        delete_namespaces(&self.names);
+    }
+}
+
+#[allow(dead_code)]
+impl Star {
+    /// The hub and `leaves` leaf namespaces, named after `label` and this process.
+    pub fn new(label: &str, net: u8, leaves: usize) -> Result<Self, String> {
+        let tag = std::process::id() % 100_000;
+        let star = Star {
+            names: (0..=leaves)
+                .map(|i| format!("mycel-{label}{i}-{tag}"))
+                .collect(),
+            addrs4: (0..=leaves)
+                .map(|i| format!("10.214.{net}.{}", i + 1))
+                .collect(),
+            addrs6: (0..=leaves)
+                .map(|i| format!("fd6d:{net:x}:0:{i:x}::1"))
+                .collect(),
+        };
+        let hub = &star.names[0];
+        add_namespace(hub)?;
+        ip(&["-n", hub, "link", "add", "hub", "type", "bridge"])?;
+        ip(&["-n", hub, "link", "set", "hub", "up"])?;
+        for (i, name) in star.names.iter().enumerate() {
+            let dev = if i == 0 {
+                "hub".to_owned()
+            } else {
+                add_namespace(name)?;
+                let (up, down) = (format!("s{label}{i}h{tag}"), format!("s{label}{i}l{tag}"));
+                ip(&["link", "add", &up, "type", "veth", "peer", "name", &down])?;
+                ip(&["link", "set", &up, "netns", hub])?;
+                ip(&["-n", hub, "link", "set", &up, "master", "hub", "up"])?;
+                ip(&["link", "set", &down, "netns", name])?;
+                ip(&["-n", name, "link", "set", &down, "up"])?;
+                down
+            };
+            let v4 = format!("{}/24", star.addrs4[i]);
+            let v6 = format!("{}/48", star.addrs6[i]);
+            ip(&["-n", name, "addr", "add", &v4, "dev", &dev])?;
+            // No duplicate address detection: the address is usable at once.
+            ip(&["-n", name, "addr", "add", &v6, "dev", &dev, "nodad"])?;
+        }
+        Ok(star)
+    }
+
+    /// `ip netns exec NAME`, to prefix a command run in namespace `i`.
+    pub fn exec(&self, i: usize) -> [&str; 4] {
+        ["ip", "netns", "exec", self.names[i].as_str()]
+    }
+}
+
 /// Two namespaces, `names[i]` holding the veth end `devs[i]` with the address `addrs[i]` of
 /// 10.213.`net`.0/24. Removed on drop.
 pub struct VethPair {

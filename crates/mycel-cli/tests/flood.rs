@@ -3,8 +3,11 @@
 //! the protocol, then nothing), closed and reopened every 2 s (each held for less than the
 //! handshake deadline, so the flood never lets up), from a second network namespace. A
 //! newcomer from another address still joins through the flooded node within seconds, and
-//! the node counts what it refused in /metrics. Needs root for `ip netns`; where it is missing the test says so and returns,
-//! unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a failure.
+//! the node counts what it refused in /metrics. Also the share of inbound slots one source
+//! gets: one address (two namespaces), and an IPv4 /24 or an IPv6 /48 of several addresses (a
+//! star of namespaces, one address each). Needs root for `ip netns`; where it is missing the
+//! test says so and returns, unless MYCEL_REQUIRE_NETNS=1 (set by CI), where that is a
+//! failure.
 
 mod common;
 
@@ -12,7 +15,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::VethPair;
+use common::netns::{Lab, Star, VethPair};
 use common::{spawn_node, wait_until, NodeProcess};
 
 const TEST: &str = "a_newcomer_joins_through_a_node_flooded_with_silent_connections";
@@ -34,8 +37,9 @@ fn a_newcomer_joins_through_a_node_flooded_with_silent_connections() {
     };
     let root = tempfile::tempdir().unwrap();
     let addr = &pair.addrs[0];
+    let listen = format!("/ip4/{addr}");
     let start = |name: &str, port: u16, extra: &[String]| {
-        start_in(&pair, 0, &root.path().join(name), port, extra)
+        start_in(&pair, 0, &listen, &root.path().join(name), port, extra)
     };
     let victim = start("victim", 4101, &[]);
     let victim_id = wait_peer_id(&pair, &victim);
@@ -120,49 +124,83 @@ fn keys_made_on_one_machine_get_only_its_share_of_inbound_slots() {
     let Some(pair) = namespaces(SHARES_TEST, "s", 12) else {
         return;
     };
-    only_a_share(&pair, &["--max-inbound-per-ip", "2"], "inbound_per_ip");
+    let listen = pair.addrs.clone().map(|a| format!("/ip4/{a}"));
+    let sybils = [1; 4].map(|ns| (ns, listen[ns].as_str()));
+    let flags = ["--max-inbound-per-ip", "2"];
+    only_a_share(&pair, &listen[0], &sybils, &flags, "inbound_per_ip");
 }
 
-const SUBNET_TEST: &str = "keys_from_one_subnet_get_only_its_share_of_inbound_slots";
+const SUBNET_TEST: &str = "addresses_of_one_subnet_get_only_its_share_of_inbound_slots";
 
-/// The same four nodes dial a node that lets one /24 (one operator's block) hold 2 of its
-/// inbound connections and one address 8: the subnet's share, not the address's, holds them
-/// to 2. (Their dials all leave from their namespace's address: libp2p does not bind a dial
-/// to the address a node listens on, so one namespace cannot show several source addresses
-/// of one /24; that the share counts a /24 whatever its addresses is mycel-core's `inbound`
-/// unit tests'.)
+/// Four nodes, each from its own address of one IPv4 /24 (one operator's block), dial a node
+/// that lets a /24 hold 2 of its inbound connections and one address 8: the subnet's share,
+/// not any address's, holds them to 2.
 #[test]
-fn keys_from_one_subnet_get_only_its_share_of_inbound_slots() {
-    let Some(pair) = namespaces(SUBNET_TEST, "n", 14) else {
+fn addresses_of_one_subnet_get_only_its_share_of_inbound_slots() {
+    subnet_share(SUBNET_TEST, "n", 14, |star| {
+        star.addrs4.iter().map(|a| format!("/ip4/{a}")).collect()
+    });
+}
+
+const SUBNET6_TEST: &str = "addresses_of_one_ipv6_48_get_only_its_share_of_inbound_slots";
+
+/// The same over IPv6: four nodes, each in its own /64 (one host each) of one /48, get the
+/// /48's share, 2.
+#[test]
+fn addresses_of_one_ipv6_48_get_only_its_share_of_inbound_slots() {
+    subnet_share(SUBNET6_TEST, "6", 15, |star| {
+        star.addrs6.iter().map(|a| format!("/ip6/{a}")).collect()
+    });
+}
+
+/// A star of namespaces (`label`, `net`) with the victim in its hub and four nodes in its
+/// leaves, each listening at the address `listen` gives its namespace (as a multiaddr
+/// without the port): the victim lets a subnet hold 2 inbound connections, an address 8.
+fn subnet_share(test: &str, label: &str, net: u8, listen: impl Fn(&Star) -> Vec<String>) {
+    let Some(star) = star(test, label, net) else {
         return;
     };
+    let listen = listen(&star);
+    let sybils: Vec<(usize, &str)> = (1..=4).map(|ns| (ns, listen[ns].as_str())).collect();
     let flags = ["--max-inbound-per-subnet", "2", "--max-inbound-per-ip", "8"];
-    only_a_share(&pair, &flags, "inbound_per_subnet");
+    only_a_share(&star, &listen[0], &sybils, &flags, "inbound_per_subnet");
 }
 
-/// Starts a victim with `flags` in namespace 0 and four nodes in namespace 1 dialling it, and
-/// checks that the victim holds at most 2 inbound connections from them, counts the refusals
-/// under `reason` and still sees all four alive.
-fn only_a_share(pair: &VethPair, flags: &[&str], reason: &str) {
+/// Starts a victim with `flags` in namespace 0 listening at `victim` (a multiaddr without its
+/// port) and four nodes, each in the namespace and at the address `sybils` gives it, dialling
+/// it, and checks that the victim holds at most 2 inbound connections from them, counts the
+/// refusals under `reason` and still sees all four alive: the ones past the share found the
+/// others through the victim's referrals.
+fn only_a_share(
+    lab: &impl Lab,
+    victim: &str,
+    sybils: &[(usize, &str)],
+    flags: &[&str],
+    reason: &str,
+) {
     let root = tempfile::tempdir().unwrap();
     let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
-    let victim = start_in(pair, 0, &root.path().join("victim"), 4201, &flags);
-    let victim_id = wait_peer_id(pair, &victim);
-    let bootstrap = format!("/ip4/{}/tcp/4201/p2p/{victim_id}", pair.addrs[0]);
-    let _sybils: Vec<NodeProcess> = (0..4)
-        .map(|i| {
+    let bootstrap_from = victim;
+    let victim = start_in(lab, 0, victim, &root.path().join("victim"), 4201, &flags);
+    let victim_id = wait_peer_id(lab, &victim);
+    let bootstrap = format!("{bootstrap_from}/tcp/4201/p2p/{victim_id}");
+    let _sybils: Vec<NodeProcess> = sybils
+        .iter()
+        .zip(4211..)
+        .map(|(&(ns, listen), port)| {
             start_in(
-                pair,
-                1,
-                &root.path().join(format!("sybil{i}")),
-                4211 + i,
+                lab,
+                ns,
+                listen,
+                &root.path().join(format!("sybil{port}")),
+                port,
                 &["--bootstrap".to_owned(), bootstrap.clone()],
             )
         })
         .collect();
     let series = format!("mycel_connections_refused_total{{reason=\"{reason}\"}}");
     let alive = || {
-        cli(pair, &victim, &["peers", "--json"])
+        cli(lab, &victim, &["peers", "--json"])
             .and_then(|p| p.as_array().cloned())
             .map_or(0, |list| {
                 list.iter().filter(|p| p["state"] == "alive").count()
@@ -173,19 +211,35 @@ fn only_a_share(pair: &VethPair, flags: &[&str], reason: &str) {
         Duration::from_secs(30),
         "the victim refuses the source's extra connections and sees all four alive",
         || {
-            most_inbound = most_inbound.max(metric(pair, &victim, "mycel_connections_inbound"));
-            metric(pair, &victim, &series) > 0.0 && alive() == 4
+            most_inbound = most_inbound.max(metric(lab, &victim, "mycel_connections_inbound"));
+            metric(lab, &victim, &series) > 0.0 && alive() == 4
         },
     );
     // Its own dials are not limited; what peers dial in from that source is.
     for _ in 0..20 {
-        most_inbound = most_inbound.max(metric(pair, &victim, "mycel_connections_inbound"));
+        most_inbound = most_inbound.max(metric(lab, &victim, "mycel_connections_inbound"));
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
         most_inbound <= 2.0,
         "{most_inbound} inbound connections held from one source"
     );
+}
+
+/// The star of namespaces, or `None` (said, or a failure where CI requires them) where it
+/// cannot be built.
+fn star(test: &str, label: &str, net: u8) -> Option<Star> {
+    match Star::new(label, net, 4) {
+        Ok(star) => Some(star),
+        Err(e) => {
+            mycel_ml::fixtures::skip_unless_required(
+                test,
+                "MYCEL_REQUIRE_NETNS",
+                &format!("cannot build the namespaces ({e})"),
+            );
+            None
+        }
+    }
 }
 
 /// The two namespaces, or `None` (said, or a failure where CI requires them) where they
@@ -204,17 +258,24 @@ fn namespaces(test: &str, label: &str, net: u8) -> Option<VethPair> {
     }
 }
 
-/// A node in namespace `ns` listening on its address at `port` (its API on that
-/// namespace's loopback, at `port + 3800`).
-fn start_in(pair: &VethPair, ns: usize, dir: &Path, port: u16, extra: &[String]) -> NodeProcess {
+/// A node in namespace `ns` listening at `listen` (a multiaddr without its port) on `port`
+/// (its API on that namespace's loopback, at `port + 3800`).
+fn start_in(
+    lab: &impl Lab,
+    ns: usize,
+    listen: &str,
+    dir: &Path,
+    port: u16,
+    extra: &[String],
+) -> NodeProcess {
     let mut args = vec![
         "--no-mdns".to_owned(),
         "--listen".to_owned(),
-        format!("/ip4/{}/tcp/{port}", pair.addrs[ns]),
+        format!("{listen}/tcp/{port}"),
     ];
     args.extend_from_slice(extra);
     spawn_node(
-        &pair.exec(ns),
+        &["ip", "netns", "exec", lab.ns(ns)],
         dir,
         &format!("127.0.0.1:{}", port + 3800),
         &args,
@@ -222,25 +283,25 @@ fn start_in(pair: &VethPair, ns: usize, dir: &Path, port: u16, extra: &[String])
 }
 
 /// `node`'s peer id, once its API answers.
-fn peer_id(pair: &VethPair, node: &NodeProcess) -> Option<String> {
-    cli(pair, node, &["status", "--json"])
+fn peer_id(lab: &impl Lab, node: &NodeProcess) -> Option<String> {
+    cli(lab, node, &["status", "--json"])
         .and_then(|s| s["network"]["peer_id"].as_str().map(str::to_owned))
 }
 
 /// Waits until `node` is up; its peer id.
-fn wait_peer_id(pair: &VethPair, node: &NodeProcess) -> String {
+fn wait_peer_id(lab: &impl Lab, node: &NodeProcess) -> String {
     let mut id = None;
     wait_until(Duration::from_secs(30), "the node is up", || {
-        id = peer_id(pair, node);
+        id = peer_id(lab, node);
         id.is_some()
     });
     id.unwrap()
 }
 
 /// `mycel ARGS` against `node` inside namespace 0 (its API listens on that loopback), as JSON.
-fn cli(pair: &VethPair, node: &NodeProcess, args: &[&str]) -> Option<serde_json::Value> {
+fn cli(lab: &impl Lab, node: &NodeProcess, args: &[&str]) -> Option<serde_json::Value> {
     let out = Command::new("ip")
-        .args(["netns", "exec", pair.names[0].as_str(), common::MYCEL])
+        .args(["netns", "exec", lab.ns(0), common::MYCEL])
         .args(args)
         .args(["--api", &node.api, "--data-dir"])
         .arg(&node.data_dir)
@@ -250,10 +311,10 @@ fn cli(pair: &VethPair, node: &NodeProcess, args: &[&str]) -> Option<serde_json:
 }
 
 /// One sample of `node`'s /metrics (0 when absent or unreachable).
-fn metric(pair: &VethPair, node: &NodeProcess, series: &str) -> f64 {
+fn metric(lab: &impl Lab, node: &NodeProcess, series: &str) -> f64 {
     let token = std::fs::read_to_string(node.data_dir.join("api.token")).unwrap_or_default();
     let out = Command::new("ip")
-        .args(["netns", "exec", pair.names[0].as_str(), "curl", "-s", "-H"])
+        .args(["netns", "exec", lab.ns(0), "curl", "-s", "-H"])
         .arg(format!("Authorization: Bearer {}", token.trim()))
         .arg(format!("http://{}/metrics", node.api))
         .output();

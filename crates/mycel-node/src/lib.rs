@@ -360,9 +360,13 @@ impl Node {
                 config.serve_on_demand,
             )
             .allowing(config.on_demand_allow.clone())
-            .with_quota(config.on_demand_quota),
+            .with_quota(config.on_demand_quota)
+            .remembering(store.clone()),
         );
         inference.set_supply(supply.clone());
+        // The models served on demand before a restart are served again (or released).
+        let restoring = supply.clone();
+        tasks.push(tokio::spawn(async move { restoring.restore().await }));
         let training = Arc::new(
             Training::new(
                 net.clone(),
@@ -467,6 +471,7 @@ impl Node {
         self.training.stop();
         self.inference.flush().await;
         self.inference.release_store();
+        self.supply.release_store();
         self.net.shutdown().await;
         // The network task stops on the command and closes the peer-book writer's channel:
         // the writer saves what it collected, then ends.
@@ -486,6 +491,7 @@ impl Node {
     pub fn abort(self) {
         self.training.stop();
         self.inference.release_store();
+        self.supply.release_store();
         self.peer_book.abort();
         for task in self.tasks {
             task.abort();

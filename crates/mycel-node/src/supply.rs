@@ -11,6 +11,7 @@ use anyhow::Context;
 use mycel_core::id::ContentId;
 use mycel_ml::Engine;
 use mycel_net::NetHandle;
+use mycel_store::Store;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -58,6 +59,9 @@ pub struct ModelSupply {
     /// Ids whose model failed to load or would have passed the quota, until when they are
     /// not fetched again.
     refused: Mutex<HashMap<ContentId, tokio::time::Instant>>,
+    /// Where the models served on demand are recorded, to be served again after a restart
+    /// (let go when the node stops: see [`ModelSupply::release_store`]).
+    state: Mutex<Option<Arc<Store>>>,
 }
 
 impl ModelSupply {
@@ -88,7 +92,21 @@ impl ModelSupply {
             quota: DEFAULT_ON_DEMAND_QUOTA,
             held: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
+            state: Mutex::new(None),
         }
+    }
+
+    /// Records the models served on demand in `state`, to serve them again after a restart
+    /// (see [`ModelSupply::restore`]).
+    pub fn remembering(self, state: Arc<Store>) -> Self {
+        *lock(&self.state) = Some(state);
+        self
+    }
+
+    /// Lets go of the state database (the node is stopping: it must close, while requests
+    /// may still hold this supply).
+    pub fn release_store(&self) {
+        lock(&self.state).take();
     }
 
     /// Serves at most `quota` bytes of models on demand.
@@ -233,16 +251,75 @@ impl ModelSupply {
         Some(demand)
     }
 
+    /// Serves again the models served on demand when the node last ran, from the blobs kept
+    /// here (one after another, each as a demand: the quota and the load checks apply), and
+    /// forgets those it no longer serves on demand (the flag off, or the id no longer
+    /// allowed): their blobs are unpinned, cache like any other.
+    pub async fn restore(self: &Arc<Self>) {
+        let Some(state) = lock(&self.state).clone() else {
+            return;
+        };
+        let ids = match tokio::task::spawn_blocking(move || state.on_demand()).await {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(e)) => {
+                warn!("cannot read the models served on demand before: {e}");
+                return;
+            }
+            Err(_) => return,
+        };
+        for id in ids {
+            if self.on_demand && (self.allowed.is_empty() || self.allowed.contains(&id)) {
+                let outcome = match self.demand(id) {
+                    Some(demand) => settled(demand).await,
+                    None => Err("refused lately".into()),
+                };
+                if let Err(e) = outcome {
+                    warn!(%id, "cannot serve again the model served on demand before: {e}");
+                    // Forgotten by the failed load; its blobs (pinned before) become cache.
+                    let _ = self.set_tree_pinned(id, false).await;
+                }
+            } else {
+                let forgotten = async {
+                    self.remember(id, false).await?;
+                    self.set_tree_pinned(id, false).await
+                };
+                match forgotten.await {
+                    Ok(()) => info!(%id, "no longer served on demand: its blobs are unpinned"),
+                    Err(e) => warn!(%id, "cannot release the model served on demand: {e:#}"),
+                }
+            }
+        }
+    }
+
+    /// Records (or forgets) that the model `id` is served on demand.
+    async fn remember(&self, id: ContentId, served: bool) -> anyhow::Result<()> {
+        let Some(state) = lock(&self.state).clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || match served {
+            true => state.put_on_demand(&id),
+            false => state.remove_on_demand(&id),
+        })
+        .await??;
+        Ok(())
+    }
+
     async fn fetch_and_serve(&self, id: ContentId) -> anyhow::Result<()> {
         // A quick look first: an id nobody holds must not keep a load slot for the whole
-        // fetch deadline.
-        let holders = tokio::time::timeout(DEMAND_LOOKUP, self.net.find_providers(id))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        let own = self.net.peer_id();
-        anyhow::ensure!(holders.iter().any(|p| *p != own), "no peer holds {id}");
+        // fetch deadline. (One held here whole, as after a restart, needs nobody.)
+        let store = self.blobs.store().clone();
+        let held_here = tokio::task::spawn_blocking(move || store.info(&id))
+            .await??
+            .is_some();
+        if !held_here {
+            let holders = tokio::time::timeout(DEMAND_LOOKUP, self.net.find_providers(id))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let own = self.net.peer_id();
+            anyhow::ensure!(holders.iter().any(|p| *p != own), "no peer holds {id}");
+        }
         // Nothing more fits: not even fetched.
         {
             let held = lock(&self.held);
@@ -278,9 +355,18 @@ impl ModelSupply {
             self.serve_loaded(served).await
         }
         .await;
+        // Recorded before it is pinned: a crash between the two leaves a record whose blobs
+        // are pinned again at the next start, never pinned blobs nothing accounts for.
+        let outcome = match outcome {
+            Ok(_) => self.remember(id, true).await,
+            Err(e) => Err(e),
+        };
         match outcome {
-            Ok(_) => self.set_tree_pinned(id, true).await,
+            Ok(()) => self.set_tree_pinned(id, true).await,
             Err(e) => {
+                if let Err(forget) = self.remember(id, false).await {
+                    warn!(%id, "cannot forget a model that failed to load: {forget:#}");
+                }
                 let over_quota = e.is::<OverQuota>();
                 self.blobs.defences.count(if over_quota {
                     crate::defences::ON_DEMAND_OVER_QUOTA

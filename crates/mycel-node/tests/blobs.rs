@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -314,7 +314,7 @@ async fn a_fetcher_that_crashes_keeps_no_partial_blob_and_resumes_where_it_stopp
 }
 
 /// A tiny embedding model directory with a README beside its files.
-fn tiny_model_dir(root: &Path) -> std::path::PathBuf {
+fn tiny_model_dir(root: &Path) -> PathBuf {
     let dir = root.join("tiny-bert");
     mycel_ml::fixtures::write_tiny_bert(&dir).unwrap();
     std::fs::write(dir.join("README.md"), "not part of the model").unwrap();
@@ -500,21 +500,27 @@ async fn a_blob_that_is_no_model_fails_to_load_on_demand_and_is_dropped() {
     assert_eq!(copy.id, id);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_serving_on_demand_fetches_and_loads_a_model_asked_for_by_id_that_only_a_peer_holds()
-{
-    let root = tempfile::tempdir().unwrap();
-    let dir = tiny_model_dir(root.path());
-    let reference = mycel_ml::Embedder::load(&dir).unwrap();
-    // The holder keeps the model's files as a blob but does not serve the model.
-    let holder = start(&root.path().join("a"), vec![], None).await;
+/// A node (under `root/a`) that keeps a tiny embedding model's files (written under `root`) as
+/// a blob, announced, but does not serve the model; the files' directory and the blob's id.
+async fn holder_of_a_model(root: &Path) -> (Node, PathBuf, ContentId) {
+    let dir = tiny_model_dir(root);
+    let holder = start(&root.join("a"), vec![], None).await;
     let id = holder
         .blobs
         .store()
         .import_files(&dir, &mycel_ml::embed::EMBEDDER_FILES, 0, true)
         .unwrap();
-    assert_eq!(id, reference.id(), "the blob's id is the model's id");
     holder.blobs.announce().await;
+    (holder, dir, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serving_on_demand_fetches_and_loads_a_model_asked_for_by_id_that_only_a_peer_holds()
+{
+    let root = tempfile::tempdir().unwrap();
+    let (holder, dir, id) = holder_of_a_model(root.path()).await;
+    let reference = mycel_ml::Embedder::load(&dir).unwrap();
+    assert_eq!(id, reference.id(), "the blob's id is the model's id");
 
     let mut on_demand = config(&root.path().join("b"), addrs_of(&holder), None);
     on_demand.serve_on_demand = true;
@@ -579,6 +585,60 @@ async fn a_node_serving_on_demand_fetches_and_loads_a_model_asked_for_by_id_that
         third.models.offers().iter().any(|o| o.id == id)
     })
     .await;
+}
+
+/// A model served on demand is served again after a restart, from the blobs the node kept
+/// (its only holder gone by then), and released by a restart without `--serve-on-demand`:
+/// not served, its blobs unpinned (cache like any other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_served_on_demand_is_served_again_after_a_restart_or_released_without_it() {
+    let root = tempfile::tempdir().unwrap();
+    let (holder, _, id) = holder_of_a_model(root.path()).await;
+    let bootstrap = addrs_of(&holder);
+    let node_config = |serve_on_demand| {
+        let mut node = config(&root.path().join("b"), bootstrap.clone(), None);
+        node.serve_on_demand = serve_on_demand;
+        node
+    };
+    let node = Node::start(node_config(true)).await.unwrap();
+    wait_provider(&node, id, holder.net.peer_id()).await;
+    let target = node
+        .inference
+        .resolve(&id.to_string(), ModelKind::Embedding)
+        .await
+        .unwrap();
+    assert!(target.local.is_some(), "served on demand");
+    node.shutdown().await;
+    holder.shutdown().await;
+
+    let node = restart(node_config(true)).await;
+    wait_until(
+        LIMIT,
+        "the model is served again after the restart",
+        || async { node.models.offers().iter().any(|o| o.id == id) },
+    )
+    .await;
+    let target = node
+        .inference
+        .resolve(&id.to_string(), ModelKind::Embedding)
+        .await
+        .unwrap();
+    let embedded = node
+        .inference
+        .embed(&target, vec!["served again".into()])
+        .await
+        .unwrap();
+    assert_eq!(embedded.worker, node.net.peer_id());
+    assert!(node.blobs.store().info(&id).unwrap().unwrap().pinned);
+    node.shutdown().await;
+
+    let node = restart(node_config(false)).await;
+    wait_until(LIMIT, "the blobs of the model are unpinned", || async {
+        !node.blobs.store().info(&id).unwrap().unwrap().pinned
+    })
+    .await;
+    assert!(node.models.offers().is_empty());
+    node.shutdown().await;
 }
 
 /// A real libp2p peer that claims to provide `id` and then never answers: it reads each

@@ -125,6 +125,9 @@ async fn stragglers_and_killed_participants_are_cut_and_rounds_complete() {
 
     let mut job = spec(3, 3);
     job.round_deadline_ms = 1_500;
+    // Ten epochs: the others' few hundred samples take a fraction of the deadline, the
+    // straggler's 200,000 several times it (about 0.45 s an epoch in the test build).
+    job.train.epochs = 10;
     let coordinator = nodes.remove(0);
     let training = coordinator.training.clone();
     let run = tokio::spawn(async move { training.run_job(job, |_| {}).await });

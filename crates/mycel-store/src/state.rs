@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use libp2p_identity::PeerId;
+use mycel_core::id::ContentId;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +14,7 @@ const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
 const TRUST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust");
+const ON_DEMAND: TableDefinition<&[u8], ()> = TableDefinition::new("on_demand");
 const ANNOUNCE_SEQ: &str = "announce_seq";
 /// Addresses kept per peer; more are dropped (the newest first in the list are kept).
 const MAX_ADDRS_PER_PEER: usize = 8;
@@ -57,6 +59,7 @@ impl Store {
             txn.open_table(META)?;
             txn.open_table(JOBS)?;
             txn.open_table(TRUST)?;
+            txn.open_table(ON_DEMAND)?;
             Ok(())
         })?;
         Ok(store)
@@ -170,6 +173,37 @@ impl Store {
         Ok(records)
     }
 
+    /// Records that the model `id` is served on demand, so that it is served again after a
+    /// restart (durably).
+    pub fn put_on_demand(&self, id: &ContentId) -> Result<(), StoreError> {
+        self.write(|txn| {
+            txn.open_table(ON_DEMAND)?.insert(id.0.as_slice(), ())?;
+            Ok(())
+        })
+    }
+
+    /// Forgets the model `id` served on demand.
+    pub fn remove_on_demand(&self, id: &ContentId) -> Result<(), StoreError> {
+        self.write(|txn| {
+            txn.open_table(ON_DEMAND)?.remove(id.0.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// The models served on demand when the node last ran (a row that is no id is skipped).
+    pub fn on_demand(&self) -> Result<Vec<ContentId>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(ON_DEMAND).map_err(|e| self.err(e))?;
+        let mut ids = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (key, _) = row.map_err(|e| self.err(e))?;
+            if let Ok(bytes) = <[u8; 32]>::try_from(key.value()) {
+                ids.push(ContentId(bytes));
+            }
+        }
+        Ok(ids)
+    }
+
     /// Reserves the next announcement sequence number: strictly greater than every one handed
     /// out before (persisted before it is returned) and at least `floor`.
     pub fn next_announce_seq(&self, floor: u64) -> Result<u64, StoreError> {
@@ -186,6 +220,28 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn models_served_on_demand_survive_reopen_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (ContentId([1; 32]), ContentId([2; 32]));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put_on_demand(&a).unwrap();
+            store.put_on_demand(&b).unwrap();
+            store.put_on_demand(&a).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut ids = store.on_demand().unwrap();
+        ids.sort_by_key(|id| id.0);
+        assert_eq!(ids, vec![a, b]);
+        store.remove_on_demand(&a).unwrap();
+        drop(store);
+        assert_eq!(
+            Store::open(dir.path()).unwrap().on_demand().unwrap(),
+            vec![b]
+        );
+    }
 
     #[test]
     fn peers_survive_reopen_and_are_sorted_by_recency() {

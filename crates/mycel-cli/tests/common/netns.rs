@@ -6,7 +6,7 @@
 mod netlab;
 #[allow(unused_imports)]
 pub use netlab::{
-    ip, output, run, NatLab, UpnpLab, VethPair, HOME_A, HOME_B, INTERNET, INTERNET_ADDRS,
+    ip, output, run, NatLab, Star, UpnpLab, VethPair, HOME_A, HOME_B, INTERNET, INTERNET_ADDRS,
 };
 
 use std::process::Command;
@@ -28,6 +28,12 @@ impl Lab for NatLab {
 }
 
 impl Lab for VethPair {
+    fn ns(&self, i: usize) -> &str {
+        &self.names[i]
+    }
+}
+
+impl Lab for Star {
     fn ns(&self, i: usize) -> &str {
         &self.names[i]
     }
