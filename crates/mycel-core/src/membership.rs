@@ -35,7 +35,9 @@ use crate::peering::GOOD_STANDING;
 use crate::probe::{probe_addrs, Candidate, Vantage};
 use crate::ratelimit::RateLimiter;
 use crate::reach::Reachability;
-use crate::statement::{Capabilities, DownReport, SignedStatement, Statement};
+use crate::statement::{
+    Capabilities, Contact, DownReport, SignedStatement, Statement, MAX_CLOCK_SKEW_MS,
+};
 use crate::wire::Rejection;
 use crate::{PeerId, UnixMillis};
 
@@ -73,6 +75,12 @@ pub struct Config {
     pub issuer_rate_per_s: f64,
     /// Statements one issuer may have applied in a burst.
     pub issuer_burst: f64,
+    /// How often this node asks each connected peer for its word that the two are connected
+    /// (a [`Contact`], which this node's down reports about the peer carry); an ask that got
+    /// no answer is repeated after a quarter of it.
+    pub contact_refresh_ms: u64,
+    /// The oldest contact, by its report's issue time, that lets a down report count.
+    pub contact_max_age_ms: u64,
 }
 
 impl Default for Config {
@@ -88,6 +96,8 @@ impl Default for Config {
             refute_interval_ms: 1_000,
             issuer_rate_per_s: 2.0,
             issuer_burst: 20.0,
+            contact_refresh_ms: 60_000,
+            contact_max_age_ms: 180_000,
         }
     }
 }
@@ -335,6 +345,10 @@ struct Entry {
     bad_standing: Option<(f64, UnixMillis)>,
     /// This node dialled it and got through (probes try such peers before strangers).
     met: bool,
+    /// The peer's latest word that this node is connected to it.
+    contact: Option<Contact>,
+    /// When this node last asked the peer for it.
+    contact_asked: Option<UnixMillis>,
 }
 
 /// The membership table of one node.
@@ -523,6 +537,8 @@ impl Membership {
             first_seen: now,
             bad_standing: None,
             met: false,
+            contact: None,
+            contact_asked: None,
         }))
     }
 
@@ -664,6 +680,20 @@ impl Membership {
         }
         if !self.issuer_rate.allow(reporter, now) {
             return Err(Refusal::issuer(Rejection::RateLimited, reporter));
+        }
+        // Only a peer that was connected to the subject lately has the subject's word for it.
+        match &report.contact {
+            Some(contact)
+                if contact.witness == reporter
+                    && contact.at <= report.issued_at.saturating_add(MAX_CLOCK_SKEW_MS)
+                    && report.issued_at.saturating_sub(contact.at)
+                        <= self.config.contact_max_age_ms =>
+            {
+                if !contact.signed_by(&report.subject) {
+                    return Err(Refusal::issuer(Rejection::BadSignature, reporter));
+                }
+            }
+            _ => return Ok(Accepted::Ignored),
         }
         entry.reports.push((reporter, report.subject_seq, now));
         let naming_this = entry
@@ -870,15 +900,71 @@ impl Membership {
         changes
     }
 
-    /// A down report about `subject` for this node to sign and gossip, if it knows the peer.
+    /// A down report about `subject` for this node to sign and gossip, if it knows the peer
+    /// and holds its word that the two were connected (without it the report would count
+    /// for nothing anywhere).
     pub fn down_report(&self, subject: PeerId, now: UnixMillis, ttl_ms: u64) -> Option<Statement> {
         let entry = self.peers.get(&subject)?;
+        let contact = entry.contact.clone()?;
         Some(Statement::Down(DownReport {
             subject,
             subject_seq: entry.info.seq,
             issued_at: now,
             expires_at: now + ttl_ms,
+            contact: Some(contact),
         }))
+    }
+
+    /// Connected live peers to ask for their word that this node is connected to them (a
+    /// [`Contact`]): those whose word is missing or older than
+    /// [`Config::contact_refresh_ms`] and who were not asked in the last quarter of it; at
+    /// most `limit`, each marked asked.
+    pub fn contacts_wanted(&mut self, now: UnixMillis, limit: usize) -> Vec<PeerId> {
+        let refresh = self.config.contact_refresh_ms;
+        let mut wanted = Vec::new();
+        for (peer, entry) in &mut self.peers {
+            if wanted.len() >= limit {
+                break;
+            }
+            let fresh = entry
+                .contact
+                .as_ref()
+                .is_some_and(|c| now.saturating_sub(c.at) < refresh);
+            let asked = entry
+                .contact_asked
+                .is_some_and(|at| now.saturating_sub(at) < refresh / 4);
+            if entry.info.connected && entry.info.state == PeerState::Alive && !fresh && !asked {
+                entry.contact_asked = Some(now);
+                wanted.push(*peer);
+            }
+        }
+        wanted
+    }
+
+    /// Keeps `subject`'s word that this node is connected to it. One that names another
+    /// witness or does not verify is refused (the subject's fault); one too old or dated too
+    /// far ahead is not kept (`Ok(false)`: clocks differ).
+    pub fn on_contact(
+        &mut self,
+        subject: PeerId,
+        contact: Contact,
+        now: UnixMillis,
+    ) -> Result<bool, Rejection> {
+        if contact.witness != self.local || !contact.signed_by(&subject) {
+            return Err(Rejection::BadSignature);
+        }
+        if contact.at > now.saturating_add(MAX_CLOCK_SKEW_MS)
+            || now.saturating_sub(contact.at) > self.config.contact_max_age_ms
+        {
+            return Ok(false);
+        }
+        let Some(entry) = self.peers.get_mut(&subject) else {
+            return Ok(false);
+        };
+        if entry.contact.as_ref().is_none_or(|c| c.at < contact.at) {
+            entry.contact = Some(contact);
+        }
+        Ok(true)
     }
 
     /// The latest sequence number known for every announced peer, this node included.
@@ -1231,7 +1317,27 @@ mod tests {
         assert!(quiet.tick(1_000_000).is_empty());
     }
 
-    fn down(reporter: &Keypair, subject: PeerId, seq: u64, now: UnixMillis) -> SignedStatement {
+    /// `reporter`'s report that `subject` is down, carrying the subject's word (signed at
+    /// `now`) that the reporter was connected to it.
+    fn down(reporter: &Keypair, subject: &Keypair, seq: u64, now: UnixMillis) -> SignedStatement {
+        let witness = reporter.public().to_peer_id();
+        let contact = Contact::sign(subject, witness, now);
+        report_with(
+            reporter,
+            subject.public().to_peer_id(),
+            seq,
+            now,
+            Some(contact),
+        )
+    }
+
+    fn report_with(
+        reporter: &Keypair,
+        subject: PeerId,
+        seq: u64,
+        now: UnixMillis,
+        contact: Option<Contact>,
+    ) -> SignedStatement {
         SignedStatement::sign(
             reporter,
             &Statement::Down(DownReport {
@@ -1239,8 +1345,113 @@ mod tests {
                 subject_seq: seq,
                 issued_at: now,
                 expires_at: now + TTL,
+                contact,
             }),
         )
+    }
+
+    #[test]
+    fn a_down_report_counts_only_with_the_subjects_word_that_its_reporter_was_connected() {
+        let (_, mut table) = table();
+        let [r1, r2, subject, other] = [(); 4].map(|_| Keypair::generate_ed25519());
+        let [r1id, r2id, sid] = [&r1, &r2, &subject].map(|k| k.public().to_peer_id());
+        for key in [&r1, &r2, &subject] {
+            table.on_statement(&announce(key, 1, 0), 0).unwrap();
+        }
+        let max_age = Config::default().contact_max_age_ms;
+        // Without the subject's word, with the word it gave another witness, or with one too
+        // old: the report counts for nothing.
+        let late = max_age + 20;
+        for (report, now, what) in [
+            (report_with(&r1, sid, 1, 10, None), 10, "no contact"),
+            (
+                report_with(&r1, sid, 1, 10, Some(Contact::sign(&subject, r2id, 10))),
+                10,
+                "another witness's contact",
+            ),
+            (
+                report_with(&r1, sid, 1, late, Some(Contact::sign(&subject, r1id, 10))),
+                late,
+                "a contact too old",
+            ),
+        ] {
+            assert_eq!(
+                table.on_statement(&report, now),
+                Ok(Accepted::Ignored),
+                "{what}"
+            );
+        }
+        // A contact the subject never signed is a lie its carrier pays for.
+        assert_eq!(
+            table.on_statement(
+                &report_with(&r1, sid, 1, 30, Some(Contact::sign(&other, r1id, 30))),
+                30
+            ),
+            Err(Refusal::issuer(Rejection::BadSignature, r1id))
+        );
+        assert_eq!(table.get(&sid).unwrap().state, PeerState::Alive);
+        // With the subject's word, two reporters make the quorum.
+        assert_eq!(
+            table.on_statement(&down(&r1, &subject, 1, 40), 40),
+            Ok(Accepted::Down { change: None })
+        );
+        let reason = FailReason::Reported(r2id.to_base58());
+        assert_eq!(
+            table.on_statement(&down(&r2, &subject, 1, 41), 41),
+            Ok(Accepted::Down {
+                change: Some(Change::Failed(sid, reason))
+            })
+        );
+    }
+
+    #[test]
+    fn contacts_are_asked_of_connected_peers_once_per_refresh_and_kept_only_when_true() {
+        let (local, mut table) = table();
+        let me = local.public().to_peer_id();
+        let [a, b] = [(); 2].map(|_| Keypair::generate_ed25519());
+        let [aid, bid] = [&a, &b].map(|k| k.public().to_peer_id());
+        for key in [&a, &b] {
+            table.on_statement(&announce(key, 1, 0), 0).unwrap();
+        }
+        table.on_connected(aid, 0);
+        let refresh = Config::default().contact_refresh_ms;
+        assert_eq!(
+            table.contacts_wanted(1, 16),
+            vec![aid],
+            "only the connected peer"
+        );
+        assert!(table.contacts_wanted(2, 16).is_empty(), "asked once");
+        assert!(
+            table.down_report(aid, 2, TTL).is_none(),
+            "no word, no report"
+        );
+        // A word naming another witness, or signed by another key, is refused.
+        assert_eq!(
+            table.on_contact(aid, Contact::sign(&a, bid, 3), 3),
+            Err(Rejection::BadSignature)
+        );
+        assert_eq!(
+            table.on_contact(aid, Contact::sign(&b, me, 3), 3),
+            Err(Rejection::BadSignature)
+        );
+        // Nothing kept: asked again a quarter of the refresh later.
+        let t = 1 + refresh / 4;
+        assert_eq!(table.contacts_wanted(t, 16), vec![aid]);
+        assert_eq!(table.on_contact(aid, Contact::sign(&a, me, t), t), Ok(true));
+        assert!(
+            table.contacts_wanted(t + refresh / 2, 16).is_empty(),
+            "fresh"
+        );
+        assert_eq!(
+            table.contacts_wanted(t + refresh, 16),
+            vec![aid],
+            "refreshed"
+        );
+        let Some(Statement::Down(report)) = table.down_report(aid, t + 1, TTL) else {
+            panic!("a report")
+        };
+        assert_eq!(report.contact.map(|c| (c.witness, c.at)), Some((me, t)));
+        assert!(table.down_report(bid, t, TTL).is_none(), "never connected");
     }
 
     #[test]
@@ -1258,14 +1469,11 @@ mod tests {
         // further: from a key nobody knows, about an older or a newer announcement than the
         // one held (u64::MAX included), about a peer nobody knows.
         for (report, what) in [
-            (down(&stranger, sid, 3, 10), "an unknown reporter"),
-            (down(&r1, sid, 2, 10), "an older announcement"),
-            (down(&r1, sid, 4, 10), "an announcement not seen here"),
-            (down(&r1, sid, u64::MAX, 10), "u64::MAX"),
-            (
-                down(&r1, stranger.public().to_peer_id(), 1, 10),
-                "an unknown subject",
-            ),
+            (down(&stranger, &subject, 3, 10), "an unknown reporter"),
+            (down(&r1, &subject, 2, 10), "an older announcement"),
+            (down(&r1, &subject, 4, 10), "an announcement not seen here"),
+            (down(&r1, &subject, u64::MAX, 10), "u64::MAX"),
+            (down(&r1, &stranger, 1, 10), "an unknown subject"),
         ] {
             assert_eq!(
                 table.on_statement(&report, 10),
@@ -1278,25 +1486,25 @@ mod tests {
         // While we are connected and pings succeed, hearsay is ignored.
         table.on_connected(sid, 11);
         assert_eq!(
-            table.on_statement(&down(&r1, sid, 3, 12), 12),
+            table.on_statement(&down(&r1, &subject, 3, 12), 12),
             Ok(Accepted::Ignored)
         );
         table.on_disconnected(sid, 13);
 
         // One live reporter is not enough, and counts once however often it repeats itself.
         assert_eq!(
-            table.on_statement(&down(&r1, sid, 3, 14), 14),
+            table.on_statement(&down(&r1, &subject, 3, 14), 14),
             Ok(Accepted::Down { change: None })
         );
         assert_eq!(
-            table.on_statement(&down(&r1, sid, 3, 15), 15),
+            table.on_statement(&down(&r1, &subject, 3, 15), 15),
             Ok(Accepted::Ignored)
         );
         assert!(alive(&table));
         // A second one makes the quorum.
         let reason = FailReason::Reported(r2.public().to_peer_id().to_base58());
         assert_eq!(
-            table.on_statement(&down(&r2, sid, 3, 16), 16),
+            table.on_statement(&down(&r2, &subject, 3, 16), 16),
             Ok(Accepted::Down {
                 change: Some(Change::Failed(sid, reason))
             })
@@ -1313,7 +1521,7 @@ mod tests {
         // The same reporters cannot fail it again at once: each counts once per window.
         for r in [&r1, &r2] {
             assert_eq!(
-                table.on_statement(&down(r, sid, 4, 21), 21),
+                table.on_statement(&down(r, &subject, 4, 21), 21),
                 Ok(Accepted::Ignored)
             );
         }
@@ -1378,7 +1586,7 @@ mod tests {
         assert_eq!(table.on_probe_unanswered(stranger, 1, 10), None);
         assert_eq!(table.on_probe_unanswered(sid, 2, 10), None);
         // One counted report, below the quorum of two.
-        let accepted = table.on_statement(&down(&r1, sid, 1, 10), 10).unwrap();
+        let accepted = table.on_statement(&down(&r1, &subject, 1, 10), 10).unwrap();
         assert_eq!(accepted, Accepted::Down { change: None });
         // A connection shows it alive: the probe's silence means nothing.
         table.on_connected(sid, 20);
@@ -1399,7 +1607,7 @@ mod tests {
                 change: Some(Change::Alive(sid))
             }
         );
-        table.on_statement(&down(&r2, sid, 2, 60), 60).unwrap();
+        table.on_statement(&down(&r2, &subject, 2, 60), 60).unwrap();
         assert_eq!(table.get(&sid).unwrap().state, PeerState::Alive);
         assert_eq!(table.peers[&sid].reports.len(), 2);
         assert!(table.peers[&sid].reports.iter().any(|(r, ..)| *r == r2id));
@@ -1457,6 +1665,7 @@ mod tests {
                     subject_seq: 2,
                     issued_at: now,
                     expires_at: now + 3 * window,
+                    contact: Some(Contact::sign(&subject, key.public().to_peer_id(), now)),
                 }),
             )
         };
@@ -1483,29 +1692,28 @@ mod tests {
     #[test]
     fn a_report_about_self_is_refuted_at_most_once_per_interval_and_a_false_one_costs_its_issuer() {
         let (local, mut table) = table();
-        let me = local.public().to_peer_id();
         let reporter = Keypair::generate_ed25519();
         let rid = reporter.public().to_peer_id();
         // Before this node has announced, there is nothing to refute.
         assert_eq!(
-            table.on_statement(&down(&reporter, me, 7, 1), 1),
+            table.on_statement(&down(&reporter, &local, 7, 1), 1),
             Ok(Accepted::Ignored)
         );
         table.set_own(7, announce(&local, 7, 0));
         assert_eq!(
-            table.on_statement(&down(&reporter, me, 7, 2), 2),
+            table.on_statement(&down(&reporter, &local, 7, 2), 2),
             Ok(Accepted::Refute)
         );
         // This node re-announced (seq 8); a report about seq 7 is stale now.
         table.set_own(8, announce(&local, 8, 3));
         assert_eq!(
-            table.on_statement(&down(&reporter, me, 7, 4), 4),
+            table.on_statement(&down(&reporter, &local, 7, 4), 4),
             Ok(Accepted::Ignored)
         );
         // A report about seq 8 within the interval waits; many of them make one refutation.
         for t in 5..50 {
             assert_eq!(
-                table.on_statement(&down(&reporter, me, 8, t), t),
+                table.on_statement(&down(&reporter, &local, 8, t), t),
                 Ok(Accepted::Ignored)
             );
         }
@@ -1517,14 +1725,14 @@ mod tests {
         table.set_own(9, announce(&local, 9, 2 + interval));
         let t = 2 + interval + 10;
         assert_eq!(
-            table.on_statement(&down(&reporter, me, 9, t), t),
+            table.on_statement(&down(&reporter, &local, 9, t), t),
             Ok(Accepted::Ignored)
         );
         table.set_own(10, announce(&local, 10, t + 1));
         assert!(!table.refute_due(t + 10 * interval));
         // Nobody can have seen an announcement this node never made.
         assert_eq!(
-            table.on_statement(&down(&reporter, me, 11, t + 2), t + 2),
+            table.on_statement(&down(&reporter, &local, 11, t + 2), t + 2),
             Err(Refusal {
                 reason: Rejection::FalseReport,
                 culprit: Culprit::Issuer(rid)

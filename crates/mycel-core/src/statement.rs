@@ -283,6 +283,65 @@ impl Operator {
     }
 }
 
+const CONTACT_DOMAIN: &[u8] = b"mycel/contact/v1\0";
+
+/// A node's word that `witness` held a connection to it at `at`: signed when the witness asks
+/// over that connection, and carried in the witness's down reports about the node, so that a
+/// report counts only from a peer that was connected to its subject (a key that never reached
+/// the subject has none to show).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// The peer that was connected.
+    #[serde(with = "peer_id_bytes")]
+    pub witness: PeerId,
+    /// When the subject signed it.
+    pub at: UnixMillis,
+    /// The subject's signature over `CONTACT_DOMAIN || witness || at`.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl std::fmt::Debug for Contact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Contact")
+            .field("witness", &self.witness)
+            .field("at", &self.at)
+            .finish()
+    }
+}
+
+impl Contact {
+    /// The signer's word that `witness` is connected to it at `at`.
+    pub fn sign(subject: &Keypair, witness: PeerId, at: UnixMillis) -> Self {
+        let signature = subject
+            .sign(&Self::signing_input(&witness, at))
+            .expect("ed25519 signing does not fail");
+        Self {
+            witness,
+            at,
+            signature,
+        }
+    }
+
+    fn signing_input(witness: &PeerId, at: UnixMillis) -> Vec<u8> {
+        [CONTACT_DOMAIN, &witness.to_bytes(), &at.to_be_bytes()].concat()
+    }
+
+    /// Whether `subject` signed it (its key read from its peer id: an Ed25519 id holds it).
+    pub fn signed_by(&self, subject: &PeerId) -> bool {
+        let multihash = subject.as_ref();
+        if multihash.code() != 0 || self.signature.len() > 128 {
+            return false;
+        }
+        PublicKey::try_decode_protobuf(multihash.digest()).is_ok_and(|key| {
+            key.verify(
+                &Self::signing_input(&self.witness, self.at),
+                &self.signature,
+            )
+        })
+    }
+}
+
 /// A node's signed observation that another node is unreachable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DownReport {
@@ -296,6 +355,10 @@ pub struct DownReport {
     pub issued_at: UnixMillis,
     /// When it stops being valid.
     pub expires_at: UnixMillis,
+    /// The subject's word that the reporter was connected to it (see [`Contact`]); a report
+    /// without one counts for nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact: Option<Contact>,
 }
 
 /// The body of a signed statement.

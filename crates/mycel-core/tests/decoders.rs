@@ -33,8 +33,8 @@ use mycel_core::secround::{
     self, FromParticipant, Keys, Masked, Participant, Reveal, Sealed, Setup, ToParticipant,
 };
 use mycel_core::statement::{
-    Announcement, Capabilities, DatasetOffer, DownReport, Hardware, Load, ModelKind, ModelOffer,
-    PowerState, SignedStatement, Statement, MAX_STATEMENT_BYTES,
+    Announcement, Capabilities, Contact, DatasetOffer, DownReport, Hardware, Load, ModelKind,
+    ModelOffer, PowerState, SignedStatement, Statement, MAX_STATEMENT_BYTES,
 };
 use mycel_core::task::{
     self, ChatMessage, FinishReason, GenerateParams, Refusal, Resume, TaskFrame, TaskId, TaskInput,
@@ -602,14 +602,18 @@ fn statement() -> impl Strategy<Value = Statement> {
                     full: false,
                 })
             ),
-        (peer(), any::<u64>(), times).prop_map(|(subject, subject_seq, (ago, life))| {
-            Statement::Down(DownReport {
-                subject,
-                subject_seq,
-                issued_at: NOW - ago,
-                expires_at: NOW - ago + life,
-            })
-        }),
+        (peer(), any::<u64>(), times, option::of((0usize..3, peer())),).prop_map(
+            |(subject, subject_seq, (ago, life), contact)| {
+                Statement::Down(DownReport {
+                    subject,
+                    subject_seq,
+                    issued_at: NOW - ago,
+                    expires_at: NOW - ago + life,
+                    contact: contact
+                        .map(|(k, witness)| Contact::sign(&keys()[k], witness, NOW - ago)),
+                })
+            }
+        ),
     ]
 }
 
@@ -1610,6 +1614,7 @@ enum SyncRequest {
     Summary(#[serde(with = "serde_bytes")] Vec<u8>),
     Echo(#[serde(with = "serde_bytes")] Vec<u8>),
     Goodbye(Vec<SignedStatement>),
+    Contact,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1618,6 +1623,7 @@ enum SyncResponse {
     InSync,
     Differs,
     Echo(#[serde(with = "serde_bytes")] Vec<u8>),
+    Contact(Contact),
     Refused,
 }
 
@@ -1633,6 +1639,7 @@ fn sync_requests() {
         vec(any::<u8>(), 30..34).prop_map(SyncRequest::Summary),
         vec(any::<u8>(), 0..64).prop_map(SyncRequest::Echo),
         vec(signed_statement(), 0..3).prop_map(SyncRequest::Goodbye),
+        Just(SyncRequest::Contact),
     ];
     fuzz(
         "SyncRequest",
@@ -1655,6 +1662,7 @@ fn sync_requests() {
                         "digest"
                     }
                     Ok(SyncRequest::Summary(s)) if s.len() == 32 => "summary",
+                    Ok(SyncRequest::Contact) => "contact",
                     Ok(SyncRequest::Echo(p)) if p.len() <= MAX_ECHO_BYTES => "echo",
                     Ok(SyncRequest::Goodbye(s)) if s.len() <= MAX_REFERRALS => {
                         for signed in &s {
@@ -1679,6 +1687,9 @@ fn sync_responses() {
         Just(SyncResponse::InSync),
         Just(SyncResponse::Differs),
         vec(any::<u8>(), 0..64).prop_map(SyncResponse::Echo),
+        (0usize..3, peer(), any::<u64>()).prop_map(|(k, witness, at)| SyncResponse::Contact(
+            Contact::sign(&keys()[k], witness, at)
+        )),
         Just(SyncResponse::Refused),
     ];
     fuzz(
@@ -1695,6 +1706,12 @@ fn sync_responses() {
                         receive_statement(signed, local);
                     }
                     "statements"
+                }
+                Ok(SyncResponse::Contact(contact)) => {
+                    // What the event loop does with it.
+                    let mut membership = Membership::new(local, MembershipConfig::default());
+                    let _ = membership.on_contact(PeerId::random(), contact, NOW);
+                    "contact"
                 }
                 Ok(_) => "decoded",
                 Err(_) => outcome,

@@ -24,7 +24,8 @@ use mycel_core::ratelimit::RateLimiter;
 use mycel_core::reach::Reachability;
 use mycel_core::reputation::{self, Reputation};
 use mycel_core::statement::{
-    Announcement, Capabilities, SignedStatement, Statement, MAX_ADDR_LEN, MAX_ANNOUNCED_ADDRS,
+    Announcement, Capabilities, Contact, SignedStatement, Statement, MAX_ADDR_LEN,
+    MAX_ANNOUNCED_ADDRS,
 };
 use mycel_core::wire::Rejection;
 use rand::rngs::StdRng;
@@ -72,6 +73,9 @@ const PROBE_COOLDOWN: Duration = Duration::from_secs(10);
 /// Referrals remembered until a dial settles them, and for how long.
 const MAX_PENDING_REFERRALS: usize = 1_024;
 const REFERRAL_TTL: Duration = Duration::from_secs(300);
+/// Most peers asked for their word that this node is connected to them per tick.
+const CONTACTS_PER_TICK: usize = 16;
+
 /// First interval between periodic syncs; doubles up to `Timing::max_sync_interval` (see
 /// [`SyncSchedule`]).
 const FIRST_SYNC_INTERVAL: Duration = Duration::from_millis(500);
@@ -83,6 +87,7 @@ enum Pending {
     Sync,
     Summary,
     Goodbye,
+    Contact,
 }
 
 /// What degree upkeep dials: a configured bootstrap address, or a peer by id.
@@ -620,13 +625,19 @@ impl EventLoop {
         }
     }
 
-    fn publish_down_report(&mut self, subject: PeerId) {
+    /// This node's signed report that `subject` is down, if it can make one that counts.
+    fn down_report(&self, subject: PeerId) -> Option<SignedStatement> {
         let now = now_ms();
         let ttl = self.config.timing.announce_ttl.as_millis() as u64;
-        let Some(statement) = self.membership.down_report(subject, now, ttl) else {
+        let statement = self.membership.down_report(subject, now, ttl)?;
+        Some(SignedStatement::sign(&self.config.keypair, &statement))
+    }
+
+    fn publish_down_report(&mut self, subject: PeerId) {
+        let Some(report) = self.down_report(subject) else {
             return;
         };
-        let bytes = SignedStatement::sign(&self.config.keypair, &statement).to_bytes();
+        let bytes = report.to_bytes();
         match self.publish(bytes) {
             Ok(()) => {
                 self.metrics.down_reports_sent.inc();
@@ -807,6 +818,16 @@ impl EventLoop {
         let now = now_ms();
         for change in self.membership.tick(now) {
             self.on_change(change);
+        }
+        // The word of connected peers that this node is connected to them, for its down
+        // reports about them.
+        for peer in self.membership.contacts_wanted(now, CONTACTS_PER_TICK) {
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .sync
+                .send_request(&peer, SyncRequest::Contact);
+            self.pending.insert(id, Pending::Contact);
         }
         if self.membership.refute_due(now) {
             info!("refuting reports that this node is down");
@@ -1596,6 +1617,9 @@ impl EventLoop {
                     .send_request(&peer, SyncRequest::Digest(Vec::new()));
                 self.pending.insert(id, Pending::SyncRaw(reply));
             }
+            Command::DownReport { subject, reply } => {
+                let _ = reply.send(self.down_report(subject));
+            }
             Command::PublishRaw { bytes, reply } => {
                 let len = bytes.len();
                 let result = self
@@ -2245,6 +2269,13 @@ impl EventLoop {
                         }
                         (Some(Pending::Sync | Pending::Summary), _) => self.syncs.settled(&peer),
                         (Some(Pending::Goodbye), _) => self.part(peer),
+                        (Some(Pending::Contact), SyncResponse::Contact(contact)) => {
+                            if let Err(reason) = self.membership.on_contact(peer, contact, now_ms())
+                            {
+                                self.reject(peer, reason);
+                            }
+                        }
+                        (Some(Pending::Contact), _) => {}
                         (None, _) => {}
                     }
                 }
@@ -2269,7 +2300,7 @@ impl EventLoop {
                 }
                 Some(Pending::Sync | Pending::Summary) => self.syncs.settled(&peer),
                 Some(Pending::Goodbye) => self.part(peer),
-                None => {}
+                Some(Pending::Contact) | None => {}
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 // A request our codec refused (too large, or does not decode) is the peer's
@@ -2290,6 +2321,9 @@ impl EventLoop {
 
     fn answer(&mut self, peer: PeerId, request: SyncRequest) -> SyncResponse {
         match request {
+            SyncRequest::Contact => {
+                SyncResponse::Contact(Contact::sign(&self.config.keypair, peer, now_ms()))
+            }
             SyncRequest::Echo(payload) if payload.len() <= MAX_ECHO_BYTES => {
                 SyncResponse::Echo(payload)
             }
@@ -2501,6 +2535,7 @@ fn request_len(request: &SyncRequest) -> usize {
         SyncRequest::Digest(entries) => entries.len() * 48,
         SyncRequest::Echo(payload) | SyncRequest::Summary(payload) => payload.len(),
         SyncRequest::Goodbye(s) => s.iter().map(|s| s.body.len() + 100).sum(),
+        SyncRequest::Contact => 1,
     }
 }
 
@@ -2508,6 +2543,7 @@ fn response_len(response: &SyncResponse) -> usize {
     match response {
         SyncResponse::Statements(s) => s.iter().map(|s| s.body.len() + 100).sum(),
         SyncResponse::Echo(payload) => payload.len(),
+        SyncResponse::Contact(contact) => 48 + contact.signature.len(),
         SyncResponse::Refused | SyncResponse::InSync | SyncResponse::Differs => 1,
     }
 }

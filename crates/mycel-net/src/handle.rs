@@ -138,6 +138,10 @@ pub(crate) enum Command {
         bytes: Vec<u8>,
         reply: oneshot::Sender<Result<(), NetError>>,
     },
+    DownReport {
+        subject: PeerId,
+        reply: oneshot::Sender<Option<mycel_core::statement::SignedStatement>>,
+    },
     SyncRaw {
         peer: PeerId,
         reply: oneshot::Sender<Result<usize, NetError>>,
@@ -429,6 +433,17 @@ impl NetHandle {
     /// returns how many it sent. For tests of what a peer's few bytes of request may cost.
     pub async fn sync_raw(&self, peer: PeerId) -> Result<usize, NetError> {
         self.ask(|reply| Command::SyncRaw { peer, reply }).await?
+    }
+
+    /// The down report about `subject` this node would sign and gossip if it saw it fail now,
+    /// without publishing it: `None` when it knows no such peer or holds no word from it that
+    /// the two were connected (see [`mycel_core::statement::Contact`]). For tests and tools.
+    pub async fn down_report(
+        &self,
+        subject: PeerId,
+    ) -> Result<Option<mycel_core::statement::SignedStatement>, NetError> {
+        self.ask(|reply| Command::DownReport { subject, reply })
+            .await
     }
 
     /// Publishes raw bytes on the statements topic, bypassing every local check. For tests

@@ -4,7 +4,7 @@ use std::io;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{request_response, StreamProtocol};
-use mycel_core::statement::SignedStatement;
+use mycel_core::statement::{Contact, SignedStatement};
 use mycel_core::wire::{self, Rejection};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,9 @@ pub(crate) enum SyncRequest {
     /// peers instead": the latest signed announcements of a few live peers, a peer exchange
     /// that keeps a newcomer from stranding at a full node.
     Goodbye(Vec<SignedStatement>),
+    /// "Give me your word that we are connected": a [`Contact`] my down reports about you
+    /// will carry.
+    Contact,
 }
 
 /// A response on `/mycel/sync/2`.
@@ -61,6 +64,8 @@ pub(crate) enum SyncResponse {
     Differs,
     /// The echoed payload.
     Echo(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The responder's word that the requester is connected to it.
+    Contact(Contact),
     /// The request was refused (rate limit, ban, bad request).
     Refused,
 }

@@ -10,12 +10,23 @@ use common::{
     addrs_of, announcement, cluster, connected_to, join, local_config, wait_converged, wait_until,
 };
 use mycel_core::membership::PeerState;
-use mycel_core::statement::{DownReport, SignedStatement, Statement};
+use mycel_core::statement::{Contact, DownReport, SignedStatement, Statement};
 use mycel_core::wire::Rejection;
 use mycel_core::{Keypair, PeerId};
 use mycel_node::Node;
 
+/// `key`'s report that `subject` is down, made up: without the subject's word that the two
+/// were connected.
 fn down_report(key: &Keypair, subject: PeerId, subject_seq: u64) -> SignedStatement {
+    down_report_with(key, subject, subject_seq, None)
+}
+
+fn down_report_with(
+    key: &Keypair,
+    subject: PeerId,
+    subject_seq: u64,
+    contact: Option<Contact>,
+) -> SignedStatement {
     let now = mycel_net::now_ms();
     SignedStatement::sign(
         key,
@@ -24,8 +35,25 @@ fn down_report(key: &Keypair, subject: PeerId, subject_seq: u64) -> SignedStatem
             subject_seq,
             issued_at: now,
             expires_at: now + 5_000,
+            contact,
         }),
     )
+}
+
+/// The down report `node` would publish about `subject`, once it holds the subject's word that
+/// the two are connected (gathered over their connection).
+async fn genuine_report(node: &Node, subject: PeerId) -> SignedStatement {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(report) = node.net.down_report(subject).await.unwrap() {
+            return report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reporter never got the subject's word that they are connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The sequence number of `subject`'s announcement as `node` holds it.
@@ -70,14 +98,17 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
     .await;
 
     // Made-up reports: eight keys nobody knows, the attacker's own key about an
-    // announcement nobody has seen (u64::MAX), and one honest-looking report from the
-    // attacker itself, a live peer, about the victim's announcement that the observer holds.
+    // announcement nobody has seen (u64::MAX), one from the attacker without the victim's
+    // word that they are connected; and one genuine report from the attacker itself, a live
+    // peer connected to the victim, carrying that word (gathered by its node), about the
+    // victim's announcement that the observer holds.
     let seq = seq_of(&observer, victim_id).await;
     let mut lies: Vec<SignedStatement> = (0..8)
         .map(|_| down_report(&Keypair::generate_ed25519(), victim_id, seq))
         .collect();
     lies.push(down_report(&attacker_key, victim_id, u64::MAX));
     lies.push(down_report(&attacker_key, victim_id, seq));
+    lies.push(genuine_report(attacker, victim_id).await);
     let ignored_before = observer.net.metrics().down_reports_ignored_total();
     for lie in &lies {
         attacker.net.publish_raw(lie.to_bytes()).await.unwrap();
@@ -85,7 +116,7 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
     wait_until(
         Duration::from_secs(10),
         "the observer set the made-up reports aside",
-        || async { observer.net.metrics().down_reports_ignored_total() >= ignored_before + 9 },
+        || async { observer.net.metrics().down_reports_ignored_total() >= ignored_before + 10 },
     )
     .await;
     // Watch for three seconds: the victim is never failed in the observer's view.
@@ -152,13 +183,68 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
     // One reporter's reports, however many, counted once: nobody failed the victim for
     // reports (two would have made the observer's quorum).
     assert_eq!(observer.net.metrics().peer_failures_total("reported"), 0);
-    // Two other live reporters' word about the one announcement makes the quorum: the
-    // observer fails the victim, until the victim's refutation reaches it. (Not the attacker
+    // Two live reporters that never reached the victim (one connection each, to the
+    // attacker) hold no word from it: they cannot make a report that counts, and the ones
+    // they make up without it, or with a word the victim never gave, fail nobody (the forged
+    // word costs its carrier).
+    let start_reporter = |name: &'static str, connections: Option<u32>| {
+        let root = root.path().to_path_buf();
+        let via = addrs_of(attacker);
+        async move {
+            let mut config = local_config(&root.join(name), via, false);
+            if let Some(n) = connections {
+                config.limits.max_connections = n;
+                config.limits.target_peers = n as usize;
+            }
+            let node = Node::start(config).await.unwrap();
+            let key = mycel_store::load_or_create_identity(&root.join(name)).unwrap();
+            (node, key)
+        }
+    };
+    let mut far = Vec::new();
+    for name in ["far-a", "far-b"] {
+        let (node, key) = start_reporter(name, Some(1)).await;
+        let id = node.net.peer_id();
+        wait_until(
+            Duration::from_secs(20),
+            "the observer holds the far reporter alive",
+            || async { common::holds_alive(&observer, id).await },
+        )
+        .await;
+        assert!(!connected_to(&node, victim_id).await);
+        assert!(node.net.down_report(victim_id).await.unwrap().is_none());
+        far.push((node, key));
+    }
+    let seq = seq_of(&observer, victim_id).await;
+    let forger = &far[1].1;
+    let forged = Contact::sign(forger, forger.public().to_peer_id(), mycel_net::now_ms());
+    let ignored_before = observer.net.metrics().down_reports_ignored_total();
+    let forged_before = observer.net.metrics().rejected_for(Rejection::BadSignature);
+    for report in [
+        down_report(&far[0].1, victim_id, seq),
+        down_report_with(forger, victim_id, seq, Some(forged)),
+    ] {
+        attacker.net.publish_raw(report.to_bytes()).await.unwrap();
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the observer sets aside the report without the victim's word and refuses the forged one",
+        || async {
+            observer.net.metrics().down_reports_ignored_total() > ignored_before
+                && observer.net.metrics().rejected_for(Rejection::BadSignature) > forged_before
+        },
+    )
+    .await;
+    assert_eq!(observer.net.metrics().peer_failures_total("reported"), 0);
+    assert!(common::holds_alive(&observer, victim_id).await);
+
+    // Two live reporters connected to the victim carry its word, gathered over their
+    // connections: their reports about the one announcement make the quorum, and the
+    // observer fails the victim until the victim's refutation reaches it. (Not the attacker
     // again: a reporter counts once per subject in 30 s, whatever announcement it names.)
     let mut reporters = Vec::new();
     for name in ["reporter-a", "reporter-b"] {
-        let node = join(root.path(), name, attacker).await;
-        let key = mycel_store::load_or_create_identity(&root.path().join(name)).unwrap();
+        let (node, _) = start_reporter(name, None).await;
         let id = node.net.peer_id();
         wait_until(
             Duration::from_secs(20),
@@ -166,11 +252,12 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
             || async { common::holds_alive(&observer, id).await },
         )
         .await;
-        reporters.push((node, key));
+        reporters.push(node);
     }
     let seq = seq_of(&observer, victim_id).await;
-    for (_, key) in &reporters {
-        let report = down_report(key, victim_id, seq);
+    for node in &reporters {
+        let report = genuine_report(node, victim_id).await;
+        assert_eq!(seq_of(node, victim_id).await, seq);
         attacker.net.publish_raw(report.to_bytes()).await.unwrap();
     }
     wait_until(
@@ -186,7 +273,10 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
         })
         .await;
     }
-    for (node, _) in reporters {
+    for node in reporters
+        .into_iter()
+        .chain(far.into_iter().map(|(node, _)| node))
+    {
         node.shutdown().await;
     }
     observer.shutdown().await;
@@ -243,10 +333,12 @@ async fn a_silent_peer_is_failed_by_probes_only_where_they_went_unanswered() {
         },
     )
     .await;
-    // One report from a live peer, below the quorum of two.
+    // One report from a live peer, below the quorum of two (with the word of the peer
+    // that the attacker was connected to it, as a reporter that was would have).
+    let contact = Contact::sign(&ghost, attacker_id, mycel_net::now_ms());
     let _ = attacker
         .net
-        .publish_raw(down_report(&attacker_key, ghost_id, 1).to_bytes())
+        .publish_raw(down_report_with(&attacker_key, ghost_id, 1, Some(contact)).to_bytes())
         .await;
     wait_until(
         Duration::from_secs(20),

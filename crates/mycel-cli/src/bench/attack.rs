@@ -543,7 +543,9 @@ async fn attack_loop(
     };
     match attack {
         // Reports about the victim: from keys nobody knows, naming announcements it never
-        // made (u64::MAX), and from the attacker itself about its current one.
+        // made (u64::MAX), and from the attacker itself about its current one (made up
+        // without the victim's word that they are connected, and the genuine one its node
+        // makes with that word).
         "down_reports" => {
             while !stop.load(Ordering::SeqCst) {
                 let seq = net.peer(victim).await.ok().flatten().map_or(0, |p| p.seq);
@@ -560,9 +562,14 @@ async fn attack_loop(
                             subject_seq,
                             issued_at: now,
                             expires_at: now + 60_000,
+                            contact: None,
                         }),
                     );
                     let _ = net.publish_raw(report.to_bytes()).await;
+                    count();
+                }
+                if let Ok(Some(genuine)) = net.down_report(victim).await {
+                    let _ = net.publish_raw(genuine.to_bytes()).await;
                     count();
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
