@@ -594,7 +594,7 @@ deny 0-65535 0.0.0.0/0 0-65535
 
 /// A hub namespace (`names[0]`) whose bridge joins `n` leaf namespaces, each on its own veth:
 /// every namespace has its own IPv4 address of 10.214.`net`.0/24 and an IPv6 address in its own
-/// /64 of fd6d:`net`:0::/48, all on one link. Distinct source addresses of one operator's
+/// /64 of fd6d:`net` (in hex):0::/48, all on one link. Distinct source addresses of one operator's
 /// block, which one namespace cannot show (libp2p does not bind a dial to the address a node
 /// listens on). For the tests; removed on drop.
 #[allow(dead_code)]
@@ -626,28 +626,39 @@ impl Star {
                 .map(|i| format!("fd6d:{net:x}:0:{i:x}::1"))
                 .collect(),
         };
-        let hub = &star.names[0];
-        add_namespace(hub)?;
-        ip(&["-n", hub, "link", "add", "hub", "type", "bridge"])?;
-        ip(&["-n", hub, "link", "set", "hub", "up"])?;
-        for (i, name) in star.names.iter().enumerate() {
-            let dev = if i == 0 {
-                "hub".to_owned()
-            } else {
-                add_namespace(name)?;
-                let (up, down) = (format!("s{label}{i}h{tag}"), format!("s{label}{i}l{tag}"));
-                ip(&["link", "add", &up, "type", "veth", "peer", "name", &down])?;
-                ip(&["link", "set", &up, "netns", hub])?;
-                ip(&["-n", hub, "link", "set", &up, "master", "hub", "up"])?;
-                ip(&["link", "set", &down, "netns", name])?;
-                ip(&["-n", name, "link", "set", &down, "up"])?;
-                down
-            };
-            let v4 = format!("{}/24", star.addrs4[i]);
-            let v6 = format!("{}/48", star.addrs6[i]);
-            ip(&["-n", name, "addr", "add", &v4, "dev", &dev])?;
-            // No duplicate address detection: the address is usable at once.
-            ip(&["-n", name, "addr", "add", &v6, "dev", &dev, "nodad"])?;
+        let veth = |i: usize| (format!("s{label}{i}h{tag}"), format!("s{label}{i}l{tag}"));
+        let built = (|| {
+            let hub = &star.names[0];
+            add_namespace(hub)?;
+            ip(&["-n", hub, "link", "add", "hub", "type", "bridge"])?;
+            ip(&["-n", hub, "link", "set", "hub", "up"])?;
+            for (i, name) in star.names.iter().enumerate() {
+                let dev = if i == 0 {
+                    "hub".to_owned()
+                } else {
+                    add_namespace(name)?;
+                    let (up, down) = veth(i);
+                    ip(&["link", "add", &up, "type", "veth", "peer", "name", &down])?;
+                    ip(&["link", "set", &up, "netns", hub])?;
+                    ip(&["-n", hub, "link", "set", &up, "master", "hub", "up"])?;
+                    ip(&["link", "set", &down, "netns", name])?;
+                    ip(&["-n", name, "link", "set", &down, "up"])?;
+                    down
+                };
+                let v4 = format!("{}/24", star.addrs4[i]);
+                let v6 = format!("{}/48", star.addrs6[i]);
+                ip(&["-n", name, "addr", "add", &v4, "dev", &dev])?;
+                // No duplicate address detection: the address is usable at once.
+                ip(&["-n", name, "addr", "add", &v6, "dev", &dev, "nodad"])?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = built {
+            // The namespaces go with `star`; a veth not yet moved into one is left here.
+            for i in 1..star.names.len() {
+                let _ = ip(&["link", "del", &veth(i).0]);
+            }
+            return Err(e);
         }
         Ok(star)
     }

@@ -181,20 +181,26 @@ fn peers_with_no_connection_into_the_cut_half_are_failed_there_by_probes_not_exp
             })
             .collect()
     };
-    // Everyone alive everywhere, and x unconnected to b0 and b1 both ways (a probe's own
-    // connection closes within seconds of its answer).
+    // Everyone alive everywhere, x unconnected to b0 and b1 both ways (a probe's own
+    // connection closes within seconds of its answer), and a0 holding b0's and b1's word that
+    // it is connected to them (without it its reports would count nowhere).
     wait_until(
         Duration::from_secs(60),
-        "all four alive, x and the b half not connected",
+        "all four alive, x and the b half not connected, a0 able to report the b half",
         || {
             let t = tables(&members);
             let alive = (0..4).all(|i| {
                 (0..4).all(|j| i == j || entry(&t, i, j).is_some_and(|(s, ..)| s == "alive"))
             });
+            let word_of = |j: usize| {
+                t[0].iter()
+                    .any(|p| p["peer_id"] == ids[j].as_str() && p["contact_at"].is_u64())
+            };
             alive
                 && b.iter().all(|&j| {
                     entry(&t, x, j).is_some_and(|(_, c, _)| !c)
                         && entry(&t, j, x).is_some_and(|(_, c, _)| !c)
+                        && word_of(j)
                 })
         },
     );

@@ -76,9 +76,11 @@ pub struct Config {
     /// Statements one issuer may have applied in a burst.
     pub issuer_burst: f64,
     /// How often this node asks each connected peer for its word that the two are connected
-    /// (a [`Contact`], which this node's down reports about the peer carry); an ask that got
-    /// no answer is repeated after a quarter of it.
+    /// (a [`Contact`], which this node's down reports about the peer carry).
     pub contact_refresh_ms: u64,
+    /// How soon an ask that brought no word is repeated (a connection that closed under it, a
+    /// busy peer); a new connection is asked at once.
+    pub contact_retry_ms: u64,
     /// The oldest contact, by its report's issue time, that lets a down report count.
     pub contact_max_age_ms: u64,
 }
@@ -97,9 +99,35 @@ impl Default for Config {
             issuer_rate_per_s: 2.0,
             issuer_burst: 20.0,
             contact_refresh_ms: 60_000,
+            contact_retry_ms: 2_000,
             contact_max_age_ms: 180_000,
         }
     }
+}
+
+/// Whether `report` carries its subject's word that `reporter` was connected to it, fresh (at
+/// most `max_age` before the report and before `now`, clocks differing a little): `Ok(false)`
+/// without one, with one too old or given to another witness; an error for one the subject
+/// never signed.
+fn contact_holds(
+    report: &DownReport,
+    reporter: PeerId,
+    now: UnixMillis,
+    max_age: u64,
+) -> Result<bool, Rejection> {
+    let Some(contact) = &report.contact else {
+        return Ok(false);
+    };
+    let fresh = contact.at <= report.issued_at.saturating_add(MAX_CLOCK_SKEW_MS)
+        && report.issued_at.saturating_sub(contact.at) <= max_age
+        && now.saturating_sub(contact.at) <= max_age.saturating_add(MAX_CLOCK_SKEW_MS);
+    if contact.witness != reporter || !fresh {
+        return Ok(false);
+    }
+    if !contact.signed_by(&report.subject) {
+        return Err(Rejection::BadSignature);
+    }
+    Ok(true)
 }
 
 /// Most reporters remembered per subject (more than any quorum needs).
@@ -253,6 +281,10 @@ pub struct PeerInfo {
     /// Whether it was at its connection cap when it announced (referrals skip it).
     #[serde(default)]
     pub full: bool,
+    /// When the peer last gave its word that this node is connected to it (its time): this
+    /// node's down reports about it count only with one lately.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_at: Option<UnixMillis>,
 }
 
 /// A change of a peer's state, for the driver to act on (log, metrics, persist, notify).
@@ -529,6 +561,7 @@ impl Membership {
                 link: None,
                 direct_after_ms: None,
                 full: false,
+                contact_at: None,
             },
             latest: None,
             missed_pings: 0,
@@ -650,7 +683,7 @@ impl Membership {
         now: UnixMillis,
     ) -> Result<Accepted, Refusal> {
         if report.subject == self.local {
-            return self.on_report_about_self(reporter, report.subject_seq, now);
+            return self.on_report_about_self(reporter, &report, now);
         }
         let reporter_alive = self
             .peers
@@ -682,18 +715,10 @@ impl Membership {
             return Err(Refusal::issuer(Rejection::RateLimited, reporter));
         }
         // Only a peer that was connected to the subject lately has the subject's word for it.
-        match &report.contact {
-            Some(contact)
-                if contact.witness == reporter
-                    && contact.at <= report.issued_at.saturating_add(MAX_CLOCK_SKEW_MS)
-                    && report.issued_at.saturating_sub(contact.at)
-                        <= self.config.contact_max_age_ms =>
-            {
-                if !contact.signed_by(&report.subject) {
-                    return Err(Refusal::issuer(Rejection::BadSignature, reporter));
-                }
-            }
-            _ => return Ok(Accepted::Ignored),
+        match contact_holds(&report, reporter, now, self.config.contact_max_age_ms) {
+            Ok(true) => {}
+            Ok(false) => return Ok(Accepted::Ignored),
+            Err(reason) => return Err(Refusal::issuer(reason, reporter)),
         }
         entry.reports.push((reporter, report.subject_seq, now));
         let naming_this = entry
@@ -715,9 +740,10 @@ impl Membership {
     fn on_report_about_self(
         &mut self,
         reporter: PeerId,
-        subject_seq: u64,
+        report: &DownReport,
         now: UnixMillis,
     ) -> Result<Accepted, Refusal> {
+        let subject_seq = report.subject_seq;
         let Some(own_seq) = self.own.as_ref().map(|(seq, _)| *seq) else {
             return Ok(Accepted::Ignored);
         };
@@ -726,6 +752,13 @@ impl Membership {
         }
         if subject_seq < own_seq {
             return Ok(Accepted::Ignored);
+        }
+        // A report without this node's own word that its reporter was connected to it counts
+        // nowhere: nothing to refute (no durable write for it).
+        match contact_holds(report, reporter, now, self.config.contact_max_age_ms) {
+            Ok(true) => {}
+            Ok(false) => return Ok(Accepted::Ignored),
+            Err(reason) => return Err(Refusal::issuer(reason, reporter)),
         }
         let recently = self
             .last_refute
@@ -765,6 +798,10 @@ impl Membership {
     /// A connection to `peer` was established.
     pub fn on_connected(&mut self, peer: PeerId, now: UnixMillis) -> Option<Change> {
         let entry = self.entry(peer, now)?;
+        if !entry.info.connected {
+            // A new connection: ask for the peer's word over it at once.
+            entry.contact_asked = None;
+        }
         entry.info.connected = true;
         entry.info.last_seen = now;
         entry.missed_pings = 0;
@@ -905,7 +942,10 @@ impl Membership {
     /// for nothing anywhere).
     pub fn down_report(&self, subject: PeerId, now: UnixMillis, ttl_ms: u64) -> Option<Statement> {
         let entry = self.peers.get(&subject)?;
-        let contact = entry.contact.clone()?;
+        let contact = entry
+            .contact
+            .clone()
+            .filter(|c| now.saturating_sub(c.at) <= self.config.contact_max_age_ms)?;
         Some(Statement::Down(DownReport {
             subject,
             subject_seq: entry.info.seq,
@@ -917,10 +957,11 @@ impl Membership {
 
     /// Connected live peers to ask for their word that this node is connected to them (a
     /// [`Contact`]): those whose word is missing or older than
-    /// [`Config::contact_refresh_ms`] and who were not asked in the last quarter of it; at
-    /// most `limit`, each marked asked.
+    /// [`Config::contact_refresh_ms`] and who were not asked in the last
+    /// [`Config::contact_retry_ms`] (since they last connected); at most `limit`, each marked
+    /// asked.
     pub fn contacts_wanted(&mut self, now: UnixMillis, limit: usize) -> Vec<PeerId> {
-        let refresh = self.config.contact_refresh_ms;
+        let (refresh, retry) = (self.config.contact_refresh_ms, self.config.contact_retry_ms);
         let mut wanted = Vec::new();
         for (peer, entry) in &mut self.peers {
             if wanted.len() >= limit {
@@ -932,7 +973,7 @@ impl Membership {
                 .is_some_and(|c| now.saturating_sub(c.at) < refresh);
             let asked = entry
                 .contact_asked
-                .is_some_and(|at| now.saturating_sub(at) < refresh / 4);
+                .is_some_and(|at| now.saturating_sub(at) < retry);
             if entry.info.connected && entry.info.state == PeerState::Alive && !fresh && !asked {
                 entry.contact_asked = Some(now);
                 wanted.push(*peer);
@@ -962,6 +1003,7 @@ impl Membership {
             return Ok(false);
         };
         if entry.contact.as_ref().is_none_or(|c| c.at < contact.at) {
+            entry.info.contact_at = Some(contact.at);
             entry.contact = Some(contact);
         }
         Ok(true)
@@ -1381,6 +1423,23 @@ mod tests {
                 "{what}"
             );
         }
+        // A report dated back to a contact long past, applied later: still too old.
+        let backdated = SignedStatement::sign(
+            &r1,
+            &Statement::Down(DownReport {
+                subject: sid,
+                subject_seq: 1,
+                issued_at: 10,
+                expires_at: 10 + crate::statement::MAX_LIFETIME_MS,
+                contact: Some(Contact::sign(&subject, r1id, 10)),
+            }),
+        );
+        let much_later = 10 + max_age + MAX_CLOCK_SKEW_MS + 1;
+        assert_eq!(
+            table.on_statement(&backdated, much_later),
+            Ok(Accepted::Ignored),
+            "a backdated report"
+        );
         // A contact the subject never signed is a lie its carrier pays for.
         assert_eq!(
             table.on_statement(
@@ -1452,6 +1511,29 @@ mod tests {
         };
         assert_eq!(report.contact.map(|c| (c.witness, c.at)), Some((me, t)));
         assert!(table.down_report(bid, t, TTL).is_none(), "never connected");
+        let max_age = Config::default().contact_max_age_ms;
+        assert!(
+            table.down_report(aid, t + max_age + 1, TTL).is_none(),
+            "a word too old to count"
+        );
+        // An ask that got no answer is repeated after the retry time, or at once over a new
+        // connection.
+        let retry = Config::default().contact_retry_ms;
+        table.on_connected(bid, t + 2);
+        assert_eq!(table.contacts_wanted(t + 3, 16), vec![bid]);
+        assert!(table.contacts_wanted(t + 4, 16).is_empty());
+        assert_eq!(
+            table.contacts_wanted(t + 3 + retry, 16),
+            vec![bid],
+            "retried"
+        );
+        table.on_disconnected(bid, t + 4 + retry);
+        table.on_connected(bid, t + 5 + retry);
+        assert_eq!(
+            table.contacts_wanted(t + 6 + retry, 16),
+            vec![bid],
+            "a new connection"
+        );
     }
 
     #[test]
@@ -1700,6 +1782,15 @@ mod tests {
             Ok(Accepted::Ignored)
         );
         table.set_own(7, announce(&local, 7, 0));
+        // Without this node's own word that the reporter was connected to it, a report counts
+        // nowhere: nothing to refute.
+        assert_eq!(
+            table.on_statement(
+                &report_with(&reporter, local.public().to_peer_id(), 7, 2, None),
+                2
+            ),
+            Ok(Accepted::Ignored)
+        );
         assert_eq!(
             table.on_statement(&down(&reporter, &local, 7, 2), 2),
             Ok(Accepted::Refute)

@@ -405,6 +405,14 @@ impl Generator {
         if prompt_ids.is_empty() {
             return Err(MlError::Input("the prompt is empty".into()));
         }
+        if prompt_ids.len() >= MAX_SEQ_LEN {
+            return Err(MlError::Input(format!(
+                "the prompt has {} tokens; {} takes at most {} in all, the answer included",
+                prompt_ids.len(),
+                self.name,
+                MAX_SEQ_LEN
+            )));
+        }
         let fitted;
         let params = if params.fit_context && prompt_ids.len() + params.max_tokens > MAX_SEQ_LEN {
             fitted = GenerateParams {

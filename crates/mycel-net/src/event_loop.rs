@@ -2270,12 +2270,14 @@ impl EventLoop {
                         (Some(Pending::Sync | Pending::Summary), _) => self.syncs.settled(&peer),
                         (Some(Pending::Goodbye), _) => self.part(peer),
                         (Some(Pending::Contact), SyncResponse::Contact(contact)) => {
-                            if let Err(reason) = self.membership.on_contact(peer, contact, now_ms())
-                            {
-                                self.reject(peer, reason);
+                            match self.membership.on_contact(peer, contact, now_ms()) {
+                                Ok(kept) => debug!(%peer, kept, "contact"),
+                                Err(reason) => self.reject(peer, reason),
                             }
                         }
-                        (Some(Pending::Contact), _) => {}
+                        (Some(Pending::Contact), other) => {
+                            debug!(%peer, ?other, "no contact in the answer");
+                        }
                         (None, _) => {}
                     }
                 }
@@ -2300,7 +2302,8 @@ impl EventLoop {
                 }
                 Some(Pending::Sync | Pending::Summary) => self.syncs.settled(&peer),
                 Some(Pending::Goodbye) => self.part(peer),
-                Some(Pending::Contact) | None => {}
+                Some(Pending::Contact) => debug!(%peer, %error, "contact request failed"),
+                None => {}
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 // A request our codec refused (too large, or does not decode) is the peer's

@@ -1,4 +1,4 @@
-//! Wire types of the `/mycel/sync/2` request-response protocol.
+//! Wire types of the `/mycel/sync/3` request-response protocol.
 
 use std::io;
 
@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Protocol name of anti-entropy and echo (2: digest summaries).
-pub(crate) const SYNC_PROTOCOL: &str = "/mycel/sync/2";
+pub(crate) const SYNC_PROTOCOL: &str = "/mycel/sync/3";
 /// Protocol name of Kademlia (private, so we never join a public DHT).
 pub(crate) const KAD_PROTOCOL: &str = "/mycel/kad/1.0.0";
 /// Protocol version told by identify.
@@ -34,7 +34,7 @@ pub(crate) struct DigestEntry {
     pub(crate) seq: u64,
 }
 
-/// A request on `/mycel/sync/2`.
+/// A request on `/mycel/sync/3`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum SyncRequest {
     /// "Here is what I know; send me what is newer" (anti-entropy).
@@ -53,7 +53,7 @@ pub(crate) enum SyncRequest {
     Contact,
 }
 
-/// A response on `/mycel/sync/2`.
+/// A response on `/mycel/sync/3`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum SyncResponse {
     /// Announcements the requester lacked.
@@ -70,7 +70,7 @@ pub(crate) enum SyncResponse {
     Refused,
 }
 
-/// The codec of `/mycel/sync/2`: one CBOR message per stream direction (the encoding libp2p's
+/// The codec of `/mycel/sync/3`: one CBOR message per stream direction (the encoding libp2p's
 /// cbor codec uses, so either end may run either codec), decoded with [`wire::decode`]. A
 /// message that is too large or does not decode fails with an [`io::Error`] of kind
 /// `InvalidData` carrying the [`Rejection`]: [`rejection`] gets it back, so the event loop

@@ -32,6 +32,11 @@ const REFUSAL_HOLD: Duration = Duration::from_secs(600);
 /// Most ids remembered as refused.
 const MAX_REFUSED: usize = 1024;
 
+/// How often, and how long apart, a restart waits for a load slot to serve again a model
+/// served on demand before.
+const RESTORE_WAITS: usize = 60;
+const RESTORE_WAIT: Duration = Duration::from_millis(500);
+
 /// How long an on-demand load looks for holders of the id before it gives up.
 const DEMAND_LOOKUP: Duration = Duration::from_secs(5);
 
@@ -254,7 +259,8 @@ impl ModelSupply {
     /// Serves again the models served on demand when the node last ran, from the blobs kept
     /// here (one after another, each as a demand: the quota and the load checks apply), and
     /// forgets those it no longer serves on demand (the flag off, or the id no longer
-    /// allowed): their blobs are unpinned, cache like any other.
+    /// allowed; their blobs are unpinned, cache like any other) or now serves from its
+    /// configuration.
     pub async fn restore(self: &Arc<Self>) {
         let Some(state) = lock(&self.state).clone() else {
             return;
@@ -268,20 +274,35 @@ impl ModelSupply {
             Err(_) => return,
         };
         for id in ids {
-            if self.on_demand && (self.allowed.is_empty() || self.allowed.contains(&id)) {
-                let outcome = match self.demand(id) {
+            if self.models.offers().iter().any(|o| o.id == id) {
+                // Served from the configuration now: its blobs are that model's.
+                if let Err(e) = self.remember(id, false).await {
+                    warn!(%id, "cannot forget the model served on demand: {e:#}");
+                }
+            } else if self.on_demand && (self.allowed.is_empty() || self.allowed.contains(&id)) {
+                // Peers' demands may hold the load slots for a while.
+                let mut demand = self.demand(id);
+                for _ in 0..RESTORE_WAITS {
+                    if demand.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(RESTORE_WAIT).await;
+                    demand = self.demand(id);
+                }
+                let outcome = match demand {
                     Some(demand) => settled(demand).await,
-                    None => Err("refused lately".into()),
+                    None => Err("no load slot came free".into()),
                 };
+                // A load that failed dropped and forgot it; one that could not start leaves it
+                // recorded and pinned, for the next start.
                 if let Err(e) = outcome {
                     warn!(%id, "cannot serve again the model served on demand before: {e}");
-                    // Forgotten by the failed load; its blobs (pinned before) become cache.
-                    let _ = self.set_tree_pinned(id, false).await;
                 }
             } else {
+                // Unpinned first: a crash in between leaves it recorded, released next time.
                 let forgotten = async {
-                    self.remember(id, false).await?;
-                    self.set_tree_pinned(id, false).await
+                    self.set_tree_pinned(id, false).await?;
+                    self.remember(id, false).await
                 };
                 match forgotten.await {
                     Ok(()) => info!(%id, "no longer served on demand: its blobs are unpinned"),
@@ -291,17 +312,30 @@ impl ModelSupply {
         }
     }
 
-    /// Records (or forgets) that the model `id` is served on demand.
+    /// Records (or forgets) that the model `id` is served on demand; an error once the node
+    /// is stopping (the database let go).
     async fn remember(&self, id: ContentId, served: bool) -> anyhow::Result<()> {
-        let Some(state) = lock(&self.state).clone() else {
-            return Ok(());
-        };
+        let state = lock(&self.state)
+            .clone()
+            .context("the node is stopping: the models served on demand are not recorded")?;
         tokio::task::spawn_blocking(move || match served {
             true => state.put_on_demand(&id),
             false => state.remove_on_demand(&id),
         })
         .await??;
         Ok(())
+    }
+
+    /// Whether the model `id` is recorded as served on demand.
+    async fn recorded(&self, id: ContentId) -> bool {
+        let Some(state) = lock(&self.state).clone() else {
+            return false;
+        };
+        tokio::task::spawn_blocking(move || state.on_demand())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .is_some_and(|ids| ids.contains(&id))
     }
 
     async fn fetch_and_serve(&self, id: ContentId) -> anyhow::Result<()> {
@@ -344,6 +378,9 @@ impl ModelSupply {
         // Whoever asked chose the id: what it names may be no model at all. It is kept
         // unpinned until it loads, and dropped if it does not.
         let path = self.fetch_tree(id, false, &Progress::default()).await?;
+        // Recorded before anything of it is pinned (serving publishes it, which pins its
+        // blob): a crash after leaves a record whose blobs the next start serves again or
+        // releases, never pinned blobs nothing accounts for.
         let outcome = async {
             self.reserve(id).await?;
             let served = load(path.clone(), self.engine).await?;
@@ -352,43 +389,52 @@ impl ModelSupply {
                 "the blob {id} holds the model {}, not {id}",
                 served.offer.id
             );
-            self.serve_loaded(served).await
+            self.remember(id, true).await?;
+            self.serve_loaded(served).await?;
+            self.set_tree_pinned(id, true).await
         }
         .await;
-        // Recorded before it is pinned: a crash between the two leaves a record whose blobs
-        // are pinned again at the next start, never pinned blobs nothing accounts for.
-        let outcome = match outcome {
-            Ok(_) => self.remember(id, true).await,
-            Err(e) => Err(e),
+        let Err(e) = outcome else {
+            return Ok(());
         };
-        match outcome {
-            Ok(()) => self.set_tree_pinned(id, true).await,
-            Err(e) => {
-                if let Err(forget) = self.remember(id, false).await {
-                    warn!(%id, "cannot forget a model that failed to load: {forget:#}");
-                }
-                let over_quota = e.is::<OverQuota>();
-                self.blobs.defences.count(if over_quota {
-                    crate::defences::ON_DEMAND_OVER_QUOTA
-                } else {
-                    crate::defences::ON_DEMAND_LOAD_FAILED
-                });
-                if !over_quota {
-                    lock(&self.held).remove(&id);
-                }
-                // Undone whatever of it was done: no longer served, offered or kept.
-                if self.models.remove(&id) {
-                    let capabilities =
-                        system::read_capabilities(&self.sys_root, &self.models, &self.extra);
-                    let _ = self.net.refresh_capabilities(capabilities).await;
-                }
-                self.blobs.provide_no_longer(id).await;
-                if let Err(cleanup) = self.drop_tree(id, &path).await {
-                    warn!(%id, "cannot drop what was fetched for a failed load: {cleanup:#}");
-                }
-                Err(self.refuse(id, e))
-            }
+        let over_quota = e.is::<OverQuota>();
+        self.blobs.defences.count(if over_quota {
+            crate::defences::ON_DEMAND_OVER_QUOTA
+        } else {
+            crate::defences::ON_DEMAND_LOAD_FAILED
+        });
+        if !over_quota {
+            lock(&self.held).remove(&id);
         }
+        // Undone whatever of it was done: no longer served, offered or kept.
+        if self.models.remove(&id) {
+            let capabilities = system::read_capabilities(&self.sys_root, &self.models, &self.extra);
+            let _ = self.net.refresh_capabilities(capabilities).await;
+        }
+        self.blobs.provide_no_longer(id).await;
+        // Its blobs go when this node pinned them for it (recorded) or this fetch brought
+        // them; blobs held here before, that someone merely named, stay as they were. The
+        // record goes last.
+        let ours = self.recorded(id).await;
+        let cleanup = async {
+            if ours {
+                self.set_tree_pinned(id, false).await?;
+            }
+            if ours || !held_here {
+                self.drop_tree(id, &path).await?;
+            } else {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || remove_link(&path)).await??;
+            }
+            if ours {
+                self.remember(id, false).await?;
+            }
+            anyhow::Ok(())
+        };
+        if let Err(cleanup) = cleanup.await {
+            warn!(%id, "cannot drop what was fetched for a failed load: {cleanup:#}");
+        }
+        Err(self.refuse(id, e))
     }
 
     /// Remembers `id` as refused for a while (the error `e` says why), and returns `e`.
@@ -459,11 +505,7 @@ impl ModelSupply {
         let store = self.blobs.store().clone();
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path)?;
-            } else if path.exists() {
-                std::fs::remove_file(&path)?;
-            }
+            remove_link(&path)?;
             for part in tree(&store, id)? {
                 if store.info(&part)?.is_some_and(|b| !b.pinned) {
                     store.remove(&part)?;
@@ -491,6 +533,17 @@ struct OverQuota {
     held: u64,
     models: usize,
     quota: u64,
+}
+
+/// Removes a model's layout under the models directory (hard links into the blob store).
+fn remove_link(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else if path.exists() {
+        std::fs::remove_file(path)
+    } else {
+        Ok(())
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -629,15 +629,39 @@ async fn a_model_served_on_demand_is_served_again_after_a_restart_or_released_wi
         .await
         .unwrap();
     assert_eq!(embedded.worker, node.net.peer_id());
-    assert!(node.blobs.store().info(&id).unwrap().unwrap().pinned);
+    // The model's blob and every file its manifest lists, pinned.
+    let store = node.blobs.store().clone();
+    let parts = |store: &mycel_store::BlobStore| {
+        let files = store
+            .manifest(&id)
+            .unwrap()
+            .expect("a directory's manifest");
+        std::iter::once(id)
+            .chain(files.iter().map(|f| f.id))
+            .map(|part| store.info(&part).unwrap().unwrap().pinned)
+            .collect::<Vec<bool>>()
+    };
+    assert!(parts(&store).iter().all(|p| *p), "{:?}", parts(&store));
+    drop(store);
     node.shutdown().await;
 
     let node = restart(node_config(false)).await;
     wait_until(LIMIT, "the blobs of the model are unpinned", || async {
-        !node.blobs.store().info(&id).unwrap().unwrap().pinned
+        parts(node.blobs.store()).iter().all(|p| !p)
     })
     .await;
     assert!(node.models.offers().is_empty());
+    node.shutdown().await;
+    // Forgotten: with on-demand serving back on it is not served again by itself.
+    let node = restart(node_config(true)).await;
+    let watch = std::time::Instant::now();
+    while watch.elapsed() < Duration::from_secs(2) {
+        assert!(
+            node.models.offers().is_empty(),
+            "served again after it was released"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     node.shutdown().await;
 }
 

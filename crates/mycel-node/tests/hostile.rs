@@ -130,6 +130,11 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(
+        observer.net.metrics().down_reports_ignored_total(),
+        ignored_before + 10,
+        "the genuine report counted (below the quorum), the ten others did not"
+    );
 
     // A report naming an announcement the victim never made is a lie only the attacker can
     // have signed: the victim charges the attacker.
@@ -162,8 +167,9 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
     let flood = Instant::now();
     let mut sent = 0;
     while flood.elapsed() < Duration::from_secs(3) {
-        let seq = seq_of(attacker, victim_id).await;
-        let report = down_report(&attacker_key, victim_id, seq);
+        // Genuine reports, with the victim's word: made up without it they count nowhere, and
+        // the victim has nothing to refute.
+        let report = genuine_report(attacker, victim_id).await;
         attacker.net.publish_raw(report.to_bytes()).await.unwrap();
         sent += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -254,10 +260,28 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
         .await;
         reporters.push(node);
     }
-    let seq = seq_of(&observer, victim_id).await;
+    // (The victim's refutations of the flood must have reached everyone: a report names the
+    // announcement its reporter holds, and counts only where that one is held.)
+    wait_until(
+        Duration::from_secs(10),
+        "the reporters and the observer hold the victim's latest announcement",
+        || async {
+            let seq = seq_of(&observer, victim_id).await;
+            let mut same = true;
+            for node in reporters.iter().chain([attacker]) {
+                same &= seq_of(node, victim_id).await == seq;
+            }
+            same
+        },
+    )
+    .await;
+    // Both made first and published together: the victim's refutation of the first must not
+    // reach the observer before the second.
+    let mut reports = Vec::new();
     for node in &reporters {
-        let report = genuine_report(node, victim_id).await;
-        assert_eq!(seq_of(node, victim_id).await, seq);
+        reports.push(genuine_report(node, victim_id).await);
+    }
+    for report in reports {
         attacker.net.publish_raw(report.to_bytes()).await.unwrap();
     }
     wait_until(
@@ -1150,9 +1174,9 @@ async fn shedding_takes_strangers_not_an_old_neighbour_nor_the_peer_a_node_chose
     }
 }
 
-/// A membership table full of strangers' announcements (keys are free) still takes an honest
-/// newcomer, in the place of a stranger, and keeps the peers it knew before the flood: the
-/// strangers listed last make room first.
+/// A membership table full of strangers' announcements (keys are free) still takes honest
+/// newcomers and keeps the peers it knew before the flood: a peer out of good standing makes
+/// room first, however long known, then the strangers listed last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_peers() {
     const TABLE: usize = 12;
@@ -1177,15 +1201,19 @@ async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_pe
             .map(|p| p.peer_id.clone())
             .collect::<Vec<_>>()
     };
-    // A peer known before the flood that holds no connection (announced, then out of reach).
-    let veteran = Keypair::generate_ed25519();
-    let veteran_id = veteran.public().to_peer_id().to_base58();
-    let statement = common::announcement(&veteran, 1).to_bytes();
-    wait_until(Duration::from_secs(10), "the veteran is listed", || async {
-        let _ = attacker.publish_raw(statement.clone()).await;
-        listed().await.contains(&veteran_id)
-    })
-    .await;
+    // Two peers known before the flood that hold no connection (announced, then out of
+    // reach): a veteran, and one that will lie.
+    let [veteran, tainted] = [(); 2].map(|_| Keypair::generate_ed25519());
+    let [veteran_id, tainted_id] = [&veteran, &tainted].map(|k| k.public().to_peer_id());
+    let [veteran_b58, tainted_b58] = [veteran_id, tainted_id].map(|id| id.to_base58());
+    for (key, id) in [(&veteran, &veteran_b58), (&tainted, &tainted_b58)] {
+        let statement = common::announcement(key, 1).to_bytes();
+        wait_until(Duration::from_secs(10), "the peer is listed", || async {
+            let _ = attacker.publish_raw(statement.clone()).await;
+            listed().await.contains(id)
+        })
+        .await;
+    }
     // Forty made-up keys announce themselves through the attacker, a few a second (within
     // every rate: what a patient attacker does).
     let strangers: Vec<Keypair> = (0..40).map(|_| Keypair::generate_ed25519()).collect();
@@ -1216,36 +1244,57 @@ async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_pe
     )
     .await;
     let before = listed().await;
-    assert!(
-        before.contains(&veteran_id),
-        "the peer known before the flood was pushed out by newer strangers"
-    );
+    for known in [&veteran_b58, &tainted_b58] {
+        assert!(
+            before.contains(known),
+            "a peer known before the flood was pushed out by newer strangers"
+        );
+    }
     // The peer known before the flood is still listed, alive.
     let seen = victim.net.peer(old_id).await.unwrap();
     assert!(
         seen.is_some_and(|p| p.state == PeerState::Alive),
         "the old peer was pushed out"
     );
-    // An honest newcomer joins through the full table: listed, alive, in a stranger's place.
-    let newcomer = join(root.path(), "newcomer", &victim).await;
-    let newcomer_id = newcomer.net.peer_id();
+    // The liar's lies put it out of good standing (two down reports about the victim naming
+    // announcements it never made: 10 points each).
+    let victim_id = victim.net.peer_id();
+    for seq in [u64::MAX, u64::MAX - 1] {
+        let lie = down_report(&tainted, victim_id, seq).to_bytes();
+        attacker.publish_raw(lie).await.unwrap();
+    }
     wait_until(
-        Duration::from_secs(20),
-        "the victim lists the newcomer alive",
-        || async { common::holds_alive(&victim, newcomer_id).await },
+        Duration::from_secs(10),
+        "the liar is out of good standing",
+        || async { victim.net.reputation(tainted_id).await.unwrap() < -10.0 },
     )
     .await;
-    let listed = listed().await;
-    assert!(listed.len() <= TABLE, "{} listed", listed.len());
-    for kept in [&old_id.to_base58(), &attacker_id.to_base58(), &veteran_id] {
-        assert!(listed.contains(kept), "{kept} was pushed out");
+    // Honest newcomers join through the full table, each listed alive: the first in the
+    // liar's place (out of good standing goes first, however long known), the second in a
+    // stranger's (the one listed last).
+    let mut newcomers = Vec::new();
+    for (name, liar_listed, strangers) in [
+        ("newcomer", false, strangers_listed(&before)),
+        ("second", false, strangers_listed(&before) - 1),
+    ] {
+        let newcomer = join(root.path(), name, &victim).await;
+        let newcomer_id = newcomer.net.peer_id();
+        wait_until(
+            Duration::from_secs(20),
+            "the victim lists the newcomer alive",
+            || async { common::holds_alive(&victim, newcomer_id).await },
+        )
+        .await;
+        newcomers.push(newcomer);
+        let listed = listed().await;
+        assert!(listed.len() <= TABLE, "{} listed", listed.len());
+        for kept in [&old_id.to_base58(), &attacker_id.to_base58(), &veteran_b58] {
+            assert!(listed.contains(kept), "{kept} was pushed out");
+        }
+        assert_eq!(listed.contains(&tainted_b58), liar_listed, "{name}");
+        assert_eq!(strangers_listed(&listed), strangers, "{name}");
     }
-    assert_eq!(
-        strangers_listed(&listed),
-        strangers_listed(&before) - 1,
-        "the newcomer took a stranger's place"
-    );
-    for node in [newcomer, old, victim] {
+    for node in newcomers.into_iter().chain([old, victim]) {
         node.shutdown().await;
     }
 }
