@@ -73,6 +73,8 @@ pub struct RouterConfig {
     pub attempt_timeout: Duration,
     /// Longest a task may take in all.
     pub deadline: Duration,
+    /// Longest this node works on a peer's task, whatever budget the task names.
+    pub max_task_budget: Duration,
     /// Start a second attempt of an embedding task that outlives the observed p95.
     pub hedge: bool,
     /// Outcomes fade by half over this time.
@@ -101,6 +103,7 @@ impl Default for RouterConfig {
             weights: Weights::default(),
             attempt_timeout: Duration::from_secs(10),
             deadline: Duration::from_secs(600),
+            max_task_budget: Duration::from_millis(MAX_TASK_BUDGET_MS),
             hedge: true,
             reliability_half_life: Duration::from_secs(300),
             bindings: Bindings::new(),
@@ -1849,7 +1852,7 @@ impl Inference {
             }
         }
         // The sender's budget, but never more than a task may take here.
-        let budget = Duration::from_millis(request.budget_ms.min(MAX_TASK_BUDGET_MS));
+        let budget = Duration::from_millis(request.budget_ms).min(self.config.max_task_budget);
         let answer = tokio::time::timeout(budget, self.run_task(peer, &request, &mut stream)).await;
         let frame = match answer {
             Ok(Ok(result)) => TaskFrame::Done(Box::new(result)),

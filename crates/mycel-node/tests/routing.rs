@@ -1,8 +1,9 @@
 //! Tasks routed across real nodes on 127.0.0.1: a model only a peer serves is reached through
 //! any node's API; a worker that dies mid-generation is replaced by another that continues
 //! from the delivered tokens; busy and dead nodes are skipped; a malformed task is refused and
-//! costs its sender; a first choice that stalls is hedged after the observed p95; a model
-//! nobody announces is run on a provider found in the DHT.
+//! costs its sender; a task naming an endless budget gets the worker's limit; a first choice
+//! that stalls is hedged after the observed p95; a model nobody announces is run on a provider
+//! found in the DHT.
 
 mod common;
 
@@ -382,6 +383,71 @@ async fn busy_and_dead_nodes_are_skipped_and_all_busy_is_overloaded() {
     gateway.shutdown().await;
     good.shutdown().await;
     busy.shutdown().await;
+}
+
+/// A peer's task may name any budget (u64::MAX ms here); the worker works on it for at most
+/// its own limit (10 minutes by default, 200 ms here), then refuses it, and serves the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_naming_an_endless_budget_gets_the_workers_limit() {
+    let root = tempfile::tempdir().unwrap();
+    let llama = load(root.path(), "tiny-llama.gguf", |p| {
+        write_tiny_llama(p).unwrap()
+    });
+    let model = llama.offer.id;
+    let mut config = local_config(&root.path().join("worker"), vec![], true);
+    config.preloaded = vec![llama];
+    config.router.max_task_budget = Duration::from_millis(200);
+    let worker = Node::start(config).await.unwrap();
+    let sender = start(root.path(), "sender", addrs_of(&worker), vec![], 16).await;
+    wait_offers(&sender, &[&worker]).await;
+    let task = |words: usize, max_tokens: usize| TaskRequest {
+        id: TaskId(max_tokens as u128),
+        model,
+        budget_ms: u64::MAX,
+        input: TaskInput::Generate {
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "cat ".repeat(words),
+            }],
+            params: GenerateParams {
+                max_tokens,
+                temperature: Some(0.0),
+                ..GenerateParams::default()
+            },
+            resume: Default::default(),
+        },
+    };
+    let run = |request: TaskRequest| {
+        let (sender, worker) = (sender.net.clone(), worker.net.peer_id());
+        async move {
+            let mut stream = sender.open_task_stream(worker).await.unwrap();
+            write_frame(&mut stream, &request).await.unwrap();
+            // The streamed pieces, then the last frame.
+            loop {
+                match read_frame::<TaskFrame>(&mut stream, MAX_FRAME_BYTES).await {
+                    Ok(Some(TaskFrame::Chunk { .. })) => continue,
+                    Ok(frame) => return frame,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+    };
+    let started = Instant::now();
+    // A prompt of some 400 tokens, then greedy decoding: 1.4 s of work for the tiny model
+    // without the limit (measured), seven times the limit.
+    let answer = run(task(100, 3000)).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(&answer, Some(TaskFrame::Refused(Refusal::Failed(m))) if m.contains("time ran out")),
+        "{answer:?}"
+    );
+    assert!(took < Duration::from_secs(5), "worked on it for {took:?}");
+    // The worker serves the next task in full.
+    let answer = run(task(1, 2)).await;
+    assert!(matches!(answer, Some(TaskFrame::Done(_))), "{answer:?}");
+    for node in [sender, worker] {
+        node.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
