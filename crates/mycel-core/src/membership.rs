@@ -377,10 +377,12 @@ struct Entry {
     bad_standing: Option<(f64, UnixMillis)>,
     /// This node dialled it and got through (probes try such peers before strangers).
     met: bool,
-    /// The peer's latest word that this node is connected to it.
-    contact: Option<Contact>,
-    /// When this node last asked the peer for it.
-    contact_asked: Option<UnixMillis>,
+    /// The peer's latest word that this node is connected to it, and when it came (this
+    /// node's clock).
+    contact: Option<(Contact, UnixMillis)>,
+    /// When this node last asked the peer for it, and how many asks since a word came or the
+    /// connection opened (each waits twice as long as the one before).
+    contact_asked: Option<(UnixMillis, u32)>,
 }
 
 /// The membership table of one node.
@@ -754,8 +756,13 @@ impl Membership {
             return Ok(Accepted::Ignored);
         }
         // A report without this node's own word that its reporter was connected to it counts
-        // nowhere: nothing to refute (no durable write for it).
-        match contact_holds(report, reporter, now, self.config.contact_max_age_ms) {
+        // nowhere: nothing to refute (no durable write for it). (A skew more than others
+        // allow: a node whose clock is behind this one's still counts it that long.)
+        let max_age = self
+            .config
+            .contact_max_age_ms
+            .saturating_add(MAX_CLOCK_SKEW_MS);
+        match contact_holds(report, reporter, now, max_age) {
             Ok(true) => {}
             Ok(false) => return Ok(Accepted::Ignored),
             Err(reason) => return Err(Refusal::issuer(reason, reporter)),
@@ -944,7 +951,8 @@ impl Membership {
         let entry = self.peers.get(&subject)?;
         let contact = entry
             .contact
-            .clone()
+            .as_ref()
+            .map(|(c, _)| c.clone())
             .filter(|c| now.saturating_sub(c.at) <= self.config.contact_max_age_ms)?;
         Some(Statement::Down(DownReport {
             subject,
@@ -956,10 +964,11 @@ impl Membership {
     }
 
     /// Connected live peers to ask for their word that this node is connected to them (a
-    /// [`Contact`]): those whose word is missing or older than
-    /// [`Config::contact_refresh_ms`] and who were not asked in the last
-    /// [`Config::contact_retry_ms`] (since they last connected); at most `limit`, each marked
-    /// asked.
+    /// [`Contact`]): those whose last word came more than [`Config::contact_refresh_ms`] ago
+    /// (by this node's clock) or never, and whose last ask is past its wait:
+    /// [`Config::contact_retry_ms`] after the first unanswered ask since a word came or the
+    /// connection opened, twice that after the next, up to the refresh time (a peer that never
+    /// answers is not asked every tick). At most `limit`, each marked asked.
     pub fn contacts_wanted(&mut self, now: UnixMillis, limit: usize) -> Vec<PeerId> {
         let (refresh, retry) = (self.config.contact_refresh_ms, self.config.contact_retry_ms);
         let mut wanted = Vec::new();
@@ -970,12 +979,18 @@ impl Membership {
             let fresh = entry
                 .contact
                 .as_ref()
-                .is_some_and(|c| now.saturating_sub(c.at) < refresh);
-            let asked = entry
-                .contact_asked
-                .is_some_and(|at| now.saturating_sub(at) < retry);
-            if entry.info.connected && entry.info.state == PeerState::Alive && !fresh && !asked {
-                entry.contact_asked = Some(now);
+                .is_some_and(|(_, came)| now.saturating_sub(*came) < refresh);
+            let (waiting, asks) = match entry.contact_asked {
+                Some((at, asks)) => {
+                    let wait = retry
+                        .saturating_mul(1 << asks.saturating_sub(1).min(16))
+                        .min(refresh);
+                    (now.saturating_sub(at) < wait, asks)
+                }
+                None => (false, 0),
+            };
+            if entry.info.connected && entry.info.state == PeerState::Alive && !fresh && !waiting {
+                entry.contact_asked = Some((now, asks.saturating_add(1)));
                 wanted.push(*peer);
             }
         }
@@ -1002,9 +1017,15 @@ impl Membership {
         let Some(entry) = self.peers.get_mut(&subject) else {
             return Ok(false);
         };
-        if entry.contact.as_ref().is_none_or(|c| c.at < contact.at) {
+        if entry
+            .contact
+            .as_ref()
+            .is_none_or(|(c, _)| c.at < contact.at)
+        {
             entry.info.contact_at = Some(contact.at);
-            entry.contact = Some(contact);
+            entry.contact = Some((contact, now));
+            // Answered: the next ask, a refresh away, starts the waits afresh.
+            entry.contact_asked = None;
         }
         Ok(true)
     }
@@ -1493,7 +1514,7 @@ mod tests {
             table.on_contact(aid, Contact::sign(&b, me, 3), 3),
             Err(Rejection::BadSignature)
         );
-        // Nothing kept: asked again a quarter of the refresh later.
+        // Nothing kept: asked again later.
         let t = 1 + refresh / 4;
         assert_eq!(table.contacts_wanted(t, 16), vec![aid]);
         assert_eq!(table.on_contact(aid, Contact::sign(&a, me, t), t), Ok(true));
@@ -1516,21 +1537,28 @@ mod tests {
             table.down_report(aid, t + max_age + 1, TTL).is_none(),
             "a word too old to count"
         );
-        // An ask that got no answer is repeated after the retry time, or at once over a new
-        // connection.
+        // An ask that got no answer is repeated after the retry time, then after twice it,
+        // or at once over a new connection.
         let retry = Config::default().contact_retry_ms;
         table.on_connected(bid, t + 2);
         assert_eq!(table.contacts_wanted(t + 3, 16), vec![bid]);
         assert!(table.contacts_wanted(t + 4, 16).is_empty());
-        assert_eq!(
-            table.contacts_wanted(t + 3 + retry, 16),
-            vec![bid],
-            "retried"
+        let again = t + 3 + retry;
+        assert_eq!(table.contacts_wanted(again, 16), vec![bid], "retried");
+        assert!(
+            table.contacts_wanted(again + retry, 16).is_empty(),
+            "backs off"
         );
-        table.on_disconnected(bid, t + 4 + retry);
-        table.on_connected(bid, t + 5 + retry);
         assert_eq!(
-            table.contacts_wanted(t + 6 + retry, 16),
+            table.contacts_wanted(again + 2 * retry, 16),
+            vec![bid],
+            "after twice the wait"
+        );
+        let later = again + 2 * retry + 1;
+        table.on_disconnected(bid, later);
+        table.on_connected(bid, later + 1);
+        assert_eq!(
+            table.contacts_wanted(later + 2, 16),
             vec![bid],
             "a new connection"
         );

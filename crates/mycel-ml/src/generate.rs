@@ -379,7 +379,8 @@ impl Generator {
 
     /// Generates a continuation of `prompt` (raw text: apply [`Generator::chat_prompt`]
     /// first for a chat). `on_text` receives the text as it is made (never part of a stop
-    /// string); returning `false` from it stops generation.
+    /// string), after every token (empty when the token made no text yet); returning `false`
+    /// from it stops generation.
     pub fn generate(
         &self,
         prompt: &str,
@@ -479,7 +480,9 @@ impl Generator {
             tokens.push(next);
             let text = self.tokenizer.decode(&tokens)?;
             let (fresh, stopped) = stream.advance(&text);
-            if !fresh.is_empty() && !on_text(fresh, &tokens) {
+            // Asked after every token, with empty text when the token made none yet (part of
+            // a character, or of a possible stop string): the caller may stop at any token.
+            if !on_text(fresh, &tokens) {
                 finish_reason = FinishReason::Stop;
                 break;
             }

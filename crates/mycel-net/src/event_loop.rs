@@ -651,7 +651,16 @@ impl EventLoop {
     fn on_change(&mut self, change: Change) {
         self.update_gauges();
         match change {
-            Change::Alive(peer) => debug!(%peer, "peer alive"),
+            Change::Alive(peer) => {
+                debug!(%peer, "peer alive");
+                // A peer listed again (after it made room for others) keeps the standing its
+                // record earned: evicted first again, not listed with a clean slate.
+                let now = now_ms();
+                let score = self.reputation.score(&peer, now);
+                if score <= mycel_core::peering::GOOD_STANDING {
+                    self.membership.set_standing(&peer, score, now);
+                }
+            }
             Change::Failed(peer, reason) => {
                 info!(%peer, ?reason, "peer failed");
                 self.metrics
@@ -728,6 +737,7 @@ impl EventLoop {
                 gossipsub::MessageAcceptance::Accept
             }
             Ok(Accepted::Down { change }) => {
+                self.metrics.reports_counted.inc();
                 // A report that counts names a peer: probe it once soon if this node holds it
                 // alive without a connection (the answer is this node's view alone). Only
                 // from a reporter this node is connected to: one report must not make every

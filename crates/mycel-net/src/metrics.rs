@@ -39,6 +39,7 @@ pub struct NetMetrics {
     pub(crate) refutations: Counter,
     pub(crate) connections_refused: Family<ReasonLabel, Counter>,
     pub(crate) reports_ignored: Counter,
+    pub(crate) reports_counted: Counter,
     /// Inbound raw streams dropped: past their queue's bounds, or of a protocol not accepted.
     pub(crate) streams_dropped: Counter,
     /// NAT traversal events by kind and result (see `nat_event` labels).
@@ -203,6 +204,12 @@ impl NetMetrics {
             metrics.reports_ignored.clone(),
         );
         sub.register(
+            "down_reports_counted",
+            "Down reports about other peers counted toward their quorum (from a live reporter \
+             carrying the subject's word that it was connected to it)",
+            metrics.reports_counted.clone(),
+        );
+        sub.register(
             "nat_events",
             "NAT traversal: AutoNAT probes, relay reservations, hole punches, bulk data refused a \
              relay, UPnP port mappings (mapped, expired, no gateway, gateway not on the internet)",
@@ -341,6 +348,11 @@ impl NetMetrics {
     /// Down reports neither counted nor passed on.
     pub fn down_reports_ignored_total(&self) -> u64 {
         self.reports_ignored.get()
+    }
+
+    /// Down reports about other peers counted toward their quorum.
+    pub fn down_reports_counted_total(&self) -> u64 {
+        self.reports_counted.get()
     }
 
     /// Probes of peers held alive without a connection that ended with `outcome`

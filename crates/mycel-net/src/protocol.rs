@@ -9,7 +9,7 @@ use mycel_core::wire::{self, Rejection};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Protocol name of anti-entropy and echo (2: digest summaries).
+/// Protocol name of anti-entropy and echo (2: digest summaries; 3: contacts).
 pub(crate) const SYNC_PROTOCOL: &str = "/mycel/sync/3";
 /// Protocol name of Kademlia (private, so we never join a public DHT).
 pub(crate) const KAD_PROTOCOL: &str = "/mycel/kad/1.0.0";

@@ -313,6 +313,10 @@ impl ModelService {
         self.run(admission, move |cancelled| {
             let mut sent = resume.tokens.len();
             model.generate_from(&prompt, &params, &resume, |text, tokens| {
+                if text.is_empty() {
+                    // No text yet: its tokens go with the next piece.
+                    return !cancelled.load(Ordering::Relaxed);
+                }
                 let piece = Piece {
                     text: text.to_owned(),
                     tokens: tokens[sent.min(tokens.len())..].to_vec(),

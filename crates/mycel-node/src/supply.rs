@@ -2,7 +2,7 @@
 //! a blob whose id is the model's id, so peers can fetch them), blobs fetched by content id,
 //! and, when the node serves on demand, any model id a request names that the node lacks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -293,8 +293,8 @@ impl ModelSupply {
                     Some(demand) => settled(demand).await,
                     None => Err("no load slot came free".into()),
                 };
-                // A load that failed dropped and forgot it; one that could not start leaves it
-                // recorded and pinned, for the next start.
+                // A load that failed released it (unpinned, forgotten); one over the quota or
+                // that could not start stays recorded and pinned, for the next start.
                 if let Err(e) = outcome {
                     warn!(%id, "cannot serve again the model served on demand before: {e}");
                 }
@@ -376,7 +376,27 @@ impl ModelSupply {
             }
         }
         // Whoever asked chose the id: what it names may be no model at all. It is kept
-        // unpinned until it loads, and dropped if it does not.
+        // unpinned until it loads, and what of it this fetch brought is dropped if it does
+        // not: the blobs held here before (the root, and for a directory the files its
+        // manifest lists, read once the root is here) are left as they were.
+        self.blobs
+            .fetch(id, &[], false, &Progress::default())
+            .await
+            .with_context(|| format!("fetching the model {id}"))?;
+        let store = self.blobs.store().clone();
+        let held_before = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let mut held = HashSet::new();
+            if held_here {
+                held.insert(id);
+            }
+            for entry in store.manifest(&id)?.unwrap_or_default() {
+                if store.info(&entry.id)?.is_some() {
+                    held.insert(entry.id);
+                }
+            }
+            Ok(held)
+        })
+        .await??;
         let path = self.fetch_tree(id, false, &Progress::default()).await?;
         // Recorded before anything of it is pinned (serving publishes it, which pins its
         // blob): a crash after leaves a record whose blobs the next start serves again or
@@ -412,22 +432,21 @@ impl ModelSupply {
             let _ = self.net.refresh_capabilities(capabilities).await;
         }
         self.blobs.provide_no_longer(id).await;
-        // Its blobs go when this node pinned them for it (recorded) or this fetch brought
-        // them; blobs held here before, that someone merely named, stay as they were. The
-        // record goes last.
+        // A model recorded before (served again after a restart) that no longer fits the
+        // quota stays recorded and pinned, for a start with room; one that no longer loads is
+        // released as cache (unpinned, not deleted: its files may be another model's too), the
+        // record last. Otherwise what this fetch brought goes.
         let ours = self.recorded(id).await;
         let cleanup = async {
-            if ours {
-                self.set_tree_pinned(id, false).await?;
-            }
-            if ours || !held_here {
-                self.drop_tree(id, &path).await?;
-            } else {
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || remove_link(&path)).await??;
-            }
-            if ours {
-                self.remember(id, false).await?;
+            match (ours, over_quota) {
+                (true, true) => {}
+                (true, false) => {
+                    let link = path.clone();
+                    tokio::task::spawn_blocking(move || remove_link(&link)).await??;
+                    self.set_tree_pinned(id, false).await?;
+                    self.remember(id, false).await?;
+                }
+                (false, _) => self.drop_tree(id, &path, &held_before).await?,
             }
             anyhow::Ok(())
         };
@@ -498,16 +517,22 @@ impl ModelSupply {
         .await?
     }
 
-    /// Deletes what an on-demand fetch of `id` brought (the blob, the files its manifest
-    /// lists, unless another model pinned them, and the model's link at `path`), and stops
-    /// offering it to peers.
-    async fn drop_tree(&self, id: ContentId, path: &Path) -> anyhow::Result<()> {
+    /// Deletes what an on-demand fetch of `id` brought (the blob and the files its manifest
+    /// lists, but none in `held_before` and none another model pinned, and the model's link at
+    /// `path`), and stops offering it to peers.
+    async fn drop_tree(
+        &self,
+        id: ContentId,
+        path: &Path,
+        held_before: &HashSet<ContentId>,
+    ) -> anyhow::Result<()> {
         let store = self.blobs.store().clone();
         let path = path.to_path_buf();
+        let held_before = held_before.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             remove_link(&path)?;
             for part in tree(&store, id)? {
-                if store.info(&part)?.is_some_and(|b| !b.pinned) {
+                if !held_before.contains(&part) && store.info(&part)?.is_some_and(|b| !b.pinned) {
                     store.remove(&part)?;
                 }
             }

@@ -56,6 +56,29 @@ async fn genuine_report(node: &Node, subject: PeerId) -> SignedStatement {
     }
 }
 
+/// Publishes `reporter`'s genuine report about `subject` through `via` until `observer`
+/// counts it: one made just before the subject re-announced is stale there, counted for
+/// nobody, and is made again.
+async fn report_until_counted(reporter: &Node, subject: PeerId, via: &Node, observer: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = observer.net.metrics().down_reports_counted_total();
+        let report = genuine_report(reporter, subject).await;
+        via.net.publish_raw(report.to_bytes()).await.unwrap();
+        let sent = Instant::now();
+        while sent.elapsed() < Duration::from_secs(2) {
+            if observer.net.metrics().down_reports_counted_total() > before {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the observer never counted the genuine report"
+        );
+    }
+}
+
 /// The sequence number of `subject`'s announcement as `node` holds it.
 async fn seq_of(node: &Node, subject: PeerId) -> u64 {
     node.net.peer(subject).await.unwrap().map_or(0, |p| p.seq)
@@ -108,11 +131,11 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
         .collect();
     lies.push(down_report(&attacker_key, victim_id, u64::MAX));
     lies.push(down_report(&attacker_key, victim_id, seq));
-    lies.push(genuine_report(attacker, victim_id).await);
     let ignored_before = observer.net.metrics().down_reports_ignored_total();
     for lie in &lies {
         attacker.net.publish_raw(lie.to_bytes()).await.unwrap();
     }
+    report_until_counted(attacker, victim_id, attacker, &observer).await;
     wait_until(
         Duration::from_secs(10),
         "the observer set the made-up reports aside",
@@ -130,11 +153,6 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        observer.net.metrics().down_reports_ignored_total(),
-        ignored_before + 10,
-        "the genuine report counted (below the quorum), the ten others did not"
-    );
 
     // A report naming an announcement the victim never made is a lie only the attacker can
     // have signed: the victim charges the attacker.
@@ -260,8 +278,12 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
         .await;
         reporters.push(node);
     }
-    // (The victim's refutations of the flood must have reached everyone: a report names the
-    // announcement its reporter holds, and counts only where that one is held.)
+    // (Each holds the victim's word first. The victim's refutations of the flood must have
+    // reached everyone: a report names the announcement its reporter holds, and counts only
+    // where that one is held.)
+    for node in &reporters {
+        genuine_report(node, victim_id).await;
+    }
     wait_until(
         Duration::from_secs(10),
         "the reporters and the observer hold the victim's latest announcement",
@@ -1269,31 +1291,37 @@ async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_pe
         || async { victim.net.reputation(tainted_id).await.unwrap() < -10.0 },
     )
     .await;
-    // Honest newcomers join through the full table, each listed alive: the first in the
-    // liar's place (out of good standing goes first, however long known), the second in a
-    // stranger's (the one listed last).
+    // Honest newcomers join through the full table, each listed alive. The liar makes room
+    // first, however long known (whatever newcomer comes first: the old peer's syncs may
+    // bring back strangers evicted before), the veteran known as long stays; then strangers
+    // make room (with the old peer, the attacker, the veteran and the two newcomers kept, at
+    // most TABLE - 5 of them are left).
     let mut newcomers = Vec::new();
-    for (name, liar_listed, strangers) in [
-        ("newcomer", false, strangers_listed(&before)),
-        ("second", false, strangers_listed(&before) - 1),
-    ] {
+    for name in ["newcomer", "second"] {
         let newcomer = join(root.path(), name, &victim).await;
         let newcomer_id = newcomer.net.peer_id();
         wait_until(
             Duration::from_secs(20),
-            "the victim lists the newcomer alive",
-            || async { common::holds_alive(&victim, newcomer_id).await },
+            "the victim lists the newcomer alive, and the liar no more",
+            || async {
+                common::holds_alive(&victim, newcomer_id).await
+                    && !listed().await.contains(&tainted_b58)
+            },
         )
         .await;
         newcomers.push(newcomer);
         let listed = listed().await;
         assert!(listed.len() <= TABLE, "{} listed", listed.len());
         for kept in [&old_id.to_base58(), &attacker_id.to_base58(), &veteran_b58] {
-            assert!(listed.contains(kept), "{kept} was pushed out");
+            assert!(listed.contains(kept), "{kept} was pushed out ({name})");
         }
-        assert_eq!(listed.contains(&tainted_b58), liar_listed, "{name}");
-        assert_eq!(strangers_listed(&listed), strangers, "{name}");
     }
+    let listed = listed().await;
+    assert!(
+        strangers_listed(&listed) <= TABLE - 5,
+        "{} strangers listed",
+        strangers_listed(&listed)
+    );
     for node in newcomers.into_iter().chain([old, victim]) {
         node.shutdown().await;
     }

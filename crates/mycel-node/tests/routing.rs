@@ -433,17 +433,24 @@ async fn a_task_naming_an_endless_budget_gets_the_workers_limit() {
         }
     };
     let started = Instant::now();
-    // A prompt of some 400 tokens, then greedy decoding: 1.4 s of work for the tiny model
-    // without the limit (measured), seven times the limit.
-    let answer = run(task(100, 3000)).await;
+    // A prompt of some 1,000 tokens, then greedy decoding: 7 s of work for the tiny model
+    // without the limit (measured: 0.14 s of prefill, 6.9 s of decoding), 35 times the limit.
+    let answer = run(task(250, 3000)).await;
     let took = started.elapsed();
     assert!(
         matches!(&answer, Some(TaskFrame::Refused(Refusal::Failed(m))) if m.contains("time ran out")),
         "{answer:?}"
     );
     assert!(took < Duration::from_secs(5), "worked on it for {took:?}");
-    // The worker serves the next task in full.
-    let answer = run(task(1, 2)).await;
+    // The worker serves the next task in full (once the first one's decoding has stopped,
+    // at its next token: a loaded machine may take a few tries within the limit).
+    let mut answer = None;
+    for _ in 0..10 {
+        answer = run(task(1, 2)).await;
+        if matches!(answer, Some(TaskFrame::Done(_))) {
+            break;
+        }
+    }
     assert!(matches!(answer, Some(TaskFrame::Done(_))), "{answer:?}");
     for node in [sender, worker] {
         node.shutdown().await;
