@@ -405,6 +405,8 @@ pub struct Membership {
     /// A report about this node's announcement with this sequence number waits for the next
     /// refutation.
     refute_pending: Option<u64>,
+    /// Peers evicted to make room for others so far.
+    evicted: u64,
 }
 
 impl Membership {
@@ -431,6 +433,7 @@ impl Membership {
             stored_bytes: 0,
             last_refute: None,
             refute_pending: None,
+            evicted: 0,
         }
     }
 
@@ -534,9 +537,15 @@ impl Membership {
             };
             if let Some(gone) = self.peers.remove(&victim) {
                 self.stored_bytes -= gone.latest.as_ref().map_or(0, stored_len);
+                self.evicted += 1;
             }
         }
         true
+    }
+
+    /// Peers evicted from the table to make room for others since the start.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
     }
 
     fn entry(&mut self, peer: PeerId, now: UnixMillis) -> Option<&mut Entry> {

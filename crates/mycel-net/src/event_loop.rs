@@ -832,6 +832,11 @@ impl EventLoop {
         // The word of connected peers that this node is connected to them, for its down
         // reports about them.
         for peer in self.membership.contacts_wanted(now, CONTACTS_PER_TICK) {
+            // Only over a connection that is open now: a request to a peer without one would
+            // dial it (one this node just shed, say, would come back as a peer it chose).
+            if !self.swarm.is_connected(&peer) {
+                continue;
+            }
             let id = self
                 .swarm
                 .behaviour_mut()
@@ -896,6 +901,11 @@ impl EventLoop {
     fn update_gauges(&self) {
         let (alive, _, failed) = self.membership.counts();
         self.metrics.set_peers(alive, failed);
+        let evicted = self.membership.evicted();
+        let counted = self.metrics.members_evicted.get();
+        if evicted > counted {
+            self.metrics.members_evicted.inc_by(evicted - counted);
+        }
         self.metrics.connections.set(self.connections as i64);
     }
 

@@ -40,6 +40,7 @@ pub struct NetMetrics {
     pub(crate) connections_refused: Family<ReasonLabel, Counter>,
     pub(crate) reports_ignored: Counter,
     pub(crate) reports_counted: Counter,
+    pub(crate) members_evicted: Counter,
     /// Inbound raw streams dropped: past their queue's bounds, or of a protocol not accepted.
     pub(crate) streams_dropped: Counter,
     /// NAT traversal events by kind and result (see `nat_event` labels).
@@ -204,6 +205,12 @@ impl NetMetrics {
             metrics.reports_ignored.clone(),
         );
         sub.register(
+            "members_evicted",
+            "Peers evicted from the full membership table to make room for others (failed ones \
+             first, then those out of good standing, then the ones listed last)",
+            metrics.members_evicted.clone(),
+        );
+        sub.register(
             "down_reports_counted",
             "Down reports about other peers counted toward their quorum (from a live reporter \
              carrying the subject's word that it was connected to it)",
@@ -348,6 +355,11 @@ impl NetMetrics {
     /// Down reports neither counted nor passed on.
     pub fn down_reports_ignored_total(&self) -> u64 {
         self.reports_ignored.get()
+    }
+
+    /// Peers evicted from the full membership table.
+    pub fn members_evicted_total(&self) -> u64 {
+        self.members_evicted.get()
     }
 
     /// Down reports about other peers counted toward their quorum.

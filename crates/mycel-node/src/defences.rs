@@ -28,8 +28,16 @@ pub const MODEL_NAME_UNBOUND: &str = "model_name_unbound";
 /// grace after another holder answered (a slow honest holder counts too), or it sent what
 /// does not belong to the blob.
 pub const BLOB_PROVIDER_EXCLUDED: &str = "blob_provider_excluded";
+/// A model's chat template stopped at its fuel or its time limit.
+pub const TEMPLATE_LIMIT: &str = "template_limit";
+/// A peer's task stopped when the worker's limit on its budget ran out.
+pub const TASK_BUDGET_SPENT: &str = "task_budget_spent";
+/// A peer's task refused: the peer held its share of the model queue.
+pub const MODEL_QUEUE_PAST_SHARE: &str = "model_queue_past_share";
+/// A training update weighed by the samples its sender announced, not the more it claimed.
+pub const TRAINING_SAMPLES_CAPPED: &str = "training_samples_capped";
 
-const ALL: [&str; 9] = [
+const ALL: [&str; 13] = [
     TASK_STREAMS_PAST_SHARE,
     BLOB_STREAMS_PAST_SHARE,
     TRAINING_STREAMS_PAST_SHARE,
@@ -39,6 +47,10 @@ const ALL: [&str; 9] = [
     MODEL_NAME_AMBIGUOUS,
     MODEL_NAME_UNBOUND,
     BLOB_PROVIDER_EXCLUDED,
+    TEMPLATE_LIMIT,
+    TASK_BUDGET_SPENT,
+    MODEL_QUEUE_PAST_SHARE,
+    TRAINING_SAMPLES_CAPPED,
 ];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,7 +85,10 @@ impl Defences {
              did not allow; models fetched on demand that failed to load, dropped again; \
              requests by a name several ids are announced under, or, with only bound names \
              taken, by a name nothing bound or trusted names; blob providers left out of a \
-             fetch for silence or bad data)",
+             fetch for silence or bad data; chat templates stopped at their fuel or time \
+             limit; peers' tasks stopped at the worker's budget limit or refused past their \
+             share of the model queue; training updates weighed by the samples announced, \
+             not the more claimed)",
             self.0.clone(),
         );
     }

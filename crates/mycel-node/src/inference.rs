@@ -1088,7 +1088,12 @@ impl Inference {
         };
         let prompt = match crate::models::chat_prompt(model, messages).await {
             Ok((prompt, _)) => prompt,
-            Err(e) => return Outcome::Final(RouteError::Invalid(e.to_string())),
+            Err(e) => {
+                if crate::models::template_limit(&e) {
+                    self.defences.count(crate::defences::TEMPLATE_LIMIT);
+                }
+                return Outcome::Final(RouteError::Invalid(e.to_string()));
+            }
         };
         let resume = progress.resume.clone();
         self.count(|s| s.worked += 1);
@@ -1857,7 +1862,12 @@ impl Inference {
         let frame = match answer {
             Ok(Ok(result)) => TaskFrame::Done(Box::new(result)),
             Ok(Err(refusal)) => TaskFrame::Refused(refusal),
-            Err(_) => TaskFrame::Refused(Refusal::Failed("the task's time ran out".into())),
+            Err(_) => {
+                if Duration::from_millis(request.budget_ms) > budget {
+                    self.defences.count(crate::defences::TASK_BUDGET_SPENT);
+                }
+                TaskFrame::Refused(Refusal::Failed("the task's time ran out".into()))
+            }
         };
         let _ = write_frame(&mut stream, &frame).await;
         let _ = futures::AsyncWriteExt::close(&mut stream).await;
@@ -1945,9 +1955,15 @@ impl Inference {
                     resume,
                 },
             ) => {
-                let (prompt, _) = crate::models::chat_prompt(model, messages)
-                    .await
-                    .map_err(|e| refusal(e.into()))?;
+                let (prompt, _) =
+                    crate::models::chat_prompt(model, messages)
+                        .await
+                        .map_err(|e| {
+                            if crate::models::template_limit(&e) {
+                                self.defences.count(crate::defences::TEMPLATE_LIMIT);
+                            }
+                            refusal(e.into())
+                        })?;
                 let (generation, queue_ms) = self
                     .models
                     .generate_into(

@@ -316,6 +316,7 @@ impl Node {
         let mut registry = Registry::default();
         let defences = defences::Defences::default();
         defences.register(&mut registry);
+        models.counting(defences.clone());
         let (net, events, net_task) = mycel_net::spawn(net_config, seq_source, &mut registry)
             .await
             .context("starting the network")?;

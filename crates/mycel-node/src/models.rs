@@ -89,6 +89,12 @@ pub async fn chat_prompt_within(
     .map_err(failed)?
 }
 
+/// Whether `e` is a chat template stopped at its fuel or its time limit.
+pub fn template_limit(e: &MlError) -> bool {
+    matches!(e, MlError::Input(m) if m.contains("chat template")
+        && (m.contains("fuel") || m.contains("time limit")))
+}
+
 /// A model this node serves.
 #[derive(Debug, Clone)]
 pub struct Served {
@@ -119,6 +125,8 @@ pub struct ModelService {
     models: std::sync::RwLock<Arc<Vec<Served>>>,
     queue: Arc<Mutex<QueueShares<PeerId>>>,
     worker: Arc<Semaphore>,
+    /// Where peers refused past their share are counted, once the node has its counters.
+    defences: std::sync::OnceLock<crate::defences::Defences>,
 }
 
 /// Loads one model: a `.gguf` file is a generation model, a directory with config.json,
@@ -182,7 +190,13 @@ impl ModelService {
             models: std::sync::RwLock::new(Arc::new(models)),
             queue: Arc::new(Mutex::new(QueueShares::new(max_queue))),
             worker: Arc::new(Semaphore::new(1)),
+            defences: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Counts what the queue turns away in `defences`.
+    pub fn counting(&self, defences: crate::defences::Defences) {
+        let _ = self.defences.set(defences);
     }
 
     /// What to announce.
@@ -248,9 +262,14 @@ impl ModelService {
     /// (mycel-core's `queue`).
     pub fn admit(&self, who: Requester<PeerId>) -> Result<Admission, RunError> {
         let mut shares = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        shares
-            .take(&who)
-            .map_err(|_| RunError::Busy(shares.max()))?;
+        shares.take(&who).map_err(|e| {
+            if matches!(e, mycel_core::queue::QueueFull::PeerShare(_)) {
+                if let Some(defences) = self.defences.get() {
+                    defences.count(crate::defences::MODEL_QUEUE_PAST_SHARE);
+                }
+            }
+            RunError::Busy(shares.max())
+        })?;
         Ok(Admission {
             shares: self.queue.clone(),
             who,

@@ -931,9 +931,15 @@ impl Training {
                         Ok(delta) => outcome.updates.push(Received {
                             delta,
                             // No more samples than the peer (or its cluster) announced.
-                            samples: samples_cap
-                                .get(&peer)
-                                .map_or(update.samples, |cap| update.samples.min(*cap)),
+                            samples: match samples_cap.get(&peer) {
+                                Some(cap) if update.samples > *cap => {
+                                    self.blobs
+                                        .defences
+                                        .count(crate::defences::TRAINING_SAMPLES_CAPPED);
+                                    *cap
+                                }
+                                _ => update.samples,
+                            },
                             loss: update.loss,
                             data: update.data,
                             contributors: update.contributors,

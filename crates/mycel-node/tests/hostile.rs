@@ -1180,10 +1180,14 @@ async fn shedding_takes_strangers_not_an_old_neighbour_nor_the_peer_a_node_chose
             connected_to(&victim, neighbour_id).await,
             "the long-lived neighbour was shed"
         );
-        assert!(
-            connected_to(&victim, chosen_id).await,
-            "the peer the victim chose was shed"
-        );
+        if !connected_to(&victim, chosen_id).await {
+            panic!(
+                "the peer the victim chose was shed (its score there {:?}, the victim's there {:?}, rejected {:?})",
+                victim.net.reputation(chosen_id).await,
+                chosen.net.reputation(victim.net.peer_id()).await,
+                victim.net.metrics().rejected_total()
+            );
+        }
         let held = victim.net.status().await.unwrap().connected_peers;
         if !shed && held <= 3 {
             shed = true;
@@ -1316,6 +1320,7 @@ async fn a_table_full_of_strangers_takes_an_honest_newcomer_and_keeps_its_old_pe
             assert!(listed.contains(kept), "{kept} was pushed out ({name})");
         }
     }
+    assert!(victim.net.metrics().members_evicted_total() >= 1);
     let listed = listed().await;
     assert!(
         strangers_listed(&listed) <= TABLE - 5,

@@ -126,11 +126,13 @@ async fn a_chat_template_that_loops_fails_a_peers_request_and_the_worker_keeps_a
                 "messages": [{ "role": "user", "content": "hi" }] }),
     );
     assert_eq!(status, 400, "{body}");
-    // Out of fuel, or past its time limit on a slow machine (a debug build).
+    // Out of fuel, or past its time limit on a slow machine (a debug build): counted.
     assert!(
         body.contains("chat template") && (body.contains("fuel") || body.contains("time limit")),
         "{body}"
     );
+    let limit = mycel_node::defences::TEMPLATE_LIMIT;
+    assert_eq!(worker.inference.defences.total(limit), 1);
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "the request was held {:?}",
@@ -452,6 +454,8 @@ async fn a_task_naming_an_endless_budget_gets_the_workers_limit() {
         }
     }
     assert!(matches!(answer, Some(TaskFrame::Done(_))), "{answer:?}");
+    let spent = mycel_node::defences::TASK_BUDGET_SPENT;
+    assert!(worker.inference.defences.total(spent) >= 1);
     for node in [sender, worker] {
         node.shutdown().await;
     }

@@ -300,6 +300,12 @@ async fn a_participant_claiming_more_samples_than_it_announced_is_weighed_by_its
     }
     let accuracy = record.metrics[3].accuracy;
     assert!(accuracy > 0.5, "accuracy {accuracy}");
+    // Every round's lie was capped, and counted.
+    let capped = nodes[0]
+        .blobs
+        .defences
+        .total(mycel_node::defences::TRAINING_SAMPLES_CAPPED);
+    assert!(capped >= 4, "{capped} updates capped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
