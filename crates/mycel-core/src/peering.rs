@@ -455,9 +455,18 @@ pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected
         .collect();
     oldest.sort_by_key(|c| c.since);
     oldest.truncate(config.protect_oldest);
+    // The `min_outbound` peers this node dialled and has held longest are kept: a peer it
+    // dialled lately (a stranger it reached again, still in its grace) must not count in
+    // their place, or the peers it chose would go.
+    let mut chosen: Vec<&Connected<K>> = conns.iter().filter(|c| !c.inbound).collect();
+    chosen.sort_by(|a, b| a.since.cmp(&b.since).then(b.score.total_cmp(&a.score)));
+    chosen.truncate(config.min_outbound);
+    let kept = |c: &Connected<K>| {
+        oldest.iter().any(|o| std::ptr::eq(*o, c)) || chosen.iter().any(|o| std::ptr::eq(*o, c))
+    };
     let mut sheddable: Vec<&Connected<K>> = conns
         .iter()
-        .filter(|c| !c.protected && past_grace(c) && !oldest.iter().any(|o| std::ptr::eq(*o, *c)))
+        .filter(|c| !c.protected && past_grace(c) && !kept(c))
         .collect();
     sheddable.sort_by(|a, b| {
         b.inbound
@@ -465,18 +474,8 @@ pub fn shed<K: Clone>(config: &DegreeConfig, now: UnixMillis, conns: &[Connected
             .then(a.score.total_cmp(&b.score))
             .then(b.since.cmp(&a.since))
     });
-    let outbound = conns.iter().filter(|c| !c.inbound).count();
-    let mut outbound_spare = outbound.saturating_sub(config.min_outbound);
     sheddable
         .into_iter()
-        .filter(|c| {
-            if c.inbound {
-                return true;
-            }
-            let spare = outbound_spare > 0;
-            outbound_spare = outbound_spare.saturating_sub(1);
-            spare
-        })
         .take(excess)
         .map(|c| c.peer.clone())
         .collect()
@@ -1028,6 +1027,13 @@ mod tests {
         eclipsed[0].score = -5.0;
         eclipsed.extend((10..30).map(|p| conn(p, now - 1_000, true)));
         assert_eq!(shed(&config, now, &eclipsed), vec![0]);
+        // A peer it dialled lately (in its grace) does not count for the ones it has held
+        // longest: with one of each beyond min_outbound, the old ones stay.
+        let mut redialled: Vec<Connected<u32>> = (0..2).map(|p| conn(p, 0, false)).collect();
+        redialled.push(conn(2, now - 1_000, false));
+        redialled.extend((10..24).map(|p| conn(p, now - 1_000, true)));
+        let out = shed(&config, now, &redialled);
+        assert!(!out.contains(&0) && !out.contains(&1), "{out:?}");
         // Nor the longest-connected inbound peers in good standing (protect_oldest, 4 here):
         // with wear, but in good standing, they stay while strangers past their grace go.
         let mut worn: Vec<Connected<u32>> = (0..4).map(|p| conn(p, p.into(), true)).collect();

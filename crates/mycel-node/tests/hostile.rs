@@ -136,6 +136,18 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
         attacker.net.publish_raw(lie.to_bytes()).await.unwrap();
     }
     report_until_counted(attacker, victim_id, attacker, &observer).await;
+    // The same reporter again, within the window: set aside, not counted twice.
+    let counted = observer.net.metrics().down_reports_counted_total();
+    let ignored = observer.net.metrics().down_reports_ignored_total();
+    let again = genuine_report(attacker, victim_id).await;
+    attacker.net.publish_raw(again.to_bytes()).await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the observer sets the repeat aside",
+        || async { observer.net.metrics().down_reports_ignored_total() > ignored },
+    )
+    .await;
+    assert_eq!(observer.net.metrics().down_reports_counted_total(), counted);
     wait_until(
         Duration::from_secs(10),
         "the observer set the made-up reports aside",
@@ -1182,10 +1194,14 @@ async fn shedding_takes_strangers_not_an_old_neighbour_nor_the_peer_a_node_chose
         );
         if !connected_to(&victim, chosen_id).await {
             panic!(
-                "the peer the victim chose was shed (its score there {:?}, the victim's there {:?}, rejected {:?})",
+                "the peer the victim chose was shed (its score there {:?}, the victim's there {:?}, rejected {:?}; chosen sees victim connected {}; victim's info {:?}; chosen's info {:?}; shed at {:?})",
                 victim.net.reputation(chosen_id).await,
                 chosen.net.reputation(victim.net.peer_id()).await,
-                victim.net.metrics().rejected_total()
+                victim.net.metrics().rejected_total(),
+                connected_to(&chosen, victim.net.peer_id()).await,
+                victim.net.peer(chosen_id).await,
+                chosen.net.peer(victim.net.peer_id()).await,
+                shed,
             );
         }
         let held = victim.net.status().await.unwrap().connected_peers;

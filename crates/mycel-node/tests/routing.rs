@@ -461,6 +461,62 @@ async fn a_task_naming_an_endless_budget_gets_the_workers_limit() {
     }
 }
 
+/// One peer gets at most its share of the model queue (half of it): of ten long tasks it sends
+/// at once, eight take places and two are refused at once as busy, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_gets_at_most_its_share_of_the_model_queue() {
+    let root = tempfile::tempdir().unwrap();
+    let llama = load(root.path(), "tiny-llama.gguf", |p| {
+        write_tiny_llama(p).unwrap()
+    });
+    let model = llama.offer.id;
+    let worker = start(root.path(), "worker", vec![], vec![llama], 16).await;
+    let sender = start(root.path(), "sender", addrs_of(&worker), vec![], 16).await;
+    wait_offers(&sender, &[&worker]).await;
+    // Ten generations of seconds each, all at once (the worker runs one at a time; the
+    // others wait in the queue, holding their places).
+    let mut streams = Vec::new();
+    for i in 0..10u128 {
+        let mut stream = sender
+            .net
+            .open_task_stream(worker.net.peer_id())
+            .await
+            .unwrap();
+        let request = TaskRequest {
+            id: TaskId(i),
+            model,
+            budget_ms: 60_000,
+            input: TaskInput::Generate {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "cat ".repeat(250),
+                }],
+                params: GenerateParams {
+                    max_tokens: 3000,
+                    temperature: Some(0.0),
+                    ..GenerateParams::default()
+                },
+                resume: Default::default(),
+            },
+        };
+        write_frame(&mut stream, &request).await.unwrap();
+        streams.push(stream);
+    }
+    let past_share = mycel_node::defences::MODEL_QUEUE_PAST_SHARE;
+    wait_until(
+        LIMIT,
+        "two of the ten refused past the peer's share",
+        || async { worker.inference.defences.total(past_share) >= 2 },
+    )
+    .await;
+    // The sender leaves: its generations stop.
+    drop(streams);
+    assert_eq!(worker.inference.defences.total(past_share), 2);
+    for node in [sender, worker] {
+        node.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_task_is_refused_costs_its_sender_and_the_worker_keeps_serving() {
     let root = tempfile::tempdir().unwrap();
