@@ -226,36 +226,27 @@ fn only_a_share(
     );
 }
 
-/// The star of namespaces, or `None` (said, or a failure where CI requires them) where it
-/// cannot be built.
+/// The star of namespaces, or `None` where it cannot be built (see [`built`]).
 fn star(test: &str, label: &str, net: u8) -> Option<Star> {
-    match Star::new(label, net, 4) {
-        Ok(star) => Some(star),
-        Err(e) => {
-            mycel_ml::fixtures::skip_unless_required(
-                test,
-                "MYCEL_REQUIRE_NETNS",
-                &format!("cannot build the namespaces ({e})"),
-            );
-            None
-        }
-    }
+    built(test, Star::new(label, net, 4))
 }
 
-/// The two namespaces, or `None` (said, or a failure where CI requires them) where they
-/// cannot be built.
+/// The two namespaces, or `None` where they cannot be built (see [`built`]).
 fn namespaces(test: &str, label: &str, net: u8) -> Option<VethPair> {
-    match VethPair::new(label, net) {
-        Ok(pair) => Some(pair),
-        Err(e) => {
-            mycel_ml::fixtures::skip_unless_required(
-                test,
-                "MYCEL_REQUIRE_NETNS",
-                &format!("cannot build the namespaces ({e})"),
-            );
-            None
-        }
-    }
+    built(test, VethPair::new(label, net))
+}
+
+/// The namespaces `lab` built, or `None` where they could not be (said, or a failure where
+/// CI requires them).
+fn built<L>(test: &str, lab: Result<L, String>) -> Option<L> {
+    lab.map_err(|e| {
+        mycel_ml::fixtures::skip_unless_required(
+            test,
+            "MYCEL_REQUIRE_NETNS",
+            &format!("cannot build the namespaces ({e})"),
+        )
+    })
+    .ok()
 }
 
 /// A node in namespace `ns` listening at `listen` (a multiaddr without its port) on `port`

@@ -352,11 +352,6 @@ impl Generator {
         &self.tokenizer
     }
 
-    /// Most tokens of prompt and generation together.
-    pub fn context_length(&self) -> usize {
-        MAX_SEQ_LEN
-    }
-
     /// The prompt for `messages` by the model's chat template, ready for the assistant's turn.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String> {
         if messages.is_empty() {

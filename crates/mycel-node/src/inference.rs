@@ -1086,14 +1086,9 @@ impl Inference {
             Ok(admission) => admission,
             Err(e) => return retry(e.to_string(), Fault::None),
         };
-        let prompt = match crate::models::chat_prompt(model, messages).await {
-            Ok((prompt, _)) => prompt,
-            Err(e) => {
-                if crate::models::template_limit(&e) {
-                    self.defences.count(crate::defences::TEMPLATE_LIMIT);
-                }
-                return Outcome::Final(RouteError::Invalid(e.to_string()));
-            }
+        let prompt = match self.prompt(model, messages).await {
+            Ok(prompt) => prompt,
+            Err(e) => return Outcome::Final(RouteError::Invalid(e.to_string())),
         };
         let resume = progress.resume.clone();
         self.count(|s| s.worked += 1);
@@ -1919,6 +1914,20 @@ impl Inference {
         Ok(result)
     }
 
+    /// `model`'s prompt for `messages` ([`crate::models::chat_prompt`]), counting a template
+    /// stopped at its fuel or time limit.
+    async fn prompt(
+        &self,
+        model: &Arc<mycel_ml::Generator>,
+        messages: &[ChatMessage],
+    ) -> Result<String, MlError> {
+        let prompt = crate::models::chat_prompt(model, messages).await;
+        if prompt.as_ref().is_err_and(crate::models::template_limit) {
+            self.defences.count(crate::defences::TEMPLATE_LIMIT);
+        }
+        prompt
+    }
+
     /// Runs `input` on this node's `runner` for `requester`; generated text goes to `sink`.
     async fn compute<S: PieceSink + Send>(
         &self,
@@ -1955,15 +1964,10 @@ impl Inference {
                     resume,
                 },
             ) => {
-                let (prompt, _) =
-                    crate::models::chat_prompt(model, messages)
-                        .await
-                        .map_err(|e| {
-                            if crate::models::template_limit(&e) {
-                                self.defences.count(crate::defences::TEMPLATE_LIMIT);
-                            }
-                            refusal(e.into())
-                        })?;
+                let prompt = self
+                    .prompt(model, messages)
+                    .await
+                    .map_err(|e| refusal(e.into()))?;
                 let (generation, queue_ms) = self
                     .models
                     .generate_into(

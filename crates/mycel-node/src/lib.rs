@@ -255,7 +255,9 @@ impl Node {
             .map(|s| (s.source.clone(), s.offer.id))
             .collect();
         served.extend(loaded);
-        let models = Arc::new(ModelService::new(served, max_queue));
+        // What the node's defences turn away, counted by every service (registered below).
+        let defences = defences::Defences::default();
+        let models = Arc::new(ModelService::new(served, max_queue).counting(defences.clone()));
         let known_peers = store
             .peers()?
             .into_iter()
@@ -314,9 +316,7 @@ impl Node {
         });
 
         let mut registry = Registry::default();
-        let defences = defences::Defences::default();
         defences.register(&mut registry);
-        models.counting(defences.clone());
         let (net, events, net_task) = mycel_net::spawn(net_config, seq_source, &mut registry)
             .await
             .context("starting the network")?;

@@ -39,14 +39,14 @@ pub const TEMPLATE_TIME_LIMIT: std::time::Duration = std::time::Duration::from_s
 const TEMPLATE_SLOTS: usize = 4;
 static TEMPLATES: Semaphore = Semaphore::const_new(TEMPLATE_SLOTS);
 
-/// The prompt for `messages` by `model`'s chat template, and its length in tokens, worked
-/// out on the blocking pool: a template comes with the model file and may run long (up to
-/// its fuel and [`TEMPLATE_TIME_LIMIT`]), and tokenising a long prompt takes a while, neither
-/// on the async runtime that serves the API and the network.
+/// The prompt for `messages` by `model`'s chat template, worked out on the blocking pool: a
+/// template comes with the model file and may run long (up to its fuel and
+/// [`TEMPLATE_TIME_LIMIT`]), not on the async runtime that serves the API and the network.
+/// (The engine tokenises it, once, when it runs the task.)
 pub async fn chat_prompt(
     model: &Arc<Generator>,
     messages: &[mycel_ml::ChatMessage],
-) -> Result<(String, usize), MlError> {
+) -> Result<String, MlError> {
     chat_prompt_within(model, messages, TEMPLATE_TIME_LIMIT).await
 }
 
@@ -55,7 +55,7 @@ pub async fn chat_prompt_within(
     model: &Arc<Generator>,
     messages: &[mycel_ml::ChatMessage],
     limit: std::time::Duration,
-) -> Result<(String, usize), MlError> {
+) -> Result<String, MlError> {
     let failed =
         |e: tokio::task::JoinError| MlError::Run(format!("preparing the prompt failed: {e}"));
     let (templating, messages) = (model.clone(), messages.to_vec());
@@ -71,22 +71,13 @@ pub async fn chat_prompt_within(
         .await
         .map_err(failed)?
     };
-    let prompt = match tokio::time::timeout(limit, render).await {
-        Ok(rendered) => rendered?,
-        Err(_) => {
-            return Err(MlError::Input(format!(
-                "the model's chat template ran past its time limit ({} ms)",
-                limit.as_millis()
-            )))
-        }
-    };
-    let model = model.clone();
-    tokio::task::spawn_blocking(move || {
-        let tokens = model.tokenizer().encode(&prompt)?.len();
-        Ok((prompt, tokens))
-    })
-    .await
-    .map_err(failed)?
+    match tokio::time::timeout(limit, render).await {
+        Ok(rendered) => rendered,
+        Err(_) => Err(MlError::Input(format!(
+            "the model's chat template ran past its time limit ({} ms)",
+            limit.as_millis()
+        ))),
+    }
 }
 
 /// Whether `e` is a chat template stopped at its fuel or its time limit.
@@ -125,8 +116,8 @@ pub struct ModelService {
     models: std::sync::RwLock<Arc<Vec<Served>>>,
     queue: Arc<Mutex<QueueShares<PeerId>>>,
     worker: Arc<Semaphore>,
-    /// Where peers refused past their share are counted, once the node has its counters.
-    defences: std::sync::OnceLock<crate::defences::Defences>,
+    /// Where peers refused past their share are counted.
+    defences: crate::defences::Defences,
 }
 
 /// Loads one model: a `.gguf` file is a generation model, a directory with config.json,
@@ -190,13 +181,14 @@ impl ModelService {
             models: std::sync::RwLock::new(Arc::new(models)),
             queue: Arc::new(Mutex::new(QueueShares::new(max_queue))),
             worker: Arc::new(Semaphore::new(1)),
-            defences: std::sync::OnceLock::new(),
+            defences: Default::default(),
         }
     }
 
     /// Counts what the queue turns away in `defences`.
-    pub fn counting(&self, defences: crate::defences::Defences) {
-        let _ = self.defences.set(defences);
+    pub fn counting(mut self, defences: crate::defences::Defences) -> Self {
+        self.defences = defences;
+        self
     }
 
     /// What to announce.
@@ -264,9 +256,7 @@ impl ModelService {
         let mut shares = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         shares.take(&who).map_err(|e| {
             if matches!(e, mycel_core::queue::QueueFull::PeerShare(_)) {
-                if let Some(defences) = self.defences.get() {
-                    defences.count(crate::defences::MODEL_QUEUE_PAST_SHARE);
-                }
+                self.defences.count(crate::defences::MODEL_QUEUE_PAST_SHARE);
             }
             RunError::Busy(shares.max())
         })?;

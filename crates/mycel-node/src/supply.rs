@@ -262,16 +262,12 @@ impl ModelSupply {
     /// allowed; their blobs are unpinned, cache like any other) or now serves from its
     /// configuration.
     pub async fn restore(self: &Arc<Self>) {
-        let Some(state) = lock(&self.state).clone() else {
-            return;
-        };
-        let ids = match tokio::task::spawn_blocking(move || state.on_demand()).await {
-            Ok(Ok(ids)) => ids,
-            Ok(Err(e)) => {
-                warn!("cannot read the models served on demand before: {e}");
+        let ids = match self.on_state(|state| state.on_demand()).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                warn!("cannot read the models served on demand before: {e:#}");
                 return;
             }
-            Err(_) => return,
         };
         for id in ids {
             if self.models.offers().iter().any(|o| o.id == id) {
@@ -315,27 +311,30 @@ impl ModelSupply {
     /// Records (or forgets) that the model `id` is served on demand; an error once the node
     /// is stopping (the database let go).
     async fn remember(&self, id: ContentId, served: bool) -> anyhow::Result<()> {
-        let state = lock(&self.state)
-            .clone()
-            .context("the node is stopping: the models served on demand are not recorded")?;
-        tokio::task::spawn_blocking(move || match served {
+        self.on_state(move |state| match served {
             true => state.put_on_demand(&id),
             false => state.remove_on_demand(&id),
         })
-        .await??;
-        Ok(())
+        .await
     }
 
     /// Whether the model `id` is recorded as served on demand.
     async fn recorded(&self, id: ContentId) -> bool {
-        let Some(state) = lock(&self.state).clone() else {
-            return false;
-        };
-        tokio::task::spawn_blocking(move || state.on_demand())
+        self.on_state(|state| state.on_demand())
             .await
-            .ok()
-            .and_then(Result::ok)
-            .is_some_and(|ids| ids.contains(&id))
+            .is_ok_and(|ids| ids.contains(&id))
+    }
+
+    /// Runs `f` on the state database on the blocking pool; an error once the node is
+    /// stopping (the database let go).
+    async fn on_state<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, mycel_store::StoreError> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let state = lock(&self.state)
+            .clone()
+            .context("the node is stopping: the models served on demand are not recorded")?;
+        Ok(tokio::task::spawn_blocking(move || f(&state)).await??)
     }
 
     async fn fetch_and_serve(&self, id: ContentId) -> anyhow::Result<()> {
@@ -446,7 +445,7 @@ impl ModelSupply {
                     self.set_tree_pinned(id, false).await?;
                     self.remember(id, false).await?;
                 }
-                (false, _) => self.drop_tree(id, &path, &held_before).await?,
+                (false, _) => self.drop_tree(id, &path, held_before).await?,
             }
             anyhow::Ok(())
         };
@@ -524,11 +523,10 @@ impl ModelSupply {
         &self,
         id: ContentId,
         path: &Path,
-        held_before: &HashSet<ContentId>,
+        held_before: HashSet<ContentId>,
     ) -> anyhow::Result<()> {
         let store = self.blobs.store().clone();
         let path = path.to_path_buf();
-        let held_before = held_before.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             remove_link(&path)?;
             for part in tree(&store, id)? {

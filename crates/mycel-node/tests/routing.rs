@@ -387,6 +387,30 @@ async fn busy_and_dead_nodes_are_skipped_and_all_busy_is_overloaded() {
     busy.shutdown().await;
 }
 
+/// A greedy generation task of `model` on `words` words ("cat cat ..."), up to `max_tokens`.
+fn greedy_task(
+    id: TaskId,
+    model: mycel_core::id::ContentId,
+    budget_ms: u64,
+    words: usize,
+    max_tokens: usize,
+) -> TaskRequest {
+    TaskRequest {
+        id,
+        model,
+        budget_ms,
+        input: TaskInput::Generate {
+            messages: user(&"cat ".repeat(words)),
+            params: GenerateParams {
+                max_tokens,
+                temperature: Some(0.0),
+                ..GenerateParams::default()
+            },
+            resume: Default::default(),
+        },
+    }
+}
+
 /// A peer's task may name any budget (u64::MAX ms here); the worker works on it for at most
 /// its own limit (10 minutes by default, 200 ms here), then refuses it, and serves the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,22 +426,14 @@ async fn a_task_naming_an_endless_budget_gets_the_workers_limit() {
     let worker = Node::start(config).await.unwrap();
     let sender = start(root.path(), "sender", addrs_of(&worker), vec![], 16).await;
     wait_offers(&sender, &[&worker]).await;
-    let task = |words: usize, max_tokens: usize| TaskRequest {
-        id: TaskId(max_tokens as u128),
-        model,
-        budget_ms: u64::MAX,
-        input: TaskInput::Generate {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: "cat ".repeat(words),
-            }],
-            params: GenerateParams {
-                max_tokens,
-                temperature: Some(0.0),
-                ..GenerateParams::default()
-            },
-            resume: Default::default(),
-        },
+    let task = |words: usize, max_tokens: usize| {
+        greedy_task(
+            TaskId(max_tokens as u128),
+            model,
+            u64::MAX,
+            words,
+            max_tokens,
+        )
     };
     let run = |request: TaskRequest| {
         let (sender, worker) = (sender.net.clone(), worker.net.peer_id());
@@ -482,23 +498,7 @@ async fn one_peer_gets_at_most_its_share_of_the_model_queue() {
             .open_task_stream(worker.net.peer_id())
             .await
             .unwrap();
-        let request = TaskRequest {
-            id: TaskId(i),
-            model,
-            budget_ms: 60_000,
-            input: TaskInput::Generate {
-                messages: vec![ChatMessage {
-                    role: "user".into(),
-                    content: "cat ".repeat(250),
-                }],
-                params: GenerateParams {
-                    max_tokens: 3000,
-                    temperature: Some(0.0),
-                    ..GenerateParams::default()
-                },
-                resume: Default::default(),
-            },
-        };
+        let request = greedy_task(TaskId(i), model, 60_000, 250, 3000);
         write_frame(&mut stream, &request).await.unwrap();
         streams.push(stream);
     }
