@@ -285,6 +285,10 @@ pub struct PeerInfo {
     /// node's down reports about it count only with one lately.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contact_at: Option<UnixMillis>,
+    /// Whether this node holds the peer banned (its score below the threshold, or isolated
+    /// for a lie): its messages are dropped unread. Filled in by the network driver.
+    #[serde(default)]
+    pub banned: bool,
 }
 
 /// A change of a peer's state, for the driver to act on (log, metrics, persist, notify).
@@ -573,6 +577,7 @@ impl Membership {
                 direct_after_ms: None,
                 full: false,
                 contact_at: None,
+                banned: false,
             },
             latest: None,
             missed_pings: 0,

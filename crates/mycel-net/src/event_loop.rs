@@ -15,7 +15,9 @@ use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{gossipsub, identify, kad, mdns, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
 use mycel_core::antientropy::{SyncKind, SyncSchedule};
 use mycel_core::id::ContentId;
-use mycel_core::membership::{self, Accepted, Change, Culprit, FailReason, Membership, Refusal};
+use mycel_core::membership::{
+    self, Accepted, Change, Culprit, FailReason, Membership, PeerInfo, Refusal,
+};
 use mycel_core::peering::{
     self, BackoffConfig, Connected, Degree, DegreeConfig, Held, Referrals, Revival,
 };
@@ -788,6 +790,13 @@ impl EventLoop {
                 gossipsub::MessageAcceptance::Ignore
             }
         }
+    }
+
+    /// `info` as this node sees `peer` now: how they are connected, and whether it is banned.
+    fn view_of(&self, peer: &PeerId, info: &PeerInfo) -> PeerInfo {
+        let mut info = self.with_link(peer, info);
+        info.banned = self.reputation.is_banned(peer, now_ms());
+        info
     }
 
     /// Counts a rejected message against `peer`, banning it when its reputation runs out.
@@ -1587,7 +1596,7 @@ impl EventLoop {
                 let _ = reply.send(
                     self.membership
                         .peers()
-                        .map(|(peer, info)| self.with_link(peer, info))
+                        .map(|(peer, info)| self.view_of(peer, info))
                         .collect(),
                 );
             }
@@ -1603,12 +1612,12 @@ impl EventLoop {
                                         .as_ref()
                                         .is_some_and(|c| !c.models.is_empty()))
                         })
-                        .map(|(peer, info)| self.with_link(peer, info))
+                        .map(|(peer, info)| self.view_of(peer, info))
                         .collect(),
                 );
             }
             Command::Peer(peer, reply) => {
-                let _ = reply.send(self.membership.get(&peer).map(|i| self.with_link(&peer, i)));
+                let _ = reply.send(self.membership.get(&peer).map(|i| self.view_of(&peer, i)));
             }
             Command::SetCapabilities(capabilities, reply) => {
                 self.capabilities = capabilities;

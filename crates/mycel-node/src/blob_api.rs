@@ -64,6 +64,11 @@ fn fetch_error(e: FetchError) -> Response {
         unavailable @ FetchError::Unavailable { .. } => {
             error(StatusCode::NOT_FOUND, "not_found", unavailable.to_string())
         }
+        too_large @ FetchError::TooLarge { .. } => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            too_large.to_string(),
+        ),
     }
 }
 

@@ -121,6 +121,16 @@ pub enum FetchError {
         /// What was seen.
         reason: String,
     },
+    /// The blob is larger than the fetch allows (its size checked against its id).
+    #[error("{id} is {size} bytes, more than the {limit} bytes this fetch allows")]
+    TooLarge {
+        /// The blob.
+        id: ContentId,
+        /// Its size.
+        size: u64,
+        /// What the fetch allowed.
+        limit: u64,
+    },
 }
 
 /// Bytes of a fetch done so far, for progress bars.
@@ -475,6 +485,19 @@ impl BlobService {
         pin: bool,
         progress: &Progress,
     ) -> Result<BlobInfo, FetchError> {
+        self.fetch_within(id, hints, pin, progress, u64::MAX).await
+    }
+
+    /// [`Blobs::fetch`] of a blob of at most `limit` bytes: one found larger (its size
+    /// checked against its id before any of its data is asked for) is not fetched.
+    pub async fn fetch_within(
+        &self,
+        id: ContentId,
+        hints: &[PeerId],
+        pin: bool,
+        progress: &Progress,
+        limit: u64,
+    ) -> Result<BlobInfo, FetchError> {
         if let Some(blob) = self.blocking(move |s| s.info(&id)).await? {
             progress.total.store(blob.size, Ordering::Relaxed);
             progress.done.store(blob.size, Ordering::Relaxed);
@@ -545,8 +568,26 @@ impl BlobService {
                         Ok(Some(_)) if outboard.is_some() => {}
                         Ok(Some(found)) => {
                             let candidate = found.clone();
-                            match self.blocking(move |s| s.begin_fetch(&id, &candidate)).await {
-                                Ok(_) => {
+                            // Over the limit: only checked (a liar's size must not stop
+                            // the fetch), never begun.
+                            let begun = self
+                                .blocking(move |s| {
+                                    if candidate.size > limit {
+                                        candidate.verify(&id)?;
+                                        return Ok(false);
+                                    }
+                                    s.begin_fetch(&id, &candidate).map(|_| true)
+                                })
+                                .await;
+                            match begun {
+                                Ok(false) => {
+                                    return Err(FetchError::TooLarge {
+                                        id,
+                                        size: found.size,
+                                        limit,
+                                    })
+                                }
+                                Ok(true) => {
                                     outboard = Some(found);
                                     grace = Some(Instant::now() + OUTBOARD_GRACE);
                                 }
@@ -702,11 +743,27 @@ impl BlobService {
         pin: bool,
         progress: &Progress,
     ) -> Result<BlobInfo, FetchError> {
-        let root = self.fetch(id, hints, pin, progress).await?;
+        self.fetch_tree_within(id, hints, pin, progress, u64::MAX)
+            .await
+    }
+
+    /// [`Blobs::fetch_tree`] of at most `limit` bytes in all (the root and every file its
+    /// manifest lists): a file that would pass it is not fetched.
+    pub async fn fetch_tree_within(
+        &self,
+        id: ContentId,
+        hints: &[PeerId],
+        pin: bool,
+        progress: &Progress,
+        limit: u64,
+    ) -> Result<BlobInfo, FetchError> {
+        let root = self.fetch_within(id, hints, pin, progress, limit).await?;
+        let mut room = limit.saturating_sub(root.size);
         let entries = self.blocking(move |s| s.manifest(&id)).await?;
         for entry in entries.unwrap_or_default() {
             let part = Progress::default();
-            self.fetch(entry.id, hints, pin, &part).await?;
+            let file = self.fetch_within(entry.id, hints, pin, &part, room).await?;
+            room = room.saturating_sub(file.size);
         }
         Ok(root)
     }

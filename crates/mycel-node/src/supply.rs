@@ -15,7 +15,7 @@ use mycel_store::Store;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::blobs::{BlobService, Progress};
+use crate::blobs::{BlobService, FetchError, Progress};
 use crate::models::{self, ModelService};
 use crate::system;
 
@@ -353,8 +353,9 @@ impl ModelSupply {
             let own = self.net.peer_id();
             anyhow::ensure!(holders.iter().any(|p| *p != own), "no peer holds {id}");
         }
-        // Nothing more fits: not even fetched.
-        {
+        // Nothing more fits: not even fetched. What fits is fetched no further than the room
+        // left (a model found larger is refused before its data is asked for).
+        let room = {
             let held = lock(&self.held);
             let bytes: u64 = held.values().sum();
             if bytes >= self.quota {
@@ -373,15 +374,16 @@ impl ModelSupply {
                     .into(),
                 ));
             }
-        }
+            self.quota - bytes
+        };
         // Whoever asked chose the id: what it names may be no model at all. It is kept
         // unpinned until it loads, and what of it this fetch brought is dropped if it does
         // not: the blobs held here before (the root, and for a directory the files its
         // manifest lists, read once the root is here) are left as they were.
         self.blobs
-            .fetch(id, &[], false, &Progress::default())
+            .fetch_within(id, &[], false, &Progress::default(), room)
             .await
-            .with_context(|| format!("fetching the model {id}"))?;
+            .map_err(|e| self.fetch_failed(id, e))?;
         let store = self.blobs.store().clone();
         let held_before = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let mut held = HashSet::new();
@@ -396,6 +398,17 @@ impl ModelSupply {
             Ok(held)
         })
         .await??;
+        if let Err(e) = self
+            .blobs
+            .fetch_tree_within(id, &[], false, &Progress::default(), room)
+            .await
+        {
+            // Nothing of it is linked or pinned yet.
+            if let Err(cleanup) = self.drop_tree(id, None, held_before).await {
+                warn!(%id, "cannot drop what was fetched for a failed fetch: {cleanup:#}");
+            }
+            return Err(self.fetch_failed(id, e));
+        }
         let path = self.fetch_tree(id, false, &Progress::default()).await?;
         // Recorded before anything of it is pinned (serving publishes it, which pins its
         // blob): a crash after leaves a record whose blobs the next start serves again or
@@ -445,7 +458,7 @@ impl ModelSupply {
                     self.set_tree_pinned(id, false).await?;
                     self.remember(id, false).await?;
                 }
-                (false, _) => self.drop_tree(id, &path, held_before).await?,
+                (false, _) => self.drop_tree(id, Some(&path), held_before).await?,
             }
             anyhow::Ok(())
         };
@@ -453,6 +466,27 @@ impl ModelSupply {
             warn!(%id, "cannot drop what was fetched for a failed load: {cleanup:#}");
         }
         Err(self.refuse(id, e))
+    }
+
+    /// The fetch of `id` on demand failed: one refused for its size passes the quota (counted,
+    /// and the id refused for a while).
+    fn fetch_failed(&self, id: ContentId, e: FetchError) -> anyhow::Error {
+        let too_large = matches!(e, FetchError::TooLarge { .. });
+        let e = anyhow::Error::new(e).context(format!(
+            "fetching the model {id}{}",
+            if too_large {
+                " on demand (raise --on-demand-quota)"
+            } else {
+                ""
+            }
+        ));
+        if !too_large {
+            return e;
+        }
+        self.blobs
+            .defences
+            .count(crate::defences::ON_DEMAND_OVER_QUOTA);
+        self.refuse(id, e)
     }
 
     /// Remembers `id` as refused for a while (the error `e` says why), and returns `e`.
@@ -522,13 +556,15 @@ impl ModelSupply {
     async fn drop_tree(
         &self,
         id: ContentId,
-        path: &Path,
+        link: Option<&Path>,
         held_before: HashSet<ContentId>,
     ) -> anyhow::Result<()> {
         let store = self.blobs.store().clone();
-        let path = path.to_path_buf();
+        let link = link.map(Path::to_path_buf);
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            remove_link(&path)?;
+            if let Some(link) = link {
+                remove_link(&link)?;
+            }
             for part in tree(&store, id)? {
                 if !held_before.contains(&part) && store.info(&part)?.is_some_and(|b| !b.pinned) {
                     store.remove(&part)?;

@@ -423,7 +423,8 @@ async fn a_blob_that_is_no_model_fails_to_load_on_demand_and_is_dropped() {
     assert!(node.net.status().await.is_ok(), "the node answers");
 
     // Real models past the on-demand quota: room for the first, which is served; the second
-    // would pass the quota with the first, so it is dropped again instead of loaded.
+    // would pass the quota with the first, so it is refused once its size is known, before
+    // any of its data is fetched.
     let mut models = Vec::new();
     for (name, layers) in [("two.gguf", 2), ("one.gguf", 1)] {
         let path = root.path().join(name);
@@ -454,6 +455,7 @@ async fn a_blob_that_is_no_model_fails_to_load_on_demand_and_is_dropped() {
         .expect("a load slot is free");
     mycel_node::supply::settled(demand).await.unwrap();
     assert_eq!(bounded.models.offers().len(), 1, "the first is served");
+    let chunks_before = bounded.blobs.stats.chunks_fetched.load(Ordering::Relaxed);
     let demand = bounded
         .supply
         .demand(models[1].0)
@@ -464,6 +466,11 @@ async fn a_blob_that_is_no_model_fails_to_load_on_demand_and_is_dropped() {
     }
     assert_eq!(bounded.models.offers().len(), 1);
     assert!(bounded.blobs.store().info(&models[1].0).unwrap().is_none());
+    assert_eq!(
+        bounded.blobs.stats.chunks_fetched.load(Ordering::Relaxed),
+        chunks_before,
+        "a model past the quota was fetched"
+    );
     assert!(
         bounded
             .blobs

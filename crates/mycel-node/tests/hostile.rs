@@ -436,6 +436,72 @@ async fn a_silent_peer_is_failed_by_probes_only_where_they_went_unanswered() {
     }
 }
 
+/// A report about a peer nobody has heard of goes no further than the first honest node: the
+/// attacker's report (with the made-up subject's word that the two were connected, as a
+/// genuine one would carry) is set aside at the node it reaches, and a third node behind
+/// that node never sees it, while the announcements published before and after it reach
+/// the third node by the same path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_about_an_unknown_peer_is_not_relayed() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 2).await;
+    wait_converged(&nodes, Duration::from_secs(20)).await;
+    let (middle, attacker) = (&nodes[0], &nodes[1]);
+    let attacker_id = attacker.net.peer_id();
+    let attacker_key = mycel_store::load_or_create_identity(&root.path().join("node-1")).unwrap();
+    // The observer keeps one connection, to the middle node.
+    let mut config = local_config(&root.path().join("observer"), addrs_of(middle), false);
+    config.limits.max_connections = 1;
+    config.limits.target_peers = 1;
+    let observer = Node::start(config).await.unwrap();
+    // A peer the attacker makes known, published until the observer holds it: the path
+    // attacker -> middle -> observer carries gossip.
+    let relayed = |what: &'static str| {
+        let key = Keypair::generate_ed25519();
+        let id = key.public().to_peer_id();
+        let told = common::announcement_at(&key, 1, vec!["/ip4/127.0.0.1/tcp/9".into()]);
+        let (attacker, observer) = (attacker, &observer);
+        async move {
+            wait_until(Duration::from_secs(20), what, || async {
+                let _ = attacker.net.publish_raw(told.to_bytes()).await;
+                observer.net.peer(id).await.unwrap().is_some()
+            })
+            .await;
+        }
+    };
+    relayed("an announcement reaches the observer through the middle node").await;
+    assert!(!connected_to(&observer, attacker_id).await);
+    let ignored_at_observer = observer.net.metrics().down_reports_ignored_total();
+    let ignored_at_middle = middle.net.metrics().down_reports_ignored_total();
+    // The report about a key nobody has heard of, published until the middle node has it.
+    let ghost = Keypair::generate_ed25519();
+    let ghost_id = ghost.public().to_peer_id();
+    let contact = Contact::sign(&ghost, attacker_id, mycel_net::now_ms());
+    let report = down_report_with(&attacker_key, ghost_id, 1, Some(contact));
+    wait_until(
+        Duration::from_secs(20),
+        "the middle node sets the report aside",
+        || async {
+            let _ = attacker.net.publish_raw(report.to_bytes()).await;
+            middle.net.metrics().down_reports_ignored_total() > ignored_at_middle
+        },
+    )
+    .await;
+    assert!(middle.net.peer(ghost_id).await.unwrap().is_none());
+    // What the attacker publishes after it still reaches the observer, the report never did.
+    relayed("an announcement published after the report reaches the observer").await;
+    assert_eq!(
+        observer.net.metrics().down_reports_ignored_total(),
+        ignored_at_observer,
+        "the report about an unknown peer was passed on"
+    );
+    assert!(observer.net.peer(ghost_id).await.unwrap().is_none());
+    observer.shutdown().await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
 /// A flood of genuine statements from one issuer, injected at two points of a network of
 /// honest nodes: the issuer pays for what reached the honest nodes (over its rate), the two
 /// injectors, which pass on far more of one issuer than any node that checks what it relays
@@ -504,6 +570,17 @@ async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_and_injecto
             },
         )
         .await;
+        // Its view of the banned injector says so (as /api/peers shows it).
+        let mut shown = 0;
+        for injector in injectors {
+            let id = injector.net.peer_id();
+            let banned = node.net.reputation(id).await.unwrap() <= -100.0;
+            if let Some(info) = node.net.peer(id).await.unwrap() {
+                assert_eq!(info.banned, banned, "{info:?}");
+                shown += usize::from(banned);
+            }
+        }
+        assert!(shown >= 1, "no banned injector shown as banned");
         let metrics = node.net.metrics();
         assert!(metrics.rejected_for(Rejection::OverRelayed) >= 1);
         assert!(metrics.rejected_for(Rejection::RateLimited) >= 1);
@@ -531,6 +608,8 @@ async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_and_injecto
                 other.net.peer_id()
             );
             assert!(connected_to(node, other.net.peer_id()).await);
+            let info = node.net.peer(other.net.peer_id()).await.unwrap().unwrap();
+            assert!(!info.banned);
         }
     }
     for node in nodes {

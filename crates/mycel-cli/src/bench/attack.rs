@@ -263,7 +263,7 @@ pub(crate) async fn run(args: AttackBenchArgs) -> anyhow::Result<()> {
         stop.store(true, Ordering::SeqCst);
         let _ = running.await;
         attacker.shutdown().await;
-        let honest_bans = honest_bans(&near, &far, victim_peer).await;
+        let honest_bans = honest_bans(&near, &far, victim_peer, &api, &token).await?;
         let ratio = under.requests_ok as f64 / baseline.requests_ok.max(1) as f64;
         let row = json!({
             "attack": attack,
@@ -398,8 +398,15 @@ async fn wait_alive(nodes: &[&Node], victim: PeerId) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Honest pairs (near, far and the victim) where one side holds the other banned.
-async fn honest_bans(near: &Node, far: &Node, victim: PeerId) -> u64 {
+/// Honest pairs (near, far and the victim) where one side holds the other banned: the
+/// honest nodes' views read in this process, the victim's from its API.
+async fn honest_bans(
+    near: &Node,
+    far: &Node,
+    victim: PeerId,
+    api: &str,
+    token: &str,
+) -> anyhow::Result<u64> {
     let mut bans = 0;
     let pairs = [
         (near, victim),
@@ -412,7 +419,23 @@ async fn honest_bans(near: &Node, far: &Node, victim: PeerId) -> u64 {
             bans += 1;
         }
     }
-    bans
+    let Some(serde_json::Value::Array(peers)) = get_json(api, token, "/api/peers").await else {
+        bail!("the victim's API did not list its peers (GET /api/peers)");
+    };
+    let honest = [
+        near.net.peer_id().to_string(),
+        far.net.peer_id().to_string(),
+    ];
+    bans += peers
+        .iter()
+        .filter(|p| {
+            p["peer_id"]
+                .as_str()
+                .is_some_and(|id| honest.iter().any(|h| h == id))
+                && p["banned"].as_bool() == Some(true)
+        })
+        .count() as u64;
+    Ok(bans)
 }
 
 /// Sends embedding requests to the victim for `duration`, one at a time, while watching
