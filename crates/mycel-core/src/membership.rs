@@ -12,14 +12,17 @@
 //!   for [`Config::silence_limit_ms`],
 //! - a probe dial after losing the connection failed ([`Membership::on_unreachable`]),
 //! - its latest announcement expired while we had no connection to it, or
-//! - down reports from [`Config::down_quorum`] distinct reporters name its latest sequence
-//!   number while this node has no direct evidence that it is alive.
+//! - down reports from [`Config::down_quorum`] independent reporters name its latest
+//!   sequence number while this node has no direct evidence that it is alive.
 //!
 //! Hearsay is cheap for an attacker, so a down report counts only when it can be true: its
 //! reporter is a peer this node holds alive, its subject is a peer this node knows, and it
 //! names the subject's announcement this node holds (a report about an older one is stale; a
-//! newer one this node has not seen). Each reporter counts once per subject and
-//! [`Config::report_window_ms`]. A report that does not count is not passed on either. A
+//! newer one this node has not seen), and it carries the subject's word that the reporter was
+//! connected to it lately ([`Contact`]). Reporters are independent when the subject's words
+//! name different blocks of addresses they were connected from (keys are free, addresses
+//! are not; reporters the subject told apart by key alone count one each). Each reporter
+//! counts once per subject and [`Config::report_window_ms`]. A report that does not count is not passed on either. A
 //! report about this node is answered by re-announcing, at most once per
 //! [`Config::refute_interval_ms`] (reports in between are answered by the same
 //! announcement, see [`Membership::refute_due`]); one naming an announcement this node never
@@ -27,7 +30,7 @@
 //! to its issuer's rate ([`Config::issuer_rate_per_s`]), not to the neighbour that relayed
 //! it: an honest relay of a flood is not the flood's author.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -63,7 +66,8 @@ pub struct Config {
     /// waits out a stream-negotiation timeout, so counting failed pings alone takes many
     /// times the ping interval.
     pub silence_limit_ms: u64,
-    /// Distinct reporters whose down reports fail a peer this node does not observe itself.
+    /// Independent reporters (see the module's notes) whose down reports fail a peer this
+    /// node does not observe itself.
     pub down_quorum: usize,
     /// How long a down report counts toward the quorum; one reporter counts once per subject
     /// in this time.
@@ -128,6 +132,18 @@ fn contact_holds(
         return Err(Rejection::BadSignature);
     }
     Ok(true)
+}
+
+/// A down report counted within the window.
+#[derive(Debug, Clone)]
+struct Report {
+    reporter: PeerId,
+    /// The subject's announcement it named.
+    seq: u64,
+    at: UnixMillis,
+    /// The block the reporter was connected to the subject from, as the subject's word names
+    /// it (empty: told apart by key alone).
+    from: Vec<u8>,
 }
 
 /// Most reporters remembered per subject (more than any quorum needs).
@@ -373,7 +389,7 @@ struct Entry {
     /// Down reports within the window: reporter, the announcement (sequence number) it
     /// named, and when it arrived. A reporter counts once per window whatever it names, so a
     /// refutation does not let the same reporters fail the peer again at once.
-    reports: Vec<(PeerId, u64, UnixMillis)>,
+    reports: Vec<Report>,
     /// When this node first listed the peer.
     first_seen: UnixMillis,
     /// Its reputation score when it was last charged, and when, if that left it out of good
@@ -719,11 +735,9 @@ impl Membership {
         if directly_alive || entry.latest.is_none() || report.subject_seq != entry.info.seq {
             return Ok(Accepted::Ignored);
         }
-        entry
-            .reports
-            .retain(|(_, _, at)| now.saturating_sub(*at) < window);
+        entry.reports.retain(|r| now.saturating_sub(r.at) < window);
         if entry.reports.len() >= MAX_REPORTS
-            || entry.reports.iter().any(|(r, _, _)| *r == reporter)
+            || entry.reports.iter().any(|r| r.reporter == reporter)
         {
             return Ok(Accepted::Ignored);
         }
@@ -736,11 +750,18 @@ impl Membership {
             Ok(false) => return Ok(Accepted::Ignored),
             Err(reason) => return Err(Refusal::issuer(reason, reporter)),
         }
-        entry.reports.push((reporter, report.subject_seq, now));
+        entry.reports.push(Report {
+            reporter,
+            seq: report.subject_seq,
+            at: now,
+            from: report.contact.map(|c| c.from).unwrap_or_default(),
+        });
+        // Independent reporters: one per block named (each one told apart by key alone).
+        let mut blocks = HashSet::new();
         let naming_this = entry
             .reports
             .iter()
-            .filter(|(_, seq, _)| *seq == entry.info.seq)
+            .filter(|r| r.seq == entry.info.seq && (r.from.is_empty() || blocks.insert(&r.from)))
             .count();
         if entry.info.state == PeerState::Failed || naming_this < quorum {
             return Ok(Accepted::Down { change: None });
@@ -1578,6 +1599,77 @@ mod tests {
         );
     }
 
+    /// Keys are free, addresses are not: reporters the subject saw connected from one block
+    /// of addresses count as one toward the quorum, however many keys it is; a reporter from
+    /// another block makes the quorum; one the subject told apart by key alone counts too.
+    #[test]
+    fn reporters_from_one_block_of_addresses_count_once_toward_the_quorum() {
+        let (_, mut table) = table();
+        let [s1, s2, s3, other, unblocked] = [(); 5].map(|_| Keypair::generate_ed25519());
+        let subject = Keypair::generate_ed25519();
+        let sid = subject.public().to_peer_id();
+        for key in [&s1, &s2, &s3, &other, &unblocked] {
+            table.on_statement(&announce(key, 1, 0), 0).unwrap();
+        }
+        table.on_statement(&announce(&subject, 3, 0), 0).unwrap();
+        let alive = |t: &Membership| t.get(&sid).unwrap().state == PeerState::Alive;
+        let from = |reporter: &Keypair, block: &[u8], now: UnixMillis| {
+            let witness = reporter.public().to_peer_id();
+            let contact = Contact::sign_from(&subject, witness, now, block.to_vec());
+            report_with(reporter, sid, 3, now, Some(contact))
+        };
+        let sybils = [10, 0, 0, 0];
+        for (k, key) in [&s1, &s2, &s3].into_iter().enumerate() {
+            let t = 10 + k as u64;
+            assert_eq!(
+                table.on_statement(&from(key, &sybils, t), t),
+                Ok(Accepted::Down { change: None }),
+                "sybil {k}"
+            );
+        }
+        assert!(
+            alive(&table),
+            "three keys from one block failed the subject"
+        );
+        // A block the subject names differently (another word would not verify: the block is
+        // signed with it).
+        let mut contact =
+            Contact::sign_from(&subject, other.public().to_peer_id(), 20, sybils.to_vec());
+        contact.from = vec![10, 0, 1, 0];
+        let forged = report_with(&other, sid, 3, 20, Some(contact));
+        assert_eq!(
+            table.on_statement(&forged, 20),
+            Err(Refusal::issuer(
+                Rejection::BadSignature,
+                other.public().to_peer_id()
+            ))
+        );
+        assert!(alive(&table));
+        let reason = FailReason::Reported(other.public().to_peer_id().to_base58());
+        assert_eq!(
+            table.on_statement(&from(&other, &[10, 0, 1, 0], 21), 21),
+            Ok(Accepted::Down {
+                change: Some(Change::Failed(sid, reason))
+            })
+        );
+        // Elsewhere, a sybil of the first block and a reporter told apart by key alone make
+        // a quorum.
+        let (_, mut fresh) = self::table();
+        for key in [&s1, &unblocked] {
+            fresh.on_statement(&announce(key, 1, 0), 0).unwrap();
+        }
+        fresh.on_statement(&announce(&subject, 3, 0), 0).unwrap();
+        fresh.on_statement(&from(&s1, &sybils, 40), 40).unwrap();
+        assert!(alive(&fresh));
+        let reason = FailReason::Reported(unblocked.public().to_peer_id().to_base58());
+        assert_eq!(
+            fresh.on_statement(&down(&unblocked, &subject, 3, 41), 41),
+            Ok(Accepted::Down {
+                change: Some(Change::Failed(sid, reason))
+            })
+        );
+    }
+
     #[test]
     fn down_reports_fail_a_subject_only_from_a_quorum_of_live_reporters_naming_its_announcement() {
         let (_, mut table) = table();
@@ -1734,7 +1826,7 @@ mod tests {
         table.on_statement(&down(&r2, &subject, 2, 60), 60).unwrap();
         assert_eq!(table.get(&sid).unwrap().state, PeerState::Alive);
         assert_eq!(table.peers[&sid].reports.len(), 2);
-        assert!(table.peers[&sid].reports.iter().any(|(r, ..)| *r == r2id));
+        assert!(table.peers[&sid].reports.iter().any(|r| r.reporter == r2id));
     }
 
     #[test]

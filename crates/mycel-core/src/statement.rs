@@ -288,7 +288,9 @@ const CONTACT_DOMAIN: &[u8] = b"mycel/contact/v1\0";
 /// A node's word that `witness` held a connection to it at `at`: signed when the witness asks
 /// over that connection, and carried in the witness's down reports about the node, so that a
 /// report counts only from a peer that was connected to its subject (a key that never reached
-/// the subject has none to show).
+/// the subject has none to show). It names the block of addresses the witness was connected
+/// from, as the subject saw it, so that reports count as independent only from witnesses in
+/// different blocks (keys are free; addresses are not).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Contact {
     /// The peer that was connected.
@@ -296,7 +298,12 @@ pub struct Contact {
     pub witness: PeerId,
     /// When the subject signed it.
     pub at: UnixMillis,
-    /// The subject's signature over `CONTACT_DOMAIN || witness || at`.
+    /// The block the witness was connected from as the subject saw it (an IPv4 /24 or IPv6
+    /// /48 network address, [`Contact::MAX_FROM`] bytes at most), empty where the subject
+    /// tells its peers apart by key alone (this machine's, or relayed connections).
+    #[serde(default, with = "serde_bytes", skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<u8>,
+    /// The subject's signature over `CONTACT_DOMAIN || witness || at || from`.
     #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
 }
@@ -306,36 +313,47 @@ impl std::fmt::Debug for Contact {
         f.debug_struct("Contact")
             .field("witness", &self.witness)
             .field("at", &self.at)
+            .field("from", &self.from)
             .finish()
     }
 }
 
 impl Contact {
-    /// The signer's word that `witness` is connected to it at `at`.
+    /// Most bytes of [`Contact::from`]: an IPv6 network address.
+    pub const MAX_FROM: usize = 16;
+
+    /// The signer's word that `witness` is connected to it at `at`, from no block it names.
     pub fn sign(subject: &Keypair, witness: PeerId, at: UnixMillis) -> Self {
+        Self::sign_from(subject, witness, at, Vec::new())
+    }
+
+    /// The signer's word that `witness` is connected to it at `at`, from the block `from`.
+    pub fn sign_from(subject: &Keypair, witness: PeerId, at: UnixMillis, from: Vec<u8>) -> Self {
         let signature = subject
-            .sign(&Self::signing_input(&witness, at))
+            .sign(&Self::signing_input(&witness, at, &from))
             .expect("ed25519 signing does not fail");
         Self {
             witness,
             at,
+            from,
             signature,
         }
     }
 
-    fn signing_input(witness: &PeerId, at: UnixMillis) -> Vec<u8> {
-        [CONTACT_DOMAIN, &witness.to_bytes(), &at.to_be_bytes()].concat()
+    /// (Without a block, the input of the first version of this word, which named none.)
+    fn signing_input(witness: &PeerId, at: UnixMillis, from: &[u8]) -> Vec<u8> {
+        [CONTACT_DOMAIN, &witness.to_bytes(), &at.to_be_bytes(), from].concat()
     }
 
     /// Whether `subject` signed it (its key read from its peer id: an Ed25519 id holds it).
     pub fn signed_by(&self, subject: &PeerId) -> bool {
         let multihash = subject.as_ref();
-        if multihash.code() != 0 || self.signature.len() > 128 {
+        if multihash.code() != 0 || self.signature.len() > 128 || self.from.len() > Self::MAX_FROM {
             return false;
         }
         PublicKey::try_decode_protobuf(multihash.digest()).is_ok_and(|key| {
             key.verify(
-                &Self::signing_input(&self.witness, self.at),
+                &Self::signing_input(&self.witness, self.at, &self.from),
                 &self.signature,
             )
         })

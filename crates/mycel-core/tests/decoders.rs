@@ -1590,7 +1590,7 @@ fn payload_len(payload: &Payload) -> usize {
     }
 }
 
-// The request and response of `/mycel/sync/3`, as mycel-net's `protocol.rs` defines them (its
+// The request and response of `/mycel/sync/4`, as mycel-net's `protocol.rs` defines them (its
 // types are private to that crate; the serde shapes here must stay the same), decoded with
 // `wire::decode` as its codec does, at its default limits (`NetConfig`).
 

@@ -107,9 +107,9 @@ struct Link {
     inbound: bool,
     /// The subnet it connected from (`None`: this machine, or relayed).
     subnet: Option<std::net::IpAddr>,
-    /// Where its first connection came from, when it dialled us: the host that pays if it
-    /// is banned.
-    source: Option<std::net::IpAddr>,
+    /// The IP at the other end of its first connection (`None`: relayed): when it dialled
+    /// us, the host that pays if it is banned.
+    ip: Option<std::net::IpAddr>,
     /// Connections open to it now.
     conns: u32,
 }
@@ -792,6 +792,23 @@ impl EventLoop {
         }
     }
 
+    /// The block of addresses `peer` is connected from, as this node's word of contact names
+    /// it (see [`Contact::from`]): the subnet of its first connection's address, empty where
+    /// peers are told apart by key alone (relayed, or this machine's unless limited like any
+    /// host's).
+    fn block_of(&self, peer: &PeerId) -> Vec<u8> {
+        let limit_loopback = self.config.limits.limit_loopback;
+        match self.since.get(peer).and_then(|l| l.ip) {
+            Some(ip) if limit_loopback || !ip.is_loopback() => {
+                match mycel_core::inbound::subnet_of(ip) {
+                    std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+                    std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+                }
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// `info` as this node sees `peer` now: how they are connected, and whether it is banned.
     fn view_of(&self, peer: &PeerId, info: &PeerInfo) -> PeerInfo {
         let mut info = self.with_link(peer, info);
@@ -815,7 +832,8 @@ impl EventLoop {
             warn!(%peer, "banning peer for repeated invalid messages");
             self.swarm.behaviour_mut().blocked.block_peer(peer);
             // The host that sent it pays too: keys are free, addresses are not.
-            if let Some(source) = self.since.get(&peer).and_then(|l| l.source) {
+            let link = self.since.get(&peer).filter(|l| l.inbound);
+            if let Some(source) = link.and_then(|l| l.ip) {
                 self.swarm.behaviour_mut().connections.strike(source);
             }
         }
@@ -1277,7 +1295,7 @@ impl EventLoop {
                     since: now,
                     inbound: true,
                     subnet: None,
-                    source: None,
+                    ip: None,
                     conns: 1,
                 });
                 Connected {
@@ -1861,11 +1879,7 @@ impl EventLoop {
                         since: now,
                         inbound,
                         subnet,
-                        source: if inbound {
-                            crate::cap::source_ip(endpoint.get_remote_address())
-                        } else {
-                            None
-                        },
+                        ip: crate::cap::source_ip(endpoint.get_remote_address()),
                         conns: 1,
                     };
                     self.since.insert(peer_id, link);
@@ -2353,9 +2367,12 @@ impl EventLoop {
 
     fn answer(&mut self, peer: PeerId, request: SyncRequest) -> SyncResponse {
         match request {
-            SyncRequest::Contact => {
-                SyncResponse::Contact(Contact::sign(&self.config.keypair, peer, now_ms()))
-            }
+            SyncRequest::Contact => SyncResponse::Contact(Contact::sign_from(
+                &self.config.keypair,
+                peer,
+                now_ms(),
+                self.block_of(&peer),
+            )),
             SyncRequest::Echo(payload) if payload.len() <= MAX_ECHO_BYTES => {
                 SyncResponse::Echo(payload)
             }
@@ -2575,7 +2592,7 @@ fn response_len(response: &SyncResponse) -> usize {
     match response {
         SyncResponse::Statements(s) => s.iter().map(|s| s.body.len() + 100).sum(),
         SyncResponse::Echo(payload) => payload.len(),
-        SyncResponse::Contact(contact) => 48 + contact.signature.len(),
+        SyncResponse::Contact(contact) => 48 + contact.from.len() + contact.signature.len(),
         SyncResponse::Refused | SyncResponse::InSync | SyncResponse::Differs => 1,
     }
 }

@@ -10,8 +10,8 @@
 //!   preferring AES-GCM on TCP ([`tls`]; Noise still accepted), Yamux;
 //! - Kademlia `/mycel/kad/1.0.0` with periodic random walks, identify `/mycel/id/1.0.0` whose
 //!   listen addresses feed the routing table (referrals), ping for liveness and RTT, mDNS;
-//! - gossipsub topic `mycel/statements/1` carrying signed announcements and down reports;
-//! - request-response `/mycel/sync/3` for anti-entropy snapshots and echo round trips;
+//! - gossipsub topic `mycel/statements/2` carrying signed announcements and down reports;
+//! - request-response `/mycel/sync/4` for anti-entropy snapshots and echo round trips;
 //! - raw streams `/mycel/task/2` for inference tasks, `/mycel/blob/1` for blobs and
 //!   `/mycel/train/2` for federated training rounds ([`task`]), opened and accepted through
 //!   the [`NetHandle`] without passing through the event loop;

@@ -1,4 +1,4 @@
-//! Wire types of the `/mycel/sync/3` request-response protocol.
+//! Wire types of the `/mycel/sync/4` request-response protocol.
 
 use std::io;
 
@@ -9,14 +9,17 @@ use mycel_core::wire::{self, Rejection};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Protocol name of anti-entropy and echo (2: digest summaries; 3: contacts).
-pub(crate) const SYNC_PROTOCOL: &str = "/mycel/sync/3";
+/// Protocol name of anti-entropy and echo (2: digest summaries; 3: contacts; 4: contacts
+/// naming the witness's block of addresses, which a node of 3 would read as a bad signature).
+pub(crate) const SYNC_PROTOCOL: &str = "/mycel/sync/4";
 /// Protocol name of Kademlia (private, so we never join a public DHT).
 pub(crate) const KAD_PROTOCOL: &str = "/mycel/kad/1.0.0";
 /// Protocol version told by identify.
 pub(crate) const IDENTIFY_PROTOCOL: &str = "/mycel/id/1.0.0";
-/// The gossipsub topic of signed statements.
-pub(crate) const STATEMENTS_TOPIC: &str = "mycel/statements/1";
+/// The gossipsub topic of signed statements (2: down reports whose contacts name a block of
+/// addresses; a node reading the first version would take them for forgeries and charge
+/// their issuers).
+pub(crate) const STATEMENTS_TOPIC: &str = "mycel/statements/2";
 /// Most statements in one sync response.
 pub(crate) const MAX_SYNC_STATEMENTS: usize = 2_000;
 /// Most digest entries honoured in one sync request.
@@ -34,7 +37,7 @@ pub(crate) struct DigestEntry {
     pub(crate) seq: u64,
 }
 
-/// A request on `/mycel/sync/3`.
+/// A request on `/mycel/sync/4`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum SyncRequest {
     /// "Here is what I know; send me what is newer" (anti-entropy).
@@ -53,7 +56,7 @@ pub(crate) enum SyncRequest {
     Contact,
 }
 
-/// A response on `/mycel/sync/3`.
+/// A response on `/mycel/sync/4`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum SyncResponse {
     /// Announcements the requester lacked.
@@ -70,7 +73,7 @@ pub(crate) enum SyncResponse {
     Refused,
 }
 
-/// The codec of `/mycel/sync/3`: one CBOR message per stream direction (the encoding libp2p's
+/// The codec of `/mycel/sync/4`: one CBOR message per stream direction (the encoding libp2p's
 /// cbor codec uses, so either end may run either codec), decoded with [`wire::decode`]. A
 /// message that is too large or does not decode fails with an [`io::Error`] of kind
 /// `InvalidData` carrying the [`Rejection`]: [`rejection`] gets it back, so the event loop

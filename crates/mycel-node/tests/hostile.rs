@@ -343,6 +343,94 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
     }
 }
 
+/// Keys are free, addresses are not: two reporters connected to the victim from one host
+/// carry its word naming that host's block of addresses, and their genuine reports about one
+/// announcement, both counted at an observer, count as one reporter there: the victim is not
+/// failed. (The same two reports fail it where the victim tells this machine's peers apart
+/// by key alone: the end of `lying_down_reports_fail_nobody_and_refutations_are_paced`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reporters_from_one_host_count_once_toward_a_quorum() {
+    let root = tempfile::tempdir().unwrap();
+    // The victim limits this machine's peers like any host's: 127.0.0.1 is one host.
+    let mut config = local_config(&root.path().join("victim"), Vec::new(), false);
+    config.limits.limit_loopback = true;
+    let victim = Node::start(config).await.unwrap();
+    let victim_id = victim.net.peer_id();
+    let relay = join(root.path(), "relay", &victim).await;
+    let reporters = [
+        join(root.path(), "reporter-a", &victim).await,
+        join(root.path(), "reporter-b", &victim).await,
+    ];
+    // The observer keeps one connection, to the relay.
+    let mut config = local_config(&root.path().join("observer"), addrs_of(&relay), false);
+    config.limits.max_connections = 1;
+    config.limits.target_peers = 1;
+    let observer = Node::start(config).await.unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the observer holds the victim and both reporters alive, through the relay only",
+        || async {
+            let mut alive = common::holds_alive(&observer, victim_id).await
+                && !connected_to(&observer, victim_id).await;
+            for node in &reporters {
+                alive &= common::holds_alive(&observer, node.net.peer_id()).await;
+            }
+            alive
+        },
+    )
+    .await;
+    // Each holds the victim's word, naming the block it is connected from.
+    for node in &reporters {
+        let report = genuine_report(node, victim_id).await;
+        let Ok(claimed) = report.peek() else {
+            panic!("a report it cannot read")
+        };
+        let Statement::Down(DownReport {
+            contact: Some(contact),
+            ..
+        }) = claimed.statement
+        else {
+            panic!("not a report with the victim's word")
+        };
+        assert_eq!(contact.from, vec![127, 0, 0, 0]);
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the reporters and the observer hold the victim's latest announcement",
+        || async {
+            let seq = seq_of(&observer, victim_id).await;
+            let mut same = true;
+            for node in &reporters {
+                same &= seq_of(node, victim_id).await == seq;
+            }
+            same
+        },
+    )
+    .await;
+    // Both made first and published together (as where they make a quorum), and both
+    // counted: they named the same announcement, held at the observer.
+    let counted = observer.net.metrics().down_reports_counted_total();
+    let mut reports = Vec::new();
+    for node in &reporters {
+        reports.push(genuine_report(node, victim_id).await);
+    }
+    for report in reports {
+        relay.net.publish_raw(report.to_bytes()).await.unwrap();
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the observer counts both reports",
+        || async { observer.net.metrics().down_reports_counted_total() >= counted + 2 },
+    )
+    .await;
+    assert_eq!(observer.net.metrics().peer_failures_total("reported"), 0);
+    assert!(common::holds_alive(&observer, victim_id).await);
+    observer.shutdown().await;
+    for node in reporters.into_iter().chain([relay, victim]) {
+        node.shutdown().await;
+    }
+}
+
 /// A peer held alive on its announcement alone, whose address swallows connections and never
 /// speaks: the node's probe dials it, the dial times out, and the node fails it here only,
 /// for "unanswered", publishing nothing. One hostile report about it from a live peer (which
