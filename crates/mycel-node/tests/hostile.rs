@@ -79,6 +79,32 @@ async fn report_until_counted(reporter: &Node, subject: PeerId, via: &Node, obse
     }
 }
 
+/// The genuine reports of `reporters` about `subject`, made once they, `via` and `observer`
+/// hold the subject's latest announcement, and published together through `via`: the
+/// subject's refutation of the first must not reach the observer before the last.
+async fn report_together(reporters: &[Node], subject: PeerId, via: &Node, observer: &Node) {
+    wait_until(
+        Duration::from_secs(10),
+        "the reporters and the observer hold the subject's latest announcement",
+        || async {
+            let seq = seq_of(observer, subject).await;
+            let mut same = true;
+            for node in reporters.iter().chain([via]) {
+                same &= seq_of(node, subject).await == seq;
+            }
+            same
+        },
+    )
+    .await;
+    let mut reports = Vec::new();
+    for node in reporters {
+        reports.push(genuine_report(node, subject).await);
+    }
+    for report in reports {
+        via.net.publish_raw(report.to_bytes()).await.unwrap();
+    }
+}
+
 /// The sequence number of `subject`'s announcement as `node` holds it.
 async fn seq_of(node: &Node, subject: PeerId) -> u64 {
     node.net.peer(subject).await.unwrap().map_or(0, |p| p.seq)
@@ -296,28 +322,7 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
     for node in &reporters {
         genuine_report(node, victim_id).await;
     }
-    wait_until(
-        Duration::from_secs(10),
-        "the reporters and the observer hold the victim's latest announcement",
-        || async {
-            let seq = seq_of(&observer, victim_id).await;
-            let mut same = true;
-            for node in reporters.iter().chain([attacker]) {
-                same &= seq_of(node, victim_id).await == seq;
-            }
-            same
-        },
-    )
-    .await;
-    // Both made first and published together: the victim's refutation of the first must not
-    // reach the observer before the second.
-    let mut reports = Vec::new();
-    for node in &reporters {
-        reports.push(genuine_report(node, victim_id).await);
-    }
-    for report in reports {
-        attacker.net.publish_raw(report.to_bytes()).await.unwrap();
-    }
+    report_together(&reporters, victim_id, attacker, &observer).await;
     wait_until(
         Duration::from_secs(10),
         "two live reporters fail the victim at the observer",
@@ -394,29 +399,10 @@ async fn reporters_from_one_host_count_once_toward_a_quorum() {
         };
         assert_eq!(contact.from, vec![127, 0, 0, 0]);
     }
-    wait_until(
-        Duration::from_secs(10),
-        "the reporters and the observer hold the victim's latest announcement",
-        || async {
-            let seq = seq_of(&observer, victim_id).await;
-            let mut same = true;
-            for node in &reporters {
-                same &= seq_of(node, victim_id).await == seq;
-            }
-            same
-        },
-    )
-    .await;
-    // Both made first and published together (as where they make a quorum), and both
-    // counted: they named the same announcement, held at the observer.
+    // Published together as where they make a quorum, and both counted: they named the same
+    // announcement, held at the observer.
     let counted = observer.net.metrics().down_reports_counted_total();
-    let mut reports = Vec::new();
-    for node in &reporters {
-        reports.push(genuine_report(node, victim_id).await);
-    }
-    for report in reports {
-        relay.net.publish_raw(report.to_bytes()).await.unwrap();
-    }
+    report_together(&reporters, victim_id, &relay, &observer).await;
     wait_until(
         Duration::from_secs(10),
         "the observer counts both reports",
