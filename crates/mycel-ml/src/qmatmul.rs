@@ -6,11 +6,13 @@
 //! instruction-bound at a fraction of llama.cpp's speed. Here each block of the input is
 //! scaled to 16-bit integers (a scale per 32 values: ~16 bits of precision,
 //! far finer than the 4- or 8-bit weights; llama.cpp's 8 bits change SmolLM2's greedy tokens
-//! within 32 of them), and a block's products are summed as integers with `madd` (AVX2, chosen
-//! at run time, so the binary stays portable) or with scalar code. Integer sums are exact in any order and
-//! every floating-point step is the same fused operation in the same order on both paths
-//! (`f32::mul_add` is `vfmadd`), so every CPU computes bit-identical results and replicas
-//! agree token for token whatever they run on.
+//! within 32 of them), and a block's products are summed as integers with `madd` (AVX-512BW
+//! two rows to a register, or AVX2, chosen at run time, so the binary stays portable) or with
+//! scalar code. Integer sums are exact in any order and every floating-point step is the same
+//! fused operation in the same order on every path (`f32::mul_add` is `vfmadd`; the AVX-512
+//! kernel holds each row's eight lanes as the AVX2 one does), so every CPU computes
+//! bit-identical results and replicas agree token for token whatever they run on (a test runs
+//! every kernel the CPU has on the same inputs and compares the bits).
 //!
 //! The arithmetic, per output element (row `r`, input `x`):
 //! - the input, per block `b`: `e_b = max|x| / 32767`, `x̂_i = round(x_i / e_b)` (i16, half
@@ -271,6 +273,11 @@ impl QMatrix {
 
     /// `x · W^T` for `x` of shape (m, cols): returns (m, rows), row-major.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_with(x, m, kernel())
+    }
+
+    /// [`QMatrix::matmul`] with the kernel `kernel`.
+    fn matmul_with(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
         let (k, n) = (self.cols, self.rows);
         debug_assert_eq!(x.len(), m * k);
         let input = Input::quantize(x);
@@ -280,7 +287,6 @@ impl QMatrix {
             .max(16)
             .next_multiple_of(GROUP);
         let blocks = self.blocks_per_row();
-        let kernel = kernel();
         // Row-major (rows, m): a group of rows is read from memory once and stays in cache
         // while it meets every input, each with the single-input arithmetic, so a token's
         // outputs do not depend on whether it came alone or with a prompt.
@@ -393,23 +399,164 @@ fn kernel_scalar(w: &QMatrix, g: usize, x: &Input, first: usize, out: &mut [f32;
     }
 }
 
-fn kernel() -> Kernel {
+/// The kernels this CPU can run, the fastest first, each with its name; every one computes
+/// the same bits (the scalar one is always there).
+fn kernels() -> Vec<(&'static str, Kernel)> {
+    let mut kernels: Vec<(&'static str, Kernel)> = Vec::new();
     #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        return avx2::group;
+    {
+        if avx512::available() {
+            kernels.push(("avx512", avx512::group));
+        }
+        if avx2::available() {
+            kernels.push(("avx2", avx2::group));
+        }
     }
-    kernel_scalar
+    kernels.push(("scalar", kernel_scalar));
+    kernels
 }
 
-/// Whether this CPU runs the AVX2 kernels (otherwise the scalar ones, with the same results).
-pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx2::available()
+/// The kernel matrices are multiplied with: the fastest this CPU runs, chosen once.
+fn kernel() -> Kernel {
+    chosen().1
+}
+
+fn chosen() -> (&'static str, Kernel) {
+    static CHOSEN: std::sync::OnceLock<(&'static str, Kernel)> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| kernels()[0])
+}
+
+/// The kernel this CPU runs: `avx512`, `avx2` or `scalar` (all with the same results).
+/// `MYCEL_NO_SIMD` (any value) makes it the scalar one, `MYCEL_NO_AVX512` at most AVX2.
+pub fn kernel_name() -> &'static str {
+    chosen().0
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Format, Input, QMatrix, BLOCK, GROUP};
+
+    pub(super) fn available() -> bool {
+        std::env::var_os("MYCEL_NO_AVX512").is_none()
+            && super::avx2::available()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// The rows of group `g` times the input's blocks from `first`, two rows to a 512-bit
+    /// register: lanes 0..8 hold the first row's eight integer lanes and accumulators, lanes
+    /// 8..16 the second's, each computed with the very operations of the AVX2 kernel (the
+    /// same `madd` sums, one `fma` per lane per block), so each row's bits are the same.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+    fn group_avx512<const Q4: bool>(
+        w: &QMatrix,
+        g: usize,
+        x: &Input,
+        first: usize,
+        out: &mut [f32; GROUP],
+    ) {
+        let blocks = w.blocks_per_row();
+        let size = w.format.record_bytes();
+        let quant = w.format.quant_bytes();
+        let values_at = 2 * GROUP * w.format.halves();
+        assert!(
+            (g + 1) * blocks * size <= w.records.len()
+                && x.q.len() >= (first + blocks) * BLOCK
+                && x.scale.len() >= first + blocks
+                && x.sum.len() >= first + blocks
+        );
+        // Two pairs of rows: (0, 1) and (2, 3).
+        let mut acc = [_mm512_setzero_ps(); GROUP / 2];
+        let mut msum = _mm_setzero_ps();
+        let nibble = _mm512_set1_epi16(0x0F);
+        // Lane i of a pair takes the scale of row 2p + i / 8.
+        let pick = [
+            _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+            _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
+        ];
+        for b in 0..blocks {
+            let xb = first + b;
+            // SAFETY (every unchecked access below): the assertion above bounds the input's
+            // blocks first..first + blocks and the records of group g.
+            let (x0, x1, xscale, xsum, record) = unsafe {
+                let xp = x.q.as_ptr().add(xb * BLOCK);
+                (
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(xp.cast())),
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(xp.add(16).cast())),
+                    *x.scale.get_unchecked(xb),
+                    *x.sum.get_unchecked(xb),
+                    w.records.as_ptr().add((g * blocks + b) * size),
+                )
+            };
+            // The rows' scales times the input's, each rounded once as in `row_scalar`.
+            let d = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(record.cast()) });
+            let scales = _mm512_castps128_ps512(_mm_mul_ps(d, _mm_set1_ps(xscale)));
+            if Q4 {
+                // Per row: msum = fma(m, Σx, msum).
+                let m = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(record.add(8).cast()) });
+                msum = _mm_fmadd_ps(m, _mm_set1_ps(xsum), msum);
+            }
+            for (p, acc) in acc.iter_mut().enumerate() {
+                let qp = unsafe { record.add(values_at + 2 * p * quant) };
+                // Each row's elements 0..16 and 16..32 as 16-bit integers, the pair's first
+                // row in the low half.
+                let (q0, q1) = if Q4 {
+                    // Byte j holds element j (low nibble) and element 16 + j (high).
+                    let v = _mm512_cvtepu8_epi16(unsafe { _mm256_loadu_si256(qp.cast()) });
+                    (_mm512_and_si512(v, nibble), _mm512_srli_epi16(v, 4))
+                } else {
+                    // SAFETY: the pair's two rows of 32 bytes lie in the record.
+                    unsafe { (q8_pair(qp, 0), q8_pair(qp, 16)) }
+                };
+                let lanes = _mm512_add_epi32(_mm512_madd_epi16(q0, x0), _mm512_madd_epi16(q1, x1));
+                let scale = _mm512_permutexvar_ps(pick[p], scales);
+                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(lanes), *acc);
+            }
+        }
+        let mut mins = [0f32; GROUP];
+        // SAFETY: `mins` holds four floats; unaligned stores are allowed.
+        unsafe { _mm_storeu_ps(mins.as_mut_ptr(), msum) };
+        for (p, acc) in acc.iter().enumerate() {
+            let rows = [
+                _mm512_castps512_ps256(*acc),
+                _mm512_extractf32x8_ps(*acc, 1),
+            ];
+            for (i, row) in rows.into_iter().enumerate() {
+                let k = 2 * p + i;
+                out[k] = super::avx2::reduce(row) + mins[k];
+            }
+        }
+    }
+
+    /// Bytes `at..at + 16` of two Q8_0 rows of 32 bytes from `qp`, as 16-bit integers: the
+    /// first row's in the low half.
+    ///
+    /// # Safety
+    /// `qp` must point at 64 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn q8_pair(qp: *const u8, at: usize) -> __m512i {
+        let (lo, hi) = unsafe {
+            (
+                _mm_loadu_si128(qp.add(at).cast()),
+                _mm_loadu_si128(qp.add(32 + at).cast()),
+            )
+        };
+        _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1))
+    }
+
+    pub(super) fn group(w: &QMatrix, g: usize, x: &Input, first: usize, out: &mut [f32; GROUP]) {
+        // SAFETY: chosen only when the CPU has AVX-512 F, BW and DQ, AVX2, FMA and F16C
+        // (`available`).
+        unsafe {
+            match w.format {
+                Format::Q4_1 => group_avx512::<true>(w, g, x, first, out),
+                Format::Q8_0 => group_avx512::<false>(w, g, x, first, out),
+            }
+        }
     }
 }
 
@@ -428,7 +575,7 @@ mod avx2 {
 
     /// The fixed reduction of the 8 lanes (see `super::reduce`).
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn reduce(acc: __m256) -> f32 {
+    pub(super) fn reduce(acc: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(acc);
         let hi = _mm256_extractf128_ps(acc, 1);
         // [a0+a4, a1+a5, a2+a6, a3+a7]
@@ -579,6 +726,14 @@ mod tests {
                     "{format:?}: {a} vs {b}"
                 );
             }
+            // Every kernel this CPU runs (AVX-512, AVX2, scalar) gives the very same bits.
+            let names: Vec<&str> = kernels().iter().map(|(name, _)| *name).collect();
+            eprintln!("{format:?}: kernels {names:?}");
+            for (name, kernel) in kernels() {
+                let theirs = w.matmul_with(&x, m, kernel);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&theirs), bits(&got), "{format:?}: {name}");
+            }
             // One input at a time gives the very same bits as several at once, and the
             // scalar kernel the very same bits as the SIMD one.
             for j in 0..m {
@@ -589,6 +744,49 @@ mod tests {
                 for (r, v) in alone.iter().enumerate() {
                     let reference = row_scalar(&w, r, &input, 0);
                     assert_eq!(v.to_bits(), reference.to_bits(), "{format:?} row {r}");
+                }
+            }
+        }
+    }
+
+    /// Replicas on different CPUs must agree bit for bit: on many shapes and inputs (wide
+    /// ranges of magnitudes included), every kernel this CPU runs gives the scalar kernel's
+    /// bits. (On a CPU with AVX-512 this checks AVX-512, AVX2 and scalar against each other.)
+    #[test]
+    fn every_kernel_gives_the_same_bits_on_many_shapes() {
+        let all = kernels();
+        assert_eq!(all.last().map(|(name, _)| *name), Some("scalar"));
+        for seed in 0..24u64 {
+            let format = if seed % 2 == 0 {
+                GgmlDType::Q4_1
+            } else {
+                GgmlDType::Q8_0
+            };
+            let rows = 1 + (seed as usize * 7) % 37;
+            let cols = BLOCK * (1 + (seed as usize * 5) % 9);
+            let w = Tensor::from_vec(random(rows * cols, seed), (rows, cols), &Device::Cpu)
+                .unwrap()
+                .affine(1.0 + seed as f64 * 3.0, 0.0)
+                .unwrap();
+            let w = QMatrix::from_qtensor(&QTensor::quantize(&w, format).unwrap()).unwrap();
+            let m = 1 + (seed as usize) % 3;
+            // Inputs from 1e-6 to 1e4 in size, a few exact zeros.
+            let x: Vec<f32> = random(m * cols, seed + 100)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    if i % 29 == 0 {
+                        0.0
+                    } else {
+                        v * 10f32.powi((i % 11) as i32 - 6)
+                    }
+                })
+                .collect();
+            let scalar = w.matmul_with(&x, m, kernel_scalar);
+            for (name, kernel) in &all {
+                let theirs = w.matmul_with(&x, m, *kernel);
+                for (a, b) in theirs.iter().zip(&scalar) {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{format:?} seed {seed}: {name}");
                 }
             }
         }
