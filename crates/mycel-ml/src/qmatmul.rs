@@ -319,6 +319,40 @@ impl QMatrix {
     }
 }
 
+/// Where a SIMD kernel finds a group's blocks, checked: the records of group `g` and the
+/// input's blocks from `first` are in bounds for the unchecked reads the kernels make.
+#[cfg(target_arch = "x86_64")]
+struct Layout {
+    /// Blocks per row.
+    blocks: usize,
+    /// Bytes per record.
+    size: usize,
+    /// Bytes of one row's values in a block.
+    quant: usize,
+    /// Where a record's values start.
+    values_at: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl QMatrix {
+    fn layout(&self, g: usize, x: &Input, first: usize) -> Layout {
+        let blocks = self.blocks_per_row();
+        let size = self.format.record_bytes();
+        assert!(
+            (g + 1) * blocks * size <= self.records.len()
+                && x.q.len() >= (first + blocks) * BLOCK
+                && x.scale.len() >= first + blocks
+                && x.sum.len() >= first + blocks
+        );
+        Layout {
+            blocks,
+            size,
+            quant: self.format.quant_bytes(),
+            values_at: 2 * GROUP * self.format.halves(),
+        }
+    }
+}
+
 /// An f16, given as its bits, as f32 (exact).
 fn f16(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
@@ -458,16 +492,12 @@ mod avx512 {
         first: usize,
         out: &mut [f32; GROUP],
     ) {
-        let blocks = w.blocks_per_row();
-        let size = w.format.record_bytes();
-        let quant = w.format.quant_bytes();
-        let values_at = 2 * GROUP * w.format.halves();
-        assert!(
-            (g + 1) * blocks * size <= w.records.len()
-                && x.q.len() >= (first + blocks) * BLOCK
-                && x.scale.len() >= first + blocks
-                && x.sum.len() >= first + blocks
-        );
+        let super::Layout {
+            blocks,
+            size,
+            quant,
+            values_at,
+        } = w.layout(g, x, first);
         // Two pairs of rows: (0, 1) and (2, 3).
         let mut acc = [_mm512_setzero_ps(); GROUP / 2];
         let mut msum = _mm_setzero_ps();
@@ -479,7 +509,7 @@ mod avx512 {
         ];
         for b in 0..blocks {
             let xb = first + b;
-            // SAFETY (every unchecked access below): the assertion above bounds the input's
+            // SAFETY (every unchecked access below): `layout` checked the bounds of the input's
             // blocks first..first + blocks and the records of group g.
             let (x0, x1, xscale, xsum, record) = unsafe {
                 let xp = x.q.as_ptr().add(xb * BLOCK);
@@ -597,23 +627,19 @@ mod avx2 {
         first: usize,
         out: &mut [f32; GROUP],
     ) {
-        let blocks = w.blocks_per_row();
-        let size = w.format.record_bytes();
-        let quant = w.format.quant_bytes();
-        let values_at = 2 * GROUP * w.format.halves();
-        assert!(
-            (g + 1) * blocks * size <= w.records.len()
-                && x.q.len() >= (first + blocks) * BLOCK
-                && x.scale.len() >= first + blocks
-                && x.sum.len() >= first + blocks
-        );
+        let super::Layout {
+            blocks,
+            size,
+            quant,
+            values_at,
+        } = w.layout(g, x, first);
         let mut acc = [_mm256_setzero_ps(); GROUP];
         let mut msum = _mm_setzero_ps();
         let nibble = _mm256_set1_epi16(0x0F);
         let mut scales = [0f32; GROUP];
         for b in 0..blocks {
             let xb = first + b;
-            // SAFETY (every unchecked access below): the assertion above bounds the input's
+            // SAFETY (every unchecked access below): `layout` checked the bounds of the input's
             // blocks first..first + blocks and the records of group g.
             let (x0, x1, xscale, xsum, record) = unsafe {
                 let xp = x.q.as_ptr().add(xb * BLOCK);
