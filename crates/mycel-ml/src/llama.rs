@@ -13,7 +13,7 @@ use std::io::{Read, Seek};
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
-use crate::qmatmul::QMatrix;
+use crate::qmatmul::{self, QMatrix};
 
 // Longest sequence the rotary tables cover: the limit `Generator` enforces for every engine.
 use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
@@ -81,6 +81,27 @@ fn vector<R: Read + Seek>(
 }
 
 /// `x / rms(x) · weight`, row by row.
+/// `a · b` in an order every CPU follows: element `i` into running sum `i mod 8` (a multiply
+/// then an add, never fused: eight independent sums the compiler turns into one vector
+/// register, or not, with the same bits), the sums reduced as the q4 kernels reduce their
+/// lanes, then the elements past the last multiple of 8 in order. (One running sum made every
+/// product wait on the last: attention took 5 % of a token's time at a 100-token context.)
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .fold(0f32, |s, (x, y)| s + x * y);
+    let mut acc = [0f32; 8];
+    for (x, y) in a8.zip(b8) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    qmatmul::reduce(acc) + tail
+}
+
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks_exact(weight.len()) {
@@ -254,7 +275,7 @@ impl Llama {
                     scores.clear();
                     scores.extend((0..seen).map(|t| {
                         let k = &block.keys[t * kv_dim + kv * head_dim..][..head_dim];
-                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+                        dot(q, k) * scale
                     }));
                     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut total = 0f32;

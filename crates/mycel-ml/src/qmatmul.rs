@@ -404,7 +404,7 @@ type Kernel = fn(&QMatrix, usize, &Input, usize, &mut [f32; GROUP]);
 const GROUP: usize = 4;
 
 /// The fixed reduction of the 8 lanes.
-fn reduce(acc: [f32; 8]) -> f32 {
+pub(crate) fn reduce(acc: [f32; 8]) -> f32 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
