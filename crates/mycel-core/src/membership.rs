@@ -750,11 +750,17 @@ impl Membership {
             Ok(false) => return Ok(Accepted::Ignored),
             Err(reason) => return Err(Refusal::issuer(reason, reporter)),
         }
+        let from = report.contact.map(|c| c.from).unwrap_or_default();
+        // A block already heard from adds nothing, and must not take the room of reporters
+        // from other blocks (eight keys of one block would otherwise fill it for the window).
+        if !from.is_empty() && entry.reports.iter().any(|r| r.from == from) {
+            return Ok(Accepted::Ignored);
+        }
         entry.reports.push(Report {
             reporter,
             seq: report.subject_seq,
             at: now,
-            from: report.contact.map(|c| c.from).unwrap_or_default(),
+            from,
         });
         // Independent reporters: one per block named (each one told apart by key alone).
         let mut blocks = HashSet::new();
@@ -1619,14 +1625,20 @@ mod tests {
             report_with(reporter, sid, 3, now, Some(contact))
         };
         let sybils = [10, 0, 0, 0];
-        for (k, key) in [&s1, &s2, &s3].into_iter().enumerate() {
-            let t = 10 + k as u64;
+        assert_eq!(
+            table.on_statement(&from(&s1, &sybils, 10), 10),
+            Ok(Accepted::Down { change: None })
+        );
+        // More keys of that block are set aside (not passed on, taking no room).
+        for (k, key) in [&s2, &s3].into_iter().enumerate() {
+            let t = 11 + k as u64;
             assert_eq!(
                 table.on_statement(&from(key, &sybils, t), t),
-                Ok(Accepted::Down { change: None }),
+                Ok(Accepted::Ignored),
                 "sybil {k}"
             );
         }
+        assert_eq!(table.peers[&sid].reports.len(), 1);
         assert!(
             alive(&table),
             "three keys from one block failed the subject"

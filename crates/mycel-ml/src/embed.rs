@@ -167,3 +167,21 @@ impl Embedder {
         Ok((vectors, tokens))
     }
 }
+
+/// The engine name of the f32 models (this encoder, and `--engine exact` generation): their
+/// products run on gemm, whose AVX-512 kernels (where the CPU has what they need) sum in
+/// another order than its AVX2 ones, so their outputs differ in the last bits. The name
+/// tells them apart, and replicas are only asked of peers running the same engine: an honest
+/// peer on another kind of CPU is never outvoted as a liar for it.
+pub fn f32_engine() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512cd")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512vl")
+    {
+        return "candle-f32-avx512";
+    }
+    "candle-f32"
+}

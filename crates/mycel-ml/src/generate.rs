@@ -72,7 +72,7 @@ impl Engine {
     /// The name used in announcements and on the command line.
     pub fn name(self) -> &'static str {
         match self {
-            Self::Exact => "candle-f32",
+            Self::Exact => crate::embed::f32_engine(),
             Self::Q4 => "mycel-q4",
             Self::Quantized => "candle-q",
         }

@@ -80,7 +80,6 @@ fn vector<R: Read + Seek>(
         .to_vec1()
 }
 
-/// `x / rms(x) · weight`, row by row.
 /// `a · b` in an order every CPU follows: element `i` into running sum `i mod 8` (a multiply
 /// then an add, never fused: eight independent sums the compiler turns into one vector
 /// register, or not, with the same bits), the sums reduced as the q4 kernels reduce their
@@ -102,6 +101,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     qmatmul::reduce(acc) + tail
 }
 
+/// `x / rms(x) · weight`, row by row.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks_exact(weight.len()) {

@@ -782,6 +782,28 @@ mod tests {
     fn every_kernel_gives_the_same_bits_on_many_shapes() {
         let all = kernels();
         assert_eq!(all.last().map(|(name, _)| *name), Some("scalar"));
+        // Where the CPU has what a SIMD kernel needs, it is among those compared (unless
+        // turned off on purpose).
+        #[cfg(target_arch = "x86_64")]
+        {
+            let names: Vec<&str> = all.iter().map(|(name, _)| *name).collect();
+            let off = |var: &str| std::env::var_os(var).is_some();
+            let simd = !off("MYCEL_NO_SIMD")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if simd {
+                assert!(names.contains(&"avx2"), "{names:?}");
+            }
+            if simd
+                && !off("MYCEL_NO_AVX512")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+            {
+                assert!(names.contains(&"avx512"), "{names:?}");
+            }
+        }
         for seed in 0..24u64 {
             let format = if seed % 2 == 0 {
                 GgmlDType::Q4_1

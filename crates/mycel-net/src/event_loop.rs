@@ -53,6 +53,8 @@ const ENOUGH_PROVIDERS: usize = 4;
 const MAX_ADDRS_PER_PEER: usize = 8;
 /// The reputation reported for a peer isolated for lying: far below any threshold.
 const ISOLATED_SCORE: f64 = -1_000.0;
+/// The block a word of contact names for a peer connected through a relay.
+const RELAYED_BLOCK: [u8; 1] = [0];
 /// Least time between two dials of a LAN peer found by mDNS.
 const LAN_DIAL_COOLDOWN: Duration = Duration::from_secs(3);
 /// Most LAN peers remembered.
@@ -793,19 +795,28 @@ impl EventLoop {
     }
 
     /// The block of addresses `peer` is connected from, as this node's word of contact names
-    /// it (see [`Contact::from`]): the subnet of its first connection's address, empty where
-    /// peers are told apart by key alone (relayed, or this machine's unless limited like any
-    /// host's).
+    /// it (see [`Contact::from`]), from its first connection's address: its /24 or /48 on the
+    /// internet; on a private network (private, link-local or unique-local addresses) its own
+    /// address (/64 for IPv6), as a LAN's hosts share a block; one marker for every relayed
+    /// peer (keys reaching this node through relays count as one, as they hold no slot of an
+    /// address either); empty for this machine's peers unless they are limited like any
+    /// host's (told apart by key alone).
     fn block_of(&self, peer: &PeerId) -> Vec<u8> {
-        let limit_loopback = self.config.limits.limit_loopback;
-        match self.since.get(peer).and_then(|l| l.ip) {
-            Some(ip) if limit_loopback || !ip.is_loopback() => {
-                match mycel_core::inbound::subnet_of(ip) {
-                    std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
-                    std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
-                }
-            }
-            _ => Vec::new(),
+        use mycel_core::inbound::{host_of, subnet_of};
+        use std::net::IpAddr;
+        let Some(ip) = self.since.get(peer).and_then(|l| l.ip) else {
+            return RELAYED_BLOCK.to_vec();
+        };
+        if ip.is_loopback() && !self.config.limits.limit_loopback {
+            return Vec::new();
+        }
+        let local = match ip {
+            IpAddr::V4(v4) => v4.is_private() || v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_unique_local() || v6.is_unicast_link_local(),
+        };
+        match if local { host_of(ip) } else { subnet_of(ip) } {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
         }
     }
 

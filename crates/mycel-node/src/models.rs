@@ -159,7 +159,7 @@ pub fn load_model(path: &Path, engine: Engine) -> anyhow::Result<Served> {
                 id: embedder.id(),
                 name: embedder.name().to_owned(),
                 kind: ModelKind::Embedding,
-                engine: "candle-f32".to_owned(),
+                engine: mycel_ml::embed::f32_engine().to_owned(),
             },
             runner: Runner::Embed(Arc::new(embedder)),
             source: path.to_path_buf(),

@@ -349,9 +349,9 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
 }
 
 /// Keys are free, addresses are not: two reporters connected to the victim from one host
-/// carry its word naming that host's block of addresses, and their genuine reports about one
-/// announcement, both counted at an observer, count as one reporter there: the victim is not
-/// failed. (The same two reports fail it where the victim tells this machine's peers apart
+/// carry its word naming that host's block of addresses, and of their genuine reports about
+/// one announcement an observer counts the first and sets the second aside: the victim is
+/// not failed. (The same two reports fail it where the victim tells this machine's peers apart
 /// by key alone: the end of `lying_down_reports_fail_nobody_and_refutations_are_paced`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reporters_from_one_host_count_once_toward_a_quorum() {
@@ -399,16 +399,24 @@ async fn reporters_from_one_host_count_once_toward_a_quorum() {
         };
         assert_eq!(contact.from, vec![127, 0, 0, 0]);
     }
-    // Published together as where they make a quorum, and both counted: they named the same
-    // announcement, held at the observer.
+    // Published together as where they make a quorum: the first is counted, the second,
+    // from the same block, set aside.
     let counted = observer.net.metrics().down_reports_counted_total();
+    let ignored = observer.net.metrics().down_reports_ignored_total();
     report_together(&reporters, victim_id, &relay, &observer).await;
     wait_until(
         Duration::from_secs(10),
-        "the observer counts both reports",
-        || async { observer.net.metrics().down_reports_counted_total() >= counted + 2 },
+        "the observer counts one report and sets the other aside",
+        || async {
+            observer.net.metrics().down_reports_counted_total() > counted
+                && observer.net.metrics().down_reports_ignored_total() > ignored
+        },
     )
     .await;
+    assert_eq!(
+        observer.net.metrics().down_reports_counted_total(),
+        counted + 1
+    );
     assert_eq!(observer.net.metrics().peer_failures_total("reported"), 0);
     assert!(common::holds_alive(&observer, victim_id).await);
     observer.shutdown().await;
@@ -523,10 +531,13 @@ async fn a_report_about_an_unknown_peer_is_not_relayed() {
     let (middle, attacker) = (&nodes[0], &nodes[1]);
     let attacker_id = attacker.net.peer_id();
     let attacker_key = mycel_store::load_or_create_identity(&root.path().join("node-1")).unwrap();
-    // The observer keeps one connection, to the middle node.
+    // The observer keeps one connection, to the middle node, and listens nowhere: the
+    // attacker cannot dial it (a connection to the attacker, however brief, would bring the
+    // attacker's own publications straight to it).
     let mut config = local_config(&root.path().join("observer"), addrs_of(middle), false);
     config.limits.max_connections = 1;
     config.limits.target_peers = 1;
+    config.listen = Vec::new();
     let observer = Node::start(config).await.unwrap();
     // A peer the attacker makes known, published until the observer holds it: the path
     // attacker -> middle -> observer carries gossip.
@@ -648,10 +659,8 @@ async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_and_injecto
         let mut shown = 0;
         for injector in injectors {
             let id = injector.net.peer_id();
-            let banned = node.net.reputation(id).await.unwrap() <= -100.0;
             if let Some(info) = node.net.peer(id).await.unwrap() {
-                assert_eq!(info.banned, banned, "{info:?}");
-                shown += usize::from(banned);
+                shown += usize::from(info.banned);
             }
         }
         assert!(shown >= 1, "no banned injector shown as banned");

@@ -415,12 +415,27 @@ async fn honest_bans(
         (far, victim),
     ];
     for (node, peer) in pairs {
-        if node.net.reputation(peer).await.unwrap_or(0.0) <= -100.0 {
+        if node
+            .net
+            .peer(peer)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.banned)
+        {
             bans += 1;
         }
     }
-    let Some(serde_json::Value::Array(peers)) = get_json(api, token, "/api/peers").await else {
-        bail!("the victim's API did not list its peers (GET /api/peers)");
+    let mut listed = None;
+    for _ in 0..5 {
+        listed = get_json(api, token, "/api/peers").await;
+        if listed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let Some(serde_json::Value::Array(peers)) = listed else {
+        bail!("the victim's API did not list its peers (GET /api/peers, 5 tries)");
     };
     let honest = [
         near.net.peer_id().to_string(),
