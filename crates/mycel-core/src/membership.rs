@@ -30,7 +30,7 @@
 //! to its issuer's rate ([`Config::issuer_rate_per_s`]), not to the neighbour that relayed
 //! it: an honest relay of a flood is not the flood's author.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -762,12 +762,12 @@ impl Membership {
             at: now,
             from,
         });
-        // Independent reporters: one per block named (each one told apart by key alone).
-        let mut blocks = HashSet::new();
+        // Independent reporters: each block is held once (above), and each reporter told apart
+        // by key alone counts on its own.
         let naming_this = entry
             .reports
             .iter()
-            .filter(|r| r.seq == entry.info.seq && (r.from.is_empty() || blocks.insert(&r.from)))
+            .filter(|r| r.seq == entry.info.seq)
             .count();
         if entry.info.state == PeerState::Failed || naming_this < quorum {
             return Ok(Accepted::Down { change: None });

@@ -107,13 +107,20 @@ struct Link {
     since: u64,
     /// The peer dialled us.
     inbound: bool,
-    /// The subnet it connected from (`None`: this machine, or relayed).
-    subnet: Option<std::net::IpAddr>,
     /// The IP at the other end of its first connection (`None`: relayed): when it dialled
     /// us, the host that pays if it is banned.
     ip: Option<std::net::IpAddr>,
     /// Connections open to it now.
     conns: u32,
+}
+
+impl Link {
+    /// The subnet it connected from (`None`: this machine, or relayed).
+    fn subnet(&self) -> Option<std::net::IpAddr> {
+        self.ip
+            .filter(|ip| !ip.is_loopback())
+            .map(mycel_core::inbound::subnet_of)
+    }
 }
 
 /// Who opened a connection that arrives beyond the cap, which decides who makes room.
@@ -1305,7 +1312,6 @@ impl EventLoop {
                 let link = self.since.get(peer).copied().unwrap_or(Link {
                     since: now,
                     inbound: true,
-                    subnet: None,
                     ip: None,
                     conns: 1,
                 });
@@ -1315,7 +1321,7 @@ impl EventLoop {
                     inbound: link.inbound,
                     protected: false,
                     score: self.reputation.score(peer, now),
-                    subnet: link.subnet,
+                    subnet: link.subnet(),
                 }
             })
             .collect()
@@ -1884,12 +1890,9 @@ impl EventLoop {
                 }
                 if num_established.get() == 1 {
                     let inbound = !endpoint.is_dialer();
-                    let subnet = crate::cap::limited_ip(endpoint.get_remote_address())
-                        .map(mycel_core::inbound::subnet_of);
                     let link = Link {
                         since: now,
                         inbound,
-                        subnet,
                         ip: crate::cap::source_ip(endpoint.get_remote_address()),
                         conns: 1,
                     };

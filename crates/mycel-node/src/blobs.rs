@@ -488,7 +488,7 @@ impl BlobService {
         self.fetch_within(id, hints, pin, progress, u64::MAX).await
     }
 
-    /// [`Blobs::fetch`] of a blob of at most `limit` bytes: one found larger (its size
+    /// [`BlobService::fetch`] of a blob of at most `limit` bytes: one found larger (its size
     /// checked against its id before any of its data is asked for) is not fetched.
     pub async fn fetch_within(
         &self,
@@ -747,7 +747,7 @@ impl BlobService {
             .await
     }
 
-    /// [`Blobs::fetch_tree`] of at most `limit` bytes in all (the root and every file its
+    /// [`BlobService::fetch_tree`] of at most `limit` bytes in all (the root and every file its
     /// manifest lists): a file that would pass it is not fetched.
     pub async fn fetch_tree_within(
         &self,

@@ -135,20 +135,16 @@ impl ModelSupply {
     /// pinned, and lays it out under `<data dir>/models/` (hard links into the blob store, no
     /// copies); returns the path to load. `progress` shows the fetch.
     pub async fn fetch(&self, id: ContentId, progress: &Progress) -> anyhow::Result<PathBuf> {
-        self.fetch_tree(id, true, progress).await
-    }
-
-    /// [`ModelSupply::fetch`], pinning the blobs only when `pin`.
-    async fn fetch_tree(
-        &self,
-        id: ContentId,
-        pin: bool,
-        progress: &Progress,
-    ) -> anyhow::Result<PathBuf> {
         self.blobs
-            .fetch_tree(id, &[], pin, progress)
+            .fetch_tree(id, &[], true, progress)
             .await
             .with_context(|| format!("fetching the model {id}"))?;
+        self.link_out(id).await
+    }
+
+    /// Lays out the model blob `id`, held here whole, under `<data dir>/models/` (unless it
+    /// is there already); returns the path to load.
+    async fn link_out(&self, id: ContentId) -> anyhow::Result<PathBuf> {
         let store = self.blobs.store().clone();
         let models = self.models_dir.clone();
         let hex = id
@@ -409,7 +405,7 @@ impl ModelSupply {
             }
             return Err(self.fetch_failed(id, e));
         }
-        let path = self.fetch_tree(id, false, &Progress::default()).await?;
+        let path = self.link_out(id).await?;
         // Recorded before anything of it is pinned (serving publishes it, which pins its
         // blob): a crash after leaves a record whose blobs the next start serves again or
         // releases, never pinned blobs nothing accounts for.

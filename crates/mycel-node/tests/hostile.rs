@@ -105,6 +105,14 @@ async fn report_together(reporters: &[Node], subject: PeerId, via: &Node, observ
     }
 }
 
+/// The configuration of a node under `root/name` that keeps one connection, to `via`.
+fn one_link(root: &std::path::Path, name: &str, via: &Node) -> mycel_node::NodeConfig {
+    let mut config = local_config(&root.join(name), addrs_of(via), false);
+    config.limits.max_connections = 1;
+    config.limits.target_peers = 1;
+    config
+}
+
 /// The sequence number of `subject`'s announcement as `node` holds it.
 async fn seq_of(node: &Node, subject: PeerId) -> u64 {
     node.net.peer(subject).await.unwrap().map_or(0, |p| p.seq)
@@ -127,9 +135,7 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
     let attacker_key = mycel_store::load_or_create_identity(&root.path().join("node-1")).unwrap();
     assert_eq!(attacker_key.public().to_peer_id(), attacker_id);
     // The observer keeps one connection, to the attacker.
-    let mut config = local_config(&root.path().join("observer"), addrs_of(attacker), false);
-    config.limits.max_connections = 1;
-    config.limits.target_peers = 1;
+    let config = one_link(root.path(), "observer", attacker);
     let observer = Node::start(config).await.unwrap();
     wait_until(
         Duration::from_secs(20),
@@ -367,9 +373,7 @@ async fn reporters_from_one_host_count_once_toward_a_quorum() {
         join(root.path(), "reporter-b", &victim).await,
     ];
     // The observer keeps one connection, to the relay.
-    let mut config = local_config(&root.path().join("observer"), addrs_of(&relay), false);
-    config.limits.max_connections = 1;
-    config.limits.target_peers = 1;
+    let config = one_link(root.path(), "observer", &relay);
     let observer = Node::start(config).await.unwrap();
     wait_until(
         Duration::from_secs(20),
@@ -440,9 +444,7 @@ async fn a_silent_peer_is_failed_by_probes_only_where_they_went_unanswered() {
     let attacker_id = attacker.net.peer_id();
     let attacker_key = mycel_store::load_or_create_identity(&root.path().join("node-1")).unwrap();
     // An observer that hears of the peer only through the attacker and probes nobody.
-    let mut config = local_config(&root.path().join("observer"), addrs_of(attacker), false);
-    config.limits.max_connections = 1;
-    config.limits.target_peers = 1;
+    let mut config = one_link(root.path(), "observer", attacker);
     config.limits.max_probes_in_flight = 0;
     let observer = Node::start(config).await.unwrap();
     // The silent address: connections are accepted and held, never answered.
@@ -534,9 +536,7 @@ async fn a_report_about_an_unknown_peer_is_not_relayed() {
     // The observer keeps one connection, to the middle node, and listens nowhere: the
     // attacker cannot dial it (a connection to the attacker, however brief, would bring the
     // attacker's own publications straight to it).
-    let mut config = local_config(&root.path().join("observer"), addrs_of(middle), false);
-    config.limits.max_connections = 1;
-    config.limits.target_peers = 1;
+    let mut config = one_link(root.path(), "observer", middle);
     config.listen = Vec::new();
     let observer = Node::start(config).await.unwrap();
     // A peer the attacker makes known, published until the observer holds it: the path
@@ -607,9 +607,7 @@ async fn a_flood_injected_at_several_points_is_charged_to_its_issuer_and_injecto
         join(root.path(), "injector-0", &first).await,
         join(root.path(), "injector-1", &first).await,
     ];
-    let mut config = local_config(&root.path().join("second"), addrs_of(&first), false);
-    config.limits.max_connections = 1;
-    config.limits.target_peers = 1;
+    let config = one_link(root.path(), "second", &first);
     let second = Node::start(config).await.unwrap();
     let [i0, i1] = injectors;
     let nodes = [i0, i1, first, second];

@@ -494,7 +494,7 @@ impl EventLoop {
                 p => p,
             });
         }
-        let reporter = match self.since.get(&reporter).and_then(|link| link.subnet) {
+        let reporter = match self.since.get(&reporter).and_then(|link| link.subnet()) {
             Some(net) => Reporter::Net(net),
             None => Reporter::Peer(reporter),
         };
