@@ -49,10 +49,10 @@ impl Drop for Burner {
     }
 }
 
-fn job(rounds: u32, deadline_ms: u64) -> JobSpec {
+fn job(rounds: u32, epochs: u32, deadline_ms: u64) -> JobSpec {
     let text = format!(
         r#"{{"name":"busy","model":{{"kind":"mlp","layers":[64,16,10]}},
-        "dataset":"digits","rounds":{rounds},"train":{{"epochs":1,"batch":32,"lr":0.1}},
+        "dataset":"digits","rounds":{rounds},"train":{{"epochs":{epochs},"batch":32,"lr":0.1}},
         "participants":{{"min":3}},"round_deadline_ms":{deadline_ms},"seed":{deadline_ms}}}"#
     );
     serde_json::from_str(&text).unwrap()
@@ -88,10 +88,11 @@ async fn a_resumed_job_finishes_on_a_busy_machine() {
     wait_for_datasets(&coordinator, 3).await;
     let burner = Burner::start(2);
 
-    // How long one participant's round takes on this machine now.
-    let spec = job(2, 60_000);
+    // How long one participant's epoch takes on this machine now; the crashed job's rounds
+    // train for a few seconds whatever the machine's speed (one epoch took 58 ms on a fast
+    // CI machine: the round was over before the coordinator could crash during it).
     let started = Instant::now();
-    let mut classifier = Classifier::new(spec.model.clone(), 1).unwrap();
+    let mut classifier = Classifier::new(job(1, 1, 1).model, 1).unwrap();
     let params = TrainParams {
         epochs: 1,
         batch: 32,
@@ -100,8 +101,12 @@ async fn a_resumed_job_finishes_on_a_busy_machine() {
         prox: 0.0,
     };
     classifier.train(&data, &params, 1).unwrap();
-    let one = started.elapsed();
-    eprintln!("one round's training: {one:?}");
+    let epoch = started.elapsed();
+    let epochs = (Duration::from_secs(3).as_secs_f64() / epoch.as_secs_f64()).ceil() as u32;
+    let epochs = epochs.clamp(1, 1000);
+    let one = epoch * epochs;
+    eprintln!("one epoch's training: {epoch:?}; a round of {epochs} epochs: {one:?}");
+    let spec = job(2, epochs, 60_000);
 
     // The coordinator crashes while the three train round 1 (the deadline is a minute away):
     // each stops at once rather than burn the machine for a round nobody waits for (and so
@@ -165,10 +170,10 @@ async fn a_resumed_job_finishes_on_a_busy_machine() {
     let rounds: Vec<u32> = record.metrics.iter().map(|m| m.round).collect();
     assert_eq!(rounds, [1, 2], "every round once");
 
-    // A job whose deadline is a third of what a round takes here: each attempt that falls
+    // A job of one epoch a round whose deadline is a third of what that takes here: each attempt that falls
     // short doubles it, and the rounds complete (a fixed deadline failed every attempt).
-    let short = (one.as_millis() as u64 / 3).max(20);
-    let id = coordinator.training.start(job(2, short)).unwrap();
+    let short = (epoch.as_millis() as u64 / 3).max(20);
+    let id = coordinator.training.start(job(2, 1, short)).unwrap();
     wait_until(
         Duration::from_secs(180),
         "the short-deadline job ends",
