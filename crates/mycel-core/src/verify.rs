@@ -425,6 +425,188 @@ impl<P: PartialEq + Clone, D: PartialEq + Clone> Quorum<P, D> {
     }
 }
 
+// ---- one replicated task, from its candidates to its verdicts ------------------------------
+
+/// What a replicated task does next ([`Replication::step`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next<P> {
+    /// Send the task to these candidates (none asked before).
+    Ask(Vec<P>),
+    /// Wait for an answer outstanding.
+    Wait,
+    /// The output is verified.
+    Accept(Judged<P>),
+    /// No answer can be verified, and why.
+    GiveUp(String),
+}
+
+/// An output known right, and what that shows about each worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Judged<P> {
+    /// The claim the agreeing workers signed.
+    pub output: Claim,
+    /// The rule it met.
+    pub rule: Rule,
+    /// Each worker that answered or refused the input, with what that shows.
+    pub verdicts: Vec<(P, Verdict)>,
+}
+
+/// What a settled task shows about one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Its answer is the agreed one.
+    Agreed,
+    /// It ran another engine (a target only the DHT knew of): a different output is no proof
+    /// of a lie, but no use either.
+    OtherEngine,
+    /// It signed another output for the same task, model, engine and input, and a quorum
+    /// that holds an honest answer outvoted it: a lie.
+    Outvoted,
+    /// It called an input invalid that a quorum ran: a lie.
+    RefusedValidInput,
+}
+
+/// One replicated task: the candidates in the order to ask them, and the [`Quorum`] their
+/// answers build. Pure: the driver sends the task where [`Replication::step`] says and
+/// feeds back every asked candidate's end — an answer whose signature it checked
+/// ([`Replication::answered`]), a refusal of the input ([`Replication::refused`]) or a
+/// failure ([`Replication::failed`]) — and applies the verdicts of an accepted output.
+#[derive(Debug, Clone)]
+pub struct Replication<P> {
+    quorum: Quorum<P, Claim>,
+    unasked: std::collections::VecDeque<P>,
+    refusers: Vec<P>,
+}
+
+impl<P: PartialEq + Clone> Replication<P> {
+    /// A task for `ranking` (distinct candidates, best first) with at least `replicas`
+    /// replicas; `prior` holds answers already in (a spot check's two differing ones).
+    pub fn new(
+        ranking: &[P],
+        replicas: usize,
+        prior: Vec<(P, Claim)>,
+    ) -> Result<Self, QuorumError> {
+        let mut quorum = Quorum::new(ranking.len(), replicas)?;
+        let unasked = ranking
+            .iter()
+            .filter(|p| prior.iter().all(|(q, _)| q != *p))
+            .cloned()
+            .collect();
+        for (peer, claim) in prior {
+            quorum.asked(1);
+            quorum.answered(peer, claim);
+        }
+        Ok(Self {
+            quorum,
+            unasked,
+            refusers: Vec::new(),
+        })
+    }
+
+    /// `peer` answered with `claim` (its signature checked by the driver).
+    pub fn answered(&mut self, peer: P, claim: Claim) {
+        self.quorum.answered(peer, claim);
+    }
+
+    /// `peer` gave no usable answer (error, timeout, bad signature).
+    pub fn failed(&mut self) {
+        self.quorum.failed();
+    }
+
+    /// `peer` called the input invalid. A peer may lie to stop a task, so the input is the
+    /// caller's fault only when more peers than may lie say so: true then, and the driver
+    /// ends the task with the refusal.
+    pub fn refused(&mut self, peer: P) -> bool {
+        self.quorum.failed();
+        self.refusers.push(peer);
+        self.refusers.len() > self.quorum.faulty()
+    }
+
+    /// Liars assumed among the candidates.
+    pub fn faulty(&self) -> usize {
+        self.quorum.faulty()
+    }
+
+    /// What to do next.
+    pub fn step(&mut self) -> Next<P> {
+        match self.quorum.step() {
+            Step::Ask(count) => {
+                let take = count.min(self.unasked.len());
+                if take == 0 {
+                    return Next::GiveUp("no candidate left to ask".into());
+                }
+                self.quorum.asked(take);
+                Next::Ask(self.unasked.drain(..take).collect())
+            }
+            Step::Wait => {
+                let answered = self.quorum.answers.len() + self.quorum.failed;
+                if self.quorum.asked <= answered {
+                    return Next::GiveUp("no answer outstanding".into());
+                }
+                Next::Wait
+            }
+            Step::Accept { output, rule } => {
+                let verdicts = self.verdicts(&output);
+                Next::Accept(Judged {
+                    output,
+                    rule,
+                    verdicts,
+                })
+            }
+            Step::GiveUp(e) => Next::GiveUp(e.to_string()),
+        }
+    }
+
+    /// What the answers prove when the task ends without a verified output (it gave up, or
+    /// its deadline passed): an output that holds as many equal answers as a first wave
+    /// needs (`f + 1` at least) is the right one, by the argument that accepts a unanimous
+    /// first wave, so the answers that differ from it are lies even though the larger quorum
+    /// a disagreement asks for was not reached. The output, the rule it meets (its quorum:
+    /// the answers it holds) and the verdicts; `None` when no output holds that many.
+    pub fn judged(&self) -> Option<Judged<P>> {
+        let groups = self.quorum.groups();
+        let mut proven = groups
+            .iter()
+            .filter(|(_, count)| *count >= self.quorum.first_wave);
+        let (output, count) = proven.next()?;
+        if proven.next().is_some() {
+            return None;
+        }
+        let output = (*output).clone();
+        let rule = Rule {
+            requested: self.quorum.requested as u32,
+            candidates: self.quorum.candidates as u32,
+            faulty: self.quorum.faulty as u32,
+            quorum: *count as u32,
+        };
+        let verdicts = self.verdicts(&output);
+        Some(Judged {
+            output,
+            rule,
+            verdicts,
+        })
+    }
+
+    /// What each answer (and each refusal of the input) shows once `agreed` is known right.
+    fn verdicts(&self, agreed: &Claim) -> Vec<(P, Verdict)> {
+        let answers = self.quorum.answers.iter().map(|(peer, claim)| {
+            let verdict = if claim == agreed {
+                Verdict::Agreed
+            } else if claim.engine != agreed.engine {
+                Verdict::OtherEngine
+            } else {
+                Verdict::Outvoted
+            };
+            (peer.clone(), verdict)
+        });
+        let refusals = self
+            .refusers
+            .iter()
+            .map(|peer| (peer.clone(), Verdict::RefusedValidInput));
+        answers.chain(refusals).collect()
+    }
+}
+
 // ---- attestations and certificates ---------------------------------------------------------
 
 /// The digest of a task's input as a worker received it (CBOR of [`TaskInput`]).
@@ -927,6 +1109,79 @@ mod tests {
                 other => prop_assert!(false, "ended with {:?}", other),
             }
         }
+    }
+
+    fn claim_of(output: &[u8], engine: &str) -> Claim {
+        Claim::new(
+            TaskId(7),
+            ContentId::of(b"model"),
+            engine,
+            ContentId::of(b"input"),
+            ContentId::of(output),
+        )
+    }
+
+    #[test]
+    fn a_replication_asks_in_rank_order_and_judges_every_answer() {
+        // 7 candidates, 2 liars assumed: a first wave of 3.
+        let ranking: Vec<u32> = (0..7).collect();
+        let mut replication = Replication::new(&ranking, 2, Vec::new()).unwrap();
+        assert_eq!(replication.step(), Next::Ask(vec![0, 1, 2]));
+        assert_eq!(replication.step(), Next::Wait);
+        let right = claim_of(b"right", "e");
+        replication.answered(0, right.clone());
+        replication.answered(1, claim_of(b"wrong", "e"));
+        // One peer calling the input invalid is not believed (2 may lie).
+        assert!(!replication.refused(2));
+        // The disagreement asks for 2f + 1 = 5 equal answers: four more candidates.
+        assert_eq!(replication.step(), Next::Ask(vec![3, 4, 5, 6]));
+        for peer in [3, 4, 5] {
+            replication.answered(peer, right.clone());
+        }
+        replication.answered(6, claim_of(b"other", "another engine"));
+        // Four equal answers: not the 5 a disagreement asks for, and nobody left to ask.
+        assert!(matches!(replication.step(), Next::GiveUp(_)));
+        // But more than the 2 liars assumed: the right output, proven, and what each shows.
+        let Judged {
+            output,
+            rule,
+            verdicts,
+        } = replication.judged().expect("proven");
+        assert_eq!(output, right);
+        assert_eq!(rule.quorum, 4);
+        assert!(rule.check().is_ok());
+        assert_eq!(
+            verdicts,
+            vec![
+                (0, Verdict::Agreed),
+                (1, Verdict::Outvoted),
+                (3, Verdict::Agreed),
+                (4, Verdict::Agreed),
+                (5, Verdict::Agreed),
+                (6, Verdict::OtherEngine),
+                (2, Verdict::RefusedValidInput),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unverified_task_proves_nothing_below_a_first_wave() {
+        let ranking: Vec<u32> = (0..7).collect();
+        let mut replication = Replication::new(&ranking, 2, Vec::new()).unwrap();
+        let Next::Ask(first) = replication.step() else {
+            panic!("asks first")
+        };
+        replication.answered(first[0], claim_of(b"right", "e"));
+        replication.answered(first[1], claim_of(b"right", "e"));
+        replication.answered(first[2], claim_of(b"wrong", "e"));
+        // Two equal answers may both be liars' (2 assumed): nothing is proven.
+        assert_eq!(replication.judged(), None);
+        // More refusals than there can be liars: the input is at fault.
+        let mut refused = Replication::new(&ranking, 2, Vec::new()).unwrap();
+        let _ = refused.step();
+        assert!(!refused.refused(0));
+        assert!(!refused.refused(1));
+        assert!(refused.refused(2));
     }
 
     fn certificate() -> (Certificate, Vec<Keypair>) {

@@ -1739,6 +1739,13 @@ impl EventLoop {
                 self.reputation.isolate(peer, until);
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
             }
+            Command::LiftIsolation(peer, reply) => {
+                let free = !self.reputation.is_banned(&peer, now_ms());
+                if free {
+                    self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+                }
+                let _ = reply.send(free);
+            }
             Command::Reputation(peer, reply) => {
                 let now = now_ms();
                 let score = if self.reputation.isolated(&peer, now) {

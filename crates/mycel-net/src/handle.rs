@@ -157,6 +157,7 @@ pub(crate) enum Command {
     DirectPath(PeerId, oneshot::Sender<Result<(), NetError>>),
     Penalise(PeerId, Rejection),
     Isolate(PeerId, u64),
+    LiftIsolation(PeerId, oneshot::Sender<bool>),
     Reputation(PeerId, oneshot::Sender<f64>),
     Provide(Vec<ContentId>),
     FindProviders(ContentId, oneshot::Sender<Vec<PeerId>>),
@@ -570,6 +571,15 @@ impl NetHandle {
     /// and statements ignored, its reputation the lowest there is (a worker caught lying).
     pub async fn isolate(&self, peer: PeerId, until: u64) {
         let _ = self.commands.send(Command::Isolate(peer, until)).await;
+    }
+
+    /// Lifts `peer`'s ban now if its isolation is over and its score is above the ban
+    /// threshold (the event loop would otherwise lift it at its next tick); true when the
+    /// peer may be dialled.
+    pub async fn lift_isolation(&self, peer: PeerId) -> bool {
+        self.ask(|tx| Command::LiftIsolation(peer, tx))
+            .await
+            .unwrap_or(false)
     }
 
     /// `peer`'s reputation score now (0 is neutral, lower is worse; an isolated peer has

@@ -28,7 +28,9 @@ use mycel_core::task::{
     TaskResult, Timings, MAX_FRAME_BYTES, MAX_REQUEST_BYTES, MAX_TASK_BUDGET_MS,
 };
 use mycel_core::trust::{self, Trust};
-use mycel_core::verify::{self, Certificate, Claim, Evidence, Mode, Quorum, Signer, Step};
+use mycel_core::verify::{
+    self, Certificate, Claim, Evidence, Judged, Mode, Next, Replication, Signer, Verdict,
+};
 use mycel_core::wire::Rejection;
 use mycel_core::Keypair;
 use mycel_ml::{GenerateParams, Generation, MlError};
@@ -58,9 +60,6 @@ const PROVIDER_LOOKUP: Duration = Duration::from_secs(3);
 const EVIDENCE_PER_PEER: usize = 4;
 /// Spot checks running at once in the background.
 const MAX_RECHECKS: usize = 4;
-/// An isolated liar is routed to again this long after its isolation ends: the network lifts
-/// its ban on the event loop's next tick, and a task sent before would fail.
-const UNBLOCK_SLACK_MS: u64 = 2_000;
 /// Longest a background spot check may take.
 const RECHECK_BUDGET: Duration = Duration::from_secs(60);
 
@@ -263,6 +262,8 @@ struct RouterState {
     evidence: HashMap<PeerId, VecDeque<Evidence>>,
     /// Peers whose trust changed since it was last written to the store.
     dirty: HashSet<PeerId>,
+    /// Peers cut off in the network whose ban the router has not yet seen lifted.
+    cut: HashSet<PeerId>,
     rng: StdRng,
     latencies_ms: VecDeque<f64>,
 }
@@ -440,6 +441,7 @@ impl Inference {
                 trust: Trust::new(config.trust.clone()),
                 evidence: HashMap::new(),
                 dirty: HashSet::new(),
+                cut: HashSet::new(),
                 rng: config
                     .seed
                     .map_or_else(StdRng::from_entropy, StdRng::seed_from_u64),
@@ -472,14 +474,14 @@ impl Inference {
         store: Arc<mycel_store::Store>,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let kept = store.trust()?;
+        let mut isolated = Vec::new();
         {
             let mut state = self.lock();
             for (peer, bytes) in kept {
                 match mycel_core::wire::decode::<TrustEntry>(&bytes, MAX_TRUST_ENTRY_BYTES) {
                     Ok(entry) => {
-                        // Isolations are for lies: the network cuts the peer off again.
                         if entry.record.isolated_until > now_ms() {
-                            self.cut_off(peer, entry.record.isolated_until);
+                            isolated.push((peer, entry.record.isolated_until));
                         }
                         state.trust.restore(peer, entry.record);
                         if !entry.evidence.is_empty() {
@@ -489,6 +491,10 @@ impl Inference {
                     Err(reason) => warn!(%peer, %reason, "a stored trust record does not decode"),
                 }
             }
+        }
+        // Isolations are for lies: the network cuts the peer off again.
+        for (peer, until) in isolated {
+            self.cut_off(peer, until);
         }
         *self.store.lock().unwrap_or_else(|e| e.into_inner()) = Some(store);
         let this = self.clone();
@@ -772,11 +778,9 @@ impl Inference {
                 }));
             }
         }
+        self.keep_usable(&mut candidates, |c| c.peer).await;
         let now = now_ms();
         let mut state = self.lock();
-        // Isolated peers get no work until their back-off ends.
-        let until = now.saturating_sub(UNBLOCK_SLACK_MS);
-        candidates.retain(|c| c.peer == own || !state.trust.isolated(&c.peer, until));
         let RouterState {
             reliability, rng, ..
         } = &mut *state;
@@ -786,6 +790,34 @@ impl Inference {
             &self.config.weights,
             rng,
         )
+    }
+
+    /// Drops isolated peers from `items` (they get no work until their back-off ends), and
+    /// has the network lift its ban on those whose isolation has just ended, before any task
+    /// goes to them (it would otherwise lift it at its next tick, and a task sent before
+    /// would fail); a peer the network still bans for its score is dropped too.
+    async fn keep_usable<T>(&self, items: &mut Vec<T>, peer: impl Fn(&T) -> PeerId) {
+        let own = self.net.peer_id();
+        let now = now_ms();
+        let lift: Vec<PeerId> = {
+            let state = self.lock();
+            items.retain(|item| {
+                let p = peer(item);
+                p == own || !state.trust.isolated(&p, now)
+            });
+            items
+                .iter()
+                .map(&peer)
+                .filter(|p| state.cut.contains(p))
+                .collect()
+        };
+        for p in lift {
+            if self.net.lift_isolation(p).await {
+                self.lock().cut.remove(&p);
+            } else {
+                items.retain(|item| peer(item) != p);
+            }
+        }
     }
 
     /// What the router has done since the node started.
@@ -1195,18 +1227,13 @@ impl Inference {
         // Distinct, not isolated, and no more than a quorum may draw from. A checked task's
         // workers are distinct operators too (the best-ranked node of each), so that one
         // operator's nodes count once among the candidates and never check each other.
-        let own = self.net.peer_id();
-        let now = now_ms();
         let mut ranking = ranking;
-        {
-            let state = self.lock();
-            let mut seen = HashSet::new();
-            let until = now.saturating_sub(UNBLOCK_SLACK_MS);
-            ranking.retain(|p| seen.insert(*p) && (*p == own || !state.trust.isolated(p, until)));
-            if mode != Mode::None {
-                let mut operators = HashSet::new();
-                ranking.retain(|p| operators.insert(target.operator_of(p)));
-            }
+        let mut seen = HashSet::new();
+        ranking.retain(|p| seen.insert(*p));
+        self.keep_usable(&mut ranking, |p| *p).await;
+        if mode != Mode::None {
+            let mut operators = HashSet::new();
+            ranking.retain(|p| operators.insert(target.operator_of(p)));
         }
         ranking.truncate(verify::MAX_CANDIDATES);
         let id = TaskId(self.lock().rng.gen());
@@ -1314,47 +1341,28 @@ impl Inference {
         replicas: usize,
         prior: Vec<(PeerId, Signed)>,
     ) -> Result<(PeerId, TaskResult, Certificate), RouteError> {
-        let mut quorum = Quorum::<PeerId, Claim>::new(ranking.len(), replicas)
+        let claims = prior.iter().map(|(p, (_, c))| (*p, c.clone())).collect();
+        let mut replication = Replication::new(ranking, replicas, claims)
             .map_err(|e| RouteError::Unverified(e.to_string()))?;
-        let mut results: Vec<(PeerId, TaskResult, Claim)> = Vec::new();
-        for (peer, (result, claim)) in prior {
-            quorum.asked(1);
-            quorum.answered(peer, claim.clone());
-            results.push((peer, result, claim));
-        }
-        let mut unasked: VecDeque<PeerId> = ranking
-            .iter()
-            .filter(|p| results.iter().all(|(q, _, _)| q != *p))
-            .copied()
+        let mut results: Vec<(PeerId, TaskResult, Claim)> = prior
+            .into_iter()
+            .map(|(peer, (result, claim))| (peer, result, claim))
             .collect();
         let deadline = tokio::time::Instant::now() + self.config.deadline;
         let mut running = FuturesUnordered::new();
         let mut reasons = Vec::new();
-        let mut invalid = Vec::new();
         loop {
-            match quorum.step() {
-                Step::Ask(count) => {
-                    let mut asked = 0;
-                    while asked < count {
-                        let Some(peer) = unasked.pop_front() else {
-                            break;
-                        };
+            match replication.step() {
+                Next::Ask(peers) => {
+                    for peer in peers {
                         running.push(self.signed_attempt(peer, target, request));
-                        asked += 1;
                     }
-                    if asked == 0 {
-                        return Err(self.unverified("no candidate left to ask", &reasons));
-                    }
-                    quorum.asked(asked);
                 }
-                Step::Wait if running.is_empty() => {
-                    return Err(self.unverified("no answer outstanding", &reasons));
-                }
-                Step::Wait => {
+                Next::Wait => {
                     tokio::select! {
                         Some((peer, outcome)) = running.next() => match outcome {
                             Outcome::Done((result, claim)) => {
-                                quorum.answered(peer, claim.clone());
+                                replication.answered(peer, claim.clone());
                                 results.push((peer, result, claim));
                             }
                             // This node's own model refuses the input: the caller's error.
@@ -1362,15 +1370,13 @@ impl Inference {
                             // A peer that calls the input invalid may lie to stop the task:
                             // the caller hears so only from more peers than may lie.
                             Outcome::Final(e) => {
-                                quorum.failed();
-                                invalid.push(peer);
-                                if invalid.len() > quorum.faulty() {
+                                if replication.refused(peer) {
                                     return Err(e);
                                 }
                                 reasons.push(format!("{peer}: {e}"));
                             }
                             Outcome::Retry { reason, fault } => {
-                                quorum.failed();
+                                replication.failed();
                                 if let Some(outcome) = fault.trust() {
                                     self.record(&peer, outcome, None);
                                 }
@@ -1378,6 +1384,7 @@ impl Inference {
                             }
                         },
                         _ = tokio::time::sleep_until(deadline) => {
+                            self.judge_unsettled(request, &replication, &results);
                             return Err(self.unverified(
                                 "the deadline passed before a quorum agreed",
                                 &reasons,
@@ -1385,15 +1392,14 @@ impl Inference {
                         }
                     }
                 }
-                Step::Accept { output, rule } => {
+                Next::Accept(judged) => {
                     self.metrics.verified.inc();
-                    // Peers that called the input invalid, when a quorum ran it: a lie.
-                    for peer in &invalid {
-                        self.note(peer, trust::Outcome::Invalid);
-                    }
-                    return self.settled(request, output, rule, results);
+                    return self.settled(request, judged, results);
                 }
-                Step::GiveUp(e) => return Err(self.unverified(&e.to_string(), &reasons)),
+                Next::GiveUp(why) => {
+                    self.judge_unsettled(request, &replication, &results);
+                    return Err(self.unverified(&why, &reasons));
+                }
             }
         }
     }
@@ -1408,71 +1414,116 @@ impl Inference {
         }
     }
 
-    /// A quorum agreed on `agreed`: the certificate, and what each worker's answer shows.
+    /// A quorum agreed on `agreed`: the certificate, and the verdicts applied.
     fn settled(
         &self,
         request: &TaskRequest,
-        agreed: Claim,
-        rule: verify::Rule,
+        judged: Judged<PeerId>,
         results: Vec<(PeerId, TaskResult, Claim)>,
     ) -> Result<(PeerId, TaskResult, Certificate), RouteError> {
+        let agreed = judged.output.clone();
+        let certificate = self.judge(request, judged, &results)?;
+        self.count(|s| s.completed += 1);
+        let (peer, result, _) = results
+            .into_iter()
+            .find(|(_, _, claim)| *claim == agreed)
+            .ok_or_else(|| RouteError::Unverified("no agreeing answer kept".into()))?;
+        Ok((peer, result, certificate))
+    }
+
+    /// A task that ends unverified still makes the liars its answers prove pay
+    /// ([`Replication::judged`]).
+    fn judge_unsettled(
+        &self,
+        request: &TaskRequest,
+        replication: &Replication<PeerId>,
+        results: &[(PeerId, TaskResult, Claim)],
+    ) {
+        if let Some(judged) = replication.judged() {
+            if let Err(e) = self.judge(request, judged, results) {
+                debug!(task = %request.id, "could not judge an unverified task: {e}");
+            }
+        }
+    }
+
+    /// An output known right: its certificate, and what each worker's answer shows noted in
+    /// its record; liars are cut off and their lies kept as evidence.
+    fn judge(
+        &self,
+        request: &TaskRequest,
+        judged: Judged<PeerId>,
+        results: &[(PeerId, TaskResult, Claim)],
+    ) -> Result<Certificate, RouteError> {
+        let Judged {
+            output: agreed,
+            rule,
+            verdicts,
+        } = judged;
+        let agreed = &agreed;
         let now = now_ms();
         let signers = results
             .iter()
-            .filter(|(_, _, claim)| *claim == agreed)
+            .filter(|(_, _, claim)| claim == agreed)
             .map(|(_, result, _)| Signer::from_parts(&result.public_key, &result.signature))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| RouteError::Unverified(e.to_string()))?;
         let certificate = Certificate::issue(&self.keypair, agreed.clone(), rule, signers, now);
-        let mut chosen = None;
+        let mut isolations = Vec::new();
         let mut state = self.lock();
-        for (peer, result, claim) in results {
-            if claim == agreed {
-                state.reliability.success(&peer, now);
-                state.note(&peer, trust::Outcome::Success, now);
-                chosen.get_or_insert((peer, result));
-                continue;
-            }
-            if claim.engine != agreed.engine {
-                // Another engine (a target only the DHT knew of): a different output is no
-                // proof of a lie, but it is no use either.
-                state.reliability.failure(&peer, now);
-                state.note(&peer, trust::Outcome::Failure, now);
-                continue;
-            }
-            // Signed, and outvoted by a quorum that holds an honest answer: a lie.
-            self.metrics.disagreements.inc();
-            state.reliability.failure(&peer, now);
-            let isolation = state.note(&peer, trust::Outcome::Disagreement, now);
-            // The liar's signature over its claim (the certificate was just made here).
-            let liar = Signer::from_parts(&result.public_key, &result.signature)
-                .ok()
-                .filter(|liar| liar.verify(&claim.signed_bytes()) == Ok(peer));
-            if let Some(liar) = liar {
-                state.dirty.insert(peer);
-                let kept = state.evidence.entry(peer).or_default();
-                if kept.len() == EVIDENCE_PER_PEER {
-                    kept.pop_front();
+        for (peer, verdict) in verdicts {
+            let outcome = match verdict {
+                Verdict::Agreed => {
+                    state.reliability.success(&peer, now);
+                    trust::Outcome::Success
                 }
-                kept.push_back(Evidence {
-                    lie: claim,
-                    liar,
-                    certificate: certificate.clone(),
-                });
-            }
-            if let Some(isolation) = isolation {
-                self.cut_off(peer, isolation.until);
-                self.flush_now.notify_one();
-                self.metrics.isolations.inc();
-                warn!(%peer, task = %request.id, offences = isolation.offences,
-                      "isolating a peer whose answer lost a quorum");
+                Verdict::OtherEngine => {
+                    state.reliability.failure(&peer, now);
+                    trust::Outcome::Failure
+                }
+                Verdict::RefusedValidInput => {
+                    self.metrics.invalid_results.inc();
+                    trust::Outcome::Invalid
+                }
+                Verdict::Outvoted => {
+                    self.metrics.disagreements.inc();
+                    state.reliability.failure(&peer, now);
+                    // The liar's signature over its claim (the certificate was just made
+                    // here).
+                    let lie = results.iter().find(|(p, _, _)| *p == peer);
+                    let evidence = lie.and_then(|(_, result, claim)| {
+                        let liar = Signer::from_parts(&result.public_key, &result.signature)
+                            .ok()
+                            .filter(|liar| liar.verify(&claim.signed_bytes()) == Ok(peer))?;
+                        Some(Evidence {
+                            lie: claim.clone(),
+                            liar,
+                            certificate: certificate.clone(),
+                        })
+                    });
+                    if let Some(evidence) = evidence {
+                        state.dirty.insert(peer);
+                        let kept = state.evidence.entry(peer).or_default();
+                        if kept.len() == EVIDENCE_PER_PEER {
+                            kept.pop_front();
+                        }
+                        kept.push_back(evidence);
+                    }
+                    trust::Outcome::Disagreement
+                }
+            };
+            if let Some(isolation) = state.note(&peer, outcome, now) {
+                isolations.push((peer, isolation, outcome));
             }
         }
         drop(state);
-        self.count(|s| s.completed += 1);
-        let (peer, result) =
-            chosen.ok_or_else(|| RouteError::Unverified("no agreeing answer kept".into()))?;
-        Ok((peer, result, certificate))
+        for (peer, isolation, outcome) in isolations {
+            self.cut_off(peer, isolation.until);
+            self.flush_now.notify_one();
+            self.metrics.isolations.inc();
+            warn!(%peer, task = %request.id, offences = isolation.offences, ?outcome,
+                  "isolating a peer whose answer lost a quorum");
+        }
+        Ok(certificate)
     }
 
     /// Answers from the first candidate that answers with a signed result; with probability
@@ -1666,7 +1717,8 @@ impl Inference {
         if outcome == trust::Outcome::Invalid {
             self.metrics.invalid_results.inc();
         }
-        if let Some(isolation) = self.lock().note(peer, outcome, now) {
+        let isolation = self.lock().note(peer, outcome, now);
+        if let Some(isolation) = isolation {
             if matches!(
                 outcome,
                 trust::Outcome::Invalid | trust::Outcome::Disagreement
@@ -1681,8 +1733,9 @@ impl Inference {
 
     /// A liar (a lost quorum, a forged or malformed answer) is cut off in the network as
     /// well until its isolation ends: disconnected, its gossip ignored, not selected for
-    /// training.
+    /// training. Takes the router's lock: never call it with the lock held.
     fn cut_off(&self, peer: PeerId, until: u64) {
+        self.lock().cut.insert(peer);
         let net = self.net.clone();
         tokio::spawn(async move { net.isolate(peer, until).await });
     }
