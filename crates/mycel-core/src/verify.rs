@@ -562,16 +562,18 @@ impl<P: PartialEq + Clone> Replication<P> {
     /// needs (`f + 1` at least) is the right one, by the argument that accepts a unanimous
     /// first wave, so the answers that differ from it are lies even though the larger quorum
     /// a disagreement asks for was not reached. The output, the rule it meets (its quorum:
-    /// the answers it holds) and the verdicts; `None` when no output holds that many.
+    /// the answers it holds) and the verdicts; `None` when no output holds that many, or when
+    /// a second output holds more answers than there can be liars (more than `f` lied, and
+    /// nothing is proven).
     pub fn judged(&self) -> Option<Judged<P>> {
         let groups = self.quorum.groups();
-        let mut proven = groups
-            .iter()
-            .filter(|(_, count)| *count >= self.quorum.first_wave);
-        let (output, count) = proven.next()?;
-        if proven.next().is_some() {
+        let faulty = self.quorum.faulty;
+        if groups.iter().filter(|(_, count)| *count > faulty).count() > 1 {
             return None;
         }
+        let (output, count) = groups
+            .iter()
+            .find(|(_, count)| *count >= self.quorum.first_wave)?;
         let output = (*output).clone();
         let rule = Rule {
             requested: self.quorum.requested as u32,
@@ -1162,6 +1164,27 @@ mod tests {
                 (2, Verdict::RefusedValidInput),
             ]
         );
+    }
+
+    #[test]
+    fn a_contradiction_proves_nothing() {
+        // 7 candidates (2 liars assumed), 4 replicas asked for: a first wave of 4.
+        let ranking: Vec<u32> = (0..7).collect();
+        let mut replication = Replication::new(&ranking, 4, Vec::new()).unwrap();
+        let (a, b) = (claim_of(b"a", "e"), claim_of(b"b", "e"));
+        assert_eq!(replication.step(), Next::Ask(vec![0, 1, 2, 3]));
+        for (peer, claim) in [(0, &a), (1, &a), (2, &a), (3, &b)] {
+            replication.answered(peer, claim.clone());
+        }
+        assert_eq!(replication.step(), Next::Ask(vec![4, 5]));
+        replication.answered(4, a.clone());
+        replication.answered(5, b.clone());
+        assert_eq!(replication.step(), Next::Ask(vec![6]));
+        replication.answered(6, b.clone());
+        // 4 against 3: both above the 2 liars assumed, so more lied; neither side is proven
+        // (a first wave's worth of `a` is no proof here).
+        assert!(matches!(replication.step(), Next::GiveUp(_)));
+        assert_eq!(replication.judged(), None);
     }
 
     #[test]

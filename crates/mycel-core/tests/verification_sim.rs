@@ -26,7 +26,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const WORKERS: usize = 10;
-const REPLICAS: usize = 3;
 const ENGINE: &str = "sim-engine/1";
 /// How long the client waits for a task's quorum.
 const DEADLINE_MS: u64 = 3_000;
@@ -57,6 +56,8 @@ enum Kind {
     Replayer,
     /// Signs with a key that is not its own.
     ForgedKey,
+    /// Calls every input invalid.
+    Refuser,
 }
 
 impl Kind {
@@ -88,6 +89,8 @@ enum Reply {
     Refused,
     /// Nothing came back in time.
     Timeout,
+    /// The worker calls the input invalid.
+    RefusesInput,
 }
 
 /// Everything a run found.
@@ -95,6 +98,8 @@ enum Reply {
 struct Report {
     accepted: usize,
     unverified: usize,
+    /// Tasks ended because more workers than may lie called the input invalid.
+    refused_input: usize,
     /// Accepted, or proven by an unverified task's answers, and wrong.
     wrong_accepted: usize,
     /// Unverified tasks whose answers still proved the right output (and judged the rest).
@@ -124,7 +129,7 @@ fn output(k: usize, wrong: Option<usize>) -> TaskOutput {
     TaskOutput::embeddings(&[vec![k as f32 + shift, 0.5, -0.25]], 1)
 }
 
-fn run(seed: u64, kinds: &[Kind; WORKERS], tasks: usize) -> Report {
+fn run(seed: u64, kinds: &[Kind; WORKERS], replicas: usize, tasks: usize) -> Report {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut trace = blake3::Hasher::new();
     let mut log = |line: String| {
@@ -207,7 +212,7 @@ fn run(seed: u64, kinds: &[Kind; WORKERS], tasks: usize) -> Report {
             "task {k} at {now}: ranking {:?}",
             ranking.iter().map(|p| index[p]).collect::<Vec<_>>()
         ));
-        let mut replication = match Replication::new(&ranking, REPLICAS, Vec::new()) {
+        let mut replication = match Replication::new(&ranking, replicas, Vec::new()) {
             Ok(replication) => replication,
             Err(e) => {
                 log(format!("task {k}: {e}"));
@@ -220,6 +225,7 @@ fn run(seed: u64, kinds: &[Kind; WORKERS], tasks: usize) -> Report {
         let mut replies: Vec<Reply> = Vec::new();
         let mut results: Vec<(PeerId, TaskResult, Claim)> = Vec::new();
         let mut asked = Vec::new();
+        let mut input_refused = false;
         let settled = loop {
             match replication.step() {
                 Next::Ask(peers) => {
@@ -260,6 +266,14 @@ fn run(seed: u64, kinds: &[Kind; WORKERS], tasks: usize) -> Report {
                         },
                         Reply::Refused => Some(("refused".to_owned(), trust::Outcome::Failure)),
                         Reply::Timeout => Some(("timed out".to_owned(), trust::Outcome::Timeout)),
+                        Reply::RefusesInput => {
+                            log(format!("task {k}: {i} refused the input at {now}"));
+                            if replication.refused(peer) {
+                                input_refused = true;
+                                break None;
+                            }
+                            None
+                        }
                     };
                     if let Some((what, outcome)) = failure {
                         log(format!("task {k}: {i} {what} at {now}"));
@@ -279,6 +293,9 @@ fn run(seed: u64, kinds: &[Kind; WORKERS], tasks: usize) -> Report {
             if kinds[*i].lies() {
                 client.involved[*i] += 1;
             }
+        }
+        if input_refused {
+            client.report.refused_input += 1;
         }
         let verified = matches!(settled, Some((_, true)));
         if verified {
@@ -396,6 +413,9 @@ fn answer(
         // It crashed while computing.
         return (TIMEOUT_MS, Reply::Timeout);
     }
+    if worker.kind == Kind::Refuser {
+        return (delay, Reply::RefusesInput);
+    }
     let wrong = match worker.kind {
         Kind::Colluding => Some(0),
         Kind::Independent => Some(1 + rng.gen_range(0..1_000)),
@@ -479,15 +499,17 @@ fn workers(liars: [Kind; 3]) -> [Kind; WORKERS] {
 #[test]
 fn no_wrong_output_is_accepted_and_every_liar_is_isolated_within_a_few_tasks() {
     use Kind::*;
-    let mut restarts = 0;
-    for liars in [
-        [Colluding; 3],
-        [Independent; 3],
-        [Sometimes, Replayer, ForgedKey],
+    let (mut restarts, mut judged) = (0, 0);
+    // Three replicas asked for (a first wave of f + 1 = 4), and five (more than f + 1).
+    for (liars, replicas) in [
+        ([Colluding; 3], 3),
+        ([Independent; 3], 3),
+        ([Sometimes, Replayer, ForgedKey], 3),
+        ([Refuser, Colluding, Independent], 5),
     ] {
         let kinds = workers(liars);
         for seed in 1..=4 {
-            let report = run(seed, &kinds, 300);
+            let report = run(seed, &kinds, replicas, 300);
             let what = format!("{liars:?}, seed {seed}: {report:?}");
             eprintln!(
                 "{liars:?} seed {seed}: accepted {}, unverified {} ({} judged), most tasks to \
@@ -501,6 +523,8 @@ fn no_wrong_output_is_accepted_and_every_liar_is_isolated_within_a_few_tasks() {
             );
             assert_eq!(report.wrong_accepted, 0, "{what}");
             assert_eq!(report.honest_isolated, 0, "{what}");
+            // Refusing liars never stop a task with a valid input.
+            assert_eq!(report.refused_input, 0, "{what}");
             // Lost messages and crashes cost a few tasks, never most of them.
             assert!(report.accepted >= 270, "{what}");
             for i in [2, 5, 8] {
@@ -515,21 +539,24 @@ fn no_wrong_output_is_accepted_and_every_liar_is_isolated_within_a_few_tasks() {
                 // Liars come back after their isolation and are caught again.
                 assert!(isolations.len() >= 2, "{what}");
             }
-            if liars[0] != Sometimes {
+            if liars[1] != Replayer {
                 assert!(report.evidence > 0, "{what}");
             }
             restarts += report.restarts;
+            judged += report.judged_unverified;
         }
     }
     assert!(restarts > 0, "the client was never restarted");
+    // Unverified tasks whose answers still proved the right output judged their liars.
+    assert!(judged > 0, "no unverified task judged anyone");
 }
 
 #[test]
 fn the_same_seed_gives_the_same_run_and_another_seed_another() {
     let kinds = workers([Kind::Colluding, Kind::Sometimes, Kind::Replayer]);
-    let a = run(7, &kinds, 150);
-    let b = run(7, &kinds, 150);
-    let c = run(8, &kinds, 150);
+    let a = run(7, &kinds, 3, 150);
+    let b = run(7, &kinds, 3, 150);
+    let c = run(8, &kinds, 3, 150);
     assert_eq!(a.trace, b.trace);
     assert_ne!(a.trace, c.trace);
 }
@@ -542,7 +569,7 @@ fn with_more_than_a_third_colluding_a_wrong_output_wins() {
     kinds[3] = Kind::Colluding;
     kinds[4] = Kind::Colluding;
     let wrong: usize = (1..=4)
-        .map(|seed| run(seed, &kinds, 100).wrong_accepted)
+        .map(|seed| run(seed, &kinds, 3, 100).wrong_accepted)
         .sum();
     assert!(wrong > 0);
 }

@@ -813,11 +813,22 @@ impl Inference {
         };
         for p in lift {
             if self.net.lift_isolation(p).await {
-                self.lock().cut.remove(&p);
+                // Unless it was isolated again meanwhile (then cut off anew, and dropped
+                // below).
+                let mut state = self.lock();
+                if !state.trust.isolated(&p, now_ms()) {
+                    state.cut.remove(&p);
+                }
             } else {
                 items.retain(|item| peer(item) != p);
             }
         }
+        let state = self.lock();
+        let now = now_ms();
+        items.retain(|item| {
+            let p = peer(item);
+            p == own || !state.trust.isolated(&p, now)
+        });
     }
 
     /// What the router has done since the node started.
