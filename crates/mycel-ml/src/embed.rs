@@ -168,20 +168,45 @@ impl Embedder {
     }
 }
 
-/// The engine name of the f32 models (this encoder, and `--engine exact` generation): their
-/// products run on gemm, whose AVX-512 kernels (where the CPU has what they need) sum in
-/// another order than its AVX2 ones, so their outputs differ in the last bits. The name
-/// tells them apart, and replicas are only asked of peers running the same engine: an honest
-/// peer on another kind of CPU is never outvoted as a liar for it.
+/// The engine name of the f32 models (this encoder, and `--engine exact` generation), e.g.
+/// `candle-f32-avx512-kc512`. Their products run on gemm, and two things decide the order in
+/// which gemm sums, and so the last bits of every output: its kernel (AVX-512, FMA or
+/// portable, chosen at run time from the CPU's features) and how it blocks the summed
+/// dimension (`kc`, from the size and associativity of the L1 data cache it reads from the
+/// system: an AVX2 CPU with a 48 KiB 12-way L1 blocks by 1,024 where one with 32 KiB 8-way
+/// blocks by 512, and a product over more than 512 sums in another order). The name holds
+/// both, so that replicas are only asked of peers whose engine gives the same bits, and an
+/// honest peer on another kind of CPU is never outvoted as a liar for its last bits. The
+/// thread count is not part of it: gemm splits rows and columns among threads, never the
+/// sum (a test checks the bits across thread counts).
 pub fn f32_engine() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| match gemm_kernel() {
+        Some((kernel, mr, nr)) => {
+            // The block gemm uses for a long sum decides it for every length: a sum of k is
+            // cut into ceil(k / block) equal parts (k itself when k <= 512).
+            let k = 1 << 20;
+            let block = gemm_common::cache::kernel_params(4096, 4096, k, mr, nr, 4).kc;
+            format!("candle-f32-{kernel}-kc{block}")
+        }
+        // Not measured here: named by architecture alone.
+        None => format!("candle-f32-{}", std::env::consts::ARCH),
+    })
+}
+
+/// The f32 kernel gemm picks on this CPU, as gemm-common 0.19's dispatch does, with its
+/// register block (rows, columns); `None` off x86-64.
+fn gemm_kernel() -> Option<(&'static str, usize, usize)> {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512cd")
-        && is_x86_feature_detected!("avx512dq")
-        && is_x86_feature_detected!("avx512vl")
     {
-        return "candle-f32-avx512";
+        if is_x86_feature_detected!("avx512f") {
+            return Some(("avx512", 4 * 16, 6));
+        }
+        if is_x86_feature_detected!("fma") {
+            return Some(("fma", 2 * 8, 6));
+        }
+        Some(("portable", 2, 4))
     }
-    "candle-f32"
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
