@@ -481,17 +481,31 @@ pub struct Replication<P> {
 impl<P: PartialEq + Clone> Replication<P> {
     /// A task for `ranking` (distinct candidates, best first) with at least `replicas`
     /// replicas; `prior` holds answers already in (a spot check's two differing ones).
+    ///
+    /// The last seat of the first wave goes to a candidate drawn (by `draw`, a random
+    /// number) uniformly from the ranking past the seats before it: every candidate is asked
+    /// now and then whatever its record. A peer with no record, honest or not, otherwise
+    /// ranks below peers with long records and is never asked (so a liar among them is never
+    /// caught, and an honest newcomer never earns a record), and a liar that ranks well by
+    /// behaving cannot choose the company it is checked in.
     pub fn new(
         ranking: &[P],
         replicas: usize,
         prior: Vec<(P, Claim)>,
+        draw: u64,
     ) -> Result<Self, QuorumError> {
         let mut quorum = Quorum::new(ranking.len(), replicas)?;
-        let unasked = ranking
+        let mut unasked: std::collections::VecDeque<P> = ranking
             .iter()
             .filter(|p| prior.iter().all(|(q, _)| q != *p))
             .cloned()
             .collect();
+        let seats = quorum.first_wave.saturating_sub(prior.len());
+        if seats > 0 && unasked.len() > seats {
+            let pool = unasked.len() - (seats - 1);
+            let drawn = seats - 1 + (draw % pool as u64) as usize;
+            unasked.swap(seats - 1, drawn);
+        }
         for (peer, claim) in prior {
             quorum.asked(1);
             quorum.answered(peer, claim);
@@ -1127,7 +1141,7 @@ mod tests {
     fn a_replication_asks_in_rank_order_and_judges_every_answer() {
         // 7 candidates, 2 liars assumed: a first wave of 3.
         let ranking: Vec<u32> = (0..7).collect();
-        let mut replication = Replication::new(&ranking, 2, Vec::new()).unwrap();
+        let mut replication = Replication::new(&ranking, 2, Vec::new(), 0).unwrap();
         assert_eq!(replication.step(), Next::Ask(vec![0, 1, 2]));
         assert_eq!(replication.step(), Next::Wait);
         let right = claim_of(b"right", "e");
@@ -1167,10 +1181,26 @@ mod tests {
     }
 
     #[test]
+    fn the_first_waves_last_seat_is_drawn_from_the_rest() {
+        // 10 candidates, 3 liars assumed: a first wave of 4, its last seat drawn from 3..10.
+        let ranking: Vec<u32> = (0..10).collect();
+        let mut seated = std::collections::BTreeSet::new();
+        for draw in 0..50 {
+            let mut replication = Replication::new(&ranking, 3, Vec::new(), draw).unwrap();
+            let Next::Ask(first) = replication.step() else {
+                panic!("asks first")
+            };
+            assert_eq!(first[..3], [0, 1, 2], "the best ranked keep their seats");
+            seated.insert(first[3]);
+        }
+        assert_eq!(seated, (3..10).collect(), "every other candidate is drawn");
+    }
+
+    #[test]
     fn a_contradiction_proves_nothing() {
         // 7 candidates (2 liars assumed), 4 replicas asked for: a first wave of 4.
         let ranking: Vec<u32> = (0..7).collect();
-        let mut replication = Replication::new(&ranking, 4, Vec::new()).unwrap();
+        let mut replication = Replication::new(&ranking, 4, Vec::new(), 0).unwrap();
         let (a, b) = (claim_of(b"a", "e"), claim_of(b"b", "e"));
         assert_eq!(replication.step(), Next::Ask(vec![0, 1, 2, 3]));
         for (peer, claim) in [(0, &a), (1, &a), (2, &a), (3, &b)] {
@@ -1190,7 +1220,7 @@ mod tests {
     #[test]
     fn an_unverified_task_proves_nothing_below_a_first_wave() {
         let ranking: Vec<u32> = (0..7).collect();
-        let mut replication = Replication::new(&ranking, 2, Vec::new()).unwrap();
+        let mut replication = Replication::new(&ranking, 2, Vec::new(), 0).unwrap();
         let Next::Ask(first) = replication.step() else {
             panic!("asks first")
         };
@@ -1200,7 +1230,7 @@ mod tests {
         // Two equal answers may both be liars' (2 assumed): nothing is proven.
         assert_eq!(replication.judged(), None);
         // More refusals than there can be liars: the input is at fault.
-        let mut refused = Replication::new(&ranking, 2, Vec::new()).unwrap();
+        let mut refused = Replication::new(&ranking, 2, Vec::new(), 0).unwrap();
         let _ = refused.step();
         assert!(!refused.refused(0));
         assert!(!refused.refused(1));

@@ -212,7 +212,7 @@ fn run(seed: u64, kinds: &[Kind; WORKERS], replicas: usize, tasks: usize) -> Rep
             "task {k} at {now}: ranking {:?}",
             ranking.iter().map(|p| index[p]).collect::<Vec<_>>()
         ));
-        let mut replication = match Replication::new(&ranking, replicas, Vec::new()) {
+        let mut replication = match Replication::new(&ranking, replicas, Vec::new(), rng.gen()) {
             Ok(replication) => replication,
             Err(e) => {
                 log(format!("task {k}: {e}"));

@@ -1353,7 +1353,8 @@ impl Inference {
         prior: Vec<(PeerId, Signed)>,
     ) -> Result<(PeerId, TaskResult, Certificate), RouteError> {
         let claims = prior.iter().map(|(p, (_, c))| (*p, c.clone())).collect();
-        let mut replication = Replication::new(ranking, replicas, claims)
+        let draw = self.lock().rng.gen();
+        let mut replication = Replication::new(ranking, replicas, claims, draw)
             .map_err(|e| RouteError::Unverified(e.to_string()))?;
         let mut results: Vec<(PeerId, TaskResult, Claim)> = prior
             .into_iter()
