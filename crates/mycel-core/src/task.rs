@@ -46,10 +46,32 @@ impl std::fmt::Display for TaskId {
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user` or `assistant`; [`RAW_ROLE`] for a text completion's prompt.
     pub role: String,
     /// What was said.
     pub content: String,
+}
+
+/// The role of the one message of a text completion (`/v1/completions`): its content is the
+/// prompt as it is, given to the model without its chat template.
+pub const RAW_ROLE: &str = "raw";
+
+impl ChatMessage {
+    /// A text completion's prompt.
+    pub fn raw(prompt: impl Into<String>) -> Self {
+        Self {
+            role: RAW_ROLE.to_owned(),
+            content: prompt.into(),
+        }
+    }
+
+    /// The prompt of `messages` when they are a text completion's ([`ChatMessage::raw`]).
+    pub fn raw_prompt(messages: &[ChatMessage]) -> Option<&str> {
+        match messages {
+            [only] if only.role == RAW_ROLE => Some(&only.content),
+            _ => None,
+        }
+    }
 }
 
 /// How to decode.
@@ -191,6 +213,12 @@ impl TaskRequest {
                     return Err(format!(
                         "a chat takes 1 to {MAX_MESSAGES} messages, not {}",
                         messages.len()
+                    ));
+                }
+                if messages.len() > 1 && messages.iter().any(|m| m.role == RAW_ROLE) {
+                    return Err(format!(
+                        "a message of role {RAW_ROLE:?} is a text completion's prompt and \
+                         comes alone"
                     ));
                 }
                 params.check()?;

@@ -356,6 +356,7 @@ pub(crate) fn router(state: ApiState, open_metrics: bool) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
         .route("/api/blobs", post(blob_api::upload).get(blob_api::list))
         .route(
             "/api/blobs/{cid}",

@@ -1980,12 +1980,15 @@ impl Inference {
     }
 
     /// `model`'s prompt for `messages` ([`crate::models::chat_prompt`]), counting a template
-    /// stopped at its fuel or time limit.
+    /// stopped at its fuel or time limit; a text completion's prompt as it is.
     async fn prompt(
         &self,
         model: &Arc<mycel_ml::Generator>,
         messages: &[ChatMessage],
     ) -> Result<String, MlError> {
+        if let Some(prompt) = ChatMessage::raw_prompt(messages) {
+            return Ok(prompt.to_owned());
+        }
         let prompt = crate::models::chat_prompt(model, messages).await;
         if prompt.as_ref().is_err_and(crate::models::template_limit) {
             self.defences.count(crate::defences::TEMPLATE_LIMIT);

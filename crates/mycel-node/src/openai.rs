@@ -1,5 +1,5 @@
 //! The OpenAI-compatible API: GET /v1/models, POST /v1/embeddings, POST /v1/chat/completions
-//! (plain and server-sent events), with OpenAI's request, response and error shapes, so that
+//! and POST /v1/completions (plain and server-sent events), with OpenAI's request, response and error shapes, so that
 //! any OpenAI client pointed at a node works (its API key is the node's token).
 //!
 //! Requests go through the node's router (`crate::inference`): they run here when this node is
@@ -16,6 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
+use futures::StreamExt as _;
 use mycel_core::statement::{ModelKind, ModelOffer};
 use mycel_ml::{ChatMessage, FinishReason, GenerateParams, MlError};
 use serde::de::DeserializeOwned;
@@ -116,16 +117,35 @@ impl From<MlError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({ "error": {
+impl ApiError {
+    /// The error object OpenAI's clients read, in a response or as a stream's event.
+    fn body(&self) -> Value {
+        json!({ "error": {
             "message": self.message,
             "type": self.kind,
             "param": self.param,
             "code": self.code,
-        }});
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body();
         (self.status, Json(body)).into_response()
     }
+}
+
+/// A stream of server-sent events from `events` until it closes.
+fn event_stream(events: mpsc::Receiver<Event>) -> Response {
+    let events = futures::stream::unfold(events, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|event| (Ok::<_, Infallible>(event), rx))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -531,11 +551,43 @@ fn messages(request: &ChatRequest) -> Result<Vec<ChatMessage>, ApiError> {
 }
 
 fn params(request: &ChatRequest) -> Result<GenerateParams, ApiError> {
-    if request.n.unwrap_or(1) != 1 {
-        return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
+    let budget = request.max_completion_tokens.or(request.max_tokens);
+    sampling(
+        budget,
+        DEFAULT_MAX_TOKENS,
+        request.temperature,
+        request.top_p,
+        request.seed,
+        &request.stop,
+    )
+}
+
+/// Most choices (`n`) one request may ask for.
+const MAX_CHOICES: u32 = 8;
+
+/// The choices a request asks for (`n`, 1 by default).
+fn choices(n: Option<u32>) -> Result<usize, ApiError> {
+    match n.unwrap_or(1) {
+        n @ 1..=MAX_CHOICES => Ok(n as usize),
+        n => Err(ApiError::invalid(
+            Some("n"),
+            format!("n must be 1 to {MAX_CHOICES}, not {n}"),
+        )),
     }
-    let max_tokens = match request.max_completion_tokens.or(request.max_tokens) {
-        None => DEFAULT_MAX_TOKENS,
+}
+
+/// How to decode, from the fields chat and text completions share; `default_max` tokens
+/// when the request names no budget (then up to the context the prompt leaves).
+fn sampling(
+    budget: Option<i64>,
+    default_max: usize,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<u64>,
+    stop: &Option<Stop>,
+) -> Result<GenerateParams, ApiError> {
+    let max_tokens = match budget {
+        None => default_max,
         Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
         Some(n) => {
             return Err(ApiError::invalid(
@@ -544,7 +596,7 @@ fn params(request: &ChatRequest) -> Result<GenerateParams, ApiError> {
             ))
         }
     };
-    let stop = match &request.stop {
+    let stop = match stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
@@ -552,16 +604,148 @@ fn params(request: &ChatRequest) -> Result<GenerateParams, ApiError> {
     Ok(GenerateParams {
         max_tokens,
         // OpenAI's defaults: temperature 1, a fresh seed per request.
-        temperature: Some(request.temperature.unwrap_or(1.0)),
-        top_p: request.top_p,
-        seed: request.seed.unwrap_or_else(rand::random),
+        temperature: Some(temperature.unwrap_or(1.0)),
+        top_p,
+        seed: seed.unwrap_or_else(rand::random),
         stop,
         // Without an explicit budget, generate up to the context the prompt leaves.
-        fit_context: request
-            .max_completion_tokens
-            .or(request.max_tokens)
-            .is_none(),
+        fit_context: budget.is_none(),
     })
+}
+
+/// A request to POST /v1/completions.
+#[derive(Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: Value,
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<Value>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    mycel: Option<MycelOptions>,
+    // Parts of the API this node does not implement: refused when used, never ignored.
+    #[serde(default)]
+    echo: Option<bool>,
+    #[serde(default)]
+    suffix: Option<String>,
+    #[serde(default)]
+    logprobs: Option<u32>,
+    #[serde(default)]
+    best_of: Option<u32>,
+    #[serde(default)]
+    presence_penalty: Option<f64>,
+    #[serde(default)]
+    frequency_penalty: Option<f64>,
+    #[serde(default)]
+    logit_bias: Option<BTreeMap<String, f64>>,
+}
+
+/// OpenAI's default budget of a text completion.
+const DEFAULT_COMPLETION_TOKENS: usize = 16;
+
+/// The prompt of a text completion: one string (a list of one string too). Lists of several
+/// prompts, and token ids, are refused by name.
+fn completion_prompt(request: &CompletionRequest) -> Result<String, ApiError> {
+    let refuse = |message: &str| Err(ApiError::invalid(Some("prompt"), message));
+    match &request.prompt {
+        Value::String(prompt) => Ok(prompt.clone()),
+        Value::Array(items) => match items.as_slice() {
+            [Value::String(prompt)] => Ok(prompt.clone()),
+            [] => refuse("prompt is empty"),
+            [Value::String(_), ..] => refuse("only one prompt per request is supported"),
+            _ => refuse("prompts of token ids are not supported; send the text"),
+        },
+        _ => refuse("prompt must be a string"),
+    }
+}
+
+/// Refuses a text completion that asks for what this node does not do, naming the field.
+fn completion_unsupported(request: &CompletionRequest) -> Result<(), ApiError> {
+    let refuse = |param: &'static str, what: &str| {
+        Err(ApiError::invalid(
+            Some(param),
+            format!("{param}: {what} is not supported by this node; send the request without it"),
+        ))
+    };
+    if request.echo == Some(true) {
+        return refuse("echo", "echoing the prompt");
+    }
+    if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return refuse("suffix", "inserting between a prompt and a suffix");
+    }
+    if request.logprobs.is_some_and(|n| n > 0) {
+        return refuse("logprobs", "returning log-probabilities");
+    }
+    if request.best_of.is_some_and(|n| n != 1) {
+        return refuse("best_of", "choosing the best of several completions");
+    }
+    if request.presence_penalty.is_some_and(|p| p != 0.0) {
+        return refuse("presence_penalty", "a presence penalty");
+    }
+    if request.frequency_penalty.is_some_and(|p| p != 0.0) {
+        return refuse("frequency_penalty", "a frequency penalty");
+    }
+    if request.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return refuse("logit_bias", "biasing logits");
+    }
+    Ok(())
+}
+
+/// POST /v1/completions: a text completion of a prompt, given to the model as it is (no chat
+/// template), routed, verified and streamed as a chat is.
+pub(crate) async fn completions(State(state): State<ApiState>, body: Bytes) -> Response {
+    match complete(state, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn complete(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
+    let request: CompletionRequest = parse(&body)?;
+    completion_unsupported(&request)?;
+    let prompt = completion_prompt(&request)?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(Some("prompt"), "prompt is empty"));
+    }
+    let params = sampling(
+        request.max_tokens,
+        DEFAULT_COMPLETION_TOKENS,
+        request.temperature,
+        request.top_p,
+        request.seed,
+        &request.stop,
+    )?;
+    let target = state
+        .inference
+        .resolve(&request.model, ModelKind::Generation)
+        .await?;
+    params
+        .check()
+        .map_err(|message| ApiError::invalid(None, message))?;
+    let job = Job {
+        mode: mode(&state, request.mycel.as_ref())?,
+        reply: Reply::new(&target, true),
+        target,
+        messages: vec![ChatMessage::raw(prompt)],
+        params,
+        stream: request.stream.unwrap_or(false),
+        include_usage: include_usage(&request.stream_options),
+        choices: choices(request.n)?,
+    };
+    answer(state, job).await
 }
 
 /// POST /v1/chat/completions.
@@ -587,17 +771,59 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     params
         .check()
         .map_err(|message| ApiError::invalid(None, message))?;
-    let id = request_id("chatcmpl");
-    let created = unix_now();
-    let name = target.offer.name.clone();
-    let fingerprint = target.offer.engine.clone();
-    let mode = mode(&state, request.mycel.as_ref())?;
-    if mode != Mode::None {
-        return chat_checked(state, request, target, messages, params, mode, id, created).await;
+    let job = Job {
+        mode: mode(&state, request.mycel.as_ref())?,
+        reply: Reply::new(&target, false),
+        target,
+        messages,
+        params,
+        stream: request.stream.unwrap_or(false),
+        include_usage: include_usage(&request.stream_options),
+        choices: choices(request.n)?,
+    };
+    answer(state, job).await
+}
+
+/// One request's generations, as chat and text completions both ask for them.
+struct Job {
+    reply: Reply,
+    target: crate::inference::Target,
+    messages: Vec<ChatMessage>,
+    params: GenerateParams,
+    mode: Mode,
+    stream: bool,
+    include_usage: bool,
+    /// Choices asked for (`n`).
+    choices: usize,
+}
+
+/// Runs a request's generation (a chat's, or a text completion's) checked as its mode says,
+/// and answers it in its reply's shape: whole, or as server-sent events.
+async fn answer(state: ApiState, job: Job) -> Result<Response, ApiError> {
+    if job.choices > 1 {
+        if job.mode != Mode::None {
+            return Err(ApiError::invalid(
+                Some("n"),
+                "n above 1 cannot be verified yet: ask for one choice, or verify none",
+            ));
+        }
+        return answer_many(state, job).await;
     }
+    if job.mode != Mode::None {
+        return answer_checked(state, job).await;
+    }
+    let Job {
+        reply,
+        target,
+        messages,
+        params,
+        stream,
+        include_usage,
+        ..
+    } = job;
     let (text_tx, mut text_rx) = mpsc::channel::<String>(64);
 
-    if !request.stream.unwrap_or(false) {
+    if !stream {
         // Run in this future: a client that leaves drops it, which stops the generation.
         let generation = state.inference.generate(&target, messages, params, text_tx);
         tokio::pin!(generation);
@@ -607,22 +833,11 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
                 result = &mut generation => break result?,
             }
         };
-        let reply = Reply {
-            id,
-            created,
-            model: name,
-            fingerprint,
-        };
         return Ok(Json(reply.completion(&completion.generation)).into_response());
     }
 
-    let include_usage = include_usage(&request);
-    let reply = Reply {
-        id,
-        created,
-        model: name,
-        fingerprint,
-    };
+    let opening = reply.opening();
+    let usage_tail = reply.usage_tail();
     let chunk = move |delta: Value, finish_reason: Value| reply.chunk(delta, finish_reason);
     let inference = state.inference.clone();
     let mut task =
@@ -647,9 +862,10 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     let (event_tx, event_rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         let _stop = stop;
-        let first = chunk(json!({ "role": "assistant", "content": "" }), Value::Null);
-        if event_tx.send(data(&first)).await.is_err() {
-            return;
+        if let Some(first) = opening {
+            if event_tx.send(data(&first)).await.is_err() {
+                return;
+            }
         }
         if let Some(text) = first_text {
             if event_tx
@@ -689,76 +905,279 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
                 let last = chunk(json!({}), json!(finish(generation.finish_reason)));
                 let _ = event_tx.send(data(&last)).await;
                 if include_usage {
-                    let mut tail = chunk(json!({}), Value::Null);
-                    tail["choices"] = json!([]);
-                    tail["usage"] = usage(generation.prompt_tokens, generation.tokens.len());
+                    let tail = usage_tail(generation.prompt_tokens, generation.tokens.len());
                     let _ = event_tx.send(data(&tail)).await;
                 }
             }
             Err(e) => {
-                let error = ApiError::from(e);
-                let body = json!({ "error": { "message": error.message, "type": error.kind,
-                                              "param": error.param, "code": error.code } });
-                let _ = event_tx.send(data(&body)).await;
+                let _ = event_tx.send(data(&ApiError::from(e).body())).await;
             }
         }
         let _ = event_tx.send(Event::default().data("[DONE]")).await;
     });
-    let events = futures::stream::unfold(event_rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|event| (Ok::<_, Infallible>(event), rx))
-    });
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(event_stream(event_rx))
 }
 
-/// What every reply to one chat request repeats.
+/// `n` choices: as many generations side by side, each with its own seed (the request's,
+/// plus the choice's index), answered whole or streamed with each piece tagged by its
+/// choice. A refusal before any text is an error response, as for one choice.
+async fn answer_many(state: ApiState, job: Job) -> Result<Response, ApiError> {
+    let Job {
+        reply,
+        target,
+        messages,
+        params,
+        stream,
+        include_usage,
+        choices,
+        ..
+    } = job;
+    let (piece_tx, mut piece_rx) = mpsc::channel::<(usize, String)>(64);
+    let mut guards = Vec::with_capacity(choices);
+    let mut running = futures::stream::FuturesUnordered::new();
+    for index in 0..choices {
+        let (text_tx, mut text_rx) = mpsc::channel::<String>(64);
+        let pieces = piece_tx.clone();
+        tokio::spawn(async move {
+            while let Some(text) = text_rx.recv().await {
+                if pieces.send((index, text)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let inference = state.inference.clone();
+        let (target, messages) = (target.clone(), messages.clone());
+        let params = GenerateParams {
+            seed: params.seed.wrapping_add(index as u64),
+            ..params.clone()
+        };
+        let task =
+            tokio::spawn(
+                async move { inference.generate(&target, messages, params, text_tx).await },
+            );
+        guards.push(AbortOnDrop(task.abort_handle()));
+        running.push(async move {
+            let result = task
+                .await
+                .unwrap_or_else(|e| Err(RouteError::Unavailable(format!("the task failed: {e}"))));
+            (index, result)
+        });
+    }
+    drop(piece_tx);
+    let mut ended: Vec<Option<Result<mycel_ml::Generation, RouteError>>> =
+        (0..choices).map(|_| None).collect();
+    if !stream {
+        loop {
+            tokio::select! {
+                Some(_) = piece_rx.recv() => {}
+                next = running.next() => match next {
+                    Some((index, result)) => ended[index] = Some(result.map(|c| c.generation)),
+                    None => break,
+                },
+            }
+        }
+        let generations = ended
+            .into_iter()
+            .map(|result| result.expect("every choice ended"))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(Json(reply.completions(&generations)).into_response());
+    }
+    // Wait for the first text (or the first end): a refusal before it is an error response.
+    let first = tokio::select! {
+        Some(piece) = piece_rx.recv() => Some(piece),
+        Some((index, result)) = running.next() => {
+            ended[index] = Some(Ok(result?.generation));
+            None
+        }
+    };
+    let (event_tx, event_rx) = mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let _stop = guards;
+        let send = |value: Value| {
+            let event_tx = event_tx.clone();
+            async move { event_tx.send(data(&value)).await.is_ok() }
+        };
+        for index in 0..choices {
+            if let Some(opening) = reply.opening_at(index) {
+                if !send(opening).await {
+                    return;
+                }
+            }
+        }
+        let piece = |(index, text): (usize, String)| {
+            reply.chunk_at(index, json!({ "content": text }), Value::Null)
+        };
+        if let Some(first) = first {
+            if !send(piece(first)).await {
+                return;
+            }
+        }
+        loop {
+            tokio::select! {
+                // The client went away: dropping the guards stops the generations.
+                _ = event_tx.closed() => return,
+                Some(next) = piece_rx.recv() => {
+                    if !send(piece(next)).await {
+                        return;
+                    }
+                }
+                next = running.next() => match next {
+                    Some((index, result)) => ended[index] = Some(result.map(|c| c.generation)),
+                    None => break,
+                },
+            }
+        }
+        // Every generation ended: the rest of their text, then each choice's end.
+        while let Some(next) = piece_rx.recv().await {
+            if !send(piece(next)).await {
+                return;
+            }
+        }
+        let (mut prompt, mut made) = (0, 0);
+        for (index, result) in ended.into_iter().enumerate() {
+            match result.expect("every choice ended") {
+                Ok(generation) => {
+                    prompt = generation.prompt_tokens;
+                    made += generation.tokens.len();
+                    let reason = json!(finish(generation.finish_reason));
+                    send(reply.chunk_at(index, json!({}), reason)).await;
+                }
+                Err(e) => {
+                    send(ApiError::from(e).body()).await;
+                }
+            }
+        }
+        if include_usage {
+            send(reply.usage_tail()(prompt, made)).await;
+        }
+        let _ = event_tx.send(Event::default().data("[DONE]")).await;
+    });
+    Ok(event_stream(event_rx))
+}
+
+/// What every reply to one request repeats, and its shape: a chat completion's, or a text
+/// completion's (`/v1/completions`).
 struct Reply {
     id: String,
     created: u64,
     model: String,
     fingerprint: String,
+    text: bool,
 }
 
 impl Reply {
+    /// The reply to a request for `target`, a text completion's when `text`.
+    fn new(target: &crate::inference::Target, text: bool) -> Self {
+        Self {
+            id: request_id(if text { "cmpl" } else { "chatcmpl" }),
+            created: unix_now(),
+            model: target.offer.name.clone(),
+            fingerprint: target.offer.engine.clone(),
+            text,
+        }
+    }
+
     /// A whole (not streamed) completion.
     fn completion(&self, generation: &mycel_ml::Generation) -> Value {
+        self.completions(std::slice::from_ref(generation))
+    }
+
+    /// A whole completion of several choices (`n`): the prompt counted once, the tokens of
+    /// every choice.
+    fn completions(&self, generations: &[mycel_ml::Generation]) -> Value {
+        let choices: Vec<Value> = generations
+            .iter()
+            .enumerate()
+            .map(|(index, generation)| {
+                let finish_reason = finish(generation.finish_reason);
+                if self.text {
+                    json!({ "index": index, "text": generation.text, "logprobs": null,
+                            "finish_reason": finish_reason })
+                } else {
+                    json!({ "index": index,
+                            "message": { "role": "assistant", "content": generation.text },
+                            "logprobs": null, "finish_reason": finish_reason })
+                }
+            })
+            .collect();
+        let prompt = generations.first().map_or(0, |g| g.prompt_tokens);
+        let made = generations.iter().map(|g| g.tokens.len()).sum();
         json!({
             "id": self.id,
-            "object": "chat.completion",
+            "object": if self.text { "text_completion" } else { "chat.completion" },
             "created": self.created,
             "model": self.model,
             "system_fingerprint": self.fingerprint,
-            "choices": [{
-                "index": 0,
-                "message": { "role": "assistant", "content": generation.text },
-                "logprobs": null,
-                "finish_reason": finish(generation.finish_reason),
-            }],
-            "usage": usage(generation.prompt_tokens, generation.tokens.len()),
+            "choices": choices,
+            "usage": usage(prompt, made),
         })
     }
 
-    /// One event of a streamed completion.
+    /// The first event of a stream: a chat's names the assistant's role (a text
+    /// completion's has none).
+    fn opening(&self) -> Option<Value> {
+        self.opening_at(0)
+    }
+
+    /// The first event of choice `index`'s stream.
+    fn opening_at(&self, index: usize) -> Option<Value> {
+        (!self.text).then(|| {
+            self.chunk_at(
+                index,
+                json!({ "role": "assistant", "content": "" }),
+                Value::Null,
+            )
+        })
+    }
+
+    /// One event of a streamed completion: `delta` is a chat's (`{"content": text}`, or
+    /// `{}` at the end); a text completion carries its `content` as `text`.
     fn chunk(&self, delta: Value, finish_reason: Value) -> Value {
+        self.chunk_at(0, delta, finish_reason)
+    }
+
+    /// The last event of a stream that asked for usage (`stream_options.include_usage`):
+    /// no choices, the tokens read and made.
+    fn usage_tail(&self) -> impl Fn(usize, usize) -> Value {
+        let mut tail = self.chunk(json!({}), Value::Null);
+        tail["choices"] = json!([]);
+        move |prompt, made| {
+            let mut tail = tail.clone();
+            tail["usage"] = usage(prompt, made);
+            tail
+        }
+    }
+
+    /// [`Reply::chunk`] for choice `index`.
+    fn chunk_at(&self, index: usize, delta: Value, finish_reason: Value) -> Value {
+        let (object, choice) = if self.text {
+            let text = delta.get("content").and_then(Value::as_str).unwrap_or("");
+            (
+                "text_completion",
+                json!({ "index": index, "text": text, "logprobs": null,
+                        "finish_reason": finish_reason }),
+            )
+        } else {
+            (
+                "chat.completion.chunk",
+                json!({ "index": index, "delta": delta, "logprobs": null,
+                        "finish_reason": finish_reason }),
+            )
+        };
         json!({
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": object,
             "created": self.created,
             "model": self.model,
             "system_fingerprint": self.fingerprint,
-            "choices": [{ "index": 0, "delta": delta, "logprobs": null,
-                          "finish_reason": finish_reason }],
+            "choices": [choice],
         })
     }
 }
 
 /// Whether a streamed request asked for a final usage event.
-fn include_usage(request: &ChatRequest) -> bool {
-    request
-        .stream_options
+fn include_usage(stream_options: &Option<Value>) -> bool {
+    stream_options
         .as_ref()
         .and_then(|o| o["include_usage"].as_bool())
         .unwrap_or(false)
@@ -837,11 +1256,14 @@ pub fn certified_output(response: &Value) -> Result<Option<TaskOutput>, String> 
             let tokens = response["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
             Ok(Some(TaskOutput::embeddings(&vectors, tokens as usize)))
         }
-        Some("chat.completion") => {
+        Some(object @ ("chat.completion" | "text_completion")) => {
             let choice = &response["choices"][0];
-            let text = choice["message"]["content"]
-                .as_str()
-                .ok_or("no message content in the response")?;
+            let text = if object == "text_completion" {
+                &choice["text"]
+            } else {
+                &choice["message"]["content"]
+            };
+            let text = text.as_str().ok_or("no text in the response")?;
             let tokens: Vec<u32> =
                 serde_json::from_value(response["mycel"]["output_tokens"].clone())
                     .map_err(|_| "the response has no mycel.output_tokens".to_owned())?;
@@ -864,23 +1286,17 @@ pub fn certified_output(response: &Value) -> Result<Option<TaskOutput>, String> 
 
 /// A chat completion checked as `mode` says. The text comes once it is checked: a stream
 /// gets it in one piece, then the `mycel` object (with the certificate) in its final event.
-#[allow(clippy::too_many_arguments)]
-async fn chat_checked(
-    state: ApiState,
-    request: ChatRequest,
-    target: crate::inference::Target,
-    messages: Vec<ChatMessage>,
-    params: GenerateParams,
-    mode: Mode,
-    id: String,
-    created: u64,
-) -> Result<Response, ApiError> {
-    let reply = Reply {
-        id,
-        created,
-        model: target.offer.name.clone(),
-        fingerprint: target.offer.engine.clone(),
-    };
+async fn answer_checked(state: ApiState, job: Job) -> Result<Response, ApiError> {
+    let Job {
+        reply,
+        target,
+        messages,
+        params,
+        mode,
+        stream,
+        include_usage,
+        ..
+    } = job;
     let (completion, verification) = state
         .inference
         .generate_checked(&target, messages, params, mode)
@@ -890,27 +1306,21 @@ async fn chat_checked(
     // The token ids are part of what the workers signed: with them a client can check the
     // answer against the certificate (`certified_output`).
     checked["output_tokens"] = json!(generation.tokens);
-    if !request.stream.unwrap_or(false) {
+    if !stream {
         let mut body = reply.completion(&generation);
         body["mycel"] = checked;
         return Ok(Json(body).into_response());
     }
-    let include_usage = include_usage(&request);
     let chunk = |delta: Value, finish_reason: Value| reply.chunk(delta, finish_reason);
     let mut last = chunk(json!({}), json!(finish(generation.finish_reason)));
     last["mycel"] = checked;
-    let mut events = vec![
-        data(&chunk(
-            json!({ "role": "assistant", "content": "" }),
-            Value::Null,
-        )),
+    let mut events: Vec<Event> = reply.opening().iter().map(data).collect();
+    events.extend([
         data(&chunk(json!({ "content": generation.text }), Value::Null)),
         data(&last),
-    ];
+    ]);
     if include_usage {
-        let mut tail = chunk(json!({}), Value::Null);
-        tail["choices"] = json!([]);
-        tail["usage"] = usage(generation.prompt_tokens, generation.tokens.len());
+        let tail = reply.usage_tail()(generation.prompt_tokens, generation.tokens.len());
         events.push(data(&tail));
     }
     events.push(Event::default().data("[DONE]"));

@@ -42,6 +42,24 @@ fn post(node: &Node, path: &str, body: &str, token: Option<&str>) -> (u16, Strin
     (status, response.body_mut().read_to_string().unwrap())
 }
 
+/// POSTs `body` with `stream: true` and returns its events, checking the stream ends with
+/// `[DONE]`.
+fn events(node: &Node, path: &str, body: &Value) -> Vec<Value> {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let (status, events) = post(node, path, &body.to_string(), Some(&node.token));
+    assert_eq!(status, 200, "{events}");
+    let lines: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(lines.last(), Some(&"[DONE]"));
+    lines[..lines.len() - 1]
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
 fn post_json(node: &Node, path: &str, body: Value) -> (u16, Value) {
     let (status, text) = post(node, path, &body.to_string(), Some(&node.token));
     let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -103,24 +121,9 @@ async fn openai_shapes_for_models_embeddings_and_chat() {
     assert!((1..=8).contains(&completion));
 
     // Streaming: chunks that add up to the same text, then [DONE].
-    let mut streaming = request.clone();
-    streaming["stream"] = json!(true);
-    let (status, events) = post(
-        &node,
-        "/v1/chat/completions",
-        &streaming.to_string(),
-        Some(&node.token),
-    );
-    assert_eq!(status, 200);
     let mut streamed = String::new();
     let mut finish = None;
-    let lines: Vec<&str> = events
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    assert_eq!(lines.last(), Some(&"[DONE]"));
-    for line in &lines[..lines.len() - 1] {
-        let chunk: Value = serde_json::from_str(line).unwrap();
+    for chunk in events(&node, "/v1/chat/completions", &request) {
         assert_eq!(chunk["object"], "chat.completion.chunk");
         if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
             streamed.push_str(piece);
@@ -131,6 +134,139 @@ async fn openai_shapes_for_models_embeddings_and_chat() {
     }
     assert_eq!(streamed, text);
     assert!(matches!(finish.as_deref(), Some("stop" | "length")));
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_completions_continue_the_prompt_as_it_is() {
+    let root = tempfile::tempdir().unwrap();
+    let node = tiny_node(root.path()).await;
+    // What the model makes of the prompt itself, no chat template around it.
+    let generator = mycel_ml::Generator::load(
+        &root.path().join("tiny-llama.gguf"),
+        mycel_ml::Engine::default(),
+    )
+    .unwrap();
+    let params = mycel_ml::GenerateParams {
+        max_tokens: 8,
+        temperature: Some(0.0),
+        top_p: None,
+        seed: 0,
+        stop: Vec::new(),
+        fit_context: false,
+    };
+    let expected = generator.generate("the cat", &params, |_| true).unwrap();
+    let request = json!({ "model": "tiny-llama", "prompt": "the cat", "max_tokens": 8,
+                          "temperature": 0 });
+    let (status, body) = post_json(&node, "/v1/completions", request.clone());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["choices"][0]["text"], expected.text.as_str());
+    assert_eq!(
+        body["usage"]["prompt_tokens"].as_u64(),
+        Some(expected.prompt_tokens as u64)
+    );
+    // Streamed: pieces of text that add up to the same, then [DONE].
+    let mut streamed = String::new();
+    for chunk in events(&node, "/v1/completions", &request) {
+        assert_eq!(chunk["object"], "text_completion", "{chunk}");
+        streamed.push_str(chunk["choices"][0]["text"].as_str().unwrap());
+    }
+    assert_eq!(streamed, expected.text);
+    // Verified like a chat.
+    let mut checked = request.clone();
+    checked["mycel"] = json!({ "verify": "replicate", "replicas": 1 });
+    let (status, body) = post_json(&node, "/v1/completions", checked);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"], expected.text.as_str());
+    assert_eq!(body["mycel"]["verified"], true, "{body}");
+    // The whole response checks against its certificate, and with its text changed it does
+    // not.
+    let (status, answer) = post_json(&node, "/api/verify", body.clone());
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["valid"], true, "{answer}");
+    let mut altered = body.clone();
+    altered["choices"][0]["text"] = json!(format!("{}!", expected.text));
+    let (status, answer) = post_json(&node, "/api/verify", altered);
+    assert_eq!(status, 422, "{answer}");
+    // What it does not do is refused by name, never ignored.
+    for (field, value) in [
+        ("echo", json!(true)),
+        ("suffix", json!("end")),
+        ("logprobs", json!(2)),
+        ("best_of", json!(3)),
+        ("presence_penalty", json!(0.5)),
+        ("prompt", json!(["one", "two"])),
+        ("prompt", json!([1, 2, 3])),
+    ] {
+        let mut bad = request.clone();
+        bad[field] = value;
+        let (status, body) = post_json(&node, "/v1/completions", bad);
+        assert_eq!(status, 400, "{field}: {body}");
+        assert_eq!(body["error"]["param"], field, "{body}");
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_choices_each_decode_with_their_own_seed_whole_or_streamed() {
+    let root = tempfile::tempdir().unwrap();
+    let node = tiny_node(root.path()).await;
+    let request = json!({ "model": "tiny-llama", "max_tokens": 6, "temperature": 1.5,
+                          "seed": 40, "n": 3,
+                          "messages": [{ "role": "user", "content": "the dog" }] });
+    let (status, body) = post_json(&node, "/v1/chat/completions", request.clone());
+    assert_eq!(status, 200, "{body}");
+    let texts: Vec<String> = body["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, choice)| {
+            assert_eq!(choice["index"], i, "{body}");
+            choice["message"]["content"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(texts.len(), 3);
+    // Choice i is what one choice with seed 40 + i makes.
+    let mut made = 0;
+    for (i, text) in texts.iter().enumerate() {
+        let mut one = request.clone();
+        one["n"] = json!(1);
+        one["seed"] = json!(40 + i);
+        let (_, single) = post_json(&node, "/v1/chat/completions", one);
+        assert_eq!(single["choices"][0]["message"]["content"], text.as_str());
+        made += single["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(body["usage"]["completion_tokens"].as_u64(), Some(made));
+    // Streamed: each choice's pieces, tagged by index, add up to the same texts.
+    let mut streamed = vec![String::new(); 3];
+    let mut finished = 0;
+    for chunk in events(&node, "/v1/chat/completions", &request) {
+        let choice = &chunk["choices"][0];
+        let index = choice["index"].as_u64().unwrap() as usize;
+        if let Some(piece) = choice["delta"]["content"].as_str() {
+            streamed[index].push_str(piece);
+        }
+        if choice["finish_reason"].is_string() {
+            finished += 1;
+        }
+    }
+    assert_eq!(streamed, texts);
+    assert_eq!(finished, 3);
+    // Too many, or several verified: refused by name.
+    for bad in [
+        json!({ "n": 9 }),
+        json!({ "n": 2, "mycel": { "verify": "replicate", "replicas": 1 } }),
+    ] {
+        let mut request = request.clone();
+        for (k, v) in bad.as_object().unwrap() {
+            request[k] = v.clone();
+        }
+        let (status, body) = post_json(&node, "/v1/chat/completions", request);
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], "n", "{body}");
+    }
     node.shutdown().await;
 }
 
@@ -179,7 +315,7 @@ async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
             400,
             "temperature",
         ),
-        ("/v1/chat/completions", chat(json!({ "n": 3 })), 400, "n"),
+        ("/v1/chat/completions", chat(json!({ "n": 0 })), 400, "n"),
         // What the node does not do is refused by name, never ignored.
         (
             "/v1/chat/completions",

@@ -33,6 +33,29 @@ for chunk in stream:
 assert "".join(pieces) == text, (pieces, text)
 assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
 
+multi = client.chat.completions.create(
+    model="tiny-llama", messages=messages, temperature=1.0, seed=3, max_tokens=4, n=2
+)
+assert [c.index for c in multi.choices] == [0, 1], multi
+
+# Text completions: the prompt as it is, no chat template (so fewer prompt tokens).
+done = client.completions.create(model="tiny-llama", prompt="the cat", temperature=0, max_tokens=8)
+assert done.object == "text_completion", done
+assert done.choices[0].finish_reason in ("stop", "length"), done
+assert 1 <= done.usage.completion_tokens <= 8, done
+assert done.usage.prompt_tokens < chat.usage.prompt_tokens, (done.usage, chat.usage)
+stream = client.completions.create(
+    model="tiny-llama", prompt="the cat", temperature=0, max_tokens=8, stream=True
+)
+pieces = [c.choices[0].text for c in stream if c.choices]
+assert "".join(pieces) == done.choices[0].text, (pieces, done)
+for field, value in [("echo", True), ("logprobs", 2), ("best_of", 2)]:
+    try:
+        client.completions.create(model="tiny-llama", prompt="the cat", max_tokens=4, **{field: value})
+        raise SystemExit(f"{field} must be refused")
+    except openai.BadRequestError as e:
+        assert field in str(e), e
+
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
     raise SystemExit("an unknown model must fail")
