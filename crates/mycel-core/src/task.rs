@@ -428,6 +428,27 @@ mod tests {
         ContentId::of(b"model")
     }
 
+    #[test]
+    fn a_raw_prompt_comes_alone() {
+        let with = |messages: Vec<ChatMessage>| {
+            let mut request = generate_request(8, 0);
+            if let TaskInput::Generate { messages: m, .. } = &mut request.input {
+                *m = messages;
+            }
+            request
+        };
+        let raw = ChatMessage::raw("once upon");
+        assert!(with(vec![raw.clone()]).check().is_ok());
+        assert_eq!(ChatMessage::raw_prompt(std::slice::from_ref(&raw)), Some("once upon"));
+        let user = ChatMessage {
+            role: "user".into(),
+            content: "and then".into(),
+        };
+        let mixed = vec![raw, user];
+        assert!(with(mixed.clone()).check().unwrap_err().contains("alone"));
+        assert_eq!(ChatMessage::raw_prompt(&mixed), None);
+    }
+
     fn generate_request(max_tokens: usize, resume: usize) -> TaskRequest {
         TaskRequest {
             id: TaskId(7),

@@ -804,7 +804,12 @@ async fn answer(state: ApiState, job: Job) -> Result<Response, ApiError> {
         if job.mode != Mode::None {
             return Err(ApiError::invalid(
                 Some("n"),
-                "n above 1 cannot be verified yet: ask for one choice, or verify none",
+                format!(
+                    "n above 1 cannot be verified yet (this request is verified as {}, by \
+                     its mycel object or the node's default): ask for one choice, or send \
+                     \"mycel\": {{\"verify\": \"none\"}}",
+                    job.mode
+                ),
             ));
         }
         return answer_many(state, job).await;
@@ -1257,6 +1262,14 @@ pub fn certified_output(response: &Value) -> Result<Option<TaskOutput>, String> 
             Ok(Some(TaskOutput::embeddings(&vectors, tokens as usize)))
         }
         Some(object @ ("chat.completion" | "text_completion")) => {
+            // One choice: a certificate covers one output, and a second choice beside it
+            // would pass unchecked.
+            let choices = response["choices"].as_array().map_or(0, Vec::len);
+            if choices != 1 {
+                return Err(format!(
+                    "the response has {choices} choices; a certificate covers one"
+                ));
+            }
             let choice = &response["choices"][0];
             let text = if object == "text_completion" {
                 &choice["text"]

@@ -168,11 +168,16 @@ async fn text_completions_continue_the_prompt_as_it_is() {
     );
     // Streamed: pieces of text that add up to the same, then [DONE].
     let mut streamed = String::new();
+    let mut finish = None;
     for chunk in events(&node, "/v1/completions", &request) {
         assert_eq!(chunk["object"], "text_completion", "{chunk}");
         streamed.push_str(chunk["choices"][0]["text"].as_str().unwrap());
+        if let Some(reason) = chunk["choices"][0]["finish_reason"].as_str() {
+            finish = Some(reason.to_owned());
+        }
     }
     assert_eq!(streamed, expected.text);
+    assert!(matches!(finish.as_deref(), Some("stop" | "length")));
     // Verified like a chat.
     let mut checked = request.clone();
     checked["mycel"] = json!({ "verify": "replicate", "replicas": 1 });
@@ -185,6 +190,12 @@ async fn text_completions_continue_the_prompt_as_it_is() {
     let (status, answer) = post_json(&node, "/api/verify", body.clone());
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["valid"], true, "{answer}");
+    // A second choice beside the certified one does not pass as certified.
+    let mut padded = body.clone();
+    let extra = json!({ "index": 1, "text": "made up", "finish_reason": "stop" });
+    padded["choices"].as_array_mut().unwrap().push(extra);
+    let (status, answer) = post_json(&node, "/api/verify", padded);
+    assert_eq!(status, 422, "{answer}");
     let mut altered = body.clone();
     altered["choices"][0]["text"] = json!(format!("{}!", expected.text));
     let (status, answer) = post_json(&node, "/api/verify", altered);
@@ -306,6 +317,13 @@ async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
         (
             "/v1/chat/completions",
             chat(json!({ "messages": [] })),
+            400,
+            "messages",
+        ),
+        // A text completion's role is not a chat's: no way around the chat template.
+        (
+            "/v1/chat/completions",
+            chat(json!({ "messages": [{ "role": "raw", "content": "hi" }] })),
             400,
             "messages",
         ),
