@@ -23,6 +23,7 @@ pub mod generate;
 pub mod gguf_tokenizer;
 pub mod hub;
 mod llama;
+mod pool;
 pub mod qmatmul;
 pub mod train;
 

@@ -13,6 +13,7 @@ use std::io::{Read, Seek};
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
+use crate::pool::SpinPool;
 use crate::qmatmul::{self, QMatrix};
 
 // Longest sequence the rotary tables cover: the limit `Generator` enforces for every engine.
@@ -44,6 +45,8 @@ pub(crate) struct Llama {
     kv_heads: usize,
     head_dim: usize,
     eps: f32,
+    /// The threads that share every product.
+    pool: SpinPool,
 }
 
 fn meta_u32(content: &gguf_file::Content, key: &str) -> candle_core::Result<usize> {
@@ -195,6 +198,7 @@ impl Llama {
             kv_heads,
             head_dim,
             eps,
+            pool: SpinPool::for_this_machine(),
         })
     }
 
@@ -224,12 +228,6 @@ impl Llama {
 
     /// Reads `tokens` at positions `pos..pos + n`; returns the logits after the last one.
     pub(crate) fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
-        // Run inside the thread pool: this thread then takes its share of every matrix
-        // product instead of waking two workers and sleeping for each one.
-        rayon::scope(|_| self.forward_in_pool(tokens, pos))
-    }
-
-    fn forward_in_pool(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
         let n = tokens.len();
         if n == 0 || pos + n > MAX_SEQ_LEN {
             candle_core::bail!("positions {pos}..{} are outside 0..{MAX_SEQ_LEN}", pos + n);
@@ -248,7 +246,7 @@ impl Llama {
         for b in 0..self.blocks.len() {
             let block = &self.blocks[b];
             let h = rms_norm(&x, &block.attn_norm, self.eps);
-            let mut qkv = block.qkv.matmul(&h, n);
+            let mut qkv = block.qkv.matmul_on(&h, n, &mut self.pool);
             let width = (heads + 2 * kv_heads) * head_dim;
             for (i, row) in qkv.chunks_exact_mut(width).enumerate() {
                 self.rope(&mut row[..(heads + kv_heads) * head_dim], pos + i);
@@ -293,10 +291,10 @@ impl Llama {
                     }
                 }
             }
-            let attended = block.out.matmul(&y, n);
+            let attended = block.out.matmul_on(&y, n, &mut self.pool);
             x.iter_mut().zip(&attended).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &block.ffn_norm, self.eps);
-            let gate_up = block.gate_up.matmul(&h, n);
+            let gate_up = block.gate_up.matmul_on(&h, n, &mut self.pool);
             let ffn = block.ffn;
             let act: Vec<f32> = gate_up
                 .chunks_exact(2 * ffn)
@@ -305,10 +303,10 @@ impl Llama {
                     gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u)
                 })
                 .collect();
-            let down = block.down.matmul(&act, n);
+            let down = block.down.matmul_on(&act, n, &mut self.pool);
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
         let last = rms_norm(&x[(n - 1) * dim..], &self.norm, self.eps);
-        Ok(self.output.matmul(&last, 1))
+        Ok(self.output.matmul_on(&last, 1, &mut self.pool))
     }
 }

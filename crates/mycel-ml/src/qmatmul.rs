@@ -28,12 +28,11 @@
 use std::borrow::Cow;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use rayon::prelude::*;
+
+use crate::pool::SpinPool;
 
 /// Values per block.
 pub(crate) const BLOCK: usize = 32;
-/// Row chunks handed to each thread (more balance the load, fewer cost less to hand out).
-const CHUNKS_PER_THREAD: usize = 4;
 
 /// How a matrix's blocks store their values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,41 +270,42 @@ impl QMatrix {
         out
     }
 
-    /// `x · W^T` for `x` of shape (m, cols): returns (m, rows), row-major.
-    pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_with(x, m, kernel())
+    /// `x · W^T` for `x` of shape (m, cols): returns (m, rows), row-major; its rows shared
+    /// among `pool`'s threads (the decoder's).
+    pub(crate) fn matmul_on(&self, x: &[f32], m: usize, pool: &mut SpinPool) -> Vec<f32> {
+        self.matmul_with(x, m, kernel(), pool)
     }
 
-    /// [`QMatrix::matmul`] with the kernel `kernel`.
-    fn matmul_with(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
+    /// [`QMatrix::matmul_on`] with the kernel `kernel`.
+    fn matmul_with(&self, x: &[f32], m: usize, kernel: Kernel, pool: &mut SpinPool) -> Vec<f32> {
         let (k, n) = (self.cols, self.rows);
         debug_assert_eq!(x.len(), m * k);
         let input = Input::quantize(x);
-        // Chunks of whole groups of rows.
-        let chunk = n
-            .div_ceil(rayon::current_num_threads() * CHUNKS_PER_THREAD)
-            .max(16)
-            .next_multiple_of(GROUP);
         let blocks = self.blocks_per_row();
+        let groups = n.div_ceil(GROUP);
         // Row-major (rows, m): a group of rows is read from memory once and stays in cache
         // while it meets every input, each with the single-input arithmetic, so a token's
-        // outputs do not depend on whether it came alone or with a prompt.
+        // outputs do not depend on whether it came alone or with a prompt, nor on how the
+        // groups are shared among threads.
         let mut transposed = vec![0f32; n * m];
-        transposed
-            .par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(|(c, part)| {
-                let mut group = [0f32; GROUP];
-                for (g, outputs) in part.chunks_mut(GROUP * m).enumerate() {
-                    let group_index = (c * chunk) / GROUP + g;
-                    for j in 0..m {
-                        kernel(self, group_index, &input, j * blocks, &mut group);
-                        for (i, v) in group.iter().take(outputs.len() / m).enumerate() {
-                            outputs[i * m + j] = *v;
-                        }
+        let out = Rows(transposed.as_mut_ptr());
+        let groups_of = |part: usize, parts: usize| {
+            let range = groups * part / parts..groups * (part + 1) / parts;
+            let mut group = [0f32; GROUP];
+            for g in range {
+                let rows = GROUP.min(n - g * GROUP);
+                // SAFETY: parts cover disjoint groups, and a group's rows lie inside `n`.
+                let outputs = unsafe { out.slice(g * GROUP * m, rows * m) };
+                for j in 0..m {
+                    kernel(self, g, &input, j * blocks, &mut group);
+                    for (i, v) in group.iter().take(rows).enumerate() {
+                        outputs[i * m + j] = *v;
                     }
                 }
-            });
+            }
+        };
+        let parts = pool.parts();
+        pool.run(&|part| groups_of(part, parts));
         if m == 1 {
             return transposed;
         }
@@ -316,6 +316,24 @@ impl QMatrix {
             }
         }
         out
+    }
+}
+
+/// The output of a product, written by several threads at once, each to its own rows.
+#[derive(Clone, Copy)]
+struct Rows(*mut f32);
+
+// SAFETY: the threads sharing it write disjoint ranges (see `QMatrix::matmul_with`).
+unsafe impl Sync for Rows {}
+
+impl Rows {
+    /// `len` values from `at`.
+    ///
+    /// # Safety
+    /// The range lies inside the buffer, and no other thread touches it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(at), len)
     }
 }
 
@@ -743,7 +761,7 @@ mod tests {
             };
             let expected = product(&xt, &dense);
             let magnitude = product(&xt.abs().unwrap(), &dense.abs().unwrap());
-            let got = w.matmul(&x, m);
+            let got = w.matmul_on(&x, m, &mut SpinPool::new(1));
             for ((a, b), size) in got.iter().zip(&expected).zip(&magnitude) {
                 // Each input carries 16 bits per block of 32: an error of at most half a step,
                 // 1/65534 of the block's largest value, per product.
@@ -755,16 +773,22 @@ mod tests {
             // Every kernel this CPU runs (AVX-512, AVX2, scalar) gives the very same bits.
             let names: Vec<&str> = kernels().iter().map(|(name, _)| *name).collect();
             eprintln!("{format:?}: kernels {names:?}");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             for (name, kernel) in kernels() {
-                let theirs = w.matmul_with(&x, m, kernel);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                let theirs = w.matmul_with(&x, m, kernel, &mut SpinPool::new(1));
                 assert_eq!(bits(&theirs), bits(&got), "{format:?}: {name}");
+            }
+            // So does the decoder's pool, whatever its size.
+            for helpers in [0, 1, 2, 5] {
+                let mut pool = SpinPool::new(helpers);
+                let theirs = w.matmul_on(&x, m, &mut pool);
+                assert_eq!(bits(&theirs), bits(&got), "{format:?}: {helpers} helpers");
             }
             // One input at a time gives the very same bits as several at once, and the
             // scalar kernel the very same bits as the SIMD one.
             for j in 0..m {
                 let one = &x[j * cols..(j + 1) * cols];
-                let alone = w.matmul(one, 1);
+                let alone = w.matmul_on(one, 1, &mut SpinPool::new(1));
                 assert_eq!(alone, got[j * rows..(j + 1) * rows].to_vec(), "{format:?}");
                 let input = Input::quantize(one);
                 for (r, v) in alone.iter().enumerate() {
@@ -830,9 +854,9 @@ mod tests {
                     }
                 })
                 .collect();
-            let scalar = w.matmul_with(&x, m, kernel_scalar);
+            let scalar = w.matmul_with(&x, m, kernel_scalar, &mut SpinPool::new(1));
             for (name, kernel) in &all {
-                let theirs = w.matmul_with(&x, m, *kernel);
+                let theirs = w.matmul_with(&x, m, *kernel, &mut SpinPool::new(1));
                 for (a, b) in theirs.iter().zip(&scalar) {
                     assert_eq!(a.to_bits(), b.to_bits(), "{format:?} seed {seed}: {name}");
                 }
@@ -843,13 +867,16 @@ mod tests {
     #[test]
     fn an_input_of_zeros_or_extremes_stays_exact() {
         let (_, w) = matrix(GgmlDType::Q8_0, 8, 64);
-        assert!(w.matmul(&[0.0; 64], 1).iter().all(|v| *v == 0.0));
+        assert!(w
+            .matmul_on(&[0.0; 64], 1, &mut SpinPool::new(1))
+            .iter()
+            .all(|v| *v == 0.0));
         // Full-scale inputs against full-scale weights: no integer saturates.
         let x: Vec<f32> = (0..64)
             .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
             .collect();
         let input = Input::quantize(&x);
-        let out = w.matmul(&x, 1);
+        let out = w.matmul_on(&x, 1, &mut SpinPool::new(1));
         for (r, v) in out.iter().enumerate() {
             assert_eq!(v.to_bits(), row_scalar(&w, r, &input, 0).to_bits());
         }
@@ -865,8 +892,8 @@ mod tests {
         assert!(QMatrix::stack(&[a.clone(), b]).is_err());
         let stacked = QMatrix::stack(&[a.clone(), a.clone()]).unwrap();
         let x = random(64, 3);
-        let out = stacked.matmul(&x, 1);
+        let out = stacked.matmul_on(&x, 1, &mut SpinPool::new(1));
         assert_eq!(out[..8], out[8..]);
-        assert_eq!(out[..8], a.matmul(&x, 1)[..]);
+        assert_eq!(out[..8], a.matmul_on(&x, 1, &mut SpinPool::new(1))[..]);
     }
 }
