@@ -5,9 +5,10 @@
 //! microseconds of serial work between them. Under rayon the workers went to sleep in those
 //! gaps and were woken for the next product: measured on the 2-core machines, 12,000 context
 //! switches a second and 17–19 % of the cores idle during decoding (llama.cpp's OpenMP
-//! threads spin instead). Here a helper spins on the next job for up to [`SPIN`] before it
-//! parks (so an idle model costs nothing), and the calling thread does its own part of every
-//! product. Results do not depend on the pool: each part writes its own rows, computed
+//! threads spin instead). Here a helper waits for the next job for up to [`SPIN`] (spinning,
+//! then yielding the core between looks) before it parks (an idle model's helper then looks
+//! once a second), and the calling thread does its own part of every product. Each model has
+//! its own pool, so models decoding at once share the cores as their threads do. Results do not depend on the pool: each part writes its own rows, computed
 //! exactly as they would be on one thread.
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -15,8 +16,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long a helper spins for the next job before it parks.
+/// How long a helper waits for the next job before it parks.
 const SPIN: Duration = Duration::from_millis(2);
+/// How long a wait spins before it yields the core between looks (so that a thread it waits
+/// for, or anything else, can run on a machine with few cores).
+const PURE_SPIN: Duration = Duration::from_micros(50);
 
 /// A job: part `p` of `parts`.
 type Job<'a> = &'a (dyn Fn(usize) + Sync);
@@ -30,6 +34,8 @@ struct Shared {
     remaining: AtomicUsize,
     /// Helpers parked (or about to be).
     parked: AtomicUsize,
+    /// A helper's part of the current job panicked.
+    failed: AtomicBool,
     stop: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
@@ -49,6 +55,7 @@ impl SpinPool {
             job: AtomicPtr::new(std::ptr::null_mut()),
             remaining: AtomicUsize::new(0),
             parked: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -94,11 +101,17 @@ impl SpinPool {
         }
         // A panic in part 0 must not leave the helpers reading a job that is gone.
         let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(0)));
+        let waiting = Instant::now();
         while shared.remaining.load(Ordering::SeqCst) != 0 {
-            std::hint::spin_loop();
+            pause(waiting);
         }
+        let helper_failed = shared.failed.swap(false, Ordering::SeqCst);
         if let Err(panic) = own {
             std::panic::resume_unwind(panic);
+        }
+        // Its rows were never written: no result rather than a wrong one.
+        if helper_failed {
+            panic!("a decoder thread panicked during a matrix product");
         }
     }
 }
@@ -116,6 +129,25 @@ impl Drop for SpinPool {
     }
 }
 
+/// One look of a wait begun at `since`: a spin at first, then a yield of the core.
+fn pause(since: Instant) {
+    if since.elapsed() < PURE_SPIN {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// Counts a helper's part done when dropped, even if the part's panic could not be caught
+/// cleanly, so that the caller never waits for ever.
+struct Done<'a>(&'a AtomicUsize);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A helper's life: wait for a job (spinning, then parked), run its part, repeat.
 fn help(shared: &Shared, part: usize) {
     let mut seen = 0;
@@ -130,7 +162,7 @@ fn help(shared: &Shared, part: usize) {
                 return;
             }
             if spun.elapsed() < SPIN {
-                std::hint::spin_loop();
+                pause(spun);
                 continue;
             }
             // Park: counted first, then the epoch checked again under the lock, so a job
@@ -140,7 +172,7 @@ fn help(shared: &Shared, part: usize) {
             if shared.epoch.load(Ordering::SeqCst) == seen && !shared.stop.load(Ordering::SeqCst) {
                 let _ = shared
                     .wake
-                    .wait_timeout(guard, Duration::from_millis(100))
+                    .wait_timeout(guard, Duration::from_secs(1))
                     .unwrap_or_else(|e| e.into_inner());
             }
             shared.parked.fetch_sub(1, Ordering::SeqCst);
@@ -150,16 +182,37 @@ fn help(shared: &Shared, part: usize) {
         // SAFETY: `run` keeps the job alive until `remaining` is 0, which it is not before
         // this helper's decrement below.
         let job = unsafe { &*job };
-        // A panicking part is the model's bug; the pool still counts the part done so that
-        // the caller does not wait for ever.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(part)));
-        shared.remaining.fetch_sub(1, Ordering::SeqCst);
+        // A panicking part is the model's bug: counted done, so that the caller does not wait
+        // for ever, and reported to it, which panics in turn.
+        let _done = Done(&shared.remaining);
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(part))).is_err() {
+            shared.failed.store(true, Ordering::SeqCst);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_helper_that_panics_makes_the_caller_panic_and_the_pool_goes_on() {
+        let mut pool = SpinPool::new(2);
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(&|part| assert_ne!(part, 2, "part 2 fails"));
+        }));
+        assert!(failed.is_err());
+        // The caller's own part and a helper's fail together: the next job is not blamed.
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(&|part| assert_eq!(part, 1, "parts 0 and 2 fail"));
+        }));
+        assert!(failed.is_err());
+        let done = AtomicUsize::new(0);
+        pool.run(&|_| {
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(done.load(Ordering::SeqCst), 3);
+    }
 
     #[test]
     fn every_part_runs_once_per_job_and_jobs_follow_each_other() {
