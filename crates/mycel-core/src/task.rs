@@ -439,7 +439,10 @@ mod tests {
         };
         let raw = ChatMessage::raw("once upon");
         assert!(with(vec![raw.clone()]).check().is_ok());
-        assert_eq!(ChatMessage::raw_prompt(std::slice::from_ref(&raw)), Some("once upon"));
+        assert_eq!(
+            ChatMessage::raw_prompt(std::slice::from_ref(&raw)),
+            Some("once upon")
+        );
         let user = ChatMessage {
             role: "user".into(),
             content: "and then".into(),

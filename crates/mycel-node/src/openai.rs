@@ -5,6 +5,7 @@
 //! Requests go through the node's router (`crate::inference`): they run here when this node is
 //! the best place, on a peer otherwise, and move to another node when one fails.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -38,12 +39,17 @@ struct ApiError {
     status: StatusCode,
     kind: &'static str,
     code: Option<&'static str>,
-    param: Option<&'static str>,
+    param: Option<Cow<'static, str>>,
     message: String,
 }
 
 impl ApiError {
     fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self::invalid_field(param.map(Cow::Borrowed), message)
+    }
+
+    /// A 400 naming the field `param` (any name).
+    fn invalid_field(param: Option<Cow<'static, str>>, message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             kind: "invalid_request_error",
@@ -71,21 +77,21 @@ impl From<RouteError> for ApiError {
                 status: StatusCode::NOT_FOUND,
                 kind: "invalid_request_error",
                 code: Some("model_not_found"),
-                param: Some("model"),
+                param: Some("model".into()),
                 message: e.to_string(),
             },
             RouteError::AmbiguousModel(_) => Self {
                 status: StatusCode::BAD_REQUEST,
                 kind: "invalid_request_error",
                 code: Some("model_ambiguous"),
-                param: Some("model"),
+                param: Some("model".into()),
                 message: e.to_string(),
             },
             RouteError::UnboundModel(_) => Self {
                 status: StatusCode::BAD_REQUEST,
                 kind: "invalid_request_error",
                 code: Some("model_unbound"),
-                param: Some("model"),
+                param: Some("model".into()),
                 message: e.to_string(),
             },
             RouteError::Invalid(message) => Self::invalid(None, message),
@@ -455,6 +461,43 @@ struct ChatRequest {
     logprobs: Option<bool>,
     #[serde(default)]
     top_logprobs: Option<u32>,
+    /// Every other field: refused by name unless it asks for nothing ([`other_fields`]).
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+/// Fields of OpenAI's requests that change nothing a node does (who the user is, what to
+/// store, which tier), accepted and not acted on.
+const IGNORED_FIELDS: [&str; 5] = [
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+];
+
+/// Refuses, by name, every field of a request that this node does not act on and that asks
+/// for something: a parameter it does not implement (`presence_penalty` of 0.5,
+/// `reasoning_effort`, ...) or one it does not know. Fields set to what they default to
+/// (null, a zero penalty, no logit bias, text as the only modality) ask for nothing.
+fn other_fields(rest: &BTreeMap<String, Value>) -> Result<(), ApiError> {
+    for (name, value) in rest {
+        let nothing = value.is_null()
+            || IGNORED_FIELDS.contains(&name.as_str())
+            || match name.as_str() {
+                "presence_penalty" | "frequency_penalty" => value.as_f64() == Some(0.0),
+                "logit_bias" => value.as_object().is_some_and(|o| o.is_empty()),
+                "modalities" => *value == json!(["text"]),
+                _ => false,
+            };
+        if !nothing {
+            return Err(ApiError::invalid_field(
+                Some(Cow::Owned(name.clone())),
+                format!("{name}: not supported by this node; send the request without it"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a request that asks for what this node does not do (tools, structured output,
@@ -651,6 +694,9 @@ struct CompletionRequest {
     frequency_penalty: Option<f64>,
     #[serde(default)]
     logit_bias: Option<BTreeMap<String, f64>>,
+    /// Every other field: refused by name unless it asks for nothing ([`other_fields`]).
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
 }
 
 /// OpenAI's default budget of a text completion.
@@ -716,6 +762,7 @@ pub(crate) async fn completions(State(state): State<ApiState>, body: Bytes) -> R
 async fn complete(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     let request: CompletionRequest = parse(&body)?;
     completion_unsupported(&request)?;
+    other_fields(&request.rest)?;
     let prompt = completion_prompt(&request)?;
     if prompt.is_empty() {
         return Err(ApiError::invalid(Some("prompt"), "prompt is empty"));
@@ -759,6 +806,7 @@ pub(crate) async fn chat_completions(State(state): State<ApiState>, body: Bytes)
 async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     let request: ChatRequest = parse(&body)?;
     unsupported(&request)?;
+    other_fields(&request.rest)?;
     let messages = messages(&request)?;
     let params = params(&request)?;
     let target = state

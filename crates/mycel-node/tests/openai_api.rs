@@ -320,6 +320,26 @@ async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
             400,
             "messages",
         ),
+        // A parameter it does not implement, or does not know, is refused by name; one at
+        // the value that asks for nothing passes (below).
+        (
+            "/v1/chat/completions",
+            chat(json!({ "frequency_penalty": 0.5 })),
+            400,
+            "frequency_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "reasoning_effort": "high" })),
+            400,
+            "reasoning_effort",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "temprature": 0.5 })),
+            400,
+            "temprature",
+        ),
         // A text completion's role is not a chat's: no way around the chat template.
         (
             "/v1/chat/completions",
@@ -414,7 +434,9 @@ async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
         "/v1/chat/completions",
         chat(
             json!({ "tools": [], "response_format": { "type": "text" }, "logprobs": false,
-                     "tool_choice": "none", "max_tokens": 2 }),
+                     "tool_choice": "none", "max_tokens": 2, "frequency_penalty": 0,
+                     "presence_penalty": 0.0, "logit_bias": {}, "user": "u-1",
+                     "metadata": { "k": "v" }, "modalities": ["text"] }),
         ),
     );
     assert_eq!(status, 200, "{body}");
