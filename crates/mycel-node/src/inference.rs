@@ -1779,6 +1779,13 @@ impl Inference {
         MAX_RECHECKS - self.rechecks.available_permits()
     }
 
+    /// A number from the router's RNG (seeded by `RouterConfig::seed` when set, so that a
+    /// run can be replayed): the API's response ids, and the decoding seed a request leaves
+    /// to the node.
+    pub fn draw(&self) -> u64 {
+        self.lock().rng.gen()
+    }
+
     /// The default verification mode of this node.
     pub fn default_mode(&self) -> Mode {
         self.config.verify

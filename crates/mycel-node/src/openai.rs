@@ -225,10 +225,6 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn request_id(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", rand::random::<u64>())
-}
-
 /// GET /v1/models: this node's models, then those its peers announce. A model's `id` is
 /// what a request may name it by: its name when this node serves it or trusts the name (bound,
 /// or announced by a trusted operator's node), else its content id (`mycel.name` is the name
@@ -593,14 +589,15 @@ fn messages(request: &ChatRequest) -> Result<Vec<ChatMessage>, ApiError> {
         .collect()
 }
 
-fn params(request: &ChatRequest) -> Result<GenerateParams, ApiError> {
+/// How a chat decodes; `seed` when the request names none.
+fn params(request: &ChatRequest, seed: u64) -> Result<GenerateParams, ApiError> {
     let budget = request.max_completion_tokens.or(request.max_tokens);
     sampling(
         budget,
         DEFAULT_MAX_TOKENS,
         request.temperature,
         request.top_p,
-        request.seed,
+        seed,
         &request.stop,
     )
 }
@@ -626,7 +623,7 @@ fn sampling(
     default_max: usize,
     temperature: Option<f64>,
     top_p: Option<f64>,
-    seed: Option<u64>,
+    seed: u64,
     stop: &Option<Stop>,
 ) -> Result<GenerateParams, ApiError> {
     let max_tokens = match budget {
@@ -646,10 +643,10 @@ fn sampling(
     };
     Ok(GenerateParams {
         max_tokens,
-        // OpenAI's defaults: temperature 1, a fresh seed per request.
+        // OpenAI's defaults: temperature 1, a fresh seed per request (the caller's).
         temperature: Some(temperature.unwrap_or(1.0)),
         top_p,
-        seed: seed.unwrap_or_else(rand::random),
+        seed,
         stop,
         // Without an explicit budget, generate up to the context the prompt leaves.
         fit_context: budget.is_none(),
@@ -688,13 +685,7 @@ struct CompletionRequest {
     logprobs: Option<u32>,
     #[serde(default)]
     best_of: Option<u32>,
-    #[serde(default)]
-    presence_penalty: Option<f64>,
-    #[serde(default)]
-    frequency_penalty: Option<f64>,
-    #[serde(default)]
-    logit_bias: Option<BTreeMap<String, f64>>,
-    /// Every other field: refused by name unless it asks for nothing ([`other_fields`]).
+    /// Every other field (penalties and logit_bias among them): refused by name unless it asks for nothing ([`other_fields`]).
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
 }
@@ -738,15 +729,6 @@ fn completion_unsupported(request: &CompletionRequest) -> Result<(), ApiError> {
     if request.best_of.is_some_and(|n| n != 1) {
         return refuse("best_of", "choosing the best of several completions");
     }
-    if request.presence_penalty.is_some_and(|p| p != 0.0) {
-        return refuse("presence_penalty", "a presence penalty");
-    }
-    if request.frequency_penalty.is_some_and(|p| p != 0.0) {
-        return refuse("frequency_penalty", "a frequency penalty");
-    }
-    if request.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return refuse("logit_bias", "biasing logits");
-    }
     Ok(())
 }
 
@@ -767,32 +749,23 @@ async fn complete(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     if prompt.is_empty() {
         return Err(ApiError::invalid(Some("prompt"), "prompt is empty"));
     }
+    let seed = request.seed.unwrap_or_else(|| state.inference.draw());
     let params = sampling(
         request.max_tokens,
         DEFAULT_COMPLETION_TOKENS,
         request.temperature,
         request.top_p,
-        request.seed,
+        seed,
         &request.stop,
     )?;
-    let target = state
-        .inference
-        .resolve(&request.model, ModelKind::Generation)
-        .await?;
-    params
-        .check()
-        .map_err(|message| ApiError::invalid(None, message))?;
-    let job = Job {
-        mode: mode(&state, request.mycel.as_ref())?,
-        reply: Reply::new(&target, true),
-        target,
-        messages: vec![ChatMessage::raw(prompt)],
-        params,
-        stream: request.stream.unwrap_or(false),
-        include_usage: include_usage(&request.stream_options),
-        choices: choices(request.n)?,
+    let asked = Asked {
+        model: &request.model,
+        mycel: request.mycel.as_ref(),
+        stream: request.stream,
+        stream_options: &request.stream_options,
+        n: request.n,
     };
-    answer(state, job).await
+    generate(state, asked, vec![ChatMessage::raw(prompt)], params, true).await
 }
 
 /// POST /v1/chat/completions.
@@ -808,10 +781,39 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     unsupported(&request)?;
     other_fields(&request.rest)?;
     let messages = messages(&request)?;
-    let params = params(&request)?;
+    let seed = request.seed.unwrap_or_else(|| state.inference.draw());
+    let params = params(&request, seed)?;
+    let asked = Asked {
+        model: &request.model,
+        mycel: request.mycel.as_ref(),
+        stream: request.stream,
+        stream_options: &request.stream_options,
+        n: request.n,
+    };
+    generate(state, asked, messages, params, false).await
+}
+
+/// What chat and text completions ask for alike, beside their messages and decoding.
+struct Asked<'a> {
+    model: &'a str,
+    mycel: Option<&'a MycelOptions>,
+    stream: Option<bool>,
+    stream_options: &'a Option<Value>,
+    n: Option<u32>,
+}
+
+/// Resolves the model, refuses what can be refused before a stream is opened, and answers the
+/// request's generations (a text completion's when `text`).
+async fn generate(
+    state: ApiState,
+    asked: Asked<'_>,
+    messages: Vec<ChatMessage>,
+    params: GenerateParams,
+    text: bool,
+) -> Result<Response, ApiError> {
     let target = state
         .inference
-        .resolve(&request.model, ModelKind::Generation)
+        .resolve(asked.model, ModelKind::Generation)
         .await?;
     // Everything that can be refused is refused before a stream is opened, by whichever node
     // runs the task (this one too) before its first token; the prompt is templated and counted
@@ -820,14 +822,14 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
         .check()
         .map_err(|message| ApiError::invalid(None, message))?;
     let job = Job {
-        mode: mode(&state, request.mycel.as_ref())?,
-        reply: Reply::new(&target, false),
+        mode: mode(&state, asked.mycel)?,
+        reply: Reply::new(&target, text, state.inference.draw()),
         target,
         messages,
         params,
-        stream: request.stream.unwrap_or(false),
-        include_usage: include_usage(&request.stream_options),
-        choices: choices(request.n)?,
+        stream: asked.stream.unwrap_or(false),
+        include_usage: include_usage(asked.stream_options),
+        choices: choices(asked.n)?,
     };
     answer(state, job).await
 }
@@ -1119,10 +1121,12 @@ struct Reply {
 }
 
 impl Reply {
-    /// The reply to a request for `target`, a text completion's when `text`.
-    fn new(target: &crate::inference::Target, text: bool) -> Self {
+    /// The reply to a request for `target`, a text completion's when `text`, with the id
+    /// made from `draw`.
+    fn new(target: &crate::inference::Target, text: bool, draw: u64) -> Self {
+        let prefix = if text { "cmpl" } else { "chatcmpl" };
         Self {
-            id: request_id(if text { "cmpl" } else { "chatcmpl" }),
+            id: format!("{prefix}-{draw:016x}"),
             created: unix_now(),
             model: target.offer.name.clone(),
             fingerprint: target.offer.engine.clone(),
