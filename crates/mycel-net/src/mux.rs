@@ -11,6 +11,13 @@
 //! loopback or a LAN, ~0.4 s on a 10 Mbit/s uplink that a blob transfer saturates. Receivers
 //! accept frames up to 1 MiB (and within the stream's window) whatever they send themselves,
 //! and a frame never exceeds the peer's window.
+//!
+//! Yamux also writes each frame in two calls (its header, then its body) and flushes after
+//! every frame. Over TLS every call is a record, an AEAD operation and a socket write, and the
+//! peer wakes for each: a small request and its answer (a stream opened, data, a close, a
+//! window update each way) cost a dozen `writev`s. [`Corked`] gathers what yamux writes and
+//! sends it when yamux next waits for input (or when [`CORK_LIMIT`] bytes wait), so the frames
+//! of one turn of the connection leave as one record in one write.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -23,6 +30,9 @@ use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade,
 
 /// Largest data frame this node writes.
 pub const FRAME_SIZE: usize = 256 * 1024;
+
+/// Bytes [`Corked`] gathers before it writes them without waiting for yamux to read.
+const CORK_LIMIT: usize = 64 * 1024;
 
 /// Inbound streams kept while nobody takes them (yamux's own ACK backlog): a peer opening
 /// more has its new streams reset.
@@ -81,7 +91,7 @@ where
 /// for the connection's sake; streams it yields there wait in `inbound` until the swarm asks
 /// for them in [`StreamMuxer::poll_inbound`].
 pub struct Muxer<C> {
-    connection: yamux::Connection<C>,
+    connection: yamux::Connection<Corked<C>>,
     inbound: VecDeque<Stream>,
     inbound_waker: Option<Waker>,
 }
@@ -97,7 +107,7 @@ impl<C> std::fmt::Debug for Muxer<C> {
 impl<C: AsyncRead + AsyncWrite + Unpin + 'static> Muxer<C> {
     fn new(io: C, config: yamux::Config, mode: yamux::Mode) -> Self {
         Muxer {
-            connection: yamux::Connection::new(io, config, mode),
+            connection: yamux::Connection::new(Corked::new(io), config, mode),
             inbound: VecDeque::new(),
             inbound_waker: None,
         }
@@ -151,6 +161,99 @@ impl<C: AsyncRead + AsyncWrite + Unpin + 'static> StreamMuxer for Muxer<C> {
         // Come back at once: the connection has more to do than this stream.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+/// The connection under yamux, with its writes gathered.
+///
+/// Yamux drives a connection in one loop: it writes the frames its streams queued (flushing
+/// after each), then reads, and returns `Pending` only once a read does. So `Corked` keeps
+/// what is written and a flush does nothing; the bytes go out, in one write, before a read
+/// (the turn's frames are all written by then), when [`CORK_LIMIT`] bytes wait, or on close.
+/// A write that would pass the limit waits for the gathered bytes to leave: back-pressure is
+/// the socket's, as without the cork.
+struct Corked<C> {
+    io: C,
+    out: Vec<u8>,
+    /// How much of `out` the connection has taken.
+    sent: usize,
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin> Corked<C> {
+    fn new(io: C) -> Self {
+        Corked {
+            io,
+            out: Vec::new(),
+            sent: 0,
+        }
+    }
+
+    /// Writes what is gathered and flushes the connection.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.out.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        if !self.out.is_empty() {
+            self.out.clear();
+            self.sent = 0;
+            // A burst's buffer is not kept for an idle connection's lifetime.
+            if self.out.capacity() > 2 * CORK_LIMIT {
+                self.out = Vec::new();
+            }
+        }
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin> AsyncRead for Corked<C> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.out.is_empty() {
+            // A full socket leaves the rest for the next turn (its waker is registered);
+            // reading goes on meanwhile.
+            if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Corked<C> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.out.len() + buf.len() > CORK_LIMIT {
+            ready!(this.poll_drain(cx))?;
+            if buf.len() >= CORK_LIMIT {
+                // A bulk frame's body goes straight through rather than copied.
+                return Pin::new(&mut this.io).poll_write(cx, buf);
+            }
+        }
+        this.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Deferred to the next read (see the type's comment).
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_close(cx)
     }
 }
 
@@ -233,6 +336,108 @@ mod tests {
             work.as_mut().poll(cx)
         })
         .await
+    }
+
+    /// A connection that records each write it takes, and has nothing to read.
+    #[derive(Default)]
+    struct Recording {
+        writes: Vec<usize>,
+        /// Whether the socket is full: writes wait.
+        full: bool,
+        flushes: usize,
+        closed: bool,
+    }
+
+    impl AsyncRead for Recording {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            if this.full {
+                return Poll::Pending;
+            }
+            this.writes.push(buf.len());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().closed = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Frames written and flushed one by one leave in one write when the connection turns to
+    /// reading; a full socket holds them back (and the writer past the limit) until it drains;
+    /// a bulk write goes straight through; close sends what is left.
+    #[test]
+    fn corked_writes_leave_together_before_a_read() {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut corked = Pin::new(Box::new(Corked::new(Recording::default())));
+        let mut buf = [0u8; 16];
+        for frame in [12, 100, 12, 12] {
+            assert!(
+                matches!(corked.as_mut().poll_write(&mut cx, &vec![1; frame]), Poll::Ready(Ok(n)) if n == frame)
+            );
+            assert!(matches!(
+                corked.as_mut().poll_flush(&mut cx),
+                Poll::Ready(Ok(()))
+            ));
+        }
+        assert!(
+            corked.io.writes.is_empty(),
+            "written before the turn ended: {:?}",
+            corked.io.writes
+        );
+        assert!(corked.as_mut().poll_read(&mut cx, &mut buf).is_pending());
+        assert_eq!(corked.io.writes, vec![136]);
+        assert_eq!(corked.io.flushes, 1);
+        // Nothing gathered: a read writes nothing.
+        assert!(corked.as_mut().poll_read(&mut cx, &mut buf).is_pending());
+        assert_eq!(corked.io.writes, vec![136]);
+
+        // A full socket: the turn's bytes wait, and a write past the limit waits for them.
+        corked.io.full = true;
+        assert!(corked.as_mut().poll_write(&mut cx, &[2; 1000]).is_ready());
+        assert!(corked.as_mut().poll_read(&mut cx, &mut buf).is_pending());
+        assert!(corked
+            .as_mut()
+            .poll_write(&mut cx, &vec![3; CORK_LIMIT])
+            .is_pending());
+        corked.io.full = false;
+        assert!(
+            matches!(corked.as_mut().poll_write(&mut cx, &vec![3; CORK_LIMIT]), Poll::Ready(Ok(n)) if n == CORK_LIMIT)
+        );
+        assert_eq!(
+            corked.io.writes,
+            vec![136, 1000, CORK_LIMIT],
+            "the bulk write went through on its own"
+        );
+
+        assert!(corked.as_mut().poll_write(&mut cx, &[4; 7]).is_ready());
+        assert!(matches!(
+            corked.as_mut().poll_close(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(corked.io.writes, vec![136, 1000, CORK_LIMIT, 7]);
+        assert!(corked.io.closed);
     }
 
     /// Our muxer and stock libp2p-yamux exchange a megabyte each way on one stream: ours
