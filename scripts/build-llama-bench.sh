@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's llama-bench twice (three times where the default build crashes), for
-# `mycel bench inference --llama-bench ... --llama-bench-portable ...`:
+# `mycel bench inference --llama-bench ... --llama-bench-portable ...`; with --server, also
+# llama-server with the flags of the build llama-bench runs from (default, or native-noamx
+# where the default crashes) into .cache/llama.cpp/server-<that build>/bin/llama-server, for
+# `mycel bench serve --llama-server ...`:
 #   .cache/llama.cpp/default/bin/llama-bench   llama.cpp's default build, as its users build
 #                                             it: native CPU (GGML_NATIVE, the default) and
 #                                             OpenMP (the default);
@@ -30,25 +33,37 @@ fi
 
 COMMON=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF)
-build() {
-  local name="$1"
-  shift
+SERVER=0
+[ "${1:-}" = "--server" ] && SERVER=1
+# Builds TARGET (llama-bench or llama-server) into .cache/llama.cpp/DIR with the flags given.
+build_target() {
+  local target="$1" name="$2"
+  shift 2
   local out="$ROOT/$name"
-  if [ -x "$out/bin/llama-bench" ] && [ -f "$out/bin/llama-bench.build" ]; then
-    echo "$name: already built ($out/bin/llama-bench)" >&2
+  if [ -x "$out/bin/$target" ] && [ -f "$out/bin/$target.build" ]; then
+    echo "$name: already built ($out/bin/$target)" >&2
     return
   fi
-  echo "building llama-bench ($name) into $out" >&2
+  echo "building $target ($name) into $out" >&2
   cmake -S "$SRC" -B "$out" "${COMMON[@]}" "$@" >"$out.log" 2>&1 ||
     { tail -20 "$out.log"; exit 1; }
-  cmake --build "$out" --target llama-bench -j"$(nproc)" >>"$out.log" 2>&1 ||
+  cmake --build "$out" --target "$target" -j"$(nproc)" >>"$out.log" 2>&1 ||
     { tail -20 "$out.log"; exit 1; }
   {
     echo "source: llama.cpp vendored in llama-cpp-python $VERSION (PyPI sdist)"
     echo "configure: cmake -S <llama.cpp> -B <build> ${COMMON[*]} $*"
-    echo "build: cmake --build <build> --target llama-bench -j$(nproc)"
-  } >"$out/bin/llama-bench.build"
-  echo "$name: $out/bin/llama-bench" >&2
+    echo "build: cmake --build <build> --target $target -j$(nproc)"
+  } >"$out/bin/$target.build"
+  echo "$name: $out/bin/$target" >&2
+}
+build() {
+  build_target llama-bench "$@"
+}
+# llama-server from the same source and flags as the llama-bench build NAME.
+build_server() {
+  local name="$1"
+  shift
+  build_target llama-server "server-$name" -DLLAMA_BUILD_SERVER=ON "$@"
 }
 # llama.cpp's defaults: GGML_NATIVE=ON, GGML_OPENMP=ON.
 build default
@@ -68,5 +83,8 @@ if [ "$status" -ge 128 ]; then
   NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   build native-noamx -DCMAKE_C_FLAGS="$NOAMX" -DCMAKE_CXX_FLAGS="$NOAMX"
   echo "default build crashed here; use $ROOT/native-noamx/bin/llama-bench as --llama-bench" >&2
+  [ "$SERVER" = 1 ] && build_server native-noamx -DCMAKE_C_FLAGS="$NOAMX" -DCMAKE_CXX_FLAGS="$NOAMX"
+elif [ "$SERVER" = 1 ]; then
+  build_server default
 fi
 build portable -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF

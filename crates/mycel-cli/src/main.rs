@@ -110,6 +110,14 @@ struct NodeArgs {
     /// Requests that may wait or run at once; more are refused at once.
     #[arg(long, default_value_t = mycel_node::models::DEFAULT_MAX_QUEUE)]
     max_queue: usize,
+    /// Generations a model on the q4 engine decodes together, sharing each forward pass;
+    /// more wait for a slot.
+    #[arg(long, default_value_t = mycel_ml::BatchLimits::default().slots)]
+    slots: usize,
+    /// MiB of KV cache a generation model's requests may hold together; a request whose
+    /// prompt and max_tokens need more than all of it is refused.
+    #[arg(long, default_value_t = mycel_ml::BatchLimits::default().kv_bytes >> 20)]
+    kv_mib: usize,
     /// Most established connections.
     #[arg(long, default_value_t = 24)]
     max_connections: u32,
@@ -368,6 +376,11 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.models = paths;
     config.engine = args.engine;
     config.max_queue = args.max_queue;
+    config.batch = mycel_ml::BatchLimits {
+        slots: args.slots.max(1),
+        kv_bytes: args.kv_mib.saturating_mul(1 << 20),
+        ..Default::default()
+    };
     config.blobs.quota = args.blob_quota;
     config.blobs.upload_limit = args.upload_limit;
     config.serve_on_demand = args.serve_on_demand;

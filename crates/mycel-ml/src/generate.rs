@@ -4,7 +4,8 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
@@ -13,6 +14,8 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 use serde::{Deserialize, Serialize};
 
+pub use crate::batch::{BatchLimits, BatchStats};
+use crate::batch::{Batcher, Event, Request};
 use crate::files::{file_id, model_name};
 use crate::gguf_tokenizer::GgufTokenizer;
 use crate::{ContentId, MlError, Result};
@@ -44,6 +47,10 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     /// Time spent on the prompt, in milliseconds.
     pub prompt_ms: f64,
+    /// Time spent waiting for a slot in the model's batch before the prompt, in
+    /// milliseconds.
+    #[serde(default)]
+    pub waited_ms: f64,
     /// Time spent generating, in milliseconds.
     pub decode_ms: f64,
 }
@@ -219,34 +226,15 @@ pub(crate) fn dequantized(
 
 /// The decoder an engine runs.
 enum Decoder {
-    Candle(Box<ModelWeights>),
-    Own(Box<crate::llama::Llama>),
-}
-
-impl Decoder {
-    fn forward(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Candle(model) => model.forward(input, pos),
-            Self::Own(model) => {
-                let ids = input.squeeze(0)?.to_vec1::<u32>()?;
-                let logits = model.forward(&ids, pos)?;
-                let vocab = logits.len();
-                Tensor::from_vec(logits, (1, vocab), &Device::Cpu)
-            }
-        }
-    }
-
-    fn clear_kv_cache(&mut self) {
-        match self {
-            Self::Candle(model) => model.clear_kv_cache(),
-            Self::Own(model) => model.clear_kv_cache(),
-        }
-    }
+    /// candle's llama: one generation at a time.
+    Candle(Mutex<Box<ModelWeights>>),
+    /// Ours, batching every request that runs at once.
+    Own(Batcher),
 }
 
 /// A loaded generation model.
 pub struct Generator {
-    model: Mutex<Decoder>,
+    model: Decoder,
     tokenizer: GgufTokenizer,
     template: minijinja::Environment<'static>,
     device: Device,
@@ -265,8 +253,15 @@ impl std::fmt::Debug for Generator {
 }
 
 impl Generator {
-    /// Loads a llama-family GGUF file to run on `engine`.
+    /// Loads a llama-family GGUF file to run on `engine`, batching under the default
+    /// [`BatchLimits`].
     pub fn load(path: &Path, engine: Engine) -> Result<Self> {
+        Self::load_with(path, engine, BatchLimits::default())
+    }
+
+    /// Loads a llama-family GGUF file to run on `engine`; the q4 engine decodes the requests
+    /// that run at once together, within `limits`.
+    pub fn load_with(path: &Path, engine: Engine, limits: BatchLimits) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| MlError::model(path, e))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| MlError::model(path, format!("not a GGUF file: {e}")))?;
@@ -277,7 +272,12 @@ impl Generator {
         let not_llama = |e| MlError::model(path, format!("not a llama-family model: {e}"));
         let (model, engine) = match engine {
             Engine::Q4 => match crate::llama::Llama::from_gguf(&content, &mut file) {
-                Ok(model) => (Decoder::Own(Box::new(model)), Engine::Q4),
+                Ok(model) => (
+                    Decoder::Own(
+                        Batcher::start(model, limits).map_err(|e| MlError::model(path, e))?,
+                    ),
+                    Engine::Q4,
+                ),
                 Err(e) => {
                     tracing::warn!(
                         "{}: the q4 engine cannot run this file ({e}); using the exact engine",
@@ -288,7 +288,7 @@ impl Generator {
             },
             Engine::Quantized => (
                 ModelWeights::from_gguf(content, &mut file, &device)
-                    .map(|m| Decoder::Candle(Box::new(m)))
+                    .map(|m| Decoder::Candle(Mutex::new(Box::new(m))))
                     .map_err(not_llama)?,
                 engine,
             ),
@@ -298,7 +298,7 @@ impl Generator {
                     gguf_file::Content::read(&mut f32_file).map_err(|e| MlError::model(path, e))?;
                 let model = ModelWeights::from_gguf(f32_content, &mut f32_file, &device)
                     .map_err(not_llama)?;
-                (Decoder::Candle(Box::new(model)), engine)
+                (Decoder::Candle(Mutex::new(Box::new(model))), engine)
             }
         };
         let mut template = minijinja::Environment::new();
@@ -322,7 +322,7 @@ impl Generator {
             .add_template_owned("chat", source)
             .map_err(|e| MlError::model(path, format!("bad chat template: {e}")))?;
         Ok(Self {
-            model: Mutex::new(model),
+            model,
             tokenizer,
             template,
             device,
@@ -330,6 +330,22 @@ impl Generator {
             name: model_name(path),
             engine,
         })
+    }
+
+    /// How many requests it decodes at once (1 on candle's engines), and within what.
+    pub fn batch_limits(&self) -> Option<BatchLimits> {
+        match &self.model {
+            Decoder::Own(batcher) => Some(batcher.limits()),
+            Decoder::Candle(_) => None,
+        }
+    }
+
+    /// What its batch thread has done (`None` on candle's engines).
+    pub fn batch_stats(&self) -> Option<BatchStats> {
+        match &self.model {
+            Decoder::Own(batcher) => Some(batcher.stats()),
+            Decoder::Candle(_) => None,
+        }
     }
 
     /// The engine the model runs on.
@@ -394,6 +410,20 @@ impl Generator {
         prompt: &str,
         params: &GenerateParams,
         resume: &Resume,
+        on_text: impl FnMut(&str, &[u32]) -> bool,
+    ) -> Result<Generation> {
+        self.generate_watching(prompt, params, resume, &Arc::default(), on_text)
+    }
+
+    /// Like [`Generator::generate_from`], stopping (with [`MlError::Stopped`]) as soon as
+    /// `stop` is set: while it waits for a slot in the model's batch as well as between
+    /// tokens.
+    pub fn generate_watching(
+        &self,
+        prompt: &str,
+        params: &GenerateParams,
+        resume: &Resume,
+        stop: &Arc<AtomicBool>,
         mut on_text: impl FnMut(&str, &[u32]) -> bool,
     ) -> Result<Generation> {
         params.check().map_err(MlError::Input)?;
@@ -409,10 +439,16 @@ impl Generator {
                 MAX_SEQ_LEN
             )));
         }
+        // The most positions one request may take: the context, and on our engine what the
+        // KV budget holds.
+        let room = match &self.model {
+            Decoder::Own(batcher) => MAX_SEQ_LEN.min(batcher.positions()),
+            Decoder::Candle(_) => MAX_SEQ_LEN,
+        };
         let fitted;
-        let params = if params.fit_context && prompt_ids.len() + params.max_tokens > MAX_SEQ_LEN {
+        let params = if params.fit_context && prompt_ids.len() + params.max_tokens > room {
             fitted = GenerateParams {
-                max_tokens: MAX_SEQ_LEN.saturating_sub(prompt_ids.len()).max(1),
+                max_tokens: room.saturating_sub(prompt_ids.len()).max(1),
                 ..params.clone()
             };
             &fitted
@@ -434,28 +470,66 @@ impl Generator {
                 "the resume point is past max_tokens or names unknown tokens".into(),
             ));
         }
-        let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling(params));
-        let mut model = self
-            .model
-            .lock()
-            .map_err(|_| MlError::Run("the model is poisoned by an earlier panic".into()))?;
-        model.clear_kv_cache();
-
         let started = Instant::now();
         // A resumed generation reads its earlier tokens with the prompt, and draws the
         // sampler's random numbers it drew for them, so what follows is what an uninterrupted
         // run would have made.
         let mut tokens: Vec<u32> = resume.tokens.clone();
         let context: Vec<u32> = prompt_ids.iter().chain(&tokens).copied().collect();
-        let input = Tensor::new(context.as_slice(), &self.device)?.unsqueeze(0)?;
-        let mut logits = model.forward(&input, 0)?.squeeze(0)?;
-        let prompt_ms = started.elapsed().as_secs_f64() * 1e3;
-        if !tokens.is_empty() {
-            let one = Tensor::new(&[0f32], &self.device)?;
-            for _ in &tokens {
-                sampler.sample(&one)?;
+        let mut source = match &self.model {
+            Decoder::Own(batcher) => {
+                let (events, incoming) = std::sync::mpsc::channel();
+                batcher.submit(Request {
+                    context,
+                    replay: tokens.len(),
+                    seed: params.seed,
+                    sampling: sampling(params),
+                    max_new: params.max_tokens - tokens.len(),
+                    ends: self.tokenizer.turn_ends(),
+                    events,
+                    gone: stop.clone(),
+                })?;
+                Tokens::Batched {
+                    incoming,
+                    gone: Gone(stop.clone()),
+                }
+            }
+            Decoder::Candle(model) => {
+                let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling(params));
+                let mut model = model.lock().map_err(|_| {
+                    MlError::Run("the model is poisoned by an earlier panic".into())
+                })?;
+                model.clear_kv_cache();
+                let input = Tensor::new(context.as_slice(), &self.device)?.unsqueeze(0)?;
+                let logits = model.forward(&input, 0)?.squeeze(0)?;
+                if !tokens.is_empty() {
+                    let one = Tensor::new(&[0f32], &self.device)?;
+                    for _ in &tokens {
+                        sampler.sample(&one)?;
+                    }
+                }
+                Tokens::Alone {
+                    model,
+                    sampler: Box::new(sampler),
+                    logits,
+                    last: None,
+                    pos: context.len(),
+                }
+            }
+        };
+        let mut waited_ms = 0.0;
+        if let Tokens::Batched { incoming, gone } = &source {
+            // Our turn in the batch.
+            match receive(incoming, &gone.0)? {
+                Event::Admitted => waited_ms = started.elapsed().as_secs_f64() * 1e3,
+                Event::Token(_) | Event::Failed(_) => {
+                    return Err(MlError::Run("the batch skipped a request's turn".into()))
+                }
             }
         }
+        // The first token: the prompt has been read.
+        let mut next = source.next(&self.device)?;
+        let prompt_ms = started.elapsed().as_secs_f64() * 1e3 - waited_ms;
 
         let decode_started = Instant::now();
         let mut stream = TextStream::new(&params.stop);
@@ -467,7 +541,6 @@ impl Generator {
         stream.emitted = delivered;
         let mut finish_reason = FinishReason::Length;
         while tokens.len() < params.max_tokens {
-            let next = sampler.sample(&logits)?;
             if self.tokenizer.ends_turn(next) {
                 finish_reason = FinishReason::Stop;
                 break;
@@ -488,11 +561,9 @@ impl Generator {
             if tokens.len() == params.max_tokens {
                 break;
             }
-            let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
-            logits = model
-                .forward(&input, prompt_ids.len() + tokens.len() - 1)?
-                .squeeze(0)?;
+            next = source.next(&self.device)?;
         }
+        drop(source);
         let text = self.tokenizer.decode(&tokens)?;
         let (rest, _) = stream.finish(&text);
         if !rest.is_empty() {
@@ -504,8 +575,84 @@ impl Generator {
             prompt_tokens: prompt_ids.len(),
             finish_reason,
             prompt_ms,
+            waited_ms,
             decode_ms: decode_started.elapsed().as_secs_f64() * 1e3,
         })
+    }
+}
+
+/// Where a generation's tokens come from.
+enum Tokens<'a> {
+    /// The batch thread (ours).
+    Batched {
+        incoming: std::sync::mpsc::Receiver<Event>,
+        gone: Gone,
+    },
+    /// candle's model, held for this generation alone.
+    Alone {
+        model: std::sync::MutexGuard<'a, Box<ModelWeights>>,
+        sampler: Box<LogitsProcessor>,
+        /// The logits the next token is drawn from, once `last` is read.
+        logits: Tensor,
+        /// The token drawn last, not read yet.
+        last: Option<u32>,
+        /// Where it goes.
+        pos: usize,
+    },
+}
+
+impl Tokens<'_> {
+    /// The next token: each call after the first reads the token before it.
+    fn next(&mut self, device: &Device) -> Result<u32> {
+        match self {
+            Self::Batched { incoming, gone } => match receive(incoming, &gone.0)? {
+                Event::Token(token) => Ok(token),
+                Event::Failed(e) => Err(MlError::Run(e)),
+                Event::Admitted => Err(MlError::Run("the batch admitted a request twice".into())),
+            },
+            Self::Alone {
+                model,
+                sampler,
+                logits,
+                last,
+                pos,
+            } => {
+                if let Some(token) = last.take() {
+                    let input = Tensor::new(&[token], device)?.unsqueeze(0)?;
+                    *logits = model.forward(&input, *pos)?.squeeze(0)?;
+                    *pos += 1;
+                }
+                let token = sampler.sample(logits)?;
+                *last = Some(token);
+                Ok(token)
+            }
+        }
+    }
+}
+
+/// Tells the batch thread, when dropped, that nobody listens any more.
+struct Gone(Arc<AtomicBool>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The batch's next event for a request, or [`MlError::Stopped`] once `stop` is set.
+fn receive(incoming: &std::sync::mpsc::Receiver<Event>, stop: &AtomicBool) -> Result<Event> {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        match incoming.recv_timeout(std::time::Duration::from_millis(50)) {
+            Ok(event) => return Ok(event),
+            Err(RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => {}
+            _ if stop.load(Ordering::Relaxed) => return Err(MlError::Stopped),
+            Err(_) => {
+                return Err(MlError::Run(
+                    "the model's batch thread failed (see the node's log); reload the model".into(),
+                ))
+            }
+        }
     }
 }
 

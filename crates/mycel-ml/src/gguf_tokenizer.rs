@@ -153,6 +153,11 @@ impl GgufTokenizer {
         token == self.eos || Some(token) == self.eot
     }
 
+    /// The tokens [`GgufTokenizer::ends_turn`] is true of.
+    pub fn turn_ends(&self) -> Vec<u32> {
+        std::iter::once(self.eos).chain(self.eot).collect()
+    }
+
     /// Token ids of `text`, control tokens included as themselves.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self

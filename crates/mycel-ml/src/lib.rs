@@ -13,6 +13,7 @@
 
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod batch;
 mod bert;
 pub mod data;
 mod dense;
@@ -29,7 +30,8 @@ pub mod train;
 
 pub use embed::Embedder;
 pub use generate::{
-    ChatMessage, Engine, FinishReason, GenerateParams, Generation, Generator, Resume,
+    BatchLimits, BatchStats, ChatMessage, Engine, FinishReason, GenerateParams, Generation,
+    Generator, Resume,
 };
 pub use mycel_core::id::ContentId;
 

@@ -6,7 +6,12 @@
 //!
 //! The query, key and value projections are stacked into one matrix, and so are the gate and
 //! up projections. Rotary embeddings are the interleaved kind that GGUF llama weights are
-//! converted for. The KV cache keeps each block's keys and values, position after position.
+//! converted for. Each sequence has its own KV cache ([`KvCache`]): each block's keys and
+//! values, position after position. Several sequences go through one forward pass together
+//! ([`Llama::forward_batch`]): their rows share each read of the weights, and each row's
+//! arithmetic is the one it would get alone, so a token's logits are the same bits whether it
+//! came alone, with its prompt, or beside other requests' tokens (what verification by
+//! replication needs).
 
 use std::io::{Read, Seek};
 
@@ -27,12 +32,31 @@ struct Block {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
     ffn: usize,
-    /// Keys and values of every position so far: `[position][kv_heads × head_dim]`.
-    keys: Vec<f32>,
-    values: Vec<f32>,
 }
 
-/// The model and its KV cache.
+/// One sequence's keys and values, block by block, each `[position][kv_heads × head_dim]`.
+#[derive(Debug, Default)]
+pub(crate) struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub(crate) fn len(&self, kv_dim: usize) -> usize {
+        self.keys.first().map_or(0, |k| k.len() / kv_dim.max(1))
+    }
+}
+
+/// One sequence's part of a batched forward pass: `tokens` read at positions `pos..` into
+/// `cache` (which holds at least the `pos` positions before; anything past is forgotten).
+pub(crate) struct Step<'a> {
+    pub(crate) cache: &'a mut KvCache,
+    pub(crate) tokens: &'a [u32],
+    pub(crate) pos: usize,
+}
+
+/// The model (each sequence brings its own [`KvCache`]).
 pub(crate) struct Llama {
     embed: QMatrix,
     output: QMatrix,
@@ -172,12 +196,17 @@ impl Llama {
                 attn_norm,
                 ffn_norm,
                 ffn,
-                keys: Vec::new(),
-                values: Vec::new(),
             });
         }
         if embed.cols() != dim || output.cols() != dim || norm.len() != dim {
             candle_core::bail!("the embeddings do not fit the model's width");
+        }
+        if output.rows() != embed.rows() {
+            candle_core::bail!(
+                "the output makes {} token ids, the embeddings read {}",
+                output.rows(),
+                embed.rows()
+            );
         }
         let half = head_dim / 2;
         let inverse: Vec<f32> = (0..half)
@@ -202,12 +231,24 @@ impl Llama {
         })
     }
 
-    /// Forgets the KV cache.
-    pub(crate) fn clear_kv_cache(&mut self) {
-        for block in &mut self.blocks {
-            block.keys.clear();
-            block.values.clear();
+    /// A KV cache with room for `positions` positions.
+    pub(crate) fn kv_cache(&self, positions: usize) -> KvCache {
+        let room = positions * self.kv_heads * self.head_dim;
+        let block = || Vec::with_capacity(room);
+        KvCache {
+            keys: self.blocks.iter().map(|_| block()).collect(),
+            values: self.blocks.iter().map(|_| block()).collect(),
         }
+    }
+
+    /// Token ids it reads (and makes: the output has a row per embedding).
+    pub(crate) fn vocab(&self) -> usize {
+        self.embed.rows()
+    }
+
+    /// Bytes of KV cache one position of one sequence takes.
+    pub(crate) fn kv_bytes_per_position(&self) -> usize {
+        self.blocks.len() * 2 * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
     }
 
     /// Rotates each head of `row` (interleaved pairs) for position `pos`.
@@ -226,75 +267,105 @@ impl Llama {
         }
     }
 
-    /// Reads `tokens` at positions `pos..pos + n`; returns the logits after the last one.
-    pub(crate) fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
-        let n = tokens.len();
-        if n == 0 || pos + n > MAX_SEQ_LEN {
-            candle_core::bail!("positions {pos}..{} are outside 0..{MAX_SEQ_LEN}", pos + n);
-        }
-        if tokens.iter().any(|t| *t as usize >= self.embed.rows()) {
-            candle_core::bail!("a token id is outside the vocabulary");
-        }
+    /// Reads each step's tokens into its cache, all steps in one pass; returns the logits
+    /// after each step's last token, in order.
+    pub(crate) fn forward_batch(
+        &mut self,
+        steps: &mut [Step<'_>],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
         let (dim, heads, kv_heads, head_dim) = (self.dim, self.heads, self.kv_heads, self.head_dim);
         let kv_dim = kv_heads * head_dim;
+        for step in steps.iter_mut() {
+            let (n, pos) = (step.tokens.len(), step.pos);
+            if n == 0 || pos + n > MAX_SEQ_LEN {
+                candle_core::bail!("positions {pos}..{} are outside 0..{MAX_SEQ_LEN}", pos + n);
+            }
+            if step.tokens.iter().any(|t| *t as usize >= self.embed.rows()) {
+                candle_core::bail!("a token id is outside the vocabulary");
+            }
+            if step.cache.keys.len() != self.blocks.len() {
+                step.cache.keys = vec![Vec::new(); self.blocks.len()];
+                step.cache.values = vec![Vec::new(); self.blocks.len()];
+            }
+            if step.cache.len(kv_dim) < pos {
+                candle_core::bail!(
+                    "position {pos} follows only {} cached positions",
+                    step.cache.len(kv_dim)
+                );
+            }
+        }
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
         let group = heads / kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let mut x: Vec<f32> = tokens
+        // Row `r` of the pass is token `r - starts[s]` of step `s`.
+        let mut starts = Vec::with_capacity(steps.len());
+        let mut rows = 0;
+        for step in steps.iter() {
+            starts.push(rows);
+            rows += step.tokens.len();
+        }
+        let mut x: Vec<f32> = steps
             .iter()
+            .flat_map(|s| s.tokens.iter())
             .flat_map(|t| self.embed.row(*t as usize))
             .collect();
+        let width = (heads + 2 * kv_heads) * head_dim;
+        let mut scores = Vec::new();
         for b in 0..self.blocks.len() {
             let block = &self.blocks[b];
             let h = rms_norm(&x, &block.attn_norm, self.eps);
-            let mut qkv = block.qkv.matmul_on(&h, n, &mut self.pool);
-            let width = (heads + 2 * kv_heads) * head_dim;
-            for (i, row) in qkv.chunks_exact_mut(width).enumerate() {
-                self.rope(&mut row[..(heads + kv_heads) * head_dim], pos + i);
+            let mut qkv = block.qkv.matmul_on(&h, rows, &mut self.pool);
+            for (step, start) in steps.iter().zip(&starts) {
+                for i in 0..step.tokens.len() {
+                    let row = &mut qkv[(start + i) * width..][..(heads + kv_heads) * head_dim];
+                    self.rope(row, step.pos + i);
+                }
             }
-            let block = &mut self.blocks[b];
-            block.keys.truncate(pos * kv_dim);
-            block.values.truncate(pos * kv_dim);
-            for row in qkv.chunks_exact(width) {
-                block
-                    .keys
-                    .extend_from_slice(&row[heads * head_dim..][..kv_dim]);
-                block
-                    .values
-                    .extend_from_slice(&row[(heads + kv_heads) * head_dim..][..kv_dim]);
-            }
-            // Attention, causal: position pos + i sees positions 0..=pos + i.
-            let mut y = vec![0f32; n * heads * head_dim];
-            let mut scores = Vec::with_capacity(pos + n);
-            for i in 0..n {
-                let seen = pos + i + 1;
-                for head in 0..heads {
-                    let kv = head / group;
-                    let q = &qkv[i * width + head * head_dim..][..head_dim];
-                    scores.clear();
-                    scores.extend((0..seen).map(|t| {
-                        let k = &block.keys[t * kv_dim + kv * head_dim..][..head_dim];
-                        dot(q, k) * scale
-                    }));
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut total = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
-                    let out = &mut y[(i * heads + head) * head_dim..][..head_dim];
-                    for (t, w) in scores.iter().enumerate() {
-                        let v = &block.values[t * kv_dim + kv * head_dim..][..head_dim];
-                        let w = w / total;
-                        for (o, v) in out.iter_mut().zip(v) {
-                            *o += w * v;
+            let block = &self.blocks[b];
+            // Attention, causal: position pos + i sees positions 0..=pos + i of its sequence.
+            let mut y = vec![0f32; rows * heads * head_dim];
+            for (step, start) in steps.iter_mut().zip(&starts) {
+                let (keys, values) = (&mut step.cache.keys[b], &mut step.cache.values[b]);
+                keys.truncate(step.pos * kv_dim);
+                values.truncate(step.pos * kv_dim);
+                let own = &qkv[start * width..][..step.tokens.len() * width];
+                for row in own.chunks_exact(width) {
+                    keys.extend_from_slice(&row[heads * head_dim..][..kv_dim]);
+                    values.extend_from_slice(&row[(heads + kv_heads) * head_dim..][..kv_dim]);
+                }
+                for i in 0..step.tokens.len() {
+                    let seen = step.pos + i + 1;
+                    for head in 0..heads {
+                        let kv = head / group;
+                        let q = &own[i * width + head * head_dim..][..head_dim];
+                        scores.clear();
+                        scores.extend((0..seen).map(|t| {
+                            let k = &keys[t * kv_dim + kv * head_dim..][..head_dim];
+                            dot(q, k) * scale
+                        }));
+                        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut total = 0f32;
+                        for s in scores.iter_mut() {
+                            *s = (*s - max).exp();
+                            total += *s;
+                        }
+                        let out = &mut y[((start + i) * heads + head) * head_dim..][..head_dim];
+                        for (t, w) in scores.iter().enumerate() {
+                            let v = &values[t * kv_dim + kv * head_dim..][..head_dim];
+                            let w = w / total;
+                            for (o, v) in out.iter_mut().zip(v) {
+                                *o += w * v;
+                            }
                         }
                     }
                 }
             }
-            let attended = block.out.matmul_on(&y, n, &mut self.pool);
+            let attended = block.out.matmul_on(&y, rows, &mut self.pool);
             x.iter_mut().zip(&attended).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &block.ffn_norm, self.eps);
-            let gate_up = block.gate_up.matmul_on(&h, n, &mut self.pool);
+            let gate_up = block.gate_up.matmul_on(&h, rows, &mut self.pool);
             let ffn = block.ffn;
             let act: Vec<f32> = gate_up
                 .chunks_exact(2 * ffn)
@@ -303,10 +374,147 @@ impl Llama {
                     gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u)
                 })
                 .collect();
-            let down = block.down.matmul_on(&act, n, &mut self.pool);
+            let down = block.down.matmul_on(&act, rows, &mut self.pool);
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
-        let last = rms_norm(&x[(n - 1) * dim..], &self.norm, self.eps);
-        Ok(self.output.matmul_on(&last, 1, &mut self.pool))
+        let lasts: Vec<f32> = steps
+            .iter()
+            .zip(&starts)
+            .flat_map(|(step, start)| {
+                let last = start + step.tokens.len() - 1;
+                rms_norm(&x[last * dim..][..dim], &self.norm, self.eps)
+            })
+            .collect();
+        let logits = self.output.matmul_on(&lasts, steps.len(), &mut self.pool);
+        Ok(logits
+            .chunks_exact(self.output.rows())
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> (tempfile::TempDir, Llama) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::fixtures::write_tiny_llama(&path).unwrap();
+        let mut file = std::fs::File::open(&path).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let model = Llama::from_gguf(&content, &mut file).unwrap();
+        (dir, model)
+    }
+
+    /// Logits after `prompt` read in chunks of `chunk`, then after each of `then`, alone.
+    fn alone(model: &mut Llama, prompt: &[u32], chunk: usize, then: &[u32]) -> Vec<Vec<f32>> {
+        let mut cache = KvCache::default();
+        let mut out = Vec::new();
+        let mut pos = 0;
+        for part in prompt.chunks(chunk) {
+            let mut step = [Step {
+                cache: &mut cache,
+                tokens: part,
+                pos,
+            }];
+            let logits = model.forward_batch(&mut step).unwrap();
+            pos += part.len();
+            if pos == prompt.len() {
+                out.extend(logits);
+            }
+        }
+        for t in then {
+            let mut step = [Step {
+                cache: &mut cache,
+                tokens: std::slice::from_ref(t),
+                pos,
+            }];
+            out.extend(model.forward_batch(&mut step).unwrap());
+            pos += 1;
+        }
+        out
+    }
+
+    fn bits(rows: &[Vec<f32>]) -> Vec<Vec<u32>> {
+        rows.iter()
+            .map(|r| r.iter().map(|v| v.to_bits()).collect())
+            .collect()
+    }
+
+    /// A token's logits are the same bits alone, with its whole prompt, in chunks of it, or
+    /// in a pass beside another sequence's prompt chunk and decoding: what lets requests
+    /// share passes and still agree with replicas that ran them alone.
+    #[test]
+    fn a_sequence_gets_the_same_bits_alone_chunked_and_batched() {
+        let (_dir, mut model) = tiny();
+        let a: Vec<u32> = (1..40).map(|i| (i * 7) % 200).collect();
+        let b: Vec<u32> = (1..23).map(|i| (i * 13) % 200).collect();
+        let (a_next, b_next) = ([5u32, 9, 11], [3u32, 4, 8, 15]);
+        let a_alone = alone(&mut model, &a, a.len(), &a_next);
+        assert_eq!(bits(&alone(&mut model, &a, 5, &a_next)), bits(&a_alone));
+        let b_alone = alone(&mut model, &b, b.len(), &b_next);
+
+        // Together: b's prompt in two chunks while a reads its prompt, then a decodes beside
+        // b's second chunk, then both decode.
+        let (mut ca, mut cb) = (KvCache::default(), KvCache::default());
+        let mut a_got = Vec::new();
+        let mut b_got = Vec::new();
+        let mut pass = |steps: &mut [Step<'_>]| model.forward_batch(steps).unwrap();
+        let out = pass(&mut [
+            Step {
+                cache: &mut ca,
+                tokens: &a,
+                pos: 0,
+            },
+            Step {
+                cache: &mut cb,
+                tokens: &b[..10],
+                pos: 0,
+            },
+        ]);
+        a_got.push(out[0].clone());
+        let out = pass(&mut [
+            Step {
+                cache: &mut cb,
+                tokens: &b[10..],
+                pos: 10,
+            },
+            Step {
+                cache: &mut ca,
+                tokens: &a_next[..1],
+                pos: a.len(),
+            },
+        ]);
+        b_got.push(out[0].clone());
+        a_got.push(out[1].clone());
+        for i in 0..2 {
+            let out = pass(&mut [
+                Step {
+                    cache: &mut ca,
+                    tokens: &a_next[i + 1..i + 2],
+                    pos: a.len() + i + 1,
+                },
+                Step {
+                    cache: &mut cb,
+                    tokens: &b_next[i..i + 1],
+                    pos: b.len() + i,
+                },
+            ]);
+            a_got.push(out[0].clone());
+            b_got.push(out[1].clone());
+        }
+        assert_eq!(bits(&a_got), bits(&a_alone));
+        assert_eq!(bits(&b_got), bits(&b_alone[..3]));
+
+        // A position past what the cache holds is refused, not read from nothing.
+        let mut empty = KvCache::default();
+        assert!(model
+            .forward_batch(&mut [Step {
+                cache: &mut empty,
+                tokens: &[1],
+                pos: 3,
+            }])
+            .is_err());
     }
 }

@@ -4,7 +4,8 @@
 
 use mycel_ml::fixtures::{write_tiny_bert, write_tiny_llama};
 use mycel_ml::{
-    ChatMessage, Embedder, Engine, FinishReason, GenerateParams, Generator, MlError, Resume,
+    BatchLimits, ChatMessage, Embedder, Engine, FinishReason, GenerateParams, Generator, MlError,
+    Resume,
 };
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -75,10 +76,15 @@ fn embedding_refuses_bad_input_and_bad_directories() {
 }
 
 fn tiny_llama() -> (tempfile::TempDir, Generator) {
+    tiny_llama_on(Engine::Exact)
+}
+
+fn tiny_llama_on(engine: Engine) -> (tempfile::TempDir, Generator) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_tiny_llama(&path).unwrap();
-    let model = Generator::load(&path, Engine::Exact).unwrap();
+    let model = Generator::load(&path, engine).unwrap();
+    assert_eq!(model.engine(), engine);
     (dir, model)
 }
 
@@ -140,181 +146,190 @@ fn chat_prompt_follows_the_template_in_the_file() {
 
 #[test]
 fn greedy_and_seeded_generation_are_deterministic_and_stream_what_they_return() {
-    let (_dir, model) = tiny_llama();
-    let greedy = GenerateParams {
-        max_tokens: 12,
-        ..Default::default()
-    };
-    let mut streamed = String::new();
-    let first = model
-        .generate("the cat", &greedy, |t| {
-            streamed.push_str(t);
-            true
-        })
-        .unwrap();
-    let second = model.generate("the cat", &greedy, |_| true).unwrap();
-    assert_eq!(first.tokens, second.tokens);
-    assert_eq!(streamed, first.text);
-    assert!(first.prompt_tokens >= 2);
-    if first.finish_reason == FinishReason::Length {
-        assert_eq!(first.tokens.len(), 12);
-    }
-
-    let sampled = |seed| GenerateParams {
-        max_tokens: 24,
-        temperature: Some(1.5),
-        top_p: Some(0.95),
-        seed,
-        ..Default::default()
-    };
-    let a = model.generate("the cat", &sampled(7), |_| true).unwrap();
-    let b = model.generate("the cat", &sampled(7), |_| true).unwrap();
-    assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
-    let others: Vec<Vec<u32>> = (8..12)
-        .map(|seed| {
-            model
-                .generate("the cat", &sampled(seed), |_| true)
-                .unwrap()
-                .tokens
-        })
-        .collect();
-    assert!(
-        others.iter().any(|t| *t != a.tokens),
-        "other seeds give other tokens"
-    );
-}
-
-#[test]
-fn a_resumed_generation_continues_exactly_where_the_first_left_off() {
-    let (_dir, model) = tiny_llama();
-    for params in [
-        GenerateParams {
-            max_tokens: 30,
+    // On candle's engine (one generation at a time) and on ours (the batch).
+    for engine in [Engine::Exact, Engine::Q4] {
+        let (_dir, model) = tiny_llama_on(engine);
+        let greedy = GenerateParams {
+            max_tokens: 12,
             ..Default::default()
-        },
-        GenerateParams {
-            max_tokens: 30,
-            temperature: Some(1.2),
-            top_p: Some(0.9),
-            seed: 11,
-            ..Default::default()
-        },
-    ] {
-        let whole = model.generate("the cat", &params, |_| true).unwrap();
-        assert!(whole.tokens.len() > 12, "{:?}", whole.tokens);
-        // The first worker delivered some text, then died after 9 tokens.
-        let mut delivered = String::new();
-        let mut seen = Vec::new();
-        let _ = model.generate_from("the cat", &params, &Resume::default(), |text, tokens| {
-            delivered.push_str(text);
-            seen = tokens.to_vec();
-            tokens.len() < 9
-        });
-        let resume = Resume {
-            tokens: seen.clone(),
-            text_bytes: delivered.len() as u64,
-        };
-        let mut rest = String::new();
-        let resumed = model
-            .generate_from("the cat", &params, &resume, |text, _| {
-                rest.push_str(text);
-                true
-            })
-            .unwrap();
-        assert_eq!(resumed.tokens, whole.tokens, "{params:?}");
-        assert_eq!(resumed.text, whole.text);
-        assert_eq!(delivered + &rest, whole.text, "nothing lost or repeated");
-    }
-    // A resume point naming tokens the model lacks, or past the budget, is refused.
-    let params = GenerateParams {
-        max_tokens: 4,
-        ..Default::default()
-    };
-    for tokens in [vec![u32::MAX], vec![1; 4]] {
-        let resume = Resume {
-            tokens,
-            text_bytes: 3,
-        };
-        assert!(matches!(
-            model.generate_from("the cat", &params, &resume, |_, _| true),
-            Err(MlError::Input(_))
-        ));
-    }
-    // A delivered count in the middle of a character, or past the text, is clamped.
-    let resume = Resume {
-        tokens: vec![200, 201],
-        text_bytes: 1,
-    };
-    assert!(model
-        .generate_from("the cat", &params, &resume, |_, _| true)
-        .is_ok());
-}
-
-#[test]
-fn stop_strings_cut_the_text_and_limits_are_checked() {
-    let (_dir, model) = tiny_llama();
-    let free = GenerateParams {
-        max_tokens: 40,
-        temperature: Some(1.0),
-        seed: 3,
-        ..Default::default()
-    };
-    let full = model.generate("the", &free, |_| true).unwrap();
-    // Stop at a piece of what the model says anyway.
-    let chars: Vec<char> = full.text.chars().collect();
-    assert!(
-        chars.len() >= 6,
-        "the tiny model (fixed weights) says more: {full:?}"
-    );
-    {
-        let stop: String = chars[3..5].iter().collect();
-        let cut_at = full.text.find(&stop).unwrap();
-        let params = GenerateParams {
-            stop: vec![stop.clone()],
-            ..free.clone()
         };
         let mut streamed = String::new();
-        let stopped = model
-            .generate("the", &params, |t| {
+        let first = model
+            .generate("the cat", &greedy, |t| {
                 streamed.push_str(t);
                 true
             })
             .unwrap();
-        assert_eq!(stopped.text, full.text[..cut_at]);
-        assert_eq!(streamed, stopped.text);
-        assert_eq!(stopped.finish_reason, FinishReason::Stop);
-    }
+        let second = model.generate("the cat", &greedy, |_| true).unwrap();
+        assert_eq!(first.tokens, second.tokens);
+        assert_eq!(streamed, first.text);
+        assert!(first.prompt_tokens >= 2);
+        if first.finish_reason == FinishReason::Length {
+            assert_eq!(first.tokens.len(), 12);
+        }
 
-    for bad in [
-        GenerateParams {
-            max_tokens: 0,
+        let sampled = |seed| GenerateParams {
+            max_tokens: 24,
+            temperature: Some(1.5),
+            top_p: Some(0.95),
+            seed,
             ..Default::default()
-        },
-        GenerateParams {
-            max_tokens: 10_000,
-            ..Default::default()
-        },
-        GenerateParams {
-            temperature: Some(-1.0),
-            ..Default::default()
-        },
-        GenerateParams {
-            stop: vec![String::new()],
-            ..Default::default()
-        },
-    ] {
+        };
+        let a = model.generate("the cat", &sampled(7), |_| true).unwrap();
+        let b = model.generate("the cat", &sampled(7), |_| true).unwrap();
+        assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
+        let others: Vec<Vec<u32>> = (8..12)
+            .map(|seed| {
+                model
+                    .generate("the cat", &sampled(seed), |_| true)
+                    .unwrap()
+                    .tokens
+            })
+            .collect();
         assert!(
-            matches!(
-                model.generate("the", &bad, |_| true),
-                Err(MlError::Input(_))
-            ),
-            "{bad:?}"
+            others.iter().any(|t| *t != a.tokens),
+            "other seeds give other tokens"
         );
     }
-    assert!(matches!(
-        model.generate("", &GenerateParams::default(), |_| true),
-        Err(MlError::Input(_))
-    ));
+}
+
+#[test]
+fn a_resumed_generation_continues_exactly_where_the_first_left_off() {
+    // On candle's engine (one generation at a time) and on ours (the batch).
+    for engine in [Engine::Exact, Engine::Q4] {
+        let (_dir, model) = tiny_llama_on(engine);
+        for params in [
+            GenerateParams {
+                max_tokens: 30,
+                ..Default::default()
+            },
+            GenerateParams {
+                max_tokens: 30,
+                temperature: Some(1.2),
+                top_p: Some(0.9),
+                seed: 11,
+                ..Default::default()
+            },
+        ] {
+            let whole = model.generate("the cat", &params, |_| true).unwrap();
+            assert!(whole.tokens.len() > 12, "{:?}", whole.tokens);
+            // The first worker delivered some text, then died after 9 tokens.
+            let mut delivered = String::new();
+            let mut seen = Vec::new();
+            let _ = model.generate_from("the cat", &params, &Resume::default(), |text, tokens| {
+                delivered.push_str(text);
+                seen = tokens.to_vec();
+                tokens.len() < 9
+            });
+            let resume = Resume {
+                tokens: seen.clone(),
+                text_bytes: delivered.len() as u64,
+            };
+            let mut rest = String::new();
+            let resumed = model
+                .generate_from("the cat", &params, &resume, |text, _| {
+                    rest.push_str(text);
+                    true
+                })
+                .unwrap();
+            assert_eq!(resumed.tokens, whole.tokens, "{params:?}");
+            assert_eq!(resumed.text, whole.text);
+            assert_eq!(delivered + &rest, whole.text, "nothing lost or repeated");
+        }
+        // A resume point naming tokens the model lacks, or past the budget, is refused.
+        let params = GenerateParams {
+            max_tokens: 4,
+            ..Default::default()
+        };
+        for tokens in [vec![u32::MAX], vec![1; 4]] {
+            let resume = Resume {
+                tokens,
+                text_bytes: 3,
+            };
+            assert!(matches!(
+                model.generate_from("the cat", &params, &resume, |_, _| true),
+                Err(MlError::Input(_))
+            ));
+        }
+        // A delivered count in the middle of a character, or past the text, is clamped.
+        let resume = Resume {
+            tokens: vec![200, 201],
+            text_bytes: 1,
+        };
+        assert!(model
+            .generate_from("the cat", &params, &resume, |_, _| true)
+            .is_ok());
+    }
+}
+
+#[test]
+fn stop_strings_cut_the_text_and_limits_are_checked() {
+    // On candle's engine (one generation at a time) and on ours (the batch).
+    for engine in [Engine::Exact, Engine::Q4] {
+        let (_dir, model) = tiny_llama_on(engine);
+        let free = GenerateParams {
+            max_tokens: 40,
+            temperature: Some(1.0),
+            seed: 3,
+            ..Default::default()
+        };
+        let full = model.generate("the", &free, |_| true).unwrap();
+        // Stop at a piece of what the model says anyway.
+        let chars: Vec<char> = full.text.chars().collect();
+        assert!(
+            chars.len() >= 6,
+            "the tiny model (fixed weights) says more: {full:?}"
+        );
+        {
+            let stop: String = chars[3..5].iter().collect();
+            let cut_at = full.text.find(&stop).unwrap();
+            let params = GenerateParams {
+                stop: vec![stop.clone()],
+                ..free.clone()
+            };
+            let mut streamed = String::new();
+            let stopped = model
+                .generate("the", &params, |t| {
+                    streamed.push_str(t);
+                    true
+                })
+                .unwrap();
+            assert_eq!(stopped.text, full.text[..cut_at]);
+            assert_eq!(streamed, stopped.text);
+            assert_eq!(stopped.finish_reason, FinishReason::Stop);
+        }
+
+        for bad in [
+            GenerateParams {
+                max_tokens: 0,
+                ..Default::default()
+            },
+            GenerateParams {
+                max_tokens: 10_000,
+                ..Default::default()
+            },
+            GenerateParams {
+                temperature: Some(-1.0),
+                ..Default::default()
+            },
+            GenerateParams {
+                stop: vec![String::new()],
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(
+                    model.generate("the", &bad, |_| true),
+                    Err(MlError::Input(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            model.generate("", &GenerateParams::default(), |_| true),
+            Err(MlError::Input(_))
+        ));
+    }
 }
 
 #[test]
@@ -521,4 +536,178 @@ fn a_chat_template_that_loops_fails_the_request_quickly() {
     // An honest template on the same machinery is untouched by the bound.
     let model = Generator::load(&good, Engine::Q4).unwrap();
     assert!(model.chat_prompt(&messages).unwrap().contains("hello"));
+}
+
+fn tiny_q4(limits: BatchLimits) -> (tempfile::TempDir, std::sync::Arc<Generator>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path).unwrap();
+    let model = Generator::load_with(&path, Engine::Q4, limits).unwrap();
+    assert_eq!(model.batch_limits(), Some(limits));
+    (dir, std::sync::Arc::new(model))
+}
+
+const CHAT: &str = "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n";
+
+/// Requests running at once on the q4 engine share its passes (requests that start while
+/// another is decoding join its passes), and each gets the tokens it gets alone, greedy or
+/// seeded, with its prompt read whole or in chunks.
+#[test]
+fn concurrent_requests_decode_together_and_each_gets_its_own_tokens() {
+    let limits = BatchLimits {
+        slots: 4,
+        kv_bytes: 64 << 20,
+        prefill_chunk: 3,
+    };
+    let (_dir, model) = tiny_q4(limits);
+    let (_dir2, whole) = tiny_q4(BatchLimits {
+        prefill_chunk: 4096,
+        ..limits
+    });
+    let params = |seed: Option<u64>, max_tokens| GenerateParams {
+        max_tokens,
+        temperature: seed.map(|_| 1.3),
+        seed: seed.unwrap_or(0),
+        ..Default::default()
+    };
+    let prompts = [
+        (CHAT.to_owned(), params(None, 1000)),
+        (format!("{CHAT}the dog and the cat"), params(Some(5), 40)),
+        ("the".to_owned(), params(Some(9), 40)),
+    ];
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|(p, params)| whole.generate(p, params, |_| true).unwrap().tokens)
+        .collect();
+    assert!(alone.iter().all(|t| t.len() > 4), "{alone:?}");
+    assert!(
+        alone[0].len() > 500,
+        "the first runs long: {}",
+        alone[0].len()
+    );
+    assert_eq!(whole.batch_stats().unwrap().widest, 1, "one at a time");
+
+    let (first_tx, first_rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let waiter = {
+        let (model, (prompt, params)) = (model.clone(), prompts[0].clone());
+        std::thread::spawn(move || {
+            let mut waited = false;
+            model
+                .generate(&prompt, &params, |_| {
+                    if !waited {
+                        // Running: the others start now, and this caller waits for one of
+                        // them to make a token (the batch goes on meanwhile).
+                        waited = true;
+                        started_tx.send(()).unwrap();
+                        first_rx
+                            .recv_timeout(std::time::Duration::from_secs(20))
+                            .expect("another request made progress while this one waited");
+                    }
+                    true
+                })
+                .unwrap()
+                .tokens
+        })
+    };
+    started_rx.recv().unwrap();
+    let others: Vec<_> = prompts[1..]
+        .iter()
+        .cloned()
+        .map(|(prompt, params)| {
+            let (model, first_tx) = (model.clone(), first_tx.clone());
+            std::thread::spawn(move || {
+                model
+                    .generate(&prompt, &params, |_| {
+                        let _ = first_tx.send(());
+                        true
+                    })
+                    .unwrap()
+                    .tokens
+            })
+        })
+        .collect();
+    let mut together = vec![waiter.join().unwrap()];
+    together.extend(others.into_iter().map(|t| t.join().unwrap()));
+    assert_eq!(together, alone);
+    let stats = model.batch_stats().unwrap();
+    assert!(stats.widest >= 2, "requests shared passes: {stats:?}");
+    assert!(stats.steps > stats.passes, "{stats:?}");
+}
+
+/// A request that could never fit the KV budget is refused before it starts, with the
+/// limits; requests that do not fit beside each other take turns; a caller that stops frees
+/// its slot at once, and one that stops while waiting for a slot never takes one.
+#[test]
+fn the_kv_budget_refuses_what_cannot_fit_and_callers_that_leave_free_their_room() {
+    let (_dir, model) = tiny_q4(BatchLimits {
+        slots: 2,
+        // 200 positions: 2 blocks × keys and values × 2 heads of 16 × 4 bytes each.
+        kv_bytes: 200 * 2 * 2 * 32 * 4,
+        prefill_chunk: 64,
+    });
+    let with_max = |max_tokens| GenerateParams {
+        max_tokens,
+        ..Default::default()
+    };
+    match model.generate(CHAT, &with_max(400), |_| true) {
+        Err(MlError::Input(why)) => {
+            assert!(
+                why.contains("KV cache") && why.contains("200 positions"),
+                "{why}"
+            )
+        }
+        other => panic!("must be refused: {other:?}"),
+    }
+    // Told to fit, it fits the budget instead.
+    let fitted = GenerateParams {
+        fit_context: true,
+        ..with_max(400)
+    };
+    let fit = model.generate(CHAT, &fitted, |_| true).unwrap();
+    assert!(fit.prompt_tokens + fit.tokens.len() <= 200);
+
+    // Two that need 170 positions each take turns, however they arrive.
+    let before = model.batch_stats().unwrap();
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            let model = model.clone();
+            std::thread::spawn(move || model.generate(CHAT, &with_max(150), |_| true).unwrap())
+        })
+        .collect();
+    let both: Vec<_> = both.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(both[0].tokens, both[1].tokens);
+    assert!(both[0].tokens.len() > 100, "{}", both[0].tokens.len());
+    let after = model.batch_stats().unwrap();
+    assert_eq!(after.widest, 1, "they never shared a pass: {after:?}");
+    let alone_passes = (after.passes - before.passes) / 2;
+
+    // A caller that stops after two pieces: its request leaves the batch within a pass or
+    // two, not at its 150th token.
+    let mut seen = 0;
+    let cut = model
+        .generate(CHAT, &with_max(150), |_| {
+            seen += 1;
+            seen < 2
+        })
+        .unwrap();
+    assert!(cut.tokens.len() < 10, "{}", cut.tokens.len());
+    let full = model.generate(CHAT, &with_max(150), |_| true).unwrap();
+    assert_eq!(full.tokens[..cut.tokens.len()], cut.tokens[..]);
+    let cut_passes = model.batch_stats().unwrap().passes - alone_passes - after.passes;
+    assert!(
+        cut_passes <= cut.tokens.len() as u64 + 4,
+        "the cut request ran {cut_passes} passes for {} tokens",
+        cut.tokens.len()
+    );
+
+    // One whose caller has stopped before it got a slot never runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let before = model.batch_stats().unwrap();
+    let stopped =
+        model.generate_watching(CHAT, &with_max(150), &Default::default(), &stop, |_, _| {
+            true
+        });
+    assert!(matches!(stopped, Err(MlError::Stopped)), "{stopped:?}");
+    assert_eq!(model.batch_stats().unwrap().passes, before.passes);
 }

@@ -1207,6 +1207,7 @@ impl Inference {
             prompt_tokens: prompt_tokens as usize,
             finish_reason,
             prompt_ms: result.timings.prefill_ms,
+            waited_ms: 0.0,
             decode_ms: result.timings.decode_ms,
         })
     }
@@ -1332,6 +1333,7 @@ impl Inference {
                 prompt_tokens: prompt_tokens as usize,
                 finish_reason,
                 prompt_ms: 0.0,
+                waited_ms: 0.0,
                 decode_ms: 0.0,
             },
             worker: checked.worker,

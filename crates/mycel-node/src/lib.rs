@@ -84,6 +84,8 @@ pub struct NodeConfig {
     pub engine: Engine,
     /// Requests that may wait or run at once before more are refused.
     pub max_queue: usize,
+    /// How much a generation model on the q4 engine decodes at once.
+    pub batch: mycel_ml::BatchLimits,
     /// How inference tasks are routed.
     pub router: RouterConfig,
     /// How blobs are kept, served and fetched.
@@ -151,6 +153,7 @@ impl NodeConfig {
             models: Vec::new(),
             preloaded: Vec::new(),
             engine: Engine::default(),
+            batch: mycel_ml::BatchLimits::default(),
             max_queue: models::DEFAULT_MAX_QUEUE,
             router: RouterConfig::default(),
             blobs: BlobConfig::default(),
@@ -223,12 +226,12 @@ impl Node {
         let token = mycel_store::load_or_create_token(&dir)?;
         let store = Arc::new(Store::open(&dir)?);
         let paths = config.models.clone();
-        let (engine, max_queue) = (config.engine, config.max_queue.max(1));
+        let (engine, max_queue, batch) = (config.engine, config.max_queue.max(1), config.batch);
         let mut served = config.preloaded.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             paths
                 .iter()
-                .map(|path| models::load_model(path, engine))
+                .map(|path| models::load_model_with(path, engine, batch))
                 .collect::<anyhow::Result<Vec<_>>>()
         })
         .await
@@ -360,6 +363,7 @@ impl Node {
                 config.engine,
                 config.serve_on_demand,
             )
+            .batching(config.batch)
             .allowing(config.on_demand_allow.clone())
             .with_quota(config.on_demand_quota)
             .remembering(store.clone()),

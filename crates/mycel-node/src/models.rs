@@ -1,6 +1,8 @@
 //! The models this node serves and the bounded queue they run behind.
 //!
-//! Models run one at a time on blocking threads (candle uses every core for one forward pass).
+//! Models run one at a time on blocking threads (candle uses every core for one forward pass),
+//! except generations on the q4 engine: those go to the model's batch thread at once, which
+//! decodes every one that runs together in shared passes (`mycel_ml::BatchLimits`).
 //! At most `max_queue` requests wait or run; past that a request is refused at once, so a
 //! router can go elsewhere instead of queueing behind a busy node.
 
@@ -11,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use mycel_core::queue::{QueueShares, Requester};
 use mycel_core::statement::{ModelKind, ModelOffer};
-use mycel_ml::{Embedder, Engine, GenerateParams, Generation, Generator, MlError, Resume};
+use mycel_ml::{
+    BatchLimits, Embedder, Engine, GenerateParams, Generation, Generator, MlError, Resume,
+};
 use mycel_net::PeerId;
 
 use tokio::sync::{mpsc, Semaphore};
@@ -124,10 +128,15 @@ pub struct ModelService {
 /// model.safetensors and tokenizer.json an embedding model.
 /// `hf:ORG/REPO[/FILE]` is fetched from the Hugging Face hub first.
 pub fn load_model(path: &Path, engine: Engine) -> anyhow::Result<Served> {
+    load_model_with(path, engine, BatchLimits::default())
+}
+
+/// [`load_model`], a generation model on the q4 engine decoding within `batch`.
+pub fn load_model_with(path: &Path, engine: Engine, batch: BatchLimits) -> anyhow::Result<Served> {
     let name = path.to_string_lossy();
     if mycel_ml::hub::is_hub_name(&name) {
         let local = mycel_ml::hub::fetch(&name)?;
-        let mut served = load_model(&local, engine)?;
+        let mut served = load_model_with(&local, engine, batch)?;
         if local.is_dir() {
             // The snapshot folder is named by commit: call the model by its repository.
             served.offer.name = name
@@ -141,7 +150,7 @@ pub fn load_model(path: &Path, engine: Engine) -> anyhow::Result<Served> {
     }
     let what = || format!("cannot load the model at {}", path.display());
     if path.is_file() {
-        let generator = Generator::load(path, engine).with_context(what)?;
+        let generator = Generator::load_with(path, engine, batch).with_context(what)?;
         Ok(Served {
             offer: ModelOffer {
                 id: generator.id(),
@@ -266,22 +275,28 @@ impl ModelService {
         })
     }
 
-    /// Runs `work` on a blocking thread when its turn comes; returns its result and how long
+    /// Runs `work` on a blocking thread when its turn comes (at once when it does not need
+    /// the cores to itself: it hands its work to a batch); returns its result and how long
     /// it waited for its turn, in milliseconds. If the caller stops waiting (the client went
     /// away), `work` is told through the flag it is given and its places are released only
     /// when it has returned.
     async fn run<T: Send + 'static>(
         &self,
         admission: Admission,
-        work: impl FnOnce(&AtomicBool) -> Result<T, MlError> + Send + 'static,
+        alone: bool,
+        work: impl FnOnce(&Arc<AtomicBool>) -> Result<T, MlError> + Send + 'static,
     ) -> Result<(T, f64), RunError> {
         let queued = std::time::Instant::now();
-        let turn = self
-            .worker
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| RunError::Busy(self.queue_places()))?;
+        let turn = match alone {
+            true => Some(
+                self.worker
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| RunError::Busy(self.queue_places()))?,
+            ),
+            false => None,
+        };
         let cancelled = Arc::new(AtomicBool::new(false));
         let _cancel_on_drop = CancelOnDrop(cancelled.clone());
         let queue_ms = queued.elapsed().as_secs_f64() * 1e3;
@@ -304,7 +319,8 @@ impl ModelService {
         model: Arc<Embedder>,
         texts: Vec<String>,
     ) -> Result<((Vec<Vec<f32>>, usize), f64), RunError> {
-        self.run(admission, move |_| model.embed(&texts)).await
+        self.run(admission, true, move |_| model.embed(&texts))
+            .await
     }
 
     /// Generates with `model`, picking up after `resume`; text goes to `stream` as it is
@@ -319,25 +335,32 @@ impl ModelService {
         resume: Resume,
         stream: Option<mpsc::Sender<Piece>>,
     ) -> Result<(Generation, f64), RunError> {
-        self.run(admission, move |cancelled| {
-            let mut sent = resume.tokens.len();
-            model.generate_from(&prompt, &params, &resume, |text, tokens| {
-                if text.is_empty() {
-                    // No text yet: its tokens go with the next piece.
-                    return !cancelled.load(Ordering::Relaxed);
-                }
-                let piece = Piece {
-                    text: text.to_owned(),
-                    tokens: tokens[sent.min(tokens.len())..].to_vec(),
-                };
-                sent = tokens.len();
-                !cancelled.load(Ordering::Relaxed)
-                    && stream
-                        .as_ref()
-                        .is_none_or(|tx| tx.blocking_send(piece).is_ok())
+        let alone = model.batch_limits().is_none();
+        let result = self
+            .run(admission, alone, move |cancelled| {
+                let mut sent = resume.tokens.len();
+                model.generate_watching(&prompt, &params, &resume, cancelled, |text, tokens| {
+                    if text.is_empty() {
+                        // No text yet: its tokens go with the next piece.
+                        return !cancelled.load(Ordering::Relaxed);
+                    }
+                    let piece = Piece {
+                        text: text.to_owned(),
+                        tokens: tokens[sent.min(tokens.len())..].to_vec(),
+                    };
+                    sent = tokens.len();
+                    !cancelled.load(Ordering::Relaxed)
+                        && stream
+                            .as_ref()
+                            .is_none_or(|tx| tx.blocking_send(piece).is_ok())
+                })
             })
+            .await;
+        // The wait for a slot in the model's batch is queueing too.
+        result.map(|(generation, queued)| {
+            let waited = generation.waited_ms;
+            (generation, queued + waited)
         })
-        .await
     }
 }
 

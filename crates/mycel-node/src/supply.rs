@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mycel_core::id::ContentId;
-use mycel_ml::Engine;
+use mycel_ml::{BatchLimits, Engine};
 use mycel_net::NetHandle;
 use mycel_store::Store;
 use tokio::sync::watch;
@@ -53,6 +53,8 @@ pub struct ModelSupply {
     extra: system::Extra,
     models_dir: PathBuf,
     engine: Engine,
+    /// How much generation models decode at once.
+    batch: BatchLimits,
     on_demand: bool,
     /// The only ids served on demand (empty: any).
     allowed: Vec<ContentId>,
@@ -91,6 +93,7 @@ impl ModelSupply {
             extra,
             models_dir: data_dir.join("models"),
             engine,
+            batch: BatchLimits::default(),
             on_demand,
             allowed: Vec::new(),
             demands: Mutex::new(HashMap::new()),
@@ -173,7 +176,14 @@ impl ModelSupply {
     /// Loads the model at `path` and serves it from now on: announced, provided in the DHT,
     /// run for local and remote tasks, its files published as a blob. Returns its id.
     pub async fn serve(&self, path: PathBuf, engine: Engine) -> anyhow::Result<ContentId> {
-        self.serve_loaded(load(path, engine).await?).await
+        self.serve_loaded(load(path, engine, self.batch).await?)
+            .await
+    }
+
+    /// Generation models it loads decode within `limits`.
+    pub fn batching(mut self, limits: BatchLimits) -> Self {
+        self.batch = limits;
+        self
     }
 
     /// Serves a model already loaded (see [`ModelSupply::serve`]).
@@ -411,7 +421,7 @@ impl ModelSupply {
         // releases, never pinned blobs nothing accounts for.
         let outcome = async {
             self.reserve(id).await?;
-            let served = load(path.clone(), self.engine).await?;
+            let served = load(path.clone(), self.engine, self.batch).await?;
             anyhow::ensure!(
                 served.offer.id == id,
                 "the blob {id} holds the model {}, not {id}",
@@ -606,8 +616,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Loads the model at `path` on the blocking pool.
-async fn load(path: PathBuf, engine: Engine) -> anyhow::Result<models::Served> {
-    tokio::task::spawn_blocking(move || models::load_model(&path, engine)).await?
+async fn load(path: PathBuf, engine: Engine, batch: BatchLimits) -> anyhow::Result<models::Served> {
+    tokio::task::spawn_blocking(move || models::load_model_with(&path, engine, batch)).await?
 }
 
 /// The blob `id` and, when it is a manifest, the files it lists.

@@ -445,10 +445,13 @@ async fn sentence_transformers(
         .context("sentence-transformers printed no rate")
 }
 
-/// How a llama-bench binary was built: the `llama-bench.build` record beside it
+/// How a llama.cpp binary was built: the `<name>.build` record beside it
 /// (`scripts/build-llama-bench.sh` writes it). A comparison with an unknown build is refused.
-fn llama_build(bin: &std::path::Path) -> anyhow::Result<String> {
-    let record = bin.with_file_name("llama-bench.build");
+pub(crate) fn llama_build(bin: &std::path::Path) -> anyhow::Result<String> {
+    let name = bin
+        .file_name()
+        .map_or("llama-bench".into(), |n| n.to_string_lossy());
+    let record = bin.with_file_name(format!("{name}.build"));
     let text = std::fs::read_to_string(&record).with_context(|| {
         format!(
             "{} has no build record ({}): build it with `bash scripts/build-llama-bench.sh`, \

@@ -13,6 +13,7 @@ mod nat;
 mod net;
 mod partition;
 mod secagg;
+mod serve;
 
 use clap::Subcommand;
 
@@ -31,6 +32,11 @@ pub(crate) enum BenchCommand {
     /// The reference models on this machine: embeddings (beside sentence-transformers when
     /// given --python) and SmolLM2 prompt processing and decoding.
     Inference(inference::InferenceBenchArgs),
+    /// Many chat users at once against one node serving a GGUF (continuous batching),
+    /// beside llama.cpp's llama-server --parallel N on the same file when given
+    /// --llama-server: aggregate tokens per second, latency and time to the first token per
+    /// concurrency level.
+    Serve(serve::ServeBenchArgs),
     /// Serving nodes killed while a client sends requests through a gateway node: every
     /// request must succeed; latency before, during and after.
     Failover(failover::FailoverBenchArgs),
@@ -68,6 +74,7 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Nat(args) => nat::run(args).await,
         BenchCommand::Partition(args) => partition::run(args).await,
         BenchCommand::Inference(args) => inference::run(args).await,
+        BenchCommand::Serve(args) => serve::run(args).await,
         BenchCommand::Failover(args) => failover::run(args).await,
         BenchCommand::Blobs(args) => blobs::run(args).await,
         BenchCommand::Fl(args) => fl::run(args).await,

@@ -1,0 +1,403 @@
+//! Continuous batching for the q4 engine: one thread per model owns the decoder and runs every
+//! request that is decoding at once through each forward pass.
+//!
+//! A request joins between steps, when a slot is free and its whole context (prompt and
+//! answer, at most) fits in what is left of the KV budget; it leaves at its last token, or
+//! as soon as its caller stops listening. A newcomer's prompt is read in chunks of at most
+//! [`BatchLimits::prefill_chunk`] tokens per step beside the others' next tokens, so a long
+//! prompt holds the running answers back by one chunk's time per step, not the prompt's.
+//! Each request samples with its own seeded sampler, and each row's arithmetic in a pass is
+//! the arithmetic it gets alone (see [`crate::llama`]): an answer is the same tokens whatever
+//! else was running.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+
+use crate::llama::{KvCache, Llama, Step};
+use crate::MlError;
+
+/// How much a model decodes at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Requests decoding together, at most; more wait for a slot.
+    pub slots: usize,
+    /// Bytes of KV cache the requests decoding together may hold; a request is given room for
+    /// its prompt and its longest answer when it starts, and one that needs more than all of
+    /// it is refused.
+    pub kv_bytes: usize,
+    /// Prompt tokens read per step, at most, across newcomers.
+    pub prefill_chunk: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self {
+            slots: 8,
+            kv_bytes: 1 << 30,
+            prefill_chunk: 128,
+        }
+    }
+}
+
+/// One generation for the batch: read `context`, then sample up to `max_new` tokens.
+pub(crate) struct Request {
+    /// The prompt's tokens, then any tokens generated earlier (a resumed generation).
+    pub(crate) context: Vec<u32>,
+    /// Sampler draws to make before the first new token (one per resumed token).
+    pub(crate) replay: usize,
+    pub(crate) seed: u64,
+    pub(crate) sampling: Sampling,
+    pub(crate) max_new: usize,
+    /// Tokens that end the answer (it ends after sending one).
+    pub(crate) ends: Vec<u32>,
+    pub(crate) events: Sender<Event>,
+    /// Set by the caller when it stops listening: the request leaves at the next step.
+    pub(crate) gone: Arc<AtomicBool>,
+}
+
+/// What the batch sends a request's caller.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// It has a slot: its prompt is being read.
+    Admitted,
+    /// The next token.
+    Token(u32),
+    /// The generation failed.
+    Failed(String),
+}
+
+/// What a model's batch thread has done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Forward passes.
+    pub passes: u64,
+    /// Requests' steps in them (a pass of 3 requests counts 3).
+    pub steps: u64,
+    /// The most requests one pass has carried.
+    pub widest: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    passes: AtomicU64,
+    steps: AtomicU64,
+    widest: AtomicU64,
+}
+
+/// The handle to a model's batch thread.
+pub(crate) struct Batcher {
+    requests: Sender<Request>,
+    limits: BatchLimits,
+    bytes_per_position: usize,
+    /// Token ids the model reads.
+    vocab: usize,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Batcher {
+    /// Starts the batch thread for `model`.
+    pub(crate) fn start(model: Llama, limits: BatchLimits) -> std::io::Result<Self> {
+        let (requests, incoming) = mpsc::channel();
+        let bytes_per_position = model.kv_bytes_per_position();
+        let vocab = model.vocab();
+        let limits = BatchLimits {
+            slots: limits.slots.max(1),
+            prefill_chunk: limits.prefill_chunk.max(1),
+            ..limits
+        };
+        let counters = Arc::new(Counters::default());
+        let counting = counters.clone();
+        std::thread::Builder::new()
+            .name("mycel-batch".into())
+            .spawn(move || run(model, limits, incoming, &counting))?;
+        Ok(Self {
+            requests,
+            limits,
+            bytes_per_position,
+            vocab,
+            counters,
+        })
+    }
+
+    /// What it has done so far.
+    pub(crate) fn stats(&self) -> BatchStats {
+        BatchStats {
+            passes: self.counters.passes.load(Ordering::Relaxed),
+            steps: self.counters.steps.load(Ordering::Relaxed),
+            widest: self.counters.widest.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The limits it runs under.
+    pub(crate) fn limits(&self) -> BatchLimits {
+        self.limits
+    }
+
+    /// The most positions the KV budget holds (one request's, at most).
+    pub(crate) fn positions(&self) -> usize {
+        self.limits.kv_bytes / self.bytes_per_position.max(1)
+    }
+
+    /// Whether a request of `positions` positions can ever run: `Err` says why not.
+    fn check(&self, positions: usize) -> Result<(), String> {
+        let need = positions.saturating_mul(self.bytes_per_position);
+        if need > self.limits.kv_bytes {
+            let mib = |bytes: usize| bytes as f64 / f64::from(1 << 20);
+            return Err(format!(
+                "the prompt and max_tokens need {positions} positions of KV cache \
+                 ({:.1} MiB); this node gives the model {:.1} MiB ({} positions) for all its \
+                 requests together: shorten the prompt or lower max_tokens",
+                mib(need),
+                mib(self.limits.kv_bytes),
+                self.limits.kv_bytes / self.bytes_per_position.max(1)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queues `request`; its events come on the sender it names.
+    pub(crate) fn submit(&self, request: Request) -> Result<(), MlError> {
+        if request.context.is_empty() || request.max_new == 0 {
+            return Err(MlError::Input("nothing to read or nothing to make".into()));
+        }
+        if request.context.iter().any(|t| *t as usize >= self.vocab) {
+            return Err(MlError::Input(format!(
+                "a token id is outside the model's vocabulary of {}",
+                self.vocab
+            )));
+        }
+        self.check(request.context.len() + request.max_new)
+            .map_err(MlError::Input)?;
+        self.requests.send(request).map_err(|_| {
+            MlError::Run(
+                "the model's batch thread has stopped (see the node's log); reload the model"
+                    .into(),
+            )
+        })
+    }
+}
+
+/// A request in the batch.
+struct Sequence {
+    cache: KvCache,
+    /// Tokens still to read: the rest of the prompt, or the last sampled token.
+    feed: Vec<u32>,
+    pos: usize,
+    sampler: LogitsProcessor,
+    made: usize,
+    max_new: usize,
+    ends: Vec<u32>,
+    events: Sender<Event>,
+    gone: Arc<AtomicBool>,
+    /// Positions set aside for it.
+    positions: usize,
+}
+
+impl Sequence {
+    fn new(request: Request, model: &Llama) -> Result<Self, (Sender<Event>, String)> {
+        let positions = request.context.len() + request.max_new;
+        let mut sampler = LogitsProcessor::from_sampling(request.seed, request.sampling);
+        if request.replay > 0 {
+            let one = match Tensor::new(&[0f32], &Device::Cpu) {
+                Ok(one) => one,
+                Err(e) => return Err((request.events, e.to_string())),
+            };
+            for _ in 0..request.replay {
+                if let Err(e) = sampler.sample(&one) {
+                    return Err((request.events, e.to_string()));
+                }
+            }
+        }
+        if request.events.send(Event::Admitted).is_err() {
+            return Err((request.events, "the caller has gone".into()));
+        }
+        Ok(Self {
+            // All of its room at once: what the budget counts is what it holds.
+            cache: model.kv_cache(positions),
+            feed: request.context,
+            pos: 0,
+            sampler,
+            made: 0,
+            max_new: request.max_new,
+            ends: request.ends,
+            events: request.events,
+            gone: request.gone,
+            positions,
+        })
+    }
+
+    /// Samples from `logits` and sends the token; whether the sequence goes on.
+    fn next(&mut self, logits: Vec<f32>) -> bool {
+        let vocab = logits.len();
+        let token = Tensor::from_vec(logits, vocab, &Device::Cpu)
+            .and_then(|logits| self.sampler.sample(&logits));
+        let token = match token {
+            Ok(token) => token,
+            Err(e) => {
+                let _ = self.events.send(Event::Failed(e.to_string()));
+                return false;
+            }
+        };
+        self.made += 1;
+        if self.events.send(Event::Token(token)).is_err() {
+            // The caller stopped listening: the slot is free at once.
+            return false;
+        }
+        if self.ends.contains(&token) || self.made >= self.max_new {
+            return false;
+        }
+        self.feed = vec![token];
+        true
+    }
+}
+
+/// Serves the batch until every handle is gone. A panic fails the requests in the batch and
+/// waiting (their callers see their channel close) and the batch starts again.
+fn run(mut model: Llama, limits: BatchLimits, incoming: Receiver<Request>, counters: &Counters) {
+    loop {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve(&mut model, limits, &incoming, counters)
+        }));
+        match served {
+            Ok(()) => return,
+            Err(_) => tracing::error!("the batch thread panicked; its requests failed"),
+        }
+    }
+}
+
+fn serve(
+    model: &mut Llama,
+    limits: BatchLimits,
+    incoming: &Receiver<Request>,
+    counters: &Counters,
+) {
+    let budget = limits.kv_bytes / model.kv_bytes_per_position().max(1);
+    let mut waiting: VecDeque<Request> = VecDeque::new();
+    let mut active: Vec<Sequence> = Vec::new();
+    let mut reserved = 0usize;
+    let mut open = true;
+    loop {
+        if active.is_empty() && waiting.is_empty() {
+            if !open {
+                return;
+            }
+            match incoming.recv() {
+                Ok(request) => waiting.push_back(request),
+                Err(_) => return,
+            }
+        }
+        while open {
+            match incoming.try_recv() {
+                Ok(request) => waiting.push_back(request),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        // Callers that stopped listening free their slots and places now.
+        waiting.retain(|r| !r.gone.load(Ordering::Relaxed));
+        active.retain(|s| {
+            let gone = s.gone.load(Ordering::Relaxed);
+            if gone {
+                reserved -= s.positions;
+            }
+            !gone
+        });
+        // Newcomers in order of arrival, while a slot and their room are free.
+        while active.len() < limits.slots {
+            let Some(request) = waiting.front() else {
+                break;
+            };
+            let positions = request.context.len() + request.max_new;
+            if reserved + positions > budget && !active.is_empty() {
+                break;
+            }
+            let request = waiting.pop_front().expect("a front");
+            match Sequence::new(request, model) {
+                Ok(sequence) => {
+                    reserved += sequence.positions;
+                    active.push(sequence);
+                }
+                Err((events, e)) => {
+                    let _ = events.send(Event::Failed(e));
+                }
+            }
+        }
+        if active.is_empty() {
+            continue;
+        }
+        // This step: every decoding request's next token, and prompt chunks within the
+        // step's budget, oldest newcomer first.
+        let mut chunk = limits.prefill_chunk;
+        let take: Vec<usize> = active
+            .iter()
+            .map(|s| {
+                if s.feed.len() <= 1 {
+                    s.feed.len()
+                } else {
+                    let n = s.feed.len().min(chunk);
+                    chunk -= n;
+                    n
+                }
+            })
+            .collect();
+        let mut steps: Vec<Step<'_>> = active
+            .iter_mut()
+            .zip(&take)
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, n)| Step {
+                cache: &mut s.cache,
+                tokens: &s.feed[..*n],
+                pos: s.pos,
+            })
+            .collect();
+        let width = steps.len() as u64;
+        counters.passes.fetch_add(1, Ordering::Relaxed);
+        counters.steps.fetch_add(width, Ordering::Relaxed);
+        counters.widest.fetch_max(width, Ordering::Relaxed);
+        let pass = model.forward_batch(&mut steps);
+        drop(steps);
+        let mut logits = match pass {
+            Ok(logits) => logits.into_iter(),
+            Err(e) => {
+                let why = e.to_string();
+                tracing::error!("a batched forward pass failed: {why}");
+                for s in active.drain(..) {
+                    let _ = s.events.send(Event::Failed(why.clone()));
+                }
+                reserved = 0;
+                continue;
+            }
+        };
+        let mut kept = Vec::with_capacity(active.len());
+        for (mut s, n) in active.drain(..).zip(take) {
+            let mut going = true;
+            if n > 0 {
+                let row = logits.next().expect("a row of logits per step");
+                s.pos += n;
+                s.feed.drain(..n);
+                if s.feed.is_empty() {
+                    going = s.next(row);
+                }
+            }
+            if going {
+                kept.push(s);
+            } else {
+                reserved -= s.positions;
+            }
+        }
+        active = kept;
+    }
+}
