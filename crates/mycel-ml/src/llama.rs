@@ -19,7 +19,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
 use crate::pool::SpinPool;
-use crate::qmatmul::{self, QMatrix};
+use crate::qmatmul::{self, QMatrix, Rows};
 
 // Longest sequence the rotary tables cover: the limit `Generator` enforces for every engine.
 use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
@@ -312,7 +312,6 @@ impl Llama {
             .flat_map(|t| self.embed.row(*t as usize))
             .collect();
         let width = (heads + 2 * kv_heads) * head_dim;
-        let mut scores = Vec::new();
         for b in 0..self.blocks.len() {
             let block = &self.blocks[b];
             let h = rms_norm(&x, &block.attn_norm, self.eps);
@@ -324,8 +323,6 @@ impl Llama {
                 }
             }
             let block = &self.blocks[b];
-            // Attention, causal: position pos + i sees positions 0..=pos + i of its sequence.
-            let mut y = vec![0f32; rows * heads * head_dim];
             for (step, start) in steps.iter_mut().zip(&starts) {
                 let (keys, values) = (&mut step.cache.keys[b], &mut step.cache.values[b]);
                 keys.truncate(step.pos * kv_dim);
@@ -335,33 +332,61 @@ impl Llama {
                     keys.extend_from_slice(&row[heads * head_dim..][..kv_dim]);
                     values.extend_from_slice(&row[(heads + kv_heads) * head_dim..][..kv_dim]);
                 }
-                for i in 0..step.tokens.len() {
-                    let seen = step.pos + i + 1;
-                    for head in 0..heads {
-                        let kv = head / group;
-                        let q = &own[i * width + head * head_dim..][..head_dim];
-                        scores.clear();
-                        scores.extend((0..seen).map(|t| {
-                            let k = &keys[t * kv_dim + kv * head_dim..][..head_dim];
-                            dot(q, k) * scale
-                        }));
-                        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut total = 0f32;
-                        for s in scores.iter_mut() {
-                            *s = (*s - max).exp();
-                            total += *s;
-                        }
-                        let out = &mut y[((start + i) * heads + head) * head_dim..][..head_dim];
-                        for (t, w) in scores.iter().enumerate() {
-                            let v = &values[t * kv_dim + kv * head_dim..][..head_dim];
-                            let w = w / total;
-                            for (o, v) in out.iter_mut().zip(v) {
-                                *o += w * v;
-                            }
+            }
+            // Attention, causal: position pos + i sees positions 0..=pos + i of its sequence.
+            // Each (row, head) is one unit, computed alone whichever thread takes it; the
+            // units are shared among the pool's threads.
+            let mut y = vec![0f32; rows * heads * head_dim];
+            let out = Rows(y.as_mut_ptr());
+            let seqs: Vec<(&[f32], &[f32], usize, usize)> = steps
+                .iter()
+                .zip(&starts)
+                .map(|(s, start)| (&s.cache.keys[b][..], &s.cache.values[b][..], s.pos, *start))
+                .collect();
+            let row_seq: Vec<usize> = seqs
+                .iter()
+                .enumerate()
+                .flat_map(|(k, (_, _, _, start))| {
+                    let n = starts.get(k + 1).copied().unwrap_or(rows) - start;
+                    std::iter::repeat_n(k, n)
+                })
+                .collect();
+            let qkv = &qkv;
+            let attend = |part: usize, parts: usize| {
+                let units = rows * heads;
+                let mut scores = Vec::new();
+                for unit in units * part / parts..units * (part + 1) / parts {
+                    let (row, head) = (unit / heads, unit % heads);
+                    let (keys, values, pos, start) = seqs[row_seq[row]];
+                    let seen = pos + (row - start) + 1;
+                    let kv = head / group;
+                    let q = &qkv[row * width + head * head_dim..][..head_dim];
+                    scores.clear();
+                    scores.extend((0..seen).map(|t| {
+                        let k = &keys[t * kv_dim + kv * head_dim..][..head_dim];
+                        dot(q, k) * scale
+                    }));
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut total = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    // SAFETY: each unit is taken by one part, and its head's range of its row
+                    // lies inside `y`.
+                    let out = unsafe { out.slice(unit * head_dim, head_dim) };
+                    for (t, w) in scores.iter().enumerate() {
+                        let v = &values[t * kv_dim + kv * head_dim..][..head_dim];
+                        let w = w / total;
+                        for (o, v) in out.iter_mut().zip(v) {
+                            *o += w * v;
                         }
                     }
                 }
-            }
+            };
+            let parts = self.pool.parts();
+            self.pool.run(&|part| attend(part, parts));
+            drop(seqs);
             let attended = block.out.matmul_on(&y, rows, &mut self.pool);
             x.iter_mut().zip(&attended).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &block.ffn_norm, self.eps);

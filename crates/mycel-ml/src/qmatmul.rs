@@ -283,47 +283,53 @@ impl QMatrix {
         let input = Input::quantize(x);
         let blocks = self.blocks_per_row();
         let groups = n.div_ceil(GROUP);
-        // Row-major (rows, m): a group of rows is read from memory once and stays in cache
-        // while it meets every input, each with the single-input arithmetic, so a token's
-        // outputs do not depend on whether it came alone or with a prompt, nor on how the
-        // groups are shared among threads.
-        let mut transposed = vec![0f32; n * m];
-        let out = Rows(transposed.as_mut_ptr());
+        // A group of rows is read from memory once and stays in cache while it meets every
+        // input, each with the single-input arithmetic, so a token's outputs do not depend on
+        // whether it came alone or with a prompt, nor on how the groups are shared among
+        // threads.
+        let mut result = vec![0f32; m * n];
+        let out = Rows(result.as_mut_ptr());
         let groups_of = |part: usize, parts: usize| {
             let range = groups * part / parts..groups * (part + 1) / parts;
             let mut group = [0f32; GROUP];
+            let mut wide = [[0f32; GROUP]; WIDE];
             for g in range {
                 let rows = GROUP.min(n - g * GROUP);
-                // SAFETY: parts cover disjoint groups, and a group's rows lie inside `n`.
-                let outputs = unsafe { out.slice(g * GROUP * m, rows * m) };
-                for j in 0..m {
-                    kernel(self, g, &input, j * blocks, &mut group);
-                    for (i, v) in group.iter().take(rows).enumerate() {
-                        outputs[i * m + j] = *v;
+                let mut j = 0;
+                if let Some(kernel) = kernel.wide {
+                    while j + WIDE <= m {
+                        let firsts = std::array::from_fn(|i| (j + i) * blocks);
+                        kernel(self, g, &input, firsts, &mut wide);
+                        for (i, group) in wide.iter().enumerate() {
+                            // SAFETY: as below.
+                            let outputs = unsafe { out.slice((j + i) * n + g * GROUP, rows) };
+                            outputs.copy_from_slice(&group[..rows]);
+                        }
+                        j += WIDE;
                     }
+                }
+                for j in j..m {
+                    (kernel.one)(self, g, &input, j * blocks, &mut group);
+                    // SAFETY: parts cover disjoint groups, so input j's outputs of group g
+                    // (inside row j of the (m, n) result) are written by this part alone.
+                    let outputs = unsafe { out.slice(j * n + g * GROUP, rows) };
+                    outputs.copy_from_slice(&group[..rows]);
                 }
             }
         };
         let parts = pool.parts();
         pool.run(&|part| groups_of(part, parts));
-        if m == 1 {
-            return transposed;
-        }
-        let mut out = vec![0f32; m * n];
-        for (r, column) in transposed.chunks_exact(m).enumerate() {
-            for (j, v) in column.iter().enumerate() {
-                out[j * n + r] = *v;
-            }
-        }
-        out
+        result
     }
 }
 
-/// The output of a product, written by several threads at once, each to its own rows.
+/// An output written by several threads at once, each to its own ranges (a product's, or
+/// attention's in `crate::llama`).
 #[derive(Clone, Copy)]
-struct Rows(*mut f32);
+pub(crate) struct Rows(pub(crate) *mut f32);
 
-// SAFETY: the threads sharing it write disjoint ranges (see `QMatrix::matmul_with`).
+// SAFETY: the threads sharing it write disjoint ranges (see `QMatrix::matmul_with` and
+// `Llama::forward_batch`).
 unsafe impl Sync for Rows {}
 
 impl Rows {
@@ -332,7 +338,7 @@ impl Rows {
     /// # Safety
     /// The range lies inside the buffer, and no other thread touches it meanwhile.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+    pub(crate) unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(at), len)
     }
 }
@@ -416,7 +422,26 @@ impl Input {
 
 /// The rows of group `g` times the input whose blocks start at block `first`, written to
 /// `out` (padding rows give 0).
-type Kernel = fn(&QMatrix, usize, &Input, usize, &mut [f32; GROUP]);
+type One = fn(&QMatrix, usize, &Input, usize, &mut [f32; GROUP]);
+
+/// Inputs a wide kernel takes at once.
+const WIDE: usize = 4;
+
+/// [`One`] for [`WIDE`] inputs at once (each with the bits it gets alone).
+type Wide = fn(&QMatrix, usize, &Input, [usize; WIDE], &mut [[f32; GROUP]; WIDE]);
+
+/// A kernel: its one-input form, and a wide form where it has one.
+#[derive(Clone, Copy)]
+struct Kernel {
+    one: One,
+    wide: Option<Wide>,
+}
+
+impl Kernel {
+    const fn one(one: One) -> Self {
+        Self { one, wide: None }
+    }
+}
 
 /// Rows laid out and computed together: they share each load of the input.
 const GROUP: usize = 4;
@@ -458,13 +483,19 @@ fn kernels() -> Vec<(&'static str, Kernel)> {
     #[cfg(target_arch = "x86_64")]
     {
         if avx512::available() {
-            kernels.push(("avx512", avx512::group));
+            kernels.push((
+                "avx512",
+                Kernel {
+                    one: avx512::group,
+                    wide: Some(avx512::wide),
+                },
+            ));
         }
         if avx2::available() {
-            kernels.push(("avx2", avx2::group));
+            kernels.push(("avx2", Kernel::one(avx2::group)));
         }
     }
-    kernels.push(("scalar", kernel_scalar));
+    kernels.push(("scalar", Kernel::one(kernel_scalar)));
     kernels
 }
 
@@ -564,6 +595,12 @@ mod avx512 {
                 *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(lanes), *acc);
             }
         }
+        finish(&acc, msum, out);
+    }
+
+    /// A group's outputs from its pairs' accumulators and its rows' minimum terms.
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma,f16c")]
+    fn finish(acc: &[__m512; GROUP / 2], msum: __m128, out: &mut [f32; GROUP]) {
         let mut mins = [0f32; GROUP];
         // SAFETY: `mins` holds four floats; unaligned stores are allowed.
         unsafe { _mm_storeu_ps(mins.as_mut_ptr(), msum) };
@@ -575,6 +612,98 @@ mod avx512 {
             for (i, row) in rows.into_iter().enumerate() {
                 let k = 2 * p + i;
                 out[k] = super::avx2::reduce(row) + mins[k];
+            }
+        }
+    }
+
+    /// [`group_avx512`] for [`super::WIDE`] inputs at once, whose blocks start at `firsts`:
+    /// each block's weights are unpacked once for all of them, and each input meets them
+    /// with the very operations, in the very order, it meets them alone, so its bits are the
+    /// same.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+    fn wide_avx512<const Q4: bool>(
+        w: &QMatrix,
+        g: usize,
+        x: &Input,
+        firsts: [usize; super::WIDE],
+        out: &mut [[f32; GROUP]; super::WIDE],
+    ) {
+        let super::Layout {
+            blocks,
+            size,
+            quant,
+            values_at,
+        } = w.layout(g, x, firsts[0]);
+        for first in &firsts[1..] {
+            w.layout(g, x, *first);
+        }
+        let mut acc = [[_mm512_setzero_ps(); GROUP / 2]; super::WIDE];
+        let mut msum = [_mm_setzero_ps(); super::WIDE];
+        let nibble = _mm512_set1_epi16(0x0F);
+        let pick = [
+            _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+            _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
+        ];
+        for b in 0..blocks {
+            // SAFETY (every unchecked access below): `layout` checked the bounds of every
+            // input's blocks and the records of group g.
+            let record = unsafe { w.records.as_ptr().add((g * blocks + b) * size) };
+            let d = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(record.cast()) });
+            let m = match Q4 {
+                true => _mm_cvtph_ps(unsafe { _mm_loadl_epi64(record.add(8).cast()) }),
+                false => _mm_setzero_ps(),
+            };
+            let mut q = [(_mm512_setzero_si512(), _mm512_setzero_si512()); GROUP / 2];
+            for (p, q) in q.iter_mut().enumerate() {
+                let qp = unsafe { record.add(values_at + 2 * p * quant) };
+                *q = if Q4 {
+                    let v = _mm512_cvtepu8_epi16(unsafe { _mm256_loadu_si256(qp.cast()) });
+                    (_mm512_and_si512(v, nibble), _mm512_srli_epi16(v, 4))
+                } else {
+                    // SAFETY: the pair's two rows of 32 bytes lie in the record.
+                    unsafe { (q8_pair(qp, 0), q8_pair(qp, 16)) }
+                };
+            }
+            for (j, first) in firsts.iter().enumerate() {
+                let xb = first + b;
+                let (x0, x1, xscale, xsum) = unsafe {
+                    let xp = x.q.as_ptr().add(xb * BLOCK);
+                    (
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(xp.cast())),
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(xp.add(16).cast())),
+                        *x.scale.get_unchecked(xb),
+                        *x.sum.get_unchecked(xb),
+                    )
+                };
+                let scales = _mm512_castps128_ps512(_mm_mul_ps(d, _mm_set1_ps(xscale)));
+                if Q4 {
+                    msum[j] = _mm_fmadd_ps(m, _mm_set1_ps(xsum), msum[j]);
+                }
+                for (p, (q0, q1)) in q.iter().enumerate() {
+                    let lanes =
+                        _mm512_add_epi32(_mm512_madd_epi16(*q0, x0), _mm512_madd_epi16(*q1, x1));
+                    let scale = _mm512_permutexvar_ps(pick[p], scales);
+                    acc[j][p] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(lanes), acc[j][p]);
+                }
+            }
+        }
+        for ((acc, msum), out) in acc.iter().zip(&msum).zip(out.iter_mut()) {
+            finish(acc, *msum, out);
+        }
+    }
+
+    pub(super) fn wide(
+        w: &QMatrix,
+        g: usize,
+        x: &Input,
+        firsts: [usize; super::WIDE],
+        out: &mut [[f32; GROUP]; super::WIDE],
+    ) {
+        // SAFETY: as for `group`.
+        unsafe {
+            match w.format {
+                Format::Q4_1 => wide_avx512::<true>(w, g, x, firsts, out),
+                Format::Q8_0 => wide_avx512::<false>(w, g, x, firsts, out),
             }
         }
     }
@@ -746,7 +875,8 @@ mod tests {
     fn matches_the_dequantised_product_and_is_the_same_with_or_without_simd() {
         for format in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             // 70 rows: full groups of 4 and a partial one.
-            let (rows, cols, m) = (70, 96, 3);
+            // 6 inputs: a wide kernel's 4 at once and 2 alone.
+            let (rows, cols, m) = (70, 96, 6);
             let (q, w) = matrix(format, rows, cols);
             let dense = q.dequantize(&Device::Cpu).unwrap();
             let x = random(m * cols, 11);
@@ -841,7 +971,8 @@ mod tests {
                 .affine(1.0 + seed as f64 * 3.0, 0.0)
                 .unwrap();
             let w = QMatrix::from_qtensor(&QTensor::quantize(&w, format).unwrap()).unwrap();
-            let m = 1 + (seed as usize) % 3;
+            // Up to 9 inputs: wide kernels' groups of inputs and the ones left over.
+            let m = 1 + (seed as usize * 5) % 9;
             // Inputs from 1e-6 to 1e4 in size, a few exact zeros.
             let x: Vec<f32> = random(m * cols, seed + 100)
                 .iter()
@@ -854,7 +985,7 @@ mod tests {
                     }
                 })
                 .collect();
-            let scalar = w.matmul_with(&x, m, kernel_scalar, &mut SpinPool::new(1));
+            let scalar = w.matmul_with(&x, m, Kernel::one(kernel_scalar), &mut SpinPool::new(1));
             for (name, kernel) in &all {
                 let theirs = w.matmul_with(&x, m, *kernel, &mut SpinPool::new(1));
                 for (a, b) in theirs.iter().zip(&scalar) {
