@@ -1,5 +1,5 @@
 //! End to end: `mycel` processes on 127.0.0.1, one killed with SIGKILL and restarted, one
-//! frozen with SIGSTOP and resumed.
+//! frozen with SIGSTOP and resumed, a streaming worker frozen mid-answer.
 
 mod common;
 
@@ -218,4 +218,160 @@ fn cli_reports_bad_multiaddr_and_port_in_use_with_what_to_do() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is `mycel node` running?"), "{stderr}");
+}
+
+/// A worker frozen with SIGSTOP in the middle of a streamed answer: the gateway moves the
+/// stream to another worker once it has been quiet far beyond its own pace (1.5 s here, the
+/// floor of `mycel_core::pace`), not after the 10 s attempt timeout, and the client gets the
+/// text an uninterrupted run makes.
+#[test]
+fn a_stream_whose_worker_freezes_moves_to_another_within_seconds_with_the_same_text() {
+    use std::io::BufRead;
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("slow.gguf");
+    mycel_ml::fixtures::write_llama(&model, mycel_ml::fixtures::LlamaShape::SLOW).unwrap();
+    let prompt = "the cat sat on the mat";
+    let max_tokens = 800;
+    let expected = {
+        let local = mycel_ml::Generator::load(&model, mycel_ml::Engine::Q4).unwrap();
+        let chat = local
+            .chat_prompt(&[mycel_ml::ChatMessage {
+                role: "user".into(),
+                content: prompt.into(),
+            }])
+            .unwrap();
+        let params = mycel_ml::GenerateParams {
+            max_tokens,
+            ..Default::default()
+        };
+        local.generate(&chat, &params, |_| true).unwrap().text
+    };
+    assert!(expected.len() > 200, "a long answer: {}", expected.len());
+
+    let gateway_port = free_port();
+    let mut args = listen_args(gateway_port);
+    args.push("--trust-announced-names".into());
+    let api = format!("127.0.0.1:{}", free_port());
+    let gateway = spawn_node(&[], &root.path().join("g"), &api, &args);
+    wait_until(
+        Duration::from_secs(30),
+        "the gateway serves its API",
+        || gateway.peer_id().is_some(),
+    );
+    let boot = format!(
+        "/ip4/127.0.0.1/tcp/{gateway_port}/p2p/{}",
+        gateway.peer_id().unwrap()
+    );
+    let worker = |name: &str| {
+        let mut args = listen_args(free_port());
+        args.extend([
+            "--bootstrap".into(),
+            boot.clone(),
+            "--model".into(),
+            model.display().to_string(),
+        ]);
+        let api = format!("127.0.0.1:{}", free_port());
+        spawn_node(&[], &root.path().join(name), &api, &args)
+    };
+    let serving = |node: &NodeProcess| {
+        let Some(id) = node.peer_id() else {
+            return false;
+        };
+        gateway.get("/api/peers").is_some_and(|peers| {
+            peers.as_array().is_some_and(|peers| {
+                peers.iter().any(|p| {
+                    p["peer_id"] == id.as_str()
+                        && p["state"] == "alive"
+                        && p["capabilities"]["models"]
+                            .as_array()
+                            .is_some_and(|m| !m.is_empty())
+                })
+            })
+        })
+    };
+    let workers = [worker("p"), worker("q")];
+    wait_until(
+        Duration::from_secs(60),
+        "the gateway sees both workers' models",
+        || workers.iter().all(serving),
+    );
+
+    // The stream, read on a thread: each piece with when it came.
+    let token = std::fs::read_to_string(gateway.data_dir.join("api.token")).unwrap();
+    let url = format!("http://{}/v1/chat/completions", gateway.api);
+    let (began_tx, began_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut response = ureq::post(&url)
+            .header("Authorization", &format!("Bearer {}", token.trim()))
+            .send_json(serde_json::json!({
+                "model": "slow",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": true,
+            }))
+            .unwrap();
+        let mut pieces = Vec::new();
+        for line in std::io::BufReader::new(response.body_mut().as_reader()).lines() {
+            let line = line.unwrap();
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                break;
+            }
+            let event: serde_json::Value = serde_json::from_str(data).unwrap();
+            assert!(event.get("error").is_none(), "the stream failed: {event}");
+            if let Some(text) = event["choices"][0]["delta"]["content"].as_str() {
+                if !text.is_empty() {
+                    if pieces.is_empty() {
+                        let _ = began_tx.send(());
+                    }
+                    pieces.push((std::time::Instant::now(), text.to_owned()));
+                }
+            }
+        }
+        pieces
+    });
+    began_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the answer began");
+    // The worker streaming is the one burning CPU.
+    let cpu = |node: &NodeProcess| {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", node.child.id())).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        // utime + stime: fields 14 and 15 of the line, the 12th and 13th after the name.
+        let ticks = |i: usize| fields[i].parse::<u64>().unwrap();
+        ticks(11) + ticks(12)
+    };
+    let before: Vec<u64> = workers.iter().map(cpu).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let used: Vec<u64> = workers
+        .iter()
+        .zip(&before)
+        .map(|(w, b)| cpu(w) - b)
+        .collect();
+    let first = &workers[usize::from(used[1] > used[0])];
+    signal(first, "STOP");
+    let frozen = std::time::Instant::now();
+    let pieces = reader.join().unwrap();
+    signal(first, "CONT");
+    let text: String = pieces.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(text, expected, "the answer is the uninterrupted one");
+    let after: Vec<_> = pieces.iter().filter(|(at, _)| *at > frozen).collect();
+    assert!(!after.is_empty(), "the answer went on after the freeze");
+    let stall = after[0].0 - frozen;
+    eprintln!(
+        "the stream went on {} ms after its worker froze",
+        stall.as_millis()
+    );
+    // The floor (1.5 s), the second worker reading the prompt and the tokens so far (a debug
+    // build), and room for a loaded machine: well below the 10 s attempt timeout it waited
+    // before.
+    assert!(stall < Duration::from_secs(6), "stalled {stall:?}");
 }

@@ -48,6 +48,7 @@ pub mod id;
 pub mod inbound;
 pub mod membership;
 pub mod naming;
+pub mod pace;
 pub mod peering;
 pub mod probe;
 pub mod queue;

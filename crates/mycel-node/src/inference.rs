@@ -1823,12 +1823,25 @@ impl Inference {
             Ok(Err(e)) => return retry(format!("cannot send the task: {e}"), Fault::of_stream(&e)),
             Err(_) => return retry("sending the task timed out", Fault::Quiet),
         }
+        // A stream that has begun moves on when it goes quiet far beyond its own pace.
+        let begun = tokio::time::Instant::now();
+        let mut pace = mycel_core::pace::Pace::new(wait.as_millis() as u64);
         loop {
+            let quiet = Duration::from_millis(pace.wait_ms());
             let frame =
-                tokio::time::timeout(wait, read_frame::<TaskFrame>(&mut stream, MAX_FRAME_BYTES))
+                tokio::time::timeout(quiet, read_frame::<TaskFrame>(&mut stream, MAX_FRAME_BYTES))
                     .await;
             match frame {
-                Err(_) => return retry("the worker went quiet", Fault::Quiet),
+                Err(_) => {
+                    let why = match quiet < wait {
+                        true => format!(
+                            "the worker went quiet for {} ms, far beyond its stream's pace",
+                            quiet.as_millis()
+                        ),
+                        false => "the worker went quiet".to_owned(),
+                    };
+                    return retry(why, Fault::Quiet);
+                }
                 Ok(Ok(None)) => return retry("the worker closed the stream", Fault::Failed),
                 Ok(Err(FrameError::Io(e))) => {
                     return retry(format!("the stream failed: {e}"), Fault::of_stream(&e))
@@ -1841,6 +1854,7 @@ impl Inference {
                     );
                 }
                 Ok(Ok(Some(TaskFrame::Chunk { text, tokens }))) => {
+                    pace.piece(begun.elapsed().as_millis() as u64);
                     let Some(progress) = progress.as_deref_mut() else {
                         self.net.penalise(peer, Rejection::Malformed).await;
                         return retry(
