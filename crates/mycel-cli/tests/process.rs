@@ -231,7 +231,7 @@ fn a_stream_whose_worker_freezes_moves_to_another_within_seconds_with_the_same_t
     let model = root.path().join("slow.gguf");
     mycel_ml::fixtures::write_llama(&model, mycel_ml::fixtures::LlamaShape::SLOW).unwrap();
     let prompt = "the cat sat on the mat";
-    let max_tokens = 800;
+    let max_tokens = 2000;
     let expected = {
         let local = mycel_ml::Generator::load(&model, mycel_ml::Engine::Q4).unwrap();
         let chat = local
@@ -244,9 +244,14 @@ fn a_stream_whose_worker_freezes_moves_to_another_within_seconds_with_the_same_t
             max_tokens,
             ..Default::default()
         };
-        local.generate(&chat, &params, |_| true).unwrap().text
+        let answer = local.generate(&chat, &params, |_| true).unwrap();
+        assert!(
+            answer.tokens.len() > 400,
+            "a long answer: {}",
+            answer.tokens.len()
+        );
+        answer.text
     };
-    assert!(expected.len() > 200, "a long answer: {}", expected.len());
 
     let gateway_port = free_port();
     let mut args = listen_args(gateway_port);
@@ -350,12 +355,19 @@ fn a_stream_whose_worker_freezes_moves_to_another_within_seconds_with_the_same_t
         ticks(11) + ticks(12)
     };
     let before: Vec<u64> = workers.iter().map(cpu).collect();
-    std::thread::sleep(Duration::from_millis(500));
-    let used: Vec<u64> = workers
-        .iter()
-        .zip(&before)
-        .map(|(w, b)| cpu(w) - b)
-        .collect();
+    let mut used = vec![0, 0];
+    wait_until(
+        Duration::from_secs(10),
+        "one worker is clearly busier",
+        || {
+            used = workers
+                .iter()
+                .zip(&before)
+                .map(|(w, b)| cpu(w) - b)
+                .collect();
+            used[0].abs_diff(used[1]) >= 20
+        },
+    );
     let first = &workers[usize::from(used[1] > used[0])];
     signal(first, "STOP");
     let frozen = std::time::Instant::now();
@@ -363,15 +375,23 @@ fn a_stream_whose_worker_freezes_moves_to_another_within_seconds_with_the_same_t
     signal(first, "CONT");
     let text: String = pieces.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(text, expected, "the answer is the uninterrupted one");
-    let after: Vec<_> = pieces.iter().filter(|(at, _)| *at > frozen).collect();
-    assert!(!after.is_empty(), "the answer went on after the freeze");
-    let stall = after[0].0 - frozen;
+    // The longest quiet after the freeze: the hand-over (pieces already on their way when
+    // it froze may come first).
+    let stall = pieces
+        .windows(2)
+        .filter(|w| w[1].0 > frozen)
+        .map(|w| w[1].0 - w[0].0.max(frozen))
+        .max()
+        .expect("the answer went on after the freeze");
     eprintln!(
-        "the stream went on {} ms after its worker froze",
-        stall.as_millis()
+        "the stream went on {} ms after its worker froze ({} of {} pieces before)",
+        stall.as_millis(),
+        pieces.iter().filter(|(at, _)| *at <= frozen).count(),
+        pieces.len()
     );
-    // The floor (1.5 s), the second worker reading the prompt and the tokens so far (a debug
-    // build), and room for a loaded machine: well below the 10 s attempt timeout it waited
-    // before.
+    // At least the floor of the wait (1.5 s): a hand-over happened. Then the second worker
+    // reads the prompt and the tokens so far, with room for a loaded machine: well below
+    // the 10 s attempt timeout it waited before.
+    assert!(stall >= Duration::from_secs(1), "no hand-over: {stall:?}");
     assert!(stall < Duration::from_secs(6), "stalled {stall:?}");
 }

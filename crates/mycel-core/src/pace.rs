@@ -6,7 +6,10 @@
 //! gap between pieces, at least [`FLOOR_MS`] (a newcomer's prompt chunk in the worker's batch
 //! may hold a piece back a while), never more than the attempt timeout. A fast model's stream then
 //! moves to another worker within about a second and a half instead of the attempt timeout,
-//! and a slow model's keeps the room its pace needs. Pure: times are given in milliseconds.
+//! and a slow model's keeps the room its pace needs. A worker whose generation makes no piece
+//! for a while (its batch reading a newcomer's long prompt, a large model's slow step) sends
+//! an empty one every half second (`mycel_node::models::HEARTBEAT`): a busy worker is never
+//! quiet that long, a frozen one is. Pure: times are given in milliseconds.
 
 use std::collections::VecDeque;
 

@@ -56,8 +56,16 @@ pub(crate) struct Request {
     /// Tokens that end the answer (it ends after sending one).
     pub(crate) ends: Vec<u32>,
     pub(crate) events: Sender<Event>,
-    /// Set by the caller when it stops listening: the request leaves at the next step.
+    /// Set when the caller stops listening: the request leaves at the next step.
     pub(crate) gone: Arc<AtomicBool>,
+    /// The caller's own stop (its client went away), which it may share with other work.
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
+impl Request {
+    fn left(&self) -> bool {
+        self.gone.load(Ordering::Relaxed) || self.stop.load(Ordering::Relaxed)
+    }
 }
 
 /// What the batch sends a request's caller.
@@ -202,6 +210,7 @@ struct Sequence {
     ends: Vec<u32>,
     events: Sender<Event>,
     gone: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
     /// Positions set aside for it.
     positions: usize,
 }
@@ -235,6 +244,7 @@ impl Sequence {
             ends: request.ends,
             events: request.events,
             gone: request.gone,
+            stop: request.stop,
             positions,
         })
     }
@@ -307,9 +317,9 @@ fn serve(
             }
         }
         // Callers that stopped listening free their slots and places now.
-        waiting.retain(|r| !r.gone.load(Ordering::Relaxed));
+        waiting.retain(|r| !r.left());
         active.retain(|s| {
-            let gone = s.gone.load(Ordering::Relaxed);
+            let gone = s.gone.load(Ordering::Relaxed) || s.stop.load(Ordering::Relaxed);
             if gone {
                 reserved -= s.positions;
             }

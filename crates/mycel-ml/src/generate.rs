@@ -479,6 +479,7 @@ impl Generator {
         let mut source = match &self.model {
             Decoder::Own(batcher) => {
                 let (events, incoming) = std::sync::mpsc::channel();
+                let gone = Arc::new(AtomicBool::new(false));
                 batcher.submit(Request {
                     context,
                     replay: tokens.len(),
@@ -487,11 +488,13 @@ impl Generator {
                     max_new: params.max_tokens - tokens.len(),
                     ends: self.tokenizer.turn_ends(),
                     events,
-                    gone: stop.clone(),
+                    gone: gone.clone(),
+                    stop: stop.clone(),
                 })?;
                 Tokens::Batched {
                     incoming,
-                    gone: Gone(stop.clone()),
+                    _gone: Gone(gone),
+                    stop: stop.clone(),
                 }
             }
             Decoder::Candle(model) => {
@@ -518,9 +521,9 @@ impl Generator {
             }
         };
         let mut waited_ms = 0.0;
-        if let Tokens::Batched { incoming, gone } = &source {
+        if let Tokens::Batched { incoming, stop, .. } = &source {
             // Our turn in the batch.
-            match receive(incoming, &gone.0)? {
+            match receive(incoming, stop)? {
                 Event::Admitted => waited_ms = started.elapsed().as_secs_f64() * 1e3,
                 Event::Token(_) | Event::Failed(_) => {
                     return Err(MlError::Run("the batch skipped a request's turn".into()))
@@ -586,7 +589,10 @@ enum Tokens<'a> {
     /// The batch thread (ours).
     Batched {
         incoming: std::sync::mpsc::Receiver<Event>,
-        gone: Gone,
+        /// Tells the batch this caller has stopped listening, once dropped.
+        _gone: Gone,
+        /// The caller's own stop.
+        stop: Arc<AtomicBool>,
     },
     /// candle's model, held for this generation alone.
     Alone {
@@ -605,7 +611,7 @@ impl Tokens<'_> {
     /// The next token: each call after the first reads the token before it.
     fn next(&mut self, device: &Device) -> Result<u32> {
         match self {
-            Self::Batched { incoming, gone } => match receive(incoming, &gone.0)? {
+            Self::Batched { incoming, stop, .. } => match receive(incoming, stop)? {
                 Event::Token(token) => Ok(token),
                 Event::Failed(e) => Err(MlError::Run(e)),
                 Event::Admitted => Err(MlError::Run("the batch admitted a request twice".into())),

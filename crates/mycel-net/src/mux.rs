@@ -177,6 +177,9 @@ struct Corked<C> {
     out: Vec<u8>,
     /// How much of `out` the connection has taken.
     sent: usize,
+    /// Bytes went to the connection and its flush has not finished (TLS and Noise hold what
+    /// they took until it does).
+    unflushed: bool,
 }
 
 impl<C: AsyncRead + AsyncWrite + Unpin> Corked<C> {
@@ -185,10 +188,12 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Corked<C> {
             io,
             out: Vec::new(),
             sent: 0,
+            unflushed: false,
         }
     }
 
-    /// Writes what is gathered and flushes the connection.
+    /// Writes what is gathered and flushes the connection (again after a flush that could
+    /// not finish).
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.out.len() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.sent..]))?;
@@ -196,16 +201,24 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Corked<C> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.sent += n;
+            self.unflushed = true;
         }
         if !self.out.is_empty() {
             self.out.clear();
             self.sent = 0;
             // A burst's buffer is not kept for an idle connection's lifetime.
-            if self.out.capacity() > 2 * CORK_LIMIT {
+            if self.out.capacity() > CORK_LIMIT / 4 {
                 self.out = Vec::new();
             }
         }
-        Pin::new(&mut self.io).poll_flush(cx)
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.unflushed = false;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether anything waits to be written or flushed.
+    fn waiting(&self) -> bool {
+        !self.out.is_empty() || self.unflushed
     }
 }
 
@@ -216,7 +229,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> AsyncRead for Corked<C> {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if !this.out.is_empty() {
+        if this.waiting() {
             // A full socket leaves the rest for the next turn (its waker is registered);
             // reading goes on meanwhile.
             if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
@@ -238,7 +251,9 @@ impl<C: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Corked<C> {
             ready!(this.poll_drain(cx))?;
             if buf.len() >= CORK_LIMIT {
                 // A bulk frame's body goes straight through rather than copied.
-                return Pin::new(&mut this.io).poll_write(cx, buf);
+                let n = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
+                this.unflushed = true;
+                return Poll::Ready(Ok(n));
             }
         }
         this.out.extend_from_slice(buf);
@@ -344,6 +359,8 @@ mod tests {
         writes: Vec<usize>,
         /// Whether the socket is full: writes wait.
         full: bool,
+        /// Flushes that wait (as TLS's does while the socket is full), then finish.
+        stuck_flushes: usize,
         flushes: usize,
         closed: bool,
     }
@@ -373,7 +390,12 @@ mod tests {
         }
 
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            self.get_mut().flushes += 1;
+            let this = self.get_mut();
+            if this.stuck_flushes > 0 {
+                this.stuck_flushes -= 1;
+                return Poll::Pending;
+            }
+            this.flushes += 1;
             Poll::Ready(Ok(()))
         }
 
@@ -438,6 +460,18 @@ mod tests {
         ));
         assert_eq!(corked.io.writes, vec![136, 1000, CORK_LIMIT, 7]);
         assert!(corked.io.closed);
+
+        // A flush that waits is tried again at the next read, with nothing new written.
+        let mut corked = Pin::new(Box::new(Corked::new(Recording::default())));
+        corked.io.stuck_flushes = 1;
+        assert!(corked.as_mut().poll_write(&mut cx, &[5; 20]).is_ready());
+        assert!(corked.as_mut().poll_read(&mut cx, &mut buf).is_pending());
+        assert_eq!((corked.io.writes.clone(), corked.io.flushes), (vec![20], 0));
+        assert!(corked.as_mut().poll_read(&mut cx, &mut buf).is_pending());
+        assert_eq!((corked.io.writes.clone(), corked.io.flushes), (vec![20], 1));
+        // Once flushed, a read flushes nothing more.
+        assert!(corked.as_mut().poll_read(&mut cx, &mut buf).is_pending());
+        assert_eq!(corked.io.flushes, 1);
     }
 
     /// Our muxer and stock libp2p-yamux exchange a megabyte each way on one stream: ours

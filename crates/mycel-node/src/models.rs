@@ -370,8 +370,9 @@ pub trait PieceSink {
     fn take(&mut self, piece: Piece) -> impl std::future::Future<Output = bool> + Send;
 }
 
-/// Text a generation made, with the tokens made since the previous piece.
-#[derive(Debug, Clone, PartialEq)]
+/// Text a generation made, with the tokens made since the previous piece (both empty: a
+/// heartbeat, see [`HEARTBEAT`]).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Piece {
     /// New text.
     pub text: String,
@@ -379,9 +380,16 @@ pub struct Piece {
     pub tokens: Vec<u32>,
 }
 
+/// How long a generation handed to a sink may make no piece before the sink gets an empty
+/// one: a requester waiting on a peer's stream tells a worker whose batch is busy (reading a
+/// newcomer's prompt, a large model's slow step) from one that is frozen
+/// (`mycel_core::pace`).
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl ModelService {
-    /// Generates like [`ModelService::generate`], handing each piece to `sink` as it comes;
-    /// `Ok(None)` when the sink's receiver went away (the generation was stopped).
+    /// Generates like [`ModelService::generate`], handing each piece to `sink` as it comes
+    /// (and an empty piece after [`HEARTBEAT`] without one); `Ok(None)` when the sink's
+    /// receiver went away (the generation was stopped).
     pub async fn generate_into(
         &self,
         admission: Admission,
@@ -394,11 +402,20 @@ impl ModelService {
         let (tx, mut rx) = mpsc::channel::<Piece>(64);
         let generation = self.generate(admission, model, prompt, params, resume, Some(tx));
         tokio::pin!(generation);
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut took = false;
         let result = loop {
             tokio::select! {
                 Some(piece) = rx.recv() => {
+                    took = true;
                     // Dropping the generation stops it.
                     if !sink.take(piece).await {
+                        return Ok(None);
+                    }
+                }
+                _ = beat.tick() => {
+                    if !std::mem::take(&mut took) && !sink.take(Piece::default()).await {
                         return Ok(None);
                     }
                 }
