@@ -476,6 +476,32 @@ pub(crate) struct ChatArgs {
 }
 
 /// Streams the answer to the terminal as it is generated.
+/// The events of a streamed chat or text completion (server-sent events, up to `[DONE]`),
+/// each parsed; an error event ends them with its message.
+pub(crate) fn chat_events(body: impl std::io::Read) -> impl Iterator<Item = anyhow::Result<Value>> {
+    let mut lines = BufReader::new(body).lines();
+    std::iter::from_fn(move || loop {
+        let line = match lines.next()? {
+            Ok(line) => line,
+            Err(e) => return Some(Err(e).context("the stream from the node broke off")),
+        };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data.trim() == "[DONE]" {
+            return None;
+        }
+        return Some(
+            serde_json::from_str::<Value>(data)
+                .context("the node sent invalid JSON")
+                .and_then(|event| match event["error"]["message"].as_str() {
+                    Some(message) => bail!("generation failed: {message}"),
+                    None => Ok(event),
+                }),
+        );
+    })
+}
+
 pub(crate) fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
@@ -500,20 +526,9 @@ pub(crate) fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let response = args.client.post("/v1/chat/completions", &body)?;
     let mut streamed = String::new();
     let (mut mycel, mut finish, mut usage) = (Value::Null, Value::Null, Value::Null);
-    let reader = BufReader::new(response.into_body().into_reader());
     let mut out = std::io::stdout().lock();
-    for line in reader.lines() {
-        let line = line.context("the stream from the node broke off")?;
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let chunk: Value = serde_json::from_str(data).context("the node sent invalid JSON")?;
-        if let Some(message) = chunk["error"]["message"].as_str() {
-            bail!("generation failed: {message}");
-        }
+    for chunk in chat_events(response.into_body().into_reader()) {
+        let chunk = chunk?;
         if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
             write!(out, "{text}")?;
             out.flush()?;

@@ -56,13 +56,18 @@ pub(crate) struct Request {
     /// Tokens that end the answer (it ends after sending one).
     pub(crate) ends: Vec<u32>,
     pub(crate) events: Sender<Event>,
-    /// Set when the caller stops listening: the request leaves at the next step.
+    pub(crate) leave: Leave,
+}
+
+/// How a request's caller says it stopped listening: the request leaves at the next step.
+pub(crate) struct Leave {
+    /// Set when the caller is done with the request.
     pub(crate) gone: Arc<AtomicBool>,
     /// The caller's own stop (its client went away), which it may share with other work.
     pub(crate) stop: Arc<AtomicBool>,
 }
 
-impl Request {
+impl Leave {
     fn left(&self) -> bool {
         self.gone.load(Ordering::Relaxed) || self.stop.load(Ordering::Relaxed)
     }
@@ -170,7 +175,7 @@ impl Batcher {
                  requests together: shorten the prompt or lower max_tokens",
                 mib(need),
                 mib(self.limits.kv_bytes),
-                self.limits.kv_bytes / self.bytes_per_position.max(1)
+                self.positions()
             ));
         }
         Ok(())
@@ -209,8 +214,7 @@ struct Sequence {
     max_new: usize,
     ends: Vec<u32>,
     events: Sender<Event>,
-    gone: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
+    leave: Leave,
     /// Positions set aside for it.
     positions: usize,
 }
@@ -243,8 +247,7 @@ impl Sequence {
             max_new: request.max_new,
             ends: request.ends,
             events: request.events,
-            gone: request.gone,
-            stop: request.stop,
+            leave: request.leave,
             positions,
         })
     }
@@ -317,9 +320,9 @@ fn serve(
             }
         }
         // Callers that stopped listening free their slots and places now.
-        waiting.retain(|r| !r.left());
+        waiting.retain(|r| !r.leave.left());
         active.retain(|s| {
-            let gone = s.gone.load(Ordering::Relaxed) || s.stop.load(Ordering::Relaxed);
+            let gone = s.leave.left();
             if gone {
                 reserved -= s.positions;
             }

@@ -15,7 +15,7 @@ use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 use serde::{Deserialize, Serialize};
 
 pub use crate::batch::{BatchLimits, BatchStats};
-use crate::batch::{Batcher, Event, Request};
+use crate::batch::{Batcher, Event, Leave, Request};
 use crate::files::{file_id, model_name};
 use crate::gguf_tokenizer::GgufTokenizer;
 use crate::{ContentId, MlError, Result};
@@ -488,8 +488,10 @@ impl Generator {
                     max_new: params.max_tokens - tokens.len(),
                     ends: self.tokenizer.turn_ends(),
                     events,
-                    gone: gone.clone(),
-                    stop: stop.clone(),
+                    leave: Leave {
+                        gone: gone.clone(),
+                        stop: stop.clone(),
+                    },
                 })?;
                 Tokens::Batched {
                     incoming,

@@ -299,7 +299,12 @@ impl Llama {
         }
         let group = heads / kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        // Row `r` of the pass is token `r - starts[s]` of step `s`.
+        // Row `r` of the pass is token `r - starts[s]` of step `s = row_step[r]`.
+        let row_step: Vec<usize> = steps
+            .iter()
+            .enumerate()
+            .flat_map(|(k, s)| std::iter::repeat_n(k, s.tokens.len()))
+            .collect();
         let mut starts = Vec::with_capacity(steps.len());
         let mut rows = 0;
         for step in steps.iter() {
@@ -343,21 +348,13 @@ impl Llama {
                 .zip(&starts)
                 .map(|(s, start)| (&s.cache.keys[b][..], &s.cache.values[b][..], s.pos, *start))
                 .collect();
-            let row_seq: Vec<usize> = seqs
-                .iter()
-                .enumerate()
-                .flat_map(|(k, (_, _, _, start))| {
-                    let n = starts.get(k + 1).copied().unwrap_or(rows) - start;
-                    std::iter::repeat_n(k, n)
-                })
-                .collect();
             let qkv = &qkv;
             let attend = |part: usize, parts: usize| {
                 let units = rows * heads;
                 let mut scores = Vec::new();
                 for unit in units * part / parts..units * (part + 1) / parts {
                     let (row, head) = (unit / heads, unit % heads);
-                    let (keys, values, pos, start) = seqs[row_seq[row]];
+                    let (keys, values, pos, start) = seqs[row_step[row]];
                     let seen = pos + (row - start) + 1;
                     let kv = head / group;
                     let q = &qkv[row * width + head * head_dim..][..head_dim];
@@ -386,7 +383,6 @@ impl Llama {
             };
             let parts = self.pool.parts();
             self.pool.run(&|part| attend(part, parts));
-            drop(seqs);
             let attended = block.out.matmul_on(&y, rows, &mut self.pool);
             x.iter_mut().zip(&attended).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &block.ffn_norm, self.eps);

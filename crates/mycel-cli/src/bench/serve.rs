@@ -9,7 +9,6 @@
 //! generated tokens per second (all tokens over the level's wall time), request latency p50
 //! and p99, time to the first token p50.
 
-use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -103,17 +102,9 @@ fn one_request(
         "{url} answered {status}: {}",
         response.body_mut().read_to_string().unwrap_or_default()
     );
-    let reader = std::io::BufReader::new(response.body_mut().as_reader());
     let (mut first, mut chunks, mut usage) = (None, 0usize, None);
-    for line in reader.lines() {
-        let line = line.context("reading the stream")?;
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data.trim() == "[DONE]" {
-            break;
-        }
-        let event: Value = serde_json::from_str(data).context("a stream event")?;
+    for event in crate::client::chat_events(response.body_mut().as_reader()) {
+        let event = event?;
         if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
             usage = Some(n as usize);
         }
@@ -209,9 +200,7 @@ async fn our_node(
     config.api = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
     config.models = vec![args.model.clone()];
-    config.max_queue = slots
-        .max(mycel_node::models::DEFAULT_MAX_QUEUE)
-        .max(2 * slots);
+    config.max_queue = mycel_node::models::DEFAULT_MAX_QUEUE.max(2 * slots);
     config.batch = mycel_ml::BatchLimits {
         slots,
         ..Default::default()
