@@ -263,6 +263,9 @@ async fn lying_down_reports_fail_nobody_and_refutations_are_paced() {
             if let Some(n) = connections {
                 config.limits.max_connections = n;
                 config.limits.target_peers = n as usize;
+                // Dial-only: the victim, learning of it, could otherwise dial it and be let
+                // in (a referral slot, or room made for it), and reach it after all.
+                config.listen.clear();
             }
             let node = Node::start(config).await.unwrap();
             let key = mycel_store::load_or_create_identity(&root.join(name)).unwrap();
