@@ -230,6 +230,10 @@ struct NodeArgs {
     /// This node is on a metered network (training jobs may exclude it).
     #[arg(long)]
     metered: bool,
+    /// Where this node is (a data centre, a building, a region: any name of at most 128
+    /// bytes): clustered training jobs put peers of one site in the same clusters.
+    #[arg(long, value_name = "NAME")]
+    site: Option<String>,
     /// Inbound connections one remote IP may have in their handshake at once (loopback is
     /// not limited): a flood of silent or stalled connections from one address cannot take
     /// every pending slot.
@@ -408,6 +412,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     }
     config.datasets = args.datasets;
     config.metered = args.metered;
+    config.site = args.site;
     config.train_for = if args.train_for.iter().any(|c| c == "any") {
         mycel_core::fl::TrainFor::Anyone
     } else {

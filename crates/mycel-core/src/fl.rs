@@ -859,17 +859,30 @@ pub struct Cluster {
     pub members: Vec<PeerId>,
 }
 
-/// Groups `peers` (each with its measured round-trip time to the coordinator, `None` when
-/// unmeasured) into clusters of at most `size`: peers close in RTT share a cluster, and the
-/// closest of each cluster is its head. `size` 0 or 1 gives one cluster per peer (flat).
-pub fn clusters(peers: &[(PeerId, Option<f64>)], size: usize) -> Vec<Cluster> {
-    let mut sorted: Vec<(PeerId, f64)> = peers
+/// Groups `peers` (each with the site its operator states, and its measured round-trip
+/// time to the coordinator, `None` when unmeasured) into clusters of at most `size`: peers of
+/// one site share clusters, never with another site's (peers that state none are one group),
+/// and within a site peers close in RTT share a cluster, the closest of each its head. Sites
+/// come in the order of their closest peers. `size` 0 or 1 gives one cluster per peer (flat).
+///
+/// A stated site is not checked: a peer can put itself in any site's clusters, as it could
+/// by where it runs. What robust aggregation over clusters withstands is attackers in fewer
+/// than half the clusters (docs/ARCHITECTURE.md).
+pub fn clusters(peers: &[(PeerId, Option<&str>, Option<f64>)], size: usize) -> Vec<Cluster> {
+    let rtt = |r: Option<f64>| r.filter(|r| r.is_finite()).unwrap_or(f64::MAX);
+    let mut sites: BTreeMap<Option<&str>, Vec<(PeerId, f64)>> = BTreeMap::new();
+    for (peer, site, r) in peers {
+        sites.entry(*site).or_default().push((*peer, rtt(*r)));
+    }
+    let mut sites: Vec<Vec<(PeerId, f64)>> = sites.into_values().collect();
+    for site in &mut sites {
+        site.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    }
+    // Stable: sites whose closest peers tie keep their names' order.
+    sites.sort_by(|a, b| a[0].1.total_cmp(&b[0].1));
+    sites
         .iter()
-        .map(|(p, rtt)| (*p, rtt.filter(|r| r.is_finite()).unwrap_or(f64::MAX)))
-        .collect();
-    sorted.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-    sorted
-        .chunks(size.max(1))
+        .flat_map(|site| site.chunks(size.max(1)))
         .map(|group| Cluster {
             head: group[0].0,
             members: group[1..].iter().map(|(p, _)| *p).collect(),
@@ -878,22 +891,28 @@ pub fn clusters(peers: &[(PeerId, Option<f64>)], size: usize) -> Vec<Cluster> {
 }
 
 /// `clusters` for a securely aggregated job: every cluster's head sums at least
-/// `min_members` members securely, so a cluster with fewer joins the one before it; when
-/// there is only one cluster and it is short, everyone becomes a plain participant of one
-/// flat secure sum (clusters without members).
-pub fn secure_clusters(mut clusters: Vec<Cluster>, min_members: usize) -> Vec<Cluster> {
-    while clusters.len() > 1
-        && clusters
-            .last()
-            .is_some_and(|c| c.members.len() < min_members)
-    {
-        let short = clusters.pop().expect("more than one cluster");
-        let last = clusters.last_mut().expect("more than one cluster");
-        last.members.push(short.head);
-        last.members.extend(short.members);
+/// `min_members` members securely, so a cluster with fewer joins the one before it (the
+/// first, the one after it); when there is only one cluster and it is short, everyone
+/// becomes a plain participant of one flat secure sum (clusters without members).
+pub fn secure_clusters(clusters: Vec<Cluster>, min_members: usize) -> Vec<Cluster> {
+    let join = |into: &mut Cluster, short: Cluster| {
+        into.members.push(short.head);
+        into.members.extend(short.members);
+    };
+    let mut out: Vec<Cluster> = Vec::with_capacity(clusters.len());
+    for cluster in clusters {
+        match out.last_mut() {
+            Some(last) if cluster.members.len() < min_members => join(last, cluster),
+            _ => out.push(cluster),
+        }
     }
-    if clusters.len() == 1 && clusters[0].members.len() < min_members {
-        let only = clusters.pop().expect("one cluster");
+    // Only the first can still be short.
+    if out.len() > 1 && out[0].members.len() < min_members {
+        let short = out.remove(0);
+        join(&mut out[0], short);
+    }
+    if out.len() == 1 && out[0].members.len() < min_members {
+        let only = out.pop().expect("one cluster");
         return std::iter::once(only.head)
             .chain(only.members)
             .map(|head| Cluster {
@@ -902,7 +921,7 @@ pub fn secure_clusters(mut clusters: Vec<Cluster>, min_members: usize) -> Vec<Cl
             })
             .collect();
     }
-    clusters
+    out
 }
 
 /// `values` as little-endian bytes: how weights travel and are stored.
@@ -1568,7 +1587,10 @@ mod tests {
     #[test]
     fn secure_clusters_sum_at_least_three_members_each() {
         let peers: Vec<PeerId> = (0..11).map(|_| PeerId::random()).collect();
-        let plan = clusters(&peers.iter().map(|p| (*p, None)).collect::<Vec<_>>(), 4);
+        let plan = clusters(
+            &peers.iter().map(|p| (*p, None, None)).collect::<Vec<_>>(),
+            4,
+        );
         assert_eq!(plan.len(), 3, "4 + 4 + 3");
         let merged = secure_clusters(plan.clone(), 3);
         assert_eq!(
@@ -1583,7 +1605,10 @@ mod tests {
         assert_eq!(everyone.len(), 11);
         // One short cluster: everyone is a flat participant.
         let short = clusters(
-            &peers[..3].iter().map(|p| (*p, None)).collect::<Vec<_>>(),
+            &peers[..3]
+                .iter()
+                .map(|p| (*p, None, None))
+                .collect::<Vec<_>>(),
             4,
         );
         let flat = secure_clusters(short, 3);
@@ -1591,7 +1616,10 @@ mod tests {
         assert!(flat.iter().all(|c| c.members.is_empty()));
         // Clusters that are long enough stay as they are.
         let even = clusters(
-            &peers[..8].iter().map(|p| (*p, None)).collect::<Vec<_>>(),
+            &peers[..8]
+                .iter()
+                .map(|p| (*p, None, None))
+                .collect::<Vec<_>>(),
             4,
         );
         assert_eq!(secure_clusters(even.clone(), 3), even);
@@ -1790,7 +1818,11 @@ mod tests {
     fn clusters_group_by_rtt_with_the_closest_as_head() {
         let p: Vec<PeerId> = (0..6).map(|_| PeerId::random()).collect();
         let rtts = [5.0, 1.0, 30.0, 2.0, 31.0, 6.0];
-        let peers: Vec<_> = p.iter().zip(rtts).map(|(p, r)| (*p, Some(r))).collect();
+        let peers: Vec<_> = p
+            .iter()
+            .zip(rtts)
+            .map(|(p, r)| (*p, None, Some(r)))
+            .collect();
         let cs = clusters(&peers, 3);
         assert_eq!(cs.len(), 2);
         assert_eq!(cs[0].head, p[1]);
@@ -1798,6 +1830,49 @@ mod tests {
         assert_eq!(cs[1].head, p[5]);
         assert_eq!(clusters(&peers, 0).len(), 6);
         assert!(clusters(&peers, 0).iter().all(|c| c.members.is_empty()));
+    }
+
+    #[test]
+    fn clusters_keep_sites_apart_in_the_order_of_their_closest_peers() {
+        let p: Vec<PeerId> = (0..9).map(|_| PeerId::random()).collect();
+        // Two sites whose RTTs interleave, and two peers that state none.
+        let placed = [
+            (Some("far"), 2.0),
+            (Some("near"), 1.0),
+            (Some("far"), 3.0),
+            (Some("near"), 4.0),
+            (Some("far"), 5.0),
+            (Some("near"), 6.0),
+            (None, 0.5),
+            (Some("near"), 7.0),
+            (None, 8.0),
+        ];
+        let peers: Vec<_> = p
+            .iter()
+            .zip(placed)
+            .map(|(p, (site, r))| (*p, site, Some(r)))
+            .collect();
+        let cs = clusters(&peers, 3);
+        let shape: Vec<Vec<PeerId>> = cs
+            .iter()
+            .map(|c| std::iter::once(c.head).chain(c.members.clone()).collect())
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                vec![p[6], p[8]],
+                vec![p[1], p[3], p[5]],
+                vec![p[7]],
+                vec![p[0], p[2], p[4]],
+            ],
+            "sites in the order of their closest peers, never mixed, RTT order within"
+        );
+        // A secure job's short clusters join a neighbour: the first the one after it.
+        let merged = secure_clusters(cs, 2);
+        let sizes: Vec<usize> = merged.iter().map(|c| c.members.len() + 1).collect();
+        assert_eq!(sizes, vec![6, 3], "{merged:?}");
+        assert_eq!(merged[0].head, p[1]);
+        assert!(merged[0].members.contains(&p[6]) && merged[0].members.contains(&p[7]));
     }
 
     #[test]

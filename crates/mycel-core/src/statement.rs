@@ -69,6 +69,11 @@ pub struct Capabilities {
     /// Whether the node is on a metered network.
     #[serde(default)]
     pub metered: bool,
+    /// Where the node's operator says it is (a data centre, a building, a region), for
+    /// training jobs that gather nearby peers into clusters: peers of one site share clusters
+    /// (see `fl::clusters`). Stated, not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// A dataset a node holds for federated training.
@@ -85,7 +90,7 @@ pub struct DatasetOffer {
 impl Capabilities {
     /// Checks what peers check of an announcement's capabilities (so that a node refuses,
     /// at start, a configuration its peers would reject): at most [`MAX_ANNOUNCED_MODELS`]
-    /// models and datasets, names, engines and tags of at most [`MAX_MODEL_NAME_LEN`]
+    /// models and datasets, names, engines, tags and the site of at most [`MAX_MODEL_NAME_LEN`]
     /// bytes, utilisation in [0, 1], a finite temperature.
     pub fn check(&self) -> Result<(), String> {
         let too_long = |what: &str, text: &str| {
@@ -112,7 +117,8 @@ impl Capabilities {
         let tags = self
             .datasets
             .iter()
-            .map(|d| too_long("the dataset tag", &d.tag));
+            .map(|d| too_long("the dataset tag", &d.tag))
+            .chain([self.site.as_deref().and_then(|s| too_long("the site", s))]);
         if let Some(problem) = names.chain(tags).flatten().next() {
             return Err(problem);
         }
@@ -134,6 +140,7 @@ impl Capabilities {
         self.models != other.models
             || self.datasets != other.datasets
             || self.metered != other.metered
+            || self.site != other.site
             || self.hardware != other.hardware
             || power_differs(self.power.as_ref(), other.power.as_ref())
             || self.load.queue_depth != other.load.queue_depth

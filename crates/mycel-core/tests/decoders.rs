@@ -550,7 +550,7 @@ fn capabilities() -> impl Strategy<Value = Capabilities> {
         (any::<u32>(), prop_oneof![0.0f32..=1.0, any::<f32>()]),
         option::of(power),
         vec(dataset, 0..2),
-        any::<bool>(),
+        (any::<bool>(), option::of(ascii(12))),
     )
         .prop_map(
             |(
@@ -559,7 +559,7 @@ fn capabilities() -> impl Strategy<Value = Capabilities> {
                 (queue_depth, utilisation),
                 power,
                 datasets,
-                metered,
+                (metered, site),
             )| {
                 Capabilities {
                     models,
@@ -575,6 +575,7 @@ fn capabilities() -> impl Strategy<Value = Capabilities> {
                     power,
                     datasets,
                     metered,
+                    site,
                 }
             },
         )

@@ -104,6 +104,8 @@ pub struct NodeConfig {
     pub preloaded_datasets: Vec<Arc<LocalDataset>>,
     /// Whether this node is on a metered network (jobs may exclude it).
     pub metered: bool,
+    /// Where its operator says it is (training jobs cluster peers of one site together).
+    pub site: Option<String>,
     /// Poison every training update sent (benchmarks and tests of robust aggregation).
     pub train_attack: Option<mycel_core::fl::Attack>,
     /// In securely aggregated rounds, leave right after sending the key shares, as a
@@ -163,6 +165,7 @@ impl NodeConfig {
             datasets: Vec::new(),
             preloaded_datasets: Vec::new(),
             metered: false,
+            site: None,
             train_attack: None,
             train_drop_after_shares: false,
             train_for: Default::default(),
@@ -252,6 +255,7 @@ impl Node {
         let extra = system::Extra {
             datasets: dataset_offers,
             metered: config.metered,
+            site: config.site.clone(),
         };
         let published: Vec<(PathBuf, mycel_core::id::ContentId)> = loaded
             .iter()

@@ -8,13 +8,16 @@ use mycel_core::statement::{Capabilities, DatasetOffer, Hardware, Load, PowerSta
 
 use crate::models::ModelService;
 
-/// What a node announces beyond what it reads: its datasets and its network's metering.
+/// What a node announces beyond what it reads: its datasets, its network's metering and its
+/// site.
 #[derive(Debug, Clone, Default)]
 pub struct Extra {
     /// Datasets held for federated training.
     pub datasets: Vec<DatasetOffer>,
     /// On a metered network.
     pub metered: bool,
+    /// Where its operator says it is.
+    pub site: Option<String>,
 }
 
 /// Reads the node's capabilities: the models it serves and its queue, and the machine's
@@ -29,6 +32,7 @@ pub fn read_capabilities(sys_root: &Path, models: &ModelService, extra: &Extra) 
         power: read_power(sys_root),
         datasets: extra.datasets.clone(),
         metered: extra.metered,
+        site: extra.site.clone(),
     }
 }
 

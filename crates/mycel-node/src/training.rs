@@ -1574,6 +1574,7 @@ impl Training {
                 peers: selected,
                 addrs,
                 rtts,
+                sites,
                 samples,
                 eligible,
             } = self.select(spec, record, seed, &benched).await?;
@@ -1610,7 +1611,7 @@ impl Training {
             let mut plan = fl::clusters(
                 &selected
                     .iter()
-                    .map(|p| (*p, rtts.get(p).copied()))
+                    .map(|p| (*p, sites.get(p).map(String::as_str), rtts.get(p).copied()))
                     .collect::<Vec<_>>(),
                 spec.cluster_size as usize,
             );
@@ -2084,6 +2085,7 @@ impl Training {
         let mut eligible = Vec::new();
         let mut addrs = HashMap::new();
         let mut rtts = HashMap::new();
+        let mut sites = HashMap::new();
         let mut samples = HashMap::new();
         let mut excluded = Vec::new();
         // Peers left out for an accusation in a secure round (see ask_secure).
@@ -2105,6 +2107,9 @@ impl Training {
                     addrs.insert(peer, holder.addrs);
                     if let Some(rtt) = holder.rtt_ms {
                         rtts.insert(peer, rtt);
+                    }
+                    if let Some(site) = holder.site {
+                        sites.insert(peer, site);
                     }
                 }
                 None => {}
@@ -2147,6 +2152,7 @@ impl Training {
             peers,
             addrs,
             rtts,
+            sites,
             samples,
             eligible: eligible.len(),
         })
@@ -2192,6 +2198,7 @@ impl Training {
                 alive: info.state == mycel_core::membership::PeerState::Alive,
                 addrs: info.addrs.clone(),
                 rtt_ms: info.rtt_us.map(|us| us as f64 / 1000.0),
+                site: caps.site.clone(),
                 exclusion: None,
             };
             found.push((candidate, holder));
@@ -2274,6 +2281,7 @@ struct Holder {
     alive: bool,
     addrs: Vec<String>,
     rtt_ms: Option<f64>,
+    site: Option<String>,
     exclusion: Option<fl::Exclusion>,
 }
 
@@ -2295,6 +2303,8 @@ struct Selection {
     peers: Vec<PeerId>,
     addrs: HashMap<PeerId, Vec<String>>,
     rtts: HashMap<PeerId, f64>,
+    /// The sites they state.
+    sites: HashMap<PeerId, String>,
     /// Samples each announced.
     samples: HashMap<PeerId, u64>,
     /// Peers that could have been selected.

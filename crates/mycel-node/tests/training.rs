@@ -597,6 +597,49 @@ async fn compression_and_clusters_cut_bytes_and_the_model_still_learns() {
     }
 }
 
+/// Sites that participants state reach the coordinator and shape its clusters: six
+/// participants in sites of four and two make three clusters of at most three (three updates
+/// at the root), where by RTT alone they would make two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_keep_to_the_sites_participants_state() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = federation_with(root.path(), 6, |k, config| {
+        config.site = Some(if k < 4 { "north" } else { "south" }.into());
+    })
+    .await;
+    let sites: Vec<Option<String>> = nodes[0]
+        .net
+        .peers()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|p| p.capabilities.map(|c| c.site))
+        .collect();
+    assert_eq!(sites.len(), 6);
+    assert_eq!(
+        sites
+            .iter()
+            .filter(|s| s.as_deref() == Some("north"))
+            .count(),
+        4,
+        "{sites:?}"
+    );
+    let flat = run(&nodes[0], spec(2, 6)).await;
+    let mut job = spec(2, 6);
+    job.cluster_size = 3;
+    let clustered = run(&nodes[0], job).await;
+    for (f, c) in flat.metrics.iter().zip(&clustered.metrics) {
+        assert_eq!((c.asked, c.participants), (6, 6), "{c:?}");
+        // Every update, a participant's or a cluster's, is one set of weights: three of
+        // them reach the root instead of six.
+        let share = c.bytes_root as f64 / f.bytes_root as f64;
+        assert!(
+            (0.45..0.55).contains(&share),
+            "{share}: {c:?} against {f:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_starts_from_an_earlier_models_blob_and_a_wrong_blob_is_refused() {
     let root = tempfile::tempdir().unwrap();
