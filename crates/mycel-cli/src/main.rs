@@ -118,6 +118,11 @@ struct NodeArgs {
     /// prompt and max_tokens need more than all of it is refused.
     #[arg(long, default_value_t = mycel_ml::BatchLimits::default().kv_bytes >> 20)]
     kv_mib: usize,
+    /// MiB of KV cache a generation model keeps from prompts and answers it read, so that a
+    /// request starting with the same tokens (a shared system prompt, a conversation's
+    /// earlier turns) reads only the rest; 0 keeps none.
+    #[arg(long, default_value_t = mycel_ml::BatchLimits::default().prefix_bytes >> 20)]
+    prefix_cache_mib: usize,
     /// Most established connections.
     #[arg(long, default_value_t = 24)]
     max_connections: u32,
@@ -383,6 +388,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.batch = mycel_ml::BatchLimits {
         slots: args.slots.max(1),
         kv_bytes: args.kv_mib.saturating_mul(1 << 20),
+        prefix_bytes: args.prefix_cache_mib.saturating_mul(1 << 20),
         ..Default::default()
     };
     config.blobs.quota = args.blob_quota;

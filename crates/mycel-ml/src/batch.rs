@@ -9,6 +9,14 @@
 //! Each request samples with its own seeded sampler, and each row's arithmetic in a pass is
 //! the arithmetic it gets alone (see [`crate::llama`]): an answer is the same tokens whatever
 //! else was running.
+//!
+//! Prefix caching: the keys and values of a prompt once read, and of a whole request when it
+//! leaves, are kept (up to [`BatchLimits::prefix_bytes`], least recently used out first); a
+//! newcomer of the same requester (`Request::scope`) whose tokens start the same way (a
+//! shared system prompt, the earlier turns of a conversation) starts from a copy of them and
+//! reads only the rest. A position's keys and values depend only on the tokens up to it, and
+//! on none of how they were read, so the answer is the same tokens. Between requesters nothing
+//! is shared: how fast an answer starts would tell one how another's prompts begin.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +40,9 @@ pub struct BatchLimits {
     pub kv_bytes: usize,
     /// Prompt tokens read per step, at most, across newcomers.
     pub prefill_chunk: usize,
+    /// Bytes of KV cache kept from prompts and answers read before, for requests that start
+    /// with the same tokens (0: none kept). Apart from `kv_bytes`.
+    pub prefix_bytes: usize,
 }
 
 impl Default for BatchLimits {
@@ -40,9 +51,13 @@ impl Default for BatchLimits {
             slots: 8,
             kv_bytes: 1 << 30,
             prefill_chunk: 128,
+            prefix_bytes: 256 << 20,
         }
     }
 }
+
+/// The fewest tokens a cached start must share with a newcomer to be used.
+const MIN_PREFIX: usize = 4;
 
 /// One generation for the batch: read `context`, then sample up to `max_new` tokens.
 pub(crate) struct Request {
@@ -57,6 +72,8 @@ pub(crate) struct Request {
     pub(crate) ends: Vec<u32>,
     pub(crate) events: Sender<Event>,
     pub(crate) leave: Leave,
+    /// Who asked: cached starts are shared only within a scope.
+    pub(crate) scope: u64,
 }
 
 /// How a request's caller says it stopped listening: the request leaves at the next step.
@@ -93,6 +110,10 @@ pub struct BatchStats {
     pub steps: u64,
     /// The most requests one pass has carried.
     pub widest: u64,
+    /// Requests that started from a cached start of their context.
+    pub prefix_hits: u64,
+    /// The positions they did not read again.
+    pub prefix_tokens: u64,
 }
 
 #[derive(Default)]
@@ -100,6 +121,8 @@ struct Counters {
     passes: AtomicU64,
     steps: AtomicU64,
     widest: AtomicU64,
+    prefix_hits: AtomicU64,
+    prefix_tokens: AtomicU64,
 }
 
 /// The handle to a model's batch thread.
@@ -151,6 +174,8 @@ impl Batcher {
             passes: self.counters.passes.load(Ordering::Relaxed),
             steps: self.counters.steps.load(Ordering::Relaxed),
             widest: self.counters.widest.load(Ordering::Relaxed),
+            prefix_hits: self.counters.prefix_hits.load(Ordering::Relaxed),
+            prefix_tokens: self.counters.prefix_tokens.load(Ordering::Relaxed),
         }
     }
 
@@ -209,6 +234,11 @@ struct Sequence {
     /// Tokens still to read: the rest of the prompt, or the last sampled token.
     feed: Vec<u32>,
     pos: usize,
+    /// Every token it has read or is about to read: the context, then the tokens it made.
+    history: Vec<u32>,
+    /// Tokens of its context.
+    context: usize,
+    scope: u64,
     sampler: LogitsProcessor,
     made: usize,
     max_new: usize,
@@ -220,7 +250,12 @@ struct Sequence {
 }
 
 impl Sequence {
-    fn new(request: Request, model: &Llama) -> Result<Self, (Sender<Event>, String)> {
+    fn new(
+        request: Request,
+        model: &Llama,
+        prefixes: &mut Prefixes,
+        counters: &Counters,
+    ) -> Result<Self, (Sender<Event>, String)> {
         let positions = request.context.len() + request.max_new;
         let mut sampler = LogitsProcessor::from_sampling(request.seed, request.sampling);
         if request.replay > 0 {
@@ -237,11 +272,24 @@ impl Sequence {
         if request.events.send(Event::Admitted).is_err() {
             return Err((request.events, "the caller has gone".into()));
         }
+        // All of its room at once: what the budget counts is what it holds.
+        let (cache, pos) = match prefixes.longest(request.scope, &request.context) {
+            Some((cached, n)) => {
+                counters.prefix_hits.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .prefix_tokens
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                (cached.prefix(n, model.kv_dim(), positions), n)
+            }
+            None => (model.kv_cache(positions), 0),
+        };
         Ok(Self {
-            // All of its room at once: what the budget counts is what it holds.
-            cache: model.kv_cache(positions),
-            feed: request.context,
-            pos: 0,
+            cache,
+            feed: request.context[pos..].to_vec(),
+            pos,
+            context: request.context.len(),
+            history: request.context,
+            scope: request.scope,
             sampler,
             made: 0,
             max_new: request.max_new,
@@ -273,7 +321,116 @@ impl Sequence {
             return false;
         }
         self.feed = vec![token];
+        self.history.push(token);
         true
+    }
+
+    /// Its scope, tokens and their keys and values, for the cache of prefixes.
+    fn leave(mut self, kv_dim: usize) -> (u64, Vec<u32>, KvCache) {
+        // The token sampled last was never read.
+        self.history.truncate(self.cache.len(kv_dim));
+        (self.scope, self.history, self.cache)
+    }
+}
+
+/// Keys and values of token sequences read before (prompts, and whole requests), kept for
+/// requests that start the same way; least recently used out first.
+struct Prefixes {
+    entries: Vec<Prefix>,
+    /// Bytes the entries hold.
+    bytes: usize,
+    limit: usize,
+    clock: u64,
+}
+
+struct Prefix {
+    scope: u64,
+    tokens: Vec<u32>,
+    cache: KvCache,
+    bytes: usize,
+    used: u64,
+}
+
+impl Prefixes {
+    fn new(limit: usize) -> Self {
+        Self {
+            entries: Vec::new(),
+            bytes: 0,
+            limit,
+            clock: 0,
+        }
+    }
+
+    /// The entry of `scope` sharing the longest start with `context` (of at least
+    /// [`MIN_PREFIX`] tokens, and leaving at least the last token to read: its logits are the
+    /// first token's), and how many tokens they share.
+    fn longest(&mut self, scope: u64, context: &[u32]) -> Option<(&KvCache, usize)> {
+        let most = context.len().saturating_sub(1);
+        let (best, shared) = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.scope == scope)
+            .map(|(i, e)| {
+                let shared = e.tokens.iter().zip(context).take_while(|(a, b)| a == b);
+                (i, shared.count().min(most))
+            })
+            .max_by_key(|(_, shared)| *shared)?;
+        if shared < MIN_PREFIX {
+            return None;
+        }
+        self.clock += 1;
+        let entry = &mut self.entries[best];
+        entry.used = self.clock;
+        Some((&entry.cache, shared))
+    }
+
+    /// Whether `tokens` would be worth keeping for `scope`: not too short, not already held
+    /// as (the start of) an entry of it.
+    fn wants(&self, scope: u64, tokens: &[u32]) -> bool {
+        self.limit > 0
+            && tokens.len() >= MIN_PREFIX
+            && !self
+                .entries
+                .iter()
+                .any(|e| e.scope == scope && e.tokens.starts_with(tokens))
+    }
+
+    /// Keeps `cache`, which holds the keys and values of `tokens`, for `scope`, if it is
+    /// wanted.
+    fn keep(&mut self, (scope, tokens, mut cache): (u64, Vec<u32>, KvCache)) {
+        if !self.wants(scope, &tokens) {
+            return;
+        }
+        cache.shrink();
+        let bytes = cache.bytes();
+        if bytes > self.limit {
+            return;
+        }
+        // Entries it starts with are of no more use.
+        let held = &mut self.bytes;
+        self.entries.retain(|e| {
+            let covered = e.scope == scope && tokens.starts_with(&e.tokens);
+            if covered {
+                *held -= e.bytes;
+            }
+            !covered
+        });
+        while self.bytes + bytes > self.limit {
+            let Some(oldest) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].used) else {
+                break;
+            };
+            self.bytes -= self.entries.swap_remove(oldest).bytes;
+        }
+        self.clock += 1;
+        self.bytes += bytes;
+        self.entries.push(Prefix {
+            scope,
+            tokens,
+            cache,
+            bytes,
+            used: self.clock,
+        });
     }
 }
 
@@ -298,6 +455,8 @@ fn serve(
     counters: &Counters,
 ) {
     let budget = limits.kv_bytes / model.kv_bytes_per_position().max(1);
+    let kv_dim = model.kv_dim();
+    let mut prefixes = Prefixes::new(limits.prefix_bytes);
     let mut waiting: VecDeque<Request> = VecDeque::new();
     let mut active: Vec<Sequence> = Vec::new();
     let mut reserved = 0usize;
@@ -321,13 +480,13 @@ fn serve(
         }
         // Callers that stopped listening free their slots and places now.
         waiting.retain(|r| !r.leave.left());
-        active.retain(|s| {
-            let gone = s.leave.left();
-            if gone {
-                reserved -= s.positions;
-            }
-            !gone
-        });
+        let (gone, staying): (Vec<Sequence>, Vec<Sequence>) =
+            active.drain(..).partition(|s| s.leave.left());
+        active = staying;
+        for s in gone {
+            reserved -= s.positions;
+            prefixes.keep(s.leave(kv_dim));
+        }
         // Newcomers in order of arrival, while a slot and their room are free.
         while active.len() < limits.slots {
             let Some(request) = waiting.front() else {
@@ -338,7 +497,7 @@ fn serve(
                 break;
             }
             let request = waiting.pop_front().expect("a front");
-            match Sequence::new(request, model) {
+            match Sequence::new(request, model, &mut prefixes, counters) {
                 Ok(sequence) => {
                     reserved += sequence.positions;
                     active.push(sequence);
@@ -399,8 +558,16 @@ fn serve(
             let mut going = true;
             if n > 0 {
                 let row = logits.next().expect("a row of logits per step");
+                let reading = s.pos < s.context;
                 s.pos += n;
                 s.feed.drain(..n);
+                // Its context read: kept for newcomers that start the same way (a copy: the
+                // request goes on in its own).
+                let context = &s.history[..s.context];
+                if reading && s.pos >= s.context && prefixes.wants(s.scope, context) {
+                    let copy = s.cache.prefix(s.context, kv_dim, s.context);
+                    prefixes.keep((s.scope, context.to_vec(), copy));
+                }
                 if s.feed.is_empty() {
                     going = s.next(row);
                 }
@@ -409,6 +576,7 @@ fn serve(
                 kept.push(s);
             } else {
                 reserved -= s.positions;
+                prefixes.keep(s.leave(kv_dim));
             }
         }
         active = kept;

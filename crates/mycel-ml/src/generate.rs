@@ -424,6 +424,21 @@ impl Generator {
         params: &GenerateParams,
         resume: &Resume,
         stop: &Arc<AtomicBool>,
+        on_text: impl FnMut(&str, &[u32]) -> bool,
+    ) -> Result<Generation> {
+        self.generate_scoped(0, prompt, params, resume, stop, on_text)
+    }
+
+    /// Like [`Generator::generate_watching`], for the requester `scope`: on our engine, the
+    /// keys and values of what was read before are reused only between requests of one scope,
+    /// so that nobody learns from how fast its own answers start how another's prompts begin.
+    pub fn generate_scoped(
+        &self,
+        scope: u64,
+        prompt: &str,
+        params: &GenerateParams,
+        resume: &Resume,
+        stop: &Arc<AtomicBool>,
         mut on_text: impl FnMut(&str, &[u32]) -> bool,
     ) -> Result<Generation> {
         params.check().map_err(MlError::Input)?;
@@ -492,6 +507,7 @@ impl Generator {
                         gone: gone.clone(),
                         stop: stop.clone(),
                     },
+                    scope,
                 })?;
                 Tokens::Batched {
                     incoming,

@@ -46,6 +46,41 @@ impl KvCache {
     pub(crate) fn len(&self, kv_dim: usize) -> usize {
         self.keys.first().map_or(0, |k| k.len() / kv_dim.max(1))
     }
+
+    /// A copy of its first `n` positions (at most those it holds), with room for `room`.
+    pub(crate) fn prefix(&self, n: usize, kv_dim: usize, room: usize) -> KvCache {
+        let n = n.min(self.len(kv_dim));
+        let copy = |blocks: &[Vec<f32>]| -> Vec<Vec<f32>> {
+            blocks
+                .iter()
+                .map(|block| {
+                    let mut copy = Vec::with_capacity(room.max(n) * kv_dim);
+                    copy.extend_from_slice(&block[..n * kv_dim]);
+                    copy
+                })
+                .collect()
+        };
+        KvCache {
+            keys: copy(&self.keys),
+            values: copy(&self.values),
+        }
+    }
+
+    /// Bytes it has room for.
+    pub(crate) fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|block| block.capacity() * std::mem::size_of::<f32>())
+            .sum()
+    }
+
+    /// Gives back the room past the positions it holds.
+    pub(crate) fn shrink(&mut self) {
+        for block in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            block.shrink_to_fit();
+        }
+    }
 }
 
 /// One sequence's part of a batched forward pass: `tokens` read at positions `pos..` into
@@ -244,6 +279,11 @@ impl Llama {
     /// Token ids it reads (and makes: the output has a row per embedding).
     pub(crate) fn vocab(&self) -> usize {
         self.embed.rows()
+    }
+
+    /// Keys (and values) per position in one block: a [`KvCache`]'s row.
+    pub(crate) fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
     }
 
     /// Bytes of KV cache one position of one sequence takes.

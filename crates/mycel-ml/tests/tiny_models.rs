@@ -558,6 +558,7 @@ fn concurrent_requests_decode_together_and_each_gets_its_own_tokens() {
         slots: 4,
         kv_bytes: 64 << 20,
         prefill_chunk: 3,
+        ..Default::default()
     };
     let (_dir, model) = tiny_q4(limits);
     let (_dir2, whole) = tiny_q4(BatchLimits {
@@ -635,6 +636,92 @@ fn concurrent_requests_decode_together_and_each_gets_its_own_tokens() {
     assert!(stats.steps > stats.passes, "{stats:?}");
 }
 
+/// A request whose tokens start like ones read before (a shared system prompt, the earlier
+/// turns of a conversation) starts from their cached keys and values and reads only what
+/// follows, and its answer is the tokens it gets without the cache.
+#[test]
+fn requests_that_start_alike_read_only_what_follows_and_answer_the_same() {
+    let limits = BatchLimits {
+        slots: 2,
+        kv_bytes: 64 << 20,
+        prefill_chunk: 4,
+        ..Default::default()
+    };
+    let (_dir, cached) = tiny_q4(limits);
+    let (_dir2, plain) = tiny_q4(BatchLimits {
+        prefix_bytes: 0,
+        ..limits
+    });
+    let system = "<|im_start|>system\nthe cat and the dog and the cat and the dog<|im_end|>\n";
+    let ask = |q: &str| format!("{system}<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
+    let params = GenerateParams {
+        max_tokens: 20,
+        ..Default::default()
+    };
+    // Runs `prompt` on both models: the cached one's answer, its passes and the positions it
+    // did not read again.
+    let both = |prompt: &str| {
+        let before = cached.batch_stats().unwrap();
+        let answer = cached.generate(prompt, &params, |_| true).unwrap();
+        let after = cached.batch_stats().unwrap();
+        let plain_before = plain.batch_stats().unwrap().passes;
+        let reference = plain.generate(prompt, &params, |_| true).unwrap();
+        let plain_passes = plain.batch_stats().unwrap().passes - plain_before;
+        assert_eq!(answer.tokens, reference.tokens, "{prompt:?}");
+        let reused = after.prefix_tokens - before.prefix_tokens;
+        let passes = after.passes - before.passes;
+        // Four prompt tokens a pass: the reused ones save their passes.
+        assert!(
+            passes + reused.div_ceil(4) <= plain_passes + 1,
+            "{passes} passes reusing {reused} positions, {plain_passes} without"
+        );
+        (answer, reused)
+    };
+    let (first, reused) = both(&ask("the cat"));
+    assert_eq!(reused, 0, "nothing read before");
+    let (second, reused) = both(&ask("the dog"));
+    assert!(
+        reused as usize >= second.prompt_tokens / 2 && (reused as usize) < second.prompt_tokens,
+        "the system prompt, not the question: {reused} of {}",
+        second.prompt_tokens
+    );
+    // The next turn of the first conversation: its prompt and its answer were kept.
+    let turn = format!(
+        "{}{}<|im_end|>\n<|im_start|>user\nand the dog?<|im_end|>\n<|im_start|>assistant\n",
+        ask("the cat"),
+        first.text
+    );
+    let (_, reused) = both(&turn);
+    assert!(
+        reused as usize > first.prompt_tokens,
+        "the earlier answer too: {reused} positions, the first prompt had {}",
+        first.prompt_tokens
+    );
+    assert_eq!(plain.batch_stats().unwrap().prefix_hits, 0);
+    assert_eq!(cached.batch_stats().unwrap().prefix_hits, 2);
+
+    // Another requester's requests share nothing with these: the same prompt is read whole.
+    let stop = std::sync::Arc::default();
+    let hits = || cached.batch_stats().unwrap().prefix_hits;
+    let other = |scope| {
+        cached
+            .generate_scoped(
+                scope,
+                &ask("the dog"),
+                &params,
+                &Default::default(),
+                &stop,
+                |_, _| true,
+            )
+            .unwrap()
+    };
+    let answer = other(7);
+    assert_eq!(answer.tokens, second.tokens);
+    assert_eq!(hits(), 2, "nothing of scope 0 for scope 7");
+    other(7);
+    assert_eq!(hits(), 3, "scope 7's own prompt, read before");
+}
+
 /// A request that could never fit the KV budget is refused before it starts, with the
 /// limits; requests that do not fit beside each other take turns; a caller that stops frees
 /// its slot at once, and one that stops while waiting for a slot never takes one.
@@ -645,6 +732,7 @@ fn the_kv_budget_refuses_what_cannot_fit_and_callers_that_leave_free_their_room(
         // 200 positions: 2 blocks × keys and values × 2 heads of 16 × 4 bytes each.
         kv_bytes: 200 * 2 * 2 * 32 * 4,
         prefill_chunk: 64,
+        ..Default::default()
     });
     let with_max = |max_tokens| GenerateParams {
         max_tokens,

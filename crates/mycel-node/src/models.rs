@@ -336,24 +336,39 @@ impl ModelService {
         stream: Option<mpsc::Sender<Piece>>,
     ) -> Result<(Generation, f64), RunError> {
         let alone = model.batch_limits().is_none();
+        // Cached prompt starts are shared within one requester's requests only.
+        let scope = match &admission.who {
+            Requester::Local => 0,
+            Requester::Peer(peer) => {
+                let digest = blake3::hash(&peer.to_bytes());
+                u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes")) | 1
+            }
+        };
         let result = self
             .run(admission, alone, move |cancelled| {
                 let mut sent = resume.tokens.len();
-                model.generate_watching(&prompt, &params, &resume, cancelled, |text, tokens| {
-                    if text.is_empty() {
-                        // No text yet: its tokens go with the next piece.
-                        return !cancelled.load(Ordering::Relaxed);
-                    }
-                    let piece = Piece {
-                        text: text.to_owned(),
-                        tokens: tokens[sent.min(tokens.len())..].to_vec(),
-                    };
-                    sent = tokens.len();
-                    !cancelled.load(Ordering::Relaxed)
-                        && stream
-                            .as_ref()
-                            .is_none_or(|tx| tx.blocking_send(piece).is_ok())
-                })
+                model.generate_scoped(
+                    scope,
+                    &prompt,
+                    &params,
+                    &resume,
+                    cancelled,
+                    |text, tokens| {
+                        if text.is_empty() {
+                            // No text yet: its tokens go with the next piece.
+                            return !cancelled.load(Ordering::Relaxed);
+                        }
+                        let piece = Piece {
+                            text: text.to_owned(),
+                            tokens: tokens[sent.min(tokens.len())..].to_vec(),
+                        };
+                        sent = tokens.len();
+                        !cancelled.load(Ordering::Relaxed)
+                            && stream
+                                .as_ref()
+                                .is_none_or(|tx| tx.blocking_send(piece).is_ok())
+                    },
+                )
             })
             .await;
         // The wait for a slot in the model's batch is queueing too.

@@ -45,6 +45,32 @@ pub(crate) struct ServeBenchArgs {
     /// One JSON object per level and round on stdout.
     #[arg(long)]
     json: bool,
+    /// A system message of about this many words in every request, the same for all (0:
+    /// none): what prefix caching saves. llama-server keeps each slot's last prompt too.
+    #[arg(long, default_value_t = 0)]
+    system_words: usize,
+    /// Our node's `--prefix-cache-mib` (default: the node's default; 0 keeps no prefixes).
+    #[arg(long)]
+    prefix_cache_mib: Option<usize>,
+}
+
+/// A system message of `words` words (none for 0), the same every time.
+fn system_message(words: usize) -> String {
+    const RULES: [&str; 6] = [
+        "You are a careful storyteller for a library's reading club.",
+        "Write in plain words that a child of ten can follow.",
+        "Give every story a beginning, a middle and an end.",
+        "Name at least one person and one place in each story.",
+        "Never use lists, headings or quotation marks.",
+        "Keep every sentence short and end on a calm note.",
+    ];
+    RULES
+        .iter()
+        .cycle()
+        .flat_map(|rule| rule.split(' '))
+        .take(words)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// llama-server's context per slot (`-c` is shared among its slots).
@@ -128,9 +154,8 @@ fn drive(
     url: &str,
     auth: Option<&str>,
     model: &str,
-    clients: usize,
-    requests: usize,
-    max_tokens: usize,
+    (clients, requests, max_tokens): (usize, usize, usize),
+    system: &str,
 ) -> anyhow::Result<Level> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
@@ -149,12 +174,17 @@ fn drive(
                         if i >= requests {
                             return Ok(done);
                         }
+                        let user = json!({
+                            "role": "user",
+                            "content": format!("Write a short story about {}.", TOPICS[i % TOPICS.len()]),
+                        });
+                        let messages = match system {
+                            "" => vec![user],
+                            system => vec![json!({"role": "system", "content": system}), user],
+                        };
                         let body = json!({
                             "model": model,
-                            "messages": [{
-                                "role": "user",
-                                "content": format!("Write a short story about {}.", TOPICS[i % TOPICS.len()]),
-                            }],
+                            "messages": messages,
                             "max_tokens": max_tokens,
                             "temperature": 0,
                             "stream": true,
@@ -201,9 +231,13 @@ async fn our_node(
     config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
     config.models = vec![args.model.clone()];
     config.max_queue = mycel_node::models::DEFAULT_MAX_QUEUE.max(2 * slots);
+    let defaults = mycel_ml::BatchLimits::default();
     config.batch = mycel_ml::BatchLimits {
         slots,
-        ..Default::default()
+        prefix_bytes: args
+            .prefix_cache_mib
+            .map_or(defaults.prefix_bytes, |mib| mib << 20),
+        ..defaults
     };
     Node::start(config).await
 }
@@ -283,6 +317,7 @@ pub(crate) async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
         "ttft p50",
         "llama p50"
     );
+    let system = system_message(args.system_words);
     for round in 0..args.rounds {
         // Our single-stream rate this round, once measured.
         let mut single = None;
@@ -296,28 +331,41 @@ pub(crate) async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
                 node.api_addr.expect("API on")
             );
             let auth = format!("Bearer {}", node.token);
-            let (model, max_tokens) = (name.clone(), args.max_tokens);
+            let (model, max_tokens, prompt) = (name.clone(), args.max_tokens, system.clone());
             let ours = tokio::task::spawn_blocking(move || {
-                drive(&url, Some(&auth), &model, n.min(2), 2, max_tokens)?;
-                drive(&url, Some(&auth), &model, n, requests, max_tokens)
+                drive(
+                    &url,
+                    Some(&auth),
+                    &model,
+                    (n.min(2), 2, max_tokens),
+                    &prompt,
+                )?;
+                drive(
+                    &url,
+                    Some(&auth),
+                    &model,
+                    (n, requests, max_tokens),
+                    &prompt,
+                )
             })
             .await??;
             node.shutdown().await;
             // Theirs, the same way.
             let llama = match &args.llama_server {
                 Some(bin) => {
-                    let (bin, model_path, model, max_tokens) = (
+                    let (bin, model_path, model, max_tokens, system) = (
                         bin.clone(),
                         args.model.clone(),
                         name.clone(),
                         args.max_tokens,
+                        system.clone(),
                     );
                     Some(
                         tokio::task::spawn_blocking(move || -> anyhow::Result<Level> {
                             let (_server, base) = llama_server(&bin, &model_path, n)?;
                             let url = format!("{base}/v1/chat/completions");
-                            drive(&url, None, &model, n.min(2), 2, max_tokens)?;
-                            drive(&url, None, &model, n, requests, max_tokens)
+                            drive(&url, None, &model, (n.min(2), 2, max_tokens), &system)?;
+                            drive(&url, None, &model, (n, requests, max_tokens), &system)
                         })
                         .await??,
                     )
@@ -353,6 +401,8 @@ pub(crate) async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
                     "concurrency": n,
                     "requests": requests,
                     "max_tokens": args.max_tokens,
+                    "system_words": args.system_words,
+                    "prefix_cache_mib": args.prefix_cache_mib,
                     "model": name,
                     "agg_tok_per_s": ours.agg_tok_per_s(),
                     "tokens": ours.tokens,
