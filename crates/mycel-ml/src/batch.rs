@@ -275,11 +275,15 @@ impl Sequence {
         // All of its room at once: what the budget counts is what it holds.
         let (cache, pos) = match prefixes.longest(request.scope, &request.context) {
             Some((cached, n)) => {
+                let copy = cached.prefix(n, model.kv_dim(), positions);
+                // What the copy holds (all n: an entry holds the keys and values of every
+                // one of its tokens).
+                let n = copy.len(model.kv_dim());
                 counters.prefix_hits.fetch_add(1, Ordering::Relaxed);
                 counters
                     .prefix_tokens
                     .fetch_add(n as u64, Ordering::Relaxed);
-                (cached.prefix(n, model.kv_dim(), positions), n)
+                (copy, n)
             }
             None => (model.kv_cache(positions), 0),
         };
@@ -334,12 +338,16 @@ impl Sequence {
 }
 
 /// Keys and values of token sequences read before (prompts, and whole requests), kept for
-/// requests that start the same way; least recently used out first.
+/// requests of the same scope that start the same way; least recently used out first, and a
+/// scope past half the room makes room from its own entries, so one requester cannot take
+/// it all.
 struct Prefixes {
     entries: Vec<Prefix>,
     /// Bytes the entries hold.
     bytes: usize,
     limit: usize,
+    /// Bytes one position takes.
+    per_position: usize,
     clock: u64,
 }
 
@@ -352,11 +360,12 @@ struct Prefix {
 }
 
 impl Prefixes {
-    fn new(limit: usize) -> Self {
+    fn new(limit: usize, per_position: usize) -> Self {
         Self {
             entries: Vec::new(),
             bytes: 0,
             limit,
+            per_position: per_position.max(1),
             clock: 0,
         }
     }
@@ -385,15 +394,33 @@ impl Prefixes {
         Some((&entry.cache, shared))
     }
 
-    /// Whether `tokens` would be worth keeping for `scope`: not too short, not already held
-    /// as (the start of) an entry of it.
+    /// The most bytes one scope's entries hold together.
+    fn share(&self) -> usize {
+        self.limit / 2
+    }
+
+    /// Whether `tokens` would be worth keeping for `scope`: not too short, within a scope's
+    /// share, not already held as (the start of) an entry of it. Asked before anything is
+    /// copied for it.
     fn wants(&self, scope: u64, tokens: &[u32]) -> bool {
-        self.limit > 0
-            && tokens.len() >= MIN_PREFIX
+        tokens.len() >= MIN_PREFIX
+            && tokens.len().saturating_mul(self.per_position) <= self.share()
             && !self
                 .entries
                 .iter()
                 .any(|e| e.scope == scope && e.tokens.starts_with(tokens))
+    }
+
+    /// Removes entry `i`.
+    fn remove(&mut self, i: usize) {
+        self.bytes -= self.entries.swap_remove(i).bytes;
+    }
+
+    /// The least recently used entry, of `scope` alone when given.
+    fn oldest(&self, scope: Option<u64>) -> Option<usize> {
+        (0..self.entries.len())
+            .filter(|&i| scope.is_none_or(|s| self.entries[i].scope == s))
+            .min_by_key(|&i| self.entries[i].used)
     }
 
     /// Keeps `cache`, which holds the keys and values of `tokens`, for `scope`, if it is
@@ -404,7 +431,7 @@ impl Prefixes {
         }
         cache.shrink();
         let bytes = cache.bytes();
-        if bytes > self.limit {
+        if bytes > self.share() {
             return;
         }
         // Entries it starts with are of no more use.
@@ -416,11 +443,24 @@ impl Prefixes {
             }
             !covered
         });
-        while self.bytes + bytes > self.limit {
-            let Some(oldest) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].used) else {
+        let own = |entries: &[Prefix]| -> usize {
+            entries
+                .iter()
+                .filter(|e| e.scope == scope)
+                .map(|e| e.bytes)
+                .sum()
+        };
+        while own(&self.entries) + bytes > self.share() {
+            let Some(oldest) = self.oldest(Some(scope)) else {
                 break;
             };
-            self.bytes -= self.entries.swap_remove(oldest).bytes;
+            self.remove(oldest);
+        }
+        while self.bytes + bytes > self.limit {
+            let Some(oldest) = self.oldest(None) else {
+                break;
+            };
+            self.remove(oldest);
         }
         self.clock += 1;
         self.bytes += bytes;
@@ -456,7 +496,7 @@ fn serve(
 ) {
     let budget = limits.kv_bytes / model.kv_bytes_per_position().max(1);
     let kv_dim = model.kv_dim();
-    let mut prefixes = Prefixes::new(limits.prefix_bytes);
+    let mut prefixes = Prefixes::new(limits.prefix_bytes, model.kv_bytes_per_position());
     let mut waiting: VecDeque<Request> = VecDeque::new();
     let mut active: Vec<Sequence> = Vec::new();
     let mut reserved = 0usize;
@@ -563,13 +603,15 @@ fn serve(
                 s.feed.drain(..n);
                 // Its context read: kept for newcomers that start the same way (a copy: the
                 // request goes on in its own).
-                let context = &s.history[..s.context];
-                if reading && s.pos >= s.context && prefixes.wants(s.scope, context) {
-                    let copy = s.cache.prefix(s.context, kv_dim, s.context);
-                    prefixes.keep((s.scope, context.to_vec(), copy));
-                }
                 if s.feed.is_empty() {
                     going = s.next(row);
+                }
+                // Its context read, and the request goes on (one that ends now is kept
+                // whole just below): a copy kept for newcomers that start the same way.
+                let context = &s.history[..s.context];
+                if going && reading && s.pos >= s.context && prefixes.wants(s.scope, context) {
+                    let copy = s.cache.prefix(s.context, kv_dim, s.context);
+                    prefixes.keep((s.scope, context.to_vec(), copy));
                 }
             }
             if going {
@@ -580,5 +622,79 @@ fn serve(
             }
         }
         active = kept;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` tokens from `first` on.
+    fn tokens(first: u32, n: u32) -> Vec<u32> {
+        (first..first + n).collect()
+    }
+
+    /// The keys and values of `positions` positions, 8 bytes each (one block of width 1).
+    fn cache(positions: usize) -> KvCache {
+        KvCache::zeros(1, positions, 1)
+    }
+
+    fn holds(prefixes: &Prefixes, scope: u64, first: u32) -> bool {
+        prefixes
+            .entries
+            .iter()
+            .any(|e| e.scope == scope && e.tokens[0] == first)
+    }
+
+    #[test]
+    fn prefixes_keep_within_their_room_and_each_scope_within_half() {
+        // Room for 40 positions; a scope's share is 20.
+        let mut p = Prefixes::new(320, 8);
+        let counted = |p: &Prefixes| p.entries.iter().map(|e| e.bytes).sum::<usize>();
+        p.keep((1, tokens(0, 10), cache(10)));
+        p.keep((1, tokens(100, 10), cache(10)));
+        assert_eq!((p.entries.len(), p.bytes), (2, 160));
+        // A third of scope 1 would pass its share: its own oldest makes room.
+        p.keep((1, tokens(200, 10), cache(10)));
+        assert!(!holds(&p, 1, 0) && holds(&p, 1, 100) && holds(&p, 1, 200));
+        // Another scope takes the rest; past the room, the oldest of all goes.
+        p.keep((2, tokens(0, 10), cache(10)));
+        p.keep((2, tokens(300, 10), cache(10)));
+        assert_eq!((p.entries.len(), p.bytes), (4, 320));
+        p.longest(1, &tokens(100, 11)).expect("a hit");
+        p.keep((3, tokens(0, 10), cache(10)));
+        assert!(
+            !holds(&p, 1, 200) && holds(&p, 1, 100),
+            "the least recently used went, not the one just used"
+        );
+        assert_eq!(p.bytes, counted(&p));
+        // An entry that extends another replaces it; one held already is not kept twice.
+        p.keep((3, tokens(0, 12), cache(12)));
+        assert_eq!(
+            p.entries.iter().filter(|e| e.scope == 3).count(),
+            1,
+            "the longer one only"
+        );
+        assert!(!p.wants(3, &tokens(0, 8)));
+        assert!(
+            p.wants(2, &tokens(0, 12)),
+            "another scope's entry is not its"
+        );
+        // Longer than a scope's share, or too short: not wanted, so never copied.
+        assert!(!p.wants(4, &tokens(0, 21)));
+        assert!(!p.wants(4, &tokens(0, MIN_PREFIX as u32 - 1)));
+        assert_eq!(p.bytes, counted(&p));
+        assert!(p.bytes <= 320);
+        // A hit leaves at least the last token to read, and needs MIN_PREFIX in common.
+        assert_eq!(p.longest(3, &tokens(0, 12)).map(|(_, n)| n), Some(11));
+        assert!(p.longest(3, &tokens(0, 3)).is_none());
+        assert!(
+            p.longest(5, &tokens(0, 12)).is_none(),
+            "no entry of scope 5"
+        );
+        // Nothing kept without room.
+        let mut none = Prefixes::new(0, 8);
+        none.keep((1, tokens(0, 10), cache(10)));
+        assert!(none.entries.is_empty());
     }
 }

@@ -75,6 +75,16 @@ impl KvCache {
             .sum()
     }
 
+    /// `positions` positions of zeros in `blocks` blocks (tests).
+    #[cfg(test)]
+    pub(crate) fn zeros(blocks: usize, positions: usize, kv_dim: usize) -> KvCache {
+        let block = vec![0f32; positions * kv_dim];
+        KvCache {
+            keys: vec![block.clone(); blocks],
+            values: vec![block; blocks],
+        }
+    }
+
     /// Gives back the room past the positions it holds.
     pub(crate) fn shrink(&mut self) {
         for block in self.keys.iter_mut().chain(self.values.iter_mut()) {

@@ -336,9 +336,10 @@ impl ModelService {
         stream: Option<mpsc::Sender<Piece>>,
     ) -> Result<(Generation, f64), RunError> {
         let alone = model.batch_limits().is_none();
-        // Cached prompt starts are shared within one requester's requests only.
+        // Cached prompt starts are shared within one requester's requests only (scope 0 is
+        // the engine's default, for callers that name none).
         let scope = match &admission.who {
-            Requester::Local => 0,
+            Requester::Local => 2,
             Requester::Peer(peer) => {
                 let digest = blake3::hash(&peer.to_bytes());
                 u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes")) | 1
