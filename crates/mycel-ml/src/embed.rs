@@ -2,6 +2,7 @@
 //! normalisation (what sentence-transformers does for all-MiniLM-L6-v2).
 
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -19,6 +20,9 @@ pub const EMBEDDER_FILES: [&str; 3] = ["config.json", "model.safetensors", "toke
 /// Texts run through the model at once.
 pub const BATCH: usize = 32;
 
+/// The most texts of requests embedded together in one run (see [`Embedder::embed_together`]).
+pub const TOGETHER: usize = 8 * BATCH;
+
 /// A loaded embedding model.
 pub struct Embedder {
     model: Bert,
@@ -27,6 +31,25 @@ pub struct Embedder {
     name: String,
     dimension: usize,
     max_tokens: usize,
+    /// Requests waiting to be embedded together, and whether a caller is running a batch.
+    together: Mutex<Together>,
+    /// Told when a run ends.
+    ran: Condvar,
+}
+
+/// What [`Embedder::embed`] gives: the vectors and the tokens read.
+type Embedded = Result<(Vec<Vec<f32>>, usize)>;
+
+#[derive(Default)]
+struct Together {
+    waiting: Vec<Arc<Job>>,
+    running: bool,
+}
+
+/// One caller's texts, and its result once a run has made it.
+struct Job {
+    texts: Vec<String>,
+    result: Mutex<Option<Embedded>>,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -86,6 +109,8 @@ impl Embedder {
             name: model_name(dir),
             dimension: config.hidden_size,
             max_tokens,
+            together: Mutex::default(),
+            ran: Condvar::new(),
         })
     }
 
@@ -111,7 +136,13 @@ impl Embedder {
 
     /// Embeds `texts` (unit-length vectors, in order), in batches of [`BATCH`]; returns them
     /// with the number of tokens the inputs held.
-    pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<(Vec<Vec<f32>>, usize)> {
+    pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Embedded {
+        let (vectors, counts) = self.embed_counted(texts)?;
+        Ok((vectors, counts.iter().sum()))
+    }
+
+    /// [`Embedder::embed`], with the tokens of each text.
+    fn embed_counted<S: AsRef<str>>(&self, texts: &[S]) -> Result<(Vec<Vec<f32>>, Vec<usize>)> {
         if texts.is_empty() {
             return Err(MlError::Input("the input list is empty".into()));
         }
@@ -120,15 +151,103 @@ impl Embedder {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(texts[i].as_ref().len()));
         let mut out = vec![Vec::new(); texts.len()];
-        let mut tokens = 0;
+        let mut counts = vec![0; texts.len()];
         for batch in order.chunks(BATCH) {
-            let (vectors, n) = self.embed_batch(texts, batch)?;
-            for (&i, vector) in batch.iter().zip(vectors) {
+            let (vectors, tokens) = self.embed_batch(texts, batch)?;
+            for ((&i, vector), n) in batch.iter().zip(vectors).zip(tokens) {
                 out[i] = vector;
+                counts[i] = n;
             }
-            tokens += n;
         }
-        Ok((out, tokens))
+        Ok((out, counts))
+    }
+
+    /// [`Embedder::embed`] for callers at once: the texts of requests that arrive while one
+    /// runs are embedded together in the next run (up to [`TOGETHER`] texts), by one of
+    /// their callers, so that small requests share the model's products. Each text's vector
+    /// is the one it gets alone (a sentence's rows never mix with another's, and the products'
+    /// sums are cut the same way however many rows they have), and a request whose input is
+    /// refused fails alone.
+    pub fn embed_together(&self, texts: Vec<String>) -> Embedded {
+        if texts.is_empty() {
+            return Err(MlError::Input("the input list is empty".into()));
+        }
+        let job = Arc::new(Job {
+            texts,
+            result: Mutex::new(None),
+        });
+        let lock = || self.together.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = lock();
+        state.waiting.push(job.clone());
+        loop {
+            if let Some(result) = job.result.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return result;
+            }
+            if state.running {
+                state = self.ran.wait(state).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // This caller runs the waiting requests, its own among them.
+            state.running = true;
+            let mut batch = Vec::new();
+            let mut texts = 0;
+            while let Some(next) = state.waiting.first() {
+                if !batch.is_empty() && texts + next.texts.len() > TOGETHER {
+                    break;
+                }
+                texts += next.texts.len();
+                batch.push(state.waiting.remove(0));
+            }
+            drop(state);
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.run_together(&batch)
+            }));
+            if run.is_err() {
+                for job in &batch {
+                    let mut result = job.result.lock().unwrap_or_else(|e| e.into_inner());
+                    if result.is_none() {
+                        *result = Some(Err(MlError::Run("the embedding run panicked".into())));
+                    }
+                }
+            }
+            state = lock();
+            state.running = false;
+            self.ran.notify_all();
+        }
+    }
+
+    /// Embeds the texts of `jobs` in one run and hands each its result.
+    fn run_together(&self, jobs: &[Arc<Job>]) {
+        let requests: Vec<&[String]> = jobs.iter().map(|j| j.texts.as_slice()).collect();
+        for (job, result) in jobs.iter().zip(self.embed_many(&requests)) {
+            *job.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        }
+    }
+
+    /// Embeds the texts of several requests in one run: each gets what [`Embedder::embed`]
+    /// gives it alone (its vectors, the same bits, and its tokens). When the run is refused
+    /// (some input is), each request runs alone, so that only its own input fails it.
+    pub fn embed_many<S: AsRef<str>>(&self, requests: &[&[S]]) -> Vec<Embedded> {
+        let all: Vec<&str> = requests
+            .iter()
+            .flat_map(|r| r.iter().map(AsRef::as_ref))
+            .collect();
+        match self.embed_counted(&all) {
+            Ok((mut vectors, counts)) if requests.iter().all(|r| !r.is_empty()) => {
+                let mut at = 0;
+                requests
+                    .iter()
+                    .map(|r| {
+                        let n = r.len();
+                        let own: Vec<Vec<f32>> = vectors.drain(..n).collect();
+                        let tokens = counts[at..at + n].iter().sum();
+                        at += n;
+                        Ok((own, tokens))
+                    })
+                    .collect()
+            }
+            _ => requests.iter().map(|r| self.embed(r)).collect(),
+        }
     }
 
     /// Embeds `texts[i]` for each `i` in `batch`.
@@ -136,13 +255,13 @@ impl Embedder {
         &self,
         texts: &[S],
         batch: &[usize],
-    ) -> Result<(Vec<Vec<f32>>, usize)> {
+    ) -> Result<(Vec<Vec<f32>>, Vec<usize>)> {
         let inputs: Vec<&str> = batch.iter().map(|&i| texts[i].as_ref()).collect();
         let encodings = self
             .tokenizer
             .encode_batch(inputs, true)
             .map_err(|e| MlError::Input(format!("cannot tokenize the input: {e}")))?;
-        let mut tokens = 0;
+        let mut tokens = Vec::with_capacity(encodings.len());
         for (i, encoding) in encodings.iter().enumerate() {
             let len = encoding
                 .get_attention_mask()
@@ -155,7 +274,7 @@ impl Embedder {
                     batch[i], self.name, self.max_tokens
                 )));
             }
-            tokens += len;
+            tokens.push(len);
         }
         let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
         let mut vectors = self.model.mean_pooled(&ids)?;

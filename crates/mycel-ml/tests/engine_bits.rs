@@ -10,23 +10,31 @@ use std::path::PathBuf;
 
 use mycel_ml::Embedder;
 
-#[test]
-fn embeddings_are_the_same_bits_on_any_number_of_threads() {
+/// all-MiniLM-L6-v2's directory, or `None` (having said so) where it is absent.
+fn minilm(test: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("MYCEL_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"))
         .join("all-minilm-l6-v2");
-    if !dir.join("model.safetensors").is_file() {
-        mycel_ml::fixtures::skip_unless_required(
-            "the thread-count bit test",
-            "MYCEL_REQUIRE_MODELS",
-            &format!(
-                "{} is absent (run `bash scripts/fetch-models.sh`)",
-                dir.display()
-            ),
-        );
-        return;
+    if dir.join("model.safetensors").is_file() {
+        return Some(dir);
     }
+    mycel_ml::fixtures::skip_unless_required(
+        test,
+        "MYCEL_REQUIRE_MODELS",
+        &format!(
+            "{} is absent (run `bash scripts/fetch-models.sh`)",
+            dir.display()
+        ),
+    );
+    None
+}
+
+#[test]
+fn embeddings_are_the_same_bits_on_any_number_of_threads() {
+    let Some(dir) = minilm("the thread-count bit test") else {
+        return;
+    };
     let engine = mycel_ml::embed::f32_engine();
     assert!(
         engine.starts_with("candle-f32-") && engine.contains("-kc"),
@@ -58,4 +66,45 @@ fn embeddings_are_the_same_bits_on_any_number_of_threads() {
             }
         }
     }
+}
+
+/// A sentence's embedding does not depend on what it was embedded with: alone, in a batch,
+/// or among another request's sentences (`Embedder::embed_together`), the same bits, so
+/// replicas that batch their requests differently still agree.
+#[test]
+fn an_embedding_is_the_same_bits_alone_and_among_others() {
+    let Some(dir) = minilm("the batch-composition bit test") else {
+        return;
+    };
+    let model = Embedder::load(&dir).unwrap();
+    let words = ["river", "kernel", "quorum", "lantern", "harvest"];
+    let sentences: Vec<String> = (0..40)
+        .map(|i| format!("sentence {i} is about the {} ", words[i % 5]).repeat(1 + i % 4))
+        .collect();
+    let bits = |vectors: &[Vec<f32>]| -> Vec<Vec<u32>> {
+        vectors
+            .iter()
+            .map(|v| v.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    let together = bits(&model.embed(&sentences).unwrap().0);
+    let alone: Vec<Vec<u32>> = sentences
+        .iter()
+        .flat_map(|s| bits(&model.embed(std::slice::from_ref(s)).unwrap().0))
+        .collect();
+    assert_eq!(together, alone);
+    // Requests at once, combined into shared batches: each gets its own sentences' bits.
+    let model = std::sync::Arc::new(model);
+    let threads: Vec<_> = sentences
+        .chunks(3)
+        .map(|chunk| {
+            let (model, chunk) = (model.clone(), chunk.to_vec());
+            std::thread::spawn(move || model.embed_together(chunk).unwrap())
+        })
+        .collect();
+    let combined: Vec<Vec<u32>> = threads
+        .into_iter()
+        .flat_map(|t| bits(&t.join().unwrap().0))
+        .collect();
+    assert_eq!(combined, alone);
 }

@@ -75,6 +75,71 @@ fn embedding_refuses_bad_input_and_bad_directories() {
     ));
 }
 
+/// Requests embedded in one run each get what they get alone (the same bits, their own
+/// token counts), and one whose input is refused fails alone; callers at once share runs.
+#[test]
+fn requests_embedded_together_get_their_own_vectors_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert(dir.path()).unwrap();
+    let model = std::sync::Arc::new(Embedder::load(dir.path()).unwrap());
+    let long = "the cat ".repeat(20);
+    let requests: Vec<Vec<String>> = (0..12)
+        .map(|i| match i {
+            5 => vec!["fine".into(), long.clone()],
+            _ => vec![format!("the dog {i}"), "a red cat ran ".repeat(1 + i % 3)],
+        })
+        .collect();
+    type Embedded = mycel_ml::Result<(Vec<Vec<f32>>, usize)>;
+    fn check(got: &Embedded, alone: &Embedded) {
+        let bits = |v: &[Vec<f32>]| -> Vec<Vec<u32>> {
+            v.iter()
+                .map(|v| v.iter().map(|x| x.to_bits()).collect())
+                .collect()
+        };
+        match (got, alone) {
+            (Ok((v, n)), Ok((va, na))) => {
+                assert_eq!(bits(v), bits(va));
+                assert_eq!(n, na);
+            }
+            (Err(MlError::Input(m)), Err(MlError::Input(ma))) => {
+                assert_eq!(m, ma);
+                assert!(m.contains("input 1"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let alone: Vec<Embedded> = requests.iter().map(|r| model.embed(r)).collect();
+    let views: Vec<&[String]> = requests.iter().map(Vec::as_slice).collect();
+    let many = model.embed_many(&views);
+    assert_eq!(many.len(), 12);
+    for (got, alone) in many.iter().zip(&alone) {
+        check(got, alone);
+    }
+    // Without the refused one, one run serves them all.
+    let fine: Vec<&[String]> = views
+        .iter()
+        .copied()
+        .filter(|r| r.len() == 2 && r[1] != long)
+        .collect();
+    assert_eq!(fine.len(), 11);
+    assert!(model.embed_many(&fine).iter().all(Result::is_ok));
+    // Callers at once, combined however they arrive.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(requests.len()));
+    let threads: Vec<_> = requests
+        .into_iter()
+        .map(|request| {
+            let (model, barrier) = (model.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                model.embed_together(request)
+            })
+        })
+        .collect();
+    for (thread, alone) in threads.into_iter().zip(&alone) {
+        check(&thread.join().unwrap(), alone);
+    }
+}
+
 fn tiny_llama() -> (tempfile::TempDir, Generator) {
     tiny_llama_on(Engine::Exact)
 }

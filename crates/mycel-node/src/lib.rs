@@ -86,6 +86,8 @@ pub struct NodeConfig {
     pub max_queue: usize,
     /// How much a generation model on the q4 engine decodes at once.
     pub batch: mycel_ml::BatchLimits,
+    /// Embedding requests at once share runs (`false`: one at a time, as benchmarks compare).
+    pub embed_together: bool,
     /// How inference tasks are routed.
     pub router: RouterConfig,
     /// How blobs are kept, served and fetched.
@@ -156,6 +158,7 @@ impl NodeConfig {
             preloaded: Vec::new(),
             engine: Engine::default(),
             batch: mycel_ml::BatchLimits::default(),
+            embed_together: true,
             max_queue: models::DEFAULT_MAX_QUEUE,
             router: RouterConfig::default(),
             blobs: BlobConfig::default(),
@@ -264,7 +267,11 @@ impl Node {
         served.extend(loaded);
         // What the node's defences turn away, counted by every service (registered below).
         let defences = defences::Defences::default();
-        let models = Arc::new(ModelService::new(served, max_queue).counting(defences.clone()));
+        let models = Arc::new(
+            ModelService::new(served, max_queue)
+                .counting(defences.clone())
+                .embedding_together(config.embed_together),
+        );
         let known_peers = store
             .peers()?
             .into_iter()

@@ -122,6 +122,8 @@ pub struct ModelService {
     worker: Arc<Semaphore>,
     /// Where peers refused past their share are counted.
     defences: crate::defences::Defences,
+    /// Embedding requests at once share runs (otherwise: one at a time, with the cores).
+    embed_together: bool,
 }
 
 /// Loads one model: a `.gguf` file is a generation model, a directory with config.json,
@@ -191,7 +193,15 @@ impl ModelService {
             queue: Arc::new(Mutex::new(QueueShares::new(max_queue))),
             worker: Arc::new(Semaphore::new(1)),
             defences: Default::default(),
+            embed_together: true,
         }
+    }
+
+    /// Whether embedding requests at once share runs (the default) or run one at a time
+    /// with the cores to themselves (benchmarks compare the two).
+    pub fn embedding_together(mut self, together: bool) -> Self {
+        self.embed_together = together;
+        self
     }
 
     /// Counts what the queue turns away in `defences`.
@@ -313,14 +323,20 @@ impl ModelService {
     }
 
     /// Embeds `texts` with `model`: the vectors, the tokens read and the time queued (ms).
+    /// Requests at once are embedded together (`Embedder::embed_together`), each with the
+    /// vectors it gets alone.
     pub async fn embed(
         &self,
         admission: Admission,
         model: Arc<Embedder>,
         texts: Vec<String>,
     ) -> Result<((Vec<Vec<f32>>, usize), f64), RunError> {
-        self.run(admission, true, move |_| model.embed(&texts))
-            .await
+        let together = self.embed_together;
+        self.run(admission, !together, move |_| match together {
+            true => model.embed_together(texts),
+            false => model.embed(&texts),
+        })
+        .await
     }
 
     /// Generates with `model`, picking up after `resume`; text goes to `stream` as it is

@@ -7,7 +7,9 @@
 //! and a context of [`CONTEXT_PER_SLOT`] per slot; each is warmed up with a few requests first
 //! and stopped after its level, so they never run at once. Reported per level: aggregate
 //! generated tokens per second (all tokens over the level's wall time), request latency p50
-//! and p99, time to the first token p50.
+//! and p99, time to the first token p50. With `--embeddings DIR`, one-sentence embedding
+//! requests instead, our node embedding requests at once together beside the same node
+//! taking them one at a time.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -52,6 +54,171 @@ pub(crate) struct ServeBenchArgs {
     /// Our node's `--prefix-cache-mib` (default: the node's default; 0 keeps no prefixes).
     #[arg(long)]
     prefix_cache_mib: Option<usize>,
+    /// Instead of chat: embedding requests of one sentence each against this embedding model
+    /// (a directory such as .cache/models/all-minilm-l6-v2), our node embedding the requests
+    /// that arrive at once together, beside the same node taking them one at a time.
+    #[arg(long, value_name = "DIR")]
+    embeddings: Option<PathBuf>,
+}
+
+/// `--embeddings`: at each level, n clients send the level's one-sentence requests between
+/// them to a fresh node that embeds requests together, and to one that takes them one at a
+/// time (as nodes did before), one after the other.
+async fn embeddings(args: &ServeBenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        dir.join("model.safetensors").is_file(),
+        "no embedding model in {}: run `bash scripts/fetch-models.sh` or pass another",
+        dir.display()
+    );
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let root = tempfile::tempdir()?;
+    eprintln!(
+        "{:>5} {:>3} {:>10} {:>10} {:>7} {:>9} {:>9}",
+        "round", "N", "req/s", "alone", "ratio", "p50 ms", "alone p50"
+    );
+    for round in 0..args.rounds {
+        for &n in &args.concurrency {
+            let requests = args.requests.max(n);
+            let mut levels = Vec::new();
+            for together in [true, false] {
+                let mut config =
+                    NodeConfig::new(root.path().join(format!("e{round}-{n}-{together}")));
+                config.mdns = false;
+                config.api = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+                config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+                config.models = vec![dir.to_path_buf()];
+                config.max_queue = mycel_node::models::DEFAULT_MAX_QUEUE.max(2 * n);
+                config.embed_together = together;
+                let node = Node::start(config).await?;
+                let url = format!("http://{}/v1/embeddings", node.api_addr.expect("API on"));
+                let auth = format!("Bearer {}", node.token);
+                let model = name.clone();
+                let level = tokio::task::spawn_blocking(move || {
+                    drive_embeddings(&url, &auth, &model, n.min(2), 8)?;
+                    drive_embeddings(&url, &auth, &model, n, requests)
+                })
+                .await??;
+                node.shutdown().await;
+                levels.push(level);
+            }
+            let rate = |l: &Level| l.latencies_ms.len() as f64 / l.wall.as_secs_f64();
+            let (ours, alone) = (&levels[0], &levels[1]);
+            eprintln!(
+                "{:>5} {:>3} {:>10.1} {:>10.1} {:>7.2} {:>9.1} {:>9.1}",
+                round + 1,
+                n,
+                rate(ours),
+                rate(alone),
+                rate(ours) / rate(alone),
+                super::quantile(&ours.latencies_ms, 0.5),
+                super::quantile(&alone.latencies_ms, 0.5),
+            );
+            if args.json {
+                super::emit_json(json!({
+                    "round": round + 1,
+                    "task": "embeddings",
+                    "concurrency": n,
+                    "requests": requests,
+                    "model": name,
+                    "req_per_s": rate(ours),
+                    "alone_req_per_s": rate(alone),
+                    "ratio": rate(ours) / rate(alone),
+                    "p50_ms": super::quantile(&ours.latencies_ms, 0.5),
+                    "p99_ms": super::quantile(&ours.latencies_ms, 0.99),
+                    "alone_p50_ms": super::quantile(&alone.latencies_ms, 0.5),
+                    "alone_p99_ms": super::quantile(&alone.latencies_ms, 0.99),
+                    "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+                }));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `requests` one-sentence embedding requests from `clients` clients at once against `url`.
+fn drive_embeddings(
+    url: &str,
+    auth: &str,
+    model: &str,
+    clients: usize,
+    requests: usize,
+) -> anyhow::Result<Level> {
+    let (wall, results) = clients_at_once(clients, requests, |agent, i| {
+        let body = json!({
+            "model": model,
+            "input": format!("Request {i} asks for a short story about {}.", TOPICS[i % TOPICS.len()]),
+        });
+        let sent = Instant::now();
+        let mut response = agent
+            .post(url)
+            .header("Authorization", auth)
+            .send_json(&body)
+            .context("sending an embedding request")?;
+        let status = response.status().as_u16();
+        let reply: Value = response
+            .body_mut()
+            .read_json()
+            .context("an embedding reply")?;
+        anyhow::ensure!(
+            status == 200 && reply["data"].as_array().is_some_and(|d| d.len() == 1),
+            "embedding request {i}: HTTP {status}: {reply}"
+        );
+        Ok(sent.elapsed().as_secs_f64() * 1e3)
+    })?;
+    let mut latencies_ms = results;
+    latencies_ms.sort_by(f64::total_cmp);
+    Ok(Level {
+        tokens: 0,
+        wall,
+        latencies_ms,
+        ttft_ms: Vec::new(),
+    })
+}
+
+/// Request `0..requests` sent by `clients` clients at once (each with its own connection,
+/// waiting for an answer before its next request) through `send`: the wall time and every
+/// request's result.
+fn clients_at_once<T: Send>(
+    clients: usize,
+    requests: usize,
+    send: impl Fn(&ureq::Agent, usize) -> anyhow::Result<T> + Sync,
+) -> anyhow::Result<(Duration, Vec<T>)> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<Vec<T>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                scope.spawn(|| {
+                    let agent: ureq::Agent = ureq::Agent::config_builder()
+                        .http_status_as_error(false)
+                        .timeout_global(Some(Duration::from_secs(300)))
+                        .build()
+                        .into();
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= requests {
+                            return Ok(done);
+                        }
+                        done.push(send(&agent, i)?);
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a client thread"))
+            .collect()
+    });
+    let wall = started.elapsed();
+    let mut all = Vec::with_capacity(requests);
+    for client in results {
+        all.extend(client?);
+    }
+    Ok((wall, all))
 }
 
 /// A system message of `words` words (none for 0), the same every time.
@@ -157,62 +324,35 @@ fn drive(
     (clients, requests, max_tokens): (usize, usize, usize),
     system: &str,
 ) -> anyhow::Result<Level> {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let started = Instant::now();
-    let results: Vec<anyhow::Result<Vec<(usize, f64, f64)>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..clients)
-            .map(|_| {
-                scope.spawn(|| {
-                    let agent: ureq::Agent = ureq::Agent::config_builder()
-                        .http_status_as_error(false)
-                        .timeout_global(Some(Duration::from_secs(300)))
-                        .build()
-                        .into();
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= requests {
-                            return Ok(done);
-                        }
-                        let user = json!({
-                            "role": "user",
-                            "content": format!("Write a short story about {}.", TOPICS[i % TOPICS.len()]),
-                        });
-                        let messages = match system {
-                            "" => vec![user],
-                            system => vec![json!({"role": "system", "content": system}), user],
-                        };
-                        let body = json!({
-                            "model": model,
-                            "messages": messages,
-                            "max_tokens": max_tokens,
-                            "temperature": 0,
-                            "stream": true,
-                            "stream_options": {"include_usage": true},
-                        });
-                        done.push(one_request(&agent, url, auth, &body)?);
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a client thread"))
-            .collect()
-    });
-    let wall = started.elapsed();
+    let (wall, results) = clients_at_once(clients, requests, |agent, i| {
+        let user = json!({
+            "role": "user",
+            "content": format!("Write a short story about {}.", TOPICS[i % TOPICS.len()]),
+        });
+        let messages = match system {
+            "" => vec![user],
+            system => vec![json!({"role": "system", "content": system}), user],
+        };
+        let body = json!({
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        one_request(agent, url, auth, &body)
+    })?;
     let mut level = Level {
         tokens: 0,
         wall,
         latencies_ms: Vec::new(),
         ttft_ms: Vec::new(),
     };
-    for client in results {
-        for (tokens, latency, first) in client? {
-            level.tokens += tokens;
-            level.latencies_ms.push(latency);
-            level.ttft_ms.push(first);
-        }
+    for (tokens, latency, first) in results {
+        level.tokens += tokens;
+        level.latencies_ms.push(latency);
+        level.ttft_ms.push(first);
     }
     level.latencies_ms.sort_by(f64::total_cmp);
     level.ttft_ms.sort_by(f64::total_cmp);
@@ -291,13 +431,16 @@ fn llama_server(
 
 pub(crate) async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
+        args.concurrency.iter().all(|n| *n > 0),
+        "--concurrency levels must be at least 1"
+    );
+    if let Some(dir) = &args.embeddings {
+        return embeddings(&args, dir).await;
+    }
+    anyhow::ensure!(
         args.model.is_file(),
         "no GGUF at {}: run `bash scripts/fetch-models.sh` or pass --model",
         args.model.display()
-    );
-    anyhow::ensure!(
-        args.concurrency.iter().all(|n| *n > 0),
-        "--concurrency levels must be at least 1"
     );
     let llama_build = match &args.llama_server {
         Some(bin) => Some(super::inference::llama_build(bin)?),
