@@ -890,11 +890,13 @@ pub fn clusters(peers: &[(PeerId, Option<&str>, Option<f64>)], size: usize) -> V
         .collect()
 }
 
-/// `clusters` for a securely aggregated job: every cluster's head sums at least
-/// `min_members` members securely, so a cluster with fewer joins the one before it (the
-/// first, the one after it); when there is only one cluster and it is short, everyone
-/// becomes a plain participant of one flat secure sum (clusters without members).
-pub fn secure_clusters(clusters: Vec<Cluster>, min_members: usize) -> Vec<Cluster> {
+/// `clusters` with at least `min_members` members each: a cluster that is short takes the
+/// ones after it in until it is not (so short clusters of small sites join each other, not
+/// one large cluster), and a short last one joins the one before it; when there is only one
+/// cluster and it is short, everyone becomes a plain participant (clusters without members).
+/// A secure job needs `secround::MIN_PARTICIPANTS` members to sum; a plain one 1, so that a
+/// peer alone in its site does not get a cluster's vote at the root.
+pub fn fill_clusters(clusters: Vec<Cluster>, min_members: usize) -> Vec<Cluster> {
     let join = |into: &mut Cluster, short: Cluster| {
         into.members.push(short.head);
         into.members.extend(short.members);
@@ -902,14 +904,14 @@ pub fn secure_clusters(clusters: Vec<Cluster>, min_members: usize) -> Vec<Cluste
     let mut out: Vec<Cluster> = Vec::with_capacity(clusters.len());
     for cluster in clusters {
         match out.last_mut() {
-            Some(last) if cluster.members.len() < min_members => join(last, cluster),
+            Some(last) if last.members.len() < min_members => join(last, cluster),
             _ => out.push(cluster),
         }
     }
-    // Only the first can still be short.
-    if out.len() > 1 && out[0].members.len() < min_members {
-        let short = out.remove(0);
-        join(&mut out[0], short);
+    // Only the last can still be short.
+    if out.len() > 1 && out.last().is_some_and(|c| c.members.len() < min_members) {
+        let short = out.pop().expect("more than one cluster");
+        join(out.last_mut().expect("more than one cluster"), short);
     }
     if out.len() == 1 && out[0].members.len() < min_members {
         let only = out.pop().expect("one cluster");
@@ -1585,14 +1587,14 @@ mod tests {
     }
 
     #[test]
-    fn secure_clusters_sum_at_least_three_members_each() {
+    fn filled_clusters_have_at_least_three_members_each() {
         let peers: Vec<PeerId> = (0..11).map(|_| PeerId::random()).collect();
         let plan = clusters(
             &peers.iter().map(|p| (*p, None, None)).collect::<Vec<_>>(),
             4,
         );
         assert_eq!(plan.len(), 3, "4 + 4 + 3");
-        let merged = secure_clusters(plan.clone(), 3);
+        let merged = fill_clusters(plan.clone(), 3);
         assert_eq!(
             merged.iter().map(|c| c.members.len()).collect::<Vec<_>>(),
             vec![3, 6],
@@ -1611,7 +1613,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             4,
         );
-        let flat = secure_clusters(short, 3);
+        let flat = fill_clusters(short, 3);
         assert_eq!(flat.len(), 3);
         assert!(flat.iter().all(|c| c.members.is_empty()));
         // Clusters that are long enough stay as they are.
@@ -1622,7 +1624,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             4,
         );
-        assert_eq!(secure_clusters(even.clone(), 3), even);
+        assert_eq!(fill_clusters(even.clone(), 3), even);
     }
 
     #[test]
@@ -1867,12 +1869,32 @@ mod tests {
             ],
             "sites in the order of their closest peers, never mixed, RTT order within"
         );
-        // A secure job's short clusters join a neighbour: the first the one after it.
-        let merged = secure_clusters(cs, 2);
+        // Short clusters take the next ones in until they are long enough.
+        let merged = fill_clusters(cs, 2);
         let sizes: Vec<usize> = merged.iter().map(|c| c.members.len() + 1).collect();
-        assert_eq!(sizes, vec![6, 3], "{merged:?}");
-        assert_eq!(merged[0].head, p[1]);
-        assert!(merged[0].members.contains(&p[6]) && merged[0].members.contains(&p[7]));
+        assert_eq!(sizes, vec![5, 4], "{merged:?}");
+        assert_eq!((merged[0].head, merged[1].head), (p[6], p[7]));
+        // Small sites join each other, not one large cluster: four sites of three, clusters
+        // of four, three members each needed.
+        let q: Vec<PeerId> = (0..12).map(|_| PeerId::random()).collect();
+        let sites = ["a", "b", "c", "d"];
+        let small: Vec<_> = q
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, Some(sites[i / 3]), Some(i as f64)))
+            .collect();
+        let merged = fill_clusters(clusters(&small, 4), 3);
+        let sizes: Vec<usize> = merged.iter().map(|c| c.members.len() + 1).collect();
+        assert_eq!(sizes, vec![6, 6]);
+        // A plain job's peer alone in its site joins a neighbour.
+        let alone = [
+            (q[0], Some("a"), None),
+            (q[1], Some("a"), None),
+            (q[2], Some("b"), None),
+        ];
+        let merged = fill_clusters(clusters(&alone, 4), 1);
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged[0].members.len(), 2);
     }
 
     #[test]

@@ -118,7 +118,11 @@ impl Capabilities {
             .datasets
             .iter()
             .map(|d| too_long("the dataset tag", &d.tag))
-            .chain([self.site.as_deref().and_then(|s| too_long("the site", s))]);
+            .chain([self.site.as_deref().and_then(|s| {
+                (s.is_empty() || s.chars().any(char::is_control))
+                    .then(|| format!("the site {s:?} is empty or holds control characters"))
+                    .or_else(|| too_long("the site", s))
+            })]);
         if let Some(problem) = names.chain(tags).flatten().next() {
             return Err(problem);
         }

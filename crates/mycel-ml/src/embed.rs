@@ -2,7 +2,9 @@
 //! normalisation (what sentence-transformers does for all-MiniLM-L6-v2).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -35,10 +37,12 @@ pub struct Embedder {
     together: Mutex<Together>,
     /// Told when a run ends.
     ran: Condvar,
+    /// Runs of [`Embedder::embed_together`]'s callers.
+    runs: AtomicU64,
 }
 
 /// What [`Embedder::embed`] gives: the vectors and the tokens read.
-type Embedded = Result<(Vec<Vec<f32>>, usize)>;
+pub type Embedded = Result<(Vec<Vec<f32>>, usize)>;
 
 #[derive(Default)]
 struct Together {
@@ -46,9 +50,11 @@ struct Together {
     running: bool,
 }
 
-/// One caller's texts, and its result once a run has made it.
+/// One caller's texts, whether it still waits for them, and its result once a run has made
+/// it.
 struct Job {
     texts: Vec<String>,
+    stop: Arc<AtomicBool>,
     result: Mutex<Option<Embedded>>,
 }
 
@@ -111,6 +117,7 @@ impl Embedder {
             max_tokens,
             together: Mutex::default(),
             ran: Condvar::new(),
+            runs: AtomicU64::new(0),
         })
     }
 
@@ -167,27 +174,40 @@ impl Embedder {
     /// their callers, so that small requests share the model's products. Each text's vector
     /// is the one it gets alone (a sentence's rows never mix with another's, and the products'
     /// sums are cut the same way however many rows they have), and a request whose input is
-    /// refused fails alone.
-    pub fn embed_together(&self, texts: Vec<String>) -> Embedded {
+    /// refused fails alone. A caller that sets `stop` before its turn is not run
+    /// ([`MlError::Stopped`]). The caller that runs a batch holds what `turn` gives (the
+    /// cores, say) while it runs. Returns the result and how long the request waited for its
+    /// run, in milliseconds.
+    pub fn embed_together<G>(
+        &self,
+        texts: Vec<String>,
+        stop: &Arc<AtomicBool>,
+        turn: impl Fn() -> G,
+    ) -> (Embedded, f64) {
+        let queued = Instant::now();
         if texts.is_empty() {
-            return Err(MlError::Input("the input list is empty".into()));
+            return (Err(MlError::Input("the input list is empty".into())), 0.0);
         }
         let job = Arc::new(Job {
             texts,
+            stop: stop.clone(),
             result: Mutex::new(None),
         });
         let lock = || self.together.lock().unwrap_or_else(|e| e.into_inner());
         let mut state = lock();
         state.waiting.push(job.clone());
+        let mut waited = None;
         loop {
             if let Some(result) = job.result.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                return result;
+                let waited = waited.unwrap_or_else(|| queued.elapsed().as_secs_f64() * 1e3);
+                return (result, waited);
             }
             if state.running {
                 state = self.ran.wait(state).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
-            // This caller runs the waiting requests, its own among them.
+            // This caller runs the waiting requests (its own among them, or first in line);
+            // those whose callers stopped waiting are dropped unrun.
             state.running = true;
             let mut batch = Vec::new();
             let mut texts = 0;
@@ -195,18 +215,31 @@ impl Embedder {
                 if !batch.is_empty() && texts + next.texts.len() > TOGETHER {
                     break;
                 }
+                let next = state.waiting.remove(0);
+                if next.stop.load(Ordering::Relaxed) {
+                    *next.result.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Err(MlError::Stopped));
+                    continue;
+                }
                 texts += next.texts.len();
-                batch.push(state.waiting.remove(0));
+                batch.push(next);
             }
             drop(state);
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.run_together(&batch)
-            }));
-            if run.is_err() {
-                for job in &batch {
-                    let mut result = job.result.lock().unwrap_or_else(|e| e.into_inner());
-                    if result.is_none() {
-                        *result = Some(Err(MlError::Run("the embedding run panicked".into())));
+            if batch.iter().any(|j| Arc::ptr_eq(j, &job)) {
+                waited = Some(queued.elapsed().as_secs_f64() * 1e3);
+            }
+            if !batch.is_empty() {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let _turn = turn();
+                    self.runs.fetch_add(1, Ordering::Relaxed);
+                    self.run_together(&batch);
+                }));
+                if ran.is_err() {
+                    for job in &batch {
+                        let mut result = job.result.lock().unwrap_or_else(|e| e.into_inner());
+                        if result.is_none() {
+                            *result = Some(Err(MlError::Run("the embedding run failed".into())));
+                        }
                     }
                 }
             }
@@ -216,38 +249,111 @@ impl Embedder {
         }
     }
 
-    /// Embeds the texts of `jobs` in one run and hands each its result.
+    /// Runs of [`Embedder::embed_together`] so far (requests embedded together share one).
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting for a run of [`Embedder::embed_together`].
+    pub fn waiting(&self) -> usize {
+        self.together
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiting
+            .len()
+    }
+
+    /// Embeds the texts of `jobs` in one run and hands each its result. A panic fails only
+    /// the requests that panic alone.
     fn run_together(&self, jobs: &[Arc<Job>]) {
-        let requests: Vec<&[String]> = jobs.iter().map(|j| j.texts.as_slice()).collect();
-        for (job, result) in jobs.iter().zip(self.embed_many(&requests)) {
+        let set = |job: &Job, result: Embedded| {
             *job.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        };
+        let requests: Vec<&[String]> = jobs.iter().map(|j| j.texts.as_slice()).collect();
+        let run =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.embed_many(&requests)));
+        match run {
+            Ok(results) => {
+                for (job, result) in jobs.iter().zip(results) {
+                    set(job, result);
+                }
+            }
+            Err(_) => {
+                for job in jobs {
+                    let alone = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.embed(&job.texts)
+                    }));
+                    let result = alone.unwrap_or_else(|_| {
+                        Err(MlError::Run("embedding this input panicked".into()))
+                    });
+                    set(job, result);
+                }
+            }
         }
     }
 
     /// Embeds the texts of several requests in one run: each gets what [`Embedder::embed`]
     /// gives it alone (its vectors, the same bits, and its tokens). When the run is refused
-    /// (some input is), each request runs alone, so that only its own input fails it.
+    /// (some input is), the requests whose inputs are refused alone fail with that, and the
+    /// others run together again.
     pub fn embed_many<S: AsRef<str>>(&self, requests: &[&[S]]) -> Vec<Embedded> {
-        let all: Vec<&str> = requests
-            .iter()
-            .flat_map(|r| r.iter().map(AsRef::as_ref))
-            .collect();
-        match self.embed_counted(&all) {
-            Ok((mut vectors, counts)) if requests.iter().all(|r| !r.is_empty()) => {
-                let mut at = 0;
-                requests
-                    .iter()
-                    .map(|r| {
-                        let n = r.len();
-                        let own: Vec<Vec<f32>> = vectors.drain(..n).collect();
-                        let tokens = counts[at..at + n].iter().sum();
-                        at += n;
-                        Ok((own, tokens))
-                    })
-                    .collect()
+        let together = |requests: &[&[S]]| -> Result<Vec<Embedded>> {
+            let all: Vec<&str> = requests
+                .iter()
+                .flat_map(|r| r.iter().map(AsRef::as_ref))
+                .collect();
+            let (mut vectors, counts) = self.embed_counted(&all)?;
+            let mut at = 0;
+            Ok(requests
+                .iter()
+                .map(|r| {
+                    let n = r.len();
+                    let own: Vec<Vec<f32>> = vectors.drain(..n).collect();
+                    let tokens = counts[at..at + n].iter().sum();
+                    at += n;
+                    Ok((own, tokens))
+                })
+                .collect())
+        };
+        if requests.iter().all(|r| !r.is_empty()) {
+            if let Ok(results) = together(requests) {
+                return results;
             }
-            _ => requests.iter().map(|r| self.embed(r)).collect(),
         }
+        // Which are refused alone: tokenizing is a small part of a run.
+        let refused: Vec<Option<MlError>> = requests.iter().map(|r| self.refuses(r)).collect();
+        let fine: Vec<&[S]> = requests
+            .iter()
+            .zip(&refused)
+            .filter(|(_, e)| e.is_none())
+            .map(|(r, _)| *r)
+            .collect();
+        let mut fine_results = match together(&fine) {
+            Ok(results) => results,
+            Err(_) => fine.iter().map(|r| self.embed(r)).collect(),
+        }
+        .into_iter();
+        refused
+            .into_iter()
+            .map(|e| match e {
+                Some(e) => Err(e),
+                None => fine_results
+                    .next()
+                    .expect("a result per request not refused"),
+            })
+            .collect()
+    }
+
+    /// Why [`Embedder::embed`] would refuse `texts` before running the model, if it would.
+    fn refuses<S: AsRef<str>>(&self, texts: &[S]) -> Option<MlError> {
+        if texts.is_empty() {
+            return Some(MlError::Input("the input list is empty".into()));
+        }
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].as_ref().len()));
+        order
+            .chunks(BATCH)
+            .find_map(|batch| self.encode_batch(texts, batch).err())
     }
 
     /// Embeds `texts[i]` for each `i` in `batch`.
@@ -256,6 +362,24 @@ impl Embedder {
         texts: &[S],
         batch: &[usize],
     ) -> Result<(Vec<Vec<f32>>, Vec<usize>)> {
+        let (encodings, tokens) = self.encode_batch(texts, batch)?;
+        let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
+        let mut vectors = self.model.mean_pooled(&ids)?;
+        // Unit length.
+        for v in &mut vectors {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+        Ok((vectors, tokens))
+    }
+
+    /// Tokenizes `texts[i]` for each `i` in `batch`, refusing one too long: the encodings
+    /// and each one's tokens.
+    fn encode_batch<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        batch: &[usize],
+    ) -> Result<(Vec<tokenizers::Encoding>, Vec<usize>)> {
         let inputs: Vec<&str> = batch.iter().map(|&i| texts[i].as_ref()).collect();
         let encodings = self
             .tokenizer
@@ -276,14 +400,7 @@ impl Embedder {
             }
             tokens.push(len);
         }
-        let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
-        let mut vectors = self.model.mean_pooled(&ids)?;
-        // Unit length.
-        for v in &mut vectors {
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-            v.iter_mut().for_each(|x| *x /= norm);
-        }
-        Ok((vectors, tokens))
+        Ok((encodings, tokens))
     }
 }
 

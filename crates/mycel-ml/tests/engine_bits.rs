@@ -99,7 +99,10 @@ fn an_embedding_is_the_same_bits_alone_and_among_others() {
         .chunks(3)
         .map(|chunk| {
             let (model, chunk) = (model.clone(), chunk.to_vec());
-            std::thread::spawn(move || model.embed_together(chunk).unwrap())
+            std::thread::spawn(move || {
+                let stop = std::sync::Arc::default();
+                model.embed_together(chunk, &stop, || ()).0.unwrap()
+            })
         })
         .collect();
     let combined: Vec<Vec<u32>> = threads

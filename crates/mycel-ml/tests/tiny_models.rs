@@ -123,21 +123,63 @@ fn requests_embedded_together_get_their_own_vectors_and_errors() {
         .collect();
     assert_eq!(fine.len(), 11);
     assert!(model.embed_many(&fine).iter().all(Result::is_ok));
-    // Callers at once, combined however they arrive.
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(requests.len()));
-    let threads: Vec<_> = requests
-        .into_iter()
-        .map(|request| {
-            let (model, barrier) = (model.clone(), barrier.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                model.embed_together(request)
-            })
+    // Callers at once: while a first caller's run holds its turn, twelve requests queue, and
+    // the next run takes all twelve; one whose caller stopped waiting is dropped unrun.
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{mpsc, Arc};
+    use std::time::{Duration, Instant};
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let gate = {
+        let model = model.clone();
+        std::thread::spawn(move || {
+            let turn = || {
+                let _ = entered_tx.send(());
+                let _ = release_rx.recv_timeout(Duration::from_secs(60));
+            };
+            model
+                .embed_together(vec!["the gate".into()], &Arc::default(), turn)
+                .0
         })
-        .collect();
-    for (thread, alone) in threads.into_iter().zip(&alone) {
-        check(&thread.join().unwrap(), alone);
+    };
+    entered_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let runs = model.runs();
+    let (results_tx, results) = mpsc::channel();
+    let count = requests.len();
+    let stopped = Arc::new(AtomicBool::new(true));
+    for (k, request) in requests.into_iter().enumerate() {
+        let (model, results_tx) = (model.clone(), results_tx.clone());
+        std::thread::spawn(move || {
+            let (result, _) = model.embed_together(request, &Arc::default(), || ());
+            let _ = results_tx.send((k, result));
+        });
     }
+    let quitter = {
+        let (model, stopped) = (model.clone(), stopped.clone());
+        std::thread::spawn(move || model.embed_together(vec!["gone".into()], &stopped, || ()).0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while model.waiting() < count + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} queued",
+            model.waiting(),
+            count + 1
+        );
+        std::thread::yield_now();
+    }
+    release_tx.send(()).unwrap();
+    assert!(gate.join().unwrap().is_ok());
+    for _ in 0..count {
+        let (k, result) = results.recv_timeout(Duration::from_secs(60)).unwrap();
+        check(&result, &alone[k]);
+    }
+    assert!(matches!(quitter.join().unwrap(), Err(MlError::Stopped)));
+    assert_eq!(
+        model.runs(),
+        runs + 2,
+        "the gate's run, then one for all twelve"
+    );
 }
 
 fn tiny_llama() -> (tempfile::TempDir, Generator) {

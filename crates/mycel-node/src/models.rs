@@ -331,12 +331,22 @@ impl ModelService {
         model: Arc<Embedder>,
         texts: Vec<String>,
     ) -> Result<((Vec<Vec<f32>>, usize), f64), RunError> {
-        let together = self.embed_together;
-        self.run(admission, !together, move |_| match together {
-            true => model.embed_together(texts),
-            false => model.embed(&texts),
-        })
-        .await
+        if !self.embed_together {
+            return self
+                .run(admission, true, move |_| model.embed(&texts))
+                .await;
+        }
+        // The caller that runs a batch takes the cores as other work that needs them does.
+        let (worker, runtime) = (self.worker.clone(), tokio::runtime::Handle::current());
+        let turn = move || runtime.block_on(worker.clone().acquire_owned()).ok();
+        let result = self
+            .run(admission, false, move |stop| {
+                let (result, waited) = model.embed_together(texts, stop, turn);
+                result.map(|embedded| (embedded, waited))
+            })
+            .await;
+        // The wait for a run is queueing too.
+        result.map(|((embedded, waited), queued)| (embedded, queued + waited))
     }
 
     /// Generates with `model`, picking up after `resume`; text goes to `stream` as it is

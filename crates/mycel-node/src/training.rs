@@ -1615,10 +1615,15 @@ impl Training {
                     .collect::<Vec<_>>(),
                 spec.cluster_size as usize,
             );
-            if spec.secure_aggregation.is_some() && spec.cluster_size > 1 {
-                // Every cluster sums at least three members securely; too few for one
-                // cluster, and the round is one flat secure sum.
-                plan = fl::secure_clusters(plan, secround::MIN_PARTICIPANTS);
+            if spec.cluster_size > 1 {
+                // Every cluster sums at least three members securely (too few for one
+                // cluster, and the round is one flat secure sum); in the clear, no peer
+                // alone in its site makes a cluster of its own.
+                let least = match spec.secure_aggregation {
+                    Some(_) => secround::MIN_PARTICIPANTS,
+                    None => 1,
+                };
+                plan = fl::fill_clusters(plan, least);
             }
             let cut = Instant::now() + Duration::from_millis(deadline_ms);
             let mut outcome = Outcome::default();

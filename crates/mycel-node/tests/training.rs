@@ -598,13 +598,13 @@ async fn compression_and_clusters_cut_bytes_and_the_model_still_learns() {
 }
 
 /// Sites that participants state reach the coordinator and shape its clusters: six
-/// participants in sites of four and two make three clusters of at most three (three updates
-/// at the root), where by RTT alone they would make two.
+/// participants in three sites of two make three clusters of at most three (three updates at
+/// the root), where by RTT alone they would make two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clusters_keep_to_the_sites_participants_state() {
     let root = tempfile::tempdir().unwrap();
     let nodes = federation_with(root.path(), 6, |k, config| {
-        config.site = Some(if k < 4 { "north" } else { "south" }.into());
+        config.site = Some(["north", "middle", "south"][k / 2].into());
     })
     .await;
     let sites: Vec<Option<String>> = nodes[0]
@@ -621,7 +621,7 @@ async fn clusters_keep_to_the_sites_participants_state() {
             .iter()
             .filter(|s| s.as_deref() == Some("north"))
             .count(),
-        4,
+        2,
         "{sites:?}"
     );
     let flat = run(&nodes[0], spec(2, 6)).await;
