@@ -281,9 +281,6 @@ pub struct Training {
     rng: Mutex<StdRng>,
     /// Leaves securely aggregated rounds right after sharing (tests, benchmarks).
     drop_after_shares: bool,
-    /// What this node revealed secure-aggregation shares for: digests of (coordinator, job,
-    /// round).
-    revealed: Mutex<std::collections::VecDeque<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for Training {
@@ -323,7 +320,6 @@ impl Training {
             abandoned: Default::default(),
             rng: Mutex::new(StdRng::from_entropy()),
             drop_after_shares: false,
-            revealed: Mutex::default(),
         }
     }
 
@@ -588,9 +584,9 @@ impl Training {
             return Err(Refuse::Malformed("expected the unmasking request".into()));
         };
         let reveal = round.reveal(&senders, &signatures).map_err(refusal)?;
-        // Shares of one round are revealed once: two sums over nested sets of the round's
-        // (deterministically trained) updates would give one update.
-        if !self.reveal_once(from, request) {
+        // Shares of one round are revealed once, even across restarts: two sums over nested
+        // sets of the round's (deterministically trained) updates would give one update.
+        if !self.reveal_once(from, request).await? {
             return Err(Refuse::Other(format!(
                 "this node already revealed its shares for round {} of job {}",
                 request.round, request.job
@@ -600,12 +596,19 @@ impl Training {
         Ok(())
     }
 
-    /// Records that this node reveals its shares for `request` from `coordinator`: false
-    /// when it did before for that coordinator's job and round (remembered for the last
-    /// [`REVEALS_KEPT`] reveals). The same training under another job or round label is not
+    /// Records that this node reveals its shares for `request` from `coordinator`, on disk
+    /// before anything is revealed: false when it did before for that coordinator's job and
+    /// round (remembered for the last [`REVEALS_KEPT`] reveals, across restarts: a node that
+    /// crashed and trains the same round again for a coordinator that asks again must not
+    /// reveal a second sum). The same training under another job or round label is not
     /// refused: an honest user may run it again, and a slightly changed model would evade
     /// the check anyway (differences between rounds are what differential privacy bounds).
-    fn reveal_once(&self, coordinator: PeerId, request: &TrainRequest) -> bool {
+    /// A record that cannot be written refuses the reveal.
+    async fn reveal_once(
+        &self,
+        coordinator: PeerId,
+        request: &TrainRequest,
+    ) -> Result<bool, Refuse> {
         let mut round = blake3::Hasher::new();
         round.update(b"mycel/secagg/revealed-round\0");
         wire::hash_encoded(
@@ -613,15 +616,11 @@ impl Training {
             &mut round,
         );
         let key = *round.finalize().as_bytes();
-        let mut revealed = self.revealed.lock().unwrap_or_else(|e| e.into_inner());
-        if revealed.contains(&key) {
-            return false;
-        }
-        if revealed.len() >= REVEALS_KEPT {
-            revealed.pop_front();
-        }
-        revealed.push_back(key);
-        true
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.reveal_once(&key, REVEALS_KEPT))
+            .await
+            .map_err(|e| Refuse::Other(format!("recording the reveal failed: {e}")))?
+            .map_err(|e| Refuse::Other(format!("recording the reveal failed: {e}")))
     }
 
     /// Checks a request and whether this node trains it: the global weights and the dataset.

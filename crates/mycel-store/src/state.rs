@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use libp2p_identity::PeerId;
 use mycel_core::id::ContentId;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::StoreError;
@@ -15,6 +15,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
 const TRUST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("trust");
 const ON_DEMAND: TableDefinition<&[u8], ()> = TableDefinition::new("on_demand");
+/// Digests of what a node revealed once (secure aggregation's shares of one round), with the
+/// order they came in, and that order's index for forgetting the oldest.
+const REVEALED: TableDefinition<&[u8], u64> = TableDefinition::new("revealed");
+const REVEALED_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("revealed_order");
 const ANNOUNCE_SEQ: &str = "announce_seq";
 /// Addresses kept per peer; more are dropped (the newest first in the list are kept).
 const MAX_ADDRS_PER_PEER: usize = 8;
@@ -60,6 +64,8 @@ impl Store {
             txn.open_table(JOBS)?;
             txn.open_table(TRUST)?;
             txn.open_table(ON_DEMAND)?;
+            txn.open_table(REVEALED)?;
+            txn.open_table(REVEALED_ORDER)?;
             Ok(())
         })?;
         Ok(store)
@@ -204,6 +210,29 @@ impl Store {
         Ok(ids)
     }
 
+    /// Records `digest` as revealed, durably, before the caller reveals anything: `false`
+    /// when it was recorded before (so a restart does not make a node reveal twice). The
+    /// newest `keep` digests are kept.
+    pub fn reveal_once(&self, digest: &[u8; 32], keep: usize) -> Result<bool, StoreError> {
+        self.write(|txn| {
+            let mut revealed = txn.open_table(REVEALED)?;
+            if revealed.get(digest.as_slice())?.is_some() {
+                return Ok(false);
+            }
+            let mut order = txn.open_table(REVEALED_ORDER)?;
+            let next = order.last()?.map_or(0, |(seq, _)| seq.value() + 1);
+            revealed.insert(digest.as_slice(), next)?;
+            order.insert(next, digest.as_slice())?;
+            while order.len()? > keep as u64 {
+                let Some((_, oldest)) = order.pop_first()? else {
+                    break;
+                };
+                revealed.remove(oldest.value())?;
+            }
+            Ok(true)
+        })
+    }
+
     /// Reserves the next announcement sequence number: strictly greater than every one handed
     /// out before (persisted before it is returned) and at least `floor`.
     pub fn next_announce_seq(&self, floor: u64) -> Result<u64, StoreError> {
@@ -220,6 +249,30 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_was_revealed_once_stays_refused_after_reopen_and_the_oldest_go() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for k in 0..5u8 {
+                assert!(store.reveal_once(&[k; 32], 3).unwrap());
+            }
+            assert!(!store.reveal_once(&[4; 32], 3).unwrap());
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(
+            !store.reveal_once(&[2; 32], 3).unwrap(),
+            "kept across reopening"
+        );
+        assert!(!store.reveal_once(&[3; 32], 3).unwrap());
+        assert!(
+            store.reveal_once(&[0; 32], 3).unwrap(),
+            "the oldest were forgotten"
+        );
+        assert!(store.reveal_once(&[9; 32], 3).unwrap());
+        assert!(!store.reveal_once(&[9; 32], 3).unwrap());
+    }
 
     #[test]
     fn models_served_on_demand_survive_reopen_until_forgotten() {
