@@ -380,9 +380,15 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `path` on `engine`, keeping no prompt prefixes: the prompt is timed again and again, and
+/// each reading is measured whole, as llama-bench measures it.
 async fn load_generator(path: &std::path::Path, engine: Engine) -> anyhow::Result<Generator> {
     let path = path.to_path_buf();
-    Ok(tokio::task::spawn_blocking(move || Generator::load(&path, engine)).await??)
+    let limits = mycel_ml::BatchLimits {
+        prefix_bytes: 0,
+        ..Default::default()
+    };
+    Ok(tokio::task::spawn_blocking(move || Generator::load_with(&path, engine, limits)).await??)
 }
 
 /// Prompt processing and decoding rates (medians of `passes` after a warm-up) on a fixed chat
