@@ -356,6 +356,7 @@ impl Node {
         );
         blobs.register(&mut registry);
         inference.register(&mut registry);
+        registry.register_collector(Box::new(models::BatchMetrics(models.clone())));
         let api_connections = api::ConnMetrics::default();
         api_connections.register(&mut registry);
         tasks.push(tokio::spawn(

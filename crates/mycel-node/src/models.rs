@@ -473,6 +473,64 @@ impl ModelService {
     }
 }
 
+/// What each generation model's batch has done, read at every scrape of /metrics:
+/// `mycel_batch_passes_total`, `mycel_batch_steps_total`, `mycel_batch_prefix_hits_total`
+/// and `mycel_batch_prefix_tokens_total`, by model name.
+#[derive(Debug)]
+pub struct BatchMetrics(pub Arc<ModelService>);
+
+impl prometheus_client::collector::Collector for BatchMetrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::MetricType;
+        let stats: Vec<(String, mycel_ml::BatchStats)> = self
+            .0
+            .models()
+            .iter()
+            .filter_map(|m| match &m.runner {
+                Runner::Generate(g) => g.batch_stats().map(|s| (m.offer.name.clone(), s)),
+                Runner::Embed(_) => None,
+            })
+            .collect();
+        // Name, help, and the count.
+        type Count = (&'static str, &'static str, fn(&mycel_ml::BatchStats) -> u64);
+        let counts: [Count; 4] = [
+            (
+                "mycel_batch_passes",
+                "Forward passes of a model's batch",
+                |s| s.passes,
+            ),
+            (
+                "mycel_batch_steps",
+                "Requests' steps in those passes (a pass of three requests counts three)",
+                |s| s.steps,
+            ),
+            (
+                "mycel_batch_prefix_hits",
+                "Requests that started from a cached start of their context",
+                |s| s.prefix_hits,
+            ),
+            (
+                "mycel_batch_prefix_tokens",
+                "Positions those requests did not read again",
+                |s| s.prefix_tokens,
+            ),
+        ];
+        for (name, help, count) in counts {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (model, s) in &stats {
+                let labels = [("model", model.as_str())];
+                ConstCounter::new(count(s)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A place in a node's queue, held until the request has run.
 #[derive(Debug)]
 pub struct Admission {
@@ -500,6 +558,41 @@ impl Drop for CancelOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_show_each_models_batch_and_its_prefix_hits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        mycel_ml::fixtures::write_tiny_llama(&path).unwrap();
+        let served = load_model(&path, Engine::Q4).unwrap();
+        let Runner::Generate(model) = served.runner.clone() else {
+            panic!("a GGUF is a generation model")
+        };
+        let name = served.offer.name.clone();
+        let service = Arc::new(ModelService::new(vec![served], 1));
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(BatchMetrics(service)));
+        let params = GenerateParams {
+            max_tokens: 8,
+            ..Default::default()
+        };
+        let prompt = "<|im_start|>user\nthe cat and the dog<|im_end|>\n<|im_start|>assistant\n";
+        for _ in 0..2 {
+            model.generate(prompt, &params, |_| true).unwrap();
+        }
+        let stats = model.batch_stats().unwrap();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for (metric, value) in [
+            ("mycel_batch_passes_total", stats.passes),
+            ("mycel_batch_prefix_hits_total", 1),
+            ("mycel_batch_prefix_tokens_total", stats.prefix_tokens),
+        ] {
+            let line = format!("{metric}{{model=\"{name}\"}} {value}");
+            assert!(text.contains(&line), "no {line:?} in\n{text}");
+        }
+        assert!(stats.passes > 0 && stats.prefix_tokens > 0, "{stats:?}");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_stream_stops_generation_and_a_full_queue_refuses() {
