@@ -601,8 +601,6 @@ fn serve(
                 let reading = s.pos < s.context;
                 s.pos += n;
                 s.feed.drain(..n);
-                // Its context read: kept for newcomers that start the same way (a copy: the
-                // request goes on in its own).
                 if s.feed.is_empty() {
                     going = s.next(row);
                 }

@@ -153,10 +153,7 @@ impl Embedder {
         if texts.is_empty() {
             return Err(MlError::Input("the input list is empty".into()));
         }
-        // Batches of similar lengths pad less (as sentence-transformers does): sort by length,
-        // embed, and put the vectors back in the caller's order.
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].as_ref().len()));
+        let order = by_length(texts);
         let mut out = vec![Vec::new(); texts.len()];
         let mut counts = vec![0; texts.len()];
         for batch in order.chunks(BATCH) {
@@ -349,9 +346,7 @@ impl Embedder {
         if texts.is_empty() {
             return Some(MlError::Input("the input list is empty".into()));
         }
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].as_ref().len()));
-        order
+        by_length(texts)
             .chunks(BATCH)
             .find_map(|batch| self.encode_batch(texts, batch).err())
     }
@@ -402,6 +397,14 @@ impl Embedder {
         }
         Ok((encodings, tokens))
     }
+}
+
+/// The indices of `texts`, longest first: batches of similar lengths pad less (as
+/// sentence-transformers does), and the vectors go back in the caller's order.
+fn by_length<S: AsRef<str>>(texts: &[S]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(texts[i].as_ref().len()));
+    order
 }
 
 /// The engine name of the f32 models (this encoder, and `--engine exact` generation), e.g.

@@ -298,7 +298,7 @@ impl Llama {
 
     /// Bytes of KV cache one position of one sequence takes.
     pub(crate) fn kv_bytes_per_position(&self) -> usize {
-        self.blocks.len() * 2 * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+        self.blocks.len() * 2 * self.kv_dim() * std::mem::size_of::<f32>()
     }
 
     /// Rotates each head of `row` (interleaved pairs) for position `pos`.

@@ -617,10 +617,12 @@ impl Training {
         );
         let key = *round.finalize().as_bytes();
         let store = self.store.clone();
+        let failed =
+            |e: &dyn std::fmt::Display| Refuse::Other(format!("recording the reveal failed: {e}"));
         tokio::task::spawn_blocking(move || store.reveal_once(&key, REVEALS_KEPT))
             .await
-            .map_err(|e| Refuse::Other(format!("recording the reveal failed: {e}")))?
-            .map_err(|e| Refuse::Other(format!("recording the reveal failed: {e}")))
+            .map_err(|e| failed(&e))?
+            .map_err(|e| failed(&e))
     }
 
     /// Checks a request and whether this node trains it: the global weights and the dataset.

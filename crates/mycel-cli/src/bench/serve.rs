@@ -84,13 +84,8 @@ async fn embeddings(args: &ServeBenchArgs, dir: &std::path::Path) -> anyhow::Res
             let requests = args.requests.max(n);
             let mut levels = Vec::new();
             for together in [true, false] {
-                let mut config =
-                    NodeConfig::new(root.path().join(format!("e{round}-{n}-{together}")));
-                config.mdns = false;
-                config.api = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
-                config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
-                config.models = vec![dir.to_path_buf()];
-                config.max_queue = mycel_node::models::DEFAULT_MAX_QUEUE.max(2 * n);
+                let dir_n = root.path().join(format!("e{round}-{n}-{together}"));
+                let mut config = serving(&dir_n, dir, n)?;
                 config.embed_together = together;
                 let node = Node::start(config).await?;
                 let url = format!("http://{}/v1/embeddings", node.api_addr.expect("API on"));
@@ -359,18 +354,29 @@ fn drive(
     Ok(level)
 }
 
+/// A node in `dir` serving `model` on 127.0.0.1 with its API, queueing enough for `clients`
+/// clients at once.
+fn serving(
+    dir: &std::path::Path,
+    model: &std::path::Path,
+    clients: usize,
+) -> anyhow::Result<NodeConfig> {
+    let mut config = NodeConfig::new(dir.to_path_buf());
+    config.mdns = false;
+    config.api = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+    config.models = vec![model.to_path_buf()];
+    config.max_queue = mycel_node::models::DEFAULT_MAX_QUEUE.max(2 * clients);
+    Ok(config)
+}
+
 /// Our node serving `args.model` with `slots` slots, its chat URL and token.
 async fn our_node(
     args: &ServeBenchArgs,
     slots: usize,
     dir: &std::path::Path,
 ) -> anyhow::Result<Node> {
-    let mut config = NodeConfig::new(dir.to_path_buf());
-    config.mdns = false;
-    config.api = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
-    config.models = vec![args.model.clone()];
-    config.max_queue = mycel_node::models::DEFAULT_MAX_QUEUE.max(2 * slots);
+    let mut config = serving(dir, &args.model, slots)?;
     let defaults = mycel_ml::BatchLimits::default();
     config.batch = mycel_ml::BatchLimits {
         slots,
