@@ -21,6 +21,7 @@
 //!   messages.
 //! - [`blob`]: blobs as BLAKE3 trees (chunks verified one at a time against the id) and
 //!   directory manifests.
+//! - [`keepalive`]: which task streams a requester keeps open between tasks.
 //! - [`membership`]: who is alive, who has failed, and what each peer offers.
 //! - [`antientropy`]: when, and with whom, a node runs anti-entropy syncs.
 //! - [`peering`]: staying joined: dial back-off, degree upkeep, shedding connections.
@@ -46,6 +47,7 @@ pub mod dp;
 pub mod fl;
 pub mod id;
 pub mod inbound;
+pub mod keepalive;
 pub mod membership;
 pub mod naming;
 pub mod pace;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use mycel_core::id::ContentId;
+use mycel_core::keepalive;
 use mycel_core::membership::PeerState;
 use mycel_core::naming::{self, Bindings, NameError, Resolved};
 use mycel_core::queue::Requester;
@@ -58,6 +59,14 @@ const MIN_LATENCIES: usize = 20;
 const PROVIDER_LOOKUP: Duration = Duration::from_secs(3);
 /// Pieces of evidence kept per peer.
 const EVIDENCE_PER_PEER: usize = 4;
+/// Task streams kept open to one peer after their task, for the next tasks to it
+/// (`mycel_core::keepalive`).
+const KEPT_STREAMS_PER_PEER: usize = 4;
+/// Task streams kept open in all.
+const KEPT_STREAMS: usize = 256;
+/// How long a requester keeps a stream for its next task: well below a worker's
+/// [`RouterConfig::next_task_wait`].
+const KEPT_FOR: Duration = Duration::from_secs(10);
 /// Spot checks running at once in the background.
 const MAX_RECHECKS: usize = 4;
 /// Longest a background spot check may take.
@@ -74,6 +83,10 @@ pub struct RouterConfig {
     pub deadline: Duration,
     /// Longest this node works on a peer's task, whatever budget the task names.
     pub max_task_budget: Duration,
+    /// How long this node, as a worker, keeps a task stream open after its answer for the
+    /// requester's next task (zero: it closes the stream, as nodes did before they kept
+    /// them).
+    pub next_task_wait: Duration,
     /// Start a second attempt of an embedding task that outlives the observed p95.
     pub hedge: bool,
     /// Outcomes fade by half over this time.
@@ -103,6 +116,7 @@ impl Default for RouterConfig {
             attempt_timeout: Duration::from_secs(10),
             deadline: Duration::from_secs(600),
             max_task_budget: Duration::from_millis(MAX_TASK_BUDGET_MS),
+            next_task_wait: Duration::from_secs(20),
             hedge: true,
             reliability_half_life: Duration::from_secs(300),
             bindings: Bindings::new(),
@@ -207,6 +221,13 @@ pub struct Completion {
 
 /// A worker's signed result with the claim it signed (checked, or made here).
 type Signed = (TaskResult, Claim);
+
+/// A task sent on a stream that broke before the worker answered anything: on a kept
+/// stream, the worker had closed it, and the task goes on a new one.
+struct Unanswered {
+    reason: String,
+    fault: Fault,
+}
 
 /// How one attempt ended.
 enum Outcome<T> {
@@ -353,6 +374,10 @@ pub struct RouterStats {
     /// Tasks this node's models ran as a worker (for itself or for peers), replicas
     /// included: the work verification costs.
     pub worked: u64,
+    /// Tasks sent to a peer on a stream kept open from an earlier task to it.
+    pub streams_kept: u64,
+    /// Kept streams the worker had closed meanwhile (the task went on a new one).
+    pub streams_stale: u64,
 }
 
 /// Counters of verification, for /metrics.
@@ -392,6 +417,8 @@ pub struct Inference {
     flush_now: tokio::sync::Notify,
     /// Spot checks running in the background; more are skipped.
     rechecks: Arc<tokio::sync::Semaphore>,
+    /// Task streams kept open for the next task to their peer.
+    streams: Mutex<keepalive::Pool<PeerId, Stream>>,
     #[cfg(feature = "fault-injection")]
     injector: Option<crate::fault::Injector>,
     /// The operator that vouches for this node, if any.
@@ -451,6 +478,11 @@ impl Inference {
             store: Mutex::new(None),
             flush_now: tokio::sync::Notify::new(),
             rechecks: Arc::new(tokio::sync::Semaphore::new(MAX_RECHECKS)),
+            streams: Mutex::new(keepalive::Pool::new(
+                KEPT_STREAMS_PER_PEER,
+                KEPT_STREAMS,
+                KEPT_FOR.as_millis() as u64,
+            )),
             #[cfg(feature = "fault-injection")]
             injector: config
                 .fault
@@ -1812,26 +1844,66 @@ impl Inference {
         request: &TaskRequest,
         mut progress: Option<&mut Progress>,
     ) -> Outcome<Signed> {
+        let kept = self.lock_streams().take(&peer, now_ms());
+        if let Some(stream) = kept {
+            match self
+                .exchange(peer, stream, request, progress.as_deref_mut())
+                .await
+            {
+                // The worker closed the stream while it was kept (its wait ran out, it
+                // restarted, it closes after one task): nothing was run, so a new one is no
+                // second attempt.
+                Err(Unanswered { .. }) => self.count(|s| s.streams_stale += 1),
+                Ok(outcome) => {
+                    self.count(|s| s.streams_kept += 1);
+                    return outcome;
+                }
+            }
+        }
         let wait = self.config.attempt_timeout;
-        let mut stream = match tokio::time::timeout(wait, self.net.open_task_stream(peer)).await {
+        let stream = match tokio::time::timeout(wait, self.net.open_task_stream(peer)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return retry(format!("cannot open a task stream: {e}"), Fault::Failed),
             Err(_) => return retry("opening a task stream timed out", Fault::Quiet),
         };
+        match self.exchange(peer, stream, request, progress).await {
+            Err(Unanswered { reason, fault }) => retry(reason, fault),
+            Ok(outcome) => outcome,
+        }
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, keepalive::Pool<PeerId, Stream>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `request` on `stream` and reads the answer; a stream whose answer was whole and
+    /// signed is kept for the next task to `peer`.
+    async fn exchange(
+        &self,
+        peer: PeerId,
+        mut stream: Stream,
+        request: &TaskRequest,
+        mut progress: Option<&mut Progress>,
+    ) -> Result<Outcome<Signed>, Unanswered> {
+        let wait = self.config.attempt_timeout;
+        let unanswered = |reason: String, fault| Err(Unanswered { reason, fault });
         match tokio::time::timeout(wait, write_frame(&mut stream, request)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return retry(format!("cannot send the task: {e}"), Fault::of_stream(&e)),
-            Err(_) => return retry("sending the task timed out", Fault::Quiet),
+            Ok(Err(e)) => {
+                return unanswered(format!("cannot send the task: {e}"), Fault::of_stream(&e))
+            }
+            Err(_) => return unanswered("sending the task timed out".into(), Fault::Quiet),
         }
         // A stream that has begun moves on when it goes quiet far beyond its own pace.
         let begun = tokio::time::Instant::now();
         let mut pace = mycel_core::pace::Pace::new(wait.as_millis() as u64);
+        let mut answered = false;
         loop {
             let quiet = Duration::from_millis(pace.wait_ms());
             let frame =
                 tokio::time::timeout(quiet, read_frame::<TaskFrame>(&mut stream, MAX_FRAME_BYTES))
                     .await;
-            match frame {
+            let outcome = match frame {
                 Err(_) => {
                     let why = match quiet < wait {
                         true => format!(
@@ -1840,55 +1912,64 @@ impl Inference {
                         ),
                         false => "the worker went quiet".to_owned(),
                     };
-                    return retry(why, Fault::Quiet);
+                    retry(why, Fault::Quiet)
                 }
-                Ok(Ok(None)) => return retry("the worker closed the stream", Fault::Failed),
+                Ok(Ok(None)) if !answered => {
+                    return unanswered("the worker closed the stream".into(), Fault::Failed)
+                }
+                Ok(Ok(None)) => retry("the worker closed the stream", Fault::Failed),
+                Ok(Err(FrameError::Io(e))) if !answered => {
+                    return unanswered(format!("the stream failed: {e}"), Fault::of_stream(&e))
+                }
                 Ok(Err(FrameError::Io(e))) => {
-                    return retry(format!("the stream failed: {e}"), Fault::of_stream(&e))
+                    retry(format!("the stream failed: {e}"), Fault::of_stream(&e))
                 }
                 Ok(Err(FrameError::Rejected(reason))) => {
                     self.net.penalise(peer, reason).await;
-                    return retry(
+                    retry(
                         format!("the worker sent a bad message: {reason}"),
                         Fault::Failed,
-                    );
+                    )
                 }
                 Ok(Ok(Some(TaskFrame::Chunk { text, tokens }))) => {
+                    answered = true;
                     pace.piece(begun.elapsed().as_millis() as u64);
                     let Some(progress) = progress.as_deref_mut() else {
                         self.net.penalise(peer, Rejection::Malformed).await;
-                        return retry(
+                        return Ok(retry(
                             "the worker streamed text for an embedding task",
                             Fault::Failed,
-                        );
+                        ));
                     };
                     if !progress.deliver(text, tokens).await {
-                        return Outcome::Final(RouteError::Unavailable("the caller left".into()));
+                        Outcome::Final(RouteError::Unavailable("the caller left".into()))
+                    } else {
+                        continue;
                     }
                 }
-                Ok(Ok(Some(TaskFrame::Refused(refusal)))) => {
-                    return match refusal {
-                        Refusal::Invalid(message) => Outcome::Final(RouteError::Invalid(message)),
-                        Refusal::Busy { .. } | Refusal::UnknownModel => {
-                            retry(refusal.to_string(), Fault::None)
-                        }
-                        Refusal::Failed(_) => retry(refusal.to_string(), Fault::Failed),
-                    };
-                }
-                Ok(Ok(Some(TaskFrame::Done(result)))) => {
-                    return match result.verify(&peer, request) {
-                        Ok(claim) => Outcome::Done((*result, claim)),
-                        Err(reason) => {
-                            self.net.penalise(peer, reason).await;
-                            self.note(&peer, trust::Outcome::Invalid);
-                            retry(
-                                format!("the answer is not signed by the worker: {reason}"),
-                                Fault::Failed,
-                            )
-                        }
-                    };
-                }
-            }
+                Ok(Ok(Some(TaskFrame::Refused(refusal)))) => match refusal {
+                    Refusal::Invalid(message) => Outcome::Final(RouteError::Invalid(message)),
+                    Refusal::Busy { .. } | Refusal::UnknownModel => {
+                        retry(refusal.to_string(), Fault::None)
+                    }
+                    Refusal::Failed(_) => retry(refusal.to_string(), Fault::Failed),
+                },
+                Ok(Ok(Some(TaskFrame::Done(result)))) => match result.verify(&peer, request) {
+                    Ok(claim) => {
+                        self.lock_streams().put(peer, stream, now_ms());
+                        return Ok(Outcome::Done((*result, claim)));
+                    }
+                    Err(reason) => {
+                        self.net.penalise(peer, reason).await;
+                        self.note(&peer, trust::Outcome::Invalid);
+                        retry(
+                            format!("the answer is not signed by the worker: {reason}"),
+                            Fault::Failed,
+                        )
+                    }
+                },
+            };
+            return Ok(outcome);
         }
     }
 
@@ -1899,49 +1980,81 @@ impl Inference {
         let slots = Slots::new(MAX_INBOUND_TASKS, MAX_INBOUND_TASKS_PER_PEER);
         let past_share = ("task", crate::defences::TASK_STREAMS_PAST_SHARE);
         let defences = self.defences.clone();
+        let crowded = slots.crowded();
         crate::slots::serve(incoming, slots, past_share, defences, |peer, stream| {
             let this = self.clone();
-            async move { this.work(peer, stream).await }
+            let crowded = crowded.clone();
+            async move { this.work(peer, stream, crowded).await }
         })
         .await;
     }
 
-    async fn work(&self, peer: PeerId, mut stream: Stream) {
-        let request = match tokio::time::timeout(
-            self.config.attempt_timeout,
-            read_frame::<TaskRequest>(&mut stream, MAX_REQUEST_BYTES),
-        )
-        .await
-        {
-            Ok(Ok(Some(request))) => request,
-            Ok(Err(FrameError::Rejected(reason))) => {
-                self.net.penalise(peer, reason).await;
-                let refusal = Refusal::Invalid(format!("the task does not decode: {reason}"));
-                let _ = write_frame(&mut stream, &TaskFrame::Refused(refusal)).await;
+    /// Answers the tasks `peer` sends on `stream`, one after another. After an answer the
+    /// stream stays open for the requester's next task (`next_task_wait`; a task on a new
+    /// stream waits a round trip of negotiation more), unless the serve loop turns streams
+    /// away for want of slots (`crowded`): then streams that only wait give theirs back.
+    async fn work(&self, peer: PeerId, mut stream: Stream, crowded: Arc<tokio::sync::Notify>) {
+        let mut idle = false;
+        loop {
+            let wait = match idle {
+                true => self.config.next_task_wait,
+                false => self.config.attempt_timeout,
+            };
+            let read = tokio::time::timeout(
+                wait,
+                read_frame::<TaskRequest>(&mut stream, MAX_REQUEST_BYTES),
+            );
+            let request = tokio::select! {
+                read = read => match read {
+                    Ok(Ok(Some(request))) => request,
+                    Ok(Err(FrameError::Rejected(reason))) => {
+                        self.net.penalise(peer, reason).await;
+                        let refusal =
+                            Refusal::Invalid(format!("the task does not decode: {reason}"));
+                        let _ = write_frame(&mut stream, &TaskFrame::Refused(refusal)).await;
+                        return;
+                    }
+                    // Nothing more came: closed, not reset, so that a requester that has not
+                    // read the last answer yet still does.
+                    Err(_) if idle => break,
+                    _ => return,
+                },
+                () = crowded.notified(), if idle => break,
+            };
+            if !self.answer(peer, &mut stream, request).await {
                 return;
             }
-            _ => return,
-        };
+            if self.config.next_task_wait.is_zero() {
+                break;
+            }
+            idle = true;
+        }
+        let _ = futures::AsyncWriteExt::close(&mut stream).await;
+    }
+
+    /// Runs one task `peer` sent on `stream` and writes the answer; false when the stream is
+    /// to be closed (an invalid task, a write that failed, a fault injected).
+    async fn answer(&self, peer: PeerId, stream: &mut Stream, request: TaskRequest) -> bool {
         if let Err(message) = request.check() {
             self.net.penalise(peer, Rejection::Malformed).await;
-            let _ = write_frame(&mut stream, &TaskFrame::Refused(Refusal::Invalid(message))).await;
-            return;
+            let _ = write_frame(stream, &TaskFrame::Refused(Refusal::Invalid(message))).await;
+            return false;
         }
         #[cfg(feature = "fault-injection")]
         if let Some(injector) = &self.injector {
             if injector.refuses() {
                 let refusal = Refusal::Invalid("fault injection: refused as invalid".into());
-                let _ = write_frame(&mut stream, &TaskFrame::Refused(refusal)).await;
-                return;
+                let _ = write_frame(stream, &TaskFrame::Refused(refusal)).await;
+                return false;
             }
             match injector.before() {
-                None => return,
+                None => return false,
                 Some(wait) => tokio::time::sleep(wait).await,
             }
         }
         // The sender's budget, but never more than a task may take here.
         let budget = Duration::from_millis(request.budget_ms).min(self.config.max_task_budget);
-        let answer = tokio::time::timeout(budget, self.run_task(peer, &request, &mut stream)).await;
+        let answer = tokio::time::timeout(budget, self.run_task(peer, &request, stream)).await;
         let frame = match answer {
             Ok(Ok(result)) => TaskFrame::Done(Box::new(result)),
             Ok(Err(refusal)) => TaskFrame::Refused(refusal),
@@ -1952,8 +2065,8 @@ impl Inference {
                 TaskFrame::Refused(Refusal::Failed("the task's time ran out".into()))
             }
         };
-        let _ = write_frame(&mut stream, &frame).await;
-        let _ = futures::AsyncWriteExt::close(&mut stream).await;
+        let written = write_frame(stream, &frame).await.is_ok();
+        written
     }
 
     async fn run_task(

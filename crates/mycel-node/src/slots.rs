@@ -3,10 +3,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use mycel_net::task::{IncomingStreams, Stream};
 use mycel_net::PeerId;
+use tokio::sync::Notify;
 use tokio::task::{Id, JoinError, JoinSet};
 use tracing::debug;
 
@@ -48,6 +50,7 @@ pub(crate) struct Slots {
     held: HashMap<PeerId, usize>,
     whose: HashMap<Id, PeerId>,
     tasks: JoinSet<()>,
+    crowded: Arc<Notify>,
 }
 
 impl Slots {
@@ -59,7 +62,14 @@ impl Slots {
             held: HashMap::new(),
             whose: HashMap::new(),
             tasks: JoinSet::new(),
+            crowded: Arc::new(Notify::new()),
         }
+    }
+
+    /// Notified when a stream was turned away because every slot was taken: answers that
+    /// hold a stream open only in case more comes on it (kept task streams) end then.
+    pub(crate) fn crowded(&self) -> Arc<Notify> {
+        self.crowded.clone()
     }
 
     /// Whether `peer` holds its whole share of the slots.
@@ -68,12 +78,18 @@ impl Slots {
     }
 
     /// Runs `work` for `peer` when a slot is free for it; false (and `work` dropped) when not.
+    /// A refusal for want of slots in all (not of the peer's share) notifies
+    /// [`Slots::crowded`].
     pub(crate) fn spawn(
         &mut self,
         peer: PeerId,
         work: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> bool {
-        if self.tasks.len() >= self.max || self.is_past_share(&peer) {
+        if self.is_past_share(&peer) {
+            return false;
+        }
+        if self.tasks.len() >= self.max {
+            self.crowded.notify_waiters();
             return false;
         }
         *self.held.entry(peer).or_default() += 1;
@@ -123,12 +139,23 @@ mod tests {
                 let _ = wait.wait_for(|go| *go).await;
             }
         };
+        let crowded = slots.crowded();
+        let notified = crowded.notified();
+        tokio::pin!(notified);
         assert!(slots.spawn(a, work()));
         assert!(slots.spawn(a, work()));
         assert!(!slots.spawn(a, work()), "a's share is 2");
         assert!(slots.spawn(b, work()));
         assert!(slots.spawn(b, work()));
+        assert!(
+            futures::poll!(notified.as_mut()).is_pending(),
+            "a peer past its share is no crowd"
+        );
         assert!(!slots.spawn(PeerId::random(), work()), "4 in all");
+        assert!(
+            futures::poll!(notified.as_mut()).is_ready(),
+            "a stream turned away for want of slots tells those that wait"
+        );
         release.send(true).unwrap();
         for _ in 0..4 {
             slots.next_done().await;

@@ -606,9 +606,98 @@ async fn a_malformed_task_is_refused_costs_its_sender_and_the_worker_keeps_servi
         .expect("signed by the worker");
     assert_eq!(result.output.vectors(1).unwrap()[0].len(), 16);
     assert!(result.timings.prefill_ms > 0.0);
+    // The stream stays open for the sender's next task.
+    let next = TaskRequest {
+        id: TaskId(3),
+        ..good.clone()
+    };
+    write_frame(&mut stream, &next).await.unwrap();
+    let Some(TaskFrame::Done(result)) = read_frame::<TaskFrame>(&mut stream, MAX_FRAME_BYTES)
+        .await
+        .unwrap()
+    else {
+        panic!("a second task runs on the same stream")
+    };
+    result
+        .verify(&worker.net.peer_id(), &next)
+        .expect("signed by the worker, for the second task");
+    // A malformed task on a kept stream is refused like one on a new stream.
+    write_frame(&mut stream, &empty).await.unwrap();
+    let answer = read_frame::<TaskFrame>(&mut stream, MAX_FRAME_BYTES)
+        .await
+        .unwrap();
+    assert!(refused(answer));
+    assert!(worker.net.reputation(sender_id).await.unwrap() < after_all);
 
     sender.shutdown().await;
     worker.shutdown().await;
+}
+
+/// A peer's next tasks go on the stream its first one used; a kept stream the worker closed
+/// meanwhile (here a worker that closes each stream after its answer) is replaced by a new
+/// one, and that costs the worker nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_next_task_goes_on_the_kept_stream_and_a_closed_one_is_replaced() {
+    let root = tempfile::tempdir().unwrap();
+    let bert = tiny_bert(root.path());
+    let keeper = start(root.path(), "keeper", vec![], vec![bert.clone()], 16).await;
+    let mut config = local_config(&root.path().join("closer"), addrs_of(&keeper), true);
+    config.preloaded = vec![bert.clone()];
+    config.router.bindings.trust_announced_names(true);
+    config.router.next_task_wait = Duration::ZERO;
+    let closer = Node::start(config).await.unwrap();
+    let gateway = start(root.path(), "gateway", addrs_of(&keeper), vec![], 16).await;
+    wait_offers(&gateway, &[&keeper, &closer]).await;
+    let target = bert_target(&gateway).await;
+    let texts = vec!["the cat sat".to_owned()];
+    let Runner::Embed(embedder) = &bert.runner else {
+        panic!("an embedding model")
+    };
+    let expected = embedder.embed(&texts).unwrap().0;
+    let three_tasks = |worker: mycel_net::PeerId| {
+        let (gateway, target, texts, expected) = (&gateway, &target, &texts, &expected);
+        async move {
+            for _ in 0..3 {
+                let embedded = gateway
+                    .inference
+                    .embed_on(target, texts.clone(), vec![worker])
+                    .await
+                    .expect("the task runs");
+                assert_eq!(embedded.worker, worker);
+                assert_eq!(&embedded.vectors, expected);
+            }
+        }
+    };
+
+    let before = gateway.inference.stats();
+    three_tasks(keeper.net.peer_id()).await;
+    let kept = gateway.inference.stats();
+    assert_eq!(
+        kept.streams_kept,
+        before.streams_kept + 2,
+        "the second and third tasks go on the first one's stream"
+    );
+    assert_eq!(kept.streams_stale, before.streams_stale);
+
+    three_tasks(closer.net.peer_id()).await;
+    let after = gateway.inference.stats();
+    assert_eq!(
+        after.streams_stale,
+        kept.streams_stale + 2,
+        "each later task found its kept stream closed"
+    );
+    assert_eq!(after.streams_kept, kept.streams_kept);
+    assert_eq!(after.remote, before.remote + 6);
+    assert_eq!(after.failovers, before.failovers, "no attempt failed");
+    let faults = gateway
+        .inference
+        .trust_of(&closer.net.peer_id())
+        .map_or((0.0, 0.0), |t| (t.failures, t.timeouts));
+    assert_eq!(faults, (0.0, 0.0), "nothing counted against the closer");
+
+    gateway.shutdown().await;
+    closer.shutdown().await;
+    keeper.shutdown().await;
 }
 
 /// A real libp2p peer that accepts task streams, reads each request, reports its id and

@@ -319,11 +319,14 @@ pub(crate) async fn run(args: InferenceBenchArgs) -> anyhow::Result<()> {
                 "decode_tok_per_s": over_rounds("decode_tok_per_s") }),
     );
 
-    let (local_ms, remote_ms) = routing_overhead(
-        &args.models.join("all-minilm-l6-v2"),
+    // On the runtime's workers, as the API's handlers run, not on the thread that waits for
+    // the benchmark.
+    let (minilm, tasks) = (
+        args.models.join("all-minilm-l6-v2"),
         args.overhead_tasks.max(1),
-    )
-    .await?;
+    );
+    let (local_ms, remote_ms) =
+        tokio::spawn(async move { routing_overhead(&minilm, tasks).await }).await??;
 
     let embed_rate = over_rounds("embed_sent_per_s").unwrap_or(f64::NAN);
     let decode = over_rounds("decode_tok_per_s").unwrap_or(f64::NAN);
