@@ -6,11 +6,11 @@
 //! it answered, waiting for the next task on it, and a requester keeps the streams whose task
 //! ended cleanly, to send its next task to that peer on one of them.
 //!
-//! The pool is bounded three ways: [`Pool::per_key`] streams for one peer, [`Pool::total`] in
-//! all, and an age past which a stream is dropped rather than used (the worker closes a
-//! stream that stays idle longer, so the requester's age limit is below the worker's wait).
+//! The pool is bounded three ways: a number of streams for one peer, a number in all, and an
+//! age past which a stream is dropped rather than used (a worker closes a stream that stays
+//! idle longer than its own wait, 20 s by default; the requester's limit is set below that).
 //! The stream used last is taken first: it is the one least likely to have been closed.
-//! Pure: time is given in milliseconds.
+//! Pure: time is given in milliseconds, from any clock that does not step back.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
@@ -78,6 +78,13 @@ impl<K: Eq + Hash + Clone, T> Pool<K, T> {
         taken
     }
 
+    /// Drops every item kept for `key`.
+    pub fn forget(&mut self, key: &K) {
+        if let Some(items) = self.idle.remove(key) {
+            self.count -= items.len();
+        }
+    }
+
     /// Drops every item past its age.
     pub fn prune(&mut self, now: UnixMillis) {
         let max_age = self.max_age_ms;
@@ -137,6 +144,13 @@ mod tests {
         pool.prune(1_200);
         assert_eq!(pool.len(), 1);
         assert_eq!(pool.take(&"e", 1_200), Some(8));
+        pool.put("f", 9, 1_200);
+        pool.put("f", 10, 1_200);
+        pool.put("g", 11, 1_200);
+        pool.forget(&"f");
+        assert_eq!(pool.len(), 1);
+        assert_eq!(pool.take(&"f", 1_200), None);
+        assert_eq!(pool.take(&"g", 1_200), Some(11));
     }
 
     #[test]

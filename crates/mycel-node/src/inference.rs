@@ -64,6 +64,9 @@ const EVIDENCE_PER_PEER: usize = 4;
 const KEPT_STREAMS_PER_PEER: usize = 4;
 /// Task streams kept open in all.
 const KEPT_STREAMS: usize = 256;
+/// A kept stream that ends this soon after a task was sent on it, with no answer, had been
+/// closed by its worker before: the task goes on a new stream at no cost to the worker.
+const STALE_WITHIN: Duration = Duration::from_secs(1);
 /// How long a requester keeps a stream for its next task: well below a worker's
 /// [`RouterConfig::next_task_wait`].
 const KEPT_FOR: Duration = Duration::from_secs(10);
@@ -417,8 +420,10 @@ pub struct Inference {
     flush_now: tokio::sync::Notify,
     /// Spot checks running in the background; more are skipped.
     rechecks: Arc<tokio::sync::Semaphore>,
-    /// Task streams kept open for the next task to their peer.
+    /// Task streams kept open for the next task to their peer, aged by [`Inference::clock_ms`].
     streams: Mutex<keepalive::Pool<PeerId, Stream>>,
+    /// When the service started: a clock that never steps back, for the kept streams.
+    started: Instant,
     #[cfg(feature = "fault-injection")]
     injector: Option<crate::fault::Injector>,
     /// The operator that vouches for this node, if any.
@@ -483,6 +488,7 @@ impl Inference {
                 KEPT_STREAMS,
                 KEPT_FOR.as_millis() as u64,
             )),
+            started: Instant::now(),
             #[cfg(feature = "fault-injection")]
             injector: config
                 .fault
@@ -874,6 +880,9 @@ impl Inference {
 
     fn record(&self, peer: &PeerId, outcome: trust::Outcome, elapsed: Option<Duration>) {
         let success = outcome == trust::Outcome::Success;
+        if !success {
+            self.lock_streams().forget(peer);
+        }
         let local = *peer == self.net.peer_id();
         self.count(|s| {
             if success {
@@ -1759,6 +1768,9 @@ impl Inference {
     }
 
     fn note(&self, peer: &PeerId, outcome: trust::Outcome) {
+        // Its next task goes on a new stream (the stream of an answer found wrong after it
+        // was kept, say).
+        self.lock_streams().forget(peer);
         let now = now_ms();
         if outcome == trust::Outcome::Invalid {
             self.metrics.invalid_results.inc();
@@ -1844,7 +1856,7 @@ impl Inference {
         request: &TaskRequest,
         mut progress: Option<&mut Progress>,
     ) -> Outcome<Signed> {
-        let kept = self.lock_streams().take(&peer, now_ms());
+        let kept = self.lock_streams().take(&peer, self.clock_ms());
         if let Some(stream) = kept {
             match self
                 .exchange(peer, stream, request, progress.as_deref_mut())
@@ -1876,6 +1888,11 @@ impl Inference {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Milliseconds since the service started.
+    fn clock_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     /// Sends `request` on `stream` and reads the answer; a stream whose answer was whole and
     /// signed is kept for the next task to `peer`.
     async fn exchange(
@@ -1892,10 +1909,13 @@ impl Inference {
             Ok(Err(e)) => {
                 return unanswered(format!("cannot send the task: {e}"), Fault::of_stream(&e))
             }
-            Err(_) => return unanswered("sending the task timed out".into(), Fault::Quiet),
+            Err(_) => return Ok(retry("sending the task timed out", Fault::Quiet)),
         }
         // A stream that has begun moves on when it goes quiet far beyond its own pace.
         let begun = tokio::time::Instant::now();
+        // A kept stream the worker had closed shows it at once; one that breaks later broke
+        // on this task.
+        let unread = |answered: bool| !answered && begun.elapsed() < STALE_WITHIN;
         let mut pace = mycel_core::pace::Pace::new(wait.as_millis() as u64);
         let mut answered = false;
         loop {
@@ -1914,11 +1934,11 @@ impl Inference {
                     };
                     retry(why, Fault::Quiet)
                 }
-                Ok(Ok(None)) if !answered => {
+                Ok(Ok(None)) if unread(answered) => {
                     return unanswered("the worker closed the stream".into(), Fault::Failed)
                 }
                 Ok(Ok(None)) => retry("the worker closed the stream", Fault::Failed),
-                Ok(Err(FrameError::Io(e))) if !answered => {
+                Ok(Err(FrameError::Io(e))) if unread(answered) => {
                     return unanswered(format!("the stream failed: {e}"), Fault::of_stream(&e))
                 }
                 Ok(Err(FrameError::Io(e))) => {
@@ -1956,7 +1976,7 @@ impl Inference {
                 },
                 Ok(Ok(Some(TaskFrame::Done(result)))) => match result.verify(&peer, request) {
                     Ok(claim) => {
-                        self.lock_streams().put(peer, stream, now_ms());
+                        self.lock_streams().put(peer, stream, self.clock_ms());
                         return Ok(Outcome::Done((*result, claim)));
                     }
                     Err(reason) => {
@@ -1980,26 +2000,41 @@ impl Inference {
         let slots = Slots::new(MAX_INBOUND_TASKS, MAX_INBOUND_TASKS_PER_PEER);
         let past_share = ("task", crate::defences::TASK_STREAMS_PAST_SHARE);
         let defences = self.defences.clone();
-        let crowded = slots.crowded();
+        let idle = slots.idle();
+        // Kept streams go when they are too old even while no task comes to use them: they
+        // hold their connections open.
+        let pruner = {
+            let this = Arc::downgrade(&self);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(KEPT_FOR).await;
+                    let Some(this) = this.upgrade() else { break };
+                    let now = this.clock_ms();
+                    this.lock_streams().prune(now);
+                }
+            })
+        };
         crate::slots::serve(incoming, slots, past_share, defences, |peer, stream| {
             let this = self.clone();
-            let crowded = crowded.clone();
-            async move { this.work(peer, stream, crowded).await }
+            let idle = idle.clone();
+            async move { this.work(peer, stream, idle).await }
         })
         .await;
+        pruner.abort();
     }
 
     /// Answers the tasks `peer` sends on `stream`, one after another. After an answer the
     /// stream stays open for the requester's next task (`next_task_wait`; a task on a new
-    /// stream waits a round trip of negotiation more), unless the serve loop turns streams
-    /// away for want of slots (`crowded`): then streams that only wait give theirs back.
-    async fn work(&self, peer: PeerId, mut stream: Stream, crowded: Arc<tokio::sync::Notify>) {
-        let mut idle = false;
+    /// stream waits a round trip of negotiation more), unless the serve loop needs its slot
+    /// for a newcomer (`idle`).
+    async fn work(&self, peer: PeerId, mut stream: Stream, idle: crate::slots::Idle) {
+        let mut answered = false;
         loop {
-            let wait = match idle {
+            let wait = match answered {
                 true => self.config.next_task_wait,
                 false => self.config.attempt_timeout,
             };
+            let waiting = answered.then(|| idle.waiting());
             let read = tokio::time::timeout(
                 wait,
                 read_frame::<TaskRequest>(&mut stream, MAX_REQUEST_BYTES),
@@ -2016,18 +2051,19 @@ impl Inference {
                     }
                     // Nothing more came: closed, not reset, so that a requester that has not
                     // read the last answer yet still does.
-                    Err(_) if idle => break,
+                    Err(_) if answered => break,
                     _ => return,
                 },
-                () = crowded.notified(), if idle => break,
+                () = idle.crowded(), if answered => break,
             };
+            drop(waiting);
             if !self.answer(peer, &mut stream, request).await {
                 return;
             }
             if self.config.next_task_wait.is_zero() {
                 break;
             }
-            idle = true;
+            answered = true;
         }
         let _ = futures::AsyncWriteExt::close(&mut stream).await;
     }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -50,7 +51,38 @@ pub(crate) struct Slots {
     held: HashMap<PeerId, usize>,
     whose: HashMap<Id, PeerId>,
     tasks: JoinSet<()>,
+    idle: Idle,
+}
+
+/// The answers of a serve loop that hold a stream open only in case more comes on it (kept
+/// task streams): how many wait so, and how to ask one of them to give its slot back.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Idle {
+    waiting: Arc<AtomicUsize>,
     crowded: Arc<Notify>,
+}
+
+impl Idle {
+    /// Counts the caller as waiting until the guard drops.
+    pub(crate) fn waiting(&self) -> IdleGuard {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        IdleGuard(self.waiting.clone())
+    }
+
+    /// Resolves when a newcomer needs the slot of one that waits.
+    pub(crate) async fn crowded(&self) {
+        self.crowded.notified().await
+    }
+}
+
+/// One answer waiting (see [`Idle::waiting`]).
+#[derive(Debug)]
+pub(crate) struct IdleGuard(Arc<AtomicUsize>);
+
+impl Drop for IdleGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Slots {
@@ -62,14 +94,14 @@ impl Slots {
             held: HashMap::new(),
             whose: HashMap::new(),
             tasks: JoinSet::new(),
-            crowded: Arc::new(Notify::new()),
+            idle: Idle::default(),
         }
     }
 
-    /// Notified when a stream was turned away because every slot was taken: answers that
-    /// hold a stream open only in case more comes on it (kept task streams) end then.
-    pub(crate) fn crowded(&self) -> Arc<Notify> {
-        self.crowded.clone()
+    /// The answers that only wait: a newcomer past the cap in all takes the slot of one of
+    /// them.
+    pub(crate) fn idle(&self) -> Idle {
+        self.idle.clone()
     }
 
     /// Whether `peer` holds its whole share of the slots.
@@ -78,8 +110,9 @@ impl Slots {
     }
 
     /// Runs `work` for `peer` when a slot is free for it; false (and `work` dropped) when not.
-    /// A refusal for want of slots in all (not of the peer's share) notifies
-    /// [`Slots::crowded`].
+    /// Past the cap in all, a newcomer is let in while answers only wait
+    /// ([`Slots::idle`]), and one of them is asked to end: the cap is passed by at most the
+    /// number that wait, and only until they have gone.
     pub(crate) fn spawn(
         &mut self,
         peer: PeerId,
@@ -89,8 +122,11 @@ impl Slots {
             return false;
         }
         if self.tasks.len() >= self.max {
-            self.crowded.notify_waiters();
-            return false;
+            let waiting = self.idle.waiting.load(Ordering::Relaxed);
+            if self.tasks.len() >= self.max + waiting {
+                return false;
+            }
+            self.idle.crowded.notify_one();
         }
         *self.held.entry(peer).or_default() += 1;
         let task = self.tasks.spawn(work);
@@ -139,25 +175,32 @@ mod tests {
                 let _ = wait.wait_for(|go| *go).await;
             }
         };
-        let crowded = slots.crowded();
-        let notified = crowded.notified();
-        tokio::pin!(notified);
         assert!(slots.spawn(a, work()));
         assert!(slots.spawn(a, work()));
         assert!(!slots.spawn(a, work()), "a's share is 2");
         assert!(slots.spawn(b, work()));
         assert!(slots.spawn(b, work()));
-        assert!(
-            futures::poll!(notified.as_mut()).is_pending(),
-            "a peer past its share is no crowd"
-        );
         assert!(!slots.spawn(PeerId::random(), work()), "4 in all");
+        // One of them only waits for more: a newcomer takes its place, and it is asked to go.
+        let idle = slots.idle();
+        let crowded = idle.crowded();
+        tokio::pin!(crowded);
+        let waiting = idle.waiting();
+        assert!(futures::poll!(crowded.as_mut()).is_pending());
+        assert!(!slots.spawn(a, work()), "a is still past its share");
+        assert!(futures::poll!(crowded.as_mut()).is_pending());
         assert!(
-            futures::poll!(notified.as_mut()).is_ready(),
-            "a stream turned away for want of slots tells those that wait"
+            slots.spawn(PeerId::random(), work()),
+            "in, in the place of the waiting one"
         );
+        assert!(futures::poll!(crowded.as_mut()).is_ready(), "asked to go");
+        assert!(
+            !slots.spawn(PeerId::random(), work()),
+            "the cap is passed by at most those that wait"
+        );
+        drop(waiting);
         release.send(true).unwrap();
-        for _ in 0..4 {
+        for _ in 0..5 {
             slots.next_done().await;
         }
         assert!(slots.is_empty());

@@ -14,7 +14,8 @@ use common::{addrs_of, local_config, wait_offers, wait_until};
 use mycel_core::membership::PeerState;
 use mycel_core::statement::ModelKind;
 use mycel_core::task::{
-    Refusal, TaskFrame, TaskId, TaskInput, TaskRequest, MAX_FRAME_BYTES, MAX_REQUEST_BYTES,
+    Refusal, TaskFrame, TaskId, TaskInput, TaskOutput, TaskRequest, TaskResult, MAX_FRAME_BYTES,
+    MAX_REQUEST_BYTES,
 };
 use mycel_ml::fixtures::{write_llama, write_tiny_bert, write_tiny_llama, LlamaShape};
 use mycel_ml::{ChatMessage, Engine, GenerateParams};
@@ -698,6 +699,80 @@ async fn a_peers_next_task_goes_on_the_kept_stream_and_a_closed_one_is_replaced(
     gateway.shutdown().await;
     closer.shutdown().await;
     keeper.shutdown().await;
+}
+
+/// A worker that answers a stream's first task and stalls the next one sent on the same stream
+/// before it closes the stream: the task fails and the worker pays, as on a new stream (a
+/// kept stream closed at once costs the worker nothing, which a stall must not buy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stalls_a_task_on_a_kept_stream_then_closes_it_pays() {
+    let root = tempfile::tempdir().unwrap();
+    let gateway = start(root.path(), "gateway", vec![], vec![], 16).await;
+    let keypair = mycel_core::Keypair::generate_ed25519();
+    let fake = common::raw_peer_keyed(keypair.clone(), addrs_of(&gateway)).await;
+    let fake_id = fake.peer_id();
+    let mut incoming = fake.accept_task_streams().unwrap();
+    tokio::spawn(async move {
+        while let Some((_, mut stream)) = futures::StreamExt::next(&mut incoming).await {
+            let keypair = keypair.clone();
+            tokio::spawn(async move {
+                let Ok(Some(request)) =
+                    read_frame::<TaskRequest>(&mut stream, MAX_REQUEST_BYTES).await
+                else {
+                    return;
+                };
+                let output = TaskOutput::embeddings(&[vec![0.5; 16]], 3);
+                let result =
+                    TaskResult::sign(&keypair, &request, "fake", output, Default::default());
+                write_frame(&mut stream, &TaskFrame::Done(Box::new(result)))
+                    .await
+                    .unwrap();
+                if let Ok(Some(_)) = read_frame::<TaskRequest>(&mut stream, MAX_REQUEST_BYTES).await
+                {
+                    // The misbehaviour under test: a stall well past a stale stream's second.
+                    tokio::time::sleep(Duration::from_millis(1_500)).await;
+                }
+                let _ = futures::AsyncWriteExt::close(&mut stream).await;
+            });
+        }
+    });
+    wait_until(LIMIT, "the gateway knows the fake worker", || async {
+        gateway.net.peer(fake_id).await.unwrap().is_some()
+    })
+    .await;
+    let target = Target::unannounced(
+        mycel_core::id::ContentId::of(b"a model"),
+        ModelKind::Embedding,
+    );
+    let texts = vec!["the cat sat".to_owned()];
+    let before = gateway.inference.stats();
+    let first = gateway
+        .inference
+        .embed_on(&target, texts.clone(), vec![fake_id])
+        .await
+        .expect("the first task is answered");
+    assert_eq!(first.vectors, vec![vec![0.5; 16]]);
+    let second = gateway
+        .inference
+        .embed_on(&target, texts.clone(), vec![fake_id])
+        .await;
+    assert!(second.is_err(), "{second:?}");
+    let after = gateway.inference.stats();
+    assert_eq!(
+        after.streams_kept,
+        before.streams_kept + 1,
+        "sent on the kept stream"
+    );
+    assert_eq!(
+        after.streams_stale, before.streams_stale,
+        "not taken for stale"
+    );
+    assert_eq!(after.failovers, before.failovers + 1);
+    let trust = gateway.inference.trust_of(&fake_id).expect("its record");
+    assert!(trust.failures > 0.0, "{trust:?}");
+
+    fake.shutdown().await;
+    gateway.shutdown().await;
 }
 
 /// A real libp2p peer that accepts task streams, reads each request, reports its id and

@@ -150,7 +150,12 @@ pub fn announcement_at(
 /// A bare libp2p peer on 127.0.0.1 (no node behind it), for tests that need a peer which
 /// misbehaves: it answers whatever protocol the test accepts on it, however the test likes.
 pub async fn raw_peer(bootstrap: Vec<Multiaddr>) -> NetHandle {
-    let mut config = NetConfig::new(mycel_core::Keypair::generate_ed25519());
+    raw_peer_keyed(mycel_core::Keypair::generate_ed25519(), bootstrap).await
+}
+
+/// [`raw_peer`] with the identity `keypair` (a peer that signs what it sends).
+pub async fn raw_peer_keyed(keypair: mycel_core::Keypair, bootstrap: Vec<Multiaddr>) -> NetHandle {
+    let mut config = NetConfig::new(keypair);
     config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     config.bootstrap = bootstrap;
     config.mdns = false;
