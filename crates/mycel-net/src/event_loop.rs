@@ -134,6 +134,13 @@ enum Arrival {
     Other,
 }
 
+/// The workers' table the router reads without asking the event loop (`NetHandle::workers_now`).
+pub(crate) type Workers = std::sync::Arc<Vec<PeerInfo>>;
+
+/// How stale the workers' table may get while events come (it is also rebuilt around every
+/// command).
+const WORKERS_EVERY: Duration = Duration::from_millis(50);
+
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     config: NetConfig,
@@ -202,6 +209,9 @@ pub(crate) struct EventLoop {
     topic: gossipsub::IdentTopic,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
+    /// Where the workers' table is published, and when it last was.
+    workers: tokio::sync::watch::Sender<Workers>,
+    workers_built: tokio::time::Instant,
     connections: usize,
     connections_opened: u64,
     dial_failures: u64,
@@ -343,8 +353,39 @@ impl EventLoop {
             dial_failures: 0,
             providing: HashSet::new(),
             provider_queries: HashMap::new(),
+            workers: tokio::sync::watch::channel(std::sync::Arc::new(Vec::new())).0,
+            workers_built: tokio::time::Instant::now(),
             config,
         }
+    }
+
+    /// Publishes the workers' table ([`EventLoop::workers_list`]) to `to` from now on.
+    pub(crate) fn publish_workers_to(&mut self, to: tokio::sync::watch::Sender<Workers>) {
+        self.workers = to;
+        self.publish_workers();
+    }
+
+    /// Everything known about the alive peers that announce a model or the operator that runs
+    /// them (see `NetHandle::workers`).
+    fn workers_list(&self) -> Vec<PeerInfo> {
+        self.membership
+            .peers()
+            .filter(|(_, info)| {
+                info.state == membership::PeerState::Alive
+                    && (info.operator.is_some()
+                        || info
+                            .capabilities
+                            .as_ref()
+                            .is_some_and(|c| !c.models.is_empty()))
+            })
+            .map(|(peer, info)| self.view_of(peer, info))
+            .collect()
+    }
+
+    fn publish_workers(&mut self) {
+        let workers = std::sync::Arc::new(self.workers_list());
+        self.workers.send_replace(workers);
+        self.workers_built = tokio::time::Instant::now();
     }
 
     pub(crate) async fn run(mut self, early_events: Vec<SwarmEvent<BehaviourEvent>>) {
@@ -377,11 +418,18 @@ impl EventLoop {
         tokio::pin!(sync_sleep);
 
         loop {
+            let mut commanded = false;
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
-                    Some(command) => self.on_command(command),
+                    Some(command) => {
+                        // Whatever a caller saw in an answer is in the table the router
+                        // reads by the time the answer arrives.
+                        self.publish_workers();
+                        self.on_command(command);
+                        commanded = true;
+                    }
                 },
                 _ = tick.tick() => self.on_tick(),
                 Some(input) = self.autonat_inputs.recv() => self.on_autonat_input(input),
@@ -410,6 +458,9 @@ impl EventLoop {
                 if sync_sleep.deadline() > soon {
                     sync_sleep.as_mut().reset(soon);
                 }
+            }
+            if commanded || self.workers_built.elapsed() >= WORKERS_EVERY {
+                self.publish_workers();
             }
             // Announcing (periodically, on a command, to refute), a change of load and the
             // network's growth move the next announcement.
@@ -1636,20 +1687,7 @@ impl EventLoop {
                 );
             }
             Command::Workers(reply) => {
-                let _ = reply.send(
-                    self.membership
-                        .peers()
-                        .filter(|(_, info)| {
-                            info.state == membership::PeerState::Alive
-                                && (info.operator.is_some()
-                                    || info
-                                        .capabilities
-                                        .as_ref()
-                                        .is_some_and(|c| !c.models.is_empty()))
-                        })
-                        .map(|(peer, info)| self.view_of(peer, info))
-                        .collect(),
-                );
+                let _ = reply.send(self.workers_list());
             }
             Command::Peer(peer, reply) => {
                 let _ = reply.send(self.membership.get(&peer).map(|i| self.view_of(&peer, i)));

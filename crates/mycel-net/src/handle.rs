@@ -175,6 +175,8 @@ pub struct NetHandle {
     acceptor: crate::accept::Acceptor,
     /// Acceptors registered at start ([`NetConfig::accept`]), not yet handed out.
     accepted: Accepted,
+    /// The workers' table as the event loop last published it.
+    workers: tokio::sync::watch::Receiver<crate::event_loop::Workers>,
 }
 
 /// Acceptors registered at start, by protocol.
@@ -291,6 +293,7 @@ pub async fn spawn(
     let (command_tx, command_rx) = mpsc::channel(256);
     let (event_tx, event_rx) = mpsc::channel(256);
     let peer_id = *swarm.local_peer_id();
+    let (workers_tx, workers_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
     let handle = NetHandle {
         commands: command_tx,
         peer_id,
@@ -299,8 +302,9 @@ pub async fn spawn(
         streams: Streams(swarm.behaviour().streams.new_control()),
         acceptor,
         accepted: Accepted(Arc::new(Mutex::new(accepted))),
+        workers: workers_rx,
     };
-    let event_loop = EventLoop::new(
+    let mut event_loop = EventLoop::new(
         swarm,
         config,
         seq_source,
@@ -312,6 +316,7 @@ pub async fn spawn(
         event_tx,
         dial_backs,
     );
+    event_loop.publish_workers_to(workers_tx);
     // Several nodes may share a process (tests, `mycel bench net`): each one's debug lines
     // name it.
     let span = tracing::debug_span!("node", id = %peer_id);
@@ -396,6 +401,13 @@ impl NetHandle {
     /// every peer the table holds (strangers that announce neither cost a request nothing).
     pub async fn workers(&self) -> Result<Vec<PeerInfo>, NetError> {
         self.ask(Command::Workers).await
+    }
+
+    /// [`NetHandle::workers`] without a round trip to the event loop: the table it publishes
+    /// around every command it answers and at least every 50 ms while events come, so it
+    /// holds whatever an earlier answer of this handle showed. A request's routing reads it.
+    pub fn workers_now(&self) -> Arc<Vec<PeerInfo>> {
+        self.workers.borrow().clone()
     }
 
     /// Everything known about one peer.

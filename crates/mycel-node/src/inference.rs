@@ -665,7 +665,7 @@ impl Inference {
     /// (this node's own included) announce under it (see `mycel_core::naming`), run with the
     /// engine most of its announcers use; with the peers that offer it.
     pub async fn resolve(&self, name: &str, kind: ModelKind) -> Result<Target, RouteError> {
-        let peers = self.net.workers().await.unwrap_or_default();
+        let peers = self.net.workers_now();
         let alive = || peers.iter().filter(|p| p.state == PeerState::Alive);
         // Who runs whom, for every peer that says (the DHT's providers of an unannounced
         // model may be among them).

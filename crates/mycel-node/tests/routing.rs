@@ -649,6 +649,14 @@ async fn a_peers_next_task_goes_on_the_kept_stream_and_a_closed_one_is_replaced(
     let closer = Node::start(config).await.unwrap();
     let gateway = start(root.path(), "gateway", addrs_of(&keeper), vec![], 16).await;
     wait_offers(&gateway, &[&keeper, &closer]).await;
+    // The table the router reads without asking the network task holds what its answers
+    // showed.
+    let listed = |peer: mycel_net::PeerId| {
+        let id = peer.to_base58();
+        gateway.net.workers_now().iter().any(|p| p.peer_id == id)
+    };
+    let (keeper_id, closer_id) = (keeper.net.peer_id(), closer.net.peer_id());
+    assert!(listed(keeper_id) && listed(closer_id));
     let target = bert_target(&gateway).await;
     let texts = vec!["the cat sat".to_owned()];
     let Runner::Embed(embedder) = &bert.runner else {
@@ -696,8 +704,16 @@ async fn a_peers_next_task_goes_on_the_kept_stream_and_a_closed_one_is_replaced(
         .map_or((0.0, 0.0), |t| (t.failures, t.timeouts));
     assert_eq!(faults, (0.0, 0.0), "nothing counted against the closer");
 
-    gateway.shutdown().await;
+    // A worker that leaves drops out of that table as the network task learns of it, with
+    // nobody asking.
     closer.shutdown().await;
+    wait_until(LIMIT, "the table drops the closer", || async {
+        !listed(closer_id)
+    })
+    .await;
+    assert!(listed(keeper_id));
+
+    gateway.shutdown().await;
     keeper.shutdown().await;
 }
 
