@@ -137,8 +137,8 @@ enum Arrival {
 /// The workers' table the router reads without asking the event loop (`NetHandle::workers_now`).
 pub(crate) type Workers = std::sync::Arc<Vec<PeerInfo>>;
 
-/// How stale the workers' table may get while events come (it is also rebuilt around every
-/// command).
+/// How stale the workers' table may get while events come (it is also rebuilt before every
+/// command whose answer shows peers).
 const WORKERS_EVERY: Duration = Duration::from_millis(50);
 
 pub(crate) struct EventLoop {
@@ -418,17 +418,19 @@ impl EventLoop {
         tokio::pin!(sync_sleep);
 
         loop {
-            let mut commanded = false;
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
                     Some(command) => {
-                        // Whatever a caller saw in an answer is in the table the router
-                        // reads by the time the answer arrives.
-                        self.publish_workers();
+                        // Whatever a caller reads of the peers in an answer is in the table
+                        // the router reads by the time the answer arrives. (Only then: other
+                        // commands, some of them one per bad message a peer sends, do not
+                        // each pay for a copy of the table.)
+                        if command.shows_peers() {
+                            self.publish_workers();
+                        }
                         self.on_command(command);
-                        commanded = true;
                     }
                 },
                 _ = tick.tick() => self.on_tick(),
@@ -459,7 +461,7 @@ impl EventLoop {
                     sync_sleep.as_mut().reset(soon);
                 }
             }
-            if commanded || self.workers_built.elapsed() >= WORKERS_EVERY {
+            if self.workers_built.elapsed() >= WORKERS_EVERY {
                 self.publish_workers();
             }
             // Announcing (periodically, on a command, to refute), a change of load and the

@@ -164,6 +164,20 @@ pub(crate) enum Command {
     Shutdown,
 }
 
+impl Command {
+    /// Whether the answer shows what the node knows of its peers.
+    pub(crate) fn shows_peers(&self) -> bool {
+        matches!(
+            self,
+            Command::Status(_)
+                | Command::Peers(_)
+                | Command::Workers(_)
+                | Command::Peer(..)
+                | Command::Reputation(..)
+        )
+    }
+}
+
 /// A cloneable handle to the network task.
 #[derive(Clone, Debug)]
 pub struct NetHandle {
@@ -404,8 +418,9 @@ impl NetHandle {
     }
 
     /// [`NetHandle::workers`] without a round trip to the event loop: the table it publishes
-    /// around every command it answers and at least every 50 ms while events come, so it
-    /// holds whatever an earlier answer of this handle showed. A request's routing reads it.
+    /// before it answers any command that shows peers and at least every 50 ms while events
+    /// come, so it holds whatever an earlier answer of this handle showed of the peers. A
+    /// request's routing reads it.
     pub fn workers_now(&self) -> Arc<Vec<PeerInfo>> {
         self.workers.borrow().clone()
     }
