@@ -39,10 +39,14 @@ impl<K: Eq + Hash + Clone, T> Pool<K, T> {
         }
     }
 
-    /// Keeps `item` for `key` from `now`. Items past their age go first; past the key's
-    /// bound its oldest item is dropped; when the pool is full in all, `item` is dropped.
+    /// Keeps `item` for `key` from `now`. Past the key's bound its oldest item is dropped;
+    /// when the pool is full in all, items past their age go first, and if none had, `item`
+    /// is dropped. (A put comes with every task answered: the whole pool is looked over only
+    /// when it is full, and by [`Pool::prune`], which its owner calls now and then.)
     pub fn put(&mut self, key: K, item: T, now: UnixMillis) {
-        self.prune(now);
+        if self.count >= self.total {
+            self.prune(now);
+        }
         if self.per_key == 0 {
             return;
         }

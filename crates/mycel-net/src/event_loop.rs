@@ -366,7 +366,7 @@ impl EventLoop {
     }
 
     /// Everything known about the alive peers that announce a model or the operator that runs
-    /// them (see `NetHandle::workers`).
+    /// them (see `NetHandle::workers_now`).
     fn workers_list(&self) -> Vec<PeerInfo> {
         self.membership
             .peers()
@@ -1687,9 +1687,6 @@ impl EventLoop {
                         .map(|(peer, info)| self.view_of(peer, info))
                         .collect(),
                 );
-            }
-            Command::Workers(reply) => {
-                let _ = reply.send(self.workers_list());
             }
             Command::Peer(peer, reply) => {
                 let _ = reply.send(self.membership.get(&peer).map(|i| self.view_of(&peer, i)));

@@ -125,7 +125,6 @@ pub struct NetStatus {
 pub(crate) enum Command {
     Status(oneshot::Sender<NetStatus>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
-    Workers(oneshot::Sender<Vec<PeerInfo>>),
     Peer(PeerId, oneshot::Sender<Option<PeerInfo>>),
     SetCapabilities(Capabilities, oneshot::Sender<u64>),
     RefreshCapabilities(Capabilities),
@@ -169,11 +168,7 @@ impl Command {
     pub(crate) fn shows_peers(&self) -> bool {
         matches!(
             self,
-            Command::Status(_)
-                | Command::Peers(_)
-                | Command::Workers(_)
-                | Command::Peer(..)
-                | Command::Reputation(..)
+            Command::Status(_) | Command::Peers(_) | Command::Peer(..) | Command::Reputation(..)
         )
     }
 }
@@ -413,14 +408,9 @@ impl NetHandle {
     /// Everything known about the alive peers that announce a model or the operator that runs
     /// them: what a request needs to find where a model runs and who runs it, without copying
     /// every peer the table holds (strangers that announce neither cost a request nothing).
-    pub async fn workers(&self) -> Result<Vec<PeerInfo>, NetError> {
-        self.ask(Command::Workers).await
-    }
-
-    /// [`NetHandle::workers`] without a round trip to the event loop: the table it publishes
-    /// before it answers any command that shows peers and at least every 50 ms while events
-    /// come, so it holds whatever an earlier answer of this handle showed of the peers. A
-    /// request's routing reads it.
+    /// No round trip to the event loop: it is the table the loop publishes before it answers
+    /// any command that shows peers and at least every 50 ms while events come, so it holds
+    /// whatever an earlier answer of this handle showed of the peers.
     pub fn workers_now(&self) -> Arc<Vec<PeerInfo>> {
         self.workers.borrow().clone()
     }

@@ -252,7 +252,8 @@ pub(crate) async fn list_models(State(state): State<ApiState>) -> Response {
             entry(&served.offer, true, true),
         );
     }
-    if let Ok(peers) = state.net.workers().await {
+    {
+        let peers = state.net.workers_now();
         for peer in peers
             .iter()
             .filter(|p| p.state == mycel_core::membership::PeerState::Alive)
