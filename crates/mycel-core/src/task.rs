@@ -92,6 +92,72 @@ pub struct GenerateParams {
     /// wire when false, so tasks that do not use it encode as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fit_context: bool,
+    /// Log-probabilities of the generated tokens, each with this many of the most likely
+    /// tokens at its position (0 to [`MAX_TOP_LOGPROBS`]); absent: none. Absent on the wire
+    /// when not asked for, so tasks that do not use it encode as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u8>,
+}
+
+/// Most alternatives a generated token's log-probability may come with.
+pub const MAX_TOP_LOGPROBS: u8 = 20;
+
+/// Longest text of one token that a log-probability may carry, in bytes.
+pub const MAX_TOKEN_BYTES: usize = 256;
+
+/// A token and its log-probability under the model (the natural log of its softmax
+/// probability at temperature 1, before any sampling setting), with the token's bytes: a
+/// requester that does not hold the model cannot spell it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Logprob {
+    /// The token id.
+    pub token: u32,
+    /// Its text as bytes (a piece of a UTF-8 character, for some tokens).
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+    /// Its log-probability.
+    pub logprob: f32,
+}
+
+/// A generated token's log-probability and the most likely tokens at its position, most
+/// likely first (ties by the smaller id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// The token generated.
+    pub chosen: Logprob,
+    /// The most likely tokens there (the chosen one among them when it is one of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<Logprob>,
+}
+
+impl TokenLogprobs {
+    /// Refuses what no honest worker sends as the log-probabilities of `token` with `top`
+    /// alternatives: another token, another number of alternatives, alternatives out of
+    /// order, or a log-probability that is not a number at most 0.
+    pub fn check(&self, token: u32, top: u8) -> Result<(), String> {
+        let valid = |l: &Logprob| {
+            l.logprob.is_finite() && l.logprob <= 0.0 && l.bytes.len() <= MAX_TOKEN_BYTES
+        };
+        if self.chosen.token != token {
+            return Err(format!(
+                "log-probabilities of token {} for token {token}",
+                self.chosen.token
+            ));
+        }
+        if self.top.len() != usize::from(top) {
+            return Err(format!(
+                "{} alternatives where {top} were asked for",
+                self.top.len()
+            ));
+        }
+        if !valid(&self.chosen) || !self.top.iter().all(valid) {
+            return Err("a log-probability is not a number at most 0".into());
+        }
+        if self.top.windows(2).any(|w| w[0].logprob < w[1].logprob) {
+            return Err("the alternatives are not the most likely first".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for GenerateParams {
@@ -103,6 +169,7 @@ impl Default for GenerateParams {
             seed: 0,
             stop: Vec::new(),
             fit_context: false,
+            logprobs: None,
         }
     }
 }
@@ -131,6 +198,12 @@ impl GenerateParams {
         }
         if self.stop.len() > 4 || self.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
             return Err("stop takes at most 4 non-empty strings of at most 256 bytes".into());
+        }
+        if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(format!(
+                "top_logprobs must be at most {MAX_TOP_LOGPROBS}, not {}",
+                self.logprobs.unwrap_or_default()
+            ));
         }
         Ok(())
     }
@@ -189,6 +262,34 @@ pub struct TaskRequest {
 }
 
 impl TaskRequest {
+    /// Checks the log-probabilities a worker sent with `tokens` (tokens it made for this
+    /// task, in order) against what the task asked for: one per token, each of its token
+    /// with as many alternatives as asked ([`TokenLogprobs::check`]), or none when the task
+    /// asked for none.
+    pub fn check_logprobs(&self, tokens: &[u32], logprobs: &[TokenLogprobs]) -> Result<(), String> {
+        let asked = match &self.input {
+            TaskInput::Generate { params, .. } => params.logprobs,
+            TaskInput::Embed { .. } => None,
+        };
+        let Some(top) = asked else {
+            return match logprobs.is_empty() {
+                true => Ok(()),
+                false => Err("log-probabilities the task did not ask for".into()),
+            };
+        };
+        if logprobs.len() != tokens.len() {
+            return Err(format!(
+                "{} log-probabilities for {} tokens",
+                logprobs.len(),
+                tokens.len()
+            ));
+        }
+        tokens
+            .iter()
+            .zip(logprobs)
+            .try_for_each(|(token, logprobs)| logprobs.check(*token, top))
+    }
+
     /// Refuses requests a worker must not run: empty or too many inputs, bad parameters, a
     /// resume point past the token budget.
     pub fn check(&self) -> Result<(), String> {
@@ -281,6 +382,12 @@ pub enum TaskOutput {
         prompt_tokens: u32,
         /// Why it ended.
         finish_reason: FinishReason,
+        /// When the task asked for them ([`GenerateParams::logprobs`]): the log-probabilities
+        /// of the tokens this worker generated (those past the task's resume point), one per
+        /// token. Absent on the wire when empty, so outputs without them encode (and digest)
+        /// as before.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        logprobs: Vec<TokenLogprobs>,
     },
 }
 
@@ -412,6 +519,9 @@ pub enum TaskFrame {
         text: String,
         /// New tokens.
         tokens: Vec<u32>,
+        /// Their log-probabilities, one per token, when the task asked for them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        logprobs: Vec<TokenLogprobs>,
     },
     /// The task is done.
     Done(Box<TaskResult>),
@@ -472,6 +582,63 @@ mod tests {
                 },
             },
         }
+    }
+
+    #[test]
+    fn log_probabilities_must_fit_the_tokens_and_what_was_asked() {
+        let mut asked = generate_request(10, 0);
+        if let TaskInput::Generate { params, .. } = &mut asked.input {
+            params.logprobs = Some(2);
+        }
+        let entry = |token: u32, logprobs: &[f32]| TokenLogprobs {
+            chosen: Logprob {
+                token,
+                bytes: vec![b'a'],
+                logprob: logprobs[0],
+            },
+            top: logprobs[1..]
+                .iter()
+                .enumerate()
+                .map(|(i, l)| Logprob {
+                    token: i as u32,
+                    bytes: vec![],
+                    logprob: *l,
+                })
+                .collect(),
+        };
+        let good = [entry(4, &[-0.5, -0.1, -0.7]), entry(9, &[-1.0, -0.2, -0.2])];
+        assert_eq!(asked.check_logprobs(&[4, 9], &good), Ok(()));
+        for (tokens, logprobs, why) in [
+            (vec![4, 9, 1], good.to_vec(), "for 3 tokens"),
+            (vec![4, 8], good.to_vec(), "for token 8"),
+            (vec![4], vec![entry(4, &[-0.5, -0.1])], "1 alternatives"),
+            (vec![4], vec![entry(4, &[0.5, -0.1, -0.2])], "at most 0"),
+            (
+                vec![4],
+                vec![entry(4, &[f32::NAN, -0.1, -0.2])],
+                "at most 0",
+            ),
+            (
+                vec![4],
+                vec![entry(4, &[-0.5, -0.3, -0.1])],
+                "most likely first",
+            ),
+        ] {
+            let refused = asked.check_logprobs(&tokens, &logprobs).unwrap_err();
+            assert!(refused.contains(why), "{refused}");
+        }
+        let mut long = entry(4, &[-0.5, -0.1, -0.7]);
+        long.chosen.bytes = vec![0; MAX_TOKEN_BYTES + 1];
+        assert!(asked.check_logprobs(&[4], &[long]).is_err());
+        // Not asked for: none may come.
+        let plain = generate_request(10, 0);
+        assert_eq!(plain.check_logprobs(&[4, 9], &[]), Ok(()));
+        assert!(plain.check_logprobs(&[4, 9], &good).is_err());
+        // At most 20 alternatives.
+        if let TaskInput::Generate { params, .. } = &mut asked.input {
+            params.logprobs = Some(MAX_TOP_LOGPROBS + 1);
+        }
+        assert!(asked.check().unwrap_err().contains("top_logprobs"));
     }
 
     #[test]

@@ -37,8 +37,8 @@ use mycel_core::statement::{
     ModelOffer, PowerState, SignedStatement, Statement, MAX_STATEMENT_BYTES,
 };
 use mycel_core::task::{
-    self, ChatMessage, FinishReason, GenerateParams, Refusal, Resume, TaskFrame, TaskId, TaskInput,
-    TaskOutput, TaskRequest, TaskResult, Timings,
+    self, ChatMessage, FinishReason, GenerateParams, Logprob, Refusal, Resume, TaskFrame, TaskId,
+    TaskInput, TaskOutput, TaskRequest, TaskResult, Timings, TokenLogprobs,
 };
 use mycel_core::wire::{self, Rejection};
 use mycel_core::{Keypair, PeerId};
@@ -631,15 +631,17 @@ fn task_request() -> impl Strategy<Value = TaskRequest> {
         any::<u64>(),
         vec(ascii(6), 0..6),
         any::<bool>(),
+        option::of(any::<u8>()),
     )
         .prop_map(
-            |(max_tokens, temperature, top_p, seed, stop, fit_context)| GenerateParams {
+            |(max_tokens, temperature, top_p, seed, stop, fit_context, logprobs)| GenerateParams {
                 max_tokens,
                 temperature,
                 top_p,
                 seed,
                 stop,
                 fit_context,
+                logprobs,
             },
         );
     let input = prop_oneof![
@@ -667,6 +669,21 @@ fn task_request() -> impl Strategy<Value = TaskRequest> {
     })
 }
 
+fn logprob() -> impl Strategy<Value = Logprob> {
+    (any::<u32>(), vec(any::<u8>(), 0..8), float()).prop_map(|(token, bytes, logprob)| Logprob {
+        token,
+        bytes,
+        logprob,
+    })
+}
+
+fn token_logprobs() -> impl Strategy<Value = Vec<TokenLogprobs>> {
+    vec(
+        (logprob(), vec(logprob(), 0..4)).prop_map(|(chosen, top)| TokenLogprobs { chosen, top }),
+        0..4,
+    )
+}
+
 fn task_frame() -> impl Strategy<Value = TaskFrame> {
     let output = prop_oneof![
         (1usize..4, 0usize..6, any::<usize>()).prop_map(|(count, dims, tokens)| {
@@ -679,10 +696,11 @@ fn task_frame() -> impl Strategy<Value = TaskFrame> {
             text(40),
             vec(any::<u32>(), 0..8),
             any::<u32>(),
-            any::<bool>()
+            any::<bool>(),
+            token_logprobs(),
         )
-            .prop_map(
-                |(text, tokens, prompt_tokens, stop)| TaskOutput::Generation {
+            .prop_map(|(text, tokens, prompt_tokens, stop, logprobs)| {
+                TaskOutput::Generation {
                     text,
                     tokens,
                     prompt_tokens,
@@ -691,8 +709,9 @@ fn task_frame() -> impl Strategy<Value = TaskFrame> {
                     } else {
                         FinishReason::Length
                     },
+                    logprobs,
                 }
-            ),
+            }),
     ];
     let timings = (float(), float(), float()).prop_map(|(q, p, d)| Timings {
         queue_ms: q.into(),
@@ -700,8 +719,13 @@ fn task_frame() -> impl Strategy<Value = TaskFrame> {
         decode_ms: d.into(),
     });
     prop_oneof![
-        (text(40), vec(any::<u32>(), 0..8))
-            .prop_map(|(text, tokens)| TaskFrame::Chunk { text, tokens }),
+        (text(40), vec(any::<u32>(), 0..8), token_logprobs()).prop_map(
+            |(text, tokens, logprobs)| TaskFrame::Chunk {
+                text,
+                tokens,
+                logprobs
+            }
+        ),
         (output, timings).prop_map(|(output, timings)| TaskFrame::Done(Box::new(
             TaskResult::sign(key(), &answered_task(), "engine/1", output, timings)
         ))),

@@ -27,6 +27,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::llama::{KvCache, Llama, Step};
+pub(crate) use crate::logprobs::Scored;
 use crate::MlError;
 
 /// How much a model decodes at once.
@@ -67,6 +68,8 @@ pub(crate) struct Request {
     pub(crate) replay: usize,
     pub(crate) seed: u64,
     pub(crate) sampling: Sampling,
+    /// Log-probabilities to send with each token, with this many alternatives.
+    pub(crate) logprobs: Option<u8>,
     pub(crate) max_new: usize,
     /// Tokens that end the answer (it ends after sending one).
     pub(crate) ends: Vec<u32>,
@@ -95,8 +98,8 @@ impl Leave {
 pub(crate) enum Event {
     /// It has a slot: its prompt is being read.
     Admitted,
-    /// The next token.
-    Token(u32),
+    /// The next token, with its log-probabilities when they were asked for.
+    Token(u32, Option<Scored>),
     /// The generation failed.
     Failed(String),
 }
@@ -240,6 +243,7 @@ struct Sequence {
     context: usize,
     scope: u64,
     sampler: LogitsProcessor,
+    logprobs: Option<u8>,
     made: usize,
     max_new: usize,
     ends: Vec<u32>,
@@ -295,6 +299,7 @@ impl Sequence {
             history: request.context,
             scope: request.scope,
             sampler,
+            logprobs: request.logprobs,
             made: 0,
             max_new: request.max_new,
             ends: request.ends,
@@ -307,6 +312,8 @@ impl Sequence {
     /// Samples from `logits` and sends the token; whether the sequence goes on.
     fn next(&mut self, logits: Vec<f32>) -> bool {
         let vocab = logits.len();
+        // The log-probabilities, when asked for, read the logits the sampler consumes.
+        let kept = self.logprobs.map(|top| (top, logits.clone()));
         let token = Tensor::from_vec(logits, vocab, &Device::Cpu)
             .and_then(|logits| self.sampler.sample(&logits));
         let token = match token {
@@ -317,7 +324,8 @@ impl Sequence {
             }
         };
         self.made += 1;
-        if self.events.send(Event::Token(token)).is_err() {
+        let scored = kept.map(|(top, logits)| Scored::of(&logits, token, usize::from(top)));
+        if self.events.send(Event::Token(token, scored)).is_err() {
             // The caller stopped listening: the slot is free at once.
             return false;
         }

@@ -15,7 +15,7 @@ use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 use serde::{Deserialize, Serialize};
 
 pub use crate::batch::{BatchLimits, BatchStats};
-use crate::batch::{Batcher, Event, Leave, Request};
+use crate::batch::{Batcher, Event, Leave, Request, Scored};
 use crate::files::{file_id, model_name};
 use crate::gguf_tokenizer::GgufTokenizer;
 use crate::{ContentId, MlError, Result};
@@ -24,7 +24,7 @@ pub use mycel_core::task::Resume;
 /// Used when a GGUF file carries no chat template.
 pub(crate) const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
-pub use mycel_core::task::{ChatMessage, FinishReason, GenerateParams};
+pub use mycel_core::task::{ChatMessage, FinishReason, GenerateParams, Logprob, TokenLogprobs};
 
 fn sampling(params: &GenerateParams) -> Sampling {
     match (params.temperature.filter(|t| *t > 0.0), params.top_p) {
@@ -53,6 +53,10 @@ pub struct Generation {
     pub waited_ms: f64,
     /// Time spent generating, in milliseconds.
     pub decode_ms: f64,
+    /// When asked for ([`GenerateParams::logprobs`]), the log-probabilities of the tokens
+    /// this generation made (past its resume point), one per token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// How a GGUF model's matrices are multiplied. Replicas that must agree token for token need
@@ -424,14 +428,18 @@ impl Generator {
         params: &GenerateParams,
         resume: &Resume,
         stop: &Arc<AtomicBool>,
-        on_text: impl FnMut(&str, &[u32]) -> bool,
+        mut on_text: impl FnMut(&str, &[u32]) -> bool,
     ) -> Result<Generation> {
-        self.generate_scoped(0, prompt, params, resume, stop, on_text)
+        self.generate_scoped(0, prompt, params, resume, stop, |text, tokens, _| {
+            on_text(text, tokens)
+        })
     }
 
     /// Like [`Generator::generate_watching`], for the requester `scope`: on our engine, the
     /// keys and values of what was read before are reused only between requests of one scope,
     /// so that nobody learns from how fast its own answers start how another's prompts begin.
+    /// `on_text` also receives the log-probabilities of the tokens made so far (past the
+    /// resume point), when `params` asks for them.
     pub fn generate_scoped(
         &self,
         scope: u64,
@@ -439,7 +447,7 @@ impl Generator {
         params: &GenerateParams,
         resume: &Resume,
         stop: &Arc<AtomicBool>,
-        mut on_text: impl FnMut(&str, &[u32]) -> bool,
+        mut on_text: impl FnMut(&str, &[u32], &[TokenLogprobs]) -> bool,
     ) -> Result<Generation> {
         params.check().map_err(MlError::Input)?;
         let prompt_ids = self.tokenizer.encode(prompt)?;
@@ -500,6 +508,7 @@ impl Generator {
                     replay: tokens.len(),
                     seed: params.seed,
                     sampling: sampling(params),
+                    logprobs: params.logprobs,
                     max_new: params.max_tokens - tokens.len(),
                     ends: self.tokenizer.turn_ends(),
                     events,
@@ -543,13 +552,14 @@ impl Generator {
             // Our turn in the batch.
             match receive(incoming, stop)? {
                 Event::Admitted => waited_ms = started.elapsed().as_secs_f64() * 1e3,
-                Event::Token(_) | Event::Failed(_) => {
+                Event::Token(..) | Event::Failed(_) => {
                     return Err(MlError::Run("the batch skipped a request's turn".into()))
                 }
             }
         }
         // The first token: the prompt has been read.
-        let mut next = source.next(&self.device)?;
+        let top = params.logprobs;
+        let mut next = source.next(&self.device, top)?;
         let prompt_ms = started.elapsed().as_secs_f64() * 1e3 - waited_ms;
 
         let decode_started = Instant::now();
@@ -561,17 +571,22 @@ impl Generator {
         }
         stream.emitted = delivered;
         let mut finish_reason = FinishReason::Length;
+        let mut logprobs = Vec::new();
         while tokens.len() < params.max_tokens {
-            if self.tokenizer.ends_turn(next) {
+            let (token, scored) = next;
+            if self.tokenizer.ends_turn(token) {
                 finish_reason = FinishReason::Stop;
                 break;
             }
-            tokens.push(next);
+            tokens.push(token);
+            if let Some(scored) = scored {
+                logprobs.push(self.spell(scored));
+            }
             let text = self.tokenizer.decode(&tokens)?;
             let (fresh, stopped) = stream.advance(&text);
             // Asked after every token, with empty text when the token made none yet (part of
             // a character, or of a possible stop string): the caller may stop at any token.
-            if !on_text(fresh, &tokens) {
+            if !on_text(fresh, &tokens, &logprobs) {
                 finish_reason = FinishReason::Stop;
                 break;
             }
@@ -582,13 +597,13 @@ impl Generator {
             if tokens.len() == params.max_tokens {
                 break;
             }
-            next = source.next(&self.device)?;
+            next = source.next(&self.device, top)?;
         }
         drop(source);
         let text = self.tokenizer.decode(&tokens)?;
         let (rest, _) = stream.finish(&text);
         if !rest.is_empty() {
-            on_text(rest, &tokens);
+            on_text(rest, &tokens, &logprobs);
         }
         Ok(Generation {
             text: stream.emitted_text(&text).to_owned(),
@@ -598,7 +613,21 @@ impl Generator {
             prompt_ms,
             waited_ms,
             decode_ms: decode_started.elapsed().as_secs_f64() * 1e3,
+            logprobs,
         })
+    }
+
+    /// `scored` with each token's bytes, as a requester without the model needs them.
+    fn spell(&self, scored: Scored) -> TokenLogprobs {
+        let logprob = |token: u32, logprob: f32| Logprob {
+            token,
+            bytes: self.tokenizer.token_bytes(token),
+            logprob,
+        };
+        TokenLogprobs {
+            chosen: logprob(scored.token, scored.logprob),
+            top: scored.top.into_iter().map(|(t, l)| logprob(t, l)).collect(),
+        }
     }
 }
 
@@ -626,11 +655,12 @@ enum Tokens<'a> {
 }
 
 impl Tokens<'_> {
-    /// The next token: each call after the first reads the token before it.
-    fn next(&mut self, device: &Device) -> Result<u32> {
+    /// The next token, with its log-probabilities and `top` alternatives when asked for:
+    /// each call after the first reads the token before it.
+    fn next(&mut self, device: &Device, top: Option<u8>) -> Result<(u32, Option<Scored>)> {
         match self {
             Self::Batched { incoming, stop, .. } => match receive(incoming, stop)? {
-                Event::Token(token) => Ok(token),
+                Event::Token(token, scored) => Ok((token, scored)),
                 Event::Failed(e) => Err(MlError::Run(e)),
                 Event::Admitted => Err(MlError::Run("the batch admitted a request twice".into())),
             },
@@ -648,7 +678,14 @@ impl Tokens<'_> {
                 }
                 let token = sampler.sample(logits)?;
                 *last = Some(token);
-                Ok(token)
+                let scored = match top {
+                    Some(top) => {
+                        let logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+                        Some(Scored::of(&logits, token, usize::from(top)))
+                    }
+                    None => None,
+                };
+                Ok((token, scored))
             }
         }
     }

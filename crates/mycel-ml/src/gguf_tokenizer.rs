@@ -187,8 +187,40 @@ impl GgufTokenizer {
         self.tokenizer.get_vocab_size(true)
     }
 
+    /// The bytes a token id stands for: a byte-level BPE token's characters mapped back to
+    /// the bytes they encode (GPT-2's table), a control token's text as it is; empty for an
+    /// unknown id.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(text) = self.tokenizer.id_to_token(id) else {
+            return Vec::new();
+        };
+        let mut bytes = Vec::with_capacity(text.len());
+        for c in text.chars() {
+            match byte_of(c) {
+                Some(b) => bytes.push(b),
+                None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+        }
+        bytes
+    }
+
     /// The text of a token id, if it has one.
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.tokenizer.id_to_token(id)
     }
+}
+
+/// The byte a character of a byte-level BPE token stands for (GPT-2's table): printable
+/// bytes are themselves; the others (0–32, 127–160, 173) are U+0100 onwards, in order.
+fn byte_of(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let code = c as u32;
+    if code < 256 && printable(code) {
+        return Some(code as u8);
+    }
+    let n = code.checked_sub(256)?;
+    (0u32..256)
+        .filter(|b| !printable(*b))
+        .nth(n as usize)
+        .map(|b| b as u8)
 }

@@ -24,6 +24,7 @@ pub mod generate;
 pub mod gguf_tokenizer;
 pub mod hub;
 mod llama;
+mod logprobs;
 mod pool;
 pub mod qmatmul;
 pub mod train;

@@ -818,7 +818,7 @@ fn requests_that_start_alike_read_only_what_follows_and_answer_the_same() {
                 &params,
                 &Default::default(),
                 &stop,
-                |_, _| true,
+                |_, _, _| true,
             )
             .unwrap()
     };
@@ -920,4 +920,166 @@ fn the_kv_budget_refuses_what_cannot_fit_and_callers_that_leave_free_their_room(
         });
     assert!(matches!(stopped, Err(MlError::Stopped)), "{stopped:?}");
     assert_eq!(model.batch_stats().unwrap().passes, before.passes);
+}
+
+/// ln softmax of `logits` by the textbook formula, in f64.
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits
+        .iter()
+        .map(|l| f64::from(*l))
+        .fold(f64::MIN, f64::max);
+    let norm = max
+        + logits
+            .iter()
+            .map(|l| (f64::from(*l) - max).exp())
+            .sum::<f64>()
+            .ln();
+    logits.iter().map(|l| f64::from(*l) - norm).collect()
+}
+
+#[test]
+fn log_probabilities_are_the_models_softmax_at_each_generated_token() {
+    use candle_core::quantized::gguf_file;
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::quantized_llama::ModelWeights;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path).unwrap();
+    let prompt = "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n";
+    // The references: candle's model reading each whole context afresh, on the file's
+    // quantised weights (what the candle-q engine runs) or on them dequantised to f32 (what
+    // the exact engine runs, and what ours approximates).
+    let f32_path = dir.path().join("tiny-f32.gguf");
+    mycel_ml::fixtures::write_f32_copy(&path, &f32_path).unwrap();
+    let reference = |path: &std::path::Path| {
+        let mut file = std::fs::File::open(path).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+        move |context: &[u32]| -> Vec<f64> {
+            model.clear_kv_cache();
+            let input = Tensor::new(context, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = model.forward(&input, 0).unwrap().squeeze(0).unwrap();
+            log_softmax(&logits.to_vec1::<f32>().unwrap())
+        }
+    };
+    for (engine, reference_path, tolerance) in [
+        (Engine::Exact, &f32_path, 1e-4),
+        (Engine::Quantized, &path, 1e-4),
+        // Ours rounds activations to 16 bits per block of 32: logits a few thousandths off.
+        (Engine::Q4, &f32_path, 1e-2),
+    ] {
+        let mut logprobs_after = reference(reference_path);
+        let model = Generator::load(&path, engine).unwrap();
+        let tokenizer = model.tokenizer();
+        let asked = GenerateParams {
+            max_tokens: 12,
+            logprobs: Some(3),
+            ..Default::default()
+        };
+        let scored = model.generate(prompt, &asked, |_| true).unwrap();
+        let plain = model
+            .generate(
+                prompt,
+                &GenerateParams {
+                    logprobs: None,
+                    ..asked.clone()
+                },
+                |_| true,
+            )
+            .unwrap();
+        assert_eq!(
+            plain.tokens, scored.tokens,
+            "{engine:?}: asking changes no token"
+        );
+        assert!(plain.logprobs.is_empty());
+        assert!(scored.tokens.len() > 4, "{:?}", scored.tokens);
+        assert_eq!(scored.logprobs.len(), scored.tokens.len());
+        let mut context = tokenizer.encode(prompt).unwrap();
+        let mut spelled = Vec::new();
+        for (token, l) in scored.tokens.iter().zip(&scored.logprobs) {
+            let expected = logprobs_after(&context);
+            assert_eq!(l.chosen.token, *token);
+            assert_eq!(l.chosen.bytes, tokenizer.token_bytes(*token));
+            let off = (f64::from(l.chosen.logprob) - expected[*token as usize]).abs();
+            assert!(
+                off < tolerance,
+                "{engine:?}: {} against {} at {}; top {:?}; expected {:?}",
+                l.chosen.logprob,
+                expected[*token as usize],
+                context.len(),
+                l.top,
+                l.top
+                    .iter()
+                    .map(|t| expected[t.token as usize])
+                    .collect::<Vec<_>>()
+            );
+            // Greedy: the chosen token is the most likely one.
+            assert_eq!(l.top.len(), 3);
+            assert_eq!(
+                (l.top[0].token, l.top[0].logprob),
+                (*token, l.chosen.logprob)
+            );
+            for alternative in &l.top {
+                let off =
+                    (f64::from(alternative.logprob) - expected[alternative.token as usize]).abs();
+                assert!(off < tolerance, "{engine:?}: alternative {alternative:?}");
+            }
+            if engine != Engine::Q4 {
+                let mut ranked: Vec<u32> = (0..expected.len() as u32).collect();
+                ranked.sort_by(|a, b| expected[*b as usize].total_cmp(&expected[*a as usize]));
+                let top: Vec<u32> = l.top.iter().map(|t| t.token).collect();
+                assert_eq!(top, ranked[..3], "the three most likely, in order");
+            }
+            if !tokenizer.token_text(*token).unwrap().starts_with("<|") {
+                spelled.extend_from_slice(&l.chosen.bytes);
+            }
+            context.push(*token);
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&spelled),
+            scored.text,
+            "the bytes spell the text"
+        );
+
+        // Resumed after five tokens: the rest of the run's log-probabilities.
+        let resume = Resume {
+            tokens: scored.tokens[..5].to_vec(),
+            text_bytes: 0,
+        };
+        let resumed = model
+            .generate_from(prompt, &asked, &resume, |_, _| true)
+            .unwrap();
+        assert_eq!(resumed.tokens, scored.tokens);
+        // Ours and candle's quantised kernels compute a row the same whether it is read with
+        // others or alone; candle's f32 products (the exact engine) round by batch shape.
+        if engine == Engine::Exact {
+            for (a, b) in resumed.logprobs.iter().zip(&scored.logprobs[5..]) {
+                assert!((a.chosen.logprob - b.chosen.logprob).abs() < 1e-4);
+            }
+        } else {
+            assert_eq!(resumed.logprobs, scored.logprobs[5..], "{engine:?}");
+        }
+
+        // Sampled: the same seed gives the same bits; each is the drawn token's.
+        let sampled = GenerateParams {
+            temperature: Some(1.5),
+            seed: 11,
+            ..asked.clone()
+        };
+        let a = model.generate(prompt, &sampled, |_| true).unwrap();
+        let b = model.generate(prompt, &sampled, |_| true).unwrap();
+        assert_eq!(a.logprobs, b.logprobs);
+        assert_ne!(
+            a.tokens, scored.tokens,
+            "{engine:?}: sampling drew other tokens"
+        );
+        for (token, l) in a.tokens.iter().zip(&a.logprobs) {
+            assert_eq!(l.chosen.token, *token);
+            assert!(l.chosen.logprob <= l.top[0].logprob);
+        }
+    }
 }

@@ -134,6 +134,7 @@ impl Injector {
                     tokens,
                     prompt_tokens,
                     finish_reason,
+                    logprobs: Vec::new(),
                 }
             }
         }

@@ -26,7 +26,7 @@ use mycel_core::routing::{self, Candidate, Reliability, Weights};
 use mycel_core::statement::{ModelKind, ModelOffer};
 use mycel_core::task::{
     ChatMessage, Refusal, Resume, TaskFrame, TaskId, TaskInput, TaskOutput, TaskRequest,
-    TaskResult, Timings, MAX_FRAME_BYTES, MAX_REQUEST_BYTES, MAX_TASK_BUDGET_MS,
+    TaskResult, Timings, TokenLogprobs, MAX_FRAME_BYTES, MAX_REQUEST_BYTES, MAX_TASK_BUDGET_MS,
 };
 use mycel_core::trust::{self, Trust};
 use mycel_core::verify::{
@@ -1084,10 +1084,10 @@ impl Inference {
         target: &Target,
         messages: Vec<ChatMessage>,
         params: GenerateParams,
-        text: mpsc::Sender<String>,
+        pieces: mpsc::Sender<Piece>,
     ) -> Result<Completion, RouteError> {
         let ranking = self.ranking(target).await;
-        self.generate_on(target, messages, params, text, ranking)
+        self.generate_on(target, messages, params, pieces, ranking)
             .await
     }
 
@@ -1097,14 +1097,15 @@ impl Inference {
         target: &Target,
         messages: Vec<ChatMessage>,
         params: GenerateParams,
-        text: mpsc::Sender<String>,
+        pieces: mpsc::Sender<Piece>,
         ranking: Vec<PeerId>,
     ) -> Result<Completion, RouteError> {
         let id = TaskId(self.lock().rng.gen());
         let deadline = tokio::time::Instant::now() + self.config.deadline;
         let mut progress = Progress {
             resume: Resume::default(),
-            text: Some(text),
+            pieces: Some(pieces),
+            logprobs: Vec::new(),
         };
         let mut reasons = Vec::new();
         let mut all_busy = true;
@@ -1175,6 +1176,7 @@ impl Inference {
             Err(e) => return Outcome::Final(RouteError::Invalid(e.to_string())),
         };
         let resume = progress.resume.clone();
+        let inherited = progress.logprobs.len();
         self.count(|s| s.worked += 1);
         match self
             .models
@@ -1188,7 +1190,13 @@ impl Inference {
             )
             .await
         {
-            Ok(Some((generation, _))) => Outcome::Done(generation),
+            Ok(Some((mut generation, _))) => {
+                // Earlier workers' log-probabilities, then this run's.
+                let mine = std::mem::take(&mut generation.logprobs);
+                generation.logprobs = progress.logprobs[..inherited].to_vec();
+                generation.logprobs.extend(mine);
+                Outcome::Done(generation)
+            }
             Ok(None) => Outcome::Final(RouteError::Unavailable("the caller left".into())),
             Err(e) => run_error(e),
         }
@@ -1202,6 +1210,7 @@ impl Inference {
     ) -> Outcome<Generation> {
         // What earlier workers streamed: their claims, not this worker's.
         let inherited = !progress.resume.tokens.is_empty() || progress.resume.text_bytes > 0;
+        let (base, scored) = (progress.resume.tokens.len(), progress.logprobs.len());
         let outcome = self.remote(peer, request, Some(progress)).await;
         let result = match outcome {
             Outcome::Done((result, _)) => result,
@@ -1213,11 +1222,32 @@ impl Inference {
             tokens,
             prompt_tokens,
             finish_reason,
+            logprobs,
         } = result.output
         else {
             self.net.penalise(peer, Rejection::Malformed).await;
             return retry("the worker returned embeddings for a chat", Fault::Failed);
         };
+        // Its log-probabilities: one per token it made, and those it streamed as it streamed
+        // them.
+        let streamed = &progress.logprobs[scored..];
+        let made = tokens.get(base..).unwrap_or_default();
+        if let Err(reason) = request.check_logprobs(made, &logprobs) {
+            self.net.penalise(peer, Rejection::Malformed).await;
+            self.note(&peer, trust::Outcome::Invalid);
+            return retry(
+                format!("the worker's log-probabilities: {reason}"),
+                Fault::Failed,
+            );
+        }
+        if !logprobs.starts_with(streamed) {
+            self.net.penalise(peer, Rejection::Malformed).await;
+            self.note(&peer, trust::Outcome::Invalid);
+            return retry(
+                "the worker's log-probabilities contradict what it streamed",
+                Fault::Failed,
+            );
+        }
         // The final answer must continue what was streamed.
         let delivered = progress.resume.text_bytes as usize;
         if !tokens.starts_with(&progress.resume.tokens)
@@ -1239,9 +1269,17 @@ impl Inference {
                 Fault::Failed,
             );
         }
-        if text.len() > delivered && !progress.deliver(text[delivered..].to_owned(), vec![]).await {
+        let tail = Piece {
+            text: text.get(delivered..).unwrap_or_default().to_owned(),
+            ..Piece::default()
+        };
+        if !tail.text.is_empty() && !progress.deliver(tail).await {
             return Outcome::Final(RouteError::Unavailable("the caller left".into()));
         }
+        // Earlier workers' log-probabilities, then this one's (the caller has the ones
+        // delivered so far, and takes the rest from here).
+        let mut all = progress.logprobs[..scored].to_vec();
+        all.extend(logprobs);
         Outcome::Done(Generation {
             text,
             tokens,
@@ -1250,6 +1288,7 @@ impl Inference {
             prompt_ms: result.timings.prefill_ms,
             waited_ms: 0.0,
             decode_ms: result.timings.decode_ms,
+            logprobs: all,
         })
     }
 
@@ -1361,6 +1400,7 @@ impl Inference {
             tokens,
             prompt_tokens,
             finish_reason,
+            logprobs,
         } = checked.output
         else {
             return Err(RouteError::Unavailable(
@@ -1376,6 +1416,7 @@ impl Inference {
                 prompt_ms: 0.0,
                 waited_ms: 0.0,
                 decode_ms: 0.0,
+                logprobs,
             },
             worker: checked.worker,
             attempts: 1,
@@ -1696,7 +1737,8 @@ impl Inference {
     ) -> (PeerId, Outcome<Signed>) {
         let mut sink = Progress {
             resume: Resume::default(),
-            text: None,
+            pieces: None,
+            logprobs: Vec::new(),
         };
         if peer == self.net.peer_id() {
             let Some(runner) = &target.local else {
@@ -1951,7 +1993,11 @@ impl Inference {
                         Fault::Failed,
                     )
                 }
-                Ok(Ok(Some(TaskFrame::Chunk { text, tokens }))) => {
+                Ok(Ok(Some(TaskFrame::Chunk {
+                    text,
+                    tokens,
+                    logprobs,
+                }))) => {
                     answered = true;
                     pace.piece(begun.elapsed().as_millis() as u64);
                     let Some(progress) = progress.as_deref_mut() else {
@@ -1961,7 +2007,19 @@ impl Inference {
                             Fault::Failed,
                         ));
                     };
-                    if !progress.deliver(text, tokens).await {
+                    if let Err(reason) = request.check_logprobs(&tokens, &logprobs) {
+                        self.net.penalise(peer, Rejection::Malformed).await;
+                        return Ok(retry(
+                            format!("the worker's log-probabilities: {reason}"),
+                            Fault::Failed,
+                        ));
+                    }
+                    let piece = Piece {
+                        text,
+                        tokens,
+                        logprobs,
+                    };
+                    if !progress.deliver(piece).await {
                         Outcome::Final(RouteError::Unavailable("the caller left".into()))
                     } else {
                         continue;
@@ -2231,6 +2289,7 @@ impl Inference {
                     tokens: generation.tokens,
                     prompt_tokens: generation.prompt_tokens as u32,
                     finish_reason: generation.finish_reason,
+                    logprobs: generation.logprobs,
                 };
                 Ok((output, timings))
             }
@@ -2244,13 +2303,16 @@ impl Inference {
 /// What the caller has received so far, and where its stream goes.
 struct Progress {
     resume: Resume,
-    /// Where text goes; `None` for a replica, whose text nobody reads as it comes.
-    text: Option<mpsc::Sender<String>>,
+    /// Where pieces go; `None` for a replica, whose text nobody reads as it comes.
+    pieces: Option<mpsc::Sender<Piece>>,
+    /// The log-probabilities delivered, when the task asked for them: one per token of
+    /// `resume`.
+    logprobs: Vec<TokenLogprobs>,
 }
 
 impl PieceSink for Progress {
     async fn take(&mut self, piece: Piece) -> bool {
-        self.deliver(piece.text, piece.tokens).await
+        self.deliver(piece).await
     }
 }
 
@@ -2262,27 +2324,27 @@ impl PieceSink for ChunkWriter<'_> {
         let chunk = TaskFrame::Chunk {
             text: piece.text,
             tokens: piece.tokens,
+            logprobs: piece.logprobs,
         };
         write_frame(self.0, &chunk).await.is_ok()
     }
 }
 
 impl Progress {
-    /// Hands `text` to the caller and remembers `tokens`; `false` when the caller has gone.
-    async fn deliver(&mut self, text: String, tokens: Vec<u32>) -> bool {
-        if self.text.is_none() {
+    /// Hands `piece` to the caller and remembers its tokens and log-probabilities; `false`
+    /// when the caller has gone.
+    async fn deliver(&mut self, piece: Piece) -> bool {
+        let Some(sender) = &self.pieces else {
             // A replica's stream: nobody reads it, and the final answer carries it all.
             return true;
-        }
-        self.resume.tokens.extend(tokens);
-        if text.is_empty() {
+        };
+        self.resume.tokens.extend_from_slice(&piece.tokens);
+        self.logprobs.extend_from_slice(&piece.logprobs);
+        if piece.text.is_empty() && piece.logprobs.is_empty() {
             return true;
         }
-        self.resume.text_bytes += text.len() as u64;
-        match &self.text {
-            Some(sender) => sender.send(text).await.is_ok(),
-            None => true,
-        }
+        self.resume.text_bytes += piece.text.len() as u64;
+        sender.send(piece).await.is_ok()
     }
 }
 

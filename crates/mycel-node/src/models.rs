@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use mycel_core::queue::{QueueShares, Requester};
 use mycel_core::statement::{ModelKind, ModelOffer};
+use mycel_core::task::TokenLogprobs;
 use mycel_ml::{
     BatchLimits, Embedder, Engine, GenerateParams, Generation, Generator, MlError, Resume,
 };
@@ -374,13 +375,14 @@ impl ModelService {
         let result = self
             .run(admission, alone, move |cancelled| {
                 let mut sent = resume.tokens.len();
+                let mut scored = 0;
                 model.generate_scoped(
                     scope,
                     &prompt,
                     &params,
                     &resume,
                     cancelled,
-                    |text, tokens| {
+                    |text, tokens, logprobs| {
                         if text.is_empty() {
                             // No text yet: its tokens go with the next piece.
                             return !cancelled.load(Ordering::Relaxed);
@@ -388,8 +390,10 @@ impl ModelService {
                         let piece = Piece {
                             text: text.to_owned(),
                             tokens: tokens[sent.min(tokens.len())..].to_vec(),
+                            logprobs: logprobs[scored.min(logprobs.len())..].to_vec(),
                         };
                         sent = tokens.len();
+                        scored = logprobs.len();
                         !cancelled.load(Ordering::Relaxed)
                             && stream
                                 .as_ref()
@@ -413,13 +417,16 @@ pub trait PieceSink {
 }
 
 /// Text a generation made, with the tokens made since the previous piece (both empty: a
-/// heartbeat, see [`HEARTBEAT`]).
+/// heartbeat, see [`HEARTBEAT`]) and their log-probabilities when the generation asked for
+/// them.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Piece {
     /// New text.
     pub text: String,
     /// New tokens.
     pub tokens: Vec<u32>,
+    /// Their log-probabilities, one per token, when asked for.
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// How long a generation handed to a sink may make no piece before the sink gets an empty

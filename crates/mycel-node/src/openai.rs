@@ -27,8 +27,8 @@ use tokio::sync::mpsc;
 
 use crate::api::ApiState;
 use crate::inference::{RouteError, Verification};
-use crate::models::Runner;
-use mycel_core::task::TaskOutput;
+use crate::models::{Piece, Runner};
+use mycel_core::task::{Logprob, TaskOutput, TokenLogprobs, MAX_TOP_LOGPROBS};
 use mycel_core::verify::Mode;
 
 /// Default `max_tokens` when a request names none.
@@ -532,10 +532,30 @@ fn unsupported(request: &ChatRequest) -> Result<(), ApiError> {
             "structured output (json_object, json_schema)",
         );
     }
-    if request.logprobs == Some(true) || request.top_logprobs.is_some_and(|n| n > 0) {
-        return refuse("logprobs", "returning log-probabilities");
-    }
     Ok(())
+}
+
+/// The log-probabilities a chat asks for: `Some(k)` with `k` alternatives per token when
+/// `logprobs` is true (`top_logprobs`, 0 to 20, needs it, as in OpenAI's API).
+fn chat_logprobs(request: &ChatRequest) -> Result<Option<u8>, ApiError> {
+    let top = match request.top_logprobs {
+        None => 0,
+        Some(n) if n <= u32::from(MAX_TOP_LOGPROBS) => n as u8,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                Some("top_logprobs"),
+                format!("top_logprobs must be 0 to {MAX_TOP_LOGPROBS}, not {n}"),
+            ))
+        }
+    };
+    match request.logprobs {
+        Some(true) => Ok(Some(top)),
+        _ if request.top_logprobs.is_some() => Err(ApiError::invalid(
+            Some("top_logprobs"),
+            "top_logprobs needs logprobs: true",
+        )),
+        _ => Ok(None),
+    }
 }
 
 fn messages(request: &ChatRequest) -> Result<Vec<ChatMessage>, ApiError> {
@@ -651,6 +671,7 @@ fn sampling(
         stop,
         // Without an explicit budget, generate up to the context the prompt leaves.
         fit_context: budget.is_none(),
+        logprobs: None,
     })
 }
 
@@ -691,6 +712,22 @@ struct CompletionRequest {
     rest: BTreeMap<String, Value>,
 }
 
+/// Most alternatives a text completion's `logprobs` may ask for (OpenAI's limit).
+const MAX_COMPLETION_LOGPROBS: u32 = 5;
+
+/// The log-probabilities a text completion asks for: `Some(k)` with `k` alternatives per
+/// token (0 to 5) when `logprobs` is a number.
+fn completion_logprobs(request: &CompletionRequest) -> Result<Option<u8>, ApiError> {
+    match request.logprobs {
+        None => Ok(None),
+        Some(n) if n <= MAX_COMPLETION_LOGPROBS => Ok(Some(n as u8)),
+        Some(n) => Err(ApiError::invalid(
+            Some("logprobs"),
+            format!("logprobs must be 0 to {MAX_COMPLETION_LOGPROBS}, not {n}"),
+        )),
+    }
+}
+
 /// OpenAI's default budget of a text completion.
 const DEFAULT_COMPLETION_TOKENS: usize = 16;
 
@@ -724,9 +761,6 @@ fn completion_unsupported(request: &CompletionRequest) -> Result<(), ApiError> {
     if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return refuse("suffix", "inserting between a prompt and a suffix");
     }
-    if request.logprobs.is_some_and(|n| n > 0) {
-        return refuse("logprobs", "returning log-probabilities");
-    }
     if request.best_of.is_some_and(|n| n != 1) {
         return refuse("best_of", "choosing the best of several completions");
     }
@@ -751,20 +785,24 @@ async fn complete(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
         return Err(ApiError::invalid(Some("prompt"), "prompt is empty"));
     }
     let seed = request.seed.unwrap_or_else(|| state.inference.draw());
-    let params = sampling(
-        request.max_tokens,
-        DEFAULT_COMPLETION_TOKENS,
-        request.temperature,
-        request.top_p,
-        seed,
-        &request.stop,
-    )?;
+    let params = GenerateParams {
+        logprobs: completion_logprobs(&request)?,
+        ..sampling(
+            request.max_tokens,
+            DEFAULT_COMPLETION_TOKENS,
+            request.temperature,
+            request.top_p,
+            seed,
+            &request.stop,
+        )?
+    };
     let asked = Asked {
         model: &request.model,
         mycel: request.mycel.as_ref(),
         stream: request.stream,
         stream_options: &request.stream_options,
         n: request.n,
+        prompt_chars: prompt.chars().count(),
     };
     generate(state, asked, vec![ChatMessage::raw(prompt)], params, true).await
 }
@@ -783,13 +821,17 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     other_fields(&request.rest)?;
     let messages = messages(&request)?;
     let seed = request.seed.unwrap_or_else(|| state.inference.draw());
-    let params = params(&request, seed)?;
+    let params = GenerateParams {
+        logprobs: chat_logprobs(&request)?,
+        ..params(&request, seed)?
+    };
     let asked = Asked {
         model: &request.model,
         mycel: request.mycel.as_ref(),
         stream: request.stream,
         stream_options: &request.stream_options,
         n: request.n,
+        prompt_chars: 0,
     };
     generate(state, asked, messages, params, false).await
 }
@@ -801,6 +843,8 @@ struct Asked<'a> {
     stream: Option<bool>,
     stream_options: &'a Option<Value>,
     n: Option<u32>,
+    /// Characters of a text completion's prompt (where its `text_offset`s start).
+    prompt_chars: usize,
 }
 
 /// Resolves the model, refuses what can be refused before a stream is opened, and answers the
@@ -824,7 +868,11 @@ async fn generate(
         .map_err(|message| ApiError::invalid(None, message))?;
     let job = Job {
         mode: mode(&state, asked.mycel)?,
-        reply: Reply::new(&target, text, state.inference.draw()),
+        reply: Reply {
+            logprobs: params.logprobs.is_some(),
+            prompt_chars: asked.prompt_chars,
+            ..Reply::new(&target, text, state.inference.draw())
+        },
         target,
         messages,
         params,
@@ -851,6 +899,17 @@ struct Job {
 /// Runs a request's generation (a chat's, or a text completion's) checked as its mode says,
 /// and answers it in its reply's shape: whole, or as server-sent events.
 async fn answer(state: ApiState, job: Job) -> Result<Response, ApiError> {
+    if job.params.logprobs.is_some() && job.mode != Mode::None {
+        return Err(ApiError::invalid(
+            Some("logprobs"),
+            format!(
+                "log-probabilities cannot be verified yet (this request is verified as {}, by \
+                 its mycel object or the node's default): send the request without them, or \
+                 send \"mycel\": {{\"verify\": \"none\"}}",
+                job.mode
+            ),
+        ));
+    }
     if job.choices > 1 {
         if job.mode != Mode::None {
             return Err(ApiError::invalid(
@@ -877,37 +936,39 @@ async fn answer(state: ApiState, job: Job) -> Result<Response, ApiError> {
         include_usage,
         ..
     } = job;
-    let (text_tx, mut text_rx) = mpsc::channel::<String>(64);
+    let (piece_tx, mut piece_rx) = mpsc::channel::<Piece>(64);
 
     if !stream {
         // Run in this future: a client that leaves drops it, which stops the generation.
-        let generation = state.inference.generate(&target, messages, params, text_tx);
+        let generation = state
+            .inference
+            .generate(&target, messages, params, piece_tx);
         tokio::pin!(generation);
         let completion = loop {
             tokio::select! {
-                Some(_) = text_rx.recv() => {}
+                Some(_) = piece_rx.recv() => {}
                 result = &mut generation => break result?,
             }
         };
         return Ok(Json(reply.completion(&completion.generation)).into_response());
     }
 
-    let opening = reply.opening();
-    let usage_tail = reply.usage_tail();
-    let chunk = move |delta: Value, finish_reason: Value| reply.chunk(delta, finish_reason);
     let inference = state.inference.clone();
-    let mut task =
-        tokio::spawn(async move { inference.generate(&target, messages, params, text_tx).await });
+    let mut task = tokio::spawn(async move {
+        inference
+            .generate(&target, messages, params, piece_tx)
+            .await
+    });
     let stop = AbortOnDrop(task.abort_handle());
     // Wait for the first text (or the end): a refusal before it is an error response, not an
     // error inside a 200 stream.
     let first = tokio::select! {
-        Some(text) = text_rx.recv() => Ok(text),
+        Some(piece) = piece_rx.recv() => Ok(piece),
         result = &mut task => Err(result),
     };
     let mut early_end = None;
-    let first_text = match first {
-        Ok(text) => Some(text),
+    let first_piece = match first {
+        Ok(piece) => Some(piece),
         Err(Ok(Err(e))) => return Err(e.into()),
         Err(Ok(Ok(completion))) => {
             early_end = Some(Ok(completion));
@@ -918,17 +979,14 @@ async fn answer(state: ApiState, job: Job) -> Result<Response, ApiError> {
     let (event_tx, event_rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         let _stop = stop;
-        if let Some(first) = opening {
+        let mut stream = reply.stream(1);
+        if let Some(first) = reply.opening() {
             if event_tx.send(data(&first)).await.is_err() {
                 return;
             }
         }
-        if let Some(text) = first_text {
-            if event_tx
-                .send(data(&chunk(json!({ "content": text }), Value::Null)))
-                .await
-                .is_err()
-            {
+        if let Some(piece) = first_piece {
+            if event_tx.send(data(&stream.piece(0, &piece))).await.is_err() {
                 return;
             }
         }
@@ -938,9 +996,8 @@ async fn answer(state: ApiState, job: Job) -> Result<Response, ApiError> {
                 tokio::select! {
                     // The client went away: aborting the task stops the generation.
                     _ = event_tx.closed() => return,
-                    Some(text) = text_rx.recv() => {
-                        let piece = chunk(json!({ "content": text }), Value::Null);
-                        if event_tx.send(data(&piece)).await.is_err() {
+                    Some(piece) = piece_rx.recv() => {
+                        if event_tx.send(data(&stream.piece(0, &piece))).await.is_err() {
                             return;
                         }
                     }
@@ -950,18 +1007,18 @@ async fn answer(state: ApiState, job: Job) -> Result<Response, ApiError> {
                 }
             },
         };
-        while let Ok(text) = text_rx.try_recv() {
-            let _ = event_tx
-                .send(data(&chunk(json!({ "content": text }), Value::Null)))
-                .await;
+        while let Ok(piece) = piece_rx.try_recv() {
+            let _ = event_tx.send(data(&stream.piece(0, &piece))).await;
         }
         match result {
             Ok(completion) => {
                 let generation = completion.generation;
-                let last = chunk(json!({}), json!(finish(generation.finish_reason)));
-                let _ = event_tx.send(data(&last)).await;
+                for event in stream.end(0, &generation) {
+                    let _ = event_tx.send(data(&event)).await;
+                }
                 if include_usage {
-                    let tail = usage_tail(generation.prompt_tokens, generation.tokens.len());
+                    let tail =
+                        reply.usage_tail()(generation.prompt_tokens, generation.tokens.len());
                     let _ = event_tx.send(data(&tail)).await;
                 }
             }
@@ -988,15 +1045,15 @@ async fn answer_many(state: ApiState, job: Job) -> Result<Response, ApiError> {
         choices,
         ..
     } = job;
-    let (piece_tx, mut piece_rx) = mpsc::channel::<(usize, String)>(64);
+    let (piece_tx, mut piece_rx) = mpsc::channel::<(usize, Piece)>(64);
     let mut guards = Vec::with_capacity(choices);
     let mut running = futures::stream::FuturesUnordered::new();
     for index in 0..choices {
-        let (text_tx, mut text_rx) = mpsc::channel::<String>(64);
+        let (text_tx, mut text_rx) = mpsc::channel::<Piece>(64);
         let pieces = piece_tx.clone();
         tokio::spawn(async move {
-            while let Some(text) = text_rx.recv().await {
-                if pieces.send((index, text)).await.is_err() {
+            while let Some(piece) = text_rx.recv().await {
+                if pieces.send((index, piece)).await.is_err() {
                     return;
                 }
             }
@@ -1060,9 +1117,8 @@ async fn answer_many(state: ApiState, job: Job) -> Result<Response, ApiError> {
                 }
             }
         }
-        let piece = |(index, text): (usize, String)| {
-            reply.chunk_at(index, json!({ "content": text }), Value::Null)
-        };
+        let mut stream = reply.stream(choices);
+        let mut piece = |(index, piece): (usize, Piece)| stream.piece(index, &piece);
         if let Some(first) = first {
             if !send(piece(first)).await {
                 return;
@@ -1095,8 +1151,9 @@ async fn answer_many(state: ApiState, job: Job) -> Result<Response, ApiError> {
                 Ok(generation) => {
                     prompt = generation.prompt_tokens;
                     made += generation.tokens.len();
-                    let reason = json!(finish(generation.finish_reason));
-                    send(reply.chunk_at(index, json!({}), reason)).await;
+                    for event in stream.end(index, &generation) {
+                        send(event).await;
+                    }
                 }
                 Err(e) => {
                     send(ApiError::from(e).body()).await;
@@ -1119,6 +1176,10 @@ struct Reply {
     model: String,
     fingerprint: String,
     text: bool,
+    /// Whether the request asked for log-probabilities.
+    logprobs: bool,
+    /// Characters of a text completion's prompt: the first token's `text_offset`.
+    prompt_chars: usize,
 }
 
 impl Reply {
@@ -1132,6 +1193,54 @@ impl Reply {
             model: target.offer.name.clone(),
             fingerprint: target.offer.engine.clone(),
             text,
+            logprobs: false,
+            prompt_chars: 0,
+        }
+    }
+
+    /// A choice's `logprobs`: `null` unless the request asked for them; a chat's
+    /// `{"content": [...]}`, or a text completion's columns with each token's `text_offset`
+    /// (characters) counted on from `*offset`.
+    fn scores(&self, logprobs: &[TokenLogprobs], offset: &mut usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let token = |l: &Logprob| String::from_utf8_lossy(&l.bytes).into_owned();
+        if !self.text {
+            let entry =
+                |l: &Logprob| json!({ "token": token(l), "logprob": l.logprob, "bytes": l.bytes });
+            let content: Vec<Value> = logprobs
+                .iter()
+                .map(|l| {
+                    let mut chosen = entry(&l.chosen);
+                    chosen["top_logprobs"] = l.top.iter().map(entry).collect();
+                    chosen
+                })
+                .collect();
+            return json!({ "content": content, "refusal": null });
+        }
+        let mut offsets = Vec::with_capacity(logprobs.len());
+        for l in logprobs {
+            offsets.push(*offset);
+            *offset += token(&l.chosen).chars().count();
+        }
+        json!({
+            "tokens": logprobs.iter().map(|l| token(&l.chosen)).collect::<Vec<_>>(),
+            "token_logprobs": logprobs.iter().map(|l| l.chosen.logprob).collect::<Vec<_>>(),
+            "top_logprobs": logprobs
+                .iter()
+                .map(|l| l.top.iter().map(|t| (token(t), json!(t.logprob))).collect())
+                .collect::<Vec<serde_json::Map<String, Value>>>(),
+            "text_offset": offsets,
+        })
+    }
+
+    /// The events of a stream of `choices` choices, as its pieces come.
+    fn stream(&self, choices: usize) -> Streamed<'_> {
+        Streamed {
+            reply: self,
+            offsets: vec![self.prompt_chars; choices],
+            scored: vec![0; choices],
         }
     }
 
@@ -1148,13 +1257,14 @@ impl Reply {
             .enumerate()
             .map(|(index, generation)| {
                 let finish_reason = finish(generation.finish_reason);
+                let logprobs = self.scores(&generation.logprobs, &mut self.prompt_chars.clone());
                 if self.text {
-                    json!({ "index": index, "text": generation.text, "logprobs": null,
+                    json!({ "index": index, "text": generation.text, "logprobs": logprobs,
                             "finish_reason": finish_reason })
                 } else {
                     json!({ "index": index,
                             "message": { "role": "assistant", "content": generation.text },
-                            "logprobs": null, "finish_reason": finish_reason })
+                            "logprobs": logprobs, "finish_reason": finish_reason })
                 }
             })
             .collect();
@@ -1230,6 +1340,48 @@ impl Reply {
             "system_fingerprint": self.fingerprint,
             "choices": [choice],
         })
+    }
+}
+
+/// A streamed reply's choices: where each one's text offsets are, and how many of its
+/// log-probabilities have gone out.
+struct Streamed<'a> {
+    reply: &'a Reply,
+    offsets: Vec<usize>,
+    scored: Vec<usize>,
+}
+
+impl Streamed<'_> {
+    /// The event of choice `index`'s next piece: its text, and its tokens' log-probabilities
+    /// when asked for.
+    fn piece(&mut self, index: usize, piece: &Piece) -> Value {
+        let mut event = self
+            .reply
+            .chunk_at(index, json!({ "content": piece.text }), Value::Null);
+        self.scored[index] += piece.logprobs.len();
+        event["choices"][0]["logprobs"] =
+            self.reply.scores(&piece.logprobs, &mut self.offsets[index]);
+        event
+    }
+
+    /// The last events of choice `index`: the log-probabilities of tokens that came with no
+    /// text (held back, or past the last piece), then the choice's end.
+    fn end(&mut self, index: usize, generation: &mycel_ml::Generation) -> Vec<Value> {
+        let mut events = Vec::with_capacity(2);
+        let rest = generation
+            .logprobs
+            .get(self.scored[index]..)
+            .unwrap_or_default();
+        if !rest.is_empty() {
+            let piece = Piece {
+                logprobs: rest.to_vec(),
+                ..Piece::default()
+            };
+            events.push(self.piece(index, &piece));
+        }
+        let reason = json!(finish(generation.finish_reason));
+        events.push(self.reply.chunk_at(index, json!({}), reason));
+        events
     }
 }
 
@@ -1344,6 +1496,7 @@ pub fn certified_output(response: &Value) -> Result<Option<TaskOutput>, String> 
                 tokens,
                 prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
                 finish_reason,
+                logprobs: Vec::new(),
             }))
         }
         _ => Ok(None),

@@ -154,6 +154,7 @@ async fn text_completions_continue_the_prompt_as_it_is() {
         seed: 0,
         stop: Vec::new(),
         fit_context: false,
+        logprobs: None,
     };
     let expected = generator.generate("the cat", &params, |_| true).unwrap();
     let request = json!({ "model": "tiny-llama", "prompt": "the cat", "max_tokens": 8,
@@ -204,7 +205,7 @@ async fn text_completions_continue_the_prompt_as_it_is() {
     for (field, value) in [
         ("echo", json!(true)),
         ("suffix", json!("end")),
-        ("logprobs", json!(2)),
+        ("logprobs", json!(6)),
         ("best_of", json!(3)),
         ("presence_penalty", json!(0.5)),
         ("prompt", json!(["one", "two"])),
@@ -278,6 +279,106 @@ async fn several_choices_each_decode_with_their_own_seed_whole_or_streamed() {
         assert_eq!(status, 400, "{body}");
         assert_eq!(body["error"]["param"], "n", "{body}");
     }
+    node.shutdown().await;
+}
+
+/// The text the `bytes` of `entries` spell, and each entry's `token` checked against them.
+fn spelled(entries: &[Value]) -> String {
+    let mut bytes = Vec::new();
+    for entry in entries {
+        let own: Vec<u8> = serde_json::from_value(entry["bytes"].clone()).unwrap();
+        assert_eq!(entry["token"], String::from_utf8_lossy(&own).as_ref());
+        bytes.extend(own);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_probabilities_come_per_token_whole_and_streamed_for_chats_and_completions() {
+    let root = tempfile::tempdir().unwrap();
+    let node = tiny_node(root.path()).await;
+    let request = json!({ "model": "tiny-llama", "max_tokens": 8, "temperature": 0,
+                          "logprobs": true, "top_logprobs": 2,
+                          "messages": [{ "role": "user", "content": "the cat" }] });
+    let (status, body) = post_json(&node, "/v1/chat/completions", request.clone());
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    let content = choice["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        body["usage"]["completion_tokens"].as_u64().unwrap(),
+        "one per token: {body}"
+    );
+    assert_eq!(
+        spelled(content),
+        choice["message"]["content"].as_str().unwrap()
+    );
+    for entry in content {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{entry}");
+        let logprob = entry["logprob"].as_f64().unwrap();
+        assert!(logprob <= 0.0, "{entry}");
+        // Greedy: the chosen token is the most likely.
+        assert_eq!(top[0]["token"], entry["token"]);
+        assert_eq!(top[0]["logprob"], entry["logprob"]);
+        assert!(top[1]["logprob"].as_f64().unwrap() <= logprob);
+    }
+    // Streamed: the same entries, spread over the pieces.
+    let mut streamed = Vec::new();
+    let mut text = String::new();
+    for chunk in events(&node, "/v1/chat/completions", &request) {
+        let choice = &chunk["choices"][0];
+        text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        if let Some(entries) = choice["logprobs"]["content"].as_array() {
+            streamed.extend(entries.iter().cloned());
+        }
+    }
+    assert_eq!(text, choice["message"]["content"].as_str().unwrap());
+    assert_eq!(&streamed, content);
+    // Not asked: none.
+    let mut plain = request.clone();
+    plain.as_object_mut().unwrap().remove("logprobs");
+    plain.as_object_mut().unwrap().remove("top_logprobs");
+    let (_, body) = post_json(&node, "/v1/chat/completions", plain);
+    assert!(body["choices"][0]["logprobs"].is_null(), "{body}");
+
+    // A text completion's columns, offsets counted from the end of the prompt.
+    let request = json!({ "model": "tiny-llama", "prompt": "the cat", "max_tokens": 6,
+                          "temperature": 0, "logprobs": 2 });
+    let (status, body) = post_json(&node, "/v1/completions", request.clone());
+    assert_eq!(status, 200, "{body}");
+    let logprobs = &body["choices"][0]["logprobs"];
+    let tokens: Vec<String> = serde_json::from_value(logprobs["tokens"].clone()).unwrap();
+    assert_eq!(
+        tokens.concat(),
+        body["choices"][0]["text"].as_str().unwrap()
+    );
+    let made = body["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(tokens.len(), made);
+    assert_eq!(logprobs["token_logprobs"].as_array().unwrap().len(), made);
+    let offsets: Vec<usize> = serde_json::from_value(logprobs["text_offset"].clone()).unwrap();
+    let mut at = "the cat".len();
+    for (token, offset) in tokens.iter().zip(&offsets) {
+        assert_eq!(*offset, at);
+        at += token.chars().count();
+    }
+    for top in logprobs["top_logprobs"].as_array().unwrap() {
+        let top = top.as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= 2, "{top:?}");
+    }
+    let mut columns = json!({ "tokens": [], "token_logprobs": [], "top_logprobs": [],
+                              "text_offset": [] });
+    for chunk in events(&node, "/v1/completions", &request) {
+        let part = &chunk["choices"][0]["logprobs"];
+        if part.is_null() {
+            continue;
+        }
+        for column in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            let items = part[column].as_array().unwrap().clone();
+            columns[column].as_array_mut().unwrap().extend(items);
+        }
+    }
+    assert_eq!(&columns, logprobs, "streamed columns add up to the whole");
     node.shutdown().await;
 }
 
@@ -370,7 +471,20 @@ async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
         ),
         (
             "/v1/chat/completions",
-            chat(json!({ "logprobs": true })),
+            chat(json!({ "top_logprobs": 2 })),
+            400,
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "logprobs": true, "top_logprobs": 21 })),
+            400,
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "logprobs": true,
+                          "mycel": { "verify": "replicate", "replicas": 1 } })),
             400,
             "logprobs",
         ),

@@ -49,12 +49,41 @@ stream = client.completions.create(
 )
 pieces = [c.choices[0].text for c in stream if c.choices]
 assert "".join(pieces) == done.choices[0].text, (pieces, done)
-for field, value in [("echo", True), ("logprobs", 2), ("best_of", 2)]:
+for field, value in [("echo", True), ("logprobs", 6), ("best_of", 2)]:
     try:
         client.completions.create(model="tiny-llama", prompt="the cat", max_tokens=4, **{field: value})
         raise SystemExit(f"{field} must be refused")
     except openai.BadRequestError as e:
         assert field in str(e), e
+
+# Log-probabilities, parsed into the client's own types.
+scored = client.chat.completions.create(
+    model="tiny-llama", messages=messages, temperature=0, max_tokens=8, logprobs=True,
+    top_logprobs=2,
+)
+content = scored.choices[0].logprobs.content
+assert len(content) == scored.usage.completion_tokens, scored
+assert scored.choices[0].message.content == text, (scored, text)
+assert bytes(b for c in content for b in c.bytes).decode("utf-8", "replace") == text, content
+for c in content:
+    assert c.logprob <= 0 and len(c.top_logprobs) == 2, c
+    assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == c.logprob, c
+stream = client.chat.completions.create(
+    model="tiny-llama", messages=messages, temperature=0, max_tokens=8, logprobs=True,
+    top_logprobs=2, stream=True,
+)
+streamed = [
+    c for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+    for c in chunk.choices[0].logprobs.content
+]
+assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+scored = client.completions.create(
+    model="tiny-llama", prompt="the cat", temperature=0, max_tokens=8, logprobs=2
+)
+columns = scored.choices[0].logprobs
+assert "".join(columns.tokens) == done.choices[0].text, columns
+assert len(columns.token_logprobs) == len(columns.tokens) == len(columns.top_logprobs)
+assert columns.text_offset[0] == len("the cat"), columns
 
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)

@@ -14,8 +14,8 @@ use common::{addrs_of, local_config, wait_offers, wait_until};
 use mycel_core::membership::PeerState;
 use mycel_core::statement::ModelKind;
 use mycel_core::task::{
-    Refusal, TaskFrame, TaskId, TaskInput, TaskOutput, TaskRequest, TaskResult, MAX_FRAME_BYTES,
-    MAX_REQUEST_BYTES,
+    Logprob, Refusal, TaskFrame, TaskId, TaskInput, TaskOutput, TaskRequest, TaskResult,
+    TokenLogprobs, MAX_FRAME_BYTES, MAX_REQUEST_BYTES,
 };
 use mycel_ml::fixtures::{write_llama, write_tiny_bert, write_tiny_llama, LlamaShape};
 use mycel_ml::{ChatMessage, Engine, GenerateParams};
@@ -294,13 +294,18 @@ async fn a_generation_whose_worker_dies_resumes_on_the_next_node_without_a_seam(
         panic!("a GGUF generates")
     };
     let messages = user("tell me a story");
+    // With log-probabilities: those of the tokens the first worker streamed, then the
+    // second's, are those of one uninterrupted run.
     let params = GenerateParams {
         max_tokens: 60,
+        logprobs: Some(2),
         ..Default::default()
     };
     let prompt = generator.chat_prompt(&messages).unwrap();
     let expected = generator.generate(&prompt, &params, |_| true).unwrap();
     assert_eq!(expected.tokens.len(), 60, "the story runs to max_tokens");
+    assert_eq!(expected.logprobs.len(), 60);
+    assert!(expected.logprobs.iter().all(|l| l.top.len() == 2));
 
     let target = gateway
         .inference
@@ -316,13 +321,17 @@ async fn a_generation_whose_worker_dies_resumes_on_the_next_node_without_a_seam(
             .await
     });
     let mut streamed = String::new();
+    let mut scored = Vec::new();
     for _ in 0..5 {
-        streamed.push_str(&rx.recv().await.expect("the first worker streams"));
+        let piece = rx.recv().await.expect("the first worker streams");
+        streamed.push_str(&piece.text);
+        scored.extend(piece.logprobs);
     }
     // The first worker dies mid-stream, as a crash would.
     first.abort();
-    while let Some(text) = rx.recv().await {
-        streamed.push_str(&text);
+    while let Some(piece) = rx.recv().await {
+        streamed.push_str(&piece.text);
+        scored.extend(piece.logprobs);
     }
     let completion = running
         .await
@@ -333,6 +342,28 @@ async fn a_generation_whose_worker_dies_resumes_on_the_next_node_without_a_seam(
     assert_eq!(completion.generation.tokens, expected.tokens);
     assert_eq!(completion.generation.text, expected.text);
     assert_eq!(streamed, expected.text, "nothing lost or repeated");
+    // The exact engine's matrix products read a resumed context in one pass, which rounds
+    // differently from one token at a time: the numbers agree to float precision, the tokens
+    // exactly.
+    let got = &completion.generation.logprobs;
+    assert_eq!(got.len(), expected.logprobs.len());
+    for (got, expected) in got.iter().zip(&expected.logprobs) {
+        assert_eq!(got.chosen.token, expected.chosen.token);
+        assert!((got.chosen.logprob - expected.chosen.logprob).abs() < 1e-3);
+        let tokens = |l: &mycel_core::task::TokenLogprobs| -> Vec<u32> {
+            l.top.iter().map(|t| t.token).collect()
+        };
+        assert_eq!(tokens(got), tokens(expected));
+    }
+    assert!(
+        got.starts_with(&scored) && scored.len() > 5,
+        "what was streamed, by both workers, is what the answer holds"
+    );
+    assert_eq!(
+        scored[..5],
+        expected.logprobs[..5],
+        "the first worker's, before it died, are one uninterrupted run's"
+    );
 
     gateway.shutdown().await;
     second.shutdown().await;
@@ -788,6 +819,111 @@ async fn a_worker_that_stalls_a_task_on_a_kept_stream_then_closes_it_pays() {
     assert!(trust.failures > 0.0, "{trust:?}");
 
     fake.shutdown().await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_log_probabilities_do_not_fit_its_tokens_pays_and_the_task_moves_on() {
+    let root = tempfile::tempdir().unwrap();
+    let llama = load(root.path(), "tiny-llama.gguf", |p| {
+        write_tiny_llama(p).unwrap()
+    });
+    let worker = start(root.path(), "worker", vec![], vec![llama], 16).await;
+    let gateway = start(root.path(), "gateway", addrs_of(&worker), vec![], 16).await;
+    wait_offers(&gateway, &[&worker]).await;
+    // A fake worker: the first task gets a chunk of two tokens with one log-probability, the
+    // second a signed answer of two tokens with none, though the task asked for them.
+    let keypair = mycel_core::Keypair::generate_ed25519();
+    let fake = common::raw_peer_keyed(keypair.clone(), addrs_of(&gateway)).await;
+    let fake_id = fake.peer_id();
+    let mut incoming = fake.accept_task_streams().unwrap();
+    tokio::spawn(async move {
+        let mut tasks = 0;
+        while let Some((_, mut stream)) = futures::StreamExt::next(&mut incoming).await {
+            let Ok(Some(request)) = read_frame::<TaskRequest>(&mut stream, MAX_REQUEST_BYTES).await
+            else {
+                continue;
+            };
+            tasks += 1;
+            let one = TokenLogprobs {
+                chosen: Logprob {
+                    token: 5,
+                    bytes: vec![b'x'],
+                    logprob: -0.5,
+                },
+                top: Vec::new(),
+            };
+            let frame = match tasks {
+                1 => TaskFrame::Chunk {
+                    text: "xy".into(),
+                    tokens: vec![5, 6],
+                    logprobs: vec![one],
+                },
+                _ => {
+                    let output = TaskOutput::Generation {
+                        text: "xy".into(),
+                        tokens: vec![5, 6],
+                        prompt_tokens: 3,
+                        finish_reason: mycel_ml::FinishReason::Stop,
+                        logprobs: Vec::new(),
+                    };
+                    let result =
+                        TaskResult::sign(&keypair, &request, "fake", output, Default::default());
+                    TaskFrame::Done(Box::new(result))
+                }
+            };
+            let _ = write_frame(&mut stream, &frame).await;
+            let _ = futures::AsyncWriteExt::close(&mut stream).await;
+        }
+    });
+    wait_until(LIMIT, "the gateway knows the fake worker", || async {
+        gateway.net.peer(fake_id).await.unwrap().is_some()
+    })
+    .await;
+    let target = gateway
+        .inference
+        .resolve("tiny-llama", ModelKind::Generation)
+        .await
+        .unwrap();
+    let params = GenerateParams {
+        max_tokens: 6,
+        logprobs: Some(0),
+        ..Default::default()
+    };
+    for round in 1..=2 {
+        let before = gateway
+            .inference
+            .trust_of(&fake_id)
+            .map_or(0.0, |t| t.failures);
+        let (tx, mut rx) = mpsc::channel(64);
+        let ranking = vec![fake_id, worker.net.peer_id()];
+        let completion = gateway
+            .inference
+            .generate_on(&target, user("hello"), params.clone(), tx, ranking)
+            .await
+            .expect("the honest worker answers");
+        let mut streamed = String::new();
+        while let Ok(piece) = rx.try_recv() {
+            streamed.push_str(&piece.text);
+        }
+        assert_eq!(completion.worker, worker.net.peer_id(), "round {round}");
+        assert_eq!(completion.attempts, 2);
+        assert_eq!(
+            streamed, completion.generation.text,
+            "nothing of the fake's shown"
+        );
+        let logprobs = &completion.generation.logprobs;
+        assert_eq!(logprobs.len(), completion.generation.tokens.len());
+        assert!(logprobs
+            .iter()
+            .zip(&completion.generation.tokens)
+            .all(|(l, t)| l.chosen.token == *t && l.top.is_empty()));
+        let trust = gateway.inference.trust_of(&fake_id).expect("its record");
+        assert!(trust.failures > before, "round {round}: {trust:?}");
+    }
+
+    fake.shutdown().await;
+    worker.shutdown().await;
     gateway.shutdown().await;
 }
 
