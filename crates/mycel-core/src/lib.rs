@@ -45,6 +45,7 @@ pub mod blob;
 pub mod compress;
 pub mod dp;
 pub mod fl;
+pub mod grammar;
 pub mod id;
 pub mod inbound;
 pub mod keepalive;

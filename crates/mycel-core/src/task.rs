@@ -97,6 +97,11 @@ pub struct GenerateParams {
     /// when not asked for, so tasks that do not use it encode as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u8>,
+    /// The shape the answer must take (`response_format`): only tokens that keep it a
+    /// beginning of such a value may be drawn, and the answer ends once it is whole
+    /// ([`crate::grammar`]). Absent on the wire when free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<crate::grammar::Shape>,
 }
 
 /// Most alternatives a generated token's log-probability may come with.
@@ -144,7 +149,8 @@ impl TokenLogprobs {
                 self.chosen.token
             ));
         }
-        if self.top.len() != usize::from(top) {
+        // Fewer when the vocabulary has fewer tokens.
+        if self.top.len() > usize::from(top) || (top > 0 && self.top.is_empty()) {
             return Err(format!(
                 "{} alternatives where {top} were asked for",
                 self.top.len()
@@ -155,6 +161,21 @@ impl TokenLogprobs {
         }
         if self.top.windows(2).any(|w| w[0].logprob < w[1].logprob) {
             return Err("the alternatives are not the most likely first".into());
+        }
+        if self
+            .top
+            .first()
+            .is_some_and(|t| t.logprob < self.chosen.logprob)
+        {
+            return Err("the chosen token is more likely than the most likely".into());
+        }
+        for (i, alternative) in self.top.iter().enumerate() {
+            if self.top[..i].iter().any(|t| t.token == alternative.token) {
+                return Err(format!("token {} is listed twice", alternative.token));
+            }
+            if alternative.token == token && alternative.logprob != self.chosen.logprob {
+                return Err("the chosen token's two log-probabilities differ".into());
+            }
         }
         Ok(())
     }
@@ -170,6 +191,7 @@ impl Default for GenerateParams {
             stop: Vec::new(),
             fit_context: false,
             logprobs: None,
+            format: None,
         }
     }
 }
@@ -198,6 +220,9 @@ impl GenerateParams {
         }
         if self.stop.len() > 4 || self.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
             return Err("stop takes at most 4 non-empty strings of at most 256 bytes".into());
+        }
+        if let Some(shape) = &self.format {
+            shape.check().map_err(|e| format!("response_format: {e}"))?;
         }
         if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
             return Err(format!(
@@ -611,7 +636,18 @@ mod tests {
         for (tokens, logprobs, why) in [
             (vec![4, 9, 1], good.to_vec(), "for 3 tokens"),
             (vec![4, 8], good.to_vec(), "for token 8"),
-            (vec![4], vec![entry(4, &[-0.5, -0.1])], "1 alternatives"),
+            (
+                vec![4],
+                vec![entry(4, &[-0.5, -0.1, -0.2, -0.3])],
+                "3 alternatives",
+            ),
+            (
+                vec![4],
+                vec![entry(4, &[-0.05, -0.1, -0.2])],
+                "more likely than",
+            ),
+            (vec![4], vec![entry(4, &[-0.5])], "0 alternatives"),
+            (vec![0], vec![entry(0, &[-0.5, -0.1, -0.2])], "differ"),
             (vec![4], vec![entry(4, &[0.5, -0.1, -0.2])], "at most 0"),
             (
                 vec![4],
@@ -627,6 +663,10 @@ mod tests {
             let refused = asked.check_logprobs(&tokens, &logprobs).unwrap_err();
             assert!(refused.contains(why), "{refused}");
         }
+        let mut twice = entry(4, &[-0.5, -0.1, -0.2]);
+        twice.top[1].token = 0;
+        let refused = asked.check_logprobs(&[4], &[twice]).unwrap_err();
+        assert!(refused.contains("twice"), "{refused}");
         let mut long = entry(4, &[-0.5, -0.1, -0.7]);
         long.chosen.bytes = vec![0; MAX_TOKEN_BYTES + 1];
         assert!(asked.check_logprobs(&[4], &[long]).is_err());

@@ -27,6 +27,7 @@ use mycel_core::fl::{
     self, AggregatorSpec, Compression, Gathered, JobId, LocalTraining, Member, ModelSpec, Payload,
     SignedUpdate, TrainReply, TrainRequest, MAX_PARAMETERS, MAX_UPDATE_BYTES,
 };
+use mycel_core::grammar::Shape;
 use mycel_core::id::ContentId;
 use mycel_core::membership::{Config as MembershipConfig, Membership};
 use mycel_core::secround::{
@@ -622,6 +623,25 @@ fn signed_statement() -> impl Strategy<Value = SignedStatement> {
     (statement(), 0usize..3).prop_map(|(s, k)| SignedStatement::sign(&keys()[k], &s))
 }
 
+fn shape() -> impl Strategy<Value = Shape> {
+    let leaf = prop_oneof![
+        Just(Shape::Any),
+        Just(Shape::AnyObject),
+        Just(Shape::String),
+        Just(Shape::Number),
+        Just(Shape::Integer),
+        Just(Shape::Boolean),
+        Just(Shape::Null),
+        vec(ascii(6), 0..4).prop_map(Shape::OneOf),
+    ];
+    leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            inner.clone().prop_map(|s| Shape::Array(Box::new(s))),
+            vec((ascii(5), inner), 0..4).prop_map(Shape::Object),
+        ]
+    })
+}
+
 fn task_request() -> impl Strategy<Value = TaskRequest> {
     let message = (ascii(10), text(40)).prop_map(|(role, content)| ChatMessage { role, content });
     let params = (
@@ -632,16 +652,20 @@ fn task_request() -> impl Strategy<Value = TaskRequest> {
         vec(ascii(6), 0..6),
         any::<bool>(),
         option::of(any::<u8>()),
+        option::of(shape()),
     )
         .prop_map(
-            |(max_tokens, temperature, top_p, seed, stop, fit_context, logprobs)| GenerateParams {
-                max_tokens,
-                temperature,
-                top_p,
-                seed,
-                stop,
-                fit_context,
-                logprobs,
+            |(max_tokens, temperature, top_p, seed, stop, fit_context, logprobs, format)| {
+                GenerateParams {
+                    max_tokens,
+                    temperature,
+                    top_p,
+                    seed,
+                    stop,
+                    fit_context,
+                    logprobs,
+                    format,
+                }
             },
         );
     let input = prop_oneof![

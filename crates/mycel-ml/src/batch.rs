@@ -27,6 +27,11 @@ use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::llama::{KvCache, Llama, Step};
+use mycel_core::grammar::Constraint;
+
+/// Why a generation held to a format stopped: the grammar admits no token of the vocabulary.
+pub(crate) const NO_CONTINUATION: &str =
+    "no token of the model's vocabulary can continue the answer in the requested format";
 pub(crate) use crate::logprobs::Scored;
 use crate::MlError;
 
@@ -70,6 +75,8 @@ pub(crate) struct Request {
     pub(crate) sampling: Sampling,
     /// Log-probabilities to send with each token, with this many alternatives.
     pub(crate) logprobs: Option<u8>,
+    /// The grammar its answer is held to, at the start of the answer.
+    pub(crate) constraint: Option<Constraint>,
     pub(crate) max_new: usize,
     /// Tokens that end the answer (it ends after sending one).
     pub(crate) ends: Vec<u32>,
@@ -244,6 +251,7 @@ struct Sequence {
     scope: u64,
     sampler: LogitsProcessor,
     logprobs: Option<u8>,
+    constraint: Option<Constraint>,
     made: usize,
     max_new: usize,
     ends: Vec<u32>,
@@ -300,6 +308,7 @@ impl Sequence {
             scope: request.scope,
             sampler,
             logprobs: request.logprobs,
+            constraint: request.constraint,
             made: 0,
             max_new: request.max_new,
             ends: request.ends,
@@ -310,10 +319,16 @@ impl Sequence {
     }
 
     /// Samples from `logits` and sends the token; whether the sequence goes on.
-    fn next(&mut self, logits: Vec<f32>) -> bool {
+    fn next(&mut self, mut logits: Vec<f32>) -> bool {
         let vocab = logits.len();
         // The log-probabilities, when asked for, read the logits the sampler consumes.
         let kept = self.logprobs.map(|top| (top, logits.clone()));
+        if let Some(constraint) = &mut self.constraint {
+            if !constraint.mask(&mut logits) {
+                let _ = self.events.send(Event::Failed(NO_CONTINUATION.into()));
+                return false;
+            }
+        }
         let token = Tensor::from_vec(logits, vocab, &Device::Cpu)
             .and_then(|logits| self.sampler.sample(&logits));
         let token = match token {
@@ -324,6 +339,10 @@ impl Sequence {
             }
         };
         self.made += 1;
+        if let Some(constraint) = &mut self.constraint {
+            // Drawn from the allowed tokens, so it fits.
+            constraint.advance(token);
+        }
         let scored = kept.map(|(top, logits)| Scored::of(&logits, token, usize::from(top)));
         if self.events.send(Event::Token(token, scored)).is_err() {
             // The caller stopped listening: the slot is free at once.

@@ -19,6 +19,7 @@ use crate::batch::{Batcher, Event, Leave, Request, Scored};
 use crate::files::{file_id, model_name};
 use crate::gguf_tokenizer::GgufTokenizer;
 use crate::{ContentId, MlError, Result};
+use mycel_core::grammar::{Constraint, Grammar, Vocab};
 pub use mycel_core::task::Resume;
 
 /// Used when a GGUF file carries no chat template.
@@ -245,6 +246,9 @@ pub struct Generator {
     id: ContentId,
     name: String,
     engine: Engine,
+    /// The vocabulary as constrained decoding walks it, made at the first request for a
+    /// format.
+    vocab: std::sync::OnceLock<Arc<Vocab>>,
 }
 
 impl std::fmt::Debug for Generator {
@@ -333,7 +337,22 @@ impl Generator {
             id: file_id(path)?,
             name: model_name(path),
             engine,
+            vocab: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The vocabulary for constrained decoding: every token that stands for bytes (control
+    /// tokens left out), and the tokens that end a turn.
+    fn vocab(&self) -> Arc<Vocab> {
+        self.vocab
+            .get_or_init(|| {
+                let tokenizer = &self.tokenizer;
+                let tokens = (0..tokenizer.vocab_size() as u32)
+                    .filter(|id| !tokenizer.is_special(*id) && !tokenizer.ends_turn(*id))
+                    .map(|id| (id, tokenizer.token_bytes(id)));
+                Arc::new(Vocab::new(tokens, tokenizer.turn_ends()))
+            })
+            .clone()
     }
 
     /// How many requests it decodes at once (1 on candle's engines), and within what.
@@ -493,6 +512,21 @@ impl Generator {
                 "the resume point is past max_tokens or names unknown tokens".into(),
             ));
         }
+        // Held to a format: the grammar, past what was generated before.
+        let mut constraint = match &params.format {
+            Some(shape) => {
+                let grammar = Grammar::new(shape).map_err(MlError::Input)?;
+                Some(Constraint::new(Arc::new(grammar), self.vocab()))
+            }
+            None => None,
+        };
+        if let Some(constraint) = &mut constraint {
+            if !resume.tokens.iter().all(|t| constraint.advance(*t)) {
+                return Err(MlError::Input(
+                    "the resume point does not fit the requested format".into(),
+                ));
+            }
+        }
         let started = Instant::now();
         // A resumed generation reads its earlier tokens with the prompt, and draws the
         // sampler's random numbers it drew for them, so what follows is what an uninterrupted
@@ -509,6 +543,7 @@ impl Generator {
                     seed: params.seed,
                     sampling: sampling(params),
                     logprobs: params.logprobs,
+                    constraint,
                     max_new: params.max_tokens - tokens.len(),
                     ends: self.tokenizer.turn_ends(),
                     events,
@@ -544,6 +579,7 @@ impl Generator {
                     logits,
                     last: None,
                     pos: context.len(),
+                    constraint: constraint.map(Box::new),
                 }
             }
         };
@@ -651,6 +687,8 @@ enum Tokens<'a> {
         last: Option<u32>,
         /// Where it goes.
         pos: usize,
+        /// The grammar the answer is held to.
+        constraint: Option<Box<Constraint>>,
     },
 }
 
@@ -670,13 +708,27 @@ impl Tokens<'_> {
                 logits,
                 last,
                 pos,
+                constraint,
             } => {
                 if let Some(token) = last.take() {
                     let input = Tensor::new(&[token], device)?.unsqueeze(0)?;
                     *logits = model.forward(&input, *pos)?.squeeze(0)?;
                     *pos += 1;
                 }
-                let token = sampler.sample(logits)?;
+                let token = match constraint {
+                    Some(constraint) => {
+                        let mut kept: Vec<f32> =
+                            logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+                        if !constraint.mask(&mut kept) {
+                            return Err(MlError::Run(crate::batch::NO_CONTINUATION.into()));
+                        }
+                        let n = kept.len();
+                        let token = sampler.sample(&Tensor::from_vec(kept, n, device)?)?;
+                        constraint.advance(token);
+                        token
+                    }
+                    None => sampler.sample(logits)?,
+                };
                 *last = Some(token);
                 let scored = match top {
                     Some(top) => {

@@ -36,6 +36,8 @@ pub struct GgufTokenizer {
     pub add_bos: bool,
     /// The Jinja chat template, if the file has one.
     pub chat_template: Option<String>,
+    /// Control and user-defined tokens, matched whole: their text is what they stand for.
+    specials: std::collections::HashSet<u32>,
 }
 
 fn get<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
@@ -115,10 +117,17 @@ impl GgufTokenizer {
         };
         tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
         tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        let special = |t: &i32| *t == CONTROL || *t == USER_DEFINED;
+        let special_ids = types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| special(t))
+            .map(|(id, _)| id as u32)
+            .collect();
         let specials: Vec<AddedToken> = tokens
             .iter()
             .zip(types.iter())
-            .filter(|(_, t)| **t == CONTROL || **t == USER_DEFINED)
+            .filter(|(_, t)| special(t))
             .map(|(token, _)| AddedToken::from(token.clone(), true))
             .collect();
         tokenizer
@@ -145,7 +154,13 @@ impl GgufTokenizer {
             bos: id("tokenizer.ggml.bos_token_id"),
             add_bos,
             chat_template,
+            specials: special_ids,
         })
+    }
+
+    /// Whether `id` is a control or user-defined token (matched whole, never made by BPE).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.specials.contains(&id)
     }
 
     /// Whether generation stops at `token` (end of text or of the turn).
@@ -194,6 +209,9 @@ impl GgufTokenizer {
         let Some(text) = self.tokenizer.id_to_token(id) else {
             return Vec::new();
         };
+        if self.is_special(id) {
+            return text.into_bytes();
+        }
         let mut bytes = Vec::with_capacity(text.len());
         for c in text.chars() {
             match byte_of(c) {
@@ -213,14 +231,25 @@ impl GgufTokenizer {
 /// The byte a character of a byte-level BPE token stands for (GPT-2's table): printable
 /// bytes are themselves; the others (0–32, 127–160, 173) are U+0100 onwards, in order.
 fn byte_of(c: char) -> Option<u8> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-    let code = c as u32;
-    if code < 256 && printable(code) {
-        return Some(code as u8);
+    const fn printable(b: u8) -> bool {
+        matches!(b, 33..=126 | 161..=172 | 174..=255)
     }
-    let n = code.checked_sub(256)?;
-    (0u32..256)
-        .filter(|b| !printable(*b))
-        .nth(n as usize)
-        .map(|b| b as u8)
+    /// The bytes that are not printable, in order: U+0100 + i stands for `OTHERS[i]`.
+    const OTHERS: [u8; 68] = {
+        let mut others = [0u8; 68];
+        let (mut b, mut n) = (0usize, 0usize);
+        while b < 256 {
+            if !printable(b as u8) {
+                others[n] = b as u8;
+                n += 1;
+            }
+            b += 1;
+        }
+        others
+    };
+    match c as u32 {
+        code @ 0..=255 if printable(code as u8) => Some(code as u8),
+        code @ 256..=323 => Some(OTHERS[(code - 256) as usize]),
+        _ => None,
+    }
 }

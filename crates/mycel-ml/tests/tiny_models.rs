@@ -1083,3 +1083,95 @@ fn log_probabilities_are_the_models_softmax_at_each_generated_token() {
         }
     }
 }
+
+#[test]
+fn a_format_holds_every_engines_answer_to_its_shape() {
+    use mycel_core::grammar::{Grammar, Shape};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path).unwrap();
+    let prompt = "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n";
+    let shape = Shape::Object(vec![
+        ("ok".into(), Shape::Boolean),
+        ("n".into(), Shape::Integer),
+        (
+            "mood".into(),
+            Shape::OneOf(vec!["\"calm\"".into(), "\"cross\"".into()]),
+        ),
+        ("none".into(), Shape::Null),
+    ]);
+    // Every part is bounded (no string or array, which a random model need never close), so
+    // the answer ends well within its budget.
+    let grammar = Grammar::new(&shape).unwrap();
+    for engine in [Engine::Q4, Engine::Exact, Engine::Quantized] {
+        let model = Generator::load(&path, engine).unwrap();
+        let free = GenerateParams {
+            max_tokens: 300,
+            ..Default::default()
+        };
+        let unformatted = model.generate(prompt, &free, |_| true).unwrap();
+        assert!(
+            !grammar.begins(unformatted.text.as_bytes()),
+            "{engine:?}: the random model writes no JSON of itself"
+        );
+        let held = GenerateParams {
+            format: Some(shape.clone()),
+            ..free.clone()
+        };
+        for (temperature, seed) in [(None, 0), (Some(1.5), 1), (Some(1.5), 2)] {
+            let params = GenerateParams {
+                temperature,
+                seed,
+                ..held.clone()
+            };
+            let answer = model.generate(prompt, &params, |_| true).unwrap();
+            assert_eq!(
+                answer.finish_reason,
+                FinishReason::Stop,
+                "{engine:?}: {answer:?}"
+            );
+            assert!(
+                grammar.matches(answer.text.as_bytes()),
+                "{engine:?}: {}",
+                answer.text
+            );
+            let value: serde_json::Value = serde_json::from_str(&answer.text).unwrap();
+            assert!(value["ok"].is_boolean() && value["n"].is_i64() && value["none"].is_null());
+            assert!(["calm", "cross"].contains(&value["mood"].as_str().unwrap()));
+        }
+        // A resumed answer goes on in the format, as the whole one did.
+        let whole = model.generate(prompt, &held, |_| true).unwrap();
+        let resume = Resume {
+            tokens: whole.tokens[..6].to_vec(),
+            text_bytes: 0,
+        };
+        let resumed = model
+            .generate_from(prompt, &held, &resume, |_, _| true)
+            .unwrap();
+        assert_eq!(resumed.tokens, whole.tokens, "{engine:?}");
+        // A resume point outside the format is refused.
+        let off = Resume {
+            tokens: unformatted.tokens[..3].to_vec(),
+            text_bytes: 0,
+        };
+        assert!(matches!(
+            model.generate_from(prompt, &held, &off, |_, _| true),
+            Err(MlError::Input(_))
+        ));
+        // Any object, cut short: a beginning of one.
+        let object = GenerateParams {
+            max_tokens: 40,
+            format: Some(Shape::AnyObject),
+            ..Default::default()
+        };
+        let answer = model.generate(prompt, &object, |_| true).unwrap();
+        let any = Grammar::new(&Shape::AnyObject).unwrap();
+        assert!(any.begins(answer.text.as_bytes()), "{}", answer.text);
+        if answer.finish_reason == FinishReason::Stop {
+            assert!(serde_json::from_str::<serde_json::Value>(&answer.text)
+                .unwrap()
+                .is_object());
+        }
+    }
+}

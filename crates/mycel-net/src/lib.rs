@@ -12,7 +12,7 @@
 //!   listen addresses feed the routing table (referrals), ping for liveness and RTT, mDNS;
 //! - gossipsub topic `mycel/statements/2` carrying signed announcements and down reports;
 //! - request-response `/mycel/sync/4` for anti-entropy snapshots and echo round trips;
-//! - raw streams `/mycel/task/3` for inference tasks, `/mycel/blob/1` for blobs and
+//! - raw streams `/mycel/task/4` for inference tasks, `/mycel/blob/1` for blobs and
 //!   `/mycel/train/2` for federated training rounds ([`task`]), opened and accepted through
 //!   the [`NetHandle`] without passing through the event loop;
 //! - Kademlia provider records keyed by the content ids of the models a node serves.

@@ -1,6 +1,6 @@
 //! Protocols on raw streams (opened with libp2p-stream, accepted by [`crate::accept`]),
 //! carrying length-prefixed CBOR frames:
-//! - the inference task protocol `/mycel/task/3`: one stream per task attempt, the
+//! - the inference task protocol `/mycel/task/4`: one stream per task attempt, the
 //!   requester's one request (`mycel_core::task`), then the worker's chunks and its final
 //!   answer;
 //! - the blob protocol `/mycel/blob/1`: one stream per request (`mycel_core::blob`), answered
@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// Protocol name of inference tasks.
-pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/task/3");
+pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/task/4");
 
 /// Protocol name of blob transfers.
 pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/mycel/blob/1");

@@ -34,7 +34,7 @@ use mycel_core::verify::{
 };
 use mycel_core::wire::Rejection;
 use mycel_core::Keypair;
-use mycel_ml::{GenerateParams, Generation, MlError};
+use mycel_ml::{FinishReason, GenerateParams, Generation, MlError};
 use mycel_net::task::{read_frame, write_frame, FrameError, IncomingStreams, Stream};
 use mycel_net::{now_ms, NetHandle, PeerId};
 use prometheus_client::metrics::counter::Counter;
@@ -1248,6 +1248,11 @@ impl Inference {
                 Fault::Failed,
             );
         }
+        if let Err(reason) = fits_format(request, &text, finish_reason) {
+            self.net.penalise(peer, Rejection::Malformed).await;
+            self.note(&peer, trust::Outcome::Invalid);
+            return retry(format!("the worker's answer {reason}"), Fault::Failed);
+        }
         // The final answer must continue what was streamed.
         let delivered = progress.resume.text_bytes as usize;
         if !tokens.starts_with(&progress.resume.tokens)
@@ -1960,6 +1965,13 @@ impl Inference {
         let unread = |answered: bool| !answered && begun.elapsed() < STALE_WITHIN;
         let mut pace = mycel_core::pace::Pace::new(wait.as_millis() as u64);
         let mut answered = false;
+        // Tokens a generation may still stream: no more than its budget past the resume point.
+        let mut room = match &request.input {
+            TaskInput::Generate { params, resume, .. } => {
+                params.max_tokens.saturating_sub(resume.tokens.len())
+            }
+            TaskInput::Embed { .. } => 0,
+        };
         loop {
             let quiet = Duration::from_millis(pace.wait_ms());
             let frame =
@@ -2007,13 +2019,19 @@ impl Inference {
                             Fault::Failed,
                         ));
                     };
-                    if let Err(reason) = request.check_logprobs(&tokens, &logprobs) {
+                    let fits = match tokens.len() <= room {
+                        true => request.check_logprobs(&tokens, &logprobs),
+                        false => Err("more tokens than the task's budget".to_owned()),
+                    };
+                    if let Err(reason) = fits {
                         self.net.penalise(peer, Rejection::Malformed).await;
+                        self.note(&peer, trust::Outcome::Invalid);
                         return Ok(retry(
-                            format!("the worker's log-probabilities: {reason}"),
+                            format!("the worker streamed a bad chunk: {reason}"),
                             Fault::Failed,
                         ));
                     }
+                    room -= tokens.len();
                     let piece = Piece {
                         text,
                         tokens,
@@ -2345,6 +2363,27 @@ impl Progress {
         }
         self.resume.text_bytes += piece.text.len() as u64;
         sender.send(piece).await.is_ok()
+    }
+}
+
+/// Whether `text`, a worker's answer to `request` that ended for `finish`, has the shape the
+/// task asked for: a whole value when it ended by itself (and no stop string could have cut
+/// it), the beginning of one when it ran out of tokens.
+fn fits_format(request: &TaskRequest, text: &str, finish: FinishReason) -> Result<(), String> {
+    let TaskInput::Generate { params, .. } = &request.input else {
+        return Ok(());
+    };
+    let Some(shape) = &params.format else {
+        return Ok(());
+    };
+    let grammar = mycel_core::grammar::Grammar::new(shape).map_err(|e| format!("names {e}"))?;
+    let fits = match finish == FinishReason::Stop && params.stop.is_empty() {
+        true => grammar.matches(text.as_bytes()),
+        false => grammar.begins(text.as_bytes()),
+    };
+    match fits {
+        true => Ok(()),
+        false => Err("is not in the requested format".into()),
     }
 }
 

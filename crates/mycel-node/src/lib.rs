@@ -15,6 +15,7 @@ pub mod fault;
 pub mod inference;
 pub mod models;
 pub mod openai;
+pub mod schema;
 mod slots;
 pub mod supply;
 pub mod system;

@@ -521,17 +521,6 @@ fn unsupported(request: &ChatRequest) -> Result<(), ApiError> {
     if used(&request.tool_choice) || used(&request.function_call) {
         return refuse("tool_choice", "tool and function calling");
     }
-    let format = request
-        .response_format
-        .as_ref()
-        .and_then(|f| f.get("type"))
-        .and_then(Value::as_str);
-    if request.response_format.is_some() && format != Some("text") {
-        return refuse(
-            "response_format",
-            "structured output (json_object, json_schema)",
-        );
-    }
     Ok(())
 }
 
@@ -550,7 +539,7 @@ fn chat_logprobs(request: &ChatRequest) -> Result<Option<u8>, ApiError> {
     };
     match request.logprobs {
         Some(true) => Ok(Some(top)),
-        _ if request.top_logprobs.is_some() => Err(ApiError::invalid(
+        _ if request.top_logprobs.is_some_and(|n| n > 0) => Err(ApiError::invalid(
             Some("top_logprobs"),
             "top_logprobs needs logprobs: true",
         )),
@@ -672,6 +661,7 @@ fn sampling(
         // Without an explicit budget, generate up to the context the prompt leaves.
         fit_context: budget.is_none(),
         logprobs: None,
+        format: None,
     })
 }
 
@@ -821,8 +811,15 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     other_fields(&request.rest)?;
     let messages = messages(&request)?;
     let seed = request.seed.unwrap_or_else(|| state.inference.draw());
+    let format = match &request.response_format {
+        None => None,
+        Some(format) => crate::schema::response_format(format).map_err(|e| {
+            ApiError::invalid(Some("response_format"), format!("response_format: {e}"))
+        })?,
+    };
     let params = GenerateParams {
         logprobs: chat_logprobs(&request)?,
+        format,
         ..params(&request, seed)?
     };
     let asked = Asked {
@@ -1200,8 +1197,8 @@ impl Reply {
 
     /// A choice's `logprobs`: `null` unless the request asked for them; a chat's
     /// `{"content": [...]}`, or a text completion's columns with each token's `text_offset`
-    /// (characters) counted on from `*offset`.
-    fn scores(&self, logprobs: &[TokenLogprobs], offset: &mut usize) -> Value {
+    /// counted on from `offset`.
+    fn scores(&self, logprobs: &[TokenLogprobs], offset: &mut Offset) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
@@ -1219,11 +1216,10 @@ impl Reply {
                 .collect();
             return json!({ "content": content, "refusal": null });
         }
-        let mut offsets = Vec::with_capacity(logprobs.len());
-        for l in logprobs {
-            offsets.push(*offset);
-            *offset += token(&l.chosen).chars().count();
-        }
+        let offsets: Vec<usize> = logprobs
+            .iter()
+            .map(|l| offset.take(&l.chosen.bytes))
+            .collect();
         json!({
             "tokens": logprobs.iter().map(|l| token(&l.chosen)).collect::<Vec<_>>(),
             "token_logprobs": logprobs.iter().map(|l| l.chosen.logprob).collect::<Vec<_>>(),
@@ -1239,7 +1235,7 @@ impl Reply {
     fn stream(&self, choices: usize) -> Streamed<'_> {
         Streamed {
             reply: self,
-            offsets: vec![self.prompt_chars; choices],
+            offsets: vec![Offset::at(self.prompt_chars); choices],
             scored: vec![0; choices],
         }
     }
@@ -1257,7 +1253,8 @@ impl Reply {
             .enumerate()
             .map(|(index, generation)| {
                 let finish_reason = finish(generation.finish_reason);
-                let logprobs = self.scores(&generation.logprobs, &mut self.prompt_chars.clone());
+                let logprobs =
+                    self.scores(&generation.logprobs, &mut Offset::at(self.prompt_chars));
                 if self.text {
                     json!({ "index": index, "text": generation.text, "logprobs": logprobs,
                             "finish_reason": finish_reason })
@@ -1347,8 +1344,53 @@ impl Reply {
 /// log-probabilities have gone out.
 struct Streamed<'a> {
     reply: &'a Reply,
-    offsets: Vec<usize>,
+    offsets: Vec<Offset>,
     scored: Vec<usize>,
+}
+
+/// Where a text completion's next token starts, in characters, as `text_offset` counts
+/// them: the characters whole so far (a token may end inside one), and the bytes of the one
+/// begun.
+#[derive(Debug, Clone)]
+struct Offset {
+    chars: usize,
+    pending: Vec<u8>,
+}
+
+impl Offset {
+    fn at(chars: usize) -> Self {
+        Self {
+            chars,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The offset of a token of `bytes`; moves past it.
+    fn take(&mut self, bytes: &[u8]) -> usize {
+        let at = self.chars;
+        self.pending.extend_from_slice(bytes);
+        loop {
+            let (valid, bad) = match std::str::from_utf8(&self.pending) {
+                Ok(_) => (self.pending.len(), None),
+                Err(e) => (e.valid_up_to(), e.error_len()),
+            };
+            self.chars += String::from_utf8_lossy(&self.pending[..valid])
+                .chars()
+                .count();
+            match bad {
+                // A byte that begins no character: one replacement character.
+                Some(bad) => {
+                    self.chars += 1;
+                    self.pending.drain(..valid + bad);
+                }
+                // The rest (if any) begins a character that later bytes end.
+                None => {
+                    self.pending.drain(..valid);
+                    return at;
+                }
+            }
+        }
+    }
 }
 
 impl Streamed<'_> {
@@ -1570,4 +1612,22 @@ fn finish(reason: FinishReason) -> &'static str {
 fn usage(prompt: usize, completion: usize) -> Value {
     json!({ "prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Offset;
+
+    #[test]
+    fn text_offsets_count_characters_that_tokens_may_split() {
+        let mut offset = Offset::at(7);
+        assert_eq!(offset.take(b"a"), 7);
+        // "é" (C3 A9) over two tokens: both start where it does.
+        assert_eq!(offset.take(&[0xC3]), 8);
+        assert_eq!(offset.take(&[0xA9]), 8);
+        assert_eq!(offset.take(b"x"), 9);
+        // A byte that begins no character counts as one, as the text shows it.
+        assert_eq!(offset.take(&[0xA9]), 10);
+        assert_eq!(offset.take(b"y"), 11);
+    }
 }

@@ -155,6 +155,7 @@ async fn text_completions_continue_the_prompt_as_it_is() {
         stop: Vec::new(),
         fit_context: false,
         logprobs: None,
+        format: None,
     };
     let expected = generator.generate("the cat", &params, |_| true).unwrap();
     let request = json!({ "model": "tiny-llama", "prompt": "the cat", "max_tokens": 8,
@@ -383,6 +384,59 @@ async fn log_probabilities_come_per_token_whole_and_streamed_for_chats_and_compl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_format_holds_the_answer_whole_and_streamed() {
+    let root = tempfile::tempdir().unwrap();
+    let node = tiny_node(root.path()).await;
+    let schema = json!({ "type": "object", "additionalProperties": false,
+        "required": ["ok", "n", "mood"],
+        "properties": { "mood": { "enum": ["calm", "cross"] }, "n": { "type": "integer" },
+                        "ok": { "type": "boolean" } } });
+    let request = json!({ "model": "tiny-llama", "max_tokens": 200, "temperature": 0,
+        "messages": [{ "role": "user", "content": "the cat" }],
+        "response_format": { "type": "json_schema",
+                             "json_schema": { "name": "answer", "strict": true, "schema": schema } } });
+    let (status, body) = post_json(&node, "/v1/chat/completions", request.clone());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop", "{body}");
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    let answer: Value = serde_json::from_str(content).unwrap();
+    let keys: Vec<&String> = answer.as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 3, "{content}");
+    assert!(
+        answer["ok"].is_boolean() && answer["n"].is_i64(),
+        "{content}"
+    );
+    assert!(["calm", "cross"].contains(&answer["mood"].as_str().unwrap()));
+    let at = |key: &str| content.find(&format!("\"{key}\"")).unwrap();
+    assert!(
+        at("ok") < at("n") && at("n") < at("mood"),
+        "in the order required lists: {content}"
+    );
+    // Streamed: the same text in pieces.
+    let mut streamed = String::new();
+    for chunk in events(&node, "/v1/chat/completions", &request) {
+        streamed.push_str(
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or(""),
+        );
+    }
+    assert_eq!(streamed, content);
+    // Any object.
+    let mut object = request.clone();
+    object["response_format"] = json!({ "type": "json_object" });
+    object["max_tokens"] = json!(300);
+    let (status, body) = post_json(&node, "/v1/chat/completions", object);
+    assert_eq!(status, 200, "{body}");
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content.trim_start().starts_with('{'), "{content}");
+    if body["choices"][0]["finish_reason"] == "stop" {
+        assert!(serde_json::from_str::<Value>(content).unwrap().is_object());
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
     let root = tempfile::tempdir().unwrap();
     let node = tiny_node(root.path()).await;
@@ -465,7 +519,17 @@ async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
         ),
         (
             "/v1/chat/completions",
-            chat(json!({ "response_format": { "type": "json_object" } })),
+            chat(
+                json!({ "response_format": { "type": "json_schema", "json_schema": {
+                "name": "s", "schema": { "type": "string", "pattern": "a+" } } } }),
+            ),
+            400,
+            "pattern",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "response_format": { "type": "json_schema",
+                                               "json_schema": { "name": "s" } } })),
             400,
             "response_format",
         ),

@@ -85,6 +85,29 @@ assert "".join(columns.tokens) == done.choices[0].text, columns
 assert len(columns.token_logprobs) == len(columns.tokens) == len(columns.top_logprobs)
 assert columns.text_offset[0] == len("the cat"), columns
 
+# Structured output: the client's own parse helper, with a pydantic model as the schema.
+import typing
+
+import pydantic
+
+
+class Answer(pydantic.BaseModel):
+    ok: bool
+    n: int
+    mood: typing.Literal["calm", "cross"]
+
+
+parsed = client.chat.completions.parse(
+    model="tiny-llama", messages=messages, temperature=0, max_tokens=200, response_format=Answer
+)
+answer = parsed.choices[0].message.parsed
+assert isinstance(answer, Answer) and answer.mood in ("calm", "cross"), parsed
+loose = client.chat.completions.create(
+    model="tiny-llama", messages=messages, temperature=0, max_tokens=60,
+    response_format={"type": "json_object"},
+)
+assert loose.choices[0].message.content.lstrip().startswith("{"), loose
+
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
     raise SystemExit("an unknown model must fail")

@@ -823,7 +823,7 @@ async fn a_worker_that_stalls_a_task_on_a_kept_stream_then_closes_it_pays() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_whose_log_probabilities_do_not_fit_its_tokens_pays_and_the_task_moves_on() {
+async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_task_moves_on() {
     let root = tempfile::tempdir().unwrap();
     let llama = load(root.path(), "tiny-llama.gguf", |p| {
         write_tiny_llama(p).unwrap()
@@ -832,7 +832,8 @@ async fn a_worker_whose_log_probabilities_do_not_fit_its_tokens_pays_and_the_tas
     let gateway = start(root.path(), "gateway", addrs_of(&worker), vec![], 16).await;
     wait_offers(&gateway, &[&worker]).await;
     // A fake worker: the first task gets a chunk of two tokens with one log-probability, the
-    // second a signed answer of two tokens with none, though the task asked for them.
+    // others a signed answer "xy" of two tokens with none: the second asks for them, the third
+    // for a JSON object.
     let keypair = mycel_core::Keypair::generate_ed25519();
     let fake = common::raw_peer_keyed(keypair.clone(), addrs_of(&gateway)).await;
     let fake_id = fake.peer_id();
@@ -890,7 +891,15 @@ async fn a_worker_whose_log_probabilities_do_not_fit_its_tokens_pays_and_the_tas
         logprobs: Some(0),
         ..Default::default()
     };
-    for round in 1..=2 {
+    for round in 1..=3 {
+        let params = match round {
+            3 => GenerateParams {
+                max_tokens: 6,
+                format: Some(mycel_core::grammar::Shape::AnyObject),
+                ..Default::default()
+            },
+            _ => params.clone(),
+        };
         let before = gateway
             .inference
             .trust_of(&fake_id)
@@ -913,7 +922,14 @@ async fn a_worker_whose_log_probabilities_do_not_fit_its_tokens_pays_and_the_tas
             "nothing of the fake's shown"
         );
         let logprobs = &completion.generation.logprobs;
-        assert_eq!(logprobs.len(), completion.generation.tokens.len());
+        if round == 3 {
+            let object = mycel_core::grammar::Grammar::new(&mycel_core::grammar::Shape::AnyObject);
+            let begun = completion.generation.text.as_bytes();
+            assert!(object.unwrap().begins(begun), "{completion:?}");
+            assert!(logprobs.is_empty());
+        } else {
+            assert_eq!(logprobs.len(), completion.generation.tokens.len());
+        }
         assert!(logprobs
             .iter()
             .zip(&completion.generation.tokens)
