@@ -1,6 +1,6 @@
 //! `mycel status`, `peers`, `models`, `embed` and `chat`: a node's HTTP API from the terminal.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -475,33 +475,15 @@ pub(crate) struct ChatArgs {
     prompt: String,
 }
 
-/// Streams the answer to the terminal as it is generated.
 /// The events of a streamed chat or text completion (server-sent events, up to `[DONE]`),
 /// each parsed; an error event ends them with its message.
 pub(crate) fn chat_events(body: impl std::io::Read) -> impl Iterator<Item = anyhow::Result<Value>> {
-    let mut lines = BufReader::new(body).lines();
-    std::iter::from_fn(move || loop {
-        let line = match lines.next()? {
-            Ok(line) => line,
-            Err(e) => return Some(Err(e).context("the stream from the node broke off")),
-        };
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data.trim() == "[DONE]" {
-            return None;
-        }
-        return Some(
-            serde_json::from_str::<Value>(data)
-                .context("the node sent invalid JSON")
-                .and_then(|event| match event["error"]["message"].as_str() {
-                    Some(message) => bail!("generation failed: {message}"),
-                    None => Ok(event),
-                }),
-        );
-    })
+    // A node's events are pieces of text: a line of 16 MiB is none.
+    mycel_node::upstream::events(body, 16 << 20)
+        .map(|event| event.map_err(|e| anyhow::anyhow!("from the node: {e}")))
 }
 
+/// Streams the answer to the terminal as it is generated.
 pub(crate) fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let mut messages = Vec::new();
     if let Some(system) = &args.system {

@@ -101,6 +101,12 @@ struct NodeArgs {
     /// Hugging Face hub; or a content id (blake3:...) fetched from the network's peers.
     #[arg(long = "model", value_name = "PATH")]
     models: Vec<PathBuf>,
+    /// A generation model of an OpenAI-compatible server beside this node (llama-server,
+    /// vLLM, Ollama, another Mycel node), offered to the network as NAME: NAME=URL of its API
+    /// (http://HOST:PORT/v1), or NAME=URL#MODEL when the server calls it MODEL. Its key, if it
+    /// wants one, is read from MYCEL_UPSTREAM_KEY_<NAME> and never leaves this node.
+    #[arg(long = "upstream", value_name = "NAME=URL", value_parser = parse_upstream)]
+    upstreams: Vec<mycel_node::upstream::Upstream>,
     /// How generation models run: q4 (our SIMD kernels on the file's Q4_1/Q8_0 blocks: the
     /// fastest decoding, a quarter of the memory; files with other blocks run exact), exact
     /// (f32 weights: the fastest prompt processing) or quantized (candle's kernels). q4 and
@@ -358,6 +364,10 @@ fn init_tracing(default: &str) {
         .try_init();
 }
 
+fn parse_upstream(spec: &str) -> Result<mycel_node::upstream::Upstream, String> {
+    mycel_node::upstream::Upstream::parse(spec)
+}
+
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     let mut config = NodeConfig::new(data_dir.clone());
@@ -383,6 +393,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             .is_some_and(|m| m.parse::<mycel_core::id::ContentId>().is_ok())
     });
     config.models = paths;
+    config.upstreams = args.upstreams;
     config.engine = args.engine;
     config.max_queue = args.max_queue;
     config.batch = mycel_ml::BatchLimits {

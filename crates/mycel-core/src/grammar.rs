@@ -352,7 +352,8 @@ pub struct Constraint {
     grammar: std::sync::Arc<Grammar>,
     vocab: std::sync::Arc<Vocab>,
     matcher: Matcher,
-    remembered: std::collections::HashMap<Matcher, std::sync::Arc<Vec<u32>>>,
+    /// Allowed tokens by state, one bit per token id.
+    remembered: std::collections::HashMap<Matcher, std::sync::Arc<Vec<u64>>>,
 }
 
 impl Constraint {
@@ -373,7 +374,13 @@ impl Constraint {
         let allowed = match self.remembered.get(&self.matcher) {
             Some(allowed) => allowed.clone(),
             None => {
-                let allowed = std::sync::Arc::new(self.grammar.allowed(&self.matcher, &self.vocab));
+                let mut bits = vec![0u64; logits.len().div_ceil(64)];
+                for id in self.grammar.allowed(&self.matcher, &self.vocab) {
+                    if let Some(word) = bits.get_mut(id as usize / 64) {
+                        *word |= 1 << (id % 64);
+                    }
+                }
+                let allowed = std::sync::Arc::new(bits);
                 if self.remembered.len() >= REMEMBERED {
                     self.remembered.clear();
                 }
@@ -381,28 +388,35 @@ impl Constraint {
                 allowed
             }
         };
-        let mut kept = vec![f32::NEG_INFINITY; logits.len()];
         let mut any = false;
-        for &id in allowed.iter() {
-            if let Some(l) = logits.get(id as usize) {
-                kept[id as usize] = *l;
+        for (id, logit) in logits.iter_mut().enumerate() {
+            if allowed
+                .get(id / 64)
+                .is_some_and(|w| w & (1 << (id % 64)) != 0)
+            {
                 any = true;
+            } else {
+                *logit = f32::NEG_INFINITY;
             }
         }
-        logits.copy_from_slice(&kept);
         any
     }
 
-    /// Moves past `token`; `false` when it may not come here (an end token may, once the
-    /// answer is whole).
+    /// Moves past `token`; `false`, and no move, when it may not come here (an end token
+    /// may, once the answer is whole).
     pub fn advance(&mut self, token: u32) -> bool {
         if self.vocab.ends(token) {
             return self.matcher.can_end(&self.grammar);
         }
-        match self.vocab.bytes(token) {
-            Some(bytes) => self.matcher.feed_all(&self.grammar, bytes),
-            None => false,
+        let mut next = self.matcher;
+        let fits = self
+            .vocab
+            .bytes(token)
+            .is_some_and(|bytes| next.feed_all(&self.grammar, bytes));
+        if fits {
+            self.matcher = next;
         }
+        fits
     }
 }
 
@@ -428,9 +442,8 @@ enum Frame {
     Literal { literal: u16, at: u16 },
     /// One of a node's literals, `at` bytes in, `live` those still matching.
     Choice { node: u16, at: u16, live: u32 },
-    /// Inside a string: after a backslash (1), with `hex` digits of `\u` to go, or with
-    /// `utf8` continuation bytes to go.
-    String { escape: bool, hex: u8, utf8: u8 },
+    /// Inside a string ([`Text`]).
+    String(Text),
     /// A number, in `state` (see [`Matcher::number`]), `len` bytes long.
     Number { integer: bool, state: u8, len: u8 },
     /// An object of this node (`AnyObject` or `Object`), at its `next` member.
@@ -551,10 +564,10 @@ impl Matcher {
                     break;
                 }
                 Step::Pop => {
-                    self.len -= 1;
+                    self.pop();
                     break;
                 }
-                Step::PopAgain => self.len -= 1,
+                Step::PopAgain => self.pop(),
                 Step::Become(frame, child) => {
                     self.frames[self.len as usize - 1] = frame;
                     if !self.push(child) {
@@ -566,6 +579,13 @@ impl Matcher {
         }
         self.ws = 0;
         true
+    }
+
+    /// Drops the top frame; its place is left as an unused one, so that two matchers in
+    /// the same state are equal (the memo of allowed tokens keys on them).
+    fn pop(&mut self) {
+        self.len -= 1;
+        self.frames[self.len as usize] = Frame::Done;
     }
 
     fn top(&self) -> Option<Frame> {
@@ -627,7 +647,11 @@ impl Grammar {
                     Step::Refuse
                 }
             }
-            Frame::String { escape, hex, utf8 } => string_step(escape, hex, utf8, b),
+            Frame::String(text) => match text.step(b) {
+                Some(None) => Step::Pop,
+                Some(Some(text)) => Step::Stay(Frame::String(text)),
+                None => Step::Refuse,
+            },
             Frame::Number {
                 integer,
                 state,
@@ -647,6 +671,8 @@ impl Grammar {
                     (N_E | N_SIGN | N_EXP, _) if digit => Some(N_EXP),
                     _ => None,
                 };
+                // A number at its last byte must be whole there.
+                let next = next.filter(|s| number_complete(*s) || len + 2 <= MAX_NUMBER_BYTES);
                 match next {
                     Some(state) => Step::Stay(Frame::Number {
                         integer,
@@ -678,11 +704,7 @@ impl Grammar {
     /// The first byte of a value of `node`: the frame it becomes.
     fn begin(&self, node: u16, b: u8) -> Step {
         let literal = |literal: u16| Frame::Literal { literal, at: 1 };
-        let string = Frame::String {
-            escape: false,
-            hex: 0,
-            utf8: 0,
-        };
+        let string = Frame::String(Text::default());
         let number = |integer| Frame::Number {
             integer,
             state: N_START,
@@ -733,11 +755,7 @@ impl Grammar {
 
     fn object_step(&self, node: u16, next: u16, phase: Phase, b: u8) -> Step {
         let object = |next, phase| Frame::Object { node, next, phase };
-        let key_string = Frame::String {
-            escape: false,
-            hex: 0,
-            utf8: 0,
-        };
+        let key_string = Frame::String(Text::default());
         match self.nodes[node as usize] {
             Node::AnyObject => match (phase, b) {
                 (Phase::Open | Phase::Value, b'}') => Step::Pop,
@@ -770,36 +788,97 @@ impl Grammar {
     }
 }
 
-fn string_step(escape: bool, hex: u8, utf8: u8, b: u8) -> Step {
-    let string = |escape, hex, utf8| Step::Stay(Frame::String { escape, hex, utf8 });
-    if hex > 0 {
-        return match b.is_ascii_hexdigit() {
-            true => string(false, hex - 1, 0),
-            false => Step::Refuse,
+/// Where a string is: after a backslash, in the hex digits of a `\u` escape (their value so
+/// far), after a high surrogate that a low one must follow, or in a UTF-8 character (the
+/// continuation bytes to go, and the range the next one must be in: JSON text is UTF-8 with
+/// no overlong forms, no surrogates, nothing past U+10FFFF).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+struct Text {
+    /// 1: after a backslash.
+    escape: u8,
+    /// Hex digits still to come, and the value so far.
+    hex: u8,
+    code: u16,
+    /// A high surrogate was read: a `\u` escape of a low one must come next (1: its
+    /// backslash, 2: its `u`, 3: its digits).
+    low: u8,
+    /// UTF-8 continuation bytes to go, and the range of the next.
+    utf8: u8,
+    lo: u8,
+    hi: u8,
+}
+
+impl Text {
+    /// Takes `b`: `Some(None)` when it closes the string, `None` when it may not come.
+    fn step(self, b: u8) -> Option<Option<Text>> {
+        let mut next = self;
+        if self.hex > 0 {
+            let digit = (b as char).to_digit(16)? as u16;
+            next.hex -= 1;
+            next.code = (self.code << 4) | digit;
+            if next.hex == 0 {
+                let high = (0xD800..0xDC00).contains(&next.code);
+                let low = (0xDC00..0xE000).contains(&next.code);
+                match (self.low, high, low) {
+                    (3, _, true) => next.low = 0,
+                    (3, _, false) => return None,
+                    (_, true, _) => next.low = 1,
+                    (_, _, true) => return None,
+                    _ => {}
+                }
+                next.code = 0;
+            }
+            return Some(Some(next));
+        }
+        match self.low {
+            1 => return (b == b'\\').then_some(Some(Text { low: 2, ..self })),
+            2 => {
+                return (b == b'u').then_some(Some(Text {
+                    low: 3,
+                    hex: 4,
+                    ..self
+                }))
+            }
+            _ => {}
+        }
+        if self.escape == 1 {
+            next.escape = 0;
+            return match b {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(Some(next)),
+                b'u' => Some(Some(Text { hex: 4, ..next })),
+                _ => None,
+            };
+        }
+        if self.utf8 > 0 {
+            if !(self.lo..=self.hi).contains(&b) {
+                return None;
+            }
+            next.utf8 -= 1;
+            (next.lo, next.hi) = (0x80, 0xBF);
+            return Some(Some(next));
+        }
+        let lead = |utf8: u8, lo: u8, hi: u8| {
+            Some(Some(Text {
+                utf8,
+                lo,
+                hi,
+                ..self
+            }))
         };
-    }
-    if escape {
-        return match b {
-            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => string(false, 0, 0),
-            b'u' => string(false, 4, 0),
-            _ => Step::Refuse,
-        };
-    }
-    if utf8 > 0 {
-        return match b {
-            0x80..=0xBF => string(false, 0, utf8 - 1),
-            _ => Step::Refuse,
-        };
-    }
-    match b {
-        b'"' => Step::Pop,
-        b'\\' => string(true, 0, 0),
-        0x00..=0x1F | 0x7F => Step::Refuse,
-        0x20..=0x7E => string(false, 0, 0),
-        0xC2..=0xDF => string(false, 0, 1),
-        0xE0..=0xEF => string(false, 0, 2),
-        0xF0..=0xF4 => string(false, 0, 3),
-        _ => Step::Refuse,
+        match b {
+            b'"' => Some(None),
+            b'\\' => Some(Some(Text { escape: 1, ..self })),
+            0x00..=0x1F => None,
+            0x20..=0x7F => Some(Some(self)),
+            0xC2..=0xDF => lead(1, 0x80, 0xBF),
+            0xE0 => lead(2, 0xA0, 0xBF),
+            0xED => lead(2, 0x80, 0x9F),
+            0xE1..=0xEF => lead(2, 0x80, 0xBF),
+            0xF0 => lead(3, 0x90, 0xBF),
+            0xF1..=0xF3 => lead(3, 0x80, 0xBF),
+            0xF4 => lead(3, 0x80, 0x8F),
+            _ => None,
+        }
     }
 }
 
@@ -952,6 +1031,52 @@ mod tests {
         let deep = "[".repeat(MAX_FRAMES + 5);
         assert!(!any.begins(deep.as_bytes()));
         assert!(any.begins("[".repeat(MAX_FRAMES - 1).as_bytes()));
+    }
+
+    #[test]
+    fn numbers_end_within_their_cap_and_strings_are_strict_utf8() {
+        let number = grammar(Shape::Number);
+        let mut m = number.start();
+        assert!(
+            m.feed_all(&number, b"1000000000000000000000000000000"),
+            "31 bytes"
+        );
+        assert!(!m.clone().feed(&number, b'.'), "could not end within 32");
+        assert!(!m.clone().feed(&number, b'e'));
+        assert!(m.feed(&number, b'0'));
+        assert!(m.can_end(&number));
+        let mut m = number.start();
+        assert!(
+            m.feed_all(&number, b"100000000000000000000000000000"),
+            "30 bytes"
+        );
+        assert!(m.feed_all(&number, b"e5"), "ends at 32");
+        assert!(m.can_end(&number));
+
+        let any = grammar(Shape::Any);
+        assert!(any.matches(b"\"a\x7fb\""), "DEL is text");
+        for good in [
+            &b"\"\xe0\xa0\x80\""[..],
+            b"\"\xed\x9f\xbf\"",
+            b"\"\xf4\x8f\xbf\xbf\"",
+            b"\"\\ud83d\\ude00\"",
+            b"\"\\u00e9\"",
+        ] {
+            assert!(any.matches(good), "{}", String::from_utf8_lossy(good));
+        }
+        for bad in [
+            &b"\"\xe0\x80\x80\""[..],
+            b"\"\xed\xa0\x80\"",
+            b"\"\xf4\x90\x80\x80\"",
+            b"\"\xc0\xaf\"",
+            b"\"\\ud800\"",
+            b"\"\\udc00\"",
+            b"\"\\ud800x\"",
+            b"\"\\ud800\\u0041\"",
+            b"\"\\u12g4\"",
+        ] {
+            assert!(!any.matches(bad), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -340,8 +340,11 @@ impl Sequence {
         };
         self.made += 1;
         if let Some(constraint) = &mut self.constraint {
-            // Drawn from the allowed tokens, so it fits.
-            constraint.advance(token);
+            // Drawn from the allowed tokens, it fits (unless the logits were not numbers).
+            if !constraint.advance(token) {
+                let _ = self.events.send(Event::Failed(NO_CONTINUATION.into()));
+                return false;
+            }
         }
         let scored = kept.map(|(top, logits)| Scored::of(&logits, token, usize::from(top)));
         if self.events.send(Event::Token(token, scored)).is_err() {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::batch::{BatchLimits, BatchStats};
 use crate::batch::{Batcher, Event, Leave, Request, Scored};
 use crate::files::{file_id, model_name};
-use crate::gguf_tokenizer::GgufTokenizer;
+use crate::gguf_tokenizer::{GgufTokenizer, TextDecoder};
 use crate::{ContentId, MlError, Result};
 use mycel_core::grammar::{Constraint, Grammar, Vocab};
 pub use mycel_core::task::Resume;
@@ -522,7 +522,8 @@ impl Generator {
         };
         if let Some(constraint) = &mut constraint {
             if !resume.tokens.iter().all(|t| constraint.advance(*t)) {
-                return Err(MlError::Input(
+                // Streamed by a worker that failed: another may have been sent other tokens.
+                return Err(MlError::Run(
                     "the resume point does not fit the requested format".into(),
                 ));
             }
@@ -600,12 +601,17 @@ impl Generator {
 
         let decode_started = Instant::now();
         let mut stream = TextStream::new(&params.stop);
-        let resumed_text = self.tokenizer.decode(&tokens)?;
+        let mut decoder = TextDecoder::default();
+        for token in &tokens {
+            decoder.push(&self.tokenizer, *token);
+        }
+        let resumed_text = decoder.text();
         let mut delivered = (resume.text_bytes as usize).min(resumed_text.len());
         while !resumed_text.is_char_boundary(delivered) {
             delivered -= 1;
         }
         stream.emitted = delivered;
+        drop(resumed_text);
         let mut finish_reason = FinishReason::Length;
         let mut logprobs = Vec::new();
         while tokens.len() < params.max_tokens {
@@ -618,7 +624,8 @@ impl Generator {
             if let Some(scored) = scored {
                 logprobs.push(self.spell(scored));
             }
-            let text = self.tokenizer.decode(&tokens)?;
+            decoder.push(&self.tokenizer, token);
+            let text = decoder.text();
             let (fresh, stopped) = stream.advance(&text);
             // Asked after every token, with empty text when the token made none yet (part of
             // a character, or of a possible stop string): the caller may stop at any token.
@@ -636,7 +643,7 @@ impl Generator {
             next = source.next(&self.device, top)?;
         }
         drop(source);
-        let text = self.tokenizer.decode(&tokens)?;
+        let text = decoder.text();
         let (rest, _) = stream.finish(&text);
         if !rest.is_empty() {
             on_text(rest, &tokens, &logprobs);
@@ -724,7 +731,9 @@ impl Tokens<'_> {
                         }
                         let n = kept.len();
                         let token = sampler.sample(&Tensor::from_vec(kept, n, device)?)?;
-                        constraint.advance(token);
+                        if !constraint.advance(token) {
+                            return Err(MlError::Run(crate::batch::NO_CONTINUATION.into()));
+                        }
                         token
                     }
                     None => sampler.sample(logits)?,

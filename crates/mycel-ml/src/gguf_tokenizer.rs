@@ -212,19 +212,64 @@ impl GgufTokenizer {
         if self.is_special(id) {
             return text.into_bytes();
         }
-        let mut bytes = Vec::with_capacity(text.len());
-        for c in text.chars() {
-            match byte_of(c) {
-                Some(b) => bytes.push(b),
-                None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
-            }
-        }
-        bytes
+        // As the byte-level decoder does: a token with a character outside the table stands
+        // for its text as it is.
+        text.chars()
+            .map(byte_of)
+            .collect::<Option<Vec<u8>>>()
+            .unwrap_or_else(|| text.into_bytes())
     }
 
     /// The text of a token id, if it has one.
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.tokenizer.id_to_token(id)
+    }
+}
+
+/// Text of tokens as they come, each token decoded once: what [`GgufTokenizer::decode`] makes
+/// of all of them (control tokens left out, bytes that are no UTF-8 as U+FFFD), without
+/// decoding the whole answer again at each token.
+#[derive(Debug, Default)]
+pub struct TextDecoder {
+    /// The text of the whole characters so far.
+    text: String,
+    /// The bytes of a character begun and not yet ended.
+    pending: Vec<u8>,
+}
+
+impl TextDecoder {
+    /// Adds `token`'s bytes.
+    pub fn push(&mut self, tokenizer: &GgufTokenizer, token: u32) {
+        if tokenizer.is_special(token) {
+            return;
+        }
+        self.pending.extend(tokenizer.token_bytes(token));
+        loop {
+            let (valid, bad) = match std::str::from_utf8(&self.pending) {
+                Ok(_) => (self.pending.len(), None),
+                Err(e) => (e.valid_up_to(), e.error_len()),
+            };
+            self.text
+                .push_str(std::str::from_utf8(&self.pending[..valid]).unwrap_or_default());
+            match bad {
+                Some(bad) => {
+                    self.text.push(char::REPLACEMENT_CHARACTER);
+                    self.pending.drain(..valid + bad);
+                }
+                None => {
+                    self.pending.drain(..valid);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The text so far; a character not yet ended shows as U+FFFD, as decoding shows it.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self.pending.is_empty() {
+            true => std::borrow::Cow::Borrowed(&self.text),
+            false => std::borrow::Cow::Owned(format!("{}\u{FFFD}", self.text)),
+        }
     }
 }
 

@@ -1157,7 +1157,7 @@ fn a_format_holds_every_engines_answer_to_its_shape() {
         };
         assert!(matches!(
             model.generate_from(prompt, &held, &off, |_, _| true),
-            Err(MlError::Input(_))
+            Err(MlError::Run(_))
         ));
         // Any object, cut short: a beginning of one.
         let object = GenerateParams {
@@ -1173,5 +1173,44 @@ fn a_format_holds_every_engines_answer_to_its_shape() {
                 .unwrap()
                 .is_object());
         }
+    }
+}
+
+#[test]
+fn text_decoded_token_by_token_is_the_whole_decode_at_every_token() {
+    use mycel_ml::gguf_tokenizer::TextDecoder;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama(&path).unwrap();
+    let model = Generator::load(&path, Engine::Q4).unwrap();
+    let tokenizer = model.tokenizer();
+    let vocab = tokenizer.vocab_size() as u64;
+    // Random tokens: split characters, bytes that are no UTF-8, control tokens among them.
+    let mut state = 7u64;
+    for _ in 0..50 {
+        let mut decoder = TextDecoder::default();
+        let mut tokens = Vec::new();
+        for _ in 0..40 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let token = ((state >> 33) % vocab) as u32;
+            tokens.push(token);
+            decoder.push(tokenizer, token);
+            assert_eq!(
+                decoder.text(),
+                tokenizer.decode(&tokens).unwrap(),
+                "{tokens:?}"
+            );
+        }
+    }
+    // A character split over tokens shows as U+FFFD until it ends.
+    let e_acute = [tokenizer.encode("é").unwrap()].concat();
+    let mut decoder = TextDecoder::default();
+    for (i, token) in e_acute.iter().enumerate() {
+        decoder.push(tokenizer, *token);
+        let whole = i + 1 == e_acute.len();
+        assert_eq!(decoder.text() == "é", whole, "{e_acute:?}");
     }
 }

@@ -1106,6 +1106,11 @@ impl Inference {
             resume: Resume::default(),
             pieces: Some(pieces),
             logprobs: Vec::new(),
+            format: params.format.as_ref().and_then(|shape| {
+                let grammar = mycel_core::grammar::Grammar::new(shape).ok()?;
+                let matcher = grammar.start();
+                Some((Arc::new(grammar), matcher))
+            }),
         };
         let mut reasons = Vec::new();
         let mut all_busy = true;
@@ -1164,32 +1169,49 @@ impl Inference {
         params: &GenerateParams,
         progress: &mut Progress,
     ) -> Outcome<Generation> {
-        let Some(Runner::Generate(model)) = &target.local else {
+        let (Some(Runner::Generate(_)) | Some(Runner::Upstream(_))) = &target.local else {
             return retry("this node does not serve the model", Fault::None);
         };
         let admission = match self.models.admit(Requester::Local) {
             Ok(admission) => admission,
             Err(e) => return retry(e.to_string(), Fault::None),
         };
-        let prompt = match self.prompt(model, messages).await {
-            Ok(prompt) => prompt,
-            Err(e) => return Outcome::Final(RouteError::Invalid(e.to_string())),
-        };
         let resume = progress.resume.clone();
         let inherited = progress.logprobs.len();
-        self.count(|s| s.worked += 1);
-        match self
-            .models
-            .generate_into(
-                admission,
-                model.clone(),
-                prompt,
-                params.clone(),
-                resume,
-                progress,
-            )
-            .await
-        {
+        let generated = match &target.local {
+            Some(Runner::Generate(model)) => {
+                let prompt = match self.prompt(model, messages).await {
+                    Ok(prompt) => prompt,
+                    Err(e) => return Outcome::Final(RouteError::Invalid(e.to_string())),
+                };
+                self.count(|s| s.worked += 1);
+                self.models
+                    .generate_into(
+                        admission,
+                        model.clone(),
+                        prompt,
+                        params.clone(),
+                        resume,
+                        progress,
+                    )
+                    .await
+            }
+            Some(Runner::Upstream(upstream)) => {
+                self.count(|s| s.worked += 1);
+                self.models
+                    .upstream_into(
+                        admission,
+                        upstream.clone(),
+                        messages.to_vec(),
+                        params.clone(),
+                        resume,
+                        progress,
+                    )
+                    .await
+            }
+            _ => return retry("this node does not serve the model", Fault::None),
+        };
+        match generated {
             Ok(Some((mut generation, _))) => {
                 // Earlier workers' log-probabilities, then this run's.
                 let mine = std::mem::take(&mut generation.logprobs);
@@ -1744,6 +1766,7 @@ impl Inference {
             resume: Resume::default(),
             pieces: None,
             logprobs: Vec::new(),
+            format: None,
         };
         if peer == self.net.peer_id() {
             let Some(runner) = &target.local else {
@@ -2019,9 +2042,10 @@ impl Inference {
                             Fault::Failed,
                         ));
                     };
-                    let fits = match tokens.len() <= room {
-                        true => request.check_logprobs(&tokens, &logprobs),
-                        false => Err("more tokens than the task's budget".to_owned()),
+                    let fits = match (tokens.len() <= room, progress.continues(&text)) {
+                        (true, true) => request.check_logprobs(&tokens, &logprobs),
+                        (false, _) => Err("more tokens than the task's budget".to_owned()),
+                        (_, false) => Err("text out of the requested format".to_owned()),
                     };
                     if let Err(reason) = fits {
                         self.net.penalise(peer, Rejection::Malformed).await;
@@ -2284,38 +2308,62 @@ impl Inference {
                     .prompt(model, messages)
                     .await
                     .map_err(|e| refusal(e.into()))?;
-                let (generation, queue_ms) = self
-                    .models
-                    .generate_into(
-                        admission,
-                        model.clone(),
-                        prompt,
-                        params.clone(),
-                        resume.clone(),
-                        sink,
-                    )
-                    .await
-                    .map_err(refusal)?
-                    .ok_or_else(|| Refusal::Failed("the requester left".into()))?;
-                let timings = Timings {
-                    queue_ms,
-                    prefill_ms: generation.prompt_ms,
-                    decode_ms: generation.decode_ms,
-                };
-                let output = TaskOutput::Generation {
-                    text: generation.text,
-                    tokens: generation.tokens,
-                    prompt_tokens: generation.prompt_tokens as u32,
-                    finish_reason: generation.finish_reason,
-                    logprobs: generation.logprobs,
-                };
-                Ok((output, timings))
+                let generation = self.models.generate_into(
+                    admission,
+                    model.clone(),
+                    prompt,
+                    params.clone(),
+                    resume.clone(),
+                    sink,
+                );
+                generated(generation.await)
+            }
+            (
+                Runner::Upstream(upstream),
+                TaskInput::Generate {
+                    messages,
+                    params,
+                    resume,
+                },
+            ) => {
+                let generation = self.models.upstream_into(
+                    admission,
+                    upstream.clone(),
+                    messages.clone(),
+                    params.clone(),
+                    resume.clone(),
+                    sink,
+                );
+                generated(generation.await)
             }
             _ => Err(Refusal::Invalid(format!(
                 "{name} does not run this kind of task"
             ))),
         }
     }
+}
+
+/// A worker's output and timings for what a generation came to (with how long it waited for
+/// its turn), or its refusal.
+fn generated(
+    result: Result<Option<(Generation, f64)>, RunError>,
+) -> Result<(TaskOutput, Timings), Refusal> {
+    let (generation, queue_ms) = result
+        .map_err(refusal)?
+        .ok_or_else(|| Refusal::Failed("the requester left".into()))?;
+    let timings = Timings {
+        queue_ms,
+        prefill_ms: generation.prompt_ms,
+        decode_ms: generation.decode_ms,
+    };
+    let output = TaskOutput::Generation {
+        text: generation.text,
+        tokens: generation.tokens,
+        prompt_tokens: generation.prompt_tokens as u32,
+        finish_reason: generation.finish_reason,
+        logprobs: generation.logprobs,
+    };
+    Ok((output, timings))
 }
 
 /// What the caller has received so far, and where its stream goes.
@@ -2326,6 +2374,11 @@ struct Progress {
     /// The log-probabilities delivered, when the task asked for them: one per token of
     /// `resume`.
     logprobs: Vec<TokenLogprobs>,
+    /// The format the task asked for, and where the text delivered so far is in it.
+    format: Option<(
+        Arc<mycel_core::grammar::Grammar>,
+        mycel_core::grammar::Matcher,
+    )>,
 }
 
 impl PieceSink for Progress {
@@ -2349,6 +2402,14 @@ impl PieceSink for ChunkWriter<'_> {
 }
 
 impl Progress {
+    /// Whether `text` may follow what was delivered, in the task's format.
+    fn continues(&self, text: &str) -> bool {
+        match &self.format {
+            None => true,
+            Some((grammar, matcher)) => matcher.clone().feed_all(grammar, text.as_bytes()),
+        }
+    }
+
     /// Hands `piece` to the caller and remembers its tokens and log-probabilities; `false`
     /// when the caller has gone.
     async fn deliver(&mut self, piece: Piece) -> bool {
@@ -2358,6 +2419,9 @@ impl Progress {
         };
         self.resume.tokens.extend_from_slice(&piece.tokens);
         self.logprobs.extend_from_slice(&piece.logprobs);
+        if let Some((grammar, matcher)) = &mut self.format {
+            matcher.feed_all(grammar, piece.text.as_bytes());
+        }
         if piece.text.is_empty() && piece.logprobs.is_empty() {
             return true;
         }

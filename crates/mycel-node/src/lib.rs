@@ -21,6 +21,7 @@ pub mod supply;
 pub mod system;
 pub mod train_api;
 pub mod training;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,6 +82,9 @@ pub struct NodeConfig {
     pub models: Vec<PathBuf>,
     /// Models already loaded (shared by several nodes in one process), served as well.
     pub preloaded: Vec<models::Served>,
+    /// Generation models of OpenAI-compatible servers beside this node, offered to the
+    /// network under their names (`--upstream`).
+    pub upstreams: Vec<upstream::Upstream>,
     /// How generation models run.
     pub engine: Engine,
     /// Requests that may wait or run at once before more are refused.
@@ -157,6 +161,7 @@ impl NodeConfig {
             nat: NatConfig::default(),
             models: Vec::new(),
             preloaded: Vec::new(),
+            upstreams: Vec::new(),
             engine: Engine::default(),
             batch: mycel_ml::BatchLimits::default(),
             embed_together: true,
@@ -266,6 +271,8 @@ impl Node {
             .map(|s| (s.source.clone(), s.offer.id))
             .collect();
         served.extend(loaded);
+        let me = keypair.public().to_peer_id();
+        served.extend(config.upstreams.iter().map(|u| u.clone().served(&me)));
         // What the node's defences turn away, counted by every service (registered below).
         let defences = defences::Defences::default();
         let models = Arc::new(

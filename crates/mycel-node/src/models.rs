@@ -15,7 +15,8 @@ use mycel_core::queue::{QueueShares, Requester};
 use mycel_core::statement::{ModelKind, ModelOffer};
 use mycel_core::task::TokenLogprobs;
 use mycel_ml::{
-    BatchLimits, Embedder, Engine, GenerateParams, Generation, Generator, MlError, Resume,
+    BatchLimits, ChatMessage, Embedder, Engine, GenerateParams, Generation, Generator, MlError,
+    Resume,
 };
 use mycel_net::PeerId;
 
@@ -31,6 +32,8 @@ pub enum Runner {
     Embed(Arc<Embedder>),
     /// A generation model.
     Generate(Arc<Generator>),
+    /// A generation model served by another server beside this node.
+    Upstream(Arc<crate::upstream::Upstream>),
 }
 
 /// How long a request waits for a chat template (for a template slot, then for the template)
@@ -448,36 +451,71 @@ impl ModelService {
         resume: Resume,
         sink: &mut impl PieceSink,
     ) -> Result<Option<(Generation, f64)>, RunError> {
-        let (tx, mut rx) = mpsc::channel::<Piece>(64);
+        let (tx, rx) = mpsc::channel::<Piece>(64);
         let generation = self.generate(admission, model, prompt, params, resume, Some(tx));
-        tokio::pin!(generation);
-        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
-        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut took = false;
-        let result = loop {
-            tokio::select! {
-                Some(piece) = rx.recv() => {
-                    took = true;
-                    // Dropping the generation stops it.
-                    if !sink.take(piece).await {
-                        return Ok(None);
-                    }
-                }
-                _ = beat.tick() => {
-                    if !std::mem::take(&mut took) && !sink.take(Piece::default()).await {
-                        return Ok(None);
-                    }
-                }
-                result = &mut generation => break result,
-            }
-        };
-        while let Ok(piece) = rx.try_recv() {
-            if !sink.take(piece).await {
-                return Ok(None);
-            }
-        }
-        result.map(Some)
+        pump(generation, rx, sink).await
     }
+
+    /// Generates `messages` with the upstream server `upstream` like
+    /// [`ModelService::generate_into`] (no cores of this node taken: the server computes).
+    pub async fn upstream_into(
+        &self,
+        admission: Admission,
+        upstream: Arc<crate::upstream::Upstream>,
+        messages: Vec<ChatMessage>,
+        params: GenerateParams,
+        resume: Resume,
+        sink: &mut impl PieceSink,
+    ) -> Result<Option<(Generation, f64)>, RunError> {
+        let (tx, rx) = mpsc::channel::<Piece>(64);
+        let generation = self.run(admission, false, move |cancelled| {
+            upstream.generate(&messages, &params, &resume, cancelled, |text| {
+                let piece = Piece {
+                    text: text.to_owned(),
+                    ..Piece::default()
+                };
+                !cancelled.load(Ordering::Relaxed) && tx.blocking_send(piece).is_ok()
+            })
+        });
+        pump(generation, rx, sink).await
+    }
+}
+
+/// Hands the pieces a generation sends on `rx` to `sink` as they come (an empty one after
+/// [`HEARTBEAT`] without one) until `generation` ends; `Ok(None)` when the sink's receiver
+/// went away (dropping the generation stops it).
+async fn pump(
+    generation: impl std::future::Future<Output = Result<(Generation, f64), RunError>>,
+    mut rx: mpsc::Receiver<Piece>,
+    sink: &mut impl PieceSink,
+) -> Result<Option<(Generation, f64)>, RunError> {
+    tokio::pin!(generation);
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut took = false;
+    let result = loop {
+        tokio::select! {
+            Some(piece) = rx.recv() => {
+                took = true;
+                // Dropping the generation stops it.
+                if !sink.take(piece).await {
+                    return Ok(None);
+                }
+            }
+            _ = beat.tick() => {
+                if !std::mem::take(&mut took) && !sink.take(Piece::default()).await {
+                    return Ok(None);
+                }
+            }
+            result = &mut generation => break result,
+        }
+    };
+    while let Ok(piece) = rx.try_recv() {
+        if !sink.take(piece).await {
+            return Ok(None);
+        }
+    }
+    result.map(Some)
 }
 
 /// What each generation model's batch has done, read at every scrape of /metrics:
@@ -500,7 +538,7 @@ impl prometheus_client::collector::Collector for BatchMetrics {
             .iter()
             .filter_map(|m| match &m.runner {
                 Runner::Generate(g) => g.batch_stats().map(|s| (m.offer.name.clone(), s)),
-                Runner::Embed(_) => None,
+                Runner::Embed(_) | Runner::Upstream(_) => None,
             })
             .collect();
         // Name, help, and the count.

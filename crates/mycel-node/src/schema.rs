@@ -68,13 +68,30 @@ fn shape(schema: &Value, at: &str) -> Result<Shape, String> {
             ));
         }
     }
-    match (fields.get("enum"), fields.get("const")) {
-        (None, None) => {}
-        (Some(Value::Array(values)), None) => {
-            return Ok(Shape::OneOf(values.iter().map(Value::to_string).collect()))
-        }
-        (None, Some(value)) => return Ok(Shape::OneOf(vec![value.to_string()])),
+    let values: Option<Vec<&Value>> = match (fields.get("enum"), fields.get("const")) {
+        (None, None) => None,
+        (Some(Value::Array(values)), None) => Some(values.iter().collect()),
+        (None, Some(value)) => Some(vec![value]),
         _ => return Err(format!("{at}: enum must be a list, and not beside const")),
+    };
+    if let Some(values) = values {
+        // A type beside them must be theirs: it is not checked apart.
+        if let Some(kind) = fields.get("type") {
+            let fits = |v: &Value| match kind.as_str() {
+                Some("string") => v.is_string(),
+                Some("number") => v.is_number(),
+                Some("integer") => v.is_i64() || v.is_u64(),
+                Some("boolean") => v.is_boolean(),
+                Some("null") => v.is_null(),
+                Some("object") => v.is_object(),
+                Some("array") => v.is_array(),
+                _ => false,
+            };
+            if let Some(odd) = values.iter().find(|v| !fits(v)) {
+                return Err(format!("{at}: enum value {odd} is not of type {kind}"));
+            }
+        }
+        return Ok(Shape::OneOf(values.iter().map(|v| v.to_string()).collect()));
     }
     let kind = match fields.get("type") {
         None if fields.contains_key("properties") => "object",
@@ -108,18 +125,32 @@ fn shape(schema: &Value, at: &str) -> Result<Shape, String> {
 /// An object schema: its properties in the order `required` lists them (the order clients
 /// such as the openai package's write their fields in), then the others by name.
 fn object(fields: &serde_json::Map<String, Value>, at: &str) -> Result<Shape, String> {
-    match fields.get("additionalProperties") {
-        None | Some(Value::Bool(false)) => {}
-        Some(_) if !fields.contains_key("properties") => return Ok(Shape::AnyObject),
+    let closed = match fields.get("additionalProperties") {
+        None | Some(Value::Bool(true)) => false,
+        Some(Value::Bool(false)) => true,
         Some(_) => {
             return Err(format!(
-                "{at}: additionalProperties must be false beside properties"
+                "{at}: additionalProperties with a schema (a map) is not supported; name the \
+                 properties, with additionalProperties false"
             ))
         }
-    }
-    let Some(properties) = fields.get("properties") else {
-        return Ok(Shape::AnyObject);
     };
+    let Some(properties) = fields.get("properties") else {
+        if fields
+            .get("required")
+            .is_some_and(|r| r != &Value::Array(vec![]))
+        {
+            return Err(format!(
+                "{at}: required names properties it does not describe"
+            ));
+        }
+        return Ok(match closed {
+            true => Shape::Object(Vec::new()),
+            false => Shape::AnyObject,
+        });
+    };
+    // Open or closed, the answer has exactly the properties named (an object the schema
+    // describes either way), every one of them, optional ones too.
     let Value::Object(properties) = properties else {
         return Err(format!("{at}.properties is not an object"));
     };
@@ -189,6 +220,11 @@ mod tests {
             Some(Shape::AnyObject)
         );
         assert_eq!(response_format(&json!({ "type": "text" })).unwrap(), None);
+        let closed = schema(json!({ "type": "object", "additionalProperties": false }));
+        assert_eq!(
+            response_format(&closed).unwrap(),
+            Some(Shape::Object(vec![]))
+        );
         for (bad, names) in [
             (json!({ "type": "json_schema" }), "schema"),
             (json!({ "type": "xml" }), "xml"),
@@ -213,6 +249,18 @@ mod tests {
                 "\"b\"",
             ),
             (schema(json!(7)), "not a schema"),
+            (
+                schema(json!({ "type": "object", "additionalProperties": { "type": "integer" } })),
+                "a map",
+            ),
+            (
+                schema(json!({ "type": "object", "required": ["a"] })),
+                "required",
+            ),
+            (
+                schema(json!({ "type": "string", "enum": ["a", 1] })),
+                "not of type",
+            ),
         ] {
             let refused = response_format(&bad).unwrap_err();
             assert!(refused.contains(names), "{bad}: {refused}");

@@ -831,36 +831,58 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
     let worker = start(root.path(), "worker", vec![], vec![llama], 16).await;
     let gateway = start(root.path(), "gateway", addrs_of(&worker), vec![], 16).await;
     wait_offers(&gateway, &[&worker]).await;
-    // A fake worker: the first task gets a chunk of two tokens with one log-probability, the
-    // others a signed answer "xy" of two tokens with none: the second asks for them, the third
-    // for a JSON object.
-    let keypair = mycel_core::Keypair::generate_ed25519();
-    let fake = common::raw_peer_keyed(keypair.clone(), addrs_of(&gateway)).await;
-    let fake_id = fake.peer_id();
-    let mut incoming = fake.accept_task_streams().unwrap();
-    tokio::spawn(async move {
-        let mut tasks = 0;
-        while let Some((_, mut stream)) = futures::StreamExt::next(&mut incoming).await {
-            let Ok(Some(request)) = read_frame::<TaskRequest>(&mut stream, MAX_REQUEST_BYTES).await
-            else {
-                continue;
-            };
-            tasks += 1;
-            let one = TokenLogprobs {
-                chosen: Logprob {
-                    token: 5,
-                    bytes: vec![b'x'],
-                    logprob: -0.5,
-                },
-                top: Vec::new(),
-            };
-            let frame = match tasks {
-                1 => TaskFrame::Chunk {
-                    text: "xy".into(),
-                    tokens: vec![5, 6],
-                    logprobs: vec![one],
-                },
-                _ => {
+    let target = gateway
+        .inference
+        .resolve("tiny-llama", ModelKind::Generation)
+        .await
+        .unwrap();
+    let scored = GenerateParams {
+        max_tokens: 6,
+        logprobs: Some(0),
+        ..Default::default()
+    };
+    let object = GenerateParams {
+        max_tokens: 6,
+        format: Some(mycel_core::grammar::Shape::AnyObject),
+        ..Default::default()
+    };
+    let chunk = |logprobs| TaskFrame::Chunk {
+        text: "xy".into(),
+        tokens: vec![5, 6],
+        logprobs,
+    };
+    let one = TokenLogprobs {
+        chosen: Logprob {
+            token: 5,
+            bytes: vec![b'x'],
+            logprob: -0.5,
+        },
+        top: Vec::new(),
+    };
+    // What a fake worker sends, each round a new one: a chunk of two tokens with one
+    // log-probability; a signed answer "xy" with none, though the task asks for them; the
+    // same for a task that asks for a JSON object; a chunk "xy" for one.
+    let rounds = [
+        (scored.clone(), Some(chunk(vec![one]))),
+        (scored, None),
+        (object.clone(), None),
+        (object, Some(chunk(Vec::new()))),
+    ];
+    for (round, (params, sent)) in rounds.into_iter().enumerate() {
+        let keypair = mycel_core::Keypair::generate_ed25519();
+        let fake = common::raw_peer_keyed(keypair.clone(), addrs_of(&gateway)).await;
+        let fake_id = fake.peer_id();
+        let mut incoming = fake.accept_task_streams().unwrap();
+        let (read, mut reads) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some((_, mut stream)) = futures::StreamExt::next(&mut incoming).await {
+                let Ok(Some(request)) =
+                    read_frame::<TaskRequest>(&mut stream, MAX_REQUEST_BYTES).await
+                else {
+                    continue;
+                };
+                let _ = read.send(());
+                let frame = sent.clone().unwrap_or_else(|| {
                     let output = TaskOutput::Generation {
                         text: "xy".into(),
                         tokens: vec![5, 6],
@@ -871,39 +893,15 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
                     let result =
                         TaskResult::sign(&keypair, &request, "fake", output, Default::default());
                     TaskFrame::Done(Box::new(result))
-                }
-            };
-            let _ = write_frame(&mut stream, &frame).await;
-            let _ = futures::AsyncWriteExt::close(&mut stream).await;
-        }
-    });
-    wait_until(LIMIT, "the gateway knows the fake worker", || async {
-        gateway.net.peer(fake_id).await.unwrap().is_some()
-    })
-    .await;
-    let target = gateway
-        .inference
-        .resolve("tiny-llama", ModelKind::Generation)
-        .await
-        .unwrap();
-    let params = GenerateParams {
-        max_tokens: 6,
-        logprobs: Some(0),
-        ..Default::default()
-    };
-    for round in 1..=3 {
-        let params = match round {
-            3 => GenerateParams {
-                max_tokens: 6,
-                format: Some(mycel_core::grammar::Shape::AnyObject),
-                ..Default::default()
-            },
-            _ => params.clone(),
-        };
-        let before = gateway
-            .inference
-            .trust_of(&fake_id)
-            .map_or(0.0, |t| t.failures);
+                });
+                let _ = write_frame(&mut stream, &frame).await;
+                let _ = futures::AsyncWriteExt::close(&mut stream).await;
+            }
+        });
+        wait_until(LIMIT, "the gateway knows the fake worker", || async {
+            gateway.net.peer(fake_id).await.unwrap().is_some()
+        })
+        .await;
         let (tx, mut rx) = mpsc::channel(64);
         let ranking = vec![fake_id, worker.net.peer_id()];
         let completion = gateway
@@ -911,6 +909,10 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
             .generate_on(&target, user("hello"), params.clone(), tx, ranking)
             .await
             .expect("the honest worker answers");
+        assert!(
+            reads.try_recv().is_ok(),
+            "round {round}: the fake got the task"
+        );
         let mut streamed = String::new();
         while let Ok(piece) = rx.try_recv() {
             streamed.push_str(&piece.text);
@@ -919,10 +921,10 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
         assert_eq!(completion.attempts, 2);
         assert_eq!(
             streamed, completion.generation.text,
-            "nothing of the fake's shown"
+            "round {round}: nothing of the fake's shown"
         );
         let logprobs = &completion.generation.logprobs;
-        if round == 3 {
+        if params.format.is_some() {
             let object = mycel_core::grammar::Grammar::new(&mycel_core::grammar::Shape::AnyObject);
             let begun = completion.generation.text.as_bytes();
             assert!(object.unwrap().begins(begun), "{completion:?}");
@@ -935,10 +937,10 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
             .zip(&completion.generation.tokens)
             .all(|(l, t)| l.chosen.token == *t && l.top.is_empty()));
         let trust = gateway.inference.trust_of(&fake_id).expect("its record");
-        assert!(trust.failures > before, "round {round}: {trust:?}");
+        assert!(trust.failures > 0.0, "round {round}: {trust:?}");
+        fake.shutdown().await;
     }
 
-    fake.shutdown().await;
     worker.shutdown().await;
     gateway.shutdown().await;
 }
