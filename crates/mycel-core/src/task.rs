@@ -375,6 +375,10 @@ pub enum Refusal {
     /// The model failed.
     #[error("the worker failed: {0}")]
     Failed(String),
+    /// It cannot run the task now, through no fault of its own (the server it passes a
+    /// model's tasks to is down or busy, or cannot take over another's generation).
+    #[error("the worker cannot run it now: {0}")]
+    Unavailable(String),
 }
 
 impl Refusal {
@@ -413,6 +417,10 @@ pub enum TaskOutput {
         /// as before.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         logprobs: Vec<TokenLogprobs>,
+        /// How many tokens were made, when `tokens` does not list them (a model served by
+        /// an upstream server, which gives no ids: its count). Absent on the wire otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        counted: Option<u32>,
     },
 }
 

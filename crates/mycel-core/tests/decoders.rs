@@ -722,8 +722,9 @@ fn task_frame() -> impl Strategy<Value = TaskFrame> {
             any::<u32>(),
             any::<bool>(),
             token_logprobs(),
+            option::of(any::<u32>()),
         )
-            .prop_map(|(text, tokens, prompt_tokens, stop, logprobs)| {
+            .prop_map(|(text, tokens, prompt_tokens, stop, logprobs, counted)| {
                 TaskOutput::Generation {
                     text,
                     tokens,
@@ -734,6 +735,7 @@ fn task_frame() -> impl Strategy<Value = TaskFrame> {
                         FinishReason::Length
                     },
                     logprobs,
+                    counted,
                 }
             }),
     ];
@@ -758,6 +760,7 @@ fn task_frame() -> impl Strategy<Value = TaskFrame> {
             Just(Refusal::UnknownModel),
             text(30).prop_map(Refusal::Invalid),
             text(30).prop_map(Refusal::Failed),
+            text(30).prop_map(Refusal::Unavailable),
         ]
         .prop_map(TaskFrame::Refused),
     ]

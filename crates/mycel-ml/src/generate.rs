@@ -58,6 +58,17 @@ pub struct Generation {
     /// this generation made (past its resume point), one per token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<TokenLogprobs>,
+    /// How many tokens were made, when `tokens` does not list them (an upstream server's
+    /// count: see [`Generation::made`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted: Option<usize>,
+}
+
+impl Generation {
+    /// How many tokens it made: those listed, or the count given instead of a list.
+    pub fn made(&self) -> usize {
+        self.counted.unwrap_or(self.tokens.len())
+    }
 }
 
 /// How a GGUF model's matrices are multiplied. Replicas that must agree token for token need
@@ -657,6 +668,7 @@ impl Generator {
             waited_ms,
             decode_ms: decode_started.elapsed().as_secs_f64() * 1e3,
             logprobs,
+            counted: None,
         })
     }
 

@@ -135,6 +135,7 @@ impl Injector {
                     prompt_tokens,
                     finish_reason,
                     logprobs: Vec::new(),
+                    counted: None,
                 }
             }
         }

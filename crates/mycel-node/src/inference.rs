@@ -247,6 +247,8 @@ enum Outcome<T> {
 enum Fault {
     /// Nothing: it was busy, or does not serve the model.
     None,
+    /// Nothing it is to blame for, though it was not busy: the reason is worth showing.
+    Excused,
     /// It went quiet: a step of the attempt timed out.
     Quiet,
     /// It failed: an error, a broken stream, a bad or wrong answer.
@@ -266,7 +268,7 @@ impl Fault {
     /// What goes into the worker's trust record, if anything.
     fn trust(self) -> Option<trust::Outcome> {
         match self {
-            Fault::None => None,
+            Fault::None | Fault::Excused => None,
             Fault::Quiet => Some(trust::Outcome::Timeout),
             Fault::Failed => Some(trust::Outcome::Failure),
         }
@@ -1245,6 +1247,7 @@ impl Inference {
             prompt_tokens,
             finish_reason,
             logprobs,
+            counted,
         } = result.output
         else {
             self.net.penalise(peer, Rejection::Malformed).await;
@@ -1316,6 +1319,8 @@ impl Inference {
             waited_ms: 0.0,
             decode_ms: result.timings.decode_ms,
             logprobs: all,
+            // A count in place of ids (an upstream model's): for usage only, bounded.
+            counted: counted.map(|n| (n as usize).min(mycel_core::task::MAX_GENERATE_TOKENS)),
         })
     }
 
@@ -1428,6 +1433,7 @@ impl Inference {
             prompt_tokens,
             finish_reason,
             logprobs,
+            counted,
         } = checked.output
         else {
             return Err(RouteError::Unavailable(
@@ -1444,6 +1450,7 @@ impl Inference {
                 waited_ms: 0.0,
                 decode_ms: 0.0,
                 logprobs,
+                counted: counted.map(|n| n as usize),
             },
             worker: checked.worker,
             attempts: 1,
@@ -1800,6 +1807,9 @@ impl Inference {
                 Err(refusal @ (Refusal::Busy { .. } | Refusal::UnknownModel)) => {
                     retry(refusal.to_string(), Fault::None)
                 }
+                Err(refusal @ Refusal::Unavailable(_)) => {
+                    retry(refusal.to_string(), Fault::Excused)
+                }
                 Err(refusal) => retry(refusal.to_string(), Fault::Failed),
             };
             return (peer, outcome);
@@ -2073,6 +2083,7 @@ impl Inference {
                         retry(refusal.to_string(), Fault::None)
                     }
                     Refusal::Failed(_) => retry(refusal.to_string(), Fault::Failed),
+                    Refusal::Unavailable(_) => retry(refusal.to_string(), Fault::Excused),
                 },
                 Ok(Ok(Some(TaskFrame::Done(result)))) => match result.verify(&peer, request) {
                     Ok(claim) => {
@@ -2362,6 +2373,7 @@ fn generated(
         prompt_tokens: generation.prompt_tokens as u32,
         finish_reason: generation.finish_reason,
         logprobs: generation.logprobs,
+        counted: generation.counted.map(|n| n.min(u32::MAX as usize) as u32),
     };
     Ok((output, timings))
 }
@@ -2458,12 +2470,14 @@ fn refusal(e: RunError) -> Refusal {
         },
         RunError::Model(MlError::Input(message)) => Refusal::Invalid(message),
         RunError::Model(e) => Refusal::Failed(e.to_string()),
+        RunError::Unavailable(why) => Refusal::Unavailable(why),
     }
 }
 
 fn run_error<T>(e: RunError) -> Outcome<T> {
     match e {
         RunError::Busy(_) => retry(e.to_string(), Fault::None),
+        RunError::Unavailable(why) => retry(why, Fault::Excused),
         RunError::Model(MlError::Input(message)) => Outcome::Final(RouteError::Invalid(message)),
         RunError::Model(e) => retry(e.to_string(), Fault::Failed),
     }

@@ -412,8 +412,14 @@ impl Node {
         ));
         // Provider records let nodes that have not heard our announcement find the models,
         // and every node find the blobs held here.
+        // (Not an upstream's: there is no blob to fetch behind it.)
+        let provided = models.offers().into_iter();
         blobs
-            .provide_also(models.offers().iter().map(|o| o.id))
+            .provide_also(
+                provided
+                    .filter(|o| o.engine != upstream::ENGINE)
+                    .map(|o| o.id),
+            )
             .await;
         training.resume_all();
         // The files of the models served from paths become blobs peers can fetch.

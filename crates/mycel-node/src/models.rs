@@ -115,6 +115,9 @@ pub enum RunError {
     /// The model refused the input or failed.
     #[error(transparent)]
     Model(#[from] MlError),
+    /// It cannot run now through no fault of its own (an upstream server that is down).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The node's models and their queue.
@@ -467,16 +470,26 @@ impl ModelService {
         resume: Resume,
         sink: &mut impl PieceSink,
     ) -> Result<Option<(Generation, f64)>, RunError> {
+        use crate::upstream::Failure;
         let (tx, rx) = mpsc::channel::<Piece>(64);
-        let generation = self.run(admission, false, move |cancelled| {
-            upstream.generate(&messages, &params, &resume, cancelled, |text| {
-                let piece = Piece {
-                    text: text.to_owned(),
-                    ..Piece::default()
-                };
-                !cancelled.load(Ordering::Relaxed) && tx.blocking_send(piece).is_ok()
-            })
-        });
+        let generation = async move {
+            let ran = self.run(admission, false, move |cancelled| {
+                Ok(
+                    upstream.generate(&messages, &params, &resume, cancelled, |text| {
+                        let piece = Piece {
+                            text: text.to_owned(),
+                            ..Piece::default()
+                        };
+                        !cancelled.load(Ordering::Relaxed) && tx.blocking_send(piece).is_ok()
+                    }),
+                )
+            });
+            match ran.await? {
+                (Ok(generation), queued) => Ok((generation, queued)),
+                (Err(Failure::Model(e)), _) => Err(RunError::Model(e)),
+                (Err(Failure::Unavailable(why)), _) => Err(RunError::Unavailable(why)),
+            }
+        };
         pump(generation, rx, sink).await
     }
 }

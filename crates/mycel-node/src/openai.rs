@@ -1014,8 +1014,7 @@ async fn answer(state: ApiState, job: Job) -> Result<Response, ApiError> {
                     let _ = event_tx.send(data(&event)).await;
                 }
                 if include_usage {
-                    let tail =
-                        reply.usage_tail()(generation.prompt_tokens, generation.tokens.len());
+                    let tail = reply.usage_tail()(generation.prompt_tokens, generation.made());
                     let _ = event_tx.send(data(&tail)).await;
                 }
             }
@@ -1147,7 +1146,7 @@ async fn answer_many(state: ApiState, job: Job) -> Result<Response, ApiError> {
             match result.expect("every choice ended") {
                 Ok(generation) => {
                     prompt = generation.prompt_tokens;
-                    made += generation.tokens.len();
+                    made += generation.made();
                     for event in stream.end(index, &generation) {
                         send(event).await;
                     }
@@ -1266,7 +1265,7 @@ impl Reply {
             })
             .collect();
         let prompt = generations.first().map_or(0, |g| g.prompt_tokens);
-        let made = generations.iter().map(|g| g.tokens.len()).sum();
+        let made = generations.iter().map(mycel_ml::Generation::made).sum();
         json!({
             "id": self.id,
             "object": if self.text { "text_completion" } else { "chat.completion" },
@@ -1539,6 +1538,7 @@ pub fn certified_output(response: &Value) -> Result<Option<TaskOutput>, String> 
                 prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
                 finish_reason,
                 logprobs: Vec::new(),
+                counted: None,
             }))
         }
         _ => Ok(None),
@@ -1581,7 +1581,7 @@ async fn answer_checked(state: ApiState, job: Job) -> Result<Response, ApiError>
         data(&last),
     ]);
     if include_usage {
-        let tail = reply.usage_tail()(generation.prompt_tokens, generation.tokens.len());
+        let tail = reply.usage_tail()(generation.prompt_tokens, generation.made());
         events.push(data(&tail));
     }
     events.push(Event::default().data("[DONE]"));

@@ -889,6 +889,7 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
                         prompt_tokens: 3,
                         finish_reason: mycel_ml::FinishReason::Stop,
                         logprobs: Vec::new(),
+                        counted: None,
                     };
                     let result =
                         TaskResult::sign(&keypair, &request, "fake", output, Default::default());

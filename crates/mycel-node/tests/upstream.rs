@@ -59,6 +59,10 @@ async fn a_model_of_a_server_beside_a_node_is_served_to_the_network() {
     );
     assert_eq!(via_network["model"], "tiny-up");
     assert_eq!(
+        via_network["usage"]["completion_tokens"], at_server["usage"]["completion_tokens"],
+        "the server's count of tokens, though no ids came"
+    );
+    assert_eq!(
         via_network["choices"][0]["finish_reason"],
         at_server["choices"][0]["finish_reason"]
     );

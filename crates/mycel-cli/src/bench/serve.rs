@@ -9,7 +9,9 @@
 //! generated tokens per second (all tokens over the level's wall time), request latency p50
 //! and p99, time to the first token p50. With `--embeddings DIR`, one-sentence embedding
 //! requests instead, our node embedding requests at once together beside the same node
-//! taking them one at a time.
+//! taking them one at a time. With `--upstream`, each level also runs llama-server behind a
+//! node that offers it as an upstream model (`mycel node --upstream`), the clients asking
+//! the node: what the node's hop costs against asking llama-server directly.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -59,6 +61,10 @@ pub(crate) struct ServeBenchArgs {
     /// that arrive at once together, beside the same node taking them one at a time.
     #[arg(long, value_name = "DIR")]
     embeddings: Option<PathBuf>,
+    /// Also run llama-server behind a node that offers it as an upstream model, the clients
+    /// asking the node (needs --llama-server).
+    #[arg(long, requires = "llama_server")]
+    upstream: bool,
 }
 
 /// `--embeddings`: at each level, n clients send the level's one-sentence requests between
@@ -435,6 +441,57 @@ fn llama_server(
     }
 }
 
+/// llama-server with `n` slots behind a node that offers it as an upstream model, driven
+/// through the node's API like the others.
+async fn through_upstream(
+    args: &ServeBenchArgs,
+    bin: &std::path::Path,
+    n: usize,
+    requests: usize,
+    dir: &std::path::Path,
+    system: &str,
+) -> anyhow::Result<Level> {
+    let (bin, model_path) = (bin.to_path_buf(), args.model.clone());
+    let (server, base) =
+        tokio::task::spawn_blocking(move || llama_server(&bin, &model_path, n)).await??;
+    let mut config = NodeConfig::new(dir.to_path_buf());
+    config.mdns = false;
+    config.api = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+    config.max_queue = mycel_node::models::DEFAULT_MAX_QUEUE.max(2 * n);
+    config.upstreams = vec![
+        mycel_node::upstream::Upstream::parse(&format!("upstream={base}/v1"))
+            .map_err(anyhow::Error::msg)?,
+    ];
+    let node = Node::start(config).await?;
+    let url = format!(
+        "http://{}/v1/chat/completions",
+        node.api_addr.expect("API on")
+    );
+    let auth = format!("Bearer {}", node.token);
+    let (max_tokens, system) = (args.max_tokens, system.to_owned());
+    let level = tokio::task::spawn_blocking(move || {
+        drive(
+            &url,
+            Some(&auth),
+            "upstream",
+            (n.min(2), 2, max_tokens),
+            &system,
+        )?;
+        drive(
+            &url,
+            Some(&auth),
+            "upstream",
+            (n, requests, max_tokens),
+            &system,
+        )
+    })
+    .await?;
+    node.shutdown().await;
+    drop(server);
+    level
+}
+
 pub(crate) async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.concurrency.iter().all(|n| *n > 0),
@@ -521,6 +578,14 @@ pub(crate) async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
                 }
                 None => None,
             };
+            // llama-server again, behind a node that offers it as an upstream model.
+            let upstream = match (&args.llama_server, args.upstream) {
+                (Some(bin), true) => {
+                    let dir = root.path().join(format!("upstream-{round}-{n}"));
+                    Some(through_upstream(&args, bin, n, requests, &dir, &system).await?)
+                }
+                _ => None,
+            };
             if n == 1 {
                 single = Some(ours.agg_tok_per_s());
             }
@@ -544,6 +609,15 @@ pub(crate) async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
                     super::quantile(&l.latencies_ms, 0.5)
                 )),
             );
+            if let (Some(u), Some(l)) = (&upstream, &llama) {
+                eprintln!(
+                    "{:>9} llama-server behind a node: {:.1} tok/s ({:.2}x direct), p50 {:.0} ms",
+                    "",
+                    u.agg_tok_per_s(),
+                    u.agg_tok_per_s() / l.agg_tok_per_s(),
+                    super::quantile(&u.latencies_ms, 0.5)
+                );
+            }
             if args.json {
                 super::emit_json(json!({
                     "round": round + 1,
@@ -565,6 +639,11 @@ pub(crate) async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
                     "llama_p99_ms": llama.as_ref().map(|l| super::quantile(&l.latencies_ms, 0.99)),
                     "llama_ttft_p50_ms": llama.as_ref().map(|l| super::quantile(&l.ttft_ms, 0.5)),
                     "ratio": ratio,
+                    "upstream_agg_tok_per_s": upstream.as_ref().map(Level::agg_tok_per_s),
+                    "upstream_tokens": upstream.as_ref().map(|l| l.tokens),
+                    "upstream_p50_ms": upstream.as_ref().map(|l| super::quantile(&l.latencies_ms, 0.5)),
+                    "upstream_ttft_p50_ms": upstream.as_ref().map(|l| super::quantile(&l.ttft_ms, 0.5)),
+                    "upstream_ratio": upstream.as_ref().zip(llama.as_ref()).map(|(u, l)| u.agg_tok_per_s() / l.agg_tok_per_s()),
                     "llama_build": llama_build,
                     "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
                 }));
