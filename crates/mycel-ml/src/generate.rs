@@ -352,6 +352,14 @@ impl Generator {
         })
     }
 
+    /// Whether the model's chat template reads `tools` (the tool definitions a chat may come
+    /// with): a template that never mentions them cannot offer the model any.
+    pub fn template_takes_tools(&self) -> bool {
+        self.template
+            .get_template("chat")
+            .is_ok_and(|t| t.undeclared_variables(false).contains("tools"))
+    }
+
     /// The vocabulary for constrained decoding: every token that stands for bytes (control
     /// tokens left out), and the tokens that end a turn.
     fn vocab(&self) -> Arc<Vocab> {

@@ -515,13 +515,49 @@ fn unsupported(request: &ChatRequest) -> Result<(), ApiError> {
             ),
         ))
     };
-    if used(&request.tools) || used(&request.functions) {
-        return refuse("tools", "tool and function calling");
-    }
-    if used(&request.tool_choice) || used(&request.function_call) {
+    // (Tools are refused once the model is known: `tools_refused`.)
+    if !(used(&request.tools) || used(&request.functions))
+        && (used(&request.tool_choice) || used(&request.function_call))
+    {
         return refuse("tool_choice", "tool and function calling");
     }
     Ok(())
+}
+
+/// Whether a chat names tools (`tools`, or the older `functions`).
+fn names_tools(request: &ChatRequest) -> bool {
+    let listed = |v: &Option<Value>| match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    };
+    listed(&request.tools) || listed(&request.functions)
+}
+
+/// The refusal of a chat that names tools, saying why for `target`'s model when this node
+/// holds it: a chat template that never reads `tools` cannot offer the model any.
+fn tools_refused(target: &crate::inference::Target) -> ApiError {
+    let message = match &target.local {
+        Some(Runner::Generate(model)) if !model.template_takes_tools() => format!(
+            "tools: the chat template of {} has no tool support (it never reads `tools`), so \
+             the model cannot be offered tools; send the request without them",
+            target.offer.name
+        ),
+        Some(Runner::Upstream(_)) => format!(
+            "tools: {} is served by an upstream server, and tools are not passed on to it yet; \
+             send the request without them",
+            target.offer.name
+        ),
+        Some(Runner::Generate(_)) => format!(
+            "tools: tool calling through the chat template of {} is not supported by this \
+             node yet; send the request without them",
+            target.offer.name
+        ),
+        _ => "tools: tool and function calling is not supported by this node yet; send the \
+              request without it"
+            .to_owned(),
+    };
+    ApiError::invalid(Some("tools"), message)
 }
 
 /// The log-probabilities a chat asks for: `Some(k)` with `k` alternatives per token when
@@ -793,6 +829,7 @@ async fn complete(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
         stream_options: &request.stream_options,
         n: request.n,
         prompt_chars: prompt.chars().count(),
+        tools: false,
     };
     generate(state, asked, vec![ChatMessage::raw(prompt)], params, true).await
 }
@@ -829,6 +866,7 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
         stream_options: &request.stream_options,
         n: request.n,
         prompt_chars: 0,
+        tools: names_tools(&request),
     };
     generate(state, asked, messages, params, false).await
 }
@@ -842,6 +880,8 @@ struct Asked<'a> {
     n: Option<u32>,
     /// Characters of a text completion's prompt (where its `text_offset`s start).
     prompt_chars: usize,
+    /// Whether the chat names tools (refused, with the model's reason: [`tools_refused`]).
+    tools: bool,
 }
 
 /// Resolves the model, refuses what can be refused before a stream is opened, and answers the
@@ -857,6 +897,9 @@ async fn generate(
         .inference
         .resolve(asked.model, ModelKind::Generation)
         .await?;
+    if asked.tools {
+        return Err(tools_refused(&target));
+    }
     // Everything that can be refused is refused before a stream is opened, by whichever node
     // runs the task (this one too) before its first token; the prompt is templated and counted
     // only there, after the task is admitted.

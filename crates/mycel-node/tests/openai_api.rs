@@ -437,6 +437,57 @@ async fn a_response_format_holds_the_answer_whole_and_streamed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_are_refused_with_the_reason_the_model_gives() {
+    let root = tempfile::tempdir().unwrap();
+    write_tiny_llama(&root.path().join("tiny-llama.gguf")).unwrap();
+    // The same model with a chat template that reads `tools` (rewritten in place: its
+    // length prefix, 8 bytes before it, says how many bytes it has; padded with spaces).
+    let path = root.path().join("tool-llama.gguf");
+    write_tiny_llama(&path).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let start = b"{% for message in messages %}";
+    let at = bytes
+        .windows(start.len())
+        .position(|w| w == start)
+        .expect("the template in the header");
+    let len = u64::from_le_bytes(bytes[at - 8..at].try_into().unwrap()) as usize;
+    let reads_tools = "{% if tools %}{{ tools }}{% endif %}{% for m in messages %}<|im_start|>\
+                       {{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
+    assert!(reads_tools.len() <= len);
+    bytes[at..at + len].copy_from_slice(format!("{reads_tools:<len$}").as_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let mut config = local_config(&root.path().join("node"), vec![], true);
+    config.models = vec![root.path().join("tiny-llama.gguf"), path];
+    let node = Node::start(config).await.unwrap();
+    let tools = json!([{ "type": "function",
+                         "function": { "name": "f", "parameters": { "type": "object" } } }]);
+    for (model, why) in [
+        ("tiny-llama", "has no tool support"),
+        ("tool-llama", "not supported by this node yet"),
+    ] {
+        let request = json!({ "model": model, "tools": tools, "tool_choice": "auto",
+                              "messages": [{ "role": "user", "content": "hi" }] });
+        let (status, body) = post_json(&node, "/v1/chat/completions", request);
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], "tools", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(why) && message.contains(model),
+            "{message}"
+        );
+    }
+    // The model with tools in its template still chats without them.
+    let (status, body) = post_json(
+        &node,
+        "/v1/chat/completions",
+        json!({ "model": "tool-llama", "max_tokens": 4,
+                "messages": [{ "role": "user", "content": "hi" }] }),
+    );
+    assert_eq!(status, 200, "{body}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_openai_errors_and_the_node_keeps_serving() {
     let root = tempfile::tempdir().unwrap();
     let node = tiny_node(root.path()).await;
