@@ -1310,6 +1310,12 @@ impl Inference {
         // delivered so far, and takes the rest from here).
         let mut all = progress.logprobs[..scored].to_vec();
         all.extend(logprobs);
+        // A count in place of ids (an upstream model's): for usage only, bounded.
+        let budget = match &request.input {
+            TaskInput::Generate { params, .. } => params.max_tokens,
+            TaskInput::Embed { .. } => 0,
+        };
+        let counted = counted_tokens(budget, &tokens, counted);
         Outcome::Done(Generation {
             text,
             tokens,
@@ -1319,8 +1325,7 @@ impl Inference {
             waited_ms: 0.0,
             decode_ms: result.timings.decode_ms,
             logprobs: all,
-            // A count in place of ids (an upstream model's): for usage only, bounded.
-            counted: counted.map(|n| (n as usize).min(mycel_core::task::MAX_GENERATE_TOKENS)),
+            counted,
         })
     }
 
@@ -1421,6 +1426,7 @@ impl Inference {
         params: GenerateParams,
         mode: Mode,
     ) -> Result<(Completion, Verification), RouteError> {
+        let budget = params.max_tokens;
         let input = TaskInput::Generate {
             messages,
             params,
@@ -1440,6 +1446,7 @@ impl Inference {
                 "the worker returned embeddings for a chat".into(),
             ));
         };
+        let counted = counted_tokens(budget, &tokens, counted);
         let completion = Completion {
             generation: Generation {
                 text,
@@ -1450,7 +1457,7 @@ impl Inference {
                 waited_ms: 0.0,
                 decode_ms: 0.0,
                 logprobs,
-                counted: counted.map(|n| n as usize),
+                counted,
             },
             worker: checked.worker,
             attempts: 1,
@@ -2077,6 +2084,10 @@ impl Inference {
                         continue;
                     }
                 }
+                // A refusal after text was streamed: no honest worker refuses once it began.
+                Ok(Ok(Some(TaskFrame::Refused(refusal)))) if answered => {
+                    retry(refusal.to_string(), Fault::Failed)
+                }
                 Ok(Ok(Some(TaskFrame::Refused(refusal)))) => match refusal {
                     Refusal::Invalid(message) => Outcome::Final(RouteError::Invalid(message)),
                     Refusal::Busy { .. } | Refusal::UnknownModel => {
@@ -2440,6 +2451,14 @@ impl Progress {
         self.resume.text_bytes += piece.text.len() as u64;
         sender.send(piece).await.is_ok()
     }
+}
+
+/// The count of tokens a worker gave in place of their ids (an upstream model's), kept only
+/// when it listed none, and at most the task's `budget`: it feeds usage figures alone.
+fn counted_tokens(budget: usize, tokens: &[u32], counted: Option<u32>) -> Option<usize> {
+    counted
+        .filter(|_| tokens.is_empty())
+        .map(|n| (n as usize).min(budget))
 }
 
 /// Whether `text`, a worker's answer to `request` that ended for `finish`, has the shape the

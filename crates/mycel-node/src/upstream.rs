@@ -269,7 +269,8 @@ impl Upstream {
                     "the upstream server of {} refused this node's key ({status})",
                     self.name
                 ))),
-                400 | 404 | 422 => Failure::Model(MlError::Input(said)),
+                // (A 404 is the operator's: a wrong model name or path in --upstream.)
+                400 | 422 => Failure::Model(MlError::Input(said)),
                 408 | 429 | 500..=599 => Failure::Unavailable(said),
                 _ => Failure::Model(MlError::Run(said)),
             });
@@ -305,7 +306,8 @@ impl Upstream {
                 None => choice["delta"]["content"].as_str(),
             };
             if let Some(piece) = piece.filter(|p| !p.is_empty()) {
-                if text.len() + piece.len() > MAX_TEXT {
+                // Past the budget (the server sent more than asked): cut here.
+                if pieces >= params.max_tokens || text.len() + piece.len() > MAX_TEXT {
                     finish_reason = Some(FinishReason::Length);
                     break;
                 }
@@ -318,8 +320,9 @@ impl Upstream {
             match choice["finish_reason"].as_str() {
                 Some("length") => finish_reason = Some(FinishReason::Length),
                 Some(_) => finish_reason = Some(FinishReason::Stop),
-                None if pieces >= params.max_tokens => {
-                    // The budget, not the server, ends it.
+                // A budget the server chose: cut at ours. (One it was sent, it ends itself,
+                // and its finish and usage still come.)
+                None if params.fit_context && pieces >= params.max_tokens => {
                     finish_reason = Some(FinishReason::Length);
                     break;
                 }
