@@ -534,24 +534,22 @@ fn names_tools(request: &ChatRequest) -> bool {
     listed(&request.tools) || listed(&request.functions)
 }
 
-/// The refusal of a chat that names tools, saying why for `target`'s model when this node
-/// holds it: a chat template that never reads `tools` cannot offer the model any.
-fn tools_refused(target: &crate::inference::Target) -> ApiError {
-    let message = match &target.local {
-        Some(Runner::Generate(model)) if !model.template_takes_tools() => format!(
-            "tools: the chat template of {} has no tool support (it never reads `tools`), so \
-             the model cannot be offered tools; send the request without them",
-            target.offer.name
+/// The refusal of a chat that names tools, saying why for the model when this node serves
+/// it (`served`; looked up here, never fetched): a chat template that never reads `tools`
+/// cannot offer the model any.
+fn tools_refused(served: Option<&crate::models::Served>) -> ApiError {
+    let message = match served.map(|s| (&s.runner, &s.offer.name)) {
+        Some((Runner::Generate(model), name)) if !model.template_takes_tools() => format!(
+            "tools: the chat template of {name} has no tool support (it never reads `tools`), \
+             so the model cannot be offered tools; send the request without them"
         ),
-        Some(Runner::Upstream(_)) => format!(
-            "tools: {} is served by an upstream server, and tools are not passed on to it yet; \
-             send the request without them",
-            target.offer.name
+        Some((Runner::Upstream(_), name)) => format!(
+            "tools: {name} is served by an upstream server, and tools are not passed on to it \
+             yet; send the request without them"
         ),
-        Some(Runner::Generate(_)) => format!(
-            "tools: tool calling through the chat template of {} is not supported by this \
-             node yet; send the request without them",
-            target.offer.name
+        Some((Runner::Generate(_), name)) => format!(
+            "tools: tool calling through the chat template of {name} is not supported by this \
+             node yet; send the request without them"
         ),
         _ => "tools: tool and function calling is not supported by this node yet; send the \
               request without it"
@@ -829,7 +827,6 @@ async fn complete(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
         stream_options: &request.stream_options,
         n: request.n,
         prompt_chars: prompt.chars().count(),
-        tools: false,
     };
     generate(state, asked, vec![ChatMessage::raw(prompt)], params, true).await
 }
@@ -844,6 +841,9 @@ pub(crate) async fn chat_completions(State(state): State<ApiState>, body: Bytes)
 
 async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
     let request: ChatRequest = parse(&body)?;
+    if names_tools(&request) {
+        return Err(tools_refused(state.models.find(&request.model).as_ref()));
+    }
     unsupported(&request)?;
     other_fields(&request.rest)?;
     let messages = messages(&request)?;
@@ -866,7 +866,6 @@ async fn chat(state: ApiState, body: Bytes) -> Result<Response, ApiError> {
         stream_options: &request.stream_options,
         n: request.n,
         prompt_chars: 0,
-        tools: names_tools(&request),
     };
     generate(state, asked, messages, params, false).await
 }
@@ -880,8 +879,6 @@ struct Asked<'a> {
     n: Option<u32>,
     /// Characters of a text completion's prompt (where its `text_offset`s start).
     prompt_chars: usize,
-    /// Whether the chat names tools (refused, with the model's reason: [`tools_refused`]).
-    tools: bool,
 }
 
 /// Resolves the model, refuses what can be refused before a stream is opened, and answers the
@@ -897,9 +894,6 @@ async fn generate(
         .inference
         .resolve(asked.model, ModelKind::Generation)
         .await?;
-    if asked.tools {
-        return Err(tools_refused(&target));
-    }
     // Everything that can be refused is refused before a stream is opened, by whichever node
     // runs the task (this one too) before its first token; the prompt is templated and counted
     // only there, after the task is admitted.

@@ -861,12 +861,26 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
     };
     // What a fake worker sends, each round a new one: a chunk of two tokens with one
     // log-probability; a signed answer "xy" with none, though the task asks for them; the
-    // same for a task that asks for a JSON object; a chunk "xy" for one.
+    // same for a task that asks for a JSON object; a chunk "xy" for one; a heartbeat (a
+    // chunk of nothing) and then a refusal that would excuse it, had it not begun.
+    let heartbeat = TaskFrame::Chunk {
+        text: String::new(),
+        tokens: Vec::new(),
+        logprobs: Vec::new(),
+    };
+    let excuse = TaskFrame::Refused(Refusal::Unavailable("my server is down".into()));
     let rounds = [
-        (scored.clone(), Some(chunk(vec![one]))),
+        (scored.clone(), Some(vec![chunk(vec![one])])),
         (scored, None),
         (object.clone(), None),
-        (object, Some(chunk(Vec::new()))),
+        (object, Some(vec![chunk(Vec::new())])),
+        (
+            GenerateParams {
+                max_tokens: 6,
+                ..Default::default()
+            },
+            Some(vec![heartbeat, excuse]),
+        ),
     ];
     for (round, (params, sent)) in rounds.into_iter().enumerate() {
         let keypair = mycel_core::Keypair::generate_ed25519();
@@ -882,7 +896,7 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
                     continue;
                 };
                 let _ = read.send(());
-                let frame = sent.clone().unwrap_or_else(|| {
+                let frames = sent.clone().unwrap_or_else(|| {
                     let output = TaskOutput::Generation {
                         text: "xy".into(),
                         tokens: vec![5, 6],
@@ -893,9 +907,11 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
                     };
                     let result =
                         TaskResult::sign(&keypair, &request, "fake", output, Default::default());
-                    TaskFrame::Done(Box::new(result))
+                    vec![TaskFrame::Done(Box::new(result))]
                 });
-                let _ = write_frame(&mut stream, &frame).await;
+                for frame in &frames {
+                    let _ = write_frame(&mut stream, frame).await;
+                }
                 let _ = futures::AsyncWriteExt::close(&mut stream).await;
             }
         });
@@ -930,8 +946,10 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
             let begun = completion.generation.text.as_bytes();
             assert!(object.unwrap().begins(begun), "{completion:?}");
             assert!(logprobs.is_empty());
-        } else {
+        } else if params.logprobs.is_some() {
             assert_eq!(logprobs.len(), completion.generation.tokens.len());
+        } else {
+            assert!(logprobs.is_empty());
         }
         assert!(logprobs
             .iter()
