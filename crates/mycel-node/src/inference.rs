@@ -2005,13 +2005,16 @@ impl Inference {
         let unread = |answered: bool| !answered && begun.elapsed() < STALE_WITHIN;
         let mut pace = mycel_core::pace::Pace::new(wait.as_millis() as u64);
         let mut answered = false;
-        // Tokens a generation may still stream: no more than its budget past the resume point.
+        // Tokens a generation may still stream: no more than its budget past the resume
+        // point; and text: no more than that many tokens' longest text (a worker that lists no
+        // token ids, an upstream model's, is bounded too).
         let mut room = match &request.input {
             TaskInput::Generate { params, resume, .. } => {
                 params.max_tokens.saturating_sub(resume.tokens.len())
             }
             TaskInput::Embed { .. } => 0,
         };
+        let mut text_room = room.saturating_mul(mycel_core::task::MAX_TOKEN_BYTES);
         loop {
             let quiet = Duration::from_millis(pace.wait_ms());
             let frame =
@@ -2059,9 +2062,10 @@ impl Inference {
                             Fault::Failed,
                         ));
                     };
-                    let fits = match (tokens.len() <= room, progress.continues(&text)) {
+                    let within = tokens.len() <= room && text.len() <= text_room;
+                    let fits = match (within, progress.continues(&text)) {
                         (true, true) => request.check_logprobs(&tokens, &logprobs),
-                        (false, _) => Err("more tokens than the task's budget".to_owned()),
+                        (false, _) => Err("more than the task's budget".to_owned()),
                         (_, false) => Err("text out of the requested format".to_owned()),
                     };
                     if let Err(reason) = fits {
@@ -2073,6 +2077,7 @@ impl Inference {
                         ));
                     }
                     room -= tokens.len();
+                    text_room -= text.len();
                     let piece = Piece {
                         text,
                         tokens,

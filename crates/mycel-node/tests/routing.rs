@@ -869,6 +869,12 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
         logprobs: Vec::new(),
     };
     let excuse = TaskFrame::Refused(Refusal::Unavailable("my server is down".into()));
+    // Text past what 6 tokens can be, with no token ids to count.
+    let flood = TaskFrame::Chunk {
+        text: "x".repeat(6 * mycel_core::task::MAX_TOKEN_BYTES + 1),
+        tokens: Vec::new(),
+        logprobs: Vec::new(),
+    };
     let rounds = [
         (scored.clone(), Some(vec![chunk(vec![one])])),
         (scored, None),
@@ -880,6 +886,13 @@ async fn a_worker_whose_answer_does_not_fit_what_the_task_asked_pays_and_the_tas
                 ..Default::default()
             },
             Some(vec![heartbeat, excuse]),
+        ),
+        (
+            GenerateParams {
+                max_tokens: 6,
+                ..Default::default()
+            },
+            Some(vec![flood]),
         ),
     ];
     for (round, (params, sent)) in rounds.into_iter().enumerate() {
