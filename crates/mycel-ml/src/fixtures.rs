@@ -260,6 +260,31 @@ pub fn write_llama(path: &Path, shape: LlamaShape) -> Result<()> {
     Ok(())
 }
 
+/// Rewrites, in place, the chat template of a GGUF written by [`write_tiny_llama`] (or
+/// [`write_llama`]) to `template`, padded with spaces to the old one's length, which its
+/// length prefix (the 8 bytes before it) keeps saying; `template` must be no longer.
+pub fn replace_chat_template(path: &Path, template: &str) -> Result<()> {
+    let mut bytes = std::fs::read(path).map_err(fail)?;
+    let start = b"{% for message in messages %}";
+    let at = bytes
+        .windows(start.len())
+        .position(|w| w == start)
+        .ok_or_else(|| MlError::model(path, "no chat template of ours in the header"))?;
+    let len = u64::from_le_bytes(bytes[at - 8..at].try_into().expect("8 bytes")) as usize;
+    if template.len() > len {
+        return Err(MlError::model(
+            path,
+            format!(
+                "a template of {} bytes does not fit in {len}",
+                template.len()
+            ),
+        ));
+    }
+    bytes[at..at + len].copy_from_slice(format!("{template:<len$}").as_bytes());
+    std::fs::write(path, bytes).map_err(fail)?;
+    Ok(())
+}
+
 /// Writes a copy of the GGUF at `path` with every matrix dequantised to f32, to `out` (a file
 /// no quantised kernel applies to).
 pub fn write_f32_copy(path: &Path, out: &Path) -> Result<()> {

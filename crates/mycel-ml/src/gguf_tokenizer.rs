@@ -229,7 +229,7 @@ impl GgufTokenizer {
 /// Text of tokens as they come, each token decoded once: what [`GgufTokenizer::decode`] makes
 /// of all of them (control tokens left out, bytes that are no UTF-8 as U+FFFD), without
 /// decoding the whole answer again at each token.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct TextDecoder {
     /// The text of the whole characters so far.
     text: String,
@@ -240,10 +240,14 @@ pub struct TextDecoder {
 impl TextDecoder {
     /// Adds `token`'s bytes.
     pub fn push(&mut self, tokenizer: &GgufTokenizer, token: u32) {
-        if tokenizer.is_special(token) {
-            return;
+        if !tokenizer.is_special(token) {
+            self.push_bytes(&tokenizer.token_bytes(token));
         }
-        self.pending.extend(tokenizer.token_bytes(token));
+    }
+
+    /// Adds `bytes` (a token's, or any piece of a byte stream).
+    pub fn push_bytes(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
         loop {
             let (valid, bad) = match std::str::from_utf8(&self.pending) {
                 Ok(_) => (self.pending.len(), None),
@@ -262,6 +266,11 @@ impl TextDecoder {
                 }
             }
         }
+    }
+
+    /// The text of the whole characters so far (a byte that begins none as U+FFFD).
+    pub fn whole(&self) -> &str {
+        &self.text
     }
 
     /// The text so far; a character not yet ended shows as U+FFFD, as decoding shows it.

@@ -1273,10 +1273,13 @@ impl Inference {
                 Fault::Failed,
             );
         }
-        if let Err(reason) = fits_format(request, &text, finish_reason) {
+        if !progress.fits(request, &text, finish_reason) {
             self.net.penalise(peer, Rejection::Malformed).await;
             self.note(&peer, trust::Outcome::Invalid);
-            return retry(format!("the worker's answer {reason}"), Fault::Failed);
+            return retry(
+                "the worker's answer is not in the requested format",
+                Fault::Failed,
+            );
         }
         // The final answer must continue what was streamed.
         let delivered = progress.resume.text_bytes as usize;
@@ -2430,6 +2433,21 @@ impl PieceSink for ChunkWriter<'_> {
 }
 
 impl Progress {
+    /// Whether `text`, a worker's whole answer to `request` that ended for `finish`, has the
+    /// shape the task asked for: a whole value when it ended by itself (and no stop string
+    /// could have cut it), the beginning of one when it ran out of tokens.
+    fn fits(&self, request: &TaskRequest, text: &str, finish: FinishReason) -> bool {
+        let (Some((grammar, _)), TaskInput::Generate { params, .. }) =
+            (&self.format, &request.input)
+        else {
+            return true;
+        };
+        match finish == FinishReason::Stop && params.stop.is_empty() {
+            true => grammar.matches(text.as_bytes()),
+            false => grammar.begins(text.as_bytes()),
+        }
+    }
+
     /// Whether `text` may follow what was delivered, in the task's format.
     fn continues(&self, text: &str) -> bool {
         match &self.format {
@@ -2464,27 +2482,6 @@ fn counted_tokens(budget: usize, tokens: &[u32], counted: Option<u32>) -> Option
     counted
         .filter(|_| tokens.is_empty())
         .map(|n| (n as usize).min(budget))
-}
-
-/// Whether `text`, a worker's answer to `request` that ended for `finish`, has the shape the
-/// task asked for: a whole value when it ended by itself (and no stop string could have cut
-/// it), the beginning of one when it ran out of tokens.
-fn fits_format(request: &TaskRequest, text: &str, finish: FinishReason) -> Result<(), String> {
-    let TaskInput::Generate { params, .. } = &request.input else {
-        return Ok(());
-    };
-    let Some(shape) = &params.format else {
-        return Ok(());
-    };
-    let grammar = mycel_core::grammar::Grammar::new(shape).map_err(|e| format!("names {e}"))?;
-    let fits = match finish == FinishReason::Stop && params.stop.is_empty() {
-        true => grammar.matches(text.as_bytes()),
-        false => grammar.begins(text.as_bytes()),
-    };
-    match fits {
-        true => Ok(()),
-        false => Err("is not in the requested format".into()),
-    }
 }
 
 fn refusal(e: RunError) -> Refusal {

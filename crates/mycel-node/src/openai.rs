@@ -19,6 +19,7 @@ use axum::Json;
 use base64::Engine as _;
 use futures::StreamExt as _;
 use mycel_core::statement::{ModelKind, ModelOffer};
+use mycel_ml::gguf_tokenizer::TextDecoder;
 use mycel_ml::{ChatMessage, FinishReason, GenerateParams, MlError};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -500,12 +501,6 @@ fn other_fields(rest: &BTreeMap<String, Value>) -> Result<(), ApiError> {
 /// Refuses a request that asks for what this node does not do (tools, structured output,
 /// log-probabilities), naming the field: answering as if it had been honoured would mislead.
 fn unsupported(request: &ChatRequest) -> Result<(), ApiError> {
-    let used = |v: &Option<Value>| match v {
-        None | Some(Value::Null) => false,
-        Some(Value::Array(a)) => !a.is_empty(),
-        Some(Value::String(s)) => s != "none",
-        Some(_) => true,
-    };
     let refuse = |param: &'static str, what: &str| {
         Err(ApiError::invalid(
             Some(param),
@@ -516,9 +511,7 @@ fn unsupported(request: &ChatRequest) -> Result<(), ApiError> {
         ))
     };
     // (Tools are refused once the model is known: `tools_refused`.)
-    if !(used(&request.tools) || used(&request.functions))
-        && (used(&request.tool_choice) || used(&request.function_call))
-    {
+    if !names_tools(request) && (asks(&request.tool_choice) || asks(&request.function_call)) {
         return refuse("tool_choice", "tool and function calling");
     }
     Ok(())
@@ -526,12 +519,17 @@ fn unsupported(request: &ChatRequest) -> Result<(), ApiError> {
 
 /// Whether a chat names tools (`tools`, or the older `functions`).
 fn names_tools(request: &ChatRequest) -> bool {
-    let listed = |v: &Option<Value>| match v {
+    asks(&request.tools) || asks(&request.functions)
+}
+
+/// Whether a field asks for something: set, and not null, an empty list or "none".
+fn asks(field: &Option<Value>) -> bool {
+    match field {
         None | Some(Value::Null) => false,
         Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::String(s)) => s != "none",
         Some(_) => true,
-    };
-    listed(&request.tools) || listed(&request.functions)
+    }
 }
 
 /// The refusal of a chat that names tools, saying why for the model when this node serves
@@ -1385,47 +1383,29 @@ struct Streamed<'a> {
 }
 
 /// Where a text completion's next token starts, in characters, as `text_offset` counts
-/// them: the characters whole so far (a token may end inside one), and the bytes of the one
-/// begun.
+/// them: the characters whole so far (a token may end inside one; its bytes wait in the
+/// decoder).
 #[derive(Debug, Clone)]
 struct Offset {
     chars: usize,
-    pending: Vec<u8>,
+    text: TextDecoder,
 }
 
 impl Offset {
     fn at(chars: usize) -> Self {
         Self {
             chars,
-            pending: Vec::new(),
+            text: TextDecoder::default(),
         }
     }
 
     /// The offset of a token of `bytes`; moves past it.
     fn take(&mut self, bytes: &[u8]) -> usize {
         let at = self.chars;
-        self.pending.extend_from_slice(bytes);
-        loop {
-            let (valid, bad) = match std::str::from_utf8(&self.pending) {
-                Ok(_) => (self.pending.len(), None),
-                Err(e) => (e.valid_up_to(), e.error_len()),
-            };
-            self.chars += String::from_utf8_lossy(&self.pending[..valid])
-                .chars()
-                .count();
-            match bad {
-                // A byte that begins no character: one replacement character.
-                Some(bad) => {
-                    self.chars += 1;
-                    self.pending.drain(..valid + bad);
-                }
-                // The rest (if any) begins a character that later bytes end.
-                None => {
-                    self.pending.drain(..valid);
-                    return at;
-                }
-            }
-        }
+        let before = self.text.whole().len();
+        self.text.push_bytes(bytes);
+        self.chars += self.text.whole()[before..].chars().count();
+        at
     }
 }
 

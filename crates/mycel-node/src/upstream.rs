@@ -69,6 +69,8 @@ pub struct Upstream {
     pub model: String,
     /// The key the server wants (`Authorization: Bearer`), from the environment.
     key: Option<String>,
+    /// Its HTTP client, made once: connections to the server are kept between requests.
+    agent: ureq::Agent,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -80,6 +82,23 @@ impl std::fmt::Debug for Upstream {
             .field("model", &self.model)
             .finish_non_exhaustive()
     }
+}
+
+/// The HTTP client of an upstream server: its bounds on time, and no proxy.
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .timeout_recv_response(Some(Duration::from_secs(120)))
+        // A server quiet this long is stuck; no task runs longer in all.
+        .timeout_per_read(Some(Duration::from_secs(60)))
+        .timeout_global(Some(Duration::from_millis(
+            mycel_core::task::MAX_TASK_BUDGET_MS,
+        )))
+        // The key goes to the server, through no proxy the environment names.
+        .proxy(None)
+        .build()
+        .into()
 }
 
 /// The environment variable an upstream's key is read from: `MYCEL_UPSTREAM_KEY_` and its
@@ -125,6 +144,7 @@ impl Upstream {
             name: name.to_owned(),
             base: url.trim_end_matches('/').to_owned(),
             model: model.to_owned(),
+            agent: agent(),
             key: std::env::var(key_variable(name))
                 .ok()
                 .filter(|k| !k.is_empty()),
@@ -219,20 +239,7 @@ impl Upstream {
             }
         };
         let url = format!("{}/{path}", self.base);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_recv_response(Some(Duration::from_secs(120)))
-            // A server quiet this long is stuck; no task runs longer in all.
-            .timeout_per_read(Some(Duration::from_secs(60)))
-            .timeout_global(Some(Duration::from_millis(
-                mycel_core::task::MAX_TASK_BUDGET_MS,
-            )))
-            // The key goes to the server, through no proxy the environment names.
-            .proxy(None)
-            .build()
-            .into();
-        let mut request = agent.post(&url);
+        let mut request = self.agent.post(&url);
         if let Some(key) = &self.key {
             request = request.header("Authorization", &format!("Bearer {key}"));
         }

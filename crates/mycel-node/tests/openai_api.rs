@@ -440,22 +440,12 @@ async fn a_response_format_holds_the_answer_whole_and_streamed() {
 async fn tools_are_refused_with_the_reason_the_model_gives() {
     let root = tempfile::tempdir().unwrap();
     write_tiny_llama(&root.path().join("tiny-llama.gguf")).unwrap();
-    // The same model with a chat template that reads `tools` (rewritten in place: its
-    // length prefix, 8 bytes before it, says how many bytes it has; padded with spaces).
+    // The same model with a chat template that reads `tools`.
     let path = root.path().join("tool-llama.gguf");
     write_tiny_llama(&path).unwrap();
-    let mut bytes = std::fs::read(&path).unwrap();
-    let start = b"{% for message in messages %}";
-    let at = bytes
-        .windows(start.len())
-        .position(|w| w == start)
-        .expect("the template in the header");
-    let len = u64::from_le_bytes(bytes[at - 8..at].try_into().unwrap()) as usize;
     let reads_tools = "{% if tools %}{{ tools }}{% endif %}{% for m in messages %}<|im_start|>\
                        {{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
-    assert!(reads_tools.len() <= len);
-    bytes[at..at + len].copy_from_slice(format!("{reads_tools:<len$}").as_bytes());
-    std::fs::write(&path, bytes).unwrap();
+    mycel_ml::fixtures::replace_chat_template(&path, reads_tools).unwrap();
     let mut config = local_config(&root.path().join("node"), vec![], true);
     config.models = vec![root.path().join("tiny-llama.gguf"), path];
     let node = Node::start(config).await.unwrap();

@@ -84,21 +84,9 @@ async fn a_chat_template_that_loops_fails_a_peers_request_and_the_worker_keeps_a
     let bert = tiny_bert(root.path());
     let looping = load(root.path(), "looping.gguf", |p| {
         write_tiny_llama(p).unwrap();
-        // The template rewritten in place: its length prefix (8 bytes before it) says how
-        // many bytes it has; the loop is padded with spaces to as many.
-        let mut bytes = std::fs::read(p).unwrap();
-        let start = b"{% for message in messages %}";
-        let at = bytes
-            .windows(start.len())
-            .position(|w| w == start)
-            .expect("the template in the header");
-        let len = u64::from_le_bytes(bytes[at - 8..at].try_into().unwrap()) as usize;
         let lasting = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}\
                        {% endfor %}{% endfor %}";
-        assert!(lasting.len() <= len);
-        let padded = format!("{lasting:<len$}");
-        bytes[at..at + len].copy_from_slice(padded.as_bytes());
-        std::fs::write(p, bytes).unwrap();
+        mycel_ml::fixtures::replace_chat_template(p, lasting).unwrap();
     });
     // Held to its time limit as well as its fuel.
     let Runner::Generate(generator) = &looping.runner else {
